@@ -1,0 +1,80 @@
+"""Maildir helpers: count delivered files, empty a mailbox, and pre-fill one for POP3 runs.
+
+Pre-filled messages are identical for every server: LF line ends (as Postfix and Dovecot store
+them) and Dovecot-style names carrying ``,S=<octets on disk>,W=<octets with CRLF>``, so neither
+server has to open a file to learn a size.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+SUBDIRS = ("new", "cur", "tmp")
+LINE = b"The quick brown fox jumps over the lazy dog while the bench counts 0123456789.\n"
+
+
+def ensure(mailbox: Path, owner: tuple[int, int] | None = None) -> None:
+    """Create ``mailbox`` with new/cur/tmp (and chown them when ``owner`` is given)."""
+    for sub in SUBDIRS:
+        (mailbox / sub).mkdir(parents=True, exist_ok=True)
+    if owner is not None:
+        for path in (mailbox, *(mailbox / sub for sub in SUBDIRS)):
+            os.chown(path, *owner)
+
+
+def count(mailbox: Path, sub: str = "new") -> int:
+    """Number of entries in ``mailbox/sub`` (0 when it does not exist yet)."""
+    try:
+        with os.scandir(mailbox / sub) as entries:
+            return sum(1 for _ in entries)
+    except FileNotFoundError:
+        return 0
+
+
+def count_messages(mailbox: Path) -> int:
+    return count(mailbox, "new") + count(mailbox, "cur")
+
+
+def clear(mailbox: Path) -> None:
+    """Remove every message in new/ and cur/ (and leftovers in tmp/); keep index files."""
+    for sub in SUBDIRS:
+        folder = mailbox / sub
+        if not folder.is_dir():
+            continue
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+
+
+def make_message(index: int, size: int, sender: str, rcpt: str) -> bytes:
+    """A plain RFC 5322 message of about ``size`` octets with LF line ends."""
+    header = (f"Return-Path: <{sender}>\nFrom: <{sender}>\nTo: <{rcpt}>\n"
+              f"Subject: bench message {index}\nMessage-ID: <{index}.{time.time_ns()}@bench.test>\n"
+              "Date: Thu, 01 Jan 2026 00:00:00 +0000\n\n").encode()
+    lines = max(1, (size - len(header)) // len(LINE))
+    return header + LINE * lines
+
+
+def fill(mailbox: Path, messages: int, size: int, rcpt: str,
+         owner: tuple[int, int] | None = None) -> int:
+    """Write ``messages`` files straight into new/ (no fsync: setup, not measured). Returns octets."""
+    ensure(mailbox, owner)
+    clear(mailbox)
+    body = make_message(0, size, "sender@src.test", rcpt)
+    wire_size = len(body) + body.count(b"\n")
+    stamp = int(time.time())
+    pid = os.getpid()
+    new = mailbox / "new"
+    for i in range(messages):
+        name = f"{stamp}.M{i}P{pid}.bench,S={len(body)},W={wire_size}"
+        path = new / name
+        path.write_bytes(body)
+        if owner is not None:
+            os.chown(path, *owner)
+    return messages * wire_size

@@ -1,0 +1,104 @@
+"""postroom under test: a config TOML per the contract, users via the CLI, ``serve`` as a child.
+
+The command defaults to ``<this python> -m postroom`` with the repository's ``src/`` first on
+PYTHONPATH (so an uninstalled checkout works); ``--postroom-cmd`` overrides it, e.g. with an
+installed ``postroom`` script.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchlib import maildir
+from benchlib.proc import Cleanup, run, start_daemon, wait_port
+from benchlib.servers import PASSWORD, Addr, Server
+
+REPO = Path(__file__).resolve().parents[2]
+PORT_SMTP = 2525
+PORT_SUBMISSION = 2587
+PORT_POP3 = 2110
+
+
+@dataclass(frozen=True)
+class PostroomSpec:
+    """Where one postroom instance lives and what it serves."""
+
+    root: Path
+    host: str
+    hostname: str
+    domain: str
+    cert: Path
+    key: Path
+    nameserver: str | None = None
+    delivery_port: int | None = None
+
+
+def command(override: str | None) -> list[str]:
+    return shlex.split(override) if override else [sys.executable, "-m", "postroom"]
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    src = str(REPO / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def config_toml(spec: PostroomSpec) -> str:
+    """The config: only keys from the contract (plus ``[auth] allow_plaintext`` for POP3)."""
+    host = spec.host
+    lines = [
+        f'hostname = "{spec.hostname}"',
+        f'domains = ["{spec.domain}"]',
+        f'data_dir = "{spec.root / "data"}"',
+        "",
+        "[listen]",
+        f'smtp = ["{host}:{PORT_SMTP}"]',
+        f'submission = ["{host}:{PORT_SUBMISSION}"]',
+        f'pop3 = ["{host}:{PORT_POP3}"]',
+        "",
+        "[tls]",
+        f'cert = "{spec.cert}"',
+        f'key = "{spec.key}"',
+        "",
+        "[limits]",
+        'message_size = "50MB"',
+        "max_recipients = 1000",
+        "",
+        "[auth]",
+        "allow_plaintext = true",
+    ]
+    if spec.nameserver:
+        lines += ["", "[dns]", f'nameservers = ["{spec.nameserver}"]']
+    if spec.delivery_port:
+        lines += ["", "[delivery]", f"port = {spec.delivery_port}",
+                  'retry_intervals = ["1s", "2s", "5s"]']
+    return "\n".join(lines) + "\n"
+
+
+def start_postroom(spec: PostroomSpec, mail_users: list[str], cleanup: Cleanup,
+                   cmd_override: str | None = None) -> Server:
+    """Write the config, add users with ``user add --password-stdin``, run ``serve``."""
+    spec.root.mkdir(parents=True, exist_ok=True)
+    config = spec.root / "postroom.toml"
+    config.write_text(config_toml(spec))
+    base, env = command(cmd_override), environment()
+    for user in mail_users:
+        run([*base, "user", "add", user, "--password-stdin", "-c", str(config)],
+            stdin=PASSWORD + "\n", env=env)
+    server = Server(name="postroom", mail_root=spec.root / "data" / "mail",
+                    smtp=Addr(spec.host, PORT_SMTP), submission=Addr(spec.host, PORT_SUBMISSION),
+                    pop3=Addr(spec.host, PORT_POP3))
+    log = spec.root / "postroom.log"
+    proc = start_daemon([*base, "serve", "-c", str(config)], log, cleanup,
+                        f"postroom {spec.host}", env=env)
+    for addr in (server.smtp, server.submission, server.pop3):
+        assert addr is not None
+        wait_port(addr.host, addr.port, proc=proc, log=log)
+    for user in mail_users:
+        maildir.ensure(server.mailbox(user))
+    return server

@@ -1,0 +1,151 @@
+"""Mailbox addresses and SMTP paths (RFC 5321 §4.1.2, RFC 6531 for UTF-8), parsed strictly.
+
+Network input never becomes a file name until it has passed through here: :func:`parse_path`
+turns the text between ``<`` and ``>`` into an :class:`Address`, and :func:`mailbox_key`
+gives the lower-cased, IDNA-encoded form used for account lookup and Maildir paths.
+Written by hand because the stdlib ``email.utils`` parses RFC 5322 header syntax, which is looser
+than (and different from) the RFC 5321 envelope grammar, and accepts things an MTA must refuse.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import idna
+
+from postroom.errors import AddressError
+
+# RFC 5321 §4.5.3.1.1-3: size limits of the parts.
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+# RFC 5321 §4.1.2 atext (RFC 5322 §3.2.3); with SMTPUTF8 any non-ASCII UTF-8 is allowed too.
+_ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
+_DOT_STRING = re.compile(rf"^[{_ATEXT}]+(?:\.[{_ATEXT}]+)*$")
+_DOT_STRING_UTF8 = re.compile(rf"^[{_ATEXT}\u0080-\U0010ffff]+(?:\.[{_ATEXT}\u0080-\U0010ffff]+)*$")
+# qtextSMTP is %d32-33 / %d35-91 / %d93-126; quoted-pairSMTP is "\" %d32-126.
+_QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
+_QUOTED_UTF8 = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"$')
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+# Local parts that may name a mailbox directory: a dot-atom without "/" and not starting with ".".
+_SAFE_LOCAL = re.compile(r"^[a-z0-9!#$%&'*+\-=?^_`{|}~\u0080-\U0010ffff]"
+                         r"[a-z0-9!#$%&'*+\-=?^_`{|}~.\u0080-\U0010ffff]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A mailbox: ``local`` exactly as given (case kept, RFC 5321 §2.4), ``domain`` normalised."""
+
+    local: str
+    domain: str
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}"
+
+    @property
+    def key(self) -> str:
+        """Lower-cased ``local@domain``: the name accounts and Maildirs are stored under."""
+        return f"{self.local.lower()}@{self.domain}"
+
+    @property
+    def needs_smtputf8(self) -> bool:
+        return not (self.local.isascii() and self.domain.isascii())
+
+
+def normalise_domain(name: str) -> str:
+    """Lower-case and IDNA-encode a domain (``Bücher.Example`` -> ``xn--bcher-kva.example``)."""
+    name = name.strip().rstrip(".")
+    if not name:
+        raise ValueError("empty domain")
+    if name.startswith("[") and name.endswith("]"):
+        return _address_literal(name)
+    try:
+        ascii_name = name.lower() if name.isascii() else idna.encode(name, uts46=True).decode()
+    except idna.IDNAError as exc:
+        raise ValueError(f"bad domain {name!r}: {exc}") from None
+    ascii_name = ascii_name.lower()
+    if len(ascii_name) > MAX_DOMAIN:
+        raise ValueError("domain too long")
+    labels = ascii_name.split(".")
+    if not all(_LABEL.match(label) for label in labels):
+        raise ValueError(f"bad domain {name!r}")
+    return ascii_name
+
+
+def _address_literal(text: str) -> str:
+    """RFC 5321 §4.1.3 address literals: ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``."""
+    import ipaddress
+
+    inner = text[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
+        return f"[{ipaddress.IPv4Address(inner)}]"
+    except ValueError:
+        raise ValueError(f"bad address literal {text!r}") from None
+
+
+def parse_mailbox(text: str, *, utf8: bool = False) -> Address:
+    """Parse ``local@domain`` (no angle brackets)."""
+    at = text.rfind("@")
+    if at <= 0 or at == len(text) - 1:
+        raise AddressError(f"not an address: {text!r}")
+    local, domain = text[:at], text[at + 1 :]
+    if not utf8 and not text.isascii():
+        raise AddressError("non-ASCII address needs SMTPUTF8")
+    dot, quoted = (_DOT_STRING_UTF8, _QUOTED_UTF8) if utf8 else (_DOT_STRING, _QUOTED)
+    if not (dot.match(local) or quoted.match(local)):
+        raise AddressError(f"bad local part {local!r}")
+    if len(local.encode()) > MAX_LOCAL_PART:
+        raise AddressError("local part too long")
+    try:
+        domain = normalise_domain(domain)
+    except ValueError as exc:
+        raise AddressError(str(exc)) from None
+    if local.startswith('"'):
+        local = _simplify_quoted(local)
+    return Address(local, domain)
+
+
+def _simplify_quoted(local: str) -> str:
+    """``"john"`` and ``john`` are the same mailbox (RFC 5321 §4.1.2): drop needless quotes."""
+    inner = re.sub(r"\\(.)", r"\1", local[1:-1])
+    if _DOT_STRING_UTF8.match(inner):
+        return inner
+    return local
+
+
+def parse_path(text: str, *, utf8: bool = False, allow_null: bool = False) -> Address | None:
+    """Parse an RFC 5321 Reverse-path / Forward-path including the angle brackets.
+
+    Returns None for the null path ``<>`` when ``allow_null``. A source route
+    (``<@a,@b:user@c>``) is accepted and ignored, as RFC 5321 §4.1.2 and Appendix C require.
+    """
+    if len(text) > MAX_PATH + 2 or not (text.startswith("<") and text.endswith(">")):
+        raise AddressError("path must be enclosed in <>")
+    inner = text[1:-1]
+    if inner == "":
+        if allow_null:
+            return None
+        raise AddressError("null path not allowed here")
+    if inner.startswith("@"):
+        colon = inner.find(":")
+        if colon < 0:
+            raise AddressError("bad source route")
+        inner = inner[colon + 1 :]
+    return parse_mailbox(inner, utf8=utf8)
+
+
+def safe_local_part(local: str) -> str:
+    """The lower-cased local part if it may name a directory; AddressError otherwise."""
+    lowered = local.lower()
+    if not _SAFE_LOCAL.match(lowered) or ".." in lowered or len(lowered.encode()) > MAX_LOCAL_PART:
+        raise AddressError(f"local part {local!r} cannot name a mailbox")
+    return lowered
+
+
+def parse_user_address(text: str) -> Address:
+    """An address typed by an admin or a login: case-insensitive, UTF-8 allowed."""
+    return parse_mailbox(text.strip(), utf8=True)

@@ -1,0 +1,348 @@
+"""Configuration: a TOML file (or the embedded default) turned into frozen dataclasses.
+
+Every key is declared once, in the dataclasses below, with its type and default. An unknown key
+or a value of the wrong shape raises :class:`ConfigError` naming the key, so a typo never runs
+silently with a default. Durations take ``s``/``m``/``h``/``d``; sizes take ``KB``/``MB``/``GB``
+(powers of 1024). The contract is ``shared/CONTRACT.md``; extensions are documented in README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from postroom.errors import ConfigError
+
+Endpoint = tuple[str, int]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]?B?)\s*$", re.IGNORECASE)
+_UNITS_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_UNITS_B = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30,
+            "GB": 1 << 30}
+
+
+class Duration(float):
+    """Seconds, written in TOML as ``"90s"``, ``"5m"``, ``"1h"``, ``"5d"`` or a bare number."""
+
+
+class Size(int):
+    """Octets, written in TOML as ``"10MB"``, ``"512KB"`` or a bare integer."""
+
+
+def parse_duration(value: object) -> Duration:
+    """Turn ``"5m"`` (or a number of seconds) into seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '5m'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return Duration(value)
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return Duration(float(m.group(1)) * _UNITS_S[m.group(2)])
+    raise ValueError(f"expected a duration like '5m', got {value!r}")
+
+
+def parse_size(value: object) -> Size:
+    """Turn ``"50MB"`` (or a number of octets) into octets."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like '10MB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return Size(value)
+    if isinstance(value, str) and (m := _SIZE.match(value)):
+        return Size(int(m.group(1)) * _UNITS_B[m.group(2).upper()])
+    raise ValueError(f"expected a size like '10MB', got {value!r}")
+
+
+def parse_endpoint(value: str, default_port: int | None = None) -> Endpoint:
+    """``"host:port"``, ``"[::1]:25"`` or (with a default port) ``"host"`` -> (host, port)."""
+    host, sep, port_text = value.rpartition(":")
+    if value.startswith("[") and "]" in value:
+        close = value.index("]")
+        host = value[1:close]
+        rest = value[close + 1 :]
+        if rest.startswith(":"):
+            port_text, sep = rest[1:], ":"
+        elif rest == "" and default_port is not None:
+            return host, default_port
+        else:
+            raise ValueError(f"bad endpoint {value!r}")
+    elif not sep or ":" in host:
+        # No colon, or a bare IPv6 address: there is no port part.
+        if default_port is None:
+            raise ValueError(f"expected 'host:port', got {value!r}")
+        return value, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port in {value!r}")
+    if not host:
+        raise ValueError(f"missing host in {value!r}")
+    return host, int(port_text)
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """Addresses each service listens on; an empty list means the service is not started."""
+
+    smtp: tuple[Endpoint, ...] = ()
+    submission: tuple[Endpoint, ...] = ()
+    submissions: tuple[Endpoint, ...] = ()
+    pop3: tuple[Endpoint, ...] = ()
+    pop3s: tuple[Endpoint, ...] = ()
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Certificate chain and key (PEM). Unset: a self-signed pair is made in ``data_dir/tls``."""
+
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    """Resolvers for MX/A/AAAA lookups; empty means the system's resolver."""
+
+    nameservers: tuple[Endpoint, ...] = ()
+    timeout: Duration = Duration(10)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds on everything a network peer controls; each has a safe default."""
+
+    message_size: Size = Size(50 << 20)
+    max_recipients: int = 1000
+    header_size: Size = Size(1 << 20)
+    max_connections: int = 20000
+    max_connections_per_ip: int = 50
+    # Clients in these networks are exempt from the per-IP connection limit (Postfix does the same
+    # for $mynetworks): a local relay or a monitoring probe should not be counted as an attacker.
+    per_ip_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    max_errors: int = 20
+    max_commands: int = 10000
+    # RFC 5321 §4.5.3.2.7: the server timeout for a command is at least 5 minutes.
+    command_timeout: Duration = Duration(300)
+    # RFC 5321 §4.5.3.2.6: 10 minutes for the end of DATA.
+    data_timeout: Duration = Duration(600)
+    session_timeout: Duration = Duration(3600)
+    # RFC 1939 §3: an idle POP3 session's timer is at least 10 minutes.
+    pop3_idle_timeout: Duration = Duration(600)
+    tls_handshake_timeout: Duration = Duration(30)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Outbound delivery: how remote MX hosts are reached and how long we keep trying."""
+
+    port: int = 25
+    retry_intervals: tuple[Duration, ...] = tuple(
+        Duration(s) for s in (300, 900, 1800, 3600, 7200, 14400)
+    )
+    max_queue_time: Duration = Duration(5 * 86400)
+    connect_timeout: Duration = Duration(30)
+    # Opportunistic STARTTLS encrypts whenever the peer offers it; these domains additionally
+    # need a certificate that verifies (RFC 7435 opportunistic security otherwise).
+    tls_verify_domains: tuple[str, ...] = ()
+    max_per_destination: int = 10
+    max_concurrent: int = 100
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Login policy shared by SMTP AUTH and POP3."""
+
+    # When true, POP3 USER/PASS and SMTP AUTH work without TLS. Never do this on the internet.
+    allow_plaintext: bool = False
+    # Brute-force throttling (per client IP and per account): after ``free_failures`` failures
+    # each further one waits longer; at ``lockout_failures`` logins get a temporary refusal for
+    # ``lockout_time``.
+    free_failures: int = 3
+    lockout_failures: int = 15
+    lockout_time: Duration = Duration(300)
+    failure_delay: Duration = Duration(0.5)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration. ``path`` is None for the embedded default."""
+
+    hostname: str = "localhost"
+    domains: tuple[str, ...] = ("localhost",)
+    data_dir: Path = Path("postroom-data")
+    user: str | None = None
+    log_level: str = "info"
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    path: Path | None = None
+
+    def is_local_domain(self, domain: str) -> bool:
+        """True when mail for ``domain`` (already lower-cased, IDNA) is stored here."""
+        return domain in self.domains
+
+    def per_ip_exempt_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.limits.per_ip_exempt)
+
+
+EMBEDDED_DEFAULT_LISTEN = ListenConfig(
+    smtp=(("127.0.0.1", 2525),),
+    submission=(("127.0.0.1", 2587),),
+    submissions=(("127.0.0.1", 2465),),
+    pop3=(("127.0.0.1", 2110),),
+    pop3s=(("127.0.0.1", 2995),),
+)
+
+
+def embedded_default() -> Config:
+    """The configuration ``postroom serve`` uses when there is no config file."""
+    return Config(listen=EMBEDDED_DEFAULT_LISTEN)
+
+
+def _normalise_domain(name: str) -> str:
+    from postroom.address import normalise_domain
+
+    return normalise_domain(name)
+
+
+def _convert(key: str, hint: Any, value: Any) -> Any:
+    """Convert one TOML value to the dataclass field type ``hint``; ValueError on mismatch."""
+    origin = typing.get_origin(hint)
+    if hint is Duration:
+        return parse_duration(value)
+    if hint is Size:
+        return parse_size(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("expected an integer")
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ValueError("expected a path")
+        return Path(value)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(key, args[0], value)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ValueError("expected a list")
+        if item == Endpoint or typing.get_origin(item) is tuple:
+            port = 53 if key == "nameservers" else None
+            out = []
+            for v in value:
+                if not isinstance(v, str):
+                    raise ValueError("expected a list of 'host:port' strings")
+                out.append(parse_endpoint(v, port))
+            return tuple(out)
+        return tuple(_convert(key, item, v) for v in value)
+    raise ValueError(f"unsupported type {hint!r}")  # pragma: no cover - a bug in this module
+
+
+def _build(cls: type[Any], table: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "path"}
+    for key, value in table.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{source}: {full}: unknown key")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {full}: expected a table [{full}]")
+            kwargs[key] = _build(hint, value, f"{full}.", source)
+            continue
+        try:
+            kwargs[key] = _convert(key, hint, value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {full}: {exc}") from None
+    return cls(**kwargs)
+
+
+def load(path: Path) -> Config:
+    """Read and validate a config file."""
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    return from_dict(raw, source=source, path=path)
+
+
+def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | None = None) -> Config:
+    """Build a Config from parsed TOML, checking every key and the cross-key rules."""
+    cfg: Config = _build(Config, raw, "", source)
+    try:
+        domains = tuple(_normalise_domain(d) for d in cfg.domains)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: domains: {exc}") from None
+    if not domains:
+        raise ConfigError(f"{source}: domains: at least one local domain is needed")
+    if not cfg.hostname or any(c.isspace() for c in cfg.hostname):
+        raise ConfigError(f"{source}: hostname: expected a host name")
+    if (cfg.tls.cert is None) != (cfg.tls.key is None):
+        raise ConfigError(f"{source}: tls: cert and key go together")
+    if cfg.limits.max_recipients < 1:
+        raise ConfigError(f"{source}: limits.max_recipients: must be at least 1")
+    if not cfg.delivery.retry_intervals:
+        raise ConfigError(f"{source}: delivery.retry_intervals: must not be empty")
+    if not 0 < cfg.delivery.port < 65536:
+        raise ConfigError(f"{source}: delivery.port: must be a TCP port")
+    if cfg.log_level.lower() not in {"debug", "info", "warning", "error"}:
+        raise ConfigError(f"{source}: log_level: one of debug, info, warning, error")
+    try:
+        cfg.per_ip_exempt_networks()
+    except ValueError as exc:
+        raise ConfigError(f"{source}: limits.per_ip_exempt: {exc}") from None
+    data_dir = cfg.data_dir
+    if path is not None and not data_dir.is_absolute():
+        # A relative data_dir is relative to the working directory, like every other tool.
+        data_dir = Path(os.path.abspath(data_dir))
+    return dataclasses.replace(cfg, domains=domains, data_dir=data_dir, path=path)
+
+
+def find_config_path(explicit: str | None) -> Path | None:
+    """The file named by ``-c``, else ``$POSTROOM_CONFIG``, else ``./postroom.toml`` if present."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("POSTROOM_CONFIG")
+    if env:
+        return Path(env)
+    local = Path("postroom.toml")
+    return local if local.exists() else None
+
+
+def load_effective(explicit: str | None) -> Config:
+    """The config a command runs with: the file found by :func:`find_config_path`, or the default."""
+    path = find_config_path(explicit)
+    return load(path) if path is not None else embedded_default()

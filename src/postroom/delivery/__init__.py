@@ -1,0 +1,1 @@
+"""Outbound and local delivery: routing, the SMTP client glue and bounce reports."""

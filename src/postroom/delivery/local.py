@@ -1,0 +1,55 @@
+"""Local delivery: a queued message into each local recipient's Maildir.
+
+Prepends ``Return-Path`` (RFC 5321 §4.4) and ``Delivered-To``, and changes nothing else. The
+Maildir file name is derived from the queue id and recipient index, so a delivery repeated after
+a crash finds the earlier copy and does not deliver it twice. Concurrent deliveries into one
+mailbox share the fsync of its ``new/`` directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from postroom.queue.store import Envelope, GroupSync
+from postroom.storage import maildir
+
+
+class LocalDelivery:
+    """Writes into Maildirs under ``data_dir``; blocking work runs on ``executor``."""
+
+    def __init__(self, data_dir: Path, hostname: str, executor: ThreadPoolExecutor) -> None:
+        self.data_dir = data_dir
+        self.hostname = hostname
+        self.executor = executor
+        self._syncs: dict[Path, GroupSync] = {}
+
+    def _write(self, envelope: Envelope, index: int, key: str, message: bytes,
+               check_duplicate: bool) -> Path | None:
+        path = maildir.mailbox_path(self.data_dir, key)
+        maildir.ensure(path)
+        trace = f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {key}\r\n".encode()
+        size = len(trace) + len(message)
+        name = maildir.unique_name(int(envelope.created), envelope.id, index, self.hostname,
+                                   size)
+        if check_duplicate and maildir.already_delivered(path, name):
+            return None
+        maildir.write_to_tmp(path, name, (trace, message))
+        maildir.publish(path, name)
+        return path
+
+    async def deliver(self, envelope: Envelope, index: int, key: str, message: bytes,
+                      check_duplicate: bool = False) -> None:
+        """Deliver to ``key``; returns once the message is durable in ``new/``. OSError on failure."""
+        loop = asyncio.get_running_loop()
+        path = await loop.run_in_executor(self.executor, self._write, envelope, index, key,
+                                          message, check_duplicate)
+        if path is None:
+            return
+        sync = self._syncs.get(path)
+        if sync is None:
+            if len(self._syncs) > 10000:
+                self._syncs.clear()
+            sync = self._syncs[path] = GroupSync(path / "new", self.executor)
+        await sync.sync()

@@ -1,0 +1,394 @@
+"""Remote delivery: one message, one destination domain, over SMTP to its MX hosts (RFC 5321 §5.1).
+
+:class:`RemoteDelivery` asks the :class:`~postroom.resolver.Resolver` for the domain's targets
+(dropping this host and worse MX hosts, RFC 5321 §5.1, so a misrouted domain ends in 5.4.6 and
+not in a loop), then tries each MX host's addresses in order on ``[delivery] port``. A refused
+connection, a time-out, a TLS failure or a greeting other than 220 moves on to the next address;
+recipients that get a temporary failure at one host are offered to the next one too (as Postfix
+does with backup MX hosts); a 2xx or 5xx is final. The SMTP conversation itself is
+:class:`~postroom.smtp.client_protocol.ClientEngine`; this module only moves its bytes with an
+asyncio Protocol (which owns the read side, so "nothing buffered at the TLS switch" is checked by
+the engine, RFC 3207 §4.2), does the STARTTLS handshake, applies time-outs, and keeps idle
+sessions in a small cache keyed by (host, address, port, verify) so that the next message to the
+same MX reuses the connection after a successful RSET. TLS is opportunistic (RFC 7435) except
+for ``[delivery] tls_verify_domains``, where TLS is required and the certificate must verify for
+the MX host name; a failed opportunistic handshake is retried once in plaintext at the same
+address (like Postfix), so a broken TLS stack at the peer cannot block mail forever. Security
+notes: all network input goes through the engine; this module never interprets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+from postroom.config import Config
+from postroom.resolver import Resolver, Target, drop_self
+from postroom.smtp.client_protocol import (
+    ClientEngine,
+    Closed,
+    Event,
+    Message,
+    MessageDone,
+    Outcome,
+    Ready,
+    Recipient,
+    StartTLS,
+    TLSPolicy,
+)
+from postroom.smtp.replies import Reply
+from postroom.tls import client_context
+
+MessageSource = bytes | Callable[[], Awaitable[bytes]]
+"""The message octets, or a coroutine function that reads them (called only when needed)."""
+
+MAX_ADDRESSES = 10  # sessions tried per delivery attempt (Postfix: smtp_mx_address_limit = 5)
+DATA_BLOCK_TIMEOUT = 180.0  # RFC 5321 §4.5.3.2.5: each write of message data
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """The outcome for one recipient; ``remote_mta`` names the host that gave ``reply`` (None
+    when no host was reached or DNS failed)."""
+
+    recipient: Recipient
+    outcome: Outcome
+    reply: Reply
+    remote_mta: str | None = None
+    dsn_offered: bool = False  # the remote host accepted NOTIFY (RFC 3461 §4.1 "relayed" if not)
+
+
+class _SessionFailed(Exception):
+    def __init__(self, reply: Reply, *, tls: bool = False) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.tls = tls
+
+
+def _temp(status: str, text: str) -> Reply:
+    return Reply.make(451, status, text)
+
+
+class _Session(asyncio.Protocol):
+    """One TCP connection to one MX address, carrying a ClientEngine."""
+
+    def __init__(self, engine: ClientEngine, host: str, ip: str, cap: float | None) -> None:
+        self.engine = engine
+        self.host = host
+        self.ip = ip
+        self.cap = cap
+        self.transport: asyncio.Transport | None = None
+        self.last_used = time.monotonic()
+        self._wake = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    # asyncio.Protocol callbacks -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.engine.receive_data(data)
+        self._wake.set()
+
+    def eof_received(self) -> bool | None:
+        self.engine.connection_lost("connection closed by the server")
+        self._wake.set()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"connection lost: {exc}" if exc else "connection closed by the server"
+        self.engine.connection_lost(reason)
+        self._wake.set()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # driving the engine --------------------------------------------------------------------------
+    def _limit(self, seconds: float) -> float:
+        return seconds if self.cap is None else min(seconds, self.cap)
+
+    async def flush(self) -> None:
+        out = self.engine.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+            if not self._writable.is_set():
+                try:
+                    await asyncio.wait_for(self._writable.wait(), self._limit(DATA_BLOCK_TIMEOUT))
+                except TimeoutError:
+                    self.engine.connection_lost("time-out sending data")
+
+    async def next_event(self) -> Event:
+        while True:
+            await self.flush()
+            event = self.engine.next_event()
+            if event is not None:
+                return event
+            wait = self.engine.timeout()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._limit(wait or 300.0))
+            except TimeoutError:
+                self.engine.connection_lost("time-out waiting for the server's reply")
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def quit(self) -> None:
+        """Polite QUIT with a short wait, then close."""
+        try:
+            self.engine.quit()
+            await asyncio.wait_for(self._until_closed(), self._limit(5.0))
+        except (TimeoutError, RuntimeError):
+            pass
+        finally:
+            if self.transport is not None:
+                self.transport.close()
+
+    async def _until_closed(self) -> None:
+        while not isinstance(await self.next_event(), Closed):
+            pass
+
+
+class RemoteDelivery:
+    """Delivers messages to remote domains; one instance is shared by the queue runner."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        resolver: Resolver,
+        *,
+        tls_context: Callable[[bool], ssl.SSLContext] = client_context,
+        reply_timeout: float | None = None,
+        cache_idle: float = 10.0,
+        max_cached: int = 50,
+        max_addresses: int = MAX_ADDRESSES,
+    ) -> None:
+        self.cfg = cfg
+        self.resolver = resolver
+        self._tls_context = tls_context
+        self._contexts: dict[bool, ssl.SSLContext] = {}
+        self._reply_timeout = reply_timeout
+        self._cache_idle = cache_idle
+        self._max_cached = max_cached
+        self._max_addresses = max_addresses
+        self._idle: dict[tuple[str, str, int, bool], list[_Session]] = {}
+
+    async def deliver(
+        self, domain: str, message: Message, source: MessageSource
+    ) -> list[DeliveryResult]:
+        """Try to deliver ``message`` (all recipients in ``domain``); one result per recipient,
+        in the order of ``message.recipients``. Never raises for network or DNS trouble."""
+        route = await self.resolver.route(domain)
+        route = drop_self(
+            route,
+            hostnames=[self.cfg.hostname],
+            listeners=self.cfg.listen.smtp,
+            port=self.cfg.delivery.port,
+        )
+        if route.failure is not None:
+            outcome = Outcome.PERMANENT if route.failure.permanent else Outcome.TEMPORARY
+            reply = route.failure.reply
+            return [DeliveryResult(r, outcome, reply) for r in message.recipients]
+
+        verify = domain.lower() in {d.lower() for d in self.cfg.delivery.tls_verify_domains}
+        pending = list(range(len(message.recipients)))
+        final: dict[int, DeliveryResult] = {}
+        last_temp: dict[int, DeliveryResult] = {}
+        session_error: tuple[Reply, str] | None = None
+        data: bytes | None = None
+        tried = 0
+        for target in route.targets:
+            for ip in target.addresses:
+                if not pending or tried >= self._max_addresses:
+                    break
+                tried += 1
+                if data is None:
+                    data = source if isinstance(source, bytes) else await source()
+                sub = replace(message, recipients=tuple(message.recipients[i] for i in pending))
+                try:
+                    done = await self._deliver_at(target, ip, sub, data, verify)
+                except _SessionFailed as exc:
+                    session_error = (exc.reply, target.host)
+                    continue
+                for i, res in zip(pending, done.results, strict=True):
+                    result = DeliveryResult(
+                        message.recipients[i], res.outcome, res.reply, target.host, done.dsn
+                    )
+                    if res.outcome is Outcome.TEMPORARY:
+                        last_temp[i] = result  # try the next host for this one too
+                    else:
+                        final[i] = result
+                pending = [i for i in pending if i not in final]
+        for i in pending:
+            if i in last_temp:
+                final[i] = last_temp[i]
+            elif session_error is not None:
+                reply, host = session_error
+                final[i] = DeliveryResult(message.recipients[i], Outcome.TEMPORARY, reply, host)
+            else:  # pragma: no cover - a Route always has at least one address
+                reply = _temp("4.4.4", f"no address to try for {domain}")
+                final[i] = DeliveryResult(message.recipients[i], Outcome.TEMPORARY, reply)
+        return [final[i] for i in range(len(message.recipients))]
+
+    async def _deliver_at(
+        self, target: Target, ip: str, message: Message, data: bytes, verify: bool
+    ) -> MessageDone:
+        key = (target.host, ip, self.cfg.delivery.port, verify)
+        session = await self._take(key)
+        if session is None:
+            policy = TLSPolicy.REQUIRED if verify else TLSPolicy.OPPORTUNISTIC
+            try:
+                session = await self._open(target, ip, verify, policy)
+            except _SessionFailed as exc:
+                if not exc.tls or verify:
+                    raise
+                session = await self._open(target, ip, verify, TLSPolicy.NONE)
+        session.engine.send_message(message, data)
+        event = await session.next_event()
+        if not isinstance(event, MessageDone):  # pragma: no cover - the engine always reports
+            session.close()
+            raise _SessionFailed(_temp("4.4.2", f"{target.host}[{ip}]: no result"))
+        after = await session.next_event()
+        if isinstance(after, Ready):
+            self._put(key, session)
+        else:
+            session.close()
+        return event
+
+    async def _open(self, target: Target, ip: str, verify: bool, policy: TLSPolicy) -> _Session:
+        loop = asyncio.get_running_loop()
+        port = self.cfg.delivery.port
+        where = f"{target.host}[{ip}]:{port}"
+        engine = ClientEngine(self.cfg.hostname, tls=policy)
+        session = _Session(engine, target.host, ip, self._reply_timeout)
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: session, ip, port),
+                float(self.cfg.delivery.connect_timeout),
+            )
+        except TimeoutError:
+            raise _SessionFailed(_temp("4.4.1", f"connect to {where}: timed out")) from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise _SessionFailed(_temp("4.4.1", f"connect to {where}: {reason}")) from None
+        try:
+            while True:
+                event = await session.next_event()
+                if isinstance(event, Ready):
+                    return session
+                if isinstance(event, StartTLS):
+                    await self._start_tls(session, target, ip, verify)
+                    continue
+                if isinstance(event, Closed):
+                    raise _SessionFailed(self._session_reply(event.reply, where))
+        except BaseException:
+            session.close()
+            raise
+
+    @staticmethod
+    def _session_reply(reply: Reply, where: str) -> Reply:
+        """A greeting/EHLO failure, as a temporary failure that names the host."""
+        if reply.is_transient:
+            return Reply(reply.code, reply.status or "4.4.2", (f"{where} said: {reply.text}",))
+        return _temp("4.4.1", f"host {where} refused to talk to me: {reply}")
+
+    async def _start_tls(self, session: _Session, target: Target, ip: str, verify: bool) -> None:
+        loop = asyncio.get_running_loop()
+        ctx = self._contexts.get(verify)
+        if ctx is None:
+            ctx = self._contexts[verify] = self._tls_context(verify)
+        literal = target.host.startswith("[")
+        name = ip if literal else target.host
+        transport = session.transport
+        assert transport is not None
+        try:
+            new = await loop.start_tls(
+                transport,
+                session,
+                ctx,
+                server_hostname=name,
+                ssl_handshake_timeout=float(self.cfg.delivery.connect_timeout),
+            )
+        except (OSError, ssl.SSLError, ssl.CertificateError, TimeoutError, ValueError) as exc:
+            transport.abort()
+            reply = Reply.make(451, "4.7.5", f"TLS with {target.host}[{ip}] failed: {exc}")
+            raise _SessionFailed(reply, tls=True) from None
+        if new is None:  # pragma: no cover - only for server_side
+            raise _SessionFailed(_temp("4.7.5", "TLS not established"), tls=True)
+        session.transport = new
+        session.engine.tls_started()
+
+    # --- the connection cache ------------------------------------------------------------------
+
+    async def _take(self, key: tuple[str, str, int, bool]) -> _Session | None:
+        sessions = self._idle.get(key)
+        while sessions:
+            session = sessions.pop()
+            fresh = time.monotonic() - session.last_used < self._cache_idle
+            transport = session.transport
+            if not fresh or transport is None or transport.is_closing():
+                session.close()
+                continue
+            # RFC 5321 §4.1.1.5: RSET shows the session is alive and in a clean state.
+            session.engine.reset()
+            if isinstance(await session.next_event(), Ready):
+                return session
+            session.close()
+        return None
+
+    def _put(self, key: tuple[str, str, int, bool], session: _Session) -> None:
+        total = sum(len(v) for v in self._idle.values())
+        if total >= self._max_cached:
+            loop = asyncio.get_running_loop()
+            loop.create_task(session.quit())
+            return
+        session.last_used = time.monotonic()
+        self._idle.setdefault(key, []).append(session)
+
+    async def close_idle(self, *, all_sessions: bool = False) -> None:
+        """QUIT cached sessions idle longer than ``cache_idle`` (or all of them)."""
+        now = time.monotonic()
+        closing: list[_Session] = []
+        for key in list(self._idle):
+            keep = []
+            for session in self._idle[key]:
+                if all_sessions or now - session.last_used >= self._cache_idle:
+                    closing.append(session)
+                else:
+                    keep.append(session)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if closing:
+            await asyncio.gather(*(s.quit() for s in closing), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """QUIT every cached session (at shutdown)."""
+        await self.close_idle(all_sessions=True)
+
+    @property
+    def cached(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+
+def needs_relayed_dsn(result: DeliveryResult) -> bool:
+    """RFC 3461 §4.1: a delivered recipient asked for NOTIFY=SUCCESS but the next hop has no DSN
+    extension, so we owe the sender a "relayed" notification."""
+    notify = {n.upper() for n in result.recipient.notify or ()}
+    return result.outcome is Outcome.DELIVERED and "SUCCESS" in notify and not result.dsn_offered
+
+
+with contextlib.suppress(AttributeError):  # pragma: no cover - keep flake-free module import
+    pass

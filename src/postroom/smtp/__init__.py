@@ -1,0 +1,1 @@
+"""SMTP: the shared vocabulary, the sans-I/O engines and their asyncio glue."""

@@ -1,0 +1,602 @@
+"""Sans-I/O SMTP client engine for outbound delivery (RFC 5321; 1870, 2920, 3207, 3461, 6152, 6531).
+
+Bytes from the server go in (:meth:`ClientEngine.receive_data`), bytes to write come out
+(:meth:`ClientEngine.data_to_send`) and typed events say what happened (:meth:`next_event`):
+:class:`StartTLS` (do the handshake, then call :meth:`tls_started`), :class:`Ready` (idle: hand
+over a message, probe with RSET, or quit), :class:`MessageDone` (one result per recipient) and
+:class:`Closed`. One session runs greeting -> EHLO (HELO if EHLO gets a 5xx) -> STARTTLS and
+EHLO again -> transactions (MAIL, RCPT..., DATA, pipelined when offered) -> QUIT; a 421 at any
+point ends it. The transitions are the ``_on_*`` handlers, reached through one queue of awaited
+replies, so pipelined and lock-step sessions share the same code. Choices: a message with 8-bit
+data goes to a server without 8BITMIME unchanged (see :meth:`send_message`); a message that needs
+SMTPUTF8 never goes to a server without it (5.6.7, RFC 6531 §3.4). Security notes: replies are
+split by ``framing.LineReader`` with bounded line length and line count; any byte that arrives
+between the 220 to STARTTLS and the handshake ends the session (plaintext injection, the
+client-side twin of CVE-2011-0411); data is normalised to CRLF and dot-stuffed by
+``framing.dot_stuff`` only, so a bare LF before a dot can never end the message early at a
+lenient server (SMTP smuggling, RFC 5321 §2.3.8). An exception escaping this module is a bug in
+the caller (:class:`EngineMisuse`), never the peer's fault.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from postroom.smtp.framing import TOO_LONG, LineReader, dot_stuff, to_crlf
+from postroom.smtp.replies import Reply, parse_status
+
+MAX_REPLY_LINE = 4096  # RFC 5321 §4.5.3.1.5 says 512; be lenient but bounded.
+MAX_REPLY_LINES = 200
+_REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$", re.DOTALL)
+_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+# RFC 3461 §4: xtext (ENVID, ORCPT) is printable ASCII without "+" and "=" unless hex-escaped.
+_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
+_NOTIFY = ("NEVER", "SUCCESS", "FAILURE", "DELAY")
+
+# RFC 5321 §4.5.3.2: minimum time-outs for each reply the client waits for (seconds).
+TIMEOUT_GREETING = 300.0
+TIMEOUT_MAIL = 300.0
+TIMEOUT_RCPT = 300.0
+TIMEOUT_DATA_INIT = 120.0
+TIMEOUT_DATA_END = 600.0
+TIMEOUT_OTHER = 300.0
+
+
+class EngineMisuse(RuntimeError):
+    """The caller used the engine in a state that does not allow it (a bug in our code)."""
+
+
+class Outcome(enum.Enum):
+    DELIVERED = "delivered"
+    TEMPORARY = "temporary"
+    PERMANENT = "permanent"
+
+
+class TLSPolicy(enum.Enum):
+    NONE = "none"  # never STARTTLS (a retry after a failed handshake)
+    OPPORTUNISTIC = "opportunistic"  # RFC 7435: encrypt when offered, else plaintext
+    REQUIRED = "required"  # no STARTTLS offered or refused -> temporary failure 4.7.5
+
+
+class State(enum.Enum):
+    GREETING = "greeting"
+    EHLO = "ehlo"
+    HELO = "helo"
+    STARTTLS = "starttls"
+    TLS_HANDSHAKE = "tls-handshake"
+    READY = "ready"
+    TRANSACTION = "transaction"
+    RSET = "rset"
+    QUIT = "quit"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """One forward-path. ``notify``/``orcpt`` are the RFC 3461 values as received (wire form)."""
+
+    address: str
+    notify: tuple[str, ...] | None = None  # ("NEVER",) or some of SUCCESS, FAILURE, DELAY
+    orcpt: str | None = None  # "rfc822;xtext" passed on unchanged (RFC 3461 §4.2)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """The envelope of one transaction. ``sender`` is "" for the null reverse-path."""
+
+    sender: str
+    recipients: tuple[Recipient, ...]
+    smtputf8: bool = False  # the client that gave us the message asked for SMTPUTF8
+    ret: str | None = None  # RFC 3461 RET: "FULL" or "HDRS"
+    envid: str | None = None  # RFC 3461 ENVID in xtext, passed on unchanged (§4.4)
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    recipient: Recipient
+    outcome: Outcome
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The session is idle: call send_message, reset or quit."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """The server said 220 to STARTTLS: do the TLS handshake, then call ``tls_started``."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDone:
+    """Every recipient of the message has a result. ``dsn`` is whether the server offered DSN
+    (without it, a NOTIFY=SUCCESS recipient is owed a "relayed" DSN, RFC 3461 §4.1)."""
+
+    results: tuple[RecipientResult, ...]
+    dsn: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The session is over; ``reply`` is the server's last word or the local reason."""
+
+    reply: Reply
+    clean: bool  # True after QUIT/221, False after a failure
+
+
+Event = Ready | StartTLS | MessageDone | Closed
+
+
+def _local(code: int, status: str, text: str) -> Reply:
+    return Reply.make(code, status, text)
+
+
+def _outcome(reply: Reply) -> Outcome:
+    if 200 <= reply.code < 300:
+        return Outcome.DELIVERED
+    return Outcome.PERMANENT if reply.code >= 500 else Outcome.TEMPORARY
+
+
+def parse_ehlo(reply: Reply) -> dict[str, str]:
+    """EHLO keywords (upper-case) -> their parameters (RFC 5321 §4.1.1.1)."""
+    ext: dict[str, str] = {}
+    for line in reply.lines[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        if _KEYWORD.match(keyword):
+            ext[keyword.upper()] = params.strip()
+    return ext
+
+
+def needs_smtputf8_headers(data: bytes) -> bool:
+    """True if the header section holds non-ASCII octets (RFC 6532 internationalised headers)."""
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[:end]
+    return not head.isascii()
+
+
+@dataclass
+class _Txn:
+    message: Message
+    data: bytes
+    to_send: list[int]  # indexes of recipients actually sent in RCPT
+    results: dict[int, RecipientResult] = field(default_factory=dict)
+    mail_reply: Reply | None = None
+    rcpt_replies: dict[int, Reply] = field(default_factory=dict)
+    next_rcpt: int = 0  # lock-step mode: position in to_send of the next RCPT
+    open: bool = False  # MAIL accepted and the transaction not ended by a DATA reply
+
+
+_Handler = Callable[[Reply], None]
+
+
+class ClientEngine:
+    """One SMTP client session. See the module docstring for the flow and the events."""
+
+    def __init__(
+        self,
+        helo_name: str,
+        *,
+        tls: TLSPolicy = TLSPolicy.OPPORTUNISTIC,
+        max_line: int = MAX_REPLY_LINE,
+        max_lines: int = MAX_REPLY_LINES,
+    ) -> None:
+        self.helo_name = helo_name
+        self.tls_policy = tls
+        self.state = State.GREETING
+        self.extensions: dict[str, str] = {}
+        self.esmtp = False
+        self.secure = False
+        self.greeting: Reply | None = None
+        self._reader = LineReader(max_line)
+        self._max_lines = max_lines
+        self._lines: list[bytes] = []
+        self._out = bytearray()
+        self._events: deque[Event] = deque()
+        # Replies awaited, in order (RFC 2920 §3.2: replies come in command order).
+        self._awaiting: deque[tuple[_Handler, float]] = deque()
+        self._awaiting.append((self._on_greeting, TIMEOUT_GREETING))
+        self._txn: _Txn | None = None
+
+    # --- I/O side -------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the server."""
+        if self.state is State.CLOSED or not data:
+            return
+        if self.state is State.TLS_HANDSHAKE:
+            # Bytes between the 220 to STARTTLS and the handshake were not protected by TLS.
+            self._fail(_local(421, "4.7.0", "server sent data before the TLS handshake"))
+            return
+        self._reader.feed(data)
+        self._parse()
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def timeout(self) -> float | None:
+        """How long to wait for the next reply (RFC 5321 §4.5.3.2), None when none is awaited."""
+        return self._awaiting[0][1] if self._awaiting and self.state is not State.CLOSED else None
+
+    def connection_lost(self, reason: str = "connection lost") -> None:
+        """The transport closed or timed out; pending recipients fail temporarily."""
+        if self.state is State.CLOSED:
+            return
+        if self.state is State.QUIT:
+            self._close(_local(221, "2.0.0", "closed"), clean=True)
+            return
+        self._fail(_local(421, "4.4.2", reason))
+
+    def tls_started(self) -> None:
+        """The TLS handshake succeeded: forget everything learnt in plaintext, EHLO again."""
+        if self.state is not State.TLS_HANDSHAKE:
+            raise EngineMisuse(f"tls_started in state {self.state.value}")
+        if self._reader.pending():  # pragma: no cover - receive_data already refuses this
+            raise EngineMisuse("read buffer not empty at the TLS switch")
+        self.secure = True
+        self.extensions = {}  # RFC 3207 §4.2: discard knowledge obtained before TLS
+        self._send_ehlo()
+
+    # --- the caller's commands ------------------------------------------------------------------
+
+    def send_message(self, message: Message, data: bytes) -> None:
+        """Start a transaction for ``message`` whose content (not stuffed) is ``data``.
+
+        8-bit data to a server without 8BITMIME is sent as it is, without a BODY parameter:
+        RFC 6152 §3 would have us downgrade (breaking DKIM signatures, and impossible for non-MIME
+        text) or bounce, but deployed servers accept 8-bit octets, and sendmail (EightBitMode
+        pass8) and Postfix (for non-MIME mail) send them the same way. SMTPUTF8 is different: an
+        internationalised address cannot be sent at all without it (RFC 6531 §3.4).
+        """
+        if self.state is not State.READY:
+            raise EngineMisuse(f"send_message in state {self.state.value}")
+        if not message.recipients:
+            raise EngineMisuse("a message needs at least one recipient")
+        data = to_crlf(data)
+        results: dict[int, RecipientResult] = {}
+        utf8_offered = "SMTPUTF8" in self.extensions
+        whole_needs_utf8 = not message.sender.isascii() or (
+            message.smtputf8 and needs_smtputf8_headers(data)
+        )
+        no_utf8 = _local(553, "5.6.7", "the remote server does not support SMTPUTF8 (RFC 6531)")
+        for i, rcpt in enumerate(message.recipients):
+            if not utf8_offered and (whole_needs_utf8 or not rcpt.address.isascii()):
+                results[i] = RecipientResult(rcpt, Outcome.PERMANENT, no_utf8)
+        limit = self._size_limit()
+        if limit and len(data) > limit:
+            # RFC 1870 §6: do not send what the server has announced it will refuse.
+            too_big = _local(552, "5.3.4", f"message size exceeds the remote limit of {limit}")
+            for i, rcpt in enumerate(message.recipients):
+                results.setdefault(i, RecipientResult(rcpt, Outcome.PERMANENT, too_big))
+        to_send = [i for i in range(len(message.recipients)) if i not in results]
+        txn = _Txn(message, data, to_send, results)
+        if not to_send:
+            self._finish(txn)
+            self._ready()
+            return
+        self._txn = txn
+        self.state = State.TRANSACTION
+        self._command(self._mail_command(txn), self._on_mail, TIMEOUT_MAIL)
+        if "PIPELINING" in self.extensions:
+            # RFC 2920 §3.1: MAIL, every RCPT and DATA go in one write; replies are read in order.
+            for k in range(len(to_send)):
+                self._command(self._rcpt_command(txn, k), self._on_rcpt, TIMEOUT_RCPT)
+            txn.next_rcpt = len(to_send)
+            self._command(b"DATA", self._on_data, TIMEOUT_DATA_INIT)
+
+    def reset(self) -> None:
+        """Send RSET (for example to check that a cached connection is still alive)."""
+        if self.state is not State.READY:
+            raise EngineMisuse(f"reset in state {self.state.value}")
+        self.state = State.RSET
+        self._command(b"RSET", self._on_rset, TIMEOUT_OTHER)
+
+    def quit(self) -> None:
+        """Say QUIT; a Closed event follows (also if the server just closes)."""
+        if self.state is State.CLOSED:
+            return
+        if self.state is not State.READY:
+            raise EngineMisuse(f"quit in state {self.state.value}")
+        self.state = State.QUIT
+        self._command(b"QUIT", self._on_quit, TIMEOUT_OTHER)
+
+    # --- replies ---------------------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        while self.state not in (State.CLOSED, State.TLS_HANDSHAKE):
+            line = self._reader.read_line()
+            if line is None:
+                return
+            if line is TOO_LONG:
+                self._fail(_local(421, "4.5.0", "protocol error: reply line too long"))
+                return
+            assert isinstance(line, bytes)
+            m = _REPLY_LINE.match(line) or (
+                _REPLY_LINE.match(line + b" ") if len(line) == 3 else None
+            )
+            if m is None or (self._lines and m.group(1) != self._lines[0][:3]):
+                shown = line[:60].decode("ascii", "replace")
+                self._fail(_local(421, "4.5.0", f"protocol error: bad reply line {shown!r}"))
+                return
+            self._lines.append(line)
+            if len(self._lines) > self._max_lines:
+                self._fail(_local(421, "4.5.0", "protocol error: reply too long"))
+                return
+            if m.group(2) == b" ":
+                reply = self._make_reply(self._lines)
+                self._lines = []
+                self._dispatch(reply)
+
+    @staticmethod
+    def _make_reply(lines: Sequence[bytes]) -> Reply:
+        code = int(lines[0][:3])
+        texts = [ln[4:].decode("utf-8", "replace") for ln in lines]
+        status, first = parse_status(texts[0])
+        if status and status[0] != str(code)[0]:
+            status = ""  # RFC 3463 §2: the class must match the reply code; ignore a mismatch
+        if status:
+            texts[0] = first
+            for i in range(1, len(texts)):
+                head, rest = parse_status(texts[i])
+                if head == status:
+                    texts[i] = rest
+        return Reply(code, status, tuple(texts))
+
+    def _dispatch(self, reply: Reply) -> None:
+        if not self._awaiting:
+            self._fail(_local(421, "4.5.0", f"protocol error: unexpected reply {reply}"))
+            return
+        handler, _ = self._awaiting.popleft()
+        if reply.code == 421 and handler not in (self._on_quit, self._on_greeting):
+            # RFC 5321 §3.8: the server is closing; everything still open fails temporarily.
+            self._fail(reply)
+            return
+        handler(reply)
+
+    # --- session setup --------------------------------------------------------------------------
+
+    def _on_greeting(self, reply: Reply) -> None:
+        self.greeting = reply
+        if reply.code != 220:
+            # RFC 5321 §3.1: a 554 (or 421) greeting: do not try to deliver here.
+            if reply.code != 421:
+                self._out += b"QUIT\r\n"
+            self._close(reply, clean=False)
+            return
+        self._send_ehlo()
+
+    def _send_ehlo(self) -> None:
+        self.state = State.EHLO
+        self._command(b"EHLO " + self.helo_name.encode("ascii"), self._on_ehlo, TIMEOUT_OTHER)
+
+    def _on_ehlo(self, reply: Reply) -> None:
+        if reply.code == 250:
+            self.esmtp = True
+            self.extensions = parse_ehlo(reply)
+            self._after_hello()
+        elif reply.code >= 500 and not self.secure:
+            # RFC 5321 §3.2: a server that does not know EHLO; fall back to HELO.
+            self.state = State.HELO
+            self._command(b"HELO " + self.helo_name.encode("ascii"), self._on_helo, TIMEOUT_OTHER)
+        else:
+            self._quit_and_close(reply)
+
+    def _on_helo(self, reply: Reply) -> None:
+        if reply.code != 250:
+            self._quit_and_close(reply)
+            return
+        self.esmtp = False
+        self.extensions = {}
+        self._after_hello()
+
+    def _after_hello(self) -> None:
+        if not self.secure and self.tls_policy is not TLSPolicy.NONE:
+            if "STARTTLS" in self.extensions:
+                self.state = State.STARTTLS
+                self._command(b"STARTTLS", self._on_starttls, TIMEOUT_OTHER)
+                return
+            if self.tls_policy is TLSPolicy.REQUIRED:
+                self._quit_and_close(_local(451, "4.7.5", "TLS required but not offered"))
+                return
+        self._ready()
+
+    def _on_starttls(self, reply: Reply) -> None:
+        if reply.code == 220:
+            self.state = State.TLS_HANDSHAKE
+            if self._reader.pending():
+                self._fail(_local(421, "4.7.0", "server sent data before the TLS handshake"))
+                return
+            self._events.append(StartTLS())
+        elif self.tls_policy is TLSPolicy.REQUIRED:
+            self._quit_and_close(reply)
+        else:
+            self._ready()  # opportunistic: carry on in plaintext
+
+    def _ready(self) -> None:
+        self.state = State.READY
+        self._events.append(Ready())
+
+    def _on_rset(self, reply: Reply) -> None:
+        if reply.code == 250:
+            self._ready()
+        else:
+            self._quit_and_close(reply)
+
+    def _on_quit(self, reply: Reply) -> None:
+        self._close(reply, clean=True)
+
+    # --- the transaction ------------------------------------------------------------------------
+
+    def _size_limit(self) -> int:
+        size = self.extensions.get("SIZE", "")
+        return int(size) if size.isdigit() else 0
+
+    def _mail_command(self, txn: _Txn) -> bytes:
+        msg = txn.message
+        parts = [f"MAIL FROM:<{msg.sender}>"]
+        if "SIZE" in self.extensions:
+            parts.append(f"SIZE={len(txn.data)}")  # RFC 1870 §6
+        if not txn.data.isascii() and "8BITMIME" in self.extensions:
+            parts.append("BODY=8BITMIME")  # RFC 6152 §2
+        if "SMTPUTF8" in self.extensions and self._needs_utf8(txn):
+            parts.append("SMTPUTF8")  # RFC 6531 §3.4
+        if "DSN" in self.extensions:
+            if msg.ret and msg.ret.upper() in ("FULL", "HDRS"):
+                parts.append(f"RET={msg.ret.upper()}")
+            if msg.envid and _XTEXT.match(msg.envid) and len(msg.envid) <= 100:
+                parts.append(f"ENVID={msg.envid}")  # RFC 3461 §4.4
+        return " ".join(parts).encode("utf-8")
+
+    def _needs_utf8(self, txn: _Txn) -> bool:
+        msg = txn.message
+        if not msg.sender.isascii() or any(not r.address.isascii() for r in msg.recipients):
+            return True
+        return msg.smtputf8 and needs_smtputf8_headers(txn.data)
+
+    def _rcpt_command(self, txn: _Txn, k: int) -> bytes:
+        rcpt = txn.message.recipients[txn.to_send[k]]
+        parts = [f"RCPT TO:<{rcpt.address}>"]
+        if "DSN" in self.extensions:
+            notify = [n.upper() for n in rcpt.notify or () if n.upper() in _NOTIFY]
+            if notify:
+                parts.append(f"NOTIFY={','.join(notify)}")  # RFC 3461 §4.1
+            if rcpt.orcpt and ";" in rcpt.orcpt and len(rcpt.orcpt) <= 500:
+                kind, _, value = rcpt.orcpt.partition(";")
+                if _KEYWORD.match(kind) and _XTEXT.match(value):
+                    parts.append(f"ORCPT={rcpt.orcpt}")  # RFC 3461 §4.2, unchanged
+        return " ".join(parts).encode("utf-8")
+
+    def _on_mail(self, reply: Reply) -> None:
+        txn = self._require_txn()
+        txn.mail_reply = reply
+        if reply.code != 250:
+            if not txn.next_rcpt:  # lock-step: nothing else was sent
+                self._end_txn(txn)
+            return  # pipelined: the RCPT and DATA replies still come, DATA ends it
+        txn.open = True
+        if not txn.next_rcpt:
+            self._command(self._rcpt_command(txn, 0), self._on_rcpt, TIMEOUT_RCPT)
+            txn.next_rcpt = 1
+
+    def _on_rcpt(self, reply: Reply) -> None:
+        txn = self._require_txn()
+        k = len(txn.rcpt_replies)
+        txn.rcpt_replies[txn.to_send[k]] = reply
+        pipelined = "PIPELINING" in self.extensions
+        if pipelined or k + 1 < txn.next_rcpt:
+            return
+        if txn.next_rcpt < len(txn.to_send):
+            self._command(self._rcpt_command(txn, txn.next_rcpt), self._on_rcpt, TIMEOUT_RCPT)
+            txn.next_rcpt += 1
+        elif self._accepted(txn):
+            self._command(b"DATA", self._on_data, TIMEOUT_DATA_INIT)
+        else:
+            self._end_txn(txn)
+
+    def _accepted(self, txn: _Txn) -> list[int]:
+        if txn.mail_reply is None or txn.mail_reply.code != 250:
+            return []
+        return [i for i, r in txn.rcpt_replies.items() if 200 <= r.code < 300]
+
+    def _on_data(self, reply: Reply) -> None:
+        txn = self._require_txn()
+        if reply.code == 354:
+            if self._accepted(txn):
+                self._out += dot_stuff(txn.data)
+                self._awaiting.append((self._on_data_end, TIMEOUT_DATA_END))
+            else:
+                # RFC 2920 §3.1: DATA was accepted though no recipient was: send an empty body.
+                self._out += b".\r\n"
+                self._awaiting.append((self._on_empty_data_end, TIMEOUT_DATA_END))
+            return
+        for i in self._accepted(txn):
+            txn.results[i] = RecipientResult(txn.message.recipients[i], _outcome(reply), reply)
+        self._end_txn(txn)
+
+    def _on_data_end(self, reply: Reply) -> None:
+        txn = self._require_txn()
+        txn.open = False  # RFC 5321 §4.1.1.4: the reply to end-of-data ends the transaction
+        for i in self._accepted(txn):
+            txn.results[i] = RecipientResult(txn.message.recipients[i], _outcome(reply), reply)
+        self._end_txn(txn)
+
+    def _on_empty_data_end(self, reply: Reply) -> None:
+        txn = self._require_txn()
+        txn.open = False
+        self._end_txn(txn)
+
+    def _end_txn(self, txn: _Txn) -> None:
+        """Results for everyone not yet decided, then RSET if a transaction is still open."""
+        self._finish(txn)
+        self._txn = None
+        if txn.open:
+            self.state = State.RSET
+            self._command(b"RSET", self._on_rset, TIMEOUT_OTHER)
+        else:
+            self._ready()
+
+    def _finish(self, txn: _Txn) -> None:
+        mail = txn.mail_reply
+        for i, rcpt in enumerate(txn.message.recipients):
+            if i in txn.results:
+                continue
+            if mail is not None and mail.code != 250:
+                reply = mail  # RFC 2920 §3.1: RCPT replies after a failed MAIL mean nothing
+            else:
+                reply = txn.rcpt_replies.get(i) or _local(451, "4.3.0", "no reply received")
+            if 200 <= reply.code < 300:  # accepted at RCPT but no DATA result: cannot happen
+                reply = _local(451, "4.3.0", "transaction ended without a DATA reply")
+            if 300 <= reply.code < 400:
+                reply = _local(451, "4.5.0", f"unexpected reply {reply}")
+            txn.results[i] = RecipientResult(rcpt, _outcome(reply), reply)
+        ordered = tuple(txn.results[i] for i in range(len(txn.message.recipients)))
+        self._events.append(MessageDone(ordered, "DSN" in self.extensions))
+
+    def _require_txn(self) -> _Txn:
+        if self._txn is None:  # pragma: no cover - the awaited-reply queue prevents this
+            raise EngineMisuse("no transaction")
+        return self._txn
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    def _command(self, line: bytes, handler: _Handler, timeout: float) -> None:
+        self._out += line + b"\r\n"
+        self._awaiting.append((handler, timeout))
+
+    def _quit_and_close(self, reply: Reply) -> None:
+        self._out += b"QUIT\r\n"
+        self._close(reply, clean=False)
+
+    def _fail(self, reply: Reply) -> None:
+        """The session ends abnormally: results for an open transaction, then Closed."""
+        if reply.is_positive:  # a local reason must never look like success
+            reply = _local(421, "4.4.2", reply.text)
+        txn = self._txn
+        if txn is not None:
+            self._txn = None
+            temp = reply if reply.code < 500 else _local(421, "4.4.2", reply.text)
+            mail_failed = txn.mail_reply is not None and txn.mail_reply.code != 250
+            for i, rcpt in enumerate(txn.message.recipients):
+                if i in txn.results or mail_failed:
+                    continue
+                earlier = txn.rcpt_replies.get(i)
+                if earlier is None or 200 <= earlier.code < 400:
+                    # Accepted or not yet answered: not delivered, so try again later.
+                    txn.results[i] = RecipientResult(rcpt, Outcome.TEMPORARY, temp)
+            self._finish(txn)  # refused recipients keep their RCPT (or MAIL) reply
+        self._close(reply, clean=False)
+
+    def _close(self, reply: Reply, *, clean: bool) -> None:
+        self.state = State.CLOSED
+        self._awaiting.clear()
+        self._reader.discard()
+        self._events.append(Closed(reply, clean))

@@ -1,0 +1,193 @@
+"""SMTP command lines -> typed commands (RFC 5321 §4.1.1, with the ESMTP parameters we offer).
+
+Pure: a decoded line goes in, a command dataclass or a :class:`CommandError` carrying the reply
+comes out. Per-command length limits follow RFC 5321 §4.5.3.1.4 (512 octets) plus what each
+advertised extension adds to MAIL/RCPT (RFC 1870 SIZE, RFC 3461 DSN, RFC 4954 AUTH=,
+RFC 6531 SMTPUTF8) and RFC 4954 §4 for AUTH (12,288 octets).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from postroom.address import Address, parse_path
+from postroom.errors import AddressError
+from postroom.smtp import replies
+from postroom.smtp.replies import Reply
+
+MAX_COMMAND = 512
+# MAIL: SIZE (26) + BODY (16) + SMTPUTF8 (9) + RET (9) + ENVID (107) + AUTH= (500), rounded up.
+MAX_MAIL = MAX_COMMAND + 700
+# RCPT: NOTIFY (37) + ORCPT (507), rounded up.
+MAX_RCPT = MAX_COMMAND + 600
+MAX_AUTH = 12288
+MAX_LINE = MAX_AUTH
+
+_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
+_PARAM_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+
+
+class CommandError(Exception):
+    """The line is not a valid command; ``reply`` says why."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    domain: str
+    extended: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Mail:
+    sender: Address | None
+    params: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def smtputf8(self) -> bool:
+        return "SMTPUTF8" in self.params
+
+
+@dataclass(frozen=True, slots=True)
+class Rcpt:
+    recipient: Address
+    params: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Bdat:
+    size: int
+    last: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    mechanism: str
+    initial: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Simple:
+    """A command without structured arguments: DATA RSET NOOP QUIT HELP VRFY EXPN STARTTLS."""
+
+    verb: str
+    arg: str
+
+
+Command = Hello | Mail | Rcpt | Bdat | Auth | Simple
+
+_SIMPLE_NO_ARG = {"DATA", "RSET", "QUIT", "STARTTLS"}
+_SIMPLE_ANY_ARG = {"NOOP", "HELP", "VRFY", "EXPN"}
+
+
+def _params(text: str) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for item in text.split():
+        key, eq, value = item.partition("=")
+        if not _PARAM_KEY.match(key) or (eq and not value):
+            raise CommandError(replies.PARAM_SYNTAX)
+        key = key.upper()
+        if key in out:
+            raise CommandError(replies.PARAM_SYNTAX)
+        out[key] = value if eq else None
+    return out
+
+
+def _split_path(rest: str) -> tuple[str, str]:
+    """Split ``<path> params`` (tolerating one space after the colon, as clients send)."""
+    rest = rest.lstrip(" ")
+    if not rest.startswith("<"):
+        raise CommandError(replies.ADDRESS_SYNTAX)
+    # A quoted local part may contain ">"; find the closing bracket outside quotes.
+    in_quote = escaped = False
+    for i, ch in enumerate(rest):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            in_quote = not in_quote
+        elif ch == ">" and not in_quote:
+            return rest[: i + 1], rest[i + 1 :]
+    raise CommandError(replies.ADDRESS_SYNTAX)
+
+
+def parse(line: bytes, *, smtputf8: bool = False) -> Command:
+    """Parse one command line (without CRLF). ``smtputf8``: MAIL asked for SMTPUTF8 (for RCPT)."""
+    if b"\r" in line or b"\n" in line:
+        raise CommandError(replies.BARE_LF_COMMAND)
+    if b"\0" in line:
+        raise CommandError(replies.SYNTAX_ERROR)
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CommandError(replies.SYNTAX_ERROR) from None
+    verb, _, rest = text.partition(" ")
+    verb = verb.upper()
+    limit = {"MAIL": MAX_MAIL, "RCPT": MAX_RCPT, "AUTH": MAX_AUTH}.get(verb, MAX_COMMAND)
+    if len(line) + 2 > limit:
+        raise CommandError(replies.LINE_TOO_LONG)
+    if verb != "MAIL" and verb != "RCPT" and not text.isascii():
+        raise CommandError(replies.SYNTAX_ERROR)
+    if verb in ("EHLO", "HELO"):
+        domain = rest.strip()
+        if not domain or " " in domain:
+            raise CommandError(replies.PARAM_SYNTAX)
+        return Hello(domain, verb == "EHLO")
+    if verb == "MAIL":
+        if rest[:5].upper() != "FROM:":
+            raise CommandError(replies.PARAM_SYNTAX)
+        path, tail = _split_path(rest[5:])
+        params = _params(tail)
+        utf8 = "SMTPUTF8" in params
+        if not utf8 and not text.isascii():
+            raise CommandError(replies.NEED_SMTPUTF8)
+        try:
+            sender = parse_path(path, utf8=utf8, allow_null=True)
+        except AddressError:
+            raise CommandError(replies.ADDRESS_SYNTAX) from None
+        return Mail(sender, params)
+    if verb == "RCPT":
+        if rest[:3].upper() != "TO:":
+            raise CommandError(replies.PARAM_SYNTAX)
+        path, tail = _split_path(rest[3:])
+        if not smtputf8 and not text.isascii():
+            raise CommandError(replies.NEED_SMTPUTF8)
+        params = _params(tail)
+        # RFC 5321 §4.1.1.3: <Postmaster> without a domain must be accepted.
+        if path.lower() == "<postmaster>":
+            return Rcpt(Address("postmaster", ""), params)
+        try:
+            rcpt = parse_path(path, utf8=smtputf8)
+        except AddressError:
+            raise CommandError(replies.ADDRESS_SYNTAX) from None
+        assert rcpt is not None
+        return Rcpt(rcpt, params)
+    if verb == "BDAT":
+        parts = rest.split()
+        if not parts or len(parts) > 2 or not parts[0].isdigit() or len(parts[0]) > 12:
+            raise CommandError(replies.PARAM_SYNTAX)
+        if len(parts) == 2 and parts[1].upper() != "LAST":
+            raise CommandError(replies.PARAM_SYNTAX)
+        return Bdat(int(parts[0]), len(parts) == 2)
+    if verb == "AUTH":
+        parts = rest.split()
+        if not parts or len(parts) > 2:
+            raise CommandError(replies.PARAM_SYNTAX)
+        return Auth(parts[0].upper(), parts[1] if len(parts) == 2 else None)
+    if verb in _SIMPLE_NO_ARG:
+        if rest.strip():
+            raise CommandError(replies.PARAM_SYNTAX)
+        return Simple(verb, "")
+    if verb in _SIMPLE_ANY_ARG:
+        return Simple(verb, rest)
+    raise CommandError(replies.SYNTAX_ERROR)
+
+
+def valid_xtext(value: str) -> bool:
+    """RFC 3461 §4: xtext for ENVID and ORCPT."""
+    return bool(_XTEXT.match(value))

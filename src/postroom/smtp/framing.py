@@ -1,0 +1,179 @@
+"""The one place where SMTP and POP3 bytes are split into lines and message data.
+
+Line endings are decided here and nowhere else (the SMTP smuggling class of bugs comes from
+framing written twice). The rules:
+
+* Command lines end at LF; a preceding CR is removed. A command line longer than the limit is
+  discarded up to its LF and reported as :data:`TOO_LONG`, never truncated and executed.
+* Message data (SMTP DATA) ends exactly at CRLF "." CRLF (RFC 5321 §4.1.1.4). Lines are split
+  only at CRLF, so a bare LF or bare CR next to a dot can never end the message or start a
+  second one (RFC 5321 §2.3.8; the 2023 "SMTP smuggling" attacks). Bare CR/LF in the data are
+  reported (``DataChunk.bare``) so that the policy can reject the message.
+* Dot-stuffing (RFC 5321 §4.5.2): a leading "." of a data line is removed on input and added on
+  output. BDAT chunks (RFC 3030) are counted, never stuffed.
+
+The readers work on whole blocks of complete lines with bytes methods implemented in C
+(find, replace, count), not line by line: this is the hot path of every message.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+
+class _TooLong:
+    def __repr__(self) -> str:
+        return "TOO_LONG"
+
+
+TOO_LONG: Final = _TooLong()
+"""Returned by :meth:`LineReader.read_line` for a line over the limit (already discarded)."""
+
+# A partial data line longer than this is passed on without waiting for its CRLF, so that a
+# client cannot make us buffer without bound. The message is still parsed correctly.
+_PARTIAL_FLUSH = 1 << 16
+
+
+class LineReader:
+    """Splits a byte stream into command lines; owns the connection's read buffer."""
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self.buf = bytearray()
+        self._discarding = False
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+
+    def pending(self) -> int:
+        """Octets received but not consumed yet."""
+        return len(self.buf)
+
+    def discard(self) -> int:
+        """Drop everything buffered (plaintext pipelined after STARTTLS); returns the count."""
+        n = len(self.buf)
+        self.buf.clear()
+        return n
+
+    def read_line(self) -> bytes | _TooLong | None:
+        """The next line without its line end, TOO_LONG, or None if no complete line yet."""
+        buf = self.buf
+        i = buf.find(b"\n", 0, self.max_line + 2)
+        if i < 0:
+            if len(buf) > self.max_line + 1:
+                # Over the limit with no end in sight: drop it and keep dropping up to the LF.
+                self._discarding = True
+                keep = buf[-1:] if buf.endswith(b"\r") else b""
+                buf.clear()
+                buf += keep
+            return None
+        line = bytes(buf[:i])
+        del buf[: i + 1]
+        if self._discarding:
+            self._discarding = False
+            return TOO_LONG
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > self.max_line:
+            return TOO_LONG
+        return line
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    """Unstuffed message data; ``bare`` is True if it held a CR or LF outside a CRLF pair."""
+
+    data: bytes
+    bare: bool
+
+
+class DotReader:
+    """Reads SMTP DATA content up to CRLF.CRLF from a :class:`LineReader`'s buffer."""
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+        self.done = False
+
+    def read(self, buf: bytearray) -> DataChunk | None:
+        """Consume what can be consumed from ``buf``; None when more input is needed.
+
+        After the chunk that ends the message, :attr:`done` is True and ``buf`` holds only
+        what came after the terminator (pipelined commands).
+        """
+        end = buf.rfind(b"\r\n")
+        if end < 0:
+            if len(buf) <= _PARTIAL_FLUSH:
+                return None
+            # A very long line: pass on all but a trailing CR (which may start a CRLF).
+            cut = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
+            block = bytes(buf[:cut])
+            del buf[:cut]
+            stuffed_start = self._at_line_start and block.startswith(b".")
+            self._at_line_start = False
+            data = block[1:] if stuffed_start else block
+            return DataChunk(data, b"\r" in data or b"\n" in data)
+        block_len = end + 2
+        if self._at_line_start:
+            text = b"\r\n" + bytes(buf[:block_len])
+            offset = 2
+        else:
+            text = bytes(buf[:block_len])
+            offset = 0
+        term = text.find(b"\r\n.\r\n")
+        if term >= 0:
+            content = text[: term + 2]
+            del buf[: term + 5 - offset]
+            self.done = True
+        else:
+            content = text
+            del buf[:block_len]
+        self._at_line_start = True
+        crlf = content.count(b"\r\n")
+        bare = content.count(b"\n") != crlf or content.count(b"\r") != crlf
+        # RFC 5321 §4.5.2: remove the first "." of every line that starts with one.
+        data = content.replace(b"\r\n.", b"\r\n")[offset:]
+        return DataChunk(data, bare)
+
+
+class CountedReader:
+    """Reads exactly ``size`` octets (one BDAT chunk, RFC 3030 §2)."""
+
+    def __init__(self, size: int) -> None:
+        self.remaining = size
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0
+
+    def read(self, buf: bytearray) -> bytes | None:
+        if self.remaining == 0 or not buf:
+            return None
+        n = min(self.remaining, len(buf))
+        data = bytes(buf[:n])
+        del buf[:n]
+        self.remaining -= n
+        return data
+
+
+def dot_stuff(data: bytes) -> bytes:
+    """Stuff message data for DATA/RETR and append the end-of-data line.
+
+    A final line without CRLF gets one. Lines are those ending in CRLF, the same rule the
+    readers use, so ``DotReader`` gives back ``data`` (plus a CRLF if it lacked one).
+    """
+    stuffed = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
+    if stuffed and not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    return stuffed + b".\r\n"
+
+
+_LONE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Turn bare LF line ends (as other Maildir tools write them) into CRLF."""
+    if b"\n" not in data or data.count(b"\n") == data.count(b"\r\n"):
+        return data
+    return _LONE_LF.sub(b"\r\n", data)

@@ -1,0 +1,112 @@
+"""SMTP replies: one :class:`Reply` type and the named replies postroom sends.
+
+Every reply carries an enhanced status code (RFC 2034, RFC 3463) when it is not a greeting.
+Shared by the server engine (which renders replies) and the client engine (which parses them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply: a three-digit code, an enhanced status (or ""), and one or more text lines."""
+
+    code: int
+    status: str
+    lines: tuple[str, ...]
+
+    @classmethod
+    def make(cls, code: int, status: str, *lines: str) -> Reply:
+        return cls(code, status, lines or ("",))
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.lines)
+
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def render(self) -> bytes:
+        """The reply on the wire (RFC 5321 §4.2.1); multi-line replies use ``code-``."""
+        prefix = f"{self.status} " if self.status else ""
+        out = []
+        last = len(self.lines) - 1
+        for i, line in enumerate(self.lines):
+            sep = " " if i == last else "-"
+            # Enhanced codes go on every line of a multi-line reply (RFC 2034 §4), except EHLO's.
+            out.append(f"{self.code}{sep}{prefix}{line}".rstrip() + "\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    def __str__(self) -> str:
+        prefix = f"{self.status} " if self.status else ""
+        return f"{self.code} {prefix}{self.text}"
+
+
+def parse_status(text: str) -> tuple[str, str]:
+    """Split ``"5.1.1 user unknown"`` into (``"5.1.1"``, ``"user unknown"``)."""
+    head, _, rest = text.partition(" ")
+    parts = head.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] in "245":
+        return head, rest
+    return "", text
+
+
+R = Reply.make
+
+OK = R(250, "2.0.0", "OK")
+SENDER_OK = R(250, "2.1.0", "Sender OK")
+RECIPIENT_OK = R(250, "2.1.5", "Recipient OK")
+RESET_OK = R(250, "2.0.0", "Reset OK")
+NOOP_OK = R(250, "2.0.0", "OK")
+START_DATA = Reply(354, "", ("End data with <CR><LF>.<CR><LF>",))
+VRFY_CANNOT = R(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP = R(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY")
+READY_TLS = R(220, "2.0.0", "Ready to start TLS")
+AUTH_OK = R(235, "2.7.0", "Authentication successful")
+
+SHUTTING_DOWN = R(421, "4.3.2", "Service shutting down, closing connection")
+TIMEOUT = R(421, "4.4.2", "Timeout, closing connection")
+TOO_MANY_ERRORS = R(421, "4.7.0", "Too many errors, closing connection")
+TOO_MANY_CONNECTIONS = R(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_COMMANDS = R(421, "4.7.0", "Too many commands, closing connection")
+STORAGE_FULL = R(452, "4.3.1", "Insufficient system storage, try again later")
+TOO_MANY_RECIPIENTS = R(452, "4.5.3", "Too many recipients")
+LOCAL_ERROR = R(451, "4.3.0", "Local error in processing, try again later")
+AUTH_THROTTLED = R(454, "4.7.0", "Too many failed logins, try again later")
+TLS_NOT_AVAILABLE = R(454, "4.7.0", "TLS not available")
+
+SYNTAX_ERROR = R(500, "5.5.2", "Syntax error, command unrecognized")
+LINE_TOO_LONG = R(500, "5.5.6", "Line too long")
+BARE_LF_COMMAND = R(500, "5.5.2", "Bare CR or LF not allowed in commands")
+PARAM_SYNTAX = R(501, "5.5.4", "Syntax error in parameters or arguments")
+ADDRESS_SYNTAX = R(501, "5.1.3", "Bad address syntax")
+NOT_IMPLEMENTED = R(502, "5.5.1", "Command not implemented")
+BAD_SEQUENCE = R(503, "5.5.1", "Bad sequence of commands")
+PARAM_NOT_IMPLEMENTED = R(555, "5.5.4", "Parameter not recognized or not implemented")
+AUTH_REQUIRED = R(530, "5.7.0", "Authentication required")
+AUTH_FAILED = R(535, "5.7.8", "Authentication credentials invalid")
+ENCRYPTION_REQUIRED = R(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_CANCELLED = R(501, "5.0.0", "Authentication cancelled")
+AUTH_BAD_MECH = R(504, "5.5.4", "Unrecognized authentication type")
+AUTH_BAD_BASE64 = R(501, "5.5.2", "Cannot decode base64 response")
+MUST_STARTTLS = R(530, "5.7.0", "Must issue a STARTTLS command first")
+USER_UNKNOWN = R(550, "5.1.1", "Mailbox unavailable: no such user here")
+RELAY_DENIED = R(554, "5.7.1", "Relay access denied")
+SENDER_NOT_OWNED = R(553, "5.7.1", "Sender address not owned by authenticated user")
+MESSAGE_TOO_BIG = R(552, "5.3.4", "Message size exceeds fixed maximum message size")
+HEADERS_TOO_BIG = R(552, "5.3.4", "Header section too large")
+BARE_LF_DATA = R(550, "5.5.2", "Message rejected: bare CR or LF in DATA (RFC 5321 §2.3.8)")
+NO_VALID_RECIPIENTS = R(554, "5.5.1", "No valid recipients")
+NEED_SMTPUTF8 = R(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
+TOO_MANY_HOPS = R(554, "5.4.6", "Too many Received headers: mail loop")

@@ -1,0 +1,591 @@
+"""The SMTP server as a sans-I/O state machine (RFC 5321, with ESMTP extensions).
+
+Bytes go in with :meth:`ServerProtocol.receive_data`; :meth:`ServerProtocol.next_event` yields
+typed events; replies accumulate in an output buffer read with :meth:`data_to_send`. No sockets,
+no asyncio, no files: the glue (``server.py``) moves bytes, the policy (``session.py``) decides.
+
+The engine answers everything that needs no policy itself (syntax errors, bad sequence, NOOP,
+HELP, VRFY, RSET, QUIT, EHLO with the current extension list). Events that need a decision
+(:class:`MailFrom`, :class:`RcptTo`, :class:`MessageEnd`, :class:`AuthStart`,
+:class:`AuthResponse`) must be answered with :meth:`ServerProtocol.reply` (or the SASL helpers)
+before the next event is asked for; asking earlier is a bug and raises ``RuntimeError``.
+
+States and transitions (one table, read top to bottom)::
+
+    CONNECTED --EHLO/HELO--> READY --MAIL ok--> MAIL --RCPT ok--> RCPT --DATA--> DATA --.--> READY
+        READY --AUTH--> AUTH --235/5xx--> READY                    RCPT --BDAT--> BDAT --LAST--> READY
+        READY|CONNECTED --STARTTLS--> TLS --tls_started()--> CONNECTED (all state forgotten)
+        any --QUIT--> CLOSED; any --RSET--> READY (or CONNECTED before EHLO)
+
+Security: end-of-data is recognised only by :mod:`framing` (CRLF.CRLF); bytes pipelined after
+STARTTLS are discarded, never executed (RFC 3207 §4.2, CVE-2011-0411); BDAT octets are always
+consumed even when the BDAT command is refused, so they can never be read as commands.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+from dataclasses import dataclass, field
+
+from postroom.smtp import commands, replies
+from postroom.smtp.commands import Auth, Bdat, CommandError, Hello, Mail, Rcpt, Simple
+from postroom.smtp.framing import TOO_LONG, CountedReader, DotReader, LineReader
+from postroom.smtp.replies import Reply
+
+
+class State(enum.Enum):
+    CONNECTED = "connected"
+    READY = "ready"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    BDAT = "bdat"
+    AUTH = "auth"
+    TLS = "tls"
+    CLOSED = "closed"
+
+
+@dataclass
+class Features:
+    """What this session offers; the policy may change it (after TLS, after AUTH)."""
+
+    hostname: str
+    size_limit: int
+    max_recipients: int = 1000
+    max_errors: int = 20
+    max_commands: int = 10000
+    starttls: bool = False
+    auth_mechanisms: tuple[str, ...] = ()
+
+
+# -- events ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HelloReceived:
+    """EHLO/HELO was answered; any transaction was reset."""
+
+    domain: str
+    extended: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MailFrom:
+    """Needs a reply. ``command.sender`` is None for the null reverse-path."""
+
+    command: Mail
+
+
+@dataclass(frozen=True, slots=True)
+class RcptTo:
+    """Needs a reply."""
+
+    command: Rcpt
+
+
+@dataclass(frozen=True, slots=True)
+class DataStart:
+    """Message data follows (after DATA's 354, or with the first BDAT chunk)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnd:
+    """The complete message was received. Needs a reply (250 once it is safely stored)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageAborted:
+    """The engine refused the message (too big, bare CR/LF) and has replied already."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionReset:
+    """RSET, or a new EHLO: forget the transaction."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """220 was queued. Send it, do the TLS handshake, then call :meth:`tls_started`."""
+
+    discarded: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuthStart:
+    """Needs :meth:`auth_challenge` or :meth:`auth_finish`. ``initial`` is decoded or None."""
+
+    mechanism: str
+    initial: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse:
+    """The client's answer to a challenge; needs :meth:`auth_challenge` or :meth:`auth_finish`."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Closing:
+    """The engine closed the session (QUIT, too many errors). Flush output, then close."""
+
+    reply: Reply
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+Event = (HelloReceived | MailFrom | RcptTo | DataStart | DataChunk | MessageEnd | MessageAborted
+         | TransactionReset | StartTLS | AuthStart | AuthResponse | Closing)
+_NEEDS_REPLY = (MailFrom, RcptTo, MessageEnd, AuthStart, AuthResponse)
+
+
+@dataclass
+class _Transaction:
+    mail: Mail | None = None
+    rcpt_count: int = 0
+    size: int = 0
+    too_big: bool = False
+    bare: bool = False
+    started: bool = False
+    smtputf8: bool = False
+
+
+@dataclass
+class ServerProtocol:
+    """One SMTP server session's protocol state. See the module docstring for the flow."""
+
+    features: Features
+    state: State = State.CONNECTED
+    tls_active: bool = False
+    authenticated: bool = False
+    helo: str | None = None
+    errors: int = 0
+    commands: int = 0
+    _reader: LineReader = field(default_factory=lambda: LineReader(commands.MAX_LINE))
+    _out: list[bytes] = field(default_factory=list)
+    _txn: _Transaction = field(default_factory=_Transaction)
+    _data: DotReader | CountedReader | None = None
+    _bdat_last: bool = False
+    _bdat_discard: Reply | None = None
+    _awaiting: type | None = None
+    _pending: list[Event] = field(default_factory=list)
+
+    # -- bytes in and out ----------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state is State.CLOSED:
+            return
+        if self.state is State.TLS:
+            # Plaintext that arrives after STARTTLS before the handshake: never executed.
+            return
+        self._reader.feed(data)
+
+    def pending_input(self) -> int:
+        return self._reader.pending()
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def _send(self, reply: Reply) -> None:
+        self._out.append(reply.render())
+
+    # -- events --------------------------------------------------------------------------------
+
+    def next_event(self) -> Event | _NeedData:
+        if self._awaiting is not None:
+            raise RuntimeError(f"{self._awaiting.__name__} has not been answered")
+        if self._pending:
+            return self._emit(self._pending.pop(0))
+        while True:
+            if self.state in (State.CLOSED, State.TLS):
+                return NEED_DATA
+            if self._data is not None:
+                result = self._read_data()
+                if result is NEED_DATA:
+                    return NEED_DATA
+                event = result  # type: ignore[assignment]
+            else:
+                line = self._reader.read_line()
+                if line is None:
+                    return NEED_DATA
+                if line is TOO_LONG:
+                    event = self._error(replies.LINE_TOO_LONG)
+                else:
+                    assert isinstance(line, bytes)
+                    event = self._line(line)
+            if event is not None:
+                return self._emit(event)
+
+    def _emit(self, event: Event) -> Event:
+        if isinstance(event, _NEEDS_REPLY):
+            self._awaiting = type(event)
+        return event
+
+    # -- replies from the policy ---------------------------------------------------------------
+
+    def reply(self, reply: Reply) -> None:
+        """Answer the pending MailFrom, RcptTo or MessageEnd event."""
+        kind = self._awaiting
+        if kind not in (MailFrom, RcptTo, MessageEnd):
+            raise RuntimeError("no MAIL/RCPT/end-of-data is waiting for a reply")
+        self._awaiting = None
+        self._send(reply)
+        if kind is MailFrom:
+            if reply.is_positive:
+                self.state = State.MAIL
+            else:
+                self._txn = _Transaction()
+                self._count_error(reply)
+        elif kind is RcptTo:
+            if reply.is_positive:
+                self._txn.rcpt_count += 1
+                self.state = State.RCPT
+            else:
+                self._count_error(reply)
+        else:
+            self._end_transaction()
+
+    def auth_challenge(self, challenge: bytes) -> None:
+        """Send ``334 <base64>`` and wait for the client's response line (RFC 4954 §4)."""
+        if self._awaiting not in (AuthStart, AuthResponse):
+            raise RuntimeError("no AUTH exchange in progress")
+        self._awaiting = None
+        self._out.append(b"334 " + base64.b64encode(challenge) + b"\r\n")
+        self.state = State.AUTH
+
+    def auth_finish(self, reply: Reply) -> None:
+        """End the AUTH exchange: 235 marks the session authenticated."""
+        if self._awaiting not in (AuthStart, AuthResponse):
+            raise RuntimeError("no AUTH exchange in progress")
+        self._awaiting = None
+        self._send(reply)
+        self.state = State.READY
+        if reply.code == 235:
+            self.authenticated = True
+        elif reply.is_permanent:
+            self._count_error(reply)
+
+    def tls_started(self, features: Features) -> None:
+        """The handshake is done: start again from scratch (RFC 3207 §4.2)."""
+        if self.state is not State.TLS:
+            raise RuntimeError("tls_started() without STARTTLS")
+        self.features = features
+        self.tls_active = True
+        self.authenticated = False
+        self.helo = None
+        self._txn = _Transaction()
+        self.state = State.CONNECTED
+
+    def close(self, reply: Reply) -> None:
+        """Queue a final reply (421 on time-out or shutdown) and close the session."""
+        self._awaiting = None
+        self._send(reply)
+        self.state = State.CLOSED
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _count_error(self, reply: Reply) -> Event | None:
+        self.errors += 1
+        if self.errors >= self.features.max_errors:
+            self._send(replies.TOO_MANY_ERRORS)
+            self.state = State.CLOSED
+            return Closing(replies.TOO_MANY_ERRORS)
+        return None
+
+    def _error(self, reply: Reply) -> Event | None:
+        self._send(reply)
+        return self._count_error(reply)
+
+    def _end_transaction(self) -> None:
+        self._txn = _Transaction()
+        self._data = None
+        self._bdat_discard = None
+        if self.state not in (State.CLOSED, State.TLS):
+            self.state = State.READY
+
+    def _reset(self) -> None:
+        self._txn = _Transaction()
+        self._data = None
+        self.state = State.READY if self.helo is not None else State.CONNECTED
+
+    def _line(self, line: bytes) -> Event | None:
+        if self.state is State.AUTH:
+            return self._auth_line(line)
+        self.commands += 1
+        if self.commands > self.features.max_commands:
+            self.close(replies.TOO_MANY_COMMANDS)
+            return Closing(replies.TOO_MANY_COMMANDS)
+        try:
+            cmd = commands.parse(line, smtputf8=self._txn.smtputf8)
+        except CommandError as exc:
+            return self._error(exc.reply)
+        if isinstance(cmd, Hello):
+            return self._hello(cmd)
+        if isinstance(cmd, Mail):
+            return self._mail(cmd)
+        if isinstance(cmd, Rcpt):
+            return self._rcpt(cmd)
+        if isinstance(cmd, Bdat):
+            return self._bdat(cmd)
+        if isinstance(cmd, Auth):
+            return self._auth(cmd)
+        return self._simple(cmd)
+
+    def _hello(self, cmd: Hello) -> Event:
+        self.helo = cmd.domain
+        self._txn = _Transaction()
+        self._data = None
+        self.state = State.READY
+        if cmd.extended:
+            self._send(Reply(250, "", (self.features.hostname, *self._extensions())))
+        else:
+            self._send(Reply(250, "", (self.features.hostname,)))
+        return HelloReceived(cmd.domain, cmd.extended)
+
+    def _extensions(self) -> list[str]:
+        f = self.features
+        ext = [
+            "PIPELINING",  # RFC 2920
+            f"SIZE {f.size_limit}",  # RFC 1870
+            "8BITMIME",  # RFC 6152
+            "SMTPUTF8",  # RFC 6531
+            "ENHANCEDSTATUSCODES",  # RFC 2034
+            "CHUNKING",  # RFC 3030
+            "DSN",  # RFC 3461
+        ]
+        if f.starttls and not self.tls_active:
+            ext.append("STARTTLS")  # RFC 3207
+        if f.auth_mechanisms and not self.authenticated:
+            ext.append("AUTH " + " ".join(f.auth_mechanisms))  # RFC 4954
+        ext.append("HELP")
+        return ext
+
+    def _mail(self, cmd: Mail) -> Event | None:
+        if self.state is not State.READY:
+            return self._error(replies.BAD_SEQUENCE)
+        params = cmd.params
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return self._error(replies.PARAM_SYNTAX)
+                # RFC 1870 §6: refuse at MAIL a message declared larger than we accept.
+                if int(value) > self.features.size_limit:
+                    return self._error(replies.MESSAGE_TOO_BIG)
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return self._error(replies.PARAM_SYNTAX)
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return self._error(replies.PARAM_SYNTAX)
+            elif key == "RET":
+                if value is None or value.upper() not in ("FULL", "HDRS"):
+                    return self._error(replies.PARAM_SYNTAX)
+            elif key == "ENVID":
+                if value is None or len(value) > 100 or not commands.valid_xtext(value):
+                    return self._error(replies.PARAM_SYNTAX)
+            elif key == "AUTH":
+                # RFC 4954 §5: accepted and, as we do not trust other MTAs' claims, ignored.
+                continue
+            else:
+                return self._error(replies.PARAM_NOT_IMPLEMENTED)
+        self._txn = _Transaction(mail=cmd, smtputf8=cmd.smtputf8)
+        return MailFrom(cmd)
+
+    def _rcpt(self, cmd: Rcpt) -> Event | None:
+        if self.state not in (State.MAIL, State.RCPT):
+            return self._error(replies.BAD_SEQUENCE)
+        for key, value in cmd.params.items():
+            if key == "NOTIFY":
+                items = {v.upper() for v in (value or "").split(",")}
+                if not items or not items <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
+                        "NEVER" in items and len(items) > 1):
+                    return self._error(replies.PARAM_SYNTAX)
+            elif key == "ORCPT":
+                atype, sep, addr = (value or "").partition(";")
+                if not sep or not addr or len(value or "") > 500:
+                    return self._error(replies.PARAM_SYNTAX)
+            else:
+                return self._error(replies.PARAM_NOT_IMPLEMENTED)
+        # RFC 5321 §4.5.3.1.8: 452 for recipients beyond our limit; the client sends them later.
+        if self._txn.rcpt_count >= self.features.max_recipients:
+            self._send(replies.TOO_MANY_RECIPIENTS)
+            return None
+        return RcptTo(cmd)
+
+    def _bdat(self, cmd: Bdat) -> Event | None:
+        # RFC 3030 §2: the chunk's octets are read even when the command is refused.
+        refusal: Reply | None = None
+        if self.state not in (State.RCPT, State.BDAT):
+            refusal = replies.BAD_SEQUENCE if self.state is not State.MAIL else \
+                replies.NO_VALID_RECIPIENTS
+        self._data = CountedReader(cmd.size)
+        self._bdat_last = cmd.last
+        self._bdat_discard = refusal
+        if refusal is None:
+            self.state = State.BDAT
+            if not self._txn.started:
+                self._txn.started = True
+                return DataStart()
+        return None
+
+    def _auth(self, cmd: Auth) -> Event | None:
+        if self.authenticated or self.state is not State.READY:
+            return self._error(replies.BAD_SEQUENCE)
+        if cmd.mechanism not in self.features.auth_mechanisms:
+            if not self.tls_active and not self.features.auth_mechanisms:
+                return self._error(replies.ENCRYPTION_REQUIRED)
+            return self._error(replies.AUTH_BAD_MECH)
+        initial: bytes | None = None
+        if cmd.initial is not None:
+            if cmd.initial == "=":
+                initial = b""  # RFC 4954 §4: "=" is an empty initial response.
+            else:
+                try:
+                    initial = base64.b64decode(cmd.initial, validate=True)
+                except ValueError:
+                    return self._error(replies.AUTH_BAD_BASE64)
+        self.state = State.AUTH
+        return AuthStart(cmd.mechanism, initial)
+
+    def _auth_line(self, line: bytes) -> Event | None:
+        if line.strip() == b"*":
+            # RFC 4954 §4: the client cancels the exchange.
+            self.state = State.READY
+            return self._error(replies.AUTH_CANCELLED)
+        try:
+            data = base64.b64decode(line.strip(), validate=True)
+        except ValueError:
+            self.state = State.READY
+            return self._error(replies.AUTH_BAD_BASE64)
+        return AuthResponse(data)
+
+    def _simple(self, cmd: Simple) -> Event | None:
+        verb = cmd.verb
+        if verb == "NOOP":
+            self._send(replies.NOOP_OK)
+        elif verb == "QUIT":
+            reply = Reply(221, "2.0.0", (f"{self.features.hostname} closing connection",))
+            self._send(reply)
+            self.state = State.CLOSED
+            return Closing(reply)
+        elif verb == "RSET":
+            self._reset()
+            self._send(replies.RESET_OK)
+            return TransactionReset()
+        elif verb == "HELP":
+            self._send(replies.HELP)
+        elif verb == "VRFY":
+            # RFC 5321 §3.5.3: 252 rather than reveal which users exist.
+            if not cmd.arg.strip():
+                return self._error(replies.PARAM_SYNTAX)
+            self._send(replies.VRFY_CANNOT)
+        elif verb == "EXPN":
+            self._send(replies.NOT_IMPLEMENTED)
+        elif verb == "STARTTLS":
+            return self._starttls()
+        elif verb == "DATA":
+            return self._data_command()
+        return None
+
+    def _starttls(self) -> Event | None:
+        if not self.features.starttls or self.tls_active:
+            return self._error(replies.NOT_IMPLEMENTED if not self.tls_active
+                               else replies.BAD_SEQUENCE)
+        if self.state not in (State.CONNECTED, State.READY):
+            return self._error(replies.BAD_SEQUENCE)
+        self._send(replies.READY_TLS)
+        discarded = self._reader.discard()  # RFC 3207 §4.2 / CVE-2011-0411
+        self.state = State.TLS
+        return StartTLS(discarded)
+
+    def _data_command(self) -> Event | None:
+        if self.state is State.MAIL:
+            # RFC 5321 §3.3: no valid recipient -> 554 (or 503).
+            return self._error(replies.NO_VALID_RECIPIENTS)
+        if self.state is not State.RCPT:
+            return self._error(replies.BAD_SEQUENCE)
+        self._send(replies.START_DATA)
+        self.state = State.DATA
+        self._data = DotReader()
+        self._txn.started = True
+        return DataStart()
+
+    def _read_data(self) -> Event | _NeedData | None:
+        reader = self._data
+        buf = self._reader.buf
+        if isinstance(reader, DotReader):
+            chunk = reader.read(buf)
+            if chunk is None:
+                return NEED_DATA
+            txn = self._txn
+            txn.bare = txn.bare or chunk.bare
+            txn.size += len(chunk.data)
+            if txn.size > self.features.size_limit:
+                txn.too_big = True
+            if not reader.done:
+                return DataChunk(chunk.data) if chunk.data and not txn.too_big else None
+            self._data = None
+            if txn.too_big or txn.bare:
+                return self._abort(replies.MESSAGE_TOO_BIG if txn.too_big
+                                   else replies.BARE_LF_DATA)
+            if chunk.data:
+                self._pending.append(MessageEnd())
+                return DataChunk(chunk.data)
+            return MessageEnd()
+        assert isinstance(reader, CountedReader)
+        data = reader.read(buf)
+        if data is None and not reader.done:
+            return NEED_DATA
+        txn = self._txn
+        event: Event | None = None
+        if data and self._bdat_discard is None:
+            txn.size += len(data)
+            if txn.size > self.features.size_limit:
+                txn.too_big = True
+            elif not txn.too_big:
+                event = DataChunk(data)
+        if not reader.done:
+            return event
+        self._data = None
+        end = self._bdat_end()
+        if event is None:
+            return end
+        if end is not None:
+            self._pending.append(end)
+        return event
+
+    def _bdat_end(self) -> Event | None:
+        if self._bdat_discard is not None:
+            reply = self._bdat_discard
+            self._bdat_discard = None
+            return self._error(reply)
+        txn = self._txn
+        if not self._bdat_last:
+            if txn.too_big:
+                return self._abort(replies.MESSAGE_TOO_BIG)
+            self._send(Reply(250, "2.0.0", (f"{txn.size} octets received",)))
+            return None
+        if txn.too_big:
+            return self._abort(replies.MESSAGE_TOO_BIG)
+        return MessageEnd()
+
+    def _abort(self, reply: Reply) -> Event:
+        self._send(reply)
+        self._end_transaction()
+        self._count_error(reply)
+        return MessageAborted(reply)

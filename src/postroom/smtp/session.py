@@ -1,0 +1,286 @@
+"""SMTP policy: who may send what to whom, and handing finished messages to the queue.
+
+One :class:`SmtpSession` per connection, driven by ``server.py`` with the engine's events. It
+decides MAIL (submission needs AUTH, RFC 6409 §4; an authenticated user may only use addresses
+they own), RCPT (local domains: existing users, aliases, postmaster, RFC 5321 §4.5.1; other
+domains only when authenticated: no open relay), AUTH (SASL over TLS only, with brute-force
+throttling), and the end of DATA (header limits, mail loops, then a durable write before 250).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import email.utils
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from postroom import sasl
+from postroom.address import Address, parse_user_address
+from postroom.errors import TemporaryStorageError
+from postroom.queue.store import Envelope, Recipient, SpoolWriter, new_queue_id
+from postroom.smtp import replies
+from postroom.smtp.commands import Mail, Rcpt
+from postroom.smtp.replies import Reply
+from postroom.smtp.server_protocol import (
+    AuthResponse,
+    AuthStart,
+    Features,
+    ServerProtocol,
+)
+
+if TYPE_CHECKING:
+    from postroom.app import Services
+
+Port = Literal["smtp", "submission", "submissions"]
+
+MAX_RECEIVED = 50  # RFC 5321 §6.3: a loop is suspected beyond this many Received headers
+_RECEIVED = re.compile(rb"(?im)^received:")
+_HEADER_FIELD = re.compile(rb"(?im)^(date|message-id):")
+
+
+@dataclass
+class _Txn:
+    sender: Address | None = None
+    mail: Mail | None = None
+    recipients: list[Recipient] = field(default_factory=list)
+    writer: SpoolWriter | None = None
+    queue_id: str = ""
+    received_at: float = 0.0
+
+
+class SmtpSession:
+    """The policy half of one SMTP connection."""
+
+    def __init__(self, services: Services, port: Port, client_ip: str, tls: bool) -> None:
+        self.services = services
+        self.cfg = services.cfg
+        self.port = port
+        self.client_ip = client_ip
+        self.tls = tls
+        self.auth_user: str | None = None
+        self.helo = ""
+        self.txn = _Txn()
+        self._mech: sasl.Mechanism | None = None
+
+    # -- features ------------------------------------------------------------------------------
+
+    def features(self) -> Features:
+        tls_ok = self.tls or self.cfg.auth.allow_plaintext
+        return Features(
+            hostname=self.cfg.hostname,
+            size_limit=self.cfg.limits.message_size,
+            max_recipients=self.cfg.limits.max_recipients,
+            max_errors=self.cfg.limits.max_errors,
+            max_commands=self.cfg.limits.max_commands,
+            starttls=not self.tls and self.services.tls is not None,
+            # RFC 4954 §4 / RFC 8314: credentials only over TLS.
+            auth_mechanisms=sasl.MECHANISMS if tls_ok else (),
+        )
+
+    def tls_started(self, proto: ServerProtocol) -> None:
+        self.tls = True
+        self.auth_user = None
+        self.txn = _Txn()
+        proto.tls_started(self.features())
+
+    # -- MAIL / RCPT ---------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        if self.txn.writer is not None:
+            self.txn.writer.abort()
+        self.txn = _Txn()
+
+    def on_mail(self, cmd: Mail) -> Reply:
+        self.reset()
+        if self.port != "smtp" and self.auth_user is None:
+            return replies.AUTH_REQUIRED
+        if self.auth_user is not None and cmd.sender is not None and \
+                not self.services.accounts.owns(self.auth_user, cmd.sender.key):
+            return replies.SENDER_NOT_OWNED
+        self.txn = _Txn(sender=cmd.sender, mail=cmd)
+        return replies.SENDER_OK
+
+    def on_rcpt(self, cmd: Rcpt) -> Reply:
+        addr = cmd.recipient
+        if addr.domain == "":
+            # RFC 5321 §4.1.1.3: the bare <Postmaster> is this server's postmaster.
+            addr = Address("postmaster", self.cfg.domains[0])
+        notify = cmd.params.get("NOTIFY")
+        notify_list = [n.upper() for n in notify.split(",")] if notify else None
+        orcpt = cmd.params.get("ORCPT")
+        if self.cfg.is_local_domain(addr.domain):
+            key = addr.key
+            targets = self.services.accounts.expand(key)
+            if targets is None:
+                if addr.local.lower() != "postmaster":
+                    return replies.USER_UNKNOWN
+                targets = [key]
+            original = str(addr) if targets != [key] else None
+            for target in targets:
+                self.txn.recipients.append(
+                    Recipient(target, original=original, orcpt=orcpt, notify=notify_list))
+            return replies.RECIPIENT_OK
+        if self.auth_user is None:
+            return replies.RELAY_DENIED
+        self.txn.recipients.append(Recipient(str(addr), orcpt=orcpt, notify=notify_list))
+        return replies.RECIPIENT_OK
+
+    # -- DATA ----------------------------------------------------------------------------------
+
+    def on_data_start(self) -> None:
+        self.txn.queue_id = new_queue_id()
+        self.txn.received_at = time.time()
+        self.txn.writer = self.services.store.writer(self.txn.queue_id,
+                                                     make_prefix=self._prefix)
+
+    def on_data(self, data: bytes) -> None:
+        assert self.txn.writer is not None
+        self.txn.writer.write(data)
+
+    def _protocol_name(self) -> str:
+        # RFC 3848 (and RFC 6531 §3.7.3 for UTF8) "with" protocol types.
+        name = "ESMTP"
+        if self.txn.mail is not None and self.txn.mail.smtputf8:
+            name = "UTF8SMTP"
+        if self.tls:
+            name += "S"
+        if self.auth_user is not None:
+            name += "A"
+        return name
+
+    def _prefix(self, head: bytes) -> bytes:
+        """Our Received header, plus Date/Message-ID for submissions that lack them."""
+        txn = self.txn
+        date = email.utils.format_datetime(
+            datetime.datetime.fromtimestamp(txn.received_at, datetime.UTC))
+        rcpt = ""
+        if len(txn.recipients) == 1:
+            rcpt = f"\r\n\tfor <{txn.recipients[0].original or txn.recipients[0].address}>"
+        helo = self.helo.replace("\r", "").replace("\n", "")[:255] or "unknown"
+        received = (f"Received: from {helo} ([{self.client_ip}])\r\n"
+                    f"\tby {self.cfg.hostname} (postroom) with {self._protocol_name()}"
+                    f" id {txn.queue_id}{rcpt};\r\n\t{date}\r\n")
+        extra = ""
+        if self.auth_user is not None:
+            header_end = head.find(b"\r\n\r\n")
+            headers = head if header_end < 0 else head[: header_end + 2]
+            present = {m.group(1).lower() for m in _HEADER_FIELD.finditer(headers)}
+            # RFC 6409 §8.2-8.3: a submission server may add a missing Date and Message-ID.
+            if b"date" not in present:
+                extra += f"Date: {date}\r\n"
+            if b"message-id" not in present:
+                extra += f"Message-ID: <{txn.queue_id}@{self.cfg.hostname}>\r\n"
+        return (received + extra).encode("utf-8", "replace")
+
+    def _check_headers(self, head: bytes) -> Reply | None:
+        limit = self.cfg.limits.header_size
+        end = head.find(b"\r\n\r\n", 0, limit + 4)
+        if end < 0 and len(head) > limit:
+            return replies.HEADERS_TOO_BIG
+        headers = head if end < 0 else head[:end]
+        if len(_RECEIVED.findall(headers)) >= MAX_RECEIVED:
+            return replies.TOO_MANY_HOPS
+        return None
+
+    async def on_message_end(self) -> Reply:
+        txn = self.txn
+        writer = txn.writer
+        assert writer is not None
+        problem = self._check_headers(writer.head(self.cfg.limits.header_size + 4))
+        if problem is not None:
+            self.reset()
+            return problem
+        envelope = Envelope(
+            id=txn.queue_id,
+            sender=str(txn.sender) if txn.sender is not None else "",
+            recipients=txn.recipients,
+            created=txn.received_at,
+            client_ip=self.client_ip,
+            helo=self.helo,
+            auth_user=self.auth_user,
+            envid=txn.mail.params.get("ENVID") if txn.mail else None,
+            ret=(txn.mail.params.get("RET") or "").upper() or None if txn.mail else None,
+            smtputf8=bool(txn.mail and txn.mail.smtputf8),
+        )
+        try:
+            await writer.commit(envelope)
+        except TemporaryStorageError as exc:
+            self.services.log.error("spool write failed for %s: %s", txn.queue_id, exc)
+            self.txn = _Txn()
+            return replies.STORAGE_FULL
+        self.txn = _Txn()
+        self.services.log.info("queued %s from=<%s> rcpts=%d size=%d client=%s",
+                               envelope.id, envelope.sender, len(envelope.recipients),
+                               envelope.size, self.client_ip)
+        self.services.runner.submit(envelope)
+        return Reply(250, "2.0.0", (f"OK: queued as {envelope.id}",))
+
+    # -- AUTH ----------------------------------------------------------------------------------
+
+    async def on_auth(self, proto: ServerProtocol, event: AuthStart | AuthResponse) -> None:
+        if isinstance(event, AuthStart):
+            if self.services.throttle.refused(self.client_ip):
+                proto.auth_finish(replies.AUTH_THROTTLED)
+                return
+            self._mech = sasl.new_mechanism(event.mechanism)
+            if self._mech is None:
+                proto.auth_finish(replies.AUTH_BAD_MECH)
+                return
+            step = self._mech.start(event.initial)
+        else:
+            assert self._mech is not None
+            step = self._mech.step(event.data)
+        login: str | None = None
+        while True:
+            if isinstance(step, sasl.Challenge):
+                proto.auth_challenge(step.data)
+                return
+            if isinstance(step, sasl.NeedScramKeys):
+                assert isinstance(self._mech, sasl.ScramSha256)
+                found = self.services.accounts.scram_keys(step.username)
+                step = self._mech.provide_keys(found[1] if found else None)
+                continue
+            if isinstance(step, sasl.CheckPassword):
+                login = step.username
+                loop = asyncio.get_running_loop()
+                key = await loop.run_in_executor(
+                    self.services.cpu_executor, self.services.accounts.verify_password,
+                    step.username, step.password)
+                step = sasl.Success(key) if key else sasl.Failure("bad credentials")
+                continue
+            if isinstance(step, sasl.Success):
+                if step.final is not None:
+                    # RFC 4954 §4: SCRAM's server-final goes in a 334; the client answers "".
+                    proto.auth_challenge(step.final)
+                    self._mech = _Finished(step.username)  # type: ignore[assignment]
+                    return
+                self.auth_user = parse_user_address(step.username).key
+                self.services.throttle.success(self.client_ip)
+                self.services.log.info("auth ok user=%s client=%s", self.auth_user,
+                                       self.client_ip)
+                proto.auth_finish(replies.AUTH_OK)
+                self._mech = None
+                return
+            assert isinstance(step, sasl.Failure)
+            self._mech = None
+            if step.malformed:
+                proto.auth_finish(replies.AUTH_BAD_BASE64)
+                return
+            delay = self.services.throttle.failure(self.client_ip, login)
+            self.services.log.info("auth failed client=%s", self.client_ip)
+            await asyncio.sleep(delay)
+            proto.auth_finish(replies.AUTH_FAILED)
+            return
+
+
+class _Finished:
+    """SCRAM after the server-final message: any client answer completes the login."""
+
+    def __init__(self, username: str) -> None:
+        self.username = username
+
+    def step(self, data: bytes) -> sasl.Step:
+        return sasl.Success(self.username)

@@ -1,0 +1,1 @@
+"""Everything postroom keeps on disk besides the queue: mailboxes and the account store."""

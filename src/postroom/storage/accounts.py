@@ -1,0 +1,240 @@
+"""The account store: users with argon2id password hashes (plus SCRAM keys) and aliases.
+
+One SQLite file, ``{data_dir}/accounts.sqlite``, in WAL mode so that the CLI can write while a
+running server reads: every lookup is a fresh query, so ``user add`` and ``alias add`` take
+effect at once, without a restart. Addresses are stored in their :attr:`Address.key` form
+(lower-cased, IDNA domain), so logins and lookups are case-insensitive.
+
+Passwords are hashed with argon2id (argon2-cffi, RFC 9106 parameters). For SCRAM-SHA-256
+(RFC 7677, RFC 5802) we also keep salt, iteration count, StoredKey and ServerKey; they are
+derived from the password at ``user add``/``passwd`` time and allow a login without the password
+being sent, never the recovery of the password.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from postroom.address import Address, parse_user_address, safe_local_part
+from postroom.errors import AccountError, AddressError
+
+SCRAM_ITERATIONS = 4096
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    address TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    scram_salt BLOB NOT NULL,
+    scram_iterations INTEGER NOT NULL,
+    scram_stored_key BLOB NOT NULL,
+    scram_server_key BLOB NOT NULL,
+    created REAL NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS REAL))
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    alias TEXT NOT NULL,
+    target TEXT NOT NULL,
+    PRIMARY KEY (alias, target)
+);
+"""
+
+_HASHER = PasswordHasher()
+# Verified against when the user does not exist, so both cases cost the same time.
+_DUMMY_HASH = _HASHER.hash("postroom-no-such-user")
+
+
+@dataclass(frozen=True, slots=True)
+class ScramKeys:
+    """What the server stores for SCRAM-SHA-256 (RFC 5802 §3)."""
+
+    salt: bytes
+    iterations: int
+    stored_key: bytes
+    server_key: bytes
+
+
+def derive_scram_keys(password: str, salt: bytes | None = None,
+                      iterations: int = SCRAM_ITERATIONS) -> ScramKeys:
+    """SaltedPassword, ClientKey, StoredKey and ServerKey of RFC 5802 §3 with SHA-256."""
+    salt = salt if salt is not None else os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    return ScramKeys(salt, iterations, hashlib.sha256(client_key).digest(), server_key)
+
+
+def account_address(text: str, domains: Iterable[str]) -> Address:
+    """Validate an address typed by an admin: well-formed, local domain, safe as a path."""
+    try:
+        addr = parse_user_address(text)
+        safe_local_part(addr.local)
+    except AddressError as exc:
+        raise AccountError(f"malformed address {text!r}: {exc}") from None
+    if addr.domain not in set(domains):
+        raise AccountError(f"domain {addr.domain!r} is not one of the local domains")
+    return Address(addr.local.lower(), addr.domain)
+
+
+class Accounts:
+    """Users and aliases in ``accounts.sqlite``. Safe to share between threads."""
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / "accounts.sqlite"
+        self._local = threading.local()
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            self._local.db = db
+        return db
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- users -----------------------------------------------------------------------------
+
+    def add_user(self, address: Address, password: str) -> None:
+        keys = derive_scram_keys(password)
+        try:
+            with self._db() as db:
+                db.execute(
+                    "INSERT INTO users (address, password_hash, scram_salt, scram_iterations,"
+                    " scram_stored_key, scram_server_key) VALUES (?, ?, ?, ?, ?, ?)",
+                    (address.key, _HASHER.hash(password), keys.salt, keys.iterations,
+                     keys.stored_key, keys.server_key),
+                )
+        except sqlite3.IntegrityError:
+            raise AccountError(f"user {address.key} already exists") from None
+
+    def set_password(self, address: Address, password: str) -> None:
+        keys = derive_scram_keys(password)
+        with self._db() as db:
+            cur = db.execute(
+                "UPDATE users SET password_hash=?, scram_salt=?, scram_iterations=?,"
+                " scram_stored_key=?, scram_server_key=? WHERE address=?",
+                (_HASHER.hash(password), keys.salt, keys.iterations, keys.stored_key,
+                 keys.server_key, address.key),
+            )
+        if cur.rowcount == 0:
+            raise AccountError(f"no such user {address.key}")
+
+    def delete_user(self, address: Address) -> None:
+        with self._db() as db:
+            cur = db.execute("DELETE FROM users WHERE address=?", (address.key,))
+        if cur.rowcount == 0:
+            raise AccountError(f"no such user {address.key}")
+
+    def list_users(self) -> list[str]:
+        return [r[0] for r in self._db().execute("SELECT address FROM users ORDER BY address")]
+
+    def user_exists(self, key: str) -> bool:
+        row = self._db().execute("SELECT 1 FROM users WHERE address=?", (key,)).fetchone()
+        return row is not None
+
+    def verify_password(self, login: str, password: str) -> str | None:
+        """The account key when ``password`` is right for ``login``; None otherwise.
+
+        Costs one argon2 verification whether or not the user exists (no user enumeration by
+        timing). Blocking and CPU-heavy: call it from a worker thread.
+        """
+        try:
+            key = parse_user_address(login).key
+        except AddressError:
+            key = None
+        row = None
+        if key is not None:
+            row = self._db().execute(
+                "SELECT password_hash FROM users WHERE address=?", (key,)).fetchone()
+        stored = row[0] if row else _DUMMY_HASH
+        try:
+            ok = _HASHER.verify(stored, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            ok = False
+        return key if ok and row is not None else None
+
+    def scram_keys(self, login: str) -> tuple[str, ScramKeys] | None:
+        try:
+            key = parse_user_address(login).key
+        except AddressError:
+            return None
+        row = self._db().execute(
+            "SELECT scram_salt, scram_iterations, scram_stored_key, scram_server_key"
+            " FROM users WHERE address=?", (key,)).fetchone()
+        if row is None:
+            return None
+        return key, ScramKeys(bytes(row[0]), int(row[1]), bytes(row[2]), bytes(row[3]))
+
+    # -- aliases ---------------------------------------------------------------------------
+
+    def add_alias(self, alias: Address, targets: Iterable[str]) -> None:
+        with self._db() as db:
+            db.executemany("INSERT OR IGNORE INTO aliases (alias, target) VALUES (?, ?)",
+                           [(alias.key, t) for t in targets])
+
+    def delete_alias(self, alias: Address) -> None:
+        with self._db() as db:
+            cur = db.execute("DELETE FROM aliases WHERE alias=?", (alias.key,))
+        if cur.rowcount == 0:
+            raise AccountError(f"no such alias {alias.key}")
+
+    def list_aliases(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for alias, target in self._db().execute(
+                "SELECT alias, target FROM aliases ORDER BY alias, target"):
+            out.setdefault(alias, []).append(target)
+        return out
+
+    def alias_targets(self, key: str) -> list[str]:
+        rows = self._db().execute("SELECT target FROM aliases WHERE alias=?", (key,))
+        return [r[0] for r in rows]
+
+    def expand(self, key: str, max_depth: int = 10) -> list[str] | None:
+        """Resolve aliases recursively to final addresses (keys for local ones).
+
+        None when ``key`` is neither a user nor an alias. An alias may also name itself as a
+        target (keep a copy and forward), which ends the recursion there. Loops stop quietly.
+        """
+        seen: set[str] = set()
+        result: list[str] = []
+
+        def walk(k: str, depth: int) -> bool:
+            targets = self.alias_targets(k)
+            if not targets:
+                return False
+            for t in targets:
+                if t in seen:
+                    continue
+                seen.add(t)
+                if t != k and depth < max_depth and walk(t, depth + 1):
+                    continue
+                result.append(t)
+            return True
+
+        if walk(key, 0):
+            return result
+        return [key] if self.user_exists(key) else None
+
+    def owns(self, user_key: str, sender_key: str) -> bool:
+        """May ``user_key`` send as ``sender_key``: its own address or an alias that reaches it."""
+        if user_key == sender_key:
+            return True
+        expanded = self.expand(sender_key)
+        return expanded is not None and user_key in expanded

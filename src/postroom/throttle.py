@@ -1,0 +1,67 @@
+"""Brute-force protection for logins, shared by SMTP AUTH and POP3.
+
+Failures are counted per client IP and per account, and forgotten ``lockout_time`` after the
+last one. A failed login is answered after a delay that grows with the failures (so guessing is
+slow); an IP with ``lockout_failures`` recent failures is refused before its password is even
+checked (454 4.7.0 / -ERR [SYS/TEMP]). Per-account counts only ever add delay to *failures*:
+a correct password is never delayed or refused because of an account's history, so an attacker
+cannot lock a real user out; and the answers are the same whether or not the account exists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from postroom.config import AuthConfig
+
+MAX_DELAY = 8.0
+MAX_TRACKED = 100_000
+
+
+@dataclass
+class _Count:
+    failures: int = 0
+    last: float = 0.0
+
+
+@dataclass
+class LoginThrottle:
+    """Remembers recent login failures; all methods are cheap and non-blocking."""
+
+    cfg: AuthConfig
+    clock: Callable[[], float] = time.monotonic
+    _by_ip: dict[str, _Count] = field(default_factory=dict)
+    _by_account: dict[str, _Count] = field(default_factory=dict)
+
+    def _get(self, table: dict[str, _Count], key: str) -> int:
+        entry = table.get(key)
+        if entry is None:
+            return 0
+        if self.clock() - entry.last > self.cfg.lockout_time:
+            del table[key]
+            return 0
+        return entry.failures
+
+    def refused(self, ip: str) -> bool:
+        """True if this IP must be turned away without checking its password."""
+        return self._get(self._by_ip, ip) >= self.cfg.lockout_failures
+
+    def failure(self, ip: str, account: str | None) -> float:
+        """Record a failure; returns how long to wait before answering it."""
+        now = self.clock()
+        worst = 0
+        for table, key in ((self._by_ip, ip), (self._by_account, account)):
+            if key is None:
+                continue
+            if len(table) > MAX_TRACKED:
+                table.clear()  # under a flood, forget rather than grow without bound
+            count = self._get(table, key) + 1
+            table[key] = _Count(count, now)
+            worst = max(worst, count)
+        extra = max(0, worst - self.cfg.free_failures)
+        return min(MAX_DELAY, self.cfg.failure_delay * (2 ** min(extra, 8)))
+
+    def success(self, ip: str) -> None:
+        self._by_ip.pop(ip, None)

@@ -1,0 +1,93 @@
+"""TLS contexts for the servers and the delivery client, and the embedded self-signed pair.
+
+Policy: TLS 1.2 and 1.3 only, the system's modern cipher list (RFC 8996, RFC 9325). The server
+context is loaded from ``[tls] cert``/``key``; without them a self-signed certificate for
+``hostname`` is made on first start under ``{data_dir}/tls/`` (cryptography) and reused after.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+from pathlib import Path
+
+from postroom.config import Config
+from postroom.errors import ConfigError
+
+
+def cert_paths(cfg: Config) -> tuple[Path, Path]:
+    """The certificate and key files the servers use (the configured pair or the embedded one)."""
+    if cfg.tls.cert is not None and cfg.tls.key is not None:
+        return cfg.tls.cert, cfg.tls.key
+    tls_dir = cfg.data_dir / "tls"
+    return tls_dir / "cert.pem", tls_dir / "key.pem"
+
+
+def ensure_self_signed(cfg: Config) -> None:
+    """Make the embedded self-signed pair if no ``[tls]`` pair is configured and none exists."""
+    if cfg.tls.cert is not None:
+        return
+    cert, key = cert_paths(cfg)
+    if cert.exists() and key.exists():
+        return
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    cert.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cfg.hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    alt: list[x509.GeneralName] = [x509.DNSName(cfg.hostname)]
+    if cfg.hostname == "localhost":
+        alt.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    tmp_key = key.with_suffix(".tmp")
+    fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    os.replace(tmp_key, key)
+    tmp_cert = cert.with_suffix(".tmp")
+    tmp_cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp_cert, cert)
+
+
+def server_context(cfg: Config) -> ssl.SSLContext:
+    """The server-side context for STARTTLS, STLS and the implicit-TLS ports."""
+    ensure_self_signed(cfg)
+    cert, key = cert_paths(cfg)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20")
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{cfg.path or '<default>'}: tls: cannot load {cert}: {exc}") from None
+    return ctx
+
+
+def client_context(verify: bool) -> ssl.SSLContext:
+    """The delivery client's context: opportunistic (no checks) unless ``verify``."""
+    ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
