@@ -86,12 +86,16 @@ class Server:
 
     def start(self) -> None:
         assert self.proc is None
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "postroom", "serve", "-c", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"),  # noqa: SIM115
-            env=env_with_src(), start_new_session=True)
-        for port in self.ports.values():
-            wait_port(self.host, port)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "postroom", "serve", "-c", str(self.config)],
+                stdout=subprocess.DEVNULL, stderr=log, env=env_with_src(),
+                start_new_session=True)
+        try:
+            for port in self.ports.values():
+                wait_port(self.host, port)
+        except TimeoutError:
+            raise AssertionError("server did not start:\n" + self.log.read_text()) from None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         assert self.proc is not None

@@ -224,7 +224,13 @@ def run(cfg: Config) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import uvloop
-
-        return int(uvloop.run(serve(cfg)))
     except ImportError:
+        uvloop = None
+    try:
+        if uvloop is not None:
+            return int(uvloop.run(serve(cfg)))
         return asyncio.run(serve(cfg))
+    except OSError as exc:
+        # Typically a port that cannot be bound: one line, no traceback.
+        print(f"postroom: error: {exc}", file=sys.stderr)
+        return 1

@@ -166,7 +166,7 @@ class SpoolWriter:
         if self.size > SPILL_THRESHOLD:
             self._take_prefix()
             self._fd = os.open(self.store.tmp_dir / self.queue_id,
-                               os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                               os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             _write_all(self._fd, b"".join(self._parts))
             self._parts.clear()
 

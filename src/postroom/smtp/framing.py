@@ -62,13 +62,17 @@ class LineReader:
         buf = self.buf
         i = buf.find(b"\n", 0, self.max_line + 2)
         if i < 0:
-            if len(buf) > self.max_line + 1:
-                # Over the limit with no end in sight: drop it and keep dropping up to the LF.
+            if len(buf) <= self.max_line + 1:
+                return None
+            # Over the limit: drop it up to its LF (which may not have come yet).
+            i = buf.find(b"\n")
+            if i < 0:
                 self._discarding = True
-                keep = buf[-1:] if buf.endswith(b"\r") else b""
                 buf.clear()
-                buf += keep
-            return None
+                return None
+            del buf[: i + 1]
+            self._discarding = False
+            return TOO_LONG
         line = bytes(buf[:i])
         del buf[: i + 1]
         if self._discarding:

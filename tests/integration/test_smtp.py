@@ -1,0 +1,164 @@
+"""A real ``postroom serve`` on loopback, driven by smtplib, swaks and raw sockets."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import Server, ServerFactory, need_tool
+
+TRACE = (b"Return-Path:", b"Delivered-To:", b"Received:", b"\t")
+
+
+def strip_trace(stored: bytes) -> bytes:
+    """The stored message without the trace header lines postroom adds on top."""
+    lines = stored.split(b"\r\n")
+    i = 0
+    while i < len(lines) and lines[i].startswith(TRACE):
+        i += 1
+    return b"\r\n".join(lines[i:])
+
+
+@pytest.fixture
+def srv(server_factory: ServerFactory) -> Server:
+    s = server_factory(domains=("a.test", "b.test"), extra_toml='[limits]\nmessage_size = "11MB"',
+                       services=("smtp", "submission", "submissions"))
+    s.add_user("alice@a.test")
+    s.add_user("bob@b.test")
+    return s
+
+
+def send(srv: Server, rcpts: list[str], msg: bytes, sender: str = "x@remote.test") -> None:
+    with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=30) as c:
+        c.sendmail(sender, rcpts, msg)
+
+
+@pytest.mark.parametrize("body", [
+    b"plain\r\n",
+    b".leading dot\r\n..two dots\r\n.\r\nafter a lone dot line\r\n",
+    "8-bit body: \u00e9\u00e8\u00e0 \u2603\r\n".encode(),
+    b"x" * 998 + b"\r\n" + b"y" * 998 + b"\r\n",
+], ids=["plain", "dots", "8bit", "998-octet-lines"])
+def test_delivered_byte_for_byte(srv: Server, body: bytes) -> None:
+    msg = b"From: x@remote.test\r\nTo: alice@a.test\r\nSubject: t\r\n\r\n" + body
+    send(srv, ["alice@a.test"], msg)
+    (stored,) = srv.wait_messages("alice@a.test", 1)
+    assert strip_trace(stored) == msg
+    assert stored.startswith(b"Return-Path: <x@remote.test>\r\n")
+    assert b"by mx.a.test (postroom)" in stored
+
+
+def test_ten_megabyte_message(srv: Server) -> None:
+    line = b"0123456789" * 99 + b"\r\n"
+    msg = b"Subject: big\r\n\r\n" + line * (10 * 1024 * 1024 // len(line))
+    send(srv, ["alice@a.test"], msg)
+    (stored,) = srv.wait_messages("alice@a.test", 1, timeout=30)
+    assert strip_trace(stored) == msg
+
+
+def test_size_overflow(srv: Server) -> None:
+    with smtplib.SMTP(srv.host, srv.ports["smtp"]) as c:
+        c.ehlo()
+        assert c.esmtp_features["size"] == str(11 * 1024 * 1024)
+        code, text = c.mail("x@remote.test", ["SIZE=20000000"])
+        assert (code, text[:5]) == (552, b"5.3.4")
+        c.rset()
+        c.mail("x@remote.test")
+        c.rcpt("alice@a.test")
+        code, text = c.data(b"x" * (12 * 1024 * 1024))
+        assert (code, text[:5]) == (552, b"5.3.4")
+        assert c.noop()[0] == 250
+    assert srv.messages("alice@a.test") == []
+
+
+def test_policy_replies(srv: Server) -> None:
+    with smtplib.SMTP(srv.host, srv.ports["smtp"]) as c:
+        c.ehlo()
+        assert c.mail("<>")[0] == 250
+        code, text = c.rcpt("nobody@a.test")
+        assert (code, text[:5]) == (550, b"5.1.1")
+        code, text = c.rcpt("someone@elsewhere.test")
+        assert (code, text[:5]) == (554, b"5.7.1")
+        assert c.rcpt("postmaster@b.test")[0] == 250
+        assert c.rcpt("BOB@B.TEST")[0] == 250
+        assert "auth" not in c.esmtp_features
+        assert c.verify("alice@a.test")[0] == 252
+        c.data(b"Subject: hi\r\n\r\nx\r\n")
+    assert len(srv.wait_messages("bob@b.test", 1)) == 1
+    assert len(srv.wait_messages("postmaster@b.test", 1)) == 1
+
+
+def test_aliases_expand_at_rcpt(srv: Server) -> None:
+    srv.cli("alias", "add", "team@a.test", "alice@a.test", "bob@b.test")
+    send(srv, ["team@a.test"], b"Subject: team\r\n\r\nhello\r\n")
+    assert len(srv.wait_messages("alice@a.test", 1)) == 1
+    assert len(srv.wait_messages("bob@b.test", 1)) == 1
+
+
+def test_raw_pipelining_and_bdat(srv: Server) -> None:
+    with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) as s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220 mx.a.test")
+        s.sendall(b"EHLO c\r\nMAIL FROM:<x@r.test>\r\nRCPT TO:<alice@a.test>\r\n"
+                  b"BDAT 17 LAST\r\nSubject: b\r\n\r\nb\r\nQUIT\r\n")
+        lines = f.read().split(b"\r\n")
+    codes = [ln[:4] for ln in lines if ln[3:4] == b" "]
+    assert codes == [b"250 ", b"250 ", b"250 ", b"250 ", b"221 "]
+    (stored,) = srv.wait_messages("alice@a.test", 1)
+    assert strip_trace(stored) == b"Subject: b\r\n\r\nb\r\n"
+
+
+def test_swaks_delivers(srv: Server) -> None:
+    swaks = need_tool("swaks")
+    proc = subprocess.run([swaks, "--server", f"{srv.host}:{srv.ports['smtp']}",
+                           "--to", "alice@a.test", "--from", "s@remote.test",
+                           "--header", "Subject: via swaks", "--body", "swaks body"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (stored,) = srv.wait_messages("alice@a.test", 1)
+    assert b"Subject: via swaks" in stored and b"swaks body" in stored
+
+
+def test_kill9_after_250_delivers_exactly_once(srv: Server) -> None:
+    for i in range(5):
+        send(srv, ["alice@a.test"], f"Subject: n{i}\r\n\r\nbody {i}\r\n".encode())
+    srv.kill9()
+    srv.start()
+    msgs = srv.wait_messages("alice@a.test", 5)
+    time.sleep(0.5)
+    msgs = srv.messages("alice@a.test")
+    subjects = sorted(m.split(b"Subject: ")[1].split(b"\r\n")[0] for m in msgs)
+    assert subjects == [f"n{i}".encode() for i in range(5)]
+
+
+def test_recovery_completes_spooled_but_undelivered(srv: Server) -> None:
+    """A message spooled but not delivered before a crash is delivered after restart, once."""
+    srv.stop()
+    from postroom.queue.store import Envelope, QueueStore, Recipient
+
+    store = QueueStore(srv.data_dir / "queue")
+    import asyncio
+
+    env = Envelope(id="TESTRECOVERY1", sender="x@r.test",
+                   recipients=[Recipient("alice@a.test")], created=time.time())
+    asyncio.run(store.add(env, b"Subject: recovered\r\n\r\nbody\r\n"))
+    store.executor.shutdown()
+    srv.start()
+    msgs = srv.wait_messages("alice@a.test", 1)
+    assert len(msgs) == 1 and b"Subject: recovered" in msgs[0]
+    assert srv.cli("queue", "list").stdout == ""
+
+
+def test_sigterm_exits_zero_quickly(srv: Server) -> None:
+    c = socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10)
+    f = c.makefile("rb")
+    f.readline()
+    t0 = time.monotonic()
+    assert srv.stop() == 0
+    assert time.monotonic() - t0 < 10
+    assert f.readline().startswith(b"421")
+    c.close()

@@ -1,0 +1,250 @@
+"""The sans-I/O SMTP server engine, driven in memory with a permissive fake policy."""
+
+from __future__ import annotations
+
+import base64
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from postroom.smtp import replies
+from postroom.smtp.server_protocol import (
+    NEED_DATA,
+    AuthResponse,
+    AuthStart,
+    Closing,
+    DataChunk,
+    Features,
+    MailFrom,
+    MessageAborted,
+    MessageEnd,
+    RcptTo,
+    ServerProtocol,
+    StartTLS,
+    State,
+)
+
+
+def features(**kw: object) -> Features:
+    base: dict[str, object] = {"hostname": "mx.test", "size_limit": 1000, "starttls": True}
+    base.update(kw)
+    return Features(**base)  # type: ignore[arg-type]
+
+
+class Harness:
+    """Runs the engine with a policy that accepts everything; records messages and events."""
+
+    def __init__(self, **kw: object) -> None:
+        self.proto = ServerProtocol(features(**kw))
+        self.messages: list[bytes] = []
+        self.events: list[object] = []
+        self._current: list[bytes] = []
+
+    def send(self, data: bytes) -> bytes:
+        self.proto.receive_data(data)
+        while True:
+            ev = self.proto.next_event()
+            if ev is NEED_DATA:
+                break
+            self.events.append(ev)
+            if isinstance(ev, MailFrom | RcptTo):
+                self.proto.reply(replies.OK)
+            elif isinstance(ev, DataChunk):
+                self._current.append(ev.data)
+            elif isinstance(ev, MessageEnd):
+                self.messages.append(b"".join(self._current))
+                self._current = []
+                self.proto.reply(replies.OK)
+            elif isinstance(ev, MessageAborted):
+                self._current = []
+            elif isinstance(ev, AuthStart | AuthResponse):
+                self.proto.auth_finish(replies.AUTH_OK)
+        return self.proto.data_to_send()
+
+
+def codes(out: bytes) -> list[str]:
+    return [line[:3].decode() for line in out.split(b"\r\n") if line and line[3:4] == b" "]
+
+
+def test_a_whole_transaction_pipelined() -> None:
+    h = Harness()
+    out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n"
+                 b"Subject: s\r\n\r\n..dot\r\n.\r\nQUIT\r\n")
+    assert codes(out) == ["250", "250", "250", "354", "250", "221"]
+    assert h.messages == [b"Subject: s\r\n\r\n.dot\r\n"]
+    assert h.proto.state is State.CLOSED
+
+
+def test_ehlo_lists_extensions() -> None:
+    out = Harness().send(b"EHLO c\r\n")
+    for ext in (b"PIPELINING", b"SIZE 1000", b"8BITMIME", b"SMTPUTF8", b"CHUNKING",
+                b"ENHANCEDSTATUSCODES", b"STARTTLS", b"DSN"):
+        assert ext in out
+    assert b"AUTH" not in out
+
+
+def test_bad_sequence_and_syntax() -> None:
+    h = Harness()
+    assert h.send(b"MAIL FROM:<a@b>\r\n").startswith(b"503 5.5.1")
+    assert h.send(b"BOGUS\r\n").startswith(b"500 5.5.2")
+    h.send(b"HELO c\r\n")
+    assert h.send(b"RCPT TO:<a@b.test>\r\n").startswith(b"503 5.5.1")
+    assert h.send(b"DATA\r\n").startswith(b"503 5.5.1")
+    assert h.send(b"MAIL FROM:a@b\r\n").startswith(b"501")
+
+
+def test_data_without_valid_recipient() -> None:
+    h = Harness()
+    h.send(b"EHLO c\r\nMAIL FROM:<>\r\n")
+    assert h.send(b"DATA\r\n").startswith(b"554 5.5.1")
+
+
+def test_overlong_command_is_refused_not_truncated() -> None:
+    h = Harness()
+    out = h.send(b"EHLO c\r\nNOOP " + b"x" * 600 + b"\r\nNOOP\r\n")
+    assert codes(out) == ["250", "500", "250"]
+    assert b"500 5.5.6" in out
+    h2 = Harness()
+    out = h2.send(b"EHLO c\r\nRSET" + b" " * 20000 + b"MAIL FROM:<a@b>\r\nNOOP\r\n")
+    assert b"500 5.5.6" in out and codes(out)[-1] == "250"
+
+
+def test_size_declared_too_big_at_mail() -> None:
+    h = Harness()
+    out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test> SIZE=5000\r\n")
+    assert b"552 5.3.4" in out
+
+
+def test_size_enforced_during_data() -> None:
+    h = Harness()
+    out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n"
+                 + b"x" * 2000 + b"\r\n.\r\nNOOP\r\n")
+    assert b"552 5.3.4" in out
+    assert h.messages == []
+    assert codes(out)[-1] == "250"
+
+
+def test_bare_lf_in_data_is_rejected_and_never_starts_a_second_message() -> None:
+    h = Harness()
+    out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n"
+                 b"Subject: s\r\n\r\nbody\n.\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@y.test>\r\n"
+                 b"DATA\r\nsmuggled\r\n.\r\n")
+    assert b"550 5.5.2" in out
+    assert h.messages == []
+    assert sum(isinstance(e, MailFrom) for e in h.events) == 1
+
+
+def test_bdat() -> None:
+    h = Harness()
+    out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
+                 b"BDAT 5\r\nhello" b"BDAT 8 LAST\r\n world\r\n")
+    assert codes(out) == ["250", "250", "250", "250", "250"]
+    assert h.messages == [b"hello world\r\n"]
+
+
+def test_bdat_refused_still_consumes_its_octets() -> None:
+    h = Harness()
+    out = h.send(b"EHLO c\r\nBDAT 12 LAST\r\nNOOP\r\nQUIT\r\nNOOP\r\n")
+    assert codes(out) == ["250", "503", "250"]
+    assert h.proto.state is not State.CLOSED
+
+
+def test_starttls_discards_pipelined_plaintext() -> None:
+    h = Harness()
+    h.proto.receive_data(b"EHLO c\r\nSTARTTLS\r\nNOOP\r\n")
+    events = []
+    while (ev := h.proto.next_event()) is not NEED_DATA:
+        events.append(ev)
+    tls = [e for e in events if isinstance(e, StartTLS)]
+    assert tls and tls[0].discarded == len(b"NOOP\r\n")
+    h.proto.receive_data(b"more plaintext\r\n")
+    assert h.proto.next_event() is NEED_DATA
+    assert codes(h.proto.data_to_send()) == ["250", "220"]
+    h.proto.tls_started(features(auth_mechanisms=("PLAIN",)))
+    assert h.proto.state is State.CONNECTED
+    out = h.send(b"MAIL FROM:<a@b.test>\r\n")
+    assert out.startswith(b"503")  # EHLO again first (RFC 3207 §4.2)
+    assert b"AUTH PLAIN" in h.send(b"EHLO c\r\n")
+
+
+def test_auth_needs_tls_when_not_offered() -> None:
+    h = Harness()
+    out = h.send(b"EHLO c\r\nAUTH PLAIN " + base64.b64encode(b"\0u\0p") + b"\r\n")
+    assert b"538 5.7.11" in out
+
+
+def test_auth_exchange_and_cancel() -> None:
+    proto = ServerProtocol(features(auth_mechanisms=("PLAIN", "LOGIN")))
+    proto.receive_data(b"EHLO c\r\nAUTH LOGIN\r\n")
+    evs = []
+    while (ev := proto.next_event()) is not NEED_DATA:
+        evs.append(ev)
+        if isinstance(ev, AuthStart):
+            proto.auth_challenge(b"Username:")
+    assert proto.data_to_send().endswith(b"334 VXNlcm5hbWU6\r\n")
+    proto.receive_data(b"*\r\n")
+    assert proto.next_event() is NEED_DATA
+    assert proto.data_to_send().startswith(b"501")
+    assert proto.state is State.READY
+
+
+def test_too_many_recipients() -> None:
+    h = Harness(max_recipients=2)
+    out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n" + b"RCPT TO:<x@y.test>\r\n" * 3)
+    assert codes(out) == ["250", "250", "250", "250", "452"]
+
+
+def test_too_many_errors_closes() -> None:
+    h = Harness(max_errors=3)
+    out = h.send(b"X\r\nY\r\nZ\r\nNOOP\r\n")
+    assert b"421 4.7.0" in out
+    assert any(isinstance(e, Closing) for e in h.events)
+    assert h.proto.state is State.CLOSED
+
+
+def test_unknown_mail_parameter() -> None:
+    h = Harness()
+    out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test> FOO=BAR\r\n")
+    assert out.endswith(b"555 5.5.4 Parameter not recognized or not implemented\r\n")
+
+
+def test_smtputf8_address() -> None:
+    h = Harness()
+    out = h.send("EHLO c\r\nMAIL FROM:<jöran@b.test> SMTPUTF8\r\nRCPT TO:<δοκιμή@y.test>\r\n"
+                 .encode())
+    assert codes(out) == ["250", "250", "250"]
+    h2 = Harness()
+    out = h2.send("EHLO c\r\nMAIL FROM:<jöran@b.test>\r\n".encode())
+    assert codes(out)[-1] == "553"
+
+
+def test_null_sender_and_postmaster() -> None:
+    h = Harness()
+    out = h.send(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\n")
+    assert codes(out) == ["250", "250", "250"]
+
+
+COMMANDS = st.sampled_from([b"EHLO x", b"HELO x", b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>",
+                            b"DATA", b"RSET", b"NOOP", b"QUIT", b"VRFY a", b"BDAT 3", b"BDAT 0 LAST",
+                            b"STARTTLS", b"AUTH PLAIN", b".", b"", b"x" * 600, b"\xff\xfe"])
+
+
+@settings(max_examples=200)
+@given(st.lists(st.one_of(COMMANDS, st.binary(max_size=30)), max_size=30),
+       st.sampled_from([b"\r\n", b"\n"]))
+def test_garbage_gives_only_replies_never_exceptions(lines: list[bytes], eol: bytes) -> None:
+    h = Harness()
+    h.send(eol.join(lines) + eol)
+
+
+@settings(max_examples=100)
+@given(st.lists(COMMANDS, max_size=20), st.integers(1, 17))
+def test_chunking_gives_the_same_replies(lines: list[bytes], size: int) -> None:
+    stream = b"\r\n".join([b"EHLO x", b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>", b"DATA",
+                           b"hello", b".", *lines]) + b"\r\n"
+    whole = Harness()
+    out1 = whole.send(stream)
+    pieces = Harness()
+    out2 = b"".join(pieces.send(stream[i : i + size]) for i in range(0, len(stream), size))
+    assert out1 == out2
+    assert whole.messages == pieces.messages
