@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import re
+import textwrap
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -154,9 +155,12 @@ def _human_part(hostname: str, recipients: Sequence[DsnRecipient], utf8: bool) -
         out.append(line)
         if r.remote_mta:
             said = _clean(r.diagnostic or "", utf8=utf8)
-            out.append(f"    host {_clean(r.remote_mta, utf8=utf8)} said: {said}")
-        elif r.diagnostic:
-            out.append(f"    {_clean(r.diagnostic, utf8=utf8)}")
+            text = f"host {_clean(r.remote_mta, utf8=utf8)} said: {said}"
+        else:
+            text = _clean(r.diagnostic or "", utf8=utf8)
+        if text:
+            out += textwrap.wrap(text, 76, initial_indent="    ", subsequent_indent="    ",
+                                 break_long_words=False, break_on_hyphens=False)
     out.append("")
     return "\r\n".join(out) + "\r\n"
 

@@ -20,7 +20,6 @@ notes: all network input goes through the engine; this module never interprets i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +37,7 @@ from postroom.smtp.client_protocol import (
     Ready,
     Recipient,
     StartTLS,
+    State,
     TLSPolicy,
 )
 from postroom.smtp.replies import Reply
@@ -144,8 +144,19 @@ class _Session(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def quit_nowait(self) -> None:
+        """Write QUIT and close once it is sent, without waiting for the 221."""
+        if self.engine.state is State.READY:
+            self.engine.quit()
+        if self.transport is not None:
+            self.transport.write(self.engine.data_to_send())
+            self.transport.close()
+
     async def quit(self) -> None:
         """Polite QUIT with a short wait, then close."""
+        if self.engine.state is State.CLOSED:
+            self.close()
+            return
         try:
             self.engine.quit()
             await asyncio.wait_for(self._until_closed(), self._limit(5.0))
@@ -350,8 +361,7 @@ class RemoteDelivery:
     def _put(self, key: tuple[str, str, int, bool], session: _Session) -> None:
         total = sum(len(v) for v in self._idle.values())
         if total >= self._max_cached:
-            loop = asyncio.get_running_loop()
-            loop.create_task(session.quit())
+            session.quit_nowait()
             return
         session.last_used = time.monotonic()
         self._idle.setdefault(key, []).append(session)
@@ -389,6 +399,3 @@ def needs_relayed_dsn(result: DeliveryResult) -> bool:
     notify = {n.upper() for n in result.recipient.notify or ()}
     return result.outcome is Outcome.DELIVERED and "SUCCESS" in notify and not result.dsn_offered
 
-
-with contextlib.suppress(AttributeError):  # pragma: no cover - keep flake-free module import
-    pass

@@ -312,7 +312,12 @@ class ClientEngine:
     # --- replies ---------------------------------------------------------------------------------
 
     def _parse(self) -> None:
+        limit = self._reader.max_line
         while self.state not in (State.CLOSED, State.TLS_HANDSHAKE):
+            buf = self._reader.buf
+            if len(buf) > limit + 1 and buf.find(b"\n", 0, limit + 2) < 0:
+                self._fail(_local(421, "4.5.0", "protocol error: reply line too long"))
+                return
             line = self._reader.read_line()
             if line is None:
                 return

@@ -1,0 +1,440 @@
+"""remote.py end to end: a small asyncio SMTP sink on 127.0.0.x, routes from StaticResolver."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import trustme
+
+from postroom.config import Config, DeliveryConfig, Duration, ListenConfig
+from postroom.delivery.remote import DeliveryResult, RemoteDelivery, needs_relayed_dsn
+from postroom.resolver import Route, RouteFailure, StaticResolver, Target
+from postroom.smtp.client_protocol import Message, Outcome, Recipient
+from postroom.tls import client_context
+
+BODY = b"From: alice@a.test\r\nTo: bob@b.test\r\nSubject: hi\r\n\r\nline one\r\n.leading dot\r\n"
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    data: bytes
+    tls: bool
+
+
+@dataclass
+class Sink:
+    """A minimal SMTP server: enough of RFC 5321 to receive, with knobs for failures."""
+
+    host: str
+    port: int
+    greeting: bytes = b"220 sink.test ESMTP"
+    extensions: tuple[str, ...] = ("PIPELINING", "SIZE 100000", "8BITMIME", "ENHANCEDSTATUSCODES")
+    reject: set[str] = field(default_factory=set)
+    tempfail: set[str] = field(default_factory=set)
+    tls: ssl.SSLContext | None = None
+    messages: list[Received] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    connections: int = 0
+    server: asyncio.Server | None = None
+
+    async def start(self) -> Sink:
+        self.server = await asyncio.start_server(self._handle, self.host, self.port)
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self._session(reader, writer)
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        def say(text: str | bytes) -> None:
+            writer.write((text.encode() if isinstance(text, str) else text) + b"\r\n")
+
+        say(self.greeting)
+        if not self.greeting.startswith(b"220"):
+            await writer.drain()
+            return
+        secure = False
+        sender: str | None = None
+        rcpts: list[str] = []
+        while line := await reader.readline():
+            cmd = line.decode("utf-8", "replace").rstrip("\r\n")
+            self.commands.append(cmd)
+            verb = cmd[:4].upper()
+            if verb == "EHLO":
+                ext = list(self.extensions)
+                if self.tls is not None and not secure:
+                    ext.append("STARTTLS")
+                lines = ["sink.test hello", *ext]
+                for i, text in enumerate(lines):
+                    say(f"250{'-' if i < len(lines) - 1 else ' '}{text}")
+            elif verb == "HELO":
+                say("250 sink.test")
+            elif verb == "STAR" and self.tls is not None:
+                say("220 2.0.0 go ahead")
+                await writer.drain()
+                await writer.start_tls(self.tls)
+                secure = True
+                sender, rcpts = None, []
+            elif verb == "MAIL":
+                sender = cmd[10:].split(">")[0].lstrip("<")
+                say("250 2.1.0 ok")
+            elif verb == "RCPT":
+                addr = cmd[8:].split(">")[0].lstrip("<")
+                if sender is None:
+                    say("503 5.5.1 need MAIL")
+                elif addr in self.reject:
+                    say("550 5.1.1 no such user")
+                elif addr in self.tempfail:
+                    say("450 4.2.1 try again later")
+                else:
+                    rcpts.append(addr)
+                    say("250 2.1.5 ok")
+            elif verb == "DATA":
+                if not rcpts or sender is None:
+                    say("554 5.5.1 no valid recipients")
+                    continue
+                say("354 go ahead")
+                await writer.drain()
+                chunks = []
+                while (data_line := await reader.readline()) != b".\r\n":
+                    if not data_line:
+                        return
+                    chunks.append(data_line[1:] if data_line.startswith(b".") else data_line)
+                self.messages.append(Received(sender, rcpts, b"".join(chunks), secure))
+                say("250 2.0.0 queued")
+                sender, rcpts = None, []
+            elif verb == "RSET":
+                sender, rcpts = None, []
+                say("250 2.0.0 ok")
+            elif verb == "QUIT":
+                say("221 2.0.0 bye")
+                await writer.drain()
+                return
+            else:
+                say("502 5.5.1 not implemented")
+            await writer.drain()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        return int(s.getsockname()[1])
+
+
+def config(port: int, **delivery: Any) -> Config:
+    return Config(
+        hostname="mx.a.test",
+        domains=("a.test",),
+        listen=ListenConfig(smtp=(("127.0.0.1", port + 1),)),
+        delivery=DeliveryConfig(port=port, connect_timeout=Duration(2), **delivery),
+    )
+
+
+def message(*rcpts: str) -> Message:
+    return Message("alice@a.test", tuple(Recipient(r) for r in rcpts))
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro(), 30))
+
+
+def mx(host: str, ip: str, pref: int) -> Target:
+    return Target(host, (ip,), pref)
+
+
+def test_delivers_with_per_recipient_results() -> None:
+    port = free_port()
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.2", port, reject={"nobody@b.test"}).start()
+        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        try:
+            results = await remote.deliver("b.test", message("bob@b.test", "nobody@b.test"), BODY)
+        finally:
+            await remote.aclose()
+            await sink.stop()
+        bob, nobody = results
+        assert bob.outcome is Outcome.DELIVERED
+        assert bob.remote_mta == "mx.b.test"
+        assert nobody.outcome is Outcome.PERMANENT
+        assert nobody.reply.status == "5.1.1"
+        assert nobody.remote_mta == "mx.b.test"
+        (got,) = sink.messages
+        assert got.sender == "alice@a.test"
+        assert got.recipients == ["bob@b.test"]
+        assert got.data == BODY
+        assert any(c.startswith("MAIL FROM:<alice@a.test> SIZE=") for c in sink.commands)
+
+    run(main)
+
+
+def test_falls_back_to_the_second_mx_when_the_first_is_down() -> None:
+    port = free_port()
+
+    async def main() -> None:
+        # Nothing listens on 127.0.0.3: connection refused, then the next MX.
+        sink = await Sink("127.0.0.4", port).start()
+        resolver = StaticResolver({"b.test": Route((
+            mx("mx1.b.test", "127.0.0.3", 10), mx("mx2.b.test", "127.0.0.4", 20),
+        ))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        calls = 0
+
+        async def load() -> bytes:
+            nonlocal calls
+            calls += 1
+            return BODY
+
+        try:
+            (res,) = await remote.deliver("b.test", message("bob@b.test"), load)
+        finally:
+            await remote.aclose()
+            await sink.stop()
+        assert res.outcome is Outcome.DELIVERED
+        assert res.remote_mta == "mx2.b.test"
+        assert len(sink.messages) == 1
+        assert calls == 1
+
+    run(main)
+
+
+def test_421_greeting_and_temp_rcpt_move_on_to_the_next_host() -> None:
+    port = free_port()
+
+    async def main() -> None:
+        busy = await Sink("127.0.0.5", port, greeting=b"421 4.3.2 busy").start()
+        grey = await Sink("127.0.0.6", port, tempfail={"bob@b.test"}).start()
+        good = await Sink("127.0.0.7", port).start()
+        resolver = StaticResolver({"b.test": Route((
+            Target("mx1.b.test", ("127.0.0.5", "127.0.0.6"), 10),
+            mx("mx2.b.test", "127.0.0.7", 20),
+        ))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        try:
+            (res,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+        finally:
+            await remote.aclose()
+            for s in (busy, grey, good):
+                await s.stop()
+        assert res.outcome is Outcome.DELIVERED
+        assert res.remote_mta == "mx2.b.test"
+        assert busy.connections == 1
+        assert grey.connections == 1
+        assert not grey.messages
+        assert len(good.messages) == 1
+
+    run(main)
+
+
+def test_everything_down_is_temporary() -> None:
+    port = free_port()
+
+    async def main() -> None:
+        grey = await Sink("127.0.0.8", port, tempfail={"bob@b.test"}).start()
+        resolver = StaticResolver({"b.test": Route((
+            mx("mx1.b.test", "127.0.0.8", 10), mx("mx2.b.test", "127.0.0.9", 20),
+        ))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        try:
+            (res,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+        finally:
+            await remote.aclose()
+            await grey.stop()
+        assert res.outcome is Outcome.TEMPORARY
+        # The last real answer from a server wins over "connection refused".
+        assert res.reply.status == "4.2.1"
+        assert res.remote_mta == "mx1.b.test"
+
+    run(main)
+
+
+def test_connection_refused_everywhere() -> None:
+    port = free_port()
+
+    async def main() -> None:
+        resolver = StaticResolver({"b.test": Route((mx("mx1.b.test", "127.0.0.9", 10),))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        (res,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+        assert res.outcome is Outcome.TEMPORARY
+        assert res.reply.status == "4.4.1"
+        assert "127.0.0.9" in res.reply.text
+
+    run(main)
+
+
+def test_route_failures_and_loops_do_not_connect() -> None:
+    port = free_port()
+
+    async def main() -> None:
+        resolver = StaticResolver({
+            "null.test": RouteFailure("5.1.10", "null MX"),
+            "dns.test": RouteFailure("4.4.3", "SERVFAIL"),
+            # The best MX has our own host name: a loop (RFC 5321 §5.1).
+            "self.test": Route((mx("mx.a.test", "127.0.0.1", 10),)),
+        })
+        remote = RemoteDelivery(config(port), resolver)
+        outcomes: dict[str, DeliveryResult] = {}
+        for domain in ("null.test", "dns.test", "self.test", "nx.test"):
+            (outcomes[domain],) = await remote.deliver(domain, message(f"x@{domain}"), BODY)
+        assert outcomes["null.test"].outcome is Outcome.PERMANENT
+        assert outcomes["null.test"].reply.status == "5.1.10"
+        assert outcomes["dns.test"].outcome is Outcome.TEMPORARY
+        assert outcomes["self.test"].reply.status == "5.4.6"
+        assert outcomes["nx.test"].reply.status == "5.1.2"
+        assert all(r.remote_mta is None for r in outcomes.values())
+
+    run(main)
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mx.b.test").configure_cert(ctx)
+    return ctx
+
+
+def test_opportunistic_starttls(ca: trustme.CA) -> None:
+    port = free_port()
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.2", port, tls=server_tls(ca)).start()
+        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        try:
+            (res,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+        finally:
+            await remote.aclose()
+            await sink.stop()
+        assert res.outcome is Outcome.DELIVERED
+        assert sink.messages[0].tls
+        assert [c.split()[0] for c in sink.commands[:3]] == ["EHLO", "STARTTLS", "EHLO"]
+
+    run(main)
+
+
+def test_verified_tls_domain(ca: trustme.CA) -> None:
+    port = free_port()
+
+    def trusting(verify: bool) -> ssl.SSLContext:
+        ctx = client_context(verify)
+        ca.configure_trust(ctx)
+        return ctx
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.2", port, tls=server_tls(ca)).start()
+        plain = await Sink("127.0.0.3", port).start()
+        resolver = StaticResolver({
+            "b.test": Route((mx("mx.b.test", "127.0.0.2", 10),)),
+            "c.test": Route((mx("mx.c.test", "127.0.0.3", 10),)),
+        })
+        cfg = config(port, tls_verify_domains=("b.test", "c.test"))
+        good = RemoteDelivery(cfg, resolver, tls_context=trusting, reply_timeout=5)
+        untrusting = RemoteDelivery(cfg, resolver, reply_timeout=5)
+        try:
+            (ok,) = await good.deliver("b.test", message("bob@b.test"), BODY)
+            (bad,) = await untrusting.deliver("b.test", message("bob@b.test"), BODY)
+            (no_tls,) = await good.deliver("c.test", message("carol@c.test"), BODY)
+        finally:
+            await good.aclose()
+            await untrusting.aclose()
+            await sink.stop()
+            await plain.stop()
+        assert ok.outcome is Outcome.DELIVERED
+        # The system trust store does not know our test CA: no plaintext fallback when verifying.
+        assert bad.outcome is Outcome.TEMPORARY
+        assert bad.reply.status == "4.7.5"
+        assert no_tls.outcome is Outcome.TEMPORARY
+        assert no_tls.reply.status == "4.7.5"
+        assert len(sink.messages) == 1
+        assert not plain.messages
+
+    run(main)
+
+
+def test_connection_is_reused_for_the_next_message() -> None:
+    port = free_port()
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.2", port).start()
+        resolver = StaticResolver({
+            "b.test": Route((mx("mx.b.test", "127.0.0.2", 10),)),
+            "c.test": Route((mx("mx.b.test", "127.0.0.2", 10),)),  # same MX host
+        })
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        try:
+            (first,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+            assert remote.cached == 1
+            (second,) = await remote.deliver("c.test", message("carol@c.test"), BODY)
+        finally:
+            await remote.aclose()
+            await sink.stop()
+        assert first.outcome is Outcome.DELIVERED
+        assert second.outcome is Outcome.DELIVERED
+        assert sink.connections == 1
+        assert "RSET" in sink.commands
+        assert sink.commands[-1] == "QUIT"
+        assert [m.recipients for m in sink.messages] == [["bob@b.test"], ["carol@c.test"]]
+
+    run(main)
+
+
+def test_dead_cached_connection_is_replaced() -> None:
+    port = free_port()
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.2", port).start()
+        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5, cache_idle=0.0)
+        try:
+            await remote.deliver("b.test", message("bob@b.test"), BODY)
+            (second,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+        finally:
+            await remote.aclose()
+            await sink.stop()
+        assert second.outcome is Outcome.DELIVERED
+        assert sink.connections == 2
+
+    run(main)
+
+
+def test_relayed_dsn_owed_when_next_hop_lacks_dsn() -> None:
+    port = free_port()
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.2", port).start()
+        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        msg = Message("alice@a.test", (Recipient("bob@b.test", notify=("SUCCESS",)),))
+        try:
+            (res,) = await remote.deliver("b.test", msg, BODY)
+        finally:
+            await remote.aclose()
+            await sink.stop()
+        assert res.outcome is Outcome.DELIVERED
+        assert needs_relayed_dsn(res)
+        assert "NOTIFY" not in " ".join(sink.commands)
+
+    run(main)

@@ -1,0 +1,438 @@
+"""The sans-I/O SMTP client engine alone: scripted server replies, no sockets."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from postroom.smtp.client_protocol import (
+    ClientEngine,
+    Closed,
+    EngineMisuse,
+    Event,
+    Message,
+    MessageDone,
+    Outcome,
+    Ready,
+    Recipient,
+    StartTLS,
+    State,
+    TLSPolicy,
+)
+from postroom.smtp.framing import DotReader
+
+EHLO_FULL = (
+    b"250-mx.b.test Hello\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n"
+    b"250-SMTPUTF8\r\n250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n"
+)
+EHLO_PLAIN = b"250-mx.b.test Hello\r\n250-SIZE\r\n250 ENHANCEDSTATUSCODES\r\n"
+DATA = b"From: a@a.test\r\nSubject: hi\r\n\r\nhello\r\n.dot line\r\n"
+
+
+def events(engine: ClientEngine) -> list[Event]:
+    out = []
+    while (ev := engine.next_event()) is not None:
+        out.append(ev)
+    return out
+
+
+def sent_lines(engine: ClientEngine) -> list[bytes]:
+    return engine.data_to_send().split(b"\r\n")[:-1]
+
+
+def ready_engine(ehlo: bytes = EHLO_PLAIN, tls: TLSPolicy = TLSPolicy.NONE) -> ClientEngine:
+    engine = ClientEngine("mx.a.test", tls=tls)
+    engine.receive_data(b"220 mx.b.test ESMTP\r\n")
+    assert sent_lines(engine) == [b"EHLO mx.a.test"]
+    engine.receive_data(ehlo)
+    assert events(engine) == [Ready()]
+    return engine
+
+
+def msg(*rcpts: str, sender: str = "alice@a.test", **kw: object) -> Message:
+    return Message(sender, tuple(Recipient(r) for r in rcpts), **kw)  # type: ignore[arg-type]
+
+
+def test_lockstep_transaction_and_quit() -> None:
+    engine = ready_engine()
+    engine.send_message(msg("bob@b.test", "carol@b.test"), DATA)
+    assert sent_lines(engine) == [f"MAIL FROM:<alice@a.test> SIZE={len(DATA)}".encode()]
+    engine.receive_data(b"250 2.1.0 ok\r\n")
+    assert sent_lines(engine) == [b"RCPT TO:<bob@b.test>"]
+    engine.receive_data(b"250 2.1.5 ok\r\n")
+    assert sent_lines(engine) == [b"RCPT TO:<carol@b.test>"]
+    engine.receive_data(b"550 5.1.1 no such user\r\n")
+    assert sent_lines(engine) == [b"DATA"]
+    engine.receive_data(b"354 go ahead\r\n")
+    body = engine.data_to_send()
+    assert body.endswith(b"\r\n.\r\n")
+    assert b"\r\n..dot line\r\n" in body
+    # The stuffed body reads back as the original through the server's reader.
+    reader = DotReader()
+    buf = bytearray(body)
+    chunk = reader.read(buf)
+    assert chunk is not None
+    assert chunk.data == DATA
+    assert reader.done
+    assert engine.next_event() is None
+    engine.receive_data(b"250 2.0.0 queued as X\r\n")
+    (done, ready) = events(engine)
+    assert isinstance(done, MessageDone)
+    assert ready == Ready()
+    bob, carol = done.results
+    assert bob.outcome is Outcome.DELIVERED
+    assert bob.reply.status == "2.0.0"
+    assert carol.outcome is Outcome.PERMANENT
+    assert carol.reply.status == "5.1.1"
+    assert carol.reply.text == "no such user"
+    assert engine.data_to_send() == b""  # no RSET needed after a completed transaction
+    engine.quit()
+    assert sent_lines(engine) == [b"QUIT"]
+    engine.receive_data(b"221 2.0.0 bye\r\n")
+    (closed,) = events(engine)
+    assert isinstance(closed, Closed)
+    assert closed.clean
+
+
+def test_pipelining_sends_mail_rcpt_data_in_one_write() -> None:
+    engine = ready_engine(EHLO_FULL)
+    engine.send_message(msg("bob@b.test", "carol@b.test"), DATA)
+    assert sent_lines(engine) == [
+        f"MAIL FROM:<alice@a.test> SIZE={len(DATA)}".encode(),
+        b"RCPT TO:<bob@b.test>",
+        b"RCPT TO:<carol@b.test>",
+        b"DATA",
+    ]
+    engine.receive_data(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n450 4.2.1 try later\r\n354 go\r\n")
+    assert engine.data_to_send().endswith(b"\r\n.\r\n")
+    engine.receive_data(b"250 2.0.0 ok\r\n")
+    done, ready = events(engine)
+    assert isinstance(done, MessageDone)
+    assert ready == Ready()
+    assert [r.outcome for r in done.results] == [Outcome.DELIVERED, Outcome.TEMPORARY]
+    assert done.dsn
+
+
+def test_pipelining_all_recipients_refused_then_354_sends_empty_body_then_reset() -> None:
+    engine = ready_engine(EHLO_FULL)
+    engine.send_message(msg("bob@b.test"), DATA)
+    engine.data_to_send()
+    engine.receive_data(b"250 ok\r\n550 5.1.1 unknown\r\n354 go\r\n")
+    assert engine.data_to_send() == b".\r\n"  # RFC 2920 §3.1
+    engine.receive_data(b"554 5.5.1 no valid recipients\r\n")
+    (done, _ready) = events(engine)
+    assert isinstance(done, MessageDone)
+    assert done.results[0].outcome is Outcome.PERMANENT
+    assert done.results[0].reply.status == "5.1.1"
+
+
+def test_pipelined_mail_refused_gives_mail_reply_to_everyone() -> None:
+    engine = ready_engine(EHLO_FULL)
+    engine.send_message(msg("bob@b.test", "carol@b.test"), DATA)
+    engine.data_to_send()
+    engine.receive_data(
+        b"452 4.3.1 full\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n503 5.5.1 no\r\n"
+    )
+    (done, ready) = events(engine)
+    assert isinstance(done, MessageDone)
+    assert ready == Ready()
+    assert {r.reply.status for r in done.results} == {"4.3.1"}
+    assert all(r.outcome is Outcome.TEMPORARY for r in done.results)
+    assert engine.data_to_send() == b""  # no transaction open, no RSET
+
+
+def test_all_rcpt_refused_lockstep_sends_rset() -> None:
+    engine = ready_engine()
+    engine.send_message(msg("bob@b.test"), DATA)
+    engine.data_to_send()
+    engine.receive_data(b"250 ok\r\n")
+    engine.data_to_send()
+    engine.receive_data(b"550 5.1.1 unknown\r\n")
+    assert sent_lines(engine) == [b"RSET"]
+    (done,) = events(engine)
+    assert isinstance(done, MessageDone)
+    engine.receive_data(b"250 2.0.0 reset\r\n")
+    assert events(engine) == [Ready()]
+
+
+def test_data_refused() -> None:
+    engine = ready_engine()
+    engine.send_message(msg("bob@b.test"), DATA)
+    engine.data_to_send()
+    engine.receive_data(b"250 ok\r\n")
+    engine.data_to_send()
+    engine.receive_data(b"250 ok\r\n")
+    assert sent_lines(engine) == [b"DATA"]
+    engine.receive_data(b"554 5.7.1 go away\r\n")
+    assert sent_lines(engine) == [b"RSET"]
+    (done,) = events(engine)
+    assert isinstance(done, MessageDone)
+    assert done.results[0].outcome is Outcome.PERMANENT
+
+
+def test_helo_fallback_when_ehlo_unknown() -> None:
+    engine = ClientEngine("mx.a.test", tls=TLSPolicy.OPPORTUNISTIC)
+    engine.receive_data(b"220 old.example SMTP\r\n")
+    assert sent_lines(engine) == [b"EHLO mx.a.test"]
+    engine.receive_data(b"502 command not implemented\r\n")
+    assert sent_lines(engine) == [b"HELO mx.a.test"]
+    engine.receive_data(b"250 old.example\r\n")
+    assert events(engine) == [Ready()]
+    assert not engine.esmtp
+    assert engine.extensions == {}
+    engine.send_message(msg("bob@b.test"), DATA.replace(b"hello", "héllo".encode()))
+    # No SIZE, no BODY=8BITMIME: 8-bit data is sent as is to a server without 8BITMIME.
+    assert sent_lines(engine) == [b"MAIL FROM:<alice@a.test>"]
+
+
+def test_esmtp_parameters() -> None:
+    engine = ready_engine(EHLO_FULL)
+    data = "Subject: é\r\n\r\nbody é\r\n".encode()
+    message = Message(
+        "alice@a.test",
+        (Recipient("bob@b.test", notify=("success", "failure"), orcpt="rfc822;bob+2B1@b.test"),),
+        smtputf8=True,
+        ret="hdrs",
+        envid="QQ123",
+    )
+    engine.send_message(message, data)
+    lines = sent_lines(engine)
+    assert lines[0] == (
+        f"MAIL FROM:<alice@a.test> SIZE={len(data)} BODY=8BITMIME SMTPUTF8 RET=HDRS "
+        "ENVID=QQ123"
+    ).encode()
+    assert lines[1] == b"RCPT TO:<bob@b.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob+2B1@b.test"
+
+
+def test_smtputf8_refused_without_sending() -> None:
+    engine = ready_engine()  # no SMTPUTF8
+    engine.send_message(msg("bøb@b.test"), DATA)
+    assert engine.data_to_send() == b""
+    (done, ready) = events(engine)
+    assert isinstance(done, MessageDone)
+    assert ready == Ready()
+    (res,) = done.results
+    assert res.outcome is Outcome.PERMANENT
+    assert res.reply.status == "5.6.7"
+
+
+def test_smtputf8_only_the_utf8_recipient_fails() -> None:
+    engine = ready_engine(EHLO_FULL.replace(b"250-SMTPUTF8\r\n", b""))
+    engine.send_message(msg("bøb@b.test", "carol@b.test"), DATA)
+    lines = sent_lines(engine)
+    assert lines[1] == b"RCPT TO:<carol@b.test>"
+    assert len(lines) == 3
+    engine.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    engine.data_to_send()
+    engine.receive_data(b"250 ok\r\n")
+    done = events(engine)[0]
+    assert isinstance(done, MessageDone)
+    assert [r.reply.status for r in done.results] == ["5.6.7", ""]
+    assert done.results[1].outcome is Outcome.DELIVERED
+
+
+def test_smtputf8_headers_need_it_only_when_asked() -> None:
+    data = "Subject: é\r\n\r\nx\r\n".encode()
+    engine = ready_engine()
+    engine.send_message(msg("bob@b.test", smtputf8=True), data)
+    done = events(engine)[0]
+    assert isinstance(done, MessageDone)
+    assert done.results[0].reply.status == "5.6.7"
+    engine = ready_engine()
+    engine.send_message(msg("bob@b.test", smtputf8=False), data)
+    assert engine.data_to_send().startswith(b"MAIL FROM:<alice@a.test>")
+
+
+def test_size_limit_refuses_before_sending() -> None:
+    engine = ready_engine(EHLO_FULL)
+    engine.send_message(msg("bob@b.test"), b"x" * 2000)
+    assert engine.data_to_send() == b""
+    done = events(engine)[0]
+    assert isinstance(done, MessageDone)
+    assert done.results[0].reply.status == "5.3.4"
+
+
+def test_starttls_flow_and_ehlo_again() -> None:
+    engine = ClientEngine("mx.a.test", tls=TLSPolicy.OPPORTUNISTIC)
+    engine.receive_data(b"220 hi\r\n")
+    engine.data_to_send()
+    engine.receive_data(EHLO_FULL)
+    assert sent_lines(engine) == [b"STARTTLS"]
+    engine.receive_data(b"220 2.0.0 go\r\n")
+    assert events(engine) == [StartTLS()]
+    assert engine.state is State.TLS_HANDSHAKE
+    engine.tls_started()
+    assert engine.secure
+    assert engine.extensions == {}
+    assert sent_lines(engine) == [b"EHLO mx.a.test"]
+    engine.receive_data(b"250-hi\r\n250 PIPELINING\r\n")
+    assert events(engine) == [Ready()]
+    assert engine.extensions == {"PIPELINING": ""}
+
+
+def test_starttls_injection_is_refused() -> None:
+    engine = ClientEngine("mx.a.test", tls=TLSPolicy.OPPORTUNISTIC)
+    engine.receive_data(b"220 hi\r\n")
+    engine.receive_data(EHLO_FULL)
+    engine.data_to_send()
+    # A reply smuggled in the same packet as the 220 would be read as if it came over TLS.
+    engine.receive_data(b"220 go\r\n250-evil\r\n250 OK\r\n")
+    (closed,) = events(engine)
+    assert isinstance(closed, Closed)
+    assert not closed.clean
+    assert closed.reply.status == "4.7.0"
+    with pytest.raises(EngineMisuse):
+        engine.tls_started()
+
+
+def test_starttls_refused_is_plaintext_unless_required() -> None:
+    engine = ClientEngine("mx.a.test", tls=TLSPolicy.OPPORTUNISTIC)
+    engine.receive_data(b"220 hi\r\n" + EHLO_FULL + b"454 4.7.0 no TLS today\r\n")
+    assert events(engine) == [Ready()]
+    engine = ClientEngine("mx.a.test", tls=TLSPolicy.REQUIRED)
+    engine.receive_data(b"220 hi\r\n" + EHLO_PLAIN)
+    (closed,) = events(engine)
+    assert isinstance(closed, Closed)
+    assert closed.reply.status == "4.7.5"
+
+
+@pytest.mark.parametrize("greeting", [b"421 4.3.2 busy\r\n", b"554 5.7.1 go away\r\n"])
+def test_bad_greeting_closes(greeting: bytes) -> None:
+    engine = ClientEngine("mx.a.test")
+    engine.receive_data(greeting)
+    (closed,) = events(engine)
+    assert isinstance(closed, Closed)
+    assert not closed.clean
+    assert closed.reply.code == int(greeting[:3])
+
+
+def test_421_mid_transaction_defers_open_recipients() -> None:
+    engine = ready_engine(EHLO_FULL)
+    engine.send_message(msg("bob@b.test", "carol@b.test"), DATA)
+    engine.data_to_send()
+    engine.receive_data(b"250 ok\r\n550 5.1.1 unknown\r\n421 4.3.2 shutting down\r\n")
+    done, closed = events(engine)
+    assert isinstance(done, MessageDone)
+    assert isinstance(closed, Closed)
+    assert [r.outcome for r in done.results] == [Outcome.PERMANENT, Outcome.TEMPORARY]
+    assert done.results[1].reply.status == "4.3.2"
+
+
+def test_connection_lost_after_data_is_temporary() -> None:
+    engine = ready_engine()
+    engine.send_message(msg("bob@b.test"), DATA)
+    engine.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    engine.data_to_send()
+    engine.connection_lost()
+    done, closed = events(engine)
+    assert isinstance(done, MessageDone)
+    assert done.results[0].outcome is Outcome.TEMPORARY
+    assert isinstance(closed, Closed)
+    assert closed.reply.status == "4.4.2"
+
+
+def test_multiline_reply_and_status_parsing() -> None:
+    engine = ready_engine()
+    engine.send_message(msg("bob@b.test"), DATA)
+    engine.receive_data(b"550-5.7.1 you are\r\n550-5.7.1 not welcome\r\n550 5.7.1 here\r\n")
+    done = events(engine)[0]
+    assert isinstance(done, MessageDone)
+    assert done.results[0].reply.lines == ("you are", "not welcome", "here")
+    assert done.results[0].reply.status == "5.7.1"
+
+
+def test_garbage_reply_is_a_protocol_error() -> None:
+    engine = ClientEngine("mx.a.test")
+    engine.receive_data(b"HTTP/1.1 400 Bad Request\r\n")
+    (closed,) = events(engine)
+    assert isinstance(closed, Closed)
+    assert closed.reply.status == "4.5.0"
+
+
+def test_too_long_reply_line() -> None:
+    engine = ClientEngine("mx.a.test")
+    engine.receive_data(b"220 " + b"x" * 10000 + b"\r\n")
+    (closed,) = events(engine)
+    assert isinstance(closed, Closed)
+    assert closed.reply.status == "4.5.0"
+
+
+def test_misuse_raises() -> None:
+    engine = ClientEngine("mx.a.test")
+    with pytest.raises(EngineMisuse):
+        engine.send_message(msg("bob@b.test"), DATA)
+    with pytest.raises(EngineMisuse):
+        engine.quit()
+
+
+def test_reset_probe() -> None:
+    engine = ready_engine()
+    engine.reset()
+    assert sent_lines(engine) == [b"RSET"]
+    engine.receive_data(b"250 ok\r\n")
+    assert events(engine) == [Ready()]
+
+
+def test_second_message_on_same_connection() -> None:
+    engine = ready_engine(EHLO_FULL)
+    for _ in range(2):
+        engine.send_message(msg("bob@b.test"), DATA)
+        engine.data_to_send()
+        engine.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        engine.data_to_send()
+        engine.receive_data(b"250 ok\r\n")
+        done, _ready = events(engine)
+        assert isinstance(done, MessageDone)
+        assert done.results[0].outcome is Outcome.DELIVERED
+
+
+def _feed_chunked(engine: ClientEngine, script: bytes, cuts: list[int]) -> list[Event]:
+    got: list[Event] = []
+    pos = i = 0
+    while pos < len(script):
+        n = cuts[i % len(cuts)]
+        engine.receive_data(script[pos : pos + n])
+        pos, i = pos + n, i + 1
+        got += events(engine)
+    return got
+
+
+@given(st.lists(st.integers(min_value=1, max_value=30), min_size=1, max_size=20))
+def test_chunking_does_not_change_the_outcome(cuts: list[int]) -> None:
+    setup = b"220 hi\r\n" + EHLO_FULL.replace(b"250 STARTTLS", b"250 HELP")
+    replies = b"250 ok\r\n250 ok\r\n550 5.1.1 unknown\r\n354 go\r\n250 2.0.0 ok\r\n"
+    engine = ClientEngine("mx.a.test", tls=TLSPolicy.NONE)
+    assert _feed_chunked(engine, setup, cuts) == [Ready()]
+    engine.send_message(msg("bob@b.test", "carol@b.test"), DATA)
+    got = _feed_chunked(engine, replies, cuts)
+    assert len(got) == 2
+    assert isinstance(got[0], MessageDone)
+    assert got[1] == Ready()
+    assert [r.outcome for r in got[0].results] == [Outcome.DELIVERED, Outcome.PERMANENT]
+
+
+@given(st.binary(max_size=300))
+def test_garbage_from_the_server_gives_only_events(junk: bytes) -> None:
+    engine = ClientEngine("mx.a.test", tls=TLSPolicy.OPPORTUNISTIC)
+    engine.receive_data(junk)
+    engine.connection_lost()
+    evs = events(engine)
+    assert evs
+    assert isinstance(evs[-1], Closed)
+
+
+def test_module_is_pure() -> None:
+    import postroom.smtp.client_protocol as mod
+
+    tree = ast.parse(pathlib.Path(mod.__file__).read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    assert not names & {"asyncio", "socket", "os", "ssl"}

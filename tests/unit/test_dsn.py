@@ -1,0 +1,214 @@
+"""RFC 3464 bounces: built by hand, read back with the stdlib email package."""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import email
+import email.policy
+import pathlib
+from typing import Any
+
+import pytest
+
+from postroom.delivery.dsn import DsnRecipient, build_dsn, format_date, xtext_decode
+
+ORIGINAL = (
+    b"From: Alice <alice@a.test>\r\nTo: bob@b.test\r\nSubject: lunch?\r\n"
+    b"Message-ID: <m1@a.test>\r\n\r\nSee you at noon.\r\n"
+)
+NOW = dt.datetime(2024, 3, 1, 12, 0, 5, tzinfo=dt.UTC)
+ARRIVAL = dt.datetime(2024, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
+
+
+def failed(rcpt: str = "bob@b.test", **kw: object) -> DsnRecipient:
+    args: dict[str, object] = {
+        "remote_mta": "mx.b.test",
+        "diagnostic": "550 5.1.1 <bob@b.test>: no such user",
+        "last_attempt": NOW,
+    }
+    args.update(kw)
+    return DsnRecipient(rcpt, "failed", "5.1.1", **args)  # type: ignore[arg-type]
+
+
+def parse(raw: bytes) -> Any:
+    return email.message_from_bytes(raw)
+
+
+def status_blocks(msg: Any) -> list[Any]:
+    part = msg.get_payload()[1]
+    assert part.get_content_type() == "message/delivery-status"
+    blocks = part.get_payload()
+    assert isinstance(blocks, list)
+    return blocks
+
+
+def test_failure_report_parses() -> None:
+    raw = build_dsn(
+        hostname="mx.a.test", sender="alice@a.test", recipients=[failed()],
+        original=ORIGINAL, arrival=ARRIVAL, now=NOW, envid="ID+2B1", queue_id="Q1",
+    )
+    assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF everywhere
+    assert raw.isascii()
+    msg = parse(raw)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["From"] == "Mail Delivery System <MAILER-DAEMON@mx.a.test>"
+    assert msg["To"] == "<alice@a.test>"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert msg["Subject"] == "Undelivered Mail Returned to Sender"
+    assert msg["Date"] == "Fri, 01 Mar 2024 12:00:05 +0000"
+    assert msg["Message-ID"].endswith("@mx.a.test>")
+    assert msg["In-Reply-To"] == "<m1@a.test>"
+    parts = msg.get_payload()
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain", "message/delivery-status", "text/rfc822-headers",
+    ]
+    assert "bob@b.test" in parts[0].get_payload()
+    per_msg, per_rcpt = status_blocks(msg)
+    assert per_msg["Reporting-MTA"] == "dns; mx.a.test"
+    assert per_msg["Original-Envelope-Id"] == "ID+1"
+    assert per_msg["Arrival-Date"] == "Fri, 01 Mar 2024 12:00:00 +0000"
+    assert per_rcpt["Final-Recipient"] == "rfc822; bob@b.test"
+    assert per_rcpt["Action"] == "failed"
+    assert per_rcpt["Status"] == "5.1.1"
+    assert per_rcpt["Remote-MTA"] == "dns; mx.b.test"
+    assert per_rcpt["Diagnostic-Code"] == "smtp; 550 5.1.1 <bob@b.test>: no such user"
+    headers = email.message_from_string(parts[2].get_payload())
+    assert headers["Subject"] == "lunch?"
+    assert headers["Message-ID"] == "<m1@a.test>"
+    assert "See you at noon" not in raw.decode()
+
+
+def test_ret_full_returns_the_message() -> None:
+    raw = build_dsn(
+        hostname="mx.a.test", sender="alice@a.test", recipients=[failed()],
+        original=ORIGINAL, arrival=ARRIVAL, now=NOW, ret="FULL",
+    )
+    msg = parse(raw)
+    returned = msg.get_payload()[2]
+    assert returned.get_content_type() == "message/rfc822"
+    inner = returned.get_payload()[0]
+    assert inner["Subject"] == "lunch?"
+    assert inner.get_payload().strip() == "See you at noon."
+
+
+def test_ret_full_too_large_returns_headers_only() -> None:
+    big = ORIGINAL + b"x" * 5000 + b"\r\n"
+    raw = build_dsn(
+        hostname="mx.a.test", sender="alice@a.test", recipients=[failed()],
+        original=big, arrival=ARRIVAL, now=NOW, ret="FULL", full_limit=1000,
+    )
+    assert parse(raw).get_payload()[2].get_content_type() == "text/rfc822-headers"
+
+
+def test_several_recipients_orcpt_and_delay() -> None:
+    later = NOW + dt.timedelta(days=5)
+    recipients = [
+        failed(original_recipient="rfc822;Bob+2BX@b.test"),
+        DsnRecipient("carol@b.test", "delayed", "4.4.1", remote_mta=None,
+                     diagnostic="connect to mx.b.test: Connection refused",
+                     last_attempt=NOW.timestamp(), will_retry_until=later),
+    ]
+    raw = build_dsn(hostname="mx.a.test", sender="alice@a.test", recipients=recipients,
+                    original=ORIGINAL, arrival=ARRIVAL.timestamp(), now=NOW)
+    _, bob, carol = status_blocks(parse(raw))
+    assert bob["Original-Recipient"] == "rfc822; Bob+X@b.test"
+    assert carol["Action"] == "delayed"
+    assert carol["Status"] == "4.4.1"
+    assert carol["Remote-MTA"] is None
+    assert carol["Will-Retry-Until"] == format_date(later)
+
+
+def test_success_report_never_returns_the_body() -> None:
+    raw = build_dsn(
+        hostname="mx.a.test", sender="alice@a.test",
+        recipients=[DsnRecipient("bob@b.test", "relayed", "2.0.0", remote_mta="mx.b.test")],
+        original=ORIGINAL, arrival=ARRIVAL, now=NOW, ret="FULL",
+    )
+    msg = parse(raw)
+    assert msg["Subject"] == "Successful Mail Delivery Report"
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
+    assert status_blocks(msg)[1]["Action"] == "relayed"
+
+
+def test_hostile_diagnostic_cannot_inject_fields() -> None:
+    evil = "550 no\r\nAction: delivered\r\n\r\n--boundary\r\nX-Evil: 1"
+    raw = build_dsn(hostname="mx.a.test", sender="alice@a.test",
+                    recipients=[failed(diagnostic=evil)],
+                    original=ORIGINAL, arrival=ARRIVAL, now=NOW)
+    blocks = status_blocks(parse(raw))
+    assert len(blocks) == 2
+    assert blocks[1]["Action"] == "failed"
+    assert blocks[1]["X-Evil"] is None
+    assert "X-Evil: 1" in blocks[1]["Diagnostic-Code"]
+
+
+def test_long_diagnostic_is_folded() -> None:
+    long = "550 5.7.1 " + " ".join(["word"] * 100)
+    raw = build_dsn(hostname="mx.a.test", sender="alice@a.test",
+                    recipients=[failed(diagnostic=long)],
+                    original=ORIGINAL, arrival=ARRIVAL, now=NOW)
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 100
+    got = status_blocks(parse(raw))[1]["Diagnostic-Code"]
+    assert " ".join(got.split()) == f"smtp; {long}"
+
+
+def test_utf8_recipient_uses_global_types() -> None:
+    raw = build_dsn(hostname="mx.a.test", sender="alice@a.test",
+                    recipients=[failed("bøb@b.test")],
+                    original=ORIGINAL, arrival=ARRIVAL, now=NOW)
+    msg = email.message_from_bytes(raw, policy=email.policy.SMTPUTF8)
+    parts = list(msg.iter_parts())
+    assert parts[1].get_content_type() == "message/global-delivery-status"
+    assert "utf-8; bøb@b.test" in raw.decode()
+
+
+def test_boundary_not_in_content() -> None:
+    first = build_dsn(hostname="mx.a.test", sender="alice@a.test", recipients=[failed()],
+                      original=ORIGINAL, arrival=ARRIVAL, now=NOW, message_id="fixed@x")
+    boundary = parse(first).get_boundary()
+    assert boundary
+    evil = ORIGINAL.replace(b"Subject: lunch?", b"Subject: --" + boundary.encode())
+    raw = build_dsn(hostname="mx.a.test", sender="alice@a.test", recipients=[failed()],
+                    original=evil, arrival=ARRIVAL, now=NOW, message_id="fixed@x")
+    msg = parse(raw)
+    assert msg.get_boundary() != boundary
+    assert len(msg.get_payload()) == 3
+
+
+def test_refuses_null_sender() -> None:
+    with pytest.raises(ValueError, match="null sender"):
+        build_dsn(hostname="h", sender="", recipients=[failed()], original=ORIGINAL,
+                  arrival=ARRIVAL, now=NOW)
+
+
+def test_bad_status_is_our_bug() -> None:
+    with pytest.raises(ValueError, match="status"):
+        build_dsn(hostname="h", sender="a@a.test",
+                  recipients=[DsnRecipient("b@b.test", "failed", "550")],
+                  original=ORIGINAL, arrival=ARRIVAL, now=NOW)
+
+
+def test_deterministic() -> None:
+    kw: dict[str, object] = {"hostname": "mx.a.test", "sender": "alice@a.test",
+                             "recipients": [failed()], "original": ORIGINAL,
+                             "arrival": ARRIVAL, "now": NOW}
+    assert build_dsn(**kw) == build_dsn(**kw)  # type: ignore[arg-type]
+
+
+def test_xtext_decode() -> None:
+    assert xtext_decode("a+2Bb+3Dc") == "a+b=c"
+
+
+def test_module_is_pure() -> None:
+    import postroom.delivery.dsn as mod
+
+    tree = ast.parse(pathlib.Path(mod.__file__).read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    assert not names & {"asyncio", "socket", "os"}

@@ -1,0 +1,204 @@
+"""MX routing against a real DNS server (dnslib) on 127.0.0.1, plus the fake and the loop rules."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from dnslib import AAAA, MX, QTYPE, RCODE, RR, A, DNSError, DNSRecord
+from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+from postroom.config import DNSConfig, Duration
+from postroom.resolver import (
+    DnsResolver,
+    Route,
+    RouteFailure,
+    StaticResolver,
+    Target,
+    drop_self,
+    is_self,
+    order_mx,
+)
+
+ZONE: dict[str, list[tuple[str, Any]]] = {
+    "ordered.test": [("MX", MX("mx20.ordered.test", 20)), ("MX", MX("mx10.ordered.test", 10))],
+    "mx10.ordered.test": [("A", A("127.0.0.10")), ("AAAA", AAAA("::1"))],
+    "mx20.ordered.test": [("A", A("127.0.0.20"))],
+    "equal.test": [("MX", MX("one.equal.test", 10)), ("MX", MX("two.equal.test", 10))],
+    "one.equal.test": [("A", A("127.0.1.1"))],
+    "two.equal.test": [("A", A("127.0.1.2"))],
+    "plain.test": [("A", A("127.0.2.1")), ("AAAA", AAAA("::1"))],
+    "nullmx.test": [("MX", MX(".", 0))],
+    "empty.test": [("TXT", None)],
+    "dangling.test": [("MX", MX("nowhere.dangling.test", 10))],
+    "partial.test": [("MX", MX("gone.partial.test", 5)), ("MX", MX("mx.partial.test", 10))],
+    "mx.partial.test": [("A", A("127.0.3.1"))],
+    "broken-mx.test": [("MX", MX("fail.test", 10))],
+}
+SERVFAIL = {"fail.test"}
+SILENT = {"slow.test"}
+
+
+class ZoneResolver(BaseResolver):  # type: ignore[misc]
+    def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
+        reply = request.reply()
+        qname = str(request.q.qname).rstrip(".").lower()
+        qtype = QTYPE[request.q.qtype]
+        if qname in SILENT:
+            raise DNSError("no answer: simulated time-out")  # dnslib then sends nothing
+        if qname in SERVFAIL:
+            reply.header.rcode = RCODE.SERVFAIL
+            return reply
+        if qname not in ZONE:
+            reply.header.rcode = RCODE.NXDOMAIN
+            return reply
+        for rtype, rdata in ZONE[qname]:
+            if rtype == qtype and rdata is not None:
+                reply.add_answer(RR(qname, getattr(QTYPE, rtype), rdata=rdata, ttl=60))
+        return reply
+
+
+@pytest.fixture(scope="module")
+def dns_port() -> Iterator[int]:
+    server = DNSServer(ZoneResolver(), port=0, address="127.0.0.1",
+                       logger=DNSLogger(logf=lambda _msg: None))
+    server.start_thread()
+    try:
+        yield int(server.server.server_address[1])
+    finally:
+        server.stop()
+        server.server.server_close()
+
+
+def route(port: int, domain: str, seed: int = 1, timeout: float = 2.0) -> Route:
+    cfg = DNSConfig(nameservers=(("127.0.0.1", port),), timeout=Duration(timeout))
+    return asyncio.run(DnsResolver(cfg, rng=random.Random(seed)).route(domain))
+
+
+def test_mx_preference_order_with_a_and_aaaa(dns_port: int) -> None:
+    r = route(dns_port, "ordered.test")
+    assert r.ok
+    assert [t.host for t in r.targets] == ["mx10.ordered.test", "mx20.ordered.test"]
+    assert r.targets[0].addresses == ("127.0.0.10", "::1")  # A first, then AAAA
+    assert [t.preference for t in r.targets] == [10, 20]
+
+
+def test_equal_preference_is_random_but_seeded(dns_port: int) -> None:
+    orders = {tuple(t.host for t in route(dns_port, "equal.test", seed).targets)
+              for seed in range(20)}
+    assert orders == {("one.equal.test", "two.equal.test"), ("two.equal.test", "one.equal.test")}
+    assert route(dns_port, "equal.test", 7) == route(dns_port, "equal.test", 7)
+
+
+def test_no_mx_uses_the_domain_itself(dns_port: int) -> None:
+    r = route(dns_port, "PLAIN.test.")
+    assert r.targets == (Target("plain.test", ("127.0.2.1", "::1"), 0, implicit=True),)
+
+
+def test_null_mx(dns_port: int) -> None:
+    r = route(dns_port, "nullmx.test")
+    assert r.failure is not None
+    assert r.failure.status == "5.1.10"
+    assert r.failure.permanent
+
+
+def test_nxdomain(dns_port: int) -> None:
+    r = route(dns_port, "nope.test")
+    assert r.failure is not None
+    assert r.failure.status == "5.1.2"
+    assert r.failure.reply.code == 550
+
+
+def test_servfail_is_temporary(dns_port: int) -> None:
+    r = route(dns_port, "fail.test")
+    assert r.failure is not None
+    assert r.failure.status == "4.4.3"
+    assert not r.failure.permanent
+    assert r.failure.reply.is_transient
+
+
+def test_timeout_is_temporary(dns_port: int) -> None:
+    r = route(dns_port, "slow.test", timeout=0.3)
+    assert r.failure is not None
+    assert r.failure.status == "4.4.3"
+
+
+def test_exists_without_mx_or_address(dns_port: int) -> None:
+    r = route(dns_port, "empty.test")
+    assert r.failure is not None
+    assert r.failure.status == "5.4.4"
+
+
+def test_mx_without_address(dns_port: int) -> None:
+    r = route(dns_port, "dangling.test")
+    assert r.failure is not None
+    assert r.failure.status == "5.4.4"
+
+
+def test_unresolvable_mx_is_skipped(dns_port: int) -> None:
+    r = route(dns_port, "partial.test")
+    assert [t.host for t in r.targets] == ["mx.partial.test"]
+
+
+def test_mx_host_servfail_is_temporary(dns_port: int) -> None:
+    r = route(dns_port, "broken-mx.test")
+    assert r.failure is not None
+    assert r.failure.status == "4.4.3"
+
+
+def test_address_literals() -> None:
+    cfg = DNSConfig(nameservers=(("127.0.0.1", 9),))
+    res = DnsResolver(cfg)
+    r = asyncio.run(res.route("[127.0.0.5]"))
+    assert r.targets == (Target("[127.0.0.5]", ("127.0.0.5",)),)
+    r = asyncio.run(res.route("[IPv6:::1]"))
+    assert r.targets[0].addresses == ("::1",)
+    bad = asyncio.run(res.route("[999.1.1.1]"))
+    assert bad.failure is not None
+    assert bad.failure.permanent
+
+
+def test_order_mx_is_stable_by_preference() -> None:
+    got = order_mx([(20, "c"), (10, "a"), (10, "b"), (0, "z")], random.Random(3))
+    assert [p for p, _ in got] == [0, 10, 10, 20]
+
+
+def test_static_resolver() -> None:
+    t = Target("mx.b.test", ("127.0.0.2",))
+    res = StaticResolver({"b.test": Route((t,)), "gone.test": RouteFailure("4.4.3", "dns down")})
+    assert asyncio.run(res.route("B.test")).targets == (t,)
+    gone = asyncio.run(res.route("gone.test"))
+    assert gone.failure == RouteFailure("4.4.3", "dns down")
+    unknown = asyncio.run(res.route("x.test"))
+    assert unknown.failure is not None
+    assert unknown.failure.status == "5.1.2"
+    assert res.queries == ["B.test", "gone.test", "x.test"]
+
+
+def test_is_self_by_name_and_by_listener() -> None:
+    t = Target("MX.A.test.", ("127.0.0.9",))
+    assert is_self(t, hostnames=["mx.a.test"], listeners=[], port=25)
+    other = Target("mx.b.test", ("127.0.0.2",))
+    assert is_self(other, hostnames=["mx.a.test"], listeners=[("127.0.0.2", 25)], port=25)
+    # Same address, different port: another instance, not us.
+    assert not is_self(other, hostnames=["mx.a.test"], listeners=[("127.0.0.2", 2525)], port=25)
+    assert is_self(other, hostnames=[], listeners=[("0.0.0.0", 25)], port=25)
+    assert not is_self(Target("x", ("192.0.2.77",)), hostnames=[], listeners=[("0.0.0.0", 25)],
+                       port=25)
+
+
+def test_drop_self_keeps_better_mx_only() -> None:
+    better = Target("mx1.b.test", ("127.0.0.2",), 10)
+    us = Target("mx.a.test", ("127.0.0.1",), 20)
+    worse = Target("mx3.b.test", ("127.0.0.3",), 30)
+    r = drop_self(Route((better, us, worse)), hostnames=["mx.a.test"], listeners=[], port=25)
+    assert r.targets == (better,)
+    loop = drop_self(Route((us, worse)), hostnames=["mx.a.test"], listeners=[], port=25)
+    assert loop.failure is not None
+    assert loop.failure.status == "5.4.6"
+    assert loop.failure.permanent
+    untouched = Route((better,))
+    assert drop_self(untouched, hostnames=["mx.a.test"], listeners=[], port=25) is untouched
