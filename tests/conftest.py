@@ -142,10 +142,10 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     def make(*, domains: tuple[str, ...] = ("a.test",), host: str = "127.0.0.1",
              hostname: str | None = None, extra_toml: str = "", start: bool = True,
              services: tuple[str, ...] = ("smtp", "submission", "submissions", "pop3", "pop3s"),
-             name: str | None = None) -> Server:
+             name: str | None = None, ports: dict[str, int] | None = None) -> Server:
         base = tmp_path / (name or f"srv{len(made)}")
         base.mkdir()
-        ports = {svc: free_port(host) for svc in services}
+        ports = {svc: (ports or {}).get(svc) or free_port(host) for svc in services}
         listen = "\n".join(f'{svc} = ["{host}:{port}"]' for svc, port in ports.items())
         doms = ", ".join(f'"{d}"' for d in domains)
         cfg = base / "postroom.toml"

@@ -53,7 +53,7 @@ def test_failure_report_parses() -> None:
     msg = parse(raw)
     assert msg.get_content_type() == "multipart/report"
     assert msg.get_param("report-type") == "delivery-status"
-    assert msg["From"] == "Mail Delivery System <MAILER-DAEMON@mx.a.test>"
+    assert msg["From"] == "MAILER-DAEMON@mx.a.test"
     assert msg["To"] == "<alice@a.test>"
     assert msg["Auto-Submitted"] == "auto-replied"
     assert msg["Subject"] == "Undelivered Mail Returned to Sender"

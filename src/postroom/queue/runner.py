@@ -16,14 +16,20 @@ import asyncio
 import contextlib
 import heapq
 import random
+import re
 import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
+from postroom.delivery.dsn import Action, DsnRecipient, build_dsn
 from postroom.delivery.local import LocalDelivery
+from postroom.delivery.remote import RemoteDelivery, needs_relayed_dsn
 from postroom.errors import QueueError
 from postroom.queue import schedule
-from postroom.queue.store import Envelope, Recipient
+from postroom.queue.store import Envelope, Recipient, new_queue_id
+from postroom.resolver import DnsResolver
+from postroom.smtp.client_protocol import Message, Outcome
+from postroom.smtp.client_protocol import Recipient as ClientRecipient
 
 if TYPE_CHECKING:
     from postroom.app import Services
@@ -48,7 +54,9 @@ class QueueRunner:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(self.cfg.delivery.max_concurrent)
         self._stopping = False
-        self._remote: object | None = None
+        self._remote: RemoteDelivery | None = None
+        self._destinations: dict[str, asyncio.Semaphore] = {}
+        self._relayed: set[int] = set()
         self._rng = random.Random()
 
     # -- entry points --------------------------------------------------------------------------
@@ -111,9 +119,11 @@ class QueueRunner:
                     continue
                 self._start(envelope)
             wait = self._heap[0][0] - now if self._heap else 60.0
+            if self._remote is not None:
+                await self._remote.close_idle()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.01, min(wait, 60.0)))
+                await asyncio.wait_for(self._wake.wait(), max(0.01, min(wait, 5.0)))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -123,6 +133,8 @@ class QueueRunner:
             _done, pending = await asyncio.wait(tasks, timeout=5)
             for task in pending:
                 task.cancel()
+        if self._remote is not None:
+            await self._remote.aclose()
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -214,7 +226,7 @@ class QueueRunner:
                     newly_failed.append(rcpt)
                     changed = True
 
-        await self._notify(envelope, newly_failed, newly_done)
+        await self._notify(envelope, message, newly_failed, newly_done)
 
         if all(r.done for r in envelope.recipients):
             await loop.run_in_executor(self.store.executor, self._remove, envelope.id)
@@ -236,16 +248,89 @@ class QueueRunner:
 
         _fsync_dir(self.store.msg_dir)
 
+    def _remote_delivery(self) -> RemoteDelivery:
+        if self._remote is None:
+            self._remote = RemoteDelivery(self.cfg, DnsResolver(self.cfg.dns))
+        return self._remote
+
     async def _deliver_remote(self, envelope: Envelope, domain: str,
                               rcpts: list[tuple[int, Recipient]],
                               message: bytes) -> list[Recipient]:
-        """Hand ``rcpts`` to the remote delivery code; updates and returns them."""
-        for _index, rcpt in rcpts:
-            rcpt.status = "deferred"
-            rcpt.last_error = "451 4.4.0 remote delivery is not available yet"
+        """Hand ``rcpts`` (all in ``domain``) to remote delivery; updates and returns them."""
+        outgoing = Message(
+            sender=envelope.sender,
+            recipients=tuple(ClientRecipient(r.address, tuple(r.notify) if r.notify else None,
+                                             r.orcpt) for _i, r in rcpts),
+            smtputf8=envelope.smtputf8, ret=envelope.ret, envid=envelope.envid)
+        slot = self._destinations.setdefault(
+            domain, asyncio.Semaphore(self.cfg.delivery.max_per_destination))
+        async with slot:
+            results = await self._remote_delivery().deliver(domain, outgoing, message)
+        for (_index, rcpt), result in zip(rcpts, results, strict=True):
+            rcpt.remote_mta = result.remote_mta
+            text = str(result.reply)
+            if result.outcome is Outcome.DELIVERED:
+                rcpt.status = "delivered"
+                rcpt.last_error = None
+                if needs_relayed_dsn(result):
+                    self._relayed.add(id(rcpt))
+            elif result.outcome is Outcome.PERMANENT:
+                rcpt.status = "bounced"
+                rcpt.last_error = text
+            else:
+                rcpt.status = "deferred"
+                rcpt.last_error = text
+            self.services.log.info("%s %s to=<%s> relay=%s: %s", envelope.id, rcpt.status,
+                                   rcpt.address, result.remote_mta or "-", text)
         return [r for _i, r in rcpts]
 
-    async def _notify(self, envelope: Envelope, failed: list[Recipient],
+    async def _notify(self, envelope: Envelope, message: bytes, failed: list[Recipient],
                       done: list[Recipient]) -> None:
-        """Queue DSNs for this attempt's failures (and successes where NOTIFY asked)."""
-        return
+        """Queue DSNs (RFC 3464) for this attempt's failures, and successes where NOTIFY asked.
+
+        Never to the null sender (RFC 3461 §6.2, RFC 5321 §6.1); NOTIFY=NEVER suppresses.
+        """
+        if not envelope.sender:
+            return
+        now = time.time()
+        failures = [_dsn_recipient(r, "failed", now) for r in failed
+                    if r.notify is None or "FAILURE" in r.notify]
+        successes = []
+        for r in done:
+            if r.notify and "SUCCESS" in r.notify:
+                local = self.cfg.is_local_domain(domain_of(r.address))
+                if local or id(r) in self._relayed:
+                    successes.append(_dsn_recipient(r, "delivered" if local else "relayed", now))
+                self._relayed.discard(id(r))
+        for group in (failures, successes):
+            if not group:
+                continue
+            report = build_dsn(hostname=self.cfg.hostname, sender=envelope.sender,
+                               recipients=group, original=message, arrival=envelope.created,
+                               now=now, envid=envelope.envid, ret=envelope.ret,
+                               queue_id=envelope.id)
+            bounce = Envelope(id=new_queue_id(), sender="",
+                              recipients=[Recipient(envelope.sender)], created=now,
+                              is_bounce=True, smtputf8=not envelope.sender.isascii())
+            await self.store.add(bounce, report)
+            self.services.log.info("%s: DSN %s queued for <%s>", envelope.id, bounce.id,
+                                   envelope.sender)
+            self._start(bounce)
+
+
+_STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+def _dsn_recipient(rcpt: Recipient, action: Action, now: float) -> DsnRecipient:
+    error = rcpt.last_error or ""
+    match = _STATUS.search(error)
+    if action == "failed":
+        status = match.group(1) if match else ("5.0.0" if error.startswith("5") else "4.4.7")
+        if status.startswith("2"):
+            status = "5.0.0"
+    else:
+        status = "2.0.0"
+    original = rcpt.orcpt or (f"rfc822;{rcpt.original}" if rcpt.original else None)
+    return DsnRecipient(final_recipient=rcpt.address, action=action, status=status,
+                        original_recipient=original, remote_mta=rcpt.remote_mta,
+                        diagnostic=error or None, last_attempt=now)
