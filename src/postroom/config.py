@@ -129,7 +129,7 @@ class LimitsConfig:
     # for $mynetworks): a local relay or a monitoring probe should not be counted as an attacker.
     per_ip_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     max_errors: int = 20
-    max_commands: int = 10000
+    max_commands: int = 100_000
     # RFC 5321 §4.5.3.2.7: the server timeout for a command is at least 5 minutes.
     command_timeout: Duration = Duration(300)
     # RFC 5321 §4.5.3.2.6: 10 minutes for the end of DATA.

@@ -86,7 +86,10 @@ _SIMPLE_ANY_ARG = {"NOOP", "HELP", "VRFY", "EXPN"}
 
 def _params(text: str) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
-    for item in text.split():
+    # Only SP separates parameters (RFC 5321 §4.1.2); other white space is part of a value.
+    for item in text.split(" "):
+        if not item:
+            continue
         key, eq, value = item.partition("=")
         if not _PARAM_KEY.match(key) or (eq and not value):
             raise CommandError(replies.PARAM_SYNTAX)

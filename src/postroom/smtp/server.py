@@ -82,9 +82,10 @@ class SmtpConnection(asyncio.Protocol):
         self._wake.set()
 
     def eof_received(self) -> bool | None:
+        # Keep the transport open: answer what the client pipelined before its FIN, then close.
         self._eof = True
         self._wake.set()
-        return None
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True

@@ -46,6 +46,7 @@ class _Txn:
     sender: Address | None = None
     mail: Mail | None = None
     recipients: list[Recipient] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
     writer: SpoolWriter | None = None
     queue_id: str = ""
     received_at: float = 0.0
@@ -120,13 +121,19 @@ class SmtpSession:
                 targets = [key]
             original = str(addr) if targets != [key] else None
             for target in targets:
-                self.txn.recipients.append(
+                self._add_recipient(
                     Recipient(target, original=original, orcpt=orcpt, notify=notify_list))
             return replies.RECIPIENT_OK
         if self.auth_user is None:
             return replies.RELAY_DENIED
-        self.txn.recipients.append(Recipient(str(addr), orcpt=orcpt, notify=notify_list))
+        self._add_recipient(Recipient(str(addr), orcpt=orcpt, notify=notify_list))
         return replies.RECIPIENT_OK
+
+    def _add_recipient(self, rcpt: Recipient) -> None:
+        """Each final address once per message, however often it was named or reached."""
+        if rcpt.address not in self.txn.seen:
+            self.txn.seen.add(rcpt.address)
+            self.txn.recipients.append(rcpt)
 
     # -- DATA ----------------------------------------------------------------------------------
 

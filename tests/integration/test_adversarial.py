@@ -1,0 +1,184 @@
+"""Issue 6: the known attack classes against a live server. Every case checks the reply, that a
+normal client is still served afterwards, and that nothing accepted is lost."""
+
+from __future__ import annotations
+
+import base64
+import random
+import smtplib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import Server, ServerFactory
+
+
+@pytest.fixture
+def srv(server_factory: ServerFactory) -> Iterator[Server]:
+    import importlib.util
+
+    pop3 = ("pop3s",) if importlib.util.find_spec("postroom.pop3.server") else ()
+    s = server_factory(domains=("a.test",), services=("smtp", "submissions", *pop3),
+                       extra_toml='[limits]\nheader_size = "64KB"\nmax_errors = 10\n'
+                                  'command_timeout = "3s"')
+    s.add_user("alice@a.test", "pw")
+    yield s
+    # Whatever the test did, the server is still alive and serving.
+    assert s.proc is not None and s.proc.poll() is None
+    normal_transaction(s)
+
+
+def normal_transaction(srv: Server) -> float:
+    before = len(srv.messages("alice@a.test"))
+    t0 = time.monotonic()
+    with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+        c.sendmail("n@normal.test", ["alice@a.test"], b"Subject: normal\r\n\r\nnormal\r\n")
+    elapsed = time.monotonic() - t0
+    assert len(srv.wait_messages("alice@a.test", before + 1)) == before + 1
+    return elapsed
+
+
+def converse(srv: Server, payload: bytes, timeout: float = 20) -> bytes:
+    with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=timeout) as s:
+        s.recv(1000)
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def codes(out: bytes) -> list[bytes]:
+    return [ln[:3] for ln in out.split(b"\r\n") if ln[3:4] == b" "]
+
+
+def test_pipelined_garbage_is_cut_off(srv: Server) -> None:
+    rng = random.Random(7)
+    garbage = bytes(rng.randrange(256) for _ in range(200_000))
+    out = converse(srv, garbage)
+    assert b"421 4.7.0" in out
+
+
+def test_nul_and_non_utf8_commands(srv: Server) -> None:
+    out = converse(srv, b"EHLO x\r\nNO\x00OP\r\n\xff\xfe\xfd\r\nMAIL FROM:<\xe9@x.test>\r\nQUIT\r\n")
+    assert codes(out) == [b"250", b"500", b"500", b"553", b"221"] or \
+        codes(out)[:3] == [b"250", b"500", b"500"]
+
+
+def test_overlong_commands(srv: Server) -> None:
+    out = converse(srv, b"EHLO " + b"x" * 5000 + b"\r\nNOOP\r\nMAIL FROM:<" + b"a" * 100_000
+                   + b"@x.test>\r\nNOOP\r\n")
+    assert codes(out) == [b"500", b"250", b"500", b"250"]
+    assert out.count(b"500 5.5.6") == 2
+
+
+def test_ten_thousand_recipients(srv: Server) -> None:
+    rcpts = b"".join(b"RCPT TO:<alice@a.test>\r\n" for _ in range(10_000))
+    t0 = time.monotonic()
+    out = converse(srv, b"EHLO x\r\nMAIL FROM:<s@x.test>\r\n" + rcpts
+                   + b"DATA\r\nSubject: many\r\n\r\nx\r\n.\r\nQUIT\r\n", timeout=60)
+    assert time.monotonic() - t0 < 30
+    c = codes(out)
+    assert c.count(b"452") == 10_000 - 1000
+    assert b"250" in c[-2:]  # the DATA was accepted for the first 1,000
+    assert b"452 4.5.3" in out
+
+
+def test_giant_header_section(srv: Server) -> None:
+    header = b"X-Big: " + b"y" * 900 + b"\r\n"
+    out = converse(srv, b"EHLO x\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<alice@a.test>\r\nDATA\r\n"
+                   + header * 100 + b"\r\nbody\r\n.\r\nQUIT\r\n")
+    assert b"552 5.3.4" in out
+
+
+def test_parameter_injection(srv: Server) -> None:
+    out = converse(srv, b"EHLO x\r\nMAIL FROM:<s@x.test> ENVID=a\x0bb\r\n"
+                        b"MAIL FROM:<s@x.test> BODY=8BITMIME X-EVIL=1\r\n"
+                        b"MAIL FROM:<s@x.test>\r\nRCPT TO:<alice@a.test> NOTIFY=EVIL\r\n"
+                        b"RCPT TO:<alice@a.test> ORCPT=nonsense\r\n"
+                        b"RCPT TO:<alice@a.test>\rX-Injected: 1\r\nQUIT\r\n")
+    assert codes(out) == [b"250", b"501", b"555", b"250", b"501", b"501", b"500", b"221"]
+
+
+def test_bad_base64_in_auth(srv: Server) -> None:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((srv.host, srv.ports["submissions"]), timeout=10) as raw, \
+            ctx.wrap_socket(raw) as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"EHLO x\r\nAUTH PLAIN !!!notbase64\r\nAUTH LOGIN\r\n%%%\r\nNOOP\r\n")
+        lines = []
+        while len(lines) < 4:
+            line = f.readline()
+            if line[3:4] == b" ":
+                lines.append(line)
+        assert lines[1].startswith(b"501 5.5.2")
+        assert lines[2].startswith(b"334")
+        assert lines[3].startswith(b"501 5.5.2")
+        s.sendall(b"NOOP\r\n")
+        assert f.readline().startswith(b"250")
+    normal = base64.b64encode(b"\0alice@a.test\0pw")
+    with smtplib.SMTP_SSL(srv.host, srv.ports["submissions"], context=ctx) as c:
+        c.ehlo()
+        assert c.docmd("AUTH", "PLAIN " + normal.decode())[0] == 235
+
+
+@pytest.mark.parametrize("service", ["submissions", "pop3s"])
+def test_tls_garbage(srv: Server, service: str) -> None:
+    for payload in (b"\x16\x03\x01\x02\x00" + b"\xff" * 600, b"EHLO plain text on a TLS port\r\n",
+                    b""):
+        with socket.create_connection((srv.host, srv.ports[service]), timeout=10) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(10)
+            try:
+                while s.recv(4096):
+                    pass
+            except ConnectionResetError:
+                pass
+
+
+def test_half_open_and_idle_connections(srv: Server) -> None:
+    idle = []
+    for _ in range(50):
+        s = socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10)
+        idle.append(s)
+    half = socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10)
+    half.sendall(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@a.test>\r\nDATA\r\npartial")
+    assert normal_transaction(srv) < 2
+    # The command time-out (3 s here) closes idle sessions with 421.
+    idle[0].settimeout(10)
+    data = b""
+    while chunk := idle[0].recv(4096):
+        data += chunk
+    assert data.startswith(b"220") and b"421 4.4.2" in data
+    for s in idle:
+        s.close()
+    half.close()
+
+
+def test_slow_drip_data_does_not_block_others(srv: Server) -> None:
+    stop = threading.Event()
+
+    def drip() -> None:
+        with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=30) as s:
+            s.sendall(b"EHLO slow\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@a.test>\r\nDATA\r\n")
+            while not stop.is_set():
+                s.sendall(b"x")
+                time.sleep(0.05)
+
+    t = threading.Thread(target=drip, daemon=True)
+    t.start()
+    try:
+        times = [normal_transaction(srv) for _ in range(5)]
+        assert max(times) < 1.0, times
+    finally:
+        stop.set()
+        t.join(5)
