@@ -90,6 +90,11 @@ class Services:
     runner: Any = None  # postroom.queue.runner.QueueRunner, set by build_services
     stopping: bool = False
 
+    @property
+    def banner(self) -> bytes:
+        """The SMTP greeting (RFC 5321 §4.2: 220 and our host name)."""
+        return f"220 {self.cfg.hostname} ESMTP postroom ready\r\n".encode()
+
 
 def build_services(cfg: Config) -> Services:
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +195,9 @@ async def serve(cfg: Config) -> int:
 
     privileges.drop(cfg)
     runner_task = loop.create_task(services.runner.run())
+    from postroom.smtp.server import IdleSweeper
+
+    sweeper = loop.create_task(IdleSweeper(services).run())
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -212,6 +220,7 @@ async def serve(cfg: Config) -> int:
     while services.connections.live and loop.time() < deadline:
         await asyncio.sleep(0.05)
     await services.runner.stop()
+    sweeper.cancel()
     runner_task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner_task

@@ -187,6 +187,17 @@ class SpoolWriter:
             return os.pread(self._fd, limit, self._prefix_len)
         return b"".join(self._parts)[self._prefix_len : self._prefix_len + limit]
 
+    @property
+    def in_memory(self) -> bool:
+        return self._fd is None
+
+    def finish_in_memory(self) -> bytes:
+        """The whole message (trace headers first) for a delivery that skips the spool."""
+        self._take_prefix()
+        data = b"".join(self._parts)
+        self._parts = [data]
+        return data
+
     def abort(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

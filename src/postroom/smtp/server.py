@@ -1,10 +1,17 @@
 """asyncio glue for the SMTP listeners: accept, feed bytes to the engine, write replies, TLS.
 
 Thin on purpose: the protocol lives in ``server_protocol.py``, the policy in ``session.py``.
-What lives here: connection limits, RFC 5321 §4.5.3.2 time-outs, read/write flow control,
-STARTTLS (reading is paused *before* the 220 goes out, so a client's TLS handshake can never be
-read as plaintext and plaintext pipelined before it is discarded by the engine), and graceful
-shutdown (idle sessions get 421, a message being stored is finished first).
+What lives here: connection limits, flow control, STARTTLS, time-outs and graceful shutdown.
+
+Events are handled right inside ``data_received`` when the policy can answer at once (almost
+all of them); only the end of a message (disk), AUTH (argon2) and STARTTLS (handshake) run as
+a task, during which further input is buffered by the engine, not read. This keeps a
+transaction to a handful of Python calls: no task switch per command.
+
+STARTTLS: reading is paused *before* the 220 is written, so the client's handshake can never be
+read as plaintext, and plaintext pipelined after STARTTLS is discarded by the engine (RFC 3207
+§4.2, CVE-2011-0411). Time-outs (RFC 5321 §4.5.3.2) are enforced by :class:`IdleSweeper`, one
+periodic check for all connections instead of a timer per command.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 from typing import TYPE_CHECKING
 
 from postroom.smtp import replies
@@ -22,6 +30,7 @@ from postroom.smtp.server_protocol import (
     Closing,
     DataChunk,
     DataStart,
+    Event,
     HelloReceived,
     MailFrom,
     MessageAborted,
@@ -41,7 +50,7 @@ READ_HIGH_WATER = 1 << 20
 
 
 class SmtpConnection(asyncio.Protocol):
-    """One client connection: bytes in and out, one task running the session."""
+    """One client connection, driven by the bytes that arrive."""
 
     def __init__(self, services: Services, port: Port, implicit_tls: bool) -> None:
         self.services = services
@@ -49,15 +58,15 @@ class SmtpConnection(asyncio.Protocol):
         self.implicit_tls = implicit_tls
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
-        self._wake = asyncio.Event()
-        self._can_write = asyncio.Event()
-        self._can_write.set()
+        self.proto: ServerProtocol | None = None
+        self.session: SmtpSession | None = None
+        self.last_activity = 0.0
+        self.started = 0.0
         self._lost = False
         self._eof = False
         self._read_paused = False
-        self._busy = False  # storing a message: let it finish at shutdown
+        self._write_paused = False
         self._task: asyncio.Task[None] | None = None
-        self.proto: ServerProtocol | None = None
 
     # -- asyncio.Protocol callbacks ------------------------------------------------------------
 
@@ -65,49 +74,133 @@ class SmtpConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else "unknown"
-        if not self.services.connections.acquire(self.client_ip, self):
-            transport.write(replies.TOO_MANY_CONNECTIONS.render())
+        services = self.services
+        if services.stopping or not services.connections.acquire(self.client_ip, self):
+            self.transport.write(replies.TOO_MANY_CONNECTIONS.render())  # type: ignore[union-attr]
             transport.close()
             self._lost = True
             return
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self.session = SmtpSession(services, self.port, self.client_ip, tls=self.implicit_tls)
+        self.proto = ServerProtocol(self.session.features(), tls_active=self.implicit_tls)
+        self.started = self.last_activity = time.monotonic()
+        self.transport.write(services.banner)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
-        if self.proto is None:
-            return
-        self.proto.receive_data(data)
-        if self.proto.pending_input() > READ_HIGH_WATER and self.transport is not None:
-            self.transport.pause_reading()
-            self._read_paused = True
-        self._wake.set()
+        proto = self.proto
+        if proto is None or self._lost:
+            return  # closing: input is dropped
+        self.last_activity = time.monotonic()
+        proto.receive_data(data)
+        if self._task is None and not self._write_paused:
+            self._process()
+        if proto.pending_input() > READ_HIGH_WATER and not self._read_paused:
+            self._pause_reading()
 
     def eof_received(self) -> bool | None:
         # Keep the transport open: answer what the client pipelined before its FIN, then close.
+        if self._lost or self.proto is None:
+            return None
         self._eof = True
-        self._wake.set()
+        if self._task is None:
+            self._process()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self._wake.set()
-        self._can_write.set()
         self.services.connections.release(self.client_ip, self)
+        if self.session is not None and self._task is None:
+            self.session.reset()
 
     def pause_writing(self) -> None:
-        self._can_write.clear()
+        # The client does not read its replies: stop executing its commands until it does.
+        self._write_paused = True
 
     def resume_writing(self) -> None:
-        self._can_write.set()
+        self._write_paused = False
+        if self._task is None:
+            self._process()
 
-    # -- the session task ----------------------------------------------------------------------
+    # -- processing ----------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
-        """Server stopping: an idle session gets 421 now; a busy one finishes its message."""
-        if self.proto is not None and not self._busy and self.proto.state not in (
-                State.DATA, State.BDAT):
-            self.proto.close(replies.SHUTTING_DOWN)
-            self._flush()
-            self._close()
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.pause_reading()
+            self._read_paused = True
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and not self._lost:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def _process(self) -> None:
+        """Run engine events until it needs input, or an event needs a task."""
+        proto, session = self.proto, self.session
+        assert proto is not None and session is not None
+        try:
+            while not self._lost:
+                event = proto.next_event()
+                if event is NEED_DATA:
+                    self._flush()
+                    if proto.state is State.CLOSED or self._eof:
+                        self._close()
+                    elif proto.pending_input() < READ_HIGH_WATER:
+                        self._resume_reading()
+                    return
+                if isinstance(event, DataChunk):
+                    session.on_data(event.data)
+                elif isinstance(event, RcptTo):
+                    proto.reply(session.on_rcpt(event.command))
+                elif isinstance(event, MailFrom):
+                    proto.reply(session.on_mail(event.command))
+                elif isinstance(event, DataStart):
+                    session.on_data_start()
+                elif isinstance(event, MessageAborted | TransactionReset):
+                    session.reset()
+                elif isinstance(event, HelloReceived):
+                    session.reset()
+                    session.helo = event.domain
+                elif isinstance(event, Closing):
+                    self._flush()
+                    self._close(linger=event.reply.code != 221)
+                    return
+                else:
+                    # MessageEnd, AuthStart/AuthResponse, StartTLS: these wait for something.
+                    if isinstance(event, StartTLS):
+                        self._pause_reading()  # before the 220 goes out
+                    self._flush()
+                    self._task = asyncio.get_running_loop().create_task(self._wait(event))
+                    return
+        except Exception:
+            self._crashed()
+
+    async def _wait(self, event: Event) -> None:
+        proto, session = self.proto, self.session
+        assert proto is not None and session is not None
+        try:
+            if isinstance(event, MessageEnd):
+                proto.reply(await session.on_message_end())
+                if self.services.stopping:
+                    proto.close(replies.SHUTTING_DOWN)
+            elif isinstance(event, AuthStart | AuthResponse):
+                await session.on_auth(proto, event)
+            elif isinstance(event, StartTLS):
+                await self._starttls(session, proto)
+        except Exception:
+            self._task = None
+            self._crashed()
+            return
+        self._task = None
+        self.last_activity = time.monotonic()
+        if not self._write_paused:
+            self._process()
+
+    def _crashed(self) -> None:
+        self.services.log.exception("SMTP session with %s failed", self.client_ip)
+        if not self._lost and self.transport is not None:
+            self.transport.write(replies.LOCAL_ERROR.render())
+        if self.session is not None:
+            self.session.reset()
+        self._close()
 
     def _flush(self) -> None:
         if self.proto is not None and self.transport is not None and not self._lost:
@@ -115,88 +208,23 @@ class SmtpConnection(asyncio.Protocol):
             if out:
                 self.transport.write(out)
 
-    def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+    def _close(self, linger: bool = False) -> None:
+        """Close; with ``linger``, half-close first and drop input for a moment, so that a client
+        still sending (pipelined garbage) reads our last reply instead of a TCP reset."""
+        transport = self.transport
+        if transport is not None and not self._lost:
+            if linger and transport.can_write_eof():
+                transport.write_eof()
+                self._lost = True
+                self.proto = None
+                asyncio.get_running_loop().call_later(2.0, transport.close)
+                return
+            transport.close()
         self._lost = True
-        self._wake.set()
-
-    async def _run(self) -> None:
-        services = self.services
-        limits = services.cfg.limits
-        session = SmtpSession(services, self.port, self.client_ip, tls=self.implicit_tls)
-        proto = ServerProtocol(session.features(), tls_active=self.implicit_tls)
-        self.proto = proto
-        assert self.transport is not None
-        self.transport.write(
-            f"220 {services.cfg.hostname} ESMTP postroom ready\r\n".encode())
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limits.session_timeout
-        try:
-            while not self._lost:
-                event = proto.next_event()
-                if event is NEED_DATA:
-                    self._flush()
-                    if proto.state is State.CLOSED or self._eof:
-                        break
-                    if self._read_paused and self.transport is not None:
-                        self._read_paused = False
-                        self.transport.resume_reading()
-                    if not self._can_write.is_set():
-                        await self._can_write.wait()
-                    self._wake.clear()
-                    timeout = limits.data_timeout if proto.state in (State.DATA, State.BDAT) \
-                        else limits.command_timeout
-                    timeout = min(timeout, max(0.0, deadline - loop.time()))
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), timeout)
-                    except TimeoutError:
-                        proto.close(replies.TIMEOUT)
-                        self._flush()
-                        break
-                    continue
-                if isinstance(event, DataChunk):
-                    session.on_data(event.data)
-                elif isinstance(event, MailFrom):
-                    proto.reply(session.on_mail(event.command))
-                elif isinstance(event, RcptTo):
-                    proto.reply(session.on_rcpt(event.command))
-                elif isinstance(event, DataStart):
-                    session.on_data_start()
-                elif isinstance(event, MessageEnd):
-                    self._busy = True
-                    try:
-                        proto.reply(await session.on_message_end())
-                    finally:
-                        self._busy = False
-                    if services.stopping:
-                        proto.close(replies.SHUTTING_DOWN)
-                elif isinstance(event, MessageAborted | TransactionReset):
-                    session.reset()
-                elif isinstance(event, HelloReceived):
-                    session.reset()
-                    session.helo = event.domain
-                elif isinstance(event, AuthStart | AuthResponse):
-                    await session.on_auth(proto, event)
-                elif isinstance(event, StartTLS):
-                    await self._starttls(session, proto)
-                elif isinstance(event, Closing):
-                    self._flush()
-                    break
-        except Exception:
-            services.log.exception("SMTP session with %s failed", self.client_ip)
-            if not self._lost and self.transport is not None:
-                self.transport.write(replies.LOCAL_ERROR.render())
-        finally:
-            session.reset()
-            self._flush()
-            self._close()
 
     async def _starttls(self, session: SmtpSession, proto: ServerProtocol) -> None:
         transport = self.transport
         assert transport is not None and self.services.tls is not None
-        transport.pause_reading()
-        self._flush()  # the 220
         loop = asyncio.get_running_loop()
         try:
             new = await loop.start_tls(
@@ -210,7 +238,49 @@ class SmtpConnection(asyncio.Protocol):
             self._close()
             return
         self.transport = new  # type: ignore[assignment]
+        self._read_paused = False
         session.tls_started(proto)
+
+    # -- time-outs and shutdown ----------------------------------------------------------------
+
+    def check_timeout(self, now: float) -> None:
+        """Called about once a second: 421 to a session that waited too long."""
+        proto = self.proto
+        if proto is None or self._lost or self._task is not None:
+            return
+        limits = self.services.cfg.limits
+        idle = limits.data_timeout if proto.state in (State.DATA, State.BDAT) \
+            else limits.command_timeout
+        if now - self.last_activity > idle or now - self.started > limits.session_timeout:
+            proto.close(replies.TIMEOUT)
+            self._flush()
+            self._close()
+
+    def shutdown(self) -> None:
+        """Server stopping: an idle session gets 421 now; a busy one finishes its message."""
+        proto = self.proto
+        if proto is None or self._lost or self._task is not None:
+            return
+        if proto.state not in (State.DATA, State.BDAT):
+            proto.close(replies.SHUTTING_DOWN)
+            self._flush()
+            self._close()
+
+
+class IdleSweeper:
+    """One periodic task that applies the time-outs of every live connection."""
+
+    def __init__(self, services: Services, interval: float = 1.0) -> None:
+        self.services = services
+        self.interval = interval
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            now = time.monotonic()
+            for conn in list(self.services.connections.live):
+                with contextlib.suppress(Exception):
+                    conn.check_timeout(now)
 
 
 async def start(services: Services, host: str, port: int, kind: Port) -> asyncio.Server:
@@ -218,14 +288,7 @@ async def start(services: Services, host: str, port: int, kind: Port) -> asyncio
     loop = asyncio.get_running_loop()
     implicit = kind == "submissions"
     ssl_ctx = services.tls if implicit else None
-    server = await loop.create_server(
+    return await loop.create_server(
         lambda: SmtpConnection(services, kind, implicit), host, port,
         ssl=ssl_ctx, reuse_address=True, backlog=1024,
         ssl_handshake_timeout=services.cfg.limits.tls_handshake_timeout if implicit else None)
-    return server
-
-
-def shutdown_connections(conns: list[SmtpConnection]) -> None:
-    for conn in conns:
-        with contextlib.suppress(Exception):
-            conn.shutdown()

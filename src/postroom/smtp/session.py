@@ -212,6 +212,18 @@ class SmtpSession:
             ret=(txn.mail.params.get("RET") or "").upper() or None if txn.mail else None,
             smtputf8=bool(txn.mail and txn.mail.smtputf8),
         )
+        runner = self.services.runner
+        direct = writer.in_memory and all(
+            runner.is_local(r.address) and not (r.notify and "SUCCESS" in r.notify)
+            for r in envelope.recipients)
+        if direct:
+            message = writer.finish_in_memory()
+            if await runner.deliver_direct(envelope, message):
+                self.txn = _Txn()
+                self.services.log.info(
+                    "delivered %s from=<%s> rcpts=%d size=%d client=%s", envelope.id,
+                    envelope.sender, len(envelope.recipients), len(message), self.client_ip)
+                return Reply(250, "2.0.0", (f"OK: queued as {envelope.id}",))
         try:
             await writer.commit(envelope)
         except TemporaryStorageError as exc:
@@ -222,7 +234,7 @@ class SmtpSession:
         self.services.log.info("queued %s from=<%s> rcpts=%d size=%d client=%s",
                                envelope.id, envelope.sender, len(envelope.recipients),
                                envelope.size, self.client_ip)
-        self.services.runner.submit(envelope)
+        runner.submit(envelope)
         return Reply(250, "2.0.0", (f"OK: queued as {envelope.id}",))
 
     # -- AUTH ----------------------------------------------------------------------------------
