@@ -223,6 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from postroom import app
 
             return app.run(cfg)
+        # Import what the commands use before dropping root: the new user may not be able to
+        # read the Python installation's files (a pyenv under /root, say).
+        import postroom.queue.store
+        import postroom.storage.accounts
+        import postroom.storage.maildir  # noqa: F401
+        from postroom import privileges
+
+        privileges.drop_for_cli(cfg)
         if args.command == "user":
             return _cmd_user(cfg, args)
         if args.command == "alias":

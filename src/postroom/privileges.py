@@ -22,14 +22,38 @@ def _chown_tree(path: str, uid: int, gid: int) -> None:
             os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
 
 
-def drop(cfg: Config) -> None:
+def _lookup(cfg: Config) -> pwd.struct_passwd | None:
     if cfg.user is None or os.getuid() != 0:
-        return
+        return None
     try:
-        pw = pwd.getpwnam(cfg.user)
+        return pwd.getpwnam(cfg.user)
     except KeyError:
         raise ConfigError(f"{cfg.path or '<default>'}: user: no such user {cfg.user!r}") from None
+
+
+def drop(cfg: Config) -> None:
+    """For ``serve``: give the whole data tree to ``user``, then become that user."""
+    pw = _lookup(cfg)
+    if pw is None:
+        return
     _chown_tree(str(cfg.data_dir), pw.pw_uid, pw.pw_gid)
+    _become(pw)
+
+
+def drop_for_cli(cfg: Config) -> None:
+    """For the admin commands: become ``user`` too, so that what they create (accounts,
+    mailboxes) belongs to the server's user. Only the top of the data tree is re-owned."""
+    pw = _lookup(cfg)
+    if pw is None:
+        return
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chown(cfg.data_dir, pw.pw_uid, pw.pw_gid)
+    for entry in os.scandir(cfg.data_dir):
+        os.chown(entry.path, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+    _become(pw)
+
+
+def _become(pw: pwd.struct_passwd) -> None:
     os.setgroups([])
     os.setgid(pw.pw_gid)
     os.setuid(pw.pw_uid)

@@ -63,8 +63,11 @@ def write_to_tmp(path: Path, name: str, parts: Iterable[bytes | memoryview]) -> 
     try:
         _write_all(fd, parts)
         os.fsync(fd)
-    finally:
+    except OSError:
         os.close(fd)
+        tmp.unlink(missing_ok=True)  # never leave half a message behind (disk full)
+        raise
+    os.close(fd)
     return tmp
 
 

@@ -1,0 +1,110 @@
+"""Issue 6 faults: a full disk, a corrupt queue file, dropping root."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Server, ServerFactory, free_port, run_cli
+
+
+@pytest.fixture
+def small_disk() -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path = Path(tempfile.mkdtemp(prefix="postroom-full-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+        path.rmdir()
+
+
+def start_on(data_dir: Path, tmp_path: Path, extra: str = "") -> Server:
+    port = free_port()
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f'hostname = "mx.a.test"\ndomains = ["a.test"]\ndata_dir = "{data_dir}"\n'
+                   f'{extra}\n[listen]\nsmtp = ["127.0.0.1:{port}"]\n')
+    srv = Server(cfg, data_dir, "127.0.0.1", {"smtp": port}, ["a.test"], log=tmp_path / "log")
+    run_cli("user", "add", "alice@a.test", "--password-stdin", config=cfg, stdin="pw\n")
+    srv.start()
+    return srv
+
+
+def test_disk_full_gives_452_and_recovers(small_disk: Path, tmp_path: Path) -> None:
+    srv = start_on(small_disk / "data", tmp_path)
+    try:
+        filler = small_disk / "filler"
+        with open(filler, "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError:
+                pass
+        with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+            c.ehlo()
+            c.mail("x@r.test")
+            c.rcpt("alice@a.test")
+            code, text = c.data(b"Subject: full\r\n\r\n" + b"z" * 200_000 + b"\r\n")
+            assert (code, text[:5]) == (452, b"4.3.1")
+            assert c.noop()[0] == 250
+        assert srv.messages("alice@a.test") == []
+        filler.unlink()
+        with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+            c.sendmail("x@r.test", ["alice@a.test"], b"Subject: room\r\n\r\nok\r\n")
+        msgs = srv.wait_messages("alice@a.test", 1)
+        assert len(msgs) == 1 and b"Subject: room" in msgs[0]
+        assert not list((srv.data_dir / "mail/a.test/alice/tmp").iterdir())
+    finally:
+        srv.stop()
+
+
+def test_corrupt_queue_file_is_moved_aside(server_factory: ServerFactory) -> None:
+    srv = server_factory(domains=("a.test",), services=("smtp",), start=False)
+    srv.add_user("alice@a.test")
+    qdir = srv.data_dir / "queue" / "msg"
+    qdir.mkdir(parents=True, exist_ok=True)
+    (qdir / "0BADBADBADBAD").write_bytes(b"this is not a queue file")
+    srv.start()
+    with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+        c.sendmail("x@r.test", ["alice@a.test"], b"Subject: fine\r\n\r\nok\r\n")
+    assert len(srv.wait_messages("alice@a.test", 1)) == 1
+    assert (srv.data_dir / "queue" / "corrupt" / "0BADBADBADBAD").exists()
+    assert not (qdir / "0BADBADBADBAD").exists()
+    assert "corrupt queue file" in srv.log.read_text()
+
+
+def test_drops_root_to_configured_user(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("dropping privileges needs root")
+    base = Path(tempfile.mkdtemp(prefix="postroom-priv-"))
+    os.chmod(base, 0o755)
+    srv = start_on(base / "data", tmp_path, extra='user = "nobody"')
+    try:
+        with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+            c.sendmail("x@r.test", ["alice@a.test"], b"Subject: priv\r\n\r\nok\r\n")
+        assert len(srv.wait_messages("alice@a.test", 1)) == 1
+        assert srv.proc is not None
+        status = Path(f"/proc/{srv.proc.pid}/status").read_text()
+        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        assert uid_line.split()[1:] == ["65534"] * 4
+        delivered = next((srv.maildir("alice@a.test") / "new").iterdir())
+        assert delivered.stat().st_uid == 65534
+        # The CLI, run as root, leaves files the server can still use.
+        run_cli("user", "add", "bob@a.test", "--password-stdin", config=srv.config, stdin="x\n")
+        time.sleep(0.2)
+        with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+            c.sendmail("x@r.test", ["bob@a.test"], b"Subject: priv2\r\n\r\nok\r\n")
+        assert len(srv.wait_messages("bob@a.test", 1)) == 1
+    finally:
+        srv.stop()
+        subprocess.run(["rm", "-rf", str(base)], check=False)
