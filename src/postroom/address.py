@@ -9,6 +9,7 @@ than (and different from) the RFC 5321 envelope grammar, and accepts things an M
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -76,8 +77,6 @@ def normalise_domain(name: str) -> str:
 
 def _address_literal(text: str) -> str:
     """RFC 5321 §4.1.3 address literals: ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``."""
-    import ipaddress
-
     inner = text[1:-1]
     try:
         if inner[:5].lower() == "ipv6:":

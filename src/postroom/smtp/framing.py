@@ -181,3 +181,32 @@ def to_crlf(data: bytes) -> bytes:
     if b"\n" not in data or data.count(b"\n") == data.count(b"\r\n"):
         return data
     return _LONE_LF.sub(b"\r\n", data)
+
+
+class Stuffer:
+    """Dot-stuffs a message that arrives in pieces (POP3 RETR of a large file).
+
+    Joining the outputs of :meth:`feed` and :meth:`finish` equals :func:`dot_stuff` of the
+    whole message: the only state carried between pieces is "the last piece ended a line".
+    """
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+        self._last_cr = False
+        self._empty = True
+
+    def feed(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        # Re-attach what ended the previous piece, so that a line start is seen across pieces.
+        prefix = b"\r\n" if self._at_line_start else (b"\r" if self._last_cr else b"")
+        text = prefix + data
+        self._empty = False
+        self._at_line_start = text.endswith(b"\r\n")
+        self._last_cr = data.endswith(b"\r")
+        return text.replace(b"\r\n.", b"\r\n..")[len(prefix) :]
+
+    def finish(self) -> bytes:
+        if self._empty or self._at_line_start:
+            return b".\r\n"
+        return b"\r\n.\r\n"

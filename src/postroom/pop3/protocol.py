@@ -1,0 +1,376 @@
+"""The POP3 server as a sans-I/O state machine (RFC 1939, RFC 2449 CAPA, RFC 2595 STLS,
+RFC 5034 SASL AUTH, RFC 6856 UTF8, response codes of RFC 2449 §8 and RFC 3206).
+
+Bytes go in with :meth:`Pop3Protocol.receive_data`; :meth:`next_event` yields typed events;
+responses accumulate in an output buffer (:meth:`data_to_send`). The engine checks syntax and
+state itself (wrong state, bad arguments, unknown commands: ``-ERR``, the session goes on);
+what needs the mailbox or the account store becomes an event the session answers with
+:meth:`ok`, :meth:`err`, :meth:`multiline`, :meth:`login_ok` and friends.
+
+States::
+
+    AUTHORIZATION --USER/PASS or AUTH ok--> TRANSACTION --QUIT--> (UPDATE, by the session) CLOSED
+    AUTHORIZATION --STLS--> TLS --tls_started()--> AUTHORIZATION (fresh)
+    AUTHORIZATION --AUTH--> SASL --235-like success--> TRANSACTION
+
+Security: lines are split by :mod:`postroom.smtp.framing` (the one splitter); bytes pipelined
+after STLS are discarded (RFC 2595 §4, CVE-2011-0411 class); APOP is not offered, because it
+needs a plaintext-equivalent secret on the server (see docs/pop3.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+from dataclasses import dataclass, field
+
+from postroom.smtp.framing import TOO_LONG, LineReader
+
+MAX_COMMAND = 255  # RFC 2449 §4: command lines are at most 255 octets including CRLF
+MAX_SASL_LINE = 12288
+
+
+class State(enum.Enum):
+    AUTHORIZATION = "authorization"
+    SASL = "sasl"
+    TRANSACTION = "transaction"
+    TLS = "tls"
+    CLOSED = "closed"
+
+
+@dataclass
+class Features:
+    """What the session offers right now."""
+
+    starttls: bool = False
+    login_allowed: bool = True  # TLS is active, or plaintext logins are allowed
+    sasl: tuple[str, ...] = ("PLAIN", "LOGIN", "SCRAM-SHA-256")
+    max_errors: int = 20
+
+
+# -- events --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """USER + PASS. Answer with :meth:`login_ok` or :meth:`login_failed`."""
+
+    user: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthStart:
+    mechanism: str
+    initial: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A TRANSACTION command with checked arguments: STAT LIST RETR DELE RSET TOP UIDL NOOP."""
+
+    verb: str
+    msg: int | None = None  # message number (1-based) where the command takes one
+    lines: int | None = None  # TOP's line count
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    """QUIT. ``update``: deletions must be applied now (RFC 1939 §6); answer with :meth:`bye`."""
+
+    update: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """+OK was queued: send it, do the handshake, then :meth:`tls_started`."""
+
+    discarded: int
+
+
+@dataclass(frozen=True, slots=True)
+class Closing:
+    """Too many errors: the engine said goodbye."""
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+Event = Login | AuthStart | AuthResponse | Command | Quit | StartTLS | Closing
+_NEEDS_ANSWER = (Login, AuthStart, AuthResponse, Command, Quit)
+
+_TRANSACTION_VERBS = {"STAT", "LIST", "RETR", "DELE", "RSET", "TOP", "UIDL", "NOOP"}
+# Commands with a required message number, and those where it is optional.
+_NEEDS_MSG = {"RETR", "DELE", "TOP"}
+_OPTIONAL_MSG = {"LIST", "UIDL"}
+
+
+def _number(text: str) -> int | None:
+    if not text.isdigit() or len(text) > 9 or not text.isascii():
+        return None
+    return int(text)
+
+
+@dataclass
+class Pop3Protocol:
+    """One POP3 session's protocol state."""
+
+    features: Features
+    state: State = State.AUTHORIZATION
+    tls_active: bool = False
+    utf8: bool = False
+    errors: int = 0
+    _reader: LineReader = field(default_factory=lambda: LineReader(MAX_SASL_LINE))
+    _out: list[bytes] = field(default_factory=list)
+    _user: str | None = None
+    _awaiting: type | None = None
+
+    # -- bytes in and out ----------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state not in (State.CLOSED, State.TLS):
+            self._reader.feed(data)
+
+    def pending_input(self) -> int:
+        return self._reader.pending()
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def send_raw(self, data: bytes) -> None:
+        """Queue already-formatted octets (a multi-line body produced by the session)."""
+        self._out.append(data)
+
+    # -- answers -------------------------------------------------------------------------------
+
+    def _answered(self) -> None:
+        if self._awaiting is None:
+            raise RuntimeError("no command is waiting for an answer")
+        self._awaiting = None
+
+    def ok(self, text: str = "") -> None:
+        self._answered()
+        self._out.append(f"+OK {text}\r\n".encode() if text else b"+OK\r\n")
+
+    def err(self, text: str, code: str | None = None) -> None:
+        self._answered()
+        self._err(text, code)
+
+    def multiline(self, first: str, body: bytes) -> None:
+        """``+OK first``, then ``body`` (already dot-stuffed, ending with ``.\\r\\n``)."""
+        self._answered()
+        self._out.append(f"+OK {first}\r\n".encode())
+        self._out.append(body)
+
+    def begin_multiline(self, first: str) -> None:
+        """For streamed bodies: the caller then sends the stuffed body with :meth:`send_raw`."""
+        self._answered()
+        self._out.append(f"+OK {first}\r\n".encode())
+
+    def login_ok(self, text: str = "Logged in") -> None:
+        self._answered()
+        self._out.append(f"+OK {text}\r\n".encode())
+        self.state = State.TRANSACTION
+
+    def login_failed(self, text: str, code: str | None = "AUTH") -> None:
+        self._answered()
+        self.state = State.AUTHORIZATION
+        self._user = None
+        self._err(text, code)
+
+    def auth_challenge(self, challenge: bytes) -> None:
+        """RFC 5034 §4: ``+ <base64>`` and wait for the client's line."""
+        self._answered()
+        self._out.append(b"+ " + base64.b64encode(challenge) + b"\r\n")
+        self.state = State.SASL
+
+    def bye(self, ok: bool = True, text: str = "Bye") -> None:
+        self._answered()
+        self._out.append(f"+OK {text}\r\n".encode() if ok else f"-ERR {text}\r\n".encode())
+        self.state = State.CLOSED
+
+    def tls_started(self, features: Features) -> None:
+        if self.state is not State.TLS:
+            raise RuntimeError("tls_started() without STLS")
+        self.features = features
+        self.tls_active = True
+        self._user = None
+        self.state = State.AUTHORIZATION
+
+    def close(self, text: str, code: str | None = None) -> None:
+        """A final -ERR (time-out, shutdown) and the end of the session."""
+        self._awaiting = None
+        self._err(text, code)
+        self.state = State.CLOSED
+
+    # -- events --------------------------------------------------------------------------------
+
+    def next_event(self) -> Event | _NeedData:
+        if self._awaiting is not None:
+            raise RuntimeError(f"{self._awaiting.__name__} has not been answered")
+        while self.state not in (State.CLOSED, State.TLS):
+            line = self._reader.read_line()
+            if line is None:
+                return NEED_DATA
+            if line is TOO_LONG:
+                event = self._error("Line too long")
+            else:
+                assert isinstance(line, bytes)
+                event = self._sasl_line(line) if self.state is State.SASL else self._line(line)
+            if event is not None:
+                if isinstance(event, _NEEDS_ANSWER):
+                    self._awaiting = type(event)
+                return event
+        return NEED_DATA
+
+    def _err(self, text: str, code: str | None) -> None:
+        prefix = f"[{code}] " if code else ""
+        self._out.append(f"-ERR {prefix}{text}\r\n".encode())
+
+    def _error(self, text: str, code: str | None = None) -> Event | None:
+        self._err(text, code)
+        self.errors += 1
+        if self.errors >= self.features.max_errors:
+            self._out.append(b"-ERR Too many errors, closing\r\n")
+            self.state = State.CLOSED
+            return Closing()
+        return None
+
+    def capabilities(self) -> list[str]:
+        """RFC 2449 §6: exactly what works now."""
+        f = self.features
+        caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING",
+                "IMPLEMENTATION postroom", "UTF8"]
+        if f.login_allowed:
+            caps.append("USER")
+            if f.sasl:
+                caps.append("SASL " + " ".join(f.sasl))
+        if f.starttls and not self.tls_active and self.state is State.AUTHORIZATION:
+            caps.append("STLS")
+        return caps
+
+    def _line(self, line: bytes) -> Event | None:
+        if len(line) + 2 > MAX_COMMAND and not line[:5].upper().startswith(b"AUTH "):
+            return self._error("Line too long")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._error("Invalid UTF-8 in command")
+        verb, _, rest = text.partition(" ")
+        verb = verb.upper()
+        args = rest.split(" ") if rest else []
+        if verb == "CAPA":
+            body = "".join(f"{c}\r\n" for c in self.capabilities())
+            self._out.append(f"+OK Capability list follows\r\n{body}.\r\n".encode())
+            return None
+        if verb == "QUIT":
+            if self.state is State.TRANSACTION:
+                self._awaiting = None
+                return Quit(update=True)
+            self._out.append(b"+OK Bye\r\n")
+            self.state = State.CLOSED
+            return None
+        if self.state is State.AUTHORIZATION:
+            return self._authorization(verb, rest, args)
+        return self._transaction(verb, args)
+
+    def _authorization(self, verb: str, rest: str, args: list[str]) -> Event | None:
+        if verb == "STLS":
+            if not self.features.starttls or self.tls_active:
+                return self._error("STLS not available here")
+            self._out.append(b"+OK Begin TLS negotiation\r\n")
+            discarded = self._reader.discard()  # RFC 2595 §4: nothing pipelined survives
+            self.state = State.TLS
+            return StartTLS(discarded)
+        if verb == "UTF8":
+            # RFC 6856 §2: UTF-8 user names, passwords and mailbox content are accepted.
+            self.utf8 = True
+            self._out.append(b"+OK UTF8 enabled\r\n")
+            return None
+        if verb in ("USER", "PASS", "AUTH", "APOP") and not self.features.login_allowed:
+            # RFC 2595 §2.1 / RFC 8314: no credentials in the clear.
+            return self._error("Plaintext login disallowed, use STLS first", "AUTH")
+        if verb == "USER":
+            if not rest:
+                return self._error("USER needs a name")
+            self._user = rest
+            self._out.append(b"+OK Send your password\r\n")
+            return None
+        if verb == "PASS":
+            if self._user is None:
+                return self._error("USER first")
+            user, self._user = self._user, None
+            return Login(user, rest)
+        if verb == "AUTH":
+            if not args or not args[0]:
+                # RFC 5034 §4 / RFC 1734: bare AUTH lists the mechanisms.
+                body = "".join(f"{m}\r\n" for m in self.features.sasl)
+                self._out.append(f"+OK\r\n{body}.\r\n".encode())
+                return None
+            mech = args[0].upper()
+            if mech not in self.features.sasl or len(args) > 2:
+                return self._error("Unsupported authentication mechanism")
+            initial: bytes | None = None
+            if len(args) == 2:
+                if args[1] == "=":
+                    initial = b""
+                else:
+                    try:
+                        initial = base64.b64decode(args[1], validate=True)
+                    except ValueError:
+                        return self._error("Invalid base64")
+            self.state = State.SASL
+            return AuthStart(mech, initial)
+        if verb == "APOP":
+            return self._error("APOP is not supported")
+        if verb in _TRANSACTION_VERBS:
+            return self._error("Not logged in")
+        return self._error("Unknown command")
+
+    def _sasl_line(self, line: bytes) -> Event | None:
+        if line.strip() == b"*":
+            self.state = State.AUTHORIZATION
+            return self._error("Authentication cancelled")
+        try:
+            data = base64.b64decode(line.strip(), validate=True)
+        except ValueError:
+            self.state = State.AUTHORIZATION
+            return self._error("Invalid base64")
+        return AuthResponse(data)
+
+    def _transaction(self, verb: str, args: list[str]) -> Event | None:
+        if verb not in _TRANSACTION_VERBS:
+            if verb in ("USER", "PASS", "AUTH", "APOP", "STLS", "UTF8"):
+                return self._error("Already logged in")
+            return self._error("Unknown command")
+        if verb in _NEEDS_MSG:
+            want = 2 if verb == "TOP" else 1
+            if len(args) != want:
+                return self._error(f"{verb} needs {want} argument{'s' if want > 1 else ''}")
+            msg = _number(args[0])
+            lines = _number(args[1]) if verb == "TOP" else None
+            if msg is None or msg == 0 or (verb == "TOP" and lines is None):
+                return self._error("Invalid message number")
+            return Command(verb, msg, lines)
+        if verb in _OPTIONAL_MSG:
+            if len(args) > 1:
+                return self._error("Too many arguments")
+            if args:
+                msg = _number(args[0])
+                if msg is None or msg == 0:
+                    return self._error("Invalid message number")
+                return Command(verb, msg)
+            return Command(verb)
+        if args:
+            return self._error(f"{verb} takes no arguments")
+        return Command(verb)

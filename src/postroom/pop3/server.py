@@ -1,0 +1,480 @@
+"""asyncio glue for the POP3 listeners (110 with STLS, 995 with implicit TLS, RFC 8314).
+
+Like the SMTP glue: commands are answered inside ``data_received``; logins (argon2, the
+mailbox lock and listing) and large RETRs run as a task while further input waits in the
+engine's buffer. RETR streams a large message in pieces with flow control, so a 50 MB message
+is never held in memory twice. STLS pauses reading before the ``+OK`` is written (no plaintext
+survives the switch, RFC 2595 §4). Failed logins are answered after the throttle's delay, the
+same way for an unknown user and a wrong password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from postroom import sasl
+from postroom.address import parse_user_address
+from postroom.errors import AddressError
+from postroom.pop3.protocol import (
+    NEED_DATA,
+    AuthResponse,
+    AuthStart,
+    Closing,
+    Command,
+    Event,
+    Features,
+    Login,
+    Pop3Protocol,
+    Quit,
+    StartTLS,
+    State,
+)
+from postroom.pop3.session import MailboxInUse, Maildrop
+from postroom.smtp.framing import Stuffer, dot_stuff, to_crlf
+from postroom.storage import maildir
+
+if TYPE_CHECKING:
+    from postroom.app import Services
+
+READ_HIGH_WATER = 1 << 16
+SMALL_MESSAGE = 1 << 18  # read and sent in one go; larger ones stream
+CHUNK = 1 << 18
+
+
+class Pop3Connection(asyncio.Protocol):
+    """One POP3 client connection."""
+
+    def __init__(self, services: Services, implicit_tls: bool) -> None:
+        self.services = services
+        self.implicit_tls = implicit_tls
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = ""
+        self.proto: Pop3Protocol | None = None
+        self.drop: Maildrop | None = None
+        self.user: str | None = None
+        self.last_activity = 0.0
+        self._lost = False
+        self._eof = False
+        self._read_paused = False
+        self._write_paused = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._task: asyncio.Task[None] | None = None
+        self._mech: sasl.Mechanism | None = None
+        self._sasl_done: str | None = None
+
+    # -- callbacks -----------------------------------------------------------------------------
+
+    def features(self) -> Features:
+        tls = self.implicit_tls or (self.proto is not None and self.proto.tls_active)
+        return Features(
+            starttls=self.services.tls is not None and not tls,
+            login_allowed=tls or self.services.cfg.auth.allow_plaintext,
+            max_errors=self.services.cfg.limits.max_errors)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.client_ip = str(peer[0]) if peer else "unknown"
+        if self.services.stopping or not self.services.connections.acquire(self.client_ip,
+                                                                              self):
+            transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n")  # type: ignore[attr-defined]
+            transport.close()
+            self._lost = True
+            return
+        self.proto = Pop3Protocol(self.features(), tls_active=self.implicit_tls)
+        self.last_activity = time.monotonic()
+        transport.write(b"+OK postroom POP3 server ready\r\n")  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        proto = self.proto
+        if proto is None or self._lost:
+            return
+        self.last_activity = time.monotonic()
+        proto.receive_data(data)
+        if self._task is None and not self._write_paused:
+            self._process()
+        if proto.pending_input() > READ_HIGH_WATER and not self._read_paused:
+            self._pause_reading()
+
+    def eof_received(self) -> bool | None:
+        if self._lost or self.proto is None:
+            return None
+        self._eof = True
+        if self._task is None:
+            self._process()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._writable.set()
+        self.services.connections.release(self.client_ip, self)
+        self._release()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._writable.set()
+        if self._task is None and not self._lost:
+            self._process()
+
+    # -- processing ----------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        """A dropped connection deletes nothing (RFC 1939 §6): just unlock."""
+        if self.drop is not None:
+            self.drop.close()
+            self.drop = None
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.pause_reading()
+            self._read_paused = True
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and not self._lost:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def _flush(self) -> None:
+        if self.proto is not None and self.transport is not None and not self._lost:
+            out = self.proto.data_to_send()
+            if out:
+                self.transport.write(out)
+
+    def _close(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.close()
+        self._lost = True
+        self._release()
+
+    def _process(self) -> None:
+        proto = self.proto
+        assert proto is not None
+        try:
+            while not self._lost:
+                event = proto.next_event()
+                if event is NEED_DATA:
+                    self._flush()
+                    if proto.state is State.CLOSED or self._eof:
+                        self._close()
+                    else:
+                        self._resume_reading()
+                    return
+                if isinstance(event, Command) and self._command(proto, event):
+                    continue
+                if isinstance(event, Closing):
+                    self._flush()
+                    self._close()
+                    return
+                if isinstance(event, StartTLS):
+                    self._pause_reading()  # before the +OK goes out
+                self._flush()
+                self._task = asyncio.get_running_loop().create_task(self._wait(event))
+                return
+        except Exception:
+            self._crashed()
+
+    def _crashed(self) -> None:
+        self.services.log.exception("POP3 session with %s failed", self.client_ip)
+        if self.transport is not None and not self._lost:
+            self.transport.write(b"-ERR [SYS/TEMP] Internal error\r\n")
+        self._close()
+
+    async def _wait(self, event: Event) -> None:
+        proto = self.proto
+        assert proto is not None
+        try:
+            if isinstance(event, Login):
+                await self._login(proto, event.user, event.password)
+            elif isinstance(event, AuthStart | AuthResponse):
+                await self._auth(proto, event)
+            elif isinstance(event, Command):
+                await self._stream(proto, event)
+            elif isinstance(event, Quit):
+                await self._quit(proto)
+            elif isinstance(event, StartTLS):
+                await self._starttls(proto)
+        except Exception:
+            self._task = None
+            self._crashed()
+            return
+        self._task = None
+        self.last_activity = time.monotonic()
+        if not self._lost and not self._write_paused:
+            self._process()
+
+    # -- TRANSACTION ---------------------------------------------------------------------------
+
+    def _command(self, proto: Pop3Protocol, cmd: Command) -> bool:
+        """Answer a TRANSACTION command at once; False if it needs a task (a large RETR)."""
+        drop = self.drop
+        assert drop is not None
+        verb = cmd.verb
+        if verb == "NOOP":
+            proto.ok()
+        elif verb == "STAT":
+            count, size = drop.stat()
+            proto.ok(f"{count} {size}")
+        elif verb == "RSET":
+            drop.reset()
+            count, size = drop.stat()
+            proto.ok(f"{count} messages ({size} octets)")
+        elif cmd.msg is None:  # LIST or UIDL of the whole mailbox
+            count, size = drop.stat()
+            if verb == "LIST":
+                lines = [f"{i} {e.size}\r\n" for i, e in enumerate(drop.entries, 1)
+                         if not e.deleted]
+                proto.multiline(f"{count} messages ({size} octets)",
+                                "".join(lines).encode() + b".\r\n")
+            else:
+                lines = [f"{i} {e.uid}\r\n" for i, e in enumerate(drop.entries, 1)
+                         if not e.deleted]
+                proto.multiline("Unique-ID listing follows", "".join(lines).encode() + b".\r\n")
+        else:
+            entry = drop.get(cmd.msg)
+            if entry is None:
+                proto.err("No such message")
+            elif verb == "LIST":
+                proto.ok(f"{cmd.msg} {entry.size}")
+            elif verb == "UIDL":
+                proto.ok(f"{cmd.msg} {entry.uid}")
+            elif verb == "DELE":
+                entry.deleted = True
+                proto.ok(f"Message {cmd.msg} deleted")
+            elif verb == "TOP" or entry.size <= SMALL_MESSAGE:
+                try:
+                    data = drop.read(entry)
+                except FileNotFoundError:
+                    proto.err("Message was removed by another program", "SYS/PERM")
+                    return True
+                except OSError:
+                    proto.err("Cannot read message", "SYS/TEMP")
+                    return True
+                if verb == "TOP":
+                    assert cmd.lines is not None
+                    proto.multiline("Top of message follows", dot_stuff(_top(data, cmd.lines)))
+                else:
+                    entry.retrieved = True
+                    proto.multiline(f"{len(data)} octets", dot_stuff(data))
+            else:
+                return False
+        return True
+
+    async def _stream(self, proto: Pop3Protocol, cmd: Command) -> None:
+        """RETR of a large message: read, stuff and send in pieces, honouring flow control."""
+        drop = self.drop
+        assert drop is not None and cmd.msg is not None
+        entry = drop.get(cmd.msg)
+        assert entry is not None
+        loop = asyncio.get_running_loop()
+        try:
+            fh = await loop.run_in_executor(self.services.store.executor, open,
+                                            drop.file(entry), "rb")
+        except OSError:
+            proto.err("Cannot read message", "SYS/TEMP")
+            return
+        proto.begin_multiline(f"{entry.size} octets")
+        stuffer = Stuffer()
+        pending_cr = b""
+        try:
+            while not self._lost:
+                piece = await loop.run_in_executor(self.services.store.executor, fh.read, CHUNK)
+                if not piece:
+                    break
+                if not entry.crlf:
+                    # Convert LF to CRLF; a CR ending one piece may pair with the next LF.
+                    piece = pending_cr + piece
+                    pending_cr = b"\r" if piece.endswith(b"\r") else b""
+                    piece = to_crlf(piece[: len(piece) - len(pending_cr)])
+                proto.send_raw(stuffer.feed(piece))
+                self._flush()
+                if self._write_paused:
+                    await self._writable.wait()
+            proto.send_raw(stuffer.feed(pending_cr) + stuffer.finish())
+            entry.retrieved = True
+        finally:
+            fh.close()
+
+    async def _quit(self, proto: Pop3Protocol) -> None:
+        drop = self.drop
+        if drop is None:
+            proto.bye()
+            return
+        failed = await asyncio.get_running_loop().run_in_executor(
+            self.services.store.executor, drop.update)
+        self._release()
+        if failed:
+            proto.bye(False, f"[SYS/TEMP] {failed} messages were not removed")
+        else:
+            proto.bye(True, "Bye")
+
+    # -- AUTHORIZATION -------------------------------------------------------------------------
+
+    async def _login(self, proto: Pop3Protocol, user: str, password: str) -> None:
+        services = self.services
+        if services.throttle.refused(self.client_ip):
+            proto.login_failed("Too many failed logins, try again later", "SYS/TEMP")
+            return
+        key = await asyncio.get_running_loop().run_in_executor(
+            services.cpu_executor, services.accounts.verify_password, user, password)
+        if key is None:
+            await self._failed(proto, user)
+            return
+        await self._open(proto, key)
+
+    async def _failed(self, proto: Pop3Protocol, user: str | None) -> None:
+        delay = self.services.throttle.failure(self.client_ip, user)
+        self.services.log.info("pop3 login failed client=%s", self.client_ip)
+        await asyncio.sleep(delay)
+        proto.login_failed("Invalid login or password", "AUTH")
+
+    async def _open(self, proto: Pop3Protocol, key: str) -> None:
+        path = maildir.mailbox_path(self.services.cfg.data_dir, key)
+        drop = Maildrop(path)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.services.store.executor,
+                                                             drop.open)
+        except MailboxInUse:
+            proto.login_failed("Mailbox is locked by another session", "IN-USE")
+            return
+        except OSError:
+            proto.login_failed("Cannot open mailbox, try again later", "SYS/TEMP")
+            return
+        if self._lost:
+            drop.close()
+            return
+        self.drop = drop
+        self.user = key
+        self.services.throttle.success(self.client_ip)
+        count, size = drop.stat()
+        self.services.log.info("pop3 login user=%s client=%s messages=%d", key, self.client_ip,
+                               count)
+        proto.login_ok(f"{count} messages ({size} octets)")
+
+    async def _auth(self, proto: Pop3Protocol, event: AuthStart | AuthResponse) -> None:
+        if isinstance(event, AuthStart):
+            if self.services.throttle.refused(self.client_ip):
+                proto.login_failed("Too many failed logins, try again later", "SYS/TEMP")
+                return
+            self._mech = sasl.new_mechanism(event.mechanism)
+            self._sasl_done = None
+            assert self._mech is not None
+            step = self._mech.start(event.initial)
+        elif self._sasl_done is not None:
+            # SCRAM: the client acknowledged our server-final message.
+            await self._open_login(proto, self._sasl_done)
+            self._sasl_done = None
+            return
+        else:
+            assert self._mech is not None
+            step = self._mech.step(event.data)
+        login: str | None = None
+        while True:
+            if isinstance(step, sasl.Challenge):
+                proto.auth_challenge(step.data)
+                return
+            if isinstance(step, sasl.NeedScramKeys):
+                assert isinstance(self._mech, sasl.ScramSha256)
+                login = step.username
+                found = self.services.accounts.scram_keys(step.username)
+                step = self._mech.provide_keys(found[1] if found else None)
+                continue
+            if isinstance(step, sasl.CheckPassword):
+                login = step.username
+                key = await asyncio.get_running_loop().run_in_executor(
+                    self.services.cpu_executor, self.services.accounts.verify_password,
+                    step.username, step.password)
+                step = sasl.Success(key) if key else sasl.Failure("bad credentials")
+                continue
+            if isinstance(step, sasl.Success):
+                self._mech = None
+                if step.final is not None:
+                    self._sasl_done = step.username
+                    proto.auth_challenge(step.final)
+                    return
+                await self._open_login(proto, step.username)
+                return
+            self._mech = None
+            if step.malformed:
+                proto.login_failed("Malformed authentication exchange", None)
+                return
+            await self._failed(proto, login)
+            return
+
+    async def _open_login(self, proto: Pop3Protocol, username: str) -> None:
+        try:
+            key = parse_user_address(username).key
+        except AddressError:
+            await self._failed(proto, username)
+            return
+        await self._open(proto, key)
+
+    async def _starttls(self, proto: Pop3Protocol) -> None:
+        transport = self.transport
+        assert transport is not None and self.services.tls is not None
+        try:
+            new = await asyncio.get_running_loop().start_tls(
+                transport, self, self.services.tls, server_side=True,
+                ssl_handshake_timeout=self.services.cfg.limits.tls_handshake_timeout)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            self.services.log.info("STLS with %s failed: %s", self.client_ip, exc)
+            self._close()
+            return
+        if new is None:
+            self._close()
+            return
+        self.transport = new  # type: ignore[assignment]
+        self._read_paused = False
+        proto.tls_active = True
+        proto.tls_started(self.features())
+
+    # -- time-outs and shutdown ----------------------------------------------------------------
+
+    def check_timeout(self, now: float) -> None:
+        proto = self.proto
+        if proto is None or self._lost or self._task is not None:
+            return
+        # RFC 1939 §3: at least 10 minutes of inactivity before an autologout.
+        if now - self.last_activity > self.services.cfg.limits.pop3_idle_timeout:
+            proto.close("Autologout: idle for too long")
+            self._flush()
+            self._close()
+
+    def shutdown(self) -> None:
+        proto = self.proto
+        if proto is None or self._lost or self._task is not None:
+            return
+        proto.close("Server shutting down", "SYS/TEMP")
+        self._flush()
+        self._close()
+
+
+def _top(data: bytes, lines: int) -> bytes:
+    """The header section, the blank line, and the first ``lines`` body lines (RFC 1939 §7)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return data
+    head, body = data[: end + 4], data[end + 4 :]
+    if lines == 0:
+        return head
+    parts = body.split(b"\r\n", lines)
+    if len(parts) <= lines:
+        return data
+    return head + b"\r\n".join(parts[:lines]) + b"\r\n"
+
+
+async def start(services: Services, host: str, port: int, implicit_tls: bool) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: Pop3Connection(services, implicit_tls), host, port,
+        ssl=services.tls if implicit_tls else None, reuse_address=True, backlog=1024,
+        ssl_handshake_timeout=services.cfg.limits.tls_handshake_timeout if implicit_tls
+        else None)
+
