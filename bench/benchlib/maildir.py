@@ -63,7 +63,7 @@ def make_message(index: int, size: int, sender: str, rcpt: str) -> bytes:
 
 def fill(mailbox: Path, messages: int, size: int, rcpt: str,
          owner: tuple[int, int] | None = None) -> int:
-    """Write ``messages`` files straight into new/ (no fsync: setup, not measured). Returns octets."""
+    """Write ``messages`` files into new/ (no fsync: setup, not measured); returns octets."""
     ensure(mailbox, owner)
     clear(mailbox)
     body = make_message(0, size, "sender@src.test", rcpt)

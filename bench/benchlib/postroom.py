@@ -10,17 +10,20 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchlib import maildir
-from benchlib.proc import Cleanup, run, start_daemon, wait_port
+from benchlib.proc import BenchError, Cleanup, run, start_daemon, stop_process, wait_port
 from benchlib.servers import PASSWORD, Addr, Server
 
 REPO = Path(__file__).resolve().parents[2]
 PORT_SMTP = 2525
 PORT_SUBMISSION = 2587
 PORT_POP3 = 2110
+PORTS = {"smtp": PORT_SMTP, "submission": PORT_SUBMISSION, "pop3": PORT_POP3}
+# If serve fails with every service (one may not be implemented yet), try again with fewer.
+FALLBACKS = (("smtp", "submission", "pop3"), ("smtp", "submission"), ("smtp",))
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class PostroomSpec:
     key: Path
     nameserver: str | None = None
     delivery_port: int | None = None
+    services: tuple[str, ...] = ("smtp", "submission", "pop3")
 
 
 def command(override: str | None) -> list[str]:
@@ -57,9 +61,7 @@ def config_toml(spec: PostroomSpec) -> str:
         f'data_dir = "{spec.root / "data"}"',
         "",
         "[listen]",
-        f'smtp = ["{host}:{PORT_SMTP}"]',
-        f'submission = ["{host}:{PORT_SUBMISSION}"]',
-        f'pop3 = ["{host}:{PORT_POP3}"]',
+        *(f'{name} = ["{host}:{PORTS[name]}"]' for name in spec.services),
         "",
         "[tls]",
         f'cert = "{spec.cert}"',
@@ -82,23 +84,54 @@ def config_toml(spec: PostroomSpec) -> str:
 
 def start_postroom(spec: PostroomSpec, mail_users: list[str], cleanup: Cleanup,
                    cmd_override: str | None = None) -> Server:
-    """Write the config, add users with ``user add --password-stdin``, run ``serve``."""
+    """Write the config, add users with ``user add --password-stdin``, run ``serve``.
+
+    When ``serve`` dies at start-up, retry with fewer services (see FALLBACKS) and say so.
+    """
     spec.root.mkdir(parents=True, exist_ok=True)
+    base, env = command(cmd_override), environment()
     config = spec.root / "postroom.toml"
     config.write_text(config_toml(spec))
-    base, env = command(cmd_override), environment()
     for user in mail_users:
         run([*base, "user", "add", user, "--password-stdin", "-c", str(config)],
             stdin=PASSWORD + "\n", env=env)
-    server = Server(name="postroom", mail_root=spec.root / "data" / "mail",
-                    smtp=Addr(spec.host, PORT_SMTP), submission=Addr(spec.host, PORT_SUBMISSION),
-                    pop3=Addr(spec.host, PORT_POP3))
+    error: BenchError | None = None
+    for services in FALLBACKS:
+        attempt = replace(spec, services=services)
+        config.write_text(config_toml(attempt))
+        try:
+            server = _serve(attempt, config, base, env, cleanup)
+        except BenchError as exc:
+            error = exc
+            print(f"bench: postroom {spec.host} with {'+'.join(services)} failed: "
+                  f"{str(exc).splitlines()[-1][:300]}", flush=True)
+            continue
+        for user in mail_users:
+            maildir.ensure(server.mailbox(user))
+        if services != FALLBACKS[0]:
+            server.notes.append(f"postroom {spec.host} ran with {'+'.join(services)} only: "
+                                f"{str(error).splitlines()[-1][:200]}")
+        return server
+    assert error is not None
+    raise error
+
+
+def _serve(spec: PostroomSpec, config: Path, base: list[str], env: dict[str, str],
+           cleanup: Cleanup) -> Server:
     log = spec.root / "postroom.log"
     proc = start_daemon([*base, "serve", "-c", str(config)], log, cleanup,
                         f"postroom {spec.host}", env=env)
-    for addr in (server.smtp, server.submission, server.pop3):
-        assert addr is not None
-        wait_port(addr.host, addr.port, proc=proc, log=log)
-    for user in mail_users:
-        maildir.ensure(server.mailbox(user))
+    server = Server(name="postroom", mail_root=spec.root / "data" / "mail",
+                    smtp=Addr(spec.host, PORT_SMTP), proc=proc, log=log)
+    try:
+        wait_port(spec.host, PORT_SMTP, proc=proc, log=log)
+        if "submission" in spec.services:
+            wait_port(spec.host, PORT_SUBMISSION, timeout=10, proc=proc, log=log)
+            server.submission = Addr(spec.host, PORT_SUBMISSION)
+        if "pop3" in spec.services:
+            wait_port(spec.host, PORT_POP3, timeout=10, proc=proc, log=log)
+            server.pop3 = Addr(spec.host, PORT_POP3)
+    except BenchError:
+        stop_process(proc)
+        raise
     return server

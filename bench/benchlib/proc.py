@@ -92,6 +92,9 @@ def wait_port(host: str, port: int, timeout: float = 30.0,
             break
         time.sleep(0.05)
     tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+    if proc is not None and proc.poll() is not None:
+        raise BenchError(f"exited with status {proc.returncode} before {host}:{port} opened"
+                         f"\n{tail}")
     raise BenchError(f"{host}:{port} did not open within {timeout:.0f}s\n{tail}")
 
 

@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ class Results:
     units: dict[str, str] = field(default_factory=dict)
     references: dict[str, list[str]] = field(default_factory=dict)
     errors: dict[tuple[str, str], str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def declare(self, row: str, unit: str, servers: list[str]) -> None:
         self.rows.setdefault(row, defaultdict(list))
@@ -45,7 +47,7 @@ def cell(samples: list[float]) -> str:
     med = statistics.median(samples)
     if len(samples) == 1:
         return _fmt(med)
-    return f"{_fmt(med)} ({_fmt(min(samples))}–{_fmt(max(samples))})"
+    return f"{_fmt(med)} ({_fmt(min(samples))}-{_fmt(max(samples))})"
 
 
 def ratio(subject: list[float], reference: list[float]) -> str:
@@ -56,7 +58,7 @@ def ratio(subject: list[float], reference: list[float]) -> str:
 
 def table(results: Results) -> list[list[str]]:
     """Rows of: case, unit, postroom, reference 1..2, ratio 1..2 (blank where not applicable)."""
-    out = [["case", "unit", SUBJECT, "reference", "median (min–max)", f"{SUBJECT}/ref"]]
+    out = [["case", "unit", SUBJECT, "reference", "median (min-max)", f"{SUBJECT}/ref"]]
     for row, per_server in results.rows.items():
         subject = per_server.get(SUBJECT, [])
         refs = results.references[row] or [""]
@@ -104,7 +106,7 @@ def machine(bench_dir: Path) -> dict[str, str]:
         "cpu model": cpu,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "filesystem of the bench tree": f"{bench_dir} on {_filesystem(bench_dir)}",
+        "filesystem of the bench tree": f"{bench_dir} on {_filesystem(bench_dir.parent)}",
     }
 
 
@@ -119,5 +121,6 @@ def versions() -> dict[str, str]:
     return {
         "Postfix": first_line(["postconf", "-dh", "mail_version"]),
         "Dovecot": first_line(["dovecot", "--version"]),
-        "aiosmtpd": first_line(["python3", "-c", "import aiosmtpd; print(aiosmtpd.__version__)"]),
+        "aiosmtpd": first_line([sys.executable, "-c",
+                                "import aiosmtpd; print(aiosmtpd.__version__)"]),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,12 @@ class Server:
     pop3: Addr | None = None
     owner: tuple[int, int] | None = None  # uid/gid the Maildir files must belong to
     notes: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None  # set when we run it in the foreground
+    log: Path | None = None
+
+    def exit_status(self) -> int | None:
+        """None while running (or when not ours to watch), else the exit status."""
+        return None if self.proc is None else self.proc.poll()
 
     def mailbox(self, address: str) -> Path:
         local, _, domain = address.partition("@")

@@ -1,0 +1,218 @@
+"""The benchmark cases. Each runs ``runs`` times, the servers interleaved (A B C A B C ...).
+
+Every measurement starts from an empty (SMTP) or freshly filled (POP3) mailbox and ends only when
+the server is quiet again (all mail delivered), so one server's background work never lands in
+another's measurement. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchlib import clients, maildir
+from benchlib.proc import BenchError, wait_until
+from benchlib.report import Results
+from benchlib.servers import DOMAIN, PASSWORD, RELAY_DOMAIN, Server
+from benchlib.setup import Lab
+
+RCPT = f"u1@{DOMAIN}"
+KIB = 1024
+
+
+@dataclass(frozen=True)
+class Options:
+    runs: int
+    quick: bool
+
+    def count(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+
+@dataclass(frozen=True)
+class SmtpCase:
+    size: int
+    sessions: int
+    keep_connection: bool
+    messages: int
+    quick_messages: int
+
+    @property
+    def label(self) -> str:
+        per = "many msgs/conn" if self.keep_connection else "1 msg/conn"
+        return f"{self.size // KIB} KiB, {self.sessions} session(s), {per}"
+
+
+SMTP_CASES = [
+    SmtpCase(1 * KIB, 20, False, 2000, 300),
+    SmtpCase(100 * KIB, 20, False, 600, 100),
+    SmtpCase(1 * KIB, 1, False, 600, 100),
+    SmtpCase(100 * KIB, 1, False, 300, 60),
+    SmtpCase(1 * KIB, 20, True, 2000, 300),
+    SmtpCase(100 * KIB, 20, True, 600, 100),
+    SmtpCase(1 * KIB, 1, True, 1000, 150),
+    SmtpCase(100 * KIB, 1, True, 300, 60),
+]
+
+
+def available(lab: Lab, names: list[str]) -> list[Server]:
+    return [s for n in names if (s := lab.get(n)) is not None]
+
+
+def interleave(lab: Lab, results: Results, rows: list[str], names: list[str], runs: int,
+               measure: Callable[[Server], list[float]]) -> None:
+    """Run ``measure`` for each server, ``runs`` rounds; its values fill ``rows`` in order."""
+    servers = available(lab, names)
+    for name in names:
+        if name in lab.failed:
+            for row in rows:
+                results.fail(row, name, f"not started: {lab.failed[name][:200]}")
+    for round_no in range(runs):
+        for server in servers:
+            try:
+                _check_alive(server)
+                values = measure(server)
+            except (BenchError, OSError) as exc:
+                for row in rows:
+                    results.fail(row, server.name, str(exc)[:500])
+                print(f"  {server.name}: FAILED: {str(exc)[:300]}", flush=True)
+                continue
+            for row, value in zip(rows, values, strict=False):
+                results.add(row, server.name, value)
+            shown = ", ".join(f"{v:,.1f} {results.units[r]}" for r, v in zip(rows, values,
+                                                                            strict=False))
+            print(f"  run {round_no + 1}/{runs} {server.name:9s} {shown}", flush=True)
+
+
+def _check_alive(server: Server) -> None:
+    status = server.exit_status()
+    if status is not None:
+        raise BenchError(f"{server.name} exited with status {status} (see {server.log})")
+
+
+def wait_delivered(box: Path, expected: int, timeout: float) -> float | None:
+    """Seconds until ``expected`` files are in new/ (None after ``timeout``)."""
+    start = time.perf_counter()
+    if wait_until(lambda: maildir.count(box) >= expected, timeout, interval=0.02):
+        return time.perf_counter() - start
+    return None
+
+
+# --- SMTP accept + end-to-end ---------------------------------------------------------------------
+
+def smtp_case(lab: Lab, results: Results, opts: Options, case: SmtpCase) -> None:
+    n = opts.count(case.messages, case.quick_messages)
+    accept_row = f"SMTP accept: {case.label} (n={n})"
+    e2e_row = f"end-to-end to Maildir: {case.label} (n={n})"
+    names = ["postroom", "postfix", "aiosmtpd"]
+    results.declare(accept_row, "msg/s", names)
+    results.declare(e2e_row, "msg/s", names[:2])
+    timeout = 60 + n * case.size / 2e6 + n / 20
+
+    def measure(server: Server) -> list[float]:
+        if server.smtp is None:
+            raise BenchError("no SMTP listener")
+        box = server.mailbox(RCPT)
+        maildir.clear(box)
+        elapsed = clients.smtp_source(server.smtp, RCPT, n, case.size, case.sessions,
+                                      case.keep_connection, timeout)
+        rest = wait_delivered(box, n, timeout)
+        if rest is None:
+            raise BenchError(f"only {maildir.count(box)} of {n} messages reached the Maildir "
+                             f"within {timeout:.0f}s after the last 250")
+        return [n / elapsed, n / (elapsed + rest)]
+
+    print(f"{accept_row}", flush=True)
+    interleave(lab, results, [accept_row, e2e_row], names, opts.runs, measure)
+
+
+# --- submission ---------------------------------------------------------------------------------
+
+def submission_case(lab: Lab, results: Results, opts: Options, per_connection: int, n: int,
+                    workers: int = 4) -> None:
+    """Few messages per session weigh TLS + argon2id logins; many weigh the message path."""
+    row = (f"submission STARTTLS+AUTH: 1 KiB, {workers} clients, {per_connection} msgs/conn "
+           f"(n={n})")
+    names = ["postroom", "postfix"]
+    results.declare(row, "msg/s", names)
+    body = clients.make_submission_body(RCPT, RCPT, KIB)
+    timeout = 120 + n / 5
+
+    def measure(server: Server) -> list[float]:
+        if server.submission is None:
+            raise BenchError("no submission port (Postfix needs Dovecot's SASL socket)")
+        box = server.mailbox(RCPT)
+        maildir.clear(box)
+        job = clients.SubmissionJob(server.submission, RCPT, PASSWORD, RCPT, n, per_connection,
+                                    body)
+        elapsed = clients.submission(job, workers, timeout)
+        if wait_delivered(box, n, timeout) is None:
+            raise BenchError(f"only {maildir.count(box)} of {n} submitted messages delivered")
+        return [n / elapsed]
+
+    print(row, flush=True)
+    interleave(lab, results, [row], names, opts.runs, measure)
+
+
+# --- POP3 -----------------------------------------------------------------------------------------
+
+def pop3_case(lab: Lab, results: Results, opts: Options, clients_n: int, stls: bool) -> None:
+    n = opts.count(5000, 1000)
+    size = 10 * KIB
+    mode = "STLS" if stls else "plaintext"
+    label = f"POP3 RETR+DELE: {mode}, {clients_n} client(s), {n} x 10 KiB each"
+    rows = [f"{label}: msg/s", f"{label}: MB/s"]
+    names = ["postroom", "dovecot"]
+    for row, unit in zip(rows, ("msg/s", "MB/s"), strict=True):
+        results.declare(row, unit, names)
+    mailboxes = [f"u{i}@{DOMAIN}" for i in range(1, clients_n + 1)]
+    timeout = 120 + clients_n * n / 50
+
+    def measure(server: Server) -> list[float]:
+        if server.pop3 is None:
+            raise BenchError("no POP3 listener")
+        for user in mailboxes:
+            maildir.fill(server.mailbox(user), n, size, user, server.owner)
+        os.sync()  # setup writes must not be flushed during the measurement
+        jobs = [clients.Pop3Job(server.pop3, user, PASSWORD, stls, n) for user in mailboxes]
+        elapsed, messages, octets = clients.pop3(jobs, timeout)
+        left = sum(maildir.count_messages(server.mailbox(u)) for u in mailboxes)
+        if messages != n * clients_n or left:
+            raise BenchError(f"retrieved {messages} of {n * clients_n}; {left} left after QUIT")
+        return [messages / elapsed, octets / elapsed / 1e6]
+
+    print(label, flush=True)
+    interleave(lab, results, rows, names, opts.runs, measure)
+
+
+# --- relay ----------------------------------------------------------------------------------------
+
+def relay_case(lab: Lab, results: Results, opts: Options, workers: int = 4,
+               per_connection: int = 25) -> None:
+    n = opts.count(1000, 200)
+    row = f"relay via MX on loopback: submission -> A -> B Maildir, 1 KiB (n={n})"
+    results.declare(row, "msg/s", ["postroom", "postfix"])
+    remote_rcpt = f"u1@{RELAY_DOMAIN}"
+    body = clients.make_submission_body(RCPT, remote_rcpt, KIB)
+    timeout = 120 + n / 5
+    pairs = {"postroom": "postroom-remote", "postfix": "postfix-remote"}
+
+    def measure(server: Server) -> list[float]:
+        remote = lab.get(pairs[server.name])
+        if remote is None or server.submission is None:
+            raise BenchError(f"{pairs[server.name]} or the submission port is missing")
+        box = remote.mailbox(remote_rcpt)
+        maildir.clear(box)
+        job = clients.SubmissionJob(server.submission, RCPT, PASSWORD, remote_rcpt, n,
+                                    per_connection, body)
+        start = time.perf_counter()
+        clients.submission(job, workers, timeout)
+        if wait_delivered(box, n, timeout) is None:
+            raise BenchError(f"only {maildir.count(box)} of {n} relayed messages arrived")
+        return [n / (time.perf_counter() - start)]
+
+    print(row, flush=True)
+    interleave(lab, results, [row], list(pairs), opts.runs, measure)
