@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -52,13 +53,15 @@ def env_with_src() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, config: Path | None = None, stdin: str | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, config: Path | None = None, stdin: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "postroom", *args]
     if config is not None:
         cmd += ["-c", str(config)]
-    proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env_with_src(),
-                          timeout=60)
+    proc = subprocess.run(
+        cmd, input=stdin, capture_output=True, text=True, env=env_with_src(), timeout=60
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -77,8 +80,9 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(default_factory=lambda: Path("/dev/null"))
 
-    def cli(self, *args: str, stdin: str | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return run_cli(*args, config=self.config, stdin=stdin, check=check)
 
     def add_user(self, address: str, password: str = "secret") -> None:
@@ -89,8 +93,11 @@ class Server:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "postroom", "serve", "-c", str(self.config)],
-                stdout=subprocess.DEVNULL, stderr=log, env=env_with_src(),
-                start_new_session=True)
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=env_with_src(),
+                start_new_session=True,
+            )
         try:
             for port in self.ports.values():
                 wait_port(self.host, port)
@@ -139,25 +146,35 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     """Makes (and afterwards stops) servers: ``server_factory(domains=[...], extra_toml=...)``."""
     made: list[Server] = []
 
-    def make(*, domains: tuple[str, ...] = ("a.test",), host: str = "127.0.0.1",
-             hostname: str | None = None, extra_toml: str = "", start: bool = True,
-             services: tuple[str, ...] = ("smtp", "submission", "submissions", "pop3", "pop3s"),
-             name: str | None = None, ports: dict[str, int] | None = None) -> Server:
+    def make(
+        *,
+        domains: tuple[str, ...] = ("a.test",),
+        host: str = "127.0.0.1",
+        hostname: str | None = None,
+        extra_toml: str = "",
+        start: bool = True,
+        services: tuple[str, ...] = ("smtp", "submission", "submissions", "pop3", "pop3s"),
+        name: str | None = None,
+        ports: dict[str, int] | None = None,
+    ) -> Server:
         base = tmp_path / (name or f"srv{len(made)}")
         base.mkdir()
         ports = {svc: (ports or {}).get(svc) or free_port(host) for svc in services}
         listen = "\n".join(f'{svc} = ["{host}:{port}"]' for svc, port in ports.items())
         doms = ", ".join(f'"{d}"' for d in domains)
         cfg = base / "postroom.toml"
-        text = (f'hostname = "{hostname or "mx." + domains[0]}"\n'
-                f"domains = [{doms}]\n"
-                f'data_dir = "{base / "data"}"\n'
-                f"{_top_level(extra_toml)}\n"
-                f"[listen]\n{listen}\n"
-                f"{_tables(extra_toml)}\n")
+        text = (
+            f'hostname = "{hostname or "mx." + domains[0]}"\n'
+            f"domains = [{doms}]\n"
+            f'data_dir = "{base / "data"}"\n'
+            f"{_top_level(extra_toml)}\n"
+            f"[listen]\n{listen}\n"
+            f"{_tables(extra_toml)}\n"
+        )
         cfg.write_text(text)
-        srv = Server(cfg, base / "data", host, ports, list(domains), extra_toml,
-                     log=base / "server.log")
+        srv = Server(
+            cfg, base / "data", host, ports, list(domains), extra_toml, log=base / "server.log"
+        )
         made.append(srv)
         if start:
             srv.start()
@@ -166,10 +183,8 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     yield make
     for srv in made:
         if srv.proc is not None:
-            try:
+            with contextlib.suppress(Exception):
                 srv.stop(timeout=12)
-            except Exception:
-                pass
 
 
 def _top_level(extra: str) -> str:

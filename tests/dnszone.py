@@ -32,8 +32,9 @@ class LoopbackDNS:
 
     def __init__(self, address: str = "127.0.0.1") -> None:
         self.zone: dict[str, list[Any]] = {}
-        self._server = DNSServer(_Resolver(self.zone), port=0, address=address,
-                                 logger=DNSLogger(logf=lambda _msg: None))
+        self._server = DNSServer(
+            _Resolver(self.zone), port=0, address=address, logger=DNSLogger(logf=lambda _msg: None)
+        )
         self._server.start_thread()
         self.address = address
         self.port = int(self._server.server.server_address[1])

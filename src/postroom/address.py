@@ -31,8 +31,10 @@ _QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
 _QUOTED_UTF8 = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"$')
 _LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 # Local parts that may name a mailbox directory: a dot-atom without "/" and not starting with ".".
-_SAFE_LOCAL = re.compile(r"^[a-z0-9!#$%&'*+\-=?^_`{|}~\u0080-\U0010ffff]"
-                         r"[a-z0-9!#$%&'*+\-=?^_`{|}~.\u0080-\U0010ffff]*$")
+_SAFE_LOCAL = re.compile(
+    r"^[a-z0-9!#$%&'*+\-=?^_`{|}~\u0080-\U0010ffff]"
+    r"[a-z0-9!#$%&'*+\-=?^_`{|}~.\u0080-\U0010ffff]*$"
+)
 
 
 @dataclass(frozen=True, slots=True)

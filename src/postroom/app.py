@@ -28,6 +28,7 @@ from postroom import config as config_mod
 from postroom import tls as tls_mod
 from postroom.config import Config
 from postroom.queue.store import QueueStore
+from postroom.smtp.session import Port
 from postroom.storage.accounts import Accounts
 from postroom.throttle import LoginThrottle
 
@@ -37,7 +38,11 @@ CONTROL_SOCKET = "control.sock"
 
 
 class Closable(Protocol):
+    """A live connection, as the limiter, the time-out sweeper and shutdown see it."""
+
     def shutdown(self) -> None: ...
+
+    def check_timeout(self, now: float) -> None: ...
 
 
 @dataclass
@@ -86,7 +91,8 @@ class Services:
     tls: ssl.SSLContext | None
     log: logging.Logger = log
     cpu_executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="postroom-cpu"))
+        default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="postroom-cpu")
+    )
     runner: Any = None  # postroom.queue.runner.QueueRunner, set by build_services
     stopping: bool = False
 
@@ -104,8 +110,9 @@ def build_services(cfg: Config) -> Services:
         accounts=Accounts(cfg.data_dir),
         store=QueueStore(cfg.data_dir / "queue"),
         throttle=LoginThrottle(cfg.auth),
-        connections=ConnectionLimiter(lim.max_connections, lim.max_connections_per_ip,
-                                      cfg.per_ip_exempt_networks()),
+        connections=ConnectionLimiter(
+            lim.max_connections, lim.max_connections_per_ip, cfg.per_ip_exempt_networks()
+        ),
         tls=tls_mod.server_context(cfg),
     )
     from postroom.queue.runner import QueueRunner
@@ -123,20 +130,21 @@ def _raise_fd_limit() -> None:
 
 
 async def _start_listeners(services: Services) -> list[asyncio.Server]:
+    from postroom.pop3 import server as pop3_server
     from postroom.smtp import server as smtp_server
 
     cfg = services.cfg
     servers: list[asyncio.Server] = []
-    for kind in ("smtp", "submission", "submissions"):
+    smtp_kinds: tuple[Port, ...] = ("smtp", "submission", "submissions")
+    for kind in smtp_kinds:
         for host, port in getattr(cfg.listen, kind):
-            servers.append(await smtp_server.start(services, host, port, kind))  # type: ignore[arg-type]
+            servers.append(await smtp_server.start(services, host, port, kind))
             print(f"postroom: {kind} listening on {host}:{port}", file=sys.stderr)
-    for kind in ("pop3", "pop3s"):
-        for host, port in getattr(cfg.listen, kind):
-            from postroom.pop3 import server as pop3_server
-
-            servers.append(await pop3_server.start(services, host, port, implicit_tls=kind == "pop3s"))
-            print(f"postroom: {kind} listening on {host}:{port}", file=sys.stderr)
+    for pop_kind in ("pop3", "pop3s"):
+        for host, port in getattr(cfg.listen, pop_kind):
+            implicit = pop_kind == "pop3s"
+            servers.append(await pop3_server.start(services, host, port, implicit_tls=implicit))
+            print(f"postroom: {pop_kind} listening on {host}:{port}", file=sys.stderr)
     return servers
 
 
@@ -203,8 +211,11 @@ async def serve(cfg: Config) -> int:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, services)
     if cfg.path is None:
-        print(f"postroom: embedded default; data in {cfg.data_dir.resolve()}\n"
-              "postroom: add a user with: postroom user add you@localhost", file=sys.stderr)
+        print(
+            f"postroom: embedded default; data in {cfg.data_dir.resolve()}\n"
+            "postroom: add a user with: postroom user add you@localhost",
+            file=sys.stderr,
+        )
     print("postroom: ready", file=sys.stderr)
     await stop.wait()
     log.info("shutting down")
@@ -229,12 +240,15 @@ async def serve(cfg: Config) -> int:
 
 
 def run(cfg: Config) -> int:
-    logging.basicConfig(level=getattr(logging, cfg.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, cfg.log_level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         import uvloop
     except ImportError:
-        uvloop = None
+        uvloop = None  # type: ignore[assignment]
     try:
         if uvloop is not None:
             return int(uvloop.run(serve(cfg)))

@@ -29,9 +29,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", dest="config_sub", default=None,
-                        help="config file (default: $POSTROOM_CONFIG, ./postroom.toml, built-in)")
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--config",
+        dest="config_sub",
+        default=None,
+        help="config file (default: $POSTROOM_CONFIG, ./postroom.toml, built-in)",
+    )
     p = _Parser(prog="postroom", description="A small mail server: SMTP, POP3, queue, Maildir.")
     p.add_argument("-c", "--config", default=None, help="config file")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -39,17 +44,22 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", parents=[common], help="run the server in the foreground")
 
     user = sub.add_parser("user", parents=[common], help="manage users").add_subparsers(
-        dest="action", required=True, parser_class=_Parser)
+        dest="action", required=True, parser_class=_Parser
+    )
     for name in ("add", "passwd"):
         cmd = user.add_parser(name, parents=[common])
         cmd.add_argument("address")
-        cmd.add_argument("--password-stdin", action="store_true",
-                         help="read one line from stdin instead of prompting")
+        cmd.add_argument(
+            "--password-stdin",
+            action="store_true",
+            help="read one line from stdin instead of prompting",
+        )
     user.add_parser("del", parents=[common]).add_argument("address")
     user.add_parser("list", parents=[common])
 
     alias = sub.add_parser("alias", parents=[common], help="manage aliases").add_subparsers(
-        dest="action", required=True, parser_class=_Parser)
+        dest="action", required=True, parser_class=_Parser
+    )
     add = alias.add_parser("add", parents=[common])
     add.add_argument("alias")
     add.add_argument("targets", nargs="+")
@@ -57,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     alias.add_parser("list", parents=[common])
 
     queue = sub.add_parser("queue", parents=[common], help="inspect the queue").add_subparsers(
-        dest="action", required=True, parser_class=_Parser)
+        dest="action", required=True, parser_class=_Parser
+    )
     qlist = queue.add_parser("list", parents=[common])
     qlist.add_argument("--json", action="store_true")
     queue.add_parser("show", parents=[common]).add_argument("id")
@@ -105,8 +116,8 @@ def _cmd_user(cfg: Config, args: argparse.Namespace) -> int:
 
     accounts = Accounts(cfg.data_dir)
     if args.action == "list":
-        for addr in accounts.list_users():
-            print(addr)
+        for name in accounts.list_users():
+            print(name)
         return 0
     addr = account_address(args.address, cfg.domains)
     if args.action == "add":
@@ -179,35 +190,62 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     if args.action == "show":
         env = store.load(args.id)
-        print(f"id: {env.id}\nsender: <{env.sender}>\ncreated: {_iso(env.created)}\n"
-              f"size: {env.size}\nattempts: {env.attempts}\n"
-              f"next_attempt: {_iso(env.next_attempt) or '-'}")
+        print(
+            f"id: {env.id}\nsender: <{env.sender}>\ncreated: {_iso(env.created)}\n"
+            f"size: {env.size}\nattempts: {env.attempts}\n"
+            f"next_attempt: {_iso(env.next_attempt) or '-'}"
+        )
         for r in env.recipients:
-            print(f"recipient: <{r.address}> {r.status}"
-                  + (f" ({r.last_error})" if r.last_error else ""))
+            print(
+                f"recipient: <{r.address}> {r.status}"
+                + (f" ({r.last_error})" if r.last_error else "")
+            )
         print()
         head = store.message_head(env)
         end = head.find(b"\r\n\r\n")
-        sys.stdout.write(head[: end + 2 if end >= 0 else len(head)].decode("utf-8", "replace")
-                         .replace("\r\n", "\n"))
+        sys.stdout.write(
+            head[: end + 2 if end >= 0 else len(head)]
+            .decode("utf-8", "replace")
+            .replace("\r\n", "\n")
+        )
         return 0
     envelopes = [e for e in store.iter_envelopes() if isinstance(e, Envelope)]
     if args.json:
-        print(json.dumps([{
-            "id": e.id,
-            "sender": e.sender,
-            "created": _iso(e.created),
-            "attempts": e.attempts,
-            "next_attempt": _iso(e.next_attempt),
-            "recipients": [{"address": r.address, "status": r.status,
-                            "last_error": r.last_error} for r in e.recipients],
-        } for e in envelopes], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": e.id,
+                        "sender": e.sender,
+                        "created": _iso(e.created),
+                        "attempts": e.attempts,
+                        "next_attempt": _iso(e.next_attempt),
+                        "recipients": [
+                            {"address": r.address, "status": r.status, "last_error": r.last_error}
+                            for r in e.recipients
+                        ],
+                    }
+                    for e in envelopes
+                ],
+                indent=2,
+            )
+        )
         return 0
     for e in envelopes:
         errors = "; ".join(r.last_error for r in e.recipients if r.last_error)
-        print("\t".join([e.id, _iso(e.created) or "-", str(e.size), f"<{e.sender}>",
-                         ",".join(r.address for r in e.recipients),
-                         _iso(e.next_attempt) or "-", errors or "-"]))
+        print(
+            "\t".join(
+                [
+                    e.id,
+                    _iso(e.created) or "-",
+                    str(e.size),
+                    f"<{e.sender}>",
+                    ",".join(r.address for r in e.recipients),
+                    _iso(e.next_attempt) or "-",
+                    errors or "-",
+                ]
+            )
+        )
     return 0
 
 
@@ -248,4 +286,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-

@@ -26,8 +26,16 @@ Endpoint = tuple[str, int]
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMG]?B?)\s*$", re.IGNORECASE)
 _UNITS_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_UNITS_B = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30,
-            "GB": 1 << 30}
+_UNITS_B = {
+    "": 1,
+    "B": 1,
+    "K": 1024,
+    "KB": 1024,
+    "M": 1 << 20,
+    "MB": 1 << 20,
+    "G": 1 << 30,
+    "GB": 1 << 30,
+}
 
 
 class Duration(float):
@@ -275,7 +283,7 @@ def _build(cls: type[Any], table: dict[str, Any], prefix: str, source: str) -> A
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {full}: expected a table [{full}]")
-            kwargs[key] = _build(hint, value, f"{full}.", source)
+            kwargs[key] = _build(typing.cast(type[Any], hint), value, f"{full}.", source)
             continue
         try:
             kwargs[key] = _convert(key, hint, value)
@@ -343,6 +351,6 @@ def find_config_path(explicit: str | None) -> Path | None:
 
 
 def load_effective(explicit: str | None) -> Config:
-    """The config a command runs with: the file found by :func:`find_config_path`, or the default."""
+    """The config a command runs with: the file :func:`find_config_path` finds, or the default."""
     path = find_config_path(explicit)
     return load(path) if path is not None else embedded_default()

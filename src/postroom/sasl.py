@@ -172,8 +172,9 @@ class ScramSha256:
             salt = hmac.new(_FAKE_SECRET, self._username.lower().encode(), "sha256").digest()[:16]
             keys = ScramKeys(salt, 4096, secrets.token_bytes(32), secrets.token_bytes(32))
         self._keys = keys
-        self._server_first = (f"r={self._nonce},s={base64.b64encode(keys.salt).decode()},"
-                              f"i={keys.iterations}")
+        self._server_first = (
+            f"r={self._nonce},s={base64.b64encode(keys.salt).decode()},i={keys.iterations}"
+        )
         self._stage = 2
         return Challenge(self._server_first.encode())
 
@@ -209,5 +210,12 @@ Mechanism = Plain | Login | ScramSha256
 
 
 def new_mechanism(name: str) -> Mechanism | None:
-    return {"PLAIN": Plain, "LOGIN": Login, "SCRAM-SHA-256": ScramSha256}.get(name.upper(),
-                                                                            lambda: None)()
+    """A fresh server-side mechanism object, or None for a name we do not offer."""
+    name = name.upper()
+    if name == "PLAIN":
+        return Plain()
+    if name == "LOGIN":
+        return Login()
+    if name == "SCRAM-SHA-256":
+        return ScramSha256()
+    return None

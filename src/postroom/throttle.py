@@ -61,7 +61,7 @@ class LoginThrottle:
             table[key] = _Count(count, now)
             worst = max(worst, count)
         extra = max(0, worst - self.cfg.free_failures)
-        return min(MAX_DELAY, self.cfg.failure_delay * (2 ** min(extra, 8)))
+        return float(min(MAX_DELAY, self.cfg.failure_delay * 2.0 ** min(extra, 8)))
 
     def success(self, ip: str) -> None:
         self._by_ip.pop(ip, None)

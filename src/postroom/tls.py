@@ -58,9 +58,13 @@ def ensure_self_signed(cfg: Config) -> None:
     tmp_key = key.with_suffix(".tmp")
     fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
-        fh.write(private.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+        fh.write(
+            private.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
     os.replace(tmp_key, key)
     tmp_cert = cert.with_suffix(".tmp")
     tmp_cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))

@@ -19,11 +19,27 @@ from postroom.smtp import commands
 from postroom.smtp.replies import Reply
 
 EXAMPLES = int(os.environ.get("POSTROOM_FUZZ_EXAMPLES", "3000"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
-VERBS = st.sampled_from([b"EHLO ", b"HELO ", b"MAIL FROM:", b"RCPT TO:", b"BDAT ", b"AUTH ",
-                         b"DATA", b"VRFY ", b"NOOP ", b"STARTTLS", b""])
+VERBS = st.sampled_from(
+    [
+        b"EHLO ",
+        b"HELO ",
+        b"MAIL FROM:",
+        b"RCPT TO:",
+        b"BDAT ",
+        b"AUTH ",
+        b"DATA",
+        b"VRFY ",
+        b"NOOP ",
+        b"STARTTLS",
+        b"",
+    ]
+)
 PATHY = st.text(alphabet=st.sampled_from(list('<>@."\\ :,[]=+aZ0\u00e9\x00')), max_size=60)
 
 
@@ -66,16 +82,21 @@ def test_safe_local_part_never_escapes(text: str) -> None:
 
 
 @FUZZ
-@given(st.binary(max_size=3000), st.sampled_from([None, "FULL", "HDRS"]),
-       st.text(max_size=40))
-def test_dsn_builder_survives_any_original(original: bytes, ret: str | None,
-                                           diagnostic: str) -> None:
+@given(st.binary(max_size=3000), st.sampled_from([None, "FULL", "HDRS"]), st.text(max_size=40))
+def test_dsn_builder_survives_any_original(
+    original: bytes, ret: str | None, diagnostic: str
+) -> None:
     import email
 
     report = build_dsn(
-        hostname="mx.a.test", sender="alice@a.test",
+        hostname="mx.a.test",
+        sender="alice@a.test",
         recipients=[DsnRecipient("bob@b.test", "failed", "5.1.1", diagnostic=diagnostic)],
-        original=original, arrival=0.0, now=1.0, ret=ret)
+        original=original,
+        arrival=0.0,
+        now=1.0,
+        ret=ret,
+    )
     msg = email.message_from_bytes(report)
     assert msg.get_content_type() == "multipart/report"
     assert msg["To"] in ("alice@a.test", "<alice@a.test>")

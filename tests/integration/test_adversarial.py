@@ -19,12 +19,11 @@ from tests.conftest import Server, ServerFactory
 
 @pytest.fixture
 def srv(server_factory: ServerFactory) -> Iterator[Server]:
-    import importlib.util
-
-    pop3 = ("pop3s",) if importlib.util.find_spec("postroom.pop3.server") else ()
-    s = server_factory(domains=("a.test",), services=("smtp", "submissions", *pop3),
-                       extra_toml='[limits]\nheader_size = "64KB"\nmax_errors = 10\n'
-                                  'command_timeout = "3s"')
+    s = server_factory(
+        domains=("a.test",),
+        services=("smtp", "submissions", "pop3s"),
+        extra_toml='[limits]\nheader_size = "64KB"\nmax_errors = 10\ncommand_timeout = "3s"',
+    )
     s.add_user("alice@a.test", "pw")
     yield s
     # Whatever the test did, the server is still alive and serving.
@@ -65,14 +64,25 @@ def test_pipelined_garbage_is_cut_off(srv: Server) -> None:
 
 
 def test_nul_and_non_utf8_commands(srv: Server) -> None:
-    out = converse(srv, b"EHLO x\r\nNO\x00OP\r\n\xff\xfe\xfd\r\nMAIL FROM:<\xe9@x.test>\r\nQUIT\r\n")
-    assert codes(out) == [b"250", b"500", b"500", b"553", b"221"] or \
-        codes(out)[:3] == [b"250", b"500", b"500"]
+    out = converse(
+        srv, b"EHLO x\r\nNO\x00OP\r\n\xff\xfe\xfd\r\nMAIL FROM:<\xe9@x.test>\r\nQUIT\r\n"
+    )
+    assert codes(out) == [b"250", b"500", b"500", b"553", b"221"] or codes(out)[:3] == [
+        b"250",
+        b"500",
+        b"500",
+    ]
 
 
 def test_overlong_commands(srv: Server) -> None:
-    out = converse(srv, b"EHLO " + b"x" * 5000 + b"\r\nNOOP\r\nMAIL FROM:<" + b"a" * 100_000
-                   + b"@x.test>\r\nNOOP\r\n")
+    out = converse(
+        srv,
+        b"EHLO "
+        + b"x" * 5000
+        + b"\r\nNOOP\r\nMAIL FROM:<"
+        + b"a" * 100_000
+        + b"@x.test>\r\nNOOP\r\n",
+    )
     assert codes(out) == [b"500", b"250", b"500", b"250"]
     assert out.count(b"500 5.5.6") == 2
 
@@ -80,8 +90,13 @@ def test_overlong_commands(srv: Server) -> None:
 def test_ten_thousand_recipients(srv: Server) -> None:
     rcpts = b"".join(b"RCPT TO:<alice@a.test>\r\n" for _ in range(10_000))
     t0 = time.monotonic()
-    out = converse(srv, b"EHLO x\r\nMAIL FROM:<s@x.test>\r\n" + rcpts
-                   + b"DATA\r\nSubject: many\r\n\r\nx\r\n.\r\nQUIT\r\n", timeout=60)
+    out = converse(
+        srv,
+        b"EHLO x\r\nMAIL FROM:<s@x.test>\r\n"
+        + rcpts
+        + b"DATA\r\nSubject: many\r\n\r\nx\r\n.\r\nQUIT\r\n",
+        timeout=60,
+    )
     assert time.monotonic() - t0 < 30
     c = codes(out)
     assert c.count(b"452") == 10_000 - 1000
@@ -91,17 +106,24 @@ def test_ten_thousand_recipients(srv: Server) -> None:
 
 def test_giant_header_section(srv: Server) -> None:
     header = b"X-Big: " + b"y" * 900 + b"\r\n"
-    out = converse(srv, b"EHLO x\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<alice@a.test>\r\nDATA\r\n"
-                   + header * 100 + b"\r\nbody\r\n.\r\nQUIT\r\n")
+    out = converse(
+        srv,
+        b"EHLO x\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<alice@a.test>\r\nDATA\r\n"
+        + header * 100
+        + b"\r\nbody\r\n.\r\nQUIT\r\n",
+    )
     assert b"552 5.3.4" in out
 
 
 def test_parameter_injection(srv: Server) -> None:
-    out = converse(srv, b"EHLO x\r\nMAIL FROM:<s@x.test> ENVID=a\x0bb\r\n"
-                        b"MAIL FROM:<s@x.test> BODY=8BITMIME X-EVIL=1\r\n"
-                        b"MAIL FROM:<s@x.test>\r\nRCPT TO:<alice@a.test> NOTIFY=EVIL\r\n"
-                        b"RCPT TO:<alice@a.test> ORCPT=nonsense\r\n"
-                        b"RCPT TO:<alice@a.test>\rX-Injected: 1\r\nQUIT\r\n")
+    out = converse(
+        srv,
+        b"EHLO x\r\nMAIL FROM:<s@x.test> ENVID=a\x0bb\r\n"
+        b"MAIL FROM:<s@x.test> BODY=8BITMIME X-EVIL=1\r\n"
+        b"MAIL FROM:<s@x.test>\r\nRCPT TO:<alice@a.test> NOTIFY=EVIL\r\n"
+        b"RCPT TO:<alice@a.test> ORCPT=nonsense\r\n"
+        b"RCPT TO:<alice@a.test>\rX-Injected: 1\r\nQUIT\r\n",
+    )
     assert codes(out) == [b"250", b"501", b"555", b"250", b"501", b"501", b"500", b"221"]
 
 
@@ -109,8 +131,10 @@ def test_bad_base64_in_auth(srv: Server) -> None:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    with socket.create_connection((srv.host, srv.ports["submissions"]), timeout=10) as raw, \
-            ctx.wrap_socket(raw) as s:
+    with (
+        socket.create_connection((srv.host, srv.ports["submissions"]), timeout=10) as raw,
+        ctx.wrap_socket(raw) as s,
+    ):
         f = s.makefile("rb")
         f.readline()
         s.sendall(b"EHLO x\r\nAUTH PLAIN !!!notbase64\r\nAUTH LOGIN\r\n%%%\r\nNOOP\r\n")
@@ -132,8 +156,11 @@ def test_bad_base64_in_auth(srv: Server) -> None:
 
 @pytest.mark.parametrize("service", ["submissions", "pop3s"])
 def test_tls_garbage(srv: Server, service: str) -> None:
-    for payload in (b"\x16\x03\x01\x02\x00" + b"\xff" * 600, b"EHLO plain text on a TLS port\r\n",
-                    b""):
+    for payload in (
+        b"\x16\x03\x01\x02\x00" + b"\xff" * 600,
+        b"EHLO plain text on a TLS port\r\n",
+        b"",
+    ):
         with socket.create_connection((srv.host, srv.ports[service]), timeout=10) as s:
             s.sendall(payload)
             s.shutdown(socket.SHUT_WR)

@@ -14,27 +14,44 @@ from tests.conftest import run_cli
 @pytest.fixture
 def cfg(tmp_path: Path) -> Path:
     path = tmp_path / "p.toml"
-    path.write_text(f'hostname = "mx.a.test"\ndomains = ["a.test", "Bücher.test"]\n'
-                    f'data_dir = "{tmp_path / "data"}"\n')
+    path.write_text(
+        f'hostname = "mx.a.test"\ndomains = ["a.test", "Bücher.test"]\n'
+        f'data_dir = "{tmp_path / "data"}"\n'
+    )
     return path
 
 
 def test_user_lifecycle(cfg: Path) -> None:
-    assert run_cli("user", "add", "Alice@A.test", "--password-stdin", config=cfg,
-                   stdin="pw\r\n").returncode == 0
+    assert (
+        run_cli(
+            "user", "add", "Alice@A.test", "--password-stdin", config=cfg, stdin="pw\r\n"
+        ).returncode
+        == 0
+    )
     assert (cfg.parent / "data" / "mail" / "a.test" / "alice" / "new").is_dir()
     # -c after the subcommand, or before it
     p = run_cli("-c", str(cfg), "user", "list")
     assert p.stdout.split() == ["alice@a.test"]
-    dup = run_cli("user", "add", "alice@a.test", "--password-stdin", config=cfg, stdin="x\n",
-                  check=False)
+    dup = run_cli(
+        "user", "add", "alice@a.test", "--password-stdin", config=cfg, stdin="x\n", check=False
+    )
     assert dup.returncode == 1
     for bad in ("not-an-address", "bob@other.test", "../x@a.test"):
         p = run_cli("user", "add", bad, "--password-stdin", config=cfg, stdin="x\n", check=False)
         assert p.returncode == 1, bad
     run_cli("user", "passwd", "alice@a.test", "--password-stdin", config=cfg, stdin="new\n")
-    assert run_cli("user", "passwd", "nobody@a.test", "--password-stdin", config=cfg,
-                   stdin="x\n", check=False).returncode == 1
+    assert (
+        run_cli(
+            "user",
+            "passwd",
+            "nobody@a.test",
+            "--password-stdin",
+            config=cfg,
+            stdin="x\n",
+            check=False,
+        ).returncode
+        == 1
+    )
     run_cli("user", "add", "jürgen@bücher.test", "--password-stdin", config=cfg, stdin="x\n")
     assert "jürgen@xn--bcher-kva.test" in run_cli("user", "list", config=cfg).stdout
     run_cli("user", "del", "alice@a.test", config=cfg)
@@ -59,14 +76,20 @@ def test_queue_commands_on_empty_queue(cfg: Path) -> None:
     assert run_cli("queue", "flush", config=cfg).returncode == 0
 
 
-@pytest.mark.parametrize(("text", "key"), [
-    ('hostname = "h"\ndomains = ["a.test"]\nbogus = 1\n', "bogus"),
-    ('domains = ["a.test"]\n[limits]\nmessage_size = "lots"\n', "limits.message_size"),
-    ('domains = ["a.test"]\n[listen]\nsmtp = ["nohostport"]\n', "listen.smtp"),
-    ('domains = ["a.test"]\n[delivery]\nretry_intervals = ["5x"]\n', "delivery.retry_intervals"),
-    ('domains = ["a.test"]\n[unknown]\nx = 1\n', "unknown"),
-    ('domains = [\n', "invalid TOML"),
-])
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('hostname = "h"\ndomains = ["a.test"]\nbogus = 1\n', "bogus"),
+        ('domains = ["a.test"]\n[limits]\nmessage_size = "lots"\n', "limits.message_size"),
+        ('domains = ["a.test"]\n[listen]\nsmtp = ["nohostport"]\n', "listen.smtp"),
+        (
+            'domains = ["a.test"]\n[delivery]\nretry_intervals = ["5x"]\n',
+            "delivery.retry_intervals",
+        ),
+        ('domains = ["a.test"]\n[unknown]\nx = 1\n', "unknown"),
+        ("domains = [\n", "invalid TOML"),
+    ],
+)
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path, text: str, key: str) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -84,8 +107,9 @@ def test_bad_usage_exits_2(cfg: Path) -> None:
     assert run_cli("queue", "show", config=cfg, check=False).returncode == 2
 
 
-def test_config_from_environment(cfg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                 ) -> None:
+def test_config_from_environment(
+    cfg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("POSTROOM_CONFIG", str(cfg))
     run_cli("user", "add", "e@a.test", "--password-stdin", stdin="x\n")
     assert "e@a.test" in run_cli("user", "list", config=cfg).stdout

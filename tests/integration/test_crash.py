@@ -53,8 +53,10 @@ def test_kill9_during_concurrent_submission(server_factory: ServerFactory) -> No
     assert len(acked) >= SENDERS * PER_SENDER // 4
 
     def tags() -> Counter[str]:
-        return Counter(m.split(b"Subject: ")[1].split(b"\r\n")[0].decode()
-                       for m in srv.messages("alice@a.test"))
+        return Counter(
+            m.split(b"Subject: ")[1].split(b"\r\n")[0].decode()
+            for m in srv.messages("alice@a.test")
+        )
 
     end = time.monotonic() + 30
     while not acked <= set(tags()) and time.monotonic() < end:

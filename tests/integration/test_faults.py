@@ -31,8 +31,10 @@ def small_disk() -> Iterator[Path]:
 def start_on(data_dir: Path, tmp_path: Path, extra: str = "") -> Server:
     port = free_port()
     cfg = tmp_path / "p.toml"
-    cfg.write_text(f'hostname = "mx.a.test"\ndomains = ["a.test"]\ndata_dir = "{data_dir}"\n'
-                   f'{extra}\n[listen]\nsmtp = ["127.0.0.1:{port}"]\n')
+    cfg.write_text(
+        f'hostname = "mx.a.test"\ndomains = ["a.test"]\ndata_dir = "{data_dir}"\n'
+        f'{extra}\n[listen]\nsmtp = ["127.0.0.1:{port}"]\n'
+    )
     srv = Server(cfg, data_dir, "127.0.0.1", {"smtp": port}, ["a.test"], log=tmp_path / "log")
     run_cli("user", "add", "alice@a.test", "--password-stdin", config=cfg, stdin="pw\n")
     srv.start()

@@ -31,8 +31,11 @@ MESSAGES = [
 
 @pytest.fixture
 def srv(server_factory: ServerFactory) -> Server:
-    s = server_factory(domains=("a.test",), services=("smtp", "pop3", "pop3s"),
-                       extra_toml='[auth]\nfailure_delay = "0.05s"\nlockout_failures = 10')
+    s = server_factory(
+        domains=("a.test",),
+        services=("smtp", "pop3", "pop3s"),
+        extra_toml='[auth]\nfailure_delay = "0.05s"\nlockout_failures = 10',
+    )
     s.add_user("alice@a.test", "pw")
     with smtplib.SMTP(s.host, s.ports["smtp"], timeout=20) as c:
         for msg in MESSAGES:
@@ -43,8 +46,9 @@ def srv(server_factory: ServerFactory) -> Server:
 
 def login(srv: Server, tls: str = "stls") -> poplib.POP3:
     if tls == "implicit":
-        pop: poplib.POP3 = poplib.POP3_SSL(srv.host, srv.ports["pop3s"], context=insecure(),
-                                           timeout=20)
+        pop: poplib.POP3 = poplib.POP3_SSL(
+            srv.host, srv.ports["pop3s"], context=insecure(), timeout=20
+        )
     else:
         pop = poplib.POP3(srv.host, srv.ports["pop3"], timeout=20)
         pop.stls(context=insecure())
@@ -67,7 +71,7 @@ def test_retrieve_byte_for_byte(srv: Server, tls: str) -> None:
     assert count == 3 and size == sum(len(f) for f in files)
     _resp, listing, _ = pop.list()
     for i, raw in enumerate(files, 1):
-        resp, lines, octets = pop.retr(i)
+        _resp, lines, _octets = pop.retr(i)
         assert b"\r\n".join(lines) + b"\r\n" == raw
         assert listing[i - 1] == f"{i} {len(raw)}".encode()
         assert raw.endswith(MESSAGES[i - 1])
@@ -139,10 +143,15 @@ def test_plaintext_refused_and_stls_injection(srv: Server) -> None:
 def test_curl_fetches(srv: Server) -> None:
     curl = need_tool("curl")
     files = stored(srv)
-    for url in (f"pop3://{srv.host}:{srv.ports['pop3']}/2",
-                f"pop3s://{srv.host}:{srv.ports['pop3s']}/2"):
-        proc = subprocess.run([curl, "-sS", "-k", "--ssl-reqd", "--user", "alice@a.test:pw",
-                               url], capture_output=True, timeout=60)
+    for url in (
+        f"pop3://{srv.host}:{srv.ports['pop3']}/2",
+        f"pop3s://{srv.host}:{srv.ports['pop3s']}/2",
+    ):
+        proc = subprocess.run(
+            [curl, "-sS", "-k", "--ssl-reqd", "--user", "alice@a.test:pw", url],
+            capture_output=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout == files[1]
 
@@ -156,12 +165,25 @@ def test_fetchmail_fetches(srv: Server, tmp_path: Path) -> None:
         f"poll {srv.host} with proto POP3 port {srv.ports['pop3']}\n"
         f'  user "alice@a.test" there with password "pw" is "me" here\n'
         f"  sslproto TLS1.2+ no sslcertck keep\n"
-        f"  mda \"/bin/sh -c 'cat > {out}/msg.$$.$RANDOM'\"\n")
+        f"  mda \"/bin/sh -c 'cat > {out}/msg.$$.$RANDOM'\"\n"
+    )
     rc.chmod(0o600)
-    proc = subprocess.run([fetchmail, "-f", str(rc), "--nodetach", "--nosyslog", "-v",
-                           "--pidfile", str(tmp_path / "pid")],
-                          capture_output=True, text=True, timeout=90,
-                          env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [
+            fetchmail,
+            "-f",
+            str(rc),
+            "--nodetach",
+            "--nosyslog",
+            "-v",
+            "--pidfile",
+            str(tmp_path / "pid"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     fetched = [p.read_bytes() for p in out.iterdir()]
     assert len(fetched) == 3
@@ -174,12 +196,25 @@ def test_mpop_fetches(srv: Server, tmp_path: Path) -> None:
     mpop = need_tool("mpop")
     out = tmp_path / "mbox"
     proc = subprocess.run(
-        [mpop, f"--host={srv.host}", f"--port={srv.ports['pop3']}", "--tls=on",
-         "--tls-starttls=on", "--tls-certcheck=off", "--auth=user",
-         "--user=alice@a.test", "--passwordeval=echo pw", "--keep=on",
-         f"--delivery=mbox,{out}", "--uidls-file=" + str(tmp_path / "uidls")],
-        capture_output=True, text=True, timeout=60, env={"HOME": str(tmp_path),
-                                                         "PATH": "/usr/bin:/bin"})
+        [
+            mpop,
+            f"--host={srv.host}",
+            f"--port={srv.ports['pop3']}",
+            "--tls=on",
+            "--tls-starttls=on",
+            "--tls-certcheck=off",
+            "--auth=user",
+            "--user=alice@a.test",
+            "--passwordeval=echo pw",
+            "--keep=on",
+            f"--delivery=mbox,{out}",
+            "--uidls-file=" + str(tmp_path / "uidls"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert out.read_bytes().count(b"\nFrom ") + out.read_bytes().startswith(b"From ") == 3
 

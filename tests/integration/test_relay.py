@@ -21,8 +21,7 @@ from tests.conftest import Server, ServerFactory, free_port
 from tests.dnszone import LoopbackDNS
 
 A_IP, B_IP, DOWN_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4"
-import importlib.util
-POP3 = ("pop3",) if importlib.util.find_spec("postroom.pop3.server") else ()
+POP3 = ("pop3",)
 
 
 def common_port() -> int:
@@ -67,20 +66,35 @@ def insecure() -> ssl.SSLContext:
 class Pair:
     def __init__(self, factory: ServerFactory, dns: LoopbackDNS, sender_extra: str = "") -> None:
         port = common_port()
-        delivery = (f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "3s"\n'
-                    f'[delivery]\nport = {port}\nconnect_timeout = "3s"\n')
-        self.a = factory(domains=("a.test",), host=A_IP, name="a", ports={"smtp": port},
-                         services=("smtp", "submission", *POP3),
-                         extra_toml=delivery + sender_extra)
-        self.b = factory(domains=("b.test", "backup.test", "plain.test"), host=B_IP, name="b",
-                         ports={"smtp": port}, services=("smtp", *POP3), extra_toml=delivery)
+        delivery = (
+            f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "3s"\n'
+            f'[delivery]\nport = {port}\nconnect_timeout = "3s"\n'
+        )
+        self.a = factory(
+            domains=("a.test",),
+            host=A_IP,
+            name="a",
+            ports={"smtp": port},
+            services=("smtp", "submission", *POP3),
+            extra_toml=delivery + sender_extra,
+        )
+        self.b = factory(
+            domains=("b.test", "backup.test", "plain.test"),
+            host=B_IP,
+            name="b",
+            ports={"smtp": port},
+            services=("smtp", *POP3),
+            extra_toml=delivery,
+        )
         self.a.add_user("alice@a.test", "alice-pw")
         for user in ("bob@b.test", "bob@backup.test", "bob@plain.test"):
             self.b.add_user(user)
 
     def submit(self, rcpts: list[str], subject: str = "hello") -> None:
-        msg = (f"From: alice@a.test\r\nTo: {', '.join(rcpts)}\r\nSubject: {subject}\r\n\r\n"
-               f"body of {subject}\r\n").encode()
+        msg = (
+            f"From: alice@a.test\r\nTo: {', '.join(rcpts)}\r\nSubject: {subject}\r\n\r\n"
+            f"body of {subject}\r\n"
+        ).encode()
         with smtplib.SMTP(self.a.host, self.a.ports["submission"], timeout=30) as c:
             c.starttls(context=insecure())
             c.login("alice@a.test", "alice-pw")
@@ -108,8 +122,9 @@ def dsn_parts(raw: bytes) -> tuple[Message, list[Message]]:
     return msg, list(status.get_payload())  # type: ignore[arg-type]
 
 
-def test_submit_to_remote_domain_and_fetch_with_pop3(server_factory: ServerFactory,
-                                                    dns: LoopbackDNS) -> None:
+def test_submit_to_remote_domain_and_fetch_with_pop3(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
     pair = Pair(server_factory, dns)
     pair.submit(["bob@b.test"], "over the wire")
     (stored,) = pair.b.wait_messages("bob@b.test", 1)
@@ -127,16 +142,18 @@ def test_submit_to_remote_domain_and_fetch_with_pop3(server_factory: ServerFacto
     pop.quit()
 
 
-def test_mx_preference_backup_and_implicit_a(server_factory: ServerFactory,
-                                             dns: LoopbackDNS) -> None:
+def test_mx_preference_backup_and_implicit_a(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
     pair = Pair(server_factory, dns)
     pair.submit(["bob@backup.test", "bob@plain.test"], "routing")
     assert len(pair.b.wait_messages("bob@backup.test", 1)) == 1
     assert len(pair.b.wait_messages("bob@plain.test", 1)) == 1
 
 
-def test_null_mx_nxdomain_and_unknown_user_bounce(server_factory: ServerFactory,
-                                                  dns: LoopbackDNS) -> None:
+def test_null_mx_nxdomain_and_unknown_user_bounce(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
     pair = Pair(server_factory, dns)
     pair.submit(["nobody@b.test", "x@nullmx.test", "y@nonexistent.test"], "doomed")
     msgs = pair.a.wait_messages("alice@a.test", 3)
@@ -148,23 +165,32 @@ def test_null_mx_nxdomain_and_unknown_user_bounce(server_factory: ServerFactory,
         for part in parts[1:]:
             if part["Action"]:
                 statuses[part["Final-Recipient"].split(";")[1].strip()] = (
-                    part["Action"], part["Status"])
-        headers = next(p for p in report.walk()
-                       if p.get_content_type() in ("text/rfc822-headers", "message/rfc822"))
+                    part["Action"],
+                    part["Status"],
+                )
+        headers = next(
+            p
+            for p in report.walk()
+            if p.get_content_type() in ("text/rfc822-headers", "message/rfc822")
+        )
         assert "Subject: doomed" in str(headers.get_payload()) or "doomed" in headers.as_string()
-    assert statuses == {"nobody@b.test": ("failed", "5.1.1"),
-                        "x@nullmx.test": ("failed", "5.1.10"),
-                        "y@nonexistent.test": ("failed", "5.1.2")}
+    assert statuses == {
+        "nobody@b.test": ("failed", "5.1.1"),
+        "x@nullmx.test": ("failed", "5.1.10"),
+        "y@nonexistent.test": ("failed", "5.1.2"),
+    }
     assert wait_for(lambda: queue(pair.a) == [])
 
 
-def test_deferred_then_flush_delivers_once_even_across_kill9(server_factory: ServerFactory,
-                                                              dns: LoopbackDNS) -> None:
+def test_deferred_then_flush_delivers_once_even_across_kill9(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
     pair = Pair(server_factory, dns)
     pair.b.stop()
     pair.submit(["bob@b.test"], "later")
-    assert wait_for(lambda: [r["status"] for q in queue(pair.a)
-                             for r in q["recipients"]] == ["deferred"])  # type: ignore[index,union-attr]
+    assert wait_for(
+        lambda: [r["status"] for q in queue(pair.a) for r in q["recipients"]] == ["deferred"]
+    )  # type: ignore[index,union-attr]
     (entry,) = queue(pair.a)
     assert entry["attempts"] == 1 and entry["next_attempt"]
     assert pair.a.cli("queue", "list").stdout.startswith(str(entry["id"]))
@@ -185,7 +211,8 @@ def test_max_queue_time_bounces(server_factory: ServerFactory, dns: LoopbackDNS)
     pair = Pair(server_factory, dns)
     pair.a.stop()
     text = pair.a.config.read_text().replace(
-        "[delivery]\n", '[delivery]\nmax_queue_time = "2s"\nretry_intervals = ["1s"]\n', 1)
+        "[delivery]\n", '[delivery]\nmax_queue_time = "2s"\nretry_intervals = ["1s"]\n', 1
+    )
     pair.a.config.write_text(text)
     pair.a.start()
     pair.b.stop()

@@ -193,9 +193,16 @@ def test_falls_back_to_the_second_mx_when_the_first_is_down() -> None:
     async def main() -> None:
         # Nothing listens on 127.0.0.3: connection refused, then the next MX.
         sink = await Sink("127.0.0.4", port).start()
-        resolver = StaticResolver({"b.test": Route((
-            mx("mx1.b.test", "127.0.0.3", 10), mx("mx2.b.test", "127.0.0.4", 20),
-        ))})
+        resolver = StaticResolver(
+            {
+                "b.test": Route(
+                    (
+                        mx("mx1.b.test", "127.0.0.3", 10),
+                        mx("mx2.b.test", "127.0.0.4", 20),
+                    )
+                )
+            }
+        )
         remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
         calls = 0
 
@@ -224,10 +231,16 @@ def test_421_greeting_and_temp_rcpt_move_on_to_the_next_host() -> None:
         busy = await Sink("127.0.0.5", port, greeting=b"421 4.3.2 busy").start()
         grey = await Sink("127.0.0.6", port, tempfail={"bob@b.test"}).start()
         good = await Sink("127.0.0.7", port).start()
-        resolver = StaticResolver({"b.test": Route((
-            Target("mx1.b.test", ("127.0.0.5", "127.0.0.6"), 10),
-            mx("mx2.b.test", "127.0.0.7", 20),
-        ))})
+        resolver = StaticResolver(
+            {
+                "b.test": Route(
+                    (
+                        Target("mx1.b.test", ("127.0.0.5", "127.0.0.6"), 10),
+                        mx("mx2.b.test", "127.0.0.7", 20),
+                    )
+                )
+            }
+        )
         remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
         try:
             (res,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
@@ -250,9 +263,16 @@ def test_everything_down_is_temporary() -> None:
 
     async def main() -> None:
         grey = await Sink("127.0.0.8", port, tempfail={"bob@b.test"}).start()
-        resolver = StaticResolver({"b.test": Route((
-            mx("mx1.b.test", "127.0.0.8", 10), mx("mx2.b.test", "127.0.0.9", 20),
-        ))})
+        resolver = StaticResolver(
+            {
+                "b.test": Route(
+                    (
+                        mx("mx1.b.test", "127.0.0.8", 10),
+                        mx("mx2.b.test", "127.0.0.9", 20),
+                    )
+                )
+            }
+        )
         remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
         try:
             (res,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
@@ -285,12 +305,14 @@ def test_route_failures_and_loops_do_not_connect() -> None:
     port = free_port()
 
     async def main() -> None:
-        resolver = StaticResolver({
-            "null.test": RouteFailure("5.1.10", "null MX"),
-            "dns.test": RouteFailure("4.4.3", "SERVFAIL"),
-            # The best MX has our own host name: a loop (RFC 5321 §5.1).
-            "self.test": Route((mx("mx.a.test", "127.0.0.1", 10),)),
-        })
+        resolver = StaticResolver(
+            {
+                "null.test": RouteFailure("5.1.10", "null MX"),
+                "dns.test": RouteFailure("4.4.3", "SERVFAIL"),
+                # The best MX has our own host name: a loop (RFC 5321 §5.1).
+                "self.test": Route((mx("mx.a.test", "127.0.0.1", 10),)),
+            }
+        )
         remote = RemoteDelivery(config(port), resolver)
         outcomes: dict[str, DeliveryResult] = {}
         for domain in ("null.test", "dns.test", "self.test", "nx.test"):
@@ -346,10 +368,12 @@ def test_verified_tls_domain(ca: trustme.CA) -> None:
     async def main() -> None:
         sink = await Sink("127.0.0.2", port, tls=server_tls(ca)).start()
         plain = await Sink("127.0.0.3", port).start()
-        resolver = StaticResolver({
-            "b.test": Route((mx("mx.b.test", "127.0.0.2", 10),)),
-            "c.test": Route((mx("mx.c.test", "127.0.0.3", 10),)),
-        })
+        resolver = StaticResolver(
+            {
+                "b.test": Route((mx("mx.b.test", "127.0.0.2", 10),)),
+                "c.test": Route((mx("mx.c.test", "127.0.0.3", 10),)),
+            }
+        )
         cfg = config(port, tls_verify_domains=("b.test", "c.test"))
         good = RemoteDelivery(cfg, resolver, tls_context=trusting, reply_timeout=5)
         untrusting = RemoteDelivery(cfg, resolver, reply_timeout=5)
@@ -379,10 +403,12 @@ def test_connection_is_reused_for_the_next_message() -> None:
 
     async def main() -> None:
         sink = await Sink("127.0.0.2", port).start()
-        resolver = StaticResolver({
-            "b.test": Route((mx("mx.b.test", "127.0.0.2", 10),)),
-            "c.test": Route((mx("mx.b.test", "127.0.0.2", 10),)),  # same MX host
-        })
+        resolver = StaticResolver(
+            {
+                "b.test": Route((mx("mx.b.test", "127.0.0.2", 10),)),
+                "c.test": Route((mx("mx.b.test", "127.0.0.2", 10),)),  # same MX host
+            }
+        )
         remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
         try:
             (first,) = await remote.deliver("b.test", message("bob@b.test"), BODY)

@@ -25,8 +25,11 @@ def strip_trace(stored: bytes) -> bytes:
 
 @pytest.fixture
 def srv(server_factory: ServerFactory) -> Server:
-    s = server_factory(domains=("a.test", "b.test"), extra_toml='[limits]\nmessage_size = "11MB"',
-                       services=("smtp", "submission", "submissions"))
+    s = server_factory(
+        domains=("a.test", "b.test"),
+        extra_toml='[limits]\nmessage_size = "11MB"',
+        services=("smtp", "submission", "submissions"),
+    )
     s.add_user("alice@a.test")
     s.add_user("bob@b.test")
     return s
@@ -37,12 +40,16 @@ def send(srv: Server, rcpts: list[str], msg: bytes, sender: str = "x@remote.test
         c.sendmail(sender, rcpts, msg)
 
 
-@pytest.mark.parametrize("body", [
-    b"plain\r\n",
-    b".leading dot\r\n..two dots\r\n.\r\nafter a lone dot line\r\n",
-    "8-bit body: \u00e9\u00e8\u00e0 \u2603\r\n".encode(),
-    b"x" * 998 + b"\r\n" + b"y" * 998 + b"\r\n",
-], ids=["plain", "dots", "8bit", "998-octet-lines"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"plain\r\n",
+        b".leading dot\r\n..two dots\r\n.\r\nafter a lone dot line\r\n",
+        "8-bit body: \u00e9\u00e8\u00e0 \u2603\r\n".encode(),
+        b"x" * 998 + b"\r\n" + b"y" * 998 + b"\r\n",
+    ],
+    ids=["plain", "dots", "8bit", "998-octet-lines"],
+)
 def test_delivered_byte_for_byte(srv: Server, body: bytes) -> None:
     msg = b"From: x@remote.test\r\nTo: alice@a.test\r\nSubject: t\r\n\r\n" + body
     send(srv, ["alice@a.test"], msg)
@@ -103,8 +110,10 @@ def test_raw_pipelining_and_bdat(srv: Server) -> None:
     with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) as s:
         f = s.makefile("rb")
         assert f.readline().startswith(b"220 mx.a.test")
-        s.sendall(b"EHLO c\r\nMAIL FROM:<x@r.test>\r\nRCPT TO:<alice@a.test>\r\n"
-                  b"BDAT 17 LAST\r\nSubject: b\r\n\r\nb\r\nQUIT\r\n")
+        s.sendall(
+            b"EHLO c\r\nMAIL FROM:<x@r.test>\r\nRCPT TO:<alice@a.test>\r\n"
+            b"BDAT 17 LAST\r\nSubject: b\r\n\r\nb\r\nQUIT\r\n"
+        )
         lines = f.read().split(b"\r\n")
     codes = [ln[:4] for ln in lines if ln[3:4] == b" "]
     assert codes == [b"250 ", b"250 ", b"250 ", b"250 ", b"221 "]
@@ -114,10 +123,24 @@ def test_raw_pipelining_and_bdat(srv: Server) -> None:
 
 def test_swaks_delivers(srv: Server) -> None:
     swaks = need_tool("swaks")
-    proc = subprocess.run([swaks, "--server", f"{srv.host}:{srv.ports['smtp']}",
-                           "--to", "alice@a.test", "--from", "s@remote.test",
-                           "--header", "Subject: via swaks", "--body", "swaks body"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            swaks,
+            "--server",
+            f"{srv.host}:{srv.ports['smtp']}",
+            "--to",
+            "alice@a.test",
+            "--from",
+            "s@remote.test",
+            "--header",
+            "Subject: via swaks",
+            "--body",
+            "swaks body",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (stored,) = srv.wait_messages("alice@a.test", 1)
     assert b"Subject: via swaks" in stored and b"swaks body" in stored
@@ -143,8 +166,12 @@ def test_recovery_completes_spooled_but_undelivered(srv: Server) -> None:
     store = QueueStore(srv.data_dir / "queue")
     import asyncio
 
-    env = Envelope(id="TESTRECOVERY1", sender="x@r.test",
-                   recipients=[Recipient("alice@a.test")], created=time.time())
+    env = Envelope(
+        id="TESTRECOVERY1",
+        sender="x@r.test",
+        recipients=[Recipient("alice@a.test")],
+        created=time.time(),
+    )
     asyncio.run(store.add(env, b"Subject: recovered\r\n\r\nbody\r\n"))
     store.executor.shutdown()
     srv.start()

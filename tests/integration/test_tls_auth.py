@@ -23,8 +23,11 @@ def insecure() -> ssl.SSLContext:
 
 @pytest.fixture
 def srv(server_factory: ServerFactory) -> Server:
-    s = server_factory(domains=("a.test",), services=("smtp", "submission", "submissions"),
-                       extra_toml='[auth]\nfailure_delay = "0.05s"\nlockout_failures = 10')
+    s = server_factory(
+        domains=("a.test",),
+        services=("smtp", "submission", "submissions"),
+        extra_toml='[auth]\nfailure_delay = "0.05s"\nlockout_failures = 10',
+    )
     s.add_user("alice@a.test", "alice-pw")
     s.add_user("carol@a.test", "carol-pw")
     s.cli("alias", "add", "sales@a.test", "alice@a.test")
@@ -65,8 +68,9 @@ def test_submissions_implicit_tls(srv: Server) -> None:
 def test_auth_before_tls_is_refused(srv: Server) -> None:
     with smtplib.SMTP(srv.host, srv.ports["smtp"]) as c:
         c.ehlo()
-        code, text = c.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0alice@a.test\0alice-pw")
-                             .decode())
+        code, text = c.docmd(
+            "AUTH", "PLAIN " + base64.b64encode(b"\0alice@a.test\0alice-pw").decode()
+        )
         assert (code, text[:6]) == (538, b"5.7.11")
         assert c.rcpt("x@remote.test")[0] == 503
         c.mail("x@r.test")
@@ -95,19 +99,22 @@ def test_scram_sha_256(srv: Server) -> None:
         assert "SCRAM-SHA-256" in c.esmtp_features["auth"]
         cnonce = secrets.token_hex(8)
         first_bare = f"n=alice@a.test,r={cnonce}"
-        code, resp = c.docmd("AUTH", "SCRAM-SHA-256 " + base64.b64encode(
-            b"n,," + first_bare.encode()).decode())
+        code, resp = c.docmd(
+            "AUTH", "SCRAM-SHA-256 " + base64.b64encode(b"n,," + first_bare.encode()).decode()
+        )
         assert code == 334
         server_first = base64.b64decode(resp).decode()
         attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
-        salted = hashlib.pbkdf2_hmac("sha256", b"alice-pw", base64.b64decode(attrs["s"]),
-                                     int(attrs["i"]))
+        salted = hashlib.pbkdf2_hmac(
+            "sha256", b"alice-pw", base64.b64decode(attrs["s"]), int(attrs["i"])
+        )
         client_key = hmac.new(salted, b"Client Key", "sha256").digest()
         stored = hashlib.sha256(client_key).digest()
         final_wo = f"c=biws,r={attrs['r']}"
         auth_msg = f"{first_bare},{server_first},{final_wo}".encode()
         sig = hmac.new(stored, auth_msg, "sha256").digest()
-        proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig))).decode()
+        xored = bytes(a ^ b for a, b in zip(client_key, sig, strict=True))
+        proof = base64.b64encode(xored).decode()
         code, resp = c.docmd(base64.b64encode(f"{final_wo},p={proof}".encode()).decode())
         assert code == 334
         server_key = hmac.new(salted, b"Server Key", "sha256").digest()
@@ -139,10 +146,26 @@ def test_swaks_tls_auth(srv: Server) -> None:
     swaks = need_tool("swaks")
     for mech in ("PLAIN", "LOGIN"):
         proc = subprocess.run(
-            [swaks, "--server", f"{srv.host}:{srv.ports['submission']}", "--tls",
-             "--auth", mech, "--auth-user", "alice@a.test", "--auth-password", "alice-pw",
-             "--from", "alice@a.test", "--to", "carol@a.test"],
-            capture_output=True, text=True, timeout=60)
+            [
+                swaks,
+                "--server",
+                f"{srv.host}:{srv.ports['submission']}",
+                "--tls",
+                "--auth",
+                mech,
+                "--auth-user",
+                "alice@a.test",
+                "--auth-password",
+                "alice-pw",
+                "--from",
+                "alice@a.test",
+                "--to",
+                "carol@a.test",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(srv.wait_messages("carol@a.test", 2)) == 2
 
@@ -150,12 +173,30 @@ def test_swaks_tls_auth(srv: Server) -> None:
 def test_curl_smtps_and_starttls(srv: Server, tmp_path: object) -> None:
     curl = need_tool("curl")
     mail = b"From: alice@a.test\r\nTo: carol@a.test\r\nSubject: curl\r\n\r\nvia curl\r\n"
-    for url, extra in ((f"smtps://{srv.host}:{srv.ports['submissions']}", []),
-                       (f"smtp://{srv.host}:{srv.ports['submission']}", ["--ssl-reqd"])):
+    for url, extra in (
+        (f"smtps://{srv.host}:{srv.ports['submissions']}", []),
+        (f"smtp://{srv.host}:{srv.ports['submission']}", ["--ssl-reqd"]),
+    ):
         proc = subprocess.run(
-            [curl, "-sS", "-k", *extra, url, "--mail-from", "alice@a.test",
-             "--mail-rcpt", "carol@a.test", "--user", "alice@a.test:alice-pw", "-T", "-"],
-            input=mail, capture_output=True, timeout=60)
+            [
+                curl,
+                "-sS",
+                "-k",
+                *extra,
+                url,
+                "--mail-from",
+                "alice@a.test",
+                "--mail-rcpt",
+                "carol@a.test",
+                "--user",
+                "alice@a.test:alice-pw",
+                "-T",
+                "-",
+            ],
+            input=mail,
+            capture_output=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
     assert len(srv.wait_messages("carol@a.test", 2)) == 2
 

@@ -201,10 +201,12 @@ def test_esmtp_parameters() -> None:
     )
     engine.send_message(message, data)
     lines = sent_lines(engine)
-    assert lines[0] == (
-        f"MAIL FROM:<alice@a.test> SIZE={len(data)} BODY=8BITMIME SMTPUTF8 RET=HDRS "
-        "ENVID=QQ123"
-    ).encode()
+    assert (
+        lines[0]
+        == (
+            f"MAIL FROM:<alice@a.test> SIZE={len(data)} BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=QQ123"
+        ).encode()
+    )
     assert lines[1] == b"RCPT TO:<bob@b.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob+2B1@b.test"
 
 

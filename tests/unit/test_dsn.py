@@ -45,8 +45,14 @@ def status_blocks(msg: Any) -> list[Any]:
 
 def test_failure_report_parses() -> None:
     raw = build_dsn(
-        hostname="mx.a.test", sender="alice@a.test", recipients=[failed()],
-        original=ORIGINAL, arrival=ARRIVAL, now=NOW, envid="ID+2B1", queue_id="Q1",
+        hostname="mx.a.test",
+        sender="alice@a.test",
+        recipients=[failed()],
+        original=ORIGINAL,
+        arrival=ARRIVAL,
+        now=NOW,
+        envid="ID+2B1",
+        queue_id="Q1",
     )
     assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF everywhere
     assert raw.isascii()
@@ -62,7 +68,9 @@ def test_failure_report_parses() -> None:
     assert msg["In-Reply-To"] == "<m1@a.test>"
     parts = msg.get_payload()
     assert [p.get_content_type() for p in parts] == [
-        "text/plain", "message/delivery-status", "text/rfc822-headers",
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
     ]
     assert "bob@b.test" in parts[0].get_payload()
     per_msg, per_rcpt = status_blocks(msg)
@@ -82,8 +90,13 @@ def test_failure_report_parses() -> None:
 
 def test_ret_full_returns_the_message() -> None:
     raw = build_dsn(
-        hostname="mx.a.test", sender="alice@a.test", recipients=[failed()],
-        original=ORIGINAL, arrival=ARRIVAL, now=NOW, ret="FULL",
+        hostname="mx.a.test",
+        sender="alice@a.test",
+        recipients=[failed()],
+        original=ORIGINAL,
+        arrival=ARRIVAL,
+        now=NOW,
+        ret="FULL",
     )
     msg = parse(raw)
     returned = msg.get_payload()[2]
@@ -96,8 +109,14 @@ def test_ret_full_returns_the_message() -> None:
 def test_ret_full_too_large_returns_headers_only() -> None:
     big = ORIGINAL + b"x" * 5000 + b"\r\n"
     raw = build_dsn(
-        hostname="mx.a.test", sender="alice@a.test", recipients=[failed()],
-        original=big, arrival=ARRIVAL, now=NOW, ret="FULL", full_limit=1000,
+        hostname="mx.a.test",
+        sender="alice@a.test",
+        recipients=[failed()],
+        original=big,
+        arrival=ARRIVAL,
+        now=NOW,
+        ret="FULL",
+        full_limit=1000,
     )
     assert parse(raw).get_payload()[2].get_content_type() == "text/rfc822-headers"
 
@@ -106,12 +125,24 @@ def test_several_recipients_orcpt_and_delay() -> None:
     later = NOW + dt.timedelta(days=5)
     recipients = [
         failed(original_recipient="rfc822;Bob+2BX@b.test"),
-        DsnRecipient("carol@b.test", "delayed", "4.4.1", remote_mta=None,
-                     diagnostic="connect to mx.b.test: Connection refused",
-                     last_attempt=NOW.timestamp(), will_retry_until=later),
+        DsnRecipient(
+            "carol@b.test",
+            "delayed",
+            "4.4.1",
+            remote_mta=None,
+            diagnostic="connect to mx.b.test: Connection refused",
+            last_attempt=NOW.timestamp(),
+            will_retry_until=later,
+        ),
     ]
-    raw = build_dsn(hostname="mx.a.test", sender="alice@a.test", recipients=recipients,
-                    original=ORIGINAL, arrival=ARRIVAL.timestamp(), now=NOW)
+    raw = build_dsn(
+        hostname="mx.a.test",
+        sender="alice@a.test",
+        recipients=recipients,
+        original=ORIGINAL,
+        arrival=ARRIVAL.timestamp(),
+        now=NOW,
+    )
     _, bob, carol = status_blocks(parse(raw))
     assert bob["Original-Recipient"] == "rfc822; Bob+X@b.test"
     assert carol["Action"] == "delayed"
@@ -122,9 +153,13 @@ def test_several_recipients_orcpt_and_delay() -> None:
 
 def test_success_report_never_returns_the_body() -> None:
     raw = build_dsn(
-        hostname="mx.a.test", sender="alice@a.test",
+        hostname="mx.a.test",
+        sender="alice@a.test",
         recipients=[DsnRecipient("bob@b.test", "relayed", "2.0.0", remote_mta="mx.b.test")],
-        original=ORIGINAL, arrival=ARRIVAL, now=NOW, ret="FULL",
+        original=ORIGINAL,
+        arrival=ARRIVAL,
+        now=NOW,
+        ret="FULL",
     )
     msg = parse(raw)
     assert msg["Subject"] == "Successful Mail Delivery Report"
@@ -134,9 +169,14 @@ def test_success_report_never_returns_the_body() -> None:
 
 def test_hostile_diagnostic_cannot_inject_fields() -> None:
     evil = "550 no\r\nAction: delivered\r\n\r\n--boundary\r\nX-Evil: 1"
-    raw = build_dsn(hostname="mx.a.test", sender="alice@a.test",
-                    recipients=[failed(diagnostic=evil)],
-                    original=ORIGINAL, arrival=ARRIVAL, now=NOW)
+    raw = build_dsn(
+        hostname="mx.a.test",
+        sender="alice@a.test",
+        recipients=[failed(diagnostic=evil)],
+        original=ORIGINAL,
+        arrival=ARRIVAL,
+        now=NOW,
+    )
     blocks = status_blocks(parse(raw))
     assert len(blocks) == 2
     assert blocks[1]["Action"] == "failed"
@@ -146,18 +186,28 @@ def test_hostile_diagnostic_cannot_inject_fields() -> None:
 
 def test_long_diagnostic_is_folded() -> None:
     long = "550 5.7.1 " + " ".join(["word"] * 100)
-    raw = build_dsn(hostname="mx.a.test", sender="alice@a.test",
-                    recipients=[failed(diagnostic=long)],
-                    original=ORIGINAL, arrival=ARRIVAL, now=NOW)
+    raw = build_dsn(
+        hostname="mx.a.test",
+        sender="alice@a.test",
+        recipients=[failed(diagnostic=long)],
+        original=ORIGINAL,
+        arrival=ARRIVAL,
+        now=NOW,
+    )
     assert max(len(line) for line in raw.split(b"\r\n")) <= 100
     got = status_blocks(parse(raw))[1]["Diagnostic-Code"]
     assert " ".join(got.split()) == f"smtp; {long}"
 
 
 def test_utf8_recipient_uses_global_types() -> None:
-    raw = build_dsn(hostname="mx.a.test", sender="alice@a.test",
-                    recipients=[failed("bøb@b.test")],
-                    original=ORIGINAL, arrival=ARRIVAL, now=NOW)
+    raw = build_dsn(
+        hostname="mx.a.test",
+        sender="alice@a.test",
+        recipients=[failed("bøb@b.test")],
+        original=ORIGINAL,
+        arrival=ARRIVAL,
+        now=NOW,
+    )
     msg = email.message_from_bytes(raw, policy=email.policy.SMTPUTF8)
     parts = list(msg.iter_parts())
     assert parts[1].get_content_type() == "message/global-delivery-status"
@@ -165,13 +215,27 @@ def test_utf8_recipient_uses_global_types() -> None:
 
 
 def test_boundary_not_in_content() -> None:
-    first = build_dsn(hostname="mx.a.test", sender="alice@a.test", recipients=[failed()],
-                      original=ORIGINAL, arrival=ARRIVAL, now=NOW, message_id="fixed@x")
+    first = build_dsn(
+        hostname="mx.a.test",
+        sender="alice@a.test",
+        recipients=[failed()],
+        original=ORIGINAL,
+        arrival=ARRIVAL,
+        now=NOW,
+        message_id="fixed@x",
+    )
     boundary = parse(first).get_boundary()
     assert boundary
     evil = ORIGINAL.replace(b"Subject: lunch?", b"Subject: --" + boundary.encode())
-    raw = build_dsn(hostname="mx.a.test", sender="alice@a.test", recipients=[failed()],
-                    original=evil, arrival=ARRIVAL, now=NOW, message_id="fixed@x")
+    raw = build_dsn(
+        hostname="mx.a.test",
+        sender="alice@a.test",
+        recipients=[failed()],
+        original=evil,
+        arrival=ARRIVAL,
+        now=NOW,
+        message_id="fixed@x",
+    )
     msg = parse(raw)
     assert msg.get_boundary() != boundary
     assert len(msg.get_payload()) == 3
@@ -179,21 +243,37 @@ def test_boundary_not_in_content() -> None:
 
 def test_refuses_null_sender() -> None:
     with pytest.raises(ValueError, match="null sender"):
-        build_dsn(hostname="h", sender="", recipients=[failed()], original=ORIGINAL,
-                  arrival=ARRIVAL, now=NOW)
+        build_dsn(
+            hostname="h",
+            sender="",
+            recipients=[failed()],
+            original=ORIGINAL,
+            arrival=ARRIVAL,
+            now=NOW,
+        )
 
 
 def test_bad_status_is_our_bug() -> None:
     with pytest.raises(ValueError, match="status"):
-        build_dsn(hostname="h", sender="a@a.test",
-                  recipients=[DsnRecipient("b@b.test", "failed", "550")],
-                  original=ORIGINAL, arrival=ARRIVAL, now=NOW)
+        build_dsn(
+            hostname="h",
+            sender="a@a.test",
+            recipients=[DsnRecipient("b@b.test", "failed", "550")],
+            original=ORIGINAL,
+            arrival=ARRIVAL,
+            now=NOW,
+        )
 
 
 def test_deterministic() -> None:
-    kw: dict[str, object] = {"hostname": "mx.a.test", "sender": "alice@a.test",
-                             "recipients": [failed()], "original": ORIGINAL,
-                             "arrival": ARRIVAL, "now": NOW}
+    kw: dict[str, object] = {
+        "hostname": "mx.a.test",
+        "sender": "alice@a.test",
+        "recipients": [failed()],
+        "original": ORIGINAL,
+        "arrival": ARRIVAL,
+        "now": NOW,
+    }
     assert build_dsn(**kw) == build_dsn(**kw)  # type: ignore[arg-type]
 
 

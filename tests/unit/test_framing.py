@@ -48,8 +48,24 @@ def test_chunking_does_not_change_the_result(data: bytes, sizes: list[int]) -> N
 
 
 @settings(max_examples=300)
-@given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"\r\n.\r\n", b"\n.\n",
-                                 b"\r.\r", b"MAIL FROM:<a@b>"]), max_size=40))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                b"a",
+                b".",
+                b"\r",
+                b"\n",
+                b"\r\n",
+                b"\r\n.\r\n",
+                b"\n.\n",
+                b"\r.\r",
+                b"MAIL FROM:<a@b>",
+            ]
+        ),
+        max_size=40,
+    )
+)
 def test_one_data_section_never_yields_two_messages(parts: list[bytes]) -> None:
     stream = b"".join(parts)
     _data, _bare, _rest = read_all_data(stream)
@@ -64,7 +80,7 @@ def test_one_data_section_never_yields_two_messages(parts: list[bytes]) -> None:
 def test_smuggling_variants_do_not_end_data() -> None:
     for sep in (b"\n.\n", b"\r.\r", b"\r.\n", b"\n.\r\n", b"\r\n.\n", b"\n.\r", b"\r.\r\n"):
         stream = b"Subject: x\r\n\r\nbody" + sep + b"MAIL FROM:<evil@x>\r\n"
-        data, bare, rest = read_all_data(stream)
+        _data, bare, rest = read_all_data(stream)
         assert rest == b"" or not rest.startswith(b"MAIL"), sep
         assert bare, sep
 

@@ -42,13 +42,23 @@ def status(out: bytes) -> list[bytes]:
 
 def test_login_and_commands() -> None:
     p = Pop3Protocol(Features())
-    out, events = run(p, b"USER a@b.test\r\nPASS secret word\r\nSTAT\r\nLIST\r\nLIST 2\r\n"
-                         b"RETR 1\r\nTOP 1 0\r\nDELE 1\r\nUIDL\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+    out, events = run(
+        p,
+        b"USER a@b.test\r\nPASS secret word\r\nSTAT\r\nLIST\r\nLIST 2\r\n"
+        b"RETR 1\r\nTOP 1 0\r\nDELE 1\r\nUIDL\r\nRSET\r\nNOOP\r\nQUIT\r\n",
+    )
     assert events[0] == Login("a@b.test", "secret word")
     assert [e for e in events if isinstance(e, Command)] == [
-        Command("STAT"), Command("LIST"), Command("LIST", 2), Command("RETR", 1),
-        Command("TOP", 1, 0), Command("DELE", 1), Command("UIDL"), Command("RSET"),
-        Command("NOOP")]
+        Command("STAT"),
+        Command("LIST"),
+        Command("LIST", 2),
+        Command("RETR", 1),
+        Command("TOP", 1, 0),
+        Command("DELE", 1),
+        Command("UIDL"),
+        Command("RSET"),
+        Command("NOOP"),
+    ]
     assert isinstance(events[-1], Quit)
     assert p.state is State.CLOSED
     assert status(out) == [b"+OK"] * 12  # USER, PASS, 9 commands, QUIT
@@ -56,10 +66,25 @@ def test_login_and_commands() -> None:
 
 def test_wrong_state_and_bad_arguments_keep_the_session() -> None:
     p = Pop3Protocol(Features())
-    out, _ = run(p, b"STAT\r\nPASS x\r\nFOO\r\nUSER u\r\nPASS p\r\nRETR\r\nRETR x\r\nRETR 0\r\n"
-                    b"TOP 1\r\nDELE 1 2\r\nUSER again\r\nSTAT\r\n")
-    assert status(out) == [b"-ERR", b"-ERR", b"-ERR", b"+OK", b"+OK", b"-ERR", b"-ERR",
-                           b"-ERR", b"-ERR", b"-ERR", b"-ERR", b"+OK"]
+    out, _ = run(
+        p,
+        b"STAT\r\nPASS x\r\nFOO\r\nUSER u\r\nPASS p\r\nRETR\r\nRETR x\r\nRETR 0\r\n"
+        b"TOP 1\r\nDELE 1 2\r\nUSER again\r\nSTAT\r\n",
+    )
+    assert status(out) == [
+        b"-ERR",
+        b"-ERR",
+        b"-ERR",
+        b"+OK",
+        b"+OK",
+        b"-ERR",
+        b"-ERR",
+        b"-ERR",
+        b"-ERR",
+        b"-ERR",
+        b"-ERR",
+        b"+OK",
+    ]
     assert p.state is State.TRANSACTION
 
 
@@ -97,9 +122,29 @@ def test_failed_login_returns_to_authorization() -> None:
     assert p.state is State.AUTHORIZATION
 
 
-COMMANDS = st.sampled_from([b"USER a", b"PASS b", b"STAT", b"LIST", b"LIST 1", b"RETR 1",
-                            b"DELE 1", b"TOP 1 2", b"UIDL", b"RSET", b"NOOP", b"CAPA", b"QUIT",
-                            b"AUTH PLAIN", b"STLS", b"APOP x y", b"UTF8", b"*", b""])
+COMMANDS = st.sampled_from(
+    [
+        b"USER a",
+        b"PASS b",
+        b"STAT",
+        b"LIST",
+        b"LIST 1",
+        b"RETR 1",
+        b"DELE 1",
+        b"TOP 1 2",
+        b"UIDL",
+        b"RSET",
+        b"NOOP",
+        b"CAPA",
+        b"QUIT",
+        b"AUTH PLAIN",
+        b"STLS",
+        b"APOP x y",
+        b"UTF8",
+        b"*",
+        b"",
+    ]
+)
 
 
 @settings(max_examples=200)
@@ -115,6 +160,7 @@ def test_parser_never_raises_and_chunking_does_not_matter(lines: list[bytes], si
         o, e = run(pieces, stream[i : i + size])
         out2 += o
         ev2 += e
+
     def same(events: list[object]) -> list[object]:
         # How much plaintext STLS discards depends on how it arrived; nothing else may.
         return [StartTLS(0) if isinstance(e, StartTLS) else e for e in events]

@@ -63,8 +63,9 @@ class ZoneResolver(BaseResolver):  # type: ignore[misc]
 
 @pytest.fixture(scope="module")
 def dns_port() -> Iterator[int]:
-    server = DNSServer(ZoneResolver(), port=0, address="127.0.0.1",
-                       logger=DNSLogger(logf=lambda _msg: None))
+    server = DNSServer(
+        ZoneResolver(), port=0, address="127.0.0.1", logger=DNSLogger(logf=lambda _msg: None)
+    )
     server.start_thread()
     try:
         yield int(server.server.server_address[1])
@@ -87,8 +88,9 @@ def test_mx_preference_order_with_a_and_aaaa(dns_port: int) -> None:
 
 
 def test_equal_preference_is_random_but_seeded(dns_port: int) -> None:
-    orders = {tuple(t.host for t in route(dns_port, "equal.test", seed).targets)
-              for seed in range(20)}
+    orders = {
+        tuple(t.host for t in route(dns_port, "equal.test", seed).targets) for seed in range(20)
+    }
     assert orders == {("one.equal.test", "two.equal.test"), ("two.equal.test", "one.equal.test")}
     assert route(dns_port, "equal.test", 7) == route(dns_port, "equal.test", 7)
 
@@ -186,8 +188,9 @@ def test_is_self_by_name_and_by_listener() -> None:
     # Same address, different port: another instance, not us.
     assert not is_self(other, hostnames=["mx.a.test"], listeners=[("127.0.0.2", 2525)], port=25)
     assert is_self(other, hostnames=[], listeners=[("0.0.0.0", 25)], port=25)
-    assert not is_self(Target("x", ("192.0.2.77",)), hostnames=[], listeners=[("0.0.0.0", 25)],
-                       port=25)
+    assert not is_self(
+        Target("x", ("192.0.2.77",)), hostnames=[], listeners=[("0.0.0.0", 25)], port=25
+    )
 
 
 def test_drop_self_keeps_better_mx_only() -> None:

@@ -68,8 +68,10 @@ def codes(out: bytes) -> list[str]:
 
 def test_a_whole_transaction_pipelined() -> None:
     h = Harness()
-    out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n"
-                 b"Subject: s\r\n\r\n..dot\r\n.\r\nQUIT\r\n")
+    out = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n"
+        b"Subject: s\r\n\r\n..dot\r\n.\r\nQUIT\r\n"
+    )
     assert codes(out) == ["250", "250", "250", "354", "250", "221"]
     assert h.messages == [b"Subject: s\r\n\r\n.dot\r\n"]
     assert h.proto.state is State.CLOSED
@@ -77,8 +79,16 @@ def test_a_whole_transaction_pipelined() -> None:
 
 def test_ehlo_lists_extensions() -> None:
     out = Harness().send(b"EHLO c\r\n")
-    for ext in (b"PIPELINING", b"SIZE 1000", b"8BITMIME", b"SMTPUTF8", b"CHUNKING",
-                b"ENHANCEDSTATUSCODES", b"STARTTLS", b"DSN"):
+    for ext in (
+        b"PIPELINING",
+        b"SIZE 1000",
+        b"8BITMIME",
+        b"SMTPUTF8",
+        b"CHUNKING",
+        b"ENHANCEDSTATUSCODES",
+        b"STARTTLS",
+        b"DSN",
+    ):
         assert ext in out
     assert b"AUTH" not in out
 
@@ -117,8 +127,11 @@ def test_size_declared_too_big_at_mail() -> None:
 
 def test_size_enforced_during_data() -> None:
     h = Harness()
-    out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n"
-                 + b"x" * 2000 + b"\r\n.\r\nNOOP\r\n")
+    out = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n"
+        + b"x" * 2000
+        + b"\r\n.\r\nNOOP\r\n"
+    )
     assert b"552 5.3.4" in out
     assert h.messages == []
     assert codes(out)[-1] == "250"
@@ -126,9 +139,11 @@ def test_size_enforced_during_data() -> None:
 
 def test_bare_lf_in_data_is_rejected_and_never_starts_a_second_message() -> None:
     h = Harness()
-    out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n"
-                 b"Subject: s\r\n\r\nbody\n.\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@y.test>\r\n"
-                 b"DATA\r\nsmuggled\r\n.\r\n")
+    out = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n"
+        b"Subject: s\r\n\r\nbody\n.\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@y.test>\r\n"
+        b"DATA\r\nsmuggled\r\n.\r\n"
+    )
     assert b"550 5.5.2" in out
     assert h.messages == []
     assert sum(isinstance(e, MailFrom) for e in h.events) == 1
@@ -136,8 +151,11 @@ def test_bare_lf_in_data_is_rejected_and_never_starts_a_second_message() -> None
 
 def test_bdat() -> None:
     h = Harness()
-    out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
-                 b"BDAT 5\r\nhello" b"BDAT 8 LAST\r\n world\r\n")
+    out = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
+        b"BDAT 5\r\nhello"
+        b"BDAT 8 LAST\r\n world\r\n"
+    )
     assert codes(out) == ["250", "250", "250", "250", "250"]
     assert h.messages == [b"hello world\r\n"]
 
@@ -210,8 +228,9 @@ def test_unknown_mail_parameter() -> None:
 
 def test_smtputf8_address() -> None:
     h = Harness()
-    out = h.send("EHLO c\r\nMAIL FROM:<jöran@b.test> SMTPUTF8\r\nRCPT TO:<δοκιμή@y.test>\r\n"
-                 .encode())
+    out = h.send(
+        "EHLO c\r\nMAIL FROM:<jöran@b.test> SMTPUTF8\r\nRCPT TO:<δοκιμή@y.test>\r\n".encode()
+    )
     assert codes(out) == ["250", "250", "250"]
     h2 = Harness()
     out = h2.send("EHLO c\r\nMAIL FROM:<jöran@b.test>\r\n".encode())
@@ -224,14 +243,34 @@ def test_null_sender_and_postmaster() -> None:
     assert codes(out) == ["250", "250", "250"]
 
 
-COMMANDS = st.sampled_from([b"EHLO x", b"HELO x", b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>",
-                            b"DATA", b"RSET", b"NOOP", b"QUIT", b"VRFY a", b"BDAT 3", b"BDAT 0 LAST",
-                            b"STARTTLS", b"AUTH PLAIN", b".", b"", b"x" * 600, b"\xff\xfe"])
+COMMANDS = st.sampled_from(
+    [
+        b"EHLO x",
+        b"HELO x",
+        b"MAIL FROM:<a@b.test>",
+        b"RCPT TO:<c@d.test>",
+        b"DATA",
+        b"RSET",
+        b"NOOP",
+        b"QUIT",
+        b"VRFY a",
+        b"BDAT 3",
+        b"BDAT 0 LAST",
+        b"STARTTLS",
+        b"AUTH PLAIN",
+        b".",
+        b"",
+        b"x" * 600,
+        b"\xff\xfe",
+    ]
+)
 
 
 @settings(max_examples=200)
-@given(st.lists(st.one_of(COMMANDS, st.binary(max_size=30)), max_size=30),
-       st.sampled_from([b"\r\n", b"\n"]))
+@given(
+    st.lists(st.one_of(COMMANDS, st.binary(max_size=30)), max_size=30),
+    st.sampled_from([b"\r\n", b"\n"]),
+)
 def test_garbage_gives_only_replies_never_exceptions(lines: list[bytes], eol: bytes) -> None:
     h = Harness()
     h.send(eol.join(lines) + eol)
@@ -240,8 +279,20 @@ def test_garbage_gives_only_replies_never_exceptions(lines: list[bytes], eol: by
 @settings(max_examples=100)
 @given(st.lists(COMMANDS, max_size=20), st.integers(1, 17))
 def test_chunking_gives_the_same_replies(lines: list[bytes], size: int) -> None:
-    stream = b"\r\n".join([b"EHLO x", b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>", b"DATA",
-                           b"hello", b".", *lines]) + b"\r\n"
+    stream = (
+        b"\r\n".join(
+            [
+                b"EHLO x",
+                b"MAIL FROM:<a@b.test>",
+                b"RCPT TO:<c@d.test>",
+                b"DATA",
+                b"hello",
+                b".",
+                *lines,
+            ]
+        )
+        + b"\r\n"
+    )
     whole = Harness()
     out1 = whole.send(stream)
     pieces = Harness()

@@ -30,8 +30,11 @@ MAX_RCPT = 3
 class SmtpModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.proto = ServerProtocol(Features(hostname="mx.test", size_limit=10_000,
-                                             max_recipients=MAX_RCPT, max_errors=1000))
+        self.proto = ServerProtocol(
+            Features(
+                hostname="mx.test", size_limit=10_000, max_recipients=MAX_RCPT, max_errors=1000
+            )
+        )
         self.greeted = False
         self.in_mail = False
         self.rcpts = 0
@@ -80,8 +83,10 @@ class SmtpModel(RuleBasedStateMachine):
             assert codes == [250]
             self.rcpts += 1
 
-    @rule(body=st.binary(max_size=300).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"\r\n")),
-          chunk=st.integers(1, 40))
+    @rule(
+        body=st.binary(max_size=300).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"\r\n")),
+        chunk=st.integers(1, 40),
+    )
     def data(self, body: bytes, chunk: int) -> None:
         if not self.in_mail or self.rcpts == 0:
             assert self.send(b"DATA\r\n", chunk) == ([554] if self.in_mail else [503])
@@ -97,8 +102,11 @@ class SmtpModel(RuleBasedStateMachine):
         assert self.send(b"RSET\r\n", chunk) == [250]
         self.in_mail, self.rcpts = False, 0
 
-    @rule(cmd=st.sampled_from([b"NOOP", b"HELP", b"VRFY x", b"EXPN x", b"BOGUS", b"MAIL",
-                               b"RCPT TO:", b"x" * 700]))
+    @rule(
+        cmd=st.sampled_from(
+            [b"NOOP", b"HELP", b"VRFY x", b"EXPN x", b"BOGUS", b"MAIL", b"RCPT TO:", b"x" * 700]
+        )
+    )
     def other(self, cmd: bytes) -> None:
         codes = self.send(cmd + b"\r\n", 7)
         assert len(codes) == 1

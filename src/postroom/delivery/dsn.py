@@ -159,8 +159,14 @@ def _human_part(hostname: str, recipients: Sequence[DsnRecipient], utf8: bool) -
         else:
             text = _clean(r.diagnostic or "", utf8=utf8)
         if text:
-            out += textwrap.wrap(text, 76, initial_indent="    ", subsequent_indent="    ",
-                                 break_long_words=False, break_on_hyphens=False)
+            out += textwrap.wrap(
+                text,
+                76,
+                initial_indent="    ",
+                subsequent_indent="    ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
     out.append("")
     return "\r\n".join(out) + "\r\n"
 
@@ -189,8 +195,7 @@ def _status_part(
         if r.original_recipient and ";" in r.original_recipient:
             # RFC 3464 §2.3.1: the ORCPT address type and its xtext-decoded value.
             kind, _, value = r.original_recipient.partition(";")
-            out += _field("Original-Recipient", f"{kind.strip()}; {xtext_decode(value)}",
-                          utf8=utf8)
+            out += _field("Original-Recipient", f"{kind.strip()}; {xtext_decode(value)}", utf8=utf8)
         out += _address_field("Final-Recipient", r.final_recipient, utf8)
         out += _field("Action", r.action, utf8=utf8)
         out += _field("Status", r.status, utf8=utf8)

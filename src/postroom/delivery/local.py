@@ -25,26 +25,33 @@ class LocalDelivery:
         self.executor = executor
         self._syncs: dict[Path, GroupSync] = {}
 
-    def _write(self, envelope: Envelope, index: int, key: str, message: bytes,
-               check_duplicate: bool) -> Path | None:
+    def _write(
+        self, envelope: Envelope, index: int, key: str, message: bytes, check_duplicate: bool
+    ) -> Path | None:
         path = maildir.mailbox_path(self.data_dir, key)
         maildir.ensure(path)
         trace = f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {key}\r\n".encode()
         size = len(trace) + len(message)
-        name = maildir.unique_name(int(envelope.created), envelope.id, index, self.hostname,
-                                   size)
+        name = maildir.unique_name(int(envelope.created), envelope.id, index, self.hostname, size)
         if check_duplicate and maildir.already_delivered(path, name):
             return None
         maildir.write_to_tmp(path, name, (trace, message))
         maildir.publish(path, name)
         return path
 
-    async def deliver(self, envelope: Envelope, index: int, key: str, message: bytes,
-                      check_duplicate: bool = False) -> None:
-        """Deliver to ``key``; returns once the message is durable in ``new/``. OSError on failure."""
+    async def deliver(
+        self,
+        envelope: Envelope,
+        index: int,
+        key: str,
+        message: bytes,
+        check_duplicate: bool = False,
+    ) -> None:
+        """Deliver to ``key``; returns once the message is durable in ``new/``; OSError if not."""
         loop = asyncio.get_running_loop()
-        path = await loop.run_in_executor(self.executor, self._write, envelope, index, key,
-                                          message, check_duplicate)
+        path = await loop.run_in_executor(
+            self.executor, self._write, envelope, index, key, message, check_duplicate
+        )
         if path is None:
             return
         sync = self._syncs.get(path)

@@ -398,4 +398,3 @@ def needs_relayed_dsn(result: DeliveryResult) -> bool:
     extension, so we owe the sender a "relayed" notification."""
     notify = {n.upper() for n in result.recipient.notify or ()}
     return result.outcome is Outcome.DELIVERED and "SUCCESS" in notify and not result.dsn_offered
-

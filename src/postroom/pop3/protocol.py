@@ -98,12 +98,12 @@ class Closing:
     """Too many errors: the engine said goodbye."""
 
 
-class _NeedData:
+class NeedData:
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA = _NeedData()
+NEED_DATA = NeedData()
 Event = Login | AuthStart | AuthResponse | Command | Quit | StartTLS | Closing
 _NEEDS_ANSWER = (Login, AuthStart, AuthResponse, Command, Quit)
 
@@ -215,7 +215,7 @@ class Pop3Protocol:
 
     # -- events --------------------------------------------------------------------------------
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         if self._awaiting is not None:
             raise RuntimeError(f"{self._awaiting.__name__} has not been answered")
         while self.state not in (State.CLOSED, State.TLS):
@@ -249,8 +249,15 @@ class Pop3Protocol:
     def capabilities(self) -> list[str]:
         """RFC 2449 §6: exactly what works now."""
         f = self.features
-        caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING",
-                "IMPLEMENTATION postroom", "UTF8"]
+        caps = [
+            "TOP",
+            "UIDL",
+            "RESP-CODES",
+            "AUTH-RESP-CODE",
+            "PIPELINING",
+            "IMPLEMENTATION postroom",
+            "UTF8",
+        ]
         if f.login_allowed:
             caps.append("USER")
             if f.sasl:

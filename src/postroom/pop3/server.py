@@ -19,7 +19,6 @@ from postroom import sasl
 from postroom.address import parse_user_address
 from postroom.errors import AddressError
 from postroom.pop3.protocol import (
-    NEED_DATA,
     AuthResponse,
     AuthStart,
     Closing,
@@ -27,6 +26,7 @@ from postroom.pop3.protocol import (
     Event,
     Features,
     Login,
+    NeedData,
     Pop3Protocol,
     Quit,
     StartTLS,
@@ -73,14 +73,14 @@ class Pop3Connection(asyncio.Protocol):
         return Features(
             starttls=self.services.tls is not None and not tls,
             login_allowed=tls or self.services.cfg.auth.allow_plaintext,
-            max_errors=self.services.cfg.limits.max_errors)
+            max_errors=self.services.cfg.limits.max_errors,
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else "unknown"
-        if self.services.stopping or not self.services.connections.acquire(self.client_ip,
-                                                                              self):
+        if self.services.stopping or not self.services.connections.acquire(self.client_ip, self):
             transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n")  # type: ignore[attr-defined]
             transport.close()
             self._lost = True
@@ -160,7 +160,7 @@ class Pop3Connection(asyncio.Protocol):
         try:
             while not self._lost:
                 event = proto.next_event()
-                if event is NEED_DATA:
+                if isinstance(event, NeedData):
                     self._flush()
                     if proto.state is State.CLOSED or self._eof:
                         self._close()
@@ -229,13 +229,14 @@ class Pop3Connection(asyncio.Protocol):
         elif cmd.msg is None:  # LIST or UIDL of the whole mailbox
             count, size = drop.stat()
             if verb == "LIST":
-                lines = [f"{i} {e.size}\r\n" for i, e in enumerate(drop.entries, 1)
-                         if not e.deleted]
-                proto.multiline(f"{count} messages ({size} octets)",
-                                "".join(lines).encode() + b".\r\n")
+                lines = [
+                    f"{i} {e.size}\r\n" for i, e in enumerate(drop.entries, 1) if not e.deleted
+                ]
+                proto.multiline(
+                    f"{count} messages ({size} octets)", "".join(lines).encode() + b".\r\n"
+                )
             else:
-                lines = [f"{i} {e.uid}\r\n" for i, e in enumerate(drop.entries, 1)
-                         if not e.deleted]
+                lines = [f"{i} {e.uid}\r\n" for i, e in enumerate(drop.entries, 1) if not e.deleted]
                 proto.multiline("Unique-ID listing follows", "".join(lines).encode() + b".\r\n")
         else:
             entry = drop.get(cmd.msg)
@@ -275,8 +276,9 @@ class Pop3Connection(asyncio.Protocol):
         assert entry is not None
         loop = asyncio.get_running_loop()
         try:
-            fh = await loop.run_in_executor(self.services.store.executor, open,
-                                            drop.file(entry), "rb")
+            fh = await loop.run_in_executor(
+                self.services.store.executor, open, drop.file(entry), "rb"
+            )
         except OSError:
             proto.err("Cannot read message", "SYS/TEMP")
             return
@@ -308,7 +310,8 @@ class Pop3Connection(asyncio.Protocol):
             proto.bye()
             return
         failed = await asyncio.get_running_loop().run_in_executor(
-            self.services.store.executor, drop.update)
+            self.services.store.executor, drop.update
+        )
         self._release()
         if failed:
             proto.bye(False, f"[SYS/TEMP] {failed} messages were not removed")
@@ -323,7 +326,8 @@ class Pop3Connection(asyncio.Protocol):
             proto.login_failed("Too many failed logins, try again later", "SYS/TEMP")
             return
         key = await asyncio.get_running_loop().run_in_executor(
-            services.cpu_executor, services.accounts.verify_password, user, password)
+            services.cpu_executor, services.accounts.verify_password, user, password
+        )
         if key is None:
             await self._failed(proto, user)
             return
@@ -339,8 +343,9 @@ class Pop3Connection(asyncio.Protocol):
         path = maildir.mailbox_path(self.services.cfg.data_dir, key)
         drop = Maildrop(path)
         try:
-            await asyncio.get_running_loop().run_in_executor(self.services.store.executor,
-                                                             drop.open)
+            await asyncio.get_running_loop().run_in_executor(
+                self.services.store.executor, drop.open
+            )
         except MailboxInUse:
             proto.login_failed("Mailbox is locked by another session", "IN-USE")
             return
@@ -354,8 +359,9 @@ class Pop3Connection(asyncio.Protocol):
         self.user = key
         self.services.throttle.success(self.client_ip)
         count, size = drop.stat()
-        self.services.log.info("pop3 login user=%s client=%s messages=%d", key, self.client_ip,
-                               count)
+        self.services.log.info(
+            "pop3 login user=%s client=%s messages=%d", key, self.client_ip, count
+        )
         proto.login_ok(f"{count} messages ({size} octets)")
 
     async def _auth(self, proto: Pop3Protocol, event: AuthStart | AuthResponse) -> None:
@@ -389,8 +395,11 @@ class Pop3Connection(asyncio.Protocol):
             if isinstance(step, sasl.CheckPassword):
                 login = step.username
                 key = await asyncio.get_running_loop().run_in_executor(
-                    self.services.cpu_executor, self.services.accounts.verify_password,
-                    step.username, step.password)
+                    self.services.cpu_executor,
+                    self.services.accounts.verify_password,
+                    step.username,
+                    step.password,
+                )
                 step = sasl.Success(key) if key else sasl.Failure("bad credentials")
                 continue
             if isinstance(step, sasl.Success):
@@ -421,8 +430,12 @@ class Pop3Connection(asyncio.Protocol):
         assert transport is not None and self.services.tls is not None
         try:
             new = await asyncio.get_running_loop().start_tls(
-                transport, self, self.services.tls, server_side=True,
-                ssl_handshake_timeout=self.services.cfg.limits.tls_handshake_timeout)
+                transport,
+                self,
+                self.services.tls,
+                server_side=True,
+                ssl_handshake_timeout=self.services.cfg.limits.tls_handshake_timeout,
+            )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             self.services.log.info("STLS with %s failed: %s", self.client_ip, exc)
             self._close()
@@ -430,7 +443,7 @@ class Pop3Connection(asyncio.Protocol):
         if new is None:
             self._close()
             return
-        self.transport = new  # type: ignore[assignment]
+        self.transport = new
         self._read_paused = False
         proto.tls_active = True
         proto.tls_started(self.features())
@@ -473,8 +486,11 @@ def _top(data: bytes, lines: int) -> bytes:
 async def start(services: Services, host: str, port: int, implicit_tls: bool) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        lambda: Pop3Connection(services, implicit_tls), host, port,
-        ssl=services.tls if implicit_tls else None, reuse_address=True, backlog=1024,
-        ssl_handshake_timeout=services.cfg.limits.tls_handshake_timeout if implicit_tls
-        else None)
-
+        lambda: Pop3Connection(services, implicit_tls),
+        host,
+        port,
+        ssl=services.tls if implicit_tls else None,
+        reuse_address=True,
+        backlog=1024,
+        ssl_handshake_timeout=services.cfg.limits.tls_handshake_timeout if implicit_tls else None,
+    )

@@ -100,8 +100,9 @@ class QueueRunner:
                     self.services.log.error("moved %s aside to %s", qid, moved)
                 continue
             self._recovered.add(item.id)
-            self._schedule(item.id, min(item.next_attempt, now) if item.attempts == 0
-                           else item.next_attempt)
+            self._schedule(
+                item.id, min(item.next_attempt, now) if item.attempts == 0 else item.next_attempt
+            )
 
     async def run(self) -> None:
         """Start due attempts until stopped."""
@@ -164,8 +165,7 @@ class QueueRunner:
     async def _deliver(self, envelope: Envelope) -> None:
         loop = asyncio.get_running_loop()
         try:
-            message = await loop.run_in_executor(self.store.executor, self.store.message,
-                                                 envelope)
+            message = await loop.run_in_executor(self.store.executor, self.store.message, envelope)
         except FileNotFoundError:
             return  # deleted meanwhile
         recovering = envelope.id in self._recovered
@@ -186,8 +186,9 @@ class QueueRunner:
         newly_done: list[Recipient] = []
         for index, rcpt in local:
             try:
-                await self.local.deliver(envelope, index, rcpt.address, message,
-                                         check_duplicate=recovering)
+                await self.local.deliver(
+                    envelope, index, rcpt.address, message, check_duplicate=recovering
+                )
             except OSError as exc:
                 rcpt.status = "deferred"
                 rcpt.last_error = f"451 4.3.0 local delivery failed: {exc.strerror or exc}"
@@ -195,20 +196,25 @@ class QueueRunner:
                 continue
             rcpt.status = "delivered"
             newly_done.append(rcpt)
-            self.services.log.info("delivered %s to=<%s> via maildir", envelope.id,
-                                   rcpt.address)
+            self.services.log.info("delivered %s to=<%s> via maildir", envelope.id, rcpt.address)
 
         if remote:
             envelope.attempts += 1
             envelope.last_attempt = now
             envelope.next_attempt = schedule.next_attempt(
-                now, envelope.attempts, self.cfg.delivery.retry_intervals,
-                jitter=self._rng.uniform(0, 0.1))
+                now,
+                envelope.attempts,
+                self.cfg.delivery.retry_intervals,
+                jitter=self._rng.uniform(0, 0.1),
+            )
             # Written before dialling: a crash now cannot cause an immediate retry loop.
             await loop.run_in_executor(self.store.executor, self.store.save_state, envelope)
-            results = await asyncio.gather(*(
-                self._deliver_remote(envelope, domain, rcpts, message)
-                for domain, rcpts in remote.items()))
+            results = await asyncio.gather(
+                *(
+                    self._deliver_remote(envelope, domain, rcpts, message)
+                    for domain, rcpts in remote.items()
+                )
+            )
             for outcome in results:
                 for rcpt in outcome:
                     if rcpt.status == "bounced":
@@ -236,7 +242,8 @@ class QueueRunner:
             envelope.attempts += 1
             envelope.last_attempt = now
             envelope.next_attempt = schedule.next_attempt(
-                now, envelope.attempts, self.cfg.delivery.retry_intervals)
+                now, envelope.attempts, self.cfg.delivery.retry_intervals
+            )
         if changed:
             await loop.run_in_executor(self.store.executor, self.store.save_state, envelope)
         self._schedule(envelope.id, envelope.next_attempt)
@@ -257,9 +264,13 @@ class QueueRunner:
         any delivery failed; the caller then spools the message for the recipients left, which
         the runner retries (delivered ones are marked done and not delivered again).
         """
-        results = await asyncio.gather(*(
-            self.local.deliver(envelope, index, rcpt.address, message)
-            for index, rcpt in enumerate(envelope.recipients)), return_exceptions=True)
+        results = await asyncio.gather(
+            *(
+                self.local.deliver(envelope, index, rcpt.address, message)
+                for index, rcpt in enumerate(envelope.recipients)
+            ),
+            return_exceptions=True,
+        )
         ok = True
         for rcpt, result in zip(envelope.recipients, results, strict=True):
             if isinstance(result, BaseException):
@@ -279,17 +290,23 @@ class QueueRunner:
             self._remote = RemoteDelivery(self.cfg, DnsResolver(self.cfg.dns))
         return self._remote
 
-    async def _deliver_remote(self, envelope: Envelope, domain: str,
-                              rcpts: list[tuple[int, Recipient]],
-                              message: bytes) -> list[Recipient]:
+    async def _deliver_remote(
+        self, envelope: Envelope, domain: str, rcpts: list[tuple[int, Recipient]], message: bytes
+    ) -> list[Recipient]:
         """Hand ``rcpts`` (all in ``domain``) to remote delivery; updates and returns them."""
         outgoing = Message(
             sender=envelope.sender,
-            recipients=tuple(ClientRecipient(r.address, tuple(r.notify) if r.notify else None,
-                                             r.orcpt) for _i, r in rcpts),
-            smtputf8=envelope.smtputf8, ret=envelope.ret, envid=envelope.envid)
+            recipients=tuple(
+                ClientRecipient(r.address, tuple(r.notify) if r.notify else None, r.orcpt)
+                for _i, r in rcpts
+            ),
+            smtputf8=envelope.smtputf8,
+            ret=envelope.ret,
+            envid=envelope.envid,
+        )
         slot = self._destinations.setdefault(
-            domain, asyncio.Semaphore(self.cfg.delivery.max_per_destination))
+            domain, asyncio.Semaphore(self.cfg.delivery.max_per_destination)
+        )
         async with slot:
             results = await self._remote_delivery().deliver(domain, outgoing, message)
         for (_index, rcpt), result in zip(rcpts, results, strict=True):
@@ -306,12 +323,19 @@ class QueueRunner:
             else:
                 rcpt.status = "deferred"
                 rcpt.last_error = text
-            self.services.log.info("%s %s to=<%s> relay=%s: %s", envelope.id, rcpt.status,
-                                   rcpt.address, result.remote_mta or "-", text)
+            self.services.log.info(
+                "%s %s to=<%s> relay=%s: %s",
+                envelope.id,
+                rcpt.status,
+                rcpt.address,
+                result.remote_mta or "-",
+                text,
+            )
         return [r for _i, r in rcpts]
 
-    async def _notify(self, envelope: Envelope, message: bytes, failed: list[Recipient],
-                      done: list[Recipient]) -> None:
+    async def _notify(
+        self, envelope: Envelope, message: bytes, failed: list[Recipient], done: list[Recipient]
+    ) -> None:
         """Queue DSNs (RFC 3464) for this attempt's failures, and successes where NOTIFY asked.
 
         Never to the null sender (RFC 3461 §6.2, RFC 5321 §6.1); NOTIFY=NEVER suppresses.
@@ -319,8 +343,11 @@ class QueueRunner:
         if not envelope.sender:
             return
         now = time.time()
-        failures = [_dsn_recipient(r, "failed", now) for r in failed
-                    if r.notify is None or "FAILURE" in r.notify]
+        failures = [
+            _dsn_recipient(r, "failed", now)
+            for r in failed
+            if r.notify is None or "FAILURE" in r.notify
+        ]
         successes = []
         for r in done:
             if r.notify and "SUCCESS" in r.notify:
@@ -331,16 +358,29 @@ class QueueRunner:
         for group in (failures, successes):
             if not group:
                 continue
-            report = build_dsn(hostname=self.cfg.hostname, sender=envelope.sender,
-                               recipients=group, original=message, arrival=envelope.created,
-                               now=now, envid=envelope.envid, ret=envelope.ret,
-                               queue_id=envelope.id)
-            bounce = Envelope(id=new_queue_id(), sender="",
-                              recipients=[Recipient(envelope.sender)], created=now,
-                              is_bounce=True, smtputf8=not envelope.sender.isascii())
+            report = build_dsn(
+                hostname=self.cfg.hostname,
+                sender=envelope.sender,
+                recipients=group,
+                original=message,
+                arrival=envelope.created,
+                now=now,
+                envid=envelope.envid,
+                ret=envelope.ret,
+                queue_id=envelope.id,
+            )
+            bounce = Envelope(
+                id=new_queue_id(),
+                sender="",
+                recipients=[Recipient(envelope.sender)],
+                created=now,
+                is_bounce=True,
+                smtputf8=not envelope.sender.isascii(),
+            )
             await self.store.add(bounce, report)
-            self.services.log.info("%s: DSN %s queued for <%s>", envelope.id, bounce.id,
-                                   envelope.sender)
+            self.services.log.info(
+                "%s: DSN %s queued for <%s>", envelope.id, bounce.id, envelope.sender
+            )
             self._start(bounce)
 
 
@@ -357,6 +397,12 @@ def _dsn_recipient(rcpt: Recipient, action: Action, now: float) -> DsnRecipient:
     else:
         status = "2.0.0"
     original = rcpt.orcpt or (f"rfc822;{rcpt.original}" if rcpt.original else None)
-    return DsnRecipient(final_recipient=rcpt.address, action=action, status=status,
-                        original_recipient=original, remote_mta=rcpt.remote_mta,
-                        diagnostic=error or None, last_attempt=now)
+    return DsnRecipient(
+        final_recipient=rcpt.address,
+        action=action,
+        status=status,
+        original_recipient=original,
+        remote_mta=rcpt.remote_mta,
+        diagnostic=error or None,
+        last_attempt=now,
+    )

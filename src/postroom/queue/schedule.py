@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def next_attempt(now: float, failures: int, intervals: Sequence[float],
-                 jitter: float = 0.0) -> float:
+def next_attempt(
+    now: float, failures: int, intervals: Sequence[float], jitter: float = 0.0
+) -> float:
     """The time of the next try after the ``failures``-th temporary failure (1-based)."""
     if failures < 1:
         return now
@@ -26,5 +27,6 @@ def expired(created: float, now: float, max_queue_time: float) -> bool:
 
 def due(next_times: dict[str, float], now: float) -> list[str]:
     """The ids whose next attempt has come, earliest first."""
-    return sorted((qid for qid, t in next_times.items() if t <= now),
-                  key=lambda q: (next_times[q], q))
+    return sorted(
+        (qid for qid, t in next_times.items() if t <= now), key=lambda q: (next_times[q], q)
+    )

@@ -91,13 +91,18 @@ class Envelope:
         return cls(**data)
 
     def state_json(self) -> bytes:
-        return json.dumps({
-            "attempts": self.attempts,
-            "next_attempt": self.next_attempt,
-            "last_attempt": self.last_attempt,
-            "recipients": [{"status": r.status, "last_error": r.last_error,
-                            "remote_mta": r.remote_mta} for r in self.recipients],
-        }, separators=(",", ":")).encode()
+        return json.dumps(
+            {
+                "attempts": self.attempts,
+                "next_attempt": self.next_attempt,
+                "last_attempt": self.last_attempt,
+                "recipients": [
+                    {"status": r.status, "last_error": r.last_error, "remote_mta": r.remote_mta}
+                    for r in self.recipients
+                ],
+            },
+            separators=(",", ":"),
+        ).encode()
 
     def apply_state(self, raw: bytes) -> None:
         data = json.loads(raw)
@@ -139,16 +144,16 @@ class GroupSync:
             if self._synced >= ticket:
                 return
             target = self._issued
-            await asyncio.get_running_loop().run_in_executor(self._executor, _fsync_dir,
-                                                             self.path)
+            await asyncio.get_running_loop().run_in_executor(self._executor, _fsync_dir, self.path)
             self._synced = target
 
 
 class SpoolWriter:
     """Collects one message's octets; small ones in memory, large ones in ``tmp/``."""
 
-    def __init__(self, store: QueueStore, queue_id: str,
-                 make_prefix: Callable[[bytes], bytes] | None = None) -> None:
+    def __init__(
+        self, store: QueueStore, queue_id: str, make_prefix: Callable[[bytes], bytes] | None = None
+    ) -> None:
         self.store = store
         self.queue_id = queue_id
         self.size = 0
@@ -165,8 +170,11 @@ class SpoolWriter:
         self._parts.append(data)
         if self.size > SPILL_THRESHOLD:
             self._take_prefix()
-            self._fd = os.open(self.store.tmp_dir / self.queue_id,
-                               os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            self._fd = os.open(
+                self.store.tmp_dir / self.queue_id,
+                os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                0o600,
+            )
             _write_all(self._fd, b"".join(self._parts))
             self._parts.clear()
 
@@ -213,8 +221,7 @@ class SpoolWriter:
         footer = FOOTER_MAGIC + b"%010d\n" % len(meta)
         try:
             if self._fd is None:
-                self._fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                                   0o600)
+                self._fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
                 _write_all(self._fd, b"".join([*self._parts, meta, footer]))
             else:
                 _write_all(self._fd, meta + footer)
@@ -251,7 +258,8 @@ class QueueStore:
 
     root: Path
     executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(32, thread_name_prefix="postroom-io"))
+        default_factory=lambda: ThreadPoolExecutor(32, thread_name_prefix="postroom-io")
+    )
 
     def __post_init__(self) -> None:
         for sub in ("tmp", "msg", "state", "corrupt"):
@@ -276,8 +284,9 @@ class QueueStore:
             self._msg_sync = GroupSync(self.msg_dir, self.executor)
         return self._msg_sync
 
-    def writer(self, queue_id: str | None = None,
-               make_prefix: Callable[[bytes], bytes] | None = None) -> SpoolWriter:
+    def writer(
+        self, queue_id: str | None = None, make_prefix: Callable[[bytes], bytes] | None = None
+    ) -> SpoolWriter:
         return SpoolWriter(self, queue_id or new_queue_id(), make_prefix)
 
     async def add(self, envelope: Envelope, message: bytes) -> None:
@@ -313,7 +322,7 @@ class QueueStore:
                 footer = fh.read(FOOTER_LEN)
                 if not footer.startswith(FOOTER_MAGIC) or not footer.endswith(b"\n"):
                     raise QueueError(f"{queue_id}: truncated queue file")
-                meta_len = int(footer[len(FOOTER_MAGIC):-1])
+                meta_len = int(footer[len(FOOTER_MAGIC) : -1])
                 fh.seek(size - FOOTER_LEN - meta_len)
                 envelope = Envelope.from_json(fh.read(meta_len))
         except FileNotFoundError:

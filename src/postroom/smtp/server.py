@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 
 from postroom.smtp import replies
 from postroom.smtp.server_protocol import (
-    NEED_DATA,
     AuthResponse,
     AuthStart,
     Closing,
@@ -35,6 +34,7 @@ from postroom.smtp.server_protocol import (
     MailFrom,
     MessageAborted,
     MessageEnd,
+    NeedData,
     RcptTo,
     ServerProtocol,
     StartTLS,
@@ -139,7 +139,7 @@ class SmtpConnection(asyncio.Protocol):
         try:
             while not self._lost:
                 event = proto.next_event()
-                if event is NEED_DATA:
+                if isinstance(event, NeedData):
                     self._flush()
                     if proto.state is State.CLOSED or self._eof:
                         self._close()
@@ -228,8 +228,12 @@ class SmtpConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             new = await loop.start_tls(
-                transport, self, self.services.tls, server_side=True,
-                ssl_handshake_timeout=self.services.cfg.limits.tls_handshake_timeout)
+                transport,
+                self,
+                self.services.tls,
+                server_side=True,
+                ssl_handshake_timeout=self.services.cfg.limits.tls_handshake_timeout,
+            )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             self.services.log.info("STARTTLS with %s failed: %s", self.client_ip, exc)
             self._close()
@@ -237,7 +241,7 @@ class SmtpConnection(asyncio.Protocol):
         if new is None:
             self._close()
             return
-        self.transport = new  # type: ignore[assignment]
+        self.transport = new
         self._read_paused = False
         session.tls_started(proto)
 
@@ -249,8 +253,11 @@ class SmtpConnection(asyncio.Protocol):
         if proto is None or self._lost or self._task is not None:
             return
         limits = self.services.cfg.limits
-        idle = limits.data_timeout if proto.state in (State.DATA, State.BDAT) \
+        idle = (
+            limits.data_timeout
+            if proto.state in (State.DATA, State.BDAT)
             else limits.command_timeout
+        )
         if now - self.last_activity > idle or now - self.started > limits.session_timeout:
             proto.close(replies.TIMEOUT)
             self._flush()
@@ -289,6 +296,11 @@ async def start(services: Services, host: str, port: int, kind: Port) -> asyncio
     implicit = kind == "submissions"
     ssl_ctx = services.tls if implicit else None
     return await loop.create_server(
-        lambda: SmtpConnection(services, kind, implicit), host, port,
-        ssl=ssl_ctx, reuse_address=True, backlog=1024,
-        ssl_handshake_timeout=services.cfg.limits.tls_handshake_timeout if implicit else None)
+        lambda: SmtpConnection(services, kind, implicit),
+        host,
+        port,
+        ssl=ssl_ctx,
+        reuse_address=True,
+        backlog=1024,
+        ssl_handshake_timeout=services.cfg.limits.tls_handshake_timeout if implicit else None,
+    )

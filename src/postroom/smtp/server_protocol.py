@@ -13,7 +13,8 @@ before the next event is asked for; asking earlier is a bug and raises ``Runtime
 States and transitions (one table, read top to bottom)::
 
     CONNECTED --EHLO/HELO--> READY --MAIL ok--> MAIL --RCPT ok--> RCPT --DATA--> DATA --.--> READY
-        READY --AUTH--> AUTH --235/5xx--> READY                    RCPT --BDAT--> BDAT --LAST--> READY
+        READY --AUTH--> AUTH --235/5xx--> READY
+        RCPT --BDAT--> BDAT --BDAT LAST--> READY
         READY|CONNECTED --STARTTLS--> TLS --tls_started()--> CONNECTED (all state forgotten)
         any --QUIT--> CLOSED; any --RSET--> READY (or CONNECTED before EHLO)
 
@@ -140,15 +141,27 @@ class Closing:
     reply: Reply
 
 
-class _NeedData:
+class NeedData:
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA = _NeedData()
+NEED_DATA = NeedData()
 
-Event = (HelloReceived | MailFrom | RcptTo | DataStart | DataChunk | MessageEnd | MessageAborted
-         | TransactionReset | StartTLS | AuthStart | AuthResponse | Closing)
+Event = (
+    HelloReceived
+    | MailFrom
+    | RcptTo
+    | DataStart
+    | DataChunk
+    | MessageEnd
+    | MessageAborted
+    | TransactionReset
+    | StartTLS
+    | AuthStart
+    | AuthResponse
+    | Closing
+)
 _NEEDS_REPLY = (MailFrom, RcptTo, MessageEnd, AuthStart, AuthResponse)
 
 
@@ -206,7 +219,7 @@ class ServerProtocol:
 
     # -- events --------------------------------------------------------------------------------
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         if self._awaiting is not None:
             raise RuntimeError(f"{self._awaiting.__name__} has not been answered")
         if self._pending:
@@ -216,9 +229,9 @@ class ServerProtocol:
                 return NEED_DATA
             if self._data is not None:
                 result = self._read_data()
-                if result is NEED_DATA:
+                if isinstance(result, NeedData):
                     return NEED_DATA
-                event = result  # type: ignore[assignment]
+                event = result
             else:
                 line = self._reader.read_line()
                 if line is None:
@@ -412,11 +425,14 @@ class ServerProtocol:
         for key, value in cmd.params.items():
             if key == "NOTIFY":
                 items = {v.upper() for v in (value or "").split(",")}
-                if not items or not items <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
-                        "NEVER" in items and len(items) > 1):
+                if (
+                    not items
+                    or not items <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
+                    or ("NEVER" in items and len(items) > 1)
+                ):
                     return self._error(replies.PARAM_SYNTAX)
             elif key == "ORCPT":
-                atype, sep, addr = (value or "").partition(";")
+                _atype, sep, addr = (value or "").partition(";")
                 if not sep or not addr or len(value or "") > 500:
                     return self._error(replies.PARAM_SYNTAX)
             else:
@@ -431,8 +447,11 @@ class ServerProtocol:
         # RFC 3030 §2: the chunk's octets are read even when the command is refused.
         refusal: Reply | None = None
         if self.state not in (State.RCPT, State.BDAT):
-            refusal = replies.BAD_SEQUENCE if self.state is not State.MAIL else \
-                replies.NO_VALID_RECIPIENTS
+            refusal = (
+                replies.BAD_SEQUENCE
+                if self.state is not State.MAIL
+                else replies.NO_VALID_RECIPIENTS
+            )
         self._data = CountedReader(cmd.size)
         self._bdat_last = cmd.last
         self._bdat_discard = refusal
@@ -504,8 +523,9 @@ class ServerProtocol:
 
     def _starttls(self) -> Event | None:
         if not self.features.starttls or self.tls_active:
-            return self._error(replies.NOT_IMPLEMENTED if not self.tls_active
-                               else replies.BAD_SEQUENCE)
+            return self._error(
+                replies.NOT_IMPLEMENTED if not self.tls_active else replies.BAD_SEQUENCE
+            )
         if self.state not in (State.CONNECTED, State.READY):
             return self._error(replies.BAD_SEQUENCE)
         self._send(replies.READY_TLS)
@@ -525,7 +545,7 @@ class ServerProtocol:
         self._txn.started = True
         return DataStart()
 
-    def _read_data(self) -> Event | _NeedData | None:
+    def _read_data(self) -> Event | NeedData | None:
         reader = self._data
         buf = self._reader.buf
         if isinstance(reader, DotReader):
@@ -541,8 +561,7 @@ class ServerProtocol:
                 return DataChunk(chunk.data) if chunk.data and not txn.too_big else None
             self._data = None
             if txn.too_big or txn.bare:
-                return self._abort(replies.MESSAGE_TOO_BIG if txn.too_big
-                                   else replies.BARE_LF_DATA)
+                return self._abort(replies.MESSAGE_TOO_BIG if txn.too_big else replies.BARE_LF_DATA)
             if chunk.data:
                 self._pending.append(MessageEnd())
                 return DataChunk(chunk.data)

@@ -98,8 +98,11 @@ class SmtpSession:
         self.reset()
         if self.port != "smtp" and self.auth_user is None:
             return replies.AUTH_REQUIRED
-        if self.auth_user is not None and cmd.sender is not None and \
-                not self.services.accounts.owns(self.auth_user, cmd.sender.key):
+        if (
+            self.auth_user is not None
+            and cmd.sender is not None
+            and not self.services.accounts.owns(self.auth_user, cmd.sender.key)
+        ):
             return replies.SENDER_NOT_OWNED
         self.txn = _Txn(sender=cmd.sender, mail=cmd)
         return replies.SENDER_OK
@@ -122,7 +125,8 @@ class SmtpSession:
             original = str(addr) if targets != [key] else None
             for target in targets:
                 self._add_recipient(
-                    Recipient(target, original=original, orcpt=orcpt, notify=notify_list))
+                    Recipient(target, original=original, orcpt=orcpt, notify=notify_list)
+                )
             return replies.RECIPIENT_OK
         if self.auth_user is None:
             return replies.RELAY_DENIED
@@ -140,8 +144,7 @@ class SmtpSession:
     def on_data_start(self) -> None:
         self.txn.queue_id = new_queue_id()
         self.txn.received_at = time.time()
-        self.txn.writer = self.services.store.writer(self.txn.queue_id,
-                                                     make_prefix=self._prefix)
+        self.txn.writer = self.services.store.writer(self.txn.queue_id, make_prefix=self._prefix)
 
     def on_data(self, data: bytes) -> None:
         assert self.txn.writer is not None
@@ -162,14 +165,17 @@ class SmtpSession:
         """Our Received header, plus Date/Message-ID for submissions that lack them."""
         txn = self.txn
         date = email.utils.format_datetime(
-            datetime.datetime.fromtimestamp(txn.received_at, datetime.UTC))
+            datetime.datetime.fromtimestamp(txn.received_at, datetime.UTC)
+        )
         rcpt = ""
         if len(txn.recipients) == 1:
             rcpt = f"\r\n\tfor <{txn.recipients[0].original or txn.recipients[0].address}>"
         helo = self.helo.replace("\r", "").replace("\n", "")[:255] or "unknown"
-        received = (f"Received: from {helo} ([{self.client_ip}])\r\n"
-                    f"\tby {self.cfg.hostname} (postroom) with {self._protocol_name()}"
-                    f" id {txn.queue_id}{rcpt};\r\n\t{date}\r\n")
+        received = (
+            f"Received: from {helo} ([{self.client_ip}])\r\n"
+            f"\tby {self.cfg.hostname} (postroom) with {self._protocol_name()}"
+            f" id {txn.queue_id}{rcpt};\r\n\t{date}\r\n"
+        )
         extra = ""
         if self.auth_user is not None:
             header_end = head.find(b"\r\n\r\n")
@@ -215,14 +221,20 @@ class SmtpSession:
         runner = self.services.runner
         direct = writer.in_memory and all(
             runner.is_local(r.address) and not (r.notify and "SUCCESS" in r.notify)
-            for r in envelope.recipients)
+            for r in envelope.recipients
+        )
         if direct:
             message = writer.finish_in_memory()
             if await runner.deliver_direct(envelope, message):
                 self.txn = _Txn()
                 self.services.log.info(
-                    "delivered %s from=<%s> rcpts=%d size=%d client=%s", envelope.id,
-                    envelope.sender, len(envelope.recipients), len(message), self.client_ip)
+                    "delivered %s from=<%s> rcpts=%d size=%d client=%s",
+                    envelope.id,
+                    envelope.sender,
+                    len(envelope.recipients),
+                    len(message),
+                    self.client_ip,
+                )
                 return Reply(250, "2.0.0", (f"OK: queued as {envelope.id}",))
         try:
             await writer.commit(envelope)
@@ -231,9 +243,14 @@ class SmtpSession:
             self.txn = _Txn()
             return replies.STORAGE_FULL
         self.txn = _Txn()
-        self.services.log.info("queued %s from=<%s> rcpts=%d size=%d client=%s",
-                               envelope.id, envelope.sender, len(envelope.recipients),
-                               envelope.size, self.client_ip)
+        self.services.log.info(
+            "queued %s from=<%s> rcpts=%d size=%d client=%s",
+            envelope.id,
+            envelope.sender,
+            len(envelope.recipients),
+            envelope.size,
+            self.client_ip,
+        )
         runner.submit(envelope)
         return Reply(250, "2.0.0", (f"OK: queued as {envelope.id}",))
 
@@ -266,8 +283,11 @@ class SmtpSession:
                 login = step.username
                 loop = asyncio.get_running_loop()
                 key = await loop.run_in_executor(
-                    self.services.cpu_executor, self.services.accounts.verify_password,
-                    step.username, step.password)
+                    self.services.cpu_executor,
+                    self.services.accounts.verify_password,
+                    step.username,
+                    step.password,
+                )
                 step = sasl.Success(key) if key else sasl.Failure("bad credentials")
                 continue
             if isinstance(step, sasl.Success):
@@ -278,8 +298,7 @@ class SmtpSession:
                     return
                 self.auth_user = parse_user_address(step.username).key
                 self.services.throttle.success(self.client_ip)
-                self.services.log.info("auth ok user=%s client=%s", self.auth_user,
-                                       self.client_ip)
+                self.services.log.info("auth ok user=%s client=%s", self.auth_user, self.client_ip)
                 proto.auth_finish(replies.AUTH_OK)
                 self._mech = None
                 return

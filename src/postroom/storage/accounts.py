@@ -62,8 +62,9 @@ class ScramKeys:
     server_key: bytes
 
 
-def derive_scram_keys(password: str, salt: bytes | None = None,
-                      iterations: int = SCRAM_ITERATIONS) -> ScramKeys:
+def derive_scram_keys(
+    password: str, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS
+) -> ScramKeys:
     """SaltedPassword, ClientKey, StoredKey and ServerKey of RFC 5802 §3 with SHA-256."""
     salt = salt if salt is not None else os.urandom(16)
     salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
@@ -118,8 +119,14 @@ class Accounts:
                 db.execute(
                     "INSERT INTO users (address, password_hash, scram_salt, scram_iterations,"
                     " scram_stored_key, scram_server_key) VALUES (?, ?, ?, ?, ?, ?)",
-                    (address.key, _HASHER.hash(password), keys.salt, keys.iterations,
-                     keys.stored_key, keys.server_key),
+                    (
+                        address.key,
+                        _HASHER.hash(password),
+                        keys.salt,
+                        keys.iterations,
+                        keys.stored_key,
+                        keys.server_key,
+                    ),
                 )
         except sqlite3.IntegrityError:
             raise AccountError(f"user {address.key} already exists") from None
@@ -130,8 +137,14 @@ class Accounts:
             cur = db.execute(
                 "UPDATE users SET password_hash=?, scram_salt=?, scram_iterations=?,"
                 " scram_stored_key=?, scram_server_key=? WHERE address=?",
-                (_HASHER.hash(password), keys.salt, keys.iterations, keys.stored_key,
-                 keys.server_key, address.key),
+                (
+                    _HASHER.hash(password),
+                    keys.salt,
+                    keys.iterations,
+                    keys.stored_key,
+                    keys.server_key,
+                    address.key,
+                ),
             )
         if cur.rowcount == 0:
             raise AccountError(f"no such user {address.key}")
@@ -161,9 +174,13 @@ class Accounts:
             key = None
         row = None
         if key is not None:
-            row = self._db().execute(
-                "SELECT password_hash FROM users WHERE address=?", (key,)).fetchone()
+            row = (
+                self._db()
+                .execute("SELECT password_hash FROM users WHERE address=?", (key,))
+                .fetchone()
+            )
         stored = row[0] if row else _DUMMY_HASH
+        ok: bool
         try:
             ok = _HASHER.verify(stored, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
@@ -175,9 +192,15 @@ class Accounts:
             key = parse_user_address(login).key
         except AddressError:
             return None
-        row = self._db().execute(
-            "SELECT scram_salt, scram_iterations, scram_stored_key, scram_server_key"
-            " FROM users WHERE address=?", (key,)).fetchone()
+        row = (
+            self._db()
+            .execute(
+                "SELECT scram_salt, scram_iterations, scram_stored_key, scram_server_key"
+                " FROM users WHERE address=?",
+                (key,),
+            )
+            .fetchone()
+        )
         if row is None:
             return None
         return key, ScramKeys(bytes(row[0]), int(row[1]), bytes(row[2]), bytes(row[3]))
@@ -186,8 +209,10 @@ class Accounts:
 
     def add_alias(self, alias: Address, targets: Iterable[str]) -> None:
         with self._db() as db:
-            db.executemany("INSERT OR IGNORE INTO aliases (alias, target) VALUES (?, ?)",
-                           [(alias.key, t) for t in targets])
+            db.executemany(
+                "INSERT OR IGNORE INTO aliases (alias, target) VALUES (?, ?)",
+                [(alias.key, t) for t in targets],
+            )
 
     def delete_alias(self, alias: Address) -> None:
         with self._db() as db:
@@ -198,7 +223,8 @@ class Accounts:
     def list_aliases(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for alias, target in self._db().execute(
-                "SELECT alias, target FROM aliases ORDER BY alias, target"):
+            "SELECT alias, target FROM aliases ORDER BY alias, target"
+        ):
             out.setdefault(alias, []).append(target)
         return out
 

@@ -1,0 +1,103 @@
+"""Interop with Postfix as a peer (issue 5): postroom delivers to Postfix after an MX lookup,
+and accepts what Postfix relays to it. The private Postfix instance is the one bench/ sets up
+(``benchlib.postfix``): its own loopback address, directory tree and log."""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+import ssl
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import ROOT, ServerFactory, need_tool
+from tests.dnszone import LoopbackDNS
+
+POSTFIX_IP = "127.0.0.5"
+POSTROOM_IP = "127.0.0.6"
+
+
+def insecure() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def wait_files(directory: Path, timeout: float = 30) -> list[bytes]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not list(directory.glob("*")):
+        time.sleep(0.2)
+    return [p.read_bytes() for p in directory.glob("*")]
+
+
+def test_postroom_to_postfix_and_back(server_factory: ServerFactory, tmp_path: Path) -> None:
+    need_tool("postfix")
+    need_tool("openssl")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from benchlib import postfix as pf
+        from benchlib import tlscert
+        from benchlib.proc import Cleanup
+    finally:
+        sys.path.pop(0)
+    dns = LoopbackDNS()
+    dns.mx("b.test", 10, "mx.b.test")
+    dns.a("mx.b.test", POSTFIX_IP)
+    srv = server_factory(
+        domains=("a.test",),
+        host=POSTROOM_IP,
+        services=("smtp", "submission"),
+        extra_toml=f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
+        f"[delivery]\nport = {pf.PORT_SMTP}\n",
+    )
+    srv.add_user("alice@a.test", "pw")
+    # Postfix refuses a tree it cannot traverse as its own user: not under pytest's 0700 tmp.
+    root = Path("/tmp") / f"postroom-postfix-{tmp_path.name}"
+    shutil.rmtree(root, ignore_errors=True)
+    cleanup = Cleanup()
+    try:
+        cert, key = tlscert.make_cert(root / "tls", "mx.b.test")
+        pf.start_postfix(
+            root,
+            POSTFIX_IP,
+            "mx.b.test",
+            "b.test",
+            ["bob@b.test"],
+            cert,
+            key,
+            cleanup,
+            transports={"a.test": f"smtp:[{POSTROOM_IP}]:{srv.ports['smtp']}"},
+        )
+        log = root / "maillog"
+
+        with smtplib.SMTP(srv.host, srv.ports["submission"], timeout=30) as c:
+            c.starttls(context=insecure())
+            c.login("alice@a.test", "pw")
+            c.sendmail(
+                "alice@a.test",
+                ["bob@b.test"],
+                b"From: alice@a.test\r\nTo: bob@b.test\r\nSubject: to postfix\r\n\r\n"
+                b"hello postfix\r\n",
+            )
+        delivered = wait_files(root / "mail" / "b.test" / "bob" / "new")
+        assert len(delivered) == 1, log.read_text()[-3000:]
+        assert b"Subject: to postfix" in delivered[0]
+        assert b"by mx.a.test (postroom)" in delivered[0]
+
+        with smtplib.SMTP(POSTFIX_IP, pf.PORT_SMTP, timeout=30) as c:
+            c.sendmail(
+                "bob@b.test",
+                ["alice@a.test"],
+                b"From: bob@b.test\r\nTo: alice@a.test\r\nSubject: from postfix\r\n\r\n"
+                b"hello postroom\r\n",
+            )
+        msgs = srv.wait_messages("alice@a.test", 1, timeout=30)
+        assert len(msgs) == 1, log.read_text()[-3000:]
+        assert b"Subject: from postfix" in msgs[0]
+        assert b"(Postfix)" in msgs[0]
+    finally:
+        cleanup.run_all()
+        dns.stop()
+        shutil.rmtree(root, ignore_errors=True)
