@@ -36,26 +36,49 @@ NEEDS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=",".join(GROUPS),
-                        help=f"comma-separated groups: {', '.join(GROUPS)} (default: all)")
-    parser.add_argument("--runs", type=int, default=None,
-                        help="interleaved runs per case (default 3, or 1 with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="small message counts and 1 run: a smoke test of the harness")
-    parser.add_argument("--servers", default="postroom,postfix,dovecot,aiosmtpd",
-                        help="which servers to start (drop postroom to measure references only)")
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="parent directory for the bench tree (default: system temp dir)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--cases",
+        default=",".join(GROUPS),
+        help=f"comma-separated groups: {', '.join(GROUPS)} (default: all)",
+    )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="interleaved runs per case (default 3, or 1 with --quick)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small message counts and 1 run: a smoke test of the harness",
+    )
+    parser.add_argument(
+        "--servers",
+        default="postroom,postfix,dovecot,aiosmtpd",
+        help="which servers to start (drop postroom to measure references only)",
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="parent directory for the bench tree (default: system temp dir)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the bench tree afterwards")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="Markdown report (default docs/benchmarks.md; not written by "
-                             "--quick unless given)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="Markdown report (default docs/benchmarks.md; not written by --quick unless given)",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not write the report")
-    parser.add_argument("--postroom-cmd", default=None,
-                        help="command to run postroom (default: '<python> -m postroom' with "
-                             "src/ on PYTHONPATH)")
+    parser.add_argument(
+        "--postroom-cmd",
+        default=None,
+        help="command to run postroom (default: '<python> -m postroom' with src/ on PYTHONPATH)",
+    )
     args = parser.parse_args(argv)
     args.groups = [g.strip() for g in args.cases.split(",") if g.strip()]
     unknown = set(args.groups) - set(GROUPS)
@@ -76,8 +99,7 @@ def run_cases(args: argparse.Namespace, lab: object, results: report.Results) ->
             cases.smtp_case(lab, results, opts, case)
     if "submission" in args.groups:
         for per_connection, full, quick in ((5, 300, 60), (100, 2000, 400)):
-            cases.submission_case(lab, results, opts, per_connection,
-                                  quick if args.quick else full)
+            cases.submission_case(lab, results, opts, per_connection, quick if args.quick else full)
     if "pop3" in args.groups:
         for stls in (False, True):
             for clients in (1, 4):
@@ -86,8 +108,7 @@ def run_cases(args: argparse.Namespace, lab: object, results: report.Results) ->
         cases.relay_case(lab, results, opts)
 
 
-def markdown(args: argparse.Namespace, results: report.Results, root: Path,
-             started: float) -> str:
+def markdown(args: argparse.Namespace, results: report.Results, root: Path, started: float) -> str:
     rows = report.table(results)
     info = report.machine(root) | report.versions()
     lines = [
@@ -142,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="postroom-bench-", dir=args.dir))
     root.chmod(0o755)
-    print(f"bench tree: {root}; addresses: "
-          + ", ".join(f"{k} {v}" for k, v in HOSTS.items()), flush=True)
+    print(
+        f"bench tree: {root}; addresses: " + ", ".join(f"{k} {v}" for k, v in HOSTS.items()),
+        flush=True,
+    )
     cleanup = Cleanup()
     results = report.Results()
     try:
@@ -151,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         wanted &= {s.strip() for s in args.servers.split(",")}
         lab = bring_up(root, wanted, "relay" in args.groups, cleanup, args.postroom_cmd)
         results.notes += [n for server in lab.servers.values() for n in server.notes]
-        results.notes += [f"{name} did not start: {why.splitlines()[-1][:200]}"
-                          for name, why in lab.failed.items()]
+        results.notes += [
+            f"{name} did not start: {why.splitlines()[-1][:200]}"
+            for name, why in lab.failed.items()
+        ]
         run_cases(args, lab, results)
     except KeyboardInterrupt:
         print("bench: interrupted; stopping servers", flush=True)

@@ -62,8 +62,14 @@ def available(lab: Lab, names: list[str]) -> list[Server]:
     return [s for n in names if (s := lab.get(n)) is not None]
 
 
-def interleave(lab: Lab, results: Results, rows: list[str], names: list[str], runs: int,
-               measure: Callable[[Server], list[float]]) -> None:
+def interleave(
+    lab: Lab,
+    results: Results,
+    rows: list[str],
+    names: list[str],
+    runs: int,
+    measure: Callable[[Server], list[float]],
+) -> None:
     """Run ``measure`` for each server, ``runs`` rounds; its values fill ``rows`` in order."""
     servers = available(lab, names)
     for name in names:
@@ -82,8 +88,9 @@ def interleave(lab: Lab, results: Results, rows: list[str], names: list[str], ru
                 continue
             for row, value in zip(rows, values, strict=False):
                 results.add(row, server.name, value)
-            shown = ", ".join(f"{v:,.1f} {results.units[r]}" for r, v in zip(rows, values,
-                                                                            strict=False))
+            shown = ", ".join(
+                f"{v:,.1f} {results.units[r]}" for r, v in zip(rows, values, strict=False)
+            )
             print(f"  run {round_no + 1}/{runs} {server.name:9s} {shown}", flush=True)
 
 
@@ -103,6 +110,7 @@ def wait_delivered(box: Path, expected: int, timeout: float) -> float | None:
 
 # --- SMTP accept + end-to-end ---------------------------------------------------------------------
 
+
 def smtp_case(lab: Lab, results: Results, opts: Options, case: SmtpCase) -> None:
     n = opts.count(case.messages, case.quick_messages)
     accept_row = f"SMTP accept: {case.label} (n={n})"
@@ -117,12 +125,15 @@ def smtp_case(lab: Lab, results: Results, opts: Options, case: SmtpCase) -> None
             raise BenchError("no SMTP listener")
         box = server.mailbox(RCPT)
         maildir.clear(box)
-        elapsed = clients.smtp_source(server.smtp, RCPT, n, case.size, case.sessions,
-                                      case.keep_connection, timeout)
+        elapsed = clients.smtp_source(
+            server.smtp, RCPT, n, case.size, case.sessions, case.keep_connection, timeout
+        )
         rest = wait_delivered(box, n, timeout)
         if rest is None:
-            raise BenchError(f"only {maildir.count(box)} of {n} messages reached the Maildir "
-                             f"within {timeout:.0f}s after the last 250")
+            raise BenchError(
+                f"only {maildir.count(box)} of {n} messages reached the Maildir "
+                f"within {timeout:.0f}s after the last 250"
+            )
         return [n / elapsed, n / (elapsed + rest)]
 
     print(f"{accept_row}", flush=True)
@@ -131,11 +142,12 @@ def smtp_case(lab: Lab, results: Results, opts: Options, case: SmtpCase) -> None
 
 # --- submission ---------------------------------------------------------------------------------
 
-def submission_case(lab: Lab, results: Results, opts: Options, per_connection: int, n: int,
-                    workers: int = 4) -> None:
+
+def submission_case(
+    lab: Lab, results: Results, opts: Options, per_connection: int, n: int, workers: int = 4
+) -> None:
     """Few messages per session weigh TLS + argon2id logins; many weigh the message path."""
-    row = (f"submission STARTTLS+AUTH: 1 KiB, {workers} clients, {per_connection} msgs/conn "
-           f"(n={n})")
+    row = f"submission STARTTLS+AUTH: 1 KiB, {workers} clients, {per_connection} msgs/conn (n={n})"
     names = ["postroom", "postfix"]
     results.declare(row, "msg/s", names)
     body = clients.make_submission_body(RCPT, RCPT, KIB)
@@ -146,8 +158,9 @@ def submission_case(lab: Lab, results: Results, opts: Options, per_connection: i
             raise BenchError("no submission port (Postfix needs Dovecot's SASL socket)")
         box = server.mailbox(RCPT)
         maildir.clear(box)
-        job = clients.SubmissionJob(server.submission, RCPT, PASSWORD, RCPT, n, per_connection,
-                                    body)
+        job = clients.SubmissionJob(
+            server.submission, RCPT, PASSWORD, RCPT, n, per_connection, body
+        )
         elapsed = clients.submission(job, workers, timeout)
         if wait_delivered(box, n, timeout) is None:
             raise BenchError(f"only {maildir.count(box)} of {n} submitted messages delivered")
@@ -158,6 +171,7 @@ def submission_case(lab: Lab, results: Results, opts: Options, per_connection: i
 
 
 # --- POP3 -----------------------------------------------------------------------------------------
+
 
 def pop3_case(lab: Lab, results: Results, opts: Options, clients_n: int, stls: bool) -> None:
     n = opts.count(5000, 1000)
@@ -190,8 +204,10 @@ def pop3_case(lab: Lab, results: Results, opts: Options, clients_n: int, stls: b
 
 # --- relay ----------------------------------------------------------------------------------------
 
-def relay_case(lab: Lab, results: Results, opts: Options, workers: int = 4,
-               per_connection: int = 25) -> None:
+
+def relay_case(
+    lab: Lab, results: Results, opts: Options, workers: int = 4, per_connection: int = 25
+) -> None:
     n = opts.count(1000, 200)
     row = f"relay via MX on loopback: submission -> A -> B Maildir, 1 KiB (n={n})"
     results.declare(row, "msg/s", ["postroom", "postfix"])
@@ -206,8 +222,9 @@ def relay_case(lab: Lab, results: Results, opts: Options, workers: int = 4,
             raise BenchError(f"{pairs[server.name]} or the submission port is missing")
         box = remote.mailbox(remote_rcpt)
         maildir.clear(box)
-        job = clients.SubmissionJob(server.submission, RCPT, PASSWORD, remote_rcpt, n,
-                                    per_connection, body)
+        job = clients.SubmissionJob(
+            server.submission, RCPT, PASSWORD, remote_rcpt, n, per_connection, body
+        )
         start = time.perf_counter()
         clients.submission(job, workers, timeout)
         if wait_delivered(box, n, timeout) is None:

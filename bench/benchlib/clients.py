@@ -25,11 +25,34 @@ CTX = mp.get_context("fork")
 SENDER_HELO = "client.bench.test"
 
 
-def smtp_source(addr: Addr, rcpt: str, messages: int, size: int, sessions: int,
-                keep_connection: bool, timeout: float) -> float:
+def smtp_source(
+    addr: Addr,
+    rcpt: str,
+    messages: int,
+    size: int,
+    sessions: int,
+    keep_connection: bool,
+    timeout: float,
+) -> float:
     """Run smtp-source; returns its wall time in seconds. Any non-2xx reply is a failure."""
-    cmd = ["smtp-source", "-4", "-s", str(sessions), "-m", str(messages), "-l", str(size),
-           "-f", "sender@src.test", "-t", rcpt, "-M", SENDER_HELO, "-S", "bench"]
+    cmd = [
+        "smtp-source",
+        "-4",
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-l",
+        str(size),
+        "-f",
+        "sender@src.test",
+        "-t",
+        rcpt,
+        "-M",
+        SENDER_HELO,
+        "-S",
+        "bench",
+    ]
     if keep_connection:
         cmd.append("-d")
     cmd.append(str(addr))
@@ -37,13 +60,15 @@ def smtp_source(addr: Addr, rcpt: str, messages: int, size: int, sessions: int,
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
-        raise BenchError(f"smtp-source failed ({proc.returncode}): "
-                         f"{(proc.stderr or proc.stdout).strip()[-500:]}")
+        raise BenchError(
+            f"smtp-source failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-500:]}"
+        )
     return elapsed
 
 
-def run_workers(target: Callable[..., None], jobs: list[tuple[object, ...]],
-                timeout: float) -> tuple[float, list[object]]:
+def run_workers(
+    target: Callable[..., None], jobs: list[tuple[object, ...]], timeout: float
+) -> tuple[float, list[object]]:
     """Fork one process per job, release them together, wait (bounded); (seconds, results)."""
     go = CTX.Event()
     results: mp.Queue[object] = CTX.Queue()
@@ -80,6 +105,7 @@ def _client_tls() -> ssl.SSLContext:
 
 # --- SMTP submission (STARTTLS + AUTH) ------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SubmissionJob:
     addr: Addr
@@ -98,8 +124,9 @@ def submission_worker(go: Event, results: mp.Queue[object], job: SubmissionJob) 
         sent = 0
         context = _client_tls()
         while sent < job.messages:
-            with smtplib.SMTP(job.addr.host, job.addr.port, local_hostname=SENDER_HELO,
-                              timeout=60) as client:
+            with smtplib.SMTP(
+                job.addr.host, job.addr.port, local_hostname=SENDER_HELO, timeout=60
+            ) as client:
                 client.starttls(context=context)
                 client.login(job.user, job.password)
                 for _ in range(min(job.per_connection, job.messages - sent)):
@@ -112,23 +139,33 @@ def submission_worker(go: Event, results: mp.Queue[object], job: SubmissionJob) 
 
 def submission(job: SubmissionJob, workers: int, timeout: float) -> float:
     """Split ``job.messages`` over ``workers`` processes; returns wall seconds."""
-    share = [job.messages // workers + (1 if i < job.messages % workers else 0)
-             for i in range(workers)]
+    share = [
+        job.messages // workers + (1 if i < job.messages % workers else 0) for i in range(workers)
+    ]
     jobs: list[tuple[object, ...]] = [
-        (SubmissionJob(job.addr, job.user, job.password, job.rcpt, n, job.per_connection,
-                       job.body),) for n in share if n]
+        (
+            SubmissionJob(
+                job.addr, job.user, job.password, job.rcpt, n, job.per_connection, job.body
+            ),
+        )
+        for n in share
+        if n
+    ]
     elapsed, _ = run_workers(submission_worker, jobs, timeout)
     return elapsed
 
 
 def make_submission_body(sender: str, rcpt: str, size: int) -> bytes:
-    header = (f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: bench\r\n"
-              "Date: Thu, 01 Jan 2026 00:00:00 +0000\r\n\r\n").encode()
+    header = (
+        f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: bench\r\n"
+        "Date: Thu, 01 Jan 2026 00:00:00 +0000\r\n\r\n"
+    ).encode()
     line = b"x" * 76 + b"\r\n"
     return header + line * max(1, (size - len(header)) // len(line))
 
 
 # --- POP3 ---------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Pop3Job:
@@ -144,7 +181,8 @@ class Pop3Client:
 
     def __init__(self, addr: Addr) -> None:
         self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
-            (addr.host, addr.port), timeout=60)
+            (addr.host, addr.port), timeout=60
+        )
         self.buf = bytearray()
         self.single()  # greeting
 
@@ -158,7 +196,7 @@ class Pop3Client:
         while (end := self.buf.find(b"\r\n")) < 0:
             self._fill()
         line = bytes(self.buf[:end])
-        del self.buf[:end + 2]
+        del self.buf[: end + 2]
         if not line.startswith(b"+OK"):
             raise BenchError(f"POP3: {line[:200]!r}")
         return line
@@ -173,8 +211,8 @@ class Pop3Client:
         while (end := self.buf.find(b"\r\n.\r\n", start)) < 0:
             start = max(0, len(self.buf) - 4)
             self._fill()
-        body = bytes(self.buf[:end + 2])
-        del self.buf[:end + 5]
+        body = bytes(self.buf[: end + 2])
+        del self.buf[: end + 5]
         return body
 
     def command(self, line: str) -> bytes:

@@ -35,13 +35,13 @@ class ZoneResolver(BaseResolver):  # type: ignore[misc]
         return reply
 
 
-def start_dns(host: str, port: int, mx: dict[str, str], a: dict[str, str],
-              cleanup: Cleanup) -> None:
+def start_dns(
+    host: str, port: int, mx: dict[str, str], a: dict[str, str], cleanup: Cleanup
+) -> None:
     """Serve the zone on ``host:port`` (UDP and TCP) in daemon threads until cleanup."""
     resolver = ZoneResolver(mx, a)
     for tcp in (False, True):
-        server = DNSServer(resolver, address=host, port=port, tcp=tcp,
-                           logger=_QuietLogger())
+        server = DNSServer(resolver, address=host, port=port, tcp=tcp, logger=_QuietLogger())
         server.start_thread()
         cleanup.push(f"dns {'tcp' if tcp else 'udp'}", server.stop)
 

@@ -21,12 +21,12 @@ PORT_POP3 = 2110
 
 def _conf(root: Path, host: str, cert: Path, key: Path) -> str:
     return f"""\
-base_dir = {root / 'run'}
-state_dir = {root / 'state'}
+base_dir = {root / "run"}
+state_dir = {root / "state"}
 instance_name = bench-dovecot
 protocols = pop3
 listen = {host}
-log_path = {root / 'dovecot.log'}
+log_path = {root / "dovecot.log"}
 ssl = yes
 ssl_cert = <{cert}
 ssl_key = <{key}
@@ -35,11 +35,11 @@ auth_mechanisms = plain login
 first_valid_uid = 1
 passdb {{
   driver = passwd-file
-  args = username_format=%u {root / 'users'}
+  args = username_format=%u {root / "users"}
 }}
 userdb {{
   driver = static
-  args = uid={NOBODY[0]} gid={NOBODY[1]} home={root / 'mail'}/%d/%n
+  args = uid={NOBODY[0]} gid={NOBODY[1]} home={root / "mail"}/%d/%n
 }}
 mail_location = maildir:~
 service pop3-login {{
@@ -72,8 +72,9 @@ def auth_socket(root: Path) -> Path:
     return root / "run" / "auth-client"
 
 
-def start_dovecot(root: Path, host: str, mail_users: list[str], cert: Path, key: Path,
-                  cleanup: Cleanup) -> Server:
+def start_dovecot(
+    root: Path, host: str, mail_users: list[str], cert: Path, key: Path, cleanup: Cleanup
+) -> Server:
     """Write dovecot.conf and the passwd-file, run Dovecot in the foreground, wait for POP3."""
     for sub in ("run", "state", "mail"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -83,8 +84,9 @@ def start_dovecot(root: Path, host: str, mail_users: list[str], cert: Path, key:
     (root / "users").write_text("".join(f"{u}:{hashed}\n" for u in mail_users))
     conf = root / "dovecot.conf"
     conf.write_text(_conf(root, host, cert, key))
-    server = Server(name="dovecot", mail_root=root / "mail", pop3=Addr(host, PORT_POP3),
-                    owner=NOBODY)
+    server = Server(
+        name="dovecot", mail_root=root / "mail", pop3=Addr(host, PORT_POP3), owner=NOBODY
+    )
     for user in mail_users:
         maildir.ensure(server.mailbox(user), NOBODY)
     log = root / "dovecot.stdout"

@@ -54,15 +54,18 @@ def clear(mailbox: Path) -> None:
 
 def make_message(index: int, size: int, sender: str, rcpt: str) -> bytes:
     """A plain RFC 5322 message of about ``size`` octets with LF line ends."""
-    header = (f"Return-Path: <{sender}>\nFrom: <{sender}>\nTo: <{rcpt}>\n"
-              f"Subject: bench message {index}\nMessage-ID: <{index}.{time.time_ns()}@bench.test>\n"
-              "Date: Thu, 01 Jan 2026 00:00:00 +0000\n\n").encode()
+    header = (
+        f"Return-Path: <{sender}>\nFrom: <{sender}>\nTo: <{rcpt}>\n"
+        f"Subject: bench message {index}\nMessage-ID: <{index}.{time.time_ns()}@bench.test>\n"
+        "Date: Thu, 01 Jan 2026 00:00:00 +0000\n\n"
+    ).encode()
     lines = max(1, (size - len(header)) // len(LINE))
     return header + LINE * lines
 
 
-def fill(mailbox: Path, messages: int, size: int, rcpt: str,
-         owner: tuple[int, int] | None = None) -> int:
+def fill(
+    mailbox: Path, messages: int, size: int, rcpt: str, owner: tuple[int, int] | None = None
+) -> int:
     """Write ``messages`` files into new/ (no fsync: setup, not measured); returns octets."""
     ensure(mailbox, owner)
     clear(mailbox)

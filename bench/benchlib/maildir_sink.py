@@ -31,7 +31,7 @@ def store(maildir: Path, data: bytes) -> str:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -50,14 +50,20 @@ class MaildirHandler:
     def __init__(self, maildir: Path) -> None:
         self.maildir = maildir
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content: Any = envelope.original_content or envelope.content or b""
-        data = (f"Return-Path: <{envelope.mail_from}>\r\n".encode() + bytes(content))
+        data = f"Return-Path: <{envelope.mail_from}>\r\n".encode() + bytes(content)
         name = await asyncio.to_thread(store, self.maildir, data)
         return f"250 2.0.0 OK {name}"
 
@@ -68,9 +74,15 @@ async def serve(host: str, port: int, maildir: Path) -> None:
     handler = MaildirHandler(maildir)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(handler, hostname="sink.bench.test", decode_data=False,
-                     data_size_limit=52428800),
-        host, port, family=socket.AF_INET, reuse_address=True, backlog=1024)
+        lambda: SMTP(
+            handler, hostname="sink.bench.test", decode_data=False, data_size_limit=52428800
+        ),
+        host,
+        port,
+        family=socket.AF_INET,
+        reuse_address=True,
+        backlog=1024,
+    )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -55,8 +55,15 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-def _main_cf(root: Path, hostname: str, domain: str, cert: Path, key: Path,
-             sasl_socket: Path | None, has_transports: bool) -> str:
+def _main_cf(
+    root: Path,
+    hostname: str,
+    domain: str,
+    cert: Path,
+    key: Path,
+    sasl_socket: Path | None,
+    has_transports: bool,
+) -> str:
     etc = root / "etc"
     lines = [
         "compatibility_level = 3.6",
@@ -108,12 +115,14 @@ def _main_cf(root: Path, hostname: str, domain: str, cert: Path, key: Path,
 def _master_cf(host: str, with_submission: bool) -> str:
     text = f"{host}:{PORT_SMTP} inet n - n - - smtpd\n"
     if with_submission:
-        text += (f"{host}:{PORT_SUBMISSION} inet n - n - - smtpd\n"
-                 "  -o syslog_name=postfix/submission\n"
-                 "  -o smtpd_tls_security_level=encrypt\n"
-                 "  -o smtpd_sasl_auth_enable=yes\n"
-                 "  -o smtpd_client_restrictions=permit_sasl_authenticated,reject\n"
-                 "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject\n")
+        text += (
+            f"{host}:{PORT_SUBMISSION} inet n - n - - smtpd\n"
+            "  -o syslog_name=postfix/submission\n"
+            "  -o smtpd_tls_security_level=encrypt\n"
+            "  -o smtpd_sasl_auth_enable=yes\n"
+            "  -o smtpd_client_restrictions=permit_sasl_authenticated,reject\n"
+            "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject\n"
+        )
     return text + MASTER_SERVICES
 
 
@@ -122,14 +131,24 @@ def _postfix(root: Path, *args: str, check: bool = True) -> str:
     if check and proc.returncode != 0:
         log = root / "maillog"
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        raise BenchError(f"postfix {' '.join(args)} failed ({proc.returncode}): "
-                         f"{proc.stderr.strip()}\n{tail}")
+        raise BenchError(
+            f"postfix {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}\n{tail}"
+        )
     return proc.stdout
 
 
-def start_postfix(root: Path, host: str, hostname: str, domain: str, mail_users: list[str],
-                  cert: Path, key: Path, cleanup: Cleanup, sasl_socket: Path | None = None,
-                  transports: dict[str, str] | None = None) -> Server:
+def start_postfix(
+    root: Path,
+    host: str,
+    hostname: str,
+    domain: str,
+    mail_users: list[str],
+    cert: Path,
+    key: Path,
+    cleanup: Cleanup,
+    sasl_socket: Path | None = None,
+    transports: dict[str, str] | None = None,
+) -> Server:
     """Write the instance's config under ``root``, start it, and wait for its SMTP port."""
     etc = root / "etc"
     for sub in ("etc", "spool", "data", "mail"):
@@ -138,15 +157,18 @@ def start_postfix(root: Path, host: str, hostname: str, domain: str, mail_users:
     postfix_uid = pwd.getpwnam("postfix").pw_uid
     os.chown(root / "data", postfix_uid, -1)
     os.chown(root / "mail", *NOBODY)
-    (etc / "main.cf").write_text(_main_cf(root, hostname, domain, cert, key, sasl_socket,
-                                          bool(transports)))
+    (etc / "main.cf").write_text(
+        _main_cf(root, hostname, domain, cert, key, sasl_socket, bool(transports))
+    )
     (etc / "master.cf").write_text(_master_cf(host, sasl_socket is not None))
-    (etc / "vmailbox").write_text("".join(f"{u} {domain}/{u.partition('@')[0]}/\n"
-                                          for u in mail_users))
+    (etc / "vmailbox").write_text(
+        "".join(f"{u} {domain}/{u.partition('@')[0]}/\n" for u in mail_users)
+    )
     if transports:
         (etc / "transport").write_text("".join(f"{d} {t}\n" for d, t in transports.items()))
-    server = Server(name="postfix", mail_root=root / "mail", smtp=Addr(host, PORT_SMTP),
-                    owner=NOBODY)
+    server = Server(
+        name="postfix", mail_root=root / "mail", smtp=Addr(host, PORT_SMTP), owner=NOBODY
+    )
     if sasl_socket is not None:
         server.submission = Addr(host, PORT_SUBMISSION)
     for user in mail_users:

@@ -77,13 +77,18 @@ def config_toml(spec: PostroomSpec) -> str:
     if spec.nameserver:
         lines += ["", "[dns]", f'nameservers = ["{spec.nameserver}"]']
     if spec.delivery_port:
-        lines += ["", "[delivery]", f"port = {spec.delivery_port}",
-                  'retry_intervals = ["1s", "2s", "5s"]']
+        lines += [
+            "",
+            "[delivery]",
+            f"port = {spec.delivery_port}",
+            'retry_intervals = ["1s", "2s", "5s"]',
+        ]
     return "\n".join(lines) + "\n"
 
 
-def start_postroom(spec: PostroomSpec, mail_users: list[str], cleanup: Cleanup,
-                   cmd_override: str | None = None) -> Server:
+def start_postroom(
+    spec: PostroomSpec, mail_users: list[str], cleanup: Cleanup, cmd_override: str | None = None
+) -> Server:
     """Write the config, add users with ``user add --password-stdin``, run ``serve``.
 
     When ``serve`` dies at start-up, retry with fewer services (see FALLBACKS) and say so.
@@ -93,8 +98,11 @@ def start_postroom(spec: PostroomSpec, mail_users: list[str], cleanup: Cleanup,
     config = spec.root / "postroom.toml"
     config.write_text(config_toml(spec))
     for user in mail_users:
-        run([*base, "user", "add", user, "--password-stdin", "-c", str(config)],
-            stdin=PASSWORD + "\n", env=env)
+        run(
+            [*base, "user", "add", user, "--password-stdin", "-c", str(config)],
+            stdin=PASSWORD + "\n",
+            env=env,
+        )
     error: BenchError | None = None
     for services in FALLBACKS:
         attempt = replace(spec, services=services)
@@ -103,26 +111,38 @@ def start_postroom(spec: PostroomSpec, mail_users: list[str], cleanup: Cleanup,
             server = _serve(attempt, config, base, env, cleanup)
         except BenchError as exc:
             error = exc
-            print(f"bench: postroom {spec.host} with {'+'.join(services)} failed: "
-                  f"{str(exc).splitlines()[-1][:300]}", flush=True)
+            print(
+                f"bench: postroom {spec.host} with {'+'.join(services)} failed: "
+                f"{str(exc).splitlines()[-1][:300]}",
+                flush=True,
+            )
             continue
         for user in mail_users:
             maildir.ensure(server.mailbox(user))
         if services != FALLBACKS[0]:
-            server.notes.append(f"postroom {spec.host} ran with {'+'.join(services)} only: "
-                                f"{str(error).splitlines()[-1][:200]}")
+            server.notes.append(
+                f"postroom {spec.host} ran with {'+'.join(services)} only: "
+                f"{str(error).splitlines()[-1][:200]}"
+            )
         return server
     assert error is not None
     raise error
 
 
-def _serve(spec: PostroomSpec, config: Path, base: list[str], env: dict[str, str],
-           cleanup: Cleanup) -> Server:
+def _serve(
+    spec: PostroomSpec, config: Path, base: list[str], env: dict[str, str], cleanup: Cleanup
+) -> Server:
     log = spec.root / "postroom.log"
-    proc = start_daemon([*base, "serve", "-c", str(config)], log, cleanup,
-                        f"postroom {spec.host}", env=env)
-    server = Server(name="postroom", mail_root=spec.root / "data" / "mail",
-                    smtp=Addr(spec.host, PORT_SMTP), proc=proc, log=log)
+    proc = start_daemon(
+        [*base, "serve", "-c", str(config)], log, cleanup, f"postroom {spec.host}", env=env
+    )
+    server = Server(
+        name="postroom",
+        mail_root=spec.root / "data" / "mail",
+        smtp=Addr(spec.host, PORT_SMTP),
+        proc=proc,
+        log=log,
+    )
     try:
         wait_port(spec.host, PORT_SMTP, proc=proc, log=log)
         if "submission" in spec.services:

@@ -39,23 +39,45 @@ class Cleanup:
                 print(f"bench: cleanup {label}: {exc}", flush=True)
 
 
-def run(cmd: Sequence[str], *, stdin: str | None = None, timeout: float = 60.0,
-        env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: Sequence[str],
+    *,
+    stdin: str | None = None,
+    timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
     """Run a short command, capture its output; BenchError with stderr when it fails."""
-    proc = subprocess.run(list(cmd), input=stdin, capture_output=True, text=True,
-                          timeout=timeout, env=env, check=False)
+    proc = subprocess.run(
+        list(cmd),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
     if check and proc.returncode != 0:
-        raise BenchError(f"{' '.join(cmd)} exited {proc.returncode}: "
-                         f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+        raise BenchError(
+            f"{' '.join(cmd)} exited {proc.returncode}: "
+            f"{(proc.stderr or proc.stdout).strip()[-2000:]}"
+        )
     return proc
 
 
-def start_daemon(cmd: Sequence[str], log: Path, cleanup: Cleanup, label: str,
-                 env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_daemon(
+    cmd: Sequence[str], log: Path, cleanup: Cleanup, label: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start a foreground server with output to ``log``; registered for termination."""
     log_file = log.open("ab")
-    proc = subprocess.Popen(list(cmd), stdout=log_file, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        list(cmd),
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     log_file.close()
     cleanup.push(label, lambda: stop_process(proc))
     return proc
@@ -81,8 +103,13 @@ def port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def wait_port(host: str, port: int, timeout: float = 30.0,
-              proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+def wait_port(
+    host: str,
+    port: int,
+    timeout: float = 30.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
     """Poll until ``host:port`` accepts a connection; fail early if ``proc`` died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -93,8 +120,9 @@ def wait_port(host: str, port: int, timeout: float = 30.0,
         time.sleep(0.05)
     tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
     if proc is not None and proc.poll() is not None:
-        raise BenchError(f"exited with status {proc.returncode} before {host}:{port} opened"
-                         f"\n{tail}")
+        raise BenchError(
+            f"exited with status {proc.returncode} before {host}:{port} opened\n{tail}"
+        )
     raise BenchError(f"{host}:{port} did not open within {timeout:.0f}s\n{tail}")
 
 

@@ -63,12 +63,16 @@ def table(results: Results) -> list[list[str]]:
         subject = per_server.get(SUBJECT, [])
         refs = results.references[row] or [""]
         for i, ref in enumerate(refs):
-            out.append([
-                row if i == 0 else "", results.units[row] if i == 0 else "",
-                cell(subject) if i == 0 else "",
-                ref, cell(per_server.get(ref, [])) if ref else "",
-                ratio(subject, per_server.get(ref, [])) if ref else "",
-            ])
+            out.append(
+                [
+                    row if i == 0 else "",
+                    results.units[row] if i == 0 else "",
+                    cell(subject) if i == 0 else "",
+                    ref,
+                    cell(per_server.get(ref, [])) if ref else "",
+                    ratio(subject, per_server.get(ref, [])) if ref else "",
+                ]
+            )
     return out
 
 
@@ -116,11 +120,12 @@ def versions() -> dict[str, str]:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
         except OSError:
             return "not installed"
-        return (proc.stdout or proc.stderr).strip().splitlines()[0] if proc.returncode == 0 \
-            else "?"
+        return (proc.stdout or proc.stderr).strip().splitlines()[0] if proc.returncode == 0 else "?"
+
     return {
         "Postfix": first_line(["postconf", "-dh", "mail_version"]),
         "Dovecot": first_line(["dovecot", "--version"]),
-        "aiosmtpd": first_line([sys.executable, "-c",
-                                "import aiosmtpd; print(aiosmtpd.__version__)"]),
+        "aiosmtpd": first_line(
+            [sys.executable, "-c", "import aiosmtpd; print(aiosmtpd.__version__)"]
+        ),
     }

@@ -31,7 +31,7 @@ class Server:
     """A started server: the services it offers and where its Maildirs are."""
 
     name: str
-    mail_root: Path                      # mailbox of user@domain is mail_root/domain/user
+    mail_root: Path  # mailbox of user@domain is mail_root/domain/user
     smtp: Addr | None = None
     submission: Addr | None = None
     pop3: Addr | None = None

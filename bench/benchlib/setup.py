@@ -1,12 +1,12 @@
 """Bring up the servers a run needs, each on its own 127.0.0.x address under one temp tree.
 
-    127.0.0.10  postroom            smtp 2525, submission 2587, pop3 2110
-    127.0.0.11  Postfix             smtp 2525, submission 2587 (SASL via Dovecot)
-    127.0.0.12  Dovecot             pop3 2110
-    127.0.0.13  aiosmtpd sink       smtp 2525
-    127.0.0.14  postroom "remote"   smtp 2525, domain relay.test (relay case)
-    127.0.0.15  Postfix "remote"    smtp 2525, domain relay.test (relay case)
-    127.0.0.16  DNS (dnslib)        5353 udp/tcp: relay.test MX -> mx.relay.test A 127.0.0.14
+127.0.0.10  postroom            smtp 2525, submission 2587, pop3 2110
+127.0.0.11  Postfix             smtp 2525, submission 2587 (SASL via Dovecot)
+127.0.0.12  Dovecot             pop3 2110
+127.0.0.13  aiosmtpd sink       smtp 2525
+127.0.0.14  postroom "remote"   smtp 2525, domain relay.test (relay case)
+127.0.0.15  Postfix "remote"    smtp 2525, domain relay.test (relay case)
+127.0.0.16  DNS (dnslib)        5353 udp/tcp: relay.test MX -> mx.relay.test A 127.0.0.14
 """
 
 from __future__ import annotations
@@ -22,8 +22,12 @@ from benchlib.servers import DOMAIN, RELAY_DOMAIN, Addr, Server, users
 from benchlib.tlscert import make_cert
 
 HOSTS = {
-    "postroom": "127.0.0.10", "postfix": "127.0.0.11", "dovecot": "127.0.0.12",
-    "aiosmtpd": "127.0.0.13", "postroom-remote": "127.0.0.14", "postfix-remote": "127.0.0.15",
+    "postroom": "127.0.0.10",
+    "postfix": "127.0.0.11",
+    "dovecot": "127.0.0.12",
+    "aiosmtpd": "127.0.0.13",
+    "postroom-remote": "127.0.0.14",
+    "postfix-remote": "127.0.0.15",
     "dns": "127.0.0.16",
 }
 DNS_PORT = 5353
@@ -60,51 +64,110 @@ def start_sink(root: Path, cleanup: Cleanup) -> Server:
     script = Path(__file__).with_name("maildir_sink.py")
     log = root / "sink.log"
     root.mkdir(parents=True, exist_ok=True)
-    proc = start_daemon([sys.executable, str(script), host, str(SINK_PORT), str(box)], log,
-                        cleanup, "aiosmtpd sink")
+    proc = start_daemon(
+        [sys.executable, str(script), host, str(SINK_PORT), str(box)], log, cleanup, "aiosmtpd sink"
+    )
     wait_port(host, SINK_PORT, proc=proc, log=log)
-    return Server(name="aiosmtpd", mail_root=mail_root, smtp=Addr(host, SINK_PORT), proc=proc,
-                  log=log)
+    return Server(
+        name="aiosmtpd", mail_root=mail_root, smtp=Addr(host, SINK_PORT), proc=proc, log=log
+    )
 
 
-def bring_up(root: Path, wanted: set[str], relay: bool, cleanup: Cleanup,
-             postroom_cmd: str | None) -> Lab:
+def bring_up(
+    root: Path, wanted: set[str], relay: bool, cleanup: Cleanup, postroom_cmd: str | None
+) -> Lab:
     """Start every server in ``wanted`` (plus the relay pair when ``relay``)."""
     lab = Lab(root)
-    busy = [f"{h}:{p}" for h in HOSTS.values() for p in (2525, 2587, 2110, DNS_PORT)
-            if port_open(h, p)]
+    busy = [
+        f"{h}:{p}" for h in HOSTS.values() for p in (2525, 2587, 2110, DNS_PORT) if port_open(h, p)
+    ]
     if busy:
         raise BenchError(f"already in use (a stale instance?): {', '.join(busy)}")
     cert, key = make_cert(root / "tls")
     local_users = users(USER_COUNT)
     dns_addr = f"{HOSTS['dns']}:{DNS_PORT}"
-    start_dns(HOSTS["dns"], DNS_PORT, mx={RELAY_DOMAIN: f"mx.{RELAY_DOMAIN}"},
-              a={f"mx.{RELAY_DOMAIN}": HOSTS["postroom-remote"]}, cleanup=cleanup)
+    start_dns(
+        HOSTS["dns"],
+        DNS_PORT,
+        mx={RELAY_DOMAIN: f"mx.{RELAY_DOMAIN}"},
+        a={f"mx.{RELAY_DOMAIN}": HOSTS["postroom-remote"]},
+        cleanup=cleanup,
+    )
     if "dovecot" in wanted or "postfix" in wanted:
-        _attempt(lab, "dovecot", lambda: dovecot.start_dovecot(
-            root / "dovecot", HOSTS["dovecot"], local_users, cert, key, cleanup))
+        _attempt(
+            lab,
+            "dovecot",
+            lambda: dovecot.start_dovecot(
+                root / "dovecot", HOSTS["dovecot"], local_users, cert, key, cleanup
+            ),
+        )
     if "postfix" in wanted:
         sasl = dovecot.auth_socket(root / "dovecot") if "dovecot" in lab.servers else None
         transports = {RELAY_DOMAIN: f"smtp:[{HOSTS['postfix-remote']}]:{postfix.PORT_SMTP}"}
-        _attempt(lab, "postfix", lambda: postfix.start_postfix(
-            root / "postfix", HOSTS["postfix"], f"mx.{DOMAIN}", DOMAIN, local_users, cert, key,
-            cleanup, sasl_socket=sasl, transports=transports))
+        _attempt(
+            lab,
+            "postfix",
+            lambda: postfix.start_postfix(
+                root / "postfix",
+                HOSTS["postfix"],
+                f"mx.{DOMAIN}",
+                DOMAIN,
+                local_users,
+                cert,
+                key,
+                cleanup,
+                sasl_socket=sasl,
+                transports=transports,
+            ),
+        )
         if relay:
-            _attempt(lab, "postfix-remote", lambda: postfix.start_postfix(
-                root / "postfix-remote", HOSTS["postfix-remote"], f"mx.{RELAY_DOMAIN}",
-                RELAY_DOMAIN, users(1, RELAY_DOMAIN), cert, key, cleanup))
+            _attempt(
+                lab,
+                "postfix-remote",
+                lambda: postfix.start_postfix(
+                    root / "postfix-remote",
+                    HOSTS["postfix-remote"],
+                    f"mx.{RELAY_DOMAIN}",
+                    RELAY_DOMAIN,
+                    users(1, RELAY_DOMAIN),
+                    cert,
+                    key,
+                    cleanup,
+                ),
+            )
     if "aiosmtpd" in wanted:
         _attempt(lab, "aiosmtpd", lambda: start_sink(root / "aiosmtpd", cleanup))
     if "postroom" in wanted:
-        spec = postroom.PostroomSpec(root / "postroom", HOSTS["postroom"], f"mx.{DOMAIN}",
-                                     DOMAIN, cert, key, nameserver=dns_addr,
-                                     delivery_port=postroom.PORT_SMTP)
-        _attempt(lab, "postroom", lambda: postroom.start_postroom(
-            spec, local_users, cleanup, postroom_cmd))
+        spec = postroom.PostroomSpec(
+            root / "postroom",
+            HOSTS["postroom"],
+            f"mx.{DOMAIN}",
+            DOMAIN,
+            cert,
+            key,
+            nameserver=dns_addr,
+            delivery_port=postroom.PORT_SMTP,
+        )
+        _attempt(
+            lab,
+            "postroom",
+            lambda: postroom.start_postroom(spec, local_users, cleanup, postroom_cmd),
+        )
         if relay:
-            remote = postroom.PostroomSpec(root / "postroom-remote", HOSTS["postroom-remote"],
-                                           f"mx.{RELAY_DOMAIN}", RELAY_DOMAIN, cert, key,
-                                           nameserver=dns_addr)
-            _attempt(lab, "postroom-remote", lambda: postroom.start_postroom(
-                remote, users(1, RELAY_DOMAIN), cleanup, postroom_cmd))
+            remote = postroom.PostroomSpec(
+                root / "postroom-remote",
+                HOSTS["postroom-remote"],
+                f"mx.{RELAY_DOMAIN}",
+                RELAY_DOMAIN,
+                cert,
+                key,
+                nameserver=dns_addr,
+            )
+            _attempt(
+                lab,
+                "postroom-remote",
+                lambda: postroom.start_postroom(
+                    remote, users(1, RELAY_DOMAIN), cleanup, postroom_cmd
+                ),
+            )
     return lab

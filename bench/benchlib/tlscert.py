@@ -14,10 +14,28 @@ def make_cert(directory: Path, common_name: str = "bench.test") -> tuple[Path, P
     """Write ``cert.pem`` and ``key.pem`` (world-readable, for the unprivileged daemons)."""
     directory.mkdir(parents=True, exist_ok=True)
     cert, key = directory / "cert.pem", directory / "key.pem"
-    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
-         "-subj", f"/CN={common_name}",
-         "-addext", f"subjectAltName=DNS:{common_name},DNS:*.{common_name},IP:127.0.0.1"])
+    run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={common_name}",
+            "-addext",
+            f"subjectAltName=DNS:{common_name},DNS:*.{common_name},IP:127.0.0.1",
+        ]
+    )
     cert.chmod(0o644)
     key.chmod(0o644)
     return cert, key
