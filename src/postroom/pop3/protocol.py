@@ -45,7 +45,8 @@ class Features:
     starttls: bool = False
     login_allowed: bool = True  # TLS is active, or plaintext logins are allowed
     sasl: tuple[str, ...] = ("PLAIN", "LOGIN", "SCRAM-SHA-256")
-    max_errors: int = 20
+    max_errors: int = 20  # protocol errors and failed logins before we hang up
+    max_commands: int = 100_000  # per session ([limits] max_commands)
 
 
 # -- events --------------------------------------------------------------------------------------
@@ -128,6 +129,7 @@ class Pop3Protocol:
     tls_active: bool = False
     utf8: bool = False
     errors: int = 0
+    commands: int = 0
     _reader: LineReader = field(default_factory=lambda: LineReader(MAX_SASL_LINE))
     _out: list[bytes] = field(default_factory=list)
     _user: str | None = None
@@ -183,10 +185,12 @@ class Pop3Protocol:
         self.state = State.TRANSACTION
 
     def login_failed(self, text: str, code: str | None = "AUTH") -> None:
+        """RFC 2449 §8.1.2 / RFC 3206: ``[AUTH]`` bad credentials, ``[IN-USE]`` mailbox locked,
+        ``[SYS/TEMP]`` try later. A failed login counts as an error (see ``max_errors``)."""
         self._answered()
         self.state = State.AUTHORIZATION
         self._user = None
-        self._err(text, code)
+        self._error(text, code)
 
     def auth_challenge(self, challenge: bytes) -> None:
         """RFC 5034 §4: ``+ <base64>`` and wait for the client's line."""
@@ -256,12 +260,14 @@ class Pop3Protocol:
             "AUTH-RESP-CODE",
             "PIPELINING",
             "IMPLEMENTATION postroom",
-            "UTF8",
         ]
         if f.login_allowed:
-            caps.append("USER")
+            # RFC 6856 §2: "UTF8 USER" = UTF-8 user names and passwords work with USER/PASS.
+            caps += ["UTF8 USER", "USER"]
             if f.sasl:
                 caps.append("SASL " + " ".join(f.sasl))
+        else:
+            caps.append("UTF8")
         if f.starttls and not self.tls_active and self.state is State.AUTHORIZATION:
             caps.append("STLS")
         return caps
@@ -275,7 +281,12 @@ class Pop3Protocol:
             return self._error("Invalid UTF-8 in command")
         verb, _, rest = text.partition(" ")
         verb = verb.upper()
-        args = rest.split(" ") if rest else []
+        args = rest.split()
+        self.commands += 1
+        if self.commands > self.features.max_commands:
+            self._out.append(b"-ERR [SYS/TEMP] Too many commands in one session\r\n")
+            self.state = State.CLOSED
+            return Closing()
         if verb == "CAPA":
             body = "".join(f"{c}\r\n" for c in self.capabilities())
             self._out.append(f"+OK Capability list follows\r\n{body}.\r\n".encode())

@@ -32,8 +32,8 @@ from postroom.pop3.protocol import (
     StartTLS,
     State,
 )
-from postroom.pop3.session import MailboxInUse, Maildrop
-from postroom.smtp.framing import Stuffer, dot_stuff, to_crlf
+from postroom.pop3.session import MailboxInUse, Maildrop, TopFilter, chunks
+from postroom.smtp.framing import Stuffer, dot_stuff
 from postroom.storage import maildir
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ class Pop3Connection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._mech: sasl.Mechanism | None = None
         self._sasl_done: str | None = None
+        self._stopping = False
 
     # -- callbacks -----------------------------------------------------------------------------
 
@@ -74,6 +75,7 @@ class Pop3Connection(asyncio.Protocol):
             starttls=self.services.tls is not None and not tls,
             login_allowed=tls or self.services.cfg.auth.allow_plaintext,
             max_errors=self.services.cfg.limits.max_errors,
+            max_commands=self.services.cfg.limits.max_commands,
         )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -207,13 +209,15 @@ class Pop3Connection(asyncio.Protocol):
             return
         self._task = None
         self.last_activity = time.monotonic()
-        if not self._lost and not self._write_paused:
+        if self._stopping and proto.state is not State.CLOSED:
+            self.shutdown()
+        elif not self._lost and not self._write_paused:
             self._process()
 
     # -- TRANSACTION ---------------------------------------------------------------------------
 
     def _command(self, proto: Pop3Protocol, cmd: Command) -> bool:
-        """Answer a TRANSACTION command at once; False if it needs a task (a large RETR)."""
+        """Answer a TRANSACTION command at once; False if it needs a task (a large message)."""
         drop = self.drop
         assert drop is not None
         verb = cmd.verb
@@ -221,23 +225,17 @@ class Pop3Connection(asyncio.Protocol):
             proto.ok()
         elif verb == "STAT":
             count, size = drop.stat()
-            proto.ok(f"{count} {size}")
+            proto.ok(f"{count} {size}")  # RFC 1939 §5: exactly "+OK nn mm"
         elif verb == "RSET":
             drop.reset()
             count, size = drop.stat()
             proto.ok(f"{count} messages ({size} octets)")
         elif cmd.msg is None:  # LIST or UIDL of the whole mailbox
-            count, size = drop.stat()
             if verb == "LIST":
-                lines = [
-                    f"{i} {e.size}\r\n" for i, e in enumerate(drop.entries, 1) if not e.deleted
-                ]
-                proto.multiline(
-                    f"{count} messages ({size} octets)", "".join(lines).encode() + b".\r\n"
-                )
+                count, size = drop.stat()
+                proto.multiline(f"{count} messages ({size} octets)", drop.listing(uids=False))
             else:
-                lines = [f"{i} {e.uid}\r\n" for i, e in enumerate(drop.entries, 1) if not e.deleted]
-                proto.multiline("Unique-ID listing follows", "".join(lines).encode() + b".\r\n")
+                proto.multiline("Unique-ID listing follows", drop.listing(uids=True))
         else:
             entry = drop.get(cmd.msg)
             if entry is None:
@@ -249,58 +247,76 @@ class Pop3Connection(asyncio.Protocol):
             elif verb == "DELE":
                 entry.deleted = True
                 proto.ok(f"Message {cmd.msg} deleted")
-            elif verb == "TOP" or entry.size <= SMALL_MESSAGE:
+            elif entry.size <= SMALL_MESSAGE:
                 try:
                     data = drop.read(entry)
                 except FileNotFoundError:
                     proto.err("Message was removed by another program", "SYS/PERM")
                     return True
                 except OSError:
-                    proto.err("Cannot read message", "SYS/TEMP")
+                    proto.err("Cannot read message, try again later", "SYS/TEMP")
                     return True
                 if verb == "TOP":
                     assert cmd.lines is not None
-                    proto.multiline("Top of message follows", dot_stuff(_top(data, cmd.lines)))
+                    top = TopFilter(cmd.lines)
+                    proto.multiline("Top of message follows", dot_stuff(top.feed(data)))
                 else:
                     entry.retrieved = True
-                    proto.multiline(f"{len(data)} octets", dot_stuff(data))
+                    proto.multiline(f"{entry.size} octets", dot_stuff(data))
             else:
                 return False
         return True
 
     async def _stream(self, proto: Pop3Protocol, cmd: Command) -> None:
-        """RETR of a large message: read, stuff and send in pieces, honouring flow control."""
+        """RETR or TOP of a large message: read, stuff and send in pieces, with flow control.
+
+        The file is read in a worker thread a piece at a time and each piece is written before
+        the next is read, so memory stays at a few pieces whatever the message size.
+        """
         drop = self.drop
         assert drop is not None and cmd.msg is not None
         entry = drop.get(cmd.msg)
         assert entry is not None
         loop = asyncio.get_running_loop()
+        executor = self.services.store.executor
         try:
-            fh = await loop.run_in_executor(
-                self.services.store.executor, open, drop.file(entry), "rb"
-            )
-        except OSError:
-            proto.err("Cannot read message", "SYS/TEMP")
+            fh = await loop.run_in_executor(executor, drop.open_message, entry)
+        except FileNotFoundError:
+            proto.err("Message was removed by another program", "SYS/PERM")
             return
-        proto.begin_multiline(f"{entry.size} octets")
+        except OSError:
+            proto.err("Cannot read message, try again later", "SYS/TEMP")
+            return
+        top = TopFilter(cmd.lines) if cmd.verb == "TOP" and cmd.lines is not None else None
+        if top is None:
+            proto.begin_multiline(f"{entry.size} octets")
+        else:
+            proto.begin_multiline("Top of message follows")
         stuffer = Stuffer()
-        pending_cr = b""
+        pieces = chunks(fh, CHUNK)
         try:
             while not self._lost:
-                piece = await loop.run_in_executor(self.services.store.executor, fh.read, CHUNK)
+                try:
+                    piece = await loop.run_in_executor(executor, next, pieces, b"")
+                except OSError:
+                    # The +OK is out: a -ERR cannot follow. Drop the connection; as after any
+                    # drop, nothing is deleted (RFC 1939 §6).
+                    self.services.log.exception("POP3 read of %s failed", drop.file(entry))
+                    self._close()
+                    return
                 if not piece:
                     break
-                if not entry.crlf:
-                    # Convert LF to CRLF; a CR ending one piece may pair with the next LF.
-                    piece = pending_cr + piece
-                    pending_cr = b"\r" if piece.endswith(b"\r") else b""
-                    piece = to_crlf(piece[: len(piece) - len(pending_cr)])
+                if top is not None:
+                    piece = top.feed(piece)
                 proto.send_raw(stuffer.feed(piece))
                 self._flush()
+                if top is not None and top.done:
+                    break
                 if self._write_paused:
                     await self._writable.wait()
-            proto.send_raw(stuffer.feed(pending_cr) + stuffer.finish())
-            entry.retrieved = True
+            proto.send_raw(stuffer.finish())
+            if top is None:
+                entry.retrieved = True
         finally:
             fh.close()
 
@@ -334,7 +350,10 @@ class Pop3Connection(asyncio.Protocol):
         await self._open(proto, key)
 
     async def _failed(self, proto: Pop3Protocol, user: str | None) -> None:
-        delay = self.services.throttle.failure(self.client_ip, user)
+        # Counted per account too, case-insensitively (logins are), so that spelling the
+        # name differently does not reset the count.
+        account = user.strip().lower()[:320] if user else None
+        delay = self.services.throttle.failure(self.client_ip, account)
         self.services.log.info("pop3 login failed client=%s", self.client_ip)
         await asyncio.sleep(delay)
         proto.login_failed("Invalid login or password", "AUTH")
@@ -461,26 +480,18 @@ class Pop3Connection(asyncio.Protocol):
             self._close()
 
     def shutdown(self) -> None:
+        """Server stopping: an idle session gets -ERR and is closed (deleting nothing); a busy
+        one (a login being checked, a RETR being sent, QUIT being applied) finishes that first.
+        """
         proto = self.proto
-        if proto is None or self._lost or self._task is not None:
+        if proto is None or self._lost:
+            return
+        if self._task is not None:
+            self._stopping = True
             return
         proto.close("Server shutting down", "SYS/TEMP")
         self._flush()
         self._close()
-
-
-def _top(data: bytes, lines: int) -> bytes:
-    """The header section, the blank line, and the first ``lines`` body lines (RFC 1939 §7)."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        return data
-    head, body = data[: end + 4], data[end + 4 :]
-    if lines == 0:
-        return head
-    parts = body.split(b"\r\n", lines)
-    if len(parts) <= lines:
-        return data
-    return head + b"\r\n".join(parts[:lines]) + b"\r\n"
 
 
 async def start(services: Services, host: str, port: int, implicit_tls: bool) -> asyncio.Server:

@@ -1,67 +1,163 @@
 """A POP3 maildrop: the user's Maildir as seen by one session (RFC 1939 semantics).
 
 At login the Maildir's ``new/`` and ``cur/`` are listed once (the snapshot): message numbers
-refer to it, and mail arriving meanwhile appears in the next session. Sizes come from the
-``,S=`` in the file names (postroom writes CRLF files, so that is the octet count RETR sends);
-files from other tools without it are measured once, counting LF as CRLF. UIDLs are the Maildir
-base names (hashed if too long for RFC 1939 §7), so they are stable and never reused.
-Deletions are applied only at QUIT (the UPDATE state); messages retrieved and kept move from
-``new/`` to ``cur/`` with the ``S`` flag, as Maildir readers expect.
+refer to it, and mail arriving meanwhile appears in the next session. Sizes come from the file
+names, never from reading bodies: ``,W=`` (Dovecot's CRLF size) if present, else ``,S=``
+(postroom writes CRLF files, so that is the octet count RETR sends). Files from other tools
+without either are measured once, counting each bare LF as CRLF, and remembered in a small
+cache file so that the next session does not read them again. Every message goes out with CRLF
+line ends (RFC 1939 §3), so LIST and STAT equal the octets RETR sends.
+
+UIDLs are the Maildir unique names (the base name up to the first ``,`` or ``:``, as Dovecot
+keys them; hashed if unfit for RFC 1939 §7), so they survive flag changes, are stable across
+sessions and are never reused. Deletions are applied only at QUIT (the UPDATE state, RFC 1939
+§6); a dropped connection deletes nothing. Messages retrieved and kept move from ``new/`` to
+``cur/`` with the ``S`` (seen) flag, as Maildir readers expect.
 
 One session per mailbox: an exclusive ``flock`` on a lock file, held for the session and
-released by the kernel if the process dies, so a crash never locks a mailbox for good.
+released by the kernel when the descriptor is closed or the process dies, so a crashed session
+never locks a mailbox for good.
+
+All methods do blocking file work: the asyncio glue calls them from a worker thread (or inline
+for small, fast operations). :class:`CrlfConverter` and :class:`TopFilter` are pure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from postroom.smtp.framing import to_crlf
 from postroom.storage import maildir
 
 LOCK_NAME = ".postroom-pop3.lock"
+SIZE_CACHE = ".postroom-pop3-sizes"
 READ_CHUNK = 1 << 18
 
 
 class MailboxInUse(Exception):
-    """Another session holds the mailbox."""
+    """Another session holds the mailbox (answered with ``-ERR [IN-USE]``, RFC 2449 §8.1.1)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One message of the snapshot."""
 
     subdir: str  # "new" or "cur"
     name: str  # file name in that directory
-    size: int
+    size: int  # octets as sent by RETR (CRLF line ends, before dot-stuffing)
     uid: str
     deleted: bool = False
     retrieved: bool = False
-    crlf: bool = True  # the file already has CRLF line ends
 
     @property
     def base(self) -> str:
+        """The Maildir unique name, without the ``:2,FLAGS`` info."""
         return self.name.split(":", 1)[0]
 
 
-def _uid(base: str) -> str:
+def unique_id(name: str) -> str:
+    """The UIDL of a Maildir file name: its unique part, up to the first ``,`` or ``:``."""
+    base = name.split(":", 1)[0].split(",", 1)[0]
     # RFC 1939 §7: 1 to 70 characters in the range 0x21 to 0x7E.
     if 0 < len(base) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in base):
         return base
     return hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
+def size_from_name(name: str) -> int | None:
+    """``,W=`` (the size with CRLF line ends, Dovecot) or else ``,S=`` from a file name."""
+    fields = name.split(":", 1)[0].split(",")[1:]
+    for f in fields:
+        if f.startswith("W=") and f[2:].isdigit():
+            return int(f[2:])
+    return maildir.size_from_name(name)
+
+
+class CrlfConverter:
+    """Turns bare LF into CRLF in a stream of pieces; joined output == ``to_crlf(whole)``.
+
+    The only state carried between pieces is a CR that ended one piece: it may pair with an
+    LF at the start of the next.
+    """
+
+    def __init__(self) -> None:
+        self._cr = b""
+
+    def feed(self, data: bytes) -> bytes:
+        data = self._cr + data
+        self._cr = b"\r" if data.endswith(b"\r") else b""
+        return to_crlf(data[: len(data) - len(self._cr)])
+
+    def finish(self) -> bytes:
+        out, self._cr = self._cr, b""
+        return out
+
+
+class TopFilter:
+    """Passes the header section, the blank line and ``lines`` body lines (RFC 1939 §7 TOP).
+
+    Fed CRLF text in pieces; the joined output does not depend on how it was cut, and
+    :attr:`done` turns True once nothing more is needed. A message without a blank line is all
+    header and is passed whole.
+    """
+
+    def __init__(self, lines: int) -> None:
+        self.lines = lines
+        self.done = False
+        self._in_body = False
+        # The last octets of the header section seen so far, to find CRLF CRLF across pieces;
+        # it starts as a line end so that a message opening with an empty line has no header.
+        self._tail = b"\r\n"
+        self._cr = False  # the body so far ends with CR (its LF may come next)
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done or not data:
+            return b""
+        out = b""
+        if not self._in_body:
+            text = self._tail + data
+            end = text.find(b"\r\n\r\n")
+            if end < 0:
+                self._tail = text[-3:]
+                return data
+            cut = end + 4 - len(self._tail)  # where the body starts in ``data``
+            out, data = data[:cut], data[cut:]
+            self._in_body = True
+        if self.lines == 0:
+            self.done = True
+            return out
+        prefix = b"\r" if self._cr else b""
+        text = prefix + data
+        pos = 0
+        while self.lines > 0:
+            i = text.find(b"\r\n", pos)
+            if i < 0:
+                break
+            pos = i + 2
+            self.lines -= 1
+        if self.lines == 0:
+            self.done = True
+            return out + text[len(prefix) : pos]
+        self._cr = text.endswith(b"\r")
+        return out + data
+
+
 class Maildrop:
-    """The locked snapshot of one Maildir. Blocking file work: call from a worker thread."""
+    """The locked snapshot of one Maildir."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.entries: list[Entry] = []
         self._lock_fd: int | None = None
+
+    # -- open and close --------------------------------------------------------------------
 
     def open(self) -> None:
         """Lock the mailbox and take the snapshot; MailboxInUse if another session has it."""
@@ -73,34 +169,80 @@ class Maildrop:
             os.close(fd)
             raise MailboxInUse(str(self.path)) from None
         self._lock_fd = fd
+        try:
+            self.entries = self._snapshot()
+        except BaseException:
+            self.close()
+            raise
+
+    def _snapshot(self) -> list[Entry]:
         entries: list[Entry] = []
+        unknown: list[tuple[str, str]] = []
         for subdir in ("cur", "new"):
             with os.scandir(self.path / subdir) as it:
                 for e in it:
                     if e.name.startswith("."):
                         continue
-                    size = maildir.size_from_name(e.name)
-                    crlf = True
+                    size = size_from_name(e.name)
                     if size is None:
-                        size, crlf = self._measure(self.path / subdir / e.name)
-                    base = e.name.split(":", 1)[0]
-                    entries.append(Entry(subdir, e.name, size, _uid(base), crlf=crlf))
-        # Oldest first: Maildir names start with the delivery time.
+                        unknown.append((subdir, e.name))
+                        continue
+                    entries.append(Entry(subdir, e.name, size, unique_id(e.name)))
+        if unknown:
+            entries += self._measure_all(unknown)
+        # Oldest first: Maildir unique names start with the delivery time in seconds.
         entries.sort(key=lambda en: en.base)
-        self.entries = entries
+        return entries
 
-    @staticmethod
-    def _measure(path: Path) -> tuple[int, bool]:
-        data = path.read_bytes()
-        converted = to_crlf(data)
-        return len(converted), converted is data
+    def _measure_all(self, files: list[tuple[str, str]]) -> list[Entry]:
+        """Sizes of files without ``,S=``, through the cache (keyed by name and raw size)."""
+        cache_path = self.path / SIZE_CACHE
+        cache: dict[str, tuple[int, int]] = {}
+        try:
+            for line in cache_path.read_text("utf-8", "surrogateescape").splitlines():
+                key, raw_text, crlf_text = line.rsplit("\t", 2)
+                cache[key] = (int(raw_text), int(crlf_text))
+        except (OSError, ValueError):
+            cache = {}
+        fresh: dict[str, tuple[int, int]] = {}
+        entries: list[Entry] = []
+        for subdir, name in files:
+            path = self.path / subdir / name
+            uid = unique_id(name)
+            try:
+                raw = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            known = cache.get(uid)
+            if known is not None and known[0] == raw:
+                size = known[1]
+            else:
+                try:
+                    size = measure(path)
+                except FileNotFoundError:
+                    continue
+            fresh[uid] = (raw, size)
+            entries.append(Entry(subdir, name, size, uid))
+        if fresh != cache:
+            tmp = cache_path.with_name(SIZE_CACHE + ".tmp")
+            try:
+                tmp.write_text(
+                    "".join(f"{u}\t{r}\t{s}\n" for u, (r, s) in fresh.items()),
+                    "utf-8",
+                    "surrogateescape",
+                )
+                os.replace(tmp, cache_path)
+            except OSError:
+                pass  # only a cache: the next session measures again
+        return entries
 
     def close(self) -> None:
+        """Release the lock (nothing is applied: that is :meth:`update`)."""
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    # -- the commands --------------------------------------------------------------------------
+    # -- the commands ----------------------------------------------------------------------
 
     def get(self, number: int) -> Entry | None:
         """The live (not deleted) message with this 1-based number."""
@@ -111,35 +253,105 @@ class Maildrop:
         return None
 
     def stat(self) -> tuple[int, int]:
-        live = [e for e in self.entries if not e.deleted]
-        return len(live), sum(e.size for e in live)
+        count = size = 0
+        for e in self.entries:
+            if not e.deleted:
+                count += 1
+                size += e.size
+        return count, size
+
+    def listing(self, uids: bool) -> bytes:
+        """The body of LIST or UIDL without an argument, ending with ``.\\r\\n``."""
+        if uids:
+            lines = [f"{i} {e.uid}\r\n" for i, e in enumerate(self.entries, 1) if not e.deleted]
+        else:
+            lines = [f"{i} {e.size}\r\n" for i, e in enumerate(self.entries, 1) if not e.deleted]
+        lines.append(".\r\n")
+        return "".join(lines).encode()
 
     def file(self, entry: Entry) -> Path:
         return self.path / entry.subdir / entry.name
 
+    def locate(self, entry: Entry) -> Path:
+        """The message's file now; follows a move by another Maildir tool (new -> cur, flags).
+
+        Raises FileNotFoundError if the message is gone.
+        """
+        path = self.file(entry)
+        if path.exists():
+            return path
+        base = entry.base
+        for subdir in ("cur", "new"):
+            with os.scandir(self.path / subdir) as it:
+                for e in it:
+                    if e.name == base or e.name.startswith(base + ":"):
+                        entry.subdir, entry.name = subdir, e.name
+                        return self.path / subdir / e.name
+        raise FileNotFoundError(str(path))
+
+    def open_message(self, entry: Entry) -> BinaryIO:
+        return open(self.locate(entry), "rb")  # the caller closes it
+
     def read(self, entry: Entry) -> bytes:
-        data = self.file(entry).read_bytes()
-        return data if entry.crlf else to_crlf(data)
+        """The whole message with CRLF line ends (for small messages)."""
+        with self.open_message(entry) as fh:
+            return to_crlf(fh.read())
 
     def reset(self) -> None:
         for e in self.entries:
             e.deleted = False
 
     def update(self) -> int:
-        """The UPDATE state (RFC 1939 §6): delete what was marked; move what was read to cur/.
+        """The UPDATE state (RFC 1939 §6): delete what was marked; mark what was read as seen.
 
-        Returns how many deletions failed (the answer to QUIT is then -ERR).
+        Returns how many deletions failed (the answer to QUIT is then -ERR, RFC 1939 §6).
         """
         failed = 0
+        changed = False
         for e in self.entries:
-            src = self.file(e)
+            if not (e.deleted or e.retrieved):
+                continue
             try:
+                src = self.locate(e)
                 if e.deleted:
                     os.unlink(src)
-                elif e.retrieved and e.subdir == "new":
+                elif e.subdir == "new":
                     os.rename(src, self.path / "cur" / f"{e.name}:2,S")
+                elif ":2," in e.name and "S" not in e.name.split(":2,", 1)[1]:
+                    head, flags = e.name.split(":2,", 1)
+                    os.rename(src, self.path / "cur" / f"{head}:2,{''.join(sorted(flags + 'S'))}")
+                else:
+                    continue
+                changed = True
             except FileNotFoundError:
                 continue  # removed by someone else meanwhile: the end result is the same
             except OSError:
                 failed += 1 if e.deleted else 0
+        if changed:
+            for subdir in ("new", "cur"):
+                # The changes are made; only their durability across a power cut is at stake.
+                with contextlib.suppress(OSError):
+                    maildir.fsync_dir(self.path / subdir)
         return failed
+
+
+def measure(path: Path) -> int:
+    """The size of a file once every bare LF is sent as CRLF, read in pieces."""
+    size = 0
+    conv = CrlfConverter()
+    with open(path, "rb") as fh:
+        while piece := fh.read(READ_CHUNK):
+            size += len(conv.feed(piece))
+    return size + len(conv.finish())
+
+
+def chunks(fh: BinaryIO, size: int = READ_CHUNK) -> Iterator[bytes]:
+    """The file's contents with CRLF line ends, in pieces of about ``size`` octets."""
+    conv = CrlfConverter()
+    while piece := fh.read(size):
+        out = conv.feed(piece)
+        if out:
+            yield out
+    tail = conv.finish()
+    if tail:
+        yield tail

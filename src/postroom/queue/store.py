@@ -20,6 +20,7 @@ Only this module and ``storage/`` touch the disk.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import secrets
@@ -38,10 +39,14 @@ FOOTER_LEN = len(FOOTER_MAGIC) + 11  # ten digits and a newline
 SPILL_THRESHOLD = 1 << 20
 
 
+_ID_SEQUENCE = itertools.count(secrets.randbelow(1 << 20))
+
+
 def new_queue_id(now: float | None = None) -> str:
-    """Sortable, unique id: microseconds since the epoch (hex) and 24 random bits."""
+    """Sortable, unique id: microseconds since the epoch, then a per-process sequence number
+    (starting at random, so two processes in the same microsecond still differ)."""
     micros = int((time.time() if now is None else now) * 1_000_000)
-    return f"{micros:014x}{secrets.token_hex(3)}".upper()
+    return f"{micros:014X}{next(_ID_SEQUENCE) & 0xFFFFFF:06X}"
 
 
 @dataclass

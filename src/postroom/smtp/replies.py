@@ -39,6 +39,15 @@ class Reply:
 
     def render(self) -> bytes:
         """The reply on the wire (RFC 5321 §4.2.1); multi-line replies use ``code-``."""
+        cached = _RENDERED.get(self)
+        if cached is not None:
+            return cached
+        out = self._render()
+        if len(_RENDERED) < 1024:
+            _RENDERED[self] = out
+        return out
+
+    def _render(self) -> bytes:
         prefix = f"{self.status} " if self.status else ""
         out = []
         last = len(self.lines) - 1
@@ -51,6 +60,9 @@ class Reply:
     def __str__(self) -> str:
         prefix = f"{self.status} " if self.status else ""
         return f"{self.code} {prefix}{self.text}"
+
+
+_RENDERED: dict[Reply, bytes] = {}
 
 
 def parse_status(text: str) -> tuple[str, str]:

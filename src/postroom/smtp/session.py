@@ -41,6 +41,19 @@ _RECEIVED = re.compile(rb"(?im)^received:")
 _HEADER_FIELD = re.compile(rb"(?im)^(date|message-id):")
 
 
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _rfc5322_date(when: float) -> str:
+    """RFC 5322 §3.3 date in UTC, formatted once per second (it is on every message)."""
+    global _date_cache
+    second = int(when)
+    if _date_cache[0] != second:
+        stamp = datetime.datetime.fromtimestamp(second, datetime.UTC)
+        _date_cache = (second, email.utils.format_datetime(stamp))
+    return _date_cache[1]
+
+
 @dataclass
 class _Txn:
     sender: Address | None = None
@@ -164,9 +177,7 @@ class SmtpSession:
     def _prefix(self, head: bytes) -> bytes:
         """Our Received header, plus Date/Message-ID for submissions that lack them."""
         txn = self.txn
-        date = email.utils.format_datetime(
-            datetime.datetime.fromtimestamp(txn.received_at, datetime.UTC)
-        )
+        date = _rfc5322_date(txn.received_at)
         rcpt = ""
         if len(txn.recipients) == 1:
             rcpt = f"\r\n\tfor <{txn.recipients[0].original or txn.recipients[0].address}>"

@@ -18,6 +18,7 @@ import hmac
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from postroom.address import Address, parse_user_address, safe_local_part
 from postroom.errors import AccountError, AddressError
 
 SCRAM_ITERATIONS = 4096
+CACHE_SIZE = 50_000
+CACHE_MAX_AGE = 5.0  # seconds; a belt to the stat-signature braces
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -91,6 +94,10 @@ class Accounts:
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "accounts.sqlite"
+        self._wal = data_dir / "accounts.sqlite-wal"
+        self._cache: dict[str, list[str] | None] = {}
+        self._cache_sig: tuple[int, ...] = ()
+        self._cache_time = 0.0
         self._local = threading.local()
         with self._db() as db:
             db.executescript(_SCHEMA)
@@ -232,12 +239,38 @@ class Accounts:
         rows = self._db().execute("SELECT target FROM aliases WHERE alias=?", (key,))
         return [r[0] for r in rows]
 
+    def _signature(self) -> tuple[int, ...]:
+        """Changes whenever any connection (the CLI) commits: size and mtime of db and WAL."""
+        sig: list[int] = []
+        for path in (self.path, self._wal):
+            try:
+                st = os.stat(path)
+                sig += (st.st_mtime_ns, st.st_size)
+            except FileNotFoundError:
+                sig += (0, 0)
+        return tuple(sig)
+
     def expand(self, key: str, max_depth: int = 10) -> list[str] | None:
         """Resolve aliases recursively to final addresses (keys for local ones).
 
         None when ``key`` is neither a user nor an alias. An alias may also name itself as a
         target (keep a copy and forward), which ends the recursion there. Loops stop quietly.
+        Answers are cached until the store changes on disk (checked with two stat calls), so
+        the RCPT hot path costs no SQL, and a change by the CLI is seen at once.
         """
+        now = time.monotonic()
+        sig = self._signature()
+        if sig != self._cache_sig or now - self._cache_time > CACHE_MAX_AGE:
+            self._cache.clear()
+            self._cache_sig, self._cache_time = sig, now
+        if key in self._cache:
+            return self._cache[key]
+        value = self._expand(key, max_depth)
+        if len(self._cache) < CACHE_SIZE:
+            self._cache[key] = value
+        return value
+
+    def _expand(self, key: str, max_depth: int) -> list[str] | None:
         seen: set[str] = set()
         result: list[str] = []
 

@@ -1,0 +1,211 @@
+"""Scale checks of issue 7: many idle connections, and intake with a big deferred queue.
+
+    python bench/scale.py [--connections 10000] [--deferred 100000] [--messages 2000]
+
+1. Opens ``--connections`` idle SMTP connections to postroom (loopback, bounded in time), and
+   reports the server's RSS before and after, and the latency of a normal transaction then.
+2. Measures the accept rate (smtp-source, 20 sessions, 1 KiB) with an empty queue and with
+   ``--deferred`` deferred messages in the spool (written directly in the spool's format, not
+   due for a day), and reports both and the start-up time the recovery took.
+
+Not run by CI. Needs /usr/sbin/smtp-source (apt package postfix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HOST = "127.0.0.30"
+ROOT = Path(__file__).resolve().parents[1]
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Postroom:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.port = free_port()
+        self.config = base / "postroom.toml"
+        self.config.write_text(
+            f'hostname = "mx.scale.test"\ndomains = ["scale.test"]\n'
+            f'data_dir = "{base / "data"}"\nlog_level = "warning"\n'
+            f'[listen]\nsmtp = ["{HOST}:{self.port}"]\n'
+            f"[limits]\nmax_connections = 30000\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cli("user", "add", "u@scale.test", "--password-stdin", stdin="pw\n")
+
+    def cli(self, *args: str, stdin: str | None = None) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "postroom", *args, "-c", str(self.config)],
+            input=stdin.encode() if stdin else None,
+            check=True,
+            capture_output=True,
+        )
+
+    def start(self) -> float:
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "postroom", "serve", "-c", str(self.config)],
+            stderr=open(self.base / "server.log", "ab"),  # noqa: SIM115
+        )
+        deadline = t0 + 600
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((HOST, self.port), timeout=1).close()
+                return time.monotonic() - t0
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError("postroom did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+
+def transaction_latency(port: int) -> float:
+    t0 = time.monotonic()
+    with smtplib.SMTP(HOST, port, timeout=60) as c:
+        c.sendmail("a@x.test", ["u@scale.test"], b"Subject: t\r\n\r\nt\r\n")
+    return time.monotonic() - t0
+
+
+def idle_connections(srv: Postroom, count: int) -> dict[str, float]:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    assert srv.proc is not None
+    before = rss_kib(srv.proc.pid)
+    socks: list[socket.socket] = []
+    deadline = time.monotonic() + 120
+    try:
+        while len(socks) < count and time.monotonic() < deadline:
+            s = socket.create_connection((HOST, srv.port), timeout=10)
+            socks.append(s)
+        for s in socks:  # every one got its banner: the server really holds them
+            if not s.recv(100).startswith(b"220"):
+                raise RuntimeError("no banner")
+        time.sleep(1)
+        after = rss_kib(srv.proc.pid)
+        latency = transaction_latency(srv.port)
+    finally:
+        for s in socks:
+            s.close()
+    return {
+        "connections": len(socks),
+        "rss_before_mib": before / 1024,
+        "rss_after_mib": after / 1024,
+        "kib_per_connection": (after - before) / max(1, len(socks)),
+        "transaction_latency_ms": latency * 1000,
+    }
+
+
+def fill_queue(data_dir: Path, count: int) -> None:
+    """Write ``count`` deferred messages in the spool's own format (no fsync: set-up only)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from postroom.queue.store import FOOTER_MAGIC, Envelope, Recipient, new_queue_id
+
+    msg_dir = data_dir / "queue" / "msg"
+    msg_dir.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    body = b"Subject: deferred\r\n\r\n" + b"x" * 1000 + b"\r\n"
+    for _ in range(count):
+        env = Envelope(
+            id=new_queue_id(),
+            sender="a@x.test",
+            recipients=[Recipient("r@far.test", status="deferred", last_error="451 4.4.1 down")],
+            created=now,
+            size=len(body),
+            attempts=1,
+            next_attempt=now + 86400,
+        )
+        meta = env.to_json()
+        (msg_dir / env.id).write_bytes(body + meta + FOOTER_MAGIC + b"%010d\n" % len(meta))
+
+
+def accept_rate(port: int, messages: int) -> float:
+    t0 = time.monotonic()
+    subprocess.run(
+        [
+            SMTP_SOURCE,
+            "-s",
+            "20",
+            "-m",
+            str(messages),
+            "-l",
+            "1024",
+            "-f",
+            "a@x.test",
+            "-t",
+            "u@scale.test",
+            f"{HOST}:{port}",
+        ],
+        check=True,
+        timeout=600,
+    )
+    return messages / (time.monotonic() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--connections", type=int, default=10_000)
+    ap.add_argument("--deferred", type=int, default=100_000)
+    ap.add_argument("--messages", type=int, default=2000)
+    args = ap.parse_args()
+    results: dict[str, object] = {}
+    base = Path(tempfile.mkdtemp(prefix="postroom-scale-"))
+    try:
+        srv = Postroom(base / "a")
+        srv.start()
+        try:
+            results["idle"] = idle_connections(srv, args.connections)
+            results["rate_empty_queue"] = accept_rate(srv.port, args.messages)
+        finally:
+            srv.stop()
+        loaded = Postroom(base / "b")
+        fill_queue(base / "b" / "data", args.deferred)
+        results["startup_with_deferred_s"] = loaded.start()
+        try:
+            results["rate_with_deferred"] = accept_rate(loaded.port, args.messages)
+        finally:
+            loaded.stop()
+        results["deferred"] = args.deferred
+        ratio = float(results["rate_with_deferred"]) / float(results["rate_empty_queue"])  # type: ignore[arg-type]
+        results["ratio_deferred_vs_empty"] = ratio
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONPATH", str(ROOT / "src"))
+    sys.exit(main())
