@@ -32,6 +32,8 @@ from postroom.errors import AccountError, AddressError
 SCRAM_ITERATIONS = 4096
 CACHE_SIZE = 50_000
 CACHE_MAX_AGE = 5.0  # seconds; a belt to the stat-signature braces
+LOGIN_CACHE_TIME = 300.0
+_CACHE_SECRET = os.urandom(32)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -98,6 +100,7 @@ class Accounts:
         self._cache: dict[str, list[str] | None] = {}
         self._cache_sig: tuple[int, ...] = ()
         self._cache_time = 0.0
+        self._logins: dict[bytes, tuple[str, tuple[int, ...], float]] = {}
         self._local = threading.local()
         with self._db() as db:
             db.executescript(_SCHEMA)
@@ -173,10 +176,26 @@ class Accounts:
         """The account key when ``password`` is right for ``login``; None otherwise.
 
         Costs one argon2 verification whether or not the user exists (no user enumeration by
-        timing). Blocking and CPU-heavy: call it from a worker thread.
+        timing). Blocking and CPU-heavy: call it from a worker thread. A successful login is
+        remembered (as an HMAC with a per-process secret, never the password) until the store
+        changes or ``LOGIN_CACHE_TIME`` passes, as Dovecot's auth cache does: a mail client that
+        logs in for every message then costs one argon2 run, not one per message.
         """
+        token = hmac.new(_CACHE_SECRET, f"{login}\0{password}".encode(), "sha256").digest()
+        sig = self._signature()
+        hit = self._logins.get(token)
+        if hit is not None and hit[1] == sig and time.monotonic() < hit[2]:
+            return hit[0]
+        key = self._verify(login, password)
+        if key is not None:
+            if len(self._logins) > CACHE_SIZE:
+                self._logins.clear()
+            self._logins[token] = (key, sig, time.monotonic() + LOGIN_CACHE_TIME)
+        return key
+
+    def _verify(self, login: str, password: str) -> str | None:
         try:
-            key = parse_user_address(login).key
+            key: str | None = parse_user_address(login).key
         except AddressError:
             key = None
         row = None
