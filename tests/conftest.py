@@ -90,6 +90,7 @@ class Server:
 
     def start(self) -> None:
         assert self.proc is None
+        ready_before = self.log.read_text().count("postroom: ready") if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "postroom", "serve", "-c", str(self.config)],
@@ -98,11 +99,14 @@ class Server:
                 env=env_with_src(),
                 start_new_session=True,
             )
-        try:
-            for port in self.ports.values():
-                wait_port(self.host, port)
-        except TimeoutError:
-            raise AssertionError("server did not start:\n" + self.log.read_text()) from None
+        # Ports are bound before the queue is recovered; "ready" comes once it serves.
+        deadline = time.monotonic() + 20
+        while self.log.read_text().count("postroom: ready") <= ready_before:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("server did not start:\n" + self.log.read_text())
+            time.sleep(0.05)
+        for port in self.ports.values():
+            wait_port(self.host, port)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         assert self.proc is not None

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import ipaddress
 import logging
 import os
 import resource
 import signal
+import socket
 import ssl
 import sys
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from postroom import config as config_mod
 from postroom import tls as tls_mod
@@ -95,6 +99,7 @@ class Services:
     )
     runner: Any = None  # postroom.queue.runner.QueueRunner, set by build_services
     stopping: bool = False
+    primary: bool = True  # the worker that owns the queue runner and the control socket
 
     @property
     def banner(self) -> bytes:
@@ -102,7 +107,7 @@ class Services:
         return f"220 {self.cfg.hostname} ESMTP postroom ready\r\n".encode()
 
 
-def build_services(cfg: Config) -> Services:
+def build_services(cfg: Config, primary: bool = True, workers: int = 1) -> Services:
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     lim = cfg.limits
     services = Services(
@@ -110,10 +115,14 @@ def build_services(cfg: Config) -> Services:
         accounts=Accounts(cfg.data_dir),
         store=QueueStore(cfg.data_dir / "queue"),
         throttle=LoginThrottle(cfg.auth),
+        # Each worker holds its share of the connection limit.
         connections=ConnectionLimiter(
-            lim.max_connections, lim.max_connections_per_ip, cfg.per_ip_exempt_networks()
+            -(-lim.max_connections // workers),
+            lim.max_connections_per_ip,
+            cfg.per_ip_exempt_networks(),
         ),
         tls=tls_mod.server_context(cfg),
+        primary=primary,
     )
     from postroom.queue.runner import QueueRunner
 
@@ -129,22 +138,73 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def _start_listeners(services: Services) -> list[asyncio.Server]:
-    from postroom.pop3 import server as pop3_server
-    from postroom.smtp import server as smtp_server
+@dataclass
+class Listener:
+    """A listening socket made before the event loop (and before any worker is forked)."""
 
-    cfg = services.cfg
+    kind: str  # smtp, submission, submissions, pop3, pop3s
+    host: str
+    port: int
+    sock: socket.socket
+
+
+LISTENER_KINDS = ("smtp", "submission", "submissions", "pop3", "pop3s")
+
+
+def bind_listeners(cfg: Config) -> list[Listener]:
+    """Bind every address in ``[listen]`` (as root if need be); OSError names the one at fault."""
+    listeners: list[Listener] = []
+    try:
+        for kind in LISTENER_KINDS:
+            for host, port in getattr(cfg.listen, kind):
+                try:
+                    family, _t, _p, _c, addr = socket.getaddrinfo(
+                        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                    )[0]
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind(addr)
+                    sock.listen(1024)
+                    sock.setblocking(False)
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno, f"cannot listen on {host}:{port} ({kind}): {exc.strerror}"
+                    ) from None
+                listeners.append(Listener(kind, host, port, sock))
+    except OSError:
+        for listener in listeners:
+            listener.sock.close()
+        raise
+    return listeners
+
+
+async def _start_listeners(services: Services, listeners: list[Listener]) -> list[asyncio.Server]:
+    from postroom.pop3.server import Pop3Connection
+    from postroom.smtp.server import SmtpConnection
+
+    loop = asyncio.get_running_loop()
+    handshake = services.cfg.limits.tls_handshake_timeout
     servers: list[asyncio.Server] = []
-    smtp_kinds: tuple[Port, ...] = ("smtp", "submission", "submissions")
-    for kind in smtp_kinds:
-        for host, port in getattr(cfg.listen, kind):
-            servers.append(await smtp_server.start(services, host, port, kind))
-            print(f"postroom: {kind} listening on {host}:{port}", file=sys.stderr)
-    for pop_kind in ("pop3", "pop3s"):
-        for host, port in getattr(cfg.listen, pop_kind):
-            implicit = pop_kind == "pop3s"
-            servers.append(await pop3_server.start(services, host, port, implicit_tls=implicit))
-            print(f"postroom: {pop_kind} listening on {host}:{port}", file=sys.stderr)
+    for lst in listeners:
+        implicit = lst.kind in ("submissions", "pop3s")
+        factory: Callable[[], asyncio.Protocol]
+        if lst.kind.startswith("pop3"):
+            factory = functools.partial(Pop3Connection, services, implicit)
+        else:
+            factory = functools.partial(SmtpConnection, services, cast(Port, lst.kind), implicit)
+        servers.append(
+            await loop.create_server(
+                factory,
+                sock=lst.sock,
+                backlog=1024,
+                ssl=services.tls if implicit else None,
+                ssl_handshake_timeout=handshake if implicit else None,
+            )
+        )
+        if services.primary:
+            print(f"postroom: {lst.kind} listening on {lst.host}:{lst.port}", file=sys.stderr)
     return servers
 
 
@@ -161,6 +221,9 @@ async def _control_server(services: Services) -> asyncio.AbstractServer:
             if verb == "flush":
                 services.runner.flush()
                 answer = "ok"
+            elif verb == "submit":
+                # Another worker spooled a message: the primary's runner delivers it.
+                answer = "ok" if services.runner.submit_id(arg) else "unknown"
             elif verb == "delete":
                 answer = "ok" if await services.runner.delete(arg) else "unknown"
             elif verb == "ping":
@@ -179,8 +242,9 @@ async def _control_server(services: Services) -> asyncio.AbstractServer:
     return server
 
 
-def _reload(services: Services) -> None:
+def _reload(services: Services, worker: Worker) -> None:
     """SIGHUP: reload the TLS pair and the config parts that need no new sockets."""
+    worker.signal_others(signal.SIGHUP)
     cfg = services.cfg
     try:
         new = config_mod.load(cfg.path) if cfg.path is not None else cfg
@@ -192,37 +256,44 @@ def _reload(services: Services) -> None:
     log.info("configuration reloaded")
 
 
-async def serve(cfg: Config) -> int:
-    _raise_fd_limit()
-    services = build_services(cfg)
+async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
+    """One worker's event loop. The primary (worker 0) also recovers and runs the queue."""
+    services = build_services(cfg, primary=worker.primary, workers=cfg.workers)
     loop = asyncio.get_running_loop()
-    await services.runner.recover()
-    servers = await _start_listeners(services)
-    control = await _control_server(services)
+    control = None
+    if worker.primary:
+        await services.runner.recover()
+    servers = await _start_listeners(services, listeners)
+    if worker.primary:
+        control = await _control_server(services)
     from postroom import privileges
-
-    privileges.drop(cfg)
-    runner_task = loop.create_task(services.runner.run())
     from postroom.smtp.server import IdleSweeper
 
-    sweeper = loop.create_task(IdleSweeper(services).run())
+    privileges.drop(cfg, chown=worker.primary)
+    worker.release_others()  # the queue is recovered: the other workers may serve now
+    tasks = [loop.create_task(IdleSweeper(services).run())]
+    if worker.primary:
+        tasks.append(loop.create_task(services.runner.run()))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, services)
-    if cfg.path is None:
-        print(
-            f"postroom: embedded default; data in {cfg.data_dir.resolve()}\n"
-            "postroom: add a user with: postroom user add you@localhost",
-            file=sys.stderr,
-        )
-    print("postroom: ready", file=sys.stderr)
+    loop.add_signal_handler(signal.SIGHUP, _reload, services, worker)
+    if worker.primary:
+        if cfg.path is None:
+            print(
+                f"postroom: embedded default; data in {cfg.data_dir.resolve()}\n"
+                "postroom: add a user with: postroom user add you@localhost",
+                file=sys.stderr,
+            )
+        print("postroom: ready", file=sys.stderr)
     await stop.wait()
     log.info("shutting down")
     services.stopping = True
     for server in servers:
         server.close()
-    control.close()
+    if control is not None:
+        control.close()
+    worker.signal_others(signal.SIGTERM)
     for conn in list(services.connections.live):
         with contextlib.suppress(Exception):
             conn.shutdown()
@@ -231,29 +302,106 @@ async def serve(cfg: Config) -> int:
     while services.connections.live and loop.time() < deadline:
         await asyncio.sleep(0.05)
     await services.runner.stop()
-    sweeper.cancel()
-    runner_task.cancel()
+    for task in tasks:
+        task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await runner_task
+        await asyncio.gather(*tasks)
+    await worker.wait_others(deadline=loop.time() + 1)
     services.accounts.close()
     return 0
+
+
+@dataclass
+class Worker:
+    """This process's place among the workers: ``workers`` processes share the listening
+    sockets (made before the fork) and each runs its own event loop, so that SMTP and POP3
+    use every core. The primary alone recovers and runs the queue; the others wait for it
+    (a pipe) before they serve, and die with it (PR_SET_PDEATHSIG)."""
+
+    primary: bool
+    children: list[int] = field(default_factory=list)
+    go_fd: int | None = None
+
+    def release_others(self) -> None:
+        if self.go_fd is not None:
+            os.write(self.go_fd, b"g" * len(self.children))
+            os.close(self.go_fd)
+            self.go_fd = None
+
+    def signal_others(self, sig: int) -> None:
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    async def wait_others(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        pending = list(self.children)
+        while pending:
+            for pid in list(pending):
+                try:
+                    done, _status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    pending.remove(pid)
+            if pending and loop.time() > deadline + 8:
+                self.signal_others(signal.SIGKILL)
+            if pending:
+                await asyncio.sleep(0.05)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: get SIGKILL when the primary dies (kill -9 included), so no orphan keeps a port."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def _loop_run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return int(uvloop.run(coro))
 
 
 def run(cfg: Config) -> int:
     logging.basicConfig(
         level=getattr(logging, cfg.log_level.upper()),
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
+    _raise_fd_limit()
     try:
-        import uvloop
-    except ImportError:
-        uvloop = None  # type: ignore[assignment]
-    try:
-        if uvloop is not None:
-            return int(uvloop.run(serve(cfg)))
-        return asyncio.run(serve(cfg))
+        listeners = bind_listeners(cfg)
     except OSError as exc:
         # Typically a port that cannot be bound: one line, no traceback.
+        print(f"postroom: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    worker = Worker(primary=True)
+    if cfg.workers > 1:
+        parent = os.getpid()
+        go_r, go_w = os.pipe()
+        for _ in range(cfg.workers - 1):
+            pid = os.fork()
+            if pid == 0:
+                os.close(go_w)
+                _die_with_parent(parent)
+                released = os.read(go_r, 1) == b"g"  # EOF: the primary failed to start
+                os.close(go_r)
+                if not released:
+                    os._exit(0)
+                os._exit(_loop_run(serve(cfg, listeners, Worker(primary=False))))
+            worker.children.append(pid)
+        os.close(go_r)
+        worker.go_fd = go_w
+    try:
+        return _loop_run(serve(cfg, listeners, worker))
+    except OSError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)
+        worker.signal_others(signal.SIGTERM)
         return 1

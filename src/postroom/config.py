@@ -189,6 +189,9 @@ class Config:
     data_dir: Path = Path("postroom-data")
     user: str | None = None
     log_level: str = "info"
+    # Processes sharing the listening sockets; more than one uses more cores (each has its own
+    # event loop; only the first runs the queue). Login throttling is counted per process.
+    workers: int = 1
     listen: ListenConfig = field(default_factory=ListenConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
@@ -320,6 +323,8 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
         raise ConfigError(f"{source}: hostname: expected a host name")
     if (cfg.tls.cert is None) != (cfg.tls.key is None):
         raise ConfigError(f"{source}: tls: cert and key go together")
+    if not 1 <= cfg.workers <= 64:
+        raise ConfigError(f"{source}: workers: must be between 1 and 64")
     if cfg.limits.max_recipients < 1:
         raise ConfigError(f"{source}: limits.max_recipients: must be at least 1")
     if not cfg.delivery.retry_intervals:

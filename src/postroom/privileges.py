@@ -31,12 +31,14 @@ def _lookup(cfg: Config) -> pwd.struct_passwd | None:
         raise ConfigError(f"{cfg.path or '<default>'}: user: no such user {cfg.user!r}") from None
 
 
-def drop(cfg: Config) -> None:
-    """For ``serve``: give the whole data tree to ``user``, then become that user."""
+def drop(cfg: Config, chown: bool = True) -> None:
+    """For ``serve``: give the whole data tree to ``user`` (once, by the primary worker), then
+    become that user."""
     pw = _lookup(cfg)
     if pw is None:
         return
-    _chown_tree(str(cfg.data_dir), pw.pw_uid, pw.pw_gid)
+    if chown:
+        _chown_tree(str(cfg.data_dir), pw.pw_uid, pw.pw_gid)
     _become(pw)
 
 

@@ -57,13 +57,46 @@ class QueueRunner:
         self._remote: RemoteDelivery | None = None
         self._destinations: dict[str, asyncio.Semaphore] = {}
         self._relayed: set[int] = set()
+        self._forwarding: set[asyncio.Task[None]] = set()
         self._rng = random.Random()
 
     # -- entry points --------------------------------------------------------------------------
 
     def submit(self, envelope: Envelope) -> None:
-        """A message was just committed to the spool: try it now."""
-        self._start(envelope)
+        """A message was just committed to the spool: try it now (in the primary worker)."""
+        if self.services.primary:
+            self._start(envelope)
+        else:
+            task = asyncio.get_running_loop().create_task(self._forward(envelope.id))
+            self._forwarding.add(task)
+            task.add_done_callback(self._forwarding.discard)
+
+    async def _forward(self, queue_id: str) -> None:
+        """Tell the primary worker about a message this worker spooled."""
+        path = str(self.cfg.data_dir / "control.sock")
+        for attempt in range(50):
+            try:
+                reader, writer = await asyncio.open_unix_connection(path)
+                writer.write(f"submit {queue_id}\n".encode())
+                await writer.drain()
+                await asyncio.wait_for(reader.readline(), 10)
+                writer.close()
+                return
+            except (OSError, TimeoutError):
+                await asyncio.sleep(0.1 * (attempt + 1))
+        self.services.log.error(
+            "could not hand %s to the queue runner; it is delivered "
+            "at the next start or queue flush",
+            queue_id,
+        )
+
+    def submit_id(self, queue_id: str) -> bool:
+        """The control socket's ``submit``: load a spooled message and try it now."""
+        try:
+            self._start(self.store.load(queue_id))
+        except QueueError:
+            return False
+        return True
 
     def flush(self) -> None:
         """``queue flush``: every deferred message is due now."""

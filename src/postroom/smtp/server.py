@@ -288,19 +288,3 @@ class IdleSweeper:
             for conn in list(self.services.connections.live):
                 with contextlib.suppress(Exception):
                     conn.check_timeout(now)
-
-
-async def start(services: Services, host: str, port: int, kind: Port) -> asyncio.Server:
-    """Listen for SMTP on ``host:port``; ``submissions`` is implicit TLS (RFC 8314)."""
-    loop = asyncio.get_running_loop()
-    implicit = kind == "submissions"
-    ssl_ctx = services.tls if implicit else None
-    return await loop.create_server(
-        lambda: SmtpConnection(services, kind, implicit),
-        host,
-        port,
-        ssl=ssl_ctx,
-        reuse_address=True,
-        backlog=1024,
-        ssl_handshake_timeout=services.cfg.limits.tls_handshake_timeout if implicit else None,
-    )
