@@ -1,0 +1,76 @@
+"""``workers = 2``: both processes serve, spooled mail reaches the primary's queue runner,
+and a kill -9 of the primary leaves no worker behind holding the ports."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import ssl
+import subprocess
+import threading
+import time
+
+from tests.conftest import ServerFactory
+from tests.dnszone import LoopbackDNS
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    ).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_two_workers(server_factory: ServerFactory) -> None:
+    dns = LoopbackDNS()  # knows no domain: remote mail bounces with 5.1.2
+    try:
+        srv = server_factory(
+            domains=("a.test",),
+            services=("smtp", "submission"),
+            extra_toml=f'workers = 2\n[dns]\nnameservers = ["{dns.nameserver}"]\n',
+        )
+        srv.add_user("alice@a.test", "pw")
+        assert srv.proc is not None
+        workers = children_of(srv.proc.pid)
+        assert len(workers) == 1
+
+        def send(i: int) -> None:
+            with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=30) as c:
+                c.sendmail(
+                    "x@r.test", ["alice@a.test"], f"Subject: local {i}\r\n\r\nx\r\n".encode()
+                )
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(srv.wait_messages("alice@a.test", 40)) == 40
+
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        for i in range(6):  # several connections: both workers spool some of them
+            with smtplib.SMTP(srv.host, srv.ports["submission"], timeout=30) as c:
+                c.starttls(context=ctx)
+                c.login("alice@a.test", "pw")
+                c.sendmail(
+                    "alice@a.test",
+                    ["bob@nowhere.test"],
+                    f"Subject: remote {i}\r\n\r\nx\r\n".encode(),
+                )
+        msgs = srv.wait_messages("alice@a.test", 46, timeout=30)
+        assert len(msgs) == 46  # six bounces came back through the primary's runner
+        assert sum(b"Status: 5.1.2" in m for m in msgs) == 6
+
+        srv.kill9()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in workers):
+            time.sleep(0.05)
+        assert not any(os.path.exists(f"/proc/{p}") for p in workers)
+        srv.start()
+        send(99)
+        assert len(srv.wait_messages("alice@a.test", 47)) == 47
+        assert srv.stop() == 0
+    finally:
+        dns.stop()
