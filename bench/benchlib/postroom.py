@@ -53,12 +53,14 @@ def environment() -> dict[str, str]:
 
 
 def config_toml(spec: PostroomSpec) -> str:
-    """The config: only keys from the contract (plus ``[auth] allow_plaintext`` for POP3)."""
+    """The config: keys from the contract, plus ``[auth] allow_plaintext`` (for plaintext POP3)
+    and ``workers`` = the number of cores (Postfix and Dovecot use every core too)."""
     host = spec.host
     lines = [
         f'hostname = "{spec.hostname}"',
         f'domains = ["{spec.domain}"]',
         f'data_dir = "{spec.root / "data"}"',
+        f"workers = {os.cpu_count() or 1}",
         "",
         "[listen]",
         *(f'{name} = ["{host}:{PORTS[name]}"]' for name in spec.services),
