@@ -48,6 +48,7 @@ def rss_kib(pid: int) -> int:
 class Postroom:
     def __init__(self, base: Path) -> None:
         self.base = base
+        base.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.config = base / "postroom.toml"
         self.config.write_text(
@@ -73,13 +74,13 @@ class Postroom:
             [sys.executable, "-m", "postroom", "serve", "-c", str(self.config)],
             stderr=open(self.base / "server.log", "ab"),  # noqa: SIM115
         )
+        # The port accepts as soon as it is bound; "ready" comes after the queue is recovered.
+        log = self.base / "server.log"
         deadline = t0 + 600
         while time.monotonic() < deadline:
-            try:
-                socket.create_connection((HOST, self.port), timeout=1).close()
+            if "postroom: ready" in log.read_text(errors="replace"):
                 return time.monotonic() - t0
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         raise TimeoutError("postroom did not start")
 
     def stop(self) -> None:
