@@ -234,3 +234,16 @@ def test_queue_delete(server_factory: ServerFactory, dns: LoopbackDNS) -> None:
     assert queue(pair.a) == []
     assert pair.a.cli("queue", "delete", qid, check=False).returncode == 1
     assert pair.a.messages("alice@a.test") == []
+
+
+def test_alias_with_remote_target_forwards(server_factory: ServerFactory, dns: LoopbackDNS) -> None:
+    pair = Pair(server_factory, dns)
+    pair.a.cli("alias", "add", "fwd@a.test", "alice@a.test", "bob@b.test")
+    with smtplib.SMTP(pair.a.host, pair.a.ports["smtp"], timeout=30) as c:
+        c.sendmail(
+            "someone@elsewhere.test", ["fwd@a.test"], b"Subject: forwarded\r\n\r\nvia an alias\r\n"
+        )
+    assert len(pair.a.wait_messages("alice@a.test", 1)) == 1
+    (fwd,) = pair.b.wait_messages("bob@b.test", 1)
+    # Forwarded without SRS: the envelope sender is the original one.
+    assert fwd.startswith(b"Return-Path: <someone@elsewhere.test>")
