@@ -16,6 +16,7 @@ import ctypes
 import functools
 import ipaddress
 import logging
+import logging.handlers
 import os
 import resource
 import signal
@@ -308,6 +309,7 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
         await asyncio.gather(*tasks)
     await worker.wait_others(deadline=loop.time() + 1)
     services.accounts.close()
+    flush_logs()
     return 0
 
 
@@ -361,6 +363,23 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
+def _setup_logging(cfg: Config) -> None:
+    """Log lines go to stderr in batches (one write per 256 lines or per second, at once for
+    warnings and errors): a write per accepted message would cost a system call each."""
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+    buffered = logging.handlers.MemoryHandler(256, flushLevel=logging.WARNING, target=stream)
+    root = logging.getLogger()
+    root.handlers[:] = [buffered]
+    root.setLevel(getattr(logging, cfg.log_level.upper()))
+
+
+def flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def _loop_run(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
@@ -370,11 +389,7 @@ def _loop_run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def run(cfg: Config) -> int:
-    logging.basicConfig(
-        level=getattr(logging, cfg.log_level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
+    _setup_logging(cfg)
     _raise_fd_limit()
     try:
         listeners = bind_listeners(cfg)

@@ -282,8 +282,11 @@ class IdleSweeper:
         self.interval = interval
 
     async def run(self) -> None:
+        from postroom.app import flush_logs
+
         while True:
             await asyncio.sleep(self.interval)
+            flush_logs()
             now = time.monotonic()
             for conn in list(self.services.connections.live):
                 with contextlib.suppress(Exception):
