@@ -1,0 +1,35 @@
+"""The sans-I/O modules import no asyncio, socket or os (DESIGN.md): they can be tested, and
+reasoned about, without any I/O."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "postroom"
+PURE = [
+    "smtp/server_protocol.py",
+    "smtp/client_protocol.py",
+    "smtp/commands.py",
+    "smtp/framing.py",
+    "smtp/replies.py",
+    "pop3/protocol.py",
+    "sasl.py",
+    "queue/schedule.py",
+    "delivery/dsn.py",
+]
+FORBIDDEN = {"asyncio", "socket", "os", "ssl", "subprocess", "selectors"}
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_module_imports_no_io(module: str) -> None:
+    tree = ast.parse((SRC / module).read_text())
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    assert not imported & FORBIDDEN, imported & FORBIDDEN
