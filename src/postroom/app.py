@@ -294,6 +294,8 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
         server.close()
     if control is not None:
         control.close()
+        with contextlib.suppress(OSError):
+            (cfg.data_dir / CONTROL_SOCKET).unlink()
     worker.signal_others(signal.SIGTERM)
     for conn in list(services.connections.live):
         with contextlib.suppress(Exception):
