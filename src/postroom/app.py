@@ -369,8 +369,9 @@ def _setup_logging(cfg: Config) -> None:
     """Log lines go to stderr in batches (one write per 256 lines or per second, at once for
     warnings and errors): a write per accepted message would cost a system call each."""
     stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+    stream.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    )
     buffered = logging.handlers.MemoryHandler(256, flushLevel=logging.WARNING, target=stream)
     root = logging.getLogger()
     root.handlers[:] = [buffered]

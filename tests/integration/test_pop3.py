@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import poplib
+import secrets
 import smtplib
 import socket
 import ssl
@@ -156,16 +160,22 @@ def test_curl_fetches(srv: Server) -> None:
         assert proc.stdout == files[1]
 
 
-def test_fetchmail_fetches(srv: Server, tmp_path: Path) -> None:
+def lf(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n")
+
+
+def test_fetchmail_fetches_byte_for_byte(srv: Server, tmp_path: Path) -> None:
     fetchmail = need_tool("fetchmail")
     rc = tmp_path / "fetchmailrc"
     out = tmp_path / "fetched"
     out.mkdir()
+    # "invisible": no Received header of its own; the MDA gets LF line ends (stripcr).
     rc.write_text(
-        f"poll {srv.host} with proto POP3 port {srv.ports['pop3']}\n"
+        f"set invisible\n"
+        f"poll {srv.host} with proto POP3 port {srv.ports['pop3']} uidl\n"
         f'  user "alice@a.test" there with password "pw" is "me" here\n'
         f"  sslproto TLS1.2+ no sslcertck keep\n"
-        f"  mda \"/bin/sh -c 'cat > {out}/msg.$$.$RANDOM'\"\n"
+        f"  mda \"/bin/sh -c 'cat > {out}/msg.$$'\"\n"
     )
     rc.chmod(0o600)
     proc = subprocess.run(
@@ -185,38 +195,41 @@ def test_fetchmail_fetches(srv: Server, tmp_path: Path) -> None:
         env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    fetched = [p.read_bytes() for p in out.iterdir()]
-    assert len(fetched) == 3
-    bodies = b"".join(fetched).replace(b"\r\n", b"\n")
-    for msg in MESSAGES:
-        assert msg.split(b"\r\n\r\n")[1].replace(b"\r\n", b"\n") in bodies
+    assert "STLS" in proc.stdout  # fetchmail upgraded on its own
+    fetched = sorted(p.read_bytes() for p in out.iterdir())
+    assert fetched == sorted(lf(m) for m in stored(srv))
 
 
-def test_mpop_fetches(srv: Server, tmp_path: Path) -> None:
+def test_mpop_fetches_byte_for_byte(srv: Server, tmp_path: Path) -> None:
     mpop = need_tool("mpop")
-    out = tmp_path / "mbox"
-    proc = subprocess.run(
-        [
-            mpop,
-            f"--host={srv.host}",
-            f"--port={srv.ports['pop3']}",
-            "--tls=on",
-            "--tls-starttls=on",
-            "--tls-certcheck=off",
-            "--auth=user",
-            "--user=alice@a.test",
-            "--passwordeval=echo pw",
-            "--keep=on",
-            f"--delivery=mbox,{out}",
-            "--uidls-file=" + str(tmp_path / "uidls"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert out.read_bytes().count(b"\nFrom ") + out.read_bytes().startswith(b"From ") == 3
+    out = tmp_path / "Maildir"
+    for sub in ("tmp", "new", "cur"):
+        (out / sub).mkdir(parents=True)
+    common = [
+        mpop,
+        f"--host={srv.host}",
+        f"--port={srv.ports['pop3']}",
+        "--tls=on",
+        "--tls-starttls=on",
+        "--tls-certcheck=off",
+        "--user=alice@a.test",
+        "--passwordeval=echo pw",
+        "--keep=on",
+        "--received-header=off",
+        f"--delivery=maildir,{out}",
+        "--uidls-file=" + str(tmp_path / "uidls"),
+    ]
+    for auth in ("user", "plain"):  # USER/PASS, then SASL PLAIN (RFC 5034)
+        proc = subprocess.run(
+            [*common, f"--auth={auth}", "--only-new=off"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    fetched = sorted(p.read_bytes() for p in (out / "new").iterdir())
+    assert fetched == sorted(lf(m) for m in stored(srv) * 2)
 
 
 def _pop_login(srv: Server, source: str, password: str) -> tuple[bool, float, bytes]:
@@ -261,3 +274,298 @@ def test_large_message_streams(server_factory: ServerFactory) -> None:
     _r, lines, _ = pop.retr(1)
     assert b"\r\n".join(lines) + b"\r\n" == raw
     pop.quit()
+
+
+def test_curl_sasl_and_list(srv: Server) -> None:
+    curl = need_tool("curl")
+    base = f"pop3s://{srv.host}:{srv.ports['pop3s']}/"
+    files = stored(srv)
+    for mech in ("PLAIN", "LOGIN"):
+        proc = subprocess.run(
+            [
+                curl,
+                "-sS",
+                "-k",
+                "--user",
+                "alice@a.test:pw",
+                "--login-options",
+                f"AUTH={mech}",
+                base + "1",
+            ],
+            capture_output=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == files[0]
+    proc = subprocess.run(
+        [curl, "-sS", "-k", "--user", "alice@a.test:pw", base], capture_output=True, timeout=60
+    )
+    assert proc.stdout == b"".join(f"{i} {len(f)}\r\n".encode() for i, f in enumerate(files, 1))
+    bad = subprocess.run(
+        [curl, "-sS", "-k", "--user", "alice@a.test:nope", base], capture_output=True, timeout=60
+    )
+    assert bad.returncode != 0
+
+
+def raw_pop(srv: Server, port: str = "pop3s") -> tuple[ssl.SSLSocket, object]:
+    sock = insecure().wrap_socket(socket.create_connection((srv.host, srv.ports[port]), 20))
+    f = sock.makefile("rb")
+    assert f.readline().startswith(b"+OK")
+    return sock, f
+
+
+def test_auth_plain_raw_and_capa_under_tls(srv: Server) -> None:
+    sock, f = raw_pop(srv)
+    sock.sendall(b"CAPA\r\n")
+    caps = []
+    while (line := f.readline()) != b".\r\n":  # type: ignore[attr-defined]
+        caps.append(line.rstrip(b"\r\n"))
+    assert caps[0].startswith(b"+OK") and b"STLS" not in caps
+    assert {
+        b"USER",
+        b"TOP",
+        b"UIDL",
+        b"SASL PLAIN LOGIN SCRAM-SHA-256",
+        b"RESP-CODES",
+        b"AUTH-RESP-CODE",
+        b"PIPELINING",
+        b"UTF8 USER",
+    } <= set(caps)
+    cred = base64.b64encode(b"\0alice@a.test\0pw")
+    # Pipelined (RFC 2449 PIPELINING): AUTH with an initial response, then STAT and QUIT.
+    sock.sendall(b"AUTH PLAIN " + cred + b"\r\nSTAT\r\nQUIT\r\n")
+    assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    assert f.readline().split()[:2] == [b"+OK", b"3"]  # type: ignore[attr-defined]
+    assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    sock.close()
+
+
+def test_wrong_password_and_unknown_user_look_the_same(srv: Server) -> None:
+    answers = []
+    for user in ("alice@a.test", "nobody@a.test", "alice@elsewhere.test"):
+        sock, f = raw_pop(srv)
+        t0 = time.monotonic()
+        sock.sendall(f"USER {user}\r\nPASS wrong\r\n".encode())
+        f.readline()  # type: ignore[attr-defined]
+        answers.append((f.readline(), time.monotonic() - t0))  # type: ignore[attr-defined]
+        sock.close()
+    assert len({a for a, _ in answers}) == 1 and answers[0][0].startswith(b"-ERR [AUTH]")
+    times = [t for _, t in answers]
+    assert max(times) - min(times) < 0.5, times
+
+
+def test_plaintext_login_when_allowed(server_factory: ServerFactory) -> None:
+    s = server_factory(services=("pop3",), extra_toml="[auth]\nallow_plaintext = true")
+    s.add_user("bob@a.test", "pw")
+    pop = poplib.POP3(s.host, s.ports["pop3"], timeout=20)
+    assert "USER" in pop.capa()
+    pop.user("bob@a.test")
+    pop.pass_("pw")
+    assert pop.stat() == (0, 0)
+    pop.quit()
+
+
+def put(md: Path, name: str, data: bytes) -> None:
+    for sub in ("tmp", "new", "cur"):
+        (md / sub).mkdir(parents=True, exist_ok=True)
+    (md / "tmp" / name).write_bytes(data)
+    (md / "tmp" / name).rename(md / "new" / name)
+
+
+def test_foreign_lf_files_exact_octets(server_factory: ServerFactory) -> None:
+    """Files written by other tools: LF line ends, no size in the name, large and small."""
+    s = server_factory(services=("pop3s",))
+    s.add_user("carol@a.test", "pw")
+    md = s.maildir("carol@a.test")
+    small = b"From: x\nSubject: lf\n\n.dot line\nlast line without end"
+    big = b"Subject: big lf\n\n" + b"".join(b".%06d\n" % i + b"\r\n" for i in range(120_000))
+    put(md, "1700000001.M1P1.other", small)
+    put(md, "1700000002.M2P2.other", big)
+    for _ in range(2):  # the second session takes the sizes from the cache
+        pop = poplib.POP3_SSL(s.host, s.ports["pop3s"], context=insecure(), timeout=30)
+        pop.user("carol@a.test")
+        pop.pass_("pw")
+        for i, raw in enumerate((small, big), 1):
+            size = int(pop.list(i).split()[2])
+            _r, lines, _ = pop.retr(i)
+            crlf = b"\r\n".join(lines) + b"\r\n"
+            assert crlf == raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + (
+                b"\r\n" if not raw.endswith(b"\n") else b""
+            )
+            # RFC 1939: the size is that of the message as sent, CRLF included.
+            assert size == len(crlf)
+        _r, head, _ = pop.top(2, 2)
+        assert head == [b"Subject: big lf", b"", b".000000", b""]
+        pop.quit()
+
+
+def test_ten_thousand_messages(server_factory: ServerFactory) -> None:
+    s = server_factory(services=("pop3s",))
+    s.add_user("dave@a.test", "pw")
+    md = s.maildir("dave@a.test")
+    for sub in ("tmp", "new", "cur"):
+        md.joinpath(sub).mkdir(parents=True, exist_ok=True)
+    msg = b"Subject: m\r\n\r\n" + b"x" * 1000 + b"\r\n"
+    for i in range(10_000):
+        (md / "new" / f"{1700000000 + i}.Q{i:05d}_0.host,S={len(msg)}").write_bytes(msg)
+    pop = poplib.POP3_SSL(s.host, s.ports["pop3s"], context=insecure(), timeout=60)
+    pop.user("dave@a.test")
+    t0 = time.perf_counter()
+    pop.pass_("pw")
+    t1 = time.perf_counter()
+    count, size = pop.stat()
+    t2 = time.perf_counter()
+    _r, listing, _ = pop.list()
+    t3 = time.perf_counter()
+    _r, uids, _ = pop.uidl()
+    t4 = time.perf_counter()
+    assert count == 10_000 and size == 10_000 * len(msg)
+    assert len(listing) == len(uids) == 10_000 and uids[-1] == b"10000 1700009999.Q09999_0.host"
+    pop.quit()
+    print(
+        f"\n10,000 messages: login {1000 * (t1 - t0):.0f} ms (argon2 + snapshot), "
+        f"STAT {1000 * (t2 - t1):.1f} ms, LIST {1000 * (t3 - t2):.1f} ms, "
+        f"UIDL {1000 * (t4 - t3):.1f} ms"
+    )
+
+
+def test_storage_error_is_sys_temp(server_factory: ServerFactory) -> None:
+    s = server_factory(services=("pop3s",))
+    s.add_user("erin@a.test", "pw")
+    md = s.maildir("erin@a.test")
+    (md / "cur").rmdir()
+    (md / "cur").write_bytes(b"not a directory")  # the disk says no
+    pop = poplib.POP3_SSL(s.host, s.ports["pop3s"], context=insecure(), timeout=20)
+    pop.user("erin@a.test")
+    with pytest.raises(poplib.error_proto) as exc:
+        pop.pass_("pw")
+    assert exc.value.args[0].startswith(b"-ERR [SYS/TEMP]")
+    assert "USER" in pop.capa()  # the session goes on
+    pop.quit()
+
+
+def test_idle_timeout_and_shutdown(server_factory: ServerFactory) -> None:
+    s = server_factory(services=("pop3s",), extra_toml='[limits]\npop3_idle_timeout = "1s"')
+    sock, f = raw_pop(s)
+    time.sleep(2.5)
+    assert f.readline().startswith(b"-ERR")  # type: ignore[attr-defined]
+    assert f.readline() == b""  # type: ignore[attr-defined]
+    sock.close()
+    s2 = server_factory(services=("pop3s",))
+    sock, f = raw_pop(s2)
+    assert s2.stop() == 0
+    assert f.readline().startswith(b"-ERR [SYS/TEMP]")  # type: ignore[attr-defined]
+    sock.close()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_50mb_retr_streams(server_factory: ServerFactory) -> None:
+    """RETR of a 50 MB message: exact octets, and the server's peak memory grows far less."""
+    s = server_factory(services=("pop3s",))
+    s.add_user("fred@a.test", "pw")
+    md = s.maildir("fred@a.test")
+    line = b"." + b"y" * 97 + b"\r\n"
+    msg = b"Subject: huge\r\n\r\n" + line * (50 * 1024 * 1024 // len(line))
+    put(md, f"1700000000.Q1_0.host,S={len(msg)}", msg)
+    assert s.proc is not None
+    sock, f = raw_pop(s)
+    sock.sendall(b"USER fred@a.test\r\nPASS pw\r\nTOP 1 1\r\n")
+    f.readline()  # type: ignore[attr-defined]
+    assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    assert [f.readline() for _ in range(4)][-2:] == [b"." + line, b".\r\n"]  # type: ignore[attr-defined]
+    before = peak = _rss_kib(s.proc.pid)  # after the login (argon2 needs its memory)
+    t0 = time.perf_counter()
+    sock.sendall(b"RETR 1\r\n")
+    assert f.readline() == f"+OK {len(msg)} octets\r\n".encode()  # type: ignore[attr-defined]
+    digest = hashlib.sha256()
+    n = 0
+    while (got := f.readline()) != b".\r\n":  # type: ignore[attr-defined]
+        digest.update(got[1:] if got.startswith(b".") else got)
+        n += 1
+        if n % 20_000 == 0:
+            peak = max(peak, _rss_kib(s.proc.pid))
+    elapsed = time.perf_counter() - t0
+    sock.sendall(b"QUIT\r\n")
+    sock.close()
+    assert digest.digest() == hashlib.sha256(msg).digest()
+    grown = peak - before
+    print(f"\n50 MB RETR: {elapsed:.2f} s, server RSS grew by at most {grown / 1024:.1f} MiB")
+    assert grown < 25 * 1024
+
+
+def test_client_stalled_in_retr_is_dropped_and_unlocks(server_factory: ServerFactory) -> None:
+    s = server_factory(services=("pop3s",), extra_toml='[limits]\npop3_idle_timeout = "1s"')
+    s.add_user("gina@a.test", "pw")
+    msg = b"Subject: stalled\r\n\r\n" + (b"z" * 78 + b"\r\n") * 200_000  # 16 MB
+    put(s.maildir("gina@a.test"), f"1700000000.Q1_0.h,S={len(msg)}", msg)
+    sock, f = raw_pop(s)
+    sock.sendall(b"USER gina@a.test\r\nPASS pw\r\nRETR 1\r\n")
+    f.readline()  # type: ignore[attr-defined]
+    assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    time.sleep(4)  # not reading: the server's writes stall, then it gives up
+    pop = poplib.POP3_SSL(s.host, s.ports["pop3s"], context=insecure(), timeout=20)
+    pop.user("gina@a.test")
+    assert pop.pass_("pw").startswith(b"+OK")  # the stalled session released the mailbox
+    assert pop.stat()[0] == 1
+    pop.quit()
+    sock.close()
+
+
+def test_auth_scram_sha_256(srv: Server) -> None:
+    """SCRAM-SHA-256 over POP3 AUTH (RFC 5034 §4: server-final as a "+" challenge)."""
+    sock, f = raw_pop(srv)
+    cnonce = secrets.token_hex(8)
+    first_bare = f"n=alice@a.test,r={cnonce}"
+    sock.sendall(b"AUTH SCRAM-SHA-256 " + base64.b64encode(b"n,," + first_bare.encode()) + b"\r\n")
+    line = f.readline()  # type: ignore[attr-defined]
+    assert line.startswith(b"+ ")
+    server_first = base64.b64decode(line[2:].strip()).decode()
+    attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
+    salted = hashlib.pbkdf2_hmac("sha256", b"pw", base64.b64decode(attrs["s"]), int(attrs["i"]))
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    final_wo = f"c=biws,r={attrs['r']}"
+    auth_msg = f"{first_bare},{server_first},{final_wo}".encode()
+    sig = hmac.new(hashlib.sha256(client_key).digest(), auth_msg, "sha256").digest()
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True)))
+    sock.sendall(base64.b64encode(f"{final_wo},p=".encode() + proof) + b"\r\n")
+    line = f.readline()  # type: ignore[attr-defined]
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    expect = base64.b64encode(hmac.new(server_key, auth_msg, "sha256").digest())
+    assert base64.b64decode(line[2:].strip()) == b"v=" + expect
+    sock.sendall(b"\r\nSTAT\r\n")
+    assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    assert f.readline().split()[:2] == [b"+OK", b"3"]  # type: ignore[attr-defined]
+    sock.close()
+
+
+def test_pipelined_retrs_are_answered_as_the_client_reads(server_factory: ServerFactory) -> None:
+    """300 pipelined RETRs of a 200 KiB message (60 MB of answers) sent in one write: the
+    server holds back while the client does not read, instead of buffering every answer."""
+    s = server_factory(services=("pop3s",))
+    s.add_user("hal@a.test", "pw")
+    msg = b"Subject: p\r\n\r\n" + (b"p" * 98 + b"\r\n") * 2000
+    put(s.maildir("hal@a.test"), f"1700000000.Q1_0.h,S={len(msg)}", msg)
+    assert s.proc is not None
+    sock, f = raw_pop(s)
+    sock.sendall(b"USER hal@a.test\r\nPASS pw\r\nNOOP\r\n")
+    for _ in range(3):
+        assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    before = _rss_kib(s.proc.pid)
+    sock.sendall(b"RETR 1\r\n" * 300)
+    time.sleep(1.5)
+    grown = _rss_kib(s.proc.pid) - before
+    answers = 0
+    while answers < 300:
+        line = f.readline()  # type: ignore[attr-defined]
+        if line == b".\r\n":
+            answers += 1
+    sock.close()
+    print(f"\n300 pipelined RETRs unread: server RSS grew by {grown / 1024:.1f} MiB")
+    assert grown < 25 * 1024

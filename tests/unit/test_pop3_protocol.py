@@ -1,12 +1,24 @@
-"""The sans-I/O POP3 engine, driven in memory."""
+"""The sans-I/O POP3 engine driven in memory, and the maildrop on a temporary Maildir."""
 
 from __future__ import annotations
 
+import ast
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import postroom.pop3.protocol as protocol_mod
 from postroom.pop3.protocol import (
     NEED_DATA,
+    AuthResponse,
     AuthStart,
     Closing,
     Command,
@@ -17,7 +29,17 @@ from postroom.pop3.protocol import (
     StartTLS,
     State,
 )
-from postroom.smtp.framing import DotReader, Stuffer, dot_stuff
+from postroom.pop3.session import (
+    LOCK_NAME,
+    SIZE_CACHE,
+    CrlfConverter,
+    MailboxInUse,
+    Maildrop,
+    TopFilter,
+    chunks,
+    unique_id,
+)
+from postroom.smtp.framing import DotReader, Stuffer, dot_stuff, to_crlf
 
 
 def run(proto: Pop3Protocol, data: bytes, login: bool = True) -> tuple[bytes, list[object]]:
@@ -188,3 +210,366 @@ def test_streamed_stuffing_equals_whole_and_round_trips(data: bytes, sizes: list
         assert chunk is not None
         got += chunk.data
     assert got == (data if data == b"" or data.endswith(b"\r\n") else data + b"\r\n")
+
+
+# -- the engine: SASL, CAPA, limits, misuse --------------------------------------------------
+
+
+def test_engine_is_pure() -> None:
+    tree = ast.parse(Path(protocol_mod.__file__).read_text())
+    imported = {
+        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    imported |= {
+        (n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+    }
+    assert not imported & {"asyncio", "socket", "os", "ssl", "selectors"}
+
+
+def test_capa_lists_exactly_what_works() -> None:
+    plain = Pop3Protocol(Features(starttls=True, login_allowed=False))
+    out, _ = run(plain, b"CAPA\r\n")
+    assert out.split(b"\r\n")[1:-2] == [
+        b"TOP",
+        b"UIDL",
+        b"RESP-CODES",
+        b"AUTH-RESP-CODE",
+        b"PIPELINING",
+        b"IMPLEMENTATION postroom",
+        b"UTF8",
+        b"STLS",
+    ]
+    tls = Pop3Protocol(Features(login_allowed=True), tls_active=True)
+    out, _ = run(tls, b"CAPA\r\n")
+    caps = out.split(b"\r\n")[1:-2]
+    assert b"STLS" not in caps and b"USER" in caps and b"UTF8 USER" in caps
+    assert b"SASL PLAIN LOGIN SCRAM-SHA-256" in caps
+    # STLS is gone once TLS is active, and RFC 2595 §4: STLS then gets -ERR.
+    out, _ = run(tls, b"STLS\r\n")
+    assert out.startswith(b"-ERR")
+
+
+def test_sasl_exchange_in_the_engine() -> None:
+    p = Pop3Protocol(Features())
+    cred = base64.b64encode(b"\0u@a.test\0pw")
+    p.receive_data(b"AUTH PLAIN " + cred + b"\r\n")
+    ev = p.next_event()
+    assert ev == AuthStart("PLAIN", b"\0u@a.test\0pw")
+    p.login_failed("no")
+    p.receive_data(b"AUTH PLAIN\r\n")
+    assert p.next_event() == AuthStart("PLAIN", None)
+    p.auth_challenge(b"")
+    p.receive_data(cred + b"\r\n")
+    assert p.next_event() == AuthResponse(b"\0u@a.test\0pw")
+    p.login_ok()
+    assert p.state is State.TRANSACTION
+    assert p.data_to_send() == b"-ERR [AUTH] no\r\n+ \r\n+OK Logged in\r\n"
+
+
+def test_sasl_cancel_bad_base64_and_unknown_mechanism() -> None:
+    p = Pop3Protocol(Features())
+    for line in (b"*", b"!!notbase64"):
+        p.receive_data(b"AUTH LOGIN\r\n")
+        assert p.next_event() == AuthStart("LOGIN", None)
+        p.auth_challenge(b"Username:")
+        p.receive_data(line + b"\r\n")
+        assert p.next_event() is NEED_DATA and p.state is State.AUTHORIZATION
+    out = p.data_to_send()
+    assert out.count(b"+ VXNlcm5hbWU6\r\n") == 2
+    assert b"-ERR Authentication cancelled" in out and b"-ERR Invalid base64" in out
+    out, events = run(p, b"AUTH CRAM-MD5\r\nAUTH PLAIN a b\r\nAUTH PLAIN @@\r\nAUTH\r\n")
+    assert not events and out.count(b"-ERR") == 3
+    assert out.endswith(b"+OK\r\nPLAIN\r\nLOGIN\r\nSCRAM-SHA-256\r\n.\r\n")
+    assert p.state is State.AUTHORIZATION
+
+
+def test_apop_is_not_offered() -> None:
+    p = Pop3Protocol(Features())
+    out, events = run(p, b"APOP u 0123456789abcdef0123456789abcdef\r\n")
+    assert out.startswith(b"-ERR") and not events
+
+
+def test_failed_logins_count_as_errors() -> None:
+    p = Pop3Protocol(Features(max_errors=3))
+    out, _ = run(
+        p, b"USER u\r\nPASS a\r\nUSER u\r\nPASS b\r\nUSER u\r\nPASS c\r\nUSER u\r\n", login=False
+    )
+    assert p.state is State.CLOSED and out.endswith(b"-ERR Too many errors, closing\r\n")
+    assert out.count(b"+OK") == 3  # the fourth USER is never read
+
+
+def test_command_limit() -> None:
+    p = Pop3Protocol(Features(max_commands=3))
+    out, events = run(p, b"NOOP\r\nCAPA\r\nNOOP\r\nNOOP\r\n")
+    assert isinstance(events[-1], Closing) and out.endswith(b"Too many commands in one session\r\n")
+
+
+def test_lenient_spacing_and_case() -> None:
+    p = Pop3Protocol(Features())
+    _, events = run(p, b"user u\r\npass p\r\nretr 1 \r\nlist   2\r\ntop 1  0\r\n")
+    assert [e for e in events if isinstance(e, Command)] == [
+        Command("RETR", 1),
+        Command("LIST", 2),
+        Command("TOP", 1, 0),
+    ]
+
+
+def test_password_with_spaces_and_utf8() -> None:
+    p = Pop3Protocol(Features())
+    _, events = run(p, "UTF8\r\nUSER j\u00f6rg@a.test\r\nPASS  two  words \r\n".encode())
+    assert events == [Login("j\u00f6rg@a.test", " two  words ")]
+    assert p.utf8
+
+
+def test_quit_before_login_and_misuse() -> None:
+    p = Pop3Protocol(Features())
+    out, events = run(p, b"QUIT\r\nNOOP\r\n")
+    assert out == b"+OK Bye\r\n" and not events and p.state is State.CLOSED
+    q = Pop3Protocol(Features())
+    with pytest.raises(RuntimeError):
+        q.ok()  # nothing to answer: a bug in the caller, not the peer's fault
+    with pytest.raises(RuntimeError):
+        q.tls_started(Features())
+    q.receive_data(b"USER u\r\nPASS p\r\n")
+    assert isinstance(q.next_event(), Login)
+    with pytest.raises(RuntimeError):
+        q.next_event()  # the Login has not been answered
+
+
+def test_transaction_refuses_authorization_commands() -> None:
+    p = Pop3Protocol(Features(starttls=True))
+    out, _ = run(p, b"USER u\r\nPASS p\r\nSTLS\r\nUSER x\r\nAUTH PLAIN\r\nCAPA\r\n")
+    assert status(out)[2:5] == [b"-ERR", b"-ERR", b"-ERR"]
+    assert b"STLS\r\n" not in out.split(b"Capability list follows")[1]
+
+
+def test_close_after_time_out() -> None:
+    p = Pop3Protocol(Features())
+    p.close("Autologout: idle for too long")
+    assert p.data_to_send() == b"-ERR Autologout: idle for too long\r\n"
+    p.receive_data(b"NOOP\r\n")
+    assert p.next_event() is NEED_DATA and p.data_to_send() == b""
+
+
+# -- streaming pieces: CRLF conversion, TOP ---------------------------------------------------
+
+TEXT = st.lists(
+    st.sampled_from([b"a", b"b", b".", b"\r", b"\n", b"\r\n", b"\r\n\r\n", b"x" * 7]), max_size=60
+).map(b"".join)
+
+
+def cut(data: bytes, sizes: list[int]) -> list[bytes]:
+    out, pos, i = [], 0, 0
+    while pos < len(data):
+        n = sizes[i % len(sizes)]
+        out.append(data[pos : pos + n])
+        pos += n
+        i += 1
+    return out
+
+
+def top_reference(data: bytes, lines: int) -> bytes:
+    """TOP written the obvious way, on the whole message (RFC 1939 §7)."""
+    whole = b"\r\n" + data
+    end = whole.find(b"\r\n\r\n")
+    if end < 0:
+        return data
+    head, body = whole[2 : end + 4], whole[end + 4 :]
+    parts = body.split(b"\r\n")
+    if parts[-1] == b"":
+        parts.pop()  # the last line ended with CRLF; otherwise it is a (partial) line too
+    if len(parts) <= lines:
+        return data
+    return head + b"".join(p + b"\r\n" for p in parts[:lines])
+
+
+@given(TEXT, st.lists(st.integers(1, 9), min_size=1, max_size=5))
+def test_crlf_conversion_in_pieces_equals_whole(data: bytes, sizes: list[int]) -> None:
+    conv = CrlfConverter()
+    out = b"".join(conv.feed(p) for p in cut(data, sizes)) + conv.finish()
+    assert out == to_crlf(data)
+
+
+@given(TEXT, st.integers(0, 5), st.lists(st.integers(1, 9), min_size=1, max_size=5))
+def test_top_in_pieces_equals_reference(data: bytes, lines: int, sizes: list[int]) -> None:
+    data = to_crlf(data)
+    top = TopFilter(lines)
+    out = b""
+    for piece in cut(data, sizes):
+        out += top.feed(piece)
+        if top.done:
+            break
+    assert out == top_reference(data, lines)
+
+
+@given(TEXT, st.lists(st.integers(1, 9), min_size=1, max_size=5))
+def test_streamed_retr_equals_whole_and_unstuffs(data: bytes, sizes: list[int]) -> None:
+    """File pieces -> CRLF -> dot-stuffing, as RETR streams it, equals the one-shot path."""
+    conv, stuffer = CrlfConverter(), Stuffer()
+    out = b"".join(stuffer.feed(conv.feed(p)) for p in cut(data, sizes))
+    out += stuffer.feed(conv.finish()) + stuffer.finish()
+    assert out == dot_stuff(to_crlf(data))
+
+
+# -- the maildrop -------------------------------------------------------------------------------
+
+
+def make_maildir(root: Path, files: dict[str, bytes]) -> Path:
+    for sub in ("tmp", "new", "cur"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+    return root
+
+
+def test_maildrop_sizes_uids_and_order(tmp_path: Path) -> None:
+    crlf = b"Subject: a\r\n\r\nbody\r\n"
+    lf = b"Subject: b\n\n.dot\nno end"
+    md = make_maildir(
+        tmp_path / "md",
+        {
+            f"new/1700000002.Q2_0.host,S={len(crlf)}": crlf,
+            "cur/1700000001.M1P2.other:2,S": lf,  # another tool: LF, no size in the name
+            "cur/1700000003.M3P4.dove,S=5,W=999:2,": b"a\nb\nc",  # Dovecot's W= is the CRLF size
+        },
+    )
+    drop = Maildrop(md)
+    drop.open()
+    try:
+        assert [e.uid for e in drop.entries] == [
+            "1700000001.M1P2.other",
+            "1700000002.Q2_0.host",
+            "1700000003.M3P4.dove",
+        ]
+        assert [e.size for e in drop.entries] == [len(to_crlf(lf)) + 2, len(crlf), 999]
+        assert drop.read(drop.entries[0]) == to_crlf(lf)
+        assert drop.stat() == (3, len(to_crlf(lf)) + 2 + len(crlf) + 999)
+        assert drop.listing(uids=False).endswith(b"3 999\r\n.\r\n")
+        assert (md / SIZE_CACHE).read_text().split("\t")[0] == "1700000001.M1P2.other"
+    finally:
+        drop.close()
+    # The second session uses the cache: a file of the same raw size is not read again.
+    (md / "cur/1700000001.M1P2.other:2,S").write_bytes(lf.replace(b"\n", b"x"))
+    again = Maildrop(md)
+    again.open()
+    assert again.entries[0].size == len(to_crlf(lf)) + 2
+    again.close()
+
+
+def test_uid_is_the_unique_part_and_fits_rfc1939() -> None:
+    assert unique_id("123.Q_0.h,S=5:2,RS") == unique_id("123.Q_0.h,S=5,W=7") == "123.Q_0.h"
+    odd = unique_id("x" * 80 + ",S=1")
+    assert len(odd) == 40 and odd != unique_id("y" * 80)
+    assert all(0x21 <= ord(c) <= 0x7E for c in unique_id("caf\u00e9 name"))
+
+
+def test_update_deletes_and_marks_seen(tmp_path: Path) -> None:
+    md = make_maildir(
+        tmp_path / "md",
+        {
+            "new/1.a,S=3": b"a\r\n",
+            "new/2.b,S=3": b"b\r\n",
+            "cur/3.c,S=3:2,F": b"c\r\n",
+            "new/4.d,S=3": b"d\r\n",
+        },
+    )
+    drop = Maildrop(md)
+    drop.open()
+    drop.entries[0].deleted = True
+    drop.entries[1].retrieved = True
+    drop.entries[2].retrieved = True
+    assert drop.update() == 0
+    drop.close()
+    assert sorted(os.listdir(md / "new")) == ["4.d,S=3"]
+    assert sorted(os.listdir(md / "cur")) == ["2.b,S=3:2,S", "3.c,S=3:2,FS"]
+
+
+def test_drop_without_update_changes_nothing_and_rset(tmp_path: Path) -> None:
+    md = make_maildir(tmp_path / "md", {"new/1.a,S=3": b"a\r\n", "new/2.b,S=3": b"b\r\n"})
+    drop = Maildrop(md)
+    drop.open()
+    drop.entries[0].deleted = True
+    assert drop.get(1) is None and drop.stat() == (1, 3)
+    drop.reset()
+    assert drop.get(1) is not None
+    drop.entries[1].deleted = True
+    drop.close()  # the connection dropped: no UPDATE
+    assert len(os.listdir(md / "new")) == 2
+
+
+def test_message_moved_by_another_tool_is_found(tmp_path: Path) -> None:
+    md = make_maildir(tmp_path / "md", {"new/1.a,S=3": b"a\r\n"})
+    drop = Maildrop(md)
+    drop.open()
+    os.rename(md / "new/1.a,S=3", md / "cur/1.a,S=3:2,S")  # an IMAP server read it meanwhile
+    assert drop.read(drop.entries[0]) == b"a\r\n"
+    drop.entries[0].deleted = True
+    assert drop.update() == 0
+    drop.close()
+    assert os.listdir(md / "cur") == []
+
+
+def test_one_session_per_mailbox_and_crash_releases(tmp_path: Path) -> None:
+    md = make_maildir(tmp_path / "md", {})
+    first = Maildrop(md)
+    first.open()
+    with pytest.raises(MailboxInUse):
+        Maildrop(md).open()
+    first.close()
+    second = Maildrop(md)
+    second.open()
+    second.close()
+    # A process that holds the lock and dies (kill -9) does not block the mailbox.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(md / LOCK_NAME)!r}, os.O_RDWR)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        with pytest.raises(MailboxInUse):
+            Maildrop(md).open()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+    third = Maildrop(md)
+    third.open()
+    third.close()
+
+
+def test_large_file_chunks_are_crlf_and_bounded(tmp_path: Path) -> None:
+    body = (b"line\n" * 100_000) + b"\r\n.end\r"
+    md = make_maildir(tmp_path / "md", {"new/5.e": body})
+    drop = Maildrop(md)
+    drop.open()
+    entry = drop.entries[0]
+    with drop.open_message(entry) as fh:
+        pieces = list(chunks(fh, 4096))
+    drop.close()
+    assert max(len(p) for p in pieces) <= 2 * 4096
+    assert b"".join(pieces) == to_crlf(body)
+    assert entry.size == len(to_crlf(body)) + 2  # "\r" at the end: RETR completes the line
+
+
+def test_open_is_fast_for_10000_messages(tmp_path: Path) -> None:
+    """Sizes come from the names: no body is read (the files here are empty)."""
+    md = make_maildir(tmp_path / "md", {})
+    for i in range(10_000):
+        (md / "new" / f"{1700000000 + i}.Q{i}_0.host,S={1000 + i}").touch()
+    drop = Maildrop(md)
+    t0 = time.perf_counter()
+    drop.open()
+    listing = drop.listing(uids=False)
+    uids = drop.listing(uids=True)
+    elapsed = time.perf_counter() - t0
+    drop.close()
+    assert drop.stat() == (10_000, sum(1000 + i for i in range(10_000)))
+    assert listing.count(b"\r\n") == 10_001 and uids.count(b"\r\n") == 10_001
+    print(f"open + LIST + UIDL of 10,000 messages: {elapsed * 1000:.0f} ms")

@@ -206,8 +206,10 @@ class Pop3Protocol:
     def tls_started(self, features: Features) -> None:
         if self.state is not State.TLS:
             raise RuntimeError("tls_started() without STLS")
+        # RFC 2595 §4: after the handshake nothing said before it counts; start afresh.
         self.features = features
         self.tls_active = True
+        self.utf8 = False
         self._user = None
         self.state = State.AUTHORIZATION
 

@@ -122,6 +122,7 @@ class Pop3Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self.last_activity = time.monotonic()  # the client is reading: it is not idle
         self._writable.set()
         if self._task is None and not self._lost:
             self._process()
@@ -170,6 +171,12 @@ class Pop3Connection(asyncio.Protocol):
                         self._resume_reading()
                     return
                 if isinstance(event, Command) and self._command(proto, event):
+                    self._flush()
+                    if self._write_paused:
+                        # A client that pipelines faster than it reads: go on when its
+                        # buffer drains (resume_writing), holding at most one answer here.
+                        self._pause_reading()
+                        return
                     continue
                 if isinstance(event, Closing):
                     self._flush()
@@ -314,6 +321,8 @@ class Pop3Connection(asyncio.Protocol):
                     break
                 if self._write_paused:
                     await self._writable.wait()
+            if self._lost:
+                return
             proto.send_raw(stuffer.finish())
             if top is None:
                 entry.retrieved = True
@@ -447,6 +456,13 @@ class Pop3Connection(asyncio.Protocol):
     async def _starttls(self, proto: Pop3Protocol) -> None:
         transport = self.transport
         assert transport is not None and self.services.tls is not None
+        # The checked invariant of the upgrade (RFC 2595 §4, CVE-2011-0411): reading was
+        # paused before the +OK went out, and the engine dropped what had been pipelined, so
+        # no plaintext octet can be read as if it had come over TLS.
+        if proto.pending_input() or not self._read_paused:
+            self.services.log.error("POP3 STLS with %s: input left at the switch", self.client_ip)
+            self._close()
+            return
         try:
             new = await asyncio.get_running_loop().start_tls(
                 transport,
@@ -471,10 +487,19 @@ class Pop3Connection(asyncio.Protocol):
 
     def check_timeout(self, now: float) -> None:
         proto = self.proto
-        if proto is None or self._lost or self._task is not None:
+        if proto is None or self._lost:
             return
         # RFC 1939 §3: at least 10 minutes of inactivity before an autologout.
-        if now - self.last_activity > self.services.cfg.limits.pop3_idle_timeout:
+        idle = now - self.last_activity > self.services.cfg.limits.pop3_idle_timeout
+        if self._write_paused:
+            # A client that stopped reading (in the middle of a RETR, say): nothing can be
+            # said to it any more; drop it once stuck for as long. Nothing is deleted.
+            if idle and self.transport is not None:
+                self.transport.abort()
+            return
+        if self._task is not None:
+            return  # a login being checked or QUIT being applied: it ends by itself
+        if idle:
             proto.close("Autologout: idle for too long")
             self._flush()
             self._close()

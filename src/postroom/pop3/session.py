@@ -336,13 +336,16 @@ class Maildrop:
 
 
 def measure(path: Path) -> int:
-    """The size of a file once every bare LF is sent as CRLF, read in pieces."""
+    """The octets RETR sends for a file (before stuffing), read in pieces: each bare LF
+    becomes CRLF, and a last line without a line end gets one (RFC 1939 §3)."""
     size = 0
+    last = b"\n"
     conv = CrlfConverter()
     with open(path, "rb") as fh:
         while piece := fh.read(READ_CHUNK):
             size += len(conv.feed(piece))
-    return size + len(conv.finish())
+            last = piece[-1:]
+    return size + len(conv.finish()) + (0 if last == b"\n" else 2)
 
 
 def chunks(fh: BinaryIO, size: int = READ_CHUNK) -> Iterator[bytes]:
