@@ -64,13 +64,22 @@ def make_message(index: int, size: int, sender: str, rcpt: str) -> bytes:
 
 
 def fill(
-    mailbox: Path, messages: int, size: int, rcpt: str, owner: tuple[int, int] | None = None
+    mailbox: Path,
+    messages: int,
+    size: int,
+    rcpt: str,
+    owner: tuple[int, int] | None = None,
+    crlf: bool = False,
 ) -> int:
-    """Write ``messages`` files into new/ (no fsync: setup, not measured); returns octets."""
+    """Write ``messages`` files into new/ (no fsync: setup, not measured); returns octets.
+
+    ``crlf``: store CRLF line ends (postroom's own format) instead of LF (Dovecot's)."""
     ensure(mailbox, owner)
     clear(mailbox)
     body = make_message(0, size, "sender@src.test", rcpt)
     wire_size = len(body) + body.count(b"\n")
+    if crlf:
+        body = body.replace(b"\n", b"\r\n")
     stamp = int(time.time())
     pid = os.getpid()
     new = mailbox / "new"

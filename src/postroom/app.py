@@ -101,6 +101,7 @@ class Services:
     runner: Any = None  # postroom.queue.runner.QueueRunner, set by build_services
     stopping: bool = False
     primary: bool = True  # the worker that owns the queue runner and the control socket
+    worker_index: int = 0
 
     @property
     def banner(self) -> bytes:
@@ -108,7 +109,7 @@ class Services:
         return f"220 {self.cfg.hostname} ESMTP postroom ready\r\n".encode()
 
 
-def build_services(cfg: Config, primary: bool = True, workers: int = 1) -> Services:
+def build_services(cfg: Config, primary: bool = True, workers: int = 1, index: int = 0) -> Services:
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     lim = cfg.limits
     services = Services(
@@ -124,6 +125,7 @@ def build_services(cfg: Config, primary: bool = True, workers: int = 1) -> Servi
         ),
         tls=tls_mod.server_context(cfg),
         primary=primary,
+        worker_index=index,
     )
     from postroom.queue.runner import QueueRunner
 
@@ -146,37 +148,55 @@ class Listener:
     kind: str  # smtp, submission, submissions, pop3, pop3s
     host: str
     port: int
-    sock: socket.socket
+    socks: list[socket.socket]  # one per worker (SO_REUSEPORT spreads connections evenly)
+
+    def keep_only(self, index: int) -> socket.socket:
+        """After the fork: worker ``index`` keeps its own socket and closes the others, so
+        that the kernel never hands a connection to a socket nobody accepts on."""
+        for i, sock in enumerate(self.socks):
+            if i != index:
+                sock.close()
+        return self.socks[index]
 
 
 LISTENER_KINDS = ("smtp", "submission", "submissions", "pop3", "pop3s")
 
 
 def bind_listeners(cfg: Config) -> list[Listener]:
-    """Bind every address in ``[listen]`` (as root if need be); OSError names the one at fault."""
+    """Bind every address in ``[listen]`` (as root if need be); OSError names the one at fault.
+
+    With several workers each gets its own socket in an SO_REUSEPORT group, made here, before
+    the fork: the kernel then spreads new connections evenly over the workers.
+    """
     listeners: list[Listener] = []
     try:
         for kind in LISTENER_KINDS:
             for host, port in getattr(cfg.listen, kind):
+                listener = Listener(kind, host, port, [])
+                listeners.append(listener)
                 try:
                     family, _t, _p, _c, addr = socket.getaddrinfo(
                         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
                     )[0]
-                    sock = socket.socket(family, socket.SOCK_STREAM)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    sock.bind(addr)
-                    sock.listen(1024)
-                    sock.setblocking(False)
+                    for _ in range(cfg.workers):
+                        sock = socket.socket(family, socket.SOCK_STREAM)
+                        listener.socks.append(sock)
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                        if cfg.workers > 1:
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                        if family == socket.AF_INET6:
+                            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                        sock.bind(addr)
+                        sock.listen(1024)
+                        sock.setblocking(False)
                 except OSError as exc:
                     raise OSError(
                         exc.errno, f"cannot listen on {host}:{port} ({kind}): {exc.strerror}"
                     ) from None
-                listeners.append(Listener(kind, host, port, sock))
     except OSError:
         for listener in listeners:
-            listener.sock.close()
+            for sock in listener.socks:
+                sock.close()
         raise
     return listeners
 
@@ -189,6 +209,7 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
     handshake = services.cfg.limits.tls_handshake_timeout
     servers: list[asyncio.Server] = []
     for lst in listeners:
+        sock = lst.keep_only(services.worker_index)
         implicit = lst.kind in ("submissions", "pop3s")
         factory: Callable[[], asyncio.Protocol]
         if lst.kind.startswith("pop3"):
@@ -198,7 +219,7 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
         servers.append(
             await loop.create_server(
                 factory,
-                sock=lst.sock,
+                sock=sock,
                 backlog=1024,
                 ssl=services.tls if implicit else None,
                 ssl_handshake_timeout=handshake if implicit else None,
@@ -259,7 +280,7 @@ def _reload(services: Services, worker: Worker) -> None:
 
 async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     """One worker's event loop. The primary (worker 0) also recovers and runs the queue."""
-    services = build_services(cfg, primary=worker.primary, workers=cfg.workers)
+    services = build_services(cfg, worker.primary, cfg.workers, worker.index)
     loop = asyncio.get_running_loop()
     control = None
     if worker.primary:
@@ -323,6 +344,7 @@ class Worker:
     (a pipe) before they serve, and die with it (PR_SET_PDEATHSIG)."""
 
     primary: bool
+    index: int = 0
     children: list[int] = field(default_factory=list)
     go_fd: int | None = None
 
@@ -404,7 +426,7 @@ def run(cfg: Config) -> int:
     if cfg.workers > 1:
         parent = os.getpid()
         go_r, go_w = os.pipe()
-        for _ in range(cfg.workers - 1):
+        for index in range(1, cfg.workers):
             pid = os.fork()
             if pid == 0:
                 os.close(go_w)
@@ -413,7 +435,7 @@ def run(cfg: Config) -> int:
                 os.close(go_r)
                 if not released:
                     os._exit(0)
-                os._exit(_loop_run(serve(cfg, listeners, Worker(primary=False))))
+                os._exit(_loop_run(serve(cfg, listeners, Worker(primary=False, index=index))))
             worker.children.append(pid)
         os.close(go_r)
         worker.go_fd = go_w

@@ -18,7 +18,6 @@ The readers work on whole blocks of complete lines with bytes methods implemente
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -173,14 +172,12 @@ def dot_stuff(data: bytes) -> bytes:
     return stuffed + b".\r\n"
 
 
-_LONE_LF = re.compile(rb"(?<!\r)\n")
-
-
 def to_crlf(data: bytes) -> bytes:
     """Turn bare LF line ends (as other Maildir tools write them) into CRLF."""
     if b"\n" not in data or data.count(b"\n") == data.count(b"\r\n"):
         return data
-    return _LONE_LF.sub(b"\r\n", data)
+    # Two C-speed passes instead of a look-behind regex: CRLF -> LF, then every LF -> CRLF.
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 class Stuffer:
