@@ -34,7 +34,7 @@ from postroom import tls as tls_mod
 from postroom.config import Config
 from postroom.queue.store import QueueStore
 from postroom.smtp.session import Port
-from postroom.storage.accounts import Accounts
+from postroom.storage.accounts import Accounts, ScramKeys
 from postroom.throttle import LoginThrottle
 
 log = logging.getLogger("postroom")
@@ -102,6 +102,18 @@ class Services:
     stopping: bool = False
     primary: bool = True  # the worker that owns the queue runner and the control socket
     worker_index: int = 0
+
+    async def check_password(self, login: str, password: str) -> str | None:
+        """The account key if the password is right (argon2, in a worker thread)."""
+        loop = asyncio.get_running_loop()
+        key: str | None = await loop.run_in_executor(
+            self.cpu_executor, self.accounts.verify_password, login, password
+        )
+        return key
+
+    def scram_keys(self, login: str) -> ScramKeys | None:
+        found = self.accounts.scram_keys(login)
+        return found[1] if found else None
 
     @property
     def banner(self) -> bytes:

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from postroom.storage.accounts import ScramKeys
@@ -54,6 +55,7 @@ class Success:
 class Failure:
     reason: str
     malformed: bool = False
+    username: str | None = None  # who tried, when known (for the per-account throttle)
 
 
 Step = Challenge | CheckPassword | NeedScramKeys | Success | Failure
@@ -185,10 +187,10 @@ class ScramSha256:
             return Failure("malformed SCRAM client-final", malformed=True)
         attrs = dict(a.split("=", 1) for a in without_proof.split(",") if "=" in a)
         if attrs.get("r") != self._nonce:
-            return Failure("SCRAM nonce mismatch")
+            return Failure("SCRAM nonce mismatch", username=self._username)
         expected_cbind = base64.b64encode(self._gs2.encode()).decode()
         if attrs.get("c") != expected_cbind:
-            return Failure("SCRAM channel binding mismatch")
+            return Failure("SCRAM channel binding mismatch", username=self._username)
         try:
             proof = base64.b64decode(proof_b64, validate=True)
         except ValueError:
@@ -196,11 +198,11 @@ class ScramSha256:
         auth_message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode()
         signature = hmac.new(self._keys.stored_key, auth_message, "sha256").digest()
         if len(proof) != len(signature):
-            return Failure("bad SCRAM proof")
+            return Failure("bad SCRAM proof", username=self._username)
         client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
         ok = hmac.compare_digest(hashlib.sha256(client_key).digest(), self._keys.stored_key)
         if not (ok and self._known):
-            return Failure("bad credentials")
+            return Failure("bad credentials", username=self._username)
         server_sig = hmac.new(self._keys.server_key, auth_message, "sha256").digest()
         self._stage = 3
         return Success(self._username, f"v={base64.b64encode(server_sig).decode()}".encode())
@@ -219,3 +221,26 @@ def new_mechanism(name: str) -> Mechanism | None:
     if name == "SCRAM-SHA-256":
         return ScramSha256()
     return None
+
+
+async def settle(
+    mechanism: Mechanism,
+    step: Step,
+    check_password: Callable[[str, str], Awaitable[str | None]],
+    scram_keys: Callable[[str], ScramKeys | None],
+) -> Challenge | Success | Failure:
+    """Do the server's side of ``step`` (key lookup, password check) until the exchange needs
+    the client again (Challenge, or Success with a ``final`` message) or is decided.
+
+    ``check_password`` returns the account key or None; ``scram_keys`` None for an unknown
+    user. Shared by SMTP AUTH and POP3 AUTH so both speak SASL the same way.
+    """
+    while True:
+        if isinstance(step, NeedScramKeys):
+            assert isinstance(mechanism, ScramSha256)
+            step = mechanism.provide_keys(scram_keys(step.username))
+        elif isinstance(step, CheckPassword):
+            key = await check_password(step.username, step.password)
+            step = Success(key) if key else Failure("bad credentials", username=step.username)
+        else:
+            return step

@@ -64,7 +64,6 @@ class Pop3Connection(asyncio.Protocol):
         self._writable.set()
         self._task: asyncio.Task[None] | None = None
         self._mech: sasl.Mechanism | None = None
-        self._sasl_done: str | None = None
         self._stopping = False
 
     # -- callbacks -----------------------------------------------------------------------------
@@ -398,52 +397,30 @@ class Pop3Connection(asyncio.Protocol):
                 proto.login_failed("Too many failed logins, try again later", "SYS/TEMP")
                 return
             self._mech = sasl.new_mechanism(event.mechanism)
-            self._sasl_done = None
             assert self._mech is not None
             step = self._mech.start(event.initial)
-        elif self._sasl_done is not None:
-            # SCRAM: the client acknowledged our server-final message.
-            await self._open_login(proto, self._sasl_done)
-            self._sasl_done = None
-            return
         else:
             assert self._mech is not None
             step = self._mech.step(event.data)
-        login: str | None = None
-        while True:
-            if isinstance(step, sasl.Challenge):
-                proto.auth_challenge(step.data)
-                return
-            if isinstance(step, sasl.NeedScramKeys):
-                assert isinstance(self._mech, sasl.ScramSha256)
-                login = step.username
-                found = self.services.accounts.scram_keys(step.username)
-                step = self._mech.provide_keys(found[1] if found else None)
-                continue
-            if isinstance(step, sasl.CheckPassword):
-                login = step.username
-                key = await asyncio.get_running_loop().run_in_executor(
-                    self.services.cpu_executor,
-                    self.services.accounts.verify_password,
-                    step.username,
-                    step.password,
-                )
-                step = sasl.Success(key) if key else sasl.Failure("bad credentials")
-                continue
-            if isinstance(step, sasl.Success):
-                self._mech = None
-                if step.final is not None:
-                    self._sasl_done = step.username
-                    proto.auth_challenge(step.final)
-                    return
-                await self._open_login(proto, step.username)
+        step = await sasl.settle(
+            self._mech, step, self.services.check_password, self.services.scram_keys
+        )
+        if isinstance(step, sasl.Challenge):
+            proto.auth_challenge(step.data)
+            return
+        if isinstance(step, sasl.Success):
+            if step.final is not None:
+                # SCRAM's server-final; the client's (empty) answer completes the mechanism.
+                proto.auth_challenge(step.final)
                 return
             self._mech = None
-            if step.malformed:
-                proto.login_failed("Malformed authentication exchange", None)
-                return
-            await self._failed(proto, login)
+            await self._open_login(proto, step.username)
             return
+        self._mech = None
+        if step.malformed:
+            proto.login_failed("Malformed authentication exchange", None)
+            return
+        await self._failed(proto, step.username)
 
     async def _open_login(self, proto: Pop3Protocol, username: str) -> None:
         try:

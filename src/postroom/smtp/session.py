@@ -280,56 +280,29 @@ class SmtpSession:
         else:
             assert self._mech is not None
             step = self._mech.step(event.data)
-        login: str | None = None
-        while True:
-            if isinstance(step, sasl.Challenge):
-                proto.auth_challenge(step.data)
-                return
-            if isinstance(step, sasl.NeedScramKeys):
-                assert isinstance(self._mech, sasl.ScramSha256)
-                found = self.services.accounts.scram_keys(step.username)
-                step = self._mech.provide_keys(found[1] if found else None)
-                continue
-            if isinstance(step, sasl.CheckPassword):
-                login = step.username
-                loop = asyncio.get_running_loop()
-                key = await loop.run_in_executor(
-                    self.services.cpu_executor,
-                    self.services.accounts.verify_password,
-                    step.username,
-                    step.password,
-                )
-                step = sasl.Success(key) if key else sasl.Failure("bad credentials")
-                continue
-            if isinstance(step, sasl.Success):
-                if step.final is not None:
-                    # RFC 4954 §4: SCRAM's server-final goes in a 334; the client answers "".
-                    proto.auth_challenge(step.final)
-                    self._mech = _Finished(step.username)  # type: ignore[assignment]
-                    return
-                self.auth_user = parse_user_address(step.username).key
-                self.services.throttle.success(self.client_ip)
-                self.services.log.info("auth ok user=%s client=%s", self.auth_user, self.client_ip)
-                proto.auth_finish(replies.AUTH_OK)
-                self._mech = None
-                return
-            assert isinstance(step, sasl.Failure)
-            self._mech = None
-            if step.malformed:
-                proto.auth_finish(replies.AUTH_BAD_BASE64)
-                return
-            delay = self.services.throttle.failure(self.client_ip, login)
-            self.services.log.info("auth failed client=%s", self.client_ip)
-            await asyncio.sleep(delay)
-            proto.auth_finish(replies.AUTH_FAILED)
+        step = await sasl.settle(
+            self._mech, step, self.services.check_password, self.services.scram_keys
+        )
+        if isinstance(step, sasl.Challenge):
+            proto.auth_challenge(step.data)
             return
-
-
-class _Finished:
-    """SCRAM after the server-final message: any client answer completes the login."""
-
-    def __init__(self, username: str) -> None:
-        self.username = username
-
-    def step(self, data: bytes) -> sasl.Step:
-        return sasl.Success(self.username)
+        if isinstance(step, sasl.Success):
+            if step.final is not None:
+                # RFC 4954 §4: SCRAM's server-final goes in a 334; the client's (empty) answer
+                # then completes the mechanism with a plain Success.
+                proto.auth_challenge(step.final)
+                return
+            self._mech = None
+            self.auth_user = parse_user_address(step.username).key
+            self.services.throttle.success(self.client_ip)
+            self.services.log.info("auth ok user=%s client=%s", self.auth_user, self.client_ip)
+            proto.auth_finish(replies.AUTH_OK)
+            return
+        self._mech = None
+        if step.malformed:
+            proto.auth_finish(replies.AUTH_BAD_BASE64)
+            return
+        delay = self.services.throttle.failure(self.client_ip, step.username)
+        self.services.log.info("auth failed client=%s", self.client_ip)
+        await asyncio.sleep(delay)
+        proto.auth_finish(replies.AUTH_FAILED)
