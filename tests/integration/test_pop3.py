@@ -16,15 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server, ServerFactory, need_tool
-
-
-def insecure() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
+from tests.conftest import Server, ServerFactory, insecure, need_tool
 
 MESSAGES = [
     b"Subject: one\r\n\r\nfirst message\r\n",

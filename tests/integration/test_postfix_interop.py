@@ -6,23 +6,15 @@ from __future__ import annotations
 
 import shutil
 import smtplib
-import ssl
 import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT, ServerFactory, need_tool
+from tests.conftest import ROOT, ServerFactory, insecure, need_tool
 from tests.dnszone import LoopbackDNS
 
 POSTFIX_IP = "127.0.0.5"
 POSTROOM_IP = "127.0.0.6"
-
-
-def insecure() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def wait_files(directory: Path, timeout: float = 30) -> list[bytes]:

@@ -10,14 +10,13 @@ import email
 import json
 import smtplib
 import socket
-import ssl
 import time
 from collections.abc import Iterator
 from email.message import Message
 
 import pytest
 
-from tests.conftest import Server, ServerFactory, free_port
+from tests.conftest import Server, ServerFactory, free_port, insecure
 from tests.dnszone import LoopbackDNS
 
 A_IP, B_IP, DOWN_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4"
@@ -54,13 +53,6 @@ def dns() -> Iterator[LoopbackDNS]:
     zone.mx("nullmx.test", 0, ".")
     yield zone
     zone.stop()
-
-
-def insecure() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 class Pair:

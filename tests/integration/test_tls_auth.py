@@ -5,20 +5,12 @@ from __future__ import annotations
 import base64
 import smtplib
 import socket
-import ssl
 import subprocess
 import time
 
 import pytest
 
-from tests.conftest import Server, ServerFactory, need_tool
-
-
-def insecure() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+from tests.conftest import Server, ServerFactory, insecure, need_tool
 
 
 @pytest.fixture
