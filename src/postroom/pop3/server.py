@@ -64,6 +64,7 @@ class Pop3Connection(asyncio.Protocol):
         self._writable.set()
         self._task: asyncio.Task[None] | None = None
         self._mech: sasl.Mechanism | None = None
+        self._tls_early: list[bytes] | None = None
         self._stopping = False
 
     # -- callbacks -----------------------------------------------------------------------------
@@ -91,6 +92,11 @@ class Pop3Connection(asyncio.Protocol):
         transport.write(b"+OK postroom POP3 server ready\r\n")  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
+        if self._tls_early is not None:
+            # Decrypted data that arrived with the end of the handshake, before start_tls()
+            # returned (asyncio does this): it belongs to the new session, keep it for it.
+            self._tls_early.append(data)
+            return
         proto = self.proto
         if proto is None or self._lost:
             return
@@ -440,6 +446,9 @@ class Pop3Connection(asyncio.Protocol):
             self.services.log.error("POP3 STLS with %s: input left at the switch", self.client_ip)
             self._close()
             return
+        # From here on, data_received is fed by the TLS layer only (start_tls swaps the
+        # transport's protocol before it reads again).
+        self._tls_early = []
         try:
             new = await asyncio.get_running_loop().start_tls(
                 transport,
@@ -449,9 +458,11 @@ class Pop3Connection(asyncio.Protocol):
                 ssl_handshake_timeout=self.services.cfg.limits.tls_handshake_timeout,
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            self._tls_early = None
             self.services.log.info("STLS with %s failed: %s", self.client_ip, exc)
             self._close()
             return
+        early, self._tls_early = self._tls_early, None
         if new is None:
             self._close()
             return
@@ -459,6 +470,7 @@ class Pop3Connection(asyncio.Protocol):
         self._read_paused = False
         proto.tls_active = True
         proto.tls_started(self.features())
+        proto.receive_data(b"".join(early))
 
     # -- time-outs and shutdown ----------------------------------------------------------------
 

@@ -67,6 +67,7 @@ class SmtpConnection(asyncio.Protocol):
         self._read_paused = False
         self._write_paused = False
         self._task: asyncio.Task[None] | None = None
+        self._tls_early: list[bytes] | None = None
 
     # -- asyncio.Protocol callbacks ------------------------------------------------------------
 
@@ -86,6 +87,11 @@ class SmtpConnection(asyncio.Protocol):
         self.transport.write(services.banner)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
+        if self._tls_early is not None:
+            # Decrypted data that arrived with the end of the handshake, before start_tls()
+            # returned (asyncio does this): it belongs to the new session, keep it for it.
+            self._tls_early.append(data)
+            return
         proto = self.proto
         if proto is None or self._lost:
             return  # closing: input is dropped
@@ -225,6 +231,15 @@ class SmtpConnection(asyncio.Protocol):
     async def _starttls(self, session: SmtpSession, proto: ServerProtocol) -> None:
         transport = self.transport
         assert transport is not None and self.services.tls is not None
+        # The engine dropped what was pipelined after STARTTLS and reading was paused before
+        # the 220 went out (RFC 3207 §4.2, CVE-2011-0411): no plaintext octet is left. From
+        # here on data_received is fed by the TLS layer only (start_tls swaps the protocol
+        # before it reads again).
+        if proto.pending_input():
+            self.services.log.error("STARTTLS with %s: input left at the switch", self.client_ip)
+            self._close()
+            return
+        self._tls_early = []
         loop = asyncio.get_running_loop()
         try:
             new = await loop.start_tls(
@@ -235,15 +250,18 @@ class SmtpConnection(asyncio.Protocol):
                 ssl_handshake_timeout=self.services.cfg.limits.tls_handshake_timeout,
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            self._tls_early = None
             self.services.log.info("STARTTLS with %s failed: %s", self.client_ip, exc)
             self._close()
             return
+        early, self._tls_early = self._tls_early, None
         if new is None:
             self._close()
             return
         self.transport = new
         self._read_paused = False
         session.tls_started(proto)
+        proto.receive_data(b"".join(early))
 
     # -- time-outs and shutdown ----------------------------------------------------------------
 
