@@ -506,16 +506,3 @@ class Pop3Connection(asyncio.Protocol):
         proto.close("Server shutting down", "SYS/TEMP")
         self._flush()
         self._close()
-
-
-async def start(services: Services, host: str, port: int, implicit_tls: bool) -> asyncio.Server:
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: Pop3Connection(services, implicit_tls),
-        host,
-        port,
-        ssl=services.tls if implicit_tls else None,
-        reuse_address=True,
-        backlog=1024,
-        ssl_handshake_timeout=services.cfg.limits.tls_handshake_timeout if implicit_tls else None,
-    )

@@ -23,10 +23,3 @@ def next_attempt(
 def expired(created: float, now: float, max_queue_time: float) -> bool:
     """True once a message has been queued for ``max_queue_time`` or longer."""
     return now - created >= max_queue_time
-
-
-def due(next_times: dict[str, float], now: float) -> list[str]:
-    """The ids whose next attempt has come, earliest first."""
-    return sorted(
-        (qid for qid, t in next_times.items() if t <= now), key=lambda q: (next_times[q], q)
-    )
