@@ -198,7 +198,11 @@ class SpoolWriter:
         """The first ``limit`` octets of the client's message (enough for header checks)."""
         if self._fd is not None:
             return os.pread(self._fd, limit, self._prefix_len)
-        return b"".join(self._parts)[self._prefix_len : self._prefix_len + limit]
+        # Join the pieces once and keep the result: the later joins then copy nothing.
+        if len(self._parts) > 1:
+            self._parts = [b"".join(self._parts)]
+        whole = self._parts[0] if self._parts else b""
+        return whole[self._prefix_len : self._prefix_len + limit]
 
     @property
     def in_memory(self) -> bool:
