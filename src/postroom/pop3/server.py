@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from postroom import sasl
 from postroom.address import parse_user_address
 from postroom.errors import AddressError
+from postroom.flow import FlowControl
 from postroom.pop3.protocol import (
     AuthResponse,
     AuthStart,
@@ -44,7 +45,7 @@ SMALL_MESSAGE = 1 << 18  # read and sent in one go; larger ones stream
 CHUNK = 1 << 18
 
 
-class Pop3Connection(asyncio.Protocol):
+class Pop3Connection(FlowControl, asyncio.Protocol):
     """One POP3 client connection."""
 
     def __init__(self, services: Services, implicit_tls: bool) -> None:
@@ -140,21 +141,8 @@ class Pop3Connection(asyncio.Protocol):
             self.drop.close()
             self.drop = None
 
-    def _pause_reading(self) -> None:
-        if self.transport is not None and not self._lost:
-            self.transport.pause_reading()
-            self._read_paused = True
-
-    def _resume_reading(self) -> None:
-        if self._read_paused and self.transport is not None and not self._lost:
-            self._read_paused = False
-            self.transport.resume_reading()
-
-    def _flush(self) -> None:
-        if self.proto is not None and self.transport is not None and not self._lost:
-            out = self.proto.data_to_send()
-            if out:
-                self.transport.write(out)
+    def _engine(self) -> Pop3Protocol | None:
+        return self.proto
 
     def _close(self) -> None:
         if self.transport is not None and not self._lost:

@@ -22,6 +22,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
+from postroom.flow import FlowControl
 from postroom.smtp import replies
 from postroom.smtp.server_protocol import (
     AuthResponse,
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 READ_HIGH_WATER = 1 << 20
 
 
-class SmtpConnection(asyncio.Protocol):
+class SmtpConnection(FlowControl, asyncio.Protocol):
     """One client connection, driven by the bytes that arrive."""
 
     def __init__(self, services: Services, port: Port, implicit_tls: bool) -> None:
@@ -128,15 +129,8 @@ class SmtpConnection(asyncio.Protocol):
 
     # -- processing ----------------------------------------------------------------------------
 
-    def _pause_reading(self) -> None:
-        if self.transport is not None and not self._lost:
-            self.transport.pause_reading()
-            self._read_paused = True
-
-    def _resume_reading(self) -> None:
-        if self._read_paused and self.transport is not None and not self._lost:
-            self._read_paused = False
-            self.transport.resume_reading()
+    def _engine(self) -> ServerProtocol | None:
+        return self.proto
 
     def _process(self) -> None:
         """Run engine events until it needs input, or an event needs a task."""
@@ -207,12 +201,6 @@ class SmtpConnection(asyncio.Protocol):
         if self.session is not None:
             self.session.reset()
         self._close()
-
-    def _flush(self) -> None:
-        if self.proto is not None and self.transport is not None and not self._lost:
-            out = self.proto.data_to_send()
-            if out:
-                self.transport.write(out)
 
     def _close(self, linger: bool = False) -> None:
         """Close; with ``linger``, half-close first and drop input for a moment, so that a client
