@@ -31,12 +31,14 @@ from postroom.pop3.protocol import (
 )
 from postroom.pop3.session import (
     LOCK_NAME,
+    PARALLEL_UPDATE_MIN,
     SIZE_CACHE,
     CrlfConverter,
     MailboxInUse,
     Maildrop,
     TopFilter,
     chunks,
+    crlf_only,
     unique_id,
 )
 from postroom.smtp.framing import DotReader, Stuffer, dot_stuff, to_crlf
@@ -482,6 +484,51 @@ def test_update_deletes_and_marks_seen(tmp_path: Path) -> None:
     drop.close()
     assert sorted(os.listdir(md / "new")) == ["4.d,S=3"]
     assert sorted(os.listdir(md / "cur")) == ["2.b,S=3:2,S", "3.c,S=3:2,FS"]
+
+
+def test_crlf_only_names_skip_conversion_and_others_are_converted(tmp_path: Path) -> None:
+    assert crlf_only("1.Q_0.h,S=10,W=10") and crlf_only("1.Q_0.h,S=10,W=10:2,S")
+    assert not crlf_only("1.a,S=10,W=12") and not crlf_only("1.a,S=10") and not crlf_only("1.a")
+    lf = b"a\nb\n"
+    md = make_maildir(
+        tmp_path / "md",
+        {"new/1.a,S=6,W=6": b"a\r\nb\r\n", f"new/2.b,S={len(lf)},W={len(to_crlf(lf))}": lf},
+    )
+    drop = Maildrop(md)
+    drop.open()
+    try:
+        assert [e.crlf for e in drop.entries] == [True, False]
+        assert drop.read(drop.entries[0]) == b"a\r\nb\r\n"
+        assert drop.read(drop.entries[1]) == b"a\r\nb\r\n"
+    finally:
+        drop.close()
+
+
+def test_file_longer_than_its_name_says_is_read_whole(tmp_path: Path) -> None:
+    body = b"x" * 100 + b"\r\n"
+    md = make_maildir(tmp_path / "md", {"new/1.a,S=5": body})
+    drop = Maildrop(md)
+    drop.open()
+    try:
+        assert drop.read(drop.entries[0]) == body
+    finally:
+        drop.close()
+
+
+def test_large_update_is_shared_by_threads_and_complete(tmp_path: Path) -> None:
+    count = PARALLEL_UPDATE_MIN * 2 + 7
+    md = make_maildir(tmp_path / "md", {f"new/{i}.m,S=3": b"m\r\n" for i in range(count)})
+    drop = Maildrop(md)
+    drop.open()
+    for i, entry in enumerate(drop.entries):
+        entry.deleted = i % 3 != 0
+        entry.retrieved = True
+    os.unlink(md / "new" / drop.entries[1].name)  # gone meanwhile: not a failure
+    assert drop.update() == 0
+    drop.close()
+    kept = sorted(os.listdir(md / "cur"))
+    assert len(kept) == len(range(0, count, 3)) and all(n.endswith(":2,S") for n in kept)
+    assert os.listdir(md / "new") == []
 
 
 def test_drop_without_update_changes_nothing_and_rset(tmp_path: Path) -> None:

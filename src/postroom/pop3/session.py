@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -39,6 +40,17 @@ from postroom.storage import maildir
 LOCK_NAME = ".postroom-pop3.lock"
 SIZE_CACHE = ".postroom-pop3-sizes"
 READ_CHUNK = 1 << 18
+UPDATE_THREADS = 4
+PARALLEL_UPDATE_MIN = 256  # below this, one thread: the hand-off would cost more than it saves
+_pool: ThreadPoolExecutor | None = None
+
+
+def _update_pool() -> ThreadPoolExecutor:
+    """The threads that share a large UPDATE (made on first use, shared by all sessions)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(UPDATE_THREADS, thread_name_prefix="pop3-update")
+    return _pool
 
 
 class MailboxInUse(Exception):
@@ -53,6 +65,7 @@ class Entry:
     name: str  # file name in that directory
     size: int  # octets as sent by RETR (CRLF line ends, before dot-stuffing)
     uid: str
+    crlf: bool = False  # known to have CRLF line ends only (see :func:`crlf_only`)
     deleted: bool = False
     retrieved: bool = False
 
@@ -73,11 +86,22 @@ def unique_id(name: str) -> str:
 
 def size_from_name(name: str) -> int | None:
     """``,W=`` (the size with CRLF line ends, Dovecot) or else ``,S=`` from a file name."""
-    fields = name.split(":", 1)[0].split(",")[1:]
-    for f in fields:
-        if f.startswith("W=") and f[2:].isdigit():
+    return _field(name, "W=") or maildir.size_from_name(name)
+
+
+def crlf_only(name: str) -> bool:
+    """True if the name promises a file with no bare LF: ``,S=`` (file size) equals ``,W=``
+    (size with every LF as CRLF), as postroom and Dovecot name CRLF files. RETR then sends
+    the file as it is, without scanning it for line ends."""
+    w = _field(name, "W=")
+    return w is not None and w == _field(name, "S=")
+
+
+def _field(name: str, key: str) -> int | None:
+    for f in name.split(":", 1)[0].split(",")[1:]:
+        if f.startswith(key) and f[2:].isdigit():
             return int(f[2:])
-    return maildir.size_from_name(name)
+    return None
 
 
 class CrlfConverter:
@@ -156,6 +180,9 @@ class Maildrop:
         self.path = path
         self.entries: list[Entry] = []
         self._lock_fd: int | None = None
+        # new/ and cur/, open for the session: files are opened, renamed and unlinked relative
+        # to them, which saves a path walk per message.
+        self._dirs: dict[str, int] = {}
 
     # -- open and close --------------------------------------------------------------------
 
@@ -170,6 +197,10 @@ class Maildrop:
             raise MailboxInUse(str(self.path)) from None
         self._lock_fd = fd
         try:
+            for subdir in ("new", "cur"):
+                self._dirs[subdir] = os.open(
+                    self.path / subdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                )
             self.entries = self._snapshot()
         except BaseException:
             self.close()
@@ -187,7 +218,9 @@ class Maildrop:
                     if size is None:
                         unknown.append((subdir, e.name))
                         continue
-                    entries.append(Entry(subdir, e.name, size, unique_id(e.name)))
+                    entries.append(
+                        Entry(subdir, e.name, size, unique_id(e.name), crlf_only(e.name))
+                    )
         if unknown:
             entries += self._measure_all(unknown)
         # Oldest first: Maildir unique names start with the delivery time in seconds.
@@ -238,6 +271,9 @@ class Maildrop:
 
     def close(self) -> None:
         """Release the lock (nothing is applied: that is :meth:`update`)."""
+        for dir_fd in self._dirs.values():
+            os.close(dir_fd)
+        self._dirs.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -273,13 +309,10 @@ class Maildrop:
         return self.path / entry.subdir / entry.name
 
     def locate(self, entry: Entry) -> Path:
-        """The message's file now; follows a move by another Maildir tool (new -> cur, flags).
+        """Find a message moved by another Maildir tool (new -> cur, flags) and follow it.
 
         Raises FileNotFoundError if the message is gone.
         """
-        path = self.file(entry)
-        if path.exists():
-            return path
         base = entry.base
         for subdir in ("cur", "new"):
             with os.scandir(self.path / subdir) as it:
@@ -287,15 +320,36 @@ class Maildrop:
                     if e.name == base or e.name.startswith(base + ":"):
                         entry.subdir, entry.name = subdir, e.name
                         return self.path / subdir / e.name
-        raise FileNotFoundError(str(path))
+        raise FileNotFoundError(str(self.file(entry)))
+
+    def _open_fd(self, entry: Entry) -> int:
+        flags = os.O_RDONLY | os.O_CLOEXEC
+        try:
+            return os.open(entry.name, flags, dir_fd=self._dirs[entry.subdir])
+        except FileNotFoundError:
+            return os.open(self.locate(entry), flags)
 
     def open_message(self, entry: Entry) -> BinaryIO:
-        return open(self.locate(entry), "rb")  # the caller closes it
+        return os.fdopen(self._open_fd(entry), "rb")  # the caller closes it
 
     def read(self, entry: Entry) -> bytes:
-        """The whole message with CRLF line ends (for small messages)."""
-        with self.open_message(entry) as fh:
-            return to_crlf(fh.read())
+        """The whole message with CRLF line ends (for small messages).
+
+        One ``read`` of the expected size plus one octet does for a file whose size matches
+        its name (postroom's own CRLF files): the short read is the end of the file. Any
+        other file is read on until ``read`` returns nothing.
+        """
+        fd = self._open_fd(entry)
+        try:
+            data = os.read(fd, entry.size + 1)
+            if len(data) != entry.size:
+                parts = [data]
+                while piece := os.read(fd, READ_CHUNK):
+                    parts.append(piece)
+                data = b"".join(parts)
+        finally:
+            os.close(fd)
+        return data if entry.crlf else to_crlf(data)
 
     def reset(self) -> None:
         for e in self.entries:
@@ -305,34 +359,65 @@ class Maildrop:
         """The UPDATE state (RFC 1939 §6): delete what was marked; mark what was read as seen.
 
         Returns how many deletions failed (the answer to QUIT is then -ERR, RFC 1939 §6).
+        Large batches are split over a few threads: an unlink holds the directory's lock only
+        for the name, while freeing the inode's blocks (most of its cost) runs in parallel.
         """
-        failed = 0
-        changed = False
+        work: list[tuple[Entry, str | None]] = []
         for e in self.entries:
-            if not (e.deleted or e.retrieved):
+            if e.deleted:
+                work.append((e, None))
+            elif not e.retrieved:
                 continue
+            elif e.subdir == "new":
+                work.append((e, f"{e.name}:2,S"))
+            elif ":2," in e.name and "S" not in e.name.split(":2,", 1)[1]:
+                head, flags = e.name.split(":2,", 1)
+                work.append((e, f"{head}:2,{''.join(sorted(flags + 'S'))}"))
+        if len(work) < PARALLEL_UPDATE_MIN:
+            results = [self._apply_all(work)]
+        else:
+            step = -(-len(work) // UPDATE_THREADS)
+            parts = [work[i : i + step] for i in range(0, len(work), step)]
+            results = list(_update_pool().map(self._apply_all, parts))
+        changed = set().union(*(r[1] for r in results))
+        for subdir in changed:
+            # The changes are made; only their durability across a power cut is at stake.
+            with contextlib.suppress(OSError):
+                os.fsync(self._dirs[subdir])
+        return sum(r[0] for r in results)
+
+    def _apply_all(self, work: list[tuple[Entry, str | None]]) -> tuple[int, set[str]]:
+        """Apply a slice of the UPDATE; (deletions failed, subdirectories changed)."""
+        failed = 0
+        changed: set[str] = set()
+        for entry, target in work:
             try:
-                src = self.locate(e)
-                if e.deleted:
-                    os.unlink(src)
-                elif e.subdir == "new":
-                    os.rename(src, self.path / "cur" / f"{e.name}:2,S")
-                elif ":2," in e.name and "S" not in e.name.split(":2,", 1)[1]:
-                    head, flags = e.name.split(":2,", 1)
-                    os.rename(src, self.path / "cur" / f"{head}:2,{''.join(sorted(flags + 'S'))}")
-                else:
-                    continue
-                changed = True
+                self._apply(entry, target)
             except FileNotFoundError:
                 continue  # removed by someone else meanwhile: the end result is the same
             except OSError:
-                failed += 1 if e.deleted else 0
-        if changed:
-            for subdir in ("new", "cur"):
-                # The changes are made; only their durability across a power cut is at stake.
-                with contextlib.suppress(OSError):
-                    maildir.fsync_dir(self.path / subdir)
-        return failed
+                failed += 1 if target is None else 0
+                continue
+            changed.add(entry.subdir)
+            if target is not None:
+                changed.add("cur")
+        return failed, changed
+
+    def _apply(self, entry: Entry, target: str | None) -> None:
+        """Unlink the message (``target`` None) or rename it to ``cur/target``."""
+        for attempt in (1, 2):
+            if attempt == 2:
+                self.locate(entry)  # moved by another tool? FileNotFoundError if gone
+            src_fd = self._dirs[entry.subdir]
+            try:
+                if target is None:
+                    os.unlink(entry.name, dir_fd=src_fd)
+                else:
+                    os.rename(entry.name, target, src_dir_fd=src_fd, dst_dir_fd=self._dirs["cur"])
+                return
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
 
 
 def measure(path: Path) -> int:

@@ -166,7 +166,10 @@ def dot_stuff(data: bytes) -> bytes:
     A final line without CRLF gets one. Lines are those ending in CRLF, the same rule the
     readers use, so ``DotReader`` gives back ``data`` (plus a CRLF if it lacked one).
     """
-    stuffed = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
+    if data.startswith(b".") or b"\r\n." in data:
+        stuffed = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
+    else:
+        stuffed = data  # the common case: nothing to stuff, no copies
     if stuffed and not stuffed.endswith(b"\r\n"):
         stuffed += b"\r\n"
     return stuffed + b".\r\n"

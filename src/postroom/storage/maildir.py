@@ -3,7 +3,8 @@
 Layout is ``{data_dir}/mail/{domain}/{localpart}/{tmp,new,cur}`` with local parts lower-cased and
 domains IDNA-encoded (see CONTRACT.md). Files are stored exactly as they came over SMTP, with CRLF
 line ends: Dovecot and mutt read them, and POP3 can send them without conversion. Each file name
-carries ``,S=<octets>`` (as Dovecot does) so that sizes are known without opening the file.
+carries ``,S=<octets>,W=<octets>`` (as Dovecot does) so that sizes are known without opening the
+file.
 
 A delivery writes ``tmp/NAME``, fsyncs it, renames it to ``new/NAME`` and fsyncs ``new/``; only then
 is it delivered. NAME is derived from the queue id and recipient index, so after a crash the
@@ -41,8 +42,12 @@ def _host_part(hostname: str) -> str:
 
 
 def unique_name(arrival: int, queue_id: str, index: int, hostname: str, size: int) -> str:
-    """A deterministic unique name: the same delivery always gets the same name."""
-    return f"{arrival}.{queue_id}_{index}.{_host_part(hostname)},S={size}"
+    """A deterministic unique name: the same delivery always gets the same name.
+
+    ``,S=`` is the file size and ``,W=`` the size with CRLF line ends (Dovecot's fields); the
+    file is CRLF already, so they are equal, which tells POP3 it needs no conversion.
+    """
+    return f"{arrival}.{queue_id}_{index}.{_host_part(hostname)},S={size},W={size}"
 
 
 def already_delivered(path: Path, name: str) -> bool:
