@@ -23,7 +23,6 @@ import asyncio
 import itertools
 import json
 import os
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,14 +38,28 @@ FOOTER_LEN = len(FOOTER_MAGIC) + 11  # ten digits and a newline
 SPILL_THRESHOLD = 1 << 20
 
 
-_ID_SEQUENCE = itertools.count(secrets.randbelow(1 << 20))
+_ID_SEQUENCE = itertools.count()
+_PID = os.getpid()
+
+
+def _forked() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def new_queue_id(now: float | None = None) -> str:
-    """Sortable, unique id: microseconds since the epoch, then a per-process sequence number
-    (starting at random, so two processes in the same microsecond still differ)."""
+    """Sortable, unique id: microseconds since the epoch, the process id, a sequence number.
+
+    The process id keeps the ids of forked workers apart: a sequence alone is copied by
+    ``fork`` and two workers would make the same id in the same microsecond (and the same
+    Maildir file name, one message overwriting the other). A pid is reused only after its
+    process has exited, and a process makes fewer than 65,536 ids in one microsecond.
+    """
     micros = int((time.time() if now is None else now) * 1_000_000)
-    return f"{micros:014X}{next(_ID_SEQUENCE) & 0xFFFFFF:06X}"
+    return f"{micros:014X}{_PID & 0xFFFFFF:06X}{next(_ID_SEQUENCE) & 0xFFFF:04X}"
 
 
 @dataclass
