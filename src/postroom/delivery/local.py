@@ -2,8 +2,8 @@
 
 Prepends ``Return-Path`` (RFC 5321 §4.4) and ``Delivered-To``, and changes nothing else. The
 Maildir file name is derived from the queue id and recipient index, so a delivery repeated after
-a crash finds the earlier copy and does not deliver it twice. Write, fsync, rename and the
-fsync of ``new/`` happen in one worker-thread job: one hand-off per delivery.
+a crash finds the earlier copy and does not deliver it twice. The file write, its fsync, the link
+into ``new/`` and the fsync of ``new/`` happen in one worker-thread job: one hand-off per delivery.
 """
 
 from __future__ import annotations
@@ -23,22 +23,29 @@ class LocalDelivery:
         self.data_dir = data_dir
         self.hostname = hostname
         self.executor = executor
+        self._ensured: set[Path] = set()  # Maildirs known to exist: no stat per delivery
 
     def _write(
         self, envelope: Envelope, index: int, key: str, message: bytes, check_duplicate: bool
     ) -> Path | None:
         path = maildir.mailbox_path(self.data_dir, key)
-        maildir.ensure(path)
+        if path not in self._ensured:
+            maildir.ensure(path)
+            self._ensured.add(path)
         trace = f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {key}\r\n".encode()
         size = len(trace) + len(message)
         name = maildir.unique_name(int(envelope.created), envelope.id, index, self.hostname, size)
         if check_duplicate and maildir.already_delivered(path, name):
             return None
-        maildir.write_to_tmp(path, name, (trace, message))
-        maildir.publish(path, name)
-        # In the same worker thread: one hand-off per delivery. Concurrent fsyncs of new/ are
-        # merged by the file system's journal commit, which is cheaper than a second hand-off.
-        maildir.fsync_dir(path / "new")
+        # One worker-thread job: file, link and the fsync of new/ (concurrent fsyncs of new/
+        # are merged by the file system's journal commit, cheaper than a second hand-off).
+        try:
+            maildir.deliver(path, name, (trace, message))
+        except FileNotFoundError:
+            # The Maildir was removed since we last saw it (an admin deleting a mailbox).
+            self._ensured.discard(path)
+            maildir.ensure(path)
+            maildir.deliver(path, name, (trace, message))
         return path
 
     async def deliver(
