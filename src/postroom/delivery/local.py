@@ -15,6 +15,8 @@ from pathlib import Path
 from postroom.queue.store import Envelope
 from postroom.storage import maildir
 
+BOX_CACHE = 10_000
+
 
 class LocalDelivery:
     """Writes into Maildirs under ``data_dir``; blocking work runs on ``executor``."""
@@ -23,30 +25,31 @@ class LocalDelivery:
         self.data_dir = data_dir
         self.hostname = hostname
         self.executor = executor
-        self._ensured: set[Path] = set()  # Maildirs known to exist: no stat per delivery
+        self._ensured: set[str] = set()  # Maildirs known to exist: no stat per delivery
+        self._boxes: dict[str, str] = {}  # recipient key -> its Maildir, as a string
 
-    def _write(
-        self, envelope: Envelope, index: int, key: str, message: bytes, check_duplicate: bool
-    ) -> Path | None:
-        path = maildir.mailbox_path(self.data_dir, key)
-        if path not in self._ensured:
-            maildir.ensure(path)
-            self._ensured.add(path)
-        trace = f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {key}\r\n".encode()
-        size = len(trace) + len(message)
-        name = maildir.unique_name(int(envelope.created), envelope.id, index, self.hostname, size)
-        if check_duplicate and maildir.already_delivered(path, name):
-            return None
-        # One worker-thread job: file, link and the fsync of new/ (concurrent fsyncs of new/
-        # are merged by the file system's journal commit, cheaper than a second hand-off).
+    def _box(self, key: str) -> str:
+        box = self._boxes.get(key)
+        if box is None:
+            if len(self._boxes) >= BOX_CACHE:
+                self._boxes.clear()
+            box = self._boxes[key] = str(maildir.mailbox_path(self.data_dir, key))
+        return box
+
+    def _write(self, box: str, name: str, parts: tuple[bytes, bytes], check_dup: bool) -> None:
+        """The worker-thread job: only file-system calls, so that it holds the GIL briefly."""
+        if box not in self._ensured:
+            maildir.ensure(Path(box))
+            self._ensured.add(box)
+        if check_dup and maildir.already_delivered(Path(box), name):
+            return
         try:
-            maildir.deliver(path, name, (trace, message))
+            maildir.deliver(box, name, parts)
         except FileNotFoundError:
             # The Maildir was removed since we last saw it (an admin deleting a mailbox).
-            self._ensured.discard(path)
-            maildir.ensure(path)
-            maildir.deliver(path, name, (trace, message))
-        return path
+            self._ensured.discard(box)
+            maildir.ensure(Path(box))
+            maildir.deliver(box, name, parts)
 
     async def deliver(
         self,
@@ -57,7 +60,10 @@ class LocalDelivery:
         check_duplicate: bool = False,
     ) -> None:
         """Deliver to ``key``; returns once the message is durable in ``new/``; OSError if not."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            self.executor, self._write, envelope, index, key, message, check_duplicate
+        trace = f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {key}\r\n".encode()
+        size = len(trace) + len(message)
+        name = maildir.unique_name(int(envelope.created), envelope.id, index, self.hostname, size)
+        # One worker-thread job: file, link and the (shared) fsync of new/.
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._write, self._box(key), name, (trace, message), check_duplicate
         )

@@ -64,7 +64,7 @@ def already_delivered(path: Path, name: str) -> bool:
         return False
 
 
-def deliver(path: Path, name: str, parts: Sequence[bytes]) -> bool:
+def deliver(path: str | Path, name: str, parts: Sequence[bytes]) -> bool:
     """Write the message durably as ``new/name`` of the Maildir at ``path``.
 
     Returns False, writing nothing, if ``new/name`` exists already: names are derived from the
@@ -79,7 +79,8 @@ def deliver(path: Path, name: str, parts: Sequence[bytes]) -> bool:
     classic ``tmp/`` write and rename.
     """
     global _tmpfile_ok
-    new_fd = os.open(path / "new", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    path = os.fspath(path)
+    new_fd = os.open(os.path.join(path, "new"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         linked: bool | None = None
         if _tmpfile_ok:
@@ -89,7 +90,7 @@ def deliver(path: Path, name: str, parts: Sequence[bytes]) -> bool:
         if linked is None:
             linked = _deliver_renamed(path, name, new_fd, parts)
         if linked:
-            _sync_new(str(path), new_fd)
+            _sync_new(path, new_fd)
         return linked
     finally:
         os.close(new_fd)
@@ -148,10 +149,10 @@ def _sync_new(key: str, new_fd: int) -> None:
                 del _sync_states[key]
 
 
-def _deliver_tmpfile(path: Path, name: str, new_fd: int, parts: Sequence[bytes]) -> bool | None:
+def _deliver_tmpfile(path: str, name: str, new_fd: int, parts: Sequence[bytes]) -> bool | None:
     """The O_TMPFILE way; None if this file system (or a missing /proc) does not allow it."""
     try:
-        fd = os.open(path / "tmp", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+        fd = os.open(os.path.join(path, "tmp"), os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             return None
@@ -174,10 +175,10 @@ def _deliver_tmpfile(path: Path, name: str, new_fd: int, parts: Sequence[bytes])
         os.close(fd)  # an unlinked O_TMPFILE inode is freed here
 
 
-def _deliver_renamed(path: Path, name: str, new_fd: int, parts: Sequence[bytes]) -> bool:
-    if os.path.exists(path / "new" / name):
+def _deliver_renamed(path: str, name: str, new_fd: int, parts: Sequence[bytes]) -> bool:
+    if os.path.exists(os.path.join(path, "new", name)):
         return False
-    tmp = path / "tmp" / name
+    tmp = Path(path, "tmp", name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         _write_all(fd, parts)
