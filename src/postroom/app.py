@@ -399,14 +399,36 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
+class _BatchedStderr(logging.handlers.MemoryHandler):
+    """Buffers records and writes each batch to stderr in one ``write``.
+
+    MemoryHandler alone hands its buffer to a StreamHandler record by record, and that
+    flushes the stream after each: one system call per log line after all.
+    """
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            if not self.buffer:
+                return
+            text = "".join(self.format(record) + "\n" for record in self.buffer)
+            self.buffer.clear()
+        finally:
+            self.release()
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # stderr is gone (closed terminal): nowhere to log to
+
+
 def _setup_logging(cfg: Config) -> None:
     """Log lines go to stderr in batches (one write per 256 lines or per second, at once for
     warnings and errors): a write per accepted message would cost a system call each."""
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(
+    buffered = _BatchedStderr(256, flushLevel=logging.WARNING)
+    buffered.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     )
-    buffered = logging.handlers.MemoryHandler(256, flushLevel=logging.WARNING, target=stream)
     root = logging.getLogger()
     root.handlers[:] = [buffered]
     root.setLevel(getattr(logging, cfg.log_level.upper()))
