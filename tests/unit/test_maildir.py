@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -9,43 +10,58 @@ from pathlib import Path
 
 import pytest
 
+import postroom.queue.store as store
+from postroom.delivery.local import LocalDelivery
+from postroom.queue.store import Envelope, Recipient
 from postroom.storage import maildir
 
 
-@pytest.fixture(params=["tmpfile", "renamed"])
-def box(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    if request.param == "renamed":
-        monkeypatch.setattr(maildir, "_tmpfile_ok", False)
+@pytest.fixture
+def box(tmp_path: Path) -> str:
     path = tmp_path / "box"
     maildir.ensure(path)
-    return path
+    return str(path)
 
 
-def test_deliver_writes_new_and_leaves_nothing_in_tmp(box: Path) -> None:
-    assert maildir.deliver(box, "1.Q_0.h,S=7,W=7", [b"Sub", b"j\r\n\r\n"])
-    assert (box / "new" / "1.Q_0.h,S=7,W=7").read_bytes() == b"Subj\r\n\r\n"
-    assert os.listdir(box / "tmp") == []
-    assert oct((box / "new" / "1.Q_0.h,S=7,W=7").stat().st_mode & 0o777) == "0o600"
+def staged(box: str, name: str, parts: list[bytes]) -> bool | None:
+    fd = maildir.stage(box, parts)
+    assert fd is not None
+    try:
+        os.fsync(fd)
+        return maildir.link(fd, box, name)
+    finally:
+        os.close(fd)
 
 
-def test_deliver_never_replaces_an_existing_message(box: Path) -> None:
-    assert maildir.deliver(box, "2.Q_0.h", [b"first\r\n"])
-    assert not maildir.deliver(box, "2.Q_0.h", [b"second\r\n"])
-    assert (box / "new" / "2.Q_0.h").read_bytes() == b"first\r\n"
-    assert os.listdir(box / "tmp") == []
+def test_staged_file_appears_only_when_linked(box: str) -> None:
+    fd = maildir.stage(box, [b"Sub", b"j\r\n\r\n"])
+    assert fd is not None
+    assert os.listdir(Path(box, "new")) == [] and os.listdir(Path(box, "tmp")) == []
+    os.fsync(fd)
+    assert maildir.link(fd, box, "1.Q_0.h,S=7,W=7")
+    os.close(fd)
+    path = Path(box, "new", "1.Q_0.h,S=7,W=7")
+    assert path.read_bytes() == b"Subj\r\n\r\n"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
 
 
-def test_large_message_is_written_whole(box: Path) -> None:
-    parts = [b"h" * 100, b"x" * (3 << 20)]
+def test_link_never_replaces_an_existing_message(box: str) -> None:
+    assert staged(box, "2.Q_0.h", [b"first\r\n"])
+    assert staged(box, "2.Q_0.h", [b"second\r\n"]) is False
+    assert Path(box, "new", "2.Q_0.h").read_bytes() == b"first\r\n"
+    assert os.listdir(Path(box, "tmp")) == []
+
+
+@pytest.mark.parametrize("size", [10, 3 << 20])
+def test_classic_delivery_through_tmp(box: str, size: int) -> None:
+    parts = [b"h" * 100, b"x" * size]
     assert maildir.deliver(box, "3.Q_0.h", parts)
-    assert (box / "new" / "3.Q_0.h").read_bytes() == b"".join(parts)
+    assert not maildir.deliver(box, "3.Q_0.h", [b"other"])
+    assert Path(box, "new", "3.Q_0.h").read_bytes() == b"".join(parts)
+    assert os.listdir(Path(box, "tmp")) == []
 
 
-def test_tmpfile_refused_by_the_file_system_falls_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "box"
-    maildir.ensure(path)
+def test_tmpfile_refused_by_the_file_system(box: str, monkeypatch: pytest.MonkeyPatch) -> None:
     real_open = os.open
 
     def no_tmpfile(file: object, flags: int, *args: object, **kw: object) -> int:
@@ -55,36 +71,51 @@ def test_tmpfile_refused_by_the_file_system_falls_back(
 
     monkeypatch.setattr(maildir, "_tmpfile_ok", True)
     monkeypatch.setattr(os, "open", no_tmpfile)
-    assert maildir.deliver(path, "4.Q_0.h", [b"m\r\n"])
-    assert (path / "new" / "4.Q_0.h").read_bytes() == b"m\r\n"
+    assert maildir.stage(box, [b"m\r\n"]) is None
     assert maildir._tmpfile_ok is False
 
 
-def test_concurrent_deliveries_share_directory_fsyncs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def envelope(i: int, rcpt: str) -> Envelope:
+    return Envelope(
+        id=f"Q{i:06d}",
+        sender="s@x.test",
+        recipients=[Recipient(rcpt)],
+        created=1_800_000_000.0,
+        client_ip="127.0.0.1",
+        helo="x",
+    )
+
+
+@pytest.mark.parametrize("tmpfile", [True, False])
+def test_local_delivery_shares_directory_fsyncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmpfile: bool
 ) -> None:
-    path = tmp_path / "box"
-    maildir.ensure(path)
-    real_fsync = os.fsync
-    linked: list[str] = []  # names in new/ when each directory fsync started
-    covered: list[set[str]] = []
+    monkeypatch.setattr(maildir, "_tmpfile_ok", tmpfile)
+    covered: list[set[str]] = []  # what new/ held when each shared fsync of it started
+    real = store._fsync_dir
 
-    def fsync(fd: int) -> None:
-        if os.path.isdir(f"/proc/self/fd/{fd}"):
-            covered.append(set(os.listdir(path / "new")))
-            time.sleep(0.002)  # a slow disk: let deliveries pile up behind the sync
-        real_fsync(fd)
+    def fsync_dir(path: Path) -> None:
+        covered.append(set(os.listdir(path)))
+        time.sleep(0.005)  # a slow disk: deliveries pile up behind the sync
+        real(path)
 
-    def one(i: int) -> None:
-        name = f"{i}.Q_0.h"
-        assert maildir.deliver(path, name, [b"m\r\n"])
-        # On return, a directory fsync that started after our link has finished.
-        assert any(name in names for names in covered)
-        linked.append(name)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(store, "_fsync_dir", fsync_dir)
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(one, range(64)))
-    assert len(linked) == 64 and len(os.listdir(path / "new")) == 64
-    assert len(covered) < 64  # shared
-    assert maildir._sync_states == {}
+        local = LocalDelivery(tmp_path, "mx.x.test", pool)
+
+        async def main() -> None:
+            await asyncio.gather(
+                *(
+                    local.deliver(envelope(i, "u@x.test"), 0, "u@x.test", b"m\r\n")
+                    for i in range(40)
+                )
+            )
+
+        asyncio.run(main())
+    new = tmp_path / "mail" / "x.test" / "u" / "new"
+    names = os.listdir(new)
+    assert len(names) == 40 and all(Path(new, n).read_bytes().endswith(b"m\r\n") for n in names)
+    assert os.listdir(new.parent / "tmp") == []
+    if tmpfile:
+        assert 0 < len(covered) < 40  # shared
+        assert set(names) <= set().union(*covered)  # and every link was covered by one

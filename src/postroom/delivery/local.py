@@ -2,17 +2,20 @@
 
 Prepends ``Return-Path`` (RFC 5321 §4.4) and ``Delivered-To``, and changes nothing else. The
 Maildir file name is derived from the queue id and recipient index, so a delivery repeated after
-a crash finds the earlier copy and does not deliver it twice. The file write, its fsync, the link
-into ``new/`` and the fsync of ``new/`` happen in one worker-thread job: one hand-off per delivery.
+a crash finds the earlier copy and does not deliver it twice. The message is written into an
+unnamed file on the event loop and fsync'ed in a worker thread; under concurrency it is linked
+into ``new/`` on the loop and ``new/`` is fsync'ed once for all deliveries that linked meanwhile
+(group commit); a delivery alone does fsync, link and directory fsync in one worker-thread job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from postroom.queue.store import Envelope
+from postroom.queue.store import Envelope, GroupSync
 from postroom.storage import maildir
 
 BOX_CACHE = 10_000
@@ -27,29 +30,22 @@ class LocalDelivery:
         self.executor = executor
         self._ensured: set[str] = set()  # Maildirs known to exist: no stat per delivery
         self._boxes: dict[str, str] = {}  # recipient key -> its Maildir, as a string
+        self._syncs: dict[str, GroupSync] = {}  # Maildir -> the shared fsync of its new/
+        self._in_flight = 0  # staged deliveries not yet durable
 
     def _box(self, key: str) -> str:
         box = self._boxes.get(key)
         if box is None:
             if len(self._boxes) >= BOX_CACHE:
                 self._boxes.clear()
+                self._syncs.clear()
             box = self._boxes[key] = str(maildir.mailbox_path(self.data_dir, key))
         return box
 
-    def _write(self, box: str, name: str, parts: tuple[bytes, bytes], check_dup: bool) -> None:
-        """The worker-thread job: only file-system calls, so that it holds the GIL briefly."""
+    def _ensure(self, box: str) -> None:
         if box not in self._ensured:
             maildir.ensure(Path(box))
             self._ensured.add(box)
-        if check_dup and maildir.already_delivered(Path(box), name):
-            return
-        try:
-            maildir.deliver(box, name, parts)
-        except FileNotFoundError:
-            # The Maildir was removed since we last saw it (an admin deleting a mailbox).
-            self._ensured.discard(box)
-            maildir.ensure(Path(box))
-            maildir.deliver(box, name, parts)
 
     async def deliver(
         self,
@@ -59,11 +55,66 @@ class LocalDelivery:
         message: bytes,
         check_duplicate: bool = False,
     ) -> None:
-        """Deliver to ``key``; returns once the message is durable in ``new/``; OSError if not."""
+        """Deliver to ``key``; returns once the message is durable in ``new/``; OSError if not.
+
+        Worker threads do only the fsyncs; the quick file calls run here. Every Python step in
+        a worker thread would hold the GIL that this event loop needs, and each hand-back of
+        the GIL is a futex wake and a context switch.
+        """
         trace = f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {key}\r\n".encode()
         size = len(trace) + len(message)
         name = maildir.unique_name(int(envelope.created), envelope.id, index, self.hostname, size)
-        # One worker-thread job: file, link and the (shared) fsync of new/.
-        await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._write, self._box(key), name, (trace, message), check_duplicate
-        )
+        box = self._box(key)
+        parts = (trace, message)
+        loop = asyncio.get_running_loop()
+        fd = None if check_duplicate else self._stage(box, parts)
+        if fd is None:
+            write = self._write
+            await loop.run_in_executor(self.executor, write, box, name, parts, check_duplicate)
+            return
+        self._in_flight += 1
+        try:
+            if self._in_flight == 1:
+                # Alone: one hand-off for the rest (fsync, link, fsync of new/) is the quickest.
+                # The job closes fd itself.
+                linked = await loop.run_in_executor(self.executor, maildir.commit, fd, box, name)
+            else:
+                # Others are in flight: the link here, and new/ fsync'ed once for all of them.
+                try:
+                    await loop.run_in_executor(self.executor, os.fsync, fd)
+                    linked = maildir.link(fd, box, name)
+                finally:
+                    os.close(fd)
+                if linked:
+                    await self._sync(box).sync()
+        finally:
+            self._in_flight -= 1
+        if linked is None:  # no /proc: the classic way
+            await loop.run_in_executor(self.executor, self._write, box, name, parts, False)
+
+    def _sync(self, box: str) -> GroupSync:
+        sync = self._syncs.get(box)
+        if sync is None:
+            sync = self._syncs[box] = GroupSync(Path(box, "new"), self.executor)
+        return sync
+
+    def _stage(self, box: str, parts: tuple[bytes, bytes]) -> int | None:
+        self._ensure(box)
+        try:
+            return maildir.stage(box, parts)
+        except FileNotFoundError:  # the Maildir was removed since we last saw it
+            self._ensured.discard(box)
+            self._ensure(box)
+            return maildir.stage(box, parts)
+
+    def _write(self, box: str, name: str, parts: tuple[bytes, bytes], check_dup: bool) -> None:
+        """All of a delivery in a worker thread: after a crash, or without ``O_TMPFILE``."""
+        self._ensure(box)
+        if check_dup and maildir.already_delivered(Path(box), name):
+            return
+        try:
+            maildir.deliver(box, name, parts)
+        except FileNotFoundError:  # the Maildir was removed since we last saw it
+            self._ensured.discard(box)
+            self._ensure(box)
+            maildir.deliver(box, name, parts)

@@ -8,6 +8,8 @@ file.
 
 A delivery writes the file (an ``O_TMPFILE`` inode, or ``tmp/NAME`` where that is not available),
 fsyncs it, links or renames it to ``new/NAME`` and fsyncs ``new/``; only then is it delivered.
+The steps are separate functions so that the caller can run the quick ones on its event loop
+and only the fsyncs in threads (see ``delivery/local.py``).
 NAME is derived from the queue id and recipient index, so after a crash the queue can ask
 :func:`already_delivered` and never deliver the same message twice.
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,115 +65,112 @@ def already_delivered(path: Path, name: str) -> bool:
         return False
 
 
-def deliver(path: str | Path, name: str, parts: Sequence[bytes]) -> bool:
-    """Write the message durably as ``new/name`` of the Maildir at ``path``.
+def stage(path: str, parts: Sequence[bytes]) -> int | None:
+    """Write the message into a new unnamed file (``O_TMPFILE``) of the Maildir at ``path``.
 
-    Returns False, writing nothing, if ``new/name`` exists already: names are derived from the
-    queue id, so that is this very message, delivered before a crash. On return the file and
-    its directory entry are on disk (file fsync'ed, then ``new/`` fsync'ed).
+    Returns its descriptor; the caller fsyncs it, :func:`link` s it into ``new/``, fsyncs
+    ``new/`` and closes it. None (and nothing written) where the file system has no
+    ``O_TMPFILE``: then :func:`deliver` does it all the classic way.
 
-    Where the file system allows, the file is made with ``O_TMPFILE`` (an unnamed inode) and
-    linked into ``new/`` once complete: the Maildir rule "never visible half-written" holds
-    without a ``tmp/`` entry, nothing is left behind by a crash, the inode is allocated
-    outside the directory lock that concurrent deliveries to the same mailbox contend for, and
-    ``linkat`` fails on an existing name where ``rename`` would replace it. Elsewhere, the
-    classic ``tmp/`` write and rename.
+    Why this way: the Maildir rule "never visible half-written" holds without a ``tmp/``
+    entry, a crash leaves nothing behind, the inode is allocated outside the directory lock
+    that concurrent deliveries to one mailbox contend for, and ``linkat`` refuses to replace
+    an existing name where ``rename`` would. And the two quick steps (this one and the link)
+    can run on the event loop, leaving only the fsyncs to worker threads.
     """
-    global _tmpfile_ok
+    if not _tmpfile_ok:
+        return None
+    try:
+        fd = os.open(os.path.join(path, "tmp"), os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            _no_tmpfile()
+            return None
+        raise
+    try:
+        _write_all(fd, parts)
+    except BaseException:
+        os.close(fd)  # an unlinked O_TMPFILE inode is freed here: nothing is left behind
+        raise
+    return fd
+
+
+def link(fd: int, path: str, name: str) -> bool | None:
+    """Give the staged, fsync'ed file ``fd`` its name ``new/name``.
+
+    False if that name exists (this very message, delivered before a crash: names come from
+    the queue id); None if linking through /proc is not possible here (no /proc mounted).
+    """
+    try:
+        # linkat(AT_SYMLINK_FOLLOW) through /proc, as open(2) documents for O_TMPFILE. The
+        # target is absolute, so the kernel ignores dst_dir_fd; passing one makes Python call
+        # linkat (which follows the /proc link) rather than link (which would not).
+        os.link(
+            f"/proc/self/fd/{fd}",
+            os.path.join(path, "new", name),
+            dst_dir_fd=_any_dir_fd(),
+            follow_symlinks=True,
+        )
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EACCES) or (
+            exc.errno == errno.ENOENT and not os.path.isdir("/proc/self/fd")
+        ):
+            _no_tmpfile()
+            return None
+        raise
+    return True
+
+
+def commit(fd: int, path: str, name: str) -> bool | None:
+    """Blocking: fsync the staged file, :func:`link` it, fsync ``new/``, close ``fd``.
+
+    Returns as :func:`link`. It closes ``fd`` itself so that a caller that stops waiting for
+    it (a cancelled task) cannot close the descriptor, which might then be reused by another
+    file, before the link through ``/proc/self/fd`` is made.
+    """
+    try:
+        os.fsync(fd)
+        linked = link(fd, path, name)
+    finally:
+        os.close(fd)
+    if linked:
+        fsync_dir(os.path.join(path, "new"))
+    return linked
+
+
+def deliver(path: str | Path, name: str, parts: Sequence[bytes]) -> bool:
+    """Write the message durably as ``new/name`` through ``tmp/`` and a rename, all blocking.
+
+    Returns False, writing nothing, if ``new/name`` exists already (see :func:`link`). On
+    return the file and its directory entry are on disk (file fsync'ed, then ``new/``).
+    """
     path = os.fspath(path)
     new_fd = os.open(os.path.join(path, "new"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        linked: bool | None = None
-        if _tmpfile_ok:
-            linked = _deliver_tmpfile(path, name, new_fd, parts)
-            if linked is None:
-                _tmpfile_ok = False
-        if linked is None:
-            linked = _deliver_renamed(path, name, new_fd, parts)
-        if linked:
-            _sync_new(path, new_fd)
-        return linked
+        if not _deliver_renamed(path, name, new_fd, parts):
+            return False
+        os.fsync(new_fd)
+        return True
     finally:
         os.close(new_fd)
 
 
 _tmpfile_ok = hasattr(os, "O_TMPFILE")
+_dir_fd: int | None = None
 
 
-class _DirState:
-    __slots__ = ("busy", "issued", "synced", "users")
-
-    def __init__(self) -> None:
-        self.issued = self.synced = self.users = 0
-        self.busy = False
+def _no_tmpfile() -> None:
+    global _tmpfile_ok
+    _tmpfile_ok = False
 
 
-_sync_cond = threading.Condition()
-_sync_states: dict[str, _DirState] = {}
-
-
-def _sync_new(key: str, new_fd: int) -> None:
-    """fsync ``new/`` after this thread's link, sharing the fsync with concurrent deliveries.
-
-    Group commit across worker threads: each caller takes a ticket after its link; an fsync
-    that *started* after the ticket covers it. So when 20 sessions deliver to one mailbox at
-    once, a handful of directory fsyncs serve all of them instead of 20.
-    """
-    with _sync_cond:
-        state = _sync_states.get(key)
-        if state is None:
-            state = _sync_states[key] = _DirState()
-        state.issued += 1
-        ticket = state.issued
-        state.users += 1
-        try:
-            while state.synced < ticket:
-                if state.busy:
-                    _sync_cond.wait()
-                    continue
-                state.busy = True
-                target = state.issued
-                done = False
-                _sync_cond.release()
-                try:
-                    os.fsync(new_fd)
-                    done = True
-                finally:
-                    _sync_cond.acquire()
-                    state.busy = False
-                    if done:
-                        state.synced = max(state.synced, target)
-                    _sync_cond.notify_all()
-        finally:
-            state.users -= 1
-            if state.users == 0:
-                del _sync_states[key]
-
-
-def _deliver_tmpfile(path: str, name: str, new_fd: int, parts: Sequence[bytes]) -> bool | None:
-    """The O_TMPFILE way; None if this file system (or a missing /proc) does not allow it."""
-    try:
-        fd = os.open(os.path.join(path, "tmp"), os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-            return None
-        raise
-    try:
-        _write_all(fd, parts)
-        os.fsync(fd)
-        try:
-            # linkat(AT_SYMLINK_FOLLOW) through /proc, as open(2) documents for O_TMPFILE; a
-            # dst_dir_fd makes Python call linkat rather than link.
-            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=new_fd, follow_symlinks=True)
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.EXDEV, errno.EPERM, errno.EACCES):
-                return None  # no /proc here: the caller writes the message the other way
-            raise
-        return True
-    finally:
-        os.close(fd)  # an unlinked O_TMPFILE inode is freed here
+def _any_dir_fd() -> int:
+    global _dir_fd
+    if _dir_fd is None:
+        _dir_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return _dir_fd
 
 
 def _deliver_renamed(path: str, name: str, new_fd: int, parts: Sequence[bytes]) -> bool:
@@ -202,7 +200,7 @@ def _write_all(fd: int, parts: Sequence[bytes]) -> None:
             rest = rest[os.write(fd, rest) :]
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
