@@ -173,7 +173,7 @@ def test_recovery_completes_spooled_but_undelivered(srv: Server) -> None:
         created=time.time(),
     )
     asyncio.run(store.add(env, b"Subject: recovered\r\n\r\nbody\r\n"))
-    store.executor.shutdown()
+    store.io.shutdown()
     srv.start()
     msgs = srv.wait_messages("alice@a.test", 1)
     assert len(msgs) == 1 and b"Subject: recovered" in msgs[0]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 import postroom.queue.store as store
+from postroom.blocking import BlockingPool
 from postroom.delivery.local import LocalDelivery
 from postroom.queue.store import Envelope, Recipient
 from postroom.storage import maildir
@@ -100,7 +100,8 @@ def test_local_delivery_shares_directory_fsyncs(
         real(path)
 
     monkeypatch.setattr(store, "_fsync_dir", fsync_dir)
-    with ThreadPoolExecutor(8) as pool:
+    pool = BlockingPool(8)
+    try:
         local = LocalDelivery(tmp_path, "mx.x.test", pool)
 
         async def main() -> None:
@@ -112,6 +113,8 @@ def test_local_delivery_shares_directory_fsyncs(
             )
 
         asyncio.run(main())
+    finally:
+        pool.shutdown()
     new = tmp_path / "mail" / "x.test" / "u" / "new"
     names = os.listdir(new)
     assert len(names) == 40 and all(Path(new, n).read_bytes().endswith(b"m\r\n") for n in names)

@@ -10,11 +10,10 @@ into ``new/`` on the loop and ``new/`` is fsync'ed once for all deliveries that 
 
 from __future__ import annotations
 
-import asyncio
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from postroom.blocking import BlockingPool
 from postroom.queue.store import Envelope, GroupSync
 from postroom.storage import maildir
 
@@ -22,12 +21,12 @@ BOX_CACHE = 10_000
 
 
 class LocalDelivery:
-    """Writes into Maildirs under ``data_dir``; blocking work runs on ``executor``."""
+    """Writes into Maildirs under ``data_dir``; blocking work runs in the ``io`` threads."""
 
-    def __init__(self, data_dir: Path, hostname: str, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, data_dir: Path, hostname: str, io: BlockingPool) -> None:
         self.data_dir = data_dir
         self.hostname = hostname
-        self.executor = executor
+        self.io = io
         self._ensured: set[str] = set()  # Maildirs known to exist: no stat per delivery
         self._boxes: dict[str, str] = {}  # recipient key -> its Maildir, as a string
         self._syncs: dict[str, GroupSync] = {}  # Maildir -> the shared fsync of its new/
@@ -66,22 +65,20 @@ class LocalDelivery:
         name = maildir.unique_name(int(envelope.created), envelope.id, index, self.hostname, size)
         box = self._box(key)
         parts = (trace, message)
-        loop = asyncio.get_running_loop()
         fd = None if check_duplicate else self._stage(box, parts)
         if fd is None:
-            write = self._write
-            await loop.run_in_executor(self.executor, write, box, name, parts, check_duplicate)
+            await self.io.run(self._write, box, name, parts, check_duplicate)
             return
         self._in_flight += 1
         try:
             if self._in_flight == 1:
                 # Alone: one hand-off for the rest (fsync, link, fsync of new/) is the quickest.
                 # The job closes fd itself.
-                linked = await loop.run_in_executor(self.executor, maildir.commit, fd, box, name)
+                linked = await self.io.run(maildir.commit, fd, box, name)
             else:
                 # Others are in flight: the link here, and new/ fsync'ed once for all of them.
                 try:
-                    await loop.run_in_executor(self.executor, os.fsync, fd)
+                    await self.io.run(os.fsync, fd)
                     linked = maildir.link(fd, box, name)
                 finally:
                     os.close(fd)
@@ -90,12 +87,12 @@ class LocalDelivery:
         finally:
             self._in_flight -= 1
         if linked is None:  # no /proc: the classic way
-            await loop.run_in_executor(self.executor, self._write, box, name, parts, False)
+            await self.io.run(self._write, box, name, parts, False)
 
     def _sync(self, box: str) -> GroupSync:
         sync = self._syncs.get(box)
         if sync is None:
-            sync = self._syncs[box] = GroupSync(Path(box, "new"), self.executor)
+            sync = self._syncs[box] = GroupSync(Path(box, "new"), self.io)
         return sync
 
     def _stage(self, box: str, parts: tuple[bytes, bytes]) -> int | None:

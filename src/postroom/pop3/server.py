@@ -277,10 +277,9 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         assert drop is not None and cmd.msg is not None
         entry = drop.get(cmd.msg)
         assert entry is not None
-        loop = asyncio.get_running_loop()
-        executor = self.services.store.executor
+        io = self.services.store.io
         try:
-            fh = await loop.run_in_executor(executor, drop.open_message, entry)
+            fh = await io.run(drop.open_message, entry)
         except FileNotFoundError:
             proto.err("Message was removed by another program", "SYS/PERM")
             return
@@ -297,7 +296,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         try:
             while not self._lost:
                 try:
-                    piece = await loop.run_in_executor(executor, next, pieces, b"")
+                    piece = await io.run(next, pieces, b"")
                 except OSError:
                     # The +OK is out: a -ERR cannot follow. Drop the connection; as after any
                     # drop, nothing is deleted (RFC 1939 §6).
@@ -327,9 +326,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         if drop is None:
             proto.bye()
             return
-        failed = await asyncio.get_running_loop().run_in_executor(
-            self.services.store.executor, drop.update
-        )
+        failed = await self.services.store.io.run(drop.update)
         self._release()
         if failed:
             proto.bye(False, f"[SYS/TEMP] {failed} messages were not removed")
@@ -364,9 +361,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         path = maildir.mailbox_path(self.services.cfg.data_dir, key)
         drop = Maildrop(path)
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                self.services.store.executor, drop.open
-            )
+            await self.services.store.io.run(drop.open)
         except MailboxInUse:
             proto.login_failed("Mailbox is locked by another session", "IN-USE")
             return

@@ -46,7 +46,7 @@ class QueueRunner:
         self.services = services
         self.cfg = services.cfg
         self.store = services.store
-        self.local = LocalDelivery(self.cfg.data_dir, self.cfg.hostname, self.store.executor)
+        self.local = LocalDelivery(self.cfg.data_dir, self.cfg.hostname, self.store.io)
         self._heap: list[tuple[float, str]] = []
         self._next: dict[str, float] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -196,9 +196,8 @@ class QueueRunner:
                 self._schedule(envelope.id, time.time() + self.cfg.delivery.retry_intervals[0])
 
     async def _deliver(self, envelope: Envelope) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            message = await loop.run_in_executor(self.store.executor, self.store.message, envelope)
+            message = await self.store.io.run(self.store.message, envelope)
         except FileNotFoundError:
             return  # deleted meanwhile
         recovering = envelope.id in self._recovered
@@ -241,7 +240,7 @@ class QueueRunner:
                 jitter=self._rng.uniform(0, 0.1),
             )
             # Written before dialling: a crash now cannot cause an immediate retry loop.
-            await loop.run_in_executor(self.store.executor, self.store.save_state, envelope)
+            await self.store.io.run(self.store.save_state, envelope)
             results = await asyncio.gather(
                 *(
                     self._deliver_remote(envelope, domain, rcpts, message)
@@ -278,14 +277,13 @@ class QueueRunner:
                 now, envelope.attempts, self.cfg.delivery.retry_intervals
             )
         if changed:
-            await loop.run_in_executor(self.store.executor, self.store.save_state, envelope)
+            await self.store.io.run(self.store.save_state, envelope)
         self._schedule(envelope.id, envelope.next_attempt)
 
     async def _remove(self, queue_id: str) -> None:
         """Forget a finished message; the unlink is made durable with a shared dir fsync."""
-        loop = asyncio.get_running_loop()
         with contextlib.suppress(QueueError):
-            await loop.run_in_executor(self.store.executor, self.store.remove, queue_id)
+            await self.store.io.run(self.store.remove, queue_id)
         await self.store.msg_sync.sync()
 
     async def deliver_direct(self, envelope: Envelope, message: bytes) -> bool:

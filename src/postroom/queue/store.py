@@ -25,11 +25,11 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from postroom.blocking import BlockingPool
 from postroom.errors import QueueError, TemporaryStorageError
 
 Status = Literal["queued", "deferred", "delivered", "bounced"]
@@ -148,9 +148,9 @@ class GroupSync:
     covers it; so a caller whose ticket is already covered returns without a syscall of its own.
     """
 
-    def __init__(self, path: Path, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, path: Path, io: BlockingPool) -> None:
         self.path = path
-        self._executor = executor
+        self._io = io
         self._lock = asyncio.Lock()
         self._issued = 0
         self._synced = 0
@@ -162,7 +162,7 @@ class GroupSync:
             if self._synced >= ticket:
                 return
             target = self._issued
-            await asyncio.get_running_loop().run_in_executor(self._executor, _fsync_dir, self.path)
+            await self._io.run(_fsync_dir, self.path)
             self._synced = target
 
 
@@ -259,8 +259,7 @@ class SpoolWriter:
         """Make the message durable; only after this returns may the client get its 250."""
         if self._fd is None:
             self._take_prefix()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.store.executor, self._finish, envelope)
+        await self.store.io.run(self._finish, envelope)
         try:
             await self.store.msg_sync.sync()
         except OSError as exc:
@@ -279,9 +278,7 @@ class QueueStore:
     """The spool directory. Safe to use from the server and (read-mostly) from the CLI."""
 
     root: Path
-    executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(32, thread_name_prefix="postroom-io")
-    )
+    io: BlockingPool = field(default_factory=BlockingPool)
 
     def __post_init__(self) -> None:
         for sub in ("tmp", "msg", "state", "corrupt"):
@@ -303,7 +300,7 @@ class QueueStore:
     @property
     def msg_sync(self) -> GroupSync:
         if self._msg_sync is None:
-            self._msg_sync = GroupSync(self.msg_dir, self.executor)
+            self._msg_sync = GroupSync(self.msg_dir, self.io)
         return self._msg_sync
 
     def writer(

@@ -100,11 +100,19 @@ def _params(text: str) -> dict[str, str | None]:
     return out
 
 
+_LIMITS = {"MAIL": MAX_MAIL, "RCPT": MAX_RCPT, "AUTH": MAX_AUTH}
+
+
 def _split_path(rest: str) -> tuple[str, str]:
     """Split ``<path> params`` (tolerating one space after the colon, as clients send)."""
     rest = rest.lstrip(" ")
     if not rest.startswith("<"):
         raise CommandError(replies.ADDRESS_SYNTAX)
+    if '"' not in rest and "\\" not in rest:  # the common case: the first ">" closes the path
+        end = rest.find(">")
+        if end < 0:
+            raise CommandError(replies.ADDRESS_SYNTAX)
+        return rest[: end + 1], rest[end + 1 :]
     # A quoted local part may contain ">"; find the closing bracket outside quotes.
     in_quote = escaped = False
     for i, ch in enumerate(rest):
@@ -131,7 +139,7 @@ def parse(line: bytes, *, smtputf8: bool = False) -> Command:
         raise CommandError(replies.SYNTAX_ERROR) from None
     verb, _, rest = text.partition(" ")
     verb = verb.upper()
-    limit = {"MAIL": MAX_MAIL, "RCPT": MAX_RCPT, "AUTH": MAX_AUTH}.get(verb, MAX_COMMAND)
+    limit = _LIMITS.get(verb, MAX_COMMAND)
     if len(line) + 2 > limit:
         raise CommandError(replies.LINE_TOO_LONG)
     if verb != "MAIL" and verb != "RCPT" and not text.isascii():
