@@ -23,31 +23,18 @@ def box(tmp_path: Path) -> str:
     return str(path)
 
 
-def staged(box: str, name: str, parts: list[bytes]) -> bool | None:
-    fd = maildir.stage(box, parts)
-    assert fd is not None
-    try:
-        os.fsync(fd)
-        return maildir.link(fd, box, name)
-    finally:
-        os.close(fd)
-
-
-def test_staged_file_appears_only_when_linked(box: str) -> None:
-    fd = maildir.stage(box, [b"Sub", b"j\r\n\r\n"])
-    assert fd is not None
-    assert os.listdir(Path(box, "new")) == [] and os.listdir(Path(box, "tmp")) == []
-    os.fsync(fd)
-    assert maildir.link(fd, box, "1.Q_0.h,S=7,W=7")
-    os.close(fd)
+@pytest.mark.parametrize("sync_new", [True, False])
+def test_tmpfile_delivery_leaves_nothing_in_tmp(box: str, sync_new: bool) -> None:
+    assert maildir.deliver_tmpfile(box, "1.Q_0.h,S=7,W=7", [b"Sub", b"j\r\n\r\n"], sync_new)
+    assert os.listdir(Path(box, "tmp")) == []
     path = Path(box, "new", "1.Q_0.h,S=7,W=7")
     assert path.read_bytes() == b"Subj\r\n\r\n"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
 
 
-def test_link_never_replaces_an_existing_message(box: str) -> None:
-    assert staged(box, "2.Q_0.h", [b"first\r\n"])
-    assert staged(box, "2.Q_0.h", [b"second\r\n"]) is False
+def test_tmpfile_delivery_never_replaces_an_existing_message(box: str) -> None:
+    assert maildir.deliver_tmpfile(box, "2.Q_0.h", [b"first\r\n"], True)
+    assert maildir.deliver_tmpfile(box, "2.Q_0.h", [b"second\r\n"], True) is False
     assert Path(box, "new", "2.Q_0.h").read_bytes() == b"first\r\n"
     assert os.listdir(Path(box, "tmp")) == []
 
@@ -71,8 +58,8 @@ def test_tmpfile_refused_by_the_file_system(box: str, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(maildir, "_tmpfile_ok", True)
     monkeypatch.setattr(os, "open", no_tmpfile)
-    assert maildir.stage(box, [b"m\r\n"]) is None
-    assert maildir._tmpfile_ok is False
+    assert maildir.deliver_tmpfile(box, "4.Q_0.h", [b"m\r\n"], True) is None
+    assert maildir._tmpfile_ok is False and os.listdir(Path(box, "new")) == []
 
 
 def envelope(i: int, rcpt: str) -> Envelope:

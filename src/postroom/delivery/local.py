@@ -2,15 +2,13 @@
 
 Prepends ``Return-Path`` (RFC 5321 §4.4) and ``Delivered-To``, and changes nothing else. The
 Maildir file name is derived from the queue id and recipient index, so a delivery repeated after
-a crash finds the earlier copy and does not deliver it twice. The message is written into an
-unnamed file on the event loop and fsync'ed in a worker thread; under concurrency it is linked
-into ``new/`` on the loop and ``new/`` is fsync'ed once for all deliveries that linked meanwhile
-(group commit); a delivery alone does fsync, link and directory fsync in one worker-thread job.
+a crash finds the earlier copy and does not deliver it twice. One worker-thread job writes an
+unnamed file, fsyncs it and links it into ``new/``; ``new/`` is then fsync'ed once for all
+deliveries that linked meanwhile (group commit), or by the job itself when it was alone.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from postroom.blocking import BlockingPool
@@ -56,38 +54,29 @@ class LocalDelivery:
     ) -> None:
         """Deliver to ``key``; returns once the message is durable in ``new/``; OSError if not.
 
-        Worker threads do only the fsyncs; the quick file calls run here. Every Python step in
-        a worker thread would hold the GIL that this event loop needs, and each hand-back of
-        the GIL is a futex wake and a context switch.
+        The file work runs in one worker-thread job (file systems can be slow to create a
+        file: that must not stall the event loop). Names and headers are made here, so the
+        job holds the GIL, which this loop needs, as little as possible.
         """
         trace = f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {key}\r\n".encode()
         size = len(trace) + len(message)
         name = maildir.unique_name(int(envelope.created), envelope.id, index, self.hostname, size)
         box = self._box(key)
         parts = (trace, message)
-        fd = None if check_duplicate else self._stage(box, parts)
-        if fd is None:
-            await self.io.run(self._write, box, name, parts, check_duplicate)
-            return
-        self._in_flight += 1
-        try:
-            if self._in_flight == 1:
-                # Alone: one hand-off for the rest (fsync, link, fsync of new/) is the quickest.
-                # The job closes fd itself.
-                linked = await self.io.run(maildir.commit, fd, box, name)
-            else:
-                # Others are in flight: the link here, and new/ fsync'ed once for all of them.
-                try:
-                    await self.io.run(os.fsync, fd)
-                    linked = maildir.link(fd, box, name)
-                finally:
-                    os.close(fd)
-                if linked:
+        linked: bool | None = None
+        if not check_duplicate:
+            self._in_flight += 1
+            try:
+                # Alone, the job fsyncs new/ itself (one hand-off); with others in flight,
+                # new/ is fsync'ed once for all of them that linked meanwhile.
+                alone = self._in_flight == 1
+                linked = await self.io.run(self._tmpfile, box, name, parts, alone)
+                if linked and not alone:
                     await self._sync(box).sync()
-        finally:
-            self._in_flight -= 1
-        if linked is None:  # no /proc: the classic way
-            await self.io.run(self._write, box, name, parts, False)
+            finally:
+                self._in_flight -= 1
+        if linked is None:  # after a crash, or no O_TMPFILE here: the classic way
+            await self.io.run(self._write, box, name, parts, check_duplicate)
 
     def _sync(self, box: str) -> GroupSync:
         sync = self._syncs.get(box)
@@ -95,14 +84,14 @@ class LocalDelivery:
             sync = self._syncs[box] = GroupSync(Path(box, "new"), self.io)
         return sync
 
-    def _stage(self, box: str, parts: tuple[bytes, bytes]) -> int | None:
+    def _tmpfile(self, box: str, name: str, parts: tuple[bytes, bytes], sync: bool) -> bool | None:
         self._ensure(box)
         try:
-            return maildir.stage(box, parts)
+            return maildir.deliver_tmpfile(box, name, parts, sync)
         except FileNotFoundError:  # the Maildir was removed since we last saw it
             self._ensured.discard(box)
             self._ensure(box)
-            return maildir.stage(box, parts)
+            return maildir.deliver_tmpfile(box, name, parts, sync)
 
     def _write(self, box: str, name: str, parts: tuple[bytes, bytes], check_dup: bool) -> None:
         """All of a delivery in a worker thread: after a crash, or without ``O_TMPFILE``."""

@@ -8,8 +8,7 @@ file.
 
 A delivery writes the file (an ``O_TMPFILE`` inode, or ``tmp/NAME`` where that is not available),
 fsyncs it, links or renames it to ``new/NAME`` and fsyncs ``new/``; only then is it delivered.
-The steps are separate functions so that the caller can run the quick ones on its event loop
-and only the fsyncs in threads (see ``delivery/local.py``).
+The fsync of ``new/`` can be left to the caller, to be shared by concurrent deliveries.
 NAME is derived from the queue id and recipient index, so after a crash the queue can ask
 :func:`already_delivered` and never deliver the same message twice.
 """
@@ -65,18 +64,18 @@ def already_delivered(path: Path, name: str) -> bool:
         return False
 
 
-def stage(path: str, parts: Sequence[bytes]) -> int | None:
-    """Write the message into a new unnamed file (``O_TMPFILE``) of the Maildir at ``path``.
+def deliver_tmpfile(path: str, name: str, parts: Sequence[bytes], sync_new: bool) -> bool | None:
+    """Write the message into a new unnamed file (``O_TMPFILE``), fsync it, link it as
+    ``new/name``; with ``sync_new`` also fsync ``new/`` (else the caller does, shared).
 
-    Returns its descriptor; the caller fsyncs it, :func:`link` s it into ``new/``, fsyncs
-    ``new/`` and closes it. None (and nothing written) where the file system has no
-    ``O_TMPFILE``: then :func:`deliver` does it all the classic way.
+    Returns False, writing nothing visible, if ``new/name`` exists (this very message,
+    delivered before a crash: names come from the queue id); None, with nothing done, where
+    the file system has no ``O_TMPFILE`` or ``/proc`` is missing: :func:`deliver` then.
 
     Why this way: the Maildir rule "never visible half-written" holds without a ``tmp/``
     entry, a crash leaves nothing behind, the inode is allocated outside the directory lock
     that concurrent deliveries to one mailbox contend for, and ``linkat`` refuses to replace
-    an existing name where ``rename`` would. And the two quick steps (this one and the link)
-    can run on the event loop, leaving only the fsyncs to worker threads.
+    an existing name where ``rename`` would.
     """
     if not _tmpfile_ok:
         return None
@@ -87,30 +86,23 @@ def stage(path: str, parts: Sequence[bytes]) -> int | None:
             _no_tmpfile()
             return None
         raise
-    try:
+    try:  # closing an O_TMPFILE inode that was never linked frees it: nothing is left behind
         _write_all(fd, parts)
-    except BaseException:
-        os.close(fd)  # an unlinked O_TMPFILE inode is freed here: nothing is left behind
-        raise
-    return fd
+        os.fsync(fd)
+        linked = _link(fd, os.path.join(path, "new", name))
+    finally:
+        os.close(fd)
+    if linked and sync_new:
+        fsync_dir(os.path.join(path, "new"))
+    return linked
 
 
-def link(fd: int, path: str, name: str) -> bool | None:
-    """Give the staged, fsync'ed file ``fd`` its name ``new/name``.
-
-    False if that name exists (this very message, delivered before a crash: names come from
-    the queue id); None if linking through /proc is not possible here (no /proc mounted).
-    """
+def _link(fd: int, target: str) -> bool | None:
     try:
         # linkat(AT_SYMLINK_FOLLOW) through /proc, as open(2) documents for O_TMPFILE. The
         # target is absolute, so the kernel ignores dst_dir_fd; passing one makes Python call
         # linkat (which follows the /proc link) rather than link (which would not).
-        os.link(
-            f"/proc/self/fd/{fd}",
-            os.path.join(path, "new", name),
-            dst_dir_fd=_any_dir_fd(),
-            follow_symlinks=True,
-        )
+        os.link(f"/proc/self/fd/{fd}", target, dst_dir_fd=_any_dir_fd(), follow_symlinks=True)
     except FileExistsError:
         return False
     except OSError as exc:
@@ -123,27 +115,10 @@ def link(fd: int, path: str, name: str) -> bool | None:
     return True
 
 
-def commit(fd: int, path: str, name: str) -> bool | None:
-    """Blocking: fsync the staged file, :func:`link` it, fsync ``new/``, close ``fd``.
-
-    Returns as :func:`link`. It closes ``fd`` itself so that a caller that stops waiting for
-    it (a cancelled task) cannot close the descriptor, which might then be reused by another
-    file, before the link through ``/proc/self/fd`` is made.
-    """
-    try:
-        os.fsync(fd)
-        linked = link(fd, path, name)
-    finally:
-        os.close(fd)
-    if linked:
-        fsync_dir(os.path.join(path, "new"))
-    return linked
-
-
 def deliver(path: str | Path, name: str, parts: Sequence[bytes]) -> bool:
     """Write the message durably as ``new/name`` through ``tmp/`` and a rename, all blocking.
 
-    Returns False, writing nothing, if ``new/name`` exists already (see :func:`link`). On
+    Returns False, writing nothing, if ``new/name`` exists already. On
     return the file and its directory entry are on disk (file fsync'ed, then ``new/``).
     """
     path = os.fspath(path)
