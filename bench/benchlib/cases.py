@@ -111,6 +111,25 @@ def wait_delivered(box: Path, expected: int, timeout: float) -> float | None:
 # --- SMTP accept + end-to-end ---------------------------------------------------------------------
 
 
+def warm_up(lab: Lab, messages: int = 400) -> None:
+    """Send each SMTP server some mail, unmeasured, before the first case.
+
+    The first run after start-up was the slowest for every server (page cache, lazily made
+    threads and processes, first writes into fresh directories): up to half the rate of the
+    next runs, which made the first median a draw on which server ran first.
+    """
+    for server in available(lab, ["postroom", "postfix", "aiosmtpd"]):
+        if server.smtp is None:
+            continue
+        box = server.mailbox(RCPT)
+        try:
+            clients.smtp_source(server.smtp, RCPT, messages, 1 * KIB, 20, False, 120)
+            wait_delivered(box, messages, 60)
+        except (BenchError, OSError) as exc:
+            print(f"  warm-up of {server.name} failed: {str(exc)[:200]}", flush=True)
+        maildir.clear(box)
+
+
 def smtp_case(lab: Lab, results: Results, opts: Options, case: SmtpCase) -> None:
     n = opts.count(case.messages, case.quick_messages)
     accept_row = f"SMTP accept: {case.label} (n={n})"
