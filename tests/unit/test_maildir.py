@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -109,3 +110,40 @@ def test_local_delivery_shares_directory_fsyncs(
     if tmpfile:
         assert 0 < len(covered) < 40  # shared
         assert set(names) <= set().union(*covered)  # and every link was covered by one
+
+
+def test_no_proc_link_falls_back_to_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without /proc the O_TMPFILE inode cannot be linked: the delivery is made the classic way.
+    monkeypatch.setattr(maildir, "_tmpfile_ok", True)
+    real_link = os.link
+
+    def no_proc(src: str, dst: str, **kw: object) -> None:
+        if src.startswith("/proc/self/fd/"):
+            raise OSError(18, "Invalid cross-device link")
+        real_link(src, dst, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", no_proc)
+    pool = BlockingPool(2)
+    try:
+        local = LocalDelivery(tmp_path, "mx.x.test", pool)
+        asyncio.run(local.deliver(envelope(1, "u@x.test"), 0, "u@x.test", b"m\r\n"))
+    finally:
+        pool.shutdown()
+    box = tmp_path / "mail" / "x.test" / "u"
+    assert [p.read_bytes() for p in (box / "new").iterdir()] == [
+        b"Return-Path: <s@x.test>\r\nDelivered-To: u@x.test\r\nm\r\n"
+    ]
+    assert os.listdir(box / "tmp") == [] and maildir._tmpfile_ok is False
+
+
+def test_mailbox_removed_between_deliveries_is_made_again(tmp_path: Path) -> None:
+    pool = BlockingPool(2)
+    try:
+        local = LocalDelivery(tmp_path, "mx.x.test", pool)
+        asyncio.run(local.deliver(envelope(1, "u@x.test"), 0, "u@x.test", b"one\r\n"))
+        box = tmp_path / "mail" / "x.test" / "u"
+        shutil.rmtree(box)  # an admin removed the mailbox; the delivery cache still knows it
+        asyncio.run(local.deliver(envelope(2, "u@x.test"), 0, "u@x.test", b"two\r\n"))
+    finally:
+        pool.shutdown()
+    assert [p.read_bytes().endswith(b"two\r\n") for p in (box / "new").iterdir()] == [True]
