@@ -219,7 +219,7 @@ EMBEDDED_DEFAULT_LISTEN = ListenConfig(
 
 def embedded_default() -> Config:
     """The configuration ``postroom serve`` uses when there is no config file."""
-    return Config(listen=EMBEDDED_DEFAULT_LISTEN)
+    return Config(listen=EMBEDDED_DEFAULT_LISTEN, data_dir=Path(os.path.abspath("postroom-data")))
 
 
 def _normalise_domain(name: str) -> str:
@@ -337,10 +337,9 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
         cfg.per_ip_exempt_networks()
     except ValueError as exc:
         raise ConfigError(f"{source}: limits.per_ip_exempt: {exc}") from None
-    data_dir = cfg.data_dir
-    if path is not None and not data_dir.is_absolute():
-        # A relative data_dir is relative to the working directory, like every other tool.
-        data_dir = Path(os.path.abspath(data_dir))
+    # A relative data_dir is relative to the working directory, like every other tool; it is
+    # made absolute once, here, so that no later chdir or dir_fd-relative call can misread it.
+    data_dir = Path(os.path.abspath(cfg.data_dir))
     return dataclasses.replace(cfg, domains=domains, data_dir=data_dir, path=path)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 import postroom.queue.store as store
 from postroom.blocking import BlockingPool
+from postroom.config import embedded_default, from_dict
 from postroom.delivery.local import LocalDelivery
 from postroom.queue.store import Envelope, Recipient
 from postroom.storage import maildir
@@ -147,3 +148,20 @@ def test_mailbox_removed_between_deliveries_is_made_again(tmp_path: Path) -> Non
     finally:
         pool.shutdown()
     assert [p.read_bytes().endswith(b"two\r\n") for p in (box / "new").iterdir()] == [True]
+
+
+def test_relative_maildir_path_is_linked_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: the link's target was resolved against "/" (the dst_dir_fd that makes Python
+    # call linkat) when the data directory was relative, as in the embedded default.
+    monkeypatch.chdir(tmp_path)
+    maildir.ensure(Path("rel-box"))
+    assert maildir.deliver_tmpfile("rel-box", "1.Q_0.h", [b"m\r\n"], True)
+    assert (tmp_path / "rel-box" / "new" / "1.Q_0.h").read_bytes() == b"m\r\n"
+
+
+def test_data_dir_is_always_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert embedded_default().data_dir == tmp_path / "postroom-data"
+    assert from_dict({"data_dir": "d"}).data_dir == tmp_path / "d"
