@@ -99,11 +99,11 @@ def deliver_tmpfile(path: str, name: str, parts: Sequence[bytes], sync_new: bool
 
 def _link(fd: int, target: str) -> bool | None:
     try:
-        # linkat(AT_SYMLINK_FOLLOW) through /proc, as open(2) documents for O_TMPFILE. The
-        # target is made absolute, so the kernel ignores dst_dir_fd; passing one makes Python call
-        # linkat (which follows the /proc link) rather than link (which would not).
-        target = os.path.abspath(target)  # a relative one would be read against "/"
-        os.link(f"/proc/self/fd/{fd}", target, dst_dir_fd=_any_dir_fd(), follow_symlinks=True)
+        # linkat(AT_SYMLINK_FOLLOW) through /proc, as open(2) documents for O_TMPFILE. Any
+        # src_dir_fd makes Python call linkat (which follows the /proc link) rather than link
+        # (which would not); the kernel ignores it for the absolute source, and the target is
+        # read as any path is, against the working directory if relative.
+        os.link(f"/proc/self/fd/{fd}", target, src_dir_fd=_any_dir_fd(), follow_symlinks=True)
     except FileExistsError:
         return False
     except OSError as exc:
