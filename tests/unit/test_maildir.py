@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-import postroom.queue.store as store
 from postroom.blocking import BlockingPool
 from postroom.config import embedded_default, from_dict
 from postroom.delivery.local import LocalDelivery
 from postroom.queue.store import Envelope, Recipient
-from postroom.storage import maildir
+from postroom.storage import files, maildir
 
 
 @pytest.fixture
@@ -81,14 +80,14 @@ def test_local_delivery_shares_directory_fsyncs(
 ) -> None:
     monkeypatch.setattr(maildir, "_tmpfile_ok", tmpfile)
     covered: list[set[str]] = []  # what new/ held when each shared fsync of it started
-    real = store._fsync_dir
+    real = files.fsync_dir
 
     def fsync_dir(path: Path) -> None:
         covered.append(set(os.listdir(path)))
         time.sleep(0.005)  # a slow disk: deliveries pile up behind the sync
         real(path)
 
-    monkeypatch.setattr(store, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(files, "fsync_dir", fsync_dir)
     pool = BlockingPool(8)
     try:
         local = LocalDelivery(tmp_path, "mx.x.test", pool)
@@ -165,3 +164,13 @@ def test_data_dir_is_always_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.chdir(tmp_path)
     assert embedded_default().data_dir == tmp_path / "postroom-data"
     assert from_dict({"data_dir": "d"}).data_dir == tmp_path / "d"
+
+
+def test_write_all_takes_more_pieces_than_one_writev_may(tmp_path: Path) -> None:
+    parts = [b"%05d\n" % i for i in range(files.IOV_MAX * 3)]
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        files.write_all(fd, parts)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"".join(parts)

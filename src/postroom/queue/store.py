@@ -31,6 +31,8 @@ from typing import Any, Literal
 
 from postroom.blocking import BlockingPool
 from postroom.errors import QueueError, TemporaryStorageError
+from postroom.storage import files
+from postroom.storage.files import write_all
 
 Status = Literal["queued", "deferred", "delivered", "bounced"]
 FOOTER_MAGIC = b"\nPOSTROOM-QUEUE1 "
@@ -133,14 +135,6 @@ class Envelope:
             rcpt.remote_mta = st.get("remote_mta")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class GroupSync:
     """Shares one directory fsync between everybody who renamed into it meanwhile.
 
@@ -162,7 +156,7 @@ class GroupSync:
             if self._synced >= ticket:
                 return
             target = self._issued
-            await self._io.run(_fsync_dir, self.path)
+            await self._io.run(files.fsync_dir, self.path)
             self._synced = target
 
 
@@ -183,7 +177,7 @@ class SpoolWriter:
     def write(self, data: bytes) -> None:
         self.size += len(data)
         if self._fd is not None:
-            _write_all(self._fd, data)
+            write_all(self._fd, (data,))
             return
         self._parts.append(data)
         if self.size > SPILL_THRESHOLD:
@@ -193,7 +187,7 @@ class SpoolWriter:
                 os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                 0o600,
             )
-            _write_all(self._fd, b"".join(self._parts))
+            write_all(self._fd, self._parts)
             self._parts.clear()
 
     def _take_prefix(self) -> None:
@@ -244,9 +238,9 @@ class SpoolWriter:
         try:
             if self._fd is None:
                 self._fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                _write_all(self._fd, b"".join([*self._parts, meta, footer]))
+                write_all(self._fd, [*self._parts, meta, footer])
             else:
-                _write_all(self._fd, meta + footer)
+                write_all(self._fd, (meta, footer))
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
@@ -264,13 +258,6 @@ class SpoolWriter:
             await self.store.msg_sync.sync()
         except OSError as exc:
             raise TemporaryStorageError(str(exc)) from exc
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 @dataclass
@@ -387,12 +374,12 @@ class QueueStore:
         tmp = self.state_dir / f".{envelope.id}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, envelope.state_json())
+            write_all(fd, (envelope.state_json(),))
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        _fsync_dir(self.state_dir)
+        files.fsync_dir(self.state_dir)
 
     def remove(self, queue_id: str) -> None:
         """Forget a message whose every recipient is done (or that the admin deleted)."""

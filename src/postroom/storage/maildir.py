@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from postroom.address import safe_local_part
+from postroom.storage import files
+from postroom.storage.files import write_all
 
 SUBDIRS = ("tmp", "new", "cur")
 
@@ -87,13 +89,13 @@ def deliver_tmpfile(path: str, name: str, parts: Sequence[bytes], sync_new: bool
             return None
         raise
     try:  # closing an O_TMPFILE inode that was never linked frees it: nothing is left behind
-        _write_all(fd, parts)
+        write_all(fd, parts)
         os.fsync(fd)
         linked = _link(fd, os.path.join(path, "new", name))
     finally:
         os.close(fd)
     if linked and sync_new:
-        fsync_dir(os.path.join(path, "new"))
+        files.fsync_dir(os.path.join(path, "new"))
     return linked
 
 
@@ -155,7 +157,7 @@ def _deliver_renamed(path: str, name: str, new_fd: int, parts: Sequence[bytes]) 
     tmp = Path(path, "tmp", name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        _write_all(fd, parts)
+        write_all(fd, parts)
         os.fsync(fd)
     except OSError:
         os.close(fd)
@@ -164,24 +166,6 @@ def _deliver_renamed(path: str, name: str, new_fd: int, parts: Sequence[bytes]) 
     os.close(fd)
     os.rename(tmp, name, dst_dir_fd=new_fd)
     return True
-
-
-def _write_all(fd: int, parts: Sequence[bytes]) -> None:
-    """All of ``parts``, in one ``writev`` unless the kernel takes less."""
-    total = sum(len(p) for p in parts)
-    written = os.writev(fd, parts)
-    if written < total:
-        rest = memoryview(b"".join(parts))[written:]
-        while rest:
-            rest = rest[os.write(fd, rest) :]
-
-
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def size_from_name(name: str) -> int | None:
