@@ -63,20 +63,18 @@ class BlockingPool:
                 self._idle -= 1
             loop, fut, fn, args = job
             del job
+            settle: Callable[[asyncio.Future[Any], Any], None] = _succeed
             try:
-                outcome: tuple[Callable[[asyncio.Future[Any], Any], None], Any] = (
-                    _succeed,
-                    fn(*args),
-                )
+                value = fn(*args)
             except BaseException as exc:  # handed to the waiting coroutine
-                outcome = (_fail, exc)
+                settle, value = _fail, exc
             # Idle again before the answer wakes the loop, which may queue the next call at
             # once: it must not see every thread busy and start one more.
             with lock:
                 self._idle += 1
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                loop.call_soon_threadsafe(outcome[0], fut, outcome[1])
-            del loop, fut, fn, args, outcome  # keep nothing alive while idle
+                loop.call_soon_threadsafe(settle, fut, value)
+            del loop, fut, fn, args, value  # keep nothing alive while idle
 
     def shutdown(self) -> None:
         """Ask every thread to exit after the jobs already queued (for tests)."""

@@ -28,7 +28,7 @@ class LocalDelivery:
         self._ensured: set[str] = set()  # Maildirs known to exist: no stat per delivery
         self._boxes: dict[str, str] = {}  # recipient key -> its Maildir, as a string
         self._syncs: dict[str, GroupSync] = {}  # Maildir -> the shared fsync of its new/
-        self._in_flight = 0  # staged deliveries not yet durable
+        self._in_flight = 0  # deliveries under way
 
     def _box(self, key: str) -> str:
         box = self._boxes.get(key)
@@ -38,11 +38,6 @@ class LocalDelivery:
                 self._syncs.clear()
             box = self._boxes[key] = str(maildir.mailbox_path(self.data_dir, key))
         return box
-
-    def _ensure(self, box: str) -> None:
-        if box not in self._ensured:
-            maildir.ensure(Path(box))
-            self._ensured.add(box)
 
     async def deliver(
         self,
@@ -63,20 +58,15 @@ class LocalDelivery:
         name = maildir.unique_name(int(envelope.created), envelope.id, index, self.hostname, size)
         box = self._box(key)
         parts = (trace, message)
-        linked: bool | None = None
-        if not check_duplicate:
-            self._in_flight += 1
-            try:
-                # Alone, the job fsyncs new/ itself (one hand-off); with others in flight,
-                # new/ is fsync'ed once for all of them that linked meanwhile.
-                alone = self._in_flight == 1
-                linked = await self.io.run(self._tmpfile, box, name, parts, alone)
-                if linked and not alone:
-                    await self._sync(box).sync()
-            finally:
-                self._in_flight -= 1
-        if linked is None:  # after a crash, or no O_TMPFILE here: the classic way
-            await self.io.run(self._write, box, name, parts, check_duplicate)
+        self._in_flight += 1
+        try:
+            # Alone, the job fsyncs new/ itself (one hand-off); with others in flight, new/
+            # is fsync'ed once for all of them that linked meanwhile.
+            alone = self._in_flight == 1
+            if await self.io.run(self._write, box, name, parts, check_duplicate, alone):
+                await self._sync(box).sync()
+        finally:
+            self._in_flight -= 1
 
     def _sync(self, box: str) -> GroupSync:
         sync = self._syncs.get(box)
@@ -84,23 +74,28 @@ class LocalDelivery:
             sync = self._syncs[box] = GroupSync(Path(box, "new"), self.io)
         return sync
 
-    def _tmpfile(self, box: str, name: str, parts: tuple[bytes, bytes], sync: bool) -> bool | None:
-        self._ensure(box)
+    def _write(
+        self, box: str, name: str, parts: tuple[bytes, bytes], check_dup: bool, sync_new: bool
+    ) -> bool:
+        """The worker-thread job. True if the message was linked into ``new/`` and that
+        directory still needs its (shared) fsync."""
+        if box not in self._ensured:
+            maildir.ensure(Path(box))
+            self._ensured.add(box)
         try:
-            return maildir.deliver_tmpfile(box, name, parts, sync)
+            return self._write_once(box, name, parts, check_dup, sync_new)
         except FileNotFoundError:  # the Maildir was removed since we last saw it
-            self._ensured.discard(box)
-            self._ensure(box)
-            return maildir.deliver_tmpfile(box, name, parts, sync)
+            maildir.ensure(Path(box))
+            return self._write_once(box, name, parts, check_dup, sync_new)
 
-    def _write(self, box: str, name: str, parts: tuple[bytes, bytes], check_dup: bool) -> None:
-        """All of a delivery in a worker thread: after a crash, or without ``O_TMPFILE``."""
-        self._ensure(box)
+    @staticmethod
+    def _write_once(
+        box: str, name: str, parts: tuple[bytes, bytes], check_dup: bool, sync_new: bool
+    ) -> bool:
         if check_dup and maildir.already_delivered(Path(box), name):
-            return
-        try:
+            return False
+        linked = maildir.deliver_tmpfile(box, name, parts, sync_new)
+        if linked is None:  # no O_TMPFILE here: the classic way, which fsyncs new/ itself
             maildir.deliver(box, name, parts)
-        except FileNotFoundError:  # the Maildir was removed since we last saw it
-            self._ensured.discard(box)
-            self._ensure(box)
-            maildir.deliver(box, name, parts)
+            return False
+        return linked and not sync_new

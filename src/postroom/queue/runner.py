@@ -295,21 +295,13 @@ class QueueRunner:
         any delivery failed; the caller then spools the message for the recipients left, which
         the runner retries (delivered ones are marked done and not delivered again).
         """
-        results: list[BaseException | None]
-        if len(envelope.recipients) == 1:  # the common case, without a task per recipient
-            try:
-                await self.local.deliver(envelope, 0, envelope.recipients[0].address, message)
-                results = [None]
-            except OSError as exc:
-                results = [exc]
-        else:
-            results = await asyncio.gather(
-                *(
-                    self.local.deliver(envelope, index, rcpt.address, message)
-                    for index, rcpt in enumerate(envelope.recipients)
-                ),
-                return_exceptions=True,
-            )
+        results = await asyncio.gather(
+            *(
+                self.local.deliver(envelope, index, rcpt.address, message)
+                for index, rcpt in enumerate(envelope.recipients)
+            ),
+            return_exceptions=True,
+        )
         ok = True
         for rcpt, result in zip(envelope.recipients, results, strict=True):
             if isinstance(result, BaseException):

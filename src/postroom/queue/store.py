@@ -41,15 +41,6 @@ SPILL_THRESHOLD = 1 << 20
 
 
 _ID_SEQUENCE = itertools.count()
-_PID = os.getpid()
-
-
-def _forked() -> None:
-    global _PID
-    _PID = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
 
 
 def new_queue_id(now: float | None = None) -> str:
@@ -61,7 +52,7 @@ def new_queue_id(now: float | None = None) -> str:
     process has exited, and a process makes fewer than 65,536 ids in one microsecond.
     """
     micros = int((time.time() if now is None else now) * 1_000_000)
-    return f"{micros:014X}{_PID & 0xFFFFFF:06X}{next(_ID_SEQUENCE) & 0xFFFF:04X}"
+    return f"{micros:014X}{os.getpid() & 0xFFFFFF:06X}{next(_ID_SEQUENCE) & 0xFFFF:04X}"
 
 
 @dataclass
