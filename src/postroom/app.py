@@ -407,50 +407,28 @@ class _BatchedStderr(logging.handlers.MemoryHandler):
     """
 
     def flush(self) -> None:
-        self.acquire()
+        self.acquire()  # held while writing too, so that batches keep their order
         try:
-            if not self.buffer:
-                return
-            text = "".join(self.format(record) + "\n" for record in self.buffer)
-            self.buffer.clear()
+            if self.buffer:
+                sys.stderr.write("".join(self.format(r) + "\n" for r in self.buffer))
+                self.buffer.clear()
+                sys.stderr.flush()
+        except (OSError, ValueError):
+            self.buffer.clear()  # stderr is gone (closed terminal): nowhere to log to
         finally:
             self.release()
-        try:
-            sys.stderr.write(text)
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass  # stderr is gone (closed terminal): nowhere to log to
-
-
-class _PidFormatter(logging.Formatter):
-    """Stamps the process id kept by :func:`_note_pid` (no ``getpid`` per record)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        record.process = _pid
-        return super().format(record)
-
-
-_pid = os.getpid()
-
-
-def _note_pid() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_note_pid)
 
 
 def _setup_logging(cfg: Config) -> None:
     """Log lines go to stderr in batches (one write per 256 lines or per second, at once for
     warnings and errors): a write per accepted message would cost a system call each."""
-    # What a record costs (the logging HOWTO's "Optimization"): no caller frame lookup, no
-    # thread or process names; the pid comes from the formatter.
+    # What a record costs (the logging HOWTO's "Optimization"): no caller frame lookup and no
+    # thread names; the process id stays (it names the worker in every line).
     logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.logThreads = logging.logMultiprocessing = False
     buffered = _BatchedStderr(256, flushLevel=logging.WARNING)
     buffered.setFormatter(
-        _PidFormatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [buffered]
