@@ -86,22 +86,16 @@ def unique_id(name: str) -> str:
 
 def size_from_name(name: str) -> int | None:
     """``,W=`` (the size with CRLF line ends, Dovecot) or else ``,S=`` from a file name."""
-    return _field(name, "W=") or maildir.size_from_name(name)
+    wire = maildir.name_field(name, "W")
+    return wire if wire is not None else maildir.name_field(name, "S")
 
 
 def crlf_only(name: str) -> bool:
     """True if the name promises a file with no bare LF: ``,S=`` (file size) equals ``,W=``
     (size with every LF as CRLF), as postroom and Dovecot name CRLF files. RETR then sends
     the file as it is, without scanning it for line ends."""
-    w = _field(name, "W=")
-    return w is not None and w == _field(name, "S=")
-
-
-def _field(name: str, key: str) -> int | None:
-    for f in name.split(":", 1)[0].split(",")[1:]:
-        if f.startswith(key) and f[2:].isdigit():
-            return int(f[2:])
-    return None
+    wire = maildir.name_field(name, "W")
+    return wire is not None and wire == maildir.name_field(name, "S")
 
 
 class CrlfConverter:

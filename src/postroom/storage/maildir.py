@@ -168,10 +168,11 @@ def _deliver_renamed(path: str, name: str, new_fd: int, parts: Sequence[bytes]) 
     return True
 
 
-def size_from_name(name: str) -> int | None:
-    """The ``,S=`` size in a Maildir file name, if it has one."""
-    base = name.split(":", 1)[0]
-    for field in base.split(",")[1:]:
-        if field.startswith("S=") and field[2:].isdigit():
-            return int(field[2:])
+def name_field(name: str, key: str) -> int | None:
+    """The number of the ``,KEY=`` field in a Maildir file name (``S``: the file's size,
+    ``W``: its size with CRLF line ends, as Dovecot names them), if it has one."""
+    prefix = key + "="
+    for field in name.split(":", 1)[0].split(",")[1:]:
+        if field.startswith(prefix) and field[len(prefix) :].isdigit():
+            return int(field[len(prefix) :])
     return None
