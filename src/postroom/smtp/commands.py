@@ -113,7 +113,8 @@ def _split_path(rest: str) -> tuple[str, str]:
         if end < 0:
             raise CommandError(replies.ADDRESS_SYNTAX)
         return rest[: end + 1], rest[end + 1 :]
-    # A quoted local part may contain ">"; find the closing bracket outside quotes.
+    # A quoted local part (RFC 5321 §4.1.2 Quoted-string, with quoted-pairs) may contain
+    # ">": find the closing bracket outside quotes.
     in_quote = escaped = False
     for i, ch in enumerate(rest):
         if escaped:

@@ -161,7 +161,8 @@ class CountedReader:
 
 
 def dot_stuff(data: bytes) -> bytes:
-    """Stuff message data for DATA/RETR and append the end-of-data line.
+    """Stuff message data for DATA/RETR and append the end-of-data line (RFC 5321 §4.5.2,
+    RFC 1939 §3: a line that starts with a dot gets one more).
 
     A final line without CRLF gets one. Lines are those ending in CRLF, the same rule the
     readers use, so ``DotReader`` gives back ``data`` (plus a CRLF if it lacked one).
