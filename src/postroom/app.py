@@ -295,6 +295,7 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     services = build_services(cfg, worker.primary, cfg.workers, worker.index)
     loop = asyncio.get_running_loop()
     control = None
+    await services.runner.local.writer.start()  # before privileges are dropped: see there
     if worker.primary:
         await services.runner.recover()
     servers = await _start_listeners(services, listeners)

@@ -31,6 +31,12 @@ def _lookup(cfg: Config) -> pwd.struct_passwd | None:
         raise ConfigError(f"{cfg.path or '<default>'}: user: no such user {cfg.user!r}") from None
 
 
+def target_ids(cfg: Config) -> tuple[int, int] | None:
+    """The (uid, gid) that ``serve`` will become, or None if it keeps its own."""
+    pw = _lookup(cfg)
+    return None if pw is None else (pw.pw_uid, pw.pw_gid)
+
+
 def drop(cfg: Config, chown: bool = True) -> None:
     """For ``serve``: give the whole data tree to ``user`` (once, by the primary worker), then
     become that user."""

@@ -21,6 +21,11 @@ def children_of(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def is_writer(pid: int) -> bool:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return b"postroom.storage.maildir_writer" in f.read()
+
+
 def test_two_workers(server_factory: ServerFactory) -> None:
     dns = LoopbackDNS()  # knows no domain: remote mail bounces with 5.1.2
     try:
@@ -31,8 +36,13 @@ def test_two_workers(server_factory: ServerFactory) -> None:
         )
         srv.add_user("alice@a.test", "pw")
         assert srv.proc is not None
-        workers = children_of(srv.proc.pid)
+        children = children_of(srv.proc.pid)
+        workers = [p for p in children if not is_writer(p)]
         assert len(workers) == 1
+        writers = [p for p in children if is_writer(p)] + [
+            p for w in workers for p in children_of(w) if is_writer(p)
+        ]
+        assert len(writers) == 2  # each worker has its Maildir writer process
 
         def send(i: int) -> None:
             with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=30) as c:
@@ -65,9 +75,10 @@ def test_two_workers(server_factory: ServerFactory) -> None:
 
         srv.kill9()
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in workers):
+        gone = workers + writers  # and nothing of the old server stays behind
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in gone):
             time.sleep(0.05)
-        assert not any(os.path.exists(f"/proc/{p}") for p in workers)
+        assert not any(os.path.exists(f"/proc/{p}") for p in gone)
         srv.start()
         send(99)
         assert len(srv.wait_messages("alice@a.test", 47)) == 47

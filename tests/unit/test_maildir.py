@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import shutil
-import time
 from pathlib import Path
 
 import pytest
 
-from postroom.blocking import BlockingPool
 from postroom.config import embedded_default, from_dict
-from postroom.delivery.local import LocalDelivery
-from postroom.queue.store import Envelope, Recipient
 from postroom.storage import files, maildir
 
 
@@ -61,92 +55,6 @@ def test_tmpfile_refused_by_the_file_system(box: str, monkeypatch: pytest.Monkey
     monkeypatch.setattr(os, "open", no_tmpfile)
     assert maildir.deliver_tmpfile(box, "4.Q_0.h", [b"m\r\n"], True) is None
     assert maildir._tmpfile_ok is False and os.listdir(Path(box, "new")) == []
-
-
-def envelope(i: int, rcpt: str) -> Envelope:
-    return Envelope(
-        id=f"Q{i:06d}",
-        sender="s@x.test",
-        recipients=[Recipient(rcpt)],
-        created=1_800_000_000.0,
-        client_ip="127.0.0.1",
-        helo="x",
-    )
-
-
-@pytest.mark.parametrize("tmpfile", [True, False])
-def test_local_delivery_shares_directory_fsyncs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmpfile: bool
-) -> None:
-    monkeypatch.setattr(maildir, "_tmpfile_ok", tmpfile)
-    covered: list[set[str]] = []  # what new/ held when each shared fsync of it started
-    real = files.fsync_dir
-
-    def fsync_dir(path: Path) -> None:
-        covered.append(set(os.listdir(path)))
-        time.sleep(0.005)  # a slow disk: deliveries pile up behind the sync
-        real(path)
-
-    monkeypatch.setattr(files, "fsync_dir", fsync_dir)
-    pool = BlockingPool(8)
-    try:
-        local = LocalDelivery(tmp_path, "mx.x.test", pool)
-
-        async def main() -> None:
-            await asyncio.gather(
-                *(
-                    local.deliver(envelope(i, "u@x.test"), 0, "u@x.test", b"m\r\n")
-                    for i in range(40)
-                )
-            )
-
-        asyncio.run(main())
-    finally:
-        pool.shutdown()
-    new = tmp_path / "mail" / "x.test" / "u" / "new"
-    names = os.listdir(new)
-    assert len(names) == 40 and all(Path(new, n).read_bytes().endswith(b"m\r\n") for n in names)
-    assert os.listdir(new.parent / "tmp") == []
-    if tmpfile:
-        assert 0 < len(covered) < 40  # shared
-        assert set(names) <= set().union(*covered)  # and every link was covered by one
-
-
-def test_no_proc_link_falls_back_to_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Without /proc the O_TMPFILE inode cannot be linked: the delivery is made the classic way.
-    monkeypatch.setattr(maildir, "_tmpfile_ok", True)
-    real_link = os.link
-
-    def no_proc(src: str, dst: str, **kw: object) -> None:
-        if src.startswith("/proc/self/fd/"):
-            raise OSError(18, "Invalid cross-device link")
-        real_link(src, dst, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "link", no_proc)
-    pool = BlockingPool(2)
-    try:
-        local = LocalDelivery(tmp_path, "mx.x.test", pool)
-        asyncio.run(local.deliver(envelope(1, "u@x.test"), 0, "u@x.test", b"m\r\n"))
-    finally:
-        pool.shutdown()
-    box = tmp_path / "mail" / "x.test" / "u"
-    assert [p.read_bytes() for p in (box / "new").iterdir()] == [
-        b"Return-Path: <s@x.test>\r\nDelivered-To: u@x.test\r\nm\r\n"
-    ]
-    assert os.listdir(box / "tmp") == [] and maildir._tmpfile_ok is False
-
-
-def test_mailbox_removed_between_deliveries_is_made_again(tmp_path: Path) -> None:
-    pool = BlockingPool(2)
-    try:
-        local = LocalDelivery(tmp_path, "mx.x.test", pool)
-        asyncio.run(local.deliver(envelope(1, "u@x.test"), 0, "u@x.test", b"one\r\n"))
-        box = tmp_path / "mail" / "x.test" / "u"
-        shutil.rmtree(box)  # an admin removed the mailbox; the delivery cache still knows it
-        asyncio.run(local.deliver(envelope(2, "u@x.test"), 0, "u@x.test", b"two\r\n"))
-    finally:
-        pool.shutdown()
-    assert [p.read_bytes().endswith(b"two\r\n") for p in (box / "new").iterdir()] == [True]
 
 
 def test_relative_maildir_path_is_linked_in_the_working_directory(

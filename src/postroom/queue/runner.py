@@ -19,8 +19,10 @@ import random
 import re
 import time
 from collections import defaultdict
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
+from postroom import privileges
 from postroom.delivery.dsn import Action, DsnRecipient, build_dsn
 from postroom.delivery.local import LocalDelivery
 from postroom.delivery.remote import RemoteDelivery, needs_relayed_dsn
@@ -30,6 +32,7 @@ from postroom.queue.store import Envelope, Recipient, new_queue_id
 from postroom.resolver import DnsResolver
 from postroom.smtp.client_protocol import Message, Outcome
 from postroom.smtp.client_protocol import Recipient as ClientRecipient
+from postroom.storage.maildir_writer import MaildirWriter
 
 if TYPE_CHECKING:
     from postroom.app import Services
@@ -39,6 +42,15 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
+async def _outcome(job: Awaitable[None]) -> BaseException | None:
+    """What ``gather(..., return_exceptions=True)`` gives for one awaitable."""
+    try:
+        await job
+    except Exception as exc:
+        return exc
+    return None
+
+
 class QueueRunner:
     """Owns the in-memory schedule of the spool; one per server."""
 
@@ -46,7 +58,9 @@ class QueueRunner:
         self.services = services
         self.cfg = services.cfg
         self.store = services.store
-        self.local = LocalDelivery(self.cfg.data_dir, self.cfg.hostname, self.store.io)
+        self.local = LocalDelivery(
+            self.cfg.data_dir, self.cfg.hostname, MaildirWriter(privileges.target_ids(self.cfg))
+        )
         self._heap: list[tuple[float, str]] = []
         self._next: dict[str, float] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -169,6 +183,7 @@ class QueueRunner:
                 task.cancel()
         if self._remote is not None:
             await self._remote.aclose()
+        await self.local.close()
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -295,13 +310,14 @@ class QueueRunner:
         any delivery failed; the caller then spools the message for the recipients left, which
         the runner retries (delivered ones are marked done and not delivered again).
         """
-        results = await asyncio.gather(
-            *(
-                self.local.deliver(envelope, index, rcpt.address, message)
-                for index, rcpt in enumerate(envelope.recipients)
-            ),
-            return_exceptions=True,
-        )
+        jobs = [
+            self.local.deliver(envelope, index, rcpt.address, message)
+            for index, rcpt in enumerate(envelope.recipients)
+        ]
+        if len(jobs) == 1:  # most mail: no task, and no loop iterations, to gather one result
+            results: list[BaseException | None] = [await _outcome(jobs[0])]
+        else:
+            results = await asyncio.gather(*jobs, return_exceptions=True)
         ok = True
         for rcpt, result in zip(envelope.recipients, results, strict=True):
             if isinstance(result, BaseException):

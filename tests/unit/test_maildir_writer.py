@@ -1,0 +1,193 @@
+"""The Maildir writer: its wire format, the child's batches, and the real child process."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from postroom.delivery.local import LocalDelivery
+from postroom.queue.store import Envelope, Recipient
+from postroom.storage import files, maildir
+from postroom.storage import maildir_writer as writer_mod
+from postroom.storage.maildir_writer import BatchWriter, Job, MaildirWriter, decode_jobs, encode_job
+
+jobs_st = st.lists(
+    st.tuples(
+        st.integers(0, 2**32 - 1),
+        st.text(min_size=1, max_size=40).filter(lambda t: "\0" not in t),
+        st.text(min_size=1, max_size=40).filter(lambda t: "\0" not in t),
+        st.lists(st.binary(max_size=300), max_size=3),
+        st.booleans(),
+    ),
+    max_size=5,
+)
+
+
+@given(jobs_st, st.lists(st.integers(1, 400), max_size=8))
+def test_jobs_survive_any_split_of_the_stream(
+    jobs: list[tuple[int, str, str, list[bytes], bool]], cuts: list[int]
+) -> None:
+    wire = b"".join(encode_job(i, b, n, parts, c) + b"".join(parts) for i, b, n, parts, c in jobs)
+    buf, got, pos = bytearray(), [], 0
+    for size in [*cuts, len(wire)]:  # the stream arrives in arbitrary pieces
+        buf += wire[pos : pos + size]
+        pos += size
+        got += decode_jobs(buf)
+    assert buf == bytearray()
+    assert got == [Job(i, b, n, b"".join(parts), c) for i, b, n, parts, c in jobs]
+
+
+def job(i: int, box: Path, data: bytes = b"m\r\n", check: bool = False) -> Job:
+    return Job(i, str(box), f"{i}.Q{i}_0.h,S={len(data)},W={len(data)}", data, check)
+
+
+def answers(raw: bytes) -> list[tuple[int, int, str]]:
+    out = []
+    while raw:
+        job_id, status, size = writer_mod._ANSWER.unpack_from(raw)
+        start = writer_mod._ANSWER.size
+        out.append((job_id, status, raw[start : start + size].decode()))
+        raw = raw[start + size :]
+    return out
+
+
+@pytest.mark.parametrize("tmpfile", [True, False])
+def test_a_batch_shares_one_fsync_of_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmpfile: bool
+) -> None:
+    monkeypatch.setattr(maildir, "_tmpfile_ok", tmpfile)
+    covered: list[set[str]] = []  # what new/ held when each fsync of it started
+    real = files.fsync_dir
+
+    def fsync_dir(path: str | Path) -> None:
+        covered.append(set(os.listdir(path)))
+        real(path)
+
+    monkeypatch.setattr(files, "fsync_dir", fsync_dir)
+    box = tmp_path / "mail" / "x.test" / "u"
+    out = answers(BatchWriter().run([job(i, box) for i in range(40)]))
+    assert out == [(i, 1, "") for i in range(40)]
+    names = os.listdir(box / "new")
+    assert len(names) == 40 and os.listdir(box / "tmp") == []
+    if tmpfile:
+        assert len(covered) == 1 and covered[0] == set(names)  # one fsync, after all links
+
+
+def test_a_failed_job_fails_alone(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")  # a Maildir cannot be made under a plain file
+    good = tmp_path / "good"
+    bad = tmp_path / "file" / "box"
+    out = answers(BatchWriter().run([job(1, good), job(2, bad), job(3, good)]))
+    assert [(i, s) for i, s, _ in out] == [(1, 1), (2, -errno.ENOTDIR), (3, 1)]
+    assert out[1][2] == "Not a directory"
+
+
+def test_an_earlier_copy_is_found_in_new_or_cur(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    writer = BatchWriter()
+    first = job(1, box)
+    again = Job(2, first.box, first.name, b"m\r\n", check_duplicate=True)  # after a crash
+    assert answers(writer.run([first])) == [(1, 1, "")]
+    assert answers(writer.run([again])) == [(2, 0, "")]
+    os.rename(box / "new" / first.name, box / "cur" / (first.name + ":2,S"))  # read by a client
+    assert answers(writer.run([again])) == [(2, 0, "")]
+    assert os.listdir(box / "new") == []
+
+
+def test_a_mailbox_removed_between_batches_is_made_again(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    writer = BatchWriter()
+    writer.run([job(1, box)])
+    shutil.rmtree(box)  # an admin removed it; the writer still remembers it as made
+    assert answers(writer.run([job(2, box, b"two\r\n")])) == [(2, 1, "")]
+    assert [p.read_bytes() for p in (box / "new").iterdir()] == [b"two\r\n"]
+
+
+def envelope(i: int, rcpt: str) -> Envelope:
+    return Envelope(
+        id=f"Q{i:06d}",
+        sender="s@x.test",
+        recipients=[Recipient(rcpt)],
+        created=1_800_000_000.0,
+        client_ip="127.0.0.1",
+        helo="x",
+    )
+
+
+def test_local_delivery_through_the_child_process(tmp_path: Path) -> None:
+    local = LocalDelivery(tmp_path, "mx.x.test")
+
+    async def main() -> None:
+        await asyncio.gather(
+            *(local.deliver(envelope(i, "u@x.test"), 0, "u@x.test", b"m\r\n") for i in range(50))
+        )
+        big = b"x" * 998 + b"\r\n"
+        await local.deliver(envelope(99, "u@x.test"), 0, "u@x.test", big * 3000)
+        await local.close()
+
+    asyncio.run(main())
+    new = tmp_path / "mail" / "x.test" / "u" / "new"
+    bodies = sorted((p.read_bytes() for p in new.iterdir()), key=len)
+    trace = b"Return-Path: <s@x.test>\r\nDelivered-To: u@x.test\r\n"
+    assert bodies[:50] == [trace + b"m\r\n"] * 50
+    assert bodies[50] == trace + b"x" * 998 + b"\r\n" + (b"x" * 998 + b"\r\n") * 2999
+    name = next(p.name for p in new.iterdir() if p.name.startswith("1800000000.Q000099_0."))
+    assert maildir.name_field(name, "S") == len(bodies[50])
+
+
+def test_a_child_that_dies_fails_its_jobs_and_is_replaced(tmp_path: Path) -> None:
+    writer = MaildirWriter()
+    box = str(tmp_path / "box")
+
+    async def main() -> None:
+        assert await writer.write(box, "1.a", (b"one\r\n",), False)
+        first = writer._proc
+        assert first is not None
+        os.kill(first.pid, signal.SIGSTOP)  # stuck: the next job waits in the socket
+        pending = asyncio.ensure_future(writer.write(box, "2.b", (b"two\r\n",), False))
+        await asyncio.sleep(0.05)
+        assert not pending.done()
+        os.kill(first.pid, signal.SIGKILL)
+        with pytest.raises(OSError, match="writer process exited"):
+            await asyncio.wait_for(pending, 10)
+        # The next job starts a new child, which writes it.
+        assert await writer.write(box, "3.c", (b"three\r\n",), False)
+        assert writer._proc is not None and writer._proc.pid != first.pid
+        assert first.poll() is not None  # the dead one was reaped
+        with pytest.raises(OSError) as err:  # errors come back as OSError with their errno
+            await writer.write(str(tmp_path / "box" / "new" / "1.a"), "x", (b"",), False)
+        assert err.value.errno == errno.ENOTDIR
+        await writer.close()
+
+    asyncio.run(main())
+    assert sorted(os.listdir(tmp_path / "box" / "new")) == ["1.a", "3.c"]
+
+
+def test_close_lets_the_child_finish_what_it_was_sent(tmp_path: Path) -> None:
+    writer = MaildirWriter()
+    box = str(tmp_path / "box")
+
+    async def main() -> list[bool]:
+        await writer.start()
+        jobs = [
+            asyncio.ensure_future(writer.write(box, f"{i}.n", (b"m\r\n",), False))
+            for i in range(20)
+        ]
+        await asyncio.sleep(0)  # each job is sent to the child; none is answered yet
+        assert not any(j.done() for j in jobs)
+        await writer.close()
+        return list(await asyncio.gather(*jobs))
+
+    started = time.monotonic()
+    assert asyncio.run(main()) == [True] * 20
+    assert time.monotonic() - started < 5
+    assert len(os.listdir(tmp_path / "box" / "new")) == 20
