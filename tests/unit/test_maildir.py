@@ -11,6 +11,20 @@ from postroom.config import embedded_default, from_dict
 from postroom.storage import files, maildir
 
 
+def tmpfile_deliver(box: str, name: str, parts: list[bytes]) -> bool | None:
+    """What the Maildir writer does with one job: write, fsync, link, fsync new/."""
+    fd = maildir.write_unnamed(box, parts)
+    if fd is None:
+        return None
+    try:
+        os.fsync(fd)
+        linked = maildir.link_unnamed(fd, box, name)
+    finally:
+        os.close(fd)
+    files.fsync_dir(os.path.join(box, "new"))
+    return linked
+
+
 @pytest.fixture
 def box(tmp_path: Path) -> str:
     path = tmp_path / "box"
@@ -18,9 +32,8 @@ def box(tmp_path: Path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("sync_new", [True, False])
-def test_tmpfile_delivery_leaves_nothing_in_tmp(box: str, sync_new: bool) -> None:
-    assert maildir.deliver_tmpfile(box, "1.Q_0.h,S=7,W=7", [b"Sub", b"j\r\n\r\n"], sync_new)
+def test_tmpfile_delivery_leaves_nothing_in_tmp(box: str) -> None:
+    assert tmpfile_deliver(box, "1.Q_0.h,S=7,W=7", [b"Sub", b"j\r\n\r\n"])
     assert os.listdir(Path(box, "tmp")) == []
     path = Path(box, "new", "1.Q_0.h,S=7,W=7")
     assert path.read_bytes() == b"Subj\r\n\r\n"
@@ -28,8 +41,8 @@ def test_tmpfile_delivery_leaves_nothing_in_tmp(box: str, sync_new: bool) -> Non
 
 
 def test_tmpfile_delivery_never_replaces_an_existing_message(box: str) -> None:
-    assert maildir.deliver_tmpfile(box, "2.Q_0.h", [b"first\r\n"], True)
-    assert maildir.deliver_tmpfile(box, "2.Q_0.h", [b"second\r\n"], True) is False
+    assert tmpfile_deliver(box, "2.Q_0.h", [b"first\r\n"])
+    assert tmpfile_deliver(box, "2.Q_0.h", [b"second\r\n"]) is False
     assert Path(box, "new", "2.Q_0.h").read_bytes() == b"first\r\n"
     assert os.listdir(Path(box, "tmp")) == []
 
@@ -53,7 +66,7 @@ def test_tmpfile_refused_by_the_file_system(box: str, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(maildir, "_tmpfile_ok", True)
     monkeypatch.setattr(os, "open", no_tmpfile)
-    assert maildir.deliver_tmpfile(box, "4.Q_0.h", [b"m\r\n"], True) is None
+    assert tmpfile_deliver(box, "4.Q_0.h", [b"m\r\n"]) is None
     assert maildir._tmpfile_ok is False and os.listdir(Path(box, "new")) == []
 
 
@@ -64,7 +77,7 @@ def test_relative_maildir_path_is_linked_in_the_working_directory(
     # call linkat) when the data directory was relative, as in the embedded default.
     monkeypatch.chdir(tmp_path)
     maildir.ensure(Path("rel-box"))
-    assert maildir.deliver_tmpfile("rel-box", "1.Q_0.h", [b"m\r\n"], True)
+    assert tmpfile_deliver("rel-box", "1.Q_0.h", [b"m\r\n"])
     assert (tmp_path / "rel-box" / "new" / "1.Q_0.h").read_bytes() == b"m\r\n"
 
 

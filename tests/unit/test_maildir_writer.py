@@ -191,3 +191,41 @@ def test_close_lets_the_child_finish_what_it_was_sent(tmp_path: Path) -> None:
     assert asyncio.run(main()) == [True] * 20
     assert time.monotonic() - started < 5
     assert len(os.listdir(tmp_path / "box" / "new")) == 20
+
+
+def test_no_proc_link_falls_back_to_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without /proc the O_TMPFILE inode cannot be linked: the delivery is made the classic way.
+    monkeypatch.setattr(maildir, "_tmpfile_ok", True)
+    real_link = os.link
+
+    def no_proc(src: str, dst: str, **kw: object) -> None:
+        if src.startswith("/proc/self/fd/"):
+            raise OSError(18, "Invalid cross-device link")
+        real_link(src, dst, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", no_proc)
+    box = tmp_path / "box"
+    assert answers(BatchWriter().run([job(1, box), job(2, box)])) == [(1, 1, ""), (2, 1, "")]
+    assert sorted(p.read_bytes() for p in (box / "new").iterdir()) == [b"m\r\n", b"m\r\n"]
+    assert os.listdir(box / "tmp") == [] and maildir._tmpfile_ok is False
+
+
+def test_a_failed_fsync_fails_that_job_and_links_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(maildir, "_tmpfile_ok", True)
+    real_fsync = os.fsync
+    sizes: list[int] = []
+
+    def fsync(fd: int) -> None:
+        sizes.append(os.fstat(fd).st_size)
+        if os.fstat(fd).st_size == 5:  # the second job's file: its disk failed
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    box = tmp_path / "box"
+    out = answers(BatchWriter().run([job(1, box), job(2, box, b"bad\r\n"), job(3, box)]))
+    assert out == [(1, 1, ""), (2, -errno.EIO, "Input/output error"), (3, 1, "")]
+    assert sorted(sizes)[:3] == [3, 3, 5]  # each file was fsync'ed before it was linked
+    assert sorted(p.read_bytes() for p in (box / "new").iterdir()) == [b"m\r\n", b"m\r\n"]

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from postroom.address import safe_local_part
-from postroom.storage import files
 from postroom.storage.files import write_all
 
 SUBDIRS = ("tmp", "new", "cur")
@@ -66,18 +65,16 @@ def already_delivered(path: Path, name: str) -> bool:
         return False
 
 
-def deliver_tmpfile(path: str, name: str, parts: Sequence[bytes], sync_new: bool) -> bool | None:
-    """Write the message into a new unnamed file (``O_TMPFILE``), fsync it, link it as
-    ``new/name``; with ``sync_new`` also fsync ``new/`` (else the caller does, shared).
-
-    Returns False, writing nothing visible, if ``new/name`` exists (this very message,
-    delivered before a crash: names come from the queue id); None, with nothing done, where
-    the file system has no ``O_TMPFILE`` or ``/proc`` is missing: :func:`deliver` then.
+def write_unnamed(path: str, parts: Sequence[bytes]) -> int | None:
+    """A new unnamed file (``O_TMPFILE``) in the Maildir's ``tmp/`` holding ``parts``, not
+    fsync'ed yet: its descriptor, for the caller to fsync, :func:`link_unnamed` and close.
+    None where the file system has no ``O_TMPFILE``: :func:`deliver` then.
 
     Why this way: the Maildir rule "never visible half-written" holds without a ``tmp/``
-    entry, a crash leaves nothing behind, the inode is allocated outside the directory lock
-    that concurrent deliveries to one mailbox contend for, and ``linkat`` refuses to replace
-    an existing name where ``rename`` would.
+    entry, a crash leaves nothing behind (closing an inode that was never linked frees it),
+    the inode is allocated outside the directory lock that concurrent deliveries to one
+    mailbox contend for, and ``linkat`` refuses to replace an existing name where ``rename``
+    would.
     """
     if not _tmpfile_ok:
         return None
@@ -88,15 +85,20 @@ def deliver_tmpfile(path: str, name: str, parts: Sequence[bytes], sync_new: bool
             _no_tmpfile()
             return None
         raise
-    try:  # closing an O_TMPFILE inode that was never linked frees it: nothing is left behind
+    try:
         write_all(fd, parts)
-        os.fsync(fd)
-        linked = _link(fd, os.path.join(path, "new", name))
-    finally:
+    except BaseException:
         os.close(fd)
-    if linked and sync_new:
-        files.fsync_dir(os.path.join(path, "new"))
-    return linked
+        raise
+    return fd
+
+
+def link_unnamed(fd: int, path: str, name: str) -> bool | None:
+    """Give the fsync'ed unnamed file ``fd`` its name ``new/name``: True; False if that name
+    exists (this very message, delivered before a crash: names come from the queue id); None
+    if it cannot be linked here (no ``/proc``): :func:`deliver` then. The caller fsyncs
+    ``new/`` afterwards (once for many links)."""
+    return _link(fd, os.path.join(path, "new", name))
 
 
 def _link(fd: int, target: str) -> bool | None:

@@ -6,8 +6,9 @@ with the event loop, and every job wakes a thread and then the loop: measured he
 switches per message against ~20 without threads, and as much CPU in the scheduler as in all of
 the SMTP code. A child process does the same calls without a GIL to share: the loop writes a
 job into a socket (one ``writev``, batched with its other output by the transport) and reads
-the answer like any other connection; the child takes every job that has arrived, writes them
-one after the other, fsyncs each ``new/`` once for the whole batch (group commit) and answers.
+the answer like any other connection; the child takes every job that has arrived, writes them,
+fsyncs the files side by side, links them into ``new/``, fsyncs each ``new/`` once for the
+whole batch (group commit) and answers.
 That is Postfix's shape too (smtpd hands the message to another process), with one helper per
 worker process.
 
@@ -36,6 +37,7 @@ import struct
 import subprocess
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -45,6 +47,7 @@ from postroom.storage import files, maildir
 _JOB = struct.Struct("<IBHHQ")
 _ANSWER = struct.Struct("<IiH")
 CHECK_DUPLICATE = 1
+FSYNC_THREADS = 8
 _READ = 1 << 16  # below malloc's mmap threshold: a bigger recv buffer costs an mmap per call
 
 
@@ -92,25 +95,44 @@ def encode_answer(job_id: int, status: int, text: str = "") -> bytes:
 
 
 class BatchWriter:
-    """The child's work: a batch of jobs written, ``new/`` fsync'ed once per Maildir."""
+    """The child's work: a batch of jobs written, their files fsync'ed side by side (a disk
+    finishes concurrent flushes sooner than the same flushes one after another: 20 files in
+    2.3 ms against 3.8 ms here), linked, and each ``new/`` fsync'ed once."""
 
     def __init__(self) -> None:
         self._ensured: set[str] = set()  # Maildirs known to exist: no stat per delivery
+        self._pool: ThreadPoolExecutor | None = None
 
     def run(self, jobs: Sequence[Job]) -> bytes:
         """Write every job; the answers, in job order."""
         answers: dict[int, tuple[int, str]] = {}
-        unsynced: dict[str, list[int]] = {}  # new/ -> jobs linked into it, not fsync'ed yet
+        unnamed: list[tuple[Job, int]] = []  # written, not fsync'ed nor linked yet
         for job in jobs:
             try:
-                status = self._write(job)
+                fd_or_done = self._write(job)
             except OSError as exc:
                 answers[job.id] = _failure(exc)
                 continue
-            if status is None:
+            if isinstance(fd_or_done, bool):
+                answers[job.id] = (1 if fd_or_done else 0, "")
+            else:
+                unnamed.append((job, fd_or_done))
+        synced = self._fsync_all([fd for _job, fd in unnamed])
+        unsynced: dict[str, list[int]] = {}  # new/ -> jobs linked into it, not fsync'ed yet
+        for (job, fd), error in zip(unnamed, synced, strict=True):
+            try:
+                if error is not None:
+                    raise error
+                linked = self._link(job, fd)
+            except OSError as exc:
+                answers[job.id] = _failure(exc)
+                continue
+            finally:
+                os.close(fd)
+            if linked is None:
                 unsynced.setdefault(os.path.join(job.box, "new"), []).append(job.id)
             else:
-                answers[job.id] = (1 if status else 0, "")
+                answers[job.id] = (1 if linked else 0, "")
         for new, ids in unsynced.items():
             try:
                 files.fsync_dir(new)
@@ -121,25 +143,49 @@ class BatchWriter:
                 answers[job_id] = result
         return b"".join(encode_answer(job.id, *answers[job.id]) for job in jobs)
 
-    def _write(self, job: Job) -> bool | None:
-        """True: written and durable; False: there already; None: linked, ``new/`` unsynced."""
+    def _write(self, job: Job) -> int | bool:
+        """The unnamed file's descriptor; or, done already, True (written the classic way,
+        durable) or False (there already)."""
         if job.box not in self._ensured:
             maildir.ensure(Path(job.box))
             self._ensured.add(job.box)
-        try:
-            return self._write_once(job)
-        except FileNotFoundError:  # the Maildir was removed since we last saw it
-            maildir.ensure(Path(job.box))
-            return self._write_once(job)
-
-    @staticmethod
-    def _write_once(job: Job) -> bool | None:
         if job.check_duplicate and maildir.already_delivered(Path(job.box), job.name):
             return False
-        linked = maildir.deliver_tmpfile(job.box, job.name, (job.data,), sync_new=False)
-        if linked is None:  # no O_TMPFILE here: the classic way, which fsyncs new/ itself
+        try:
+            fd = maildir.write_unnamed(job.box, (job.data,))
+        except FileNotFoundError:  # the Maildir was removed since we last saw it
+            maildir.ensure(Path(job.box))
+            fd = maildir.write_unnamed(job.box, (job.data,))
+        if fd is None:  # no O_TMPFILE here: the classic way, which fsyncs new/ itself
+            return maildir.deliver(job.box, job.name, (job.data,))
+        return fd
+
+    @staticmethod
+    def _link(job: Job, fd: int) -> bool | None:
+        """None: linked, ``new/`` not fsync'ed yet; True: delivered; False: there already."""
+        try:
+            linked = maildir.link_unnamed(fd, job.box, job.name)
+        except FileNotFoundError:  # new/ removed meanwhile
+            maildir.ensure(Path(job.box))
+            linked = maildir.link_unnamed(fd, job.box, job.name)
+        if linked is None:  # cannot link here after all (no /proc): the classic way
             return maildir.deliver(job.box, job.name, (job.data,))
         return None if linked else False
+
+    def _fsync_all(self, fds: list[int]) -> list[OSError | None]:
+        if len(fds) <= 1:
+            return [_fsync(fd) for fd in fds]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="fsync")
+        return list(self._pool.map(_fsync, fds))
+
+
+def _fsync(fd: int) -> OSError | None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        return exc
+    return None
 
 
 def _failure(exc: OSError) -> tuple[int, str]:
