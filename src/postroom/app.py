@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
 import ipaddress
 import logging
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from postroom import config as config_mod
+from postroom import lifetime
 from postroom import tls as tls_mod
 from postroom.config import Config
 from postroom.queue.store import QueueStore
@@ -389,17 +389,6 @@ class Worker:
                 await asyncio.sleep(0.05)
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: get SIGKILL when the primary dies (kill -9 included), so no orphan keeps a port."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:
-        os._exit(0)
-
-
 class _BatchedStderr(logging.handlers.MemoryHandler):
     """Buffers records and writes each batch to stderr in one ``write``.
 
@@ -466,7 +455,7 @@ def run(cfg: Config) -> int:
             pid = os.fork()
             if pid == 0:
                 os.close(go_w)
-                _die_with_parent(parent)
+                lifetime.die_with_parent(parent)
                 released = os.read(go_r, 1) == b"g"  # EOF: the primary failed to start
                 os.close(go_r)
                 if not released:

@@ -7,6 +7,8 @@ import errno
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -229,3 +231,42 @@ def test_a_failed_fsync_fails_that_job_and_links_nothing(
     assert out == [(1, 1, ""), (2, -errno.EIO, "Input/output error"), (3, 1, "")]
     assert sorted(sizes)[:3] == [3, 3, 5]  # each file was fsync'ed before it was linked
     assert sorted(p.read_bytes() for p in (box / "new").iterdir()) == [b"m\r\n", b"m\r\n"]
+
+
+def test_the_child_dies_with_the_server(tmp_path: Path) -> None:
+    # Stopped, the child cannot see the end of its input: only the kernel's parent-death
+    # signal can end it when the server is killed.
+    script = (
+        "import asyncio, sys\n"
+        "from postroom.storage.maildir_writer import MaildirWriter\n"
+        "async def main():\n"
+        "    w = MaildirWriter()\n"
+        f"    await w.write({str(tmp_path / 'box')!r}, '1.a', (b'm',), False)  # it is serving\n"
+        "    print(w._proc.pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None
+        child = int(server.stdout.readline())
+        os.kill(child, signal.SIGSTOP)
+        server.kill()
+        server.wait()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.02)
+        assert not _alive(child)
+    finally:
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False

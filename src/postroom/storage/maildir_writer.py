@@ -12,13 +12,14 @@ whole batch (group commit) and answers.
 That is Postfix's shape too (smtpd hands the message to another process), with one helper per
 worker process.
 
-The child is ``python -m postroom.storage.maildir_writer FD [UID GID]``: a fresh interpreter
-(no fork of a threaded server). The server starts it before it drops root (the interpreter may
-not be executable by the mail user), and the child then becomes that user itself. It ignores
-SIGINT/SIGTERM, finishes what it was sent and exits when the server's end of the socket closes
-(shutdown, or the server killed). If it dies, the deliveries waiting on it fail with OSError:
-the message is queued and retried, and as file names come from the queue id, a file that did
-land in ``new/`` is not linked a second time. The next job starts a new child.
+The child is ``python -m postroom.storage.maildir_writer FD PARENT_PID [UID GID]``: a fresh
+interpreter (no fork of a threaded server). The server starts it before it drops root (the
+interpreter may not be executable by the mail user), and the child then becomes that user
+itself. It ignores SIGINT/SIGTERM, finishes what it was sent and exits when the server's end of
+the socket closes (shutdown); if the server dies, the kernel kills it at once. If the child
+dies, the deliveries waiting on it fail with OSError: the message is queued and retried, and
+as file names come from the queue id, a file that did land in ``new/`` is not linked a second
+time. The next job starts a new child.
 
 Wire format, little-endian. Job: ``<IBHHQ`` id, flags (1: check for an earlier copy), length
 of the Maildir path, of the file name and of the data, then those three. Answer: ``<IiH`` id,
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+from postroom import lifetime
 from postroom.storage import files, maildir
 
 _JOB = struct.Struct("<IBHHQ")
@@ -192,7 +194,7 @@ def _failure(exc: OSError) -> tuple[int, str]:
     return -(exc.errno or errno.EIO), exc.strerror or str(exc)
 
 
-def serve(fd: int, run_as: tuple[int, int] | None = None) -> None:
+def serve(fd: int, parent: int, run_as: tuple[int, int] | None = None) -> None:
     """The child's main loop: read what has come, write it, answer; exit at end of input."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when this one stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -200,15 +202,19 @@ def serve(fd: int, run_as: tuple[int, int] | None = None) -> None:
         os.setgroups([])
         os.setgid(run_as[1])
         os.setuid(run_as[0])
+    # A server killed mid-message sends no 250: finishing its writes would only deliver mail
+    # that its client will send again.
+    lifetime.die_with_parent(parent)
     sock = socket.socket(fileno=fd)
     writer = BatchWriter()
     buf = bytearray()
     # What one recv brings is the batch (jobs still incomplete wait for the next).
-    while chunk := sock.recv(_READ):
-        buf += chunk
-        jobs = decode_jobs(buf)
-        if jobs:
-            sock.sendall(writer.run(jobs))
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the server is gone
+        while chunk := sock.recv(_READ):
+            buf += chunk
+            jobs = decode_jobs(buf)
+            if jobs:
+                sock.sendall(writer.run(jobs))
 
 
 class MaildirWriter:
@@ -255,7 +261,7 @@ class MaildirWriter:
     async def _spawn(self) -> _Answers:
         self._reap()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        args = [sys.executable, "-m", __name__, str(theirs.fileno())]
+        args = [sys.executable, "-m", __name__, str(theirs.fileno()), str(os.getpid())]
         if self.run_as is not None and os.getuid() == 0:
             args += [str(self.run_as[0]), str(self.run_as[1])]
         with theirs:
@@ -334,4 +340,5 @@ class _Answers(asyncio.Protocol):
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else None)
+    args = [int(a) for a in sys.argv[1:]]
+    serve(args[0], args[1], (args[2], args[3]) if len(args) > 3 else None)
