@@ -40,10 +40,14 @@ def free_port() -> int:
 
 
 def rss_kib(pid: int) -> int:
+    """RSS of ``pid`` and its descendants (the server and its Maildir writer)."""
+    total = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+            total += int(line.split()[1])
+    for child in Path(f"/proc/{pid}/task").glob("*/children"):
+        total += sum(rss_kib(int(c)) for c in child.read_text().split())
+    return total
 
 
 class Postroom:
