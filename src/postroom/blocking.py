@@ -1,8 +1,11 @@
-"""Blocking calls (fsync, file reads, directory scans) run in threads, off the event loop.
+"""Blocking calls (spool fsyncs, file reads, directory scans) run in threads, off the loop.
+
+(Maildir deliveries, the busiest file work, go to a helper process instead:
+:mod:`postroom.storage.maildir_writer` says why.)
 
 ``loop.run_in_executor`` goes through ``concurrent.futures``: a Future guarded by a Condition,
 a wrapping asyncio future and a chained callback per call, and the worker thread takes the GIL
-several times to settle them. On the delivery path (an fsync per message) that was visible:
+several times to settle them. On a path with an fsync per message that was visible:
 one hand-off cost ~70 µs alone and ~25 µs each under 20-way concurrency here, against ~45 µs
 and ~4 µs for this pool, which hands the job over on a ``SimpleQueue`` and answers with one
 ``call_soon_threadsafe``. asyncio offers nothing lighter, hence this small module.
