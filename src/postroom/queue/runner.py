@@ -19,7 +19,6 @@ import random
 import re
 import time
 from collections import defaultdict
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from postroom import privileges
@@ -40,15 +39,6 @@ if TYPE_CHECKING:
 
 def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
-
-
-async def _outcome(job: Awaitable[None]) -> BaseException | None:
-    """What ``gather(..., return_exceptions=True)`` gives for one awaitable."""
-    try:
-        await job
-    except Exception as exc:
-        return exc
-    return None
 
 
 class QueueRunner:
@@ -310,14 +300,13 @@ class QueueRunner:
         any delivery failed; the caller then spools the message for the recipients left, which
         the runner retries (delivered ones are marked done and not delivered again).
         """
-        jobs = [
-            self.local.deliver(envelope, index, rcpt.address, message)
-            for index, rcpt in enumerate(envelope.recipients)
-        ]
-        if len(jobs) == 1:  # most mail: no task, and no loop iterations, to gather one result
-            results: list[BaseException | None] = [await _outcome(jobs[0])]
-        else:
-            results = await asyncio.gather(*jobs, return_exceptions=True)
+        results = await asyncio.gather(
+            *(
+                self.local.deliver(envelope, index, rcpt.address, message)
+                for index, rcpt in enumerate(envelope.recipients)
+            ),
+            return_exceptions=True,
+        )
         ok = True
         for rcpt, result in zip(envelope.recipients, results, strict=True):
             if isinstance(result, BaseException):

@@ -98,10 +98,7 @@ def link_unnamed(fd: int, path: str, name: str) -> bool | None:
     exists (this very message, delivered before a crash: names come from the queue id); None
     if it cannot be linked here (no ``/proc``): :func:`deliver` then. The caller fsyncs
     ``new/`` afterwards (once for many links)."""
-    return _link(fd, os.path.join(path, "new", name))
-
-
-def _link(fd: int, target: str) -> bool | None:
+    target = os.path.join(path, "new", name)
     try:
         # linkat(AT_SYMLINK_FOLLOW) through /proc, as open(2) documents for O_TMPFILE. Any
         # src_dir_fd makes Python call linkat (which follows the /proc link) rather than link
