@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import smtplib
 import subprocess
 import tempfile
@@ -68,6 +69,33 @@ def test_disk_full_gives_452_and_recovers(small_disk: Path, tmp_path: Path) -> N
         assert not list((srv.data_dir / "mail/a.test/alice/tmp").iterdir())
     finally:
         srv.stop()
+
+
+def test_unwritable_mailbox_defers_logs_and_delivers_once_mended(
+    server_factory: ServerFactory,
+) -> None:
+    srv = server_factory(
+        domains=("a.test",),
+        services=("smtp",),
+        extra_toml='[delivery]\nretry_intervals = ["1s"]',
+    )
+    srv.add_user("alice@a.test")
+    box = srv.data_dir / "mail" / "a.test" / "alice"
+    if box.exists():
+        shutil.rmtree(box)
+    box.parent.mkdir(parents=True, exist_ok=True)
+    box.write_bytes(b"")  # a plain file where the Maildir should be: every write fails
+    with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+        c.sendmail("x@r.test", ["alice@a.test"], b"Subject: later\r\n\r\nok\r\n")  # spooled
+    deadline = time.monotonic() + 10
+    while "deferred to=<alice@a.test> via maildir" not in srv.log.read_text():
+        assert time.monotonic() < deadline, srv.log.read_text()
+        time.sleep(0.05)
+    box.unlink()  # mended: the next attempt delivers it, once
+    msgs = srv.wait_messages("alice@a.test", 1)
+    assert len(msgs) == 1 and b"Subject: later" in msgs[0]
+    time.sleep(1.5)  # a further retry would have come by now
+    assert len(srv.messages("alice@a.test")) == 1
 
 
 def test_corrupt_queue_file_is_moved_aside(server_factory: ServerFactory) -> None:

@@ -230,6 +230,9 @@ class QueueRunner:
                 rcpt.status = "deferred"
                 rcpt.last_error = f"451 4.3.0 local delivery failed: {exc.strerror or exc}"
                 changed = True
+                self.services.log.warning(
+                    "%s deferred to=<%s> via maildir: %s", envelope.id, rcpt.address, exc
+                )
                 continue
             rcpt.status = "delivered"
             newly_done.append(rcpt)
