@@ -50,7 +50,7 @@ _JOB = struct.Struct("<IBHHQ")
 _ANSWER = struct.Struct("<IiH")
 CHECK_DUPLICATE = 1
 FSYNC_THREADS = 8
-_READ = 1 << 16  # below malloc's mmap threshold: a bigger recv buffer costs an mmap per call
+_READ = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,10 +208,11 @@ def serve(fd: int, parent: int, run_as: tuple[int, int] | None = None) -> None:
     sock = socket.socket(fileno=fd)
     writer = BatchWriter()
     buf = bytearray()
-    # What one recv brings is the batch (jobs still incomplete wait for the next).
+    room = memoryview(bytearray(_READ))  # one buffer for every read: no allocation per call
+    # What one read brings is the batch (jobs still incomplete wait for the next).
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the server is gone
-        while chunk := sock.recv(_READ):
-            buf += chunk
+        while size := sock.recv_into(room):
+            buf += room[:size]
             jobs = decode_jobs(buf)
             if jobs:
                 sock.sendall(writer.run(jobs))
