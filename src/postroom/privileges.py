@@ -45,7 +45,7 @@ def drop(cfg: Config, chown: bool = True) -> None:
         return
     if chown:
         _chown_tree(str(cfg.data_dir), pw.pw_uid, pw.pw_gid)
-    _become(pw)
+    become(pw.pw_uid, pw.pw_gid)
 
 
 def drop_for_cli(cfg: Config) -> None:
@@ -58,10 +58,12 @@ def drop_for_cli(cfg: Config) -> None:
     os.chown(cfg.data_dir, pw.pw_uid, pw.pw_gid)
     for entry in os.scandir(cfg.data_dir):
         os.chown(entry.path, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
-    _become(pw)
+    become(pw.pw_uid, pw.pw_gid)
 
 
-def _become(pw: pwd.struct_passwd) -> None:
+def become(uid: int, gid: int) -> None:
+    """Switch to ``uid``/``gid`` for good, with no supplementary groups (gid first: after
+    setuid the process may no longer change it)."""
     os.setgroups([])
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
+    os.setgid(gid)
+    os.setuid(uid)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from postroom import lifetime
+from postroom import lifetime, privileges
 from postroom.storage import files, maildir
 
 _JOB = struct.Struct("<IBHHQ")
@@ -199,9 +199,7 @@ def serve(fd: int, parent: int, run_as: tuple[int, int] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when this one stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if run_as is not None:  # started by root before the server dropped privileges: drop too
-        os.setgroups([])
-        os.setgid(run_as[1])
-        os.setuid(run_as[0])
+        privileges.become(*run_as)
     # A server killed mid-message sends no 250: finishing its writes would only deliver mail
     # that its client will send again.
     lifetime.die_with_parent(parent)
