@@ -15,12 +15,14 @@ NAME is derived from the queue id and recipient index, so after a crash the queu
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from postroom.address import safe_local_part
+from postroom.storage import files
 from postroom.storage.files import write_all
 
 SUBDIRS = ("tmp", "new", "cur")
@@ -124,14 +126,23 @@ def deliver(path: str | Path, name: str, parts: Sequence[bytes]) -> bool:
     return the file and its directory entry are on disk (file fsync'ed, then ``new/``).
     """
     path = os.fspath(path)
-    new_fd = os.open(os.path.join(path, "new"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if os.path.exists(os.path.join(path, "new", name)):
+        return False
+    tmp = os.path.join(path, "tmp", name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        if not _deliver_renamed(path, name, new_fd, parts):
-            return False
-        os.fsync(new_fd)
-        return True
-    finally:
-        os.close(new_fd)
+        write_all(fd, parts)
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # never leave half a message behind (disk full)
+        raise
+    os.close(fd)
+    new = os.path.join(path, "new")
+    os.rename(tmp, os.path.join(new, name))
+    files.fsync_dir(new)
+    return True
 
 
 _tmpfile_ok = hasattr(os, "O_TMPFILE")
@@ -148,23 +159,6 @@ def _any_dir_fd() -> int:
     if _dir_fd is None:
         _dir_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     return _dir_fd
-
-
-def _deliver_renamed(path: str, name: str, new_fd: int, parts: Sequence[bytes]) -> bool:
-    if os.path.exists(os.path.join(path, "new", name)):
-        return False
-    tmp = Path(path, "tmp", name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        write_all(fd, parts)
-        os.fsync(fd)
-    except OSError:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)  # never leave half a message behind (disk full)
-        raise
-    os.close(fd)
-    os.rename(tmp, name, dst_dir_fd=new_fd)
-    return True
 
 
 def name_field(name: str, key: str) -> int | None:
