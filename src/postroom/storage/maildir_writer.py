@@ -232,9 +232,7 @@ class MaildirWriter:
         False if a file of that name was there already (``check``: in ``new/`` or ``cur/``,
         a message delivered before a crash); OSError if the write failed.
         """
-        answers = self._answers
-        if answers is None or answers.lost:
-            answers = await self.start()
+        answers = await self.start()
         self._next_id = job_id = (self._next_id + 1) & 0xFFFFFFFF
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         answers.waiters[job_id] = waiter
@@ -246,7 +244,7 @@ class MaildirWriter:
         the interpreter may not be executable by the unprivileged user; later (after a child
         died) it is started as whoever the server is then."""
         answers = self._answers
-        if answers is not None and not answers.lost:
+        if answers is not None and not answers.closed.done():
             return answers
         starting = self._starting
         if starting is None:  # the first caller spawns; the others wait for the same child
@@ -277,7 +275,7 @@ class MaildirWriter:
     async def close(self, timeout: float = 5.0) -> None:
         """Let the child finish what it was sent, then end it."""
         answers, self._answers = self._answers, None
-        if answers is not None and not answers.lost:
+        if answers is not None and not answers.closed.done():
             answers.transport.write_eof()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(answers.closed), timeout)
@@ -285,14 +283,12 @@ class MaildirWriter:
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=1.0)
-            if self._proc.poll() is None:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
+        self._reap()
 
     def _reap(self) -> None:
+        """Kill the child if it still runs (its socket is gone: it cannot be told anything)."""
         if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()  # a child whose socket was lost: it cannot be told anything
+            self._proc.kill()
             self._proc.wait()
         self._proc = None
 
@@ -303,7 +299,7 @@ class _Answers(asyncio.Protocol):
     def __init__(self) -> None:
         self.waiters: dict[int, asyncio.Future[int]] = {}
         self.buf = bytearray()
-        self.lost = False
+        # Done once the connection is lost: the child is gone, a new one must be started.
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -329,7 +325,6 @@ class _Answers(asyncio.Protocol):
         del buf[:pos]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
         for waiter in self.waiters.values():
             if not waiter.done():
                 waiter.set_exception(OSError(errno.EIO, "the Maildir writer process exited"))
