@@ -13,6 +13,7 @@ See bench/README.md for the cases and what each number means.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -23,7 +24,7 @@ from types import FrameType
 
 from benchlib import cases, report
 from benchlib.proc import BenchError, Cleanup
-from benchlib.setup import HOSTS, bring_up
+from benchlib.setup import HOSTS, Lab, bring_up
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("smtp", "submission", "pop3", "relay")
@@ -75,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-write", action="store_true", help="do not write the report")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) // 2),
+        help="postroom's `workers` (default: one per two cores, as the README advises)",
+    )
+    parser.add_argument(
         "--postroom-cmd",
         default=None,
         help="command to run postroom (default: '<python> -m postroom' with src/ on PYTHONPATH)",
@@ -91,9 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_cases(args: argparse.Namespace, lab: object, results: report.Results) -> None:
+def run_cases(args: argparse.Namespace, lab: Lab, results: report.Results) -> None:
     opts = cases.Options(runs=args.runs, quick=args.quick)
-    assert isinstance(lab, cases.Lab)
     if "smtp" in args.groups:
         print("warm-up: 400 messages to each SMTP server, not measured", flush=True)
         cases.warm_up(lab, 80 if args.quick else 400)
@@ -130,6 +136,7 @@ def markdown(args: argparse.Namespace, results: report.Results, root: Path, star
         "",
         "- Every server on its own loopback address, its data under one temp tree on the "
         "filesystem above (no tmpfs unless `--dir` says so).",
+        f"- postroom runs with `workers = {args.workers}`.",
         "- Durability on everywhere: Postfix fsyncs the queue file before 250 and virtual(8) "
         "fsyncs the Maildir file; the aiosmtpd sink fsyncs file and directory before 250; "
         "postroom fsyncs the Maildir file (all-local mail) or its spool file, and the "
@@ -177,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wanted = set().union(*(NEEDS[g] for g in args.groups))
         wanted &= {s.strip() for s in args.servers.split(",")}
-        lab = bring_up(root, wanted, "relay" in args.groups, cleanup, args.postroom_cmd)
+        lab = bring_up(
+            root, wanted, "relay" in args.groups, cleanup, args.postroom_cmd, args.workers
+        )
         results.notes += [n for server in lab.servers.values() for n in server.notes]
         results.notes += [
             f"{name} did not start: {why.splitlines()[-1][:200]}"

@@ -39,6 +39,7 @@ class PostroomSpec:
     nameserver: str | None = None
     delivery_port: int | None = None
     services: tuple[str, ...] = ("smtp", "submission", "pop3")
+    workers: int = 1
 
 
 def command(override: str | None) -> list[str]:
@@ -54,13 +55,13 @@ def environment() -> dict[str, str]:
 
 def config_toml(spec: PostroomSpec) -> str:
     """The config: keys from the contract, plus ``[auth] allow_plaintext`` (for plaintext POP3)
-    and ``workers`` = the number of cores (Postfix and Dovecot use every core too)."""
+    and ``workers`` (``bench/run.py --workers``)."""
     host = spec.host
     lines = [
         f'hostname = "{spec.hostname}"',
         f'domains = ["{spec.domain}"]',
         f'data_dir = "{spec.root / "data"}"',
-        f"workers = {os.cpu_count() or 1}",
+        f"workers = {spec.workers}",
         "",
         "[listen]",
         *(f'{name} = ["{host}:{PORTS[name]}"]' for name in spec.services),

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,9 +75,16 @@ def start_sink(root: Path, cleanup: Cleanup) -> Server:
 
 
 def bring_up(
-    root: Path, wanted: set[str], relay: bool, cleanup: Cleanup, postroom_cmd: str | None
+    root: Path,
+    wanted: set[str],
+    relay: bool,
+    cleanup: Cleanup,
+    postroom_cmd: str | None,
+    workers: int | None = None,
 ) -> Lab:
-    """Start every server in ``wanted`` (plus the relay pair when ``relay``)."""
+    """Start every server in ``wanted`` (plus the relay pair when ``relay``); postroom with
+    ``workers`` worker processes (default: one per two cores)."""
+    workers = workers or max(1, (os.cpu_count() or 1) // 2)
     lab = Lab(root)
     busy = [
         f"{h}:{p}" for h in HOSTS.values() for p in (2525, 2587, 2110, DNS_PORT) if port_open(h, p)
@@ -147,6 +155,7 @@ def bring_up(
             key,
             nameserver=dns_addr,
             delivery_port=postroom.PORT_SMTP,
+            workers=workers,
         )
         _attempt(
             lab,
@@ -162,6 +171,7 @@ def bring_up(
                 cert,
                 key,
                 nameserver=dns_addr,
+                workers=workers,
             )
             _attempt(
                 lab,
