@@ -20,14 +20,23 @@ from postroom.delivery.local import LocalDelivery
 from postroom.queue.store import Envelope, Recipient
 from postroom.storage import files, maildir
 from postroom.storage import maildir_writer as writer_mod
-from postroom.storage.maildir_writer import BatchWriter, Job, MaildirWriter, decode_jobs, encode_job
+from postroom.storage.maildir_writer import (
+    BatchWriter,
+    Job,
+    JobReader,
+    MaildirWriter,
+    Target,
+    encode_job,
+)
 
 jobs_st = st.lists(
     st.tuples(
         st.integers(0, 2**32 - 1),
         st.text(min_size=1, max_size=40).filter(lambda t: "\0" not in t),
         st.text(min_size=1, max_size=40).filter(lambda t: "\0" not in t),
-        st.lists(st.binary(max_size=300), max_size=3),
+        st.binary(max_size=100),
+        st.binary(max_size=300),
+        st.booleans(),
         st.booleans(),
     ),
     max_size=5,
@@ -36,20 +45,27 @@ jobs_st = st.lists(
 
 @given(jobs_st, st.lists(st.integers(1, 400), max_size=8))
 def test_jobs_survive_any_split_of_the_stream(
-    jobs: list[tuple[int, str, str, list[bytes], bool]], cuts: list[int]
+    jobs: list[tuple[int, str, str, bytes, bytes, bool, bool]], cuts: list[int]
 ) -> None:
-    wire = b"".join(encode_job(i, b, n, parts, c) + b"".join(parts) for i, b, n, parts, c in jobs)
+    wire, expected, body = b"", [], b""
+    for i, (job_id, box, name, head, own_body, check, same) in enumerate(jobs):
+        same = same and i > 0  # the first job always carries a body
+        body = body if same else own_body
+        wire += encode_job(job_id, Target(box, name, head), len(body), check, same)
+        wire += b"" if same else body
+        expected.append(Job(job_id, box, name, head, body, check))
+    reader = JobReader()
     buf, got, pos = bytearray(), [], 0
     for size in [*cuts, len(wire)]:  # the stream arrives in arbitrary pieces
         buf += wire[pos : pos + size]
         pos += size
-        got += decode_jobs(buf)
+        got += reader.decode(buf)
     assert buf == bytearray()
-    assert got == [Job(i, b, n, b"".join(parts), c) for i, b, n, parts, c in jobs]
+    assert got == expected
 
 
 def job(i: int, box: Path, data: bytes = b"m\r\n", check: bool = False) -> Job:
-    return Job(i, str(box), f"{i}.Q{i}_0.h,S={len(data)},W={len(data)}", data, check)
+    return Job(i, str(box), f"{i}.Q{i}_0.h,S={len(data)},W={len(data)}", b"", data, check)
 
 
 def answers(raw: bytes) -> list[tuple[int, int, str]]:
@@ -97,7 +113,7 @@ def test_an_earlier_copy_is_found_in_new_or_cur(tmp_path: Path) -> None:
     box = tmp_path / "box"
     writer = BatchWriter()
     first = job(1, box)
-    again = Job(2, first.box, first.name, b"m\r\n", check_duplicate=True)  # after a crash
+    again = Job(2, first.box, first.name, b"", b"m\r\n", check_duplicate=True)  # after a crash
     assert answers(writer.run([first])) == [(1, 1, "")]
     assert answers(writer.run([again])) == [(2, 0, "")]
     os.rename(box / "new" / first.name, box / "cur" / (first.name + ":2,S"))  # read by a client
@@ -125,15 +141,26 @@ def envelope(i: int, rcpt: str) -> Envelope:
     )
 
 
+async def write_one(writer: MaildirWriter, box: str, name: str, data: bytes) -> bool:
+    (result,) = await writer.write([Target(box, name, b"")], data, False)
+    if isinstance(result, OSError):
+        raise result
+    return result
+
+
 def test_local_delivery_through_the_child_process(tmp_path: Path) -> None:
     local = LocalDelivery(tmp_path, "mx.x.test")
 
     async def main() -> None:
-        await asyncio.gather(
-            *(local.deliver(envelope(i, "u@x.test"), 0, "u@x.test", b"m\r\n") for i in range(50))
+        outcomes = await asyncio.gather(
+            *(
+                local.deliver(envelope(i, "u@x.test"), [(0, "u@x.test")], b"m\r\n")
+                for i in range(50)
+            )
         )
+        assert outcomes == [[None]] * 50
         big = b"x" * 998 + b"\r\n"
-        await local.deliver(envelope(99, "u@x.test"), 0, "u@x.test", big * 3000)
+        await local.deliver(envelope(99, "u@x.test"), [(0, "u@x.test")], big * 3000)
         await local.close()
 
     asyncio.run(main())
@@ -146,27 +173,57 @@ def test_local_delivery_through_the_child_process(tmp_path: Path) -> None:
     assert maildir.name_field(name, "S") == len(bodies[50])
 
 
+def test_the_body_crosses_once_for_many_recipients(tmp_path: Path) -> None:
+    local = LocalDelivery(tmp_path, "mx.x.test")
+    body = b"Subject: many\r\n\r\n" + b"y" * 100_000 + b"\r\n"
+    keys = [f"u{i}@x.test" for i in range(30)] + ["u0@x.test"]  # one twice, as aliases may
+    sent: list[int] = []
+
+    async def main() -> list[OSError | None]:
+        answers = await local.writer.start()
+        real = answers.transport.writelines
+
+        def writelines(data: list[bytes]) -> None:
+            sent.append(sum(len(d) for d in data))
+            real(data)
+
+        answers.transport.writelines = writelines  # type: ignore[method-assign]
+        try:
+            return await local.deliver(envelope(1, "u0@x.test"), list(enumerate(keys)), body)
+        finally:
+            await local.close()
+
+    assert asyncio.run(main()) == [None] * 31
+    assert len(sent) == 1 and len(body) < sent[0] < 2 * len(body)
+    for index, key in enumerate(keys):
+        new = tmp_path / "mail" / "x.test" / key.split("@")[0] / "new"
+        (path,) = (p for p in new.iterdir() if p.name.startswith(f"1800000000.Q000001_{index}."))
+        head = f"Return-Path: <s@x.test>\r\nDelivered-To: {key}\r\n".encode()
+        assert path.read_bytes() == head + body
+    assert len(os.listdir(tmp_path / "mail" / "x.test" / "u0" / "new")) == 2
+
+
 def test_a_child_that_dies_fails_its_jobs_and_is_replaced(tmp_path: Path) -> None:
     writer = MaildirWriter()
     box = str(tmp_path / "box")
 
     async def main() -> None:
-        assert await writer.write(box, "1.a", (b"one\r\n",), False)
+        assert await write_one(writer, box, "1.a", b"one\r\n")
         first = writer._proc
         assert first is not None
         os.kill(first.pid, signal.SIGSTOP)  # stuck: the next job waits in the socket
-        pending = asyncio.ensure_future(writer.write(box, "2.b", (b"two\r\n",), False))
+        pending = asyncio.ensure_future(write_one(writer, box, "2.b", b"two\r\n"))
         await asyncio.sleep(0.05)
         assert not pending.done()
         os.kill(first.pid, signal.SIGKILL)
         with pytest.raises(OSError, match="writer process exited"):
             await asyncio.wait_for(pending, 10)
         # The next job starts a new child, which writes it.
-        assert await writer.write(box, "3.c", (b"three\r\n",), False)
+        assert await write_one(writer, box, "3.c", b"three\r\n")
         assert writer._proc is not None and writer._proc.pid != first.pid
         assert first.poll() is not None  # the dead one was reaped
         with pytest.raises(OSError) as err:  # errors come back as OSError with their errno
-            await writer.write(str(tmp_path / "box" / "new" / "1.a"), "x", (b"",), False)
+            await write_one(writer, str(tmp_path / "box" / "new" / "1.a"), "x", b"")
         assert err.value.errno == errno.ENOTDIR
         await writer.close()
 
@@ -181,8 +238,7 @@ def test_close_lets_the_child_finish_what_it_was_sent(tmp_path: Path) -> None:
     async def main() -> list[bool]:
         await writer.start()
         jobs = [
-            asyncio.ensure_future(writer.write(box, f"{i}.n", (b"m\r\n",), False))
-            for i in range(20)
+            asyncio.ensure_future(write_one(writer, box, f"{i}.n", b"m\r\n")) for i in range(20)
         ]
         await asyncio.sleep(0)  # each job is sent to the child; none is answered yet
         assert not any(j.done() for j in jobs)
@@ -238,10 +294,10 @@ def test_the_child_dies_with_the_server(tmp_path: Path) -> None:
     # signal can end it when the server is killed.
     script = (
         "import asyncio, sys\n"
-        "from postroom.storage.maildir_writer import MaildirWriter\n"
+        "from postroom.storage.maildir_writer import MaildirWriter, Target\n"
         "async def main():\n"
         "    w = MaildirWriter()\n"
-        f"    await w.write({str(tmp_path / 'box')!r}, '1.a', (b'm',), False)  # it is serving\n"
+        f"    await w.write([Target({str(tmp_path / 'box')!r}, '1.a', b'')], b'm', False)\n"
         "    print(w._proc.pid, flush=True)\n"
         "    await asyncio.sleep(60)\n"
         "asyncio.run(main())\n"

@@ -8,11 +8,12 @@ Maildir writer process (:mod:`postroom.storage.maildir_writer`); names and heade
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from postroom.queue.store import Envelope
 from postroom.storage import maildir
-from postroom.storage.maildir_writer import MaildirWriter
+from postroom.storage.maildir_writer import MaildirWriter, Target
 
 BOX_CACHE = 10_000
 
@@ -37,16 +38,21 @@ class LocalDelivery:
     async def deliver(
         self,
         envelope: Envelope,
-        index: int,
-        key: str,
+        recipients: Sequence[tuple[int, str]],
         message: bytes,
         check_duplicate: bool = False,
-    ) -> None:
-        """Deliver to ``key``; returns once the message is durable in ``new/``; OSError if not."""
-        trace = f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {key}\r\n".encode()
-        size = len(trace) + len(message)
-        name = maildir.unique_name(int(envelope.created), envelope.id, index, self.hostname, size)
-        await self.writer.write(self._box(key), name, (trace, message), check_duplicate)
+    ) -> list[OSError | None]:
+        """Deliver to each (recipient index, address key); for each, once the message is
+        durable in ``new/``: None, or the OSError that kept it out."""
+        targets = []
+        for index, key in recipients:
+            head = f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {key}\r\n".encode()
+            size = len(head) + len(message)
+            created = int(envelope.created)
+            name = maildir.unique_name(created, envelope.id, index, self.hostname, size)
+            targets.append(Target(self._box(key), name, head))
+        results = await self.writer.write(targets, message, check_duplicate)
+        return [r if isinstance(r, OSError) else None for r in results]
 
     async def close(self) -> None:
         await self.writer.close()

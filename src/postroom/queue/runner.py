@@ -221,17 +221,16 @@ class QueueRunner:
 
         newly_failed: list[Recipient] = []
         newly_done: list[Recipient] = []
-        for index, rcpt in local:
-            try:
-                await self.local.deliver(
-                    envelope, index, rcpt.address, message, check_duplicate=recovering
-                )
-            except OSError as exc:
+        errors = await self.local.deliver(
+            envelope, [(i, r.address) for i, r in local], message, check_duplicate=recovering
+        )
+        for (_index, rcpt), error in zip(local, errors, strict=True):
+            if error is not None:
                 rcpt.status = "deferred"
-                rcpt.last_error = f"451 4.3.0 local delivery failed: {exc.strerror or exc}"
+                rcpt.last_error = f"451 4.3.0 local delivery failed: {error.strerror or error}"
                 changed = True
                 self.services.log.warning(
-                    "%s deferred to=<%s> via maildir: %s", envelope.id, rcpt.address, exc
+                    "%s deferred to=<%s> via maildir: %s", envelope.id, rcpt.address, error
                 )
                 continue
             rcpt.status = "delivered"
@@ -303,19 +302,13 @@ class QueueRunner:
         any delivery failed; the caller then spools the message for the recipients left, which
         the runner retries (delivered ones are marked done and not delivered again).
         """
-        results = await asyncio.gather(
-            *(
-                self.local.deliver(envelope, index, rcpt.address, message)
-                for index, rcpt in enumerate(envelope.recipients)
-            ),
-            return_exceptions=True,
+        errors = await self.local.deliver(
+            envelope, [(i, r.address) for i, r in enumerate(envelope.recipients)], message
         )
         ok = True
-        for rcpt, result in zip(envelope.recipients, results, strict=True):
-            if isinstance(result, BaseException):
-                if not isinstance(result, OSError):
-                    raise result
-                rcpt.last_error = f"451 4.3.0 local delivery failed: {result}"
+        for rcpt, error in zip(envelope.recipients, errors, strict=True):
+            if error is not None:
+                rcpt.last_error = f"451 4.3.0 local delivery failed: {error}"
                 ok = False
             else:
                 rcpt.status = "delivered"

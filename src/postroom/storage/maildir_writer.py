@@ -21,9 +21,11 @@ dies, the deliveries waiting on it fail with OSError: the message is queued and 
 as file names come from the queue id, a file that did land in ``new/`` is not linked a second
 time. The next job starts a new child.
 
-Wire format, little-endian. Job: ``<IBHHQ`` id, flags (1: check for an earlier copy), length
-of the Maildir path, of the file name and of the data, then those three. Answer: ``<IiH`` id,
-status (1 written, 0 already there, else ``-errno``), length of the error text, then the text.
+Wire format, little-endian. Job: ``<IBHHIQ`` id, flags (1: check for an earlier copy; 2: the
+body is the previous job's), lengths of the Maildir path, the file name, the head and the body,
+then those four (the body only without flag 2: a message for N recipients crosses once).
+Answer: ``<IiH`` id, status (1 written, 0 already there, else ``-errno``), length of the error
+text, then the text.
 """
 
 from __future__ import annotations
@@ -46,49 +48,71 @@ from typing import cast
 from postroom import lifetime, privileges
 from postroom.storage import files, maildir
 
-_JOB = struct.Struct("<IBHHQ")
+_JOB = struct.Struct("<IBHHIQ")
 _ANSWER = struct.Struct("<IiH")
 CHECK_DUPLICATE = 1
+SAME_BODY = 2  # the body is the previous job's: not sent again
 FSYNC_THREADS = 8
 _READ = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
+class Target:
+    """Where one copy goes: the Maildir, the file name, and the lines put before the body
+    (``Return-Path``, ``Delivered-To``: they differ between recipients)."""
+
+    box: str
+    name: str
+    head: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
-    """One message for one Maildir."""
+    """One message for one Maildir: ``head`` + ``body`` as ``new/name``."""
 
     id: int
     box: str
     name: str
-    data: bytes
+    head: bytes
+    body: bytes
     check_duplicate: bool
 
 
-def encode_job(job_id: int, box: str, name: str, parts: Sequence[bytes], check: bool) -> bytes:
-    """The header of a job; the data (``parts``) follows it on the wire as it is."""
-    box_b, name_b = os.fsencode(box), os.fsencode(name)
-    size = sum(len(p) for p in parts)
-    flags = CHECK_DUPLICATE if check else 0
-    return _JOB.pack(job_id, flags, len(box_b), len(name_b), size) + box_b + name_b
+def encode_job(job_id: int, target: Target, body_size: int, check: bool, same_body: bool) -> bytes:
+    """A job up to its body, which follows it on the wire unless ``same_body``."""
+    box_b, name_b = os.fsencode(target.box), os.fsencode(target.name)
+    flags = (CHECK_DUPLICATE if check else 0) | (SAME_BODY if same_body else 0)
+    header = _JOB.pack(job_id, flags, len(box_b), len(name_b), len(target.head), body_size)
+    return header + box_b + name_b + target.head
 
 
-def decode_jobs(buf: bytearray) -> list[Job]:
-    """The complete jobs at the start of ``buf``, which loses them; a partial one stays."""
-    jobs: list[Job] = []
-    pos, end = 0, len(buf)
-    while end - pos >= _JOB.size:
-        job_id, flags, box_len, name_len, size = _JOB.unpack_from(buf, pos)
-        start = pos + _JOB.size
-        stop = start + box_len + name_len + size
-        if stop > end:
-            break
-        box = os.fsdecode(bytes(buf[start : start + box_len]))
-        name = os.fsdecode(bytes(buf[start + box_len : start + box_len + name_len]))
-        data = bytes(buf[start + box_len + name_len : stop])
-        jobs.append(Job(job_id, box, name, data, bool(flags & CHECK_DUPLICATE)))
-        pos = stop
-    del buf[:pos]
-    return jobs
+class JobReader:
+    """The child's decoder: complete jobs from the stream, in order."""
+
+    def __init__(self) -> None:
+        self.body = b""  # the last body read: a SAME_BODY job's
+
+    def decode(self, buf: bytearray) -> list[Job]:
+        """The complete jobs at the start of ``buf``, which loses them; a partial one stays."""
+        jobs: list[Job] = []
+        pos, end = 0, len(buf)
+        while end - pos >= _JOB.size:
+            job_id, flags, box_len, name_len, head_len, body_len = _JOB.unpack_from(buf, pos)
+            start = pos + _JOB.size
+            head_at = start + box_len + name_len
+            body_at = head_at + head_len
+            stop = body_at if flags & SAME_BODY else body_at + body_len
+            if stop > end:
+                break
+            if not flags & SAME_BODY:
+                self.body = bytes(buf[body_at:stop])
+            box = os.fsdecode(bytes(buf[start : start + box_len]))
+            name = os.fsdecode(bytes(buf[start + box_len : head_at]))
+            head = bytes(buf[head_at:body_at])
+            jobs.append(Job(job_id, box, name, head, self.body, bool(flags & CHECK_DUPLICATE)))
+            pos = stop
+        del buf[:pos]
+        return jobs
 
 
 def encode_answer(job_id: int, status: int, text: str = "") -> bytes:
@@ -154,12 +178,12 @@ class BatchWriter:
         if job.check_duplicate and maildir.already_delivered(Path(job.box), job.name):
             return False
         try:
-            fd = maildir.write_unnamed(job.box, (job.data,))
+            fd = maildir.write_unnamed(job.box, (job.head, job.body))
         except FileNotFoundError:  # the Maildir was removed since we last saw it
             maildir.ensure(Path(job.box))
-            fd = maildir.write_unnamed(job.box, (job.data,))
+            fd = maildir.write_unnamed(job.box, (job.head, job.body))
         if fd is None:  # no O_TMPFILE here: the classic way, which fsyncs new/ itself
-            return maildir.deliver(job.box, job.name, (job.data,))
+            return maildir.deliver(job.box, job.name, (job.head, job.body))
         return fd
 
     @staticmethod
@@ -171,7 +195,7 @@ class BatchWriter:
             maildir.ensure(Path(job.box))
             linked = maildir.link_unnamed(fd, job.box, job.name)
         if linked is None:  # cannot link here after all (no /proc): the classic way
-            return maildir.deliver(job.box, job.name, (job.data,))
+            return maildir.deliver(job.box, job.name, (job.head, job.body))
         return None if linked else False
 
     def _fsync_all(self, fds: list[int]) -> list[OSError | None]:
@@ -205,13 +229,14 @@ def serve(fd: int, parent: int, run_as: tuple[int, int] | None = None) -> None:
     lifetime.die_with_parent(parent)
     sock = socket.socket(fileno=fd)
     writer = BatchWriter()
+    reader = JobReader()
     buf = bytearray()
     room = memoryview(bytearray(_READ))  # one buffer for every read: no allocation per call
     # What one read brings is the batch (jobs still incomplete wait for the next).
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the server is gone
         while size := sock.recv_into(room):
             buf += room[:size]
-            jobs = decode_jobs(buf)
+            jobs = reader.decode(buf)
             if jobs:
                 sock.sendall(writer.run(jobs))
 
@@ -226,18 +251,41 @@ class MaildirWriter:
         self._starting: asyncio.Future[_Answers] | None = None
         self._next_id = 0
 
-    async def write(self, box: str, name: str, parts: Sequence[bytes], check: bool) -> bool:
-        """Write ``parts`` durably as ``new/name`` in the Maildir ``box`` (made if missing).
+    async def write(
+        self, targets: Sequence[Target], body: bytes, check: bool
+    ) -> list[bool | OSError]:
+        """Write ``head + body`` durably as ``new/name`` for each target (Maildirs are made if
+        missing); the body crosses to the child once for all of them.
 
-        False if a file of that name was there already (``check``: in ``new/`` or ``cur/``,
-        a message delivered before a crash); OSError if the write failed.
+        For each target in order: True if written; False if a file of that name was there
+        already (``check``: in ``new/`` or ``cur/``, a message delivered before a crash); the
+        OSError if the write failed.
         """
+        if not targets:
+            return []
         answers = await self.start()
-        self._next_id = job_id = (self._next_id + 1) & 0xFFFFFFFF
-        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        answers.waiters[job_id] = waiter
-        answers.transport.writelines((encode_job(job_id, box, name, parts, check), *parts))
-        return await waiter == 1
+        loop = asyncio.get_running_loop()
+        waiters: list[asyncio.Future[int]] = []
+        wire: list[bytes] = []
+        for i, target in enumerate(targets):
+            self._next_id = job_id = (self._next_id + 1) & 0xFFFFFFFF
+            waiter: asyncio.Future[int] = loop.create_future()
+            answers.waiters[job_id] = waiter
+            waiters.append(waiter)
+            wire.append(encode_job(job_id, target, len(body), check, same_body=i > 0))
+            if i == 0:
+                wire.append(body)
+        answers.transport.writelines(wire)
+        results = await asyncio.gather(*waiters, return_exceptions=True)
+        out: list[bool | OSError] = []
+        for result in results:
+            if isinstance(result, OSError):
+                out.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                out.append(result == 1)
+        return out
 
     async def start(self) -> _Answers:
         """Start the child unless it runs. The server calls this before it drops root, since
