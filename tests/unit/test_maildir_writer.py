@@ -326,3 +326,29 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+def test_the_child_runs_with_the_servers_interpreter_options(tmp_path: Path) -> None:
+    # Started with -I the server ignores PYTHONPATH: so must its writer, or it could import
+    # another postroom than the server's.
+    script = (
+        "import asyncio\n"
+        "from postroom.storage.maildir_writer import MaildirWriter, Target\n"
+        "async def main():\n"
+        "    w = MaildirWriter()\n"
+        f"    print(await w.write([Target({str(tmp_path / 'box')!r}, '1.a', b'')], b'm', False))\n"
+        "    print(open(f'/proc/{w._proc.pid}/cmdline').read().split(chr(0)))\n"
+        "    await w.close()\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-X", "dev", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "elsewhere")},
+    )
+    assert out.returncode == 0, out.stderr
+    written, cmdline = out.stdout.splitlines()
+    assert written == "[True]"
+    assert "'-I', '-X', 'dev', '-m', 'postroom.storage.maildir_writer'" in cmdline

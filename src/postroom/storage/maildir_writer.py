@@ -13,13 +13,13 @@ That is Postfix's shape too (smtpd hands the message to another process), with o
 worker process.
 
 The child is ``python -m postroom.storage.maildir_writer FD PARENT_PID [UID GID]``: a fresh
-interpreter (no fork of a threaded server). The server starts it before it drops root (the
-interpreter may not be executable by the mail user), and the child then becomes that user
-itself. It ignores SIGINT/SIGTERM, finishes what it was sent and exits when the server's end of
-the socket closes (shutdown); if the server dies, the kernel kills it at once. If the child
-dies, the deliveries waiting on it fail with OSError: the message is queued and retried, and
-as file names come from the queue id, a file that did land in ``new/`` is not linked a second
-time. The next job starts a new child.
+interpreter (no fork of a threaded server), started with the server's interpreter options. The
+server starts it before it drops root (the interpreter may not be executable by the mail user),
+and the child then becomes that user itself. It ignores SIGINT/SIGTERM, finishes what it was
+sent and exits when the server's end of the socket closes (shutdown); if the server dies, the
+kernel kills it at once. If the child dies, the deliveries waiting on it fail with OSError: the
+message is queued and retried, and as file names come from the queue id, a file that did land
+in ``new/`` is not linked a second time. The next job starts a new child.
 
 Wire format, little-endian. Job: ``<IBHHIQ`` id, flags (1: check for an earlier copy; 2: the
 body is the previous job's), lengths of the Maildir path, the file name, the head and the body,
@@ -306,7 +306,8 @@ class MaildirWriter:
     async def _spawn(self) -> _Answers:
         self._reap()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        args = [sys.executable, "-m", __name__, str(theirs.fileno()), str(os.getpid())]
+        args = [sys.executable, *interpreter_flags(), "-m", __name__]
+        args += [str(theirs.fileno()), str(os.getpid())]
         if self.run_as is not None and os.getuid() == 0:
             args += [str(self.run_as[0]), str(self.run_as[1])]
         with theirs:
@@ -339,6 +340,24 @@ class MaildirWriter:
             self._proc.kill()
             self._proc.wait()
         self._proc = None
+
+
+def interpreter_flags() -> list[str]:
+    """This interpreter's options that decide what a child Python imports and how (``-I``,
+    ``-E``, ``-s``, ``-S``, ``-P``, ``-O``, ``-B``, ``-X``): a server started with ``-I``
+    must not get a writer that honours ``PYTHONPATH`` and imports another postroom."""
+    flags = sys.flags
+    args = ["-I"] if flags.isolated else []
+    if not flags.isolated:
+        args += ["-E"] if flags.ignore_environment else []
+        args += ["-s"] if flags.no_user_site else []
+        args += ["-P"] if flags.safe_path else []
+    args += ["-S"] if flags.no_site else []
+    args += ["-" + "O" * flags.optimize] if flags.optimize else []
+    args += ["-B"] if flags.dont_write_bytecode else []
+    for key, value in sys._xoptions.items():
+        args += ["-X", key if value is True else f"{key}={value}"]
+    return args
 
 
 class _Answers(asyncio.Protocol):
