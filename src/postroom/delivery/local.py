@@ -44,11 +44,10 @@ class LocalDelivery:
     ) -> list[OSError | None]:
         """Deliver to each (recipient index, address key); for each, once the message is
         durable in ``new/``: None, or the OSError that kept it out."""
-        targets = []
+        created, targets = int(envelope.created), []
         for index, key in recipients:
             head = f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {key}\r\n".encode()
             size = len(head) + len(message)
-            created = int(envelope.created)
             name = maildir.unique_name(created, envelope.id, index, self.hostname, size)
             targets.append(Target(self._box(key), name, head))
         results = await self.writer.write(targets, message, check_duplicate)
