@@ -102,6 +102,27 @@ def test_uidl_stable_dele_rset_top(srv: Server) -> None:
     assert len(stored(srv)) == 2
 
 
+def test_quit_then_close_still_deletes_everything(srv: Server) -> None:
+    # RFC 1939 §6: QUIT starts UPDATE; a client that closes without reading the +OK must not
+    # leave it half done (the maildrop and its lock were released under the running update).
+    md = srv.maildir("alice@a.test")
+    for i in range(400):  # enough that the update is still running when the close comes
+        (md / "new" / f"1800000000.M{i}.x,S=8,W=8").write_bytes(b"x: y\r\n\r\n")
+    pop = login(srv, "implicit")
+    count = pop.stat()[0]
+    pop.sock.sendall(b"".join(b"DELE %d\r\n" % n for n in range(2, count + 1)) + b"QUIT\r\n")
+    pop.file.close()
+    pop.sock.close()
+    deadline = time.monotonic() + 10
+    while len([*md.glob("new/*"), *md.glob("cur/*")]) != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(stored(srv)) == 1
+    pop = login(srv)  # and the lock was let go
+    assert pop.stat()[0] == 1
+    pop.quit()
+    assert "Traceback" not in srv.log.read_text()
+
+
 def test_second_login_is_in_use(srv: Server) -> None:
     first = login(srv)
     second = poplib.POP3_SSL(srv.host, srv.ports["pop3s"], context=insecure(), timeout=20)

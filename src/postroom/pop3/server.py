@@ -322,12 +322,17 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
             fh.close()
 
     async def _quit(self, proto: Pop3Protocol) -> None:
-        drop = self.drop
+        # RFC 1939 §6: once QUIT has come the UPDATE state runs to its end, also when the
+        # client closes without reading the +OK; so the maildrop (and its lock) is this
+        # task's now, not connection_lost's to release half-way.
+        drop, self.drop = self.drop, None
         if drop is None:
             proto.bye()
             return
-        failed = await self.services.store.io.run(drop.update)
-        self._release()
+        try:
+            failed = await self.services.store.io.run(drop.update)
+        finally:
+            drop.close()
         if failed:
             proto.bye(False, f"[SYS/TEMP] {failed} messages were not removed")
         else:
