@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import smtplib
 import subprocess
 import tempfile
@@ -111,6 +112,25 @@ def test_corrupt_queue_file_is_moved_aside(server_factory: ServerFactory) -> Non
     assert (srv.data_dir / "queue" / "corrupt" / "0BADBADBADBAD").exists()
     assert not (qdir / "0BADBADBADBAD").exists()
     assert "corrupt queue file" in srv.log.read_text()
+
+
+def test_sighup_adds_a_local_domain_to_the_queue_too(server_factory: ServerFactory) -> None:
+    # The queue runner kept the configuration it started with: after a SIGHUP that added a
+    # domain, RCPT accepted mail for it and the runner then looked up its MX as a remote one.
+    srv = server_factory(domains=("a.test",), services=("smtp",))
+    text = srv.config.read_text()
+    srv.config.write_text(text.replace('domains = ["a.test"]', 'domains = ["a.test", "b.test"]'))
+    srv.add_user("carol@b.test")
+    assert srv.proc is not None
+    srv.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "configuration reloaded" not in srv.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Over 1 MiB: through the spool and the queue runner, not the direct Maildir write.
+    body = b"Subject: new domain\r\n\r\n" + b"x" * 1000 + b"\r\n"
+    with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+        c.sendmail("x@r.test", ["carol@b.test"], body * 1100)
+    assert len(srv.wait_messages("carol@b.test", 1)) == 1
 
 
 def test_drops_root_to_configured_user(tmp_path: Path) -> None:

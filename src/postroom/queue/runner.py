@@ -35,6 +35,7 @@ from postroom.storage.maildir_writer import MaildirWriter
 
 if TYPE_CHECKING:
     from postroom.app import Services
+    from postroom.config import Config
 
 
 def domain_of(address: str) -> str:
@@ -46,17 +47,18 @@ class QueueRunner:
 
     def __init__(self, services: Services) -> None:
         self.services = services
-        self.cfg = services.cfg
         self.store = services.store
         self.local = LocalDelivery(
-            self.cfg.data_dir, self.cfg.hostname, MaildirWriter(privileges.target_ids(self.cfg))
+            services.cfg.data_dir,
+            services.cfg.hostname,
+            MaildirWriter(privileges.target_ids(services.cfg)),
         )
         self._heap: list[tuple[float, str]] = []
         self._next: dict[str, float] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._recovered: set[str] = set()
         self._wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(self.cfg.delivery.max_concurrent)
+        self._slots = asyncio.Semaphore(services.cfg.delivery.max_concurrent)
         self._stopping = False
         self._remote: RemoteDelivery | None = None
         self._destinations: dict[str, asyncio.Semaphore] = {}
@@ -314,12 +316,18 @@ class QueueRunner:
                 rcpt.status = "delivered"
         return ok
 
+    @property
+    def cfg(self) -> Config:
+        """The configuration now: SIGHUP replaces it (a domain added is local from then on)."""
+        return self.services.cfg
+
     def is_local(self, address: str) -> bool:
         return self.cfg.is_local_domain(domain_of(address))
 
     def _remote_delivery(self) -> RemoteDelivery:
-        if self._remote is None:
-            self._remote = RemoteDelivery(self.cfg, DnsResolver(self.cfg.dns))
+        cfg = self.cfg
+        if self._remote is None or self._remote.cfg is not cfg:  # new after a reload
+            self._remote = RemoteDelivery(cfg, DnsResolver(cfg.dns))
         return self._remote
 
     async def _deliver_remote(
