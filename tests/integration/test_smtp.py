@@ -106,6 +106,21 @@ def test_aliases_expand_at_rcpt(srv: Server) -> None:
     assert len(srv.wait_messages("bob@b.test", 1)) == 1
 
 
+def test_an_alias_loop_is_refused_at_rcpt(srv: Server) -> None:
+    # It was accepted with no recipient left, and the message went nowhere.
+    srv.cli("alias", "add", "loop1@a.test", "loop2@a.test")
+    srv.cli("alias", "add", "loop2@a.test", "loop1@a.test")
+    srv.cli("alias", "add", "copy@a.test", "copy@a.test", "loop1@a.test", "alice@a.test")
+    with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+        c.ehlo()
+        c.mail("x@r.test")
+        assert c.rcpt("loop1@a.test")[0] == 550
+        assert c.rcpt("copy@a.test")[0] == 250  # loops inside a wider alias are skipped
+        c.data(b"Subject: copy\r\n\r\nx\r\n")
+    assert len(srv.wait_messages("alice@a.test", 1)) == 1
+    assert len(srv.wait_messages("copy@a.test", 1)) == 1
+
+
 def test_raw_pipelining_and_bdat(srv: Server) -> None:
     with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) as s:
         f = s.makefile("rb")

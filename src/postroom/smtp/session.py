@@ -135,6 +135,9 @@ class SmtpSession:
                 if addr.local.lower() != "postmaster":
                     return replies.USER_UNKNOWN
                 targets = [key]
+            if not targets:
+                self.services.log.warning("alias loop at %s: refused", key)
+                return replies.ALIAS_LOOP
             original = str(addr) if targets != [key] else None
             for target in targets:
                 self._add_recipient(
