@@ -74,6 +74,12 @@ def test_queue_commands_on_empty_queue(cfg: Path) -> None:
     assert run_cli("queue", "show", "NOPE", config=cfg, check=False).returncode == 1
     assert run_cli("queue", "delete", "NOPE", config=cfg, check=False).returncode == 1
     assert run_cli("queue", "flush", config=cfg).returncode == 0
+    # An id is never a path: these named the account store and a file outside the data dir.
+    victim = cfg.parent / "data" / "victim.txt"  # data_dir/queue/msg/../../victim.txt
+    victim.write_text("keep me")
+    for bad in ("../../victim.txt", "../../../data/victim.txt", "..", ""):
+        assert run_cli("queue", "delete", bad, config=cfg, check=False).returncode == 1
+    assert victim.read_text() == "keep me"
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,13 @@ def new_queue_id(now: float | None = None) -> str:
     return f"{micros:014X}{os.getpid() & 0xFFFFFF:06X}{next(_ID_SEQUENCE) & 0xFFFF:04X}"
 
 
+def _check_id(queue_id: str) -> None:
+    """QueueError unless ``queue_id`` could be one of :func:`new_queue_id`'s (letters and
+    digits only, so never a path such as ``../accounts.sqlite``)."""
+    if not (queue_id.isascii() and queue_id.isalnum()):
+        raise QueueError(f"no such message {queue_id}")
+
+
 @dataclass
 class Recipient:
     """One envelope recipient and where its delivery stands."""
@@ -307,8 +314,7 @@ class QueueStore:
 
     def load(self, queue_id: str) -> Envelope:
         """The envelope with its current state; QueueError if missing or unreadable."""
-        if not queue_id.isalnum():
-            raise QueueError(f"no such message {queue_id}")
+        _check_id(queue_id)
         path = self.msg_dir / queue_id
         try:
             with open(path, "rb") as fh:
@@ -374,6 +380,7 @@ class QueueStore:
 
     def remove(self, queue_id: str) -> None:
         """Forget a message whose every recipient is done (or that the admin deleted)."""
+        _check_id(queue_id)  # an id from the CLI must not name a path
         try:
             os.unlink(self.msg_dir / queue_id)
         except FileNotFoundError:
