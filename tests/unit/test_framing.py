@@ -5,7 +5,14 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from postroom.smtp.framing import TOO_LONG, DotReader, LineReader, dot_stuff, to_crlf
+from postroom.smtp.framing import (
+    TOO_LONG,
+    DotReader,
+    LineEndCheck,
+    LineReader,
+    dot_stuff,
+    to_crlf,
+)
 
 
 def read_all_data(stream: bytes, chunks: list[int] | None = None) -> tuple[bytes, bool, bytes]:
@@ -126,3 +133,16 @@ def test_line_reader_discards_overlong_across_feeds() -> None:
 def test_to_crlf() -> None:
     assert to_crlf(b"a\nb\r\nc\n") == b"a\r\nb\r\nc\r\n"
     assert to_crlf(b"a\r\n") == b"a\r\n"
+
+
+@given(st.binary(max_size=200), st.lists(st.integers(0, 200), max_size=6))
+def test_line_end_check_agrees_with_the_whole_message(data: bytes, cuts: list[int]) -> None:
+    # However the BDAT chunks split it, the verdict is the one on the whole message.
+    check = LineEndCheck()
+    pos = 0
+    for cut in sorted(cuts):
+        check.feed(data[pos:cut])
+        pos = max(pos, cut)
+    check.feed(data[pos:])
+    crlf = data.count(b"\r\n")
+    assert check.finish() == (data.count(b"\n") != crlf or data.count(b"\r") != crlf)

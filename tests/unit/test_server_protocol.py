@@ -160,6 +160,36 @@ def test_bdat() -> None:
     assert h.messages == [b"hello world\r\n"]
 
 
+def test_bdat_with_bare_cr_is_rejected_like_data() -> None:
+    # Stored, it would be relayed with DATA: "\r.\r\n" could end it early at a next hop.
+    body = b"Subject: s\r\n\r\nhello\r.\r\nMAIL FROM:<evil@x.test>\r\n"
+    h = Harness()
+    out = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
+        + b"BDAT %d LAST\r\n" % len(body)
+        + body
+        + b"NOOP\r\n"
+    )
+    assert codes(out) == ["250", "250", "250", "550", "250"]
+    assert h.messages == []
+
+
+def test_bdat_crlf_split_between_chunks_is_fine() -> None:
+    h = Harness()
+    out = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
+        b"BDAT 4\r\nab\r\rBDAT 3 LAST\r\n\ncd"  # "ab\r\r" + "\ncd": one bare CR
+    )
+    assert codes(out)[-1] == "550"
+    h = Harness()
+    out = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
+        b"BDAT 3\r\nab\rBDAT 5 LAST\r\n\ncd\r\n"
+    )
+    assert codes(out) == ["250", "250", "250", "250", "250"]
+    assert h.messages == [b"ab\r\ncd\r\n"]
+
+
 def test_bdat_refused_still_consumes_its_octets() -> None:
     h = Harness()
     out = h.send(b"EHLO c\r\nBDAT 12 LAST\r\nNOOP\r\nQUIT\r\nNOOP\r\n")

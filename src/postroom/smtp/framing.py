@@ -10,7 +10,8 @@ framing written twice). The rules:
   second one (RFC 5321 §2.3.8; the 2023 "SMTP smuggling" attacks). Bare CR/LF in the data are
   reported (``DataChunk.bare``) so that the policy can reject the message.
 * Dot-stuffing (RFC 5321 §4.5.2): a leading "." of a data line is removed on input and added on
-  output. BDAT chunks (RFC 3030) are counted, never stuffed.
+  output. BDAT chunks (RFC 3030) are counted, never stuffed, and checked for bare CR/LF like
+  DATA (:class:`LineEndCheck`): what is stored may be relayed with DATA to a next hop.
 
 The readers work on whole blocks of complete lines with bytes methods implemented in C
 (find, replace, count), not line by line: this is the hot path of every message.
@@ -138,6 +139,34 @@ class DotReader:
         # RFC 5321 §4.5.2: remove the first "." of every line that starts with one.
         data = content.replace(b"\r\n.", b"\r\n")[offset:]
         return DataChunk(data, bare)
+
+
+class LineEndCheck:
+    """Finds a CR or LF outside a CRLF pair in data that arrives in arbitrary pieces (the BDAT
+    chunks of one message: a pair may be split between two)."""
+
+    def __init__(self) -> None:
+        self.bare = False
+        self._cr_pending = False  # the last piece ended with a CR: its LF may come next
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._cr_pending:
+            if data.startswith(b"\n"):
+                data = data[1:]
+            else:
+                self.bare = True
+        self._cr_pending = data.endswith(b"\r")
+        if self._cr_pending:
+            data = data[:-1]
+        crlf = data.count(b"\r\n")
+        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+            self.bare = True
+
+    def finish(self) -> bool:
+        """True if the whole message had a bare CR or LF (a CR at its very end too)."""
+        return self.bare or self._cr_pending
 
 
 class CountedReader:

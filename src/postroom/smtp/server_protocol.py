@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from postroom.smtp import commands, replies
 from postroom.smtp.commands import Auth, Bdat, CommandError, Hello, Mail, Rcpt, Simple
-from postroom.smtp.framing import TOO_LONG, CountedReader, DotReader, LineReader
+from postroom.smtp.framing import TOO_LONG, CountedReader, DotReader, LineEndCheck, LineReader
 from postroom.smtp.replies import Reply
 
 
@@ -174,6 +174,7 @@ class _Transaction:
     bare: bool = False
     started: bool = False
     smtputf8: bool = False
+    line_ends: LineEndCheck = field(default_factory=LineEndCheck)  # BDAT's bare CR/LF
 
 
 @dataclass
@@ -574,6 +575,7 @@ class ServerProtocol:
         event: Event | None = None
         if data and self._bdat_discard is None:
             txn.size += len(data)
+            txn.line_ends.feed(data)
             if txn.size > self.features.size_limit:
                 txn.too_big = True
             elif not txn.too_big:
@@ -601,6 +603,8 @@ class ServerProtocol:
             return None
         if txn.too_big:
             return self._abort(replies.MESSAGE_TOO_BIG)
+        if txn.line_ends.finish():  # as DATA: RFC 5321 §2.3.8, and no smuggling onward
+            return self._abort(replies.BARE_LF_DATA)
         return MessageEnd()
 
     def _abort(self, reply: Reply) -> Event:
