@@ -121,6 +121,25 @@ def test_an_alias_loop_is_refused_at_rcpt(srv: Server) -> None:
     assert len(srv.wait_messages("copy@a.test", 1)) == 1
 
 
+def test_success_dsn_to_a_local_sender_follows_its_aliases(srv: Server) -> None:
+    # A DSN went to a Maildir named after the sender's local part, whoever it was: an alias
+    # sender's user never saw it, and anyone could make Maildirs (or a retry loop, with a
+    # local part no directory may have) by sending from made-up local addresses.
+    srv.cli("alias", "add", "sales@a.test", "alice@a.test")
+    for sender in ("sales@a.test", "ghost@a.test", '"a/b"@a.test'):
+        with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+            c.ehlo()
+            c.mail(sender)
+            assert c.rcpt("alice@a.test", ["NOTIFY=SUCCESS"])[0] == 250
+            assert c.data(b"Subject: dsn please\r\n\r\nx\r\n")[0] == 250
+    msgs = srv.wait_messages("alice@a.test", 4)  # three messages and the one DSN to sales@
+    assert sum(b"multipart/report" in m for m in msgs) == 1
+    time.sleep(0.5)
+    assert sorted(p.name for p in (srv.data_dir / "mail" / "a.test").iterdir()) == ["alice"]
+    assert srv.cli("queue", "list").stdout == ""
+    assert srv.log.read_text().count("no DSN: the local sender") == 2
+
+
 def test_raw_pipelining_and_bdat(srv: Server) -> None:
     with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) as s:
         f = s.makefile("rb")

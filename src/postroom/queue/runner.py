@@ -395,6 +395,14 @@ class QueueRunner:
                 if local or id(r) in self._relayed:
                     successes.append(_dsn_recipient(r, "delivered" if local else "relayed", now))
                 self._relayed.discard(id(r))
+        report_to = self._report_to(envelope.sender)
+        if (failures or successes) and not report_to:
+            self.services.log.warning(
+                "%s: no DSN: the local sender <%s> is no user or alias here",
+                envelope.id,
+                envelope.sender,
+            )
+            return
         for group in (failures, successes):
             if not group:
                 continue
@@ -412,7 +420,7 @@ class QueueRunner:
             bounce = Envelope(
                 id=new_queue_id(),
                 sender="",
-                recipients=[Recipient(envelope.sender)],
+                recipients=[Recipient(r.address) for r in report_to],
                 created=now,
                 is_bounce=True,
                 smtputf8=not envelope.sender.isascii(),
@@ -422,6 +430,19 @@ class QueueRunner:
                 "%s: DSN %s queued for <%s>", envelope.id, bounce.id, envelope.sender
             )
             self._start(bounce)
+
+    def _report_to(self, sender: str) -> list[Recipient]:
+        """Where a DSN for ``sender`` goes. A remote sender gets it; a local one through its
+        aliases, like any local recipient. A local address that is no user or alias was made
+        up (anyone may send from it to the MX port): nobody, and no Maildir is made for it."""
+        if not self.is_local(sender):
+            return [Recipient(sender)]
+        local, _, domain = sender.rpartition("@")
+        key = f"{local.lower()}@{domain}"
+        targets = self.services.accounts.expand(key)
+        if targets is None and local.lower() == "postmaster":
+            targets = [key]  # always accepted (CONTRACT.md "Accounts"): so is its mail
+        return [Recipient(t) for t in targets or []]
 
 
 _STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
