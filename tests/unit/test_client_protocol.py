@@ -438,3 +438,17 @@ def test_module_is_pure() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module.split(".")[0])
     assert not names & {"asyncio", "socket", "os", "ssl"}
+
+
+def test_552_to_rcpt_is_temporary_and_552_at_end_of_data_is_not() -> None:
+    # RFC 5321 §4.5.3.1.10: a 552 to RCPT means "too many recipients"; try the rest later.
+    engine = ready_engine()
+    engine.send_message(msg("bob@b.test", "carol@b.test"), DATA)
+    engine.receive_data(b"250 2.1.0 ok\r\n")
+    engine.receive_data(b"250 2.1.5 ok\r\n")
+    engine.receive_data(b"552 5.5.3 Too many recipients\r\n")
+    engine.receive_data(b"354 go ahead\r\n")
+    engine.data_to_send()
+    engine.receive_data(b"552 5.3.4 Message too big\r\n")
+    done = [e for e in events(engine) if isinstance(e, MessageDone)]
+    assert [r.outcome for r in done[0].results] == [Outcome.PERMANENT, Outcome.TEMPORARY]

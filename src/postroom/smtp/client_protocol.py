@@ -554,15 +554,20 @@ class ClientEngine:
         for i, rcpt in enumerate(txn.message.recipients):
             if i in txn.results:
                 continue
+            outcome = None
             if mail is not None and mail.code != 250:
                 reply = mail  # RFC 2920 §3.1: RCPT replies after a failed MAIL mean nothing
             else:
                 reply = txn.rcpt_replies.get(i) or _local(451, "4.3.0", "no reply received")
+                if reply.code == 552:
+                    # RFC 5321 §4.5.3.1.10: 552 to RCPT is "too many recipients", which
+                    # clients SHOULD treat as temporary: the rest go in a later transaction.
+                    outcome = Outcome.TEMPORARY
             if 200 <= reply.code < 300:  # accepted at RCPT but no DATA result: cannot happen
                 reply = _local(451, "4.3.0", "transaction ended without a DATA reply")
             if 300 <= reply.code < 400:
                 reply = _local(451, "4.5.0", f"unexpected reply {reply}")
-            txn.results[i] = RecipientResult(rcpt, _outcome(reply), reply)
+            txn.results[i] = RecipientResult(rcpt, outcome or _outcome(reply), reply)
         ordered = tuple(txn.results[i] for i in range(len(txn.message.recipients)))
         self._events.append(MessageDone(ordered, "DSN" in self.extensions))
 
