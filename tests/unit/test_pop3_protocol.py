@@ -249,6 +249,9 @@ def test_capa_lists_exactly_what_works() -> None:
     # STLS is gone once TLS is active, and RFC 2595 §4: STLS then gets -ERR.
     out, _ = run(tls, b"STLS\r\n")
     assert out.startswith(b"-ERR")
+    out, _ = run(tls, b"USER u@a.test\r\nPASS pw\r\nCAPA\r\n")  # logged in: no login means
+    caps = out.split(b"+OK Capability list follows\r\n")[1].split(b"\r\n")[:-2]
+    assert b"USER" not in caps and not any(c.startswith(b"SASL") for c in caps)
 
 
 def test_sasl_exchange_in_the_engine() -> None:
@@ -270,15 +273,16 @@ def test_sasl_exchange_in_the_engine() -> None:
 
 def test_sasl_cancel_bad_base64_and_unknown_mechanism() -> None:
     p = Pop3Protocol(Features())
-    for line in (b"*", b"!!notbase64"):
+    for line in (b"*", b"!!notbase64", b"A" * 20_000):  # RFC 5034 §4: each ends AUTH
         p.receive_data(b"AUTH LOGIN\r\n")
         assert p.next_event() == AuthStart("LOGIN", None)
         p.auth_challenge(b"Username:")
         p.receive_data(line + b"\r\n")
         assert p.next_event() is NEED_DATA and p.state is State.AUTHORIZATION
     out = p.data_to_send()
-    assert out.count(b"+ VXNlcm5hbWU6\r\n") == 2
+    assert out.count(b"+ VXNlcm5hbWU6\r\n") == 3
     assert b"-ERR Authentication cancelled" in out and b"-ERR Invalid base64" in out
+    assert b"-ERR Line too long" in out
     out, events = run(p, b"AUTH CRAM-MD5\r\nAUTH PLAIN a b\r\nAUTH PLAIN @@\r\nAUTH\r\n")
     assert not events and out.count(b"-ERR") == 3
     assert out.endswith(b"+OK\r\nPLAIN\r\nLOGIN\r\nSCRAM-SHA-256\r\n.\r\n")

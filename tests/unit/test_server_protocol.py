@@ -234,6 +234,15 @@ def test_auth_exchange_and_cancel() -> None:
     assert proto.next_event() is NEED_DATA
     assert proto.data_to_send().startswith(b"501")
     assert proto.state is State.READY
+    # RFC 4954 §4: a line too long fails AUTH too; what follows is a command, not SASL data.
+    proto.receive_data(b"AUTH LOGIN\r\n")
+    ev = proto.next_event()
+    assert isinstance(ev, AuthStart)
+    proto.auth_challenge(b"Username:")
+    proto.receive_data(b"A" * 20_000 + b"\r\nNOOP\r\n")
+    assert proto.next_event() is NEED_DATA
+    assert proto.data_to_send().endswith(b"500 5.5.6 Line too long\r\n250 2.0.0 OK\r\n")
+    assert proto.state is State.READY
 
 
 def test_too_many_recipients() -> None:

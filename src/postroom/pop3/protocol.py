@@ -229,6 +229,9 @@ class Pop3Protocol:
             if line is None:
                 return NEED_DATA
             if line is TOO_LONG:
+                if self.state is State.SASL:
+                    # RFC 5034 §4: the -ERR ends AUTH; the next line is a command again.
+                    self.state = State.AUTHORIZATION
                 event = self._error("Line too long")
             else:
                 assert isinstance(line, bytes)
@@ -263,7 +266,7 @@ class Pop3Protocol:
             "PIPELINING",
             "IMPLEMENTATION postroom",
         ]
-        if f.login_allowed:
+        if f.login_allowed and self.state is State.AUTHORIZATION:
             # RFC 6856 §2: "UTF8 USER" = UTF-8 user names and passwords work with USER/PASS.
             caps += ["UTF8 USER", "USER"]
             if f.sasl:

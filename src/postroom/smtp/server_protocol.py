@@ -238,6 +238,9 @@ class ServerProtocol:
                 if line is None:
                     return NEED_DATA
                 if line is TOO_LONG:
+                    if self.state is State.AUTH:
+                        # RFC 4954 §4: the 5xx fails AUTH; the next line is a command again.
+                        self.state = State.READY
                     event = self._error(replies.LINE_TOO_LONG)
                 else:
                     assert isinstance(line, bytes)
