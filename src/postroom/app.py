@@ -103,15 +103,22 @@ class Services:
     primary: bool = True  # the worker that owns the queue runner and the control socket
     worker_index: int = 0
 
-    async def check_password(self, login: str, password: str) -> str | None:
-        """The account key if the password is right (argon2, in a worker thread)."""
-        loop = asyncio.get_running_loop()
-        key: str | None = await loop.run_in_executor(
-            self.cpu_executor, self.accounts.verify_password, login, password
-        )
+    async def check_password(self, ip: str, login: str, password: str) -> str | None:
+        """The account key if the password is right (argon2, in a worker thread). None without
+        a check while ``ip`` is locked out, counting the checks already running."""
+        if self.throttle.refused(ip):
+            return None
+        with self.throttle.checking(ip):
+            loop = asyncio.get_running_loop()
+            key: str | None = await loop.run_in_executor(
+                self.cpu_executor, self.accounts.verify_password, login, password
+            )
         return key
 
-    def scram_keys(self, login: str) -> ScramKeys | None:
+    def scram_keys(self, ip: str, login: str) -> ScramKeys | None:
+        """None (as for an unknown user) while ``ip`` is locked out."""
+        if self.throttle.refused(ip):
+            return None
         found = self.accounts.scram_keys(login)
         return found[1] if found else None
 

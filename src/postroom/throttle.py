@@ -3,15 +3,19 @@
 Failures are counted per client IP and per account, and forgotten ``lockout_time`` after the
 last one. A failed login is answered after a delay that grows with the failures (so guessing is
 slow); an IP with ``lockout_failures`` recent failures is refused before its password is even
-checked (454 4.7.0 / -ERR [SYS/TEMP]). Per-account counts only ever add delay to *failures*:
+checked (454 4.7.0 / -ERR [SYS/TEMP]). Checks still running count as failures until they
+end, so that many connections guessing at once cannot all pass the test before the first of
+them fails; and a success does not wipe the IP's count (an attacker with an account of their
+own could otherwise log in between guesses). Per-account counts only ever add delay to *failures*:
 a correct password is never delayed or refused because of an account's history, so an attacker
 cannot lock a real user out; and the answers are the same whether or not the account exists.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from postroom.config import AuthConfig
@@ -34,6 +38,7 @@ class LoginThrottle:
     clock: Callable[[], float] = time.monotonic
     _by_ip: dict[str, _Count] = field(default_factory=dict)
     _by_account: dict[str, _Count] = field(default_factory=dict)
+    _checking: dict[str, int] = field(default_factory=dict)  # IP -> password checks running
 
     def _get(self, table: dict[str, _Count], key: str) -> int:
         entry = table.get(key)
@@ -46,7 +51,20 @@ class LoginThrottle:
 
     def refused(self, ip: str) -> bool:
         """True if this IP must be turned away without checking its password."""
-        return self._get(self._by_ip, ip) >= self.cfg.lockout_failures
+        running = self._checking.get(ip, 0)
+        return self._get(self._by_ip, ip) + running >= self.cfg.lockout_failures
+
+    @contextlib.contextmanager
+    def checking(self, ip: str) -> Iterator[None]:
+        """Around one password check of ``ip`` (entered right after :meth:`refused`, with no
+        await between them): counted by :meth:`refused` while it runs."""
+        self._checking[ip] = self._checking.get(ip, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._checking.pop(ip) - 1
+            if left:
+                self._checking[ip] = left
 
     def failure(self, ip: str, account: str | None) -> float:
         """Record a failure; returns how long to wait before answering it."""
@@ -62,6 +80,3 @@ class LoginThrottle:
             worst = max(worst, count)
         extra = max(0, worst - self.cfg.free_failures)
         return float(min(MAX_DELAY, self.cfg.failure_delay * 2.0 ** min(extra, 8)))
-
-    def success(self, ip: str) -> None:
-        self._by_ip.pop(ip, None)

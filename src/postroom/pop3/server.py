@@ -11,6 +11,7 @@ same way for an unknown user and a wrong password.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
 from typing import TYPE_CHECKING
@@ -345,9 +346,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         if services.throttle.refused(self.client_ip):
             proto.login_failed("Too many failed logins, try again later", "SYS/TEMP")
             return
-        key = await asyncio.get_running_loop().run_in_executor(
-            services.cpu_executor, services.accounts.verify_password, user, password
-        )
+        key = await services.check_password(self.client_ip, user, password)
         if key is None:
             await self._failed(proto, user)
             return
@@ -378,7 +377,6 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
             return
         self.drop = drop
         self.user = key
-        self.services.throttle.success(self.client_ip)
         count, size = drop.stat()
         self.services.log.info(
             "pop3 login user=%s client=%s messages=%d", key, self.client_ip, count
@@ -397,7 +395,10 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
             assert self._mech is not None
             step = self._mech.step(event.data)
         step = await sasl.settle(
-            self._mech, step, self.services.check_password, self.services.scram_keys
+            self._mech,
+            step,
+            functools.partial(self.services.check_password, self.client_ip),
+            functools.partial(self.services.scram_keys, self.client_ip),
         )
         if isinstance(step, sasl.Challenge):
             proto.auth_challenge(step.data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import email.utils
+import functools
 import re
 import time
 from dataclasses import dataclass, field
@@ -284,7 +285,10 @@ class SmtpSession:
             assert self._mech is not None
             step = self._mech.step(event.data)
         step = await sasl.settle(
-            self._mech, step, self.services.check_password, self.services.scram_keys
+            self._mech,
+            step,
+            functools.partial(self.services.check_password, self.client_ip),
+            functools.partial(self.services.scram_keys, self.client_ip),
         )
         if isinstance(step, sasl.Challenge):
             proto.auth_challenge(step.data)
@@ -297,7 +301,6 @@ class SmtpSession:
                 return
             self._mech = None
             self.auth_user = parse_user_address(step.username).key
-            self.services.throttle.success(self.client_ip)
             self.services.log.info("auth ok user=%s client=%s", self.auth_user, self.client_ip)
             proto.auth_finish(replies.AUTH_OK)
             return
