@@ -259,6 +259,23 @@ def test_too_many_errors_closes() -> None:
     assert h.proto.state is State.CLOSED
 
 
+def test_non_ascii_keyword_values_are_syntax_errors() -> None:
+    # SIZE=\u00b2 crashed the session (int() refused what isdigit() had let through), and
+    # Arabic-Indic digits were read as a size; NOTIFY with a long s passed as SUCCESS.
+    for size in ("\u00b2", "\u0661\u0662"):
+        line = f"MAIL FROM:<a@b.test> SMTPUTF8 SIZE={size}"
+        h = Harness()
+        out = h.send(b"EHLO c\r\n" + line.encode() + b"\r\n")
+        assert codes(out) == ["250", "501"]
+    h = Harness()
+    out = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.test> SMTPUTF8\r\n"
+        + "RCPT TO:<x@y.test> NOTIFY=\u017fuccess\r\n".encode()
+        + "BDAT \u0661 LAST\r\n".encode()
+    )
+    assert codes(out) == ["250", "250", "501", "500"]
+
+
 def test_unknown_mail_parameter() -> None:
     h = Harness()
     out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test> FOO=BAR\r\n")

@@ -181,7 +181,8 @@ def parse(line: bytes, *, smtputf8: bool = False) -> Command:
         return Rcpt(rcpt, params)
     if verb == "BDAT":
         parts = rest.split()
-        if not parts or len(parts) > 2 or not parts[0].isdigit() or len(parts[0]) > 12:
+        size = parts[0] if parts else ""
+        if len(parts) > 2 or not (size.isascii() and size.isdigit()) or len(size) > 12:
             raise CommandError(replies.PARAM_SYNTAX)
         if len(parts) == 2 and parts[1].upper() != "LAST":
             raise CommandError(replies.PARAM_SYNTAX)
