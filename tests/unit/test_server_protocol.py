@@ -276,6 +276,15 @@ def test_non_ascii_keyword_values_are_syntax_errors() -> None:
     assert codes(out) == ["250", "250", "501", "500"]
 
 
+def test_helo_name_cannot_forge_trace_fields() -> None:
+    # It is copied into the Received header: tabs, control characters, comments and ";" let
+    # a client write its own trace information there.
+    for name in (b"a.test\t([192.0.2.1])\tby\tmx.google.com;", b"x\x01\x1b[31m", b"a(b)", b"a;b"):
+        assert codes(Harness().send(b"EHLO " + name + b"\r\n")) == ["501"]
+    for name in (b"mx.a.test", b"[192.0.2.1]", b"[IPv6:2001:db8::1]", b"DESKTOP_1", b"a.test."):
+        assert codes(Harness().send(b"EHLO " + name + b"\r\n")) == ["250"]
+
+
 def test_unknown_mail_parameter() -> None:
     h = Harness()
     out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test> FOO=BAR\r\n")

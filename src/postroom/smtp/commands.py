@@ -101,6 +101,7 @@ def _params(text: str) -> dict[str, str | None]:
 
 
 _LIMITS = {"MAIL": MAX_MAIL, "RCPT": MAX_RCPT, "AUTH": MAX_AUTH}
+_HELO_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}|\[[A-Za-z0-9.:-]{1,100}\]")
 
 
 def _split_path(rest: str) -> tuple[str, str]:
@@ -146,8 +147,12 @@ def parse(line: bytes, *, smtputf8: bool = False) -> Command:
     if verb != "MAIL" and verb != "RCPT" and not text.isascii():
         raise CommandError(replies.SYNTAX_ERROR)
     if verb in ("EHLO", "HELO"):
-        domain = rest.strip()
-        if not domain or " " in domain:
+        domain = rest.strip(" ")
+        # RFC 5321 §4.1.1.1: a Domain or an address literal. Checked loosely (underscores and
+        # a trailing dot pass, as real clients send them) but strictly enough that the name,
+        # copied into the Received header, cannot carry spaces, tabs, control characters,
+        # comments or a ";" that would forge trace fields (RFC 5321 §4.4).
+        if not _HELO_NAME.fullmatch(domain):
             raise CommandError(replies.PARAM_SYNTAX)
         return Hello(domain, verb == "EHLO")
     if verb == "MAIL":
