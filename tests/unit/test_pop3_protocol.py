@@ -437,6 +437,8 @@ def test_maildrop_sizes_uids_and_order(tmp_path: Path) -> None:
             f"new/1700000002.Q2_0.host,S={len(crlf)}": crlf,
             "cur/1700000001.M1P2.other:2,S": lf,  # another tool: LF, no size in the name
             "cur/1700000003.M3P4.dove,S=5,W=999:2,": b"a\nb\nc",  # Dovecot's W= is the CRLF size
+            # Courier/maildrop: S= is the LF file's size; RETR sends more than that.
+            "new/1700000004.M5P6.courier,S=26": b"Subject: courier\n\nbody\n.x\n",
         },
     )
     drop = Maildrop(md)
@@ -446,11 +448,14 @@ def test_maildrop_sizes_uids_and_order(tmp_path: Path) -> None:
             "1700000001.M1P2.other",
             "1700000002.Q2_0.host",
             "1700000003.M3P4.dove",
+            "1700000004.M5P6.courier",
         ]
-        assert [e.size for e in drop.entries] == [len(to_crlf(lf)) + 2, len(crlf), 999]
+        sizes = [e.size for e in drop.entries]
+        assert sizes == [len(to_crlf(lf)) + 2, len(crlf), 999, 30]
+        assert len(drop.read(drop.entries[3])) == 30
         assert drop.read(drop.entries[0]) == to_crlf(lf)
-        assert drop.stat() == (3, len(to_crlf(lf)) + 2 + len(crlf) + 999)
-        assert drop.listing(uids=False).endswith(b"3 999\r\n.\r\n")
+        assert drop.stat() == (4, len(to_crlf(lf)) + 2 + len(crlf) + 999 + 30)
+        assert drop.listing(uids=False).endswith(b"3 999\r\n4 30\r\n.\r\n")
         assert (md / SIZE_CACHE).read_text().split("\t")[0] == "1700000001.M1P2.other"
     finally:
         drop.close()
@@ -613,7 +618,7 @@ def test_open_is_fast_for_10000_messages(tmp_path: Path) -> None:
     """Sizes come from the names: no body is read (the files here are empty)."""
     md = make_maildir(tmp_path / "md", {})
     for i in range(10_000):
-        (md / "new" / f"{1700000000 + i}.Q{i}_0.host,S={1000 + i}").touch()
+        (md / "new" / f"{1700000000 + i}.Q{i}_0.host,S={1000 + i},W={1000 + i}").touch()
     drop = Maildrop(md)
     t0 = time.perf_counter()
     drop.open()

@@ -85,9 +85,10 @@ def unique_id(name: str) -> str:
 
 
 def size_from_name(name: str) -> int | None:
-    """``,W=`` (the size with CRLF line ends, Dovecot) or else ``,S=`` from a file name."""
-    wire = maildir.name_field(name, "W")
-    return wire if wire is not None else maildir.name_field(name, "S")
+    """``,W=`` from a file name: the size with CRLF line ends (Dovecot's field), which is what
+    RETR sends. ``,S=`` alone is the file's size: Courier and maildrop name LF files so, and
+    their RETR is longer than that; such a file is measured (RFC 1939 §5: exact sizes)."""
+    return maildir.name_field(name, "W")
 
 
 def crlf_only(name: str) -> bool:
@@ -222,7 +223,7 @@ class Maildrop:
         return entries
 
     def _measure_all(self, files: list[tuple[str, str]]) -> list[Entry]:
-        """Sizes of files without ``,S=``, through the cache (keyed by name and raw size)."""
+        """Sizes of files without ``,W=``, through the cache (keyed by name and raw size)."""
         cache_path = self.path / SIZE_CACHE
         cache: dict[str, tuple[int, int]] = {}
         try:
