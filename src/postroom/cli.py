@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         "-c",
         "--config",
         dest="config_sub",
-        default=None,
+        # Not None: each nested parser would then reset what an outer one read
+        # ("postroom user -c FILE list" lost its -c).
+        default=argparse.SUPPRESS,
         help="config file (default: $POSTROOM_CONFIG, ./postroom.toml, built-in)",
     )
     p = _Parser(prog="postroom", description="A small mail server: SMTP, POP3, queue, Maildir.")
@@ -252,7 +254,7 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        cfg = config_mod.load_effective(args.config_sub or args.config)
+        cfg = config_mod.load_effective(getattr(args, "config_sub", None) or args.config)
     except ConfigError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)
         return 2

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import env_with_src, run_cli
 
 
 @pytest.fixture
@@ -111,6 +113,29 @@ def test_bad_usage_exits_2(cfg: Path) -> None:
     assert run_cli("frobnicate", config=cfg, check=False).returncode == 2
     assert run_cli("user", config=cfg, check=False).returncode == 2
     assert run_cli("queue", "show", config=cfg, check=False).returncode == 2
+
+
+def test_config_option_anywhere_around_the_subcommand(cfg: Path, tmp_path: Path) -> None:
+    # "postroom user -c FILE list" silently used the embedded default (and made
+    # ./postroom-data): the inner parser reset what the outer one had read.
+    run_cli("-c", str(cfg), "user", "add", "w@a.test", "--password-stdin", stdin="x\n")
+    for args in (
+        ("-c", str(cfg), "user", "list"),
+        ("user", "-c", str(cfg), "list"),
+        ("user", "list", "-c", str(cfg)),
+        ("--config", str(cfg), "user", "list"),
+        ("user", f"--config={cfg}", "list"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "postroom", *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env_with_src(),
+            timeout=60,
+        )
+        assert proc.returncode == 0 and "w@a.test" in proc.stdout, (args, proc.stderr)
+    assert not (tmp_path / "postroom-data").exists()
 
 
 def test_config_from_environment(
