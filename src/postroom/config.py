@@ -46,17 +46,22 @@ class Size(int):
     """Octets, written in TOML as ``"10MB"``, ``"512KB"`` or a bare integer."""
 
 
+MAX_DURATION = 3650 * 86400.0  # ten years: longer waits only overflow date arithmetic
+
+
 def parse_duration(value: object) -> Duration:
     """Turn ``"5m"`` (or a number of seconds) into seconds."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like '5m'")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("must not be negative")
-        return Duration(value)
-    if isinstance(value, str) and (m := _DURATION.match(value)):
-        return Duration(float(m.group(1)) * _UNITS_S[m.group(2)])
-    raise ValueError(f"expected a duration like '5m', got {value!r}")
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS_S[m.group(2)]
+    else:
+        raise ValueError(f"expected a duration like '5m', got {value!r}")
+    if not 0 <= seconds <= MAX_DURATION:  # also nan and inf, which TOML has
+        raise ValueError("must be between 0 and 3650d")
+    return Duration(seconds)
 
 
 def parse_size(value: object) -> Size:
@@ -325,6 +330,9 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
         raise ConfigError(f"{source}: tls: cert and key go together")
     if not 1 <= cfg.workers <= 64:
         raise ConfigError(f"{source}: workers: must be between 1 and 64")
+    if cfg.limits.message_size < 1:
+        # RFC 1870: "SIZE 0" means no limit at all, the opposite of what 0 would ask for.
+        raise ConfigError(f"{source}: limits.message_size: must be at least 1 octet")
     if cfg.limits.max_recipients < 1:
         raise ConfigError(f"{source}: limits.max_recipients: must be at least 1")
     if not cfg.delivery.retry_intervals:

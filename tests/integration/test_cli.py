@@ -95,6 +95,12 @@ def test_queue_commands_on_empty_queue(cfg: Path) -> None:
             "delivery.retry_intervals",
         ),
         ('domains = ["a.test"]\n[unknown]\nx = 1\n', "unknown"),
+        ('domains = ["a.test"]\n[limits]\nmessage_size = "0MB"\n', "limits.message_size"),
+        (
+            'domains = ["a.test"]\n[delivery]\nretry_intervals = ["99999999d"]\n',
+            "delivery.retry_intervals",
+        ),
+        ('domains = ["a.test"]\n[delivery]\nmax_queue_time = inf\n', "delivery.max_queue_time"),
         ("domains = [\n", "invalid TOML"),
     ],
 )
