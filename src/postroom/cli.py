@@ -13,6 +13,7 @@ import argparse
 import datetime
 import getpass
 import json
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -84,11 +85,18 @@ def _read_password(args: argparse.Namespace) -> str:
         line = sys.stdin.readline()
         password = line.rstrip("\r\n")
     else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
-            raise AccountError("passwords do not match")
+        try:
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Again: ") != password:
+                raise AccountError("passwords do not match")
+        except EOFError:
+            raise AccountError("no password typed (without a terminal: --password-stdin)") from None
     if not password:
         raise AccountError("empty password")
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 came in as surrogates
+        raise AccountError("the password is not valid UTF-8") from None
     return password
 
 
@@ -279,6 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # "postroom queue list | head": the reader is gone; say nothing more (as cat does),
+        # and keep Python's exit-time flush of stdout from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (PostroomError, OSError) as exc:
         print(f"postroom: {exc}", file=sys.stderr)
         return 1

@@ -144,6 +144,21 @@ def test_config_option_anywhere_around_the_subcommand(cfg: Path, tmp_path: Path)
     assert not (tmp_path / "postroom-data").exists()
 
 
+def test_unreadable_passwords_fail_in_one_line(cfg: Path) -> None:
+    # Both ended in a traceback: bytes that are not UTF-8, and no terminal for the prompts.
+    base = [sys.executable, "-m", "postroom", "-c", str(cfg), "user", "add"]
+    cases = [
+        (["b@a.test", "--password-stdin"], b"\xff\xfe\n", b"postroom: the password is not valid"),
+        (["p@a.test"], b"", b"postroom: no password typed"),
+    ]
+    for args, stdin, message in cases:
+        proc = subprocess.run(
+            base + args, input=stdin, capture_output=True, env=env_with_src(), timeout=60
+        )
+        assert proc.returncode == 1
+        assert message in proc.stderr and b"Traceback" not in proc.stderr, proc.stderr
+
+
 def test_config_from_environment(
     cfg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
