@@ -25,6 +25,12 @@ def test_jitter_only_lengthens() -> None:
     assert schedule.next_attempt(0.0, 1, INTERVALS, jitter=0.1) == 330.0
 
 
+def test_the_last_try_comes_when_max_queue_time_is_up() -> None:
+    # With retry_intervals = ["1h"] and max_queue_time = "5s", the bounce came an hour late.
+    assert schedule.next_attempt(0.0, 1, [3600.0], deadline=5.0) == 5.0
+    assert schedule.next_attempt(0.0, 1, [3600.0], deadline=7200.0) == 3600.0
+
+
 def test_expiry() -> None:
     assert not schedule.expired(0.0, 5 * 86400 - 1, 5 * 86400)
     assert schedule.expired(0.0, 5 * 86400, 5 * 86400)

@@ -247,6 +247,7 @@ class QueueRunner:
                 envelope.attempts,
                 self.cfg.delivery.retry_intervals,
                 jitter=self._rng.uniform(0, 0.1),
+                deadline=envelope.created + self.cfg.delivery.max_queue_time,
             )
             # Written before dialling: a crash now cannot cause an immediate retry loop.
             await self.store.io.run(self.store.save_state, envelope)
@@ -283,7 +284,10 @@ class QueueRunner:
             envelope.attempts += 1
             envelope.last_attempt = now
             envelope.next_attempt = schedule.next_attempt(
-                now, envelope.attempts, self.cfg.delivery.retry_intervals
+                now,
+                envelope.attempts,
+                self.cfg.delivery.retry_intervals,
+                deadline=envelope.created + self.cfg.delivery.max_queue_time,
             )
         if changed:
             await self.store.io.run(self.store.save_state, envelope)

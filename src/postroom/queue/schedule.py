@@ -11,13 +11,18 @@ from collections.abc import Sequence
 
 
 def next_attempt(
-    now: float, failures: int, intervals: Sequence[float], jitter: float = 0.0
+    now: float,
+    failures: int,
+    intervals: Sequence[float],
+    jitter: float = 0.0,
+    deadline: float = float("inf"),
 ) -> float:
-    """The time of the next try after the ``failures``-th temporary failure (1-based)."""
+    """The time of the next try after the ``failures``-th temporary failure (1-based), but
+    not after ``deadline`` (when ``max_queue_time`` is up: one last try, then the bounce)."""
     if failures < 1:
         return now
     wait = intervals[min(failures, len(intervals)) - 1]
-    return now + wait * (1.0 + jitter)
+    return min(now + wait * (1.0 + jitter), deadline)
 
 
 def expired(created: float, now: float, max_queue_time: float) -> bool:
