@@ -214,8 +214,9 @@ def test_max_queue_time_bounces(server_factory: ServerFactory, dns: LoopbackDNS)
     pair.submit(["bob@b.test"], "expiring")
     msgs = pair.a.wait_messages("alice@a.test", 1, timeout=20)
     assert len(msgs) == 1
-    _report, parts = dsn_parts(msgs[0])
+    report, parts = dsn_parts(msgs[0])
     assert parts[1]["Action"] == "failed"
+    assert "(postroom) id" in str(report["Received"])  # delivered here: traced like all mail
     assert wait_for(lambda: queue(pair.a) == [])
 
 

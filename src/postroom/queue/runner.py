@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import email.utils
 import heapq
 import random
 import re
@@ -410,7 +412,14 @@ class QueueRunner:
         for group in (failures, successes):
             if not group:
                 continue
-            report = build_dsn(
+            bounce_id = new_queue_id()
+            # Delivered here, it gets the Received line every delivery adds (CONTRACT.md
+            # "Mailboxes"); RFC 5321 §4.4's form for a message made on this host.
+            date = email.utils.format_datetime(datetime.datetime.fromtimestamp(now, datetime.UTC))
+            received = (
+                f"Received: by {self.cfg.hostname} (postroom) id {bounce_id};\r\n\t{date}\r\n"
+            )
+            report = received.encode() + build_dsn(
                 hostname=self.cfg.hostname,
                 sender=envelope.sender,
                 recipients=group,
@@ -422,7 +431,7 @@ class QueueRunner:
                 queue_id=envelope.id,
             )
             bounce = Envelope(
-                id=new_queue_id(),
+                id=bounce_id,
                 sender="",
                 recipients=[Recipient(r.address) for r in report_to],
                 created=now,
