@@ -330,6 +330,11 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
         raise ConfigError(f"{source}: tls: cert and key go together")
     if not 1 <= cfg.workers <= 64:
         raise ConfigError(f"{source}: workers: must be between 1 and 64")
+    for host, _port in cfg.dns.nameservers:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:  # a resolver named by a name would need a resolver first
+            raise ConfigError(f"{source}: dns.nameservers: {host!r} is not an IP address") from None
     if cfg.limits.message_size < 1:
         # RFC 1870: "SIZE 0" means no limit at all, the opposite of what 0 would ask for.
         raise ConfigError(f"{source}: limits.message_size: must be at least 1 octet")

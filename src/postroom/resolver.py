@@ -108,18 +108,6 @@ def order_mx(records: Iterable[tuple[int, str]], rng: random.Random) -> list[tup
     return sorted(shuffled, key=lambda r: r[0])  # sort is stable: ties keep the shuffled order
 
 
-def _nameserver_ip(host: str) -> str:
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    try:
-        info = socket.getaddrinfo(host, 53, type=socket.SOCK_DGRAM)
-    except OSError as exc:
-        raise ConfigError(f"dns: nameservers: cannot resolve {host!r}: {exc}") from None
-    return str(info[0][4][0])
-
-
 class DnsResolver:
     """MX routing with dnspython's async resolver and ``[dns] nameservers``/``timeout``."""
 
@@ -133,7 +121,7 @@ class DnsResolver:
         if cfg.nameservers:
             res = dns.asyncresolver.Resolver(configure=False)
             res.nameservers = [
-                dns.nameserver.Do53Nameserver(_nameserver_ip(host), port)
+                dns.nameserver.Do53Nameserver(str(ipaddress.ip_address(host)), port)
                 for host, port in cfg.nameservers
             ]
         else:
