@@ -101,6 +101,11 @@ def parse_mailbox(text: str, *, utf8: bool = False) -> Address:
         raise AddressError(f"bad local part {local!r}")
     if len(local.encode()) > MAX_LOCAL_PART:
         raise AddressError("local part too long")
+    # RFC 5321 §4.1.2: a Domain has no white space or control characters, and no empty label
+    # (one trailing dot, the root, is tolerated as most MTAs do); normalise_domain, made for
+    # config files, would strip them.
+    if not domain.isprintable() or any(c.isspace() for c in domain) or ".." in domain:
+        raise AddressError(f"bad domain {domain!r}")
     try:
         domain = normalise_domain(domain)
     except ValueError as exc:

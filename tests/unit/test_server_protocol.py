@@ -302,6 +302,19 @@ def test_smtputf8_address() -> None:
     assert codes(out)[-1] == "553"
 
 
+def test_white_space_and_empty_labels_in_a_domain_are_syntax_errors() -> None:
+    for path in (
+        b"<alice@ a.test>",
+        b"<alice@a.test\t>",
+        b"<alice@\x1ca.test\x1f>",
+        b"<a@b.test..>",
+    ):
+        out = Harness().send(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:" + path + b"\r\n")
+        assert codes(out) == ["250", "250", "501"], path
+    out = Harness().send(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<alice@a.test.>\r\n")
+    assert codes(out) == ["250", "250", "250"]  # the root's dot: tolerated
+
+
 def test_null_sender_and_postmaster() -> None:
     h = Harness()
     out = h.send(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\n")
