@@ -315,6 +315,14 @@ def test_white_space_and_empty_labels_in_a_domain_are_syntax_errors() -> None:
     assert codes(out) == ["250", "250", "250"]  # the root's dot: tolerated
 
 
+def test_orcpt_syntax() -> None:
+    rcpt = b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@y.test> ORCPT="
+    for bad in (b"rfc822;a+ZZb", b";a", b"rfc822;", b"bo gus;a", b"rfc822"):
+        assert codes(Harness().send(rcpt + bad + b"\r\n"))[-1] == "501", bad
+    for good in (b"rfc822;bob@b.test", b"rfc822;a+2Bb@c.test", b"x-local;anything"):
+        assert codes(Harness().send(rcpt + good + b"\r\n"))[-1] == "250", good
+
+
 def test_null_sender_and_postmaster() -> None:
     h = Harness()
     out = h.send(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\n")

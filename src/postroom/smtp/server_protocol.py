@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import base64
 import enum
+import re
 from dataclasses import dataclass, field
 
 from postroom.smtp import commands, replies
 from postroom.smtp.commands import Auth, Bdat, CommandError, Hello, Mail, Rcpt, Simple
 from postroom.smtp.framing import TOO_LONG, CountedReader, DotReader, LineEndCheck, LineReader
 from postroom.smtp.replies import Reply
+
+_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")  # RFC 5322 §3.2.3 atext
 
 
 class State(enum.Enum):
@@ -442,8 +445,15 @@ class ServerProtocol:
                 ):
                     return self._error(replies.PARAM_SYNTAX)
             elif key == "ORCPT":
-                _atype, sep, addr = (value or "").partition(";")
-                if not sep or not addr or len(value or "") > 500:
+                # RFC 3461 §4.2: addr-type ";" xtext (RFC 6533 lets a UTF-8 one through).
+                atype, sep, addr = (value or "").partition(";")
+                if (
+                    not sep
+                    or not _ATOM.fullmatch(atype)
+                    or not addr
+                    or len(value or "") > 500
+                    or (addr.isascii() and not commands.valid_xtext(addr))
+                ):
                     return self._error(replies.PARAM_SYNTAX)
             else:
                 return self._error(replies.PARAM_NOT_IMPLEMENTED)
