@@ -99,7 +99,8 @@ AUTH_THROTTLED = R(454, "4.7.0", "Too many failed logins, try again later")
 TLS_NOT_AVAILABLE = R(454, "4.7.0", "TLS not available")
 
 SYNTAX_ERROR = R(500, "5.5.2", "Syntax error, command unrecognized")
-LINE_TOO_LONG = R(500, "5.5.6", "Line too long")
+LINE_TOO_LONG = R(500, "5.5.2", "Line too long")  # RFC 5321 §4.5.3.1.4
+AUTH_LINE_TOO_LONG = R(500, "5.5.6", "Authentication exchange line too long")  # RFC 4954 §6
 BARE_LF_COMMAND = R(500, "5.5.2", "Bare CR or LF not allowed in commands")
 PARAM_SYNTAX = R(501, "5.5.4", "Syntax error in parameters or arguments")
 ADDRESS_SYNTAX = R(501, "5.1.3", "Bad address syntax")

@@ -241,10 +241,12 @@ class ServerProtocol:
                 if line is None:
                     return NEED_DATA
                 if line is TOO_LONG:
+                    reply = replies.LINE_TOO_LONG
                     if self.state is State.AUTH:
                         # RFC 4954 §4: the 5xx fails AUTH; the next line is a command again.
                         self.state = State.READY
-                    event = self._error(replies.LINE_TOO_LONG)
+                        reply = replies.AUTH_LINE_TOO_LONG
+                    event = self._error(reply)
                 else:
                     assert isinstance(line, bytes)
                     event = self._line(line)
