@@ -39,6 +39,7 @@ class Sink:
     extensions: tuple[str, ...] = ("PIPELINING", "SIZE 100000", "8BITMIME", "ENHANCEDSTATUSCODES")
     reject: set[str] = field(default_factory=set)
     tempfail: set[str] = field(default_factory=set)
+    max_rcpts: int | None = None  # beyond it: 452 4.5.3 too many recipients
     tls: ssl.SSLContext | None = None
     messages: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
@@ -104,6 +105,8 @@ class Sink:
                     say("550 5.1.1 no such user")
                 elif addr in self.tempfail:
                     say("450 4.2.1 try again later")
+                elif self.max_rcpts is not None and len(rcpts) >= self.max_rcpts:
+                    say("452 4.5.3 too many recipients")
                 else:
                     rcpts.append(addr)
                     say("250 2.1.5 ok")
@@ -183,6 +186,31 @@ def test_delivers_with_per_recipient_results() -> None:
         assert got.recipients == ["bob@b.test"]
         assert got.data == BODY
         assert any(c.startswith("MAIL FROM:<alice@a.test> SIZE=") for c in sink.commands)
+
+    run(main)
+
+
+def test_recipients_over_the_peers_limit_go_in_further_transactions_at_once() -> None:
+    # RFC 5321 §4.5.3.1.10: they waited for the next retry interval (hours, for many).
+    port = free_port()
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.2", port, max_rcpts=2, tempfail={"busy@b.test"}).start()
+        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        rcpts = [f"r{i}@b.test" for i in range(5)] + ["busy@b.test"]
+        try:
+            results = await remote.deliver("b.test", message(*rcpts), BODY)
+        finally:
+            await remote.aclose()
+            await sink.stop()
+        assert [r.outcome for r in results] == [Outcome.DELIVERED] * 5 + [Outcome.TEMPORARY]
+        assert [m.recipients for m in sink.messages] == [
+            ["r0@b.test", "r1@b.test"],
+            ["r2@b.test", "r3@b.test"],
+            ["r4@b.test"],
+        ]
+        assert sink.connections == 1
 
     run(main)
 

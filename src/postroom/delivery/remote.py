@@ -226,20 +226,30 @@ class RemoteDelivery:
                 tried += 1
                 if data is None:
                     data = source if isinstance(source, bytes) else await source()
-                sub = replace(message, recipients=tuple(message.recipients[i] for i in pending))
-                try:
-                    done = await self._deliver_at(target, ip, sub, data, verify)
-                except _SessionFailed as exc:
-                    session_error = (exc.reply, target.host)
-                    continue
-                for i, res in zip(pending, done.results, strict=True):
-                    result = DeliveryResult(
-                        message.recipients[i], res.outcome, res.reply, target.host, done.dsn
-                    )
-                    if res.outcome is Outcome.TEMPORARY:
+                batch = pending
+                while batch:
+                    sub = replace(message, recipients=tuple(message.recipients[i] for i in batch))
+                    try:
+                        done = await self._deliver_at(target, ip, sub, data, verify)
+                    except _SessionFailed as exc:
+                        session_error = (exc.reply, target.host)
+                        break
+                    too_many: list[int] = []
+                    for i, res in zip(batch, done.results, strict=True):
+                        result = DeliveryResult(
+                            message.recipients[i], res.outcome, res.reply, target.host, done.dsn
+                        )
+                        if res.outcome is not Outcome.TEMPORARY:
+                            final[i] = result
+                            continue
                         last_temp[i] = result  # try the next host for this one too
-                    else:
-                        final[i] = result
+                        if res.reply.code in (452, 552):
+                            too_many.append(i)
+                    # RFC 5321 §4.5.3.1.10: recipients refused as too many in a transaction
+                    # that delivered others go in the next one, to this host, at once. (Each
+                    # round delivers at least one: the loop ends.)
+                    delivered = any(r.outcome is Outcome.DELIVERED for r in done.results)
+                    batch = too_many if delivered else []
                 pending = [i for i in pending if i not in final]
         for i in pending:
             if i in last_temp:
