@@ -144,6 +144,10 @@ class ScramSha256:
         if self._stage == 2:
             return self._client_final(text)
         if self._stage == 3:
+            # RFC 5802 §5 with RFC 4954 §4 / RFC 5034 §4: after the server-final message the
+            # client answers with an empty response; anything else ends the exchange.
+            if text:
+                return Failure("unexpected data after SCRAM server-final", malformed=True)
             return Success(self._username)
         return Failure("unexpected SCRAM message", malformed=True)
 

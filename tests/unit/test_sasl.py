@@ -1,0 +1,40 @@
+"""SASL mechanisms on the server side: SCRAM-SHA-256's last step."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+from postroom import sasl
+from postroom.storage.accounts import derive_scram_keys
+
+
+def scram_to_server_final(password: str = "pw") -> sasl.ScramSha256:
+    """A SCRAM exchange driven by hand up to the server-final message."""
+    mech = sasl.ScramSha256()
+    first_bare = "n=u@a.test,r=abc"
+    step = mech.start(b"n,," + first_bare.encode())
+    assert isinstance(step, sasl.NeedScramKeys)
+    step = mech.provide_keys(derive_scram_keys("pw"))
+    assert isinstance(step, sasl.Challenge)
+    server_first = step.data.decode()
+    attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", password.encode(), base64.b64decode(attrs["s"]), int(attrs["i"])
+    )
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    final_wo = f"c=biws,r={attrs['r']}"
+    auth_msg = f"{first_bare},{server_first},{final_wo}".encode()
+    sig = hmac.new(hashlib.sha256(client_key).digest(), auth_msg, "sha256").digest()
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True)))
+    step = mech.step(f"{final_wo},p={proof.decode()}".encode())
+    assert isinstance(step, sasl.Success) and step.final is not None
+    return mech
+
+
+def test_scram_completes_on_an_empty_response_only() -> None:
+    assert isinstance(scram_to_server_final().step(b""), sasl.Success)
+    # RFC 4954 §4 / RFC 5034 §4: the answer to the server-final message is empty.
+    step = scram_to_server_final().step(b"anything")
+    assert isinstance(step, sasl.Failure) and step.malformed
