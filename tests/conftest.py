@@ -173,7 +173,8 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
         base = tmp_path / (name or f"srv{len(made)}")
         base.mkdir()
         ports = {svc: (ports or {}).get(svc) or free_port(host) for svc in services}
-        listen = "\n".join(f'{svc} = ["{host}:{port}"]' for svc, port in ports.items())
+        bracketed = f"[{host}]" if ":" in host else host  # an IPv6 address
+        listen = "\n".join(f'{svc} = ["{bracketed}:{port}"]' for svc, port in ports.items())
         doms = ", ".join(f'"{d}"' for d in domains)
         cfg = base / "postroom.toml"
         text = (

@@ -102,13 +102,14 @@ class Services:
     stopping: bool = False
     primary: bool = True  # the worker that owns the queue runner and the control socket
     worker_index: int = 0
+    workers: int = 1  # how many were started (a reload cannot change it)
 
     async def check_password(self, ip: str, login: str, password: str) -> str | None:
         """The account key if the password is right (argon2, in a worker thread). None without
-        a check while ``ip`` is locked out, counting the checks already running."""
-        if self.throttle.refused(ip):
-            return None
-        with self.throttle.checking(ip):
+        a check while ``ip`` is locked out (tested when its turn comes: see throttle.py)."""
+        async with self.throttle.turn(ip):
+            if self.throttle.refused(ip):
+                return None
             loop = asyncio.get_running_loop()
             key: str | None = await loop.run_in_executor(
                 self.cpu_executor, self.accounts.verify_password, login, password
@@ -145,6 +146,7 @@ def build_services(cfg: Config, primary: bool = True, workers: int = 1, index: i
         tls=tls_mod.server_context(cfg),
         primary=primary,
         worker_index=index,
+        workers=workers,
     )
     from postroom.queue.runner import QueueRunner
 
@@ -294,6 +296,11 @@ def _reload(services: Services, worker: Worker) -> None:
         log.error("reload failed: %s", exc)
         return
     services.cfg = new
+    limits = new.limits
+    services.connections.max_total = -(-limits.max_connections // services.workers)
+    services.connections.max_per_ip = limits.max_connections_per_ip
+    services.connections.exempt = new.per_ip_exempt_networks()
+    services.throttle.cfg = new.auth
     log.info("configuration reloaded")
 
 

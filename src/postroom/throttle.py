@@ -3,24 +3,28 @@
 Failures are counted per client IP and per account, and forgotten ``lockout_time`` after the
 last one. A failed login is answered after a delay that grows with the failures (so guessing is
 slow); an IP with ``lockout_failures`` recent failures is refused before its password is even
-checked (454 4.7.0 / -ERR [SYS/TEMP]). Checks still running count as failures until they
-end, so that many connections guessing at once cannot all pass the test before the first of
-them fails; and a success does not wipe the IP's count (an attacker with an account of their
-own could otherwise log in between guesses). Per-account counts only ever add delay to *failures*:
+checked (454 4.7.0 / -ERR [SYS/TEMP]). At most :data:`CHECKS_PER_IP` passwords of one IP are
+checked at a time, the others wait their turn and are tested against the lockout when it
+comes: many connections guessing at once cannot all pass the test before the first of them
+fails, while many correct logins at once (webmail, NAT) only queue for a moment. A success does
+not wipe the IP's count (an attacker with an account of their own could otherwise log in
+between guesses). Per-account counts only ever add delay to *failures*:
 a correct password is never delayed or refused because of an account's history, so an attacker
 cannot lock a real user out; and the answers are the same whether or not the account exists.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from postroom.config import AuthConfig
 
 MAX_DELAY = 8.0
+CHECKS_PER_IP = 4  # as many as argon2 has threads: one IP may use them all, not more
 MAX_TRACKED = 100_000
 
 
@@ -38,7 +42,8 @@ class LoginThrottle:
     clock: Callable[[], float] = time.monotonic
     _by_ip: dict[str, _Count] = field(default_factory=dict)
     _by_account: dict[str, _Count] = field(default_factory=dict)
-    _checking: dict[str, int] = field(default_factory=dict)  # IP -> password checks running
+    # IP -> its turn-taking for password checks, and how many use it (dropped at 0)
+    _slots: dict[str, tuple[asyncio.Semaphore, int]] = field(default_factory=dict)
 
     def _get(self, table: dict[str, _Count], key: str) -> int:
         entry = table.get(key)
@@ -51,20 +56,23 @@ class LoginThrottle:
 
     def refused(self, ip: str) -> bool:
         """True if this IP must be turned away without checking its password."""
-        running = self._checking.get(ip, 0)
-        return self._get(self._by_ip, ip) + running >= self.cfg.lockout_failures
+        return self._get(self._by_ip, ip) >= self.cfg.lockout_failures
 
-    @contextlib.contextmanager
-    def checking(self, ip: str) -> Iterator[None]:
-        """Around one password check of ``ip`` (entered right after :meth:`refused`, with no
-        await between them): counted by :meth:`refused` while it runs."""
-        self._checking[ip] = self._checking.get(ip, 0) + 1
+    @contextlib.asynccontextmanager
+    async def turn(self, ip: str) -> AsyncIterator[None]:
+        """Wait for one of ``ip``'s :data:`CHECKS_PER_IP` turns to check a password; test
+        :meth:`refused` inside it, not before."""
+        slots, users = self._slots.get(ip) or (asyncio.Semaphore(CHECKS_PER_IP), 0)
+        self._slots[ip] = (slots, users + 1)
         try:
-            yield
+            async with slots:
+                yield
         finally:
-            left = self._checking.pop(ip) - 1
-            if left:
-                self._checking[ip] = left
+            slots, users = self._slots[ip]
+            if users == 1:
+                del self._slots[ip]
+            else:
+                self._slots[ip] = (slots, users - 1)
 
     def failure(self, ip: str, account: str | None) -> float:
         """Record a failure; returns how long to wait before answering it."""

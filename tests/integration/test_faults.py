@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import tempfile
 import time
@@ -131,6 +132,38 @@ def test_sighup_adds_a_local_domain_to_the_queue_too(server_factory: ServerFacto
     with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
         c.sendmail("x@r.test", ["carol@b.test"], body * 1100)
     assert len(srv.wait_messages("carol@b.test", 1)) == 1
+
+
+def test_sighup_applies_new_connection_limits(server_factory: ServerFactory) -> None:
+    # The limiter kept the numbers it was built with although the log said "reloaded".
+    srv = server_factory(
+        domains=("a.test",),
+        services=("smtp",),
+        extra_toml="[limits]\nmax_connections_per_ip = 2\nper_ip_exempt = []",
+    )
+
+    def greetings(n: int) -> list[bytes]:
+        socks = [
+            socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) for _ in range(n)
+        ]
+        try:
+            return [s.recv(100)[:3] for s in socks]
+        finally:
+            for s in socks:
+                s.close()
+
+    assert greetings(3) == [b"220", b"220", b"421"]
+    text = srv.config.read_text().replace(
+        "max_connections_per_ip = 2", "max_connections_per_ip = 5"
+    )
+    srv.config.write_text(text)
+    assert srv.proc is not None
+    srv.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "configuration reloaded" not in srv.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert greetings(3) == [b"220", b"220", b"220"]
 
 
 def test_drops_root_to_configured_user(tmp_path: Path) -> None:

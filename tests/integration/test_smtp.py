@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import Server, ServerFactory, need_tool
+from tests.conftest import Server, ServerFactory, free_port, need_tool
 
 TRACE = (b"Return-Path:", b"Delivered-To:", b"Received:", b"\t")
 
@@ -138,6 +138,22 @@ def test_success_dsn_to_a_local_sender_follows_its_aliases(srv: Server) -> None:
     assert sorted(p.name for p in (srv.data_dir / "mail" / "a.test").iterdir()) == ["alice"]
     assert srv.cli("queue", "list").stdout == ""
     assert srv.log.read_text().count("no DSN: the local sender") == 2
+
+
+def test_received_names_an_ipv6_client_as_an_ipv6_literal(server_factory: ServerFactory) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    port = free_port()  # free on 127.0.0.1, and most likely on ::1 too
+    srv = server_factory(domains=("a.test",), services=("smtp",), host="::1", ports={"smtp": port})
+    srv.add_user("alice@a.test")
+    with smtplib.SMTP("::1", srv.ports["smtp"], timeout=20) as c:
+        c.sendmail("x@r.test", ["alice@a.test"], b"Subject: v6\r\n\r\nx\r\n")
+    (msg,) = srv.wait_messages("alice@a.test", 1)
+    assert b"([IPv6:::1])" in msg  # RFC 5321 §4.1.3
 
 
 def test_raw_pipelining_and_bdat(srv: Server) -> None:

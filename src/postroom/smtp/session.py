@@ -186,8 +186,10 @@ class SmtpSession:
         if len(txn.recipients) == 1:
             rcpt = f"\r\n\tfor <{txn.recipients[0].original or txn.recipients[0].address}>"
         helo = self.helo.replace("\r", "").replace("\n", "")[:255] or "unknown"
+        # RFC 5321 §4.1.3: an IPv6 address literal is tagged "IPv6:".
+        literal = f"IPv6:{self.client_ip}" if ":" in self.client_ip else self.client_ip
         received = (
-            f"Received: from {helo} ([{self.client_ip}])\r\n"
+            f"Received: from {helo} ([{literal}])\r\n"
             f"\tby {self.cfg.hostname} (postroom) with {self._protocol_name()}"
             f" id {txn.queue_id}{rcpt};\r\n\t{date}\r\n"
         )
