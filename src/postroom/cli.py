@@ -107,18 +107,19 @@ def _iso(ts: float | None) -> str | None:
 
 
 def _control(cfg: Config, command: str) -> str | None:
-    """Send a command to a running server; None when no server is listening."""
+    """Send a command to a running server; None when no server is listening. A server that
+    listens but does not answer is an error: acting on the files behind its back is not safe."""
     path = cfg.data_dir / "control.sock"
-    if not path.exists():
-        return None
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(30)
             s.connect(str(path))
             s.sendall(command.encode() + b"\n")
             return s.makefile().readline().strip()
-    except OSError:
-        return None
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None  # no socket, or a stale one left by a server that is gone
+    except OSError as exc:
+        raise QueueError(f"the running server did not answer: {exc}") from None
 
 
 def _cmd_user(cfg: Config, args: argparse.Namespace) -> int:

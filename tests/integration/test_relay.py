@@ -232,6 +232,27 @@ def test_queue_delete(server_factory: ServerFactory, dns: LoopbackDNS) -> None:
     assert pair.a.messages("alice@a.test") == []
 
 
+def test_queue_delete_during_an_attempt(server_factory: ServerFactory, dns: LoopbackDNS) -> None:
+    # The CLI waited for the attempt, gave up after 30 s taking the silence for "no server",
+    # and unlinked the files itself while the server went on (and saved state, and retried).
+    pair = Pair(server_factory, dns)
+    pair.b.stop()
+    port = pair.a.ports["smtp"]
+    with socket.create_server((B_IP, port)) as mute:  # accepts, says nothing, then hangs up
+        pair.submit(["bob@b.test"], "deleted in flight")
+        conn, _ = mute.accept()  # the attempt is in progress
+        (entry,) = queue(pair.a)
+        started = time.monotonic()
+        pair.a.cli("queue", "delete", str(entry["id"]))
+        assert time.monotonic() - started < 10
+        assert queue(pair.a) == []
+        conn.close()  # the attempt fails now: no retry, no state, no bounce for it
+    time.sleep(1.5)
+    assert queue(pair.a) == []
+    assert list((pair.a.data_dir / "queue" / "state").iterdir()) == []
+    assert pair.a.messages("alice@a.test") == []
+
+
 def test_alias_with_remote_target_forwards(server_factory: ServerFactory, dns: LoopbackDNS) -> None:
     pair = Pair(server_factory, dns)
     pair.a.cli("alias", "add", "fwd@a.test", "alice@a.test", "bob@b.test")

@@ -8,6 +8,8 @@ Maildir writer process (:mod:`postroom.storage.maildir_writer`); names and heade
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +37,12 @@ class LocalDelivery:
             box = self._boxes[key] = str(maildir.mailbox_path(self.data_dir, key))
         return box
 
+    def _name(self, envelope: Envelope, index: int, key: str, message: bytes) -> tuple[str, bytes]:
+        head = f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {key}\r\n".encode()
+        size = len(head) + len(message)
+        name = maildir.unique_name(int(envelope.created), envelope.id, index, self.hostname, size)
+        return name, head
+
     async def deliver(
         self,
         envelope: Envelope,
@@ -44,14 +52,22 @@ class LocalDelivery:
     ) -> list[OSError | None]:
         """Deliver to each (recipient index, address key); for each, once the message is
         durable in ``new/``: None, or the OSError that kept it out."""
-        created, targets = int(envelope.created), []
+        targets = []
         for index, key in recipients:
-            head = f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {key}\r\n".encode()
-            size = len(head) + len(message)
-            name = maildir.unique_name(created, envelope.id, index, self.hostname, size)
+            name, head = self._name(envelope, index, key, message)
             targets.append(Target(self._box(key), name, head))
         results = await self.writer.write(targets, message, check_duplicate)
         return [r if isinstance(r, OSError) else None for r in results]
+
+    def withdraw(
+        self, envelope: Envelope, recipients: Sequence[tuple[int, str]], message: bytes
+    ) -> None:
+        """Take back copies :meth:`deliver` wrote, still unread in ``new/`` (blocking): for a
+        message refused after all, whose client will send it again."""
+        for index, key in recipients:
+            name, _head = self._name(envelope, index, key, message)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self._box(key), "new", name))
 
     async def close(self) -> None:
         await self.writer.close()

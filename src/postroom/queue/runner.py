@@ -59,6 +59,7 @@ class QueueRunner:
         self._next: dict[str, float] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._recovered: set[str] = set()
+        self._deleted: set[str] = set()  # deleted by the admin during their attempt
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(services.cfg.delivery.max_concurrent)
         self._stopping = False
@@ -114,16 +115,15 @@ class QueueRunner:
         self._wake.set()
 
     async def delete(self, queue_id: str) -> bool:
-        """``queue delete``: wait for an attempt in progress, then remove the message."""
-        task = self._inflight.get(queue_id)
-        if task is not None:
-            with contextlib.suppress(Exception):
-                await task
+        """``queue delete``: remove the message now. An attempt in progress goes on with the
+        copy it holds, but nothing is retried, reported or saved for it afterwards."""
         self._next.pop(queue_id, None)
         try:
             self.store.remove(queue_id)
         except QueueError:
             return False
+        if queue_id in self._inflight:
+            self._deleted.add(queue_id)
         return True
 
     async def recover(self) -> None:
@@ -203,6 +203,10 @@ class QueueRunner:
                 self.services.log.exception("delivery of %s failed", envelope.id)
                 # Try again later rather than lose it or spin.
                 self._schedule(envelope.id, time.time() + self.cfg.delivery.retry_intervals[0])
+            if envelope.id in self._deleted:  # queue delete came during the attempt
+                self._deleted.discard(envelope.id)
+                self._next.pop(envelope.id, None)
+                self.store.forget_state(envelope.id)  # in case the attempt saved it since
 
     async def _deliver(self, envelope: Envelope) -> None:
         try:
@@ -267,6 +271,9 @@ class QueueRunner:
                         newly_done.append(rcpt)
             changed = True
 
+        if envelope.id in self._deleted:
+            return  # queue delete came during the attempt: no bounce, no retry
+
         # Deferred recipients past max_queue_time bounce with their last error.
         if schedule.expired(envelope.created, time.time(), self.cfg.delivery.max_queue_time):
             for rcpt in envelope.recipients:
@@ -326,6 +333,15 @@ class QueueRunner:
     def cfg(self) -> Config:
         """The configuration now: SIGHUP replaces it (a domain added is local from then on)."""
         return self.services.cfg
+
+    async def withdraw_direct(self, envelope: Envelope, message: bytes) -> None:
+        """Undo the copies :meth:`deliver_direct` made when the message is refused after all
+        (the rest could not be spooled): the client sends it again, to every recipient."""
+        done = [
+            (i, r.address) for i, r in enumerate(envelope.recipients) if r.status == "delivered"
+        ]
+        if done:
+            await self.store.io.run(self.local.withdraw, envelope, done, message)
 
     def is_local(self, address: str) -> bool:
         return self.cfg.is_local_domain(domain_of(address))

@@ -171,22 +171,31 @@ class SpoolWriter:
         self._fd: int | None = None
         self._make_prefix = make_prefix
         self._prefix_len = 0
+        # A write to tmp/ failed (disk full): the rest of the data is read and dropped, and
+        # commit() reports it, so that the client gets its 452 after the data as usual.
+        self._failed: OSError | None = None
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
-        if self._fd is not None:
-            write_all(self._fd, (data,))
+        if self._failed is not None:
             return
-        self._parts.append(data)
-        if self.size > SPILL_THRESHOLD:
-            self._take_prefix()
-            self._fd = os.open(
-                self.store.tmp_dir / self.queue_id,
-                os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                0o600,
-            )
-            write_all(self._fd, self._parts)
-            self._parts.clear()
+        try:
+            if self._fd is not None:
+                write_all(self._fd, (data,))
+                return
+            self._parts.append(data)
+            if self.size > SPILL_THRESHOLD:
+                self._take_prefix()
+                self._fd = os.open(
+                    self.store.tmp_dir / self.queue_id,
+                    os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                    0o600,
+                )
+                write_all(self._fd, self._parts)
+                self._parts.clear()
+        except OSError as exc:
+            self._failed = exc
+            self.abort()
 
     def _take_prefix(self) -> None:
         """Put the trace headers in front, once the header section (or 1 MiB) has been seen."""
@@ -201,6 +210,8 @@ class SpoolWriter:
 
     def head(self, limit: int) -> bytes:
         """The first ``limit`` octets of the client's message (enough for header checks)."""
+        if self._failed is not None:
+            return b""
         if self._fd is not None:
             return os.pread(self._fd, limit, self._prefix_len)
         # Join the pieces once and keep the result: the later joins then copy nothing.
@@ -211,7 +222,7 @@ class SpoolWriter:
 
     @property
     def in_memory(self) -> bool:
-        return self._fd is None
+        return self._fd is None and self._failed is None
 
     def finish_in_memory(self) -> bytes:
         """The whole message (trace headers first) for a delivery that skips the spool."""
@@ -249,6 +260,8 @@ class SpoolWriter:
 
     async def commit(self, envelope: Envelope) -> None:
         """Make the message durable; only after this returns may the client get its 250."""
+        if self._failed is not None:
+            raise TemporaryStorageError(str(self._failed))
         if self._fd is None:
             self._take_prefix()
         await self.store.io.run(self._finish, envelope)
@@ -305,11 +318,18 @@ class QueueStore:
         return sorted(n for n in os.listdir(self.msg_dir) if not n.startswith("."))
 
     def clean_tmp(self) -> int:
-        """Remove half-written files left by a crash (never acknowledged). Returns the count."""
+        """Remove half-written files left by a crash (never acknowledged), and the delivery
+        states of messages whose removal a crash cut in two (:meth:`remove` unlinks the
+        message first). Returns the count."""
         n = 0
         for name in os.listdir(self.tmp_dir):
             (self.tmp_dir / name).unlink(missing_ok=True)
             n += 1
+        messages = set(os.listdir(self.msg_dir))
+        for name in os.listdir(self.state_dir):
+            if name.endswith(".json") and name[: -len(".json")] not in messages:
+                (self.state_dir / name).unlink(missing_ok=True)
+                n += 1
         return n
 
     def load(self, queue_id: str) -> Envelope:
@@ -377,6 +397,11 @@ class QueueStore:
             os.close(fd)
         os.replace(tmp, path)
         files.fsync_dir(self.state_dir)
+
+    def forget_state(self, queue_id: str) -> None:
+        """Remove the delivery state of a message that is gone (if it has any)."""
+        _check_id(queue_id)
+        (self.state_dir / f"{queue_id}.json").unlink(missing_ok=True)
 
     def remove(self, queue_id: str) -> None:
         """Forget a message whose every recipient is done (or that the admin deleted)."""

@@ -240,6 +240,7 @@ class SmtpSession:
             runner.is_local(r.address) and not (r.notify and "SUCCESS" in r.notify)
             for r in envelope.recipients
         )
+        message = None
         if direct:
             message = writer.finish_in_memory()
             if await runner.deliver_direct(envelope, message):
@@ -257,6 +258,8 @@ class SmtpSession:
             await writer.commit(envelope)
         except TemporaryStorageError as exc:
             self.services.log.error("spool write failed for %s: %s", txn.queue_id, exc)
+            if message is not None:  # some copies were delivered directly: the 452 takes
+                await runner.withdraw_direct(envelope, message)  # them back (no duplicates)
             self.txn = _Txn()
             return replies.STORAGE_FULL
         self.txn = _Txn()
