@@ -205,11 +205,11 @@ def test_drops_root_to_configured_user(tmp_path: Path) -> None:
         delivered = next((srv.maildir("alice@a.test") / "new").iterdir())
         assert delivered.stat().st_uid == 65534
         # The CLI, run as root, leaves files the server can still use.
-        run_cli("user", "add", "bob@a.test", "--password-stdin", config=srv.config, stdin="x\n")
+        run_cli("user", "add", "carol@a.test", "--password-stdin", config=srv.config, stdin="x\n")
         time.sleep(0.2)
         with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
-            c.sendmail("x@r.test", ["bob@a.test"], b"Subject: priv2\r\n\r\nok\r\n")
-        assert len(srv.wait_messages("bob@a.test", 1)) == 1
+            c.sendmail("x@r.test", ["carol@a.test"], b"Subject: priv2\r\n\r\nok\r\n")
+        assert len(srv.wait_messages("carol@a.test", 1)) == 1
     finally:
         srv.stop()
         subprocess.run(["rm", "-rf", str(base)], check=False)
