@@ -60,6 +60,16 @@ class ConnectionLimiter:
     live: set[Closable] = field(default_factory=set)
     per_ip: Counter[str] = field(default_factory=Counter)
 
+    @classmethod
+    def for_config(cls, cfg: Config, workers: int) -> ConnectionLimiter:
+        """The limits of ``[limits]``; each of ``workers`` holds its share of the total."""
+        lim = cfg.limits
+        return cls(
+            -(-lim.max_connections // workers),
+            lim.max_connections_per_ip,
+            cfg.per_ip_exempt_networks(),
+        )
+
     def acquire(self, ip: str, conn: Closable) -> bool:
         if len(self.live) >= self.max_total:
             return False
@@ -131,18 +141,12 @@ class Services:
 
 def build_services(cfg: Config, primary: bool = True, workers: int = 1, index: int = 0) -> Services:
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    lim = cfg.limits
     services = Services(
         cfg=cfg,
         accounts=Accounts(cfg.data_dir),
         store=QueueStore(cfg.data_dir / "queue"),
         throttle=LoginThrottle(cfg.auth),
-        # Each worker holds its share of the connection limit.
-        connections=ConnectionLimiter(
-            -(-lim.max_connections // workers),
-            lim.max_connections_per_ip,
-            cfg.per_ip_exempt_networks(),
-        ),
+        connections=ConnectionLimiter.for_config(cfg, workers),
         tls=tls_mod.server_context(cfg),
         primary=primary,
         worker_index=index,
@@ -296,10 +300,10 @@ def _reload(services: Services, worker: Worker) -> None:
         log.error("reload failed: %s", exc)
         return
     services.cfg = new
-    limits = new.limits
-    services.connections.max_total = -(-limits.max_connections // services.workers)
-    services.connections.max_per_ip = limits.max_connections_per_ip
-    services.connections.exempt = new.per_ip_exempt_networks()
+    fresh = ConnectionLimiter.for_config(new, services.workers)
+    connections = services.connections
+    connections.max_total, connections.max_per_ip = fresh.max_total, fresh.max_per_ip
+    connections.exempt = fresh.exempt
     services.throttle.cfg = new.auth
     log.info("configuration reloaded")
 

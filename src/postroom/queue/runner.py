@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import email.utils
 import heapq
 import random
 import re
@@ -24,7 +22,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from postroom import privileges
-from postroom.delivery.dsn import Action, DsnRecipient, build_dsn
+from postroom.delivery.dsn import Action, DsnRecipient, build_dsn, format_date
 from postroom.delivery.local import LocalDelivery
 from postroom.delivery.remote import RemoteDelivery, needs_relayed_dsn
 from postroom.errors import QueueError
@@ -431,9 +429,9 @@ class QueueRunner:
             bounce_id = new_queue_id()
             # Delivered here, it gets the Received line every delivery adds (CONTRACT.md
             # "Mailboxes"); RFC 5321 §4.4's form for a message made on this host.
-            date = email.utils.format_datetime(datetime.datetime.fromtimestamp(now, datetime.UTC))
             received = (
-                f"Received: by {self.cfg.hostname} (postroom) id {bounce_id};\r\n\t{date}\r\n"
+                f"Received: by {self.cfg.hostname} (postroom) id {bounce_id};"
+                f"\r\n\t{format_date(now)}\r\n"
             )
             report = received.encode() + build_dsn(
                 hostname=self.cfg.hostname,
@@ -449,7 +447,7 @@ class QueueRunner:
             bounce = Envelope(
                 id=bounce_id,
                 sender="",
-                recipients=[Recipient(r.address) for r in report_to],
+                recipients=[Recipient(address) for address in report_to],
                 created=now,
                 is_bounce=True,
                 smtputf8=not envelope.sender.isascii(),
@@ -460,18 +458,18 @@ class QueueRunner:
             )
             self._start(bounce)
 
-    def _report_to(self, sender: str) -> list[Recipient]:
+    def _report_to(self, sender: str) -> list[str]:
         """Where a DSN for ``sender`` goes. A remote sender gets it; a local one through its
         aliases, like any local recipient. A local address that is no user or alias was made
         up (anyone may send from it to the MX port): nobody, and no Maildir is made for it."""
         if not self.is_local(sender):
-            return [Recipient(sender)]
+            return [sender]
         local, _, domain = sender.rpartition("@")
         key = f"{local.lower()}@{domain}"
         targets = self.services.accounts.expand(key)
         if targets is None and local.lower() == "postmaster":
             targets = [key]  # always accepted (CONTRACT.md "Accounts"): so is its mail
-        return [Recipient(t) for t in targets or []]
+        return targets or []
 
 
 _STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
