@@ -99,7 +99,18 @@ def parse_endpoint(value: str, default_port: int | None = None) -> Endpoint:
         raise ValueError(f"bad port in {value!r}")
     if not host:
         raise ValueError(f"missing host in {value!r}")
+    _check_host(host, value)
     return host, int(port_text)
+
+
+def _check_host(host: str, value: str) -> None:
+    """An IP address must be a valid one (``300.1.1.1`` failed only at bind time); a name is
+    taken as it is (resolved when the socket is made)."""
+    if ":" in host or all(c.isdigit() or c == "." for c in host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"bad address in {value!r}") from None
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,7 @@ def test_queue_commands_on_empty_queue(cfg: Path) -> None:
         ('hostname = "h"\ndomains = ["a.test"]\nbogus = 1\n', "bogus"),
         ('domains = ["a.test"]\n[limits]\nmessage_size = "lots"\n', "limits.message_size"),
         ('domains = ["a.test"]\n[listen]\nsmtp = ["nohostport"]\n', "listen.smtp"),
+        ('domains = ["a.test"]\n[listen]\nsmtp = ["300.1.1.1:2525"]\n', "listen.smtp"),
         (
             'domains = ["a.test"]\n[delivery]\nretry_intervals = ["5x"]\n',
             "delivery.retry_intervals",
