@@ -289,6 +289,15 @@ def test_sasl_cancel_bad_base64_and_unknown_mechanism() -> None:
     assert p.state is State.AUTHORIZATION
 
 
+def test_top_takes_any_line_count() -> None:
+    # "TOP 1 1000000000" got "-ERR Invalid message number".
+    p = Pop3Protocol(Features(), tls_active=True)
+    out, _ = run(p, b"USER u@a.test\r\nPASS pw\r\n")
+    out, events = run(p, b"TOP 1 1000000000\r\nTOP 1 " + b"9" * 200 + b"\r\nTOP 1 x\r\n")
+    assert events == [Command("TOP", 1, 1000000000), Command("TOP", 1, 10**20)]
+    assert out.endswith(b"-ERR Invalid line count\r\n")
+
+
 def test_apop_is_not_offered() -> None:
     p = Pop3Protocol(Features())
     out, events = run(p, b"APOP u 0123456789abcdef0123456789abcdef\r\n")

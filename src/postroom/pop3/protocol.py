@@ -381,9 +381,16 @@ class Pop3Protocol:
             if len(args) != want:
                 return self._error(f"{verb} needs {want} argument{'s' if want > 1 else ''}")
             msg = _number(args[0])
-            lines = _number(args[1]) if verb == "TOP" else None
-            if msg is None or msg == 0 or (verb == "TOP" and lines is None):
+            if msg is None or msg == 0:
                 return self._error("Invalid message number")
+            lines = None
+            if verb == "TOP":
+                count = args[1]
+                if not (count.isascii() and count.isdigit()):
+                    return self._error("Invalid line count")
+                # RFC 1939 §7: any count; beyond what a message has it is the whole body (and
+                # int() of thousands of digits is refused or slow: cap the text first).
+                lines = int(count) if len(count) <= 20 else 10**20
             return Command(verb, msg, lines)
         if verb in _OPTIONAL_MSG:
             if len(args) > 1:
