@@ -96,6 +96,10 @@ def _params(text: str) -> dict[str, str | None]:
         key = key.upper()
         if key in out:
             raise CommandError(replies.PARAM_SYNTAX)
+        # The values are ASCII (RFC 1870, 6152, 3461, 4954; a superscript two is no digit for
+        # int(), a long s no "s"), but for ORCPT's UTF-8 address (RFC 6533).
+        if not value.isascii() and key != "ORCPT":
+            raise CommandError(replies.PARAM_SYNTAX)
         out[key] = value if eq else None
     return out
 

@@ -85,6 +85,12 @@ class LineReader:
         return line
 
 
+def _has_bare(data: bytes) -> bool:
+    """A CR or LF outside a CRLF pair (counted with C-speed bytes methods)."""
+    crlf = data.count(b"\r\n")
+    return data.count(b"\n") != crlf or data.count(b"\r") != crlf
+
+
 @dataclass(frozen=True, slots=True)
 class DataChunk:
     """Unstuffed message data; ``bare`` is True if it held a CR or LF outside a CRLF pair."""
@@ -134,8 +140,7 @@ class DotReader:
             content = text
             del buf[:block_len]
         self._at_line_start = True
-        crlf = content.count(b"\r\n")
-        bare = content.count(b"\n") != crlf or content.count(b"\r") != crlf
+        bare = _has_bare(content)
         # RFC 5321 §4.5.2: remove the first "." of every line that starts with one.
         data = content.replace(b"\r\n.", b"\r\n")[offset:]
         return DataChunk(data, bare)
@@ -160,9 +165,7 @@ class LineEndCheck:
         self._cr_pending = data.endswith(b"\r")
         if self._cr_pending:
             data = data[:-1]
-        crlf = data.count(b"\r\n")
-        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
-            self.bare = True
+        self.bare = self.bare or _has_bare(data)
 
     def finish(self) -> bool:
         """True if the whole message had a bare CR or LF (a CR at its very end too)."""

@@ -402,10 +402,6 @@ class ServerProtocol:
             return self._error(replies.BAD_SEQUENCE)
         params = cmd.params
         for key, value in params.items():
-            if value is not None and not value.isascii():
-                # These values are ASCII (RFC 1870, 6152, 3461, 4954): a superscript two is no
-                # digit, whatever str.isdigit() says, nor is a long s an "s" for str.upper().
-                return self._error(replies.PARAM_SYNTAX)
             if key == "SIZE":
                 if value is None or not value.isdigit() or len(value) > 20:
                     return self._error(replies.PARAM_SYNTAX)
@@ -437,8 +433,6 @@ class ServerProtocol:
             return self._error(replies.BAD_SEQUENCE)
         for key, value in cmd.params.items():
             if key == "NOTIFY":
-                if value is not None and not value.isascii():  # as in _mail
-                    return self._error(replies.PARAM_SYNTAX)
                 items = {v.upper() for v in (value or "").split(",")}
                 if (
                     not items
