@@ -1,4 +1,4 @@
-"""Maildir delivery: durable, never visible half-written, never replacing an existing file."""
+"""Maildir delivery: never visible half-written; earlier copies found in new/ or cur/."""
 
 from __future__ import annotations
 
@@ -11,20 +11,6 @@ from postroom.config import embedded_default, from_dict
 from postroom.storage import files, maildir
 
 
-def tmpfile_deliver(box: str, name: str, parts: list[bytes]) -> bool | None:
-    """What the Maildir writer does with one job: write, fsync, link, fsync new/."""
-    fd = maildir.write_unnamed(box, parts)
-    if fd is None:
-        return None
-    try:
-        os.fsync(fd)
-        linked = maildir.link_unnamed(fd, box, name)
-    finally:
-        os.close(fd)
-    files.fsync_dir(os.path.join(box, "new"))
-    return linked
-
-
 @pytest.fixture
 def box(tmp_path: Path) -> str:
     path = tmp_path / "box"
@@ -32,52 +18,56 @@ def box(tmp_path: Path) -> str:
     return str(path)
 
 
-def test_tmpfile_delivery_leaves_nothing_in_tmp(box: str) -> None:
-    assert tmpfile_deliver(box, "1.Q_0.h,S=7,W=7", [b"Sub", b"j\r\n\r\n"])
+def publish(box: str, name: str, parts: list[bytes], where: str | None = None) -> None:
+    fd = maildir.write_tmp(box, name, parts)
+    maildir.publish(fd, box, name, where)
+    os.close(fd)
+
+
+def test_a_copy_is_written_in_tmp_and_appears_whole_in_new(box: str) -> None:
+    fd = maildir.write_tmp(box, "1.Q_0.h,S=7,W=7", [b"Sub", b"j\r\n\r\n"])
+    assert os.listdir(Path(box, "new")) == []  # not mail until published
+    maildir.publish(fd, box, "1.Q_0.h,S=7,W=7")
+    os.close(fd)
     assert os.listdir(Path(box, "tmp")) == []
     path = Path(box, "new", "1.Q_0.h,S=7,W=7")
     assert path.read_bytes() == b"Subj\r\n\r\n"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
 
 
-def test_tmpfile_delivery_never_replaces_an_existing_message(box: str) -> None:
-    assert tmpfile_deliver(box, "2.Q_0.h", [b"first\r\n"])
-    assert tmpfile_deliver(box, "2.Q_0.h", [b"second\r\n"]) is False
-    assert Path(box, "new", "2.Q_0.h").read_bytes() == b"first\r\n"
-    assert os.listdir(Path(box, "tmp")) == []
-
-
 @pytest.mark.parametrize("size", [10, 3 << 20])
-def test_classic_delivery_through_tmp(box: str, size: int) -> None:
+def test_deliver_flushes_a_copy_through_tmp(box: str, size: int) -> None:
     parts = [b"h" * 100, b"x" * size]
-    assert maildir.deliver(box, "3.Q_0.h", parts)
-    assert not maildir.deliver(box, "3.Q_0.h", [b"other"])
+    maildir.deliver(box, "3.Q_0.h", parts)
     assert Path(box, "new", "3.Q_0.h").read_bytes() == b"".join(parts)
     assert os.listdir(Path(box, "tmp")) == []
 
 
-def test_tmpfile_refused_by_the_file_system(box: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_open = os.open
-
-    def no_tmpfile(file: object, flags: int, *args: object, **kw: object) -> int:
-        if flags & os.O_TMPFILE == os.O_TMPFILE:
-            raise OSError(95, "Operation not supported")
-        return real_open(file, flags, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(maildir, "_tmpfile_ok", True)
-    monkeypatch.setattr(os, "open", no_tmpfile)
-    assert tmpfile_deliver(box, "4.Q_0.h", [b"m\r\n"]) is None
-    assert maildir._tmpfile_ok is False and os.listdir(Path(box, "new")) == []
+def test_find_looks_in_new_and_in_cur_with_any_flags(box: str) -> None:
+    assert maildir.find(box, "5.Q_0.h") is None
+    publish(box, "5.Q_0.h", [b"m\r\n"])
+    assert maildir.find(box, "5.Q_0.h") == os.path.join(box, "new", "5.Q_0.h")
+    os.rename(Path(box, "new", "5.Q_0.h"), Path(box, "cur", "5.Q_0.h:2,S"))
+    assert maildir.find(box, "5.Q_0.h") == os.path.join(box, "cur", "5.Q_0.h:2,S")
+    assert maildir.find(box, "5.Q_0") is None  # a prefix of another name is not that name
 
 
-def test_relative_maildir_path_is_linked_in_the_working_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Regression: the link's target was resolved against "/" (the dst_dir_fd that makes Python
-    # call linkat) when the data directory was relative, as in the embedded default.
-    monkeypatch.chdir(tmp_path)
-    maildir.ensure(Path("rel-box"))
-    assert tmpfile_deliver("rel-box", "1.Q_0.h", [b"m\r\n"])
+def test_a_copy_can_replace_a_damaged_one_where_it_lies(box: str) -> None:
+    Path(box, "cur", "6.Q_0.h:2,S").write_bytes(b"")  # emptied by a power loss
+    publish(box, "6.Q_0.h", [b"whole\r\n"], os.path.join(box, "cur", "6.Q_0.h:2,S"))
+    assert os.listdir(Path(box, "cur")) == ["6.Q_0.h:2,S"]
+    assert Path(box, "cur", "6.Q_0.h:2,S").read_bytes() == b"whole\r\n"
+
+
+def test_a_removed_maildir_is_made_again(tmp_path: Path) -> None:
+    box = str(tmp_path / "gone")
+    publish(box, "7.Q_0.h", [b"m\r\n"])  # never made: made on first delivery
+    assert Path(box, "new", "7.Q_0.h").exists() and Path(box, "cur").is_dir()
+
+
+def test_relative_maildir_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # as in the embedded default
+    publish("rel-box", "1.Q_0.h", [b"m\r\n"])
     assert (tmp_path / "rel-box" / "new" / "1.Q_0.h").read_bytes() == b"m\r\n"
 
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,14 @@ from hypothesis import strategies as st
 
 from postroom.delivery.local import LocalDelivery
 from postroom.queue.store import Envelope, Recipient
-from postroom.storage import files, maildir
+from postroom.storage import journal, maildir
 from postroom.storage import maildir_writer as writer_mod
+from postroom.storage.journal import Target
 from postroom.storage.maildir_writer import (
-    BatchWriter,
     Job,
     JobReader,
+    JournalWriter,
     MaildirWriter,
-    Target,
     encode_job,
 )
 
@@ -78,42 +79,59 @@ def answers(raw: bytes) -> list[tuple[int, int, str]]:
     return out
 
 
-@pytest.mark.parametrize("tmpfile", [True, False])
-def test_a_batch_shares_one_fsync_of_new(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmpfile: bool
+@pytest.fixture
+def writer(tmp_path: Path) -> Iterator[JournalWriter]:
+    (tmp_path / "journal").mkdir()
+    w = JournalWriter(str(tmp_path / "journal"))
+    yield w
+    w.close()
+
+
+def test_a_batch_shares_one_journal_flush(
+    tmp_path: Path, writer: JournalWriter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(maildir, "_tmpfile_ok", tmpfile)
-    covered: list[set[str]] = []  # what new/ held when each fsync of it started
-    real = files.fsync_dir
-
-    def fsync_dir(path: str | Path) -> None:
-        covered.append(set(os.listdir(path)))
-        real(path)
-
-    monkeypatch.setattr(files, "fsync_dir", fsync_dir)
+    flushed: list[int] = []  # the copies in new/ when each journal flush ended
     box = tmp_path / "mail" / "x.test" / "u"
-    out = answers(BatchWriter().run([job(i, box) for i in range(40)]))
-    assert out == [(i, 1, "") for i in range(40)]
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        real(fd)
+        flushed.append(len(os.listdir(box / "new")) if (box / "new").exists() else 0)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    out = answers(writer.run([job(i, box) for i in range(1, 41)]))
+    assert out == [(i, 1, "") for i in range(1, 41)]
+    assert flushed == [0]  # one flush for the batch, and no copy visible before it
     names = os.listdir(box / "new")
     assert len(names) == 40 and os.listdir(box / "tmp") == []
-    if tmpfile:
-        assert len(covered) == 1 and covered[0] == set(names)  # one fsync, after all links
 
 
-def test_a_failed_job_fails_alone(tmp_path: Path) -> None:
+def test_a_failed_job_fails_alone(tmp_path: Path, writer: JournalWriter) -> None:
     (tmp_path / "file").write_bytes(b"")  # a Maildir cannot be made under a plain file
     good = tmp_path / "good"
     bad = tmp_path / "file" / "box"
-    out = answers(BatchWriter().run([job(1, good), job(2, bad), job(3, good)]))
+    out = answers(writer.run([job(1, good), job(2, bad), job(3, good)]))
     assert [(i, s) for i, s, _ in out] == [(1, 1), (2, -errno.ENOTDIR), (3, 1)]
     assert out[1][2] == "Not a directory"
 
 
-def test_an_earlier_copy_is_found_in_new_or_cur(tmp_path: Path) -> None:
+def test_a_failed_journal_flush_fails_the_batch_and_publishes_nothing(
+    tmp_path: Path, writer: JournalWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fdatasync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
     box = tmp_path / "box"
-    writer = BatchWriter()
+    out = answers(writer.run([job(1, box), job(2, box)]))
+    assert out == [(1, -errno.EIO, "Input/output error"), (2, -errno.EIO, "Input/output error")]
+    assert not box.exists()  # nothing written at all
+
+
+def test_an_earlier_copy_is_found_in_new_or_cur(tmp_path: Path, writer: JournalWriter) -> None:
+    box = tmp_path / "box"
     first = job(1, box)
-    again = Job(2, first.box, first.name, b"", b"m\r\n", check_duplicate=True)  # after a crash
+    again = Job(2, first.box, first.name, b"", b"m\r\n", check=True)  # after a crash
     assert answers(writer.run([first])) == [(1, 1, "")]
     assert answers(writer.run([again])) == [(2, 0, "")]
     os.rename(box / "new" / first.name, box / "cur" / (first.name + ":2,S"))  # read by a client
@@ -121,13 +139,41 @@ def test_an_earlier_copy_is_found_in_new_or_cur(tmp_path: Path) -> None:
     assert os.listdir(box / "new") == []
 
 
-def test_a_mailbox_removed_between_batches_is_made_again(tmp_path: Path) -> None:
+def test_a_mailbox_removed_between_batches_is_made_again(
+    tmp_path: Path, writer: JournalWriter
+) -> None:
     box = tmp_path / "box"
-    writer = BatchWriter()
     writer.run([job(1, box)])
-    shutil.rmtree(box)  # an admin removed it; the writer still remembers it as made
+    shutil.rmtree(box)  # an admin removed it
     assert answers(writer.run([job(2, box, b"two\r\n")])) == [(2, 1, "")]
     assert [p.read_bytes() for p in (box / "new").iterdir()] == [b"two\r\n"]
+
+
+def test_the_journal_is_flushed_and_removed_at_close(tmp_path: Path) -> None:
+    (tmp_path / "journal").mkdir()
+    writer = JournalWriter(str(tmp_path / "journal"))
+    box = tmp_path / "box"
+    writer.run([job(i, box) for i in range(1, 6)])
+    assert len(os.listdir(tmp_path / "journal")) == 1  # the durable copy, until flushed
+    writer.close()
+    assert os.listdir(tmp_path / "journal") == []
+    assert len(os.listdir(box / "new")) == 5
+
+
+def test_full_segments_make_way_for_new_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal, "SEGMENT_SIZE", 10_000)
+    (tmp_path / "journal").mkdir()
+    writer = JournalWriter(str(tmp_path / "journal"))
+    box = tmp_path / "box"
+    for i in range(1, 41):
+        writer.run([job(i, box, b"x" * 1000)])
+    time.sleep(0.2)  # the syncer retires the full segments
+    assert 1 <= len(os.listdir(tmp_path / "journal")) <= 2
+    writer.close()
+    assert os.listdir(tmp_path / "journal") == []
+    assert len(os.listdir(box / "new")) == 40
 
 
 def envelope(i: int, rcpt: str) -> Envelope:
@@ -204,7 +250,7 @@ def test_the_body_crosses_once_for_many_recipients(tmp_path: Path) -> None:
 
 
 def test_a_child_that_dies_fails_its_jobs_and_is_replaced(tmp_path: Path) -> None:
-    writer = MaildirWriter()
+    writer = MaildirWriter(tmp_path / "journal")
     box = str(tmp_path / "box")
 
     async def main() -> None:
@@ -232,7 +278,7 @@ def test_a_child_that_dies_fails_its_jobs_and_is_replaced(tmp_path: Path) -> Non
 
 
 def test_close_lets_the_child_finish_what_it_was_sent(tmp_path: Path) -> None:
-    writer = MaildirWriter()
+    writer = MaildirWriter(tmp_path / "journal")
     box = str(tmp_path / "box")
 
     async def main() -> list[bool]:
@@ -251,52 +297,15 @@ def test_close_lets_the_child_finish_what_it_was_sent(tmp_path: Path) -> None:
     assert len(os.listdir(tmp_path / "box" / "new")) == 20
 
 
-def test_no_proc_link_falls_back_to_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Without /proc the O_TMPFILE inode cannot be linked: the delivery is made the classic way.
-    monkeypatch.setattr(maildir, "_tmpfile_ok", True)
-    real_link = os.link
-
-    def no_proc(src: str, dst: str, **kw: object) -> None:
-        if src.startswith("/proc/self/fd/"):
-            raise OSError(18, "Invalid cross-device link")
-        real_link(src, dst, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "link", no_proc)
-    box = tmp_path / "box"
-    assert answers(BatchWriter().run([job(1, box), job(2, box)])) == [(1, 1, ""), (2, 1, "")]
-    assert sorted(p.read_bytes() for p in (box / "new").iterdir()) == [b"m\r\n", b"m\r\n"]
-    assert os.listdir(box / "tmp") == [] and maildir._tmpfile_ok is False
-
-
-def test_a_failed_fsync_fails_that_job_and_links_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(maildir, "_tmpfile_ok", True)
-    real_fsync = os.fsync
-    sizes: list[int] = []
-
-    def fsync(fd: int) -> None:
-        sizes.append(os.fstat(fd).st_size)
-        if os.fstat(fd).st_size == 5:  # the second job's file: its disk failed
-            raise OSError(errno.EIO, "Input/output error")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    box = tmp_path / "box"
-    out = answers(BatchWriter().run([job(1, box), job(2, box, b"bad\r\n"), job(3, box)]))
-    assert out == [(1, 1, ""), (2, -errno.EIO, "Input/output error"), (3, 1, "")]
-    assert sorted(sizes)[:3] == [3, 3, 5]  # each file was fsync'ed before it was linked
-    assert sorted(p.read_bytes() for p in (box / "new").iterdir()) == [b"m\r\n", b"m\r\n"]
-
-
 def test_the_child_dies_with_the_server(tmp_path: Path) -> None:
     # Stopped, the child cannot see the end of its input: only the kernel's parent-death
     # signal can end it when the server is killed.
     script = (
         "import asyncio, sys\n"
+        "from pathlib import Path\n"
         "from postroom.storage.maildir_writer import MaildirWriter, Target\n"
         "async def main():\n"
-        "    w = MaildirWriter()\n"
+        f"    w = MaildirWriter(Path({str(tmp_path / 'journal')!r}))\n"
         f"    await w.write([Target({str(tmp_path / 'box')!r}, '1.a', b'')], b'm', False)\n"
         "    print(w._proc.pid, flush=True)\n"
         "    await asyncio.sleep(60)\n"
@@ -333,9 +342,10 @@ def test_the_child_runs_with_the_servers_interpreter_options(tmp_path: Path) -> 
     # another postroom than the server's.
     script = (
         "import asyncio\n"
+        "from pathlib import Path\n"
         "from postroom.storage.maildir_writer import MaildirWriter, Target\n"
         "async def main():\n"
-        "    w = MaildirWriter()\n"
+        f"    w = MaildirWriter(Path({str(tmp_path / 'journal')!r}))\n"
         f"    print(await w.write([Target({str(tmp_path / 'box')!r}, '1.a', b'')], b'm', False))\n"
         "    print(open(f'/proc/{w._proc.pid}/cmdline').read().split(chr(0)))\n"
         "    await w.close()\n"

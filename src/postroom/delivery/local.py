@@ -15,7 +15,8 @@ from pathlib import Path
 
 from postroom.queue.store import Envelope
 from postroom.storage import maildir
-from postroom.storage.maildir_writer import MaildirWriter, Target
+from postroom.storage.journal import Target
+from postroom.storage.maildir_writer import MaildirWriter
 
 BOX_CACHE = 10_000
 
@@ -26,7 +27,7 @@ class LocalDelivery:
     def __init__(self, data_dir: Path, hostname: str, writer: MaildirWriter | None = None) -> None:
         self.data_dir = data_dir
         self.hostname = hostname
-        self.writer = writer or MaildirWriter()
+        self.writer = writer or MaildirWriter(data_dir / "journal")
         self._boxes: dict[str, str] = {}  # recipient key -> its Maildir, as a string
 
     def _box(self, key: str) -> str:
@@ -51,7 +52,8 @@ class LocalDelivery:
         check_duplicate: bool = False,
     ) -> list[OSError | None]:
         """Deliver to each (recipient index, address key); for each, once the message is
-        durable in ``new/``: None, or the OSError that kept it out."""
+        durable (in the writer's journal) and in ``new/``: None, or the OSError that kept it
+        out."""
         targets = []
         for index, key in recipients:
             name, head = self._name(envelope, index, key, message)

@@ -51,7 +51,7 @@ class QueueRunner:
         self.local = LocalDelivery(
             services.cfg.data_dir,
             services.cfg.hostname,
-            MaildirWriter(privileges.target_ids(services.cfg)),
+            MaildirWriter(services.cfg.data_dir / "journal", privileges.target_ids(services.cfg)),
         )
         self._heap: list[tuple[float, str]] = []
         self._next: dict[str, float] = {}

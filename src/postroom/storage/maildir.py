@@ -6,17 +6,15 @@ line ends: Dovecot and mutt read them, and POP3 can send them without conversion
 carries ``,S=<octets>,W=<octets>`` (as Dovecot does) so that sizes are known without opening the
 file.
 
-A delivery writes the file (an ``O_TMPFILE`` inode, or ``tmp/NAME`` where that is not available),
-fsyncs it, links or renames it to ``new/NAME`` and fsyncs ``new/``; only then is it delivered.
-The fsync of ``new/`` can be left to the caller, to be shared by concurrent deliveries.
-NAME is derived from the queue id and recipient index, so after a crash the queue can ask
-:func:`already_delivered` and never deliver the same message twice.
+A copy is written as ``tmp/NAME`` and renamed to ``new/NAME``; the flushes are left to the
+caller (the Maildir writer's journal makes the copy durable first and fsyncs files and
+``new/`` later, many at a time). NAME is derived from the queue id and recipient index, so
+after a crash :func:`find` tells whether a copy was delivered already.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,109 +54,69 @@ def unique_name(arrival: int, queue_id: str, index: int, hostname: str, size: in
     return f"{arrival}.{queue_id}_{index}.{_host_part(hostname)},S={size},W={size}"
 
 
-def already_delivered(path: Path, name: str) -> bool:
-    """True if ``name`` is in new/ or (with any flags) in cur/ of the Maildir at ``path``."""
-    if (path / "new" / name).exists():
-        return True
+def find(box: str, name: str) -> str | None:
+    """The file of a delivered copy: ``new/name``, or ``cur/name`` with any flags."""
+    path = os.path.join(box, "new", name)
+    if os.path.exists(path):
+        return path
+    with contextlib.suppress(FileNotFoundError), os.scandir(os.path.join(box, "cur")) as it:
+        for e in it:
+            if e.name == name or e.name.startswith(name + ":"):
+                return e.path
+    return None
+
+
+def write_tmp(box: str, name: str, parts: Sequence[bytes]) -> int:
+    """Write ``parts`` as ``tmp/name`` (making the Maildir if need be), not flushed: the
+    open descriptor, for :func:`publish`."""
+    tmp = os.path.join(box, "tmp", name)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     try:
-        with os.scandir(path / "cur") as it:
-            return any(e.name == name or e.name.startswith(name + ":") for e in it)
-    except FileNotFoundError:
-        return False
-
-
-def write_unnamed(path: str, parts: Sequence[bytes]) -> int | None:
-    """A new unnamed file (``O_TMPFILE``) in the Maildir's ``tmp/`` holding ``parts``, not
-    fsync'ed yet: its descriptor, for the caller to fsync, :func:`link_unnamed` and close.
-    None where the file system has no ``O_TMPFILE``: :func:`deliver` then.
-
-    Why this way: the Maildir rule "never visible half-written" holds without a ``tmp/``
-    entry, a crash leaves nothing behind (closing an inode that was never linked frees it),
-    the inode is allocated outside the directory lock that concurrent deliveries to one
-    mailbox contend for, and ``linkat`` refuses to replace an existing name where ``rename``
-    would.
-    """
-    if not _tmpfile_ok:
-        return None
-    try:
-        fd = os.open(os.path.join(path, "tmp"), os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-            _no_tmpfile()
-            return None
-        raise
+        fd = os.open(tmp, flags, 0o600)
+    except FileNotFoundError:  # a Maildir not made yet, or removed meanwhile
+        ensure(Path(box))
+        fd = os.open(tmp, flags, 0o600)
     try:
         write_all(fd, parts)
-    except BaseException:
-        os.close(fd)
+    except OSError:
+        discard(fd, box, name)
         raise
     return fd
 
 
-def link_unnamed(fd: int, path: str, name: str) -> bool | None:
-    """Give the fsync'ed unnamed file ``fd`` its name ``new/name``: True; False if that name
-    exists (this very message, delivered before a crash: names come from the queue id); None
-    if it cannot be linked here (no ``/proc``): :func:`deliver` then. The caller fsyncs
-    ``new/`` afterwards (once for many links)."""
-    target = os.path.join(path, "new", name)
+def publish(fd: int, box: str, name: str, where: str | None = None) -> None:
+    """Rename ``tmp/name`` (written by :func:`write_tmp` as ``fd``) to ``where`` (default
+    ``new/name``). Nothing is flushed: the caller fsyncs ``fd``, closes it and fsyncs the
+    directory. If the rename fails, the file is discarded."""
+    tmp = os.path.join(box, "tmp", name)
+    dest = where or os.path.join(box, "new", name)
     try:
-        # linkat(AT_SYMLINK_FOLLOW) through /proc, as open(2) documents for O_TMPFILE. Any
-        # src_dir_fd makes Python call linkat (which follows the /proc link) rather than link
-        # (which would not); the kernel ignores it for the absolute source, and the target is
-        # read as any path is, against the working directory if relative.
-        os.link(f"/proc/self/fd/{fd}", target, src_dir_fd=_any_dir_fd(), follow_symlinks=True)
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EACCES) or (
-            exc.errno == errno.ENOENT and not os.path.isdir("/proc/self/fd")
-        ):
-            _no_tmpfile()
-            return None
-        raise
-    return True
-
-
-def deliver(path: str | Path, name: str, parts: Sequence[bytes]) -> bool:
-    """Write the message durably as ``new/name`` through ``tmp/`` and a rename, all blocking.
-
-    Returns False, writing nothing, if ``new/name`` exists already. On
-    return the file and its directory entry are on disk (file fsync'ed, then ``new/``).
-    """
-    path = os.fspath(path)
-    if os.path.exists(os.path.join(path, "new", name)):
-        return False
-    tmp = os.path.join(path, "tmp", name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        write_all(fd, parts)
-        os.fsync(fd)
+        try:
+            os.rename(tmp, dest)
+        except FileNotFoundError:  # new/ removed meanwhile
+            ensure(Path(box))
+            os.rename(tmp, dest)
     except OSError:
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)  # never leave half a message behind (disk full)
+        discard(fd, box, name)
         raise
+
+
+def discard(fd: int, box: str, name: str) -> None:
+    """Close and remove an unpublished ``tmp/name``: never leave half a message behind."""
     os.close(fd)
-    new = os.path.join(path, "new")
-    os.rename(tmp, os.path.join(new, name))
-    files.fsync_dir(new)
-    return True
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(box, "tmp", name))
 
 
-_tmpfile_ok = hasattr(os, "O_TMPFILE")
-_dir_fd: int | None = None
-
-
-def _no_tmpfile() -> None:
-    global _tmpfile_ok
-    _tmpfile_ok = False
-
-
-def _any_dir_fd() -> int:
-    global _dir_fd
-    if _dir_fd is None:
-        _dir_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    return _dir_fd
+def deliver(box: str, name: str, parts: Sequence[bytes]) -> None:
+    """Write, publish and flush: on return the file and its name are on disk."""
+    fd = write_tmp(box, name, parts)
+    publish(fd, box, name)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    files.fsync_dir(os.path.join(box, "new"))
 
 
 def name_field(name: str, key: str) -> int | None:
