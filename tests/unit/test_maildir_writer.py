@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -362,3 +363,32 @@ def test_the_child_runs_with_the_servers_interpreter_options(tmp_path: Path) -> 
     written, cmdline = out.stdout.splitlines()
     assert written == "[True]"
     assert "'-I', '-X', 'dev', '-m', 'postroom.storage.maildir_writer'" in cmdline
+
+
+def test_copies_use_unnamed_files_made_ahead(tmp_path: Path, writer: JournalWriter) -> None:
+    box = tmp_path / "box"
+    writer.refill()
+    assert writer._spares.ok and len(writer._spares._fds) == 8
+    assert answers(writer.run([job(i, box) for i in range(1, 4)])) == [
+        (i, 1, "") for i in (1, 2, 3)
+    ]
+    assert len(writer._spares._fds) == 5  # three were used, none went through tmp/
+    assert sorted(p.read_bytes() for p in (box / "new").iterdir()) == [b"m\r\n"] * 3
+    writer.refill()
+    # The same name again (no check asked): the copy there is this one, nothing is replaced.
+    assert answers(writer.run([job(1, box)])) == [(1, 0, "")]
+    assert os.listdir(box / "tmp") == [] and len(os.listdir(box / "new")) == 3
+
+
+def test_maildirs_on_another_file_system_are_written_through_tmp(
+    tmp_path: Path, writer: JournalWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def cross_device(fd: int, box: str, name: str) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(maildir, "link_unnamed", cross_device)
+    writer.refill()
+    box = tmp_path / "box"
+    assert answers(writer.run([job(1, box), job(2, box)])) == [(1, 1, ""), (2, 1, "")]
+    assert not writer._spares.ok and writer._spares._fds == deque()
+    assert len(os.listdir(box / "new")) == 2 and os.listdir(box / "tmp") == []

@@ -309,9 +309,9 @@ class QueueRunner:
     async def deliver_direct(self, envelope: Envelope, message: bytes) -> bool:
         """Deliver a just-received, all-local message straight into the Maildirs.
 
-        The Maildir file is as durable as a spool file (written, fsync'ed, renamed, directory
-        fsync'ed), so for the common case of an MX receiving mail for its own users the spool is
-        skipped: one file and one fsync per recipient instead of three files. Returns False if
+        The Maildir writer's journal makes the message as durable as a spool file would (one
+        shared fdatasync), so for the common case of an MX receiving mail for its own users the
+        spool is skipped: one journal append and one file per recipient. Returns False if
         any delivery failed; the caller then spools the message for the recipients left, which
         the runner retries (delivered ones are marked done and not delivered again).
         """

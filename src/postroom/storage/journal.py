@@ -23,7 +23,7 @@ orphaned segment, i.e. one no living writer holds the ``flock`` of:
 A copy whose publication fails (the Maildir cannot be written) is settled as *cancelled* and
 reported to the server, which queues the message for the runner's retries and bounces.
 
-Records: ``<BII`` kind, payload length, CRC-32 of the payload, then the payload. A torn or
+Records: ``<BQI`` kind, payload length, CRC-32 of the payload, then the payload. A torn or
 corrupt record ends the segment: nothing after it was ever acknowledged (an append is
 acknowledged only after the ``fdatasync`` that also made every earlier byte durable).
 
@@ -47,10 +47,10 @@ from dataclasses import dataclass, field
 
 from postroom.storage import files, maildir
 
-_RECORD = struct.Struct("<BII")  # kind, payload length, crc32(payload)
-_ACCEPT = struct.Struct("<QBHQ")  # seq, flags, number of targets, body length
+_RECORD = struct.Struct("<BQI")  # kind, payload length, crc32(payload)
+_ACCEPT = struct.Struct("<QBIQ")  # seq, flags, number of targets, body length
 _TARGET = struct.Struct("<HHI")  # lengths of the Maildir path, the file name, the head
-_MARK = struct.Struct("<QH")  # seq, target index
+_MARK = struct.Struct("<QI")  # seq, target index
 _SEQ = struct.Struct("<Q")
 
 START, ACCEPT, SETTLED, SYNCED = 0, 1, 2, 3
@@ -142,7 +142,7 @@ def parse(data: bytes) -> Contents:
 
 def _take(out: Contents, kind: int, payload: memoryview) -> None:
     if kind == START:
-        out.boot = bytes(payload).decode("ascii")
+        out.boot = bytes(payload).decode()
     elif kind == ACCEPT:
         seq, flags, count, body_len = _ACCEPT.unpack_from(payload)
         pos, targets = _ACCEPT.size, []
@@ -252,7 +252,10 @@ def recover(directory: str, boot: str) -> int:
         path = os.path.join(directory, name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except FileNotFoundError:  # replayed by another writer meanwhile
+            continue
+        except OSError as exc:  # not ours to open (left by a run as another user)
+            warn(f"{path}: kept for the next start: {exc}")
             continue
         try:
             if not _lock(fd) or not _is(path, fd):

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import cast
 
 from postroom import lifetime, privileges
-from postroom.storage import journal, maildir
+from postroom.storage import files, journal, maildir
 from postroom.storage.journal import Target
 
 _JOB = struct.Struct("<IBHHIQ")
@@ -124,6 +124,8 @@ class JournalWriter:
         self.segment = journal.Segment.create(directory, self.boot)
         self._seq = 0
         self.syncer = journal.Syncer()
+        self._spares = maildir.Spares(directory)
+        self._last_batch = 0
 
     def run(self, jobs: Sequence[Job]) -> bytes:
         """Write every job; the answers, in job order."""
@@ -139,6 +141,7 @@ class JournalWriter:
             self._seq += 1
             targets = tuple(journal.Target(j.box, j.name, j.head) for j in group)
             entries.append(journal.Entry(self._seq, targets, group[0].body, group[0].check))
+        self._last_batch = len(jobs)
         segment = self.segment
         answers: dict[int, tuple[int, str]] = {}
         settled: list[tuple[int, int]] = []
@@ -158,14 +161,12 @@ class JournalWriter:
                     if job.check and maildir.find(job.box, job.name) is not None:
                         answers[job.id] = (0, "")
                         continue
-                    fd = maildir.write_tmp(job.box, job.name, (job.head, job.body))
-                    maildir.publish(fd, job.box, job.name)
+                    written = self._publish(job)
                 except OSError as exc:  # cancelled: the server queues it for a retry
                     answers[job.id] = _failure(exc)
                     continue
-                os.close(fd)
                 dirs.add(os.path.join(job.box, "new"))
-                answers[job.id] = (1, "")
+                answers[job.id] = (written, "")
         # Settled before the answers: after a crash these copies are not published again.
         with contextlib.suppress(OSError):  # then recovery looks for the files instead
             segment.append(journal.encode_settled(settled), sync=False)
@@ -174,6 +175,43 @@ class JournalWriter:
         if segment.size >= journal.SEGMENT_SIZE:
             self._rotate()
         return b"".join(encode_answer(job.id, *answers[job.id]) for job in jobs)
+
+    def _publish(self, job: Job) -> int:
+        """Put the copy into ``new/``: 1, or 0 if a copy of that name is there already."""
+        fd = self._spares.take()
+        if fd is not None:
+            try:
+                files.write_all(fd, (job.head, job.body))
+                return self._link(fd, job)
+            finally:
+                os.close(fd)
+        fd = maildir.write_tmp(job.box, job.name, (job.head, job.body))
+        maildir.publish(fd, job.box, job.name)
+        os.close(fd)
+        return 1
+
+    def _link(self, fd: int, job: Job) -> int:
+        for attempt in (1, 2):
+            try:
+                maildir.link_unnamed(fd, job.box, job.name)
+                return 1
+            except FileExistsError:  # this very copy (names come from the queue id)
+                return 0
+            except FileNotFoundError:
+                if attempt == 1 and not os.path.isdir(os.path.join(job.box, "new")):
+                    maildir.ensure(Path(job.box))  # a Maildir not made yet, or removed
+                    continue
+                break  # no /proc
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EACCES):
+                    raise
+                break  # the Maildirs are on another file system, or linking is not allowed
+        self._spares.off()
+        return self._publish(job)
+
+    def refill(self) -> None:
+        """Make the unnamed files the next batch will need (while no job is waiting)."""
+        self._spares.refill(max(8, self._last_batch))
 
     def _rotate(self) -> None:
         old = self.segment
@@ -187,6 +225,7 @@ class JournalWriter:
 
     def close(self) -> None:
         """Flush everything published; the journal is then no longer needed."""
+        self._spares.off()
         self.syncer.stop()
         segment = self.segment
         if not segment.broken and segment.synced >= segment.last_seq:
@@ -209,6 +248,7 @@ def serve(fd: int, parent: int, directory: str, run_as: tuple[int, int] | None =
     sock = socket.socket(fileno=fd)
     writer = JournalWriter(directory)
     sock.sendall(encode_answer(READY, 1))  # recovered: the server may go on
+    writer.refill()
     reader = JobReader()
     buf = bytearray()
     room = memoryview(bytearray(_READ))  # one buffer for every read: no allocation per call
@@ -219,6 +259,7 @@ def serve(fd: int, parent: int, directory: str, run_as: tuple[int, int] | None =
             jobs = reader.decode(buf)
             if jobs:
                 sock.sendall(writer.run(jobs))
+            writer.refill()
     writer.close()
 
 
