@@ -44,6 +44,7 @@ def test_records_read_back_and_a_torn_tail_is_dropped(
     whole = journal.parse(data)
     assert whole.boot == BOOT and whole.entries == entries and whole.end == len(data)
     assert whole.settled == {(1, 0), (2, 1)} and whole.synced == len(entries)
+    assert journal.parse(data + bytes(4096)) == whole  # the zeros reserved ahead end it
     torn = journal.parse(data[:cut])  # a crash in the middle of an append
     assert torn.end <= cut and torn.entries == entries[: len(torn.entries)]
     flipped = bytearray(data)

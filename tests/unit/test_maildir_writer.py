@@ -165,6 +165,7 @@ def test_full_segments_make_way_for_new_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(journal, "SEGMENT_SIZE", 10_000)
+    monkeypatch.setattr(journal.Syncer, "DELAY", 0.01)
     (tmp_path / "journal").mkdir()
     writer = JournalWriter(str(tmp_path / "journal"))
     box = tmp_path / "box"

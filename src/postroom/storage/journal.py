@@ -53,10 +53,11 @@ _TARGET = struct.Struct("<HHI")  # lengths of the Maildir path, the file name, t
 _MARK = struct.Struct("<QI")  # seq, target index
 _SEQ = struct.Struct("<Q")
 
-START, ACCEPT, SETTLED, SYNCED = 0, 1, 2, 3
+START, ACCEPT, SETTLED, SYNCED = 1, 2, 3, 4  # 0: the zeros ahead of the end
 CHECK_DUPLICATE = 1
 SUFFIX = ".journal"
 SEGMENT_SIZE = 16 << 20  # a segment past this size makes way for a new one
+RESERVE = 1 << 20  # zeros written ahead of the records
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,27 +181,31 @@ def boot_id() -> str:
 
 
 class Segment:
-    """One journal file, ``flock``\\ ed by the writer that appends to it."""
+    """One journal file, ``flock``\\ ed by the writer that appends to it.
 
-    def __init__(self, path: str, fd: int, size: int) -> None:
-        self.path, self.fd, self.size = path, fd, size
+    Zeros are written ahead of the records, a MiB at a time: an append then overwrites
+    blocks the file has, and its ``fdatasync`` writes the data alone, not the inode too
+    (a grown file needs its new size on disk). Reading stops at the zeros."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path, self.fd = path, fd
+        self.size = 0  # where the records end (the file offset)
+        self._reserved = 0  # where the zeros end
         self.last_seq = 0  # the newest ACCEPT in it
         self.synced = 0  # every record up to this seq is published and on disk
         self.retired = False  # no longer appended to: deleted once synced
-        self.broken = False  # an fsync failed: never marked synced, kept for recovery
+        self.broken = False  # a flush failed: never marked synced, kept for recovery
         self._lock = threading.Lock()  # the writer and the syncer both append
 
     @classmethod
     def create(cls, directory: str, boot: str) -> Segment:
         while True:
             path = os.path.join(directory, f"{time.time_ns()}.{os.getpid()}{SUFFIX}")
-            fd = os.open(
-                path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600
-            )
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             if _lock(fd) and _is(path, fd):  # not taken for an orphan meanwhile
                 break
             os.close(fd)
-        segment = cls(path, fd, 0)
+        segment = cls(path, fd)
         segment.append(encode_start(boot), sync=True)
         files.fsync_dir(directory)
         return segment
@@ -208,14 +213,21 @@ class Segment:
     def append(self, parts: Sequence[bytes], sync: bool) -> None:
         """Append records; with ``sync``, return once they are on disk. A failed write is
         cut off again, so that the segment stays readable to its end."""
+        size = sum(len(p) for p in parts)
         with self._lock:
             try:
+                if self.size + size > self._reserved:
+                    reserved = self.size + size + RESERVE
+                    os.pwrite(self.fd, bytes(reserved - self._reserved), self._reserved)
+                    self._reserved = reserved
                 files.write_all(self.fd, parts)
             except OSError:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self.fd, self.size)
+                    os.lseek(self.fd, self.size, os.SEEK_SET)
+                self._reserved = self.size
                 raise
-            self.size += sum(len(p) for p in parts)
+            self.size += size
         if sync:
             os.fdatasync(self.fd)
 
@@ -327,8 +339,10 @@ class Syncer:
     which is what the journal is there to avoid. (It also flushes whatever else is dirty on
     that file system; this thread is not on the path of any reply.)"""
 
-    DELAY = 0.02  # a flush shared by more copies is worth a few milliseconds
-    MAX_WAITING = 1024  # batches handed over and not synced yet; then the writer waits
+    # Copies are flushed in bulk, at most this often: the journal holds them meanwhile, and
+    # a copy fetched and deleted before the flush (or the kernel's own writeback) never costs
+    # the disk anything. A power loss makes the next start compare this much mail.
+    DELAY = 1.0
 
     def __init__(self) -> None:
         self._batches: list[Batch] = []
@@ -339,9 +353,12 @@ class Syncer:
 
     def add(self, batch: Batch) -> None:
         with self._cond:
-            while len(self._batches) >= self.MAX_WAITING:
-                self._cond.wait()
-            self._batches.append(batch)
+            last = self._batches[-1] if self._batches else None
+            if last is not None and last.segment is batch.segment:  # one batch per segment
+                last.seq = batch.seq
+                last.dirs |= batch.dirs
+            else:
+                self._batches.append(batch)
             self._cond.notify_all()
 
     def stop(self) -> None:
@@ -354,15 +371,11 @@ class Syncer:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._batches and not self._stopping:
-                    self._cond.wait()
+                self._cond.wait_for(lambda: self._batches or self._stopping)
                 if not self._batches:
                     return
-            if not self._stopping:
-                time.sleep(self.DELAY)
-            with self._cond:
+                self._cond.wait_for(lambda: self._stopping, timeout=self.DELAY)
                 batches, self._batches = self._batches, []
-                self._cond.notify_all()
             self._sync(batches)
 
     def _sync(self, batches: list[Batch]) -> None:
