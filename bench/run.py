@@ -139,7 +139,8 @@ def markdown(args: argparse.Namespace, results: report.Results, root: Path, star
         f"- postroom runs with `workers = {args.workers}`.",
         "- Durability on everywhere: Postfix fsyncs the queue file before 250 and virtual(8) "
         "fsyncs the Maildir file; the aiosmtpd sink fsyncs file and directory before 250; "
-        "postroom fsyncs the Maildir file (all-local mail) or its spool file, and the "
+        "postroom fdatasyncs its journal (all-local mail; one flush per batch of sessions, "
+        "the Maildir files are flushed in bulk afterwards) or fsyncs its spool file and the "
         "directory (group commit), before 250.",
         "- Before the first SMTP case each SMTP server gets 400 messages, unmeasured (warm-up); "
         "between runs mailboxes are emptied by renaming folders away, not by unlinking files.",

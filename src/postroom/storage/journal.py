@@ -215,9 +215,10 @@ class Segment:
         cut off again, so that the segment stays readable to its end."""
         size = sum(len(p) for p in parts)
         with self._lock:
+            end = self.size + size
             try:
-                if self.size + size > self._reserved:
-                    reserved = self.size + size + RESERVE
+                if end > self._reserved and size < RESERVE:  # a large record just grows it
+                    reserved = end + RESERVE
                     os.pwrite(self.fd, bytes(reserved - self._reserved), self._reserved)
                     self._reserved = reserved
                 files.write_all(self.fd, parts)
@@ -227,7 +228,7 @@ class Segment:
                     os.lseek(self.fd, self.size, os.SEEK_SET)
                 self._reserved = self.size
                 raise
-            self.size += size
+            self.size, self._reserved = end, max(self._reserved, end)
         if sync:
             os.fdatasync(self.fd)
 
