@@ -35,14 +35,6 @@ def test_a_copy_is_written_in_tmp_and_appears_whole_in_new(box: str) -> None:
     assert oct(path.stat().st_mode & 0o777) == "0o600"
 
 
-@pytest.mark.parametrize("size", [10, 3 << 20])
-def test_deliver_flushes_a_copy_through_tmp(box: str, size: int) -> None:
-    parts = [b"h" * 100, b"x" * size]
-    maildir.deliver(box, "3.Q_0.h", parts)
-    assert Path(box, "new", "3.Q_0.h").read_bytes() == b"".join(parts)
-    assert os.listdir(Path(box, "tmp")) == []
-
-
 def test_find_looks_in_new_and_in_cur_with_any_flags(box: str) -> None:
     assert maildir.find(box, "5.Q_0.h") is None
     publish(box, "5.Q_0.h", [b"m\r\n"])

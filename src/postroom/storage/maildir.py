@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from postroom.address import safe_local_part
-from postroom.storage import files
 from postroom.storage.files import write_all
 
 SUBDIRS = ("tmp", "new", "cur")
@@ -159,17 +158,6 @@ def discard(fd: int, box: str, name: str) -> None:
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(os.path.join(box, "tmp", name))
-
-
-def deliver(box: str, name: str, parts: Sequence[bytes]) -> None:
-    """Write, publish and flush: on return the file and its name are on disk."""
-    fd = write_tmp(box, name, parts)
-    publish(fd, box, name)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    files.fsync_dir(os.path.join(box, "new"))
 
 
 def name_field(name: str, key: str) -> int | None:

@@ -147,17 +147,16 @@ class JournalWriter:
         settled: list[tuple[int, int]] = []
         try:
             segment.append([p for e in entries for p in journal.encode_entry(e)], sync=True)
-        except OSError as exc:
-            failure: OSError | None = exc  # nothing is acknowledged, nothing published
-        else:
-            failure = None
+        except OSError as exc:  # nothing is acknowledged, nothing published
+            with contextlib.suppress(OSError):
+                marks = [(e.seq, i) for e in entries for i in range(len(e.targets))]
+                segment.append(journal.encode_settled(marks), sync=False)
+            return b"".join(encode_answer(job.id, *_failure(exc)) for job in jobs)
         dirs: set[str] = set()
         for entry, group in zip(entries, groups, strict=True):
             for index, job in enumerate(group):
                 settled.append((entry.seq, index))
                 try:
-                    if failure is not None:
-                        raise failure
                     if job.check and maildir.find(job.box, job.name) is not None:
                         answers[job.id] = (0, "")
                         continue
