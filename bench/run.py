@@ -82,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="postroom's `workers` (default: one per two cores, as the README advises)",
     )
     parser.add_argument(
+        "--no-pin-cpus",
+        action="store_true",
+        help="run postroom without `pin_cpus` (the event loop and its writer on CPUs of their own)",
+    )
+    parser.add_argument(
         "--postroom-cmd",
         default=None,
         help="command to run postroom (default: '<python> -m postroom' with src/ on PYTHONPATH)",
@@ -136,7 +141,8 @@ def markdown(args: argparse.Namespace, results: report.Results, root: Path, star
         "",
         "- Every server on its own loopback address, its data under one temp tree on the "
         "filesystem above (no tmpfs unless `--dir` says so).",
-        f"- postroom runs with `workers = {args.workers}`.",
+        f"- postroom runs with `workers = {args.workers}` and "
+        f"`pin_cpus = {'false' if args.no_pin_cpus else 'true'}`.",
         "- Durability on everywhere: Postfix fsyncs the queue file before 250 and virtual(8) "
         "fsyncs the Maildir file; the aiosmtpd sink fsyncs file and directory before 250; "
         "postroom fdatasyncs its journal (all-local mail; one flush per batch of sessions, "
@@ -186,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set().union(*(NEEDS[g] for g in args.groups))
         wanted &= {s.strip() for s in args.servers.split(",")}
         lab = bring_up(
-            root, wanted, "relay" in args.groups, cleanup, args.postroom_cmd, args.workers
+            root,
+            wanted,
+            "relay" in args.groups,
+            cleanup,
+            args.postroom_cmd,
+            args.workers,
+            not args.no_pin_cpus,
         )
         results.notes += [n for server in lab.servers.values() for n in server.notes]
         results.notes += [

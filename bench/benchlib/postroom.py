@@ -40,6 +40,7 @@ class PostroomSpec:
     delivery_port: int | None = None
     services: tuple[str, ...] = ("smtp", "submission", "pop3")
     workers: int = 1
+    pin_cpus: bool = True
 
 
 def command(override: str | None) -> list[str]:
@@ -54,14 +55,15 @@ def environment() -> dict[str, str]:
 
 
 def config_toml(spec: PostroomSpec) -> str:
-    """The config: keys from the contract, plus ``[auth] allow_plaintext`` (for plaintext POP3)
-    and ``workers`` (``bench/run.py --workers``)."""
+    """The config: keys from the contract, plus ``[auth] allow_plaintext`` (for plaintext POP3),
+    ``workers`` (``bench/run.py --workers``) and ``pin_cpus`` (off with ``--no-pin-cpus``)."""
     host = spec.host
     lines = [
         f'hostname = "{spec.hostname}"',
         f'domains = ["{spec.domain}"]',
         f'data_dir = "{spec.root / "data"}"',
         f"workers = {spec.workers}",
+        f"pin_cpus = {'true' if spec.pin_cpus else 'false'}",
         "",
         "[listen]",
         *(f'{name} = ["{host}:{PORTS[name]}"]' for name in spec.services),

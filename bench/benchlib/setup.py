@@ -81,9 +81,10 @@ def bring_up(
     cleanup: Cleanup,
     postroom_cmd: str | None,
     workers: int | None = None,
+    pin_cpus: bool = True,
 ) -> Lab:
     """Start every server in ``wanted`` (plus the relay pair when ``relay``); postroom with
-    ``workers`` worker processes (default: one per two cores)."""
+    ``workers`` worker processes (default: one per two cores), with ``pin_cpus``."""
     workers = workers or max(1, (os.cpu_count() or 1) // 2)
     lab = Lab(root)
     busy = [
@@ -156,6 +157,7 @@ def bring_up(
             nameserver=dns_addr,
             delivery_port=postroom.PORT_SMTP,
             workers=workers,
+            pin_cpus=pin_cpus,
         )
         _attempt(
             lab,
@@ -172,6 +174,7 @@ def bring_up(
                 key,
                 nameserver=dns_addr,
                 workers=workers,
+                pin_cpus=False,  # A and B would crowd the same two CPUs
             )
             _attempt(
                 lab,

@@ -113,6 +113,7 @@ class Services:
     primary: bool = True  # the worker that owns the queue runner and the control socket
     worker_index: int = 0
     workers: int = 1  # how many were started (a reload cannot change it)
+    cpus: tuple[int, int] | None = None  # pin_cpus: the event loop's CPU, the writer's
 
     async def check_password(self, ip: str, login: str, password: str) -> str | None:
         """The account key if the password is right (argon2, in a worker thread). None without
@@ -151,11 +152,28 @@ def build_services(cfg: Config, primary: bool = True, workers: int = 1, index: i
         primary=primary,
         worker_index=index,
         workers=workers,
+        cpus=cpu_pair(index, workers) if cfg.pin_cpus else None,
     )
     from postroom.queue.runner import QueueRunner
 
     services.runner = QueueRunner(services)
     return services
+
+
+def cpu_pair(index: int, workers: int) -> tuple[int, int] | None:
+    """For ``pin_cpus``: two CPUs of those this process may use for worker ``index``, or None
+    if there are fewer than two per worker."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 * workers:
+        return None
+    return cpus[2 * index], cpus[2 * index + 1]
+
+
+def pin_process(cpu: int) -> None:
+    """Keep every thread of this process on ``cpu`` (threads made later inherit it)."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(tid), {cpu})
 
 
 def _raise_fd_limit() -> None:
@@ -313,6 +331,10 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     services = build_services(cfg, worker.primary, cfg.workers, worker.index)
     loop = asyncio.get_running_loop()
     control = None
+    if services.cpus is not None:
+        pin_process(services.cpus[0])
+    elif cfg.pin_cpus:
+        log.warning("pin_cpus: fewer than two CPUs per worker; not pinned")
     await services.runner.local.writer.start()  # before privileges are dropped: see there
     if worker.primary:
         await services.runner.recover()

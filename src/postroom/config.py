@@ -208,6 +208,10 @@ class Config:
     # Processes sharing the listening sockets; more than one uses more cores (each has its own
     # event loop; only the first runs the queue). Login throttling is counted per process.
     workers: int = 1
+    # Keep each worker's event loop and its Maildir writer on two CPUs of their own (when the
+    # server may use at least two per worker): a hand-off between them then never waits for
+    # the other to be scheduled off a shared CPU. For hosts that run little else.
+    pin_cpus: bool = False
     listen: ListenConfig = field(default_factory=ListenConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)

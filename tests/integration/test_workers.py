@@ -10,6 +10,8 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from tests.conftest import ServerFactory
 from tests.dnszone import LoopbackDNS
 
@@ -85,3 +87,22 @@ def test_two_workers(server_factory: ServerFactory) -> None:
         assert srv.stop() == 0
     finally:
         dns.stop()
+
+
+def test_pin_cpus_puts_the_loop_and_its_writer_on_cpus_of_their_own(
+    server_factory: ServerFactory,
+) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("pin_cpus needs two CPUs; this machine has one")
+    srv = server_factory(domains=("a.test",), services=("smtp",), extra_toml="pin_cpus = true\n")
+    srv.add_user("alice@a.test", "pw")
+    assert srv.proc is not None
+    (writer,) = [p for p in children_of(srv.proc.pid) if is_writer(p)]
+    assert os.sched_getaffinity(srv.proc.pid) == {cpus[0]}
+    assert os.sched_getaffinity(writer) == {cpus[1]}
+    for tid in os.listdir(f"/proc/{writer}/task"):  # its threads too (the syncer)
+        assert os.sched_getaffinity(int(tid)) == {cpus[1]}
+    with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=30) as c:
+        c.sendmail("x@r.test", ["alice@a.test"], b"Subject: pinned\r\n\r\nx\r\n")
+    assert len(srv.wait_messages("alice@a.test", 1)) == 1

@@ -51,7 +51,11 @@ class QueueRunner:
         self.local = LocalDelivery(
             services.cfg.data_dir,
             services.cfg.hostname,
-            MaildirWriter(services.cfg.data_dir / "journal", privileges.target_ids(services.cfg)),
+            MaildirWriter(
+                services.cfg.data_dir / "journal",
+                privileges.target_ids(services.cfg),
+                services.cpus[1] if services.cpus else None,
+            ),
         )
         self._heap: list[tuple[float, str]] = []
         self._next: dict[str, float] = {}

@@ -12,7 +12,7 @@ answers; its syncer thread flushes the copies later (see :mod:`postroom.storage.
 That is Postfix's shape too (smtpd hands the message to another process), with one helper per
 worker process.
 
-The child is ``python -m postroom.storage.maildir_writer FD PARENT_PID JOURNAL_DIR [UID GID]``:
+The child is ``python -m postroom.storage.maildir_writer FD PARENT_PID JOURNAL_DIR CPU [UID GID]``:
 a fresh interpreter (no fork of a threaded server), started with the server's interpreter
 options. The server starts it before it drops root (the interpreter may not be executable by
 the mail user), and the child then becomes that user itself. It first replays what a crashed
@@ -235,8 +235,12 @@ def _failure(exc: OSError) -> tuple[int, str]:
     return -(exc.errno or errno.EIO), exc.strerror or str(exc)
 
 
-def serve(fd: int, parent: int, directory: str, run_as: tuple[int, int] | None = None) -> None:
+def serve(
+    fd: int, parent: int, directory: str, cpu: int, run_as: tuple[int, int] | None = None
+) -> None:
     """The child's main loop: read what has come, write it, answer; exit at end of input."""
+    if cpu >= 0:  # first, so that the threads made later keep to it too
+        os.sched_setaffinity(0, {cpu})
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when this one stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if run_as is not None:  # started by root before the server dropped privileges: drop too
@@ -265,9 +269,12 @@ def serve(fd: int, parent: int, directory: str, run_as: tuple[int, int] | None =
 class MaildirWriter:
     """The server's side: ``await writer.write(...)``; starts the child on first use."""
 
-    def __init__(self, journal_dir: Path, run_as: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, journal_dir: Path, run_as: tuple[int, int] | None = None, cpu: int | None = None
+    ) -> None:
         self.journal_dir = journal_dir
         self.run_as = run_as  # (uid, gid) the child becomes if started as root
+        self.cpu = cpu  # the CPU the child keeps to (``pin_cpus``)
         self._proc: subprocess.Popen[bytes] | None = None
         self._answers: _Answers | None = None
         self._starting: asyncio.Future[_Answers] | None = None
@@ -331,6 +338,7 @@ class MaildirWriter:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         args = [sys.executable, *interpreter_flags(), "-m", __name__]
         args += [str(theirs.fileno()), str(os.getpid()), str(self.journal_dir)]
+        args.append(str(-1 if self.cpu is None else self.cpu))
         if self.run_as is not None and os.getuid() == 0:
             args += [str(self.run_as[0]), str(self.run_as[1])]
             for path in (self.journal_dir.parent, self.journal_dir):  # the child's from now
@@ -433,5 +441,5 @@ class _Answers(asyncio.Protocol):
 
 
 if __name__ == "__main__":
-    fd, parent, directory, *ids = sys.argv[1:]
-    serve(int(fd), int(parent), directory, (int(ids[0]), int(ids[1])) if ids else None)
+    fd, parent, directory, cpu, *ids = sys.argv[1:]
+    serve(int(fd), int(parent), directory, int(cpu), (int(ids[0]), int(ids[1])) if ids else None)
