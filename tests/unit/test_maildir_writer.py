@@ -393,3 +393,25 @@ def test_maildirs_on_another_file_system_are_written_through_tmp(
     assert answers(writer.run([job(1, box), job(2, box)])) == [(1, 1, ""), (2, 1, "")]
     assert not writer._spares.ok and writer._spares._fds == deque()
     assert len(os.listdir(box / "new")) == 2 and os.listdir(box / "tmp") == []
+
+
+def test_a_writer_started_on_a_full_disk_answers_and_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = journal.Segment.create
+    full = [True]
+
+    def create(directory: str, boot: str) -> journal.Segment:
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(directory, boot)
+
+    monkeypatch.setattr(journal.Segment, "create", staticmethod(create))
+    (tmp_path / "journal").mkdir()
+    writer = JournalWriter(str(tmp_path / "journal"))  # starts all the same (POP3 must)
+    box = tmp_path / "box"
+    assert answers(writer.run([job(1, box)])) == [(1, -errno.ENOSPC, "No space left on device")]
+    full[0] = False  # room again
+    assert answers(writer.run([job(2, box)])) == [(2, 1, "")]
+    writer.close()
+    assert os.listdir(tmp_path / "journal") == [] and len(os.listdir(box / "new")) == 1

@@ -121,7 +121,9 @@ class JournalWriter:
         self.directory = directory
         self.boot = journal.boot_id()
         journal.recover(directory, self.boot)  # the copies a crashed writer left
-        self.segment = journal.Segment.create(directory, self.boot)
+        self.segment: journal.Segment | None = None  # made by the first batch
+        with contextlib.suppress(OSError):  # a full disk: POP3 still starts (and frees room)
+            self.segment = journal.Segment.create(directory, self.boot)
         self._seq = 0
         self.syncer = journal.Syncer()
         self._spares = maildir.Spares(directory)
@@ -142,15 +144,18 @@ class JournalWriter:
             targets = tuple(journal.Target(j.box, j.name, j.head) for j in group)
             entries.append(journal.Entry(self._seq, targets, group[0].body, group[0].check))
         self._last_batch = len(jobs)
-        segment = self.segment
         answers: dict[int, tuple[int, str]] = {}
         settled: list[tuple[int, int]] = []
         try:
+            if self.segment is None:
+                self.segment = journal.Segment.create(self.directory, self.boot)
+            segment = self.segment
             segment.append([p for e in entries for p in journal.encode_entry(e)], sync=True)
         except OSError as exc:  # nothing is acknowledged, nothing published
             with contextlib.suppress(OSError):
                 marks = [(e.seq, i) for e in entries for i in range(len(e.targets))]
-                segment.append(journal.encode_settled(marks), sync=False)
+                if self.segment is not None:
+                    self.segment.append(journal.encode_settled(marks), sync=False)
             return b"".join(encode_answer(job.id, *_failure(exc)) for job in jobs)
         dirs: set[str] = set()
         for entry, group in zip(entries, groups, strict=True):
@@ -214,6 +219,7 @@ class JournalWriter:
 
     def _rotate(self) -> None:
         old = self.segment
+        assert old is not None
         try:
             self.segment = journal.Segment.create(self.directory, self.boot)
         except OSError as exc:
@@ -227,7 +233,7 @@ class JournalWriter:
         self._spares.off()
         self.syncer.stop()
         segment = self.segment
-        if not segment.broken and segment.synced >= segment.last_seq:
+        if segment is not None and not segment.broken and segment.synced >= segment.last_seq:
             segment.remove()
 
 
