@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -19,20 +20,26 @@ def box(tmp_path: Path) -> str:
 
 
 def publish(box: str, name: str, parts: list[bytes], where: str | None = None) -> None:
-    fd = maildir.write_tmp(box, name, parts)
-    maildir.publish(fd, box, name, where)
-    os.close(fd)
+    os.close(maildir.publish(box, name, parts, where))
 
 
 def test_a_copy_is_written_in_tmp_and_appears_whole_in_new(box: str) -> None:
-    fd = maildir.write_tmp(box, "1.Q_0.h,S=7,W=7", [b"Sub", b"j\r\n\r\n"])
-    assert os.listdir(Path(box, "new")) == []  # not mail until published
-    maildir.publish(fd, box, "1.Q_0.h,S=7,W=7")
-    os.close(fd)
+    publish(box, "1.Q_0.h,S=7,W=7", [b"Sub", b"j\r\n\r\n"])
     assert os.listdir(Path(box, "tmp")) == []
     path = Path(box, "new", "1.Q_0.h,S=7,W=7")
     assert path.read_bytes() == b"Subj\r\n\r\n"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_failed_write_leaves_nothing_behind(box: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, parts: object) -> None:
+        os.write(fd, b"Sub")  # part of it went in before the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(maildir, "write_all", full)
+    with pytest.raises(OSError, match="No space"):
+        publish(box, "2.Q_0.h", [b"Subj\r\n\r\n"])
+    assert os.listdir(Path(box, "tmp")) == [] and os.listdir(Path(box, "new")) == []
 
 
 def test_find_looks_in_new_and_in_cur_with_any_flags(box: str) -> None:

@@ -415,3 +415,20 @@ def test_a_writer_started_on_a_full_disk_answers_and_recovers(
     assert answers(writer.run([job(2, box)])) == [(2, 1, "")]
     writer.close()
     assert os.listdir(tmp_path / "journal") == [] and len(os.listdir(box / "new")) == 1
+
+
+def test_a_failed_bulk_flush_keeps_the_journal_for_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def syncfs(directory: str) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(journal, "syncfs", syncfs)
+    (tmp_path / "journal").mkdir()
+    writer = JournalWriter(str(tmp_path / "journal"))
+    box = tmp_path / "box"
+    assert answers(writer.run([job(1, box)])) == [(1, 1, "")]  # durable in the journal
+    writer.close()
+    (kept,) = os.listdir(tmp_path / "journal")  # the copy's only flushed record
+    contents = journal.parse((tmp_path / "journal" / kept).read_bytes())
+    assert [e.seq for e in contents.entries] == [1] and contents.synced == 0

@@ -49,13 +49,12 @@ from dataclasses import dataclass, field
 from postroom.storage import files, maildir
 
 _RECORD = struct.Struct("<BQI")  # kind, payload length, crc32(payload)
-_ACCEPT = struct.Struct("<QBIQ")  # seq, flags, number of targets, body length
+_ACCEPT = struct.Struct("<QIQ")  # seq, number of targets, body length
 _TARGET = struct.Struct("<HHI")  # lengths of the Maildir path, the file name, the head
 _MARK = struct.Struct("<QI")  # seq, target index
 _SEQ = struct.Struct("<Q")
 
 START, ACCEPT, SETTLED, SYNCED = 1, 2, 3, 4  # 0: the zeros ahead of the end
-CHECK_DUPLICATE = 1
 SUFFIX = ".journal"
 SEGMENT_SIZE = 16 << 20  # a segment past this size makes way for a new one
 RESERVE = 1 << 20  # zeros written ahead of the records
@@ -78,7 +77,6 @@ class Entry:
     seq: int
     targets: tuple[Target, ...]
     body: bytes
-    check: bool = False  # look for a copy delivered before a crash (the queue's retries)
 
 
 def _record(kind: int, parts: Sequence[bytes]) -> list[bytes]:
@@ -90,11 +88,7 @@ def _record(kind: int, parts: Sequence[bytes]) -> list[bytes]:
 
 def encode_entry(entry: Entry) -> list[bytes]:
     """An ACCEPT record; the body is not copied."""
-    parts = [
-        _ACCEPT.pack(
-            entry.seq, CHECK_DUPLICATE if entry.check else 0, len(entry.targets), len(entry.body)
-        )
-    ]
+    parts = [_ACCEPT.pack(entry.seq, len(entry.targets), len(entry.body))]
     for t in entry.targets:
         box, name = os.fsencode(t.box), os.fsencode(t.name)
         parts += [_TARGET.pack(len(box), len(name), len(t.head)), box, name, t.head]
@@ -146,7 +140,7 @@ def _take(out: Contents, kind: int, payload: memoryview) -> None:
     if kind == START:
         out.boot = bytes(payload).decode()
     elif kind == ACCEPT:
-        seq, flags, count, body_len = _ACCEPT.unpack_from(payload)
+        seq, count, body_len = _ACCEPT.unpack_from(payload)
         pos, targets = _ACCEPT.size, []
         for _ in range(count):
             box_len, name_len, head_len = _TARGET.unpack_from(payload, pos)
@@ -159,7 +153,7 @@ def _take(out: Contents, kind: int, payload: memoryview) -> None:
         if len(payload) - pos != body_len:
             raise ValueError("body length")
         body = bytes(payload[pos:])
-        out.entries.append(Entry(seq, tuple(targets), body, bool(flags & CHECK_DUPLICATE)))
+        out.entries.append(Entry(seq, tuple(targets), body))
     elif kind == SETTLED:
         if len(payload) % _MARK.size:
             raise ValueError("marks")
@@ -297,8 +291,7 @@ def _replay(contents: Contents, boot: str) -> int:
             found = maildir.find(target.box, target.name)
             if found is not None and (same_boot or _same(found, target.head + entry.body)):
                 continue
-            fd = maildir.write_tmp(target.box, target.name, (target.head, entry.body))
-            maildir.publish(fd, target.box, target.name, found)
+            fd = maildir.publish(target.box, target.name, (target.head, entry.body), found)
             try:
                 os.fsync(fd)
             finally:
@@ -394,19 +387,16 @@ class Syncer:
                 warn(f"syncfs of {directory} failed: {exc}")
                 for b in batches:  # kept: replayed and compared at the next start
                     b.segment.broken = True
-        newest: dict[Segment, int] = {}
-        for b in batches:
-            newest[b.segment] = max(newest.get(b.segment, 0), b.seq)
-        for segment, seq in newest.items():
-            if segment.broken:
+        for b in batches:  # one per segment (see add), oldest first
+            if b.segment.broken:
                 continue
             try:
-                segment.append(encode_synced(seq), sync=True)
-                segment.synced = seq
-                if segment.retired and seq >= segment.last_seq:
-                    segment.remove()
+                b.segment.append(encode_synced(b.seq), sync=True)
+                b.segment.synced = b.seq
+                if b.segment.retired and b.seq >= b.segment.last_seq:
+                    b.segment.remove()
             except OSError as exc:
-                warn(f"{segment.path}: {exc}")
+                warn(f"{b.segment.path}: {exc}")
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -6,10 +6,11 @@ line ends: Dovecot and mutt read them, and POP3 can send them without conversion
 carries ``,S=<octets>,W=<octets>`` (as Dovecot does) so that sizes are known without opening the
 file.
 
-A copy is written as ``tmp/NAME`` and renamed to ``new/NAME``; the flushes are left to the
-caller (the Maildir writer's journal makes the copy durable first and fsyncs files and
-``new/`` later, many at a time). NAME is derived from the queue id and recipient index, so
-after a crash :func:`find` tells whether a copy was delivered already.
+A copy is an unnamed file made ahead (:class:`Spares`) linked in as ``new/NAME``, or else
+``tmp/NAME`` renamed to ``new/NAME`` (:func:`publish`); the flushes are left to the caller
+(the Maildir writer's journal makes the copy durable first, and the files later, in bulk).
+NAME is derived from the queue id and recipient index, so after a crash :func:`find` tells
+whether a copy was delivered already.
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ def find(box: str, name: str) -> str | None:
     return None
 
 
-def write_tmp(box: str, name: str, parts: Sequence[bytes]) -> int:
-    """Write ``parts`` as ``tmp/name`` (making the Maildir if need be), not flushed: the
-    open descriptor, for :func:`publish`."""
+def publish(box: str, name: str, parts: Sequence[bytes], where: str | None = None) -> int:
+    """Write ``parts`` as ``tmp/name`` and rename it to ``where`` (default ``new/name``),
+    making the Maildir if need be. Nothing is flushed: the open descriptor is returned for the
+    caller to fsync (or not) and close, and the caller fsyncs the directory."""
     tmp = os.path.join(box, "tmp", name)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     try:
@@ -76,29 +78,20 @@ def write_tmp(box: str, name: str, parts: Sequence[bytes]) -> int:
     except FileNotFoundError:  # a Maildir not made yet, or removed meanwhile
         ensure(Path(box))
         fd = os.open(tmp, flags, 0o600)
-    try:
-        write_all(fd, parts)
-    except OSError:
-        discard(fd, box, name)
-        raise
-    return fd
-
-
-def publish(fd: int, box: str, name: str, where: str | None = None) -> None:
-    """Rename ``tmp/name`` (written by :func:`write_tmp` as ``fd``) to ``where`` (default
-    ``new/name``). Nothing is flushed: the caller fsyncs ``fd``, closes it and fsyncs the
-    directory. If the rename fails, the file is discarded."""
-    tmp = os.path.join(box, "tmp", name)
     dest = where or os.path.join(box, "new", name)
     try:
+        write_all(fd, parts)
         try:
             os.rename(tmp, dest)
         except FileNotFoundError:  # new/ removed meanwhile
             ensure(Path(box))
             os.rename(tmp, dest)
     except OSError:
-        discard(fd, box, name)
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # never leave half a message behind (disk full)
         raise
+    return fd
 
 
 class Spares:
@@ -151,13 +144,6 @@ def _any_dir_fd() -> int:
     if _dir_fd is None:
         _dir_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     return _dir_fd
-
-
-def discard(fd: int, box: str, name: str) -> None:
-    """Close and remove an unpublished ``tmp/name``: never leave half a message behind."""
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(os.path.join(box, "tmp", name))
 
 
 def name_field(name: str, key: str) -> int | None:

@@ -134,7 +134,7 @@ class JournalWriter:
         groups: list[list[Job]] = []  # a message's jobs share a body: one journal entry
         for job in jobs:
             last = groups[-1][0] if groups else None
-            if last is not None and last.body is job.body and last.check == job.check:
+            if last is not None and last.body is job.body:
                 groups[-1].append(job)
             else:
                 groups.append([job])
@@ -142,7 +142,7 @@ class JournalWriter:
         for group in groups:
             self._seq += 1
             targets = tuple(journal.Target(j.box, j.name, j.head) for j in group)
-            entries.append(journal.Entry(self._seq, targets, group[0].body, group[0].check))
+            entries.append(journal.Entry(self._seq, targets, group[0].body))
         self._last_batch = len(jobs)
         answers: dict[int, tuple[int, str]] = {}
         settled: list[tuple[int, int]] = []
@@ -189,9 +189,7 @@ class JournalWriter:
                 return self._link(fd, job)
             finally:
                 os.close(fd)
-        fd = maildir.write_tmp(job.box, job.name, (job.head, job.body))
-        maildir.publish(fd, job.box, job.name)
-        os.close(fd)
+        os.close(maildir.publish(job.box, job.name, (job.head, job.body)))
         return 1
 
     def _link(self, fd: int, job: Job) -> int:
