@@ -24,10 +24,16 @@ BOX_CACHE = 10_000
 class LocalDelivery:
     """Writes into Maildirs under ``data_dir`` through a :class:`MaildirWriter`."""
 
-    def __init__(self, data_dir: Path, hostname: str, writer: MaildirWriter | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        hostname: str,
+        run_as: tuple[int, int] | None = None,
+        cpu: int | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.hostname = hostname
-        self.writer = writer or MaildirWriter(data_dir / "journal")
+        self.writer = MaildirWriter(data_dir / "journal", run_as, cpu)
         self._boxes: dict[str, str] = {}  # recipient key -> its Maildir, as a string
 
     def _box(self, key: str) -> str:

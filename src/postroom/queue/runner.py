@@ -31,7 +31,6 @@ from postroom.queue.store import Envelope, Recipient, new_queue_id
 from postroom.resolver import DnsResolver
 from postroom.smtp.client_protocol import Message, Outcome
 from postroom.smtp.client_protocol import Recipient as ClientRecipient
-from postroom.storage.maildir_writer import MaildirWriter
 
 if TYPE_CHECKING:
     from postroom.app import Services
@@ -51,11 +50,8 @@ class QueueRunner:
         self.local = LocalDelivery(
             services.cfg.data_dir,
             services.cfg.hostname,
-            MaildirWriter(
-                services.cfg.data_dir / "journal",
-                privileges.target_ids(services.cfg),
-                services.cpus[1] if services.cpus else None,
-            ),
+            privileges.target_ids(services.cfg),
+            services.cpus[1] if services.cpus else None,
         )
         self._heap: list[tuple[float, str]] = []
         self._next: dict[str, float] = {}
