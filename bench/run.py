@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-pin-cpus",
         action="store_true",
-        help="run postroom without `pin_cpus` (the event loop and its writer on CPUs of their own)",
+        help="leave postroom's `pin_cpus` off (by default its loop and writer get a CPU each)",
     )
     parser.add_argument(
         "--postroom-cmd",
