@@ -13,28 +13,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import logging
-import logging.handlers
 import os
 import resource
 import signal
 import socket
-import ssl
 import sys
-from collections import Counter
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from postroom import config as config_mod
-from postroom import lifetime
+from postroom import lifetime, logs
 from postroom import tls as tls_mod
 from postroom.config import Config
+from postroom.queue.runner import QueueRunner
 from postroom.queue.store import QueueStore
-from postroom.smtp.session import Port
-from postroom.storage.accounts import Accounts, ScramKeys
+from postroom.services import ConnectionLimiter, Services
+from postroom.smtp.policy import Port
+from postroom.storage.local.accounts import Accounts
 from postroom.throttle import LoginThrottle
 
 log = logging.getLogger("postroom")
@@ -42,105 +39,10 @@ log = logging.getLogger("postroom")
 CONTROL_SOCKET = "control.sock"
 
 
-class Closable(Protocol):
-    """A live connection, as the limiter, the time-out sweeper and shutdown see it."""
-
-    def shutdown(self) -> None: ...
-
-    def check_timeout(self, now: float) -> None: ...
-
-
-@dataclass
-class ConnectionLimiter:
-    """Counts open connections in total and per client IP (limits from ``[limits]``)."""
-
-    max_total: int
-    max_per_ip: int
-    exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-    live: set[Closable] = field(default_factory=set)
-    per_ip: Counter[str] = field(default_factory=Counter)
-
-    @classmethod
-    def for_config(cls, cfg: Config, workers: int) -> ConnectionLimiter:
-        """The limits of ``[limits]``; each of ``workers`` holds its share of the total."""
-        lim = cfg.limits
-        return cls(
-            -(-lim.max_connections // workers),
-            lim.max_connections_per_ip,
-            cfg.per_ip_exempt_networks(),
-        )
-
-    def acquire(self, ip: str, conn: Closable) -> bool:
-        if len(self.live) >= self.max_total:
-            return False
-        if self.per_ip[ip] >= self.max_per_ip and not self._exempt(ip):
-            return False
-        self.live.add(conn)
-        self.per_ip[ip] += 1
-        return True
-
-    def release(self, ip: str, conn: Closable) -> None:
-        if conn in self.live:
-            self.live.discard(conn)
-            self.per_ip[ip] -= 1
-            if self.per_ip[ip] <= 0:
-                del self.per_ip[ip]
-
-    def _exempt(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in net for net in self.exempt)
-
-
-@dataclass
-class Services:
-    """Everything a session needs, created once per server."""
-
-    cfg: Config
-    accounts: Accounts
-    store: QueueStore
-    throttle: LoginThrottle
-    connections: ConnectionLimiter
-    tls: ssl.SSLContext | None
-    log: logging.Logger = log
-    cpu_executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="postroom-cpu")
-    )
-    runner: Any = None  # postroom.queue.runner.QueueRunner, set by build_services
-    stopping: bool = False
-    primary: bool = True  # the worker that owns the queue runner and the control socket
-    worker_index: int = 0
-    workers: int = 1  # how many were started (a reload cannot change it)
-    cpus: tuple[int, int] | None = None  # pin_cpus: the event loop's CPU, the writer's
-
-    async def check_password(self, ip: str, login: str, password: str) -> str | None:
-        """The account key if the password is right (argon2, in a worker thread). None without
-        a check while ``ip`` is locked out (tested when its turn comes: see throttle.py)."""
-        async with self.throttle.turn(ip):
-            if self.throttle.refused(ip):
-                return None
-            loop = asyncio.get_running_loop()
-            key: str | None = await loop.run_in_executor(
-                self.cpu_executor, self.accounts.verify_password, login, password
-            )
-        return key
-
-    def scram_keys(self, ip: str, login: str) -> ScramKeys | None:
-        """None (as for an unknown user) while ``ip`` is locked out."""
-        if self.throttle.refused(ip):
-            return None
-        found = self.accounts.scram_keys(login)
-        return found[1] if found else None
-
-    @property
-    def banner(self) -> bytes:
-        """The SMTP greeting (RFC 5321 §4.2: 220 and our host name)."""
-        return f"220 {self.cfg.hostname} ESMTP postroom ready\r\n".encode()
-
-
-def build_services(cfg: Config, primary: bool = True, workers: int = 1, index: int = 0) -> Services:
+def build_services(
+    cfg: Config, primary: bool = True, workers: int = 1, index: int = 0
+) -> tuple[Services, QueueRunner]:
+    """The shared bundle and the queue runner that takes its finished messages."""
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     services = Services(
         cfg=cfg,
@@ -154,10 +56,9 @@ def build_services(cfg: Config, primary: bool = True, workers: int = 1, index: i
         workers=workers,
         cpus=cpu_pair(index, workers) if cfg.pin_cpus else None,
     )
-    from postroom.queue.runner import QueueRunner
-
-    services.runner = QueueRunner(services)
-    return services
+    runner = QueueRunner(services)
+    services.intake = runner
+    return services, runner
 
 
 def cpu_pair(index: int, workers: int) -> tuple[int, int] | None:
@@ -273,7 +174,7 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
     return servers
 
 
-async def _control_server(services: Services) -> asyncio.AbstractServer:
+async def _control_server(services: Services, runner: QueueRunner) -> asyncio.AbstractServer:
     """A Unix socket in data_dir: ``queue flush``/``delete``/``reload`` from the CLI."""
     path = services.cfg.data_dir / CONTROL_SOCKET
     with contextlib.suppress(FileNotFoundError):
@@ -284,13 +185,13 @@ async def _control_server(services: Services) -> asyncio.AbstractServer:
             line = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
             verb, _, arg = line.partition(" ")
             if verb == "flush":
-                services.runner.flush()
+                runner.flush()
                 answer = "ok"
             elif verb == "submit":
                 # Another worker spooled a message: the primary's runner delivers it.
-                answer = "ok" if services.runner.submit_id(arg) else "unknown"
+                answer = "ok" if runner.submit_id(arg) else "unknown"
             elif verb == "delete":
-                answer = "ok" if await services.runner.delete(arg) else "unknown"
+                answer = "ok" if await runner.delete(arg) else "unknown"
             elif verb == "ping":
                 answer = "ok"
             else:
@@ -328,19 +229,19 @@ def _reload(services: Services, worker: Worker) -> None:
 
 async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     """One worker's event loop. The primary (worker 0) also recovers and runs the queue."""
-    services = build_services(cfg, worker.primary, cfg.workers, worker.index)
+    services, runner = build_services(cfg, worker.primary, cfg.workers, worker.index)
     loop = asyncio.get_running_loop()
     control = None
     if services.cpus is not None:
         pin_process(services.cpus[0])
     elif cfg.pin_cpus:
         log.warning("pin_cpus: fewer than two CPUs per worker; not pinned")
-    await services.runner.local.writer.start()  # before privileges are dropped: see there
+    await runner.local.writer.start()  # before privileges are dropped: see there
     if worker.primary:
-        await services.runner.recover()
+        await runner.recover()
     servers = await _start_listeners(services, listeners)
     if worker.primary:
-        control = await _control_server(services)
+        control = await _control_server(services, runner)
     from postroom import privileges
     from postroom.smtp.server import IdleSweeper
 
@@ -348,7 +249,7 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     worker.release_others()  # the queue is recovered: the other workers may serve now
     tasks = [loop.create_task(IdleSweeper(services).run())]
     if worker.primary:
-        tasks.append(loop.create_task(services.runner.run()))
+        tasks.append(loop.create_task(runner.run()))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -378,14 +279,14 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     deadline = loop.time() + 8
     while services.connections.live and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    await services.runner.stop()
+    await runner.stop()
     for task in tasks:
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.gather(*tasks)
     await worker.wait_others(deadline=loop.time() + 1)
     services.accounts.close()
-    flush_logs()
+    logs.flush()
     return 0
 
 
@@ -429,47 +330,6 @@ class Worker:
                 await asyncio.sleep(0.05)
 
 
-class _BatchedStderr(logging.handlers.MemoryHandler):
-    """Buffers records and writes each batch to stderr in one ``write``.
-
-    MemoryHandler alone hands its buffer to a StreamHandler record by record, and that
-    flushes the stream after each: one system call per log line after all.
-    """
-
-    def flush(self) -> None:
-        self.acquire()  # held while writing too, so that batches keep their order
-        try:
-            if self.buffer:
-                sys.stderr.write("".join(self.format(r) + "\n" for r in self.buffer))
-                self.buffer.clear()
-                sys.stderr.flush()
-        except (OSError, ValueError):
-            self.buffer.clear()  # stderr is gone (closed terminal): nowhere to log to
-        finally:
-            self.release()
-
-
-def _setup_logging(cfg: Config) -> None:
-    """Log lines go to stderr in batches (one write per 256 lines or per second, at once for
-    warnings and errors): a write per accepted message would cost a system call each."""
-    # What a record costs (the logging HOWTO's "Optimization"): no caller frame lookup and no
-    # thread names; the process id stays (it names the worker in every line).
-    logging._srcfile = None
-    logging.logThreads = logging.logMultiprocessing = False
-    buffered = _BatchedStderr(256, flushLevel=logging.WARNING)
-    buffered.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [buffered]
-    root.setLevel(getattr(logging, cfg.log_level.upper()))
-
-
-def flush_logs() -> None:
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-
-
 def _loop_run(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
@@ -479,7 +339,7 @@ def _loop_run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def run(cfg: Config) -> int:
-    _setup_logging(cfg)
+    logs.setup(cfg)
     _raise_fd_limit()
     try:
         listeners = bind_listeners(cfg)

@@ -1,7 +1,7 @@
 """Blocking calls (spool fsyncs, file reads, directory scans) run in threads, off the loop.
 
 (Maildir deliveries, the busiest file work, go to a helper process instead:
-:mod:`postroom.storage.maildir_writer` says why.)
+:mod:`postroom.storage.local.maildir_writer` says why.)
 
 ``loop.run_in_executor`` goes through ``concurrent.futures``: a Future guarded by a Condition,
 a wrapping asyncio future and a chained callback per call, and the worker thread takes the GIL

@@ -123,7 +123,7 @@ def _control(cfg: Config, command: str) -> str | None:
 
 
 def _cmd_user(cfg: Config, args: argparse.Namespace) -> int:
-    from postroom.storage.accounts import Accounts, account_address
+    from postroom.storage.local.accounts import Accounts, account_address
 
     accounts = Accounts(cfg.data_dir)
     if args.action == "list":
@@ -135,7 +135,7 @@ def _cmd_user(cfg: Config, args: argparse.Namespace) -> int:
         if accounts.user_exists(addr.key):
             raise AccountError(f"user {addr.key} already exists")
         accounts.add_user(addr, _read_password(args))
-        from postroom.storage import maildir
+        from postroom.storage.local import maildir
 
         maildir.ensure(maildir.mailbox_path(cfg.data_dir, addr.key))
     elif args.action == "passwd":
@@ -158,7 +158,7 @@ def _alias_target(text: str) -> str:
 
 
 def _cmd_alias(cfg: Config, args: argparse.Namespace) -> int:
-    from postroom.storage.accounts import Accounts, account_address
+    from postroom.storage.local.accounts import Accounts, account_address
 
     accounts = Accounts(cfg.data_dir)
     if args.action == "list":
@@ -275,8 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Import what the commands use before dropping root: the new user may not be able to
         # read the Python installation's files (a pyenv under /root, say).
         import postroom.queue.store
-        import postroom.storage.accounts
-        import postroom.storage.maildir  # noqa: F401
+        import postroom.storage.local.accounts
+        import postroom.storage.local.maildir  # noqa: F401
         from postroom import privileges
 
         privileges.drop_for_cli(cfg)

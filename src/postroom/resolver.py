@@ -31,7 +31,7 @@ import dns.resolver
 from postroom.address import normalise_domain
 from postroom.config import DNSConfig, Endpoint
 from postroom.errors import ConfigError
-from postroom.smtp.replies import Reply
+from postroom.wire.replies import Reply
 
 # Bounds on what a (possibly hostile) zone can make us do for one domain.
 MAX_MX_HOSTS = 10

@@ -21,10 +21,30 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from postroom.storage.accounts import ScramKeys
-
 MECHANISMS = ("PLAIN", "LOGIN", "SCRAM-SHA-256")
 _FAKE_SECRET = secrets.token_bytes(32)
+SCRAM_ITERATIONS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ScramKeys:
+    """What the server stores for SCRAM-SHA-256 (RFC 5802 §3)."""
+
+    salt: bytes
+    iterations: int
+    stored_key: bytes
+    server_key: bytes
+
+
+def derive_scram_keys(
+    password: str, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS
+) -> ScramKeys:
+    """SaltedPassword, ClientKey, StoredKey and ServerKey of RFC 5802 §3 with SHA-256."""
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    return ScramKeys(salt, iterations, hashlib.sha256(client_key).digest(), server_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +196,9 @@ class ScramSha256:
         self._known = keys is not None
         if keys is None:
             salt = hmac.new(_FAKE_SECRET, self._username.lower().encode(), "sha256").digest()[:16]
-            keys = ScramKeys(salt, 4096, secrets.token_bytes(32), secrets.token_bytes(32))
+            keys = ScramKeys(
+                salt, SCRAM_ITERATIONS, secrets.token_bytes(32), secrets.token_bytes(32)
+            )
         self._keys = keys
         self._server_first = (
             f"r={self._nonce},s={base64.b64encode(keys.salt).decode()},i={keys.iterations}"

@@ -16,7 +16,7 @@ from postroom import address
 from postroom.delivery.dsn import DsnRecipient, build_dsn
 from postroom.errors import AddressError
 from postroom.smtp import commands
-from postroom.smtp.replies import Reply
+from postroom.wire.replies import Reply
 
 EXAMPLES = int(os.environ.get("POSTROOM_FUZZ_EXAMPLES", "3000"))
 FUZZ = settings(

@@ -25,7 +25,7 @@ def children_of(pid: int) -> list[int]:
 
 def is_writer(pid: int) -> bool:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return b"postroom.storage.maildir_writer" in f.read()
+        return b"postroom.storage.local.maildir_writer" in f.read()
 
 
 def test_two_workers(server_factory: ServerFactory) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from postroom.smtp.framing import (
+from postroom.wire.framing import (
     TOO_LONG,
     DotReader,
     LineEndCheck,

@@ -9,8 +9,8 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postroom.storage import journal, maildir
-from postroom.storage.journal import Entry, Target
+from postroom.storage.local import journal, maildir
+from postroom.storage.local.journal import Entry, Target
 
 BOOT = "this-boot"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from postroom.config import embedded_default, from_dict
-from postroom.storage import files, maildir
+from postroom.storage.local import files, maildir
 
 
 @pytest.fixture

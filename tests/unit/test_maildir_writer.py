@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 
 from postroom.delivery.local import LocalDelivery
 from postroom.queue.store import Envelope, Recipient
-from postroom.storage import journal, maildir
-from postroom.storage import maildir_writer as writer_mod
-from postroom.storage.journal import Target
-from postroom.storage.maildir_writer import (
+from postroom.storage.local import journal, maildir
+from postroom.storage.local import maildir_writer as writer_mod
+from postroom.storage.local.journal import Target
+from postroom.storage.local.maildir_writer import (
     Job,
     JobReader,
     JournalWriter,
@@ -305,7 +305,7 @@ def test_the_child_dies_with_the_server(tmp_path: Path) -> None:
     script = (
         "import asyncio, sys\n"
         "from pathlib import Path\n"
-        "from postroom.storage.maildir_writer import MaildirWriter, Target\n"
+        "from postroom.storage.local.maildir_writer import MaildirWriter, Target\n"
         "async def main():\n"
         f"    w = MaildirWriter(Path({str(tmp_path / 'journal')!r}))\n"
         f"    await w.write([Target({str(tmp_path / 'box')!r}, '1.a', b'')], b'm', False)\n"
@@ -345,7 +345,7 @@ def test_the_child_runs_with_the_servers_interpreter_options(tmp_path: Path) -> 
     script = (
         "import asyncio\n"
         "from pathlib import Path\n"
-        "from postroom.storage.maildir_writer import MaildirWriter, Target\n"
+        "from postroom.storage.local.maildir_writer import MaildirWriter, Target\n"
         "async def main():\n"
         f"    w = MaildirWriter(Path({str(tmp_path / 'journal')!r}))\n"
         f"    print(await w.write([Target({str(tmp_path / 'box')!r}, '1.a', b'')], b'm', False))\n"
@@ -363,7 +363,7 @@ def test_the_child_runs_with_the_servers_interpreter_options(tmp_path: Path) -> 
     assert out.returncode == 0, out.stderr
     written, cmdline = out.stdout.splitlines()
     assert written == "[True]"
-    assert "'-I', '-X', 'dev', '-m', 'postroom.storage.maildir_writer'" in cmdline
+    assert "'-I', '-X', 'dev', '-m', 'postroom.storage.local.maildir_writer'" in cmdline
 
 
 def test_copies_use_unnamed_files_made_ahead(tmp_path: Path, writer: JournalWriter) -> None:

@@ -10,12 +10,12 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "postroom"
 PURE = [
-    "smtp/server_protocol.py",
-    "smtp/client_protocol.py",
+    "smtp/server_engine.py",
+    "smtp/client_engine.py",
     "smtp/commands.py",
-    "smtp/framing.py",
-    "smtp/replies.py",
-    "pop3/protocol.py",
+    "wire/framing.py",
+    "wire/replies.py",
+    "pop3/engine.py",
     "sasl.py",
     "queue/schedule.py",
     "delivery/dsn.py",

@@ -7,7 +7,7 @@ import hashlib
 import hmac
 
 from postroom import sasl
-from postroom.storage.accounts import derive_scram_keys
+from postroom.sasl import derive_scram_keys
 
 
 def scram_to_server_final(password: str = "pw") -> sasl.ScramSha256:

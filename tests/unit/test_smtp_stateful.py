@@ -11,18 +11,18 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from postroom.smtp import replies
-from postroom.smtp.framing import dot_stuff
-from postroom.smtp.server_protocol import (
+from postroom.smtp.server_engine import (
     NEED_DATA,
     DataChunk,
     Features,
     MailFrom,
     MessageEnd,
     RcptTo,
-    ServerProtocol,
+    ServerEngine,
     State,
 )
+from postroom.wire import replies
+from postroom.wire.framing import dot_stuff
 
 MAX_RCPT = 3
 
@@ -30,7 +30,7 @@ MAX_RCPT = 3
 class SmtpModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.proto = ServerProtocol(
+        self.proto = ServerEngine(
             Features(
                 hostname="mx.test", size_limit=10_000, max_recipients=MAX_RCPT, max_errors=1000
             )
@@ -117,7 +117,7 @@ class SmtpModel(RuleBasedStateMachine):
     def quit(self) -> None:
         assert self.send(b"QUIT\r\n", 3) == [221]
         assert self.proto.state is State.CLOSED
-        self.proto = ServerProtocol(self.proto.features)
+        self.proto = ServerEngine(self.proto.features)
         self.greeted = self.in_mail = False
         self.rcpts = 0
 

@@ -7,8 +7,9 @@ import threading
 import time
 from pathlib import Path
 
-from postroom.app import Services, build_services
+from postroom.app import build_services
 from postroom.config import AuthConfig, from_dict
+from postroom.services import Services
 from postroom.throttle import CHECKS_PER_IP, LoginThrottle
 
 
@@ -25,7 +26,7 @@ def services_with(tmp_path: Path, verify: object, lockout: int) -> Services:
     cfg = from_dict(
         {"domains": ["a.test"], "data_dir": str(tmp_path), "auth": {"lockout_failures": lockout}}
     )
-    services = build_services(cfg)
+    services, _runner = build_services(cfg)
     services.accounts.verify_password = verify  # type: ignore[assignment]
     return services
 

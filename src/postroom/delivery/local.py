@@ -3,7 +3,8 @@
 Prepends ``Return-Path`` (RFC 5321 §4.4) and ``Delivered-To``, and changes nothing else. The
 Maildir file name is derived from the queue id and recipient index, so a delivery repeated after
 a crash finds the earlier copy and does not deliver it twice. The file work is done by the
-Maildir writer process (:mod:`postroom.storage.maildir_writer`); names and headers are made here.
+Maildir writer process (:mod:`postroom.storage.local.maildir_writer`); names and headers are
+made here.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from postroom.queue.store import Envelope
-from postroom.storage import maildir
-from postroom.storage.journal import Target
-from postroom.storage.maildir_writer import MaildirWriter
+from postroom.storage.local import maildir
+from postroom.storage.local.journal import Target
+from postroom.storage.local.maildir_writer import MaildirWriter
 
 BOX_CACHE = 10_000
 

@@ -6,7 +6,7 @@ not in a loop), then tries each MX host's addresses in order on ``[delivery] por
 connection, a time-out, a TLS failure or a greeting other than 220 moves on to the next address;
 recipients that get a temporary failure at one host are offered to the next one too (as Postfix
 does with backup MX hosts); a 2xx or 5xx is final. The SMTP conversation itself is
-:class:`~postroom.smtp.client_protocol.ClientEngine`; this module only moves its bytes with an
+:class:`~postroom.smtp.client_engine.ClientEngine`; this module only moves its bytes with an
 asyncio Protocol (which owns the read side, so "nothing buffered at the TLS switch" is checked by
 the engine, RFC 3207 §4.2), does the STARTTLS handshake, applies time-outs, and keeps idle
 sessions in a small cache keyed by (host, address, port, verify) so that the next message to the
@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 from postroom.config import Config
 from postroom.resolver import Resolver, Target, drop_self
-from postroom.smtp.client_protocol import (
+from postroom.smtp.client_engine import (
     ClientEngine,
     Closed,
     Event,
@@ -40,8 +40,8 @@ from postroom.smtp.client_protocol import (
     State,
     TLSPolicy,
 )
-from postroom.smtp.replies import Reply
 from postroom.tls import client_context
+from postroom.wire.replies import Reply
 
 MessageSource = bytes | Callable[[], Awaitable[bytes]]
 """The message octets, or a coroutine function that reads them (called only when needed)."""

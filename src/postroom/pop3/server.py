@@ -20,7 +20,7 @@ from postroom import sasl
 from postroom.address import parse_user_address
 from postroom.errors import AddressError
 from postroom.flow import FlowControl
-from postroom.pop3.protocol import (
+from postroom.pop3.engine import (
     AuthResponse,
     AuthStart,
     Closing,
@@ -29,17 +29,17 @@ from postroom.pop3.protocol import (
     Features,
     Login,
     NeedData,
-    Pop3Protocol,
+    Pop3Engine,
     Quit,
     StartTLS,
     State,
 )
-from postroom.pop3.session import MailboxInUse, Maildrop, TopFilter, chunks
-from postroom.smtp.framing import Stuffer, dot_stuff
-from postroom.storage import maildir
+from postroom.pop3.maildrop import MailboxInUse, Maildrop, TopFilter, chunks
+from postroom.storage.local import maildir
+from postroom.wire.framing import Stuffer, dot_stuff
 
 if TYPE_CHECKING:
-    from postroom.app import Services
+    from postroom.services import Services
 
 READ_HIGH_WATER = 1 << 16
 SMALL_MESSAGE = 1 << 18  # read and sent in one go; larger ones stream
@@ -54,7 +54,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         self.implicit_tls = implicit_tls
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
-        self.proto: Pop3Protocol | None = None
+        self.proto: Pop3Engine | None = None
         self.drop: Maildrop | None = None
         self.user: str | None = None
         self.last_activity = 0.0
@@ -89,7 +89,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
             transport.close()
             self._lost = True
             return
-        self.proto = Pop3Protocol(self.features(), tls_active=self.implicit_tls)
+        self.proto = Pop3Engine(self.features(), tls_active=self.implicit_tls)
         self.last_activity = time.monotonic()
         transport.write(b"+OK postroom POP3 server ready\r\n")  # type: ignore[attr-defined]
 
@@ -142,7 +142,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
             self.drop.close()
             self.drop = None
 
-    def _engine(self) -> Pop3Protocol | None:
+    def _engine(self) -> Pop3Engine | None:
         return self.proto
 
     def _close(self) -> None:
@@ -217,7 +217,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
 
     # -- TRANSACTION ---------------------------------------------------------------------------
 
-    def _command(self, proto: Pop3Protocol, cmd: Command) -> bool:
+    def _command(self, proto: Pop3Engine, cmd: Command) -> bool:
         """Answer a TRANSACTION command at once; False if it needs a task (a large message)."""
         drop = self.drop
         assert drop is not None
@@ -268,7 +268,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
                 return False
         return True
 
-    async def _stream(self, proto: Pop3Protocol, cmd: Command) -> None:
+    async def _stream(self, proto: Pop3Engine, cmd: Command) -> None:
         """RETR or TOP of a large message: read, stuff and send in pieces, with flow control.
 
         The file is read in a worker thread a piece at a time and each piece is written before
@@ -278,7 +278,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         assert drop is not None and cmd.msg is not None
         entry = drop.get(cmd.msg)
         assert entry is not None
-        io = self.services.store.io
+        io = self.services.io
         try:
             fh = await io.run(drop.open_message, entry)
         except FileNotFoundError:
@@ -322,7 +322,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         finally:
             fh.close()
 
-    async def _quit(self, proto: Pop3Protocol) -> None:
+    async def _quit(self, proto: Pop3Engine) -> None:
         # RFC 1939 §6: once QUIT has come the UPDATE state runs to its end, also when the
         # client closes without reading the +OK; so the maildrop (and its lock) is this
         # task's now, not connection_lost's to release half-way.
@@ -331,7 +331,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
             proto.bye()
             return
         try:
-            failed = await self.services.store.io.run(drop.update)
+            failed = await self.services.io.run(drop.update)
         finally:
             drop.close()
         if failed:
@@ -341,7 +341,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
 
     # -- AUTHORIZATION -------------------------------------------------------------------------
 
-    async def _login(self, proto: Pop3Protocol, user: str, password: str) -> None:
+    async def _login(self, proto: Pop3Engine, user: str, password: str) -> None:
         services = self.services
         if services.throttle.refused(self.client_ip):
             proto.login_failed("Too many failed logins, try again later", "SYS/TEMP")
@@ -352,7 +352,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
             return
         await self._open(proto, key)
 
-    async def _failed(self, proto: Pop3Protocol, user: str | None) -> None:
+    async def _failed(self, proto: Pop3Engine, user: str | None) -> None:
         # Counted per account too, case-insensitively (logins are), so that spelling the
         # name differently does not reset the count.
         account = user.strip().lower()[:320] if user else None
@@ -361,11 +361,11 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         await asyncio.sleep(delay)
         proto.login_failed("Invalid login or password", "AUTH")
 
-    async def _open(self, proto: Pop3Protocol, key: str) -> None:
+    async def _open(self, proto: Pop3Engine, key: str) -> None:
         path = maildir.mailbox_path(self.services.cfg.data_dir, key)
         drop = Maildrop(path)
         try:
-            await self.services.store.io.run(drop.open)
+            await self.services.io.run(drop.open)
         except MailboxInUse:
             proto.login_failed("Mailbox is locked by another session", "IN-USE")
             return
@@ -383,7 +383,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         )
         proto.login_ok(f"{count} messages ({size} octets)")
 
-    async def _auth(self, proto: Pop3Protocol, event: AuthStart | AuthResponse) -> None:
+    async def _auth(self, proto: Pop3Engine, event: AuthStart | AuthResponse) -> None:
         if isinstance(event, AuthStart):
             if self.services.throttle.refused(self.client_ip):
                 proto.login_failed("Too many failed logins, try again later", "SYS/TEMP")
@@ -417,7 +417,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
             return
         await self._failed(proto, step.username)
 
-    async def _open_login(self, proto: Pop3Protocol, username: str) -> None:
+    async def _open_login(self, proto: Pop3Engine, username: str) -> None:
         try:
             key = parse_user_address(username).key
         except AddressError:
@@ -425,7 +425,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
             return
         await self._open(proto, key)
 
-    async def _starttls(self, proto: Pop3Protocol) -> None:
+    async def _starttls(self, proto: Pop3Engine) -> None:
         transport = self.transport
         assert transport is not None and self.services.tls is not None
         # The checked invariant of the upgrade (RFC 2595 §4, CVE-2011-0411): reading was

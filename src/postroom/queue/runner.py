@@ -29,12 +29,12 @@ from postroom.errors import QueueError
 from postroom.queue import schedule
 from postroom.queue.store import Envelope, Recipient, new_queue_id
 from postroom.resolver import DnsResolver
-from postroom.smtp.client_protocol import Message, Outcome
-from postroom.smtp.client_protocol import Recipient as ClientRecipient
+from postroom.smtp.client_engine import Message, Outcome
+from postroom.smtp.client_engine import Recipient as ClientRecipient
 
 if TYPE_CHECKING:
-    from postroom.app import Services
     from postroom.config import Config
+    from postroom.services import Services
 
 
 def domain_of(address: str) -> str:

@@ -31,8 +31,8 @@ from typing import Any, Literal
 
 from postroom.blocking import BlockingPool
 from postroom.errors import QueueError, TemporaryStorageError
-from postroom.storage import files
-from postroom.storage.files import write_all
+from postroom.storage.local import files
+from postroom.storage.local.files import write_all
 
 Status = Literal["queued", "deferred", "delivered", "bounced"]
 FOOTER_MAGIC = b"\nPOSTROOM-QUEUE1 "

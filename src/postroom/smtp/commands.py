@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from postroom.address import Address, parse_path
 from postroom.errors import AddressError
-from postroom.smtp import replies
-from postroom.smtp.replies import Reply
+from postroom.wire import replies
+from postroom.wire.replies import Reply
 
 MAX_COMMAND = 512
 # MAIL: SIZE (26) + BODY (16) + SMTPUTF8 (9) + RET (9) + ENVID (107) + AUTH= (500), rounded up.

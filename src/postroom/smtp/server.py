@@ -1,6 +1,6 @@
 """asyncio glue for the SMTP listeners: accept, feed bytes to the engine, write replies, TLS.
 
-Thin on purpose: the protocol lives in ``server_protocol.py``, the policy in ``session.py``.
+Thin on purpose: the protocol lives in ``server_engine.py``, the policy in ``policy.py``.
 What lives here: connection limits, flow control, STARTTLS, time-outs and graceful shutdown.
 
 Events are handled right inside ``data_received`` when the policy can answer at once (almost
@@ -22,9 +22,10 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
+from postroom import logs
 from postroom.flow import FlowControl
-from postroom.smtp import replies
-from postroom.smtp.server_protocol import (
+from postroom.smtp.policy import Port, SmtpPolicy
+from postroom.smtp.server_engine import (
     AuthResponse,
     AuthStart,
     Closing,
@@ -37,15 +38,15 @@ from postroom.smtp.server_protocol import (
     MessageEnd,
     NeedData,
     RcptTo,
-    ServerProtocol,
+    ServerEngine,
     StartTLS,
     State,
     TransactionReset,
 )
-from postroom.smtp.session import Port, SmtpSession
+from postroom.wire import replies
 
 if TYPE_CHECKING:
-    from postroom.app import Services
+    from postroom.services import Services
 
 READ_HIGH_WATER = 1 << 20
 
@@ -59,8 +60,8 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
         self.implicit_tls = implicit_tls
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
-        self.proto: ServerProtocol | None = None
-        self.session: SmtpSession | None = None
+        self.proto: ServerEngine | None = None
+        self.session: SmtpPolicy | None = None
         self.last_activity = 0.0
         self.started = 0.0
         self._lost = False
@@ -82,8 +83,8 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
             transport.close()
             self._lost = True
             return
-        self.session = SmtpSession(services, self.port, self.client_ip, tls=self.implicit_tls)
-        self.proto = ServerProtocol(self.session.features(), tls_active=self.implicit_tls)
+        self.session = SmtpPolicy(services, self.port, self.client_ip, tls=self.implicit_tls)
+        self.proto = ServerEngine(self.session.features(), tls_active=self.implicit_tls)
         self.started = self.last_activity = time.monotonic()
         self.transport.write(services.banner)  # type: ignore[union-attr]
 
@@ -129,7 +130,7 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
 
     # -- processing ----------------------------------------------------------------------------
 
-    def _engine(self) -> ServerProtocol | None:
+    def _engine(self) -> ServerEngine | None:
         return self.proto
 
     def _process(self) -> None:
@@ -216,7 +217,7 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
             transport.close()
         self._lost = True
 
-    async def _starttls(self, session: SmtpSession, proto: ServerProtocol) -> None:
+    async def _starttls(self, session: SmtpPolicy, proto: ServerEngine) -> None:
         transport = self.transport
         assert transport is not None and self.services.tls is not None
         # The engine dropped what was pipelined after STARTTLS and reading was paused before
@@ -288,11 +289,9 @@ class IdleSweeper:
         self.interval = interval
 
     async def run(self) -> None:
-        from postroom.app import flush_logs
-
         while True:
             await asyncio.sleep(self.interval)
-            flush_logs()
+            logs.flush()
             now = time.monotonic()
             for conn in list(self.services.connections.live):
                 with contextlib.suppress(Exception):

@@ -1,13 +1,13 @@
 """The SMTP server as a sans-I/O state machine (RFC 5321, with ESMTP extensions).
 
-Bytes go in with :meth:`ServerProtocol.receive_data`; :meth:`ServerProtocol.next_event` yields
+Bytes go in with :meth:`ServerEngine.receive_data`; :meth:`ServerEngine.next_event` yields
 typed events; replies accumulate in an output buffer read with :meth:`data_to_send`. No sockets,
-no asyncio, no files: the glue (``server.py``) moves bytes, the policy (``session.py``) decides.
+no asyncio, no files: the glue (``server.py``) moves bytes, the policy (``policy.py``) decides.
 
 The engine answers everything that needs no policy itself (syntax errors, bad sequence, NOOP,
 HELP, VRFY, RSET, QUIT, EHLO with the current extension list). Events that need a decision
 (:class:`MailFrom`, :class:`RcptTo`, :class:`MessageEnd`, :class:`AuthStart`,
-:class:`AuthResponse`) must be answered with :meth:`ServerProtocol.reply` (or the SASL helpers)
+:class:`AuthResponse`) must be answered with :meth:`ServerEngine.reply` (or the SASL helpers)
 before the next event is asked for; asking earlier is a bug and raises ``RuntimeError``.
 
 States and transitions (one table, read top to bottom)::
@@ -30,10 +30,11 @@ import enum
 import re
 from dataclasses import dataclass, field
 
-from postroom.smtp import commands, replies
+from postroom.smtp import commands
 from postroom.smtp.commands import Auth, Bdat, CommandError, Hello, Mail, Rcpt, Simple
-from postroom.smtp.framing import TOO_LONG, CountedReader, DotReader, LineEndCheck, LineReader
-from postroom.smtp.replies import Reply
+from postroom.wire import replies
+from postroom.wire.framing import TOO_LONG, CountedReader, DotReader, LineEndCheck, LineReader
+from postroom.wire.replies import Reply
 
 _ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")  # RFC 5322 §3.2.3 atext
 
@@ -181,7 +182,7 @@ class _Transaction:
 
 
 @dataclass
-class ServerProtocol:
+class ServerEngine:
     """One SMTP server session's protocol state. See the module docstring for the flow."""
 
     features: Features

@@ -13,14 +13,12 @@ being sent, never the recovery of the password.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from argon2 import PasswordHasher
@@ -28,8 +26,8 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from postroom.address import Address, parse_user_address, safe_local_part
 from postroom.errors import AccountError, AddressError
+from postroom.sasl import ScramKeys, derive_scram_keys
 
-SCRAM_ITERATIONS = 4096
 CACHE_SIZE = 50_000
 CACHE_MAX_AGE = 5.0  # seconds; a belt to the stat-signature braces
 LOGIN_CACHE_TIME = 300.0
@@ -55,27 +53,6 @@ CREATE TABLE IF NOT EXISTS aliases (
 _HASHER = PasswordHasher()
 # Verified against when the user does not exist, so both cases cost the same time.
 _DUMMY_HASH = _HASHER.hash("postroom-no-such-user")
-
-
-@dataclass(frozen=True, slots=True)
-class ScramKeys:
-    """What the server stores for SCRAM-SHA-256 (RFC 5802 §3)."""
-
-    salt: bytes
-    iterations: int
-    stored_key: bytes
-    server_key: bytes
-
-
-def derive_scram_keys(
-    password: str, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS
-) -> ScramKeys:
-    """SaltedPassword, ClientKey, StoredKey and ServerKey of RFC 5802 §3 with SHA-256."""
-    salt = salt if salt is not None else os.urandom(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
-    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
-    return ScramKeys(salt, iterations, hashlib.sha256(client_key).digest(), server_key)
 
 
 def account_address(text: str, domains: Iterable[str]) -> Address:

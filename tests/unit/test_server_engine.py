@@ -7,8 +7,7 @@ import base64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from postroom.smtp import replies
-from postroom.smtp.server_protocol import (
+from postroom.smtp.server_engine import (
     NEED_DATA,
     AuthResponse,
     AuthStart,
@@ -19,10 +18,11 @@ from postroom.smtp.server_protocol import (
     MessageAborted,
     MessageEnd,
     RcptTo,
-    ServerProtocol,
+    ServerEngine,
     StartTLS,
     State,
 )
+from postroom.wire import replies
 
 
 def features(**kw: object) -> Features:
@@ -35,7 +35,7 @@ class Harness:
     """Runs the engine with a policy that accepts everything; records messages and events."""
 
     def __init__(self, **kw: object) -> None:
-        self.proto = ServerProtocol(features(**kw))
+        self.proto = ServerEngine(features(**kw))
         self.messages: list[bytes] = []
         self.events: list[object] = []
         self._current: list[bytes] = []
@@ -222,7 +222,7 @@ def test_auth_needs_tls_when_not_offered() -> None:
 
 
 def test_auth_exchange_and_cancel() -> None:
-    proto = ServerProtocol(features(auth_mechanisms=("PLAIN", "LOGIN")))
+    proto = ServerEngine(features(auth_mechanisms=("PLAIN", "LOGIN")))
     proto.receive_data(b"EHLO c\r\nAUTH LOGIN\r\n")
     evs = []
     while (ev := proto.next_event()) is not NEED_DATA:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postroom.smtp.client_protocol import (
+from postroom.smtp.client_engine import (
     ClientEngine,
     Closed,
     EngineMisuse,
@@ -23,7 +23,7 @@ from postroom.smtp.client_protocol import (
     State,
     TLSPolicy,
 )
-from postroom.smtp.framing import DotReader
+from postroom.wire.framing import DotReader
 
 EHLO_FULL = (
     b"250-mx.b.test Hello\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n"
@@ -428,7 +428,7 @@ def test_garbage_from_the_server_gives_only_events(junk: bytes) -> None:
 
 
 def test_module_is_pure() -> None:
-    import postroom.smtp.client_protocol as mod
+    import postroom.smtp.client_engine as mod
 
     tree = ast.parse(pathlib.Path(mod.__file__).read_text())
     names = set()

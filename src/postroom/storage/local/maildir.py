@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from postroom.address import safe_local_part
-from postroom.storage.files import write_all
+from postroom.storage.local.files import write_all
 
 SUBDIRS = ("tmp", "new", "cur")
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from postroom.smtp.framing import to_crlf
-from postroom.storage import maildir
+from postroom.storage.local import maildir
+from postroom.wire.framing import to_crlf
 
 LOCK_NAME = ".postroom-pop3.lock"
 SIZE_CACHE = ".postroom-pop3-sizes"

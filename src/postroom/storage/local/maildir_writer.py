@@ -8,20 +8,20 @@ the SMTP code. A child process does the same calls without a GIL to share: the l
 job into a socket (one ``writev``, batched with its other output by the transport) and reads
 the answer like any other connection; the child takes every job that has arrived, appends them
 to its journal with one ``fdatasync`` (group commit), publishes each copy into ``new/`` and
-answers; its syncer thread flushes the copies later (see :mod:`postroom.storage.journal`).
+answers; its syncer thread flushes the copies later (see :mod:`postroom.storage.local.journal`).
 That is Postfix's shape too (smtpd hands the message to another process), with one helper per
 worker process.
 
-The child is ``python -m postroom.storage.maildir_writer FD PARENT_PID JOURNAL_DIR CPU [UID GID]``:
-a fresh interpreter (no fork of a threaded server), started with the server's interpreter
-options. The server starts it before it drops root (the interpreter may not be executable by
-the mail user), and the child then becomes that user itself. It first replays what a crashed
-writer left in the journal, then says it is ready (an answer with id 0). It ignores
+The child is ``python -m postroom.storage.local.maildir_writer FD PARENT_PID JOURNAL_DIR CPU
+[UID GID]``: a fresh interpreter (no fork of a threaded server), started with the server's
+interpreter options. The server starts it before it drops root (the interpreter may not be
+executable by the mail user), and the child then becomes that user itself. It first replays what
+a crashed writer left in the journal, then says it is ready (an answer with id 0). It ignores
 SIGINT/SIGTERM, finishes what it was sent and exits when the server's end of the socket closes
 (shutdown); if the server dies, the kernel kills it at once and the next start replays its
 journal. If the child dies, the deliveries waiting on it fail with OSError: the message is
-queued and retried, and as file names come from the queue id, a copy that did land in
-``new/`` is found and not written a second time. The next job starts a new child.
+queued and retried, and as file names come from the queue id, a copy that did land in ``new/``
+is found and not written a second time. The next job starts a new child.
 
 Wire format, little-endian. Job: ``<IBHHIQ`` id, flags (1: check for an earlier copy; 2: the
 body is the previous job's), lengths of the Maildir path, the file name, the head and the body,
@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import cast
 
 from postroom import lifetime, privileges
-from postroom.storage import files, journal, maildir
-from postroom.storage.journal import Target
+from postroom.storage.local import files, journal, maildir
+from postroom.storage.local.journal import Target
 
 _JOB = struct.Struct("<IBHHIQ")
 _ANSWER = struct.Struct("<IiH")
@@ -113,7 +113,7 @@ def encode_answer(job_id: int, status: int, text: str = "") -> bytes:
 
 
 class JournalWriter:
-    """The child's work (see :mod:`postroom.storage.journal`): a batch of jobs appended to
+    """The child's work (see :mod:`postroom.storage.local.journal`): a batch of jobs appended to
     the journal with one ``fdatasync``, each copy then published into its Maildir and
     settled, the answers sent; the syncer thread flushes the copies afterwards."""
 

@@ -46,7 +46,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from postroom.storage import files, maildir
+from postroom.storage.local import files, maildir
 
 _RECORD = struct.Struct("<BQI")  # kind, payload length, crc32(payload)
 _ACCEPT = struct.Struct("<QIQ")  # seq, number of targets, body length

@@ -1,6 +1,6 @@
 """SMTP policy: who may send what to whom, and handing finished messages to the queue.
 
-One :class:`SmtpSession` per connection, driven by ``server.py`` with the engine's events. It
+One :class:`SmtpPolicy` per connection, driven by ``server.py`` with the engine's events. It
 decides MAIL (submission needs AUTH, RFC 6409 §4; an authenticated user may only use addresses
 they own), RCPT (local domains: existing users, aliases, postmaster, RFC 5321 §4.5.1; other
 domains only when authenticated: no open relay), AUTH (SASL over TLS only, with brute-force
@@ -22,18 +22,18 @@ from postroom import sasl
 from postroom.address import Address, parse_user_address
 from postroom.errors import TemporaryStorageError
 from postroom.queue.store import Envelope, Recipient, SpoolWriter, new_queue_id
-from postroom.smtp import replies
 from postroom.smtp.commands import Mail, Rcpt
-from postroom.smtp.replies import Reply
-from postroom.smtp.server_protocol import (
+from postroom.smtp.server_engine import (
     AuthResponse,
     AuthStart,
     Features,
-    ServerProtocol,
+    ServerEngine,
 )
+from postroom.wire import replies
+from postroom.wire.replies import Reply
 
 if TYPE_CHECKING:
-    from postroom.app import Services
+    from postroom.services import Services
 
 Port = Literal["smtp", "submission", "submissions"]
 
@@ -66,7 +66,7 @@ class _Txn:
     received_at: float = 0.0
 
 
-class SmtpSession:
+class SmtpPolicy:
     """The policy half of one SMTP connection."""
 
     def __init__(self, services: Services, port: Port, client_ip: str, tls: bool) -> None:
@@ -95,7 +95,7 @@ class SmtpSession:
             auth_mechanisms=sasl.MECHANISMS if tls_ok else (),
         )
 
-    def tls_started(self, proto: ServerProtocol) -> None:
+    def tls_started(self, proto: ServerEngine) -> None:
         self.tls = True
         self.auth_user = None
         self.txn = _Txn()
@@ -235,7 +235,8 @@ class SmtpSession:
             ret=(txn.mail.params.get("RET") or "").upper() or None if txn.mail else None,
             smtputf8=bool(txn.mail and txn.mail.smtputf8),
         )
-        runner = self.services.runner
+        runner = self.services.intake
+        assert runner is not None
         direct = writer.in_memory and all(
             runner.is_local(r.address) and not (r.notify and "SUCCESS" in r.notify)
             for r in envelope.recipients
@@ -276,7 +277,7 @@ class SmtpSession:
 
     # -- AUTH ----------------------------------------------------------------------------------
 
-    async def on_auth(self, proto: ServerProtocol, event: AuthStart | AuthResponse) -> None:
+    async def on_auth(self, proto: ServerEngine, event: AuthStart | AuthResponse) -> None:
         if isinstance(event, AuthStart):
             if self.services.throttle.refused(self.client_ip):
                 proto.auth_finish(replies.AUTH_THROTTLED)

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import postroom.pop3.protocol as protocol_mod
-from postroom.pop3.protocol import (
+import postroom.pop3.engine as protocol_mod
+from postroom.pop3.engine import (
     NEED_DATA,
     AuthResponse,
     AuthStart,
@@ -24,12 +24,12 @@ from postroom.pop3.protocol import (
     Command,
     Features,
     Login,
-    Pop3Protocol,
+    Pop3Engine,
     Quit,
     StartTLS,
     State,
 )
-from postroom.pop3.session import (
+from postroom.pop3.maildrop import (
     LOCK_NAME,
     PARALLEL_UPDATE_MIN,
     SIZE_CACHE,
@@ -41,10 +41,10 @@ from postroom.pop3.session import (
     crlf_only,
     unique_id,
 )
-from postroom.smtp.framing import DotReader, Stuffer, dot_stuff, to_crlf
+from postroom.wire.framing import DotReader, Stuffer, dot_stuff, to_crlf
 
 
-def run(proto: Pop3Protocol, data: bytes, login: bool = True) -> tuple[bytes, list[object]]:
+def run(proto: Pop3Engine, data: bytes, login: bool = True) -> tuple[bytes, list[object]]:
     proto.receive_data(data)
     events: list[object] = []
     while (ev := proto.next_event()) is not NEED_DATA:
@@ -65,7 +65,7 @@ def status(out: bytes) -> list[bytes]:
 
 
 def test_login_and_commands() -> None:
-    p = Pop3Protocol(Features())
+    p = Pop3Engine(Features())
     out, events = run(
         p,
         b"USER a@b.test\r\nPASS secret word\r\nSTAT\r\nLIST\r\nLIST 2\r\n"
@@ -89,7 +89,7 @@ def test_login_and_commands() -> None:
 
 
 def test_wrong_state_and_bad_arguments_keep_the_session() -> None:
-    p = Pop3Protocol(Features())
+    p = Pop3Engine(Features())
     out, _ = run(
         p,
         b"STAT\r\nPASS x\r\nFOO\r\nUSER u\r\nPASS p\r\nRETR\r\nRETR x\r\nRETR 0\r\n"
@@ -113,14 +113,14 @@ def test_wrong_state_and_bad_arguments_keep_the_session() -> None:
 
 
 def test_plaintext_login_refused_without_tls() -> None:
-    p = Pop3Protocol(Features(starttls=True, login_allowed=False))
+    p = Pop3Engine(Features(starttls=True, login_allowed=False))
     out, events = run(p, b"CAPA\r\nUSER u\r\nAUTH PLAIN\r\n")
     assert b"STLS\r\n" in out and b"USER\r\n" not in out and b"SASL" not in out
     assert out.count(b"-ERR [AUTH]") == 2 and not events
 
 
 def test_stls_discards_pipelined_commands() -> None:
-    p = Pop3Protocol(Features(starttls=True, login_allowed=False))
+    p = Pop3Engine(Features(starttls=True, login_allowed=False))
     p.receive_data(b"STLS\r\nUSER evil\r\n")
     ev = p.next_event()
     assert isinstance(ev, StartTLS) and ev.discarded == len(b"USER evil\r\n")
@@ -133,14 +133,14 @@ def test_stls_discards_pipelined_commands() -> None:
 
 
 def test_line_too_long_and_error_limit() -> None:
-    p = Pop3Protocol(Features(max_errors=3))
+    p = Pop3Engine(Features(max_errors=3))
     out, events = run(p, b"NOOP " + b"x" * 300 + b"\r\nX\r\nY\r\nZ\r\n")
     assert out.startswith(b"-ERR Line too long")
     assert isinstance(events[-1], Closing) and p.state is State.CLOSED
 
 
 def test_failed_login_returns_to_authorization() -> None:
-    p = Pop3Protocol(Features())
+    p = Pop3Engine(Features())
     out, _ = run(p, b"USER u\r\nPASS p\r\nSTAT\r\n", login=False)
     assert status(out) == [b"+OK", b"-ERR", b"-ERR"]
     assert p.state is State.AUTHORIZATION
@@ -175,9 +175,9 @@ COMMANDS = st.sampled_from(
 @given(st.lists(st.one_of(COMMANDS, st.binary(max_size=40)), max_size=30), st.integers(1, 9))
 def test_parser_never_raises_and_chunking_does_not_matter(lines: list[bytes], size: int) -> None:
     stream = b"\r\n".join(lines) + b"\r\n"
-    whole = Pop3Protocol(Features(starttls=True))
+    whole = Pop3Engine(Features(starttls=True))
     out1, ev1 = run(whole, stream)
-    pieces = Pop3Protocol(Features(starttls=True))
+    pieces = Pop3Engine(Features(starttls=True))
     out2 = b""
     ev2: list[object] = []
     for i in range(0, len(stream), size):
@@ -229,7 +229,7 @@ def test_engine_is_pure() -> None:
 
 
 def test_capa_lists_exactly_what_works() -> None:
-    plain = Pop3Protocol(Features(starttls=True, login_allowed=False))
+    plain = Pop3Engine(Features(starttls=True, login_allowed=False))
     out, _ = run(plain, b"CAPA\r\n")
     assert out.split(b"\r\n")[1:-2] == [
         b"TOP",
@@ -241,7 +241,7 @@ def test_capa_lists_exactly_what_works() -> None:
         b"UTF8",
         b"STLS",
     ]
-    tls = Pop3Protocol(Features(login_allowed=True), tls_active=True)
+    tls = Pop3Engine(Features(login_allowed=True), tls_active=True)
     out, _ = run(tls, b"CAPA\r\n")
     caps = out.split(b"\r\n")[1:-2]
     assert b"STLS" not in caps and b"USER" in caps and b"UTF8 USER" in caps
@@ -255,7 +255,7 @@ def test_capa_lists_exactly_what_works() -> None:
 
 
 def test_sasl_exchange_in_the_engine() -> None:
-    p = Pop3Protocol(Features())
+    p = Pop3Engine(Features())
     cred = base64.b64encode(b"\0u@a.test\0pw")
     p.receive_data(b"AUTH PLAIN " + cred + b"\r\n")
     ev = p.next_event()
@@ -272,7 +272,7 @@ def test_sasl_exchange_in_the_engine() -> None:
 
 
 def test_sasl_cancel_bad_base64_and_unknown_mechanism() -> None:
-    p = Pop3Protocol(Features())
+    p = Pop3Engine(Features())
     for line in (b"*", b"!!notbase64", b"A" * 20_000):  # RFC 5034 §4: each ends AUTH
         p.receive_data(b"AUTH LOGIN\r\n")
         assert p.next_event() == AuthStart("LOGIN", None)
@@ -291,7 +291,7 @@ def test_sasl_cancel_bad_base64_and_unknown_mechanism() -> None:
 
 def test_top_takes_any_line_count() -> None:
     # "TOP 1 1000000000" got "-ERR Invalid message number".
-    p = Pop3Protocol(Features(), tls_active=True)
+    p = Pop3Engine(Features(), tls_active=True)
     out, _ = run(p, b"USER u@a.test\r\nPASS pw\r\n")
     out, events = run(p, b"TOP 1 1000000000\r\nTOP 1 " + b"9" * 200 + b"\r\nTOP 1 x\r\n")
     assert events == [Command("TOP", 1, 1000000000), Command("TOP", 1, 10**20)]
@@ -299,13 +299,13 @@ def test_top_takes_any_line_count() -> None:
 
 
 def test_apop_is_not_offered() -> None:
-    p = Pop3Protocol(Features())
+    p = Pop3Engine(Features())
     out, events = run(p, b"APOP u 0123456789abcdef0123456789abcdef\r\n")
     assert out.startswith(b"-ERR") and not events
 
 
 def test_failed_logins_count_as_errors() -> None:
-    p = Pop3Protocol(Features(max_errors=3))
+    p = Pop3Engine(Features(max_errors=3))
     out, _ = run(
         p, b"USER u\r\nPASS a\r\nUSER u\r\nPASS b\r\nUSER u\r\nPASS c\r\nUSER u\r\n", login=False
     )
@@ -314,13 +314,13 @@ def test_failed_logins_count_as_errors() -> None:
 
 
 def test_command_limit() -> None:
-    p = Pop3Protocol(Features(max_commands=3))
+    p = Pop3Engine(Features(max_commands=3))
     out, events = run(p, b"NOOP\r\nCAPA\r\nNOOP\r\nNOOP\r\n")
     assert isinstance(events[-1], Closing) and out.endswith(b"Too many commands in one session\r\n")
 
 
 def test_lenient_spacing_and_case() -> None:
-    p = Pop3Protocol(Features())
+    p = Pop3Engine(Features())
     _, events = run(p, b"user u\r\npass p\r\nretr 1 \r\nlist   2\r\ntop 1  0\r\n")
     assert [e for e in events if isinstance(e, Command)] == [
         Command("RETR", 1),
@@ -330,17 +330,17 @@ def test_lenient_spacing_and_case() -> None:
 
 
 def test_password_with_spaces_and_utf8() -> None:
-    p = Pop3Protocol(Features())
+    p = Pop3Engine(Features())
     _, events = run(p, "UTF8\r\nUSER j\u00f6rg@a.test\r\nPASS  two  words \r\n".encode())
     assert events == [Login("j\u00f6rg@a.test", " two  words ")]
     assert p.utf8
 
 
 def test_quit_before_login_and_misuse() -> None:
-    p = Pop3Protocol(Features())
+    p = Pop3Engine(Features())
     out, events = run(p, b"QUIT\r\nNOOP\r\n")
     assert out == b"+OK Bye\r\n" and not events and p.state is State.CLOSED
-    q = Pop3Protocol(Features())
+    q = Pop3Engine(Features())
     with pytest.raises(RuntimeError):
         q.ok()  # nothing to answer: a bug in the caller, not the peer's fault
     with pytest.raises(RuntimeError):
@@ -352,14 +352,14 @@ def test_quit_before_login_and_misuse() -> None:
 
 
 def test_transaction_refuses_authorization_commands() -> None:
-    p = Pop3Protocol(Features(starttls=True))
+    p = Pop3Engine(Features(starttls=True))
     out, _ = run(p, b"USER u\r\nPASS p\r\nSTLS\r\nUSER x\r\nAUTH PLAIN\r\nCAPA\r\n")
     assert status(out)[2:5] == [b"-ERR", b"-ERR", b"-ERR"]
     assert b"STLS\r\n" not in out.split(b"Capability list follows")[1]
 
 
 def test_close_after_time_out() -> None:
-    p = Pop3Protocol(Features())
+    p = Pop3Engine(Features())
     p.close("Autologout: idle for too long")
     assert p.data_to_send() == b"-ERR Autologout: idle for too long\r\n"
     p.receive_data(b"NOOP\r\n")

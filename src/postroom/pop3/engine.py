@@ -1,7 +1,7 @@
 """The POP3 server as a sans-I/O state machine (RFC 1939, RFC 2449 CAPA, RFC 2595 STLS,
 RFC 5034 SASL AUTH, RFC 6856 UTF8, response codes of RFC 2449 §8 and RFC 3206).
 
-Bytes go in with :meth:`Pop3Protocol.receive_data`; :meth:`next_event` yields typed events;
+Bytes go in with :meth:`Pop3Engine.receive_data`; :meth:`next_event` yields typed events;
 responses accumulate in an output buffer (:meth:`data_to_send`). The engine checks syntax and
 state itself (wrong state, bad arguments, unknown commands: ``-ERR``, the session goes on);
 what needs the mailbox or the account store becomes an event the session answers with
@@ -13,7 +13,7 @@ States::
     AUTHORIZATION --STLS--> TLS --tls_started()--> AUTHORIZATION (fresh)
     AUTHORIZATION --AUTH--> SASL --235-like success--> TRANSACTION
 
-Security: lines are split by :mod:`postroom.smtp.framing` (the one splitter); bytes pipelined
+Security: lines are split by :mod:`postroom.wire.framing` (the one splitter); bytes pipelined
 after STLS are discarded (RFC 2595 §4, CVE-2011-0411 class); APOP is not offered, because it
 needs a plaintext-equivalent secret on the server (see docs/pop3.md).
 """
@@ -24,7 +24,7 @@ import base64
 import enum
 from dataclasses import dataclass, field
 
-from postroom.smtp.framing import TOO_LONG, LineReader
+from postroom.wire.framing import TOO_LONG, LineReader
 
 MAX_COMMAND = 255  # RFC 2449 §4: command lines are at most 255 octets including CRLF
 MAX_SASL_LINE = 12288
@@ -121,7 +121,7 @@ def _number(text: str) -> int | None:
 
 
 @dataclass
-class Pop3Protocol:
+class Pop3Engine:
     """One POP3 session's protocol state."""
 
     features: Features

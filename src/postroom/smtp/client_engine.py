@@ -26,8 +26,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from postroom.smtp.framing import TOO_LONG, LineReader, dot_stuff, to_crlf
-from postroom.smtp.replies import Reply, parse_status
+from postroom.wire.framing import TOO_LONG, LineReader, dot_stuff, to_crlf
+from postroom.wire.replies import Reply, parse_status
 
 MAX_REPLY_LINE = 4096  # RFC 5321 §4.5.3.1.5 says 512; be lenient but bounded.
 MAX_REPLY_LINES = 200

@@ -1,0 +1,1 @@
+"""The local backend: SQLite accounts, Maildir mailboxes, the journal and the spool on disk."""

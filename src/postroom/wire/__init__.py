@@ -1,0 +1,1 @@
+"""The vocabulary every protocol engine shares: line framing, dot-stuffing, SMTP replies."""
