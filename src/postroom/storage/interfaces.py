@@ -1,0 +1,224 @@
+"""The storage interfaces: what the servers and the queue runner need from a backend.
+
+Three :class:`typing.Protocol`\\ s, named for what they hold:
+
+* :class:`MessageQueue`: accepted messages until every recipient is done (the durable hand-off
+  from SMTP, the runner's due work, attempts and per-recipient state, the CLI's view);
+* :class:`MailboxDelivery`: the writing side of the mailboxes (a copy of a queued message
+  into a local recipient's mailbox, at most once);
+* :class:`AccountStore`: users, passwords, SCRAM keys and aliases.
+
+The local backend (``storage/local/``: a journal plus Maildirs, SQLite) implements all three
+for one machine; a backend shared by several nodes (PostgreSQL) implements the same methods
+over the database. The docstrings say what each call promises, for the implementer of such a
+second backend: the runner, the SMTP policy and the CLI rely on nothing else.
+
+Conventions: times are seconds since the epoch (float); message octets are stored with LF line
+ends (the SMTP layer refuses bare CR and LF, so CRLF <-> LF is lossless) and start with the
+``Return-Path:`` line; ``queue_id`` is letters and digits (``queue.envelope.check_id``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from postroom.address import Address
+from postroom.queue.envelope import Attempt, Envelope
+from postroom.sasl import ScramKeys
+
+
+@dataclass(frozen=True, slots=True)
+class LocalCopy:
+    """One copy to put in a mailbox: the recipient's index in the envelope and its mailbox
+    (an account key ``local@domain``). The pair names the copy: delivering it twice must
+    find the first one and not make a second."""
+
+    index: int
+    mailbox: str
+
+
+class MessageDraft(Protocol):
+    """A message being received (DATA/BDAT), made by :meth:`MessageQueue.draft`.
+
+    Takes the octets as they come off the wire (CRLF line ends, dot-unstuffed) and stores them
+    with LF line ends, without holding a large message whole in memory. Nothing is durable
+    until :meth:`MessageQueue.accept` returns."""
+
+    @property
+    def size(self) -> int:
+        """Octets of the message as stored (LF line ends, our trace headers included)."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Append a piece of the client's message (CRLF). A storage failure is remembered and
+        raised by :meth:`MessageQueue.accept` (the client gets its 452 after the data)."""
+        ...
+
+    def head(self, limit: int) -> bytes:
+        """The first ``limit`` octets of the client's message (LF; no trace headers): enough
+        for header checks, DKIM/DMARC verdicts."""
+        ...
+
+    def prepend(self, lines: bytes) -> None:
+        """Put header lines (LF) above the client's message, below our own trace headers:
+        ``Authentication-Results``, ``DKIM-Signature``."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the draft (RSET, a refused message, a lost connection)."""
+        ...
+
+
+class MessageQueue(Protocol):
+    """Accepted messages and their delivery state.
+
+    Locally one process (the primary worker) owns the retries and every worker owns the first
+    attempt of the messages it accepted; a shared backend lets any node claim any due message
+    under a lease. Every method that changes state is durable when it returns."""
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    def draft(self, queue_id: str, sender: str) -> MessageDraft:
+        """A new message under ``queue_id`` (:func:`queue.envelope.new_queue_id`) from
+        ``sender`` ("" for ``<>``), whose ``Return-Path`` line it starts with."""
+        ...
+
+    async def accept(
+        self, envelope: Envelope, draft: MessageDraft, deliver_now: Sequence[LocalCopy]
+    ) -> list[OSError | None]:
+        """Make the message durable with its envelope (the client's 250 waits for this and
+        nothing else), and put the copies ``deliver_now`` in their mailboxes, in the same
+        commit where the backend can (one shared flush: concurrent calls are committed
+        together). Returns, for each copy of ``deliver_now``, None or why it failed (the
+        runner then retries it). ``envelope`` already records the first attempt of the other
+        recipients (``attempts`` 1, ``next_attempt`` the retry after it): it is made at once,
+        and a crash before it is recorded must not retry it in a loop.
+
+        Raises :class:`~postroom.errors.TemporaryStorageError` if nothing could be stored
+        (disk full, database away: the client gets 452); nothing is kept or delivered then.
+        A message whose every recipient is done in this call is not kept at all."""
+        ...
+
+    # -- the runner -----------------------------------------------------------------------------
+
+    async def claim(self, now: float, limit: int) -> list[Envelope]:
+        """Up to ``limit`` messages due at ``now`` (``next_attempt <= now``) not claimed by
+        anyone else, oldest due first. A shared backend takes a lease on each (owner node,
+        expiry) and commits it before returning; another node may take a message whose lease
+        expired. Locally a no-op lease: the primary worker owns the queue."""
+        ...
+
+    async def begin_attempt(self, envelope: Envelope) -> None:
+        """Store ``envelope``'s new ``attempts``, ``last_attempt`` and ``next_attempt`` (the
+        caller has set them) before any remote host is dialled, so that a crash during the
+        attempt delays the message instead of retrying it at once. Renews the lease."""
+        ...
+
+    async def body(self, envelope: Envelope) -> bytes:
+        """The stored message (LF, starting with the ``Return-Path`` line)."""
+        ...
+
+    async def record(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
+        """Store the outcome of an attempt: per-recipient ``status``/``last_error``/
+        ``remote_mta`` as ``envelope`` holds them now, and ``attempts`` appended to its
+        history. The message stays queued (some recipient is not done); the lease ends."""
+        ...
+
+    async def finish(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
+        """Every recipient is done (delivered or bounced, DSNs already accepted): forget the
+        message. A crash after the remote 250 and before this call may send a remote copy
+        again (RFC 5321 §6.1 allows it); nothing else may repeat."""
+        ...
+
+    # -- the CLI and the control socket ---------------------------------------------------------
+
+    def list(self) -> list[Envelope]:
+        """Every queued message, oldest first, with its state and history. Works without a
+        running server. Unreadable entries are reported by :meth:`problems`."""
+        ...
+
+    def load(self, queue_id: str) -> Envelope:
+        """One message; :class:`~postroom.errors.QueueError` if unknown or unreadable."""
+        ...
+
+    def head(self, envelope: Envelope, limit: int = 65536) -> bytes:
+        """The first ``limit`` octets of the stored message (for ``queue show``)."""
+        ...
+
+    def delete(self, queue_id: str) -> None:
+        """Remove the message without a bounce (QueueError if unknown). An attempt running
+        elsewhere finishes, but records nothing for it afterwards."""
+        ...
+
+    def flush(self) -> int:
+        """Make every deferred message due now; how many."""
+        ...
+
+    def problems(self) -> list[str]:
+        """Corrupt entries found and set aside (quarantined) since the last call."""
+        ...
+
+    async def wait(self, timeout: float) -> None:
+        """Return when the queue may have new due work (a CLI ``flush``, a message handed
+        over by another worker or node) or after ``timeout``. Locally the control socket
+        wakes it; PostgreSQL: LISTEN/NOTIFY."""
+        ...
+
+
+class MailboxDelivery(Protocol):
+    """The writing side of the mailboxes: what local delivery needs."""
+
+    async def deliver(
+        self, envelope: Envelope, copies: Sequence[LocalCopy]
+    ) -> list[OSError | None]:
+        """Put a copy of the queued message ``envelope`` into each mailbox of ``copies``,
+        durably, once: a copy that is there already (delivered before a crash, maybe read
+        since) is not made again. For each: None or the error that kept it out."""
+        ...
+
+
+class AccountStore(Protocol):
+    """Users, passwords and aliases. The lookups made per RCPT and per login
+    (:meth:`expand`, :meth:`owns`, :meth:`user_exists`, :meth:`scram_keys`) are synchronous
+    and must be cheap: answer them from memory (a shared backend keeps a copy fresh, e.g. by
+    LISTEN/NOTIFY), and see a change made by the CLI within a second. :meth:`verify_password`
+    is called in a worker thread (argon2 is slow on purpose)."""
+
+    def add_user(self, address: Address, password: str) -> None: ...
+
+    def set_password(self, address: Address, password: str) -> None: ...
+
+    def delete_user(self, address: Address) -> None: ...
+
+    def list_users(self) -> list[str]: ...
+
+    def user_exists(self, key: str) -> bool: ...
+
+    def verify_password(self, login: str, password: str) -> str | None:
+        """The account key when ``password`` is right for ``login``; None otherwise."""
+        ...
+
+    def scram_keys(self, login: str) -> tuple[str, ScramKeys] | None:
+        """The account key and its SCRAM-SHA-256 keys (RFC 5802), or None."""
+        ...
+
+    def add_alias(self, alias: Address, targets: Sequence[str]) -> None: ...
+
+    def delete_alias(self, alias: Address) -> None: ...
+
+    def list_aliases(self) -> dict[str, list[str]]: ...
+
+    def alias_targets(self, key: str) -> list[str]: ...
+
+    def expand(self, key: str, max_depth: int = 10) -> list[str] | None:
+        """The final addresses of ``key`` through aliases (itself for a user); None if it is
+        neither a user nor an alias; [] for an alias loop."""
+        ...
+
+    def owns(self, user_key: str, sender_key: str) -> bool:
+        """May ``user_key`` send as ``sender_key``: its own address or an alias reaching it."""
+        ...
+
+    def close(self) -> None: ...
