@@ -134,7 +134,7 @@ class MessageQueue(Protocol):
 
     # -- the CLI and the control socket ---------------------------------------------------------
 
-    def list(self) -> list[Envelope]:
+    def entries(self) -> list[Envelope]:
         """Every queued message, oldest first, with its state and history. Works without a
         running server. Unreadable entries are reported by :meth:`problems`."""
         ...
