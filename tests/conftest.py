@@ -137,10 +137,14 @@ class Server:
         return self.data_dir / "mail" / domain / local
 
     def messages(self, address: str) -> list[bytes]:
+        """The messages in the user's Maildir new/ and cur/, oldest name first, with CRLF line
+        ends as SMTP and POP3 carry them (the files have LF: :meth:`files` checks them)."""
+        return [p.read_bytes().replace(b"\n", b"\r\n") for p in self.files(address)]
+
+    def files(self, address: str) -> list[Path]:
         """The files in the user's Maildir new/ and cur/, oldest name first."""
         md = self.maildir(address)
-        files = sorted([*md.glob("new/*"), *md.glob("cur/*")], key=lambda p: p.name)
-        return [p.read_bytes() for p in files]
+        return sorted([*md.glob("new/*"), *md.glob("cur/*")], key=lambda p: p.name)
 
     def wait_messages(self, address: str, count: int, timeout: float = 10) -> list[bytes]:
         deadline = time.monotonic() + timeout

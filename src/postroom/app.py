@@ -21,17 +21,19 @@ import socket
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 from postroom import config as config_mod
-from postroom import lifetime, logs
+from postroom import lifetime, logs, privileges
 from postroom import tls as tls_mod
 from postroom.config import Config
 from postroom.queue.runner import QueueRunner
-from postroom.queue.store import QueueStore
 from postroom.services import ConnectionLimiter, Services
 from postroom.smtp.policy import Port
 from postroom.storage.local.accounts import Accounts
+from postroom.storage.local.maildir_writer import MaildirWriter
+from postroom.storage.local.queue import LocalMailboxes, LocalQueue
 from postroom.throttle import LoginThrottle
 
 log = logging.getLogger("postroom")
@@ -42,21 +44,30 @@ CONTROL_SOCKET = "control.sock"
 def build_services(
     cfg: Config, primary: bool = True, workers: int = 1, index: int = 0
 ) -> tuple[Services, QueueRunner]:
-    """The shared bundle and the queue runner that takes its finished messages."""
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    """The shared bundle (with the local storage backend) and the queue runner that takes its
+    finished messages."""
+    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cpus = cpu_pair(index, workers) if cfg.pin_cpus else None
+    writer = MaildirWriter(
+        cfg.data_dir / "journal",
+        privileges.target_ids(cfg),
+        cpus[1] if cpus else None,
+        clean_bodies=primary,
+    )
+    queue = LocalQueue(cfg.data_dir, cfg.hostname, writer, header_limit=cfg.limits.header_size)
     services = Services(
         cfg=cfg,
         accounts=Accounts(cfg.data_dir),
-        store=QueueStore(cfg.data_dir / "queue"),
+        queue=queue,
         throttle=LoginThrottle(cfg.auth),
         connections=ConnectionLimiter.for_config(cfg, workers),
         tls=tls_mod.server_context(cfg),
         primary=primary,
         worker_index=index,
         workers=workers,
-        cpus=cpu_pair(index, workers) if cfg.pin_cpus else None,
+        cpus=cpus,
     )
-    runner = QueueRunner(services)
+    runner = QueueRunner(services, queue, LocalMailboxes(queue))
     services.intake = runner
     return services, runner
 
@@ -174,9 +185,17 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
     return servers
 
 
+def control_path(data_dir: Path, index: int) -> Path:
+    """The control socket of worker ``index`` (the primary's is ``control.sock``)."""
+    return data_dir / (CONTROL_SOCKET if index == 0 else f"control-{index}.sock")
+
+
 async def _control_server(services: Services, runner: QueueRunner) -> asyncio.AbstractServer:
-    """A Unix socket in data_dir: ``queue flush``/``delete``/``reload`` from the CLI."""
-    path = services.cfg.data_dir / CONTROL_SOCKET
+    """A Unix socket in data_dir: ``queue flush``/``delete`` from the CLI, ``submit`` from the
+    other workers (a message they parked), one per worker (``delete`` of a message in its
+    first attempt goes to the worker that makes it)."""
+    path = control_path(services.cfg.data_dir, services.worker_index)
+    queue = runner.queue
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
 
@@ -185,11 +204,11 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
             line = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
             verb, _, arg = line.partition(" ")
             if verb == "flush":
-                runner.flush()
+                queue.flush()
                 answer = "ok"
-            elif verb == "submit":
-                # Another worker spooled a message: the primary's runner delivers it.
-                answer = "ok" if runner.submit_id(arg) else "unknown"
+            elif verb == "submit" and isinstance(queue, LocalQueue):
+                # Another worker parked a message: the primary schedules its retries.
+                answer = "ok" if queue.take(arg) is not None else "unknown"
             elif verb == "delete":
                 answer = "ok" if await runner.delete(arg) else "unknown"
             elif verb == "ping":
@@ -206,6 +225,34 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
     server = await asyncio.start_unix_server(handle, path=str(path))
     os.chmod(path, 0o600)
     return server
+
+
+_handing_over: set[asyncio.Task[None]] = set()
+
+
+def _hand_over(services: Services, queue_id: str) -> None:
+    """A secondary worker parked a message after its first attempt: the primary, which owns
+    the retries, is told over its control socket (and finds it at its next start anyway)."""
+    task = asyncio.get_running_loop().create_task(_submit(services, queue_id))
+    _handing_over.add(task)
+    task.add_done_callback(_handing_over.discard)
+
+
+async def _submit(services: Services, queue_id: str) -> None:
+    path = str(control_path(services.cfg.data_dir, 0))
+    for attempt in range(50):
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(f"submit {queue_id}\n".encode())
+            await writer.drain()
+            await asyncio.wait_for(reader.readline(), 10)
+            writer.close()
+            return
+        except (OSError, TimeoutError):
+            await asyncio.sleep(0.1 * (attempt + 1))
+    services.log.error(
+        "could not hand %s to the primary worker; it is tried at the next start", queue_id
+    )
 
 
 def _reload(services: Services, worker: Worker) -> None:
@@ -236,13 +283,15 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
         pin_process(services.cpus[0])
     elif cfg.pin_cpus:
         log.warning("pin_cpus: fewer than two CPUs per worker; not pinned")
-    await runner.local.writer.start()  # before privileges are dropped: see there
+    queue = services.queue
+    assert isinstance(queue, LocalQueue) and queue.writer is not None
+    await queue.writer.start()  # before privileges are dropped: see there
     if worker.primary:
-        await runner.recover()
+        queue.recover()
+    else:
+        queue.on_parked = functools.partial(_hand_over, services)
     servers = await _start_listeners(services, listeners)
-    if worker.primary:
-        control = await _control_server(services, runner)
-    from postroom import privileges
+    control = await _control_server(services, runner)
     from postroom.smtp.server import IdleSweeper
 
     privileges.drop(cfg, chown=worker.primary)
@@ -270,7 +319,7 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     if control is not None:
         control.close()
         with contextlib.suppress(OSError):
-            (cfg.data_dir / CONTROL_SOCKET).unlink()
+            control_path(cfg.data_dir, worker.index).unlink()
     worker.signal_others(signal.SIGTERM)
     for conn in list(services.connections.live):
         with contextlib.suppress(Exception):
@@ -280,6 +329,7 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     while services.connections.live and loop.time() < deadline:
         await asyncio.sleep(0.05)
     await runner.stop()
+    await queue.writer.close()
     for task in tasks:
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -17,10 +17,16 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from postroom import config as config_mod
 from postroom.config import Config
 from postroom.errors import AccountError, ConfigError, PostroomError, QueueError
+from postroom.queue.envelope import Attempt, Envelope, check_id
+
+if TYPE_CHECKING:
+    from postroom.storage.local.queue import LocalQueue
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     qlist = queue.add_parser("list", parents=[common])
     qlist.add_argument("--json", action="store_true")
-    queue.add_parser("show", parents=[common]).add_argument("id")
+    qshow = queue.add_parser("show", parents=[common])
+    qshow.add_argument("id")
+    qshow.add_argument("--json", action="store_true")
     queue.add_parser("flush", parents=[common])
     queue.add_parser("delete", parents=[common]).add_argument("id")
     return p
@@ -106,10 +114,16 @@ def _iso(ts: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _control(cfg: Config, command: str) -> str | None:
+def _control_sockets(cfg: Config) -> list[Path]:
+    """The control sockets of the running server's workers, the primary's first."""
+    others = sorted(cfg.data_dir.glob("control-*.sock"))
+    return [cfg.data_dir / "control.sock", *others]
+
+
+def _control(cfg: Config, command: str, path: Path | None = None) -> str | None:
     """Send a command to a running server; None when no server is listening. A server that
     listens but does not answer is an error: acting on the files behind its back is not safe."""
-    path = cfg.data_dir / "control.sock"
+    path = path or cfg.data_dir / "control.sock"
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(30)
@@ -179,28 +193,73 @@ def _cmd_alias(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
-    from postroom.queue.store import Envelope, QueueStore
+def _queue_json(e: Envelope) -> dict[str, object]:
+    """The object of ``queue list --json`` (``queue show --json`` adds the attempts)."""
+    return {
+        "id": e.id,
+        "sender": e.sender,
+        "created": _iso(e.created),
+        "attempts": e.attempts,
+        "next_attempt": _iso(e.next_attempt),
+        "recipients": [
+            {"address": r.address, "status": r.status, "last_error": r.last_error}
+            for r in e.recipients
+        ],
+    }
 
-    store = QueueStore(cfg.data_dir / "queue")
+
+def _attempt_json(a: Attempt) -> dict[str, object]:
+    return {
+        "time": _iso(a.time),
+        "recipients": a.recipients,
+        "host": a.host,
+        "ip": a.ip,
+        "reply": a.reply,
+        "tls": a.tls,
+    }
+
+
+def _open_queue(cfg: Config, running: bool) -> LocalQueue:
+    """The queue as the CLI sees it. With no server running, the journal is replayed first
+    (as the next start would do), so that the deferred store holds every message."""
+    from postroom.storage.local import journal
+    from postroom.storage.local.queue import LocalQueue
+
+    queue = LocalQueue(cfg.data_dir, cfg.hostname)
+    if not running:
+        journal.recover(str(queue.journal_dir), journal.boot_id())
+    return queue
+
+
+def _running(cfg: Config) -> bool:
+    return _control(cfg, "ping") is not None
+
+
+def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
     if args.action == "flush":
-        answer = _control(cfg, "flush")
-        if answer is None:
+        if _control(cfg, "flush") is None:
             # No server running: make every message due; the next serve tries at once.
-            for env in store.iter_envelopes():
-                if isinstance(env, Envelope) and env.attempts:
-                    env.next_attempt = 0
-                    store.save_state(env)
+            _open_queue(cfg, running=False).flush()
         return 0
     if args.action == "delete":
-        answer = _control(cfg, f"delete {args.id}")
-        if answer is None:
-            store.remove(args.id)
-        elif answer != "ok":
+        check_id(args.id)
+        answers = [_control(cfg, f"delete {args.id}", sock) for sock in _control_sockets(cfg)]
+        if not any(a is not None for a in answers):
+            _open_queue(cfg, running=False).delete(args.id)
+        elif "ok" not in answers:
             raise QueueError(f"no such message {args.id}")
         return 0
+    queue = _open_queue(cfg, _running(cfg))
     if args.action == "show":
-        env = store.load(args.id)
+        env = queue.load(args.id)
+        if args.json:
+            print(
+                json.dumps(
+                    {**_queue_json(env), "attempts": [_attempt_json(a) for a in env.history]},
+                    indent=2,
+                )
+            )
+            return 0
         print(
             f"id: {env.id}\nsender: <{env.sender}>\ncreated: {_iso(env.created)}\n"
             f"size: {env.size}\nattempts: {env.attempts}\n"
@@ -211,36 +270,24 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
                 f"recipient: <{r.address}> {r.status}"
                 + (f" ({r.last_error})" if r.last_error else "")
             )
+        for a in env.history:
+            where = a.host or "-"
+            if a.ip:
+                where += f"[{a.ip}]"
+            tls = " TLS" if a.tls else ""
+            print(f"attempt: {_iso(a.time)} {where}{tls} to {', '.join(a.recipients)}: {a.reply}")
         print()
-        head = store.message_head(env)
-        end = head.find(b"\r\n\r\n")
-        sys.stdout.write(
-            head[: end + 2 if end >= 0 else len(head)]
-            .decode("utf-8", "replace")
-            .replace("\r\n", "\n")
-        )
+        head = queue.head(env)
+        if head.startswith(b"Return-Path:"):
+            head = head[head.find(b"\n") + 1 :]
+        end = head.find(b"\n\n")
+        sys.stdout.write(head[: end + 1 if end >= 0 else len(head)].decode("utf-8", "replace"))
         return 0
-    envelopes = [e for e in store.iter_envelopes() if isinstance(e, Envelope)]
+    envelopes = queue.entries()
+    for problem in queue.problems():
+        print(f"postroom: {problem}", file=sys.stderr)
     if args.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "id": e.id,
-                        "sender": e.sender,
-                        "created": _iso(e.created),
-                        "attempts": e.attempts,
-                        "next_attempt": _iso(e.next_attempt),
-                        "recipients": [
-                            {"address": r.address, "status": r.status, "last_error": r.last_error}
-                            for r in e.recipients
-                        ],
-                    }
-                    for e in envelopes
-                ],
-                indent=2,
-            )
-        )
+        print(json.dumps([_queue_json(e) for e in envelopes], indent=2))
         return 0
     for e in envelopes:
         errors = "; ".join(r.last_error for r in e.recipients if r.last_error)
@@ -274,9 +321,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return app.run(cfg)
         # Import what the commands use before dropping root: the new user may not be able to
         # read the Python installation's files (a pyenv under /root, say).
-        import postroom.queue.store
-        import postroom.storage.local.accounts
-        import postroom.storage.local.maildir  # noqa: F401
         from postroom import privileges
 
         privileges.drop_for_cli(cfg)

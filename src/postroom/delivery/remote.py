@@ -60,6 +60,8 @@ class DeliveryResult:
     reply: Reply
     remote_mta: str | None = None
     dsn_offered: bool = False  # the remote host accepted NOTIFY (RFC 3461 §4.1 "relayed" if not)
+    ip: str | None = None  # the address of ``remote_mta`` that was dialled
+    tls: bool = False  # whether the session was encrypted
 
 
 class _SessionFailed(Exception):
@@ -216,7 +218,7 @@ class RemoteDelivery:
         pending = list(range(len(message.recipients)))
         final: dict[int, DeliveryResult] = {}
         last_temp: dict[int, DeliveryResult] = {}
-        session_error: tuple[Reply, str] | None = None
+        session_error: tuple[Reply, str, str] | None = None
         data: bytes | None = None
         tried = 0
         for target in route.targets:
@@ -230,14 +232,20 @@ class RemoteDelivery:
                 while batch:
                     sub = replace(message, recipients=tuple(message.recipients[i] for i in batch))
                     try:
-                        done = await self._deliver_at(target, ip, sub, data, verify)
+                        done, secure = await self._deliver_at(target, ip, sub, data, verify)
                     except _SessionFailed as exc:
-                        session_error = (exc.reply, target.host)
+                        session_error = (exc.reply, target.host, ip)
                         break
                     too_many: list[int] = []
                     for i, res in zip(batch, done.results, strict=True):
                         result = DeliveryResult(
-                            message.recipients[i], res.outcome, res.reply, target.host, done.dsn
+                            message.recipients[i],
+                            res.outcome,
+                            res.reply,
+                            target.host,
+                            done.dsn,
+                            ip,
+                            secure,
                         )
                         if res.outcome is not Outcome.TEMPORARY:
                             final[i] = result
@@ -255,8 +263,10 @@ class RemoteDelivery:
             if i in last_temp:
                 final[i] = last_temp[i]
             elif session_error is not None:
-                reply, host = session_error
-                final[i] = DeliveryResult(message.recipients[i], Outcome.TEMPORARY, reply, host)
+                reply, host, ip = session_error
+                final[i] = DeliveryResult(
+                    message.recipients[i], Outcome.TEMPORARY, reply, host, ip=ip
+                )
             else:  # pragma: no cover - a Route always has at least one address
                 reply = _temp("4.4.4", f"no address to try for {domain}")
                 final[i] = DeliveryResult(message.recipients[i], Outcome.TEMPORARY, reply)
@@ -264,7 +274,8 @@ class RemoteDelivery:
 
     async def _deliver_at(
         self, target: Target, ip: str, message: Message, data: bytes, verify: bool
-    ) -> MessageDone:
+    ) -> tuple[MessageDone, bool]:
+        """The transaction's result, and whether it went over TLS."""
         key = (target.host, ip, self.cfg.delivery.port, verify)
         session = await self._take(key)
         if session is None:
@@ -280,12 +291,13 @@ class RemoteDelivery:
         if not isinstance(event, MessageDone):  # pragma: no cover - the engine always reports
             session.close()
             raise _SessionFailed(_temp("4.4.2", f"{target.host}[{ip}]: no result"))
+        secure = session.engine.secure
         after = await session.next_event()
         if isinstance(after, Ready):
             self._put(key, session)
         else:
             session.close()
-        return event
+        return event, secure
 
     async def _open(self, target: Target, ip: str, verify: bool, policy: TLSPolicy) -> _Session:
         loop = asyncio.get_running_loop()

@@ -81,6 +81,7 @@ class Envelope:
     recipients: list[Recipient]
     created: float
     size: int = 0  # of the message as stored (LF line ends)
+    wire_size: int = 0  # the same with CRLF line ends, as SMTP and POP3 send it
     client_ip: str = ""
     helo: str = ""
     auth_user: str | None = None

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 from postroom import sasl
 from postroom.address import Address, parse_user_address
-from postroom.errors import TemporaryStorageError
-from postroom.queue.store import Envelope, Recipient, SpoolWriter, new_queue_id
+from postroom.queue.envelope import Envelope, Recipient, new_queue_id
 from postroom.smtp.commands import Mail, Rcpt
 from postroom.smtp.server_engine import (
     AuthResponse,
@@ -34,6 +33,7 @@ from postroom.wire.replies import Reply
 
 if TYPE_CHECKING:
     from postroom.services import Services
+    from postroom.storage.interfaces import MessageDraft
 
 Port = Literal["smtp", "submission", "submissions"]
 
@@ -61,7 +61,7 @@ class _Txn:
     mail: Mail | None = None
     recipients: list[Recipient] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
-    writer: SpoolWriter | None = None
+    draft: MessageDraft | None = None
     queue_id: str = ""
     received_at: float = 0.0
 
@@ -104,8 +104,8 @@ class SmtpPolicy:
     # -- MAIL / RCPT ---------------------------------------------------------------------------
 
     def reset(self) -> None:
-        if self.txn.writer is not None:
-            self.txn.writer.abort()
+        if self.txn.draft is not None:
+            self.txn.draft.abort()
         self.txn = _Txn()
 
     def on_mail(self, cmd: Mail) -> Reply:
@@ -161,11 +161,12 @@ class SmtpPolicy:
     def on_data_start(self) -> None:
         self.txn.queue_id = new_queue_id()
         self.txn.received_at = time.time()
-        self.txn.writer = self.services.store.writer(self.txn.queue_id, make_prefix=self._prefix)
+        sender = str(self.txn.sender) if self.txn.sender is not None else ""
+        self.txn.draft = self.services.queue.draft(self.txn.queue_id, sender, self._prefix)
 
     def on_data(self, data: bytes) -> None:
-        assert self.txn.writer is not None
-        self.txn.writer.write(data)
+        assert self.txn.draft is not None
+        self.txn.draft.write(data)
 
     def _protocol_name(self) -> str:
         # RFC 3848 (and RFC 6531 §3.7.3 for UTF8) "with" protocol types.
@@ -179,35 +180,36 @@ class SmtpPolicy:
         return name
 
     def _prefix(self, head: bytes) -> bytes:
-        """Our Received header, plus Date/Message-ID for submissions that lack them."""
+        """Our Received header, plus Date/Message-ID for submissions that lack them (LF line
+        ends, as the message is stored)."""
         txn = self.txn
         date = _rfc5322_date(txn.received_at)
         rcpt = ""
         if len(txn.recipients) == 1:
-            rcpt = f"\r\n\tfor <{txn.recipients[0].original or txn.recipients[0].address}>"
+            rcpt = f"\n\tfor <{txn.recipients[0].original or txn.recipients[0].address}>"
         helo = self.helo.replace("\r", "").replace("\n", "")[:255] or "unknown"
         # RFC 5321 §4.1.3: an IPv6 address literal is tagged "IPv6:".
         literal = f"IPv6:{self.client_ip}" if ":" in self.client_ip else self.client_ip
         received = (
-            f"Received: from {helo} ([{literal}])\r\n"
+            f"Received: from {helo} ([{literal}])\n"
             f"\tby {self.cfg.hostname} (postroom) with {self._protocol_name()}"
-            f" id {txn.queue_id}{rcpt};\r\n\t{date}\r\n"
+            f" id {txn.queue_id}{rcpt};\n\t{date}\n"
         )
         extra = ""
         if self.auth_user is not None:
-            header_end = head.find(b"\r\n\r\n")
-            headers = head if header_end < 0 else head[: header_end + 2]
+            header_end = head.find(b"\n\n")
+            headers = head if header_end < 0 else head[: header_end + 1]
             present = {m.group(1).lower() for m in _HEADER_FIELD.finditer(headers)}
             # RFC 6409 §8.2-8.3: a submission server may add a missing Date and Message-ID.
             if b"date" not in present:
-                extra += f"Date: {date}\r\n"
+                extra += f"Date: {date}\n"
             if b"message-id" not in present:
-                extra += f"Message-ID: <{txn.queue_id}@{self.cfg.hostname}>\r\n"
+                extra += f"Message-ID: <{txn.queue_id}@{self.cfg.hostname}>\n"
         return (received + extra).encode("utf-8", "replace")
 
     def _check_headers(self, head: bytes) -> Reply | None:
         limit = self.cfg.limits.header_size
-        end = head.find(b"\r\n\r\n", 0, limit + 4)
+        end = head.find(b"\n\n", 0, limit + 2)
         if end < 0 and len(head) > limit:
             return replies.HEADERS_TOO_BIG
         headers = head if end < 0 else head[:end]
@@ -216,12 +218,12 @@ class SmtpPolicy:
         return None
 
     async def on_message_end(self) -> Reply:
-        txn = self.txn
-        writer = txn.writer
-        assert writer is not None
-        problem = self._check_headers(writer.head(self.cfg.limits.header_size + 4))
+        txn, self.txn = self.txn, _Txn()
+        draft = txn.draft
+        assert draft is not None
+        problem = self._check_headers(draft.head(self.cfg.limits.header_size + 2))
         if problem is not None:
-            self.reset()
+            draft.abort()
             return problem
         envelope = Envelope(
             id=txn.queue_id,
@@ -235,45 +237,14 @@ class SmtpPolicy:
             ret=(txn.mail.params.get("RET") or "").upper() or None if txn.mail else None,
             smtputf8=bool(txn.mail and txn.mail.smtputf8),
         )
-        runner = self.services.intake
-        assert runner is not None
-        direct = writer.in_memory and all(
-            runner.is_local(r.address) and not (r.notify and "SUCCESS" in r.notify)
-            for r in envelope.recipients
-        )
-        message = None
-        if direct:
-            message = writer.finish_in_memory()
-            if await runner.deliver_direct(envelope, message):
-                self.txn = _Txn()
-                self.services.log.info(
-                    "delivered %s from=<%s> rcpts=%d size=%d client=%s",
-                    envelope.id,
-                    envelope.sender,
-                    len(envelope.recipients),
-                    len(message),
-                    self.client_ip,
-                )
-                return Reply(250, "2.0.0", (f"OK: queued as {envelope.id}",))
-        try:
-            await writer.commit(envelope)
-        except TemporaryStorageError as exc:
-            self.services.log.error("spool write failed for %s: %s", txn.queue_id, exc)
-            if message is not None:  # some copies were delivered directly: the 452 takes
-                await runner.withdraw_direct(envelope, message)  # them back (no duplicates)
-            self.txn = _Txn()
-            return replies.STORAGE_FULL
-        self.txn = _Txn()
-        self.services.log.info(
-            "queued %s from=<%s> rcpts=%d size=%d client=%s",
-            envelope.id,
-            envelope.sender,
-            len(envelope.recipients),
-            envelope.size,
-            self.client_ip,
-        )
-        runner.submit(envelope)
-        return Reply(250, "2.0.0", (f"OK: queued as {envelope.id}",))
+        # The finished message, header section available (draft.head) and changeable
+        # (draft.prepend): a transform or verdict step goes here, before the one hand-off.
+        intake = self.services.intake
+        assert intake is not None
+        result = await intake.accept(envelope, draft)
+        if isinstance(result, Reply):
+            return result
+        return Reply(250, "2.0.0", (f"OK: queued as {result.queue_id}",))
 
     # -- AUTH ----------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ ends (the SMTP layer refuses bare CR and LF, so CRLF <-> LF is lossless) and sta
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -80,9 +80,13 @@ class MessageQueue(Protocol):
 
     # -- intake ---------------------------------------------------------------------------------
 
-    def draft(self, queue_id: str, sender: str) -> MessageDraft:
+    def draft(
+        self, queue_id: str, sender: str, make_prefix: Callable[[bytes], bytes] | None = None
+    ) -> MessageDraft:
         """A new message under ``queue_id`` (:func:`queue.envelope.new_queue_id`) from
-        ``sender`` ("" for ``<>``), whose ``Return-Path`` line it starts with."""
+        ``sender`` ("" for ``<>``), whose ``Return-Path`` line it starts with. Once the
+        client's header section has been seen (or a large part of it), ``make_prefix(head)``
+        gives our trace headers (LF), stored above the client's message."""
         ...
 
     async def accept(
