@@ -10,6 +10,7 @@ so that a running server acts at once and never delivers half of a deleted messa
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import getpass
 import json
@@ -245,7 +246,7 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
         check_id(args.id)
         answers = [_control(cfg, f"delete {args.id}", sock) for sock in _control_sockets(cfg)]
         if not any(a is not None for a in answers):
-            _open_queue(cfg, running=False).delete(args.id)
+            asyncio.run(_open_queue(cfg, running=False).delete(args.id))
         elif "ok" not in answers:
             raise QueueError(f"no such message {args.id}")
         return 0

@@ -209,12 +209,11 @@ def test_kill9_after_250_delivers_exactly_once(srv: Server) -> None:
 
 
 def test_recovery_completes_spooled_but_undelivered(srv: Server) -> None:
-    """A message spooled but not delivered before a crash is delivered after restart, once."""
+    """A message in the journal but not delivered before a crash is delivered after restart,
+    once."""
     srv.stop()
-    from postroom.queue.store import Envelope, QueueStore, Recipient
-
-    store = QueueStore(srv.data_dir / "queue")
-    import asyncio
+    from postroom.queue.envelope import Envelope, Recipient
+    from postroom.storage.local import journal
 
     env = Envelope(
         id="TESTRECOVERY1",
@@ -222,12 +221,16 @@ def test_recovery_completes_spooled_but_undelivered(srv: Server) -> None:
         recipients=[Recipient("alice@a.test")],
         created=time.time(),
     )
-    asyncio.run(store.add(env, b"Subject: recovered\r\n\r\nbody\r\n"))
-    store.io.shutdown()
+    body = b"Return-Path: <x@r.test>\nSubject: recovered\n\nbody\n"
+    entry = journal.Entry(1, env.id, env.to_json(), (), body, keep=True)
+    records = [*journal.encode_start(journal.boot_id()), *journal.encode_entry(entry)]
+    (srv.data_dir / "journal" / f"1.1{journal.SUFFIX}").write_bytes(b"".join(records))
     srv.start()
     msgs = srv.wait_messages("alice@a.test", 1)
     assert len(msgs) == 1 and b"Subject: recovered" in msgs[0]
+    time.sleep(0.3)
     assert srv.cli("queue", "list").stdout == ""
+    assert len(srv.messages("alice@a.test")) == 1
 
 
 def test_sigterm_exits_zero_quickly(srv: Server) -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from postroom.delivery.dsn import Action, DsnRecipient, build_dsn, format_date
 from postroom.delivery.remote import DeliveryResult, RemoteDelivery, needs_relayed_dsn
-from postroom.errors import TemporaryStorageError
+from postroom.errors import QueueError, TemporaryStorageError
 from postroom.queue import schedule
 from postroom.queue.envelope import Attempt, Envelope, Recipient, new_queue_id
 from postroom.resolver import DnsResolver, Resolver
@@ -115,15 +115,16 @@ class QueueRunner:
         ]
         if len(local) < len(envelope.recipients):  # the others' first attempt starts now
             self._count_attempt(envelope, now, self._jitter())
+        hold = any(r.notify and "SUCCESS" in r.notify for _i, r in _of(envelope, local))
         try:
-            errors = await self.queue.accept(envelope, draft, local)
+            errors = await self.queue.accept(envelope, draft, local, hold)
         except TemporaryStorageError as exc:
             self.services.log.error("queue write failed for %s: %s", envelope.id, exc)
             return replies.STORAGE_FULL
         self._accepted(envelope)
         attempts = self._local_results(envelope, local, errors, now)
         done = [r for _i, r in _of(envelope, local) if r.status == "delivered"]
-        if not envelope.done or any(r.notify and "SUCCESS" in r.notify for r in done):
+        if not envelope.done or hold:
             self._start(envelope, _First(attempts, done))
         return Accepted(envelope.id)
 
@@ -154,10 +155,8 @@ class QueueRunner:
     async def delete(self, queue_id: str) -> bool:
         """``queue delete``: remove the message now. An attempt in progress goes on with the
         copy it holds, but nothing is retried, reported or saved for it afterwards."""
-        from postroom.errors import QueueError
-
         try:
-            self.queue.delete(queue_id)
+            await self.queue.delete(queue_id)
         except QueueError:
             return False
         if queue_id in self._inflight:

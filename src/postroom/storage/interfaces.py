@@ -90,7 +90,11 @@ class MessageQueue(Protocol):
         ...
 
     async def accept(
-        self, envelope: Envelope, draft: MessageDraft, deliver_now: Sequence[LocalCopy]
+        self,
+        envelope: Envelope,
+        draft: MessageDraft,
+        deliver_now: Sequence[LocalCopy],
+        hold: bool = False,
     ) -> list[OSError | None]:
         """Make the message durable with its envelope (the client's 250 waits for this and
         nothing else), and put the copies ``deliver_now`` in their mailboxes, in the same
@@ -102,7 +106,8 @@ class MessageQueue(Protocol):
 
         Raises :class:`~postroom.errors.TemporaryStorageError` if nothing could be stored
         (disk full, database away: the client gets 452); nothing is kept or delivered then.
-        A message whose every recipient is done in this call is not kept at all."""
+        A message whose every recipient is done in this call is not kept at all, unless
+        ``hold`` (the runner owes a success DSN for it: it calls :meth:`finish` then)."""
         ...
 
     # -- the runner -----------------------------------------------------------------------------
@@ -151,7 +156,7 @@ class MessageQueue(Protocol):
         """The first ``limit`` octets of the stored message (for ``queue show``)."""
         ...
 
-    def delete(self, queue_id: str) -> None:
+    async def delete(self, queue_id: str) -> None:
         """Remove the message without a bounce (QueueError if unknown). An attempt running
         elsewhere finishes, but records nothing for it afterwards."""
         ...

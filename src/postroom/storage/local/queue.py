@@ -270,7 +270,11 @@ class LocalQueue:
         )
 
     async def accept(
-        self, envelope: Envelope, draft: MessageDraft, deliver_now: Sequence[LocalCopy]
+        self,
+        envelope: Envelope,
+        draft: MessageDraft,
+        deliver_now: Sequence[LocalCopy],
+        hold: bool = False,
     ) -> list[OSError | None]:
         assert self.writer is not None and isinstance(draft, Draft)
         try:
@@ -284,7 +288,7 @@ class LocalQueue:
             for c in deliver_now
         )
         now = {c.index for c in deliver_now}
-        keep = any(not r.done and i not in now for i, r in enumerate(envelope.recipients))
+        keep = hold or any(not r.done and i not in now for i, r in enumerate(envelope.recipients))
         entry = journal.Entry(
             0, envelope.id, envelope.to_json(), targets, body, body_file, draft.size, crc, keep
         )
@@ -374,6 +378,7 @@ class LocalQueue:
     async def record(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
         envelope.history.extend(attempts)
         if envelope.id in self._deleted:
+            self._deleted.discard(envelope.id)
             return
         if envelope.id in self._live:
             assert self.writer is not None
@@ -448,11 +453,15 @@ class LocalQueue:
                 return entry.body[:limit]
         raise QueueError(f"no such message {envelope.id}")
 
-    def delete(self, queue_id: str) -> None:
+    async def delete(self, queue_id: str) -> None:
         check_id(queue_id)
         self._next.pop(queue_id, None)
         if queue_id in self._live:
-            self._deleted.add(queue_id)  # its attempt records nothing more; released at its end
+            # Its attempt goes on with the octets it has read, and records nothing more.
+            assert self.writer is not None
+            del self._live[queue_id]
+            self._deleted.add(queue_id)
+            await self.writer.release(queue_id)
             return
         self.deferred.remove(queue_id)
 
