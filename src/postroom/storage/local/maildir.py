@@ -73,9 +73,10 @@ def find(box: str, name: str) -> str | None:
 
 
 def publish(box: str, name: str, parts: Sequence[bytes], where: str | None = None) -> int:
-    """Write ``parts`` as ``tmp/name`` and rename it to ``where`` (default ``new/name``),
-    making the Maildir if need be. Nothing is flushed: the open descriptor is returned for the
-    caller to fsync (or not) and close, and the caller fsyncs the directory."""
+    """Write ``parts`` as ``tmp/name`` and give it the name ``where`` (default ``new/name``,
+    which must not exist yet: FileExistsError), making the Maildir if need be. Nothing is
+    flushed: the open descriptor is returned for the caller to fsync (or not) and close, and
+    the caller fsyncs the directory."""
     tmp = os.path.join(box, "tmp", name)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     try:
@@ -83,14 +84,17 @@ def publish(box: str, name: str, parts: Sequence[bytes], where: str | None = Non
     except FileNotFoundError:  # a Maildir not made yet, or removed meanwhile
         ensure(Path(box))
         fd = os.open(tmp, flags, 0o600)
+    move = os.rename if where is not None else os.link  # a link refuses to replace
     dest = where or os.path.join(box, "new", name)
     try:
         write_all(fd, parts)
         try:
-            os.rename(tmp, dest)
+            move(tmp, dest)
         except FileNotFoundError:  # new/ removed meanwhile
             ensure(Path(box))
-            os.rename(tmp, dest)
+            move(tmp, dest)
+        if where is None:
+            os.unlink(tmp)
     except OSError:
         os.close(fd)
         with contextlib.suppress(OSError):

@@ -256,8 +256,15 @@ class JournalWriter:
                 return self._link(fd, entry, target), path
             finally:
                 os.close(fd)
-        os.close(maildir.publish(target.box, target.name, (entry.body,)))
-        return 1, path
+        return self._write(entry, target), path
+
+    @staticmethod
+    def _write(entry: Entry, target: journal.Target) -> int:
+        try:
+            os.close(maildir.publish(target.box, target.name, (entry.body,)))
+        except FileExistsError:  # this very copy (names come from the queue id)
+            return 0
+        return 1
 
     def _link(self, fd: int, entry: Entry, target: journal.Target) -> int:
         for attempt in (1, 2):
@@ -276,8 +283,7 @@ class JournalWriter:
                     raise
                 break  # the Maildirs are on another file system, or linking is not allowed
         self._spares.off()
-        os.close(maildir.publish(target.box, target.name, (entry.body,)))
-        return 1
+        return self._write(entry, target)
 
     def _park(self, job: Job) -> tuple[int, str]:
         kept = self._kept.get(job.queue_id)
