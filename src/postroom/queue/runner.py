@@ -220,8 +220,10 @@ class QueueRunner:
             newly_done += [r for _i, r in _of(envelope, local) if r.status == "delivered"]
 
         message = b""
+        counted = first is not None and envelope.attempts > 0  # at acceptance
         if remote:
-            if first is None:
+            if not counted:
+                counted = True
                 self._count_attempt(envelope, now, self._jitter())
                 # Stored before dialling: a crash now cannot cause an immediate retry loop.
                 await self.queue.begin_attempt(envelope)
@@ -240,7 +242,7 @@ class QueueRunner:
                         self._bounced(envelope, rcpt, str(result.reply))
                         newly_failed.append(rcpt)
                     else:
-                        self._deferred(envelope, rcpt, str(result.reply))
+                        self._deferred(envelope, rcpt, str(result.reply), result.remote_mta)
 
         if envelope.id in self._deleted or self.queue_deleted(envelope.id):
             await self.queue.finish(envelope, attempts)  # released; no bounce, no retry
@@ -261,7 +263,7 @@ class QueueRunner:
         if envelope.done:
             await self.queue.finish(envelope, attempts)
             return
-        if not remote and first is None:
+        if not counted:
             self._count_attempt(envelope, now)  # only local failures: count the attempt here
         await self.queue.record(envelope, attempts)
 
@@ -281,7 +283,7 @@ class QueueRunner:
                 by_reply["250 2.0.0 delivered to its mailbox"].append(rcpt.address)
             else:
                 text = f"451 4.3.0 local delivery failed: {error.strerror or error}"
-                self._deferred(envelope, rcpt, text)
+                self._deferred(envelope, rcpt, text, LOCAL_HOST)
                 by_reply[text].append(rcpt.address)
         return [Attempt(now, addrs, LOCAL_HOST, None, reply) for reply, addrs in by_reply.items()]
 
@@ -306,9 +308,14 @@ class QueueRunner:
                 "%s delivered to=<%s> relay=%s: %s", envelope.id, rcpt.address, relay, reply
             )
 
-    def _deferred(self, envelope: Envelope, rcpt: Recipient, reply: str) -> None:
+    def _deferred(
+        self, envelope: Envelope, rcpt: Recipient, reply: str, relay: str | None = None
+    ) -> None:
         rcpt.status, rcpt.last_error = "deferred", reply
-        self.services.log.warning("%s deferred to=<%s>: %s", envelope.id, rcpt.address, reply)
+        via = " via maildir" if relay == LOCAL_HOST else f" relay={relay or '-'}"
+        self.services.log.warning(
+            "%s deferred to=<%s>%s: %s", envelope.id, rcpt.address, via, reply
+        )
 
     def _bounced(self, envelope: Envelope, rcpt: Recipient, reply: str) -> None:
         rcpt.status, rcpt.last_error = "bounced", reply

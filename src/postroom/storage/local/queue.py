@@ -158,9 +158,7 @@ class Draft:
         self._fd, self._crc = None, 0
         self._path = f"{old_path}.p"
         try:
-            self._fd = os.open(
-                self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-            )
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             for part in (self._return_path, self._prefix or b"", self._extra):
                 self._put(part)
             offset = start
@@ -320,7 +318,7 @@ class LocalQueue:
 
     def _quarantine(self, error: QueueError) -> None:
         qid = str(error).split(":")[0]
-        text = f"corrupt queue entry: {error}"
+        text = f"corrupt queue file: {error}"
         with contextlib.suppress(OSError, QueueError):
             text += f"; moved aside to {self.deferred.quarantine(qid)}"
         self._problems.append(text)
