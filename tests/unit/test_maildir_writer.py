@@ -276,9 +276,7 @@ def test_a_message_is_written_once_for_many_recipients(tmp_path: Path) -> None:
         for index, key in enumerate(keys):
             new = tmp_path / "mail" / "x.test" / key.split("@")[0] / "new"
             (path,) = (p for p in new.iterdir() if f".Q{int(small):06d}_{index}." in p.name)
-            assert path.read_bytes() == b"Return-Path: <s@x.test>\n" + body.replace(
-                b"\r\n", b"\n"
-            )
+            assert path.read_bytes() == b"Return-Path: <s@x.test>\n" + body.replace(b"\r\n", b"\n")
             inodes.add(path.stat().st_ino)
         assert len(inodes) == 1  # one file, linked into every Maildir
 
@@ -319,9 +317,7 @@ def test_close_lets_the_child_finish_what_it_was_sent(tmp_path: Path) -> None:
 
     async def main() -> list[bool]:
         await writer.start()
-        jobs = [
-            asyncio.ensure_future(write_one(writer, box, f"{i}.n", b"m\n")) for i in range(20)
-        ]
+        jobs = [asyncio.ensure_future(write_one(writer, box, f"{i}.n", b"m\n")) for i in range(20)]
         await asyncio.sleep(0)  # each job is sent to the child; none is answered yet
         assert not any(j.done() for j in jobs)
         await writer.close()

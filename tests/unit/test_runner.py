@@ -233,7 +233,9 @@ def test_the_last_attempt_at_max_queue_time_bounces_with_the_last_error(tmp_path
         await asyncio.gather(*runner._inflight.values())
 
     asyncio.run(last())
-    assert env.recipients[0].status == "bounced" and "SERVFAIL" in (env.recipients[0].last_error or "")
+    assert env.recipients[0].status == "bounced" and "SERVFAIL" in (
+        env.recipients[0].last_error or ""
+    )
     assert ("finish", "Q1") in queue.calls
 
 
