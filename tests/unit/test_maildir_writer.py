@@ -247,36 +247,41 @@ def test_local_delivery_through_the_child_process(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "journal" / journal.BODIES) == []  # linked, then unnamed
 
 
+async def accept_watched(
+    queue: LocalQueue, env: Envelope, body: bytes, sent: list[int]
+) -> list[OSError | None]:
+    """Accept, counting the octets each write to the child carries."""
+    assert queue.writer is not None
+    answers = await queue.writer.start()
+    real = answers.transport.writelines
+
+    def writelines(data: list[bytes]) -> None:
+        sent.append(sum(len(d) for d in data))
+        real(data)
+
+    answers.transport.writelines = writelines  # type: ignore[method-assign]
+    try:
+        return await accept(queue, env, body)
+    finally:
+        await queue.writer.close()
+
+
 def test_a_message_is_written_once_for_many_recipients(tmp_path: Path) -> None:
     queue = LocalQueue(tmp_path, "mx.x.test", MaildirWriter(tmp_path / "journal"))
     keys = [f"u{i}@x.test" for i in range(30)]
     for small in (True, False):
         body = b"Subject: many\r\n\r\n" + b"y" * (100 if small else 100_000) + b"\r\n"
         sent: list[int] = []
-
-        async def main() -> list[OSError | None]:
-            assert queue.writer is not None
-            answers = await queue.writer.start()
-            real = answers.transport.writelines
-
-            def writelines(data: list[bytes]) -> None:
-                sent.append(sum(len(d) for d in data))
-                real(data)
-
-            answers.transport.writelines = writelines  # type: ignore[method-assign]
-            try:
-                return await accept(queue, envelope(int(small), *keys), body)
-            finally:
-                await queue.writer.close()
-
-        assert asyncio.run(main()) == [None] * 30
+        env = envelope(int(small), *keys)
+        assert asyncio.run(accept_watched(queue, env, body, sent)) == [None] * 30
         # Small: the octets cross to the child once; large: only the body file's name does.
         assert len(sent) == 1 and sent[0] < (len(body) if small else 0) + 10_000
         inodes = set()
         for index, key in enumerate(keys):
             new = tmp_path / "mail" / "x.test" / key.split("@")[0] / "new"
             (path,) = (p for p in new.iterdir() if f".Q{int(small):06d}_{index}." in p.name)
-            assert path.read_bytes() == b"Return-Path: <s@x.test>\n" + body.replace(b"\r\n", b"\n")
+            stored = b"Return-Path: <s@x.test>\n" + body.replace(b"\r\n", b"\n")
+            assert path.read_bytes() == stored
             inodes.add(path.stat().st_ino)
         assert len(inodes) == 1  # one file, linked into every Maildir
 

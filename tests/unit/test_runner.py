@@ -209,7 +209,7 @@ def test_a_temporary_failure_defers_with_the_first_attempt_recorded_at_acceptanc
 def test_a_permanent_failure_bounces_to_the_sender_through_the_same_hand_off(
     tmp_path: Path,
 ) -> None:
-    runner, queue, boxes, _clock = make(tmp_path, {})  # every domain: NXDOMAIN
+    runner, queue, _boxes, _clock = make(tmp_path, {})  # every domain: NXDOMAIN
     env = envelope("Q1", "bob@nowhere.test")
     asyncio.run(accept(runner, env))
     assert env.recipients[0].status == "bounced"
