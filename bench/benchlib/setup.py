@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,11 +80,10 @@ def bring_up(
     cleanup: Cleanup,
     postroom_cmd: str | None,
     workers: int | None = None,
-    pin_cpus: bool = True,
+    pin_cpus: bool = False,
 ) -> Lab:
     """Start every server in ``wanted`` (plus the relay pair when ``relay``); postroom with
-    ``workers`` worker processes (default: one per two cores), with ``pin_cpus``."""
-    workers = workers or max(1, (os.cpu_count() or 1) // 2)
+    ``workers`` worker processes (None: its default) and ``pin_cpus``."""
     lab = Lab(root)
     busy = [
         f"{h}:{p}" for h in HOSTS.values() for p in (2525, 2587, 2110, DNS_PORT) if port_open(h, p)
