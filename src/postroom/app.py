@@ -31,6 +31,7 @@ from postroom.config import Config
 from postroom.queue.runner import QueueRunner
 from postroom.services import ConnectionLimiter, Services
 from postroom.smtp.policy import Port
+from postroom.storage.local import files
 from postroom.storage.local.accounts import Accounts
 from postroom.storage.local.maildir_writer import MaildirWriter
 from postroom.storage.local.queue import LocalMailboxes, LocalQueue
@@ -46,7 +47,7 @@ def build_services(
 ) -> tuple[Services, QueueRunner]:
     """The shared bundle (with the local storage backend) and the queue runner that takes its
     finished messages."""
-    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    files.make_dirs(cfg.data_dir)
     cpus = cpu_pair(index, workers) if cfg.pin_cpus else None
     writer = MaildirWriter(
         cfg.data_dir / "journal",

@@ -37,7 +37,7 @@ class DeferredStore:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         for sub in ("msg", "state", "corrupt"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            files.make_dirs(self.root / sub)
         self.msg_dir = self.root / "msg"
         self.state_dir = self.root / "state"
 

@@ -1,7 +1,12 @@
-"""File-system helpers shared by the spool (``queue/store.py``) and the Maildirs."""
+"""File-system helpers shared by the journal, the deferred store and the Maildirs.
+
+Everything postroom creates under ``data_dir`` is for the server's user alone: directories
+0700 (:func:`make_dirs`, every level it makes), files 0600 (each ``open`` says so).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,3 +32,18 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(path: str | Path) -> None:
+    """Create ``path`` and any missing parents, each 0700 (``Path.mkdir(parents=True)``
+    makes the parents with the umask's mode)."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)

@@ -359,7 +359,7 @@ def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
         finally:
             os.close(fd)
     bodies_dir = os.path.join(directory, BODIES)
-    os.makedirs(bodies_dir, mode=0o700, exist_ok=True)
+    files.make_dirs(bodies_dir)
     if clean_bodies:
         for name in os.listdir(bodies_dir):
             path = os.path.join(bodies_dir, name)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from postroom.address import safe_local_part
-from postroom.storage.local.files import write_all
+from postroom.storage.local.files import make_dirs, write_all
 
 SUBDIRS = ("tmp", "new", "cur")
 
@@ -40,7 +40,7 @@ def ensure(path: Path) -> None:
     if (path / "cur").is_dir():
         return
     for sub in SUBDIRS:
-        (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(path / sub)
 
 
 def _host_part(hostname: str) -> str:

@@ -456,7 +456,7 @@ class MaildirWriter:
 
     async def _spawn(self) -> _Answers:
         self._reap()
-        self.journal_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        files.make_dirs(self.journal_dir)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         args = [sys.executable, *interpreter_flags(), "-m", __name__]
         args += [str(theirs.fileno()), str(os.getpid()), str(self.journal_dir)]
@@ -466,7 +466,7 @@ class MaildirWriter:
         if self.run_as is not None and os.getuid() == 0:
             args += [str(self.run_as[0]), str(self.run_as[1])]
             bodies = self.journal_dir / journal.BODIES
-            bodies.mkdir(exist_ok=True, mode=0o700)
+            files.make_dirs(bodies)
             for path in (self.journal_dir.parent, self.journal_dir, bodies):  # the child's now
                 os.chown(path, *self.run_as)
         with theirs:

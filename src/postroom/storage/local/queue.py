@@ -230,7 +230,7 @@ class LocalQueue:
         self.header_limit = header_limit
         self.journal_dir = data_dir / "journal"
         self.bodies = self.journal_dir / journal.BODIES
-        self.bodies.mkdir(parents=True, exist_ok=True, mode=0o700)
+        files.make_dirs(self.bodies)
         self.deferred = DeferredStore(data_dir / "queue")
         self.owner = False  # this process schedules the parked messages (the primary)
         self.on_parked: Callable[[str], None] | None = None  # a non-owner hands them over
