@@ -378,24 +378,35 @@ class LocalQueue:
         if envelope.id in self._deleted:
             self._deleted.discard(envelope.id)
             return
-        if envelope.id in self._live:
-            assert self.writer is not None
-            await self.writer.park(envelope.id, envelope.to_json())
-            del self._live[envelope.id]
-            if not self.owner and self.on_parked is not None:
-                self.on_parked(envelope.id)
-                return
-        else:
+        live = self._live.pop(envelope.id, None) is not None
+        if not (live and await self._park(envelope)):
             await self.io.run(self.deferred.save_state, envelope)
+        if not self.owner and self.on_parked is not None:
+            self.on_parked(envelope.id)  # the owner schedules its retries
+            return
         self.schedule(envelope)
+
+    async def _park(self, envelope: Envelope) -> bool:
+        """Move a kept message from the journal to the deferred store: True, or False if the
+        writer had parked it already (a writer that died was replaced, and its successor's
+        recovery parked what the journal held)."""
+        assert self.writer is not None
+        try:
+            await self.writer.park(envelope.id, envelope.to_json())
+        except FileNotFoundError:
+            if not self.deferred.has(envelope.id):
+                raise
+            return False
+        return True
 
     async def finish(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
         envelope.history.extend(attempts)
         self._deleted.discard(envelope.id)
         if self._live.pop(envelope.id, None) is not None:
             assert self.writer is not None
-            await self.writer.release(envelope.id)
-            return
+            with contextlib.suppress(FileNotFoundError):  # else parked by a new writer
+                await self.writer.release(envelope.id)
+                return
         self._next.pop(envelope.id, None)
         with contextlib.suppress(QueueError):
             await self.io.run(self.deferred.remove, envelope.id)
@@ -459,8 +470,9 @@ class LocalQueue:
             assert self.writer is not None
             del self._live[queue_id]
             self._deleted.add(queue_id)
-            await self.writer.release(queue_id)
-            return
+            with contextlib.suppress(FileNotFoundError):  # else parked by a new writer
+                await self.writer.release(queue_id)
+                return
         self.deferred.remove(queue_id)
 
     def flush(self) -> int:
