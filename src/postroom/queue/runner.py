@@ -219,7 +219,7 @@ class QueueRunner:
             attempts += self._local_results(envelope, local, errors, now)
             newly_done += [r for _i, r in _of(envelope, local) if r.status == "delivered"]
 
-        message = b""
+        wire = b""  # the message as SMTP sends it: read once, for the remote hosts and the DSNs
         counted = first is not None and envelope.attempts > 0  # at acceptance
         if remote:
             if not counted:
@@ -227,8 +227,7 @@ class QueueRunner:
                 self._count_attempt(envelope, now, self._jitter())
                 # Stored before dialling: a crash now cannot cause an immediate retry loop.
                 await self.queue.begin_attempt(envelope)
-            message = await self.queue.body(envelope)
-            wire = _wire(message)
+            wire = _wire(await self.queue.body(envelope))
             results = await asyncio.gather(
                 *(self._deliver_remote(envelope, d, rcpts, wire) for d, rcpts in remote.items())
             )
@@ -255,10 +254,14 @@ class QueueRunner:
                     self._expired(envelope, rcpt)
                     newly_failed.append(rcpt)
 
-        if newly_failed or newly_done:
-            if not message:
-                message = await self.queue.body(envelope)
-            await self._notify(envelope, message, newly_failed, newly_done)
+        owed = any(r.notify is None or "FAILURE" in r.notify for r in newly_failed) or any(
+            r.notify and "SUCCESS" in r.notify for r in newly_done
+        )
+        if owed and envelope.sender:
+            wire = wire or _wire(await self.queue.body(envelope))
+            await self._notify(envelope, wire, newly_failed, newly_done)
+        for r in newly_done:
+            self._relayed.discard(id(r))
 
         if envelope.done:
             await self.queue.finish(envelope, attempts)
@@ -369,7 +372,7 @@ class QueueRunner:
     # -- DSNs ------------------------------------------------------------------------------
 
     async def _notify(
-        self, envelope: Envelope, message: bytes, failed: list[Recipient], done: list[Recipient]
+        self, envelope: Envelope, original: bytes, failed: list[Recipient], done: list[Recipient]
     ) -> None:
         """Queue DSNs (RFC 3464) for this attempt's failures, and successes where NOTIFY asked.
 
@@ -398,7 +401,6 @@ class QueueRunner:
                 envelope.sender,
             )
             return
-        original = _wire(message)
         for group in (failures, successes):
             if not group:
                 continue
