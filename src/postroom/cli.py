@@ -322,6 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return app.run(cfg)
         # Import what the commands use before dropping root: the new user may not be able to
         # read the Python installation's files (a pyenv under /root, say).
+        import postroom.storage.local.accounts
+        import postroom.storage.local.maildir
+        import postroom.storage.local.queue  # noqa: F401
         from postroom import privileges
 
         privileges.drop_for_cli(cfg)

@@ -54,9 +54,8 @@ def login(srv: Server, tls: str = "stls") -> poplib.POP3:
 
 
 def stored(srv: Server) -> list[bytes]:
-    md = srv.maildir("alice@a.test")
-    files = sorted([*md.glob("new/*"), *md.glob("cur/*")], key=lambda p: p.name)
-    return [p.read_bytes() for p in files]
+    """alice's messages as POP3 serves them (the files have LF line ends)."""
+    return srv.messages("alice@a.test")
 
 
 @pytest.mark.parametrize("tls", ["stls", "implicit"])

@@ -465,9 +465,12 @@ class MaildirWriter:
         self.clean_bodies = False  # a child started later must not touch living files
         if self.run_as is not None and os.getuid() == 0:
             args += [str(self.run_as[0]), str(self.run_as[1])]
-            bodies = self.journal_dir / journal.BODIES
-            files.make_dirs(bodies)
-            for path in (self.journal_dir.parent, self.journal_dir, bodies):  # the child's now
+            data_dir = self.journal_dir.parent
+            queue = data_dir / "queue"
+            mine = [data_dir, self.journal_dir, self.journal_dir / journal.BODIES, queue]
+            mine += [queue / sub for sub in ("msg", "state", "corrupt")]
+            for path in mine:  # the child's from now on (it recovers, then writes here)
+                files.make_dirs(path)
                 os.chown(path, *self.run_as)
         with theirs:
             self._proc = subprocess.Popen(
