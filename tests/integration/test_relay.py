@@ -186,10 +186,22 @@ def test_deferred_then_flush_delivers_once_even_across_kill9(
     (entry,) = queue(pair.a)
     assert entry["attempts"] == 1 and entry["next_attempt"]
     assert pair.a.cli("queue", "list").stdout.startswith(str(entry["id"]))
-    assert "later" in pair.a.cli("queue", "show", str(entry["id"])).stdout
+    shown = pair.a.cli("queue", "show", str(entry["id"])).stdout
+    assert "later" in shown and "attempt: " in shown and f"mx.b.test[{B_IP}]" in shown
+    detail = json.loads(pair.a.cli("queue", "show", str(entry["id"]), "--json").stdout)
+    # The list's object, its "attempts" (a count there) now the attempts themselves.
+    assert {k: v for k, v in detail.items() if k != "attempts"} == {
+        k: v for k, v in entry.items() if k != "attempts"
+    }
+    (attempt,) = detail["attempts"]
+    assert attempt["recipients"] == ["bob@b.test"] and attempt["host"] == "mx.b.test"
+    assert attempt["ip"] == B_IP and attempt["tls"] is False
+    assert "connect to" in attempt["reply"] and attempt["time"].endswith("Z")
     pair.a.kill9()
     pair.a.start()
     assert [q["id"] for q in queue(pair.a)] == [entry["id"]]
+    again = json.loads(pair.a.cli("queue", "show", str(entry["id"]), "--json").stdout)
+    assert again["attempts"] == detail["attempts"]  # the history is durable
     pair.b.start()
     pair.a.cli("queue", "flush")
     assert len(pair.b.wait_messages("bob@b.test", 1)) == 1
