@@ -243,7 +243,7 @@ class QueueRunner:
                     else:
                         self._deferred(envelope, rcpt, str(result.reply), result.remote_mta)
 
-        if envelope.id in self._deleted or self.queue_deleted(envelope.id):
+        if envelope.id in self._deleted:
             await self.queue.finish(envelope, attempts)  # released; no bounce, no retry
             return
 
@@ -269,10 +269,6 @@ class QueueRunner:
         if not counted:
             self._count_attempt(envelope, now)  # only local failures: count the attempt here
         await self.queue.record(envelope, attempts)
-
-    def queue_deleted(self, queue_id: str) -> bool:
-        check = getattr(self.queue, "deleted", None)
-        return bool(check(queue_id)) if check is not None else False
 
     def _local_results(
         self, envelope: Envelope, copies: list[LocalCopy], errors: list[OSError | None], now: float

@@ -496,9 +496,6 @@ class LocalQueue:
         out, self._problems = self._problems, []
         return out
 
-    def deleted(self, queue_id: str) -> bool:
-        return queue_id in self._deleted
-
 
 def _read(path: str, limit: int = -1) -> bytes:
     with open(path, "rb") as fh:
