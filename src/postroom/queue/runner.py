@@ -55,6 +55,7 @@ class Accepted:
 
 
 LOCAL_HOST = "local"  # the ``host`` of a Maildir delivery in the attempt history
+BACKLOG = 4  # first attempts waiting for a slot beyond this many times max_concurrent are parked
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +184,12 @@ class QueueRunner:
     # -- one attempt -----------------------------------------------------------------------
 
     async def _attempt(self, envelope: Envelope, first: _First | None) -> None:
+        if first is not None and len(self._inflight) > BACKLOG * self.cfg.delivery.max_concurrent:
+            # More first attempts waiting than are worth holding in memory and in the journal:
+            # this one waits in the queue instead, due at once (nothing was dialled for it).
+            envelope.attempts, envelope.next_attempt = 0, 0.0
+            await self.queue.record(envelope, first.attempts)
+            return
         async with self._slots:
             try:
                 await self._deliver(envelope, first)
