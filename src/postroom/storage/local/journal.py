@@ -256,6 +256,7 @@ class Segment:
         self.retired = False  # no longer appended to: deleted once synced
         self.broken = False  # a flush failed: never marked synced, kept for recovery
         self.kept: set[int] = set()  # entries the queue holds: the segment stays for them
+        self.removed = False
         self._lock = threading.Lock()  # the writer and the syncer both append
 
     @classmethod
@@ -299,8 +300,10 @@ class Segment:
         return self.retired and self.synced >= self.last_seq and not self.kept
 
     def remove(self) -> None:
-        os.unlink(self.path)
-        os.close(self.fd)
+        if not self.removed:
+            self.removed = True
+            os.unlink(self.path)
+            os.close(self.fd)
 
 
 def _lock(fd: int) -> bool:
@@ -551,8 +554,9 @@ class Syncer:
             if b.segment.broken:
                 continue
             try:
-                b.segment.append(encode_synced(b.seq), sync=True)
-                b.segment.synced = b.seq
+                if not b.segment.removed:
+                    b.segment.append(encode_synced(b.seq), sync=True)
+                    b.segment.synced = b.seq
                 for body in b.unlink:  # linked into their Maildirs durably, or released
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(body)
