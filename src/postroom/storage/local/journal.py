@@ -1,32 +1,37 @@
-"""The Maildir writer's journal: one append and one ``fdatasync`` make a batch of messages durable.
+"""The queue's journal: one append and one ``fdatasync`` make a batch of messages durable.
 
-Delivering a file durably into a Maildir takes two device flushes in a row (the file, then
-``new/``), and on this kind of disk a flush is the largest single cost of accepting a message.
-So the writer first appends the messages of a batch to a journal and ``fdatasync``\\ s it once:
-that is the durable copy the 250 stands on. It then publishes each copy into ``new/`` (no
-flush: mail is visible before its 250 goes out), writes a *settled* mark (no flush) and
-answers. The :class:`Syncer` thread flushes the published copies in bulk, once a second, with
-one ``syncfs`` per file system, and then records *synced up to seq N* in the journal; a segment
-whose every record is synced is deleted. Measured on 2 vCPUs (ext4): one SMTP session went
-from 879 to 951 msg/s with this, 20 sessions from 2,252 to 2,824 (docs/benchmarks.md).
+Every accepted message, whatever its recipients and size, is one ACCEPT record: its queue id,
+its envelope (JSON), the local copies to make now (Maildir, file name) and its octets, or,
+for a large message, the name, size and CRC-32 of the *body file* the server streamed it into
+(``bodies/``; flushed beside the journal, and later linked into each Maildir: written once).
+The writer appends a batch of records and flushes once: that is what the 250 stands on. It
+then publishes each copy into ``new/`` (no flush: mail is visible before its 250 goes out),
+writes a *settled* mark (no flush) and answers. The :class:`Syncer` thread flushes the
+published copies in bulk, once a second, with one ``syncfs`` per file system, then records
+*synced up to seq N*; a full segment whose records are all synced is deleted.
+
+A message with recipients left (remote ones, a copy that failed) is *kept* (a flag of its
+record): its segment stays until a RELEASED record says the queue is done with it, either
+because every recipient was done at the first attempt or because the message was *parked* in
+the deferred store (:mod:`postroom.storage.local.deferred`) to wait for a retry. So segments
+live seconds, however long some mail waits.
 
 Recovery (:func:`recover`, at the writer's start, before it answers anything) replays each
 orphaned segment, i.e. one no living writer holds the ``flock`` of:
 
 * after a crash of the server (same boot: the page cache survived), a settled copy is done;
   an unsettled one is published unless its file is in ``new/`` or ``cur/`` already (the
-  crash came between the rename and the mark), so nothing is lost and nothing doubled;
+  crash came between the link and the mark), so nothing is lost and nothing doubled;
 * after a power loss (another boot id), nothing that was not synced can be trusted: each copy
-  after the last synced mark is compared with its file, and written again if it differs or is
-  missing. (A copy the user had fetched and deleted within that last second comes back: a
-  duplicate is the safe side of that choice.)
-
-A copy whose publication fails (the Maildir cannot be written) is settled as *cancelled* and
-reported to the server, which queues the message for the runner's retries and bounces.
+  after the last synced mark is compared with its record, and written again if it differs or
+  is missing (a copy fetched and deleted within that last second comes back: a duplicate is
+  the safe side); a body file whose CRC differs was never flushed, so never acknowledged;
+* a kept entry not released is parked, unless it was parked already.
 
 Records: ``<BQI`` kind, payload length, CRC-32 of the payload, then the payload. A torn or
 corrupt record ends the segment: nothing after it was ever acknowledged (an append is
 acknowledged only after the ``fdatasync`` that also made every earlier byte durable).
+docs/durability.md tells the whole story.
 
 Why by hand: no library offers a write-ahead log with this shape (group commit, a publication
 step into Maildirs, recovery by comparison); sqlite's WAL would add a second flush per commit.
