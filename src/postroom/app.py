@@ -27,6 +27,7 @@ from typing import Any, cast
 from postroom import config as config_mod
 from postroom import lifetime, logs, privileges
 from postroom import tls as tls_mod
+from postroom.blocking import BlockingPool
 from postroom.config import Config
 from postroom.queue.runner import QueueRunner
 from postroom.services import ConnectionLimiter, Services
@@ -55,7 +56,8 @@ def build_services(
         cpus[1] if cpus else None,
         clean_bodies=primary,
     )
-    queue = LocalQueue(cfg.data_dir, cfg.hostname, writer, header_limit=cfg.limits.header_size)
+    io = BlockingPool()  # blocking file work: the queue's and POP3's
+    queue = LocalQueue(cfg.data_dir, cfg.hostname, writer, io, cfg.limits.header_size)
     services = Services(
         cfg=cfg,
         accounts=Accounts(cfg.data_dir),
@@ -67,6 +69,7 @@ def build_services(
         worker_index=index,
         workers=workers,
         cpus=cpus,
+        io=io,
     )
     runner = QueueRunner(services, queue, LocalMailboxes(queue))
     services.intake = runner
