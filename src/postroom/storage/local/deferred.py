@@ -56,14 +56,7 @@ class DeferredStore:
         self._write_state(queue_id, envelope)
         dest = self.msg_path(queue_id)
         if body is not None:
-            tmp = str(self.msg_dir / f".{queue_id}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                files.write_all(fd, (body,))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, dest)
+            _replace(self.msg_dir / f".{queue_id}.tmp", dest, body)
         else:
             fd = os.open(body_file, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -79,15 +72,7 @@ class DeferredStore:
 
     def _write_state(self, queue_id: str, raw: bytes) -> None:
         check_id(queue_id)
-        path = self.state_dir / f"{queue_id}.json"
-        tmp = self.state_dir / f".{queue_id}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            files.write_all(fd, (raw,))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        _replace(self.state_dir / f".{queue_id}.tmp", self.state_dir / f"{queue_id}.json", raw)
         files.fsync_dir(self.state_dir)
 
     def remove(self, queue_id: str) -> None:
@@ -150,3 +135,15 @@ class DeferredStore:
     def read(self, queue_id: str, limit: int = -1) -> bytes:
         with open(self.msg_path(queue_id), "rb") as fh:
             return fh.read(limit)
+
+
+def _replace(tmp: Path, dest: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``tmp``, fsync it, and rename it over ``dest`` (the caller fsyncs
+    the directory)."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        files.write_all(fd, (data,))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, dest)
