@@ -334,6 +334,7 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
         await asyncio.sleep(0.05)
     await runner.stop()
     await queue.writer.close()
+    queue.spares.close()
     for task in tasks:
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

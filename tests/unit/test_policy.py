@@ -14,7 +14,7 @@ from postroom.queue.envelope import Envelope
 from postroom.smtp.commands import Mail, Rcpt
 from postroom.smtp.policy import SmtpPolicy
 from postroom.storage.interfaces import MessageDraft
-from postroom.storage.local.queue import Draft
+from postroom.storage.local.queue import Draft, SpareBodies
 from postroom.wire import replies
 from postroom.wire.replies import Reply
 
@@ -54,7 +54,7 @@ class Queue:
         self.tmp = tmp
 
     def draft(self, queue_id: str, sender: str, make_prefix: Any = None) -> Draft:
-        return Draft(self.tmp, queue_id, sender, make_prefix, 1000)
+        return Draft(SpareBodies(self.tmp, None), queue_id, sender, make_prefix, 1000)
 
 
 def policy(tmp_path: Path, port: str = "smtp") -> tuple[SmtpPolicy, Handed]:

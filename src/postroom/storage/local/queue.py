@@ -31,6 +31,7 @@ import heapq
 import os
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,64 @@ INLINE_LIMIT = 64 << 10  # larger messages go to a body file (written once, link
 BOX_CACHE = 10_000
 
 
+class SpareBodies:
+    """Empty body files made ahead in a worker thread, their names already flushed.
+
+    Creating an inode is the dearest step of taking a large message (12% of the event loop's
+    time at 100 KiB from 20 sessions, measured with py-spy), and the name of a body file must
+    be durable before its message is acknowledged: made here, a batch costs one directory
+    flush and no time on the event loop. Unused ones are removed at close, or at the next
+    start as files no journal record names."""
+
+    LOW, BATCH = 16, 32
+
+    def __init__(self, directory: Path, io: BlockingPool | None) -> None:
+        self.directory = directory
+        self.io = io
+        self._ready: deque[str] = deque()
+        self._filling = False
+        self._made = 0
+
+    def take(self) -> tuple[str, bool]:
+        """A path for a body file, and whether it exists with a durable name already."""
+        if len(self._ready) < self.LOW:
+            self._refill()
+        if self._ready:
+            return self._ready.popleft(), True
+        return self._name(), False
+
+    def _name(self) -> str:
+        self._made += 1
+        return str(self.directory / f"{os.getpid()}-{self._made}")
+
+    def _refill(self) -> None:
+        if self._filling or self.io is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._filling = True
+        names = [self._name() for _ in range(self.BATCH)]
+        task = loop.create_task(self.io.run(self._make, names))
+        task.add_done_callback(lambda t: self._done(t, names))
+
+    def _make(self, names: list[str]) -> None:
+        for name in names:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        files.fsync_dir(self.directory)
+
+    def _done(self, task: asyncio.Task[None], names: list[str]) -> None:
+        self._filling = False
+        if not task.cancelled() and task.exception() is None:
+            self._ready.extend(names)  # else (disk full) the next start removes them
+
+    def close(self) -> None:
+        while self._ready:
+            with contextlib.suppress(OSError):
+                os.unlink(self._ready.pop())
+
+
 class Draft:
     """A message being received (see :class:`~postroom.storage.interfaces.MessageDraft`).
 
@@ -56,14 +115,15 @@ class Draft:
 
     def __init__(
         self,
-        bodies: Path,
+        spares: SpareBodies,
         queue_id: str,
         sender: str,
         make_prefix: Callable[[bytes], bytes] | None,
         header_limit: int,
     ) -> None:
         self.queue_id = queue_id
-        self._bodies = bodies
+        self._spares = spares
+        self.fresh = False  # its body file's name is not durable yet
         self._return_path = f"Return-Path: <{sender}>\n".encode()
         self._make_prefix = make_prefix
         self._header_limit = header_limit
@@ -117,8 +177,10 @@ class Draft:
         self._crc = zlib.crc32(data, self._crc)
 
     def _spill(self) -> None:
-        self._path = str(self._bodies / self.queue_id)
-        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._path, durable = self._spares.take()
+        self.fresh = not durable
+        flags = os.O_RDWR | os.O_CLOEXEC | (0 if durable else os.O_CREAT | os.O_EXCL)
+        self._fd = os.open(self._path, flags, 0o600)
         for part in (self._return_path, self._prefix or b"", self._extra, bytes(self._client)):
             self._put(part)
         self._client = bytearray()
@@ -156,7 +218,8 @@ class Draft:
         old_fd, old_path, start = self._fd, self._path, self.size - self._client_size
         self._extra = lines + self._extra
         self._fd, self._crc = None, 0
-        self._path = f"{old_path}.p"
+        self._path, durable = self._spares.take()
+        self.fresh = not durable
         try:
             self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             for part in (self._return_path, self._prefix or b"", self._extra):
@@ -231,6 +294,7 @@ class LocalQueue:
         self.journal_dir = data_dir / "journal"
         self.bodies = self.journal_dir / journal.BODIES
         files.make_dirs(self.bodies)
+        self.spares = SpareBodies(self.bodies, self.io if writer is not None else None)
         self.deferred = DeferredStore(data_dir / "queue")
         self.owner = False  # this process schedules the parked messages (the primary)
         self.on_parked: Callable[[str], None] | None = None  # a non-owner hands them over
@@ -247,7 +311,7 @@ class LocalQueue:
     def draft(
         self, queue_id: str, sender: str, make_prefix: Callable[[bytes], bytes] | None = None
     ) -> Draft:
-        return Draft(self.bodies, queue_id, sender, make_prefix, self.header_limit)
+        return Draft(self.spares, queue_id, sender, make_prefix, self.header_limit)
 
     def box(self, mailbox: str) -> str:
         box = self._boxes.get(mailbox)
@@ -281,6 +345,8 @@ class LocalQueue:
             draft.abort()
             raise
         envelope.size, envelope.wire_size = draft.size, draft.wire_size
+        if draft.fresh:  # no spare was ready: its name must be durable before the 250
+            await self.io.run(files.fsync_dir, self.bodies)
         targets = tuple(
             journal.Target(c.index, self.box(c.mailbox), self.copy_name(envelope, c.index))
             for c in deliver_now
