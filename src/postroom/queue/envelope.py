@@ -10,7 +10,7 @@ import itertools
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from postroom.errors import QueueError
@@ -99,7 +99,11 @@ class Envelope:
         return all(r.done for r in self.recipients)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # What dataclasses.asdict gives, at a fraction of its cost (it is on every message).
+        data = dict(vars(self))
+        data["recipients"] = [dict(vars(r)) for r in self.recipients]
+        data["history"] = [dict(vars(a)) for a in self.history]
+        return data
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
