@@ -203,3 +203,23 @@ def test_a_new_segment_is_never_taken_for_an_orphan(tmp_path: Path) -> None:
         assert os.path.exists(seg.path)
     finally:
         seg.remove()
+
+
+def test_a_message_whose_copy_failed_is_parked_after_a_crash(tmp_path: Path) -> None:
+    # Accepted as "not kept" (every recipient local), one copy failed: a KEPT mark says the
+    # queue holds it after all, so a crash before it was parked does not lose that copy.
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    one = entry(1, tmp_path / "a", tmp_path / "b")
+    maildir.ensure(tmp_path / "a")
+    (tmp_path / "a" / "new" / one.targets[0].name).write_bytes(one.body)
+    segment(
+        journal_dir,
+        journal.encode_entry(one),
+        journal.encode_settled([(1, 0), (1, 1)]),  # b's copy failed (settled as done with)
+        journal.encode_kept([1]),
+    )
+    journal.recover(str(journal_dir), BOOT)
+    store = DeferredStore(tmp_path / "queue")
+    assert store.ids() == ["Q1"]
+    assert [r.status for r in store.load("Q1").recipients] == ["delivered", "queued", "queued"]

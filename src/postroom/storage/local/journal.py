@@ -61,7 +61,7 @@ _TARGET = struct.Struct("<IHH")  # recipient index, lengths of the Maildir path 
 _SEQ = struct.Struct("<Q")
 _MARK = struct.Struct("<QI")  # seq, target index
 
-START, ACCEPT, SETTLED, SYNCED, RELEASED = 1, 2, 3, 4, 5  # 0: the zeros ahead of the end
+START, ACCEPT, SETTLED, SYNCED, RELEASED, KEPT = 1, 2, 3, 4, 5, 6  # 0: the zeros ahead
 KEEP, IN_FILE = 1, 2  # ACCEPT flags
 SUFFIX = ".journal"
 BODIES = "bodies"  # the journal's subdirectory for messages too large to go in a record
@@ -137,6 +137,11 @@ def encode_released(seqs: Iterable[int]) -> list[bytes]:
     return _record(RELEASED, [b"".join(_SEQ.pack(seq) for seq in seqs)])
 
 
+def encode_kept(seqs: Iterable[int]) -> list[bytes]:
+    """Entries accepted as not kept whose copies failed: the queue holds them after all."""
+    return _record(KEPT, [b"".join(_SEQ.pack(seq) for seq in seqs)])
+
+
 def encode_synced(seq: int) -> list[bytes]:
     return _record(SYNCED, [_SEQ.pack(seq)])
 
@@ -153,12 +158,16 @@ class Contents:
     entries: list[Entry] = field(default_factory=list)
     settled: set[tuple[int, int]] = field(default_factory=set)
     released: set[int] = field(default_factory=set)
+    kept: set[int] = field(default_factory=set)  # KEPT marks
     synced: int = 0
     end: int = 0  # where the valid records end
 
     def live(self) -> list[Entry]:
         """The entries the queue still holds (kept and not released)."""
-        return [e for e in self.entries if e.keep and e.seq not in self.released]
+        return [e for e in self.entries if self.held(e)]
+
+    def held(self, entry: Entry) -> bool:
+        return (entry.keep or entry.seq in self.kept) and entry.seq not in self.released
 
 
 def parse(data: bytes) -> Contents:
@@ -214,10 +223,11 @@ def take(out: Contents, kind: int, payload: memoryview) -> None:
         if len(payload) % _MARK.size:
             raise ValueError("marks")
         out.settled.update(_MARK.iter_unpack(payload))
-    elif kind == RELEASED:
+    elif kind in (RELEASED, KEPT):
         if len(payload) % _SEQ.size:
-            raise ValueError("released")
-        out.released.update(seq for (seq,) in _SEQ.iter_unpack(payload))
+            raise ValueError("seqs")
+        marks = out.released if kind == RELEASED else out.kept
+        marks.update(seq for (seq,) in _SEQ.iter_unpack(payload))
     elif kind == SYNCED:
         (out.synced,) = _SEQ.unpack(payload)
     else:
@@ -384,7 +394,7 @@ def _replay(contents: Contents, boot: str, store: DeferredStore) -> tuple[int, l
     written, dirs, bodies = 0, set(), []
     for entry in contents.entries:
         copies = entry.seq > contents.synced
-        park = entry.keep and entry.seq not in contents.released
+        park = contents.held(entry)
         if park and store.has(entry.queue_id):
             park = False  # parked before the crash (the RELEASED record was not written)
         if entry.body_file:

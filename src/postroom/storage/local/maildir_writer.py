@@ -205,6 +205,7 @@ class JournalWriter:
             return {job.id: [_failure(exc)] for job in jobs}
         answers: dict[int, list[tuple[int, str]]] = {}
         settled: list[tuple[int, int]] = []
+        late: list[int] = []  # not kept, but a copy failed: kept after all
         dirs: set[str] = set()
         unlink: list[str] = []
         for job, entry in zip(jobs, entries, strict=True):
@@ -222,6 +223,8 @@ class JournalWriter:
                 results.append((written, ""))
             answers[job.id] = [(1, ""), *results]  # durable, then each copy
             if entry.keep or any(status < 0 for status, _t in results):
+                if not entry.keep:
+                    late.append(entry.seq)
                 segment.kept.add(entry.seq)
                 self._kept[entry.queue_id] = _Kept(segment, entry)
             elif entry.body_file:
@@ -229,6 +232,17 @@ class JournalWriter:
         # Settled before the answers: after a crash these copies are not published again.
         with contextlib.suppress(OSError):  # then recovery looks for the files instead
             segment.append(journal.encode_settled(settled), sync=False)
+        if late:  # before the answer: a crash must not forget the copies still owed
+            try:
+                segment.append(journal.encode_kept(late), sync=True)
+            except OSError as exc:  # then the message is not acknowledged either
+                for job, entry in zip(jobs, entries, strict=True):
+                    if entry.seq in late:
+                        answers[job.id] = [_failure(exc)]
+                        segment.kept.discard(entry.seq)
+                        self._kept.pop(entry.queue_id, None)
+                        # (its made copies stay: the client's retry makes them again under
+                        # another queue id; a rare double on a failing disk, never a loss)
         segment.last_seq = self._seq
         self.syncer.add(journal.Batch(segment, self._seq, dirs, unlink))
         if segment.size >= journal.SEGMENT_SIZE:
