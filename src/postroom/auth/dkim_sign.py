@@ -61,7 +61,9 @@ class SigningKey:
 
     @property
     def algorithm(self) -> bytes:
-        return b"ed25519-sha256" if isinstance(self.key, ed25519.Ed25519PrivateKey) else b"rsa-sha256"
+        return (
+            b"ed25519-sha256" if isinstance(self.key, ed25519.Ed25519PrivateKey) else b"rsa-sha256"
+        )
 
 
 def header_list(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:

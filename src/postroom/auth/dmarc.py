@@ -66,7 +66,9 @@ def parse_record(text: str) -> DmarcRecord | None:
         if sep:
             tags.setdefault(name.strip().lower(), value.strip())
     rua = tuple(
-        uri.strip() for uri in tags.get("rua", "").split(",") if uri.strip().lower().startswith("mailto:")
+        uri.strip()
+        for uri in tags.get("rua", "").split(",")
+        if uri.strip().lower().startswith("mailto:")
     )
     p = tags.get("p", "").lower()
     if p not in POLICIES:
@@ -120,9 +122,7 @@ async def discover(cache: DnsCache, from_domain: str) -> Policy:
         answer = await cache.query(f"_dmarc.{domain}", "TXT")
         if answer.temporary:
             return Policy(None, domain, temporary=answer.error)
-        records = [
-            r for t in answer.txt() if (r := parse_record(t.decode("utf-8", "replace")))
-        ]
+        records = [r for t in answer.txt() if (r := parse_record(t.decode("utf-8", "replace")))]
         if len(records) == 1:
             return Policy(records[0], domain)
         # None, or several: no policy here (§6.6.3 step 2 "more than one": none).
@@ -169,9 +169,7 @@ def evaluate(
     record = policy.record
     if record is None:
         return DmarcResult("none", domain)
-    spf_ok = bool(
-        spf and spf.result == "pass" and _aligned(spf.domain, domain, record.aspf)
-    )
+    spf_ok = bool(spf and spf.result == "pass" and _aligned(spf.domain, domain, record.aspf))
     dkim_ok = any(
         r.result == "pass" and _aligned(r.domain, domain, record.adkim) for r in dkim_results
     )
@@ -195,5 +193,8 @@ def evaluate(
         sampled_out = True
         disposition = {"reject": "quarantine", "quarantine": "none"}.get(requested, "none")
     return DmarcResult(
-        "fail", disposition=disposition, sampled_out=sampled_out, **base  # type: ignore[arg-type]
+        "fail",
+        disposition=disposition,
+        sampled_out=sampled_out,
+        **base,  # type: ignore[arg-type]
     )

@@ -1,4 +1,4 @@
-"""DKIM keys per local domain: making them, storing them, and their life from selector to retirement.
+"""DKIM keys per local domain: making and storing them, and their life from selector to retirement.
 
 Every local domain has an Ed25519 key (RFC 8463) and an RSA-2048 key (RFC 6376 §3.3.3), each
 under a selector postroom chooses (``ed20261101``, ``rsa20261101``; a letter is added when a
@@ -152,7 +152,8 @@ class LocalKeyStore:
 
     def save(self, domain: str, keys: list[DkimKey]) -> None:
         folder = self._dir(domain)
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        folder.mkdir(exist_ok=True, mode=0o700)
         wanted = set()
         for key in keys:
             _check_selector(key.selector)

@@ -166,7 +166,7 @@ class DnsCache:
         try:
             result = await self._res.resolve(name, rdtype, search=False, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN as exc:
-            responses = list(exc.responses().values()) if hasattr(exc, "responses") else []
+            responses = list(exc.kwargs.get("responses", {}).values())
             ttl = _negative_ttl(responses[0]) if responses else 0.0
             return Answer("nxdomain"), ttl
         except dns.resolver.YXDOMAIN:

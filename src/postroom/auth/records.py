@@ -47,9 +47,7 @@ def wanted(
         DnsRecord(origin, "MX", TTL, f"{MX_PREFERENCE} {hostname.rstrip('.')}."),
         DnsRecord(origin, "TXT", TTL, "v=spf1 mx -all"),
     ]
-    out += [
-        DnsRecord(f"{k.selector}._domainkey.{origin}", "TXT", TTL, k.record()) for k in keys
-    ]
+    out += [DnsRecord(f"{k.selector}._domainkey.{origin}", "TXT", TTL, k.record()) for k in keys]
     out.append(DnsRecord(f"_dmarc.{origin}", "TXT", TTL, dmarc_value(policy, rua)))
     return out
 
