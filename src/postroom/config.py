@@ -211,7 +211,7 @@ class AuthConfig:
     dmarc_rua: str = ""
     # All DNS for the checks of one message takes at most this long (then: temperror).
     check_timeout: Duration = Duration(20)
-    # Messages above this size are neither signed nor DKIM-verified (nor refused by DMARC).
+    # Messages above this size are not signed, and get only SPF checked (never a DMARC 550).
     check_max_size: Size = Size(25 << 20)
     # How often keys not yet seen in DNS are looked for; retired keys stay listed this long.
     dkim_check_interval: Duration = Duration(60)

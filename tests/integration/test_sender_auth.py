@@ -296,3 +296,15 @@ def test_dmarc_report_reaches_rua_via_the_queue(
     schema = xmlschema.XMLSchema(str(SCHEMA))
     schema.validate(xml.decode())
     assert b"<count>2</count>" in xml
+
+
+def test_forged_results_removed_from_messages_too_large_to_check(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    srv = server_factory(extra_toml=_toml(dns, '[auth]\ncheck_max_size = "1KB"\n'))
+    srv.add_user("bob@a.test", "pw")
+    dns.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
+    _mx_send(srv, "service@bank.test", "bob@a.test", _forged("bank.test") + b"x" * 2000 + b"\r\n")
+    msg = srv.wait_messages("bob@a.test", 1)[0].replace(b"\r\n", b"\n")
+    assert msg.count(b"mx.a.test;") == 1 and b"dkim=pass" not in msg
+    assert b"spf=none" in msg and b"dmarc=" not in msg

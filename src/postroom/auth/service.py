@@ -161,13 +161,20 @@ class SenderAuth:
     ) -> Reply | None:
         """Sign or check ``message`` (changing it in place); a Reply refuses it."""
         auth = self.cfg.auth
-        if message.size > auth.check_max_size:
-            return None
+        too_large = message.size > auth.check_max_size
         if auth_user is not None:
-            if auth.dkim_sign:
+            if auth.dkim_sign and not too_large:
                 await self._sign(message)
             return None
         if port != "smtp" or not auth.checks:
+            return None
+        if too_large:
+            # Forged results are removed all the same; only SPF is checked (no refusal).
+            whole = message.whole()
+            result = await spf.check(self.cache, client_ip, sender, helo, self.cfg.hostname)
+            count_verdict("spf", result.result)
+            header = results.render(self.cfg.hostname, result, [], None)
+            message.replace(header + results.strip_ours(whole, self.cfg.hostname))
             return None
         return await self._check(message, client_ip, helo, sender)
 
