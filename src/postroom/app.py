@@ -27,6 +27,9 @@ from typing import Any, cast
 from postroom import config as config_mod
 from postroom import lifetime, logs, privileges
 from postroom import tls as tls_mod
+from postroom.auth.keys import LocalKeyStore
+from postroom.auth.lookup import DnsCache
+from postroom.auth.service import QueueMessage, SenderAuth
 from postroom.blocking import BlockingPool
 from postroom.config import Config
 from postroom.queue.runner import QueueRunner
@@ -71,9 +74,20 @@ def build_services(
         cpus=cpus,
         io=io,
     )
+    services.sender_auth = SenderAuth(
+        cfg,
+        DnsCache(cfg.dns, size=cfg.dns.cache_size),
+        LocalKeyStore(cfg.data_dir),
+        run_blocking=services.io.run,
+    )
     runner = QueueRunner(services, queue, LocalMailboxes(queue))
     services.intake = runner
     return services, runner
+
+
+def queue_made_here(runner: QueueRunner) -> QueueMessage:
+    """Queue a message made by the server itself (a DMARC report), through the one way in."""
+    return runner.accept_made_here
 
 
 def cpu_pair(index: int, workers: int) -> tuple[int, int] | None:
@@ -270,6 +284,8 @@ def _reload(services: Services, worker: Worker) -> None:
         log.error("reload failed: %s", exc)
         return
     services.cfg = new
+    if services.sender_auth is not None:
+        services.sender_auth.cfg = new
     fresh = ConnectionLimiter.for_config(new, services.workers)
     connections = services.connections
     connections.max_total, connections.max_per_ip = fresh.max_total, fresh.max_per_ip
@@ -291,6 +307,8 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     assert isinstance(queue, LocalQueue) and queue.writer is not None
     await queue.writer.start()  # before privileges are dropped: see there
     if worker.primary:
+        assert services.sender_auth is not None
+        services.sender_auth.ensure_keys()  # DKIM keys made on first start
         queue.recover()
     else:
         queue.on_parked = functools.partial(_hand_over, services)
@@ -303,6 +321,8 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     tasks = [loop.create_task(IdleSweeper(services).run())]
     if worker.primary:
         tasks.append(loop.create_task(runner.run()))
+        assert services.sender_auth is not None
+        tasks.append(loop.create_task(services.sender_auth.run(queue_made_here(runner))))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

@@ -202,9 +202,7 @@ def test_kill9_of_server_and_writer_with_local_and_remote_recipients(
             )
 
         end = time.monotonic() + 60
-        while time.monotonic() < end and not (
-            acked <= set(tags()) and acked <= set(sink.got)
-        ):
+        while time.monotonic() < end and not (acked <= set(tags()) and acked <= set(sink.got)):
             time.sleep(0.2)
         time.sleep(0.5)
         local, remote = tags(), Counter(sink.got)

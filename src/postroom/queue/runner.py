@@ -129,6 +129,27 @@ class QueueRunner:
             self._start(envelope, _First(attempts, done))
         return Accepted(envelope.id)
 
+    async def accept_made_here(
+        self, sender: str, recipients: list[str], message: bytes, queue_id: str = ""
+    ) -> str:
+        """Queue a message made on this host (a DSN, a DMARC report: CRLF, our own Received
+        line in it) through the same way in; its queue id. TemporaryStorageError if the
+        queue refused it."""
+        envelope = Envelope(
+            id=queue_id or new_queue_id(),
+            sender=sender,
+            recipients=[Recipient(address) for address in recipients],
+            created=self._clock(),
+            is_bounce=not sender,
+            smtputf8=not all(r.isascii() for r in recipients),
+        )
+        draft = self.services.queue.draft(envelope.id, sender)
+        draft.write(message)
+        result = await self.accept(envelope, draft)
+        if not isinstance(result, Accepted):
+            raise TemporaryStorageError(f"cannot queue a message for {', '.join(recipients)}")
+        return envelope.id
+
     def _count_attempt(self, envelope: Envelope, now: float, jitter: float = 0.0) -> None:
         envelope.attempts += 1
         envelope.last_attempt = now
@@ -425,21 +446,10 @@ class QueueRunner:
                 ret=envelope.ret,
                 queue_id=envelope.id,
             )
-            bounce = Envelope(
-                id=bounce_id,
-                sender="",
-                recipients=[Recipient(address) for address in report_to],
-                created=now,
-                is_bounce=True,
-                smtputf8=not envelope.sender.isascii(),
-            )
-            draft = self.services.queue.draft(bounce_id, "")
-            draft.write(report)
-            result = await self.accept(bounce, draft)
-            if not isinstance(result, Accepted):  # kept: this attempt is retried later
-                raise TemporaryStorageError(f"cannot queue the DSN for {envelope.id}")
+            # A refusal raises: this attempt is recorded as failed and retried later.
+            await self.accept_made_here("", report_to, report, bounce_id)
             self.services.log.info(
-                "%s: DSN %s queued for <%s>", envelope.id, bounce.id, envelope.sender
+                "%s: DSN %s queued for <%s>", envelope.id, bounce_id, envelope.sender
             )
 
     def _report_to(self, sender: str) -> list[str]:

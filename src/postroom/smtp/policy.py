@@ -222,6 +222,17 @@ class SmtpPolicy:
         draft = txn.draft
         assert draft is not None
         problem = self._check_headers(draft.head(self.cfg.limits.header_size + 2))
+        if problem is None and self.services.sender_auth is not None:
+            # DKIM signing (submissions) or SPF/DKIM/DMARC and Authentication-Results (MX):
+            # the finished message's transform or verdict, before the one hand-off below.
+            problem = await self.services.sender_auth.end_of_data(
+                draft,
+                port=self.port,
+                auth_user=self.auth_user,
+                client_ip=self.client_ip,
+                helo=self.helo,
+                sender=str(txn.sender) if txn.sender is not None else "",
+            )
         if problem is not None:
             draft.abort()
             return problem
@@ -237,8 +248,6 @@ class SmtpPolicy:
             ret=(txn.mail.params.get("RET") or "").upper() or None if txn.mail else None,
             smtputf8=bool(txn.mail and txn.mail.smtputf8),
         )
-        # The finished message, header section available (draft.head) and changeable
-        # (draft.prepend): a transform or verdict step goes here, before the one hand-off.
         intake = self.services.intake
         assert intake is not None
         result = await intake.accept(envelope, draft)

@@ -66,6 +66,17 @@ class MessageDraft(Protocol):
         ``Authentication-Results``, ``DKIM-Signature``."""
         ...
 
+    def whole(self) -> bytes:
+        """The message so far as SMTP carries it (CRLF line ends), our trace headers first,
+        without the ``Return-Path`` line: what DKIM signs and checks. In memory: meant for
+        messages up to ``[auth] check_max_size``."""
+        ...
+
+    def replace(self, data: bytes) -> None:
+        """Put ``data`` (CRLF; a changed :meth:`whole`: signed, or with our authentication
+        results) in place of the message."""
+        ...
+
     def abort(self) -> None:
         """Drop the draft (RSET, a refused message, a lost connection)."""
         ...

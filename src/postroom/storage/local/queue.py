@@ -38,7 +38,7 @@ from pathlib import Path
 
 from postroom.blocking import BlockingPool
 from postroom.errors import QueueError, TemporaryStorageError
-from postroom.queue.envelope import Attempt, Envelope, check_id
+from postroom.queue.envelope import Attempt, Envelope, Recipient, check_id, new_queue_id
 from postroom.storage.interfaces import LocalCopy, MessageDraft
 from postroom.storage.local import files, journal, maildir
 from postroom.storage.local.deferred import DeferredStore
@@ -234,6 +234,34 @@ class Draft:
             os.close(old_fd)
             os.unlink(old_path)
 
+    def whole(self) -> bytes:
+        if self._failed is not None:
+            return b""
+        if self._prefix is None:
+            self._take_prefix()
+        start = len(self._return_path)
+        if self._fd is None:
+            data = b"".join((self._prefix or b"", self._extra, self._client))
+        else:
+            data = os.pread(self._fd, self.size - start, start)
+        return data.replace(b"\n", b"\r\n")
+
+    def replace(self, data: bytes) -> None:
+        lf = data.replace(b"\r\n", b"\n")
+        self._prefix, self._extra = b"", b""
+        self._client_size, self._lines = len(lf), len(data) - len(lf)
+        if self._fd is None:
+            self._client = bytearray(lf)
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            self._crc = 0
+            self._put(self._return_path)
+            self._put(lf)
+        except OSError as exc:
+            self._failed = exc
+
     def finish(self) -> tuple[bytes, str, int]:
         """The stored octets, or a body file with its CRC. Raises the remembered failure."""
         if self._cr:
@@ -365,6 +393,16 @@ class LocalQueue:
         if keep or any(errors):
             self._live[envelope.id] = _Live(envelope, body, body_file)
         return errors
+
+    def add_waiting(self, sender: str, recipients: list[str], message: bytes) -> str:
+        """Queue a message made by the CLI (CRLF) straight into the deferred store, due at
+        once (the CLI has no journal writer); its queue id. Blocking and durable."""
+        envelope = Envelope(new_queue_id(), sender, [Recipient(r) for r in recipients], time.time())
+        body = f"Return-Path: <{sender}>\n".encode() + message.replace(b"\r\n", b"\n")
+        envelope.size = len(body)
+        envelope.wire_size = len(body) + body.count(b"\n")
+        self.deferred.park(envelope.to_json(), envelope.id, body, "")
+        return envelope.id
 
     # -- the runner -------------------------------------------------------------------------
 
