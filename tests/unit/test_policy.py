@@ -67,6 +67,7 @@ def policy(tmp_path: Path, port: str = "smtp") -> tuple[SmtpPolicy, Handed]:
     services.intake = Handed()
     services.log = logging.getLogger("test-policy")
     services.tls = None
+    services.sender_auth = None
     p = SmtpPolicy(services, port, "192.0.2.1", tls=False)  # type: ignore[arg-type]
     p.helo = "client.r.test"
     return p, services.intake
