@@ -211,6 +211,8 @@ def test_kill9_of_server_and_writer_with_local_and_remote_recipients(
             f" ({len(local)} distinct); relayed {sum(remote.values())} ({len(remote)} distinct,"
             f" {sum(c - 1 for c in remote.values())} repeated)"
         )
+        if os.environ.get("POSTROOM_PROBE_DEBUG"):
+            print("repeated:", [t for t, c in remote.items() if c > 1][:10], srv.log)
         assert len(acked) >= 50
         assert not acked - set(local), f"lost locally: {sorted(acked - set(local))[:5]}"
         assert all(c == 1 for c in local.values()), local.most_common(3)

@@ -401,10 +401,8 @@ def _replay(contents: Contents, boot: str, store: DeferredStore) -> tuple[int, l
             bodies.append(entry.body_file)
         if not (copies or park):
             continue
-        if entry.body_file and not _intact(entry, same_boot):
-            warn(f"{entry.queue_id}: body file incomplete: never acknowledged, dropped")
-            continue
         delivered: list[int] = []  # recipients whose copy is in place (kept entries)
+        owed: list[tuple[Target, str | None]] = []  # copies to publish, and a stale file
         for index, target in enumerate(entry.targets):
             settled = same_boot and (entry.seq, index) in contents.settled
             if not park and (not copies or settled):
@@ -412,9 +410,12 @@ def _replay(contents: Contents, boot: str, store: DeferredStore) -> tuple[int, l
             found = maildir.find(target.box, target.name)
             if found is not None and (same_boot or _same(found, entry)):
                 delivered.append(target.index)
-                continue
-            if settled:  # failed at the time, or read and deleted since: retried (a copy
-                continue  # too many rather than one lost)
+            elif not settled:  # (settled but gone: failed, or read and deleted since)
+                owed.append((target, found))
+        if (owed or park) and entry.body_file and not _intact(entry, same_boot):
+            warn(f"{entry.queue_id}: body file incomplete: never acknowledged, dropped")
+            continue
+        for target, found in owed:
             if found is not None:
                 os.unlink(found)
             try:

@@ -163,13 +163,14 @@ class JournalWriter:
 
     def run(self, jobs: Sequence[Job]) -> bytes:
         """Do every job; the answers, in job order."""
+        # Releases first: each closes the window in which a crash would send a relayed
+        # message again, and the batch's flush then covers them too.
+        answers = {j.id: [self._release(j.queue_id)] for j in jobs if j.kind == RELEASE}
         accepts = [j for j in jobs if j.kind == ACCEPT]
-        answers = self._accept(accepts) if accepts else {}
+        answers.update(self._accept(accepts) if accepts else {})
         for job in jobs:
             if job.kind == PARK:
                 answers[job.id] = [self._park(job)]
-            elif job.kind == RELEASE:
-                answers[job.id] = [self._release(job.queue_id)]
         return b"".join(encode_answer(job.id, *answers[job.id]) for job in jobs)
 
     def _accept(self, jobs: Sequence[Job]) -> dict[int, list[tuple[int, str]]]:

@@ -32,7 +32,7 @@ import os
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from postroom.storage.local.maildir_writer import MaildirWriter
 
 INLINE_LIMIT = 64 << 10  # larger messages go to a body file (written once, linked)
 BOX_CACHE = 10_000
+JOURNAL_TRIES = 5  # a PARK or RELEASE is tried again with a new writer if the last one died
 
 
 class SpareBodies:
@@ -491,26 +492,42 @@ class LocalQueue:
         self.schedule(envelope)
 
     async def _park(self, envelope: Envelope) -> bool:
-        """Move a kept message from the journal to the deferred store: True, or False if the
-        writer had parked it already (a writer that died was replaced, and its successor's
-        recovery parked what the journal held)."""
+        """Move a kept message from the journal to the deferred store: True, or False if it
+        was parked already (a writer that died was replaced, and the new one's recovery
+        parked what the journal held)."""
         assert self.writer is not None
-        try:
-            await self.writer.park(envelope.id, envelope.to_json())
-        except FileNotFoundError:
+        if not await self._journal(self.writer.park, envelope.id, envelope.to_json()):
             if not self.deferred.has(envelope.id):
-                raise
+                raise QueueError(f"{envelope.id}: neither in the journal nor parked")
             return False
         return True
+
+    async def _journal(self, call: Callable[..., Awaitable[None]], *args: object) -> bool:
+        """A PARK or RELEASE: True if done, False if the journal no longer holds the message.
+        If the writer died on the way, a new one is started first (its recovery parks what
+        the dead one held), so that no later step writes state the recovery would overwrite."""
+        assert self.writer is not None
+        for attempt in range(JOURNAL_TRIES):
+            try:
+                if attempt:
+                    await asyncio.sleep(0.05 * attempt)
+                    await self.writer.start()
+                await call(*args)
+                return True
+            except FileNotFoundError:
+                return False
+            except OSError:
+                if attempt == JOURNAL_TRIES - 1:
+                    raise
+        return False  # pragma: no cover
 
     async def finish(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
         envelope.history.extend(attempts)
         self._deleted.discard(envelope.id)
         if self._live.pop(envelope.id, None) is not None:
             assert self.writer is not None
-            with contextlib.suppress(FileNotFoundError):  # else parked by a new writer
-                await self.writer.release(envelope.id)
-                return
+            if await self._journal(self.writer.release, envelope.id):
+                return  # else parked by a new writer's recovery: removed below
         self._next.pop(envelope.id, None)
         with contextlib.suppress(QueueError):
             await self.io.run(self.deferred.remove, envelope.id)
@@ -574,9 +591,11 @@ class LocalQueue:
             assert self.writer is not None
             del self._live[queue_id]
             self._deleted.add(queue_id)
-            with contextlib.suppress(FileNotFoundError):  # else parked by a new writer
-                await self.writer.release(queue_id)
+            if await self._journal(self.writer.release, queue_id):
                 return
+            with contextlib.suppress(QueueError):  # parked by a new writer's recovery
+                self.deferred.remove(queue_id)
+            return
         self.deferred.remove(queue_id)
 
     def flush(self) -> int:
