@@ -113,7 +113,9 @@ class MessageQueue(Protocol):
         together). Returns, for each copy of ``deliver_now``, None or why it failed (the
         runner then retries it). ``envelope`` already records the first attempt of the other
         recipients (``attempts`` 1, ``next_attempt`` the retry after it): it is made at once,
-        and a crash before it is recorded must not retry it in a loop.
+        and a crash before it is recorded must not retry it in a loop. The caller makes that
+        first attempt: the message is claimed by it from the start (a shared backend inserts
+        it under this node's lease, so that no other node claims it meanwhile).
 
         Raises :class:`~postroom.errors.TemporaryStorageError` if nothing could be stored
         (disk full, database away: the client gets 452); nothing is kept or delivered then.
