@@ -265,3 +265,40 @@ def test_a_message_whose_copies_are_all_made_at_acceptance_is_not_held(tmp_path:
     env = envelope("Q1", "alice@a.test")
     asyncio.run(accept(runner, env))
     assert queue.calls == [("accept", "Q1")] and env.attempts == 0
+
+
+def test_first_attempts_beyond_the_backlog_wait_in_the_queue(tmp_path: Path) -> None:
+    runner, queue, _boxes, _clock = make(tmp_path, {})
+    runner.services.cfg = config_mod.from_dict(
+        {
+            "hostname": "mx.a.test",
+            "domains": ["a.test"],
+            "data_dir": str(tmp_path),
+            "delivery": {"max_concurrent": 1},
+        }
+    )
+    gate = asyncio.Event()
+
+    class SlowResolver(StaticResolver):
+        async def route(self, domain: str) -> Route:
+            await gate.wait()
+            return await super().route(domain)
+
+    runner._resolver = lambda _cfg: SlowResolver({})
+
+    async def main() -> list[Envelope]:
+        envs = [envelope(f"Q{i}", "bob@far.test") for i in range(10)]
+        for env in envs:
+            draft = runner.queue.draft(env.id, env.sender)
+            draft.write(b"x\r\n")
+            assert isinstance(await runner.accept(env, draft), Accepted)
+        await asyncio.sleep(0.01)  # the ones over the backlog record themselves at once
+        gate.set()
+        await asyncio.gather(*runner._inflight.values())
+        return envs
+
+    envs = asyncio.run(main())
+    waiting = [e for e in envs if e.attempts == 0]
+    assert len(waiting) == 10 - 4  # beyond 4 x max_concurrent
+    assert all(e.next_attempt == 0.0 and ("record", e.id) in queue.calls for e in waiting)
+    assert all(e.recipients[0].status == "bounced" for e in envs if e.attempts)

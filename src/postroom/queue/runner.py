@@ -88,6 +88,7 @@ class QueueRunner:
         rng = random.Random()
         self._jitter = jitter or (lambda: rng.uniform(0, 0.1))
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._again: dict[str, Envelope] = {}  # claimed while still in flight: started after
         self._deleted: set[str] = set()  # deleted by the admin during their attempt
         self._slots = asyncio.Semaphore(services.cfg.delivery.max_concurrent)
         self._stopping = False
@@ -196,16 +197,30 @@ class QueueRunner:
             await self._remote.aclose()
 
     def _start(self, envelope: Envelope, first: _First | None = None) -> None:
-        if envelope.id in self._inflight or self._stopping:
+        if self._stopping:
             return
-        task = asyncio.get_running_loop().create_task(self._attempt(envelope, first))
+        if envelope.id in self._inflight:  # claimed again before its last attempt ended
+            self._again[envelope.id] = envelope
+            return
+        overload = first is not None and (
+            len(self._inflight) >= BACKLOG * self.cfg.delivery.max_concurrent
+        )
+        task = asyncio.get_running_loop().create_task(self._attempt(envelope, first, overload))
         self._inflight[envelope.id] = task
-        task.add_done_callback(lambda _t: self._inflight.pop(envelope.id, None))
+        task.add_done_callback(lambda _t: self._ended(envelope.id))
+
+    def _ended(self, queue_id: str) -> None:
+        self._inflight.pop(queue_id, None)
+        again = self._again.pop(queue_id, None)
+        if again is not None:
+            self._start(again)
 
     # -- one attempt -----------------------------------------------------------------------
 
-    async def _attempt(self, envelope: Envelope, first: _First | None) -> None:
-        if first is not None and len(self._inflight) > BACKLOG * self.cfg.delivery.max_concurrent:
+    async def _attempt(
+        self, envelope: Envelope, first: _First | None, overload: bool = False
+    ) -> None:
+        if first is not None and overload:
             # More first attempts waiting than are worth holding in memory and in the journal:
             # this one waits in the queue instead, due at once (nothing was dialled for it).
             envelope.attempts, envelope.next_attempt = 0, 0.0
