@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         lab = bring_up(
             root,
             wanted,
-            bool({"relay", "mixed"} & set(args.groups)),
+            "relay" in args.groups,
             cleanup,
             args.postroom_cmd,
             args.workers,

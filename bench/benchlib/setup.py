@@ -29,7 +29,9 @@ HOSTS = {
     "postroom-remote": "127.0.0.14",
     "postfix-remote": "127.0.0.15",
     "dns": "127.0.0.16",
+    "sink": "127.0.0.17",  # Postfix's smtp-sink: the remote MX of sink.test (mixed case)
 }
+SINK_DOMAIN = "sink.test"
 DNS_PORT = 5353
 SINK_PORT = 2525
 USER_COUNT = 8
@@ -40,6 +42,7 @@ class Lab:
     """The started servers by name, and what could not be started (name -> reason)."""
 
     root: Path
+    cleanup: Cleanup
     servers: dict[str, Server] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
@@ -84,7 +87,7 @@ def bring_up(
 ) -> Lab:
     """Start every server in ``wanted`` (plus the relay pair when ``relay``); postroom with
     ``workers`` worker processes (None: its default) and ``pin_cpus``."""
-    lab = Lab(root)
+    lab = Lab(root, cleanup)
     busy = [
         f"{h}:{p}" for h in HOSTS.values() for p in (2525, 2587, 2110, DNS_PORT) if port_open(h, p)
     ]
@@ -96,8 +99,8 @@ def bring_up(
     start_dns(
         HOSTS["dns"],
         DNS_PORT,
-        mx={RELAY_DOMAIN: f"mx.{RELAY_DOMAIN}"},
-        a={f"mx.{RELAY_DOMAIN}": HOSTS["postroom-remote"]},
+        mx={RELAY_DOMAIN: f"mx.{RELAY_DOMAIN}", SINK_DOMAIN: f"mx.{SINK_DOMAIN}"},
+        a={f"mx.{RELAY_DOMAIN}": HOSTS["postroom-remote"], f"mx.{SINK_DOMAIN}": HOSTS["sink"]},
         cleanup=cleanup,
     )
     if "dovecot" in wanted or "postfix" in wanted:
@@ -182,3 +185,21 @@ def bring_up(
                 ),
             )
     return lab
+
+
+def start_smtp_sink(root: Path, cleanup: Cleanup) -> Path:
+    """Postfix's ``smtp-sink`` on the sink address: accepts and discards, in C, so that a
+    remote recipient costs the sender its own work only. Its counters go to the file
+    returned (see :func:`sink_count`)."""
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "smtp-sink.out"
+    cmd = ["/usr/sbin/smtp-sink", "-c", "-u", "nobody", f"{HOSTS['sink']}:{SINK_PORT}", "256"]
+    start_daemon(cmd, log, cleanup, "smtp-sink")
+    wait_port(HOSTS["sink"], SINK_PORT)
+    return log
+
+
+def sink_count(log: Path) -> int:
+    """Messages smtp-sink has taken so far (its last ``mesg=N`` counter)."""
+    tail = log.read_bytes()[-200:].split(b"mesg=")
+    return int(tail[-1].split(b"\r")[0] or 0) if len(tail) > 1 else 0
