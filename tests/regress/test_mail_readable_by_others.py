@@ -19,7 +19,10 @@ def test_nothing_the_server_makes_is_readable_by_others(server_factory: ServerFa
         srv = server_factory(
             domains=("a.test",),
             services=("smtp",),
-            extra_toml='[dns]\nnameservers = ["127.0.0.1:9"]\n[delivery]\nretry_intervals = ["1h"]',
+            extra_toml=(
+                '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = "1s"\n'
+                '[delivery]\nretry_intervals = ["1h"]'
+            ),
         )
     finally:
         os.umask(old)
@@ -31,7 +34,7 @@ def test_nothing_the_server_makes_is_readable_by_others(server_factory: ServerFa
         c.sendmail("s@r.test", ["both@a.test"], big)
     srv.wait_messages("alice@a.test", 2)
     queued = srv.data_dir / "queue" / "msg"
-    for _ in range(200):  # both wait for their retry in the deferred store
+    for _ in range(1200):  # both wait for their retry in the deferred store (bounded: 60 s)
         if len(os.listdir(queued)) == 2:
             break
         time.sleep(0.05)
