@@ -62,6 +62,9 @@ class Postroom:
             f'data_dir = "{base / "data"}"\nlog_level = "warning"\n'
             f'[listen]\nsmtp = ["{HOST}:{self.port}"]\n'
             f"[limits]\nmax_connections = 30000\n"
+            # What is measured is the queue and the connections: the sender checks would wait
+            # for DNS answers this machine cannot get (every message its check_timeout).
+            "[auth]\nchecks = false\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.cli("user", "add", "u@scale.test", "--password-stdin", stdin="pw\n")
