@@ -160,7 +160,9 @@ def fill_queue(data_dir: Path, count: int) -> None:
             attempts=1,
             next_attempt=now + 86400,
         )
-        (state_dir / f"{env.id}.json").write_bytes(env.to_json())
+        state = state_dir / f"{env.id}.json"
+        state.write_bytes(env.to_json())
+        os.utime(state, (env.next_attempt, env.next_attempt))  # its mtime: when it is due
         (msg_dir / env.id).write_bytes(body)
     # A real queue was fsync'ed file by file as it was written: flushed once here, so that
     # the flush of 100 MB of set-up does not land in the middle of the measurement.

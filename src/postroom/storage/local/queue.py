@@ -407,19 +407,14 @@ class LocalQueue:
 
     # -- the runner -------------------------------------------------------------------------
 
-    def recover(self) -> list[Envelope]:
-        """Start-up of the owner (after the writer replayed the journal): the parked messages,
-        scheduled; unreadable ones quarantined and reported."""
+    def recover(self) -> int:
+        """Start-up of the owner (after the writer replayed the journal): the parked messages
+        scheduled (how many); unreadable ones quarantined and reported."""
         self.owner = True
         self.deferred.clean()
-        found = []
-        for item in self.deferred.iter_envelopes():
-            if isinstance(item, QueueError):
-                self._quarantine(item)
-                continue
-            found.append(item)
-            self.schedule(item)
-        return found
+        for qid, when in self.deferred.schedule():
+            self._schedule(qid, when)
+        return len(self._next)
 
     def _quarantine(self, error: QueueError) -> None:
         qid = str(error).split(":")[0]
@@ -430,9 +425,11 @@ class LocalQueue:
 
     def schedule(self, envelope: Envelope) -> None:
         """Put a parked message in the schedule (the owner's)."""
-        when = envelope.next_attempt if envelope.attempts else 0.0
-        self._next[envelope.id] = when
-        heapq.heappush(self._heap, (when, envelope.id))
+        self._schedule(envelope.id, envelope.next_attempt if envelope.attempts else 0.0)
+
+    def _schedule(self, queue_id: str, when: float) -> None:
+        self._next[queue_id] = when
+        heapq.heappush(self._heap, (when, queue_id))
         self._wake.set()
 
     def take(self, queue_id: str) -> Envelope | None:
