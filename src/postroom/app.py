@@ -31,6 +31,7 @@ from postroom.queue.runner import QueueRunner
 from postroom.queue.store import QueueStore
 from postroom.services import ConnectionLimiter, Services
 from postroom.smtp.policy import Port
+from postroom.storage.local import files
 from postroom.storage.local.accounts import Accounts
 from postroom.throttle import LoginThrottle
 
@@ -245,7 +246,9 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     from postroom import privileges
     from postroom.smtp.server import IdleSweeper
 
-    privileges.drop(cfg, chown=worker.primary)
+    if worker.primary:
+        privileges.secure_data_dir(cfg)
+    privileges.drop(cfg)
     worker.release_others()  # the queue is recovered: the other workers may serve now
     tasks = [loop.create_task(IdleSweeper(services).run())]
     if worker.primary:
@@ -339,6 +342,7 @@ def _loop_run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def run(cfg: Config) -> int:
+    files.private_umask()
     logs.setup(cfg)
     _raise_fd_limit()
     try:

@@ -261,6 +261,9 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from postroom.storage.local import files
+
+    files.private_umask()  # whatever the admin's umask: data_dir is the server user's only
     args = _parser().parse_args(argv)
     try:
         cfg = config_mod.load_effective(getattr(args, "config_sub", None) or args.config)
