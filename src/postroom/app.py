@@ -47,7 +47,7 @@ def build_services(
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     services = Services(
         cfg=cfg,
-        accounts=Accounts(cfg.data_dir),
+        accounts=Accounts(cfg.data_dir, cfg.domains),
         store=QueueStore(cfg.data_dir / "queue"),
         throttle=LoginThrottle(cfg.auth),
         connections=ConnectionLimiter.for_config(cfg, workers),
@@ -220,6 +220,7 @@ def _reload(services: Services, worker: Worker) -> None:
         log.error("reload failed: %s", exc)
         return
     services.cfg = new
+    services.accounts.local_domains = new.domains
     fresh = ConnectionLimiter.for_config(new, services.workers)
     connections = services.connections
     connections.max_total, connections.max_per_ip = fresh.max_total, fresh.max_per_ip

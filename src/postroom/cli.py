@@ -125,7 +125,7 @@ def _control(cfg: Config, command: str) -> str | None:
 def _cmd_user(cfg: Config, args: argparse.Namespace) -> int:
     from postroom.storage.local.accounts import Accounts, account_address
 
-    accounts = Accounts(cfg.data_dir)
+    accounts = Accounts(cfg.data_dir, cfg.domains)
     if args.action == "list":
         for name in accounts.list_users():
             print(name)
@@ -143,7 +143,8 @@ def _cmd_user(cfg: Config, args: argparse.Namespace) -> int:
             raise AccountError(f"no such user {addr.key}")
         accounts.set_password(addr, _read_password(args))
     elif args.action == "del":
-        accounts.delete_user(addr)
+        for alias in accounts.delete_user(addr):
+            print(f"removed {addr.key} from alias {alias}")
     return 0
 
 
@@ -158,24 +159,18 @@ def _alias_target(text: str) -> str:
 
 
 def _cmd_alias(cfg: Config, args: argparse.Namespace) -> int:
-    from postroom.storage.local.accounts import Accounts, account_address
+    from postroom.storage.local.accounts import Accounts, alias_key
 
-    accounts = Accounts(cfg.data_dir)
+    accounts = Accounts(cfg.data_dir, cfg.domains)
     if args.action == "list":
         for alias, targets in accounts.list_aliases().items():
             print(f"{alias}\t{' '.join(targets)}")
         return 0
-    addr = account_address(args.alias, cfg.domains)
+    key = alias_key(args.alias, cfg.domains)  # "@domain": the domain's catch-all
     if args.action == "add":
-        targets = []
-        for t in args.targets:
-            target = _alias_target(t)
-            local, _, domain = target.rpartition("@")
-            # Local targets are stored in their key form, remote ones as typed.
-            targets.append(f"{local.lower()}@{domain}" if domain in cfg.domains else target)
-        accounts.add_alias(addr, targets)
+        accounts.add_alias(key, [_alias_target(t) for t in args.targets])
     else:
-        accounts.delete_alias(addr)
+        accounts.delete_alias(key)
     return 0
 
 

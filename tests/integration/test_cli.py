@@ -62,6 +62,7 @@ def test_user_lifecycle(cfg: Path) -> None:
 
 
 def test_aliases(cfg: Path) -> None:
+    run_cli("user", "add", "a@a.test", "--password-stdin", config=cfg, stdin="x\n")
     run_cli("alias", "add", "team@a.test", "a@a.test", "b@remote.test", config=cfg)
     out = run_cli("alias", "list", config=cfg).stdout
     assert out.strip() == "team@a.test\ta@a.test b@remote.test"

@@ -131,11 +131,9 @@ class SmtpPolicy:
         orcpt = cmd.params.get("ORCPT")
         if self.cfg.is_local_domain(addr.domain):
             key = addr.key
-            targets = self.services.accounts.expand(key)
+            targets = self.services.accounts.resolve(key)
             if targets is None:
-                if addr.local.lower() != "postmaster":
-                    return replies.USER_UNKNOWN
-                targets = [key]
+                return replies.USER_UNKNOWN
             if not targets:
                 self.services.log.warning("alias loop at %s: refused", key)
                 return replies.ALIAS_LOOP

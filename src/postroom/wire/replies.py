@@ -115,6 +115,7 @@ AUTH_BAD_MECH = R(504, "5.5.4", "Unrecognized authentication type")
 AUTH_BAD_BASE64 = R(501, "5.5.2", "Cannot decode base64 response")
 MUST_STARTTLS = R(530, "5.7.0", "Must issue a STARTTLS command first")
 USER_UNKNOWN = R(550, "5.1.1", "Mailbox unavailable: no such user here")
+USER_UNKNOWN_NOW = R(550, "5.1.1", "Mailbox unavailable: the account was removed")
 # RFC 3463 X.4.6: aliases that only lead back to themselves name no mailbox at all.
 ALIAS_LOOP = R(550, "5.4.6", "Alias loop: this address leads to no mailbox")
 RELAY_DENIED = R(554, "5.7.1", "Relay access denied")
