@@ -1,9 +1,9 @@
 """Dropping root: bind the ports first, then become ``user`` from the config.
 
 Started as root (needed for ports below 1024), postroom gives ownership of ``data_dir`` to
-the configured user (modes 0700/0600, see :mod:`postroom.storage.local.files`) and switches its uid/gid (and clears supplementary groups) before it
-serves a single connection, so the network-facing code never runs as root. Without ``user``,
-or when not root, nothing changes.
+the configured user (modes 0700/0600, see :mod:`postroom.storage.local.files`) and switches
+its uid/gid (and clears supplementary groups) before it serves a single connection, so the
+network-facing code never runs as root. Without ``user``, or when not root, nothing changes.
 """
 
 from __future__ import annotations

@@ -49,8 +49,16 @@ def deliver(srv: Server, rcpt: str) -> None:
 
 def expected_entries(data_dir: Path) -> None:
     names = {p.name for p in data_dir.iterdir()}
-    for name in ("accounts.sqlite", "accounts.sqlite-wal", "accounts.sqlite-shm", "queue",
-                 "journal", "mail", "tls", "control.sock"):
+    for name in (
+        "accounts.sqlite",
+        "accounts.sqlite-wal",
+        "accounts.sqlite-shm",
+        "queue",
+        "journal",
+        "mail",
+        "tls",
+        "control.sock",
+    ):
         assert name in names, names
 
 
@@ -92,9 +100,7 @@ def test_private_after_privilege_drop() -> None:
             f'hostname = "mx.a.test"\ndomains = ["a.test"]\ndata_dir = "{base}/data"\n'
             f'user = "nobody"\n[listen]\nsmtp = ["127.0.0.1:{port}"]\n'
         )
-        srv = Server(
-            cfg, base / "data", "127.0.0.1", {"smtp": port}, ["a.test"], log=base / "log"
-        )
+        srv = Server(cfg, base / "data", "127.0.0.1", {"smtp": port}, ["a.test"], log=base / "log")
         with umask(0o022):
             srv.add_user("alice@a.test")
             assert loose(srv.data_dir, nobody.pw_uid) == []

@@ -273,8 +273,7 @@ class Accounts:
                 if domain in self._domains:
                     target = f"{local.lower()}@{domain}"
                     if not (
-                        self.has_mailbox(target)
-                        or (target != alias and self.alias_targets(target))
+                        self.has_mailbox(target) or (target != alias and self.alias_targets(target))
                     ):
                         raise AccountError(f"target {target} is no user or alias here")
                 rows.append((alias, target))
