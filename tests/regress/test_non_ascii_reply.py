@@ -36,7 +36,7 @@ def all_constants() -> list[tuple[str, Reply]]:
     return [(n, v) for n, v in vars(replies).items() if isinstance(v, Reply)]
 
 
-@pytest.mark.parametrize("name,reply", all_constants(), ids=lambda v: str(v)[:20])
+@pytest.mark.parametrize(("name", "reply"), all_constants(), ids=lambda v: str(v)[:20])
 def test_every_reply_constant_is_printable_ascii(name: str, reply: Reply) -> None:
     for line in wire_lines(reply.render()):
         assert WIRE.match(line), (name, line)
@@ -46,9 +46,9 @@ def _docstrings(tree: ast.AST) -> set[int]:
     out = set()
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
-            if isinstance(body[0].value, ast.Constant):
-                out.add(id(body[0].value))
+        first = body[0] if isinstance(body, list) and body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+            out.add(id(first.value))
     return out
 
 

@@ -31,7 +31,6 @@ MAX_COMMAND = 255  # RFC 2449 §4: command lines are at most 255 octets includin
 MAX_SASL_LINE = 12288
 
 
-
 def _reply(status: str, text: str) -> bytes:
     """A status line; its text printable US-ASCII whatever it was made from (RFC 1939 §3)."""
     return f"{status}{printable(text)}\r\n".encode("ascii")

@@ -135,7 +135,7 @@ HEADERS_TOO_BIG = R(552, "5.3.4", "Header section too large")
 BARE_LF_DATA = R(550, "5.5.2", "Message rejected: bare CR or LF in DATA (RFC 5321 section 2.3.8)")
 # RFC 5322 §2.1 allows no NUL in a message; RFC 5321 §4.2.3: 554 "transaction failed" for a
 # message refused as malformed at its end (not a policy 550); RFC 3463 X.6.0: a content error.
-NUL_IN_DATA = R(554, "5.6.0", "Message rejected: NUL character in message data (RFC 5322 section 2.1)")
+NUL_IN_DATA = R(554, "5.6.0", "Message rejected: NUL in message data (RFC 5322 section 2.1)")
 NO_VALID_RECIPIENTS = R(554, "5.5.1", "No valid recipients")
 NEED_SMTPUTF8 = R(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
 TOO_MANY_HOPS = R(554, "5.4.6", "Too many Received headers: mail loop")
