@@ -95,7 +95,7 @@ class Server:
         return run_cli(*args, config=self.config, stdin=stdin, check=check)
 
     def add_user(self, address: str, password: str = "secret") -> None:
-        self.cli("user", "add", address, "--password-stdin", stdin=password + "\n")
+        self.cli("user", "add", address, "--password-stdin", "--allow-short", stdin=password + "\n")
 
     def start(self) -> None:
         assert self.proc is None

@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
             action="store_true",
             help="read one line from stdin instead of prompting",
         )
+        cmd.add_argument(
+            "--allow-short",
+            action="store_true",
+            help="accept a password shorter than 8 characters",
+        )
     user.add_parser("del", parents=[common]).add_argument("address")
     user.add_parser("list", parents=[common])
 
@@ -97,7 +102,12 @@ def _read_password(args: argparse.Namespace) -> str:
         password.encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 came in as surrogates
         raise AccountError("the password is not valid UTF-8") from None
-    return password
+    from postroom import passwords
+
+    try:
+        return passwords.check_new(password, args.allow_short)
+    except passwords.PasswordError as exc:
+        raise AccountError(str(exc)) from None
 
 
 def _iso(ts: float | None) -> str | None:

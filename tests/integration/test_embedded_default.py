@@ -37,7 +37,16 @@ def test_serve_without_config_receives_and_serves_mail(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         subprocess.run(
-            [sys.executable, "-m", "postroom", "user", "add", "you@localhost", "--password-stdin"],
+            [
+                sys.executable,
+                "-m",
+                "postroom",
+                "user",
+                "add",
+                "you@localhost",
+                "--password-stdin",
+                "--allow-short",
+            ],
             input="secret\n",
             cwd=tmp_path,
             env=env,

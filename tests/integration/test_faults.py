@@ -40,7 +40,7 @@ def start_on(data_dir: Path, tmp_path: Path, extra: str = "") -> Server:
     )
     srv = Server(cfg, data_dir, "127.0.0.1", {"smtp": port}, ["a.test"], log=tmp_path / "log")
     for user in ("alice@a.test", "bob@a.test"):
-        run_cli("user", "add", user, "--password-stdin", config=cfg, stdin="pw\n")
+        run_cli("user", "add", user, "--password-stdin", "--allow-short", config=cfg, stdin="pw\n")
     srv.start()
     return srv
 
@@ -205,7 +205,15 @@ def test_drops_root_to_configured_user(tmp_path: Path) -> None:
         delivered = next((srv.maildir("alice@a.test") / "new").iterdir())
         assert delivered.stat().st_uid == 65534
         # The CLI, run as root, leaves files the server can still use.
-        run_cli("user", "add", "carol@a.test", "--password-stdin", config=srv.config, stdin="x\n")
+        run_cli(
+            "user",
+            "add",
+            "carol@a.test",
+            "--password-stdin",
+            "--allow-short",
+            config=srv.config,
+            stdin="x\n",
+        )
         time.sleep(0.2)
         with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
             c.sendmail("x@r.test", ["carol@a.test"], b"Subject: priv2\r\n\r\nok\r\n")

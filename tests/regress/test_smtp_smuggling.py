@@ -41,7 +41,9 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Server:
     server = Server(
         cfg, base / "data", "127.0.0.1", {"smtp": port}, ["a.test"], log=base / "server.log"
     )
-    run_cli("user", "add", "alice@a.test", "--password-stdin", config=cfg, stdin="pw\n")
+    run_cli(
+        "user", "add", "alice@a.test", "--password-stdin", "--allow-short", config=cfg, stdin="pw\n"
+    )
     server.start()
     yield server  # type: ignore[misc]
     server.stop()

@@ -17,6 +17,7 @@ PURE = [
     "wire/replies.py",
     "pop3/engine.py",
     "sasl.py",
+    "passwords.py",
     "queue/schedule.py",
     "delivery/dsn.py",
 ]

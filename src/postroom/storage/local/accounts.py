@@ -27,6 +27,7 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from postroom import passwords
 from postroom.address import Address, normalise_domain, parse_user_address, safe_local_part
 from postroom.errors import AccountError, AddressError
 from postroom.sasl import ScramKeys, derive_scram_keys
@@ -85,6 +86,13 @@ def alias_key(text: str, domains: Iterable[str]) -> str:
     return account_address(text, domains).key
 
 
+def _prepared(password: str) -> str:
+    try:
+        return passwords.prepare(password)
+    except passwords.PasswordError as exc:
+        raise AccountError(str(exc)) from None
+
+
 class Accounts:
     """Users and aliases in ``accounts.sqlite``. Safe to share between threads."""
 
@@ -132,6 +140,7 @@ class Accounts:
     # -- users -----------------------------------------------------------------------------
 
     def add_user(self, address: Address, password: str) -> None:
+        password = _prepared(password)
         keys = derive_scram_keys(password)
         try:
             with self._db() as db:
@@ -151,6 +160,7 @@ class Accounts:
             raise AccountError(f"user {address.key} already exists") from None
 
     def set_password(self, address: Address, password: str) -> None:
+        password = _prepared(password)
         keys = derive_scram_keys(password)
         with self._db() as db:
             cur = db.execute(
@@ -231,6 +241,11 @@ class Accounts:
                 .fetchone()
             )
         stored = row[0] if row else _DUMMY_HASH
+        try:
+            # RFC 8265: prepared as it was when set, so every spelling of it logs in.
+            password = passwords.prepare(password)
+        except passwords.PasswordError:
+            stored, row = _DUMMY_HASH, None  # cannot be anyone's: costs the same, fails
         ok: bool
         try:
             ok = _HASHER.verify(stored, password)
