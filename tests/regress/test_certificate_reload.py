@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import ssl
 import tempfile
 import time
@@ -76,6 +75,10 @@ def reload(srv: Server, count: int) -> str:
     return srv.log.read_text()
 
 
+def tls_table(certs: Path) -> str:
+    return f'[tls]\ncert = "{certs}/fullchain.pem"\nkey = "{certs}/privkey.pem"'
+
+
 @pytest.fixture
 def certs(tmp_path: Path) -> Path:
     return tmp_path / "live"
@@ -87,7 +90,7 @@ def test_sighup_changes_the_certificate_everywhere_and_keeps_open_sessions(
     old = write_pair(certs, "first")
     srv = server_factory(
         services=SERVICES,
-        extra_toml=f'workers = 2\n[tls]\ncert = "{certs}/fullchain.pem"\nkey = "{certs}/privkey.pem"',
+        extra_toml=f"workers = 2\n{tls_table(certs)}",
     )
     srv.add_user("alice@a.test")
     for service in SERVICES:
@@ -130,7 +133,8 @@ def test_partial_failure_keeps_the_old_pair_and_says_which_file(
     srv.add_user("bob@b.test")  # the CLI reads the file: b.test is local for it already
     log = reload(srv, 1)
     assert re.search(
-        r"TLS certificate and key stay as they were: .*key .*privkey\.pem does not match certificate .*fullchain\.pem",
+        r"TLS certificate and key stay as they were: "
+        r".*key .*privkey\.pem does not match certificate .*fullchain\.pem",
         log,
     ), log
     assert "NO_CERTIFICATE_ASSIGNED" not in log
