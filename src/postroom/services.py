@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import resource
 import ssl
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,8 @@ from postroom.storage.local.accounts import Accounts
 from postroom.throttle import LoginThrottle
 
 log = logging.getLogger("postroom")
+
+FD_RESERVE = 32  # descriptors kept free for the sessions already open
 
 
 class Intake(Protocol):
@@ -66,7 +69,15 @@ class ConnectionLimiter:
             cfg.per_ip_exempt_networks(),
         )
 
-    def acquire(self, ip: str, conn: Closable) -> bool:
+    def acquire(self, ip: str, conn: Closable, fileno: int = -1) -> bool:
+        """Count a new connection, or False (the caller answers 421 and closes) when a limit
+        is reached or descriptors run short. ``fileno`` is the connection's descriptor: Linux
+        gives the lowest free number, so a number within :data:`FD_RESERVE` of the limit
+        means at most that many are left, kept for the spool, Maildirs and the next 421. Out
+        of them, libuv would accept and close connections without a word."""
+        if fileno >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE:
+            log.warning("descriptors running out (fd %d): connection refused with 421", fileno)
+            return False
         if len(self.live) >= self.max_total:
             return False
         if self.per_ip[ip] >= self.max_per_ip and not self._exempt(ip):

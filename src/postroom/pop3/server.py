@@ -84,7 +84,10 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else "unknown"
-        if self.services.stopping or not self.services.connections.acquire(self.client_ip, self):
+        sock = transport.get_extra_info("socket")
+        fileno = sock.fileno() if sock is not None else -1
+        connections = self.services.connections
+        if self.services.stopping or not connections.acquire(self.client_ip, self, fileno):
             transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n")  # type: ignore[attr-defined]
             transport.close()
             self._lost = True

@@ -78,7 +78,9 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else "unknown"
         services = self.services
-        if services.stopping or not services.connections.acquire(self.client_ip, self):
+        sock = transport.get_extra_info("socket")
+        fileno = sock.fileno() if sock is not None else -1
+        if services.stopping or not services.connections.acquire(self.client_ip, self, fileno):
             self.transport.write(replies.TOO_MANY_CONNECTIONS.render())  # type: ignore[union-attr]
             transport.close()
             self._lost = True
