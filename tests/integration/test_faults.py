@@ -199,9 +199,20 @@ def test_drops_root_to_configured_user(tmp_path: Path) -> None:
             c.sendmail("x@r.test", ["alice@a.test"], b"Subject: priv\r\n\r\nok\r\n")
         assert len(srv.wait_messages("alice@a.test", 1)) == 1
         assert srv.proc is not None
-        status = Path(f"/proc/{srv.proc.pid}/status").read_text()
-        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
-        assert uid_line.split()[1:] == ["65534"] * 4
+        # Every process that serves clients (the workers under the supervisor, and their
+        # Maildir writers) runs as the user; only the supervisor keeps root, to re-read a
+        # root-only TLS key at SIGHUP and to start a worker again.
+        children = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text()
+        workers = [int(p) for p in children.split()]
+        assert workers
+        for pid in workers + [
+            int(p)
+            for w in workers
+            for p in Path(f"/proc/{w}/task/{w}/children").read_text().split()
+        ]:
+            status = Path(f"/proc/{pid}/status").read_text()
+            uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+            assert uid_line.split()[1:] == ["65534"] * 4, pid
         delivered = next((srv.maildir("alice@a.test") / "new").iterdir())
         assert delivered.stat().st_uid == 65534
         # The CLI, run as root, leaves files the server can still use.
