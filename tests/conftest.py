@@ -56,6 +56,25 @@ def need_tool(name: str) -> str:
     return path
 
 
+def scram_client_final(password: bytes, first_bare: str, server_first: str) -> tuple[str, str]:
+    """A SCRAM-SHA-256 client's side (RFC 5802 §3): the client-final message for
+    ``server_first`` and the server-final message to expect (``v=...``)."""
+    import base64
+    import hashlib
+    import hmac
+
+    attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
+    salted = hashlib.pbkdf2_hmac("sha256", password, base64.b64decode(attrs["s"]), int(attrs["i"]))
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    final_wo = f"c=biws,r={attrs['r']}"
+    auth_msg = f"{first_bare},{server_first},{final_wo}".encode()
+    sig = hmac.new(hashlib.sha256(client_key).digest(), auth_msg, "sha256").digest()
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True)))
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    verifier = base64.b64encode(hmac.new(server_key, auth_msg, "sha256").digest()).decode()
+    return f"{final_wo},p={proof.decode()}", f"v={verifier}"
+
+
 def env_with_src() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")

@@ -7,8 +7,6 @@ prepare their side), at least 8 characters unless ``--allow-short``, and SCRAM k
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import poplib
 import secrets
 import smtplib
@@ -17,7 +15,7 @@ import unicodedata
 import pytest
 
 from postroom import passwords
-from tests.conftest import Server, ServerFactory, insecure
+from tests.conftest import Server, ServerFactory, insecure, scram_client_final
 
 NFD = unicodedata.normalize("NFD", "k\u00e4se\u00a0und brot")  # decomposed, no-break space
 TYPED = "k\u00e4se und brot"  # what another keyboard sends: precomposed, plain space
@@ -83,15 +81,10 @@ def test_scram_with_the_prepared_password_and_current_iterations(srv: Server) ->
         server_first = base64.b64decode(resp).decode()
         attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
         assert int(attrs["i"]) == 600_000
-        prepared = passwords.prepare(TYPED).encode()
-        salted = hashlib.pbkdf2_hmac("sha256", prepared, base64.b64decode(attrs["s"]), 600_000)
-        client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-        final_wo = f"c=biws,r={attrs['r']}"
-        auth_msg = f"{first_bare},{server_first},{final_wo}".encode()
-        sig = hmac.new(hashlib.sha256(client_key).digest(), auth_msg, "sha256").digest()
-        proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True)))
-        code, _resp = c.docmd(base64.b64encode(f"{final_wo},p={proof.decode()}".encode()).decode())
-        assert code == 334
+        final, _expect = scram_client_final(
+            passwords.prepare(TYPED).encode(), first_bare, server_first
+        )
+        assert c.docmd(base64.b64encode(final.encode()).decode())[0] == 334
         assert c.docmd("")[0] == 235
 
 
