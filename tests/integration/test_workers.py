@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import threading
@@ -134,3 +135,56 @@ def test_a_killed_worker_is_started_again(server_factory: ServerFactory) -> None
         send_all(20)
         assert len(srv.wait_messages("alice@a.test", before + 20)) == before + 20
     assert srv.stop() == 0
+
+
+def greeting(sock: socket.socket) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\r\n"):
+        chunk = sock.recv(512)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def test_per_ip_limits_hold_across_workers(server_factory: ServerFactory) -> None:
+    # They were counted by each worker: a client got `workers` x the limit.
+    srv = server_factory(
+        domains=("a.test",),
+        services=("smtp", "pop3"),
+        extra_toml="workers = 2\n[limits]\nmax_connections_per_ip = 3\nper_ip_exempt = []\n"
+        '[auth]\nallow_plaintext = true\nlockout_failures = 6\nfailure_delay = "0.01s"\n',
+    )
+    srv.add_user("alice@a.test", "right-password")
+    held = [socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) for _ in range(10)]
+    try:
+        answers = [greeting(s) for s in held]
+        assert sum(a.startswith(b"220 ") for a in answers) == 3, answers
+        assert sum(a.startswith(b"421 ") for a in answers) == 7, answers
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 10  # the workers see the closes
+    while True:
+        with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) as s:
+            if greeting(s).startswith(b"220 "):
+                break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+    def login(password: str) -> bytes:
+        with socket.create_connection((srv.host, srv.ports["pop3"]), timeout=10) as s:
+            greeting(s)
+            s.sendall(f"USER alice@a.test\r\nPASS {password}\r\n".encode())
+            out = b""
+            while out.count(b"\r\n") < 2:
+                chunk = s.recv(512)
+                if not chunk:
+                    break
+                out += chunk
+            return out.split(b"\r\n")[1]
+
+    for i in range(6):  # new connections each: spread over both workers
+        assert login(f"guess{i}").startswith(b"-ERR [AUTH]")
+    for _ in range(6):  # locked out on every worker, even with the right password
+        assert login("right-password").startswith(b"-ERR [SYS/TEMP]")
