@@ -37,6 +37,7 @@ from postroom.smtp.policy import Port
 from postroom.storage.local import files
 from postroom.storage.local.accounts import Accounts
 from postroom.throttle import LoginThrottle
+from postroom.tlsgate import ImplicitTLSListener
 
 log = logging.getLogger("postroom")
 
@@ -173,13 +174,15 @@ def bind_listeners(cfg: Config) -> list[Listener]:
     return listeners
 
 
-async def _start_listeners(services: Services, listeners: list[Listener]) -> list[asyncio.Server]:
+async def _start_listeners(
+    services: Services, listeners: list[Listener]
+) -> list[asyncio.Server | ImplicitTLSListener]:
     from postroom.pop3.server import Pop3Connection
     from postroom.smtp.server import SmtpConnection
 
     loop = asyncio.get_running_loop()
     handshake = services.cfg.limits.tls_handshake_timeout
-    servers: list[asyncio.Server] = []
+    servers: list[asyncio.Server | ImplicitTLSListener] = []
     for lst in listeners:
         sock = lst.keep_only(services.worker_index)
         implicit = lst.kind in ("submissions", "pop3s")
@@ -188,15 +191,10 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
             factory = functools.partial(Pop3Connection, services, implicit)
         else:
             factory = functools.partial(SmtpConnection, services, cast(Port, lst.kind), implicit)
-        servers.append(
-            await loop.create_server(
-                factory,
-                sock=sock,
-                backlog=1024,
-                ssl=services.tls if implicit else None,
-                ssl_handshake_timeout=handshake if implicit else None,
-            )
-        )
+        if implicit:  # TLS from the first octet: the version gate, then the handshake
+            servers.append(ImplicitTLSListener(sock, factory, lambda: services.tls, handshake))
+        else:
+            servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
         if services.primary:
             print(f"postroom: {lst.kind} listening on {lst.host}:{lst.port}", file=sys.stderr)
     return servers

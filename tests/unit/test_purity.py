@@ -18,6 +18,7 @@ PURE = [
     "pop3/engine.py",
     "sasl.py",
     "passwords.py",
+    "clienthello.py",
     "queue/schedule.py",
     "delivery/dsn.py",
 ]

@@ -36,6 +36,7 @@ from postroom.pop3.engine import (
 )
 from postroom.pop3.maildrop import MailboxInUse, Maildrop, TopFilter, chunks
 from postroom.storage.local import maildir
+from postroom.tlsgate import refuses_old_tls
 from postroom.wire.framing import Stuffer, dot_stuff
 
 if TYPE_CHECKING:
@@ -437,6 +438,9 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         if proto.pending_input() or not self._read_paused:
             self.services.log.error("POP3 STLS with %s: input left at the switch", self.client_ip)
             self._close()
+            return
+        if await refuses_old_tls(transport, self.services.cfg.limits.tls_handshake_timeout):
+            self._close()  # a TLS 1.0/1.1-only client: refused with protocol_version
             return
         # From here on, data_received is fed by the TLS layer only (start_tls swaps the
         # transport's protocol before it reads again).

@@ -43,6 +43,7 @@ from postroom.smtp.server_engine import (
     State,
     TransactionReset,
 )
+from postroom.tlsgate import refuses_old_tls
 from postroom.wire import replies
 
 if TYPE_CHECKING:
@@ -229,6 +230,9 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
         if proto.pending_input():
             self.services.log.error("STARTTLS with %s: input left at the switch", self.client_ip)
             self._close()
+            return
+        if await refuses_old_tls(transport, self.services.cfg.limits.tls_handshake_timeout):
+            self._close()  # a TLS 1.0/1.1-only client: refused with protocol_version
             return
         self._tls_early = []
         loop = asyncio.get_running_loop()
