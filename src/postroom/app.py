@@ -27,6 +27,9 @@ from typing import Any, cast
 
 from postroom import lifetime, logs, supervisor
 from postroom import tls as tls_mod
+from postroom.auth.keys import LocalKeyStore
+from postroom.auth.lookup import DnsCache
+from postroom.auth.service import QueueMessage, SenderAuth
 from postroom.config import Config
 from postroom.errors import ConfigError
 from postroom.queue.runner import QueueRunner
@@ -70,6 +73,12 @@ def build_services(
         workers=workers,
         cpus=cpu_pair(index, workers) if cfg.pin_cpus else None,
     )
+    services.sender_auth = SenderAuth(
+        cfg,
+        DnsCache(cfg.dns, size=cfg.dns.cache_size),
+        LocalKeyStore(cfg.data_dir),
+        run_blocking=services.io.run,
+    )
     runner = QueueRunner(services)
     services.intake = runner
     return services, runner
@@ -88,6 +97,17 @@ class Shared:
         if workers == 1:
             return cls(LocalCounts(), LocalCounts())
         return cls(SharedCounts(), SharedCounts())
+
+
+def queue_made_here(services: Services, runner: QueueRunner) -> QueueMessage:
+    """Queue a message made by the server itself (a DMARC report) and try it at once."""
+
+    async def queue(sender: str, recipients: list[str], message: bytes) -> str:
+        envelope = await services.store.add_message(sender, recipients, message)
+        runner.submit(envelope)
+        return envelope.id
+
+    return queue
 
 
 def cpu_pair(index: int, workers: int) -> tuple[int, int] | None:
@@ -245,6 +265,8 @@ def _apply(services: Services, new: Config, pair: tuple[bytes, bytes] | None) ->
             log.error("reload: TLS pair not loaded, the old one stays: %s", exc)
     services.cfg = new
     services.accounts.local_domains = new.domains
+    if services.sender_auth is not None:
+        services.sender_auth.cfg = new
     connections = services.connections
     connections.max_total = -(-new.limits.max_connections // services.workers)
     connections.max_per_ip = new.limits.max_connections_per_ip
@@ -285,6 +307,8 @@ async def serve(
         log.warning("pin_cpus: fewer than two CPUs per worker; not pinned")
     await runner.local.writer.start()  # before privileges are dropped: see there
     if worker.primary:
+        assert services.sender_auth is not None
+        services.sender_auth.ensure_keys()  # DKIM keys made on first start
         await runner.recover()
     servers = await _start_listeners(services, listeners)
     if worker.primary:
@@ -300,6 +324,8 @@ async def serve(
     tasks = [loop.create_task(IdleSweeper(services).run())]
     if worker.primary:
         tasks.append(loop.create_task(runner.run()))
+        assert services.sender_auth is not None
+        tasks.append(loop.create_task(services.sender_auth.run(queue_made_here(services, runner))))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
