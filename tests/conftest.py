@@ -38,6 +38,28 @@ def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"{host}:{port} did not open")
 
 
+def first_line(sock: socket.socket) -> bytes:
+    """The server's next line (its greeting, say), CRLF included; less if it closes."""
+    buf = b""
+    while not buf.endswith(b"\r\n"):
+        chunk = sock.recv(512)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def wait_greeting(host: str, port: int, timeout: float = 10) -> None:
+    """Until a new connection gets a 220 greeting (the server has seen earlier ones close)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.create_connection((host, port), timeout=10) as s:
+            if first_line(s).startswith(b"220 "):
+                return
+        assert time.monotonic() < deadline, "no 220 greeting"
+        time.sleep(0.1)
+
+
 def insecure() -> ssl.SSLContext:
     """A client TLS context for the servers' self-signed test certificates."""
     ctx = ssl.create_default_context()

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import ServerFactory
+from tests.conftest import ServerFactory, first_line, wait_greeting
 from tests.dnszone import LoopbackDNS
 
 
@@ -137,16 +137,6 @@ def test_a_killed_worker_is_started_again(server_factory: ServerFactory) -> None
     assert srv.stop() == 0
 
 
-def greeting(sock: socket.socket) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\r\n"):
-        chunk = sock.recv(512)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
-
 def test_per_ip_limits_hold_across_workers(server_factory: ServerFactory) -> None:
     # They were counted by each worker: a client got `workers` x the limit.
     srv = server_factory(
@@ -158,23 +148,17 @@ def test_per_ip_limits_hold_across_workers(server_factory: ServerFactory) -> Non
     srv.add_user("alice@a.test", "right-password")
     held = [socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) for _ in range(10)]
     try:
-        answers = [greeting(s) for s in held]
+        answers = [first_line(s) for s in held]
         assert sum(a.startswith(b"220 ") for a in answers) == 3, answers
         assert sum(a.startswith(b"421 ") for a in answers) == 7, answers
     finally:
         for s in held:
             s.close()
-    deadline = time.monotonic() + 10  # the workers see the closes
-    while True:
-        with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) as s:
-            if greeting(s).startswith(b"220 "):
-                break
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_greeting(srv.host, srv.ports["smtp"])  # the workers see the closes
 
     def login(password: str) -> bytes:
         with socket.create_connection((srv.host, srv.ports["pop3"]), timeout=10) as s:
-            greeting(s)
+            first_line(s)
             s.sendall(f"USER alice@a.test\r\nPASS {password}\r\n".encode())
             out = b""
             while out.count(b"\r\n") < 2:

@@ -8,20 +8,9 @@ import os
 import re
 import socket
 import subprocess
-import time
 
 from postroom.services import FD_RESERVE
-from tests.conftest import ServerFactory, need_tool
-
-
-def first_line(sock: socket.socket) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\r\n"):
-        chunk = sock.recv(512)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
+from tests.conftest import ServerFactory, first_line, need_tool, wait_greeting
 
 
 def test_out_of_descriptors_gets_421_not_silence(server_factory: ServerFactory) -> None:
@@ -48,10 +37,4 @@ def test_out_of_descriptors_gets_421_not_silence(server_factory: ServerFactory) 
         for s in held:
             s.close()
     # ...and it serves again once they are gone (the server notices the closes soon after).
-    deadline = time.monotonic() + 10
-    while True:
-        with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) as s:
-            if first_line(s).startswith(b"220 "):
-                break
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_greeting(srv.host, srv.ports["smtp"])
