@@ -95,7 +95,9 @@ class Supervisor:
                 for sig in _SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 code = self.main(slot.index, slot.index == 0, theirs, go_r)
-            except BaseException:
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # a child must never return into the supervisor's code
                 log.exception("worker %d failed", slot.index)
             finally:
                 logs.flush()
