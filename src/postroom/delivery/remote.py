@@ -8,9 +8,10 @@ recipients that get a temporary failure at one host are offered to the next one 
 does with backup MX hosts); a 2xx or 5xx is final. The SMTP conversation itself is
 :class:`~postroom.smtp.client_engine.ClientEngine`; this module only moves its bytes with an
 asyncio Protocol (which owns the read side, so "nothing buffered at the TLS switch" is checked by
-the engine, RFC 3207 §4.2), does the STARTTLS handshake, applies time-outs, and keeps idle
-sessions in a small cache keyed by (host, address, port, verify) so that the next message to the
-same MX reuses the connection after a successful RSET. TLS is opportunistic (RFC 7435) except
+the engine, RFC 3207 §4.2), does the STARTTLS handshake, applies time-outs, has
+``mime_downgrade`` fit each message to the peer (short lines; 7-bit without 8BITMIME), and keeps
+idle sessions in a small cache keyed by (host, address, port, verify) so that the next message to
+the same MX reuses the connection after a successful RSET. TLS is opportunistic (RFC 7435) except
 for ``[delivery] tls_verify_domains``, where TLS is required and the certificate must verify for
 the MX host name; a failed opportunistic handshake is retried once in plaintext at the same
 address (like Postfix), so a broken TLS stack at the peer cannot block mail forever. Security
@@ -26,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from postroom.config import Config
+from postroom.delivery import mime_downgrade
 from postroom.resolver import Resolver, Target, drop_self
 from postroom.smtp.client_engine import (
     ClientEngine,
@@ -275,7 +277,9 @@ class RemoteDelivery:
                 if not exc.tls or verify:
                     raise
                 session = await self._open(target, ip, verify, TLSPolicy.NONE)
-        session.engine.send_message(message, data)
+        # RFC 5321 §4.5.3.1.6 (lines) and RFC 6152 §3 (8-bit to a peer without 8BITMIME).
+        eight_bit = "8BITMIME" in session.engine.extensions
+        session.engine.send_message(message, mime_downgrade.downgrade(data, eight_bit=eight_bit))
         event = await session.next_event()
         if not isinstance(event, MessageDone):  # pragma: no cover - the engine always reports
             session.close()
