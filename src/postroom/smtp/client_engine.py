@@ -7,15 +7,15 @@ over a message, probe with RSET, or quit), :class:`MessageDone` (one result per 
 :class:`Closed`. One session runs greeting -> EHLO (HELO if EHLO gets a 5xx) -> STARTTLS and
 EHLO again -> transactions (MAIL, RCPT..., DATA, pipelined when offered) -> QUIT; a 421 at any
 point ends it. The transitions are the ``_on_*`` handlers, reached through one queue of awaited
-replies, so pipelined and lock-step sessions share the same code. Choices: a message with 8-bit
-data goes to a server without 8BITMIME unchanged (see :meth:`send_message`); a message that needs
-SMTPUTF8 never goes to a server without it (5.6.7, RFC 6531 §3.4). Security notes: replies are
-split by ``framing.LineReader`` with bounded line length and line count; any byte that arrives
+replies, so pipelined and lock-step sessions share the same code. The caller fits the data to the
+server first (``delivery/mime_downgrade.py``: short lines, 7-bit without 8BITMIME); a message that
+needs SMTPUTF8 never goes to a server without it (5.6.7, RFC 6531 §3.4). Security notes: replies
+are split by ``framing.LineReader`` with bounded line length and line count; any byte that arrives
 between the 220 to STARTTLS and the handshake ends the session (plaintext injection, the
 client-side twin of CVE-2011-0411); data is normalised to CRLF and dot-stuffed by
-``framing.dot_stuff`` only, so a bare LF before a dot can never end the message early at a
-lenient server (SMTP smuggling, RFC 5321 §2.3.8). An exception escaping this module is a bug in
-the caller (:class:`EngineMisuse`), never the peer's fault.
+``framing.dot_stuff`` only, so a bare LF before a dot can never end the message early at a lenient
+server (SMTP smuggling, RFC 5321 §2.3.8). An exception escaping this module is a bug in the caller
+(:class:`EngineMisuse`), never the peer's fault.
 """
 
 from __future__ import annotations
@@ -251,10 +251,9 @@ class ClientEngine:
     def send_message(self, message: Message, data: bytes) -> None:
         """Start a transaction for ``message`` whose content (not stuffed) is ``data``.
 
-        8-bit data to a server without 8BITMIME is sent as it is, without a BODY parameter:
-        RFC 6152 §3 would have us downgrade (breaking DKIM signatures, and impossible for non-MIME
-        text) or bounce, but deployed servers accept 8-bit octets, and sendmail (EightBitMode
-        pass8) and Postfix (for non-MIME mail) send them the same way. SMTPUTF8 is different: an
+        ``data`` is sent as it is: the caller has already made it fit the server's extensions
+        (RFC 6152 §3: 7-bit for a server without 8BITMIME; RFC 5321 §4.5.3.1.6: short lines).
+        What cannot be converted goes unchanged: 8-bit header fields need SMTPUTF8, and an
         internationalised address cannot be sent at all without it (RFC 6531 §3.4).
         """
         if self.state is not State.READY:

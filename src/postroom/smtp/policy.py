@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 from postroom import sasl
 from postroom.address import Address, parse_user_address
+from postroom.delivery import mime_downgrade
 from postroom.errors import TemporaryStorageError
 from postroom.queue.store import Envelope, Recipient, SpoolWriter, new_queue_id
 from postroom.smtp.commands import Mail, Rcpt
@@ -43,6 +44,7 @@ _HEADER_FIELD = re.compile(rb"(?im)^(date|message-id):")
 
 
 _date_cache: tuple[int, str] = (0, "")
+_submission_form = functools.partial(mime_downgrade.downgrade, eight_bit=False)
 
 
 def _rfc5322_date(when: float) -> str:
@@ -223,6 +225,10 @@ class SmtpPolicy:
         if problem is not None:
             self.reset()
             return problem
+        if self.auth_user is not None:
+            # Submitted mail is made 7-bit with short lines here, before it is signed (RFC 6376
+            # §5.3), so that no relay hop has to convert it and break the signature.
+            await writer.rewrite(_submission_form)
         envelope = Envelope(
             id=txn.queue_id,
             sender=str(txn.sender) if txn.sender is not None else "",
