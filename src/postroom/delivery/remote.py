@@ -54,8 +54,9 @@ DATA_BLOCK_TIMEOUT = 180.0  # RFC 5321 §4.5.3.2.5: each write of message data
 
 @dataclass(frozen=True, slots=True)
 class DeliveryResult:
-    """The outcome for one recipient; ``remote_mta`` names the host that gave ``reply`` (None
-    when no host was reached or DNS failed)."""
+    """The outcome for one recipient; ``remote_mta`` names the host that gave ``reply``, and is
+    None when no host gave it (DNS failed, no connection, or a decision of ours, whose text
+    then names the host)."""
 
     recipient: Recipient
     outcome: Outcome
@@ -72,7 +73,13 @@ class _SessionFailed(Exception):
 
 
 def _temp(status: str, text: str) -> Reply:
-    return Reply.make(451, status, text)
+    """A temporary failure of our own making (no server said it)."""
+    return Reply(451, status, (text,), local=True)
+
+
+def _naming(reply: Reply, where: str) -> Reply:
+    """A reply of our own, with the host it concerns at the front of its text."""
+    return Reply(reply.code, reply.status, (f"{where}: {reply.text}",), local=True)
 
 
 class _Session(asyncio.Protocol):
@@ -238,8 +245,12 @@ class RemoteDelivery:
                         break
                     too_many: list[int] = []
                     for i, res in zip(batch, done.results, strict=True):
+                        reply = res.reply
+                        mta: str | None = target.host
+                        if reply.local:
+                            reply, mta = _naming(reply, f"{target.host}[{ip}]"), None
                         result = DeliveryResult(
-                            message.recipients[i], res.outcome, res.reply, target.host, done.dsn
+                            message.recipients[i], res.outcome, reply, mta, done.dsn
                         )
                         if res.outcome is not Outcome.TEMPORARY:
                             final[i] = result
@@ -258,7 +269,12 @@ class RemoteDelivery:
                 final[i] = last_temp[i]
             elif session_error is not None:
                 reply, host = session_error
-                final[i] = DeliveryResult(message.recipients[i], Outcome.TEMPORARY, reply, host)
+                final[i] = DeliveryResult(
+                    message.recipients[i],
+                    Outcome.TEMPORARY,
+                    reply,
+                    None if reply.local else host,
+                )
             else:  # pragma: no cover - a Route always has at least one address
                 reply = _temp("4.4.4", f"no address to try for {domain}")
                 final[i] = DeliveryResult(message.recipients[i], Outcome.TEMPORARY, reply)
@@ -324,6 +340,8 @@ class RemoteDelivery:
     @staticmethod
     def _session_reply(reply: Reply, where: str) -> Reply:
         """A greeting/EHLO failure, as a temporary failure that names the host."""
+        if reply.local:
+            return _naming(reply, where)
         if reply.is_transient:
             return Reply(reply.code, reply.status or "4.4.2", (f"{where} said: {reply.text}",))
         return _temp("4.4.1", f"host {where} refused to talk to me: {reply}")

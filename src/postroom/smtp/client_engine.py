@@ -133,7 +133,7 @@ Event = Ready | StartTLS | MessageDone | Closed
 
 
 def _local(code: int, status: str, text: str) -> Reply:
-    return Reply.make(code, status, text)
+    return Reply(code, status, (text,), local=True)
 
 
 def _outcome(reply: Reply) -> Outcome:
@@ -266,14 +266,21 @@ class ClientEngine:
         whole_needs_utf8 = not message.sender.isascii() or (
             message.smtputf8 and needs_smtputf8_headers(data)
         )
-        no_utf8 = _local(553, "5.6.7", "the remote server does not support SMTPUTF8 (RFC 6531)")
+        no_utf8 = _local(
+            553, "5.6.7", "the server does not offer SMTPUTF8, which this message needs (RFC 6531)"
+        )
         for i, rcpt in enumerate(message.recipients):
             if not utf8_offered and (whole_needs_utf8 or not rcpt.address.isascii()):
                 results[i] = RecipientResult(rcpt, Outcome.PERMANENT, no_utf8)
         limit = self._size_limit()
         if limit and len(data) > limit:
             # RFC 1870 §6: do not send what the server has announced it will refuse.
-            too_big = _local(552, "5.3.4", f"message size exceeds the remote limit of {limit}")
+            too_big = _local(
+                552,
+                "5.3.4",
+                f"the message ({len(data)} octets) is larger than the server accepts"
+                f" (SIZE {limit}, RFC 1870)",
+            )
             for i, rcpt in enumerate(message.recipients):
                 results.setdefault(i, RecipientResult(rcpt, Outcome.PERMANENT, too_big))
         to_send = [i for i in range(len(message.recipients)) if i not in results]
