@@ -240,3 +240,11 @@ def test_garbage_never_leaves_a_long_line(pieces: list[bytes], eight_bit: bool) 
     raw = b"".join(pieces).replace(b"\r\n", b"\n").replace(b"\r", b"").replace(b"\n", b"\r\n")
     out = downgrade(raw, eight_bit=eight_bit)
     assert longest(out) <= MAX_LINE
+
+
+def test_message_without_header_section_is_all_body() -> None:
+    raw = b"Hello Bob, " + LONG + b"\r\nbye\r\n"
+    out = downgrade(raw, eight_bit=True)
+    head = out.split(b"\r\n\r\n", 1)[0]
+    assert head == b"Content-Transfer-Encoding: quoted-printable\r\nMIME-Version: 1.0"
+    assert leaves(out) == [("text/plain", raw)]

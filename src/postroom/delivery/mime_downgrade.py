@@ -56,10 +56,19 @@ def _has_long_line(data: bytes) -> bool:
     return len(data) > MAX_LINE and max(map(len, data.split(b"\r\n"))) > MAX_LINE
 
 
-def _split_entity(raw: bytes) -> tuple[bytes, bytes | None]:
-    """(header section with its last CRLF, body) of one entity; no body without a blank line."""
+def starts_with_header_field(data: bytes) -> bool:
+    """Whether ``data`` begins with a header field; if not, a message has no header section
+    and what it holds is all body (RFC 5322 §2.1)."""
+    return _FIELD_START.match(data) is not None
+
+
+def _split_entity(raw: bytes, message: bool) -> tuple[bytes, bytes | None]:
+    """(header section with its last CRLF, body) of one entity; no body without a blank line.
+    A message whose first line is no header field is all body (a part is read leniently)."""
     if raw.startswith(b"\r\n"):
         return b"", raw[2:]
+    if message and not starts_with_header_field(raw):
+        return b"", raw
     end = raw.find(b"\r\n\r\n")
     if end < 0:
         return raw, None
@@ -69,7 +78,7 @@ def _split_entity(raw: bytes) -> tuple[bytes, bytes | None]:
 def _entity(raw: bytes, *, seven_bit: bool, message: bool, digest: bool) -> bytes:
     """One entity converted; ``message`` for a message's own header (top level, or inside
     message/rfc822), ``digest`` for a part of multipart/digest."""
-    head, body = _split_entity(raw)
+    head, body = _split_entity(raw, message)
     if body is None:
         return fold_header(head)
     fields = _HEADER_PARSER.parsebytes(head + b"\r\n")

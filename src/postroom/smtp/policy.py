@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal
 from postroom import sasl
 from postroom.address import Address, parse_user_address
 from postroom.delivery import mime_downgrade
+from postroom.delivery.mime_downgrade import starts_with_header_field
 from postroom.errors import TemporaryStorageError
 from postroom.queue.store import Envelope, Recipient, SpoolWriter, new_queue_id
 from postroom.smtp.commands import Mail, Rcpt
@@ -181,7 +182,9 @@ class SmtpPolicy:
         return name
 
     def _prefix(self, head: bytes) -> bytes:
-        """Our Received header, plus Date/Message-ID for submissions that lack them."""
+        """Our Received header, plus Date/Message-ID for submissions that lack them, plus the
+        blank line that ends the header section when the message has none (its first line is
+        no header field: it would otherwise become one)."""
         txn = self.txn
         date = _rfc5322_date(txn.received_at)
         rcpt = ""
@@ -205,6 +208,8 @@ class SmtpPolicy:
                 extra += f"Date: {date}\r\n"
             if b"message-id" not in present:
                 extra += f"Message-ID: <{txn.queue_id}@{self.cfg.hostname}>\r\n"
+        if head and not head.startswith(b"\r\n") and not starts_with_header_field(head):
+            extra += "\r\n"  # RFC 5322 §2.1: the body follows an empty line (Postfix's cleanup)
         return (received + extra).encode("utf-8", "replace")
 
     def _check_headers(self, head: bytes) -> Reply | None:
