@@ -264,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = config_mod.load_effective(getattr(args, "config_sub", None) or args.config)
+        from postroom import datadir
+
+        datadir.check(cfg)  # before anything is made: nothing is left behind
     except ConfigError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)
         return 2
