@@ -255,12 +255,14 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, services, worker)
     if worker.primary:
-        if cfg.path is None:
-            print(
-                f"postroom: embedded default; data in {cfg.data_dir.resolve()}\n"
-                "postroom: add a user with: postroom user add you@localhost",
-                file=sys.stderr,
-            )
+        from postroom.datadir import add_user_command
+
+        where = "embedded default; data" if cfg.path is None else "data"
+        print(
+            f"postroom: {where} in {cfg.data_dir}\n"
+            f"postroom: add a user with: {add_user_command(cfg)}",
+            file=sys.stderr,
+        )
         print("postroom: ready", file=sys.stderr)
     await stop.wait()
     log.info("shutting down")

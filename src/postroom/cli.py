@@ -260,6 +260,17 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _where_data_is(cfg: Config) -> None:
+    """Say loudly that a new, empty data directory was made, and where."""
+    print(f"postroom: created a new data directory {cfg.data_dir}", file=sys.stderr)
+    if cfg.path is None:
+        print(
+            "postroom: (without a config file data lives in ./postroom-data of the directory a "
+            f"command runs in: run every command from {cfg.data_dir.parent}, or use -c FILE)",
+            file=sys.stderr,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -271,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"postroom: error: {exc}", file=sys.stderr)
         return 2
     try:
+        if datadir.create(cfg):
+            _where_data_is(cfg)
         if args.command == "serve":
             from postroom import app
 

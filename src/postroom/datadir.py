@@ -1,4 +1,4 @@
-"""The data directory: checked before anything is written to it.
+"""The data directory: checked before anything is written to it, and made (0700) if missing.
 
 Every command, ``serve`` included, calls :func:`check` before it creates a single file, so that a
 ``data_dir`` nobody can use (a file in the way, a read-only file system, a directory the server's
@@ -7,13 +7,16 @@ user cannot reach or write) stops it with one line naming ``data_dir``, the reas
 behind. The process's own identity is checked with ``os.access`` (which sees ACLs and read-only
 mounts); the user that a root process becomes (``user``) is checked in a short-lived child that
 switches to that user first, exactly as the server and the Maildir writer will, since
-``access(2)`` can only answer for the caller.
+``access(2)`` can only answer for the caller. :func:`create` then makes a missing directory and
+says so, with its absolute path: the embedded default's ``./postroom-data`` depends on the
+directory a command runs in, and a second, silent store is the surprise this prevents.
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import shlex
 import stat
 from pathlib import Path
 
@@ -129,3 +132,19 @@ def check(cfg: Config) -> None:
         problem = _unreachable_for(ids[0], ids[1], cfg.user, path)
     if problem is not None:
         raise ConfigError(f"{cfg.path or '<default>'}: data_dir: {problem}")
+
+
+def create(cfg: Config) -> bool:
+    """Make ``data_dir`` (0700) if it does not exist yet; True if it was made now."""
+    if os.path.lexists(cfg.data_dir):
+        return False
+    os.makedirs(cfg.data_dir, mode=0o700, exist_ok=True)
+    return True
+
+
+def add_user_command(cfg: Config) -> str:
+    """A ``user add`` command line that finds this ``data_dir`` from any directory."""
+    address = f"you@{cfg.domains[0]}"
+    if cfg.path is not None:
+        return f"postroom -c {shlex.quote(os.path.abspath(cfg.path))} user add {address}"
+    return f"cd {shlex.quote(str(cfg.data_dir.parent))} && postroom user add {address}"
