@@ -230,9 +230,14 @@ class SmtpPolicy:
         if problem is not None:
             self.reset()
             return problem
-        if self.auth_user is not None:
-            # Submitted mail is made 7-bit with short lines here, before it is signed (RFC 6376
-            # §5.3), so that no relay hop has to convert it and break the signature.
+        runner = self.services.intake
+        assert runner is not None
+        if self.auth_user is not None and not all(
+            runner.is_local(r.address) for r in txn.recipients
+        ):
+            # Submitted mail that leaves is made 7-bit with short lines here, before it is
+            # signed (RFC 6376 §5.3), so that no relay hop has to convert it and break the
+            # signature. Mail that stays here is stored as it came.
             await writer.rewrite(_submission_form)
         envelope = Envelope(
             id=txn.queue_id,
@@ -246,8 +251,6 @@ class SmtpPolicy:
             ret=(txn.mail.params.get("RET") or "").upper() or None if txn.mail else None,
             smtputf8=bool(txn.mail and txn.mail.smtputf8),
         )
-        runner = self.services.intake
-        assert runner is not None
         direct = writer.in_memory and all(
             runner.is_local(r.address) and not (r.notify and "SUCCESS" in r.notify)
             for r in envelope.recipients
