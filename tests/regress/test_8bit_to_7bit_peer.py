@@ -6,10 +6,8 @@ from __future__ import annotations
 import email
 import email.policy
 
-from postroom.delivery.remote import RemoteDelivery
-from postroom.resolver import Route, StaticResolver
 from postroom.smtp.client_engine import Outcome
-from tests.integration.test_remote_delivery import Sink, config, free_port, message, mx, run
+from tests.integration.test_remote_delivery import deliver_once
 
 EIGHT_BIT = (
     b"From: alice@a.test\r\nTo: bob@b.test\r\nSubject: hi\r\nMIME-Version: 1.0\r\n"
@@ -20,23 +18,9 @@ SEVEN_BIT_PEER = ("PIPELINING", "SIZE 100000", "ENHANCEDSTATUSCODES")
 
 
 def relay(extensions: tuple[str, ...]) -> tuple[bytes, list[str]]:
-    port = free_port()
-    got: list[tuple[bytes, list[str]]] = []
-
-    async def main() -> None:
-        sink = await Sink("127.0.0.2", port, extensions=extensions).start()
-        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
-        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
-        try:
-            (result,) = await remote.deliver("b.test", message("bob@b.test"), EIGHT_BIT)
-        finally:
-            await remote.aclose()
-            await sink.stop()
-        assert result.outcome is Outcome.DELIVERED
-        got.append((sink.messages[0].data, sink.commands))
-
-    run(main)
-    return got[0]
+    result, sink = deliver_once(EIGHT_BIT, extensions=extensions)
+    assert result.outcome is Outcome.DELIVERED
+    return sink.messages[0].data, sink.commands
 
 
 def test_8bit_mime_is_converted_for_a_peer_without_8bitmime() -> None:

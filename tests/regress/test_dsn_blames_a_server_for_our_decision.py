@@ -18,28 +18,14 @@ from postroom.queue.runner import _dsn_recipient
 from postroom.queue.store import Recipient as QueuedRecipient
 from postroom.resolver import Route, StaticResolver
 from postroom.smtp.client_engine import Message, Outcome, Recipient
-from tests.integration.test_remote_delivery import Sink, config, free_port, mx, run
+from tests.integration.test_remote_delivery import config, deliver_once, free_port, mx, run
 
 UTF8_HEADERS = "From: alice@a.test\r\nSubject: Grüße\r\n\r\nhi\r\n".encode()
 NO_UTF8 = ("PIPELINING", "SIZE 100000", "8BITMIME", "ENHANCEDSTATUSCODES")
 
 
 def deliver(message: Message, data: bytes, **sink: object) -> DeliveryResult:
-    port = free_port()
-    out: list[DeliveryResult] = []
-
-    async def main() -> None:
-        server = await Sink("127.0.0.2", port, **sink).start()  # type: ignore[arg-type]
-        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
-        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
-        try:
-            out.extend(await remote.deliver("b.test", message, data))
-        finally:
-            await remote.aclose()
-            await server.stop()
-
-    run(main)
-    return out[0]
+    return deliver_once(data, message, **sink)[0]
 
 
 def bounce_for(result: DeliveryResult) -> bytes:

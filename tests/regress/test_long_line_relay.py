@@ -6,10 +6,8 @@ from __future__ import annotations
 import email
 import email.policy
 
-from postroom.delivery.remote import RemoteDelivery
-from postroom.resolver import Route, StaticResolver
 from postroom.smtp.client_engine import Outcome
-from tests.integration.test_remote_delivery import Sink, config, free_port, message, mx, run
+from tests.integration.test_remote_delivery import deliver_once
 
 LINE = b"".join(b"%05d " % i for i in range(834))  # 5,004 octets, spaces in it
 PLAIN = b"From: alice@a.test\r\nTo: bob@b.test\r\nSubject: long\r\n\r\n" + LINE + b"\r\nbye\r\n"
@@ -23,23 +21,9 @@ MULTI = (
 
 
 def relay(data: bytes) -> bytes:
-    port = free_port()
-    got: list[bytes] = []
-
-    async def main() -> None:
-        sink = await Sink("127.0.0.2", port).start()
-        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
-        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
-        try:
-            (result,) = await remote.deliver("b.test", message("bob@b.test"), data)
-        finally:
-            await remote.aclose()
-            await sink.stop()
-        assert result.outcome is Outcome.DELIVERED
-        got.append(sink.messages[0].data)
-
-    run(main)
-    return got[0]
+    result, sink = deliver_once(data)
+    assert result.outcome is Outcome.DELIVERED
+    return sink.messages[0].data
 
 
 def texts(raw: bytes) -> list[bytes]:
