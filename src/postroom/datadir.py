@@ -18,6 +18,7 @@ import os
 import pwd
 import shlex
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from postroom import privileges
@@ -68,8 +69,12 @@ def _unwritable(target: Path, who: str, *, creating: bool) -> str | None:
             f"{who} cannot create a directory in {target} ({state}); create it as root and "
             f"chown it to {who}, or choose a directory {who} can write"
         )
-    fix = f"chmod u+rwx {target}" if owner == who else f"chown -R {who} {target}"
-    return f"{target} is not writable by {who} ({state}); {fix}"
+    if owner == who:
+        return f"{target} is not writable by its owner {who} ({state}); chmod u+rwx {target}"
+    return (
+        f"{target} is not writable by {who} ({state}); run postroom as {owner} "
+        f"(sudo -u {owner} postroom ...), or chown -R {who} {target}"
+    )
 
 
 def _problem(path: Path, who: str, *, owner: bool) -> str | None:
@@ -95,13 +100,17 @@ def _problem(path: Path, who: str, *, owner: bool) -> str | None:
         for entry in entries:
             mode = os.R_OK | os.W_OK | (os.X_OK if entry.is_dir(follow_symlinks=False) else 0)
             if not entry.is_symlink() and not os.access(entry.path, mode):
-                return f"{entry.path} is not usable by {who}; chown -R {who} {path}"
+                holder = _name(entry.stat(follow_symlinks=False).st_uid)
+                return (
+                    f"{entry.path} belongs to {holder} and is not usable by {who}; run postroom "
+                    f"as the user that owns the data, or chown -R {who} {path}"
+                )
     return None
 
 
-def _unreachable_for(uid: int, gid: int, name: str, path: Path) -> str | None:
-    """:func:`_unreachable` for ``uid``/``gid``, asked in a child that becomes them (the tree
-    itself is given to them by ``chown`` before they use it)."""
+def as_user(uid: int, gid: int, ask: Callable[[], str | None]) -> str | None:
+    """``ask()`` as ``uid``/``gid`` (no other groups, as the server runs): in a child that
+    becomes them, since ``access(2)`` only answers for the caller."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child (its answer is what the tests check)
@@ -109,9 +118,9 @@ def _unreachable_for(uid: int, gid: int, name: str, path: Path) -> str | None:
         try:
             os.close(read_end)
             privileges.become(uid, gid)
-            answer = _unreachable(path, name) or ""
+            answer = ask() or ""
         except BaseException as exc:
-            answer = f"cannot check as user {name}: {exc}"
+            answer = f"cannot check as uid {uid}: {exc}"
         finally:
             os.write(write_end, answer.encode("utf-8", "replace"))
             os._exit(0)
@@ -129,7 +138,9 @@ def check(cfg: Config) -> None:
     ids = privileges.target_ids(cfg)  # root with ``user``: it gives the tree to that user
     problem = _problem(path, _name(os.geteuid()), owner=ids is None)
     if problem is None and ids is not None and cfg.user is not None:
-        problem = _unreachable_for(ids[0], ids[1], cfg.user, path)
+        # The tree itself is given to ``user`` (chown) before it is used: it must reach it.
+        user = cfg.user
+        problem = as_user(ids[0], ids[1], lambda: _unreachable(path, user))
     if problem is not None:
         raise ConfigError(f"{cfg.path or '<default>'}: data_dir: {problem}")
 
