@@ -6,11 +6,8 @@ before making anything: one line ``postroom: error: FILE: data_dir: reason and f
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,12 +32,8 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (it drops t
 
 
 @pytest.fixture
-def base() -> Iterator[Path]:
-    """A directory every user may enter (pytest's own tmp_path is closed to others)."""
-    path = Path(tempfile.mkdtemp(prefix="postroom-datadir-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def base(open_tmp: Path) -> Path:
+    return open_tmp
 
 
 def config(base: Path, data_dir: Path, extra: str = "") -> Path:
