@@ -227,18 +227,27 @@ class SmtpPolicy:
         writer = txn.writer
         assert writer is not None
         problem = self._check_headers(writer.head(self.cfg.limits.header_size + 4))
-        if problem is not None:
-            self.reset()
-            return problem
         runner = self.services.intake
         assert runner is not None
-        if self.auth_user is not None and not all(
-            runner.is_local(r.address) for r in txn.recipients
-        ):
+        leaves = not all(runner.is_local(r.address) for r in txn.recipients)
+        if problem is None and self.auth_user is not None and leaves:
             # Submitted mail that leaves is made 7-bit with short lines here, before it is
             # signed (RFC 6376 §5.3), so that no relay hop has to convert it and break the
             # signature. Mail that stays here is stored as it came.
             await writer.rewrite(_submission_form)
+        if problem is None and self.services.sender_auth is not None:
+            # DKIM signing (submissions) or SPF/DKIM/DMARC and Authentication-Results (MX).
+            problem = await self.services.sender_auth.end_of_data(
+                writer,
+                port=self.port,
+                auth_user=self.auth_user,
+                client_ip=self.client_ip,
+                helo=self.helo,
+                sender=str(txn.sender) if txn.sender is not None else "",
+            )
+        if problem is not None:
+            self.reset()
+            return problem
         envelope = Envelope(
             id=txn.queue_id,
             sender=str(txn.sender) if txn.sender is not None else "",
