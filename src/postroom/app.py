@@ -334,12 +334,14 @@ async def serve(
     if worker.channel is not None:
         loop.add_reader(worker.channel.fileno(), _on_supervisor, services, worker, stop)
     if worker.primary:
-        if cfg.path is None:
-            print(
-                f"postroom: embedded default; data in {cfg.data_dir.resolve()}\n"
-                "postroom: add a user with: postroom user add you@localhost",
-                file=sys.stderr,
-            )
+        from postroom.datadir import add_user_command
+
+        where = "embedded default; data" if cfg.path is None else "data"
+        print(
+            f"postroom: {where} in {cfg.data_dir}\n"
+            f"postroom: add a user with: {add_user_command(cfg)}",
+            file=sys.stderr,
+        )
         print("postroom: ready", file=sys.stderr)
     if worker.channel is not None:
         supervisor.ready(worker.channel)

@@ -21,6 +21,7 @@ PURE = [
     "clienthello.py",
     "queue/schedule.py",
     "delivery/dsn.py",
+    "delivery/mime_downgrade.py",
 ]
 FORBIDDEN = {"asyncio", "socket", "os", "ssl", "subprocess", "selectors"}
 
