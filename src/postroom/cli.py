@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--allow-short",
             action="store_true",
-            help="accept a password shorter than 8 characters",
+            help="accept a password shorter than 6 characters",
         )
     cmd = command(user, "del", "delete a user (and take it out of every alias)")
     cmd.add_argument("address")

@@ -1,7 +1,7 @@
 """Passwords were taken byte for byte (an "ä" typed precomposed on one keyboard and decomposed
 on another did not log in) and a one-character password was accepted. Now RFC 8265
 OpaqueString preparation at set time and at every login (PLAIN, LOGIN, USER/PASS; SCRAM clients
-prepare their side), at least 8 characters unless ``--allow-short``, and SCRAM keys made with
+prepare their side), at least 6 characters unless ``--allow-short``, and SCRAM keys made with
 600,000 PBKDF2 rounds (RFC 7677's 4096 is a floor, not a figure for stolen databases)."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def srv(server_factory: ServerFactory) -> Server:
 
 
 def test_short_and_unusable_passwords_are_refused(srv: Server) -> None:
-    for bad, why in (("x", "8 characters"), ("seven77", "8 characters"), ("abc\x07defghi", "")):
+    for bad, why in (("x", "6 characters"), ("five5", "6 characters"), ("abc\x07defghi", "")):
         p = srv.cli("user", "add", "bob@a.test", "--password-stdin", stdin=bad + "\n", check=False)
         assert p.returncode == 1, bad
         assert why in p.stderr and "Traceback" not in p.stderr
@@ -94,6 +94,6 @@ def test_prepare_unit() -> None:
     with pytest.raises(passwords.PasswordError):
         passwords.prepare("nul\x00inside")
     with pytest.raises(passwords.PasswordError):
-        passwords.check_new("1234567")
-    assert passwords.check_new("1234567", allow_short=True) == "1234567"
-    assert passwords.check_new("12345678") == "12345678"
+        passwords.check_new("12345")
+    assert passwords.check_new("12345", allow_short=True) == "12345"
+    assert passwords.check_new("123456") == "123456"
