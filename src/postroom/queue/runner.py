@@ -257,6 +257,13 @@ class QueueRunner:
             else:
                 remote[domain_of(rcpt.address)].append((index, rcpt))
 
+        for copy in list(local):
+            # The account may have gone since RCPT (user del): no Maildir for it, a bounce.
+            if not self.services.accounts.has_mailbox(copy.mailbox):
+                local.remove(copy)
+                rcpt = envelope.recipients[copy.index]
+                self._bounced(envelope, rcpt, str(replies.USER_UNKNOWN_NOW))
+                newly_failed.append(rcpt)
         if local:
             errors = await self.mailboxes.deliver(envelope, local)
             attempts += self._local_results(envelope, local, errors, now)
@@ -474,11 +481,7 @@ class QueueRunner:
         if not self.is_local(sender):
             return [sender]
         local, _, domain = sender.rpartition("@")
-        key = f"{local.lower()}@{domain}"
-        targets = self.services.accounts.expand(key)
-        if targets is None and local.lower() == "postmaster":
-            targets = [key]  # always accepted: so is its mail
-        return targets or []
+        return self.services.accounts.resolve(f"{local.lower()}@{domain}") or []
 
 
 def _of(envelope: Envelope, copies: list[LocalCopy]) -> list[tuple[int, Recipient]]:

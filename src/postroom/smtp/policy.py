@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Literal
 
 from postroom import sasl
 from postroom.address import Address, parse_user_address
+from postroom.delivery import mime_downgrade
+from postroom.delivery.mime_downgrade import starts_with_header_field
 from postroom.queue.envelope import Envelope, Recipient, new_queue_id
 from postroom.smtp.commands import Mail, Rcpt
 from postroom.smtp.server_engine import (
@@ -43,6 +45,11 @@ _HEADER_FIELD = re.compile(rb"(?im)^(date|message-id):")
 
 
 _date_cache: tuple[int, str] = (0, "")
+_submission_form = functools.partial(mime_downgrade.downgrade, eight_bit=False)
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
 
 
 def _rfc5322_date(when: float) -> str:
@@ -131,11 +138,9 @@ class SmtpPolicy:
         orcpt = cmd.params.get("ORCPT")
         if self.cfg.is_local_domain(addr.domain):
             key = addr.key
-            targets = self.services.accounts.expand(key)
+            targets = self.services.accounts.resolve(key)
             if targets is None:
-                if addr.local.lower() != "postmaster":
-                    return replies.USER_UNKNOWN
-                targets = [key]
+                return replies.USER_UNKNOWN
             if not targets:
                 self.services.log.warning("alias loop at %s: refused", key)
                 return replies.ALIAS_LOOP
@@ -180,8 +185,9 @@ class SmtpPolicy:
         return name
 
     def _prefix(self, head: bytes) -> bytes:
-        """Our Received header, plus Date/Message-ID for submissions that lack them (LF line
-        ends, as the message is stored)."""
+        """Our Received header, plus Date/Message-ID for submissions that lack them, plus the
+        blank line that ends the header section when the message has none (its first line is
+        no header field: it would otherwise become one). LF line ends, as it is stored."""
         txn = self.txn
         date = _rfc5322_date(txn.received_at)
         rcpt = ""
@@ -205,6 +211,8 @@ class SmtpPolicy:
                 extra += f"Date: {date}\n"
             if b"message-id" not in present:
                 extra += f"Message-ID: <{txn.queue_id}@{self.cfg.hostname}>\n"
+        if head and not head.startswith(b"\n") and not starts_with_header_field(head):
+            extra += "\n"  # RFC 5322 §2.1: the body follows an empty line (Postfix's cleanup)
         return (received + extra).encode("utf-8", "replace")
 
     def _check_headers(self, head: bytes) -> Reply | None:
@@ -222,6 +230,12 @@ class SmtpPolicy:
         draft = txn.draft
         assert draft is not None
         problem = self._check_headers(draft.head(self.cfg.limits.header_size + 2))
+        leaves = not all(self.cfg.is_local_domain(_domain(r.address)) for r in txn.recipients)
+        if problem is None and self.auth_user is not None and leaves:
+            # Submitted mail that leaves is made 7-bit with short lines here, before it is
+            # signed (RFC 6376 §5.3), so that no relay hop has to convert it and break the
+            # signature. Mail that stays here is stored as it came.
+            await draft.rewrite(_submission_form)
         if problem is None and self.services.sender_auth is not None:
             # DKIM signing (submissions) or SPF/DKIM/DMARC and Authentication-Results (MX):
             # the finished message's transform or verdict, before the one hand-off below.

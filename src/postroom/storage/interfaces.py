@@ -20,7 +20,7 @@ ends (the SMTP layer refuses bare CR and LF, so CRLF <-> LF is lossless) and sta
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -64,6 +64,11 @@ class MessageDraft(Protocol):
     def prepend(self, lines: bytes) -> None:
         """Put header lines (LF) above the client's message, below our own trace headers:
         ``Authentication-Results``, ``DKIM-Signature``."""
+        ...
+
+    async def rewrite(self, convert: Callable[[bytes], bytes]) -> None:
+        """Replace the client's message (CRLF, no trace headers) by ``convert(message)``:
+        submitted mail made 7-bit with short lines before it is signed."""
         ...
 
     def whole(self) -> bytes:
@@ -212,11 +217,17 @@ class AccountStore(Protocol):
 
     def set_password(self, address: Address, password: str) -> None: ...
 
-    def delete_user(self, address: Address) -> None: ...
+    def delete_user(self, address: Address) -> list[str]:
+        """Remove the user, and it from every alias that names it; those aliases."""
+        ...
 
     def list_users(self) -> list[str]: ...
 
     def user_exists(self, key: str) -> bool: ...
+
+    def has_mailbox(self, key: str) -> bool:
+        """May mail be stored for local ``key``: a user, or ``postmaster@``."""
+        ...
 
     def verify_password(self, login: str, password: str) -> str | None:
         """The account key when ``password`` is right for ``login``; None otherwise."""
@@ -226,9 +237,11 @@ class AccountStore(Protocol):
         """The account key and its SCRAM-SHA-256 keys (RFC 5802), or None."""
         ...
 
-    def add_alias(self, alias: Address, targets: Sequence[str]) -> None: ...
+    def add_alias(self, alias: str, targets: Sequence[str]) -> None:
+        """``alias`` is an address key, or ``@domain`` for the domain's catch-all."""
+        ...
 
-    def delete_alias(self, alias: Address) -> None: ...
+    def delete_alias(self, alias: str) -> None: ...
 
     def list_aliases(self) -> dict[str, list[str]]: ...
 
@@ -238,6 +251,19 @@ class AccountStore(Protocol):
         """The final addresses of ``key`` through aliases (itself for a user); None if it is
         neither a user nor an alias; [] for an alias loop."""
         ...
+
+    def resolve(self, key: str) -> list[str] | None:
+        """Where mail for local ``key`` goes: :meth:`expand`, else the domain's catch-all,
+        else ``postmaster@`` itself; None for no such address."""
+        ...
+
+    @property
+    def local_domains(self) -> frozenset[str]:
+        """The local domains (a SIGHUP may set new ones)."""
+        ...
+
+    @local_domains.setter
+    def local_domains(self, domains: Iterable[str]) -> None: ...
 
     def owns(self, user_key: str, sender_key: str) -> bool:
         """May ``user_key`` send as ``sender_key``: its own address or an alias reaching it."""

@@ -263,6 +263,29 @@ class Draft:
         except OSError as exc:
             self._failed = exc
 
+    async def rewrite(self, convert: Callable[[bytes], bytes]) -> None:
+        if self._failed is not None:
+            return
+        head = self._return_path + (self._prefix or b"") + self._extra
+        if self._fd is None:
+            old = bytes(self._client)
+        else:
+            old = os.pread(self._fd, self._client_size, len(head))
+        new = convert(old.replace(b"\n", b"\r\n")).replace(b"\r\n", b"\n")
+        if new == old:
+            return
+        self._client_size, self._lines = len(new), new.count(b"\n")
+        if self._fd is None:
+            self._client = bytearray(new)
+            return
+        try:
+            os.ftruncate(self._fd, len(head))
+            os.lseek(self._fd, len(head), os.SEEK_SET)
+            self._crc = zlib.crc32(head)
+            self._put(new)
+        except OSError as exc:
+            self._failed = exc
+
     def finish(self) -> tuple[bytes, str, int]:
         """The stored octets, or a body file with its CRC. Raises the remembered failure."""
         if self._cr:
