@@ -20,6 +20,10 @@ from postroom.wire.replies import Reply
 
 
 class Accounts:
+    def resolve(self, key: str) -> list[str] | None:
+        found = self.expand(key)
+        return [key] if found is None and key.startswith("postmaster@") else found
+
     def expand(self, key: str, max_depth: int = 10) -> list[str] | None:
         return {"alice@a.test": ["alice@a.test"], "team@a.test": ["alice@a.test", "x@r.test"]}.get(
             key

@@ -129,6 +129,12 @@ class Accounts:
     def expand(self, key: str, max_depth: int = 10) -> list[str] | None:
         return [key] if key.startswith("alice@") else None
 
+    def resolve(self, key: str) -> list[str] | None:
+        return self.expand(key)
+
+    def has_mailbox(self, key: str) -> bool:
+        return key.startswith("alice@")
+
 
 class Clock:
     def __init__(self) -> None:
