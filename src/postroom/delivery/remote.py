@@ -63,8 +63,9 @@ class DeliveryResult:
     reply: Reply
     remote_mta: str | None = None
     dsn_offered: bool = False  # the remote host accepted NOTIFY (RFC 3461 §4.1 "relayed" if not)
-    ip: str | None = None  # the address of ``remote_mta`` that was dialled
+    ip: str | None = None  # the address that was dialled
     tls: bool = False  # whether the session was encrypted
+    host: str | None = None  # the MX host dialled (also when the reply is our own words)
 
 
 class _SessionFailed(Exception):
@@ -252,7 +253,14 @@ class RemoteDelivery:
                         if reply.local:
                             reply, mta = _naming(reply, f"{target.host}[{ip}]"), None
                         result = DeliveryResult(
-                            message.recipients[i], res.outcome, reply, mta, done.dsn, ip, secure
+                            message.recipients[i],
+                            res.outcome,
+                            reply,
+                            mta,
+                            done.dsn,
+                            ip,
+                            secure,
+                            target.host,
                         )
                         if res.outcome is not Outcome.TEMPORARY:
                             final[i] = result
@@ -277,6 +285,7 @@ class RemoteDelivery:
                     reply,
                     None if reply.local else host,
                     ip=ip,
+                    host=host,
                 )
             else:  # pragma: no cover - a Route always has at least one address
                 reply = _temp("4.4.4", f"no address to try for {domain}")

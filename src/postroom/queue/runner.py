@@ -500,7 +500,7 @@ def _attempts(now: float, results: list[tuple[Recipient, DeliveryResult]]) -> li
     """One attempt per host and reply: the recipients that got it."""
     grouped: dict[tuple[str | None, str | None, bool, str], list[str]] = defaultdict(list)
     for rcpt, result in results:
-        key = (result.remote_mta, result.ip, result.tls, str(result.reply))
+        key = (result.host or result.remote_mta, result.ip, result.tls, str(result.reply))
         grouped[key].append(rcpt.address)
     return [
         Attempt(now, addrs, host, ip, reply, tls)

@@ -167,16 +167,19 @@ class SmtpPolicy:
         self.txn.queue_id = new_queue_id()
         self.txn.received_at = time.time()
         sender = str(self.txn.sender) if self.txn.sender is not None else ""
-        self.txn.draft = self.services.queue.draft(self.txn.queue_id, sender, self._prefix)
+        # Bound to this transaction: the prefix may be made at the end of DATA, when the
+        # session has moved on to the next one.
+        make_prefix = functools.partial(self._prefix, self.txn)
+        self.txn.draft = self.services.queue.draft(self.txn.queue_id, sender, make_prefix)
 
     def on_data(self, data: bytes) -> None:
         assert self.txn.draft is not None
         self.txn.draft.write(data)
 
-    def _protocol_name(self) -> str:
+    def _protocol_name(self, txn: _Txn) -> str:
         # RFC 3848 (and RFC 6531 §3.7.3 for UTF8) "with" protocol types.
         name = "ESMTP"
-        if self.txn.mail is not None and self.txn.mail.smtputf8:
+        if txn.mail is not None and txn.mail.smtputf8:
             name = "UTF8SMTP"
         if self.tls:
             name += "S"
@@ -184,11 +187,10 @@ class SmtpPolicy:
             name += "A"
         return name
 
-    def _prefix(self, head: bytes) -> bytes:
+    def _prefix(self, txn: _Txn, head: bytes) -> bytes:
         """Our Received header, plus Date/Message-ID for submissions that lack them, plus the
         blank line that ends the header section when the message has none (its first line is
         no header field: it would otherwise become one). LF line ends, as it is stored."""
-        txn = self.txn
         date = _rfc5322_date(txn.received_at)
         rcpt = ""
         if len(txn.recipients) == 1:
@@ -198,7 +200,7 @@ class SmtpPolicy:
         literal = f"IPv6:{self.client_ip}" if ":" in self.client_ip else self.client_ip
         received = (
             f"Received: from {helo} ([{literal}])\n"
-            f"\tby {self.cfg.hostname} (postroom) with {self._protocol_name()}"
+            f"\tby {self.cfg.hostname} (postroom) with {self._protocol_name(txn)}"
             f" id {txn.queue_id}{rcpt};\n\t{date}\n"
         )
         extra = ""
