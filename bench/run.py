@@ -82,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="postroom's `workers` (default: postroom's own default)",
     )
     parser.add_argument(
+        "--no-sender-checks",
+        action="store_true",
+        help="set postroom's `[auth] checks = false` (Postfix here runs no SPF/DKIM/DMARC)",
+    )
+    parser.add_argument(
         "--pin-cpus",
         action="store_true",
         help="set postroom's `pin_cpus = true` (default: postroom's own default)",
@@ -148,6 +153,7 @@ def markdown(args: argparse.Namespace, results: report.Results, root: Path, star
         "- postroom runs with its default settings"
         + (f" except `workers = {args.workers}`" if args.workers is not None else "")
         + (" and `pin_cpus = true`" if args.pin_cpus else "")
+        + (" and `[auth] checks = false`" if args.no_sender_checks else "")
         + ".",
         "- Durability on everywhere: Postfix fsyncs the queue file before 250 and virtual(8) "
         "fsyncs the Maildir file; the aiosmtpd sink fsyncs file and directory before 250; "
@@ -205,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             args.postroom_cmd,
             args.workers,
             args.pin_cpus,
+            not args.no_sender_checks,
         )
         results.notes += [n for server in lab.servers.values() for n in server.notes]
         results.notes += [

@@ -41,6 +41,7 @@ class PostroomSpec:
     services: tuple[str, ...] = ("smtp", "submission", "pop3")
     workers: int | None = None  # None: postroom's default
     pin_cpus: bool = False
+    sender_checks: bool = True  # [auth] checks (SPF/DKIM/DMARC on the smtp port)
 
 
 def command(override: str | None) -> list[str]:
@@ -79,6 +80,7 @@ def config_toml(spec: PostroomSpec) -> str:
         "",
         "[auth]",
         "allow_plaintext = true",
+        *(["checks = false"] if not spec.sender_checks else []),
     ]
     if spec.nameserver:
         lines += ["", "[dns]", f'nameservers = ["{spec.nameserver}"]']

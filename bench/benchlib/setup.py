@@ -84,6 +84,7 @@ def bring_up(
     postroom_cmd: str | None,
     workers: int | None = None,
     pin_cpus: bool = False,
+    sender_checks: bool = True,
 ) -> Lab:
     """Start every server in ``wanted`` (plus the relay pair when ``relay``); postroom with
     ``workers`` worker processes (None: its default) and ``pin_cpus``."""
@@ -159,6 +160,7 @@ def bring_up(
             delivery_port=postroom.PORT_SMTP,
             workers=workers,
             pin_cpus=pin_cpus,
+            sender_checks=sender_checks,
         )
         _attempt(
             lab,
