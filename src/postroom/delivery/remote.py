@@ -29,18 +29,18 @@ from postroom.config import Config
 from postroom.resolver import Resolver, Target, drop_self
 from postroom.smtp.client_engine import (
     ClientEngine,
+    ClientState,
     Closed,
     Event,
+    ForwardPath,
     Message,
     MessageDone,
     Outcome,
     Ready,
-    Recipient,
-    StartTLS,
-    State,
     TLSPolicy,
 )
 from postroom.tls import client_context
+from postroom.wire.events import StartTLS
 from postroom.wire.replies import Reply
 
 MessageSource = bytes | Callable[[], Awaitable[bytes]]
@@ -55,7 +55,7 @@ class DeliveryResult:
     """The outcome for one recipient; ``remote_mta`` names the host that gave ``reply`` (None
     when no host was reached or DNS failed)."""
 
-    recipient: Recipient
+    recipient: ForwardPath
     outcome: Outcome
     reply: Reply
     remote_mta: str | None = None
@@ -146,7 +146,7 @@ class _Session(asyncio.Protocol):
 
     def quit_nowait(self) -> None:
         """Write QUIT and close once it is sent, without waiting for the 221."""
-        if self.engine.state is State.READY:
+        if self.engine.state is ClientState.READY:
             self.engine.quit()
         if self.transport is not None:
             self.transport.write(self.engine.data_to_send())
@@ -154,7 +154,7 @@ class _Session(asyncio.Protocol):
 
     async def quit(self) -> None:
         """Polite QUIT with a short wait, then close."""
-        if self.engine.state is State.CLOSED:
+        if self.engine.state is ClientState.CLOSED:
             self.close()
             return
         try:

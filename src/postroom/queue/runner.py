@@ -30,7 +30,7 @@ from postroom.queue import schedule
 from postroom.queue.store import Envelope, Recipient, new_queue_id
 from postroom.resolver import DnsResolver
 from postroom.smtp.client_engine import Message, Outcome
-from postroom.smtp.client_engine import Recipient as ClientRecipient
+from postroom.smtp.client_engine import ForwardPath
 
 if TYPE_CHECKING:
     from postroom.config import Config
@@ -357,7 +357,7 @@ class QueueRunner:
         outgoing = Message(
             sender=envelope.sender,
             recipients=tuple(
-                ClientRecipient(r.address, tuple(r.notify) if r.notify else None, r.orcpt)
+                ForwardPath(r.address, tuple(r.notify) if r.notify else None, r.orcpt)
                 for _i, r in rcpts
             ),
             smtputf8=envelope.smtputf8,
