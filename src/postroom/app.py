@@ -26,12 +26,14 @@ from typing import Any, cast
 from postroom import config as config_mod
 from postroom import lifetime, logs
 from postroom import tls as tls_mod
+from postroom.blocking import BlockingPool
 from postroom.config import Config
 from postroom.queue.runner import QueueRunner
 from postroom.queue.store import QueueStore
 from postroom.services import ConnectionLimiter, Services
 from postroom.smtp.policy import Port
 from postroom.storage.local.accounts import Accounts
+from postroom.storage.local.maildrop import LocalMaildrops
 from postroom.throttle import LoginThrottle
 
 log = logging.getLogger("postroom")
@@ -44,6 +46,7 @@ def build_services(
 ) -> tuple[Services, QueueRunner]:
     """The shared bundle and the queue runner that takes its finished messages."""
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    io = BlockingPool()
     services = Services(
         cfg=cfg,
         accounts=Accounts(cfg.data_dir),
@@ -51,6 +54,8 @@ def build_services(
         throttle=LoginThrottle(cfg.auth),
         connections=ConnectionLimiter.for_config(cfg, workers),
         tls=tls_mod.server_context(cfg),
+        maildrops=LocalMaildrops(cfg.data_dir, io),
+        io=io,
         primary=primary,
         worker_index=index,
         workers=workers,
@@ -150,7 +155,6 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
     from postroom.smtp.server import SmtpConnection
 
     loop = asyncio.get_running_loop()
-    handshake = services.cfg.limits.tls_handshake_timeout
     servers: list[asyncio.Server] = []
     for lst in listeners:
         sock = lst.keep_only(services.worker_index)
@@ -160,15 +164,9 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
             factory = functools.partial(Pop3Connection, services, implicit)
         else:
             factory = functools.partial(SmtpConnection, services, cast(Port, lst.kind), implicit)
-        servers.append(
-            await loop.create_server(
-                factory,
-                sock=sock,
-                backlog=1024,
-                ssl=services.tls if implicit else None,
-                ssl_handshake_timeout=handshake if implicit else None,
-            )
-        )
+        # Implicit TLS too is done by the connection (postroom.connection), with the context
+        # in force when the client connects.
+        servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
         if services.primary:
             print(f"postroom: {lst.kind} listening on {lst.host}:{lst.port}", file=sys.stderr)
     return servers
@@ -243,7 +241,7 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     if worker.primary:
         control = await _control_server(services, runner)
     from postroom import privileges
-    from postroom.smtp.server import IdleSweeper
+    from postroom.connection import IdleSweeper
 
     privileges.drop(cfg, chown=worker.primary)
     worker.release_others()  # the queue is recovered: the other workers may serve now

@@ -169,6 +169,10 @@ class Pop3Engine:
         except KeyError:
             raise EngineMisuse(f"{trigger} in state {self.state}") from None
 
+    @property
+    def closed(self) -> bool:
+        return self.state is Pop3State.CLOSED
+
     # -- bytes in and out ----------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:

@@ -29,8 +29,7 @@ from postroom.errors import QueueError
 from postroom.queue import schedule
 from postroom.queue.store import Envelope, Recipient, new_queue_id
 from postroom.resolver import DnsResolver
-from postroom.smtp.client_engine import Message, Outcome
-from postroom.smtp.client_engine import ForwardPath
+from postroom.smtp.client_engine import ForwardPath, Message, Outcome
 
 if TYPE_CHECKING:
     from postroom.config import Config

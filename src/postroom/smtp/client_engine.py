@@ -22,15 +22,16 @@ table :data:`TRANSITIONS`, which a test checks against this diagram::
     GREETING|EHLO|HELO|STARTTLS|TLS_HANDSHAKE|READY|TRANSACTION|RSET|QUIT --CLOSE--> CLOSED
 
 IDLE is "ready for a message" (after the greeting's EHLO, a refused opportunistic STARTTLS,
-RSET, or the end of a transaction); CLOSE ends the session, cleanly after QUIT or on a failure. Choices: a message with 8-bit
-data goes to a server without 8BITMIME unchanged (see :meth:`send_message`); a message that needs
-SMTPUTF8 never goes to a server without it (5.6.7, RFC 6531 §3.4). Security notes: replies are
-split by ``framing.LineReader`` with bounded line length and line count; any byte that arrives
-between the 220 to STARTTLS and the handshake ends the session (plaintext injection, the
-client-side twin of CVE-2011-0411); data is normalised to CRLF and dot-stuffed by
-``framing.dot_stuff`` only, so a bare LF before a dot can never end the message early at a
-lenient server (SMTP smuggling, RFC 5321 §2.3.8). An exception escaping this module is a bug in
-the caller (``EngineMisuse``), never the peer's fault.
+RSET, or the end of a transaction); CLOSE ends the session, cleanly after QUIT or on a failure.
+
+Choices: a message with 8-bit data goes to a server without 8BITMIME unchanged (see
+:meth:`send_message`); a message that needs SMTPUTF8 never goes to a server without it (5.6.7,
+RFC 6531 §3.4). Security notes: replies are split by ``framing.LineReader`` with bounded line
+length and line count; any byte that arrives between the 220 to STARTTLS and the handshake ends
+the session (plaintext injection, the client-side twin of CVE-2011-0411); data is normalised to
+CRLF and dot-stuffed by ``framing.dot_stuff`` only, so a bare LF before a dot can never end the
+message early at a lenient server (SMTP smuggling, RFC 5321 §2.3.8). An exception escaping
+this module is a bug in the caller (``EngineMisuse``), never the peer's fault.
 """
 
 from __future__ import annotations

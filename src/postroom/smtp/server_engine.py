@@ -265,6 +265,10 @@ class ServerEngine:
     def _allows(self, trigger: Trigger) -> bool:
         return trigger in TRANSITIONS[self.state]
 
+    @property
+    def closed(self) -> bool:
+        return self.state is ServerState.CLOSED
+
     # -- bytes in and out ----------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:

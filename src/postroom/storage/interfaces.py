@@ -11,7 +11,7 @@ nothing. Today's backend is the Maildir one in ``storage/local/maildrop.py``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,7 +40,7 @@ class Maildrop(Protocol):
         file), else None: then :meth:`chunks` it. FileNotFoundError if it is gone."""
         ...
 
-    def chunks(self, number: int) -> AsyncIterator[bytes]:
+    def chunks(self, number: int) -> AsyncGenerator[bytes, None]:
         """The message in pieces of bounded size (CRLF line ends, the last line ended).
         FileNotFoundError if it is gone; closing the iterator early stops the reading."""
         ...

@@ -29,7 +29,7 @@ import fcntl
 import hashlib
 import os
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +137,7 @@ class MaildirMaildrop:
             return None
         return self.read(f)
 
-    async def chunks(self, number: int) -> AsyncIterator[bytes]:
+    async def chunks(self, number: int) -> AsyncGenerator[bytes, None]:
         f = self.files[number - 1]
         fd = await self.io.run(self._open_fd, f)
         try:
