@@ -9,20 +9,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from postroom.errors import EngineMisuse
 from postroom.smtp.client_engine import (
     ClientEngine,
     Closed,
-    EngineMisuse,
     Event,
     Message,
     MessageDone,
     Outcome,
     Ready,
-    Recipient,
-    StartTLS,
-    State,
     TLSPolicy,
 )
+from postroom.smtp.client_engine import ClientState as State
+from postroom.smtp.client_engine import ForwardPath as Recipient
+from postroom.wire.events import StartTLS
 from postroom.wire.framing import DotReader
 
 EHLO_FULL = (
