@@ -165,6 +165,10 @@ class Pop3Connection(Connection):
                 else:
                     snap.retrieved(number)
                     engine.multiline(f"{info.size} octets", dot_stuff(data))
+                # Out at once, not batched with what follows: a client that pipelines RETRs
+                # and does not read must find the writes paused after one answer, not after
+                # all of them have been read into memory (flow control in the glue).
+                self._flush()
         return True
 
     async def _stream(self, engine: Pop3Engine, cmd: Command) -> None:
