@@ -15,7 +15,8 @@ import trustme
 from postroom.config import Config, DeliveryConfig, Duration, ListenConfig
 from postroom.delivery.remote import DeliveryResult, RemoteDelivery, needs_relayed_dsn
 from postroom.resolver import Route, RouteFailure, StaticResolver, Target
-from postroom.smtp.client_engine import ForwardPath as Recipient, Message, Outcome
+from postroom.smtp.client_engine import ForwardPath as Recipient
+from postroom.smtp.client_engine import Message, Outcome
 from postroom.tls import client_context
 
 BODY = b"From: alice@a.test\r\nTo: bob@b.test\r\nSubject: hi\r\n\r\nline one\r\n.leading dot\r\n"

@@ -10,6 +10,7 @@ logs asyncio's "returning true from eof_received() has no effect when using ssl"
 from __future__ import annotations
 
 import base64
+import contextlib
 import socket
 import ssl
 
@@ -48,10 +49,8 @@ def pipelined_then_close_notify(
                 assert data, "closed during the handshake"
                 incoming.write(data)
         tls.write(payload)
-        try:
+        with contextlib.suppress(ssl.SSLWantReadError):
             tls.unwrap()  # our close_notify; the server's comes later
-        except ssl.SSLWantReadError:
-            pass
         sock.sendall(outgoing.read())
         got = b""
         while data := sock.recv(65536):
@@ -94,8 +93,10 @@ def test_client_closed_tls_connections_log_no_asyncio_warning(srv: Server) -> No
     for port in (srv.ports["submissions"], srv.ports["pop3s"]):
         for _ in range(3):
             pipelined_then_close_notify(srv.host, port, b"QUIT\r\n")
-            with socket.create_connection((srv.host, port), timeout=10) as raw:
-                with insecure().wrap_socket(raw) as tls:
-                    tls.recv(4096)  # greeting, then the client just goes
+            with (
+                socket.create_connection((srv.host, port), timeout=10) as raw,
+                insecure().wrap_socket(raw) as tls,
+            ):
+                tls.recv(4096)  # greeting, then the client just goes
     srv.stop()
     assert "eof_received" not in srv.log.read_text()

@@ -27,7 +27,7 @@ from postroom.storage.local.maildrop import (
 from postroom.wire.framing import to_crlf
 
 
-def Maildrop(path: Path) -> MaildirMaildrop:  # noqa: N802 - reads like the class it makes
+def Maildrop(path: Path) -> MaildirMaildrop:
     return MaildirMaildrop(path, BlockingPool(2))
 
 

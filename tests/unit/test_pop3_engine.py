@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import ast
 import base64
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -110,7 +110,7 @@ def test_no_import_cycle() -> None:
         if node in done:
             return
         if node in on_path:
-            cycle = path[path.index(node) :] + [node]
+            cycle = [*path[path.index(node) :], node]
             raise AssertionError("import cycle: " + " -> ".join(cycle))
         on_path.add(node)
         path.append(node)

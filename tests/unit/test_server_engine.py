@@ -17,8 +17,8 @@ from postroom.smtp.server_engine import (
 )
 from postroom.smtp.server_engine import ServerFeatures as Features
 from postroom.smtp.server_engine import ServerState as State
-from postroom.wire.events import NEED_DATA, AuthResponse, AuthStart, Closing, StartTLS
 from postroom.wire import replies
+from postroom.wire.events import NEED_DATA, AuthResponse, AuthStart, Closing, StartTLS
 
 
 def features(**kw: object) -> Features:

@@ -136,7 +136,7 @@ def test_what_the_client_sends_is_what_the_server_gets(
     assert outcomes == [Outcome.DELIVERED if ok else Outcome.PERMANENT for ok in accepted]
     if any(accepted):
         assert pair.received == [to_crlf(body)]
-        assert pair.rcpts == [r.address for r, ok in zip(recipients, accepted) if ok]
+        assert pair.rcpts == [r.address for r, ok in zip(recipients, accepted, strict=True) if ok]
     else:
         assert pair.received == []
     assert pair.client.state is ClientState.READY and pair.server.state is ServerState.READY

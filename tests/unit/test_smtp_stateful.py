@@ -14,8 +14,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from postroom.smtp.server_engine import DataChunk, MailFrom, MessageEnd, RcptTo, ServerEngine
 from postroom.smtp.server_engine import ServerFeatures as Features
 from postroom.smtp.server_engine import ServerState as State
-from postroom.wire.events import NEED_DATA
 from postroom.wire import replies
+from postroom.wire.events import NEED_DATA
 from postroom.wire.framing import dot_stuff
 
 MAX_RCPT = 3
