@@ -8,11 +8,10 @@ import smtplib
 import ssl
 import subprocess
 import threading
-import time
 
 import pytest
 
-from tests.conftest import ServerFactory
+from tests.conftest import ServerFactory, wait_until
 from tests.dnszone import LoopbackDNS
 
 
@@ -76,11 +75,8 @@ def test_two_workers(server_factory: ServerFactory) -> None:
         assert sum(b"Status: 5.1.2" in m for m in msgs) == 6
 
         srv.kill9()
-        deadline = time.monotonic() + 5
         gone = workers + writers  # and nothing of the old server stays behind
-        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in gone):
-            time.sleep(0.05)
-        assert not any(os.path.exists(f"/proc/{p}") for p in gone)
+        wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in gone), 5)
         srv.start()
         send(99)
         assert len(srv.wait_messages("alice@a.test", 47)) == 47
