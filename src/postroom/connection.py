@@ -198,7 +198,7 @@ class Connection(asyncio.Protocol):
             try:
                 data = tls.feed(data)
             except ssl.SSLError as exc:
-                self._tls_failed(exc)
+                self._tls_failed(str(exc))
                 return
             out = tls.outgoing()
             if out and self.transport is not None:
@@ -396,8 +396,8 @@ class Connection(asyncio.Protocol):
         else:
             self.tls_started()
 
-    def _tls_failed(self, exc: ssl.SSLError) -> None:
-        self.services.log.info("%s TLS with %s failed: %s", self.kind, self.client_ip, exc)
+    def _tls_failed(self, reason: str) -> None:
+        self.services.log.info("%s TLS with %s failed: %s", self.kind, self.client_ip, reason)
         tls, transport = self.tls, self.transport
         if tls is not None and transport is not None and not self._lost:
             with contextlib.suppress(Exception):
@@ -413,7 +413,7 @@ class Connection(asyncio.Protocol):
         tls = self.tls
         if tls is not None and not tls.ready:
             if now - self._tls_since > self.services.cfg.limits.tls_handshake_timeout:
-                self._close()
+                self._tls_failed("handshake timed out")
             return
         idle = now - self.last_activity > self.idle_limit()
         if self._write_paused:

@@ -57,7 +57,7 @@ class Pop3State(enum.StrEnum):
     CLOSED = "CLOSED"
 
 
-class Trigger(enum.StrEnum):
+class Pop3Trigger(enum.StrEnum):
     LOGIN_OK = "LOGIN_OK"
     LOGIN_FAILED = "LOGIN_FAILED"
     AUTH = "AUTH"
@@ -70,8 +70,8 @@ class Trigger(enum.StrEnum):
     CLOSE = "CLOSE"
 
 
-_S, _T = Pop3State, Trigger
-TRANSITIONS: Final[dict[Pop3State, dict[Trigger, Pop3State]]] = {
+_S, _T = Pop3State, Pop3Trigger
+TRANSITIONS: Final[dict[Pop3State, dict[Pop3Trigger, Pop3State]]] = {
     _S.AUTHORIZATION: {
         _T.LOGIN_OK: _S.TRANSACTION,
         _T.LOGIN_FAILED: _S.AUTHORIZATION,
@@ -162,7 +162,7 @@ class Pop3Engine:
 
     # -- the table -----------------------------------------------------------------------------
 
-    def _go(self, trigger: Trigger) -> None:
+    def _go(self, trigger: Pop3Trigger) -> None:
         """Move along the table; a move it does not have is a bug in the caller."""
         try:
             self.state = TRANSITIONS[self.state][trigger]
@@ -220,13 +220,13 @@ class Pop3Engine:
     def login_ok(self, text: str = "Logged in") -> None:
         self._answered(UserPass, AuthStart, AuthResponse)
         self._out.append(f"+OK {text}\r\n".encode())
-        self._go(Trigger.LOGIN_OK)
+        self._go(Pop3Trigger.LOGIN_OK)
 
     def login_failed(self, text: str, code: str | None = "AUTH") -> None:
         """RFC 2449 §8.1.2 / RFC 3206: ``[AUTH]`` bad credentials, ``[IN-USE]`` mailbox locked,
         ``[SYS/TEMP]`` try later. A failed login counts as an error (see ``max_errors``)."""
         self._answered(UserPass, AuthStart, AuthResponse)
-        self._go(Trigger.LOGIN_FAILED)
+        self._go(Pop3Trigger.LOGIN_FAILED)
         self._user = None
         self._error(text, code)
 
@@ -234,18 +234,18 @@ class Pop3Engine:
         """RFC 5034 §4: ``+ <base64>`` and wait for the client's line."""
         self._answered(AuthStart, AuthResponse)
         self._out.append(b"+ " + base64.b64encode(challenge) + b"\r\n")
-        self._go(Trigger.CHALLENGE)
+        self._go(Pop3Trigger.CHALLENGE)
 
     def bye(self, ok: bool = True, text: str = "Bye") -> None:
         """The answer to QUIT once the UPDATE state has run (RFC 1939 §6)."""
         self._answered(Quit)
         self._out.append(f"+OK {text}\r\n".encode() if ok else f"-ERR {text}\r\n".encode())
-        self._go(Trigger.BYE)
+        self._go(Pop3Trigger.BYE)
 
     def tls_started(self, features: Pop3Features) -> None:
         if self._reader.pending():
             raise EngineMisuse("input left in the buffer at the TLS switch")
-        self._go(Trigger.TLS_STARTED)
+        self._go(Pop3Trigger.TLS_STARTED)
         # RFC 2595 §4: after the handshake nothing said before it counts; start afresh.
         self.features = features
         self.tls_active = True
@@ -258,7 +258,7 @@ class Pop3Engine:
             return
         self._awaiting = None
         self._err(text, code)
-        self._go(Trigger.CLOSE)
+        self._go(Pop3Trigger.CLOSE)
 
     # -- events --------------------------------------------------------------------------------
 
@@ -277,7 +277,7 @@ class Pop3Engine:
             if line is TOO_LONG:
                 if state is Pop3State.SASL:
                     # RFC 5034 §4: the -ERR ends AUTH; the next line is a command again.
-                    self._go(Trigger.AUTH_END)
+                    self._go(Pop3Trigger.AUTH_END)
                 event = self._error("Line too long")
             else:
                 assert isinstance(line, bytes)
@@ -343,10 +343,10 @@ class Pop3Engine:
             return None
         if verb == "QUIT":
             if self.state is Pop3State.TRANSACTION:
-                self._go(Trigger.QUIT)
+                self._go(Pop3Trigger.QUIT)
                 return Quit()
             self._out.append(b"+OK Bye\r\n")
-            self._go(Trigger.QUIT)
+            self._go(Pop3Trigger.QUIT)
             return Closing(clean=True)
         if self.state is Pop3State.AUTHORIZATION:
             return self._authorization(verb, rest, args)
@@ -360,7 +360,7 @@ class Pop3Engine:
                 return self._error("STLS takes no argument")  # RFC 2595 §4
             self._out.append(b"+OK Begin TLS negotiation\r\n")
             discarded = self._reader.discard()  # RFC 2595 §4: nothing pipelined survives
-            self._go(Trigger.STLS)
+            self._go(Pop3Trigger.STLS)
             return StartTLS(discarded)
         if verb == "UTF8":
             # RFC 6856 §2: UTF-8 user names, passwords and mailbox content are accepted.
@@ -399,7 +399,7 @@ class Pop3Engine:
                         initial = base64.b64decode(args[1], validate=True)
                     except ValueError:
                         return self._error("Invalid base64")
-            self._go(Trigger.AUTH)
+            self._go(Pop3Trigger.AUTH)
             return AuthStart(mech, initial)
         if verb == "APOP":
             return self._error("APOP is not supported")
@@ -409,12 +409,12 @@ class Pop3Engine:
 
     def _sasl_line(self, line: bytes) -> Event | None:
         if line.strip() == b"*":
-            self._go(Trigger.AUTH_END)
+            self._go(Pop3Trigger.AUTH_END)
             return self._error("Authentication cancelled")
         try:
             data = base64.b64decode(line.strip(), validate=True)
         except ValueError:
-            self._go(Trigger.AUTH_END)
+            self._go(Pop3Trigger.AUTH_END)
             return self._error("Invalid base64")
         return AuthResponse(data)
 

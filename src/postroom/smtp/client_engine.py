@@ -90,7 +90,7 @@ class ClientState(enum.StrEnum):
     CLOSED = "CLOSED"
 
 
-class Trigger(enum.StrEnum):
+class ClientTrigger(enum.StrEnum):
     GREETED = "GREETED"
     EHLO_REFUSED = "EHLO_REFUSED"
     STARTTLS = "STARTTLS"
@@ -103,8 +103,8 @@ class Trigger(enum.StrEnum):
     CLOSE = "CLOSE"
 
 
-_S, _T = ClientState, Trigger
-TRANSITIONS: Final[dict[ClientState, dict[Trigger, ClientState]]] = {
+_S, _T = ClientState, ClientTrigger
+TRANSITIONS: Final[dict[ClientState, dict[ClientTrigger, ClientState]]] = {
     _S.GREETING: {_T.GREETED: _S.EHLO, _T.CLOSE: _S.CLOSED},
     _S.EHLO: {
         _T.EHLO_REFUSED: _S.HELO,
@@ -253,14 +253,14 @@ class ClientEngine:
 
     # --- the table -------------------------------------------------------------------------------
 
-    def _go(self, trigger: Trigger) -> None:
+    def _go(self, trigger: ClientTrigger) -> None:
         """Move along the table; a move it does not have is a bug in the caller."""
         try:
             self.state = TRANSITIONS[self.state][trigger]
         except KeyError:
             raise EngineMisuse(f"{trigger} in state {self.state}") from None
 
-    def _require(self, trigger: Trigger, what: str) -> None:
+    def _require(self, trigger: ClientTrigger, what: str) -> None:
         if trigger not in TRANSITIONS[self.state]:
             raise EngineMisuse(f"{what} in state {self.state}")
 
@@ -304,12 +304,12 @@ class ClientEngine:
 
     def tls_started(self) -> None:
         """The TLS handshake succeeded: forget everything learnt in plaintext, EHLO again."""
-        self._require(Trigger.TLS_STARTED, "tls_started")
+        self._require(ClientTrigger.TLS_STARTED, "tls_started")
         if self._reader.pending():  # pragma: no cover - receive_data already refuses this
             raise EngineMisuse("read buffer not empty at the TLS switch")
         self.secure = True
         self.extensions = {}  # RFC 3207 §4.2: discard knowledge obtained before TLS
-        self._send_ehlo(Trigger.TLS_STARTED)
+        self._send_ehlo(ClientTrigger.TLS_STARTED)
 
     # --- the caller's commands ------------------------------------------------------------------
 
@@ -322,7 +322,7 @@ class ClientEngine:
         pass8) and Postfix (for non-MIME mail) send them the same way. SMTPUTF8 is different: an
         internationalised address cannot be sent at all without it (RFC 6531 §3.4).
         """
-        self._require(Trigger.SEND, "send_message")
+        self._require(ClientTrigger.SEND, "send_message")
         if not message.recipients:
             raise EngineMisuse("a message needs at least one recipient")
         data = to_crlf(data)
@@ -348,7 +348,7 @@ class ClientEngine:
             self._ready()
             return
         self._txn = txn
-        self._go(Trigger.SEND)
+        self._go(ClientTrigger.SEND)
         self._command(self._mail_command(txn), self._on_mail, TIMEOUT_MAIL)
         if "PIPELINING" in self.extensions:
             # RFC 2920 §3.1: MAIL, every RCPT and DATA go in one write; replies are read in order.
@@ -359,14 +359,14 @@ class ClientEngine:
 
     def reset(self) -> None:
         """Send RSET (for example to check that a cached connection is still alive)."""
-        self._go(Trigger.RSET)
+        self._go(ClientTrigger.RSET)
         self._command(b"RSET", self._on_rset, TIMEOUT_OTHER)
 
     def quit(self) -> None:
         """Say QUIT; a Closed event follows (also if the server just closes)."""
         if self.state is ClientState.CLOSED:
             return
-        self._go(Trigger.QUIT)
+        self._go(ClientTrigger.QUIT)
         self._command(b"QUIT", self._on_quit, TIMEOUT_OTHER)
 
     # --- replies ---------------------------------------------------------------------------------
@@ -437,9 +437,9 @@ class ClientEngine:
                 self._out += b"QUIT\r\n"
             self._close(reply, clean=False)
             return
-        self._send_ehlo(Trigger.GREETED)
+        self._send_ehlo(ClientTrigger.GREETED)
 
-    def _send_ehlo(self, trigger: Trigger) -> None:
+    def _send_ehlo(self, trigger: ClientTrigger) -> None:
         self._go(trigger)
         self._command(b"EHLO " + self.helo_name.encode("ascii"), self._on_ehlo, TIMEOUT_OTHER)
 
@@ -450,7 +450,7 @@ class ClientEngine:
             self._after_hello()
         elif reply.code >= 500 and not self.secure:
             # RFC 5321 §3.2: a server that does not know EHLO; fall back to HELO.
-            self._go(Trigger.EHLO_REFUSED)
+            self._go(ClientTrigger.EHLO_REFUSED)
             self._command(b"HELO " + self.helo_name.encode("ascii"), self._on_helo, TIMEOUT_OTHER)
         else:
             self._quit_and_close(reply)
@@ -466,7 +466,7 @@ class ClientEngine:
     def _after_hello(self) -> None:
         if not self.secure and self.tls_policy is not TLSPolicy.NONE:
             if "STARTTLS" in self.extensions:
-                self._go(Trigger.STARTTLS)
+                self._go(ClientTrigger.STARTTLS)
                 self._command(b"STARTTLS", self._on_starttls, TIMEOUT_OTHER)
                 return
             if self.tls_policy is TLSPolicy.REQUIRED:
@@ -476,7 +476,7 @@ class ClientEngine:
 
     def _on_starttls(self, reply: Reply) -> None:
         if reply.code == 220:
-            self._go(Trigger.TLS_GO)
+            self._go(ClientTrigger.TLS_GO)
             if self._reader.pending():
                 self._fail(_local(421, "4.7.0", "server sent data before the TLS handshake"))
                 return
@@ -487,7 +487,7 @@ class ClientEngine:
             self._ready()  # opportunistic: carry on in plaintext
 
     def _ready(self) -> None:
-        self._go(Trigger.IDLE)
+        self._go(ClientTrigger.IDLE)
         self._events.append(Ready())
 
     def _on_rset(self, reply: Reply) -> None:
@@ -604,7 +604,7 @@ class ClientEngine:
         self._finish(txn)
         self._txn = None
         if txn.open:
-            self._go(Trigger.RSET)
+            self._go(ClientTrigger.RSET)
             self._command(b"RSET", self._on_rset, TIMEOUT_OTHER)
         else:
             self._ready()
@@ -666,7 +666,7 @@ class ClientEngine:
         self._close(reply, clean=False)
 
     def _close(self, reply: Reply, *, clean: bool) -> None:
-        self._go(Trigger.CLOSE)
+        self._go(ClientTrigger.CLOSE)
         self._awaiting.clear()
         self._reader.discard()
         self._events.append(Closed(reply, clean))

@@ -71,7 +71,7 @@ class ServerState(enum.StrEnum):
     CLOSED = "CLOSED"
 
 
-class Trigger(enum.StrEnum):
+class ServerTrigger(enum.StrEnum):
     HELLO = "HELLO"
     MAIL_OK = "MAIL_OK"
     RCPT_OK = "RCPT_OK"
@@ -88,10 +88,10 @@ class Trigger(enum.StrEnum):
     CLOSE = "CLOSE"
 
 
-_S, _T = ServerState, Trigger
+_S, _T = ServerState, ServerTrigger
 _COMMANDS = (_S.CONNECTED, _S.READY, _S.MAIL, _S.RCPT, _S.BDAT)  # where lines are commands
 
-TRANSITIONS: Final[dict[ServerState, dict[Trigger, ServerState]]] = {
+TRANSITIONS: Final[dict[ServerState, dict[ServerTrigger, ServerState]]] = {
     _S.CONNECTED: {
         _T.HELLO: _S.READY,
         _T.STARTTLS: _S.TLS,
@@ -255,14 +255,14 @@ class ServerEngine:
 
     # -- the table -----------------------------------------------------------------------------
 
-    def _go(self, trigger: Trigger) -> None:
+    def _go(self, trigger: ServerTrigger) -> None:
         """Move along the table; a move it does not have is a bug in the caller."""
         try:
             self.state = TRANSITIONS[self.state][trigger]
         except KeyError:
             raise EngineMisuse(f"{trigger} in state {self.state}") from None
 
-    def _allows(self, trigger: Trigger) -> bool:
+    def _allows(self, trigger: ServerTrigger) -> bool:
         return trigger in TRANSITIONS[self.state]
 
     @property
@@ -310,7 +310,7 @@ class ServerEngine:
                     reply = replies.LINE_TOO_LONG
                     if self.state is ServerState.AUTH:
                         # RFC 4954 §4: the 5xx fails AUTH; the next line is a command again.
-                        self._go(Trigger.AUTH_END)
+                        self._go(ServerTrigger.AUTH_END)
                         reply = replies.AUTH_LINE_TOO_LONG
                     event = self._error(reply)
                 else:
@@ -336,14 +336,14 @@ class ServerEngine:
         self._send(reply)
         if kind is MailFrom:
             if reply.is_positive:
-                self._go(Trigger.MAIL_OK)
+                self._go(ServerTrigger.MAIL_OK)
             else:
                 self._txn = _Transaction()
                 self._count_error(reply)
         elif kind is RcptTo:
             if reply.is_positive:
                 self._txn.rcpt_count += 1
-                self._go(Trigger.RCPT_OK)
+                self._go(ServerTrigger.RCPT_OK)
             else:
                 self._count_error(reply)
         else:
@@ -353,13 +353,13 @@ class ServerEngine:
         """Send ``334 <base64>`` and wait for the client's response line (RFC 4954 §4)."""
         self._auth_answered()
         self._out.append(b"334 " + base64.b64encode(challenge) + b"\r\n")
-        self._go(Trigger.AUTH_CHALLENGE)
+        self._go(ServerTrigger.AUTH_CHALLENGE)
 
     def auth_finish(self, reply: Reply) -> None:
         """End the AUTH exchange: 235 marks the session authenticated."""
         self._auth_answered()
         self._send(reply)
-        self._go(Trigger.AUTH_END)
+        self._go(ServerTrigger.AUTH_END)
         if reply.code == 235:
             self.authenticated = True
         elif reply.is_permanent:
@@ -374,7 +374,7 @@ class ServerEngine:
         """The handshake is done: start again from scratch (RFC 3207 §4.2)."""
         if self._reader.pending():
             raise EngineMisuse("input left in the buffer at the TLS switch")
-        self._go(Trigger.TLS_STARTED)
+        self._go(ServerTrigger.TLS_STARTED)
         self.features = features
         self.tls_active = True
         self.authenticated = False
@@ -388,7 +388,7 @@ class ServerEngine:
         self._awaiting = None
         self._pending.clear()
         self._send(reply)
-        self._go(Trigger.CLOSE)
+        self._go(ServerTrigger.CLOSE)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -407,7 +407,7 @@ class ServerEngine:
         self._txn = _Transaction()
         self._data = None
         self._bdat_discard = None
-        self._go(Trigger.MESSAGE_END)
+        self._go(ServerTrigger.MESSAGE_END)
 
     def _line(self, line: bytes) -> Event | None:
         if self.state is ServerState.AUTH:
@@ -433,7 +433,7 @@ class ServerEngine:
         return self._simple(cmd)
 
     def _hello(self, cmd: Hello) -> Event:
-        self._go(Trigger.HELLO)
+        self._go(ServerTrigger.HELLO)
         self.helo = cmd.domain
         self._txn = _Transaction()
         self._data = None
@@ -462,7 +462,7 @@ class ServerEngine:
         return ext
 
     def _mail(self, cmd: Mail) -> Event | None:
-        if not self._allows(Trigger.MAIL_OK):
+        if not self._allows(ServerTrigger.MAIL_OK):
             return self._error(replies.BAD_SEQUENCE)
         params = cmd.params
         for key, value in params.items():
@@ -493,7 +493,7 @@ class ServerEngine:
         return MailFrom(cmd)
 
     def _rcpt(self, cmd: Rcpt) -> Event | None:
-        if not self._allows(Trigger.RCPT_OK):
+        if not self._allows(ServerTrigger.RCPT_OK):
             return self._error(replies.BAD_SEQUENCE)
         for key, value in cmd.params.items():
             if key == "NOTIFY":
@@ -526,7 +526,7 @@ class ServerEngine:
     def _bdat(self, cmd: Bdat) -> Event | None:
         # RFC 3030 §2: the chunk's octets are read even when the command is refused.
         refusal: Reply | None = None
-        if not self._allows(Trigger.BDAT):
+        if not self._allows(ServerTrigger.BDAT):
             refusal = (
                 replies.NO_VALID_RECIPIENTS
                 if self.state is ServerState.MAIL
@@ -536,14 +536,14 @@ class ServerEngine:
         self._bdat_last = cmd.last
         self._bdat_discard = refusal
         if refusal is None:
-            self._go(Trigger.BDAT)
+            self._go(ServerTrigger.BDAT)
             if not self._txn.started:
                 self._txn.started = True
                 return DataStart()
         return None
 
     def _auth(self, cmd: Auth) -> Event | None:
-        if self.authenticated or not self._allows(Trigger.AUTH):
+        if self.authenticated or not self._allows(ServerTrigger.AUTH):
             return self._error(replies.BAD_SEQUENCE)
         if cmd.mechanism not in self.features.auth_mechanisms:
             if not self.tls_active and not self.features.auth_mechanisms:
@@ -558,18 +558,18 @@ class ServerEngine:
                     initial = base64.b64decode(cmd.initial, validate=True)
                 except ValueError:
                     return self._error(replies.AUTH_BAD_BASE64)
-        self._go(Trigger.AUTH)
+        self._go(ServerTrigger.AUTH)
         return AuthStart(cmd.mechanism, initial)
 
     def _auth_line(self, line: bytes) -> Event | None:
         if line.strip() == b"*":
             # RFC 4954 §4: the client cancels the exchange.
-            self._go(Trigger.AUTH_END)
+            self._go(ServerTrigger.AUTH_END)
             return self._error(replies.AUTH_CANCELLED)
         try:
             data = base64.b64decode(line.strip(), validate=True)
         except ValueError:
-            self._go(Trigger.AUTH_END)
+            self._go(ServerTrigger.AUTH_END)
             return self._error(replies.AUTH_BAD_BASE64)
         return AuthResponse(data)
 
@@ -580,10 +580,10 @@ class ServerEngine:
         elif verb == "QUIT":
             reply = Reply(221, "2.0.0", (f"{self.features.hostname} closing connection",))
             self._send(reply)
-            self._go(Trigger.QUIT)
+            self._go(ServerTrigger.QUIT)
             return Closing(clean=True)
         elif verb == "RSET":
-            self._go(Trigger.RSET)
+            self._go(ServerTrigger.RSET)
             self._txn = _Transaction()
             self._data = None
             self._send(replies.RESET_OK)
@@ -608,21 +608,21 @@ class ServerEngine:
             return self._error(
                 replies.NOT_IMPLEMENTED if not self.tls_active else replies.BAD_SEQUENCE
             )
-        if not self._allows(Trigger.STARTTLS):
+        if not self._allows(ServerTrigger.STARTTLS):
             return self._error(replies.BAD_SEQUENCE)
         self._send(replies.READY_TLS)
         discarded = self._reader.discard()  # RFC 3207 §4.2 / CVE-2011-0411
-        self._go(Trigger.STARTTLS)
+        self._go(ServerTrigger.STARTTLS)
         return StartTLS(discarded)
 
     def _data_command(self) -> Event | None:
-        if not self._allows(Trigger.DATA):
+        if not self._allows(ServerTrigger.DATA):
             # RFC 5321 §3.3: no valid recipient -> 554 (or 503).
             if self.state is ServerState.MAIL:
                 return self._error(replies.NO_VALID_RECIPIENTS)
             return self._error(replies.BAD_SEQUENCE)
         self._send(replies.START_DATA)
-        self._go(Trigger.DATA)
+        self._go(ServerTrigger.DATA)
         self._data = DotReader()
         self._txn.started = True
         return DataStart()
