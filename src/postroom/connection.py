@@ -78,15 +78,21 @@ class TlsLayer:
                 return b""
             self.ready = True
         parts = []
+        obj, incoming = self.obj, self._incoming
         try:
-            while chunk := self.obj.read(TLS_READ):
+            while True:
+                chunk = obj.read(TLS_READ)
+                if not chunk:
+                    self.peer_closed = True  # read() returns b"" at close_notify
+                    break
                 parts.append(chunk)
-            self.peer_closed = True  # read() returns b"" at close_notify
+                if not incoming.pending and not obj.pending():
+                    break  # all read (saves the SSLWantReadError of one more read)
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
             self.peer_closed = True
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def outgoing(self) -> bytes:
         """Ciphertext to send (handshake messages, alerts, session tickets)."""
