@@ -149,11 +149,8 @@ class Pop3Connection(Connection):
             else:
                 try:
                     data = drop.read_now(number)
-                except FileNotFoundError:
-                    engine.err("Message was removed by another program", "SYS/PERM")
-                    return True
-                except OSError:
-                    engine.err("Cannot read message, try again later", "SYS/TEMP")
+                except OSError as exc:
+                    _unreadable(engine, exc)
                     return True
                 if data is None:
                     return False
@@ -184,11 +181,8 @@ class Pop3Connection(Connection):
         try:
             try:
                 first = await anext(pieces, b"")
-            except FileNotFoundError:
-                engine.err("Message was removed by another program", "SYS/PERM")
-                return
-            except OSError:
-                engine.err("Cannot read message, try again later", "SYS/TEMP")
+            except OSError as exc:
+                _unreadable(engine, exc)
                 return
             top = TopFilter(cmd.lines) if cmd.verb == "TOP" and cmd.lines is not None else None
             engine.begin_multiline("Top of message follows" if top else f"{info.size} octets")
@@ -283,3 +277,11 @@ class Pop3Connection(Connection):
             "pop3 login user=%s client=%s messages=%d", key, self.client_ip, count
         )
         engine.login_ok(f"{count} messages ({size} octets)")
+
+
+def _unreadable(engine: Pop3Engine, exc: OSError) -> None:
+    """The answer to RETR/TOP of a message that cannot be read (RFC 2449 §8 response codes)."""
+    if isinstance(exc, FileNotFoundError):
+        engine.err("Message was removed by another program", "SYS/PERM")
+    else:
+        engine.err("Cannot read message, try again later", "SYS/TEMP")

@@ -41,8 +41,9 @@ class Maildrop(Protocol):
         ...
 
     def chunks(self, number: int) -> AsyncGenerator[bytes, None]:
-        """The message in pieces of bounded size (CRLF line ends, the last line ended).
-        FileNotFoundError if it is gone; closing the iterator early stops the reading."""
+        """The message in pieces of bounded size, with CRLF line ends (a last line without one
+        is ended by the dot-stuffing). FileNotFoundError if it is gone; closing the iterator
+        early stops the reading (TOP)."""
         ...
 
     async def update(self, deleted: Sequence[int], seen: Sequence[int]) -> int:
