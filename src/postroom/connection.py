@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from postroom.services import Services
 
 TLS_READ = 1 << 16
+LARGE_PART = 1 << 12  # parts at least this large are written without joining them
 
 
 class Engine(Protocol):
@@ -51,6 +52,8 @@ class Engine(Protocol):
     def pending_input(self) -> int: ...
 
     def data_to_send(self) -> bytes: ...
+
+    def parts_to_send(self) -> list[bytes]: ...
 
     def next_event(self) -> object: ...
 
@@ -100,6 +103,11 @@ class TlsLayer:
 
     def encrypt(self, data: bytes) -> bytes:
         self.obj.write(data)
+        return self._outgoing.read()
+
+    def encrypt_all(self, parts: list[bytes]) -> bytes:
+        for data in parts:
+            self.obj.write(data)
         return self._outgoing.read()
 
     def close_notify(self) -> bytes:
@@ -345,9 +353,24 @@ class Connection(asyncio.Protocol):
         transport.write(data)
 
     def _flush(self) -> None:
-        """Write what the engine has queued (all replies of one batch in one write)."""
-        if self.engine is not None:
-            self._write(self.engine.data_to_send())
+        """Write what the engine has queued: all replies of one batch in one system call,
+        and a large message (RETR) without copying it into one buffer first."""
+        if self.engine is None:
+            return
+        parts = self.engine.parts_to_send()
+        if len(parts) == 1:
+            self._write(parts[0])
+        elif parts:
+            if max(map(len, parts)) < LARGE_PART:
+                self._write(b"".join(parts))  # pipelined replies: one small buffer
+                return
+            transport, tls = self.transport, self.tls
+            if transport is None or self._lost:
+                return
+            if tls is None:
+                transport.writelines(parts)  # one writev, no copy
+            elif tls.ready:
+                transport.write(tls.encrypt_all(parts))
 
     def _pause_reading(self) -> None:
         if self.transport is not None and not self._lost and not self._read_paused:

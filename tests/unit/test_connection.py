@@ -22,6 +22,9 @@ class FakeTransport:
     def write(self, data: bytes) -> None:
         self.written += data
 
+    def writelines(self, parts: list[bytes]) -> None:
+        self.written += b"".join(parts)
+
     def close(self) -> None:
         self.closed = True
 

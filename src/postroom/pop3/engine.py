@@ -187,6 +187,11 @@ class Pop3Engine:
         self._out.clear()
         return out
 
+    def parts_to_send(self) -> list[bytes]:
+        """:meth:`data_to_send` unjoined, for a writer that sends a list (``writelines``)."""
+        out, self._out = self._out, []
+        return out
+
     def send_raw(self, data: bytes) -> None:
         """Queue already-formatted octets (the pieces of a streamed multi-line body)."""
         self._out.append(data)
@@ -206,11 +211,14 @@ class Pop3Engine:
         self._answered(Command)
         self._err(text, code)
 
-    def multiline(self, first: str, body: bytes) -> None:
-        """``+OK first``, then ``body`` (already dot-stuffed, ending with ``.\\r\\n``)."""
+    def multiline(self, first: str, body: bytes, end: bytes = b"") -> None:
+        """``+OK first``, then ``body`` and ``end`` (dot-stuffed: together they end with
+        ``.\\r\\n``; see ``framing.dot_stuff_parts``)."""
         self._answered(Command)
         self._out.append(f"+OK {first}\r\n".encode())
         self._out.append(body)
+        if end:
+            self._out.append(end)
 
     def begin_multiline(self, first: str) -> None:
         """For streamed bodies: the caller then sends the stuffed body with :meth:`send_raw`."""

@@ -26,7 +26,7 @@ from postroom.pop3.maildrop import Snapshot, TopFilter
 from postroom.sasl_session import SaslSession
 from postroom.storage.interfaces import Maildrop
 from postroom.wire.events import AuthResponse, AuthStart
-from postroom.wire.framing import Stuffer, dot_stuff
+from postroom.wire.framing import Stuffer, dot_stuff_parts
 
 if TYPE_CHECKING:
     from postroom.services import Services
@@ -157,11 +157,12 @@ class Pop3Connection(Connection):
                 if verb == "TOP":
                     assert cmd.lines is not None
                     engine.multiline(
-                        "Top of message follows", dot_stuff(TopFilter(cmd.lines).feed(data))
+                        "Top of message follows",
+                        *dot_stuff_parts(TopFilter(cmd.lines).feed(data)),
                     )
                 else:
                     snap.retrieved(number)
-                    engine.multiline(f"{info.size} octets", dot_stuff(data))
+                    engine.multiline(f"{info.size} octets", *dot_stuff_parts(data))
                 # Out at once, not batched with what follows: a client that pipelines RETRs
                 # and does not read must find the writes paused after one answer, not after
                 # all of them have been read into memory (flow control in the glue).

@@ -284,6 +284,11 @@ class ServerEngine:
         self._out.clear()
         return out
 
+    def parts_to_send(self) -> list[bytes]:
+        """:meth:`data_to_send` unjoined, for a writer that sends a list (``writelines``)."""
+        out, self._out = self._out, []
+        return out
+
     def _send(self, reply: Reply) -> None:
         self._out.append(reply.render())
 

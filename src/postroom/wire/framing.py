@@ -199,13 +199,17 @@ def dot_stuff(data: bytes) -> bytes:
     A final line without CRLF gets one. Lines are those ending in CRLF, the same rule the
     readers use, so ``DotReader`` gives back ``data`` (plus a CRLF if it lacked one).
     """
+    body, end = dot_stuff_parts(data)
+    return body + end
+
+
+def dot_stuff_parts(data: bytes) -> tuple[bytes, bytes]:
+    """:func:`dot_stuff` as (stuffed data, what ends it), so that a writer can send both
+    without joining them (no copy of a large message)."""
     if data.startswith(b".") or b"\r\n." in data:
-        stuffed = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
-    else:
-        stuffed = data  # the common case: nothing to stuff, no copies
-    if stuffed and not stuffed.endswith(b"\r\n"):
-        stuffed += b"\r\n"
-    return stuffed + b".\r\n"
+        data = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
+    # The common case: nothing to stuff, no copies.
+    return data, b".\r\n" if not data or data.endswith(b"\r\n") else b"\r\n.\r\n"
 
 
 def to_crlf(data: bytes) -> bytes:
