@@ -17,9 +17,9 @@ from postroom.smtp.client_engine import (
     ClientState,
     Closed,
     ForwardPath,
-    Message,
     MessageDone,
     Outcome,
+    OutgoingMessage,
     Ready,
     TLSPolicy,
 )
@@ -128,7 +128,7 @@ def test_what_the_client_sends_is_what_the_server_gets(
     pair = make_pair(tls)
     assert pair.client.state is ClientState.READY and pair.tls_switches == int(tls)
     assert pair.server.tls_active is tls
-    pair.client.send_message(Message("a@a.test", recipients), body)
+    pair.client.send_message(OutgoingMessage("a@a.test", recipients), body)
     pair.pump()
     done = [e for e in pair.client_events if isinstance(e, MessageDone)]
     assert len(done) == 1
@@ -150,7 +150,7 @@ def test_several_messages_on_one_session_and_rset() -> None:
     pair = make_pair()
     for n in range(3):
         pair.client.send_message(
-            Message("a@a.test", (ForwardPath("b@b.test"),)), b"n: %d\r\n\r\nx\r\n" % n
+            OutgoingMessage("a@a.test", (ForwardPath("b@b.test"),)), b"n: %d\r\n\r\nx\r\n" % n
         )
         pair.pump()
     pair.client.reset()
@@ -161,7 +161,7 @@ def test_several_messages_on_one_session_and_rset() -> None:
 
 def test_a_message_over_the_servers_size_is_not_sent() -> None:
     pair = make_pair(size_limit=100)
-    pair.client.send_message(Message("a@a.test", (ForwardPath("b@b.test"),)), b"x" * 200)
+    pair.client.send_message(OutgoingMessage("a@a.test", (ForwardPath("b@b.test"),)), b"x" * 200)
     pair.pump()
     done = [e for e in pair.client_events if isinstance(e, MessageDone)]
     assert done[0].results[0].outcome is Outcome.PERMANENT and pair.received == []

@@ -33,9 +33,9 @@ from postroom.smtp.client_engine import (
     Closed,
     Event,
     ForwardPath,
-    Message,
     MessageDone,
     Outcome,
+    OutgoingMessage,
     Ready,
     TLSPolicy,
 )
@@ -196,7 +196,7 @@ class RemoteDelivery:
         self._idle: dict[tuple[str, str, int, bool], list[_Session]] = {}
 
     async def deliver(
-        self, domain: str, message: Message, source: MessageSource
+        self, domain: str, message: OutgoingMessage, source: MessageSource
     ) -> list[DeliveryResult]:
         """Try to deliver ``message`` (all recipients in ``domain``); one result per recipient,
         in the order of ``message.recipients``. Never raises for network or DNS trouble."""
@@ -263,7 +263,7 @@ class RemoteDelivery:
         return [final[i] for i in range(len(message.recipients))]
 
     async def _deliver_at(
-        self, target: Target, ip: str, message: Message, data: bytes, verify: bool
+        self, target: Target, ip: str, message: OutgoingMessage, data: bytes, verify: bool
     ) -> MessageDone:
         key = (target.host, ip, self.cfg.delivery.port, verify)
         session = await self._take(key)

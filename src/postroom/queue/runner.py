@@ -29,7 +29,7 @@ from postroom.errors import QueueError
 from postroom.queue import schedule
 from postroom.queue.store import Envelope, Recipient, new_queue_id
 from postroom.resolver import DnsResolver
-from postroom.smtp.client_engine import ForwardPath, Message, Outcome
+from postroom.smtp.client_engine import ForwardPath, Outcome, OutgoingMessage
 
 if TYPE_CHECKING:
     from postroom.config import Config
@@ -353,7 +353,7 @@ class QueueRunner:
         self, envelope: Envelope, domain: str, rcpts: list[tuple[int, Recipient]], message: bytes
     ) -> list[Recipient]:
         """Hand ``rcpts`` (all in ``domain``) to remote delivery; updates and returns them."""
-        outgoing = Message(
+        outgoing = OutgoingMessage(
             sender=envelope.sender,
             recipients=tuple(
                 ForwardPath(r.address, tuple(r.notify) if r.notify else None, r.orcpt)

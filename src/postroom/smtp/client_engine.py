@@ -139,7 +139,7 @@ class ForwardPath:
 
 
 @dataclass(frozen=True, slots=True)
-class Message:
+class OutgoingMessage:
     """The envelope of one transaction. ``sender`` is "" for the null reverse-path."""
 
     sender: str
@@ -210,7 +210,7 @@ def needs_smtputf8_headers(data: bytes) -> bool:
 
 @dataclass
 class _Delivery:
-    message: Message
+    message: OutgoingMessage
     data: bytes
     to_send: list[int]  # indexes of recipients actually sent in RCPT
     results: dict[int, RecipientResult] = field(default_factory=dict)
@@ -313,7 +313,7 @@ class ClientEngine:
 
     # --- the caller's commands ------------------------------------------------------------------
 
-    def send_message(self, message: Message, data: bytes) -> None:
+    def send_message(self, message: OutgoingMessage, data: bytes) -> None:
         """Start a transaction for ``message`` whose content (not stuffed) is ``data``.
 
         8-bit data to a server without 8BITMIME is sent as it is, without a BODY parameter:
