@@ -188,7 +188,9 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else "unknown"
         services = self.services
-        if services.stopping or not services.connections.acquire(self.client_ip, self):
+        sock = transport.get_extra_info("socket")
+        fileno = sock.fileno() if sock is not None else -1  # descriptors running short: 421
+        if services.stopping or not services.connections.acquire(self.client_ip, self, fileno):
             self._lost = True
             if not self.implicit_tls:  # over implicit TLS nothing can be said before a handshake
                 transport.write(self.refusal())  # type: ignore[attr-defined]

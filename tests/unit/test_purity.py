@@ -21,8 +21,10 @@ PURE = [
     "postroom.smtp.commands",
     "postroom.pop3.engine",
     "postroom.sasl",
+    "postroom.passwords",
     "postroom.queue.schedule",
     "postroom.delivery.dsn",
+    "postroom.delivery.mime_downgrade",
     *(
         f"postroom.wire.{p.stem}"
         for p in sorted((SRC / "postroom" / "wire").glob("*.py"))

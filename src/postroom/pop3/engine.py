@@ -43,9 +43,19 @@ from typing import Final
 from postroom.errors import EngineMisuse
 from postroom.wire.events import NEED_DATA, AuthResponse, AuthStart, Closing, NeedData, StartTLS
 from postroom.wire.framing import TOO_LONG, LineReader
+from postroom.wire.replies import printable
 
 MAX_COMMAND = 255  # RFC 2449 §4: command lines are at most 255 octets including CRLF
 MAX_SASL_LINE = 12288
+
+
+def _reply(status: str, text: str) -> bytes:
+    """A status line; its text printable US-ASCII whatever it was made from (RFC 1939 §3)."""
+    return f"{status}{printable(text)}\r\n".encode("ascii")
+
+
+def _ok(text: str) -> bytes:
+    return _reply("+OK ", text) if text else b"+OK\r\n"
 
 
 class Pop3State(enum.StrEnum):
@@ -205,7 +215,7 @@ class Pop3Engine:
 
     def ok(self, text: str = "") -> None:
         self._answered(Command)
-        self._out.append(f"+OK {text}\r\n".encode() if text else b"+OK\r\n")
+        self._out.append(_ok(text))
 
     def err(self, text: str, code: str | None = None) -> None:
         self._answered(Command)
@@ -215,7 +225,7 @@ class Pop3Engine:
         """``+OK first``, then ``body`` and ``end`` (dot-stuffed: together they end with
         ``.\\r\\n``; see ``framing.dot_stuff_parts``)."""
         self._answered(Command)
-        self._out.append(f"+OK {first}\r\n".encode())
+        self._out.append(_ok(first))
         self._out.append(body)
         if end:
             self._out.append(end)
@@ -223,11 +233,11 @@ class Pop3Engine:
     def begin_multiline(self, first: str) -> None:
         """For streamed bodies: the caller then sends the stuffed body with :meth:`send_raw`."""
         self._answered(Command)
-        self._out.append(f"+OK {first}\r\n".encode())
+        self._out.append(_ok(first))
 
     def login_ok(self, text: str = "Logged in") -> None:
         self._answered(UserPass, AuthStart, AuthResponse)
-        self._out.append(f"+OK {text}\r\n".encode())
+        self._out.append(_ok(text))
         self._go(Pop3Trigger.LOGIN_OK)
 
     def login_failed(self, text: str, code: str | None = "AUTH") -> None:
@@ -247,7 +257,7 @@ class Pop3Engine:
     def bye(self, ok: bool = True, text: str = "Bye") -> None:
         """The answer to QUIT once the UPDATE state has run (RFC 1939 §6)."""
         self._answered(Quit)
-        self._out.append(f"+OK {text}\r\n".encode() if ok else f"-ERR {text}\r\n".encode())
+        self._out.append(_ok(text) if ok else _reply("-ERR ", text))
         self._go(Pop3Trigger.BYE)
 
     def tls_started(self, features: Pop3Features) -> None:
@@ -299,7 +309,7 @@ class Pop3Engine:
 
     def _err(self, text: str, code: str | None) -> None:
         prefix = f"[{code}] " if code else ""
-        self._out.append(f"-ERR {prefix}{text}\r\n".encode())
+        self._out.append(_reply("-ERR ", prefix + text))
 
     def _error(self, text: str, code: str | None = None) -> Event | None:
         self._err(text, code)
