@@ -41,9 +41,9 @@ from postroom.smtp.policy import Port
 from postroom.storage.local import files
 from postroom.storage.local.accounts import Accounts
 from postroom.storage.local.maildir_writer import MaildirWriter
+from postroom.storage.local.maildrop import LocalMaildrops
 from postroom.storage.local.queue import LocalMailboxes, LocalQueue
 from postroom.throttle import LoginThrottle
-from postroom.tlsgate import ImplicitTLSListener
 
 log = logging.getLogger("postroom")
 
@@ -81,11 +81,12 @@ def build_services(
             cfg, workers, shared.connections if shared else None
         ),
         tls=tls_mod.server_context(cfg, pair),
+        maildrops=LocalMaildrops(cfg.data_dir, io),
+        io=io,
         primary=primary,
         worker_index=index,
         workers=workers,
         cpus=cpus,
-        io=io,
     )
     services.sender_auth = SenderAuth(
         cfg,
@@ -202,15 +203,12 @@ def bind_listeners(cfg: Config) -> list[Listener]:
     return listeners
 
 
-async def _start_listeners(
-    services: Services, listeners: list[Listener]
-) -> list[asyncio.Server | ImplicitTLSListener]:
+async def _start_listeners(services: Services, listeners: list[Listener]) -> list[asyncio.Server]:
     from postroom.pop3.server import Pop3Connection
     from postroom.smtp.server import SmtpConnection
 
     loop = asyncio.get_running_loop()
-    handshake = services.cfg.limits.tls_handshake_timeout
-    servers: list[asyncio.Server | ImplicitTLSListener] = []
+    servers: list[asyncio.Server] = []
     for lst in listeners:
         sock = lst.keep_only(services.worker_index)
         implicit = lst.kind in ("submissions", "pop3s")
@@ -219,10 +217,9 @@ async def _start_listeners(
             factory = functools.partial(Pop3Connection, services, implicit)
         else:
             factory = functools.partial(SmtpConnection, services, cast(Port, lst.kind), implicit)
-        if implicit:  # TLS from the first octet: the version gate, then the handshake
-            servers.append(ImplicitTLSListener(sock, factory, lambda: services.tls, handshake))
-        else:
-            servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
+        # Implicit TLS too is done by the connection (postroom.connection), with the context
+        # in force when the client connects.
+        servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
         if services.primary:
             print(f"postroom: {lst.kind} listening on {lst.host}:{lst.port}", file=sys.stderr)
     return servers
@@ -360,7 +357,7 @@ async def serve(
         queue.on_parked = functools.partial(_hand_over, services)
     servers = await _start_listeners(services, listeners)
     control = await _control_server(services, runner)
-    from postroom.smtp.server import IdleSweeper
+    from postroom.connection import IdleSweeper
 
     if worker.primary:
         privileges.secure_data_dir(cfg)

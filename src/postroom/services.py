@@ -22,7 +22,7 @@ from postroom.config import Config
 from postroom.queue.envelope import Envelope
 from postroom.sasl import ScramKeys
 from postroom.sharedcounts import Counts, LocalCounts
-from postroom.storage.interfaces import AccountStore, MessageDraft, MessageQueue
+from postroom.storage.interfaces import AccountStore, Maildrops, MessageDraft, MessageQueue
 from postroom.throttle import LoginThrottle
 from postroom.wire.replies import Reply
 
@@ -123,6 +123,7 @@ class Services:
     throttle: LoginThrottle
     connections: ConnectionLimiter
     tls: ssl.SSLContext | None
+    maildrops: Maildrops  # opens a user's mailbox for POP3
     log: logging.Logger = log
     cpu_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="postroom-cpu")

@@ -32,8 +32,7 @@ from postroom.errors import QueueError, TemporaryStorageError
 from postroom.queue import schedule
 from postroom.queue.envelope import Attempt, Envelope, Recipient, new_queue_id
 from postroom.resolver import DnsResolver, Resolver
-from postroom.smtp.client_engine import Message, Outcome
-from postroom.smtp.client_engine import Recipient as ClientRecipient
+from postroom.smtp.client_engine import ForwardPath, Outcome, OutgoingMessage
 from postroom.storage.interfaces import LocalCopy, MailboxDelivery, MessageDraft, MessageQueue
 from postroom.wire import replies
 from postroom.wire.replies import Reply
@@ -392,10 +391,10 @@ class QueueRunner:
         self, envelope: Envelope, domain: str, rcpts: list[tuple[int, Recipient]], wire: bytes
     ) -> list[tuple[Recipient, DeliveryResult]]:
         """Hand ``rcpts`` (all in ``domain``) to remote delivery; each with its result."""
-        outgoing = Message(
+        outgoing = OutgoingMessage(
             sender=envelope.sender,
             recipients=tuple(
-                ClientRecipient(r.address, tuple(r.notify) if r.notify else None, r.orcpt)
+                ForwardPath(r.address, tuple(r.notify) if r.notify else None, r.orcpt)
                 for _i, r in rcpts
             ),
             smtputf8=envelope.smtputf8,

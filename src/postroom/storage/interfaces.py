@@ -1,12 +1,13 @@
 """The storage interfaces: what the servers and the queue runner need from a backend.
 
-Three :class:`typing.Protocol`\\ s, named for what they hold:
+The :class:`typing.Protocol`\\ s, named for what they hold:
 
 * :class:`MessageQueue`: accepted messages until every recipient is done (the durable hand-off
   from SMTP, the runner's due work, attempts and per-recipient state, the CLI's view);
 * :class:`MailboxDelivery`: the writing side of the mailboxes (a copy of a queued message
   into a local recipient's mailbox, at most once);
-* :class:`AccountStore`: users, passwords, SCRAM keys and aliases.
+* :class:`AccountStore`: users, passwords, SCRAM keys and aliases;
+* :class:`Maildrops`: the reading side of the mailboxes, for POP3 (below).
 
 The local backend (``storage/local/``: a journal plus Maildirs, SQLite) implements all three
 for one machine; a backend shared by several nodes (PostgreSQL) implements the same methods
@@ -16,11 +17,19 @@ second backend: the runner, the SMTP policy and the CLI rely on nothing else.
 Conventions: times are seconds since the epoch (float); message octets are stored with LF line
 ends (the SMTP layer refuses bare CR and LF, so CRLF <-> LF is lossless) and start with the
 ``Return-Path:`` line; ``queue_id`` is letters and digits (``queue.envelope.check_id``).
+
+The POP3 side: a :class:`Maildrops` opens a user's :class:`Maildrop`, a locked snapshot of a
+mailbox for one session (RFC 1939 §8: one session per maildrop; RFC 2449 §8.1.1 ``[IN-USE]``
+when another holds it). Message numbers are positions in the snapshot, 1-based. Text comes out
+with CRLF line ends whatever the backend stores (RFC 1939 §3), and the sizes in the snapshot are
+exactly the octets RETR sends before dot-stuffing (RFC 1939 §5, §11). Deletions are applied only
+by :meth:`Maildrop.update` (the UPDATE state, RFC 1939 §6); a session that ends otherwise changes
+nothing. Today's backend is the Maildir one in ``storage/local/maildrop.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -270,3 +279,54 @@ class AccountStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+# -- POP3: the reading side of the mailboxes -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    """One message of a snapshot: the octets RETR sends (CRLF, unstuffed) and its UIDL
+    (RFC 1939 §7: 1 to 70 characters 0x21-0x7E, never reused for another message)."""
+
+    size: int
+    uid: str
+
+
+class Maildrop(Protocol):
+    """One session's view of one mailbox; made by :meth:`Maildrops.maildrop`."""
+
+    async def open(self) -> Sequence[MessageInfo]:
+        """Lock the mailbox and take the snapshot, oldest message first.
+
+        Raises :class:`postroom.errors.MailboxInUse` if another session holds the lock, and
+        OSError (or the backend's error) if the mailbox cannot be read now."""
+        ...
+
+    def read_now(self, number: int) -> bytes | None:
+        """The whole message if the backend has it at hand without waiting long (a small local
+        file), else None: then :meth:`chunks` it. FileNotFoundError if it is gone."""
+        ...
+
+    def chunks(self, number: int) -> AsyncGenerator[bytes, None]:
+        """The message in pieces of bounded size, with CRLF line ends (a last line without one
+        is ended by the dot-stuffing). FileNotFoundError if it is gone; closing the iterator
+        early stops the reading (TOP)."""
+        ...
+
+    async def update(self, deleted: Sequence[int], seen: Sequence[int]) -> int:
+        """Apply the UPDATE state: remove ``deleted``, mark ``seen`` (retrieved and kept) as
+        read. Returns how many removals failed; a message already gone counts as removed."""
+        ...
+
+    async def close(self) -> None:
+        """Release the lock (and whatever the session held). Safe to call more than once."""
+        ...
+
+
+class Maildrops(Protocol):
+    """Opens maildrops: what the POP3 server gets from :class:`postroom.services.Services`."""
+
+    def maildrop(self, key: str) -> Maildrop:
+        """The maildrop of account ``key`` (``local@domain``, vetted by ``address.py``)."""
+        ...
