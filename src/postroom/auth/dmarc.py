@@ -52,7 +52,8 @@ class DmarcRecord:
     adkim: str = "r"
     aspf: str = "r"
     rua: tuple[str, ...] = ()
-    raw: str = ""
+    fo: str = "0"  # failure reporting options (§6.3), echoed in aggregate reports
+    raw: str = field(default="", compare=False)  # the text as found
 
 
 def parse_record(text: str) -> DmarcRecord | None:
@@ -88,6 +89,7 @@ def parse_record(text: str) -> DmarcRecord | None:
         adkim="s" if tags.get("adkim", "r").lower() == "s" else "r",
         aspf="s" if tags.get("aspf", "r").lower() == "s" else "r",
         rua=rua,
+        fo=tags.get("fo", "0") or "0",
         raw=text,
     )
 

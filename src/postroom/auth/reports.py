@@ -4,10 +4,13 @@ Each DMARC evaluation of a domain that asks for reports (``rua=``) appends one J
 ``{data_dir}/dmarc/records.jsonl`` (:func:`record`; opened and closed per line, so that the
 file can be renamed away under the writers). :func:`take` renames that file aside and reads
 it; :func:`build` groups the rows per policy domain and per identical outcome into the
-RFC 7489 Appendix C XML; :func:`compose` wraps one gzip'ed report in a MIME message
-(§7.2.1.1: the file name ``receiver!policy-domain!begin!end.xml.gz`` and the subject). The
-caller signs and queues it. :func:`destinations` applies §7.1: a ``rua`` outside the policy
-domain's organization must be authorized by a ``<domain>._report._dmarc.<rua domain>`` record.
+RFC 7489 Appendix C XML (elements in no namespace: the Appendix's schema does not load with
+its target namespace, and the large receivers' reports use none; IPv6 source addresses
+written out in full, as its ``IPAddress`` pattern wants); :func:`compose` wraps one gzip'ed
+report in a MIME message (§7.2.1.1: the file name ``receiver!policy-domain!begin!end.xml.gz``
+and the subject). The caller signs and queues it. :func:`destinations` applies §7.1: a
+``rua`` outside the policy domain's organization must be authorized by a
+``<domain>._report._dmarc.<rua domain>`` record.
 
 Security notes: everything in a row came from the network; XML text is escaped by
 ElementTree, the report size is bounded by ``MAX_ROWS``, and rua URIs are parsed strictly
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import gzip
+import ipaddress
 import json
 import os
 import time
@@ -62,6 +66,7 @@ def record(
         "p": rec.p,
         "sp": rec.sp,
         "pct": rec.pct,
+        "fo": rec.fo,
         "adkim": rec.adkim,
         "aspf": rec.aspf,
         "rua": list(rec.rua),
@@ -118,6 +123,18 @@ def _text(parent: ET.Element, tag: str, value: object) -> ET.Element:
     return el
 
 
+def source_ip(text: str) -> str:
+    """The address as the schema's ``IPAddress`` pattern accepts it: dotted IPv4 (also for an
+    IPv4-mapped IPv6 address), IPv6 with all eight groups written out."""
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return text
+    if isinstance(addr, ipaddress.IPv6Address):
+        return str(addr.ipv4_mapped) if addr.ipv4_mapped else addr.exploded
+    return str(addr)
+
+
 def build(
     rows: list[dict[str, Any]], org_name: str, email_addr: str, end: int, prefix: str
 ) -> list[Report]:
@@ -147,7 +164,7 @@ def build(
             }
             counts[json.dumps(key, sort_keys=True)] += 1
         report_id = f"{prefix}.{n}"
-        root = ET.Element("feedback", xmlns="http://dmarc.org/dmarc-xml/0.1")
+        root = ET.Element("feedback")
         _text(root, "version", "1.0")
         meta = ET.SubElement(root, "report_metadata")
         _text(meta, "org_name", org_name)
@@ -163,12 +180,12 @@ def build(
         _text(pub, "p", last["p"])
         _text(pub, "sp", last["sp"])
         _text(pub, "pct", last["pct"])
-        _text(pub, "fo", "0")
+        _text(pub, "fo", last.get("fo", "0"))
         for key_json, count in counts.items():
             k = json.loads(key_json)
             rec = ET.SubElement(root, "record")
             row_el = ET.SubElement(rec, "row")
-            _text(row_el, "source_ip", k["ip"])
+            _text(row_el, "source_ip", source_ip(k["ip"]))
             _text(row_el, "count", count)
             ev = ET.SubElement(row_el, "policy_evaluated")
             _text(ev, "disposition", k["disp"])
