@@ -27,12 +27,13 @@ from benchlib.proc import BenchError, Cleanup
 from benchlib.setup import HOSTS, Lab, bring_up
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("smtp", "submission", "pop3", "relay")
+GROUPS = ("smtp", "submission", "pop3", "relay", "auth")
 NEEDS = {
     "smtp": {"postroom", "postfix", "aiosmtpd"},
     "submission": {"postroom", "postfix", "dovecot"},
     "pop3": {"postroom", "dovecot"},
     "relay": {"postroom", "postfix", "dovecot"},
+    "auth": {"postroom-auth", "postroom-plain", "postfix-auth"},
 }
 
 
@@ -119,6 +120,8 @@ def run_cases(args: argparse.Namespace, lab: Lab, results: report.Results) -> No
                 cases.pop3_case(lab, results, opts, clients, stls)
     if "relay" in args.groups:
         cases.relay_case(lab, results, opts)
+    if "auth" in args.groups:
+        cases.auth_cases(lab, results, opts)
 
 
 def markdown(args: argparse.Namespace, results: report.Results, root: Path, started: float) -> str:
@@ -190,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     results = report.Results()
     try:
         wanted = set().union(*(NEEDS[g] for g in args.groups))
-        wanted &= {s.strip() for s in args.servers.split(",")}
+        # --servers names kinds: "postfix" also means the auth group's postfix-auth.
+        kinds = {s.strip() for s in args.servers.split(",")}
+        wanted = {w for w in wanted if w.split("-")[0] in kinds}
         lab = bring_up(
             root,
             wanted,

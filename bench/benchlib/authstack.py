@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
@@ -123,6 +124,40 @@ def make_key(domain: str, selector: str, algorithm: str = "rsa") -> SigningKey:
     return SigningKey(domain, selector, algorithm, pem, txt)
 
 
+def signed_message(path: Path, key: SigningKey, sender: str, rcpt: str, size: int) -> Path:
+    """A message from ``sender`` to ``rcpt`` of about ``size`` octets, DKIM-signed with ``key``
+    (relaxed/relaxed, the usual header fields), written with LF line ends for smtp-source
+    ``-F`` (which sends each line with CRLF)."""
+    head = (
+        f"From: Sender <{sender}>\r\nTo: <{rcpt}>\r\nSubject: bench\r\n"
+        "Date: Thu, 01 Jan 2026 00:00:00 +0000\r\n"
+        f"Message-ID: <bench.1@{key.domain}>\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+    ).encode()
+    line = b"x" * 76 + b"\r\n"
+    signature_size = 560  # an RSA-2048 DKIM-Signature field with this h= list, about
+    body = line * max(1, (size - len(head) - signature_size) // len(line))
+    message = head + body
+    signature = dkim.sign(
+        message,
+        key.selector.encode(),
+        key.domain.encode(),
+        key.pem,
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=[
+            b"from",
+            b"to",
+            b"subject",
+            b"date",
+            b"message-id",
+            b"mime-version",
+            b"content-type",
+        ],
+    )
+    path.write_bytes((signature + message).replace(b"\r\n", b"\n"))
+    return path
+
+
 def _owned_dir(path: Path, user: str) -> pwd.struct_passwd:
     entry = pwd.getpwnam(user)
     path.mkdir(parents=True, exist_ok=True)
@@ -150,7 +185,8 @@ def start_opendkim(
     ``internal_hosts`` whose From: domain has a key in ``keys``, verifies all other mail and
     adds its Authentication-Results. Returns the milter address for Postfix."""
     user = _owned_dir(root, "opendkim")
-    key_table, signing_table = [], []
+    key_table: list[str] = []
+    signing_table: list[str] = []
     for key in keys:
         path = root / f"{key.selector}.private"
         path.write_bytes(key.pem)
@@ -158,16 +194,20 @@ def start_opendkim(
         path.chmod(0o600)
         key_table.append(f"{key.selector} {key.domain}:{key.selector}:{path}\n")
         signing_table.append(f"*@{key.domain} {key.selector}\n")
+    signing = [
+        f"KeyTable {root / 'KeyTable'}",
+        f"SigningTable refile:{root / 'SigningTable'}",
+    ]
     (root / "KeyTable").write_text("".join(key_table))
+    (root / "SigningTable").write_text("".join(signing_table))
     unbound = root / "unbound.conf"
     unbound.write_text('server:\n    local-zone: "test." nodefault\n')
-    (root / "SigningTable").write_text("".join(signing_table))
     conf = root / "opendkim.conf"
     conf.write_text(
         "\n".join(
             [
                 "Syslog no",
-                "Mode sv",
+                "Mode sv" if keys else "Mode v",
                 f"Socket inet:{OPENDKIM_PORT}@{host}",
                 f"PidFile {root / 'opendkim.pid'}",
                 "UserID opendkim",
@@ -175,8 +215,7 @@ def start_opendkim(
                 f"AuthservID {authserv_id}",
                 "Canonicalization relaxed/relaxed",
                 "SignatureAlgorithm rsa-sha256",
-                f"KeyTable {root / 'KeyTable'}",
-                f"SigningTable refile:{root / 'SigningTable'}",
+                *(signing if keys else []),
                 f"InternalHosts {_hosts_file(root / 'internal', internal_hosts)}",
                 "QueryCache yes",
                 f"Nameservers {nameserver_of(resolv_conf)}",

@@ -62,6 +62,11 @@ def available(lab: Lab, names: list[str]) -> list[Server]:
     return [s for n in names if (s := lab.get(n)) is not None]
 
 
+def shown_names(lab: Lab, names: list[str]) -> list[str]:
+    """How the results call the servers of ``names`` (their own names where started)."""
+    return [server.name if (server := lab.get(n)) is not None else n for n in names]
+
+
 def interleave(
     lab: Lab,
     results: Results,
@@ -167,8 +172,21 @@ def submission_case(
 ) -> None:
     """Few messages per session weigh TLS + argon2id logins; many weigh the message path."""
     row = f"submission STARTTLS+AUTH: 1 KiB, {workers} clients, {per_connection} msgs/conn (n={n})"
-    names = ["postroom", "postfix"]
-    results.declare(row, "msg/s", names)
+    _submission_rows(lab, results, opts, row, ["postroom", "postfix"], per_connection, n, workers)
+
+
+def _submission_rows(
+    lab: Lab,
+    results: Results,
+    opts: Options,
+    row: str,
+    names: list[str],
+    per_connection: int,
+    n: int,
+    workers: int = 4,
+) -> None:
+    """Submit ``n`` messages (1 KiB, STARTTLS + AUTH PLAIN) to each server of ``names``."""
+    results.declare(row, "msg/s", shown_names(lab, names))
     body = clients.make_submission_body(RCPT, RCPT, KIB)
     timeout = 120 + n / 5
 
@@ -261,3 +279,119 @@ def relay_case(
 
     print(row, flush=True)
     interleave(lab, results, [row], list(pairs), opts.runs, measure)
+
+
+# --- sender authentication ------------------------------------------------------------------------
+
+AUTH_MX_CASE = SmtpCase(1 * KIB, 20, False, 2000, 300)
+# postroom with SPF, DKIM and DMARC on; Postfix + OpenDKIM + OpenDMARC + policyd-spf; postroom
+# with them off. The first is the subject, the others the references.
+AUTH_MX = ["postroom-auth", "postfix-auth", "postroom-plain"]
+# Submission: DKIM signing on (postroom-auth) against off (postroom-plain).
+AUTH_SUBMISSION = ["postroom-auth", "postroom-plain"]
+
+
+def _newest(box: Path) -> bytes:
+    files = sorted((box / "new").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    return files[-1].read_bytes() if files else b""
+
+
+def _wait_signing(server: Server, timeout: float = 60) -> None:
+    """postroom signs once it has seen its own keys in DNS: submit until a message is signed
+    with both, so that no measured message goes out unsigned."""
+    if server.submission is None:
+        raise BenchError("no submission port")
+    box = server.mailbox(RCPT)
+    body = clients.make_submission_body(RCPT, RCPT, KIB)
+    job = clients.SubmissionJob(server.submission, RCPT, PASSWORD, RCPT, 1, 1, body)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        maildir.clear(box)
+        clients.submission(job, 1, 60)
+        if wait_delivered(box, 1, 30) is not None and _newest(box).count(b"DKIM-Signature:") == 2:
+            maildir.clear(box)
+            return
+        time.sleep(0.5)
+    raise BenchError(f"{server.name} did not sign with both keys within {timeout:.0f}s")
+
+
+def _check_verdicts(server: Server, message: Path) -> None:
+    """One signed message through the MX port; the server must have found SPF, DKIM and DMARC
+    all pass (postroom, Postfix's milters), or added no results (checks off)."""
+    if server.smtp is None:
+        raise BenchError("no SMTP listener")
+    box = server.mailbox(RCPT)
+    maildir.clear(box)
+    clients.smtp_source(server.smtp, RCPT, 1, KIB, 1, False, 60, message)
+    if wait_delivered(box, 1, 30) is None:
+        raise BenchError(f"{server.name}: the signed message was not delivered")
+    text = _newest(box).replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode(errors="replace")
+    results = [
+        line
+        for line in text.replace("\n\t", " ").replace("\n ", " ").splitlines()
+        if line.lower().startswith("authentication-results:")
+    ]
+    maildir.clear(box)
+    if server.name == "postroom-checks-off":
+        if results:
+            raise BenchError(f"{server.name} checked after all: {results}")
+        return
+    joined = " ".join(results)
+    missing = [v for v in ("spf=pass", "dkim=pass", "dmarc=pass") if v not in joined]
+    if missing:
+        raise BenchError(f"{server.name}: {', '.join(missing)} missing from {results}")
+    print(f"  {server.name}: " + " | ".join(r.split(":", 1)[1].strip() for r in results))
+
+
+def auth_cases(lab: Lab, results: Results, opts: Options) -> None:
+    """The sender-authentication group: checks before and then the MX and submission cases."""
+    message = lab.signed_message
+    assert message is not None
+    print("sender authentication: checking that every server sees spf, dkim, dmarc pass")
+    for name in AUTH_MX:
+        server = lab.get(name)
+        if server is None:
+            continue
+        try:
+            if name == "postroom-auth":
+                _wait_signing(server)
+            _check_verdicts(server, message)
+        except (BenchError, OSError) as exc:
+            lab.failed[name] = str(exc)
+            del lab.servers[name]
+            print(f"  {name}: FAILED: {str(exc)[:500]}", flush=True)
+    warm = opts.count(400, 80)
+    for server in available(lab, AUTH_MX):
+        if server.smtp is not None:
+            box = server.mailbox(RCPT)
+            clients.smtp_source(server.smtp, RCPT, warm, KIB, 20, False, 120, message)
+            wait_delivered(box, warm, 60)
+            maildir.clear(box)
+    case = AUTH_MX_CASE
+    n = opts.count(case.messages, case.quick_messages)
+    row = f"MX accept, SPF+DKIM+DMARC: 1 KiB signed, 20 sessions, 1 msg/conn (n={n})"
+    e2e = f"MX end-to-end, SPF+DKIM+DMARC: 1 KiB signed, 20 sessions, 1 msg/conn (n={n})"
+    results.declare(row, "msg/s", shown_names(lab, AUTH_MX))
+    results.declare(e2e, "msg/s", shown_names(lab, AUTH_MX))
+    timeout = 60 + n / 20
+
+    def measure(server: Server) -> list[float]:
+        if server.smtp is None:
+            raise BenchError("no SMTP listener")
+        box = server.mailbox(RCPT)
+        maildir.clear(box)
+        elapsed = clients.smtp_source(server.smtp, RCPT, n, KIB, 20, False, timeout, message)
+        rest = wait_delivered(box, n, timeout)
+        if rest is None:
+            raise BenchError(f"only {maildir.count(box)} of {n} messages reached the Maildir")
+        return [n / elapsed, n / (elapsed + rest)]
+
+    print(row, flush=True)
+    interleave(lab, results, [row, e2e], AUTH_MX, opts.runs, measure)
+    for per_connection, full, quick in ((5, 300, 60), (100, 2000, 400)):
+        n = quick if opts.quick else full
+        row = (
+            f"submission, DKIM signing on vs off: 1 KiB, 4 clients, {per_connection} msgs/conn "
+            f"(n={n})"
+        )
+        _submission_rows(lab, results, opts, row, AUTH_SUBMISSION, per_connection, n)

@@ -41,6 +41,9 @@ class PostroomSpec:
     services: tuple[str, ...] = ("smtp", "submission", "pop3")
     workers: int = 1
     pin_cpus: bool = True
+    checks: bool = True  # [auth] checks: SPF, DKIM, DMARC on the smtp port
+    dkim_sign: bool = True  # [auth] dkim_sign
+    name: str = "postroom"  # how the results name this instance
 
 
 def command(override: str | None) -> list[str]:
@@ -56,7 +59,8 @@ def environment() -> dict[str, str]:
 
 def config_toml(spec: PostroomSpec) -> str:
     """The config: keys from the contract, plus ``[auth] allow_plaintext`` (for plaintext POP3),
-    ``workers`` (``bench/run.py --workers``) and ``pin_cpus`` (off with ``--no-pin-cpus``)."""
+    ``workers`` (``bench/run.py --workers``), ``pin_cpus`` (off with ``--no-pin-cpus``) and
+    the sender-authentication switches ``[auth] checks`` and ``dkim_sign``."""
     host = spec.host
     lines = [
         f'hostname = "{spec.hostname}"',
@@ -78,6 +82,8 @@ def config_toml(spec: PostroomSpec) -> str:
         "",
         "[auth]",
         "allow_plaintext = true",
+        f"checks = {'true' if spec.checks else 'false'}",
+        f"dkim_sign = {'true' if spec.dkim_sign else 'false'}",
     ]
     if spec.nameserver:
         lines += ["", "[dns]", f'nameservers = ["{spec.nameserver}"]']
@@ -142,7 +148,7 @@ def _serve(
         [*base, "serve", "-c", str(config)], log, cleanup, f"postroom {spec.host}", env=env
     )
     server = Server(
-        name="postroom",
+        name=spec.name,
         mail_root=spec.root / "data" / "mail",
         smtp=Addr(spec.host, PORT_SMTP),
         proc=proc,

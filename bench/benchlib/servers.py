@@ -8,6 +8,7 @@ from pathlib import Path
 
 DOMAIN = "bench.test"
 RELAY_DOMAIN = "relay.test"
+SENDER_DOMAIN = "src.test"  # the MAIL FROM and From: domain of the SMTP load
 PASSWORD = "bench-secret"
 NOBODY = (65534, 65534)
 
