@@ -168,3 +168,12 @@ def test_aggregate_report_is_valid_under_the_rfc7489_schema(tmp_path: Path) -> N
     assert "<source_ip>192.0.2.7</source_ip>" in xml
     assert "<fo>1</fo>" in xml and "<type>sampled_out</type>" in xml
     assert "<feedback>" in xml  # no namespace, as in the receivers' reports
+
+
+def test_report_rows_follow_the_file_when_it_is_taken_away(tmp_path: Path) -> None:
+    _report_row(tmp_path, "192.0.2.1")
+    first = reports.take(tmp_path, 1.0)
+    assert [r["ip"] for r in first] == ["192.0.2.1"]
+    reports.done(tmp_path)
+    _report_row(tmp_path, "192.0.2.2")  # the writer's file was renamed: it opens a new one
+    assert [r["ip"] for r in reports.take(tmp_path, 2.0)] == ["192.0.2.2"]

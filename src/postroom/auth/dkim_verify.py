@@ -83,9 +83,24 @@ def _key_name(sig: dict[bytes, bytes]) -> str | None:
     return f"{selector}._domainkey.{domain}".lower()
 
 
-async def prefetch(cache: DnsCache, head: bytes) -> dict[str, Answer]:
-    """The key records every signature in ``head`` needs, fetched concurrently."""
-    names = list(dict.fromkeys(n for s in signatures(head) if (n := _key_name(s))))
+def key_names(sigs: list[dict[bytes, bytes]]) -> list[str]:
+    """The key records the signatures ``sigs`` (see :func:`signatures`) need."""
+    return list(dict.fromkeys(n for s in sigs if (n := _key_name(s))))
+
+
+def cached_keys(cache: DnsCache, names: list[str]) -> dict[str, Answer] | None:
+    """The key records from the cache alone; None when one must be asked."""
+    out = {}
+    for name in names:
+        answer = cache.peek(name, "TXT")
+        if answer is None:
+            return None
+        out[name] = answer
+    return out
+
+
+async def prefetch(cache: DnsCache, names: list[str]) -> dict[str, Answer]:
+    """The key records ``names`` (see :func:`key_names`), fetched concurrently."""
     answers = await asyncio.gather(*(cache.query(n, "TXT") for n in names))
     return dict(zip(names, answers, strict=True))
 
@@ -199,16 +214,20 @@ class _Collect:
         return b"".join(self._parts)
 
 
-def verify(message: bytes, keys: dict[str, Answer]) -> list[DkimResult]:
-    """Verify each signature of ``message`` against the prefetched ``keys`` (CPU only)."""
+def verify(
+    message: bytes, keys: dict[str, Answer], sigs: list[dict[bytes, bytes]] | None = None
+) -> list[DkimResult]:
+    """Verify each signature of ``message`` against the prefetched ``keys`` (CPU only);
+    ``sigs``: :func:`signatures` of its header section, if the caller has them already."""
     try:
         d = _Verifier(message, logger=_quiet, minkey=MIN_RSA_BITS)
     except dkim.MessageFormatError as exc:
         return [DkimResult("permerror", "", "", "", "", f"unparsable message: {exc}")]
-    sig_headers = [v for n, v in d.headers if n.lower() == b"dkim-signature"]
+    sig_headers = [v for n, v in d.headers if n.lower() == b"dkim-signature"][:MAX_SIGNATURES]
+    if sigs is None or len(sigs) != len(sig_headers):
+        sigs = [tags(value) for value in sig_headers]
     results = []
-    for idx, value in enumerate(sig_headers[:MAX_SIGNATURES]):
-        sig = tags(value)
+    for idx, sig in enumerate(sigs):
         name = _key_name(sig)
         base = {
             "domain": sig.get(b"d", b"").decode("ascii", "replace").lower(),

@@ -1,16 +1,16 @@
 """DMARC aggregate reports (RFC 7489 §7.2): results recorded per message, sent once a day.
 
 Each DMARC evaluation of a domain that asks for reports (``rua=``) appends one JSON line to
-``{data_dir}/dmarc/records.jsonl`` (:func:`record`; opened and closed per line, so that the
-file can be renamed away under the writers). :func:`take` renames that file aside and reads
-it; :func:`build` groups the rows per policy domain and per identical outcome into the
-RFC 7489 Appendix C XML (elements in no namespace: the Appendix's schema does not load with
-its target namespace, and the large receivers' reports use none; IPv6 source addresses
-written out in full, as its ``IPAddress`` pattern wants); :func:`compose` wraps one gzip'ed
-report in a MIME message (§7.2.1.1: the file name ``receiver!policy-domain!begin!end.xml.gz``
-and the subject). The caller signs and queues it. :func:`destinations` applies §7.1: a
-``rua`` outside the policy domain's organization must be authorized by a
-``<domain>._report._dmarc.<rua domain>`` record.
+``{data_dir}/dmarc/records.jsonl`` (:func:`record`; the file stays open between lines, and is
+opened again as soon as it has been renamed away under the writer). :func:`take` renames that
+file aside and reads it; :func:`build` groups the rows per policy domain and per identical
+outcome into the RFC 7489 Appendix C XML (elements in no namespace: the Appendix's schema does
+not load with its target namespace, and the large receivers' reports use none; IPv6 source
+addresses written out in full, as its ``IPAddress`` pattern wants); :func:`compose` wraps one
+gzip'ed report in a MIME message (§7.2.1.1: the file name
+``receiver!policy-domain!begin!end.xml.gz`` and the subject). The caller signs and queues it.
+:func:`destinations` applies §7.1: a ``rua`` outside the policy domain's organization must be
+authorized by a ``<domain>._report._dmarc.<rua domain>`` record.
 
 Security notes: everything in a row came from the network; XML text is escaped by
 ElementTree, the report size is bounded by ``MAX_ROWS``, and rua URIs are parsed strictly
@@ -77,13 +77,48 @@ def record(
         "dkim": [[r.domain, r.selector, r.result] for r in dkim_results if r.domain],
         "spf": [spf.domain, spf.identity, spf.result] if spf else None,
     }
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     line = json.dumps(row, separators=(",", ":")).encode() + b"\n"
-    fd = os.open(folder / RECORDS, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, line)  # one write of a short line: appended whole (O_APPEND)
-    finally:
-        os.close(fd)
+    _appender(folder).write(line)
+
+
+class _Appender:
+    """An O_APPEND descriptor for ``records.jsonl``, opened again when the name no longer
+    leads to it (:func:`take` renamed it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = -1
+        self.ident = (0, 0)
+
+    def write(self, line: bytes) -> None:
+        try:
+            st = os.stat(self.path)
+            current = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            current = (0, 0)
+        if self.fd < 0 or current != self.ident:
+            self._open()
+        os.write(self.fd, line)  # one write of a short line: appended whole (O_APPEND)
+
+    def _open(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        self.fd = os.open(self.path, flags, 0o600)
+        st = os.fstat(self.fd)
+        self.ident = (st.st_dev, st.st_ino)
+
+
+_appenders: dict[Path, _Appender] = {}
+
+
+def _appender(folder: Path) -> _Appender:
+    appender = _appenders.get(folder)
+    if appender is None:
+        appender = _appenders[folder] = _Appender(folder / RECORDS)
+    return appender
 
 
 def take(folder: Path, now: float) -> list[dict[str, Any]]:
