@@ -6,16 +6,17 @@ OpenDMARC as milters of the Postfix instance (``benchlib.postfix``), and policyd
 gets its own config file, pid file and socket under the tree; nothing of /etc/opendkim*,
 /etc/opendmarc* or /etc/postfix-policyd-spf-python is read.
 
-DNS: OpenDMARC and policyd-spf ask the C library's resolver (``/etc/resolv.conf``, port 53)
-and have no setting for another server; Debian's OpenDKIM resolves with libunbound, which
-recurses from the root servers unless ``Nameservers`` names a forwarder (port 53 again) and,
-like every Unbound, answers NXDOMAIN for the special-use ``test.`` names (RFC 6761) unless its
-configuration (``ResolverConfiguration``) says ``local-zone: "test." nodefault``. So the
-loopback DNS server listens on port 53 of an address of its own, OpenDKIM is pointed at it
-with ``Nameservers`` and that configuration, and every daemon of the stack (and Postfix, whose
-smtpd and spawned policyd-spf inherit it) runs in a private mount namespace (``unshare
---mount``) where ``/etc/resolv.conf`` is a bind mount of the tree's own file naming that
-server. The machine's ``/etc/resolv.conf`` is never changed; the namespace ends with the last
+DNS: OpenDMARC and policyd-spf ask the C library's resolver (``/etc/resolv.conf``, port 53) and
+have no setting for another server; Debian's OpenDKIM resolves with libunbound, which recurses
+from the root servers unless ``Nameservers`` names a forwarder (port 53 again). So the loopback
+DNS server listens on port 53 of an address of its own, OpenDKIM is pointed at it with
+``Nameservers``, and every daemon of the stack (and Postfix, whose smtpd and spawned policyd-spf
+inherit it) runs in a private mount namespace (``unshare --mount``) where ``/etc/resolv.conf``
+is a bind mount of the tree's own file naming that server. Unbound answers NXDOMAIN itself for
+the special-use ``test.`` names (RFC 6761), so the domains whose keys OpenDKIM looks up must be
+elsewhere (``.example``). Telling it otherwise (``ResolverConfiguration`` with ``local-zone:
+"test." nodefault``) made OpenDKIM 2.11 die under concurrent load ("fatal flex scanner internal
+error"). The machine's ``/etc/resolv.conf`` is never changed; the namespace ends with the last
 process in it. Needs root (CAP_SYS_ADMIN), as Postfix does here.
 
 Keys: :func:`make_key` makes an RSA-2048 or Ed25519 key, returning the PEM and the TXT
@@ -200,8 +201,6 @@ def start_opendkim(
     ]
     (root / "KeyTable").write_text("".join(key_table))
     (root / "SigningTable").write_text("".join(signing_table))
-    unbound = root / "unbound.conf"
-    unbound.write_text('server:\n    local-zone: "test." nodefault\n')
     conf = root / "opendkim.conf"
     conf.write_text(
         "\n".join(
@@ -219,7 +218,6 @@ def start_opendkim(
                 f"InternalHosts {_hosts_file(root / 'internal', internal_hosts)}",
                 "QueryCache yes",
                 f"Nameservers {nameserver_of(resolv_conf)}",
-                f"ResolverConfiguration {unbound}",
                 "On-Default accept",
                 # The tree is under /tmp (world-writable): OpenDKIM would call its keys unsafe.
                 "RequireSafeKeys false",

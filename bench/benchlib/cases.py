@@ -16,7 +16,7 @@ from pathlib import Path
 from benchlib import clients, maildir
 from benchlib.proc import BenchError, wait_until
 from benchlib.report import Results
-from benchlib.servers import DOMAIN, PASSWORD, RELAY_DOMAIN, Server
+from benchlib.servers import DOMAIN, PASSWORD, RELAY_DOMAIN, SENDER_DOMAIN, Server
 from benchlib.setup import Lab
 
 RCPT = f"u1@{DOMAIN}"
@@ -284,6 +284,7 @@ def relay_case(
 # --- sender authentication ------------------------------------------------------------------------
 
 AUTH_MX_CASE = SmtpCase(1 * KIB, 20, False, 2000, 300)
+AUTH_SENDER = f"sender@{SENDER_DOMAIN}"
 # postroom with SPF, DKIM and DMARC on; Postfix + OpenDKIM + OpenDMARC + policyd-spf; postroom
 # with them off. The first is the subject, the others the references.
 AUTH_MX = ["postroom-auth", "postfix-auth", "postroom-plain"]
@@ -322,7 +323,7 @@ def _check_verdicts(server: Server, message: Path) -> None:
         raise BenchError("no SMTP listener")
     box = server.mailbox(RCPT)
     maildir.clear(box)
-    clients.smtp_source(server.smtp, RCPT, 1, KIB, 1, False, 60, message)
+    clients.smtp_source(server.smtp, RCPT, 1, KIB, 1, False, 60, message, AUTH_SENDER)
     if wait_delivered(box, 1, 30) is None:
         raise BenchError(f"{server.name}: the signed message was not delivered")
     text = _newest(box).replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode(errors="replace")
@@ -364,7 +365,7 @@ def auth_cases(lab: Lab, results: Results, opts: Options) -> None:
     for server in available(lab, AUTH_MX):
         if server.smtp is not None:
             box = server.mailbox(RCPT)
-            clients.smtp_source(server.smtp, RCPT, warm, KIB, 20, False, 120, message)
+            clients.smtp_source(server.smtp, RCPT, warm, KIB, 20, False, 120, message, AUTH_SENDER)
             wait_delivered(box, warm, 60)
             maildir.clear(box)
     case = AUTH_MX_CASE
@@ -380,7 +381,9 @@ def auth_cases(lab: Lab, results: Results, opts: Options) -> None:
             raise BenchError("no SMTP listener")
         box = server.mailbox(RCPT)
         maildir.clear(box)
-        elapsed = clients.smtp_source(server.smtp, RCPT, n, KIB, 20, False, timeout, message)
+        elapsed = clients.smtp_source(
+            server.smtp, RCPT, n, KIB, 20, False, timeout, message, AUTH_SENDER
+        )
         rest = wait_delivered(box, n, timeout)
         if rest is None:
             raise BenchError(f"only {maildir.count(box)} of {n} messages reached the Maildir")

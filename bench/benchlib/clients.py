@@ -35,6 +35,7 @@ def smtp_source(
     keep_connection: bool,
     timeout: float,
     message_file: Path | None = None,
+    sender: str = "sender@src.test",
 ) -> float:
     """Run smtp-source; returns its wall time in seconds. Any non-2xx reply is a failure.
     With ``message_file`` that message is sent (``-F``) instead of one made of ``size``."""
@@ -45,21 +46,19 @@ def smtp_source(
         str(sessions),
         "-m",
         str(messages),
-        "-l",
-        str(size),
         "-f",
-        "sender@src.test",
+        sender,
         "-t",
         rcpt,
         "-M",
         SENDER_HELO,
-        "-S",
-        "bench",
     ]
     if keep_connection:
         cmd.append("-d")
     if message_file is not None:
         cmd += ["-F", str(message_file)]
+    else:
+        cmd += ["-l", str(size), "-S", "bench"]
     cmd.append(str(addr))
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)

@@ -53,7 +53,7 @@ class Lab:
     servers: dict[str, Server] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     zone: Zone | None = None
-    signed_message: Path | None = None  # the auth group's message, DKIM-signed by src.test
+    signed_message: Path | None = None  # the auth group's message, DKIM-signed
 
     def get(self, name: str) -> Server | None:
         return self.servers.get(name)

@@ -11,7 +11,8 @@ postroom server, both finding each other's records in the loopback DNS server:
 
 The reference daemons resolve through /etc/resolv.conf and port 53: the DNS server listens on
 port 53 of an address of its own and they run with a private /etc/resolv.conf (a mount
-namespace; the machine's file is not touched).
+namespace; the machine's file is not touched). The domains are under ``.example``, not
+``.test`` as elsewhere: the Unbound inside OpenDKIM answers ``.test`` names itself (RFC 6761).
 """
 
 from __future__ import annotations
@@ -121,48 +122,54 @@ def peer(server_factory: ServerFactory, tmp_path: Path) -> Iterator[Peer]:
     cleanup = proc.Cleanup()
     try:
         srv = server_factory(
-            domains=("a.test",),
+            domains=("a.example",),
             host=POSTROOM_IP,
             services=("smtp", "submission"),
             extra_toml=f'[dns]\nnameservers = ["{DNS_IP}:53"]\ntimeout = "2s"\n'
             f"[delivery]\nport = {pf.PORT_SMTP}\n",
         )
-        srv.add_user("alice@a.test", "pw")
-        srv.add_user("carol@a.test", "pw")
-        dns.load_master(srv.cli("dns", "a.test").stdout)
+        srv.add_user("alice@a.example", "pw")
+        srv.add_user("carol@a.example", "pw")
+        dns.load_master(srv.cli("dns", "a.example").stdout)
         # postroom's connections leave from the loopback's first address.
         for ip in (POSTROOM_IP, "127.0.0.1"):
-            dns.a("mx.a.test", ip)
-        key = authstack.make_key("b.test", "pf2026", "rsa")
-        dns.mx("b.test", 10, "mx.b.test")
-        dns.a("mx.b.test", POSTFIX_IP)
-        dns.txt("b.test", f"v=spf1 ip4:{POSTFIX_IP} -all")
-        dns.txt("_dmarc.b.test", "v=DMARC1; p=reject")
+            dns.a("mx.a.example", ip)
+        key = authstack.make_key("b.example", "pf2026", "rsa")
+        dns.mx("b.example", 10, "mx.b.example")
+        dns.a("mx.b.example", POSTFIX_IP)
+        dns.txt("b.example", f"v=spf1 ip4:{POSTFIX_IP} -all")
+        dns.txt("_dmarc.b.example", "v=DMARC1; p=reject")
         dns.txt(key.record_name, key.txt)
         resolv = authstack.write_resolv_conf(root / "resolv.conf", DNS_IP)
         milters = (
             authstack.start_opendkim(
-                root / "opendkim", POSTFIX_IP, "mx.b.test", [key], [SUBMITTER_IP], resolv, cleanup
+                root / "opendkim",
+                POSTFIX_IP,
+                "mx.b.example",
+                [key],
+                [SUBMITTER_IP],
+                resolv,
+                cleanup,
             ),
             authstack.start_opendmarc(
-                root / "opendmarc", POSTFIX_IP, "mx.b.test", [SUBMITTER_IP], resolv, cleanup
+                root / "opendmarc", POSTFIX_IP, "mx.b.example", [SUBMITTER_IP], resolv, cleanup
             ),
         )
-        spf_conf = authstack.policyd_spf_conf(root / "policyd-spf.conf", "mx.b.test")
-        cert, tls_key = tlscert.make_cert(root / "tls", "mx.b.test")
+        spf_conf = authstack.policyd_spf_conf(root / "policyd-spf.conf", "mx.b.example")
+        cert, tls_key = tlscert.make_cert(root / "tls", "mx.b.example")
         server = pf.start_postfix(
             root / "postfix",
             POSTFIX_IP,
-            "mx.b.test",
-            "b.test",
-            ["bob@b.test"],
+            "mx.b.example",
+            "b.example",
+            ["bob@b.example"],
             cert,
             tls_key,
             cleanup,
-            transports={"a.test": f"smtp:[{POSTROOM_IP}]:{srv.ports['smtp']}"},
+            transports={"a.example": f"smtp:[{POSTROOM_IP}]:{srv.ports['smtp']}"},
             auth=pf.AuthStack(milters, authstack.policyd_spf_service(spf_conf), resolv),
         )
-        yield Peer(srv, dns, root, server.mailbox("bob@b.test"))
+        yield Peer(srv, dns, root, server.mailbox("bob@b.example"))
     finally:
         cleanup.run_all()
         dns.stop()
@@ -171,14 +178,14 @@ def peer(server_factory: ServerFactory, tmp_path: Path) -> Iterator[Peer]:
 
 def _submit(srv: Server, rcpt: str, subject: str) -> None:
     body = (
-        f"From: Alice <alice@a.test>\r\nTo: <{rcpt}>\r\nSubject: {subject}\r\n"
+        f"From: Alice <alice@a.example>\r\nTo: <{rcpt}>\r\nSubject: {subject}\r\n"
         "Date: Mon, 01 Jan 2024 00:00:00 +0000\r\n"
-        f"Message-ID: <{subject.replace(' ', '.')}@a.test>\r\n\r\nhello\r\n"
+        f"Message-ID: <{subject.replace(' ', '.')}@a.example>\r\n\r\nhello\r\n"
     ).encode()
     with smtplib.SMTP(srv.host, srv.ports["submission"], timeout=30) as c:
         c.starttls(context=insecure())
-        c.login("alice@a.test", "pw")
-        c.sendmail("alice@a.test", [rcpt], body)
+        c.login("alice@a.example", "pw")
+        c.sendmail("alice@a.example", [rcpt], body)
 
 
 def test_opendkim_and_opendmarc_pass_what_postroom_signs(peer: Peer) -> None:
@@ -186,42 +193,42 @@ def test_opendkim_and_opendmarc_pass_what_postroom_signs(peer: Peer) -> None:
     # postroom signs once it has seen its keys in DNS: wait for that on local mail.
     deadline = time.monotonic() + 30
     for n in range(1, 100):
-        _submit(srv, "carol@a.test", f"local {n}")
-        got = srv.wait_messages("carol@a.test", n)
+        _submit(srv, "carol@a.example", f"local {n}")
+        got = srv.wait_messages("carol@a.example", n)
         if len(got) == n and got[-1].count(b"DKIM-Signature:") == 2:
             break
         assert time.monotonic() < deadline, "postroom never signed"
         time.sleep(0.5)
-    _submit(srv, "bob@b.test", "to the reference")
+    _submit(srv, "bob@b.example", "to the reference")
     got = peer.postfix_messages(1)
     assert len(got) == 1, peer.logs()
     results = _header_fields(got[0], "Authentication-Results")
-    ours = [r for r in results if r.lower().startswith("mx.b.test")]
+    ours = [r for r in results if r.lower().startswith("mx.b.example")]
     dkim = _dkim_verdicts(ours)
     print("OpenDKIM/OpenDMARC/policyd-spf said:", *ours, sep="\n  ")
     # Debian 12's OpenDKIM 2.11 verifies RFC 8463 (Ed25519) signatures too.
     assert dkim == {"rsa-sha256": "pass", "ed25519-sha256": "pass"}, (ours, peer.logs())
-    assert any("dmarc=pass" in r and "header.from=a.test" in r for r in ours), ours
-    assert any("spf=pass" in r and "smtp.mailfrom=a.test" in r for r in ours), ours
+    assert any("dmarc=pass" in r and "header.from=a.example" in r for r in ours), ours
+    assert any("spf=pass" in r and "smtp.mailfrom=a.example" in r for r in ours), ours
 
 
 def test_postroom_passes_what_opendkim_signs(peer: Peer) -> None:
     body = (
-        b"From: Bob <bob@b.test>\r\nTo: <alice@a.test>\r\nSubject: from the reference\r\n"
-        b"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\nMessage-ID: <ref.1@b.test>\r\n\r\n"
+        b"From: Bob <bob@b.example>\r\nTo: <alice@a.example>\r\nSubject: from the reference\r\n"
+        b"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\nMessage-ID: <ref.1@b.example>\r\n\r\n"
         b"signed by OpenDKIM\r\n"
     )
     with smtplib.SMTP(POSTFIX_IP, 2525, timeout=30, source_address=(SUBMITTER_IP, 0)) as c:
         try:
-            c.sendmail("bob@b.test", ["alice@a.test"], body)
+            c.sendmail("bob@b.example", ["alice@a.example"], body)
         except smtplib.SMTPException as exc:
             raise AssertionError(peer.logs()) from exc
-    got = peer.srv.wait_messages("alice@a.test", 1, timeout=30)
+    got = peer.srv.wait_messages("alice@a.example", 1, timeout=30)
     assert len(got) == 1, peer.logs()
     assert b"DKIM-Signature:" in got[0] and b"s=pf2026" in got[0], got[0][:2000]
     results = _header_fields(got[0], "Authentication-Results")
-    ours = [r for r in results if r.lower().startswith("mx.a.test;")]
+    ours = [r for r in results if r.lower().startswith("mx.a.example;")]
     assert len(ours) == 1, results
     print("postroom said:", ours[0])
-    for part in ("spf=pass smtp.mailfrom=b.test", "dkim=pass header.d=b.test", "dmarc=pass"):
+    for part in ("spf=pass smtp.mailfrom=b.example", "dkim=pass header.d=b.example", "dmarc=pass"):
         assert part in ours[0], ours[0]
