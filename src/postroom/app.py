@@ -26,6 +26,7 @@ from typing import Any, cast
 from postroom import config as config_mod
 from postroom import lifetime, logs
 from postroom import tls as tls_mod
+from postroom.auth.helper import DkimHelper
 from postroom.auth.keys import LocalKeyStore
 from postroom.auth.lookup import DnsCache
 from postroom.auth.service import QueueMessage, SenderAuth
@@ -64,6 +65,7 @@ def build_services(
         DnsCache(cfg.dns, size=cfg.dns.cache_size),
         LocalKeyStore(cfg.data_dir),
         run_blocking=services.io.run,
+        helper=DkimHelper(services.cpus[1] if services.cpus else None),
     )
     runner = QueueRunner(services)
     services.intake = runner

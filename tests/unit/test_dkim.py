@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from postroom.auth import dkim_sign, dkim_verify, keys
+from postroom.auth import dkim_sign, dkim_verify, helper, keys
 from postroom.auth.lookup import Answer
 
 MESSAGE = (
@@ -132,3 +132,19 @@ def test_missing_or_failed_keys(key_pair: tuple[keys.DkimKey, keys.DkimKey]) -> 
     assert {r for _, r in _results(message, absent)} == {"permerror"}
     garbled = message.replace(b"a=rsa-sha256", b"a=rsa-sha512")
     assert ("rsa-sha512", "permerror") in _results(garbled, _records(key_pair))
+
+
+def test_helper_jobs_round_trip_and_refuse_garbage(
+    key_pair: tuple[keys.DkimKey, keys.DkimKey],
+) -> None:
+    signers = [dkim_sign.SigningKey("a.test", k.selector, k.private_key()) for k in key_pair]
+    header = helper.run_sign(helper.encode_sign(MESSAGE, signers, 1700000000))
+    assert header == dkim_sign.sign(MESSAGE, signers, 1700000000)  # both are deterministic
+    message = header + MESSAGE
+    zone = _records(key_pair)
+    sigs = dkim_verify.signatures(message[: message.find(b"\r\n\r\n") + 2])
+    done = helper.decode_verify(helper.run_verify(helper.encode_verify(message, zone, sigs)))
+    assert done == dkim_verify.verify(message, zone)
+    assert {r.result for r in done} == {"pass"}
+    frame = helper.answer(7, helper.VERIFY, b"not marshal")
+    assert frame[:9] == helper._FRAME.pack(7, helper.FAILED, len(frame) - 9)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from postroom.auth import dkim_sign, dkim_verify, dmarc, keys, records, reports, results, spf
+from postroom.auth.helper import DkimHelper, HelperError
 from postroom.auth.lookup import Answer, DnsCache
 from postroom.config import Config
 from postroom.wire.replies import Reply
@@ -39,7 +40,6 @@ log = logging.getLogger("postroom")
 DMARC_REJECT = Reply(550, "5.7.1", ("Rejected by the DMARC policy of the From domain",))
 QUARANTINE_HEADER = b"X-Spam-Flag: YES\r\n"
 RECHECK = 2.0  # seconds between on-demand looks for a pending key in DNS
-INLINE_VERIFY = 256 << 10  # larger messages are DKIM-verified in a thread
 verdicts: Counter[tuple[str, str]] = Counter()
 
 
@@ -78,6 +78,7 @@ class SenderAuth:
         store: keys.KeyStore,
         *,
         run_blocking: Callable[..., Awaitable[object]] | None = None,
+        helper: DkimHelper | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
@@ -87,6 +88,7 @@ class SenderAuth:
         self.clock = clock
         self.rng = rng or random.Random()
         self._run_blocking = run_blocking
+        self._helper = helper
         self._keys: dict[str, tuple[object, list[keys.DkimKey], list[dkim_sign.SigningKey]]] = {}
         self._last_look: dict[str, float] = {}
         self._looking: dict[str, asyncio.Task[None]] = {}
@@ -190,13 +192,30 @@ class SenderAuth:
         _, signers = self._domain_keys(domain)
         if not signers:
             return
-        now = int(self.clock())
-        if self._run_blocking is not None:
-            header = await self._run_blocking(dkim_sign.sign, whole, signers, now)
-        else:
-            header = dkim_sign.sign(whole, signers, now)
+        header = await self._do(self._sign_job(whole, signers, int(self.clock())))
         assert isinstance(header, bytes)
         message.replace(header + whole)
+
+    def _sign_job(
+        self, whole: bytes, signers: list[dkim_sign.SigningKey], now: int
+    ) -> tuple[Callable[[], Awaitable[object]] | None, Callable[[], object]]:
+        helper = self._helper
+        remote = (lambda: helper.sign(whole, signers, now)) if helper else None
+        return remote, lambda: dkim_sign.sign(whole, signers, now)
+
+    async def _do(
+        self, job: tuple[Callable[[], Awaitable[object]] | None, Callable[[], object]]
+    ) -> object:
+        """A DKIM job in the helper process; here (in a thread) if it cannot take it."""
+        remote, local = job
+        if remote is not None:
+            try:
+                return await remote()
+            except HelperError as exc:
+                log.info("DKIM job done in the server: %s", exc)
+        if self._run_blocking is not None:
+            return await self._run_blocking(local)
+        return local()
 
     async def verify(self, whole: bytes, client_ip: str, helo: str, sender: str) -> Verdict:
         """SPF, DKIM and DMARC of one message, all within ``[auth] check_timeout``.
@@ -216,10 +235,14 @@ class SenderAuth:
             spf_result, key_answers, policy = await self._ask(
                 spf_result, key_answers, policy, names, single, client_ip, helo, sender
             )
-        if len(whole) > INLINE_VERIFY and self._run_blocking is not None:
-            dkim_results = await self._run_blocking(dkim_verify.verify, whole, key_answers, sigs)
-        else:  # a small message costs less than the hand-over to a thread
-            dkim_results = dkim_verify.verify(whole, key_answers, sigs)
+        helper = self._helper
+        keys = key_answers
+        dkim_results = await self._do(
+            (
+                (lambda: helper.verify(whole, keys, sigs)) if helper else None,
+                lambda: dkim_verify.verify(whole, keys, sigs),
+            )
+        )
         assert isinstance(dkim_results, list)
         dmarc_result = dmarc.evaluate(from_domains, policy, spf_result, dkim_results, self.rng)
         return Verdict(spf_result, dkim_results, dmarc_result)
