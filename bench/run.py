@@ -27,13 +27,15 @@ from benchlib.proc import BenchError, Cleanup
 from benchlib.setup import HOSTS, Lab, bring_up
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("smtp", "submission", "pop3", "relay", "auth")
+GROUPS = ("smtp", "submission", "pop3", "relay", "auth-mx", "auth-submission")
+ALIASES = {"auth": ("auth-mx", "auth-submission")}
 NEEDS = {
     "smtp": {"postroom", "postfix", "aiosmtpd"},
     "submission": {"postroom", "postfix", "dovecot"},
     "pop3": {"postroom", "dovecot"},
     "relay": {"postroom", "postfix", "dovecot"},
-    "auth": {"postroom-auth", "postroom-plain", "postfix-auth"},
+    "auth-mx": {"postroom-auth", "postroom-plain", "postfix-auth"},
+    "auth-submission": {"postroom-auth", "postroom-plain"},
 }
 
 
@@ -44,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cases",
         default=",".join(GROUPS),
-        help=f"comma-separated groups: {', '.join(GROUPS)} (default: all)",
+        help=f"comma-separated groups: {', '.join(GROUPS)}; auth = both auth ones (default: all)",
     )
     parser.add_argument(
         "--runs",
@@ -93,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="command to run postroom (default: '<python> -m postroom' with src/ on PYTHONPATH)",
     )
     args = parser.parse_args(argv)
-    args.groups = [g.strip() for g in args.cases.split(",") if g.strip()]
+    named = [g.strip() for g in args.cases.split(",") if g.strip()]
+    args.groups = list(dict.fromkeys(x for g in named for x in ALIASES.get(g, (g,))))
     unknown = set(args.groups) - set(GROUPS)
     if unknown:
         parser.error(f"--cases: unknown group(s) {', '.join(sorted(unknown))}")
@@ -120,8 +123,10 @@ def run_cases(args: argparse.Namespace, lab: Lab, results: report.Results) -> No
                 cases.pop3_case(lab, results, opts, clients, stls)
     if "relay" in args.groups:
         cases.relay_case(lab, results, opts)
-    if "auth" in args.groups:
-        cases.auth_cases(lab, results, opts)
+    if "auth-mx" in args.groups or "auth-submission" in args.groups:
+        cases.auth_cases(
+            lab, results, opts, "auth-mx" in args.groups, "auth-submission" in args.groups
+        )
 
 
 def markdown(args: argparse.Namespace, results: report.Results, root: Path, started: float) -> str:

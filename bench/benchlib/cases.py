@@ -344,8 +344,9 @@ def _check_verdicts(server: Server, message: Path) -> None:
     print(f"  {server.name}: " + " | ".join(r.split(":", 1)[1].strip() for r in results))
 
 
-def auth_cases(lab: Lab, results: Results, opts: Options) -> None:
-    """The sender-authentication group: checks before and then the MX and submission cases."""
+def auth_cases(lab: Lab, results: Results, opts: Options, mx: bool, submission: bool) -> None:
+    """The sender-authentication groups: what each server finds in the signed message, then
+    the MX case (``mx``) and the submission cases (``submission``)."""
     message = lab.signed_message
     assert message is not None
     print("sender authentication: checking that every server sees spf, dkim, dmarc pass")
@@ -361,6 +362,19 @@ def auth_cases(lab: Lab, results: Results, opts: Options) -> None:
             lab.failed[name] = str(exc)
             del lab.servers[name]
             print(f"  {name}: FAILED: {str(exc)[:500]}", flush=True)
+    if mx:
+        _auth_mx_case(lab, results, opts, message)
+    if submission:
+        for per_connection, full, quick in ((5, 300, 60), (100, 2000, 400)):
+            n = quick if opts.quick else full
+            row = (
+                f"submission, DKIM signing on vs off: 1 KiB, 4 clients, {per_connection} "
+                f"msgs/conn (n={n})"
+            )
+            _submission_rows(lab, results, opts, row, AUTH_SUBMISSION, per_connection, n)
+
+
+def _auth_mx_case(lab: Lab, results: Results, opts: Options, message: Path) -> None:
     warm = opts.count(400, 80)
     for server in available(lab, AUTH_MX):
         if server.smtp is not None:
@@ -391,10 +405,3 @@ def auth_cases(lab: Lab, results: Results, opts: Options) -> None:
 
     print(row, flush=True)
     interleave(lab, results, [row, e2e], AUTH_MX, opts.runs, measure)
-    for per_connection, full, quick in ((5, 300, 60), (100, 2000, 400)):
-        n = quick if opts.quick else full
-        row = (
-            f"submission, DKIM signing on vs off: 1 KiB, 4 clients, {per_connection} msgs/conn "
-            f"(n={n})"
-        )
-        _submission_rows(lab, results, opts, row, AUTH_SUBMISSION, per_connection, n)
