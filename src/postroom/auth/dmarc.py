@@ -140,7 +140,12 @@ def _candidates(from_domain: str) -> list[str]:
 
 
 def cached_policy(cache: DnsCache, from_domain: str) -> Policy | None:
-    """:func:`discover` from the cache alone; None when something must be asked."""
+    """:func:`discover` from the cache alone; None when something must be asked. The policy
+    is kept as long as the answers it was read from (no record parsed per message)."""
+    key = ("dmarc", from_domain)
+    kept = cache.recall(key)
+    if isinstance(kept, Policy):
+        return kept
     answers = []
     for domain in _candidates(from_domain):
         answer = cache.peek(f"_dmarc.{domain}", "TXT")
@@ -149,8 +154,12 @@ def cached_policy(cache: DnsCache, from_domain: str) -> Policy | None:
         answers.append((domain, answer))
         found = _policy_from(answers)
         if found is not None:
-            return found
-    return Policy(None)
+            break
+    else:
+        found = Policy(None)
+    if not found.temporary:
+        cache.keep(key, found, [(f"_dmarc.{domain}", "TXT") for domain, _ in answers])
+    return found
 
 
 async def discover(cache: DnsCache, from_domain: str) -> Policy:

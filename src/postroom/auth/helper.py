@@ -99,6 +99,7 @@ def run_sign(payload: bytes) -> bytes:
     return dkim_sign.sign(message, keys, now)
 
 
+@lru_cache(maxsize=64)  # the server's key objects live as long as its key cache entry
 def _pem(key: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar, cast
 
 from postroom.auth import dkim_sign, dkim_verify, dmarc, keys, records, reports, results, spf
 from postroom.auth.helper import DkimHelper, HelperError
@@ -40,6 +40,8 @@ log = logging.getLogger("postroom")
 DMARC_REJECT = Reply(550, "5.7.1", ("Rejected by the DMARC policy of the From domain",))
 QUARANTINE_HEADER = b"X-Spam-Flag: YES\r\n"
 RECHECK = 2.0  # seconds between on-demand looks for a pending key in DNS
+INLINE_JOB = 256 << 10  # without the helper, larger messages are signed/verified in a thread
+T = TypeVar("T")
 verdicts: Counter[tuple[str, str]] = Counter()
 
 
@@ -192,29 +194,28 @@ class SenderAuth:
         _, signers = self._domain_keys(domain)
         if not signers:
             return
-        header = await self._do(self._sign_job(whole, signers, int(self.clock())))
-        assert isinstance(header, bytes)
+        now = int(self.clock())
+        header = await self._dkim_job(
+            len(whole),
+            lambda helper: helper.sign(whole, signers, now),
+            lambda: dkim_sign.sign(whole, signers, now),
+        )
         message.replace(header + whole)
 
-    def _sign_job(
-        self, whole: bytes, signers: list[dkim_sign.SigningKey], now: int
-    ) -> tuple[Callable[[], Awaitable[object]] | None, Callable[[], object]]:
-        helper = self._helper
-        remote = (lambda: helper.sign(whole, signers, now)) if helper else None
-        return remote, lambda: dkim_sign.sign(whole, signers, now)
-
-    async def _do(
-        self, job: tuple[Callable[[], Awaitable[object]] | None, Callable[[], object]]
-    ) -> object:
-        """A DKIM job in the helper process; here (in a thread) if it cannot take it."""
-        remote, local = job
-        if remote is not None:
+    async def _dkim_job(
+        self, size: int, remote: Callable[[DkimHelper], Awaitable[T]], local: Callable[[], T]
+    ) -> T:
+        """A DKIM job in the helper process; here if it cannot take it (in a thread for a large
+        message, so that the event loop gets its turns; inline otherwise: the job holds the
+        GIL either way, and the hand-over costs more than a small job)."""
+        if self._helper is not None:
             try:
-                return await remote()
+                return await remote(self._helper)
             except HelperError as exc:
                 log.info("DKIM job done in the server: %s", exc)
-        if self._run_blocking is not None:
-            return await self._run_blocking(local)
+        if size > INLINE_JOB and self._run_blocking is not None:
+            result = await self._run_blocking(local)
+            return cast(T, result)
         return local()
 
     async def verify(self, whole: bytes, client_ip: str, helo: str, sender: str) -> Verdict:
@@ -235,15 +236,12 @@ class SenderAuth:
             spf_result, key_answers, policy = await self._ask(
                 spf_result, key_answers, policy, names, single, client_ip, helo, sender
             )
-        helper = self._helper
         keys = key_answers
-        dkim_results = await self._do(
-            (
-                (lambda: helper.verify(whole, keys, sigs)) if helper else None,
-                lambda: dkim_verify.verify(whole, keys, sigs),
-            )
+        dkim_results = await self._dkim_job(
+            len(whole),
+            lambda helper: helper.verify(whole, keys, sigs),
+            lambda: dkim_verify.verify(whole, keys, sigs),
         )
-        assert isinstance(dkim_results, list)
         dmarc_result = dmarc.evaluate(from_domains, policy, spf_result, dkim_results, self.rng)
         return Verdict(spf_result, dkim_results, dmarc_result)
 
