@@ -17,8 +17,11 @@ PURE = [
     "wire/replies.py",
     "pop3/engine.py",
     "sasl.py",
+    "passwords.py",
+    "clienthello.py",
     "queue/schedule.py",
     "delivery/dsn.py",
+    "delivery/mime_downgrade.py",
 ]
 FORBIDDEN = {"asyncio", "socket", "os", "ssl", "subprocess", "selectors"}
 
