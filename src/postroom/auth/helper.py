@@ -9,10 +9,12 @@ job into a socket and reads the answer like any other connection. One helper per
 process, started on first use.
 
 The child is ``python -m postroom.auth.helper FD PARENT_PID CPU``, a fresh interpreter with the
-server's interpreter options. It ignores SIGINT/SIGTERM, exits when the server's end of the
-socket closes, and is killed by the kernel if the server dies. The server never depends on
-it: if it cannot be started, dies, or does not answer within ``TIMEOUT``, the job is done in
-the server process as before (and a new child is started for the next one).
+server's interpreter options, started in the background at the first job; it says when it is
+ready (an answer with id 0). It ignores SIGINT/SIGTERM, exits when the server's end of the
+socket closes, and is killed by the kernel if the server dies. The server never waits for it
+and never depends on it: until it is ready, and if it cannot be started, dies, or does not
+answer within ``TIMEOUT``, jobs are done in the server process (and the next job starts a new
+child).
 
 Wire format, little-endian: job ``<IBI`` id, kind (1 verify, 2 sign), length, then the
 arguments; answer ``<IBI`` id, status (0 done, 1 failed: the payload is the error text),
@@ -52,13 +54,19 @@ log = logging.getLogger("postroom")
 _FRAME = struct.Struct("<IBI")
 VERIFY, SIGN = 1, 2
 DONE, FAILED = 0, 1
+READY = 0  # the id of the child's first answer: it has started
 TIMEOUT = 60.0  # seconds: far more than any message takes; a hung child is replaced
-RETRY = 30.0  # seconds before a child that could not be started is tried again
+START_TIMEOUT = 30.0  # seconds for a new child to say it is ready
+RETRY = 30.0  # seconds before a child that could not be started twice in a row is tried again
 _READ = 1 << 20
 
 
 class HelperError(Exception):
     """The helper could not do the job (not started, died, timed out): do it here."""
+
+
+class HelperNotReady(HelperError):
+    """The helper is being started (in the background): do this job here."""
 
 
 # -- the jobs (run in the child; pure) -------------------------------------------------------
@@ -134,6 +142,7 @@ def serve(fd: int, parent: int, cpu: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     lifetime.die_with_parent(parent)
     sock = socket.socket(fileno=fd)
+    sock.sendall(_FRAME.pack(READY, DONE, 0))  # imported and listening: jobs may come
     buf = bytearray()
     room = memoryview(bytearray(_READ))
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the server is gone
@@ -164,9 +173,10 @@ class DkimHelper:
         self.cpu = cpu  # the CPU the child keeps to (``pin_cpus``)
         self._proc: subprocess.Popen[bytes] | None = None
         self._answers: _Answers | None = None
-        self._starting: asyncio.Future[_Answers] | None = None
+        self._starting: asyncio.Future[None] | None = None
         self._next_id = 0
         self._retry_at = 0.0
+        self._failed_starts = 0
 
     async def verify(
         self, message: bytes, keys: dict[str, Answer], sigs: list[dict[bytes, bytes]]
@@ -177,14 +187,9 @@ class DkimHelper:
         return await self._call(SIGN, encode_sign(message, keys, now))
 
     async def _call(self, kind: int, payload: bytes) -> bytes:
-        if time.monotonic() < self._retry_at:
-            raise HelperError("the DKIM helper could not be started lately")
-        try:
-            answers = await self._start()
-        except (OSError, subprocess.SubprocessError) as exc:
-            self._retry_at = time.monotonic() + RETRY
-            log.warning("cannot start the DKIM helper (jobs done in the server): %s", exc)
-            raise HelperError(f"cannot start the DKIM helper: {exc}") from exc
+        answers = self._ready()
+        if answers is None:
+            raise HelperNotReady("the DKIM helper is not running yet")
         self._next_id = job_id = self._next_id % 0xFFFFFFFF + 1
         waiter: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         answers.waiters[job_id] = waiter
@@ -193,7 +198,7 @@ class DkimHelper:
             status, result = await asyncio.wait_for(waiter, TIMEOUT)
         except TimeoutError:
             answers.waiters.pop(job_id, None)
-            self._reap()  # hung: the next job gets a new child
+            self._reap()  # hung: the next job starts a new child
             raise HelperError("the DKIM helper did not answer") from None
         except OSError as exc:
             raise HelperError(str(exc)) from exc
@@ -201,18 +206,29 @@ class DkimHelper:
             raise HelperError(result.decode("utf-8", "replace"))
         return result
 
-    async def _start(self) -> _Answers:
+    def _ready(self) -> _Answers | None:
+        """The running child's connection; else None, and a child is started in the
+        background (unless one is starting, or one could not be started lately)."""
         answers = self._answers
         if answers is not None and not answers.closed.done():
             return answers
-        starting = self._starting
-        if starting is None:  # the first caller spawns; the others wait for the same child
-            starting = self._starting = asyncio.ensure_future(self._spawn())
+        self._answers = None
+        if self._starting is None and time.monotonic() >= self._retry_at:
+            self._starting = asyncio.ensure_future(self._start())
+        return None
+
+    async def _start(self) -> None:
         try:
-            return await asyncio.shield(starting)
+            self._answers = await asyncio.wait_for(self._spawn(), START_TIMEOUT)
+            self._failed_starts = 0
+        except (OSError, subprocess.SubprocessError, TimeoutError) as exc:
+            self._reap()
+            self._failed_starts += 1
+            if self._failed_starts >= 2:  # not a passing accident: wait before the next try
+                self._retry_at = time.monotonic() + RETRY
+            log.warning("cannot start the DKIM helper (its jobs are done in the server): %r", exc)
         finally:
-            if starting.done() and self._starting is starting:
-                self._starting = None
+            self._starting = None
 
     async def _spawn(self) -> _Answers:
         self._reap()
@@ -225,7 +241,7 @@ class DkimHelper:
             )
         loop = asyncio.get_running_loop()
         _transport, answers = await loop.create_unix_connection(_Answers, sock=ours)
-        self._answers = answers
+        await answers.ready
         return answers
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -239,6 +255,7 @@ class DkimHelper:
         self._reap()
 
     def _reap(self) -> None:
+        """Kill the child if it still runs (its socket is gone: it cannot be told anything)."""
         if self._answers is not None:
             with contextlib.suppress(RuntimeError):  # its loop is closed already
                 self._answers.transport.close()
@@ -255,8 +272,10 @@ class _Answers(asyncio.Protocol):
     def __init__(self) -> None:
         self.waiters: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self.buf = bytearray()
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()  # the child's first answer
         # Done once the connection is lost: the child is gone, a new one must be started.
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
@@ -270,6 +289,8 @@ class _Answers(asyncio.Protocol):
             end = pos + _FRAME.size + length
             if end > len(buf):
                 break
+            if job_id == READY and not self.ready.done():
+                self.ready.set_result(None)
             waiter = self.waiters.pop(job_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result((status, bytes(buf[pos + _FRAME.size : end])))
@@ -281,6 +302,8 @@ class _Answers(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_exception(OSError("the DKIM helper process exited"))
         self.waiters.clear()
+        if not self.ready.done():
+            self.ready.set_exception(OSError("the DKIM helper process exited at start"))
         if not self.closed.done():
             self.closed.set_result(None)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar, cast
 
 from postroom.auth import dkim_sign, dkim_verify, dmarc, keys, records, reports, results, spf
-from postroom.auth.helper import DkimHelper, HelperError
+from postroom.auth.helper import DkimHelper, HelperError, HelperNotReady
 from postroom.auth.lookup import Answer, DnsCache
 from postroom.config import Config
 from postroom.wire.replies import Reply
@@ -211,6 +211,8 @@ class SenderAuth:
         if self._helper is not None:
             try:
                 return await remote(self._helper)
+            except HelperNotReady:
+                pass
             except HelperError as exc:
                 log.info("DKIM job done in the server: %s", exc)
         if size > INLINE_JOB and self._run_blocking is not None:
@@ -237,10 +239,14 @@ class SenderAuth:
                 spf_result, key_answers, policy, names, single, client_ip, helo, sender
             )
         keys = key_answers
-        dkim_results = await self._dkim_job(
-            len(whole),
-            lambda helper: helper.verify(whole, keys, sigs),
-            lambda: dkim_verify.verify(whole, keys, sigs),
+        dkim_results = (
+            await self._dkim_job(
+                len(whole),
+                lambda helper: helper.verify(whole, keys, sigs),
+                lambda: dkim_verify.verify(whole, keys, sigs),
+            )
+            if sigs
+            else []  # no signature: nothing to verify (dkim=none)
         )
         dmarc_result = dmarc.evaluate(from_domains, policy, spf_result, dkim_results, self.rng)
         return Verdict(spf_result, dkim_results, dmarc_result)
