@@ -225,15 +225,8 @@ def start_opendkim(
             ]
         )
     )
-    log = root / "opendkim.log"
-    proc = start_daemon(
-        private_resolv_conf(["opendkim", "-f", "-x", str(conf)], resolv_conf),
-        log,
-        cleanup,
-        "opendkim",
-    )
-    wait_port(host, OPENDKIM_PORT, proc=proc, log=log)
-    return f"inet:{host}:{OPENDKIM_PORT}"
+    cmd = ["opendkim", "-f", "-x", str(conf)]
+    return _start_milter(root, "opendkim", cmd, host, OPENDKIM_PORT, resolv_conf, cleanup)
 
 
 def start_opendmarc(
@@ -268,15 +261,24 @@ def start_opendmarc(
     if PSL.exists():
         lines.append(f"PublicSuffixList {PSL}")
     conf.write_text("\n".join(lines) + "\n")
-    log = root / "opendmarc.log"
-    proc = start_daemon(
-        private_resolv_conf(["opendmarc", "-f", "-c", str(conf)], resolv_conf),
-        log,
-        cleanup,
-        "opendmarc",
-    )
-    wait_port(host, OPENDMARC_PORT, proc=proc, log=log)
-    return f"inet:{host}:{OPENDMARC_PORT}"
+    cmd = ["opendmarc", "-f", "-c", str(conf)]
+    return _start_milter(root, "opendmarc", cmd, host, OPENDMARC_PORT, resolv_conf, cleanup)
+
+
+def _start_milter(
+    root: Path,
+    name: str,
+    cmd: list[str],
+    host: str,
+    port: int,
+    resolv_conf: Path,
+    cleanup: Cleanup,
+) -> str:
+    """Run a milter in the foreground with the private resolv.conf; its address for Postfix."""
+    log = root / f"{name}.log"
+    proc = start_daemon(private_resolv_conf(cmd, resolv_conf), log, cleanup, name)
+    wait_port(host, port, proc=proc, log=log)
+    return f"inet:{host}:{port}"
 
 
 def policyd_spf_conf(path: Path, authserv_id: str) -> Path:

@@ -142,7 +142,18 @@ def smtp_case(lab: Lab, results: Results, opts: Options, case: SmtpCase) -> None
     names = ["postroom", "postfix", "aiosmtpd"]
     results.declare(accept_row, "msg/s", names)
     results.declare(e2e_row, "msg/s", names[:2])
+    measure = accept_and_deliver(case, n)
+    print(f"{accept_row}", flush=True)
+    interleave(lab, results, [accept_row, e2e_row], names, opts.runs, measure)
+
+
+def accept_and_deliver(
+    case: SmtpCase, n: int, message: Path | None = None, sender: str | None = None
+) -> Callable[[Server], list[float]]:
+    """Measure: ``n`` messages by smtp-source (made of ``case.size``, or the file ``message``
+    from ``sender``); [accepted per second, delivered to the Maildir per second]."""
     timeout = 60 + n * case.size / 2e6 + n / 20
+    extra = (message, sender) if message is not None and sender is not None else ()
 
     def measure(server: Server) -> list[float]:
         if server.smtp is None:
@@ -150,7 +161,7 @@ def smtp_case(lab: Lab, results: Results, opts: Options, case: SmtpCase) -> None
         box = server.mailbox(RCPT)
         maildir.clear(box)
         elapsed = clients.smtp_source(
-            server.smtp, RCPT, n, case.size, case.sessions, case.keep_connection, timeout
+            server.smtp, RCPT, n, case.size, case.sessions, case.keep_connection, timeout, *extra
         )
         rest = wait_delivered(box, n, timeout)
         if rest is None:
@@ -160,8 +171,7 @@ def smtp_case(lab: Lab, results: Results, opts: Options, case: SmtpCase) -> None
             )
         return [n / elapsed, n / (elapsed + rest)]
 
-    print(f"{accept_row}", flush=True)
-    interleave(lab, results, [accept_row, e2e_row], names, opts.runs, measure)
+    return measure
 
 
 # --- submission ---------------------------------------------------------------------------------
@@ -388,20 +398,6 @@ def _auth_mx_case(lab: Lab, results: Results, opts: Options, message: Path) -> N
     e2e = f"MX end-to-end, SPF+DKIM+DMARC: 1 KiB signed, 20 sessions, 1 msg/conn (n={n})"
     results.declare(row, "msg/s", shown_names(lab, AUTH_MX))
     results.declare(e2e, "msg/s", shown_names(lab, AUTH_MX))
-    timeout = 60 + n / 20
-
-    def measure(server: Server) -> list[float]:
-        if server.smtp is None:
-            raise BenchError("no SMTP listener")
-        box = server.mailbox(RCPT)
-        maildir.clear(box)
-        elapsed = clients.smtp_source(
-            server.smtp, RCPT, n, KIB, 20, False, timeout, message, AUTH_SENDER
-        )
-        rest = wait_delivered(box, n, timeout)
-        if rest is None:
-            raise BenchError(f"only {maildir.count(box)} of {n} messages reached the Maildir")
-        return [n / elapsed, n / (elapsed + rest)]
-
+    measure = accept_and_deliver(case, n, message, AUTH_SENDER)
     print(row, flush=True)
     interleave(lab, results, [row, e2e], AUTH_MX, opts.runs, measure)

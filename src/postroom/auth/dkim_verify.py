@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from postroom.auth.dkim_sign import Collect
 from postroom.auth.lookup import Answer, DnsCache
 
 MAX_SIGNATURES = 10
@@ -192,26 +193,13 @@ class _Verifier(dkim.DKIM):  # type: ignore[misc]
             return False  # body hash mismatch
         if b"from" in include_headers:
             include_headers.append(b"from")  # as dkimpy: an added From field breaks it
-        collect = _Collect()
+        collect = Collect()
         # Only the fields h= names take part: canonicalize those alone (in their order).
         named = set(include_headers)
         headers = canon.canonicalize_headers([h for h in self.headers if h[0].lower() in named])
         dkim.hash_headers(collect, canon, headers, include_headers, sig_headers[idx], sig)
         signature = base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"]))
         return key.verify(signature, collect.data())
-
-
-class _Collect:
-    """The ``hasher`` dkimpy's ``hash_headers`` feeds: keeps the octets for the check."""
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-
-    def update(self, data: bytes) -> None:
-        self._parts.append(data)
-
-    def data(self) -> bytes:
-        return b"".join(self._parts)
 
 
 def verify(

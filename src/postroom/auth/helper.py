@@ -133,6 +133,22 @@ def answer(job_id: int, kind: int, payload: bytes) -> bytes:
     return _FRAME.pack(job_id, status, len(result)) + result
 
 
+def frames(buf: bytearray) -> list[tuple[int, int, bytes]]:
+    """The whole frames at the start of ``buf`` (removed from it): (id, kind or status,
+    payload); an incomplete one stays for the next read."""
+    out = []
+    pos = 0
+    while len(buf) - pos >= _FRAME.size:
+        job_id, code, length = _FRAME.unpack_from(buf, pos)
+        end = pos + _FRAME.size + length
+        if end > len(buf):
+            break
+        out.append((job_id, code, bytes(buf[pos + _FRAME.size : end])))
+        pos = end
+    del buf[:pos]
+    return out
+
+
 def serve(fd: int, parent: int, cpu: int) -> None:
     """The child's main loop: read what has come, do each job, answer; exit at end of input."""
     if cpu >= 0:
@@ -148,16 +164,7 @@ def serve(fd: int, parent: int, cpu: int) -> None:
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the server is gone
         while size := sock.recv_into(room):
             buf += room[:size]
-            out = []
-            pos = 0
-            while len(buf) - pos >= _FRAME.size:
-                job_id, kind, length = _FRAME.unpack_from(buf, pos)
-                end = pos + _FRAME.size + length
-                if end > len(buf):
-                    break
-                out.append(answer(job_id, kind, bytes(buf[pos + _FRAME.size : end])))
-                pos = end
-            del buf[:pos]
+            out = [answer(job_id, kind, payload) for job_id, kind, payload in frames(buf)]
             if out:
                 sock.sendall(b"".join(out))
 
@@ -281,21 +288,13 @@ class _Answers(asyncio.Protocol):
         self.transport = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        pos = 0
-        while len(buf) - pos >= _FRAME.size:
-            job_id, status, length = _FRAME.unpack_from(buf, pos)
-            end = pos + _FRAME.size + length
-            if end > len(buf):
-                break
+        self.buf += data
+        for job_id, status, payload in frames(self.buf):
             if job_id == READY and not self.ready.done():
                 self.ready.set_result(None)
             waiter = self.waiters.pop(job_id, None)
             if waiter is not None and not waiter.done():
-                waiter.set_result((status, bytes(buf[pos + _FRAME.size : end])))
-            pos = end
-        del buf[:pos]
+                waiter.set_result((status, payload))
 
     def connection_lost(self, exc: Exception | None) -> None:
         for waiter in self.waiters.values():
