@@ -100,9 +100,12 @@ def bring_up(
     lab = Lab(root)
     auth = any(name in wanted for name in AUTH_SERVERS)
     dns_ports = (DNS_PORT, 53) if auth else (DNS_PORT,)
+    # The addresses this run uses (another run's servers elsewhere do not matter).
+    used = {"dns", *wanted, *(("postroom-remote", "postfix-remote") if relay else ())}
     busy = [
         f"{h}:{p}"
-        for h in HOSTS.values()
+        for name, h in HOSTS.items()
+        if name in used
         for p in (2525, 2587, 2110, *dns_ports)
         if port_open(h, p)
     ]
