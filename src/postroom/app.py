@@ -79,7 +79,7 @@ def build_services(
         DnsCache(cfg.dns, size=cfg.dns.cache_size),
         LocalKeyStore(cfg.data_dir),
         run_blocking=services.io.run,
-        helper=DkimHelper(services.cpus[1] if services.cpus else None),
+        helper=DkimHelper(sorted(os.sched_getaffinity(0))),  # before pin_cpus pins the worker
     )
     runner = QueueRunner(services)
     services.intake = runner
