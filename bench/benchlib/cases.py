@@ -236,16 +236,9 @@ def pop3_case(lab: Lab, results: Results, opts: Options, clients_n: int, stls: b
         if server.pop3 is None:
             raise BenchError("no POP3 listener")
         for user in mailboxes:
-            # Each server's mailbox as it stores mail itself: LF for Dovecot (as Postfix
-            # delivers), CRLF for postroom (as it delivers); the same message either way.
-            maildir.fill(
-                server.mailbox(user),
-                n,
-                size,
-                user,
-                server.owner,
-                crlf=server.name.startswith("postroom"),
-            )
+            # The same files for both servers, as both store mail: LF line ends, names with
+            # ",S=<file size>,W=<size with CRLF>"; both send CRLF on the wire.
+            maildir.fill(server.mailbox(user), n, size, user, server.owner)
         os.sync()  # setup writes must not be flushed during the measurement
         jobs = [clients.Pop3Job(server.pop3, user, PASSWORD, stls, n) for user in mailboxes]
         elapsed, messages, octets = clients.pop3(jobs, timeout)

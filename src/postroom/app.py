@@ -31,6 +31,7 @@ from postroom.auth.helper import DkimHelper
 from postroom.auth.keys import LocalKeyStore
 from postroom.auth.lookup import DnsCache
 from postroom.auth.service import QueueMessage, SenderAuth
+from postroom.blocking import BlockingPool
 from postroom.config import Config
 from postroom.errors import ConfigError
 from postroom.queue.runner import QueueRunner
@@ -40,8 +41,8 @@ from postroom.sharedcounts import Counts, LocalCounts, SharedCounts
 from postroom.smtp.policy import Port
 from postroom.storage.local import files
 from postroom.storage.local.accounts import Accounts
+from postroom.storage.local.maildrop import LocalMaildrops
 from postroom.throttle import LoginThrottle
-from postroom.tlsgate import ImplicitTLSListener
 
 log = logging.getLogger("postroom")
 
@@ -58,6 +59,7 @@ def build_services(
 ) -> tuple[Services, QueueRunner]:
     """The shared bundle and the queue runner that takes its finished messages."""
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    io = BlockingPool()
     services = Services(
         cfg=cfg,
         accounts=Accounts(cfg.data_dir, cfg.domains),
@@ -69,6 +71,8 @@ def build_services(
             cfg, workers, shared.connections if shared else None
         ),
         tls=tls_mod.server_context(cfg, pair),
+        maildrops=LocalMaildrops(cfg.data_dir, io),
+        io=io,
         primary=primary,
         worker_index=index,
         workers=workers,
@@ -196,15 +200,12 @@ def bind_listeners(cfg: Config) -> list[Listener]:
     return listeners
 
 
-async def _start_listeners(
-    services: Services, listeners: list[Listener]
-) -> list[asyncio.Server | ImplicitTLSListener]:
+async def _start_listeners(services: Services, listeners: list[Listener]) -> list[asyncio.Server]:
     from postroom.pop3.server import Pop3Connection
     from postroom.smtp.server import SmtpConnection
 
     loop = asyncio.get_running_loop()
-    handshake = services.cfg.limits.tls_handshake_timeout
-    servers: list[asyncio.Server | ImplicitTLSListener] = []
+    servers: list[asyncio.Server] = []
     for lst in listeners:
         sock = lst.keep_only(services.worker_index)
         implicit = lst.kind in ("submissions", "pop3s")
@@ -213,10 +214,9 @@ async def _start_listeners(
             factory = functools.partial(Pop3Connection, services, implicit)
         else:
             factory = functools.partial(SmtpConnection, services, cast(Port, lst.kind), implicit)
-        if implicit:  # TLS from the first octet: the version gate, then the handshake
-            servers.append(ImplicitTLSListener(sock, factory, lambda: services.tls, handshake))
-        else:
-            servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
+        # Implicit TLS too is done by the connection (postroom.connection), with the context
+        # in force when the client connects.
+        servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
         if services.primary:
             print(f"postroom: {lst.kind} listening on {lst.host}:{lst.port}", file=sys.stderr)
     return servers
@@ -316,7 +316,7 @@ async def serve(
     if worker.primary:
         control = await _control_server(services, runner)
     from postroom import privileges
-    from postroom.smtp.server import IdleSweeper
+    from postroom.connection import IdleSweeper
 
     if worker.primary:
         privileges.secure_data_dir(cfg)

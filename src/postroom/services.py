@@ -22,6 +22,7 @@ from postroom.config import Config
 from postroom.queue.store import Envelope, QueueStore
 from postroom.sasl import ScramKeys
 from postroom.sharedcounts import Counts, LocalCounts
+from postroom.storage.interfaces import Maildrops
 from postroom.storage.local.accounts import Accounts
 from postroom.throttle import LoginThrottle
 
@@ -119,6 +120,7 @@ class Services:
     throttle: LoginThrottle
     connections: ConnectionLimiter
     tls: ssl.SSLContext | None
+    maildrops: Maildrops  # opens a user's mailbox for POP3
     log: logging.Logger = log
     cpu_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="postroom-cpu")

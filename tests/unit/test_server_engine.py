@@ -8,21 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postroom.smtp.server_engine import (
-    NEED_DATA,
-    AuthResponse,
-    AuthStart,
-    Closing,
     DataChunk,
-    Features,
     MailFrom,
     MessageAborted,
     MessageEnd,
     RcptTo,
     ServerEngine,
-    StartTLS,
-    State,
 )
+from postroom.smtp.server_engine import ServerFeatures as Features
+from postroom.smtp.server_engine import ServerState as State
 from postroom.wire import replies
+from postroom.wire.events import NEED_DATA, AuthResponse, AuthStart, Closing, StartTLS
 
 
 def features(**kw: object) -> Features:

@@ -31,18 +31,18 @@ from postroom.delivery import mime_downgrade
 from postroom.resolver import Resolver, Target, drop_self
 from postroom.smtp.client_engine import (
     ClientEngine,
+    ClientState,
     Closed,
     Event,
-    Message,
+    ForwardPath,
     MessageDone,
     Outcome,
+    OutgoingMessage,
     Ready,
-    Recipient,
-    StartTLS,
-    State,
     TLSPolicy,
 )
 from postroom.tls import client_context
+from postroom.wire.events import StartTLS
 from postroom.wire.replies import Reply
 
 MessageSource = bytes | Callable[[], Awaitable[bytes]]
@@ -58,7 +58,7 @@ class DeliveryResult:
     None when no host gave it (DNS failed, no connection, or a decision of ours, whose text
     then names the host)."""
 
-    recipient: Recipient
+    recipient: ForwardPath
     outcome: Outcome
     reply: Reply
     remote_mta: str | None = None
@@ -155,7 +155,7 @@ class _Session(asyncio.Protocol):
 
     def quit_nowait(self) -> None:
         """Write QUIT and close once it is sent, without waiting for the 221."""
-        if self.engine.state is State.READY:
+        if self.engine.state is ClientState.READY:
             self.engine.quit()
         if self.transport is not None:
             self.transport.write(self.engine.data_to_send())
@@ -163,7 +163,7 @@ class _Session(asyncio.Protocol):
 
     async def quit(self) -> None:
         """Polite QUIT with a short wait, then close."""
-        if self.engine.state is State.CLOSED:
+        if self.engine.state is ClientState.CLOSED:
             self.close()
             return
         try:
@@ -205,7 +205,7 @@ class RemoteDelivery:
         self._idle: dict[tuple[str, str, int, bool], list[_Session]] = {}
 
     async def deliver(
-        self, domain: str, message: Message, source: MessageSource
+        self, domain: str, message: OutgoingMessage, source: MessageSource
     ) -> list[DeliveryResult]:
         """Try to deliver ``message`` (all recipients in ``domain``); one result per recipient,
         in the order of ``message.recipients``. Never raises for network or DNS trouble."""
@@ -281,7 +281,7 @@ class RemoteDelivery:
         return [final[i] for i in range(len(message.recipients))]
 
     async def _deliver_at(
-        self, target: Target, ip: str, message: Message, data: bytes, verify: bool
+        self, target: Target, ip: str, message: OutgoingMessage, data: bytes, verify: bool
     ) -> MessageDone:
         key = (target.host, ip, self.cfg.delivery.port, verify)
         session = await self._take(key)

@@ -29,8 +29,7 @@ from postroom.errors import QueueError
 from postroom.queue import schedule
 from postroom.queue.store import Envelope, Recipient, new_queue_id
 from postroom.resolver import DnsResolver
-from postroom.smtp.client_engine import Message, Outcome
-from postroom.smtp.client_engine import Recipient as ClientRecipient
+from postroom.smtp.client_engine import ForwardPath, Outcome, OutgoingMessage
 from postroom.wire import replies
 
 if TYPE_CHECKING:
@@ -363,10 +362,10 @@ class QueueRunner:
         self, envelope: Envelope, domain: str, rcpts: list[tuple[int, Recipient]], message: bytes
     ) -> list[Recipient]:
         """Hand ``rcpts`` (all in ``domain``) to remote delivery; updates and returns them."""
-        outgoing = Message(
+        outgoing = OutgoingMessage(
             sender=envelope.sender,
             recipients=tuple(
-                ClientRecipient(r.address, tuple(r.notify) if r.notify else None, r.orcpt)
+                ForwardPath(r.address, tuple(r.notify) if r.notify else None, r.orcpt)
                 for _i, r in rcpts
             ),
             smtputf8=envelope.smtputf8,

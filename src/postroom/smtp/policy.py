@@ -9,7 +9,6 @@ throttling), and the end of DATA (header limits, mail loops, then a durable writ
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import email.utils
 import functools
@@ -25,12 +24,7 @@ from postroom.delivery.mime_downgrade import starts_with_header_field
 from postroom.errors import TemporaryStorageError
 from postroom.queue.store import Envelope, Recipient, SpoolWriter, new_queue_id
 from postroom.smtp.commands import Mail, Rcpt
-from postroom.smtp.server_engine import (
-    AuthResponse,
-    AuthStart,
-    Features,
-    ServerEngine,
-)
+from postroom.smtp.server_engine import ServerEngine, ServerFeatures
 from postroom.wire import replies
 from postroom.wire.replies import Reply
 
@@ -81,13 +75,12 @@ class SmtpPolicy:
         self.auth_user: str | None = None
         self.helo = ""
         self.txn = _Txn()
-        self._mech: sasl.Mechanism | None = None
 
     # -- features ------------------------------------------------------------------------------
 
-    def features(self) -> Features:
+    def features(self) -> ServerFeatures:
         tls_ok = self.tls or self.cfg.auth.allow_plaintext
-        return Features(
+        return ServerFeatures(
             hostname=self.cfg.hostname,
             size_limit=self.cfg.limits.message_size,
             max_recipients=self.cfg.limits.max_recipients,
@@ -296,46 +289,9 @@ class SmtpPolicy:
         runner.submit(envelope)
         return Reply(250, "2.0.0", (f"OK: queued as {envelope.id}",))
 
-    # -- AUTH ----------------------------------------------------------------------------------
+    # -- AUTH ---------------------------------------------------------------------------------
 
-    async def on_auth(self, proto: ServerEngine, event: AuthStart | AuthResponse) -> None:
-        if isinstance(event, AuthStart):
-            if self.services.throttle.refused(self.client_ip):
-                proto.auth_finish(replies.AUTH_THROTTLED)
-                return
-            self._mech = sasl.new_mechanism(event.mechanism)
-            if self._mech is None:
-                proto.auth_finish(replies.AUTH_BAD_MECH)
-                return
-            step = self._mech.start(event.initial)
-        else:
-            assert self._mech is not None
-            step = self._mech.step(event.data)
-        step = await sasl.settle(
-            self._mech,
-            step,
-            functools.partial(self.services.check_password, self.client_ip),
-            functools.partial(self.services.scram_keys, self.client_ip),
-        )
-        if isinstance(step, sasl.Challenge):
-            proto.auth_challenge(step.data)
-            return
-        if isinstance(step, sasl.Success):
-            if step.final is not None:
-                # RFC 4954 §4: SCRAM's server-final goes in a 334; the client's (empty) answer
-                # then completes the mechanism with a plain Success.
-                proto.auth_challenge(step.final)
-                return
-            self._mech = None
-            self.auth_user = parse_user_address(step.username).key
-            self.services.log.info("auth ok user=%s client=%s", self.auth_user, self.client_ip)
-            proto.auth_finish(replies.AUTH_OK)
-            return
-        self._mech = None
-        if step.malformed:
-            proto.auth_finish(replies.AUTH_BAD_BASE64)
-            return
-        delay = self.services.throttle.failure(self.client_ip, step.username)
-        self.services.log.info("auth failed client=%s", self.client_ip)
-        await asyncio.sleep(delay)
-        proto.auth_finish(replies.AUTH_FAILED)
+    def authenticated(self, username: str) -> None:
+        """A SASL exchange succeeded (``sasl_session.py`` drove it)."""
+        self.auth_user = parse_user_address(username).key
+        self.services.log.info("auth ok user=%s client=%s", self.auth_user, self.client_ip)
