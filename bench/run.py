@@ -26,13 +26,16 @@ from benchlib.proc import BenchError, Cleanup
 from benchlib.setup import HOSTS, Lab, bring_up
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("smtp", "submission", "pop3", "relay", "mixed")
+GROUPS = ("smtp", "submission", "pop3", "relay", "mixed", "auth-mx", "auth-submission")
+ALIASES = {"auth": ("auth-mx", "auth-submission")}
 NEEDS = {
     "smtp": {"postroom", "postfix", "aiosmtpd"},
     "submission": {"postroom", "postfix", "dovecot"},
     "pop3": {"postroom", "dovecot"},
     "relay": {"postroom", "postfix", "dovecot"},
     "mixed": {"postroom"},
+    "auth-mx": {"postroom-auth", "postroom-plain", "postfix-auth"},
+    "auth-submission": {"postroom-auth", "postroom-plain"},
 }
 
 
@@ -43,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cases",
         default=",".join(GROUPS),
-        help=f"comma-separated groups: {', '.join(GROUPS)} (default: all)",
+        help=f"comma-separated groups: {', '.join(GROUPS)}; auth = both auth ones (default: all)",
     )
     parser.add_argument(
         "--runs",
@@ -97,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="command to run postroom (default: '<python> -m postroom' with src/ on PYTHONPATH)",
     )
     args = parser.parse_args(argv)
-    args.groups = [g.strip() for g in args.cases.split(",") if g.strip()]
+    named = [g.strip() for g in args.cases.split(",") if g.strip()]
+    args.groups = list(dict.fromkeys(x for g in named for x in ALIASES.get(g, (g,))))
     unknown = set(args.groups) - set(GROUPS)
     if unknown:
         parser.error(f"--cases: unknown group(s) {', '.join(sorted(unknown))}")
@@ -128,6 +132,10 @@ def run_cases(args: argparse.Namespace, lab: Lab, results: report.Results, root:
         cases.relay_case(lab, results, opts)
     if "mixed" in args.groups:
         cases.mixed_case(lab, results, opts)
+    if "auth-mx" in args.groups or "auth-submission" in args.groups:
+        cases.auth_cases(
+            lab, results, opts, "auth-mx" in args.groups, "auth-submission" in args.groups
+        )
 
 
 def markdown(args: argparse.Namespace, results: report.Results, root: Path, started: float) -> str:
@@ -202,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     results = report.Results()
     try:
         wanted = set().union(*(NEEDS[g] for g in args.groups))
-        wanted &= {s.strip() for s in args.servers.split(",")}
+        # --servers names kinds: "postfix" also means the auth group's postfix-auth.
+        kinds = {s.strip() for s in args.servers.split(",")}
+        wanted = {w for w in wanted if w.split("-")[0] in kinds}
         lab = bring_up(
             root,
             wanted,

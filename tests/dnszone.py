@@ -59,14 +59,16 @@ def _txt(strings: tuple[str | bytes, ...]) -> TXT:
 
 class LoopbackDNS:
     """``dns.mx("b.test", 10, "mx.b.test")``, ``dns.a("mx.b.test", "127.0.0.3")``,
-    ``dns.txt("b.test", "v=spf1 -all")``; served at once, changes seen by the next query."""
+    ``dns.txt("b.test", "v=spf1 -all")``; served at once, changes seen by the next query.
+    UDP on ``address``, on a free port unless ``port`` is given (53 for daemons that read
+    /etc/resolv.conf)."""
 
-    def __init__(self, address: str = "127.0.0.1") -> None:
+    def __init__(self, address: str = "127.0.0.1", port: int = 0) -> None:
         self.zone: dict[str, list[tuple[str, Any]]] = {}
         self.dead: set[tuple[str, str]] = set()
         self._server = DNSServer(
             _Resolver(self.zone, self.dead),
-            port=0,
+            port=port,
             address=address,
             logger=DNSLogger(logf=lambda _msg: None),
         )

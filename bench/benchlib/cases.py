@@ -19,7 +19,7 @@ from pathlib import Path
 from benchlib import clients, maildir
 from benchlib.proc import BenchError, wait_until
 from benchlib.report import Results
-from benchlib.servers import DOMAIN, PASSWORD, RELAY_DOMAIN, Server
+from benchlib.servers import DOMAIN, PASSWORD, RELAY_DOMAIN, SENDER_DOMAIN, Server
 from benchlib.setup import SINK_DOMAIN, Lab, sink_count, start_smtp_sink
 
 RCPT = f"u1@{DOMAIN}"
@@ -63,6 +63,11 @@ SMTP_CASES = [
 
 def available(lab: Lab, names: list[str]) -> list[Server]:
     return [s for n in names if (s := lab.get(n)) is not None]
+
+
+def shown_names(lab: Lab, names: list[str]) -> list[str]:
+    """How the results call the servers of ``names`` (their own names where started)."""
+    return [server.name if (server := lab.get(n)) is not None else n for n in names]
 
 
 def interleave(
@@ -160,10 +165,27 @@ def smtp_case(lab: Lab, results: Results, opts: Options, case: SmtpCase) -> None
     results.declare(accept_row, "msg/s", names)
     results.declare(e2e_row, "msg/s", names[:2])
     rows = [accept_row, e2e_row]
-    if case.size >= 100 * KIB:
+    payload = case.size >= 100 * KIB
+    if payload:
         results.declare(payload_row, "MB/s", names)
         rows.append(payload_row)
+    measure = accept_and_deliver(case, n, payload=payload)
+    print(f"{accept_row}", flush=True)
+    interleave(lab, results, rows, names, opts.runs, measure)
+
+
+def accept_and_deliver(
+    case: SmtpCase,
+    n: int,
+    message: Path | None = None,
+    sender: str | None = None,
+    payload: bool = False,
+) -> Callable[[Server], list[float]]:
+    """Measure: ``n`` messages by smtp-source (made of ``case.size``, or the file ``message``
+    from ``sender``); [accepted per second, delivered to the Maildir per second], and with
+    ``payload`` the accepted MB/s."""
     timeout = 60 + n * case.size / 2e6 + n / 20
+    extra = (message, sender) if message is not None and sender is not None else ()
 
     def measure(server: Server) -> list[float]:
         if server.smtp is None:
@@ -171,7 +193,7 @@ def smtp_case(lab: Lab, results: Results, opts: Options, case: SmtpCase) -> None
         box = server.mailbox(RCPT)
         maildir.clear(box)
         elapsed = clients.smtp_source(
-            server.smtp, RCPT, n, case.size, case.sessions, case.keep_connection, timeout
+            server.smtp, RCPT, n, case.size, case.sessions, case.keep_connection, timeout, *extra
         )
         rest = wait_delivered(box, n, timeout)
         if rest is None:
@@ -180,10 +202,9 @@ def smtp_case(lab: Lab, results: Results, opts: Options, case: SmtpCase) -> None
                 f"within {timeout:.0f}s after the last 250"
             )
         rates = [n / elapsed, n / (elapsed + rest)]
-        return rates + ([n * case.size / elapsed / 1e6] if len(rows) > 2 else [])
+        return rates + ([n * case.size / elapsed / 1e6] if payload else [])
 
-    print(f"{accept_row}", flush=True)
-    interleave(lab, results, rows, names, opts.runs, measure)
+    return measure
 
 
 # --- submission ---------------------------------------------------------------------------------
@@ -194,8 +215,21 @@ def submission_case(
 ) -> None:
     """Few messages per session weigh TLS + argon2id logins; many weigh the message path."""
     row = f"submission STARTTLS+AUTH: 1 KiB, {workers} clients, {per_connection} msgs/conn (n={n})"
-    names = ["postroom", "postfix"]
-    results.declare(row, "msg/s", names)
+    _submission_rows(lab, results, opts, row, ["postroom", "postfix"], per_connection, n, workers)
+
+
+def _submission_rows(
+    lab: Lab,
+    results: Results,
+    opts: Options,
+    row: str,
+    names: list[str],
+    per_connection: int,
+    n: int,
+    workers: int = 4,
+) -> None:
+    """Submit ``n`` messages (1 KiB, STARTTLS + AUTH PLAIN) to each server of ``names``."""
+    results.declare(row, "msg/s", shown_names(lab, names))
     body = clients.make_submission_body(RCPT, RCPT, KIB)
     timeout = 120 + n / 5
 
@@ -321,3 +355,123 @@ def mixed_case(lab: Lab, results: Results, opts: Options, workers: int = 4) -> N
     if local and mixed:
         ratio = statistics.median(mixed) / statistics.median(local)
         results.notes.append(f"one local + one remote recipient: {ratio:.0%} of all-local mail")
+
+
+# --- sender authentication ------------------------------------------------------------------------
+
+AUTH_MX_CASE = SmtpCase(1 * KIB, 20, False, 2000, 300)
+AUTH_SENDER = f"sender@{SENDER_DOMAIN}"
+# postroom with SPF, DKIM and DMARC on; Postfix + OpenDKIM + OpenDMARC + policyd-spf; postroom
+# with them off. The first is the subject, the others the references.
+AUTH_MX = ["postroom-auth", "postfix-auth", "postroom-plain"]
+# Submission: DKIM signing on (postroom-auth) against off (postroom-plain).
+AUTH_SUBMISSION = ["postroom-auth", "postroom-plain"]
+
+
+def _newest(box: Path) -> bytes:
+    files = sorted((box / "new").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    return files[-1].read_bytes() if files else b""
+
+
+def _wait_signing(server: Server, timeout: float = 60) -> None:
+    """postroom signs once it has seen its own keys in DNS: submit until a message is signed
+    with both, so that no measured message goes out unsigned."""
+    if server.submission is None:
+        raise BenchError("no submission port")
+    box = server.mailbox(RCPT)
+    body = clients.make_submission_body(RCPT, RCPT, KIB)
+    job = clients.SubmissionJob(server.submission, RCPT, PASSWORD, RCPT, 1, 1, body)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        maildir.clear(box)
+        clients.submission(job, 1, 60)
+        if wait_delivered(box, 1, 30) is not None and _newest(box).count(b"DKIM-Signature:") == 2:
+            maildir.clear(box)
+            return
+        time.sleep(0.5)
+    raise BenchError(f"{server.name} did not sign with both keys within {timeout:.0f}s")
+
+
+def _check_verdicts(server: Server, message: Path) -> None:
+    """One signed message through the MX port; the server must have found SPF, DKIM and DMARC
+    all pass (postroom, Postfix's milters), or added no results (checks off)."""
+    if server.smtp is None:
+        raise BenchError("no SMTP listener")
+    box = server.mailbox(RCPT)
+    maildir.clear(box)
+    clients.smtp_source(server.smtp, RCPT, 1, KIB, 1, False, 60, message, AUTH_SENDER)
+    if wait_delivered(box, 1, 30) is None:
+        raise BenchError(f"{server.name}: the signed message was not delivered")
+    text = _newest(box).replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode(errors="replace")
+    results = [
+        line
+        for line in text.replace("\n\t", " ").replace("\n ", " ").splitlines()
+        if line.lower().startswith("authentication-results:")
+    ]
+    maildir.clear(box)
+    if server.name == "postroom-checks-off":
+        if results:
+            raise BenchError(f"{server.name} checked after all: {results}")
+        return
+    joined = " ".join(results)
+    missing = [v for v in ("spf=pass", "dkim=pass", "dmarc=pass") if v not in joined]
+    if missing:
+        raise BenchError(f"{server.name}: {', '.join(missing)} missing from {results}")
+    print(f"  {server.name}: " + " | ".join(r.split(":", 1)[1].strip() for r in results))
+
+
+def auth_cases(lab: Lab, results: Results, opts: Options, mx: bool, submission: bool) -> None:
+    """The sender-authentication groups: what each server finds in the signed message, then
+    the MX case (``mx``) and the submission cases (``submission``)."""
+    message = lab.signed_message
+    assert message is not None
+    print("sender authentication: checking that every server sees spf, dkim, dmarc pass")
+    for name in AUTH_MX:
+        server = lab.get(name)
+        if server is None:
+            continue
+        try:
+            if name == "postroom-auth":
+                _wait_signing(server)
+            _check_verdicts(server, message)
+        except (BenchError, OSError) as exc:
+            lab.failed[name] = str(exc)
+            del lab.servers[name]
+            print(f"  {name}: FAILED: {str(exc)[:500]}", flush=True)
+    if mx:
+        _auth_mx_case(lab, results, opts, message)
+    if submission:
+        # Unmeasured: the first logins of a server were the slowest (as the SMTP warm-up).
+        body = clients.make_submission_body(RCPT, RCPT, KIB)
+        for server in available(lab, AUTH_SUBMISSION):
+            if server.submission is not None:
+                job = clients.SubmissionJob(server.submission, RCPT, PASSWORD, RCPT, 40, 5, body)
+                clients.submission(job, 4, 120)
+                wait_delivered(server.mailbox(RCPT), 40, 60)
+                maildir.clear(server.mailbox(RCPT))
+        for per_connection, full, quick in ((5, 300, 60), (100, 2000, 400)):
+            n = quick if opts.quick else full
+            row = (
+                f"submission, DKIM signing on vs off: 1 KiB, 4 clients, {per_connection} "
+                f"msgs/conn (n={n})"
+            )
+            _submission_rows(lab, results, opts, row, AUTH_SUBMISSION, per_connection, n)
+
+
+def _auth_mx_case(lab: Lab, results: Results, opts: Options, message: Path) -> None:
+    warm = opts.count(400, 80)
+    for server in available(lab, AUTH_MX):
+        if server.smtp is not None:
+            box = server.mailbox(RCPT)
+            clients.smtp_source(server.smtp, RCPT, warm, KIB, 20, False, 120, message, AUTH_SENDER)
+            wait_delivered(box, warm, 60)
+            maildir.clear(box)
+    case = AUTH_MX_CASE
+    n = opts.count(case.messages, case.quick_messages)
+    row = f"MX accept, SPF+DKIM+DMARC: 1 KiB signed, 20 sessions, 1 msg/conn (n={n})"
+    e2e = f"MX end-to-end, SPF+DKIM+DMARC: 1 KiB signed, 20 sessions, 1 msg/conn (n={n})"
+    results.declare(row, "msg/s", shown_names(lab, AUTH_MX))
+    results.declare(e2e, "msg/s", shown_names(lab, AUTH_MX))
+    measure = accept_and_deliver(case, n, message, AUTH_SENDER)
+    print(row, flush=True)
+    interleave(lab, results, [row, e2e], AUTH_MX, opts.runs, measure)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event
+from pathlib import Path
 
 from benchlib.proc import BenchError
 from benchlib.servers import Addr
@@ -33,8 +34,11 @@ def smtp_source(
     sessions: int,
     keep_connection: bool,
     timeout: float,
+    message_file: Path | None = None,
+    sender: str = "sender@src.test",
 ) -> float:
-    """Run smtp-source; returns its wall time in seconds. Any non-2xx reply is a failure."""
+    """Run smtp-source; returns its wall time in seconds. Any non-2xx reply is a failure.
+    With ``message_file`` that message is sent (``-F``) instead of one made of ``size``."""
     cmd = [
         "smtp-source",
         "-4",
@@ -42,19 +46,19 @@ def smtp_source(
         str(sessions),
         "-m",
         str(messages),
-        "-l",
-        str(size),
         "-f",
-        "sender@src.test",
+        sender,
         "-t",
         rcpt,
         "-M",
         SENDER_HELO,
-        "-S",
-        "bench",
     ]
     if keep_connection:
         cmd.append("-d")
+    if message_file is not None:
+        cmd += ["-F", str(message_file)]
+    else:
+        cmd += ["-l", str(size), "-S", "bench"]
     cmd.append(str(addr))
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)

@@ -10,6 +10,11 @@ Submission (when ``sasl_socket`` is given) authenticates through Dovecot's auth 
 (``smtpd_sasl_type = dovecot``), requires STARTTLS and relays for authenticated users.
 ``transports`` routes whole domains to ``[host]:port`` with transport_maps: Postfix has no
 setting for a DNS server on a non-standard port, so the relay case uses a static route.
+
+With an :class:`AuthStack` (``benchlib.authstack``), smtpd passes each message through the
+given milters (OpenDKIM, OpenDMARC) and asks the policy service (policyd-spf) at RCPT, its
+outgoing mail leaves from its own address, and the instance runs in a private mount namespace
+whose /etc/resolv.conf names the loopback DNS server.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import os
 import pwd
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchlib import maildir
+from benchlib.authstack import private_resolv_conf
 from benchlib.proc import BenchError, Cleanup, run, wait_port
 from benchlib.servers import NOBODY, Addr, Server
 
@@ -55,6 +62,15 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
+@dataclass(frozen=True)
+class AuthStack:
+    """What sender authentication adds to an instance (see ``benchlib.authstack``)."""
+
+    milters: tuple[str, ...]  # "inet:host:port", in order
+    policy_service: str  # the master.cf line of the policy service named "policyd-spf"
+    resolv_conf: Path
+
+
 def _main_cf(
     root: Path,
     hostname: str,
@@ -63,6 +79,8 @@ def _main_cf(
     key: Path,
     sasl_socket: Path | None,
     has_transports: bool,
+    auth: AuthStack | None = None,
+    host: str = "",
 ) -> str:
     etc = root / "etc"
     lines = [
@@ -109,10 +127,21 @@ def _main_cf(
         lines += ["smtpd_sasl_type = dovecot", f"smtpd_sasl_path = {sasl_socket}"]
     if has_transports:
         lines.append(f"transport_maps = texthash:{etc / 'transport'}")
+    if auth is not None:
+        lines += [
+            f"smtpd_milters = {', '.join(auth.milters)}",
+            "non_smtpd_milters = $smtpd_milters",
+            "milter_default_action = tempfail",
+            "milter_protocol = 6",
+            # First: mail from mynetworks (all of loopback) is checked as well.
+            "smtpd_recipient_restrictions = check_policy_service unix:private/policyd-spf",
+            "policyd-spf_time_limit = 3600",
+            f"smtp_bind_address = {host}",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def _master_cf(host: str, with_submission: bool) -> str:
+def _master_cf(host: str, with_submission: bool, auth: AuthStack | None = None) -> str:
     text = f"{host}:{PORT_SMTP} inet n - n - - smtpd\n"
     if with_submission:
         text += (
@@ -123,11 +152,14 @@ def _master_cf(host: str, with_submission: bool) -> str:
             "  -o smtpd_client_restrictions=permit_sasl_authenticated,reject\n"
             "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject\n"
         )
-    return text + MASTER_SERVICES
+    return text + MASTER_SERVICES + (auth.policy_service if auth else "")
 
 
-def _postfix(root: Path, *args: str, check: bool = True) -> str:
-    proc = run(["postfix", "-c", str(root / "etc"), *args], timeout=60, check=False)
+def _postfix(root: Path, *args: str, check: bool = True, resolv_conf: Path | None = None) -> str:
+    cmd = ["postfix", "-c", str(root / "etc"), *args]
+    if resolv_conf is not None:
+        cmd = private_resolv_conf(cmd, resolv_conf)
+    proc = run(cmd, timeout=60, check=False)
     if check and proc.returncode != 0:
         log = root / "maillog"
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
@@ -148,6 +180,7 @@ def start_postfix(
     cleanup: Cleanup,
     sasl_socket: Path | None = None,
     transports: dict[str, str] | None = None,
+    auth: AuthStack | None = None,
 ) -> Server:
     """Write the instance's config under ``root``, start it, and wait for its SMTP port."""
     etc = root / "etc"
@@ -158,9 +191,9 @@ def start_postfix(
     os.chown(root / "data", postfix_uid, -1)
     os.chown(root / "mail", *NOBODY)
     (etc / "main.cf").write_text(
-        _main_cf(root, hostname, domain, cert, key, sasl_socket, bool(transports))
+        _main_cf(root, hostname, domain, cert, key, sasl_socket, bool(transports), auth, host)
     )
-    (etc / "master.cf").write_text(_master_cf(host, sasl_socket is not None))
+    (etc / "master.cf").write_text(_master_cf(host, sasl_socket is not None, auth))
     (etc / "vmailbox").write_text(
         "".join(f"{u} {domain}/{u.partition('@')[0]}/\n" for u in mail_users)
     )
@@ -174,7 +207,7 @@ def start_postfix(
     for user in mail_users:
         maildir.ensure(server.mailbox(user), NOBODY)
     _postfix(root, "check")
-    _postfix(root, "start")
+    _postfix(root, "start", resolv_conf=auth.resolv_conf if auth else None)
     cleanup.push(f"postfix {host}", lambda: stop_postfix(root))
     wait_port(host, PORT_SMTP, log=root / "maillog")
     return server

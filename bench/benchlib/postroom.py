@@ -41,7 +41,9 @@ class PostroomSpec:
     services: tuple[str, ...] = ("smtp", "submission", "pop3")
     workers: int | None = None  # None: postroom's default
     pin_cpus: bool = False
-    sender_checks: bool = True  # [auth] checks (SPF/DKIM/DMARC on the smtp port)
+    checks: bool = True  # [auth] checks: SPF, DKIM, DMARC on the smtp port
+    dkim_sign: bool = True  # [auth] dkim_sign
+    name: str = "postroom"  # how the results name this instance
 
 
 def command(override: str | None) -> list[str]:
@@ -57,8 +59,9 @@ def environment() -> dict[str, str]:
 
 def config_toml(spec: PostroomSpec) -> str:
     """The config: keys from the contract, plus ``[auth] allow_plaintext`` (for plaintext POP3),
-    and ``workers``/``pin_cpus`` only where ``bench/run.py`` was told (else postroom's
-    defaults, which are what a user gets)."""
+    ``workers``/``pin_cpus`` only where ``bench/run.py`` was told (else postroom's defaults,
+    which are what a user gets), and the sender-authentication switches ``[auth] checks`` and
+    ``dkim_sign``."""
     host = spec.host
     lines = [
         f'hostname = "{spec.hostname}"',
@@ -80,7 +83,8 @@ def config_toml(spec: PostroomSpec) -> str:
         "",
         "[auth]",
         "allow_plaintext = true",
-        *(["checks = false"] if not spec.sender_checks else []),
+        f"checks = {'true' if spec.checks else 'false'}",
+        f"dkim_sign = {'true' if spec.dkim_sign else 'false'}",
     ]
     if spec.nameserver:
         lines += ["", "[dns]", f'nameservers = ["{spec.nameserver}"]']
@@ -145,7 +149,7 @@ def _serve(
         [*base, "serve", "-c", str(config)], log, cleanup, f"postroom {spec.host}", env=env
     )
     server = Server(
-        name="postroom",
+        name=spec.name,
         mail_root=spec.root / "data" / "mail",
         smtp=Addr(spec.host, PORT_SMTP),
         proc=proc,

@@ -8,6 +8,9 @@ from pathlib import Path
 
 DOMAIN = "bench.test"
 RELAY_DOMAIN = "relay.test"
+# The MAIL FROM and From: domain of the auth group's signed message: not under .test, which
+# the Unbound inside OpenDKIM answers itself (RFC 6761 special-use names), with NXDOMAIN.
+SENDER_DOMAIN = "src.example"
 PASSWORD = "bench-secret"
 NOBODY = (65534, 65534)
 

@@ -28,6 +28,7 @@ from typing import Any, cast
 
 from postroom import lifetime, logs, privileges, supervisor
 from postroom import tls as tls_mod
+from postroom.auth.helper import DkimHelper
 from postroom.auth.keys import LocalKeyStore
 from postroom.auth.lookup import DnsCache
 from postroom.auth.service import QueueMessage, SenderAuth
@@ -93,6 +94,7 @@ def build_services(
         DnsCache(cfg.dns, size=cfg.dns.cache_size),
         LocalKeyStore(cfg.data_dir),
         run_blocking=services.io.run,
+        helper=DkimHelper(sorted(os.sched_getaffinity(0))),  # before pin_cpus pins the worker
     )
     runner = QueueRunner(services, queue, LocalMailboxes(queue))
     services.intake = runner

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import signal
 import smtplib
 import time
 from email import message_from_bytes
@@ -308,3 +310,49 @@ def test_forged_results_removed_from_messages_too_large_to_check(
     msg = srv.wait_messages("bob@a.test", 1)[0].replace(b"\r\n", b"\n")
     assert msg.count(b"mx.a.test;") == 1 and b"dkim=pass" not in msg
     assert b"spf=none" in msg and b"dmarc=" not in msg
+
+
+def _helpers(root_pid: int) -> list[int]:
+    """The DKIM helper processes below ``root_pid`` (the server and its workers)."""
+    parents: dict[int, int] = {}
+    commands: dict[int, bytes] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
+        parents[int(entry.name)] = int(ppid)
+
+    def below(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == root_pid:
+                return True
+        return False
+
+    return [pid for pid, cmd in commands.items() if b"postroom.auth.helper" in cmd and below(pid)]
+
+
+def test_signing_goes_on_when_the_dkim_helper_dies(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    srv = server_factory(extra_toml=_toml(dns))
+    srv.add_user("alice@a.test", "pw")
+    srv.add_user("bob@a.test", "pw")
+    publish(srv, dns, "a.test")
+    wait_signed(srv, "alice@a.test", "bob@a.test", dns)
+    assert srv.proc is not None
+    helpers = _helpers(srv.proc.pid)
+    assert helpers, "signing did not go through a helper process"
+    for pid in helpers:
+        os.kill(pid, signal.SIGKILL)
+    before = len(srv.messages("bob@a.test"))
+    for n in range(1, 4):
+        submit(srv, "alice@a.test", "bob@a.test", MESSAGE)
+        signed = srv.wait_messages("bob@a.test", before + n)[-1]
+        assert sorted(dkim_results(signed, dns)) == [("ed25519", True), ("rsa", True)]
+    assert _helpers(srv.proc.pid), "no new helper was started"

@@ -3,13 +3,15 @@ evaluation, the DNS record lines, the DKIM key life cycle."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postroom.auth import dmarc, keys, records, results
+from postroom.auth import dmarc, keys, records, reports, results
 from postroom.auth.dkim_verify import DkimResult
 from postroom.auth.spf import SpfResult
 
@@ -131,3 +133,47 @@ def test_key_life_cycle(tmp_path: Path) -> None:
     assert old_ed.selector not in {k.selector for k in left}
     assert not (tmp_path / "dkim" / "a.test" / f"{old_ed.selector}.pem").exists()
     assert "PRIVATE" not in repr(left)
+
+
+SCHEMA = Path(__file__).resolve().parents[1] / "data" / "rfc7489-rua.xsd"
+
+
+def _report_row(folder: Path, ip: str, **changes: object) -> dict[str, object]:
+    """One row as :func:`reports.record` writes it."""
+    record = dmarc.parse_record("v=DMARC1; p=reject; fo=1; rua=mailto:d@b.test")
+    assert record is not None
+    result = dmarc.DmarcResult(
+        "fail", "b.test", "reject", "reject", record, "b.test", sampled_out=True
+    )
+    spf = SpfResult("softfail", "b.test", "mailfrom")
+    dkim = [DkimResult("fail", "b.test", "", "rsa-sha256", "abc")]
+    reports.record(folder, ip, "b.test", spf, dkim, result, 1000.0)
+    row: dict[str, object] = json.loads((folder / reports.RECORDS).read_bytes().splitlines()[-1])
+    return row | changes
+
+
+def test_aggregate_report_is_valid_under_the_rfc7489_schema(tmp_path: Path) -> None:
+    xmlschema = pytest.importorskip("xmlschema")
+    rows = [
+        _report_row(tmp_path, "192.0.2.1"),
+        _report_row(tmp_path, "2001:db8::1"),
+        _report_row(tmp_path, "::ffff:192.0.2.7"),
+        _report_row(tmp_path, "192.0.2.1", spf=None, dkim=[]),
+    ]
+    built = reports.build(rows, "mx.a.test", "postmaster@a.test", 2000, "r1")
+    assert len(built) == 1
+    xml = built[0].xml.decode()
+    xmlschema.XMLSchema(str(SCHEMA)).validate(xml)
+    assert "<source_ip>2001:0db8:0000:0000:0000:0000:0000:0001</source_ip>" in xml
+    assert "<source_ip>192.0.2.7</source_ip>" in xml
+    assert "<fo>1</fo>" in xml and "<type>sampled_out</type>" in xml
+    assert "<feedback>" in xml  # no namespace, as in the receivers' reports
+
+
+def test_report_rows_follow_the_file_when_it_is_taken_away(tmp_path: Path) -> None:
+    _report_row(tmp_path, "192.0.2.1")
+    first = reports.take(tmp_path, 1.0)
+    assert [r["ip"] for r in first] == ["192.0.2.1"]
+    reports.done(tmp_path)
+    _report_row(tmp_path, "192.0.2.2")  # the writer's file was renamed: it opens a new one
+    assert [r["ip"] for r in reports.take(tmp_path, 2.0)] == ["192.0.2.2"]

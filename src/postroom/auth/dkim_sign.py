@@ -130,7 +130,7 @@ def sign(message: bytes, keys: Sequence[SigningKey], now: int) -> bytes:
         ]
         unsigned = _fold(fields)
         name, _, value = unsigned.partition(b":")
-        hasher = _Collect()
+        hasher = Collect()
         dkim.hash_headers(hasher, Relaxed, canonical_headers, include, (name, value), None)
         data = hasher.data()
         if isinstance(key.key, ed25519.Ed25519PrivateKey):
@@ -143,8 +143,9 @@ def sign(message: bytes, keys: Sequence[SigningKey], now: int) -> bytes:
     return b"".join(reversed(out))
 
 
-class _Collect:
-    """The ``hasher`` dkimpy's ``hash_headers`` feeds: keeps the octets for the signer."""
+class Collect:
+    """The ``hasher`` dkimpy's ``hash_headers`` feeds: keeps the octets for the signature
+    (made here, checked in ``dkim_verify``)."""
 
     def __init__(self) -> None:
         self._parts: list[bytes] = []

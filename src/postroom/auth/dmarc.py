@@ -26,7 +26,7 @@ from functools import lru_cache
 from publicsuffixlist import PublicSuffixList
 
 from postroom.auth.dkim_verify import DkimResult
-from postroom.auth.lookup import DnsCache
+from postroom.auth.lookup import Answer, DnsCache
 from postroom.auth.spf import SpfResult
 
 _FROM = re.compile(rb"(?im)^from[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
@@ -38,6 +38,7 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@lru_cache(maxsize=4096)
 def organizational_domain(domain: str) -> str:
     """RFC 7489 §3.2: the public suffix plus one label (the name itself if it is a suffix)."""
     domain = domain.lower().rstrip(".")
@@ -52,7 +53,8 @@ class DmarcRecord:
     adkim: str = "r"
     aspf: str = "r"
     rua: tuple[str, ...] = ()
-    raw: str = ""
+    fo: str = "0"  # failure reporting options (§6.3), echoed in aggregate reports
+    raw: str = field(default="", compare=False)  # the text as found
 
 
 def parse_record(text: str) -> DmarcRecord | None:
@@ -88,22 +90,27 @@ def parse_record(text: str) -> DmarcRecord | None:
         adkim="s" if tags.get("adkim", "r").lower() == "s" else "r",
         aspf="s" if tags.get("aspf", "r").lower() == "s" else "r",
         rua=rua,
+        fo=tags.get("fo", "0") or "0",
         raw=text,
     )
 
 
 def from_domains(head: bytes) -> list[str]:
     """The domains of every address in every From field of the header section ``head``."""
-    domains = []
+    domains: list[str] = []
     for m in _FROM.finditer(head):
-        value = m.group(1).decode("utf-8", "replace").replace("\r\n", "").replace("\n", "")
-        for _name, addr in email.utils.getaddresses([value]):
-            domain = addr.rpartition("@")[2].strip().lower().rstrip(".")
-            if domain:
-                domains.append(domain)
-            else:
-                domains.append("")
+        domains += _field_domains(m.group(1))
     return domains
+
+
+@lru_cache(maxsize=4096)
+def _field_domains(raw: bytes) -> tuple[str, ...]:
+    """The domain of each address of one From field's value ("" for one without)."""
+    value = raw.decode("utf-8", "replace").replace("\r\n", "").replace("\n", "")
+    return tuple(
+        addr.rpartition("@")[2].strip().lower().rstrip(".")
+        for _name, addr in email.utils.getaddresses([value])
+    )
 
 
 @dataclass(frozen=True)
@@ -115,17 +122,54 @@ class Policy:
     temporary: str = ""
 
 
-async def discover(cache: DnsCache, from_domain: str) -> Policy:
-    """§6.6.3: ``_dmarc.<from domain>``, else ``_dmarc.<organizational domain>``."""
-    org = organizational_domain(from_domain)
-    for domain in dict.fromkeys((from_domain, org)):
-        answer = await cache.query(f"_dmarc.{domain}", "TXT")
+def _policy_from(answers: list[tuple[str, Answer]]) -> Policy | None:
+    """§6.6.3 over the answers for ``_dmarc.<from domain>`` then ``_dmarc.<org domain>``
+    (in order, as far as they go); None if the answers given do not settle it."""
+    for domain, answer in answers:
         if answer.temporary:
             return Policy(None, domain, temporary=answer.error)
         records = [r for t in answer.txt() if (r := parse_record(t.decode("utf-8", "replace")))]
         if len(records) == 1:
             return Policy(records[0], domain)
         # None, or several: no policy here (§6.6.3 step 2 "more than one": none).
+    return None
+
+
+def _candidates(from_domain: str) -> list[str]:
+    return list(dict.fromkeys((from_domain, organizational_domain(from_domain))))
+
+
+def cached_policy(cache: DnsCache, from_domain: str) -> Policy | None:
+    """:func:`discover` from the cache alone; None when something must be asked. The policy
+    is kept as long as the answers it was read from (no record parsed per message)."""
+    key = ("dmarc", from_domain)
+    kept = cache.recall(key)
+    if isinstance(kept, Policy):
+        return kept
+    answers = []
+    for domain in _candidates(from_domain):
+        answer = cache.peek(f"_dmarc.{domain}", "TXT")
+        if answer is None:
+            return None
+        answers.append((domain, answer))
+        found = _policy_from(answers)
+        if found is not None:
+            break
+    else:
+        found = Policy(None)
+    if not found.temporary:
+        cache.keep(key, found, [(f"_dmarc.{domain}", "TXT") for domain, _ in answers])
+    return found
+
+
+async def discover(cache: DnsCache, from_domain: str) -> Policy:
+    """§6.6.3: ``_dmarc.<from domain>``, else ``_dmarc.<organizational domain>``."""
+    answers = []
+    for domain in _candidates(from_domain):
+        answers.append((domain, await cache.query(f"_dmarc.{domain}", "TXT")))
+        found = _policy_from(answers)
+        if found is not None:
+            return found
     return Policy(None)
 
 

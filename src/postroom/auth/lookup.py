@@ -6,7 +6,9 @@ and keeps answers for their TTL (clamped to ``MAX_TTL``) in an LRU of at most
 sends an SOA (RFC 2308 §5), not at all otherwise; failures (time-out, SERVFAIL) are never
 kept, so a DNS outage heals as soon as the server answers again. Concurrent questions for the
 same name and type share one query. :meth:`DnsCache.peek` answers from the cache alone, so a
-check whose data is all cached never waits (see ``spf.py``).
+check whose data is all cached never waits (see ``spf.py``). :meth:`DnsCache.keep` and
+:meth:`DnsCache.recall` hold results computed from cached answers (an SPF verdict) for as
+long as every answer they were computed from is still cached, no longer.
 
 Security notes: everything here comes from the network: names are checked for length and
 labels before they are asked, TXT answers are kept as bytes, and the cache is bounded in
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -105,6 +107,7 @@ class DnsCache:
         self._clock = clock
         self._entries: OrderedDict[tuple[str, str], tuple[float, Answer]] = OrderedDict()
         self._inflight: dict[tuple[str, str], asyncio.Future[Answer]] = {}
+        self._derived: OrderedDict[object, tuple[float, object]] = OrderedDict()
         self.queries = 0  # answers asked of the network (for tests and metrics)
 
     def __len__(self) -> int:
@@ -123,6 +126,32 @@ class DnsCache:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
+        return entry[1]
+
+    def keep(self, key: object, value: object, sources: Iterable[tuple[str, str]]) -> None:
+        """Hold ``value``, computed from the cached answers ``sources`` ((name, type), names
+        normalised), until the first of them expires; nothing if one is not cached."""
+        now = self._clock()
+        until = float("inf")
+        for source in sources:
+            entry = self._entries.get(source)
+            if entry is None or entry[0] <= now:
+                return
+            until = min(until, entry[0])
+        self._derived[key] = (until, value)
+        self._derived.move_to_end(key)
+        while len(self._derived) > self._size:
+            self._derived.popitem(last=False)
+
+    def recall(self, key: object) -> object | None:
+        """What :meth:`keep` holds for ``key`` while its sources are valid, else None."""
+        entry = self._derived.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            del self._derived[key]
+            return None
+        self._derived.move_to_end(key)
         return entry[1]
 
     async def query(self, name: str, rdtype: str, *, fresh: bool = False) -> Answer:

@@ -1,13 +1,16 @@
 """DMARC aggregate reports (RFC 7489 §7.2): results recorded per message, sent once a day.
 
 Each DMARC evaluation of a domain that asks for reports (``rua=``) appends one JSON line to
-``{data_dir}/dmarc/records.jsonl`` (:func:`record`; opened and closed per line, so that the
-file can be renamed away under the writers). :func:`take` renames that file aside and reads
-it; :func:`build` groups the rows per policy domain and per identical outcome into the
-RFC 7489 Appendix C XML; :func:`compose` wraps one gzip'ed report in a MIME message
-(§7.2.1.1: the file name ``receiver!policy-domain!begin!end.xml.gz`` and the subject). The
-caller signs and queues it. :func:`destinations` applies §7.1: a ``rua`` outside the policy
-domain's organization must be authorized by a ``<domain>._report._dmarc.<rua domain>`` record.
+``{data_dir}/dmarc/records.jsonl`` (:func:`record`; the file stays open between lines, and is
+opened again as soon as it has been renamed away under the writer). :func:`take` renames that
+file aside and reads it; :func:`build` groups the rows per policy domain and per identical
+outcome into the RFC 7489 Appendix C XML (elements in no namespace: the Appendix's schema does
+not load with its target namespace, and the large receivers' reports use none; IPv6 source
+addresses written out in full, as its ``IPAddress`` pattern wants); :func:`compose` wraps one
+gzip'ed report in a MIME message (§7.2.1.1: the file name
+``receiver!policy-domain!begin!end.xml.gz`` and the subject). The caller signs and queues it.
+:func:`destinations` applies §7.1: a ``rua`` outside the policy domain's organization must be
+authorized by a ``<domain>._report._dmarc.<rua domain>`` record.
 
 Security notes: everything in a row came from the network; XML text is escaped by
 ElementTree, the report size is bounded by ``MAX_ROWS``, and rua URIs are parsed strictly
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import gzip
+import ipaddress
 import json
 import os
 import time
@@ -62,6 +66,7 @@ def record(
         "p": rec.p,
         "sp": rec.sp,
         "pct": rec.pct,
+        "fo": rec.fo,
         "adkim": rec.adkim,
         "aspf": rec.aspf,
         "rua": list(rec.rua),
@@ -72,13 +77,48 @@ def record(
         "dkim": [[r.domain, r.selector, r.result] for r in dkim_results if r.domain],
         "spf": [spf.domain, spf.identity, spf.result] if spf else None,
     }
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     line = json.dumps(row, separators=(",", ":")).encode() + b"\n"
-    fd = os.open(folder / RECORDS, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, line)  # one write of a short line: appended whole (O_APPEND)
-    finally:
-        os.close(fd)
+    _appender(folder).write(line)
+
+
+class _Appender:
+    """An O_APPEND descriptor for ``records.jsonl``, opened again when the name no longer
+    leads to it (:func:`take` renamed it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = -1
+        self.ident = (0, 0)
+
+    def write(self, line: bytes) -> None:
+        try:
+            st = os.stat(self.path)
+            current = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            current = (0, 0)
+        if self.fd < 0 or current != self.ident:
+            self._open()
+        os.write(self.fd, line)  # one write of a short line: appended whole (O_APPEND)
+
+    def _open(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        self.fd = os.open(self.path, flags, 0o600)
+        st = os.fstat(self.fd)
+        self.ident = (st.st_dev, st.st_ino)
+
+
+_appenders: dict[Path, _Appender] = {}
+
+
+def _appender(folder: Path) -> _Appender:
+    appender = _appenders.get(folder)
+    if appender is None:
+        appender = _appenders[folder] = _Appender(folder / RECORDS)
+    return appender
 
 
 def take(folder: Path, now: float) -> list[dict[str, Any]]:
@@ -118,6 +158,18 @@ def _text(parent: ET.Element, tag: str, value: object) -> ET.Element:
     return el
 
 
+def source_ip(text: str) -> str:
+    """The address as the schema's ``IPAddress`` pattern accepts it: dotted IPv4 (also for an
+    IPv4-mapped IPv6 address), IPv6 with all eight groups written out."""
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return text
+    if isinstance(addr, ipaddress.IPv6Address):
+        return str(addr.ipv4_mapped) if addr.ipv4_mapped else addr.exploded
+    return str(addr)
+
+
 def build(
     rows: list[dict[str, Any]], org_name: str, email_addr: str, end: int, prefix: str
 ) -> list[Report]:
@@ -147,7 +199,7 @@ def build(
             }
             counts[json.dumps(key, sort_keys=True)] += 1
         report_id = f"{prefix}.{n}"
-        root = ET.Element("feedback", xmlns="http://dmarc.org/dmarc-xml/0.1")
+        root = ET.Element("feedback")
         _text(root, "version", "1.0")
         meta = ET.SubElement(root, "report_metadata")
         _text(meta, "org_name", org_name)
@@ -163,12 +215,12 @@ def build(
         _text(pub, "p", last["p"])
         _text(pub, "sp", last["sp"])
         _text(pub, "pct", last["pct"])
-        _text(pub, "fo", "0")
+        _text(pub, "fo", last.get("fo", "0"))
         for key_json, count in counts.items():
             k = json.loads(key_json)
             rec = ET.SubElement(root, "record")
             row_el = ET.SubElement(rec, "row")
-            _text(row_el, "source_ip", k["ip"])
+            _text(row_el, "source_ip", source_ip(k["ip"]))
             _text(row_el, "count", count)
             ev = ET.SubElement(row_el, "policy_evaluated")
             _text(ev, "disposition", k["disp"])

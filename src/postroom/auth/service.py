@@ -27,10 +27,11 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar, cast
 
 from postroom.auth import dkim_sign, dkim_verify, dmarc, keys, records, reports, results, spf
-from postroom.auth.lookup import DnsCache
+from postroom.auth.helper import DkimHelper, HelperError, HelperNotReady
+from postroom.auth.lookup import Answer, DnsCache
 from postroom.config import Config
 from postroom.wire.replies import Reply
 
@@ -39,6 +40,8 @@ log = logging.getLogger("postroom")
 DMARC_REJECT = Reply(550, "5.7.1", ("Rejected by the DMARC policy of the From domain",))
 QUARANTINE_HEADER = b"X-Spam-Flag: YES\r\n"
 RECHECK = 2.0  # seconds between on-demand looks for a pending key in DNS
+INLINE_JOB = 256 << 10  # without the helper, larger messages are signed/verified in a thread
+T = TypeVar("T")
 verdicts: Counter[tuple[str, str]] = Counter()
 
 
@@ -78,6 +81,7 @@ class SenderAuth:
         store: keys.KeyStore,
         *,
         run_blocking: Callable[..., Awaitable[object]] | None = None,
+        helper: DkimHelper | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
@@ -87,6 +91,7 @@ class SenderAuth:
         self.clock = clock
         self.rng = rng or random.Random()
         self._run_blocking = run_blocking
+        self._helper = helper
         self._keys: dict[str, tuple[object, list[keys.DkimKey], list[dkim_sign.SigningKey]]] = {}
         self._last_look: dict[str, float] = {}
         self._looking: dict[str, asyncio.Task[None]] = {}
@@ -191,53 +196,115 @@ class SenderAuth:
         if not signers:
             return
         now = int(self.clock())
-        if self._run_blocking is not None:
-            header = await self._run_blocking(dkim_sign.sign, whole, signers, now)
-        else:
-            header = dkim_sign.sign(whole, signers, now)
-        assert isinstance(header, bytes)
+        header = await self._dkim_job(
+            len(whole),
+            lambda helper: helper.sign(whole, signers, now),
+            lambda: dkim_sign.sign(whole, signers, now),
+        )
         message.replace(header + whole)
 
+    async def _dkim_job(
+        self, size: int, remote: Callable[[DkimHelper], Awaitable[T]], local: Callable[[], T]
+    ) -> T:
+        """A DKIM job in the helper process; here if it cannot take it (in a thread for a large
+        message, so that the event loop gets its turns; inline otherwise: the job holds the
+        GIL either way, and the hand-over costs more than a small job)."""
+        if self._helper is not None:
+            try:
+                return await remote(self._helper)
+            except HelperNotReady:
+                pass
+            except HelperError as exc:
+                log.info("DKIM job done in the server: %s", exc)
+        if size > INLINE_JOB and self._run_blocking is not None:
+            result = await self._run_blocking(local)
+            return cast(T, result)
+        return local()
+
     async def verify(self, whole: bytes, client_ip: str, helo: str, sender: str) -> Verdict:
-        """SPF, DKIM and DMARC of one message, all within ``[auth] check_timeout``."""
+        """SPF, DKIM and DMARC of one message, all within ``[auth] check_timeout``.
+
+        What the cache already holds is used at once; only what is missing is asked, all of
+        it concurrently (the usual case, everything cached, makes no task and never waits)."""
         head = _head(whole)
         from_domains = dmarc.from_domains(head)
         single = from_domains[0] if len(set(from_domains)) == 1 and from_domains[0] else ""
-
-        async def spf_task() -> spf.SpfResult:
-            return await spf.check(self.cache, client_ip, sender, helo, self.cfg.hostname)
-
-        async def policy_task() -> dmarc.Policy:
-            return await dmarc.discover(self.cache, single) if single else dmarc.Policy(None)
-
-        spf_job = asyncio.ensure_future(spf_task())
-        keys_job = asyncio.ensure_future(dkim_verify.prefetch(self.cache, head))
-        policy_job = asyncio.ensure_future(policy_task())
-        jobs = [spf_job, keys_job, policy_job]
-        _done, pending = await asyncio.wait(jobs, timeout=self.cfg.auth.check_timeout)
-        for job in pending:
-            job.cancel()
-        domain = sender.rpartition("@")[2] if sender else helo
-        spf_result = (
-            spf_job.result()
-            if spf_job in _done and not spf_job.exception()
-            else spf.SpfResult(
-                "temperror", domain, "mailfrom" if sender else "helo", problem="DNS time-out"
+        sigs = dkim_verify.signatures(head)
+        names = dkim_verify.key_names(sigs)
+        hostname = self.cfg.hostname
+        spf_result = spf.cached(self.cache, client_ip, sender, helo, hostname)
+        key_answers = dkim_verify.cached_keys(self.cache, names)
+        policy = dmarc.cached_policy(self.cache, single) if single else dmarc.Policy(None)
+        if spf_result is None or key_answers is None or policy is None:
+            spf_result, key_answers, policy = await self._ask(
+                spf_result, key_answers, policy, names, single, client_ip, helo, sender
             )
+        keys = key_answers
+        dkim_results = (
+            await self._dkim_job(
+                len(whole),
+                lambda helper: helper.verify(whole, keys, sigs),
+                lambda: dkim_verify.verify(whole, keys, sigs),
+            )
+            if sigs
+            else []  # no signature: nothing to verify (dkim=none)
         )
-        key_answers = keys_job.result() if keys_job in _done and not keys_job.exception() else {}
-        policy = (
-            policy_job.result()
-            if policy_job in _done and not policy_job.exception()
-            else dmarc.Policy(None, temporary="DNS time-out")
-        )
-        if self._run_blocking is not None:
-            dkim_results = await self._run_blocking(dkim_verify.verify, whole, key_answers)
-        else:
-            dkim_results = dkim_verify.verify(whole, key_answers)
-        assert isinstance(dkim_results, list)
         dmarc_result = dmarc.evaluate(from_domains, policy, spf_result, dkim_results, self.rng)
         return Verdict(spf_result, dkim_results, dmarc_result)
+
+    async def _ask(
+        self,
+        spf_result: spf.SpfResult | None,
+        key_answers: dict[str, Answer] | None,
+        policy: dmarc.Policy | None,
+        names: list[str],
+        single: str,
+        client_ip: str,
+        helo: str,
+        sender: str,
+    ) -> tuple[spf.SpfResult, dict[str, Answer], dmarc.Policy]:
+        """The missing parts of :meth:`verify`, concurrently, within ``check_timeout``; what
+        has no answer by then is a temporary error."""
+        jobs: dict[str, asyncio.Future[object]] = {}
+        if spf_result is None:
+            jobs["spf"] = asyncio.ensure_future(
+                spf.check(self.cache, client_ip, sender, helo, self.cfg.hostname)
+            )
+        if key_answers is None:
+            jobs["keys"] = asyncio.ensure_future(dkim_verify.prefetch(self.cache, names))
+        if policy is None:
+            jobs["policy"] = asyncio.ensure_future(dmarc.discover(self.cache, single))
+        done, pending = await asyncio.wait(jobs.values(), timeout=self.cfg.auth.check_timeout)
+        for job in pending:
+            job.cancel()
+
+        def outcome(name: str) -> object | None:
+            job = jobs.get(name)
+            if job is None or job not in done or job.exception() is not None:
+                return None
+            return job.result()
+
+        if spf_result is None:
+            got = outcome("spf")
+            domain = sender.rpartition("@")[2] if sender else helo
+            spf_result = (
+                got
+                if isinstance(got, spf.SpfResult)
+                else spf.SpfResult(
+                    "temperror", domain, "mailfrom" if sender else "helo", problem="DNS time-out"
+                )
+            )
+        if key_answers is None:
+            got = outcome("keys")
+            key_answers = got if isinstance(got, dict) else {}
+        if policy is None:
+            got = outcome("policy")
+            policy = (
+                got
+                if isinstance(got, dmarc.Policy)
+                else dmarc.Policy(None, temporary="DNS time-out")
+            )
+        return spf_result, key_answers, policy
 
     async def _check(
         self, message: Message, client_ip: str, helo: str, sender: str

@@ -9,6 +9,12 @@ evaluation starts again from the top, until it needs nothing more. An SPF policy
 DNS round trips (bounded by the limits above), each re-run a few hundred microseconds of CPU,
 and the common case, a cached policy, exactly one evaluation with no wait and no thread.
 
+A verdict is a function of the client IP, the identity and the DNS answers it used, so it is
+kept in the cache for as long as all of those answers are (:meth:`DnsCache.keep`): per IP and
+domain when no record it read has a macro (a ``%``), per IP, sender, HELO name and receiver
+otherwise (macros may name the local part, the HELO name or the receiver, RFC 7208 §7.2).
+:func:`cached` answers from the cache alone, or None when something must be asked.
+
 Security notes: the limits are pyspf's (RFC 7208 §4.6.4, each lookup and the whole check also
 bounded in time by the caller); DNS data reaches pyspf only through :class:`Answer` objects.
 """
@@ -54,6 +60,7 @@ class _Query(pyspf.query):  # type: ignore[misc]
         self._known = known
         self._cache = cache
         self.missing: list[tuple[str, str]] = []
+        self.used: list[tuple[tuple[str, str], Answer]] = []
 
     def dns(
         self, name: Any, qtype: str, cnames: Any = None, ignore_void: bool = False
@@ -69,6 +76,7 @@ class _Query(pyspf.query):  # type: ignore[misc]
             # Noted as well as raised: pyspf swallows every exception around exp= lookups.
             self.missing.append(key)
             raise _Miss(f"{norm}/{qtype}")
+        self.used.append((key, answer))
         if answer.temporary:
             raise pyspf.TempError(answer.error or "DNS error")
         result = list(answer.records) if answer.status == "ok" else []
@@ -78,6 +86,89 @@ class _Query(pyspf.query):  # type: ignore[misc]
             if self.void_lookups > pyspf.MAX_VOID_LOOKUPS:
                 raise pyspf.PermError(f"Void lookup limit of {pyspf.MAX_VOID_LOOKUPS} exceeded")
         return result
+
+
+def _keys(ip: str, sender: str, helo: str, receiver: str, exp: str | None) -> tuple[Any, Any]:
+    """The memo keys of a verdict: without macros, with them (see the module docstring)."""
+    identity = "mailfrom" if sender else "helo"
+    domain = (sender.rpartition("@")[2] if sender else helo).lower()
+    return ("spf", ip, identity, domain, exp), (
+        "spf",
+        ip,
+        sender.lower(),
+        helo.lower(),
+        receiver,
+        exp,
+    )
+
+
+def _evaluate(
+    known: dict[tuple[str, str], Answer],
+    cache: DnsCache,
+    ip: str,
+    sender: str,
+    helo: str,
+    receiver: str,
+    default_explanation: str | None,
+) -> tuple[SpfResult | None, _Query]:
+    """One evaluation from what is known; (None, query) when ``query.missing`` answers."""
+    identity = "mailfrom" if sender else "helo"
+    domain = sender.rpartition("@")[2] if sender else helo
+    query = _Query(known, cache, i=ip, s=sender, h=helo, receiver=receiver)
+    if default_explanation is not None:
+        query.set_default_explanation(default_explanation)
+    try:
+        result, _code, explanation = query.check()
+    except _Miss:
+        result, explanation = "", ""
+    if query.missing:
+        return None, query
+    if result not in RESULTS:  # pyspf's older names
+        result = {"unknown": "permerror", "error": "temperror"}.get(result, "permerror")
+    verdict = SpfResult(
+        result,
+        query.o or domain,
+        identity,
+        explanation if result == "fail" else "",
+        str(getattr(query, "prob", "") or ""),
+    )
+    general, exact = _keys(ip, sender, helo, receiver, default_explanation)
+    macros = any(
+        b"%" in part
+        for (_name, qtype), answer in query.used
+        if qtype in ("TXT", "SPF")
+        for strings in answer.records
+        for part in strings
+    )
+    cache.keep(exact if macros else general, verdict, [key for key, _ in query.used])
+    return verdict, query
+
+
+def _start(
+    cache: DnsCache, ip: str, sender: str, helo: str, receiver: str, exp: str | None
+) -> tuple[SpfResult | None, list[tuple[str, str]]]:
+    """The kept verdict, or one evaluation from the cache: (verdict, []) or (None, missing)."""
+    identity = "mailfrom" if sender else "helo"
+    if not (sender.rpartition("@")[2] if sender else helo):
+        return SpfResult("none", "", identity, problem="no domain to check"), []
+    for key in _keys(ip, sender, helo, receiver, exp):
+        kept = cache.recall(key)
+        if isinstance(kept, SpfResult):
+            return kept, []
+    verdict, query = _evaluate({}, cache, ip, sender, helo, receiver, exp)
+    return verdict, query.missing
+
+
+def cached(
+    cache: DnsCache,
+    ip: str,
+    sender: str,
+    helo: str,
+    receiver: str = "unknown",
+    default_explanation: str | None = None,
+) -> SpfResult | None:
+    """The verdict from the cache alone (kept, or evaluated); None if an answer is missing."""
+    return _start(cache, ip, sender, helo, receiver, default_explanation)[0]
 
 
 async def check(
@@ -91,30 +182,18 @@ async def check(
     """SPF for ``sender`` (``""`` for ``<>``: the HELO name is checked, RFC 7208 §2.4)."""
     identity = "mailfrom" if sender else "helo"
     domain = sender.rpartition("@")[2] if sender else helo
-    if not domain:
-        return SpfResult("none", "", identity, problem="no domain to check")
+    verdict, missing = _start(cache, ip, sender, helo, receiver, default_explanation)
     known: dict[tuple[str, str], Answer] = {}
     for _ in range(MAX_ROUNDS):
-        query = _Query(known, cache, i=ip, s=sender, h=helo, receiver=receiver)
-        if default_explanation is not None:
-            query.set_default_explanation(default_explanation)
-        try:
-            result, _code, explanation = query.check()
-        except _Miss:
-            result, explanation = "", ""
-        if query.missing:
-            for name, qtype in dict.fromkeys(query.missing):
-                if (name, qtype) in known:  # pragma: no cover - pyspf asked twice
-                    return SpfResult("temperror", domain, identity, problem="lookup loop")
-                known[(name, qtype)] = await cache.query(name, qtype)
-            continue
-        if result not in RESULTS:  # pyspf's older names
-            result = {"unknown": "permerror", "error": "temperror"}.get(result, "permerror")
-        return SpfResult(
-            result,
-            query.o or domain,
-            identity,
-            explanation if result == "fail" else "",
-            str(getattr(query, "prob", "") or ""),
-        )
-    return SpfResult("permerror", domain, identity, problem="too many lookups")
+        if verdict is not None:
+            return verdict
+        for name, qtype in dict.fromkeys(missing):
+            if (name, qtype) in known:  # pragma: no cover - pyspf asked twice
+                return SpfResult("temperror", domain, identity, problem="lookup loop")
+            known[(name, qtype)] = await cache.query(name, qtype)
+        verdict, query = _evaluate(known, cache, ip, sender, helo, receiver, default_explanation)
+        missing = query.missing
+    domain = sender.rpartition("@")[2] if sender else helo
+    return SpfResult(
+        "permerror", domain, "mailfrom" if sender else "helo", problem="too many lookups"
+    )

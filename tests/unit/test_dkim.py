@@ -1,0 +1,150 @@
+"""DKIM signing and verification without sockets: our signatures verify with dkimpy's own
+verifier and with ours, and ours refuses what RFC 6376 and RFC 8301 say to refuse."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from postroom.auth import dkim_sign, dkim_verify, helper, keys
+from postroom.auth.lookup import Answer
+
+MESSAGE = (
+    b"From: Alice <alice@a.test>\r\nTo: bob@b.test\r\nSubject: hello\r\n"
+    b"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\nMessage-ID: <m1@a.test>\r\n\r\n"
+    b"Hello Bob,\r\n\r\nthe body.\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def key_pair() -> tuple[keys.DkimKey, keys.DkimKey]:
+    now = time.time()
+    return keys.generate("ed25519", "ed1", now), keys.generate("rsa", "rsa1", now)
+
+
+def _signed(key_pair: tuple[keys.DkimKey, keys.DkimKey], message: bytes = MESSAGE) -> bytes:
+    signers = [dkim_sign.SigningKey("a.test", k.selector, k.private_key()) for k in key_pair]
+    return dkim_sign.sign(message, signers, int(time.time())) + message
+
+
+def _zone(*pairs: tuple[str, str]) -> dict[str, Answer]:
+    return {f"{sel}._domainkey.a.test": Answer("ok", ((rec.encode(),),)) for sel, rec in pairs}
+
+
+def _records(key_pair: tuple[keys.DkimKey, keys.DkimKey]) -> dict[str, Answer]:
+    return _zone(*((k.selector, k.record()) for k in key_pair))
+
+
+def _results(message: bytes, zone: dict[str, Answer]) -> list[tuple[str, str]]:
+    return [(r.algorithm, r.result) for r in dkim_verify.verify(message, zone)]
+
+
+def test_both_signatures_pass_with_ours_and_with_dkimpy(
+    key_pair: tuple[keys.DkimKey, keys.DkimKey],
+) -> None:
+    message = _signed(key_pair)
+    zone = _records(key_pair)
+    assert sorted(_results(message, zone)) == [("ed25519-sha256", "pass"), ("rsa-sha256", "pass")]
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return zone[name.decode().rstrip(".")].txt()[0]
+
+    d = dkim.DKIM(message)
+    assert d.verify(idx=0, dnsfunc=dnsfunc) and d.verify(idx=1, dnsfunc=dnsfunc)
+
+
+def test_a_changed_body_or_signed_header_fails(
+    key_pair: tuple[keys.DkimKey, keys.DkimKey],
+) -> None:
+    message = _signed(key_pair)
+    zone = _records(key_pair)
+    body_changed = message.replace(b"the body.", b"the b0dy.")
+    assert {r for _, r in _results(body_changed, zone)} == {"fail"}
+    subject_changed = message.replace(b"Subject: hello", b"Subject: hellO")
+    assert {r for _, r in _results(subject_changed, zone)} == {"fail"}
+    # A second From field added on top breaks it (From is over-signed).
+    added = b"From: mallory@evil.test\r\n" + message
+    assert {r for _, r in _results(added, zone)} == {"fail"}
+    # White space changes survive relaxed canonicalization.
+    relaxed = message.replace(b"Subject: hello", b"Subject:   hello ")
+    assert {r for _, r in _results(relaxed, zone)} == {"pass"}
+
+
+def test_keys_that_cannot_vouch_for_mail_give_permerror(
+    key_pair: tuple[keys.DkimKey, keys.DkimKey],
+) -> None:
+    ed, rsa_key = key_pair
+    message = _signed(key_pair)
+    p_ed = ed.public_b64()
+    p_rsa = rsa_key.public_b64()
+    cases = {
+        "revoked": ("v=DKIM1; k=ed25519; p=", "v=DKIM1; k=rsa; p="),
+        "not for email": (f"v=DKIM1; k=ed25519; s=tlsrpt; p={p_ed}", f"s=tlsrpt; p={p_rsa}"),
+        "no sha256": (f"k=ed25519; h=sha1; p={p_ed}", f"h=sha1; p={p_rsa}"),
+        "swapped k=": (f"k=rsa; p={p_ed}", f"k=ed25519; p={p_rsa}"),
+        "bad version": (f"v=DKIM2; k=ed25519; p={p_ed}", f"v=DKIM2; p={p_rsa}"),
+    }
+    for label, (ed_record, rsa_record) in cases.items():
+        zone = _zone(("ed1", ed_record), ("rsa1", rsa_record))
+        assert {r for _, r in _results(message, zone)} == {"permerror"}, label
+
+
+def test_small_rsa_keys_and_rsa_sha1_never_pass() -> None:
+    big = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = big.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+    def record(key: rsa.RSAPublicKey) -> str:
+        der = key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return "v=DKIM1; p=" + base64.b64encode(der).decode()
+
+    sha256 = dkim.sign(MESSAGE, b"big", b"a.test", pem, include_headers=[b"from"])
+    sha1 = dkim.sign(
+        MESSAGE, b"big", b"a.test", pem, include_headers=[b"from"], signature_algorithm=b"rsa-sha1"
+    )
+    zone = _zone(("big", record(big.public_key())))
+    assert _results(sha256 + MESSAGE, zone) == [("rsa-sha256", "pass")]
+    assert _results(sha1 + MESSAGE, zone) == [("rsa-sha1", "permerror")]  # RFC 8301 §3.1
+    # RFC 8301 §3.2: a key under 1024 bits verifies nothing (any odd 768-bit modulus will do:
+    # it is refused before it is used).
+    small = rsa.RSAPublicNumbers(65537, (1 << 767) | 0x1234567).public_key()
+    assert _results(sha256 + MESSAGE, _zone(("big", record(small)))) == [
+        ("rsa-sha256", "permerror")
+    ]
+
+
+def test_missing_or_failed_keys(key_pair: tuple[keys.DkimKey, keys.DkimKey]) -> None:
+    message = _signed(key_pair)
+    assert {r for _, r in _results(message, {})} == {"temperror"}  # not fetched
+    failed = {n: Answer("error", error="SERVFAIL") for n in _records(key_pair)}
+    assert {r for _, r in _results(message, failed)} == {"temperror"}
+    absent = {n: Answer("nxdomain") for n in _records(key_pair)}
+    assert {r for _, r in _results(message, absent)} == {"permerror"}
+    garbled = message.replace(b"a=rsa-sha256", b"a=rsa-sha512")
+    assert ("rsa-sha512", "permerror") in _results(garbled, _records(key_pair))
+
+
+def test_helper_jobs_round_trip_and_refuse_garbage(
+    key_pair: tuple[keys.DkimKey, keys.DkimKey],
+) -> None:
+    signers = [dkim_sign.SigningKey("a.test", k.selector, k.private_key()) for k in key_pair]
+    header = helper.run_sign(helper.encode_sign(MESSAGE, signers, 1700000000))
+    assert header == dkim_sign.sign(MESSAGE, signers, 1700000000)  # both are deterministic
+    message = header + MESSAGE
+    zone = _records(key_pair)
+    sigs = dkim_verify.signatures(message[: message.find(b"\r\n\r\n") + 2])
+    done = helper.decode_verify(helper.run_verify(helper.encode_verify(message, zone, sigs)))
+    assert done == dkim_verify.verify(message, zone)
+    assert {r.result for r in done} == {"pass"}
+    frame = helper.answer(7, helper.VERIFY, b"not marshal")
+    assert frame[:9] == helper._FRAME.pack(7, helper.FAILED, len(frame) - 9)
