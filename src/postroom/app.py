@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from postroom import config as config_mod
-from postroom import lifetime, logs
+from postroom import events, lifetime, logs, metrics
 from postroom import tls as tls_mod
 from postroom.config import Config
+from postroom.errors import QueueError
 from postroom.queue.runner import QueueRunner
 from postroom.queue.store import QueueStore
 from postroom.services import ConnectionLimiter, Services
@@ -103,7 +104,7 @@ class Listener:
         return self.socks[index]
 
 
-LISTENER_KINDS = ("smtp", "submission", "submissions", "pop3", "pop3s")
+LISTENER_KINDS = ("smtp", "submission", "submissions", "pop3", "pop3s", "http")
 
 
 def bind_listeners(cfg: Config) -> list[Listener]:
@@ -146,17 +147,21 @@ def bind_listeners(cfg: Config) -> list[Listener]:
 
 
 async def _start_listeners(services: Services, listeners: list[Listener]) -> list[asyncio.Server]:
+    from postroom.http.server import Endpoints, HttpConnection
     from postroom.pop3.server import Pop3Connection
     from postroom.smtp.server import SmtpConnection
 
     loop = asyncio.get_running_loop()
     handshake = services.cfg.limits.tls_handshake_timeout
     servers: list[asyncio.Server] = []
+    endpoints = Endpoints(events.exposition, lambda: services.stopping)
     for lst in listeners:
         sock = lst.keep_only(services.worker_index)
         implicit = lst.kind in ("submissions", "pop3s")
         factory: Callable[[], asyncio.Protocol]
-        if lst.kind.startswith("pop3"):
+        if lst.kind == "http":
+            factory = functools.partial(HttpConnection, endpoints)
+        elif lst.kind.startswith("pop3"):
             factory = functools.partial(Pop3Connection, services, implicit)
         else:
             factory = functools.partial(SmtpConnection, services, cast(Port, lst.kind), implicit)
@@ -170,7 +175,7 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
             )
         )
         if services.primary:
-            print(f"postroom: {lst.kind} listening on {lst.host}:{lst.port}", file=sys.stderr)
+            events.startup(f"{lst.kind} listening on {lst.host}:{lst.port}")
     return servers
 
 
@@ -185,13 +190,15 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
             line = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
             verb, _, arg = line.partition(" ")
             if verb == "flush":
-                runner.flush()
+                events.queue_action("flush", count=runner.flush())
                 answer = "ok"
             elif verb == "submit":
                 # Another worker spooled a message: the primary's runner delivers it.
                 answer = "ok" if runner.submit_id(arg) else "unknown"
             elif verb == "delete":
                 answer = "ok" if await runner.delete(arg) else "unknown"
+                if answer == "ok":
+                    events.queue_action("delete", queue_id=arg)
             elif verb == "ping":
                 answer = "ok"
             else:
@@ -219,6 +226,8 @@ def _reload(services: Services, worker: Worker) -> None:
         log.error("reload failed: %s", exc)
         return
     services.cfg = new
+    logs.setup(new)
+    events.certificate(tls_mod.certificate_expiry(new))
     fresh = ConnectionLimiter.for_config(new, services.workers)
     connections = services.connections
     connections.max_total, connections.max_per_ip = fresh.max_total, fresh.max_per_ip
@@ -239,13 +248,15 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     await runner.local.writer.start()  # before privileges are dropped: see there
     if worker.primary:
         await runner.recover()
-    servers = await _start_listeners(services, listeners)
-    if worker.primary:
-        control = await _control_server(services, runner)
     from postroom import privileges
     from postroom.smtp.server import IdleSweeper
 
+    # The sockets are bound already: nothing below needs root.
     privileges.drop(cfg, chown=worker.primary)
+    _setup_metrics(services, listeners)
+    servers = await _start_listeners(services, listeners)
+    if worker.primary:
+        control = await _control_server(services, runner)
     worker.release_others()  # the queue is recovered: the other workers may serve now
     tasks = [loop.create_task(IdleSweeper(services).run())]
     if worker.primary:
@@ -256,17 +267,16 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     loop.add_signal_handler(signal.SIGHUP, _reload, services, worker)
     if worker.primary:
         if cfg.path is None:
-            print(
-                f"postroom: embedded default; data in {cfg.data_dir.resolve()}\n"
-                "postroom: add a user with: postroom user add you@localhost",
-                file=sys.stderr,
-            )
-        print("postroom: ready", file=sys.stderr)
+            events.startup(f"embedded default; data in {cfg.data_dir.resolve()}")
+            events.startup("add a user with: postroom user add you@localhost")
+        events.startup("ready")
     await stop.wait()
-    log.info("shutting down")
-    services.stopping = True
+    events.note("master", "shutting down")
+    services.stopping = True  # /healthz answers 503 from now on
+    http_servers = [s for s, lst in zip(servers, listeners, strict=True) if lst.kind == "http"]
     for server in servers:
-        server.close()
+        if server not in http_servers:
+            server.close()
     if control is not None:
         control.close()
         with contextlib.suppress(OSError):
@@ -285,9 +295,35 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.gather(*tasks)
     await worker.wait_others(deadline=loop.time() + 1)
+    for server in http_servers:
+        server.close()
     services.accounts.close()
     logs.flush()
     return 0
+
+
+def _setup_metrics(services: Services, listeners: list[Listener]) -> None:
+    """This worker's metrics; with several workers, shared through ``data_dir/metrics``."""
+    cfg = services.cfg
+    shared = cfg.workers > 1 and bool(cfg.listen.http)
+    store = services.store
+
+    def spool() -> tuple[int, float | None]:
+        ids = store.ids()
+        oldest = None
+        for qid in ids[:5]:  # ids sort by arrival; the first readable one is the oldest
+            with contextlib.suppress(QueueError):
+                oldest = store.load(qid).created
+                break
+        return len(ids), oldest
+
+    events.setup(
+        multiprocess_dir=cfg.data_dir / metrics.METRICS_DIR if shared else None,
+        data_dir=cfg.data_dir,
+        services=sorted({lst.kind for lst in listeners}),
+        spool=spool,
+    )
+    events.certificate(tls_mod.certificate_expiry(cfg))
 
 
 @dataclass
@@ -341,6 +377,8 @@ def _loop_run(coro: Coroutine[Any, Any, int]) -> int:
 def run(cfg: Config) -> int:
     logs.setup(cfg)
     _raise_fd_limit()
+    if cfg.workers > 1 and cfg.listen.http:
+        metrics.prepare_directory(cfg.data_dir)
     try:
         listeners = bind_listeners(cfg)
     except OSError as exc:

@@ -20,6 +20,7 @@ class FlowControl:
     transport: asyncio.Transport | None
     _lost: bool
     _read_paused: bool
+    sent = 0  # octets written (for the metrics, reported when the connection ends)
 
     def _engine(self) -> _Engine | None:
         raise NotImplementedError
@@ -40,4 +41,5 @@ class FlowControl:
         if engine is not None and self.transport is not None and not self._lost:
             out = engine.data_to_send()
             if out:
+                self.sent += len(out)
                 self.transport.write(out)

@@ -45,6 +45,10 @@ class LocalDelivery:
             box = self._boxes[key] = str(maildir.mailbox_path(self.data_dir, key))
         return box
 
+    def mailbox(self, key: str) -> str:
+        """The Maildir of a recipient (for the logs)."""
+        return self._box(key)
+
     def _name(self, envelope: Envelope, index: int, key: str, message: bytes) -> tuple[str, bytes]:
         head = f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {key}\r\n".encode()
         size = len(head) + len(message)

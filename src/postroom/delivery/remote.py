@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
+from postroom import events
 from postroom.config import Config
 from postroom.resolver import Resolver, Target, drop_self
 from postroom.smtp.client_engine import (
@@ -40,7 +41,7 @@ from postroom.smtp.client_engine import (
     State,
     TLSPolicy,
 )
-from postroom.tls import client_context
+from postroom.tls import client_context, tls_version
 from postroom.wire.replies import Reply
 
 MessageSource = bytes | Callable[[], Awaitable[bytes]]
@@ -60,6 +61,7 @@ class DeliveryResult:
     reply: Reply
     remote_mta: str | None = None
     dsn_offered: bool = False  # the remote host accepted NOTIFY (RFC 3461 §4.1 "relayed" if not)
+    remote_ip: str | None = None
 
 
 class _SessionFailed(Exception):
@@ -216,7 +218,7 @@ class RemoteDelivery:
         pending = list(range(len(message.recipients)))
         final: dict[int, DeliveryResult] = {}
         last_temp: dict[int, DeliveryResult] = {}
-        session_error: tuple[Reply, str] | None = None
+        session_error: tuple[Reply, str, str] | None = None
         data: bytes | None = None
         tried = 0
         for target in route.targets:
@@ -232,12 +234,12 @@ class RemoteDelivery:
                     try:
                         done = await self._deliver_at(target, ip, sub, data, verify)
                     except _SessionFailed as exc:
-                        session_error = (exc.reply, target.host)
+                        session_error = (exc.reply, target.host, ip)
                         break
                     too_many: list[int] = []
                     for i, res in zip(batch, done.results, strict=True):
                         result = DeliveryResult(
-                            message.recipients[i], res.outcome, res.reply, target.host, done.dsn
+                            message.recipients[i], res.outcome, res.reply, target.host, done.dsn, ip
                         )
                         if res.outcome is not Outcome.TEMPORARY:
                             final[i] = result
@@ -255,8 +257,10 @@ class RemoteDelivery:
             if i in last_temp:
                 final[i] = last_temp[i]
             elif session_error is not None:
-                reply, host = session_error
-                final[i] = DeliveryResult(message.recipients[i], Outcome.TEMPORARY, reply, host)
+                reply, host, ip = session_error
+                final[i] = DeliveryResult(
+                    message.recipients[i], Outcome.TEMPORARY, reply, host, remote_ip=ip
+                )
             else:  # pragma: no cover - a Route always has at least one address
                 reply = _temp("4.4.4", f"no address to try for {domain}")
                 final[i] = DeliveryResult(message.recipients[i], Outcome.TEMPORARY, reply)
@@ -342,12 +346,14 @@ class RemoteDelivery:
                 ssl_handshake_timeout=float(self.cfg.delivery.connect_timeout),
             )
         except (OSError, ssl.SSLError, ssl.CertificateError, TimeoutError, ValueError) as exc:
+            events.tls_handshake("delivery", ip, None, str(exc) or type(exc).__name__)
             transport.abort()
             reply = Reply.make(451, "4.7.5", f"TLS with {target.host}[{ip}] failed: {exc}")
             raise _SessionFailed(reply, tls=True) from None
         if new is None:  # pragma: no cover - only for server_side
             raise _SessionFailed(_temp("4.7.5", "TLS not established"), tls=True)
         session.transport = new
+        events.tls_handshake("delivery", ip, tls_version(new), None)
         session.engine.tls_started()
 
     # --- the connection cache ------------------------------------------------------------------

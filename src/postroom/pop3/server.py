@@ -16,7 +16,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
-from postroom import sasl
+from postroom import events, sasl
 from postroom.address import parse_user_address
 from postroom.errors import AddressError
 from postroom.flow import FlowControl
@@ -36,6 +36,7 @@ from postroom.pop3.engine import (
 )
 from postroom.pop3.maildrop import MailboxInUse, Maildrop, TopFilter, chunks
 from postroom.storage.local import maildir
+from postroom.tls import tls_version
 from postroom.wire.framing import Stuffer, dot_stuff
 
 if TYPE_CHECKING:
@@ -68,6 +69,10 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         self._mech: sasl.Mechanism | None = None
         self._tls_early: list[bytes] | None = None
         self._stopping = False
+        self.service = "pop3s" if implicit_tls else "pop3"
+        self.received = 0
+        self.started = 0.0
+        self._mech_name = "USER"
 
     # -- callbacks -----------------------------------------------------------------------------
 
@@ -88,9 +93,14 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
             transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n")  # type: ignore[attr-defined]
             transport.close()
             self._lost = True
+            why = "stopping" if self.services.stopping else "connection_limit"
+            events.connection_refused(self.service, self.client_ip, why)
             return
         self.proto = Pop3Engine(self.features(), tls_active=self.implicit_tls)
-        self.last_activity = time.monotonic()
+        self.started = self.last_activity = time.monotonic()
+        events.connected(self.service, self.client_ip)
+        if self.implicit_tls:
+            events.tls_handshake(self.service, self.client_ip, tls_version(transport), None)
         transport.write(b"+OK postroom POP3 server ready\r\n")  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
@@ -103,6 +113,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         if proto is None or self._lost:
             return
         self.last_activity = time.monotonic()
+        self.received += len(data)
         proto.receive_data(data)
         if self._task is None and not self._write_paused:
             self._process()
@@ -122,6 +133,9 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         self._writable.set()
         self.services.connections.release(self.client_ip, self)
         self._release()
+        if self.proto is not None:
+            seconds = time.monotonic() - self.started
+            events.disconnected(self.service, self.client_ip, self.received, self.sent, seconds)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -343,7 +357,9 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
 
     async def _login(self, proto: Pop3Engine, user: str, password: str) -> None:
         services = self.services
+        self._mech_name = "USER"
         if services.throttle.refused(self.client_ip):
+            events.login_throttled(self.service, self.client_ip)
             proto.login_failed("Too many failed logins, try again later", "SYS/TEMP")
             return
         key = await services.check_password(self.client_ip, user, password)
@@ -357,7 +373,7 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         # name differently does not reset the count.
         account = user.strip().lower()[:320] if user else None
         delay = self.services.throttle.failure(self.client_ip, account)
-        self.services.log.info("pop3 login failed client=%s", self.client_ip)
+        events.auth_failed(self.service, self.client_ip, account, self._mech_name)
         await asyncio.sleep(delay)
         proto.login_failed("Invalid login or password", "AUTH")
 
@@ -378,16 +394,16 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         self.drop = drop
         self.user = key
         count, size = drop.stat()
-        self.services.log.info(
-            "pop3 login user=%s client=%s messages=%d", key, self.client_ip, count
-        )
+        events.pop3_login(self.service, self.client_ip, key, count)
         proto.login_ok(f"{count} messages ({size} octets)")
 
     async def _auth(self, proto: Pop3Engine, event: AuthStart | AuthResponse) -> None:
         if isinstance(event, AuthStart):
             if self.services.throttle.refused(self.client_ip):
+                events.login_throttled(self.service, self.client_ip)
                 proto.login_failed("Too many failed logins, try again later", "SYS/TEMP")
                 return
+            self._mech_name = event.mechanism.upper()[:32]
             self._mech = sasl.new_mechanism(event.mechanism)
             assert self._mech is not None
             step = self._mech.start(event.initial)
@@ -448,13 +464,14 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             self._tls_early = None
-            self.services.log.info("STLS with %s failed: %s", self.client_ip, exc)
+            events.tls_handshake(self.service, self.client_ip, None, str(exc) or type(exc).__name__)
             self._close()
             return
         early, self._tls_early = self._tls_early, None
         if new is None:
             self._close()
             return
+        events.tls_handshake(self.service, self.client_ip, tls_version(new), None)
         self.transport = new
         self._read_paused = False
         proto.tls_active = True

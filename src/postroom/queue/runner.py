@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
-from postroom import privileges
+from postroom import events, privileges
 from postroom.delivery.dsn import Action, DsnRecipient, build_dsn, format_date
 from postroom.delivery.local import LocalDelivery
 from postroom.delivery.remote import RemoteDelivery, needs_relayed_dsn
@@ -105,12 +105,13 @@ class QueueRunner:
             return False
         return True
 
-    def flush(self) -> None:
-        """``queue flush``: every deferred message is due now."""
+    def flush(self) -> int:
+        """``queue flush``: every deferred message is due now. Returns how many there are."""
         now = time.time()
         for qid in list(self._next):
             self._schedule(qid, now)
         self._wake.set()
+        return len(self._next)
 
     async def delete(self, queue_id: str) -> bool:
         """``queue delete``: remove the message now. An attempt in progress goes on with the
@@ -227,21 +228,20 @@ class QueueRunner:
 
         newly_failed: list[Recipient] = []
         newly_done: list[Recipient] = []
+        started = time.monotonic()
         errors = await self.local.deliver(
             envelope, [(i, r.address) for i, r in local], message, check_duplicate=recovering
         )
+        took = time.monotonic() - started
         for (_index, rcpt), error in zip(local, errors, strict=True):
             if error is not None:
                 rcpt.status = "deferred"
                 rcpt.last_error = f"451 4.3.0 local delivery failed: {error.strerror or error}"
                 changed = True
-                self.services.log.warning(
-                    "%s deferred to=<%s> via maildir: %s", envelope.id, rcpt.address, error
-                )
-                continue
-            rcpt.status = "delivered"
-            newly_done.append(rcpt)
-            self.services.log.info("delivered %s to=<%s> via maildir", envelope.id, rcpt.address)
+            else:
+                rcpt.status = "delivered"
+                newly_done.append(rcpt)
+            self._report_local(envelope, rcpt, took)
 
         if remote:
             envelope.attempts += 1
@@ -274,12 +274,25 @@ class QueueRunner:
 
         # Deferred recipients past max_queue_time bounce with their last error.
         if schedule.expired(envelope.created, time.time(), self.cfg.delivery.max_queue_time):
-            for rcpt in envelope.recipients:
-                if rcpt.status == "deferred":
-                    rcpt.status = "bounced"
-                    rcpt.last_error = rcpt.last_error or "4.4.7 delivery time expired"
-                    newly_failed.append(rcpt)
-                    changed = True
+            expired = [r for r in envelope.recipients if r.status == "deferred"]
+            if expired:
+                events.expired(envelope.id, time.time() - envelope.created)
+            for rcpt in expired:
+                rcpt.status = "bounced"
+                rcpt.last_error = rcpt.last_error or "4.4.7 delivery time expired"
+                newly_failed.append(rcpt)
+                changed = True
+                events.delivery(
+                    envelope.id,
+                    rcpt.address,
+                    "local" if self.is_local(rcpt.address) else "remote",
+                    "bounced",
+                    f"{rcpt.last_error} (gave up: message expired in the queue)",
+                    arrived=envelope.created,
+                    seconds=0.0,
+                    relay="none",
+                    orig_to=rcpt.original,
+                )
 
         await self._notify(envelope, message, newly_failed, newly_done)
 
@@ -300,6 +313,21 @@ class QueueRunner:
             await self.store.io.run(self.store.save_state, envelope)
         self._schedule(envelope.id, envelope.next_attempt)
 
+    def _report_local(self, envelope: Envelope, rcpt: Recipient, seconds: float) -> None:
+        delivered = rcpt.status == "delivered"
+        events.delivery(
+            envelope.id,
+            rcpt.address,
+            "local",
+            rcpt.status,
+            "delivered to maildir" if delivered else rcpt.last_error or "",
+            arrived=envelope.created,
+            seconds=seconds,
+            relay="local",
+            orig_to=rcpt.original,
+            mailbox=self.local.mailbox(rcpt.address),
+        )
+
     async def _remove(self, queue_id: str) -> None:
         """Forget a finished message; the unlink is made durable with a shared dir fsync."""
         with contextlib.suppress(QueueError):
@@ -315,9 +343,11 @@ class QueueRunner:
         any delivery failed; the caller then spools the message for the recipients left, which
         the runner retries (delivered ones are marked done and not delivered again).
         """
+        started = time.monotonic()
         errors = await self.local.deliver(
             envelope, [(i, r.address) for i, r in enumerate(envelope.recipients)], message
         )
+        took = time.monotonic() - started
         ok = True
         for rcpt, error in zip(envelope.recipients, errors, strict=True):
             if error is not None:
@@ -325,6 +355,7 @@ class QueueRunner:
                 ok = False
             else:
                 rcpt.status = "delivered"
+                self._report_local(envelope, rcpt, took)
         return ok
 
     @property
@@ -368,7 +399,10 @@ class QueueRunner:
             domain, asyncio.Semaphore(self.cfg.delivery.max_per_destination)
         )
         async with slot:
+            started = time.monotonic()
             results = await self._remote_delivery().deliver(domain, outgoing, message)
+            took = time.monotonic() - started
+        port = self.cfg.delivery.port
         for (_index, rcpt), result in zip(rcpts, results, strict=True):
             rcpt.remote_mta = result.remote_mta
             text = str(result.reply)
@@ -383,13 +417,18 @@ class QueueRunner:
             else:
                 rcpt.status = "deferred"
                 rcpt.last_error = text
-            self.services.log.info(
-                "%s %s to=<%s> relay=%s: %s",
+            events.delivery(
                 envelope.id,
-                rcpt.status,
                 rcpt.address,
-                result.remote_mta or "-",
-                text,
+                "remote",
+                rcpt.status,
+                result.reply,
+                arrived=envelope.created,
+                seconds=took,
+                relay=f"{result.remote_mta}[{result.remote_ip}]:{port}"
+                if result.remote_mta
+                else "none",
+                orig_to=rcpt.original,
             )
         return [r for _i, r in rcpts]
 
@@ -453,9 +492,7 @@ class QueueRunner:
                 smtputf8=not envelope.sender.isascii(),
             )
             await self.store.add(bounce, report)
-            self.services.log.info(
-                "%s: DSN %s queued for <%s>", envelope.id, bounce.id, envelope.sender
-            )
+            events.bounce_queued(envelope.id, bounce.id, envelope.sender, group[0].action)
             self._start(bounce)
 
     def _report_to(self, sender: str) -> list[str]:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from postroom import sasl
+from postroom import events, sasl
 from postroom.address import Address, parse_user_address
 from postroom.errors import TemporaryStorageError
 from postroom.queue.store import Envelope, Recipient, SpoolWriter, new_queue_id
@@ -79,6 +79,8 @@ class SmtpPolicy:
         self.helo = ""
         self.txn = _Txn()
         self._mech: sasl.Mechanism | None = None
+        self._mech_name = ""
+        self.tls_version: str | None = None  # set by the glue once TLS is up
 
     # -- features ------------------------------------------------------------------------------
 
@@ -108,16 +110,33 @@ class SmtpPolicy:
             self.txn.writer.abort()
         self.txn = _Txn()
 
+    def _refuse(
+        self, stage: str, reply: Reply, recipient: str | None = None, mail: Mail | None = None
+    ) -> Reply:
+        """Report a refusal (log line and metrics) and return it."""
+        sender = mail.sender if mail is not None else self.txn.sender
+        events.refused(
+            self.port,
+            self.client_ip,
+            stage,
+            reply,
+            sender=str(sender) if sender is not None else "",
+            recipient=recipient,
+            queue_id=self.txn.queue_id or None,
+            helo=self.helo,
+        )
+        return reply
+
     def on_mail(self, cmd: Mail) -> Reply:
         self.reset()
         if self.port != "smtp" and self.auth_user is None:
-            return replies.AUTH_REQUIRED
+            return self._refuse("MAIL", replies.AUTH_REQUIRED, mail=cmd)
         if (
             self.auth_user is not None
             and cmd.sender is not None
             and not self.services.accounts.owns(self.auth_user, cmd.sender.key)
         ):
-            return replies.SENDER_NOT_OWNED
+            return self._refuse("MAIL", replies.SENDER_NOT_OWNED, mail=cmd)
         self.txn = _Txn(sender=cmd.sender, mail=cmd)
         return replies.SENDER_OK
 
@@ -134,11 +153,10 @@ class SmtpPolicy:
             targets = self.services.accounts.expand(key)
             if targets is None:
                 if addr.local.lower() != "postmaster":
-                    return replies.USER_UNKNOWN
+                    return self._refuse("RCPT", replies.USER_UNKNOWN, str(addr))
                 targets = [key]
             if not targets:
-                self.services.log.warning("alias loop at %s: refused", key)
-                return replies.ALIAS_LOOP
+                return self._refuse("RCPT", replies.ALIAS_LOOP, str(addr))
             original = str(addr) if targets != [key] else None
             for target in targets:
                 self._add_recipient(
@@ -146,7 +164,7 @@ class SmtpPolicy:
                 )
             return replies.RECIPIENT_OK
         if self.auth_user is None:
-            return replies.RELAY_DENIED
+            return self._refuse("RCPT", replies.RELAY_DENIED, str(addr))
         self._add_recipient(Recipient(str(addr), orcpt=orcpt, notify=notify_list))
         return replies.RECIPIENT_OK
 
@@ -221,6 +239,7 @@ class SmtpPolicy:
         assert writer is not None
         problem = self._check_headers(writer.head(self.cfg.limits.header_size + 4))
         if problem is not None:
+            self._refuse("DATA", problem)
             self.reset()
             return problem
         envelope = Envelope(
@@ -246,14 +265,7 @@ class SmtpPolicy:
             message = writer.finish_in_memory()
             if await runner.deliver_direct(envelope, message):
                 self.txn = _Txn()
-                self.services.log.info(
-                    "delivered %s from=<%s> rcpts=%d size=%d client=%s",
-                    envelope.id,
-                    envelope.sender,
-                    len(envelope.recipients),
-                    len(message),
-                    self.client_ip,
-                )
+                self._accepted(envelope, len(message))
                 return Reply(250, "2.0.0", (f"OK: queued as {envelope.id}",))
         try:
             await writer.commit(envelope)
@@ -261,27 +273,40 @@ class SmtpPolicy:
             self.services.log.error("spool write failed for %s: %s", txn.queue_id, exc)
             if message is not None:  # some copies were delivered directly: the 452 takes
                 await runner.withdraw_direct(envelope, message)  # them back (no duplicates)
+            self._refuse("DATA", replies.STORAGE_FULL)
             self.txn = _Txn()
             return replies.STORAGE_FULL
         self.txn = _Txn()
-        self.services.log.info(
-            "queued %s from=<%s> rcpts=%d size=%d client=%s",
-            envelope.id,
-            envelope.sender,
-            len(envelope.recipients),
-            envelope.size,
-            self.client_ip,
-        )
+        self._accepted(envelope, envelope.size)
         runner.submit(envelope)
         return Reply(250, "2.0.0", (f"OK: queued as {envelope.id}",))
+
+    def _accepted(self, envelope: Envelope, size: int) -> None:
+        events.accepted(
+            envelope.id,
+            self.port,
+            self.client_ip,
+            self.auth_user,
+            envelope.sender,
+            [r.address for r in envelope.recipients],
+            size,
+            self.tls_version,
+        )
+
+    def on_aborted(self, reply: Reply) -> None:
+        """The engine refused the message itself (too big, bare CR or LF) and answered."""
+        self._refuse("DATA", reply)
+        self.reset()
 
     # -- AUTH ----------------------------------------------------------------------------------
 
     async def on_auth(self, proto: ServerEngine, event: AuthStart | AuthResponse) -> None:
         if isinstance(event, AuthStart):
             if self.services.throttle.refused(self.client_ip):
+                events.login_throttled(self.port, self.client_ip)
                 proto.auth_finish(replies.AUTH_THROTTLED)
                 return
+            self._mech_name = event.mechanism.upper()[:32]
             self._mech = sasl.new_mechanism(event.mechanism)
             if self._mech is None:
                 proto.auth_finish(replies.AUTH_BAD_MECH)
@@ -307,7 +332,7 @@ class SmtpPolicy:
                 return
             self._mech = None
             self.auth_user = parse_user_address(step.username).key
-            self.services.log.info("auth ok user=%s client=%s", self.auth_user, self.client_ip)
+            events.auth_ok(self.port, self.client_ip, self.auth_user, self._mech_name)
             proto.auth_finish(replies.AUTH_OK)
             return
         self._mech = None
@@ -315,6 +340,6 @@ class SmtpPolicy:
             proto.auth_finish(replies.AUTH_BAD_BASE64)
             return
         delay = self.services.throttle.failure(self.client_ip, step.username)
-        self.services.log.info("auth failed client=%s", self.client_ip)
+        events.auth_failed(self.port, self.client_ip, step.username, self._mech_name)
         await asyncio.sleep(delay)
         proto.auth_finish(replies.AUTH_FAILED)

@@ -22,7 +22,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
-from postroom import logs
+from postroom import events, logs
 from postroom.flow import FlowControl
 from postroom.smtp.policy import Port, SmtpPolicy
 from postroom.smtp.server_engine import (
@@ -43,6 +43,7 @@ from postroom.smtp.server_engine import (
     State,
     TransactionReset,
 )
+from postroom.tls import tls_version
 from postroom.wire import replies
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
         self._write_paused = False
         self._task: asyncio.Task[None] | None = None
         self._tls_early: list[bytes] | None = None
+        self.received = 0
 
     # -- asyncio.Protocol callbacks ------------------------------------------------------------
 
@@ -82,10 +84,16 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
             self.transport.write(replies.TOO_MANY_CONNECTIONS.render())  # type: ignore[union-attr]
             transport.close()
             self._lost = True
+            why = "stopping" if services.stopping else "connection_limit"
+            events.connection_refused(self.port, self.client_ip, why)
             return
         self.session = SmtpPolicy(services, self.port, self.client_ip, tls=self.implicit_tls)
         self.proto = ServerEngine(self.session.features(), tls_active=self.implicit_tls)
         self.started = self.last_activity = time.monotonic()
+        events.connected(self.port, self.client_ip)
+        if self.implicit_tls:
+            self.session.tls_version = tls_version(transport)
+            events.tls_handshake(self.port, self.client_ip, self.session.tls_version, None)
         self.transport.write(services.banner)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
@@ -98,6 +106,7 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
         if proto is None or self._lost:
             return  # closing: input is dropped
         self.last_activity = time.monotonic()
+        self.received += len(data)
         proto.receive_data(data)
         if self._task is None and not self._write_paused:
             self._process()
@@ -116,8 +125,11 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self.services.connections.release(self.client_ip, self)
-        if self.session is not None and self._task is None:
-            self.session.reset()
+        if self.session is not None:
+            seconds = time.monotonic() - self.started
+            events.disconnected(self.port, self.client_ip, self.received, self.sent, seconds)
+            if self._task is None:
+                self.session.reset()
 
     def pause_writing(self) -> None:
         # The client does not read its replies: stop executing its commands until it does.
@@ -155,7 +167,9 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
                     proto.reply(session.on_mail(event.command))
                 elif isinstance(event, DataStart):
                     session.on_data_start()
-                elif isinstance(event, MessageAborted | TransactionReset):
+                elif isinstance(event, MessageAborted):
+                    session.on_aborted(event.reply)
+                elif isinstance(event, TransactionReset):
                     session.reset()
                 elif isinstance(event, HelloReceived):
                     session.reset()
@@ -240,7 +254,7 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             self._tls_early = None
-            self.services.log.info("STARTTLS with %s failed: %s", self.client_ip, exc)
+            events.tls_handshake(self.port, self.client_ip, None, str(exc) or type(exc).__name__)
             self._close()
             return
         early, self._tls_early = self._tls_early, None
@@ -250,6 +264,8 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
         self.transport = new
         self._read_paused = False
         session.tls_started(proto)
+        session.tls_version = tls_version(new)
+        events.tls_handshake(self.port, self.client_ip, session.tls_version, None)
         proto.receive_data(b"".join(early))
 
     # -- time-outs and shutdown ----------------------------------------------------------------

@@ -1,0 +1,442 @@
+"""The events postroom reports: one function per event, which counts it and logs it.
+
+This is the one vocabulary of what an admin sees: the metrics (``metrics.py``) and the log lines
+(``logs.py``) of an event are made here, side by side, so that they cannot drift apart. The
+servers, the queue runner and the delivery code call these functions and nothing else to
+report.
+
+Text lines follow Postfix's shapes, so that pflogsumm-style tools read them: the queue id first
+(``NOQUEUE`` before there is one), ``QID: client=...`` when a message is accepted (with the
+``QID: from=<...>, size=N, nrcpt=N`` line of the queue manager), ``QID: to=<...>, relay=...,
+delay=..., dsn=..., status=sent|deferred|bounced (reply)`` per recipient and attempt,
+``NOQUEUE: reject: RCPT from [ip]: 550 5.1.1 <...>: ...; from=<...> to=<...>``, ``warning:`` on
+failed logins. JSON lines carry the same facts as fields (``accepted`` and ``delivery`` with the
+keys the README lists). Security: no function here takes a password, a SASL payload or message
+content; values that come from the network reach text lines only through ``logs.py``, which
+replaces control characters (no forged lines).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from postroom import logs
+from postroom.logs import INFO, WARNING, Fields
+from postroom.metrics import Exporter, Metrics
+from postroom.wire import replies
+from postroom.wire.replies import Reply
+
+_metrics = Metrics(None)
+_exporter: Exporter | None = None
+_children: dict[tuple[Any, ...], Any] = {}
+
+# Postfix's program names, which pflogsumm keys on (submission/smtpd is how Postfix's
+# master.cf names the submission service's smtpd).
+_SMTPD = {"smtp": "smtpd", "submission": "submission/smtpd", "submissions": "smtps/smtpd"}
+
+
+def setup(
+    *,
+    multiprocess_dir: Path | None,
+    data_dir: Path,
+    services: Sequence[str],
+    spool: Callable[[], tuple[int, float | None]],
+) -> None:
+    """Make this process's metrics (a worker, after the fork and the drop of root)."""
+    global _metrics, _exporter
+    from postroom import metrics
+
+    _metrics, _exporter = metrics.build(multiprocess_dir, data_dir, spool)
+    _children.clear()
+    _metrics.prime(services)
+    _metrics.start_time.set(time.time())
+
+
+def exposition() -> bytes:
+    """The body of ``GET /metrics``."""
+    return _exporter.render() if _exporter is not None else b""
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(...)``, remembered: a dict lookup instead of prometheus-client's lock."""
+    key = (metric, *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
+def _smtpd(service: str) -> str:
+    return _SMTPD.get(service, service)
+
+
+# -- start-up ------------------------------------------------------------------------------------
+
+
+def startup(message: str) -> None:
+    """A start-up line (``postroom: ...``), written at once."""
+    logs.emit(INFO, "startup", None, {"message": message}, _text_message)
+    logs.flush()
+
+
+def note(component: str, message: str, level: int = INFO) -> None:
+    """A line about the server itself (reload, shutdown): ``event = "server"``."""
+    logs.emit(level, "server", component, {"message": message}, _text_message)
+
+
+def _text_message(f: Fields) -> str:
+    return str(f["message"])
+
+
+def certificate(expires: float) -> None:
+    """The server certificate was loaded; it expires at ``expires`` (Unix time)."""
+    _metrics.cert_expiry.set(expires)
+
+
+# -- connections -----------------------------------------------------------------------------------
+
+
+def connected(service: str, client: str) -> None:
+    if service in _SMTPD:
+        _child(_metrics.smtp_connections, service).inc()
+    else:
+        _child(_metrics.pop3_sessions, service).inc()
+    _child(_metrics.sessions_open, service).inc()
+    if logs.enabled(INFO):
+        fields = {"service": service, "client": client}
+        logs.emit(INFO, "connect", _smtpd(service), fields, _text_connect)
+
+
+def _text_connect(f: Fields) -> str:
+    return f"connect from [{f['client']}] service={f['service']}"
+
+
+def disconnected(service: str, client: str, received: int, sent: int, seconds: float) -> None:
+    _child(_metrics.sessions_open, service).dec()
+    _child(_metrics.bytes_received, service).inc(received)
+    _child(_metrics.bytes_sent, service).inc(sent)
+    if logs.enabled(INFO):
+        fields = {
+            "service": service,
+            "client": client,
+            "bytes_in": received,
+            "bytes_out": sent,
+            "duration_s": round(seconds, 3),
+        }
+        logs.emit(INFO, "disconnect", _smtpd(service), fields, _text_disconnect)
+
+
+def _text_disconnect(f: Fields) -> str:
+    return (
+        f"disconnect from [{f['client']}] service={f['service']} in={f['bytes_in']}"
+        f" out={f['bytes_out']} time={f['duration_s']}"
+    )
+
+
+def connection_refused(service: str, client: str, reason: str) -> None:
+    """Turned away at connect: ``connection_limit`` or ``stopping``."""
+    if reason == "connection_limit":
+        _child(_metrics.throttled, service, reason).inc()
+    fields = {"service": service, "client": client, "reason": reason}
+    logs.emit(WARNING, "connection_refused", _smtpd(service), fields, _text_conn_refused)
+
+
+def _text_conn_refused(f: Fields) -> str:
+    return f"refused connection from [{f['client']}] service={f['service']}: {f['reason']}"
+
+
+def tls_handshake(service: str, client: str, version: str | None, error: str | None) -> None:
+    """A TLS handshake (STARTTLS/STLS, an implicit-TLS port, or a delivery) ended."""
+    outcome = "ok" if error is None else "failed"
+    _child(_metrics.tls_handshakes, service, version or "", outcome).inc()
+    if error is not None:
+        fields = {"service": service, "client": client, "error": error}
+        logs.emit(INFO, "tls_failed", _smtpd(service), fields, _text_tls_failed)
+
+
+def _text_tls_failed(f: Fields) -> str:
+    return f"TLS handshake with [{f['client']}] failed: {f['error']}"
+
+
+# -- SMTP --------------------------------------------------------------------------------------
+
+
+def accepted(
+    queue_id: str,
+    service: str,
+    client: str,
+    user: str | None,
+    sender: str,
+    recipients: Sequence[str],
+    size: int,
+    tls: str | None,
+) -> None:
+    """The 250 after DATA went out: the message is the server's now."""
+    _child(_metrics.smtp_messages, service, "accepted").inc()
+    if not logs.enabled(INFO):
+        return
+    fields: dict[str, object] = {
+        "queue_id": queue_id,
+        "sender": sender,
+        "recipients": list(recipients),
+        "size": size,
+        "client": client,
+        "service": service,
+    }
+    if user is not None:
+        fields["user"] = user
+    fields["tls"] = tls
+    logs.emit(INFO, "accepted", _smtpd(service), fields, _text_accepted)
+
+
+def _text_accepted(f: Fields) -> str:
+    user = f", sasl_username={f['user']}" if "user" in f else ""
+    rcpts = ",".join(f"<{r}>" for r in f["recipients"])  # type: ignore[attr-defined]
+    return (
+        f"{f['queue_id']}: client=[{f['client']}]{user}, tls={f['tls'] or 'none'}"
+        f", service={f['service']}, from=<{f['sender']}>, to={rcpts}, size={f['size']}"
+        f"\n@qmgr {f['queue_id']}: from=<{f['sender']}>, size={f['size']}"
+        f", nrcpt={len(f['recipients'])} (queue active)"  # type: ignore[arg-type]
+    )
+
+
+_REASONS: dict[Reply, str] = {
+    replies.USER_UNKNOWN: "user_unknown",
+    replies.RELAY_DENIED: "relay_denied",
+    replies.SENDER_NOT_OWNED: "sender_not_owned",
+    replies.AUTH_REQUIRED: "auth_required",
+    replies.ALIAS_LOOP: "alias_loop",
+    replies.MESSAGE_TOO_BIG: "size",
+    replies.HEADERS_TOO_BIG: "size",
+    replies.TOO_MANY_HOPS: "mail_loop",
+    replies.BARE_LF_DATA: "bare_lf",
+    replies.STORAGE_FULL: "disk_full",
+    replies.TOO_MANY_RECIPIENTS: "too_many_recipients",
+}
+
+
+def refusal_reason(reply: Reply) -> str:
+    """A short name for a refusal, for the metric label (a small, fixed set)."""
+    reason = _REASONS.get(reply)
+    if reason is not None:
+        return reason
+    if "dmarc" in reply.text.lower():
+        return "dmarc"
+    return "other"
+
+
+def refused(
+    service: str,
+    client: str,
+    stage: str,
+    reply: Reply,
+    *,
+    sender: str | None = None,
+    recipient: str | None = None,
+    queue_id: str | None = None,
+    helo: str = "",
+) -> None:
+    """A MAIL, RCPT or DATA refused by policy or a limit (``stage``: MAIL, RCPT, DATA)."""
+    reason = refusal_reason(reply)
+    _child(_metrics.smtp_messages, service, "rejected").inc()
+    _child(_metrics.refusals, service, reason).inc()
+    if reason == "disk_full":
+        _child(_metrics.disk_full, service).inc()
+    if not logs.enabled(INFO):
+        return
+    fields: dict[str, object] = {
+        "queue_id": queue_id,
+        "service": service,
+        "client": client,
+        "stage": stage,
+        "reason": reason,
+        "reply": str(reply),
+        "sender": sender,
+        "recipient": recipient,
+        "helo": helo[:255],
+    }
+    logs.emit(INFO, "reject", _smtpd(service), fields, _text_refused)
+
+
+def _text_refused(f: Fields) -> str:
+    text = str(f["reply"])
+    if f["recipient"] is not None and f["stage"] == "RCPT":
+        code, _, rest = text.partition(" ")
+        status, _, words = rest.partition(" ")
+        text = f"{code} {status} <{f['recipient']}>: {words}"
+    sender = "" if f["sender"] is None else f"from=<{f['sender']}> "
+    rcpt = "" if f["recipient"] is None else f"to=<{f['recipient']}> "
+    return (
+        f"{f['queue_id'] or 'NOQUEUE'}: reject: {f['stage']} from [{f['client']}]: {text}; "
+        f"{sender}{rcpt}service={f['service']} reason={f['reason']} helo=<{f['helo']}>"
+    )
+
+
+def auth_ok(service: str, client: str, user: str, mechanism: str) -> None:
+    if logs.enabled(INFO):
+        fields = {"service": service, "client": client, "user": user, "mechanism": mechanism}
+        logs.emit(INFO, "auth", _smtpd(service), fields, _text_auth_ok)
+
+
+def _text_auth_ok(f: Fields) -> str:
+    return (
+        f"[{f['client']}]: {f['mechanism']} authentication ok, sasl_username={f['user']},"
+        f" service={f['service']}"
+    )
+
+
+def auth_failed(service: str, client: str, user: str | None, mechanism: str) -> None:
+    """A failed login; ``user`` is the name tried (never the password)."""
+    _child(_metrics.auth_failures, service).inc()
+    fields = {
+        "service": service,
+        "client": client,
+        "user": (user or "")[:256],
+        "mechanism": mechanism,
+    }
+    logs.emit(WARNING, "auth_failed", _smtpd(service), fields, _text_auth_failed)
+
+
+def _text_auth_failed(f: Fields) -> str:
+    return (
+        f"[{f['client']}]: {f['mechanism']} authentication failed, sasl_username={f['user']},"
+        f" service={f['service']}"
+    )
+
+
+def login_throttled(service: str, client: str) -> None:
+    """A login refused unchecked: the client failed too often (the throttle's lockout)."""
+    _child(_metrics.throttled, service, "login_lockout").inc()
+    fields = {"service": service, "client": client}
+    logs.emit(WARNING, "login_throttled", _smtpd(service), fields, _text_throttled)
+
+
+def _text_throttled(f: Fields) -> str:
+    return f"[{f['client']}]: login refused: too many failed logins, service={f['service']}"
+
+
+def pop3_login(service: str, client: str, user: str, messages: int) -> None:
+    if logs.enabled(INFO):
+        fields = {"service": service, "client": client, "user": user, "messages": messages}
+        logs.emit(INFO, "pop3_login", "pop3", fields, _text_pop3_login)
+
+
+def _text_pop3_login(f: Fields) -> str:
+    return (
+        f"login: user={f['user']}, client=[{f['client']}], service={f['service']},"
+        f" messages={f['messages']}"
+    )
+
+
+# -- delivery ----------------------------------------------------------------------------------
+
+
+def delivery(
+    queue_id: str,
+    recipient: str,
+    transport: str,
+    status: str,
+    reply: Reply | str,
+    *,
+    arrived: float,
+    seconds: float,
+    relay: str,
+    orig_to: str | None = None,
+    mailbox: str | None = None,
+) -> None:
+    """One attempt for one recipient ended: ``status`` delivered, deferred or bounced.
+
+    ``relay`` is ``host[ip]:port``, ``local`` or ``none`` (no host was reached); ``arrived``
+    the message's arrival (the line's ``delay``), ``seconds`` how long the attempt took.
+    """
+    _child(_metrics.deliveries, transport, status).inc()
+    _child(_metrics.attempt_seconds, transport, status).observe(seconds)
+    if not logs.enabled(INFO):
+        return
+    text = str(reply)
+    status_code = reply.status if isinstance(reply, Reply) else replies.parse_status(text)[0]
+    if not status_code:
+        status_code = {"delivered": "2.0.0", "deferred": "4.0.0"}.get(status, "5.0.0")
+    fields: dict[str, object] = {
+        "queue_id": queue_id,
+        "recipient": recipient,
+        "transport": transport,
+        "status": status,
+        "dsn": status_code,
+        "relay": relay,
+        "delay_s": round(max(0.0, time.time() - arrived), 3),
+        "reply": text,
+    }
+    if orig_to is not None:
+        fields["orig_to"] = orig_to
+    if mailbox is not None:
+        fields["mailbox"] = mailbox
+    logs.emit(INFO, "delivery", "local" if transport == "local" else "smtp", fields, _text_delivery)
+
+
+_POSTFIX_STATUS = {"delivered": "sent", "deferred": "deferred", "bounced": "bounced"}
+
+
+def _text_delivery(f: Fields) -> str:
+    orig = f", orig_to=<{f['orig_to']}>" if "orig_to" in f else ""
+    delay = f"{f['delay_s']:.2f}".rstrip("0").rstrip(".")
+    said = f"{f['reply']}"
+    if "mailbox" in f:
+        sep = " " if f["status"] == "delivered" else "; mailbox "
+        said = f"{said}{sep}{f['mailbox']}"
+    return (
+        f"{f['queue_id']}: to=<{f['recipient']}>{orig}, relay={f['relay']}, delay={delay},"
+        f" dsn={f['dsn']}, status={_POSTFIX_STATUS.get(str(f['status']), f['status'])} ({said})"
+    )
+
+
+def bounce_queued(queue_id: str, bounce_id: str, sender: str, action: str) -> None:
+    """A DSN about ``queue_id`` was queued as ``bounce_id`` for ``sender``."""
+    _child(_metrics.bounces, action).inc()
+    if logs.enabled(INFO):
+        fields = {"queue_id": queue_id, "bounce_id": bounce_id, "sender": sender, "action": action}
+        logs.emit(INFO, "bounce", "bounce", fields, _text_bounce)
+
+
+_BOUNCE_WORDS = {"failed": "non-delivery", "delivered": "delivery", "relayed": "delivery"}
+
+
+def _text_bounce(f: Fields) -> str:
+    kind = _BOUNCE_WORDS.get(str(f["action"]), str(f["action"]))
+    return f"{f['queue_id']}: sender {kind} notification: {f['bounce_id']} to=<{f['sender']}>"
+
+
+def expired(queue_id: str, age: float) -> None:
+    """A message reached ``max_queue_time``: its deferred recipients bounce (logged each)."""
+    fields = {"queue_id": queue_id, "age_s": round(age)}
+    logs.emit(INFO, "expired", "qmgr", fields, _text_expired)
+
+
+def _text_expired(f: Fields) -> str:
+    return f"{f['queue_id']}: expired after {f['age_s']}s in the queue, returned to sender"
+
+
+def queue_action(action: str, queue_id: str | None = None, count: int | None = None) -> None:
+    """``queue delete`` or ``queue flush`` reached the running server."""
+    fields: dict[str, object] = {"action": action, "queue_id": queue_id, "count": count}
+    logs.emit(INFO, "queue_" + action, "qmgr", fields, _text_queue_action)
+
+
+def _text_queue_action(f: Fields) -> str:
+    if f["action"] == "delete":
+        return f"{f['queue_id']}: removed (queue delete)"
+    return f"queue flush: {f['count']} deferred messages due now"
+
+
+def dns_lookup(result: str) -> None:
+    """One DNS query for delivery ended: ``ok``, ``nodata``, ``nxdomain``, ``timeout``,
+    ``error``."""
+    _child(_metrics.dns_lookups, result).inc()
+
+
+def sender_auth(method: str, result: str) -> None:
+    """One SPF, DKIM or DMARC verdict (RFC 8601 result names: pass, fail, none, ...)."""
+    _child(_metrics.sender_auth, method, result).inc()
