@@ -17,10 +17,14 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from postroom import config as config_mod
 from postroom.config import Config
 from postroom.errors import AccountError, ConfigError, PostroomError, QueueError
+
+if TYPE_CHECKING:
+    from postroom.queue.store import Envelope
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     qlist = queue.add_parser("list", parents=[common])
     qlist.add_argument("--json", action="store_true")
-    queue.add_parser("show", parents=[common]).add_argument("id")
+    qshow = queue.add_parser("show", parents=[common])
+    qshow.add_argument("id")
+    qshow.add_argument("--json", action="store_true")
     queue.add_parser("flush", parents=[common])
     queue.add_parser("delete", parents=[common]).add_argument("id")
     return p
@@ -179,7 +185,23 @@ def _cmd_alias(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _queue_entry(e: Envelope) -> dict[str, Any]:
+    """One message as ``queue list --json`` shows it."""
+    return {
+        "id": e.id,
+        "sender": e.sender,
+        "created": _iso(e.created),
+        "attempts": e.attempts,
+        "next_attempt": _iso(e.next_attempt),
+        "recipients": [
+            {"address": r.address, "status": r.status, "last_error": r.last_error}
+            for r in e.recipients
+        ],
+    }
+
+
 def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
+    from postroom.delivery.advice import advise, sender_domain
     from postroom.queue.store import Envelope, QueueStore
 
     store = QueueStore(cfg.data_dir / "queue")
@@ -201,6 +223,20 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     if args.action == "show":
         env = store.load(args.id)
+        domain = sender_domain(env.sender, cfg.hostname)
+        if args.json:
+            shown = _queue_entry(env)
+            for r in shown["recipients"]:
+                hint = advise(r["last_error"], domain)
+                r["advice"] = (
+                    None
+                    if hint is None
+                    else {"cause": hint.cause, "text": hint.text, "command": hint.command}
+                )
+            shown["size"] = env.size
+            shown["attempts"] = []
+            print(json.dumps(shown, indent=2))
+            return 0
         print(
             f"id: {env.id}\nsender: <{env.sender}>\ncreated: {_iso(env.created)}\n"
             f"size: {env.size}\nattempts: {env.attempts}\n"
@@ -211,6 +247,11 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
                 f"recipient: <{r.address}> {r.status}"
                 + (f" ({r.last_error})" if r.last_error else "")
             )
+            hint = advise(r.last_error, domain)
+            if hint is not None:
+                print(f"  advice: {hint.text}")
+                if hint.command:
+                    print(f"  run: {hint.command}")
         print()
         head = store.message_head(env)
         end = head.find(b"\r\n\r\n")
@@ -222,25 +263,7 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     envelopes = [e for e in store.iter_envelopes() if isinstance(e, Envelope)]
     if args.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "id": e.id,
-                        "sender": e.sender,
-                        "created": _iso(e.created),
-                        "attempts": e.attempts,
-                        "next_attempt": _iso(e.next_attempt),
-                        "recipients": [
-                            {"address": r.address, "status": r.status, "last_error": r.last_error}
-                            for r in e.recipients
-                        ],
-                    }
-                    for e in envelopes
-                ],
-                indent=2,
-            )
-        )
+        print(json.dumps([_queue_entry(e) for e in envelopes], indent=2))
         return 0
     for e in envelopes:
         errors = "; ".join(r.last_error for r in e.recipients if r.last_error)

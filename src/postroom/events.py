@@ -357,7 +357,11 @@ def delivery(
     if not logs.enabled(INFO):
         return
     text = str(reply)
-    status_code = reply.status if isinstance(reply, Reply) else replies.parse_status(text)[0]
+    if isinstance(reply, Reply):
+        status_code = reply.status
+    else:
+        code, _, rest = text.partition(" ")
+        status_code = replies.parse_status(rest if code.isdigit() else text)[0]
     if not status_code:
         status_code = {"delivered": "2.0.0", "deferred": "4.0.0"}.get(status, "5.0.0")
     fields: dict[str, object] = {

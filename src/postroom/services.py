@@ -37,6 +37,8 @@ class Intake(Protocol):
 
     async def withdraw_direct(self, envelope: Envelope, message: bytes) -> None: ...
 
+    def report_direct(self, envelope: Envelope, seconds: float) -> None: ...
+
 
 class Closable(Protocol):
     """A live connection, as the limiter, the time-out sweeper and shutdown see it."""

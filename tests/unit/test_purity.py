@@ -19,6 +19,7 @@ PURE = [
     "sasl.py",
     "queue/schedule.py",
     "delivery/dsn.py",
+    "delivery/advice.py",
 ]
 FORBIDDEN = {"asyncio", "socket", "os", "ssl", "subprocess", "selectors"}
 

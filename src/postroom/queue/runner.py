@@ -343,11 +343,9 @@ class QueueRunner:
         any delivery failed; the caller then spools the message for the recipients left, which
         the runner retries (delivered ones are marked done and not delivered again).
         """
-        started = time.monotonic()
         errors = await self.local.deliver(
             envelope, [(i, r.address) for i, r in enumerate(envelope.recipients)], message
         )
-        took = time.monotonic() - started
         ok = True
         for rcpt, error in zip(envelope.recipients, errors, strict=True):
             if error is not None:
@@ -355,8 +353,13 @@ class QueueRunner:
                 ok = False
             else:
                 rcpt.status = "delivered"
-                self._report_local(envelope, rcpt, took)
         return ok
+
+    def report_direct(self, envelope: Envelope, seconds: float) -> None:
+        """Log the copies :meth:`deliver_direct` made, once the message was accepted."""
+        for rcpt in envelope.recipients:
+            if rcpt.status == "delivered":
+                self._report_local(envelope, rcpt, seconds)
 
     @property
     def cfg(self) -> Config:

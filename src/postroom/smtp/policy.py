@@ -263,9 +263,11 @@ class SmtpPolicy:
         message = None
         if direct:
             message = writer.finish_in_memory()
+            started = time.monotonic()
             if await runner.deliver_direct(envelope, message):
                 self.txn = _Txn()
                 self._accepted(envelope, len(message))
+                runner.report_direct(envelope, time.monotonic() - started)
                 return Reply(250, "2.0.0", (f"OK: queued as {envelope.id}",))
         try:
             await writer.commit(envelope)
@@ -278,6 +280,8 @@ class SmtpPolicy:
             return replies.STORAGE_FULL
         self.txn = _Txn()
         self._accepted(envelope, envelope.size)
+        if message is not None:  # the copies delivered directly before the rest was spooled
+            runner.report_direct(envelope, 0.0)
         runner.submit(envelope)
         return Reply(250, "2.0.0", (f"OK: queued as {envelope.id}",))
 
