@@ -77,8 +77,9 @@ def _smtpd(service: str) -> str:
 
 
 def startup(message: str) -> None:
-    """A start-up line (``postroom: ...``), written at once."""
-    logs.emit(INFO, "startup", None, {"message": message}, _text_message)
+    """A start-up line (``postroom: ...``, in JSON too: scripts wait for ``postroom: ready``),
+    written at once."""
+    logs.emit(INFO, "startup", None, {"message": f"postroom: {message}"}, _text_message)
     logs.flush()
 
 

@@ -109,7 +109,7 @@ def _format_entry(entry: Entry, pid: int) -> str:
     message = entry.text({k: _clean(v) for k, v in entry.fields.items()})
     ts = _iso(entry.ts)
     if entry.component is None:
-        return f"{ts} {_state.host} postroom: {message}"
+        return f"{ts} {_state.host} {message}"
     prefix = "" if entry.level == INFO else f"{_LEVEL_NAMES.get(entry.level, 'info')}: "
     lines = []
     component = entry.component
