@@ -135,5 +135,10 @@ def test_json_lines(log: io.StringIO, tmp_path: Path) -> None:
         "4.3.0",
         "local",
     )
-    assert ready == {"ts": ready["ts"], "level": "info", "event": "startup", "message": "postroom: ready"}
+    assert ready == {
+        "ts": ready["ts"],
+        "level": "info",
+        "event": "startup",
+        "message": "postroom: ready",
+    }
     assert ready["ts"].endswith("Z") and "T" in ready["ts"]
