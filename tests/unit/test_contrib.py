@@ -82,3 +82,30 @@ def test_grafana_dashboard(tmp_path: Path) -> None:
     exprs = [t["expr"] for p in panels for t in p["targets"]]
     exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
     queries_name_known_metrics(exprs, exported(tmp_path))
+
+
+UNIT = ROOT / "contrib" / "systemd" / "postroom.service"
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    analyze = need_tool("systemd-analyze")
+    text = UNIT.read_text()
+    settings = dict(
+        line.split("=", 1) for line in text.splitlines() if "=" in line and line[:1].isalpha()
+    )
+    assert settings["Restart"] == "on-failure"
+    assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert "User" not in settings  # root to bind, then postroom drops to its config's user
+    assert settings["NoNewPrivileges"] == "yes" and settings["ProtectSystem"] == "strict"
+    assert "CAP_NET_BIND_SERVICE" in settings["CapabilityBoundingSet"]
+    # verify wants the ExecStart program to exist: point it at this Python.
+    import sys
+
+    unit = tmp_path / "postroom.service"
+    unit.write_text(text.replace("/usr/local/bin/postroom", f"{sys.executable} -m postroom"))
+    proc = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    # It exits 0 on unknown keys and bad values too, but names the file in a warning.
+    problems = [line for line in (proc.stdout + proc.stderr).splitlines() if str(unit) in line]
+    assert proc.returncode == 0 and not problems, proc.stdout + proc.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,9 @@ def test_text_lines_postfix_style(log: io.StringIO, tmp_path: Path) -> None:
     logs.flush()
     lines = log.getvalue().splitlines()
     assert lines[0].endswith(
-        "mx.a.test postroom/submission/smtpd[%d]: Q1: client=[192.0.2.1], sasl_username=a@a.test,"
-        " tls=none, service=submission, from=<a@a.test>, to=<b@b.test>, size=9" % _pid()
+        f"mx.a.test postroom/submission/smtpd[{os.getpid()}]: Q1: client=[192.0.2.1],"
+        " sasl_username=a@a.test, tls=none, service=submission, from=<a@a.test>, to=<b@b.test>,"
+        " size=9"
     )
     assert "postroom/qmgr[" in lines[1] and lines[1].endswith(
         "Q1: from=<a@a.test>, size=9, nrcpt=1 (queue active)"
@@ -81,12 +83,6 @@ def test_text_lines_postfix_style(log: io.StringIO, tmp_path: Path) -> None:
         == 1
     )
     assert samples[("postroom_queue_messages", ())] == 3
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
 
 
 def test_no_forged_lines(log: io.StringIO, tmp_path: Path) -> None:
