@@ -83,7 +83,38 @@ def _parser() -> argparse.ArgumentParser:
     qshow.add_argument("--json", action="store_true")
     queue.add_parser("flush", parents=[common])
     queue.add_parser("delete", parents=[common]).add_argument("id")
+    imp = sub.add_parser(
+        "import-maildir",
+        parents=[common],
+        help="copy a Dovecot Maildir into a user's mailbox, keeping the POP3 UIDLs",
+    )
+    imp.add_argument("address", help="the (existing) user the mail is for")
+    imp.add_argument("maildir", help="the Dovecot Maildir (with cur/, new/, dovecot-uidlist)")
+    imp.add_argument(
+        "--uidl-format",
+        default="%08Xu%08Xv",
+        help="Dovecot's pop3_uidl_format for that mailbox (default: Dovecot's, %%08Xu%%08Xv)",
+    )
     return p
+
+
+def _cmd_import(cfg: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from postroom.storage.local import maildir
+    from postroom.storage.local.accounts import Accounts, account_address
+    from postroom.storage.local.dovecot_import import import_maildir
+
+    addr = account_address(args.address, cfg.domains)
+    if not Accounts(cfg.data_dir).user_exists(addr.key):
+        raise AccountError(f"no such user {addr.key}")
+    box = maildir.mailbox_path(cfg.data_dir, addr.key)
+    report = import_maildir(Path(args.maildir), box, cfg.hostname, args.uidl_format)
+    print(
+        f"{addr.key}: {report.imported} messages imported, {report.skipped} already there"
+        + (f", {report.unlisted} not listed in dovecot-uidlist" if report.unlisted else "")
+    )
+    return 0
 
 
 def _read_password(args: argparse.Namespace) -> str:
@@ -299,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # read the Python installation's files (a pyenv under /root, say).
         import postroom.queue.store
         import postroom.storage.local.accounts
+        import postroom.storage.local.dovecot_import
         import postroom.storage.local.maildir  # noqa: F401
         from postroom import privileges
 
@@ -307,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_user(cfg, args)
         if args.command == "alias":
             return _cmd_alias(cfg, args)
+        if args.command == "import-maildir":
+            return _cmd_import(cfg, args)
         return _cmd_queue(cfg, args)
     except ConfigError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)

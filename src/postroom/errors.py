@@ -8,7 +8,8 @@
     ├── AccountError              user/alias management refused (exists, unknown, bad domain)
     ├── AddressError              a mailbox or path that is not valid RFC 5321 syntax
     ├── QueueError                a queue id that does not exist, a corrupt queue file
-    └── TemporaryStorageError     the disk refused a write (full, read-only): answer 4xx, keep going
+    ├── TemporaryStorageError     the disk refused a write (full, read-only): answer 4xx, keep going
+    └── ImportSourceError         import-maildir: the source is no Maildir, a setting is unreadable
 
 Errors of the *peer* (a client breaking SMTP or POP3) are not exceptions: the sans-I/O engines
 turn them into protocol replies. An exception escaping an engine is a bug in our own code.
@@ -41,3 +42,7 @@ class QueueError(PostroomError):
 
 class TemporaryStorageError(PostroomError):
     """Storage failed in a way that may heal (disk full, read-only): the peer gets a 4xx."""
+
+
+class ImportSourceError(PostroomError):
+    """``import-maildir`` cannot read its source (no Maildir, a bad uidlist or UIDL format)."""

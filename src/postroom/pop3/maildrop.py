@@ -10,9 +10,10 @@ line ends (RFC 1939 §3), so LIST and STAT equal the octets RETR sends.
 
 UIDLs are the Maildir unique names (the base name up to the first ``,`` or ``:``, as Dovecot
 keys them; hashed if unfit for RFC 1939 §7), so they survive flag changes, are stable across
-sessions and are never reused. Deletions are applied only at QUIT (the UPDATE state, RFC 1939
-§6); a dropped connection deletes nothing. Messages retrieved and kept move from ``new/`` to
-``cur/`` with the ``S`` (seen) flag, as Maildir readers expect.
+sessions and are never reused; messages imported from Dovecot keep the UIDL Dovecot gave them
+(the mailbox's UIDL map, see ``dovecot_import.py``). Deletions are applied only at QUIT (the
+UPDATE state, RFC 1939 §6); a dropped connection deletes nothing. Messages retrieved and kept
+move from ``new/`` to ``cur/`` with the ``S`` (seen) flag, as Maildir readers expect.
 
 One session per mailbox: an exclusive ``flock`` on a lock file, held for the session and
 released by the kernel when the descriptor is closed or the process dies, so a crashed session
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from postroom.storage.local import maildir
+from postroom.storage.local.dovecot_import import load_uidl_map
 from postroom.wire.framing import to_crlf
 
 LOCK_NAME = ".postroom-pop3.lock"
@@ -218,6 +220,10 @@ class Maildrop:
                     )
         if unknown:
             entries += self._measure_all(unknown)
+        kept = load_uidl_map(self.path)  # UIDLs of messages moved over from Dovecot
+        if kept:
+            for entry in entries:
+                entry.uid = kept.get(entry.uid, entry.uid)
         # Oldest first: Maildir unique names start with the delivery time in seconds.
         entries.sort(key=lambda en: en.base)
         return entries
