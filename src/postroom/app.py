@@ -318,6 +318,7 @@ def _setup_metrics(services: Services, listeners: list[Listener]) -> None:
         return len(ids), oldest
 
     events.setup(
+        enabled=bool(cfg.listen.http),
         multiprocess_dir=cfg.data_dir / metrics.METRICS_DIR if shared else None,
         data_dir=cfg.data_dir,
         services=sorted({lst.kind for lst in listeners}),

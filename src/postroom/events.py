@@ -18,6 +18,7 @@ replaces control characters (no forged lines).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +33,13 @@ from postroom.wire.replies import Reply
 _metrics = Metrics(None)
 _exporter: Exporter | None = None
 _children: dict[tuple[Any, ...], Any] = {}
+_on = False  # metrics are kept only when something can read them (an http listener)
+_shared = False  # several workers: changes are written to the shared files at once
+# Changes not yet handed to prometheus-client: adding to a dict costs a tenth of an update of
+# its values (a lock, checks, a write into a memory-mapped file with several workers).
+_pending: dict[tuple[Any, ...], float] = {}
+_observed: list[tuple[tuple[Any, ...], float]] = []
+_flush_soon = False
 
 # Postfix's program names, which pflogsumm keys on (submission/smtpd is how Postfix's
 # master.cf names the submission service's smtpd).
@@ -40,28 +48,79 @@ _SMTPD = {"smtp": "smtpd", "submission": "submission/smtpd", "submissions": "smt
 
 def setup(
     *,
+    enabled: bool,
     multiprocess_dir: Path | None,
     data_dir: Path,
     services: Sequence[str],
     spool: Callable[[], tuple[int, float | None]],
 ) -> None:
-    """Make this process's metrics (a worker, after the fork and the drop of root)."""
-    global _metrics, _exporter
+    """Make this process's metrics (a worker, after the fork and the drop of root). Without
+    ``enabled`` (no http listener) nothing is counted."""
+    global _metrics, _exporter, _on, _shared
     from postroom import metrics
 
     _metrics, _exporter = metrics.build(multiprocess_dir, data_dir, spool)
     _children.clear()
+    _pending.clear()
+    _observed.clear()
+    _on, _shared = enabled, multiprocess_dir is not None
     _metrics.prime(services)
     _metrics.start_time.set(time.time())
 
 
 def exposition() -> bytes:
     """The body of ``GET /metrics``."""
+    flush_metrics()
     return _exporter.render() if _exporter is not None else b""
 
 
+def _count(amount: float, metric: Any, *labels: str) -> None:
+    """Add ``amount`` to a counter or gauge child (negative for a gauge going down)."""
+    if not _on:
+        return
+    key = (metric, *labels)
+    _pending[key] = _pending.get(key, 0) + amount
+    if _shared:
+        _schedule_flush()
+
+
+def _observe(value: float, metric: Any, *labels: str) -> None:
+    if not _on:
+        return
+    _observed.append(((metric, *labels), value))
+    if _shared or len(_observed) >= 1024:
+        _schedule_flush()
+
+
+def _schedule_flush() -> None:
+    """With several workers another one may answer the next scrape: the changes of this turn
+    of the event loop are written right after it (before any reply can have been read)."""
+    global _flush_soon
+    if _flush_soon:
+        return
+    try:
+        asyncio.get_running_loop().call_soon(flush_metrics)
+    except RuntimeError:  # no event loop (a command, a test): at once
+        flush_metrics()
+        return
+    _flush_soon = True
+
+
+def flush_metrics() -> None:
+    """Hand the pending changes to prometheus-client."""
+    global _flush_soon
+    _flush_soon = False
+    while _pending:
+        key, amount = _pending.popitem()
+        _child(*key).inc(amount)
+    observed = _observed[:]
+    del _observed[: len(observed)]
+    for key, value in observed:
+        _child(*key).observe(value)
+
+
 def _child(metric: Any, *labels: str) -> Any:
-    """``metric.labels(...)``, remembered: a dict lookup instead of prometheus-client's lock."""
+    """``metric.labels(...)``, remembered."""
     key = (metric, *labels)
     child = _children.get(key)
     if child is None:
@@ -102,10 +161,10 @@ def certificate(expires: float) -> None:
 
 def connected(service: str, client: str) -> None:
     if service in _SMTPD:
-        _child(_metrics.smtp_connections, service).inc()
+        _count(1, _metrics.smtp_connections, service)
     else:
-        _child(_metrics.pop3_sessions, service).inc()
-    _child(_metrics.sessions_open, service).inc()
+        _count(1, _metrics.pop3_sessions, service)
+    _count(1, _metrics.sessions_open, service)
     if logs.enabled(INFO):
         fields = {"service": service, "client": client}
         logs.emit(INFO, "connect", _smtpd(service), fields, _text_connect)
@@ -116,9 +175,9 @@ def _text_connect(f: Fields) -> str:
 
 
 def disconnected(service: str, client: str, received: int, sent: int, seconds: float) -> None:
-    _child(_metrics.sessions_open, service).dec()
-    _child(_metrics.bytes_received, service).inc(received)
-    _child(_metrics.bytes_sent, service).inc(sent)
+    _count(-1, _metrics.sessions_open, service)
+    _count(received, _metrics.bytes_received, service)
+    _count(sent, _metrics.bytes_sent, service)
     if logs.enabled(INFO):
         fields = {
             "service": service,
@@ -140,7 +199,7 @@ def _text_disconnect(f: Fields) -> str:
 def connection_refused(service: str, client: str, reason: str) -> None:
     """Turned away at connect: ``connection_limit`` or ``stopping``."""
     if reason == "connection_limit":
-        _child(_metrics.throttled, service, reason).inc()
+        _count(1, _metrics.throttled, service, reason)
     fields = {"service": service, "client": client, "reason": reason}
     logs.emit(WARNING, "connection_refused", _smtpd(service), fields, _text_conn_refused)
 
@@ -152,7 +211,7 @@ def _text_conn_refused(f: Fields) -> str:
 def tls_handshake(service: str, client: str, version: str | None, error: str | None) -> None:
     """A TLS handshake (STARTTLS/STLS, an implicit-TLS port, or a delivery) ended."""
     outcome = "ok" if error is None else "failed"
-    _child(_metrics.tls_handshakes, service, version or "", outcome).inc()
+    _count(1, _metrics.tls_handshakes, service, version or "", outcome)
     if error is not None:
         fields = {"service": service, "client": client, "error": error}
         logs.emit(INFO, "tls_failed", _smtpd(service), fields, _text_tls_failed)
@@ -176,7 +235,7 @@ def accepted(
     tls: str | None,
 ) -> None:
     """The 250 after DATA went out: the message is the server's now."""
-    _child(_metrics.smtp_messages, service, "accepted").inc()
+    _count(1, _metrics.smtp_messages, service, "accepted")
     if not logs.enabled(INFO):
         return
     fields: dict[str, object] = {
@@ -193,14 +252,15 @@ def accepted(
     logs.emit(INFO, "accepted", _smtpd(service), fields, _text_accepted)
 
 
-def _text_accepted(f: Fields) -> str:
+def _text_accepted(f: Fields) -> tuple[str, str]:
     user = f", sasl_username={f['user']}" if "user" in f else ""
-    rcpts = ",".join(f"<{r}>" for r in f["recipients"])  # type: ignore[attr-defined]
+    recipients: list[str] = f["recipients"]  # type: ignore[assignment]
+    rcpts = ",".join(f"<{r}>" for r in recipients)
     return (
         f"{f['queue_id']}: client=[{f['client']}]{user}, tls={f['tls'] or 'none'}"
-        f", service={f['service']}, from=<{f['sender']}>, to={rcpts}, size={f['size']}"
-        f"\n@qmgr {f['queue_id']}: from=<{f['sender']}>, size={f['size']}"
-        f", nrcpt={len(f['recipients'])} (queue active)"  # type: ignore[arg-type]
+        f", service={f['service']}, from=<{f['sender']}>, to={rcpts}, size={f['size']}",
+        f"@qmgr {f['queue_id']}: from=<{f['sender']}>, size={f['size']}"
+        f", nrcpt={len(recipients)} (queue active)",
     )
 
 
@@ -242,10 +302,10 @@ def refused(
 ) -> None:
     """A MAIL, RCPT or DATA refused by policy or a limit (``stage``: MAIL, RCPT, DATA)."""
     reason = refusal_reason(reply)
-    _child(_metrics.smtp_messages, service, "rejected").inc()
-    _child(_metrics.refusals, service, reason).inc()
+    _count(1, _metrics.smtp_messages, service, "rejected")
+    _count(1, _metrics.refusals, service, reason)
     if reason == "disk_full":
-        _child(_metrics.disk_full, service).inc()
+        _count(1, _metrics.disk_full, service)
     if not logs.enabled(INFO):
         return
     fields: dict[str, object] = {
@@ -291,7 +351,7 @@ def _text_auth_ok(f: Fields) -> str:
 
 def auth_failed(service: str, client: str, user: str | None, mechanism: str) -> None:
     """A failed login; ``user`` is the name tried (never the password)."""
-    _child(_metrics.auth_failures, service).inc()
+    _count(1, _metrics.auth_failures, service)
     fields = {
         "service": service,
         "client": client,
@@ -310,7 +370,7 @@ def _text_auth_failed(f: Fields) -> str:
 
 def login_throttled(service: str, client: str) -> None:
     """A login refused unchecked: the client failed too often (the throttle's lockout)."""
-    _child(_metrics.throttled, service, "login_lockout").inc()
+    _count(1, _metrics.throttled, service, "login_lockout")
     fields = {"service": service, "client": client}
     logs.emit(WARNING, "login_throttled", _smtpd(service), fields, _text_throttled)
 
@@ -353,8 +413,8 @@ def delivery(
     ``relay`` is ``host[ip]:port``, ``local`` or ``none`` (no host was reached); ``arrived``
     the message's arrival (the line's ``delay``), ``seconds`` how long the attempt took.
     """
-    _child(_metrics.deliveries, transport, status).inc()
-    _child(_metrics.attempt_seconds, transport, status).observe(seconds)
+    _count(1, _metrics.deliveries, transport, status)
+    _observe(seconds, _metrics.attempt_seconds, transport, status)
     if not logs.enabled(INFO):
         return
     text = str(reply)
@@ -400,7 +460,7 @@ def _text_delivery(f: Fields) -> str:
 
 def bounce_queued(queue_id: str, bounce_id: str, sender: str, action: str) -> None:
     """A DSN about ``queue_id`` was queued as ``bounce_id`` for ``sender``."""
-    _child(_metrics.bounces, action).inc()
+    _count(1, _metrics.bounces, action)
     if logs.enabled(INFO):
         fields = {"queue_id": queue_id, "bounce_id": bounce_id, "sender": sender, "action": action}
         logs.emit(INFO, "bounce", "bounce", fields, _text_bounce)
@@ -439,9 +499,9 @@ def _text_queue_action(f: Fields) -> str:
 def dns_lookup(result: str) -> None:
     """One DNS query for delivery ended: ``ok``, ``nodata``, ``nxdomain``, ``timeout``,
     ``error``."""
-    _child(_metrics.dns_lookups, result).inc()
+    _count(1, _metrics.dns_lookups, result)
 
 
 def sender_auth(method: str, result: str) -> None:
     """One SPF, DKIM or DMARC verdict (RFC 8601 result names: pass, fail, none, ...)."""
-    _child(_metrics.sender_auth, method, result).inc()
+    _count(1, _metrics.sender_auth, method, result)

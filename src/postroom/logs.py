@@ -27,7 +27,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TextIO
 
 from postroom.config import Config
@@ -37,19 +36,14 @@ BATCH = 256
 _LEVEL_NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error", 50: "critical"}
 
 Fields = Mapping[str, object]
-Render = Callable[[Fields], str]
+# A renderer gives the text of a line, or of several (a tuple; "@component text" lines are
+# written as from that component).
+Render = Callable[[Fields], str | tuple[str, ...]]
 
 
-@dataclass(slots=True)
-class Entry:
-    """One event waiting to be written."""
-
-    ts: float
-    level: int
-    event: str
-    component: str | None  # None: a start-up line ("postroom: ...")
-    fields: Fields
-    text: Render
+# One event waiting to be written: (time, level, event, component, fields, text renderer);
+# component None is a start-up line ("postroom: ..."). A tuple: cheaper to make than an object.
+Entry = tuple[float, int, str, str | None, Fields, Render]
 
 
 class _State:
@@ -83,7 +77,7 @@ def emit(level: int, event: str, component: str | None, fields: Fields, text: Re
     """Buffer one event (cheap: its line is made when the batch is written)."""
     if level < _state.level:
         return
-    _buffer.append(Entry(time.time(), level, event, component, fields, text))
+    _buffer.append((time.time(), level, event, component, fields, text))
     if level >= WARNING or len(_buffer) >= BATCH:
         flush()
 
@@ -98,26 +92,36 @@ class _Handler(logging.Handler):
 
 
 def _format_entry(entry: Entry, pid: int) -> str:
+    when, level, event, component, fields, text = entry
     if _state.json:
         data: dict[str, object] = {
-            "ts": _iso(entry.ts),
-            "level": _LEVEL_NAMES.get(entry.level, "info"),
-            "event": entry.event,
+            "ts": _iso(when),
+            "level": _LEVEL_NAMES.get(level, "info"),
+            "event": event,
         }
-        data.update(entry.fields)
+        data.update(fields)
         return json.dumps(data, ensure_ascii=False, default=str)
-    message = entry.text({k: _clean(v) for k, v in entry.fields.items()})
-    ts = _iso(entry.ts)
-    if entry.component is None:
+    message = text(fields)
+    if not _printable(message):  # a value held a control character
+        message = text({k: _clean(v) for k, v in fields.items()})
+    ts = _iso(when)
+    if component is None:
         return f"{ts} {_state.host} {message}"
-    prefix = "" if entry.level == INFO else f"{_LEVEL_NAMES.get(entry.level, 'info')}: "
+    prefix = "" if level == INFO else f"{_LEVEL_NAMES.get(level, 'info')}: "
+    if isinstance(message, str):
+        return f"{ts} {_state.host} postroom/{component}[{pid}]: {prefix}{message}"
     lines = []
-    component = entry.component
-    for line in message.split("\n"):
+    for line in message:
         if line.startswith("@"):  # a further line from another component: "@qmgr text"
             component, _, line = line[1:].partition(" ")
         lines.append(f"{ts} {_state.host} postroom/{component}[{pid}]: {prefix}{line}")
     return "\n".join(lines)
+
+
+def _printable(message: str | tuple[str, ...]) -> bool:
+    if isinstance(message, str):
+        return message.isprintable()
+    return all(line.isprintable() for line in message)
 
 
 # Control characters (CR and LF above all) in values from the network would forge log lines.
@@ -163,7 +167,7 @@ def flush() -> None:
         lines = []
         for item in items:
             try:
-                if isinstance(item, Entry):
+                if isinstance(item, tuple):
                     lines.append(_format_entry(item, pid))
                 else:
                     lines.append(_format_record(item))

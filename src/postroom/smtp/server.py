@@ -308,6 +308,7 @@ class IdleSweeper:
         while True:
             await asyncio.sleep(self.interval)
             logs.flush()
+            events.flush_metrics()
             now = time.monotonic()
             for conn in list(self.services.connections.live):
                 with contextlib.suppress(Exception):
