@@ -19,6 +19,7 @@ replaces control characters (no forged lines).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -215,6 +216,13 @@ def tls_handshake(service: str, client: str, version: str | None, error: str | N
     if error is not None:
         fields = {"service": service, "client": client, "error": error}
         logs.emit(INFO, "tls_failed", _smtpd(service), fields, _text_tls_failed)
+
+
+def implicit_tls_failed(service: str) -> None:
+    """A connection to an implicit-TLS port whose handshake failed (the peer is not known:
+    asyncio drops the connection before the server sees it). Counted, not logged."""
+    with contextlib.suppress(Exception):  # called from __del__, maybe at interpreter exit
+        _count(1, _metrics.tls_handshakes, service, "", "failed")
 
 
 def _text_tls_failed(f: Fields) -> str:

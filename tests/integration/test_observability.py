@@ -280,3 +280,84 @@ def test_text_logs_read_by_pflogsumm(sink_setup: tuple[Server, object]) -> None:
     assert totals["deferred"] == 1
     assert totals["bounced"] == 1
     assert totals["rejected"] == 1
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_no_secrets_in_logs(server_factory: ServerFactory, fmt: str) -> None:
+    import base64
+    import socket
+    import ssl
+
+    srv = server_factory(
+        services=("smtp", "submission", "submissions", "pop3", "http"),
+        extra_toml=f'log_format = "{fmt}"\n[auth]\nallow_plaintext = true\n',
+    )
+    srv.add_user("alice@a.test", "Corr3ct-Horse")
+    secrets = ["Corr3ct-Horse", "Wr0ng-Passw0rd", "Pop-Wr0ng", "BODY-SECRET-7731", "SUBJ-77X"]
+    for password in ("Wr0ng-Passw0rd", "Corr3ct-Horse"):
+        with smtplib.SMTP(srv.host, srv.ports["submission"], timeout=20) as c:
+            try:
+                c.login("alice@a.test", password)
+            except smtplib.SMTPAuthenticationError:
+                continue
+            c.sendmail(
+                "alice@a.test",
+                ["alice@a.test"],
+                b"Subject: SUBJ-77X\r\n\r\nBODY-SECRET-7731\r\n",
+            )
+    for password in ("Pop-Wr0ng", "Corr3ct-Horse"):
+        pop = poplib.POP3(srv.host, srv.ports["pop3"], timeout=20)
+        pop.user("alice@a.test")
+        try:
+            pop.pass_(password)
+            pop.retr(1)
+        except poplib.error_proto:
+            pass
+        pop.quit()
+    before = value(
+        scrape(srv),
+        "postroom_tls_handshakes_total",
+        service="submissions",
+        version="",
+        outcome="failed",
+    )
+    with socket.create_connection((srv.host, srv.ports["submissions"]), timeout=10) as s:
+        s.sendall(b"EHLO plaintext on a TLS port\r\n")  # no handshake: it fails
+        s.recv(100)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP_SSL(srv.host, srv.ports["submissions"], context=ctx, timeout=20) as c:
+        c.ehlo()
+    deadline = time.monotonic() + 10
+    while (
+        value(
+            scrape(srv),
+            "postroom_tls_handshakes_total",
+            service="submissions",
+            version="",
+            outcome="failed",
+        )
+        != before + 1
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert (
+        value(
+            scrape(srv),
+            "postroom_tls_handshakes_total",
+            service="submissions",
+            version="TLSv1.3",
+            outcome="ok",
+        )
+        == 1
+    )
+    assert srv.stop() == 0
+    log = srv.log.read_text()
+    plain = b"\0alice@a.test\0Wr0ng-Passw0rd"
+    secrets.append(base64.b64encode(plain).decode())
+    for secret in secrets:
+        assert secret not in log
+    assert log.count("alice@a.test") >= 4  # the name tried is logged, with the failures
+    assert "authentication failed" in log or '"auth_failed"' in log
+    if fmt == "json":
+        assert all(json.loads(line) for line in log.splitlines())

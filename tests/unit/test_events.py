@@ -24,7 +24,10 @@ def _setup(out: io.StringIO, fmt: str, tmp_path: Path) -> None:
     logs.setup(Config(hostname="mx.a.test", log_format=fmt), stream=out)
     events.setup(
         enabled=True,
-        multiprocess_dir=None, data_dir=tmp_path, services=["smtp"], spool=lambda: (3, 100.0)
+        multiprocess_dir=None,
+        data_dir=tmp_path,
+        services=["smtp"],
+        spool=lambda: (3, 100.0),
     )
 
 

@@ -74,6 +74,11 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         self.started = 0.0
         self._mech_name = "USER"
 
+    def __del__(self) -> None:
+        # See SmtpConnection.__del__: a protocol never connected failed its TLS handshake.
+        if self.implicit_tls and self.transport is None:
+            events.implicit_tls_failed(self.service)
+
     # -- callbacks -----------------------------------------------------------------------------
 
     def features(self) -> Features:

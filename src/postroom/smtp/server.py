@@ -73,6 +73,12 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
         self._tls_early: list[bytes] | None = None
         self.received = 0
 
+    def __del__(self) -> None:
+        # On an implicit-TLS port asyncio makes the protocol, then does the handshake, and
+        # calls connection_made only if it succeeds: one never connected failed its handshake.
+        if self.implicit_tls and self.transport is None:
+            events.implicit_tls_failed(self.port)
+
     # -- asyncio.Protocol callbacks ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
