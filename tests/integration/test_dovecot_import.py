@@ -14,13 +14,14 @@ import os
 import poplib
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerFactory, free_port, need_tool, wait_port
+from tests.conftest import ROOT, ServerFactory, free_port, need_tool, wait_port
 
 NOBODY = (65534, 65534)
 MESSAGES = [
@@ -33,45 +34,14 @@ MESSAGES = [
 
 
 def _conf(root: Path, port: int, uidl_format: str | None) -> str:
-    fmt = f"pop3_uidl_format = {uidl_format}\n" if uidl_format else ""
-    return f"""\
-base_dir = {root / "run"}
-state_dir = {root / "state"}
-instance_name = test-dovecot-{port}
-protocols = pop3
-listen = 127.0.0.1
-log_path = {root / "dovecot.log"}
-ssl = no
-disable_plaintext_auth = no
-auth_mechanisms = plain
-first_valid_uid = 1
-passdb {{
-  driver = passwd-file
-  args = username_format=%u {root / "users"}
-}}
-userdb {{
-  driver = static
-  args = uid={NOBODY[0]} gid={NOBODY[1]} home={root / "mail"}/%d/%n
-}}
-mail_location = maildir:~
-{fmt}service pop3-login {{
-  inet_listener pop3 {{
-    address = 127.0.0.1
-    port = {port}
-  }}
-  inet_listener pop3s {{
-    port = 0
-  }}
-}}
-service imap-login {{
-  inet_listener imap {{
-    port = 0
-  }}
-  inet_listener imaps {{
-    port = 0
-  }}
-}}
-"""
+    """bench/benchlib/dovecot.py's configuration, without TLS, with our users file."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from benchlib import dovecot as bench_dovecot
+    finally:
+        sys.path.pop(0)
+    extra = f"pop3_uidl_format = {uidl_format}" if uidl_format else ""
+    return bench_dovecot.conf(root, "127.0.0.1", None, None, port, extra)
 
 
 def make_maildir(box: Path) -> None:
@@ -90,6 +60,7 @@ def dovecot(root: Path, uidl_format: str | None = None) -> Iterator[int]:
         (root / sub).mkdir(exist_ok=True)
     root.chmod(0o755)
     (root / "users").write_text("bob@a.test:{PLAIN}dovepw\n")
+    (root / "mail").chmod(0o755)
     port = free_port()
     conf = root / "dovecot.conf"
     conf.write_text(_conf(root, port, uidl_format))
@@ -110,23 +81,14 @@ def dovecot(root: Path, uidl_format: str | None = None) -> Iterator[int]:
             proc.wait()
 
 
-def uidl_list(port: int, user: str, password: str) -> list[bytes]:
+def fetch(port: int, user: str, password: str) -> tuple[list[bytes], list[bytes]]:
+    """The UIDL listing and every message (RETR), as a POP3 client sees them."""
     pop = poplib.POP3("127.0.0.1", port, timeout=20)
     try:
         pop.user(user)
         pop.pass_(password)
-        return list(pop.uidl()[1])
-    finally:
-        pop.quit()
-
-
-def retr_all(port: int, user: str, password: str) -> list[bytes]:
-    pop = poplib.POP3("127.0.0.1", port, timeout=20)
-    try:
-        pop.user(user)
-        pop.pass_(password)
-        count = len(pop.list()[1])
-        return [b"\n".join(pop.retr(i)[1]) for i in range(1, count + 1)]
+        uidls = list(pop.uidl()[1])
+        return uidls, [b"\n".join(pop.retr(i)[1]) for i in range(1, len(uidls) + 1)]
     finally:
         pop.quit()
 
@@ -158,9 +120,10 @@ def test_dovecot_uidls_survive_import(
         lines += [f"3 P{'xx/yy:3'} :{bases[2]}", f"4 P{'000004x'} :{bases[3]}"]
         (box / "dovecot-uidlist").write_text("\n".join(lines) + "\n")
     with dovecot(root, fmt) as port:
-        before = uidl_list(port, "bob@a.test", "dovepw")
-        bodies = retr_all(port, "bob@a.test", "dovepw")
+        before, bodies = fetch(port, "bob@a.test", "dovepw")
     assert len(before) == len(MESSAGES)
+    if variant == "default":  # %08Xu%08Xv: UID and UIDVALIDITY, 8 hex digits each
+        assert all(len(line.split()[1]) == 16 for line in before)
     if variant == "stored":
         assert b"1 UID1-OLD.server" in before and b"3 xx/yy:3" in before
     assert (box / "dovecot-uidlist").exists()
@@ -172,9 +135,7 @@ def test_dovecot_uidls_survive_import(
         args += ["--uidl-format", fmt]
     out = srv.cli(*args).stdout
     assert "4 messages imported" in out
-    after = uidl_list(srv.ports["pop3"], "bob@a.test", "newpw")
-    assert after == before, (after, before)
-    assert retr_all(srv.ports["pop3"], "bob@a.test", "newpw") == bodies
+    assert fetch(srv.ports["pop3"], "bob@a.test", "newpw") == (before, bodies)
     # Files look like postroom's own: LF line ends, ,S= and ,W= in the name, flags kept.
     files = sorted(p for p in srv.maildir("bob@a.test").glob("*/*") if p.parent.name != "tmp")
     assert all(b"\r\n" not in p.read_bytes() for p in files)
@@ -182,7 +143,7 @@ def test_dovecot_uidls_survive_import(
     assert sum(p.name.endswith(":2,RS") for p in files) == 1
     # A second run copies nothing twice.
     assert "0 messages imported, 4 already there" in srv.cli(*args).stdout
-    assert uidl_list(srv.ports["pop3"], "bob@a.test", "newpw") == before
+    assert fetch(srv.ports["pop3"], "bob@a.test", "newpw")[0] == before
 
 
 def test_import_refuses_unknown_user_and_non_maildir(
