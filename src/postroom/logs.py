@@ -185,6 +185,7 @@ def setup(cfg: Config, stream: TextIO | None = None) -> None:
     """Configure from ``log_level`` and ``log_format`` (also called again by a reload)."""
     # What a record costs (the logging HOWTO's "Optimization"): no caller frame lookup and no
     # thread names; the process id stays (it names the worker in every line).
+    flush()  # what is buffered goes where and as it was meant to
     logging._srcfile = None
     logging.logThreads = logging.logMultiprocessing = False
     _state.level = getattr(logging, cfg.log_level.upper())
