@@ -26,6 +26,9 @@ from typing import Any, cast
 from postroom import config as config_mod
 from postroom import events, lifetime, logs, metrics
 from postroom import tls as tls_mod
+from postroom.auth.keys import LocalKeyStore
+from postroom.auth.lookup import DnsCache
+from postroom.auth.service import QueueMessage, SenderAuth
 from postroom.config import Config
 from postroom.errors import QueueError
 from postroom.queue.runner import QueueRunner
@@ -57,9 +60,26 @@ def build_services(
         workers=workers,
         cpus=cpu_pair(index, workers) if cfg.pin_cpus else None,
     )
+    services.sender_auth = SenderAuth(
+        cfg,
+        DnsCache(cfg.dns, size=cfg.dns.cache_size),
+        LocalKeyStore(cfg.data_dir),
+        run_blocking=services.io.run,
+    )
     runner = QueueRunner(services)
     services.intake = runner
     return services, runner
+
+
+def queue_made_here(services: Services, runner: QueueRunner) -> QueueMessage:
+    """Queue a message made by the server itself (a DMARC report) and try it at once."""
+
+    async def queue(sender: str, recipients: list[str], message: bytes) -> str:
+        envelope = await services.store.add_message(sender, recipients, message)
+        runner.submit(envelope)
+        return envelope.id
+
+    return queue
 
 
 def cpu_pair(index: int, workers: int) -> tuple[int, int] | None:
@@ -228,6 +248,8 @@ def _reload(services: Services, worker: Worker) -> None:
     services.cfg = new
     logs.setup(new)
     events.certificate(tls_mod.certificate_expiry(new))
+    if services.sender_auth is not None:
+        services.sender_auth.cfg = new
     fresh = ConnectionLimiter.for_config(new, services.workers)
     connections = services.connections
     connections.max_total, connections.max_per_ip = fresh.max_total, fresh.max_per_ip
@@ -247,6 +269,8 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
         log.warning("pin_cpus: fewer than two CPUs per worker; not pinned")
     await runner.local.writer.start()  # before privileges are dropped: see there
     if worker.primary:
+        assert services.sender_auth is not None
+        services.sender_auth.ensure_keys()  # DKIM keys made on first start
         await runner.recover()
     from postroom import privileges
     from postroom.smtp.server import IdleSweeper
@@ -261,6 +285,8 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     tasks = [loop.create_task(IdleSweeper(services).run())]
     if worker.primary:
         tasks.append(loop.create_task(runner.run()))
+        assert services.sender_auth is not None
+        tasks.append(loop.create_task(services.sender_auth.run(queue_made_here(services, runner))))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

@@ -24,6 +24,7 @@ from postroom.config import Config
 from postroom.errors import AccountError, ConfigError, PostroomError, QueueError
 
 if TYPE_CHECKING:
+    from postroom.auth.service import SenderAuth
     from postroom.queue.store import Envelope
 
 
@@ -83,6 +84,24 @@ def _parser() -> argparse.ArgumentParser:
     qshow.add_argument("--json", action="store_true")
     queue.add_parser("flush", parents=[common])
     queue.add_parser("delete", parents=[common]).add_argument("id")
+
+    dns_cmd = sub.add_parser("dns", parents=[common], help="DNS records to publish for a domain")
+    dns_cmd.add_argument("domain")
+    dns_cmd.add_argument("--json", action="store_true")
+    dns_cmd.add_argument("--check", action="store_true", help="compare with what DNS answers")
+
+    dkim = sub.add_parser("dkim", parents=[common], help="DKIM keys").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    dkim.add_parser("rotate", parents=[common]).add_argument("domain")
+
+    dmarc = sub.add_parser("dmarc", parents=[common], help="DMARC reports").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    dmarc.add_parser("report", parents=[common]).add_argument(
+        "--now", action="store_true", required=True, help="send the aggregate reports now"
+    )
+
     imp = sub.add_parser(
         "import-maildir",
         parents=[common],
@@ -314,6 +333,85 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _sender_auth(cfg: Config) -> SenderAuth:
+    from postroom.auth.keys import LocalKeyStore
+    from postroom.auth.lookup import DnsCache
+    from postroom.auth.service import SenderAuth
+
+    return SenderAuth(cfg, DnsCache(cfg.dns), LocalKeyStore(cfg.data_dir))
+
+
+def _local_domain(cfg: Config, text: str) -> str:
+    from postroom.address import normalise_domain
+
+    try:
+        domain = normalise_domain(text)
+    except ValueError as exc:
+        raise AccountError(f"bad domain {text!r}: {exc}") from None
+    if not cfg.is_local_domain(domain):
+        raise AccountError(f"{domain} is not a local domain")
+    return domain
+
+
+def _cmd_dns(cfg: Config, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from postroom.auth import records
+
+    auth = _sender_auth(cfg)
+    wanted = auth.records(_local_domain(cfg, args.domain))
+    if args.check:
+        findings = asyncio.run(records.check(auth.cache, wanted))
+        if args.json:
+            print(
+                json.dumps(
+                    [f.record.to_json() | {"status": f.status, "found": f.found} for f in findings],
+                    indent=2,
+                )
+            )
+        else:
+            for finding in findings:
+                print(finding.line())
+        return 0 if all(f.status == "ok" for f in findings) else 1
+    if args.json:
+        print(json.dumps([r.to_json() for r in wanted], indent=2))
+    else:
+        for record in wanted:
+            print(records.master_line(record))
+    return 0
+
+
+def _cmd_dkim(cfg: Config, args: argparse.Namespace) -> int:
+    import time
+
+    auth = _sender_auth(cfg)
+    domain = _local_domain(cfg, args.domain)
+    auth.ring.ensure(domain, time.time())
+    new = [k for k in auth.ring.rotate(domain, time.time()) if k.state == "pending"]
+    for key in new:
+        print(f"new {key.algorithm} selector {key.selector}: publish it (postroom dns {domain})")
+    print("the new keys sign once the server sees them in DNS; the old ones sign until then")
+    return 0
+
+
+def _cmd_dmarc(cfg: Config) -> int:
+    import asyncio
+
+    from postroom.queue.store import QueueStore
+
+    auth = _sender_auth(cfg)
+    store = QueueStore(cfg.data_dir / "queue")
+
+    async def queue(sender: str, recipients: list[str], message: bytes) -> str:
+        envelope = await store.add_message(sender, recipients, message)
+        _control(cfg, f"submit {envelope.id}")  # a running server sends it now
+        return envelope.id
+
+    sent = asyncio.run(auth.send_reports(queue))
+    print(f"{sent} DMARC aggregate report(s) queued")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -341,6 +439,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_alias(cfg, args)
         if args.command == "import-maildir":
             return _cmd_import(cfg, args)
+        if args.command == "dns":
+            return _cmd_dns(cfg, args)
+        if args.command == "dkim":
+            return _cmd_dkim(cfg, args)
+        if args.command == "dmarc":
+            return _cmd_dmarc(cfg)
         return _cmd_queue(cfg, args)
     except ConfigError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)

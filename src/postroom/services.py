@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from postroom.auth.service import SenderAuth
 from postroom.blocking import BlockingPool
 from postroom.config import Config
 from postroom.queue.store import Envelope, QueueStore
@@ -108,6 +109,7 @@ class Services:
     )
     io: BlockingPool = field(default_factory=BlockingPool)  # blocking file work (POP3)
     intake: Intake | None = None  # the queue runner, set once it is made (app.build_services)
+    sender_auth: SenderAuth | None = None  # DKIM signing and SPF/DKIM/DMARC checks
     stopping: bool = False
     primary: bool = True  # the worker that owns the queue runner and the control socket
     worker_index: int = 0

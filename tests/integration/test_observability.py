@@ -105,6 +105,13 @@ def test_metrics_move_by_exactly_the_traffic(server_factory: ServerFactory, work
     assert delta("postroom_auth_failures_total", service="pop3") == 1
     assert delta("postroom_pop3_sessions_total", service="pop3") == 1
     assert value(after, "postroom_queue_messages") == 0
+    for method in ("spf", "dmarc"):  # one verdict each per message from outside
+        verdicts = [
+            v - before.get((name, labels), 0.0)
+            for (name, labels), v in after.items()
+            if name == "postroom_sender_auth_total" and ("method", method) in labels
+        ]
+        assert sum(verdicts) == count, method
     assert value(after, "postroom_tls_certificate_expiry_timestamp_seconds") > time.time()
     assert value(after, "postroom_data_dir_free_bytes") > 0
     attempts = value(

@@ -231,6 +231,22 @@ class SpoolWriter:
         self._parts = [data]
         return data
 
+    def whole(self) -> bytes:
+        """The whole message so far, trace headers first (read back when spilled to tmp/)."""
+        if self._fd is None:
+            return self.finish_in_memory()
+        return os.pread(self._fd, self.size, 0)
+
+    def replace(self, data: bytes) -> None:
+        """Put ``data`` (a changed :meth:`whole`: signed, or with our auth results) in place."""
+        self.size = len(data)
+        if self._fd is None:
+            self._parts = [data]
+            return
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+        os.lseek(self._fd, 0, os.SEEK_END)  # the envelope goes after it
+
     def abort(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -305,6 +321,17 @@ class QueueStore:
         self, queue_id: str | None = None, make_prefix: Callable[[bytes], bytes] | None = None
     ) -> SpoolWriter:
         return SpoolWriter(self, queue_id or new_queue_id(), make_prefix)
+
+    async def add_message(self, sender: str, recipients: list[str], message: bytes) -> Envelope:
+        """Queue a message made here (a DMARC report), trace header first; its envelope."""
+        envelope = Envelope(
+            id=new_queue_id(),
+            sender=sender,
+            recipients=[Recipient(r) for r in recipients],
+            created=time.time(),
+        )
+        await self.add(envelope, message)
+        return envelope
 
     async def add(self, envelope: Envelope, message: bytes) -> None:
         """Queue a message we made ourselves (a bounce) durably."""

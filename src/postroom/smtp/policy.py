@@ -238,6 +238,16 @@ class SmtpPolicy:
         writer = txn.writer
         assert writer is not None
         problem = self._check_headers(writer.head(self.cfg.limits.header_size + 4))
+        if problem is None and self.services.sender_auth is not None:
+            # DKIM signing (submissions) or SPF/DKIM/DMARC and Authentication-Results (MX).
+            problem = await self.services.sender_auth.end_of_data(
+                writer,
+                port=self.port,
+                auth_user=self.auth_user,
+                client_ip=self.client_ip,
+                helo=self.helo,
+                sender=str(txn.sender) if txn.sender is not None else "",
+            )
         if problem is not None:
             self._refuse("DATA", problem)
             self.reset()
