@@ -375,3 +375,33 @@ def test_no_secrets_in_logs(server_factory: ServerFactory, fmt: str) -> None:
     assert "authentication failed" in log or '"auth_failed"' in log
     if fmt == "json":
         assert all(json.loads(line) for line in log.splitlines())
+
+
+def test_expiry_logs_bounced(server_factory: ServerFactory) -> None:
+    """A message that reaches max_queue_time logs its recipients as bounced (it used not to)."""
+    dns = LoopbackDNS()
+    try:
+        with smtp_sink() as sink:
+            dns.mx("b.test", 10, "mx.b.test")
+            dns.a("mx.b.test", "127.0.0.1")
+            srv = server_factory(
+                services=("smtp", "submission"),
+                extra_toml=(
+                    'log_format = "json"\n'
+                    f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "3s"\n'
+                    f"[delivery]\nport = {sink.server_address[1]}\n"
+                    'retry_intervals = ["1s"]\nmax_queue_time = "3s"\n'
+                    "[auth]\nallow_plaintext = true\n"
+                ),
+            )
+            srv.add_user("alice@a.test", "alicepw")
+            submit(srv, ["grey@b.test"])
+            wait_log(srv, '"event": "expired"', timeout=30)
+            text = wait_log(srv, '"event": "bounce"', timeout=30)
+    finally:
+        dns.stop()
+    events = [json.loads(line) for line in text.splitlines()]
+    deliveries = [e for e in events if e["event"] == "delivery" and e["recipient"] == "grey@b.test"]
+    assert {e["status"] for e in deliveries} == {"deferred", "bounced"}
+    (bounced,) = [e for e in deliveries if e["status"] == "bounced"]
+    assert "expired" in bounced["reply"] and "4.7.1" in bounced["reply"]
