@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -152,6 +153,16 @@ class Server:
 
 
 ServerFactory = Callable[..., Server]
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A temporary directory every user may enter (pytest's tmp_path is closed to others), for
+    tests that run something as another user."""
+    path = Path(tempfile.mkdtemp(prefix="postroom-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

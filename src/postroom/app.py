@@ -292,9 +292,11 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, services, worker)
     if worker.primary:
-        if cfg.path is None:
-            events.startup(f"embedded default; data in {cfg.data_dir.resolve()}")
-            events.startup("add a user with: postroom user add you@localhost")
+        from postroom.datadir import add_user_command
+
+        where = "embedded default; data" if cfg.path is None else "data"
+        events.startup(f"{where} in {cfg.data_dir}")
+        events.startup(f"add a user with: {add_user_command(cfg)}")
         events.startup("ready")
     await stop.wait()
     events.note("master", "shutting down")

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from postroom import __version__
 from postroom import config as config_mod
 from postroom.config import Config
 from postroom.errors import AccountError, ConfigError, PostroomError, QueueError
@@ -40,72 +41,83 @@ def _parser() -> argparse.ArgumentParser:
         "-c",
         "--config",
         dest="config_sub",
+        metavar="FILE",
         # Not None: each nested parser would then reset what an outer one read
         # ("postroom user -c FILE list" lost its -c).
         default=argparse.SUPPRESS,
         help="config file (default: $POSTROOM_CONFIG, ./postroom.toml, built-in)",
     )
     p = _Parser(prog="postroom", description="A small mail server: SMTP, POP3, queue, Maildir.")
-    p.add_argument("-c", "--config", default=None, help="config file")
+    p.add_argument("-c", "--config", metavar="FILE", default=None, help="config file")
+    p.add_argument("--version", action="version", version=f"postroom {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    sub.add_parser("serve", parents=[common], help="run the server in the foreground")
+    def command(
+        group: argparse._SubParsersAction[_Parser], name: str, text: str
+    ) -> argparse.ArgumentParser:
+        return group.add_parser(name, parents=[common], help=text, description=text)
 
-    user = sub.add_parser("user", parents=[common], help="manage users").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
+    command(sub, "serve", "run the server in the foreground")
+
+    user = command(sub, "user", "manage users").add_subparsers(
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION"
     )
-    for name in ("add", "passwd"):
-        cmd = user.add_parser(name, parents=[common])
-        cmd.add_argument("address")
+    for name, text in (("add", "add a user"), ("passwd", "set a user's password")):
+        cmd = command(user, name, text)
+        cmd.add_argument("address", help="the user's address (their login)")
         cmd.add_argument(
             "--password-stdin",
             action="store_true",
-            help="read one line from stdin instead of prompting",
+            help="read the password as one line from stdin instead of prompting (without a "
+            "terminal stdin is read anyway)",
         )
-    user.add_parser("del", parents=[common]).add_argument("address")
-    user.add_parser("list", parents=[common])
+    cmd = command(user, "del", "delete a user")
+    cmd.add_argument("address")
+    command(user, "list", "list the users")
 
-    alias = sub.add_parser("alias", parents=[common], help="manage aliases").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
+    alias = command(sub, "alias", "manage aliases").add_subparsers(
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION"
     )
-    add = alias.add_parser("add", parents=[common])
+    add = command(alias, "add", "make ALIAS deliver to every TARGET")
     add.add_argument("alias")
-    add.add_argument("targets", nargs="+")
-    alias.add_parser("del", parents=[common]).add_argument("alias")
-    alias.add_parser("list", parents=[common])
-
-    queue = sub.add_parser("queue", parents=[common], help="inspect the queue").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
+    add.add_argument(
+        "targets", nargs="+", metavar="TARGET", help="a user, an alias or a remote address"
     )
-    qlist = queue.add_parser("list", parents=[common])
-    qlist.add_argument("--json", action="store_true")
-    qshow = queue.add_parser("show", parents=[common])
-    qshow.add_argument("id")
-    qshow.add_argument("--json", action="store_true")
-    queue.add_parser("flush", parents=[common])
-    queue.add_parser("delete", parents=[common]).add_argument("id")
+    command(alias, "del", "delete an alias").add_argument("alias")
+    command(alias, "list", "list the aliases and their targets")
 
-    dns_cmd = sub.add_parser("dns", parents=[common], help="DNS records to publish for a domain")
+    queue = command(sub, "queue", "inspect the queue").add_subparsers(
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION"
+    )
+    qlist = command(queue, "list", "list the queued messages, one line each")
+    qlist.add_argument("--json", action="store_true", help="print a JSON array instead")
+    qshow = command(queue, "show", "show a message's envelope, state, advice and headers")
+    qshow.add_argument("id")
+    qshow.add_argument("--json", action="store_true", help="print a JSON object instead")
+    command(queue, "flush", "retry every deferred message now")
+    command(queue, "delete", "remove a message without a bounce").add_argument("id")
+
+    dns_cmd = command(sub, "dns", "DNS records to publish for a domain")
     dns_cmd.add_argument("domain")
-    dns_cmd.add_argument("--json", action="store_true")
+    dns_cmd.add_argument("--json", action="store_true", help="print a JSON array instead")
     dns_cmd.add_argument("--check", action="store_true", help="compare with what DNS answers")
 
-    dkim = sub.add_parser("dkim", parents=[common], help="DKIM keys").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
+    dkim = command(sub, "dkim", "DKIM keys").add_subparsers(
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION"
     )
-    dkim.add_parser("rotate", parents=[common]).add_argument("domain")
+    command(dkim, "rotate", "make new DKIM keys for a domain").add_argument("domain")
 
-    dmarc = sub.add_parser("dmarc", parents=[common], help="DMARC reports").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
+    dmarc = command(sub, "dmarc", "DMARC reports").add_subparsers(
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION"
     )
-    dmarc.add_parser("report", parents=[common]).add_argument(
+    command(dmarc, "report", "send the DMARC aggregate reports").add_argument(
         "--now", action="store_true", required=True, help="send the aggregate reports now"
     )
 
-    imp = sub.add_parser(
+    imp = command(
+        sub,
         "import-maildir",
-        parents=[common],
-        help="copy a Dovecot Maildir into a user's mailbox, keeping the POP3 UIDLs",
+        "copy a Dovecot Maildir into a user's mailbox, keeping the POP3 UIDLs",
     )
     imp.add_argument("address", help="the (existing) user the mail is for")
     imp.add_argument("maildir", help="the Dovecot Maildir (with cur/, new/, dovecot-uidlist)")
@@ -137,9 +149,19 @@ def _cmd_import(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _read_password(args: argparse.Namespace) -> str:
-    if args.password_stdin:
+    if sys.stdin is None:
+        raise AccountError("no password: stdin is closed")
+    if args.password_stdin or not sys.stdin.isatty():
+        # Without a terminal there is nothing to prompt on (getpass would warn and read stdin
+        # anyway): the first line is the password; a second one, answering "Again", must match.
         line = sys.stdin.readline()
+        if not line:
+            raise AccountError("no password typed: stdin is empty")
         password = line.rstrip("\r\n")
+        if not args.password_stdin:
+            again = sys.stdin.readline()
+            if again and again.rstrip("\r\n") != password:
+                raise AccountError("passwords do not match")
     else:
         try:
             password = getpass.getpass("Password: ")
@@ -259,10 +281,19 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
         answer = _control(cfg, "flush")
         if answer is None:
             # No server running: make every message due; the next serve tries at once.
+            due = 0
             for env in store.iter_envelopes():
                 if isinstance(env, Envelope) and env.attempts:
                     env.next_attempt = 0
                     store.save_state(env)
+                    due += 1
+            print(
+                f"postroom: no server is running: the {due} deferred message(s) will be tried "
+                "as soon as `postroom serve` starts"
+                if due
+                else "postroom: no server is running, and no message is deferred",
+                file=sys.stderr,
+            )
         return 0
     if args.action == "delete":
         answer = _control(cfg, f"delete {args.id}")
@@ -412,14 +443,62 @@ def _cmd_dmarc(cfg: Config) -> int:
     return 0
 
 
+def _warn(text: str) -> None:
+    print(f"postroom: warning: {text}", file=sys.stderr)
+
+
+def _warnings(cfg: Config, command: str) -> None:
+    """What is allowed but probably not what the admin meant."""
+    source = cfg.path or "<default>"
+    if os.geteuid() == 0 and cfg.user is None:
+        if command == "serve":
+            _warn(
+                f"{source}: user: running as root without `user`: the server keeps root and "
+                'what it makes belongs to root; set user = "postroom" (an account of its own)'
+            )
+        else:
+            try:
+                owner = cfg.data_dir.stat().st_uid
+            except OSError:
+                owner = 0
+            if owner != 0:
+                _warn(
+                    f"{source}: user: {cfg.data_dir} belongs to uid {owner}, but this runs as "
+                    "root without `user`: what it makes will belong to root; run it as the "
+                    "server's user or set `user`"
+                )
+    if command == "serve" and cfg.path is not None and cfg.hostname == "localhost":
+        _warn(
+            f'{source}: hostname: "localhost": other mail servers refuse mail from a host that '
+            "calls itself that; set this host's public name"
+        )
+
+
+def _where_data_is(cfg: Config) -> None:
+    """Say loudly that a new, empty data directory was made, and where."""
+    print(f"postroom: created a new data directory {cfg.data_dir}", file=sys.stderr)
+    if cfg.path is None:
+        print(
+            "postroom: (without a config file data lives in ./postroom-data of the directory a "
+            f"command runs in: run every command from {cfg.data_dir.parent}, or use -c FILE)",
+            file=sys.stderr,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = config_mod.load_effective(getattr(args, "config_sub", None) or args.config)
+        from postroom import datadir
+
+        datadir.check(cfg)  # before anything is made: nothing is left behind
     except ConfigError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)
         return 2
+    _warnings(cfg, args.command)
     try:
+        if datadir.create(cfg):
+            _where_data_is(cfg)
         if args.command == "serve":
             from postroom import app
 

@@ -36,6 +36,10 @@ def test_serve_without_config_receives_and_serves_mail(tmp_path: Path) -> None:
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
+        # A command that finds this data from any directory (issue 14).
+        assert f"add a user with: cd {tmp_path} && postroom user add you@localhost" in (
+            log.read_text()
+        )
         subprocess.run(
             [sys.executable, "-m", "postroom", "user", "add", "you@localhost", "--password-stdin"],
             input="secret\n",

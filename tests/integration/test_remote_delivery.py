@@ -163,6 +163,28 @@ def mx(host: str, ip: str, pref: int) -> Target:
     return Target(host, (ip,), pref)
 
 
+def deliver_once(
+    data: bytes, msg: Message | None = None, **sink_args: Any
+) -> tuple[DeliveryResult, Sink]:
+    """One message (to bob@b.test unless ``msg`` says) through a fresh Sink at mx.b.test."""
+    port = free_port()
+    out: list[tuple[DeliveryResult, Sink]] = []
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.2", port, **sink_args).start()
+        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        try:
+            (result,) = await remote.deliver("b.test", msg or message("bob@b.test"), data)
+        finally:
+            await remote.aclose()
+            await sink.stop()
+        out.append((result, sink))
+
+    run(main)
+    return out[0]
+
+
 def test_delivers_with_per_recipient_results() -> None:
     port = free_port()
 

@@ -20,6 +20,7 @@ PURE = [
     "queue/schedule.py",
     "delivery/dsn.py",
     "delivery/advice.py",
+    "delivery/mime_downgrade.py",
 ]
 FORBIDDEN = {"asyncio", "socket", "os", "ssl", "subprocess", "selectors"}
 

@@ -83,7 +83,8 @@ def header_list(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
 def _fold(fields: list[tuple[bytes, bytes]]) -> bytes:
     """``tag=value`` pairs joined by ``; ``, folded before 78 columns where a space allows
     it; long values (b=, bh=, p=) are broken with FWS, which relaxed canonicalization and the
-    tag parser both ignore (RFC 6376 §3.2)."""
+    tag parser both ignore (RFC 6376 §3.2). h= is broken only after a colon: FWS may not
+    stand inside a header field name (RFC 6376 §3.5, sig-h-tag)."""
     lines: list[bytes] = []
     line = b"DKIM-Signature:"
     for i, (tag, value) in enumerate(fields):
@@ -92,11 +93,14 @@ def _fold(fields: list[tuple[bytes, bytes]]) -> bytes:
             line += b" " + text
             continue
         lines.append(line)
-        line = b"\t" + text[:70]
-        rest = text[70:]
+        line, rest = b"", text
         while rest:
-            lines.append(line)
-            line, rest = b"\t" + rest[:70], rest[70:]
+            cut = 70
+            if tag == b"h" and len(rest) > cut:
+                cut = rest.rfind(b":", 0, cut) + 1 or cut
+            if line:
+                lines.append(line)
+            line, rest = b"\t" + rest[:cut], rest[cut:]
     lines.append(line)
     return b"\r\n".join(lines) + b"\r\n"
 

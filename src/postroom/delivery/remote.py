@@ -8,9 +8,10 @@ recipients that get a temporary failure at one host are offered to the next one 
 does with backup MX hosts); a 2xx or 5xx is final. The SMTP conversation itself is
 :class:`~postroom.smtp.client_engine.ClientEngine`; this module only moves its bytes with an
 asyncio Protocol (which owns the read side, so "nothing buffered at the TLS switch" is checked by
-the engine, RFC 3207 §4.2), does the STARTTLS handshake, applies time-outs, and keeps idle
-sessions in a small cache keyed by (host, address, port, verify) so that the next message to the
-same MX reuses the connection after a successful RSET. TLS is opportunistic (RFC 7435) except
+the engine, RFC 3207 §4.2), does the STARTTLS handshake, applies time-outs, has
+``mime_downgrade`` fit each message to the peer (short lines; 7-bit without 8BITMIME), and keeps
+idle sessions in a small cache keyed by (host, address, port, verify) so that the next message to
+the same MX reuses the connection after a successful RSET. TLS is opportunistic (RFC 7435) except
 for ``[delivery] tls_verify_domains``, where TLS is required and the certificate must verify for
 the MX host name; a failed opportunistic handshake is retried once in plaintext at the same
 address (like Postfix), so a broken TLS stack at the peer cannot block mail forever. Security
@@ -27,6 +28,7 @@ from dataclasses import dataclass, replace
 
 from postroom import events
 from postroom.config import Config
+from postroom.delivery import mime_downgrade
 from postroom.resolver import Resolver, Target, drop_self
 from postroom.smtp.client_engine import (
     ClientEngine,
@@ -53,8 +55,9 @@ DATA_BLOCK_TIMEOUT = 180.0  # RFC 5321 §4.5.3.2.5: each write of message data
 
 @dataclass(frozen=True, slots=True)
 class DeliveryResult:
-    """The outcome for one recipient; ``remote_mta`` names the host that gave ``reply`` (None
-    when no host was reached or DNS failed)."""
+    """The outcome for one recipient; ``remote_mta`` names the host that gave ``reply``, and is
+    None when no host gave it (DNS failed, no connection, or a decision of ours, whose text
+    then names the host)."""
 
     recipient: Recipient
     outcome: Outcome
@@ -72,7 +75,13 @@ class _SessionFailed(Exception):
 
 
 def _temp(status: str, text: str) -> Reply:
-    return Reply.make(451, status, text)
+    """A temporary failure of our own making (no server said it)."""
+    return Reply(451, status, (text,), local=True)
+
+
+def _naming(reply: Reply, where: str) -> Reply:
+    """A reply of our own, with the host it concerns at the front of its text."""
+    return Reply(reply.code, reply.status, (f"{where}: {reply.text}",), local=True)
 
 
 class _Session(asyncio.Protocol):
@@ -238,8 +247,12 @@ class RemoteDelivery:
                         break
                     too_many: list[int] = []
                     for i, res in zip(batch, done.results, strict=True):
+                        reply = res.reply
+                        mta: str | None = target.host
+                        if reply.local:
+                            reply, mta = _naming(reply, f"{target.host}[{ip}]"), None
                         result = DeliveryResult(
-                            message.recipients[i], res.outcome, res.reply, target.host, done.dsn, ip
+                            message.recipients[i], res.outcome, reply, mta, done.dsn, ip
                         )
                         if res.outcome is not Outcome.TEMPORARY:
                             final[i] = result
@@ -259,7 +272,11 @@ class RemoteDelivery:
             elif session_error is not None:
                 reply, host, ip = session_error
                 final[i] = DeliveryResult(
-                    message.recipients[i], Outcome.TEMPORARY, reply, host, remote_ip=ip
+                    message.recipients[i],
+                    Outcome.TEMPORARY,
+                    reply,
+                    None if reply.local else host,
+                    remote_ip=ip,
                 )
             else:  # pragma: no cover - a Route always has at least one address
                 reply = _temp("4.4.4", f"no address to try for {domain}")
@@ -279,7 +296,9 @@ class RemoteDelivery:
                 if not exc.tls or verify:
                     raise
                 session = await self._open(target, ip, verify, TLSPolicy.NONE)
-        session.engine.send_message(message, data)
+        # RFC 5321 §4.5.3.1.6 (lines) and RFC 6152 §3 (8-bit to a peer without 8BITMIME).
+        eight_bit = "8BITMIME" in session.engine.extensions
+        session.engine.send_message(message, mime_downgrade.downgrade(data, eight_bit=eight_bit))
         event = await session.next_event()
         if not isinstance(event, MessageDone):  # pragma: no cover - the engine always reports
             session.close()
@@ -324,6 +343,8 @@ class RemoteDelivery:
     @staticmethod
     def _session_reply(reply: Reply, where: str) -> Reply:
         """A greeting/EHLO failure, as a temporary failure that names the host."""
+        if reply.local:
+            return _naming(reply, where)
         if reply.is_transient:
             return Reply(reply.code, reply.status or "4.4.2", (f"{where} said: {reply.text}",))
         return _temp("4.4.1", f"host {where} refused to talk to me: {reply}")

@@ -208,6 +208,33 @@ class SpoolWriter:
         self._parts = [prefix, body]
         self.size += len(prefix)
 
+    async def rewrite(self, convert: Callable[[bytes], bytes]) -> None:
+        """Replace the client's message by ``convert(message)`` (the trace headers still go on
+        top); a spilled message is read back, converted and rewritten in a worker thread."""
+        if self._failed is not None:
+            return
+        if self._fd is None:
+            data = b"".join(self._parts)
+            trace = data[: self._prefix_len]
+            self._parts = [trace + convert(data[self._prefix_len :])]
+            self.size = len(self._parts[0])
+            return
+        try:
+            await self.store.io.run(self._rewrite_file, convert)
+        except OSError as exc:
+            self._failed = exc
+            self.abort()
+
+    def _rewrite_file(self, convert: Callable[[bytes], bytes]) -> None:
+        assert self._fd is not None
+        data = os.pread(self._fd, self.size - self._prefix_len, self._prefix_len)
+        new = convert(data)
+        if new != data:
+            os.ftruncate(self._fd, self._prefix_len)
+            os.lseek(self._fd, self._prefix_len, os.SEEK_SET)
+            write_all(self._fd, (new,))
+            self.size = self._prefix_len + len(new)
+
     def head(self, limit: int) -> bytes:
         """The first ``limit`` octets of the client's message (enough for header checks)."""
         if self._failed is not None:

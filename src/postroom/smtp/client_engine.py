@@ -7,15 +7,15 @@ over a message, probe with RSET, or quit), :class:`MessageDone` (one result per 
 :class:`Closed`. One session runs greeting -> EHLO (HELO if EHLO gets a 5xx) -> STARTTLS and
 EHLO again -> transactions (MAIL, RCPT..., DATA, pipelined when offered) -> QUIT; a 421 at any
 point ends it. The transitions are the ``_on_*`` handlers, reached through one queue of awaited
-replies, so pipelined and lock-step sessions share the same code. Choices: a message with 8-bit
-data goes to a server without 8BITMIME unchanged (see :meth:`send_message`); a message that needs
-SMTPUTF8 never goes to a server without it (5.6.7, RFC 6531 §3.4). Security notes: replies are
-split by ``framing.LineReader`` with bounded line length and line count; any byte that arrives
+replies, so pipelined and lock-step sessions share the same code. The caller fits the data to the
+server first (``delivery/mime_downgrade.py``: short lines, 7-bit without 8BITMIME); a message that
+needs SMTPUTF8 never goes to a server without it (5.6.7, RFC 6531 §3.4). Security notes: replies
+are split by ``framing.LineReader`` with bounded line length and line count; any byte that arrives
 between the 220 to STARTTLS and the handshake ends the session (plaintext injection, the
 client-side twin of CVE-2011-0411); data is normalised to CRLF and dot-stuffed by
-``framing.dot_stuff`` only, so a bare LF before a dot can never end the message early at a
-lenient server (SMTP smuggling, RFC 5321 §2.3.8). An exception escaping this module is a bug in
-the caller (:class:`EngineMisuse`), never the peer's fault.
+``framing.dot_stuff`` only, so a bare LF before a dot can never end the message early at a lenient
+server (SMTP smuggling, RFC 5321 §2.3.8). An exception escaping this module is a bug in the caller
+(:class:`EngineMisuse`), never the peer's fault.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ Event = Ready | StartTLS | MessageDone | Closed
 
 
 def _local(code: int, status: str, text: str) -> Reply:
-    return Reply.make(code, status, text)
+    return Reply(code, status, (text,), local=True)
 
 
 def _outcome(reply: Reply) -> Outcome:
@@ -251,10 +251,9 @@ class ClientEngine:
     def send_message(self, message: Message, data: bytes) -> None:
         """Start a transaction for ``message`` whose content (not stuffed) is ``data``.
 
-        8-bit data to a server without 8BITMIME is sent as it is, without a BODY parameter:
-        RFC 6152 §3 would have us downgrade (breaking DKIM signatures, and impossible for non-MIME
-        text) or bounce, but deployed servers accept 8-bit octets, and sendmail (EightBitMode
-        pass8) and Postfix (for non-MIME mail) send them the same way. SMTPUTF8 is different: an
+        ``data`` is sent as it is: the caller has already made it fit the server's extensions
+        (RFC 6152 §3: 7-bit for a server without 8BITMIME; RFC 5321 §4.5.3.1.6: short lines).
+        What cannot be converted goes unchanged: 8-bit header fields need SMTPUTF8, and an
         internationalised address cannot be sent at all without it (RFC 6531 §3.4).
         """
         if self.state is not State.READY:
@@ -267,14 +266,21 @@ class ClientEngine:
         whole_needs_utf8 = not message.sender.isascii() or (
             message.smtputf8 and needs_smtputf8_headers(data)
         )
-        no_utf8 = _local(553, "5.6.7", "the remote server does not support SMTPUTF8 (RFC 6531)")
+        no_utf8 = _local(
+            553, "5.6.7", "the server does not offer SMTPUTF8, which this message needs (RFC 6531)"
+        )
         for i, rcpt in enumerate(message.recipients):
             if not utf8_offered and (whole_needs_utf8 or not rcpt.address.isascii()):
                 results[i] = RecipientResult(rcpt, Outcome.PERMANENT, no_utf8)
         limit = self._size_limit()
         if limit and len(data) > limit:
             # RFC 1870 §6: do not send what the server has announced it will refuse.
-            too_big = _local(552, "5.3.4", f"message size exceeds the remote limit of {limit}")
+            too_big = _local(
+                552,
+                "5.3.4",
+                f"the message ({len(data)} octets) is larger than the server accepts"
+                f" (SIZE {limit}, RFC 1870)",
+            )
             for i, rcpt in enumerate(message.recipients):
                 results.setdefault(i, RecipientResult(rcpt, Outcome.PERMANENT, too_big))
         to_send = [i for i in range(len(message.recipients)) if i not in results]

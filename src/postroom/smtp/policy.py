@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Literal
 
 from postroom import events, sasl
 from postroom.address import Address, parse_user_address
+from postroom.delivery import mime_downgrade
+from postroom.delivery.mime_downgrade import starts_with_header_field
 from postroom.errors import TemporaryStorageError
 from postroom.queue.store import Envelope, Recipient, SpoolWriter, new_queue_id
 from postroom.smtp.commands import Mail, Rcpt
@@ -43,6 +45,7 @@ _HEADER_FIELD = re.compile(rb"(?im)^(date|message-id):")
 
 
 _date_cache: tuple[int, str] = (0, "")
+_submission_form = functools.partial(mime_downgrade.downgrade, eight_bit=False)
 
 
 def _rfc5322_date(when: float) -> str:
@@ -197,7 +200,9 @@ class SmtpPolicy:
         return name
 
     def _prefix(self, head: bytes) -> bytes:
-        """Our Received header, plus Date/Message-ID for submissions that lack them."""
+        """Our Received header, plus Date/Message-ID for submissions that lack them, plus the
+        blank line that ends the header section when the message has none (its first line is
+        no header field: it would otherwise become one)."""
         txn = self.txn
         date = _rfc5322_date(txn.received_at)
         rcpt = ""
@@ -221,6 +226,8 @@ class SmtpPolicy:
                 extra += f"Date: {date}\r\n"
             if b"message-id" not in present:
                 extra += f"Message-ID: <{txn.queue_id}@{self.cfg.hostname}>\r\n"
+        if head and not head.startswith(b"\r\n") and not starts_with_header_field(head):
+            extra += "\r\n"  # RFC 5322 §2.1: the body follows an empty line (Postfix's cleanup)
         return (received + extra).encode("utf-8", "replace")
 
     def _check_headers(self, head: bytes) -> Reply | None:
@@ -238,6 +245,14 @@ class SmtpPolicy:
         writer = txn.writer
         assert writer is not None
         problem = self._check_headers(writer.head(self.cfg.limits.header_size + 4))
+        runner = self.services.intake
+        assert runner is not None
+        leaves = not all(runner.is_local(r.address) for r in txn.recipients)
+        if problem is None and self.auth_user is not None and leaves:
+            # Submitted mail that leaves is made 7-bit with short lines here, before it is
+            # signed (RFC 6376 §5.3), so that no relay hop has to convert it and break the
+            # signature. Mail that stays here is stored as it came.
+            await writer.rewrite(_submission_form)
         if problem is None and self.services.sender_auth is not None:
             # DKIM signing (submissions) or SPF/DKIM/DMARC and Authentication-Results (MX).
             problem = await self.services.sender_auth.end_of_data(
@@ -264,8 +279,6 @@ class SmtpPolicy:
             ret=(txn.mail.params.get("RET") or "").upper() or None if txn.mail else None,
             smtputf8=bool(txn.mail and txn.mail.smtputf8),
         )
-        runner = self.services.intake
-        assert runner is not None
         direct = writer.in_memory and all(
             runner.is_local(r.address) and not (r.notify and "SUCCESS" in r.notify)
             for r in envelope.recipients

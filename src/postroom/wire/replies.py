@@ -11,11 +11,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """An SMTP reply: a three-digit code, an enhanced status (or ""), and one or more text lines."""
+    """An SMTP reply: a three-digit code, an enhanced status (or ""), and one or more text lines.
+    ``local`` marks a reply the SMTP client made up itself (a decision of ours, a lost
+    connection), as opposed to one a server sent: a bounce must not blame a server for it."""
 
     code: int
     status: str
     lines: tuple[str, ...]
+    local: bool = False
 
     @classmethod
     def make(cls, code: int, status: str, *lines: str) -> Reply:
