@@ -443,8 +443,20 @@ def _cmd_dmarc(cfg: Config) -> int:
     return 0
 
 
+_serving = False  # ``serve``: these lines go through the server's logs (JSON lines too)
+
+
+def _say(text: str, warning: bool = False) -> None:
+    if _serving:
+        from postroom import events, logs
+
+        events.startup(text, logs.WARNING if warning else logs.INFO)
+    else:
+        print(f"postroom: {'warning: ' if warning else ''}{text}", file=sys.stderr)
+
+
 def _warn(text: str) -> None:
-    print(f"postroom: warning: {text}", file=sys.stderr)
+    _say(text, warning=True)
 
 
 def _warnings(cfg: Config, command: str) -> None:
@@ -476,12 +488,11 @@ def _warnings(cfg: Config, command: str) -> None:
 
 def _where_data_is(cfg: Config) -> None:
     """Say loudly that a new, empty data directory was made, and where."""
-    print(f"postroom: created a new data directory {cfg.data_dir}", file=sys.stderr)
+    _say(f"created a new data directory {cfg.data_dir}")
     if cfg.path is None:
-        print(
-            "postroom: (without a config file data lives in ./postroom-data of the directory a "
-            f"command runs in: run every command from {cfg.data_dir.parent}, or use -c FILE)",
-            file=sys.stderr,
+        _say(
+            "(without a config file data lives in ./postroom-data of the directory a "
+            f"command runs in: run every command from {cfg.data_dir.parent}, or use -c FILE)"
         )
 
 
@@ -495,6 +506,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "serve":
+        global _serving
+        from postroom import logs
+
+        logs.setup(cfg)
+        _serving = True
     _warnings(cfg, args.command)
     try:
         if datadir.create(cfg):

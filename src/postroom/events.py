@@ -136,10 +136,11 @@ def _smtpd(service: str) -> str:
 # -- start-up ------------------------------------------------------------------------------------
 
 
-def startup(message: str) -> None:
+def startup(message: str, level: int = INFO) -> None:
     """A start-up line (``postroom: ...``, in JSON too: scripts wait for ``postroom: ready``),
     written at once."""
-    logs.emit(INFO, "startup", None, {"message": f"postroom: {message}"}, _text_message)
+    prefix = "postroom: warning: " if level >= WARNING else "postroom: "
+    logs.emit(level, "startup", None, {"message": prefix + message}, _text_message)
     logs.flush()
 
 
