@@ -174,7 +174,7 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
     loop = asyncio.get_running_loop()
     handshake = services.cfg.limits.tls_handshake_timeout
     servers: list[asyncio.Server] = []
-    endpoints = Endpoints(events.exposition, lambda: services.stopping)
+    endpoints = Endpoints(events.exposition, lambda: services.stopping, events.scrape_delay)
     for lst in listeners:
         sock = lst.keep_only(services.worker_index)
         implicit = lst.kind in ("submissions", "pop3s")

@@ -19,6 +19,7 @@ replaces control characters (no forged lines).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import time
 from collections.abc import Callable, Sequence
@@ -93,18 +94,28 @@ def _observe(value: float, metric: Any, *labels: str) -> None:
         _schedule_flush()
 
 
+FLUSH_DELAY = 0.01  # several workers: changes reach the shared files within this many seconds
+SCRAPE_DELAY = 5 * FLUSH_DELAY  # and a scrape waits this long, so that it sees them all
+
+
 def _schedule_flush() -> None:
-    """With several workers another one may answer the next scrape: the changes of this turn
-    of the event loop are written right after it (before any reply can have been read)."""
+    """With several workers another one may answer the next scrape: the changes are written
+    to the shared files :data:`FLUSH_DELAY` after the first of them (a batch, so that a busy
+    worker writes each value once per batch, not once per message)."""
     global _flush_soon
     if _flush_soon:
         return
     try:
-        asyncio.get_running_loop().call_soon(flush_metrics)
+        asyncio.get_running_loop().call_later(FLUSH_DELAY, flush_metrics)
     except RuntimeError:  # no event loop (a command, a test): at once
         flush_metrics()
         return
     _flush_soon = True
+
+
+def scrape_delay() -> float:
+    """How long ``GET /metrics`` waits before it reads (every worker's batch is written)."""
+    return SCRAPE_DELAY if _shared else 0.0
 
 
 def flush_metrics() -> None:
@@ -116,8 +127,31 @@ def flush_metrics() -> None:
         _child(*key).inc(amount)
     observed = _observed[:]
     del _observed[: len(observed)]
+    batches: dict[tuple[Any, ...], list[float]] = {}
     for key, value in observed:
-        _child(*key).observe(value)
+        batches.setdefault(key, []).append(value)
+    for key, values in batches.items():
+        _observe_many(_child(*key), values)
+
+
+def _observe_many(child: Any, values: list[float]) -> None:
+    """``child.observe(v)`` for each value, with each bucket and the sum written once: what
+    prometheus-client's Histogram.observe does, batched (one write per value into the shared
+    file would cost more than the rest of a message's metrics)."""
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if bounds is None or buckets is None or total is None:  # another version: one by one
+        for value in values:
+            child.observe(value)
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect.bisect_left(bounds, value)] += 1
+    for bucket, count in zip(buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
+    total.inc(sum(values))
 
 
 def _child(metric: Any, *labels: str) -> Any:

@@ -142,3 +142,17 @@ def test_json_lines(log: io.StringIO, tmp_path: Path) -> None:
         "message": "postroom: ready",
     }
     assert ready["ts"].endswith("Z") and "T" in ready["ts"]
+
+
+def test_batched_observations_equal_observe() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.exposition import generate_latest
+
+    values = [0.0, 0.001, 0.005, 0.0051, 0.3, 7.0, 299.0, 301.0, 1e9, 0.005]
+    one, many = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("h", "h", ["x"], registry=one, buckets=(0.005, 0.3, 300))
+    h2 = Histogram("h", "h", ["x"], registry=many, buckets=(0.005, 0.3, 300))
+    for v in values:
+        h1.labels("a").observe(v)
+    events._observe_many(h2.labels("a"), values)
+    assert generate_latest(one) == generate_latest(many)

@@ -77,6 +77,7 @@ class Endpoints:
 
     metrics: Callable[[], bytes]
     stopping: Callable[[], bool]
+    delay: Callable[[], float] = lambda: 0.0  # wait before reading the metrics (workers' batches)
 
     def answer(self, request: Request | int) -> bytes:
         if isinstance(request, int):
@@ -113,6 +114,18 @@ class HttpConnection(asyncio.Protocol):
         request = parse_head(self._data)
         if request is None:
             return
+        delay = self.endpoints.delay()
+        if isinstance(request, Request) and request.path == "/metrics" and delay > 0:
+            self.transport.pause_reading()
+            if self._timer is not None:
+                self._timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(delay, self._answer_later, request)
+            return
+        self._answer(self.endpoints.answer(request))
+
+    def _answer_later(self, request: Request) -> None:
+        self._timer = None
         self._answer(self.endpoints.answer(request))
 
     def eof_received(self) -> bool | None:
