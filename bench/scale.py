@@ -64,7 +64,7 @@ class Postroom:
             f"[limits]\nmax_connections = 30000\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None
-        self.cli("user", "add", "u@scale.test", "--password-stdin", stdin="pw\n")
+        self.cli("user", "add", "u@scale.test", "--password-stdin", "--allow-short", stdin="pw\n")
 
     def cli(self, *args: str, stdin: str | None = None) -> None:
         subprocess.run(

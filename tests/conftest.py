@@ -39,6 +39,28 @@ def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"{host}:{port} did not open")
 
 
+def first_line(sock: socket.socket) -> bytes:
+    """The server's next line (its greeting, say), CRLF included; less if it closes."""
+    buf = b""
+    while not buf.endswith(b"\r\n"):
+        chunk = sock.recv(512)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def wait_greeting(host: str, port: int, timeout: float = 10) -> None:
+    """Until a new connection gets a 220 greeting (the server has seen earlier ones close)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.create_connection((host, port), timeout=10) as s:
+            if first_line(s).startswith(b"220 "):
+                return
+        assert time.monotonic() < deadline, "no 220 greeting"
+        time.sleep(0.1)
+
+
 def insecure() -> ssl.SSLContext:
     """A client TLS context for the servers' self-signed test certificates."""
     ctx = ssl.create_default_context()
@@ -55,6 +77,25 @@ def need_tool(name: str) -> str:
             pytest.fail(f"{name} is required in CI but not installed")
         pytest.skip(f"{name} not installed (apt-get install {name})")
     return path
+
+
+def scram_client_final(password: bytes, first_bare: str, server_first: str) -> tuple[str, str]:
+    """A SCRAM-SHA-256 client's side (RFC 5802 §3): the client-final message for
+    ``server_first`` and the server-final message to expect (``v=...``)."""
+    import base64
+    import hashlib
+    import hmac
+
+    attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
+    salted = hashlib.pbkdf2_hmac("sha256", password, base64.b64decode(attrs["s"]), int(attrs["i"]))
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    final_wo = f"c=biws,r={attrs['r']}"
+    auth_msg = f"{first_bare},{server_first},{final_wo}".encode()
+    sig = hmac.new(hashlib.sha256(client_key).digest(), auth_msg, "sha256").digest()
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True)))
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    verifier = base64.b64encode(hmac.new(server_key, auth_msg, "sha256").digest()).decode()
+    return f"{final_wo},p={proof.decode()}", f"v={verifier}"
 
 
 def env_with_src() -> dict[str, str]:
@@ -96,7 +137,7 @@ class Server:
         return run_cli(*args, config=self.config, stdin=stdin, check=check)
 
     def add_user(self, address: str, password: str = "secret") -> None:
-        self.cli("user", "add", address, "--password-stdin", stdin=password + "\n")
+        self.cli("user", "add", address, "--password-stdin", "--allow-short", stdin=password + "\n")
 
     def start(self) -> None:
         assert self.proc is None

@@ -4,8 +4,9 @@
 context, login throttle, connection limits. :func:`serve` starts everything listed in
 ``[listen]``, recovers the queue first (so nothing is served before a crashed delivery is
 completed), and on SIGTERM/SIGINT stops accepting, answers idle sessions with 421, finishes
-messages being stored, and exits 0 within 10 seconds. SIGHUP reloads the TLS certificate and
-the parts of the config that can change without new sockets.
+messages being stored, and exits 0 within 10 seconds. The workers run under the supervisor
+(:mod:`postroom.supervisor`), which restarts a dead one and, at SIGHUP, reads the config and
+the TLS pair and hands them to the workers (:func:`_apply`).
 """
 
 from __future__ import annotations
@@ -18,25 +19,28 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
-from postroom import config as config_mod
-from postroom import events, lifetime, logs, metrics
+from postroom import events, lifetime, logs, metrics, supervisor
 from postroom import tls as tls_mod
 from postroom.auth.keys import LocalKeyStore
 from postroom.auth.lookup import DnsCache
 from postroom.auth.service import QueueMessage, SenderAuth
 from postroom.config import Config
-from postroom.errors import QueueError
+from postroom.errors import ConfigError, QueueError
 from postroom.queue.runner import QueueRunner
 from postroom.queue.store import QueueStore
 from postroom.services import ConnectionLimiter, Services
+from postroom.sharedcounts import Counts, LocalCounts, SharedCounts
 from postroom.smtp.policy import Port
+from postroom.storage.local import files
 from postroom.storage.local.accounts import Accounts
 from postroom.throttle import LoginThrottle
+from postroom.tlsgate import ImplicitTLSListener
 
 log = logging.getLogger("postroom")
 
@@ -44,17 +48,26 @@ CONTROL_SOCKET = "control.sock"
 
 
 def build_services(
-    cfg: Config, primary: bool = True, workers: int = 1, index: int = 0
+    cfg: Config,
+    pair: tuple[bytes, bytes] | None = None,
+    primary: bool = True,
+    workers: int = 1,
+    index: int = 0,
+    shared: Shared | None = None,
 ) -> tuple[Services, QueueRunner]:
     """The shared bundle and the queue runner that takes its finished messages."""
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     services = Services(
         cfg=cfg,
-        accounts=Accounts(cfg.data_dir),
+        accounts=Accounts(cfg.data_dir, cfg.domains),
         store=QueueStore(cfg.data_dir / "queue"),
-        throttle=LoginThrottle(cfg.auth),
-        connections=ConnectionLimiter.for_config(cfg, workers),
-        tls=tls_mod.server_context(cfg),
+        throttle=LoginThrottle(cfg.auth, by_ip=shared.logins)
+        if shared
+        else LoginThrottle(cfg.auth),
+        connections=ConnectionLimiter.for_config(
+            cfg, workers, shared.connections if shared else None
+        ),
+        tls=tls_mod.server_context(cfg, pair),
         primary=primary,
         worker_index=index,
         workers=workers,
@@ -69,6 +82,21 @@ def build_services(
     runner = QueueRunner(services)
     services.intake = runner
     return services, runner
+
+
+@dataclass(frozen=True)
+class Shared:
+    """The per-IP tables every worker shares, made before the fork (for one worker, plain
+    dicts: the shared table costs ~10 us per connection, a dict ~1)."""
+
+    connections: Counts
+    logins: Counts
+
+    @classmethod
+    def for_workers(cls, workers: int) -> Shared:
+        if workers == 1:
+            return cls(LocalCounts(), LocalCounts())
+        return cls(SharedCounts(), SharedCounts())
 
 
 def queue_made_here(services: Services, runner: QueueRunner) -> QueueMessage:
@@ -166,14 +194,16 @@ def bind_listeners(cfg: Config) -> list[Listener]:
     return listeners
 
 
-async def _start_listeners(services: Services, listeners: list[Listener]) -> list[asyncio.Server]:
+async def _start_listeners(
+    services: Services, listeners: list[Listener]
+) -> list[asyncio.Server | ImplicitTLSListener]:
     from postroom.http.server import Endpoints, HttpConnection
     from postroom.pop3.server import Pop3Connection
     from postroom.smtp.server import SmtpConnection
 
     loop = asyncio.get_running_loop()
     handshake = services.cfg.limits.tls_handshake_timeout
-    servers: list[asyncio.Server] = []
+    servers: list[asyncio.Server | ImplicitTLSListener] = []
     endpoints = Endpoints(events.exposition, lambda: services.stopping, events.scrape_delay)
     for lst in listeners:
         sock = lst.keep_only(services.worker_index)
@@ -185,15 +215,10 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
             factory = functools.partial(Pop3Connection, services, implicit)
         else:
             factory = functools.partial(SmtpConnection, services, cast(Port, lst.kind), implicit)
-        servers.append(
-            await loop.create_server(
-                factory,
-                sock=sock,
-                backlog=1024,
-                ssl=services.tls if implicit else None,
-                ssl_handshake_timeout=handshake if implicit else None,
-            )
-        )
+        if implicit:  # TLS from the first octet: the version gate, then the handshake
+            servers.append(ImplicitTLSListener(sock, factory, lambda: services.tls, handshake))
+        else:
+            servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
         if services.primary:
             events.startup(f"{lst.kind} listening on {lst.host}:{lst.port}")
     return servers
@@ -235,32 +260,52 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
     return server
 
 
-def _reload(services: Services, worker: Worker) -> None:
-    """SIGHUP: reload the TLS pair and the config parts that need no new sockets."""
-    worker.signal_others(signal.SIGHUP)
-    cfg = services.cfg
-    try:
-        new = config_mod.load(cfg.path) if cfg.path is not None else cfg
-        services.tls = tls_mod.server_context(new)
-    except Exception as exc:  # keep serving with the old settings
-        log.error("reload failed: %s", exc)
-        return
+def _apply(services: Services, new: Config, pair: tuple[bytes, bytes] | None) -> None:
+    """A reload from the supervisor: the new pair into the live TLS context (every listener
+    and STARTTLS use it for the next handshake; open sessions keep theirs), the new settings
+    for new sessions (domains, limits, auth, delivery, log level)."""
+    if pair is not None and services.tls is not None:
+        try:
+            tls_mod.load_pair(services.tls, *pair)
+        except (OSError, ssl.SSLError) as exc:  # checked by the supervisor: not expected
+            log.error("reload: TLS pair not loaded, the old one stays: %s", exc)
     services.cfg = new
-    logs.setup(new)
-    events.certificate(tls_mod.certificate_expiry(new))
+    services.accounts.local_domains = new.domains
     if services.sender_auth is not None:
         services.sender_auth.cfg = new
-    fresh = ConnectionLimiter.for_config(new, services.workers)
     connections = services.connections
-    connections.max_total, connections.max_per_ip = fresh.max_total, fresh.max_per_ip
-    connections.exempt = fresh.exempt
+    connections.max_total = -(-new.limits.max_connections // services.workers)
+    connections.max_per_ip = new.limits.max_connections_per_ip
+    connections.exempt = new.per_ip_exempt_networks()
     services.throttle.cfg = new.auth
-    log.info("configuration reloaded")
+    logs.setup(new)
+    events.certificate(tls_mod.certificate_expiry(new))
+    log.info("configuration reloaded%s", "" if pair is None else " with the TLS pair")
 
 
-async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
+def _on_supervisor(services: Services, worker: Worker, stop: asyncio.Event) -> None:
+    assert worker.channel is not None
+    try:
+        message = supervisor.read_message(worker.channel)
+    except (OSError, ValueError, EOFError) as exc:
+        log.error("reload: bad message from the supervisor: %s", exc)
+        return
+    if message is None:  # the supervisor is gone: so are we (PR_SET_PDEATHSIG, or here)
+        asyncio.get_running_loop().remove_reader(worker.channel.fileno())
+        stop.set()
+        return
+    _apply(services, *message)
+
+
+async def serve(
+    cfg: Config,
+    listeners: list[Listener],
+    worker: Worker,
+    pair: tuple[bytes, bytes],
+    shared: Shared | None = None,
+) -> int:
     """One worker's event loop. The primary (worker 0) also recovers and runs the queue."""
-    services, runner = build_services(cfg, worker.primary, cfg.workers, worker.index)
+    services, runner = build_services(cfg, pair, worker.primary, cfg.workers, worker.index, shared)
     loop = asyncio.get_running_loop()
     control = None
     if services.cpus is not None:
@@ -272,15 +317,17 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
         assert services.sender_auth is not None
         services.sender_auth.ensure_keys()  # DKIM keys made on first start
         await runner.recover()
-    from postroom import privileges
-    from postroom.smtp.server import IdleSweeper
-
-    # The sockets are bound already: nothing below needs root.
-    privileges.drop(cfg, chown=worker.primary)
-    _setup_metrics(services, listeners)
     servers = await _start_listeners(services, listeners)
     if worker.primary:
         control = await _control_server(services, runner)
+    from postroom import privileges
+    from postroom.smtp.server import IdleSweeper
+
+    if worker.primary:
+        privileges.secure_data_dir(cfg)
+    privileges.drop(cfg)
+    lifetime.die_with_parent(worker.parent)  # again: a change of uid forgets it
+    _setup_metrics(services, listeners)  # after the drop: its files belong to the user
     worker.release_others()  # the queue is recovered: the other workers may serve now
     tasks = [loop.create_task(IdleSweeper(services).run())]
     if worker.primary:
@@ -290,7 +337,10 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, services, worker)
+    # SIGHUP to a worker asks the supervisor, which reads what the worker may no longer.
+    loop.add_signal_handler(signal.SIGHUP, os.kill, worker.parent, signal.SIGHUP)
+    if worker.channel is not None:
+        loop.add_reader(worker.channel.fileno(), _on_supervisor, services, worker, stop)
     if worker.primary:
         from postroom.datadir import add_user_command
 
@@ -298,6 +348,8 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
         events.startup(f"{where} in {cfg.data_dir}")
         events.startup(f"add a user with: {add_user_command(cfg)}")
         events.startup("ready")
+    if worker.channel is not None:
+        supervisor.ready(worker.channel)
     await stop.wait()
     events.note("master", "shutting down")
     services.stopping = True  # /healthz answers 503 from now on
@@ -309,7 +361,6 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
         control.close()
         with contextlib.suppress(OSError):
             (cfg.data_dir / CONTROL_SOCKET).unlink()
-    worker.signal_others(signal.SIGTERM)
     for conn in list(services.connections.live):
         with contextlib.suppress(Exception):
             conn.shutdown()
@@ -322,7 +373,6 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.gather(*tasks)
-    await worker.wait_others(deadline=loop.time() + 1)
     for server in http_servers:
         server.close()
     services.accounts.close()
@@ -359,40 +409,21 @@ def _setup_metrics(services: Services, listeners: list[Listener]) -> None:
 class Worker:
     """This process's place among the workers: ``workers`` processes share the listening
     sockets (made before the fork) and each runs its own event loop, so that SMTP and POP3
-    use every core. The primary alone recovers and runs the queue; the others wait for it
-    (a pipe) before they serve, and die with it (PR_SET_PDEATHSIG)."""
+    use every core. The primary alone recovers and runs the queue; at the first start the
+    others wait for it (a pipe) before they serve. All are children of the supervisor
+    (:mod:`postroom.supervisor`) and die with it."""
 
     primary: bool
     index: int = 0
-    children: list[int] = field(default_factory=list)
-    go_fd: int | None = None
+    parent: int = 0  # the supervisor
+    channel: socket.socket | None = None  # to the supervisor
+    go_fd: int | None = None  # the primary: written once recovered, to release the others
 
     def release_others(self) -> None:
         if self.go_fd is not None:
-            os.write(self.go_fd, b"g" * len(self.children))
+            os.write(self.go_fd, b"g" * 64)
             os.close(self.go_fd)
             self.go_fd = None
-
-    def signal_others(self, sig: int) -> None:
-        for pid in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
-    async def wait_others(self, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        pending = list(self.children)
-        while pending:
-            for pid in list(pending):
-                try:
-                    done, _status = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done = pid
-                if done:
-                    pending.remove(pid)
-            if pending and loop.time() > deadline + 8:
-                self.signal_others(signal.SIGKILL)
-            if pending:
-                await asyncio.sleep(0.05)
 
 
 def _loop_run(coro: Coroutine[Any, Any, int]) -> int:
@@ -404,6 +435,7 @@ def _loop_run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def run(cfg: Config) -> int:
+    files.private_umask()
     logs.setup(cfg)
     _raise_fd_limit()
     if cfg.workers > 1 and cfg.listen.http:
@@ -414,26 +446,34 @@ def run(cfg: Config) -> int:
         # Typically a port that cannot be bound: one line, no traceback.
         print(f"postroom: error: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    worker = Worker(primary=True)
-    if cfg.workers > 1:
-        parent = os.getpid()
-        go_r, go_w = os.pipe()
-        for index in range(1, cfg.workers):
-            pid = os.fork()
-            if pid == 0:
-                os.close(go_w)
-                lifetime.die_with_parent(parent)
-                released = os.read(go_r, 1) == b"g"  # EOF: the primary failed to start
-                os.close(go_r)
-                if not released:
-                    os._exit(0)
-                os._exit(_loop_run(serve(cfg, listeners, Worker(primary=False, index=index))))
-            worker.children.append(pid)
-        os.close(go_r)
-        worker.go_fd = go_w
     try:
-        return _loop_run(serve(cfg, listeners, worker))
-    except OSError as exc:
+        pair = tls_mod.read_pair(cfg)  # as root, if started so: the workers may not read it
+        tls_mod.check_pair(cfg, *pair)
+    except ConfigError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)
-        worker.signal_others(signal.SIGTERM)
-        return 1
+        return 2
+    parent = os.getpid()
+    shared = Shared.for_workers(
+        cfg.workers
+    )  # before the fork: every worker, restarted ones too, sees the same
+
+    def worker_main(index: int, primary: bool, channel: socket.socket, go: int | None) -> int:
+        lifetime.die_with_parent(parent)
+        if go is not None and not primary:
+            released = os.read(go, 1) == b"g"  # EOF: the primary failed to start
+            os.close(go)
+            if not released:
+                return 0
+            go = None
+        worker = Worker(primary, index, parent, channel, go)
+        try:
+            return _loop_run(serve(cfg, listeners, worker, pair, shared))
+        except OSError as exc:
+            print(f"postroom: error: {exc}", file=sys.stderr)
+            return 1
+
+    status = supervisor.Supervisor(cfg, worker_main).run()
+    for listener in listeners:
+        for sock in listener.socks:
+            sock.close()
+    return status

@@ -71,7 +71,12 @@ def _parser() -> argparse.ArgumentParser:
             help="read the password as one line from stdin instead of prompting (without a "
             "terminal stdin is read anyway)",
         )
-    cmd = command(user, "del", "delete a user")
+        cmd.add_argument(
+            "--allow-short",
+            action="store_true",
+            help="accept a password shorter than 6 characters",
+        )
+    cmd = command(user, "del", "delete a user (and take it out of every alias)")
     cmd.add_argument("address")
     command(user, "list", "list the users")
 
@@ -175,7 +180,12 @@ def _read_password(args: argparse.Namespace) -> str:
         password.encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 came in as surrogates
         raise AccountError("the password is not valid UTF-8") from None
-    return password
+    from postroom import passwords
+
+    try:
+        return passwords.check_new(password, args.allow_short)
+    except passwords.PasswordError as exc:
+        raise AccountError(str(exc)) from None
 
 
 def _iso(ts: float | None) -> str | None:
@@ -203,7 +213,7 @@ def _control(cfg: Config, command: str) -> str | None:
 def _cmd_user(cfg: Config, args: argparse.Namespace) -> int:
     from postroom.storage.local.accounts import Accounts, account_address
 
-    accounts = Accounts(cfg.data_dir)
+    accounts = Accounts(cfg.data_dir, cfg.domains)
     if args.action == "list":
         for name in accounts.list_users():
             print(name)
@@ -221,7 +231,8 @@ def _cmd_user(cfg: Config, args: argparse.Namespace) -> int:
             raise AccountError(f"no such user {addr.key}")
         accounts.set_password(addr, _read_password(args))
     elif args.action == "del":
-        accounts.delete_user(addr)
+        for alias in accounts.delete_user(addr):
+            print(f"removed {addr.key} from alias {alias}")
     return 0
 
 
@@ -236,24 +247,18 @@ def _alias_target(text: str) -> str:
 
 
 def _cmd_alias(cfg: Config, args: argparse.Namespace) -> int:
-    from postroom.storage.local.accounts import Accounts, account_address
+    from postroom.storage.local.accounts import Accounts, alias_key
 
-    accounts = Accounts(cfg.data_dir)
+    accounts = Accounts(cfg.data_dir, cfg.domains)
     if args.action == "list":
         for alias, targets in accounts.list_aliases().items():
             print(f"{alias}\t{' '.join(targets)}")
         return 0
-    addr = account_address(args.alias, cfg.domains)
+    key = alias_key(args.alias, cfg.domains)  # "@domain": the domain's catch-all
     if args.action == "add":
-        targets = []
-        for t in args.targets:
-            target = _alias_target(t)
-            local, _, domain = target.rpartition("@")
-            # Local targets are stored in their key form, remote ones as typed.
-            targets.append(f"{local.lower()}@{domain}" if domain in cfg.domains else target)
-        accounts.add_alias(addr, targets)
+        accounts.add_alias(key, [_alias_target(t) for t in args.targets])
     else:
-        accounts.delete_alias(addr)
+        accounts.delete_alias(key)
     return 0
 
 
@@ -497,6 +502,9 @@ def _where_data_is(cfg: Config) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from postroom.storage.local import files
+
+    files.private_umask()  # whatever the admin's umask: data_dir is the server user's only
     args = _parser().parse_args(argv)
     try:
         cfg = config_mod.load_effective(getattr(args, "config_sub", None) or args.config)

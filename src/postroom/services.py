@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import resource
 import ssl
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,10 +21,13 @@ from postroom.blocking import BlockingPool
 from postroom.config import Config
 from postroom.queue.store import Envelope, QueueStore
 from postroom.sasl import ScramKeys
+from postroom.sharedcounts import Counts, LocalCounts
 from postroom.storage.local.accounts import Accounts
 from postroom.throttle import LoginThrottle
 
 log = logging.getLogger("postroom")
+
+FD_RESERVE = 32  # descriptors kept free for the sessions already open
 
 
 class Intake(Protocol):
@@ -51,39 +54,54 @@ class Closable(Protocol):
 
 @dataclass
 class ConnectionLimiter:
-    """Counts open connections in total and per client IP (limits from ``[limits]``)."""
+    """Counts open connections in total (each worker its share) and per client IP (in a table
+    every worker shares: one client gets ``max_connections_per_ip`` over all workers)."""
 
     max_total: int
     max_per_ip: int
     exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-    live: set[Closable] = field(default_factory=set)
-    per_ip: Counter[str] = field(default_factory=Counter)
+    per_ip: Counts = field(default_factory=LocalCounts)
+    # Each live connection, and whether it is counted in per_ip (exempt ones are not).
+    live: dict[Closable, bool] = field(default_factory=dict)
 
     @classmethod
-    def for_config(cls, cfg: Config, workers: int) -> ConnectionLimiter:
+    def for_config(
+        cls, cfg: Config, workers: int, per_ip: Counts | None = None
+    ) -> ConnectionLimiter:
         """The limits of ``[limits]``; each of ``workers`` holds its share of the total."""
         lim = cfg.limits
-        return cls(
+        limiter = cls(
             -(-lim.max_connections // workers),
             lim.max_connections_per_ip,
             cfg.per_ip_exempt_networks(),
         )
+        if per_ip is not None:
+            limiter.per_ip = per_ip
+        return limiter
 
-    def acquire(self, ip: str, conn: Closable) -> bool:
+    def acquire(self, ip: str, conn: Closable, fileno: int = -1) -> bool:
+        """Count a new connection, or False (the caller answers 421 and closes) when a limit
+        is reached or descriptors run short. ``fileno`` is the connection's descriptor: Linux
+        gives the lowest free number, so a number within :data:`FD_RESERVE` of the limit
+        means at most that many are left, kept for the spool, Maildirs and the next 421. Out
+        of them, libuv would accept and close connections without a word."""
+        if fileno >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE:
+            log.warning("descriptors running out (fd %d): connection refused with 421", fileno)
+            return False
         if len(self.live) >= self.max_total:
             return False
-        if self.per_ip[ip] >= self.max_per_ip and not self._exempt(ip):
+        counted = not self._exempt(ip)
+        # Counted first, then compared: two workers cannot both take the last place.
+        if counted and self.per_ip.add(ip, 1) > self.max_per_ip:
+            self.per_ip.add(ip, -1)
             return False
-        self.live.add(conn)
-        self.per_ip[ip] += 1
+        self.live[conn] = counted
         return True
 
     def release(self, ip: str, conn: Closable) -> None:
-        if conn in self.live:
-            self.live.discard(conn)
-            self.per_ip[ip] -= 1
-            if self.per_ip[ip] <= 0:
-                del self.per_ip[ip]
+        counted = self.live.pop(conn, None)
+        if counted:
+            self.per_ip.add(ip, -1)
 
     def _exempt(self, ip: str) -> bool:
         try:

@@ -41,7 +41,16 @@ def test_serve_without_config_receives_and_serves_mail(tmp_path: Path) -> None:
             log.read_text()
         )
         subprocess.run(
-            [sys.executable, "-m", "postroom", "user", "add", "you@localhost", "--password-stdin"],
+            [
+                sys.executable,
+                "-m",
+                "postroom",
+                "user",
+                "add",
+                "you@localhost",
+                "--password-stdin",
+                "--allow-short",
+            ],
             input="secret\n",
             cwd=tmp_path,
             env=env,

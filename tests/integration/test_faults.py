@@ -40,7 +40,7 @@ def start_on(data_dir: Path, tmp_path: Path, extra: str = "") -> Server:
     )
     srv = Server(cfg, data_dir, "127.0.0.1", {"smtp": port}, ["a.test"], log=tmp_path / "log")
     for user in ("alice@a.test", "bob@a.test"):
-        run_cli("user", "add", user, "--password-stdin", config=cfg, stdin="pw\n")
+        run_cli("user", "add", user, "--password-stdin", "--allow-short", config=cfg, stdin="pw\n")
     srv.start()
     return srv
 
@@ -200,13 +200,32 @@ def test_drops_root_to_configured_user(tmp_path: Path) -> None:
             c.sendmail("x@r.test", ["alice@a.test"], b"Subject: priv\r\n\r\nok\r\n")
         assert len(srv.wait_messages("alice@a.test", 1)) == 1
         assert srv.proc is not None
-        status = Path(f"/proc/{srv.proc.pid}/status").read_text()
-        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
-        assert uid_line.split()[1:] == ["65534"] * 4
+        # Every process that serves clients (the workers under the supervisor, and their
+        # Maildir writers) runs as the user; only the supervisor keeps root, to re-read a
+        # root-only TLS key at SIGHUP and to start a worker again.
+        children = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text()
+        workers = [int(p) for p in children.split()]
+        assert workers
+        for pid in workers + [
+            int(p)
+            for w in workers
+            for p in Path(f"/proc/{w}/task/{w}/children").read_text().split()
+        ]:
+            status = Path(f"/proc/{pid}/status").read_text()
+            uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+            assert uid_line.split()[1:] == ["65534"] * 4, pid
         delivered = next((srv.maildir("alice@a.test") / "new").iterdir())
         assert delivered.stat().st_uid == 65534
         # The CLI, run as root, leaves files the server can still use.
-        run_cli("user", "add", "carol@a.test", "--password-stdin", config=srv.config, stdin="x\n")
+        run_cli(
+            "user",
+            "add",
+            "carol@a.test",
+            "--password-stdin",
+            "--allow-short",
+            config=srv.config,
+            stdin="x\n",
+        )
         time.sleep(0.2)
         with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
             c.sendmail("x@r.test", ["carol@a.test"], b"Subject: priv2\r\n\r\nok\r\n")

@@ -73,7 +73,13 @@ def test_queue_flush_without_a_server_says_when_it_happens(cfg: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("stdin", "code"), [("pw\n", 0), ("pw\npw\n", 0), ("pw\r\npw\r\n", 0), ("pw\nother\n", 1)]
+    ("stdin", "code"),
+    [
+        ("pass-word\n", 0),
+        ("pass-word\npass-word\n", 0),
+        ("pass-word\r\npass-word\r\n", 0),
+        ("pass-word\nother-word\n", 1),
+    ],
 )
 def test_piped_password_without_the_flag_is_read_cleanly(cfg: Path, stdin: str, code: int) -> None:
     out = postroom("user", "add", "alice@a.test", stdin=stdin, cfg=cfg)

@@ -30,7 +30,9 @@ def postroom(*args: str, cwd: Path, stdin: str = "") -> subprocess.CompletedProc
 
 
 def test_a_new_data_directory_is_announced_with_its_path(tmp_path: Path) -> None:
-    first = postroom("user", "add", "you@localhost", "--password-stdin", cwd=tmp_path, stdin="pw\n")
+    first = postroom(
+        "user", "add", "you@localhost", "--password-stdin", cwd=tmp_path, stdin="pass-word\n"
+    )
     assert first.returncode == 0, first.stderr
     made = tmp_path / "postroom-data"
     assert f"created a new data directory {made}\n" in first.stderr
@@ -55,7 +57,7 @@ def test_serve_prints_a_user_add_that_works_from_anywhere(
     assert Path(command[2]).is_absolute()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    done = postroom(*command[1:], "--password-stdin", cwd=elsewhere, stdin="pw\n")
+    done = postroom(*command[1:], "--password-stdin", cwd=elsewhere, stdin="pass-word\n")
     assert done.returncode == 0, done.stderr
     assert not (elsewhere / "postroom-data").exists()
     deadline = time.monotonic() + 5  # the running server sees new users within a second

@@ -17,6 +17,8 @@ PURE = [
     "wire/replies.py",
     "pop3/engine.py",
     "sasl.py",
+    "passwords.py",
+    "clienthello.py",
     "queue/schedule.py",
     "delivery/dsn.py",
     "delivery/advice.py",

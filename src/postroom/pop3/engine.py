@@ -25,9 +25,19 @@ import enum
 from dataclasses import dataclass, field
 
 from postroom.wire.framing import TOO_LONG, LineReader
+from postroom.wire.replies import printable
 
 MAX_COMMAND = 255  # RFC 2449 §4: command lines are at most 255 octets including CRLF
 MAX_SASL_LINE = 12288
+
+
+def _reply(status: str, text: str) -> bytes:
+    """A status line; its text printable US-ASCII whatever it was made from (RFC 1939 §3)."""
+    return f"{status}{printable(text)}\r\n".encode("ascii")
+
+
+def _ok(text: str) -> bytes:
+    return _reply("+OK ", text) if text else b"+OK\r\n"
 
 
 class State(enum.Enum):
@@ -162,7 +172,7 @@ class Pop3Engine:
 
     def ok(self, text: str = "") -> None:
         self._answered()
-        self._out.append(f"+OK {text}\r\n".encode() if text else b"+OK\r\n")
+        self._out.append(_ok(text))
 
     def err(self, text: str, code: str | None = None) -> None:
         self._answered()
@@ -171,17 +181,17 @@ class Pop3Engine:
     def multiline(self, first: str, body: bytes) -> None:
         """``+OK first``, then ``body`` (already dot-stuffed, ending with ``.\\r\\n``)."""
         self._answered()
-        self._out.append(f"+OK {first}\r\n".encode())
+        self._out.append(_ok(first))
         self._out.append(body)
 
     def begin_multiline(self, first: str) -> None:
         """For streamed bodies: the caller then sends the stuffed body with :meth:`send_raw`."""
         self._answered()
-        self._out.append(f"+OK {first}\r\n".encode())
+        self._out.append(_ok(first))
 
     def login_ok(self, text: str = "Logged in") -> None:
         self._answered()
-        self._out.append(f"+OK {text}\r\n".encode())
+        self._out.append(_ok(text))
         self.state = State.TRANSACTION
 
     def login_failed(self, text: str, code: str | None = "AUTH") -> None:
@@ -200,7 +210,7 @@ class Pop3Engine:
 
     def bye(self, ok: bool = True, text: str = "Bye") -> None:
         self._answered()
-        self._out.append(f"+OK {text}\r\n".encode() if ok else f"-ERR {text}\r\n".encode())
+        self._out.append(_ok(text) if ok else _reply("-ERR ", text))
         self.state = State.CLOSED
 
     def tls_started(self, features: Features) -> None:
@@ -244,7 +254,7 @@ class Pop3Engine:
 
     def _err(self, text: str, code: str | None) -> None:
         prefix = f"[{code}] " if code else ""
-        self._out.append(f"-ERR {prefix}{text}\r\n".encode())
+        self._out.append(_reply("-ERR ", prefix + text))
 
     def _error(self, text: str, code: str | None = None) -> Event | None:
         self._err(text, code)

@@ -37,6 +37,7 @@ from postroom.pop3.engine import (
 from postroom.pop3.maildrop import MailboxInUse, Maildrop, TopFilter, chunks
 from postroom.storage.local import maildir
 from postroom.tls import tls_version
+from postroom.tlsgate import refuses_old_tls
 from postroom.wire.framing import Stuffer, dot_stuff
 
 if TYPE_CHECKING:
@@ -94,7 +95,10 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else "unknown"
-        if self.services.stopping or not self.services.connections.acquire(self.client_ip, self):
+        sock = transport.get_extra_info("socket")
+        fileno = sock.fileno() if sock is not None else -1
+        connections = self.services.connections
+        if self.services.stopping or not connections.acquire(self.client_ip, self, fileno):
             transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n")  # type: ignore[attr-defined]
             transport.close()
             self._lost = True
@@ -455,6 +459,9 @@ class Pop3Connection(FlowControl, asyncio.Protocol):
         if proto.pending_input() or not self._read_paused:
             self.services.log.error("POP3 STLS with %s: input left at the switch", self.client_ip)
             self._close()
+            return
+        if await refuses_old_tls(transport, self.services.cfg.limits.tls_handshake_timeout):
+            self._close()  # a TLS 1.0/1.1-only client: refused with protocol_version
             return
         # From here on, data_received is fed by the TLS layer only (start_tls swaps the
         # transport's protocol before it reads again).

@@ -31,6 +31,7 @@ from postroom.queue.store import Envelope, Recipient, new_queue_id
 from postroom.resolver import DnsResolver
 from postroom.smtp.client_engine import Message, Outcome
 from postroom.smtp.client_engine import Recipient as ClientRecipient
+from postroom.wire import replies
 
 if TYPE_CHECKING:
     from postroom.config import Config
@@ -228,6 +229,15 @@ class QueueRunner:
 
         newly_failed: list[Recipient] = []
         newly_done: list[Recipient] = []
+        for index, rcpt in list(local):
+            # The account may have gone since RCPT (user del): no Maildir for it, a bounce.
+            if not self.services.accounts.has_mailbox(rcpt.address):
+                local.remove((index, rcpt))
+                rcpt.status = "bounced"
+                rcpt.last_error = str(replies.USER_UNKNOWN_NOW)
+                newly_failed.append(rcpt)
+                changed = True
+                self._report_local(envelope, rcpt, 0.0)
         started = time.monotonic()
         errors = await self.local.deliver(
             envelope, [(i, r.address) for i, r in local], message, check_duplicate=recovering
@@ -505,11 +515,7 @@ class QueueRunner:
         if not self.is_local(sender):
             return [sender]
         local, _, domain = sender.rpartition("@")
-        key = f"{local.lower()}@{domain}"
-        targets = self.services.accounts.expand(key)
-        if targets is None and local.lower() == "postmaster":
-            targets = [key]  # always accepted (CONTRACT.md "Accounts"): so is its mail
-        return targets or []
+        return self.services.accounts.resolve(f"{local.lower()}@{domain}") or []
 
 
 _STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")

@@ -153,11 +153,9 @@ class SmtpPolicy:
         orcpt = cmd.params.get("ORCPT")
         if self.cfg.is_local_domain(addr.domain):
             key = addr.key
-            targets = self.services.accounts.expand(key)
+            targets = self.services.accounts.resolve(key)
             if targets is None:
-                if addr.local.lower() != "postmaster":
-                    return self._refuse("RCPT", replies.USER_UNKNOWN, str(addr))
-                targets = [key]
+                return self._refuse("RCPT", replies.USER_UNKNOWN, str(addr))
             if not targets:
                 return self._refuse("RCPT", replies.ALIAS_LOOP, str(addr))
             original = str(addr) if targets != [key] else None

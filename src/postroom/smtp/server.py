@@ -44,6 +44,7 @@ from postroom.smtp.server_engine import (
     TransactionReset,
 )
 from postroom.tls import tls_version
+from postroom.tlsgate import refuses_old_tls
 from postroom.wire import replies
 
 if TYPE_CHECKING:
@@ -86,7 +87,9 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else "unknown"
         services = self.services
-        if services.stopping or not services.connections.acquire(self.client_ip, self):
+        sock = transport.get_extra_info("socket")
+        fileno = sock.fileno() if sock is not None else -1
+        if services.stopping or not services.connections.acquire(self.client_ip, self, fileno):
             self.transport.write(replies.TOO_MANY_CONNECTIONS.render())  # type: ignore[union-attr]
             transport.close()
             self._lost = True
@@ -247,6 +250,9 @@ class SmtpConnection(FlowControl, asyncio.Protocol):
         if proto.pending_input():
             self.services.log.error("STARTTLS with %s: input left at the switch", self.client_ip)
             self._close()
+            return
+        if await refuses_old_tls(transport, self.services.cfg.limits.tls_handshake_timeout):
+            self._close()  # a TLS 1.0/1.1-only client: refused with protocol_version
             return
         self._tls_early = []
         loop = asyncio.get_running_loop()

@@ -176,9 +176,10 @@ class _Transaction:
     size: int = 0
     too_big: bool = False
     bare: bool = False
+    nul: bool = False
     started: bool = False
     smtputf8: bool = False
-    line_ends: LineEndCheck = field(default_factory=LineEndCheck)  # BDAT's bare CR/LF
+    line_ends: LineEndCheck = field(default_factory=LineEndCheck)  # BDAT's bare CR/LF, NUL
 
 
 @dataclass
@@ -571,14 +572,17 @@ class ServerEngine:
                 return NEED_DATA
             txn = self._txn
             txn.bare = txn.bare or chunk.bare
+            txn.nul = txn.nul or chunk.nul
             txn.size += len(chunk.data)
             if txn.size > self.features.size_limit:
                 txn.too_big = True
             if not reader.done:
                 return DataChunk(chunk.data) if chunk.data and not txn.too_big else None
             self._data = None
-            if txn.too_big or txn.bare:
-                return self._abort(replies.MESSAGE_TOO_BIG if txn.too_big else replies.BARE_LF_DATA)
+            if txn.too_big:
+                return self._abort(replies.MESSAGE_TOO_BIG)
+            if txn.bare or txn.nul:
+                return self._abort(replies.BARE_LF_DATA if txn.bare else replies.NUL_IN_DATA)
             if chunk.data:
                 self._pending.append(MessageEnd())
                 return DataChunk(chunk.data)
@@ -621,6 +625,8 @@ class ServerEngine:
             return self._abort(replies.MESSAGE_TOO_BIG)
         if txn.line_ends.finish():  # as DATA: RFC 5321 §2.3.8, and no smuggling onward
             return self._abort(replies.BARE_LF_DATA)
+        if txn.line_ends.nul:  # RFC 5322 §2.1
+            return self._abort(replies.NUL_IN_DATA)
         return MessageEnd()
 
     def _abort(self, reply: Reply) -> Event:

@@ -8,10 +8,12 @@ framing written twice). The rules:
 * Message data (SMTP DATA) ends exactly at CRLF "." CRLF (RFC 5321 §4.1.1.4). Lines are split
   only at CRLF, so a bare LF or bare CR next to a dot can never end the message or start a
   second one (RFC 5321 §2.3.8; the 2023 "SMTP smuggling" attacks). Bare CR/LF in the data are
-  reported (``DataChunk.bare``) so that the policy can reject the message.
+  reported (``DataChunk.bare``) so that the policy can reject the message, and so are NUL
+  octets (``DataChunk.nul``): RFC 5322 §2.1 allows none, and a next hop that drops them would
+  see ``CRLF NUL "." CRLF`` as the end of the message.
 * Dot-stuffing (RFC 5321 §4.5.2): a leading "." of a data line is removed on input and added on
-  output. BDAT chunks (RFC 3030) are counted, never stuffed, and checked for bare CR/LF like
-  DATA (:class:`LineEndCheck`): what is stored may be relayed with DATA to a next hop.
+  output. BDAT chunks (RFC 3030) are counted, never stuffed, and checked for bare CR/LF and
+  NUL like DATA (:class:`LineEndCheck`): what is stored may be relayed with DATA to a next hop.
 
 The readers work on whole blocks of complete lines with bytes methods implemented in C
 (find, replace, count), not line by line: this is the hot path of every message.
@@ -93,10 +95,12 @@ def _has_bare(data: bytes) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class DataChunk:
-    """Unstuffed message data; ``bare`` is True if it held a CR or LF outside a CRLF pair."""
+    """Unstuffed message data; ``bare`` is True if it held a CR or LF outside a CRLF pair,
+    ``nul`` if it held a NUL octet."""
 
     data: bytes
     bare: bool
+    nul: bool = False
 
 
 class DotReader:
@@ -123,7 +127,7 @@ class DotReader:
             stuffed_start = self._at_line_start and block.startswith(b".")
             self._at_line_start = False
             data = block[1:] if stuffed_start else block
-            return DataChunk(data, b"\r" in data or b"\n" in data)
+            return DataChunk(data, b"\r" in data or b"\n" in data, b"\0" in data)
         block_len = end + 2
         if self._at_line_start:
             text = b"\r\n" + bytes(buf[:block_len])
@@ -143,7 +147,7 @@ class DotReader:
         bare = _has_bare(content)
         # RFC 5321 §4.5.2: remove the first "." of every line that starts with one.
         data = content.replace(b"\r\n.", b"\r\n")[offset:]
-        return DataChunk(data, bare)
+        return DataChunk(data, bare, b"\0" in content)
 
 
 class LineEndCheck:
@@ -152,11 +156,13 @@ class LineEndCheck:
 
     def __init__(self) -> None:
         self.bare = False
+        self.nul = False  # RFC 5322 §2.1: no NUL anywhere in a message
         self._cr_pending = False  # the last piece ended with a CR: its LF may come next
 
     def feed(self, data: bytes) -> None:
         if not data:
             return
+        self.nul = self.nul or b"\0" in data
         if self._cr_pending:
             if data.startswith(b"\n"):
                 data = data[1:]

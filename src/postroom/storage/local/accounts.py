@@ -3,7 +3,10 @@
 One SQLite file, ``{data_dir}/accounts.sqlite``, in WAL mode so that the CLI can write while a
 running server reads: every lookup is a fresh query, so ``user add`` and ``alias add`` take
 effect at once, without a restart. Addresses are stored in their :attr:`Address.key` form
-(lower-cased, IDNA domain), so logins and lookups are case-insensitive.
+(lower-cased, IDNA domain), so logins and lookups are case-insensitive. An alias ``@domain`` is
+that domain's catch-all. Mail is only ever routed to a local address that has an account (or
+to ``postmaster@``): alias targets are checked when added, users deleted are taken out of
+every alias, and expansion skips a local target that has no account.
 
 Passwords are hashed with argon2id (argon2-cffi, RFC 9106 parameters). For SCRAM-SHA-256
 (RFC 7677, RFC 5802) we also keep salt, iteration count, StoredKey and ServerKey; they are
@@ -24,7 +27,8 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from postroom.address import Address, parse_user_address, safe_local_part
+from postroom import passwords
+from postroom.address import Address, normalise_domain, parse_user_address, safe_local_part
 from postroom.errors import AccountError, AddressError
 from postroom.sasl import ScramKeys, derive_scram_keys
 
@@ -67,11 +71,34 @@ def account_address(text: str, domains: Iterable[str]) -> Address:
     return Address(addr.local.lower(), addr.domain)
 
 
+def alias_key(text: str, domains: Iterable[str]) -> str:
+    """The key of an alias typed by an admin: ``local@domain``, or ``@domain`` (also written
+    ``*@domain``) for the catch-all of a local domain."""
+    if text.startswith(("@", "*@")):
+        name = text.partition("@")[2]
+        try:
+            domain = normalise_domain(name)
+        except ValueError as exc:
+            raise AccountError(f"malformed catch-all {text!r}: {exc}") from None
+        if domain not in set(domains):
+            raise AccountError(f"domain {domain!r} is not one of the local domains")
+        return f"@{domain}"
+    return account_address(text, domains).key
+
+
+def _prepared(password: str) -> str:
+    try:
+        return passwords.prepare(password)
+    except passwords.PasswordError as exc:
+        raise AccountError(str(exc)) from None
+
+
 class Accounts:
     """Users and aliases in ``accounts.sqlite``. Safe to share between threads."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, domains: Iterable[str] = ()) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
+        self._domains = frozenset(domains)
         self.path = data_dir / "accounts.sqlite"
         self._wal = data_dir / "accounts.sqlite-wal"
         self._cache: dict[str, list[str] | None] = {}
@@ -91,6 +118,19 @@ class Accounts:
             self._local.db = db
         return db
 
+    @property
+    def local_domains(self) -> frozenset[str]:
+        """The local domains (IDNA, lower-case): a local address needs an account to get mail."""
+        return self._domains
+
+    @local_domains.setter
+    def local_domains(self, domains: Iterable[str]) -> None:  # SIGHUP may change them
+        self._domains = frozenset(domains)
+        self._cache.clear()
+
+    def _is_local(self, address: str) -> bool:
+        return address.rpartition("@")[2] in self._domains
+
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:
@@ -100,6 +140,7 @@ class Accounts:
     # -- users -----------------------------------------------------------------------------
 
     def add_user(self, address: Address, password: str) -> None:
+        password = _prepared(password)
         keys = derive_scram_keys(password)
         try:
             with self._db() as db:
@@ -119,6 +160,7 @@ class Accounts:
             raise AccountError(f"user {address.key} already exists") from None
 
     def set_password(self, address: Address, password: str) -> None:
+        password = _prepared(password)
         keys = derive_scram_keys(password)
         with self._db() as db:
             cur = db.execute(
@@ -136,11 +178,22 @@ class Accounts:
         if cur.rowcount == 0:
             raise AccountError(f"no such user {address.key}")
 
-    def delete_user(self, address: Address) -> None:
+    def delete_user(self, address: Address) -> list[str]:
+        """Remove the user and take it out of every alias that names it (in one transaction:
+        no alias goes on delivering to a user that is gone); returns those aliases."""
+        key = address.key
         with self._db() as db:
-            cur = db.execute("DELETE FROM users WHERE address=?", (address.key,))
-        if cur.rowcount == 0:
-            raise AccountError(f"no such user {address.key}")
+            cur = db.execute("DELETE FROM users WHERE address=?", (key,))
+            if cur.rowcount == 0:
+                raise AccountError(f"no such user {key}")
+            aliases = [
+                r[0]
+                for r in db.execute(
+                    "SELECT DISTINCT alias FROM aliases WHERE target=? ORDER BY alias", (key,)
+                )
+            ]
+            db.execute("DELETE FROM aliases WHERE target=?", (key,))
+        return aliases
 
     def list_users(self) -> list[str]:
         return [r[0] for r in self._db().execute("SELECT address FROM users ORDER BY address")]
@@ -148,6 +201,11 @@ class Accounts:
     def user_exists(self, key: str) -> bool:
         row = self._db().execute("SELECT 1 FROM users WHERE address=?", (key,)).fetchone()
         return row is not None
+
+    def has_mailbox(self, key: str) -> bool:
+        """May mail be stored for local ``key``: a user, or ``postmaster@`` (always accepted,
+        RFC 5321 §4.5.1). Nothing else ever gets a Maildir."""
+        return key.partition("@")[0] == "postmaster" or self.user_exists(key)
 
     def verify_password(self, login: str, password: str) -> str | None:
         """The account key when ``password`` is right for ``login``; None otherwise.
@@ -183,6 +241,11 @@ class Accounts:
                 .fetchone()
             )
         stored = row[0] if row else _DUMMY_HASH
+        try:
+            # RFC 8265: prepared as it was when set, so every spelling of it logs in.
+            password = passwords.prepare(password)
+        except passwords.PasswordError:
+            stored, row = _DUMMY_HASH, None  # cannot be anyone's: costs the same, fails
         ok: bool
         try:
             ok = _HASHER.verify(stored, password)
@@ -210,18 +273,32 @@ class Accounts:
 
     # -- aliases ---------------------------------------------------------------------------
 
-    def add_alias(self, alias: Address, targets: Iterable[str]) -> None:
-        with self._db() as db:
-            db.executemany(
-                "INSERT OR IGNORE INTO aliases (alias, target) VALUES (?, ?)",
-                [(alias.key, t) for t in targets],
-            )
+    def add_alias(self, alias: str, targets: Iterable[str]) -> None:
+        """Add ``targets`` to ``alias`` (a key, or ``@domain`` for a domain's catch-all).
 
-    def delete_alias(self, alias: Address) -> None:
+        A local target must be a user, another alias or ``postmaster@`` (AccountError naming
+        it otherwise): mail is never stored for an address without an account. The alias may
+        name itself only if it is a user too (keep a copy and forward). Local targets are
+        stored in key form (lower-case local part), remote ones as typed.
+        """
+        rows = []
         with self._db() as db:
-            cur = db.execute("DELETE FROM aliases WHERE alias=?", (alias.key,))
+            for target in targets:
+                local, _, domain = target.rpartition("@")
+                if domain in self._domains:
+                    target = f"{local.lower()}@{domain}"
+                    if not (
+                        self.has_mailbox(target) or (target != alias and self.alias_targets(target))
+                    ):
+                        raise AccountError(f"target {target} is no user or alias here")
+                rows.append((alias, target))
+            db.executemany("INSERT OR IGNORE INTO aliases (alias, target) VALUES (?, ?)", rows)
+
+    def delete_alias(self, alias: str) -> None:
+        with self._db() as db:
+            cur = db.execute("DELETE FROM aliases WHERE alias=?", (alias,))
         if cur.rowcount == 0:
-            raise AccountError(f"no such alias {alias.key}")
+            raise AccountError(f"no such alias {alias}")
 
     def list_aliases(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -268,25 +345,43 @@ class Accounts:
         return value
 
     def _expand(self, key: str, max_depth: int) -> list[str] | None:
-        seen: set[str] = set()
-        result: list[str] = []
+        expanded: set[str] = set()  # aliases already walked: met again, they are a loop
+        result: dict[str, None] = {}  # final addresses, each once, in order
+
+        def final(t: str) -> None:
+            if self._is_local(t) and not self.has_mailbox(t):
+                return  # an alias to nobody (a user deleted since): no Maildir for it
+            result[t] = None
 
         def walk(k: str, depth: int) -> bool:
             targets = self.alias_targets(k)
             if not targets:
                 return False
+            expanded.add(k)
             for t in targets:
-                if t in seen:
+                if t == k:
+                    final(t)  # the alias keeps a copy under its own name
+                elif t in expanded:
                     continue
-                seen.add(t)
-                if t != k and depth < max_depth and walk(t, depth + 1):
-                    continue
-                result.append(t)
+                elif depth >= max_depth or not walk(t, depth + 1):
+                    final(t)
             return True
 
         if walk(key, 0):
-            return result
+            return list(result)
         return [key] if self.user_exists(key) else None
+
+    def resolve(self, key: str) -> list[str] | None:
+        """Where mail for local ``key`` goes: :meth:`expand`, else the domain's catch-all
+        (alias ``@domain``), else ``postmaster@`` itself (RFC 5321 §4.5.1: always accepted,
+        in its own Maildir unless an alias of that name exists). None: no such address."""
+        found = self.expand(key)
+        if found is None:
+            local, _, domain = key.rpartition("@")
+            if local == "postmaster":
+                return [key]
+            found = self.expand(f"@{domain}")
+        return found
 
     def owns(self, user_key: str, sender_key: str) -> bool:
         """May ``user_key`` send as ``sender_key``: its own address or an alias that reaches it."""
