@@ -15,10 +15,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 SRC = ROOT / "src"
 
 
@@ -28,15 +30,32 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
+def wait_until(
+    check: Callable[[], T], timeout: float = 10.0, what: str = "a condition", interval: float = 0.02
+) -> T:
+    """Poll ``check`` until it returns something true, and return that; AssertionError naming
+    ``what`` after ``timeout`` seconds. Use it instead of a fixed sleep: it is as fast as the
+    server, and as patient as a loaded machine needs."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{host}:{port} did not open")
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
+    wait_until(lambda: _port_open(host, port), timeout, f"{host}:{port} to open", 0.05)
 
 
 def first_line(sock: socket.socket) -> bytes:
@@ -151,11 +170,17 @@ class Server:
                 start_new_session=True,
             )
         # Ports are bound before the queue is recovered; "ready" comes once it serves.
-        deadline = time.monotonic() + 20
-        while self.log.read_text().count("postroom: ready") <= ready_before:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
                 raise AssertionError("server did not start:\n" + self.log.read_text())
-            time.sleep(0.05)
+            return self.log.read_text().count("postroom: ready") > ready_before
+
+        try:
+            wait_until(ready, 20, "the server to start", 0.05)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.log.read_text()}") from None
         for port in self.ports.values():
             wait_port(self.host, port)
 
@@ -179,18 +204,23 @@ class Server:
         return self.data_dir / "mail" / domain / local
 
     def messages(self, address: str) -> list[bytes]:
+        """The messages in the user's Maildir new/ and cur/, oldest name first, with CRLF line
+        ends as SMTP and POP3 carry them (the files have LF: :meth:`files` checks them)."""
+        return [p.read_bytes().replace(b"\n", b"\r\n") for p in self.files(address)]
+
+    def files(self, address: str) -> list[Path]:
         """The files in the user's Maildir new/ and cur/, oldest name first."""
         md = self.maildir(address)
-        files = sorted([*md.glob("new/*"), *md.glob("cur/*")], key=lambda p: p.name)
-        return [p.read_bytes() for p in files]
+        return sorted([*md.glob("new/*"), *md.glob("cur/*")], key=lambda p: p.name)
 
     def wait_messages(self, address: str, count: int, timeout: float = 10) -> list[bytes]:
-        deadline = time.monotonic() + timeout
-        while True:
-            msgs = self.messages(address)
-            if len(msgs) >= count or time.monotonic() > deadline:
-                return msgs
-            time.sleep(0.02)
+        """The messages once there are ``count`` of them (what there is after ``timeout``)."""
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: len(self.messages(address)) >= count, timeout)
+        return self.messages(address)
+
+    def queue_empty(self) -> bool:
+        return self.cli("queue", "list").stdout == ""
 
 
 ServerFactory = Callable[..., Server]

@@ -23,24 +23,27 @@ import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
-from postroom import events, lifetime, logs, metrics, supervisor
+from postroom import events, lifetime, logs, metrics, privileges, supervisor
 from postroom import tls as tls_mod
 from postroom.auth.keys import LocalKeyStore
 from postroom.auth.lookup import DnsCache
 from postroom.auth.service import QueueMessage, SenderAuth
+from postroom.blocking import BlockingPool
 from postroom.config import Config
 from postroom.errors import ConfigError, QueueError
 from postroom.queue.runner import QueueRunner
-from postroom.queue.store import QueueStore
 from postroom.services import ConnectionLimiter, Services
 from postroom.sharedcounts import Counts, LocalCounts, SharedCounts
 from postroom.smtp.policy import Port
 from postroom.storage.local import files
 from postroom.storage.local.accounts import Accounts
+from postroom.storage.local.maildir_writer import MaildirWriter
+from postroom.storage.local.maildrop import LocalMaildrops
+from postroom.storage.local.queue import LocalMailboxes, LocalQueue
 from postroom.throttle import LoginThrottle
-from postroom.tlsgate import ImplicitTLSListener
 
 log = logging.getLogger("postroom")
 
@@ -55,12 +58,22 @@ def build_services(
     index: int = 0,
     shared: Shared | None = None,
 ) -> tuple[Services, QueueRunner]:
-    """The shared bundle and the queue runner that takes its finished messages."""
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    """The shared bundle (with the local storage backend) and the queue runner that takes
+    its finished messages."""
+    files.make_dirs(cfg.data_dir)
+    cpus = cpu_pair(index, workers) if cfg.pin_cpus else None
+    writer = MaildirWriter(
+        cfg.data_dir / "journal",
+        privileges.target_ids(cfg),
+        cpus[1] if cpus else None,
+        clean_bodies=primary,
+    )
+    io = BlockingPool()  # blocking file work: the queue's and POP3's
+    queue = LocalQueue(cfg.data_dir, cfg.hostname, writer, io, cfg.limits.header_size)
     services = Services(
         cfg=cfg,
         accounts=Accounts(cfg.data_dir, cfg.domains),
-        store=QueueStore(cfg.data_dir / "queue"),
+        queue=queue,
         throttle=LoginThrottle(cfg.auth, by_ip=shared.logins)
         if shared
         else LoginThrottle(cfg.auth),
@@ -68,10 +81,12 @@ def build_services(
             cfg, workers, shared.connections if shared else None
         ),
         tls=tls_mod.server_context(cfg, pair),
+        maildrops=LocalMaildrops(cfg.data_dir, io),
+        io=io,
         primary=primary,
         worker_index=index,
         workers=workers,
-        cpus=cpu_pair(index, workers) if cfg.pin_cpus else None,
+        cpus=cpus,
     )
     services.sender_auth = SenderAuth(
         cfg,
@@ -79,7 +94,7 @@ def build_services(
         LocalKeyStore(cfg.data_dir),
         run_blocking=services.io.run,
     )
-    runner = QueueRunner(services)
+    runner = QueueRunner(services, queue, LocalMailboxes(queue))
     services.intake = runner
     return services, runner
 
@@ -99,15 +114,9 @@ class Shared:
         return cls(SharedCounts(), SharedCounts())
 
 
-def queue_made_here(services: Services, runner: QueueRunner) -> QueueMessage:
-    """Queue a message made by the server itself (a DMARC report) and try it at once."""
-
-    async def queue(sender: str, recipients: list[str], message: bytes) -> str:
-        envelope = await services.store.add_message(sender, recipients, message)
-        runner.submit(envelope)
-        return envelope.id
-
-    return queue
+def queue_made_here(runner: QueueRunner) -> QueueMessage:
+    """Queue a message made by the server itself (a DMARC report), through the one way in."""
+    return runner.accept_made_here
 
 
 def cpu_pair(index: int, workers: int) -> tuple[int, int] | None:
@@ -194,16 +203,13 @@ def bind_listeners(cfg: Config) -> list[Listener]:
     return listeners
 
 
-async def _start_listeners(
-    services: Services, listeners: list[Listener]
-) -> list[asyncio.Server | ImplicitTLSListener]:
+async def _start_listeners(services: Services, listeners: list[Listener]) -> list[asyncio.Server]:
     from postroom.http.server import Endpoints, HttpConnection
     from postroom.pop3.server import Pop3Connection
     from postroom.smtp.server import SmtpConnection
 
     loop = asyncio.get_running_loop()
-    handshake = services.cfg.limits.tls_handshake_timeout
-    servers: list[asyncio.Server | ImplicitTLSListener] = []
+    servers: list[asyncio.Server] = []
     endpoints = Endpoints(events.exposition, lambda: services.stopping, events.scrape_delay)
     for lst in listeners:
         sock = lst.keep_only(services.worker_index)
@@ -215,18 +221,25 @@ async def _start_listeners(
             factory = functools.partial(Pop3Connection, services, implicit)
         else:
             factory = functools.partial(SmtpConnection, services, cast(Port, lst.kind), implicit)
-        if implicit:  # TLS from the first octet: the version gate, then the handshake
-            servers.append(ImplicitTLSListener(sock, factory, lambda: services.tls, handshake))
-        else:
-            servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
+        # Implicit TLS too is done by the connection (postroom.connection), with the context
+        # in force when the client connects.
+        servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
         if services.primary:
             events.startup(f"{lst.kind} listening on {lst.host}:{lst.port}")
     return servers
 
 
+def control_path(data_dir: Path, index: int) -> Path:
+    """The control socket of worker ``index`` (the primary's is ``control.sock``)."""
+    return data_dir / (CONTROL_SOCKET if index == 0 else f"control-{index}.sock")
+
+
 async def _control_server(services: Services, runner: QueueRunner) -> asyncio.AbstractServer:
-    """A Unix socket in data_dir: ``queue flush``/``delete``/``reload`` from the CLI."""
-    path = services.cfg.data_dir / CONTROL_SOCKET
+    """A Unix socket in data_dir: ``queue flush``/``delete`` from the CLI, ``submit`` from the
+    other workers (a message they parked), one per worker (``delete`` of a message in its
+    first attempt goes to the worker that makes it)."""
+    path = control_path(services.cfg.data_dir, services.worker_index)
+    queue = runner.queue
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
 
@@ -235,11 +248,11 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
             line = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
             verb, _, arg = line.partition(" ")
             if verb == "flush":
-                events.queue_action("flush", count=runner.flush())
+                events.queue_action("flush", count=queue.flush())
                 answer = "ok"
-            elif verb == "submit":
-                # Another worker spooled a message: the primary's runner delivers it.
-                answer = "ok" if runner.submit_id(arg) else "unknown"
+            elif verb == "submit" and isinstance(queue, LocalQueue):
+                # Another worker parked a message: the primary schedules its retries.
+                answer = "ok" if queue.take(arg) is not None else "unknown"
             elif verb == "delete":
                 answer = "ok" if await runner.delete(arg) else "unknown"
                 if answer == "ok":
@@ -258,6 +271,34 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
     server = await asyncio.start_unix_server(handle, path=str(path))
     os.chmod(path, 0o600)
     return server
+
+
+_handing_over: set[asyncio.Task[None]] = set()
+
+
+def _hand_over(services: Services, queue_id: str) -> None:
+    """A secondary worker parked a message after its first attempt: the primary, which owns
+    the retries, is told over its control socket (and finds it at its next start anyway)."""
+    task = asyncio.get_running_loop().create_task(_submit(services, queue_id))
+    _handing_over.add(task)
+    task.add_done_callback(_handing_over.discard)
+
+
+async def _submit(services: Services, queue_id: str) -> None:
+    path = str(control_path(services.cfg.data_dir, 0))
+    for attempt in range(50):
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(f"submit {queue_id}\n".encode())
+            await writer.drain()
+            await asyncio.wait_for(reader.readline(), 10)
+            writer.close()
+            return
+        except (OSError, TimeoutError):
+            await asyncio.sleep(0.1 * (attempt + 1))
+    services.log.error(
+        "could not hand %s to the primary worker; it is tried at the next start", queue_id
+    )
 
 
 def _apply(services: Services, new: Config, pair: tuple[bytes, bytes] | None) -> None:
@@ -312,28 +353,30 @@ async def serve(
         pin_process(services.cpus[0])
     elif cfg.pin_cpus:
         log.warning("pin_cpus: fewer than two CPUs per worker; not pinned")
-    await runner.local.writer.start()  # before privileges are dropped: see there
+    queue = services.queue
+    assert isinstance(queue, LocalQueue) and queue.writer is not None
+    await queue.writer.start()  # before privileges are dropped: see there
     if worker.primary:
         assert services.sender_auth is not None
         services.sender_auth.ensure_keys()  # DKIM keys made on first start
-        await runner.recover()
+        queue.recover()
+    else:
+        queue.on_parked = functools.partial(_hand_over, services)
     servers = await _start_listeners(services, listeners)
-    if worker.primary:
-        control = await _control_server(services, runner)
-    from postroom import privileges
-    from postroom.smtp.server import IdleSweeper
+    control = await _control_server(services, runner)
+    from postroom.connection import IdleSweeper
 
     if worker.primary:
         privileges.secure_data_dir(cfg)
     privileges.drop(cfg)
     lifetime.die_with_parent(worker.parent)  # again: a change of uid forgets it
-    _setup_metrics(services, listeners)  # after the drop: its files belong to the user
+    _setup_metrics(services, listeners, queue)  # after the drop: its files belong to the user
     worker.release_others()  # the queue is recovered: the other workers may serve now
     tasks = [loop.create_task(IdleSweeper(services).run())]
     if worker.primary:
         tasks.append(loop.create_task(runner.run()))
         assert services.sender_auth is not None
-        tasks.append(loop.create_task(services.sender_auth.run(queue_made_here(services, runner))))
+        tasks.append(loop.create_task(services.sender_auth.run(queue_made_here(runner))))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -360,7 +403,7 @@ async def serve(
     if control is not None:
         control.close()
         with contextlib.suppress(OSError):
-            (cfg.data_dir / CONTROL_SOCKET).unlink()
+            control_path(cfg.data_dir, worker.index).unlink()
     for conn in list(services.connections.live):
         with contextlib.suppress(Exception):
             conn.shutdown()
@@ -369,6 +412,8 @@ async def serve(
     while services.connections.live and loop.time() < deadline:
         await asyncio.sleep(0.05)
     await runner.stop()
+    await queue.writer.close()
+    queue.spares.close()
     for task in tasks:
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -380,18 +425,19 @@ async def serve(
     return 0
 
 
-def _setup_metrics(services: Services, listeners: list[Listener]) -> None:
+def _setup_metrics(services: Services, listeners: list[Listener], queue: LocalQueue) -> None:
     """This worker's metrics; with several workers, shared through ``data_dir/metrics``."""
     cfg = services.cfg
     shared = cfg.workers > 1 and bool(cfg.listen.http)
-    store = services.store
+    deferred = queue.deferred
 
     def spool() -> tuple[int, float | None]:
-        ids = store.ids()
+        """Messages waiting for a retry, and when the oldest arrived."""
+        ids = deferred.ids()
         oldest = None
         for qid in ids[:5]:  # ids sort by arrival; the first readable one is the oldest
             with contextlib.suppress(QueueError):
-                oldest = store.load(qid).created
+                oldest = deferred.load(qid).created
                 break
         return len(ids), oldest
 

@@ -10,6 +10,7 @@ so that a running server acts at once and never delivers half of a deleted messa
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import getpass
 import json
@@ -17,16 +18,18 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from postroom import __version__
 from postroom import config as config_mod
 from postroom.config import Config
 from postroom.errors import AccountError, ConfigError, PostroomError, QueueError
+from postroom.queue.envelope import Attempt, Envelope, check_id
 
 if TYPE_CHECKING:
     from postroom.auth.service import SenderAuth
-    from postroom.queue.store import Envelope
+    from postroom.storage.local.queue import LocalQueue
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,9 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     qlist = command(queue, "list", "list the queued messages, one line each")
     qlist.add_argument("--json", action="store_true", help="print a JSON array instead")
-    qshow = command(queue, "show", "show a message's envelope, state, advice and headers")
+    qshow = command(queue, "show", "show a message's envelope, state, attempts, advice and headers")
     qshow.add_argument("id")
-    qshow.add_argument("--json", action="store_true", help="print a JSON object instead")
+    qshow.add_argument(
+        "--json", action="store_true", help="print a JSON object with the attempts instead"
+    )
     command(queue, "flush", "retry every deferred message now")
     command(queue, "delete", "remove a message without a bounce").add_argument("id")
 
@@ -135,8 +140,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_import(cfg: Config, args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from postroom.storage.local import maildir
     from postroom.storage.local.accounts import Accounts, account_address
     from postroom.storage.local.dovecot_import import import_maildir
@@ -194,10 +197,16 @@ def _iso(ts: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _control(cfg: Config, command: str) -> str | None:
+def _control_sockets(cfg: Config) -> list[Path]:
+    """The control sockets of the running server's workers, the primary's first."""
+    others = sorted(cfg.data_dir.glob("control-*.sock"))
+    return [cfg.data_dir / "control.sock", *others]
+
+
+def _control(cfg: Config, command: str, path: Path | None = None) -> str | None:
     """Send a command to a running server; None when no server is listening. A server that
     listens but does not answer is an error: acting on the files behind its back is not safe."""
-    path = cfg.data_dir / "control.sock"
+    path = path or cfg.data_dir / "control.sock"
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(30)
@@ -262,36 +271,70 @@ def _cmd_alias(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _queue_entry(e: Envelope) -> dict[str, Any]:
-    """One message as ``queue list --json`` shows it."""
+def _queue_json(e: Envelope, advice_for: str | None = None) -> dict[str, object]:
+    """The object of ``queue list --json`` (``queue show --json`` adds the attempts, and
+    with ``advice_for``, the sender's domain, each recipient's advice)."""
+    recipients = []
+    for r in e.recipients:
+        shown: dict[str, object] = {
+            "address": r.address,
+            "status": r.status,
+            "last_error": r.last_error,
+        }
+        if advice_for is not None:
+            shown["advice"] = _advice_json(r.last_error, advice_for)
+        recipients.append(shown)
     return {
         "id": e.id,
         "sender": e.sender,
         "created": _iso(e.created),
         "attempts": e.attempts,
         "next_attempt": _iso(e.next_attempt),
-        "recipients": [
-            {"address": r.address, "status": r.status, "last_error": r.last_error}
-            for r in e.recipients
-        ],
+        "recipients": recipients,
     }
 
 
-def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
-    from postroom.delivery.advice import advise, sender_domain
-    from postroom.queue.store import Envelope, QueueStore
+def _attempt_json(a: Attempt) -> dict[str, object]:
+    return {
+        "time": _iso(a.time),
+        "recipients": a.recipients,
+        "host": a.host,
+        "ip": a.ip,
+        "reply": a.reply,
+        "tls": a.tls,
+    }
 
-    store = QueueStore(cfg.data_dir / "queue")
+
+def _open_queue(cfg: Config, running: bool) -> LocalQueue:
+    """The queue as the CLI sees it. With no server running, the journal is replayed first
+    (as the next start would do), so that the deferred store holds every message."""
+    from postroom.storage.local import journal
+    from postroom.storage.local.queue import LocalQueue
+
+    queue = LocalQueue(cfg.data_dir, cfg.hostname)
+    if not running:
+        journal.recover(str(queue.journal_dir), journal.boot_id())
+    return queue
+
+
+def _running(cfg: Config) -> bool:
+    return _control(cfg, "ping") is not None
+
+
+def _advice_json(reply: str | None, domain: str) -> dict[str, str | None] | None:
+    from postroom.delivery.advice import advise
+
+    hint = advise(reply, domain)
+    return (
+        None if hint is None else {"cause": hint.cause, "text": hint.text, "command": hint.command}
+    )
+
+
+def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
     if args.action == "flush":
-        answer = _control(cfg, "flush")
-        if answer is None:
+        if _control(cfg, "flush") is None:
             # No server running: make every message due; the next serve tries at once.
-            due = 0
-            for env in store.iter_envelopes():
-                if isinstance(env, Envelope) and env.attempts:
-                    env.next_attempt = 0
-                    store.save_state(env)
-                    due += 1
+            due = _open_queue(cfg, running=False).flush()
             print(
                 f"postroom: no server is running: the {due} deferred message(s) will be tried "
                 "as soon as `postroom serve` starts"
@@ -301,26 +344,24 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
             )
         return 0
     if args.action == "delete":
-        answer = _control(cfg, f"delete {args.id}")
-        if answer is None:
-            store.remove(args.id)
-        elif answer != "ok":
+        check_id(args.id)
+        answers = [_control(cfg, f"delete {args.id}", sock) for sock in _control_sockets(cfg)]
+        if not any(a is not None for a in answers):
+            asyncio.run(_open_queue(cfg, running=False).delete(args.id))
+        elif "ok" not in answers:
             raise QueueError(f"no such message {args.id}")
         return 0
+    queue = _open_queue(cfg, _running(cfg))
     if args.action == "show":
-        env = store.load(args.id)
+        from postroom.delivery.advice import advise, sender_domain
+
+        env = queue.load(args.id)
         domain = sender_domain(env.sender, cfg.hostname)
         if args.json:
-            shown = _queue_entry(env)
-            for r in shown["recipients"]:
-                hint = advise(r["last_error"], domain)
-                r["advice"] = (
-                    None
-                    if hint is None
-                    else {"cause": hint.cause, "text": hint.text, "command": hint.command}
-                )
-            shown["size"] = env.size
-            shown["attempts"] = []
+            attempts = [
+                {**_attempt_json(a), "advice": _advice_json(a.reply, domain)} for a in env.history
+            ]
+            shown = {**_queue_json(env, domain), "size": env.size, "attempts": attempts}
             print(json.dumps(shown, indent=2))
             return 0
         print(
@@ -338,18 +379,24 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
                 print(f"  advice: {hint.text}")
                 if hint.command:
                     print(f"  run: {hint.command}")
+        for a in env.history:
+            where = a.host or "-"
+            if a.ip:
+                where += f"[{a.ip}]"
+            tls = " TLS" if a.tls else ""
+            print(f"attempt: {_iso(a.time)} {where}{tls} to {', '.join(a.recipients)}: {a.reply}")
         print()
-        head = store.message_head(env)
-        end = head.find(b"\r\n\r\n")
-        sys.stdout.write(
-            head[: end + 2 if end >= 0 else len(head)]
-            .decode("utf-8", "replace")
-            .replace("\r\n", "\n")
-        )
+        head = queue.head(env)
+        if head.startswith(b"Return-Path:"):
+            head = head[head.find(b"\n") + 1 :]
+        end = head.find(b"\n\n")
+        sys.stdout.write(head[: end + 1 if end >= 0 else len(head)].decode("utf-8", "replace"))
         return 0
-    envelopes = [e for e in store.iter_envelopes() if isinstance(e, Envelope)]
+    envelopes = queue.entries()
+    for problem in queue.problems():
+        print(f"postroom: {problem}", file=sys.stderr)
     if args.json:
-        print(json.dumps([_queue_entry(e) for e in envelopes], indent=2))
+        print(json.dumps([_queue_json(e) for e in envelopes], indent=2))
         return 0
     for e in envelopes:
         errors = "; ".join(r.last_error for r in e.recipients if r.last_error)
@@ -431,17 +478,15 @@ def _cmd_dkim(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_dmarc(cfg: Config) -> int:
-    import asyncio
-
-    from postroom.queue.store import QueueStore
+    from postroom.storage.local.queue import LocalQueue
 
     auth = _sender_auth(cfg)
-    store = QueueStore(cfg.data_dir / "queue")
+    store = LocalQueue(cfg.data_dir, cfg.hostname)
 
     async def queue(sender: str, recipients: list[str], message: bytes) -> str:
-        envelope = await store.add_message(sender, recipients, message)
-        _control(cfg, f"submit {envelope.id}")  # a running server sends it now
-        return envelope.id
+        queue_id = store.add_waiting(sender, recipients, message)
+        _control(cfg, f"submit {queue_id}")  # a running server sends it now
+        return queue_id
 
     sent = asyncio.run(auth.send_reports(queue))
     print(f"{sent} DMARC aggregate report(s) queued")
@@ -530,10 +575,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return app.run(cfg)
         # Import what the commands use before dropping root: the new user may not be able to
         # read the Python installation's files (a pyenv under /root, say).
-        import postroom.queue.store
         import postroom.storage.local.accounts
         import postroom.storage.local.dovecot_import
-        import postroom.storage.local.maildir  # noqa: F401
+        import postroom.storage.local.maildir
+        import postroom.storage.local.queue  # noqa: F401
         from postroom import privileges
 
         privileges.drop_for_cli(cfg)

@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from postroom import logs
 from postroom.logs import INFO, WARNING, Fields
 from postroom.metrics import Exporter, Metrics
 from postroom.wire import replies
 from postroom.wire.replies import Reply
+
+if TYPE_CHECKING:
+    from postroom.queue.envelope import Envelope, Recipient
 
 _metrics = Metrics(None)
 _exporter: Exporter | None = None
@@ -159,7 +161,7 @@ def _child(metric: Any, *labels: str) -> Any:
     key = (metric, *labels)
     child = _children.get(key)
     if child is None:
-        child = _children[key] = metric.labels(*labels)
+        child = _children[key] = metric.labels(*labels) if labels else metric
     return child
 
 
@@ -253,13 +255,6 @@ def tls_handshake(service: str, client: str, version: str | None, error: str | N
         logs.emit(INFO, "tls_failed", _smtpd(service), fields, _text_tls_failed)
 
 
-def implicit_tls_failed(service: str) -> None:
-    """A connection to an implicit-TLS port whose handshake failed (the peer is not known:
-    asyncio drops the connection before the server sees it). Counted, not logged."""
-    with contextlib.suppress(Exception):  # called from __del__, maybe at interpreter exit
-        _count(1, _metrics.tls_handshakes, service, "", "failed")
-
-
 def _text_tls_failed(f: Fields) -> str:
     return f"TLS handshake with [{f['client']}] failed: {f['error']}"
 
@@ -267,31 +262,23 @@ def _text_tls_failed(f: Fields) -> str:
 # -- SMTP --------------------------------------------------------------------------------------
 
 
-def accepted(
-    queue_id: str,
-    service: str,
-    client: str,
-    user: str | None,
-    sender: str,
-    recipients: Sequence[str],
-    size: int,
-    tls: str | None,
-) -> None:
-    """The 250 after DATA went out: the message is the server's now."""
+def accepted(envelope: Envelope) -> None:
+    """A message from a client is durable (its 250 goes out next): the server's now."""
+    service = envelope.service
     _count(1, _metrics.smtp_messages, service, "accepted")
     if not logs.enabled(INFO):
         return
     fields: dict[str, object] = {
-        "queue_id": queue_id,
-        "sender": sender,
-        "recipients": list(recipients),
-        "size": size,
-        "client": client,
+        "queue_id": envelope.id,
+        "sender": envelope.sender,
+        "recipients": [r.address for r in envelope.recipients],
+        "size": envelope.wire_size or envelope.size,
+        "client": envelope.client_ip,
         "service": service,
     }
-    if user is not None:
-        fields["user"] = user
-    fields["tls"] = tls
+    if envelope.auth_user is not None:
+        fields["user"] = envelope.auth_user
+    fields["tls"] = envelope.tls_version
     logs.emit(INFO, "accepted", _smtpd(service), fields, _text_accepted)
 
 
@@ -439,47 +426,39 @@ def _text_pop3_login(f: Fields) -> str:
 
 
 def delivery(
-    queue_id: str,
-    recipient: str,
+    envelope: Envelope,
+    rcpt: Recipient,
     transport: str,
-    status: str,
-    reply: Reply | str,
-    *,
-    arrived: float,
-    seconds: float,
+    reply: str,
     relay: str,
-    orig_to: str | None = None,
+    seconds: float,
     mailbox: str | None = None,
 ) -> None:
-    """One attempt for one recipient ended: ``status`` delivered, deferred or bounced.
-
-    ``relay`` is ``host[ip]:port``, ``local`` or ``none`` (no host was reached); ``arrived``
-    the message's arrival (the line's ``delay``), ``seconds`` how long the attempt took.
+    """One attempt for one recipient ended, ``rcpt.status`` says how: delivered, deferred or
+    bounced. ``relay`` is ``host[ip]:port``, ``local`` or ``none`` (no host was reached),
+    ``seconds`` how long the attempt took; the line's ``delay`` counts from the arrival.
     """
+    status = rcpt.status
     _count(1, _metrics.deliveries, transport, status)
     _observe(seconds, _metrics.attempt_seconds, transport, status)
     if not logs.enabled(INFO):
         return
-    text = str(reply)
-    if isinstance(reply, Reply):
-        status_code = reply.status
-    else:
-        code, _, rest = text.partition(" ")
-        status_code = replies.parse_status(rest if code.isdigit() else text)[0]
+    code, _, rest = reply.partition(" ")
+    status_code = replies.parse_status(rest if code.isdigit() else reply)[0]
     if not status_code:
         status_code = {"delivered": "2.0.0", "deferred": "4.0.0"}.get(status, "5.0.0")
     fields: dict[str, object] = {
-        "queue_id": queue_id,
-        "recipient": recipient,
+        "queue_id": envelope.id,
+        "recipient": rcpt.address,
         "transport": transport,
         "status": status,
         "dsn": status_code,
         "relay": relay,
-        "delay_s": round(max(0.0, time.time() - arrived), 3),
-        "reply": text,
+        "delay_s": round(max(0.0, time.time() - envelope.created), 3),
+        "reply": reply,
     }
-    if orig_to is not None:
-        fields["orig_to"] = orig_to
+    if rcpt.original is not None:
+        fields["orig_to"] = rcpt.original
     if mailbox is not None:
         fields["mailbox"] = mailbox
     logs.emit(INFO, "delivery", "local" if transport == "local" else "smtp", fields, _text_delivery)
@@ -492,9 +471,12 @@ def _text_delivery(f: Fields) -> str:
     orig = f", orig_to=<{f['orig_to']}>" if "orig_to" in f else ""
     delay = f"{f['delay_s']:.2f}".rstrip("0").rstrip(".")
     said = f"{f['reply']}"
-    if "mailbox" in f:
-        sep = " " if f["status"] == "delivered" else "; mailbox "
-        said = f"{said}{sep}{f['mailbox']}"
+    if "mailbox" in f:  # as Postfix's local delivery says it
+        said = (
+            f"delivered to maildir {f['mailbox']}"
+            if f["status"] == "delivered"
+            else f"{said}; mailbox {f['mailbox']}"
+        )
     return (
         f"{f['queue_id']}: to=<{f['recipient']}>{orig}, relay={f['relay']}, delay={delay},"
         f" dsn={f['dsn']}, status={_POSTFIX_STATUS.get(str(f['status']), f['status'])} ({said})"
@@ -537,6 +519,12 @@ def _text_queue_action(f: Fields) -> str:
     if f["action"] == "delete":
         return f"{f['queue_id']}: removed (queue delete)"
     return f"queue flush: {f['count']} deferred messages due now"
+
+
+def first_attempts(change: int) -> None:
+    """A message accepted by this worker starts (+1) or ends (-1) its first attempt: it is in
+    the queue, but not yet among the messages waiting for a retry."""
+    _count(change, _metrics.first_attempts)
 
 
 def dns_lookup(result: str) -> None:

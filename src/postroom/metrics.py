@@ -7,13 +7,16 @@ by whichever worker the kernel hands the connection to, adds up the files of all
 scrape shows the whole server. The directory is emptied at every start.
 
 Values that are cheaper to read than to keep up to date are collected at scrape time by
-:class:`StateCollector`: messages in the queue and the age of the oldest (from the spool
-directory), the free space under ``data_dir``. The certificate's expiry is set when it is
+:class:`StateCollector`: messages in the queue (those waiting for a retry, from the queue's
+directory, plus those in their first attempt, which each worker counts) and the age of the
+oldest, the free space under ``data_dir``. The certificate's expiry is set when it is
 loaded. What is counted where is decided in ``events.py``; this module only declares and reads.
 """
 
 from __future__ import annotations
 
+import functools
+import glob
 import os
 import shutil
 import time
@@ -98,6 +101,10 @@ class Metrics:
         self.sessions_open = gauge(
             "postroom_sessions_open", "Client connections open now", ["service"]
         )
+        self.first_attempts = gauge(
+            "postroom_queue_first_attempts",
+            "Messages in their first delivery attempt (in the queue, not yet waiting for a retry)",
+        )
         self.bytes_received = counter(
             "postroom_received_bytes", "Octets received from clients", ["service"]
         )
@@ -155,16 +162,20 @@ class StateCollector(Collector):
         self,
         data_dir: Path,
         spool: Callable[[], tuple[int, float | None]],
+        first_attempts: Callable[[], float],
         clock: Callable[[], float],
     ) -> None:
         self.data_dir = data_dir
         self.spool = spool
+        self.first_attempts = first_attempts
         self.clock = clock
 
     def collect(self) -> Iterator[Metric]:
         count, oldest = self.spool()
         yield GaugeMetricFamily(
-            "postroom_queue_messages", "Messages in the queue (waiting or being delivered)", count
+            "postroom_queue_messages",
+            "Messages in the queue (waiting for a retry or being delivered)",
+            count + self.first_attempts(),
         )
         age = 0.0 if oldest is None else max(0.0, self.clock() - oldest)
         yield GaugeMetricFamily(
@@ -216,15 +227,34 @@ def build(
     """
     disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only double what a scrape must read
     registry = CollectorRegistry(auto_describe=True)
+    first_attempts: Callable[[], float]
     if multiprocess_dir is None:
         metrics = Metrics(registry)
+        first_attempts = functools.partial(_value, metrics.first_attempts)
     else:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(multiprocess_dir)
         values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
         metrics = Metrics(None)
         MultiProcessCollector(registry, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
-    registry.register(StateCollector(data_dir, spool, time.time))
+        first_attempts = functools.partial(
+            _livesum, multiprocess_dir, "postroom_queue_first_attempts"
+        )
+    registry.register(StateCollector(data_dir, spool, first_attempts, time.time))
     return metrics, Exporter(registry)
+
+
+def _value(gauge: Gauge) -> float:
+    """A gauge's value in this process."""
+    return sum(s.value for family in gauge.collect() for s in family.samples)
+
+
+def _livesum(directory: Path, name: str) -> float:
+    """A ``livesum`` gauge's value over every worker (from their files)."""
+    paths = glob.glob(os.path.join(directory, "gauge_livesum_*.db"))
+    for family in MultiProcessCollector.merge(paths, accumulate=False):  # type: ignore[no-untyped-call]
+        if family.name == name:
+            return float(sum(s.value for s in family.samples))
+    return 0.0
 
 
 def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

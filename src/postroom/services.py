@@ -19,29 +19,31 @@ from typing import Protocol
 from postroom.auth.service import SenderAuth
 from postroom.blocking import BlockingPool
 from postroom.config import Config
-from postroom.queue.store import Envelope, QueueStore
+from postroom.queue.envelope import Envelope
 from postroom.sasl import ScramKeys
 from postroom.sharedcounts import Counts, LocalCounts
-from postroom.storage.local.accounts import Accounts
+from postroom.storage.interfaces import AccountStore, Maildrops, MessageDraft, MessageQueue
 from postroom.throttle import LoginThrottle
+from postroom.wire.replies import Reply
 
 log = logging.getLogger("postroom")
 
 FD_RESERVE = 32  # descriptors kept free for the sessions already open
 
 
+class Accepted(Protocol):
+    """The message is durable under ``queue_id``: the client may get its 250."""
+
+    @property
+    def queue_id(self) -> str: ...
+
+
 class Intake(Protocol):
-    """What an SMTP session asks of the queue for a finished message."""
+    """The one hand-off of a finished message (the queue runner's :meth:`accept`)."""
 
-    def is_local(self, address: str) -> bool: ...
-
-    def submit(self, envelope: Envelope) -> None: ...
-
-    async def deliver_direct(self, envelope: Envelope, message: bytes) -> bool: ...
-
-    async def withdraw_direct(self, envelope: Envelope, message: bytes) -> None: ...
-
-    def report_direct(self, envelope: Envelope, seconds: float) -> None: ...
+    async def accept(self, envelope: Envelope, draft: MessageDraft) -> Accepted | Reply:
+        """``Accepted`` once the message is durable, or the reply to send (452, ...)."""
+        ...
 
 
 class Closable(Protocol):
@@ -116,16 +118,17 @@ class Services:
     """Everything a session needs, created once per server."""
 
     cfg: Config
-    accounts: Accounts
-    store: QueueStore
+    accounts: AccountStore
+    queue: MessageQueue
     throttle: LoginThrottle
     connections: ConnectionLimiter
     tls: ssl.SSLContext | None
+    maildrops: Maildrops  # opens a user's mailbox for POP3
     log: logging.Logger = log
     cpu_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="postroom-cpu")
     )
-    io: BlockingPool = field(default_factory=BlockingPool)  # blocking file work (POP3)
+    io: BlockingPool = field(default_factory=BlockingPool)  # blocking file work
     intake: Intake | None = None  # the queue runner, set once it is made (app.build_services)
     sender_auth: SenderAuth | None = None  # DKIM signing and SPF/DKIM/DMARC checks
     stopping: bool = False

@@ -252,13 +252,16 @@ def test_json_logs_and_deliverability_advice(sink_setup: tuple[Server, object]) 
     assert grey["status"] == "deferred" and grey["advice"]["cause"] == "greylisting"
     assert grey["advice"]["command"] == "postroom queue flush"
     assert "postroom queue flush" in srv.cli("queue", "show", qid).stdout
-    # The attempt history ({time, recipients, host, ip, reply}) of the deferred message.
-    if not shown["attempts"]:
-        pytest.xfail("queue show --json has no attempt history yet (the spool keeps none)")
-    attempt = shown["attempts"][-1]
+    # The attempt history ({time, recipients, host, ip, reply}) of the deferred message: one
+    # entry per host and reply, each with its advice.
+    (attempt,) = [a for a in shown["attempts"] if "grey@b.test" in a["recipients"]]
     assert {"time", "recipients", "host", "ip", "reply"} <= set(attempt)
-    assert (attempt["host"], attempt["ip"]) == ("mx.b.test", "127.0.0.1")
-    assert "grey@b.test" in attempt["recipients"] and "4.7.1" in attempt["reply"]
+    assert (attempt["host"], attempt["ip"], attempt["tls"]) == ("mx.b.test", "127.0.0.1", False)
+    assert "4.7.1" in attempt["reply"] and attempt["advice"]["cause"] == "greylisting"
+    (auth,) = [a for a in shown["attempts"] if "auth@b.test" in a["recipients"]]
+    assert auth["advice"]["command"] == "postroom dns a.test --check"
+    (local,) = [a for a in shown["attempts"] if a["host"] == "local"]
+    assert local["recipients"] == ["bob@a.test"] and local["advice"] is None
 
 
 @pytest.mark.parametrize("sink_setup", ["text"], indirect=True)

@@ -12,11 +12,10 @@ import socket
 import ssl
 import subprocess
 import threading
-import time
 
 import pytest
 
-from tests.conftest import ServerFactory, first_line, wait_greeting
+from tests.conftest import ServerFactory, first_line, wait_greeting, wait_until
 from tests.dnszone import LoopbackDNS
 
 
@@ -77,11 +76,8 @@ def test_two_workers(server_factory: ServerFactory) -> None:
         assert sum(b"Status: 5.1.2" in m for m in msgs) == 6
 
         srv.kill9()
-        deadline = time.monotonic() + 5
         gone = workers + writers  # and nothing of the old server stays behind
-        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in gone):
-            time.sleep(0.05)
-        assert not any(os.path.exists(f"/proc/{p}") for p in gone)
+        wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in gone), 5)
         srv.start()
         send(99)
         assert len(srv.wait_messages("alice@a.test", 47)) == 47
@@ -126,10 +122,7 @@ def test_a_killed_worker_is_started_again(server_factory: ServerFactory) -> None
     for index in (1, 0):  # a secondary, then the primary (it recovers the queue again)
         (pid,) = worker_pids(srv.log.read_text(), index)[-1:]
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 15
-        while len(worker_pids(srv.log.read_text(), index)) < 2:
-            assert time.monotonic() < deadline, srv.log.read_text()
-            time.sleep(0.05)
+        wait_until(lambda: len(worker_pids(srv.log.read_text(), index)) >= 2, 15)  # noqa: B023
         assert "starting it again" in srv.log.read_text()
         before = len(srv.messages("alice@a.test"))
         send_all(20)

@@ -14,10 +14,12 @@ from flufl.bounce import all_failures
 
 from postroom.delivery.dsn import build_dsn
 from postroom.delivery.remote import DeliveryResult, RemoteDelivery
+from postroom.queue.envelope import Recipient as QueuedRecipient
 from postroom.queue.runner import _dsn_recipient
-from postroom.queue.store import Recipient as QueuedRecipient
 from postroom.resolver import Route, StaticResolver
-from postroom.smtp.client_engine import Message, Outcome, Recipient
+from postroom.smtp.client_engine import ForwardPath as Recipient
+from postroom.smtp.client_engine import Outcome
+from postroom.smtp.client_engine import OutgoingMessage as Message
 from tests.integration.test_remote_delivery import config, deliver_once, free_port, mx, run
 
 UTF8_HEADERS = "From: alice@a.test\r\nSubject: Grüße\r\n\r\nhi\r\n".encode()

@@ -7,14 +7,13 @@ or an alias (``alias add`` exits 1 naming it), ``user del`` takes the user out o
 
 from __future__ import annotations
 
-import asyncio
 import smtplib
 import time
 from pathlib import Path
 
 import pytest
 
-from postroom.queue.store import Envelope, QueueStore, Recipient, new_queue_id
+from postroom.storage.local.queue import LocalQueue
 from tests.conftest import Server, ServerFactory
 
 
@@ -72,17 +71,11 @@ def test_user_del_leaves_every_alias(srv: Server) -> None:
 
 
 def _queue(data_dir: Path, sender: str, rcpt: str) -> str:
-    """A spooled message as the server's own spool writer leaves it (queued before the account
-    went, or by an older version)."""
-
-    async def add() -> str:
-        store = QueueStore(data_dir / "queue")
-        qid = new_queue_id()
-        env = Envelope(id=qid, sender=sender, recipients=[Recipient(rcpt)], created=time.time())
-        await store.add(env, b"Subject: queued\r\n\r\nqueued before the account went\r\n")
-        return qid
-
-    return asyncio.run(add())
+    """A message waiting in the queue (queued before the account went)."""
+    queue = LocalQueue(data_dir, "mx.a.test")
+    return queue.add_waiting(
+        sender, [rcpt], b"Subject: queued\r\n\r\nqueued before the account went\r\n"
+    )
 
 
 def test_queued_retry_makes_no_maildir(srv: Server) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from postroom.pop3.engine import Features as PopFeatures
 from postroom.pop3.engine import Pop3Engine
+from postroom.pop3.engine import Pop3Features as PopFeatures
 from postroom.wire import replies
 from postroom.wire.replies import Reply
 
@@ -21,6 +21,8 @@ REPLYING = [
     *sorted((SRC / "smtp").glob("*.py")),
     *sorted((SRC / "pop3").glob("*.py")),
     *sorted((SRC / "wire").glob("*.py")),
+    SRC / "connection.py",
+    SRC / "sasl_session.py",
     SRC / "services.py",
     SRC / "sasl.py",
     SRC / "throttle.py",

@@ -12,6 +12,7 @@ import pytest
 from postroom import events, logs
 from postroom.config import Config
 from postroom.metrics import parse
+from postroom.queue.envelope import Envelope, Recipient
 from postroom.wire import replies
 
 
@@ -31,22 +32,32 @@ def _setup(out: io.StringIO, fmt: str, tmp_path: Path) -> None:
     )
 
 
+def _envelope(service: str, user: str | None, sender: str, rcpt: str, tls: str | None) -> Envelope:
+    return Envelope(
+        "Q1",
+        sender,
+        [Recipient(rcpt)],
+        0.0,
+        size=8,
+        wire_size=9,
+        client_ip="192.0.2.1",
+        auth_user=user,
+        service=service,
+        tls_version=tls,
+    )
+
+
 def _samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return parse(events.exposition().decode())
 
 
 def test_text_lines_postfix_style(log: io.StringIO, tmp_path: Path) -> None:
     _setup(log, "text", tmp_path)
-    events.accepted("Q1", "submission", "192.0.2.1", "a@a.test", "a@a.test", ["b@b.test"], 9, None)
+    env = _envelope("submission", "a@a.test", "a@a.test", "b@b.test", None)
+    events.accepted(env)
+    env.recipients[0].status = "delivered"
     events.delivery(
-        "Q1",
-        "b@b.test",
-        "remote",
-        "delivered",
-        replies.OK,
-        arrived=0.0,
-        seconds=0.5,
-        relay="mx.b.test[192.0.2.2]:25",
+        env, env.recipients[0], "remote", str(replies.OK), "mx.b.test[192.0.2.2]:25", 0.5
     )
     events.refused(
         "smtp",
@@ -87,6 +98,9 @@ def test_text_lines_postfix_style(log: io.StringIO, tmp_path: Path) -> None:
         == 1
     )
     assert samples[("postroom_queue_messages", ())] == 3
+    events.first_attempts(2)  # two messages in their first attempt are in the queue too
+    assert _samples()[("postroom_queue_messages", ())] == 5
+    events.first_attempts(-2)
 
 
 def test_no_forged_lines(log: io.StringIO, tmp_path: Path) -> None:
@@ -101,23 +115,17 @@ def test_no_forged_lines(log: io.StringIO, tmp_path: Path) -> None:
 
 def test_json_lines(log: io.StringIO, tmp_path: Path) -> None:
     _setup(log, "json", tmp_path)
-    events.accepted("Q1", "smtp", "192.0.2.1", None, "", ["b@a.test"], 9, "TLSv1.3")
-    events.delivery(
-        "Q1",
-        "b@a.test",
-        "local",
-        "deferred",
-        "451 4.3.0 local delivery failed: full",
-        arrived=0.0,
-        seconds=0.01,
-        relay="local",
-        mailbox="/m/b",
-    )
+    env = _envelope("smtp", None, "", "b@a.test", "TLSv1.3")
+    events.accepted(env)
+    env.recipients[0].status = "deferred"
+    text = "451 4.3.0 local delivery failed: full"
+    events.delivery(env, env.recipients[0], "local", text, "local", 0.01, "b@a.test")
     events.startup("ready")
     logs.flush()
     accepted, delivery, ready = (json.loads(line) for line in log.getvalue().splitlines())
     assert list(accepted)[:3] == ["ts", "level", "event"]
     assert accepted["event"] == "accepted" and "user" not in accepted
+    assert (accepted["tls"], accepted["size"]) == ("TLSv1.3", 9)
     assert {"queue_id", "sender", "recipients", "size", "client", "service"} <= set(accepted)
     assert delivery["event"] == "delivery"
     assert {

@@ -51,9 +51,10 @@ def count_verdict(method: str, result: str) -> None:
 
 
 class Message(Protocol):
-    """The message being received, as the SMTP policy holds it (``queue.store.SpoolWriter``)."""
+    """The message being received, as the SMTP policy holds it (a ``MessageDraft``)."""
 
-    size: int
+    @property
+    def size(self) -> int: ...
 
     def whole(self) -> bytes: ...
 

@@ -32,18 +32,18 @@ from postroom.delivery import mime_downgrade
 from postroom.resolver import Resolver, Target, drop_self
 from postroom.smtp.client_engine import (
     ClientEngine,
+    ClientState,
     Closed,
     Event,
-    Message,
+    ForwardPath,
     MessageDone,
     Outcome,
+    OutgoingMessage,
     Ready,
-    Recipient,
-    StartTLS,
-    State,
     TLSPolicy,
 )
 from postroom.tls import client_context, tls_version
+from postroom.wire.events import StartTLS
 from postroom.wire.replies import Reply
 
 MessageSource = bytes | Callable[[], Awaitable[bytes]]
@@ -59,12 +59,14 @@ class DeliveryResult:
     None when no host gave it (DNS failed, no connection, or a decision of ours, whose text
     then names the host)."""
 
-    recipient: Recipient
+    recipient: ForwardPath
     outcome: Outcome
     reply: Reply
     remote_mta: str | None = None
     dsn_offered: bool = False  # the remote host accepted NOTIFY (RFC 3461 §4.1 "relayed" if not)
-    remote_ip: str | None = None
+    ip: str | None = None  # the address that was dialled
+    tls: bool = False  # whether the session was encrypted
+    host: str | None = None  # the MX host dialled (also when the reply is our own words)
 
 
 class _SessionFailed(Exception):
@@ -157,7 +159,7 @@ class _Session(asyncio.Protocol):
 
     def quit_nowait(self) -> None:
         """Write QUIT and close once it is sent, without waiting for the 221."""
-        if self.engine.state is State.READY:
+        if self.engine.state is ClientState.READY:
             self.engine.quit()
         if self.transport is not None:
             self.transport.write(self.engine.data_to_send())
@@ -165,7 +167,7 @@ class _Session(asyncio.Protocol):
 
     async def quit(self) -> None:
         """Polite QUIT with a short wait, then close."""
-        if self.engine.state is State.CLOSED:
+        if self.engine.state is ClientState.CLOSED:
             self.close()
             return
         try:
@@ -207,7 +209,7 @@ class RemoteDelivery:
         self._idle: dict[tuple[str, str, int, bool], list[_Session]] = {}
 
     async def deliver(
-        self, domain: str, message: Message, source: MessageSource
+        self, domain: str, message: OutgoingMessage, source: MessageSource
     ) -> list[DeliveryResult]:
         """Try to deliver ``message`` (all recipients in ``domain``); one result per recipient,
         in the order of ``message.recipients``. Never raises for network or DNS trouble."""
@@ -241,7 +243,7 @@ class RemoteDelivery:
                 while batch:
                     sub = replace(message, recipients=tuple(message.recipients[i] for i in batch))
                     try:
-                        done = await self._deliver_at(target, ip, sub, data, verify)
+                        done, secure = await self._deliver_at(target, ip, sub, data, verify)
                     except _SessionFailed as exc:
                         session_error = (exc.reply, target.host, ip)
                         break
@@ -252,7 +254,14 @@ class RemoteDelivery:
                         if reply.local:
                             reply, mta = _naming(reply, f"{target.host}[{ip}]"), None
                         result = DeliveryResult(
-                            message.recipients[i], res.outcome, reply, mta, done.dsn, ip
+                            message.recipients[i],
+                            res.outcome,
+                            reply,
+                            mta,
+                            done.dsn,
+                            ip,
+                            secure,
+                            target.host,
                         )
                         if res.outcome is not Outcome.TEMPORARY:
                             final[i] = result
@@ -276,7 +285,8 @@ class RemoteDelivery:
                     Outcome.TEMPORARY,
                     reply,
                     None if reply.local else host,
-                    remote_ip=ip,
+                    ip=ip,
+                    host=host,
                 )
             else:  # pragma: no cover - a Route always has at least one address
                 reply = _temp("4.4.4", f"no address to try for {domain}")
@@ -284,8 +294,9 @@ class RemoteDelivery:
         return [final[i] for i in range(len(message.recipients))]
 
     async def _deliver_at(
-        self, target: Target, ip: str, message: Message, data: bytes, verify: bool
-    ) -> MessageDone:
+        self, target: Target, ip: str, message: OutgoingMessage, data: bytes, verify: bool
+    ) -> tuple[MessageDone, bool]:
+        """The transaction's result, and whether it went over TLS."""
         key = (target.host, ip, self.cfg.delivery.port, verify)
         session = await self._take(key)
         if session is None:
@@ -303,12 +314,13 @@ class RemoteDelivery:
         if not isinstance(event, MessageDone):  # pragma: no cover - the engine always reports
             session.close()
             raise _SessionFailed(_temp("4.4.2", f"{target.host}[{ip}]: no result"))
+        secure = session.engine.secure
         after = await session.next_event()
         if isinstance(after, Ready):
             self._put(key, session)
         else:
             session.close()
-        return event
+        return event, secure
 
     async def _open(self, target: Target, ip: str, verify: bool, policy: TLSPolicy) -> _Session:
         loop = asyncio.get_running_loop()

@@ -1,5 +1,6 @@
-"""File-system helpers shared by the spool (``queue/store.py``) and the Maildirs, and the
-file modes of everything under ``data_dir`` (0700 directories, 0600 files, whatever the umask).
+"""File-system helpers shared by the journal, the deferred store and the Maildirs, and the
+file modes of everything under ``data_dir`` (0700 directories, 0600 files, whatever the umask:
+:func:`make_dirs` makes every level it creates 0700, each ``open`` asks 0600).
 """
 
 from __future__ import annotations
@@ -31,6 +32,21 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(path: str | Path) -> None:
+    """Create ``path`` and any missing parents, each 0700 (``Path.mkdir(parents=True)``
+    makes the parents with the umask's mode)."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
 
 
 # Everything under data_dir is the server user's alone: accounts (password hashes, SCRAM
