@@ -1,14 +1,17 @@
-"""Issue 17: what the metrics cost. SMTP accept rate with metrics scraped every second
-against metrics off (no ``[listen] http``), on servers started afresh, in turns.
+"""Issue 17: what the metrics and the logs cost. SMTP accept rate with metrics scraped every
+second against metrics off (no ``[listen] http``), and with the info-level log lines against
+``log_level = "warning"``, on servers started afresh, in turns.
 
-    python bench/metrics.py [--messages 4000] [--rounds 5] [--workers 1]
+    python bench/metrics.py [--messages 4000] [--rounds 5] [--workers 1] [--variants off,on,quiet]
 
-Each round starts one server per variant (off, then on; the order alternates between rounds),
-sends an unmeasured warm-up, then measures smtp-source (20 sessions, 1 KiB, one message per
-connection) twice and keeps the median (sender checks off: there is no DNS here); with metrics
-on, a thread GETs /metrics once a second throughout and the last scrape must count every
-message. Prints the medians, the range and on/off as JSON. Not run by CI. Needs
-/usr/sbin/smtp-source (apt package postfix).
+Variants: ``off`` (no metrics, info logs: the default config), ``on`` (metrics, scraped),
+``quiet`` (no metrics, warnings only). Each round starts one server per variant (the order
+rotates between rounds), sends an unmeasured warm-up, then measures smtp-source (20 sessions,
+1 KiB, one message per connection) twice and keeps the median (sender checks off: there is no
+DNS here); with metrics on, a thread GETs /metrics once a second throughout and the last
+scrape must count every message. Prints the medians, the ranges, on/off, quiet/off and the log
+lines written per message as JSON. Not run by CI. Needs /usr/sbin/smtp-source (apt package
+postfix).
 """
 
 from __future__ import annotations
@@ -51,20 +54,27 @@ class Scraper(threading.Thread):
             self.scrape()
 
 
-def server(base: Path, metrics: bool, workers: int) -> tuple[Postroom, int | None]:
+def server(base: Path, variant: str, workers: int) -> tuple[Postroom, int | None]:
+    # (scale.Postroom's config has the sender checks off: without a DNS server to ask they
+    # would wait for time-outs, and what is measured here is the cost of metrics and logs.)
     srv = Postroom(base)
-    http = free_port() if metrics else None
+    http = free_port() if variant == "on" else None
+    level = 'log_level = "warning"\n' if variant == "quiet" else ""
     text = srv.config.read_text().replace('log_level = "warning"\n', f"workers = {workers}\n")
     if http is not None:
         text = text.replace("[limits]", f'http = ["{HOST}:{http}"]\n[limits]')
-    # No SPF/DKIM/DMARC checks: without a DNS server to ask they would wait for time-outs,
-    # and what is measured here is the cost of the metrics.
-    srv.config.write_text(text + "[auth]\nchecks = false\n")
+    srv.config.write_text(level + text)
     return srv, http
 
 
-def measure(base: Path, metrics: bool, messages: int, workers: int) -> float:
-    srv, http = server(base, metrics, workers)
+def log_lines(srv: Postroom) -> int:
+    with open(srv.base / "server.log", "rb") as f:
+        return sum(1 for _ in f)
+
+
+def measure(base: Path, variant: str, messages: int, workers: int) -> tuple[float, float]:
+    """The accept rate, and the log lines written per message meanwhile."""
+    srv, http = server(base, variant, workers)
     srv.start()
     scraper = None
     try:
@@ -74,6 +84,8 @@ def measure(base: Path, metrics: bool, messages: int, workers: int) -> float:
             scraper.scrape()
             before = scraper.accepted
             scraper.start()
+        time.sleep(1.5)  # the warm-up's lines are out (written at least once a second)
+        lines = log_lines(srv)
         rates = [accept_rate(srv.port, messages) for _ in range(2)]
         if scraper is not None:
             scraper.halt.set()
@@ -81,7 +93,9 @@ def measure(base: Path, metrics: bool, messages: int, workers: int) -> float:
             scraper.scrape()
             if scraper.accepted - before != 2 * messages:
                 raise RuntimeError(f"metrics counted {scraper.accepted - before} messages")
-        return statistics.median(rates)
+        time.sleep(1.5)
+        per_message = (log_lines(srv) - lines) / (2 * messages)
+        return statistics.median(rates), per_message
     finally:
         srv.stop()
         shutil.rmtree(base, ignore_errors=True)
@@ -92,39 +106,41 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=4000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--variants", default="off,on,quiet", help="of off, on, quiet")
     args = ap.parse_args()
+    variants = args.variants.split(",")
     if not Path("/usr/sbin/smtp-source").exists():
         print("needs /usr/sbin/smtp-source (apt-get install postfix)", file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="postroom-bench-metrics-"))
-    rates: dict[str, list[float]] = {"off": [], "on": []}
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    lines: dict[str, float] = {}
     try:
         for round_no in range(args.rounds):
-            order = ["off", "on"] if round_no % 2 == 0 else ["on", "off"]
-            for variant in order:
-                rate = measure(
-                    tmp / f"{variant}{round_no}", variant == "on", args.messages, args.workers
+            shift = round_no % len(variants)
+            for variant in variants[shift:] + variants[:shift]:
+                rate, lines[variant] = measure(
+                    tmp / f"{variant}{round_no}", variant, args.messages, args.workers
                 )
                 rates[variant].append(rate)
-                print(f"round {round_no + 1} metrics {variant}: {rate:,.0f} msg/s", flush=True)
+                print(
+                    f"round {round_no + 1} {variant}: {rate:,.0f} msg/s,"
+                    f" {lines[variant]:.2f} log lines/message",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
-    print(
-        json.dumps(
-            {
-                "messages": args.messages,
-                "workers": args.workers,
-                "off_msg_s": round(off),
-                "on_msg_s": round(on),
-                "off_range": [round(min(rates["off"])), round(max(rates["off"]))],
-                "on_range": [round(min(rates["on"])), round(max(rates["on"]))],
-                "on_over_off": round(on / off, 3),
-                "date": time.strftime("%Y-%m-%d"),
-            },
-            indent=2,
-        )
-    )
+    med = {v: statistics.median(r) for v, r in rates.items()}
+    out: dict[str, object] = {"messages": args.messages, "workers": args.workers}
+    for v in variants:
+        out[f"{v}_msg_s"] = round(med[v])
+        out[f"{v}_range"] = [round(min(rates[v])), round(max(rates[v]))]
+        out[f"{v}_log_lines_per_message"] = round(lines[v], 2)
+    for v in ("on", "quiet"):
+        if v in med and "off" in med:
+            out[f"{v}_over_off"] = round(med[v] / med["off"], 3)
+    out["date"] = time.strftime("%Y-%m-%d")
+    print(json.dumps(out, indent=2))
     return 0
 
 

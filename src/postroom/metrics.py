@@ -215,6 +215,16 @@ def prepare_directory(data_dir: Path) -> Path:
     return path
 
 
+def forget_worker(data_dir: Path, pid: int) -> None:
+    """A worker has ended (the supervisor reaped it): what it had open (its sessions, its first
+    attempts) no longer counts; what it counted stays counted."""
+    path = data_dir / METRICS_DIR
+    if path.is_dir():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
+
+
 def build(
     multiprocess_dir: Path | None,
     data_dir: Path,

@@ -128,6 +128,63 @@ def test_metrics_move_by_exactly_the_traffic(server_factory: ServerFactory, work
     assert value(scrape(srv), "postroom_received_bytes_total", service="smtp") > count * 20
 
 
+def test_the_engines_own_refusals_are_logged_and_counted(server_factory: ServerFactory) -> None:
+    """MAIL SIZE= over the limit and recipients beyond max_recipients are answered by the
+    engine itself; they are refusals like the policy's (they used to leave no trace)."""
+    srv = server_factory(
+        services=("smtp", "http"),
+        extra_toml="[limits]\nmax_recipients = 2\nmessage_size = 1000\n",
+    )
+    srv.add_user("bob@a.test")
+    before = scrape(srv)
+    with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+        c.ehlo()
+        assert c.mail("x@r.test", ["SIZE=5000"])[0] == 552
+        c.mail("x@r.test")
+        assert [c.rcpt("bob@a.test")[0] for _ in range(3)] == [250, 250, 452]
+        c.rset()
+    after = scrape(srv)
+    for reason in ("size", "too_many_recipients"):
+        refusals = value(after, "postroom_smtp_refusals_total", service="smtp", reason=reason)
+        assert (
+            refusals - value(before, "postroom_smtp_refusals_total", service="smtp", reason=reason)
+            == 1
+        )
+    log = wait_log(srv, "452 4.5.3")
+    assert "NOQUEUE: reject: MAIL from [127.0.0.1]: 552 5.3.4" in log
+    assert "NOQUEUE: reject: RCPT from [127.0.0.1]: 452 4.5.3 <bob@a.test>" in log
+
+
+def test_a_dead_workers_sessions_stop_counting(server_factory: ServerFactory) -> None:
+    """A worker killed with sessions open is started again: the sessions it had open leave
+    postroom_sessions_open (they stayed there for good), what it counted stays counted."""
+    import os
+    import re
+    import socket
+
+    srv = server_factory(services=("smtp", "http"), extra_toml="workers = 2\n")
+    clients = [
+        socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) for _ in range(12)
+    ]
+    for c in clients:
+        assert c.recv(100).startswith(b"220")
+    assert value(scrape(srv), "postroom_sessions_open", service="smtp") == len(clients)
+    log = srv.log.read_text()
+    (pid,) = [int(p) for p in re.findall(r"worker 1 started, pid (\d+)", log)]
+    assert f"smtpd[{pid}]: connect from" in log  # the kernel gave it some of them
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while "starting it again" not in srv.log.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for c in clients:
+        c.close()
+    while (now := scrape(srv)) and value(now, "postroom_sessions_open", service="smtp") != 0:
+        assert time.monotonic() < deadline, value(now, "postroom_sessions_open", service="smtp")
+        time.sleep(0.05)
+    assert value(now, "postroom_smtp_connections_total", service="smtp") == len(clients)
+
+
 def test_healthz_200_then_503_while_stopping(server_factory: ServerFactory) -> None:
     srv = server_factory(services=("smtp", "http"))
     srv.add_user("bob@a.test")
