@@ -19,17 +19,26 @@ from benchlib.servers import NOBODY, PASSWORD, Addr, Server
 PORT_POP3 = 2110
 
 
-def _conf(root: Path, host: str, cert: Path, key: Path) -> str:
+def conf(
+    root: Path,
+    host: str,
+    cert: Path | None,
+    key: Path | None,
+    port: int = PORT_POP3,
+    extra: str = "",
+) -> str:
+    """dovecot.conf for a private instance under ``root`` (no TLS without ``cert``);
+    ``extra`` lines go in as they are (``pop3_uidl_format = ...``, say)."""
+    tls = f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}" if cert and key else "ssl = no"
     return f"""\
 base_dir = {root / "run"}
 state_dir = {root / "state"}
-instance_name = bench-dovecot
+instance_name = bench-dovecot-{port}
 protocols = pop3
 listen = {host}
 log_path = {root / "dovecot.log"}
-ssl = yes
-ssl_cert = <{cert}
-ssl_key = <{key}
+{tls}
+{extra}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 first_valid_uid = 1
@@ -45,7 +54,7 @@ mail_location = maildir:~
 service pop3-login {{
   inet_listener pop3 {{
     address = {host}
-    port = {PORT_POP3}
+    port = {port}
   }}
   inet_listener pop3s {{
     port = 0
@@ -82,14 +91,14 @@ def start_dovecot(
     os.chown(root / "mail", *NOBODY)
     hashed = run(["doveadm", "pw", "-s", "ARGON2ID", "-p", PASSWORD]).stdout.strip()
     (root / "users").write_text("".join(f"{u}:{hashed}\n" for u in mail_users))
-    conf = root / "dovecot.conf"
-    conf.write_text(_conf(root, host, cert, key))
+    conf_file = root / "dovecot.conf"
+    conf_file.write_text(conf(root, host, cert, key))
     server = Server(
         name="dovecot", mail_root=root / "mail", pop3=Addr(host, PORT_POP3), owner=NOBODY
     )
     for user in mail_users:
         maildir.ensure(server.mailbox(user), NOBODY)
     log = root / "dovecot.stdout"
-    proc = start_daemon(["dovecot", "-F", "-c", str(conf)], log, cleanup, "dovecot")
+    proc = start_daemon(["dovecot", "-F", "-c", str(conf_file)], log, cleanup, "dovecot")
     wait_port(host, PORT_POP3, proc=proc, log=root / "dovecot.log")
     return server

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from postroom import lifetime, logs, privileges, supervisor
+from postroom import events, lifetime, logs, metrics, privileges, supervisor
 from postroom import tls as tls_mod
 from postroom.auth.helper import DkimHelper
 from postroom.auth.keys import LocalKeyStore
@@ -34,7 +34,7 @@ from postroom.auth.lookup import DnsCache
 from postroom.auth.service import QueueMessage, SenderAuth
 from postroom.blocking import BlockingPool
 from postroom.config import Config
-from postroom.errors import ConfigError
+from postroom.errors import ConfigError, QueueError
 from postroom.queue.runner import QueueRunner
 from postroom.services import ConnectionLimiter, Services
 from postroom.sharedcounts import Counts, LocalCounts, SharedCounts
@@ -163,7 +163,7 @@ class Listener:
         return self.socks[index]
 
 
-LISTENER_KINDS = ("smtp", "submission", "submissions", "pop3", "pop3s")
+LISTENER_KINDS = ("smtp", "submission", "submissions", "pop3", "pop3s", "http")
 
 
 def bind_listeners(cfg: Config) -> list[Listener]:
@@ -206,16 +206,20 @@ def bind_listeners(cfg: Config) -> list[Listener]:
 
 
 async def _start_listeners(services: Services, listeners: list[Listener]) -> list[asyncio.Server]:
+    from postroom.http.server import Endpoints, HttpConnection
     from postroom.pop3.server import Pop3Connection
     from postroom.smtp.server import SmtpConnection
 
     loop = asyncio.get_running_loop()
     servers: list[asyncio.Server] = []
+    endpoints = Endpoints(events.exposition, lambda: services.stopping, events.scrape_delay)
     for lst in listeners:
         sock = lst.keep_only(services.worker_index)
         implicit = lst.kind in ("submissions", "pop3s")
         factory: Callable[[], asyncio.Protocol]
-        if lst.kind.startswith("pop3"):
+        if lst.kind == "http":
+            factory = functools.partial(HttpConnection, endpoints)
+        elif lst.kind.startswith("pop3"):
             factory = functools.partial(Pop3Connection, services, implicit)
         else:
             factory = functools.partial(SmtpConnection, services, cast(Port, lst.kind), implicit)
@@ -223,7 +227,7 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
         # in force when the client connects.
         servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
         if services.primary:
-            print(f"postroom: {lst.kind} listening on {lst.host}:{lst.port}", file=sys.stderr)
+            events.startup(f"{lst.kind} listening on {lst.host}:{lst.port}")
     return servers
 
 
@@ -246,13 +250,15 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
             line = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
             verb, _, arg = line.partition(" ")
             if verb == "flush":
-                queue.flush()
+                events.queue_action("flush", count=queue.flush())
                 answer = "ok"
             elif verb == "submit" and isinstance(queue, LocalQueue):
                 # Another worker parked a message: the primary schedules its retries.
                 answer = "ok" if queue.take(arg) is not None else "unknown"
             elif verb == "delete":
                 answer = "ok" if await runner.delete(arg) else "unknown"
+                if answer == "ok":
+                    events.queue_action("delete", queue_id=arg)
             elif verb == "ping":
                 answer = "ok"
             else:
@@ -315,7 +321,8 @@ def _apply(services: Services, new: Config, pair: tuple[bytes, bytes] | None) ->
     connections.max_per_ip = new.limits.max_connections_per_ip
     connections.exempt = new.per_ip_exempt_networks()
     services.throttle.cfg = new.auth
-    logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
+    logs.setup(new)
+    events.certificate(tls_mod.certificate_expiry(new))
     log.info("configuration reloaded%s", "" if pair is None else " with the TLS pair")
 
 
@@ -365,6 +372,7 @@ async def serve(
         privileges.secure_data_dir(cfg)
     privileges.drop(cfg)
     lifetime.die_with_parent(worker.parent)  # again: a change of uid forgets it
+    _setup_metrics(services, listeners, queue)  # after the drop: its files belong to the user
     worker.release_others()  # the queue is recovered: the other workers may serve now
     tasks = [loop.create_task(IdleSweeper(services).run())]
     if worker.primary:
@@ -382,19 +390,18 @@ async def serve(
         from postroom.datadir import add_user_command
 
         where = "embedded default; data" if cfg.path is None else "data"
-        print(
-            f"postroom: {where} in {cfg.data_dir}\n"
-            f"postroom: add a user with: {add_user_command(cfg)}",
-            file=sys.stderr,
-        )
-        print("postroom: ready", file=sys.stderr)
+        events.startup(f"{where} in {cfg.data_dir}")
+        events.startup(f"add a user with: {add_user_command(cfg)}")
+        events.startup("ready")
     if worker.channel is not None:
         supervisor.ready(worker.channel)
     await stop.wait()
-    log.info("shutting down")
-    services.stopping = True
+    events.note("master", "shutting down")
+    services.stopping = True  # /healthz answers 503 from now on
+    http_servers = [s for s, lst in zip(servers, listeners, strict=True) if lst.kind == "http"]
     for server in servers:
-        server.close()
+        if server not in http_servers:
+            server.close()
     if control is not None:
         control.close()
         with contextlib.suppress(OSError):
@@ -413,9 +420,37 @@ async def serve(
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.gather(*tasks)
+    for server in http_servers:
+        server.close()
     services.accounts.close()
     logs.flush()
     return 0
+
+
+def _setup_metrics(services: Services, listeners: list[Listener], queue: LocalQueue) -> None:
+    """This worker's metrics; with several workers, shared through ``data_dir/metrics``."""
+    cfg = services.cfg
+    shared = cfg.workers > 1 and bool(cfg.listen.http)
+    deferred = queue.deferred
+
+    def spool() -> tuple[int, float | None]:
+        """Messages waiting for a retry, and when the oldest arrived."""
+        ids = deferred.ids()
+        oldest = None
+        for qid in ids[:5]:  # ids sort by arrival; the first readable one is the oldest
+            with contextlib.suppress(QueueError):
+                oldest = deferred.load(qid).created
+                break
+        return len(ids), oldest
+
+    events.setup(
+        enabled=bool(cfg.listen.http),
+        multiprocess_dir=cfg.data_dir / metrics.METRICS_DIR if shared else None,
+        data_dir=cfg.data_dir,
+        services=sorted({lst.kind for lst in listeners}),
+        spool=spool,
+    )
+    events.certificate(tls_mod.certificate_expiry(cfg))
 
 
 @dataclass
@@ -451,6 +486,8 @@ def run(cfg: Config) -> int:
     files.private_umask()
     logs.setup(cfg)
     _raise_fd_limit()
+    if cfg.workers > 1 and cfg.listen.http:
+        metrics.prepare_directory(cfg.data_dir)
     try:
         listeners = bind_listeners(cfg)
     except OSError as exc:

@@ -28,10 +28,8 @@ from postroom.errors import AccountError, ConfigError, PostroomError, QueueError
 from postroom.queue.envelope import Attempt, Envelope, check_id
 
 if TYPE_CHECKING:
-    from postroom.storage.local.queue import LocalQueue
-
-if TYPE_CHECKING:
     from postroom.auth.service import SenderAuth
+    from postroom.storage.local.queue import LocalQueue
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     qlist = command(queue, "list", "list the queued messages, one line each")
     qlist.add_argument("--json", action="store_true", help="print a JSON array instead")
-    qshow = command(queue, "show", "show a message's envelope, state, attempts and headers")
+    qshow = command(queue, "show", "show a message's envelope, state, attempts, advice and headers")
     qshow.add_argument("id")
     qshow.add_argument(
         "--json", action="store_true", help="print a JSON object with the attempts instead"
@@ -125,7 +123,37 @@ def _parser() -> argparse.ArgumentParser:
     command(dmarc, "report", "send the DMARC aggregate reports").add_argument(
         "--now", action="store_true", required=True, help="send the aggregate reports now"
     )
+
+    imp = command(
+        sub,
+        "import-maildir",
+        "copy a Dovecot Maildir into a user's mailbox, keeping the POP3 UIDLs",
+    )
+    imp.add_argument("address", help="the (existing) user the mail is for")
+    imp.add_argument("maildir", help="the Dovecot Maildir (with cur/, new/, dovecot-uidlist)")
+    imp.add_argument(
+        "--uidl-format",
+        default="%08Xu%08Xv",
+        help="Dovecot's pop3_uidl_format for that mailbox (default: Dovecot's, %%08Xu%%08Xv)",
+    )
     return p
+
+
+def _cmd_import(cfg: Config, args: argparse.Namespace) -> int:
+    from postroom.storage.local import maildir
+    from postroom.storage.local.accounts import Accounts, account_address
+    from postroom.storage.local.dovecot_import import import_maildir
+
+    addr = account_address(args.address, cfg.domains)
+    if not Accounts(cfg.data_dir).user_exists(addr.key):
+        raise AccountError(f"no such user {addr.key}")
+    box = maildir.mailbox_path(cfg.data_dir, addr.key)
+    report = import_maildir(Path(args.maildir), box, cfg.hostname, args.uidl_format)
+    print(
+        f"{addr.key}: {report.imported} messages imported, {report.skipped} already there"
+        + (f", {report.unlisted} not listed in dovecot-uidlist" if report.unlisted else "")
+    )
+    return 0
 
 
 def _read_password(args: argparse.Namespace) -> str:
@@ -243,18 +271,26 @@ def _cmd_alias(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _queue_json(e: Envelope) -> dict[str, object]:
-    """The object of ``queue list --json`` (``queue show --json`` adds the attempts)."""
+def _queue_json(e: Envelope, advice_for: str | None = None) -> dict[str, object]:
+    """The object of ``queue list --json`` (``queue show --json`` adds the attempts, and
+    with ``advice_for``, the sender's domain, each recipient's advice)."""
+    recipients = []
+    for r in e.recipients:
+        shown: dict[str, object] = {
+            "address": r.address,
+            "status": r.status,
+            "last_error": r.last_error,
+        }
+        if advice_for is not None:
+            shown["advice"] = _advice_json(r.last_error, advice_for)
+        recipients.append(shown)
     return {
         "id": e.id,
         "sender": e.sender,
         "created": _iso(e.created),
         "attempts": e.attempts,
         "next_attempt": _iso(e.next_attempt),
-        "recipients": [
-            {"address": r.address, "status": r.status, "last_error": r.last_error}
-            for r in e.recipients
-        ],
+        "recipients": recipients,
     }
 
 
@@ -285,6 +321,15 @@ def _running(cfg: Config) -> bool:
     return _control(cfg, "ping") is not None
 
 
+def _advice_json(reply: str | None, domain: str) -> dict[str, str | None] | None:
+    from postroom.delivery.advice import advise
+
+    hint = advise(reply, domain)
+    return (
+        None if hint is None else {"cause": hint.cause, "text": hint.text, "command": hint.command}
+    )
+
+
 def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
     if args.action == "flush":
         if _control(cfg, "flush") is None:
@@ -308,14 +353,16 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     queue = _open_queue(cfg, _running(cfg))
     if args.action == "show":
+        from postroom.delivery.advice import advise, sender_domain
+
         env = queue.load(args.id)
+        domain = sender_domain(env.sender, cfg.hostname)
         if args.json:
-            print(
-                json.dumps(
-                    {**_queue_json(env), "attempts": [_attempt_json(a) for a in env.history]},
-                    indent=2,
-                )
-            )
+            attempts = [
+                {**_attempt_json(a), "advice": _advice_json(a.reply, domain)} for a in env.history
+            ]
+            shown = {**_queue_json(env, domain), "size": env.size, "attempts": attempts}
+            print(json.dumps(shown, indent=2))
             return 0
         print(
             f"id: {env.id}\nsender: <{env.sender}>\ncreated: {_iso(env.created)}\n"
@@ -327,6 +374,11 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
                 f"recipient: <{r.address}> {r.status}"
                 + (f" ({r.last_error})" if r.last_error else "")
             )
+            hint = advise(r.last_error, domain)
+            if hint is not None:
+                print(f"  advice: {hint.text}")
+                if hint.command:
+                    print(f"  run: {hint.command}")
         for a in env.history:
             where = a.host or "-"
             if a.ip:
@@ -441,8 +493,20 @@ def _cmd_dmarc(cfg: Config) -> int:
     return 0
 
 
+_serving = False  # ``serve``: these lines go through the server's logs (JSON lines too)
+
+
+def _say(text: str, warning: bool = False) -> None:
+    if _serving:
+        from postroom import events, logs
+
+        events.startup(text, logs.WARNING if warning else logs.INFO)
+    else:
+        print(f"postroom: {'warning: ' if warning else ''}{text}", file=sys.stderr)
+
+
 def _warn(text: str) -> None:
-    print(f"postroom: warning: {text}", file=sys.stderr)
+    _say(text, warning=True)
 
 
 def _warnings(cfg: Config, command: str) -> None:
@@ -474,12 +538,11 @@ def _warnings(cfg: Config, command: str) -> None:
 
 def _where_data_is(cfg: Config) -> None:
     """Say loudly that a new, empty data directory was made, and where."""
-    print(f"postroom: created a new data directory {cfg.data_dir}", file=sys.stderr)
+    _say(f"created a new data directory {cfg.data_dir}")
     if cfg.path is None:
-        print(
-            "postroom: (without a config file data lives in ./postroom-data of the directory a "
-            f"command runs in: run every command from {cfg.data_dir.parent}, or use -c FILE)",
-            file=sys.stderr,
+        _say(
+            "(without a config file data lives in ./postroom-data of the directory a "
+            f"command runs in: run every command from {cfg.data_dir.parent}, or use -c FILE)"
         )
 
 
@@ -496,6 +559,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "serve":
+        global _serving
+        from postroom import logs
+
+        logs.setup(cfg)
+        _serving = True
     _warnings(cfg, args.command)
     try:
         if datadir.create(cfg):
@@ -507,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Import what the commands use before dropping root: the new user may not be able to
         # read the Python installation's files (a pyenv under /root, say).
         import postroom.storage.local.accounts
+        import postroom.storage.local.dovecot_import
         import postroom.storage.local.maildir
         import postroom.storage.local.queue  # noqa: F401
         from postroom import privileges
@@ -516,6 +586,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_user(cfg, args)
         if args.command == "alias":
             return _cmd_alias(cfg, args)
+        if args.command == "import-maildir":
+            return _cmd_import(cfg, args)
         if args.command == "dns":
             return _cmd_dns(cfg, args)
         if args.command == "dkim":

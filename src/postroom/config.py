@@ -122,6 +122,7 @@ class ListenConfig:
     submissions: tuple[Endpoint, ...] = ()
     pop3: tuple[Endpoint, ...] = ()
     pop3s: tuple[Endpoint, ...] = ()
+    http: tuple[Endpoint, ...] = ()  # GET /metrics (Prometheus) and GET /healthz
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ class Config:
     data_dir: Path = Path("postroom-data")
     user: str | None = None
     log_level: str = "info"
+    log_format: str = "text"  # "text" (one line per event, Postfix-style) or "json"
     # Processes sharing the listening sockets; more than one uses more cores (each has its own
     # event loop; only the first runs the queue). Login throttling is counted per process.
     workers: int = 1
@@ -256,6 +258,7 @@ EMBEDDED_DEFAULT_LISTEN = ListenConfig(
     submissions=(("127.0.0.1", 2465),),
     pop3=(("127.0.0.1", 2110),),
     pop3s=(("127.0.0.1", 2995),),
+    http=(("127.0.0.1", 2080),),
 )
 
 
@@ -387,6 +390,8 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
         raise ConfigError(f"{source}: auth.dmarc_rua: expected an address")
     if cfg.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"{source}: log_level: one of debug, info, warning, error")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError(f"{source}: log_format: one of text, json")
     try:
         cfg.per_ip_exempt_networks()
     except ValueError as exc:

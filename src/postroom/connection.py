@@ -17,9 +17,10 @@ ends with ``close_notify`` (or a TCP FIN) right after pipelining its commands ge
 answers before the connection closes, lets a failed handshake send its alert, and makes every
 listener use the context in force when the connection arrives (a reloaded certificate included).
 
-Events of a connection's life each happen in one place here: made (:meth:`connection_made`),
-TLS handshake done or failed (:meth:`_handshake_done`, :meth:`_tls_failed`), lost
-(:meth:`connection_lost`).
+Events of a connection's life each happen in one place here, which reports it
+(:mod:`postroom.events`): made or refused (:meth:`connection_made`), TLS handshake done or
+failed (:meth:`_handshake_done`, :meth:`_tls_failed`), lost (:meth:`connection_lost`, with the
+octets each way).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
-from postroom import logs
+from postroom import events, logs
 from postroom.wire.events import NEED_DATA, Closing, StartTLS
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ class Connection(asyncio.Protocol):
     """One client connection; subclasses make the engine and answer its events."""
 
     kind = "connection"  # "SMTP" or "POP3" in logs
+    service = "connection"  # the listener: smtp, submission, submissions, pop3, pop3s
     read_high_water = 1 << 16  # stop reading while the engine holds more unread input
 
     engine: Engine | None
@@ -143,6 +145,8 @@ class Connection(asyncio.Protocol):
         self._released = False
         self._tls_since = 0.0
         self._greeting: bytes | None = None  # held back until the implicit TLS handshake
+        self.received = self.sent = 0  # octets on the wire, for the metrics
+        self._handshake_failed = False
 
     # -- what a protocol provides --------------------------------------------------------------
 
@@ -192,11 +196,14 @@ class Connection(asyncio.Protocol):
         fileno = sock.fileno() if sock is not None else -1  # descriptors running short: 421
         if services.stopping or not services.connections.acquire(self.client_ip, self, fileno):
             self._lost = True
+            why = "stopping" if services.stopping else "connection_limit"
+            events.connection_refused(self.service, self.client_ip, why)
             if not self.implicit_tls:  # over implicit TLS nothing can be said before a handshake
                 transport.write(self.refusal())  # type: ignore[attr-defined]
             transport.close()
             return
         self.started = self.last_activity = time.monotonic()
+        events.connected(self.service, self.client_ip)
         greeting = self.begin()
         if self.implicit_tls:
             self._greeting = greeting  # it follows the handshake
@@ -208,6 +215,7 @@ class Connection(asyncio.Protocol):
         if self._lost or self.engine is None:
             return  # closing: input is dropped
         self.last_activity = time.monotonic()
+        self.received += len(data)
         tls = self.tls
         if tls is not None:
             was_ready = tls.ready
@@ -218,6 +226,7 @@ class Connection(asyncio.Protocol):
                 return
             out = tls.outgoing()
             if out and self.transport is not None:
+                self.sent += len(out)
                 self.transport.write(out)
             if not tls.ready:
                 return
@@ -251,6 +260,11 @@ class Connection(asyncio.Protocol):
         self._lost = True
         self._writable.set()
         self.services.connections.release(self.client_ip, self)
+        if self.engine is not None:
+            if self.tls is not None and not self.tls.ready and not self._handshake_failed:
+                events.tls_handshake(self.service, self.client_ip, None, "closed by the client")
+            seconds = time.monotonic() - self.started
+            events.disconnected(self.service, self.client_ip, self.received, self.sent, seconds)
         if self._task is None:
             self._release()
 
@@ -352,6 +366,7 @@ class Connection(asyncio.Protocol):
             if not tls.ready:
                 return  # nothing can be said before the handshake
             data = tls.encrypt(data)
+        self.sent += len(data)
         transport.write(data)
 
     def _flush(self) -> None:
@@ -370,9 +385,12 @@ class Connection(asyncio.Protocol):
             if transport is None or self._lost:
                 return
             if tls is None:
+                self.sent += sum(map(len, parts))
                 transport.writelines(parts)  # one writev, no copy
             elif tls.ready:
-                transport.write(tls.encrypt_all(parts))
+                data = tls.encrypt_all(parts)
+                self.sent += len(data)
+                transport.write(data)
 
     def _pause_reading(self) -> None:
         if self.transport is not None and not self._lost and not self._read_paused:
@@ -421,6 +439,7 @@ class Connection(asyncio.Protocol):
         self._tls_since = time.monotonic()
 
     def _handshake_done(self) -> None:
+        events.tls_handshake(self.service, self.client_ip, self.tls_version, None)
         greeting, self._greeting = self._greeting, None
         if greeting is not None:
             self._write(greeting)
@@ -428,12 +447,22 @@ class Connection(asyncio.Protocol):
             self.tls_started()
 
     def _tls_failed(self, reason: str) -> None:
-        self.services.log.info("%s TLS with %s failed: %s", self.kind, self.client_ip, reason)
         tls, transport = self.tls, self.transport
+        if tls is not None and not tls.ready:
+            self._handshake_failed = True
+            events.tls_handshake(self.service, self.client_ip, None, reason)
+        else:  # a broken record after the handshake
+            self.services.log.info("%s TLS with %s failed: %s", self.kind, self.client_ip, reason)
         if tls is not None and transport is not None and not self._lost:
             with contextlib.suppress(Exception):
                 transport.write(tls.outgoing())  # the alert, so the client knows why
         self._close()
+
+    @property
+    def tls_version(self) -> str | None:
+        """``TLSv1.3`` and the like once the handshake is done; None without TLS."""
+        tls = self.tls
+        return tls.obj.version() if tls is not None and tls.ready else None
 
     # -- time-outs and shutdown ----------------------------------------------------------------
 
@@ -485,6 +514,7 @@ class IdleSweeper:
         while True:
             await asyncio.sleep(self.interval)
             logs.flush()
+            events.flush_metrics()
             now = time.monotonic()
             for conn in list(self.services.connections.live):
                 with contextlib.suppress(Exception):

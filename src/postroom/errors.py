@@ -9,7 +9,8 @@
     ├── AddressError              a mailbox or path that is not valid RFC 5321 syntax
     ├── QueueError                a queue id that does not exist, a corrupt queue file
     ├── TemporaryStorageError     the disk refused a write (full, read-only): answer 4xx, keep going
-    └── MailboxInUse              another POP3 session holds the maildrop: ``-ERR [IN-USE]``
+    ├── MailboxInUse              another POP3 session holds the maildrop: ``-ERR [IN-USE]``
+    └── ImportSourceError         import-maildir: the source is no Maildir, a setting is unreadable
 
     EngineMisuse (a RuntimeError)  our own code used a sans-I/O engine wrongly: a bug, never caught
 
@@ -54,3 +55,7 @@ class MailboxInUse(PostroomError):
 
 class EngineMisuse(RuntimeError):
     """Our code used an engine in a state that does not allow it: a bug, not the peer's fault."""
+
+
+class ImportSourceError(PostroomError):
+    """``import-maildir`` cannot read its source (no Maildir, a bad uidlist or UIDL format)."""

@@ -1,54 +1,198 @@
-"""Logging for the server: one line per event on stderr, written in batches.
+"""Logging for the server: one line per event on stderr, text or JSON, written in batches.
 
-Set up once per process by :func:`setup`; :func:`flush` writes what is buffered (the idle
-sweeper calls it once a second, shutdown at the end).
+Two kinds of entries share one buffer (so their order is kept): events from ``events.py``
+(structured: a name and fields, rendered only when the batch is written) and ordinary
+``logging`` records from the rest of the code. :func:`flush` writes what is buffered in one
+``write`` (the idle sweeper calls it once a second, shutdown at the end; warnings and errors
+go at once).
+
+``log_format = "text"`` writes ``TIME HOSTNAME postroom/COMPONENT[PID]: [warning: ]MESSAGE``,
+the shape of Postfix's lines in a syslog file with RFC 3339 times (what pflogsumm reads), with
+the queue id first where there is one.
+``log_format = "json"`` writes one object per line with ``ts`` (ISO 8601 UTC), ``level`` and
+``event`` first, then the event's fields (ordinary records: ``event = "log"`` and ``message``).
+Start-up lines read ``TIME HOSTNAME postroom: ...`` in text. Control characters in values are
+replaced in text lines, so that a value from the network cannot forge a line. Security: entries
+carry what the code hands them; events.py never passes passwords, SASL payloads or messages.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
-import logging.handlers
+import os
 import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from typing import TextIO
 
 from postroom.config import Config
 
+DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
+BATCH = 256
+_LEVEL_NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error", 50: "critical"}
 
-class _BatchedStderr(logging.handlers.MemoryHandler):
-    """Buffers records and writes each batch to stderr in one ``write``.
-
-    MemoryHandler alone hands its buffer to a StreamHandler record by record, and that
-    flushes the stream after each: one system call per log line after all.
-    """
-
-    def flush(self) -> None:
-        self.acquire()  # held while writing too, so that batches keep their order
-        try:
-            if self.buffer:
-                sys.stderr.write("".join(self.format(r) + "\n" for r in self.buffer))
-                self.buffer.clear()
-                sys.stderr.flush()
-        except (OSError, ValueError):
-            self.buffer.clear()  # stderr is gone (closed terminal): nowhere to log to
-        finally:
-            self.release()
+Fields = Mapping[str, object]
+# A renderer gives the text of a line, or of several (a tuple; "@component text" lines are
+# written as from that component).
+Render = Callable[[Fields], str | tuple[str, ...]]
 
 
-def setup(cfg: Config) -> None:
-    """Log lines go to stderr in batches (one write per 256 lines or per second, at once for
-    warnings and errors): a write per accepted message would cost a system call each."""
-    # What a record costs (the logging HOWTO's "Optimization"): no caller frame lookup and no
-    # thread names; the process id stays (it names the worker in every line).
-    logging._srcfile = None
-    logging.logThreads = logging.logMultiprocessing = False
-    buffered = _BatchedStderr(256, flushLevel=logging.WARNING)
-    buffered.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [buffered]
-    root.setLevel(getattr(logging, cfg.log_level.upper()))
+# One event waiting to be written: (time, level, event, component, fields, text renderer);
+# component None is a start-up line ("postroom: ..."). A tuple: cheaper to make than an object.
+Entry = tuple[float, int, str, str | None, Fields, Render]
+
+
+class _State:
+    level = INFO
+    json = False
+    host = "localhost"  # the config's hostname, as syslog puts it after the time
+    stream: TextIO | None = None  # None: sys.stderr as it is when written
+
+
+_state = _State()
+_buffer: list[Entry | logging.LogRecord] = []
+_lock = threading.Lock()
+_stamp: tuple[int, str] = (-1, "")
+
+
+def _iso(ts: float) -> str:
+    """``2025-01-02T03:04:05.678Z``; the part up to the second is made once per second."""
+    global _stamp
+    second = int(ts)
+    if _stamp[0] != second:
+        when = datetime.datetime.fromtimestamp(second, datetime.UTC)
+        _stamp = (second, when.strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_stamp[1]}.{int((ts - second) * 1000):03d}Z"
+
+
+def enabled(level: int) -> bool:
+    return level >= _state.level
+
+
+def emit(level: int, event: str, component: str | None, fields: Fields, text: Render) -> None:
+    """Buffer one event (cheap: its line is made when the batch is written)."""
+    if level < _state.level:
+        return
+    _buffer.append((time.time(), level, event, component, fields, text))
+    if level >= WARNING or len(_buffer) >= BATCH:
+        flush()
+
+
+class _Handler(logging.Handler):
+    """Puts ordinary ``logging`` records in the same buffer as events."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _buffer.append(record)
+        if record.levelno >= WARNING or len(_buffer) >= BATCH:
+            flush()
+
+
+def _format_entry(entry: Entry, pid: int) -> str:
+    when, level, event, component, fields, text = entry
+    if _state.json:
+        data: dict[str, object] = {
+            "ts": _iso(when),
+            "level": _LEVEL_NAMES.get(level, "info"),
+            "event": event,
+        }
+        data.update(fields)
+        return json.dumps(data, ensure_ascii=False, default=str)
+    message = text(fields)
+    if not _printable(message):  # a value held a control character
+        message = text({k: _clean(v) for k, v in fields.items()})
+    ts = _iso(when)
+    if component is None:
+        return f"{ts} {_state.host} {message}"
+    prefix = "" if level == INFO else f"{_LEVEL_NAMES.get(level, 'info')}: "
+    if isinstance(message, str):
+        return f"{ts} {_state.host} postroom/{component}[{pid}]: {prefix}{message}"
+    lines = []
+    for line in message:
+        if line.startswith("@"):  # a further line from another component: "@qmgr text"
+            component, _, line = line[1:].partition(" ")
+        lines.append(f"{ts} {_state.host} postroom/{component}[{pid}]: {prefix}{line}")
+    return "\n".join(lines)
+
+
+def _printable(message: str | tuple[str, ...]) -> bool:
+    if isinstance(message, str):
+        return message.isprintable()
+    return all(line.isprintable() for line in message)
+
+
+# Control characters (CR and LF above all) in values from the network would forge log lines.
+_CONTROLS = {c: "?" for c in [*range(32), 127]}
+
+
+def _clean(value: object) -> object:
+    if isinstance(value, str):
+        return value.translate(_CONTROLS)
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _format_record(record: logging.LogRecord) -> str:
+    message = record.getMessage()
+    exc = "".join(traceback.format_exception(*record.exc_info)) if record.exc_info else ""
+    if _state.json:
+        data: dict[str, object] = {
+            "ts": _iso(record.created),
+            "level": _LEVEL_NAMES.get(record.levelno, "info"),
+            "event": "log",
+            "logger": record.name,
+            "message": message,
+        }
+        if exc:
+            data["exc"] = exc
+        return json.dumps(data, ensure_ascii=False, default=str)
+    prefix = "" if record.levelno == INFO else f"{_LEVEL_NAMES.get(record.levelno, 'info')}: "
+    name = record.name.replace(".", "/")
+    line = f"{_iso(record.created)} {_state.host} {name}[{record.process}]: {prefix}{message}"
+    return line + ("\n" + exc.rstrip("\n") if exc else "")
 
 
 def flush() -> None:
-    for handler in logging.getLogger().handlers:
-        handler.flush()
+    """Write what is buffered, in one ``write``."""
+    with _lock:
+        if not _buffer:
+            return
+        items = _buffer[:]
+        del _buffer[: len(items)]
+        pid = os.getpid()
+        lines = []
+        for item in items:
+            try:
+                if isinstance(item, tuple):
+                    lines.append(_format_entry(item, pid))
+                else:
+                    lines.append(_format_record(item))
+            except Exception as exc:  # a bad entry must not take the others with it
+                lines.append(f"{_iso(time.time())} postroom: error: cannot log an entry: {exc}")
+        stream = _state.stream or sys.stderr
+        try:
+            stream.write("\n".join(lines) + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr is gone (closed terminal): nowhere to log to
+
+
+def setup(cfg: Config, stream: TextIO | None = None) -> None:
+    """Configure from ``log_level`` and ``log_format`` (also called again by a reload)."""
+    # What a record costs (the logging HOWTO's "Optimization"): no caller frame lookup and no
+    # thread names; the process id stays (it names the worker in every line).
+    flush()  # what is buffered goes where and as it was meant to
+    logging._srcfile = None
+    logging.logThreads = logging.logMultiprocessing = False
+    _state.level = getattr(logging, cfg.log_level.upper())
+    _state.json = cfg.log_format == "json"
+    _state.host = cfg.hostname
+    _state.stream = stream
+    root = logging.getLogger()
+    if not any(isinstance(h, _Handler) for h in root.handlers):
+        root.handlers[:] = [_Handler()]
+    root.setLevel(_state.level)

@@ -28,6 +28,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from postroom import events
 from postroom.address import normalise_domain
 from postroom.config import DNSConfig, Endpoint
 from postroom.errors import ConfigError
@@ -151,7 +152,7 @@ class DnsResolver:
         except ValueError as exc:
             return Route.fail("5.1.2", f"bad destination domain: {exc}")
         try:
-            answer = await self._res.resolve(domain, "MX", search=False, raise_on_no_answer=False)
+            answer = await self._query(domain, "MX")
         except dns.resolver.NXDOMAIN:
             return Route.fail("5.1.2", f"domain {domain} does not exist (NXDOMAIN)")
         except dns.exception.Timeout:
@@ -204,9 +205,25 @@ class DnsResolver:
                     out.append(a)
         return tuple(out[:MAX_ADDRESSES_PER_HOST]), trouble
 
+    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
+        """One query, counted by its result (``postroom_dns_lookups_total``)."""
+        try:
+            answer = await self._res.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            events.dns_lookup("nxdomain")
+            raise
+        except dns.exception.Timeout:
+            events.dns_lookup("timeout")
+            raise
+        except dns.exception.DNSException:
+            events.dns_lookup("error")
+            raise
+        events.dns_lookup("ok" if answer.rrset else "nodata")
+        return answer
+
     async def _lookup(self, host: str, rdtype: str) -> tuple[list[str], bool]:
         try:
-            answer = await self._res.resolve(host, rdtype, search=False, raise_on_no_answer=False)
+            answer = await self._query(host, rdtype)
         except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN):
             return [], False
         except dns.exception.DNSException:

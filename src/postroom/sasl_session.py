@@ -6,7 +6,8 @@ Security: while a client IP is locked out no credential is even checked; every f
 (an unknown user and a wrong password alike) waits out the throttle's delay before it is
 answered, and is counted per IP and per account name (case-insensitive, so that spelling the
 name differently does not reset the count). An unknown SCRAM user gets made-up keys from
-``sasl.py`` and fails only at the proof.
+``sasl.py`` and fails only at the proof. Failed logins (with the name tried, never the
+password or the SASL exchange) and lockouts are reported here (:mod:`postroom.events`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from postroom import sasl
+from postroom import events, sasl
 from postroom.wire.events import AuthResponse, AuthStart
 
 if TYPE_CHECKING:
@@ -38,19 +39,28 @@ Outcome = sasl.Challenge | sasl.Success | Refused
 class SaslSession:
     """Feeds AuthStart/AuthResponse events to a mechanism until it succeeds or fails."""
 
-    def __init__(self, services: Services, client_ip: str, protocol: str) -> None:
+    def __init__(self, services: Services, client_ip: str, service: str) -> None:
         self.services = services
         self.client_ip = client_ip
-        self.protocol = protocol
+        self.service = service  # the listener, for the logs and metrics
+        self.mechanism = "USER"  # the last one started (POP3 USER/PASS is none)
         self._mech: sasl.Mechanism | None = None
+
+    def locked_out(self) -> bool:
+        """The client's IP failed too often: refuse without checking anything."""
+        if self.services.throttle.refused(self.client_ip):
+            events.login_throttled(self.service, self.client_ip)
+            return True
+        return False
 
     async def step(self, event: AuthStart | AuthResponse) -> Outcome:
         """One step: a challenge to send (``sasl.Challenge``, SCRAM's server-final included),
         the user logged in (``sasl.Success``), or :class:`Refused`."""
         services = self.services
         if isinstance(event, AuthStart):
-            if services.throttle.refused(self.client_ip):
+            if self.locked_out():
                 return Refused("throttled")
+            self.mechanism = event.mechanism.upper()[:32]
             self._mech = sasl.new_mechanism(event.mechanism)
             if self._mech is None:
                 return Refused("mechanism")
@@ -84,5 +94,5 @@ class SaslSession:
         """Count a failed login (SASL or POP3 USER/PASS) and wait out the throttle's delay."""
         account = username.strip().lower()[:320] if username else None
         delay = self.services.throttle.failure(self.client_ip, account)
-        self.services.log.info("%s login failed client=%s", self.protocol, self.client_ip)
+        events.auth_failed(self.service, self.client_ip, account, self.mechanism)
         await asyncio.sleep(delay)

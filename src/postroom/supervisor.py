@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from postroom import config as config_mod
-from postroom import logs
+from postroom import logs, metrics
 from postroom import tls as tls_mod
 from postroom.config import Config
 from postroom.errors import ConfigError
@@ -191,6 +191,7 @@ class Supervisor:
                 continue
             code = os.waitstatus_to_exitcode(wait_status)
             slot.pid = 0
+            metrics.forget_worker(self.cfg.data_dir, pid)
             if slot.channel is not None:
                 slot.channel.close()
                 slot.channel = None

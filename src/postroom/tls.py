@@ -144,6 +144,25 @@ def server_context(cfg: Config, pair: tuple[bytes, bytes] | None = None) -> ssl.
     return ctx
 
 
+def certificate_expiry(cfg: Config) -> float:
+    """When the server's certificate (the first of the chain) expires, as Unix time; 0 if it
+    cannot be read."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_paths(cfg)[0].read_bytes())
+    except (OSError, ValueError):
+        return 0.0
+    return cert.not_valid_after_utc.timestamp()
+
+
+def tls_version(transport: object) -> str | None:
+    """``TLSv1.3`` and the like, for an asyncio transport over TLS (None otherwise)."""
+    get = getattr(transport, "get_extra_info", None)
+    ssl_object = get("ssl_object") if get is not None else None
+    return ssl_object.version() if ssl_object is not None else None
+
+
 def client_context(verify: bool) -> ssl.SSLContext:
     """The delivery client's context: opportunistic (no checks) unless ``verify``."""
     ctx = ssl.create_default_context()

@@ -24,6 +24,7 @@ PURE = [
     "postroom.passwords",
     "postroom.queue.schedule",
     "postroom.delivery.dsn",
+    "postroom.delivery.advice",
     "postroom.delivery.mime_downgrade",
     *(
         f"postroom.wire.{p.stem}"

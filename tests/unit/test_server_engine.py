@@ -13,6 +13,7 @@ from postroom.smtp.server_engine import (
     MessageAborted,
     MessageEnd,
     RcptTo,
+    Refused,
     ServerEngine,
 )
 from postroom.smtp.server_engine import ServerFeatures as Features
@@ -119,6 +120,8 @@ def test_size_declared_too_big_at_mail() -> None:
     h = Harness()
     out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test> SIZE=5000\r\n")
     assert b"552 5.3.4" in out
+    (refused,) = [e for e in h.events if isinstance(e, Refused)]  # the policy hears of it
+    assert refused.reply is replies.MESSAGE_TOO_BIG and str(refused.command.sender) == "a@b.test"
 
 
 def test_size_enforced_during_data() -> None:
@@ -247,6 +250,8 @@ def test_too_many_recipients() -> None:
     h = Harness(max_recipients=2)
     out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n" + b"RCPT TO:<x@y.test>\r\n" * 3)
     assert codes(out) == ["250", "250", "250", "250", "452"]
+    (refused,) = [e for e in h.events if isinstance(e, Refused)]
+    assert refused.reply is replies.TOO_MANY_RECIPIENTS
 
 
 def test_too_many_errors_closes() -> None:
@@ -255,6 +260,10 @@ def test_too_many_errors_closes() -> None:
     assert b"421 4.7.0" in out
     assert any(isinstance(e, Closing) for e in h.events)
     assert h.proto.state is State.CLOSED
+    h = Harness(max_errors=2)  # a refusal the policy hears of still counts, and closes
+    out = h.send(b"MAIL FROM:<a@b.test> SIZE=5000\r\nEHLO c\r\nMAIL FROM:<a@b.test> SIZE=5000\r\n")
+    assert b"421 4.7.0" in out
+    assert [type(e) for e in h.events][-2:] == [Refused, Closing]
 
 
 def test_non_ascii_keyword_values_are_syntax_errors() -> None:

@@ -23,12 +23,12 @@ import logging
 import os
 import random
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar, cast
 
+from postroom import events
 from postroom.auth import dkim_sign, dkim_verify, dmarc, keys, records, reports, results, spf
 from postroom.auth.helper import DkimHelper, HelperError, HelperNotReady
 from postroom.auth.lookup import Answer, DnsCache
@@ -42,15 +42,15 @@ QUARANTINE_HEADER = b"X-Spam-Flag: YES\r\n"
 RECHECK = 2.0  # seconds between on-demand looks for a pending key in DNS
 INLINE_JOB = 256 << 10  # without the helper, larger messages are signed/verified in a thread
 T = TypeVar("T")
-verdicts: Counter[tuple[str, str]] = Counter()
 
 
 QueueMessage = Callable[[str, list[str], bytes], Awaitable[str]]
 
 
 def count_verdict(method: str, result: str) -> None:
-    """Called once per verdict (``spf``/``dkim``/``dmarc``, an RFC 8601 result name)."""
-    verdicts[(method, result)] += 1
+    """Called once per verdict (``spf``/``dkim``/``dmarc``, an RFC 8601 result name):
+    ``postroom_sender_auth_total{method,result}``."""
+    events.sender_auth(method, result)
 
 
 class Message(Protocol):

@@ -27,6 +27,8 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Literal
 
+from postroom.delivery.advice import advise, sender_domain
+
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 
 # RFC 3461 §4.3 leaves the size of a returned message to the MTA; Postfix returns 50 kB.
@@ -143,7 +145,18 @@ def _subject(actions: AbstractSet[str]) -> str:
     return "Successful Mail Delivery Report"
 
 
-def _human_part(hostname: str, recipients: Sequence[DsnRecipient], utf8: bool) -> str:
+def _wrap(text: str) -> list[str]:
+    return textwrap.wrap(
+        text,
+        76,
+        initial_indent="    ",
+        subsequent_indent="    ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+
+
+def _human_part(hostname: str, recipients: Sequence[DsnRecipient], utf8: bool, domain: str) -> str:
     actions = {r.action for r in recipients}
     out = [f"This is the mail system at host {hostname}.", ""]
     if "failed" in actions:
@@ -168,14 +181,12 @@ def _human_part(hostname: str, recipients: Sequence[DsnRecipient], utf8: bool) -
         else:
             text = _own_words(r.diagnostic or "", utf8=utf8)
         if text:
-            out += textwrap.wrap(
-                text,
-                76,
-                initial_indent="    ",
-                subsequent_indent="    ",
-                break_long_words=False,
-                break_on_hyphens=False,
-            )
+            out += _wrap(text)
+        hint = advise(r.diagnostic, domain) if r.action in ("failed", "delayed") else None
+        if hint is not None:  # a cause this server's admin can fix, in plain words
+            out += ["", *_wrap("What this means: " + hint.text)]
+            if hint.command:
+                out += _wrap(f"The admin of {hostname} can run: {hint.command}")
     out.append("")
     return "\r\n".join(out) + "\r\n"
 
@@ -269,7 +280,8 @@ def build_dsn(
         digest.update(head)
         message_id = f"{digest.hexdigest()[:32]}@{hostname}"
 
-    human = _human_part(hostname, recipients, utf8).encode("utf-8")
+    domain = sender_domain(sender, hostname)
+    human = _human_part(hostname, recipients, utf8, domain).encode("utf-8")
     status = _status_part(
         hostname, recipients, envid=envid, arrival=arrival, queue_id=queue_id, utf8=utf8
     ).encode("utf-8")

@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
+from postroom import events
 from postroom.config import Config
 from postroom.delivery import mime_downgrade
 from postroom.resolver import Resolver, Target, drop_self
@@ -41,7 +42,7 @@ from postroom.smtp.client_engine import (
     Ready,
     TLSPolicy,
 )
-from postroom.tls import client_context
+from postroom.tls import client_context, tls_version
 from postroom.wire.events import StartTLS
 from postroom.wire.replies import Reply
 
@@ -378,12 +379,14 @@ class RemoteDelivery:
                 ssl_handshake_timeout=float(self.cfg.delivery.connect_timeout),
             )
         except (OSError, ssl.SSLError, ssl.CertificateError, TimeoutError, ValueError) as exc:
+            events.tls_handshake("delivery", ip, None, str(exc) or type(exc).__name__)
             transport.abort()
             reply = Reply.make(451, "4.7.5", f"TLS with {target.host}[{ip}] failed: {exc}")
             raise _SessionFailed(reply, tls=True) from None
         if new is None:  # pragma: no cover - only for server_side
             raise _SessionFailed(_temp("4.7.5", "TLS not established"), tls=True)
         session.transport = new
+        events.tls_handshake("delivery", ip, tls_version(new), None)
         session.engine.tls_started()
 
     # --- the connection cache ------------------------------------------------------------------

@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from postroom import sasl
+from postroom import events, sasl
 from postroom.address import parse_user_address
 from postroom.connection import Connection
 from postroom.errors import AddressError, MailboxInUse
@@ -52,7 +52,8 @@ class Pop3Connection(Connection):
         self.drop: Maildrop | None = None
         self.snapshot: Snapshot | None = None
         self.user: str | None = None
-        self._sasl = SaslSession(services, "", "pop3")
+        self.service = "pop3s" if implicit_tls else "pop3"
+        self._sasl = SaslSession(services, "", self.service)
         self._closing: set[asyncio.Task[None]] = set()
 
     def features(self) -> Pop3Features:
@@ -233,7 +234,8 @@ class Pop3Connection(Connection):
 
     async def _login(self, engine: Pop3Engine, user: str, password: str) -> None:
         services = self.services
-        if services.throttle.refused(self.client_ip):
+        self._sasl.mechanism = "USER"
+        if self._sasl.locked_out():
             engine.login_failed("Too many failed logins, try again later", "SYS/TEMP")
             return
         key = await services.check_password(self.client_ip, user, password)
@@ -274,9 +276,7 @@ class Pop3Connection(Connection):
             return
         self.drop, self.snapshot, self.user = drop, Snapshot(messages), key
         count, size = self.snapshot.stat()
-        self.services.log.info(
-            "pop3 login user=%s client=%s messages=%d", key, self.client_ip, count
-        )
+        events.pop3_login(self.service, self.client_ip, key, count)
         engine.login_ok(f"{count} messages ({size} octets)")
 
 

@@ -85,6 +85,8 @@ class Envelope:
     client_ip: str = ""
     helo: str = ""
     auth_user: str | None = None
+    service: str = ""  # the listener it came in on ("" for a message made here, a DSN)
+    tls_version: str | None = None  # of the client's session, if encrypted
     envid: str | None = None
     ret: str | None = None
     smtputf8: bool = False

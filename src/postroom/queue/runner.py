@@ -10,9 +10,10 @@ again the attempt count and next retry are stored (:meth:`MessageQueue.begin_att
 recipient ends ``delivered`` or ``bounced`` (with a DSN to the sender, RFC 3464, never to
 ``<>``), or stays ``deferred`` until its next attempt or ``max_queue_time``.
 
-Each outcome has one home, for its log line and metric: :meth:`_accepted`, :meth:`_delivered`,
-:meth:`_deferred`, :meth:`_bounced`, :meth:`_expired`. The resolver, the clock and the jitter
-are injected (tests run attempts without sleeping or DNS).
+Each outcome has one home, for its log line and metric (:mod:`postroom.events`):
+:meth:`_accepted`, :meth:`_delivered`, :meth:`_deferred`, :meth:`_bounced`, :meth:`_expired`.
+The resolver, the clock and the jitter are injected (tests run attempts without sleeping or
+DNS).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from postroom import events
 from postroom.delivery.dsn import Action, DsnRecipient, build_dsn, format_date
 from postroom.delivery.remote import DeliveryResult, RemoteDelivery, needs_relayed_dsn
 from postroom.errors import QueueError, TemporaryStorageError
@@ -54,6 +56,7 @@ class Accepted:
 
 
 LOCAL_HOST = "local"  # the ``host`` of a Maildir delivery in the attempt history
+LOCAL_DELIVERED = "250 2.0.0 delivered to its mailbox"
 BACKLOG = 4  # first attempts waiting for a slot beyond this many times max_concurrent are parked
 
 
@@ -117,13 +120,14 @@ class QueueRunner:
         if len(local) < len(envelope.recipients):  # the others' first attempt starts now
             self._count_attempt(envelope, now, self._jitter())
         hold = any(r.notify and "SUCCESS" in r.notify for _i, r in _of(envelope, local))
+        started = time.monotonic()
         try:
             errors = await self.queue.accept(envelope, draft, local, hold)
         except TemporaryStorageError as exc:
             self.services.log.error("queue write failed for %s: %s", envelope.id, exc)
             return replies.STORAGE_FULL
         self._accepted(envelope)
-        attempts = self._local_results(envelope, local, errors, now)
+        attempts = self._local_results(envelope, local, errors, now, time.monotonic() - started)
         done = [r for _i, r in _of(envelope, local) if r.status == "delivered"]
         if not envelope.done or hold:
             self._start(envelope, _First(attempts, done))
@@ -206,9 +210,13 @@ class QueueRunner:
         )
         task = asyncio.get_running_loop().create_task(self._attempt(envelope, first, overload))
         self._inflight[envelope.id] = task
-        task.add_done_callback(lambda _t: self._ended(envelope.id))
+        if first is not None:  # in the queue, not yet where the queue's gauge looks
+            events.first_attempts(1)
+        task.add_done_callback(lambda _t: self._ended(envelope.id, first is not None))
 
-    def _ended(self, queue_id: str) -> None:
+    def _ended(self, queue_id: str, first: bool = False) -> None:
+        if first:
+            events.first_attempts(-1)
         self._inflight.pop(queue_id, None)
         again = self._again.pop(queue_id, None)
         if again is not None:
@@ -261,11 +269,13 @@ class QueueRunner:
             if not self.services.accounts.has_mailbox(copy.mailbox):
                 local.remove(copy)
                 rcpt = envelope.recipients[copy.index]
-                self._bounced(envelope, rcpt, str(replies.USER_UNKNOWN_NOW))
+                self._bounced(envelope, rcpt, str(replies.USER_UNKNOWN_NOW), LOCAL_HOST)
                 newly_failed.append(rcpt)
         if local:
+            started = time.monotonic()
             errors = await self.mailboxes.deliver(envelope, local)
-            attempts += self._local_results(envelope, local, errors, now)
+            took = time.monotonic() - started
+            attempts += self._local_results(envelope, local, errors, now, took)
             newly_done += [r for _i, r in _of(envelope, local) if r.status == "delivered"]
 
         wire = b""  # the message as SMTP sends it: read once, for the remote hosts and the DSNs
@@ -280,17 +290,21 @@ class QueueRunner:
             results = await asyncio.gather(
                 *(self._deliver_remote(envelope, d, rcpts, wire) for d, rcpts in remote.items())
             )
-            for domain_results in results:
+            port = self.cfg.delivery.port
+            for took, domain_results in results:
                 attempts += _attempts(now, domain_results)
                 for rcpt, result in domain_results:
+                    reply = str(result.reply)
+                    host = result.host or result.remote_mta
+                    relay = f"{host}[{result.ip}]:{port}" if host and result.ip else "none"
                     if result.outcome is Outcome.DELIVERED:
-                        self._delivered(envelope, rcpt, result.remote_mta or "-", str(result.reply))
+                        self._delivered(envelope, rcpt, relay, reply, took)
                         newly_done.append(rcpt)
                     elif result.outcome is Outcome.PERMANENT:
-                        self._bounced(envelope, rcpt, str(result.reply))
+                        self._bounced(envelope, rcpt, reply, relay, took)
                         newly_failed.append(rcpt)
                     else:
-                        self._deferred(envelope, rcpt, str(result.reply), result.remote_mta)
+                        self._deferred(envelope, rcpt, reply, relay, took)
 
         if envelope.id in self._deleted:
             await self.queue.finish(envelope, attempts)  # released; no bounce, no retry
@@ -298,10 +312,7 @@ class QueueRunner:
 
         # Deferred recipients past max_queue_time bounce with their last error.
         if schedule.expired(envelope.created, self._clock(), self.cfg.delivery.max_queue_time):
-            for rcpt in envelope.recipients:
-                if rcpt.status == "deferred":
-                    self._expired(envelope, rcpt)
-                    newly_failed.append(rcpt)
+            newly_failed += self._expired(envelope)
 
         owed = any(r.notify is None or "FAILURE" in r.notify for r in newly_failed) or any(
             r.notify and "SUCCESS" in r.notify for r in newly_done
@@ -320,64 +331,76 @@ class QueueRunner:
         await self.queue.record(envelope, attempts)
 
     def _local_results(
-        self, envelope: Envelope, copies: list[LocalCopy], errors: list[OSError | None], now: float
+        self,
+        envelope: Envelope,
+        copies: list[LocalCopy],
+        errors: list[OSError | None],
+        now: float,
+        took: float,
     ) -> list[Attempt]:
-        """Apply the outcome of local copies; their attempts (one per distinct outcome)."""
+        """Apply the outcome of local copies (made in ``took`` seconds); their attempts (one
+        per distinct outcome)."""
         by_reply: dict[str, list[str]] = defaultdict(list)
         for copy, error in zip(copies, errors, strict=True):
             rcpt = envelope.recipients[copy.index]
             if error is None:
-                self._delivered(envelope, rcpt, LOCAL_HOST, "")
-                by_reply["250 2.0.0 delivered to its mailbox"].append(rcpt.address)
+                self._delivered(envelope, rcpt, LOCAL_HOST, LOCAL_DELIVERED, took, copy.mailbox)
+                by_reply[LOCAL_DELIVERED].append(rcpt.address)
             else:
                 text = f"451 4.3.0 local delivery failed: {error.strerror or error}"
-                self._deferred(envelope, rcpt, text, LOCAL_HOST)
+                self._deferred(envelope, rcpt, text, LOCAL_HOST, took, copy.mailbox)
                 by_reply[text].append(rcpt.address)
         return [Attempt(now, addrs, LOCAL_HOST, None, reply) for reply, addrs in by_reply.items()]
 
     # -- each outcome's one home -----------------------------------------------------------
 
     def _accepted(self, envelope: Envelope) -> None:
-        self.services.log.info(
-            "queued %s from=<%s> rcpts=%d size=%d client=%s",
-            envelope.id,
-            envelope.sender,
-            len(envelope.recipients),
-            envelope.size,
-            envelope.client_ip or "-",
-        )
+        if envelope.service:  # made here (a DSN, a report): the line of what made it says so
+            events.accepted(envelope)
 
-    def _delivered(self, envelope: Envelope, rcpt: Recipient, relay: str, reply: str) -> None:
+    def _delivered(
+        self,
+        envelope: Envelope,
+        rcpt: Recipient,
+        relay: str,
+        reply: str,
+        took: float,
+        mailbox: str | None = None,
+    ) -> None:
+        """``relay``: ``host[ip]:port``, or ``local`` (a Maildir, of ``mailbox``)."""
         rcpt.status, rcpt.last_error = "delivered", None
-        if relay == LOCAL_HOST:
-            self.services.log.info("delivered %s to=<%s> via maildir", envelope.id, rcpt.address)
-        else:
-            self.services.log.info(
-                "%s delivered to=<%s> relay=%s: %s", envelope.id, rcpt.address, relay, reply
-            )
+        events.delivery(envelope, rcpt, _transport(relay), reply, relay, took, mailbox)
 
     def _deferred(
-        self, envelope: Envelope, rcpt: Recipient, reply: str, relay: str | None = None
+        self,
+        envelope: Envelope,
+        rcpt: Recipient,
+        reply: str,
+        relay: str,
+        took: float,
+        mailbox: str | None = None,
     ) -> None:
         rcpt.status, rcpt.last_error = "deferred", reply
-        via = " via maildir" if relay == LOCAL_HOST else f" relay={relay or '-'}"
-        self.services.log.warning(
-            "%s deferred to=<%s>%s: %s", envelope.id, rcpt.address, via, reply
-        )
+        events.delivery(envelope, rcpt, _transport(relay), reply, relay, took, mailbox)
 
-    def _bounced(self, envelope: Envelope, rcpt: Recipient, reply: str) -> None:
+    def _bounced(
+        self, envelope: Envelope, rcpt: Recipient, reply: str, relay: str, took: float = 0.0
+    ) -> None:
         rcpt.status, rcpt.last_error = "bounced", reply
-        self.services.log.info("%s bounced to=<%s>: %s", envelope.id, rcpt.address, reply)
+        events.delivery(envelope, rcpt, _transport(relay), reply, relay, took)
 
-    def _expired(self, envelope: Envelope, rcpt: Recipient) -> None:
-        rcpt.status = "bounced"
-        rcpt.last_error = rcpt.last_error or "4.4.7 delivery time expired"
-        self.services.log.info(
-            "%s bounced to=<%s>: expired after max_queue_time: %s",
-            envelope.id,
-            rcpt.address,
-            rcpt.last_error,
-        )
+    def _expired(self, envelope: Envelope) -> list[Recipient]:
+        """``max_queue_time`` is over: the deferred recipients bounce with their last error."""
+        expired = [r for r in envelope.recipients if r.status == "deferred"]
+        if expired:
+            events.expired(envelope.id, self._clock() - envelope.created)
+        for rcpt in expired:
+            rcpt.status = "bounced"
+            rcpt.last_error = rcpt.last_error or "4.4.7 delivery time expired"
+            transport = "local" if self.is_local(rcpt.address) else "remote"
+            reply = f"{rcpt.last_error} (gave up: message expired in the queue)"
+            events.delivery(envelope, rcpt, transport, reply, "none", 0.0)
+        return expired
 
     # -- remote ----------------------------------------------------------------------------
 
@@ -389,8 +412,9 @@ class QueueRunner:
 
     async def _deliver_remote(
         self, envelope: Envelope, domain: str, rcpts: list[tuple[int, Recipient]], wire: bytes
-    ) -> list[tuple[Recipient, DeliveryResult]]:
-        """Hand ``rcpts`` (all in ``domain``) to remote delivery; each with its result."""
+    ) -> tuple[float, list[tuple[Recipient, DeliveryResult]]]:
+        """Hand ``rcpts`` (all in ``domain``) to remote delivery: the seconds it took, and
+        each recipient with its result."""
         outgoing = OutgoingMessage(
             sender=envelope.sender,
             recipients=tuple(
@@ -405,14 +429,16 @@ class QueueRunner:
             domain, asyncio.Semaphore(self.cfg.delivery.max_per_destination)
         )
         async with slot:
+            started = time.monotonic()
             results = await self._remote_delivery().deliver(domain, outgoing, wire)
+            took = time.monotonic() - started
         out = []
         for (_index, rcpt), result in zip(rcpts, results, strict=True):
             rcpt.remote_mta = result.remote_mta
             if result.outcome is Outcome.DELIVERED and needs_relayed_dsn(result):
                 self._relayed.add(id(rcpt))
             out.append((rcpt, result))
-        return out
+        return took, out
 
     # -- DSNs ------------------------------------------------------------------------------
 
@@ -469,9 +495,7 @@ class QueueRunner:
             )
             # A refusal raises: this attempt is recorded as failed and retried later.
             await self.accept_made_here("", report_to, report, bounce_id)
-            self.services.log.info(
-                "%s: DSN %s queued for <%s>", envelope.id, bounce_id, envelope.sender
-            )
+            events.bounce_queued(envelope.id, bounce_id, envelope.sender, group[0].action)
 
     def _report_to(self, sender: str) -> list[str]:
         """Where a DSN for ``sender`` goes. A remote sender gets it; a local one through its
@@ -481,6 +505,10 @@ class QueueRunner:
             return [sender]
         local, _, domain = sender.rpartition("@")
         return self.services.accounts.resolve(f"{local.lower()}@{domain}") or []
+
+
+def _transport(relay: str) -> str:
+    return "local" if relay == LOCAL_HOST else "remote"
 
 
 def _of(envelope: Envelope, copies: list[LocalCopy]) -> list[tuple[int, Recipient]]:

@@ -5,6 +5,8 @@ decides MAIL (submission needs AUTH, RFC 6409 §4; an authenticated user may onl
 they own), RCPT (local domains: existing users, aliases, postmaster, RFC 5321 §4.5.1; other
 domains only when authenticated: no open relay), AUTH (SASL over TLS only, with brute-force
 throttling), and the end of DATA (header limits, mail loops, then a durable write before 250).
+Every refusal, its own and the engine's (limits), is reported with client and reason
+(:meth:`SmtpPolicy.refused`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from postroom import sasl
+from postroom import events, sasl
 from postroom.address import Address, parse_user_address
 from postroom.delivery import mime_downgrade
 from postroom.delivery.mime_downgrade import starts_with_header_field
@@ -79,6 +81,7 @@ class SmtpPolicy:
         self.auth_user: str | None = None
         self.helo = ""
         self.txn = _Txn()
+        self.tls_version: str | None = None  # set by the glue before the end of a message
 
     # -- features ------------------------------------------------------------------------------
 
@@ -108,16 +111,40 @@ class SmtpPolicy:
             self.txn.draft.abort()
         self.txn = _Txn()
 
+    def refused(
+        self, reply: Reply, command: Mail | Rcpt | None = None, txn: _Txn | None = None
+    ) -> Reply:
+        """Report a refusal of MAIL or RCPT (``command``) or of the message (``txn``, else the
+        current one), by the policy or the engine; returns ``reply``."""
+        txn = txn or self.txn
+        recipient = None
+        if isinstance(command, Mail):
+            stage, sender = "MAIL", command.sender
+        else:
+            stage, sender = ("RCPT" if command else "DATA"), txn.sender
+            recipient = str(command.recipient) if command else None
+        events.refused(
+            self.port,
+            self.client_ip,
+            stage,
+            reply,
+            sender=str(sender) if sender is not None else "",
+            recipient=recipient,
+            queue_id=txn.queue_id or None,
+            helo=self.helo,
+        )
+        return reply
+
     def on_mail(self, cmd: Mail) -> Reply:
         self.reset()
         if self.port != "smtp" and self.auth_user is None:
-            return replies.AUTH_REQUIRED
+            return self.refused(replies.AUTH_REQUIRED, cmd)
         if (
             self.auth_user is not None
             and cmd.sender is not None
             and not self.services.accounts.owns(self.auth_user, cmd.sender.key)
         ):
-            return replies.SENDER_NOT_OWNED
+            return self.refused(replies.SENDER_NOT_OWNED, cmd)
         self.txn = _Txn(sender=cmd.sender, mail=cmd)
         return replies.SENDER_OK
 
@@ -133,10 +160,9 @@ class SmtpPolicy:
             key = addr.key
             targets = self.services.accounts.resolve(key)
             if targets is None:
-                return replies.USER_UNKNOWN
+                return self.refused(replies.USER_UNKNOWN, cmd)
             if not targets:
-                self.services.log.warning("alias loop at %s: refused", key)
-                return replies.ALIAS_LOOP
+                return self.refused(replies.ALIAS_LOOP, cmd)
             original = str(addr) if targets != [key] else None
             for target in targets:
                 self._add_recipient(
@@ -144,7 +170,7 @@ class SmtpPolicy:
                 )
             return replies.RECIPIENT_OK
         if self.auth_user is None:
-            return replies.RELAY_DENIED
+            return self.refused(replies.RELAY_DENIED, cmd)
         self._add_recipient(Recipient(str(addr), orcpt=orcpt, notify=notify_list))
         return replies.RECIPIENT_OK
 
@@ -244,7 +270,7 @@ class SmtpPolicy:
             )
         if problem is not None:
             draft.abort()
-            return problem
+            return self.refused(problem, txn=txn)
         envelope = Envelope(
             id=txn.queue_id,
             sender=str(txn.sender) if txn.sender is not None else "",
@@ -256,17 +282,19 @@ class SmtpPolicy:
             envid=txn.mail.params.get("ENVID") if txn.mail else None,
             ret=(txn.mail.params.get("RET") or "").upper() or None if txn.mail else None,
             smtputf8=bool(txn.mail and txn.mail.smtputf8),
+            service=self.port,
+            tls_version=self.tls_version,
         )
         intake = self.services.intake
         assert intake is not None
         result = await intake.accept(envelope, draft)
         if isinstance(result, Reply):
-            return result
+            return self.refused(result, txn=txn)
         return Reply(250, "2.0.0", (f"OK: queued as {result.queue_id}",))
 
     # -- AUTH ---------------------------------------------------------------------------------
 
-    def authenticated(self, username: str) -> None:
+    def authenticated(self, username: str, mechanism: str) -> None:
         """A SASL exchange succeeded (``sasl_session.py`` drove it)."""
         self.auth_user = parse_user_address(username).key
-        self.services.log.info("auth ok user=%s client=%s", self.auth_user, self.client_ip)
+        events.auth_ok(self.port, self.client_ip, self.auth_user, mechanism)

@@ -27,6 +27,7 @@ from postroom.smtp.server_engine import (
     MessageAborted,
     MessageEnd,
     RcptTo,
+    Refused,
     ServerEngine,
     ServerState,
     TransactionReset,
@@ -55,7 +56,7 @@ class SmtpConnection(Connection):
 
     def __init__(self, services: Services, port: Port, implicit_tls: bool) -> None:
         super().__init__(services, implicit_tls)
-        self.port = port
+        self.port = self.service = port
         self.session: SmtpPolicy | None = None
         self._sasl: SaslSession | None = None
 
@@ -65,7 +66,7 @@ class SmtpConnection(Connection):
     def begin(self) -> bytes:
         self.session = SmtpPolicy(self.services, self.port, self.client_ip, tls=self.implicit_tls)
         self.engine = ServerEngine(self.session.features(), tls_active=self.implicit_tls)
-        self._sasl = SaslSession(self.services, self.client_ip, "smtp")
+        self._sasl = SaslSession(self.services, self.client_ip, self.port)
         return self.services.banner
 
     def handle(self, event: object) -> Coroutine[Any, Any, None] | None:
@@ -79,7 +80,12 @@ class SmtpConnection(Connection):
             engine.reply(session.on_mail(event.command))
         elif isinstance(event, DataStart):
             session.on_data_start()
-        elif isinstance(event, MessageAborted | TransactionReset):
+        elif isinstance(event, MessageAborted):
+            session.refused(event.reply)  # too big, bare CR or LF, NUL
+            session.reset()
+        elif isinstance(event, Refused):
+            session.refused(event.reply, event.command)
+        elif isinstance(event, TransactionReset):
             session.reset()
         elif isinstance(event, HelloReceived):
             session.reset()
@@ -91,6 +97,7 @@ class SmtpConnection(Connection):
         return None
 
     async def _message_end(self, engine: ServerEngine, session: SmtpPolicy) -> None:
+        session.tls_version = self.tls_version
         engine.reply(await session.on_message_end())
 
     async def _auth(
@@ -101,7 +108,7 @@ class SmtpConnection(Connection):
         if isinstance(outcome, sasl.Challenge):
             engine.auth_challenge(outcome.data)
         elif isinstance(outcome, sasl.Success):
-            session.authenticated(outcome.username)
+            session.authenticated(outcome.username, self._sasl.mechanism)
             engine.auth_finish(replies.AUTH_OK)
         else:
             engine.auth_finish(_SASL_REFUSED[outcome.reason])

@@ -200,6 +200,15 @@ class MessageAborted:
 
 
 @dataclass(frozen=True, slots=True)
+class Refused:
+    """The engine refused a MAIL or RCPT for a limit and has replied already: ``SIZE=`` above
+    the limit (RFC 1870 §6), recipients beyond the limit (RFC 5321 §4.5.3.1.8). For the logs."""
+
+    command: Mail | Rcpt
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
 class TransactionReset:
     """RSET, or a new EHLO: forget the transaction."""
 
@@ -212,6 +221,7 @@ Event = (
     | DataChunk
     | MessageEnd
     | MessageAborted
+    | Refused
     | TransactionReset
     | StartTLS
     | AuthStart
@@ -409,6 +419,14 @@ class ServerEngine:
         self._send(reply)
         return self._count_error(reply)
 
+    def _refuse(self, command: Mail | Rcpt, reply: Reply) -> Event:
+        """An error reply that the policy hears of (a limit): :class:`Refused`, then the
+        :class:`Closing` that too many errors cause."""
+        closing = self._error(reply)
+        if closing is not None:
+            self._pending.append(closing)
+        return Refused(command, reply)
+
     def _end_transaction(self) -> None:
         self._txn = _Transaction()
         self._data = None
@@ -477,7 +495,7 @@ class ServerEngine:
                     return self._error(replies.PARAM_SYNTAX)
                 # RFC 1870 §6: refuse at MAIL a message declared larger than we accept.
                 if int(value) > self.features.size_limit:
-                    return self._error(replies.MESSAGE_TOO_BIG)
+                    return self._refuse(cmd, replies.MESSAGE_TOO_BIG)
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     return self._error(replies.PARAM_SYNTAX)
@@ -526,7 +544,7 @@ class ServerEngine:
         # RFC 5321 §4.5.3.1.8: 452 for recipients beyond our limit; the client sends them later.
         if self._txn.rcpt_count >= self.features.max_recipients:
             self._send(replies.TOO_MANY_RECIPIENTS)
-            return None
+            return Refused(cmd, replies.TOO_MANY_RECIPIENTS)
         return RcptTo(cmd)
 
     def _bdat(self, cmd: Bdat) -> Event | None:

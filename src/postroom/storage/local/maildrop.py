@@ -11,9 +11,10 @@ once and remembered in a small cache file, so that the next session does not rea
 
 UIDLs are the Maildir unique names (the base name up to the first ``,`` or ``:``, as Dovecot
 keys them; hashed if unfit for RFC 1939 §7), so they survive flag changes, are stable across
-sessions and are never reused. Deletions are applied only by :meth:`MaildirMaildrop.update`
-(RFC 1939 §6). Messages retrieved and kept move from ``new/`` to ``cur/`` with the ``S`` (seen)
-flag, as Maildir readers expect.
+sessions and are never reused; messages moved over from Dovecot keep the UIDL Dovecot gave
+them (the mailbox's UIDL map, written by ``dovecot_import.py``). Deletions are applied only by
+:meth:`MaildirMaildrop.update` (RFC 1939 §6). Messages retrieved and kept move from ``new/`` to
+``cur/`` with the ``S`` (seen) flag, as Maildir readers expect.
 
 One session per mailbox: an exclusive ``flock`` on a lock file, held for the session and
 released by the kernel when the descriptor is closed or the process dies, so a crashed session
@@ -38,6 +39,7 @@ from postroom.blocking import BlockingPool
 from postroom.errors import MailboxInUse
 from postroom.storage.interfaces import MessageInfo
 from postroom.storage.local import maildir
+from postroom.storage.local.dovecot_import import load_uidl_map
 from postroom.wire.framing import CrlfConverter, to_crlf
 
 LOCK_NAME = ".postroom-pop3.lock"
@@ -204,6 +206,10 @@ class MaildirMaildrop:
                         files.append(MaildirFile(subdir, name, wire, unique_id(name), raw))
         if unknown:
             files += self._measure_all(unknown)
+        kept = load_uidl_map(self.path)  # UIDLs of messages moved over from Dovecot
+        if kept:
+            for f in files:
+                f.uid = kept.get(f.uid, f.uid)
         # Oldest first: Maildir unique names start with the delivery time in seconds.
         files.sort(key=lambda f: f.base)
         return files

@@ -1,0 +1,1 @@
+"""The HTTP listener: ``GET /metrics`` (Prometheus) and ``GET /healthz``."""

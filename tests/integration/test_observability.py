@@ -1,0 +1,467 @@
+"""Issue 17: /metrics and /healthz on a real server, JSON and Postfix-style logs, advice.
+
+The metrics are read with prometheus-client's own text parser while mail flows; counters must
+move by exactly the number of messages, with one worker and with two (one scrape then adds up
+both processes).
+"""
+
+from __future__ import annotations
+
+import email
+import json
+import poplib
+import shutil
+import signal
+import smtplib
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from postroom.metrics import parse
+from tests.conftest import Server, ServerFactory, need_tool
+from tests.dnszone import LoopbackDNS
+from tests.smtpsink import smtp_sink
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def get(srv: Server, path: str) -> tuple[int, bytes]:
+    url = f"http://{srv.host}:{srv.ports['http']}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def scrape(srv: Server) -> Samples:
+    status, body = get(srv, "/metrics")
+    assert status == 200
+    return parse(body.decode())
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def send(srv: Server, rcpts: list[str], subject: str = "hi") -> None:
+    with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+        c.sendmail("x@r.test", rcpts, f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_metrics_move_by_exactly_the_traffic(server_factory: ServerFactory, workers: int) -> None:
+    srv = server_factory(
+        services=("smtp", "pop3", "http"),
+        extra_toml=f"workers = {workers}\n[auth]\nallow_plaintext = true\n",
+    )
+    srv.add_user("bob@a.test")
+    before = scrape(srv)
+    count = 15
+    failures: list[BaseException] = []
+
+    def traffic() -> None:
+        try:
+            for i in range(count):
+                send(srv, ["bob@a.test"], f"m{i}")
+        except BaseException as exc:
+            failures.append(exc)
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    seen = []
+    deadline = time.monotonic() + 60
+    while sender.is_alive() and time.monotonic() < deadline:  # scrapes during the traffic
+        now = scrape(srv)
+        seen.append(value(now, "postroom_smtp_messages_total", service="smtp", result="accepted"))
+        time.sleep(0.02)
+    sender.join(30)
+    assert not failures and seen == sorted(seen)
+    for _ in range(2):  # refused: one unknown user, one relay attempt
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            send(srv, ["nobody@a.test" if _ == 0 else "x@elsewhere.test"])
+    pop = poplib.POP3(srv.host, srv.ports["pop3"], timeout=20)
+    pop.user("bob@a.test")
+    with pytest.raises(poplib.error_proto):
+        pop.pass_("wrong")
+    pop.quit()
+
+    after = scrape(srv)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("postroom_smtp_messages_total", service="smtp", result="accepted") == count
+    assert delta("postroom_smtp_messages_total", service="smtp", result="rejected") == 2
+    assert delta("postroom_smtp_connections_total", service="smtp") == count + 2
+    assert delta("postroom_deliveries_total", transport="local", result="delivered") == count
+    assert delta("postroom_smtp_refusals_total", service="smtp", reason="user_unknown") == 1
+    assert delta("postroom_smtp_refusals_total", service="smtp", reason="relay_denied") == 1
+    assert delta("postroom_auth_failures_total", service="pop3") == 1
+    assert delta("postroom_pop3_sessions_total", service="pop3") == 1
+    assert value(after, "postroom_queue_messages") == 0
+    for method in ("spf", "dmarc"):  # one verdict each per message from outside
+        verdicts = [
+            v - before.get((name, labels), 0.0)
+            for (name, labels), v in after.items()
+            if name == "postroom_sender_auth_total" and ("method", method) in labels
+        ]
+        assert sum(verdicts) == count, method
+    assert value(after, "postroom_tls_certificate_expiry_timestamp_seconds") > time.time()
+    assert value(after, "postroom_data_dir_free_bytes") > 0
+    attempts = value(
+        after,
+        "postroom_delivery_attempt_duration_seconds_count",
+        transport="local",
+        result="delivered",
+    )
+    assert attempts == count
+    deadline = time.monotonic() + 10  # bytes are counted as each connection closes
+    while value(scrape(srv), "postroom_sessions_open", service="smtp") != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert value(scrape(srv), "postroom_received_bytes_total", service="smtp") > count * 20
+
+
+def test_the_engines_own_refusals_are_logged_and_counted(server_factory: ServerFactory) -> None:
+    """MAIL SIZE= over the limit and recipients beyond max_recipients are answered by the
+    engine itself; they are refusals like the policy's (they used to leave no trace)."""
+    srv = server_factory(
+        services=("smtp", "http"),
+        extra_toml="[limits]\nmax_recipients = 2\nmessage_size = 1000\n",
+    )
+    srv.add_user("bob@a.test")
+    before = scrape(srv)
+    with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+        c.ehlo()
+        assert c.mail("x@r.test", ["SIZE=5000"])[0] == 552
+        c.mail("x@r.test")
+        assert [c.rcpt("bob@a.test")[0] for _ in range(3)] == [250, 250, 452]
+        c.rset()
+    after = scrape(srv)
+    for reason in ("size", "too_many_recipients"):
+        refusals = value(after, "postroom_smtp_refusals_total", service="smtp", reason=reason)
+        assert (
+            refusals - value(before, "postroom_smtp_refusals_total", service="smtp", reason=reason)
+            == 1
+        )
+    log = wait_log(srv, "452 4.5.3")
+    assert "NOQUEUE: reject: MAIL from [127.0.0.1]: 552 5.3.4" in log
+    assert "NOQUEUE: reject: RCPT from [127.0.0.1]: 452 4.5.3 <bob@a.test>" in log
+
+
+def test_a_dead_workers_sessions_stop_counting(server_factory: ServerFactory) -> None:
+    """A worker killed with sessions open is started again: the sessions it had open leave
+    postroom_sessions_open (they stayed there for good), what it counted stays counted."""
+    import os
+    import re
+    import socket
+
+    srv = server_factory(services=("smtp", "http"), extra_toml="workers = 2\n")
+    clients = [
+        socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) for _ in range(12)
+    ]
+    for c in clients:
+        assert c.recv(100).startswith(b"220")
+    assert value(scrape(srv), "postroom_sessions_open", service="smtp") == len(clients)
+    log = srv.log.read_text()
+    (pid,) = [int(p) for p in re.findall(r"worker 1 started, pid (\d+)", log)]
+    assert f"smtpd[{pid}]: connect from" in log  # the kernel gave it some of them
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while "starting it again" not in srv.log.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for c in clients:
+        c.close()
+    while (now := scrape(srv)) and value(now, "postroom_sessions_open", service="smtp") != 0:
+        assert time.monotonic() < deadline, value(now, "postroom_sessions_open", service="smtp")
+        time.sleep(0.05)
+    assert value(now, "postroom_smtp_connections_total", service="smtp") == len(clients)
+
+
+def test_healthz_200_then_503_while_stopping(server_factory: ServerFactory) -> None:
+    srv = server_factory(services=("smtp", "http"))
+    srv.add_user("bob@a.test")
+    assert get(srv, "/healthz") == (200, b"ok\n")
+    assert get(srv, "/nothing")[0] == 404
+    c = smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20)
+    c.ehlo()
+    c.mail("x@r.test")
+    c.rcpt("bob@a.test")
+    assert c.docmd("DATA")[0] == 354
+    c.send(b"Subject: slow\r\n\r\nhalf")  # a message in flight: the server waits for it
+    assert srv.proc is not None
+    srv.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 8
+    while get(srv, "/healthz")[0] != 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    c.send(b" done\r\n.\r\n")
+    assert c.getreply()[0] == 250
+    c.close()
+    assert srv.proc.wait(15) == 0
+    srv.proc = None
+    assert len(srv.messages("bob@a.test")) == 1
+
+
+@pytest.fixture
+def sink_setup(
+    server_factory: ServerFactory, request: pytest.FixtureRequest
+) -> Iterator[tuple[Server, object]]:
+    fmt = request.param
+    dns = LoopbackDNS()
+    with smtp_sink() as sink:
+        port = sink.server_address[1]
+        dns.mx("b.test", 10, "mx.b.test")
+        dns.a("mx.b.test", "127.0.0.1")
+        srv = server_factory(
+            services=("smtp", "submission", "http"),
+            extra_toml=(
+                f'log_format = "{fmt}"\n'
+                f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "3s"\n'
+                f'[delivery]\nport = {port}\nconnect_timeout = "3s"\nretry_intervals = ["1h"]\n'
+                "[auth]\nallow_plaintext = true\n"
+            ),
+        )
+        srv.add_user("alice@a.test", "alicepw")
+        srv.add_user("bob@a.test")
+        yield srv, sink
+    dns.stop()
+
+
+def submit(srv: Server, rcpts: list[str], body: str = "body") -> None:
+    with smtplib.SMTP(srv.host, srv.ports["submission"], timeout=20) as c:
+        c.login("alice@a.test", "alicepw")
+        c.sendmail("alice@a.test", rcpts, f"From: alice@a.test\r\nSubject: t\r\n\r\n{body}\r\n")
+
+
+def traffic(srv: Server) -> None:
+    """Delivered locally and remotely, deferred (greylisted), bounced (5.7.26), refused."""
+    submit(srv, ["bob@a.test", "ok@b.test", "grey@b.test", "auth@b.test"])
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        send(srv, ["nobody@a.test"])
+    # The bounce for auth@b.test reaches alice's Maildir.
+    assert len(srv.wait_messages("alice@a.test", 1, timeout=20)) == 1
+
+
+def wait_log(srv: Server, needle: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while needle not in (text := srv.log.read_text()):
+        assert time.monotonic() < deadline, text[-3000:]
+        time.sleep(0.05)
+    return text
+
+
+@pytest.mark.parametrize("sink_setup", ["json"], indirect=True)
+def test_json_logs_and_deliverability_advice(sink_setup: tuple[Server, object]) -> None:
+    srv, _sink = sink_setup
+    traffic(srv)
+    wait_log(srv, '"event": "bounce"')
+    events = [json.loads(line) for line in srv.log.read_text().splitlines()]  # every line
+    assert all(list(e)[:3] == ["ts", "level", "event"] for e in events)
+    accepted = [e for e in events if e["event"] == "accepted"]
+    assert {a["service"] for a in accepted} == {"submission"}
+    (submitted,) = [a for a in accepted if a.get("user") == "alice@a.test"]
+    assert {"queue_id", "sender", "recipients", "size", "client", "service", "user"} <= set(
+        submitted
+    )
+    assert sorted(submitted["recipients"]) == sorted(
+        ["bob@a.test", "ok@b.test", "grey@b.test", "auth@b.test"]
+    )
+    qid = submitted["queue_id"]
+    by_rcpt = {
+        e["recipient"]: e for e in events if e["event"] == "delivery" and e["queue_id"] == qid
+    }
+    keys = {"queue_id", "recipient", "transport", "status", "dsn", "relay", "delay_s", "reply"}
+    assert all(keys <= set(e) for e in by_rcpt.values())
+    assert (by_rcpt["bob@a.test"]["status"], by_rcpt["bob@a.test"]["relay"]) == (
+        "delivered",
+        "local",
+    )
+    ok = by_rcpt["ok@b.test"]
+    assert (ok["status"], ok["transport"], ok["dsn"]) == ("delivered", "remote", "2.0.0")
+    assert ok["relay"].startswith("mx.b.test[127.0.0.1]:")
+    assert (by_rcpt["grey@b.test"]["status"], by_rcpt["grey@b.test"]["dsn"]) == (
+        "deferred",
+        "4.7.1",
+    )
+    bounced = by_rcpt["auth@b.test"]
+    assert (bounced["status"], bounced["dsn"]) == ("bounced", "5.7.26")
+    assert "5.7.26" in bounced["reply"]
+    assert any(e["event"] == "reject" and e["reason"] == "user_unknown" for e in events)
+
+    # The bounce's human-readable part says what to do, naming the command.
+    (raw,) = srv.messages("alice@a.test")
+    report = email.message_from_bytes(raw)
+    human = next(p for p in report.walk() if p.get_content_type() == "text/plain")
+    text = " ".join(human.get_payload(decode=True).decode().split())
+    assert "postroom dns a.test --check" in text and "auth@b.test" in text
+
+    # queue show: the greylisted recipient is deferred, with advice (text and JSON).
+    shown = json.loads(srv.cli("queue", "show", qid, "--json").stdout)
+    (grey,) = [r for r in shown["recipients"] if r["address"] == "grey@b.test"]
+    assert grey["status"] == "deferred" and grey["advice"]["cause"] == "greylisting"
+    assert grey["advice"]["command"] == "postroom queue flush"
+    assert "postroom queue flush" in srv.cli("queue", "show", qid).stdout
+    # The attempt history ({time, recipients, host, ip, reply}) of the deferred message: one
+    # entry per host and reply, each with its advice.
+    (attempt,) = [a for a in shown["attempts"] if "grey@b.test" in a["recipients"]]
+    assert {"time", "recipients", "host", "ip", "reply"} <= set(attempt)
+    assert (attempt["host"], attempt["ip"], attempt["tls"]) == ("mx.b.test", "127.0.0.1", False)
+    assert "4.7.1" in attempt["reply"] and attempt["advice"]["cause"] == "greylisting"
+    (auth,) = [a for a in shown["attempts"] if "auth@b.test" in a["recipients"]]
+    assert auth["advice"]["command"] == "postroom dns a.test --check"
+    (local,) = [a for a in shown["attempts"] if a["host"] == "local"]
+    assert local["recipients"] == ["bob@a.test"] and local["advice"] is None
+
+
+@pytest.mark.parametrize("sink_setup", ["text"], indirect=True)
+def test_text_logs_read_by_pflogsumm(sink_setup: tuple[Server, object]) -> None:
+    pflogsumm = shutil.which("/usr/sbin/pflogsumm") or need_tool("pflogsumm")
+    srv, _sink = sink_setup
+    traffic(srv)
+    text = wait_log(srv, "sender non-delivery notification")
+    lines = text.splitlines()
+    assert len([line for line in lines if ": client=[" in line]) == 1  # the submission
+    assert any("status=sent (delivered to maildir " in line for line in lines)
+    assert any(
+        "NOQUEUE: reject: RCPT from [127.0.0.1]: 550 5.1.1 <nobody@a.test>" in line
+        for line in lines
+    )
+    out = subprocess.run(
+        [pflogsumm, "--syslog-name=postroom", "--problems-first"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    totals = {}
+    for line in out.split("Grand Totals", 1)[1].splitlines()[:20]:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit():
+            totals[parts[1]] = int(parts[0])
+    # received: the submission and the smtp one refused is not; delivered: bob, ok@b.test and
+    # the bounce to alice; one deferral; one bounce; one rejected RCPT.
+    assert totals["received"] == 1
+    assert totals["delivered"] == 3
+    assert totals["deferred"] == 1
+    assert totals["bounced"] == 1
+    assert totals["rejected"] == 1
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_no_secrets_in_logs(server_factory: ServerFactory, fmt: str) -> None:
+    import base64
+    import socket
+    import ssl
+
+    srv = server_factory(
+        services=("smtp", "submission", "submissions", "pop3", "http"),
+        extra_toml=f'log_format = "{fmt}"\n[auth]\nallow_plaintext = true\n',
+    )
+    srv.add_user("alice@a.test", "Corr3ct-Horse")
+    secrets = ["Corr3ct-Horse", "Wr0ng-Passw0rd", "Pop-Wr0ng", "BODY-SECRET-7731", "SUBJ-77X"]
+    for password in ("Wr0ng-Passw0rd", "Corr3ct-Horse"):
+        with smtplib.SMTP(srv.host, srv.ports["submission"], timeout=20) as c:
+            try:
+                c.login("alice@a.test", password)
+            except smtplib.SMTPAuthenticationError:
+                continue
+            c.sendmail(
+                "alice@a.test",
+                ["alice@a.test"],
+                b"Subject: SUBJ-77X\r\n\r\nBODY-SECRET-7731\r\n",
+            )
+    for password in ("Pop-Wr0ng", "Corr3ct-Horse"):
+        pop = poplib.POP3(srv.host, srv.ports["pop3"], timeout=20)
+        pop.user("alice@a.test")
+        try:
+            pop.pass_(password)
+            pop.retr(1)
+        except poplib.error_proto:
+            pass
+        pop.quit()
+    before = value(
+        scrape(srv),
+        "postroom_tls_handshakes_total",
+        service="submissions",
+        version="",
+        outcome="failed",
+    )
+    with socket.create_connection((srv.host, srv.ports["submissions"]), timeout=10) as s:
+        s.sendall(b"EHLO plaintext on a TLS port\r\n")  # no handshake: it fails
+        s.recv(100)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP_SSL(srv.host, srv.ports["submissions"], context=ctx, timeout=20) as c:
+        c.ehlo()
+    deadline = time.monotonic() + 10
+    while (
+        value(
+            scrape(srv),
+            "postroom_tls_handshakes_total",
+            service="submissions",
+            version="",
+            outcome="failed",
+        )
+        != before + 1
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert (
+        value(
+            scrape(srv),
+            "postroom_tls_handshakes_total",
+            service="submissions",
+            version="TLSv1.3",
+            outcome="ok",
+        )
+        == 1
+    )
+    assert srv.stop() == 0
+    log = srv.log.read_text()
+    plain = b"\0alice@a.test\0Wr0ng-Passw0rd"
+    secrets.append(base64.b64encode(plain).decode())
+    for secret in secrets:
+        assert secret not in log
+    assert log.count("alice@a.test") >= 4  # the name tried is logged, with the failures
+    assert "authentication failed" in log or '"auth_failed"' in log
+    if fmt == "json":
+        assert all(json.loads(line) for line in log.splitlines())
+
+
+def test_expiry_logs_bounced(server_factory: ServerFactory) -> None:
+    """A message that reaches max_queue_time logs its recipients as bounced (it used not to)."""
+    dns = LoopbackDNS()
+    try:
+        with smtp_sink() as sink:
+            dns.mx("b.test", 10, "mx.b.test")
+            dns.a("mx.b.test", "127.0.0.1")
+            srv = server_factory(
+                services=("smtp", "submission"),
+                extra_toml=(
+                    'log_format = "json"\n'
+                    f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "3s"\n'
+                    f"[delivery]\nport = {sink.server_address[1]}\n"
+                    'retry_intervals = ["1s"]\nmax_queue_time = "3s"\n'
+                    "[auth]\nallow_plaintext = true\n"
+                ),
+            )
+            srv.add_user("alice@a.test", "alicepw")
+            submit(srv, ["grey@b.test"])
+            wait_log(srv, '"event": "expired"', timeout=30)
+            text = wait_log(srv, '"event": "bounce"', timeout=30)
+    finally:
+        dns.stop()
+    events = [json.loads(line) for line in text.splitlines()]
+    deliveries = [e for e in events if e["event"] == "delivery" and e["recipient"] == "grey@b.test"]
+    assert {e["status"] for e in deliveries} == {"deferred", "bounced"}
+    (bounced,) = [e for e in deliveries if e["status"] == "bounced"]
+    assert "expired" in bounced["reply"] and "4.7.1" in bounced["reply"]

@@ -1,0 +1,75 @@
+"""A threaded SMTP sink for integration tests: answers each RCPT by the local part's prefix."""
+
+from __future__ import annotations
+
+import socketserver
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+GMAIL_526 = (
+    "550-5.7.26 This mail has been blocked because the sender is unauthenticated.\r\n"
+    "550 5.7.26 Gmail requires all senders to authenticate with either SPF or DKIM."
+)
+# Local part prefix -> the RCPT reply; anything else gets 250.
+RULES = {
+    "auth": GMAIL_526,
+    "grey": "451 4.7.1 Greylisted, please try again later",
+    "gone": "550 5.1.1 no such user",
+}
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    timeout = 20
+
+    def handle(self) -> None:
+        def say(text: str) -> None:
+            self.wfile.write(text.encode() + b"\r\n")
+
+        say("220 sink.test ESMTP")
+        rcpts = 0
+        while line := self.rfile.readline(4096):
+            verb = line[:4].decode("ascii", "replace").upper()
+            if verb in ("EHLO", "HELO"):
+                say("250-sink.test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES")
+            elif verb == "MAIL":
+                rcpts = 0
+                say("250 2.1.0 ok")
+            elif verb == "RCPT":
+                local = line.decode("utf-8", "replace").split("<", 1)[1].split("@")[0]
+                reply = next((r for p, r in RULES.items() if local.startswith(p)), None)
+                if reply is None:
+                    rcpts += 1
+                say(reply or "250 2.1.5 ok")
+            elif verb == "DATA":
+                if not rcpts:
+                    say("554 5.5.1 no valid recipients")
+                    continue
+                say("354 go ahead")
+                while self.rfile.readline(1 << 20) not in (b".\r\n", b""):
+                    pass
+                self.server.messages += 1  # type: ignore[attr-defined]
+                say("250 2.0.0 queued as SINK1")
+            elif verb == "QUIT":
+                say("221 2.0.0 bye")
+                return
+            else:
+                say("250 2.0.0 ok")
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    messages = 0
+
+
+@contextmanager
+def smtp_sink(host: str = "127.0.0.1") -> Iterator[_Server]:
+    server = _Server((host, 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

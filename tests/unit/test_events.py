@@ -1,0 +1,166 @@
+"""events.py and logs.py: one event, its metric and its line (text and JSON), no forged lines."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from postroom import events, logs
+from postroom.config import Config
+from postroom.metrics import parse
+from postroom.queue.envelope import Envelope, Recipient
+from postroom.wire import replies
+
+
+@pytest.fixture
+def log() -> io.StringIO:
+    return io.StringIO()
+
+
+def _setup(out: io.StringIO, fmt: str, tmp_path: Path) -> None:
+    logs.setup(Config(hostname="mx.a.test", log_format=fmt), stream=out)
+    events.setup(
+        enabled=True,
+        multiprocess_dir=None,
+        data_dir=tmp_path,
+        services=["smtp"],
+        spool=lambda: (3, 100.0),
+    )
+
+
+def _envelope(service: str, user: str | None, sender: str, rcpt: str, tls: str | None) -> Envelope:
+    return Envelope(
+        "Q1",
+        sender,
+        [Recipient(rcpt)],
+        0.0,
+        size=8,
+        wire_size=9,
+        client_ip="192.0.2.1",
+        auth_user=user,
+        service=service,
+        tls_version=tls,
+    )
+
+
+def _samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return parse(events.exposition().decode())
+
+
+def test_text_lines_postfix_style(log: io.StringIO, tmp_path: Path) -> None:
+    _setup(log, "text", tmp_path)
+    env = _envelope("submission", "a@a.test", "a@a.test", "b@b.test", None)
+    events.accepted(env)
+    env.recipients[0].status = "delivered"
+    events.delivery(
+        env, env.recipients[0], "remote", str(replies.OK), "mx.b.test[192.0.2.2]:25", 0.5
+    )
+    events.refused(
+        "smtp",
+        "192.0.2.9",
+        "RCPT",
+        replies.USER_UNKNOWN,
+        sender="x@c.test",
+        recipient="nobody@a.test",
+    )
+    logs.flush()
+    lines = log.getvalue().splitlines()
+    assert lines[0].endswith(
+        f"mx.a.test postroom/submission/smtpd[{os.getpid()}]: Q1: client=[192.0.2.1],"
+        " sasl_username=a@a.test, tls=none, service=submission, from=<a@a.test>, to=<b@b.test>,"
+        " size=9"
+    )
+    assert "postroom/qmgr[" in lines[1] and lines[1].endswith(
+        "Q1: from=<a@a.test>, size=9, nrcpt=1 (queue active)"
+    )
+    assert "postroom/smtp[" in lines[2]
+    assert "Q1: to=<b@b.test>, relay=mx.b.test[192.0.2.2]:25, delay=" in lines[2]
+    assert lines[2].endswith(", dsn=2.0.0, status=sent (250 2.0.0 OK)")
+    assert "NOQUEUE: reject: RCPT from [192.0.2.9]: 550 5.1.1 <nobody@a.test>: Mailbox" in lines[3]
+    assert "from=<x@c.test> to=<nobody@a.test>" in lines[3]
+    samples = _samples()
+    assert (
+        samples[
+            ("postroom_smtp_messages_total", (("result", "accepted"), ("service", "submission")))
+        ]
+        == 1
+    )
+    assert (
+        samples[("postroom_smtp_messages_total", (("result", "rejected"), ("service", "smtp")))]
+        == 1
+    )
+    assert (
+        samples[("postroom_deliveries_total", (("result", "delivered"), ("transport", "remote")))]
+        == 1
+    )
+    assert samples[("postroom_queue_messages", ())] == 3
+    events.first_attempts(2)  # two messages in their first attempt are in the queue too
+    assert _samples()[("postroom_queue_messages", ())] == 5
+    events.first_attempts(-2)
+
+
+def test_no_forged_lines(log: io.StringIO, tmp_path: Path) -> None:
+    _setup(log, "text", tmp_path)
+    events.auth_failed("smtp", "192.0.2.1", "x\r\n2030-01-01 postroom: fake", "PLAIN")
+    events.refused("smtp", "192.0.2.1", "MAIL", replies.AUTH_REQUIRED, helo="h\nfake")
+    logs.flush()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "warning: [192.0.2.1]: PLAIN authentication failed, sasl_username=x??2030" in lines[0]
+
+
+def test_json_lines(log: io.StringIO, tmp_path: Path) -> None:
+    _setup(log, "json", tmp_path)
+    env = _envelope("smtp", None, "", "b@a.test", "TLSv1.3")
+    events.accepted(env)
+    env.recipients[0].status = "deferred"
+    text = "451 4.3.0 local delivery failed: full"
+    events.delivery(env, env.recipients[0], "local", text, "local", 0.01, "b@a.test")
+    events.startup("ready")
+    logs.flush()
+    accepted, delivery, ready = (json.loads(line) for line in log.getvalue().splitlines())
+    assert list(accepted)[:3] == ["ts", "level", "event"]
+    assert accepted["event"] == "accepted" and "user" not in accepted
+    assert (accepted["tls"], accepted["size"]) == ("TLSv1.3", 9)
+    assert {"queue_id", "sender", "recipients", "size", "client", "service"} <= set(accepted)
+    assert delivery["event"] == "delivery"
+    assert {
+        "queue_id",
+        "recipient",
+        "transport",
+        "status",
+        "dsn",
+        "relay",
+        "delay_s",
+        "reply",
+    } <= set(delivery)
+    assert (delivery["status"], delivery["dsn"], delivery["relay"]) == (
+        "deferred",
+        "4.3.0",
+        "local",
+    )
+    assert ready == {
+        "ts": ready["ts"],
+        "level": "info",
+        "event": "startup",
+        "message": "postroom: ready",
+    }
+    assert ready["ts"].endswith("Z") and "T" in ready["ts"]
+
+
+def test_batched_observations_equal_observe() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.exposition import generate_latest
+
+    values = [0.0, 0.001, 0.005, 0.0051, 0.3, 7.0, 299.0, 301.0, 1e9, 0.005]
+    one, many = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("h", "h", ["x"], registry=one, buckets=(0.005, 0.3, 300))
+    h2 = Histogram("h", "h", ["x"], registry=many, buckets=(0.005, 0.3, 300))
+    for v in values:
+        h1.labels("a").observe(v)
+    events._observe_many(h2.labels("a"), values)
+    assert generate_latest(one) == generate_latest(many)
