@@ -27,10 +27,13 @@ from postroom import config as config_mod
 from postroom import lifetime, logs
 from postroom import tls as tls_mod
 from postroom.config import Config
+from postroom.errors import PostroomError
 from postroom.queue.runner import QueueRunner
 from postroom.queue.store import QueueStore
 from postroom.services import ConnectionLimiter, Services
 from postroom.smtp.policy import Port
+from postroom.storage import factory
+from postroom.storage.factory import NodeStores
 from postroom.storage.local.accounts import Accounts
 from postroom.throttle import LoginThrottle
 
@@ -40,13 +43,18 @@ CONTROL_SOCKET = "control.sock"
 
 
 def build_services(
-    cfg: Config, primary: bool = True, workers: int = 1, index: int = 0
+    cfg: Config,
+    primary: bool = True,
+    workers: int = 1,
+    index: int = 0,
+    stores: NodeStores | None = None,
 ) -> tuple[Services, QueueRunner]:
-    """The shared bundle and the queue runner that takes its finished messages."""
+    """The shared bundle and the queue runner that takes its finished messages. Without
+    ``stores``, those of the local backend."""
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     services = Services(
         cfg=cfg,
-        accounts=Accounts(cfg.data_dir),
+        accounts=stores.accounts if stores is not None else Accounts(cfg.data_dir),
         store=QueueStore(cfg.data_dir / "queue"),
         throttle=LoginThrottle(cfg.auth),
         connections=ConnectionLimiter.for_config(cfg, workers),
@@ -229,7 +237,9 @@ def _reload(services: Services, worker: Worker) -> None:
 
 async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     """One worker's event loop. The primary (worker 0) also recovers and runs the queue."""
-    services, runner = build_services(cfg, worker.primary, cfg.workers, worker.index)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    stores = await factory.open_node(cfg)
+    services, runner = build_services(cfg, worker.primary, cfg.workers, worker.index, stores)
     loop = asyncio.get_running_loop()
     control = None
     if services.cpus is not None:
@@ -285,7 +295,7 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.gather(*tasks)
     await worker.wait_others(deadline=loop.time() + 1)
-    services.accounts.close()
+    await stores.close()
     logs.flush()
     return 0
 
@@ -360,13 +370,18 @@ def run(cfg: Config) -> int:
                 os.close(go_r)
                 if not released:
                     os._exit(0)
-                os._exit(_loop_run(serve(cfg, listeners, Worker(primary=False, index=index))))
+                try:
+                    code = _loop_run(serve(cfg, listeners, Worker(primary=False, index=index)))
+                except (OSError, PostroomError) as exc:
+                    print(f"postroom: error: worker {index}: {exc}", file=sys.stderr)
+                    code = 1
+                os._exit(code)
             worker.children.append(pid)
         os.close(go_r)
         worker.go_fd = go_w
     try:
         return _loop_run(serve(cfg, listeners, worker))
-    except OSError as exc:
+    except (OSError, PostroomError) as exc:  # PostgreSQL away at start, a schema too new
         print(f"postroom: error: {exc}", file=sys.stderr)
         worker.signal_others(signal.SIGTERM)
         return 1

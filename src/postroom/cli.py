@@ -77,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     queue.add_parser("show", parents=[common]).add_argument("id")
     queue.add_parser("flush", parents=[common])
     queue.add_parser("delete", parents=[common]).add_argument("id")
+
+    dbc = sub.add_parser(
+        "db", parents=[common], help="the PostgreSQL schema ([storage] backend = postgresql)"
+    ).add_subparsers(dest="action", required=True, parser_class=_Parser)
+    dbc.add_parser("migrate", parents=[common], help="apply pending schema migrations")
+    dbc.add_parser("check", parents=[common], help="connectivity, schema version, pending")
+    imp = dbc.add_parser(
+        "import", parents=[common], help="copy a local node's accounts and Maildirs in"
+    )
+    imp.add_argument(
+        "data_dir", nargs="?", default=None, help="the local node's data_dir (default: data_dir)"
+    )
     return p
 
 
@@ -123,27 +135,31 @@ def _control(cfg: Config, command: str) -> str | None:
 
 
 def _cmd_user(cfg: Config, args: argparse.Namespace) -> int:
-    from postroom.storage.local.accounts import Accounts, account_address
+    from postroom.storage import factory
+    from postroom.storage.local.accounts import account_address
 
-    accounts = Accounts(cfg.data_dir)
-    if args.action == "list":
-        for name in accounts.list_users():
-            print(name)
-        return 0
-    addr = account_address(args.address, cfg.domains)
-    if args.action == "add":
-        if accounts.user_exists(addr.key):
-            raise AccountError(f"user {addr.key} already exists")
-        accounts.add_user(addr, _read_password(args))
-        from postroom.storage.local import maildir
-
-        maildir.ensure(maildir.mailbox_path(cfg.data_dir, addr.key))
-    elif args.action == "passwd":
-        if not accounts.user_exists(addr.key):
-            raise AccountError(f"no such user {addr.key}")
-        accounts.set_password(addr, _read_password(args))
-    elif args.action == "del":
-        accounts.delete_user(addr)
+    stores = factory.open_admin(cfg)
+    try:
+        accounts = stores.accounts
+        if args.action == "list":
+            for name in accounts.list_users():
+                print(name)
+            return 0
+        addr = account_address(args.address, cfg.domains)
+        if args.action == "add":
+            if accounts.user_exists(addr.key):
+                raise AccountError(f"user {addr.key} already exists")
+            accounts.add_user(addr, _read_password(args))
+            stores.create_mailbox(addr.key)
+        elif args.action == "passwd":
+            if not accounts.user_exists(addr.key):
+                raise AccountError(f"no such user {addr.key}")
+            accounts.set_password(addr, _read_password(args))
+        elif args.action == "del":
+            for alias in accounts.delete_user(addr) or ():
+                print(f"{addr.key} taken out of alias {alias}")
+    finally:
+        stores.close()
     return 0
 
 
@@ -158,24 +174,29 @@ def _alias_target(text: str) -> str:
 
 
 def _cmd_alias(cfg: Config, args: argparse.Namespace) -> int:
-    from postroom.storage.local.accounts import Accounts, account_address
+    from postroom.storage import factory
+    from postroom.storage.local.accounts import account_address
 
-    accounts = Accounts(cfg.data_dir)
-    if args.action == "list":
-        for alias, targets in accounts.list_aliases().items():
-            print(f"{alias}\t{' '.join(targets)}")
-        return 0
-    addr = account_address(args.alias, cfg.domains)
-    if args.action == "add":
-        targets = []
-        for t in args.targets:
-            target = _alias_target(t)
-            local, _, domain = target.rpartition("@")
-            # Local targets are stored in their key form, remote ones as typed.
-            targets.append(f"{local.lower()}@{domain}" if domain in cfg.domains else target)
-        accounts.add_alias(addr, targets)
-    else:
-        accounts.delete_alias(addr)
+    stores = factory.open_admin(cfg)
+    try:
+        accounts = stores.accounts
+        if args.action == "list":
+            for alias, targets in accounts.list_aliases().items():
+                print(f"{alias}\t{' '.join(targets)}")
+            return 0
+        addr = account_address(args.alias, cfg.domains)
+        if args.action == "add":
+            targets = []
+            for t in args.targets:
+                target = _alias_target(t)
+                local, _, domain = target.rpartition("@")
+                # Local targets are stored in their key form, remote ones as typed.
+                targets.append(f"{local.lower()}@{domain}" if domain in cfg.domains else target)
+            accounts.add_alias(addr, targets)
+        else:
+            accounts.delete_alias(addr)
+    finally:
+        stores.close()
     return 0
 
 
@@ -260,6 +281,30 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_db(cfg: Config, args: argparse.Namespace) -> int:
+    if cfg.storage.backend != "postgresql" or cfg.storage.url is None:
+        where = cfg.path or "<embedded default>"
+        raise ConfigError(f'{where}: storage.backend: the db commands need "postgresql"')
+    from pathlib import Path
+
+    from postroom.storage.postgresql import maintenance
+
+    url = cfg.storage.url
+    if args.action == "migrate":
+        for line in maintenance.migrate(url):
+            print(line)
+        return 0
+    if args.action == "check":
+        ok, lines = maintenance.check(url)
+        for line in lines:
+            print(line)
+        return 0 if ok else 1
+    source = Path(args.data_dir) if args.data_dir else cfg.data_dir
+    for line in maintenance.import_local(url, source, cfg.domains):
+        print(line)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -284,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_user(cfg, args)
         if args.command == "alias":
             return _cmd_alias(cfg, args)
+        if args.command == "db":
+            return _cmd_db(cfg, args)
         return _cmd_queue(cfg, args)
     except ConfigError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)

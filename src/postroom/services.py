@@ -20,7 +20,7 @@ from postroom.blocking import BlockingPool
 from postroom.config import Config
 from postroom.queue.store import Envelope, QueueStore
 from postroom.sasl import ScramKeys
-from postroom.storage.local.accounts import Accounts
+from postroom.storage.factory import AccountLookup
 from postroom.throttle import LoginThrottle
 
 log = logging.getLogger("postroom")
@@ -95,7 +95,7 @@ class Services:
     """Everything a session needs, created once per server."""
 
     cfg: Config
-    accounts: Accounts
+    accounts: AccountLookup
     store: QueueStore
     throttle: LoginThrottle
     connections: ConnectionLimiter

@@ -1,0 +1,367 @@
+"""Users and aliases in PostgreSQL: the admin side (writes) and each node's live copy (reads).
+
+The tables (``users``, ``aliases``; see ``migrations.py``) hold the same as the local SQLite
+store: argon2id hashes, SCRAM keys, alias rows, ``@DOMAIN`` catch-alls. Writes go to the
+database: :class:`AccountAdmin` (the CLI, from any node) runs each change in one transaction,
+and checks there what must hold at commit (a local alias target exists; ``user del`` takes the
+user out of every alias).
+
+Lookups happen per RCPT and per login, in code that is synchronous (the SMTP policy, SASL), so
+a node answers them from memory: :class:`LiveAccounts` loads both tables at start, LISTENs on
+``postroom_accounts`` (a trigger names each changed key) and reads those keys again, and loads
+everything again every ``FULL_REFRESH`` seconds and after every reconnection, in case a
+notification was missed. A change made on any node is seen by every node within milliseconds.
+While PostgreSQL is away a node keeps answering from its last copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import asyncpg
+
+from postroom.address import Address, parse_user_address
+from postroom.errors import AccountError, AddressError
+from postroom.sasl import ScramKeys
+from postroom.storage import aliases as alias_rules
+from postroom.storage.credentials import LoginCache, make_credentials, password_matches
+from postroom.storage.postgresql import db, migrations
+
+log = logging.getLogger("postroom")
+
+CHANNEL = "postroom_accounts"
+FULL_REFRESH = 300.0
+RECONNECT_DELAY = 1.0
+
+INSERT_USER = (
+    "INSERT INTO users (address, password_hash, scram_salt, scram_iterations,"
+    " scram_stored_key, scram_server_key) VALUES ($1, $2, $3, $4, $5, $6)"
+)
+_SELECT_USERS = (
+    "SELECT address, password_hash, scram_salt, scram_iterations, scram_stored_key,"
+    " scram_server_key FROM users"
+)
+
+
+class UserRow(NamedTuple):
+    password_hash: str
+    scram: ScramKeys
+
+
+def _user_row(r: asyncpg.Record) -> UserRow:
+    keys = ScramKeys(
+        bytes(r["scram_salt"]),
+        int(r["scram_iterations"]),
+        bytes(r["scram_stored_key"]),
+        bytes(r["scram_server_key"]),
+    )
+    return UserRow(r["password_hash"], keys)
+
+
+# -- the admin side: one transaction per change ------------------------------------------------
+
+
+class AccountAdmin:
+    """The account store as the CLI sees it (the same methods as the local store)."""
+
+    def __init__(self, url: str, domains: Iterable[str]) -> None:
+        self.domains = frozenset(domains)
+        self._db = db.Blocking(url)
+        try:
+            self._db.call(migrations.migrate)  # "user add" works before the first serve
+        except BaseException:
+            self._db.close()
+            raise
+
+    def close(self) -> None:
+        self._db.close()
+
+    def add_user(self, address: Address, password: str) -> None:
+        creds = make_credentials(password)
+        s = creds.scram
+
+        async def run(conn: asyncpg.Connection) -> None:
+            try:
+                await conn.execute(
+                    INSERT_USER,
+                    address.key,
+                    creds.password_hash,
+                    s.salt,
+                    s.iterations,
+                    s.stored_key,
+                    s.server_key,
+                )
+            except asyncpg.UniqueViolationError:
+                raise AccountError(f"user {address.key} already exists") from None
+
+        self._db.call(run)
+
+    def set_password(self, address: Address, password: str) -> None:
+        creds = make_credentials(password)
+        s = creds.scram
+        status = self._db.call(
+            lambda conn: conn.execute(
+                "UPDATE users SET password_hash=$2, scram_salt=$3, scram_iterations=$4,"
+                " scram_stored_key=$5, scram_server_key=$6 WHERE address=$1",
+                address.key,
+                creds.password_hash,
+                s.salt,
+                s.iterations,
+                s.stored_key,
+                s.server_key,
+            )
+        )
+        if status == "UPDATE 0":
+            raise AccountError(f"no such user {address.key}")
+
+    def delete_user(self, address: Address) -> list[str]:
+        """Remove the user and take it out of every alias; the aliases it was taken out of."""
+
+        async def run(conn: asyncpg.Connection) -> list[str]:
+            async with conn.transaction():
+                status = await conn.execute("DELETE FROM users WHERE address=$1", address.key)
+                if status == "DELETE 0":
+                    raise AccountError(f"no such user {address.key}")
+                rows = await conn.fetch(
+                    "DELETE FROM aliases WHERE target=$1 RETURNING alias", address.key
+                )
+            return sorted({r["alias"] for r in rows})
+
+        return self._db.call(run)
+
+    def list_users(self) -> list[str]:
+        rows = self._db.call(lambda c: c.fetch("SELECT address FROM users ORDER BY address"))
+        return [r["address"] for r in rows]
+
+    def user_exists(self, key: str) -> bool:
+        found = self._db.call(lambda c: c.fetchval("SELECT 1 FROM users WHERE address=$1", key))
+        return found is not None
+
+    def add_alias(self, alias: Address | str, targets: Iterable[str]) -> None:
+        """Add targets to ``alias`` (an address, or ``@DOMAIN``); a local target must be a
+        user or an alias (AccountError naming the first that is neither)."""
+        key = alias if isinstance(alias, str) else alias.key
+        wanted = list(targets)
+
+        async def run(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                # Serialise with user del, which could take a target away before the commit.
+                await conn.execute("LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE")
+                for target in wanted:
+                    if target.rpartition("@")[2] not in self.domains or target == key:
+                        continue
+                    found = await conn.fetchval(
+                        "SELECT 1 FROM users WHERE address=$1"
+                        " UNION ALL SELECT 1 FROM aliases WHERE alias=$1 LIMIT 1",
+                        target,
+                    )
+                    if found is None:
+                        raise AccountError(f"no such user or alias {target}")
+                await conn.executemany(
+                    "INSERT INTO aliases (alias, target) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    [(key, t) for t in wanted],
+                )
+
+        self._db.call(run)
+
+    def delete_alias(self, alias: Address | str) -> None:
+        key = alias if isinstance(alias, str) else alias.key
+        status = self._db.call(lambda c: c.execute("DELETE FROM aliases WHERE alias=$1", key))
+        if status == "DELETE 0":
+            raise AccountError(f"no such alias {key}")
+
+    def list_aliases(self) -> dict[str, list[str]]:
+        rows = self._db.call(
+            lambda c: c.fetch("SELECT alias, target FROM aliases ORDER BY alias, target")
+        )
+        out: dict[str, list[str]] = {}
+        for r in rows:
+            out.setdefault(r["alias"], []).append(r["target"])
+        return out
+
+    def alias_targets(self, key: str) -> list[str]:
+        rows = self._db.call(
+            lambda c: c.fetch("SELECT target FROM aliases WHERE alias=$1 ORDER BY target", key)
+        )
+        return [r["target"] for r in rows]
+
+
+# -- the node side: an in-memory copy kept fresh -----------------------------------------------
+
+
+class LiveAccounts:
+    """One worker's copy of the users and aliases; every lookup is answered from memory."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._users: dict[str, UserRow] = {}
+        self._aliases: dict[str, tuple[str, ...]] = {}
+        self.version = 0  # changes with every change applied (the login cache's key)
+        self._logins = LoginCache()
+        self._pending: set[str] = set()
+        self._wake = asyncio.Event()
+        self._first: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.last_full_load = 0.0
+
+    # -- keeping it fresh ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, LISTEN and load everything; the first failure is raised (the node does
+        not serve without its accounts)."""
+        self._first = asyncio.get_running_loop().create_future()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        try:
+            await self._first
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _settle(self, error: BaseException | None) -> None:
+        if self._first is not None and not self._first.done():
+            if error is None:
+                self._first.set_result(None)
+            else:
+                self._first.set_exception(error)
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        self._pending.add(str(payload))
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await db.connect(self.url)
+                conn.add_termination_listener(lambda _c: self._wake.set())
+                # LISTEN before the load: a change committed after the load's snapshot is
+                # then always notified, and read again after it.
+                await conn.add_listener(CHANNEL, self._notified)
+                await self._load_all(conn)
+                self._settle(None)
+                while not conn.is_closed():
+                    wait = self.last_full_load + FULL_REFRESH - time.monotonic()
+                    if wait <= 0:
+                        await self._load_all(conn)
+                        continue
+                    if self._pending:
+                        await self._load_keys(conn)
+                        continue
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
+            except Exception as exc:  # keep answering from the copy, and retry
+                self._settle(exc)
+                if isinstance(exc, db.TRANSIENT):
+                    log.warning("account copy: PostgreSQL unavailable (%s); retrying", exc)
+                else:  # a schema that does not fit, say
+                    log.exception("account copy: reload failed; retrying")
+            finally:
+                if conn is not None:
+                    conn.terminate()
+            await asyncio.sleep(RECONNECT_DELAY)
+
+    async def _load_all(self, conn: asyncpg.Connection) -> None:
+        self._pending.clear()  # what is notified from here on is read again afterwards
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            users = await conn.fetch(_SELECT_USERS)
+            rows = await conn.fetch("SELECT alias, target FROM aliases ORDER BY alias, target")
+        aliases: dict[str, list[str]] = {}
+        for r in rows:
+            aliases.setdefault(r["alias"], []).append(r["target"])
+        self._users = {r["address"]: _user_row(r) for r in users}
+        self._aliases = {k: tuple(v) for k, v in aliases.items()}
+        self.version += 1
+        self.last_full_load = time.monotonic()
+
+    async def _load_keys(self, conn: asyncpg.Connection) -> None:
+        keys, self._pending = self._pending, set()
+        users = [k[1:] for k in keys if k.startswith("u")]
+        alias_keys = [k[1:] for k in keys if k.startswith("a")]
+        if users:
+            rows = await conn.fetch(_SELECT_USERS + " WHERE address = ANY($1::text[])", users)
+            found = {r["address"]: _user_row(r) for r in rows}
+            for key in users:
+                if key in found:
+                    self._users[key] = found[key]
+                else:
+                    self._users.pop(key, None)
+        if alias_keys:
+            rows = await conn.fetch(
+                "SELECT alias, target FROM aliases WHERE alias = ANY($1::text[])"
+                " ORDER BY alias, target",
+                alias_keys,
+            )
+            targets: dict[str, list[str]] = {}
+            for r in rows:
+                targets.setdefault(r["alias"], []).append(r["target"])
+            for key in alias_keys:
+                if key in targets:
+                    self._aliases[key] = tuple(targets[key])
+                else:
+                    self._aliases.pop(key, None)
+        self.version += 1
+
+    # -- lookups (synchronous, from memory) ------------------------------------------------
+
+    def user_exists(self, key: str) -> bool:
+        return key in self._users
+
+    def alias_targets(self, key: str) -> Sequence[str]:
+        return self._aliases.get(key, ())
+
+    def list_users(self) -> list[str]:
+        return sorted(self._users)
+
+    def list_aliases(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in sorted(self._aliases.items())}
+
+    def expand(self, key: str) -> list[str] | None:
+        return alias_rules.expand(key, self.alias_targets, self.user_exists)
+
+    def owns(self, user_key: str, sender_key: str) -> bool:
+        expanded = alias_rules.expand(
+            sender_key, self.alias_targets, self.user_exists, catch_all=False
+        )
+        return alias_rules.owns(user_key, sender_key, expanded)
+
+    def verify_password(self, login: str, password: str) -> str | None:
+        """The account key when ``password`` is right for ``login``; None otherwise. One
+        argon2 verification whether or not the user exists; CPU-heavy: call it from a thread."""
+        token = LoginCache.token(login, password)
+        version = self.version
+        hit = self._logins.get(token, version)
+        if hit is not None:
+            return hit
+        try:
+            key: str | None = parse_user_address(login).key
+        except AddressError:
+            key = None
+        row = self._users.get(key) if key is not None else None
+        if not password_matches(row.password_hash if row else None, password) or key is None:
+            return None
+        self._logins.put(token, version, key)
+        return key
+
+    def scram_keys(self, login: str) -> tuple[str, ScramKeys] | None:
+        try:
+            key = parse_user_address(login).key
+        except AddressError:
+            return None
+        row = self._users.get(key)
+        return None if row is None else (key, row.scram)
+
+    def close_sync(self) -> None:
+        """Nothing to release synchronously (:meth:`close` ends the listener)."""
