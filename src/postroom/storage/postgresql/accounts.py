@@ -244,7 +244,7 @@ class LiveAccounts:
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await db.connect(self.url)
+                conn = await db.connect(self.url, "postroom-accounts")
                 conn.add_termination_listener(lambda _c: self._wake.set())
                 # LISTEN before the load: a change committed after the load's snapshot is
                 # then always notified, and read again after it.

@@ -45,10 +45,16 @@ TRANSIENT: tuple[type[BaseException], ...] = (TemporaryStorageError, *UNAVAILABL
 CLOSE_FAILED: tuple[type[BaseException], ...] = (TimeoutError, *UNAVAILABLE)
 
 
-async def connect(url: str) -> asyncpg.Connection:
-    """One connection of its own (the CLI, the LISTEN connection, migrations)."""
+async def connect(url: str, name: str = "postroom") -> asyncpg.Connection:
+    """One connection of its own (the CLI, the LISTEN connection, migrations); ``name`` is
+    its ``application_name`` (what ``pg_stat_activity`` shows)."""
     try:
-        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT)
+        return await asyncpg.connect(
+            url,
+            timeout=CONNECT_TIMEOUT,
+            command_timeout=COMMAND_TIMEOUT,
+            server_settings={"application_name": name},
+        )
     except UNAVAILABLE as exc:
         raise TemporaryStorageError(f"cannot connect to PostgreSQL: {exc}") from None
 
@@ -71,6 +77,7 @@ class Database:
                 max_size=size,
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
+                server_settings={"application_name": "postroom"},
             )
             self._sessions = await asyncpg.create_pool(
                 self.url,
@@ -78,6 +85,7 @@ class Database:
                 max_size=sessions,
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
+                server_settings={"application_name": "postroom-pop3"},
                 # An idle session connection is closed after a while: POP3 comes in bursts.
                 max_inactive_connection_lifetime=60.0,
             )
@@ -111,7 +119,7 @@ class Blocking:
     def __init__(self, url: str) -> None:
         self._loop = asyncio.new_event_loop()
         try:
-            self.conn: asyncpg.Connection = self.run(connect(url))
+            self.conn: asyncpg.Connection = self.run(connect(url, "postroom-cli"))
         except BaseException:
             self._loop.close()
             raise

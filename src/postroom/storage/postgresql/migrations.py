@@ -152,11 +152,11 @@ async def pending(conn: asyncpg.Connection) -> list[Migration]:
     return [m for m in MIGRATIONS if m.version > version]
 
 
-async def migrate(conn: asyncpg.Connection, target: int = LATEST) -> list[Migration]:
+async def migrate(conn: asyncpg.Connection, target: int | None = None) -> list[Migration]:
     """Apply the pending steps up to ``target``, each in its own transaction; those applied."""
     done: list[Migration] = []
     for step in await pending(conn):
-        if step.version > target:
+        if target is not None and step.version > target:
             break
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
