@@ -157,7 +157,7 @@ def _cmd_user(cfg: Config, args: argparse.Namespace) -> int:
             accounts.set_password(addr, _read_password(args))
         elif args.action == "del":
             for alias in accounts.delete_user(addr) or ():
-                print(f"{addr.key} taken out of alias {alias}")
+                print(f"removed {addr.key} from alias {alias}")
     finally:
         stores.close()
     return 0

@@ -1,55 +1,75 @@
 """How an address resolves through aliases: the rule every account store follows.
 
-Pure: the store passes in how to read an alias's targets and whether a user exists. An alias
-may name itself among its targets (keep a copy and forward), which ends the recursion there;
-loops stop quietly, so an alias that only leads back to itself expands to an empty list (the
-caller refuses it). ``@DOMAIN`` is a catch-all: an address of that domain that is neither a
-user nor an alias goes to its targets; ``postmaster`` never does (it has a mailbox of its own
-when no alias names it, RFC 5321 §4.5.1).
+Pure: the store passes in how to read an alias's targets, whether a user exists and which
+domains are local. An alias may name itself among its targets (keep a copy and forward); an
+alias met again is a loop and is not walked twice, so an alias that only leads back to itself
+expands to an empty list (the caller refuses it). A local target without an account (a user
+deleted since) is skipped: mail is never stored for an address that has no account, except
+``postmaster@`` (RFC 5321 §4.5.1). ``@DOMAIN`` is the catch-all of a local domain: it takes
+an address there that is neither a user nor an alias; ``postmaster`` never goes to it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 
 MAX_DEPTH = 10
+
+
+def has_mailbox(key: str, is_user: Callable[[str], bool]) -> bool:
+    """May mail be stored for local ``key``: a user, or ``postmaster@``."""
+    return key.partition("@")[0] == "postmaster" or is_user(key)
 
 
 def expand(
     key: str,
     targets_of: Callable[[str], Sequence[str]],
     is_user: Callable[[str], bool],
-    catch_all: bool = True,
+    local_domains: Container[str],
     max_depth: int = MAX_DEPTH,
 ) -> list[str] | None:
-    """The final addresses for ``key`` (keys for local ones); None when nothing takes it."""
-    seen: set[str] = set()
-    result: list[str] = []
+    """The final addresses of ``key`` through aliases (itself for a user); None if it is
+    neither a user nor an alias; [] for an alias loop."""
+    expanded: set[str] = set()  # aliases already walked: met again, they are a loop
+    result: dict[str, None] = {}  # final addresses, each once, in order
+
+    def final(t: str) -> None:
+        if t.rpartition("@")[2] in local_domains and not has_mailbox(t, is_user):
+            return  # an alias to nobody (a user deleted since)
+        result[t] = None
 
     def walk(k: str, depth: int) -> bool:
         targets = targets_of(k)
         if not targets:
             return False
+        expanded.add(k)
         for t in targets:
-            if t in seen:
+            if t == k:
+                final(t)  # the alias keeps a copy under its own name
+            elif t in expanded:
                 continue
-            seen.add(t)
-            if t != k and depth < max_depth and walk(t, depth + 1):
-                continue
-            result.append(t)
+            elif depth >= max_depth or not walk(t, depth + 1):
+                final(t)
         return True
 
     if walk(key, 0):
-        return result
-    if is_user(key):
-        return [key]
-    local, _, domain = key.rpartition("@")
-    if catch_all and local != "postmaster" and walk("@" + domain, 0):
-        return result
-    return None
+        return list(result)
+    return [key] if is_user(key) else None
+
+
+def resolve(key: str, expand_key: Callable[[str], list[str] | None]) -> list[str] | None:
+    """Where mail for local ``key`` goes: its expansion, else ``postmaster@`` itself, else
+    the domain's catch-all (alias ``@domain``). None: no such address."""
+    found = expand_key(key)
+    if found is None:
+        local, _, domain = key.rpartition("@")
+        if local == "postmaster":
+            return [key]
+        found = expand_key(f"@{domain}")
+    return found
 
 
 def owns(user_key: str, sender_key: str, expanded: list[str] | None) -> bool:
-    """May ``user_key`` send as ``sender_key`` (whose expansion, catch-all aside, is
-    ``expanded``): its own address, or an alias that reaches it."""
+    """May ``user_key`` send as ``sender_key`` (whose expansion is ``expanded``, catch-all
+    aside): its own address, or an alias that reaches it."""
     return user_key == sender_key or (expanded is not None and user_key in expanded)

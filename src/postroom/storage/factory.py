@@ -96,7 +96,7 @@ async def open_node(cfg: Config) -> NodeStores:
         await conn.close()
     database = db.Database(url, cfg.storage.pool_size, cfg.storage.max_pop3_sessions)
     await database.open()
-    accounts = LiveAccounts(url)
+    accounts = LiveAccounts(url, cfg.domains)
     try:
         await accounts.start()
     except BaseException:

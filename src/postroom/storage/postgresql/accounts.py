@@ -143,25 +143,32 @@ class AccountAdmin:
         return found is not None
 
     def add_alias(self, alias: Address | str, targets: Iterable[str]) -> None:
-        """Add targets to ``alias`` (an address, or ``@DOMAIN``); a local target must be a
-        user or an alias (AccountError naming the first that is neither)."""
+        """Add ``targets`` to ``alias`` (a key, or ``@domain`` for a domain's catch-all), in
+        one transaction. A local target must be a user, another alias or ``postmaster@``
+        (AccountError naming it otherwise); it is stored in key form, a remote one as typed."""
         key = alias if isinstance(alias, str) else alias.key
-        wanted = list(targets)
+        wanted = []
+        for target in targets:
+            local, _, domain = target.rpartition("@")
+            wanted.append(f"{local.lower()}@{domain}" if domain in self.domains else target)
 
         async def run(conn: asyncpg.Connection) -> None:
             async with conn.transaction():
                 # Serialise with user del, which could take a target away before the commit.
                 await conn.execute("LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE")
                 for target in wanted:
-                    if target.rpartition("@")[2] not in self.domains or target == key:
+                    if target.rpartition("@")[2] not in self.domains:
+                        continue
+                    if target.partition("@")[0] == "postmaster":
                         continue
                     found = await conn.fetchval(
                         "SELECT 1 FROM users WHERE address=$1"
-                        " UNION ALL SELECT 1 FROM aliases WHERE alias=$1 LIMIT 1",
+                        " UNION ALL SELECT 1 FROM aliases WHERE alias=$1 AND alias <> $2 LIMIT 1",
                         target,
+                        key,
                     )
                     if found is None:
-                        raise AccountError(f"no such user or alias {target}")
+                        raise AccountError(f"target {target} is no user or alias here")
                 await conn.executemany(
                     "INSERT INTO aliases (alias, target) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                     [(key, t) for t in wanted],
@@ -197,8 +204,9 @@ class AccountAdmin:
 class LiveAccounts:
     """One worker's copy of the users and aliases; every lookup is answered from memory."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, domains: Iterable[str]) -> None:
         self.url = url
+        self.local_domains = frozenset(domains)
         self._users: dict[str, UserRow] = {}
         self._aliases: dict[str, tuple[str, ...]] = {}
         self.version = 0  # changes with every change applied (the login cache's key)
@@ -328,14 +336,19 @@ class LiveAccounts:
     def list_aliases(self) -> dict[str, list[str]]:
         return {k: list(v) for k, v in sorted(self._aliases.items())}
 
-    def expand(self, key: str) -> list[str] | None:
-        return alias_rules.expand(key, self.alias_targets, self.user_exists)
+    def has_mailbox(self, key: str) -> bool:
+        return alias_rules.has_mailbox(key, self.user_exists)
+
+    def expand(self, key: str, max_depth: int = alias_rules.MAX_DEPTH) -> list[str] | None:
+        return alias_rules.expand(
+            key, self.alias_targets, self.user_exists, self.local_domains, max_depth
+        )
+
+    def resolve(self, key: str) -> list[str] | None:
+        return alias_rules.resolve(key, self.expand)
 
     def owns(self, user_key: str, sender_key: str) -> bool:
-        expanded = alias_rules.expand(
-            sender_key, self.alias_targets, self.user_exists, catch_all=False
-        )
-        return alias_rules.owns(user_key, sender_key, expanded)
+        return alias_rules.owns(user_key, sender_key, self.expand(sender_key))
 
     def verify_password(self, login: str, password: str) -> str | None:
         """The account key when ``password`` is right for ``login``; None otherwise. One
