@@ -10,9 +10,17 @@ import pytest
 
 from postroom.storage.postgresql import migrations
 from postroom.storage.postgresql.db import Database
-from postroom.storage.postgresql.mailboxes import MailboxInUse, PgMailboxes
+from postroom.storage.postgresql.mailboxes import MailboxInUse, PgMailboxes, PgMaildrop
 
 MESSAGE = b"Subject: hi\r\n\r\nline one\r\n.dot line\r\n"
+
+
+async def read(drop: PgMaildrop, number: int) -> bytes:
+    """RETR as the POP3 server does it: at hand, or in pieces."""
+    now = drop.read_now(number)
+    if now is not None:
+        return now
+    return b"".join([piece async for piece in drop.chunks(number)])
 
 
 def run(pg_url: str, body: Callable[[PgMailboxes, PgMailboxes], Awaitable[None]]) -> None:
@@ -43,12 +51,11 @@ def test_delivery_is_idempotent_and_prepends_the_trace(pg_url: str) -> None:
         # The same delivery again, as after a crash before it was recorded: nothing doubles.
         assert await b.deliver("Q1", "s@x.test", ["ann@a.test"], MESSAGE) == [None]
         drop = a.maildrop("ann@a.test")
-        await drop.open()
+        messages = await drop.open()
         try:
-            assert drop.stat() == (1, len(MESSAGE) + 51)
-            data = await drop.read(drop.entries[0])
+            assert [(m.uid, m.size) for m in messages] == [("Q1", len(MESSAGE) + 51)]
+            data = await read(drop, 1)
             assert data == b"Return-Path: <s@x.test>\r\nDelivered-To: ann@a.test\r\n" + MESSAGE
-            assert drop.entries[0].uid == "Q1"
         finally:
             await drop.close()
 
@@ -80,24 +87,15 @@ def test_dele_applied_at_quit_only_and_uidls_stable(pg_url: str) -> None:
         for i in range(3):
             await a.deliver(f"Q{i}", "", ["ann@a.test"], MESSAGE)
         drop = a.maildrop("ann@a.test")
-        await drop.open()
-        uids = [e.uid for e in drop.entries]
+        uids = [m.uid for m in await drop.open()]
         assert uids == ["Q0", "Q1", "Q2"]
-        assert drop.listing(uids=True) == b"1 Q0\r\n2 Q1\r\n3 Q2\r\n.\r\n"
-        drop.entries[0].deleted = True
-        drop.entries[2].retrieved = True
         await drop.close()  # dropped without QUIT: nothing applied
         drop = b.maildrop("ann@a.test")
-        await drop.open()
-        assert [e.uid for e in drop.entries] == uids
-        drop.entries[0].deleted = True
-        drop.entries[1].deleted = True
-        drop.entries[2].retrieved = True
-        assert await drop.update() == 0
+        assert [m.uid for m in await drop.open()] == uids
+        assert await drop.update(deleted=[1, 2], seen=[3]) == 0
         await drop.close()
         drop = a.maildrop("ann@a.test")
-        await drop.open()
-        assert [(e.uid, e.flags) for e in drop.entries] == [("Q2", "S")]
+        assert [(m.uid, m.flags) for m in await drop.open()] == [("Q2", "S")]
         await drop.close()
 
     run(pg_url, body)
@@ -108,43 +106,50 @@ def test_lock_dies_with_the_connection_and_its_quit_applies_nothing(pg_url: str)
         await a.deliver("Q1", "", ["ann@a.test"], MESSAGE)
         first = a.maildrop("ann@a.test")
         await first.open()
-        first.entries[0].deleted = True
         killer = await asyncpg.connect(pg_url)
-        await killer.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks"
+        killed = await killer.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks"
             " WHERE locktype = 'advisory' AND pid <> pg_backend_pid()"
         )
         await killer.close()
+        assert killed == 1
         second = b.maildrop("ann@a.test")
         for _ in range(100):  # the backend takes a moment to go
             try:
-                await second.open()
+                messages = await second.open()
                 break
             except MailboxInUse:
                 await asyncio.sleep(0.02)
-        assert len(second.entries) == 1
-        assert await first.update() == 1  # its lock is gone: its QUIT must not apply
+        assert len(messages) == 1
+        assert await first.update(deleted=[1], seen=[]) == 1  # its lock is gone: not applied
         await first.close()
         await second.close()
         check = a.maildrop("ann@a.test")
-        await check.open()
-        assert len(check.entries) == 1
+        assert len(await check.open()) == 1
         await check.close()
 
     run(pg_url, body)
 
 
-def test_large_message_read_in_slices(pg_url: str) -> None:
+def test_messages_read_ahead_and_in_slices(pg_url: str) -> None:
     big = b"".join(b"line %07d of a long message\r\n" % i for i in range(40_000))
 
     async def body(a: PgMailboxes, b: PgMailboxes) -> None:
-        await a.deliver("Q1", "", ["ann@a.test"], big)
+        for i in range(5):
+            await a.deliver(f"Q{i}", "", ["ann@a.test"], MESSAGE + b"%d\r\n" % i)
+        await a.deliver("Q9", "", ["ann@a.test"], big)
         drop = b.maildrop("ann@a.test")
-        await drop.open()
-        entry = drop.entries[0]
-        whole = await drop.read(entry)
-        pieces = [p async for p in drop.chunks(entry, 100_000)]
-        assert len(pieces) > 1 and b"".join(pieces) == whole and len(whole) == entry.size
+        messages = await drop.open()
+        assert drop.read_now(1) is None  # nothing read yet
+        first = b"".join([p async for p in drop.chunks(1)])
+        assert first.endswith(MESSAGE + b"0\r\n")
+        for n in (2, 3, 4, 5):  # read ahead with the first: at hand now
+            now = drop.read_now(n)
+            assert now is not None and now.endswith(b"%d\r\n" % (n - 1))
+        pieces = [p async for p in drop.chunks(6, 100_000)]
+        whole = b"".join(pieces)
+        assert len(pieces) > 1 and len(whole) == messages[5].size
+        assert whole.endswith(big)
         await drop.close()
 
     run(pg_url, body)

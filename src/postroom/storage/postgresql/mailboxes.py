@@ -16,16 +16,18 @@ message is inserted in one transaction, one commit.
 advisory lock on a connection of its own, held until the session ends; PostgreSQL drops it
 when that connection closes or dies, so a crashed node never locks a mailbox for good, and a
 second session on any node gets ``[IN-USE]`` (RFC 2449 §8.1.1). The listing is read once
-(message numbers refer to it); deletions and the seen flag are applied at QUIT in one
-transaction on the same connection: if the connection (and so the lock) was lost meanwhile,
-nothing is applied.
+(message numbers refer to it; the session's marks are the caller's); deletions and the seen
+flag are applied at QUIT in one transaction on the same connection: if the connection (and so
+the lock) was lost meanwhile, nothing is applied. Small messages are read ahead, several in one
+round trip, since clients mostly RETR in order.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from asyncpg.pool import PoolConnectionProxy
 
@@ -35,6 +37,9 @@ from postroom.storage.postgresql.db import Database
 
 ACQUIRE_TIMEOUT = 5.0
 READ_CHUNK = 1 << 18
+READ_AHEAD = 1 << 20
+
+T = TypeVar("T")
 
 _INSERT = (
     "INSERT INTO messages (mailbox, uidl, size, body) VALUES ($1, $2, $3, $4)"
@@ -88,29 +93,28 @@ class PgMailboxes:
         return PgMaildrop(self.database, mailbox)
 
 
-@dataclass(slots=True)
-class PgEntry:
-    """One message of the session's listing."""
+@dataclass(frozen=True, slots=True)
+class PgMessage:
+    """One message of a session's snapshot: what POP3 sees (``size``, ``uid``) and its row."""
 
-    id: int
+    size: int  # octets RETR sends before dot-stuffing (CRLF)
     uid: str
-    size: int
+    id: int
     flags: str
-    deleted: bool = False
-    retrieved: bool = False
 
 
 class PgMaildrop:
-    """One POP3 session's locked listing of a mailbox."""
+    """One POP3 session's locked snapshot of a mailbox; messages are numbered from 1."""
 
     def __init__(self, database: Database, mailbox: str) -> None:
         self.database = database
         self.mailbox = mailbox
-        self.entries: list[PgEntry] = []
+        self.messages: list[PgMessage] = []
         self._conn: PoolConnectionProxy | None = None
+        self._ahead: dict[int, bytes] = {}  # bodies read ahead, by message number
 
-    async def open(self) -> None:
-        """Lock and list; MailboxInUse if another session has the mailbox,
+    async def open(self) -> list[PgMessage]:
+        """Lock and list, oldest first; MailboxInUse if another session has the mailbox,
         TemporaryStorageError if PostgreSQL cannot be reached (or no connection is free)."""
         try:
             conn = await self.database.sessions.acquire(timeout=ACQUIRE_TIMEOUT)
@@ -129,7 +133,8 @@ class PgMaildrop:
                 raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
             raise
         self._conn = conn
-        self.entries = [PgEntry(r["id"], r["uidl"], r["size"], r["flags"]) for r in rows]
+        self.messages = [PgMessage(r["size"], r["uidl"], r["id"], r["flags"]) for r in rows]
+        return self.messages
 
     async def _release(self, conn: PoolConnectionProxy) -> None:
         # The pool's reset on release also runs pg_advisory_unlock_all(); a connection that
@@ -142,6 +147,7 @@ class PgMaildrop:
     async def close(self) -> None:
         """End the session: unlock (nothing is applied: that is :meth:`update`)."""
         conn, self._conn = self._conn, None
+        self._ahead.clear()
         if conn is not None:
             await self._release(conn)
 
@@ -150,88 +156,91 @@ class PgMaildrop:
             raise TemporaryStorageError("the maildrop is closed")
         return self._conn
 
-    # -- the commands ----------------------------------------------------------------------
+    def read_now(self, number: int) -> bytes | None:
+        """The message if it was read ahead (the next RETR of a client that fetches in
+        order), else None: then :meth:`chunks`."""
+        return self._ahead.pop(number, None)
 
-    def get(self, number: int) -> PgEntry | None:
-        """The live (not deleted) message with this 1-based number."""
-        if 1 <= number <= len(self.entries):
-            entry = self.entries[number - 1]
-            if not entry.deleted:
-                return entry
-        return None
-
-    def stat(self) -> tuple[int, int]:
-        live = [e.size for e in self.entries if not e.deleted]
-        return len(live), sum(live)
-
-    def listing(self, uids: bool) -> bytes:
-        """The body of LIST or UIDL without an argument, ending with ``.\\r\\n``."""
-        lines = [
-            f"{i} {e.uid if uids else e.size}\r\n"
-            for i, e in enumerate(self.entries, 1)
-            if not e.deleted
-        ]
-        lines.append(".\r\n")
-        return "".join(lines).encode()
-
-    def reset(self) -> None:
-        for e in self.entries:
-            e.deleted = False
-
-    async def read(self, entry: PgEntry) -> bytes:
-        """The whole message (CRLF); FileNotFoundError if it was removed meanwhile."""
-        try:
-            body = await self._connection().fetchval(
-                "SELECT body FROM messages WHERE id=$1", entry.id
-            )
-        except db.FAILED as exc:
-            raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
-        if body is None:
-            raise FileNotFoundError(entry.uid)
-        return bytes(body)
-
-    async def chunks(self, entry: PgEntry, size: int = READ_CHUNK) -> AsyncIterator[bytes]:
-        """The message in slices of ``size`` octets (a large RETR, in bounded memory)."""
+    async def chunks(self, number: int, size: int = READ_CHUNK) -> AsyncIterator[bytes]:
+        """The message in pieces of at most ``size`` octets. A small one is read together
+        with the small ones after it (up to ``READ_AHEAD`` octets, one round trip): clients
+        mostly RETR in order. FileNotFoundError if it was removed meanwhile."""
+        message = self.messages[number - 1]
+        if message.size <= size:
+            body = self._ahead.pop(number, None)
+            if body is None:
+                body = await self._read_ahead(number, size)
+            yield body
+            return
         conn = self._connection()
-        for start in range(0, entry.size, size):
-            try:
-                piece = await conn.fetchval(
+        for start in range(0, message.size, size):
+            piece = await self._query(
+                conn.fetchval(
                     "SELECT substring(body FROM $2 FOR $3) FROM messages WHERE id=$1",
-                    entry.id,
+                    message.id,
                     start + 1,  # SQL counts from 1
                     size,
                 )
-            except db.FAILED as exc:
-                raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+            )
             if piece is None:
-                raise FileNotFoundError(entry.uid)
+                raise FileNotFoundError(message.uid)
             yield bytes(piece)
 
-    async def update(self) -> int:
-        """The UPDATE state (RFC 1939 §6) in one transaction: delete what was marked, flag
-        what was read as seen. Returns how many deletions failed (all or none)."""
-        deleted = [e.id for e in self.entries if e.deleted]
-        seen = [e.id for e in self.entries if e.retrieved and not e.deleted and "S" not in e.flags]
-        if not deleted and not seen:
+    async def _read_ahead(self, number: int, size: int) -> bytes:
+        wanted: dict[int, int] = {}  # row id -> message number
+        total = 0
+        for n in range(number, len(self.messages) + 1):
+            m = self.messages[n - 1]
+            if n != number and (m.size > size or total + m.size > READ_AHEAD):
+                break
+            wanted[m.id] = n
+            total += m.size
+        rows = await self._query(
+            self._connection().fetch(
+                "SELECT id, body FROM messages WHERE id = ANY($1::bigint[])", list(wanted)
+            )
+        )
+        self._ahead.clear()
+        for r in rows:
+            self._ahead[wanted[r["id"]]] = bytes(r["body"])
+        body = self._ahead.pop(number, None)
+        if body is None:
+            raise FileNotFoundError(self.messages[number - 1].uid)
+        return body
+
+    @staticmethod
+    async def _query(call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except db.FAILED as exc:
+            raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+
+    async def update(self, deleted: Sequence[int], seen: Sequence[int]) -> int:
+        """The UPDATE state (RFC 1939 §6) in one transaction: remove ``deleted``, flag
+        ``seen`` as read. Returns how many removals failed (all or none): nothing is applied
+        if the connection, and with it the lock, was lost during the session."""
+        gone = [self.messages[n - 1].id for n in deleted]
+        read = [self.messages[n - 1].id for n in seen if "S" not in self.messages[n - 1].flags]
+        if not gone and not read:
             return 0
         if self._conn is None:
-            return len(deleted)
+            return len(gone)
         conn = self._conn
         try:
             async with conn.transaction():
-                if deleted:
+                if gone:
                     await conn.execute(
                         "DELETE FROM messages WHERE mailbox=$1 AND id = ANY($2::bigint[])",
                         self.mailbox,
-                        deleted,
+                        gone,
                     )
-                if seen:
+                if read:
                     await conn.execute(
                         "UPDATE messages SET flags = flags || 'S'"
                         " WHERE mailbox=$1 AND id = ANY($2::bigint[])",
                         self.mailbox,
-                        seen,
+                        read,
                     )
         except db.FAILED:
-            return len(deleted)
+            return len(gone)
         return 0
