@@ -72,11 +72,8 @@ async def bodies(url: str, rounds: int) -> None:
         "CREATE TABLE b_lz4 (id serial PRIMARY KEY, body bytea COMPRESSION lz4);"
         "CREATE TABLE b_lo (id serial PRIMARY KEY, body oid);"
     )
-    text = b"".join(
-        b"Line %06d: the quick brown fox jumps over the lazy dog\r\n" % i for i in range(20000)
-    )
     for size, count in ((10 << 10, rounds), (1 << 20, max(20, rounds // 50))):
-        body = (text * (size // len(text) + 1))[:size]
+        body = sample_mail(size)  # about a fifth prose, the rest a base64 attachment
         for table in ("b_cmp", "b_lz4", "b_ext", "b_lo"):
             await conn.execute(f"TRUNCATE {table}")
             start = time.perf_counter()
