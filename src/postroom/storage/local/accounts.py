@@ -5,15 +5,14 @@ running server reads: every lookup is a fresh query, so ``user add`` and ``alias
 effect at once, without a restart. Addresses are stored in their :attr:`Address.key` form
 (lower-cased, IDNA domain), so logins and lookups are case-insensitive.
 
-Passwords are hashed with argon2id (argon2-cffi, RFC 9106 parameters). For SCRAM-SHA-256
-(RFC 7677, RFC 5802) we also keep salt, iteration count, StoredKey and ServerKey; they are
-derived from the password at ``user add``/``passwd`` time and allow a login without the password
-being sent, never the recovery of the password.
+Passwords are kept as ``storage/credentials.py`` makes them: an argon2id hash, and for
+SCRAM-SHA-256 (RFC 7677, RFC 5802) salt, iteration count, StoredKey and ServerKey, derived at
+``user add``/``passwd`` time; they allow a login without the password being sent, never the
+recovery of the password.
 """
 
 from __future__ import annotations
 
-import hmac
 import os
 import sqlite3
 import threading
@@ -21,17 +20,13 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-
 from postroom.address import Address, parse_user_address, safe_local_part
 from postroom.errors import AccountError, AddressError
-from postroom.sasl import ScramKeys, derive_scram_keys
+from postroom.sasl import ScramKeys
+from postroom.storage.credentials import LoginCache, make_credentials, password_matches
 
 CACHE_SIZE = 50_000
 CACHE_MAX_AGE = 5.0  # seconds; a belt to the stat-signature braces
-LOGIN_CACHE_TIME = 300.0
-_CACHE_SECRET = os.urandom(32)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -49,11 +44,6 @@ CREATE TABLE IF NOT EXISTS aliases (
     PRIMARY KEY (alias, target)
 );
 """
-
-_HASHER = PasswordHasher()
-# Verified against when the user does not exist, so both cases cost the same time.
-_DUMMY_HASH = _HASHER.hash("postroom-no-such-user")
-
 
 def account_address(text: str, domains: Iterable[str]) -> Address:
     """Validate an address typed by an admin: well-formed, local domain, safe as a path."""
@@ -77,7 +67,7 @@ class Accounts:
         self._cache: dict[str, list[str] | None] = {}
         self._cache_sig: tuple[int, ...] = ()
         self._cache_time = 0.0
-        self._logins: dict[bytes, tuple[str, tuple[int, ...], float]] = {}
+        self._logins = LoginCache()
         self._local = threading.local()
         with self._db() as db:
             db.executescript(_SCHEMA)
@@ -100,7 +90,8 @@ class Accounts:
     # -- users -----------------------------------------------------------------------------
 
     def add_user(self, address: Address, password: str) -> None:
-        keys = derive_scram_keys(password)
+        creds = make_credentials(password)
+        keys = creds.scram
         try:
             with self._db() as db:
                 db.execute(
@@ -108,7 +99,7 @@ class Accounts:
                     " scram_stored_key, scram_server_key) VALUES (?, ?, ?, ?, ?, ?)",
                     (
                         address.key,
-                        _HASHER.hash(password),
+                        creds.password_hash,
                         keys.salt,
                         keys.iterations,
                         keys.stored_key,
@@ -119,13 +110,14 @@ class Accounts:
             raise AccountError(f"user {address.key} already exists") from None
 
     def set_password(self, address: Address, password: str) -> None:
-        keys = derive_scram_keys(password)
+        creds = make_credentials(password)
+        keys = creds.scram
         with self._db() as db:
             cur = db.execute(
                 "UPDATE users SET password_hash=?, scram_salt=?, scram_iterations=?,"
                 " scram_stored_key=?, scram_server_key=? WHERE address=?",
                 (
-                    _HASHER.hash(password),
+                    creds.password_hash,
                     keys.salt,
                     keys.iterations,
                     keys.stored_key,
@@ -158,16 +150,14 @@ class Accounts:
         changes or ``LOGIN_CACHE_TIME`` passes, as Dovecot's auth cache does: a mail client that
         logs in for every message then costs one argon2 run, not one per message.
         """
-        token = hmac.new(_CACHE_SECRET, f"{login}\0{password}".encode(), "sha256").digest()
+        token = LoginCache.token(login, password)
         sig = self._signature()
-        hit = self._logins.get(token)
-        if hit is not None and hit[1] == sig and time.monotonic() < hit[2]:
-            return hit[0]
+        hit = self._logins.get(token, sig)
+        if hit is not None:
+            return hit
         key = self._verify(login, password)
         if key is not None:
-            if len(self._logins) > CACHE_SIZE:
-                self._logins.clear()
-            self._logins[token] = (key, sig, time.monotonic() + LOGIN_CACHE_TIME)
+            self._logins.put(token, sig, key)
         return key
 
     def _verify(self, login: str, password: str) -> str | None:
@@ -182,13 +172,8 @@ class Accounts:
                 .execute("SELECT password_hash FROM users WHERE address=?", (key,))
                 .fetchone()
             )
-        stored = row[0] if row else _DUMMY_HASH
-        ok: bool
-        try:
-            ok = _HASHER.verify(stored, password)
-        except (VerifyMismatchError, VerificationError, InvalidHashError):
-            ok = False
-        return key if ok and row is not None else None
+        ok = password_matches(row[0] if row else None, password)
+        return key if ok else None
 
     def scram_keys(self, login: str) -> tuple[str, ScramKeys] | None:
         try:

@@ -112,11 +112,22 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE TABLE dkim_keys (
             domain text NOT NULL,
             selector text NOT NULL,
-            algorithm text NOT NULL,               -- "ed25519-sha256" or "rsa-sha256"
-            private_key text NOT NULL,             -- PEM (PKCS #8)
-            created timestamptz NOT NULL DEFAULT now(),
+            algorithm text NOT NULL,               -- "ed25519" or "rsa"
+            created double precision NOT NULL,     -- seconds since the epoch, as DkimKey has
+            state text NOT NULL,                   -- "pending", "active" or "retiring"
+            published double precision,            -- first seen in DNS
+            retire_at double precision,            -- retiring: listed until then
+            private_pem bytea NOT NULL,            -- PKCS #8, PEM
             PRIMARY KEY (domain, selector)
         );
+        CREATE FUNCTION postroom_dkim_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('postroom_dkim', COALESCE(NEW.domain, OLD.domain));
+            RETURN NULL;
+        END
+        $$;
+        CREATE TRIGGER dkim_keys_changed AFTER INSERT OR UPDATE OR DELETE ON dkim_keys
+            FOR EACH ROW EXECUTE FUNCTION postroom_dkim_changed();
         """,
     ),
 )
