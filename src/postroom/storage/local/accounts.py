@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS aliases (
 );
 """
 
+
 def account_address(text: str, domains: Iterable[str]) -> Address:
     """Validate an address typed by an admin: well-formed, local domain, safe as a path."""
     try:

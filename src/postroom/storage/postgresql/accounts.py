@@ -63,6 +63,13 @@ def _user_row(r: asyncpg.Record) -> UserRow:
     return UserRow(r["password_hash"], keys)
 
 
+def _credential_row(address: Address, password: str) -> tuple[object, ...]:
+    """The values of a users row (in INSERT_USER's order) for a new password."""
+    creds = make_credentials(password)
+    s = creds.scram
+    return (address.key, creds.password_hash, s.salt, s.iterations, s.stored_key, s.server_key)
+
+
 # -- the admin side: one transaction per change ------------------------------------------------
 
 
@@ -82,38 +89,23 @@ class AccountAdmin:
         self._db.close()
 
     def add_user(self, address: Address, password: str) -> None:
-        creds = make_credentials(password)
-        s = creds.scram
+        row = _credential_row(address, password)
 
         async def run(conn: asyncpg.Connection) -> None:
             try:
-                await conn.execute(
-                    INSERT_USER,
-                    address.key,
-                    creds.password_hash,
-                    s.salt,
-                    s.iterations,
-                    s.stored_key,
-                    s.server_key,
-                )
+                await conn.execute(INSERT_USER, *row)
             except asyncpg.UniqueViolationError:
                 raise AccountError(f"user {address.key} already exists") from None
 
         self._db.call(run)
 
     def set_password(self, address: Address, password: str) -> None:
-        creds = make_credentials(password)
-        s = creds.scram
+        row = _credential_row(address, password)
         status = self._db.call(
             lambda conn: conn.execute(
                 "UPDATE users SET password_hash=$2, scram_salt=$3, scram_iterations=$4,"
                 " scram_stored_key=$5, scram_server_key=$6 WHERE address=$1",
-                address.key,
-                creds.password_hash,
-                s.salt,
-                s.iterations,
-                s.stored_key,
-                s.server_key,
+                *row,
             )
         )
         if status == "UPDATE 0":

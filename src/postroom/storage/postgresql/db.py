@@ -68,26 +68,24 @@ class Database:
         self._pool: asyncpg.Pool | None = None
         self._sessions: asyncpg.Pool | None = None
 
+    def _make_pool(self, name: str, min_size: int, max_size: int, **extra: Any) -> asyncpg.Pool:
+        return asyncpg.create_pool(
+            self.url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=CONNECT_TIMEOUT,
+            command_timeout=COMMAND_TIMEOUT,
+            server_settings={"application_name": name},
+            **extra,
+        )
+
     async def open(self) -> None:
         size, sessions = self._sizes
         try:
-            self._pool = await asyncpg.create_pool(
-                self.url,
-                min_size=1,
-                max_size=size,
-                timeout=CONNECT_TIMEOUT,
-                command_timeout=COMMAND_TIMEOUT,
-                server_settings={"application_name": "postroom"},
-            )
-            self._sessions = await asyncpg.create_pool(
-                self.url,
-                min_size=0,
-                max_size=sessions,
-                timeout=CONNECT_TIMEOUT,
-                command_timeout=COMMAND_TIMEOUT,
-                server_settings={"application_name": "postroom-pop3"},
-                # An idle session connection is closed after a while: POP3 comes in bursts.
-                max_inactive_connection_lifetime=60.0,
+            self._pool = await self._make_pool("postroom", 1, size)
+            # An idle session connection is closed after a while: POP3 comes in bursts.
+            self._sessions = await self._make_pool(
+                "postroom-pop3", 0, sessions, max_inactive_connection_lifetime=60.0
             )
         except UNAVAILABLE as exc:
             await self.close()
