@@ -234,3 +234,12 @@ def pg_url(pg_server: object) -> str:
 
     assert isinstance(pg_server, PgServer)
     return pg_server.new_database()
+
+
+@pytest.fixture
+def pg_durable() -> Iterator[object]:
+    """A PostgreSQL of the test's own with fsync on, for crash and restart tests."""
+    from tests.pgserver import running
+
+    with running(fsync=True) as server:
+        yield server

@@ -153,3 +153,27 @@ def test_messages_read_ahead_and_in_slices(pg_url: str) -> None:
         await drop.close()
 
     run(pg_url, body)
+
+
+def test_postgresql_restart_fails_deliveries_then_heals(pg_durable: object) -> None:
+    from tests.pgserver import PgServer
+
+    assert isinstance(pg_durable, PgServer)
+    server = pg_durable
+    url = server.new_database()
+
+    async def body(a: PgMailboxes, b: PgMailboxes) -> None:
+        assert await a.deliver("Q1", "", ["ann@a.test"], MESSAGE) == [None]
+        server.stop("immediate")  # as a crash: recovery from the WAL at the next start
+        failed = await a.deliver("Q2", "", ["ann@a.test"], MESSAGE)
+        assert isinstance(failed[0], OSError)  # the caller defers and tries again
+        server.start()
+        for _ in range(200):  # the pool drops dead connections and makes new ones
+            if await a.deliver("Q2", "", ["ann@a.test"], MESSAGE) == [None]:
+                break
+            await asyncio.sleep(0.05)
+        drop = b.maildrop("ann@a.test")
+        assert [m.uid for m in await drop.open()] == ["Q1", "Q2"]
+        await drop.close()
+
+    run(url, body)
