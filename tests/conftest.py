@@ -10,14 +10,17 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 SRC = ROOT / "src"
 
 
@@ -27,15 +30,54 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
+def wait_until(
+    check: Callable[[], T], timeout: float = 10.0, what: str = "a condition", interval: float = 0.02
+) -> T:
+    """Poll ``check`` until it returns something true, and return that; AssertionError naming
+    ``what`` after ``timeout`` seconds. Use it instead of a fixed sleep: it is as fast as the
+    server, and as patient as a loaded machine needs."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=1):
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
+    wait_until(lambda: _port_open(host, port), timeout, f"{host}:{port} to open", 0.05)
+
+
+def first_line(sock: socket.socket) -> bytes:
+    """The server's next line (its greeting, say), CRLF included; less if it closes."""
+    buf = b""
+    while not buf.endswith(b"\r\n"):
+        chunk = sock.recv(512)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def wait_greeting(host: str, port: int, timeout: float = 10) -> None:
+    """Until a new connection gets a 220 greeting (the server has seen earlier ones close)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.create_connection((host, port), timeout=10) as s:
+            if first_line(s).startswith(b"220 "):
                 return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{host}:{port} did not open")
+        assert time.monotonic() < deadline, "no 220 greeting"
+        time.sleep(0.1)
 
 
 def insecure() -> ssl.SSLContext:
@@ -54,6 +96,25 @@ def need_tool(name: str) -> str:
             pytest.fail(f"{name} is required in CI but not installed")
         pytest.skip(f"{name} not installed (apt-get install {name})")
     return path
+
+
+def scram_client_final(password: bytes, first_bare: str, server_first: str) -> tuple[str, str]:
+    """A SCRAM-SHA-256 client's side (RFC 5802 §3): the client-final message for
+    ``server_first`` and the server-final message to expect (``v=...``)."""
+    import base64
+    import hashlib
+    import hmac
+
+    attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
+    salted = hashlib.pbkdf2_hmac("sha256", password, base64.b64decode(attrs["s"]), int(attrs["i"]))
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    final_wo = f"c=biws,r={attrs['r']}"
+    auth_msg = f"{first_bare},{server_first},{final_wo}".encode()
+    sig = hmac.new(hashlib.sha256(client_key).digest(), auth_msg, "sha256").digest()
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True)))
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    verifier = base64.b64encode(hmac.new(server_key, auth_msg, "sha256").digest()).decode()
+    return f"{final_wo},p={proof.decode()}", f"v={verifier}"
 
 
 def env_with_src() -> dict[str, str]:
@@ -95,7 +156,7 @@ class Server:
         return run_cli(*args, config=self.config, stdin=stdin, check=check)
 
     def add_user(self, address: str, password: str = "secret") -> None:
-        self.cli("user", "add", address, "--password-stdin", stdin=password + "\n")
+        self.cli("user", "add", address, "--password-stdin", "--allow-short", stdin=password + "\n")
 
     def start(self) -> None:
         assert self.proc is None
@@ -109,11 +170,17 @@ class Server:
                 start_new_session=True,
             )
         # Ports are bound before the queue is recovered; "ready" comes once it serves.
-        deadline = time.monotonic() + 20
-        while self.log.read_text().count("postroom: ready") <= ready_before:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
                 raise AssertionError("server did not start:\n" + self.log.read_text())
-            time.sleep(0.05)
+            return self.log.read_text().count("postroom: ready") > ready_before
+
+        try:
+            wait_until(ready, 20, "the server to start", 0.05)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.log.read_text()}") from None
         for port in self.ports.values():
             wait_port(self.host, port)
 
@@ -137,21 +204,36 @@ class Server:
         return self.data_dir / "mail" / domain / local
 
     def messages(self, address: str) -> list[bytes]:
+        """The messages in the user's Maildir new/ and cur/, oldest name first, with CRLF line
+        ends as SMTP and POP3 carry them (the files have LF: :meth:`files` checks them)."""
+        return [p.read_bytes().replace(b"\n", b"\r\n") for p in self.files(address)]
+
+    def files(self, address: str) -> list[Path]:
         """The files in the user's Maildir new/ and cur/, oldest name first."""
         md = self.maildir(address)
-        files = sorted([*md.glob("new/*"), *md.glob("cur/*")], key=lambda p: p.name)
-        return [p.read_bytes() for p in files]
+        return sorted([*md.glob("new/*"), *md.glob("cur/*")], key=lambda p: p.name)
 
     def wait_messages(self, address: str, count: int, timeout: float = 10) -> list[bytes]:
-        deadline = time.monotonic() + timeout
-        while True:
-            msgs = self.messages(address)
-            if len(msgs) >= count or time.monotonic() > deadline:
-                return msgs
-            time.sleep(0.02)
+        """The messages once there are ``count`` of them (what there is after ``timeout``)."""
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: len(self.messages(address)) >= count, timeout)
+        return self.messages(address)
+
+    def queue_empty(self) -> bool:
+        return self.cli("queue", "list").stdout == ""
 
 
 ServerFactory = Callable[..., Server]
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A temporary directory every user may enter (pytest's tmp_path is closed to others), for
+    tests that run something as another user."""
+    path = Path(tempfile.mkdtemp(prefix="postroom-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,7 +7,10 @@ another's measurement. Every wait is bounded.
 
 from __future__ import annotations
 
+import functools
 import os
+import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from benchlib import clients, maildir
 from benchlib.proc import BenchError, wait_until
 from benchlib.report import Results
 from benchlib.servers import DOMAIN, PASSWORD, RELAY_DOMAIN, Server
-from benchlib.setup import Lab
+from benchlib.setup import SINK_DOMAIN, Lab, sink_count, start_smtp_sink
 
 RCPT = f"u1@{DOMAIN}"
 KIB = 1024
@@ -130,13 +133,36 @@ def warm_up(lab: Lab, messages: int = 400) -> None:
         maildir.clear(box)
 
 
+def disk_rate(root: Path, results: Results) -> float:
+    """The disk's sequential write rate with one flush at the end (``dd conv=fdatasync``), on
+    the bench tree's file system, in MB/s: what a durable payload rate is measured against."""
+    target = root / "dd.bin"
+    out = subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=1M", "count=512", "conv=fdatasync"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stderr
+    target.unlink()
+    seconds = float(out.strip().splitlines()[-1].split(" copied, ")[1].split(" s")[0])
+    rate = 512 * (1 << 20) / seconds / 1e6
+    results.notes.append(f"disk: dd bs=1M count=512 conv=fdatasync: {rate:,.0f} MB/s")
+    return rate
+
+
 def smtp_case(lab: Lab, results: Results, opts: Options, case: SmtpCase) -> None:
     n = opts.count(case.messages, case.quick_messages)
     accept_row = f"SMTP accept: {case.label} (n={n})"
     e2e_row = f"end-to-end to Maildir: {case.label} (n={n})"
+    payload_row = f"SMTP accept payload: {case.label} (n={n})"
     names = ["postroom", "postfix", "aiosmtpd"]
     results.declare(accept_row, "msg/s", names)
     results.declare(e2e_row, "msg/s", names[:2])
+    rows = [accept_row, e2e_row]
+    if case.size >= 100 * KIB:
+        results.declare(payload_row, "MB/s", names)
+        rows.append(payload_row)
     timeout = 60 + n * case.size / 2e6 + n / 20
 
     def measure(server: Server) -> list[float]:
@@ -153,10 +179,11 @@ def smtp_case(lab: Lab, results: Results, opts: Options, case: SmtpCase) -> None
                 f"only {maildir.count(box)} of {n} messages reached the Maildir "
                 f"within {timeout:.0f}s after the last 250"
             )
-        return [n / elapsed, n / (elapsed + rest)]
+        rates = [n / elapsed, n / (elapsed + rest)]
+        return rates + ([n * case.size / elapsed / 1e6] if len(rows) > 2 else [])
 
     print(f"{accept_row}", flush=True)
-    interleave(lab, results, [accept_row, e2e_row], names, opts.runs, measure)
+    interleave(lab, results, rows, names, opts.runs, measure)
 
 
 # --- submission ---------------------------------------------------------------------------------
@@ -208,16 +235,9 @@ def pop3_case(lab: Lab, results: Results, opts: Options, clients_n: int, stls: b
         if server.pop3 is None:
             raise BenchError("no POP3 listener")
         for user in mailboxes:
-            # Each server's mailbox as it stores mail itself: LF for Dovecot (as Postfix
-            # delivers), CRLF for postroom (as it delivers); the same message either way.
-            maildir.fill(
-                server.mailbox(user),
-                n,
-                size,
-                user,
-                server.owner,
-                crlf=server.name.startswith("postroom"),
-            )
+            # The same files for both servers, as both store mail: LF line ends, names with
+            # ",S=<file size>,W=<size with CRLF>"; both send CRLF on the wire.
+            maildir.fill(server.mailbox(user), n, size, user, server.owner)
         os.sync()  # setup writes must not be flushed during the measurement
         jobs = [clients.Pop3Job(server.pop3, user, PASSWORD, stls, n) for user in mailboxes]
         elapsed, messages, octets = clients.pop3(jobs, timeout)
@@ -261,3 +281,43 @@ def relay_case(
 
     print(row, flush=True)
     interleave(lab, results, [row], list(pairs), opts.runs, measure)
+
+
+def mixed_case(lab: Lab, results: Results, opts: Options, workers: int = 4) -> None:
+    """One local and one remote recipient (the remote MX: Postfix's smtp-sink on loopback)
+    against one local recipient, both through submission: the remote copy should cost little
+    at intake."""
+    n = opts.count(1000, 200)
+    remote_rcpt = f"u1@{SINK_DOMAIN}"
+    local_row = f"accept, 1 local recipient, 1 KiB (n={n})"
+    mixed_row = f"accept, 1 local + 1 remote recipient (smtp-sink), 1 KiB (n={n})"
+    for row in (local_row, mixed_row):
+        results.declare(row, "msg/s", ["postroom"])
+    server = lab.get("postroom")
+    if server is None or server.submission is None:
+        raise BenchError("the mixed case needs postroom")
+    sink = start_smtp_sink(lab.root / "smtp-sink", lab.cleanup)
+    timeout = 120 + n / 5
+    local_box = server.mailbox(RCPT)
+    print(mixed_row, flush=True)
+    for _ in range(opts.runs):
+        for row, rcpts in ((local_row, RCPT), (mixed_row, f"{RCPT},{remote_rcpt}")):
+            maildir.clear(local_box)
+            before = sink_count(sink)
+            body = clients.make_submission_body(RCPT, rcpts, KIB)
+            job = clients.SubmissionJob(server.submission, RCPT, PASSWORD, rcpts, n, 100, body)
+            try:
+                elapsed = clients.submission(job, workers, timeout)
+                if wait_delivered(local_box, n, timeout) is None:
+                    raise BenchError(f"only {maildir.count(local_box)} of {n} arrived locally")
+                reached = functools.partial(lambda t: sink_count(sink) >= t, before + n)
+                if row == mixed_row and not wait_until(reached, timeout):
+                    raise BenchError(f"only {sink_count(sink) - before} of {n} reached smtp-sink")
+            except BenchError as exc:
+                results.fail(row, "postroom", str(exc))
+                continue
+            results.add(row, "postroom", n / elapsed)
+    local, mixed = results.rows[local_row]["postroom"], results.rows[mixed_row]["postroom"]
+    if local and mixed:
+        ratio = statistics.median(mixed) / statistics.median(local)
+        results.notes.append(f"one local + one remote recipient: {ratio:.0%} of all-local mail")

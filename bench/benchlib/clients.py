@@ -111,7 +111,7 @@ class SubmissionJob:
     addr: Addr
     user: str
     password: str
-    rcpt: str
+    rcpt: str  # one or more, comma-separated
     messages: int
     per_connection: int
     body: bytes
@@ -130,7 +130,7 @@ def submission_worker(go: Event, results: mp.Queue[object], job: SubmissionJob) 
                 client.starttls(context=context)
                 client.login(job.user, job.password)
                 for _ in range(min(job.per_connection, job.messages - sent)):
-                    client.sendmail(job.user, [job.rcpt], job.body)
+                    client.sendmail(job.user, job.rcpt.split(","), job.body)
                     sent += 1
         results.put(sent)
     except Exception as exc:

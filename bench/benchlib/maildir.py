@@ -1,8 +1,8 @@
 """Maildir helpers: count delivered files, empty a mailbox, and pre-fill one for POP3 runs.
 
-Pre-filled messages are identical for every server: LF line ends (as Postfix and Dovecot store
-them) and Dovecot-style names carrying ``,S=<octets on disk>,W=<octets with CRLF>``, so neither
-server has to open a file to learn a size.
+Pre-filled messages are identical for every server: LF line ends (as postroom, Postfix and
+Dovecot store them) and Dovecot-style names carrying ``,S=<octets on disk>,W=<octets with CRLF>``,
+so neither server has to open a file to learn a size; both convert to CRLF on the wire.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def fill(
 ) -> int:
     """Write ``messages`` files into new/ (no fsync: setup, not measured); returns octets.
 
-    ``crlf``: store CRLF line ends (postroom's own format) instead of LF (Dovecot's)."""
+    ``crlf``: store CRLF line ends (older postroom files) instead of LF."""
     ensure(mailbox, owner)
     clear(mailbox)
     body = make_message(0, size, "sender@src.test", rcpt)

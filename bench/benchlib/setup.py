@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,9 @@ HOSTS = {
     "postroom-remote": "127.0.0.14",
     "postfix-remote": "127.0.0.15",
     "dns": "127.0.0.16",
+    "sink": "127.0.0.17",  # Postfix's smtp-sink: the remote MX of sink.test (mixed case)
 }
+SINK_DOMAIN = "sink.test"
 DNS_PORT = 5353
 SINK_PORT = 2525
 USER_COUNT = 8
@@ -41,6 +42,7 @@ class Lab:
     """The started servers by name, and what could not be started (name -> reason)."""
 
     root: Path
+    cleanup: Cleanup
     servers: dict[str, Server] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
@@ -81,12 +83,12 @@ def bring_up(
     cleanup: Cleanup,
     postroom_cmd: str | None,
     workers: int | None = None,
-    pin_cpus: bool = True,
+    pin_cpus: bool = False,
+    sender_checks: bool = True,
 ) -> Lab:
     """Start every server in ``wanted`` (plus the relay pair when ``relay``); postroom with
-    ``workers`` worker processes (default: one per two cores), with ``pin_cpus``."""
-    workers = workers or max(1, (os.cpu_count() or 1) // 2)
-    lab = Lab(root)
+    ``workers`` worker processes (None: its default) and ``pin_cpus``."""
+    lab = Lab(root, cleanup)
     busy = [
         f"{h}:{p}" for h in HOSTS.values() for p in (2525, 2587, 2110, DNS_PORT) if port_open(h, p)
     ]
@@ -98,8 +100,8 @@ def bring_up(
     start_dns(
         HOSTS["dns"],
         DNS_PORT,
-        mx={RELAY_DOMAIN: f"mx.{RELAY_DOMAIN}"},
-        a={f"mx.{RELAY_DOMAIN}": HOSTS["postroom-remote"]},
+        mx={RELAY_DOMAIN: f"mx.{RELAY_DOMAIN}", SINK_DOMAIN: f"mx.{SINK_DOMAIN}"},
+        a={f"mx.{RELAY_DOMAIN}": HOSTS["postroom-remote"], f"mx.{SINK_DOMAIN}": HOSTS["sink"]},
         cleanup=cleanup,
     )
     if "dovecot" in wanted or "postfix" in wanted:
@@ -158,6 +160,7 @@ def bring_up(
             delivery_port=postroom.PORT_SMTP,
             workers=workers,
             pin_cpus=pin_cpus,
+            sender_checks=sender_checks,
         )
         _attempt(
             lab,
@@ -184,3 +187,21 @@ def bring_up(
                 ),
             )
     return lab
+
+
+def start_smtp_sink(root: Path, cleanup: Cleanup) -> Path:
+    """Postfix's ``smtp-sink`` on the sink address: accepts and discards, in C, so that a
+    remote recipient costs the sender its own work only. Its counters go to the file
+    returned (see :func:`sink_count`)."""
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "smtp-sink.out"
+    cmd = ["/usr/sbin/smtp-sink", "-c", "-u", "nobody", f"{HOSTS['sink']}:{SINK_PORT}", "256"]
+    start_daemon(cmd, log, cleanup, "smtp-sink")
+    wait_port(HOSTS["sink"], SINK_PORT)
+    return log
+
+
+def sink_count(log: Path) -> int:
+    """Messages smtp-sink has taken so far (its last ``mesg=N`` counter)."""
+    tail = log.read_bytes()[-200:].split(b"mesg=")
+    return int(tail[-1].split(b"\r")[0] or 0) if len(tail) > 1 else 0

@@ -4,8 +4,9 @@
 context, login throttle, connection limits. :func:`serve` starts everything listed in
 ``[listen]``, recovers the queue first (so nothing is served before a crashed delivery is
 completed), and on SIGTERM/SIGINT stops accepting, answers idle sessions with 421, finishes
-messages being stored, and exits 0 within 10 seconds. SIGHUP reloads the TLS certificate and
-the parts of the config that can change without new sockets.
+messages being stored, and exits 0 within 10 seconds. The workers run under the supervisor
+(:mod:`postroom.supervisor`), which restarts a dead one and, at SIGHUP, reads the config and
+the TLS pair and hands them to the workers (:func:`_apply`).
 """
 
 from __future__ import annotations
@@ -18,23 +19,30 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
-from postroom import config as config_mod
-from postroom import lifetime, logs
+from postroom import lifetime, logs, privileges, supervisor
 from postroom import tls as tls_mod
+from postroom.auth.keys import LocalKeyStore
+from postroom.auth.lookup import DnsCache
+from postroom.auth.service import QueueMessage, SenderAuth
+from postroom.blocking import BlockingPool
 from postroom.config import Config
-from postroom.errors import PostroomError
+from postroom.errors import ConfigError
 from postroom.queue.runner import QueueRunner
-from postroom.queue.store import QueueStore
 from postroom.services import ConnectionLimiter, Services
+from postroom.sharedcounts import Counts, LocalCounts, SharedCounts
 from postroom.smtp.policy import Port
-from postroom.storage import factory
-from postroom.storage.factory import NodeStores
+from postroom.storage.local import files
 from postroom.storage.local.accounts import Accounts
+from postroom.storage.local.maildir_writer import MaildirWriter
+from postroom.storage.local.maildrop import LocalMaildrops
+from postroom.storage.local.queue import LocalMailboxes, LocalQueue
 from postroom.throttle import LoginThrottle
 
 log = logging.getLogger("postroom")
@@ -44,29 +52,71 @@ CONTROL_SOCKET = "control.sock"
 
 def build_services(
     cfg: Config,
+    pair: tuple[bytes, bytes] | None = None,
     primary: bool = True,
     workers: int = 1,
     index: int = 0,
-    stores: NodeStores | None = None,
+    shared: Shared | None = None,
 ) -> tuple[Services, QueueRunner]:
-    """The shared bundle and the queue runner that takes its finished messages. Without
-    ``stores``, those of the local backend."""
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    """The shared bundle (with the local storage backend) and the queue runner that takes
+    its finished messages."""
+    files.make_dirs(cfg.data_dir)
+    cpus = cpu_pair(index, workers) if cfg.pin_cpus else None
+    writer = MaildirWriter(
+        cfg.data_dir / "journal",
+        privileges.target_ids(cfg),
+        cpus[1] if cpus else None,
+        clean_bodies=primary,
+    )
+    io = BlockingPool()  # blocking file work: the queue's and POP3's
+    queue = LocalQueue(cfg.data_dir, cfg.hostname, writer, io, cfg.limits.header_size)
     services = Services(
         cfg=cfg,
-        accounts=stores.accounts if stores is not None else Accounts(cfg.data_dir),
-        store=QueueStore(cfg.data_dir / "queue"),
-        throttle=LoginThrottle(cfg.auth),
-        connections=ConnectionLimiter.for_config(cfg, workers),
-        tls=tls_mod.server_context(cfg),
+        accounts=Accounts(cfg.data_dir, cfg.domains),
+        queue=queue,
+        throttle=LoginThrottle(cfg.auth, by_ip=shared.logins)
+        if shared
+        else LoginThrottle(cfg.auth),
+        connections=ConnectionLimiter.for_config(
+            cfg, workers, shared.connections if shared else None
+        ),
+        tls=tls_mod.server_context(cfg, pair),
+        maildrops=LocalMaildrops(cfg.data_dir, io),
+        io=io,
         primary=primary,
         worker_index=index,
         workers=workers,
-        cpus=cpu_pair(index, workers) if cfg.pin_cpus else None,
+        cpus=cpus,
     )
-    runner = QueueRunner(services)
+    services.sender_auth = SenderAuth(
+        cfg,
+        DnsCache(cfg.dns, size=cfg.dns.cache_size),
+        LocalKeyStore(cfg.data_dir),
+        run_blocking=services.io.run,
+    )
+    runner = QueueRunner(services, queue, LocalMailboxes(queue))
     services.intake = runner
     return services, runner
+
+
+@dataclass(frozen=True)
+class Shared:
+    """The per-IP tables every worker shares, made before the fork (for one worker, plain
+    dicts: the shared table costs ~10 us per connection, a dict ~1)."""
+
+    connections: Counts
+    logins: Counts
+
+    @classmethod
+    def for_workers(cls, workers: int) -> Shared:
+        if workers == 1:
+            return cls(LocalCounts(), LocalCounts())
+        return cls(SharedCounts(), SharedCounts())
+
+
+def queue_made_here(runner: QueueRunner) -> QueueMessage:
+    """Queue a message made by the server itself (a DMARC report), through the one way in."""
+    return runner.accept_made_here
 
 
 def cpu_pair(index: int, workers: int) -> tuple[int, int] | None:
@@ -158,7 +208,6 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
     from postroom.smtp.server import SmtpConnection
 
     loop = asyncio.get_running_loop()
-    handshake = services.cfg.limits.tls_handshake_timeout
     servers: list[asyncio.Server] = []
     for lst in listeners:
         sock = lst.keep_only(services.worker_index)
@@ -168,23 +217,25 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
             factory = functools.partial(Pop3Connection, services, implicit)
         else:
             factory = functools.partial(SmtpConnection, services, cast(Port, lst.kind), implicit)
-        servers.append(
-            await loop.create_server(
-                factory,
-                sock=sock,
-                backlog=1024,
-                ssl=services.tls if implicit else None,
-                ssl_handshake_timeout=handshake if implicit else None,
-            )
-        )
+        # Implicit TLS too is done by the connection (postroom.connection), with the context
+        # in force when the client connects.
+        servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
         if services.primary:
             print(f"postroom: {lst.kind} listening on {lst.host}:{lst.port}", file=sys.stderr)
     return servers
 
 
+def control_path(data_dir: Path, index: int) -> Path:
+    """The control socket of worker ``index`` (the primary's is ``control.sock``)."""
+    return data_dir / (CONTROL_SOCKET if index == 0 else f"control-{index}.sock")
+
+
 async def _control_server(services: Services, runner: QueueRunner) -> asyncio.AbstractServer:
-    """A Unix socket in data_dir: ``queue flush``/``delete``/``reload`` from the CLI."""
-    path = services.cfg.data_dir / CONTROL_SOCKET
+    """A Unix socket in data_dir: ``queue flush``/``delete`` from the CLI, ``submit`` from the
+    other workers (a message they parked), one per worker (``delete`` of a message in its
+    first attempt goes to the worker that makes it)."""
+    path = control_path(services.cfg.data_dir, services.worker_index)
+    queue = runner.queue
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
 
@@ -193,11 +244,11 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
             line = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
             verb, _, arg = line.partition(" ")
             if verb == "flush":
-                runner.flush()
+                queue.flush()
                 answer = "ok"
-            elif verb == "submit":
-                # Another worker spooled a message: the primary's runner delivers it.
-                answer = "ok" if runner.submit_id(arg) else "unknown"
+            elif verb == "submit" and isinstance(queue, LocalQueue):
+                # Another worker parked a message: the primary schedules its retries.
+                answer = "ok" if queue.take(arg) is not None else "unknown"
             elif verb == "delete":
                 answer = "ok" if await runner.delete(arg) else "unknown"
             elif verb == "ping":
@@ -216,62 +267,127 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
     return server
 
 
-def _reload(services: Services, worker: Worker) -> None:
-    """SIGHUP: reload the TLS pair and the config parts that need no new sockets."""
-    worker.signal_others(signal.SIGHUP)
-    cfg = services.cfg
-    try:
-        new = config_mod.load(cfg.path) if cfg.path is not None else cfg
-        services.tls = tls_mod.server_context(new)
-    except Exception as exc:  # keep serving with the old settings
-        log.error("reload failed: %s", exc)
-        return
+_handing_over: set[asyncio.Task[None]] = set()
+
+
+def _hand_over(services: Services, queue_id: str) -> None:
+    """A secondary worker parked a message after its first attempt: the primary, which owns
+    the retries, is told over its control socket (and finds it at its next start anyway)."""
+    task = asyncio.get_running_loop().create_task(_submit(services, queue_id))
+    _handing_over.add(task)
+    task.add_done_callback(_handing_over.discard)
+
+
+async def _submit(services: Services, queue_id: str) -> None:
+    path = str(control_path(services.cfg.data_dir, 0))
+    for attempt in range(50):
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(f"submit {queue_id}\n".encode())
+            await writer.drain()
+            await asyncio.wait_for(reader.readline(), 10)
+            writer.close()
+            return
+        except (OSError, TimeoutError):
+            await asyncio.sleep(0.1 * (attempt + 1))
+    services.log.error(
+        "could not hand %s to the primary worker; it is tried at the next start", queue_id
+    )
+
+
+def _apply(services: Services, new: Config, pair: tuple[bytes, bytes] | None) -> None:
+    """A reload from the supervisor: the new pair into the live TLS context (every listener
+    and STARTTLS use it for the next handshake; open sessions keep theirs), the new settings
+    for new sessions (domains, limits, auth, delivery, log level)."""
+    if pair is not None and services.tls is not None:
+        try:
+            tls_mod.load_pair(services.tls, *pair)
+        except (OSError, ssl.SSLError) as exc:  # checked by the supervisor: not expected
+            log.error("reload: TLS pair not loaded, the old one stays: %s", exc)
     services.cfg = new
-    fresh = ConnectionLimiter.for_config(new, services.workers)
+    services.accounts.local_domains = new.domains
+    if services.sender_auth is not None:
+        services.sender_auth.cfg = new
     connections = services.connections
-    connections.max_total, connections.max_per_ip = fresh.max_total, fresh.max_per_ip
-    connections.exempt = fresh.exempt
+    connections.max_total = -(-new.limits.max_connections // services.workers)
+    connections.max_per_ip = new.limits.max_connections_per_ip
+    connections.exempt = new.per_ip_exempt_networks()
     services.throttle.cfg = new.auth
-    log.info("configuration reloaded")
+    logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
+    log.info("configuration reloaded%s", "" if pair is None else " with the TLS pair")
 
 
-async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
+def _on_supervisor(services: Services, worker: Worker, stop: asyncio.Event) -> None:
+    assert worker.channel is not None
+    try:
+        message = supervisor.read_message(worker.channel)
+    except (OSError, ValueError, EOFError) as exc:
+        log.error("reload: bad message from the supervisor: %s", exc)
+        return
+    if message is None:  # the supervisor is gone: so are we (PR_SET_PDEATHSIG, or here)
+        asyncio.get_running_loop().remove_reader(worker.channel.fileno())
+        stop.set()
+        return
+    _apply(services, *message)
+
+
+async def serve(
+    cfg: Config,
+    listeners: list[Listener],
+    worker: Worker,
+    pair: tuple[bytes, bytes],
+    shared: Shared | None = None,
+) -> int:
     """One worker's event loop. The primary (worker 0) also recovers and runs the queue."""
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    stores = await factory.open_node(cfg)
-    services, runner = build_services(cfg, worker.primary, cfg.workers, worker.index, stores)
+    services, runner = build_services(cfg, pair, worker.primary, cfg.workers, worker.index, shared)
     loop = asyncio.get_running_loop()
     control = None
     if services.cpus is not None:
         pin_process(services.cpus[0])
     elif cfg.pin_cpus:
         log.warning("pin_cpus: fewer than two CPUs per worker; not pinned")
-    await runner.local.writer.start()  # before privileges are dropped: see there
+    queue = services.queue
+    assert isinstance(queue, LocalQueue) and queue.writer is not None
+    await queue.writer.start()  # before privileges are dropped: see there
     if worker.primary:
-        await runner.recover()
+        assert services.sender_auth is not None
+        services.sender_auth.ensure_keys()  # DKIM keys made on first start
+        queue.recover()
+    else:
+        queue.on_parked = functools.partial(_hand_over, services)
     servers = await _start_listeners(services, listeners)
-    if worker.primary:
-        control = await _control_server(services, runner)
-    from postroom import privileges
-    from postroom.smtp.server import IdleSweeper
+    control = await _control_server(services, runner)
+    from postroom.connection import IdleSweeper
 
-    privileges.drop(cfg, chown=worker.primary)
+    if worker.primary:
+        privileges.secure_data_dir(cfg)
+    privileges.drop(cfg)
+    lifetime.die_with_parent(worker.parent)  # again: a change of uid forgets it
     worker.release_others()  # the queue is recovered: the other workers may serve now
     tasks = [loop.create_task(IdleSweeper(services).run())]
     if worker.primary:
         tasks.append(loop.create_task(runner.run()))
+        assert services.sender_auth is not None
+        tasks.append(loop.create_task(services.sender_auth.run(queue_made_here(runner))))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, services, worker)
+    # SIGHUP to a worker asks the supervisor, which reads what the worker may no longer.
+    loop.add_signal_handler(signal.SIGHUP, os.kill, worker.parent, signal.SIGHUP)
+    if worker.channel is not None:
+        loop.add_reader(worker.channel.fileno(), _on_supervisor, services, worker, stop)
     if worker.primary:
-        if cfg.path is None:
-            print(
-                f"postroom: embedded default; data in {cfg.data_dir.resolve()}\n"
-                "postroom: add a user with: postroom user add you@localhost",
-                file=sys.stderr,
-            )
+        from postroom.datadir import add_user_command
+
+        where = "embedded default; data" if cfg.path is None else "data"
+        print(
+            f"postroom: {where} in {cfg.data_dir}\n"
+            f"postroom: add a user with: {add_user_command(cfg)}",
+            file=sys.stderr,
+        )
         print("postroom: ready", file=sys.stderr)
+    if worker.channel is not None:
+        supervisor.ready(worker.channel)
     await stop.wait()
     log.info("shutting down")
     services.stopping = True
@@ -280,8 +396,7 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     if control is not None:
         control.close()
         with contextlib.suppress(OSError):
-            (cfg.data_dir / CONTROL_SOCKET).unlink()
-    worker.signal_others(signal.SIGTERM)
+            control_path(cfg.data_dir, worker.index).unlink()
     for conn in list(services.connections.live):
         with contextlib.suppress(Exception):
             conn.shutdown()
@@ -290,12 +405,13 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
     while services.connections.live and loop.time() < deadline:
         await asyncio.sleep(0.05)
     await runner.stop()
+    await queue.writer.close()
+    queue.spares.close()
     for task in tasks:
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.gather(*tasks)
-    await worker.wait_others(deadline=loop.time() + 1)
-    await stores.close()
+    services.accounts.close()
     logs.flush()
     return 0
 
@@ -304,40 +420,21 @@ async def serve(cfg: Config, listeners: list[Listener], worker: Worker) -> int:
 class Worker:
     """This process's place among the workers: ``workers`` processes share the listening
     sockets (made before the fork) and each runs its own event loop, so that SMTP and POP3
-    use every core. The primary alone recovers and runs the queue; the others wait for it
-    (a pipe) before they serve, and die with it (PR_SET_PDEATHSIG)."""
+    use every core. The primary alone recovers and runs the queue; at the first start the
+    others wait for it (a pipe) before they serve. All are children of the supervisor
+    (:mod:`postroom.supervisor`) and die with it."""
 
     primary: bool
     index: int = 0
-    children: list[int] = field(default_factory=list)
-    go_fd: int | None = None
+    parent: int = 0  # the supervisor
+    channel: socket.socket | None = None  # to the supervisor
+    go_fd: int | None = None  # the primary: written once recovered, to release the others
 
     def release_others(self) -> None:
         if self.go_fd is not None:
-            os.write(self.go_fd, b"g" * len(self.children))
+            os.write(self.go_fd, b"g" * 64)
             os.close(self.go_fd)
             self.go_fd = None
-
-    def signal_others(self, sig: int) -> None:
-        for pid in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
-    async def wait_others(self, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        pending = list(self.children)
-        while pending:
-            for pid in list(pending):
-                try:
-                    done, _status = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done = pid
-                if done:
-                    pending.remove(pid)
-            if pending and loop.time() > deadline + 8:
-                self.signal_others(signal.SIGKILL)
-            if pending:
-                await asyncio.sleep(0.05)
 
 
 def _loop_run(coro: Coroutine[Any, Any, int]) -> int:
@@ -349,6 +446,7 @@ def _loop_run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def run(cfg: Config) -> int:
+    files.private_umask()
     logs.setup(cfg)
     _raise_fd_limit()
     try:
@@ -357,31 +455,34 @@ def run(cfg: Config) -> int:
         # Typically a port that cannot be bound: one line, no traceback.
         print(f"postroom: error: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    worker = Worker(primary=True)
-    if cfg.workers > 1:
-        parent = os.getpid()
-        go_r, go_w = os.pipe()
-        for index in range(1, cfg.workers):
-            pid = os.fork()
-            if pid == 0:
-                os.close(go_w)
-                lifetime.die_with_parent(parent)
-                released = os.read(go_r, 1) == b"g"  # EOF: the primary failed to start
-                os.close(go_r)
-                if not released:
-                    os._exit(0)
-                try:
-                    code = _loop_run(serve(cfg, listeners, Worker(primary=False, index=index)))
-                except (OSError, PostroomError) as exc:
-                    print(f"postroom: error: worker {index}: {exc}", file=sys.stderr)
-                    code = 1
-                os._exit(code)
-            worker.children.append(pid)
-        os.close(go_r)
-        worker.go_fd = go_w
     try:
-        return _loop_run(serve(cfg, listeners, worker))
-    except (OSError, PostroomError) as exc:  # PostgreSQL away at start, a schema too new
+        pair = tls_mod.read_pair(cfg)  # as root, if started so: the workers may not read it
+        tls_mod.check_pair(cfg, *pair)
+    except ConfigError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)
-        worker.signal_others(signal.SIGTERM)
-        return 1
+        return 2
+    parent = os.getpid()
+    shared = Shared.for_workers(
+        cfg.workers
+    )  # before the fork: every worker, restarted ones too, sees the same
+
+    def worker_main(index: int, primary: bool, channel: socket.socket, go: int | None) -> int:
+        lifetime.die_with_parent(parent)
+        if go is not None and not primary:
+            released = os.read(go, 1) == b"g"  # EOF: the primary failed to start
+            os.close(go)
+            if not released:
+                return 0
+            go = None
+        worker = Worker(primary, index, parent, channel, go)
+        try:
+            return _loop_run(serve(cfg, listeners, worker, pair, shared))
+        except OSError as exc:
+            print(f"postroom: error: {exc}", file=sys.stderr)
+            return 1
+
+    status = supervisor.Supervisor(cfg, worker_main).run()
+    for listener in listeners:
+        for sock in listener.socks:
+            sock.close()
+    return status

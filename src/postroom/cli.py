@@ -10,6 +10,7 @@ so that a running server acts at once and never delivers half of a deleted messa
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import getpass
 import json
@@ -17,10 +18,20 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from postroom import __version__
 from postroom import config as config_mod
 from postroom.config import Config
 from postroom.errors import AccountError, ConfigError, PostroomError, QueueError
+from postroom.queue.envelope import Attempt, Envelope, check_id
+
+if TYPE_CHECKING:
+    from postroom.storage.local.queue import LocalQueue
+
+if TYPE_CHECKING:
+    from postroom.auth.service import SenderAuth
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,67 +46,102 @@ def _parser() -> argparse.ArgumentParser:
         "-c",
         "--config",
         dest="config_sub",
+        metavar="FILE",
         # Not None: each nested parser would then reset what an outer one read
         # ("postroom user -c FILE list" lost its -c).
         default=argparse.SUPPRESS,
         help="config file (default: $POSTROOM_CONFIG, ./postroom.toml, built-in)",
     )
     p = _Parser(prog="postroom", description="A small mail server: SMTP, POP3, queue, Maildir.")
-    p.add_argument("-c", "--config", default=None, help="config file")
+    p.add_argument("-c", "--config", metavar="FILE", default=None, help="config file")
+    p.add_argument("--version", action="version", version=f"postroom {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    sub.add_parser("serve", parents=[common], help="run the server in the foreground")
+    def command(
+        group: argparse._SubParsersAction[_Parser], name: str, text: str
+    ) -> argparse.ArgumentParser:
+        return group.add_parser(name, parents=[common], help=text, description=text)
 
-    user = sub.add_parser("user", parents=[common], help="manage users").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
+    command(sub, "serve", "run the server in the foreground")
+
+    user = command(sub, "user", "manage users").add_subparsers(
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION"
     )
-    for name in ("add", "passwd"):
-        cmd = user.add_parser(name, parents=[common])
-        cmd.add_argument("address")
+    for name, text in (("add", "add a user"), ("passwd", "set a user's password")):
+        cmd = command(user, name, text)
+        cmd.add_argument("address", help="the user's address (their login)")
         cmd.add_argument(
             "--password-stdin",
             action="store_true",
-            help="read one line from stdin instead of prompting",
+            help="read the password as one line from stdin instead of prompting (without a "
+            "terminal stdin is read anyway)",
         )
-    user.add_parser("del", parents=[common]).add_argument("address")
-    user.add_parser("list", parents=[common])
+        cmd.add_argument(
+            "--allow-short",
+            action="store_true",
+            help="accept a password shorter than 6 characters",
+        )
+    cmd = command(user, "del", "delete a user (and take it out of every alias)")
+    cmd.add_argument("address")
+    command(user, "list", "list the users")
 
-    alias = sub.add_parser("alias", parents=[common], help="manage aliases").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
+    alias = command(sub, "alias", "manage aliases").add_subparsers(
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION"
     )
-    add = alias.add_parser("add", parents=[common])
+    add = command(alias, "add", "make ALIAS deliver to every TARGET")
     add.add_argument("alias")
-    add.add_argument("targets", nargs="+")
-    alias.add_parser("del", parents=[common]).add_argument("alias")
-    alias.add_parser("list", parents=[common])
-
-    queue = sub.add_parser("queue", parents=[common], help="inspect the queue").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
+    add.add_argument(
+        "targets", nargs="+", metavar="TARGET", help="a user, an alias or a remote address"
     )
-    qlist = queue.add_parser("list", parents=[common])
-    qlist.add_argument("--json", action="store_true")
-    queue.add_parser("show", parents=[common]).add_argument("id")
-    queue.add_parser("flush", parents=[common])
-    queue.add_parser("delete", parents=[common]).add_argument("id")
+    command(alias, "del", "delete an alias").add_argument("alias")
+    command(alias, "list", "list the aliases and their targets")
 
-    dbc = sub.add_parser(
-        "db", parents=[common], help="the PostgreSQL schema ([storage] backend = postgresql)"
-    ).add_subparsers(dest="action", required=True, parser_class=_Parser)
-    dbc.add_parser("migrate", parents=[common], help="apply pending schema migrations")
-    dbc.add_parser("check", parents=[common], help="connectivity, schema version, pending")
-    imp = dbc.add_parser(
-        "import", parents=[common], help="copy a local node's accounts and Maildirs in"
+    queue = command(sub, "queue", "inspect the queue").add_subparsers(
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION"
     )
-    imp.add_argument(
-        "data_dir", nargs="?", default=None, help="the local node's data_dir (default: data_dir)"
+    qlist = command(queue, "list", "list the queued messages, one line each")
+    qlist.add_argument("--json", action="store_true", help="print a JSON array instead")
+    qshow = command(queue, "show", "show a message's envelope, state, attempts and headers")
+    qshow.add_argument("id")
+    qshow.add_argument(
+        "--json", action="store_true", help="print a JSON object with the attempts instead"
+    )
+    command(queue, "flush", "retry every deferred message now")
+    command(queue, "delete", "remove a message without a bounce").add_argument("id")
+
+    dns_cmd = command(sub, "dns", "DNS records to publish for a domain")
+    dns_cmd.add_argument("domain")
+    dns_cmd.add_argument("--json", action="store_true", help="print a JSON array instead")
+    dns_cmd.add_argument("--check", action="store_true", help="compare with what DNS answers")
+
+    dkim = command(sub, "dkim", "DKIM keys").add_subparsers(
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION"
+    )
+    command(dkim, "rotate", "make new DKIM keys for a domain").add_argument("domain")
+
+    dmarc = command(sub, "dmarc", "DMARC reports").add_subparsers(
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION"
+    )
+    command(dmarc, "report", "send the DMARC aggregate reports").add_argument(
+        "--now", action="store_true", required=True, help="send the aggregate reports now"
     )
     return p
 
 
 def _read_password(args: argparse.Namespace) -> str:
-    if args.password_stdin:
+    if sys.stdin is None:
+        raise AccountError("no password: stdin is closed")
+    if args.password_stdin or not sys.stdin.isatty():
+        # Without a terminal there is nothing to prompt on (getpass would warn and read stdin
+        # anyway): the first line is the password; a second one, answering "Again", must match.
         line = sys.stdin.readline()
+        if not line:
+            raise AccountError("no password typed: stdin is empty")
         password = line.rstrip("\r\n")
+        if not args.password_stdin:
+            again = sys.stdin.readline()
+            if again and again.rstrip("\r\n") != password:
+                raise AccountError("passwords do not match")
     else:
         try:
             password = getpass.getpass("Password: ")
@@ -109,7 +155,12 @@ def _read_password(args: argparse.Namespace) -> str:
         password.encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 came in as surrogates
         raise AccountError("the password is not valid UTF-8") from None
-    return password
+    from postroom import passwords
+
+    try:
+        return passwords.check_new(password, args.allow_short)
+    except passwords.PasswordError as exc:
+        raise AccountError(str(exc)) from None
 
 
 def _iso(ts: float | None) -> str | None:
@@ -118,10 +169,16 @@ def _iso(ts: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _control(cfg: Config, command: str) -> str | None:
+def _control_sockets(cfg: Config) -> list[Path]:
+    """The control sockets of the running server's workers, the primary's first."""
+    others = sorted(cfg.data_dir.glob("control-*.sock"))
+    return [cfg.data_dir / "control.sock", *others]
+
+
+def _control(cfg: Config, command: str, path: Path | None = None) -> str | None:
     """Send a command to a running server; None when no server is listening. A server that
     listens but does not answer is an error: acting on the files behind its back is not safe."""
-    path = cfg.data_dir / "control.sock"
+    path = path or cfg.data_dir / "control.sock"
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(30)
@@ -135,31 +192,28 @@ def _control(cfg: Config, command: str) -> str | None:
 
 
 def _cmd_user(cfg: Config, args: argparse.Namespace) -> int:
-    from postroom.storage import factory
-    from postroom.storage.local.accounts import account_address
+    from postroom.storage.local.accounts import Accounts, account_address
 
-    stores = factory.open_admin(cfg)
-    try:
-        accounts = stores.accounts
-        if args.action == "list":
-            for name in accounts.list_users():
-                print(name)
-            return 0
-        addr = account_address(args.address, cfg.domains)
-        if args.action == "add":
-            if accounts.user_exists(addr.key):
-                raise AccountError(f"user {addr.key} already exists")
-            accounts.add_user(addr, _read_password(args))
-            stores.create_mailbox(addr.key)
-        elif args.action == "passwd":
-            if not accounts.user_exists(addr.key):
-                raise AccountError(f"no such user {addr.key}")
-            accounts.set_password(addr, _read_password(args))
-        elif args.action == "del":
-            for alias in accounts.delete_user(addr) or ():
-                print(f"removed {addr.key} from alias {alias}")
-    finally:
-        stores.close()
+    accounts = Accounts(cfg.data_dir, cfg.domains)
+    if args.action == "list":
+        for name in accounts.list_users():
+            print(name)
+        return 0
+    addr = account_address(args.address, cfg.domains)
+    if args.action == "add":
+        if accounts.user_exists(addr.key):
+            raise AccountError(f"user {addr.key} already exists")
+        accounts.add_user(addr, _read_password(args))
+        from postroom.storage.local import maildir
+
+        maildir.ensure(maildir.mailbox_path(cfg.data_dir, addr.key))
+    elif args.action == "passwd":
+        if not accounts.user_exists(addr.key):
+            raise AccountError(f"no such user {addr.key}")
+        accounts.set_password(addr, _read_password(args))
+    elif args.action == "del":
+        for alias in accounts.delete_user(addr):
+            print(f"removed {addr.key} from alias {alias}")
     return 0
 
 
@@ -174,54 +228,95 @@ def _alias_target(text: str) -> str:
 
 
 def _cmd_alias(cfg: Config, args: argparse.Namespace) -> int:
-    from postroom.storage import factory
-    from postroom.storage.local.accounts import account_address
+    from postroom.storage.local.accounts import Accounts, alias_key
 
-    stores = factory.open_admin(cfg)
-    try:
-        accounts = stores.accounts
-        if args.action == "list":
-            for alias, targets in accounts.list_aliases().items():
-                print(f"{alias}\t{' '.join(targets)}")
-            return 0
-        addr = account_address(args.alias, cfg.domains)
-        if args.action == "add":
-            targets = []
-            for t in args.targets:
-                target = _alias_target(t)
-                local, _, domain = target.rpartition("@")
-                # Local targets are stored in their key form, remote ones as typed.
-                targets.append(f"{local.lower()}@{domain}" if domain in cfg.domains else target)
-            accounts.add_alias(addr, targets)
-        else:
-            accounts.delete_alias(addr)
-    finally:
-        stores.close()
+    accounts = Accounts(cfg.data_dir, cfg.domains)
+    if args.action == "list":
+        for alias, targets in accounts.list_aliases().items():
+            print(f"{alias}\t{' '.join(targets)}")
+        return 0
+    key = alias_key(args.alias, cfg.domains)  # "@domain": the domain's catch-all
+    if args.action == "add":
+        accounts.add_alias(key, [_alias_target(t) for t in args.targets])
+    else:
+        accounts.delete_alias(key)
     return 0
 
 
-def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
-    from postroom.queue.store import Envelope, QueueStore
+def _queue_json(e: Envelope) -> dict[str, object]:
+    """The object of ``queue list --json`` (``queue show --json`` adds the attempts)."""
+    return {
+        "id": e.id,
+        "sender": e.sender,
+        "created": _iso(e.created),
+        "attempts": e.attempts,
+        "next_attempt": _iso(e.next_attempt),
+        "recipients": [
+            {"address": r.address, "status": r.status, "last_error": r.last_error}
+            for r in e.recipients
+        ],
+    }
 
-    store = QueueStore(cfg.data_dir / "queue")
+
+def _attempt_json(a: Attempt) -> dict[str, object]:
+    return {
+        "time": _iso(a.time),
+        "recipients": a.recipients,
+        "host": a.host,
+        "ip": a.ip,
+        "reply": a.reply,
+        "tls": a.tls,
+    }
+
+
+def _open_queue(cfg: Config, running: bool) -> LocalQueue:
+    """The queue as the CLI sees it. With no server running, the journal is replayed first
+    (as the next start would do), so that the deferred store holds every message."""
+    from postroom.storage.local import journal
+    from postroom.storage.local.queue import LocalQueue
+
+    queue = LocalQueue(cfg.data_dir, cfg.hostname)
+    if not running:
+        journal.recover(str(queue.journal_dir), journal.boot_id())
+    return queue
+
+
+def _running(cfg: Config) -> bool:
+    return _control(cfg, "ping") is not None
+
+
+def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
     if args.action == "flush":
-        answer = _control(cfg, "flush")
-        if answer is None:
+        if _control(cfg, "flush") is None:
             # No server running: make every message due; the next serve tries at once.
-            for env in store.iter_envelopes():
-                if isinstance(env, Envelope) and env.attempts:
-                    env.next_attempt = 0
-                    store.save_state(env)
+            due = _open_queue(cfg, running=False).flush()
+            print(
+                f"postroom: no server is running: the {due} deferred message(s) will be tried "
+                "as soon as `postroom serve` starts"
+                if due
+                else "postroom: no server is running, and no message is deferred",
+                file=sys.stderr,
+            )
         return 0
     if args.action == "delete":
-        answer = _control(cfg, f"delete {args.id}")
-        if answer is None:
-            store.remove(args.id)
-        elif answer != "ok":
+        check_id(args.id)
+        answers = [_control(cfg, f"delete {args.id}", sock) for sock in _control_sockets(cfg)]
+        if not any(a is not None for a in answers):
+            asyncio.run(_open_queue(cfg, running=False).delete(args.id))
+        elif "ok" not in answers:
             raise QueueError(f"no such message {args.id}")
         return 0
+    queue = _open_queue(cfg, _running(cfg))
     if args.action == "show":
-        env = store.load(args.id)
+        env = queue.load(args.id)
+        if args.json:
+            print(
+                json.dumps(
+                    {**_queue_json(env), "attempts": [_attempt_json(a) for a in env.history]},
+                    indent=2,
+                )
+            )
+            return 0
         print(
             f"id: {env.id}\nsender: <{env.sender}>\ncreated: {_iso(env.created)}\n"
             f"size: {env.size}\nattempts: {env.attempts}\n"
@@ -232,36 +327,24 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
                 f"recipient: <{r.address}> {r.status}"
                 + (f" ({r.last_error})" if r.last_error else "")
             )
+        for a in env.history:
+            where = a.host or "-"
+            if a.ip:
+                where += f"[{a.ip}]"
+            tls = " TLS" if a.tls else ""
+            print(f"attempt: {_iso(a.time)} {where}{tls} to {', '.join(a.recipients)}: {a.reply}")
         print()
-        head = store.message_head(env)
-        end = head.find(b"\r\n\r\n")
-        sys.stdout.write(
-            head[: end + 2 if end >= 0 else len(head)]
-            .decode("utf-8", "replace")
-            .replace("\r\n", "\n")
-        )
+        head = queue.head(env)
+        if head.startswith(b"Return-Path:"):
+            head = head[head.find(b"\n") + 1 :]
+        end = head.find(b"\n\n")
+        sys.stdout.write(head[: end + 1 if end >= 0 else len(head)].decode("utf-8", "replace"))
         return 0
-    envelopes = [e for e in store.iter_envelopes() if isinstance(e, Envelope)]
+    envelopes = queue.entries()
+    for problem in queue.problems():
+        print(f"postroom: {problem}", file=sys.stderr)
     if args.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "id": e.id,
-                        "sender": e.sender,
-                        "created": _iso(e.created),
-                        "attempts": e.attempts,
-                        "next_attempt": _iso(e.next_attempt),
-                        "recipients": [
-                            {"address": r.address, "status": r.status, "last_error": r.last_error}
-                            for r in e.recipients
-                        ],
-                    }
-                    for e in envelopes
-                ],
-                indent=2,
-            )
-        )
+        print(json.dumps([_queue_json(e) for e in envelopes], indent=2))
         return 0
     for e in envelopes:
         errors = "; ".join(r.last_error for r in e.recipients if r.last_error)
@@ -281,47 +364,151 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_db(cfg: Config, args: argparse.Namespace) -> int:
-    if cfg.storage.backend != "postgresql" or cfg.storage.url is None:
-        where = cfg.path or "<embedded default>"
-        raise ConfigError(f'{where}: storage.backend: the db commands need "postgresql"')
-    from pathlib import Path
+def _sender_auth(cfg: Config) -> SenderAuth:
+    from postroom.auth.keys import LocalKeyStore
+    from postroom.auth.lookup import DnsCache
+    from postroom.auth.service import SenderAuth
 
-    from postroom.storage.postgresql import maintenance
+    return SenderAuth(cfg, DnsCache(cfg.dns), LocalKeyStore(cfg.data_dir))
 
-    url = cfg.storage.url
-    if args.action == "migrate":
-        for line in maintenance.migrate(url):
-            print(line)
-        return 0
-    if args.action == "check":
-        ok, lines = maintenance.check(url)
-        for line in lines:
-            print(line)
-        return 0 if ok else 1
-    source = Path(args.data_dir) if args.data_dir else cfg.data_dir
-    for line in maintenance.import_local(url, source, cfg.domains):
-        print(line)
+
+def _local_domain(cfg: Config, text: str) -> str:
+    from postroom.address import normalise_domain
+
+    try:
+        domain = normalise_domain(text)
+    except ValueError as exc:
+        raise AccountError(f"bad domain {text!r}: {exc}") from None
+    if not cfg.is_local_domain(domain):
+        raise AccountError(f"{domain} is not a local domain")
+    return domain
+
+
+def _cmd_dns(cfg: Config, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from postroom.auth import records
+
+    auth = _sender_auth(cfg)
+    wanted = auth.records(_local_domain(cfg, args.domain))
+    if args.check:
+        findings = asyncio.run(records.check(auth.cache, wanted))
+        if args.json:
+            print(
+                json.dumps(
+                    [f.record.to_json() | {"status": f.status, "found": f.found} for f in findings],
+                    indent=2,
+                )
+            )
+        else:
+            for finding in findings:
+                print(finding.line())
+        return 0 if all(f.status == "ok" for f in findings) else 1
+    if args.json:
+        print(json.dumps([r.to_json() for r in wanted], indent=2))
+    else:
+        for record in wanted:
+            print(records.master_line(record))
     return 0
 
 
+def _cmd_dkim(cfg: Config, args: argparse.Namespace) -> int:
+    import time
+
+    auth = _sender_auth(cfg)
+    domain = _local_domain(cfg, args.domain)
+    auth.ring.ensure(domain, time.time())
+    new = [k for k in auth.ring.rotate(domain, time.time()) if k.state == "pending"]
+    for key in new:
+        print(f"new {key.algorithm} selector {key.selector}: publish it (postroom dns {domain})")
+    print("the new keys sign once the server sees them in DNS; the old ones sign until then")
+    return 0
+
+
+def _cmd_dmarc(cfg: Config) -> int:
+    from postroom.storage.local.queue import LocalQueue
+
+    auth = _sender_auth(cfg)
+    store = LocalQueue(cfg.data_dir, cfg.hostname)
+
+    async def queue(sender: str, recipients: list[str], message: bytes) -> str:
+        queue_id = store.add_waiting(sender, recipients, message)
+        _control(cfg, f"submit {queue_id}")  # a running server sends it now
+        return queue_id
+
+    sent = asyncio.run(auth.send_reports(queue))
+    print(f"{sent} DMARC aggregate report(s) queued")
+    return 0
+
+
+def _warn(text: str) -> None:
+    print(f"postroom: warning: {text}", file=sys.stderr)
+
+
+def _warnings(cfg: Config, command: str) -> None:
+    """What is allowed but probably not what the admin meant."""
+    source = cfg.path or "<default>"
+    if os.geteuid() == 0 and cfg.user is None:
+        if command == "serve":
+            _warn(
+                f"{source}: user: running as root without `user`: the server keeps root and "
+                'what it makes belongs to root; set user = "postroom" (an account of its own)'
+            )
+        else:
+            try:
+                owner = cfg.data_dir.stat().st_uid
+            except OSError:
+                owner = 0
+            if owner != 0:
+                _warn(
+                    f"{source}: user: {cfg.data_dir} belongs to uid {owner}, but this runs as "
+                    "root without `user`: what it makes will belong to root; run it as the "
+                    "server's user or set `user`"
+                )
+    if command == "serve" and cfg.path is not None and cfg.hostname == "localhost":
+        _warn(
+            f'{source}: hostname: "localhost": other mail servers refuse mail from a host that '
+            "calls itself that; set this host's public name"
+        )
+
+
+def _where_data_is(cfg: Config) -> None:
+    """Say loudly that a new, empty data directory was made, and where."""
+    print(f"postroom: created a new data directory {cfg.data_dir}", file=sys.stderr)
+    if cfg.path is None:
+        print(
+            "postroom: (without a config file data lives in ./postroom-data of the directory a "
+            f"command runs in: run every command from {cfg.data_dir.parent}, or use -c FILE)",
+            file=sys.stderr,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from postroom.storage.local import files
+
+    files.private_umask()  # whatever the admin's umask: data_dir is the server user's only
     args = _parser().parse_args(argv)
     try:
         cfg = config_mod.load_effective(getattr(args, "config_sub", None) or args.config)
+        from postroom import datadir
+
+        datadir.check(cfg)  # before anything is made: nothing is left behind
     except ConfigError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)
         return 2
+    _warnings(cfg, args.command)
     try:
+        if datadir.create(cfg):
+            _where_data_is(cfg)
         if args.command == "serve":
             from postroom import app
 
             return app.run(cfg)
         # Import what the commands use before dropping root: the new user may not be able to
         # read the Python installation's files (a pyenv under /root, say).
-        import postroom.queue.store
         import postroom.storage.local.accounts
-        import postroom.storage.local.maildir  # noqa: F401
+        import postroom.storage.local.maildir
+        import postroom.storage.local.queue  # noqa: F401
         from postroom import privileges
 
         privileges.drop_for_cli(cfg)
@@ -329,8 +516,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_user(cfg, args)
         if args.command == "alias":
             return _cmd_alias(cfg, args)
-        if args.command == "db":
-            return _cmd_db(cfg, args)
+        if args.command == "dns":
+            return _cmd_dns(cfg, args)
+        if args.command == "dkim":
+            return _cmd_dkim(cfg, args)
+        if args.command == "dmarc":
+            return _cmd_dmarc(cfg)
         return _cmd_queue(cfg, args)
     except ConfigError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)

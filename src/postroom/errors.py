@@ -8,10 +8,15 @@
     ├── AccountError              user/alias management refused (exists, unknown, bad domain)
     ├── AddressError              a mailbox or path that is not valid RFC 5321 syntax
     ├── QueueError                a queue id that does not exist, a corrupt queue file
-    └── TemporaryStorageError     the disk refused a write (full, read-only): answer 4xx, keep going
+    ├── TemporaryStorageError     the disk refused a write (full, read-only): answer 4xx, keep going
+    └── MailboxInUse              another POP3 session holds the maildrop: ``-ERR [IN-USE]``
+
+    EngineMisuse (a RuntimeError)  our own code used a sans-I/O engine wrongly: a bug, never caught
 
 Errors of the *peer* (a client breaking SMTP or POP3) are not exceptions: the sans-I/O engines
-turn them into protocol replies. An exception escaping an engine is a bug in our own code.
+turn them into protocol replies. An exception escaping an engine is a bug in our own code, and
+the engines raise :class:`EngineMisuse` for it (an answer to an event that was not asked for,
+a transition their table does not have).
 """
 
 
@@ -41,3 +46,11 @@ class QueueError(PostroomError):
 
 class TemporaryStorageError(PostroomError):
     """Storage failed in a way that may heal (disk full, read-only): the peer gets a 4xx."""
+
+
+class MailboxInUse(PostroomError):
+    """Another session holds the maildrop (RFC 2449 §8.1.1: answered with ``-ERR [IN-USE]``)."""
+
+
+class EngineMisuse(RuntimeError):
+    """Our code used an engine in a state that does not allow it: a bug, not the peer's fault."""

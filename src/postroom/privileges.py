@@ -1,9 +1,9 @@
 """Dropping root: bind the ports first, then become ``user`` from the config.
 
 Started as root (needed for ports below 1024), postroom gives ownership of ``data_dir`` to
-the configured user and switches its uid/gid (and clears supplementary groups) before it
-serves a single connection, so the network-facing code never runs as root. Without ``user``,
-or when not root, nothing changes.
+the configured user (modes 0700/0600, see :mod:`postroom.storage.local.files`) and switches
+its uid/gid (and clears supplementary groups) before it serves a single connection, so the
+network-facing code never runs as root. Without ``user``, or when not root, nothing changes.
 """
 
 from __future__ import annotations
@@ -13,13 +13,7 @@ import pwd
 
 from postroom.config import Config
 from postroom.errors import ConfigError
-
-
-def _chown_tree(path: str, uid: int, gid: int) -> None:
-    os.chown(path, uid, gid)
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
+from postroom.storage.local import files
 
 
 def _lookup(cfg: Config) -> pwd.struct_passwd | None:
@@ -37,28 +31,30 @@ def target_ids(cfg: Config) -> tuple[int, int] | None:
     return None if pw is None else (pw.pw_uid, pw.pw_gid)
 
 
-def drop(cfg: Config, chown: bool = True) -> None:
-    """For ``serve``: give the whole data tree to ``user`` (once, by the primary worker), then
-    become that user."""
+def secure_data_dir(cfg: Config) -> None:
+    """For ``serve`` (once, by the primary worker, before it serves): the whole data tree
+    belongs to the server's user (``user``, else whoever runs it) with modes 0700/0600, also
+    in an install made by an older version or under a looser umask."""
+    files.tighten(cfg.data_dir, target_ids(cfg))
+
+
+def drop(cfg: Config) -> None:
+    """For ``serve``: become ``user`` (after :func:`secure_data_dir`)."""
     pw = _lookup(cfg)
     if pw is None:
         return
-    if chown:
-        _chown_tree(str(cfg.data_dir), pw.pw_uid, pw.pw_gid)
     become(pw.pw_uid, pw.pw_gid)
 
 
 def drop_for_cli(cfg: Config) -> None:
     """For the admin commands: become ``user`` too, so that what they create (accounts,
-    mailboxes) belongs to the server's user. Only the top of the data tree is re-owned."""
-    pw = _lookup(cfg)
-    if pw is None:
-        return
+    mailboxes) belongs to the server's user. Only the top of the data tree (the account store
+    among it) is re-owned and tightened to 0700/0600: the rest is ``serve``'s job at start."""
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    os.chown(cfg.data_dir, pw.pw_uid, pw.pw_gid)
-    for entry in os.scandir(cfg.data_dir):
-        os.chown(entry.path, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
-    become(pw.pw_uid, pw.pw_gid)
+    pw = _lookup(cfg)
+    files.tighten(cfg.data_dir, None if pw is None else (pw.pw_uid, pw.pw_gid), deep=False)
+    if pw is not None:
+        become(pw.pw_uid, pw.pw_gid)
 
 
 def become(uid: int, gid: int) -> None:

@@ -108,6 +108,24 @@ def order_mx(records: Iterable[tuple[int, str]], rng: random.Random) -> list[tup
     return sorted(shuffled, key=lambda r: r[0])  # sort is stable: ties keep the shuffled order
 
 
+def async_resolver(cfg: DNSConfig) -> dns.asyncresolver.Resolver:
+    """dnspython's async resolver for ``[dns] nameservers`` (else the system's) and ``timeout``."""
+    if cfg.nameservers:
+        res = dns.asyncresolver.Resolver(configure=False)
+        res.nameservers = [
+            dns.nameserver.Do53Nameserver(str(ipaddress.ip_address(host)), port)
+            for host, port in cfg.nameservers
+        ]
+    else:
+        try:
+            res = dns.asyncresolver.Resolver()
+        except dns.resolver.NoResolverConfiguration:
+            raise ConfigError("dns: no system resolver configured; set [dns] nameservers") from None
+    res.timeout = float(cfg.timeout)
+    res.lifetime = float(cfg.timeout)
+    return res
+
+
 class DnsResolver:
     """MX routing with dnspython's async resolver and ``[dns] nameservers``/``timeout``."""
 
@@ -118,21 +136,7 @@ class DnsResolver:
         rng: random.Random | None = None,
         max_mx: int = MAX_MX_HOSTS,
     ) -> None:
-        if cfg.nameservers:
-            res = dns.asyncresolver.Resolver(configure=False)
-            res.nameservers = [
-                dns.nameserver.Do53Nameserver(str(ipaddress.ip_address(host)), port)
-                for host, port in cfg.nameservers
-            ]
-        else:
-            try:
-                res = dns.asyncresolver.Resolver()
-            except dns.resolver.NoResolverConfiguration:
-                raise ConfigError(
-                    "dns: no system resolver configured; set [dns] nameservers"
-                ) from None
-        res.timeout = float(cfg.timeout)
-        res.lifetime = float(cfg.timeout)
+        res = async_resolver(cfg)
         res.cache = None  # TTLs are honoured by not caching at all; the queue retries slowly
         self._res = res
         self._rng = rng or random.Random()

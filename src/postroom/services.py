@@ -10,32 +10,40 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import resource
 import ssl
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from postroom.auth.service import SenderAuth
 from postroom.blocking import BlockingPool
 from postroom.config import Config
-from postroom.queue.store import Envelope, QueueStore
+from postroom.queue.envelope import Envelope
 from postroom.sasl import ScramKeys
-from postroom.storage.factory import AccountLookup
+from postroom.sharedcounts import Counts, LocalCounts
+from postroom.storage.interfaces import AccountStore, Maildrops, MessageDraft, MessageQueue
 from postroom.throttle import LoginThrottle
+from postroom.wire.replies import Reply
 
 log = logging.getLogger("postroom")
 
+FD_RESERVE = 32  # descriptors kept free for the sessions already open
+
+
+class Accepted(Protocol):
+    """The message is durable under ``queue_id``: the client may get its 250."""
+
+    @property
+    def queue_id(self) -> str: ...
+
 
 class Intake(Protocol):
-    """What an SMTP session asks of the queue for a finished message."""
+    """The one hand-off of a finished message (the queue runner's :meth:`accept`)."""
 
-    def is_local(self, address: str) -> bool: ...
-
-    def submit(self, envelope: Envelope) -> None: ...
-
-    async def deliver_direct(self, envelope: Envelope, message: bytes) -> bool: ...
-
-    async def withdraw_direct(self, envelope: Envelope, message: bytes) -> None: ...
+    async def accept(self, envelope: Envelope, draft: MessageDraft) -> Accepted | Reply:
+        """``Accepted`` once the message is durable, or the reply to send (452, ...)."""
+        ...
 
 
 class Closable(Protocol):
@@ -48,39 +56,54 @@ class Closable(Protocol):
 
 @dataclass
 class ConnectionLimiter:
-    """Counts open connections in total and per client IP (limits from ``[limits]``)."""
+    """Counts open connections in total (each worker its share) and per client IP (in a table
+    every worker shares: one client gets ``max_connections_per_ip`` over all workers)."""
 
     max_total: int
     max_per_ip: int
     exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-    live: set[Closable] = field(default_factory=set)
-    per_ip: Counter[str] = field(default_factory=Counter)
+    per_ip: Counts = field(default_factory=LocalCounts)
+    # Each live connection, and whether it is counted in per_ip (exempt ones are not).
+    live: dict[Closable, bool] = field(default_factory=dict)
 
     @classmethod
-    def for_config(cls, cfg: Config, workers: int) -> ConnectionLimiter:
+    def for_config(
+        cls, cfg: Config, workers: int, per_ip: Counts | None = None
+    ) -> ConnectionLimiter:
         """The limits of ``[limits]``; each of ``workers`` holds its share of the total."""
         lim = cfg.limits
-        return cls(
+        limiter = cls(
             -(-lim.max_connections // workers),
             lim.max_connections_per_ip,
             cfg.per_ip_exempt_networks(),
         )
+        if per_ip is not None:
+            limiter.per_ip = per_ip
+        return limiter
 
-    def acquire(self, ip: str, conn: Closable) -> bool:
+    def acquire(self, ip: str, conn: Closable, fileno: int = -1) -> bool:
+        """Count a new connection, or False (the caller answers 421 and closes) when a limit
+        is reached or descriptors run short. ``fileno`` is the connection's descriptor: Linux
+        gives the lowest free number, so a number within :data:`FD_RESERVE` of the limit
+        means at most that many are left, kept for the spool, Maildirs and the next 421. Out
+        of them, libuv would accept and close connections without a word."""
+        if fileno >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE:
+            log.warning("descriptors running out (fd %d): connection refused with 421", fileno)
+            return False
         if len(self.live) >= self.max_total:
             return False
-        if self.per_ip[ip] >= self.max_per_ip and not self._exempt(ip):
+        counted = not self._exempt(ip)
+        # Counted first, then compared: two workers cannot both take the last place.
+        if counted and self.per_ip.add(ip, 1) > self.max_per_ip:
+            self.per_ip.add(ip, -1)
             return False
-        self.live.add(conn)
-        self.per_ip[ip] += 1
+        self.live[conn] = counted
         return True
 
     def release(self, ip: str, conn: Closable) -> None:
-        if conn in self.live:
-            self.live.discard(conn)
-            self.per_ip[ip] -= 1
-            if self.per_ip[ip] <= 0:
-                del self.per_ip[ip]
+        counted = self.live.pop(conn, None)
+        if counted:
+            self.per_ip.add(ip, -1)
 
     def _exempt(self, ip: str) -> bool:
         try:
@@ -95,17 +118,19 @@ class Services:
     """Everything a session needs, created once per server."""
 
     cfg: Config
-    accounts: AccountLookup
-    store: QueueStore
+    accounts: AccountStore
+    queue: MessageQueue
     throttle: LoginThrottle
     connections: ConnectionLimiter
     tls: ssl.SSLContext | None
+    maildrops: Maildrops  # opens a user's mailbox for POP3
     log: logging.Logger = log
     cpu_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="postroom-cpu")
     )
-    io: BlockingPool = field(default_factory=BlockingPool)  # blocking file work (POP3)
+    io: BlockingPool = field(default_factory=BlockingPool)  # blocking file work
     intake: Intake | None = None  # the queue runner, set once it is made (app.build_services)
+    sender_auth: SenderAuth | None = None  # DKIM signing and SPF/DKIM/DMARC checks
     stopping: bool = False
     primary: bool = True  # the worker that owns the queue runner and the control socket
     worker_index: int = 0

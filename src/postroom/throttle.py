@@ -1,6 +1,7 @@
 """Brute-force protection for logins, shared by SMTP AUTH and POP3.
 
-Failures are counted per client IP and per account, and forgotten ``lockout_time`` after the
+Failures are counted per client IP (in a table every worker process shares, see
+:mod:`postroom.sharedcounts`) and per account, and forgotten ``lockout_time`` after the
 last one. A failed login is answered after a delay that grows with the failures (so guessing is
 slow); an IP with ``lockout_failures`` recent failures is refused before its password is even
 checked (454 4.7.0 / -ERR [SYS/TEMP]). At most :data:`CHECKS_PER_IP` passwords of one IP are
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from postroom.config import AuthConfig
+from postroom.sharedcounts import Counts, LocalCounts
 
 MAX_DELAY = 8.0
 CHECKS_PER_IP = 4  # as many as argon2 has threads: one IP may use them all, not more
@@ -40,7 +42,8 @@ class LoginThrottle:
 
     cfg: AuthConfig
     clock: Callable[[], float] = time.monotonic
-    _by_ip: dict[str, _Count] = field(default_factory=dict)
+    # Failures per IP, shared by every worker (a client gets lockout_failures in all).
+    by_ip: Counts = field(default_factory=LocalCounts)
     _by_account: dict[str, _Count] = field(default_factory=dict)
     # IP -> its turn-taking for password checks, and how many use it (dropped at 0)
     _slots: dict[str, tuple[asyncio.Semaphore, int]] = field(default_factory=dict)
@@ -56,7 +59,8 @@ class LoginThrottle:
 
     def refused(self, ip: str) -> bool:
         """True if this IP must be turned away without checking its password."""
-        return self._get(self._by_ip, ip) >= self.cfg.lockout_failures
+        failures = self.by_ip.get(ip, self.cfg.lockout_time, self.clock())
+        return failures >= self.cfg.lockout_failures
 
     @contextlib.asynccontextmanager
     async def turn(self, ip: str) -> AsyncIterator[None]:
@@ -77,14 +81,12 @@ class LoginThrottle:
     def failure(self, ip: str, account: str | None) -> float:
         """Record a failure; returns how long to wait before answering it."""
         now = self.clock()
-        worst = 0
-        for table, key in ((self._by_ip, ip), (self._by_account, account)):
-            if key is None:
-                continue
-            if len(table) > MAX_TRACKED:
-                table.clear()  # under a flood, forget rather than grow without bound
-            count = self._get(table, key) + 1
-            table[key] = _Count(count, now)
+        worst = self.by_ip.add(ip, 1, self.cfg.lockout_time, now)
+        if account is not None:
+            if len(self._by_account) > MAX_TRACKED:
+                self._by_account.clear()  # under a flood, forget rather than grow without bound
+            count = self._get(self._by_account, account) + 1
+            self._by_account[account] = _Count(count, now)
             worst = max(worst, count)
         extra = max(0, worst - self.cfg.free_failures)
         return float(min(MAX_DELAY, self.cfg.failure_delay * 2.0 ** min(extra, 8)))

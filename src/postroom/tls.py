@@ -3,6 +3,10 @@
 Policy: TLS 1.2 and 1.3 only, the system's modern cipher list (RFC 8996, RFC 9325). The server
 context is loaded from ``[tls] cert``/``key``; without them a self-signed certificate for
 ``hostname`` is made on first start under ``{data_dir}/tls/`` (cryptography) and reused after.
+The pair is read as bytes (:func:`read_pair`: by root at start, by the privileged supervisor at
+a reload, so a root-only ``privkey.pem`` works after the drop), checked (:func:`check_pair`:
+errors name the file at fault) and loaded from memory (:func:`load_pair`), into the live
+context at a reload so that every listener, implicit TLS included, serves the new pair.
 """
 
 from __future__ import annotations
@@ -71,19 +75,72 @@ def ensure_self_signed(cfg: Config) -> None:
     os.replace(tmp_cert, cert)
 
 
-def server_context(cfg: Config) -> ssl.SSLContext:
-    """The server-side context for STARTTLS, STLS and the implicit-TLS ports."""
+def read_pair(cfg: Config) -> tuple[bytes, bytes]:
+    """The PEM certificate chain and key, read now (as root, before the drop, or by the
+    privileged supervisor at a reload); ConfigError names the file that could not be read."""
     ensure_self_signed(cfg)
-    cert, key = cert_paths(cfg)
+    out = []
+    for what, path in zip(("certificate", "key"), cert_paths(cfg), strict=True):
+        try:
+            out.append(path.read_bytes())
+        except OSError as exc:
+            raise ConfigError(
+                f"{cfg.path or '<default>'}: tls: cannot read {what} {path}: {exc.strerror}"
+            ) from None
+    return out[0], out[1]
+
+
+def check_pair(cfg: Config, cert_pem: bytes, key_pem: bytes) -> None:
+    """ConfigError naming the file at fault unless ``cert_pem`` is a PEM chain and
+    ``key_pem`` the private key of its first certificate (cryptography parses both, so the
+    error says which one is wrong, not OpenSSL's NO_CERTIFICATE_ASSIGNED)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert_path, key_path = cert_paths(cfg)
+    where = f"{cfg.path or '<default>'}: tls"
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {cert_path} is no PEM certificate chain: {exc}") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {key_path} is no unencrypted PEM private key: {exc}") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    mine = key.public_key().public_bytes(serialization.Encoding.DER, public)
+    theirs = chain[0].public_key().public_bytes(serialization.Encoding.DER, public)
+    if mine != theirs:
+        raise ConfigError(f"{where}: key {key_path} does not match certificate {cert_path}")
+
+
+def load_pair(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """Load the pair into ``ctx`` from memory (memfd files: the key never touches the disk
+    again). Into a live context too: every handshake after this uses the new pair, also on
+    the implicit-TLS listeners that were given ``ctx`` at start; sessions open keep theirs."""
+    fds = []
+    try:
+        for data in (cert_pem, key_pem):
+            fd = os.memfd_create("postroom-tls", os.MFD_CLOEXEC)
+            fds.append(fd)
+            os.write(fd, data)
+        ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def server_context(cfg: Config, pair: tuple[bytes, bytes] | None = None) -> ssl.SSLContext:
+    """The server-side context for STARTTLS, STLS and the implicit-TLS ports, with ``pair``
+    (default: read from the configured files now)."""
+    cert_pem, key_pem = pair if pair is not None else read_pair(cfg)
+    check_pair(cfg, cert_pem, key_pem)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20")
-    try:
-        ctx.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{cfg.path or '<default>'}: tls: cannot load {cert}: {exc}") from None
+    load_pair(ctx, cert_pem, key_pem)
     return ctx
 
 

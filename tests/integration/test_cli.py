@@ -26,7 +26,13 @@ def cfg(tmp_path: Path) -> Path:
 def test_user_lifecycle(cfg: Path) -> None:
     assert (
         run_cli(
-            "user", "add", "Alice@A.test", "--password-stdin", config=cfg, stdin="pw\r\n"
+            "user",
+            "add",
+            "Alice@A.test",
+            "--password-stdin",
+            "--allow-short",
+            config=cfg,
+            stdin="pw\r\n",
         ).returncode
         == 0
     )
@@ -35,26 +41,59 @@ def test_user_lifecycle(cfg: Path) -> None:
     p = run_cli("-c", str(cfg), "user", "list")
     assert p.stdout.split() == ["alice@a.test"]
     dup = run_cli(
-        "user", "add", "alice@a.test", "--password-stdin", config=cfg, stdin="x\n", check=False
+        "user",
+        "add",
+        "alice@a.test",
+        "--password-stdin",
+        "--allow-short",
+        config=cfg,
+        stdin="x\n",
+        check=False,
     )
     assert dup.returncode == 1
     for bad in ("not-an-address", "bob@other.test", "../x@a.test"):
-        p = run_cli("user", "add", bad, "--password-stdin", config=cfg, stdin="x\n", check=False)
+        p = run_cli(
+            "user",
+            "add",
+            bad,
+            "--password-stdin",
+            "--allow-short",
+            config=cfg,
+            stdin="x\n",
+            check=False,
+        )
         assert p.returncode == 1, bad
-    run_cli("user", "passwd", "alice@a.test", "--password-stdin", config=cfg, stdin="new\n")
+    run_cli(
+        "user",
+        "passwd",
+        "alice@a.test",
+        "--password-stdin",
+        "--allow-short",
+        config=cfg,
+        stdin="new\n",
+    )
     assert (
         run_cli(
             "user",
             "passwd",
             "nobody@a.test",
             "--password-stdin",
+            "--allow-short",
             config=cfg,
             stdin="x\n",
             check=False,
         ).returncode
         == 1
     )
-    run_cli("user", "add", "jürgen@bücher.test", "--password-stdin", config=cfg, stdin="x\n")
+    run_cli(
+        "user",
+        "add",
+        "jürgen@bücher.test",
+        "--password-stdin",
+        "--allow-short",
+        config=cfg,
+        stdin="x\n",
+    )
     assert "jürgen@xn--bcher-kva.test" in run_cli("user", "list", config=cfg).stdout
     run_cli("user", "del", "alice@a.test", config=cfg)
     assert "alice" not in run_cli("user", "list", config=cfg).stdout
@@ -62,6 +101,7 @@ def test_user_lifecycle(cfg: Path) -> None:
 
 
 def test_aliases(cfg: Path) -> None:
+    run_cli("user", "add", "a@a.test", "--password-stdin", "--allow-short", config=cfg, stdin="x\n")
     run_cli("alias", "add", "team@a.test", "a@a.test", "b@remote.test", config=cfg)
     out = run_cli("alias", "list", config=cfg).stdout
     assert out.strip() == "team@a.test\ta@a.test b@remote.test"
@@ -142,7 +182,9 @@ def test_bad_usage_exits_2(cfg: Path) -> None:
 def test_config_option_anywhere_around_the_subcommand(cfg: Path, tmp_path: Path) -> None:
     # "postroom user -c FILE list" silently used the embedded default (and made
     # ./postroom-data): the inner parser reset what the outer one had read.
-    run_cli("-c", str(cfg), "user", "add", "w@a.test", "--password-stdin", stdin="x\n")
+    run_cli(
+        "-c", str(cfg), "user", "add", "w@a.test", "--password-stdin", "--allow-short", stdin="x\n"
+    )
     for args in (
         ("-c", str(cfg), "user", "list"),
         ("user", "-c", str(cfg), "list"),
@@ -166,7 +208,11 @@ def test_unreadable_passwords_fail_in_one_line(cfg: Path) -> None:
     # Both ended in a traceback: bytes that are not UTF-8, and no terminal for the prompts.
     base = [sys.executable, "-m", "postroom", "-c", str(cfg), "user", "add"]
     cases = [
-        (["b@a.test", "--password-stdin"], b"\xff\xfe\n", b"postroom: the password is not valid"),
+        (
+            ["b@a.test", "--password-stdin", "--allow-short"],
+            b"\xff\xfe\n",
+            b"postroom: the password is not valid",
+        ),
         (["p@a.test"], b"", b"postroom: no password typed"),
     ]
     for args, stdin, message in cases:
@@ -181,7 +227,7 @@ def test_config_from_environment(
     cfg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("POSTROOM_CONFIG", str(cfg))
-    run_cli("user", "add", "e@a.test", "--password-stdin", stdin="x\n")
+    run_cli("user", "add", "e@a.test", "--password-stdin", "--allow-short", stdin="x\n")
     assert "e@a.test" in run_cli("user", "list", config=cfg).stdout
     monkeypatch.delenv("POSTROOM_CONFIG")
     monkeypatch.chdir(tmp_path)

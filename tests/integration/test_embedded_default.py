@@ -12,10 +12,9 @@ import signal
 import smtplib
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.conftest import env_with_src, insecure
+from tests.conftest import env_with_src, insecure, wait_until
 
 
 def test_serve_without_config_receives_and_serves_mail(tmp_path: Path) -> None:
@@ -31,13 +30,27 @@ def test_serve_without_config_receives_and_serves_mail(tmp_path: Path) -> None:
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 30
-        while "postroom: ready" not in log.read_text():
+
+        def ready() -> bool:
             assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+            return "postroom: ready" in log.read_text()
+
+        wait_until(ready, 30, "the server to start")
+        # A command that finds this data from any directory (issue 14).
+        assert f"add a user with: cd {tmp_path} && postroom user add you@localhost" in (
+            log.read_text()
+        )
         subprocess.run(
-            [sys.executable, "-m", "postroom", "user", "add", "you@localhost", "--password-stdin"],
+            [
+                sys.executable,
+                "-m",
+                "postroom",
+                "user",
+                "add",
+                "you@localhost",
+                "--password-stdin",
+                "--allow-short",
+            ],
             input="secret\n",
             cwd=tmp_path,
             env=env,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server, ServerFactory, insecure, need_tool
+from tests.conftest import Server, ServerFactory, insecure, need_tool, wait_until
 
 MESSAGES = [
     b"Subject: one\r\n\r\nfirst message\r\n",
@@ -40,6 +40,23 @@ def srv(server_factory: ServerFactory) -> Server:
     return s
 
 
+def login_when_free(srv: Server, user: str = "alice@a.test", timeout: float = 10) -> poplib.POP3:
+    """Log in once the mailbox is no longer locked by an ending session ([IN-USE])."""
+
+    def attempt() -> poplib.POP3 | None:
+        pop = poplib.POP3_SSL(srv.host, srv.ports["pop3s"], context=insecure(), timeout=20)
+        pop.user(user)
+        try:
+            pop.pass_("pw")
+        except poplib.error_proto as exc:
+            assert b"[IN-USE]" in exc.args[0], exc
+            pop.quit()
+            return None
+        return pop
+
+    return wait_until(attempt, timeout, f"{user}'s mailbox to be free")
+
+
 def login(srv: Server, tls: str = "stls") -> poplib.POP3:
     if tls == "implicit":
         pop: poplib.POP3 = poplib.POP3_SSL(
@@ -54,9 +71,8 @@ def login(srv: Server, tls: str = "stls") -> poplib.POP3:
 
 
 def stored(srv: Server) -> list[bytes]:
-    md = srv.maildir("alice@a.test")
-    files = sorted([*md.glob("new/*"), *md.glob("cur/*")], key=lambda p: p.name)
-    return [p.read_bytes() for p in files]
+    """alice's messages as POP3 serves them (the files have LF line ends)."""
+    return srv.messages("alice@a.test")
 
 
 @pytest.mark.parametrize("tls", ["stls", "implicit"])
@@ -88,13 +104,11 @@ def test_uidl_stable_dele_rset_top(srv: Server) -> None:
     pop.dele(2)
     pop.file.close()  # dropped, not QUIT: nothing is deleted
     pop.sock.close()
-    time.sleep(0.3)
-    pop = login(srv)
+    pop = login_when_free(srv)  # the dropped session lets go of the lock
     _r, uids2, _ = pop.uidl()
     assert uids1 == uids2
     pop.dele(2)
-    pop.quit()
-    time.sleep(0.2)
+    pop.quit()  # RFC 1939 §6: the +OK comes once the deletions are made
     pop = login(srv)
     _r, uids3, _ = pop.uidl()
     assert [u.split()[1] for u in uids3] == [uids1[0].split()[1], uids1[2].split()[1]]
@@ -113,9 +127,7 @@ def test_quit_then_close_still_deletes_everything(srv: Server) -> None:
     pop.sock.sendall(b"".join(b"DELE %d\r\n" % n for n in range(2, count + 1)) + b"QUIT\r\n")
     pop.file.close()
     pop.sock.close()
-    deadline = time.monotonic() + 10
-    while len([*md.glob("new/*"), *md.glob("cur/*")]) != 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len([*md.glob("new/*"), *md.glob("cur/*")]) == 1)
     assert len(stored(srv)) == 1
     pop = login(srv)  # and the lock was let go
     assert pop.stat()[0] == 1
@@ -460,7 +472,7 @@ def test_storage_error_is_sys_temp(server_factory: ServerFactory) -> None:
 def test_idle_timeout_and_shutdown(server_factory: ServerFactory) -> None:
     s = server_factory(services=("pop3s",), extra_toml='[limits]\npop3_idle_timeout = "1s"')
     sock, f = raw_pop(s)
-    time.sleep(2.5)
+    sock.settimeout(15)  # the server speaks first, after its 1 s
     assert f.readline().startswith(b"-ERR")  # type: ignore[attr-defined]
     assert f.readline() == b""  # type: ignore[attr-defined]
     sock.close()
@@ -522,10 +534,8 @@ def test_client_stalled_in_retr_is_dropped_and_unlocks(server_factory: ServerFac
     sock.sendall(b"USER gina@a.test\r\nPASS pw\r\nRETR 1\r\n")
     f.readline()  # type: ignore[attr-defined]
     assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
-    time.sleep(4)  # not reading: the server's writes stall, then it gives up
-    pop = poplib.POP3_SSL(s.host, s.ports["pop3s"], context=insecure(), timeout=20)
-    pop.user("gina@a.test")
-    assert pop.pass_("pw").startswith(b"+OK")  # the stalled session released the mailbox
+    # Not reading: the server's writes stall, then it gives up and releases the mailbox.
+    pop = login_when_free(s, "gina@a.test", timeout=20)
     assert pop.stat()[0] == 1
     pop.quit()
     sock.close()

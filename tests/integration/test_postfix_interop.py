@@ -4,13 +4,13 @@ and accepts what Postfix relays to it. The private Postfix instance is the one b
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import smtplib
 import sys
-import time
 from pathlib import Path
 
-from tests.conftest import ROOT, ServerFactory, insecure, need_tool
+from tests.conftest import ROOT, ServerFactory, insecure, need_tool, wait_until
 from tests.dnszone import LoopbackDNS
 
 POSTFIX_IP = "127.0.0.5"
@@ -18,9 +18,8 @@ POSTROOM_IP = "127.0.0.6"
 
 
 def wait_files(directory: Path, timeout: float = 30) -> list[bytes]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not list(directory.glob("*")):
-        time.sleep(0.2)
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: list(directory.glob("*")), timeout, interval=0.2)
     return [p.read_bytes() for p in directory.glob("*")]
 
 

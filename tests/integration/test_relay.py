@@ -6,17 +6,18 @@ smtp port P, which is also ``[delivery] port``: "the other MX on port 25" in min
 
 from __future__ import annotations
 
+import contextlib
 import email
 import json
 import smtplib
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.message import Message
 
 import pytest
 
-from tests.conftest import Server, ServerFactory, free_port, insecure
+from tests.conftest import Server, ServerFactory, free_port, insecure, wait_until
 from tests.dnszone import LoopbackDNS
 
 A_IP, B_IP, DOWN_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4"
@@ -97,12 +98,9 @@ def queue(srv: Server) -> list[dict[str, object]]:
     return list(json.loads(srv.cli("queue", "list", "--json").stdout))
 
 
-def wait_for(predicate: object, timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.1)
+def wait_for(predicate: Callable[[], object], timeout: float = 20) -> bool:
+    with contextlib.suppress(AssertionError):
+        return bool(wait_until(predicate, timeout, interval=0.1))
     return False
 
 
@@ -186,15 +184,26 @@ def test_deferred_then_flush_delivers_once_even_across_kill9(
     (entry,) = queue(pair.a)
     assert entry["attempts"] == 1 and entry["next_attempt"]
     assert pair.a.cli("queue", "list").stdout.startswith(str(entry["id"]))
-    assert "later" in pair.a.cli("queue", "show", str(entry["id"])).stdout
+    shown = pair.a.cli("queue", "show", str(entry["id"])).stdout
+    assert "later" in shown and "attempt: " in shown and f"mx.b.test[{B_IP}]" in shown
+    detail = json.loads(pair.a.cli("queue", "show", str(entry["id"]), "--json").stdout)
+    # The list's object, its "attempts" (a count there) now the attempts themselves.
+    assert {k: v for k, v in detail.items() if k != "attempts"} == {
+        k: v for k, v in entry.items() if k != "attempts"
+    }
+    (attempt,) = detail["attempts"]
+    assert attempt["recipients"] == ["bob@b.test"] and attempt["host"] == "mx.b.test"
+    assert attempt["ip"] == B_IP and attempt["tls"] is False
+    assert "connect to" in attempt["reply"] and attempt["time"].endswith("Z")
     pair.a.kill9()
     pair.a.start()
     assert [q["id"] for q in queue(pair.a)] == [entry["id"]]
+    again = json.loads(pair.a.cli("queue", "show", str(entry["id"]), "--json").stdout)
+    assert again["attempts"] == detail["attempts"]  # the history is durable
     pair.b.start()
     pair.a.cli("queue", "flush")
     assert len(pair.b.wait_messages("bob@b.test", 1)) == 1
-    assert wait_for(lambda: queue(pair.a) == [])
-    time.sleep(1)
+    assert wait_for(lambda: queue(pair.a) == [])  # nothing left that could be sent again
     assert len(pair.b.messages("bob@b.test")) == 1
     assert pair.a.messages("alice@a.test") == []  # no bounce
 

@@ -15,7 +15,8 @@ import trustme
 from postroom.config import Config, DeliveryConfig, Duration, ListenConfig
 from postroom.delivery.remote import DeliveryResult, RemoteDelivery, needs_relayed_dsn
 from postroom.resolver import Route, RouteFailure, StaticResolver, Target
-from postroom.smtp.client_engine import Message, Outcome, Recipient
+from postroom.smtp.client_engine import ForwardPath as Recipient
+from postroom.smtp.client_engine import Outcome, OutgoingMessage
 from postroom.tls import client_context
 
 BODY = b"From: alice@a.test\r\nTo: bob@b.test\r\nSubject: hi\r\n\r\nline one\r\n.leading dot\r\n"
@@ -151,8 +152,8 @@ def config(port: int, **delivery: Any) -> Config:
     )
 
 
-def message(*rcpts: str) -> Message:
-    return Message("alice@a.test", tuple(Recipient(r) for r in rcpts))
+def message(*rcpts: str) -> OutgoingMessage:
+    return OutgoingMessage("alice@a.test", tuple(Recipient(r) for r in rcpts))
 
 
 def run(coro: Callable[[], Awaitable[None]]) -> None:
@@ -161,6 +162,28 @@ def run(coro: Callable[[], Awaitable[None]]) -> None:
 
 def mx(host: str, ip: str, pref: int) -> Target:
     return Target(host, (ip,), pref)
+
+
+def deliver_once(
+    data: bytes, msg: OutgoingMessage | None = None, **sink_args: Any
+) -> tuple[DeliveryResult, Sink]:
+    """One message (to bob@b.test unless ``msg`` says) through a fresh Sink at mx.b.test."""
+    port = free_port()
+    out: list[tuple[DeliveryResult, Sink]] = []
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.2", port, **sink_args).start()
+        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        try:
+            (result,) = await remote.deliver("b.test", msg or message("bob@b.test"), data)
+        finally:
+            await remote.aclose()
+            await sink.stop()
+        out.append((result, sink))
+
+    run(main)
+    return out[0]
 
 
 def test_delivers_with_per_recipient_results() -> None:
@@ -481,7 +504,7 @@ def test_relayed_dsn_owed_when_next_hop_lacks_dsn() -> None:
         sink = await Sink("127.0.0.2", port).start()
         resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
         remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
-        msg = Message("alice@a.test", (Recipient("bob@b.test", notify=("SUCCESS",)),))
+        msg = OutgoingMessage("alice@a.test", (Recipient("bob@b.test", notify=("SUCCESS",)),))
         try:
             (res,) = await remote.deliver("b.test", msg, BODY)
         finally:

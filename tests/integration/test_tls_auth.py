@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import Server, ServerFactory, insecure, need_tool
+from tests.conftest import Server, ServerFactory, insecure, need_tool, scram_client_final
 
 
 @pytest.fixture
@@ -81,8 +81,6 @@ def test_mx_port_auth_allows_relay_and_checks_sender(srv: Server) -> None:
 
 def test_scram_sha_256(srv: Server) -> None:
     """SCRAM-SHA-256 (RFC 7677) by hand, as smtplib has no SCRAM."""
-    import hashlib
-    import hmac
     import secrets
 
     with smtplib.SMTP(srv.host, srv.ports["submission"]) as c:
@@ -96,22 +94,10 @@ def test_scram_sha_256(srv: Server) -> None:
         )
         assert code == 334
         server_first = base64.b64decode(resp).decode()
-        attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
-        salted = hashlib.pbkdf2_hmac(
-            "sha256", b"alice-pw", base64.b64decode(attrs["s"]), int(attrs["i"])
-        )
-        client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-        stored = hashlib.sha256(client_key).digest()
-        final_wo = f"c=biws,r={attrs['r']}"
-        auth_msg = f"{first_bare},{server_first},{final_wo}".encode()
-        sig = hmac.new(stored, auth_msg, "sha256").digest()
-        xored = bytes(a ^ b for a, b in zip(client_key, sig, strict=True))
-        proof = base64.b64encode(xored).decode()
-        code, resp = c.docmd(base64.b64encode(f"{final_wo},p={proof}".encode()).decode())
+        final, expect = scram_client_final(b"alice-pw", first_bare, server_first)
+        code, resp = c.docmd(base64.b64encode(final.encode()).decode())
         assert code == 334
-        server_key = hmac.new(salted, b"Server Key", "sha256").digest()
-        expect = base64.b64encode(hmac.new(server_key, auth_msg, "sha256").digest()).decode()
-        assert base64.b64decode(resp).decode() == f"v={expect}"
+        assert base64.b64decode(resp).decode() == expect
         assert c.docmd("")[0] == 235
 
 

@@ -1,18 +1,21 @@
 """``workers = 2``: both processes serve, spooled mail reaches the primary's queue runner,
-and a kill -9 of the primary leaves no worker behind holding the ports."""
+a kill -9 of the server (its supervisor) leaves no worker behind holding the ports, and a
+worker killed on its own is started again."""
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import threading
-import time
 
 import pytest
 
-from tests.conftest import ServerFactory
+from tests.conftest import ServerFactory, first_line, wait_greeting, wait_until
 from tests.dnszone import LoopbackDNS
 
 
@@ -38,12 +41,9 @@ def test_two_workers(server_factory: ServerFactory) -> None:
         )
         srv.add_user("alice@a.test", "pw")
         assert srv.proc is not None
-        children = children_of(srv.proc.pid)
-        workers = [p for p in children if not is_writer(p)]
-        assert len(workers) == 1
-        writers = [p for p in children if is_writer(p)] + [
-            p for w in workers for p in children_of(w) if is_writer(p)
-        ]
+        workers = children_of(srv.proc.pid)  # under the supervisor
+        assert len(workers) == 2 and not any(is_writer(p) for p in workers)
+        writers = [p for w in workers for p in children_of(w) if is_writer(p)]
         assert len(writers) == 2  # each worker has its Maildir writer process
 
         def send(i: int) -> None:
@@ -76,11 +76,8 @@ def test_two_workers(server_factory: ServerFactory) -> None:
         assert sum(b"Status: 5.1.2" in m for m in msgs) == 6
 
         srv.kill9()
-        deadline = time.monotonic() + 5
         gone = workers + writers  # and nothing of the old server stays behind
-        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in gone):
-            time.sleep(0.05)
-        assert not any(os.path.exists(f"/proc/{p}") for p in gone)
+        wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in gone), 5)
         srv.start()
         send(99)
         assert len(srv.wait_messages("alice@a.test", 47)) == 47
@@ -98,11 +95,73 @@ def test_pin_cpus_puts_the_loop_and_its_writer_on_cpus_of_their_own(
     srv = server_factory(domains=("a.test",), services=("smtp",), extra_toml="pin_cpus = true\n")
     srv.add_user("alice@a.test", "pw")
     assert srv.proc is not None
-    (writer,) = [p for p in children_of(srv.proc.pid) if is_writer(p)]
-    assert os.sched_getaffinity(srv.proc.pid) == {cpus[0]}
+    (worker,) = children_of(srv.proc.pid)
+    (writer,) = [p for p in children_of(worker) if is_writer(p)]
+    assert os.sched_getaffinity(worker) == {cpus[0]}
     assert os.sched_getaffinity(writer) == {cpus[1]}
     for tid in os.listdir(f"/proc/{writer}/task"):  # its threads too (the syncer)
         assert os.sched_getaffinity(int(tid)) == {cpus[1]}
     with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=30) as c:
         c.sendmail("x@r.test", ["alice@a.test"], b"Subject: pinned\r\n\r\nx\r\n")
     assert len(srv.wait_messages("alice@a.test", 1)) == 1
+
+
+def worker_pids(log: str, index: int) -> list[int]:
+    return [int(m) for m in re.findall(rf"worker {index} started, pid (\d+)", log)]
+
+
+def test_a_killed_worker_is_started_again(server_factory: ServerFactory) -> None:
+    srv = server_factory(domains=("a.test",), services=("smtp",), extra_toml="workers = 2\n")
+    srv.add_user("alice@a.test", "pw")
+
+    def send_all(count: int) -> None:
+        for i in range(count):  # new connections: the kernel spreads them over both sockets
+            with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=30) as c:
+                c.sendmail("x@r.test", ["alice@a.test"], f"Subject: {i}\r\n\r\nx\r\n".encode())
+
+    for index in (1, 0):  # a secondary, then the primary (it recovers the queue again)
+        (pid,) = worker_pids(srv.log.read_text(), index)[-1:]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: len(worker_pids(srv.log.read_text(), index)) >= 2, 15)  # noqa: B023
+        assert "starting it again" in srv.log.read_text()
+        before = len(srv.messages("alice@a.test"))
+        send_all(20)
+        assert len(srv.wait_messages("alice@a.test", before + 20)) == before + 20
+    assert srv.stop() == 0
+
+
+def test_per_ip_limits_hold_across_workers(server_factory: ServerFactory) -> None:
+    # They were counted by each worker: a client got `workers` x the limit.
+    srv = server_factory(
+        domains=("a.test",),
+        services=("smtp", "pop3"),
+        extra_toml="workers = 2\n[limits]\nmax_connections_per_ip = 3\nper_ip_exempt = []\n"
+        '[auth]\nallow_plaintext = true\nlockout_failures = 6\nfailure_delay = "0.01s"\n',
+    )
+    srv.add_user("alice@a.test", "right-password")
+    held = [socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) for _ in range(10)]
+    try:
+        answers = [first_line(s) for s in held]
+        assert sum(a.startswith(b"220 ") for a in answers) == 3, answers
+        assert sum(a.startswith(b"421 ") for a in answers) == 7, answers
+    finally:
+        for s in held:
+            s.close()
+    wait_greeting(srv.host, srv.ports["smtp"])  # the workers see the closes
+
+    def login(password: str) -> bytes:
+        with socket.create_connection((srv.host, srv.ports["pop3"]), timeout=10) as s:
+            first_line(s)
+            s.sendall(f"USER alice@a.test\r\nPASS {password}\r\n".encode())
+            out = b""
+            while out.count(b"\r\n") < 2:
+                chunk = s.recv(512)
+                if not chunk:
+                    break
+                out += chunk
+            return out.split(b"\r\n")[1]
+
+    for i in range(6):  # new connections each: spread over both workers
+        assert login(f"guess{i}").startswith(b"-ERR [AUTH]")
+    for _ in range(6):  # locked out on every worker, even with the right password
+        assert login("right-password").startswith(b"-ERR [SYS/TEMP]")

@@ -1,5 +1,8 @@
 """SMTP smuggling (2023, CVE-2023-51764/51765/51766 class): a bare CR or LF around a dot must
-never end the message or start a second one. postroom rejects the message (550 5.5.2)."""
+never end the message or start a second one. postroom rejects the message (550 5.5.2), and one
+with a NUL octet (554 5.6.0): a next hop that drops NULs would read ``CRLF NUL "." CRLF`` as the
+end of the message. The end-of-data sequences are those of the published smuggling scanners
+(SEC Consult's list and its variants with NUL, as smtp_smuggling_checker tries them)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,17 @@ import pytest
 from tests.conftest import Server
 
 VARIANTS = [b"\n.\n", b"\r.\r", b"\r.\n", b"\n.\r\n", b"\r\n.\n", b"\n.\r", b"\r.\r\n", b"\r\n.\r"]
+VARIANTS += [b"\n\n.\r\n", b"\r\n\r.\r\n", b"\n\n.\n"]
+# With NUL (rejected as 554 5.6.0; SEC Consult's "\r\n\x00.\r\n" and relatives).
+NUL_VARIANTS = [
+    b"\r\n\x00.\r\n",
+    b"\r\n.\x00\r\n",
+    b"\r\n\x00.\r",
+    b"\r\n\x00.\n",
+    b"\r\n\x00\r\n.\r",
+    b"\r\x00\n.\r\x00\n",
+    b"\r\n\x00.\x00\r\n",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +41,9 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Server:
     server = Server(
         cfg, base / "data", "127.0.0.1", {"smtp": port}, ["a.test"], log=base / "server.log"
     )
-    run_cli("user", "add", "alice@a.test", "--password-stdin", config=cfg, stdin="pw\n")
+    run_cli(
+        "user", "add", "alice@a.test", "--password-stdin", "--allow-short", config=cfg, stdin="pw\n"
+    )
     server.start()
     yield server  # type: ignore[misc]
     server.stop()
@@ -44,9 +60,8 @@ def converse(srv: Server, payload: bytes) -> bytes:
     return out
 
 
-@pytest.mark.parametrize("sep", VARIANTS, ids=[repr(v) for v in VARIANTS])
-def test_smuggled_message_is_not_delivered(srv: Server, sep: bytes) -> None:
-    before = len(srv.messages("alice@a.test"))
+def smuggle(srv: Server, sep: bytes) -> list[bytes]:
+    """Send a message that hides a second one behind ``sep``; the final replies."""
     payload = (
         b"EHLO evil\r\nMAIL FROM:<a@evil.test>\r\nRCPT TO:<alice@a.test>\r\nDATA\r\n"
         b"Subject: outer\r\n\r\nouter body"
@@ -57,13 +72,12 @@ def test_smuggled_message_is_not_delivered(srv: Server, sep: bytes) -> None:
     out = converse(srv, payload)
     replies = [ln for ln in out.split(b"\r\n") if ln[3:4] == b" "]
     assert len(replies) >= 5, out
-    # One DATA: exactly one final reply for it, and it is the bare-LF rejection.
-    assert replies[4].startswith(b"550 5.5.2"), out
-    assert sum(r.startswith(b"354") for r in replies) == 1
-    msgs = srv.wait_messages("alice@a.test", before + 1, timeout=1)
-    assert len(msgs) == before
-    assert not any(b"smuggled" in m for m in msgs)
-    # ...and the server still serves a normal client.
+    # One DATA only: exactly one 354, whatever followed it.
+    assert sum(r.startswith(b"354") for r in replies) == 1, out
+    return replies
+
+
+def still_serves(srv: Server, before: int) -> None:
     ok = converse(
         srv,
         b"EHLO good\r\nMAIL FROM:<g@good.test>\r\nRCPT TO:<alice@a.test>\r\n"
@@ -71,3 +85,41 @@ def test_smuggled_message_is_not_delivered(srv: Server, sep: bytes) -> None:
     )
     assert b"250 2.0.0 OK: queued as" in ok
     assert len(srv.wait_messages("alice@a.test", before + 1)) == before + 1
+
+
+@pytest.mark.parametrize("sep", VARIANTS, ids=[repr(v) for v in VARIANTS])
+def test_smuggled_message_is_not_delivered(srv: Server, sep: bytes) -> None:
+    before = len(srv.messages("alice@a.test"))
+    replies = smuggle(srv, sep)
+    # The DATA's final reply is the bare-LF rejection.
+    assert replies[4].startswith(b"550 5.5.2"), replies
+    msgs = srv.wait_messages("alice@a.test", before + 1, timeout=1)
+    assert len(msgs) == before
+    assert not any(b"smuggled" in m for m in msgs)
+    still_serves(srv, before)
+
+
+@pytest.mark.parametrize("sep", NUL_VARIANTS, ids=[repr(v) for v in NUL_VARIANTS])
+def test_nul_smuggling_is_refused(srv: Server, sep: bytes) -> None:
+    before = len(srv.messages("alice@a.test"))
+    replies = smuggle(srv, sep)
+    assert replies[4][:1] == b"5", replies
+    assert replies[4].startswith((b"554 5.6.0", b"550 5.5.2")), replies
+    msgs = srv.wait_messages("alice@a.test", before + 1, timeout=1)
+    assert len(msgs) == before
+    assert not any(b"\0" in m for m in srv.messages("alice@a.test"))
+    still_serves(srv, before)
+
+
+def test_nul_in_bdat_is_refused(srv: Server) -> None:
+    before = len(srv.messages("alice@a.test"))
+    body = b"Subject: s\r\n\r\nouter\r\n\x00.\r\nMAIL FROM:<admin@a.test>\r\n"
+    out = converse(
+        srv,
+        b"EHLO evil\r\nMAIL FROM:<a@evil.test>\r\nRCPT TO:<alice@a.test>\r\n"
+        + b"BDAT %d LAST\r\n" % len(body)
+        + body
+        + b"QUIT\r\n",
+    )
+    assert b"554 5.6.0" in out, out
+    assert len(srv.wait_messages("alice@a.test", before + 1, timeout=1)) == before

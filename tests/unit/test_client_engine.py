@@ -9,20 +9,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from postroom.errors import EngineMisuse
 from postroom.smtp.client_engine import (
     ClientEngine,
     Closed,
-    EngineMisuse,
     Event,
-    Message,
     MessageDone,
     Outcome,
+    OutgoingMessage,
     Ready,
-    Recipient,
-    StartTLS,
-    State,
     TLSPolicy,
 )
+from postroom.smtp.client_engine import ClientState as State
+from postroom.smtp.client_engine import ForwardPath as Recipient
+from postroom.wire.events import StartTLS
 from postroom.wire.framing import DotReader
 
 EHLO_FULL = (
@@ -53,8 +53,8 @@ def ready_engine(ehlo: bytes = EHLO_PLAIN, tls: TLSPolicy = TLSPolicy.NONE) -> C
     return engine
 
 
-def msg(*rcpts: str, sender: str = "alice@a.test", **kw: object) -> Message:
-    return Message(sender, tuple(Recipient(r) for r in rcpts), **kw)  # type: ignore[arg-type]
+def msg(*rcpts: str, sender: str = "alice@a.test", **kw: object) -> OutgoingMessage:
+    return OutgoingMessage(sender, tuple(Recipient(r) for r in rcpts), **kw)  # type: ignore[arg-type]
 
 
 def test_lockstep_transaction_and_quit() -> None:
@@ -192,7 +192,7 @@ def test_helo_fallback_when_ehlo_unknown() -> None:
 def test_esmtp_parameters() -> None:
     engine = ready_engine(EHLO_FULL)
     data = "Subject: é\r\n\r\nbody é\r\n".encode()
-    message = Message(
+    message = OutgoingMessage(
         "alice@a.test",
         (Recipient("bob@b.test", notify=("success", "failure"), orcpt="rfc822;bob+2B1@b.test"),),
         smtputf8=True,

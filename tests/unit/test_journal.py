@@ -9,7 +9,9 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
+from postroom.queue.envelope import Envelope, Recipient
 from postroom.storage.local import journal, maildir
+from postroom.storage.local.deferred import DeferredStore
 from postroom.storage.local.journal import Entry, Target
 
 BOOT = "this-boot"
@@ -32,17 +34,26 @@ def test_records_read_back_and_a_torn_tail_is_dropped(
     raw: list[tuple[list[tuple[str, str, bytes]], bytes]], cut: int
 ) -> None:
     entries = [
-        Entry(seq, tuple(Target(*t) for t in targets), body)
+        Entry(
+            seq,
+            f"Q{seq}",
+            b"{}",
+            tuple(Target(i, *t[:2]) for i, t in enumerate(targets)),
+            body,
+            keep=seq % 2 == 0,
+        )
         for seq, (targets, body) in enumerate(raw, 1)
     ]
     data = b"".join(journal.encode_start(BOOT))
     for e in entries:
         data += b"".join(journal.encode_entry(e))
     data += b"".join(journal.encode_settled([(1, 0), (2, 1)]))
+    data += b"".join(journal.encode_released([2]))
     data += b"".join(journal.encode_synced(len(entries)))
     whole = journal.parse(data)
     assert whole.boot == BOOT and whole.entries == entries and whole.end == len(data)
     assert whole.settled == {(1, 0), (2, 1)} and whole.synced == len(entries)
+    assert whole.released == {2} and [e.seq for e in whole.live()] == [4] * (len(entries) >= 4)
     assert journal.parse(data + bytes(4096)) == whole  # the zeros reserved ahead end it
     torn = journal.parse(data[:cut])  # a crash in the middle of an append
     assert torn.end <= cut and torn.entries == entries[: len(torn.entries)]
@@ -57,15 +68,17 @@ def segment(directory: Path, *records: list[bytes], boot: str = BOOT) -> Path:
     return path
 
 
-def entry(seq: int, *boxes: Path, body: bytes = b"body\r\n") -> Entry:
-    return Entry(seq, tuple(Target(str(b), f"{seq}.Q{seq}_0.h", b"H: 1\r\n") for b in boxes), body)
+def entry(seq: int, *boxes: Path, body: bytes = b"H: 1\nbody\n", keep: bool = False) -> Entry:
+    env = Envelope(f"Q{seq}", "s@x.test", [Recipient(f"u{i}@x.test") for i in range(3)], 1.0)
+    targets = tuple(Target(i, str(b), f"{seq}.Q{seq}_{i}.h") for i, b in enumerate(boxes))
+    return Entry(seq, f"Q{seq}", env.to_json(), targets, body, keep=keep)
 
 
 def test_after_a_crash_unsettled_copies_are_published_once(tmp_path: Path) -> None:
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     one, two, three = entry(1, a, b), entry(2, c), entry(3, a)
     maildir.ensure(c)
-    (c / "cur" / f"{two.targets[0].name}:2,S").write_bytes(b"H: 1\r\nbody\r\n")  # crash after
+    (c / "cur" / f"{two.targets[0].name}:2,S").write_bytes(b"H: 1\nbody\n")  # crash after
     path = segment(  # the rename, before the mark: found in cur/, not written again
         tmp_path,
         journal.encode_entry(one),
@@ -77,8 +90,76 @@ def test_after_a_crash_unsettled_copies_are_published_once(tmp_path: Path) -> No
     assert not path.exists()
     assert not (a / "new").exists()  # settled: not written again
     assert os.listdir(b / "new") == [one.targets[1].name]
-    assert (b / "new" / one.targets[1].name).read_bytes() == b"H: 1\r\nbody\r\n"
+    assert (b / "new" / one.targets[1].name).read_bytes() == b"H: 1\nbody\n"
     assert os.listdir(c / "new") == []
+
+
+def test_kept_messages_are_parked_once_with_their_copies_marked(tmp_path: Path) -> None:
+    journal_dir = tmp_path / "journal"
+    (journal_dir / journal.BODIES).mkdir(parents=True)
+    a, b = tmp_path / "a", tmp_path / "b"
+    inline = entry(1, a, b, keep=True)  # two local copies, a remote recipient left
+    big = journal_dir / journal.BODIES / "Q2"
+    big.write_bytes(b"H: 2\n" + b"x" * 100_000)
+    size, crc = journal.file_crc(str(big))
+    in_file = Entry(
+        2,
+        "Q2",
+        entry(2).envelope,
+        (Target(0, str(a), "2.Q2_0.h"),),
+        b"",
+        str(big),
+        size,
+        crc,
+        keep=True,
+    )
+    released = entry(3, keep=True)
+    parked = entry(4, keep=True)
+    maildir.ensure(a)
+    (a / "new" / inline.targets[0].name).write_bytes(inline.body)  # made before the crash
+    store = DeferredStore(tmp_path / "queue")
+    store.park(b'{"parked": "before the crash"}', "Q4", b"x", "")
+    segment(
+        journal_dir,
+        *(journal.encode_entry(e) for e in (inline, in_file, released, parked)),
+        journal.encode_settled([(1, 0)]),  # the crash came before b's copy
+        journal.encode_released([3]),
+    )
+    assert journal.recover(str(journal_dir), BOOT) == 2  # b's copy, and the body file's
+    assert store.ids() == ["Q1", "Q2", "Q4"]
+    one = store.load("Q1")
+    assert [r.status for r in one.recipients] == ["delivered", "delivered", "queued"]
+    assert store.read("Q1") == inline.body
+    assert store.read("Q2") == big.read_bytes() if big.exists() else True
+    assert not big.exists()  # renamed into the deferred store, not copied
+    assert (a / "new" / "2.Q2_0.h").stat().st_ino == os.stat(store.msg_path("Q2")).st_ino
+    assert (
+        tmp_path / "queue" / "state" / "Q4.json"
+    ).read_bytes() == b'{"parked": "before the crash"}'
+    assert os.listdir(journal_dir) == [journal.BODIES]
+
+
+def test_a_body_file_never_flushed_before_a_power_loss_is_dropped(tmp_path: Path) -> None:
+    journal_dir = tmp_path / "journal"
+    (journal_dir / journal.BODIES).mkdir(parents=True)
+    body = journal_dir / journal.BODIES / "Q1"
+    body.write_bytes(b"x" * 1000)
+    size, crc = journal.file_crc(str(body))
+    body.write_bytes(b"x" * 990 + bytes(10))  # the record reached the disk, the body not all
+    e = Entry(
+        1,
+        "Q1",
+        entry(1).envelope,
+        (Target(0, str(tmp_path / "a"), "1.n"),),
+        b"",
+        str(body),
+        size,
+        crc,
+        keep=True,
+    )
+    segment(journal_dir, journal.encode_entry(e), boot="another-boot")
+    assert journal.recover(str(journal_dir), BOOT) == 0  # never acknowledged: nothing made
+    assert not (tmp_path / "a").exists() and DeferredStore(tmp_path / "queue").ids() == []
 
 
 def test_after_a_power_loss_unsynced_copies_are_compared_and_mended(tmp_path: Path) -> None:
@@ -86,7 +167,7 @@ def test_after_a_power_loss_unsynced_copies_are_compared_and_mended(tmp_path: Pa
     maildir.ensure(a)
     synced, emptied, lost, intact = entry(1, a), entry(2, a), entry(3, a), entry(4, a)
     (a / "new" / emptied.targets[0].name).write_bytes(b"")  # renamed, data never written
-    (a / "cur" / f"{intact.targets[0].name}:2,S").write_bytes(b"H: 1\r\nbody\r\n")
+    (a / "cur" / f"{intact.targets[0].name}:2,S").write_bytes(b"H: 1\nbody\n")
     segment(
         tmp_path,
         *(journal.encode_entry(e) for e in (synced, emptied, lost, intact)),
@@ -97,7 +178,7 @@ def test_after_a_power_loss_unsynced_copies_are_compared_and_mended(tmp_path: Pa
     assert journal.recover(str(tmp_path), BOOT) == 2
     assert sorted(os.listdir(a / "new")) == sorted(t.targets[0].name for t in (emptied, lost))
     for e in (emptied, lost):
-        assert (a / "new" / e.targets[0].name).read_bytes() == b"H: 1\r\nbody\r\n"
+        assert (a / "new" / e.targets[0].name).read_bytes() == b"H: 1\nbody\n"
     assert os.listdir(a / "cur") == [f"{intact.targets[0].name}:2,S"]
 
 
@@ -122,3 +203,23 @@ def test_a_new_segment_is_never_taken_for_an_orphan(tmp_path: Path) -> None:
         assert os.path.exists(seg.path)
     finally:
         seg.remove()
+
+
+def test_a_message_whose_copy_failed_is_parked_after_a_crash(tmp_path: Path) -> None:
+    # Accepted as "not kept" (every recipient local), one copy failed: a KEPT mark says the
+    # queue holds it after all, so a crash before it was parked does not lose that copy.
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    one = entry(1, tmp_path / "a", tmp_path / "b")
+    maildir.ensure(tmp_path / "a")
+    (tmp_path / "a" / "new" / one.targets[0].name).write_bytes(one.body)
+    segment(
+        journal_dir,
+        journal.encode_entry(one),
+        journal.encode_settled([(1, 0), (1, 1)]),  # b's copy failed (settled as done with)
+        journal.encode_kept([1]),
+    )
+    journal.recover(str(journal_dir), BOOT)
+    store = DeferredStore(tmp_path / "queue")
+    assert store.ids() == ["Q1"]
+    assert [r.status for r in store.load("Q1").recipients] == ["delivered", "queued", "queued"]

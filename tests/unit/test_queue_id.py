@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from postroom.queue.store import new_queue_id
+from postroom.queue.envelope import new_queue_id
 
 
 def test_forked_processes_never_make_the_same_id_in_the_same_microsecond() -> None:

@@ -8,21 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postroom.smtp.server_engine import (
-    NEED_DATA,
-    AuthResponse,
-    AuthStart,
-    Closing,
     DataChunk,
-    Features,
     MailFrom,
     MessageAborted,
     MessageEnd,
     RcptTo,
     ServerEngine,
-    StartTLS,
-    State,
 )
+from postroom.smtp.server_engine import ServerFeatures as Features
+from postroom.smtp.server_engine import ServerState as State
 from postroom.wire import replies
+from postroom.wire.events import NEED_DATA, AuthResponse, AuthStart, Closing, StartTLS
 
 
 def features(**kw: object) -> Features:
@@ -387,3 +383,26 @@ def test_chunking_gives_the_same_replies(lines: list[bytes], size: int) -> None:
     out2 = b"".join(pieces.send(stream[i : i + size]) for i in range(0, len(stream), size))
     assert out1 == out2
     assert whole.messages == pieces.messages
+
+
+def test_nul_in_data_is_rejected() -> None:
+    # RFC 5322 §2.1: no NUL in a message. "\r\n\x00.\r\n" is not the end here, but a next hop
+    # that drops NULs would read it as one and run what follows as commands.
+    h = Harness()
+    out = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n"
+        b"Subject: s\r\n\r\nbody\r\n\x00.\r\nMAIL FROM:<evil@x.test>\r\n.\r\nNOOP\r\n"
+    )
+    assert codes(out) == ["250", "250", "250", "354", "554", "250"]
+    assert b"554 5.6.0" in out
+    assert h.messages == []
+
+
+def test_nul_in_bdat_is_rejected_in_any_chunk() -> None:
+    h = Harness()
+    out = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
+        b"BDAT 4\r\nab\x00\rBDAT 5 LAST\r\n\ncd\r\nNOOP\r\n"
+    )
+    assert codes(out) == ["250", "250", "250", "250", "554", "250"]
+    assert h.messages == []

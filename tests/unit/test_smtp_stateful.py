@@ -11,17 +11,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from postroom.smtp.server_engine import (
-    NEED_DATA,
-    DataChunk,
-    Features,
-    MailFrom,
-    MessageEnd,
-    RcptTo,
-    ServerEngine,
-    State,
-)
+from postroom.smtp.server_engine import DataChunk, MailFrom, MessageEnd, RcptTo, ServerEngine
+from postroom.smtp.server_engine import ServerFeatures as Features
+from postroom.smtp.server_engine import ServerState as State
 from postroom.wire import replies
+from postroom.wire.events import NEED_DATA
 from postroom.wire.framing import dot_stuff
 
 MAX_RCPT = 3

@@ -3,7 +3,8 @@
 :func:`build_dsn` turns what the queue knows about some recipients of one message into one
 ``multipart/report; report-type=delivery-status`` message (RFC 6522): a human-readable
 text/plain part, the machine-readable message/delivery-status part (per-message fields, then
-one block per recipient with Action, Status, Remote-MTA, Diagnostic-Code, ...), and the original
+one block per recipient with Action, Status, Remote-MTA, Diagnostic-Code, ...: ``smtp`` for a
+server's reply, ``X-Postroom`` for what postroom found itself), and the original
 header section as text/rfc822-headers, or the whole message as message/rfc822 when the sender
 asked for RET=FULL on a failure and it is not too large. ``From: MAILER-DAEMON@hostname`` and
 ``Auto-Submitted: auto-replied`` (RFC 3834 §5) mark it as automatic; the caller queues it with a
@@ -36,6 +37,7 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
+_REPLY_CODES = re.compile(r"^(?:[2-5]\d\d[ -])?(?:[245]\.\d{1,3}\.\d{1,3}(?:\s+|$))?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +49,9 @@ class DsnRecipient:
     status: str  # RFC 3463 code, for example "5.1.1"
     original_recipient: str | None = None  # the ORCPT value as received, "rfc822;xtext"
     remote_mta: str | None = None  # the host name of the server that gave the reply
-    diagnostic: str | None = None  # the server's reply, e.g. "550 5.1.1 no such user"
+    # The server's reply ("550 5.1.1 no such user"), or, without remote_mta, what postroom
+    # itself found ("553 5.6.7 mx.b.test[192.0.2.1]: the server does not offer SMTPUTF8 ...").
+    diagnostic: str | None = None
     last_attempt: _dt.datetime | float | None = None
     will_retry_until: _dt.datetime | float | None = None  # for "delayed"
 
@@ -82,6 +86,11 @@ def _clean(value: str, *, utf8: bool) -> str:
     if not utf8 and not value.isascii():
         value = value.encode("ascii", "replace").decode("ascii")
     return value
+
+
+def _own_words(diagnostic: str, *, utf8: bool) -> str:
+    """A reply of postroom's own without its codes (the Status field carries them)."""
+    return _REPLY_CODES.sub("", _clean(diagnostic, utf8=utf8), count=1)
 
 
 def _field(name: str, value: str, *, utf8: bool) -> str:
@@ -157,7 +166,7 @@ def _human_part(hostname: str, recipients: Sequence[DsnRecipient], utf8: bool) -
             said = _clean(r.diagnostic or "", utf8=utf8)
             text = f"host {_clean(r.remote_mta, utf8=utf8)} said: {said}"
         else:
-            text = _clean(r.diagnostic or "", utf8=utf8)
+            text = _own_words(r.diagnostic or "", utf8=utf8)
         if text:
             out += textwrap.wrap(
                 text,
@@ -199,10 +208,14 @@ def _status_part(
         out += _address_field("Final-Recipient", r.final_recipient, utf8)
         out += _field("Action", r.action, utf8=utf8)
         out += _field("Status", r.status, utf8=utf8)
+        # RFC 3464 §2.3.5-2.3.6: Remote-MTA and an "smtp" diagnostic only for a reply a server
+        # sent; what postroom found itself is told in its own words, with its own type.
         if r.remote_mta:
             out += _field("Remote-MTA", f"dns; {r.remote_mta}", utf8=utf8)
-        if r.diagnostic:
-            out += _field("Diagnostic-Code", f"smtp; {r.diagnostic}", utf8=utf8)
+            if r.diagnostic:
+                out += _field("Diagnostic-Code", f"smtp; {r.diagnostic}", utf8=utf8)
+        elif r.diagnostic and (words := _own_words(r.diagnostic, utf8=utf8)):
+            out += _field("Diagnostic-Code", f"X-Postroom; {words}", utf8=utf8)
         if r.last_attempt is not None:
             out += _field("Last-Attempt-Date", format_date(r.last_attempt), utf8=utf8)
         if r.will_retry_until is not None and r.action == "delayed":

@@ -8,9 +8,10 @@ recipients that get a temporary failure at one host are offered to the next one 
 does with backup MX hosts); a 2xx or 5xx is final. The SMTP conversation itself is
 :class:`~postroom.smtp.client_engine.ClientEngine`; this module only moves its bytes with an
 asyncio Protocol (which owns the read side, so "nothing buffered at the TLS switch" is checked by
-the engine, RFC 3207 §4.2), does the STARTTLS handshake, applies time-outs, and keeps idle
-sessions in a small cache keyed by (host, address, port, verify) so that the next message to the
-same MX reuses the connection after a successful RSET. TLS is opportunistic (RFC 7435) except
+the engine, RFC 3207 §4.2), does the STARTTLS handshake, applies time-outs, has
+``mime_downgrade`` fit each message to the peer (short lines; 7-bit without 8BITMIME), and keeps
+idle sessions in a small cache keyed by (host, address, port, verify) so that the next message to
+the same MX reuses the connection after a successful RSET. TLS is opportunistic (RFC 7435) except
 for ``[delivery] tls_verify_domains``, where TLS is required and the certificate must verify for
 the MX host name; a failed opportunistic handshake is retried once in plaintext at the same
 address (like Postfix), so a broken TLS stack at the peer cannot block mail forever. Security
@@ -26,21 +27,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from postroom.config import Config
+from postroom.delivery import mime_downgrade
 from postroom.resolver import Resolver, Target, drop_self
 from postroom.smtp.client_engine import (
     ClientEngine,
+    ClientState,
     Closed,
     Event,
-    Message,
+    ForwardPath,
     MessageDone,
     Outcome,
+    OutgoingMessage,
     Ready,
-    Recipient,
-    StartTLS,
-    State,
     TLSPolicy,
 )
 from postroom.tls import client_context
+from postroom.wire.events import StartTLS
 from postroom.wire.replies import Reply
 
 MessageSource = bytes | Callable[[], Awaitable[bytes]]
@@ -52,14 +54,18 @@ DATA_BLOCK_TIMEOUT = 180.0  # RFC 5321 §4.5.3.2.5: each write of message data
 
 @dataclass(frozen=True, slots=True)
 class DeliveryResult:
-    """The outcome for one recipient; ``remote_mta`` names the host that gave ``reply`` (None
-    when no host was reached or DNS failed)."""
+    """The outcome for one recipient; ``remote_mta`` names the host that gave ``reply``, and is
+    None when no host gave it (DNS failed, no connection, or a decision of ours, whose text
+    then names the host)."""
 
-    recipient: Recipient
+    recipient: ForwardPath
     outcome: Outcome
     reply: Reply
     remote_mta: str | None = None
     dsn_offered: bool = False  # the remote host accepted NOTIFY (RFC 3461 §4.1 "relayed" if not)
+    ip: str | None = None  # the address that was dialled
+    tls: bool = False  # whether the session was encrypted
+    host: str | None = None  # the MX host dialled (also when the reply is our own words)
 
 
 class _SessionFailed(Exception):
@@ -70,7 +76,13 @@ class _SessionFailed(Exception):
 
 
 def _temp(status: str, text: str) -> Reply:
-    return Reply.make(451, status, text)
+    """A temporary failure of our own making (no server said it)."""
+    return Reply(451, status, (text,), local=True)
+
+
+def _naming(reply: Reply, where: str) -> Reply:
+    """A reply of our own, with the host it concerns at the front of its text."""
+    return Reply(reply.code, reply.status, (f"{where}: {reply.text}",), local=True)
 
 
 class _Session(asyncio.Protocol):
@@ -146,7 +158,7 @@ class _Session(asyncio.Protocol):
 
     def quit_nowait(self) -> None:
         """Write QUIT and close once it is sent, without waiting for the 221."""
-        if self.engine.state is State.READY:
+        if self.engine.state is ClientState.READY:
             self.engine.quit()
         if self.transport is not None:
             self.transport.write(self.engine.data_to_send())
@@ -154,7 +166,7 @@ class _Session(asyncio.Protocol):
 
     async def quit(self) -> None:
         """Polite QUIT with a short wait, then close."""
-        if self.engine.state is State.CLOSED:
+        if self.engine.state is ClientState.CLOSED:
             self.close()
             return
         try:
@@ -196,7 +208,7 @@ class RemoteDelivery:
         self._idle: dict[tuple[str, str, int, bool], list[_Session]] = {}
 
     async def deliver(
-        self, domain: str, message: Message, source: MessageSource
+        self, domain: str, message: OutgoingMessage, source: MessageSource
     ) -> list[DeliveryResult]:
         """Try to deliver ``message`` (all recipients in ``domain``); one result per recipient,
         in the order of ``message.recipients``. Never raises for network or DNS trouble."""
@@ -216,7 +228,7 @@ class RemoteDelivery:
         pending = list(range(len(message.recipients)))
         final: dict[int, DeliveryResult] = {}
         last_temp: dict[int, DeliveryResult] = {}
-        session_error: tuple[Reply, str] | None = None
+        session_error: tuple[Reply, str, str] | None = None
         data: bytes | None = None
         tried = 0
         for target in route.targets:
@@ -230,14 +242,25 @@ class RemoteDelivery:
                 while batch:
                     sub = replace(message, recipients=tuple(message.recipients[i] for i in batch))
                     try:
-                        done = await self._deliver_at(target, ip, sub, data, verify)
+                        done, secure = await self._deliver_at(target, ip, sub, data, verify)
                     except _SessionFailed as exc:
-                        session_error = (exc.reply, target.host)
+                        session_error = (exc.reply, target.host, ip)
                         break
                     too_many: list[int] = []
                     for i, res in zip(batch, done.results, strict=True):
+                        reply = res.reply
+                        mta: str | None = target.host
+                        if reply.local:
+                            reply, mta = _naming(reply, f"{target.host}[{ip}]"), None
                         result = DeliveryResult(
-                            message.recipients[i], res.outcome, res.reply, target.host, done.dsn
+                            message.recipients[i],
+                            res.outcome,
+                            reply,
+                            mta,
+                            done.dsn,
+                            ip,
+                            secure,
+                            target.host,
                         )
                         if res.outcome is not Outcome.TEMPORARY:
                             final[i] = result
@@ -255,16 +278,24 @@ class RemoteDelivery:
             if i in last_temp:
                 final[i] = last_temp[i]
             elif session_error is not None:
-                reply, host = session_error
-                final[i] = DeliveryResult(message.recipients[i], Outcome.TEMPORARY, reply, host)
+                reply, host, ip = session_error
+                final[i] = DeliveryResult(
+                    message.recipients[i],
+                    Outcome.TEMPORARY,
+                    reply,
+                    None if reply.local else host,
+                    ip=ip,
+                    host=host,
+                )
             else:  # pragma: no cover - a Route always has at least one address
                 reply = _temp("4.4.4", f"no address to try for {domain}")
                 final[i] = DeliveryResult(message.recipients[i], Outcome.TEMPORARY, reply)
         return [final[i] for i in range(len(message.recipients))]
 
     async def _deliver_at(
-        self, target: Target, ip: str, message: Message, data: bytes, verify: bool
-    ) -> MessageDone:
+        self, target: Target, ip: str, message: OutgoingMessage, data: bytes, verify: bool
+    ) -> tuple[MessageDone, bool]:
+        """The transaction's result, and whether it went over TLS."""
         key = (target.host, ip, self.cfg.delivery.port, verify)
         session = await self._take(key)
         if session is None:
@@ -275,17 +306,20 @@ class RemoteDelivery:
                 if not exc.tls or verify:
                     raise
                 session = await self._open(target, ip, verify, TLSPolicy.NONE)
-        session.engine.send_message(message, data)
+        # RFC 5321 §4.5.3.1.6 (lines) and RFC 6152 §3 (8-bit to a peer without 8BITMIME).
+        eight_bit = "8BITMIME" in session.engine.extensions
+        session.engine.send_message(message, mime_downgrade.downgrade(data, eight_bit=eight_bit))
         event = await session.next_event()
         if not isinstance(event, MessageDone):  # pragma: no cover - the engine always reports
             session.close()
             raise _SessionFailed(_temp("4.4.2", f"{target.host}[{ip}]: no result"))
+        secure = session.engine.secure
         after = await session.next_event()
         if isinstance(after, Ready):
             self._put(key, session)
         else:
             session.close()
-        return event
+        return event, secure
 
     async def _open(self, target: Target, ip: str, verify: bool, policy: TLSPolicy) -> _Session:
         loop = asyncio.get_running_loop()
@@ -320,6 +354,8 @@ class RemoteDelivery:
     @staticmethod
     def _session_reply(reply: Reply, where: str) -> Reply:
         """A greeting/EHLO failure, as a temporary failure that names the host."""
+        if reply.local:
+            return _naming(reply, where)
         if reply.is_transient:
             return Reply(reply.code, reply.status or "4.4.2", (f"{where} said: {reply.text}",))
         return _temp("4.4.1", f"host {where} refused to talk to me: {reply}")

@@ -4,14 +4,29 @@ RFC 5034 SASL AUTH, RFC 6856 UTF8, response codes of RFC 2449 §8 and RFC 3206).
 Bytes go in with :meth:`Pop3Engine.receive_data`; :meth:`next_event` yields typed events;
 responses accumulate in an output buffer (:meth:`data_to_send`). The engine checks syntax and
 state itself (wrong state, bad arguments, unknown commands: ``-ERR``, the session goes on);
-what needs the mailbox or the account store becomes an event the session answers with
-:meth:`ok`, :meth:`err`, :meth:`multiline`, :meth:`login_ok` and friends.
+what needs the mailbox or the account store becomes an event the glue answers with
+:meth:`ok`, :meth:`err`, :meth:`multiline`, :meth:`login_ok` and friends. Answering what was
+not asked, or asking for the next event before answering, raises ``EngineMisuse``.
 
-States::
+States and transitions: :data:`TRANSITIONS` is the one table and every state change goes
+through it. This diagram is checked against the table by a test::
 
-    AUTHORIZATION --USER/PASS or AUTH ok--> TRANSACTION --QUIT--> (UPDATE, by the session) CLOSED
-    AUTHORIZATION --STLS--> TLS --tls_started()--> AUTHORIZATION (fresh)
-    AUTHORIZATION --AUTH--> SASL --235-like success--> TRANSACTION
+    AUTHORIZATION|SASL --LOGIN_OK--> TRANSACTION
+    AUTHORIZATION|SASL --LOGIN_FAILED--> AUTHORIZATION
+    AUTHORIZATION --AUTH--> SASL
+    SASL --CHALLENGE--> SASL
+    SASL --AUTH_END--> AUTHORIZATION
+    AUTHORIZATION --STLS--> TLS
+    TLS --TLS_STARTED--> AUTHORIZATION
+    AUTHORIZATION --QUIT--> CLOSED
+    TRANSACTION --QUIT--> UPDATE
+    UPDATE --BYE--> CLOSED
+    AUTHORIZATION|SASL|TRANSACTION|UPDATE|TLS --CLOSE--> CLOSED
+
+LOGIN_OK/LOGIN_FAILED answer USER+PASS or a SASL exchange; AUTH_END is a SASL exchange given up
+(``*``, bad base64, a line too long); UPDATE is RFC 1939 §6's, where the glue applies the
+deletions before :meth:`bye`; CLOSE is a final ``-ERR`` from our side (too many errors or
+commands, time-out, shutdown).
 
 Security: lines are split by :mod:`postroom.wire.framing` (the one splitter); bytes pipelined
 after STLS are discarded (RFC 2595 §4, CVE-2011-0411 class); APOP is not offered, because it
@@ -23,23 +38,74 @@ from __future__ import annotations
 import base64
 import enum
 from dataclasses import dataclass, field
+from typing import Final
 
+from postroom.errors import EngineMisuse
+from postroom.wire.events import NEED_DATA, AuthResponse, AuthStart, Closing, NeedData, StartTLS
 from postroom.wire.framing import TOO_LONG, LineReader
+from postroom.wire.replies import printable
 
 MAX_COMMAND = 255  # RFC 2449 §4: command lines are at most 255 octets including CRLF
 MAX_SASL_LINE = 12288
 
 
-class State(enum.Enum):
-    AUTHORIZATION = "authorization"
-    SASL = "sasl"
-    TRANSACTION = "transaction"
-    TLS = "tls"
-    CLOSED = "closed"
+def _reply(status: str, text: str) -> bytes:
+    """A status line; its text printable US-ASCII whatever it was made from (RFC 1939 §3)."""
+    return f"{status}{printable(text)}\r\n".encode("ascii")
+
+
+def _ok(text: str) -> bytes:
+    return _reply("+OK ", text) if text else b"+OK\r\n"
+
+
+class Pop3State(enum.StrEnum):
+    AUTHORIZATION = "AUTHORIZATION"
+    SASL = "SASL"
+    TRANSACTION = "TRANSACTION"
+    UPDATE = "UPDATE"
+    TLS = "TLS"
+    CLOSED = "CLOSED"
+
+
+class Pop3Trigger(enum.StrEnum):
+    LOGIN_OK = "LOGIN_OK"
+    LOGIN_FAILED = "LOGIN_FAILED"
+    AUTH = "AUTH"
+    CHALLENGE = "CHALLENGE"
+    AUTH_END = "AUTH_END"
+    STLS = "STLS"
+    TLS_STARTED = "TLS_STARTED"
+    QUIT = "QUIT"
+    BYE = "BYE"
+    CLOSE = "CLOSE"
+
+
+_S, _T = Pop3State, Pop3Trigger
+TRANSITIONS: Final[dict[Pop3State, dict[Pop3Trigger, Pop3State]]] = {
+    _S.AUTHORIZATION: {
+        _T.LOGIN_OK: _S.TRANSACTION,
+        _T.LOGIN_FAILED: _S.AUTHORIZATION,
+        _T.AUTH: _S.SASL,
+        _T.STLS: _S.TLS,
+        _T.QUIT: _S.CLOSED,
+        _T.CLOSE: _S.CLOSED,
+    },
+    _S.SASL: {
+        _T.LOGIN_OK: _S.TRANSACTION,
+        _T.LOGIN_FAILED: _S.AUTHORIZATION,
+        _T.CHALLENGE: _S.SASL,
+        _T.AUTH_END: _S.AUTHORIZATION,
+        _T.CLOSE: _S.CLOSED,
+    },
+    _S.TRANSACTION: {_T.QUIT: _S.UPDATE, _T.CLOSE: _S.CLOSED},
+    _S.UPDATE: {_T.BYE: _S.CLOSED, _T.CLOSE: _S.CLOSED},
+    _S.TLS: {_T.TLS_STARTED: _S.AUTHORIZATION, _T.CLOSE: _S.CLOSED},
+    _S.CLOSED: {},
+}
 
 
 @dataclass
-class Features:
+class Pop3Features:
     """What the session offers right now."""
 
     starttls: bool = False
@@ -53,22 +119,11 @@ class Features:
 
 
 @dataclass(frozen=True, slots=True)
-class Login:
-    """USER + PASS. Answer with :meth:`login_ok` or :meth:`login_failed`."""
+class UserPass:
+    """USER + PASS. Answer with :meth:`Pop3Engine.login_ok` or :meth:`login_failed`."""
 
     user: str
     password: str
-
-
-@dataclass(frozen=True, slots=True)
-class AuthStart:
-    mechanism: str
-    initial: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
-class AuthResponse:
-    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,31 +137,11 @@ class Command:
 
 @dataclass(frozen=True, slots=True)
 class Quit:
-    """QUIT. ``update``: deletions must be applied now (RFC 1939 §6); answer with :meth:`bye`."""
-
-    update: bool
+    """QUIT in TRANSACTION: apply the deletions now (RFC 1939 §6), then :meth:`bye`."""
 
 
-@dataclass(frozen=True, slots=True)
-class StartTLS:
-    """+OK was queued: send it, do the handshake, then :meth:`tls_started`."""
-
-    discarded: int
-
-
-@dataclass(frozen=True, slots=True)
-class Closing:
-    """Too many errors: the engine said goodbye."""
-
-
-class NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = NeedData()
-Event = Login | AuthStart | AuthResponse | Command | Quit | StartTLS | Closing
-_NEEDS_ANSWER = (Login, AuthStart, AuthResponse, Command, Quit)
+Event = UserPass | AuthStart | AuthResponse | Command | Quit | StartTLS | Closing
+_NEEDS_ANSWER = (UserPass, AuthStart, AuthResponse, Command, Quit)
 
 _TRANSACTION_VERBS = {"STAT", "LIST", "RETR", "DELE", "RSET", "TOP", "UIDL", "NOOP"}
 # Commands with a required message number, and those where it is optional.
@@ -124,8 +159,8 @@ def _number(text: str) -> int | None:
 class Pop3Engine:
     """One POP3 session's protocol state."""
 
-    features: Features
-    state: State = State.AUTHORIZATION
+    features: Pop3Features
+    state: Pop3State = Pop3State.AUTHORIZATION
     tls_active: bool = False
     utf8: bool = False
     errors: int = 0
@@ -135,10 +170,23 @@ class Pop3Engine:
     _user: str | None = None
     _awaiting: type | None = None
 
+    # -- the table -----------------------------------------------------------------------------
+
+    def _go(self, trigger: Pop3Trigger) -> None:
+        """Move along the table; a move it does not have is a bug in the caller."""
+        try:
+            self.state = TRANSITIONS[self.state][trigger]
+        except KeyError:
+            raise EngineMisuse(f"{trigger} in state {self.state}") from None
+
+    @property
+    def closed(self) -> bool:
+        return self.state is Pop3State.CLOSED
+
     # -- bytes in and out ----------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
-        if self.state not in (State.CLOSED, State.TLS):
+        if self.state is not Pop3State.CLOSED and self.state is not Pop3State.TLS:
             self._reader.feed(data)
 
     def pending_input(self) -> int:
@@ -149,109 +197,125 @@ class Pop3Engine:
         self._out.clear()
         return out
 
+    def parts_to_send(self) -> list[bytes]:
+        """:meth:`data_to_send` unjoined, for a writer that sends a list (``writelines``)."""
+        out, self._out = self._out, []
+        return out
+
     def send_raw(self, data: bytes) -> None:
-        """Queue already-formatted octets (a multi-line body produced by the session)."""
+        """Queue already-formatted octets (the pieces of a streamed multi-line body)."""
         self._out.append(data)
 
     # -- answers -------------------------------------------------------------------------------
 
-    def _answered(self) -> None:
-        if self._awaiting is None:
-            raise RuntimeError("no command is waiting for an answer")
+    def _answered(self, *kinds: type) -> None:
+        if self._awaiting is None or self._awaiting not in kinds:
+            raise EngineMisuse(f"no {'/'.join(k.__name__ for k in kinds)} is waiting for an answer")
         self._awaiting = None
 
     def ok(self, text: str = "") -> None:
-        self._answered()
-        self._out.append(f"+OK {text}\r\n".encode() if text else b"+OK\r\n")
+        self._answered(Command)
+        self._out.append(_ok(text))
 
     def err(self, text: str, code: str | None = None) -> None:
-        self._answered()
+        self._answered(Command)
         self._err(text, code)
 
-    def multiline(self, first: str, body: bytes) -> None:
-        """``+OK first``, then ``body`` (already dot-stuffed, ending with ``.\\r\\n``)."""
-        self._answered()
-        self._out.append(f"+OK {first}\r\n".encode())
+    def multiline(self, first: str, body: bytes, end: bytes = b"") -> None:
+        """``+OK first``, then ``body`` and ``end`` (dot-stuffed: together they end with
+        ``.\\r\\n``; see ``framing.dot_stuff_parts``)."""
+        self._answered(Command)
+        self._out.append(_ok(first))
         self._out.append(body)
+        if end:
+            self._out.append(end)
 
     def begin_multiline(self, first: str) -> None:
         """For streamed bodies: the caller then sends the stuffed body with :meth:`send_raw`."""
-        self._answered()
-        self._out.append(f"+OK {first}\r\n".encode())
+        self._answered(Command)
+        self._out.append(_ok(first))
 
     def login_ok(self, text: str = "Logged in") -> None:
-        self._answered()
-        self._out.append(f"+OK {text}\r\n".encode())
-        self.state = State.TRANSACTION
+        self._answered(UserPass, AuthStart, AuthResponse)
+        self._out.append(_ok(text))
+        self._go(Pop3Trigger.LOGIN_OK)
 
     def login_failed(self, text: str, code: str | None = "AUTH") -> None:
         """RFC 2449 §8.1.2 / RFC 3206: ``[AUTH]`` bad credentials, ``[IN-USE]`` mailbox locked,
         ``[SYS/TEMP]`` try later. A failed login counts as an error (see ``max_errors``)."""
-        self._answered()
-        self.state = State.AUTHORIZATION
+        self._answered(UserPass, AuthStart, AuthResponse)
+        self._go(Pop3Trigger.LOGIN_FAILED)
         self._user = None
         self._error(text, code)
 
     def auth_challenge(self, challenge: bytes) -> None:
         """RFC 5034 §4: ``+ <base64>`` and wait for the client's line."""
-        self._answered()
+        self._answered(AuthStart, AuthResponse)
         self._out.append(b"+ " + base64.b64encode(challenge) + b"\r\n")
-        self.state = State.SASL
+        self._go(Pop3Trigger.CHALLENGE)
 
     def bye(self, ok: bool = True, text: str = "Bye") -> None:
-        self._answered()
-        self._out.append(f"+OK {text}\r\n".encode() if ok else f"-ERR {text}\r\n".encode())
-        self.state = State.CLOSED
+        """The answer to QUIT once the UPDATE state has run (RFC 1939 §6)."""
+        self._answered(Quit)
+        self._out.append(_ok(text) if ok else _reply("-ERR ", text))
+        self._go(Pop3Trigger.BYE)
 
-    def tls_started(self, features: Features) -> None:
-        if self.state is not State.TLS:
-            raise RuntimeError("tls_started() without STLS")
+    def tls_started(self, features: Pop3Features) -> None:
+        if self._reader.pending():
+            raise EngineMisuse("input left in the buffer at the TLS switch")
+        self._go(Pop3Trigger.TLS_STARTED)
         # RFC 2595 §4: after the handshake nothing said before it counts; start afresh.
         self.features = features
         self.tls_active = True
         self.utf8 = False
         self._user = None
-        self.state = State.AUTHORIZATION
 
     def close(self, text: str, code: str | None = None) -> None:
         """A final -ERR (time-out, shutdown) and the end of the session."""
+        if self.state is Pop3State.CLOSED:
+            return
         self._awaiting = None
         self._err(text, code)
-        self.state = State.CLOSED
+        self._go(Pop3Trigger.CLOSE)
 
     # -- events --------------------------------------------------------------------------------
 
     def next_event(self) -> Event | NeedData:
         if self._awaiting is not None:
-            raise RuntimeError(f"{self._awaiting.__name__} has not been answered")
-        while self.state not in (State.CLOSED, State.TLS):
+            raise EngineMisuse(f"{self._awaiting.__name__} has not been answered")
+        state = self.state
+        while (
+            state is Pop3State.AUTHORIZATION
+            or state is Pop3State.TRANSACTION
+            or (state is Pop3State.SASL)
+        ):
             line = self._reader.read_line()
             if line is None:
                 return NEED_DATA
             if line is TOO_LONG:
-                if self.state is State.SASL:
+                if state is Pop3State.SASL:
                     # RFC 5034 §4: the -ERR ends AUTH; the next line is a command again.
-                    self.state = State.AUTHORIZATION
+                    self._go(Pop3Trigger.AUTH_END)
                 event = self._error("Line too long")
             else:
                 assert isinstance(line, bytes)
-                event = self._sasl_line(line) if self.state is State.SASL else self._line(line)
+                event = self._sasl_line(line) if state is Pop3State.SASL else self._line(line)
             if event is not None:
                 if isinstance(event, _NEEDS_ANSWER):
                     self._awaiting = type(event)
                 return event
+            state = self.state
         return NEED_DATA
 
     def _err(self, text: str, code: str | None) -> None:
         prefix = f"[{code}] " if code else ""
-        self._out.append(f"-ERR {prefix}{text}\r\n".encode())
+        self._out.append(_reply("-ERR ", prefix + text))
 
     def _error(self, text: str, code: str | None = None) -> Event | None:
         self._err(text, code)
         self.errors += 1
         if self.errors >= self.features.max_errors:
-            self._out.append(b"-ERR Too many errors, closing\r\n")
-            self.state = State.CLOSED
+            self.close("Too many errors, closing")
             return Closing()
         return None
 
@@ -266,14 +330,14 @@ class Pop3Engine:
             "PIPELINING",
             "IMPLEMENTATION postroom",
         ]
-        if f.login_allowed and self.state is State.AUTHORIZATION:
+        if f.login_allowed and self.state is Pop3State.AUTHORIZATION:
             # RFC 6856 §2: "UTF8 USER" = UTF-8 user names and passwords work with USER/PASS.
             caps += ["UTF8 USER", "USER"]
             if f.sasl:
                 caps.append("SASL " + " ".join(f.sasl))
         else:
             caps.append("UTF8")
-        if f.starttls and not self.tls_active and self.state is State.AUTHORIZATION:
+        if f.starttls and not self.tls_active and self.state is Pop3State.AUTHORIZATION:
             caps.append("STLS")
         return caps
 
@@ -289,21 +353,20 @@ class Pop3Engine:
         args = rest.split()
         self.commands += 1
         if self.commands > self.features.max_commands:
-            self._out.append(b"-ERR [SYS/TEMP] Too many commands in one session\r\n")
-            self.state = State.CLOSED
+            self.close("Too many commands in one session", "SYS/TEMP")
             return Closing()
         if verb == "CAPA":
             body = "".join(f"{c}\r\n" for c in self.capabilities())
             self._out.append(f"+OK Capability list follows\r\n{body}.\r\n".encode())
             return None
         if verb == "QUIT":
-            if self.state is State.TRANSACTION:
-                self._awaiting = None
-                return Quit(update=True)
+            if self.state is Pop3State.TRANSACTION:
+                self._go(Pop3Trigger.QUIT)
+                return Quit()
             self._out.append(b"+OK Bye\r\n")
-            self.state = State.CLOSED
-            return None
-        if self.state is State.AUTHORIZATION:
+            self._go(Pop3Trigger.QUIT)
+            return Closing(clean=True)
+        if self.state is Pop3State.AUTHORIZATION:
             return self._authorization(verb, rest, args)
         return self._transaction(verb, args)
 
@@ -311,9 +374,11 @@ class Pop3Engine:
         if verb == "STLS":
             if not self.features.starttls or self.tls_active:
                 return self._error("STLS not available here")
+            if rest:
+                return self._error("STLS takes no argument")  # RFC 2595 §4
             self._out.append(b"+OK Begin TLS negotiation\r\n")
             discarded = self._reader.discard()  # RFC 2595 §4: nothing pipelined survives
-            self.state = State.TLS
+            self._go(Pop3Trigger.STLS)
             return StartTLS(discarded)
         if verb == "UTF8":
             # RFC 6856 §2: UTF-8 user names, passwords and mailbox content are accepted.
@@ -333,7 +398,7 @@ class Pop3Engine:
             if self._user is None:
                 return self._error("USER first")
             user, self._user = self._user, None
-            return Login(user, rest)
+            return UserPass(user, rest)
         if verb == "AUTH":
             if not args or not args[0]:
                 # RFC 5034 §4 / RFC 1734: bare AUTH lists the mechanisms.
@@ -352,7 +417,7 @@ class Pop3Engine:
                         initial = base64.b64decode(args[1], validate=True)
                     except ValueError:
                         return self._error("Invalid base64")
-            self.state = State.SASL
+            self._go(Pop3Trigger.AUTH)
             return AuthStart(mech, initial)
         if verb == "APOP":
             return self._error("APOP is not supported")
@@ -362,12 +427,12 @@ class Pop3Engine:
 
     def _sasl_line(self, line: bytes) -> Event | None:
         if line.strip() == b"*":
-            self.state = State.AUTHORIZATION
+            self._go(Pop3Trigger.AUTH_END)
             return self._error("Authentication cancelled")
         try:
             data = base64.b64decode(line.strip(), validate=True)
         except ValueError:
-            self.state = State.AUTHORIZATION
+            self._go(Pop3Trigger.AUTH_END)
             return self._error("Invalid base64")
         return AuthResponse(data)
 

@@ -1,497 +1,288 @@
 """asyncio glue for the POP3 listeners (110 with STLS, 995 with implicit TLS, RFC 8314).
 
-Like the SMTP glue: commands are answered inside ``data_received``; logins (argon2, the
-mailbox lock and listing) and large RETRs run as a task while further input waits in the
-engine's buffer. RETR streams a large message in pieces with flow control, so a 50 MB message
-is never held in memory twice. STLS pauses reading before the ``+OK`` is written (no plaintext
-survives the switch, RFC 2595 §4). Failed logins are answered after the throttle's delay, the
-same way for an unknown user and a wrong password.
+What every connection needs (limits, flow control, TLS, time-outs, shutdown) is in
+:mod:`postroom.connection`; the mailbox is seen only through the
+:class:`~postroom.storage.interfaces.Maildrop` interface (``services.maildrops``), so this module
+touches no file. TRANSACTION commands are answered inside ``data_received`` (a small message
+comes from :meth:`Maildrop.read_now`); logins (argon2, the mailbox lock and snapshot), large
+RETRs and QUIT's UPDATE run as a task while further input waits in the engine's buffer. RETR
+streams a large message in pieces with flow control, so a 50 MB message is never held in memory
+twice. Failed logins are answered after the throttle's delay, the same way for an unknown user
+and a wrong password (``sasl_session.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import ssl
-import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from postroom import sasl
 from postroom.address import parse_user_address
-from postroom.errors import AddressError
-from postroom.flow import FlowControl
-from postroom.pop3.engine import (
-    AuthResponse,
-    AuthStart,
-    Closing,
-    Command,
-    Event,
-    Features,
-    Login,
-    NeedData,
-    Pop3Engine,
-    Quit,
-    StartTLS,
-    State,
-)
-from postroom.pop3.maildrop import MailboxInUse, Maildrop, TopFilter, chunks
-from postroom.storage.local import maildir
-from postroom.wire.framing import Stuffer, dot_stuff
+from postroom.connection import Connection
+from postroom.errors import AddressError, MailboxInUse
+from postroom.pop3.engine import Command, Pop3Engine, Pop3Features, Quit, UserPass
+from postroom.pop3.maildrop import Snapshot, TopFilter
+from postroom.sasl_session import SaslSession
+from postroom.storage.interfaces import Maildrop
+from postroom.wire.events import AuthResponse, AuthStart
+from postroom.wire.framing import Stuffer, dot_stuff_parts
 
 if TYPE_CHECKING:
     from postroom.services import Services
 
-READ_HIGH_WATER = 1 << 16
-SMALL_MESSAGE = 1 << 18  # read and sent in one go; larger ones stream
-CHUNK = 1 << 18
+_SASL_REFUSED = {
+    "throttled": ("Too many failed logins, try again later", "SYS/TEMP"),
+    "mechanism": ("Unsupported authentication mechanism", None),
+    "malformed": ("Malformed authentication exchange", None),
+    "credentials": ("Invalid login or password", "AUTH"),
+}
 
 
-class Pop3Connection(FlowControl, asyncio.Protocol):
+class Pop3Connection(Connection):
     """One POP3 client connection."""
 
+    kind = "POP3"
+    read_high_water = 1 << 16
+
+    engine: Pop3Engine | None
+
     def __init__(self, services: Services, implicit_tls: bool) -> None:
-        self.services = services
-        self.implicit_tls = implicit_tls
-        self.transport: asyncio.Transport | None = None
-        self.client_ip = ""
-        self.proto: Pop3Engine | None = None
+        super().__init__(services, implicit_tls)
         self.drop: Maildrop | None = None
+        self.snapshot: Snapshot | None = None
         self.user: str | None = None
-        self.last_activity = 0.0
-        self._lost = False
-        self._eof = False
-        self._read_paused = False
-        self._write_paused = False
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._task: asyncio.Task[None] | None = None
-        self._mech: sasl.Mechanism | None = None
-        self._tls_early: list[bytes] | None = None
-        self._stopping = False
+        self._sasl = SaslSession(services, "", "pop3")
+        self._closing: set[asyncio.Task[None]] = set()
 
-    # -- callbacks -----------------------------------------------------------------------------
-
-    def features(self) -> Features:
-        tls = self.implicit_tls or (self.proto is not None and self.proto.tls_active)
-        return Features(
+    def features(self) -> Pop3Features:
+        tls = self.implicit_tls or (self.engine is not None and self.engine.tls_active)
+        limits = self.services.cfg.limits
+        return Pop3Features(
             starttls=self.services.tls is not None and not tls,
             login_allowed=tls or self.services.cfg.auth.allow_plaintext,
-            max_errors=self.services.cfg.limits.max_errors,
-            max_commands=self.services.cfg.limits.max_commands,
+            max_errors=limits.max_errors,
+            max_commands=limits.max_commands,
         )
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        peer = transport.get_extra_info("peername")
-        self.client_ip = str(peer[0]) if peer else "unknown"
-        if self.services.stopping or not self.services.connections.acquire(self.client_ip, self):
-            transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n")  # type: ignore[attr-defined]
-            transport.close()
-            self._lost = True
-            return
-        self.proto = Pop3Engine(self.features(), tls_active=self.implicit_tls)
-        self.last_activity = time.monotonic()
-        transport.write(b"+OK postroom POP3 server ready\r\n")  # type: ignore[attr-defined]
+    def refusal(self) -> bytes:
+        return b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
 
-    def data_received(self, data: bytes) -> None:
-        if self._tls_early is not None:
-            # Decrypted data that arrived with the end of the handshake, before start_tls()
-            # returned (asyncio does this): it belongs to the new session, keep it for it.
-            self._tls_early.append(data)
-            return
-        proto = self.proto
-        if proto is None or self._lost:
-            return
-        self.last_activity = time.monotonic()
-        proto.receive_data(data)
-        if self._task is None and not self._write_paused:
-            self._process()
-        if proto.pending_input() > READ_HIGH_WATER and not self._read_paused:
-            self._pause_reading()
+    def begin(self) -> bytes:
+        self.engine = Pop3Engine(self.features(), tls_active=self.implicit_tls)
+        self._sasl.client_ip = self.client_ip
+        return b"+OK postroom POP3 server ready\r\n"
 
-    def eof_received(self) -> bool | None:
-        if self._lost or self.proto is None:
-            return None
-        self._eof = True
-        if self._task is None:
-            self._process()
-        return True
+    def handle(self, event: object) -> Coroutine[Any, Any, None] | None:
+        engine = self.engine
+        assert engine is not None
+        if isinstance(event, Command):
+            return None if self._command(engine, event) else self._stream(engine, event)
+        if isinstance(event, UserPass):
+            return self._login(engine, event.user, event.password)
+        if isinstance(event, AuthStart | AuthResponse):
+            return self._auth(engine, event)
+        if isinstance(event, Quit):
+            return self._quit(engine)
+        return None
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-        self._writable.set()
-        self.services.connections.release(self.client_ip, self)
-        self._release()
+    def tls_started(self) -> None:
+        assert self.engine is not None
+        self.engine.tls_active = True
+        self.engine.tls_started(self.features())
 
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        self._writable.clear()
+    def final_words(self, why: str) -> None:
+        assert self.engine is not None
+        if why == "timeout":
+            self.engine.close("Autologout: idle for too long")  # RFC 1939 §3
+        elif why == "shutdown":
+            self.engine.close("Server shutting down", "SYS/TEMP")
+        else:
+            self.engine.close("Internal error", "SYS/TEMP")
 
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        self.last_activity = time.monotonic()  # the client is reading: it is not idle
-        self._writable.set()
-        if self._task is None and not self._lost:
-            self._process()
+    def idle_limit(self) -> float:
+        # RFC 1939 §3: at least 10 minutes of inactivity before an autologout.
+        return self.services.cfg.limits.pop3_idle_timeout
 
-    # -- processing ----------------------------------------------------------------------------
-
-    def _release(self) -> None:
+    def released(self) -> None:
         """A dropped connection deletes nothing (RFC 1939 §6): just unlock."""
-        if self.drop is not None:
-            self.drop.close()
-            self.drop = None
-
-    def _engine(self) -> Pop3Engine | None:
-        return self.proto
-
-    def _close(self) -> None:
-        if self.transport is not None and not self._lost:
-            self.transport.close()
-        self._lost = True
-        self._release()
-
-    def _process(self) -> None:
-        proto = self.proto
-        assert proto is not None
-        try:
-            while not self._lost:
-                event = proto.next_event()
-                if isinstance(event, NeedData):
-                    self._flush()
-                    if proto.state is State.CLOSED or self._eof:
-                        self._close()
-                    else:
-                        self._resume_reading()
-                    return
-                if isinstance(event, Command) and self._command(proto, event):
-                    self._flush()
-                    if self._write_paused:
-                        # A client that pipelines faster than it reads: go on when its
-                        # buffer drains (resume_writing), holding at most one answer here.
-                        self._pause_reading()
-                        return
-                    continue
-                if isinstance(event, Closing):
-                    self._flush()
-                    self._close()
-                    return
-                if isinstance(event, StartTLS):
-                    self._pause_reading()  # before the +OK goes out
-                self._flush()
-                self._task = asyncio.get_running_loop().create_task(self._wait(event))
-                return
-        except Exception:
-            self._crashed()
-
-    def _crashed(self) -> None:
-        self.services.log.exception("POP3 session with %s failed", self.client_ip)
-        if self.transport is not None and not self._lost:
-            self.transport.write(b"-ERR [SYS/TEMP] Internal error\r\n")
-        self._close()
-
-    async def _wait(self, event: Event) -> None:
-        proto = self.proto
-        assert proto is not None
-        try:
-            if isinstance(event, Login):
-                await self._login(proto, event.user, event.password)
-            elif isinstance(event, AuthStart | AuthResponse):
-                await self._auth(proto, event)
-            elif isinstance(event, Command):
-                await self._stream(proto, event)
-            elif isinstance(event, Quit):
-                await self._quit(proto)
-            elif isinstance(event, StartTLS):
-                await self._starttls(proto)
-        except Exception:
-            self._task = None
-            self._crashed()
-            return
-        self._task = None
-        self.last_activity = time.monotonic()
-        if self._stopping and proto.state is not State.CLOSED:
-            self.shutdown()
-        elif not self._lost and not self._write_paused:
-            self._process()
+        drop, self.drop = self.drop, None
+        if drop is not None:
+            task = asyncio.get_running_loop().create_task(drop.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     # -- TRANSACTION ---------------------------------------------------------------------------
 
-    def _command(self, proto: Pop3Engine, cmd: Command) -> bool:
+    def _command(self, engine: Pop3Engine, cmd: Command) -> bool:
         """Answer a TRANSACTION command at once; False if it needs a task (a large message)."""
-        drop = self.drop
-        assert drop is not None
+        snap, drop = self.snapshot, self.drop
+        assert snap is not None and drop is not None
         verb = cmd.verb
         if verb == "NOOP":
-            proto.ok()
+            engine.ok()
         elif verb == "STAT":
-            count, size = drop.stat()
-            proto.ok(f"{count} {size}")  # RFC 1939 §5: exactly "+OK nn mm"
+            count, size = snap.stat()
+            engine.ok(f"{count} {size}")  # RFC 1939 §5: exactly "+OK nn mm"
         elif verb == "RSET":
-            drop.reset()
-            count, size = drop.stat()
-            proto.ok(f"{count} messages ({size} octets)")
+            snap.reset()
+            count, size = snap.stat()
+            engine.ok(f"{count} messages ({size} octets)")
         elif cmd.msg is None:  # LIST or UIDL of the whole mailbox
             if verb == "LIST":
-                count, size = drop.stat()
-                proto.multiline(f"{count} messages ({size} octets)", drop.listing(uids=False))
+                count, size = snap.stat()
+                engine.multiline(f"{count} messages ({size} octets)", snap.listing(uids=False))
             else:
-                proto.multiline("Unique-ID listing follows", drop.listing(uids=True))
+                engine.multiline("Unique-ID listing follows", snap.listing(uids=True))
         else:
-            entry = drop.get(cmd.msg)
-            if entry is None:
-                proto.err("No such message")
+            number = cmd.msg
+            info = snap.get(number)
+            if info is None:
+                engine.err("No such message")
             elif verb == "LIST":
-                proto.ok(f"{cmd.msg} {entry.size}")
+                engine.ok(f"{number} {info.size}")
             elif verb == "UIDL":
-                proto.ok(f"{cmd.msg} {entry.uid}")
+                engine.ok(f"{number} {info.uid}")
             elif verb == "DELE":
-                entry.deleted = True
-                proto.ok(f"Message {cmd.msg} deleted")
-            elif entry.size <= SMALL_MESSAGE:
+                snap.delete(number)
+                engine.ok(f"Message {number} deleted")
+            else:
                 try:
-                    data = drop.read(entry)
-                except FileNotFoundError:
-                    proto.err("Message was removed by another program", "SYS/PERM")
+                    data = drop.read_now(number)
+                except OSError as exc:
+                    _unreadable(engine, exc)
                     return True
-                except OSError:
-                    proto.err("Cannot read message, try again later", "SYS/TEMP")
-                    return True
+                if data is None:
+                    return False
                 if verb == "TOP":
                     assert cmd.lines is not None
-                    top = TopFilter(cmd.lines)
-                    proto.multiline("Top of message follows", dot_stuff(top.feed(data)))
+                    engine.multiline(
+                        "Top of message follows",
+                        *dot_stuff_parts(TopFilter(cmd.lines).feed(data)),
+                    )
                 else:
-                    entry.retrieved = True
-                    proto.multiline(f"{entry.size} octets", dot_stuff(data))
-            else:
-                return False
+                    snap.retrieved(number)
+                    engine.multiline(f"{info.size} octets", *dot_stuff_parts(data))
+                # Out at once, not batched with what follows: a client that pipelines RETRs
+                # and does not read must find the writes paused after one answer, not after
+                # all of them have been read into memory (flow control in the glue).
+                self._flush()
         return True
 
-    async def _stream(self, proto: Pop3Engine, cmd: Command) -> None:
+    async def _stream(self, engine: Pop3Engine, cmd: Command) -> None:
         """RETR or TOP of a large message: read, stuff and send in pieces, with flow control.
 
-        The file is read in a worker thread a piece at a time and each piece is written before
-        the next is read, so memory stays at a few pieces whatever the message size.
-        """
-        drop = self.drop
-        assert drop is not None and cmd.msg is not None
-        entry = drop.get(cmd.msg)
-        assert entry is not None
-        io = self.services.io
+        Each piece is written before the next is read, so memory stays at a few pieces
+        whatever the message size."""
+        snap, drop = self.snapshot, self.drop
+        assert snap is not None and drop is not None and cmd.msg is not None
+        info = snap.get(cmd.msg)
+        assert info is not None
+        pieces = drop.chunks(cmd.msg)
         try:
-            fh = await io.run(drop.open_message, entry)
-        except FileNotFoundError:
-            proto.err("Message was removed by another program", "SYS/PERM")
-            return
-        except OSError:
-            proto.err("Cannot read message, try again later", "SYS/TEMP")
-            return
-        top = TopFilter(cmd.lines) if cmd.verb == "TOP" and cmd.lines is not None else None
-        if top is None:
-            proto.begin_multiline(f"{entry.size} octets")
-        else:
-            proto.begin_multiline("Top of message follows")
-        stuffer = Stuffer()
-        pieces = chunks(fh, CHUNK)
-        try:
-            while not self._lost:
-                try:
-                    piece = await io.run(next, pieces, b"")
-                except OSError:
-                    # The +OK is out: a -ERR cannot follow. Drop the connection; as after any
-                    # drop, nothing is deleted (RFC 1939 §6).
-                    self.services.log.exception("POP3 read of %s failed", drop.file(entry))
-                    self._close()
-                    return
-                if not piece:
-                    break
+            try:
+                first = await anext(pieces, b"")
+            except OSError as exc:
+                _unreadable(engine, exc)
+                return
+            top = TopFilter(cmd.lines) if cmd.verb == "TOP" and cmd.lines is not None else None
+            engine.begin_multiline("Top of message follows" if top else f"{info.size} octets")
+            stuffer = Stuffer()
+            piece = first
+            while piece and not self._lost:
                 if top is not None:
                     piece = top.feed(piece)
-                proto.send_raw(stuffer.feed(piece))
+                engine.send_raw(stuffer.feed(piece))
                 self._flush()
                 if top is not None and top.done:
                     break
-                if self._write_paused:
-                    await self._writable.wait()
+                await self.until_writable()
+                try:
+                    piece = await anext(pieces, b"")
+                except OSError:
+                    # The +OK is out: a -ERR cannot follow. Drop the connection; as after any
+                    # drop, nothing is deleted (RFC 1939 §6).
+                    self.services.log.exception("POP3 read of message %d failed", cmd.msg)
+                    self._close()
+                    return
             if self._lost:
                 return
-            proto.send_raw(stuffer.finish())
+            engine.send_raw(stuffer.finish())
             if top is None:
-                entry.retrieved = True
+                snap.retrieved(cmd.msg)
         finally:
-            fh.close()
+            await pieces.aclose()
 
-    async def _quit(self, proto: Pop3Engine) -> None:
+    async def _quit(self, engine: Pop3Engine) -> None:
         # RFC 1939 §6: once QUIT has come the UPDATE state runs to its end, also when the
-        # client closes without reading the +OK; so the maildrop (and its lock) is this
-        # task's now, not connection_lost's to release half-way.
-        drop, self.drop = self.drop, None
-        if drop is None:
-            proto.bye()
+        # client closes without reading the +OK (connection_lost leaves a running task be).
+        drop, snap, self.drop = self.drop, self.snapshot, None
+        if drop is None or snap is None:
+            engine.bye()
             return
         try:
-            failed = await self.services.io.run(drop.update)
+            failed = await drop.update(snap.deleted(), snap.seen())
         finally:
-            drop.close()
+            await drop.close()
         if failed:
-            proto.bye(False, f"[SYS/TEMP] {failed} messages were not removed")
+            engine.bye(False, f"[SYS/TEMP] {failed} messages were not removed")
         else:
-            proto.bye(True, "Bye")
+            engine.bye(True, "Bye")
 
     # -- AUTHORIZATION -------------------------------------------------------------------------
 
-    async def _login(self, proto: Pop3Engine, user: str, password: str) -> None:
+    async def _login(self, engine: Pop3Engine, user: str, password: str) -> None:
         services = self.services
         if services.throttle.refused(self.client_ip):
-            proto.login_failed("Too many failed logins, try again later", "SYS/TEMP")
+            engine.login_failed("Too many failed logins, try again later", "SYS/TEMP")
             return
         key = await services.check_password(self.client_ip, user, password)
         if key is None:
-            await self._failed(proto, user)
+            await self._sasl.failed(user)
+            engine.login_failed("Invalid login or password", "AUTH")
             return
-        await self._open(proto, key)
+        await self._open(engine, key)
 
-    async def _failed(self, proto: Pop3Engine, user: str | None) -> None:
-        # Counted per account too, case-insensitively (logins are), so that spelling the
-        # name differently does not reset the count.
-        account = user.strip().lower()[:320] if user else None
-        delay = self.services.throttle.failure(self.client_ip, account)
-        self.services.log.info("pop3 login failed client=%s", self.client_ip)
-        await asyncio.sleep(delay)
-        proto.login_failed("Invalid login or password", "AUTH")
+    async def _auth(self, engine: Pop3Engine, event: AuthStart | AuthResponse) -> None:
+        outcome = await self._sasl.step(event)
+        if isinstance(outcome, sasl.Challenge):
+            engine.auth_challenge(outcome.data)
+            return
+        if isinstance(outcome, sasl.Success):
+            try:
+                key = parse_user_address(outcome.username).key
+            except AddressError:
+                await self._sasl.failed(outcome.username)
+                engine.login_failed("Invalid login or password", "AUTH")
+                return
+            await self._open(engine, key)
+            return
+        engine.login_failed(*_SASL_REFUSED[outcome.reason])
 
-    async def _open(self, proto: Pop3Engine, key: str) -> None:
-        path = maildir.mailbox_path(self.services.cfg.data_dir, key)
-        drop = Maildrop(path)
+    async def _open(self, engine: Pop3Engine, key: str) -> None:
+        drop = self.services.maildrops.maildrop(key)
         try:
-            await self.services.io.run(drop.open)
+            messages = await drop.open()
         except MailboxInUse:
-            proto.login_failed("Mailbox is locked by another session", "IN-USE")
+            engine.login_failed("Mailbox is locked by another session", "IN-USE")
             return
         except OSError:
-            proto.login_failed("Cannot open mailbox, try again later", "SYS/TEMP")
+            engine.login_failed("Cannot open mailbox, try again later", "SYS/TEMP")
             return
         if self._lost:
-            drop.close()
+            await drop.close()
             return
-        self.drop = drop
-        self.user = key
-        count, size = drop.stat()
+        self.drop, self.snapshot, self.user = drop, Snapshot(messages), key
+        count, size = self.snapshot.stat()
         self.services.log.info(
             "pop3 login user=%s client=%s messages=%d", key, self.client_ip, count
         )
-        proto.login_ok(f"{count} messages ({size} octets)")
+        engine.login_ok(f"{count} messages ({size} octets)")
 
-    async def _auth(self, proto: Pop3Engine, event: AuthStart | AuthResponse) -> None:
-        if isinstance(event, AuthStart):
-            if self.services.throttle.refused(self.client_ip):
-                proto.login_failed("Too many failed logins, try again later", "SYS/TEMP")
-                return
-            self._mech = sasl.new_mechanism(event.mechanism)
-            assert self._mech is not None
-            step = self._mech.start(event.initial)
-        else:
-            assert self._mech is not None
-            step = self._mech.step(event.data)
-        step = await sasl.settle(
-            self._mech,
-            step,
-            functools.partial(self.services.check_password, self.client_ip),
-            functools.partial(self.services.scram_keys, self.client_ip),
-        )
-        if isinstance(step, sasl.Challenge):
-            proto.auth_challenge(step.data)
-            return
-        if isinstance(step, sasl.Success):
-            if step.final is not None:
-                # SCRAM's server-final; the client's (empty) answer completes the mechanism.
-                proto.auth_challenge(step.final)
-                return
-            self._mech = None
-            await self._open_login(proto, step.username)
-            return
-        self._mech = None
-        if step.malformed:
-            proto.login_failed("Malformed authentication exchange", None)
-            return
-        await self._failed(proto, step.username)
 
-    async def _open_login(self, proto: Pop3Engine, username: str) -> None:
-        try:
-            key = parse_user_address(username).key
-        except AddressError:
-            await self._failed(proto, username)
-            return
-        await self._open(proto, key)
-
-    async def _starttls(self, proto: Pop3Engine) -> None:
-        transport = self.transport
-        assert transport is not None and self.services.tls is not None
-        # The checked invariant of the upgrade (RFC 2595 §4, CVE-2011-0411): reading was
-        # paused before the +OK went out, and the engine dropped what had been pipelined, so
-        # no plaintext octet can be read as if it had come over TLS.
-        if proto.pending_input() or not self._read_paused:
-            self.services.log.error("POP3 STLS with %s: input left at the switch", self.client_ip)
-            self._close()
-            return
-        # From here on, data_received is fed by the TLS layer only (start_tls swaps the
-        # transport's protocol before it reads again).
-        self._tls_early = []
-        try:
-            new = await asyncio.get_running_loop().start_tls(
-                transport,
-                self,
-                self.services.tls,
-                server_side=True,
-                ssl_handshake_timeout=self.services.cfg.limits.tls_handshake_timeout,
-            )
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            self._tls_early = None
-            self.services.log.info("STLS with %s failed: %s", self.client_ip, exc)
-            self._close()
-            return
-        early, self._tls_early = self._tls_early, None
-        if new is None:
-            self._close()
-            return
-        self.transport = new
-        self._read_paused = False
-        proto.tls_active = True
-        proto.tls_started(self.features())
-        proto.receive_data(b"".join(early))
-
-    # -- time-outs and shutdown ----------------------------------------------------------------
-
-    def check_timeout(self, now: float) -> None:
-        proto = self.proto
-        if proto is None or self._lost:
-            return
-        # RFC 1939 §3: at least 10 minutes of inactivity before an autologout.
-        idle = now - self.last_activity > self.services.cfg.limits.pop3_idle_timeout
-        if self._write_paused:
-            # A client that stopped reading (in the middle of a RETR, say): nothing can be
-            # said to it any more; drop it once stuck for as long. Nothing is deleted.
-            if idle and self.transport is not None:
-                self.transport.abort()
-            return
-        if self._task is not None:
-            return  # a login being checked or QUIT being applied: it ends by itself
-        if idle:
-            proto.close("Autologout: idle for too long")
-            self._flush()
-            self._close()
-
-    def shutdown(self) -> None:
-        """Server stopping: an idle session gets -ERR and is closed (deleting nothing); a busy
-        one (a login being checked, a RETR being sent, QUIT being applied) finishes that first.
-        """
-        proto = self.proto
-        if proto is None or self._lost:
-            return
-        if self._task is not None:
-            self._stopping = True
-            return
-        proto.close("Server shutting down", "SYS/TEMP")
-        self._flush()
-        self._close()
+def _unreadable(engine: Pop3Engine, exc: OSError) -> None:
+    """The answer to RETR/TOP of a message that cannot be read (RFC 2449 §8 response codes)."""
+    if isinstance(exc, FileNotFoundError):
+        engine.err("Message was removed by another program", "SYS/PERM")
+    else:
+        engine.err("Cannot read message, try again later", "SYS/TEMP")

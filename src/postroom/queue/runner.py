@@ -1,36 +1,41 @@
-"""The queue runner: delivers queued messages, retries deferred ones, bounces what never works.
+"""The queue runner: takes finished messages, delivers them, retries, bounces what never works.
 
-New messages arrive from the SMTP sessions through :meth:`QueueRunner.submit` and are tried at
-once. Each attempt splits the recipients by domain: local ones go to Maildir delivery, remote
-ones to ``delivery/remote.py``, one transaction per destination domain. Before a remote host is
-dialled the attempt count and the next retry time are written to the state file (as mox does),
-so a crash can never turn into a hot retry loop. A recipient ends ``delivered`` or ``bounced``
-(with a DSN to the sender, RFC 3464, never to ``<>``), or stays ``deferred`` until its next
-attempt or ``max_queue_time``. At start-up :meth:`recover` reloads the spool before any listener
-opens, re-checking local deliveries that a crash may have interrupted.
+Every message comes in through :meth:`QueueRunner.accept` (the SMTP policy's one hand-off, and
+the DSNs this runner makes): the runner decides that local recipients get their copies at once,
+in the same commit that makes the message durable, and that the other recipients' first attempt
+starts now (recorded in that same commit, so a crash cannot turn it into a hot retry loop).
+Each attempt splits the recipients: local ones go to the mailboxes, remote ones to
+``delivery/remote.py``, one transaction per destination domain. Before a remote host is dialled
+again the attempt count and next retry are stored (:meth:`MessageQueue.begin_attempt`). A
+recipient ends ``delivered`` or ``bounced`` (with a DSN to the sender, RFC 3464, never to
+``<>``), or stays ``deferred`` until its next attempt or ``max_queue_time``.
+
+Each outcome has one home, for its log line and metric: :meth:`_accepted`, :meth:`_delivered`,
+:meth:`_deferred`, :meth:`_bounced`, :meth:`_expired`. The resolver, the clock and the jitter
+are injected (tests run attempts without sleeping or DNS).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import heapq
 import random
 import re
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from postroom import privileges
 from postroom.delivery.dsn import Action, DsnRecipient, build_dsn, format_date
-from postroom.delivery.local import LocalDelivery
-from postroom.delivery.remote import RemoteDelivery, needs_relayed_dsn
-from postroom.errors import QueueError
+from postroom.delivery.remote import DeliveryResult, RemoteDelivery, needs_relayed_dsn
+from postroom.errors import QueueError, TemporaryStorageError
 from postroom.queue import schedule
-from postroom.queue.store import Envelope, Recipient, new_queue_id
-from postroom.resolver import DnsResolver
-from postroom.smtp.client_engine import Message, Outcome
-from postroom.smtp.client_engine import Recipient as ClientRecipient
+from postroom.queue.envelope import Attempt, Envelope, Recipient, new_queue_id
+from postroom.resolver import DnsResolver, Resolver
+from postroom.smtp.client_engine import ForwardPath, Outcome, OutgoingMessage
+from postroom.storage.interfaces import LocalCopy, MailboxDelivery, MessageDraft, MessageQueue
+from postroom.wire import replies
+from postroom.wire.replies import Reply
 
 if TYPE_CHECKING:
     from postroom.config import Config
@@ -41,133 +46,147 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
-class QueueRunner:
-    """Owns the in-memory schedule of the spool; one per server."""
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The message is durable: the client may get its 250."""
 
-    def __init__(self, services: Services) -> None:
+    queue_id: str
+
+
+LOCAL_HOST = "local"  # the ``host`` of a Maildir delivery in the attempt history
+BACKLOG = 4  # first attempts waiting for a slot beyond this many times max_concurrent are parked
+
+
+@dataclass(frozen=True, slots=True)
+class _First:
+    """A message just accepted: its local copies' attempts, and the recipients they reached."""
+
+    attempts: list[Attempt]
+    done: list[Recipient]
+
+
+class QueueRunner:
+    """Takes messages and runs their attempts; one per worker. Only the queue's owner (the
+    primary worker) runs the schedule of retries; every worker makes the first attempt of
+    the messages it accepted."""
+
+    def __init__(
+        self,
+        services: Services,
+        queue: MessageQueue,
+        mailboxes: MailboxDelivery,
+        resolver: Callable[[Config], Resolver] | None = None,
+        clock: Callable[[], float] = time.time,
+        jitter: Callable[[], float] | None = None,
+    ) -> None:
         self.services = services
-        self.store = services.store
-        self.local = LocalDelivery(
-            services.cfg.data_dir,
-            services.cfg.hostname,
-            privileges.target_ids(services.cfg),
-            services.cpus[1] if services.cpus else None,
-        )
-        self._heap: list[tuple[float, str]] = []
-        self._next: dict[str, float] = {}
+        self.queue = queue
+        self.mailboxes = mailboxes
+        self._resolver = resolver or (lambda cfg: DnsResolver(cfg.dns))
+        self._clock = clock
+        rng = random.Random()
+        self._jitter = jitter or (lambda: rng.uniform(0, 0.1))
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._recovered: set[str] = set()
+        self._again: dict[str, Envelope] = {}  # claimed while still in flight: started after
         self._deleted: set[str] = set()  # deleted by the admin during their attempt
-        self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(services.cfg.delivery.max_concurrent)
         self._stopping = False
         self._remote: RemoteDelivery | None = None
         self._destinations: dict[str, asyncio.Semaphore] = {}
         self._relayed: set[int] = set()
-        self._forwarding: set[asyncio.Task[None]] = set()
-        self._rng = random.Random()
 
-    # -- entry points --------------------------------------------------------------------------
+    @property
+    def cfg(self) -> Config:
+        """The configuration now: SIGHUP replaces it (a domain added is local from then on)."""
+        return self.services.cfg
 
-    def submit(self, envelope: Envelope) -> None:
-        """A message was just committed to the spool: try it now (in the primary worker)."""
-        if self.services.primary:
-            self._start(envelope)
-        else:
-            task = asyncio.get_running_loop().create_task(self._forward(envelope.id))
-            self._forwarding.add(task)
-            task.add_done_callback(self._forwarding.discard)
+    def is_local(self, address: str) -> bool:
+        return self.cfg.is_local_domain(domain_of(address))
 
-    async def _forward(self, queue_id: str) -> None:
-        """Tell the primary worker about a message this worker spooled."""
-        path = str(self.cfg.data_dir / "control.sock")
-        for attempt in range(50):
-            try:
-                reader, writer = await asyncio.open_unix_connection(path)
-                writer.write(f"submit {queue_id}\n".encode())
-                await writer.drain()
-                await asyncio.wait_for(reader.readline(), 10)
-                writer.close()
-                return
-            except (OSError, TimeoutError):
-                await asyncio.sleep(0.1 * (attempt + 1))
-        self.services.log.error(
-            "could not hand %s to the queue runner; it is delivered "
-            "at the next start or queue flush",
-            queue_id,
+    # -- the one way in --------------------------------------------------------------------
+
+    async def accept(self, envelope: Envelope, draft: MessageDraft) -> Accepted | Reply:
+        """Make a finished message durable and start its delivery: ``Accepted`` once it is
+        durable (then, and only then, the client gets its 250), or the reply to send."""
+        now = self._clock()
+        local = [
+            LocalCopy(i, r.address)
+            for i, r in enumerate(envelope.recipients)
+            if not r.done and self.is_local(r.address)
+        ]
+        if len(local) < len(envelope.recipients):  # the others' first attempt starts now
+            self._count_attempt(envelope, now, self._jitter())
+        hold = any(r.notify and "SUCCESS" in r.notify for _i, r in _of(envelope, local))
+        try:
+            errors = await self.queue.accept(envelope, draft, local, hold)
+        except TemporaryStorageError as exc:
+            self.services.log.error("queue write failed for %s: %s", envelope.id, exc)
+            return replies.STORAGE_FULL
+        self._accepted(envelope)
+        attempts = self._local_results(envelope, local, errors, now)
+        done = [r for _i, r in _of(envelope, local) if r.status == "delivered"]
+        if not envelope.done or hold:
+            self._start(envelope, _First(attempts, done))
+        return Accepted(envelope.id)
+
+    async def accept_made_here(
+        self, sender: str, recipients: list[str], message: bytes, queue_id: str = ""
+    ) -> str:
+        """Queue a message made on this host (a DSN, a DMARC report: CRLF, our own Received
+        line in it) through the same way in; its queue id. TemporaryStorageError if the
+        queue refused it."""
+        envelope = Envelope(
+            id=queue_id or new_queue_id(),
+            sender=sender,
+            recipients=[Recipient(address) for address in recipients],
+            created=self._clock(),
+            is_bounce=not sender,
+            smtputf8=not all(r.isascii() for r in recipients),
+        )
+        draft = self.services.queue.draft(envelope.id, sender)
+        draft.write(message)
+        result = await self.accept(envelope, draft)
+        if not isinstance(result, Accepted):
+            raise TemporaryStorageError(f"cannot queue a message for {', '.join(recipients)}")
+        return envelope.id
+
+    def _count_attempt(self, envelope: Envelope, now: float, jitter: float = 0.0) -> None:
+        envelope.attempts += 1
+        envelope.last_attempt = now
+        envelope.next_attempt = schedule.next_attempt(
+            now,
+            envelope.attempts,
+            self.cfg.delivery.retry_intervals,
+            jitter=jitter,
+            deadline=envelope.created + self.cfg.delivery.max_queue_time,
         )
 
-    def submit_id(self, queue_id: str) -> bool:
-        """The control socket's ``submit``: load a spooled message and try it now."""
-        try:
-            self._start(self.store.load(queue_id))
-        except QueueError:
-            return False
-        return True
+    # -- the schedule (the owner) ----------------------------------------------------------
 
-    def flush(self) -> None:
-        """``queue flush``: every deferred message is due now."""
-        now = time.time()
-        for qid in list(self._next):
-            self._schedule(qid, now)
-        self._wake.set()
+    async def run(self) -> None:
+        """Start due attempts until stopped."""
+        while not self._stopping:
+            for envelope in await self.queue.claim(self._clock(), 100):
+                self._start(envelope)
+            for problem in self.queue.problems():
+                self.services.log.error("%s", problem)
+            if self._remote is not None:
+                await self._remote.close_idle()
+            await self.queue.wait(5.0)
 
     async def delete(self, queue_id: str) -> bool:
         """``queue delete``: remove the message now. An attempt in progress goes on with the
         copy it holds, but nothing is retried, reported or saved for it afterwards."""
-        self._next.pop(queue_id, None)
         try:
-            self.store.remove(queue_id)
+            await self.queue.delete(queue_id)
         except QueueError:
             return False
         if queue_id in self._inflight:
             self._deleted.add(queue_id)
         return True
 
-    async def recover(self) -> None:
-        """Start-up: drop half-written files, reload the spool, schedule what is left."""
-        dropped = self.store.clean_tmp()
-        if dropped:
-            self.services.log.info("removed %d incomplete spool files", dropped)
-        now = time.time()
-        for item in self.store.iter_envelopes():
-            if isinstance(item, QueueError):
-                qid = str(item).split(":")[0]
-                self.services.log.error("corrupt queue file: %s", item)
-                with contextlib.suppress(OSError):
-                    moved = self.store.quarantine(qid)
-                    self.services.log.error("moved %s aside to %s", qid, moved)
-                continue
-            self._recovered.add(item.id)
-            self._schedule(
-                item.id, min(item.next_attempt, now) if item.attempts == 0 else item.next_attempt
-            )
-
-    async def run(self) -> None:
-        """Start due attempts until stopped."""
-        while not self._stopping:
-            now = time.time()
-            while self._heap and self._heap[0][0] <= now:
-                due, qid = heapq.heappop(self._heap)
-                if self._next.get(qid) != due or qid in self._inflight:
-                    continue
-                del self._next[qid]
-                try:
-                    envelope = self.store.load(qid)
-                except QueueError as exc:
-                    self.services.log.error("cannot load %s: %s", qid, exc)
-                    continue
-                self._start(envelope)
-            wait = self._heap[0][0] - now if self._heap else 60.0
-            if self._remote is not None:
-                await self._remote.close_idle()
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.01, min(wait, 5.0)))
-
     async def stop(self) -> None:
         self._stopping = True
-        self._wake.set()
         tasks = list(self._inflight.values())
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=5)
@@ -175,189 +194,207 @@ class QueueRunner:
                 task.cancel()
         if self._remote is not None:
             await self._remote.aclose()
-        await self.local.close()
 
-    # -- scheduling ----------------------------------------------------------------------------
-
-    def _schedule(self, qid: str, when: float) -> None:
-        self._next[qid] = when
-        heapq.heappush(self._heap, (when, qid))
-        self._wake.set()
-
-    def _start(self, envelope: Envelope) -> None:
-        if envelope.id in self._inflight or self._stopping:
+    def _start(self, envelope: Envelope, first: _First | None = None) -> None:
+        if self._stopping:
             return
-        task = asyncio.get_running_loop().create_task(self._attempt(envelope))
+        if envelope.id in self._inflight:  # claimed again before its last attempt ended
+            self._again[envelope.id] = envelope
+            return
+        overload = first is not None and (
+            len(self._inflight) >= BACKLOG * self.cfg.delivery.max_concurrent
+        )
+        task = asyncio.get_running_loop().create_task(self._attempt(envelope, first, overload))
         self._inflight[envelope.id] = task
-        task.add_done_callback(lambda _t: self._inflight.pop(envelope.id, None))
+        task.add_done_callback(lambda _t: self._ended(envelope.id))
 
-    # -- one attempt ---------------------------------------------------------------------------
+    def _ended(self, queue_id: str) -> None:
+        self._inflight.pop(queue_id, None)
+        again = self._again.pop(queue_id, None)
+        if again is not None:
+            self._start(again)
 
-    async def _attempt(self, envelope: Envelope) -> None:
+    # -- one attempt -----------------------------------------------------------------------
+
+    async def _attempt(
+        self, envelope: Envelope, first: _First | None, overload: bool = False
+    ) -> None:
+        if first is not None and overload:
+            # More first attempts waiting than are worth holding in memory and in the journal:
+            # this one waits in the queue instead, due at once (nothing was dialled for it).
+            envelope.attempts, envelope.next_attempt = 0, 0.0
+            await self.queue.record(envelope, first.attempts)
+            return
         async with self._slots:
             try:
-                await self._deliver(envelope)
+                await self._deliver(envelope, first)
             except Exception:
                 self.services.log.exception("delivery of %s failed", envelope.id)
                 # Try again later rather than lose it or spin.
-                self._schedule(envelope.id, time.time() + self.cfg.delivery.retry_intervals[0])
-            if envelope.id in self._deleted:  # queue delete came during the attempt
-                self._deleted.discard(envelope.id)
-                self._next.pop(envelope.id, None)
-                self.store.forget_state(envelope.id)  # in case the attempt saved it since
+                if envelope.id not in self._deleted:
+                    self._count_attempt(envelope, self._clock())
+                    try:
+                        await self.queue.record(envelope, [])
+                    except Exception:
+                        self.services.log.exception("cannot record %s", envelope.id)
+            self._deleted.discard(envelope.id)
 
-    async def _deliver(self, envelope: Envelope) -> None:
-        try:
-            message = await self.store.io.run(self.store.message, envelope)
-        except FileNotFoundError:
-            return  # deleted meanwhile
-        recovering = envelope.id in self._recovered
-        self._recovered.discard(envelope.id)
-        now = time.time()
-        changed = False
-        local: list[tuple[int, Recipient]] = []
+    async def _deliver(self, envelope: Envelope, first: _First | None) -> None:
+        """One attempt. ``first``: the message was just accepted, its local copies made (these
+        are their results) and the attempt of the others recorded with it."""
+        now = self._clock()
+        attempts = list(first.attempts) if first is not None else []
+        newly_done = list(first.done) if first is not None else []
+        newly_failed: list[Recipient] = []
+        local: list[LocalCopy] = []
         remote: dict[str, list[tuple[int, Recipient]]] = defaultdict(list)
         for index, rcpt in enumerate(envelope.recipients):
-            if rcpt.done:
-                continue
-            if self.cfg.is_local_domain(domain_of(rcpt.address)):
-                local.append((index, rcpt))
+            if rcpt.done or (first is not None and rcpt.status == "deferred"):
+                continue  # (a copy that just failed waits for the next attempt)
+            if self.is_local(rcpt.address):
+                local.append(LocalCopy(index, rcpt.address))
             else:
                 remote[domain_of(rcpt.address)].append((index, rcpt))
 
-        newly_failed: list[Recipient] = []
-        newly_done: list[Recipient] = []
-        errors = await self.local.deliver(
-            envelope, [(i, r.address) for i, r in local], message, check_duplicate=recovering
-        )
-        for (_index, rcpt), error in zip(local, errors, strict=True):
-            if error is not None:
-                rcpt.status = "deferred"
-                rcpt.last_error = f"451 4.3.0 local delivery failed: {error.strerror or error}"
-                changed = True
-                self.services.log.warning(
-                    "%s deferred to=<%s> via maildir: %s", envelope.id, rcpt.address, error
-                )
-                continue
-            rcpt.status = "delivered"
-            newly_done.append(rcpt)
-            self.services.log.info("delivered %s to=<%s> via maildir", envelope.id, rcpt.address)
+        for copy in list(local):
+            # The account may have gone since RCPT (user del): no Maildir for it, a bounce.
+            if not self.services.accounts.has_mailbox(copy.mailbox):
+                local.remove(copy)
+                rcpt = envelope.recipients[copy.index]
+                self._bounced(envelope, rcpt, str(replies.USER_UNKNOWN_NOW))
+                newly_failed.append(rcpt)
+        if local:
+            errors = await self.mailboxes.deliver(envelope, local)
+            attempts += self._local_results(envelope, local, errors, now)
+            newly_done += [r for _i, r in _of(envelope, local) if r.status == "delivered"]
 
+        wire = b""  # the message as SMTP sends it: read once, for the remote hosts and the DSNs
+        counted = first is not None and envelope.attempts > 0  # at acceptance
         if remote:
-            envelope.attempts += 1
-            envelope.last_attempt = now
-            envelope.next_attempt = schedule.next_attempt(
-                now,
-                envelope.attempts,
-                self.cfg.delivery.retry_intervals,
-                jitter=self._rng.uniform(0, 0.1),
-                deadline=envelope.created + self.cfg.delivery.max_queue_time,
-            )
-            # Written before dialling: a crash now cannot cause an immediate retry loop.
-            await self.store.io.run(self.store.save_state, envelope)
+            if not counted:
+                counted = True
+                self._count_attempt(envelope, now, self._jitter())
+                # Stored before dialling: a crash now cannot cause an immediate retry loop.
+                await self.queue.begin_attempt(envelope)
+            wire = _wire(await self.queue.body(envelope))
             results = await asyncio.gather(
-                *(
-                    self._deliver_remote(envelope, domain, rcpts, message)
-                    for domain, rcpts in remote.items()
-                )
+                *(self._deliver_remote(envelope, d, rcpts, wire) for d, rcpts in remote.items())
             )
-            for outcome in results:
-                for rcpt in outcome:
-                    if rcpt.status == "bounced":
-                        newly_failed.append(rcpt)
-                    elif rcpt.status == "delivered":
+            for domain_results in results:
+                attempts += _attempts(now, domain_results)
+                for rcpt, result in domain_results:
+                    if result.outcome is Outcome.DELIVERED:
+                        self._delivered(envelope, rcpt, result.remote_mta or "-", str(result.reply))
                         newly_done.append(rcpt)
-            changed = True
+                    elif result.outcome is Outcome.PERMANENT:
+                        self._bounced(envelope, rcpt, str(result.reply))
+                        newly_failed.append(rcpt)
+                    else:
+                        self._deferred(envelope, rcpt, str(result.reply), result.remote_mta)
 
         if envelope.id in self._deleted:
-            return  # queue delete came during the attempt: no bounce, no retry
+            await self.queue.finish(envelope, attempts)  # released; no bounce, no retry
+            return
 
         # Deferred recipients past max_queue_time bounce with their last error.
-        if schedule.expired(envelope.created, time.time(), self.cfg.delivery.max_queue_time):
+        if schedule.expired(envelope.created, self._clock(), self.cfg.delivery.max_queue_time):
             for rcpt in envelope.recipients:
                 if rcpt.status == "deferred":
-                    rcpt.status = "bounced"
-                    rcpt.last_error = rcpt.last_error or "4.4.7 delivery time expired"
+                    self._expired(envelope, rcpt)
                     newly_failed.append(rcpt)
-                    changed = True
 
-        await self._notify(envelope, message, newly_failed, newly_done)
-
-        if all(r.done for r in envelope.recipients):
-            await self._remove(envelope.id)
-            return
-        if not remote:
-            # Only local temporary failures: count the attempt here.
-            envelope.attempts += 1
-            envelope.last_attempt = now
-            envelope.next_attempt = schedule.next_attempt(
-                now,
-                envelope.attempts,
-                self.cfg.delivery.retry_intervals,
-                deadline=envelope.created + self.cfg.delivery.max_queue_time,
-            )
-        if changed:
-            await self.store.io.run(self.store.save_state, envelope)
-        self._schedule(envelope.id, envelope.next_attempt)
-
-    async def _remove(self, queue_id: str) -> None:
-        """Forget a finished message; the unlink is made durable with a shared dir fsync."""
-        with contextlib.suppress(QueueError):
-            await self.store.io.run(self.store.remove, queue_id)
-        await self.store.msg_sync.sync()
-
-    async def deliver_direct(self, envelope: Envelope, message: bytes) -> bool:
-        """Deliver a just-received, all-local message straight into the Maildirs.
-
-        The Maildir writer's journal makes the message as durable as a spool file would (one
-        shared fdatasync), so for the common case of an MX receiving mail for its own users the
-        spool is skipped: one journal append and one file per recipient. Returns False if
-        any delivery failed; the caller then spools the message for the recipients left, which
-        the runner retries (delivered ones are marked done and not delivered again).
-        """
-        errors = await self.local.deliver(
-            envelope, [(i, r.address) for i, r in enumerate(envelope.recipients)], message
+        owed = any(r.notify is None or "FAILURE" in r.notify for r in newly_failed) or any(
+            r.notify and "SUCCESS" in r.notify for r in newly_done
         )
-        ok = True
-        for rcpt, error in zip(envelope.recipients, errors, strict=True):
-            if error is not None:
-                rcpt.last_error = f"451 4.3.0 local delivery failed: {error}"
-                ok = False
+        if owed and envelope.sender:
+            wire = wire or _wire(await self.queue.body(envelope))
+            await self._notify(envelope, wire, newly_failed, newly_done)
+        for r in newly_done:
+            self._relayed.discard(id(r))
+
+        if envelope.done:
+            await self.queue.finish(envelope, attempts)
+            return
+        if not counted:
+            self._count_attempt(envelope, now)  # only local failures: count the attempt here
+        await self.queue.record(envelope, attempts)
+
+    def _local_results(
+        self, envelope: Envelope, copies: list[LocalCopy], errors: list[OSError | None], now: float
+    ) -> list[Attempt]:
+        """Apply the outcome of local copies; their attempts (one per distinct outcome)."""
+        by_reply: dict[str, list[str]] = defaultdict(list)
+        for copy, error in zip(copies, errors, strict=True):
+            rcpt = envelope.recipients[copy.index]
+            if error is None:
+                self._delivered(envelope, rcpt, LOCAL_HOST, "")
+                by_reply["250 2.0.0 delivered to its mailbox"].append(rcpt.address)
             else:
-                rcpt.status = "delivered"
-        return ok
+                text = f"451 4.3.0 local delivery failed: {error.strerror or error}"
+                self._deferred(envelope, rcpt, text, LOCAL_HOST)
+                by_reply[text].append(rcpt.address)
+        return [Attempt(now, addrs, LOCAL_HOST, None, reply) for reply, addrs in by_reply.items()]
 
-    @property
-    def cfg(self) -> Config:
-        """The configuration now: SIGHUP replaces it (a domain added is local from then on)."""
-        return self.services.cfg
+    # -- each outcome's one home -----------------------------------------------------------
 
-    async def withdraw_direct(self, envelope: Envelope, message: bytes) -> None:
-        """Undo the copies :meth:`deliver_direct` made when the message is refused after all
-        (the rest could not be spooled): the client sends it again, to every recipient."""
-        done = [
-            (i, r.address) for i, r in enumerate(envelope.recipients) if r.status == "delivered"
-        ]
-        if done:
-            await self.store.io.run(self.local.withdraw, envelope, done, message)
+    def _accepted(self, envelope: Envelope) -> None:
+        self.services.log.info(
+            "queued %s from=<%s> rcpts=%d size=%d client=%s",
+            envelope.id,
+            envelope.sender,
+            len(envelope.recipients),
+            envelope.size,
+            envelope.client_ip or "-",
+        )
 
-    def is_local(self, address: str) -> bool:
-        return self.cfg.is_local_domain(domain_of(address))
+    def _delivered(self, envelope: Envelope, rcpt: Recipient, relay: str, reply: str) -> None:
+        rcpt.status, rcpt.last_error = "delivered", None
+        if relay == LOCAL_HOST:
+            self.services.log.info("delivered %s to=<%s> via maildir", envelope.id, rcpt.address)
+        else:
+            self.services.log.info(
+                "%s delivered to=<%s> relay=%s: %s", envelope.id, rcpt.address, relay, reply
+            )
+
+    def _deferred(
+        self, envelope: Envelope, rcpt: Recipient, reply: str, relay: str | None = None
+    ) -> None:
+        rcpt.status, rcpt.last_error = "deferred", reply
+        via = " via maildir" if relay == LOCAL_HOST else f" relay={relay or '-'}"
+        self.services.log.warning(
+            "%s deferred to=<%s>%s: %s", envelope.id, rcpt.address, via, reply
+        )
+
+    def _bounced(self, envelope: Envelope, rcpt: Recipient, reply: str) -> None:
+        rcpt.status, rcpt.last_error = "bounced", reply
+        self.services.log.info("%s bounced to=<%s>: %s", envelope.id, rcpt.address, reply)
+
+    def _expired(self, envelope: Envelope, rcpt: Recipient) -> None:
+        rcpt.status = "bounced"
+        rcpt.last_error = rcpt.last_error or "4.4.7 delivery time expired"
+        self.services.log.info(
+            "%s bounced to=<%s>: expired after max_queue_time: %s",
+            envelope.id,
+            rcpt.address,
+            rcpt.last_error,
+        )
+
+    # -- remote ----------------------------------------------------------------------------
 
     def _remote_delivery(self) -> RemoteDelivery:
         cfg = self.cfg
         if self._remote is None or self._remote.cfg is not cfg:  # new after a reload
-            self._remote = RemoteDelivery(cfg, DnsResolver(cfg.dns))
+            self._remote = RemoteDelivery(cfg, self._resolver(cfg))
         return self._remote
 
     async def _deliver_remote(
-        self, envelope: Envelope, domain: str, rcpts: list[tuple[int, Recipient]], message: bytes
-    ) -> list[Recipient]:
-        """Hand ``rcpts`` (all in ``domain``) to remote delivery; updates and returns them."""
-        outgoing = Message(
+        self, envelope: Envelope, domain: str, rcpts: list[tuple[int, Recipient]], wire: bytes
+    ) -> list[tuple[Recipient, DeliveryResult]]:
+        """Hand ``rcpts`` (all in ``domain``) to remote delivery; each with its result."""
+        outgoing = OutgoingMessage(
             sender=envelope.sender,
             recipients=tuple(
-                ClientRecipient(r.address, tuple(r.notify) if r.notify else None, r.orcpt)
+                ForwardPath(r.address, tuple(r.notify) if r.notify else None, r.orcpt)
                 for _i, r in rcpts
             ),
             smtputf8=envelope.smtputf8,
@@ -368,33 +405,19 @@ class QueueRunner:
             domain, asyncio.Semaphore(self.cfg.delivery.max_per_destination)
         )
         async with slot:
-            results = await self._remote_delivery().deliver(domain, outgoing, message)
+            results = await self._remote_delivery().deliver(domain, outgoing, wire)
+        out = []
         for (_index, rcpt), result in zip(rcpts, results, strict=True):
             rcpt.remote_mta = result.remote_mta
-            text = str(result.reply)
-            if result.outcome is Outcome.DELIVERED:
-                rcpt.status = "delivered"
-                rcpt.last_error = None
-                if needs_relayed_dsn(result):
-                    self._relayed.add(id(rcpt))
-            elif result.outcome is Outcome.PERMANENT:
-                rcpt.status = "bounced"
-                rcpt.last_error = text
-            else:
-                rcpt.status = "deferred"
-                rcpt.last_error = text
-            self.services.log.info(
-                "%s %s to=<%s> relay=%s: %s",
-                envelope.id,
-                rcpt.status,
-                rcpt.address,
-                result.remote_mta or "-",
-                text,
-            )
-        return [r for _i, r in rcpts]
+            if result.outcome is Outcome.DELIVERED and needs_relayed_dsn(result):
+                self._relayed.add(id(rcpt))
+            out.append((rcpt, result))
+        return out
+
+    # -- DSNs ------------------------------------------------------------------------------
 
     async def _notify(
-        self, envelope: Envelope, message: bytes, failed: list[Recipient], done: list[Recipient]
+        self, envelope: Envelope, original: bytes, failed: list[Recipient], done: list[Recipient]
     ) -> None:
         """Queue DSNs (RFC 3464) for this attempt's failures, and successes where NOTIFY asked.
 
@@ -402,7 +425,7 @@ class QueueRunner:
         """
         if not envelope.sender:
             return
-        now = time.time()
+        now = self._clock()
         failures = [
             _dsn_recipient(r, "failed", now)
             for r in failed
@@ -411,10 +434,10 @@ class QueueRunner:
         successes = []
         for r in done:
             if r.notify and "SUCCESS" in r.notify:
-                local = self.cfg.is_local_domain(domain_of(r.address))
+                local = self.is_local(r.address)
                 if local or id(r) in self._relayed:
                     successes.append(_dsn_recipient(r, "delivered" if local else "relayed", now))
-                self._relayed.discard(id(r))
+            self._relayed.discard(id(r))
         report_to = self._report_to(envelope.sender)
         if (failures or successes) and not report_to:
             self.services.log.warning(
@@ -427,8 +450,8 @@ class QueueRunner:
             if not group:
                 continue
             bounce_id = new_queue_id()
-            # Delivered here, it gets the Received line every delivery adds (CONTRACT.md
-            # "Mailboxes"); RFC 5321 §4.4's form for a message made on this host.
+            # Delivered here, it gets the Received line every delivery adds; RFC 5321 §4.4's
+            # form for a message made on this host.
             received = (
                 f"Received: by {self.cfg.hostname} (postroom) id {bounce_id};"
                 f"\r\n\t{format_date(now)}\r\n"
@@ -437,26 +460,18 @@ class QueueRunner:
                 hostname=self.cfg.hostname,
                 sender=envelope.sender,
                 recipients=group,
-                original=message,
+                original=original,
                 arrival=envelope.created,
                 now=now,
                 envid=envelope.envid,
                 ret=envelope.ret,
                 queue_id=envelope.id,
             )
-            bounce = Envelope(
-                id=bounce_id,
-                sender="",
-                recipients=[Recipient(address) for address in report_to],
-                created=now,
-                is_bounce=True,
-                smtputf8=not envelope.sender.isascii(),
-            )
-            await self.store.add(bounce, report)
+            # A refusal raises: this attempt is recorded as failed and retried later.
+            await self.accept_made_here("", report_to, report, bounce_id)
             self.services.log.info(
-                "%s: DSN %s queued for <%s>", envelope.id, bounce.id, envelope.sender
+                "%s: DSN %s queued for <%s>", envelope.id, bounce_id, envelope.sender
             )
-            self._start(bounce)
 
     def _report_to(self, sender: str) -> list[str]:
         """Where a DSN for ``sender`` goes. A remote sender gets it; a local one through its
@@ -465,11 +480,31 @@ class QueueRunner:
         if not self.is_local(sender):
             return [sender]
         local, _, domain = sender.rpartition("@")
-        key = f"{local.lower()}@{domain}"
-        targets = self.services.accounts.expand(key)
-        if targets is None and local.lower() == "postmaster":
-            targets = [key]  # always accepted (CONTRACT.md "Accounts"): so is its mail
-        return targets or []
+        return self.services.accounts.resolve(f"{local.lower()}@{domain}") or []
+
+
+def _of(envelope: Envelope, copies: list[LocalCopy]) -> list[tuple[int, Recipient]]:
+    return [(c.index, envelope.recipients[c.index]) for c in copies]
+
+
+def _wire(message: bytes) -> bytes:
+    """The stored message as SMTP sends it: without the Return-Path line, CRLF line ends
+    (lossless: SMTP refused bare CR and LF on the way in)."""
+    if message.startswith(b"Return-Path:"):
+        message = message[message.find(b"\n") + 1 :]
+    return message.replace(b"\n", b"\r\n")
+
+
+def _attempts(now: float, results: list[tuple[Recipient, DeliveryResult]]) -> list[Attempt]:
+    """One attempt per host and reply: the recipients that got it."""
+    grouped: dict[tuple[str | None, str | None, bool, str], list[str]] = defaultdict(list)
+    for rcpt, result in results:
+        key = (result.host or result.remote_mta, result.ip, result.tls, str(result.reply))
+        grouped[key].append(rcpt.address)
+    return [
+        Attempt(now, addrs, host, ip, reply, tls)
+        for (host, ip, tls, reply), addrs in grouped.items()
+    ]
 
 
 _STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")

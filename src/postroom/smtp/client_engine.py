@@ -6,16 +6,32 @@ Bytes from the server go in (:meth:`ClientEngine.receive_data`), bytes to write 
 over a message, probe with RSET, or quit), :class:`MessageDone` (one result per recipient) and
 :class:`Closed`. One session runs greeting -> EHLO (HELO if EHLO gets a 5xx) -> STARTTLS and
 EHLO again -> transactions (MAIL, RCPT..., DATA, pipelined when offered) -> QUIT; a 421 at any
-point ends it. The transitions are the ``_on_*`` handlers, reached through one queue of awaited
-replies, so pipelined and lock-step sessions share the same code. Choices: a message with 8-bit
-data goes to a server without 8BITMIME unchanged (see :meth:`send_message`); a message that needs
-SMTPUTF8 never goes to a server without it (5.6.7, RFC 6531 §3.4). Security notes: replies are
-split by ``framing.LineReader`` with bounded line length and line count; any byte that arrives
-between the 220 to STARTTLS and the handshake ends the session (plaintext injection, the
-client-side twin of CVE-2011-0411); data is normalised to CRLF and dot-stuffed by
-``framing.dot_stuff`` only, so a bare LF before a dot can never end the message early at a
-lenient server (SMTP smuggling, RFC 5321 §2.3.8). An exception escaping this module is a bug in
-the caller (:class:`EngineMisuse`), never the peer's fault.
+point ends it. Replies reach the ``_on_*`` handlers through one queue of awaited replies, so
+pipelined and lock-step sessions share the same code; every state change goes through the one
+table :data:`TRANSITIONS`, which a test checks against this diagram::
+
+    GREETING --GREETED--> EHLO
+    EHLO --EHLO_REFUSED--> HELO
+    EHLO|HELO --STARTTLS--> STARTTLS
+    STARTTLS --TLS_GO--> TLS_HANDSHAKE
+    TLS_HANDSHAKE --TLS_STARTED--> EHLO
+    EHLO|HELO|STARTTLS|READY|TRANSACTION|RSET --IDLE--> READY
+    READY --SEND--> TRANSACTION
+    READY|TRANSACTION --RSET--> RSET
+    READY --QUIT--> QUIT
+    GREETING|EHLO|HELO|STARTTLS|TLS_HANDSHAKE|READY|TRANSACTION|RSET|QUIT --CLOSE--> CLOSED
+
+IDLE is "ready for a message" (after the greeting's EHLO, a refused opportunistic STARTTLS,
+RSET, or the end of a transaction); CLOSE ends the session, cleanly after QUIT or on a failure.
+
+The caller fits the data to the server first (``delivery/mime_downgrade.py``: short lines, 7-bit
+without 8BITMIME); a message that needs SMTPUTF8 never goes to a server without it (5.6.7,
+RFC 6531 §3.4). Security notes: replies are split by ``framing.LineReader`` with bounded line
+length and line count; any byte that arrives between the 220 to STARTTLS and the handshake ends
+the session (plaintext injection, the client-side twin of CVE-2011-0411); data is normalised to
+CRLF and dot-stuffed by ``framing.dot_stuff`` only, so a bare LF before a dot can never end the
+message early at a lenient server (SMTP smuggling, RFC 5321 §2.3.8). An exception escaping
+this module is a bug in the caller (``EngineMisuse``), never the peer's fault.
 """
 
 from __future__ import annotations
@@ -25,7 +41,10 @@ import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
+from postroom.errors import EngineMisuse
+from postroom.wire.events import StartTLS
 from postroom.wire.framing import TOO_LONG, LineReader, dot_stuff, to_crlf
 from postroom.wire.replies import Reply, parse_status
 
@@ -46,10 +65,6 @@ TIMEOUT_DATA_END = 600.0
 TIMEOUT_OTHER = 300.0
 
 
-class EngineMisuse(RuntimeError):
-    """The caller used the engine in a state that does not allow it (a bug in our code)."""
-
-
 class Outcome(enum.Enum):
     DELIVERED = "delivered"
     TEMPORARY = "temporary"
@@ -62,21 +77,60 @@ class TLSPolicy(enum.Enum):
     REQUIRED = "required"  # no STARTTLS offered or refused -> temporary failure 4.7.5
 
 
-class State(enum.Enum):
-    GREETING = "greeting"
-    EHLO = "ehlo"
-    HELO = "helo"
-    STARTTLS = "starttls"
-    TLS_HANDSHAKE = "tls-handshake"
-    READY = "ready"
-    TRANSACTION = "transaction"
-    RSET = "rset"
-    QUIT = "quit"
-    CLOSED = "closed"
+class ClientState(enum.StrEnum):
+    GREETING = "GREETING"
+    EHLO = "EHLO"
+    HELO = "HELO"
+    STARTTLS = "STARTTLS"
+    TLS_HANDSHAKE = "TLS_HANDSHAKE"
+    READY = "READY"
+    TRANSACTION = "TRANSACTION"
+    RSET = "RSET"
+    QUIT = "QUIT"
+    CLOSED = "CLOSED"
+
+
+class ClientTrigger(enum.StrEnum):
+    GREETED = "GREETED"
+    EHLO_REFUSED = "EHLO_REFUSED"
+    STARTTLS = "STARTTLS"
+    TLS_GO = "TLS_GO"
+    TLS_STARTED = "TLS_STARTED"
+    IDLE = "IDLE"
+    SEND = "SEND"
+    RSET = "RSET"
+    QUIT = "QUIT"
+    CLOSE = "CLOSE"
+
+
+_S, _T = ClientState, ClientTrigger
+TRANSITIONS: Final[dict[ClientState, dict[ClientTrigger, ClientState]]] = {
+    _S.GREETING: {_T.GREETED: _S.EHLO, _T.CLOSE: _S.CLOSED},
+    _S.EHLO: {
+        _T.EHLO_REFUSED: _S.HELO,
+        _T.STARTTLS: _S.STARTTLS,
+        _T.IDLE: _S.READY,
+        _T.CLOSE: _S.CLOSED,
+    },
+    _S.HELO: {_T.STARTTLS: _S.STARTTLS, _T.IDLE: _S.READY, _T.CLOSE: _S.CLOSED},
+    _S.STARTTLS: {_T.TLS_GO: _S.TLS_HANDSHAKE, _T.IDLE: _S.READY, _T.CLOSE: _S.CLOSED},
+    _S.TLS_HANDSHAKE: {_T.TLS_STARTED: _S.EHLO, _T.CLOSE: _S.CLOSED},
+    _S.READY: {
+        _T.IDLE: _S.READY,
+        _T.SEND: _S.TRANSACTION,
+        _T.RSET: _S.RSET,
+        _T.QUIT: _S.QUIT,
+        _T.CLOSE: _S.CLOSED,
+    },
+    _S.TRANSACTION: {_T.IDLE: _S.READY, _T.RSET: _S.RSET, _T.CLOSE: _S.CLOSED},
+    _S.RSET: {_T.IDLE: _S.READY, _T.CLOSE: _S.CLOSED},
+    _S.QUIT: {_T.CLOSE: _S.CLOSED},
+    _S.CLOSED: {},
+}
 
 
 @dataclass(frozen=True, slots=True)
-class Recipient:
+class ForwardPath:
     """One forward-path. ``notify``/``orcpt`` are the RFC 3461 values as received (wire form)."""
 
     address: str
@@ -85,11 +139,11 @@ class Recipient:
 
 
 @dataclass(frozen=True, slots=True)
-class Message:
+class OutgoingMessage:
     """The envelope of one transaction. ``sender`` is "" for the null reverse-path."""
 
     sender: str
-    recipients: tuple[Recipient, ...]
+    recipients: tuple[ForwardPath, ...]
     smtputf8: bool = False  # the client that gave us the message asked for SMTPUTF8
     ret: str | None = None  # RFC 3461 RET: "FULL" or "HDRS"
     envid: str | None = None  # RFC 3461 ENVID in xtext, passed on unchanged (§4.4)
@@ -97,7 +151,7 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class RecipientResult:
-    recipient: Recipient
+    recipient: ForwardPath
     outcome: Outcome
     reply: Reply
 
@@ -105,11 +159,6 @@ class RecipientResult:
 @dataclass(frozen=True, slots=True)
 class Ready:
     """The session is idle: call send_message, reset or quit."""
-
-
-@dataclass(frozen=True, slots=True)
-class StartTLS:
-    """The server said 220 to STARTTLS: do the TLS handshake, then call ``tls_started``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +182,7 @@ Event = Ready | StartTLS | MessageDone | Closed
 
 
 def _local(code: int, status: str, text: str) -> Reply:
-    return Reply.make(code, status, text)
+    return Reply(code, status, (text,), local=True)
 
 
 def _outcome(reply: Reply) -> Outcome:
@@ -160,8 +209,8 @@ def needs_smtputf8_headers(data: bytes) -> bool:
 
 
 @dataclass
-class _Txn:
-    message: Message
+class _Delivery:
+    message: OutgoingMessage
     data: bytes
     to_send: list[int]  # indexes of recipients actually sent in RCPT
     results: dict[int, RecipientResult] = field(default_factory=dict)
@@ -187,7 +236,7 @@ class ClientEngine:
     ) -> None:
         self.helo_name = helo_name
         self.tls_policy = tls
-        self.state = State.GREETING
+        self.state = ClientState.GREETING
         self.extensions: dict[str, str] = {}
         self.esmtp = False
         self.secure = False
@@ -200,15 +249,28 @@ class ClientEngine:
         # Replies awaited, in order (RFC 2920 §3.2: replies come in command order).
         self._awaiting: deque[tuple[_Handler, float]] = deque()
         self._awaiting.append((self._on_greeting, TIMEOUT_GREETING))
-        self._txn: _Txn | None = None
+        self._txn: _Delivery | None = None
+
+    # --- the table -------------------------------------------------------------------------------
+
+    def _go(self, trigger: ClientTrigger) -> None:
+        """Move along the table; a move it does not have is a bug in the caller."""
+        try:
+            self.state = TRANSITIONS[self.state][trigger]
+        except KeyError:
+            raise EngineMisuse(f"{trigger} in state {self.state}") from None
+
+    def _require(self, trigger: ClientTrigger, what: str) -> None:
+        if trigger not in TRANSITIONS[self.state]:
+            raise EngineMisuse(f"{what} in state {self.state}")
 
     # --- I/O side -------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the server."""
-        if self.state is State.CLOSED or not data:
+        if self.state is ClientState.CLOSED or not data:
             return
-        if self.state is State.TLS_HANDSHAKE:
+        if self.state is ClientState.TLS_HANDSHAKE:
             # Bytes between the 220 to STARTTLS and the handshake were not protected by TLS.
             self._fail(_local(421, "4.7.0", "server sent data before the TLS handshake"))
             return
@@ -225,40 +287,41 @@ class ClientEngine:
 
     def timeout(self) -> float | None:
         """How long to wait for the next reply (RFC 5321 §4.5.3.2), None when none is awaited."""
-        return self._awaiting[0][1] if self._awaiting and self.state is not State.CLOSED else None
+        return (
+            self._awaiting[0][1]
+            if self._awaiting and self.state is not ClientState.CLOSED
+            else None
+        )
 
     def connection_lost(self, reason: str = "connection lost") -> None:
         """The transport closed or timed out; pending recipients fail temporarily."""
-        if self.state is State.CLOSED:
+        if self.state is ClientState.CLOSED:
             return
-        if self.state is State.QUIT:
+        if self.state is ClientState.QUIT:
             self._close(_local(221, "2.0.0", "closed"), clean=True)
             return
         self._fail(_local(421, "4.4.2", reason))
 
     def tls_started(self) -> None:
         """The TLS handshake succeeded: forget everything learnt in plaintext, EHLO again."""
-        if self.state is not State.TLS_HANDSHAKE:
-            raise EngineMisuse(f"tls_started in state {self.state.value}")
+        self._require(ClientTrigger.TLS_STARTED, "tls_started")
         if self._reader.pending():  # pragma: no cover - receive_data already refuses this
             raise EngineMisuse("read buffer not empty at the TLS switch")
         self.secure = True
         self.extensions = {}  # RFC 3207 §4.2: discard knowledge obtained before TLS
-        self._send_ehlo()
+        self._send_ehlo(ClientTrigger.TLS_STARTED)
 
     # --- the caller's commands ------------------------------------------------------------------
 
-    def send_message(self, message: Message, data: bytes) -> None:
+    def send_message(self, message: OutgoingMessage, data: bytes) -> None:
         """Start a transaction for ``message`` whose content (not stuffed) is ``data``.
 
-        8-bit data to a server without 8BITMIME is sent as it is, without a BODY parameter:
-        RFC 6152 §3 would have us downgrade (breaking DKIM signatures, and impossible for non-MIME
-        text) or bounce, but deployed servers accept 8-bit octets, and sendmail (EightBitMode
-        pass8) and Postfix (for non-MIME mail) send them the same way. SMTPUTF8 is different: an
+        ``data`` is sent as it is: the caller has already made it fit the server's extensions
+        (RFC 6152 §3: 7-bit for a server without 8BITMIME; RFC 5321 §4.5.3.1.6: short lines).
+        What cannot be converted goes unchanged: 8-bit header fields need SMTPUTF8, and an
         internationalised address cannot be sent at all without it (RFC 6531 §3.4).
         """
-        if self.state is not State.READY:
-            raise EngineMisuse(f"send_message in state {self.state.value}")
+        self._require(ClientTrigger.SEND, "send_message")
         if not message.recipients:
             raise EngineMisuse("a message needs at least one recipient")
         data = to_crlf(data)
@@ -267,24 +330,31 @@ class ClientEngine:
         whole_needs_utf8 = not message.sender.isascii() or (
             message.smtputf8 and needs_smtputf8_headers(data)
         )
-        no_utf8 = _local(553, "5.6.7", "the remote server does not support SMTPUTF8 (RFC 6531)")
+        no_utf8 = _local(
+            553, "5.6.7", "the server does not offer SMTPUTF8, which this message needs (RFC 6531)"
+        )
         for i, rcpt in enumerate(message.recipients):
             if not utf8_offered and (whole_needs_utf8 or not rcpt.address.isascii()):
                 results[i] = RecipientResult(rcpt, Outcome.PERMANENT, no_utf8)
         limit = self._size_limit()
         if limit and len(data) > limit:
             # RFC 1870 §6: do not send what the server has announced it will refuse.
-            too_big = _local(552, "5.3.4", f"message size exceeds the remote limit of {limit}")
+            too_big = _local(
+                552,
+                "5.3.4",
+                f"the message ({len(data)} octets) is larger than the server accepts"
+                f" (SIZE {limit}, RFC 1870)",
+            )
             for i, rcpt in enumerate(message.recipients):
                 results.setdefault(i, RecipientResult(rcpt, Outcome.PERMANENT, too_big))
         to_send = [i for i in range(len(message.recipients)) if i not in results]
-        txn = _Txn(message, data, to_send, results)
+        txn = _Delivery(message, data, to_send, results)
         if not to_send:
             self._finish(txn)
             self._ready()
             return
         self._txn = txn
-        self.state = State.TRANSACTION
+        self._go(ClientTrigger.SEND)
         self._command(self._mail_command(txn), self._on_mail, TIMEOUT_MAIL)
         if "PIPELINING" in self.extensions:
             # RFC 2920 §3.1: MAIL, every RCPT and DATA go in one write; replies are read in order.
@@ -295,25 +365,21 @@ class ClientEngine:
 
     def reset(self) -> None:
         """Send RSET (for example to check that a cached connection is still alive)."""
-        if self.state is not State.READY:
-            raise EngineMisuse(f"reset in state {self.state.value}")
-        self.state = State.RSET
+        self._go(ClientTrigger.RSET)
         self._command(b"RSET", self._on_rset, TIMEOUT_OTHER)
 
     def quit(self) -> None:
         """Say QUIT; a Closed event follows (also if the server just closes)."""
-        if self.state is State.CLOSED:
+        if self.state is ClientState.CLOSED:
             return
-        if self.state is not State.READY:
-            raise EngineMisuse(f"quit in state {self.state.value}")
-        self.state = State.QUIT
+        self._go(ClientTrigger.QUIT)
         self._command(b"QUIT", self._on_quit, TIMEOUT_OTHER)
 
     # --- replies ---------------------------------------------------------------------------------
 
     def _parse(self) -> None:
         limit = self._reader.max_line
-        while self.state not in (State.CLOSED, State.TLS_HANDSHAKE):
+        while self.state not in (ClientState.CLOSED, ClientState.TLS_HANDSHAKE):
             buf = self._reader.buf
             if len(buf) > limit + 1 and buf.find(b"\n", 0, limit + 2) < 0:
                 self._fail(_local(421, "4.5.0", "protocol error: reply line too long"))
@@ -377,10 +443,10 @@ class ClientEngine:
                 self._out += b"QUIT\r\n"
             self._close(reply, clean=False)
             return
-        self._send_ehlo()
+        self._send_ehlo(ClientTrigger.GREETED)
 
-    def _send_ehlo(self) -> None:
-        self.state = State.EHLO
+    def _send_ehlo(self, trigger: ClientTrigger) -> None:
+        self._go(trigger)
         self._command(b"EHLO " + self.helo_name.encode("ascii"), self._on_ehlo, TIMEOUT_OTHER)
 
     def _on_ehlo(self, reply: Reply) -> None:
@@ -390,7 +456,7 @@ class ClientEngine:
             self._after_hello()
         elif reply.code >= 500 and not self.secure:
             # RFC 5321 §3.2: a server that does not know EHLO; fall back to HELO.
-            self.state = State.HELO
+            self._go(ClientTrigger.EHLO_REFUSED)
             self._command(b"HELO " + self.helo_name.encode("ascii"), self._on_helo, TIMEOUT_OTHER)
         else:
             self._quit_and_close(reply)
@@ -406,7 +472,7 @@ class ClientEngine:
     def _after_hello(self) -> None:
         if not self.secure and self.tls_policy is not TLSPolicy.NONE:
             if "STARTTLS" in self.extensions:
-                self.state = State.STARTTLS
+                self._go(ClientTrigger.STARTTLS)
                 self._command(b"STARTTLS", self._on_starttls, TIMEOUT_OTHER)
                 return
             if self.tls_policy is TLSPolicy.REQUIRED:
@@ -416,7 +482,7 @@ class ClientEngine:
 
     def _on_starttls(self, reply: Reply) -> None:
         if reply.code == 220:
-            self.state = State.TLS_HANDSHAKE
+            self._go(ClientTrigger.TLS_GO)
             if self._reader.pending():
                 self._fail(_local(421, "4.7.0", "server sent data before the TLS handshake"))
                 return
@@ -427,7 +493,7 @@ class ClientEngine:
             self._ready()  # opportunistic: carry on in plaintext
 
     def _ready(self) -> None:
-        self.state = State.READY
+        self._go(ClientTrigger.IDLE)
         self._events.append(Ready())
 
     def _on_rset(self, reply: Reply) -> None:
@@ -445,7 +511,7 @@ class ClientEngine:
         size = self.extensions.get("SIZE", "")
         return int(size) if size.isdigit() else 0
 
-    def _mail_command(self, txn: _Txn) -> bytes:
+    def _mail_command(self, txn: _Delivery) -> bytes:
         msg = txn.message
         parts = [f"MAIL FROM:<{msg.sender}>"]
         if "SIZE" in self.extensions:
@@ -461,13 +527,13 @@ class ClientEngine:
                 parts.append(f"ENVID={msg.envid}")  # RFC 3461 §4.4
         return " ".join(parts).encode("utf-8")
 
-    def _needs_utf8(self, txn: _Txn) -> bool:
+    def _needs_utf8(self, txn: _Delivery) -> bool:
         msg = txn.message
         if not msg.sender.isascii() or any(not r.address.isascii() for r in msg.recipients):
             return True
         return msg.smtputf8 and needs_smtputf8_headers(txn.data)
 
-    def _rcpt_command(self, txn: _Txn, k: int) -> bytes:
+    def _rcpt_command(self, txn: _Delivery, k: int) -> bytes:
         rcpt = txn.message.recipients[txn.to_send[k]]
         parts = [f"RCPT TO:<{rcpt.address}>"]
         if "DSN" in self.extensions:
@@ -507,7 +573,7 @@ class ClientEngine:
         else:
             self._end_txn(txn)
 
-    def _accepted(self, txn: _Txn) -> list[int]:
+    def _accepted(self, txn: _Delivery) -> list[int]:
         if txn.mail_reply is None or txn.mail_reply.code != 250:
             return []
         return [i for i, r in txn.rcpt_replies.items() if 200 <= r.code < 300]
@@ -539,17 +605,17 @@ class ClientEngine:
         txn.open = False
         self._end_txn(txn)
 
-    def _end_txn(self, txn: _Txn) -> None:
+    def _end_txn(self, txn: _Delivery) -> None:
         """Results for everyone not yet decided, then RSET if a transaction is still open."""
         self._finish(txn)
         self._txn = None
         if txn.open:
-            self.state = State.RSET
+            self._go(ClientTrigger.RSET)
             self._command(b"RSET", self._on_rset, TIMEOUT_OTHER)
         else:
             self._ready()
 
-    def _finish(self, txn: _Txn) -> None:
+    def _finish(self, txn: _Delivery) -> None:
         mail = txn.mail_reply
         for i, rcpt in enumerate(txn.message.recipients):
             if i in txn.results:
@@ -571,7 +637,7 @@ class ClientEngine:
         ordered = tuple(txn.results[i] for i in range(len(txn.message.recipients)))
         self._events.append(MessageDone(ordered, "DSN" in self.extensions))
 
-    def _require_txn(self) -> _Txn:
+    def _require_txn(self) -> _Delivery:
         if self._txn is None:  # pragma: no cover - the awaited-reply queue prevents this
             raise EngineMisuse("no transaction")
         return self._txn
@@ -606,7 +672,7 @@ class ClientEngine:
         self._close(reply, clean=False)
 
     def _close(self, reply: Reply, *, clean: bool) -> None:
-        self.state = State.CLOSED
+        self._go(ClientTrigger.CLOSE)
         self._awaiting.clear()
         self._reader.discard()
         self._events.append(Closed(reply, clean))

@@ -9,7 +9,6 @@ throttling), and the end of DATA (header limits, mail loops, then a durable writ
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import email.utils
 import functools
@@ -20,20 +19,17 @@ from typing import TYPE_CHECKING, Literal
 
 from postroom import sasl
 from postroom.address import Address, parse_user_address
-from postroom.errors import TemporaryStorageError
-from postroom.queue.store import Envelope, Recipient, SpoolWriter, new_queue_id
+from postroom.delivery import mime_downgrade
+from postroom.delivery.mime_downgrade import starts_with_header_field
+from postroom.queue.envelope import Envelope, Recipient, new_queue_id
 from postroom.smtp.commands import Mail, Rcpt
-from postroom.smtp.server_engine import (
-    AuthResponse,
-    AuthStart,
-    Features,
-    ServerEngine,
-)
+from postroom.smtp.server_engine import ServerEngine, ServerFeatures
 from postroom.wire import replies
 from postroom.wire.replies import Reply
 
 if TYPE_CHECKING:
     from postroom.services import Services
+    from postroom.storage.interfaces import MessageDraft
 
 Port = Literal["smtp", "submission", "submissions"]
 
@@ -43,6 +39,11 @@ _HEADER_FIELD = re.compile(rb"(?im)^(date|message-id):")
 
 
 _date_cache: tuple[int, str] = (0, "")
+_submission_form = functools.partial(mime_downgrade.downgrade, eight_bit=False)
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
 
 
 def _rfc5322_date(when: float) -> str:
@@ -61,7 +62,7 @@ class _Txn:
     mail: Mail | None = None
     recipients: list[Recipient] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
-    writer: SpoolWriter | None = None
+    draft: MessageDraft | None = None
     queue_id: str = ""
     received_at: float = 0.0
 
@@ -78,13 +79,12 @@ class SmtpPolicy:
         self.auth_user: str | None = None
         self.helo = ""
         self.txn = _Txn()
-        self._mech: sasl.Mechanism | None = None
 
     # -- features ------------------------------------------------------------------------------
 
-    def features(self) -> Features:
+    def features(self) -> ServerFeatures:
         tls_ok = self.tls or self.cfg.auth.allow_plaintext
-        return Features(
+        return ServerFeatures(
             hostname=self.cfg.hostname,
             size_limit=self.cfg.limits.message_size,
             max_recipients=self.cfg.limits.max_recipients,
@@ -104,8 +104,8 @@ class SmtpPolicy:
     # -- MAIL / RCPT ---------------------------------------------------------------------------
 
     def reset(self) -> None:
-        if self.txn.writer is not None:
-            self.txn.writer.abort()
+        if self.txn.draft is not None:
+            self.txn.draft.abort()
         self.txn = _Txn()
 
     def on_mail(self, cmd: Mail) -> Reply:
@@ -131,11 +131,9 @@ class SmtpPolicy:
         orcpt = cmd.params.get("ORCPT")
         if self.cfg.is_local_domain(addr.domain):
             key = addr.key
-            targets = self.services.accounts.expand(key)
+            targets = self.services.accounts.resolve(key)
             if targets is None:
-                if addr.local.lower() != "postmaster":
-                    return replies.USER_UNKNOWN
-                targets = [key]
+                return replies.USER_UNKNOWN
             if not targets:
                 self.services.log.warning("alias loop at %s: refused", key)
                 return replies.ALIAS_LOOP
@@ -161,16 +159,20 @@ class SmtpPolicy:
     def on_data_start(self) -> None:
         self.txn.queue_id = new_queue_id()
         self.txn.received_at = time.time()
-        self.txn.writer = self.services.store.writer(self.txn.queue_id, make_prefix=self._prefix)
+        sender = str(self.txn.sender) if self.txn.sender is not None else ""
+        # Bound to this transaction: the prefix may be made at the end of DATA, when the
+        # session has moved on to the next one.
+        make_prefix = functools.partial(self._prefix, self.txn)
+        self.txn.draft = self.services.queue.draft(self.txn.queue_id, sender, make_prefix)
 
     def on_data(self, data: bytes) -> None:
-        assert self.txn.writer is not None
-        self.txn.writer.write(data)
+        assert self.txn.draft is not None
+        self.txn.draft.write(data)
 
-    def _protocol_name(self) -> str:
+    def _protocol_name(self, txn: _Txn) -> str:
         # RFC 3848 (and RFC 6531 §3.7.3 for UTF8) "with" protocol types.
         name = "ESMTP"
-        if self.txn.mail is not None and self.txn.mail.smtputf8:
+        if txn.mail is not None and txn.mail.smtputf8:
             name = "UTF8SMTP"
         if self.tls:
             name += "S"
@@ -178,36 +180,39 @@ class SmtpPolicy:
             name += "A"
         return name
 
-    def _prefix(self, head: bytes) -> bytes:
-        """Our Received header, plus Date/Message-ID for submissions that lack them."""
-        txn = self.txn
+    def _prefix(self, txn: _Txn, head: bytes) -> bytes:
+        """Our Received header, plus Date/Message-ID for submissions that lack them, plus the
+        blank line that ends the header section when the message has none (its first line is
+        no header field: it would otherwise become one). LF line ends, as it is stored."""
         date = _rfc5322_date(txn.received_at)
         rcpt = ""
         if len(txn.recipients) == 1:
-            rcpt = f"\r\n\tfor <{txn.recipients[0].original or txn.recipients[0].address}>"
+            rcpt = f"\n\tfor <{txn.recipients[0].original or txn.recipients[0].address}>"
         helo = self.helo.replace("\r", "").replace("\n", "")[:255] or "unknown"
         # RFC 5321 §4.1.3: an IPv6 address literal is tagged "IPv6:".
         literal = f"IPv6:{self.client_ip}" if ":" in self.client_ip else self.client_ip
         received = (
-            f"Received: from {helo} ([{literal}])\r\n"
-            f"\tby {self.cfg.hostname} (postroom) with {self._protocol_name()}"
-            f" id {txn.queue_id}{rcpt};\r\n\t{date}\r\n"
+            f"Received: from {helo} ([{literal}])\n"
+            f"\tby {self.cfg.hostname} (postroom) with {self._protocol_name(txn)}"
+            f" id {txn.queue_id}{rcpt};\n\t{date}\n"
         )
         extra = ""
         if self.auth_user is not None:
-            header_end = head.find(b"\r\n\r\n")
-            headers = head if header_end < 0 else head[: header_end + 2]
+            header_end = head.find(b"\n\n")
+            headers = head if header_end < 0 else head[: header_end + 1]
             present = {m.group(1).lower() for m in _HEADER_FIELD.finditer(headers)}
             # RFC 6409 §8.2-8.3: a submission server may add a missing Date and Message-ID.
             if b"date" not in present:
-                extra += f"Date: {date}\r\n"
+                extra += f"Date: {date}\n"
             if b"message-id" not in present:
-                extra += f"Message-ID: <{txn.queue_id}@{self.cfg.hostname}>\r\n"
+                extra += f"Message-ID: <{txn.queue_id}@{self.cfg.hostname}>\n"
+        if head and not head.startswith(b"\n") and not starts_with_header_field(head):
+            extra += "\n"  # RFC 5322 §2.1: the body follows an empty line (Postfix's cleanup)
         return (received + extra).encode("utf-8", "replace")
 
     def _check_headers(self, head: bytes) -> Reply | None:
         limit = self.cfg.limits.header_size
-        end = head.find(b"\r\n\r\n", 0, limit + 4)
+        end = head.find(b"\n\n", 0, limit + 2)
         if end < 0 and len(head) > limit:
             return replies.HEADERS_TOO_BIG
         headers = head if end < 0 else head[:end]
@@ -216,12 +221,29 @@ class SmtpPolicy:
         return None
 
     async def on_message_end(self) -> Reply:
-        txn = self.txn
-        writer = txn.writer
-        assert writer is not None
-        problem = self._check_headers(writer.head(self.cfg.limits.header_size + 4))
+        txn, self.txn = self.txn, _Txn()
+        draft = txn.draft
+        assert draft is not None
+        problem = self._check_headers(draft.head(self.cfg.limits.header_size + 2))
+        leaves = not all(self.cfg.is_local_domain(_domain(r.address)) for r in txn.recipients)
+        if problem is None and self.auth_user is not None and leaves:
+            # Submitted mail that leaves is made 7-bit with short lines here, before it is
+            # signed (RFC 6376 §5.3), so that no relay hop has to convert it and break the
+            # signature. Mail that stays here is stored as it came.
+            await draft.rewrite(_submission_form)
+        if problem is None and self.services.sender_auth is not None:
+            # DKIM signing (submissions) or SPF/DKIM/DMARC and Authentication-Results (MX):
+            # the finished message's transform or verdict, before the one hand-off below.
+            problem = await self.services.sender_auth.end_of_data(
+                draft,
+                port=self.port,
+                auth_user=self.auth_user,
+                client_ip=self.client_ip,
+                helo=self.helo,
+                sender=str(txn.sender) if txn.sender is not None else "",
+            )
         if problem is not None:
-            self.reset()
+            draft.abort()
             return problem
         envelope = Envelope(
             id=txn.queue_id,
@@ -235,86 +257,16 @@ class SmtpPolicy:
             ret=(txn.mail.params.get("RET") or "").upper() or None if txn.mail else None,
             smtputf8=bool(txn.mail and txn.mail.smtputf8),
         )
-        runner = self.services.intake
-        assert runner is not None
-        direct = writer.in_memory and all(
-            runner.is_local(r.address) and not (r.notify and "SUCCESS" in r.notify)
-            for r in envelope.recipients
-        )
-        message = None
-        if direct:
-            message = writer.finish_in_memory()
-            if await runner.deliver_direct(envelope, message):
-                self.txn = _Txn()
-                self.services.log.info(
-                    "delivered %s from=<%s> rcpts=%d size=%d client=%s",
-                    envelope.id,
-                    envelope.sender,
-                    len(envelope.recipients),
-                    len(message),
-                    self.client_ip,
-                )
-                return Reply(250, "2.0.0", (f"OK: queued as {envelope.id}",))
-        try:
-            await writer.commit(envelope)
-        except TemporaryStorageError as exc:
-            self.services.log.error("spool write failed for %s: %s", txn.queue_id, exc)
-            if message is not None:  # some copies were delivered directly: the 452 takes
-                await runner.withdraw_direct(envelope, message)  # them back (no duplicates)
-            self.txn = _Txn()
-            return replies.STORAGE_FULL
-        self.txn = _Txn()
-        self.services.log.info(
-            "queued %s from=<%s> rcpts=%d size=%d client=%s",
-            envelope.id,
-            envelope.sender,
-            len(envelope.recipients),
-            envelope.size,
-            self.client_ip,
-        )
-        runner.submit(envelope)
-        return Reply(250, "2.0.0", (f"OK: queued as {envelope.id}",))
+        intake = self.services.intake
+        assert intake is not None
+        result = await intake.accept(envelope, draft)
+        if isinstance(result, Reply):
+            return result
+        return Reply(250, "2.0.0", (f"OK: queued as {result.queue_id}",))
 
-    # -- AUTH ----------------------------------------------------------------------------------
+    # -- AUTH ---------------------------------------------------------------------------------
 
-    async def on_auth(self, proto: ServerEngine, event: AuthStart | AuthResponse) -> None:
-        if isinstance(event, AuthStart):
-            if self.services.throttle.refused(self.client_ip):
-                proto.auth_finish(replies.AUTH_THROTTLED)
-                return
-            self._mech = sasl.new_mechanism(event.mechanism)
-            if self._mech is None:
-                proto.auth_finish(replies.AUTH_BAD_MECH)
-                return
-            step = self._mech.start(event.initial)
-        else:
-            assert self._mech is not None
-            step = self._mech.step(event.data)
-        step = await sasl.settle(
-            self._mech,
-            step,
-            functools.partial(self.services.check_password, self.client_ip),
-            functools.partial(self.services.scram_keys, self.client_ip),
-        )
-        if isinstance(step, sasl.Challenge):
-            proto.auth_challenge(step.data)
-            return
-        if isinstance(step, sasl.Success):
-            if step.final is not None:
-                # RFC 4954 §4: SCRAM's server-final goes in a 334; the client's (empty) answer
-                # then completes the mechanism with a plain Success.
-                proto.auth_challenge(step.final)
-                return
-            self._mech = None
-            self.auth_user = parse_user_address(step.username).key
-            self.services.log.info("auth ok user=%s client=%s", self.auth_user, self.client_ip)
-            proto.auth_finish(replies.AUTH_OK)
-            return
-        self._mech = None
-        if step.malformed:
-            proto.auth_finish(replies.AUTH_BAD_BASE64)
-            return
-        delay = self.services.throttle.failure(self.client_ip, step.username)
-        self.services.log.info("auth failed client=%s", self.client_ip)
-        await asyncio.sleep(delay)
-        proto.auth_finish(replies.AUTH_FAILED)
+    def authenticated(self, username: str) -> None:
+        """A SASL exchange succeeded (``sasl_session.py`` drove it)."""
+        self.auth_user = parse_user_address(username).key
+        self.services.log.info("auth ok user=%s client=%s", self.auth_user, self.client_ip)

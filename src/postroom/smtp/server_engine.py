@@ -6,17 +6,34 @@ no asyncio, no files: the glue (``server.py``) moves bytes, the policy (``policy
 
 The engine answers everything that needs no policy itself (syntax errors, bad sequence, NOOP,
 HELP, VRFY, RSET, QUIT, EHLO with the current extension list). Events that need a decision
-(:class:`MailFrom`, :class:`RcptTo`, :class:`MessageEnd`, :class:`AuthStart`,
-:class:`AuthResponse`) must be answered with :meth:`ServerEngine.reply` (or the SASL helpers)
-before the next event is asked for; asking earlier is a bug and raises ``RuntimeError``.
+(:class:`MailFrom`, :class:`RcptTo`, :class:`MessageEnd`, ``AuthStart``, ``AuthResponse``) must
+be answered with :meth:`ServerEngine.reply` (or :meth:`auth_challenge`/:meth:`auth_finish`)
+before the next event is asked for; asking earlier is a bug and raises ``EngineMisuse``.
 
-States and transitions (one table, read top to bottom)::
+States and transitions: :data:`TRANSITIONS` is the one table, every state change goes through
+it, and a command the table does not allow in the current state gets ``503`` (RFC 5321 §4.1.4).
+This diagram is checked against the table by a test::
 
-    CONNECTED --EHLO/HELO--> READY --MAIL ok--> MAIL --RCPT ok--> RCPT --DATA--> DATA --.--> READY
-        READY --AUTH--> AUTH --235/5xx--> READY
-        RCPT --BDAT--> BDAT --BDAT LAST--> READY
-        READY|CONNECTED --STARTTLS--> TLS --tls_started()--> CONNECTED (all state forgotten)
-        any --QUIT--> CLOSED; any --RSET--> READY (or CONNECTED before EHLO)
+    CONNECTED|READY|MAIL|RCPT|BDAT --HELLO--> READY
+    READY --MAIL_OK--> MAIL
+    MAIL|RCPT --RCPT_OK--> RCPT
+    RCPT --DATA--> DATA
+    RCPT|BDAT --BDAT--> BDAT
+    DATA|BDAT --MESSAGE_END--> READY
+    READY --AUTH--> AUTH
+    AUTH --AUTH_CHALLENGE--> AUTH
+    AUTH --AUTH_END--> READY
+    CONNECTED|READY --STARTTLS--> TLS
+    TLS --TLS_STARTED--> CONNECTED
+    CONNECTED --RSET--> CONNECTED
+    READY|MAIL|RCPT|BDAT --RSET--> READY
+    CONNECTED|READY|MAIL|RCPT|BDAT --QUIT--> CLOSED
+    CONNECTED|READY|MAIL|RCPT|DATA|BDAT|AUTH|TLS --CLOSE--> CLOSED
+
+HELLO is EHLO/HELO; MAIL_OK and RCPT_OK are positive replies of the policy; MESSAGE_END is the
+reply to the end of the message (or the engine's refusal of it); AUTH_END is the end of a SASL
+exchange, whichever way; CLOSE is a final reply from our side (too many errors or commands,
+time-out, shutdown). After TLS_STARTED everything learnt before is forgotten (RFC 3207 §4.2).
 
 Security: end-of-data is recognised only by :mod:`framing` (CRLF.CRLF); bytes pipelined after
 STARTTLS are discarded, never executed (RFC 3207 §4.2, CVE-2011-0411); BDAT octets are always
@@ -29,30 +46,101 @@ import base64
 import enum
 import re
 from dataclasses import dataclass, field
+from typing import Final
 
+from postroom.errors import EngineMisuse
 from postroom.smtp import commands
 from postroom.smtp.commands import Auth, Bdat, CommandError, Hello, Mail, Rcpt, Simple
 from postroom.wire import replies
+from postroom.wire.events import NEED_DATA, AuthResponse, AuthStart, Closing, NeedData, StartTLS
 from postroom.wire.framing import TOO_LONG, CountedReader, DotReader, LineEndCheck, LineReader
 from postroom.wire.replies import Reply
 
 _ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")  # RFC 5322 §3.2.3 atext
 
 
-class State(enum.Enum):
-    CONNECTED = "connected"
-    READY = "ready"
-    MAIL = "mail"
-    RCPT = "rcpt"
-    DATA = "data"
-    BDAT = "bdat"
-    AUTH = "auth"
-    TLS = "tls"
-    CLOSED = "closed"
+class ServerState(enum.StrEnum):
+    CONNECTED = "CONNECTED"
+    READY = "READY"
+    MAIL = "MAIL"
+    RCPT = "RCPT"
+    DATA = "DATA"
+    BDAT = "BDAT"
+    AUTH = "AUTH"
+    TLS = "TLS"
+    CLOSED = "CLOSED"
+
+
+class ServerTrigger(enum.StrEnum):
+    HELLO = "HELLO"
+    MAIL_OK = "MAIL_OK"
+    RCPT_OK = "RCPT_OK"
+    DATA = "DATA"
+    BDAT = "BDAT"
+    MESSAGE_END = "MESSAGE_END"
+    AUTH = "AUTH"
+    AUTH_CHALLENGE = "AUTH_CHALLENGE"
+    AUTH_END = "AUTH_END"
+    STARTTLS = "STARTTLS"
+    TLS_STARTED = "TLS_STARTED"
+    RSET = "RSET"
+    QUIT = "QUIT"
+    CLOSE = "CLOSE"
+
+
+_S, _T = ServerState, ServerTrigger
+_COMMANDS = (_S.CONNECTED, _S.READY, _S.MAIL, _S.RCPT, _S.BDAT)  # where lines are commands
+
+TRANSITIONS: Final[dict[ServerState, dict[ServerTrigger, ServerState]]] = {
+    _S.CONNECTED: {
+        _T.HELLO: _S.READY,
+        _T.STARTTLS: _S.TLS,
+        _T.RSET: _S.CONNECTED,
+        _T.QUIT: _S.CLOSED,
+        _T.CLOSE: _S.CLOSED,
+    },
+    _S.READY: {
+        _T.HELLO: _S.READY,
+        _T.MAIL_OK: _S.MAIL,
+        _T.AUTH: _S.AUTH,
+        _T.STARTTLS: _S.TLS,
+        _T.RSET: _S.READY,
+        _T.QUIT: _S.CLOSED,
+        _T.CLOSE: _S.CLOSED,
+    },
+    _S.MAIL: {
+        _T.HELLO: _S.READY,
+        _T.RCPT_OK: _S.RCPT,
+        _T.RSET: _S.READY,
+        _T.QUIT: _S.CLOSED,
+        _T.CLOSE: _S.CLOSED,
+    },
+    _S.RCPT: {
+        _T.HELLO: _S.READY,
+        _T.RCPT_OK: _S.RCPT,
+        _T.DATA: _S.DATA,
+        _T.BDAT: _S.BDAT,
+        _T.RSET: _S.READY,
+        _T.QUIT: _S.CLOSED,
+        _T.CLOSE: _S.CLOSED,
+    },
+    _S.DATA: {_T.MESSAGE_END: _S.READY, _T.CLOSE: _S.CLOSED},
+    _S.BDAT: {
+        _T.HELLO: _S.READY,
+        _T.BDAT: _S.BDAT,
+        _T.MESSAGE_END: _S.READY,
+        _T.RSET: _S.READY,
+        _T.QUIT: _S.CLOSED,
+        _T.CLOSE: _S.CLOSED,
+    },
+    _S.AUTH: {_T.AUTH_CHALLENGE: _S.AUTH, _T.AUTH_END: _S.READY, _T.CLOSE: _S.CLOSED},
+    _S.TLS: {_T.TLS_STARTED: _S.CONNECTED, _T.CLOSE: _S.CLOSED},
+    _S.CLOSED: {},
+}
 
 
 @dataclass
-class Features:
+class ServerFeatures:
     """What this session offers; the policy may change it (after TLS, after AUTH)."""
 
     hostname: str
@@ -116,42 +204,6 @@ class TransactionReset:
     """RSET, or a new EHLO: forget the transaction."""
 
 
-@dataclass(frozen=True, slots=True)
-class StartTLS:
-    """220 was queued. Send it, do the TLS handshake, then call :meth:`tls_started`."""
-
-    discarded: int
-
-
-@dataclass(frozen=True, slots=True)
-class AuthStart:
-    """Needs :meth:`auth_challenge` or :meth:`auth_finish`. ``initial`` is decoded or None."""
-
-    mechanism: str
-    initial: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
-class AuthResponse:
-    """The client's answer to a challenge; needs :meth:`auth_challenge` or :meth:`auth_finish`."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Closing:
-    """The engine closed the session (QUIT, too many errors). Flush output, then close."""
-
-    reply: Reply
-
-
-class NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = NeedData()
-
 Event = (
     HelloReceived
     | MailFrom
@@ -176,17 +228,18 @@ class _Transaction:
     size: int = 0
     too_big: bool = False
     bare: bool = False
+    nul: bool = False
     started: bool = False
     smtputf8: bool = False
-    line_ends: LineEndCheck = field(default_factory=LineEndCheck)  # BDAT's bare CR/LF
+    line_ends: LineEndCheck = field(default_factory=LineEndCheck)  # BDAT's bare CR/LF, NUL
 
 
 @dataclass
 class ServerEngine:
     """One SMTP server session's protocol state. See the module docstring for the flow."""
 
-    features: Features
-    state: State = State.CONNECTED
+    features: ServerFeatures
+    state: ServerState = ServerState.CONNECTED
     tls_active: bool = False
     authenticated: bool = False
     helo: str | None = None
@@ -201,15 +254,28 @@ class ServerEngine:
     _awaiting: type | None = None
     _pending: list[Event] = field(default_factory=list)
 
+    # -- the table -----------------------------------------------------------------------------
+
+    def _go(self, trigger: ServerTrigger) -> None:
+        """Move along the table; a move it does not have is a bug in the caller."""
+        try:
+            self.state = TRANSITIONS[self.state][trigger]
+        except KeyError:
+            raise EngineMisuse(f"{trigger} in state {self.state}") from None
+
+    def _allows(self, trigger: ServerTrigger) -> bool:
+        return trigger in TRANSITIONS[self.state]
+
+    @property
+    def closed(self) -> bool:
+        return self.state is ServerState.CLOSED
+
     # -- bytes in and out ----------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
-        if self.state is State.CLOSED:
-            return
-        if self.state is State.TLS:
-            # Plaintext that arrives after STARTTLS before the handshake: never executed.
-            return
-        self._reader.feed(data)
+        # Closed, or plaintext after STARTTLS before the handshake: never executed.
+        if self.state is not ServerState.CLOSED and self.state is not ServerState.TLS:
+            self._reader.feed(data)
 
     def pending_input(self) -> int:
         return self._reader.pending()
@@ -219,6 +285,11 @@ class ServerEngine:
         self._out.clear()
         return out
 
+    def parts_to_send(self) -> list[bytes]:
+        """:meth:`data_to_send` unjoined, for a writer that sends a list (``writelines``)."""
+        out, self._out = self._out, []
+        return out
+
     def _send(self, reply: Reply) -> None:
         self._out.append(reply.render())
 
@@ -226,15 +297,15 @@ class ServerEngine:
 
     def next_event(self) -> Event | NeedData:
         if self._awaiting is not None:
-            raise RuntimeError(f"{self._awaiting.__name__} has not been answered")
+            raise EngineMisuse(f"{self._awaiting.__name__} has not been answered")
         if self._pending:
             return self._emit(self._pending.pop(0))
         while True:
-            if self.state in (State.CLOSED, State.TLS):
+            if self.state is ServerState.CLOSED or self.state is ServerState.TLS:
                 return NEED_DATA
             if self._data is not None:
                 result = self._read_data()
-                if isinstance(result, NeedData):
+                if result is NEED_DATA:
                     return NEED_DATA
                 event = result
             else:
@@ -243,15 +314,16 @@ class ServerEngine:
                     return NEED_DATA
                 if line is TOO_LONG:
                     reply = replies.LINE_TOO_LONG
-                    if self.state is State.AUTH:
+                    if self.state is ServerState.AUTH:
                         # RFC 4954 §4: the 5xx fails AUTH; the next line is a command again.
-                        self.state = State.READY
+                        self._go(ServerTrigger.AUTH_END)
                         reply = replies.AUTH_LINE_TOO_LONG
                     event = self._error(reply)
                 else:
                     assert isinstance(line, bytes)
                     event = self._line(line)
             if event is not None:
+                assert not isinstance(event, NeedData)
                 return self._emit(event)
 
     def _emit(self, event: Event) -> Event:
@@ -264,20 +336,20 @@ class ServerEngine:
     def reply(self, reply: Reply) -> None:
         """Answer the pending MailFrom, RcptTo or MessageEnd event."""
         kind = self._awaiting
-        if kind not in (MailFrom, RcptTo, MessageEnd):
-            raise RuntimeError("no MAIL/RCPT/end-of-data is waiting for a reply")
+        if kind is not MailFrom and kind is not RcptTo and kind is not MessageEnd:
+            raise EngineMisuse("no MAIL/RCPT/end-of-data is waiting for a reply")
         self._awaiting = None
         self._send(reply)
         if kind is MailFrom:
             if reply.is_positive:
-                self.state = State.MAIL
+                self._go(ServerTrigger.MAIL_OK)
             else:
                 self._txn = _Transaction()
                 self._count_error(reply)
         elif kind is RcptTo:
             if reply.is_positive:
                 self._txn.rcpt_count += 1
-                self.state = State.RCPT
+                self._go(ServerTrigger.RCPT_OK)
             else:
                 self._count_error(reply)
         else:
@@ -285,49 +357,52 @@ class ServerEngine:
 
     def auth_challenge(self, challenge: bytes) -> None:
         """Send ``334 <base64>`` and wait for the client's response line (RFC 4954 §4)."""
-        if self._awaiting not in (AuthStart, AuthResponse):
-            raise RuntimeError("no AUTH exchange in progress")
-        self._awaiting = None
+        self._auth_answered()
         self._out.append(b"334 " + base64.b64encode(challenge) + b"\r\n")
-        self.state = State.AUTH
+        self._go(ServerTrigger.AUTH_CHALLENGE)
 
     def auth_finish(self, reply: Reply) -> None:
         """End the AUTH exchange: 235 marks the session authenticated."""
-        if self._awaiting not in (AuthStart, AuthResponse):
-            raise RuntimeError("no AUTH exchange in progress")
-        self._awaiting = None
+        self._auth_answered()
         self._send(reply)
-        self.state = State.READY
+        self._go(ServerTrigger.AUTH_END)
         if reply.code == 235:
             self.authenticated = True
         elif reply.is_permanent:
             self._count_error(reply)
 
-    def tls_started(self, features: Features) -> None:
+    def _auth_answered(self) -> None:
+        if self._awaiting is not AuthStart and self._awaiting is not AuthResponse:
+            raise EngineMisuse("no AUTH exchange in progress")
+        self._awaiting = None
+
+    def tls_started(self, features: ServerFeatures) -> None:
         """The handshake is done: start again from scratch (RFC 3207 §4.2)."""
-        if self.state is not State.TLS:
-            raise RuntimeError("tls_started() without STARTTLS")
+        if self._reader.pending():
+            raise EngineMisuse("input left in the buffer at the TLS switch")
+        self._go(ServerTrigger.TLS_STARTED)
         self.features = features
         self.tls_active = True
         self.authenticated = False
         self.helo = None
         self._txn = _Transaction()
-        self.state = State.CONNECTED
 
     def close(self, reply: Reply) -> None:
         """Queue a final reply (421 on time-out or shutdown) and close the session."""
+        if self.state is ServerState.CLOSED:
+            return
         self._awaiting = None
+        self._pending.clear()
         self._send(reply)
-        self.state = State.CLOSED
+        self._go(ServerTrigger.CLOSE)
 
     # -- internals -----------------------------------------------------------------------------
 
     def _count_error(self, reply: Reply) -> Event | None:
         self.errors += 1
         if self.errors >= self.features.max_errors:
-            self._send(replies.TOO_MANY_ERRORS)
-            self.state = State.CLOSED
-            return Closing(replies.TOO_MANY_ERRORS)
+            self.close(replies.TOO_MANY_ERRORS)
+            return Closing()
         return None
 
     def _error(self, reply: Reply) -> Event | None:
@@ -338,21 +413,15 @@ class ServerEngine:
         self._txn = _Transaction()
         self._data = None
         self._bdat_discard = None
-        if self.state not in (State.CLOSED, State.TLS):
-            self.state = State.READY
-
-    def _reset(self) -> None:
-        self._txn = _Transaction()
-        self._data = None
-        self.state = State.READY if self.helo is not None else State.CONNECTED
+        self._go(ServerTrigger.MESSAGE_END)
 
     def _line(self, line: bytes) -> Event | None:
-        if self.state is State.AUTH:
+        if self.state is ServerState.AUTH:
             return self._auth_line(line)
         self.commands += 1
         if self.commands > self.features.max_commands:
             self.close(replies.TOO_MANY_COMMANDS)
-            return Closing(replies.TOO_MANY_COMMANDS)
+            return Closing()
         try:
             cmd = commands.parse(line, smtputf8=self._txn.smtputf8)
         except CommandError as exc:
@@ -370,10 +439,10 @@ class ServerEngine:
         return self._simple(cmd)
 
     def _hello(self, cmd: Hello) -> Event:
+        self._go(ServerTrigger.HELLO)
         self.helo = cmd.domain
         self._txn = _Transaction()
         self._data = None
-        self.state = State.READY
         if cmd.extended:
             self._send(Reply(250, "", (self.features.hostname, *self._extensions())))
         else:
@@ -399,7 +468,7 @@ class ServerEngine:
         return ext
 
     def _mail(self, cmd: Mail) -> Event | None:
-        if self.state is not State.READY:
+        if not self._allows(ServerTrigger.MAIL_OK):
             return self._error(replies.BAD_SEQUENCE)
         params = cmd.params
         for key, value in params.items():
@@ -430,7 +499,7 @@ class ServerEngine:
         return MailFrom(cmd)
 
     def _rcpt(self, cmd: Rcpt) -> Event | None:
-        if self.state not in (State.MAIL, State.RCPT):
+        if not self._allows(ServerTrigger.RCPT_OK):
             return self._error(replies.BAD_SEQUENCE)
         for key, value in cmd.params.items():
             if key == "NOTIFY":
@@ -463,24 +532,24 @@ class ServerEngine:
     def _bdat(self, cmd: Bdat) -> Event | None:
         # RFC 3030 §2: the chunk's octets are read even when the command is refused.
         refusal: Reply | None = None
-        if self.state not in (State.RCPT, State.BDAT):
+        if not self._allows(ServerTrigger.BDAT):
             refusal = (
-                replies.BAD_SEQUENCE
-                if self.state is not State.MAIL
-                else replies.NO_VALID_RECIPIENTS
+                replies.NO_VALID_RECIPIENTS
+                if self.state is ServerState.MAIL
+                else replies.BAD_SEQUENCE
             )
         self._data = CountedReader(cmd.size)
         self._bdat_last = cmd.last
         self._bdat_discard = refusal
         if refusal is None:
-            self.state = State.BDAT
+            self._go(ServerTrigger.BDAT)
             if not self._txn.started:
                 self._txn.started = True
                 return DataStart()
         return None
 
     def _auth(self, cmd: Auth) -> Event | None:
-        if self.authenticated or self.state is not State.READY:
+        if self.authenticated or not self._allows(ServerTrigger.AUTH):
             return self._error(replies.BAD_SEQUENCE)
         if cmd.mechanism not in self.features.auth_mechanisms:
             if not self.tls_active and not self.features.auth_mechanisms:
@@ -495,18 +564,18 @@ class ServerEngine:
                     initial = base64.b64decode(cmd.initial, validate=True)
                 except ValueError:
                     return self._error(replies.AUTH_BAD_BASE64)
-        self.state = State.AUTH
+        self._go(ServerTrigger.AUTH)
         return AuthStart(cmd.mechanism, initial)
 
     def _auth_line(self, line: bytes) -> Event | None:
         if line.strip() == b"*":
             # RFC 4954 §4: the client cancels the exchange.
-            self.state = State.READY
+            self._go(ServerTrigger.AUTH_END)
             return self._error(replies.AUTH_CANCELLED)
         try:
             data = base64.b64decode(line.strip(), validate=True)
         except ValueError:
-            self.state = State.READY
+            self._go(ServerTrigger.AUTH_END)
             return self._error(replies.AUTH_BAD_BASE64)
         return AuthResponse(data)
 
@@ -517,10 +586,12 @@ class ServerEngine:
         elif verb == "QUIT":
             reply = Reply(221, "2.0.0", (f"{self.features.hostname} closing connection",))
             self._send(reply)
-            self.state = State.CLOSED
-            return Closing(reply)
+            self._go(ServerTrigger.QUIT)
+            return Closing(clean=True)
         elif verb == "RSET":
-            self._reset()
+            self._go(ServerTrigger.RSET)
+            self._txn = _Transaction()
+            self._data = None
             self._send(replies.RESET_OK)
             return TransactionReset()
         elif verb == "HELP":
@@ -533,7 +604,7 @@ class ServerEngine:
         elif verb == "EXPN":
             self._send(replies.NOT_IMPLEMENTED)
         elif verb == "STARTTLS":
-            return self._starttls()
+            return self._starttls()  # "STARTTLS foo" was refused by the parser (RFC 3207 §4)
         elif verb == "DATA":
             return self._data_command()
         return None
@@ -543,21 +614,21 @@ class ServerEngine:
             return self._error(
                 replies.NOT_IMPLEMENTED if not self.tls_active else replies.BAD_SEQUENCE
             )
-        if self.state not in (State.CONNECTED, State.READY):
+        if not self._allows(ServerTrigger.STARTTLS):
             return self._error(replies.BAD_SEQUENCE)
         self._send(replies.READY_TLS)
         discarded = self._reader.discard()  # RFC 3207 §4.2 / CVE-2011-0411
-        self.state = State.TLS
+        self._go(ServerTrigger.STARTTLS)
         return StartTLS(discarded)
 
     def _data_command(self) -> Event | None:
-        if self.state is State.MAIL:
+        if not self._allows(ServerTrigger.DATA):
             # RFC 5321 §3.3: no valid recipient -> 554 (or 503).
-            return self._error(replies.NO_VALID_RECIPIENTS)
-        if self.state is not State.RCPT:
+            if self.state is ServerState.MAIL:
+                return self._error(replies.NO_VALID_RECIPIENTS)
             return self._error(replies.BAD_SEQUENCE)
         self._send(replies.START_DATA)
-        self.state = State.DATA
+        self._go(ServerTrigger.DATA)
         self._data = DotReader()
         self._txn.started = True
         return DataStart()
@@ -571,14 +642,17 @@ class ServerEngine:
                 return NEED_DATA
             txn = self._txn
             txn.bare = txn.bare or chunk.bare
+            txn.nul = txn.nul or chunk.nul
             txn.size += len(chunk.data)
             if txn.size > self.features.size_limit:
                 txn.too_big = True
             if not reader.done:
                 return DataChunk(chunk.data) if chunk.data and not txn.too_big else None
             self._data = None
-            if txn.too_big or txn.bare:
-                return self._abort(replies.MESSAGE_TOO_BIG if txn.too_big else replies.BARE_LF_DATA)
+            if txn.too_big:
+                return self._abort(replies.MESSAGE_TOO_BIG)
+            if txn.bare or txn.nul:
+                return self._abort(replies.BARE_LF_DATA if txn.bare else replies.NUL_IN_DATA)
             if chunk.data:
                 self._pending.append(MessageEnd())
                 return DataChunk(chunk.data)
@@ -621,6 +695,8 @@ class ServerEngine:
             return self._abort(replies.MESSAGE_TOO_BIG)
         if txn.line_ends.finish():  # as DATA: RFC 5321 §2.3.8, and no smuggling onward
             return self._abort(replies.BARE_LF_DATA)
+        if txn.line_ends.nul:  # RFC 5322 §2.1
+            return self._abort(replies.NUL_IN_DATA)
         return MessageEnd()
 
     def _abort(self, reply: Reply) -> Event:

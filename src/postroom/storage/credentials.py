@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from postroom import passwords
+from postroom.errors import AccountError
 from postroom.sasl import ScramKeys, derive_scram_keys
 
 _HASHER = PasswordHasher()
@@ -38,13 +40,23 @@ class Credentials:
 
 
 def make_credentials(password: str) -> Credentials:
-    """Hash a new password (slow on purpose: argon2id and PBKDF2)."""
+    """Hash a new password (slow on purpose: argon2id and PBKDF2); AccountError if RFC 8265
+    refuses it."""
+    try:
+        password = passwords.prepare(password)
+    except passwords.PasswordError as exc:
+        raise AccountError(str(exc)) from None
     return Credentials(_HASHER.hash(password), derive_scram_keys(password))
 
 
 def password_matches(stored: str | None, password: str) -> bool:
-    """True if ``password`` matches the argon2 hash ``stored``; None (no such user) costs a
-    verification all the same and is False."""
+    """True if ``password`` matches the argon2 hash ``stored``; None (no such user), or a
+    password that preparation refuses (it cannot be anyone's), costs a verification all the
+    same and is False."""
+    try:
+        password = passwords.prepare(password)
+    except passwords.PasswordError:
+        stored = None
     try:
         ok: bool = _HASHER.verify(stored or _DUMMY_HASH, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):

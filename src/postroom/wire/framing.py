@@ -8,10 +8,12 @@ framing written twice). The rules:
 * Message data (SMTP DATA) ends exactly at CRLF "." CRLF (RFC 5321 §4.1.1.4). Lines are split
   only at CRLF, so a bare LF or bare CR next to a dot can never end the message or start a
   second one (RFC 5321 §2.3.8; the 2023 "SMTP smuggling" attacks). Bare CR/LF in the data are
-  reported (``DataChunk.bare``) so that the policy can reject the message.
+  reported (``DotChunk.bare``) so that the policy can reject the message, and so are NUL
+  octets (``DotChunk.nul``): RFC 5322 §2.1 allows none, and a next hop that drops them would
+  see ``CRLF NUL "." CRLF`` as the end of the message.
 * Dot-stuffing (RFC 5321 §4.5.2): a leading "." of a data line is removed on input and added on
-  output. BDAT chunks (RFC 3030) are counted, never stuffed, and checked for bare CR/LF like
-  DATA (:class:`LineEndCheck`): what is stored may be relayed with DATA to a next hop.
+  output. BDAT chunks (RFC 3030) are counted, never stuffed, and checked for bare CR/LF and
+  NUL like DATA (:class:`LineEndCheck`): what is stored may be relayed with DATA to a next hop.
 
 The readers work on whole blocks of complete lines with bytes methods implemented in C
 (find, replace, count), not line by line: this is the hot path of every message.
@@ -92,11 +94,13 @@ def _has_bare(data: bytes) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class DataChunk:
-    """Unstuffed message data; ``bare`` is True if it held a CR or LF outside a CRLF pair."""
+class DotChunk:
+    """Unstuffed message data; ``bare`` is True if it held a CR or LF outside a CRLF pair,
+    ``nul`` if it held a NUL octet."""
 
     data: bytes
     bare: bool
+    nul: bool = False
 
 
 class DotReader:
@@ -106,7 +110,7 @@ class DotReader:
         self._at_line_start = True
         self.done = False
 
-    def read(self, buf: bytearray) -> DataChunk | None:
+    def read(self, buf: bytearray) -> DotChunk | None:
         """Consume what can be consumed from ``buf``; None when more input is needed.
 
         After the chunk that ends the message, :attr:`done` is True and ``buf`` holds only
@@ -123,7 +127,7 @@ class DotReader:
             stuffed_start = self._at_line_start and block.startswith(b".")
             self._at_line_start = False
             data = block[1:] if stuffed_start else block
-            return DataChunk(data, b"\r" in data or b"\n" in data)
+            return DotChunk(data, b"\r" in data or b"\n" in data, b"\0" in data)
         block_len = end + 2
         if self._at_line_start:
             text = b"\r\n" + bytes(buf[:block_len])
@@ -143,7 +147,7 @@ class DotReader:
         bare = _has_bare(content)
         # RFC 5321 §4.5.2: remove the first "." of every line that starts with one.
         data = content.replace(b"\r\n.", b"\r\n")[offset:]
-        return DataChunk(data, bare)
+        return DotChunk(data, bare, b"\0" in content)
 
 
 class LineEndCheck:
@@ -152,11 +156,13 @@ class LineEndCheck:
 
     def __init__(self) -> None:
         self.bare = False
+        self.nul = False  # RFC 5322 §2.1: no NUL anywhere in a message
         self._cr_pending = False  # the last piece ended with a CR: its LF may come next
 
     def feed(self, data: bytes) -> None:
         if not data:
             return
+        self.nul = self.nul or b"\0" in data
         if self._cr_pending:
             if data.startswith(b"\n"):
                 data = data[1:]
@@ -199,21 +205,47 @@ def dot_stuff(data: bytes) -> bytes:
     A final line without CRLF gets one. Lines are those ending in CRLF, the same rule the
     readers use, so ``DotReader`` gives back ``data`` (plus a CRLF if it lacked one).
     """
+    body, end = dot_stuff_parts(data)
+    return body + end
+
+
+def dot_stuff_parts(data: bytes) -> tuple[bytes, bytes]:
+    """:func:`dot_stuff` as (stuffed data, what ends it), so that a writer can send both
+    without joining them (no copy of a large message)."""
     if data.startswith(b".") or b"\r\n." in data:
-        stuffed = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
-    else:
-        stuffed = data  # the common case: nothing to stuff, no copies
-    if stuffed and not stuffed.endswith(b"\r\n"):
-        stuffed += b"\r\n"
-    return stuffed + b".\r\n"
+        data = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
+    # The common case: nothing to stuff, no copies.
+    return data, b".\r\n" if not data or data.endswith(b"\r\n") else b"\r\n.\r\n"
 
 
 def to_crlf(data: bytes) -> bytes:
-    """Turn bare LF line ends (as other Maildir tools write them) into CRLF."""
-    if b"\n" not in data or data.count(b"\n") == data.count(b"\r\n"):
+    """Turn bare LF line ends (as Maildir files have them) into CRLF; CRLF stays CRLF."""
+    if b"\r" not in data:
+        return data.replace(b"\n", b"\r\n")  # an LF file: one C-speed pass
+    if data.count(b"\n") == data.count(b"\r\n"):
         return data
     # Two C-speed passes instead of a look-behind regex: CRLF -> LF, then every LF -> CRLF.
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+class CrlfConverter:
+    """Turns bare LF into CRLF in a stream of pieces; joined output == ``to_crlf(whole)``.
+
+    The only state carried between pieces is a CR that ended one piece: it may pair with an
+    LF at the start of the next.
+    """
+
+    def __init__(self) -> None:
+        self._cr = b""
+
+    def feed(self, data: bytes) -> bytes:
+        data = self._cr + data
+        self._cr = b"\r" if data.endswith(b"\r") else b""
+        return to_crlf(data[: len(data) - len(self._cr)])
+
+    def finish(self) -> bytes:
+        out, self._cr = self._cr, b""
+        return out
 
 
 class Stuffer:

@@ -2,6 +2,8 @@
 
 Every reply carries an enhanced status code (RFC 2034, RFC 3463) when it is not a greeting.
 Shared by the server engine (which renders replies) and the client engine (which parses them).
+Reply text is printable US-ASCII (RFC 5321 §4.2; RFC 1939 §3 for POP3): :func:`printable`
+turns anything else (a non-ASCII or control character in text made at run time) into ``?``.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """An SMTP reply: a three-digit code, an enhanced status (or ""), and one or more text lines."""
+    """An SMTP reply: a three-digit code, an enhanced status (or ""), and one or more text lines.
+    ``local`` marks a reply the SMTP client made up itself (a decision of ours, a lost
+    connection), as opposed to one a server sent: a bounce must not blame a server for it."""
 
     code: int
     status: str
     lines: tuple[str, ...]
+    local: bool = False
 
     @classmethod
     def make(cls, code: int, status: str, *lines: str) -> Reply:
@@ -54,8 +59,8 @@ class Reply:
         for i, line in enumerate(self.lines):
             sep = " " if i == last else "-"
             # Enhanced codes go on every line of a multi-line reply (RFC 2034 §4), except EHLO's.
-            out.append(f"{self.code}{sep}{prefix}{line}".rstrip() + "\r\n")
-        return "".join(out).encode("utf-8", "replace")
+            out.append(f"{self.code}{sep}{prefix}{printable(line)}".rstrip() + "\r\n")
+        return "".join(out).encode("ascii")
 
     def __str__(self) -> str:
         prefix = f"{self.status} " if self.status else ""
@@ -63,6 +68,14 @@ class Reply:
 
 
 _RENDERED: dict[Reply, bytes] = {}
+
+
+def printable(text: str) -> str:
+    """``text`` with every character outside printable US-ASCII (0x20-0x7E) replaced by ``?``:
+    RFC 5321 §4.2 allows no other in a reply, and a CR or LF would split it in two."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
 def parse_status(text: str) -> tuple[str, str]:
@@ -115,13 +128,17 @@ AUTH_BAD_MECH = R(504, "5.5.4", "Unrecognized authentication type")
 AUTH_BAD_BASE64 = R(501, "5.5.2", "Cannot decode base64 response")
 MUST_STARTTLS = R(530, "5.7.0", "Must issue a STARTTLS command first")
 USER_UNKNOWN = R(550, "5.1.1", "Mailbox unavailable: no such user here")
+USER_UNKNOWN_NOW = R(550, "5.1.1", "Mailbox unavailable: the account was removed")
 # RFC 3463 X.4.6: aliases that only lead back to themselves name no mailbox at all.
 ALIAS_LOOP = R(550, "5.4.6", "Alias loop: this address leads to no mailbox")
 RELAY_DENIED = R(554, "5.7.1", "Relay access denied")
 SENDER_NOT_OWNED = R(553, "5.7.1", "Sender address not owned by authenticated user")
 MESSAGE_TOO_BIG = R(552, "5.3.4", "Message size exceeds fixed maximum message size")
 HEADERS_TOO_BIG = R(552, "5.3.4", "Header section too large")
-BARE_LF_DATA = R(550, "5.5.2", "Message rejected: bare CR or LF in DATA (RFC 5321 §2.3.8)")
+BARE_LF_DATA = R(550, "5.5.2", "Message rejected: bare CR or LF in DATA (RFC 5321 section 2.3.8)")
+# RFC 5322 §2.1 allows no NUL in a message; RFC 5321 §4.2.3: 554 "transaction failed" for a
+# message refused as malformed at its end (not a policy 550); RFC 3463 X.6.0: a content error.
+NUL_IN_DATA = R(554, "5.6.0", "Message rejected: NUL in message data (RFC 5322 section 2.1)")
 NO_VALID_RECIPIENTS = R(554, "5.5.1", "No valid recipients")
 NEED_SMTPUTF8 = R(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
 TOO_MANY_HOPS = R(554, "5.4.6", "Too many Received headers: mail loop")

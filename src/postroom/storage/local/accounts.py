@@ -3,7 +3,10 @@
 One SQLite file, ``{data_dir}/accounts.sqlite``, in WAL mode so that the CLI can write while a
 running server reads: every lookup is a fresh query, so ``user add`` and ``alias add`` take
 effect at once, without a restart. Addresses are stored in their :attr:`Address.key` form
-(lower-cased, IDNA domain), so logins and lookups are case-insensitive.
+(lower-cased, IDNA domain), so logins and lookups are case-insensitive. An alias ``@domain`` is
+that domain's catch-all. Mail is only ever routed to a local address that has an account (or
+to ``postmaster@``): alias targets are checked when added, users deleted are taken out of
+every alias, and expansion skips a local target that has no account.
 
 Passwords are kept as ``storage/credentials.py`` makes them: an argon2id hash, and for
 SCRAM-SHA-256 (RFC 7677, RFC 5802) salt, iteration count, StoredKey and ServerKey, derived at
@@ -20,10 +23,14 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from postroom.address import Address, parse_user_address, safe_local_part
+from postroom.address import Address, parse_user_address
 from postroom.errors import AccountError, AddressError
 from postroom.sasl import ScramKeys
+from postroom.storage import aliases as alias_rules
+from postroom.storage.aliases import account_address, alias_key
 from postroom.storage.credentials import LoginCache, make_credentials, password_matches
+
+__all__ = ["Accounts", "account_address", "alias_key"]
 
 CACHE_SIZE = 50_000
 CACHE_MAX_AGE = 5.0  # seconds; a belt to the stat-signature braces
@@ -46,23 +53,12 @@ CREATE TABLE IF NOT EXISTS aliases (
 """
 
 
-def account_address(text: str, domains: Iterable[str]) -> Address:
-    """Validate an address typed by an admin: well-formed, local domain, safe as a path."""
-    try:
-        addr = parse_user_address(text)
-        safe_local_part(addr.local)
-    except AddressError as exc:
-        raise AccountError(f"malformed address {text!r}: {exc}") from None
-    if addr.domain not in set(domains):
-        raise AccountError(f"domain {addr.domain!r} is not one of the local domains")
-    return Address(addr.local.lower(), addr.domain)
-
-
 class Accounts:
     """Users and aliases in ``accounts.sqlite``. Safe to share between threads."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, domains: Iterable[str] = ()) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
+        self._domains = frozenset(domains)
         self.path = data_dir / "accounts.sqlite"
         self._wal = data_dir / "accounts.sqlite-wal"
         self._cache: dict[str, list[str] | None] = {}
@@ -81,6 +77,16 @@ class Accounts:
             db.execute("PRAGMA synchronous=FULL")
             self._local.db = db
         return db
+
+    @property
+    def local_domains(self) -> frozenset[str]:
+        """The local domains (IDNA, lower-case): a local address needs an account to get mail."""
+        return self._domains
+
+    @local_domains.setter
+    def local_domains(self, domains: Iterable[str]) -> None:  # SIGHUP may change them
+        self._domains = frozenset(domains)
+        self._cache.clear()
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -129,11 +135,22 @@ class Accounts:
         if cur.rowcount == 0:
             raise AccountError(f"no such user {address.key}")
 
-    def delete_user(self, address: Address) -> None:
+    def delete_user(self, address: Address) -> list[str]:
+        """Remove the user and take it out of every alias that names it (in one transaction:
+        no alias goes on delivering to a user that is gone); returns those aliases."""
+        key = address.key
         with self._db() as db:
-            cur = db.execute("DELETE FROM users WHERE address=?", (address.key,))
-        if cur.rowcount == 0:
-            raise AccountError(f"no such user {address.key}")
+            cur = db.execute("DELETE FROM users WHERE address=?", (key,))
+            if cur.rowcount == 0:
+                raise AccountError(f"no such user {key}")
+            aliases = [
+                r[0]
+                for r in db.execute(
+                    "SELECT DISTINCT alias FROM aliases WHERE target=? ORDER BY alias", (key,)
+                )
+            ]
+            db.execute("DELETE FROM aliases WHERE target=?", (key,))
+        return aliases
 
     def list_users(self) -> list[str]:
         return [r[0] for r in self._db().execute("SELECT address FROM users ORDER BY address")]
@@ -141,6 +158,11 @@ class Accounts:
     def user_exists(self, key: str) -> bool:
         row = self._db().execute("SELECT 1 FROM users WHERE address=?", (key,)).fetchone()
         return row is not None
+
+    def has_mailbox(self, key: str) -> bool:
+        """May mail be stored for local ``key``: a user, or ``postmaster@`` (always accepted,
+        RFC 5321 §4.5.1). Nothing else ever gets a Maildir."""
+        return alias_rules.has_mailbox(key, self.user_exists)
 
     def verify_password(self, login: str, password: str) -> str | None:
         """The account key when ``password`` is right for ``login``; None otherwise.
@@ -196,18 +218,28 @@ class Accounts:
 
     # -- aliases ---------------------------------------------------------------------------
 
-    def add_alias(self, alias: Address, targets: Iterable[str]) -> None:
+    def add_alias(self, alias: str, targets: Iterable[str]) -> None:
+        """Add ``targets`` to ``alias`` (a key, or ``@domain`` for a domain's catch-all),
+        checked by :func:`~postroom.storage.aliases.check_targets` (AccountError naming a
+        local target that is no user or alias)."""
         with self._db() as db:
+            rows = alias_rules.check_targets(
+                alias,
+                targets,
+                self._domains,
+                self.user_exists,
+                lambda key: bool(self.alias_targets(key)),
+            )
             db.executemany(
                 "INSERT OR IGNORE INTO aliases (alias, target) VALUES (?, ?)",
-                [(alias.key, t) for t in targets],
+                [(alias, t) for t in rows],
             )
 
-    def delete_alias(self, alias: Address) -> None:
+    def delete_alias(self, alias: str) -> None:
         with self._db() as db:
-            cur = db.execute("DELETE FROM aliases WHERE alias=?", (alias.key,))
+            cur = db.execute("DELETE FROM aliases WHERE alias=?", (alias,))
         if cur.rowcount == 0:
-            raise AccountError(f"no such alias {alias.key}")
+            raise AccountError(f"no such alias {alias}")
 
     def list_aliases(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -232,7 +264,7 @@ class Accounts:
                 sig += (0, 0)
         return tuple(sig)
 
-    def expand(self, key: str, max_depth: int = 10) -> list[str] | None:
+    def expand(self, key: str, max_depth: int = alias_rules.MAX_DEPTH) -> list[str] | None:
         """Resolve aliases recursively to final addresses (keys for local ones).
 
         None when ``key`` is neither a user nor an alias. An alias may also name itself as a
@@ -254,29 +286,14 @@ class Accounts:
         return value
 
     def _expand(self, key: str, max_depth: int) -> list[str] | None:
-        seen: set[str] = set()
-        result: list[str] = []
+        return alias_rules.expand(
+            key, self.alias_targets, self.user_exists, self._domains, max_depth
+        )
 
-        def walk(k: str, depth: int) -> bool:
-            targets = self.alias_targets(k)
-            if not targets:
-                return False
-            for t in targets:
-                if t in seen:
-                    continue
-                seen.add(t)
-                if t != k and depth < max_depth and walk(t, depth + 1):
-                    continue
-                result.append(t)
-            return True
-
-        if walk(key, 0):
-            return result
-        return [key] if self.user_exists(key) else None
+    def resolve(self, key: str) -> list[str] | None:
+        """Where mail for local ``key`` goes (:func:`~postroom.storage.aliases.resolve`)."""
+        return alias_rules.resolve(key, self.expand)
 
     def owns(self, user_key: str, sender_key: str) -> bool:
         """May ``user_key`` send as ``sender_key``: its own address or an alias that reaches it."""
-        if user_key == sender_key:
-            return True
-        expanded = self.expand(sender_key)
-        return expanded is not None and user_key in expanded
+        return alias_rules.owns(user_key, sender_key, self.expand(sender_key))

@@ -1,8 +1,13 @@
-"""File-system helpers shared by the spool (``queue/store.py``) and the Maildirs."""
+"""File-system helpers shared by the journal, the deferred store and the Maildirs, and the
+file modes of everything under ``data_dir`` (0700 directories, 0600 files, whatever the umask:
+:func:`make_dirs` makes every level it creates 0700, each ``open`` asks 0600).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,3 +32,59 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(path: str | Path) -> None:
+    """Create ``path`` and any missing parents, each 0700 (``Path.mkdir(parents=True)``
+    makes the parents with the umask's mode)."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+
+
+# Everything under data_dir is the server user's alone: accounts (password hashes, SCRAM
+# keys), queued and delivered mail, private keys. A umask of 077 makes every directory 0700
+# and every file 0600 whatever the mode a library asks for (SQLite asks 0644); the tree walk
+# tightens what an older version or another tool left looser.
+PRIVATE_UMASK = 0o077
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def private_umask() -> None:
+    """Create files for the owner only from now on (this process and its children)."""
+    os.umask(PRIVATE_UMASK)
+
+
+def _tighten_one(path: str, ids: tuple[int, int] | None) -> None:
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return  # never follow (or chmod through) a link someone placed in the tree
+    if ids is not None and (st.st_uid, st.st_gid) != ids:
+        os.chown(path, *ids, follow_symlinks=False)
+    want = DIR_MODE if stat.S_ISDIR(st.st_mode) else FILE_MODE
+    if stat.S_IMODE(st.st_mode) != want:
+        os.chmod(path, want)
+
+
+def tighten(path: str | Path, ids: tuple[int, int] | None = None, deep: bool = True) -> None:
+    """Directories 0700 and files 0600 (and owner ``ids`` if given) for ``path`` and, with
+    ``deep``, everything below it; without ``deep``, only its direct entries."""
+    top = str(path)
+    _tighten_one(top, ids)
+    if not deep:
+        with os.scandir(top) as it:
+            for entry in it:
+                _tighten_one(entry.path, ids)
+        return
+    for root, dirs, names in os.walk(top):
+        for name in dirs + names:
+            with contextlib.suppress(FileNotFoundError):  # a file that went meanwhile
+                _tighten_one(os.path.join(root, name), ids)

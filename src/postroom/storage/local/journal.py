@@ -1,32 +1,37 @@
-"""The Maildir writer's journal: one append and one ``fdatasync`` make a batch of messages durable.
+"""The queue's journal: one append and one ``fdatasync`` make a batch of messages durable.
 
-Delivering a file durably into a Maildir takes two device flushes in a row (the file, then
-``new/``), and on this kind of disk a flush is the largest single cost of accepting a message.
-So the writer first appends the messages of a batch to a journal and ``fdatasync``\\ s it once:
-that is the durable copy the 250 stands on. It then publishes each copy into ``new/`` (no
-flush: mail is visible before its 250 goes out), writes a *settled* mark (no flush) and
-answers. The :class:`Syncer` thread flushes the published copies in bulk, once a second, with
-one ``syncfs`` per file system, and then records *synced up to seq N* in the journal; a segment
-whose every record is synced is deleted. Measured on 2 vCPUs (ext4): one SMTP session went
-from 879 to 951 msg/s with this, 20 sessions from 2,252 to 2,824 (docs/benchmarks.md).
+Every accepted message, whatever its recipients and size, is one ACCEPT record: its queue id,
+its envelope (JSON), the local copies to make now (Maildir, file name) and its octets, or,
+for a large message, the name, size and CRC-32 of the *body file* the server streamed it into
+(``bodies/``; flushed beside the journal, and later linked into each Maildir: written once).
+The writer appends a batch of records and flushes once: that is what the 250 stands on. It
+then publishes each copy into ``new/`` (no flush: mail is visible before its 250 goes out),
+writes a *settled* mark (no flush) and answers. The :class:`Syncer` thread flushes the
+published copies in bulk, once a second, with one ``syncfs`` per file system, then records
+*synced up to seq N*; a full segment whose records are all synced is deleted.
+
+A message with recipients left (remote ones, a copy that failed) is *kept* (a flag of its
+record): its segment stays until a RELEASED record says the queue is done with it, either
+because every recipient was done at the first attempt or because the message was *parked* in
+the deferred store (:mod:`postroom.storage.local.deferred`) to wait for a retry. So segments
+live seconds, however long some mail waits.
 
 Recovery (:func:`recover`, at the writer's start, before it answers anything) replays each
 orphaned segment, i.e. one no living writer holds the ``flock`` of:
 
 * after a crash of the server (same boot: the page cache survived), a settled copy is done;
   an unsettled one is published unless its file is in ``new/`` or ``cur/`` already (the
-  crash came between the rename and the mark), so nothing is lost and nothing doubled;
+  crash came between the link and the mark), so nothing is lost and nothing doubled;
 * after a power loss (another boot id), nothing that was not synced can be trusted: each copy
-  after the last synced mark is compared with its file, and written again if it differs or is
-  missing. (A copy the user had fetched and deleted within that last second comes back: a
-  duplicate is the safe side of that choice.)
-
-A copy whose publication fails (the Maildir cannot be written) is settled as *cancelled* and
-reported to the server, which queues the message for the runner's retries and bounces.
+  after the last synced mark is compared with its record, and written again if it differs or
+  is missing (a copy fetched and deleted within that last second comes back: a duplicate is
+  the safe side); a body file whose CRC differs was never flushed, so never acknowledged;
+* a kept entry not released is parked, unless it was parked already.
 
 Records: ``<BQI`` kind, payload length, CRC-32 of the payload, then the payload. A torn or
 corrupt record ends the segment: nothing after it was ever acknowledged (an append is
 acknowledged only after the ``fdatasync`` that also made every earlier byte durable).
+docs/durability.md tells the whole story.
 
 Why by hand: no library offers a write-ahead log with this shape (group commit, a publication
 step into Maildirs, recovery by comparison); sqlite's WAL would add a second flush per commit.
@@ -37,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import json
 import os
 import struct
 import sys
@@ -47,36 +53,48 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from postroom.storage.local import files, maildir
+from postroom.storage.local.deferred import DeferredStore
 
 _RECORD = struct.Struct("<BQI")  # kind, payload length, crc32(payload)
-_ACCEPT = struct.Struct("<QIQ")  # seq, number of targets, body length
-_TARGET = struct.Struct("<HHI")  # lengths of the Maildir path, the file name, the head
-_MARK = struct.Struct("<QI")  # seq, target index
+_ACCEPT = struct.Struct("<QBHIIQII")  # seq, flags, targets, id/envelope/body lengths, file
+_TARGET = struct.Struct("<IHH")  # recipient index, lengths of the Maildir path and file name
 _SEQ = struct.Struct("<Q")
+_MARK = struct.Struct("<QI")  # seq, target index
 
-START, ACCEPT, SETTLED, SYNCED = 1, 2, 3, 4  # 0: the zeros ahead of the end
+START, ACCEPT, SETTLED, SYNCED, RELEASED, KEPT = 1, 2, 3, 4, 5, 6  # 0: the zeros ahead
+KEEP, IN_FILE = 1, 2  # ACCEPT flags
 SUFFIX = ".journal"
+BODIES = "bodies"  # the journal's subdirectory for messages too large to go in a record
 SEGMENT_SIZE = 16 << 20  # a segment past this size makes way for a new one
 RESERVE = 1 << 20  # zeros written ahead of the records
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where one copy goes: the Maildir, the file name, and the lines put before the body
-    (``Return-Path``, ``Delivered-To``: they differ between recipients)."""
+    """Where one copy goes: the recipient's index in the envelope, the Maildir, and the file
+    name in ``new/``."""
 
+    index: int
     box: str
     name: str
-    head: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One accepted message: its body and the copies to be made of it."""
+    """One accepted message: its envelope (JSON), the copies made at once, and its octets,
+    either here (``body``) or in a file of the journal directory (``body_file``, of
+    ``file_size`` octets whose CRC-32 is ``file_crc``). ``keep``: the queue holds the message
+    for its runner until a RELEASED record (it has recipients not done at once)."""
 
     seq: int
+    queue_id: str
+    envelope: bytes
     targets: tuple[Target, ...]
-    body: bytes
+    body: bytes = b""
+    body_file: str = ""
+    file_size: int = 0
+    file_crc: int = 0
+    keep: bool = False
 
 
 def _record(kind: int, parts: Sequence[bytes]) -> list[bytes]:
@@ -88,16 +106,40 @@ def _record(kind: int, parts: Sequence[bytes]) -> list[bytes]:
 
 def encode_entry(entry: Entry) -> list[bytes]:
     """An ACCEPT record; the body is not copied."""
-    parts = [_ACCEPT.pack(entry.seq, len(entry.targets), len(entry.body))]
+    qid, body = entry.queue_id.encode(), entry.body
+    if entry.body_file:
+        body = os.fsencode(entry.body_file)
+    flags = (KEEP if entry.keep else 0) | (IN_FILE if entry.body_file else 0)
+    parts = [
+        _ACCEPT.pack(
+            entry.seq,
+            flags,
+            len(entry.targets),
+            len(qid),
+            len(entry.envelope),
+            len(body),
+            entry.file_size,
+            entry.file_crc,
+        )
+    ]
     for t in entry.targets:
         box, name = os.fsencode(t.box), os.fsencode(t.name)
-        parts += [_TARGET.pack(len(box), len(name), len(t.head)), box, name, t.head]
-    parts.append(entry.body)
+        parts += [_TARGET.pack(t.index, len(box), len(name)), box, name]
+    parts += [qid, entry.envelope, body]
     return _record(ACCEPT, parts)
 
 
 def encode_settled(marks: Iterable[tuple[int, int]]) -> list[bytes]:
     return _record(SETTLED, [b"".join(_MARK.pack(seq, index) for seq, index in marks)])
+
+
+def encode_released(seqs: Iterable[int]) -> list[bytes]:
+    return _record(RELEASED, [b"".join(_SEQ.pack(seq) for seq in seqs)])
+
+
+def encode_kept(seqs: Iterable[int]) -> list[bytes]:
+    """Entries accepted as not kept whose copies failed: the queue holds them after all."""
+    return _record(KEPT, [b"".join(_SEQ.pack(seq) for seq in seqs)])
 
 
 def encode_synced(seq: int) -> list[bytes]:
@@ -115,8 +157,17 @@ class Contents:
     boot: str = ""
     entries: list[Entry] = field(default_factory=list)
     settled: set[tuple[int, int]] = field(default_factory=set)
+    released: set[int] = field(default_factory=set)
+    kept: set[int] = field(default_factory=set)  # KEPT marks
     synced: int = 0
     end: int = 0  # where the valid records end
+
+    def live(self) -> list[Entry]:
+        """The entries the queue still holds (kept and not released)."""
+        return [e for e in self.entries if self.held(e)]
+
+    def held(self, entry: Entry) -> bool:
+        return (entry.keep or entry.seq in self.kept) and entry.seq not in self.released
 
 
 def parse(data: bytes) -> Contents:
@@ -129,39 +180,68 @@ def parse(data: bytes) -> Contents:
         if stop > len(data) or zlib.crc32(view[start:stop]) != crc:
             break
         try:
-            _take(out, kind, view[start:stop])
+            take(out, kind, view[start:stop])
         except (struct.error, ValueError):  # a record that lies about its own layout
             break
         pos = out.end = stop
     return out
 
 
-def _take(out: Contents, kind: int, payload: memoryview) -> None:
+def take(out: Contents, kind: int, payload: memoryview) -> None:
     if kind == START:
         out.boot = bytes(payload).decode()
     elif kind == ACCEPT:
-        seq, count, body_len = _ACCEPT.unpack_from(payload)
+        seq, flags, count, qid_len, env_len, body_len, size, crc = _ACCEPT.unpack_from(payload)
         pos, targets = _ACCEPT.size, []
         for _ in range(count):
-            box_len, name_len, head_len = _TARGET.unpack_from(payload, pos)
+            index, box_len, name_len = _TARGET.unpack_from(payload, pos)
             pos += _TARGET.size
             box = os.fsdecode(bytes(payload[pos : pos + box_len]))
             name = os.fsdecode(bytes(payload[pos + box_len : pos + box_len + name_len]))
+            targets.append(Target(index, box, name))
             pos += box_len + name_len
-            targets.append(Target(box, name, bytes(payload[pos : pos + head_len])))
-            pos += head_len
-        if len(payload) - pos != body_len:
-            raise ValueError("body length")
-        body = bytes(payload[pos:])
-        out.entries.append(Entry(seq, tuple(targets), body))
+        if len(payload) - pos != qid_len + env_len + body_len:
+            raise ValueError("lengths")
+        qid = bytes(payload[pos : pos + qid_len]).decode("ascii")
+        envelope = bytes(payload[pos + qid_len : pos + qid_len + env_len])
+        body = bytes(payload[pos + qid_len + env_len :])
+        in_file = bool(flags & IN_FILE)
+        out.entries.append(
+            Entry(
+                seq,
+                qid,
+                envelope,
+                tuple(targets),
+                b"" if in_file else body,
+                os.fsdecode(body) if in_file else "",
+                size,
+                crc,
+                bool(flags & KEEP),
+            )
+        )
     elif kind == SETTLED:
         if len(payload) % _MARK.size:
             raise ValueError("marks")
         out.settled.update(_MARK.iter_unpack(payload))
+    elif kind in (RELEASED, KEPT):
+        if len(payload) % _SEQ.size:
+            raise ValueError("seqs")
+        marks = out.released if kind == RELEASED else out.kept
+        marks.update(seq for (seq,) in _SEQ.iter_unpack(payload))
     elif kind == SYNCED:
         (out.synced,) = _SEQ.unpack(payload)
     else:
         raise ValueError("kind")
+
+
+def file_crc(path: str) -> tuple[int, int]:
+    """The size and CRC-32 of a body file."""
+    crc, size = 0, 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return size, crc
 
 
 def boot_id() -> str:
@@ -190,6 +270,8 @@ class Segment:
         self.synced = 0  # every record up to this seq is published and on disk
         self.retired = False  # no longer appended to: deleted once synced
         self.broken = False  # a flush failed: never marked synced, kept for recovery
+        self.kept: set[int] = set()  # entries the queue holds: the segment stays for them
+        self.removed = False
         self._lock = threading.Lock()  # the writer and the syncer both append
 
     @classmethod
@@ -227,9 +309,16 @@ class Segment:
         if sync:
             os.fdatasync(self.fd)
 
+    @property
+    def done(self) -> bool:
+        """Retired, every record synced, and no entry held by the queue: no longer needed."""
+        return self.retired and self.synced >= self.last_seq and not self.kept
+
     def remove(self) -> None:
-        os.unlink(self.path)
-        os.close(self.fd)
+        if not self.removed:
+            self.removed = True
+            os.unlink(self.path)
+            os.close(self.fd)
 
 
 def _lock(fd: int) -> bool:
@@ -250,10 +339,15 @@ def _is(path: str, fd: int) -> bool:
 # -- recovery -----------------------------------------------------------------------------------
 
 
-def recover(directory: str, boot: str) -> int:
+def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
     """Replay every segment in ``directory`` that no living writer holds, then delete it;
-    the number of copies written. A segment that cannot be replayed whole is kept."""
+    the number of copies written. Kept entries are parked in the deferred store (``queue/``
+    beside ``directory``). A segment that cannot be replayed whole is kept. With
+    ``clean_bodies`` (the server's start, before any worker writes), body files that no
+    segment names are removed: left by a message that was never acknowledged."""
     written = 0
+    store = DeferredStore(os.path.join(os.path.dirname(directory) or ".", "queue"))
+    named: set[str] = set()
     for name in sorted(os.listdir(directory)):
         if not name.endswith(SUFFIX):
             continue
@@ -266,49 +360,132 @@ def recover(directory: str, boot: str) -> int:
             warn(f"{path}: kept for the next start: {exc}")
             continue
         try:
-            if not _lock(fd) or not _is(path, fd):
-                continue  # a living writer's
             with os.fdopen(os.dup(fd), "rb") as f:
                 contents = parse(f.read())
-            written += _replay(contents, boot)
+            if not _lock(fd) or not _is(path, fd):
+                named.update(e.body_file for e in contents.entries if e.body_file)
+                continue  # a living writer's
+            copies, bodies = _replay(contents, boot, store)
+            written += copies
+            for body in bodies:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(body)
             os.unlink(path)
         except OSError as exc:
             warn(f"{path}: kept for the next start: {exc}")
+            named.update(e.body_file for e in contents.entries if e.body_file)
         finally:
             os.close(fd)
+    bodies_dir = os.path.join(directory, BODIES)
+    files.make_dirs(bodies_dir)
+    if clean_bodies:
+        for name in os.listdir(bodies_dir):
+            path = os.path.join(bodies_dir, name)
+            if path not in named:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
     return written
 
 
-def _replay(contents: Contents, boot: str) -> int:
+def _replay(contents: Contents, boot: str, store: DeferredStore) -> tuple[int, list[str]]:
+    """Publish what may be missing and park what the queue still held; the copies written
+    and the body files no longer needed."""
     same_boot = bool(boot) and contents.boot == boot
-    written, dirs = 0, set()
+    written, dirs, bodies = 0, set(), []
     for entry in contents.entries:
-        if entry.seq <= contents.synced:
+        copies = entry.seq > contents.synced
+        park = contents.held(entry)
+        if park and store.has(entry.queue_id):
+            park = False  # parked before the crash (the RELEASED record was not written)
+        if entry.body_file:
+            bodies.append(entry.body_file)
+        if not (copies or park):
             continue
+        delivered: list[int] = []  # recipients whose copy is in place (kept entries)
+        owed: list[tuple[Target, str | None]] = []  # copies to publish, and a stale file
         for index, target in enumerate(entry.targets):
-            if same_boot and (entry.seq, index) in contents.settled:
+            settled = same_boot and (entry.seq, index) in contents.settled
+            if not park and (not copies or settled):
                 continue
             found = maildir.find(target.box, target.name)
-            if found is not None and (same_boot or _same(found, target.head + entry.body)):
-                continue
-            fd = maildir.publish(target.box, target.name, (target.head, entry.body), found)
+            if found is not None and (same_boot or _same(found, entry)):
+                delivered.append(target.index)
+            elif not settled:  # (settled but gone: failed, or read and deleted since)
+                owed.append((target, found))
+        if (owed or park) and entry.body_file and not _intact(entry, same_boot):
+            warn(f"{entry.queue_id}: body file incomplete: never acknowledged, dropped")
+            continue
+        for target, found in owed:
+            if found is not None:
+                os.unlink(found)
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            dirs.add(os.path.dirname(found or os.path.join(target.box, "new", target.name)))
+                dirs.add(publish_copy(entry, target))
+            except OSError as exc:  # the runner retries it from the deferred store
+                warn(f"{entry.queue_id}: copy for {target.box}: {exc}")
+                continue
+            delivered.append(target.index)
             written += 1
+        if park:
+            store.park(
+                _mark_delivered(entry.envelope, delivered),
+                entry.queue_id,
+                None if entry.body_file else entry.body,
+                entry.body_file,
+            )
+            if entry.body_file:
+                bodies.remove(entry.body_file)
     for directory in dirs:
         files.fsync_dir(directory)
     if written:
         warn(f"{written} copies written again from the journal after a crash")
-    return written
+    return written, bodies
 
 
-def _same(path: str, data: bytes) -> bool:
+def _mark_delivered(envelope: bytes, indexes: list[int]) -> bytes:
+    """The envelope of a kept entry with the copies made at acceptance marked delivered (the
+    record was written before they were made)."""
+    data = json.loads(envelope)
+    for i in indexes:
+        data["recipients"][i]["status"] = "delivered"
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def publish_copy(entry: Entry, target: Target) -> str:
+    """Put one copy of ``entry`` into ``new/`` (a link to its body file, or the body written
+    out) and fsync it; the directory, for the caller to fsync."""
+    new = os.path.join(target.box, "new")
+    if entry.body_file:
+        with contextlib.suppress(FileExistsError):
+            maildir.link_copy(entry.body_file, target.box, target.name)
+        return new
+    fd = maildir.publish(target.box, target.name, (entry.body,))
     try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return new
+
+
+def _intact(entry: Entry, same_boot: bool) -> bool:
+    """Whether the body file holds what was acknowledged. After a crash the page cache is
+    the truth and the server wrote the file whole before the record; after a power loss only
+    its CRC can tell."""
+    try:
+        if same_boot:
+            return os.stat(entry.body_file).st_size == entry.file_size
+        return file_crc(entry.body_file) == (entry.file_size, entry.file_crc)
+    except OSError:
+        return False
+
+
+def _same(path: str, entry: Entry) -> bool:
+    try:
+        if entry.body_file:
+            if os.path.samefile(path, entry.body_file):
+                return True
+            return file_crc(path) == (entry.file_size, entry.file_crc)
         with open(path, "rb") as f:
-            return f.read(len(data) + 1) == data
+            return f.read(len(entry.body) + 1) == entry.body
     except OSError:
         return False
 
@@ -324,6 +501,7 @@ class Batch:
     segment: Segment
     seq: int
     dirs: set[str]
+    unlink: list[str] = field(default_factory=list)  # body files no longer needed once synced
 
 
 class Syncer:
@@ -350,8 +528,9 @@ class Syncer:
         with self._cond:
             last = self._batches[-1] if self._batches else None
             if last is not None and last.segment is batch.segment:  # one batch per segment
-                last.seq = batch.seq
+                last.seq = max(last.seq, batch.seq)
                 last.dirs |= batch.dirs
+                last.unlink += batch.unlink
             else:
                 self._batches.append(batch)
             self._cond.notify_all()
@@ -391,9 +570,13 @@ class Syncer:
             if b.segment.broken:
                 continue
             try:
-                b.segment.append(encode_synced(b.seq), sync=True)
-                b.segment.synced = b.seq
-                if b.segment.retired and b.seq >= b.segment.last_seq:
+                if not b.segment.removed:
+                    b.segment.append(encode_synced(b.seq), sync=True)
+                    b.segment.synced = b.seq
+                for body in b.unlink:  # linked into their Maildirs durably, or released
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(body)
+                if b.segment.done:
                     b.segment.remove()
             except OSError as exc:
                 warn(f"{b.segment.path}: {exc}")

@@ -1,14 +1,16 @@
 """Maildir mailboxes (cr.yp.to/proto/maildir.html): delivery, listing, and the path rules.
 
 Layout is ``{data_dir}/mail/{domain}/{localpart}/{tmp,new,cur}`` with local parts lower-cased and
-domains IDNA-encoded (see CONTRACT.md). Files are stored exactly as they came over SMTP, with CRLF
-line ends: Dovecot and mutt read them, and POP3 can send them without conversion. Each file name
-carries ``,S=<octets>,W=<octets>`` (as Dovecot does) so that sizes are known without opening the
-file.
+domains IDNA-encoded. Files end their lines with LF, the Unix convention that Dovecot, mutt and
+other Maildir tools expect (SMTP refuses bare CR and LF, so the conversion is lossless; POP3
+sends CRLF). Each file name carries ``,S=<file size>,W=<size with CRLF line ends>`` as Dovecot
+writes them, so that POP3 knows its octet counts without opening the file.
 
-A copy is an unnamed file made ahead (:class:`Spares`) linked in as ``new/NAME``, or else
-``tmp/NAME`` renamed to ``new/NAME`` (:func:`publish`); the flushes are left to the caller
-(the Maildir writer's journal makes the copy durable first, and the files later, in bulk).
+A copy is an unnamed file made ahead (:class:`Spares`) linked in as ``new/NAME``, a hard link
+to a file the journal holds already (:func:`link_copy`: a large message is written once), or
+else ``tmp/NAME`` renamed to ``new/NAME`` (:func:`publish`); the flushes are left to the caller
+(the journal makes the copy durable first, and the files later, in bulk). Every copy of one
+message is the same octets (no per-recipient header), so the copies after the first are links.
 NAME is derived from the queue id and recipient index, so after a crash :func:`find` tells
 whether a copy was delivered already.
 """
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from postroom.address import safe_local_part
-from postroom.storage.local.files import write_all
+from postroom.storage.local.files import make_dirs, write_all
 
 SUBDIRS = ("tmp", "new", "cur")
 
@@ -38,7 +40,7 @@ def ensure(path: Path) -> None:
     if (path / "cur").is_dir():
         return
     for sub in SUBDIRS:
-        (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(path / sub)
 
 
 def _host_part(hostname: str) -> str:
@@ -46,13 +48,16 @@ def _host_part(hostname: str) -> str:
     return hostname.replace("/", r"\057").replace(":", r"\072")
 
 
-def unique_name(arrival: int, queue_id: str, index: int, hostname: str, size: int) -> str:
+def unique_name(
+    arrival: int, queue_id: str, index: int, hostname: str, size: int, lines: int
+) -> str:
     """A deterministic unique name: the same delivery always gets the same name.
 
-    ``,S=`` is the file size and ``,W=`` the size with CRLF line ends (Dovecot's fields); the
-    file is CRLF already, so they are equal, which tells POP3 it needs no conversion.
+    ``,S=`` is the file size and ``,W=`` the size with CRLF line ends (Dovecot's fields): the
+    file has ``lines`` LF line ends, each one octet longer on the wire.
     """
-    return f"{arrival}.{queue_id}_{index}.{_host_part(hostname)},S={size},W={size}"
+    host = _host_part(hostname)
+    return f"{arrival}.{queue_id}_{index}.{host},S={size},W={size + lines}"
 
 
 def find(box: str, name: str) -> str | None:
@@ -68,9 +73,10 @@ def find(box: str, name: str) -> str | None:
 
 
 def publish(box: str, name: str, parts: Sequence[bytes], where: str | None = None) -> int:
-    """Write ``parts`` as ``tmp/name`` and rename it to ``where`` (default ``new/name``),
-    making the Maildir if need be. Nothing is flushed: the open descriptor is returned for the
-    caller to fsync (or not) and close, and the caller fsyncs the directory."""
+    """Write ``parts`` as ``tmp/name`` and give it the name ``where`` (default ``new/name``,
+    which must not exist yet: FileExistsError), making the Maildir if need be. Nothing is
+    flushed: the open descriptor is returned for the caller to fsync (or not) and close, and
+    the caller fsyncs the directory."""
     tmp = os.path.join(box, "tmp", name)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     try:
@@ -78,14 +84,17 @@ def publish(box: str, name: str, parts: Sequence[bytes], where: str | None = Non
     except FileNotFoundError:  # a Maildir not made yet, or removed meanwhile
         ensure(Path(box))
         fd = os.open(tmp, flags, 0o600)
+    move = os.rename if where is not None else os.link  # a link refuses to replace
     dest = where or os.path.join(box, "new", name)
     try:
         write_all(fd, parts)
         try:
-            os.rename(tmp, dest)
+            move(tmp, dest)
         except FileNotFoundError:  # new/ removed meanwhile
             ensure(Path(box))
-            os.rename(tmp, dest)
+            move(tmp, dest)
+        if where is None:
+            os.unlink(tmp)
     except OSError:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -124,6 +133,19 @@ class Spares:
         self.ok = False
         while self._fds:
             os.close(self._fds.pop())
+
+
+def link_copy(path: str, box: str, name: str) -> None:
+    """Give the file ``path`` the name ``new/name`` too (a hard link; FileExistsError if the
+    name is taken), making the Maildir if need be."""
+    target = os.path.join(box, "new", name)
+    try:
+        os.link(path, target)
+    except FileNotFoundError:
+        if not os.path.exists(path):
+            raise
+        ensure(Path(box))
+        os.link(path, target)
 
 
 def link_unnamed(fd: int, box: str, name: str) -> None:

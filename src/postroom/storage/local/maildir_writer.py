@@ -1,39 +1,41 @@
-"""Maildir writes in a helper process: the event loop sends jobs over a socketpair.
+"""The queue's writer process: the journal and the Maildir copies, next to each event loop.
 
-Every accepted message costs a journal append, a file creation, a write and the flushes.
-Done in threads of the server process, each of those system calls hands the GIL back and forth
-with the event loop, and every job wakes a thread and then the loop: measured here, ~40 context
-switches per message against ~20 without threads, and as much CPU in the scheduler as in all of
-the SMTP code. A child process does the same calls without a GIL to share: the loop writes a
-job into a socket (one ``writev``, batched with its other output by the transport) and reads
-the answer like any other connection; the child takes every job that has arrived, appends them
-to its journal with one ``fdatasync`` (group commit), publishes each copy into ``new/`` and
-answers; its syncer thread flushes the copies later (see :mod:`postroom.storage.local.journal`).
-That is Postfix's shape too (smtpd hands the message to another process), with one helper per
-worker process.
+Every accepted message costs a journal append, the flushes, and a file per local copy. Done in
+threads of the server process, each of those system calls hands the GIL back and forth with
+the event loop: measured here, ~40 context switches per message against ~20 without threads,
+and as much CPU in the scheduler as in all of the SMTP code. A child process does the same
+calls without a GIL to share: the loop writes a job into a socket (one ``writev``, batched with
+its other output by the transport) and reads the answer like any other connection; the child
+takes every job that has arrived, appends them to its journal with one ``fdatasync`` (group
+commit), publishes each local copy into ``new/`` and answers; its syncer thread flushes the
+copies later (see :mod:`postroom.storage.local.journal`). That is Postfix's shape too (smtpd
+hands the message to another process), with one helper per worker process.
 
-The child is ``python -m postroom.storage.local.maildir_writer FD PARENT_PID JOURNAL_DIR CPU
-[UID GID]``: a fresh interpreter (no fork of a threaded server), started with the server's
-interpreter options. The server starts it before it drops root (the interpreter may not be
-executable by the mail user), and the child then becomes that user itself. It first replays what
-a crashed writer left in the journal, then says it is ready (an answer with id 0). It ignores
-SIGINT/SIGTERM, finishes what it was sent and exits when the server's end of the socket closes
-(shutdown); if the server dies, the kernel kills it at once and the next start replays its
-journal. If the child dies, the deliveries waiting on it fail with OSError: the message is
-queued and retried, and as file names come from the queue id, a copy that did land in ``new/``
-is found and not written a second time. The next job starts a new child.
+Jobs: ACCEPT (a message: envelope, copies to make now, body inline or in a body file the
+server wrote), PARK (move a kept message to the deferred store, durably) and RELEASE (the
+queue is done with a kept message). The child is ``python -m
+postroom.storage.local.maildir_writer FD PARENT_PID JOURNAL_DIR CPU CLEAN [UID GID]``: a fresh
+interpreter (no fork of a threaded server), started with the server's interpreter options.
+The server starts it before it drops root (the interpreter may not be executable by the mail
+user), and the child then becomes that user itself. It first replays what a crashed writer
+left in the journal, then says it is ready (an answer with id 0). It ignores SIGINT/SIGTERM,
+finishes what it was sent and exits when the server's end of the socket closes (shutdown); if
+the server dies, the kernel kills it at once and the next start replays its journal. If the
+child dies, the jobs waiting on it fail with OSError: an ACCEPT is answered 452 (the journal
+record, if written, is replayed by the next child, and its copies are named by the queue id:
+found, not doubled), and the next job starts a new child.
 
-Wire format, little-endian. Job: ``<IBHHIQ`` id, flags (1: check for an earlier copy; 2: the
-body is the previous job's), lengths of the Maildir path, the file name, the head and the body,
-then those four (the body only without flag 2: a message for N recipients crosses once).
-Answer: ``<IiH`` id, status (1 written, 0 already there, else ``-errno``), length of the error
-text, then the text.
+Wire format, little-endian. Job: ``<IBI`` id, kind, payload length, then the payload (an
+ACCEPT's is the journal record's with seq 0). Answer: ``<IH`` id, count, then ``count`` times
+``<iH`` status (1 done, 0 there already, else ``-errno``), length of the error text, the text:
+for an ACCEPT first whether it is durable, then one per copy (only the first if not durable).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 import signal
@@ -41,86 +43,114 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 from postroom import lifetime, privileges
 from postroom.storage.local import files, journal, maildir
-from postroom.storage.local.journal import Target
+from postroom.storage.local.deferred import DeferredStore
+from postroom.storage.local.journal import Entry
 
-_JOB = struct.Struct("<IBHHIQ")
-_ANSWER = struct.Struct("<IiH")
-CHECK_DUPLICATE = 1
-SAME_BODY = 2  # the body is the previous job's: not sent again
+_JOB = struct.Struct("<IBI")
+_ANSWER = struct.Struct("<IH")
+_STATUS = struct.Struct("<iH")
+ACCEPT, PARK, RELEASE = 1, 2, 3
 READY = 0  # the id of the child's first answer: it has started and recovered
 _READ = 1 << 20
+_FLUSHERS = 8  # threads that flush body files beside the journal
 
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One message for one Maildir: ``head`` + ``body`` as ``new/name``."""
+    """One job as the child reads it: an ACCEPT's entry, or a PARK's/RELEASE's queue id and
+    (PARK) envelope."""
 
     id: int
-    box: str
-    name: str
-    head: bytes
-    body: bytes
-    check: bool  # look for a copy delivered before a crash
+    kind: int
+    entry: Entry | None = None
+    queue_id: str = ""
+    envelope: bytes = b""
 
 
-def encode_job(job_id: int, target: Target, body_size: int, check: bool, same_body: bool) -> bytes:
-    """A job up to its body, which follows it on the wire unless ``same_body``."""
-    box_b, name_b = os.fsencode(target.box), os.fsencode(target.name)
-    flags = (CHECK_DUPLICATE if check else 0) | (SAME_BODY if same_body else 0)
-    header = _JOB.pack(job_id, flags, len(box_b), len(name_b), len(target.head), body_size)
-    return header + box_b + name_b + target.head
+def encode_job(job_id: int, kind: int, parts: Sequence[bytes]) -> list[bytes]:
+    return [_JOB.pack(job_id, kind, sum(len(p) for p in parts)), *parts]
+
+
+def encode_accept(job_id: int, entry: Entry) -> list[bytes]:
+    return encode_job(job_id, ACCEPT, journal.encode_entry(entry)[1:])
+
+
+def encode_park(job_id: int, queue_id: str, envelope: bytes) -> list[bytes]:
+    qid = queue_id.encode()
+    return encode_job(job_id, PARK, [struct.pack("<H", len(qid)), qid, envelope])
+
+
+def encode_release(job_id: int, queue_id: str) -> list[bytes]:
+    return encode_job(job_id, RELEASE, [queue_id.encode()])
 
 
 class JobReader:
     """The child's decoder: complete jobs from the stream, in order."""
-
-    def __init__(self) -> None:
-        self.body = b""  # the last body read: a SAME_BODY job's
 
     def decode(self, buf: bytearray) -> list[Job]:
         """The complete jobs at the start of ``buf``, which loses them; a partial one stays."""
         jobs: list[Job] = []
         pos, end = 0, len(buf)
         while end - pos >= _JOB.size:
-            job_id, flags, box_len, name_len, head_len, body_len = _JOB.unpack_from(buf, pos)
+            job_id, kind, length = _JOB.unpack_from(buf, pos)
             start = pos + _JOB.size
-            head_at = start + box_len + name_len
-            body_at = head_at + head_len
-            stop = body_at if flags & SAME_BODY else body_at + body_len
-            if stop > end:
+            if start + length > end:
                 break
-            if not flags & SAME_BODY:
-                self.body = bytes(buf[body_at:stop])
-            box = os.fsdecode(bytes(buf[start : start + box_len]))
-            name = os.fsdecode(bytes(buf[start + box_len : head_at]))
-            head = bytes(buf[head_at:body_at])
-            jobs.append(Job(job_id, box, name, head, self.body, bool(flags & CHECK_DUPLICATE)))
-            pos = stop
+            payload = memoryview(buf)[start : start + length]
+            try:
+                if kind == ACCEPT:
+                    contents = journal.Contents()
+                    journal.take(contents, journal.ACCEPT, payload)
+                    jobs.append(Job(job_id, kind, entry=contents.entries[0]))
+                elif kind == PARK:
+                    (qid_len,) = struct.unpack_from("<H", payload)
+                    qid = bytes(payload[2 : 2 + qid_len]).decode("ascii")
+                    jobs.append(
+                        Job(job_id, kind, queue_id=qid, envelope=bytes(payload[2 + qid_len :]))
+                    )
+                else:
+                    jobs.append(Job(job_id, kind, queue_id=bytes(payload).decode("ascii")))
+            finally:
+                payload.release()
+            pos = start + length
         del buf[:pos]
         return jobs
 
 
-def encode_answer(job_id: int, status: int, text: str = "") -> bytes:
-    raw = text.encode("utf-8", "replace")[:1000]
-    return _ANSWER.pack(job_id, status, len(raw)) + raw
+def encode_answer(job_id: int, *statuses: tuple[int, str]) -> bytes:
+    out = [_ANSWER.pack(job_id, len(statuses))]
+    for status, text in statuses:
+        raw = text.encode("utf-8", "replace")[:1000]
+        out += [_STATUS.pack(status, len(raw)), raw]
+    return b"".join(out)
+
+
+@dataclass
+class _Kept:
+    segment: journal.Segment
+    entry: Entry
 
 
 class JournalWriter:
-    """The child's work (see :mod:`postroom.storage.local.journal`): a batch of jobs appended to
-    the journal with one ``fdatasync``, each copy then published into its Maildir and
-    settled, the answers sent; the syncer thread flushes the copies afterwards."""
+    """The child's work (see :mod:`postroom.storage.local.journal`): a batch of messages
+    appended to the journal with one ``fdatasync`` (their body files flushed beside it), each
+    local copy then published into its Maildir and settled, the answers sent; the syncer
+    thread flushes the copies afterwards. Kept messages stay in their segment until the queue
+    parks or releases them."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, clean_bodies: bool = False) -> None:
         self.directory = directory
         self.boot = journal.boot_id()
-        journal.recover(directory, self.boot)  # the copies a crashed writer left
+        journal.recover(directory, self.boot, clean_bodies)  # what a crashed writer left
+        self.deferred = DeferredStore(Path(directory).parent / "queue")
         self.segment: journal.Segment | None = None  # made by the first batch
         with contextlib.suppress(OSError):  # a full disk: POP3 still starts (and frees room)
             self.segment = journal.Segment.create(directory, self.boot)
@@ -128,80 +158,139 @@ class JournalWriter:
         self.syncer = journal.Syncer()
         self._spares = maildir.Spares(directory)
         self._last_batch = 0
+        self._kept: dict[str, _Kept] = {}
+        self._flushers = ThreadPoolExecutor(_FLUSHERS, thread_name_prefix="flush")
 
     def run(self, jobs: Sequence[Job]) -> bytes:
-        """Write every job; the answers, in job order."""
-        groups: list[list[Job]] = []  # a message's jobs share a body: one journal entry
+        """Do every job; the answers, in job order."""
+        # Releases first: each closes the window in which a crash would send a relayed
+        # message again, and the batch's flush then covers them too.
+        answers = {j.id: [self._release(j.queue_id)] for j in jobs if j.kind == RELEASE}
+        accepts = [j for j in jobs if j.kind == ACCEPT]
+        answers.update(self._accept(accepts) if accepts else {})
         for job in jobs:
-            last = groups[-1][0] if groups else None
-            if last is not None and last.body is job.body:
-                groups[-1].append(job)
-            else:
-                groups.append([job])
+            if job.kind == PARK:
+                answers[job.id] = [self._park(job)]
+        return b"".join(encode_answer(job.id, *answers[job.id]) for job in jobs)
+
+    def _accept(self, jobs: Sequence[Job]) -> dict[int, list[tuple[int, str]]]:
         entries = []
-        for group in groups:
+        for job in jobs:
+            assert job.entry is not None
             self._seq += 1
-            targets = tuple(journal.Target(j.box, j.name, j.head) for j in group)
-            entries.append(journal.Entry(self._seq, targets, group[0].body))
-        self._last_batch = len(jobs)
-        answers: dict[int, tuple[int, str]] = {}
-        settled: list[tuple[int, int]] = []
+            entries.append(dataclasses.replace(job.entry, seq=self._seq))
+        self._last_batch = sum(len(e.targets) for e in entries)
         try:
             if self.segment is None:
                 self.segment = journal.Segment.create(self.directory, self.boot)
             segment = self.segment
-            segment.append([p for e in entries for p in journal.encode_entry(e)], sync=True)
+            segment.append([p for e in entries for p in journal.encode_entry(e)], sync=False)
+            flushes = [segment.fd]
+            for e in entries:
+                if e.body_file:
+                    flushes.append(os.open(e.body_file, os.O_RDONLY | os.O_CLOEXEC))
+            try:
+                if len(flushes) == 1:
+                    os.fdatasync(segment.fd)
+                else:  # side by side: the device merges the flushes
+                    list(self._flushers.map(os.fdatasync, flushes))
+            finally:
+                for fd in flushes[1:]:
+                    os.close(fd)
         except OSError as exc:  # nothing is acknowledged, nothing published
-            with contextlib.suppress(OSError):
-                marks = [(e.seq, i) for e in entries for i in range(len(e.targets))]
+            with contextlib.suppress(OSError):  # never replayed: the client gets a 452
                 if self.segment is not None:
+                    marks = [(e.seq, i) for e in entries for i in range(len(e.targets))]
                     self.segment.append(journal.encode_settled(marks), sync=False)
-            return b"".join(encode_answer(job.id, *_failure(exc)) for job in jobs)
+                    self.segment.append(journal.encode_released(e.seq for e in entries), False)
+            return {job.id: [_failure(exc)] for job in jobs}
+        answers: dict[int, list[tuple[int, str]]] = {}
+        settled: list[tuple[int, int]] = []
+        late: list[int] = []  # not kept, but a copy failed: kept after all
         dirs: set[str] = set()
-        for entry, group in zip(entries, groups, strict=True):
-            for index, job in enumerate(group):
+        unlink: list[str] = []
+        for job, entry in zip(jobs, entries, strict=True):
+            results: list[tuple[int, str]] = []
+            first: str | None = None
+            for index, target in enumerate(entry.targets):
                 settled.append((entry.seq, index))
                 try:
-                    if job.check and maildir.find(job.box, job.name) is not None:
-                        answers[job.id] = (0, "")
-                        continue
-                    written = self._publish(job)
-                except OSError as exc:  # cancelled: the server queues it for a retry
-                    answers[job.id] = _failure(exc)
+                    written, path = self._publish(entry, target, first)
+                except OSError as exc:  # the queue keeps the message and retries this copy
+                    results.append(_failure(exc))
                     continue
-                dirs.add(os.path.join(job.box, "new"))
-                answers[job.id] = (written, "")
+                first = first or path
+                dirs.add(os.path.join(target.box, "new"))
+                results.append((written, ""))
+            answers[job.id] = [(1, ""), *results]  # durable, then each copy
+            if entry.keep or any(status < 0 for status, _t in results):
+                if not entry.keep:
+                    late.append(entry.seq)
+                segment.kept.add(entry.seq)
+                self._kept[entry.queue_id] = _Kept(segment, entry)
+            elif entry.body_file:
+                unlink.append(entry.body_file)  # once its links are durable
         # Settled before the answers: after a crash these copies are not published again.
         with contextlib.suppress(OSError):  # then recovery looks for the files instead
             segment.append(journal.encode_settled(settled), sync=False)
+        if late:  # before the answer: a crash must not forget the copies still owed
+            try:
+                segment.append(journal.encode_kept(late), sync=True)
+            except OSError as exc:  # then the message is not acknowledged either
+                for job, entry in zip(jobs, entries, strict=True):
+                    if entry.seq in late:
+                        answers[job.id] = [_failure(exc)]
+                        segment.kept.discard(entry.seq)
+                        self._kept.pop(entry.queue_id, None)
+                        # (its made copies stay: the client's retry makes them again under
+                        # another queue id; a rare double on a failing disk, never a loss)
         segment.last_seq = self._seq
-        self.syncer.add(journal.Batch(segment, self._seq, dirs))
+        self.syncer.add(journal.Batch(segment, self._seq, dirs, unlink))
         if segment.size >= journal.SEGMENT_SIZE:
             self._rotate()
-        return b"".join(encode_answer(job.id, *answers[job.id]) for job in jobs)
+        return answers
 
-    def _publish(self, job: Job) -> int:
-        """Put the copy into ``new/``: 1, or 0 if a copy of that name is there already."""
+    def _publish(self, entry: Entry, target: journal.Target, first: str | None) -> tuple[int, str]:
+        """Put one copy into ``new/``: (1, its path), or (0, path) if it was there already.
+        Copies after the first are links to it; a body file is linked, never copied."""
+        path = os.path.join(target.box, "new", target.name)
+        source = entry.body_file or first
+        if source is not None:
+            try:
+                maildir.link_copy(source, target.box, target.name)
+                return 1, path
+            except FileExistsError:
+                return 0, path
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK) or entry.body_file:
+                    raise
         fd = self._spares.take()
         if fd is not None:
             try:
-                files.write_all(fd, (job.head, job.body))
-                return self._link(fd, job)
+                files.write_all(fd, (entry.body,))
+                return self._link(fd, entry, target), path
             finally:
                 os.close(fd)
-        os.close(maildir.publish(job.box, job.name, (job.head, job.body)))
+        return self._write(entry, target), path
+
+    @staticmethod
+    def _write(entry: Entry, target: journal.Target) -> int:
+        try:
+            os.close(maildir.publish(target.box, target.name, (entry.body,)))
+        except FileExistsError:  # this very copy (names come from the queue id)
+            return 0
         return 1
 
-    def _link(self, fd: int, job: Job) -> int:
+    def _link(self, fd: int, entry: Entry, target: journal.Target) -> int:
         for attempt in (1, 2):
             try:
-                maildir.link_unnamed(fd, job.box, job.name)
+                maildir.link_unnamed(fd, target.box, target.name)
                 return 1
             except FileExistsError:  # this very copy (names come from the queue id)
                 return 0
             except FileNotFoundError:
-                if attempt == 1 and not os.path.isdir(os.path.join(job.box, "new")):
-                    maildir.ensure(Path(job.box))  # a Maildir not made yet, or removed
+                if attempt == 1 and not os.path.isdir(os.path.join(target.box, "new")):
+                    maildir.ensure(Path(target.box))  # a Maildir not made yet, or removed
                     continue
                 break  # no /proc
             except OSError as exc:
@@ -209,7 +298,44 @@ class JournalWriter:
                     raise
                 break  # the Maildirs are on another file system, or linking is not allowed
         self._spares.off()
-        return self._publish(job)
+        return self._write(entry, target)
+
+    def _park(self, job: Job) -> tuple[int, str]:
+        kept = self._kept.get(job.queue_id)
+        if kept is None:
+            return -errno.ENOENT, f"{job.queue_id} is not in the journal"
+        entry = kept.entry
+        try:
+            self.deferred.park(
+                job.envelope,
+                entry.queue_id,
+                None if entry.body_file else entry.body,
+                entry.body_file,
+            )
+            kept.segment.append(journal.encode_released([entry.seq]), sync=True)
+        except OSError as exc:
+            return _failure(exc)
+        self._forget(job.queue_id, [])
+        return 1, ""
+
+    def _release(self, queue_id: str) -> tuple[int, str]:
+        kept = self._kept.get(queue_id)
+        if kept is None:
+            return -errno.ENOENT, f"{queue_id} is not in the journal"
+        try:
+            # No flush: a kill -9 keeps the page cache, and the syncer's next round (or the
+            # next batch's flush) makes it durable.
+            kept.segment.append(journal.encode_released([kept.entry.seq]), sync=False)
+        except OSError as exc:
+            return _failure(exc)
+        self._forget(queue_id, [kept.entry.body_file] if kept.entry.body_file else [])
+        return 1, ""
+
+    def _forget(self, queue_id: str, unlink: list[str]) -> None:
+        kept = self._kept.pop(queue_id)
+        kept.segment.kept.discard(kept.entry.seq)
+        segment = kept.segment
+        self.syncer.add(journal.Batch(segment, segment.last_seq, set(), unlink))
 
     def refill(self) -> None:
         """Make the unnamed files the next batch will need (while no job is waiting)."""
@@ -227,12 +353,16 @@ class JournalWriter:
         self.syncer.add(journal.Batch(old, old.last_seq, set()))  # deleted once synced
 
     def close(self) -> None:
-        """Flush everything published; the journal is then no longer needed."""
+        """Flush everything published; the journal is then no longer needed unless the
+        queue still holds messages in it (replayed and parked at the next start)."""
         self._spares.off()
         self.syncer.stop()
+        self._flushers.shutdown()
         segment = self.segment
-        if segment is not None and not segment.broken and segment.synced >= segment.last_seq:
-            segment.remove()
+        if segment is not None and not segment.broken:
+            segment.retired = True  # removed if nothing in it is held any more
+            if segment.done:
+                segment.remove()
 
 
 def _failure(exc: OSError) -> tuple[int, str]:
@@ -240,7 +370,12 @@ def _failure(exc: OSError) -> tuple[int, str]:
 
 
 def serve(
-    fd: int, parent: int, directory: str, cpu: int, run_as: tuple[int, int] | None = None
+    fd: int,
+    parent: int,
+    directory: str,
+    cpu: int,
+    clean: bool = False,
+    run_as: tuple[int, int] | None = None,
 ) -> None:
     """The child's main loop: read what has come, write it, answer; exit at end of input."""
     if cpu >= 0:  # first, so that the threads made later keep to it too
@@ -253,8 +388,8 @@ def serve(
     # that its client will send again.
     lifetime.die_with_parent(parent)
     sock = socket.socket(fileno=fd)
-    writer = JournalWriter(directory)
-    sock.sendall(encode_answer(READY, 1))  # recovered: the server may go on
+    writer = JournalWriter(directory, clean)
+    sock.sendall(encode_answer(READY, (1, "")))  # recovered: the server may go on
     writer.refill()
     reader = JobReader()
     buf = bytearray()
@@ -271,54 +406,52 @@ def serve(
 
 
 class MaildirWriter:
-    """The server's side: ``await writer.write(...)``; starts the child on first use."""
+    """The server's side: ``await writer.accept(...)``; starts the child on first use."""
 
     def __init__(
-        self, journal_dir: Path, run_as: tuple[int, int] | None = None, cpu: int | None = None
+        self,
+        journal_dir: Path,
+        run_as: tuple[int, int] | None = None,
+        cpu: int | None = None,
+        clean_bodies: bool = False,
     ) -> None:
         self.journal_dir = journal_dir
         self.run_as = run_as  # (uid, gid) the child becomes if started as root
         self.cpu = cpu  # the CPU the child keeps to (``pin_cpus``)
+        self.clean_bodies = clean_bodies  # the first child removes unnamed body files
         self._proc: subprocess.Popen[bytes] | None = None
         self._answers: _Answers | None = None
         self._starting: asyncio.Future[_Answers] | None = None
         self._next_id = 0
 
-    async def write(
-        self, targets: Sequence[Target], body: bytes, check: bool
-    ) -> list[bool | OSError]:
-        """Write ``head + body`` durably as ``new/name`` for each target (Maildirs are made if
-        missing); the body crosses to the child once for all of them.
+    async def accept(self, entry: Entry) -> list[bool | OSError]:
+        """Make ``entry`` durable in the journal and publish its copies. For each target in
+        order: True if written; False if a file of that name was there already; the OSError
+        that kept it out. Raises OSError if the message could not be made durable."""
+        durable, *results = await self._run(encode_accept, entry)
+        if isinstance(durable, OSError):
+            raise durable
+        return [r if isinstance(r, OSError) else r == 1 for r in results]
 
-        For each target in order: True if written; False if a file of that name was there
-        already (``check``: in ``new/`` or ``cur/``, a message delivered before a crash); the
-        OSError if the write failed.
-        """
-        if not targets:
-            return []
+    async def park(self, queue_id: str, envelope: bytes) -> None:
+        """Move a kept message to the deferred store, durably (OSError if not)."""
+        (result,) = await self._run(encode_park, queue_id, envelope)
+        if isinstance(result, OSError):
+            raise result
+
+    async def release(self, queue_id: str) -> None:
+        """The queue is done with a kept message (OSError if the child could not record it)."""
+        (result,) = await self._run(encode_release, queue_id)
+        if isinstance(result, OSError):
+            raise result
+
+    async def _run(self, encode: Callable[..., list[bytes]], *args: object) -> list[int | OSError]:
         answers = await self.start()
-        loop = asyncio.get_running_loop()
-        waiters: list[asyncio.Future[int]] = []
-        wire: list[bytes] = []
-        for i, target in enumerate(targets):
-            self._next_id = job_id = self._next_id % 0xFFFFFFFF + 1  # 0 is READY's
-            waiter: asyncio.Future[int] = loop.create_future()
-            answers.waiters[job_id] = waiter
-            waiters.append(waiter)
-            wire.append(encode_job(job_id, target, len(body), check, same_body=i > 0))
-            if i == 0:
-                wire.append(body)
-        answers.transport.writelines(wire)
-        results = await asyncio.gather(*waiters, return_exceptions=True)
-        out: list[bool | OSError] = []
-        for result in results:
-            if isinstance(result, OSError):
-                out.append(result)
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                out.append(result == 1)
-        return out
+        self._next_id = job_id = self._next_id % 0xFFFFFFFF + 1  # 0 is READY's
+        waiter: asyncio.Future[list[int | OSError]] = asyncio.get_running_loop().create_future()
+        answers.waiters[job_id] = waiter
+        answers.transport.writelines(encode(job_id, *args))
+        return await waiter
 
     async def start(self) -> _Answers:
         """Start the child unless it runs. The server calls this before it drops root, since
@@ -338,14 +471,21 @@ class MaildirWriter:
 
     async def _spawn(self) -> _Answers:
         self._reap()
-        self.journal_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        files.make_dirs(self.journal_dir)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         args = [sys.executable, *interpreter_flags(), "-m", __name__]
         args += [str(theirs.fileno()), str(os.getpid()), str(self.journal_dir)]
         args.append(str(-1 if self.cpu is None else self.cpu))
+        args.append("1" if self.clean_bodies else "0")
+        self.clean_bodies = False  # a child started later must not touch living files
         if self.run_as is not None and os.getuid() == 0:
             args += [str(self.run_as[0]), str(self.run_as[1])]
-            for path in (self.journal_dir.parent, self.journal_dir):  # the child's from now
+            data_dir = self.journal_dir.parent
+            queue = data_dir / "queue"
+            mine = [data_dir, self.journal_dir, self.journal_dir / journal.BODIES, queue]
+            mine += [queue / sub for sub in ("msg", "state", "corrupt")]
+            for path in mine:  # the child's from now on (it recovers, then writes here)
+                files.make_dirs(path)
                 os.chown(path, *self.run_as)
         with theirs:
             self._proc = subprocess.Popen(
@@ -399,10 +539,10 @@ def interpreter_flags() -> list[str]:
 
 
 class _Answers(asyncio.Protocol):
-    """Reads the child's answers and settles the waiting deliveries."""
+    """Reads the child's answers and settles the waiting jobs."""
 
     def __init__(self) -> None:
-        self.waiters: dict[int, asyncio.Future[int]] = {}
+        self.waiters: dict[int, asyncio.Future[list[int | OSError]]] = {}
         self.buf = bytearray()
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()  # the child's first answer
@@ -417,33 +557,49 @@ class _Answers(asyncio.Protocol):
         buf += data
         pos = 0
         while len(buf) - pos >= _ANSWER.size:
-            job_id, status, text_len = _ANSWER.unpack_from(buf, pos)
-            end = pos + _ANSWER.size + text_len
-            if end > len(buf):
-                break
+            job_id, count = _ANSWER.unpack_from(buf, pos)
+            at, results = pos + _ANSWER.size, []
+            for _ in range(count):
+                if len(buf) - at < _STATUS.size:
+                    break
+                status, text_len = _STATUS.unpack_from(buf, at)
+                end = at + _STATUS.size + text_len
+                if end > len(buf):
+                    break
+                if status >= 0:
+                    results.append(status)
+                else:
+                    text = bytes(buf[at + _STATUS.size : end]).decode("utf-8", "replace")
+                    results.append(OSError(-status, text))
+                at = end
+            if len(results) < count:
+                break  # the rest of this answer is still on its way
+            pos = at
             if job_id == READY and not self.ready.done():
                 self.ready.set_result(None)
             waiter = self.waiters.pop(job_id, None)
             if waiter is not None and not waiter.done():
-                if status >= 0:
-                    waiter.set_result(status)
-                else:
-                    text = bytes(buf[pos + _ANSWER.size : end]).decode("utf-8", "replace")
-                    waiter.set_exception(OSError(-status, text))
-            pos = end
+                waiter.set_result(results)
         del buf[:pos]
 
     def connection_lost(self, exc: Exception | None) -> None:
         for waiter in self.waiters.values():
             if not waiter.done():
-                waiter.set_exception(OSError(errno.EIO, "the Maildir writer process exited"))
+                waiter.set_exception(OSError(errno.EIO, "the journal writer process exited"))
         self.waiters.clear()
         if not self.ready.done():
-            self.ready.set_exception(OSError(errno.EIO, "the Maildir writer process failed"))
+            self.ready.set_exception(OSError(errno.EIO, "the journal writer process failed"))
         if not self.closed.done():
             self.closed.set_result(None)
 
 
 if __name__ == "__main__":
-    fd, parent, directory, cpu, *ids = sys.argv[1:]
-    serve(int(fd), int(parent), directory, int(cpu), (int(ids[0]), int(ids[1])) if ids else None)
+    fd, parent, directory, cpu, clean, *ids = sys.argv[1:]
+    serve(
+        int(fd),
+        int(parent),
+        directory,
+        int(cpu),
+        clean == "1",
+        (int(ids[0]), int(ids[1])) if ids else None,
+    )

@@ -1,0 +1,200 @@
+"""DMARC (RFC 7489): the From: domain's policy, identifier alignment, and the verdict.
+
+:func:`parse_record` reads a ``v=DMARC1`` TXT record (§6.3, §6.4), :func:`discover` finds the
+policy at ``_dmarc.<From domain>`` or else at ``_dmarc.<organizational domain>`` (§6.6.3), the
+organizational domain coming from the public suffix list (``publicsuffixlist``, §3.2), and
+:func:`evaluate` decides: ``pass`` when an SPF or a DKIM pass is aligned with the From domain
+(relaxed: same organizational domain; strict: the same name, §3.1), ``fail`` otherwise,
+``none`` without a policy, ``temperror`` when DNS failed, ``permerror`` when the message has no
+single From domain. The disposition follows ``p``/``sp`` and ``pct`` (§6.6.4: the mail left out
+by ``pct`` gets the next milder policy); the random draw is passed in.
+
+Security notes: only the first address of a single From field is used; a message with several
+From fields or several From domains gets ``permerror`` (§6.6.1 allows refusing it; it is not
+refused here, but it never passes).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from publicsuffixlist import PublicSuffixList
+
+from postroom.auth.dkim_verify import DkimResult
+from postroom.auth.lookup import DnsCache
+from postroom.auth.spf import SpfResult
+
+_FROM = re.compile(rb"(?im)^from[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
+POLICIES = ("none", "quarantine", "reject")
+
+
+@lru_cache(maxsize=1)
+def _psl() -> PublicSuffixList:
+    return PublicSuffixList()
+
+
+def organizational_domain(domain: str) -> str:
+    """RFC 7489 §3.2: the public suffix plus one label (the name itself if it is a suffix)."""
+    domain = domain.lower().rstrip(".")
+    return _psl().privatesuffix(domain) or domain
+
+
+@dataclass(frozen=True)
+class DmarcRecord:
+    p: str
+    sp: str
+    pct: int = 100
+    adkim: str = "r"
+    aspf: str = "r"
+    rua: tuple[str, ...] = ()
+    raw: str = ""
+
+
+def parse_record(text: str) -> DmarcRecord | None:
+    """A DMARC record, or None if ``text`` is not one (§6.3: ``v=DMARC1`` first)."""
+    items = [part.strip() for part in text.split(";")]
+    if not items or items[0].replace(" ", "") != "v=DMARC1":
+        return None
+    tags: dict[str, str] = {}
+    for item in items[1:]:
+        name, sep, value = item.partition("=")
+        if sep:
+            tags.setdefault(name.strip().lower(), value.strip())
+    rua = tuple(
+        uri.strip()
+        for uri in tags.get("rua", "").split(",")
+        if uri.strip().lower().startswith("mailto:")
+    )
+    p = tags.get("p", "").lower()
+    if p not in POLICIES:
+        # §6.6.3: a record whose p is missing or wrong counts as p=none if it has a valid rua.
+        if not rua:
+            return None
+        p = "none"
+    sp = tags.get("sp", "").lower()
+    try:
+        pct = min(100, max(0, int(tags.get("pct", "100"))))
+    except ValueError:
+        pct = 100
+    return DmarcRecord(
+        p=p,
+        sp=sp if sp in POLICIES else p,
+        pct=pct,
+        adkim="s" if tags.get("adkim", "r").lower() == "s" else "r",
+        aspf="s" if tags.get("aspf", "r").lower() == "s" else "r",
+        rua=rua,
+        raw=text,
+    )
+
+
+def from_domains(head: bytes) -> list[str]:
+    """The domains of every address in every From field of the header section ``head``."""
+    domains = []
+    for m in _FROM.finditer(head):
+        value = m.group(1).decode("utf-8", "replace").replace("\r\n", "").replace("\n", "")
+        for _name, addr in email.utils.getaddresses([value]):
+            domain = addr.rpartition("@")[2].strip().lower().rstrip(".")
+            if domain:
+                domains.append(domain)
+            else:
+                domains.append("")
+    return domains
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What DNS said: the record (or None), where it was found, or a temporary failure."""
+
+    record: DmarcRecord | None
+    domain: str = ""  # where the record was found
+    temporary: str = ""
+
+
+async def discover(cache: DnsCache, from_domain: str) -> Policy:
+    """§6.6.3: ``_dmarc.<from domain>``, else ``_dmarc.<organizational domain>``."""
+    org = organizational_domain(from_domain)
+    for domain in dict.fromkeys((from_domain, org)):
+        answer = await cache.query(f"_dmarc.{domain}", "TXT")
+        if answer.temporary:
+            return Policy(None, domain, temporary=answer.error)
+        records = [r for t in answer.txt() if (r := parse_record(t.decode("utf-8", "replace")))]
+        if len(records) == 1:
+            return Policy(records[0], domain)
+        # None, or several: no policy here (§6.6.3 step 2 "more than one": none).
+    return Policy(None)
+
+
+@dataclass(frozen=True)
+class DmarcResult:
+    result: str  # pass, fail, none, temperror, permerror
+    from_domain: str
+    policy: str = "none"  # the record's policy for this domain (p or sp)
+    disposition: str = "none"  # what to do: none, quarantine, reject
+    record: DmarcRecord | None = None
+    policy_domain: str = ""
+    spf_aligned: bool = False
+    dkim_aligned: bool = False
+    reason: str = ""
+    sampled_out: bool = field(default=False)
+
+
+def _aligned(a: str, b: str, mode: str) -> bool:
+    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
+    if mode == "s":
+        return a == b
+    return organizational_domain(a) == organizational_domain(b)
+
+
+def evaluate(
+    from_domains_: Sequence[str],
+    policy: Policy,
+    spf: SpfResult | None,
+    dkim_results: Sequence[DkimResult],
+    rng: random.Random,
+) -> DmarcResult:
+    """The DMARC verdict for one message (pure, given the lookups)."""
+    unique = set(from_domains_)
+    if len(from_domains_) == 0 or "" in unique:
+        return DmarcResult("permerror", "", reason="no From domain")
+    if len(unique) > 1:
+        return DmarcResult("permerror", ",".join(sorted(unique)), reason="several From domains")
+    domain = from_domains_[0]
+    if policy.temporary:
+        return DmarcResult("temperror", domain, reason=policy.temporary)
+    record = policy.record
+    if record is None:
+        return DmarcResult("none", domain)
+    spf_ok = bool(spf and spf.result == "pass" and _aligned(spf.domain, domain, record.aspf))
+    dkim_ok = any(
+        r.result == "pass" and _aligned(r.domain, domain, record.adkim) for r in dkim_results
+    )
+    # §6.6.3: sp applies when the record was found at the organizational domain for a
+    # subdomain of it.
+    requested = record.p if policy.domain == domain else record.sp
+    base = {
+        "from_domain": domain,
+        "policy": requested,
+        "record": record,
+        "policy_domain": policy.domain,
+        "spf_aligned": spf_ok,
+        "dkim_aligned": dkim_ok,
+    }
+    if spf_ok or dkim_ok:
+        return DmarcResult("pass", **base)  # type: ignore[arg-type]
+    disposition = requested
+    sampled_out = False
+    if record.pct < 100 and rng.randrange(100) >= record.pct:
+        # §6.6.4: outside the sample, apply the next milder policy.
+        sampled_out = True
+        disposition = {"reject": "quarantine", "quarantine": "none"}.get(requested, "none")
+    return DmarcResult(
+        "fail",
+        disposition=disposition,
+        sampled_out=sampled_out,
+        **base,  # type: ignore[arg-type]
+    )

@@ -1,0 +1,270 @@
+"""DKIM keys per local domain: making and storing them, and their life from selector to retirement.
+
+Every local domain has an Ed25519 key (RFC 8463) and an RSA-2048 key (RFC 6376 §3.3.3), each
+under a selector postroom chooses (``ed20261101``, ``rsa20261101``; a letter is added when a
+second pair is made on the same day). A key goes through three states:
+
+- ``pending``: made, listed by ``postroom dns``, but it signs nothing until the server has
+  seen its exact public key in DNS (:meth:`KeyRing.confirm`, from ``service.py``);
+- ``active``: seen in DNS; the newest active key of each algorithm signs;
+- ``retiring``: replaced by a newer active key of its algorithm; it no longer signs and stays
+  listed until ``retire_at`` (``[auth] dkim_retire_after`` after it stopped signing), then it
+  is deleted.
+
+``postroom dkim rotate DOMAIN`` adds a new pending pair; nothing else changes until DNS shows
+it. Storage is behind :class:`KeyStore` so that nodes sharing a database share their keys;
+:class:`LocalKeyStore` keeps ``{data_dir}/dkim/{domain}/keys.json`` and one
+``{selector}.pem`` per key. Security notes: private key files are made 0600 in 0700
+directories and their contents never reach a log or an error message; domain names are
+vetted (``address.normalise_domain``) before they become paths.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal, Protocol
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from postroom.address import normalise_domain
+from postroom.storage.local.files import fsync_dir, write_all
+
+Algorithm = Literal["ed25519", "rsa"]
+State = Literal["pending", "active", "retiring"]
+ALGORITHMS: tuple[Algorithm, ...] = ("ed25519", "rsa")
+RSA_BITS = 2048
+_PREFIX = {"ed25519": "ed", "rsa": "rsa"}
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    """One key: its selector, algorithm, state and (PEM, PKCS#8) private key."""
+
+    selector: str
+    algorithm: Algorithm
+    created: float
+    state: State = "pending"
+    published: float | None = None  # when the server first saw it in DNS
+    retire_at: float | None = None  # retiring keys: listed until then
+    private_pem: bytes = b""
+
+    def __repr__(self) -> str:  # never show the private key
+        return f"DkimKey({self.selector!r}, {self.algorithm}, {self.state})"
+
+    def private_key(self) -> ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey:
+        key = serialization.load_pem_private_key(self.private_pem, password=None)
+        assert isinstance(key, ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey)
+        return key
+
+    def public_b64(self) -> str:
+        """The ``p=`` value: the raw 32 octets for Ed25519 (RFC 8463 §4.2), the DER
+        SubjectPublicKeyInfo for RSA (RFC 6376 §3.6.1)."""
+        pub = self.private_key().public_key()
+        if isinstance(pub, ed25519.Ed25519PublicKey):
+            raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        else:
+            raw = pub.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        return base64.b64encode(raw).decode("ascii")
+
+    def record(self) -> str:
+        """The TXT value at ``SELECTOR._domainkey.DOMAIN`` (RFC 6376 §3.6.1)."""
+        return f"v=DKIM1; k={self.algorithm}; p={self.public_b64()}"
+
+    def metadata(self) -> dict[str, object]:
+        data = asdict(self)
+        del data["private_pem"]
+        return data
+
+
+def generate(algorithm: Algorithm, selector: str, now: float) -> DkimKey:
+    """A fresh key (RSA with 2048 bits and e = 65537)."""
+    key: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+    if algorithm == "ed25519":
+        key = ed25519.Ed25519PrivateKey.generate()
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return DkimKey(selector, algorithm, now, private_pem=pem)
+
+
+def new_selector(algorithm: Algorithm, now: float, taken: Iterable[str]) -> str:
+    """``ed20261101``, then ``ed20261101b``, ``...c`` for more on the same day."""
+    day = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y%m%d")
+    base = f"{_PREFIX[algorithm]}{day}"
+    used = set(taken)
+    if base not in used:
+        return base
+    for letter in "bcdefghijklmnopqrstuvwxyz":
+        if base + letter not in used:
+            return base + letter
+    raise ValueError("too many DKIM keys made today")
+
+
+class KeyStore(Protocol):
+    """Where DKIM keys live (the local files, or a database shared by nodes)."""
+
+    def load(self, domain: str) -> list[DkimKey]: ...
+
+    def save(self, domain: str, keys: list[DkimKey]) -> None:
+        """Replace the domain's keys (states) at once; new keys' private parts stored."""
+        ...
+
+    def version(self, domain: str) -> object:
+        """Changes whenever :meth:`save` ran (from any process), so a reader can reload."""
+        ...
+
+
+class LocalKeyStore:
+    """``{data_dir}/dkim/{domain}/``: ``keys.json`` (states) and ``{selector}.pem`` (0600)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / "dkim"
+
+    def _dir(self, domain: str) -> Path:
+        return self.root / normalise_domain(domain)
+
+    def load(self, domain: str) -> list[DkimKey]:
+        folder = self._dir(domain)
+        try:
+            entries = json.loads((folder / "keys.json").read_bytes())
+        except FileNotFoundError:
+            return []
+        keys = []
+        for entry in entries:
+            selector = str(entry["selector"])
+            _check_selector(selector)
+            pem = (folder / f"{selector}.pem").read_bytes()
+            keys.append(DkimKey(**entry, private_pem=pem))
+        return keys
+
+    def save(self, domain: str, keys: list[DkimKey]) -> None:
+        folder = self._dir(domain)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        folder.mkdir(exist_ok=True, mode=0o700)
+        wanted = set()
+        for key in keys:
+            _check_selector(key.selector)
+            wanted.add(f"{key.selector}.pem")
+            path = folder / f"{key.selector}.pem"
+            if not path.exists():
+                _write_private(path, key.private_pem)
+        _write_private(
+            folder / "keys.json", json.dumps([k.metadata() for k in keys], indent=1).encode()
+        )
+        for name in os.listdir(folder):
+            if name.endswith(".pem") and name not in wanted:
+                os.unlink(folder / name)  # a retired key: gone for good
+        fsync_dir(folder)
+
+    def version(self, domain: str) -> object:
+        try:
+            st = os.stat(self._dir(domain) / "keys.json")
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+
+def _check_selector(selector: str) -> None:
+    if not (selector.isascii() and selector.isalnum()):
+        raise ValueError(f"bad DKIM selector {selector!r}")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, 0600 from the first octet, fsync'ed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        write_all(fd, (data,))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class KeyRing:
+    """The rules of the key life cycle, over a :class:`KeyStore`. ``now`` is passed in."""
+
+    def __init__(self, store: KeyStore, retire_after: float) -> None:
+        self.store = store
+        self.retire_after = retire_after
+
+    def ensure(self, domain: str, now: float) -> list[DkimKey]:
+        """The domain's keys, making a first pair if it has none that signs or will."""
+        keys = self.store.load(domain)
+        if not any(k.state != "retiring" for k in keys):
+            keys = self._add_pair(domain, keys, now)
+        return keys
+
+    def rotate(self, domain: str, now: float) -> list[DkimKey]:
+        """A new pending pair; the current keys sign on until DNS shows the new ones."""
+        keys = [k for k in self.store.load(domain) if k.state != "pending"]
+        return self._add_pair(domain, keys, now)
+
+    def _add_pair(self, domain: str, keys: list[DkimKey], now: float) -> list[DkimKey]:
+        taken = [k.selector for k in keys]
+        for algorithm in ALGORITHMS:
+            selector = new_selector(algorithm, now, taken)
+            taken.append(selector)
+            keys.append(generate(algorithm, selector, now))
+        self.store.save(domain, keys)
+        return keys
+
+    def confirm(self, domain: str, selector: str, now: float) -> list[DkimKey]:
+        """DNS shows ``selector``: it signs from now on, and older keys of its algorithm retire
+        (listed until ``retire_after`` from now, when they signed for the last time)."""
+        keys = self.store.load(domain)
+        new = next((k for k in keys if k.selector == selector), None)
+        if new is None or new.state != "pending":
+            return keys
+        out = []
+        for key in keys:
+            if key.selector == selector:
+                key = replace(key, state="active", published=now)
+            elif key.algorithm == new.algorithm and key.state == "active":
+                key = replace(key, state="retiring", retire_at=now + self.retire_after)
+            elif (
+                key.algorithm == new.algorithm
+                and key.state == "pending"
+                and key.created < new.created
+            ):
+                continue  # an older key that DNS never showed is of no use now
+            out.append(key)
+        self.store.save(domain, out)
+        return out
+
+    def expire(self, domain: str, now: float) -> list[DkimKey]:
+        """Forget retiring keys whose time is up."""
+        keys = self.store.load(domain)
+        kept = [k for k in keys if not (k.state == "retiring" and (k.retire_at or 0) <= now)]
+        if len(kept) != len(keys):
+            self.store.save(domain, kept)
+        return kept
+
+
+def signing_keys(keys: Iterable[DkimKey]) -> list[DkimKey]:
+    """The newest active key of each algorithm: those that sign."""
+    best: dict[str, DkimKey] = {}
+    for key in keys:
+        if key.state == "active" and (
+            key.algorithm not in best or key.created > best[key.algorithm].created
+        ):
+            best[key.algorithm] = key
+    return [best[a] for a in ALGORITHMS if a in best]
+
+
+def listed_keys(keys: Iterable[DkimKey], now: float) -> list[DkimKey]:
+    """The keys ``postroom dns`` lists: those that sign, will sign, or signed lately."""
+    return [k for k in keys if k.state != "retiring" or (k.retire_at or 0) > now]

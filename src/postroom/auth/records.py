@@ -1,0 +1,127 @@
+"""The DNS records a local domain publishes, as ``postroom dns`` prints them, and their check.
+
+For a local domain: the MX (pointing at ``hostname``, RFC 5321 §5.1), an SPF TXT
+(``v=spf1 mx -all``: the MX hosts send, nothing else does, RFC 7208), one DKIM TXT per listed
+selector at ``SELECTOR._domainkey.DOMAIN`` (RFC 6376 §3.6.2.1), and a DMARC TXT at
+``_dmarc.DOMAIN`` with ``[auth] dmarc_policy`` and a ``rua=`` address at the domain (RFC 7489
+§6.3). :func:`master_line` writes RFC 1035 §5.1 master-file lines with absolute names, TTL and
+class ``IN``, TXT values as quoted strings of at most 255 octets (RFC 1035 §3.3.14);
+:func:`check` compares each record with what DNS answers, record by record. Pure except
+:func:`check`, which asks the shared DNS cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from postroom.auth.dkim_verify import tags
+from postroom.auth.dmarc import parse_record
+from postroom.auth.keys import DkimKey
+from postroom.auth.lookup import DnsCache
+
+TTL = 3600
+MX_PREFERENCE = 10
+
+
+@dataclass(frozen=True)
+class DnsRecord:
+    name: str  # absolute, with the final dot
+    type: str
+    ttl: int
+    value: str  # MX: "10 host."; TXT: the text, unquoted and unsplit
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def dmarc_value(policy: str, rua: str) -> str:
+    return f"v=DMARC1; p={policy}; rua=mailto:{rua}"
+
+
+def wanted(
+    domain: str, hostname: str, keys: list[DkimKey], policy: str, rua: str
+) -> list[DnsRecord]:
+    """The records to publish for ``domain`` (``keys``: the listed ones)."""
+    origin = f"{domain}."
+    out = [
+        DnsRecord(origin, "MX", TTL, f"{MX_PREFERENCE} {hostname.rstrip('.')}."),
+        DnsRecord(origin, "TXT", TTL, "v=spf1 mx -all"),
+    ]
+    out += [DnsRecord(f"{k.selector}._domainkey.{origin}", "TXT", TTL, k.record()) for k in keys]
+    out.append(DnsRecord(f"_dmarc.{origin}", "TXT", TTL, dmarc_value(policy, rua)))
+    return out
+
+
+def txt_strings(value: str) -> list[str]:
+    """``value`` cut into strings of at most 255 octets (RFC 1035 §3.3.14), quoted."""
+    raw = value.encode("utf-8")
+    chunks = [raw[i : i + 255] for i in range(0, len(raw), 255)] or [b""]
+    out = []
+    for chunk in chunks:
+        text = chunk.decode("utf-8", "replace").replace("\\", "\\\\").replace('"', '\\"')
+        out.append(f'"{text}"')
+    return out
+
+
+def master_line(record: DnsRecord) -> str:
+    """One RFC 1035 master-file line."""
+    value = " ".join(txt_strings(record.value)) if record.type == "TXT" else record.value
+    return f"{record.name}\t{record.ttl}\tIN\t{record.type}\t{value}"
+
+
+@dataclass(frozen=True)
+class Finding:
+    record: DnsRecord
+    status: str  # ok, missing, different, unknown (DNS failed)
+    found: str = ""
+
+    def line(self) -> str:
+        where = f"{self.record.name} {self.record.type}"
+        if self.status == "ok":
+            return f"ok\t{where}"
+        if self.status == "missing":
+            return f"missing\t{where}: publish {master_line(self.record)}"
+        if self.status == "unknown":
+            return f"unknown\t{where}: DNS lookup failed: {self.found}"
+        return f"different\t{where}: DNS has {self.found!r}, expected {self.record.value!r}"
+
+
+def _same(record: DnsRecord, text: str) -> bool:
+    if record.name.startswith("_dmarc."):
+        return parse_record(text) == parse_record(record.value)
+    if "._domainkey." in record.name:
+        have, want = tags(text.encode()), tags(record.value.encode())
+        return have.get(b"p") == want.get(b"p") and have.get(b"k", b"rsa") == want.get(b"k")
+    return " ".join(text.split()) == " ".join(record.value.split())
+
+
+async def check(cache: DnsCache, records: list[DnsRecord]) -> list[Finding]:
+    """Each record against what DNS answers now (fresh, not from the cache)."""
+    out = []
+    for record in records:
+        answer = await cache.query(record.name, record.type, fresh=True)
+        if answer.temporary:
+            out.append(Finding(record, "unknown", answer.error))
+            continue
+        if record.type == "MX":
+            host = record.value.split()[1].rstrip(".").lower()
+            hosts = [h for _p, h in answer.records] if answer.status == "ok" else []
+            if host in hosts:
+                out.append(Finding(record, "ok"))
+            else:
+                out.append(Finding(record, "different" if hosts else "missing", " ".join(hosts)))
+            continue
+        texts = [t.decode("utf-8", "replace") for t in answer.txt()]
+        if record.name.startswith("_dmarc."):
+            kin = [t for t in texts if t.replace(" ", "").startswith("v=DMARC1")]
+        elif "._domainkey." in record.name:
+            kin = texts
+        else:
+            kin = [t for t in texts if t.lower().startswith("v=spf1")]
+        if any(_same(record, t) for t in kin):
+            out.append(Finding(record, "ok"))
+        elif kin:
+            out.append(Finding(record, "different", kin[0]))
+        else:
+            out.append(Finding(record, "missing"))
+    return out

@@ -1,0 +1,114 @@
+"""The ``Authentication-Results`` header field (RFC 8601): rendering ours, removing forged ones.
+
+:func:`render` writes one field whose authserv-id is our ``hostname`` with the ``spf``,
+``dkim`` (one result per signature, or ``none``) and ``dmarc`` results (RFC 8601 §2.2, §2.7;
+``header.b`` from RFC 6008). :func:`strip_ours` removes every field already in the header
+section that names our authserv-id (§5: they cannot be ours, since ours is only added here),
+including folded ones and ones with comments before the id. Pure: bytes in, bytes out.
+
+Security notes: values that come from the message or the client (domains, HELO) are reduced
+to RFC 8601 ``value`` characters (a token or a quoted string) so that nothing a sender writes
+can add results or fields of its own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from postroom.auth.dkim_verify import DkimResult
+from postroom.auth.dmarc import DmarcResult
+from postroom.auth.spf import SpfResult
+
+_FIELD = re.compile(rb"(?im)^authentication-results[ \t]*:")
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~@]+$")
+_COMMENT = re.compile(rb"^\s*\((?:[^()\\]|\\.)*\)")
+
+
+def _value(text: str) -> str:
+    """A token if it is one, else a quoted string (RFC 2045 §5.1 value)."""
+    text = "".join(c for c in text if c.isprintable() and c not in "\r\n")[:255]
+    if text and _TOKEN.match(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render(
+    authserv_id: str,
+    spf: SpfResult | None,
+    dkim_results: Sequence[DkimResult],
+    dmarc: DmarcResult | None,
+) -> bytes:
+    """The whole field, folded, CRLF-terminated."""
+    parts: list[str] = []
+    if spf is not None:
+        prop = "smtp.mailfrom" if spf.identity == "mailfrom" else "smtp.helo"
+        parts.append(f"spf={spf.result} {prop}={_value(spf.domain)}")
+    if not dkim_results:
+        parts.append("dkim=none")
+    for r in dkim_results:
+        text = f"dkim={r.result}"
+        if r.reason and r.result != "pass":
+            text += f" ({_comment(r.reason)})"
+        if r.domain:
+            text += f" header.d={_value(r.domain)}"
+        if r.selector:
+            text += f" header.s={_value(r.selector)}"
+        if r.algorithm:
+            text += f" header.a={_value(r.algorithm)}"
+        if r.b:
+            text += f" header.b={_value(r.b)}"
+        parts.append(text)
+    if dmarc is not None:
+        text = f"dmarc={dmarc.result}"
+        if dmarc.record is not None:
+            text += f" (p={dmarc.policy} dis={dmarc.disposition})"
+        if dmarc.from_domain:
+            text += f" header.from={_value(dmarc.from_domain)}"
+        parts.append(text)
+    body = ";\r\n\t".join(parts)
+    return f"Authentication-Results: {authserv_id};\r\n\t{body}\r\n".encode("utf-8", "replace")
+
+
+def _comment(text: str) -> str:
+    return "".join(c for c in text if c.isprintable() and c not in "()\\")[:120]
+
+
+def authserv_id(value: bytes) -> str:
+    """The authserv-id of a field value (after any leading comments)."""
+    rest = value.replace(b"\r\n", b" ").replace(b"\n", b" ")
+    while True:
+        m = _COMMENT.match(rest)
+        if not m:
+            break
+        rest = rest[m.end() :]
+    token = re.split(rb"[\s;()]", rest.strip(), maxsplit=1)[0]
+    return token.decode("utf-8", "replace").strip('"').lower().rstrip(".")
+
+
+def strip_ours(message: bytes, ours: str) -> bytes:
+    """``message`` without the Authentication-Results fields of its header section that name
+    ``ours`` as their authserv-id (RFC 8601 §5)."""
+    end = message.find(b"\r\n\r\n")
+    head_end = len(message) if end < 0 else end + 2
+    head = message[:head_end]
+    if not _FIELD.search(head):
+        return message
+    ours = ours.lower().rstrip(".")
+    lines = head.split(b"\r\n")
+    out: list[bytes] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        j = i + 1
+        while j < len(lines) and lines[j][:1] in (b" ", b"\t"):
+            j += 1  # folded continuation lines belong to this field
+        field_lines = lines[i:j]
+        if _FIELD.match(line):
+            value = b"\r\n".join(field_lines).split(b":", 1)[1]
+            if authserv_id(value) == ours:
+                i = j
+                continue
+        out += field_lines
+        i = j
+    return b"\r\n".join(out) + message[head_end:]

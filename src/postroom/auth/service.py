@@ -1,0 +1,366 @@
+"""Sender authentication as the server runs it: the one object the SMTP policy calls.
+
+:meth:`SenderAuth.end_of_data` is called once per message, before the hand-off to the queue:
+
+- from an authenticated user whose ``From:`` domain is local, the message is DKIM-signed
+  with every key of that domain that DNS already shows (``keys.py``);
+- on the ``smtp`` service, from anyone else, SPF, every DKIM signature and DMARC are checked,
+  our forged ``Authentication-Results`` are removed and ours is put on top (RFC 8601); a
+  DMARC ``fail`` with ``p=reject`` gets ``550 5.7.1`` (unless ``[auth] dmarc_enforce`` is
+  false), with ``p=quarantine`` the message gets ``X-Spam-Flag: YES`` for the users' filters.
+
+All DNS goes through one :class:`~postroom.auth.lookup.DnsCache`, and all of a message's
+lookups together take at most ``[auth] check_timeout``: what is not answered by then counts
+as ``temperror``, which never refuses mail. :func:`count_verdict` is the one place each
+result passes (for the metrics). :meth:`SenderAuth.run` is the primary worker's periodic
+work: looking for pending DKIM keys in DNS, retiring old ones, and the daily DMARC reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from postroom.auth import dkim_sign, dkim_verify, dmarc, keys, records, reports, results, spf
+from postroom.auth.lookup import DnsCache
+from postroom.config import Config
+from postroom.wire.replies import Reply
+
+log = logging.getLogger("postroom")
+
+DMARC_REJECT = Reply(550, "5.7.1", ("Rejected by the DMARC policy of the From domain",))
+QUARANTINE_HEADER = b"X-Spam-Flag: YES\r\n"
+RECHECK = 2.0  # seconds between on-demand looks for a pending key in DNS
+verdicts: Counter[tuple[str, str]] = Counter()
+
+
+QueueMessage = Callable[[str, list[str], bytes], Awaitable[str]]
+
+
+def count_verdict(method: str, result: str) -> None:
+    """Called once per verdict (``spf``/``dkim``/``dmarc``, an RFC 8601 result name)."""
+    verdicts[(method, result)] += 1
+
+
+class Message(Protocol):
+    """The message being received, as the SMTP policy holds it (a ``MessageDraft``)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def whole(self) -> bytes: ...
+
+    def replace(self, data: bytes) -> None: ...
+
+
+@dataclass
+class Verdict:
+    spf: spf.SpfResult | None
+    dkim: list[dkim_verify.DkimResult]
+    dmarc: dmarc.DmarcResult | None
+
+
+class SenderAuth:
+    """DKIM signing, inbound checks, key upkeep and reports for one server process."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        cache: DnsCache,
+        store: keys.KeyStore,
+        *,
+        run_blocking: Callable[..., Awaitable[object]] | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.cache = cache
+        self.store = store
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._run_blocking = run_blocking
+        self._keys: dict[str, tuple[object, list[keys.DkimKey], list[dkim_sign.SigningKey]]] = {}
+        self._last_look: dict[str, float] = {}
+        self._looking: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def ring(self) -> keys.KeyRing:
+        return keys.KeyRing(self.store, self.cfg.auth.dkim_retire_after)
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def ensure_keys(self) -> None:
+        """Every local domain has keys (made on first start)."""
+        now = self.clock()
+        for domain in self.cfg.domains:
+            self.ring.ensure(domain, now)
+
+    def _domain_keys(self, domain: str) -> tuple[list[keys.DkimKey], list[dkim_sign.SigningKey]]:
+        version = self.store.version(domain)
+        cached = self._keys.get(domain)
+        if cached is None or cached[0] != version:
+            all_keys = self.store.load(domain)
+            signers = [
+                dkim_sign.SigningKey(domain, k.selector, k.private_key())
+                for k in keys.signing_keys(all_keys)
+            ]
+            cached = (version, all_keys, signers)
+            self._keys[domain] = cached
+        return cached[1], cached[2]
+
+    async def look_for_pending(self, domain: str) -> None:
+        """Confirm each pending key whose exact record DNS now shows; expire retired ones."""
+        now = self.clock()
+        self._last_look[domain] = now
+        for key in self.store.load(domain):
+            if key.state != "pending":
+                continue
+            name = f"{key.selector}._domainkey.{domain}"
+            answer = await self.cache.query(name, "TXT", fresh=True)
+            want = key.public_b64().encode()
+            if any(dkim_verify.tags(t).get(b"p") == want for t in answer.txt()):
+                log.info(
+                    "DKIM key %s of %s seen in DNS: it signs from now on", key.selector, domain
+                )
+                self.ring.confirm(domain, key.selector, self.clock())
+        self.ring.expire(domain, self.clock())
+
+    async def _maybe_look(self, domain: str, all_keys: list[keys.DkimKey]) -> None:
+        """While a key waits for DNS, look again at most every RECHECK seconds, shared."""
+        if not any(k.state == "pending" for k in all_keys):
+            return
+        if self.clock() - self._last_look.get(domain, 0.0) < RECHECK:
+            return
+        task = self._looking.get(domain)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self.look_for_pending(domain))
+            self._looking[domain] = task
+        try:
+            await asyncio.wait_for(asyncio.shield(task), min(3.0, self.cfg.dns.timeout))
+        except Exception as exc:  # DNS trouble: sign with what is confirmed
+            log.info("looking for pending DKIM keys of %s: %r", domain, exc)
+
+    # -- the end of DATA -----------------------------------------------------------------------
+
+    async def end_of_data(
+        self,
+        message: Message,
+        *,
+        port: str,
+        auth_user: str | None,
+        client_ip: str,
+        helo: str,
+        sender: str,
+    ) -> Reply | None:
+        """Sign or check ``message`` (changing it in place); a Reply refuses it."""
+        auth = self.cfg.auth
+        too_large = message.size > auth.check_max_size
+        if auth_user is not None:
+            if auth.dkim_sign and not too_large:
+                await self._sign(message)
+            return None
+        if port != "smtp" or not auth.checks:
+            return None
+        if too_large:
+            # Forged results are removed all the same; only SPF is checked (no refusal).
+            whole = message.whole()
+            result = await spf.check(self.cache, client_ip, sender, helo, self.cfg.hostname)
+            count_verdict("spf", result.result)
+            header = results.render(self.cfg.hostname, result, [], None)
+            message.replace(header + results.strip_ours(whole, self.cfg.hostname))
+            return None
+        return await self._check(message, client_ip, helo, sender)
+
+    async def _sign(self, message: Message) -> None:
+        whole = message.whole()
+        domains = dmarc.from_domains(_head(whole))
+        if len(set(domains)) != 1 or not self.cfg.is_local_domain(domains[0]):
+            return
+        domain = domains[0]
+        all_keys, _ = self._domain_keys(domain)
+        await self._maybe_look(domain, all_keys)
+        _, signers = self._domain_keys(domain)
+        if not signers:
+            return
+        now = int(self.clock())
+        if self._run_blocking is not None:
+            header = await self._run_blocking(dkim_sign.sign, whole, signers, now)
+        else:
+            header = dkim_sign.sign(whole, signers, now)
+        assert isinstance(header, bytes)
+        message.replace(header + whole)
+
+    async def verify(self, whole: bytes, client_ip: str, helo: str, sender: str) -> Verdict:
+        """SPF, DKIM and DMARC of one message, all within ``[auth] check_timeout``."""
+        head = _head(whole)
+        from_domains = dmarc.from_domains(head)
+        single = from_domains[0] if len(set(from_domains)) == 1 and from_domains[0] else ""
+
+        async def spf_task() -> spf.SpfResult:
+            return await spf.check(self.cache, client_ip, sender, helo, self.cfg.hostname)
+
+        async def policy_task() -> dmarc.Policy:
+            return await dmarc.discover(self.cache, single) if single else dmarc.Policy(None)
+
+        spf_job = asyncio.ensure_future(spf_task())
+        keys_job = asyncio.ensure_future(dkim_verify.prefetch(self.cache, head))
+        policy_job = asyncio.ensure_future(policy_task())
+        jobs = [spf_job, keys_job, policy_job]
+        _done, pending = await asyncio.wait(jobs, timeout=self.cfg.auth.check_timeout)
+        for job in pending:
+            job.cancel()
+        domain = sender.rpartition("@")[2] if sender else helo
+        spf_result = (
+            spf_job.result()
+            if spf_job in _done and not spf_job.exception()
+            else spf.SpfResult(
+                "temperror", domain, "mailfrom" if sender else "helo", problem="DNS time-out"
+            )
+        )
+        key_answers = keys_job.result() if keys_job in _done and not keys_job.exception() else {}
+        policy = (
+            policy_job.result()
+            if policy_job in _done and not policy_job.exception()
+            else dmarc.Policy(None, temporary="DNS time-out")
+        )
+        if self._run_blocking is not None:
+            dkim_results = await self._run_blocking(dkim_verify.verify, whole, key_answers)
+        else:
+            dkim_results = dkim_verify.verify(whole, key_answers)
+        assert isinstance(dkim_results, list)
+        dmarc_result = dmarc.evaluate(from_domains, policy, spf_result, dkim_results, self.rng)
+        return Verdict(spf_result, dkim_results, dmarc_result)
+
+    async def _check(
+        self, message: Message, client_ip: str, helo: str, sender: str
+    ) -> Reply | None:
+        whole = message.whole()
+        verdict = await self.verify(whole, client_ip, helo, sender)
+        count_verdict("spf", verdict.spf.result if verdict.spf else "none")
+        for r in verdict.dkim or ():
+            count_verdict("dkim", r.result)
+        if not verdict.dkim:
+            count_verdict("dkim", "none")
+        result = verdict.dmarc
+        assert result is not None
+        count_verdict("dmarc", result.result)
+        if self.cfg.auth.dmarc_reports and result.record is not None:
+            try:
+                reports.record(
+                    self.cfg.data_dir / "dmarc",
+                    client_ip,
+                    sender.rpartition("@")[2] if sender else helo,
+                    verdict.spf,
+                    verdict.dkim,
+                    result,
+                    self.clock(),
+                )
+            except OSError as exc:
+                log.warning("could not record a DMARC result: %s", exc)
+        if result.result == "fail":
+            log.info(
+                "DMARC fail for %s from %s (p=%s, disposition %s)",
+                result.from_domain,
+                client_ip,
+                result.policy,
+                result.disposition,
+            )
+            if result.disposition == "reject" and self.cfg.auth.dmarc_enforce:
+                return DMARC_REJECT
+        header = results.render(self.cfg.hostname, verdict.spf, verdict.dkim, result)
+        if result.result == "fail" and result.disposition == "quarantine":
+            header += QUARANTINE_HEADER
+        message.replace(header + results.strip_ours(whole, self.cfg.hostname))
+        return None
+
+    # -- DNS records ---------------------------------------------------------------------------
+
+    def records(self, domain: str) -> list[records.DnsRecord]:
+        """What ``postroom dns DOMAIN`` prints (keys made first if need be)."""
+        self.ring.ensure(domain, self.clock())
+        listed = keys.listed_keys(self.store.load(domain), self.clock())
+        rua = self.cfg.auth.dmarc_rua or f"postmaster@{domain}"
+        return records.wanted(domain, self.cfg.hostname, listed, self.cfg.auth.dmarc_policy, rua)
+
+    # -- periodic work -------------------------------------------------------------------------
+
+    async def send_reports(self, queue: QueueMessage) -> int:
+        """Take the recorded rows and queue one signed report per policy domain and rua;
+        ``queue(sender, recipients, message)`` queues a message. Returns the count."""
+        folder = self.cfg.data_dir / "dmarc"
+        now = self.clock()
+        rows = reports.take(folder, now)
+        if not rows:
+            reports.done(folder)
+            return 0
+        domain = self.cfg.domains[0]
+        sender = f"postmaster@{domain}"
+        built = reports.build(
+            rows, self.cfg.hostname, sender, int(now), f"{int(now)}.{self.cfg.hostname}"
+        )
+        sent = 0
+        for report in built:
+            to = await reports.destinations(self.cache, report)
+            if not to:
+                continue
+            message = reports.compose(report, self.cfg.hostname, f"dmarc-reports@{domain}", to, now)
+            _, signers = self._domain_keys(domain)
+            message = dkim_sign.sign(message, signers, int(now)) + message
+            queue_id = await queue(sender, to, message)
+            log.info(
+                "DMARC report %s for %s queued as %s",
+                report.report_id,
+                report.policy_domain,
+                queue_id,
+            )
+            sent += 1
+        reports.done(folder)
+        return sent
+
+    async def run(self, queue: QueueMessage) -> None:
+        """The primary worker's upkeep: pending keys, retired keys, daily reports."""
+        stamp = self.cfg.data_dir / "dmarc" / "last-report"
+        while True:
+            for domain in self.cfg.domains:
+                try:
+                    await self.look_for_pending(domain)
+                except Exception as exc:  # keep looking next time
+                    log.warning("DKIM key upkeep for %s failed: %r", domain, exc)
+            if self.cfg.auth.dmarc_reports and _due(
+                stamp, self.cfg.auth.dmarc_report_interval, self.clock()
+            ):
+                try:
+                    await self.send_reports(queue)
+                    _touch(stamp)
+                except Exception as exc:
+                    log.warning("DMARC reports failed: %r", exc)
+            await asyncio.sleep(self.cfg.auth.dkim_check_interval)
+
+
+def _head(message: bytes) -> bytes:
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[: end + 2]
+
+
+def _due(stamp: Path, interval: float, now: float) -> bool:
+    try:
+        last = stamp.stat().st_mtime
+    except FileNotFoundError:
+        _touch(stamp)  # the first period starts now
+        return False
+    return now - last >= interval
+
+
+def _touch(stamp: Path) -> None:
+    stamp.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    stamp.touch(mode=0o600)
+    now = time.time()
+    os.utime(stamp, (now, now))

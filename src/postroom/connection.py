@@ -1,0 +1,491 @@
+"""The asyncio glue that the SMTP and POP3 servers share: one connection, from accept to close.
+
+A :class:`Connection` owns the transport and one sans-I/O engine, and does what is the same for
+both protocols: the connection limits at accept, feeding bytes in and writing replies out (all
+replies of one batch in one write), flow control both ways, TLS, time-outs and graceful
+shutdown. The protocol subclasses (``smtp/server.py``, ``pop3/server.py``) only turn engine
+events into answers. Events are answered inside ``data_received`` when that needs no waiting
+(almost all); the rest run as one task at a time, while further input waits in the engine.
+
+TLS is done here with ``ssl.MemoryBIO`` (RFC 8314 implicit TLS, and STARTTLS/STLS, RFC 3207
+§4.2, RFC 2595 §4) rather than by asyncio's SSL transport, so that this module owns every
+buffer: the switch happens within the call that handled the STARTTLS command, right after the
+plaintext ``220``/``+OK`` is written, with the checked invariant that no plaintext octet is
+buffered anywhere (the engine discarded what was pipelined; the glue keeps no buffer of its
+own), which closes the CVE-2011-0411 class of bugs by construction. It also lets a client that
+ends with ``close_notify`` (or a TCP FIN) right after pipelining its commands get all its
+answers before the connection closes, lets a failed handshake send its alert, and makes every
+listener use the context in force when the connection arrives (a reloaded certificate included).
+
+Events of a connection's life each happen in one place here: made (:meth:`connection_made`),
+TLS handshake done or failed (:meth:`_handshake_done`, :meth:`_tls_failed`), lost
+(:meth:`connection_lost`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
+
+from postroom import logs
+from postroom.wire.events import NEED_DATA, Closing, StartTLS
+
+if TYPE_CHECKING:
+    from postroom.services import Services
+
+TLS_READ = 1 << 16
+LARGE_PART = 1 << 12  # parts at least this large are written without joining them
+
+
+class Engine(Protocol):
+    """What the glue needs of a sans-I/O engine."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def receive_data(self, data: bytes) -> None: ...
+
+    def pending_input(self) -> int: ...
+
+    def data_to_send(self) -> bytes: ...
+
+    def parts_to_send(self) -> list[bytes]: ...
+
+    def next_event(self) -> object: ...
+
+
+class TlsLayer:
+    """Server-side TLS over memory buffers: ciphertext in, plaintext out, and back."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self.ready = False  # the handshake is done
+        self.peer_closed = False  # the client sent close_notify
+
+    def feed(self, data: bytes) -> bytes:
+        """Ciphertext from the client -> the plaintext it carried (maybe b"").
+
+        Raises ``ssl.SSLError`` for a failed handshake or a broken record; :meth:`outgoing`
+        then holds the alert to send."""
+        self._incoming.write(data)
+        if not self.ready:
+            try:
+                self.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                return b""
+            self.ready = True
+        parts = []
+        obj, incoming = self.obj, self._incoming
+        try:
+            while True:
+                chunk = obj.read(TLS_READ)
+                if not chunk:
+                    self.peer_closed = True  # read() returns b"" at close_notify
+                    break
+                parts.append(chunk)
+                if not incoming.pending and not obj.pending():
+                    break  # all read (saves the SSLWantReadError of one more read)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self.peer_closed = True
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def outgoing(self) -> bytes:
+        """Ciphertext to send (handshake messages, alerts, session tickets)."""
+        return self._outgoing.read()
+
+    def encrypt(self, data: bytes) -> bytes:
+        self.obj.write(data)
+        return self._outgoing.read()
+
+    def encrypt_all(self, parts: list[bytes]) -> bytes:
+        for data in parts:
+            self.obj.write(data)
+        return self._outgoing.read()
+
+    def close_notify(self) -> bytes:
+        with contextlib.suppress(ssl.SSLError, ValueError):
+            self.obj.unwrap()
+        return self._outgoing.read()
+
+
+class Connection(asyncio.Protocol):
+    """One client connection; subclasses make the engine and answer its events."""
+
+    kind = "connection"  # "SMTP" or "POP3" in logs
+    read_high_water = 1 << 16  # stop reading while the engine holds more unread input
+
+    engine: Engine | None
+
+    def __init__(self, services: Services, implicit_tls: bool) -> None:
+        self.services = services
+        self.implicit_tls = implicit_tls
+        self.transport: asyncio.Transport | None = None
+        self.tls: TlsLayer | None = None
+        self.engine = None
+        self.client_ip = ""
+        self.started = self.last_activity = 0.0
+        self._lost = False
+        self._eof = False
+        self._read_paused = False
+        self._write_paused = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._released = False
+        self._tls_since = 0.0
+        self._greeting: bytes | None = None  # held back until the implicit TLS handshake
+
+    # -- what a protocol provides --------------------------------------------------------------
+
+    def refusal(self) -> bytes:
+        """The answer to a connection over the limits (or during shutdown)."""
+        raise NotImplementedError
+
+    def begin(self) -> bytes:
+        """Make the engine (and the protocol's session state); returns the greeting."""
+        raise NotImplementedError
+
+    def handle(self, event: object) -> Coroutine[Any, Any, None] | None:
+        """Answer an engine event; a coroutine if the answer must wait (run as the task)."""
+        raise NotImplementedError
+
+    def tls_started(self) -> None:
+        """The STARTTLS/STLS handshake is done: reset the engine and session (RFC 3207 §4.2)."""
+        raise NotImplementedError
+
+    def final_words(self, why: str) -> None:
+        """Queue the engine's last reply before we close: ``timeout`` or ``shutdown``."""
+        raise NotImplementedError
+
+    def idle_limit(self) -> float:
+        """Seconds of silence allowed in the current state."""
+        raise NotImplementedError
+
+    def session_limit(self) -> float | None:
+        """Seconds a whole session may last, or None."""
+        return None
+
+    def busy(self) -> bool:
+        """In the middle of something that a shutdown should let finish (a message)."""
+        return False
+
+    def released(self) -> None:
+        """The connection is gone: drop the protocol's session state (nothing is applied)."""
+
+    # -- asyncio.Protocol callbacks ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.client_ip = str(peer[0]) if peer else "unknown"
+        services = self.services
+        sock = transport.get_extra_info("socket")
+        fileno = sock.fileno() if sock is not None else -1  # descriptors running short: 421
+        if services.stopping or not services.connections.acquire(self.client_ip, self, fileno):
+            self._lost = True
+            if not self.implicit_tls:  # over implicit TLS nothing can be said before a handshake
+                transport.write(self.refusal())  # type: ignore[attr-defined]
+            transport.close()
+            return
+        self.started = self.last_activity = time.monotonic()
+        greeting = self.begin()
+        if self.implicit_tls:
+            self._greeting = greeting  # it follows the handshake
+            self._start_tls()
+        else:
+            self._write(greeting)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lost or self.engine is None:
+            return  # closing: input is dropped
+        self.last_activity = time.monotonic()
+        tls = self.tls
+        if tls is not None:
+            was_ready = tls.ready
+            try:
+                data = tls.feed(data)
+            except ssl.SSLError as exc:
+                self._tls_failed(str(exc))
+                return
+            out = tls.outgoing()
+            if out and self.transport is not None:
+                self.transport.write(out)
+            if not tls.ready:
+                return
+            if not was_ready:
+                self._handshake_done()
+            if tls.peer_closed:
+                self._eof = True
+        engine = self.engine
+        if data:
+            engine.receive_data(data)
+        if self._task is None and not self._write_paused:
+            self._process()
+        if (
+            not self._lost
+            and not self._read_paused
+            and engine.pending_input() > self.read_high_water
+        ):
+            self._pause_reading()
+
+    def eof_received(self) -> bool | None:
+        # Keep the transport open (a plain TCP transport: TLS is ours): answer what the client
+        # pipelined before its FIN, then close.
+        if self._lost or self.engine is None:
+            return None
+        self._eof = True
+        if self._task is None and not self._write_paused:
+            self._process()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._writable.set()
+        self.services.connections.release(self.client_ip, self)
+        if self._task is None:
+            self._release()
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop executing its commands until it does.
+        self._write_paused = True
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.last_activity = time.monotonic()  # the client is reading: it is not idle
+        self._writable.set()
+        if self._task is None and not self._lost and self.engine is not None:
+            self._process()
+
+    # -- processing ----------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Run engine events until it needs input, or an event needs a task."""
+        engine = self.engine
+        assert engine is not None
+        try:
+            while not self._lost:
+                event = engine.next_event()
+                if event is NEED_DATA:
+                    self._flush()
+                    if engine.closed or self._eof:
+                        self._close()
+                    elif engine.pending_input() < self.read_high_water:
+                        self._resume_reading()
+                    return
+                if isinstance(event, Closing):
+                    self._flush()
+                    self._close(linger=not event.clean)
+                    return
+                if isinstance(event, StartTLS):
+                    self._flush()  # the 220/+OK, in plaintext
+                    self._start_tls()
+                    continue
+                work = self.handle(event)
+                if work is not None:
+                    self._flush()
+                    self._task = asyncio.get_running_loop().create_task(self._wait(work))
+                    return
+                if self._write_paused:
+                    # A client that pipelines faster than it reads: go on when its buffer
+                    # drains (resume_writing), holding at most one answer here.
+                    self._flush()
+                    self._pause_reading()
+                    return
+        except Exception:
+            self._crashed()
+
+    async def _wait(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except Exception:
+            self._task = None
+            self._crashed()
+            return
+        self._task = None
+        self.last_activity = time.monotonic()
+        if self._lost:
+            self._release()
+        elif self._stopping:
+            self.shutdown()
+        elif not self._write_paused:
+            self._process()
+
+    async def until_writable(self) -> None:
+        """For a task that streams: wait while the client's buffer is full."""
+        if self._write_paused:
+            await self._writable.wait()
+
+    def _crashed(self) -> None:
+        self.services.log.exception("%s session with %s failed", self.kind, self.client_ip)
+        engine = self.engine
+        if engine is not None and not self._lost:
+            with contextlib.suppress(Exception):
+                self.final_words("error")
+                self._flush()
+        self._close()
+        if self._task is None:
+            self._release()
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.released()
+
+    # -- bytes out -----------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or self._lost or not data:
+            return
+        tls = self.tls
+        if tls is not None:
+            if not tls.ready:
+                return  # nothing can be said before the handshake
+            data = tls.encrypt(data)
+        transport.write(data)
+
+    def _flush(self) -> None:
+        """Write what the engine has queued: all replies of one batch in one system call,
+        and a large message (RETR) without copying it into one buffer first."""
+        if self.engine is None:
+            return
+        parts = self.engine.parts_to_send()
+        if len(parts) == 1:
+            self._write(parts[0])
+        elif parts:
+            if max(map(len, parts)) < LARGE_PART:
+                self._write(b"".join(parts))  # pipelined replies: one small buffer
+                return
+            transport, tls = self.transport, self.tls
+            if transport is None or self._lost:
+                return
+            if tls is None:
+                transport.writelines(parts)  # one writev, no copy
+            elif tls.ready:
+                transport.write(tls.encrypt_all(parts))
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self._lost and not self._read_paused:
+            self.transport.pause_reading()
+            self._read_paused = True
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and not self._lost:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def _close(self, linger: bool = False) -> None:
+        """Close; with ``linger``, half-close first and drop input for a moment, so that a client
+        still sending (pipelined garbage) reads our last reply instead of a TCP reset."""
+        transport = self.transport
+        if transport is None or self._lost:
+            self._lost = True
+            return
+        self._lost = True
+        tls = self.tls
+        if tls is not None and tls.ready:
+            with contextlib.suppress(Exception):
+                transport.write(tls.close_notify())
+        if linger and transport.can_write_eof():
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(2.0, transport.close)
+            return
+        transport.close()
+
+    # -- TLS -----------------------------------------------------------------------------------
+
+    def _start_tls(self) -> None:
+        """Switch to TLS now: every later byte from the client is TLS."""
+        engine = self.engine
+        context = self.services.tls
+        assert engine is not None
+        # The checked invariant of the switch: no plaintext read before it is left to be read
+        # after it (the engine discarded what was pipelined after the command).
+        if engine.pending_input() or context is None:
+            self.services.log.error(
+                "%s STARTTLS with %s: input left at the switch", self.kind, self.client_ip
+            )
+            self._close()
+            return
+        self.tls = TlsLayer(context)
+        self._tls_since = time.monotonic()
+
+    def _handshake_done(self) -> None:
+        greeting, self._greeting = self._greeting, None
+        if greeting is not None:
+            self._write(greeting)
+        else:
+            self.tls_started()
+
+    def _tls_failed(self, reason: str) -> None:
+        self.services.log.info("%s TLS with %s failed: %s", self.kind, self.client_ip, reason)
+        tls, transport = self.tls, self.transport
+        if tls is not None and transport is not None and not self._lost:
+            with contextlib.suppress(Exception):
+                transport.write(tls.outgoing())  # the alert, so the client knows why
+        self._close()
+
+    # -- time-outs and shutdown ----------------------------------------------------------------
+
+    def check_timeout(self, now: float) -> None:
+        """Called about once a second by the sweeper."""
+        if self.engine is None or self._lost:
+            return
+        tls = self.tls
+        if tls is not None and not tls.ready:
+            if now - self._tls_since > self.services.cfg.limits.tls_handshake_timeout:
+                self._tls_failed("handshake timed out")
+            return
+        idle = now - self.last_activity > self.idle_limit()
+        if self._write_paused:
+            # A client that stopped reading (in the middle of a long answer, say): nothing can
+            # be said to it any more; drop it once stuck for as long.
+            if idle and self.transport is not None:
+                self.transport.abort()
+            return
+        if self._task is not None:
+            return  # a login being checked, a message being stored: it ends by itself
+        limit = self.session_limit()
+        if idle or (limit is not None and now - self.started > limit):
+            self.final_words("timeout")
+            self._flush()
+            self._close()
+
+    def shutdown(self) -> None:
+        """Server stopping: an idle session gets its last reply now; a busy one (a task, or a
+        message being received) finishes that first."""
+        if self.engine is None or self._lost:
+            return
+        if self._task is not None or self.busy():
+            self._stopping = True
+            return
+        self.final_words("shutdown")
+        self._flush()
+        self._close()
+
+
+class IdleSweeper:
+    """One periodic task that applies the time-outs of every live connection."""
+
+    def __init__(self, services: Services, interval: float = 1.0) -> None:
+        self.services = services
+        self.interval = interval
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            logs.flush()
+            now = time.monotonic()
+            for conn in list(self.services.connections.live):
+                with contextlib.suppress(Exception):
+                    conn.check_timeout(now)

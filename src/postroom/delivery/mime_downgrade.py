@@ -1,0 +1,243 @@
+"""Making a message fit for a next hop: short lines (RFC 5321 §4.5.3.1.6) and 7-bit (RFC 6152 §3).
+
+:func:`downgrade` returns the message unchanged unless it has a line over 998 octets or (for a
+peer without 8BITMIME) 8-bit octets in a body. Then only the MIME leaf parts that need it are
+re-encoded, as Postfix does: text parts as quoted-printable (base64 when the decoded text has
+bare CR or LF, which quoted-printable cannot carry), everything else as base64, each with its
+``Content-Transfer-Encoding`` replaced; multipart and message/rfc822 parts are walked into (RFC
+2046 §5) and their own ``8bit``/``binary`` label becomes ``7bit`` once what they hold is 7-bit.
+Mail without MIME is one text/plain leaf: it gains ``MIME-Version`` (and a charset, ``utf-8`` when
+the octets are UTF-8, else RFC 1428's ``unknown-8bit``), so a reader decodes it back to the very
+lines that were sent. Header lines over the limit are folded at white space (RFC 5322 §2.2.3),
+or, with no white space to fold at, broken by CRLF SP as Postfix's ``smtp_line_length_limit``
+does. Preamble and epilogue (which readers ignore, RFC 2046 §5.1.1) are wrapped and lose 8-bit
+octets. 8-bit octets in header fields stay: they need SMTPUTF8, not a body encoding.
+
+A re-encoded message no longer matches a DKIM signature made before (RFC 6376 §5.3 asks signers
+to convert first): mail submitted here is converted at intake, before it is signed, so that only
+mail relayed for others (an alias with a remote target) can be changed at relay time. Written by
+hand because ``email.generator`` re-renders the parts it does not need to touch (headers
+refolded, boundaries and line ends changed); the ``email`` package only parses header fields
+here, and ``binascii`` does the encoding. Pure: bytes in, bytes out; input lines end in CRLF.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from email.message import Message
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+from postroom.wire.framing import to_crlf
+
+MAX_LINE = 998  # RFC 5321 §4.5.3.1.6: octets per line, without the CRLF
+_HEADER_PARSER = BytesHeaderParser(policy=compat32)
+_CTE_FIELD = re.compile(rb"(?i)content-transfer-encoding[ \t]*:")
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
+_FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 §2.2 field name, obs WSP (§4.5)
+
+
+def downgrade(data: bytes, *, eight_bit: bool) -> bytes:
+    """``data`` with every line at most 998 octets and, unless ``eight_bit`` (the peer offers
+    8BITMIME), every body 7-bit; ``data`` itself when nothing needs changing."""
+    data = to_crlf(data)
+    if not needs_downgrade(data, eight_bit=eight_bit):
+        return data
+    return _entity(data, seven_bit=not eight_bit, message=True, digest=False)
+
+
+def needs_downgrade(data: bytes, *, eight_bit: bool) -> bool:
+    """Whether :func:`downgrade` has anything to do (``data`` in CRLF form)."""
+    return (not eight_bit and not data.isascii()) or _has_long_line(data)
+
+
+def _has_long_line(data: bytes) -> bool:
+    return len(data) > MAX_LINE and max(map(len, data.split(b"\r\n"))) > MAX_LINE
+
+
+def starts_with_header_field(data: bytes) -> bool:
+    """Whether ``data`` begins with a header field; if not, a message has no header section
+    and what it holds is all body (RFC 5322 §2.1)."""
+    return _FIELD_START.match(data) is not None
+
+
+def _split_entity(raw: bytes, message: bool) -> tuple[bytes, bytes | None]:
+    """(header section with its last CRLF, body) of one entity; no body without a blank line.
+    A message whose first line is no header field is all body (a part is read leniently)."""
+    if raw.startswith(b"\r\n"):
+        return b"", raw[2:]
+    if message and not starts_with_header_field(raw):
+        return b"", raw
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        return raw, None
+    return raw[: end + 2], raw[end + 4 :]
+
+
+def _entity(raw: bytes, *, seven_bit: bool, message: bool, digest: bool) -> bytes:
+    """One entity converted; ``message`` for a message's own header (top level, or inside
+    message/rfc822), ``digest`` for a part of multipart/digest."""
+    head, body = _split_entity(raw, message)
+    if body is None:
+        return fold_header(head)
+    fields = _HEADER_PARSER.parsebytes(head + b"\r\n")
+    if digest and "content-type" not in fields:
+        fields.set_default_type("message/rfc822")  # RFC 2046 §5.1.5
+    ctype = fields.get_content_type()
+    cte = str(fields.get("content-transfer-encoding", "")).strip().lower()
+    boundary = fields.get_boundary()
+    if ctype.startswith("multipart/") and boundary:
+        body = _multipart(body, boundary.encode("ascii", "surrogateescape"), seven_bit, ctype)
+        return _relabel(head, cte, body, seven_bit) + b"\r\n" + body
+    if ctype == "message/rfc822" and cte in ("", "7bit", "8bit", "binary"):
+        # RFC 2046 §5.2.1: no other encoding is allowed here; convert the message inside.
+        body = _entity(body, seven_bit=seven_bit, message=True, digest=False)
+        return _relabel(head, cte, body, seven_bit) + b"\r\n" + body
+    return _leaf(head, body, fields, cte, seven_bit=seven_bit, message=message)
+
+
+def _relabel(head: bytes, cte: str, body: bytes, seven_bit: bool) -> bytes:
+    """A composite part's header: ``7bit`` once it holds only 7-bit data."""
+    if seven_bit and cte in ("8bit", "binary") and body.isascii():
+        head = _set_cte(head, "7bit")
+    return fold_header(head)
+
+
+def _leaf(
+    head: bytes, body: bytes, fields: Message, cte: str, *, seven_bit: bool, message: bool
+) -> bytes:
+    if not (_has_long_line(body) or (seven_bit and not body.isascii())):
+        return fold_header(head) + b"\r\n" + body
+    if cte == "base64":
+        decoded = _unbase64(body)
+    elif cte == "quoted-printable":
+        decoded = binascii.a2b_qp(body)
+    else:
+        decoded = body
+    bare = decoded.replace(b"\r\n", b"")
+    if fields.get_content_maintype() == "text" and b"\r" not in bare and b"\n" not in bare:
+        # RFC 2045 §6.7; quotetabs off: only trailing white space is encoded (rule 3).
+        # (b2a_qp breaks soft lines with a bare LF when the text has no CRLF of its own.)
+        encoded, new_cte = to_crlf(binascii.b2a_qp(decoded, istext=True)), "quoted-printable"
+    else:
+        encoded, new_cte = _base64(decoded), "base64"
+    head = _set_cte(head, new_cte)
+    if "content-type" not in fields and not decoded.isascii():
+        # Without one the charset would be us-ascii (RFC 2045 §5.2): say what it is.
+        charset = "utf-8" if _is_utf8(decoded) else "unknown-8bit"  # RFC 1428
+        head += f"Content-Type: text/plain; charset={charset}\r\n".encode()
+    if message and "mime-version" not in fields:
+        head += b"MIME-Version: 1.0\r\n"  # RFC 2045 §4: what makes the encoding count
+    return fold_header(head) + b"\r\n" + encoded
+
+
+def _unbase64(data: bytes) -> bytes:
+    """Whatever a broken base64 body holds: non-alphabet octets and a dangling sextet that
+    carries no whole octet are dropped (as readers do)."""
+    try:
+        return binascii.a2b_base64(data)  # lenient: skips what is not base64
+    except binascii.Error:
+        clean = _NOT_BASE64.sub(b"", data)
+        clean = clean[: len(clean) - len(clean) % 4 if len(clean) % 4 == 1 else len(clean)]
+        return binascii.a2b_base64(clean + b"=" * (-len(clean) % 4))
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _base64(data: bytes) -> bytes:
+    # RFC 2045 §6.8: lines of at most 76 characters.
+    lines = [binascii.b2a_base64(data[i : i + 57], newline=False) for i in range(0, len(data), 57)]
+    return b"\r\n".join(lines) + (b"\r\n" if lines else b"")
+
+
+def _set_cte(head: bytes, cte: str) -> bytes:
+    """``head`` without its Content-Transfer-Encoding fields, with ``cte`` at the end."""
+    out: list[bytes] = []
+    dropping = False
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and dropping:
+            continue  # a continuation of the field being dropped
+        dropping = _CTE_FIELD.match(line) is not None
+        if not dropping:
+            out.append(line)
+    out.append(f"Content-Transfer-Encoding: {cte}\r\n".encode())
+    return b"".join(out)
+
+
+def _multipart(body: bytes, boundary: bytes, seven_bit: bool, ctype: str) -> bytes:
+    """Each part of a multipart body converted; delimiter lines kept as they were."""
+    dash = b"--" + boundary
+    lines = body.split(b"\r\n")
+    out: list[bytes] = []
+    part: list[bytes] | None = None  # None: in the preamble or the epilogue
+    filler: list[bytes] = []
+    closed = False
+
+    def flush_part() -> None:
+        if part is not None:
+            raw = b"\r\n".join(part)
+            digest = ctype == "multipart/digest"
+            out.append(_entity(raw, seven_bit=seven_bit, message=False, digest=digest))
+
+    for line in lines:
+        # RFC 2046 §5.1.1: a delimiter line may end in transport padding (white space).
+        if (
+            not closed
+            and line.startswith(dash)
+            and line[len(dash) :].rstrip(b" \t") in (b"", b"--")
+        ):
+            if part is None:
+                out.extend(_filler(filler, seven_bit))
+                filler = []
+            else:
+                flush_part()
+            out.append(line)
+            closed = line[len(dash) :].rstrip(b" \t") == b"--"
+            part = None if closed else []
+        elif part is not None:
+            part.append(line)
+        else:
+            filler.append(line)
+    flush_part()
+    out.extend(_filler(filler, seven_bit))
+    return b"\r\n".join(out)
+
+
+def _filler(lines: list[bytes], seven_bit: bool) -> list[bytes]:
+    """Preamble or epilogue lines, wrapped and (for a 7-bit peer) without 8-bit octets."""
+    out: list[bytes] = []
+    for line in lines:
+        if seven_bit and not line.isascii():
+            line = bytes(b if b < 0x80 else 0x3F for b in line)  # "?"
+        out.extend(line[i : i + MAX_LINE] for i in range(0, max(len(line), 1), MAX_LINE))
+    return out
+
+
+def fold_header(head: bytes) -> bytes:
+    """Header lines over 998 octets folded before white space (RFC 5322 §2.2.3), else broken
+    with CRLF SP; shorter lines unchanged."""
+    if not _has_long_line(head):
+        return head
+    out: list[bytes] = []
+    for line in head.split(b"\r\n"):
+        while len(line) > MAX_LINE:
+            colon = line.find(b":") + 1 if _FIELD_START.match(line) else 1
+            cut = max(
+                line.rfind(b" ", colon + 1, MAX_LINE + 1),
+                line.rfind(b"\t", colon + 1, MAX_LINE + 1),
+            )
+            if cut <= colon or not line[:cut].strip():
+                out.append(line[: MAX_LINE - 1])
+                line = b" " + line[MAX_LINE - 1 :]
+            else:
+                out.append(line[:cut])
+                line = line[cut:]
+        out.append(line)
+    return b"\r\n".join(out)

@@ -1,0 +1,88 @@
+"""The SASL exchange of one SMTP or POP3 session: :mod:`postroom.sasl`'s mechanisms driven
+against the account store, with the login throttle. Used by both servers, so that AUTH behaves
+the same in SMTP (RFC 4954) and POP3 (RFC 5034); each maps the outcome to its own replies.
+
+Security: while a client IP is locked out no credential is even checked; every failed login
+(an unknown user and a wrong password alike) waits out the throttle's delay before it is
+answered, and is counted per IP and per account name (case-insensitive, so that spelling the
+name differently does not reset the count). An unknown SCRAM user gets made-up keys from
+``sasl.py`` and fails only at the proof.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from postroom import sasl
+from postroom.wire.events import AuthResponse, AuthStart
+
+if TYPE_CHECKING:
+    from postroom.services import Services
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The exchange ended without a login. ``throttled``: the IP is locked out; ``mechanism``:
+    unknown; ``malformed``: the client broke the mechanism's syntax; ``credentials``: wrong
+    (the throttle's delay has been waited out already)."""
+
+    reason: Literal["throttled", "mechanism", "malformed", "credentials"]
+
+
+Outcome = sasl.Challenge | sasl.Success | Refused
+
+
+class SaslSession:
+    """Feeds AuthStart/AuthResponse events to a mechanism until it succeeds or fails."""
+
+    def __init__(self, services: Services, client_ip: str, protocol: str) -> None:
+        self.services = services
+        self.client_ip = client_ip
+        self.protocol = protocol
+        self._mech: sasl.Mechanism | None = None
+
+    async def step(self, event: AuthStart | AuthResponse) -> Outcome:
+        """One step: a challenge to send (``sasl.Challenge``, SCRAM's server-final included),
+        the user logged in (``sasl.Success``), or :class:`Refused`."""
+        services = self.services
+        if isinstance(event, AuthStart):
+            if services.throttle.refused(self.client_ip):
+                return Refused("throttled")
+            self._mech = sasl.new_mechanism(event.mechanism)
+            if self._mech is None:
+                return Refused("mechanism")
+            step = self._mech.start(event.initial)
+        else:
+            if self._mech is None:
+                return Refused("malformed")
+            step = self._mech.step(event.data)
+        step = await sasl.settle(
+            self._mech,
+            step,
+            functools.partial(services.check_password, self.client_ip),
+            functools.partial(services.scram_keys, self.client_ip),
+        )
+        if isinstance(step, sasl.Challenge):
+            return step
+        if isinstance(step, sasl.Success):
+            if step.final is not None:
+                # RFC 4954 §4, RFC 5034 §4: SCRAM's server-final goes out as a challenge; the
+                # client's (empty) answer then completes the mechanism with a plain Success.
+                return sasl.Challenge(step.final)
+            self._mech = None
+            return step
+        self._mech = None
+        if step.malformed:
+            return Refused("malformed")
+        await self.failed(step.username)
+        return Refused("credentials")
+
+    async def failed(self, username: str | None) -> None:
+        """Count a failed login (SASL or POP3 USER/PASS) and wait out the throttle's delay."""
+        account = username.strip().lower()[:320] if username else None
+        delay = self.services.throttle.failure(self.client_ip, account)
+        self.services.log.info("%s login failed client=%s", self.protocol, self.client_ip)
+        await asyncio.sleep(delay)

@@ -1,0 +1,181 @@
+"""Per-IP counts that every worker process sees: open connections and recent login failures.
+
+With ``workers = N`` each process used to count for itself, so one client got N times the
+per-IP connection limit and N times the failed logins before a lockout. The counts now live
+in a small table in an anonymous shared mapping made before the workers are forked (so a
+restarted worker inherits it too), guarded by one process-shared lock: an open-addressed
+hash table (linear probing, backward-shift deletion, no tombstones) of fixed size, keyed by
+the 16-octet address (IPv4 as v4-mapped), hashed with Python's keyed SipHash (its key is
+inherited at the fork, so every worker hashes alike and a client cannot choose collisions).
+A row holds a count and the time of its last change; a count that has reached zero, or has
+aged past the caller's ``max_age``, frees its row. When the table is full the oldest rows are
+forgotten (a flood of addresses makes the server forget, never grow).
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+_ROW = struct.Struct("<16sid")  # address, count, time of the last change
+_EMPTY = bytes(16)
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+DEFAULT_ROWS = 1 << 16  # 65,536 rows of 32 octets: 2 MiB per table
+
+
+def _key(ip: str) -> bytes:
+    """16 octets: IPv6 as it is, IPv4 as v4-mapped (``inet_pton``: 1 us, ``ipaddress``: 14)."""
+    try:
+        return _V4_MAPPED + socket.inet_pton(socket.AF_INET, ip)
+    except OSError:
+        pass
+    try:
+        return socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])
+    except OSError:
+        return b"\xff" * 16  # not an address (a Unix socket): one shared row
+
+
+class SharedCounts:
+    """A count per client IP, shared by every process forked after it was made."""
+
+    def __init__(
+        self, rows: int = DEFAULT_ROWS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rows = rows
+        self.size = _ROW.size + 4  # padded to 32 octets
+        self._map = mmap.mmap(-1, rows * self.size)  # MAP_SHARED | MAP_ANONYMOUS
+        self._lock = multiprocessing.Lock()
+        self._clock = clock
+        self.used = multiprocessing.Value("i", 0, lock=False)  # rows in use (under _lock)
+
+    # -- rows ----------------------------------------------------------------------------------
+
+    def _read(self, i: int) -> tuple[bytes, int, float]:
+        key, count, when = _ROW.unpack_from(self._map, i * self.size)
+        return key, count, when
+
+    def _write(self, i: int, key: bytes, count: int, when: float) -> None:
+        _ROW.pack_into(self._map, i * self.size, key, count, when)
+
+    def _find(self, key: bytes) -> tuple[int, bool]:
+        """The row of ``key`` (True) or the empty row where it would go (False)."""
+        i = hash(key) % self.rows
+        while True:
+            k, _c, _w = self._read(i)
+            if k == key:
+                return i, True
+            if k == _EMPTY:
+                return i, False
+            i = (i + 1) % self.rows
+
+    def _delete(self, i: int) -> None:
+        """Empty row ``i`` and shift later rows of the same run back (Knuth's algorithm R)."""
+        j = i
+        while True:
+            self._write(i, _EMPTY, 0, 0.0)
+            while True:
+                j = (j + 1) % self.rows
+                key, count, when = self._read(j)
+                if key == _EMPTY:
+                    self.used.value -= 1
+                    return
+                home = hash(key) % self.rows
+                # Row j may move to i unless its home lies cyclically in (i, j].
+                if (i < j and not i < home <= j) or (i > j and j < home <= i):
+                    break
+            self._write(i, key, count, when)
+            i = j
+
+    def _forget_oldest(self) -> None:
+        """Full: drop the older half of the rows (a flood of addresses; forget, never grow)."""
+        stamps = sorted(self._read(i)[2] for i in range(self.rows) if self._read(i)[0] != _EMPTY)
+        cut = stamps[len(stamps) // 2] if stamps else 0.0
+        i = 0
+        while i < self.rows:
+            key, _count, when = self._read(i)
+            if key != _EMPTY and when <= cut:
+                self._delete(i)  # a later row may have moved into i: look at it again
+                continue
+            i += 1
+
+    # -- the interface -------------------------------------------------------------------------
+
+    def get(self, ip: str, max_age: float | None = None, now: float | None = None) -> int:
+        key = _key(ip)
+        now = self._clock() if now is None else now
+        with self._lock:
+            i, found = self._find(key)
+            if not found:
+                return 0
+            _k, count, when = self._read(i)
+            if max_age is not None and now - when > max_age:
+                self._delete(i)
+                return 0
+            return count
+
+    def add(
+        self, ip: str, delta: int, max_age: float | None = None, now: float | None = None
+    ) -> int:
+        """Add ``delta`` (a count aged past ``max_age`` starts again from 0); the new count.
+        A count that reaches 0 frees its row. ``now`` on the clock of the caller's choice
+        (a system-wide one: every process must read the same)."""
+        key = _key(ip)
+        now = self._clock() if now is None else now
+        with self._lock:
+            i, found = self._find(key)
+            count = 0
+            if found:
+                _k, count, when = self._read(i)
+                if max_age is not None and now - when > max_age:
+                    count = 0
+            count = max(0, count + delta)
+            if found and count == 0:
+                self._delete(i)
+            elif found:
+                self._write(i, key, count, now)
+            elif count:
+                if self.used.value >= self.rows * 3 // 4:
+                    self._forget_oldest()
+                    i, _found = self._find(key)
+                self._write(i, key, count, now)
+                self.used.value += 1
+            return count
+
+
+class LocalCounts:
+    """The same counts for one process (``workers = 1``): a dict, at a tenth of the cost."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, limit: int = 100_000) -> None:
+        self._clock = clock
+        self._limit = limit
+        self._rows: dict[str, tuple[int, float]] = {}
+
+    def get(self, ip: str, max_age: float | None = None, now: float | None = None) -> int:
+        row = self._rows.get(ip)
+        if row is None:
+            return 0
+        now = self._clock() if now is None else now
+        if max_age is not None and now - row[1] > max_age:
+            del self._rows[ip]
+            return 0
+        return row[0]
+
+    def add(
+        self, ip: str, delta: int, max_age: float | None = None, now: float | None = None
+    ) -> int:
+        now = self._clock() if now is None else now
+        count = max(0, self.get(ip, max_age, now) + delta)
+        if count:
+            if len(self._rows) >= self._limit and ip not in self._rows:
+                self._rows.clear()  # a flood of addresses: forget rather than grow
+            self._rows[ip] = (count, now)
+        else:
+            self._rows.pop(ip, None)
+        return count
+
+
+Counts = SharedCounts | LocalCounts

@@ -1,0 +1,369 @@
+"""The Maildir backend of :class:`postroom.storage.interfaces.Maildrop` (POP3's view of a mailbox).
+
+At login ``new/`` and ``cur/`` are listed once (the snapshot): message numbers refer to it, and
+mail arriving meanwhile appears in the next session. Sizes come from the file names, never from
+reading bodies: ``,W=`` is the size with CRLF line ends (Dovecot's field, and what RETR sends),
+``,S=`` the file's own size. Files are stored with LF line ends (postroom's writer, Dovecot,
+Postfix), or with CRLF (older postroom files, some tools): ``S == W`` says a file is CRLF already
+and goes out as it is; otherwise each bare LF goes out as CRLF (RFC 1939 §3), so LIST and STAT
+equal the octets RETR sends (RFC 1939 §5). Files from other tools without ``,W=`` are measured
+once and remembered in a small cache file, so that the next session does not read them again.
+
+UIDLs are the Maildir unique names (the base name up to the first ``,`` or ``:``, as Dovecot
+keys them; hashed if unfit for RFC 1939 §7), so they survive flag changes, are stable across
+sessions and are never reused. Deletions are applied only by :meth:`MaildirMaildrop.update`
+(RFC 1939 §6). Messages retrieved and kept move from ``new/`` to ``cur/`` with the ``S`` (seen)
+flag, as Maildir readers expect.
+
+One session per mailbox: an exclusive ``flock`` on a lock file, held for the session and
+released by the kernel when the descriptor is closed or the process dies, so a crashed session
+never locks a mailbox for good. Listing, locking, large reads and the UPDATE run in the blocking
+pool's threads; a small message (the common case) is read on the event loop, which costs less
+than the hand-off to a thread when the file is in the page cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+from collections.abc import AsyncGenerator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from postroom.blocking import BlockingPool
+from postroom.errors import MailboxInUse
+from postroom.storage.interfaces import MessageInfo
+from postroom.storage.local import maildir
+from postroom.wire.framing import CrlfConverter, to_crlf
+
+LOCK_NAME = ".postroom-pop3.lock"
+SIZE_CACHE = ".postroom-pop3-sizes"
+READ_CHUNK = 1 << 18
+SMALL_MESSAGE = 1 << 18  # read on the event loop in one go; larger ones stream from a thread
+UPDATE_THREADS = 4
+PARALLEL_UPDATE_MIN = 256  # below this, one thread: the hand-off would cost more than it saves
+_UID = re.compile(r"[\x21-\x7e]{1,70}")  # RFC 1939 §7
+_pool: ThreadPoolExecutor | None = None
+
+
+def _update_pool() -> ThreadPoolExecutor:
+    """The threads that share a large UPDATE (made on first use, shared by all sessions)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(UPDATE_THREADS, thread_name_prefix="pop3-update")
+    return _pool
+
+
+@dataclass(slots=True)
+class MaildirFile:
+    """One message of the snapshot, as a file."""
+
+    subdir: str  # "new" or "cur"
+    name: str  # file name in that directory
+    size: int  # octets as sent by RETR (CRLF line ends, before dot-stuffing)
+    uid: str
+    raw: int | None = None  # the file's size, when the name says it (``,S=``)
+
+    @property
+    def crlf(self) -> bool:
+        """The file is CRLF already (``S == W``): sent as it is, without a scan."""
+        return self.raw == self.size
+
+    @property
+    def base(self) -> str:
+        """The Maildir unique name, without the ``:2,FLAGS`` info."""
+        return self.name.split(":", 1)[0]
+
+
+def unique_id(name: str) -> str:
+    """The UIDL of a Maildir file name: its unique part, up to the first ``,`` or ``:``."""
+    base = name.split(":", 1)[0].split(",", 1)[0]
+    if _UID.fullmatch(base):
+        return base
+    return hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def sizes_from_name(name: str) -> tuple[int | None, int | None]:
+    """``(S, W)`` of a file name: the file's size and its size with CRLF line ends (Dovecot's
+    fields). ``,S=`` alone (Courier, maildrop) does not give the octets RETR sends for an LF
+    file; such a file is measured (RFC 1939 §5: exact sizes)."""
+    s = w = None
+    for part in name.split(":", 1)[0].split(",")[1:]:
+        key, sep, value = part.partition("=")
+        if sep and value.isdigit():
+            if key == "S":
+                s = int(value)
+            elif key == "W":
+                w = int(value)
+    return s, w
+
+
+class LocalMaildrops:
+    """Opens the Maildir of an account under ``data_dir`` (see :func:`maildir.mailbox_path`)."""
+
+    def __init__(self, data_dir: Path, io: BlockingPool) -> None:
+        self.data_dir = data_dir
+        self.io = io
+
+    def maildrop(self, key: str) -> MaildirMaildrop:
+        return MaildirMaildrop(maildir.mailbox_path(self.data_dir, key), self.io)
+
+
+class MaildirMaildrop:
+    """The locked snapshot of one Maildir."""
+
+    def __init__(self, path: Path, io: BlockingPool) -> None:
+        self.path = path
+        self.io = io
+        self.files: list[MaildirFile] = []
+        self._lock_fd: int | None = None
+        # new/ and cur/, open for the session: files are opened, renamed and unlinked relative
+        # to them, which saves a path walk per message.
+        self._dirs: dict[str, int] = {}
+
+    # -- the interface ---------------------------------------------------------------------
+
+    async def open(self) -> list[MessageInfo]:
+        await self.io.run(self.open_now)
+        return [MessageInfo(f.size, f.uid) for f in self.files]
+
+    def read_now(self, number: int) -> bytes | None:
+        f = self.files[number - 1]
+        if f.size > SMALL_MESSAGE:
+            return None
+        return self.read(f)
+
+    async def chunks(self, number: int) -> AsyncGenerator[bytes, None]:
+        f = self.files[number - 1]
+        fd = await self.io.run(self._open_fd, f)
+        try:
+            conv = None if f.crlf else CrlfConverter()
+            while piece := await self.io.run(os.read, fd, READ_CHUNK):
+                out = piece if conv is None else conv.feed(piece)
+                if out:
+                    yield out
+            if conv is not None and (tail := conv.finish()):
+                yield tail
+        finally:
+            os.close(fd)
+
+    async def update(self, deleted: Sequence[int], seen: Sequence[int]) -> int:
+        return await self.io.run(self.update_now, deleted, seen)
+
+    async def close(self) -> None:
+        self.close_now()
+
+    # -- the blocking work -----------------------------------------------------------------
+
+    def open_now(self) -> None:
+        """Lock the mailbox and take the snapshot; MailboxInUse if another session has it."""
+        maildir.ensure(self.path)
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MailboxInUse(str(self.path)) from None
+        self._lock_fd = fd
+        try:
+            for subdir in ("new", "cur"):
+                self._dirs[subdir] = os.open(
+                    self.path / subdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                )
+            self.files = self._snapshot()
+        except BaseException:
+            self.close_now()
+            raise
+
+    def close_now(self) -> None:
+        """Release the lock (nothing is applied: that is :meth:`update`)."""
+        for dir_fd in self._dirs.values():
+            os.close(dir_fd)
+        self._dirs.clear()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _snapshot(self) -> list[MaildirFile]:
+        files: list[MaildirFile] = []
+        unknown: list[tuple[str, str]] = []
+        for subdir in ("cur", "new"):
+            with os.scandir(self.path / subdir) as it:
+                for e in it:
+                    name = e.name
+                    if name.startswith("."):
+                        continue
+                    raw, wire = sizes_from_name(name)
+                    if wire is None:
+                        unknown.append((subdir, name))
+                    else:
+                        files.append(MaildirFile(subdir, name, wire, unique_id(name), raw))
+        if unknown:
+            files += self._measure_all(unknown)
+        # Oldest first: Maildir unique names start with the delivery time in seconds.
+        files.sort(key=lambda f: f.base)
+        return files
+
+    def _measure_all(self, names: list[tuple[str, str]]) -> list[MaildirFile]:
+        """Sizes of files without ``,W=``, through the cache (keyed by name and raw size)."""
+        cache_path = self.path / SIZE_CACHE
+        cache: dict[str, tuple[int, int]] = {}
+        try:
+            for line in cache_path.read_text("utf-8", "surrogateescape").splitlines():
+                key, raw_text, crlf_text = line.rsplit("\t", 2)
+                cache[key] = (int(raw_text), int(crlf_text))
+        except (OSError, ValueError):
+            cache = {}
+        fresh: dict[str, tuple[int, int]] = {}
+        files: list[MaildirFile] = []
+        for subdir, name in names:
+            path = self.path / subdir / name
+            uid = unique_id(name)
+            try:
+                raw = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            known = cache.get(uid)
+            if known is not None and known[0] == raw:
+                size = known[1]
+            else:
+                try:
+                    size = measure(path)
+                except FileNotFoundError:
+                    continue
+            fresh[uid] = (raw, size)
+            # Not marked CRLF (raw None): a measured file is always converted on the way out.
+            files.append(MaildirFile(subdir, name, size, uid))
+        if fresh != cache:
+            tmp = cache_path.with_name(SIZE_CACHE + ".tmp")
+            try:
+                tmp.write_text(
+                    "".join(f"{u}\t{r}\t{s}\n" for u, (r, s) in fresh.items()),
+                    "utf-8",
+                    "surrogateescape",
+                )
+                os.replace(tmp, cache_path)
+            except OSError:
+                pass  # only a cache: the next session measures again
+        return files
+
+    def file(self, f: MaildirFile) -> Path:
+        return self.path / f.subdir / f.name
+
+    def locate(self, f: MaildirFile) -> Path:
+        """Find a message moved by another Maildir tool (new -> cur, flags) and follow it.
+
+        Raises FileNotFoundError if the message is gone.
+        """
+        base = f.base
+        for subdir in ("cur", "new"):
+            with os.scandir(self.path / subdir) as it:
+                for e in it:
+                    if e.name == base or e.name.startswith(base + ":"):
+                        f.subdir, f.name = subdir, e.name
+                        return self.path / subdir / e.name
+        raise FileNotFoundError(str(self.file(f)))
+
+    def _open_fd(self, f: MaildirFile) -> int:
+        flags = os.O_RDONLY | os.O_CLOEXEC
+        try:
+            return os.open(f.name, flags, dir_fd=self._dirs[f.subdir])
+        except FileNotFoundError:
+            return os.open(self.locate(f), flags)
+
+    def read(self, f: MaildirFile) -> bytes:
+        """The whole message with CRLF line ends.
+
+        One ``read`` of the file's size (from ``,S=``) plus one octet does for a file whose size
+        matches its name: the short read is the end of the file. Any other file is read on
+        until ``read`` returns nothing.
+        """
+        fd = self._open_fd(f)
+        try:
+            expect = f.raw if f.raw is not None else f.size
+            data = os.read(fd, expect + 1)
+            if len(data) != expect:
+                parts = [data]
+                while piece := os.read(fd, READ_CHUNK):
+                    parts.append(piece)
+                data = b"".join(parts)
+        finally:
+            os.close(fd)
+        return data if f.crlf else to_crlf(data)
+
+    def update_now(self, deleted: Sequence[int], seen: Sequence[int]) -> int:
+        """The UPDATE state (RFC 1939 §6): delete what was marked; mark what was read as seen.
+
+        Large batches are split over a few threads: an unlink holds the directory's lock only
+        for the name, while freeing the inode's blocks (most of its cost) runs in parallel.
+        """
+        work: list[tuple[MaildirFile, str | None]] = [(self.files[n - 1], None) for n in deleted]
+        for n in seen:
+            f = self.files[n - 1]
+            if f.subdir == "new":
+                work.append((f, f"{f.name}:2,S"))
+            elif ":2," in f.name and "S" not in f.name.split(":2,", 1)[1]:
+                head, flags = f.name.split(":2,", 1)
+                work.append((f, f"{head}:2,{''.join(sorted(flags + 'S'))}"))
+        if len(work) < PARALLEL_UPDATE_MIN:
+            results = [self._apply_all(work)]
+        else:
+            step = -(-len(work) // UPDATE_THREADS)
+            parts = [work[i : i + step] for i in range(0, len(work), step)]
+            results = list(_update_pool().map(self._apply_all, parts))
+        changed = set().union(*(r[1] for r in results))
+        for subdir in changed:
+            # The changes are made; only their durability across a power cut is at stake.
+            with contextlib.suppress(OSError):
+                os.fsync(self._dirs[subdir])
+        return sum(r[0] for r in results)
+
+    def _apply_all(self, work: list[tuple[MaildirFile, str | None]]) -> tuple[int, set[str]]:
+        """Apply a slice of the UPDATE; (deletions failed, subdirectories changed)."""
+        failed = 0
+        changed: set[str] = set()
+        for f, target in work:
+            try:
+                self._apply(f, target)
+            except FileNotFoundError:
+                continue  # removed by someone else meanwhile: the end result is the same
+            except OSError:
+                failed += 1 if target is None else 0
+                continue
+            changed.add(f.subdir)
+            if target is not None:
+                changed.add("cur")
+        return failed, changed
+
+    def _apply(self, f: MaildirFile, target: str | None) -> None:
+        """Unlink the message (``target`` None) or rename it to ``cur/target``."""
+        for attempt in (1, 2):
+            if attempt == 2:
+                self.locate(f)  # moved by another tool? FileNotFoundError if gone
+            src_fd = self._dirs[f.subdir]
+            try:
+                if target is None:
+                    os.unlink(f.name, dir_fd=src_fd)
+                else:
+                    os.rename(f.name, target, src_dir_fd=src_fd, dst_dir_fd=self._dirs["cur"])
+                return
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+
+
+def measure(path: Path) -> int:
+    """The octets RETR sends for a file (before stuffing), read in pieces: each bare LF
+    becomes CRLF, and a last line without a line end gets one (RFC 1939 §3)."""
+    size = 0
+    last = b"\n"
+    conv = CrlfConverter()
+    with open(path, "rb") as fh:
+        while piece := fh.read(READ_CHUNK):
+            size += len(conv.feed(piece))
+            last = piece[-1:]
+    return size + len(conv.finish()) + (0 if last == b"\n" else 2)

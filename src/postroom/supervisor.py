@@ -1,0 +1,283 @@
+"""The supervisor: the one process ``postroom serve`` leaves with its starting privileges.
+
+It binds nothing and speaks to no client (network input never reaches it); it forks the
+workers, restarts one that dies, and does what needs the privileges the workers dropped,
+as Postfix's master and Dovecot's master do. At SIGHUP it reads the config file and the TLS
+pair itself (a ``privkey.pem`` readable by root only, as certbot leaves it, keeps working
+after the drop), checks them, and sends both to every worker over the worker's socketpair;
+each worker loads the pair into its live TLS context (every listener, implicit TLS included,
+uses it for the next handshake) and applies the new settings to new sessions. What cannot
+change without new sockets or processes (``listen``, ``data_dir``, ``user``, ``workers``,
+``pin_cpus``) is logged as needing a restart. A reload that fails keeps what runs: a bad
+config keeps the old one whole; a certificate or key that cannot be read or does not match
+keeps the old pair (the rest of the new config applies), and the log names the file.
+
+Workers die with the supervisor (PR_SET_PDEATHSIG). A worker that dies after it was ready is
+started again (a few times a minute at most); one that dies before it was ready stops the
+server (a start-up error). SIGTERM/SIGINT go to every worker; the supervisor exits when they
+have, with the primary's status.
+
+Wire format of the socketpair: worker -> supervisor one byte, ``R`` (ready); supervisor ->
+worker a 4-byte big-endian length and a pickle of ``(Config, (cert_pem, key_pem) | None)``
+(only ever from the more privileged side to the less privileged one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from postroom import config as config_mod
+from postroom import logs
+from postroom import tls as tls_mod
+from postroom.config import Config
+from postroom.errors import ConfigError
+
+log = logging.getLogger("postroom")
+
+RESTART_ONLY = ("listen", "data_dir", "user", "workers", "pin_cpus")
+MAX_RESTARTS = 5  # per worker slot within RESTART_WINDOW; beyond, the server stops
+RESTART_WINDOW = 60.0
+STOP_GRACE = 11.0  # workers exit within 10 s of SIGTERM; then SIGKILL
+_LEN = struct.Struct(">I")
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+
+# (index, primary, channel to the supervisor, fd to wait on before serving or None) -> status
+WorkerMain = Callable[[int, bool, socket.socket, int | None], int]
+
+
+@dataclass
+class _Slot:
+    index: int
+    pid: int = 0
+    channel: socket.socket | None = None
+    ready: bool = False
+    restarts: list[float] = field(default_factory=list)
+
+
+class Supervisor:
+    """Forks ``cfg.workers`` workers running ``main`` and looks after them."""
+
+    def __init__(self, cfg: Config, main: WorkerMain) -> None:
+        self.cfg = cfg
+        self.main = main
+        self.slots = [_Slot(i) for i in range(cfg.workers)]
+        self.stopping = False
+        self.status = 0
+        self._flags: set[int] = set()
+        self._wake_r, self._wake_w = os.pipe()
+
+    # -- forking -------------------------------------------------------------------------------
+
+    def _fork(self, slot: _Slot, go_r: int | None, keep: list[int]) -> None:
+        mine, theirs = socket.socketpair()
+        logs.flush()  # or the child would write the buffered lines a second time
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                mine.close()
+                for fd in (self._wake_r, self._wake_w, *keep):
+                    os.close(fd)
+                for other in self.slots:
+                    if other.channel is not None:
+                        other.channel.close()
+                signal.set_wakeup_fd(-1)
+                for sig in _SIGNALS:
+                    signal.signal(sig, signal.SIG_DFL)
+                code = self.main(slot.index, slot.index == 0, theirs, go_r)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # a child must never return into the supervisor's code
+                log.exception("worker %d failed", slot.index)
+            finally:
+                logs.flush()
+                os._exit(code)
+        theirs.close()
+        slot.pid, slot.channel, slot.ready = pid, mine, False
+        log.info("worker %d started, pid %d", slot.index, pid)
+
+    def start(self) -> None:
+        for sig in _SIGNALS:
+            signal.signal(sig, self._on_signal)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w)
+        go_r, go_w = os.pipe()  # the primary releases the others once the queue is recovered
+        for slot in self.slots:
+            if slot.index == 0:
+                self._fork(slot, go_w if len(self.slots) > 1 else None, [go_r])
+            else:
+                self._fork(slot, go_r, [go_w])
+        os.close(go_r)
+        os.close(go_w)
+
+    def _on_signal(self, sig: int, _frame: object) -> None:
+        self._flags.add(sig)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Until every worker has exited after a stop; returns the exit status."""
+        self.start()
+        deadline: float | None = None
+        while any(s.pid for s in self.slots):
+            channels = {s.channel.fileno(): s for s in self.slots if s.channel is not None}
+            timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            try:
+                readable, _w, _x = select.select([self._wake_r, *channels], [], [], timeout)
+            except InterruptedError:
+                readable = []
+            for r in readable:
+                if r == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 64)
+                else:
+                    self._from_worker(channels[r])
+            flags, self._flags = self._flags, set()
+            if flags & {signal.SIGTERM, signal.SIGINT} and not self.stopping:
+                self.stop()
+            if signal.SIGHUP in flags and not self.stopping:
+                self.reload()
+            self._reap()
+            if self.stopping and deadline is None:
+                deadline = time.monotonic() + STOP_GRACE
+            if deadline is not None and time.monotonic() > deadline:
+                self._signal_all(signal.SIGKILL)
+            logs.flush()
+        return self.status
+
+    def _from_worker(self, slot: _Slot) -> None:
+        assert slot.channel is not None
+        try:
+            data = slot.channel.recv(64)
+        except OSError:
+            data = b""
+        if b"R" in data:
+            slot.ready = True
+        if not data:  # the worker is gone (or going): reaped by _reap
+            slot.channel.close()
+            slot.channel = None
+
+    def _signal_all(self, sig: int) -> None:
+        for slot in self.slots:
+            if slot.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, sig)
+
+    def stop(self, status: int | None = None) -> None:
+        self.stopping = True
+        if status is not None and not self.status:
+            self.status = status
+        self._signal_all(signal.SIGTERM)
+
+    def _reap(self) -> None:
+        for slot in self.slots:
+            if not slot.pid:
+                continue
+            try:
+                pid, wait_status = os.waitpid(slot.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, wait_status = slot.pid, 0
+            if pid == 0:
+                continue
+            code = os.waitstatus_to_exitcode(wait_status)
+            slot.pid = 0
+            if slot.channel is not None:
+                slot.channel.close()
+                slot.channel = None
+            if self.stopping:
+                if slot.index == 0 and code > 0 and not self.status:
+                    self.status = code
+                continue
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            if not slot.ready:
+                log.error("worker %d %s while starting: stopping", slot.index, how)
+                self.stop(code if code > 0 else 1)
+                continue
+            now = time.monotonic()
+            slot.restarts = [t for t in slot.restarts if now - t < RESTART_WINDOW] + [now]
+            if len(slot.restarts) > MAX_RESTARTS:
+                log.error(
+                    "worker %d %s, %d times within a minute: stopping",
+                    slot.index,
+                    how,
+                    len(slot.restarts),
+                )
+                self.stop(1)
+                continue
+            log.warning("worker %d (pid %d) %s: starting it again", slot.index, pid, how)
+            self._fork(slot, None, [])
+
+    # -- SIGHUP --------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Read and check the config and the TLS pair (with this process's privileges), then
+        hand them to every worker."""
+        cfg = self.cfg
+        try:
+            new = config_mod.load(cfg.path) if cfg.path is not None else cfg
+        except ConfigError as exc:
+            log.error("reload failed, the running configuration stays: %s", exc)
+            return
+        for key in RESTART_ONLY:
+            if getattr(new, key) != getattr(cfg, key):
+                log.warning("reload: %s changed; it takes effect only after a restart", key)
+        pair: tuple[bytes, bytes] | None
+        try:
+            pair = tls_mod.read_pair(new)
+            tls_mod.check_pair(new, *pair)
+        except ConfigError as exc:
+            pair = None
+            log.error("reload: the TLS certificate and key stay as they were: %s", exc)
+        self.cfg = new
+        message = pickle.dumps((new, pair))
+        for slot in self.slots:
+            if slot.channel is None:
+                continue
+            try:
+                slot.channel.settimeout(5)
+                slot.channel.sendall(_LEN.pack(len(message)) + message)
+            except OSError as exc:
+                log.error("reload: worker %d did not take the new settings: %s", slot.index, exc)
+        what = "configuration" if pair is None else "configuration and TLS pair"
+        log.info("reload: %s sent to the workers", what)
+
+
+def read_message(channel: socket.socket) -> tuple[Config, tuple[bytes, bytes] | None] | None:
+    """For a worker: one message from the supervisor (blocking, it is sent whole); None when
+    the supervisor is gone."""
+    channel.settimeout(5)
+    head = _recv_exactly(channel, _LEN.size)
+    if head is None:
+        return None
+    body = _recv_exactly(channel, _LEN.unpack(head)[0])
+    if body is None:
+        return None
+    # Only ever from the supervisor, which has at least the worker's privileges.
+    cfg, pair = pickle.loads(body)  # noqa: S301
+    return cfg, pair
+
+
+def _recv_exactly(channel: socket.socket, size: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = channel.recv(size - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def ready(channel: socket.socket) -> None:
+    """For a worker: tell the supervisor it serves."""
+    with contextlib.suppress(OSError):
+        channel.sendall(b"R")

@@ -1,0 +1,310 @@
+"""Sender authentication end to end: DKIM signing checked by dkimpy with the records that
+``postroom dns`` prints, a second postroom checking what the first relays, DMARC refusals,
+forged Authentication-Results, key rotation, ``dns --check``, and DMARC aggregate reports."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import smtplib
+import time
+from email import message_from_bytes
+from pathlib import Path
+
+import dkim
+import pytest
+
+from tests.conftest import Server, ServerFactory, insecure
+from tests.dnszone import LoopbackDNS
+
+SCHEMA = Path(__file__).resolve().parents[1] / "data" / "rfc7489-rua.xsd"
+
+
+@pytest.fixture
+def dns() -> object:
+    server = LoopbackDNS()
+    yield server
+    server.stop()
+
+
+def _toml(dns: LoopbackDNS, extra: str = "") -> str:
+    return f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "2s"\n{extra}'
+
+
+def publish(srv: Server, dns: LoopbackDNS, domain: str) -> str:
+    text = srv.cli("dns", domain).stdout
+    dns.load_master(text)
+    return text
+
+
+def submit(srv: Server, user: str, rcpt: str, body: bytes, password: str = "pw") -> None:
+    with smtplib.SMTP(srv.host, srv.ports["submission"], timeout=30) as c:
+        c.starttls(context=insecure())
+        c.login(user, password)
+        c.sendmail(user, [rcpt], body)
+
+
+def wait_signed(srv: Server, user: str, rcpt: str, dns: LoopbackDNS, count: int = 2) -> bytes:
+    """Submit until the server signs with ``count`` keys (it looks for them in DNS)."""
+    deadline = time.monotonic() + 20
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+        submit(srv, user, rcpt, MESSAGE)
+        msgs = srv.wait_messages(rcpt, n)
+        if msgs and msgs[-1].count(b"DKIM-Signature:") >= count:
+            return msgs[-1]
+        time.sleep(0.5)
+    raise AssertionError("never signed")
+
+
+MESSAGE = (
+    b"From: Alice <alice@a.test>\r\nTo: bob@a.test\r\nSubject: signed\r\n"
+    b"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\nMessage-ID: <m1@a.test>\r\n\r\nhello\r\n"
+)
+
+
+def dkim_results(message: bytes, dns: LoopbackDNS) -> list[tuple[str, bool]]:
+    """dkimpy's own verify, each signature, keys from the loopback DNS zone."""
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes | None:
+        records = dns.zone.get(name.decode().rstrip(".").lower(), [])
+        for rtype, rdata in records:
+            if rtype == "TXT":
+                return b"".join(rdata.data)
+        return None
+
+    d = dkim.DKIM(message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    sigs = [v for n, v in d.headers if n.lower() == b"dkim-signature"]
+    out = []
+    for idx, value in enumerate(sigs):
+        algo = b"ed25519" if b"ed25519-sha256" in value else b"rsa"
+        out.append((algo.decode(), d.verify(idx=idx, dnsfunc=dnsfunc)))
+    return out
+
+
+def test_signing_verified_by_dkimpy_both_algorithms(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    srv = server_factory(extra_toml=_toml(dns))
+    srv.add_user("alice@a.test", "pw")
+    srv.add_user("bob@a.test", "pw")
+    # Not yet in DNS: nothing is signed.
+    submit(srv, "alice@a.test", "bob@a.test", MESSAGE)
+    first = srv.wait_messages("bob@a.test", 1)[0]
+    assert b"DKIM-Signature" not in first
+    publish(srv, dns, "a.test")
+    signed = wait_signed(srv, "alice@a.test", "bob@a.test", dns)
+    assert sorted(dkim_results(signed, dns)) == [("ed25519", True), ("rsa", True)]
+    assert b"c=relaxed/relaxed" in signed
+    assert b"h=from:from:" in signed.replace(b"\n\t", b"").replace(b"\r", b"")
+    key_dir = srv.data_dir / "dkim" / "a.test"
+    for pem in key_dir.glob("*.pem"):
+        assert pem.stat().st_mode & 0o777 == 0o600
+    assert (srv.data_dir / "dkim").stat().st_mode & 0o777 == 0o700
+    log = srv.log.read_text()
+    assert "PRIVATE KEY" not in log
+
+
+def test_relayed_message_passes_at_a_second_postroom(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    b = server_factory(domains=("b.test",), host="127.0.0.21", extra_toml=_toml(dns), name="b")
+    b.add_user("bob@b.test", "pw")
+    a = server_factory(
+        domains=("a.test",),
+        host="127.0.0.20",
+        extra_toml=_toml(dns, f"[delivery]\nport = {b.ports['smtp']}\n"),
+        name="a",
+    )
+    a.add_user("alice@a.test", "pw")
+    a.add_user("carol@a.test", "pw")
+    publish(a, dns, "a.test")
+    dns.a("mx.a.test", "127.0.0.20")
+    dns.a("mx.a.test", "127.0.0.1")  # a's connections leave from the loopback's first address
+    dns.mx("b.test", 10, "mx.b.test")
+    dns.a("mx.b.test", "127.0.0.21")
+    wait_signed(a, "alice@a.test", "carol@a.test", dns)  # a signs from now on
+    submit(a, "alice@a.test", "bob@b.test", MESSAGE.replace(b"bob@a.test", b"bob@b.test"))
+    got = b.wait_messages("bob@b.test", 1, timeout=30)
+    assert got, (a.log.read_text()[-2000:], b.log.read_text()[-2000:])
+    head = got[0].replace(b"\r\n", b"\n").split(b"\n\n")[0].decode()
+    ar = [
+        line
+        for line in head.replace("\n\t", " ").splitlines()
+        if line.startswith("Authentication-Results:")
+    ]
+    assert len(ar) == 1, head
+    assert ar[0].startswith("Authentication-Results: mx.b.test;")
+    for part in ("spf=pass", "dkim=pass", "dmarc=pass"):
+        assert part in ar[0], ar[0]
+
+
+def _mx_send(srv: Server, sender: str, rcpt: str, body: bytes, helo: str = "client.test") -> None:
+    with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=30, local_hostname=helo) as c:
+        c.sendmail(sender, [rcpt], body)
+
+
+def _forged(domain: str) -> bytes:
+    return (
+        f"From: Bank <service@{domain}>\r\nTo: bob@a.test\r\nSubject: urgent\r\n"
+        f"Authentication-Results: mx.a.test; dkim=pass header.d={domain}; dmarc=pass\r\n"
+        f"Authentication-Results: (forged)\r\n mx.a.test;\r\n\tspf=pass\r\n"
+        f"Authentication-Results: other.example; spf=fail\r\n\r\nsend money\r\n"
+    ).encode()
+
+
+def test_dmarc_reject_refused_none_delivered_forged_results_removed(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    srv = server_factory(extra_toml=_toml(dns))
+    srv.add_user("bob@a.test", "pw")
+    dns.txt("bank.test", "v=spf1 ip4:192.0.2.1 -all")
+    dns.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
+    dns.txt("shop.test", "v=spf1 ip4:192.0.2.1 -all")
+    dns.txt("_dmarc.shop.test", "v=DMARC1; p=none")
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        _mx_send(srv, "service@bank.test", "bob@a.test", _forged("bank.test"))
+    assert refused.value.smtp_code == 550 and b"5.7.1" in refused.value.smtp_error
+    _mx_send(srv, "service@shop.test", "bob@a.test", _forged("shop.test"))
+    msgs = srv.wait_messages("bob@a.test", 1)
+    time.sleep(0.3)
+    assert len(srv.messages("bob@a.test")) == 1  # the refused one was not delivered
+    text = msgs[0].decode().replace("\r\n", "\n").replace("\n\t", " ").replace("\n ", " ")
+    ar = [line for line in text.splitlines() if line.startswith("Authentication-Results:")]
+    ours = [line for line in ar if "mx.a.test" in line]
+    assert len(ours) == 1, ar
+    assert "dmarc=fail" in ours[0] and "spf=fail" in ours[0] and "dkim=none" in ours[0]
+    assert any("other.example" in line for line in ar)  # someone else's is kept
+
+
+def test_dmarc_enforce_false_only_records(server_factory: ServerFactory, dns: LoopbackDNS) -> None:
+    srv = server_factory(extra_toml=_toml(dns, "[auth]\ndmarc_enforce = false\n"))
+    srv.add_user("bob@a.test", "pw")
+    dns.txt("bank.test", "v=spf1 -all")
+    dns.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
+    _mx_send(srv, "service@bank.test", "bob@a.test", _forged("bank.test"))
+    msg = srv.wait_messages("bob@a.test", 1)[0]
+    assert b"dmarc=fail (p=reject dis=reject)" in msg
+
+
+def test_quarantine_flags_the_message(server_factory: ServerFactory, dns: LoopbackDNS) -> None:
+    srv = server_factory(extra_toml=_toml(dns))
+    srv.add_user("bob@a.test", "pw")
+    dns.txt("_dmarc.shop.test", "v=DMARC1; p=quarantine")
+    _mx_send(srv, "x@shop.test", "bob@a.test", _forged("shop.test"))
+    msg = srv.wait_messages("bob@a.test", 1)[0]
+    assert b"X-Spam-Flag: YES" in msg and b"dmarc=fail" in msg
+
+
+def test_dead_dns_delays_but_never_refuses(server_factory: ServerFactory, dns: LoopbackDNS) -> None:
+    srv = server_factory(extra_toml=_toml(dns, '[auth]\ncheck_timeout = "3s"\n'))
+    srv.add_user("bob@a.test", "pw")
+    dns.timeout("_dmarc.bank.test")
+    dns.timeout("bank.test")
+    start = time.monotonic()
+    _mx_send(srv, "service@bank.test", "bob@a.test", _forged("bank.test"))
+    assert time.monotonic() - start < 10
+    msg = srv.wait_messages("bob@a.test", 1)[0]
+    assert b"dmarc=temperror" in msg and b"spf=temperror" in msg
+
+
+def test_rotation_never_signs_with_an_unpublished_key(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    srv = server_factory(extra_toml=_toml(dns))
+    srv.add_user("alice@a.test", "pw")
+    srv.add_user("bob@a.test", "pw")
+    before = publish(srv, dns, "a.test")
+    wait_signed(srv, "alice@a.test", "bob@a.test", dns)
+    out = srv.cli("dkim", "rotate", "a.test").stdout
+    assert "new ed25519 selector" in out
+    after = srv.cli("dns", "a.test").stdout
+    new = [line for line in after.splitlines() if "_domainkey" in line and line not in before]
+    assert len(new) == 2  # listed at once
+    new_selectors = {line.split(".")[0] for line in new}
+    for _ in range(4):  # not in DNS: the old keys go on signing
+        submit(srv, "alice@a.test", "bob@a.test", MESSAGE)
+    time.sleep(2.5)
+    submit(srv, "alice@a.test", "bob@a.test", MESSAGE)
+    msgs = srv.wait_messages("bob@a.test", 6)
+    for msg in msgs:
+        assert not any(f"s={s};".encode() in msg for s in new_selectors)
+    dns.load_master("\n".join(new))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        submit(srv, "alice@a.test", "bob@a.test", MESSAGE)
+        last = srv.wait_messages("bob@a.test", len(msgs) + 1)[-1]
+        msgs.append(last)
+        if all(f"s={s};".encode() in last for s in new_selectors):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the new keys never signed")
+    assert sorted(dkim_results(last, dns)) == [("ed25519", True), ("rsa", True)]
+    # The old selectors stay listed (retiring).
+    assert (
+        len([ln for ln in srv.cli("dns", "a.test").stdout.splitlines() if "_domainkey" in ln]) == 4
+    )
+
+
+def test_dns_check_names_a_missing_dkim_record(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    srv = server_factory(extra_toml=_toml(dns), start=False)
+    lines = srv.cli("dns", "a.test").stdout.splitlines()
+    assert all("\tIN\t" in line for line in lines)
+    rsa = next(line for line in lines if "rsa" in line and "_domainkey" in line)
+    assert rsa.count('"') == 4  # split into strings of at most 255 octets
+    dns.load_master("\n".join(line for line in lines if line is not rsa))
+    proc = srv.cli("dns", "a.test", "--check", check=False)
+    assert proc.returncode == 1
+    bad = [line for line in proc.stdout.splitlines() if not line.startswith("ok")]
+    assert len(bad) == 1 and bad[0].startswith("missing") and rsa.split()[0] in bad[0]
+    dns.load_master(rsa)
+    assert srv.cli("dns", "a.test", "--check", check=False).returncode == 0
+    data = json.loads(srv.cli("dns", "a.test", "--json").stdout)
+    assert {d["type"] for d in data} == {"MX", "TXT"} and all(
+        set(d) == {"name", "type", "ttl", "value"} for d in data
+    )
+    assert srv.cli("dns", "nope.test", check=False).returncode == 1
+
+
+def test_dmarc_report_reaches_rua_via_the_queue(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    xmlschema = pytest.importorskip("xmlschema")
+    srv = server_factory(extra_toml=_toml(dns))
+    srv.add_user("bob@a.test", "pw")
+    srv.add_user("reports@a.test", "pw")
+    publish(srv, dns, "a.test")
+    # shop.test asks for reports at an address of ours (external: authorized by DNS).
+    dns.txt("_dmarc.shop.test", "v=DMARC1; p=none; rua=mailto:reports@a.test!10m")
+    dns.txt("shop.test._report._dmarc.a.test", "v=DMARC1")
+    dns.txt("shop.test", "v=spf1 ip4:127.0.0.0/8 -all")
+    _mx_send(srv, "x@shop.test", "bob@a.test", _forged("shop.test"))
+    _mx_send(srv, "x@shop.test", "bob@a.test", _forged("shop.test"))
+    srv.wait_messages("bob@a.test", 2)
+    out = srv.cli("dmarc", "report", "--now").stdout
+    assert "1 DMARC" in out
+    got = srv.wait_messages("reports@a.test", 1, timeout=15)
+    assert got
+    msg = message_from_bytes(got[0])
+    assert "Report Domain: shop.test" in msg["Subject"]
+    parts = [p for p in msg.walk() if p.get_content_type() == "application/gzip"]
+    xml = gzip.decompress(parts[0].get_payload(decode=True))
+    schema = xmlschema.XMLSchema(str(SCHEMA))
+    schema.validate(xml.decode())
+    assert b"<count>2</count>" in xml
+
+
+def test_forged_results_removed_from_messages_too_large_to_check(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    srv = server_factory(extra_toml=_toml(dns, '[auth]\ncheck_max_size = "1KB"\n'))
+    srv.add_user("bob@a.test", "pw")
+    dns.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
+    _mx_send(srv, "service@bank.test", "bob@a.test", _forged("bank.test") + b"x" * 2000 + b"\r\n")
+    msg = srv.wait_messages("bob@a.test", 1)[0].replace(b"\r\n", b"\n")
+    assert msg.count(b"mx.a.test;") == 1 and b"dkim=pass" not in msg
+    assert b"spf=none" in msg and b"dmarc=" not in msg

@@ -1,0 +1,99 @@
+"""Passwords were taken byte for byte (an "ä" typed precomposed on one keyboard and decomposed
+on another did not log in) and a one-character password was accepted. Now RFC 8265
+OpaqueString preparation at set time and at every login (PLAIN, LOGIN, USER/PASS; SCRAM clients
+prepare their side), at least 6 characters unless ``--allow-short``, and SCRAM keys made with
+600,000 PBKDF2 rounds (RFC 7677's 4096 is a floor, not a figure for stolen databases)."""
+
+from __future__ import annotations
+
+import base64
+import poplib
+import secrets
+import smtplib
+import unicodedata
+
+import pytest
+
+from postroom import passwords
+from tests.conftest import Server, ServerFactory, insecure, scram_client_final
+
+NFD = unicodedata.normalize("NFD", "k\u00e4se\u00a0und brot")  # decomposed, no-break space
+TYPED = "k\u00e4se und brot"  # what another keyboard sends: precomposed, plain space
+
+
+@pytest.fixture
+def srv(server_factory: ServerFactory) -> Server:
+    s = server_factory(services=("submission", "pop3"))
+    s.cli("user", "add", "alice@a.test", "--password-stdin", stdin=NFD + "\n")
+    return s
+
+
+def test_short_and_unusable_passwords_are_refused(srv: Server) -> None:
+    for bad, why in (("x", "6 characters"), ("five5", "6 characters"), ("abc\x07defghi", "")):
+        p = srv.cli("user", "add", "bob@a.test", "--password-stdin", stdin=bad + "\n", check=False)
+        assert p.returncode == 1, bad
+        assert why in p.stderr and "Traceback" not in p.stderr
+        p = srv.cli(
+            "user", "passwd", "alice@a.test", "--password-stdin", stdin=bad + "\n", check=False
+        )
+        assert p.returncode == 1, bad
+    srv.cli("user", "add", "bob@a.test", "--password-stdin", "--allow-short", stdin="x\n")
+    assert "bob@a.test" in srv.cli("user", "list").stdout
+
+
+def test_every_spelling_logs_in_with_plain_login_and_user_pass(srv: Server) -> None:
+    for password in (NFD, TYPED, unicodedata.normalize("NFC", NFD)):
+        assert auth(srv, "PLAIN", password) == 235
+        assert auth(srv, "LOGIN", password) == 235
+        pop = poplib.POP3(srv.host, srv.ports["pop3"], timeout=20)
+        pop.stls(context=insecure())
+        pop.user("alice@a.test")
+        assert pop.pass_(password).startswith(b"+OK")
+        pop.quit()
+    assert auth(srv, "PLAIN", "kase und brot") == 535  # a different password stays different
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def auth(srv: Server, mechanism: str, password: str) -> int:
+    """AUTH PLAIN or LOGIN with a UTF-8 password (smtplib sends ASCII only)."""
+    with smtplib.SMTP(srv.host, srv.ports["submission"], timeout=20) as c:
+        c.starttls(context=insecure())
+        c.ehlo()
+        if mechanism == "PLAIN":
+            return c.docmd("AUTH", "PLAIN " + b64(f"\0alice@a.test\0{password}"))[0]
+        assert c.docmd("AUTH", "LOGIN")[0] == 334
+        assert c.docmd(b64("alice@a.test"))[0] == 334
+        return c.docmd(b64(password))[0]
+
+
+def test_scram_with_the_prepared_password_and_current_iterations(srv: Server) -> None:
+    with smtplib.SMTP(srv.host, srv.ports["submission"], timeout=20) as c:
+        c.starttls(context=insecure())
+        c.ehlo()
+        first_bare = f"n=alice@a.test,r={secrets.token_hex(8)}"
+        code, resp = c.docmd(
+            "AUTH", "SCRAM-SHA-256 " + base64.b64encode(b"n,," + first_bare.encode()).decode()
+        )
+        assert code == 334
+        server_first = base64.b64decode(resp).decode()
+        attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
+        assert int(attrs["i"]) == 600_000
+        final, _expect = scram_client_final(
+            passwords.prepare(TYPED).encode(), first_bare, server_first
+        )
+        assert c.docmd(base64.b64encode(final.encode()).decode())[0] == 334
+        assert c.docmd("")[0] == 235
+
+
+def test_prepare_unit() -> None:
+    assert passwords.prepare(NFD) == TYPED
+    assert passwords.prepare("\u2003tab\u3000") == " tab "  # every Unicode space is a space
+    with pytest.raises(passwords.PasswordError):
+        passwords.prepare("nul\x00inside")
+    with pytest.raises(passwords.PasswordError):
+        passwords.check_new("12345")
+    assert passwords.check_new("12345", allow_short=True) == "12345"
+    assert passwords.check_new("123456") == "123456"

@@ -1,0 +1,52 @@
+"""The deferred store: parking, removal, start-up cleaning, and the schedule read from the
+state files' mtimes alone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from postroom.errors import QueueError
+from postroom.queue.envelope import Envelope, Recipient
+from postroom.storage.local.deferred import DeferredStore
+from postroom.storage.local.queue import LocalQueue
+
+
+def envelope(qid: str, attempts: int, next_attempt: float) -> Envelope:
+    return Envelope(
+        qid, "s@x.test", [Recipient("r@y.test")], 1.0, attempts=attempts, next_attempt=next_attempt
+    )
+
+
+def test_the_schedule_comes_from_the_state_files_mtimes(tmp_path: Path) -> None:
+    store = DeferredStore(tmp_path / "queue")
+    store.park(envelope("A1", 2, 2_000_000_000.0).to_json(), "A1", b"x", "")
+    store.park(envelope("B2", 0, 2_000_000_000.0).to_json(), "B2", b"x", "")  # never tried
+    (store.msg_dir / "C3").write_bytes(b"x")  # its state lost: due now, quarantined then
+    (store.state_dir / "D4.json").write_bytes(b"{}")  # a state without its message
+    (store.msg_dir / ".E5.tmp").write_bytes(b"half")  # a crash while parking
+    assert store.clean() == 2
+    assert sorted(store.schedule()) == [("A1", 2_000_000_000.0), ("B2", 0.0), ("C3", 0.0)]
+    later = envelope("A1", 3, 2_100_000_000.0)
+    store.save_state(later)
+    assert dict(store.schedule())["A1"] == 2_100_000_000.0
+    assert store.load("A1") == later
+
+
+def test_an_unreadable_message_is_quarantined_when_it_is_due(tmp_path: Path) -> None:
+    queue = LocalQueue(tmp_path, "mx.x.test")
+    queue.deferred.park(envelope("A1", 0, 0.0).to_json(), "A1", b"x", "")
+    (queue.deferred.msg_dir / "BAD1").write_bytes(b"no state")
+    assert queue.recover() == 2
+    (good,) = asyncio.run(queue.claim(1e10, 10))
+    assert good.id == "A1"
+    (problem,) = queue.problems()
+    assert "BAD1" in problem and (tmp_path / "queue" / "corrupt" / "BAD1").exists()
+    asyncio.run(queue.delete("A1"))
+    assert queue.deferred.ids() == []
+    with pytest.raises(QueueError):
+        asyncio.run(queue.delete("A1"))
+    assert not os.listdir(queue.deferred.state_dir)

@@ -1,0 +1,249 @@
+"""The Maildir backend of the Maildrop interface (storage/local/maildrop.py), on temporary
+Maildirs: sizes and UIDLs from names, LF and CRLF files, UPDATE, the lock."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from postroom.blocking import BlockingPool
+from postroom.errors import MailboxInUse
+from postroom.pop3.maildrop import Snapshot
+from postroom.storage.interfaces import MessageInfo
+from postroom.storage.local.maildrop import (
+    LOCK_NAME,
+    PARALLEL_UPDATE_MIN,
+    SIZE_CACHE,
+    MaildirMaildrop,
+    unique_id,
+)
+from postroom.wire.framing import to_crlf
+
+
+def Maildrop(path: Path) -> MaildirMaildrop:
+    return MaildirMaildrop(path, BlockingPool(2))
+
+
+def snapshot(drop: MaildirMaildrop) -> Snapshot:
+    return Snapshot([MessageInfo(f.size, f.uid) for f in drop.files])
+
+
+# -- the maildrop -------------------------------------------------------------------------------
+
+
+def make_maildir(root: Path, files: dict[str, bytes]) -> Path:
+    for sub in ("tmp", "new", "cur"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+    return root
+
+
+def test_maildrop_sizes_uids_and_order(tmp_path: Path) -> None:
+    crlf = b"Subject: a\r\n\r\nbody\r\n"
+    lf = b"Subject: b\n\n.dot\nno end"
+    md = make_maildir(
+        tmp_path / "md",
+        {
+            f"new/1700000002.Q2_0.host,S={len(crlf)}": crlf,
+            "cur/1700000001.M1P2.other:2,S": lf,  # another tool: LF, no size in the name
+            "cur/1700000003.M3P4.dove,S=5,W=999:2,": b"a\nb\nc",  # Dovecot's W= is the CRLF size
+            # Courier/maildrop: S= is the LF file's size; RETR sends more than that.
+            "new/1700000004.M5P6.courier,S=26": b"Subject: courier\n\nbody\n.x\n",
+        },
+    )
+    drop = Maildrop(md)
+    drop.open_now()
+    try:
+        assert [e.uid for e in drop.files] == [
+            "1700000001.M1P2.other",
+            "1700000002.Q2_0.host",
+            "1700000003.M3P4.dove",
+            "1700000004.M5P6.courier",
+        ]
+        sizes = [e.size for e in drop.files]
+        assert sizes == [len(to_crlf(lf)) + 2, len(crlf), 999, 30]
+        assert len(drop.read(drop.files[3])) == 30
+        assert drop.read(drop.files[0]) == to_crlf(lf)
+        snap = snapshot(drop)
+        assert snap.stat() == (4, len(to_crlf(lf)) + 2 + len(crlf) + 999 + 30)
+        assert snap.listing(uids=False).endswith(b"3 999\r\n4 30\r\n.\r\n")
+        assert (md / SIZE_CACHE).read_text().split("\t")[0] == "1700000001.M1P2.other"
+    finally:
+        drop.close_now()
+    # The second session uses the cache: a file of the same raw size is not read again.
+    (md / "cur/1700000001.M1P2.other:2,S").write_bytes(lf.replace(b"\n", b"x"))
+    again = Maildrop(md)
+    again.open_now()
+    assert again.files[0].size == len(to_crlf(lf)) + 2
+    again.close_now()
+
+
+def test_uid_is_the_unique_part_and_fits_rfc1939() -> None:
+    assert unique_id("123.Q_0.h,S=5:2,RS") == unique_id("123.Q_0.h,S=5,W=7") == "123.Q_0.h"
+    odd = unique_id("x" * 80 + ",S=1")
+    assert len(odd) == 40 and odd != unique_id("y" * 80)
+    assert all(0x21 <= ord(c) <= 0x7E for c in unique_id("caf\u00e9 name"))
+
+
+def test_update_deletes_and_marks_seen(tmp_path: Path) -> None:
+    md = make_maildir(
+        tmp_path / "md",
+        {
+            "new/1.a,S=3": b"a\r\n",
+            "new/2.b,S=3": b"b\r\n",
+            "cur/3.c,S=3:2,F": b"c\r\n",
+            "new/4.d,S=3": b"d\r\n",
+        },
+    )
+    drop = Maildrop(md)
+    drop.open_now()
+    assert drop.update_now([1], [2, 3]) == 0
+    drop.close_now()
+    assert sorted(os.listdir(md / "new")) == ["4.d,S=3"]
+    assert sorted(os.listdir(md / "cur")) == ["2.b,S=3:2,S", "3.c,S=3:2,FS"]
+
+
+def test_crlf_only_names_skip_conversion_and_others_are_converted(tmp_path: Path) -> None:
+    lf = b"a\nb\n"
+    md = make_maildir(
+        tmp_path / "md",
+        {"new/1.a,S=6,W=6": b"a\r\nb\r\n", f"new/2.b,S={len(lf)},W={len(to_crlf(lf))}": lf},
+    )
+    drop = Maildrop(md)
+    drop.open_now()
+    try:
+        assert [e.crlf for e in drop.files] == [True, False]
+        assert drop.read(drop.files[0]) == b"a\r\nb\r\n"
+        assert drop.read(drop.files[1]) == b"a\r\nb\r\n"
+    finally:
+        drop.close_now()
+
+
+def test_file_longer_than_its_name_says_is_read_whole(tmp_path: Path) -> None:
+    body = b"x" * 100 + b"\r\n"
+    md = make_maildir(tmp_path / "md", {"new/1.a,S=5": body})
+    drop = Maildrop(md)
+    drop.open_now()
+    try:
+        assert drop.read(drop.files[0]) == body
+    finally:
+        drop.close_now()
+
+
+def test_large_update_is_shared_by_threads_and_complete(tmp_path: Path) -> None:
+    count = PARALLEL_UPDATE_MIN * 2 + 7
+    md = make_maildir(tmp_path / "md", {f"new/{i}.m,S=3": b"m\r\n" for i in range(count)})
+    drop = Maildrop(md)
+    drop.open_now()
+    numbers = range(1, len(drop.files) + 1)
+    deleted = [n for n in numbers if (n - 1) % 3 != 0]
+    os.unlink(md / "new" / drop.files[1].name)  # gone meanwhile: not a failure
+    assert drop.update_now(deleted, [n for n in numbers if n not in deleted]) == 0
+    drop.close_now()
+    kept = sorted(os.listdir(md / "cur"))
+    assert len(kept) == len(range(0, count, 3)) and all(n.endswith(":2,S") for n in kept)
+    assert os.listdir(md / "new") == []
+
+
+def test_drop_without_update_changes_nothing_and_rset(tmp_path: Path) -> None:
+    md = make_maildir(tmp_path / "md", {"new/1.a,S=3": b"a\r\n", "new/2.b,S=3": b"b\r\n"})
+    drop = Maildrop(md)
+    drop.open_now()
+    snap = snapshot(drop)
+    snap.delete(1)
+    assert snap.get(1) is None and snap.stat() == (1, 3) and snap.deleted() == [1]
+    snap.reset()
+    assert snap.get(1) is not None
+    snap.delete(2)
+    drop.close_now()  # the connection dropped: no UPDATE
+    assert len(os.listdir(md / "new")) == 2
+
+
+def test_message_moved_by_another_tool_is_found(tmp_path: Path) -> None:
+    md = make_maildir(tmp_path / "md", {"new/1.a,S=3": b"a\r\n"})
+    drop = Maildrop(md)
+    drop.open_now()
+    os.rename(md / "new/1.a,S=3", md / "cur/1.a,S=3:2,S")  # an IMAP server read it meanwhile
+    assert drop.read(drop.files[0]) == b"a\r\n"
+    assert drop.update_now([1], []) == 0
+    drop.close_now()
+    assert os.listdir(md / "cur") == []
+
+
+def test_one_session_per_mailbox_and_crash_releases(tmp_path: Path) -> None:
+    md = make_maildir(tmp_path / "md", {})
+    first = Maildrop(md)
+    first.open_now()
+    with pytest.raises(MailboxInUse):
+        Maildrop(md).open_now()
+    first.close_now()
+    second = Maildrop(md)
+    second.open_now()
+    second.close_now()
+    # A process that holds the lock and dies (kill -9) does not block the mailbox.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(md / LOCK_NAME)!r}, os.O_RDWR)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        with pytest.raises(MailboxInUse):
+            Maildrop(md).open_now()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+    third = Maildrop(md)
+    third.open_now()
+    third.close_now()
+
+
+def test_large_file_chunks_are_crlf_and_bounded(tmp_path: Path) -> None:
+    body = (b"line\n" * 100_000) + b"\r\n.end\r"  # 500 kB
+    md = make_maildir(tmp_path / "md", {"new/5.e": body})
+    drop = Maildrop(md)
+    drop.open_now()
+    entry = drop.files[0]
+
+    async def read_all() -> list[bytes]:
+        return [piece async for piece in drop.chunks(1)]
+
+    pieces = asyncio.run(read_all())
+    assert drop.read_now(1) is None  # over the size read on the event loop
+    drop.close_now()
+    assert max(len(p) for p in pieces) <= 2 * (1 << 18)
+    assert b"".join(pieces) == to_crlf(body)
+    assert entry.size == len(to_crlf(body)) + 2  # "\r" at the end: RETR completes the line
+
+
+def test_open_is_fast_for_10000_messages(tmp_path: Path) -> None:
+    """Sizes come from the names: no body is read (the files here are empty)."""
+    md = make_maildir(tmp_path / "md", {})
+    for i in range(10_000):
+        (md / "new" / f"{1700000000 + i}.Q{i}_0.host,S={1000 + i},W={1000 + i}").touch()
+    drop = Maildrop(md)
+    t0 = time.perf_counter()
+    drop.open_now()
+    snap = snapshot(drop)
+    listing = snap.listing(uids=False)
+    uids = snap.listing(uids=True)
+    elapsed = time.perf_counter() - t0
+    drop.close_now()
+    assert snap.stat() == (10_000, sum(1000 + i for i in range(10_000)))
+    assert listing.count(b"\r\n") == 10_001 and uids.count(b"\r\n") == 10_001
+    print(f"open + LIST + UIDL of 10,000 messages: {elapsed * 1000:.0f} ms")

@@ -1,0 +1,250 @@
+"""mime_downgrade: only what needs it changes, and a reader decodes the very same content."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+from email.message import Message
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from postroom.delivery.mime_downgrade import MAX_LINE, downgrade, fold_header
+
+LONG = b"x" * 5000
+IMAGE = base64.encodebytes(bytes(range(256)) * 4).replace(b"\n", b"\r\n")
+
+
+def lines(data: bytes) -> list[bytes]:
+    return data.split(b"\r\n")
+
+
+def longest(data: bytes) -> int:
+    return max(map(len, lines(data)))
+
+
+def leaves(raw: bytes) -> list[tuple[str, bytes]]:
+    """(content type, decoded payload) of every leaf, as a reader sees them."""
+    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    out = []
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        out.append((part.get_content_type(), payload))
+    return out
+
+
+def body_of(raw: bytes) -> bytes:
+    return raw.split(b"\r\n\r\n", 1)[1]
+
+
+def test_short_7bit_mail_is_returned_unchanged() -> None:
+    raw = b"Subject: hi\r\n\r\nhello\r\n"
+    assert downgrade(raw, eight_bit=False) is raw
+
+
+def test_8bit_is_kept_for_a_peer_with_8bitmime() -> None:
+    raw = b"Subject: hi\r\nContent-Type: text/plain; charset=utf-8\r\n\r\ncaf\xc3\xa9\r\n"
+    assert downgrade(raw, eight_bit=True) == raw
+
+
+def test_long_line_without_mime_becomes_quoted_printable() -> None:
+    raw = b"From: a@a.test\r\nSubject: long\r\n\r\nstart " + LONG + b" end\r\nbye\r\n"
+    out = downgrade(raw, eight_bit=True)
+    assert longest(out) <= MAX_LINE
+    assert b"MIME-Version: 1.0\r\n" in out
+    assert b"Content-Transfer-Encoding: quoted-printable\r\n" in out
+    assert out.startswith(b"From: a@a.test\r\nSubject: long\r\n")
+    assert leaves(out) == [("text/plain", b"start " + LONG + b" end\r\nbye\r\n")]
+
+
+def test_8bit_without_mime_gets_a_charset() -> None:
+    out = downgrade(b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n", eight_bit=False)
+    assert out.isascii()
+    assert b"charset=utf-8" in out
+    out = downgrade(b"Subject: x\r\n\r\ncaf\xe9\r\n", eight_bit=False)
+    assert out.isascii()
+    assert b"charset=unknown-8bit" in out
+    assert leaves(out) == [("text/plain", b"caf\xe9\r\n")]
+
+
+def multipart(text_part: bytes, cte: bytes = b"") -> bytes:
+    return (
+        b"From: a@a.test\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="BOUND"\r\n' + cte + b"\r\n"
+        b"preamble\r\n"
+        b"--BOUND\r\n" + text_part + b"\r\n"
+        b"--BOUND\r\n"
+        b"Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\n" + IMAGE + b"\r\n"
+        b"--BOUND--\r\n"
+        b"epilogue\r\n"
+    )
+
+
+def test_only_the_affected_leaf_is_reencoded() -> None:
+    text = b"Content-Type: text/plain; charset=us-ascii\r\n\r\n" + LONG + b"\r\n"
+    raw = multipart(text)
+    out = downgrade(raw, eight_bit=True)
+    assert longest(out) <= MAX_LINE
+    # The image part, the delimiters, preamble and epilogue are byte for byte the same.
+    image_part = raw[raw.index(b"--BOUND\r\nContent-Type: image/png") :]
+    assert out.endswith(image_part)
+    assert out.startswith(raw[: raw.index(b"--BOUND\r\n") + 9])
+    assert leaves(out) == leaves(raw)
+
+
+def test_8bit_part_to_a_7bit_peer() -> None:
+    text = (
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        b"gr\xc3\xbc\xc3\x9fe  \r\n.\r\n"
+    )
+    raw = multipart(text, b"Content-Transfer-Encoding: 8bit\r\n")
+    out = downgrade(raw, eight_bit=False)
+    assert out.isascii()
+    assert out.count(b"Content-Transfer-Encoding: 8bit") == 0
+    assert b"Content-Transfer-Encoding: quoted-printable\r\n\r\ngr=C3=BC=C3=9Fe =20\r\n" in out
+    # The multipart's own label follows what it now holds (RFC 2045 §6.4).
+    assert out.split(b"\r\n\r\n", 1)[0].endswith(b"Content-Transfer-Encoding: 7bit")
+    assert leaves(out) == leaves(raw)
+
+
+def test_binary_leaf_is_base64() -> None:
+    raw = (
+        b"MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Transfer-Encoding: binary\r\n\r\n\x00\xff\x80abc\r\n" + LONG
+    )
+    out = downgrade(raw, eight_bit=False)
+    assert out.isascii()
+    assert b"Content-Transfer-Encoding: base64" in out
+    assert b"binary" not in out
+    assert leaves(out) == leaves(raw)
+
+
+def test_text_with_bare_line_breaks_after_decoding_is_base64() -> None:
+    # Quoted-printable cannot carry a bare CR; base64 can.
+    encoded = base64.b64encode(b"a\rb" + b"y" * 2000)
+    raw = (
+        b"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded + b"\r\n"
+    )
+    out = downgrade(raw, eight_bit=False)
+    assert longest(out) <= 76
+    assert leaves(out) == leaves(raw)
+
+
+def test_message_rfc822_is_walked_into() -> None:
+    inner = b"Subject: inner\r\n\r\ncaf\xc3\xa9 " + LONG + b"\r\n"
+    raw = (
+        b"MIME-Version: 1.0\r\nContent-Type: message/rfc822\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n" + inner
+    )
+    out = downgrade(raw, eight_bit=False)
+    assert out.isascii()
+    assert longest(out) <= MAX_LINE
+    assert b"Content-Transfer-Encoding: 7bit\r\n" in out
+    inner_out = body_of(out)
+    assert inner_out.startswith(b"Subject: inner\r\n")
+    assert leaves(inner_out) == [("text/plain", b"caf\xc3\xa9 " + LONG + b"\r\n")]
+
+
+def test_long_header_is_folded_at_white_space() -> None:
+    words = b" ".join([b"word"] * 400)
+    raw = b"Subject: " + words + b"\r\nX-Token: " + LONG + b"\r\n\r\nbody\r\n"
+    out = downgrade(raw, eight_bit=True)
+    assert longest(out) <= MAX_LINE
+    msg = email.message_from_bytes(out, policy=email.policy.compat32)
+    subject = str(msg["Subject"])
+    # Unfolding (RFC 5322 §2.2.3) gives the words back; folding moved no word.
+    assert " ".join(subject.split()) == words.decode()
+    assert body_of(out) == b"body\r\n"
+    # No white space to fold at: broken like Postfix (CRLF SP), nothing lost.
+    assert "".join(str(msg["X-Token"]).split()) == LONG.decode()
+
+
+def test_fold_header_leaves_short_headers_alone() -> None:
+    head = b"Subject: hi\r\nTo: b@b.test\r\n"
+    assert fold_header(head) is head
+
+
+def _check(raw: bytes, eight_bit: bool) -> None:
+    out = downgrade(raw, eight_bit=eight_bit)
+    assert longest(out) <= MAX_LINE
+    if not eight_bit:
+        head = out.split(b"\r\n\r\n", 1)[0]
+        assert head.isascii() or not out.isascii()
+        assert body_of(out + b"\r\n\r\n").isascii()
+    assert leaves(out) == leaves(raw)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    body=st.lists(
+        st.one_of(
+            st.binary(min_size=0, max_size=40),
+            st.builds(lambda n, c: c * n, st.integers(990, 1300), st.sampled_from([b"a", b"\xe9"])),
+        ),
+        max_size=8,
+    ),
+    eight_bit=st.booleans(),
+    cte=st.sampled_from([b"", b"8bit", b"7bit", b"binary"]),
+    ctype=st.sampled_from([b"text/plain; charset=utf-8", b"application/octet-stream", b""]),
+)
+def test_any_leaf_fits_and_decodes_the_same(
+    body: list[bytes], eight_bit: bool, cte: bytes, ctype: bytes
+) -> None:
+    content = b"\r\n".join(b.replace(b"\r", b"").replace(b"\n", b"") for b in body)
+    head = b"Subject: t\r\nMIME-Version: 1.0\r\n"
+    if ctype:
+        head += b"Content-Type: " + ctype + b"\r\n"
+    if cte:
+        head += b"Content-Transfer-Encoding: " + cte + b"\r\n"
+    raw = head + b"\r\n" + content
+    _check(raw, eight_bit)
+    _check(multipart(head.split(b"\r\n", 2)[2] + b"\r\n" + content), eight_bit)
+
+
+def test_leaves_helper_reads_parts() -> None:
+    msg: Message = email.message_from_bytes(multipart(b"\r\nhi"))
+    assert msg.is_multipart()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pieces=st.lists(
+        st.one_of(
+            st.binary(max_size=30),
+            st.sampled_from(
+                [
+                    b"\r\n",
+                    b"\r\n\r\n",
+                    b"--B\r\n",
+                    b"--B--\r\n",
+                    b"Content-Type: multipart/mixed; boundary=B\r\n",
+                    b"Content-Type: message/rfc822\r\n",
+                    b"Content-Transfer-Encoding: base64\r\n",
+                    b"Content-Transfer-Encoding: quoted-printable\r\n",
+                    b"x" * 1200,
+                    b"\xff" * 1100,
+                    b" " * 3,
+                ]
+            ),
+        ),
+        max_size=30,
+    ),
+    eight_bit=st.booleans(),
+)
+def test_garbage_never_leaves_a_long_line(pieces: list[bytes], eight_bit: bool) -> None:
+    raw = b"".join(pieces).replace(b"\r\n", b"\n").replace(b"\r", b"").replace(b"\n", b"\r\n")
+    out = downgrade(raw, eight_bit=eight_bit)
+    assert longest(out) <= MAX_LINE
+
+
+def test_message_without_header_section_is_all_body() -> None:
+    raw = b"Hello Bob, " + LONG + b"\r\nbye\r\n"
+    out = downgrade(raw, eight_bit=True)
+    head = out.split(b"\r\n\r\n", 1)[0]
+    assert head == b"Content-Transfer-Encoding: quoted-printable\r\nMIME-Version: 1.0"
+    assert leaves(out) == [("text/plain", raw)]

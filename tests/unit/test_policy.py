@@ -1,0 +1,129 @@
+"""The SMTP policy with a fake services object: who may send what to whom, and the one hand-off
+of a finished message to the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from postroom import config as config_mod
+from postroom.address import Address
+from postroom.queue.envelope import Envelope
+from postroom.smtp.commands import Mail, Rcpt
+from postroom.smtp.policy import SmtpPolicy
+from postroom.storage.interfaces import MessageDraft
+from postroom.storage.local.queue import Draft, SpareBodies
+from postroom.wire import replies
+from postroom.wire.replies import Reply
+
+
+class Accounts:
+    def resolve(self, key: str) -> list[str] | None:
+        found = self.expand(key)
+        return [key] if found is None and key.startswith("postmaster@") else found
+
+    def expand(self, key: str, max_depth: int = 10) -> list[str] | None:
+        return {"alice@a.test": ["alice@a.test"], "team@a.test": ["alice@a.test", "x@r.test"]}.get(
+            key
+        )
+
+    def owns(self, user_key: str, sender_key: str) -> bool:
+        return user_key == sender_key
+
+
+class Handed:
+    """The intake: records what it was handed and answers as told."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[Envelope, bytes]] = []
+        self.answer: Reply | None = None
+
+    async def accept(self, envelope: Envelope, draft: MessageDraft) -> Any:
+        assert isinstance(draft, Draft)
+        body, _file, _crc = draft.finish()
+        self.got.append((envelope, body))
+        if self.answer is not None:
+            return self.answer
+
+        class Accepted:
+            queue_id = envelope.id
+
+        return Accepted()
+
+
+class Queue:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+
+    def draft(self, queue_id: str, sender: str, make_prefix: Any = None) -> Draft:
+        return Draft(SpareBodies(self.tmp, None), queue_id, sender, make_prefix, 1000)
+
+
+def policy(tmp_path: Path, port: str = "smtp") -> tuple[SmtpPolicy, Handed]:
+    services: Any = type("Services", (), {})()
+    services.cfg = config_mod.from_dict(
+        {"hostname": "mx.a.test", "domains": ["a.test"], "data_dir": str(tmp_path)}
+    )
+    services.accounts = Accounts()
+    services.queue = Queue(tmp_path)
+    services.intake = Handed()
+    services.log = logging.getLogger("test-policy")
+    services.tls = None
+    services.sender_auth = None
+    p = SmtpPolicy(services, port, "192.0.2.1", tls=False)  # type: ignore[arg-type]
+    p.helo = "client.r.test"
+    return p, services.intake
+
+
+def transaction(p: SmtpPolicy, *rcpts: str, data: bytes) -> Reply:
+    assert p.on_mail(Mail(Address("x", "r.test"))) == replies.SENDER_OK
+    for r in rcpts:
+        local, _, domain = r.partition("@")
+        p.on_rcpt(Rcpt(Address(local, domain)))
+    p.on_data_start()
+    for i in range(0, len(data), 7):  # in pieces, a CRLF split across two now and then
+        p.on_data(data[i : i + 7])
+    return asyncio.run(p.on_message_end())
+
+
+def test_mx_port_takes_local_users_aliases_postmaster_and_refuses_relay(tmp_path: Path) -> None:
+    p, _intake = policy(tmp_path)
+    assert p.on_mail(Mail(Address("x", "r.test"))) == replies.SENDER_OK
+    assert p.on_rcpt(Rcpt(Address("alice", "a.test"))) == replies.RECIPIENT_OK
+    assert p.on_rcpt(Rcpt(Address("nobody", "a.test"))) == replies.USER_UNKNOWN
+    assert p.on_rcpt(Rcpt(Address("Postmaster", "a.test"))) == replies.RECIPIENT_OK
+    assert p.on_rcpt(Rcpt(Address("bob", "r.test"))) == replies.RELAY_DENIED
+    assert p.on_rcpt(Rcpt(Address("team", "a.test"))) == replies.RECIPIENT_OK
+    # Each final address once (alice via the alias too), the remote alias target kept.
+    assert [r.address for r in p.txn.recipients] == [
+        "alice@a.test",
+        "postmaster@a.test",
+        "x@r.test",
+    ]
+
+
+def test_the_finished_message_is_handed_off_once_in_lf_with_our_trace(tmp_path: Path) -> None:
+    p, intake = policy(tmp_path)
+    reply = transaction(p, "alice@a.test", data=b"Subject: hi\r\n\r\nline\r\n")
+    ((envelope, body),) = intake.got
+    assert reply.code == 250 and envelope.id in str(reply)
+    assert envelope.sender == "x@r.test" and [r.address for r in envelope.recipients] == [
+        "alice@a.test"
+    ]
+    assert body.startswith(b"Return-Path: <x@r.test>\nReceived: from client.r.test ([192.0.2.1])\n")
+    assert body.endswith(b"\nSubject: hi\n\nline\n") and b"\r" not in body
+
+
+def test_the_queues_refusal_is_the_reply(tmp_path: Path) -> None:
+    p, intake = policy(tmp_path)
+    intake.answer = replies.STORAGE_FULL
+    assert transaction(p, "alice@a.test", data=b"Subject: x\r\n\r\ny\r\n") == replies.STORAGE_FULL
+
+
+def test_too_many_received_headers_are_refused_before_the_hand_off(tmp_path: Path) -> None:
+    p, intake = policy(tmp_path)
+    loop = b"Received: from a by b; x\r\n" * 60 + b"\r\nbody\r\n"
+    assert transaction(p, "alice@a.test", data=loop) == replies.TOO_MANY_HOPS
+    assert intake.got == []

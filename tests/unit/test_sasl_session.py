@@ -1,0 +1,78 @@
+"""The SASL exchange both servers share, against a fake account store and throttle."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from postroom import sasl
+from postroom.sasl_session import Refused, SaslSession
+from postroom.wire.events import AuthResponse, AuthStart
+
+
+@dataclass
+class FakeThrottle:
+    locked: bool = False
+    failures: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def refused(self, ip: str) -> bool:
+        return self.locked
+
+    def failure(self, ip: str, account: str | None) -> float:
+        self.failures.append((ip, account))
+        return 0.0
+
+
+@dataclass
+class FakeServices:
+    throttle: FakeThrottle = field(default_factory=FakeThrottle)
+    log: logging.Logger = logging.getLogger("test")
+
+    async def check_password(self, ip: str, login: str, password: str) -> str | None:
+        return "alice@a.test" if (login, password) == ("Alice@A.test", "pw") else None
+
+    def scram_keys(self, ip: str, login: str) -> sasl.ScramKeys | None:
+        return None
+
+
+def session(services: FakeServices) -> SaslSession:
+    return SaslSession(cast(Any, services), "192.0.2.1", "smtp")
+
+
+def test_plain_success_and_failure_with_the_throttle_counting() -> None:
+    services = FakeServices()
+    ok = asyncio.run(session(services).step(AuthStart("PLAIN", b"\0Alice@A.test\0pw")))
+    assert ok == sasl.Success("alice@a.test") and services.throttle.failures == []
+    bad = asyncio.run(session(services).step(AuthStart("PLAIN", b"\0Alice@A.test\0no")))
+    assert bad == Refused("credentials")
+    assert services.throttle.failures == [("192.0.2.1", "alice@a.test")]  # case-insensitive
+
+
+def test_login_mechanism_takes_two_challenges() -> None:
+    services = FakeServices()
+    s = session(services)
+
+    async def run() -> list[object]:
+        return [
+            await s.step(AuthStart("LOGIN", None)),
+            await s.step(AuthResponse(b"Alice@A.test")),
+            await s.step(AuthResponse(b"pw")),
+        ]
+
+    first, second, third = asyncio.run(run())
+    assert isinstance(first, sasl.Challenge) and base64.b64encode(first.data)
+    assert isinstance(second, sasl.Challenge) and third == sasl.Success("alice@a.test")
+
+
+def test_refusals_throttled_unknown_mechanism_malformed() -> None:
+    services = FakeServices(FakeThrottle(locked=True))
+    assert asyncio.run(session(services).step(AuthStart("PLAIN", None))) == Refused("throttled")
+    services.throttle.locked = False
+    assert asyncio.run(session(services).step(AuthStart("X-NONE", None))) == Refused("mechanism")
+    malformed = asyncio.run(session(services).step(AuthStart("PLAIN", b"no nuls")))
+    assert malformed == Refused("malformed") and services.throttle.failures == []
+    # A response with no exchange going on is malformed, not a crash.
+    assert asyncio.run(session(services).step(AuthResponse(b"x"))) == Refused("malformed")

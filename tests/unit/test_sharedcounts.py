@@ -1,0 +1,69 @@
+"""The per-IP table the workers share: counts across a fork, deletion inside probe runs,
+ageing, and forgetting when full."""
+
+from __future__ import annotations
+
+import os
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from postroom.sharedcounts import LocalCounts, SharedCounts
+
+
+def test_a_count_made_in_one_process_is_seen_in_another() -> None:
+    table = SharedCounts(rows=64)
+    table.add("192.0.2.1", 3)
+    pid = os.fork()
+    if pid == 0:  # another worker
+        table.add("192.0.2.1", 2)
+        table.add("2001:db8::1", 1)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert table.get("192.0.2.1") == 5
+    assert table.get("2001:db8::1") == 1
+    assert table.get("::ffff:192.0.2.1") == 5  # the same host, written as v4-mapped
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 11), st.integers(-2, 2)), max_size=80))
+def test_matches_a_dict_through_collisions_and_deletions(ops: list[tuple[int, int]]) -> None:
+    table = SharedCounts(rows=16)  # 12 addresses in 16 rows: long probe runs
+    model: dict[str, int] = {}
+    for n, delta in ops:
+        ip = f"10.0.0.{n}"
+        model[ip] = max(0, model.get(ip, 0) + delta)
+        assert table.add(ip, delta) == model[ip]
+        for other in (f"10.0.0.{k}" for k in range(12)):
+            assert table.get(other) == model.get(other, 0), other
+    assert table.used.value == sum(1 for v in model.values() if v)
+    local = LocalCounts()  # the one-worker version answers the same
+    for n, delta in ops:
+        local.add(f"10.0.0.{n}", delta)
+    assert {ip: local.get(ip) for ip in model} == model
+
+
+def test_counts_age_out() -> None:
+    now = [1000.0]
+    table = SharedCounts(rows=16, clock=lambda: now[0])
+    assert table.add("192.0.2.7", 1, max_age=300) == 1
+    now[0] += 100
+    assert table.add("192.0.2.7", 1, max_age=300) == 2
+    now[0] += 301
+    assert table.get("192.0.2.7", max_age=300) == 0
+    assert table.add("192.0.2.7", 1, max_age=300) == 1
+
+
+def test_a_flood_of_addresses_is_forgotten_not_grown() -> None:
+    now = [0.0]
+    table = SharedCounts(rows=64, clock=lambda: now[0])
+    rng = random.Random(7)
+    for i in range(1000):
+        now[0] = float(i)
+        table.add(f"10.{rng.randrange(256)}.{rng.randrange(256)}.{i % 256}", 1)
+        assert table.used.value <= 48
+    assert table.get(f"10.{rng.randrange(256)}.0.0") in (0, 1)
+    now[0] += 1
+    table.add("192.0.2.9", 2)  # the newest rows stay
+    assert table.get("192.0.2.9") == 2
