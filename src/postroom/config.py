@@ -231,6 +231,9 @@ class StorageConfig:
     # POP3 sessions each worker serves at once: each holds a connection of its own while it
     # is logged in (its mailbox lock is an advisory lock on that connection).
     max_pop3_sessions: int = 100
+    # How long a node's claim on a queued message (its lease) lasts without renewal: another
+    # node takes the message over this long after the node holding it died.
+    lease_time: Duration = Duration(60)
 
 
 BACKENDS = ("local", "postgresql")
@@ -433,6 +436,8 @@ def _check_storage(storage: StorageConfig, source: str) -> None:
         raise ConfigError(f"{source}: storage.pool_size: must be at least 1")
     if storage.max_pop3_sessions < 1:
         raise ConfigError(f"{source}: storage.max_pop3_sessions: must be at least 1")
+    if storage.lease_time < 1:
+        raise ConfigError(f"{source}: storage.lease_time: must be at least 1s")
 
 
 def postgresql_url_problem(url: str) -> str | None:

@@ -1,25 +1,23 @@
 """Users and aliases in PostgreSQL: the admin side (writes) and each node's live copy (reads).
 
 The tables (``users``, ``aliases``; see ``migrations.py``) hold the same as the local SQLite
-store: argon2id hashes, SCRAM keys, alias rows, ``@DOMAIN`` catch-alls. Writes go to the
-database: :class:`AccountAdmin` (the CLI, from any node) runs each change in one transaction,
-and checks there what must hold at commit (a local alias target exists; ``user del`` takes the
-user out of every alias).
+store: argon2id hashes, SCRAM keys, alias rows, ``@DOMAIN`` catch-alls, with the same rules
+(``storage/aliases.py``, ``storage/credentials.py``). Writes go to the database:
+:class:`PgAccounts` (the CLI, from any node) runs each change in one transaction, and checks
+there what must hold at commit (a local alias target exists; ``user del`` takes the user out of
+every alias).
 
 Lookups happen per RCPT and per login, in code that is synchronous (the SMTP policy, SASL), so
-a node answers them from memory: :class:`LiveAccounts` loads both tables at start, LISTENs on
-``postroom_accounts`` (a trigger names each changed key) and reads those keys again, and loads
-everything again every ``FULL_REFRESH`` seconds and after every reconnection, in case a
-notification was missed. A change made on any node is seen by every node within milliseconds.
-While PostgreSQL is away a node keeps answering from its last copy.
+a node answers them from memory: :class:`LiveAccounts` is a subscriber of the worker's
+:class:`~postroom.storage.postgresql.db.Watcher`: it loads both tables at start, hears on
+``postroom_accounts`` which key changed (a trigger names it) and reads that key again, and
+loads everything again now and then. A change made on any node is seen by every node within
+milliseconds; while PostgreSQL is away a node keeps answering from its last copy.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -35,8 +33,6 @@ from postroom.storage.postgresql import db, migrations
 log = logging.getLogger("postroom")
 
 CHANNEL = "postroom_accounts"
-FULL_REFRESH = 300.0
-RECONNECT_DELAY = 1.0
 
 INSERT_USER = (
     "INSERT INTO users (address, password_hash, scram_salt, scram_iterations,"
@@ -73,17 +69,26 @@ def _credential_row(address: Address, password: str) -> tuple[object, ...]:
 # -- the admin side: one transaction per change ------------------------------------------------
 
 
-class AccountAdmin:
-    """The account store as the CLI sees it (the same methods as the local store)."""
+class PgAccounts:
+    """The account store as the CLI sees it (:class:`~postroom.storage.interfaces.AccountStore`,
+    every call a query: the CLI makes a few)."""
 
     def __init__(self, url: str, domains: Iterable[str]) -> None:
-        self.domains = frozenset(domains)
-        self._db = db.Blocking(url)
+        self._domains = frozenset(domains)
+        self._db = db.Door(url)
         try:
             self._db.call(migrations.migrate)  # "user add" works before the first serve
         except BaseException:
             self._db.close()
             raise
+
+    @property
+    def local_domains(self) -> frozenset[str]:
+        return self._domains
+
+    @local_domains.setter
+    def local_domains(self, domains: Iterable[str]) -> None:
+        self._domains = frozenset(domains)
 
     def close(self) -> None:
         self._db.close()
@@ -134,45 +139,41 @@ class AccountAdmin:
         found = self._db.call(lambda c: c.fetchval("SELECT 1 FROM users WHERE address=$1", key))
         return found is not None
 
-    def add_alias(self, alias: Address | str, targets: Iterable[str]) -> None:
+    def add_alias(self, alias: str, targets: Iterable[str]) -> None:
         """Add ``targets`` to ``alias`` (a key, or ``@domain`` for a domain's catch-all), in
-        one transaction. A local target must be a user, another alias or ``postmaster@``
-        (AccountError naming it otherwise); it is stored in key form, a remote one as typed."""
-        key = alias if isinstance(alias, str) else alias.key
-        wanted = []
-        for target in targets:
-            local, _, domain = target.rpartition("@")
-            wanted.append(f"{local.lower()}@{domain}" if domain in self.domains else target)
+        one transaction, checked by :func:`~postroom.storage.aliases.check_targets`."""
+        wanted = [alias_rules.target_key(t, self._domains) for t in targets]
 
         async def run(conn: asyncpg.Connection) -> None:
             async with conn.transaction():
                 # Serialise with user del, which could take a target away before the commit.
                 await conn.execute("LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE")
-                for target in wanted:
-                    if target.rpartition("@")[2] not in self.domains:
-                        continue
-                    if target.partition("@")[0] == "postmaster":
-                        continue
-                    found = await conn.fetchval(
-                        "SELECT 1 FROM users WHERE address=$1"
-                        " UNION ALL SELECT 1 FROM aliases WHERE alias=$1 AND alias <> $2 LIMIT 1",
-                        target,
-                        key,
+                users = {
+                    r["address"]
+                    for r in await conn.fetch(
+                        "SELECT address FROM users WHERE address = ANY($1::text[])", wanted
                     )
-                    if found is None:
-                        raise AccountError(f"target {target} is no user or alias here")
+                }
+                aliases = {
+                    r["alias"]
+                    for r in await conn.fetch(
+                        "SELECT DISTINCT alias FROM aliases WHERE alias = ANY($1::text[])", wanted
+                    )
+                }
+                rows = alias_rules.check_targets(
+                    alias, wanted, self._domains, users.__contains__, aliases.__contains__
+                )
                 await conn.executemany(
                     "INSERT INTO aliases (alias, target) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                    [(key, t) for t in wanted],
+                    [(alias, t) for t in rows],
                 )
 
         self._db.call(run)
 
-    def delete_alias(self, alias: Address | str) -> None:
-        key = alias if isinstance(alias, str) else alias.key
-        status = self._db.call(lambda c: c.execute("DELETE FROM aliases WHERE alias=$1", key))
+    def delete_alias(self, alias: str) -> None:
+        status = self._db.call(lambda c: c.execute("DELETE FROM aliases WHERE alias=$1", alias))
         if status == "DELETE 0":
-            raise AccountError(f"no such alias {key}")
+            raise AccountError(f"no such alias {alias}")
 
     def list_aliases(self) -> dict[str, list[str]]:
         rows = self._db.call(
@@ -189,91 +190,76 @@ class AccountAdmin:
         )
         return [r["target"] for r in rows]
 
+    def _user(self, login: str) -> tuple[str | None, UserRow | None]:
+        try:
+            key = parse_user_address(login).key
+        except AddressError:
+            return None, None
+        row = self._db.call(lambda c: c.fetchrow(_SELECT_USERS + " WHERE address=$1", key))
+        return key, None if row is None else _user_row(row)
+
+    # The lookups of the servers, one query each (the CLI's view; a node uses LiveAccounts).
+
+    def has_mailbox(self, key: str) -> bool:
+        return alias_rules.has_mailbox(key, self.user_exists)
+
+    def expand(self, key: str, max_depth: int = alias_rules.MAX_DEPTH) -> list[str] | None:
+        return alias_rules.expand(
+            key, self.alias_targets, self.user_exists, self._domains, max_depth
+        )
+
+    def resolve(self, key: str) -> list[str] | None:
+        return alias_rules.resolve(key, self.expand)
+
+    def owns(self, user_key: str, sender_key: str) -> bool:
+        return alias_rules.owns(user_key, sender_key, self.expand(sender_key))
+
+    def verify_password(self, login: str, password: str) -> str | None:
+        key, row = self._user(login)
+        ok = password_matches(row.password_hash if row else None, password)
+        return key if ok else None
+
+    def scram_keys(self, login: str) -> tuple[str, ScramKeys] | None:
+        key, row = self._user(login)
+        return None if key is None or row is None else (key, row.scram)
+
 
 # -- the node side: an in-memory copy kept fresh -----------------------------------------------
 
 
 class LiveAccounts:
-    """One worker's copy of the users and aliases; every lookup is answered from memory."""
+    """One worker's copy of the users and aliases
+    (:class:`~postroom.storage.interfaces.AccountLookup`): every lookup is answered from
+    memory. A :class:`~postroom.storage.postgresql.db.Watcher` subscriber."""
 
-    def __init__(self, url: str, domains: Iterable[str]) -> None:
-        self.url = url
-        self.local_domains = frozenset(domains)
+    channel = CHANNEL
+
+    def __init__(self, domains: Iterable[str]) -> None:
+        self._domains = frozenset(domains)
         self._users: dict[str, UserRow] = {}
         self._aliases: dict[str, tuple[str, ...]] = {}
         self.version = 0  # changes with every change applied (the login cache's key)
         self._logins = LoginCache()
         self._pending: set[str] = set()
-        self._wake = asyncio.Event()
-        self._first: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.last_full_load = 0.0
 
-    # -- keeping it fresh ------------------------------------------------------------------
+    @property
+    def local_domains(self) -> frozenset[str]:
+        return self._domains
 
-    async def start(self) -> None:
-        """Connect, LISTEN and load everything; the first failure is raised (the node does
-        not serve without its accounts)."""
-        self._first = asyncio.get_running_loop().create_future()
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        try:
-            await self._first
-        except BaseException:
-            await self.close()
-            raise
+    @local_domains.setter
+    def local_domains(self, domains: Iterable[str]) -> None:  # SIGHUP may change them
+        self._domains = frozenset(domains)
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    def close(self) -> None:
+        """Nothing to release (the watcher owns the connection)."""
 
-    def _settle(self, error: BaseException | None) -> None:
-        if self._first is not None and not self._first.done():
-            if error is None:
-                self._first.set_result(None)
-            else:
-                self._first.set_exception(error)
+    # -- keeping it fresh (called by the watcher) ------------------------------------------
 
-    def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        self._pending.add(str(payload))
-        self._wake.set()
+    def notified(self, payload: str) -> bool:
+        self._pending.add(payload)
+        return True
 
-    async def _run(self) -> None:
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await db.connect(self.url, "postroom-accounts")
-                conn.add_termination_listener(lambda _c: self._wake.set())
-                # LISTEN before the load: a change committed after the load's snapshot is
-                # then always notified, and read again after it.
-                await conn.add_listener(CHANNEL, self._notified)
-                await self._load_all(conn)
-                self._settle(None)
-                while not conn.is_closed():
-                    wait = self.last_full_load + FULL_REFRESH - time.monotonic()
-                    if wait <= 0:
-                        await self._load_all(conn)
-                        continue
-                    if self._pending:
-                        await self._load_keys(conn)
-                        continue
-                    self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), wait)
-            except Exception as exc:  # keep answering from the copy, and retry
-                self._settle(exc)
-                if isinstance(exc, db.TRANSIENT):
-                    log.warning("account copy: PostgreSQL unavailable (%s); retrying", exc)
-                else:  # a schema that does not fit, say
-                    log.exception("account copy: reload failed; retrying")
-            finally:
-                if conn is not None:
-                    conn.terminate()
-            await asyncio.sleep(RECONNECT_DELAY)
-
-    async def _load_all(self, conn: asyncpg.Connection) -> None:
+    async def load_all(self, conn: asyncpg.Connection) -> None:
         self._pending.clear()  # what is notified from here on is read again afterwards
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             users = await conn.fetch(_SELECT_USERS)
@@ -284,9 +270,8 @@ class LiveAccounts:
         self._users = {r["address"]: _user_row(r) for r in users}
         self._aliases = {k: tuple(v) for k, v in aliases.items()}
         self.version += 1
-        self.last_full_load = time.monotonic()
 
-    async def _load_keys(self, conn: asyncpg.Connection) -> None:
+    async def refresh(self, conn: asyncpg.Connection) -> None:
         keys, self._pending = self._pending, set()
         users = [k[1:] for k in keys if k.startswith("u")]
         alias_keys = [k[1:] for k in keys if k.startswith("a")]
@@ -333,7 +318,7 @@ class LiveAccounts:
 
     def expand(self, key: str, max_depth: int = alias_rules.MAX_DEPTH) -> list[str] | None:
         return alias_rules.expand(
-            key, self.alias_targets, self.user_exists, self.local_domains, max_depth
+            key, self.alias_targets, self.user_exists, self._domains, max_depth
         )
 
     def resolve(self, key: str) -> list[str] | None:
@@ -367,6 +352,3 @@ class LiveAccounts:
             return None
         row = self._users.get(key)
         return None if row is None else (key, row.scram)
-
-    def close_sync(self) -> None:
-        """Nothing to release synchronously (:meth:`close` ends the listener)."""

@@ -9,24 +9,32 @@ server asks (asyncpg reads both).
 
 :class:`Database` holds a worker's two pools: ``pool`` for short work (deliveries, account
 changes, the queue) and ``sessions`` for POP3, where each logged-in session keeps one connection
-for its life (its mailbox lock lives on it). :class:`Blocking` runs coroutines to completion on
-a private event loop, for the command line, which is synchronous.
+for its life (its mailbox lock lives on it). :class:`Door` is one connection for synchronous
+callers (the command line); :class:`Watcher` is a worker's one LISTEN connection, which keeps
+the node's in-memory copies (accounts, DKIM keys) fresh and wakes its queue runner.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
 from postroom.errors import TemporaryStorageError
 
 T = TypeVar("T")
+log = logging.getLogger("postroom")
 
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
+FULL_REFRESH = 300.0  # the watcher's subscribers load everything again this often
+RECONNECT_DELAY = 1.0
 
 # What a failed call to PostgreSQL raises when the server is away or the connection broke:
 # answered with a 4xx by the servers (the caller may try again), "failure at run time" by the CLI.
@@ -111,31 +119,170 @@ class Database:
         self._pool = self._sessions = None
 
 
-class Blocking:
-    """A connection driven from synchronous code (the CLI) on a private event loop."""
+class Door:
+    """One connection for synchronous callers: the CLI, and the rare synchronous write of a
+    running server (a DKIM key saved). Its event loop runs in a thread of its own, so it may
+    be called from any thread, one that runs another event loop included (which then waits
+    for the round trip). A connection that broke is made again at the next call."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, name: str = "postroom-cli") -> None:
+        self.url = url
+        self.name = name
         self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+        self._lock = threading.Lock()
+        self._conn: asyncpg.Connection | None = None
         try:
-            self.conn: asyncpg.Connection = self.run(connect(url, "postroom-cli"))
+            self._connection()
         except BaseException:
-            self._loop.close()
+            self._stop()
             raise
 
     def run(self, coro: Awaitable[T]) -> T:
-        return self._loop.run_until_complete(coro)
+        async def wrapped() -> T:
+            return await coro
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), self._loop).result()
+
+    def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = self.run(connect(self.url, self.name))
+        return self._conn
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """``fn(conn, *args)`` to completion; PostgreSQL away -> TemporaryStorageError."""
-        try:
-            return self.run(fn(self.conn, *args))
-        except UNAVAILABLE as exc:
-            raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+        with self._lock:  # one caller at a time on the one connection
+            try:
+                return self.run(fn(self._connection(), *args))
+            except UNAVAILABLE as exc:
+                raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
 
     def close(self) -> None:
-        if not self._loop.is_closed():
+        if self._loop.is_closed():
+            return
+        if self._conn is not None:
             try:
-                self.run(self.conn.close(timeout=5))
+                self.run(self._conn.close(timeout=5))
             except CLOSE_FAILED:
-                self.conn.terminate()
-            self._loop.close()
+                self._conn.terminate()
+        self._stop()
+
+    def _stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+class Subscriber(Protocol):
+    """Something a :class:`Watcher` keeps fresh: a node's copy of a table, a waiting runner."""
+
+    channel: str
+
+    def notified(self, payload: str) -> bool:
+        """A NOTIFY on :attr:`channel`; True if :meth:`refresh` has work to do now."""
+        ...
+
+    async def load_all(self, conn: asyncpg.Connection) -> None:
+        """Read everything again (at start, after a reconnection, every FULL_REFRESH)."""
+        ...
+
+    async def refresh(self, conn: asyncpg.Connection) -> None:
+        """Read what the notifications since the last call named."""
+        ...
+
+
+class Watcher:
+    """The one LISTEN connection of a worker process, shared by its subscribers (the accounts
+    copy, the DKIM keys copy, the queue runner's wake-up).
+
+    LISTEN comes before each load, so a change committed after a load's snapshot is always
+    notified and read again after it. Every ``FULL_REFRESH`` seconds and after every
+    reconnection everything is loaded again, in case a notification was missed. While
+    PostgreSQL is away the subscribers keep what they have, and the watcher retries."""
+
+    def __init__(self, url: str, subscribers: Sequence[Subscriber]) -> None:
+        self.url = url
+        self.subscribers = list(subscribers)
+        self._wake = asyncio.Event()
+        self._dirty: set[int] = set()
+        self._first: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.last_full_load = 0.0
+        self.connected = False
+
+    async def start(self) -> None:
+        """Connect, LISTEN and load everything; the first failure is raised (a node does not
+        serve without its accounts)."""
+        loop = asyncio.get_running_loop()
+        self._first = loop.create_future()
+        self._task = loop.create_task(self._run())
+        try:
+            await self._first
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _settle(self, error: BaseException | None) -> None:
+        if self._first is not None and not self._first.done():
+            if error is None:
+                self._first.set_result(None)
+            else:
+                self._first.set_exception(error)
+
+    def _listener(self, index: int) -> Callable[[object, int, str, object], None]:
+        def notified(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            if self.subscribers[index].notified(str(payload)):
+                self._dirty.add(index)
+                self._wake.set()
+
+        return notified
+
+    async def _run(self) -> None:
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await connect(self.url, "postroom-watch")
+                conn.add_termination_listener(lambda _c: self._wake.set())
+                for i, sub in enumerate(self.subscribers):
+                    await conn.add_listener(sub.channel, self._listener(i))
+                await self._load_all(conn)
+                self.connected = True
+                self._settle(None)
+                while not conn.is_closed():
+                    wait = self.last_full_load + FULL_REFRESH - time.monotonic()
+                    if wait <= 0:
+                        await self._load_all(conn)
+                        continue
+                    if self._dirty:
+                        dirty, self._dirty = self._dirty, set()
+                        for i in sorted(dirty):
+                            await self.subscribers[i].refresh(conn)
+                        continue
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
+            except Exception as exc:  # keep what the copies hold, and retry
+                self._settle(exc)
+                if isinstance(exc, TRANSIENT):
+                    log.warning("PostgreSQL unavailable to the watcher (%s); retrying", exc)
+                else:  # a schema that does not fit, say
+                    log.exception("watcher: reload failed; retrying")
+            finally:
+                self.connected = False
+                if conn is not None:
+                    conn.terminate()
+            await asyncio.sleep(RECONNECT_DELAY)
+
+    async def _load_all(self, conn: asyncpg.Connection) -> None:
+        self._dirty.clear()  # what is notified from here on is read again afterwards
+        for sub in self.subscribers:
+            await sub.load_all(conn)
+        self.last_full_load = time.monotonic()

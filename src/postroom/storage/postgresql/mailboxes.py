@@ -8,9 +8,11 @@ removes, a transaction covers, pg_dump copies and a replica follows, with no orp
 (a large object outlives its row unless something unlinks it, and pg_dump handles millions of
 them slowly); a large body is read in slices without decompressing it from the start each time.
 
-Delivery is idempotent: a copy's UIDL is its queue id, unique in a mailbox, and a delivery that
-is repeated after a crash (``ON CONFLICT DO NOTHING``) stores nothing twice. Every copy of one
-message is inserted in one transaction, one commit.
+Most copies are made by the queue's intake, in the commit that accepts the message
+(``queue.py``). :class:`PgMailboxes` makes those of a later attempt (a DSN queued by the CLI,
+say): a copy's UIDL is ``QUEUEID.INDEX``, unique in its mailbox, and ``queue_copies`` records in
+the same transaction that the copy was made, so an attempt repeated after a crash makes none
+twice, even if the user fetched and deleted the first one meanwhile.
 
 :class:`PgMaildrop` is one POP3 session's view (RFC 1939): at login it takes a session-level
 advisory lock on a connection of its own, held until the session ends; PostgreSQL drops it
@@ -19,21 +21,27 @@ second session on any node gets ``[IN-USE]`` (RFC 2449 §8.1.1). The listing is 
 (message numbers refer to it; the session's marks are the caller's); deletions and the seen
 flag are applied at QUIT in one transaction on the same connection: if the connection (and so
 the lock) was lost meanwhile, nothing is applied. Small messages are read ahead, several in one
-round trip, since clients mostly RETR in order.
+round trip, since clients mostly RETR in order. PostgreSQL being away is an OSError
+(``ConnectionError``) to the POP3 server, which answers ``[SYS/TEMP]``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from asyncpg.pool import PoolConnectionProxy
 
-from postroom.errors import PostroomError, TemporaryStorageError
+from postroom.errors import MailboxInUse, TemporaryStorageError
+from postroom.queue.envelope import Envelope
+from postroom.storage.interfaces import LocalCopy, MessageInfo
 from postroom.storage.postgresql import db
 from postroom.storage.postgresql.db import Database
+from postroom.wire.framing import to_crlf
+
+if TYPE_CHECKING:
+    from postroom.storage.postgresql.queue import PgQueue
 
 ACQUIRE_TIMEOUT = 5.0
 READ_CHUNK = 1 << 18
@@ -41,14 +49,24 @@ READ_AHEAD = 1 << 20
 
 T = TypeVar("T")
 
-_INSERT = (
-    "INSERT INTO messages (mailbox, uidl, size, body) VALUES ($1, $2, $3, $4)"
-    " ON CONFLICT (mailbox, uidl) DO NOTHING"
+# The copies not made yet: marked in queue_copies and stored, in one statement.
+_DELIVER = """
+WITH wanted AS (
+    SELECT * FROM unnest($2::int[], $3::text[], $4::text[]) AS w(idx, mailbox, uidl)
+), marked AS (
+    INSERT INTO queue_copies (queue_id, idx) SELECT $1, idx FROM wanted
+    ON CONFLICT DO NOTHING RETURNING idx
 )
+INSERT INTO messages (mailbox, uidl, size, body)
+SELECT w.mailbox, w.uidl, octet_length($5::bytea), $5::bytea
+FROM wanted w JOIN marked USING (idx)
+ON CONFLICT (mailbox, uidl) DO NOTHING
+"""
 
 
-class MailboxInUse(PostroomError):
-    """Another session, on this node or another, holds the mailbox."""
+def unavailable(exc: BaseException) -> ConnectionError:
+    """PostgreSQL away or failing, as the OSError the servers expect of a store."""
+    return ConnectionError(f"PostgreSQL: {exc}")
 
 
 def lock_key(mailbox: str) -> int:
@@ -57,50 +75,45 @@ def lock_key(mailbox: str) -> int:
 
 
 class PgMailboxes:
-    """Local delivery into ``messages``."""
+    """Local delivery of a later attempt (:class:`~postroom.storage.interfaces.MailboxDelivery`)."""
+
+    def __init__(self, database: Database, queue: PgQueue) -> None:
+        self.database = database
+        self.queue = queue
+
+    async def deliver(
+        self, envelope: Envelope, copies: Sequence[LocalCopy]
+    ) -> list[OSError | None]:
+        from postroom.storage.postgresql.queue import copy_uidl
+
+        if not copies:
+            return []
+        try:
+            body = to_crlf(await self.queue.body(envelope))
+            async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                await conn.execute(
+                    _DELIVER,
+                    envelope.id,
+                    [c.index for c in copies],
+                    [c.mailbox for c in copies],
+                    [copy_uidl(envelope.id, c.index) for c in copies],
+                    body,
+                )
+        except TemporaryStorageError as exc:
+            return [unavailable(exc) for _ in copies]
+        except db.FAILED as exc:
+            return [unavailable(exc) for _ in copies]
+        return [None for _ in copies]
+
+
+class PgMaildrops:
+    """Opens maildrops (:class:`~postroom.storage.interfaces.Maildrops`)."""
 
     def __init__(self, database: Database) -> None:
         self.database = database
 
-    async def deliver(
-        self, queue_id: str, sender: str, recipients: Sequence[str], message: bytes
-    ) -> list[OSError | None]:
-        """Store a copy for each recipient key, with ``Return-Path`` (RFC 5321 §4.4) and
-        ``Delivered-To`` prepended, in one transaction; for each: None once committed, or the
-        error that kept all of them out (the caller tries again later)."""
-        rows = []
-        for key in recipients:
-            body = f"Return-Path: <{sender}>\r\nDelivered-To: {key}\r\n".encode() + message
-            rows.append((key, queue_id, len(body), body))
-        try:
-            async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-                await conn.executemany(_INSERT, rows)  # one transaction (asyncpg >= 0.22)
-        except db.FAILED as exc:
-            error = ConnectionError(f"PostgreSQL: {exc}")
-            return [error for _ in recipients]
-        return [None for _ in recipients]
-
-    async def withdraw(self, queue_id: str, recipients: Sequence[str]) -> None:
-        """Take back copies :meth:`deliver` stored (a message refused after all)."""
-        async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-            await conn.execute(
-                "DELETE FROM messages WHERE uidl=$1 AND mailbox = ANY($2::text[])",
-                queue_id,
-                list(recipients),
-            )
-
-    def maildrop(self, mailbox: str) -> PgMaildrop:
-        return PgMaildrop(self.database, mailbox)
-
-
-@dataclass(frozen=True, slots=True)
-class PgMessage:
-    """One message of a session's snapshot: what POP3 sees (``size``, ``uid``) and its row."""
-
-    size: int  # octets RETR sends before dot-stuffing (CRLF)
-    uid: str
-    id: int
-    flags: str
+    def maildrop(self, key: str) -> PgMaildrop:
+        return PgMaildrop(self.database, key)
 
 
 class PgMaildrop:
@@ -109,17 +122,18 @@ class PgMaildrop:
     def __init__(self, database: Database, mailbox: str) -> None:
         self.database = database
         self.mailbox = mailbox
-        self.messages: list[PgMessage] = []
+        self.messages: list[MessageInfo] = []
+        self._rows: list[tuple[int, str]] = []  # (row id, flags) of each message
         self._conn: PoolConnectionProxy | None = None
         self._ahead: dict[int, bytes] = {}  # bodies read ahead, by message number
 
-    async def open(self) -> list[PgMessage]:
+    async def open(self) -> list[MessageInfo]:
         """Lock and list, oldest first; MailboxInUse if another session has the mailbox,
-        TemporaryStorageError if PostgreSQL cannot be reached (or no connection is free)."""
+        ConnectionError if PostgreSQL cannot be reached (or no connection is free)."""
         try:
             conn = await self.database.sessions.acquire(timeout=ACQUIRE_TIMEOUT)
         except db.FAILED as exc:
-            raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+            raise unavailable(exc) from None
         try:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(self.mailbox)):
                 raise MailboxInUse(self.mailbox)
@@ -130,10 +144,11 @@ class PgMaildrop:
         except BaseException as exc:
             await self._release(conn)
             if isinstance(exc, db.FAILED):
-                raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+                raise unavailable(exc) from None
             raise
         self._conn = conn
-        self.messages = [PgMessage(r["size"], r["uidl"], r["id"], r["flags"]) for r in rows]
+        self.messages = [MessageInfo(r["size"], r["uidl"]) for r in rows]
+        self._rows = [(r["id"], r["flags"]) for r in rows]
         return self.messages
 
     async def _release(self, conn: PoolConnectionProxy) -> None:
@@ -153,7 +168,7 @@ class PgMaildrop:
 
     def _connection(self) -> PoolConnectionProxy:
         if self._conn is None:
-            raise TemporaryStorageError("the maildrop is closed")
+            raise ConnectionError("the maildrop is closed")
         return self._conn
 
     def read_now(self, number: int) -> bytes | None:
@@ -161,7 +176,7 @@ class PgMaildrop:
         order), else None: then :meth:`chunks`."""
         return self._ahead.pop(number, None)
 
-    async def chunks(self, number: int, size: int = READ_CHUNK) -> AsyncIterator[bytes]:
+    async def chunks(self, number: int, size: int = READ_CHUNK) -> AsyncGenerator[bytes, None]:
         """The message in pieces of at most ``size`` octets. A small one is read together
         with the small ones after it (up to ``READ_AHEAD`` octets, one round trip): clients
         mostly RETR in order. FileNotFoundError if it was removed meanwhile."""
@@ -177,7 +192,7 @@ class PgMaildrop:
             piece = await self._query(
                 conn.fetchval(
                     "SELECT substring(body FROM $2 FOR $3) FROM messages WHERE id=$1",
-                    message.id,
+                    self._rows[number - 1][0],
                     start + 1,  # SQL counts from 1
                     size,
                 )
@@ -193,7 +208,7 @@ class PgMaildrop:
             m = self.messages[n - 1]
             if n != number and (m.size > size or total + m.size > READ_AHEAD):
                 break
-            wanted[m.id] = n
+            wanted[self._rows[n - 1][0]] = n
             total += m.size
         rows = await self._query(
             self._connection().fetch(
@@ -213,14 +228,14 @@ class PgMaildrop:
         try:
             return await call
         except db.FAILED as exc:
-            raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+            raise unavailable(exc) from None
 
     async def update(self, deleted: Sequence[int], seen: Sequence[int]) -> int:
         """The UPDATE state (RFC 1939 §6) in one transaction: remove ``deleted``, flag
         ``seen`` as read. Returns how many removals failed (all or none): nothing is applied
         if the connection, and with it the lock, was lost during the session."""
-        gone = [self.messages[n - 1].id for n in deleted]
-        read = [self.messages[n - 1].id for n in seen if "S" not in self.messages[n - 1].flags]
+        gone = [self._rows[n - 1][0] for n in deleted]
+        read = [self._rows[n - 1][0] for n in seen if "S" not in self._rows[n - 1][1]]
         if not gone and not read:
             return 0
         if self._conn is None:

@@ -28,7 +28,7 @@ IMPORT_BATCH = 200
 
 def migrate(url: str) -> list[str]:
     """Apply pending migrations; one line per step applied, or one saying none were."""
-    conn = db.Blocking(url)
+    conn = db.Door(url)
     try:
         done = conn.call(migrations.migrate)
         version = conn.call(migrations.current_version)
@@ -42,7 +42,7 @@ def migrate(url: str) -> list[str]:
 def check(url: str) -> tuple[bool, list[str]]:
     """(ok, report lines): reachable, at the latest version, nothing pending."""
     try:
-        conn = db.Blocking(url)
+        conn = db.Door(url)
     except TemporaryStorageError as exc:
         return False, [f"connection: failed ({exc})"]
     try:
@@ -90,7 +90,7 @@ MessageRow = tuple[str, str, int, str, bytes]
 
 
 def _message_row(key: str, subdir: str, path: str) -> MessageRow:
-    from postroom.pop3.maildrop import unique_id  # the UIDL the node's POP3 gave it
+    from postroom.storage.local.maildrop import unique_id  # the UIDL the node's POP3 gave it
 
     with open(path, "rb") as fh:
         data = fh.read()
@@ -131,7 +131,7 @@ def import_local(url: str, data_dir: Path, domains: Iterable[str]) -> list[str]:
             src.close()
     elif not (data_dir / "mail").is_dir():
         raise PostroomError(f"{data_dir}: no accounts.sqlite and no mail/ to import")
-    conn = db.Blocking(url)
+    conn = db.Door(url)
     try:
         conn.call(migrations.migrate)
 

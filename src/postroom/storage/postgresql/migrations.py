@@ -130,6 +130,42 @@ MIGRATIONS: tuple[Migration, ...] = (
             FOR EACH ROW EXECUTE FUNCTION postroom_dkim_changed();
         """,
     ),
+    Migration(
+        4,
+        "queue",
+        """
+        -- Leases are timed by the database's clock, so that nodes whose clocks differ agree.
+        CREATE FUNCTION postroom_clock() RETURNS double precision LANGUAGE sql VOLATILE AS
+            $$ SELECT extract(epoch FROM clock_timestamp())::double precision $$;
+        CREATE TABLE queue (
+            id text PRIMARY KEY,                   -- the queue id: unique across nodes
+            created double precision NOT NULL,     -- seconds since the epoch
+            next_attempt double precision NOT NULL,  -- due then (0: now)
+            lease_owner text,                      -- the node attempting it now, if any
+            lease_until double precision,          -- ... until then (postroom_clock())
+            envelope text NOT NULL,                -- Envelope.to_json(): state and history
+            body bytea NOT NULL                    -- LF line ends, from the Return-Path line
+        );
+        ALTER TABLE queue ALTER COLUMN body SET STORAGE EXTERNAL;
+        CREATE INDEX queue_due ON queue (next_attempt);
+        CREATE INDEX queue_leases ON queue (lease_owner) WHERE lease_owner IS NOT NULL;
+        -- The local copies a later attempt made (recipient index): made once, even if the
+        -- user has fetched and deleted the copy before the attempt was recorded.
+        CREATE TABLE queue_copies (
+            queue_id text NOT NULL REFERENCES queue (id) ON DELETE CASCADE,
+            idx integer NOT NULL,
+            PRIMARY KEY (queue_id, idx)
+        );
+        -- Deliveries under way per destination domain, across nodes (max_per_destination).
+        CREATE TABLE delivery_slots (
+            destination text NOT NULL,
+            slot integer NOT NULL,
+            owner text NOT NULL,
+            until double precision NOT NULL,       -- postroom_clock(); renewed like a lease
+            PRIMARY KEY (destination, slot)
+        );
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version
