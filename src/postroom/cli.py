@@ -564,6 +564,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             import postroom.storage.postgresql.keys
             import postroom.storage.postgresql.maintenance
             import postroom.storage.postgresql.queue  # noqa: F401
+            from postroom.storage.postgresql import db
+
+            assert cfg.storage.url is not None
+            db.remember_password(cfg.storage.url)  # the starting user's ~/.pgpass
 
         privileges.drop_for_cli(cfg)
         if args.command == "db":

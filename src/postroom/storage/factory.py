@@ -67,6 +67,7 @@ async def open_node(cfg: Config, io: BlockingPool) -> NodeStores:
 
     url = cfg.storage.url
     assert url is not None  # config.py checks it
+    db.remember_password(url)  # before privileges are dropped
     conn = await db.connect(url)
     try:
         await migrations.migrate(conn)

@@ -3,9 +3,10 @@
 The driver is asyncpg: every query goes through a prepared statement that the connection keeps
 in its statement cache, so a query repeated per message is parsed and planned once per
 connection. (A pooler in front of PostgreSQL must therefore keep sessions: PgBouncer in session
-mode, not transaction mode.) Passwords are not part of the config: the url is
-``postgresql://USER@HOST:PORT/DB`` and libpq's ``PGPASSWORD`` or ``~/.pgpass`` supply one if the
-server asks (asyncpg reads both).
+mode, not transaction mode.) Passwords need not be part of the config: the url is
+``postgresql://USER@HOST:PORT/DB`` and libpq's ``PGPASSWORD`` or password file (``PGPASSFILE``,
+else ``~/.pgpass``) supply one if the server asks; the file is read before privileges are
+dropped (:func:`remember_password`).
 
 :class:`Database` holds a worker's two pools: ``pool`` for short work (deliveries, account
 changes, the queue) and ``sessions`` for POP3, where each logged-in session keeps one connection
@@ -19,12 +20,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pathlib
 import threading
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
+import asyncpg.connect_utils
 
 from postroom.errors import TemporaryStorageError
 
@@ -53,6 +58,38 @@ TRANSIENT: tuple[type[BaseException], ...] = (TemporaryStorageError, *UNAVAILABL
 CLOSE_FAILED: tuple[type[BaseException], ...] = (TimeoutError, *UNAVAILABLE)
 
 
+_PASSWORDS: dict[str, str] = {}
+
+
+def remember_password(url: str) -> None:
+    """Read the password of ``url`` from the password file now, while this process is still
+    the user that started it: after the privilege drop HOME still names that user's
+    directory, whose ``.pgpass`` the server's user cannot read, and every connection made
+    later (a reconnection after PostgreSQL restarted) would go without. A password in the url
+    or in ``PGPASSWORD`` needs nothing (asyncpg finds it at every connection)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password or os.environ.get("PGPASSWORD"):
+        return
+    passfile = os.environ.get("PGPASSFILE") or os.path.join(os.path.expanduser("~"), ".pgpass")
+    # asyncpg's own reader (libpq's format, matching and permission rules); if a newer
+    # asyncpg lacks it, it still reads the file itself at every connection.
+    reader = getattr(asyncpg.connect_utils, "_read_password_from_pgpass", None)
+    if reader is None:
+        return
+    try:
+        found = reader(
+            passfile=pathlib.Path(passfile),
+            hosts=[parts.hostname or "localhost"],
+            ports=[parts.port or 5432],
+            database=urllib.parse.unquote(parts.path.lstrip("/")),
+            user=urllib.parse.unquote(parts.username or ""),
+        )
+    except (TypeError, OSError):
+        return
+    if found:
+        _PASSWORDS[url] = found
+
+
 async def connect(url: str, name: str = "postroom") -> asyncpg.Connection:
     """One connection of its own (the CLI, the LISTEN connection, migrations); ``name`` is
     its ``application_name`` (what ``pg_stat_activity`` shows)."""
@@ -62,6 +99,7 @@ async def connect(url: str, name: str = "postroom") -> asyncpg.Connection:
             timeout=CONNECT_TIMEOUT,
             command_timeout=COMMAND_TIMEOUT,
             server_settings={"application_name": name},
+            password=_PASSWORDS.get(url),
         )
     except UNAVAILABLE as exc:
         raise TemporaryStorageError(f"cannot connect to PostgreSQL: {exc}") from None
@@ -84,6 +122,7 @@ class Database:
             timeout=CONNECT_TIMEOUT,
             command_timeout=COMMAND_TIMEOUT,
             server_settings={"application_name": name},
+            password=_PASSWORDS.get(self.url),
             **extra,
         )
 
