@@ -1,10 +1,12 @@
-"""Several nodes on one PostgreSQL: shared accounts, the CLI from any node, ``db`` commands.
+"""Several nodes on one PostgreSQL: shared accounts, mailboxes, queue and DKIM keys, the CLI
+from any node, ``db`` commands. (Crashes and restarts: ``test_cluster_crash.py``.)
 
 Each node is its own ``postroom serve`` on its own loopback address with its own data_dir.
 """
 
 from __future__ import annotations
 
+import poplib
 import smtplib
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 from tests.conftest import Server, ServerFactory, insecure, run_cli
 
-SERVICES = ("smtp", "submission")
+SERVICES = ("smtp", "submission", "pop3")
 
 
 def storage_toml(url: str) -> str:
@@ -42,6 +44,29 @@ def rcpt_code(node: Server, rcpt: str) -> int:
         c.ehlo("client.test")
         c.mail("someone@remote.test")
         return c.rcpt(rcpt)[0]
+
+
+def pop_login(node: Server, user: str, password: str) -> poplib.POP3:
+    pop = poplib.POP3(node.host, node.ports["pop3"], timeout=20)
+    pop.stls(context=insecure())
+    pop.user(user)
+    pop.pass_(password)
+    return pop
+
+
+def retrieve_all(node: Server, user: str, password: str, delete: bool = False) -> list[bytes]:
+    """Every message of the maildrop as RETR gives it (CRLF, dot-unstuffed by poplib)."""
+    pop = pop_login(node, user, password)
+    try:
+        count = len(pop.list()[1])
+        out = []
+        for n in range(1, count + 1):
+            out.append(b"\r\n".join(pop.retr(n)[1]) + b"\r\n")
+            if delete:
+                pop.dele(n)
+    finally:
+        pop.quit()
+    return out
 
 
 def within(seconds: float, check) -> bool:  # type: ignore[no-untyped-def]
@@ -139,3 +164,73 @@ def test_import_a_local_node(server_factory: ServerFactory, tmp_path: Path, pg_u
     node = server_factory(extra_toml=storage_toml(pg_url), services=SERVICES, host="127.0.0.4")
     assert login_ok(node, "ann@a.test", "ann-pw")  # the same hash, the same password
     assert rcpt_code(node, "sales@a.test") == 250
+
+
+MESSAGE = (
+    b"From: s@remote.test\r\nTo: ann@a.test\r\nSubject: =?utf-8?q?caf=C3=A9?=\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    b"caf\xc3\xa9 line\r\n.leading dot\r\n..two dots\r\n\r\n" + b"x" * 990 + b"\r\nlast\r\n"
+)
+
+
+def test_mail_through_a_is_fetched_byte_exact_through_b(nodes: tuple[Server, Server]) -> None:
+    a, b = nodes
+    a.add_user("ann@a.test", "ann-pw")
+    with smtplib.SMTP(a.host, a.ports["smtp"], timeout=10) as c:
+        c.sendmail("s@remote.test", ["ann@a.test"], MESSAGE)
+    via_b = retrieve_all(b, "ann@a.test", "ann-pw")
+    assert len(via_b) == 1
+    # Our headers first (Return-Path, Received by A, ...), then the client's octets as sent.
+    assert via_b[0].startswith(b"Return-Path: <s@remote.test>\r\n")
+    assert via_b[0].endswith(b"\r\n" + MESSAGE)
+    assert b"\r\nReceived: from " in via_b[0] and b"by mx.a.test" in via_b[0]
+    assert retrieve_all(a, "ann@a.test", "ann-pw", delete=True) == via_b  # the same octets
+    assert retrieve_all(b, "ann@a.test", "ann-pw") == []  # deleted at A's QUIT
+    assert not (a.data_dir / "mail").exists()  # nothing of it on a node's disk
+
+
+def test_in_use_holds_across_nodes(nodes: tuple[Server, Server]) -> None:
+    a, b = nodes
+    a.add_user("ann@a.test", "ann-pw")
+    first = pop_login(a, "ann@a.test", "ann-pw")
+    try:
+        second = poplib.POP3(b.host, b.ports["pop3"], timeout=20)
+        second.stls(context=insecure())
+        second.user("ann@a.test")
+        try:
+            second.pass_("ann-pw")
+            raise AssertionError("a second session on another node got the maildrop")
+        except poplib.error_proto as exc:
+            assert b"[IN-USE]" in exc.args[0]
+        finally:
+            second.close()
+    finally:
+        first.quit()
+    pop_login(b, "ann@a.test", "ann-pw").quit()  # free again once the first has quit
+
+
+def test_queue_and_dkim_keys_are_shared(server_factory: ServerFactory, pg_url: str) -> None:
+    from tests.dnszone import LoopbackDNS
+
+    dns = LoopbackDNS()
+    dns.mx("remote.test", 10, "mx.remote.test")
+    dns.a("mx.remote.test", "127.0.0.9")  # nobody listens there: deferred
+    extra = storage_toml(pg_url) + f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
+    try:
+        a = server_factory(host="127.0.0.2", extra_toml=extra, services=SERVICES)
+        b = server_factory(host="127.0.0.3", extra_toml=extra, services=SERVICES)
+        # Both nodes list the same DKIM records (made once, by whichever node came first).
+        assert a.cli("dns", "a.test").stdout == b.cli("dns", "a.test").stdout
+        assert "_domainkey.a.test." in a.cli("dns", "a.test").stdout
+        a.cli("alias", "add", "fwd@a.test", "r@remote.test")
+        with smtplib.SMTP(a.host, a.ports["smtp"], timeout=10) as c:
+            c.sendmail("s@remote.test", ["fwd@a.test"], b"Subject: q\r\n\r\nq\r\n")
+        assert within(10, lambda: "deferred" in b.cli("queue", "list", "--json").stdout)
+        queue_id = b.cli("queue", "list").stdout.split("\t")[0]
+        assert f"id: {queue_id}" in a.cli("queue", "show", queue_id).stdout
+        b.cli("queue", "flush")
+        a.cli("queue", "delete", queue_id)
+        assert b.cli("queue", "list").stdout == ""
+        assert a.cli("queue", "delete", queue_id, check=False).returncode == 1
+    finally:
+        dns.stop()
