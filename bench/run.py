@@ -26,13 +26,14 @@ from benchlib.proc import BenchError, Cleanup
 from benchlib.setup import HOSTS, Lab, bring_up
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("smtp", "submission", "pop3", "relay", "mixed")
+GROUPS = ("smtp", "submission", "pop3", "relay", "mixed", "cluster")
 NEEDS = {
-    "smtp": {"postroom", "postfix", "aiosmtpd"},
+    "smtp": {"postroom", "postroom-pg", "postfix", "aiosmtpd"},
     "submission": {"postroom", "postfix", "dovecot"},
-    "pop3": {"postroom", "dovecot"},
+    "pop3": {"postroom", "postroom-pg", "dovecot"},
     "relay": {"postroom", "postfix", "dovecot"},
     "mixed": {"postroom"},
+    "cluster": {"postroom-pg", "postroom-pg2"},
 }
 
 
@@ -58,8 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--servers",
-        default="postroom,postfix,dovecot,aiosmtpd",
-        help="which servers to start (drop postroom to measure references only)",
+        default="postroom,postroom-pg,postroom-pg2,postfix,dovecot,aiosmtpd",
+        help="which servers to start (drop postroom to measure references only; postroom-pg "
+        "and postroom-pg2 are two nodes on one private PostgreSQL)",
     )
     parser.add_argument(
         "--dir",
@@ -128,6 +130,8 @@ def run_cases(args: argparse.Namespace, lab: Lab, results: report.Results, root:
         cases.relay_case(lab, results, opts)
     if "mixed" in args.groups:
         cases.mixed_case(lab, results, opts)
+    if "cluster" in args.groups:
+        cases.cluster_case(lab, results, opts)
 
 
 def markdown(args: argparse.Namespace, results: report.Results, root: Path, started: float) -> str:

@@ -42,6 +42,7 @@ class PostroomSpec:
     workers: int | None = None  # None: postroom's default
     pin_cpus: bool = False
     sender_checks: bool = True  # [auth] checks (SPF/DKIM/DMARC on the smtp port)
+    extra_toml: str = ""  # more tables, e.g. [storage] for a node on PostgreSQL
 
 
 def command(override: str | None) -> list[str]:
@@ -91,6 +92,8 @@ def config_toml(spec: PostroomSpec) -> str:
             f"port = {spec.delivery_port}",
             'retry_intervals = ["1s", "2s", "5s"]',
         ]
+    if spec.extra_toml:
+        lines += ["", spec.extra_toml]
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import dovecot, postfix, postroom
+from benchlib import dovecot, pgnode, postfix, postroom
 from benchlib.dns import start_dns
 from benchlib.proc import BenchError, Cleanup, port_open, start_daemon, wait_port
 from benchlib.servers import DOMAIN, RELAY_DOMAIN, Addr, Server, users
@@ -30,6 +30,7 @@ HOSTS = {
     "postfix-remote": "127.0.0.15",
     "dns": "127.0.0.16",
     "sink": "127.0.0.17",  # Postfix's smtp-sink: the remote MX of sink.test (mixed case)
+    **pgnode.HOSTS,  # postroom on PostgreSQL: node 1 and node 2, one database
 }
 SINK_DOMAIN = "sink.test"
 DNS_PORT = 5353
@@ -148,6 +149,29 @@ def bring_up(
             )
     if "aiosmtpd" in wanted:
         _attempt(lab, "aiosmtpd", lambda: start_sink(root / "aiosmtpd", cleanup))
+    spec = postroom.PostroomSpec(
+        root / "postroom",
+        HOSTS["postroom"],
+        f"mx.{DOMAIN}",
+        DOMAIN,
+        cert,
+        key,
+        nameserver=dns_addr,
+        delivery_port=postroom.PORT_SMTP,
+        workers=workers,
+        pin_cpus=pin_cpus,
+        sender_checks=sender_checks,
+    )
+    pg_nodes = [n for n in pgnode.HOSTS if n in wanted]
+    if pg_nodes:
+        try:
+            lab.servers.update(
+                pgnode.start_nodes(spec, root, local_users, cleanup, postroom_cmd, len(pg_nodes))
+            )
+        except (BenchError, OSError, AssertionError) as exc:
+            for name in pg_nodes:
+                lab.failed[name] = str(exc)
+            print(f"bench: postroom on PostgreSQL did not start: {str(exc)[:1500]}", flush=True)
     if "postroom" in wanted:
         spec = postroom.PostroomSpec(
             root / "postroom",

@@ -361,7 +361,7 @@ async def serve(
         from postroom.storage import factory
 
         # Before privileges are dropped (a ~/.pgpass of the starting user is read now).
-        stores = await factory.open_node(cfg, io)
+        stores = await factory.open_node(cfg, io, worker.index)
     services, runner = build_services(
         cfg, pair, worker.primary, cfg.workers, worker.index, shared, stores, io
     )

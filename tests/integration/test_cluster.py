@@ -234,3 +234,15 @@ def test_queue_and_dkim_keys_are_shared(server_factory: ServerFactory, pg_url: s
         assert a.cli("queue", "delete", queue_id, check=False).returncode == 1
     finally:
         dns.stop()
+
+
+def test_two_workers_on_postgresql(server_factory: ServerFactory, pg_url: str) -> None:
+    node = server_factory(extra_toml="workers = 2\n" + storage_toml(pg_url), services=SERVICES)
+    node.add_user("ann@a.test", "ann-pw")
+    for i in range(12):  # the kernel spreads the connections over both workers
+        with smtplib.SMTP(node.host, node.ports["smtp"], timeout=10) as c:
+            c.sendmail("s@remote.test", ["ann@a.test"], f"Subject: {i}\r\n\r\n{i}\r\n".encode())
+    subjects = sorted(
+        m.split(b"Subject: ")[1].split(b"\r\n")[0] for m in retrieve_all(node, "ann@a.test", "ann-pw")
+    )
+    assert subjects == sorted(str(i).encode() for i in range(12))

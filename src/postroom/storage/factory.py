@@ -55,7 +55,7 @@ class NodeStores:
         await self.database.close()
 
 
-async def open_node(cfg: Config, io: BlockingPool) -> NodeStores:
+async def open_node(cfg: Config, io: BlockingPool, index: int = 0) -> NodeStores:
     """The stores a PostgreSQL worker serves from (migrated and loaded; errors raise:
     TemporaryStorageError if PostgreSQL cannot be reached, SchemaError for a newer schema)."""
     from postroom.storage.postgresql import db, migrations
@@ -76,7 +76,9 @@ async def open_node(cfg: Config, io: BlockingPool) -> NodeStores:
     database = db.Database(url, cfg.storage.pool_size, cfg.storage.max_pop3_sessions)
     await database.open()
     lease = cfg.storage.lease_time
-    queue = PgQueue(url, database, cfg.data_dir / "tmp", lease, io, cfg.limits.header_size)
+    # Worker ``index``'s drafts of large messages spill here; what a dead one left is removed.
+    spill = cfg.data_dir / "tmp" / f"worker{index}"
+    queue = PgQueue(url, database, spill, lease, io, cfg.limits.header_size, clean=True)
     accounts = LiveAccounts(cfg.domains)
     keys = PgKeyStore(url, live=True)
     watcher = db.Watcher(url, [accounts, keys, queue])

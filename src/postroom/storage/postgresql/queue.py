@@ -231,6 +231,7 @@ class PgQueue:
         io: BlockingPool | None = None,
         header_limit: int = 1 << 20,
         node: str | None = None,
+        clean: bool = False,
     ) -> None:
         self.url = url
         self.database = database
@@ -239,6 +240,9 @@ class PgQueue:
         self.io = io or BlockingPool()
         self.header_limit = header_limit
         spill_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if clean:  # a worker's own folder: what is there is left from before a crash
+            for leftover in spill_dir.iterdir():
+                leftover.unlink(missing_ok=True)
         # Drafts of large messages spill to files here (read back at accept): no journal.
         self.spares = SpareBodies(spill_dir, None)
         self.committer = Committer(database, lease) if database is not None else None
