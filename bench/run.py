@@ -26,16 +26,17 @@ from benchlib.proc import BenchError, Cleanup
 from benchlib.setup import HOSTS, Lab, bring_up
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("smtp", "submission", "pop3", "relay", "mixed", "auth-mx", "auth-submission")
+GROUPS = ("smtp", "submission", "pop3", "relay", "mixed", "auth-mx", "auth-submission", "cluster")
 ALIASES = {"auth": ("auth-mx", "auth-submission")}
 NEEDS = {
-    "smtp": {"postroom", "postfix", "aiosmtpd"},
+    "smtp": {"postroom", "postroom-pg", "postfix", "aiosmtpd"},
     "submission": {"postroom", "postfix", "dovecot"},
-    "pop3": {"postroom", "dovecot"},
+    "pop3": {"postroom", "postroom-pg", "dovecot"},
     "relay": {"postroom", "postfix", "dovecot"},
     "mixed": {"postroom"},
     "auth-mx": {"postroom-auth", "postroom-plain", "postfix-auth"},
     "auth-submission": {"postroom-auth", "postroom-plain"},
+    "cluster": {"postroom-pg", "postroom-pg2"},
 }
 
 
@@ -61,8 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--servers",
-        default="postroom,postfix,dovecot,aiosmtpd",
-        help="which servers to start (drop postroom to measure references only)",
+        default="postroom,postroom-pg,postroom-pg2,postfix,dovecot,aiosmtpd",
+        help="which servers to start (drop postroom to measure references only; postroom-pg "
+        "and postroom-pg2 are two nodes on one private PostgreSQL)",
     )
     parser.add_argument(
         "--dir",
@@ -136,6 +138,8 @@ def run_cases(args: argparse.Namespace, lab: Lab, results: report.Results, root:
         cases.auth_cases(
             lab, results, opts, "auth-mx" in args.groups, "auth-submission" in args.groups
         )
+    if "cluster" in args.groups:
+        cases.cluster_case(lab, results, opts)
 
 
 def markdown(args: argparse.Namespace, results: report.Results, root: Path, started: float) -> str:

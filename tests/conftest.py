@@ -298,3 +298,30 @@ def _tables(extra: str) -> str:
         if line.strip().startswith("["):
             return "\n".join(lines[i:])
     return ""
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[object]:
+    """One private PostgreSQL for the session (fsync off: fast; see tests/pgserver.py)."""
+    from tests.pgserver import running
+
+    with running() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg_server: object) -> str:
+    """The url of a fresh, empty database on the session's PostgreSQL."""
+    from tests.pgserver import PgServer
+
+    assert isinstance(pg_server, PgServer)
+    return pg_server.new_database()
+
+
+@pytest.fixture
+def pg_durable() -> Iterator[object]:
+    """A PostgreSQL of the test's own with fsync on, for crash and restart tests."""
+    from tests.pgserver import running
+
+    with running(fsync=True) as server:
+        yield server

@@ -13,10 +13,11 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchlib import clients, maildir
+from benchlib import clients
 from benchlib.proc import BenchError, wait_until
 from benchlib.report import Results
 from benchlib.servers import DOMAIN, PASSWORD, RELAY_DOMAIN, SENDER_DOMAIN, Server
@@ -108,10 +109,10 @@ def _check_alive(server: Server) -> None:
         raise BenchError(f"{server.name} exited with status {status} (see {server.log})")
 
 
-def wait_delivered(box: Path, expected: int, timeout: float) -> float | None:
-    """Seconds until ``expected`` files are in new/ (None after ``timeout``)."""
+def wait_delivered(server: Server, user: str, expected: int, timeout: float) -> float | None:
+    """Seconds until ``expected`` messages are in ``user``'s mailbox (None after ``timeout``)."""
     start = time.perf_counter()
-    if wait_until(lambda: maildir.count(box) >= expected, timeout, interval=0.02):
+    if wait_until(lambda: server.mail.count(user) >= expected, timeout, interval=0.02):
         return time.perf_counter() - start
     return None
 
@@ -126,16 +127,15 @@ def warm_up(lab: Lab, messages: int = 400) -> None:
     threads and processes, first writes into fresh directories): up to half the rate of the
     next runs, which made the first median a draw on which server ran first.
     """
-    for server in available(lab, ["postroom", "postfix", "aiosmtpd"]):
+    for server in available(lab, ["postroom", "postroom-pg", "postfix", "aiosmtpd"]):
         if server.smtp is None:
             continue
-        box = server.mailbox(RCPT)
         try:
             clients.smtp_source(server.smtp, RCPT, messages, 1 * KIB, 20, False, 120)
-            wait_delivered(box, messages, 60)
+            wait_delivered(server, RCPT, messages, 60)
         except (BenchError, OSError) as exc:
             print(f"  warm-up of {server.name} failed: {str(exc)[:200]}", flush=True)
-        maildir.clear(box)
+        server.mail.clear(RCPT)
 
 
 def disk_rate(root: Path, results: Results) -> float:
@@ -161,9 +161,9 @@ def smtp_case(lab: Lab, results: Results, opts: Options, case: SmtpCase) -> None
     accept_row = f"SMTP accept: {case.label} (n={n})"
     e2e_row = f"end-to-end to Maildir: {case.label} (n={n})"
     payload_row = f"SMTP accept payload: {case.label} (n={n})"
-    names = ["postroom", "postfix", "aiosmtpd"]
+    names = ["postroom", "postroom-pg", "postfix", "aiosmtpd"]
     results.declare(accept_row, "msg/s", names)
-    results.declare(e2e_row, "msg/s", names[:2])
+    results.declare(e2e_row, "msg/s", names[:3])
     rows = [accept_row, e2e_row]
     payload = case.size >= 100 * KIB
     if payload:
@@ -190,15 +190,14 @@ def accept_and_deliver(
     def measure(server: Server) -> list[float]:
         if server.smtp is None:
             raise BenchError("no SMTP listener")
-        box = server.mailbox(RCPT)
-        maildir.clear(box)
+        server.mail.clear(RCPT)
         elapsed = clients.smtp_source(
             server.smtp, RCPT, n, case.size, case.sessions, case.keep_connection, timeout, *extra
         )
-        rest = wait_delivered(box, n, timeout)
+        rest = wait_delivered(server, RCPT, n, timeout)
         if rest is None:
             raise BenchError(
-                f"only {maildir.count(box)} of {n} messages reached the Maildir "
+                f"only {server.mail.count(RCPT)} of {n} messages reached the mailbox "
                 f"within {timeout:.0f}s after the last 250"
             )
         rates = [n / elapsed, n / (elapsed + rest)]
@@ -236,14 +235,13 @@ def _submission_rows(
     def measure(server: Server) -> list[float]:
         if server.submission is None:
             raise BenchError("no submission port (Postfix needs Dovecot's SASL socket)")
-        box = server.mailbox(RCPT)
-        maildir.clear(box)
+        server.mail.clear(RCPT)
         job = clients.SubmissionJob(
             server.submission, RCPT, PASSWORD, RCPT, n, per_connection, body
         )
         elapsed = clients.submission(job, workers, timeout)
-        if wait_delivered(box, n, timeout) is None:
-            raise BenchError(f"only {maildir.count(box)} of {n} submitted messages delivered")
+        if wait_delivered(server, RCPT, n, timeout) is None:
+            raise BenchError(f"only {server.mail.count(RCPT)} of {n} submitted messages delivered")
         return [n / elapsed]
 
     print(row, flush=True)
@@ -259,7 +257,7 @@ def pop3_case(lab: Lab, results: Results, opts: Options, clients_n: int, stls: b
     mode = "STLS" if stls else "plaintext"
     label = f"POP3 RETR+DELE: {mode}, {clients_n} client(s), {n} x 10 KiB each"
     rows = [f"{label}: msg/s", f"{label}: MB/s"]
-    names = ["postroom", "dovecot"]
+    names = ["postroom", "postroom-pg", "dovecot"]
     for row, unit in zip(rows, ("msg/s", "MB/s"), strict=True):
         results.declare(row, unit, names)
     mailboxes = [f"u{i}@{DOMAIN}" for i in range(1, clients_n + 1)]
@@ -271,11 +269,11 @@ def pop3_case(lab: Lab, results: Results, opts: Options, clients_n: int, stls: b
         for user in mailboxes:
             # The same files for both servers, as both store mail: LF line ends, names with
             # ",S=<file size>,W=<size with CRLF>"; both send CRLF on the wire.
-            maildir.fill(server.mailbox(user), n, size, user, server.owner)
+            server.mail.fill(user, n, size)
         os.sync()  # setup writes must not be flushed during the measurement
         jobs = [clients.Pop3Job(server.pop3, user, PASSWORD, stls, n) for user in mailboxes]
         elapsed, messages, octets = clients.pop3(jobs, timeout)
-        left = sum(maildir.count_messages(server.mailbox(u)) for u in mailboxes)
+        left = sum(server.mail.count_messages(u) for u in mailboxes)
         if messages != n * clients_n or left:
             raise BenchError(f"retrieved {messages} of {n * clients_n}; {left} left after QUIT")
         return [messages / elapsed, octets / elapsed / 1e6]
@@ -302,15 +300,16 @@ def relay_case(
         remote = lab.get(pairs[server.name])
         if remote is None or server.submission is None:
             raise BenchError(f"{pairs[server.name]} or the submission port is missing")
-        box = remote.mailbox(remote_rcpt)
-        maildir.clear(box)
+        remote.mail.clear(remote_rcpt)
         job = clients.SubmissionJob(
             server.submission, RCPT, PASSWORD, remote_rcpt, n, per_connection, body
         )
         start = time.perf_counter()
         clients.submission(job, workers, timeout)
-        if wait_delivered(box, n, timeout) is None:
-            raise BenchError(f"only {maildir.count(box)} of {n} relayed messages arrived")
+        if wait_delivered(remote, remote_rcpt, n, timeout) is None:
+            raise BenchError(
+                f"only {remote.mail.count(remote_rcpt)} of {n} relayed messages arrived"
+            )
         return [n / (time.perf_counter() - start)]
 
     print(row, flush=True)
@@ -332,18 +331,17 @@ def mixed_case(lab: Lab, results: Results, opts: Options, workers: int = 4) -> N
         raise BenchError("the mixed case needs postroom")
     sink = start_smtp_sink(lab.root / "smtp-sink", lab.cleanup)
     timeout = 120 + n / 5
-    local_box = server.mailbox(RCPT)
     print(mixed_row, flush=True)
     for _ in range(opts.runs):
         for row, rcpts in ((local_row, RCPT), (mixed_row, f"{RCPT},{remote_rcpt}")):
-            maildir.clear(local_box)
+            server.mail.clear(RCPT)
             before = sink_count(sink)
             body = clients.make_submission_body(RCPT, rcpts, KIB)
             job = clients.SubmissionJob(server.submission, RCPT, PASSWORD, rcpts, n, 100, body)
             try:
                 elapsed = clients.submission(job, workers, timeout)
-                if wait_delivered(local_box, n, timeout) is None:
-                    raise BenchError(f"only {maildir.count(local_box)} of {n} arrived locally")
+                if wait_delivered(server, RCPT, n, timeout) is None:
+                    raise BenchError(f"only {server.mail.count(RCPT)} of {n} arrived locally")
                 reached = functools.partial(lambda t: sink_count(sink) >= t, before + n)
                 if row == mixed_row and not wait_until(reached, timeout):
                     raise BenchError(f"only {sink_count(sink) - before} of {n} reached smtp-sink")
@@ -383,10 +381,13 @@ def _wait_signing(server: Server, timeout: float = 60) -> None:
     job = clients.SubmissionJob(server.submission, RCPT, PASSWORD, RCPT, 1, 1, body)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        maildir.clear(box)
+        server.mail.clear(RCPT)
         clients.submission(job, 1, 60)
-        if wait_delivered(box, 1, 30) is not None and _newest(box).count(b"DKIM-Signature:") == 2:
-            maildir.clear(box)
+        if (
+            wait_delivered(server, RCPT, 1, 30) is not None
+            and _newest(box).count(b"DKIM-Signature:") == 2
+        ):
+            server.mail.clear(RCPT)
             return
         time.sleep(0.5)
     raise BenchError(f"{server.name} did not sign with both keys within {timeout:.0f}s")
@@ -398,9 +399,9 @@ def _check_verdicts(server: Server, message: Path) -> None:
     if server.smtp is None:
         raise BenchError("no SMTP listener")
     box = server.mailbox(RCPT)
-    maildir.clear(box)
+    server.mail.clear(RCPT)
     clients.smtp_source(server.smtp, RCPT, 1, KIB, 1, False, 60, message, AUTH_SENDER)
-    if wait_delivered(box, 1, 30) is None:
+    if wait_delivered(server, RCPT, 1, 30) is None:
         raise BenchError(f"{server.name}: the signed message was not delivered")
     text = _newest(box).replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode(errors="replace")
     results = [
@@ -408,7 +409,7 @@ def _check_verdicts(server: Server, message: Path) -> None:
         for line in text.replace("\n\t", " ").replace("\n ", " ").splitlines()
         if line.lower().startswith("authentication-results:")
     ]
-    maildir.clear(box)
+    server.mail.clear(RCPT)
     if server.name == "postroom-checks-off":
         if results:
             raise BenchError(f"{server.name} checked after all: {results}")
@@ -447,8 +448,8 @@ def auth_cases(lab: Lab, results: Results, opts: Options, mx: bool, submission: 
             if server.submission is not None:
                 job = clients.SubmissionJob(server.submission, RCPT, PASSWORD, RCPT, 40, 5, body)
                 clients.submission(job, 4, 120)
-                wait_delivered(server.mailbox(RCPT), 40, 60)
-                maildir.clear(server.mailbox(RCPT))
+                wait_delivered(server, RCPT, 40, 60)
+                server.mail.clear(RCPT)
         for per_connection, full, quick in ((5, 300, 60), (100, 2000, 400)):
             n = quick if opts.quick else full
             row = (
@@ -462,10 +463,9 @@ def _auth_mx_case(lab: Lab, results: Results, opts: Options, message: Path) -> N
     warm = opts.count(400, 80)
     for server in available(lab, AUTH_MX):
         if server.smtp is not None:
-            box = server.mailbox(RCPT)
             clients.smtp_source(server.smtp, RCPT, warm, KIB, 20, False, 120, message, AUTH_SENDER)
-            wait_delivered(box, warm, 60)
-            maildir.clear(box)
+            wait_delivered(server, RCPT, warm, 60)
+            server.mail.clear(RCPT)
     case = AUTH_MX_CASE
     n = opts.count(case.messages, case.quick_messages)
     row = f"MX accept, SPF+DKIM+DMARC: 1 KiB signed, 20 sessions, 1 msg/conn (n={n})"
@@ -475,3 +475,54 @@ def _auth_mx_case(lab: Lab, results: Results, opts: Options, message: Path) -> N
     measure = accept_and_deliver(case, n, message, AUTH_SENDER)
     print(row, flush=True)
     interleave(lab, results, [row, e2e], AUTH_MX, opts.runs, measure)
+
+
+# --- several nodes on PostgreSQL --------------------------------------------------------------
+
+
+def cluster_case(lab: Lab, results: Results, opts: Options) -> None:
+    """The same 1 KiB, 20-session intake through one node, and split over two nodes on the
+    same database (10 sessions each, both at once): two nodes should be no slower."""
+    n = opts.count(2000, 300)
+    one_row = f"PostgreSQL intake: 1 KiB, 20 sessions into 1 node (n={n})"
+    two_row = f"PostgreSQL intake: 1 KiB, 2 x 10 sessions into 2 nodes (n={n})"
+    for row in (one_row, two_row):
+        results.declare(row, "msg/s", ["postroom-pg"])
+    first, second = lab.get("postroom-pg"), lab.get("postroom-pg2")
+    if first is None or second is None or first.smtp is None or second.smtp is None:
+        raise BenchError("the cluster case needs postroom-pg and postroom-pg2")
+    timeout = 120 + n / 20
+    print(two_row, flush=True)
+    for round_no in range(opts.runs):
+        for row, targets in (
+            (one_row, [(first, 20, n)]),
+            (two_row, [(first, 10, n // 2), (second, 10, n - n // 2)]),
+        ):
+            first.mail.clear(RCPT)
+            start = time.perf_counter()
+            with ThreadPoolExecutor(len(targets)) as pool:
+                jobs = [
+                    pool.submit(
+                        clients.smtp_source, s.smtp, RCPT, count, KIB, sessions, False, timeout
+                    )
+                    for s, sessions, count in targets
+                    if s.smtp is not None
+                ]
+                try:
+                    for job in jobs:
+                        job.result()
+                except BenchError as exc:
+                    results.fail(row, "postroom-pg", str(exc)[:500])
+                    continue
+            elapsed = time.perf_counter() - start
+            if wait_delivered(first, RCPT, n, timeout) is None:
+                results.fail(row, "postroom-pg", f"only {first.mail.count(RCPT)} of {n} stored")
+                continue
+            results.add(row, "postroom-pg", n / elapsed)
+            print(
+                f"  run {round_no + 1}/{opts.runs} {row[:60]}: {n / elapsed:,.1f} msg/s", flush=True
+            )
+    one, two = results.rows[one_row]["postroom-pg"], results.rows[two_row]["postroom-pg"]
+    if one and two:
+        ratio = statistics.median(two) / statistics.median(one)
+        results.notes.append(f"two PostgreSQL nodes together: {ratio:.0%} of one node's intake")

@@ -44,6 +44,7 @@ class PostroomSpec:
     checks: bool = True  # [auth] checks: SPF, DKIM, DMARC on the smtp port
     dkim_sign: bool = True  # [auth] dkim_sign
     name: str = "postroom"  # how the results name this instance
+    extra_toml: str = ""  # more tables, e.g. [storage] for a node on PostgreSQL
 
 
 def command(override: str | None) -> list[str]:
@@ -95,6 +96,8 @@ def config_toml(spec: PostroomSpec) -> str:
             f"port = {spec.delivery_port}",
             'retry_intervals = ["1s", "2s", "5s"]',
         ]
+    if spec.extra_toml:
+        lines += ["", spec.extra_toml]
     return "\n".join(lines) + "\n"
 
 

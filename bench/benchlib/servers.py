@@ -5,6 +5,9 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+from benchlib import maildir
 
 DOMAIN = "bench.test"
 RELAY_DOMAIN = "relay.test"
@@ -29,6 +32,24 @@ class Addr:
         return f"{self.host}:{self.port}"
 
 
+class MailStore(Protocol):
+    """Where a server keeps its mailboxes, as the cases count, empty and fill them."""
+
+    def count(self, user: str) -> int:
+        """Messages delivered to ``user`` and not yet fetched (Maildir ``new/``)."""
+        ...
+
+    def count_messages(self, user: str) -> int:
+        """Every message of ``user`` (Maildir ``new/`` and ``cur/``)."""
+        ...
+
+    def clear(self, user: str) -> None: ...
+
+    def fill(self, user: str, messages: int, size: int) -> None:
+        """Pre-fill for POP3: ``messages`` identical messages of about ``size`` octets."""
+        ...
+
+
 @dataclass
 class Server:
     """A started server: the services it offers and where its Maildirs are."""
@@ -42,6 +63,11 @@ class Server:
     notes: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None  # set when we run it in the foreground
     log: Path | None = None
+    store: MailStore | None = None  # None: Maildirs under mail_root
+
+    @property
+    def mail(self) -> MailStore:
+        return self.store or MaildirStore(self)
 
     def exit_status(self) -> int | None:
         """None while running (or when not ours to watch), else the exit status."""
@@ -50,3 +76,22 @@ class Server:
     def mailbox(self, address: str) -> Path:
         local, _, domain = address.partition("@")
         return self.mail_root / domain / local
+
+
+@dataclass
+class MaildirStore:
+    """The Maildirs of a server (every server but postroom on PostgreSQL)."""
+
+    server: Server
+
+    def count(self, user: str) -> int:
+        return maildir.count(self.server.mailbox(user))
+
+    def count_messages(self, user: str) -> int:
+        return maildir.count_messages(self.server.mailbox(user))
+
+    def clear(self, user: str) -> None:
+        maildir.clear(self.server.mailbox(user))
+
+    def fill(self, user: str, messages: int, size: int) -> None:
+        maildir.fill(self.server.mailbox(user), messages, size, user, self.server.owner)

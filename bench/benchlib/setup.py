@@ -13,6 +13,8 @@
 127.0.0.18  postroom            smtp 2525, submission 2587: every check and DKIM signing on
 127.0.0.19  postroom            the same with [auth] checks and dkim_sign off
 127.0.0.20  Postfix             smtp 2525 + OpenDKIM (8891), OpenDMARC (8893), policyd-spf
+127.0.0.21  postroom on PostgreSQL, node 1 (a private PostgreSQL: benchlib.pgnode)
+127.0.0.22  postroom on PostgreSQL, node 2, the same database
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import authstack, dovecot, postfix, postroom
+from benchlib import authstack, dovecot, pgnode, postfix, postroom
 from benchlib.dns import Zone, start_dns
 from benchlib.proc import BenchError, Cleanup, port_open, run, start_daemon, wait_port
 from benchlib.servers import DOMAIN, RELAY_DOMAIN, SENDER_DOMAIN, Addr, Server, users
@@ -39,6 +41,7 @@ HOSTS = {
     "postroom-auth": "127.0.0.18",
     "postroom-plain": "127.0.0.19",
     "postfix-auth": "127.0.0.20",
+    **pgnode.HOSTS,  # postroom on PostgreSQL: node 1 and node 2, one database (.21, .22)
 }
 SINK_DOMAIN = "sink.test"
 AUTH_SERVERS = ("postroom-auth", "postroom-plain", "postfix-auth")
@@ -168,6 +171,29 @@ def bring_up(
             )
     if "aiosmtpd" in wanted:
         _attempt(lab, "aiosmtpd", lambda: start_sink(root / "aiosmtpd", cleanup))
+    spec = postroom.PostroomSpec(
+        root / "postroom",
+        HOSTS["postroom"],
+        f"mx.{DOMAIN}",
+        DOMAIN,
+        cert,
+        key,
+        nameserver=dns_addr,
+        delivery_port=postroom.PORT_SMTP,
+        workers=workers,
+        pin_cpus=pin_cpus,
+        checks=sender_checks,
+    )
+    pg_nodes = [n for n in pgnode.HOSTS if n in wanted]
+    if pg_nodes:
+        try:
+            lab.servers.update(
+                pgnode.start_nodes(spec, root, local_users, cleanup, postroom_cmd, len(pg_nodes))
+            )
+        except (BenchError, OSError, AssertionError) as exc:
+            for name in pg_nodes:
+                lab.failed[name] = str(exc)
+            print(f"bench: postroom on PostgreSQL did not start: {str(exc)[:1500]}", flush=True)
     if "postroom" in wanted:
         spec = postroom.PostroomSpec(
             root / "postroom",

@@ -24,27 +24,31 @@ import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from postroom import events, lifetime, logs, metrics, privileges, supervisor
 from postroom import tls as tls_mod
 from postroom.auth.helper import DkimHelper
-from postroom.auth.keys import LocalKeyStore
+from postroom.auth.keys import KeyStore, LocalKeyStore
 from postroom.auth.lookup import DnsCache
 from postroom.auth.service import QueueMessage, SenderAuth
 from postroom.blocking import BlockingPool
 from postroom.config import Config
-from postroom.errors import ConfigError, QueueError
+from postroom.errors import ConfigError, PostroomError, QueueError
 from postroom.queue.runner import QueueRunner
 from postroom.services import ConnectionLimiter, Services
 from postroom.sharedcounts import Counts, LocalCounts, SharedCounts
 from postroom.smtp.policy import Port
+from postroom.storage.interfaces import AccountLookup, MailboxDelivery, Maildrops, MessageQueue
 from postroom.storage.local import files
 from postroom.storage.local.accounts import Accounts
 from postroom.storage.local.maildir_writer import MaildirWriter
 from postroom.storage.local.maildrop import LocalMaildrops
 from postroom.storage.local.queue import LocalMailboxes, LocalQueue
 from postroom.throttle import LoginThrottle
+
+if TYPE_CHECKING:
+    from postroom.storage.factory import NodeStores
 
 log = logging.getLogger("postroom")
 
@@ -58,22 +62,34 @@ def build_services(
     workers: int = 1,
     index: int = 0,
     shared: Shared | None = None,
+    stores: NodeStores | None = None,
+    io: BlockingPool | None = None,
 ) -> tuple[Services, QueueRunner]:
-    """The shared bundle (with the local storage backend) and the queue runner that takes
-    its finished messages."""
+    """The shared bundle and the queue runner that takes its finished messages: with the
+    local storage backend, or with ``stores`` (PostgreSQL, from ``storage/factory.py``)."""
     files.make_dirs(cfg.data_dir)
     cpus = cpu_pair(index, workers) if cfg.pin_cpus else None
-    writer = MaildirWriter(
-        cfg.data_dir / "journal",
-        privileges.target_ids(cfg),
-        cpus[1] if cpus else None,
-        clean_bodies=primary,
-    )
-    io = BlockingPool()  # blocking file work: the queue's and POP3's
-    queue = LocalQueue(cfg.data_dir, cfg.hostname, writer, io, cfg.limits.header_size)
+    io = io or BlockingPool()  # blocking file work: the queue's and POP3's
+    queue: MessageQueue
+    mailboxes: MailboxDelivery
+    if stores is None:
+        writer = MaildirWriter(
+            cfg.data_dir / "journal",
+            privileges.target_ids(cfg),
+            cpus[1] if cpus else None,
+            clean_bodies=primary,
+        )
+        local = LocalQueue(cfg.data_dir, cfg.hostname, writer, io, cfg.limits.header_size)
+        queue, mailboxes, slots = local, LocalMailboxes(local), None
+        accounts: AccountLookup = Accounts(cfg.data_dir, cfg.domains)
+        maildrops: Maildrops = LocalMaildrops(cfg.data_dir, io)
+        keys: KeyStore = LocalKeyStore(cfg.data_dir)
+    else:
+        queue, mailboxes, slots = stores.queue, stores.mailboxes, stores.slots
+        accounts, maildrops, keys = stores.accounts, stores.maildrops, stores.keys
     services = Services(
         cfg=cfg,
-        accounts=Accounts(cfg.data_dir, cfg.domains),
+        accounts=accounts,
         queue=queue,
         throttle=LoginThrottle(cfg.auth, by_ip=shared.logins)
         if shared
@@ -82,7 +98,7 @@ def build_services(
             cfg, workers, shared.connections if shared else None
         ),
         tls=tls_mod.server_context(cfg, pair),
-        maildrops=LocalMaildrops(cfg.data_dir, io),
+        maildrops=maildrops,
         io=io,
         primary=primary,
         worker_index=index,
@@ -92,11 +108,11 @@ def build_services(
     services.sender_auth = SenderAuth(
         cfg,
         DnsCache(cfg.dns, size=cfg.dns.cache_size),
-        LocalKeyStore(cfg.data_dir),
+        keys,
         run_blocking=services.io.run,
         helper=DkimHelper(sorted(os.sched_getaffinity(0))),  # before pin_cpus pins the worker
     )
-    runner = QueueRunner(services, queue, LocalMailboxes(queue))
+    runner = QueueRunner(services, queue, mailboxes, slots=slots)
     services.intake = runner
     return services, runner
 
@@ -348,7 +364,16 @@ async def serve(
     shared: Shared | None = None,
 ) -> int:
     """One worker's event loop. The primary (worker 0) also recovers and runs the queue."""
-    services, runner = build_services(cfg, pair, worker.primary, cfg.workers, worker.index, shared)
+    stores = None
+    io = BlockingPool()
+    if cfg.storage.backend == "postgresql":
+        from postroom.storage import factory
+
+        # Before privileges are dropped (a ~/.pgpass of the starting user is read now).
+        stores = await factory.open_node(cfg, io, worker.index)
+    services, runner = build_services(
+        cfg, pair, worker.primary, cfg.workers, worker.index, shared, stores, io
+    )
     loop = asyncio.get_running_loop()
     control = None
     if services.cpus is not None:
@@ -356,14 +381,19 @@ async def serve(
     elif cfg.pin_cpus:
         log.warning("pin_cpus: fewer than two CPUs per worker; not pinned")
     queue = services.queue
-    assert isinstance(queue, LocalQueue) and queue.writer is not None
-    await queue.writer.start()  # before privileges are dropped: see there
+    if isinstance(queue, LocalQueue):
+        assert queue.writer is not None
+        await queue.writer.start()  # before privileges are dropped: see there
+        if worker.primary:
+            queue.recover()
+        else:
+            queue.on_parked = functools.partial(_hand_over, services)
+    else:
+        # Shared: a message deleted from any node stops its attempt here.
+        queue.on_deleted = runner.deleted_elsewhere  # type: ignore[attr-defined]
     if worker.primary:
         assert services.sender_auth is not None
         services.sender_auth.ensure_keys()  # DKIM keys made on first start
-        queue.recover()
-    else:
-        queue.on_parked = functools.partial(_hand_over, services)
     servers = await _start_listeners(services, listeners)
     control = await _control_server(services, runner)
     from postroom.connection import IdleSweeper
@@ -414,8 +444,10 @@ async def serve(
     while services.connections.live and loop.time() < deadline:
         await asyncio.sleep(0.05)
     await runner.stop()
-    await queue.writer.close()
-    queue.spares.close()
+    if isinstance(queue, LocalQueue):
+        assert queue.writer is not None
+        await queue.writer.close()
+        queue.spares.close()
     for task in tasks:
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -423,25 +455,34 @@ async def serve(
     for server in http_servers:
         server.close()
     services.accounts.close()
+    if stores is not None:
+        await stores.close()
     logs.flush()
     return 0
 
 
-def _setup_metrics(services: Services, listeners: list[Listener], queue: LocalQueue) -> None:
+def _setup_metrics(services: Services, listeners: list[Listener], queue: MessageQueue) -> None:
     """This worker's metrics; with several workers, shared through ``data_dir/metrics``."""
     cfg = services.cfg
     shared = cfg.workers > 1 and bool(cfg.listen.http)
-    deferred = queue.deferred
 
-    def spool() -> tuple[int, float | None]:
+    def local_spool() -> tuple[int, float | None]:
         """Messages waiting for a retry, and when the oldest arrived."""
-        ids = deferred.ids()
+        assert isinstance(queue, LocalQueue)
+        ids = queue.deferred.ids()
         oldest = None
         for qid in ids[:5]:  # ids sort by arrival; the first readable one is the oldest
             with contextlib.suppress(QueueError):
-                oldest = deferred.load(qid).created
+                oldest = queue.deferred.load(qid).created
                 break
         return len(ids), oldest
+
+    spool = local_spool
+    if not isinstance(queue, LocalQueue):
+        from postroom.storage.postgresql.queue import PgQueue
+
+        assert isinstance(queue, PgQueue)
+        spool = queue.spool_stats
 
     events.setup(
         enabled=bool(cfg.listen.http),
@@ -516,7 +557,7 @@ def run(cfg: Config) -> int:
         worker = Worker(primary, index, parent, channel, go)
         try:
             return _loop_run(serve(cfg, listeners, worker, pair, shared))
-        except OSError as exc:
+        except (OSError, PostroomError) as exc:  # PostgreSQL away at start, a newer schema
             print(f"postroom: error: {exc}", file=sys.stderr)
             return 1
 

@@ -2,9 +2,10 @@
 
 Exit status: 0 success, 1 failure at run time, 2 bad usage or bad config (one line on stderr
 naming the key or argument). ``-c/--config`` may stand before or after the subcommand. Commands
-other than ``serve`` work on the on-disk state directly, so they work whether or not a server
-runs; ``queue flush`` and ``queue delete`` go through the server's control socket when it is up,
-so that a running server acts at once and never delivers half of a deleted message.
+other than ``serve`` work on the stores directly (``storage/factory.py``), so they work whether
+or not a server runs. Locally ``queue flush`` and ``queue delete`` go through the server's control
+socket when it is up, so that a running server acts at once and never delivers half of a deleted
+message; on PostgreSQL they change the shared queue, and a NOTIFY tells every running node.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from postroom.queue.envelope import Attempt, Envelope, check_id
 
 if TYPE_CHECKING:
     from postroom.auth.service import SenderAuth
-    from postroom.storage.local.queue import LocalQueue
+    from postroom.storage.factory import AdminStores
+    from postroom.storage.interfaces import MessageQueue
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,6 +119,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     command(dkim, "rotate", "make new DKIM keys for a domain").add_argument("domain")
 
+    dbc = command(sub, "db", 'the PostgreSQL schema ([storage] backend = "postgresql")')
+    dbc_actions = dbc.add_subparsers(
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION"
+    )
+    command(dbc_actions, "migrate", "apply pending schema migrations")
+    command(dbc_actions, "check", "connectivity, schema version, pending migrations")
+    command(
+        dbc_actions, "import", "copy a local node's accounts and Maildirs into the database"
+    ).add_argument(
+        "data_dir", nargs="?", default=None, help="the local node's data_dir (default: data_dir)"
+    )
+
     dmarc = command(sub, "dmarc", "DMARC reports").add_subparsers(
         dest="action", required=True, parser_class=_Parser, metavar="ACTION"
     )
@@ -140,6 +154,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_import(cfg: Config, args: argparse.Namespace) -> int:
+    if cfg.storage.backend != "local":
+        # The mailboxes are rows then: import into a local data_dir, then `db import` it.
+        raise ConfigError(
+            "import-maildir writes local Maildirs: with PostgreSQL, import into a local "
+            "data_dir first and load it with `postroom db import DIR`"
+        )
     from postroom.storage.local import maildir
     from postroom.storage.local.accounts import Accounts, account_address
     from postroom.storage.local.dovecot_import import import_maildir
@@ -219,10 +239,11 @@ def _control(cfg: Config, command: str, path: Path | None = None) -> str | None:
         raise QueueError(f"the running server did not answer: {exc}") from None
 
 
-def _cmd_user(cfg: Config, args: argparse.Namespace) -> int:
-    from postroom.storage.local.accounts import Accounts, account_address
+def _cmd_user(stores: AdminStores, args: argparse.Namespace) -> int:
+    from postroom.storage.aliases import account_address
 
-    accounts = Accounts(cfg.data_dir, cfg.domains)
+    cfg = stores.cfg
+    accounts = stores.accounts
     if args.action == "list":
         for name in accounts.list_users():
             print(name)
@@ -232,9 +253,7 @@ def _cmd_user(cfg: Config, args: argparse.Namespace) -> int:
         if accounts.user_exists(addr.key):
             raise AccountError(f"user {addr.key} already exists")
         accounts.add_user(addr, _read_password(args))
-        from postroom.storage.local import maildir
-
-        maildir.ensure(maildir.mailbox_path(cfg.data_dir, addr.key))
+        stores.create_mailbox(addr.key)
     elif args.action == "passwd":
         if not accounts.user_exists(addr.key):
             raise AccountError(f"no such user {addr.key}")
@@ -255,15 +274,15 @@ def _alias_target(text: str) -> str:
         raise AccountError(f"malformed target {text!r}: {exc}") from None
 
 
-def _cmd_alias(cfg: Config, args: argparse.Namespace) -> int:
-    from postroom.storage.local.accounts import Accounts, alias_key
+def _cmd_alias(stores: AdminStores, args: argparse.Namespace) -> int:
+    from postroom.storage.aliases import alias_key
 
-    accounts = Accounts(cfg.data_dir, cfg.domains)
+    accounts = stores.accounts
     if args.action == "list":
         for alias, targets in accounts.list_aliases().items():
             print(f"{alias}\t{' '.join(targets)}")
         return 0
-    key = alias_key(args.alias, cfg.domains)  # "@domain": the domain's catch-all
+    key = alias_key(args.alias, stores.cfg.domains)  # "@domain": the domain's catch-all
     if args.action == "add":
         accounts.add_alias(key, [_alias_target(t) for t in args.targets])
     else:
@@ -305,18 +324,6 @@ def _attempt_json(a: Attempt) -> dict[str, object]:
     }
 
 
-def _open_queue(cfg: Config, running: bool) -> LocalQueue:
-    """The queue as the CLI sees it. With no server running, the journal is replayed first
-    (as the next start would do), so that the deferred store holds every message."""
-    from postroom.storage.local import journal
-    from postroom.storage.local.queue import LocalQueue
-
-    queue = LocalQueue(cfg.data_dir, cfg.hostname)
-    if not running:
-        journal.recover(str(queue.journal_dir), journal.boot_id())
-    return queue
-
-
 def _running(cfg: Config) -> bool:
     return _control(cfg, "ping") is not None
 
@@ -330,11 +337,15 @@ def _advice_json(reply: str | None, domain: str) -> dict[str, str | None] | None
     )
 
 
-def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
+def _cmd_queue(stores: AdminStores, args: argparse.Namespace) -> int:
+    cfg = stores.cfg
+    if stores.postgresql:
+        # Shared: the database is the truth, and NOTIFY tells every running node.
+        return _show_queue(cfg, stores.queue(running=True), args)
     if args.action == "flush":
         if _control(cfg, "flush") is None:
             # No server running: make every message due; the next serve tries at once.
-            due = _open_queue(cfg, running=False).flush()
+            due = stores.queue(running=False).flush()
             print(
                 f"postroom: no server is running: the {due} deferred message(s) will be tried "
                 "as soon as `postroom serve` starts"
@@ -347,11 +358,21 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
         check_id(args.id)
         answers = [_control(cfg, f"delete {args.id}", sock) for sock in _control_sockets(cfg)]
         if not any(a is not None for a in answers):
-            asyncio.run(_open_queue(cfg, running=False).delete(args.id))
+            asyncio.run(stores.queue(running=False).delete(args.id))
         elif "ok" not in answers:
             raise QueueError(f"no such message {args.id}")
         return 0
-    queue = _open_queue(cfg, _running(cfg))
+    return _show_queue(cfg, stores.queue(_running(cfg)), args)
+
+
+def _show_queue(cfg: Config, queue: MessageQueue, args: argparse.Namespace) -> int:
+    """``queue flush``/``delete`` on a shared queue, and ``list``/``show`` on any."""
+    if args.action == "flush":
+        queue.flush()
+        return 0
+    if args.action == "delete":
+        asyncio.run(queue.delete(args.id))
+        return 0
     if args.action == "show":
         from postroom.delivery.advice import advise, sender_domain
 
@@ -416,12 +437,11 @@ def _cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _sender_auth(cfg: Config) -> SenderAuth:
-    from postroom.auth.keys import LocalKeyStore
+def _sender_auth(stores: AdminStores) -> SenderAuth:
     from postroom.auth.lookup import DnsCache
     from postroom.auth.service import SenderAuth
 
-    return SenderAuth(cfg, DnsCache(cfg.dns), LocalKeyStore(cfg.data_dir))
+    return SenderAuth(stores.cfg, DnsCache(stores.cfg.dns), stores.keys)
 
 
 def _local_domain(cfg: Config, text: str) -> str:
@@ -436,12 +456,11 @@ def _local_domain(cfg: Config, text: str) -> str:
     return domain
 
 
-def _cmd_dns(cfg: Config, args: argparse.Namespace) -> int:
-    import asyncio
-
+def _cmd_dns(stores: AdminStores, args: argparse.Namespace) -> int:
     from postroom.auth import records
 
-    auth = _sender_auth(cfg)
+    cfg = stores.cfg
+    auth = _sender_auth(stores)
     wanted = auth.records(_local_domain(cfg, args.domain))
     if args.check:
         findings = asyncio.run(records.check(auth.cache, wanted))
@@ -464,10 +483,11 @@ def _cmd_dns(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_dkim(cfg: Config, args: argparse.Namespace) -> int:
+def _cmd_dkim(stores: AdminStores, args: argparse.Namespace) -> int:
     import time
 
-    auth = _sender_auth(cfg)
+    cfg = stores.cfg
+    auth = _sender_auth(stores)
     domain = _local_domain(cfg, args.domain)
     auth.ring.ensure(domain, time.time())
     new = [k for k in auth.ring.rotate(domain, time.time()) if k.state == "pending"]
@@ -477,15 +497,14 @@ def _cmd_dkim(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_dmarc(cfg: Config) -> int:
-    from postroom.storage.local.queue import LocalQueue
-
-    auth = _sender_auth(cfg)
-    store = LocalQueue(cfg.data_dir, cfg.hostname)
+def _cmd_dmarc(stores: AdminStores) -> int:
+    auth = _sender_auth(stores)
+    store = stores.queue(running=True)
 
     async def queue(sender: str, recipients: list[str], message: bytes) -> str:
         queue_id = store.add_waiting(sender, recipients, message)
-        _control(cfg, f"submit {queue_id}")  # a running server sends it now
+        if not stores.postgresql:
+            _control(stores.cfg, f"submit {queue_id}")  # a running server sends it now
         return queue_id
 
     sent = asyncio.run(auth.send_reports(queue))
@@ -503,6 +522,28 @@ def _say(text: str, warning: bool = False) -> None:
         events.startup(text, logs.WARNING if warning else logs.INFO)
     else:
         print(f"postroom: {'warning: ' if warning else ''}{text}", file=sys.stderr)
+
+
+def _cmd_db(cfg: Config, args: argparse.Namespace) -> int:
+    if cfg.storage.backend != "postgresql" or cfg.storage.url is None:
+        where = cfg.path or "<embedded default>"
+        raise ConfigError(f'{where}: storage.backend: the db commands need "postgresql"')
+    from postroom.storage.postgresql import maintenance
+
+    url = cfg.storage.url
+    if args.action == "migrate":
+        for line in maintenance.migrate(url):
+            print(line)
+        return 0
+    if args.action == "check":
+        ok, lines = maintenance.check(url)
+        for line in lines:
+            print(line)
+        return 0 if ok else 1
+    source = Path(args.data_dir) if args.data_dir else cfg.data_dir
+    for line in maintenance.import_local(url, source, cfg.domains):
+        print(line)
+    return 0
 
 
 def _warn(text: str) -> None:
@@ -546,6 +587,20 @@ def _where_data_is(cfg: Config) -> None:
         )
 
 
+def _run(stores: AdminStores, args: argparse.Namespace) -> int:
+    if args.command == "user":
+        return _cmd_user(stores, args)
+    if args.command == "alias":
+        return _cmd_alias(stores, args)
+    if args.command == "dns":
+        return _cmd_dns(stores, args)
+    if args.command == "dkim":
+        return _cmd_dkim(stores, args)
+    if args.command == "dmarc":
+        return _cmd_dmarc(stores)
+    return _cmd_queue(stores, args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from postroom.storage.local import files
 
@@ -575,26 +630,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             return app.run(cfg)
         # Import what the commands use before dropping root: the new user may not be able to
         # read the Python installation's files (a pyenv under /root, say).
+        import postroom.storage.factory
         import postroom.storage.local.accounts
         import postroom.storage.local.dovecot_import
         import postroom.storage.local.maildir
-        import postroom.storage.local.queue  # noqa: F401
+        import postroom.storage.local.queue
         from postroom import privileges
 
+        if cfg.storage.backend == "postgresql":
+            import postroom.storage.postgresql.accounts
+            import postroom.storage.postgresql.keys
+            import postroom.storage.postgresql.maintenance
+            import postroom.storage.postgresql.queue  # noqa: F401
+            from postroom.storage.postgresql import db
+
+            assert cfg.storage.url is not None
+            db.remember_password(cfg.storage.url)  # the starting user's ~/.pgpass
+
         privileges.drop_for_cli(cfg)
-        if args.command == "user":
-            return _cmd_user(cfg, args)
-        if args.command == "alias":
-            return _cmd_alias(cfg, args)
+        if args.command == "db":
+            return _cmd_db(cfg, args)
         if args.command == "import-maildir":
             return _cmd_import(cfg, args)
-        if args.command == "dns":
-            return _cmd_dns(cfg, args)
-        if args.command == "dkim":
-            return _cmd_dkim(cfg, args)
-        if args.command == "dmarc":
-            return _cmd_dmarc(cfg)
-        return _cmd_queue(cfg, args)
+        from postroom.storage.factory import AdminStores
+
+        stores = AdminStores(cfg)
+        try:
+            return _run(stores, args)
+        finally:
+            stores.close()
     except ConfigError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)
         return 2

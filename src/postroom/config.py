@@ -15,6 +15,7 @@ import re
 import tomllib
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,26 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Where the shared state lives: ``local`` (SQLite, Maildir, the on-disk queue under
+    ``data_dir``) or ``postgresql`` (one database that several nodes share, named by ``url``)."""
+
+    backend: str = "local"
+    url: str | None = None
+    # Connections each worker process keeps for deliveries, account changes and the queue.
+    pool_size: int = 10
+    # POP3 sessions each worker serves at once: each holds a connection of its own while it
+    # is logged in (its mailbox lock is an advisory lock on that connection).
+    max_pop3_sessions: int = 100
+    # How long a node's claim on a queued message (its lease) lasts without renewal: another
+    # node takes the message over this long after the node holding it died.
+    lease_time: Duration = Duration(60)
+
+
+BACKENDS = ("local", "postgresql")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration. ``path`` is None for the embedded default."""
 
@@ -242,6 +263,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     path: Path | None = None
 
     def is_local_domain(self, domain: str) -> bool:
@@ -392,6 +414,7 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
         raise ConfigError(f"{source}: log_level: one of debug, info, warning, error")
     if cfg.log_format not in ("text", "json"):
         raise ConfigError(f"{source}: log_format: one of text, json")
+    _check_storage(cfg.storage, source)
     try:
         cfg.per_ip_exempt_networks()
     except ValueError as exc:
@@ -400,6 +423,50 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
     # made absolute once, here, so that no later chdir or dir_fd-relative call can misread it.
     data_dir = Path(os.path.abspath(cfg.data_dir))
     return dataclasses.replace(cfg, domains=domains, data_dir=data_dir, path=path)
+
+
+def _check_storage(storage: StorageConfig, source: str) -> None:
+    if storage.backend not in BACKENDS:
+        raise ConfigError(f"{source}: storage.backend: one of {', '.join(BACKENDS)}")
+    if storage.backend == "local":
+        if storage.url is not None:
+            raise ConfigError(f'{source}: storage.url: only with backend = "postgresql"')
+        return
+    if storage.url is None:
+        raise ConfigError(f'{source}: storage.url: needed with backend = "postgresql"')
+    problem = postgresql_url_problem(storage.url)
+    if problem:
+        raise ConfigError(f"{source}: storage.url: {problem}")
+    if storage.pool_size < 1:
+        raise ConfigError(f"{source}: storage.pool_size: must be at least 1")
+    if storage.max_pop3_sessions < 1:
+        raise ConfigError(f"{source}: storage.max_pop3_sessions: must be at least 1")
+    if storage.lease_time < 1:
+        raise ConfigError(f"{source}: storage.lease_time: must be at least 1s")
+
+
+def postgresql_url_problem(url: str) -> str | None:
+    """What is wrong with ``postgresql://USER@HOST:PORT/DB``, or None. A password may be
+    given (``USER:PASSWORD@``), though a ``~/.pgpass`` file keeps it out of the config."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        return "expected postgresql://USER@HOST:PORT/DB"
+    try:
+        port = parts.port
+    except ValueError:
+        return "bad port"
+    if not parts.hostname:
+        return "missing host (postgresql://USER@HOST:PORT/DB)"
+    if not parts.username:
+        return "missing user (postgresql://USER@HOST:PORT/DB)"
+    database = parts.path.lstrip("/")
+    if not database or "/" in database:
+        return "missing database name (postgresql://USER@HOST:PORT/DB)"
+    if port == 0:
+        return "bad port"
+    if parts.fragment:
+        return "unexpected '#' part"
+    return None
 
 
 def find_config_path(explicit: str | None) -> Path | None:

@@ -8,6 +8,7 @@
     ├── AccountError              user/alias management refused (exists, unknown, bad domain)
     ├── AddressError              a mailbox or path that is not valid RFC 5321 syntax
     ├── QueueError                a queue id that does not exist, a corrupt queue file
+    │   └── LeaseLost             another node took a queued message over (or it was deleted)
     ├── TemporaryStorageError     the disk refused a write (full, read-only): answer 4xx, keep going
     ├── MailboxInUse              another POP3 session holds the maildrop: ``-ERR [IN-USE]``
     └── ImportSourceError         import-maildir: the source is no Maildir, a setting is unreadable
@@ -43,6 +44,11 @@ class AddressError(PostroomError):
 
 class QueueError(PostroomError):
     """A queue id that does not exist, or a queue file that cannot be read."""
+
+
+class LeaseLost(QueueError):
+    """This node no longer holds a queued message: it was deleted, or another node took it over
+    after this node's lease ran out. The attempt stops without recording anything."""
 
 
 class TemporaryStorageError(PostroomError):

@@ -22,7 +22,7 @@ from postroom.config import Config
 from postroom.queue.envelope import Envelope
 from postroom.sasl import ScramKeys
 from postroom.sharedcounts import Counts, LocalCounts
-from postroom.storage.interfaces import AccountStore, Maildrops, MessageDraft, MessageQueue
+from postroom.storage.interfaces import AccountLookup, Maildrops, MessageDraft, MessageQueue
 from postroom.throttle import LoginThrottle
 from postroom.wire.replies import Reply
 
@@ -118,7 +118,7 @@ class Services:
     """Everything a session needs, created once per server."""
 
     cfg: Config
-    accounts: AccountStore
+    accounts: AccountLookup
     queue: MessageQueue
     throttle: LoginThrottle
     connections: ConnectionLimiter

@@ -44,7 +44,7 @@ from postroom.errors import ConfigError
 
 log = logging.getLogger("postroom")
 
-RESTART_ONLY = ("listen", "data_dir", "user", "workers", "pin_cpus")
+RESTART_ONLY = ("listen", "data_dir", "user", "workers", "pin_cpus", "storage")
 MAX_RESTARTS = 5  # per worker slot within RESTART_WINDOW; beyond, the server stops
 RESTART_WINDOW = 60.0
 STOP_GRACE = 11.0  # workers exit within 10 s of SIGTERM; then SIGKILL

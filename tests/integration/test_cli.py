@@ -145,6 +145,21 @@ def test_queue_commands_on_empty_queue(cfg: Path) -> None:
         ),
         ('domains = ["a.test"]\n[delivery]\nmax_queue_time = inf\n', "delivery.max_queue_time"),
         ("domains = [\n", "invalid TOML"),
+        ('domains = ["a.test"]\n[storage]\nbackend = "mysql"\n', "storage.backend"),
+        ('domains = ["a.test"]\n[storage]\nbackend = "postgresql"\n', "storage.url"),
+        (
+            'domains = ["a.test"]\n[storage]\nbackend = "postgresql"\nurl = "http://x/db"\n',
+            "storage.url",
+        ),
+        (
+            'domains = ["a.test"]\n[storage]\nbackend = "postgresql"\nurl = "postgresql://u@h:1"\n',
+            "storage.url",
+        ),
+        (
+            'domains = ["a.test"]\n[storage]\nbackend = "postgresql"\nurl = "postgresql://h/db"\n',
+            "storage.url",
+        ),
+        ('domains = ["a.test"]\n[storage]\nurl = "postgresql://u@h/db"\n', "storage.url"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path, text: str, key: str) -> None:

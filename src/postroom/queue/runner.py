@@ -19,23 +19,30 @@ DNS).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from postroom import events
 from postroom.delivery.dsn import Action, DsnRecipient, build_dsn, format_date
 from postroom.delivery.remote import DeliveryResult, RemoteDelivery, needs_relayed_dsn
-from postroom.errors import QueueError, TemporaryStorageError
+from postroom.errors import LeaseLost, QueueError, TemporaryStorageError
 from postroom.queue import schedule
 from postroom.queue.envelope import Attempt, Envelope, Recipient, new_queue_id
 from postroom.resolver import DnsResolver, Resolver
 from postroom.smtp.client_engine import ForwardPath, Outcome, OutgoingMessage
-from postroom.storage.interfaces import LocalCopy, MailboxDelivery, MessageDraft, MessageQueue
+from postroom.storage.interfaces import (
+    DestinationSlots,
+    LocalCopy,
+    MailboxDelivery,
+    MessageDraft,
+    MessageQueue,
+)
 from postroom.wire import replies
 from postroom.wire.replies import Reply
 
@@ -68,6 +75,19 @@ class _First:
     done: list[Recipient]
 
 
+class ProcessSlots:
+    """Per-destination limits within this process (:class:`DestinationSlots` of the local
+    backend: one process runs the retries)."""
+
+    def __init__(self) -> None:
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, destination: str, limit: int) -> AsyncIterator[None]:
+        async with self._semaphores.setdefault(destination, asyncio.Semaphore(limit)):
+            yield
+
+
 class QueueRunner:
     """Takes messages and runs their attempts; one per worker. Only the queue's owner (the
     primary worker) runs the schedule of retries; every worker makes the first attempt of
@@ -79,6 +99,7 @@ class QueueRunner:
         queue: MessageQueue,
         mailboxes: MailboxDelivery,
         resolver: Callable[[Config], Resolver] | None = None,
+        slots: DestinationSlots | None = None,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] | None = None,
     ) -> None:
@@ -95,7 +116,7 @@ class QueueRunner:
         self._slots = asyncio.Semaphore(services.cfg.delivery.max_concurrent)
         self._stopping = False
         self._remote: RemoteDelivery | None = None
-        self._destinations: dict[str, asyncio.Semaphore] = {}
+        self._destinations = slots or ProcessSlots()
         self._relayed: set[int] = set()
 
     @property
@@ -185,9 +206,14 @@ class QueueRunner:
             await self.queue.delete(queue_id)
         except QueueError:
             return False
+        self.deleted_elsewhere(queue_id)
+        return True
+
+    def deleted_elsewhere(self, queue_id: str) -> None:
+        """The message was deleted (here, or from another node): an attempt of it running
+        here goes on with the copy it holds, but records, retries and reports nothing."""
         if queue_id in self._inflight:
             self._deleted.add(queue_id)
-        return True
 
     async def stop(self) -> None:
         self._stopping = True
@@ -236,6 +262,9 @@ class QueueRunner:
         async with self._slots:
             try:
                 await self._deliver(envelope, first)
+            except LeaseLost as exc:
+                # Deleted, or another node holds it now: that node records what happens.
+                self.services.log.info("%s: attempt dropped: %s", envelope.id, exc)
             except Exception:
                 self.services.log.exception("delivery of %s failed", envelope.id)
                 # Try again later rather than lose it or spin.
@@ -425,10 +454,7 @@ class QueueRunner:
             ret=envelope.ret,
             envid=envelope.envid,
         )
-        slot = self._destinations.setdefault(
-            domain, asyncio.Semaphore(self.cfg.delivery.max_per_destination)
-        )
-        async with slot:
+        async with self._destinations.slot(domain, self.cfg.delivery.max_per_destination):
             started = time.monotonic()
             results = await self._remote_delivery().deliver(domain, outgoing, wire)
             took = time.monotonic() - started

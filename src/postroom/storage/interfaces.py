@@ -6,13 +6,15 @@ The :class:`typing.Protocol`\\ s, named for what they hold:
   from SMTP, the runner's due work, attempts and per-recipient state, the CLI's view);
 * :class:`MailboxDelivery`: the writing side of the mailboxes (a copy of a queued message
   into a local recipient's mailbox, at most once);
-* :class:`AccountStore`: users, passwords, SCRAM keys and aliases;
+* :class:`AccountLookup`: what the servers ask of the accounts (from memory), and
+  :class:`AccountStore`: those lookups plus the changes the CLI makes;
+* :class:`DestinationSlots`: how many deliveries to one domain may run at once;
 * :class:`Maildrops`: the reading side of the mailboxes, for POP3 (below).
 
-The local backend (``storage/local/``: a journal plus Maildirs, SQLite) implements all three
-for one machine; a backend shared by several nodes (PostgreSQL) implements the same methods
-over the database. The docstrings say what each call promises, for the implementer of such a
-second backend: the runner, the SMTP policy and the CLI rely on nothing else.
+The local backend (``storage/local/``: a journal plus Maildirs, SQLite) implements them for
+one machine; the PostgreSQL one (``storage/postgresql/``) implements the same methods over a
+database that several nodes share. The docstrings say what each call promises, for the
+implementer of a backend: the runner, the SMTP policy and the CLI rely on nothing else.
 
 Conventions: times are seconds since the epoch (float); message octets are stored with LF line
 ends (the SMTP layer refuses bare CR and LF, so CRLF <-> LF is lossless) and start with the
@@ -30,6 +32,7 @@ nothing. Today's backend is the Maildir one in ``storage/local/maildrop.py``.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -149,7 +152,9 @@ class MessageQueue(Protocol):
     async def begin_attempt(self, envelope: Envelope) -> None:
         """Store ``envelope``'s new ``attempts``, ``last_attempt`` and ``next_attempt`` (the
         caller has set them) before any remote host is dialled, so that a crash during the
-        attempt delays the message instead of retrying it at once. Renews the lease."""
+        attempt delays the message instead of retrying it at once. Renews the lease; raises
+        :class:`~postroom.errors.LeaseLost` if this node no longer holds the message (deleted,
+        or taken over by another node after its lease ran out): the caller then drops it."""
         ...
 
     async def body(self, envelope: Envelope) -> bytes:
@@ -192,6 +197,11 @@ class MessageQueue(Protocol):
         """Make every deferred message due now; how many."""
         ...
 
+    def add_waiting(self, sender: str, recipients: list[str], message: bytes) -> str:
+        """Queue a message made by the CLI (CRLF: a DMARC report), due at once; its queue id.
+        Blocking and durable."""
+        ...
+
     def problems(self) -> list[str]:
         """Corrupt entries found and set aside (quarantined) since the last call."""
         ...
@@ -215,22 +225,11 @@ class MailboxDelivery(Protocol):
         ...
 
 
-class AccountStore(Protocol):
-    """Users, passwords and aliases. The lookups made per RCPT and per login
-    (:meth:`expand`, :meth:`owns`, :meth:`user_exists`, :meth:`scram_keys`) are synchronous
-    and must be cheap: answer them from memory (a shared backend keeps a copy fresh, e.g. by
-    LISTEN/NOTIFY), and see a change made by the CLI within a second. :meth:`verify_password`
-    is called in a worker thread (argon2 is slow on purpose)."""
-
-    def add_user(self, address: Address, password: str) -> None: ...
-
-    def set_password(self, address: Address, password: str) -> None: ...
-
-    def delete_user(self, address: Address) -> list[str]:
-        """Remove the user, and it from every alias that names it; those aliases."""
-        ...
-
-    def list_users(self) -> list[str]: ...
+class AccountLookup(Protocol):
+    """What the servers ask of the accounts, per RCPT and per login. Synchronous and cheap:
+    answered from memory (a shared backend keeps a copy fresh, e.g. by LISTEN/NOTIFY) and
+    seeing a change made by the CLI within a second. :meth:`verify_password` is called in a
+    worker thread (argon2 is slow on purpose)."""
 
     def user_exists(self, key: str) -> bool: ...
 
@@ -246,15 +245,7 @@ class AccountStore(Protocol):
         """The account key and its SCRAM-SHA-256 keys (RFC 5802), or None."""
         ...
 
-    def add_alias(self, alias: str, targets: Sequence[str]) -> None:
-        """``alias`` is an address key, or ``@domain`` for the domain's catch-all."""
-        ...
-
-    def delete_alias(self, alias: str) -> None: ...
-
-    def list_aliases(self) -> dict[str, list[str]]: ...
-
-    def alias_targets(self, key: str) -> list[str]: ...
+    def alias_targets(self, key: str) -> Sequence[str]: ...
 
     def expand(self, key: str, max_depth: int = 10) -> list[str] | None:
         """The final addresses of ``key`` through aliases (itself for a user); None if it is
@@ -262,8 +253,8 @@ class AccountStore(Protocol):
         ...
 
     def resolve(self, key: str) -> list[str] | None:
-        """Where mail for local ``key`` goes: :meth:`expand`, else the domain's catch-all,
-        else ``postmaster@`` itself; None for no such address."""
+        """Where mail for local ``key`` goes: :meth:`expand`, else ``postmaster@`` itself,
+        else the domain's catch-all; None for no such address."""
         ...
 
     @property
@@ -279,6 +270,39 @@ class AccountStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class AccountStore(AccountLookup, Protocol):
+    """The lookups and the changes the CLI makes: users, passwords and aliases. The rules
+    (targets must exist, catch-alls, ``user del`` cleaning aliases) are those of
+    ``storage/aliases.py``; each change is one transaction."""
+
+    def add_user(self, address: Address, password: str) -> None: ...
+
+    def set_password(self, address: Address, password: str) -> None: ...
+
+    def delete_user(self, address: Address) -> list[str]:
+        """Remove the user, and it from every alias that names it; those aliases."""
+        ...
+
+    def list_users(self) -> list[str]: ...
+
+    def add_alias(self, alias: str, targets: Iterable[str]) -> None:
+        """``alias`` is an address key, or ``@domain`` for the domain's catch-all."""
+        ...
+
+    def delete_alias(self, alias: str) -> None: ...
+
+    def list_aliases(self) -> dict[str, list[str]]: ...
+
+
+class DestinationSlots(Protocol):
+    """Limits the deliveries under way to one destination domain (``max_per_destination``):
+    per process locally, across every node on a shared backend."""
+
+    def slot(self, destination: str, limit: int) -> AbstractAsyncContextManager[None]:
+        """Wait for one of ``limit`` slots of ``destination``; held for the ``async with``."""
+        ...
 
 
 # -- POP3: the reading side of the mailboxes -----------------------------------------------------

@@ -8,15 +8,14 @@ that domain's catch-all. Mail is only ever routed to a local address that has an
 to ``postmaster@``): alias targets are checked when added, users deleted are taken out of
 every alias, and expansion skips a local target that has no account.
 
-Passwords are hashed with argon2id (argon2-cffi, RFC 9106 parameters). For SCRAM-SHA-256
-(RFC 7677, RFC 5802) we also keep salt, iteration count, StoredKey and ServerKey; they are
-derived from the password at ``user add``/``passwd`` time and allow a login without the password
-being sent, never the recovery of the password.
+Passwords are kept as ``storage/credentials.py`` makes them: an argon2id hash, and for
+SCRAM-SHA-256 (RFC 7677, RFC 5802) salt, iteration count, StoredKey and ServerKey, derived at
+``user add``/``passwd`` time; they allow a login without the password being sent, never the
+recovery of the password.
 """
 
 from __future__ import annotations
 
-import hmac
 import os
 import sqlite3
 import threading
@@ -24,18 +23,17 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-
-from postroom import passwords
-from postroom.address import Address, normalise_domain, parse_user_address, safe_local_part
+from postroom.address import Address, parse_user_address
 from postroom.errors import AccountError, AddressError
-from postroom.sasl import ScramKeys, derive_scram_keys
+from postroom.sasl import ScramKeys
+from postroom.storage import aliases as alias_rules
+from postroom.storage.aliases import account_address, alias_key
+from postroom.storage.credentials import LoginCache, make_credentials, password_matches
+
+__all__ = ["Accounts", "account_address", "alias_key"]
 
 CACHE_SIZE = 50_000
 CACHE_MAX_AGE = 5.0  # seconds; a belt to the stat-signature braces
-LOGIN_CACHE_TIME = 300.0
-_CACHE_SECRET = os.urandom(32)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -54,44 +52,6 @@ CREATE TABLE IF NOT EXISTS aliases (
 );
 """
 
-_HASHER = PasswordHasher()
-# Verified against when the user does not exist, so both cases cost the same time.
-_DUMMY_HASH = _HASHER.hash("postroom-no-such-user")
-
-
-def account_address(text: str, domains: Iterable[str]) -> Address:
-    """Validate an address typed by an admin: well-formed, local domain, safe as a path."""
-    try:
-        addr = parse_user_address(text)
-        safe_local_part(addr.local)
-    except AddressError as exc:
-        raise AccountError(f"malformed address {text!r}: {exc}") from None
-    if addr.domain not in set(domains):
-        raise AccountError(f"domain {addr.domain!r} is not one of the local domains")
-    return Address(addr.local.lower(), addr.domain)
-
-
-def alias_key(text: str, domains: Iterable[str]) -> str:
-    """The key of an alias typed by an admin: ``local@domain``, or ``@domain`` (also written
-    ``*@domain``) for the catch-all of a local domain."""
-    if text.startswith(("@", "*@")):
-        name = text.partition("@")[2]
-        try:
-            domain = normalise_domain(name)
-        except ValueError as exc:
-            raise AccountError(f"malformed catch-all {text!r}: {exc}") from None
-        if domain not in set(domains):
-            raise AccountError(f"domain {domain!r} is not one of the local domains")
-        return f"@{domain}"
-    return account_address(text, domains).key
-
-
-def _prepared(password: str) -> str:
-    try:
-        return passwords.prepare(password)
-    except passwords.PasswordError as exc:
-        raise AccountError(str(exc)) from None
-
 
 class Accounts:
     """Users and aliases in ``accounts.sqlite``. Safe to share between threads."""
@@ -104,7 +64,7 @@ class Accounts:
         self._cache: dict[str, list[str] | None] = {}
         self._cache_sig: tuple[int, ...] = ()
         self._cache_time = 0.0
-        self._logins: dict[bytes, tuple[str, tuple[int, ...], float]] = {}
+        self._logins = LoginCache()
         self._local = threading.local()
         with self._db() as db:
             db.executescript(_SCHEMA)
@@ -128,9 +88,6 @@ class Accounts:
         self._domains = frozenset(domains)
         self._cache.clear()
 
-    def _is_local(self, address: str) -> bool:
-        return address.rpartition("@")[2] in self._domains
-
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:
@@ -140,8 +97,8 @@ class Accounts:
     # -- users -----------------------------------------------------------------------------
 
     def add_user(self, address: Address, password: str) -> None:
-        password = _prepared(password)
-        keys = derive_scram_keys(password)
+        creds = make_credentials(password)
+        keys = creds.scram
         try:
             with self._db() as db:
                 db.execute(
@@ -149,7 +106,7 @@ class Accounts:
                     " scram_stored_key, scram_server_key) VALUES (?, ?, ?, ?, ?, ?)",
                     (
                         address.key,
-                        _HASHER.hash(password),
+                        creds.password_hash,
                         keys.salt,
                         keys.iterations,
                         keys.stored_key,
@@ -160,14 +117,14 @@ class Accounts:
             raise AccountError(f"user {address.key} already exists") from None
 
     def set_password(self, address: Address, password: str) -> None:
-        password = _prepared(password)
-        keys = derive_scram_keys(password)
+        creds = make_credentials(password)
+        keys = creds.scram
         with self._db() as db:
             cur = db.execute(
                 "UPDATE users SET password_hash=?, scram_salt=?, scram_iterations=?,"
                 " scram_stored_key=?, scram_server_key=? WHERE address=?",
                 (
-                    _HASHER.hash(password),
+                    creds.password_hash,
                     keys.salt,
                     keys.iterations,
                     keys.stored_key,
@@ -205,7 +162,7 @@ class Accounts:
     def has_mailbox(self, key: str) -> bool:
         """May mail be stored for local ``key``: a user, or ``postmaster@`` (always accepted,
         RFC 5321 §4.5.1). Nothing else ever gets a Maildir."""
-        return key.partition("@")[0] == "postmaster" or self.user_exists(key)
+        return alias_rules.has_mailbox(key, self.user_exists)
 
     def verify_password(self, login: str, password: str) -> str | None:
         """The account key when ``password`` is right for ``login``; None otherwise.
@@ -216,16 +173,14 @@ class Accounts:
         changes or ``LOGIN_CACHE_TIME`` passes, as Dovecot's auth cache does: a mail client that
         logs in for every message then costs one argon2 run, not one per message.
         """
-        token = hmac.new(_CACHE_SECRET, f"{login}\0{password}".encode(), "sha256").digest()
+        token = LoginCache.token(login, password)
         sig = self._signature()
-        hit = self._logins.get(token)
-        if hit is not None and hit[1] == sig and time.monotonic() < hit[2]:
-            return hit[0]
+        hit = self._logins.get(token, sig)
+        if hit is not None:
+            return hit
         key = self._verify(login, password)
         if key is not None:
-            if len(self._logins) > CACHE_SIZE:
-                self._logins.clear()
-            self._logins[token] = (key, sig, time.monotonic() + LOGIN_CACHE_TIME)
+            self._logins.put(token, sig, key)
         return key
 
     def _verify(self, login: str, password: str) -> str | None:
@@ -240,18 +195,8 @@ class Accounts:
                 .execute("SELECT password_hash FROM users WHERE address=?", (key,))
                 .fetchone()
             )
-        stored = row[0] if row else _DUMMY_HASH
-        try:
-            # RFC 8265: prepared as it was when set, so every spelling of it logs in.
-            password = passwords.prepare(password)
-        except passwords.PasswordError:
-            stored, row = _DUMMY_HASH, None  # cannot be anyone's: costs the same, fails
-        ok: bool
-        try:
-            ok = _HASHER.verify(stored, password)
-        except (VerifyMismatchError, VerificationError, InvalidHashError):
-            ok = False
-        return key if ok and row is not None else None
+        ok = password_matches(row[0] if row else None, password)
+        return key if ok else None
 
     def scram_keys(self, login: str) -> tuple[str, ScramKeys] | None:
         try:
@@ -274,25 +219,21 @@ class Accounts:
     # -- aliases ---------------------------------------------------------------------------
 
     def add_alias(self, alias: str, targets: Iterable[str]) -> None:
-        """Add ``targets`` to ``alias`` (a key, or ``@domain`` for a domain's catch-all).
-
-        A local target must be a user, another alias or ``postmaster@`` (AccountError naming
-        it otherwise): mail is never stored for an address without an account. The alias may
-        name itself only if it is a user too (keep a copy and forward). Local targets are
-        stored in key form (lower-case local part), remote ones as typed.
-        """
-        rows = []
+        """Add ``targets`` to ``alias`` (a key, or ``@domain`` for a domain's catch-all),
+        checked by :func:`~postroom.storage.aliases.check_targets` (AccountError naming a
+        local target that is no user or alias)."""
         with self._db() as db:
-            for target in targets:
-                local, _, domain = target.rpartition("@")
-                if domain in self._domains:
-                    target = f"{local.lower()}@{domain}"
-                    if not (
-                        self.has_mailbox(target) or (target != alias and self.alias_targets(target))
-                    ):
-                        raise AccountError(f"target {target} is no user or alias here")
-                rows.append((alias, target))
-            db.executemany("INSERT OR IGNORE INTO aliases (alias, target) VALUES (?, ?)", rows)
+            rows = alias_rules.check_targets(
+                alias,
+                targets,
+                self._domains,
+                self.user_exists,
+                lambda key: bool(self.alias_targets(key)),
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO aliases (alias, target) VALUES (?, ?)",
+                [(alias, t) for t in rows],
+            )
 
     def delete_alias(self, alias: str) -> None:
         with self._db() as db:
@@ -323,7 +264,7 @@ class Accounts:
                 sig += (0, 0)
         return tuple(sig)
 
-    def expand(self, key: str, max_depth: int = 10) -> list[str] | None:
+    def expand(self, key: str, max_depth: int = alias_rules.MAX_DEPTH) -> list[str] | None:
         """Resolve aliases recursively to final addresses (keys for local ones).
 
         None when ``key`` is neither a user nor an alias. An alias may also name itself as a
@@ -345,47 +286,14 @@ class Accounts:
         return value
 
     def _expand(self, key: str, max_depth: int) -> list[str] | None:
-        expanded: set[str] = set()  # aliases already walked: met again, they are a loop
-        result: dict[str, None] = {}  # final addresses, each once, in order
-
-        def final(t: str) -> None:
-            if self._is_local(t) and not self.has_mailbox(t):
-                return  # an alias to nobody (a user deleted since): no Maildir for it
-            result[t] = None
-
-        def walk(k: str, depth: int) -> bool:
-            targets = self.alias_targets(k)
-            if not targets:
-                return False
-            expanded.add(k)
-            for t in targets:
-                if t == k:
-                    final(t)  # the alias keeps a copy under its own name
-                elif t in expanded:
-                    continue
-                elif depth >= max_depth or not walk(t, depth + 1):
-                    final(t)
-            return True
-
-        if walk(key, 0):
-            return list(result)
-        return [key] if self.user_exists(key) else None
+        return alias_rules.expand(
+            key, self.alias_targets, self.user_exists, self._domains, max_depth
+        )
 
     def resolve(self, key: str) -> list[str] | None:
-        """Where mail for local ``key`` goes: :meth:`expand`, else the domain's catch-all
-        (alias ``@domain``), else ``postmaster@`` itself (RFC 5321 §4.5.1: always accepted,
-        in its own Maildir unless an alias of that name exists). None: no such address."""
-        found = self.expand(key)
-        if found is None:
-            local, _, domain = key.rpartition("@")
-            if local == "postmaster":
-                return [key]
-            found = self.expand(f"@{domain}")
-        return found
+        """Where mail for local ``key`` goes (:func:`~postroom.storage.aliases.resolve`)."""
+        return alias_rules.resolve(key, self.expand)
 
     def owns(self, user_key: str, sender_key: str) -> bool:
         """May ``user_key`` send as ``sender_key``: its own address or an alias that reaches it."""
-        if user_key == sender_key:
-            return True
-        expanded = self.expand(sender_key)
-        return expanded is not None and user_key in expanded
+        return alias_rules.owns(user_key, sender_key, self.expand(sender_key))

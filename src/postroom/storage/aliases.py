@@ -1,0 +1,136 @@
+"""The account rules every account store follows: admin input, alias targets, alias resolution.
+
+Pure: a store passes in how to read an alias's targets, whether a user exists and which domains
+are local. Addresses typed by an admin become keys here (:func:`account_address`,
+:func:`alias_key`): lower-cased local part, IDNA domain, a local domain, safe as a path.
+An alias may name itself among its targets (keep a copy and forward) only if it is a user too;
+an alias met again is a loop and is not walked twice, so an alias that only leads back to itself
+expands to an empty list (the caller refuses it). A local target must exist when it is added
+(:func:`check_targets`), and one without an account (a user deleted since) is skipped by
+expansion: mail is never stored for an address that has no account, except ``postmaster@``
+(RFC 5321 §4.5.1). ``@DOMAIN`` is the catch-all of a local domain: it takes an address there
+that is neither a user nor an alias; ``postmaster`` never goes to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container, Iterable, Sequence
+
+from postroom.address import Address, normalise_domain, parse_user_address, safe_local_part
+from postroom.errors import AccountError, AddressError
+
+MAX_DEPTH = 10
+
+
+def account_address(text: str, domains: Iterable[str]) -> Address:
+    """Validate an address typed by an admin: well-formed, local domain, safe as a path."""
+    try:
+        addr = parse_user_address(text)
+        safe_local_part(addr.local)
+    except AddressError as exc:
+        raise AccountError(f"malformed address {text!r}: {exc}") from None
+    if addr.domain not in set(domains):
+        raise AccountError(f"domain {addr.domain!r} is not one of the local domains")
+    return Address(addr.local.lower(), addr.domain)
+
+
+def alias_key(text: str, domains: Iterable[str]) -> str:
+    """The key of an alias typed by an admin: ``local@domain``, or ``@domain`` (also written
+    ``*@domain``) for the catch-all of a local domain."""
+    if text.startswith(("@", "*@")):
+        name = text.partition("@")[2]
+        try:
+            domain = normalise_domain(name)
+        except ValueError as exc:
+            raise AccountError(f"malformed catch-all {text!r}: {exc}") from None
+        if domain not in set(domains):
+            raise AccountError(f"domain {domain!r} is not one of the local domains")
+        return f"@{domain}"
+    return account_address(text, domains).key
+
+
+def target_key(target: str, local_domains: Container[str]) -> str:
+    """How a target is stored: a local one in key form (lower-case local part), a remote one
+    as typed."""
+    local, _, domain = target.rpartition("@")
+    return f"{local.lower()}@{domain}" if domain in local_domains else target
+
+
+def check_targets(
+    alias: str,
+    targets: Iterable[str],
+    local_domains: Container[str],
+    is_user: Callable[[str], bool],
+    is_alias: Callable[[str], bool],
+) -> list[str]:
+    """The targets of ``alias`` as stored (:func:`target_key`); AccountError naming the first
+    local one that is neither a user, an alias (other than ``alias`` itself) nor
+    ``postmaster@``."""
+    out = []
+    for target in targets:
+        key = target_key(target, local_domains)
+        if key.rpartition("@")[2] in local_domains and not (
+            has_mailbox(key, is_user) or (key != alias and is_alias(key))
+        ):
+            raise AccountError(f"target {key} is no user or alias here")
+        out.append(key)
+    return out
+
+
+def has_mailbox(key: str, is_user: Callable[[str], bool]) -> bool:
+    """May mail be stored for local ``key``: a user, or ``postmaster@``."""
+    return key.partition("@")[0] == "postmaster" or is_user(key)
+
+
+def expand(
+    key: str,
+    targets_of: Callable[[str], Sequence[str]],
+    is_user: Callable[[str], bool],
+    local_domains: Container[str],
+    max_depth: int = MAX_DEPTH,
+) -> list[str] | None:
+    """The final addresses of ``key`` through aliases (itself for a user); None if it is
+    neither a user nor an alias; [] for an alias loop."""
+    expanded: set[str] = set()  # aliases already walked: met again, they are a loop
+    result: dict[str, None] = {}  # final addresses, each once, in order
+
+    def final(t: str) -> None:
+        if t.rpartition("@")[2] in local_domains and not has_mailbox(t, is_user):
+            return  # an alias to nobody (a user deleted since)
+        result[t] = None
+
+    def walk(k: str, depth: int) -> bool:
+        targets = targets_of(k)
+        if not targets:
+            return False
+        expanded.add(k)
+        for t in targets:
+            if t == k:
+                final(t)  # the alias keeps a copy under its own name
+            elif t in expanded:
+                continue
+            elif depth >= max_depth or not walk(t, depth + 1):
+                final(t)
+        return True
+
+    if walk(key, 0):
+        return list(result)
+    return [key] if is_user(key) else None
+
+
+def resolve(key: str, expand_key: Callable[[str], list[str] | None]) -> list[str] | None:
+    """Where mail for local ``key`` goes: its expansion, else ``postmaster@`` itself, else
+    the domain's catch-all (alias ``@domain``). None: no such address."""
+    found = expand_key(key)
+    if found is None:
+        local, _, domain = key.rpartition("@")
+        if local == "postmaster":
+            return [key]
+        found = expand_key(f"@{domain}")
+    return found
+
+
+def owns(user_key: str, sender_key: str, expanded: list[str] | None) -> bool:
+    """May ``user_key`` send as ``sender_key`` (whose expansion is ``expanded``, catch-all
+    aside): its own address, or an alias that reaches it."""
+    return user_key == sender_key or (expanded is not None and user_key in expanded)

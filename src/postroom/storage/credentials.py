@@ -1,0 +1,88 @@
+"""Passwords as every account store keeps them: an argon2id hash plus SCRAM-SHA-256 keys.
+
+argon2id (argon2-cffi, RFC 9106 parameters) checks plain logins; the SCRAM keys (RFC 7677,
+RFC 5802: salt, iteration count, StoredKey, ServerKey) let SCRAM clients log in without sending
+the password. Neither gives the password back. A login for a user that does not exist is
+checked against a dummy hash, so both cost the same time (no user enumeration by timing).
+:class:`LoginCache` remembers successful logins, keyed by an HMAC with a per-process secret
+(never the password), as Dovecot's auth cache does.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from postroom import passwords
+from postroom.errors import AccountError
+from postroom.sasl import ScramKeys, derive_scram_keys
+
+_HASHER = PasswordHasher()
+# Verified against when the user does not exist, so both cases cost the same time.
+_DUMMY_HASH = _HASHER.hash("postroom-no-such-user")
+
+LOGIN_CACHE_SIZE = 50_000
+LOGIN_CACHE_TIME = 300.0
+_CACHE_SECRET = os.urandom(32)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a store keeps for one password."""
+
+    password_hash: str
+    scram: ScramKeys
+
+
+def make_credentials(password: str) -> Credentials:
+    """Hash a new password (slow on purpose: argon2id and PBKDF2); AccountError if RFC 8265
+    refuses it."""
+    try:
+        password = passwords.prepare(password)
+    except passwords.PasswordError as exc:
+        raise AccountError(str(exc)) from None
+    return Credentials(_HASHER.hash(password), derive_scram_keys(password))
+
+
+def password_matches(stored: str | None, password: str) -> bool:
+    """True if ``password`` matches the argon2 hash ``stored``; None (no such user), or a
+    password that preparation refuses (it cannot be anyone's), costs a verification all the
+    same and is False."""
+    try:
+        password = passwords.prepare(password)
+    except passwords.PasswordError:
+        stored = None
+    try:
+        ok: bool = _HASHER.verify(stored or _DUMMY_HASH, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        ok = False
+    return ok and stored is not None
+
+
+class LoginCache:
+    """Successful logins, valid while the store's ``version`` is the one they were made at
+    and for at most ``LOGIN_CACHE_TIME``: a client that logs in for every message costs one
+    argon2 run, not one per message."""
+
+    def __init__(self) -> None:
+        self._hits: dict[bytes, tuple[str, object, float]] = {}
+
+    @staticmethod
+    def token(login: str, password: str) -> bytes:
+        return hmac.new(_CACHE_SECRET, f"{login}\0{password}".encode(), "sha256").digest()
+
+    def get(self, token: bytes, version: object) -> str | None:
+        hit = self._hits.get(token)
+        if hit is not None and hit[1] == version and time.monotonic() < hit[2]:
+            return hit[0]
+        return None
+
+    def put(self, token: bytes, version: object, key: str) -> None:
+        if len(self._hits) > LOGIN_CACHE_SIZE:
+            self._hits.clear()
+        self._hits[token] = (key, version, time.monotonic() + LOGIN_CACHE_TIME)

@@ -1,0 +1,180 @@
+"""Which stores a PostgreSQL node and the CLI use, from ``[storage]``: the one place that knows
+the backends apart.
+
+``app.py`` builds the local backend itself (synchronously, as it always has: the embedded
+default must not pay for this module) and calls :func:`open_node` for ``backend =
+"postgresql"`` (async: the node connects, applies pending schema migrations and loads its
+copies of the accounts and DKIM keys before it serves). ``cli.py`` calls :func:`open_admin`
+for either backend. Everything else sees the stores through the protocols of
+``storage/interfaces.py`` (and ``auth/keys.py`` for the DKIM keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from postroom.auth.keys import KeyStore
+from postroom.blocking import BlockingPool
+from postroom.config import Config
+from postroom.storage.interfaces import (
+    AccountLookup,
+    AccountStore,
+    DestinationSlots,
+    MailboxDelivery,
+    Maildrops,
+    MessageQueue,
+)
+
+if TYPE_CHECKING:
+    from postroom.storage.postgresql.db import Database, Watcher
+
+
+@dataclass
+class NodeStores:
+    """The stores of one worker process on PostgreSQL, and what keeps them running."""
+
+    accounts: AccountLookup
+    queue: MessageQueue
+    mailboxes: MailboxDelivery
+    maildrops: Maildrops
+    keys: KeyStore
+    slots: DestinationSlots
+    database: Database
+    watcher: Watcher
+
+    async def close(self) -> None:
+        from postroom.storage.postgresql.keys import PgKeyStore
+        from postroom.storage.postgresql.queue import PgQueue
+
+        await self.watcher.close()
+        if isinstance(self.queue, PgQueue):
+            await self.queue.close()
+        if isinstance(self.keys, PgKeyStore):
+            self.keys.close()
+        await self.database.close()
+
+
+async def open_node(cfg: Config, io: BlockingPool, index: int = 0) -> NodeStores:
+    """The stores a PostgreSQL worker serves from (migrated and loaded; errors raise:
+    TemporaryStorageError if PostgreSQL cannot be reached, SchemaError for a newer schema)."""
+    from postroom.storage.postgresql import db, migrations
+    from postroom.storage.postgresql.accounts import LiveAccounts
+    from postroom.storage.postgresql.keys import PgKeyStore
+    from postroom.storage.postgresql.mailboxes import PgMailboxes, PgMaildrops
+    from postroom.storage.postgresql.queue import PgQueue
+    from postroom.storage.postgresql.slots import PgSlots
+
+    url = cfg.storage.url
+    assert url is not None  # config.py checks it
+    db.remember_password(url)  # before privileges are dropped
+    conn = await db.connect(url)
+    try:
+        await migrations.migrate(conn)
+    finally:
+        await conn.close()
+    database = db.Database(url, cfg.storage.pool_size, cfg.storage.max_pop3_sessions)
+    await database.open()
+    lease = cfg.storage.lease_time
+    # Worker ``index``'s drafts of large messages spill here; what a dead one left is removed.
+    spill = cfg.data_dir / "tmp" / f"worker{index}"
+    queue = PgQueue(url, database, spill, lease, io, cfg.limits.header_size, clean=True)
+    accounts = LiveAccounts(cfg.domains)
+    keys = PgKeyStore(url, live=True)
+    watcher = db.Watcher(url, [accounts, keys, queue])
+    try:
+        await watcher.start()
+    except BaseException:
+        await database.close()
+        raise
+    queue.start()
+    return NodeStores(
+        accounts=accounts,
+        queue=queue,
+        mailboxes=PgMailboxes(database, queue),
+        maildrops=PgMaildrops(database),
+        keys=keys,
+        slots=PgSlots(database, queue.node, lease),
+        database=database,
+        watcher=watcher,
+    )
+
+
+@dataclass
+class AdminStores:
+    """The stores a CLI command works on."""
+
+    cfg: Config
+    _accounts: AccountStore | None = None
+    _queue: MessageQueue | None = None
+    _keys: KeyStore | None = None
+
+    @property
+    def postgresql(self) -> bool:
+        return self.cfg.storage.backend == "postgresql"
+
+    @property
+    def accounts(self) -> AccountStore:
+        if self._accounts is None:
+            if self.postgresql:
+                from postroom.storage.postgresql.accounts import PgAccounts
+
+                assert self.cfg.storage.url is not None
+                self._accounts = PgAccounts(self.cfg.storage.url, self.cfg.domains)
+            else:
+                from postroom.storage.local.accounts import Accounts
+
+                self._accounts = Accounts(self.cfg.data_dir, self.cfg.domains)
+        return self._accounts
+
+    def queue(self, running: bool) -> MessageQueue:
+        """The queue. Locally, with no server running, the journal is replayed first (as the
+        next start would do), so that the deferred store holds every message."""
+        if self._queue is None:
+            if self.postgresql:
+                from postroom.storage.postgresql.queue import PgQueue
+
+                assert self.cfg.storage.url is not None
+                self._queue = PgQueue(self.cfg.storage.url, None, self.cfg.data_dir / "tmp")
+            else:
+                from postroom.storage.local import journal
+                from postroom.storage.local.queue import LocalQueue
+
+                local = LocalQueue(self.cfg.data_dir, self.cfg.hostname)
+                if not running:
+                    journal.recover(str(local.journal_dir), journal.boot_id())
+                self._queue = local
+        return self._queue
+
+    @property
+    def keys(self) -> KeyStore:
+        if self._keys is None:
+            if self.postgresql:
+                from postroom.storage.postgresql.keys import PgKeyStore
+
+                assert self.cfg.storage.url is not None
+                self._keys = PgKeyStore(self.cfg.storage.url, live=False)
+            else:
+                from postroom.auth.keys import LocalKeyStore
+
+                self._keys = LocalKeyStore(self.cfg.data_dir)
+        return self._keys
+
+    def create_mailbox(self, key: str) -> None:
+        """Make the mailbox of a new user where the backend needs one made."""
+        if not self.postgresql:
+            from postroom.storage.local import maildir
+
+            maildir.ensure(maildir.mailbox_path(self.cfg.data_dir, key))
+
+    def close(self) -> None:
+        if self._accounts is not None:
+            self._accounts.close()
+        if self.postgresql:
+            from postroom.storage.postgresql.keys import PgKeyStore
+            from postroom.storage.postgresql.queue import PgQueue
+
+            if isinstance(self._queue, PgQueue):
+                self._queue.close_door()
+            if isinstance(self._keys, PgKeyStore):
+                self._keys.close()

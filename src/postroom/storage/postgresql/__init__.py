@@ -1,0 +1,6 @@
+"""The PostgreSQL backend: accounts, aliases and mailboxes that several nodes share.
+
+``db.py`` connects (asyncpg, a pool per worker process), ``migrations.py`` keeps the schema
+current, ``accounts.py`` and ``mailboxes.py`` are the stores. Everything else in postroom sees
+them through :mod:`postroom.storage.factory`, never directly.
+"""

@@ -1,0 +1,354 @@
+"""Users and aliases in PostgreSQL: the admin side (writes) and each node's live copy (reads).
+
+The tables (``users``, ``aliases``; see ``migrations.py``) hold the same as the local SQLite
+store: argon2id hashes, SCRAM keys, alias rows, ``@DOMAIN`` catch-alls, with the same rules
+(``storage/aliases.py``, ``storage/credentials.py``). Writes go to the database:
+:class:`PgAccounts` (the CLI, from any node) runs each change in one transaction, and checks
+there what must hold at commit (a local alias target exists; ``user del`` takes the user out of
+every alias).
+
+Lookups happen per RCPT and per login, in code that is synchronous (the SMTP policy, SASL), so
+a node answers them from memory: :class:`LiveAccounts` is a subscriber of the worker's
+:class:`~postroom.storage.postgresql.db.Watcher`: it loads both tables at start, hears on
+``postroom_accounts`` which key changed (a trigger names it) and reads that key again, and
+loads everything again now and then. A change made on any node is seen by every node within
+milliseconds; while PostgreSQL is away a node keeps answering from its last copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import asyncpg
+
+from postroom.address import Address, parse_user_address
+from postroom.errors import AccountError, AddressError
+from postroom.sasl import ScramKeys
+from postroom.storage import aliases as alias_rules
+from postroom.storage.credentials import LoginCache, make_credentials, password_matches
+from postroom.storage.postgresql import db, migrations
+
+log = logging.getLogger("postroom")
+
+CHANNEL = "postroom_accounts"
+
+INSERT_USER = (
+    "INSERT INTO users (address, password_hash, scram_salt, scram_iterations,"
+    " scram_stored_key, scram_server_key) VALUES ($1, $2, $3, $4, $5, $6)"
+)
+_SELECT_USERS = (
+    "SELECT address, password_hash, scram_salt, scram_iterations, scram_stored_key,"
+    " scram_server_key FROM users"
+)
+
+
+class UserRow(NamedTuple):
+    password_hash: str
+    scram: ScramKeys
+
+
+def _user_row(r: asyncpg.Record) -> UserRow:
+    keys = ScramKeys(
+        bytes(r["scram_salt"]),
+        int(r["scram_iterations"]),
+        bytes(r["scram_stored_key"]),
+        bytes(r["scram_server_key"]),
+    )
+    return UserRow(r["password_hash"], keys)
+
+
+def _credential_row(address: Address, password: str) -> tuple[object, ...]:
+    """The values of a users row (in INSERT_USER's order) for a new password."""
+    creds = make_credentials(password)
+    s = creds.scram
+    return (address.key, creds.password_hash, s.salt, s.iterations, s.stored_key, s.server_key)
+
+
+# -- the admin side: one transaction per change ------------------------------------------------
+
+
+class PgAccounts:
+    """The account store as the CLI sees it (:class:`~postroom.storage.interfaces.AccountStore`,
+    every call a query: the CLI makes a few)."""
+
+    def __init__(self, url: str, domains: Iterable[str]) -> None:
+        self._domains = frozenset(domains)
+        self._db = db.Door(url)
+        try:
+            self._db.call(migrations.migrate)  # "user add" works before the first serve
+        except BaseException:
+            self._db.close()
+            raise
+
+    @property
+    def local_domains(self) -> frozenset[str]:
+        return self._domains
+
+    @local_domains.setter
+    def local_domains(self, domains: Iterable[str]) -> None:
+        self._domains = frozenset(domains)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def add_user(self, address: Address, password: str) -> None:
+        row = _credential_row(address, password)
+
+        async def run(conn: asyncpg.Connection) -> None:
+            try:
+                await conn.execute(INSERT_USER, *row)
+            except asyncpg.UniqueViolationError:
+                raise AccountError(f"user {address.key} already exists") from None
+
+        self._db.call(run)
+
+    def set_password(self, address: Address, password: str) -> None:
+        row = _credential_row(address, password)
+        status = self._db.call(
+            lambda conn: conn.execute(
+                "UPDATE users SET password_hash=$2, scram_salt=$3, scram_iterations=$4,"
+                " scram_stored_key=$5, scram_server_key=$6 WHERE address=$1",
+                *row,
+            )
+        )
+        if status == "UPDATE 0":
+            raise AccountError(f"no such user {address.key}")
+
+    def delete_user(self, address: Address) -> list[str]:
+        """Remove the user and take it out of every alias; the aliases it was taken out of."""
+
+        async def run(conn: asyncpg.Connection) -> list[str]:
+            async with conn.transaction():
+                status = await conn.execute("DELETE FROM users WHERE address=$1", address.key)
+                if status == "DELETE 0":
+                    raise AccountError(f"no such user {address.key}")
+                rows = await conn.fetch(
+                    "DELETE FROM aliases WHERE target=$1 RETURNING alias", address.key
+                )
+            return sorted({r["alias"] for r in rows})
+
+        return self._db.call(run)
+
+    def list_users(self) -> list[str]:
+        rows = self._db.call(lambda c: c.fetch("SELECT address FROM users ORDER BY address"))
+        return [r["address"] for r in rows]
+
+    def user_exists(self, key: str) -> bool:
+        found = self._db.call(lambda c: c.fetchval("SELECT 1 FROM users WHERE address=$1", key))
+        return found is not None
+
+    def add_alias(self, alias: str, targets: Iterable[str]) -> None:
+        """Add ``targets`` to ``alias`` (a key, or ``@domain`` for a domain's catch-all), in
+        one transaction, checked by :func:`~postroom.storage.aliases.check_targets`."""
+        wanted = [alias_rules.target_key(t, self._domains) for t in targets]
+
+        async def run(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                # Serialise with user del, which could take a target away before the commit.
+                await conn.execute("LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE")
+                users = {
+                    r["address"]
+                    for r in await conn.fetch(
+                        "SELECT address FROM users WHERE address = ANY($1::text[])", wanted
+                    )
+                }
+                aliases = {
+                    r["alias"]
+                    for r in await conn.fetch(
+                        "SELECT DISTINCT alias FROM aliases WHERE alias = ANY($1::text[])", wanted
+                    )
+                }
+                rows = alias_rules.check_targets(
+                    alias, wanted, self._domains, users.__contains__, aliases.__contains__
+                )
+                await conn.executemany(
+                    "INSERT INTO aliases (alias, target) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    [(alias, t) for t in rows],
+                )
+
+        self._db.call(run)
+
+    def delete_alias(self, alias: str) -> None:
+        status = self._db.call(lambda c: c.execute("DELETE FROM aliases WHERE alias=$1", alias))
+        if status == "DELETE 0":
+            raise AccountError(f"no such alias {alias}")
+
+    def list_aliases(self) -> dict[str, list[str]]:
+        rows = self._db.call(
+            lambda c: c.fetch("SELECT alias, target FROM aliases ORDER BY alias, target")
+        )
+        out: dict[str, list[str]] = {}
+        for r in rows:
+            out.setdefault(r["alias"], []).append(r["target"])
+        return out
+
+    def alias_targets(self, key: str) -> list[str]:
+        rows = self._db.call(
+            lambda c: c.fetch("SELECT target FROM aliases WHERE alias=$1 ORDER BY target", key)
+        )
+        return [r["target"] for r in rows]
+
+    def _user(self, login: str) -> tuple[str | None, UserRow | None]:
+        try:
+            key = parse_user_address(login).key
+        except AddressError:
+            return None, None
+        row = self._db.call(lambda c: c.fetchrow(_SELECT_USERS + " WHERE address=$1", key))
+        return key, None if row is None else _user_row(row)
+
+    # The lookups of the servers, one query each (the CLI's view; a node uses LiveAccounts).
+
+    def has_mailbox(self, key: str) -> bool:
+        return alias_rules.has_mailbox(key, self.user_exists)
+
+    def expand(self, key: str, max_depth: int = alias_rules.MAX_DEPTH) -> list[str] | None:
+        return alias_rules.expand(
+            key, self.alias_targets, self.user_exists, self._domains, max_depth
+        )
+
+    def resolve(self, key: str) -> list[str] | None:
+        return alias_rules.resolve(key, self.expand)
+
+    def owns(self, user_key: str, sender_key: str) -> bool:
+        return alias_rules.owns(user_key, sender_key, self.expand(sender_key))
+
+    def verify_password(self, login: str, password: str) -> str | None:
+        key, row = self._user(login)
+        ok = password_matches(row.password_hash if row else None, password)
+        return key if ok else None
+
+    def scram_keys(self, login: str) -> tuple[str, ScramKeys] | None:
+        key, row = self._user(login)
+        return None if key is None or row is None else (key, row.scram)
+
+
+# -- the node side: an in-memory copy kept fresh -----------------------------------------------
+
+
+class LiveAccounts:
+    """One worker's copy of the users and aliases
+    (:class:`~postroom.storage.interfaces.AccountLookup`): every lookup is answered from
+    memory. A :class:`~postroom.storage.postgresql.db.Watcher` subscriber."""
+
+    channel = CHANNEL
+
+    def __init__(self, domains: Iterable[str]) -> None:
+        self._domains = frozenset(domains)
+        self._users: dict[str, UserRow] = {}
+        self._aliases: dict[str, tuple[str, ...]] = {}
+        self.version = 0  # changes with every change applied (the login cache's key)
+        self._logins = LoginCache()
+        self._pending: set[str] = set()
+
+    @property
+    def local_domains(self) -> frozenset[str]:
+        return self._domains
+
+    @local_domains.setter
+    def local_domains(self, domains: Iterable[str]) -> None:  # SIGHUP may change them
+        self._domains = frozenset(domains)
+
+    def close(self) -> None:
+        """Nothing to release (the watcher owns the connection)."""
+
+    # -- keeping it fresh (called by the watcher) ------------------------------------------
+
+    def notified(self, payload: str) -> bool:
+        self._pending.add(payload)
+        return True
+
+    async def load_all(self, conn: asyncpg.Connection) -> None:
+        self._pending.clear()  # what is notified from here on is read again afterwards
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            users = await conn.fetch(_SELECT_USERS)
+            rows = await conn.fetch("SELECT alias, target FROM aliases ORDER BY alias, target")
+        aliases: dict[str, list[str]] = {}
+        for r in rows:
+            aliases.setdefault(r["alias"], []).append(r["target"])
+        self._users = {r["address"]: _user_row(r) for r in users}
+        self._aliases = {k: tuple(v) for k, v in aliases.items()}
+        self.version += 1
+
+    async def refresh(self, conn: asyncpg.Connection) -> None:
+        keys, self._pending = self._pending, set()
+        users = [k[1:] for k in keys if k.startswith("u")]
+        alias_keys = [k[1:] for k in keys if k.startswith("a")]
+        if users:
+            rows = await conn.fetch(_SELECT_USERS + " WHERE address = ANY($1::text[])", users)
+            found = {r["address"]: _user_row(r) for r in rows}
+            for key in users:
+                if key in found:
+                    self._users[key] = found[key]
+                else:
+                    self._users.pop(key, None)
+        if alias_keys:
+            rows = await conn.fetch(
+                "SELECT alias, target FROM aliases WHERE alias = ANY($1::text[])"
+                " ORDER BY alias, target",
+                alias_keys,
+            )
+            targets: dict[str, list[str]] = {}
+            for r in rows:
+                targets.setdefault(r["alias"], []).append(r["target"])
+            for key in alias_keys:
+                if key in targets:
+                    self._aliases[key] = tuple(targets[key])
+                else:
+                    self._aliases.pop(key, None)
+        self.version += 1
+
+    # -- lookups (synchronous, from memory) ------------------------------------------------
+
+    def user_exists(self, key: str) -> bool:
+        return key in self._users
+
+    def alias_targets(self, key: str) -> Sequence[str]:
+        return self._aliases.get(key, ())
+
+    def list_users(self) -> list[str]:
+        return sorted(self._users)
+
+    def list_aliases(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in sorted(self._aliases.items())}
+
+    def has_mailbox(self, key: str) -> bool:
+        return alias_rules.has_mailbox(key, self.user_exists)
+
+    def expand(self, key: str, max_depth: int = alias_rules.MAX_DEPTH) -> list[str] | None:
+        return alias_rules.expand(
+            key, self.alias_targets, self.user_exists, self._domains, max_depth
+        )
+
+    def resolve(self, key: str) -> list[str] | None:
+        return alias_rules.resolve(key, self.expand)
+
+    def owns(self, user_key: str, sender_key: str) -> bool:
+        return alias_rules.owns(user_key, sender_key, self.expand(sender_key))
+
+    def verify_password(self, login: str, password: str) -> str | None:
+        """The account key when ``password`` is right for ``login``; None otherwise. One
+        argon2 verification whether or not the user exists; CPU-heavy: call it from a thread."""
+        token = LoginCache.token(login, password)
+        version = self.version
+        hit = self._logins.get(token, version)
+        if hit is not None:
+            return hit
+        try:
+            key: str | None = parse_user_address(login).key
+        except AddressError:
+            key = None
+        row = self._users.get(key) if key is not None else None
+        if not password_matches(row.password_hash if row else None, password) or key is None:
+            return None
+        self._logins.put(token, version, key)
+        return key
+
+    def scram_keys(self, login: str) -> tuple[str, ScramKeys] | None:
+        try:
+            key = parse_user_address(login).key
+        except AddressError:
+            return None
+        row = self._users.get(key)
+        return None if row is None else (key, row.scram)

@@ -1,0 +1,183 @@
+"""The ``postroom db`` commands: migrate, check, and import a local node's data.
+
+``check`` reports whether PostgreSQL answers (and which server it is), the schema version and
+the migrations still pending; it succeeds only when the database is reachable and current.
+``import`` copies what a single node keeps under its ``data_dir`` into the database: users
+(their argon2id hashes and SCRAM keys as they are, so every password keeps working), aliases,
+and every Maildir's messages with the UIDL the node's POP3 gave them (so mail clients do not
+fetch them again) and their seen flag. It can be run again: what is there already is skipped.
+The local queue is not imported: let the single node empty it first (``postroom queue list``).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import asyncpg
+
+from postroom.errors import PostroomError, TemporaryStorageError
+from postroom.storage.postgresql import db, migrations
+from postroom.storage.postgresql.accounts import INSERT_USER
+from postroom.wire.framing import to_crlf
+
+IMPORT_BATCH = 200
+
+
+def migrate(url: str) -> list[str]:
+    """Apply pending migrations; one line per step applied, or one saying none were."""
+    conn = db.Door(url)
+    try:
+        done = conn.call(migrations.migrate)
+        version = conn.call(migrations.current_version)
+    finally:
+        conn.close()
+    if not done:
+        return [f"schema is up to date (version {version})"]
+    return [f"applied {m.version}: {m.name}" for m in done]
+
+
+def check(url: str) -> tuple[bool, list[str]]:
+    """(ok, report lines): reachable, at the latest version, nothing pending."""
+    try:
+        conn = db.Door(url)
+    except TemporaryStorageError as exc:
+        return False, [f"connection: failed ({exc})"]
+    try:
+        server = conn.call(lambda c: c.fetchval("SHOW server_version"))
+        lines = [f"connection: ok (PostgreSQL {server})"]
+        version = conn.call(migrations.current_version)
+        lines.append(f"schema version: {version} (this postroom: {migrations.LATEST})")
+        try:
+            todo = conn.call(migrations.pending)
+        except migrations.SchemaError as exc:
+            return False, [*lines, f"pending: ? ({exc})"]
+    except (TemporaryStorageError, asyncpg.PostgresError) as exc:
+        return False, [f"connection: failed ({exc})"]
+    finally:
+        conn.close()
+    if todo:
+        lines += [f"pending: {m.version}: {m.name}" for m in todo]
+        lines.append("run: postroom db migrate (or start a node, which migrates)")
+        return False, lines
+    return True, [*lines, "pending: none"]
+
+
+# -- import ---------------------------------------------------------------------------------
+
+
+def _mail_files(data_dir: Path) -> Iterator[tuple[str, str, str]]:
+    """(mailbox key, subdir, path) of every message in ``data_dir/mail/DOMAIN/LOCAL``."""
+    mail = data_dir / "mail"
+    if not mail.is_dir():
+        return
+    for domain in sorted(os.listdir(mail)):
+        if not (mail / domain).is_dir():
+            continue
+        for local in sorted(os.listdir(mail / domain)):
+            box = mail / domain / local
+            for subdir in ("cur", "new"):
+                if not (box / subdir).is_dir():
+                    continue
+                for name in sorted(os.listdir(box / subdir)):
+                    if not name.startswith("."):
+                        yield f"{local}@{domain}", subdir, str(box / subdir / name)
+
+
+MessageRow = tuple[str, str, int, str, bytes]
+
+
+def _message_row(key: str, subdir: str, path: str) -> MessageRow:
+    from postroom.storage.local.maildrop import unique_id  # the UIDL the node's POP3 gave it
+
+    with open(path, "rb") as fh:
+        data = fh.read()
+    body = to_crlf(data)
+    if body and not body.endswith(b"\n"):
+        body += b"\r\n"  # RFC 1939 §3: as the node's RETR sent it
+    name = os.path.basename(path)
+    flags = name.split(":2,", 1)[1] if subdir == "cur" and ":2," in name else ""
+    return key, unique_id(name), len(body), "".join(sorted(set(flags))), body
+
+
+def _batches(items: Iterable[tuple[str, str, str]]) -> Iterator[list[tuple[str, str, str]]]:
+    batch: list[tuple[str, str, str]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= IMPORT_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def import_local(url: str, data_dir: Path, domains: Iterable[str]) -> list[str]:
+    """Copy accounts, aliases and Maildirs of a local ``data_dir``; a summary, line by line."""
+    local_domains = set(domains)
+    store = data_dir / "accounts.sqlite"
+    users: list[tuple[object, ...]] = []
+    alias_rows: list[tuple[str, str]] = []
+    if store.exists():
+        src = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+        try:
+            users = src.execute(
+                "SELECT address, password_hash, scram_salt, scram_iterations,"
+                " scram_stored_key, scram_server_key FROM users"
+            ).fetchall()
+            alias_rows = src.execute("SELECT alias, target FROM aliases").fetchall()
+        finally:
+            src.close()
+    elif not (data_dir / "mail").is_dir():
+        raise PostroomError(f"{data_dir}: no accounts.sqlite and no mail/ to import")
+    conn = db.Door(url)
+    try:
+        conn.call(migrations.migrate)
+
+        async def put_accounts(c: asyncpg.Connection) -> tuple[int, int]:
+            async with c.transaction():
+                before = await c.fetchval("SELECT count(*) FROM users")
+                await c.executemany(
+                    INSERT_USER + " ON CONFLICT DO NOTHING",
+                    [(u[0], u[1], bytes(u[2]), int(u[3]), bytes(u[4]), bytes(u[5])) for u in users],  # type: ignore[call-overload]
+                )
+                after = await c.fetchval("SELECT count(*) FROM users")
+                await c.executemany(
+                    "INSERT INTO aliases (alias, target) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    alias_rows,
+                )
+            return int(after - before), len(alias_rows)
+
+        added_users, alias_count = conn.call(put_accounts)
+        stored = skipped = 0
+        for batch in _batches(_mail_files(data_dir)):
+            rows = [_message_row(*item) for item in batch]
+
+            async def put(c: asyncpg.Connection, rows: list[MessageRow] = rows) -> int:
+                n = 0
+                async with c.transaction():
+                    for row in rows:
+                        status = await c.execute(
+                            "INSERT INTO messages (mailbox, uidl, size, flags, body)"
+                            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                            *row,
+                        )
+                        n += status == "INSERT 0 1"
+                return n
+
+            n = conn.call(put, rows)
+            stored += n
+            skipped += len(rows) - n
+    finally:
+        conn.close()
+    outside = sorted({str(u[0]) for u in users} - {""})
+    outside = [u for u in outside if u.rpartition("@")[2] not in local_domains]
+    lines = [
+        f"users: {added_users} added ({len(users) - added_users} there already)",
+        f"aliases: {alias_count} rows",
+        f"messages: {stored} added ({skipped} there already)",
+    ]
+    if outside:
+        lines.append(f"note: users of domains not in this config: {', '.join(map(str, outside))}")
+    return lines

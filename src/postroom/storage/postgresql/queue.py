@@ -1,0 +1,533 @@
+"""The queue in PostgreSQL: intake with shared commits, and due work claimed under leases.
+
+One row per queued message in ``queue`` (envelope as JSON, body with LF line ends, due time,
+lease); see :class:`~postroom.storage.interfaces.MessageQueue` for what each call promises.
+
+*Intake.* :meth:`PgQueue.accept` hands the message to the worker's :class:`Committer`, which
+writes what has come in meanwhile as ONE statement (``unnest`` of arrays: the queue rows and the
+mailbox copies together, so a single round trip and a single commit, atomic without a
+``BEGIN``): concurrent sessions share the commit and its WAL flush, and the client's 250 waits
+for that commit and nothing else. A message whose recipients are all local is stored only as
+its mailbox copies; one with recipients left gets a queue row, under this node's lease (the
+accepting node makes the first attempt at once), its local recipients already marked
+delivered in the same commit. A batch refused by PostgreSQL (away, full) fails every message
+in it with :class:`~postroom.errors.TemporaryStorageError` (the clients get 452 and send again);
+a unique-key clash, which only a colliding queue id could cause, is retried one by one so that
+only its own message is refused.
+
+*Leases.* :meth:`claim` takes due rows with ``SELECT ... FOR UPDATE SKIP LOCKED`` (two nodes
+never wait for, nor take, the same row) and sets ``lease_owner``/``lease_until`` in the same
+statement, committed before it returns. The lease is renewed every third of ``lease_time``
+while this node holds it (one UPDATE for all its rows); :meth:`begin_attempt` writes the
+attempt and next retry before a host is dialled and checks that the lease is still ours
+(:class:`~postroom.errors.LeaseLost` otherwise: deleted, or taken over after this node stalled
+for a whole lease). :meth:`record` ends the lease; a node that dies leaves its leases to run
+out, after which any node claims the message. Lease times come from the database's clock
+(``postroom_clock()``), so nodes whose clocks differ agree on them.
+
+*Waking.* ``queue flush`` and ``queue delete`` from any node NOTIFY ``postroom_queue``; the
+worker's watcher wakes the runner (and tells it of a deletion, so that an attempt running
+here records and reports nothing). Polling every few seconds is the fallback, and what finds
+messages whose lease ran out. The CLI's synchronous calls go through a :class:`~db.Door`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+
+from postroom.blocking import BlockingPool
+from postroom.errors import LeaseLost, QueueError, TemporaryStorageError
+from postroom.queue.envelope import Attempt, Envelope, Recipient, check_id, new_queue_id
+from postroom.storage.interfaces import LocalCopy, MessageDraft
+from postroom.storage.local.queue import Draft, SpareBodies
+from postroom.storage.postgresql import db
+from postroom.storage.postgresql.db import Database
+from postroom.wire.framing import to_crlf
+
+log = logging.getLogger("postroom")
+
+CHANNEL = "postroom_queue"
+ACQUIRE_TIMEOUT = 5.0
+MAX_BATCH = 200  # messages per shared commit
+PARALLEL_COMMITS = 2  # batches in flight at once per worker (each on its own connection)
+
+# The intake statement: queue rows and mailbox copies of a batch in one atomic statement.
+_INTAKE = """
+WITH q AS (
+    INSERT INTO queue (id, created, next_attempt, lease_owner, lease_until, envelope, body)
+    SELECT i, c, n, NULLIF(o, ''), CASE WHEN o = '' THEN NULL ELSE postroom_clock() + $8 END, e, b
+    FROM unnest($1::text[], $2::float8[], $3::float8[], $4::text[], $5::text[], $6::bytea[])
+        AS t(i, c, n, o, e, b)
+    RETURNING 1
+)
+INSERT INTO messages (mailbox, uidl, size, body)
+SELECT m, u, octet_length(x), x
+FROM unnest($7::text[], $9::text[], $10::bytea[]) AS s(m, u, x)
+"""
+_CLAIM = """
+UPDATE queue q SET lease_owner = $3, lease_until = postroom_clock() + $4
+FROM (
+    SELECT id FROM queue
+    WHERE next_attempt <= $1 AND (lease_until IS NULL OR lease_until < postroom_clock())
+    ORDER BY next_attempt LIMIT $2
+    FOR UPDATE SKIP LOCKED
+) due
+WHERE q.id = due.id
+RETURNING q.id, q.envelope, q.next_attempt
+"""
+_BEGIN = """
+UPDATE queue SET envelope = $3, next_attempt = $4, lease_until = postroom_clock() + $5
+WHERE id = $1 AND lease_owner = $2
+"""
+_RECORD = """
+UPDATE queue SET envelope = $3, next_attempt = $4, lease_owner = NULL, lease_until = NULL
+WHERE id = $1 AND lease_owner = $2
+"""
+_RENEW = """
+WITH s AS (UPDATE delivery_slots SET until = postroom_clock() + $2 WHERE owner = $1)
+UPDATE queue SET lease_until = postroom_clock() + $2 WHERE lease_owner = $1
+"""
+
+
+def node_name() -> str:
+    """This worker process's name as a lease owner: host, pid and a random part (a restarted
+    process with a recycled pid does not pass for its predecessor)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+
+
+def copy_uidl(queue_id: str, index: int) -> str:
+    """The UIDL of a copy: unique in its mailbox (RFC 1939 §7), the pair that names it."""
+    return f"{queue_id}.{index}"
+
+
+@dataclass
+class _Intake:
+    """One accepted message as the committer writes it."""
+
+    queue_row: tuple[str, float, float, str, str, bytes] | None
+    copies: list[tuple[str, str, bytes]]  # (mailbox, uidl, body CRLF)
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Committer:
+    """Writes accepted messages in shared commits (see the module docstring)."""
+
+    def __init__(self, database: Database, lease: float) -> None:
+        self.database = database
+        self.lease = lease
+        self._pending: list[_Intake] = []
+        self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def commit(self, item: _Intake) -> None:
+        self._pending.append(item)
+        self._kick()
+        await item.done
+
+    def _kick(self) -> None:
+        while self._pending and self._running < PARALLEL_COMMITS:
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            self._running += 1
+            task = asyncio.get_running_loop().create_task(self._write(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, batch: list[_Intake]) -> None:
+        outcome: list[BaseException | None] = [TemporaryStorageError("write cancelled")] * len(
+            batch
+        )
+        try:
+            outcome = await self._outcome(batch)
+        finally:
+            self._running -= 1
+            for item, error in zip(batch, outcome, strict=True):
+                if item.done.done():
+                    continue
+                if error is None:
+                    item.done.set_result(None)
+                else:
+                    item.done.set_exception(TemporaryStorageError(f"PostgreSQL: {error}"))
+            self._kick()
+
+    async def _outcome(self, batch: list[_Intake]) -> list[BaseException | None]:
+        """None for each message committed, or why it was not."""
+        try:
+            await self._insert(batch)
+            return [None] * len(batch)
+        except asyncpg.UniqueViolationError as exc:
+            if len(batch) == 1:
+                return [exc]
+            out: list[BaseException | None] = []
+            for item in batch:  # only a clashing queue id gets refused
+                try:
+                    await self._insert([item])
+                    out.append(None)
+                except db.FAILED as error:
+                    out.append(error)
+            return out
+        except db.FAILED as exc:
+            return [exc] * len(batch)
+
+    async def _insert(self, batch: list[_Intake]) -> None:
+        rows = [i.queue_row for i in batch if i.queue_row is not None]
+        copies = [c for i in batch for c in i.copies]
+        async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+            await conn.execute(
+                _INTAKE,
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                [r[2] for r in rows],
+                [r[3] for r in rows],
+                [r[4] for r in rows],
+                [r[5] for r in rows],
+                [c[0] for c in copies],
+                self.lease,
+                [c[1] for c in copies],
+                [c[2] for c in copies],
+            )
+
+
+def _envelope(raw: str, next_attempt: float) -> Envelope:
+    envelope = Envelope.from_json(raw)
+    envelope.next_attempt = next_attempt  # the column is what schedules it (queue flush)
+    return envelope
+
+
+def _read_and_remove(path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+class PgQueue:
+    """The shared queue (:class:`~postroom.storage.interfaces.MessageQueue`). A node's workers
+    pass ``database`` (their pools); the CLI passes None and uses a door instead."""
+
+    channel = CHANNEL
+
+    def __init__(
+        self,
+        url: str,
+        database: Database | None,
+        spill_dir: Path,
+        lease: float = 60.0,
+        io: BlockingPool | None = None,
+        header_limit: int = 1 << 20,
+        node: str | None = None,
+        clean: bool = False,
+    ) -> None:
+        self.url = url
+        self.database = database
+        self.lease = lease
+        self.node = node or node_name()
+        self.io = io or BlockingPool()
+        self.header_limit = header_limit
+        spill_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if clean:  # a worker's own folder: what is there is left from before a crash
+            for leftover in spill_dir.iterdir():
+                leftover.unlink(missing_ok=True)
+        # Drafts of large messages spill to files here (read back at accept): no journal.
+        self.spares = SpareBodies(spill_dir, None)
+        self.committer = Committer(database, lease) if database is not None else None
+        self.on_deleted: Callable[[str], None] | None = None  # the runner's deleted_elsewhere
+        self._door: db.Door | None = None
+        self._bodies: dict[str, bytes] = {}  # of messages in their first attempt here
+        self._wake = asyncio.Event()
+        self._next_due: float | None = None
+        self._renewer: asyncio.Task[None] | None = None
+
+    # -- life -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Renew this node's leases while it runs."""
+        self._renewer = asyncio.get_running_loop().create_task(self._renew())
+
+    async def close(self) -> None:
+        """Stop renewing and hand back what this node holds, so another node takes it at
+        once (its attempt and next retry were recorded before dialling: no hot loop)."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+        if self.database is not None:
+            with contextlib.suppress(*db.FAILED):
+                async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                    await conn.execute(
+                        "UPDATE queue SET lease_owner = NULL, lease_until = NULL"
+                        " WHERE lease_owner = $1",
+                        self.node,
+                    )
+                    await conn.execute("DELETE FROM delivery_slots WHERE owner = $1", self.node)
+        self.close_door()
+
+    def close_door(self) -> None:
+        if self._door is not None:
+            self._door.close()
+            self._door = None
+
+    async def _renew(self) -> None:
+        assert self.database is not None
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                    await conn.execute(_RENEW, self.node, self.lease)
+            except db.FAILED as exc:
+                log.warning("queue leases not renewed: %s", exc)
+
+    def door(self) -> db.Door:
+        if self._door is None:
+            self._door = db.Door(self.url, "postroom-queue")
+        return self._door
+
+    # -- the watcher's subscriber ---------------------------------------------------------
+
+    def notified(self, payload: str) -> bool:
+        if payload.startswith("d"):
+            if self.on_deleted is not None:
+                self.on_deleted(payload[1:])
+        else:
+            self._next_due = 0.0
+            self._wake.set()
+        return False
+
+    async def load_all(self, conn: asyncpg.Connection) -> None:
+        self._wake.set()  # (re)connected: look for due work now
+
+    async def refresh(self, conn: asyncpg.Connection) -> None:
+        """Nothing to read: a notification only wakes the runner."""
+
+    # -- intake ---------------------------------------------------------------------------
+
+    def draft(
+        self, queue_id: str, sender: str, make_prefix: Callable[[bytes], bytes] | None = None
+    ) -> Draft:
+        return Draft(self.spares, queue_id, sender, make_prefix, self.header_limit)
+
+    async def accept(
+        self,
+        envelope: Envelope,
+        draft: MessageDraft,
+        deliver_now: Sequence[LocalCopy],
+        hold: bool = False,
+    ) -> list[OSError | None]:
+        assert self.committer is not None and isinstance(draft, Draft)
+        try:
+            body, body_file, _crc = draft.finish()
+            if body_file:
+                body = await self.io.run(_read_and_remove, body_file)
+        except (TemporaryStorageError, OSError) as exc:
+            draft.abort()
+            raise TemporaryStorageError(str(exc)) from None
+        envelope.size, envelope.wire_size = draft.size, draft.wire_size
+        now = {c.index for c in deliver_now}
+        keep = hold or any(not r.done and i not in now for i, r in enumerate(envelope.recipients))
+        row = None
+        if keep:
+            # The copies below are committed with the row: stored as delivered, so that a
+            # node taking the message over never makes them again.
+            data = envelope.to_dict()
+            for index in now:
+                data["recipients"][index]["status"] = "delivered"
+            doc = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+            row = (envelope.id, envelope.created, envelope.next_attempt, self.node, doc, body)
+        crlf = to_crlf(body) if deliver_now else b""
+        copies = [(c.mailbox, copy_uidl(envelope.id, c.index), crlf) for c in deliver_now]
+        await self.committer.commit(_Intake(row, copies))
+        if keep:
+            self._bodies[envelope.id] = body
+        return [None] * len(deliver_now)
+
+    def add_waiting(self, sender: str, recipients: list[str], message: bytes) -> str:
+        envelope = Envelope(new_queue_id(), sender, [Recipient(r) for r in recipients], time.time())
+        body = f"Return-Path: <{sender}>\n".encode() + message.replace(b"\r\n", b"\n")
+        envelope.size = len(body)
+        envelope.wire_size = len(body) + body.count(b"\n")
+
+        async def run(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO queue (id, created, next_attempt, envelope, body)"
+                    " VALUES ($1, $2, 0, $3, $4)",
+                    envelope.id,
+                    envelope.created,
+                    envelope.to_json().decode(),
+                    body,
+                )
+                await conn.execute("SELECT pg_notify($1, 'due')", CHANNEL)
+
+        self.door().call(run)
+        return envelope.id
+
+    # -- the runner -----------------------------------------------------------------------
+
+    def _pool(self) -> asyncpg.Pool:
+        assert self.database is not None, "the CLI's queue has no pool"
+        return self.database.pool
+
+    async def claim(self, now: float, limit: int) -> list[Envelope]:
+        try:
+            async with self._pool().acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                rows = await conn.fetch(_CLAIM, now, limit, self.node, self.lease)
+                self._next_due = await conn.fetchval(
+                    "SELECT min(next_attempt) FROM queue WHERE lease_owner IS NULL"
+                )
+        except db.FAILED as exc:
+            log.warning("queue: cannot claim due messages: %s", exc)
+            self._next_due = None
+            return []
+        rows = sorted(rows, key=lambda r: r["next_attempt"])
+        out = []
+        for r in rows:
+            try:
+                out.append(_envelope(r["envelope"], r["next_attempt"]))
+            except QueueError as exc:
+                log.error("queue: unreadable envelope of %s: %s", r["id"], exc)
+        return out
+
+    async def wait(self, timeout: float) -> None:
+        if self._next_due is not None:
+            timeout = min(timeout, self._next_due - time.time())
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), max(0.01, timeout))
+
+    async def _execute(self, query: str, *args: object) -> str:
+        try:
+            async with self._pool().acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                status: str = await conn.execute(query, *args)
+                return status
+        except db.FAILED as exc:
+            raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+
+    async def begin_attempt(self, envelope: Envelope) -> None:
+        status = await self._execute(
+            _BEGIN,
+            envelope.id,
+            self.node,
+            envelope.to_json().decode(),
+            envelope.next_attempt,
+            self.lease,
+        )
+        if status == "UPDATE 0":
+            self._bodies.pop(envelope.id, None)
+            raise LeaseLost(f"{envelope.id} was deleted or another node holds it now")
+
+    async def body(self, envelope: Envelope) -> bytes:
+        body = self._bodies.get(envelope.id)
+        if body is not None:
+            return body
+        try:
+            async with self._pool().acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                found = await conn.fetchval("SELECT body FROM queue WHERE id=$1", envelope.id)
+        except db.FAILED as exc:
+            raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+        if found is None:
+            raise LeaseLost(f"{envelope.id} was deleted")
+        return bytes(found)
+
+    async def record(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
+        envelope.history.extend(attempts)
+        self._bodies.pop(envelope.id, None)
+        status = await self._execute(
+            _RECORD, envelope.id, self.node, envelope.to_json().decode(), envelope.next_attempt
+        )
+        if status == "UPDATE 0":
+            log.warning("%s: attempt not recorded: deleted, or another node holds it", envelope.id)
+            return
+        if self._next_due is None or envelope.next_attempt < self._next_due:
+            self._next_due = envelope.next_attempt
+            self._wake.set()
+
+    async def finish(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
+        envelope.history.extend(attempts)
+        self._bodies.pop(envelope.id, None)
+        await self._execute("DELETE FROM queue WHERE id=$1", envelope.id)
+
+    # -- the CLI --------------------------------------------------------------------------
+
+    def entries(self) -> list[Envelope]:
+        rows = self.door().call(
+            lambda c: c.fetch("SELECT id, envelope, next_attempt FROM queue ORDER BY created, id")
+        )
+        out = []
+        for r in rows:
+            with contextlib.suppress(QueueError):
+                out.append(_envelope(r["envelope"], r["next_attempt"]))
+        return out
+
+    def spool_stats(self) -> tuple[int, float | None]:
+        """For the metrics: the messages in the shared queue (every node's), and when the
+        oldest arrived (None if empty)."""
+        row = self.door().call(lambda c: c.fetchrow("SELECT count(*), min(created) FROM queue"))
+        return (0, None) if row is None else (int(row[0]), row[1])
+
+    def load(self, queue_id: str) -> Envelope:
+        check_id(queue_id)
+        row = self.door().call(
+            lambda c: c.fetchrow("SELECT envelope, next_attempt FROM queue WHERE id=$1", queue_id)
+        )
+        if row is None:
+            raise QueueError(f"no such message {queue_id}")
+        return _envelope(row["envelope"], row["next_attempt"])
+
+    def head(self, envelope: Envelope, limit: int = 65536) -> bytes:
+        found = self.door().call(
+            lambda c: c.fetchval(
+                "SELECT substring(body FROM 1 FOR $2) FROM queue WHERE id=$1", envelope.id, limit
+            )
+        )
+        if found is None:
+            raise QueueError(f"no such message {envelope.id}")
+        return bytes(found)
+
+    async def delete(self, queue_id: str) -> None:
+        check_id(queue_id)
+        query = (
+            "WITH d AS (DELETE FROM queue WHERE id=$1 RETURNING id)"
+            " SELECT pg_notify($2, 'd' || id) FROM d"
+        )
+        if self.database is not None:
+            try:
+                async with self._pool().acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                    rows = await conn.fetch(query, queue_id, CHANNEL)
+            except db.FAILED as exc:
+                raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+        else:
+            rows = self.door().call(lambda c: c.fetch(query, queue_id, CHANNEL))
+        if not rows:
+            raise QueueError(f"no such message {queue_id}")
+        self._bodies.pop(queue_id, None)
+
+    def flush(self) -> int:
+        async def run(conn: asyncpg.Connection) -> int:
+            async with conn.transaction():
+                n = await conn.fetchval(
+                    "WITH f AS (UPDATE queue SET next_attempt = 0 WHERE next_attempt > 0"
+                    " RETURNING 1) SELECT count(*) FROM f"
+                )
+                await conn.execute("SELECT pg_notify($1, 'flush')", CHANNEL)
+            return int(n)
+
+        return self.door().call(run)
+
+    def problems(self) -> list[str]:
+        return []

@@ -1,0 +1,77 @@
+"""Deliveries per destination domain across nodes: ``max_per_destination`` slots in a table.
+
+A delivery to a domain first takes a slot of this process (a semaphore, so a node never asks
+for more than it may hold), then a row of ``delivery_slots`` (destination, slot number 0 to
+limit-1): an INSERT that takes a free number, or one whose holder's time ran out (a node that
+died). The row is renewed with the queue's leases (``queue.py``) and deleted when the delivery
+ends. A node that finds every slot taken tries again after a short, growing pause; the wait is
+short next to an SMTP transaction. This is the :class:`~postroom.storage.interfaces.
+DestinationSlots` of the PostgreSQL backend; the local one is a semaphore per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from postroom.errors import TemporaryStorageError
+from postroom.storage.postgresql import db
+from postroom.storage.postgresql.db import Database
+
+ACQUIRE_TIMEOUT = 5.0
+FIRST_PAUSE, MAX_PAUSE = 0.05, 1.0
+
+_TAKE = """
+INSERT INTO delivery_slots (destination, slot, owner, until)
+SELECT $1, s, $2, postroom_clock() + $4
+FROM generate_series(0, $3 - 1) AS s
+WHERE NOT EXISTS (
+    SELECT 1 FROM delivery_slots d
+    WHERE d.destination = $1 AND d.slot = s AND d.until >= postroom_clock()
+)
+ORDER BY s LIMIT 1
+ON CONFLICT (destination, slot) DO UPDATE SET owner = EXCLUDED.owner, until = EXCLUDED.until
+    WHERE delivery_slots.until < postroom_clock()
+RETURNING slot
+"""
+
+
+class PgSlots:
+    """Slots per destination shared by every node."""
+
+    def __init__(self, database: Database, node: str, lease: float) -> None:
+        self.database = database
+        self.node = node
+        self.lease = lease
+        self._local: dict[str, asyncio.Semaphore] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, destination: str, limit: int) -> AsyncIterator[None]:
+        async with self._local.setdefault(destination, asyncio.Semaphore(limit)):
+            number = await self._take(destination, limit)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(*db.FAILED):  # else it runs out with the lease
+                    async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                        await conn.execute(
+                            "DELETE FROM delivery_slots"
+                            " WHERE destination=$1 AND slot=$2 AND owner=$3",
+                            destination,
+                            number,
+                            self.node,
+                        )
+
+    async def _take(self, destination: str, limit: int) -> int:
+        pause = FIRST_PAUSE
+        while True:
+            try:
+                async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                    number = await conn.fetchval(_TAKE, destination, self.node, limit, self.lease)
+            except db.FAILED as exc:
+                raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+            if number is not None:
+                return int(number)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MAX_PAUSE)

@@ -1,0 +1,249 @@
+"""Several nodes on one PostgreSQL: shared accounts, mailboxes, queue and DKIM keys, the CLI
+from any node, ``db`` commands. (Crashes and restarts: ``test_cluster_crash.py``.)
+
+Each node is its own ``postroom serve`` on its own loopback address with its own data_dir.
+"""
+
+from __future__ import annotations
+
+import poplib
+import smtplib
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Server, ServerFactory, insecure, run_cli
+
+SERVICES = ("smtp", "submission", "pop3")
+
+
+def storage_toml(url: str) -> str:
+    return f'[storage]\nbackend = "postgresql"\nurl = "{url}"\n'
+
+
+@pytest.fixture
+def nodes(server_factory: ServerFactory, pg_url: str) -> tuple[Server, Server]:
+    a = server_factory(host="127.0.0.2", extra_toml=storage_toml(pg_url), services=SERVICES)
+    b = server_factory(host="127.0.0.3", extra_toml=storage_toml(pg_url), services=SERVICES)
+    return a, b
+
+
+def login_ok(node: Server, user: str, password: str) -> bool:
+    with smtplib.SMTP(node.host, node.ports["submission"], timeout=10) as c:
+        c.starttls(context=insecure())
+        try:
+            c.login(user, password)
+        except smtplib.SMTPAuthenticationError:
+            return False
+        return True
+
+
+def rcpt_code(node: Server, rcpt: str) -> int:
+    with smtplib.SMTP(node.host, node.ports["smtp"], timeout=10) as c:
+        c.ehlo("client.test")
+        c.mail("someone@remote.test")
+        return c.rcpt(rcpt)[0]
+
+
+def pop_login(node: Server, user: str, password: str) -> poplib.POP3:
+    pop = poplib.POP3(node.host, node.ports["pop3"], timeout=20)
+    pop.stls(context=insecure())
+    pop.user(user)
+    pop.pass_(password)
+    return pop
+
+
+def retrieve_all(node: Server, user: str, password: str, delete: bool = False) -> list[bytes]:
+    """Every message of the maildrop as RETR gives it (CRLF, dot-unstuffed by poplib)."""
+    pop = pop_login(node, user, password)
+    try:
+        count = len(pop.list()[1])
+        out = []
+        for n in range(1, count + 1):
+            out.append(b"\r\n".join(pop.retr(n)[1]) + b"\r\n")
+            if delete:
+                pop.dele(n)
+    finally:
+        pop.quit()
+    return out
+
+
+def within(seconds: float, check) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return bool(check())
+
+
+def test_user_added_on_node_a_logs_in_on_node_b(nodes: tuple[Server, Server]) -> None:
+    a, b = nodes
+    assert not login_ok(b, "ann@a.test", "pw-one")
+    a.add_user("ann@a.test", "pw-one")
+    assert within(1.0, lambda: login_ok(b, "Ann@a.test", "pw-one"))
+    b.cli("user", "passwd", "ann@a.test", "--password-stdin", stdin="pw-two\n")
+    assert within(1.0, lambda: login_ok(a, "ann@a.test", "pw-two"))
+    assert not login_ok(a, "ann@a.test", "pw-one")
+    assert b.cli("user", "list").stdout.split() == ["ann@a.test"]
+    assert (
+        a.cli("user", "add", "ann@a.test", "--password-stdin", stdin="x\n", check=False).returncode
+        == 1
+    )
+
+
+def test_aliases_and_user_del_from_any_node(nodes: tuple[Server, Server]) -> None:
+    a, b = nodes
+    a.add_user("ann@a.test")
+    assert rcpt_code(b, "sales@a.test") == 550
+    b.cli("alias", "add", "sales@a.test", "ann@a.test")
+    assert within(1.0, lambda: rcpt_code(a, "sales@a.test") == 250)
+    missing = a.cli("alias", "add", "team@a.test", "nobody@a.test", check=False)
+    assert missing.returncode == 1 and "nobody@a.test" in missing.stderr
+    gone = a.cli("user", "del", "ann@a.test")
+    assert "sales@a.test" in gone.stdout
+    assert within(1.0, lambda: rcpt_code(b, "sales@a.test") == 550)
+    assert b.cli("alias", "list").stdout == ""
+
+
+def _config(tmp_path: Path, url: str) -> Path:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'domains = ["a.test"]\ndata_dir = "{tmp_path / "data"}"\n' + storage_toml(url))
+    return cfg
+
+
+def test_db_check_and_migrate(tmp_path: Path, pg_url: str) -> None:
+    cfg = _config(tmp_path, pg_url)
+    fresh = run_cli("db", "check", config=cfg, check=False)
+    assert fresh.returncode == 1
+    assert "connection: ok" in fresh.stdout and "schema version: 0" in fresh.stdout
+    assert "pending: 1: accounts and aliases" in fresh.stdout
+    migrated = run_cli("db", "migrate", config=cfg)
+    assert "applied 1: accounts and aliases" in migrated.stdout
+    ok = run_cli("db", "check", config=cfg)
+    assert "pending: none" in ok.stdout
+    assert "up to date" in run_cli("db", "migrate", config=cfg).stdout
+
+
+def test_db_check_unreachable_and_db_on_local_backend(tmp_path: Path) -> None:
+    away = run_cli(
+        "db", "check", config=_config(tmp_path, "postgresql://u@127.0.0.1:1/db"), check=False
+    )
+    assert away.returncode == 1 and "connection: failed" in away.stdout
+    local = tmp_path / "local.toml"
+    local.write_text('domains = ["a.test"]\n')
+    wrong = run_cli("db", "check", config=local, check=False)
+    assert wrong.returncode == 2 and "storage.backend" in wrong.stderr
+
+
+def test_serve_without_postgresql_exits_1_in_one_line(
+    server_factory: ServerFactory,
+) -> None:
+    node = server_factory(
+        extra_toml=storage_toml("postgresql://u@127.0.0.1:1/db"), services=SERVICES, start=False
+    )
+    p = run_cli("serve", config=node.config, check=False)
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr and "PostgreSQL" in p.stderr
+
+
+def test_import_a_local_node(server_factory: ServerFactory, tmp_path: Path, pg_url: str) -> None:
+    single = server_factory(services=SERVICES)
+    single.add_user("ann@a.test", "ann-pw")
+    single.cli("alias", "add", "sales@a.test", "ann@a.test")
+    with smtplib.SMTP(single.host, single.ports["smtp"], timeout=10) as c:
+        c.sendmail("s@remote.test", ["sales@a.test"], b"Subject: one\r\n\r\nbody\r\n")
+    assert len(single.wait_messages("ann@a.test", 1)) == 1
+    single.stop()
+    cfg = _config(tmp_path, pg_url)
+    out = run_cli("db", "import", str(single.data_dir), config=cfg).stdout
+    assert "users: 1 added" in out and "messages: 1 added" in out
+    again = run_cli("db", "import", str(single.data_dir), config=cfg).stdout
+    assert "users: 0 added" in again and "messages: 0 added (1 there already)" in again
+    node = server_factory(extra_toml=storage_toml(pg_url), services=SERVICES, host="127.0.0.4")
+    assert login_ok(node, "ann@a.test", "ann-pw")  # the same hash, the same password
+    assert rcpt_code(node, "sales@a.test") == 250
+
+
+MESSAGE = (
+    b"From: s@remote.test\r\nTo: ann@a.test\r\nSubject: =?utf-8?q?caf=C3=A9?=\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    b"caf\xc3\xa9 line\r\n.leading dot\r\n..two dots\r\n\r\n" + b"x" * 990 + b"\r\nlast\r\n"
+)
+
+
+def test_mail_through_a_is_fetched_byte_exact_through_b(nodes: tuple[Server, Server]) -> None:
+    a, b = nodes
+    a.add_user("ann@a.test", "ann-pw")
+    with smtplib.SMTP(a.host, a.ports["smtp"], timeout=10) as c:
+        c.sendmail("s@remote.test", ["ann@a.test"], MESSAGE)
+    via_b = retrieve_all(b, "ann@a.test", "ann-pw")
+    assert len(via_b) == 1
+    # Our headers first (Return-Path, Received by A, ...), then the client's octets as sent.
+    assert via_b[0].startswith(b"Return-Path: <s@remote.test>\r\n")
+    assert via_b[0].endswith(b"\r\n" + MESSAGE)
+    assert b"\r\nReceived: from " in via_b[0] and b"by mx.a.test" in via_b[0]
+    assert retrieve_all(a, "ann@a.test", "ann-pw", delete=True) == via_b  # the same octets
+    assert retrieve_all(b, "ann@a.test", "ann-pw") == []  # deleted at A's QUIT
+    assert not (a.data_dir / "mail").exists()  # nothing of it on a node's disk
+
+
+def test_in_use_holds_across_nodes(nodes: tuple[Server, Server]) -> None:
+    a, b = nodes
+    a.add_user("ann@a.test", "ann-pw")
+    first = pop_login(a, "ann@a.test", "ann-pw")
+    try:
+        second = poplib.POP3(b.host, b.ports["pop3"], timeout=20)
+        second.stls(context=insecure())
+        second.user("ann@a.test")
+        try:
+            second.pass_("ann-pw")
+            raise AssertionError("a second session on another node got the maildrop")
+        except poplib.error_proto as exc:
+            assert b"[IN-USE]" in exc.args[0]
+        finally:
+            second.close()
+    finally:
+        first.quit()
+    pop_login(b, "ann@a.test", "ann-pw").quit()  # free again once the first has quit
+
+
+def test_queue_and_dkim_keys_are_shared(server_factory: ServerFactory, pg_url: str) -> None:
+    from tests.dnszone import LoopbackDNS
+
+    dns = LoopbackDNS()
+    dns.mx("remote.test", 10, "mx.remote.test")
+    dns.a("mx.remote.test", "127.0.0.9")  # nobody listens there: deferred
+    extra = storage_toml(pg_url) + f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
+    try:
+        a = server_factory(host="127.0.0.2", extra_toml=extra, services=SERVICES)
+        b = server_factory(host="127.0.0.3", extra_toml=extra, services=SERVICES)
+        # Both nodes list the same DKIM records (made once, by whichever node came first).
+        assert a.cli("dns", "a.test").stdout == b.cli("dns", "a.test").stdout
+        assert "_domainkey.a.test." in a.cli("dns", "a.test").stdout
+        a.cli("alias", "add", "fwd@a.test", "r@remote.test")
+        with smtplib.SMTP(a.host, a.ports["smtp"], timeout=10) as c:
+            c.sendmail("s@remote.test", ["fwd@a.test"], b"Subject: q\r\n\r\nq\r\n")
+        assert within(10, lambda: "deferred" in b.cli("queue", "list", "--json").stdout)
+        queue_id = b.cli("queue", "list").stdout.split("\t")[0]
+        assert f"id: {queue_id}" in a.cli("queue", "show", queue_id).stdout
+        b.cli("queue", "flush")
+        a.cli("queue", "delete", queue_id)
+        assert b.cli("queue", "list").stdout == ""
+        assert a.cli("queue", "delete", queue_id, check=False).returncode == 1
+    finally:
+        dns.stop()
+
+
+def test_two_workers_on_postgresql(server_factory: ServerFactory, pg_url: str) -> None:
+    node = server_factory(extra_toml="workers = 2\n" + storage_toml(pg_url), services=SERVICES)
+    node.add_user("ann@a.test", "ann-pw")
+    for i in range(12):  # the kernel spreads the connections over both workers
+        with smtplib.SMTP(node.host, node.ports["smtp"], timeout=10) as c:
+            c.sendmail("s@remote.test", ["ann@a.test"], f"Subject: {i}\r\n\r\n{i}\r\n".encode())
+    subjects = sorted(
+        m.split(b"Subject: ")[1].split(b"\r\n")[0]
+        for m in retrieve_all(node, "ann@a.test", "ann-pw")
+    )
+    assert subjects == sorted(str(i).encode() for i in range(12))

@@ -1,0 +1,281 @@
+"""Several nodes on one PostgreSQL, with nodes killed and PostgreSQL restarted under load.
+
+- a message whose node dies mid-delivery is delivered by the other node exactly once, after
+  the dead node's lease has run out (and not before: a live node's lease is renewed);
+- kill -9 of a node during concurrent submissions to both: every message that got a 250 is
+  retrievable once, none twice (a bounded probe);
+- PostgreSQL restarted under load: sessions get 4xx while it is away, nothing acknowledged is
+  lost, and the nodes serve again by themselves.
+
+Each node is a ``postroom serve`` on its own loopback address; "kill -9" kills its whole
+process group (the supervisor and its workers) at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import smtplib
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Server, ServerFactory, free_port, wait_until
+from tests.dnszone import LoopbackDNS
+from tests.integration.test_cluster import retrieve_all, storage_toml
+from tests.pgserver import PgServer
+
+A_IP, B_IP, SINK_IP = "127.0.0.2", "127.0.0.3", "127.0.0.5"
+SERVICES = ("smtp", "pop3")
+LEASE = 2.0
+
+
+def kill_node(node: Server) -> None:
+    """kill -9 of the node: its supervisor and every worker at the same instant."""
+    assert node.proc is not None
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(node.proc.pid, signal.SIGKILL)
+    node.proc.wait(10)
+    node.proc = None
+
+
+def worker_pids(node: Server) -> set[int]:
+    """The worker processes of a running node (children of its supervisor)."""
+    assert node.proc is not None
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat.rpartition(")")[2].split()[1]) == node.proc.pid:
+                    found.add(int(entry))
+    return found
+
+
+class Sink:
+    """A remote MX on loopback whose sessions follow a script: ``defer`` (451 at RCPT),
+    ``stall`` (takes the message, never answers the final dot), then ``accept``."""
+
+    def __init__(self, script: list[str]) -> None:
+        self.script = list(script)
+        self.sessions: list[str] = []
+        self.accepted: list[bytes] = []
+        self.stalled = threading.Event()
+        self.port = free_port(SINK_IP)
+        self._sock = socket.create_server((SINK_IP, self.port))
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            mode = self.script.pop(0) if self.script else "accept"
+            self.sessions.append(mode)
+            threading.Thread(target=self._session, args=(conn, mode), daemon=True).start()
+
+    def _session(self, conn: socket.socket, mode: str) -> None:
+        with conn, conn.makefile("rb") as rfile:
+            conn.sendall(b"220 sink.test ESMTP\r\n")
+            data: bytes | None = None
+            for line in iter(rfile.readline, b""):
+                if data is not None:
+                    if line != b".\r\n":
+                        data += line
+                        continue
+                    if mode == "stall":
+                        self.stalled.set()
+                        while rfile.readline():  # until the sending node dies
+                            pass
+                        return
+                    self.accepted.append(data)
+                    data = None
+                    conn.sendall(b"250 2.0.0 queued\r\n")
+                    continue
+                verb = line[:4].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    conn.sendall(b"250 sink.test\r\n")
+                elif verb == b"RCPT" and mode == "defer":
+                    conn.sendall(b"451 4.3.0 try later\r\n")
+                elif verb == b"DATA":
+                    data = b""
+                    conn.sendall(b"354 go on\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 ok\r\n")
+
+
+@pytest.fixture
+def dns() -> Iterator[LoopbackDNS]:
+    zone = LoopbackDNS()
+    zone.mx("remote.test", 10, "mx.remote.test")
+    zone.a("mx.remote.test", SINK_IP)
+    yield zone
+    zone.stop()
+
+
+def start_nodes(factory: ServerFactory, url: str, extra: str = "", count: int = 2) -> list[Server]:
+    toml = storage_toml(url) + f'lease_time = "{LEASE}s"\n' + extra
+    hosts = (A_IP, B_IP)[:count]
+    return [factory(host=h, extra_toml=toml, services=SERVICES, name=h) for h in hosts]
+
+
+def test_message_of_a_killed_node_is_delivered_once_by_the_other_after_the_lease(
+    server_factory: ServerFactory, pg_url: str, pg_server: PgServer, dns: LoopbackDNS
+) -> None:
+    sink = Sink(["defer", "stall"])
+    extra = (
+        f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
+        f'[delivery]\nport = {sink.port}\nretry_intervals = ["1s"]\n'
+    )
+    try:
+        a, b = start_nodes(server_factory, pg_url, extra)
+        a.cli("alias", "add", "fwd@a.test", "r@remote.test")
+        with smtplib.SMTP(a.host, a.ports["smtp"], timeout=10) as c:
+            c.sendmail("s@x.test", ["fwd@a.test"], b"Subject: once\r\n\r\nonly once\r\n")
+        # First attempt deferred (451); the retry, by whichever node claims it, stalls after
+        # the message was sent: the node holding it is alive but slow.
+        assert sink.stalled.wait(30), sink.sessions
+        owner = pg_server.psql(pg_url.rpartition("/")[2], "SELECT lease_owner FROM queue")
+        pid = int(owner.split("/")[1])
+        holder, other = (a, b) if pid in worker_pids(a) else (b, a)
+        assert pid in worker_pids(holder)
+        time.sleep(LEASE * 2.5)  # the holder renews its lease: nobody else dials meanwhile
+        assert sink.sessions == ["defer", "stall"]
+        kill_node(holder)
+        wait_until(lambda: sink.accepted, 30, "the other node to deliver")
+        time.sleep(LEASE * 1.5)  # no second copy comes later
+        assert len(sink.accepted) == 1 and sink.accepted[0].endswith(b"only once\r\n")
+        assert sink.sessions == ["defer", "stall", "accept"]
+        wait_until(lambda: other.queue_empty(), 10, "the queue to be empty")
+    finally:
+        sink.close()
+
+
+def _submit_until(
+    node: Server, tokens: list[str], acked: list[str], stop: threading.Event, name: str
+) -> None:
+    """Send messages to ann@a.test through ``node`` until stopped or 60 are sent; each token
+    that got a 250 is appended to ``acked`` (others: refused, or the node died)."""
+    for i in range(60):
+        if stop.is_set():
+            return
+        token = f"{name}-{i}"
+        tokens.append(token)
+        try:
+            with smtplib.SMTP(node.host, node.ports["smtp"], timeout=15) as c:
+                c.sendmail(
+                    "s@x.test", ["ann@a.test"], f"Subject: {token}\r\n\r\n{token}\r\n".encode()
+                )
+            acked.append(token)
+        except (OSError, smtplib.SMTPException):
+            time.sleep(0.05)
+
+
+def _stored_tokens(node: Server) -> Counter[str]:
+    found: Counter[str] = Counter()
+    for message in retrieve_all(node, "ann@a.test", "ann-pw"):
+        found[message.rpartition(b"Subject: ")[2].split(b"\r\n")[0].decode()] += 1
+    return found
+
+
+def test_kill_9_of_a_node_during_concurrent_submissions_loses_and_doubles_nothing(
+    server_factory: ServerFactory, pg_url: str
+) -> None:
+    a, b = start_nodes(server_factory, pg_url)
+    a.add_user("ann@a.test", "ann-pw")
+    tokens: list[str] = []
+    acked: list[str] = []
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=_submit_until, args=(node, tokens, acked, stop, f"{n}{i}"))
+        for n, node in (("a", a), ("b", b))
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: sum(t.startswith("a") for t in acked) >= 20, 60, "load on node A")
+        kill_node(a)  # in the middle of sessions: some got their 250, some never will
+        killed_at = len(acked)
+        wait_until(lambda: len(acked) >= killed_at + 20, 60, "node B to go on")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    stored = _stored_tokens(b)
+    assert all(stored[t] == 1 for t in acked), "an acknowledged message is lost"
+    assert max(stored.values()) == 1, "a message was stored twice"
+    assert set(stored) <= set(tokens)
+
+
+def test_postgresql_restarted_under_load(
+    server_factory: ServerFactory, pg_durable: PgServer
+) -> None:
+    url = pg_durable.new_database()
+    a, b = start_nodes(server_factory, url)
+    a.add_user("ann@a.test", "ann-pw")
+    tokens: list[str] = []
+    acked: list[str] = []
+    refused: list[str] = []
+    stop = threading.Event()
+
+    def client(node: Server, name: str) -> None:
+        for i in range(400):
+            if stop.is_set():
+                return
+            token = f"{name}-{i}"
+            tokens.append(token)
+            try:
+                with smtplib.SMTP(node.host, node.ports["smtp"], timeout=20) as c:
+                    c.sendmail(
+                        "s@x.test", ["ann@a.test"], f"Subject: {token}\r\n\r\n{token}\r\n".encode()
+                    )
+                acked.append(token)
+            except (smtplib.SMTPDataError, smtplib.SMTPRecipientsRefused) as exc:
+                code = exc.smtp_code if isinstance(exc, smtplib.SMTPDataError) else 0
+                refused.append(f"{token} {code}")
+                time.sleep(0.05)
+
+    threads = [
+        threading.Thread(target=client, args=(node, f"{n}{i}"))
+        for n, node in (("a", a), ("b", b))
+        for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(acked) >= 20, 60, "load before the restart")
+        pg_durable.stop("immediate")  # as a crash: WAL recovery at the next start
+        wait_until(lambda: len(refused) >= 4, 30, "4xx answers while PostgreSQL is away")
+        time.sleep(1)
+        pg_durable.start()
+        after = len(acked)
+        wait_until(
+            lambda: {t[0] for t in acked[after:]} == {"a", "b"}, 60, "both nodes to serve again"
+        )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert all(r.split()[1].startswith("4") for r in refused), refused  # 4xx, never 5xx
+    stored = _stored_tokens(b)
+    assert all(stored[t] == 1 for t in acked), "an acknowledged message is lost"
+    assert max(stored.values()) == 1, "a message was stored twice"

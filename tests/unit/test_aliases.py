@@ -1,0 +1,49 @@
+"""The alias expansion rule (pure): recursion, self-reference, loops, catch-all, postmaster."""
+
+from __future__ import annotations
+
+import functools
+
+from postroom.storage.aliases import expand, owns, resolve
+
+USERS = {"ann@a.test", "bob@a.test"}
+
+
+def expander(table: dict[str, list[str]]):  # type: ignore[no-untyped-def]
+    return functools.partial(
+        expand,
+        targets_of=lambda k: table.get(k, []),
+        is_user=USERS.__contains__,
+        local_domains={"a.test"},
+    )
+
+
+def test_users_aliases_and_nothing() -> None:
+    ex = expander({"team@a.test": ["sales@a.test", "bob@a.test"], "sales@a.test": ["ann@a.test"]})
+    assert ex("ann@a.test") == ["ann@a.test"]
+    assert ex("team@a.test") == ["ann@a.test", "bob@a.test"]
+    assert ex("nobody@a.test") is None
+
+
+def test_self_reference_loops_and_targets_without_account() -> None:
+    ex = expander(
+        {
+            "ann@a.test": ["ann@a.test", "x@remote.test"],
+            "l1@a.test": ["l2@a.test"],
+            "l2@a.test": ["l1@a.test"],
+            "old@a.test": ["gone@a.test", "bob@a.test"],
+        }
+    )
+    assert ex("ann@a.test") == ["ann@a.test", "x@remote.test"]
+    assert ex("l1@a.test") == []  # refused by the caller (alias loop)
+    assert ex("old@a.test") == ["bob@a.test"]  # no mail for an address without an account
+
+
+def test_catch_all_takes_the_rest_but_not_postmaster_nor_sending() -> None:
+    ex = expander({"@a.test": ["bob@a.test"]})
+    assert resolve("whoever@a.test", ex) == ["bob@a.test"]
+    assert resolve("ann@a.test", ex) == ["ann@a.test"]
+    assert resolve("postmaster@a.test", ex) == ["postmaster@a.test"]
+    assert resolve("whoever@b.test", ex) is None
+    assert not owns("bob@a.test", "whoever@a.test", ex("whoever@a.test"))
+    assert owns("bob@a.test", "bob@a.test", None)

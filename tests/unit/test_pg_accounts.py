@@ -1,0 +1,159 @@
+"""Accounts on a real PostgreSQL: the CLI's writes, and a node's live copy seeing them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+
+import asyncpg
+import pytest
+
+from postroom.address import Address
+from postroom.errors import AccountError
+from postroom.sasl import derive_scram_keys
+from postroom.storage.postgresql import db
+from postroom.storage.postgresql.accounts import LiveAccounts, PgAccounts
+
+DOMAINS = ("a.test", "b.test")
+
+
+def addr(text: str) -> Address:
+    local, _, domain = text.partition("@")
+    return Address(local, domain)
+
+
+@pytest.fixture
+def admin(pg_url: str) -> Iterator[PgAccounts]:
+    store = PgAccounts(pg_url, DOMAINS)  # applies the migrations
+    yield store
+    store.close()
+
+
+async def watched(url: str) -> tuple[LiveAccounts, db.Watcher]:
+    """A node's live copy, loaded by a watcher of its own."""
+    live = LiveAccounts(DOMAINS)
+    watcher = db.Watcher(url, [live])
+    await watcher.start()
+    return live, watcher
+
+
+async def until(check: Callable[[], bool], timeout: float = 1.0) -> float:
+    """Seconds until ``check()`` holds; fails after ``timeout`` (the promise is a second)."""
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < timeout, "not seen in time"
+        await asyncio.sleep(0.005)
+    return time.monotonic() - start
+
+
+def test_admin_users_and_passwords(admin: PgAccounts) -> None:
+    admin.add_user(addr("Ann@a.test"), "pw1")
+    with pytest.raises(AccountError, match="already exists"):
+        admin.add_user(addr("ann@a.test"), "pw2")
+    assert admin.user_exists("ann@a.test")
+    assert admin.list_users() == ["ann@a.test"]
+    admin.set_password(addr("ann@a.test"), "pw2")
+    with pytest.raises(AccountError, match="no such user"):
+        admin.set_password(addr("bob@a.test"), "x")
+    with pytest.raises(AccountError, match="no such user"):
+        admin.delete_user(addr("bob@a.test"))
+
+
+def test_alias_targets_must_exist_and_user_del_cleans_aliases(admin: PgAccounts) -> None:
+    admin.add_user(addr("ann@a.test"), "pw")
+    with pytest.raises(AccountError, match=r"target nobody@a\.test is no user or alias here"):
+        admin.add_alias("sales@a.test", ["ann@a.test", "nobody@a.test"])
+    assert admin.list_aliases() == {}  # all or nothing
+    admin.add_alias("sales@a.test", ["ann@a.test", "x@remote.test"])
+    admin.add_alias("team@a.test", ["sales@a.test", "ann@a.test"])  # an alias is fine
+    admin.add_alias("@b.test", ["ann@a.test"])  # catch-all
+    assert admin.alias_targets("sales@a.test") == ["ann@a.test", "x@remote.test"]
+    assert admin.delete_user(addr("ann@a.test")) == ["@b.test", "sales@a.test", "team@a.test"]
+    assert admin.list_aliases() == {
+        "sales@a.test": ["x@remote.test"],
+        "team@a.test": ["sales@a.test"],
+    }
+    admin.delete_alias("team@a.test")
+    with pytest.raises(AccountError, match="no such alias"):
+        admin.delete_alias("team@a.test")
+
+
+def test_live_copy_sees_every_change_within_a_second(pg_url: str, admin: PgAccounts) -> None:
+    admin.add_user(addr("ann@a.test"), "old")
+
+    async def main() -> None:
+        live, watcher = await watched(pg_url)
+        try:
+            assert live.user_exists("ann@a.test")
+            assert live.verify_password("ANN@a.test", "old") == "ann@a.test"
+            await asyncio.to_thread(admin.add_user, addr("bob@a.test"), "pw")
+            await until(lambda: live.user_exists("bob@a.test"))
+            await asyncio.to_thread(admin.set_password, addr("ann@a.test"), "new")
+            await until(lambda: live.verify_password("ann@a.test", "new") == "ann@a.test")
+            assert live.verify_password("ann@a.test", "old") is None  # the cache forgot it
+            await asyncio.to_thread(admin.add_alias, "sales@a.test", ["bob@a.test"])
+            await until(lambda: live.expand("sales@a.test") == ["bob@a.test"])
+            assert live.owns("bob@a.test", "sales@a.test")
+            await asyncio.to_thread(admin.delete_user, addr("bob@a.test"))
+            await until(lambda: not live.user_exists("bob@a.test"))
+            await until(lambda: live.expand("sales@a.test") is None)
+            assert live.resolve("sales@a.test") is None
+            found = live.scram_keys("ann@a.test")
+            assert found is not None
+            keys = found[1]
+            assert derive_scram_keys("new", keys.salt, keys.iterations) == keys
+        finally:
+            await watcher.close()
+
+    asyncio.run(main())
+
+
+def test_catch_all_and_postmaster(pg_url: str, admin: PgAccounts) -> None:
+    admin.add_user(addr("ann@a.test"), "pw")
+    admin.add_alias("@a.test", ["ann@a.test"])
+
+    async def main() -> None:
+        live, watcher = await watched(pg_url)
+        try:
+            assert live.resolve("whoever@a.test") == ["ann@a.test"]
+            assert live.resolve("postmaster@a.test") == ["postmaster@a.test"]  # not the catch-all
+            assert live.resolve("whoever@b.test") is None
+            assert not live.owns("ann@a.test", "whoever@a.test")  # no sending as anyone
+        finally:
+            await watcher.close()
+
+    asyncio.run(main())
+
+
+def test_live_copy_reloads_after_losing_its_connection(
+    pg_url: str, admin: PgAccounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "RECONNECT_DELAY", 0.05)
+
+    async def main() -> None:
+        live, watcher = await watched(pg_url)
+        try:
+            other = await asyncpg.connect(pg_url)
+            # Kill the listener, then change something while it is away: no notification
+            # reaches it, the full load after reconnecting must bring the change.
+            killed = await other.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = 'postroom-watch' AND datname = current_database()"
+            )
+            assert killed == 1
+            await asyncio.to_thread(admin.add_user, addr("late@a.test"), "pw")
+            await other.close()
+            await until(lambda: live.user_exists("late@a.test"), timeout=3)
+        finally:
+            await watcher.close()
+
+    asyncio.run(main())
+
+
+def test_start_fails_when_postgresql_is_away() -> None:
+    async def main() -> None:
+        await watched("postgresql://postgres@127.0.0.1:1/none")
+
+    with pytest.raises(Exception, match="PostgreSQL"):
+        asyncio.run(main())

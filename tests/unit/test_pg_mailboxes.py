@@ -1,0 +1,188 @@
+"""Mailboxes on a real PostgreSQL: copies made at intake and by later attempts, exactly once;
+the POP3 maildrop across nodes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from postroom.errors import MailboxInUse
+from postroom.storage.interfaces import LocalCopy
+from tests.pgnode import nodes, read, run
+
+MESSAGE = b"Subject: hi\r\n\r\nline one\r\n.dot line\r\n"
+
+
+def test_intake_copies_are_the_stored_message_with_crlf(pg_url: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, b):
+            env = await a.accept(["ann@a.test", "bob@a.test"], message=MESSAGE)
+            drop = b.maildrop("ann@a.test")
+            messages = await drop.open()
+            try:
+                expected = b"Return-Path: <s@x.test>\r\n" + MESSAGE
+                assert [(m.uid, m.size) for m in messages] == [(f"{env.id}.0", len(expected))]
+                assert await read(drop, 1) == expected
+            finally:
+                await drop.close()
+            drop = a.maildrop("bob@a.test")
+            assert [m.uid for m in await drop.open()] == [f"{env.id}.1"]
+            await drop.close()
+            # Nothing was left in the queue: every recipient was done in the commit.
+            assert a.queue.entries() == []
+
+    run(main())
+
+
+def test_a_later_attempt_makes_each_copy_once(pg_url: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, b):
+            env = await a.accept(remote=["r@remote.test"], next_attempt=0)
+            await a.queue.record(env, [])
+            (claimed,) = await b.queue.claim(1e12, 10)
+            copies = [LocalCopy(0, "ann@a.test")]
+            assert await b.mailboxes.deliver(claimed, copies) == [None]
+            drop = a.maildrop("ann@a.test")
+            assert len(await drop.open()) == 1
+            # Fetched and deleted before the attempt was recorded; then the node died and the
+            # attempt runs again elsewhere: the copy is not made a second time.
+            assert await drop.update(deleted=[1], seen=[]) == 0
+            await drop.close()
+            assert await a.mailboxes.deliver(claimed, copies) == [None]
+            drop = a.maildrop("ann@a.test")
+            assert await drop.open() == []
+            await drop.close()
+
+    run(main())
+
+
+def test_in_use_across_nodes_and_released_at_close(pg_url: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, b):
+            await a.accept(["ann@a.test"])
+            first = a.maildrop("ann@a.test")
+            await first.open()
+            with pytest.raises(MailboxInUse):
+                await b.maildrop("ann@a.test").open()
+            with pytest.raises(MailboxInUse):
+                await a.maildrop("ann@a.test").open()  # the same node, another session
+            other = b.maildrop("bob@a.test")
+            await other.open()  # another mailbox is free
+            await other.close()
+            await first.close()
+            again = b.maildrop("ann@a.test")
+            await again.open()
+            await again.close()
+
+    run(main())
+
+
+def test_dele_applied_at_quit_only_and_uidls_stable(pg_url: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, b):
+            for _ in range(3):
+                await a.accept(["ann@a.test"])
+            drop = a.maildrop("ann@a.test")
+            uids = [m.uid for m in await drop.open()]
+            assert len(set(uids)) == 3
+            await drop.close()  # dropped without QUIT: nothing applied
+            drop = b.maildrop("ann@a.test")
+            assert [m.uid for m in await drop.open()] == uids
+            assert await drop.update(deleted=[1, 2], seen=[3]) == 0
+            await drop.close()
+            drop = a.maildrop("ann@a.test")
+            assert [m.uid for m in await drop.open()] == uids[2:]
+            assert drop._rows[0][1] == "S"
+            await drop.close()
+
+    run(main())
+
+
+def test_lock_dies_with_the_connection_and_its_quit_applies_nothing(
+    pg_url: str, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, b):
+            await a.accept(["ann@a.test"])
+            first = a.maildrop("ann@a.test")
+            await first.open()
+            killer = await asyncpg.connect(pg_url)
+            killed = await killer.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_locks"
+                " WHERE locktype = 'advisory' AND pid <> pg_backend_pid()"
+            )
+            await killer.close()
+            assert killed == 1
+            second = b.maildrop("ann@a.test")
+            for _ in range(100):  # the backend takes a moment to go
+                try:
+                    messages = await second.open()
+                    break
+                except MailboxInUse:
+                    await asyncio.sleep(0.02)
+            assert len(messages) == 1
+            assert await first.update(deleted=[1], seen=[]) == 1  # its lock is gone
+            await first.close()
+            await second.close()
+            check = a.maildrop("ann@a.test")
+            assert len(await check.open()) == 1
+            await check.close()
+
+    run(main())
+
+
+def test_messages_read_ahead_and_in_slices(pg_url: str, tmp_path: Path) -> None:
+    big = b"".join(b"line %07d of a long message\r\n" % i for i in range(40_000))
+
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, b):
+            for i in range(5):
+                await a.accept(["ann@a.test"], message=MESSAGE + b"%d\r\n" % i)
+            await a.accept(["ann@a.test"], message=big)  # spilled to a file while received
+            drop = b.maildrop("ann@a.test")
+            messages = await drop.open()
+            assert drop.read_now(1) is None  # nothing read yet
+            first = b"".join([p async for p in drop.chunks(1)])
+            assert first.endswith(MESSAGE + b"0\r\n")
+            for n in (2, 3, 4, 5):  # read ahead with the first: at hand now
+                now = drop.read_now(n)
+                assert now is not None and now.endswith(b"%d\r\n" % (n - 1))
+            pieces = [p async for p in drop.chunks(6, 100_000)]
+            whole = b"".join(pieces)
+            assert len(pieces) > 1 and len(whole) == messages[5].size
+            assert whole.endswith(big)
+            await drop.close()
+            assert list((tmp_path / "node0").iterdir()) == []  # the spill file is gone
+
+    run(main())
+
+
+def test_postgresql_restart_fails_intake_then_heals(pg_durable: object, tmp_path: Path) -> None:
+    from postroom.errors import TemporaryStorageError
+    from tests.pgserver import PgServer
+
+    assert isinstance(pg_durable, PgServer)
+    server = pg_durable
+    url = server.new_database()
+
+    async def main() -> None:
+        async with nodes(url, tmp_path) as (a, b):
+            await a.accept(["ann@a.test"])
+            server.stop("immediate")  # as a crash: recovery from the WAL at the next start
+            with pytest.raises(TemporaryStorageError):  # the client gets 452, sends again
+                await a.accept(["ann@a.test"])
+            server.start()
+            for _ in range(200):  # the pool drops dead connections and makes new ones
+                try:
+                    await a.accept(["ann@a.test"])
+                    break
+                except TemporaryStorageError:
+                    await asyncio.sleep(0.05)
+            drop = b.maildrop("ann@a.test")
+            assert len(await drop.open()) == 2
+            await drop.close()
+
+    run(main())

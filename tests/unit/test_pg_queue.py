@@ -1,0 +1,245 @@
+"""The queue on a real PostgreSQL: shared commits, claims under leases across nodes, take-over
+after a lease runs out, NOTIFY, per-destination slots across nodes, the CLI's view; and the
+DKIM keys every node shares."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from postroom.auth.keys import KeyRing
+from postroom.errors import LeaseLost, QueueError
+from postroom.queue.envelope import Attempt
+from postroom.storage.postgresql import db
+from postroom.storage.postgresql.keys import KeysChanged, PgKeyStore
+from postroom.storage.postgresql.slots import PgSlots
+from tests.pgnode import migrate, nodes, run
+
+FAR = 1e12  # "now" far ahead: everything is due
+
+
+def test_concurrent_intake_shares_commits(pg_url: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path, count=1) as (a,):
+            committer = a.queue.committer
+            assert committer is not None
+            batches: list[int] = []
+            insert = committer._insert
+
+            async def counting(batch: list) -> None:  # type: ignore[type-arg]
+                batches.append(len(batch))
+                await insert(batch)
+
+            committer._insert = counting  # type: ignore[method-assign]
+            await asyncio.gather(*(a.accept(["ann@a.test"]) for _ in range(60)))
+            assert sum(batches) == 60
+            assert len(batches) < 20, batches  # many messages per commit, not one each
+            drop = a.maildrop("ann@a.test")
+            assert len(await drop.open()) == 60
+            await drop.close()
+
+    run(main())
+
+
+def test_claims_on_two_nodes_never_take_the_same_message(pg_url: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, b):
+            ids = set()
+            for _ in range(40):
+                env = await a.accept(remote=["r@remote.test"])
+                await a.queue.record(env, [])  # deferred, due at once, no lease
+                ids.add(env.id)
+            taken: list[list[str]] = [[], []]
+
+            async def claimer(node_index: int) -> None:
+                node = (a, b)[node_index]
+                while got := await node.queue.claim(FAR, 3):
+                    taken[node_index] += [e.id for e in got]
+                    await asyncio.sleep(0)
+
+            await asyncio.gather(claimer(0), claimer(1))
+            assert sorted(taken[0] + taken[1]) == sorted(ids)  # each once
+            assert taken[0] and taken[1]
+
+    run(main())
+
+
+def test_a_lease_keeps_others_off_until_it_runs_out(pg_url: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path, lease=1.0) as (a, b):
+            env = await a.accept(remote=["r@remote.test"])  # A makes its first attempt
+            assert await b.queue.claim(FAR, 10) == []  # held by A's lease
+            await asyncio.sleep(1.3)  # A stalls (or died): its lease runs out
+            (taken,) = await b.queue.claim(FAR, 10)
+            assert taken.id == env.id
+            with pytest.raises(LeaseLost):  # A may not dial any more
+                await a.queue.begin_attempt(env)
+            await a.queue.record(env, [Attempt(2.0, ["r@remote.test"], None, None, "x")])
+            taken.recipients[0].status = "delivered"
+            await b.queue.finish(taken, [])
+            assert a.queue.entries() == []
+
+    run(main())
+
+
+def test_a_running_node_renews_its_leases(pg_url: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path, lease=1.0) as (a, b):
+            a.queue.start()
+            env = await a.accept(remote=["r@remote.test"])
+            await asyncio.sleep(2.0)  # two leases long: renewed meanwhile
+            assert await b.queue.claim(FAR, 10) == []
+            env.attempts, env.next_attempt = 2, 5.0
+            await a.queue.begin_attempt(env)  # still A's
+            await a.queue.close()  # a node that stops hands its messages back at once
+            (taken,) = await b.queue.claim(FAR, 10)
+            assert taken.id == env.id and taken.attempts == 2 and taken.next_attempt == 5.0
+
+    run(main())
+
+
+def test_state_and_history_survive_in_the_shared_row(pg_url: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, b):
+            env = await a.accept(
+                ["ann@a.test"], remote=["r@remote.test"], message=b"Subject: s\r\n\r\nx\r\n"
+            )
+            env.recipients[1].status, env.recipients[1].last_error = "deferred", "451 later"
+            env.next_attempt = 100.0
+            await a.queue.record(env, [Attempt(2.0, ["r@remote.test"], "mx", "1.2.3.4", "451")])
+            assert await b.queue.claim(99.0, 10) == []  # not due yet
+            (taken,) = await b.queue.claim(100.0, 10)
+            assert [r.status for r in taken.recipients] == ["delivered", "deferred"]
+            assert taken.history[0].host == "mx"
+            assert await b.queue.body(taken) == b"Return-Path: <s@x.test>\nSubject: s\n\nx\n"
+            shown = b.queue.load(env.id)
+            assert shown.recipients[1].last_error == "451 later"
+            assert b.queue.head(shown, 15) == b"Return-Path: <s"
+            with pytest.raises(QueueError):
+                b.queue.load("NOSUCHID")
+
+    run(main())
+
+
+def test_a_node_that_dies_after_intake_leaves_no_copy_to_make_again(
+    pg_url: str, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path, lease=1.0) as (a, b):
+            await a.accept(["ann@a.test"], remote=["r@remote.test"])
+            # A dies before recording its first attempt; B takes the message over.
+            await asyncio.sleep(1.2)
+            (taken,) = await b.queue.claim(FAR, 10)
+            assert taken.recipients[0].status == "delivered"  # made in the intake commit
+
+    run(main())
+
+
+def test_flush_and_delete_reach_every_node(pg_url: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, b):
+            watcher = db.Watcher(pg_url, [b.queue])
+            await watcher.start()
+            deleted: list[str] = []
+            b.queue.on_deleted = deleted.append
+            try:
+                env = await a.accept(remote=["r@remote.test"], next_attempt=time.time() + 3600)
+                await a.queue.record(env, [])
+                await b.queue.claim(time.time(), 10)  # nothing due: it learns when next is
+                started = time.monotonic()
+                waiting = asyncio.ensure_future(b.queue.wait(30))
+                await asyncio.sleep(0.1)
+                assert await asyncio.to_thread(a.queue.flush) == 1  # as the CLI does
+                await asyncio.wait_for(waiting, 5)
+                assert time.monotonic() - started < 5  # woken, not timed out
+                (taken,) = await b.queue.claim(time.time(), 10)
+                await a.queue.delete(env.id)
+                for _ in range(100):
+                    if deleted:
+                        break
+                    await asyncio.sleep(0.02)
+                assert deleted == [env.id]
+                with pytest.raises(LeaseLost):
+                    await b.queue.begin_attempt(taken)
+                with pytest.raises(QueueError):
+                    await a.queue.delete(env.id)
+            finally:
+                await watcher.close()
+
+    run(main())
+
+
+def test_add_waiting_queues_a_message_due_now(pg_url: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, b):
+            qid = await asyncio.to_thread(
+                a.queue.add_waiting, "", ["rua@remote.test"], b"Subject: r\r\n\r\nx\r\n"
+            )
+            (taken,) = await b.queue.claim(time.time(), 10)
+            assert taken.id == qid and taken.sender == ""
+            assert await b.queue.body(taken) == b"Return-Path: <>\nSubject: r\n\nx\n"
+
+    run(main())
+
+
+def test_destination_slots_hold_across_nodes(pg_url: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, b):
+            slots = [
+                PgSlots(a.database, a.queue.node, 60.0),
+                PgSlots(b.database, b.queue.node, 60.0),
+            ]
+            running = 0
+            most = 0
+
+            async def deliver(i: int) -> None:
+                nonlocal running, most
+                async with slots[i % 2].slot("remote.test", 2):
+                    running += 1
+                    most = max(most, running)
+                    await asyncio.sleep(0.05)
+                    running -= 1
+
+            await asyncio.gather(*(deliver(i) for i in range(8)))
+            assert most == 2
+
+    run(main())
+
+
+def test_dkim_keys_are_shared_and_clashes_are_caught(pg_url: str) -> None:
+    async def main() -> None:
+        await migrate(pg_url)
+        node = PgKeyStore(pg_url, live=True)
+        watcher = db.Watcher(pg_url, [node])
+        await watcher.start()
+        cli = PgKeyStore(pg_url, live=False)
+        try:
+            keys = await asyncio.to_thread(KeyRing(cli, 3600).ensure, "a.test", 1000.0)
+            for _ in range(100):
+                if node.load("a.test"):
+                    break
+                await asyncio.sleep(0.02)
+            assert [k.selector for k in node.load("a.test")] == [k.selector for k in keys]
+            version = node.version("a.test")
+            # The node confirms a key while the CLI rotates: one of them must not win blindly.
+            stale = node.load("a.test")
+            await asyncio.to_thread(KeyRing(cli, 3600).rotate, "a.test", 2000.0)
+            await asyncio.to_thread(node.save, "a.test", stale[:1])  # refused: takes theirs
+            assert {k.created for k in node.load("a.test")} == {2000.0}
+            assert node.version("a.test") != version
+            cli.load("a.test")
+            other = PgKeyStore(pg_url, live=False)
+            other.load("a.test")
+            await asyncio.to_thread(KeyRing(other, 3600).rotate, "a.test", 3000.0)
+            with pytest.raises(KeysChanged):
+                await asyncio.to_thread(cli.save, "a.test", [])
+            other.close()
+        finally:
+            cli.close()
+            node.close()
+            await watcher.close()
+
+    run(main())
