@@ -169,9 +169,10 @@ def test_a_dead_workers_sessions_stop_counting(server_factory: ServerFactory) ->
     for c in clients:
         assert c.recv(100).startswith(b"220")
     assert value(scrape(srv), "postroom_sessions_open", service="smtp") == len(clients)
-    log = srv.log.read_text()
+    log = wait_log(srv, "worker 1 started")
     (pid,) = [int(p) for p in re.findall(r"worker 1 started, pid (\d+)", log)]
-    assert f"smtpd[{pid}]: connect from" in log  # the kernel gave it some of them
+    # The kernel gave it some of them (log lines are written in batches: wait for them).
+    wait_log(srv, f"smtpd[{pid}]: connect from")
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 15
     while "starting it again" not in srv.log.read_text():
