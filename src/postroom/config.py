@@ -3,7 +3,7 @@
 Every key is declared once, in the dataclasses below, with its type and default. An unknown key
 or a value of the wrong shape raises :class:`ConfigError` naming the key, so a typo never runs
 silently with a default. Durations take ``s``/``m``/``h``/``d``; sizes take ``KB``/``MB``/``GB``
-(powers of 1024). The contract is ``shared/CONTRACT.md``; extensions are documented in README.
+(powers of 1024). Every key is documented in docs/configuration.md.
 """
 
 from __future__ import annotations

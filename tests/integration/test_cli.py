@@ -1,4 +1,4 @@
-"""The CLI per CONTRACT.md: exit codes, -c before or after the subcommand, user/alias/queue."""
+"""The documented CLI: exit codes, -c before or after the subcommand, user/alias/queue."""
 
 from __future__ import annotations
 
