@@ -304,7 +304,7 @@ def build_dsn(
 
     orig_id = _header_value(head, b"Message-ID")
     lines = [
-        _field("From", f"MAILER-DAEMON@{hostname}", utf8=utf8),  # as documented in docs/configuration.md (bounces)
+        _field("From", f"MAILER-DAEMON@{hostname}", utf8=utf8),  # the documented bounce sender
         _field("To", f"<{sender}>", utf8=utf8),
         _field("Subject", _subject(actions), utf8=utf8),
         _field("Date", format_date(when), utf8=utf8),
