@@ -140,7 +140,7 @@ class DNSConfig:
 
     nameservers: tuple[Endpoint, ...] = ()
     timeout: Duration = Duration(10)
-    # Answers kept by the sender-authentication checks (each for its TTL).
+    # Answers kept by MX routing and by the sender-authentication checks (each for its TTL).
     cache_size: int = 10000
 
 

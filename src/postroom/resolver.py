@@ -138,7 +138,10 @@ class DnsResolver:
         max_mx: int = MAX_MX_HOSTS,
     ) -> None:
         res = async_resolver(cfg)
-        res.cache = None  # TTLs are honoured by not caching at all; the queue retries slowly
+        # Answers (negative ones too, for the SOA minimum: RFC 2308 §5) are kept for their TTL,
+        # up to ``[dns] cache_size`` of them; failures are not kept, so a retry asks again.
+        # Without it every relayed message cost three round trips (MX, A, AAAA).
+        res.cache = dns.resolver.LRUCache(cfg.cache_size)
         self._res = res
         self._rng = rng or random.Random()
         self._max_mx = max_mx

@@ -205,3 +205,31 @@ def test_drop_self_keeps_better_mx_only() -> None:
     assert loop.failure.permanent
     untouched = Route((better,))
     assert drop_self(untouched, hostnames=["mx.a.test"], listeners=[], port=25) is untouched
+
+
+def test_answers_are_kept_for_their_ttl() -> None:
+    """A second route to the same domain asks DNS nothing while the answers live (TTL 1 s
+    here), and asks again once they expired."""
+    import time
+
+    from tests.dnszone import LoopbackDNS
+
+    dns_server = LoopbackDNS()
+    try:
+        dns_server.mx("cached.test", 10, "mx.cached.test")
+        dns_server.a("mx.cached.test", "192.0.2.7")
+        cfg = DNSConfig(nameservers=((dns_server.address, dns_server.port),), timeout=Duration(2))
+        resolver = DnsResolver(cfg, rng=random.Random(1))
+
+        async def twice() -> tuple[Route, Route]:
+            first = await resolver.route("cached.test")
+            dns_server.remove("mx.cached.test", "A")
+            dns_server.a("mx.cached.test", "192.0.2.8")
+            return first, await resolver.route("cached.test")
+
+        first, second = asyncio.run(twice())
+        assert first.targets[0].addresses == ("192.0.2.7",) == second.targets[0].addresses
+        time.sleep(1.1)
+        assert asyncio.run(resolver.route("cached.test")).targets[0].addresses == ("192.0.2.8",)
+    finally:
+        dns_server.stop()
