@@ -1,4 +1,4 @@
-"""postroom under test: a config TOML per the contract, users via the CLI, ``serve`` as a child.
+"""postroom under test: a config TOML, users via the CLI, ``serve`` as a child.
 
 The command defaults to ``<this python> -m postroom`` with the repository's ``src/`` first on
 PYTHONPATH (so an uninstalled checkout works); ``--postroom-cmd`` overrides it, e.g. with an
@@ -59,7 +59,7 @@ def environment() -> dict[str, str]:
 
 
 def config_toml(spec: PostroomSpec) -> str:
-    """The config: keys from the contract, plus ``[auth] allow_plaintext`` (for plaintext POP3),
+    """The config: the basic keys, plus ``[auth] allow_plaintext`` (for plaintext POP3),
     ``workers``/``pin_cpus`` only where ``bench/run.py`` was told (else postroom's defaults,
     which are what a user gets), and the sender-authentication switches ``[auth] checks`` and
     ``dkim_sign``."""

@@ -11,8 +11,8 @@ Text lines follow Postfix's shapes, so that pflogsumm-style tools read them: the
 delay=..., dsn=..., status=sent|deferred|bounced (reply)`` per recipient and attempt,
 ``NOQUEUE: reject: RCPT from [ip]: 550 5.1.1 <...>: ...; from=<...> to=<...>``, ``warning:`` on
 failed logins. JSON lines carry the same facts as fields (``accepted`` and ``delivery`` with the
-keys the README lists). Security: no function here takes a password, a SASL payload or message
-content; values that come from the network reach text lines only through ``logs.py``, which
+keys docs/operations.md lists). Security: no function here takes a password, a SASL payload or
+message content; values that come from the network reach text lines only through ``logs.py``, which
 replaces control characters (no forged lines).
 """
 

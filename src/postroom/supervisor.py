@@ -8,8 +8,8 @@ after the drop), checks them, and sends both to every worker over the worker's s
 each worker loads the pair into its live TLS context (every listener, implicit TLS included,
 uses it for the next handshake) and applies the new settings to new sessions. What cannot
 change without new sockets or processes (``listen``, ``data_dir``, ``user``, ``workers``,
-``pin_cpus``) is logged as needing a restart. A reload that fails keeps what runs: a bad
-config keeps the old one whole; a certificate or key that cannot be read or does not match
+``pin_cpus``, ``storage``) is logged as needing a restart. A reload that fails keeps what runs:
+a bad config keeps the old one whole; a certificate or key that cannot be read or does not match
 keeps the old pair (the rest of the new config applies), and the log names the file.
 
 Workers die with the supervisor (PR_SET_PDEATHSIG). A worker that dies after it was ready is

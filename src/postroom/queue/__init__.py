@@ -1,1 +1,1 @@
-"""The durable queue: spool files (store), retry timing (schedule) and the worker (runner)."""
+"""The queue: what it knows of a message (envelope), retry timing (schedule), the runner."""

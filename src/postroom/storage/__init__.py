@@ -1,1 +1,1 @@
-"""Everything postroom keeps on disk besides the queue: mailboxes and the account store."""
+"""Everything postroom keeps: the queue, the mailboxes, the accounts, behind interfaces."""

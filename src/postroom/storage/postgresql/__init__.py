@@ -1,4 +1,4 @@
-"""The PostgreSQL backend: accounts, aliases and mailboxes that several nodes share.
+"""The PostgreSQL backend: accounts, mailboxes, the queue and DKIM keys that nodes share.
 
 ``db.py`` connects (asyncpg, a pool per worker process), ``migrations.py`` keeps the schema
 current, ``accounts.py`` and ``mailboxes.py`` are the stores. Everything else in postroom sees
