@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,7 +80,7 @@ class PgServer:
     def _run(self, cmd: list[str]) -> None:
         subprocess.run(cmd, check=True, capture_output=True, timeout=120, **self._as_owner())
 
-    def _as_owner(self) -> dict[str, object]:
+    def _as_owner(self) -> dict[str, Any]:  # subprocess's keyword arguments
         if self._user is None:
             return {}
         return {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
@@ -114,7 +115,7 @@ class PgServer:
             stdout=log,
             stderr=log,
             start_new_session=True,
-            **self._as_owner(),  # type: ignore[call-overload]
+            **self._as_owner(),
         )
         log.close()
         deadline = time.monotonic() + 30
