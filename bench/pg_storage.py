@@ -8,13 +8,17 @@ storage layer alone (no SMTP, no POP3 wire):
 1. **Body storage** -- ``bytea`` compressed (EXTENDED with pglz, PostgreSQL's default, or lz4),
    ``bytea`` uncompressed (EXTERNAL, what postroom uses) and large objects: inserts/s of 10 KiB and
    1 MiB bodies, and reads/s of whole bodies and of 256 KiB slices.
-2. **Delivery** -- :meth:`PgMailboxes.deliver` of 1 KiB messages, one and ``--concurrency`` at a
-   time (concurrent commits share WAL flushes), messages/s.
+2. **Delivery** -- 1 KiB messages for one local recipient, one and ``--concurrency`` at a
+   time, messages/s: the intake (:meth:`PgQueue.accept`, the copy stored in the commit that
+   accepts the message; concurrent messages share commits) and a later attempt
+   (:meth:`PgMailboxes.deliver`, body read from the queue row, one commit per message).
 3. **POP3 read** -- a :class:`PgMaildrop` session over 5,000 x 10 KiB messages doing RETR of
    each in order (read-ahead) and DELE of all at QUIT: messages/s.
-4. **Accounts** -- ``--users`` users loaded into a node's live copy: load time, memory per user,
-   lookups (``resolve``) per second, and the time from a CLI change to the copy seeing it.
+4. **Accounts** -- ``--users`` users loaded into a node's live copy (:class:`LiveAccounts`
+   under its :class:`Watcher`): load time, memory per user, lookups (``resolve``) per second,
+   and the time from a change committed elsewhere to the copy seeing it.
 
+The stores are the ones a node serves from (``storage/factory.py`` ``open_node``).
 Not run by CI. Needs PostgreSQL installed (apt-get install postgresql).
 """
 
@@ -25,8 +29,10 @@ import asyncio
 import os
 import statistics
 import sys
+import tempfile
 import time
 import tracemalloc
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -37,11 +43,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tests.pgserver import PgServer, need_postgresql  # noqa: E402
 
+from postroom import config  # noqa: E402
 from postroom.address import Address  # noqa: E402
-from postroom.storage.postgresql import migrations  # noqa: E402
-from postroom.storage.postgresql.accounts import AccountAdmin, LiveAccounts  # noqa: E402
-from postroom.storage.postgresql.db import Database  # noqa: E402
-from postroom.storage.postgresql.mailboxes import PgMailboxes  # noqa: E402
+from postroom.blocking import BlockingPool  # noqa: E402
+from postroom.queue.envelope import Envelope, Recipient, new_queue_id  # noqa: E402
+from postroom.storage.factory import NodeStores, open_node  # noqa: E402
+from postroom.storage.interfaces import LocalCopy  # noqa: E402
+from postroom.storage.postgresql.accounts import LiveAccounts, PgAccounts  # noqa: E402
+from postroom.storage.postgresql.db import Watcher  # noqa: E402
 
 
 def sample_mail(size: int) -> bytes:
@@ -132,36 +141,63 @@ async def bodies(url: str, rounds: int) -> None:
     await conn.close()
 
 
-async def delivery(db: Database, messages: int, concurrency: int) -> None:
-    print("2. delivery of 1 KiB messages (one recipient each; one commit per message)")
-    boxes = PgMailboxes(db)
+async def worker(step: Callable[[int], Awaitable[None]], counter: Iterator[int]) -> None:
+    for i in counter:  # shared by the workers: each number is taken once
+        await step(i)
+
+
+def mail(sender: str, rcpt: str) -> Envelope:
+    return Envelope(new_queue_id(), sender, [Recipient(rcpt)], time.time())
+
+
+async def delivery(node: NodeStores, messages: int, concurrency: int) -> None:
+    print("2. delivery of 1 KiB messages, one local recipient each")
     message = b"Subject: bench\r\n\r\n" + b"x" * 1000 + b"\r\n"
-    for parallel in (1, concurrency):
-        counter = iter(range(messages))
 
-        async def worker(counter: object = counter, tag: str = f"d{parallel}") -> None:
-            assert isinstance(counter, type(iter(range(0))))
-            for i in counter:
-                result = await boxes.deliver(
-                    f"{tag}Q{i}", "s@x.test", [f"u{i % 50}@a.test"], message
-                )
-                assert result == [None]
+    async def intake(i: int) -> None:
+        # What SMTP does for a local recipient: the copy is committed with the message.
+        envelope = mail("s@x.test", f"u{i % 50}@a.test")
+        draft = node.queue.draft(envelope.id, envelope.sender)
+        draft.write(message)
+        copy = LocalCopy(0, envelope.recipients[0].address)
+        assert await node.queue.accept(envelope, draft, [copy]) == [None]
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(parallel)))
-        print(f"   {parallel:3d} at a time: {rate(messages, time.perf_counter() - start)}")
+    # A later attempt (a DSN queued by the CLI, say): the body is read back from its queue row.
+    later = [mail("s@x.test", f"v{i % 50}@a.test") for i in range(messages * 2)]
+    async with node.database.pool.acquire() as conn:
+        await conn.executemany(
+            "INSERT INTO queue (id, created, next_attempt, envelope, body)"
+            " VALUES ($1, $2, 1e12, $3, $4)",
+            [(e.id, e.created, e.to_json().decode(), message) for e in later],
+        )
+    pending = iter(later)
+
+    async def attempt(_i: int) -> None:
+        envelope = next(pending)
+        copy = LocalCopy(0, envelope.recipients[0].address)
+        assert await node.mailboxes.deliver(envelope, [copy]) == [None]
+
+    for name, step in (
+        ("intake, the copy in the accepting commit (PgQueue.accept)", intake),
+        ("later attempt, one commit each (PgMailboxes.deliver)", attempt),
+    ):
+        print(f"   {name}:")
+        for parallel in (1, concurrency):
+            counter = iter(range(messages))
+            start = time.perf_counter()
+            await asyncio.gather(*(worker(step, counter) for _ in range(parallel)))
+            print(f"   {parallel:5d} at a time: {rate(messages, time.perf_counter() - start)}")
 
 
-async def pop3(db: Database, count: int) -> None:
+async def pop3(node: NodeStores, count: int) -> None:
     print(f"3. POP3 session: RETR {count} x 10 KiB in order, DELE all, QUIT")
-    boxes = PgMailboxes(db)
     message = (b"Subject: bench\r\n\r\n" + b"y" * 78 + b"\r\n") * 128
-    async with db.pool.acquire() as conn:
+    async with node.database.pool.acquire() as conn:
         await conn.executemany(
             "INSERT INTO messages (mailbox, uidl, size, body) VALUES ($1, $2, $3, $4)",
             [("pop@a.test", f"P{i}", len(message), message) for i in range(count)],
         )
-    drop = boxes.maildrop("pop@a.test")
+    drop = node.maildrops.maildrop("pop@a.test")
     start = time.perf_counter()
     listed = await drop.open()
     octets = 0
@@ -171,6 +207,7 @@ async def pop3(db: Database, count: int) -> None:
             body = b"".join([p async for p in drop.chunks(n)])
         octets += len(body)
     retr = time.perf_counter() - start
+    assert octets == count * len(message)
     assert await drop.update(list(range(1, len(listed) + 1)), []) == 0
     total = time.perf_counter() - start
     await drop.close()
@@ -182,10 +219,10 @@ async def pop3(db: Database, count: int) -> None:
 
 async def accounts(url: str, users: int) -> None:
     print(f"4. accounts: {users:,} users and {users // 10:,} aliases in a node's live copy")
-    conn = await asyncpg.connect(url)
     # One real hash, copied: hashing 100,000 passwords would take minutes and measure argon2.
-    admin = await asyncio.to_thread(AccountAdmin, url, ["a.test"])
+    admin = await asyncio.to_thread(PgAccounts, url, ["a.test"])  # the CLI's store; migrates
     await asyncio.to_thread(admin.add_user, Address("seed", "a.test"), "pw")
+    conn = await asyncpg.connect(url)
     await conn.execute(
         "INSERT INTO users SELECT 'user' || g || '@a.test', password_hash, scram_salt,"
         " scram_iterations, scram_stored_key, scram_server_key, now()"
@@ -197,15 +234,20 @@ async def accounts(url: str, users: int) -> None:
         " FROM generate_series(1, $1) g",
         users // 10,
     )
+
+    async def node_copy() -> tuple[LiveAccounts, Watcher]:
+        live = LiveAccounts(["a.test"])  # as open_node makes it: loaded by the watcher
+        watcher = Watcher(url, [live])
+        await watcher.start()
+        return live, watcher
+
     tracemalloc.start()
-    live = LiveAccounts(url, ["a.test"])
-    await live.start()
+    live, watcher = await node_copy()
     memory = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    await live.close()
-    live = LiveAccounts(url, ["a.test"])
+    await watcher.close()
     start = time.perf_counter()
-    await live.start()
+    live, watcher = await node_copy()
     loaded = time.perf_counter() - start
     keys = [f"user{i}@a.test" for i in range(1, users, 7)] + [
         f"alias{i}@a.test" for i in range(1, users // 10, 3)
@@ -215,15 +257,15 @@ async def accounts(url: str, users: int) -> None:
         assert live.resolve(key)
     lookups = time.perf_counter() - start
     delays = []
-    for i in range(20):
-        addr = Address(f"new{i}", "a.test")
+    for i in range(20):  # committed on another connection (another node), seen by this copy
+        key = Address(f"new{i}", "a.test").key
         await conn.execute(
             "INSERT INTO users SELECT $1, password_hash, scram_salt, scram_iterations,"
             " scram_stored_key, scram_server_key, now() FROM users WHERE address='seed@a.test'",
-            addr.key,
+            key,
         )
         sent = time.perf_counter()
-        while not live.user_exists(addr.key):
+        while not live.user_exists(key):
             await asyncio.sleep(0.0005)
         delays.append(time.perf_counter() - sent)
     print(
@@ -231,24 +273,23 @@ async def accounts(url: str, users: int) -> None:
         f" resolve {rate(len(keys), lookups)}; change seen after"
         f" {statistics.median(delays) * 1000:.1f} ms (median of 20)"
     )
-    await live.close()
+    await watcher.close()
     await asyncio.to_thread(admin.close)
     await conn.close()
 
 
 async def main(args: argparse.Namespace, server: PgServer) -> None:
     url = server.new_database()
-    conn = await asyncpg.connect(url)
-    await migrations.migrate(conn)
-    await conn.close()
-    db = Database(url, 10, 4)
-    await db.open()
-    try:
-        await bodies(url, args.messages // 4)
-        await delivery(db, args.messages, args.concurrency)
-        await pop3(db, 5000)
-    finally:
-        await db.close()
+    with tempfile.TemporaryDirectory() as data_dir:
+        storage = {"backend": "postgresql", "url": url}
+        cfg = config.from_dict({"domains": ["a.test"], "data_dir": data_dir, "storage": storage})
+        node = await open_node(cfg, BlockingPool())  # migrates the schema, as a node does
+        try:
+            await bodies(url, args.messages // 4)
+            await delivery(node, args.messages, args.concurrency)
+            await pop3(node, 5000)
+        finally:
+            await node.close()
     await accounts(server.new_database(), args.users)
 
 
