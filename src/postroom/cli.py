@@ -290,19 +290,11 @@ def _cmd_alias(stores: AdminStores, args: argparse.Namespace) -> int:
     return 0
 
 
-def _queue_json(e: Envelope, advice_for: str | None = None) -> dict[str, object]:
-    """The object of ``queue list --json`` (``queue show --json`` adds the attempts, and
-    with ``advice_for``, the sender's domain, each recipient's advice)."""
-    recipients = []
-    for r in e.recipients:
-        shown: dict[str, object] = {
-            "address": r.address,
-            "status": r.status,
-            "last_error": r.last_error,
-        }
-        if advice_for is not None:
-            shown["advice"] = _advice_json(r.last_error, advice_for)
-        recipients.append(shown)
+def _queue_json(e: Envelope) -> dict[str, object]:
+    """The object of ``queue list --json``; ``queue show --json`` is it plus the attempts."""
+    recipients = [
+        {"address": r.address, "status": r.status, "last_error": r.last_error} for r in e.recipients
+    ]
     return {
         "id": e.id,
         "sender": e.sender,
@@ -382,7 +374,7 @@ def _show_queue(cfg: Config, queue: MessageQueue, args: argparse.Namespace) -> i
             attempts = [
                 {**_attempt_json(a), "advice": _advice_json(a.reply, domain)} for a in env.history
             ]
-            shown = {**_queue_json(env, domain), "size": env.size, "attempts": attempts}
+            shown = {**_queue_json(env), "attempts": attempts}
             print(json.dumps(shown, indent=2))
             return 0
         print(
