@@ -73,9 +73,17 @@ def enabled(level: int) -> bool:
     return level >= _state.level
 
 
-def emit(level: int, event: str, component: str | None, fields: Fields, text: Render) -> None:
-    """Buffer one event (cheap: its line is made when the batch is written)."""
-    if level < _state.level:
+def emit(
+    level: int,
+    event: str,
+    component: str | None,
+    fields: Fields,
+    text: Render,
+    always: bool = False,
+) -> None:
+    """Buffer one event (cheap: its line is made when the batch is written); ``always``: even
+    below ``log_level`` (the few start-up lines scripts wait for)."""
+    if level < _state.level and not always:
         return
     _buffer.append((time.time(), level, event, component, fields, text))
     if level >= WARNING or len(_buffer) >= BATCH:

@@ -164,3 +164,13 @@ def test_batched_observations_equal_observe() -> None:
         h1.labels("a").observe(v)
     events._observe_many(h2.labels("a"), values)
     assert generate_latest(one) == generate_latest(many)
+
+
+def test_start_up_lines_are_written_at_any_log_level(log: io.StringIO) -> None:
+    """Scripts (and the bench) wait for ``postroom: ready``: a quieter log_level keeps it."""
+    logs.setup(Config(hostname="mx.a.test", log_level="warning"), stream=log)
+    events.startup("ready")
+    events.note("reload", "reloaded")  # an ordinary info line stays out
+    logs.flush()
+    text = log.getvalue()
+    assert "postroom: ready" in text and "reloaded" not in text
