@@ -183,7 +183,7 @@ def bring_up(
         workers=workers,
         pin_cpus=pin_cpus,
         checks=sender_checks,
-    )
+    )  # the local node; the PostgreSQL nodes are made from it
     pg_nodes = [n for n in pgnode.HOSTS if n in wanted]
     if pg_nodes:
         try:
@@ -195,19 +195,6 @@ def bring_up(
                 lab.failed[name] = str(exc)
             print(f"bench: postroom on PostgreSQL did not start: {str(exc)[:1500]}", flush=True)
     if "postroom" in wanted:
-        spec = postroom.PostroomSpec(
-            root / "postroom",
-            HOSTS["postroom"],
-            f"mx.{DOMAIN}",
-            DOMAIN,
-            cert,
-            key,
-            nameserver=dns_addr,
-            delivery_port=postroom.PORT_SMTP,
-            workers=workers,
-            pin_cpus=pin_cpus,
-            checks=sender_checks,
-        )
         _attempt(
             lab,
             "postroom",
