@@ -170,6 +170,14 @@ def test_tls_garbage(srv: Server, service: str) -> None:
                     pass
             except ConnectionResetError:
                 pass
+    # The port still serves a real client after the garbage.
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((srv.host, srv.ports[service]), timeout=10) as raw:
+        with ctx.wrap_socket(raw) as tls:
+            greeting = tls.recv(100)
+    assert greeting.startswith(b"220" if service == "submissions" else b"+OK")
 
 
 def test_half_open_and_idle_connections(srv: Server) -> None:

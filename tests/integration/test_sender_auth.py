@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dkim
 import pytest
+import xmlschema
 
 from tests.conftest import Server, ServerFactory, insecure
 from tests.dnszone import LoopbackDNS
@@ -275,7 +276,6 @@ def test_dns_check_names_a_missing_dkim_record(
 def test_dmarc_report_reaches_rua_via_the_queue(
     server_factory: ServerFactory, dns: LoopbackDNS
 ) -> None:
-    xmlschema = pytest.importorskip("xmlschema")
     srv = server_factory(extra_toml=_toml(dns))
     srv.add_user("bob@a.test", "pw")
     srv.add_user("reports@a.test", "pw")
