@@ -174,9 +174,9 @@ def test_tls_garbage(srv: Server, service: str) -> None:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    with socket.create_connection((srv.host, srv.ports[service]), timeout=10) as raw:
-        with ctx.wrap_socket(raw) as tls:
-            greeting = tls.recv(100)
+    raw = socket.create_connection((srv.host, srv.ports[service]), timeout=10)
+    with ctx.wrap_socket(raw) as tls:
+        greeting = tls.recv(100)
     assert greeting.startswith(b"220" if service == "submissions" else b"+OK")
 
 
