@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS aliases (
 """
 
 
-class Accounts:
+class Accounts(alias_rules.AliasLookups):
     """Users and aliases in ``accounts.sqlite``. Safe to share between threads."""
 
     def __init__(self, data_dir: Path, domains: Iterable[str] = ()) -> None:
@@ -158,11 +158,6 @@ class Accounts:
     def user_exists(self, key: str) -> bool:
         row = self._db().execute("SELECT 1 FROM users WHERE address=?", (key,)).fetchone()
         return row is not None
-
-    def has_mailbox(self, key: str) -> bool:
-        """May mail be stored for local ``key``: a user, or ``postmaster@`` (always accepted,
-        RFC 5321 §4.5.1). Nothing else ever gets a Maildir."""
-        return alias_rules.has_mailbox(key, self.user_exists)
 
     def verify_password(self, login: str, password: str) -> str | None:
         """The account key when ``password`` is right for ``login``; None otherwise.
@@ -280,20 +275,7 @@ class Accounts:
             self._cache_sig, self._cache_time = sig, now
         if key in self._cache:
             return self._cache[key]
-        value = self._expand(key, max_depth)
+        value = super().expand(key, max_depth)
         if len(self._cache) < CACHE_SIZE:
             self._cache[key] = value
         return value
-
-    def _expand(self, key: str, max_depth: int) -> list[str] | None:
-        return alias_rules.expand(
-            key, self.alias_targets, self.user_exists, self._domains, max_depth
-        )
-
-    def resolve(self, key: str) -> list[str] | None:
-        """Where mail for local ``key`` goes (:func:`~postroom.storage.aliases.resolve`)."""
-        return alias_rules.resolve(key, self.expand)
-
-    def owns(self, user_key: str, sender_key: str) -> bool:
-        """May ``user_key`` send as ``sender_key``: its own address or an alias that reaches it."""
-        return alias_rules.owns(user_key, sender_key, self.expand(sender_key))

@@ -69,7 +69,7 @@ def _credential_row(address: Address, password: str) -> tuple[object, ...]:
 # -- the admin side: one transaction per change ------------------------------------------------
 
 
-class PgAccounts:
+class PgAccounts(alias_rules.AliasLookups):
     """The account store as the CLI sees it (:class:`~postroom.storage.interfaces.AccountStore`,
     every call a query: the CLI makes a few)."""
 
@@ -198,21 +198,8 @@ class PgAccounts:
         row = self._db.call(lambda c: c.fetchrow(_SELECT_USERS + " WHERE address=$1", key))
         return key, None if row is None else _user_row(row)
 
-    # The lookups of the servers, one query each (the CLI's view; a node uses LiveAccounts).
-
-    def has_mailbox(self, key: str) -> bool:
-        return alias_rules.has_mailbox(key, self.user_exists)
-
-    def expand(self, key: str, max_depth: int = alias_rules.MAX_DEPTH) -> list[str] | None:
-        return alias_rules.expand(
-            key, self.alias_targets, self.user_exists, self._domains, max_depth
-        )
-
-    def resolve(self, key: str) -> list[str] | None:
-        return alias_rules.resolve(key, self.expand)
-
-    def owns(self, user_key: str, sender_key: str) -> bool:
-        return alias_rules.owns(user_key, sender_key, self.expand(sender_key))
+    # The lookups of the servers (the alias ones from AliasLookups), one query each: the CLI's
+    # view; a node uses LiveAccounts.
 
     def verify_password(self, login: str, password: str) -> str | None:
         key, row = self._user(login)
@@ -227,7 +214,7 @@ class PgAccounts:
 # -- the node side: an in-memory copy kept fresh -----------------------------------------------
 
 
-class LiveAccounts:
+class LiveAccounts(alias_rules.AliasLookups):
     """One worker's copy of the users and aliases
     (:class:`~postroom.storage.interfaces.AccountLookup`): every lookup is answered from
     memory. A :class:`~postroom.storage.postgresql.db.Watcher` subscriber."""
@@ -312,20 +299,6 @@ class LiveAccounts:
 
     def list_aliases(self) -> dict[str, list[str]]:
         return {k: list(v) for k, v in sorted(self._aliases.items())}
-
-    def has_mailbox(self, key: str) -> bool:
-        return alias_rules.has_mailbox(key, self.user_exists)
-
-    def expand(self, key: str, max_depth: int = alias_rules.MAX_DEPTH) -> list[str] | None:
-        return alias_rules.expand(
-            key, self.alias_targets, self.user_exists, self._domains, max_depth
-        )
-
-    def resolve(self, key: str) -> list[str] | None:
-        return alias_rules.resolve(key, self.expand)
-
-    def owns(self, user_key: str, sender_key: str) -> bool:
-        return alias_rules.owns(user_key, sender_key, self.expand(sender_key))
 
     def verify_password(self, login: str, password: str) -> str | None:
         """The account key when ``password`` is right for ``login``; None otherwise. One
