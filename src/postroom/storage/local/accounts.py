@@ -23,12 +23,12 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from postroom.address import Address, parse_user_address
-from postroom.errors import AccountError, AddressError
+from postroom.address import Address
+from postroom.errors import AccountError
 from postroom.sasl import ScramKeys
 from postroom.storage import aliases as alias_rules
 from postroom.storage.aliases import account_address, alias_key
-from postroom.storage.credentials import LoginCache, make_credentials, password_matches
+from postroom.storage.credentials import LoginCache, login_key, make_credentials
 
 __all__ = ["Accounts", "account_address", "alias_key"]
 
@@ -168,35 +168,17 @@ class Accounts(alias_rules.AliasLookups):
         changes or ``LOGIN_CACHE_TIME`` passes, as Dovecot's auth cache does: a mail client that
         logs in for every message then costs one argon2 run, not one per message.
         """
-        token = LoginCache.token(login, password)
-        sig = self._signature()
-        hit = self._logins.get(token, sig)
-        if hit is not None:
-            return hit
-        key = self._verify(login, password)
-        if key is not None:
-            self._logins.put(token, sig, key)
-        return key
+        return self._logins.verify(login, password, self._signature(), self._password_hash)
 
-    def _verify(self, login: str, password: str) -> str | None:
-        try:
-            key: str | None = parse_user_address(login).key
-        except AddressError:
-            key = None
-        row = None
-        if key is not None:
-            row = (
-                self._db()
-                .execute("SELECT password_hash FROM users WHERE address=?", (key,))
-                .fetchone()
-            )
-        ok = password_matches(row[0] if row else None, password)
-        return key if ok else None
+    def _password_hash(self, key: str) -> str | None:
+        row = (
+            self._db().execute("SELECT password_hash FROM users WHERE address=?", (key,)).fetchone()
+        )
+        return None if row is None else str(row[0])
 
     def scram_keys(self, login: str) -> tuple[str, ScramKeys] | None:
-        try:
-            key = parse_user_address(login).key
-        except AddressError:
+        key = login_key(login)
+        if key is None:
             return None
         row = (
             self._db()

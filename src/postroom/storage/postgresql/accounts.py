@@ -23,11 +23,11 @@ from typing import NamedTuple
 
 import asyncpg
 
-from postroom.address import Address, parse_user_address
-from postroom.errors import AccountError, AddressError
+from postroom.address import Address
+from postroom.errors import AccountError
 from postroom.sasl import ScramKeys
 from postroom.storage import aliases as alias_rules
-from postroom.storage.credentials import LoginCache, make_credentials, password_matches
+from postroom.storage.credentials import LoginCache, login_key, make_credentials, password_matches
 from postroom.storage.postgresql import db, migrations
 
 log = logging.getLogger("postroom")
@@ -191,9 +191,8 @@ class PgAccounts(alias_rules.AliasLookups):
         return [r["target"] for r in rows]
 
     def _user(self, login: str) -> tuple[str | None, UserRow | None]:
-        try:
-            key = parse_user_address(login).key
-        except AddressError:
+        key = login_key(login)
+        if key is None:
             return None, None
         row = self._db.call(lambda c: c.fetchrow(_SELECT_USERS + " WHERE address=$1", key))
         return key, None if row is None else _user_row(row)
@@ -303,25 +302,13 @@ class LiveAccounts(alias_rules.AliasLookups):
     def verify_password(self, login: str, password: str) -> str | None:
         """The account key when ``password`` is right for ``login``; None otherwise. One
         argon2 verification whether or not the user exists; CPU-heavy: call it from a thread."""
-        token = LoginCache.token(login, password)
-        version = self.version
-        hit = self._logins.get(token, version)
-        if hit is not None:
-            return hit
-        try:
-            key: str | None = parse_user_address(login).key
-        except AddressError:
-            key = None
-        row = self._users.get(key) if key is not None else None
-        if not password_matches(row.password_hash if row else None, password) or key is None:
-            return None
-        self._logins.put(token, version, key)
-        return key
+        return self._logins.verify(login, password, self.version, self._password_hash)
+
+    def _password_hash(self, key: str) -> str | None:
+        row = self._users.get(key)
+        return None if row is None else row.password_hash
 
     def scram_keys(self, login: str) -> tuple[str, ScramKeys] | None:
-        try:
-            key = parse_user_address(login).key
-        except AddressError:
-            return None
-        row = self._users.get(key)
-        return None if row is None else (key, row.scram)
+        key = login_key(login)
+        row = None if key is None else self._users.get(key)
+        return None if key is None or row is None else (key, row.scram)
