@@ -134,3 +134,34 @@ def owns(user_key: str, sender_key: str, expanded: list[str] | None) -> bool:
     """May ``user_key`` send as ``sender_key`` (whose expansion is ``expanded``, catch-all
     aside): its own address, or an alias that reaches it."""
     return user_key == sender_key or (expanded is not None and user_key in expanded)
+
+
+class AliasLookups:
+    """The alias lookups of an account store, made from its :meth:`user_exists`,
+    :meth:`alias_targets` and local domains by the rules above: every store answers them the
+    same way, so each only says how it reads a user and an alias."""
+
+    _domains: frozenset[str]
+
+    def user_exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def alias_targets(self, key: str) -> Sequence[str]:
+        raise NotImplementedError
+
+    def has_mailbox(self, key: str) -> bool:
+        """May mail be stored for local ``key``: a user, or ``postmaster@`` (always accepted,
+        RFC 5321 §4.5.1). Nothing else ever gets a mailbox."""
+        return has_mailbox(key, self.user_exists)
+
+    def expand(self, key: str, max_depth: int = MAX_DEPTH) -> list[str] | None:
+        """:func:`expand` on this store."""
+        return expand(key, self.alias_targets, self.user_exists, self._domains, max_depth)
+
+    def resolve(self, key: str) -> list[str] | None:
+        """Where mail for local ``key`` goes (:func:`resolve`)."""
+        return resolve(key, self.expand)
+
+    def owns(self, user_key: str, sender_key: str) -> bool:
+        """May ``user_key`` send as ``sender_key``: its own address or an alias that reaches it."""
+        return owns(user_key, sender_key, self.expand(sender_key))

@@ -13,13 +13,15 @@ from __future__ import annotations
 import hmac
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from postroom import passwords
-from postroom.errors import AccountError
+from postroom.address import parse_user_address
+from postroom.errors import AccountError, AddressError
 from postroom.sasl import ScramKeys, derive_scram_keys
 
 _HASHER = PasswordHasher()
@@ -64,6 +66,14 @@ def password_matches(stored: str | None, password: str) -> bool:
     return ok and stored is not None
 
 
+def login_key(login: str) -> str | None:
+    """The account key a login names (:attr:`Address.key`), or None if it is no address."""
+    try:
+        return parse_user_address(login).key
+    except AddressError:
+        return None
+
+
 class LoginCache:
     """Successful logins, valid while the store's ``version`` is the one they were made at
     and for at most ``LOGIN_CACHE_TIME``: a client that logs in for every message costs one
@@ -86,3 +96,25 @@ class LoginCache:
         if len(self._hits) > LOGIN_CACHE_SIZE:
             self._hits.clear()
         self._hits[token] = (key, version, time.monotonic() + LOGIN_CACHE_TIME)
+
+    def verify(
+        self,
+        login: str,
+        password: str,
+        version: object,
+        stored_hash: Callable[[str], str | None],
+    ) -> str | None:
+        """The account key when ``password`` is right for ``login``, else None; a hit costs
+        no argon2 run, a miss one verification whether or not the user exists
+        (:func:`password_matches`). ``stored_hash`` reads an account's argon2 hash (None: no
+        such user); ``version`` is the store's, as in :meth:`get`."""
+        token = self.token(login, password)
+        hit = self.get(token, version)
+        if hit is not None:
+            return hit
+        key = login_key(login)
+        stored = stored_hash(key) if key is not None else None
+        if key is None or not password_matches(stored, password):
+            return None
+        self.put(token, version, key)
+        return key

@@ -23,12 +23,12 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from postroom.address import Address, parse_user_address
-from postroom.errors import AccountError, AddressError
+from postroom.address import Address
+from postroom.errors import AccountError
 from postroom.sasl import ScramKeys
 from postroom.storage import aliases as alias_rules
 from postroom.storage.aliases import account_address, alias_key
-from postroom.storage.credentials import LoginCache, make_credentials, password_matches
+from postroom.storage.credentials import LoginCache, login_key, make_credentials
 
 __all__ = ["Accounts", "account_address", "alias_key"]
 
@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS aliases (
 """
 
 
-class Accounts:
+class Accounts(alias_rules.AliasLookups):
     """Users and aliases in ``accounts.sqlite``. Safe to share between threads."""
 
     def __init__(self, data_dir: Path, domains: Iterable[str] = ()) -> None:
@@ -159,11 +159,6 @@ class Accounts:
         row = self._db().execute("SELECT 1 FROM users WHERE address=?", (key,)).fetchone()
         return row is not None
 
-    def has_mailbox(self, key: str) -> bool:
-        """May mail be stored for local ``key``: a user, or ``postmaster@`` (always accepted,
-        RFC 5321 §4.5.1). Nothing else ever gets a Maildir."""
-        return alias_rules.has_mailbox(key, self.user_exists)
-
     def verify_password(self, login: str, password: str) -> str | None:
         """The account key when ``password`` is right for ``login``; None otherwise.
 
@@ -173,35 +168,17 @@ class Accounts:
         changes or ``LOGIN_CACHE_TIME`` passes, as Dovecot's auth cache does: a mail client that
         logs in for every message then costs one argon2 run, not one per message.
         """
-        token = LoginCache.token(login, password)
-        sig = self._signature()
-        hit = self._logins.get(token, sig)
-        if hit is not None:
-            return hit
-        key = self._verify(login, password)
-        if key is not None:
-            self._logins.put(token, sig, key)
-        return key
+        return self._logins.verify(login, password, self._signature(), self._password_hash)
 
-    def _verify(self, login: str, password: str) -> str | None:
-        try:
-            key: str | None = parse_user_address(login).key
-        except AddressError:
-            key = None
-        row = None
-        if key is not None:
-            row = (
-                self._db()
-                .execute("SELECT password_hash FROM users WHERE address=?", (key,))
-                .fetchone()
-            )
-        ok = password_matches(row[0] if row else None, password)
-        return key if ok else None
+    def _password_hash(self, key: str) -> str | None:
+        row = (
+            self._db().execute("SELECT password_hash FROM users WHERE address=?", (key,)).fetchone()
+        )
+        return None if row is None else str(row[0])
 
     def scram_keys(self, login: str) -> tuple[str, ScramKeys] | None:
-        try:
-            key = parse_user_address(login).key
-        except AddressError:
+        key = login_key(login)
+        if key is None:
             return None
         row = (
             self._db()
@@ -280,20 +257,7 @@ class Accounts:
             self._cache_sig, self._cache_time = sig, now
         if key in self._cache:
             return self._cache[key]
-        value = self._expand(key, max_depth)
+        value = super().expand(key, max_depth)
         if len(self._cache) < CACHE_SIZE:
             self._cache[key] = value
         return value
-
-    def _expand(self, key: str, max_depth: int) -> list[str] | None:
-        return alias_rules.expand(
-            key, self.alias_targets, self.user_exists, self._domains, max_depth
-        )
-
-    def resolve(self, key: str) -> list[str] | None:
-        """Where mail for local ``key`` goes (:func:`~postroom.storage.aliases.resolve`)."""
-        return alias_rules.resolve(key, self.expand)
-
-    def owns(self, user_key: str, sender_key: str) -> bool:
-        """May ``user_key`` send as ``sender_key``: its own address or an alias that reaches it."""
-        return alias_rules.owns(user_key, sender_key, self.expand(sender_key))

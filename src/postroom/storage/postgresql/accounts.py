@@ -23,11 +23,11 @@ from typing import NamedTuple
 
 import asyncpg
 
-from postroom.address import Address, parse_user_address
-from postroom.errors import AccountError, AddressError
+from postroom.address import Address
+from postroom.errors import AccountError
 from postroom.sasl import ScramKeys
 from postroom.storage import aliases as alias_rules
-from postroom.storage.credentials import LoginCache, make_credentials, password_matches
+from postroom.storage.credentials import LoginCache, login_key, make_credentials, password_matches
 from postroom.storage.postgresql import db, migrations
 
 log = logging.getLogger("postroom")
@@ -69,7 +69,7 @@ def _credential_row(address: Address, password: str) -> tuple[object, ...]:
 # -- the admin side: one transaction per change ------------------------------------------------
 
 
-class PgAccounts:
+class PgAccounts(alias_rules.AliasLookups):
     """The account store as the CLI sees it (:class:`~postroom.storage.interfaces.AccountStore`,
     every call a query: the CLI makes a few)."""
 
@@ -191,28 +191,14 @@ class PgAccounts:
         return [r["target"] for r in rows]
 
     def _user(self, login: str) -> tuple[str | None, UserRow | None]:
-        try:
-            key = parse_user_address(login).key
-        except AddressError:
+        key = login_key(login)
+        if key is None:
             return None, None
         row = self._db.call(lambda c: c.fetchrow(_SELECT_USERS + " WHERE address=$1", key))
         return key, None if row is None else _user_row(row)
 
-    # The lookups of the servers, one query each (the CLI's view; a node uses LiveAccounts).
-
-    def has_mailbox(self, key: str) -> bool:
-        return alias_rules.has_mailbox(key, self.user_exists)
-
-    def expand(self, key: str, max_depth: int = alias_rules.MAX_DEPTH) -> list[str] | None:
-        return alias_rules.expand(
-            key, self.alias_targets, self.user_exists, self._domains, max_depth
-        )
-
-    def resolve(self, key: str) -> list[str] | None:
-        return alias_rules.resolve(key, self.expand)
-
-    def owns(self, user_key: str, sender_key: str) -> bool:
-        return alias_rules.owns(user_key, sender_key, self.expand(sender_key))
+    # The lookups of the servers (the alias ones from AliasLookups), one query each: the CLI's
+    # view; a node uses LiveAccounts.
 
     def verify_password(self, login: str, password: str) -> str | None:
         key, row = self._user(login)
@@ -227,7 +213,7 @@ class PgAccounts:
 # -- the node side: an in-memory copy kept fresh -----------------------------------------------
 
 
-class LiveAccounts:
+class LiveAccounts(alias_rules.AliasLookups):
     """One worker's copy of the users and aliases
     (:class:`~postroom.storage.interfaces.AccountLookup`): every lookup is answered from
     memory. A :class:`~postroom.storage.postgresql.db.Watcher` subscriber."""
@@ -313,42 +299,16 @@ class LiveAccounts:
     def list_aliases(self) -> dict[str, list[str]]:
         return {k: list(v) for k, v in sorted(self._aliases.items())}
 
-    def has_mailbox(self, key: str) -> bool:
-        return alias_rules.has_mailbox(key, self.user_exists)
-
-    def expand(self, key: str, max_depth: int = alias_rules.MAX_DEPTH) -> list[str] | None:
-        return alias_rules.expand(
-            key, self.alias_targets, self.user_exists, self._domains, max_depth
-        )
-
-    def resolve(self, key: str) -> list[str] | None:
-        return alias_rules.resolve(key, self.expand)
-
-    def owns(self, user_key: str, sender_key: str) -> bool:
-        return alias_rules.owns(user_key, sender_key, self.expand(sender_key))
-
     def verify_password(self, login: str, password: str) -> str | None:
         """The account key when ``password`` is right for ``login``; None otherwise. One
         argon2 verification whether or not the user exists; CPU-heavy: call it from a thread."""
-        token = LoginCache.token(login, password)
-        version = self.version
-        hit = self._logins.get(token, version)
-        if hit is not None:
-            return hit
-        try:
-            key: str | None = parse_user_address(login).key
-        except AddressError:
-            key = None
-        row = self._users.get(key) if key is not None else None
-        if not password_matches(row.password_hash if row else None, password) or key is None:
-            return None
-        self._logins.put(token, version, key)
-        return key
+        return self._logins.verify(login, password, self.version, self._password_hash)
+
+    def _password_hash(self, key: str) -> str | None:
+        row = self._users.get(key)
+        return None if row is None else row.password_hash
 
     def scram_keys(self, login: str) -> tuple[str, ScramKeys] | None:
-        try:
-            key = parse_user_address(login).key
-        except AddressError:
-            return None
-        row = self._users.get(key)
-        return None if row is None else (key, row.scram)
+        key = login_key(login)
+        row = None if key is None else self._users.get(key)
+        return None if key is None or row is None else (key, row.scram)

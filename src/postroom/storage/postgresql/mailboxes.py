@@ -49,6 +49,9 @@ READ_AHEAD = 1 << 20
 
 T = TypeVar("T")
 
+# The body cannot be had (the queue's store) or the copies not stored: answered as unavailable.
+_DELIVERY_FAILED: tuple[type[BaseException], ...] = (TemporaryStorageError, *db.FAILED)
+
 # The copies not made yet: marked in queue_copies and stored, in one statement.
 _DELIVER = """
 WITH wanted AS (
@@ -99,9 +102,7 @@ class PgMailboxes:
                     [copy_uidl(envelope.id, c.index) for c in copies],
                     body,
                 )
-        except TemporaryStorageError as exc:
-            return [unavailable(exc) for _ in copies]
-        except db.FAILED as exc:
+        except _DELIVERY_FAILED as exc:
             return [unavailable(exc) for _ in copies]
         return [None for _ in copies]
 
