@@ -34,6 +34,16 @@ def _toml(dns: LoopbackDNS, extra: str = "") -> str:
     return f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "2s"\n{extra}'
 
 
+def _server(
+    server_factory: ServerFactory, dns: LoopbackDNS, *users: str, extra: str = ""
+) -> Server:
+    """A server that asks the loopback DNS, with ``users`` (password ``pw``)."""
+    srv = server_factory(extra_toml=_toml(dns, extra))
+    for user in users:
+        srv.add_user(user, "pw")
+    return srv
+
+
 def publish(srv: Server, dns: LoopbackDNS, domain: str) -> str:
     text = srv.cli("dns", domain).stdout
     dns.load_master(text)
@@ -89,9 +99,7 @@ def dkim_results(message: bytes, dns: LoopbackDNS) -> list[tuple[str, bool]]:
 def test_signing_verified_by_dkimpy_both_algorithms(
     server_factory: ServerFactory, dns: LoopbackDNS
 ) -> None:
-    srv = server_factory(extra_toml=_toml(dns))
-    srv.add_user("alice@a.test", "pw")
-    srv.add_user("bob@a.test", "pw")
+    srv = _server(server_factory, dns, "alice@a.test", "bob@a.test")
     # Not yet in DNS: nothing is signed.
     submit(srv, "alice@a.test", "bob@a.test", MESSAGE)
     first = srv.wait_messages("bob@a.test", 1)[0]
@@ -160,8 +168,7 @@ def _forged(domain: str) -> bytes:
 def test_dmarc_reject_refused_none_delivered_forged_results_removed(
     server_factory: ServerFactory, dns: LoopbackDNS
 ) -> None:
-    srv = server_factory(extra_toml=_toml(dns))
-    srv.add_user("bob@a.test", "pw")
+    srv = _server(server_factory, dns, "bob@a.test")
     dns.txt("bank.test", "v=spf1 ip4:192.0.2.1 -all")
     dns.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
     dns.txt("shop.test", "v=spf1 ip4:192.0.2.1 -all")
@@ -182,8 +189,7 @@ def test_dmarc_reject_refused_none_delivered_forged_results_removed(
 
 
 def test_dmarc_enforce_false_only_records(server_factory: ServerFactory, dns: LoopbackDNS) -> None:
-    srv = server_factory(extra_toml=_toml(dns, "[auth]\ndmarc_enforce = false\n"))
-    srv.add_user("bob@a.test", "pw")
+    srv = _server(server_factory, dns, "bob@a.test", extra="[auth]\ndmarc_enforce = false\n")
     dns.txt("bank.test", "v=spf1 -all")
     dns.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
     _mx_send(srv, "service@bank.test", "bob@a.test", _forged("bank.test"))
@@ -192,8 +198,7 @@ def test_dmarc_enforce_false_only_records(server_factory: ServerFactory, dns: Lo
 
 
 def test_quarantine_flags_the_message(server_factory: ServerFactory, dns: LoopbackDNS) -> None:
-    srv = server_factory(extra_toml=_toml(dns))
-    srv.add_user("bob@a.test", "pw")
+    srv = _server(server_factory, dns, "bob@a.test")
     dns.txt("_dmarc.shop.test", "v=DMARC1; p=quarantine")
     _mx_send(srv, "x@shop.test", "bob@a.test", _forged("shop.test"))
     msg = srv.wait_messages("bob@a.test", 1)[0]
@@ -201,8 +206,7 @@ def test_quarantine_flags_the_message(server_factory: ServerFactory, dns: Loopba
 
 
 def test_dead_dns_delays_but_never_refuses(server_factory: ServerFactory, dns: LoopbackDNS) -> None:
-    srv = server_factory(extra_toml=_toml(dns, '[auth]\ncheck_timeout = "3s"\n'))
-    srv.add_user("bob@a.test", "pw")
+    srv = _server(server_factory, dns, "bob@a.test", extra='[auth]\ncheck_timeout = "3s"\n')
     dns.timeout("_dmarc.bank.test")
     dns.timeout("bank.test")
     start = time.monotonic()
@@ -215,9 +219,7 @@ def test_dead_dns_delays_but_never_refuses(server_factory: ServerFactory, dns: L
 def test_rotation_never_signs_with_an_unpublished_key(
     server_factory: ServerFactory, dns: LoopbackDNS
 ) -> None:
-    srv = server_factory(extra_toml=_toml(dns))
-    srv.add_user("alice@a.test", "pw")
-    srv.add_user("bob@a.test", "pw")
+    srv = _server(server_factory, dns, "alice@a.test", "bob@a.test")
     before = publish(srv, dns, "a.test")
     wait_signed(srv, "alice@a.test", "bob@a.test", dns)
     out = srv.cli("dkim", "rotate", "a.test").stdout
@@ -276,9 +278,7 @@ def test_dns_check_names_a_missing_dkim_record(
 def test_dmarc_report_reaches_rua_via_the_queue(
     server_factory: ServerFactory, dns: LoopbackDNS
 ) -> None:
-    srv = server_factory(extra_toml=_toml(dns))
-    srv.add_user("bob@a.test", "pw")
-    srv.add_user("reports@a.test", "pw")
+    srv = _server(server_factory, dns, "bob@a.test", "reports@a.test")
     publish(srv, dns, "a.test")
     # shop.test asks for reports at an address of ours (external: authorized by DNS).
     dns.txt("_dmarc.shop.test", "v=DMARC1; p=none; rua=mailto:reports@a.test!10m")
@@ -303,8 +303,7 @@ def test_dmarc_report_reaches_rua_via_the_queue(
 def test_forged_results_removed_from_messages_too_large_to_check(
     server_factory: ServerFactory, dns: LoopbackDNS
 ) -> None:
-    srv = server_factory(extra_toml=_toml(dns, '[auth]\ncheck_max_size = "1KB"\n'))
-    srv.add_user("bob@a.test", "pw")
+    srv = _server(server_factory, dns, "bob@a.test", extra='[auth]\ncheck_max_size = "1KB"\n')
     dns.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
     _mx_send(srv, "service@bank.test", "bob@a.test", _forged("bank.test") + b"x" * 2000 + b"\r\n")
     msg = srv.wait_messages("bob@a.test", 1)[0].replace(b"\r\n", b"\n")
@@ -340,9 +339,7 @@ def _helpers(root_pid: int) -> list[int]:
 def test_signing_goes_on_when_the_dkim_helper_dies(
     server_factory: ServerFactory, dns: LoopbackDNS
 ) -> None:
-    srv = server_factory(extra_toml=_toml(dns))
-    srv.add_user("alice@a.test", "pw")
-    srv.add_user("bob@a.test", "pw")
+    srv = _server(server_factory, dns, "alice@a.test", "bob@a.test")
     publish(srv, dns, "a.test")
     wait_signed(srv, "alice@a.test", "bob@a.test", dns)
     assert srv.proc is not None

@@ -41,22 +41,21 @@ import sys
 import time
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from postroom import lifetime
+from postroom import childproc, lifetime
 from postroom.auth import dkim_sign, dkim_verify
 from postroom.auth.lookup import Answer
-from postroom.storage.local.maildir_writer import interpreter_flags
 
 log = logging.getLogger("postroom")
 
 _FRAME = struct.Struct("<IBI")
 VERIFY, SIGN = 1, 2
 DONE, FAILED = 0, 1
-READY = 0  # the id of the child's first answer: it has started
+READY = childproc.READY  # the id of the child's first answer: it has started
 TIMEOUT = 60.0  # seconds: far more than any message takes; a hung child is replaced
 START_TIMEOUT = 30.0  # seconds for a new child to say it is ready
 RETRY = 30.0  # seconds before a child that could not be started twice in a row is tried again
@@ -243,26 +242,13 @@ class DkimHelper:
 
     async def _spawn(self) -> _Answers:
         self._reap()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        args = [sys.executable, *interpreter_flags(), "-m", __name__]
-        args += [str(theirs.fileno()), str(os.getpid()), ",".join(map(str, self.cpus))]
-        with theirs:
-            self._proc = subprocess.Popen(
-                args, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL
-            )
-        loop = asyncio.get_running_loop()
-        _transport, answers = await loop.create_unix_connection(_Answers, sock=ours)
-        await answers.ready
-        return answers
+        self._proc, ours = childproc.start(__name__, [",".join(map(str, self.cpus))])
+        return await childproc.connect(ours, _Answers)
 
     async def close(self, timeout: float = 5.0) -> None:
         """End the child (it finishes what it was sent)."""
         answers, self._answers = self._answers, None
-        if answers is not None and not answers.closed.done():
-            answers.transport.write_eof()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(answers.closed), timeout)
-            answers.transport.close()
+        await childproc.finish(answers, timeout)
         self._reap()
 
     def _reap(self) -> None:
@@ -271,44 +257,19 @@ class DkimHelper:
             with contextlib.suppress(RuntimeError):  # its loop is closed already
                 self._answers.transport.close()
             self._answers = None
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
+        childproc.kill(self._proc)
         self._proc = None
 
 
-class _Answers(asyncio.Protocol):
-    """Reads the child's answers and settles the waiting jobs."""
+class _Answers(childproc.Answers[tuple[int, bytes]]):
+    """Reads the child's answers (status, result) and settles the waiting jobs."""
 
-    def __init__(self) -> None:
-        self.waiters: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
-        self.buf = bytearray()
-        loop = asyncio.get_running_loop()
-        self.ready: asyncio.Future[None] = loop.create_future()  # the child's first answer
-        # Done once the connection is lost: the child is gone, a new one must be started.
-        self.closed: asyncio.Future[None] = loop.create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
+    process = "DKIM helper"
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
         for job_id, status, payload in frames(self.buf):
-            if job_id == READY and not self.ready.done():
-                self.ready.set_result(None)
-            waiter = self.waiters.pop(job_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result((status, payload))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        for waiter in self.waiters.values():
-            if not waiter.done():
-                waiter.set_exception(OSError("the DKIM helper process exited"))
-        self.waiters.clear()
-        if not self.ready.done():
-            self.ready.set_exception(OSError("the DKIM helper process exited at start"))
-        if not self.closed.done():
-            self.closed.set_result(None)
+            self.settle(job_id, (status, payload))
 
 
 def main(argv: list[str]) -> None:

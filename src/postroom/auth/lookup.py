@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -90,6 +90,31 @@ def _negative_ttl(response: Any) -> float:
     return 0.0
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _get(lru: OrderedDict[K, tuple[float, V]], key: K, now: float) -> V | None:
+    """The value kept under ``key`` until its expiry (then dropped), as most recently used."""
+    entry = lru.get(key)
+    if entry is None:
+        return None
+    if entry[0] <= now:
+        del lru[key]
+        return None
+    lru.move_to_end(key)
+    return entry[1]
+
+
+def _put(lru: OrderedDict[K, tuple[float, V]], key: K, until: float, value: V, size: int) -> None:
+    """Keep ``value`` under ``key`` until ``until``, dropping the least recently used beyond
+    ``size`` entries."""
+    lru[key] = (until, value)
+    lru.move_to_end(key)
+    while len(lru) > size:
+        lru.popitem(last=False)
+
+
 class DnsCache:
     """Cached async lookups shared by the SPF, DKIM and DMARC checks and the key publisher."""
 
@@ -118,15 +143,7 @@ class DnsCache:
         norm = normalise(name)
         if norm is None:
             return Answer("nxdomain")
-        key = (norm, rdtype)
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry[0] <= self._clock():
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return entry[1]
+        return _get(self._entries, (norm, rdtype), self._clock())
 
     def keep(self, key: object, value: object, sources: Iterable[tuple[str, str]]) -> None:
         """Hold ``value``, computed from the cached answers ``sources`` ((name, type), names
@@ -138,21 +155,11 @@ class DnsCache:
             if entry is None or entry[0] <= now:
                 return
             until = min(until, entry[0])
-        self._derived[key] = (until, value)
-        self._derived.move_to_end(key)
-        while len(self._derived) > self._size:
-            self._derived.popitem(last=False)
+        _put(self._derived, key, until, value, self._size)
 
     def recall(self, key: object) -> object | None:
         """What :meth:`keep` holds for ``key`` while its sources are valid, else None."""
-        entry = self._derived.get(key)
-        if entry is None:
-            return None
-        if entry[0] <= self._clock():
-            del self._derived[key]
-            return None
-        self._derived.move_to_end(key)
-        return entry[1]
+        return _get(self._derived, key, self._clock())
 
     async def query(self, name: str, rdtype: str, *, fresh: bool = False) -> Answer:
         """The answer for ``name``/``rdtype``; ``fresh`` skips (and refreshes) the cache."""
@@ -160,11 +167,11 @@ class DnsCache:
         norm = normalise(name)
         if norm is None:
             return Answer("nxdomain")
+        key = (norm, rdtype)
         if not fresh:
-            cached = self.peek(norm, rdtype)
+            cached = _get(self._entries, key, self._clock())
             if cached is not None:
                 return cached
-        key = (norm, rdtype)
         pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -185,10 +192,7 @@ class DnsCache:
         return answer
 
     def _store(self, key: tuple[str, str], answer: Answer, ttl: float) -> None:
-        self._entries[key] = (self._clock() + min(ttl, MAX_TTL), answer)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        _put(self._entries, key, self._clock() + min(ttl, MAX_TTL), answer, self._size)
 
     async def _ask(self, name: str, rdtype: str) -> tuple[Answer, float]:
         self.queries += 1

@@ -193,7 +193,4 @@ async def check(
             known[(name, qtype)] = await cache.query(name, qtype)
         verdict, query = _evaluate(known, cache, ip, sender, helo, receiver, default_explanation)
         missing = query.missing
-    domain = sender.rpartition("@")[2] if sender else helo
-    return SpfResult(
-        "permerror", domain, "mailfrom" if sender else "helo", problem="too many lookups"
-    )
+    return SpfResult("permerror", domain, identity, problem="too many lookups")

@@ -44,6 +44,16 @@ _AUTH_WORDS = (
     r"\b(spf|dkim|dmarc|unauthenticated|sender (is )?not authenticated|not authorized to send)\b"
 )
 
+_TLS_REQUIRED = (
+    "The receiving server accepts mail only over an encrypted connection (STARTTLS), and this "
+    "delivery was not encrypted. Look in the log for a failed TLS handshake with that host; the "
+    "message is retried."
+)
+_MAILBOX_FULL = (
+    "The recipient's mailbox is full. Nothing is wrong with this server: let the recipient know "
+    "another way. A temporary refusal is retried until max_queue_time."
+)
+
 RULES: tuple[_Rule, ...] = (
     _Rule(
         "sender_auth",
@@ -88,34 +98,28 @@ RULES: tuple[_Rule, ...] = (
         "tls_required",
         _re(r"^[45]\.7\.1[01]$"),
         None,
-        "The receiving server accepts mail only over an encrypted connection (STARTTLS), and "
-        "this delivery was not encrypted. Look in the log for a failed TLS handshake with that "
-        "host; the message is retried.",
+        _TLS_REQUIRED,
         None,
     ),
     _Rule(
         "tls_required",
         None,
         _re(r"(starttls|\btls\b|encryption)\b.*\b(required|needed|must)|must .*starttls"),
-        "The receiving server accepts mail only over an encrypted connection (STARTTLS), and "
-        "this delivery was not encrypted. Look in the log for a failed TLS handshake with that "
-        "host; the message is retried.",
+        _TLS_REQUIRED,
         None,
     ),
     _Rule(
         "mailbox_full",
         _re(r"^[45]\.2\.2$"),
         None,
-        "The recipient's mailbox is full. Nothing is wrong with this server: let the recipient "
-        "know another way. A temporary refusal is retried until max_queue_time.",
+        _MAILBOX_FULL,
         None,
     ),
     _Rule(
         "mailbox_full",
         None,
         _re(r"(mailbox (is )?full|over ?quota|quota exceeded|exceeded (its|the) quota)"),
-        "The recipient's mailbox is full. Nothing is wrong with this server: let the recipient "
-        "know another way. A temporary refusal is retried until max_queue_time.",
+        _MAILBOX_FULL,
         None,
     ),
     _Rule(

@@ -47,9 +47,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
-from postroom import lifetime, privileges
+from postroom import childproc, lifetime, privileges
 from postroom.storage.local import files, journal, maildir
 from postroom.storage.local.deferred import DeferredStore
 from postroom.storage.local.journal import Entry
@@ -58,7 +57,7 @@ _JOB = struct.Struct("<IBI")
 _ANSWER = struct.Struct("<IH")
 _STATUS = struct.Struct("<iH")
 ACCEPT, PARK, RELEASE = 1, 2, 3
-READY = 0  # the id of the child's first answer: it has started and recovered
+READY = childproc.READY  # the id of the child's first answer: it has started and recovered
 _READ = 1 << 20
 _FLUSHERS = 8  # threads that flush body files beside the journal
 
@@ -472,10 +471,7 @@ class MaildirWriter:
     async def _spawn(self) -> _Answers:
         self._reap()
         files.make_dirs(self.journal_dir)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        args = [sys.executable, *interpreter_flags(), "-m", __name__]
-        args += [str(theirs.fileno()), str(os.getpid()), str(self.journal_dir)]
-        args.append(str(-1 if self.cpu is None else self.cpu))
+        args = [str(self.journal_dir), str(-1 if self.cpu is None else self.cpu)]
         args.append("1" if self.clean_bodies else "0")
         self.clean_bodies = False  # a child started later must not touch living files
         if self.run_as is not None and os.getuid() == 0:
@@ -487,26 +483,15 @@ class MaildirWriter:
             for path in mine:  # the child's from now on (it recovers, then writes here)
                 files.make_dirs(path)
                 os.chown(path, *self.run_as)
-        with theirs:
-            self._proc = subprocess.Popen(
-                args,
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
-        loop = asyncio.get_running_loop()
-        _transport, answers = await loop.create_unix_connection(_Answers, sock=ours)
-        await answers.ready  # the child has replayed what a crashed one left in the journal
+        self._proc, ours = childproc.start(__name__, args)
+        answers = await childproc.connect(ours, _Answers)  # recovered what a crashed one left
         self._answers = answers
         return answers
 
     async def close(self, timeout: float = 5.0) -> None:
         """Let the child finish what it was sent, then end it."""
         answers, self._answers = self._answers, None
-        if answers is not None and not answers.closed.done():
-            answers.transport.write_eof()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(answers.closed), timeout)
-            answers.transport.close()
+        await childproc.finish(answers, timeout)
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=1.0)
@@ -514,43 +499,14 @@ class MaildirWriter:
 
     def _reap(self) -> None:
         """Kill the child if it still runs (its socket is gone: it cannot be told anything)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
+        childproc.kill(self._proc)
         self._proc = None
 
 
-def interpreter_flags() -> list[str]:
-    """This interpreter's options that decide what a child Python imports and how (``-I``,
-    ``-E``, ``-s``, ``-S``, ``-P``, ``-O``, ``-B``, ``-X``): a server started with ``-I``
-    must not get a writer that honours ``PYTHONPATH`` and imports another postroom."""
-    flags = sys.flags
-    args = ["-I"] if flags.isolated else []
-    if not flags.isolated:
-        args += ["-E"] if flags.ignore_environment else []
-        args += ["-s"] if flags.no_user_site else []
-        args += ["-P"] if flags.safe_path else []
-    args += ["-S"] if flags.no_site else []
-    args += ["-" + "O" * flags.optimize] if flags.optimize else []
-    args += ["-B"] if flags.dont_write_bytecode else []
-    for key, value in sys._xoptions.items():
-        args += ["-X", key if value is True else f"{key}={value}"]
-    return args
-
-
-class _Answers(asyncio.Protocol):
+class _Answers(childproc.Answers[list[int | OSError]]):
     """Reads the child's answers and settles the waiting jobs."""
 
-    def __init__(self) -> None:
-        self.waiters: dict[int, asyncio.Future[list[int | OSError]]] = {}
-        self.buf = bytearray()
-        loop = asyncio.get_running_loop()
-        self.ready: asyncio.Future[None] = loop.create_future()  # the child's first answer
-        # Done once the connection is lost: the child is gone, a new one must be started.
-        self.closed: asyncio.Future[None] = loop.create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
+    process = "journal writer"
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
@@ -575,22 +531,8 @@ class _Answers(asyncio.Protocol):
             if len(results) < count:
                 break  # the rest of this answer is still on its way
             pos = at
-            if job_id == READY and not self.ready.done():
-                self.ready.set_result(None)
-            waiter = self.waiters.pop(job_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(results)
+            self.settle(job_id, results)
         del buf[:pos]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        for waiter in self.waiters.values():
-            if not waiter.done():
-                waiter.set_exception(OSError(errno.EIO, "the journal writer process exited"))
-        self.waiters.clear()
-        if not self.ready.done():
-            self.ready.set_exception(OSError(errno.EIO, "the journal writer process failed"))
-        if not self.closed.done():
-            self.closed.set_result(None)
 
 
 if __name__ == "__main__":
