@@ -127,3 +127,21 @@ def test_too_many_received_headers_are_refused_before_the_hand_off(tmp_path: Pat
     loop = b"Received: from a by b; x\r\n" * 60 + b"\r\nbody\r\n"
     assert transaction(p, "alice@a.test", data=loop) == replies.TOO_MANY_HOPS
     assert intake.got == []
+
+
+def test_a_spilled_drafts_head_is_its_header_section_not_its_body(tmp_path: Path) -> None:
+    """The header checks read a large message's header section, not up to a MiB of its
+    body file; a header section that does not end within the limit is read up to it."""
+    header, body = b"Subject: hi\r\n\r\n", b"x" * 98 + b"\r\n"
+    spares = SpareBodies(tmp_path, None)
+    draft = Draft(spares, "Q1", "s@r.test", lambda head: b"", 1000)
+    for _ in range(1000):  # 100 KB: past the in-memory limit, in a body file
+        draft.write(header if _ == 0 else body)
+    assert draft.fresh  # spilled
+    assert draft.head(1002) == b"Subject: hi\n\n"
+    endless = Draft(spares, "Q2", "s@r.test", lambda head: b"", 1000)
+    for _ in range(1000):
+        endless.write(b"X-Long: " + b"y" * 90 + b"\r\n")
+    assert endless.fresh and len(endless.head(1002)) == 1002
+    draft.abort()
+    endless.abort()

@@ -11,7 +11,7 @@ recipient ends ``delivered`` or ``bounced`` (with a DSN to the sender, RFC 3464,
 ``<>``), or stays ``deferred`` until its next attempt or ``max_queue_time``.
 
 Each outcome has one home, for its log line and metric (:mod:`postroom.events`):
-:meth:`_accepted`, :meth:`_delivered`, :meth:`_deferred`, :meth:`_bounced`, :meth:`_expired`.
+:meth:`_accepted`, :meth:`_outcome` (delivered, deferred, bounced), :meth:`_expired`.
 The resolver, the clock and the jitter are injected (tests run attempts without sleeping or
 DNS).
 """
@@ -33,7 +33,7 @@ from postroom.delivery.dsn import Action, DsnRecipient, build_dsn, format_date
 from postroom.delivery.remote import DeliveryResult, RemoteDelivery, needs_relayed_dsn
 from postroom.errors import LeaseLost, QueueError, TemporaryStorageError
 from postroom.queue import schedule
-from postroom.queue.envelope import Attempt, Envelope, Recipient, new_queue_id
+from postroom.queue.envelope import Attempt, Envelope, Recipient, Status, new_queue_id
 from postroom.resolver import DnsResolver, Resolver
 from postroom.smtp.client_engine import ForwardPath, Outcome, OutgoingMessage
 from postroom.storage.interfaces import (
@@ -298,7 +298,7 @@ class QueueRunner:
             if not self.services.accounts.has_mailbox(copy.mailbox):
                 local.remove(copy)
                 rcpt = envelope.recipients[copy.index]
-                self._bounced(envelope, rcpt, str(replies.USER_UNKNOWN_NOW), LOCAL_HOST)
+                self._outcome(envelope, rcpt, "bounced", str(replies.USER_UNKNOWN_NOW), LOCAL_HOST)
                 newly_failed.append(rcpt)
         if local:
             started = time.monotonic()
@@ -327,13 +327,13 @@ class QueueRunner:
                     host = result.host or result.remote_mta
                     relay = f"{host}[{result.ip}]:{port}" if host and result.ip else "none"
                     if result.outcome is Outcome.DELIVERED:
-                        self._delivered(envelope, rcpt, relay, reply, took)
+                        self._outcome(envelope, rcpt, "delivered", reply, relay, took)
                         newly_done.append(rcpt)
                     elif result.outcome is Outcome.PERMANENT:
-                        self._bounced(envelope, rcpt, reply, relay, took)
+                        self._outcome(envelope, rcpt, "bounced", reply, relay, took)
                         newly_failed.append(rcpt)
                     else:
-                        self._deferred(envelope, rcpt, reply, relay, took)
+                        self._outcome(envelope, rcpt, "deferred", reply, relay, took)
 
         if envelope.id in self._deleted:
             await self.queue.finish(envelope, attempts)  # released; no bounce, no retry
@@ -373,11 +373,13 @@ class QueueRunner:
         for copy, error in zip(copies, errors, strict=True):
             rcpt = envelope.recipients[copy.index]
             if error is None:
-                self._delivered(envelope, rcpt, LOCAL_HOST, LOCAL_DELIVERED, took, copy.mailbox)
+                self._outcome(
+                    envelope, rcpt, "delivered", LOCAL_DELIVERED, LOCAL_HOST, took, copy.mailbox
+                )
                 by_reply[LOCAL_DELIVERED].append(rcpt.address)
             else:
                 text = f"451 4.3.0 local delivery failed: {error.strerror or error}"
-                self._deferred(envelope, rcpt, text, LOCAL_HOST, took, copy.mailbox)
+                self._outcome(envelope, rcpt, "deferred", text, LOCAL_HOST, took, copy.mailbox)
                 by_reply[text].append(rcpt.address)
         return [Attempt(now, addrs, LOCAL_HOST, None, reply) for reply, addrs in by_reply.items()]
 
@@ -387,36 +389,21 @@ class QueueRunner:
         if envelope.service:  # made here (a DSN, a report): the line of what made it says so
             events.accepted(envelope)
 
-    def _delivered(
+    def _outcome(
         self,
         envelope: Envelope,
         rcpt: Recipient,
-        relay: str,
-        reply: str,
-        took: float,
-        mailbox: str | None = None,
-    ) -> None:
-        """``relay``: ``host[ip]:port``, or ``local`` (a Maildir, of ``mailbox``)."""
-        rcpt.status, rcpt.last_error = "delivered", None
-        events.delivery(envelope, rcpt, _transport(relay), reply, relay, took, mailbox)
-
-    def _deferred(
-        self,
-        envelope: Envelope,
-        rcpt: Recipient,
+        status: Status,
         reply: str,
         relay: str,
-        took: float,
+        took: float = 0.0,
         mailbox: str | None = None,
     ) -> None:
-        rcpt.status, rcpt.last_error = "deferred", reply
+        """An attempt's result for ``rcpt``: ``delivered``, ``deferred`` or ``bounced`` with
+        ``reply`` (kept as its last error unless delivered). ``relay``: ``host[ip]:port``, or
+        ``local`` (a Maildir, of ``mailbox``)."""
+        rcpt.status, rcpt.last_error = status, None if status == "delivered" else reply
         events.delivery(envelope, rcpt, _transport(relay), reply, relay, took, mailbox)
-
-    def _bounced(
-        self, envelope: Envelope, rcpt: Recipient, reply: str, relay: str, took: float = 0.0
-    ) -> None:
-        rcpt.status, rcpt.last_error = "bounced", reply
-        events.delivery(envelope, rcpt, _transport(relay), reply, relay, took)
 
     def _expired(self, envelope: Envelope) -> list[Recipient]:
         """``max_queue_time`` is over: the deferred recipients bounce with their last error."""

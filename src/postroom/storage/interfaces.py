@@ -69,8 +69,9 @@ class MessageDraft(Protocol):
         ...
 
     def head(self, limit: int) -> bytes:
-        """The first ``limit`` octets of the client's message (LF; no trace headers): enough
-        for header checks, DKIM/DMARC verdicts."""
+        """The first ``limit`` octets of the client's message (LF; no trace headers), or only
+        its header section (up to and including the empty line) when that ends before: what
+        header checks need, without reading a large message's body."""
         ...
 
     def prepend(self, lines: bytes) -> None:

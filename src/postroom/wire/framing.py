@@ -130,7 +130,7 @@ class DotReader:
             return DotChunk(data, b"\r" in data or b"\n" in data, b"\0" in data)
         block_len = end + 2
         if self._at_line_start:
-            text = b"\r\n" + bytes(buf[:block_len])
+            text = b"\r\n" + buf[:block_len]  # bytes + bytearray: bytes, one copy fewer
             offset = 2
         else:
             text = bytes(buf[:block_len])

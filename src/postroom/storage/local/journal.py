@@ -106,6 +106,12 @@ def _record(kind: int, parts: Sequence[bytes]) -> list[bytes]:
 
 def encode_entry(entry: Entry) -> list[bytes]:
     """An ACCEPT record; the body is not copied."""
+    return _record(ACCEPT, entry_parts(entry))
+
+
+def entry_parts(entry: Entry) -> list[bytes]:
+    """An ACCEPT record's payload, in parts (no CRC: the server sends this to its writer,
+    which makes the record, with its own sequence number, and its CRC)."""
     qid, body = entry.queue_id.encode(), entry.body
     if entry.body_file:
         body = os.fsencode(entry.body_file)
@@ -126,7 +132,7 @@ def encode_entry(entry: Entry) -> list[bytes]:
         box, name = os.fsencode(t.box), os.fsencode(t.name)
         parts += [_TARGET.pack(t.index, len(box), len(name)), box, name]
     parts += [qid, entry.envelope, body]
-    return _record(ACCEPT, parts)
+    return parts
 
 
 def encode_settled(marks: Iterable[tuple[int, int]]) -> list[bytes]:

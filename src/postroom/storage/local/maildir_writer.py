@@ -79,7 +79,7 @@ def encode_job(job_id: int, kind: int, parts: Sequence[bytes]) -> list[bytes]:
 
 
 def encode_accept(job_id: int, entry: Entry) -> list[bytes]:
-    return encode_job(job_id, ACCEPT, journal.encode_entry(entry)[1:])
+    return encode_job(job_id, ACCEPT, journal.entry_parts(entry))
 
 
 def encode_park(job_id: int, queue_id: str, envelope: bytes) -> list[bytes]:

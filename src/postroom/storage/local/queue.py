@@ -134,6 +134,7 @@ class Draft:
         self._cr = False  # a chunk ended in CR: its LF may start the next
         self._client_size = 0
         self._lines = 0  # LF line ends in the client's message
+        self._head_end = -1  # where the client's header section ends (its blank line), if known
         self._fd: int | None = None
         self._path = ""
         self._crc = 0
@@ -160,6 +161,8 @@ class Draft:
             self._client += lf
             if self._prefix is None:
                 end = self._client.find(b"\n\n", max(0, seen - 1), self._header_limit + 2)
+                if end >= 0:
+                    self._head_end = end + 2
                 if end >= 0 or len(self._client) > self._header_limit:
                     self._take_prefix()
             if self._prefix is not None and len(self._client) > INLINE_LIMIT:
@@ -206,6 +209,8 @@ class Draft:
     def head(self, limit: int) -> bytes:
         if self._failed is not None:
             return b""
+        if self._head_end >= 0:  # the header section is all a head is read for
+            limit = min(limit, self._head_end)
         if self._fd is None:
             return bytes(self._client[:limit])
         start = len(self._return_path) + len(self._prefix or b"") + len(self._extra)
@@ -249,7 +254,7 @@ class Draft:
 
     def replace(self, data: bytes) -> None:
         lf = data.replace(b"\r\n", b"\n")
-        self._prefix, self._extra = b"", b""
+        self._prefix, self._extra, self._head_end = b"", b"", -1
         self._client_size, self._lines = len(lf), len(data) - len(lf)
         if self._fd is None:
             self._client = bytearray(lf)
@@ -275,6 +280,7 @@ class Draft:
         if new == old:
             return
         self._client_size, self._lines = len(new), new.count(b"\n")
+        self._head_end = -1
         if self._fd is None:
             self._client = bytearray(new)
             return
