@@ -32,9 +32,6 @@ class MemoryDraft:
     def head(self, limit: int) -> bytes:
         return self.data[:limit]
 
-    def prepend(self, lines: bytes) -> None:
-        self.data = lines + self.data
-
     def abort(self) -> None:
         self.data = b""
 

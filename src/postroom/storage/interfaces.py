@@ -74,11 +74,6 @@ class MessageDraft(Protocol):
         header checks need, without reading a large message's body."""
         ...
 
-    def prepend(self, lines: bytes) -> None:
-        """Put header lines (LF) above the client's message, below our own trace headers:
-        ``Authentication-Results``, ``DKIM-Signature``."""
-        ...
-
     async def rewrite(self, convert: Callable[[bytes], bytes]) -> None:
         """Replace the client's message (CRLF, no trace headers) by ``convert(message)``:
         submitted mail made 7-bit with short lines before it is signed."""

@@ -129,7 +129,6 @@ class Draft:
         self._make_prefix = make_prefix
         self._header_limit = header_limit
         self._prefix = b"" if make_prefix is None else None
-        self._extra = b""
         self._client = bytearray()  # in memory, until spilled
         self._cr = False  # a chunk ended in CR: its LF may start the next
         self._client_size = 0
@@ -185,7 +184,7 @@ class Draft:
         self.fresh = not durable
         flags = os.O_RDWR | os.O_CLOEXEC | (0 if durable else os.O_CREAT | os.O_EXCL)
         self._fd = os.open(self._path, flags, 0o600)
-        for part in (self._return_path, self._prefix or b"", self._extra, bytes(self._client)):
+        for part in (self._return_path, self._prefix or b"", bytes(self._client)):
             self._put(part)
         self._client = bytearray()
 
@@ -193,17 +192,12 @@ class Draft:
 
     @property
     def size(self) -> int:
-        return (
-            len(self._return_path)
-            + len(self._prefix or b"")
-            + len(self._extra)
-            + (self._client_size)
-        )
+        return len(self._return_path) + len(self._prefix or b"") + (self._client_size)
 
     @property
     def wire_size(self) -> int:
         """The size with CRLF line ends (every LF counts twice)."""
-        head = self._return_path + (self._prefix or b"") + self._extra
+        head = self._return_path + (self._prefix or b"")
         return self.size + head.count(b"\n") + self._lines
 
     def head(self, limit: int) -> bytes:
@@ -213,32 +207,8 @@ class Draft:
             limit = min(limit, self._head_end)
         if self._fd is None:
             return bytes(self._client[:limit])
-        start = len(self._return_path) + len(self._prefix or b"") + len(self._extra)
+        start = len(self._return_path) + len(self._prefix or b"")
         return os.pread(self._fd, limit, start)
-
-    def prepend(self, lines: bytes) -> None:
-        if self._fd is None:
-            self._extra = lines + self._extra
-            return
-        # Rare (a large message signed or annotated): rewrite the file with the lines in.
-        old_fd, old_path, start = self._fd, self._path, self.size - self._client_size
-        self._extra = lines + self._extra
-        self._fd, self._crc = None, 0
-        self._path, durable = self._spares.take()
-        self.fresh = not durable
-        try:
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            for part in (self._return_path, self._prefix or b"", self._extra):
-                self._put(part)
-            offset = start
-            while chunk := os.pread(old_fd, 1 << 20, offset):
-                self._put(chunk)
-                offset += len(chunk)
-        except OSError as exc:
-            self._failed = exc
-        finally:
-            os.close(old_fd)
-            os.unlink(old_path)
 
     def whole(self) -> bytes:
         if self._failed is not None:
@@ -247,14 +217,14 @@ class Draft:
             self._take_prefix()
         start = len(self._return_path)
         if self._fd is None:
-            data = b"".join((self._prefix or b"", self._extra, self._client))
+            data = b"".join((self._prefix or b"", self._client))
         else:
             data = os.pread(self._fd, self.size - start, start)
         return data.replace(b"\n", b"\r\n")
 
     def replace(self, data: bytes) -> None:
         lf = data.replace(b"\r\n", b"\n")
-        self._prefix, self._extra, self._head_end = b"", b"", -1
+        self._prefix, self._head_end = b"", -1
         self._client_size, self._lines = len(lf), len(data) - len(lf)
         if self._fd is None:
             self._client = bytearray(lf)
@@ -271,7 +241,7 @@ class Draft:
     async def rewrite(self, convert: Callable[[bytes], bytes]) -> None:
         if self._failed is not None:
             return
-        head = self._return_path + (self._prefix or b"") + self._extra
+        head = self._return_path + (self._prefix or b"")
         if self._fd is None:
             old = bytes(self._client)
         else:
@@ -306,7 +276,7 @@ class Draft:
             return b"", self._path, self._crc
         if self._prefix is None:
             self._take_prefix()
-        body = b"".join((self._return_path, self._prefix or b"", self._extra, self._client))
+        body = b"".join((self._return_path, self._prefix or b"", self._client))
         self._client = bytearray()
         return body, "", 0
 
