@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,18 +19,32 @@ from postroom.errors import QueueError
 Status = Literal["queued", "deferred", "delivered", "bounced"]
 
 _ID_SEQUENCE = itertools.count()
+_ID_PROCESS: tuple[int, str] = (0, "")  # (pid, this process's random part), made after fork
+
+
+def _process_part() -> str:
+    """The pid and a random part drawn once per process (again in a forked child, whose pid
+    differs): a pid is unique only on its machine, and nodes on several machines share one
+    queue (PostgreSQL), where two workers with the same pid would otherwise make equal ids."""
+    global _ID_PROCESS
+    pid = os.getpid()
+    if _ID_PROCESS[0] != pid:
+        _ID_PROCESS = (pid, f"{pid & 0xFFFFFF:06X}{secrets.randbits(32):08X}")
+    return _ID_PROCESS[1]
 
 
 def new_queue_id(now: float | None = None) -> str:
-    """Sortable, unique id: microseconds since the epoch, the process id, a sequence number.
+    """Sortable, unique id: microseconds since the epoch, the process id and a random part
+    drawn per process, a sequence number (32 uppercase hex digits).
 
-    The process id keeps the ids of forked workers apart: a sequence alone is copied by
-    ``fork`` and two workers would make the same id in the same microsecond (and the same
-    Maildir file name, one message overwriting the other). A pid is reused only after its
-    process has exited, and a process makes fewer than 65,536 ids in one microsecond.
+    The process id keeps the ids of forked workers on one machine apart: a sequence alone is
+    copied by ``fork`` and two workers would make the same id in the same microsecond (and the
+    same Maildir file name, one message overwriting the other). A pid is reused only after its
+    process has exited, and a process makes fewer than 65,536 ids in one microsecond. The
+    random part (32 bits) keeps processes of other machines apart, which may have the same pid.
     """
     micros = int((time.time() if now is None else now) * 1_000_000)
-    return f"{micros:014X}{os.getpid() & 0xFFFFFF:06X}{next(_ID_SEQUENCE) & 0xFFFF:04X}"
+    return f"{micros:014X}{_process_part()}{next(_ID_SEQUENCE) & 0xFFFF:04X}"
 
 
 def check_id(queue_id: str) -> None:
