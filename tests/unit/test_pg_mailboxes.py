@@ -186,3 +186,35 @@ def test_postgresql_restart_fails_intake_then_heals(pg_durable: object, tmp_path
             await drop.close()
 
     run(main())
+
+
+def test_top_leaves_the_read_ahead_to_the_retr_that_follows(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: TOP took the message out of the read-ahead (read_now popped it), so the RETR
+    # after it read the message again and, with it, up to 1 MiB of the ones after it (cleared
+    # and read anew): a client that does TOP n, RETR n for each message read ~1 MiB per message.
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, _b):
+            for i in range(4):
+                await a.accept(["ann@a.test"], message=MESSAGE + b"%d\r\n" % i)
+            drop = a.maildrop("ann@a.test")
+            await drop.open()
+            reads = 0
+            query = drop._query
+
+            async def counted(call):  # type: ignore[no-untyped-def]
+                nonlocal reads
+                reads += 1
+                return await query(call)
+
+            monkeypatch.setattr(drop, "_query", counted)
+            for n in (1, 2, 3, 4):
+                top = drop.read_now(n) if n > 1 else None  # TOP n (1: not read yet)
+                retr = await read(drop, n)  # RETR n
+                assert retr.endswith(MESSAGE + b"%d\r\n" % (n - 1))
+                assert top is None or top == retr
+            assert reads == 1  # one round trip read all four, TOPs or not
+            await drop.close()
+
+    run(main())

@@ -174,8 +174,10 @@ class PgMaildrop:
 
     def read_now(self, number: int) -> bytes | None:
         """The message if it was read ahead (the next RETR of a client that fetches in
-        order), else None: then :meth:`chunks`."""
-        return self._ahead.pop(number, None)
+        order), else None: then :meth:`chunks`. The copy stays at hand (up to the next read
+        ahead, so at most ``READ_AHEAD`` octets): a TOP of the message leaves it to the RETR
+        that usually follows."""
+        return self._ahead.get(number)
 
     async def chunks(self, number: int, size: int = READ_CHUNK) -> AsyncGenerator[bytes, None]:
         """The message in pieces of at most ``size`` octets. A small one is read together
@@ -183,7 +185,7 @@ class PgMaildrop:
         mostly RETR in order. FileNotFoundError if it was removed meanwhile."""
         message = self.messages[number - 1]
         if message.size <= size:
-            body = self._ahead.pop(number, None)
+            body = self._ahead.get(number)
             if body is None:
                 body = await self._read_ahead(number, size)
             yield body
@@ -219,7 +221,7 @@ class PgMaildrop:
         self._ahead.clear()
         for r in rows:
             self._ahead[wanted[r["id"]]] = bytes(r["body"])
-        body = self._ahead.pop(number, None)
+        body = self._ahead.get(number)
         if body is None:
             raise FileNotFoundError(self.messages[number - 1].uid)
         return body
