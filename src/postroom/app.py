@@ -112,7 +112,8 @@ def build_services(
         run_blocking=services.io.run,
         helper=DkimHelper(sorted(os.sched_getaffinity(0))),  # before pin_cpus pins the worker
     )
-    runner = QueueRunner(services, queue, mailboxes, slots=slots)
+    lease_fresh = stores.lease_fresh if stores is not None else None
+    runner = QueueRunner(services, queue, mailboxes, slots=slots, lease_fresh=lease_fresh)
     services.intake = runner
     return services, runner
 
@@ -369,8 +370,9 @@ async def serve(
     if cfg.storage.backend == "postgresql":
         from postroom.storage import factory
 
-        # Before privileges are dropped (a ~/.pgpass of the starting user is read now).
-        stores = await factory.open_node(cfg, io, worker.index)
+        # Before privileges are dropped (a ~/.pgpass of the starting user is read now). A node
+        # does not start without the database; a worker started again waits for it.
+        stores = await factory.open_node(cfg, io, worker.index, wait=worker.again)
     services, runner = build_services(
         cfg, pair, worker.primary, cfg.workers, worker.index, shared, stores, io
     )
@@ -507,6 +509,7 @@ class Worker:
     parent: int = 0  # the supervisor
     channel: socket.socket | None = None  # to the supervisor
     go_fd: int | None = None  # the primary: written once recovered, to release the others
+    again: bool = False  # started again after a worker of its slot died (not the first start)
 
     def release_others(self) -> None:
         if self.go_fd is not None:
@@ -546,7 +549,9 @@ def run(cfg: Config) -> int:
         cfg.workers
     )  # before the fork: every worker, restarted ones too, sees the same
 
-    def worker_main(index: int, primary: bool, channel: socket.socket, go: int | None) -> int:
+    def worker_main(
+        index: int, primary: bool, channel: socket.socket, go: int | None, again: bool
+    ) -> int:
         lifetime.die_with_parent(parent)
         if go is not None and not primary:
             released = os.read(go, 1) == b"g"  # EOF: the primary failed to start
@@ -554,7 +559,7 @@ def run(cfg: Config) -> int:
             if not released:
                 return 0
             go = None
-        worker = Worker(primary, index, parent, channel, go)
+        worker = Worker(primary, index, parent, channel, go, again)
         try:
             return _loop_run(serve(cfg, listeners, worker, pair, shared))
         except (OSError, PostroomError) as exc:  # PostgreSQL away at start, a newer schema

@@ -12,10 +12,14 @@ change without new sockets or processes (``listen``, ``data_dir``, ``user``, ``w
 a bad config keeps the old one whole; a certificate or key that cannot be read or does not match
 keeps the old pair (the rest of the new config applies), and the log names the file.
 
-Workers die with the supervisor (PR_SET_PDEATHSIG). A worker that dies after it was ready is
-started again (a few times a minute at most); one that dies before it was ready stops the
-server (a start-up error). SIGTERM/SIGINT go to every worker; the supervisor exits when they
-have, with the primary's status.
+Workers die with the supervisor (PR_SET_PDEATHSIG). A worker that dies before it was ever
+ready stops the server (a start-up error: a bad config, PostgreSQL away at the first start).
+One that dies after its slot has served is started again, at once the first time and then
+after a back-off that doubles up to :data:`MAX_BACKOFF` while it keeps dying (reset after a
+quiet :data:`RESTART_WINDOW`), also when the new one dies before it is ready: the node heals
+by itself once the cause is gone (a restarted worker on PostgreSQL waits for the database
+rather than exit). SIGTERM/SIGINT go to every worker; the supervisor exits when they have,
+with the primary's status.
 
 Wire format of the socketpair: worker -> supervisor one byte, ``R`` (ready); supervisor ->
 worker a 4-byte big-endian length and a pickle of ``(Config, (cert_pem, key_pem) | None)``
@@ -45,14 +49,15 @@ from postroom.errors import ConfigError
 log = logging.getLogger("postroom")
 
 RESTART_ONLY = ("listen", "data_dir", "user", "workers", "pin_cpus", "storage")
-MAX_RESTARTS = 5  # per worker slot within RESTART_WINDOW; beyond, the server stops
-RESTART_WINDOW = 60.0
+RESTART_WINDOW = 60.0  # restarts of a slot within this long make the back-off grow
+MAX_BACKOFF = 30.0  # the longest wait before a dead worker is started again
 STOP_GRACE = 11.0  # workers exit within 10 s of SIGTERM; then SIGKILL
 _LEN = struct.Struct(">I")
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
-# (index, primary, channel to the supervisor, fd to wait on before serving or None) -> status
-WorkerMain = Callable[[int, bool, socket.socket, int | None], int]
+# (index, primary, channel to the supervisor, fd to wait on before serving or None, started
+# again after its slot served) -> status
+WorkerMain = Callable[[int, bool, socket.socket, int | None, bool], int]
 
 
 @dataclass
@@ -61,7 +66,15 @@ class _Slot:
     pid: int = 0
     channel: socket.socket | None = None
     ready: bool = False
+    served: bool = False  # a worker of this slot was ready once: a later death is restarted
+    due: float | None = None  # when (monotonic) to start the slot again
     restarts: list[float] = field(default_factory=list)
+
+
+def backoff(restarts: int) -> float:
+    """The wait before the ``restarts``-th restart of a slot within RESTART_WINDOW: none for
+    the first, then 1, 2, 4... seconds, at most MAX_BACKOFF."""
+    return 0.0 if restarts <= 1 else min(MAX_BACKOFF, 2.0 ** (restarts - 2))
 
 
 class Supervisor:
@@ -94,7 +107,7 @@ class Supervisor:
                 signal.set_wakeup_fd(-1)
                 for sig in _SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
-                code = self.main(slot.index, slot.index == 0, theirs, go_r)
+                code = self.main(slot.index, slot.index == 0, theirs, go_r, slot.served)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:  # a child must never return into the supervisor's code
@@ -129,9 +142,10 @@ class Supervisor:
         """Until every worker has exited after a stop; returns the exit status."""
         self.start()
         deadline: float | None = None
-        while any(s.pid for s in self.slots):
+        while any(s.pid or s.due is not None for s in self.slots):
             channels = {s.channel.fileno(): s for s in self.slots if s.channel is not None}
-            timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            wake = [t for t in (deadline, *(s.due for s in self.slots)) if t is not None]
+            timeout = max(0.0, min([1.0, *(t - time.monotonic() for t in wake)]))
             try:
                 readable, _w, _x = select.select([self._wake_r, *channels], [], [], timeout)
             except InterruptedError:
@@ -148,6 +162,7 @@ class Supervisor:
             if signal.SIGHUP in flags and not self.stopping:
                 self.reload()
             self._reap()
+            self._restart_due()
             if self.stopping and deadline is None:
                 deadline = time.monotonic() + STOP_GRACE
             if deadline is not None and time.monotonic() > deadline:
@@ -162,7 +177,7 @@ class Supervisor:
         except OSError:
             data = b""
         if b"R" in data:
-            slot.ready = True
+            slot.ready = slot.served = True
         if not data:  # the worker is gone (or going): reaped by _reap
             slot.channel.close()
             slot.channel = None
@@ -175,6 +190,8 @@ class Supervisor:
 
     def stop(self, status: int | None = None) -> None:
         self.stopping = True
+        for slot in self.slots:
+            slot.due = None
         if status is not None and not self.status:
             self.status = status
         self._signal_all(signal.SIGTERM)
@@ -200,23 +217,35 @@ class Supervisor:
                     self.status = code
                 continue
             how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-            if not slot.ready:
+            if not slot.served:
                 log.error("worker %d %s while starting: stopping", slot.index, how)
                 self.stop(code if code > 0 else 1)
                 continue
+            if not slot.ready:
+                how += " before it was ready"
             now = time.monotonic()
             slot.restarts = [t for t in slot.restarts if now - t < RESTART_WINDOW] + [now]
-            if len(slot.restarts) > MAX_RESTARTS:
+            delay = backoff(len(slot.restarts))
+            slot.due = now + delay
+            if delay:
                 log.error(
-                    "worker %d %s, %d times within a minute: stopping",
+                    "worker %d (pid %d) %s, %d times within %d s: starting it again in %d s",
                     slot.index,
+                    pid,
                     how,
                     len(slot.restarts),
+                    RESTART_WINDOW,
+                    delay,
                 )
-                self.stop(1)
-                continue
-            log.warning("worker %d (pid %d) %s: starting it again", slot.index, pid, how)
-            self._fork(slot, None, [])
+            else:
+                log.warning("worker %d (pid %d) %s: starting it again", slot.index, pid, how)
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.due is not None and slot.due <= now and not self.stopping:
+                slot.due = None
+                self._fork(slot, None, [])
 
     # -- SIGHUP --------------------------------------------------------------------------------
 

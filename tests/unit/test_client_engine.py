@@ -13,6 +13,7 @@ from postroom.errors import EngineMisuse
 from postroom.smtp.client_engine import (
     ClientEngine,
     Closed,
+    EndOfData,
     Event,
     MessageDone,
     Outcome,
@@ -24,6 +25,7 @@ from postroom.smtp.client_engine import ClientState as State
 from postroom.smtp.client_engine import ForwardPath as Recipient
 from postroom.wire.events import StartTLS
 from postroom.wire.framing import DotReader
+from postroom.wire.replies import Reply
 
 EHLO_FULL = (
     b"250-mx.b.test Hello\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n"
@@ -452,3 +454,42 @@ def test_552_to_rcpt_is_temporary_and_552_at_end_of_data_is_not() -> None:
     engine.receive_data(b"552 5.3.4 Message too big\r\n")
     done = [e for e in events(engine) if isinstance(e, MessageDone)]
     assert [r.outcome for r in done[0].results] == [Outcome.PERMANENT, Outcome.TEMPORARY]
+
+
+def _held_at_the_dot() -> tuple[ClientEngine, bytes]:
+    engine = ready_engine()
+    engine.send_message(msg("bob@b.test"), DATA, hold_end=True)
+    engine.receive_data(b"250 2.1.0 ok\r\n")
+    engine.receive_data(b"250 2.1.5 ok\r\n")
+    assert sent_lines(engine)[-1] == b"DATA"
+    engine.receive_data(b"354 go ahead\r\n")
+    body = engine.data_to_send()
+    assert events(engine) == [EndOfData()]
+    assert engine.timeout() is None  # no reply awaited while the caller decides
+    return engine, body
+
+
+def test_held_end_of_data_is_sent_only_when_asked() -> None:
+    engine, body = _held_at_the_dot()
+    assert b"\r\n..dot line\r\n" in body and not body.endswith(b"\r\n.\r\n")
+    engine.end_data()
+    assert engine.data_to_send() == b".\r\n"
+    engine.receive_data(b"250 2.0.0 queued\r\n")
+    (done, ready) = events(engine)
+    assert isinstance(done, MessageDone) and ready == Ready()
+    assert done.results[0].outcome is Outcome.DELIVERED
+
+
+def test_aborted_before_the_dot_sends_nothing_more_and_fails_temporarily() -> None:
+    # The caller (a cluster node whose lease is in doubt) gives up: no dot, no RSET (after
+    # 354 it would be message text); the connection is closed, the host cancels it.
+    engine, _body = _held_at_the_dot()
+    reason = Reply(451, "4.3.0", ("lease not confirmed",), local=True)
+    engine.abort(reason)
+    assert engine.data_to_send() == b""
+    done, closed = events(engine)
+    assert isinstance(done, MessageDone) and done.results[0].outcome is Outcome.TEMPORARY
+    assert done.results[0].reply == reason
+    assert isinstance(closed, Closed) and engine.state is State.CLOSED
+    engine.end_data()  # after a loss (or an abort) a late end_data does nothing
+    assert engine.data_to_send() == b""

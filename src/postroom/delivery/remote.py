@@ -14,8 +14,12 @@ idle sessions in a small cache keyed by (host, address, port, verify) so that th
 the same MX reuses the connection after a successful RSET. TLS is opportunistic (RFC 7435) except
 for ``[delivery] tls_verify_domains``, where TLS is required and the certificate must verify for
 the MX host name; a failed opportunistic handshake is retried once in plaintext at the same
-address (like Postfix), so a broken TLS stack at the peer cannot block mail forever. Security
-notes: all network input goes through the engine; this module never interprets it.
+address (like Postfix), so a broken TLS stack at the peer cannot block mail forever. A caller
+may pass ``may_finish``, asked once the message is written and before its final dot (which
+commits it at the remote host): on False the connection is closed without the dot (the host
+cancels the transaction, RFC 5321 §3.8) and no other host is tried; the queue of a cluster uses
+it to fence deliveries whose lease another node may hold. Security notes: all network input
+goes through the engine; this module never interprets it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from postroom.smtp.client_engine import (
     ClientEngine,
     ClientState,
     Closed,
+    EndOfData,
     Event,
     ForwardPath,
     MessageDone,
@@ -48,6 +53,9 @@ from postroom.wire.replies import Reply
 
 MessageSource = bytes | Callable[[], Awaitable[bytes]]
 """The message octets, or a coroutine function that reads them (called only when needed)."""
+
+MayFinish = Callable[[], bool]
+"""Asked before the final dot of a message: may this transaction be committed?"""
 
 MAX_ADDRESSES = 10  # sessions tried per delivery attempt (Postfix: smtp_mx_address_limit = 5)
 DATA_BLOCK_TIMEOUT = 180.0  # RFC 5321 §4.5.3.2.5: each write of message data
@@ -67,6 +75,22 @@ class DeliveryResult:
     ip: str | None = None  # the address that was dialled
     tls: bool = False  # whether the session was encrypted
     host: str | None = None  # the MX host dialled (also when the reply is our own words)
+
+
+class _Fenced(Exception):
+    """``may_finish`` said no: the transaction was abandoned before its final dot."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+FENCED = Reply(
+    451,
+    "4.3.0",
+    ("not finished before the final dot: the lease on the message is not confirmed",),
+    local=True,
+)
 
 
 class _SessionFailed(Exception):
@@ -209,10 +233,15 @@ class RemoteDelivery:
         self._idle: dict[tuple[str, str, int, bool], list[_Session]] = {}
 
     async def deliver(
-        self, domain: str, message: OutgoingMessage, source: MessageSource
+        self,
+        domain: str,
+        message: OutgoingMessage,
+        source: MessageSource,
+        may_finish: MayFinish | None = None,
     ) -> list[DeliveryResult]:
         """Try to deliver ``message`` (all recipients in ``domain``); one result per recipient,
-        in the order of ``message.recipients``. Never raises for network or DNS trouble."""
+        in the order of ``message.recipients``. Never raises for network or DNS trouble.
+        ``may_finish``: see the module docstring (without it, every message is finished)."""
         route = await self.resolver.route(domain)
         route = drop_self(
             route,
@@ -230,11 +259,12 @@ class RemoteDelivery:
         final: dict[int, DeliveryResult] = {}
         last_temp: dict[int, DeliveryResult] = {}
         session_error: tuple[Reply, str, str] | None = None
+        fenced = False
         data: bytes | None = None
         tried = 0
         for target in route.targets:
             for ip in target.addresses:
-                if not pending or tried >= self._max_addresses:
+                if not pending or fenced or tried >= self._max_addresses:
                     break
                 tried += 1
                 if data is None:
@@ -243,9 +273,15 @@ class RemoteDelivery:
                 while batch:
                     sub = replace(message, recipients=tuple(message.recipients[i] for i in batch))
                     try:
-                        done, secure = await self._deliver_at(target, ip, sub, data, verify)
+                        done, secure = await self._deliver_at(
+                            target, ip, sub, data, verify, may_finish
+                        )
                     except _SessionFailed as exc:
                         session_error = (exc.reply, target.host, ip)
+                        break
+                    except _Fenced as exc:  # the other hosts are not tried either
+                        session_error = (exc.reply, target.host, ip)
+                        fenced = True
                         break
                     too_many: list[int] = []
                     for i, res in zip(batch, done.results, strict=True):
@@ -276,7 +312,7 @@ class RemoteDelivery:
                     batch = too_many if delivered else []
                 pending = [i for i in pending if i not in final]
         for i in pending:
-            if i in last_temp:
+            if i in last_temp and not fenced:
                 final[i] = last_temp[i]
             elif session_error is not None:
                 reply, host, ip = session_error
@@ -294,9 +330,16 @@ class RemoteDelivery:
         return [final[i] for i in range(len(message.recipients))]
 
     async def _deliver_at(
-        self, target: Target, ip: str, message: OutgoingMessage, data: bytes, verify: bool
+        self,
+        target: Target,
+        ip: str,
+        message: OutgoingMessage,
+        data: bytes,
+        verify: bool,
+        may_finish: MayFinish | None = None,
     ) -> tuple[MessageDone, bool]:
-        """The transaction's result, and whether it went over TLS."""
+        """The transaction's result, and whether it went over TLS; _Fenced if ``may_finish``
+        refused the final dot."""
         key = (target.host, ip, self.cfg.delivery.port, verify)
         session = await self._take(key)
         if session is None:
@@ -309,8 +352,20 @@ class RemoteDelivery:
                 session = await self._open(target, ip, verify, TLSPolicy.NONE)
         # RFC 5321 §4.5.3.1.6 (lines) and RFC 6152 §3 (8-bit to a peer without 8BITMIME).
         eight_bit = "8BITMIME" in session.engine.extensions
-        session.engine.send_message(message, mime_downgrade.downgrade(data, eight_bit=eight_bit))
+        session.engine.send_message(
+            message,
+            mime_downgrade.downgrade(data, eight_bit=eight_bit),
+            hold_end=may_finish is not None,
+        )
         event = await session.next_event()
+        if isinstance(event, EndOfData):  # the message is written, but for its final dot
+            assert may_finish is not None
+            if not may_finish():
+                session.engine.abort(FENCED)
+                session.close()  # the dot never goes out: the host cancels the transaction
+                raise _Fenced(FENCED)
+            session.engine.end_data()
+            event = await session.next_event()
         if not isinstance(event, MessageDone):  # pragma: no cover - the engine always reports
             session.close()
             raise _SessionFailed(_temp("4.4.2", f"{target.host}[{ip}]: no result"))

@@ -13,7 +13,9 @@ recipient ends ``delivered`` or ``bounced`` (with a DSN to the sender, RFC 3464,
 Each outcome has one home, for its log line and metric (:mod:`postroom.events`):
 :meth:`_accepted`, :meth:`_outcome` (delivered, deferred, bounced), :meth:`_expired`.
 The resolver, the clock and the jitter are injected (tests run attempts without sleeping or
-DNS).
+DNS). On a shared queue (several nodes) ``lease_fresh`` fences remote deliveries: asked before
+the final dot of each message, it says whether this worker's lease on the message was
+confirmed recently enough that no other node can have taken it over.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class QueueRunner:
         slots: DestinationSlots | None = None,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] | None = None,
+        lease_fresh: Callable[[str], bool] | None = None,
     ) -> None:
         self.services = services
         self.queue = queue
@@ -118,6 +121,7 @@ class QueueRunner:
         self._remote: RemoteDelivery | None = None
         self._destinations = slots or ProcessSlots()
         self._relayed: set[int] = set()
+        self._lease_fresh = lease_fresh  # None: one node, nobody else can take a message
 
     @property
     def cfg(self) -> Config:
@@ -443,7 +447,9 @@ class QueueRunner:
         )
         async with self._destinations.slot(domain, self.cfg.delivery.max_per_destination):
             started = time.monotonic()
-            results = await self._remote_delivery().deliver(domain, outgoing, wire)
+            fence = self._lease_fresh
+            may_finish = None if fence is None else (lambda: fence(envelope.id))
+            results = await self._remote_delivery().deliver(domain, outgoing, wire, may_finish)
             took = time.monotonic() - started
         out = []
         for (_index, rcpt), result in zip(rcpts, results, strict=True):

@@ -2,13 +2,14 @@
 
 Bytes from the server go in (:meth:`ClientEngine.receive_data`), bytes to write come out
 (:meth:`ClientEngine.data_to_send`) and typed events say what happened (:meth:`next_event`):
-:class:`StartTLS` (do the handshake, then call :meth:`tls_started`), :class:`Ready` (idle: hand
-over a message, probe with RSET, or quit), :class:`MessageDone` (one result per recipient) and
-:class:`Closed`. One session runs greeting -> EHLO (HELO if EHLO gets a 5xx) -> STARTTLS and
-EHLO again -> transactions (MAIL, RCPT..., DATA, pipelined when offered) -> QUIT; a 421 at any
-point ends it. Replies reach the ``_on_*`` handlers through one queue of awaited replies, so
-pipelined and lock-step sessions share the same code; every state change goes through the one
-table :data:`TRANSITIONS`, which a test checks against this diagram::
+:class:`StartTLS` (do the handshake, then call :meth:`tls_started`), :class:`Ready` (idle: hand over
+a message, probe with RSET, or quit), :class:`EndOfData` (asked for: the message is written but for
+its final dot; :meth:`end_data` sends it, :meth:`abort` gives up), :class:`MessageDone` (one result
+per recipient) and :class:`Closed`. One session runs greeting -> EHLO (HELO if EHLO gets a 5xx) ->
+STARTTLS and EHLO again -> transactions (MAIL, RCPT..., DATA, pipelined when offered) -> QUIT; a 421
+at any point ends it. Replies reach the ``_on_*`` handlers through one queue of awaited replies, so
+pipelined and lock-step sessions share the same code; every state change goes through the one table
+:data:`TRANSITIONS`, which a test checks against this diagram::
 
     GREETING --GREETED--> EHLO
     EHLO --EHLO_REFUSED--> HELO
@@ -45,7 +46,7 @@ from typing import Final
 
 from postroom.errors import EngineMisuse
 from postroom.wire.events import StartTLS
-from postroom.wire.framing import TOO_LONG, LineReader, dot_stuff, to_crlf
+from postroom.wire.framing import TOO_LONG, LineReader, dot_stuff, dot_stuff_parts, to_crlf
 from postroom.wire.replies import Reply, parse_status
 
 MAX_REPLY_LINE = 4096  # RFC 5321 §4.5.3.1.5 says 512; be lenient but bounded.
@@ -171,6 +172,13 @@ class MessageDone:
 
 
 @dataclass(frozen=True, slots=True)
+class EndOfData:
+    """The message is written up to its final dot (``send_message(..., hold_end=True)``):
+    :meth:`ClientEngine.end_data` sends it (the server then commits the message), or
+    :meth:`ClientEngine.abort` ends the session without it."""
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     """The session is over; ``reply`` is the server's last word or the local reason."""
 
@@ -178,7 +186,7 @@ class Closed:
     clean: bool  # True after QUIT/221, False after a failure
 
 
-Event = Ready | StartTLS | MessageDone | Closed
+Event = Ready | StartTLS | EndOfData | MessageDone | Closed
 
 
 def _local(code: int, status: str, text: str) -> Reply:
@@ -218,6 +226,8 @@ class _Delivery:
     rcpt_replies: dict[int, Reply] = field(default_factory=dict)
     next_rcpt: int = 0  # lock-step mode: position in to_send of the next RCPT
     open: bool = False  # MAIL accepted and the transaction not ended by a DATA reply
+    hold_end: bool = False  # stop before the final dot (EndOfData) until end_data()
+    end: bytes = b""  # the end-of-data line held back
 
 
 _Handler = Callable[[Reply], None]
@@ -313,8 +323,9 @@ class ClientEngine:
 
     # --- the caller's commands ------------------------------------------------------------------
 
-    def send_message(self, message: OutgoingMessage, data: bytes) -> None:
-        """Start a transaction for ``message`` whose content (not stuffed) is ``data``.
+    def send_message(self, message: OutgoingMessage, data: bytes, hold_end: bool = False) -> None:
+        """Start a transaction for ``message`` whose content (not stuffed) is ``data``. With
+        ``hold_end`` the final dot waits for :meth:`end_data` (an :class:`EndOfData` event).
 
         ``data`` is sent as it is: the caller has already made it fit the server's extensions
         (RFC 6152 §3: 7-bit for a server without 8BITMIME; RFC 5321 §4.5.3.1.6: short lines).
@@ -348,7 +359,7 @@ class ClientEngine:
             for i, rcpt in enumerate(message.recipients):
                 results.setdefault(i, RecipientResult(rcpt, Outcome.PERMANENT, too_big))
         to_send = [i for i in range(len(message.recipients)) if i not in results]
-        txn = _Delivery(message, data, to_send, results)
+        txn = _Delivery(message, data, to_send, results, hold_end=hold_end)
         if not to_send:
             self._finish(txn)
             self._ready()
@@ -362,6 +373,24 @@ class ClientEngine:
                 self._command(self._rcpt_command(txn, k), self._on_rcpt, TIMEOUT_RCPT)
             txn.next_rcpt = len(to_send)
             self._command(b"DATA", self._on_data, TIMEOUT_DATA_INIT)
+
+    def end_data(self) -> None:
+        """After :class:`EndOfData`: send the final dot; the server's reply ends the message."""
+        if self.state is ClientState.CLOSED:
+            return  # the connection was lost meanwhile: MessageDone and Closed are queued
+        txn = self._txn
+        if txn is None or not txn.end or self.state is not ClientState.TRANSACTION:
+            raise EngineMisuse(f"end_data in state {self.state} without EndOfData")
+        self._out += txn.end
+        txn.end = b""
+        self._awaiting.append((self._on_data_end, TIMEOUT_DATA_END))
+
+    def abort(self, reason: Reply) -> None:
+        """End the session now, sending nothing more: an open transaction's recipients fail
+        with ``reason`` (temporary). After :class:`EndOfData` the caller closes the connection
+        without the final dot, and the server cancels the transaction (RFC 5321 §3.8)."""
+        if self.state is not ClientState.CLOSED:
+            self._fail(reason)
 
     def reset(self) -> None:
         """Send RSET (for example to check that a cached connection is still alive)."""
@@ -581,7 +610,11 @@ class ClientEngine:
     def _on_data(self, reply: Reply) -> None:
         txn = self._require_txn()
         if reply.code == 354:
-            if self._accepted(txn):
+            if self._accepted(txn) and txn.hold_end:
+                body, txn.end = dot_stuff_parts(txn.data)
+                self._out += body
+                self._events.append(EndOfData())
+            elif self._accepted(txn):
                 self._out += dot_stuff(txn.data)
                 self._awaiting.append((self._on_data_end, TIMEOUT_DATA_END))
             else:

@@ -11,6 +11,9 @@ for either backend. Everything else sees the stores through the protocols of
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,6 +32,8 @@ from postroom.storage.interfaces import (
 if TYPE_CHECKING:
     from postroom.storage.postgresql.db import Database, Watcher
 
+log = logging.getLogger("postroom")
+
 
 @dataclass
 class NodeStores:
@@ -42,6 +47,7 @@ class NodeStores:
     slots: DestinationSlots
     database: Database
     watcher: Watcher
+    lease_fresh: Callable[[str], bool]  # may a remote delivery of this message finish?
 
     async def close(self) -> None:
         from postroom.storage.postgresql.keys import PgKeyStore
@@ -55,9 +61,34 @@ class NodeStores:
         await self.database.close()
 
 
-async def open_node(cfg: Config, io: BlockingPool, index: int = 0) -> NodeStores:
+async def open_node(
+    cfg: Config, io: BlockingPool, index: int = 0, wait: bool = False
+) -> NodeStores:
     """The stores a PostgreSQL worker serves from (migrated and loaded; errors raise:
-    TemporaryStorageError if PostgreSQL cannot be reached, SchemaError for a newer schema)."""
+    TemporaryStorageError if PostgreSQL cannot be reached, SchemaError for a newer schema).
+    With ``wait`` (a worker started again while its node runs) an unreachable PostgreSQL is
+    waited for instead: tried again with a back-off of 1 to 10 s, logged once per outage."""
+    from postroom.storage.postgresql.db import TRANSIENT
+
+    delay, waited = 1.0, False
+    while True:
+        try:
+            stores = await _open_node(cfg, io, index)
+        except TRANSIENT as exc:
+            if not wait:
+                raise
+            if not waited:
+                log.warning("worker %d: %s; waiting for it before serving", index, exc)
+                waited = True
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 10.0)
+            continue
+        if waited:
+            log.warning("worker %d: PostgreSQL answers again; serving", index)
+        return stores
+
+
+async def _open_node(cfg: Config, io: BlockingPool, index: int) -> NodeStores:
     from postroom.storage.postgresql import db, migrations
     from postroom.storage.postgresql.accounts import LiveAccounts
     from postroom.storage.postgresql.keys import PgKeyStore
@@ -97,6 +128,7 @@ async def open_node(cfg: Config, io: BlockingPool, index: int = 0) -> NodeStores
         slots=PgSlots(database, queue.node, lease),
         database=database,
         watcher=watcher,
+        lease_fresh=queue.lease_fresh,
     )
 
 

@@ -285,6 +285,7 @@ class Watcher:
         return notified
 
     async def _run(self) -> None:
+        away = False  # logged once per outage, not once per try
         while True:
             conn: asyncpg.Connection | None = None
             try:
@@ -294,6 +295,9 @@ class Watcher:
                     await conn.add_listener(sub.channel, self._listener(i))
                 await self._load_all(conn)
                 self.connected = True
+                if away:
+                    log.warning("PostgreSQL answers the watcher again; accounts and keys reloaded")
+                    away = False
                 self._settle(None)
                 while not conn.is_closed():
                     wait = self.last_full_load + FULL_REFRESH - time.monotonic()
@@ -311,7 +315,9 @@ class Watcher:
             except Exception as exc:  # keep what the copies hold, and retry
                 self._settle(exc)
                 if isinstance(exc, TRANSIENT):
-                    log.warning("PostgreSQL unavailable to the watcher (%s); retrying", exc)
+                    if not away:
+                        log.warning("PostgreSQL unavailable to the watcher (%s); retrying", exc)
+                    away = True
                 else:  # a schema that does not fit, say
                     log.exception("watcher: reload failed; retrying")
             finally:

@@ -97,7 +97,7 @@ WHERE id = $1 AND lease_owner = $2
 """
 _RENEW = """
 WITH s AS (UPDATE delivery_slots SET until = postroom_clock() + $2 WHERE owner = $1)
-UPDATE queue SET lease_until = postroom_clock() + $2 WHERE lease_owner = $1
+UPDATE queue SET lease_until = postroom_clock() + $2 WHERE lease_owner = $1 RETURNING id
 """
 
 
@@ -252,6 +252,11 @@ class PgQueue:
         self._wake = asyncio.Event()
         self._next_due: float | None = None
         self._renewer: asyncio.Task[None] | None = None
+        # Queue id -> when (time.monotonic()) the last statement that set this worker's lease
+        # on it was sent, and that statement succeeded: the lease runs at least lease_time
+        # from then (the database sets it later, and its clock runs at the same rate).
+        self._confirmed: dict[str, float] = {}
+        self._written: dict[str, float] = {}  # when each of those entries was made
 
     # -- life -----------------------------------------------------------------------------
 
@@ -287,11 +292,37 @@ class PgQueue:
         assert self.database is not None
         while True:
             await asyncio.sleep(self.lease / 3)
+            sent = time.monotonic()
             try:
                 async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-                    await conn.execute(_RENEW, self.node, self.lease)
+                    rows = await conn.fetch(_RENEW, self.node, self.lease)
             except db.FAILED as exc:
                 log.warning("queue leases not renewed: %s", exc)
+                continue
+            renewed = {r["id"] for r in rows}
+            for queue_id, confirmed in list(self._confirmed.items()):
+                if queue_id in renewed:
+                    self._confirmed[queue_id] = max(confirmed, sent)
+                elif self._written[queue_id] < sent:  # not a claim this renewal may not see
+                    self._released(queue_id)  # the lease is gone
+
+    def lease_fresh(self, queue_id: str) -> bool:
+        """May a remote delivery of ``queue_id`` finish (send its final dot)? Only if this
+        worker's lease on it was confirmed less than half a lease ago: then another node
+        cannot have taken it over, and at least half a lease remains for the host's reply and
+        the record. (Renewals come every third of a lease, so a node that reaches the
+        database is never refused.)"""
+        confirmed = self._confirmed.get(queue_id)
+        return confirmed is not None and time.monotonic() - confirmed < self.lease / 2
+
+    def _confirm(self, queue_id: str, sent: float) -> None:
+        self._confirmed[queue_id] = sent
+        self._written[queue_id] = time.monotonic()
+
+    def _released(self, queue_id: str) -> None:
+        self._bodies.pop(queue_id, None)
+        self._confirmed.pop(queue_id, None)
+        self._written.pop(queue_id, None)
 
     def door(self) -> db.Door:
         if self._door is None:
@@ -351,9 +382,11 @@ class PgQueue:
             row = (envelope.id, envelope.created, envelope.next_attempt, self.node, doc, body)
         crlf = to_crlf(body) if deliver_now else b""
         copies = [(c.mailbox, copy_uidl(envelope.id, c.index), crlf) for c in deliver_now]
+        sent = time.monotonic()
         await self.committer.commit(_Intake(row, copies))
         if keep:
             self._bodies[envelope.id] = body
+            self._confirm(envelope.id, sent)  # under this worker's lease from the commit
         return [None] * len(deliver_now)
 
     def add_waiting(self, sender: str, recipients: list[str], message: bytes) -> str:
@@ -384,6 +417,7 @@ class PgQueue:
         return self.database.pool
 
     async def claim(self, now: float, limit: int) -> list[Envelope]:
+        sent = time.monotonic()
         try:
             async with self._pool().acquire(timeout=ACQUIRE_TIMEOUT) as conn:
                 rows = await conn.fetch(_CLAIM, now, limit, self.node, self.lease)
@@ -395,6 +429,8 @@ class PgQueue:
             self._next_due = None
             return []
         rows = sorted(rows, key=lambda r: r["next_attempt"])
+        for r in rows:
+            self._confirm(r["id"], sent)
         out = []
         for r in rows:
             try:
@@ -419,6 +455,7 @@ class PgQueue:
             raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
 
     async def begin_attempt(self, envelope: Envelope) -> None:
+        sent = time.monotonic()
         status = await self._execute(
             _BEGIN,
             envelope.id,
@@ -428,8 +465,9 @@ class PgQueue:
             self.lease,
         )
         if status == "UPDATE 0":
-            self._bodies.pop(envelope.id, None)
+            self._released(envelope.id)
             raise LeaseLost(f"{envelope.id} was deleted or another node holds it now")
+        self._confirm(envelope.id, sent)
 
     async def body(self, envelope: Envelope) -> bytes:
         body = self._bodies.get(envelope.id)
@@ -446,7 +484,7 @@ class PgQueue:
 
     async def record(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
         envelope.history.extend(attempts)
-        self._bodies.pop(envelope.id, None)
+        self._released(envelope.id)
         status = await self._execute(
             _RECORD, envelope.id, self.node, envelope.to_json().decode(), envelope.next_attempt
         )
@@ -459,7 +497,7 @@ class PgQueue:
 
     async def finish(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
         envelope.history.extend(attempts)
-        self._bodies.pop(envelope.id, None)
+        self._released(envelope.id)
         await self._execute("DELETE FROM queue WHERE id=$1", envelope.id)
 
     # -- the CLI --------------------------------------------------------------------------
@@ -515,7 +553,7 @@ class PgQueue:
             rows = self.door().call(lambda c: c.fetch(query, queue_id, CHANNEL))
         if not rows:
             raise QueueError(f"no such message {queue_id}")
-        self._bodies.pop(queue_id, None)
+        self._released(queue_id)
 
     def flush(self) -> int:
         async def run(conn: asyncpg.Connection) -> int:

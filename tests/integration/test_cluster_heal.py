@@ -1,0 +1,193 @@
+"""A node on PostgreSQL heals by itself, and fences what it may no longer finish.
+
+- a worker killed while PostgreSQL is away is started again and waits for the database, and the
+  node takes mail again once PostgreSQL is back, without a restart by hand (it used to exit);
+- a remote delivery whose lease this worker could not confirm for half a lease (another
+  "node" took the row over through SQL while the remote host stalled at DATA) is abandoned
+  before its final dot: the remote host never commits it, and nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import smtplib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import ServerFactory, free_port, wait_until
+from tests.dnszone import LoopbackDNS
+from tests.integration.test_cluster import retrieve_all, storage_toml
+from tests.integration.test_cluster_crash import worker_pids
+from tests.pgserver import PgServer, running
+
+A_IP, SINK_IP = "127.0.0.2", "127.0.0.5"
+LEASE = 2.0
+
+
+def _send(host: str, port: int, rcpt: str, subject: str, timeout: float = 10) -> bool:
+    """True once the message got its 250."""
+    try:
+        with smtplib.SMTP(host, port, timeout=timeout) as c:
+            c.sendmail("s@x.test", [rcpt], f"Subject: {subject}\r\n\r\n{subject}\r\n".encode())
+        return True
+    except (OSError, smtplib.SMTPException):
+        return False
+
+
+def test_a_worker_killed_while_postgresql_is_away_comes_back_by_itself(
+    server_factory: ServerFactory,
+) -> None:
+    with running() as pg:
+        url = pg.new_database()
+        node = server_factory(host=A_IP, extra_toml=storage_toml(url), services=("smtp", "pop3"))
+        node.add_user("ann@a.test", "ann-pw")
+        smtp = node.ports["smtp"]
+        assert _send(node.host, smtp, "ann@a.test", "before")
+        pg.stop()
+        (worker,) = worker_pids(node)
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: worker_pids(node) - {worker}, 15, "the worker to be started again")
+        time.sleep(4)  # it finds PostgreSQL away, several times
+        assert node.proc is not None and node.proc.poll() is None, node.log.read_text()
+        pg.start()
+        back = time.monotonic()
+        wait_until(lambda: _send(node.host, smtp, "ann@a.test", "after", 5), 40, "mail again")
+        took = time.monotonic() - back
+        log = node.log.read_text()
+        assert log.count("waiting for it before serving") == 1, log  # once, not per try
+        assert "PostgreSQL answers again" in log
+        bodies = retrieve_all(node, "ann@a.test", "ann-pw")
+        assert [b.rpartition(b"\r\n\r\n")[2] for b in bodies] == [b"before\r\n", b"after\r\n"]
+        print(f"serving again {took:.1f} s after PostgreSQL came back")
+
+
+class StallingSink:
+    """A remote MX on loopback that holds every DATA command until :attr:`release` is set,
+    then takes the message; it counts messages committed (final dot seen) and those whose
+    connection closed before their dot."""
+
+    def __init__(self) -> None:
+        self.at_data = threading.Event()
+        self.release = threading.Event()
+        self.accepted: list[bytes] = []
+        self.abandoned = 0
+        self.port = free_port(SINK_IP)
+        self._sock = socket.create_server((SINK_IP, self.port))
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.release.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as rfile:
+            conn.sendall(b"220 sink.test ESMTP\r\n")
+            data: bytes | None = None
+            for line in iter(rfile.readline, b""):
+                if data is not None:
+                    if line != b".\r\n":
+                        data += line
+                        continue
+                    self.accepted.append(data)
+                    data = None
+                    conn.sendall(b"250 2.0.0 queued\r\n")
+                    continue
+                verb = line[:4].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    conn.sendall(b"250 sink.test\r\n")
+                elif verb == b"DATA":
+                    self.at_data.set()
+                    self.release.wait(60)
+                    data = b""
+                    conn.sendall(b"354 go on\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 ok\r\n")
+            if data is not None:
+                self.abandoned += 1
+
+
+@pytest.fixture
+def sink() -> Iterator[StallingSink]:
+    made = StallingSink()
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def dns() -> Iterator[LoopbackDNS]:
+    zone = LoopbackDNS()
+    zone.mx("remote.test", 10, "mx.remote.test")
+    zone.a("mx.remote.test", SINK_IP)
+    yield zone
+    zone.stop()
+
+
+def test_a_delivery_whose_lease_was_taken_over_never_sends_its_final_dot(
+    server_factory: ServerFactory,
+    pg_url: str,
+    pg_server: PgServer,
+    dns: LoopbackDNS,
+    sink: StallingSink,
+) -> None:
+    database = pg_url.rpartition("/")[2]
+    extra = (
+        storage_toml(pg_url) + f'lease_time = "{LEASE}s"\n'
+        f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
+        f'[delivery]\nport = {sink.port}\nretry_intervals = ["1h"]\n'
+    )
+    node = server_factory(host=A_IP, extra_toml=extra, services=("smtp",))
+    node.cli("alias", "add", "fwd@a.test", "r@remote.test")
+    smtp = node.ports["smtp"]
+
+    # A host that stalls at DATA for longer than a lease: the worker renews its lease all the
+    # while, so it finishes the message.
+    assert _send(node.host, smtp, "fwd@a.test", "slow but mine")
+    assert sink.at_data.wait(30)
+    time.sleep(LEASE * 1.5)
+    sink.release.set()
+    wait_until(lambda: len(sink.accepted) == 1, 20, "the first message at the sink")
+    wait_until(node.queue_empty, 10, "the first message to leave the queue")
+
+    # The same, but meanwhile another node took the message over (its lease row, through SQL):
+    # this worker's renewals no longer confirm it, and it must not finish the transaction.
+    sink.at_data.clear()
+    sink.release.clear()
+    assert _send(node.host, smtp, "fwd@a.test", "taken over")
+    assert sink.at_data.wait(30)
+    pg_server.psql(
+        database,
+        "UPDATE queue SET lease_owner = 'other.test/1/cafe', lease_until = postroom_clock() + 600",
+    )
+    time.sleep(LEASE * 1.5)
+    sink.release.set()
+    wait_until(lambda: sink.abandoned == 1, 20, "the sink to see the transaction abandoned")
+    time.sleep(1)
+    assert len(sink.accepted) == 1 and sink.accepted[0].endswith(b"slow but mine\r\n")
+    # Nothing recorded: the row is the other node's, as it left it (no attempt added).
+    row = pg_server.psql(database, "SELECT lease_owner, envelope::json->'history' FROM queue")
+    assert row == "other.test/1/cafe|[]", row
+    assert "lease on the message is not confirmed" in node.log.read_text()
+    with contextlib.suppress(OSError):
+        node.stop()
