@@ -480,11 +480,13 @@ def _setup_metrics(services: Services, listeners: list[Listener], queue: Message
         return len(ids), oldest
 
     spool = local_spool
+    storage_up = metrics.always_up  # the local backend has no database
     if not isinstance(queue, LocalQueue):
         from postroom.storage.postgresql.queue import PgQueue
 
         assert isinstance(queue, PgQueue)
-        spool = queue.spool_stats
+        spool = queue.spool_stats  # never waits: a count made in the background
+        storage_up = queue.storage_up
 
     events.setup(
         enabled=bool(cfg.listen.http),
@@ -492,6 +494,7 @@ def _setup_metrics(services: Services, listeners: list[Listener], queue: Message
         data_dir=cfg.data_dir,
         services=sorted({lst.kind for lst in listeners}),
         spool=spool,
+        storage_up=storage_up,
     )
     events.certificate(tls_mod.certificate_expiry(cfg))
 

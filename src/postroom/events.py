@@ -57,13 +57,16 @@ def setup(
     data_dir: Path,
     services: Sequence[str],
     spool: Callable[[], tuple[int, float | None]],
+    storage_up: Callable[[], bool] | None = None,
 ) -> None:
     """Make this process's metrics (a worker, after the fork and the drop of root). Without
     ``enabled`` (no http listener) nothing is counted."""
     global _metrics, _exporter, _on, _shared
     from postroom import metrics
 
-    _metrics, _exporter = metrics.build(multiprocess_dir, data_dir, spool)
+    _metrics, _exporter = metrics.build(
+        multiprocess_dir, data_dir, spool, storage_up or metrics.always_up
+    )
     _children.clear()
     _pending.clear()
     _observed.clear()

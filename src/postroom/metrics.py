@@ -155,8 +155,14 @@ class Metrics:
                 self.deliveries.labels(transport, result)
 
 
+def always_up() -> bool:
+    """``postroom_storage_up`` of the local backend: files, no database to lose."""
+    return True
+
+
 class StateCollector(Collector):
-    """Collected at each scrape: the queue (from the spool directory) and the disk."""
+    """Collected at each scrape: the queue (from the spool directory, or as the database
+    last counted it), whether the database answers, and the disk."""
 
     def __init__(
         self,
@@ -164,13 +170,20 @@ class StateCollector(Collector):
         spool: Callable[[], tuple[int, float | None]],
         first_attempts: Callable[[], float],
         clock: Callable[[], float],
+        storage_up: Callable[[], bool] = always_up,
     ) -> None:
         self.data_dir = data_dir
         self.spool = spool
         self.first_attempts = first_attempts
         self.clock = clock
+        self.storage_up = storage_up
 
     def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "postroom_storage_up",
+            "1 when this worker's last round trip to the database succeeded (always 1 locally)",
+            1 if self.storage_up() else 0,
+        )
         count, oldest = self.spool()
         yield GaugeMetricFamily(
             "postroom_queue_messages",
@@ -229,6 +242,7 @@ def build(
     multiprocess_dir: Path | None,
     data_dir: Path,
     spool: Callable[[], tuple[int, float | None]],
+    storage_up: Callable[[], bool] = always_up,
 ) -> tuple[Metrics, Exporter]:
     """The metrics of this process and the exporter a scrape uses.
 
@@ -249,7 +263,7 @@ def build(
         first_attempts = functools.partial(
             _livesum, multiprocess_dir, "postroom_queue_first_attempts"
         )
-    registry.register(StateCollector(data_dir, spool, first_attempts, time.time))
+    registry.register(StateCollector(data_dir, spool, first_attempts, time.time, storage_up))
     return metrics, Exporter(registry)
 
 

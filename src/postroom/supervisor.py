@@ -12,14 +12,15 @@ change without new sockets or processes (``listen``, ``data_dir``, ``user``, ``w
 a bad config keeps the old one whole; a certificate or key that cannot be read or does not match
 keeps the old pair (the rest of the new config applies), and the log names the file.
 
-Workers die with the supervisor (PR_SET_PDEATHSIG). A worker that dies before it was ever
-ready stops the server (a start-up error: a bad config, PostgreSQL away at the first start).
-One that dies after its slot has served is started again, at once the first time and then
-after a back-off that doubles up to :data:`MAX_BACKOFF` while it keeps dying (reset after a
-quiet :data:`RESTART_WINDOW`), also when the new one dies before it is ready: the node heals
-by itself once the cause is gone (a restarted worker on PostgreSQL waits for the database
-rather than exit). SIGTERM/SIGINT go to every worker; the supervisor exits when they have,
-with the primary's status.
+Workers die with the supervisor (PR_SET_PDEATHSIG). A worker that dies before it was ever ready
+stops the server (a start-up error: a bad config, PostgreSQL away at the first start). One that dies
+after its slot has served is started again, at once the first time and then after a back-off that
+doubles (1, 2, 4... s, at most :data:`MAX_BACKOFF`) while it keeps dying, also when the new one dies
+before it is ready; more than :data:`MAX_RESTARTS` deaths of a slot within :data:`RESTART_WINDOW`
+stop the server (a crash loop is the service manager's to see). A restarted worker on PostgreSQL
+waits for an unreachable database rather than exit, so an outage costs one restart, and the node
+heals by itself. SIGTERM/SIGINT go to every worker; the supervisor exits when they have, with the
+primary's status.
 
 Wire format of the socketpair: worker -> supervisor one byte, ``R`` (ready); supervisor ->
 worker a 4-byte big-endian length and a pickle of ``(Config, (cert_pem, key_pem) | None)``
@@ -49,6 +50,7 @@ from postroom.errors import ConfigError
 log = logging.getLogger("postroom")
 
 RESTART_ONLY = ("listen", "data_dir", "user", "workers", "pin_cpus", "storage")
+MAX_RESTARTS = 5  # per worker slot within RESTART_WINDOW; beyond, the server stops
 RESTART_WINDOW = 60.0  # restarts of a slot within this long make the back-off grow
 MAX_BACKOFF = 30.0  # the longest wait before a dead worker is started again
 STOP_GRACE = 11.0  # workers exit within 10 s of SIGTERM; then SIGKILL
@@ -225,16 +227,24 @@ class Supervisor:
                 how += " before it was ready"
             now = time.monotonic()
             slot.restarts = [t for t in slot.restarts if now - t < RESTART_WINDOW] + [now]
+            if len(slot.restarts) > MAX_RESTARTS:
+                log.error(
+                    "worker %d %s, %d times within a minute: stopping",
+                    slot.index,
+                    how,
+                    len(slot.restarts),
+                )
+                self.stop(1)
+                continue
             delay = backoff(len(slot.restarts))
             slot.due = now + delay
             if delay:
                 log.error(
-                    "worker %d (pid %d) %s, %d times within %d s: starting it again in %d s",
+                    "worker %d (pid %d) %s, %d times within a minute: starting it again in %d s",
                     slot.index,
                     pid,
                     how,
                     len(slot.restarts),
-                    RESTART_WINDOW,
                     delay,
                 )
             else:

@@ -4,7 +4,9 @@
   node takes mail again once PostgreSQL is back, without a restart by hand (it used to exit);
 - a remote delivery whose lease this worker could not confirm for half a lease (another
   "node" took the row over through SQL while the remote host stalled at DATA) is abandoned
-  before its final dot: the remote host never commits it, and nothing is recorded.
+  before its final dot: the remote host never commits it, and nothing is recorded;
+- a metrics scrape never waits for a slow database (the queue table locked by another
+  session), and ``postroom_storage_up`` says whether the database answers.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import signal
 import smtplib
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +27,7 @@ from tests.conftest import ServerFactory, free_port, wait_until
 from tests.dnszone import LoopbackDNS
 from tests.integration.test_cluster import retrieve_all, storage_toml
 from tests.integration.test_cluster_crash import worker_pids
+from tests.integration.test_observability import get, scrape, value
 from tests.pgserver import PgServer, running
 
 A_IP, SINK_IP = "127.0.0.2", "127.0.0.5"
@@ -191,3 +195,57 @@ def test_a_delivery_whose_lease_was_taken_over_never_sends_its_final_dot(
     assert "lease on the message is not confirmed" in node.log.read_text()
     with contextlib.suppress(OSError):
         node.stop()
+
+
+def test_a_metrics_scrape_never_waits_for_a_slow_database(
+    server_factory: ServerFactory, pg_url: str, pg_server: PgServer
+) -> None:
+    node = server_factory(host=A_IP, extra_toml=storage_toml(pg_url), services=("smtp", "http"))
+    database = pg_url.rpartition("/")[2]
+
+    def up() -> float:
+        return value(scrape(node), "postroom_storage_up")
+
+    wait_until(lambda: up() == 1, 10, "postroom_storage_up 1")
+    # Another session holds the queue table: the count the queue gauges need waits for it.
+    locker = subprocess.Popen(
+        [
+            str(pg_server.bindir / "psql"),
+            "-X",
+            "-q",
+            "-d",
+            pg_url,
+            "-c",
+            "BEGIN; LOCK TABLE queue IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60);",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        locked = (
+            "SELECT count(*) FROM pg_locks WHERE granted AND mode = 'AccessExclusiveLock'"
+            " AND relation = 'queue'::regclass"
+        )
+        wait_until(lambda: pg_server.psql(database, locked) == "1", 10, "the lock")
+        slowest = 0.0
+        for _ in range(5):  # the scrapes (and so the worker's event loop) never wait for it
+            started = time.monotonic()
+            samples = scrape(node)
+            slowest = max(slowest, time.monotonic() - started)
+            assert ("postroom_queue_messages", ()) in samples
+            time.sleep(0.3)
+        assert slowest < 1.0, slowest
+        started = time.monotonic()
+        assert get(node, "/healthz") == (200, b"ok\n")
+        assert time.monotonic() - started < 1.0
+        # The count times out: the database did not answer in time.
+        wait_until(lambda: up() == 0, 15, "postroom_storage_up 0")
+    finally:
+        pg_server.psql(
+            database,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()",
+        )
+        locker.wait(10)
+    wait_until(lambda: up() == 1, 15, "postroom_storage_up 1 again")
+    print(f"slowest scrape while the table was locked: {slowest * 1000:.0f} ms")

@@ -113,6 +113,12 @@ class Database:
         self._sizes = (pool_size, sessions)
         self._pool: asyncpg.Pool | None = None
         self._sessions: asyncpg.Pool | None = None
+        self.up = True  # the last round trip noted got an answer (``postroom_storage_up``)
+
+    def note(self, error: BaseException | None = None) -> None:
+        """The outcome of a round trip: an answer (an error PostgreSQL reported included)
+        means up, a failure to reach it down."""
+        self.up = error is None or not isinstance(error, UNAVAILABLE)
 
     def _make_pool(self, name: str, min_size: int, max_size: int, **extra: Any) -> asyncpg.Pool:
         return asyncpg.create_pool(

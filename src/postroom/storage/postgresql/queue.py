@@ -60,6 +60,8 @@ log = logging.getLogger("postroom")
 
 CHANNEL = "postroom_queue"
 ACQUIRE_TIMEOUT = 5.0
+STATS_AGE = 1.0  # the metrics' count of the queue is made again when older than this
+STATS_TIMEOUT = 5.0  # and may take this long (then postroom_storage_up says 0)
 MAX_BATCH = 200  # messages per shared commit
 PARALLEL_COMMITS = 2  # batches in flight at once per worker (each on its own connection)
 
@@ -167,6 +169,7 @@ class Committer:
         """None for each message committed, or why it was not."""
         try:
             await self._insert(batch)
+            self.database.note()
             return [None] * len(batch)
         except asyncpg.UniqueViolationError as exc:
             if len(batch) == 1:
@@ -180,6 +183,7 @@ class Committer:
                     out.append(error)
             return out
         except db.FAILED as exc:
+            self.database.note(exc)
             return [exc] * len(batch)
 
     async def _insert(self, batch: list[_Intake]) -> None:
@@ -252,6 +256,9 @@ class PgQueue:
         self._wake = asyncio.Event()
         self._next_due: float | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._stats: tuple[int, float | None] = (0, None)  # the metrics' last count
+        self._stats_at = float("-inf")
+        self._stats_task: asyncio.Task[None] | None = None
         # Queue id -> when (time.monotonic()) the last statement that set this worker's lease
         # on it was sent, and that statement succeeded: the lease runs at least lease_time
         # from then (the database sets it later, and its clock runs at the same rate).
@@ -263,6 +270,7 @@ class PgQueue:
     def start(self) -> None:
         """Renew this node's leases while it runs."""
         self._renewer = asyncio.get_running_loop().create_task(self._renew())
+        self.spool_stats()  # counted now: the first scrape has a value
 
     async def close(self) -> None:
         """Stop renewing and hand back what this node holds, so another node takes it at
@@ -272,6 +280,8 @@ class PgQueue:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
             self._renewer = None
+        if self._stats_task is not None:
+            self._stats_task.cancel()
         if self.database is not None:
             with contextlib.suppress(*db.FAILED):
                 async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
@@ -297,8 +307,10 @@ class PgQueue:
                 async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
                     rows = await conn.fetch(_RENEW, self.node, self.lease)
             except db.FAILED as exc:
+                self.database.note(exc)
                 log.warning("queue leases not renewed: %s", exc)
                 continue
+            self.database.note()
             renewed = {r["id"] for r in rows}
             for queue_id, confirmed in list(self._confirmed.items()):
                 if queue_id in renewed:
@@ -425,9 +437,11 @@ class PgQueue:
                     "SELECT min(next_attempt) FROM queue WHERE lease_owner IS NULL"
                 )
         except db.FAILED as exc:
+            self._note(exc)
             log.warning("queue: cannot claim due messages: %s", exc)
             self._next_due = None
             return []
+        self._note()
         rows = sorted(rows, key=lambda r: r["next_attempt"])
         for r in rows:
             self._confirm(r["id"], sent)
@@ -450,9 +464,11 @@ class PgQueue:
         try:
             async with self._pool().acquire(timeout=ACQUIRE_TIMEOUT) as conn:
                 status: str = await conn.execute(query, *args)
-                return status
         except db.FAILED as exc:
+            self._note(exc)
             raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+        self._note()
+        return status
 
     async def begin_attempt(self, envelope: Envelope) -> None:
         sent = time.monotonic()
@@ -514,9 +530,37 @@ class PgQueue:
 
     def spool_stats(self) -> tuple[int, float | None]:
         """For the metrics: the messages in the shared queue (every node's), and when the
-        oldest arrived (None if empty)."""
-        row = self.door().call(lambda c: c.fetchrow("SELECT count(*), min(created) FROM queue"))
-        return (0, None) if row is None else (int(row[0]), row[1])
+        oldest arrived (None if empty), as last counted. Never waits for the database (a
+        scrape runs on the worker's event loop): a count older than STATS_AGE starts a new
+        one in the background, bounded by STATS_TIMEOUT, which the next scrape shows."""
+        stale = time.monotonic() - self._stats_at >= STATS_AGE
+        if stale and self._stats_task is None and self.database is not None:
+            with contextlib.suppress(RuntimeError):  # no event loop: nothing to count with
+                self._stats_task = asyncio.get_running_loop().create_task(self._count())
+        return self._stats
+
+    async def _count(self) -> None:
+        try:
+            async with self._pool().acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                row = await conn.fetchrow(
+                    "SELECT count(*), min(created) FROM queue", timeout=STATS_TIMEOUT
+                )
+            self._note()
+            self._stats = (0, None) if row is None else (int(row[0]), row[1])
+        except db.FAILED as exc:
+            self._note(exc)
+            log.warning("queue: cannot count the queue for the metrics: %s", exc)
+        finally:
+            self._stats_at = time.monotonic()
+            self._stats_task = None
+
+    def _note(self, error: BaseException | None = None) -> None:
+        if self.database is not None:
+            self.database.note(error)
+
+    def storage_up(self) -> bool:
+        """For ``postroom_storage_up``: whether this worker's last round trip succeeded."""
+        return self.database is None or self.database.up
 
     def load(self, queue_id: str) -> Envelope:
         check_id(queue_id)
