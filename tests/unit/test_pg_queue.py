@@ -101,6 +101,31 @@ def test_a_running_node_renews_its_leases(pg_url: str, tmp_path: Path) -> None:
     run(main())
 
 
+def test_a_delivery_may_finish_only_under_a_lease_confirmed_within_half_a_lease(
+    pg_url: str, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path, lease=1.0) as (a, b):
+            a.queue.start()
+            mine = await a.accept(remote=["r@remote.test"])  # leased by the intake's commit
+            taken = await a.accept(remote=["r@remote.test"])
+            assert a.queue.lease_fresh(mine.id) and a.queue.lease_fresh(taken.id)
+            assert not b.queue.lease_fresh(mine.id)  # never B's
+            async with a.database.pool.acquire() as conn:  # another node steals one
+                await conn.execute(
+                    "UPDATE queue SET lease_owner = 'other', lease_until = postroom_clock() + 60"
+                    " WHERE id = $1",
+                    taken.id,
+                )
+            await asyncio.sleep(1.5)  # three renewals: the one still held stays fresh
+            assert a.queue.lease_fresh(mine.id)
+            assert not a.queue.lease_fresh(taken.id)
+            await a.queue.record(mine, [])
+            assert not a.queue.lease_fresh(mine.id)  # released with the record
+
+    run(main())
+
+
 def test_state_and_history_survive_in_the_shared_row(pg_url: str, tmp_path: Path) -> None:
     async def main() -> None:
         async with nodes(pg_url, tmp_path) as (a, b):
