@@ -60,13 +60,18 @@ def worker_pids(node: Server) -> set[int]:
 
 class Sink:
     """A remote MX on loopback whose sessions follow a script: ``defer`` (451 at RCPT),
-    ``stall`` (takes the message, never answers the final dot), then ``accept``."""
+    ``stall`` (takes the message, never answers the final dot), ``hold`` (answers DATA only
+    once :attr:`release` is set), then ``accept``. ``abandoned`` counts the messages whose
+    connection closed before their final dot."""
 
     def __init__(self, script: list[str]) -> None:
         self.script = list(script)
         self.sessions: list[str] = []
         self.accepted: list[bytes] = []
+        self.abandoned = 0
         self.stalled = threading.Event()
+        self.at_data = threading.Event()
+        self.release = threading.Event()
         self.port = free_port(SINK_IP)
         self._sock = socket.create_server((SINK_IP, self.port))
         self._sock.settimeout(0.2)
@@ -76,6 +81,7 @@ class Sink:
 
     def close(self) -> None:
         self._stop.set()
+        self.release.set()
         self._thread.join(5)
         self._sock.close()
 
@@ -113,6 +119,9 @@ class Sink:
                 elif verb == b"RCPT" and mode == "defer":
                     conn.sendall(b"451 4.3.0 try later\r\n")
                 elif verb == b"DATA":
+                    if mode == "hold":
+                        self.at_data.set()
+                        self.release.wait(60)
                     data = b""
                     conn.sendall(b"354 go on\r\n")
                 elif verb == b"QUIT":
@@ -120,6 +129,8 @@ class Sink:
                     return
                 else:
                     conn.sendall(b"250 ok\r\n")
+            if data is not None:
+                self.abandoned += 1
 
 
 @pytest.fixture

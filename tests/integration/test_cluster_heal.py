@@ -15,22 +15,20 @@ import contextlib
 import os
 import signal
 import smtplib
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ServerFactory, free_port, wait_until
+from tests.conftest import ServerFactory, wait_until
 from tests.dnszone import LoopbackDNS
 from tests.integration.test_cluster import retrieve_all, storage_toml
-from tests.integration.test_cluster_crash import worker_pids
+from tests.integration.test_cluster_crash import SINK_IP, Sink, worker_pids
 from tests.integration.test_observability import get, scrape, value
 from tests.pgserver import PgServer, running
 
-A_IP, SINK_IP = "127.0.0.2", "127.0.0.5"
+A_IP = "127.0.0.2"
 LEASE = 2.0
 
 
@@ -71,70 +69,9 @@ def test_a_worker_killed_while_postgresql_is_away_comes_back_by_itself(
         print(f"serving again {took:.1f} s after PostgreSQL came back")
 
 
-class StallingSink:
-    """A remote MX on loopback that holds every DATA command until :attr:`release` is set,
-    then takes the message; it counts messages committed (final dot seen) and those whose
-    connection closed before their dot."""
-
-    def __init__(self) -> None:
-        self.at_data = threading.Event()
-        self.release = threading.Event()
-        self.accepted: list[bytes] = []
-        self.abandoned = 0
-        self.port = free_port(SINK_IP)
-        self._sock = socket.create_server((SINK_IP, self.port))
-        self._sock.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        self.release.set()
-        self._thread.join(5)
-        self._sock.close()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rb") as rfile:
-            conn.sendall(b"220 sink.test ESMTP\r\n")
-            data: bytes | None = None
-            for line in iter(rfile.readline, b""):
-                if data is not None:
-                    if line != b".\r\n":
-                        data += line
-                        continue
-                    self.accepted.append(data)
-                    data = None
-                    conn.sendall(b"250 2.0.0 queued\r\n")
-                    continue
-                verb = line[:4].upper()
-                if verb in (b"EHLO", b"HELO"):
-                    conn.sendall(b"250 sink.test\r\n")
-                elif verb == b"DATA":
-                    self.at_data.set()
-                    self.release.wait(60)
-                    data = b""
-                    conn.sendall(b"354 go on\r\n")
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 bye\r\n")
-                    return
-                else:
-                    conn.sendall(b"250 ok\r\n")
-            if data is not None:
-                self.abandoned += 1
-
-
 @pytest.fixture
-def sink() -> Iterator[StallingSink]:
-    made = StallingSink()
+def sink() -> Iterator[Sink]:
+    made = Sink(["hold", "hold"])  # the remote MX holds every DATA until released
     yield made
     made.close()
 
@@ -153,7 +90,7 @@ def test_a_delivery_whose_lease_was_taken_over_never_sends_its_final_dot(
     pg_url: str,
     pg_server: PgServer,
     dns: LoopbackDNS,
-    sink: StallingSink,
+    sink: Sink,
 ) -> None:
     database = pg_url.rpartition("/")[2]
     extra = (
