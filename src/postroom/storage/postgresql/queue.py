@@ -23,7 +23,10 @@ attempt and next retry before a host is dialled and checks that the lease is sti
 (:class:`~postroom.errors.LeaseLost` otherwise: deleted, or taken over after this node stalled
 for a whole lease). :meth:`record` ends the lease; a node that dies leaves its leases to run
 out, after which any node claims the message. Lease times come from the database's clock
-(``postroom_clock()``), so nodes whose clocks differ agree on them.
+(``postroom_clock()``), so nodes whose clocks differ agree on them. :meth:`lease_fresh` fences
+remote deliveries: it keeps, per message, when this worker last sent a statement that set its
+lease and got an answer, and lets a delivery send its final dot only within half a lease of
+that (a renewal that no longer returns a message's id means another node has it).
 
 *Waking.* ``queue flush`` and ``queue delete`` from any node NOTIFY ``postroom_queue``; the
 worker's watcher wakes the runner (and tells it of a deletion, so that an attempt running
@@ -548,8 +551,9 @@ class PgQueue:
             self._note()
             self._stats = (0, None) if row is None else (int(row[0]), row[1])
         except db.FAILED as exc:
+            if self.storage_up():  # once as it goes down, not at every scrape
+                log.warning("queue: cannot count the queue for the metrics: %s", exc)
             self._note(exc)
-            log.warning("queue: cannot count the queue for the metrics: %s", exc)
         finally:
             self._stats_at = time.monotonic()
             self._stats_task = None
