@@ -66,6 +66,7 @@ class ConnectionLimiter:
     # Each live connection, and whether it is counted in per_ip (exempt ones are not).
     live: dict[Closable, bool] = field(default_factory=dict)
     _exempt_ips: dict[str, bool] = field(default_factory=dict)  # per client address, answered
+    _exempt_for: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # ... for these
 
     @classmethod
     def for_config(
@@ -107,6 +108,9 @@ class ConnectionLimiter:
             self.per_ip.add(ip, -1)
 
     def _exempt(self, ip: str) -> bool:
+        if self._exempt_for is not self.exempt:  # a reload changed the networks
+            self._exempt_ips.clear()
+            self._exempt_for = self.exempt
         known = self._exempt_ips.get(ip)
         if known is not None:
             return known
