@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-BULK = 8192  # octets: from here on the array path is the faster one
+BULK = 16384  # octets: from here on the array path is the faster one (measured, 2 GHz Xeon)
 
 CR, LF, DOT = 13, 10, 46
 
@@ -67,7 +67,7 @@ def lf_to_crlf(data: bytes) -> bytes:
 
 def stuff(text: bytes) -> bytes:
     """Another "." after every CRLF that a "." follows (RFC 5321 §4.5.2, RFC 1939 §3)."""
-    if len(text) < BULK:
+    if len(text) < 2 * BULK:  # a three-octet needle that rarely matches: bytes win longer
         return text.replace(b"\r\n.", b"\r\n..")
     dots = _line_dots(_array(text))
     if not dots.size:
