@@ -46,6 +46,7 @@ from postroom.storage.local.maildir_writer import MaildirWriter
 from postroom.storage.local.maildrop import LocalMaildrops
 from postroom.storage.local.queue import LocalMailboxes, LocalQueue
 from postroom.throttle import LoginThrottle
+from postroom.wire import bulk
 
 if TYPE_CHECKING:
     from postroom.storage.factory import NodeStores
@@ -527,6 +528,7 @@ def run(cfg: Config) -> int:
     files.private_umask()
     logs.setup(cfg)
     _raise_fd_limit()
+    bulk.np()  # loaded once, before the workers are forked: they share it
     if cfg.workers > 1 and cfg.listen.http:
         metrics.prepare_directory(cfg.data_dir)
     try:
