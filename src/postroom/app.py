@@ -47,7 +47,6 @@ from postroom.storage.local.maildir_writer import MaildirWriter
 from postroom.storage.local.maildrop import LocalMaildrops
 from postroom.storage.local.queue import LocalMailboxes, LocalQueue
 from postroom.throttle import LoginThrottle
-from postroom.wire import bulk
 
 if TYPE_CHECKING:
     from postroom.storage.factory import NodeStores
@@ -529,7 +528,6 @@ def run(cfg: Config) -> int:
     files.private_umask()
     logs.setup(cfg)
     _raise_fd_limit()
-    bulk.np()  # loaded once, before the workers are forked: they share it
     credentials.dummy_hash()
     if cfg.workers > 1 and cfg.listen.http:
         metrics.prepare_directory(cfg.data_dir)

@@ -27,8 +27,8 @@ _numpy: Any = None
 
 
 def np() -> Any:
-    """numpy, imported on first use: the admin commands never need it, and it costs them a
-    fifth of a second. The server calls this at start, before its first message."""
+    """numpy, imported on first use (a large message): importing it costs a quarter of a
+    second, which the admin commands and a server that sees only small mail never pay."""
     global _numpy
     if _numpy is None:
         _numpy = importlib.import_module("numpy")
