@@ -35,6 +35,7 @@ def dummy_hash() -> str:
     server makes it at start, so its first unknown login costs what the others do."""
     return _HASHER.hash("postroom-no-such-user")
 
+
 LOGIN_CACHE_SIZE = 50_000
 LOGIN_CACHE_TIME = 300.0
 _CACHE_SECRET = os.urandom(32)
