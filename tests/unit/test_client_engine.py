@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import pathlib
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -438,19 +435,6 @@ def test_garbage_from_the_server_gives_only_events(junk: bytes) -> None:
     evs = events(engine)
     assert evs
     assert isinstance(evs[-1], Closed)
-
-
-def test_module_is_pure() -> None:
-    import postroom.smtp.client_engine as mod
-
-    tree = ast.parse(pathlib.Path(mod.__file__).read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
-    assert not names & {"asyncio", "socket", "os", "ssl"}
 
 
 def test_552_to_rcpt_is_temporary_and_552_at_end_of_data_is_not() -> None:
