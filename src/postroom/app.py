@@ -39,6 +39,7 @@ from postroom.queue.runner import QueueRunner
 from postroom.services import ConnectionLimiter, Services
 from postroom.sharedcounts import Counts, LocalCounts, SharedCounts
 from postroom.smtp.policy import Port
+from postroom.storage import credentials
 from postroom.storage.interfaces import AccountLookup, MailboxDelivery, Maildrops, MessageQueue
 from postroom.storage.local import files
 from postroom.storage.local.accounts import Accounts
@@ -527,6 +528,7 @@ def run(cfg: Config) -> int:
     files.private_umask()
     logs.setup(cfg)
     _raise_fd_limit()
+    credentials.dummy_hash()
     if cfg.workers > 1 and cfg.listen.http:
         metrics.prepare_directory(cfg.data_dir)
     try:

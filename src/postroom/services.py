@@ -70,6 +70,8 @@ class ConnectionLimiter:
     per_ip: Counts = field(default_factory=LocalCounts)
     # Each live connection, and whether it is counted in per_ip (exempt ones are not).
     live: dict[Closable, bool] = field(default_factory=dict)
+    _exempt_ips: dict[str, bool] = field(default_factory=dict)  # per client address, answered
+    _exempt_for: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # ... for these
 
     @classmethod
     def for_config(
@@ -111,11 +113,20 @@ class ConnectionLimiter:
             self.per_ip.add(ip, -1)
 
     def _exempt(self, ip: str) -> bool:
+        if self._exempt_for is not self.exempt:  # a reload changed the networks
+            self._exempt_ips.clear()
+            self._exempt_for = self.exempt
+        known = self._exempt_ips.get(ip)
+        if known is not None:
+            return known
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return False
-        return any(addr in net for net in self.exempt)
+        if len(self._exempt_ips) >= 4096:  # bounded: a wide botnet only makes it start over
+            self._exempt_ips.clear()
+        answer = self._exempt_ips[ip] = any(addr in net for net in self.exempt)
+        return answer
 
 
 @dataclass

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from postroom import config as config_mod
 from postroom.address import Address
@@ -145,3 +148,23 @@ def test_a_spilled_drafts_head_is_its_header_section_not_its_body(tmp_path: Path
     assert endless.fresh and len(endless.head(1002)) == 1002
     draft.abort()
     endless.abort()
+
+
+@pytest.mark.parametrize("lines", [3, 1000], ids=["in memory", "in a body file"])
+def test_prepended_fields_go_on_top_without_changing_the_rest(tmp_path: Path, lines: int) -> None:
+    """Authentication results and DKIM signatures go above the trace fields; the body file of
+    a large message is moved up in place and its CRC follows (what the journal checks)."""
+    body = b"Subject: hi\r\n\r\n" + (b"x" * 98 + b"\r\n") * lines
+    draft = Draft(SpareBodies(tmp_path, None), "Q1", "s@r.test", lambda h: b"Received: r\n", 1000)
+    draft.write(body)
+    assert draft.fresh == (lines > 3)
+    draft.prepend(b"Authentication-Results: mx; spf=pass\r\nX-Two: 2\r\n")
+    expected = b"Authentication-Results: mx; spf=pass\r\nX-Two: 2\r\nReceived: r\r\n" + body
+    assert draft.whole() == expected
+    assert draft.size == len(b"Return-Path: <s@r.test>\n") + len(expected) - expected.count(b"\n")
+    stored, path, crc = draft.finish()
+    if path:
+        with open(path, "rb") as f:
+            stored = f.read()
+        assert zlib.crc32(stored) == crc
+    assert stored == b"Return-Path: <s@r.test>\n" + expected.replace(b"\r\n", b"\n")

@@ -86,6 +86,11 @@ def authserv_id(value: bytes) -> str:
     return token.decode("utf-8", "replace").strip('"').lower().rstrip(".")
 
 
+def mentions_results(head: bytes) -> bool:
+    """Whether the header section ``head`` has any Authentication-Results field."""
+    return _FIELD.search(head) is not None
+
+
 def strip_ours(message: bytes, ours: str) -> bytes:
     """``message`` without the Authentication-Results fields of its header section that name
     ``ours`` as their authserv-id (RFC 8601 §5)."""

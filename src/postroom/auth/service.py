@@ -33,6 +33,7 @@ from postroom.auth import dkim_sign, dkim_verify, dmarc, keys, records, reports,
 from postroom.auth.helper import DkimHelper, HelperError, HelperNotReady
 from postroom.auth.lookup import Answer, DnsCache
 from postroom.config import Config
+from postroom.wire import bulk
 from postroom.wire.replies import Reply
 
 log = logging.getLogger("postroom")
@@ -59,7 +60,11 @@ class Message(Protocol):
     @property
     def size(self) -> int: ...
 
+    def head(self, limit: int) -> bytes: ...
+
     def whole(self) -> bytes: ...
+
+    def prepend(self, fields: bytes) -> None: ...
 
     def replace(self, data: bytes) -> None: ...
 
@@ -176,13 +181,24 @@ class SenderAuth:
             return None
         if too_large:
             # Forged results are removed all the same; only SPF is checked (no refusal).
-            whole = message.whole()
             result = await spf.check(self.cache, client_ip, sender, helo, self.cfg.hostname)
             count_verdict("spf", result.result)
-            header = results.render(self.cfg.hostname, result, [], None)
-            message.replace(header + results.strip_ours(whole, self.cfg.hostname))
+            self._add_results(message, results.render(self.cfg.hostname, result, [], None))
             return None
         return await self._check(message, client_ip, helo, sender)
+
+    def _head(self, message: Message) -> bytes:
+        """The client's header section (CRLF): all that SPF, DMARC and finding signatures read."""
+        return bulk.lf_to_crlf(message.head(self.cfg.limits.header_size + 2))
+
+    def _add_results(self, message: Message, header: bytes, head: bytes | None = None) -> None:
+        """Our Authentication-Results on top (RFC 8601 §5), and those in the message that
+        name us removed: a forgery, or a copy of ours on mail that came back. A message
+        without any costs a copy of its header lines, not of the message."""
+        if results.mentions_results(self._head(message) if head is None else head):
+            message.replace(header + results.strip_ours(message.whole(), self.cfg.hostname))
+        else:
+            message.prepend(header)
 
     async def _sign(self, message: Message) -> None:
         whole = message.whole()
@@ -201,7 +217,7 @@ class SenderAuth:
             lambda helper: helper.sign(whole, signers, now),
             lambda: dkim_sign.sign(whole, signers, now),
         )
-        message.replace(header + whole)
+        message.prepend(header)
 
     async def _dkim_job(
         self, size: int, remote: Callable[[DkimHelper], Awaitable[T]], local: Callable[[], T]
@@ -309,7 +325,9 @@ class SenderAuth:
     async def _check(
         self, message: Message, client_ip: str, helo: str, sender: str
     ) -> Reply | None:
-        whole = message.whole()
+        head = self._head(message)
+        # The body matters only to DKIM: without a signature the header section is enough.
+        whole = message.whole() if dkim_verify.signatures(head) else head
         verdict = await self.verify(whole, client_ip, helo, sender)
         count_verdict("spf", verdict.spf.result if verdict.spf else "none")
         for r in verdict.dkim or ():
@@ -345,7 +363,7 @@ class SenderAuth:
         header = results.render(self.cfg.hostname, verdict.spf, verdict.dkim, result)
         if result.result == "fail" and result.disposition == "quarantine":
             header += QUARANTINE_HEADER
-        message.replace(header + results.strip_ours(whole, self.cfg.hostname))
+        self._add_results(message, header, head)
         return None
 
     # -- DNS records ---------------------------------------------------------------------------

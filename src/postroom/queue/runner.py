@@ -43,7 +43,7 @@ from postroom.storage.interfaces import (
     MessageDraft,
     MessageQueue,
 )
-from postroom.wire import replies
+from postroom.wire import bulk, replies
 from postroom.wire.replies import Reply
 
 if TYPE_CHECKING:
@@ -533,7 +533,7 @@ def _wire(message: bytes) -> bytes:
     (lossless: SMTP refused bare CR and LF on the way in)."""
     if message.startswith(b"Return-Path:"):
         message = message[message.find(b"\n") + 1 :]
-    return message.replace(b"\n", b"\r\n")
+    return bulk.lf_to_crlf(message)
 
 
 def _attempts(now: float, results: list[tuple[Recipient, DeliveryResult]]) -> list[Attempt]:

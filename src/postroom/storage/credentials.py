@@ -10,6 +10,7 @@ checked against a dummy hash, so both cost the same time (no user enumeration by
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import time
@@ -25,8 +26,14 @@ from postroom.errors import AccountError, AddressError
 from postroom.sasl import ScramKeys, derive_scram_keys
 
 _HASHER = PasswordHasher()
-# Verified against when the user does not exist, so both cases cost the same time.
-_DUMMY_HASH = _HASHER.hash("postroom-no-such-user")
+
+
+@functools.cache
+def dummy_hash() -> str:
+    """Verified against when the user does not exist, so both cases cost the same time.
+    Made on first use (an argon2 hash costs each admin command a fifth of a second); the
+    server makes it at start, so its first unknown login costs what the others do."""
+    return _HASHER.hash("postroom-no-such-user")
 
 LOGIN_CACHE_SIZE = 50_000
 LOGIN_CACHE_TIME = 300.0
@@ -60,7 +67,7 @@ def password_matches(stored: str | None, password: str) -> bool:
     except passwords.PasswordError:
         stored = None
     try:
-        ok: bool = _HASHER.verify(stored or _DUMMY_HASH, password)
+        ok: bool = _HASHER.verify(stored or dummy_hash(), password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         ok = False
     return ok and stored is not None

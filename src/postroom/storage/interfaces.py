@@ -85,8 +85,14 @@ class MessageDraft(Protocol):
         messages up to ``[auth] check_max_size``."""
         ...
 
+    def prepend(self, fields: bytes) -> None:
+        """Put header fields (CRLF) above everything else, trace headers included: a DKIM
+        signature, our authentication results. Costs a copy of the header lines, not of the
+        message (a large one already in its body file is moved up in place)."""
+        ...
+
     def replace(self, data: bytes) -> None:
-        """Put ``data`` (CRLF; a changed :meth:`whole`: signed, or with our authentication
+        """Put ``data`` (CRLF; a changed :meth:`whole`, e.g. without forged authentication
         results) in place of the message."""
         ...
 

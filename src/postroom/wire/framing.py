@@ -15,14 +15,17 @@ framing written twice). The rules:
   output. BDAT chunks (RFC 3030) are counted, never stuffed, and checked for bare CR/LF and
   NUL like DATA (:class:`LineEndCheck`): what is stored may be relayed with DATA to a next hop.
 
-The readers work on whole blocks of complete lines with bytes methods implemented in C
-(find, replace, count), not line by line: this is the hot path of every message.
+The readers work on whole blocks of complete lines, never line by line: this is the hot path
+of every message. The scans themselves (line ends, dots) are ``bulk.py``'s, at array speed
+for large blocks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Final
+
+from postroom.wire import bulk
 
 
 class _TooLong:
@@ -87,12 +90,6 @@ class LineReader:
         return line
 
 
-def _has_bare(data: bytes) -> bool:
-    """A CR or LF outside a CRLF pair (counted with C-speed bytes methods)."""
-    crlf = data.count(b"\r\n")
-    return data.count(b"\n") != crlf or data.count(b"\r") != crlf
-
-
 @dataclass(frozen=True, slots=True)
 class DotChunk:
     """Unstuffed message data; ``bare`` is True if it held a CR or LF outside a CRLF pair,
@@ -135,19 +132,14 @@ class DotReader:
         else:
             text = bytes(buf[:block_len])
             offset = 0
-        term = text.find(b"\r\n.\r\n")
-        if term >= 0:
-            content = text[: term + 2]
-            del buf[: term + 5 - offset]
+        stop, data, bare, nul = bulk.dot_block(text, offset)
+        if stop >= 0:  # the content ends before the "." CRLF line, which is consumed too
+            del buf[: stop + 3 - offset]
             self.done = True
         else:
-            content = text
             del buf[:block_len]
         self._at_line_start = True
-        bare = _has_bare(content)
-        # RFC 5321 §4.5.2: remove the first "." of every line that starts with one.
-        data = content.replace(b"\r\n.", b"\r\n")[offset:]
-        return DotChunk(data, bare, b"\0" in content)
+        return DotChunk(data, bare, nul)
 
 
 class LineEndCheck:
@@ -171,7 +163,7 @@ class LineEndCheck:
         self._cr_pending = data.endswith(b"\r")
         if self._cr_pending:
             data = data[:-1]
-        self.bare = self.bare or _has_bare(data)
+        self.bare = self.bare or bulk.has_bare(data)
 
     def finish(self) -> bool:
         """True if the whole message had a bare CR or LF (a CR at its very end too)."""
@@ -212,20 +204,16 @@ def dot_stuff(data: bytes) -> bytes:
 def dot_stuff_parts(data: bytes) -> tuple[bytes, bytes]:
     """:func:`dot_stuff` as (stuffed data, what ends it), so that a writer can send both
     without joining them (no copy of a large message)."""
-    if data.startswith(b".") or b"\r\n." in data:
-        data = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
+    if data.startswith(b"."):
+        data = b"." + data  # the first line's; bulk.stuff finds the others after their CRLF
+    data = bulk.stuff(data)
     # The common case: nothing to stuff, no copies.
     return data, b".\r\n" if not data or data.endswith(b"\r\n") else b"\r\n.\r\n"
 
 
 def to_crlf(data: bytes) -> bytes:
     """Turn bare LF line ends (as Maildir files have them) into CRLF; CRLF stays CRLF."""
-    if b"\r" not in data:
-        return data.replace(b"\n", b"\r\n")  # an LF file: one C-speed pass
-    if data.count(b"\n") == data.count(b"\r\n"):
-        return data
-    # Two C-speed passes instead of a look-behind regex: CRLF -> LF, then every LF -> CRLF.
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return bulk.lf_to_crlf(data)
 
 
 class CrlfConverter:
@@ -269,7 +257,7 @@ class Stuffer:
         self._empty = False
         self._at_line_start = text.endswith(b"\r\n")
         self._last_cr = data.endswith(b"\r")
-        return text.replace(b"\r\n.", b"\r\n..")[len(prefix) :]
+        return bulk.stuff(text)[len(prefix) :]
 
     def finish(self) -> bytes:
         if self._empty or self._at_line_start:

@@ -43,6 +43,7 @@ from postroom.storage.interfaces import LocalCopy, MessageDraft
 from postroom.storage.local import files, journal, maildir
 from postroom.storage.local.deferred import DeferredStore
 from postroom.storage.local.maildir_writer import MaildirWriter
+from postroom.wire import bulk
 
 INLINE_LIMIT = 64 << 10  # larger messages go to a body file (written once, linked)
 BOX_CACHE = 10_000
@@ -147,7 +148,7 @@ class Draft:
         self._cr = data.endswith(b"\r")
         if self._cr:
             data = data[:-1]
-        lf = data.replace(b"\r\n", b"\n")
+        lf = bulk.crlf_to_lf(data)
         self._lines += len(data) - len(lf)
         self._client_size += len(lf)
         if self._failed is not None:
@@ -220,10 +221,29 @@ class Draft:
             data = b"".join((self._prefix or b"", self._client))
         else:
             data = os.pread(self._fd, self.size - start, start)
-        return data.replace(b"\n", b"\r\n")
+        return bulk.lf_to_crlf(data)
+
+    def prepend(self, fields: bytes) -> None:
+        if self._failed is not None:
+            return
+        if self._prefix is None:
+            self._take_prefix()
+        old_head = len(self._return_path) + len(self._prefix or b"")
+        self._prefix = fields.replace(b"\r\n", b"\n") + (self._prefix or b"")
+        if self._fd is None:
+            return
+        try:  # the body file: the client's part moves up by the new fields' length
+            client = os.pread(self._fd, self._client_size, old_head)
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            self._crc = 0
+            self._put(self._return_path)
+            self._put(self._prefix)
+            self._put(client)
+        except OSError as exc:
+            self._failed = exc
 
     def replace(self, data: bytes) -> None:
-        lf = data.replace(b"\r\n", b"\n")
+        lf = bulk.crlf_to_lf(data)
         self._prefix, self._head_end = b"", -1
         self._client_size, self._lines = len(lf), len(data) - len(lf)
         if self._fd is None:
@@ -246,7 +266,7 @@ class Draft:
             old = bytes(self._client)
         else:
             old = os.pread(self._fd, self._client_size, len(head))
-        new = convert(old.replace(b"\n", b"\r\n")).replace(b"\r\n", b"\n")
+        new = bulk.crlf_to_lf(convert(bulk.lf_to_crlf(old)))
         if new == old:
             return
         self._client_size, self._lines = len(new), new.count(b"\n")
