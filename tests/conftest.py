@@ -88,6 +88,19 @@ def insecure() -> ssl.SSLContext:
     return ctx
 
 
+def converse(srv: Server, payload: bytes, timeout: float = 20) -> bytes:
+    """One raw session with the smtp port: the greeting read, ``payload`` sent as it is, the
+    write side shut; all the server answered until it closed."""
+    with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=timeout) as s:
+        s.recv(1000)
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
 def need_tool(name: str) -> str:
     """The path of an external client; fails in CI (CI=true), skips locally when missing."""
     path = shutil.which(name)

@@ -1,4 +1,5 @@
-"""A threaded SMTP sink for integration tests: answers each RCPT by the local part's prefix."""
+"""A threaded SMTP sink for integration tests: answers each RCPT by the local part's prefix,
+offers the EHLO keywords it is given, and keeps the MAIL commands and messages it got."""
 
 from __future__ import annotations
 
@@ -26,14 +27,17 @@ class _Handler(socketserver.StreamRequestHandler):
         def say(text: str) -> None:
             self.wfile.write(text.encode() + b"\r\n")
 
+        server: _Server = self.server  # type: ignore[assignment]
         say("220 sink.test ESMTP")
         rcpts = 0
         while line := self.rfile.readline(4096):
             verb = line[:4].decode("ascii", "replace").upper()
             if verb in ("EHLO", "HELO"):
-                say("250-sink.test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES")
+                extra = "".join(f"250-{keyword}\r\n" for keyword in server.extensions)
+                say(f"250-sink.test\r\n250-PIPELINING\r\n{extra}250 ENHANCEDSTATUSCODES")
             elif verb == "MAIL":
                 rcpts = 0
+                server.mails.append(line.decode("utf-8", "replace").rstrip("\r\n"))
                 say("250 2.1.0 ok")
             elif verb == "RCPT":
                 local = line.decode("utf-8", "replace").split("<", 1)[1].split("@")[0]
@@ -46,9 +50,11 @@ class _Handler(socketserver.StreamRequestHandler):
                     say("554 5.5.1 no valid recipients")
                     continue
                 say("354 go ahead")
-                while self.rfile.readline(1 << 20) not in (b".\r\n", b""):
-                    pass
-                self.server.messages += 1  # type: ignore[attr-defined]
+                data = b""
+                while (chunk := self.rfile.readline(1 << 20)) not in (b".\r\n", b""):
+                    data += chunk
+                server.received.append(data)
+                server.messages += 1
                 say("250 2.0.0 queued as SINK1")
             elif verb == "QUIT":
                 say("221 2.0.0 bye")
@@ -61,11 +67,19 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     messages = 0
+    extensions: tuple[str, ...] = ()
+    mails: list[str]  # the MAIL commands, as sent
+    received: list[bytes]  # the messages, still dot-stuffed
 
 
 @contextmanager
-def smtp_sink(host: str = "127.0.0.1") -> Iterator[_Server]:
+def smtp_sink(host: str = "127.0.0.1", extensions: tuple[str, ...] = ()) -> Iterator[_Server]:
+    """A sink on ``host`` (any free port) whose EHLO offers ``extensions`` besides PIPELINING
+    and ENHANCEDSTATUSCODES."""
     server = _Server((host, 0), _Handler)
+    server.extensions = extensions
+    server.mails = []
+    server.received = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

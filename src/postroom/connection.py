@@ -30,9 +30,10 @@ import contextlib
 import ssl
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from postroom import events, logs
+from postroom.services import descriptors_short
 from postroom.wire.events import NEED_DATA, Closing, StartTLS
 
 if TYPE_CHECKING:
@@ -40,6 +41,11 @@ if TYPE_CHECKING:
 
 TLS_READ = 1 << 16
 LARGE_PART = 1 << 12  # parts at least this large are written without joining them
+# A client refused on an implicit-TLS port gets its refusal after a handshake, which must end
+# within REFUSAL_TLS_TIMEOUT seconds; at most REFUSAL_TLS_MAX such handshakes run at once in a
+# worker, and beyond them a refused client is closed without a word (docs/operations.md).
+REFUSAL_TLS_TIMEOUT = 5.0
+REFUSAL_TLS_MAX = 8
 
 
 class Engine(Protocol):
@@ -123,6 +129,7 @@ class Connection(asyncio.Protocol):
     kind = "connection"  # "SMTP" or "POP3" in logs
     service = "connection"  # the listener: smtp, submission, submissions, pop3, pop3s
     read_high_water = 1 << 16  # stop reading while the engine holds more unread input
+    refusing: ClassVar[int] = 0  # refusal handshakes under way in this process
 
     engine: Engine | None
 
@@ -147,6 +154,7 @@ class Connection(asyncio.Protocol):
         self._greeting: bytes | None = None  # held back until the implicit TLS handshake
         self.received = self.sent = 0  # octets on the wire, for the metrics
         self._handshake_failed = False
+        self._refusal: asyncio.TimerHandle | None = None  # a refusal waiting for its handshake
 
     # -- what a protocol provides --------------------------------------------------------------
 
@@ -198,8 +206,10 @@ class Connection(asyncio.Protocol):
             self._lost = True
             why = "stopping" if services.stopping else "connection_limit"
             events.connection_refused(self.service, self.client_ip, why)
-            if not self.implicit_tls:  # over implicit TLS nothing can be said before a handshake
+            if not self.implicit_tls:
                 transport.write(self.refusal())  # type: ignore[attr-defined]
+            elif self._refuse_after_handshake(fileno):
+                return
             transport.close()
             return
         self.started = self.last_activity = time.monotonic()
@@ -213,6 +223,8 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._lost or self.engine is None:
+            if self._refusal is not None:
+                self._refusal_handshake(data)
             return  # closing: input is dropped
         self.last_activity = time.monotonic()
         self.received += len(data)
@@ -257,6 +269,10 @@ class Connection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refusal is not None:
+            self._refusal.cancel()
+            self._refusal = None
+            Connection.refusing -= 1
         self._lost = True
         self._writable.set()
         self.services.connections.release(self.client_ip, self)
@@ -421,6 +437,43 @@ class Connection(asyncio.Protocol):
         transport.close()
 
     # -- TLS -----------------------------------------------------------------------------------
+
+    def _refuse_after_handshake(self, fileno: int) -> bool:
+        """A refused client of an implicit-TLS port: nothing can be said to it before a
+        handshake, so do one, within REFUSAL_TLS_TIMEOUT, then send the refusal (see
+        :meth:`_refusal_handshake`). False (close without a word) while descriptors run short
+        or REFUSAL_TLS_MAX such handshakes are under way: what a flood of refused clients
+        costs stays bounded."""
+        context = self.services.tls
+        if context is None or Connection.refusing >= REFUSAL_TLS_MAX or descriptors_short(fileno):
+            return False
+        assert self.transport is not None
+        Connection.refusing += 1
+        self.tls = TlsLayer(context)
+        loop = asyncio.get_running_loop()
+        self._refusal = loop.call_later(REFUSAL_TLS_TIMEOUT, self.transport.close)
+        return True
+
+    def _refusal_handshake(self, data: bytes) -> None:
+        """Handshake bytes of a refused client; once it is done, the refusal and close_notify.
+        Nothing the client sends is read as a command."""
+        tls, transport = self.tls, self.transport
+        assert tls is not None and transport is not None
+        if tls.ready:
+            return  # answered already; closing
+        try:
+            tls.feed(data)
+        except ssl.SSLError:
+            transport.write(tls.outgoing())  # the alert
+            transport.close()
+            return
+        out = tls.outgoing()
+        if tls.ready:
+            out += tls.encrypt(self.refusal()) + tls.close_notify()
+        if out:
+            transport.write(out)
+        if tls.ready:
+            transport.close()
 
     def _start_tls(self) -> None:
         """Switch to TLS now: every later byte from the client is TLS."""

@@ -31,6 +31,11 @@ log = logging.getLogger("postroom")
 FD_RESERVE = 32  # descriptors kept free for the sessions already open
 
 
+def descriptors_short(fileno: int) -> bool:
+    """``fileno`` is within :data:`FD_RESERVE` of the process's descriptor limit."""
+    return fileno >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE
+
+
 class Accepted(Protocol):
     """The message is durable under ``queue_id``: the client may get its 250."""
 
@@ -89,7 +94,7 @@ class ConnectionLimiter:
         gives the lowest free number, so a number within :data:`FD_RESERVE` of the limit
         means at most that many are left, kept for the spool, Maildirs and the next 421. Out
         of them, libuv would accept and close connections without a word."""
-        if fileno >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE:
+        if descriptors_short(fileno):
             log.warning("descriptors running out (fd %d): connection refused with 421", fileno)
             return False
         if len(self.live) >= self.max_total:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Server, ServerFactory
+from tests.conftest import Server, ServerFactory, converse
 
 
 @pytest.fixture
@@ -39,17 +39,6 @@ def normal_transaction(srv: Server) -> float:
     elapsed = time.monotonic() - t0
     assert len(srv.wait_messages("alice@a.test", before + 1)) == before + 1
     return elapsed
-
-
-def converse(srv: Server, payload: bytes, timeout: float = 20) -> bytes:
-    with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=timeout) as s:
-        s.recv(1000)
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    return out
 
 
 def codes(out: bytes) -> list[bytes]:

@@ -180,23 +180,56 @@ def test_message_of_a_killed_node_is_delivered_once_by_the_other_after_the_lease
         sink.close()
 
 
-def _submit_until(
-    node: Server, tokens: list[str], acked: list[str], stop: threading.Event, name: str
-) -> None:
-    """Send messages to ann@a.test through ``node`` until stopped or 60 are sent; each token
-    that got a 250 is appended to ``acked`` (others: refused, or the node died)."""
-    for i in range(60):
-        if stop.is_set():
-            return
-        token = f"{name}-{i}"
-        tokens.append(token)
-        try:
-            with smtplib.SMTP(node.host, node.ports["smtp"], timeout=15) as c:
-                c.sendmail(
-                    "s@x.test", ["ann@a.test"], f"Subject: {token}\r\n\r\n{token}\r\n".encode()
-                )
-            acked.append(token)
-        except (OSError, smtplib.SMTPException):
+class Submitters:
+    """Client threads, each sending messages to ann@a.test through one node, one SMTP session
+    a message, until stopped or ``count`` are sent. A message's token is its Subject; each
+    token tried is in ``tokens`` and then in exactly one of ``acked`` (it got a 250),
+    ``refused`` (``"TOKEN CODE"``: RCPT or DATA was refused) or ``failed`` (``"TOKEN ERROR"``:
+    anything else, such as a dropped connection or a node that is gone). Leaving the ``with``
+    block stops the threads and waits for them."""
+
+    def __init__(self, nodes: dict[str, Server], per_node: int, count: int, timeout: float) -> None:
+        self.tokens: list[str] = []
+        self.acked: list[str] = []
+        self.refused: list[str] = []
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(node, f"{name}{i}", count, timeout))
+            for name, node in nodes.items()
+            for i in range(per_node)
+        ]
+
+    def __enter__(self) -> Submitters:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+    def _run(self, node: Server, name: str, count: int, timeout: float) -> None:
+        for i in range(count):
+            if self._stop.is_set():
+                return
+            token = f"{name}-{i}"
+            self.tokens.append(token)
+            message = f"Subject: {token}\r\n\r\n{token}\r\n".encode()
+            try:
+                with smtplib.SMTP(node.host, node.ports["smtp"], timeout=timeout) as c:
+                    c.sendmail("s@x.test", ["ann@a.test"], message)
+            except smtplib.SMTPDataError as exc:
+                self.refused.append(f"{token} {exc.smtp_code}")
+            except smtplib.SMTPRecipientsRefused as exc:
+                (code, _), *_ = exc.recipients.values()
+                self.refused.append(f"{token} {code}")
+            except (OSError, smtplib.SMTPException) as exc:
+                self.failed.append(f"{token} {exc!r}")
+            else:
+                self.acked.append(token)
+                continue
             time.sleep(0.05)
 
 
@@ -212,29 +245,17 @@ def test_kill_9_of_a_node_during_concurrent_submissions_loses_and_doubles_nothin
 ) -> None:
     a, b = start_nodes(server_factory, pg_url)
     a.add_user("ann@a.test", "ann-pw")
-    tokens: list[str] = []
-    acked: list[str] = []
-    stop = threading.Event()
-    threads = [
-        threading.Thread(target=_submit_until, args=(node, tokens, acked, stop, f"{n}{i}"))
-        for n, node in (("a", a), ("b", b))
-        for i in range(4)
-    ]
-    for t in threads:
-        t.start()
-    try:
+    # Any submission may fail once A is killed (or when B is slow): only the 250s count.
+    with Submitters({"a": a, "b": b}, per_node=4, count=60, timeout=15) as load:
+        acked = load.acked
         wait_until(lambda: sum(t.startswith("a") for t in acked) >= 20, 60, "load on node A")
         kill_node(a)  # in the middle of sessions: some got their 250, some never will
         killed_at = len(acked)
         wait_until(lambda: len(acked) >= killed_at + 20, 60, "node B to go on")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
     stored = _stored_tokens(b)
     assert all(stored[t] == 1 for t in acked), "an acknowledged message is lost"
     assert max(stored.values()) == 1, "a message was stored twice"
-    assert set(stored) <= set(tokens)
+    assert set(stored) <= set(load.tokens)
 
 
 def test_postgresql_restarted_under_load(
@@ -243,36 +264,8 @@ def test_postgresql_restarted_under_load(
     url = pg_durable.new_database()
     a, b = start_nodes(server_factory, url)
     a.add_user("ann@a.test", "ann-pw")
-    tokens: list[str] = []
-    acked: list[str] = []
-    refused: list[str] = []
-    stop = threading.Event()
-
-    def client(node: Server, name: str) -> None:
-        for i in range(400):
-            if stop.is_set():
-                return
-            token = f"{name}-{i}"
-            tokens.append(token)
-            try:
-                with smtplib.SMTP(node.host, node.ports["smtp"], timeout=20) as c:
-                    c.sendmail(
-                        "s@x.test", ["ann@a.test"], f"Subject: {token}\r\n\r\n{token}\r\n".encode()
-                    )
-                acked.append(token)
-            except (smtplib.SMTPDataError, smtplib.SMTPRecipientsRefused) as exc:
-                code = exc.smtp_code if isinstance(exc, smtplib.SMTPDataError) else 0
-                refused.append(f"{token} {code}")
-                time.sleep(0.05)
-
-    threads = [
-        threading.Thread(target=client, args=(node, f"{n}{i}"))
-        for n, node in (("a", a), ("b", b))
-        for i in range(2)
-    ]
-    for t in threads:
-        t.start()
-    try:
+    with Submitters({"a": a, "b": b}, per_node=2, count=400, timeout=20) as load:
+        acked, refused = load.acked, load.refused
         wait_until(lambda: len(acked) >= 20, 60, "load before the restart")
         pg_durable.stop("immediate")  # as a crash: WAL recovery at the next start
         wait_until(lambda: len(refused) >= 4, 30, "4xx answers while PostgreSQL is away")
@@ -282,11 +275,9 @@ def test_postgresql_restarted_under_load(
         wait_until(
             lambda: {t[0] for t in acked[after:]} == {"a", "b"}, 60, "both nodes to serve again"
         )
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
+    assert not load.failed, load.failed  # while PostgreSQL is away: a reply, never a hang-up
     assert all(r.split()[1].startswith("4") for r in refused), refused  # 4xx, never 5xx
     stored = _stored_tokens(b)
     assert all(stored[t] == 1 for t in acked), "an acknowledged message is lost"
     assert max(stored.values()) == 1, "a message was stored twice"
+    assert set(stored) <= set(load.tokens)

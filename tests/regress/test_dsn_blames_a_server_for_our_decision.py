@@ -1,4 +1,4 @@
-"""A failure postroom decided itself (553 5.6.7: the next hop has no SMTPUTF8; a message larger
+"""A failure postroom decided itself (5.6.9: the next hop has no SMTPUTF8; a message larger
 than its SIZE) was reported as "host mx... said" with ``Diagnostic-Code: smtp;`` and a
 ``Remote-MTA``, as if that server had refused it. It is now told in postroom's own words
 (``Diagnostic-Code: X-Postroom;``, no Remote-MTA); a server's real reply keeps ``smtp;``. The
@@ -62,9 +62,9 @@ def test_smtputf8_refusal_is_ours_not_the_servers() -> None:
     raw = bounce_for(result)
     block = status_block(raw)
     assert block["Remote-MTA"] is None
-    assert block["Status"] == "5.6.7"
+    assert block["Status"] == "5.6.9"
     diagnostic = " ".join(block["Diagnostic-Code"].split())
-    assert diagnostic.startswith("X-Postroom; mx.b.test[127.0.0.2]: the server does not offer")
+    assert diagnostic.startswith("X-Postroom; mx.b.test[127.0.0.2]: the message has UTF-8 header")
     assert "SMTPUTF8" in diagnostic
     assert b" said:" not in raw
     assert all_failures(email.message_from_bytes(raw)) == (frozenset(), {b"bob@b.test"})

@@ -6,11 +6,9 @@ end of the message. The end-of-data sequences are those of the published smuggli
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import Server, converse
 
 VARIANTS = [b"\n.\n", b"\r.\r", b"\r.\n", b"\n.\r\n", b"\r\n.\n", b"\n.\r", b"\r.\r\n", b"\r\n.\r"]
 VARIANTS += [b"\n\n.\r\n", b"\r\n\r.\r\n", b"\n\n.\n"]
@@ -47,17 +45,6 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Server:
     server.start()
     yield server  # type: ignore[misc]
     server.stop()
-
-
-def converse(srv: Server, payload: bytes) -> bytes:
-    with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) as s:
-        s.recv(1000)
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    return out
 
 
 def smuggle(srv: Server, sep: bytes) -> list[bytes]:

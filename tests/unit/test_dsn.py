@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ast
 import datetime as dt
 import email
 import email.policy
-import pathlib
 from typing import Any
 
 import pytest
@@ -31,6 +29,20 @@ def failed(rcpt: str = "bob@b.test", **kw: object) -> DsnRecipient:
     return DsnRecipient(rcpt, "failed", "5.1.1", **args)  # type: ignore[arg-type]
 
 
+def report(**kw: Any) -> bytes:
+    """``build_dsn`` with this file's defaults (one failed recipient of ORIGINAL, alice's
+    message) and the arguments given."""
+    args: dict[str, Any] = {
+        "hostname": "mx.a.test",
+        "sender": "alice@a.test",
+        "recipients": [failed()],
+        "original": ORIGINAL,
+        "arrival": ARRIVAL,
+        "now": NOW,
+    }
+    return build_dsn(**(args | kw))
+
+
 def parse(raw: bytes) -> Any:
     return email.message_from_bytes(raw)
 
@@ -44,16 +56,7 @@ def status_blocks(msg: Any) -> list[Any]:
 
 
 def test_failure_report_parses() -> None:
-    raw = build_dsn(
-        hostname="mx.a.test",
-        sender="alice@a.test",
-        recipients=[failed()],
-        original=ORIGINAL,
-        arrival=ARRIVAL,
-        now=NOW,
-        envid="ID+2B1",
-        queue_id="Q1",
-    )
+    raw = report(envid="ID+2B1", queue_id="Q1")
     assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF everywhere
     assert raw.isascii()
     msg = parse(raw)
@@ -89,15 +92,7 @@ def test_failure_report_parses() -> None:
 
 
 def test_ret_full_returns_the_message() -> None:
-    raw = build_dsn(
-        hostname="mx.a.test",
-        sender="alice@a.test",
-        recipients=[failed()],
-        original=ORIGINAL,
-        arrival=ARRIVAL,
-        now=NOW,
-        ret="FULL",
-    )
+    raw = report(ret="FULL")
     msg = parse(raw)
     returned = msg.get_payload()[2]
     assert returned.get_content_type() == "message/rfc822"
@@ -108,16 +103,7 @@ def test_ret_full_returns_the_message() -> None:
 
 def test_ret_full_too_large_returns_headers_only() -> None:
     big = ORIGINAL + b"x" * 5000 + b"\r\n"
-    raw = build_dsn(
-        hostname="mx.a.test",
-        sender="alice@a.test",
-        recipients=[failed()],
-        original=big,
-        arrival=ARRIVAL,
-        now=NOW,
-        ret="FULL",
-        full_limit=1000,
-    )
+    raw = report(original=big, ret="FULL", full_limit=1000)
     assert parse(raw).get_payload()[2].get_content_type() == "text/rfc822-headers"
 
 
@@ -135,14 +121,7 @@ def test_several_recipients_orcpt_and_delay() -> None:
             will_retry_until=later,
         ),
     ]
-    raw = build_dsn(
-        hostname="mx.a.test",
-        sender="alice@a.test",
-        recipients=recipients,
-        original=ORIGINAL,
-        arrival=ARRIVAL.timestamp(),
-        now=NOW,
-    )
+    raw = report(recipients=recipients, arrival=ARRIVAL.timestamp())
     _, bob, carol = status_blocks(parse(raw))
     assert bob["Original-Recipient"] == "rfc822; Bob+X@b.test"
     assert carol["Action"] == "delayed"
@@ -152,13 +131,8 @@ def test_several_recipients_orcpt_and_delay() -> None:
 
 
 def test_success_report_never_returns_the_body() -> None:
-    raw = build_dsn(
-        hostname="mx.a.test",
-        sender="alice@a.test",
+    raw = report(
         recipients=[DsnRecipient("bob@b.test", "relayed", "2.0.0", remote_mta="mx.b.test")],
-        original=ORIGINAL,
-        arrival=ARRIVAL,
-        now=NOW,
         ret="FULL",
     )
     msg = parse(raw)
@@ -169,14 +143,7 @@ def test_success_report_never_returns_the_body() -> None:
 
 def test_hostile_diagnostic_cannot_inject_fields() -> None:
     evil = "550 no\r\nAction: delivered\r\n\r\n--boundary\r\nX-Evil: 1"
-    raw = build_dsn(
-        hostname="mx.a.test",
-        sender="alice@a.test",
-        recipients=[failed(diagnostic=evil)],
-        original=ORIGINAL,
-        arrival=ARRIVAL,
-        now=NOW,
-    )
+    raw = report(recipients=[failed(diagnostic=evil)])
     blocks = status_blocks(parse(raw))
     assert len(blocks) == 2
     assert blocks[1]["Action"] == "failed"
@@ -186,28 +153,14 @@ def test_hostile_diagnostic_cannot_inject_fields() -> None:
 
 def test_long_diagnostic_is_folded() -> None:
     long = "550 5.7.1 " + " ".join(["word"] * 100)
-    raw = build_dsn(
-        hostname="mx.a.test",
-        sender="alice@a.test",
-        recipients=[failed(diagnostic=long)],
-        original=ORIGINAL,
-        arrival=ARRIVAL,
-        now=NOW,
-    )
+    raw = report(recipients=[failed(diagnostic=long)])
     assert max(len(line) for line in raw.split(b"\r\n")) <= 100
     got = status_blocks(parse(raw))[1]["Diagnostic-Code"]
     assert " ".join(got.split()) == f"smtp; {long}"
 
 
 def test_utf8_recipient_uses_global_types() -> None:
-    raw = build_dsn(
-        hostname="mx.a.test",
-        sender="alice@a.test",
-        recipients=[failed("bøb@b.test")],
-        original=ORIGINAL,
-        arrival=ARRIVAL,
-        now=NOW,
-    )
+    raw = report(recipients=[failed("bøb@b.test")])
     msg = email.message_from_bytes(raw, policy=email.policy.SMTPUTF8)
     parts = list(msg.iter_parts())
     assert parts[1].get_content_type() == "message/global-delivery-status"
@@ -215,27 +168,11 @@ def test_utf8_recipient_uses_global_types() -> None:
 
 
 def test_boundary_not_in_content() -> None:
-    first = build_dsn(
-        hostname="mx.a.test",
-        sender="alice@a.test",
-        recipients=[failed()],
-        original=ORIGINAL,
-        arrival=ARRIVAL,
-        now=NOW,
-        message_id="fixed@x",
-    )
+    first = report(message_id="fixed@x")
     boundary = parse(first).get_boundary()
     assert boundary
     evil = ORIGINAL.replace(b"Subject: lunch?", b"Subject: --" + boundary.encode())
-    raw = build_dsn(
-        hostname="mx.a.test",
-        sender="alice@a.test",
-        recipients=[failed()],
-        original=evil,
-        arrival=ARRIVAL,
-        now=NOW,
-        message_id="fixed@x",
-    )
+    raw = report(original=evil, message_id="fixed@x")
     msg = parse(raw)
     assert msg.get_boundary() != boundary
     assert len(msg.get_payload()) == 3
@@ -243,52 +180,17 @@ def test_boundary_not_in_content() -> None:
 
 def test_refuses_null_sender() -> None:
     with pytest.raises(ValueError, match="null sender"):
-        build_dsn(
-            hostname="h",
-            sender="",
-            recipients=[failed()],
-            original=ORIGINAL,
-            arrival=ARRIVAL,
-            now=NOW,
-        )
+        report(sender="")
 
 
 def test_bad_status_is_our_bug() -> None:
     with pytest.raises(ValueError, match="status"):
-        build_dsn(
-            hostname="h",
-            sender="a@a.test",
-            recipients=[DsnRecipient("b@b.test", "failed", "550")],
-            original=ORIGINAL,
-            arrival=ARRIVAL,
-            now=NOW,
-        )
+        report(recipients=[DsnRecipient("b@b.test", "failed", "550")])
 
 
 def test_deterministic() -> None:
-    kw: dict[str, object] = {
-        "hostname": "mx.a.test",
-        "sender": "alice@a.test",
-        "recipients": [failed()],
-        "original": ORIGINAL,
-        "arrival": ARRIVAL,
-        "now": NOW,
-    }
-    assert build_dsn(**kw) == build_dsn(**kw)  # type: ignore[arg-type]
+    assert report() == report()
 
 
 def test_xtext_decode() -> None:
     assert xtext_decode("a+2Bb+3Dc") == "a+b=c"
-
-
-def test_module_is_pure() -> None:
-    import postroom.delivery.dsn as mod
-
-    tree = ast.parse(pathlib.Path(mod.__file__).read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
-    assert not names & {"asyncio", "socket", "os"}

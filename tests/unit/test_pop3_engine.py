@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import ast
 import base64
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import postroom.pop3.engine as protocol_mod
 from postroom.errors import EngineMisuse
 from postroom.pop3.engine import Command, Pop3Engine, Quit
 from postroom.pop3.engine import Pop3Features as Features
@@ -192,17 +189,6 @@ def test_streamed_stuffing_equals_whole_and_round_trips(data: bytes, sizes: list
 
 
 # -- the engine: SASL, CAPA, limits, misuse --------------------------------------------------
-
-
-def test_engine_is_pure() -> None:
-    tree = ast.parse(Path(protocol_mod.__file__).read_text())
-    imported = {
-        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
-    }
-    imported |= {
-        (n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-    }
-    assert not imported & {"asyncio", "socket", "os", "ssl", "selectors"}
 
 
 def test_capa_lists_exactly_what_works() -> None:

@@ -11,7 +11,8 @@ the octets are UTF-8, else RFC 1428's ``unknown-8bit``), so a reader decodes it 
 lines that were sent. Header lines over the limit are folded at white space (RFC 5322 §2.2.3),
 or, with no white space to fold at, broken by CRLF SP as Postfix's ``smtp_line_length_limit``
 does. Preamble and epilogue (which readers ignore, RFC 2046 §5.1.1) are wrapped and lose 8-bit
-octets. 8-bit octets in header fields stay: they need SMTPUTF8, not a body encoding.
+octets. 8-bit octets in header fields stay: they need SMTPUTF8, not a body encoding (the
+client engine refuses to send them where they cannot go: 5.6.9, 5.6.3).
 
 A re-encoded message no longer matches a DKIM signature made before (RFC 6376 §5.3 asks signers
 to convert first): mail submitted here is converted at intake, before it is signed, so that only

@@ -2,11 +2,12 @@
 RFC 5034 SASL AUTH, RFC 6856 UTF8, response codes of RFC 2449 §8 and RFC 3206).
 
 Bytes go in with :meth:`Pop3Engine.receive_data`; :meth:`next_event` yields typed events;
-responses accumulate in an output buffer (:meth:`data_to_send`). The engine checks syntax and
-state itself (wrong state, bad arguments, unknown commands: ``-ERR``, the session goes on);
-what needs the mailbox or the account store becomes an event the glue answers with
-:meth:`ok`, :meth:`err`, :meth:`multiline`, :meth:`login_ok` and friends. Answering what was
-not asked, or asking for the next event before answering, raises ``EngineMisuse``.
+responses accumulate in an output buffer (:meth:`data_to_send`; the buffers are
+``wire/buffers.py``'s). The engine checks syntax and state itself (wrong state, bad arguments,
+unknown commands: ``-ERR``, the session goes on); what needs the mailbox or the account store
+becomes an event the glue answers with :meth:`ok`, :meth:`err`, :meth:`multiline`,
+:meth:`login_ok` and friends. Answering what was not asked, or asking for the next event
+before answering, raises ``EngineMisuse``.
 
 States and transitions: :data:`TRANSITIONS` is the one table and every state change goes
 through it. This diagram is checked against the table by a test::
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from postroom.errors import EngineMisuse
+from postroom.wire.buffers import Buffers
 from postroom.wire.events import NEED_DATA, AuthResponse, AuthStart, Closing, NeedData, StartTLS
 from postroom.wire.framing import TOO_LONG, LineReader
 from postroom.wire.replies import printable
@@ -156,7 +158,7 @@ def _number(text: str) -> int | None:
 
 
 @dataclass
-class Pop3Engine:
+class Pop3Engine(Buffers):
     """One POP3 session's protocol state."""
 
     features: Pop3Features
@@ -185,22 +187,12 @@ class Pop3Engine:
 
     # -- bytes in and out ----------------------------------------------------------------------
 
+    # pending_input, data_to_send, parts_to_send: Buffers (wire/buffers.py).
+
     def receive_data(self, data: bytes) -> None:
+        # Closed, or plaintext after STLS before the handshake: never executed.
         if self.state is not Pop3State.CLOSED and self.state is not Pop3State.TLS:
             self._reader.feed(data)
-
-    def pending_input(self) -> int:
-        return self._reader.pending()
-
-    def data_to_send(self) -> bytes:
-        out = b"".join(self._out)
-        self._out.clear()
-        return out
-
-    def parts_to_send(self) -> list[bytes]:
-        """:meth:`data_to_send` unjoined, for a writer that sends a list (``writelines``)."""
-        out, self._out = self._out, []
-        return out
 
     def send_raw(self, data: bytes) -> None:
         """Queue already-formatted octets (the pieces of a streamed multi-line body)."""

@@ -26,13 +26,14 @@ IDLE is "ready for a message" (after the greeting's EHLO, a refused opportunisti
 RSET, or the end of a transaction); CLOSE ends the session, cleanly after QUIT or on a failure.
 
 The caller fits the data to the server first (``delivery/mime_downgrade.py``: short lines, 7-bit
-without 8BITMIME); a message that needs SMTPUTF8 never goes to a server without it (5.6.7,
-RFC 6531 §3.4). Security notes: replies are split by ``framing.LineReader`` with bounded line
-length and line count; any byte that arrives between the 220 to STARTTLS and the handshake ends
-the session (plaintext injection, the client-side twin of CVE-2011-0411); data is normalised to
-CRLF and dot-stuffed by ``framing.dot_stuff`` only, so a bare LF before a dot can never end the
-message early at a lenient server (SMTP smuggling, RFC 5321 §2.3.8). An exception escaping
-this module is a bug in the caller (``EngineMisuse``), never the peer's fault.
+without 8BITMIME); a message that needs SMTPUTF8 never goes to a server without it (5.6.7 for
+an address, 5.6.9 for header fields: RFC 6531 §3.4, §3.5), nor an 8-bit octet to a server
+without 8BITMIME (5.6.3). Security notes: replies are split by ``framing.LineReader`` with
+bounded line length and line count; any byte that arrives between the 220 to STARTTLS and the
+handshake ends the session (plaintext injection, the client-side twin of CVE-2011-0411); data is
+normalised to CRLF and dot-stuffed by ``framing.dot_stuff`` only, so a bare LF before a dot can
+never end the message early at a lenient server (SMTP smuggling, RFC 5321 §2.3.8). An exception
+escaping this module is a bug in the caller (``EngineMisuse``), never the peer's fault.
 """
 
 from __future__ import annotations
@@ -329,8 +330,13 @@ class ClientEngine:
 
         ``data`` is sent as it is: the caller has already made it fit the server's extensions
         (RFC 6152 §3: 7-bit for a server without 8BITMIME; RFC 5321 §4.5.3.1.6: short lines).
-        What cannot be converted goes unchanged: 8-bit header fields need SMTPUTF8, and an
-        internationalised address cannot be sent at all without it (RFC 6531 §3.4).
+        What cannot be converted is refused here, before a command is sent, with a reply of
+        our own for the bounce: a non-ASCII address without SMTPUTF8 (5.6.7), a message that
+        was given to us with SMTPUTF8 and has UTF-8 header fields without SMTPUTF8 (5.6.9;
+        RFC 6531 §3.4, §3.5), and 8-bit octets left in header fields for a server without
+        8BITMIME (5.6.3, RFC 6152 §3: convert or return it). 8-bit header fields of a message
+        given to us *without* SMTPUTF8 go unchanged to a server with 8BITMIME: the sender did
+        not ask for SMTPUTF8, and that is what other MTAs do with such legacy mail.
         """
         self._require(ClientTrigger.SEND, "send_message")
         if not message.recipients:
@@ -338,14 +344,34 @@ class ClientEngine:
         data = to_crlf(data)
         results: dict[int, RecipientResult] = {}
         utf8_offered = "SMTPUTF8" in self.extensions
-        whole_needs_utf8 = not message.sender.isascii() or (
-            message.smtputf8 and needs_smtputf8_headers(data)
-        )
         no_utf8 = _local(
-            553, "5.6.7", "the server does not offer SMTPUTF8, which this message needs (RFC 6531)"
+            553,
+            "5.6.7",  # RFC 6531 §3.5: non-ASCII addresses not permitted
+            "the server does not offer SMTPUTF8, which a non-ASCII address needs (RFC 6531)",
         )
+        refused: Reply | None = None  # the whole message, for every recipient
+        # The caller converted the body for a server without 8BITMIME: 8-bit octets left are in
+        # header fields (of the message, or of one inside it).
+        if not utf8_offered and not message.sender.isascii():
+            refused = no_utf8
+        elif not utf8_offered and message.smtputf8 and needs_smtputf8_headers(data):
+            refused = _local(
+                554,
+                "5.6.9",  # RFC 6531 §3.5: UTF-8 header message cannot be transferred
+                "the message has UTF-8 header fields (RFC 6532) and the server does not"
+                " offer SMTPUTF8, which they need (RFC 6531)",
+            )
+        elif "8BITMIME" not in self.extensions and not data.isascii():
+            refused = _local(
+                554,
+                "5.6.3",  # RFC 3463: conversion required but not supported
+                "the message has 8-bit header fields, which cannot be converted to 7-bit,"
+                " and the server does not offer 8BITMIME (RFC 6152)",
+            )
         for i, rcpt in enumerate(message.recipients):
-            if not utf8_offered and (whole_needs_utf8 or not rcpt.address.isascii()):
+            if refused is not None:
+                results[i] = RecipientResult(rcpt, Outcome.PERMANENT, refused)
+            elif not utf8_offered and not rcpt.address.isascii():
                 results[i] = RecipientResult(rcpt, Outcome.PERMANENT, no_utf8)
         limit = self._size_limit()
         if limit and len(data) > limit:

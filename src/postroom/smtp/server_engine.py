@@ -1,8 +1,9 @@
 """The SMTP server as a sans-I/O state machine (RFC 5321, with ESMTP extensions).
 
 Bytes go in with :meth:`ServerEngine.receive_data`; :meth:`ServerEngine.next_event` yields
-typed events; replies accumulate in an output buffer read with :meth:`data_to_send`. No sockets,
-no asyncio, no files: the glue (``server.py``) moves bytes, the policy (``policy.py``) decides.
+typed events; replies accumulate in an output buffer read with :meth:`data_to_send` (the
+buffers are ``wire/buffers.py``'s). No sockets, no asyncio, no files: the glue (``server.py``)
+moves bytes, the policy (``policy.py``) decides.
 
 The engine answers everything that needs no policy itself (syntax errors, bad sequence, NOOP,
 HELP, VRFY, RSET, QUIT, EHLO with the current extension list). Events that need a decision
@@ -52,6 +53,7 @@ from postroom.errors import EngineMisuse
 from postroom.smtp import commands
 from postroom.smtp.commands import Auth, Bdat, CommandError, Hello, Mail, Rcpt, Simple
 from postroom.wire import replies
+from postroom.wire.buffers import Buffers
 from postroom.wire.events import NEED_DATA, AuthResponse, AuthStart, Closing, NeedData, StartTLS
 from postroom.wire.framing import TOO_LONG, CountedReader, DotReader, LineEndCheck, LineReader
 from postroom.wire.replies import Reply
@@ -245,7 +247,7 @@ class _Transaction:
 
 
 @dataclass
-class ServerEngine:
+class ServerEngine(Buffers):
     """One SMTP server session's protocol state. See the module docstring for the flow."""
 
     features: ServerFeatures
@@ -282,23 +284,12 @@ class ServerEngine:
 
     # -- bytes in and out ----------------------------------------------------------------------
 
+    # pending_input, data_to_send, parts_to_send: Buffers (wire/buffers.py).
+
     def receive_data(self, data: bytes) -> None:
         # Closed, or plaintext after STARTTLS before the handshake: never executed.
         if self.state is not ServerState.CLOSED and self.state is not ServerState.TLS:
             self._reader.feed(data)
-
-    def pending_input(self) -> int:
-        return self._reader.pending()
-
-    def data_to_send(self) -> bytes:
-        out = b"".join(self._out)
-        self._out.clear()
-        return out
-
-    def parts_to_send(self) -> list[bytes]:
-        """:meth:`data_to_send` unjoined, for a writer that sends a list (``writelines``)."""
-        out, self._out = self._out, []
-        return out
 
     def _send(self, reply: Reply) -> None:
         self._out.append(reply.render())
