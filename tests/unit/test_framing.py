@@ -135,6 +135,13 @@ def test_to_crlf() -> None:
     assert to_crlf(b"a\r\n") == b"a\r\n"
 
 
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"."]), max_size=40).map(b"".join))
+def test_to_crlf_ends_every_line_with_crlf_and_keeps_the_rest(data: bytes) -> None:
+    out = to_crlf(data)
+    assert out.replace(b"\r\n", b"\n") == data.replace(b"\r\n", b"\n")
+    assert out.count(b"\n") == out.count(b"\r\n")
+
+
 @given(st.binary(max_size=200), st.lists(st.integers(0, 200), max_size=6))
 def test_line_end_check_agrees_with_the_whole_message(data: bytes, cuts: list[int]) -> None:
     # However the BDAT chunks split it, the verdict is the one on the whole message.

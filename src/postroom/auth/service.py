@@ -33,7 +33,7 @@ from postroom.auth import dkim_sign, dkim_verify, dmarc, keys, records, reports,
 from postroom.auth.helper import DkimHelper, HelperError, HelperNotReady
 from postroom.auth.lookup import Answer, DnsCache
 from postroom.config import Config
-from postroom.wire import bulk
+from postroom.wire.framing import to_crlf
 from postroom.wire.replies import Reply
 
 log = logging.getLogger("postroom")
@@ -189,7 +189,7 @@ class SenderAuth:
 
     def _head(self, message: Message) -> bytes:
         """The client's header section (CRLF): all that SPF, DMARC and finding signatures read."""
-        return bulk.lf_to_crlf(message.head(self.cfg.limits.header_size + 2))
+        return to_crlf(message.head(self.cfg.limits.header_size + 2))
 
     def _add_results(self, message: Message, header: bytes, head: bytes | None = None) -> None:
         """Our Authentication-Results on top (RFC 8601 §5), and those in the message that

@@ -45,7 +45,8 @@ from postroom.storage.interfaces import (
     MessageDraft,
     MessageQueue,
 )
-from postroom.wire import bulk, replies
+from postroom.wire import replies
+from postroom.wire.framing import to_crlf
 from postroom.wire.replies import Reply
 
 if TYPE_CHECKING:
@@ -539,7 +540,7 @@ def _wire(message: bytes) -> bytes:
     (lossless: SMTP refused bare CR and LF on the way in)."""
     if message.startswith(b"Return-Path:"):
         message = message[message.find(b"\n") + 1 :]
-    return bulk.lf_to_crlf(message)
+    return to_crlf(message)
 
 
 def _attempts(now: float, results: list[tuple[Recipient, DeliveryResult]]) -> list[Attempt]:

@@ -212,8 +212,14 @@ def dot_stuff_parts(data: bytes) -> tuple[bytes, bytes]:
 
 
 def to_crlf(data: bytes) -> bytes:
-    """Turn bare LF line ends (as Maildir files have them) into CRLF; CRLF stays CRLF."""
-    return bulk.lf_to_crlf(data)
+    """Turn bare LF line ends (as Maildir files have them) into CRLF; CRLF stays CRLF.
+    Bytes methods, not ``bulk``: a one-octet needle is replaced at memchr speed."""
+    if b"\r" not in data:
+        return data.replace(b"\n", b"\r\n")  # an LF file: one pass
+    if data.count(b"\n") == data.count(b"\r\n"):
+        return data
+    # Two C-speed passes instead of a look-behind regex: CRLF -> LF, then every LF -> CRLF.
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 class CrlfConverter:

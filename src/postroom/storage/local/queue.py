@@ -44,6 +44,7 @@ from postroom.storage.local import files, journal, maildir
 from postroom.storage.local.deferred import DeferredStore
 from postroom.storage.local.maildir_writer import MaildirWriter
 from postroom.wire import bulk
+from postroom.wire.framing import to_crlf
 
 INLINE_LIMIT = 64 << 10  # larger messages go to a body file (written once, linked)
 BOX_CACHE = 10_000
@@ -221,7 +222,7 @@ class Draft:
             data = b"".join((self._prefix or b"", self._client))
         else:
             data = os.pread(self._fd, self.size - start, start)
-        return bulk.lf_to_crlf(data)
+        return to_crlf(data)
 
     def prepend(self, fields: bytes) -> None:
         if self._failed is not None:
@@ -266,7 +267,7 @@ class Draft:
             old = bytes(self._client)
         else:
             old = os.pread(self._fd, self._client_size, len(head))
-        new = bulk.crlf_to_lf(convert(bulk.lf_to_crlf(old)))
+        new = bulk.crlf_to_lf(convert(to_crlf(old)))
         if new == old:
             return
         self._client_size, self._lines = len(new), new.count(b"\n")
