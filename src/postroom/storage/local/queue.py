@@ -235,13 +235,10 @@ class Draft:
             return
         try:  # the body file: the client's part moves up by the new fields' length
             client = os.pread(self._fd, self._client_size, old_head)
-            os.lseek(self._fd, 0, os.SEEK_SET)
-            self._crc = 0
-            self._put(self._return_path)
-            self._put(self._prefix)
-            self._put(client)
         except OSError as exc:
             self._failed = exc
+            return
+        self._refill(self._return_path, self._prefix, client)
 
     def replace(self, data: bytes) -> None:
         lf = bulk.crlf_to_lf(data)
@@ -250,14 +247,7 @@ class Draft:
         if self._fd is None:
             self._client = bytearray(lf)
             return
-        try:
-            os.ftruncate(self._fd, 0)
-            os.lseek(self._fd, 0, os.SEEK_SET)
-            self._crc = 0
-            self._put(self._return_path)
-            self._put(lf)
-        except OSError as exc:
-            self._failed = exc
+        self._refill(self._return_path, lf)
 
     async def rewrite(self, convert: Callable[[bytes], bytes]) -> None:
         if self._failed is not None:
@@ -275,11 +265,17 @@ class Draft:
         if self._fd is None:
             self._client = bytearray(new)
             return
+        self._refill(head, new)
+
+    def _refill(self, kept: bytes, *parts: bytes) -> None:
+        """Write the body file anew after ``kept``, the octets it starts with already."""
+        assert self._fd is not None
         try:
-            os.ftruncate(self._fd, len(head))
-            os.lseek(self._fd, len(head), os.SEEK_SET)
-            self._crc = zlib.crc32(head)
-            self._put(new)
+            os.ftruncate(self._fd, len(kept))
+            os.lseek(self._fd, len(kept), os.SEEK_SET)
+            self._crc = zlib.crc32(kept)
+            for part in parts:
+                self._put(part)
         except OSError as exc:
             self._failed = exc
 
