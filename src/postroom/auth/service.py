@@ -187,7 +187,7 @@ class SenderAuth:
             return None
         return await self._check(message, client_ip, helo, sender)
 
-    def _head(self, message: Message) -> bytes:
+    def _client_head(self, message: Message) -> bytes:
         """The client's header section (CRLF): all that SPF, DMARC and finding signatures read."""
         return to_crlf(message.head(self.cfg.limits.header_size + 2))
 
@@ -195,7 +195,7 @@ class SenderAuth:
         """Our Authentication-Results on top (RFC 8601 §5), and those in the message that
         name us removed: a forgery, or a copy of ours on mail that came back. A message
         without any costs a copy of its header lines, not of the message."""
-        if results.mentions_results(self._head(message) if head is None else head):
+        if results.mentions_results(self._client_head(message) if head is None else head):
             message.replace(header + results.strip_ours(message.whole(), self.cfg.hostname))
         else:
             message.prepend(header)
@@ -237,12 +237,15 @@ class SenderAuth:
             return cast(T, result)
         return local()
 
-    async def verify(self, whole: bytes, client_ip: str, helo: str, sender: str) -> Verdict:
-        """SPF, DKIM and DMARC of one message, all within ``[auth] check_timeout``.
+    async def verify(
+        self, head: bytes, whole: Callable[[], bytes], client_ip: str, helo: str, sender: str
+    ) -> Verdict:
+        """SPF, DKIM and DMARC of one message (its header section ``head``, CRLF; ``whole``
+        reads all of it, which only DKIM needs, and only for a signed message), all within
+        ``[auth] check_timeout``.
 
         What the cache already holds is used at once; only what is missing is asked, all of
         it concurrently (the usual case, everything cached, makes no task and never waits)."""
-        head = _head(whole)
         from_domains = dmarc.from_domains(head)
         single = from_domains[0] if len(set(from_domains)) == 1 and from_domains[0] else ""
         sigs = dkim_verify.signatures(head)
@@ -256,15 +259,14 @@ class SenderAuth:
                 spf_result, key_answers, policy, names, single, client_ip, helo, sender
             )
         keys = key_answers
-        dkim_results = (
-            await self._dkim_job(
-                len(whole),
-                lambda helper: helper.verify(whole, keys, sigs),
-                lambda: dkim_verify.verify(whole, keys, sigs),
+        dkim_results: list[dkim_verify.DkimResult] = []  # no signature: dkim=none
+        if sigs:
+            data = whole()
+            dkim_results = await self._dkim_job(
+                len(data),
+                lambda helper: helper.verify(data, keys, sigs),
+                lambda: dkim_verify.verify(data, keys, sigs),
             )
-            if sigs
-            else []  # no signature: nothing to verify (dkim=none)
-        )
         dmarc_result = dmarc.evaluate(from_domains, policy, spf_result, dkim_results, self.rng)
         return Verdict(spf_result, dkim_results, dmarc_result)
 
@@ -325,10 +327,8 @@ class SenderAuth:
     async def _check(
         self, message: Message, client_ip: str, helo: str, sender: str
     ) -> Reply | None:
-        head = self._head(message)
-        # The body matters only to DKIM: without a signature the header section is enough.
-        whole = message.whole() if dkim_verify.signatures(head) else head
-        verdict = await self.verify(whole, client_ip, helo, sender)
+        head = self._client_head(message)
+        verdict = await self.verify(head, message.whole, client_ip, helo, sender)
         count_verdict("spf", verdict.spf.result if verdict.spf else "none")
         for r in verdict.dkim or ():
             count_verdict("dkim", r.result)
