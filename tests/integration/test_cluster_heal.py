@@ -23,13 +23,15 @@ import pytest
 
 from tests.conftest import ServerFactory, wait_until
 from tests.dnszone import LoopbackDNS
+from tests.integration import test_cluster_crash
 from tests.integration.test_cluster import retrieve_all, storage_toml
-from tests.integration.test_cluster_crash import SINK_IP, Sink, worker_pids
+from tests.integration.test_cluster_crash import Sink, worker_pids
 from tests.integration.test_observability import get, scrape, value
 from tests.pgserver import PgServer, running
 
 A_IP = "127.0.0.2"
 LEASE = 2.0
+dns = test_cluster_crash.dns  # the fixture: remote.test's MX is the loopback sink
 
 
 def _send(host: str, port: int, rcpt: str, subject: str, timeout: float = 10) -> bool:
@@ -74,15 +76,6 @@ def sink() -> Iterator[Sink]:
     made = Sink(["hold", "hold"])  # the remote MX holds every DATA until released
     yield made
     made.close()
-
-
-@pytest.fixture
-def dns() -> Iterator[LoopbackDNS]:
-    zone = LoopbackDNS()
-    zone.mx("remote.test", 10, "mx.remote.test")
-    zone.a("mx.remote.test", SINK_IP)
-    yield zone
-    zone.stop()
 
 
 def test_a_delivery_whose_lease_was_taken_over_never_sends_its_final_dot(
