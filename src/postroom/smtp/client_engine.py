@@ -31,8 +31,8 @@ an address, 5.6.9 for header fields: RFC 6531 §3.4, §3.5), nor an 8-bit octet 
 without 8BITMIME (5.6.3). Security notes: replies are split by ``framing.LineReader`` with
 bounded line length and line count; any byte that arrives between the 220 to STARTTLS and the
 handshake ends the session (plaintext injection, the client-side twin of CVE-2011-0411); data is
-normalised to CRLF and dot-stuffed by ``framing.dot_stuff`` only, so a bare LF before a dot can
-never end the message early at a lenient server (SMTP smuggling, RFC 5321 §2.3.8). An exception
+normalised to CRLF and dot-stuffed by ``framing`` only, so a bare LF before a dot can never end
+the message early at a lenient server (SMTP smuggling, RFC 5321 §2.3.8). An exception
 escaping this module is a bug in the caller (``EngineMisuse``), never the peer's fault.
 """
 
@@ -47,7 +47,7 @@ from typing import Final
 
 from postroom.errors import EngineMisuse
 from postroom.wire.events import StartTLS
-from postroom.wire.framing import TOO_LONG, LineReader, dot_stuff, dot_stuff_parts, to_crlf
+from postroom.wire.framing import TOO_LONG, LineReader, dot_stuff_parts, to_crlf
 from postroom.wire.replies import Reply, parse_status
 
 MAX_REPLY_LINE = 4096  # RFC 5321 §4.5.3.1.5 says 512; be lenient but bounded.
@@ -636,17 +636,19 @@ class ClientEngine:
     def _on_data(self, reply: Reply) -> None:
         txn = self._require_txn()
         if reply.code == 354:
-            if self._accepted(txn) and txn.hold_end:
-                body, txn.end = dot_stuff_parts(txn.data)
-                self._out += body
-                self._events.append(EndOfData())
-            elif self._accepted(txn):
-                self._out += dot_stuff(txn.data)
-                self._awaiting.append((self._on_data_end, TIMEOUT_DATA_END))
-            else:
+            if not self._accepted(txn):
                 # RFC 2920 §3.1: DATA was accepted though no recipient was: send an empty body.
                 self._out += b".\r\n"
                 self._awaiting.append((self._on_empty_data_end, TIMEOUT_DATA_END))
+                return
+            body, end = dot_stuff_parts(txn.data)
+            self._out += body
+            if txn.hold_end:  # the final dot waits for end_data() (or abort())
+                txn.end = end
+                self._events.append(EndOfData())
+            else:
+                self._out += end
+                self._awaiting.append((self._on_data_end, TIMEOUT_DATA_END))
             return
         for i in self._accepted(txn):
             txn.results[i] = RecipientResult(txn.message.recipients[i], _outcome(reply), reply)
