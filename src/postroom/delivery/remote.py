@@ -17,9 +17,10 @@ the MX host name; a failed opportunistic handshake is retried once in plaintext 
 address (like Postfix), so a broken TLS stack at the peer cannot block mail forever. A caller
 may pass ``may_finish``, asked once the message is written and before its final dot (which
 commits it at the remote host): on False the connection is closed without the dot (the host
-cancels the transaction, RFC 5321 §3.8) and no other host is tried; the queue of a cluster uses
-it to fence deliveries whose lease another node may hold. Security notes: all network input
-goes through the engine; this module never interprets it.
+cancels the transaction, RFC 5321 §3.8), no other host is tried and the attempt ends with
+:class:`~postroom.errors.LeaseLost` (it records nothing: the node that holds the lease now
+does); the queue of a cluster uses it to fence deliveries whose lease another node may hold.
+Security notes: all network input goes through the engine; this module never interprets it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass, replace
 from postroom import events
 from postroom.config import Config
 from postroom.delivery import mime_downgrade
+from postroom.errors import LeaseLost
 from postroom.resolver import Resolver, Target, drop_self
 from postroom.smtp.client_engine import (
     ClientEngine,
@@ -75,14 +77,6 @@ class DeliveryResult:
     ip: str | None = None  # the address that was dialled
     tls: bool = False  # whether the session was encrypted
     host: str | None = None  # the MX host dialled (also when the reply is our own words)
-
-
-class _Fenced(Exception):
-    """``may_finish`` said no: the transaction was abandoned before its final dot."""
-
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(str(reply))
-        self.reply = reply
 
 
 FENCED = Reply(
@@ -259,12 +253,11 @@ class RemoteDelivery:
         final: dict[int, DeliveryResult] = {}
         last_temp: dict[int, DeliveryResult] = {}
         session_error: tuple[Reply, str, str] | None = None
-        fenced = False
         data: bytes | None = None
         tried = 0
         for target in route.targets:
             for ip in target.addresses:
-                if not pending or fenced or tried >= self._max_addresses:
+                if not pending or tried >= self._max_addresses:
                     break
                 tried += 1
                 if data is None:
@@ -278,10 +271,6 @@ class RemoteDelivery:
                         )
                     except _SessionFailed as exc:
                         session_error = (exc.reply, target.host, ip)
-                        break
-                    except _Fenced as exc:  # the other hosts are not tried either
-                        session_error = (exc.reply, target.host, ip)
-                        fenced = True
                         break
                     too_many: list[int] = []
                     for i, res in zip(batch, done.results, strict=True):
@@ -312,7 +301,7 @@ class RemoteDelivery:
                     batch = too_many if delivered else []
                 pending = [i for i in pending if i not in final]
         for i in pending:
-            if i in last_temp and not fenced:
+            if i in last_temp:
                 final[i] = last_temp[i]
             elif session_error is not None:
                 reply, host, ip = session_error
@@ -338,7 +327,7 @@ class RemoteDelivery:
         verify: bool,
         may_finish: MayFinish | None = None,
     ) -> tuple[MessageDone, bool]:
-        """The transaction's result, and whether it went over TLS; _Fenced if ``may_finish``
+        """The transaction's result, and whether it went over TLS; LeaseLost if ``may_finish``
         refused the final dot."""
         key = (target.host, ip, self.cfg.delivery.port, verify)
         session = await self._take(key)
@@ -363,7 +352,7 @@ class RemoteDelivery:
             if not may_finish():
                 session.engine.abort(FENCED)
                 session.close()  # the dot never goes out: the host cancels the transaction
-                raise _Fenced(FENCED)
+                raise LeaseLost(f"{target.host}[{ip}]: {FENCED.text}")
             session.engine.end_data()
             event = await session.next_event()
         if not isinstance(event, MessageDone):  # pragma: no cover - the engine always reports
