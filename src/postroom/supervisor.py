@@ -15,7 +15,7 @@ keeps the old pair (the rest of the new config applies), and the log names the f
 Workers die with the supervisor (PR_SET_PDEATHSIG). A worker that dies before it was ever ready
 stops the server (a start-up error: a bad config, PostgreSQL away at the first start). One that dies
 after its slot has served is started again, at once the first time and then after a back-off that
-doubles (1, 2, 4... s, at most :data:`MAX_BACKOFF`) while it keeps dying, also when the new one dies
+doubles (1, 2, 4, 8 s: MAX_RESTARTS bounds it) while it keeps dying, also when the new one dies
 before it is ready; more than :data:`MAX_RESTARTS` deaths of a slot within :data:`RESTART_WINDOW`
 stop the server (a crash loop is the service manager's to see). A restarted worker on PostgreSQL
 waits for an unreachable database rather than exit, so an outage costs one restart, and the node
@@ -52,7 +52,6 @@ log = logging.getLogger("postroom")
 RESTART_ONLY = ("listen", "data_dir", "user", "workers", "pin_cpus", "storage")
 MAX_RESTARTS = 5  # per worker slot within RESTART_WINDOW; beyond, the server stops
 RESTART_WINDOW = 60.0  # restarts of a slot within this long make the back-off grow
-MAX_BACKOFF = 30.0  # the longest wait before a dead worker is started again
 STOP_GRACE = 11.0  # workers exit within 10 s of SIGTERM; then SIGKILL
 _LEN = struct.Struct(">I")
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
@@ -75,8 +74,8 @@ class _Slot:
 
 def backoff(restarts: int) -> float:
     """The wait before the ``restarts``-th restart of a slot within RESTART_WINDOW: none for
-    the first, then 1, 2, 4... seconds, at most MAX_BACKOFF."""
-    return 0.0 if restarts <= 1 else min(MAX_BACKOFF, 2.0 ** (restarts - 2))
+    the first, then 1, 2, 4... seconds (at most 8: a sixth death stops the server)."""
+    return 0.0 if restarts <= 1 else 2.0 ** (restarts - 2)
 
 
 class Supervisor:
@@ -253,7 +252,7 @@ class Supervisor:
     def _restart_due(self) -> None:
         now = time.monotonic()
         for slot in self.slots:
-            if slot.due is not None and slot.due <= now and not self.stopping:
+            if slot.due is not None and slot.due <= now:  # stop() cleared every due
                 slot.due = None
                 self._fork(slot, None, [])
 
