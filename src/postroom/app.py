@@ -337,7 +337,7 @@ def _apply(services: Services, new: Config, pair: tuple[bytes, bytes] | None) ->
     connections = services.connections
     connections.max_total = -(-new.limits.max_connections // services.workers)
     connections.max_per_ip = new.limits.max_connections_per_ip
-    connections.exempt = new.per_ip_exempt_networks()
+    connections.set_exempt(new.per_ip_exempt_networks())
     services.throttle.cfg = new.auth
     logs.setup(new)
     events.certificate(tls_mod.certificate_expiry(new))

@@ -71,7 +71,6 @@ class ConnectionLimiter:
     # Each live connection, and whether it is counted in per_ip (exempt ones are not).
     live: dict[Closable, bool] = field(default_factory=dict)
     _exempt_ips: dict[str, bool] = field(default_factory=dict)  # per client address, answered
-    _exempt_for: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # ... for these
 
     @classmethod
     def for_config(
@@ -112,10 +111,16 @@ class ConnectionLimiter:
         if counted:
             self.per_ip.add(ip, -1)
 
+    def set_exempt(
+        self, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    ) -> None:
+        """New networks (a reload): the answers given per address start over."""
+        self.exempt = networks
+        self._exempt_ips.clear()
+
     def _exempt(self, ip: str) -> bool:
-        if self._exempt_for is not self.exempt:  # a reload changed the networks
-            self._exempt_ips.clear()
-            self._exempt_for = self.exempt
+        if not self.exempt:
+            return False
         known = self._exempt_ips.get(ip)
         if known is not None:
             return known

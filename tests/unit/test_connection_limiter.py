@@ -19,7 +19,7 @@ def test_exempt_networks_follow_a_reload() -> None:
     assert all(limiter.acquire("127.0.0.5", c) for c in held)  # exempt: no per-IP limit
     for c in held:
         limiter.release("127.0.0.5", c)
-    limiter.exempt = ()  # what a reload does
+    limiter.set_exempt(())  # what a reload does
     first, second = Conn(), Conn()
     assert limiter.acquire("127.0.0.5", first)
     assert not limiter.acquire("127.0.0.5", second)  # counted now: one per IP
