@@ -93,6 +93,7 @@ class Answers(asyncio.Protocol, Generic[R]):
 
     def __init__(self) -> None:
         self.waiters: dict[int, asyncio.Future[R]] = {}
+        self._next_id = 0
         self.buf = bytearray()
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()  # the child's first answer
@@ -101,6 +102,15 @@ class Answers(asyncio.Protocol, Generic[R]):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
+
+    def submit(self, frame: Callable[[int], list[bytes]]) -> tuple[int, asyncio.Future[R]]:
+        """Send one job, ``frame(job_id)`` being its octets: its id, and what waits for its
+        answer (failed with OSError if the child goes away first)."""
+        self._next_id = job_id = self._next_id % 0xFFFFFFFF + 1  # 0 is READY's
+        waiter: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self.waiters[job_id] = waiter
+        self.transport.writelines(frame(job_id))
+        return job_id, waiter
 
     def settle(self, job_id: int, result: R) -> None:
         """An answer has come: the child is ready (``READY``), or a job is done."""

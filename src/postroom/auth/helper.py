@@ -184,7 +184,6 @@ class DkimHelper:
         self._proc: subprocess.Popen[bytes] | None = None
         self._answers: _Answers | None = None
         self._starting: asyncio.Future[None] | None = None
-        self._next_id = 0
         self._retry_at = 0.0
         self._failed_starts = 0
 
@@ -200,10 +199,7 @@ class DkimHelper:
         answers = self._ready()
         if answers is None:
             raise HelperNotReady("the DKIM helper is not running yet")
-        self._next_id = job_id = self._next_id % 0xFFFFFFFF + 1
-        waiter: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-        answers.waiters[job_id] = waiter
-        answers.transport.writelines([_FRAME.pack(job_id, kind, len(payload)), payload])
+        job_id, waiter = answers.submit(lambda i: [_FRAME.pack(i, kind, len(payload)), payload])
         try:
             status, result = await asyncio.wait_for(waiter, TIMEOUT)
         except TimeoutError:

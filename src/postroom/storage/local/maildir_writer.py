@@ -421,7 +421,6 @@ class MaildirWriter:
         self._proc: subprocess.Popen[bytes] | None = None
         self._answers: _Answers | None = None
         self._starting: asyncio.Future[_Answers] | None = None
-        self._next_id = 0
 
     async def accept(self, entry: Entry) -> list[bool | OSError]:
         """Make ``entry`` durable in the journal and publish its copies. For each target in
@@ -446,10 +445,7 @@ class MaildirWriter:
 
     async def _run(self, encode: Callable[..., list[bytes]], *args: object) -> list[int | OSError]:
         answers = await self.start()
-        self._next_id = job_id = self._next_id % 0xFFFFFFFF + 1  # 0 is READY's
-        waiter: asyncio.Future[list[int | OSError]] = asyncio.get_running_loop().create_future()
-        answers.waiters[job_id] = waiter
-        answers.transport.writelines(encode(job_id, *args))
+        _job, waiter = answers.submit(lambda job_id: encode(job_id, *args))
         return await waiter
 
     async def start(self) -> _Answers:
