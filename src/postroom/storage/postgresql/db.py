@@ -25,11 +25,13 @@ import pathlib
 import threading
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import asyncpg.connect_utils
+from asyncpg import Record
+from asyncpg.pool import PoolConnectionProxy
 
 from postroom.errors import TemporaryStorageError
 
@@ -53,6 +55,7 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 # Any failed call: the above, or an error PostgreSQL reported (a constraint, a bad schema).
 FAILED: tuple[type[BaseException], ...] = (*UNAVAILABLE, asyncpg.PostgresError)
+ACQUIRE_TIMEOUT = 5.0  # seconds to wait for a connection of a pool
 # What a reconnection may heal.
 TRANSIENT: tuple[type[BaseException], ...] = (TemporaryStorageError, *UNAVAILABLE)
 CLOSE_FAILED: tuple[type[BaseException], ...] = (TimeoutError, *UNAVAILABLE)
@@ -115,10 +118,21 @@ class Database:
         self._sessions: asyncpg.Pool | None = None
         self.up = True  # the last round trip noted got an answer (``postroom_storage_up``)
 
-    def note(self, error: BaseException | None = None) -> None:
-        """The outcome of a round trip: an answer (an error PostgreSQL reported included)
-        means up, a failure to reach it down."""
-        self.up = error is None or not isinstance(error, UNAVAILABLE)
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[PoolConnectionProxy[Record]]:
+        """A connection of the pool for a round trip or a few. Its outcome sets :attr:`up`:
+        an answer (an error PostgreSQL reported included) means up, a failure to reach it
+        down; so every store's traffic says whether the database answers."""
+        try:
+            async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                yield conn
+        except UNAVAILABLE:
+            self.up = False
+            raise
+        except asyncpg.PostgresError:
+            self.up = True
+            raise
+        self.up = True
 
     def _make_pool(self, name: str, min_size: int, max_size: int, **extra: Any) -> asyncpg.Pool:
         return asyncpg.create_pool(

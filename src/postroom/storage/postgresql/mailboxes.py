@@ -43,7 +43,6 @@ from postroom.wire.framing import to_crlf
 if TYPE_CHECKING:
     from postroom.storage.postgresql.queue import PgQueue
 
-ACQUIRE_TIMEOUT = 5.0
 READ_CHUNK = 1 << 18
 READ_AHEAD = 1 << 20
 
@@ -93,7 +92,7 @@ class PgMailboxes:
             return []
         try:
             body = to_crlf(await self.queue.body(envelope))
-            async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+            async with self.database.connection() as conn:
                 await conn.execute(
                     _DELIVER,
                     envelope.id,
@@ -132,7 +131,7 @@ class PgMaildrop:
         """Lock and list, oldest first; MailboxInUse if another session has the mailbox,
         ConnectionError if PostgreSQL cannot be reached (or no connection is free)."""
         try:
-            conn = await self.database.sessions.acquire(timeout=ACQUIRE_TIMEOUT)
+            conn = await self.database.sessions.acquire(timeout=db.ACQUIRE_TIMEOUT)
         except db.FAILED as exc:
             raise unavailable(exc) from None
         try:
@@ -156,7 +155,7 @@ class PgMaildrop:
         # The pool's reset on release also runs pg_advisory_unlock_all(); a connection that
         # broke is discarded by the pool, and its lock went with it.
         try:
-            await self.database.sessions.release(conn, timeout=ACQUIRE_TIMEOUT)
+            await self.database.sessions.release(conn, timeout=db.ACQUIRE_TIMEOUT)
         except db.FAILED:
             conn.terminate()
 

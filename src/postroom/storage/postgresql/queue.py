@@ -62,7 +62,6 @@ from postroom.wire.framing import to_crlf
 log = logging.getLogger("postroom")
 
 CHANNEL = "postroom_queue"
-ACQUIRE_TIMEOUT = 5.0
 STATS_AGE = 1.0  # the metrics' count of the queue is made again when older than this
 STATS_TIMEOUT = 5.0  # and may take this long (then postroom_storage_up says 0)
 MAX_BATCH = 200  # messages per shared commit
@@ -172,7 +171,6 @@ class Committer:
         """None for each message committed, or why it was not."""
         try:
             await self._insert(batch)
-            self.database.note()
             return [None] * len(batch)
         except asyncpg.UniqueViolationError as exc:
             if len(batch) == 1:
@@ -186,13 +184,12 @@ class Committer:
                     out.append(error)
             return out
         except db.FAILED as exc:
-            self.database.note(exc)
             return [exc] * len(batch)
 
     async def _insert(self, batch: list[_Intake]) -> None:
         rows = [i.queue_row for i in batch if i.queue_row is not None]
         copies = [c for i in batch for c in i.copies]
-        async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+        async with self.database.connection() as conn:
             await conn.execute(
                 _INTAKE,
                 [r[0] for r in rows],
@@ -287,7 +284,7 @@ class PgQueue:
             self._stats_task.cancel()
         if self.database is not None:
             with contextlib.suppress(*db.FAILED):
-                async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                async with self.database.connection() as conn:
                     await conn.execute(
                         "UPDATE queue SET lease_owner = NULL, lease_until = NULL"
                         " WHERE lease_owner = $1",
@@ -307,13 +304,11 @@ class PgQueue:
             await asyncio.sleep(self.lease / 3)
             sent = time.monotonic()
             try:
-                async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                async with self.database.connection() as conn:
                     rows = await conn.fetch(_RENEW, self.node, self.lease)
             except db.FAILED as exc:
-                self.database.note(exc)
                 log.warning("queue leases not renewed: %s", exc)
                 continue
-            self.database.note()
             renewed = {r["id"] for r in rows}
             for queue_id, confirmed in list(self._confirmed.items()):
                 if queue_id in renewed:
@@ -427,24 +422,22 @@ class PgQueue:
 
     # -- the runner -----------------------------------------------------------------------
 
-    def _pool(self) -> asyncpg.Pool:
+    def _db(self) -> Database:
         assert self.database is not None, "the CLI's queue has no pool"
-        return self.database.pool
+        return self.database
 
     async def claim(self, now: float, limit: int) -> list[Envelope]:
         sent = time.monotonic()
         try:
-            async with self._pool().acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+            async with self._db().connection() as conn:
                 rows = await conn.fetch(_CLAIM, now, limit, self.node, self.lease)
                 self._next_due = await conn.fetchval(
                     "SELECT min(next_attempt) FROM queue WHERE lease_owner IS NULL"
                 )
         except db.FAILED as exc:
-            self._note(exc)
             log.warning("queue: cannot claim due messages: %s", exc)
             self._next_due = None
             return []
-        self._note()
         rows = sorted(rows, key=lambda r: r["next_attempt"])
         for r in rows:
             self._confirm(r["id"], sent)
@@ -465,12 +458,10 @@ class PgQueue:
 
     async def _execute(self, query: str, *args: object) -> str:
         try:
-            async with self._pool().acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+            async with self._db().connection() as conn:
                 status: str = await conn.execute(query, *args)
         except db.FAILED as exc:
-            self._note(exc)
             raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
-        self._note()
         return status
 
     async def begin_attempt(self, envelope: Envelope) -> None:
@@ -493,7 +484,7 @@ class PgQueue:
         if body is not None:
             return body
         try:
-            async with self._pool().acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+            async with self._db().connection() as conn:
                 found = await conn.fetchval("SELECT body FROM queue WHERE id=$1", envelope.id)
         except db.FAILED as exc:
             raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
@@ -543,24 +534,19 @@ class PgQueue:
         return self._stats
 
     async def _count(self) -> None:
+        was_up = self.storage_up()
         try:
-            async with self._pool().acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+            async with self._db().connection() as conn:
                 row = await conn.fetchrow(
                     "SELECT count(*), min(created) FROM queue", timeout=STATS_TIMEOUT
                 )
-            self._note()
             self._stats = (0, None) if row is None else (int(row[0]), row[1])
         except db.FAILED as exc:
-            if self.storage_up():  # once as it goes down, not at every scrape
+            if was_up:  # once as it goes down, not at every scrape
                 log.warning("queue: cannot count the queue for the metrics: %s", exc)
-            self._note(exc)
         finally:
             self._stats_at = time.monotonic()
             self._stats_task = None
-
-    def _note(self, error: BaseException | None = None) -> None:
-        if self.database is not None:
-            self.database.note(error)
 
     def storage_up(self) -> bool:
         """For ``postroom_storage_up``: whether this worker's last round trip succeeded."""
@@ -593,7 +579,7 @@ class PgQueue:
         )
         if self.database is not None:
             try:
-                async with self._pool().acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                async with self._db().connection() as conn:
                     rows = await conn.fetch(query, queue_id, CHANNEL)
             except db.FAILED as exc:
                 raise TemporaryStorageError(f"PostgreSQL: {exc}") from None

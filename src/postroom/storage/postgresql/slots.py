@@ -19,7 +19,6 @@ from postroom.errors import TemporaryStorageError
 from postroom.storage.postgresql import db
 from postroom.storage.postgresql.db import Database
 
-ACQUIRE_TIMEOUT = 5.0
 FIRST_PAUSE, MAX_PAUSE = 0.05, 1.0
 
 _TAKE = """
@@ -54,7 +53,7 @@ class PgSlots:
                 yield
             finally:
                 with contextlib.suppress(*db.FAILED):  # else it runs out with the lease
-                    async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                    async with self.database.connection() as conn:
                         await conn.execute(
                             "DELETE FROM delivery_slots"
                             " WHERE destination=$1 AND slot=$2 AND owner=$3",
@@ -67,7 +66,7 @@ class PgSlots:
         pause = FIRST_PAUSE
         while True:
             try:
-                async with self.database.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                async with self.database.connection() as conn:
                     number = await conn.fetchval(_TAKE, destination, self.node, limit, self.lease)
             except db.FAILED as exc:
                 raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
