@@ -212,11 +212,16 @@ def dot_stuff_parts(data: bytes) -> tuple[bytes, bytes]:
 
 
 def to_crlf(data: bytes) -> bytes:
-    """Turn bare LF line ends (as Maildir files have them) into CRLF; CRLF stays CRLF.
-    Bytes methods, not ``bulk``: a one-octet needle is replaced at memchr speed."""
+    """Turn bare LF line ends (as Maildir files have them) into CRLF; CRLF stays CRLF. An LF
+    file is one ``replace`` of a one-octet needle (memchr speed); data that is CRLF already
+    (a relayed message meets this more than once) is recognised by counting, or in a large one
+by ``bulk.has_bare``."""
     if b"\r" not in data:
-        return data.replace(b"\n", b"\r\n")  # an LF file: one pass
-    if data.count(b"\n") == data.count(b"\r\n"):
+        return data.replace(b"\n", b"\r\n")
+    if len(data) >= bulk.BULK:
+        if not bulk.has_bare(data):
+            return data
+    elif data.count(b"\n") == data.count(b"\r\n"):
         return data
     # Two C-speed passes instead of a look-behind regex: CRLF -> LF, then every LF -> CRLF.
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
