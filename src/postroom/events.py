@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from postroom import logs
 from postroom.logs import INFO, WARNING, Fields
-from postroom.metrics import Exporter, Metrics
+from postroom.metrics import Exporter, Metrics, always_up
 from postroom.wire import replies
 from postroom.wire.replies import Reply
 
@@ -57,16 +57,14 @@ def setup(
     data_dir: Path,
     services: Sequence[str],
     spool: Callable[[], tuple[int, float | None]],
-    storage_up: Callable[[], bool] | None = None,
+    storage_up: Callable[[], bool] = always_up,
 ) -> None:
     """Make this process's metrics (a worker, after the fork and the drop of root). Without
     ``enabled`` (no http listener) nothing is counted."""
     global _metrics, _exporter, _on, _shared
     from postroom import metrics
 
-    _metrics, _exporter = metrics.build(
-        multiprocess_dir, data_dir, spool, storage_up or metrics.always_up
-    )
+    _metrics, _exporter = metrics.build(multiprocess_dir, data_dir, spool, storage_up)
     _children.clear()
     _pending.clear()
     _observed.clear()

@@ -170,7 +170,7 @@ class StateCollector(Collector):
         spool: Callable[[], tuple[int, float | None]],
         first_attempts: Callable[[], float],
         clock: Callable[[], float],
-        storage_up: Callable[[], bool] = always_up,
+        storage_up: Callable[[], bool],
     ) -> None:
         self.data_dir = data_dir
         self.spool = spool
@@ -242,7 +242,7 @@ def build(
     multiprocess_dir: Path | None,
     data_dir: Path,
     spool: Callable[[], tuple[int, float | None]],
-    storage_up: Callable[[], bool] = always_up,
+    storage_up: Callable[[], bool],
 ) -> tuple[Metrics, Exporter]:
     """The metrics of this process and the exporter a scrape uses.
 

@@ -39,7 +39,9 @@ def exported(tmp_path: Path) -> set[str]:
         metrics.bytes_sent,
     ):
         family.labels(*["x"] * len(family._labelnames))
-    registry.register(StateCollector(tmp_path, lambda: (0, None), lambda: 0.0, lambda: 0.0))
+    registry.register(
+        StateCollector(tmp_path, lambda: (0, None), lambda: 0.0, lambda: 0.0, lambda: True)
+    )
     names = {name for name, _labels in parse(generate_latest(registry).decode())}
     return names | BUILTIN
 
