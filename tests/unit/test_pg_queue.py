@@ -120,6 +120,8 @@ def test_a_delivery_may_finish_only_under_a_lease_confirmed_within_half_a_lease(
             await asyncio.sleep(1.5)  # three renewals: the one still held stays fresh
             assert a.queue.lease_fresh(mine.id)
             assert not a.queue.lease_fresh(taken.id)
+            # ...because a renewal no longer named it, not only because time passed:
+            assert taken.id not in a.queue._confirmed
             await a.queue.record(mine, [])
             assert not a.queue.lease_fresh(mine.id)  # released with the record
 
