@@ -50,11 +50,10 @@ class _Handler(socketserver.StreamRequestHandler):
                     say("554 5.5.1 no valid recipients")
                     continue
                 say("354 go ahead")
-                data = b""
+                lines = []
                 while (chunk := self.rfile.readline(1 << 20)) not in (b".\r\n", b""):
-                    data += chunk
-                server.received.append(data)
-                server.messages += 1
+                    lines.append(chunk)
+                server.received.append(b"".join(lines))
                 say("250 2.0.0 queued as SINK1")
             elif verb == "QUIT":
                 say("221 2.0.0 bye")
@@ -66,7 +65,6 @@ class _Handler(socketserver.StreamRequestHandler):
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
-    messages = 0
     extensions: tuple[str, ...] = ()
     mails: list[str]  # the MAIL commands, as sent
     received: list[bytes]  # the messages, still dot-stuffed
