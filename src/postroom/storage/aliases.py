@@ -143,6 +143,19 @@ class AliasLookups:
 
     _domains: frozenset[str]
 
+    @property
+    def local_domains(self) -> frozenset[str]:
+        """The local domains (IDNA, lower-case): a local address needs an account to get mail."""
+        return self._domains
+
+    @local_domains.setter
+    def local_domains(self, domains: Iterable[str]) -> None:  # SIGHUP may change them
+        self._domains = frozenset(domains)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what a store keeps of earlier answers (the domains changed)."""
+
     def user_exists(self, key: str) -> bool:
         raise NotImplementedError
 

@@ -78,14 +78,7 @@ class Accounts(alias_rules.AliasLookups):
             self._local.db = db
         return db
 
-    @property
-    def local_domains(self) -> frozenset[str]:
-        """The local domains (IDNA, lower-case): a local address needs an account to get mail."""
-        return self._domains
-
-    @local_domains.setter
-    def local_domains(self, domains: Iterable[str]) -> None:  # SIGHUP may change them
-        self._domains = frozenset(domains)
+    def _forget(self) -> None:
         self._cache.clear()
 
     def close(self) -> None:

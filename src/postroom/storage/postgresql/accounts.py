@@ -82,14 +82,6 @@ class PgAccounts(alias_rules.AliasLookups):
             self._db.close()
             raise
 
-    @property
-    def local_domains(self) -> frozenset[str]:
-        return self._domains
-
-    @local_domains.setter
-    def local_domains(self, domains: Iterable[str]) -> None:
-        self._domains = frozenset(domains)
-
     def close(self) -> None:
         self._db.close()
 
@@ -227,14 +219,6 @@ class LiveAccounts(alias_rules.AliasLookups):
         self.version = 0  # changes with every change applied (the login cache's key)
         self._logins = LoginCache()
         self._pending: set[str] = set()
-
-    @property
-    def local_domains(self) -> frozenset[str]:
-        return self._domains
-
-    @local_domains.setter
-    def local_domains(self, domains: Iterable[str]) -> None:  # SIGHUP may change them
-        self._domains = frozenset(domains)
 
     def close(self) -> None:
         """Nothing to release (the watcher owns the connection)."""
