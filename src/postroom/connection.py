@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 TLS_READ = 1 << 16
 LARGE_PART = 1 << 12  # parts at least this large are written without joining them
 # A client refused on an implicit-TLS port gets its refusal after a handshake, which must end
-# within REFUSAL_TLS_TIMEOUT seconds; at most REFUSAL_TLS_MAX such handshakes run at once in a
-# worker, and beyond them a refused client is closed without a word (docs/operations.md).
+# within REFUSAL_TLS_TIMEOUT seconds (or [limits] tls_handshake_timeout, if shorter); at most
+# REFUSAL_TLS_MAX such handshakes run at once in a worker, and beyond them a refused client is
+# closed without a word (docs/operations.md).
 REFUSAL_TLS_TIMEOUT = 5.0
 REFUSAL_TLS_MAX = 8
 
@@ -451,7 +452,8 @@ class Connection(asyncio.Protocol):
         Connection.refusing += 1
         self.tls = TlsLayer(context)
         loop = asyncio.get_running_loop()
-        self._refusal = loop.call_later(REFUSAL_TLS_TIMEOUT, self.transport.close)
+        limit = min(REFUSAL_TLS_TIMEOUT, self.services.cfg.limits.tls_handshake_timeout)
+        self._refusal = loop.call_later(limit, self.transport.close)
         return True
 
     def _refusal_handshake(self, data: bytes) -> None:
