@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,10 +25,37 @@ T = TypeVar("T")
 SRC = ROOT / "src"
 
 
+def _below_ephemeral() -> range:
+    """Ports under the kernel's ephemeral range, where no outgoing connection takes one."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 12000), low)
+
+
+_PORT_POOL = _below_ephemeral()
+_next_port = random.randrange(len(_PORT_POOL))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on ``host`` now, none handed out twice in one run.
+
+    Not one the kernel picks (bind to port 0): that comes from the ephemeral range, where a
+    client socket opened meanwhile (the server under test relaying, a test's own client) can
+    take it before the server binds it; CI saw "Address already in use" from that."""
+    global _next_port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(len(_PORT_POOL)):
+        port = _PORT_POOL[_next_port % len(_PORT_POOL)]
+        _next_port += 1
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port on {host}")
 
 
 def wait_until(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from postroom.resolver import Route, RouteFailure, StaticResolver, Target
 from postroom.smtp.client_engine import ForwardPath as Recipient
 from postroom.smtp.client_engine import Outcome, OutgoingMessage
 from postroom.tls import client_context
+from tests import conftest
 
 BODY = b"From: alice@a.test\r\nTo: bob@b.test\r\nSubject: hi\r\n\r\nline one\r\n.leading dot\r\n"
 
@@ -138,9 +138,7 @@ class Sink:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        return int(s.getsockname()[1])
+    return conftest.free_port("127.0.0.2")
 
 
 def config(port: int, **delivery: Any) -> Config:
