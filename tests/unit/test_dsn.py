@@ -167,6 +167,16 @@ def test_utf8_recipient_uses_global_types() -> None:
     assert "utf-8; bøb@b.test" in raw.decode()
 
 
+def test_utf8_header_section_goes_back_as_global_headers() -> None:
+    # ASCII addresses, a UTF-8 Subject: the 7-bit text/rfc822-headers would be wrong (RFC 6533 §3).
+    original = ORIGINAL.replace(b"lunch?", "déjeuner ?".encode())
+    headers_only = parse(report(original=original)).get_payload()[2]
+    assert headers_only.get_content_type() == "message/global-headers"
+    whole = parse(report(original=original, ret="FULL")).get_payload()[2]
+    assert whole.get_content_type() == "message/global"
+    assert parse(report()).get_payload()[2].get_content_type() == "text/rfc822-headers"
+
+
 def test_boundary_not_in_content() -> None:
     first = report(message_id="fixed@x")
     boundary = parse(first).get_boundary()

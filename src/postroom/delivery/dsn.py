@@ -2,18 +2,19 @@
 
 :func:`build_dsn` turns what the queue knows about some recipients of one message into one
 ``multipart/report; report-type=delivery-status`` message (RFC 6522): a human-readable
-text/plain part, the machine-readable message/delivery-status part (per-message fields, then
-one block per recipient with Action, Status, Remote-MTA, Diagnostic-Code, ...: ``smtp`` for a
-server's reply, ``X-Postroom`` for what postroom found itself), and the original
-header section as text/rfc822-headers, or the whole message as message/rfc822 when the sender
-asked for RET=FULL on a failure and it is not too large. ``From: MAILER-DAEMON@hostname`` and
-``Auto-Submitted: auto-replied`` (RFC 3834 §5) mark it as automatic; the caller queues it with a
-null reverse-path and must never send one for a message whose own sender was null (RFC 3461
-§6.2, RFC 5321 §4.5.5). Pure: no I/O, no clock, no randomness (times and the Message-ID come in
-or are derived from the input). Security notes: every value that came from the network (remote
-replies, addresses, ENVID, the original headers) has its CR, LF and control characters removed
-before it becomes a header field, so a hostile server cannot inject fields or MIME parts, and the
-boundary is checked against the content. Output lines end in CRLF.
+text/plain part, the machine-readable message/delivery-status part (per-message fields, then one
+block per recipient with Action, Status, Remote-MTA, Diagnostic-Code, ...: ``smtp`` for a
+server's reply, ``X-Postroom`` for what postroom found itself), and the original header section
+as text/rfc822-headers, or the whole message as message/rfc822 when the sender asked for
+RET=FULL on a failure and it is not too large (message/global-headers and message/global, RFC
+6533, when the addresses or the header section are in UTF-8). ``From: MAILER-DAEMON@hostname``
+and ``Auto-Submitted: auto-replied`` (RFC 3834 §5) mark it as automatic; the caller queues it
+with a null reverse-path and must never send one for a message whose own sender was null (RFC
+3461 §6.2, RFC 5321 §4.5.5). Pure: no I/O, no clock, no randomness (times and the Message-ID
+come in or are derived from the input). Security notes: every value that came from the network
+(remote replies, addresses, ENVID, the original headers) has its CR, LF and control characters
+removed before it becomes a header field, so a hostile server cannot inject fields or MIME
+parts, and the boundary is checked against the content. Output lines end in CRLF.
 """
 
 from __future__ import annotations
@@ -285,15 +286,18 @@ def build_dsn(
     status = _status_part(
         hostname, recipients, envid=envid, arrival=arrival, queue_id=queue_id, utf8=utf8
     ).encode("utf-8")
+    # RFC 6533 §3, RFC 6532 §3.7: a header section in UTF-8 goes back as message/global(-headers),
+    # never as the 7-bit text/rfc822-headers or message/rfc822, whatever the addresses are.
+    global_types = utf8 or not head.isascii()
     if full:
         returned = original.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        returned_type = "message/global" if utf8 else "message/rfc822"
+        returned_type = "message/global" if global_types else "message/rfc822"
     else:
         returned = head[:MAX_HEADER_COPY]
         if len(head) > MAX_HEADER_COPY:
             returned = returned[: returned.rfind(b"\r\n")]
         returned += b"\r\n"
-        returned_type = "message/global-headers" if utf8 else "text/rfc822-headers"
+        returned_type = "message/global-headers" if global_types else "text/rfc822-headers"
 
     seed = hashlib.sha256(message_id.encode()).hexdigest()[:24]
     counter = 0
