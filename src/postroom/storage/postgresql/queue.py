@@ -300,6 +300,7 @@ class PgQueue:
 
     async def _renew(self) -> None:
         assert self.database is not None
+        failing = False  # an outage is logged when it starts and when it ends, not every try
         while True:
             await asyncio.sleep(self.lease / 3)
             sent = time.monotonic()
@@ -307,8 +308,13 @@ class PgQueue:
                 async with self.database.connection() as conn:
                     rows = await conn.fetch(_RENEW, self.node, self.lease)
             except db.FAILED as exc:
-                log.warning("queue leases not renewed: %s", exc)
+                if not failing:
+                    log.warning("queue leases not renewed (retrying quietly): %s", exc)
+                failing = True
                 continue
+            if failing:
+                log.info("queue leases renewed again")
+                failing = False
             renewed = {r["id"] for r in rows}
             for queue_id, confirmed in list(self._confirmed.items()):
                 if queue_id in renewed:
