@@ -1,14 +1,16 @@
-"""DKIM verification (RFC 6376 §6, RFC 8463) of every signature of a message, with dkimpy.
+"""DKIM verification (RFC 6376 §6, RFC 8463) of every signature of a message.
 
-dkimpy asks DNS through a ``dnsfunc`` callback, synchronously, and its own async path makes a
-resolver per lookup; so the key records of every signature are fetched first, all at once,
-through the shared :class:`~postroom.auth.lookup.DnsCache` (:func:`prefetch`), and then
-verified without I/O (:func:`verify`). Parsing the message and the signature, validating its
-tags, canonicalization and the header hash input are dkimpy's (``verify_headerprep``,
-``CanonicalizationPolicy``, ``hash_headers``: the code of its own verifier, and of our signer);
-the key record is parsed once per distinct record (:func:`public_key`, cached) and the
-signature checked by OpenSSL through ``cryptography``: dkimpy's RSA is pure Python (its
-verification and its ASN.1 key parsing took about 1 ms of each message's 1.5 ms here).
+The key records of every signature are fetched first, all at once, through the shared
+:class:`~postroom.auth.lookup.DnsCache` (:func:`prefetch`), and then verified without I/O
+(:func:`verify`): dkimpy's verifier asks DNS through a synchronous callback, and its async path
+makes a resolver per lookup. The checks are dkimpy's, made here in fewer steps: the message is
+parsed and canonicalized by ``dkim_canon`` (dkimpy's results, a third of its time), the tags
+read and validated as dkimpy's ``parse_tag_value`` and ``validate_signature_fields`` do, the
+bodies canonicalized by dkimpy (once per canonicalization for all signatures), the key record
+parsed once per distinct record (:func:`public_key`, cached) and the signature checked by
+OpenSSL through ``cryptography`` (dkimpy's RSA is pure Python: its verification and its ASN.1
+key parsing took about 1 ms of each message's 1.5 ms here). A verification of a 1 KiB message
+went from about 250 to 120 µs with the first two (RSA-2048 itself is 35 of them).
 Results follow RFC 8601 §2.7.1: ``pass``, ``fail`` (the signature or body hash does not
 match), ``permerror`` (no key, a revoked or malformed key, a malformed signature),
 ``temperror`` (the key lookup failed for now).
@@ -24,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import logging
 import re
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -36,16 +38,21 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from postroom.auth.dkim_sign import Collect
+from postroom.auth import dkim_canon
+from postroom.auth.dkim_canon import Field
 from postroom.auth.lookup import Answer, DnsCache
 
 MAX_SIGNATURES = 10
 MIN_RSA_BITS = 1024  # RFC 8301 §3.2
+CLOCK_SLOP = 36000  # seconds a signer's clock may be off (t= ahead, x= behind), as dkimpy
+_ALGORITHMS = (b"rsa-sha256", b"ed25519-sha256", b"rsa-sha1")  # rsa-sha1: known, never a pass
+_WSP = re.compile(rb"\s+")
+_BASE64 = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*")
+_NOT_IN_DOMAIN = re.compile(rb"[()<>\[\]:;@\\,]")
+_LENGTH = re.compile(rb"\d{0,76}")
+_H_LIST = re.compile(rb"\s*:\s*")
 _SIG_FIELD = re.compile(rb"(?im)^dkim-signature[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
 _TAG = re.compile(rb"\s*([a-z][a-z0-9_]*)\s*=\s*([^;]*)", re.IGNORECASE)
-_quiet = logging.getLogger("postroom.dkimpy")
-_quiet.addHandler(logging.NullHandler())
-_quiet.propagate = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +147,7 @@ def public_key(record: bytes) -> PublicKey:
     if b"h" in tags_ and b"sha256" not in [h.strip() for h in tags_[b"h"].split(b":")]:
         raise dkim.KeyFormatError("key does not allow sha256 (h=)")
     try:
-        raw = base64.b64decode(re.sub(rb"\s+", b"", tags_[b"p"]), validate=True)
+        raw = base64.b64decode(_WSP.sub(b"", tags_[b"p"]), validate=True)
     except KeyError:
         raise dkim.KeyFormatError("key record has no p=") from None
     except ValueError:
@@ -163,43 +170,108 @@ def public_key(record: bytes) -> PublicKey:
     raise dkim.KeyFormatError("unknown key type (k=)")
 
 
-class _Verifier(dkim.DKIM):  # type: ignore[misc]
-    """dkimpy's verifier, with the key and the signature check of :func:`public_key`."""
+def parse_tags(value: bytes) -> dict[bytes, bytes]:
+    """A signature's tag list (RFC 6376 §3.2) as dkimpy's ``parse_tag_value`` reads it: values
+    stripped at both ends (folds inside kept); ``dkim.MessageFormatError`` for a tag without
+    "=", a name that does not start with a letter, or a tag given twice."""
+    out: dict[bytes, bytes] = {}
+    specs = value.strip().split(b";")
+    if not specs[-1]:
+        specs.pop()  # a trailing ";" is allowed
+    for spec in specs:
+        name, eq, tag_value = spec.partition(b"=")
+        name = name.strip()
+        if not eq or not name[:1].isalpha():
+            raise dkim.MessageFormatError(f"malformed tag: {spec[:40]!r}")
+        if name in out:
+            raise dkim.MessageFormatError(f"tag {name.decode('ascii', 'replace')}= given twice")
+        out[name] = tag_value.strip()
+    return out
 
-    def check(self, idx: int, record: bytes) -> bool:
-        """Signature ``idx`` against ``record``; dkimpy's exceptions for malformed input."""
-        prep = self.verify_headerprep(idx)  # parses and validates the tags (dkimpy)
-        if not prep:
-            return False
-        sig, include_headers, sig_headers = prep
-        algorithm = sig[b"a"].lower()
-        if algorithm == b"rsa-sha1":
-            raise dkim.ValidationError("rsa-sha1 is not accepted (RFC 8301 section 3.1)")
-        key = public_key(record)
-        if key.algorithm != algorithm:
-            raise dkim.KeyFormatError(f"a={algorithm.decode()} with a key for {key.algorithm!r}")
-        try:
-            canon = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
-        except InvalidCanonicalizationPolicyError as exc:
-            raise dkim.MessageFormatError(f"invalid c= value: {exc}") from None
-        body = canon.canonicalize_body(self.body)
+
+def _validate(sig: dict[bytes, bytes], now: float) -> None:
+    """The checks of dkimpy's ``validate_signature_fields`` (RFC 6376 §3.5, §6.1.1);
+    ``dkim.ValidationError`` for the first that fails."""
+    for name in (b"v", b"a", b"b", b"bh", b"d", b"h", b"s"):
+        if name not in sig:
+            raise dkim.ValidationError(f"missing {name.decode()}=")
+    if sig[b"v"] != b"1":
+        raise dkim.ValidationError("v= value is not 1")
+    if sig[b"a"] not in _ALGORITHMS:
+        raise dkim.ValidationError(f"unknown signature algorithm: {sig[b'a'][:40]!r}")
+    for name in (b"b", b"bh"):
+        if not _BASE64.fullmatch(sig[name]) or len(_WSP.sub(b"", sig[name])) % 4:
+            raise dkim.ValidationError(f"{name.decode()}= value is not valid base64")
+    domain = sig[b"d"]
+    if domain.isascii() and _NOT_IN_DOMAIN.search(domain):
+        raise dkim.ValidationError("d= value is not valid")
+    identity = sig.get(b"i")
+    if identity is not None:
+        before = identity[-len(domain) - 1 : -len(domain)]  # "@" or "." before the domain
+        if not identity.lower().endswith(domain.lower()) or before not in (b"@", b"."):
+            raise dkim.ValidationError("i= domain is not a subdomain of d=")
+    if b"l" in sig and not _LENGTH.fullmatch(sig[b"l"]):
+        raise dkim.ValidationError("l= value is not a decimal integer")
+    if b"q" in sig and sig[b"q"] != b"dns/txt":
+        raise dkim.ValidationError("q= value is not dns/txt")
+    signed = None
+    if b"t" in sig:
+        if not sig[b"t"].isdigit():
+            raise dkim.ValidationError("t= value is not a decimal integer")
+        signed = int(sig[b"t"])
+        if signed > now + CLOCK_SLOP:
+            raise dkim.ValidationError("t= value is in the future")
+    if b"x" in sig:
+        if not sig[b"x"].isdigit():
+            raise dkim.ValidationError("x= value is not a decimal integer")
+        expires = int(sig[b"x"])
+        if expires < now - CLOCK_SLOP:
+            raise dkim.ValidationError("x= value is past")  # RFC 6376 §3.5 x=
+        if signed and expires < signed:
+            raise dkim.ValidationError("x= value is less than t= value")
+
+
+def _check(
+    fields: list[Field],
+    body: bytes,
+    field: Field,
+    record: bytes,
+    bodies: dict[tuple[bytes, bytes | None], bytes],
+    now: float,
+) -> bool:
+    """One signature (the DKIM-Signature ``field`` of a message parsed into ``fields`` and
+    ``body``) against its key ``record``; dkimpy's exceptions for what is malformed.
+    ``bodies`` keeps each canonical body hash, for the next signature of the message."""
+    sig = parse_tags(field[1])
+    _validate(sig, now)
+    algorithm = sig[b"a"]
+    if algorithm == b"rsa-sha1":
+        raise dkim.ValidationError("rsa-sha1 is not accepted (RFC 8301 section 3.1)")
+    key = public_key(record)
+    if key.algorithm != algorithm:
+        raise dkim.KeyFormatError(f"a={algorithm.decode()} with a key for {key.algorithm!r}")
+    try:
+        policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+    except InvalidCanonicalizationPolicyError as exc:
+        raise dkim.MessageFormatError(f"invalid c= value: {exc}") from None
+    which = (policy.body_algorithm.name, sig.get(b"l"))
+    body_hash = bodies.get(which)
+    if body_hash is None:
+        canonical_body = policy.canonicalize_body(body)
         if b"l" in sig:
-            body = body[: int(sig[b"l"])]
-        try:
-            wanted = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]))
-        except ValueError as exc:
-            raise dkim.MessageFormatError(f"bh= is not base64: {exc}") from None
-        if hashlib.sha256(body).digest() != wanted:
-            return False  # body hash mismatch
-        if b"from" in include_headers:
-            include_headers.append(b"from")  # as dkimpy: an added From field breaks it
-        collect = Collect()
-        # Only the fields h= names take part: canonicalize those alone (in their order).
-        named = set(include_headers)
-        headers = canon.canonicalize_headers([h for h in self.headers if h[0].lower() in named])
-        dkim.hash_headers(collect, canon, headers, include_headers, sig_headers[idx], sig)
-        signature = base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"]))
-        return key.verify(signature, collect.data())
+            canonical_body = canonical_body[: int(sig[b"l"])]
+        body_hash = bodies[which] = hashlib.sha256(canonical_body).digest()
+    if body_hash != base64.b64decode(_WSP.sub(b"", sig[b"bh"])):
+        return False  # body hash mismatch
+    include = [name.lower() for name in _H_LIST.split(sig[b"h"])]
+    if b"from" in include:
+        include.append(b"from")  # as dkimpy: a From field added on top breaks it
+    # Only the fields h= names take part: canonicalize those alone (in their order).
+    named = set(include)
+    header = dkim_canon.header_policy(policy)
+    canonical = dkim_canon.canonical_headers(header, [f for f in fields if f[0].lower() in named])
+    data = dkim_canon.signed_header_data(header, canonical, include, field)
+    return key.verify(base64.b64decode(_WSP.sub(b"", sig[b"b"])), data)
 
 
 def verify(
@@ -208,12 +280,14 @@ def verify(
     """Verify each signature of ``message`` against the prefetched ``keys`` (CPU only);
     ``sigs``: :func:`signatures` of its header section, if the caller has them already."""
     try:
-        d = _Verifier(message, logger=_quiet, minkey=MIN_RSA_BITS)
-    except dkim.MessageFormatError as exc:
+        fields, body = dkim_canon.split_message(message)
+    except dkim_canon.MalformedHeader as exc:
         return [DkimResult("permerror", "", "", "", "", f"unparsable message: {exc}")]
-    sig_headers = [v for n, v in d.headers if n.lower() == b"dkim-signature"][:MAX_SIGNATURES]
-    if sigs is None or len(sigs) != len(sig_headers):
-        sigs = [tags(value) for value in sig_headers]
+    sig_fields = [f for f in fields if f[0].lower() == b"dkim-signature"][:MAX_SIGNATURES]
+    if sigs is None or len(sigs) != len(sig_fields):
+        sigs = [tags(value) for _, value in sig_fields]
+    bodies: dict[tuple[bytes, bytes | None], bytes] = {}
+    now = time.time()
     results = []
     for idx, sig in enumerate(sigs):
         name = _key_name(sig)
@@ -236,7 +310,7 @@ def verify(
             results.append(DkimResult("permerror", reason="no key record", **base))
             continue
         try:
-            ok = d.check(idx, records[0])
+            ok = _check(fields, body, sig_fields[idx], records[0], bodies, now)
         except dkim.DKIMException as exc:
             results.append(DkimResult("permerror", reason=str(exc)[:200], **base))
             continue
