@@ -52,7 +52,6 @@ _NOT_IN_DOMAIN = re.compile(rb"[()<>\[\]:;@\\,]")
 _LENGTH = re.compile(rb"\d{0,76}")
 _H_LIST = re.compile(rb"\s*:\s*")
 _SIG_FIELD = re.compile(rb"(?im)^dkim-signature[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
-_TAG = re.compile(rb"\s*([a-z][a-z0-9_]*)\s*=\s*([^;]*)", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +65,14 @@ class DkimResult:
 
 
 def tags(value: bytes) -> dict[bytes, bytes]:
-    """The tag=value list of a signature (RFC 6376 §3.2), white space removed."""
+    """The tag=value list of a signature or key record (RFC 6376 §3.2), white space removed;
+    what is not a tag is skipped (a signature's tags are checked by :func:`parse_tags`)."""
     out: dict[bytes, bytes] = {}
     for part in value.split(b";"):
-        m = _TAG.match(part)
-        if m:
-            out.setdefault(m.group(1).lower(), b"".join(m.group(2).split()))
+        name, eq, tag_value = part.partition(b"=")
+        name = name.strip().lower()
+        if eq and name:
+            out.setdefault(name, b"".join(tag_value.split()))
     return out
 
 
