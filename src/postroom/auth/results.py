@@ -27,7 +27,9 @@ _COMMENT = re.compile(rb"^\s*\((?:[^()\\]|\\.)*\)")
 
 def _value(text: str) -> str:
     """A token if it is one, else a quoted string (RFC 2045 §5.1 value)."""
-    text = "".join(c for c in text if c.isprintable() and c not in "\r\n")[:255]
+    if not text.isprintable():  # CR, LF and other controls are not printable
+        text = "".join(c for c in text if c.isprintable())
+    text = text[:255]
     if text and _TOKEN.match(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
