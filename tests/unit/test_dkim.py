@@ -3,8 +3,10 @@ verifier and with ours, and ours refuses what RFC 6376 and RFC 8301 say to refus
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
+from typing import cast
 
 import dkim
 import pytest
@@ -13,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from postroom.auth import dkim_sign, dkim_verify, helper, keys
 from postroom.auth.lookup import Answer
+from postroom.auth.service import SenderAuth
 
 MESSAGE = (
     b"From: Alice <alice@a.test>\r\nTo: bob@b.test\r\nSubject: hello\r\n"
@@ -176,3 +179,27 @@ def test_helper_jobs_round_trip_and_refuse_garbage(
     assert {r.result for r in done} == {"pass"}
     frame = helper.answer(7, helper.VERIFY, b"not marshal")
     assert frame[:9] == helper._FRAME.pack(7, helper.FAILED, len(frame) - 9)
+
+
+def test_a_job_the_helper_gave_up_on_is_not_done_again_in_the_server() -> None:
+    """Done here, a job that took the helper TIMEOUT would hold the event loop as long."""
+
+    class LateHelper:
+        async def verify(self) -> list[dkim_verify.DkimResult]:
+            raise helper.HelperTimedOut("late")
+
+    auth = SenderAuth.__new__(SenderAuth)  # only _dkim_job's two collaborators are needed
+    auth._helper = cast(helper.DkimHelper, LateHelper())
+    auth._run_blocking = None
+    done_here: list[bool] = []
+    sigs = [{b"d": b"a.test", b"s": b"k", b"a": b"rsa-sha256", b"b": b"abc"}]
+    results = asyncio.run(
+        auth._dkim_job(
+            100,
+            lambda h: cast(LateHelper, h).verify(),
+            lambda: done_here.append(True) or [],
+            lambda: dkim_verify.timed_out(sigs),
+        )
+    )
+    assert not done_here
+    assert [(r.domain, r.result) for r in results] == [("a.test", "temperror")]

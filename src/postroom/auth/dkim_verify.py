@@ -49,10 +49,9 @@ MIN_RSA_BITS = 1024  # RFC 8301 §3.2
 CLOCK_SLOP = 36000  # seconds a signer's clock may be off (t= ahead, x= behind), as dkimpy
 _ALGORITHMS = (b"rsa-sha256", b"ed25519-sha256", b"rsa-sha1")  # rsa-sha1: known, never a pass
 _WSP = re.compile(rb"\s+")
-_BASE64 = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*")
+_BASE64 = re.compile(rb"[0-9A-Za-z+/]+=*")  # after white space is removed
 _NOT_IN_DOMAIN = re.compile(rb"[()<>\[\]:;@\\,]")
 _LENGTH = re.compile(rb"\d{0,76}")
-_H_LIST = re.compile(rb"\s*:\s*")
 _SIG_FIELD = re.compile(rb"(?im)^dkim-signature[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
 
 
@@ -72,7 +71,7 @@ def tags(value: bytes) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
     for part in value.split(b";"):
         name, eq, tag_value = part.partition(b"=")
-        name = name.strip().lower()
+        name = name.strip()  # tag names are case-sensitive (RFC 6376 §3.2)
         if eq and name:
             out.setdefault(name, b"".join(tag_value.split()))
     return out
@@ -192,9 +191,11 @@ def parse_tags(value: bytes) -> dict[bytes, bytes]:
     return out
 
 
-def _validate(sig: dict[bytes, bytes], now: float) -> None:
+def _validate(sig: dict[bytes, bytes], now: int) -> None:
     """The checks of dkimpy's ``validate_signature_fields`` (RFC 6376 §3.5, §6.1.1);
-    ``dkim.ValidationError`` for the first that fails."""
+    ``dkim.ValidationError`` for the first that fails. Two differ: bh= must be base64 too, and
+    a ``cv=`` tag is ignored like any tag DKIM does not define (RFC 6376 §3.2; dkimpy refuses
+    one that is not an ARC value)."""
     for name in (b"v", b"a", b"b", b"bh", b"d", b"h", b"s"):
         if name not in sig:
             raise dkim.ValidationError(f"missing {name.decode()}=")
@@ -203,7 +204,8 @@ def _validate(sig: dict[bytes, bytes], now: float) -> None:
     if sig[b"a"] not in _ALGORITHMS:
         raise dkim.ValidationError(f"unknown signature algorithm: {sig[b'a'][:40]!r}")
     for name in (b"b", b"bh"):
-        if not _BASE64.fullmatch(sig[name]) or len(_WSP.sub(b"", sig[name])) % 4:
+        value = _WSP.sub(b"", sig[name])  # a pattern with white space in it backtracks
+        if not _BASE64.fullmatch(value) or len(value) % 4:
             raise dkim.ValidationError(f"{name.decode()}= value is not valid base64")
     domain = sig[b"d"]
     if domain.isascii() and _NOT_IN_DOMAIN.search(domain):
@@ -238,15 +240,18 @@ def _check(
     fields: list[Field],
     body: bytes,
     field: Field,
+    key_name: str,
     record: bytes,
     bodies: dict[tuple[bytes, bytes | None], bytes],
-    now: float,
+    now: int,
 ) -> bool:
     """One signature (the DKIM-Signature ``field`` of a message parsed into ``fields`` and
     ``body``) against its key ``record``; dkimpy's exceptions for what is malformed.
     ``bodies`` keeps each canonical body hash, for the next signature of the message."""
     sig = parse_tags(field[1])
     _validate(sig, now)
+    if _key_name(sig) != key_name:  # read otherwise by tags(), which found the key
+        raise dkim.ValidationError("d= or s= is malformed")
     algorithm = sig[b"a"]
     if algorithm == b"rsa-sha1":
         raise dkim.ValidationError("rsa-sha1 is not accepted (RFC 8301 section 3.1)")
@@ -257,16 +262,17 @@ def _check(
         policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
     except InvalidCanonicalizationPolicyError as exc:
         raise dkim.MessageFormatError(f"invalid c= value: {exc}") from None
-    which = (policy.body_algorithm.name, sig.get(b"l"))
+    algorithm_name: bytes = policy.body_algorithm.name
+    which = (algorithm_name, sig.get(b"l"))
     body_hash = bodies.get(which)
     if body_hash is None:
-        canonical_body = policy.canonicalize_body(body)
+        canonical_body = dkim_canon.canonical_body(algorithm_name, body)
         if b"l" in sig:
             canonical_body = canonical_body[: int(sig[b"l"])]
         body_hash = bodies[which] = hashlib.sha256(canonical_body).digest()
     if body_hash != base64.b64decode(_WSP.sub(b"", sig[b"bh"])):
         return False  # body hash mismatch
-    include = [name.lower() for name in _H_LIST.split(sig[b"h"])]
+    include = [name.strip().lower() for name in sig[b"h"].split(b":")]
     if b"from" in include:
         include.append(b"from")  # as dkimpy: a From field added on top breaks it
     # Only the fields h= names take part: canonicalize those alone (in their order).
@@ -275,6 +281,21 @@ def _check(
     canonical = dkim_canon.canonical_headers(header, [f for f in fields if f[0].lower() in named])
     data = dkim_canon.signed_header_data(header, canonical, include, field)
     return key.verify(base64.b64decode(_WSP.sub(b"", sig[b"b"])), data)
+
+
+def timed_out(sigs: list[dict[bytes, bytes]]) -> list[DkimResult]:
+    """The results of a verification that took too long: ``temperror`` for each signature."""
+    return [DkimResult("temperror", reason="verification took too long", **_names(s)) for s in sigs]
+
+
+def _names(sig: dict[bytes, bytes]) -> dict[str, str]:
+    """What a result says of its signature: d=, s=, a= and the start of b= (RFC 6008)."""
+    return {
+        "domain": sig.get(b"d", b"").decode("ascii", "replace").lower(),
+        "selector": sig.get(b"s", b"").decode("ascii", "replace"),
+        "algorithm": sig.get(b"a", b"").decode("ascii", "replace").lower(),
+        "b": sig.get(b"b", b"")[:8].decode("ascii", "replace"),
+    }
 
 
 def verify(
@@ -290,16 +311,11 @@ def verify(
     if sigs is None or len(sigs) != len(sig_fields):
         sigs = [tags(value) for _, value in sig_fields]
     bodies: dict[tuple[bytes, bytes | None], bytes] = {}
-    now = time.time()
+    now = int(time.time())
     results = []
     for idx, sig in enumerate(sigs):
         name = _key_name(sig)
-        base = {
-            "domain": sig.get(b"d", b"").decode("ascii", "replace").lower(),
-            "selector": sig.get(b"s", b"").decode("ascii", "replace"),
-            "algorithm": sig.get(b"a", b"").decode("ascii", "replace").lower(),
-            "b": sig.get(b"b", b"")[:8].decode("ascii", "replace"),
-        }
+        base = _names(sig)
         answer = keys.get(name or "")
         if name is None:
             results.append(DkimResult("permerror", reason="no d= or s=", **base))
@@ -313,7 +329,7 @@ def verify(
             results.append(DkimResult("permerror", reason="no key record", **base))
             continue
         try:
-            ok = _check(fields, body, sig_fields[idx], records[0], bodies, now)
+            ok = _check(fields, body, sig_fields[idx], name, records[0], bodies, now)
         except dkim.DKIMException as exc:
             results.append(DkimResult("permerror", reason=str(exc)[:200], **base))
             continue

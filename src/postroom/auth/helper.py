@@ -14,9 +14,10 @@ The child is ``python -m postroom.auth.helper FD PARENT_PID CPUS``, a fresh inte
 server's interpreter options, started in the background at the first job; it says when it is
 ready (an answer with id 0). It ignores SIGINT/SIGTERM, exits when the server's end of the
 socket closes, and is killed by the kernel if the server dies. The server never waits for it
-and never depends on it: until it is ready, and if it cannot be started, dies, or does not
-answer within ``TIMEOUT``, jobs are done in the server process (and the next job starts a new
-child).
+and never depends on it: until it is ready, and if it cannot be started or dies, jobs are done
+in the server process (and the next job starts a new child). A job it does not answer within
+``TIMEOUT`` is not done again in the server, whose event loop it would hold as long: the
+message goes on unsigned, or with ``dkim=temperror``.
 
 Wire format, little-endian: job ``<IBI`` id, kind (1 verify, 2 sign), length, then the
 arguments; answer ``<IBI`` id, status (0 done, 1 failed: the payload is the error text),
@@ -68,6 +69,10 @@ class HelperError(Exception):
 
 class HelperNotReady(HelperError):
     """The helper is being started (in the background): do this job here."""
+
+
+class HelperTimedOut(HelperError):
+    """The job took longer than ``TIMEOUT``: done here, it would stop the server as long."""
 
 
 # -- the jobs (run in the child; pure) -------------------------------------------------------
@@ -205,7 +210,7 @@ class DkimHelper:
         except TimeoutError:
             answers.waiters.pop(job_id, None)
             self._reap()  # hung: the next job starts a new child
-            raise HelperError("the DKIM helper did not answer") from None
+            raise HelperTimedOut(f"the DKIM helper did not answer within {TIMEOUT:.0f} s") from None
         except OSError as exc:
             raise HelperError(str(exc)) from exc
         if status != DONE:

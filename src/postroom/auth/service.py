@@ -30,7 +30,7 @@ from typing import Protocol, TypeVar, cast
 
 from postroom import events
 from postroom.auth import dkim_sign, dkim_verify, dmarc, keys, records, reports, results, spf
-from postroom.auth.helper import DkimHelper, HelperError, HelperNotReady
+from postroom.auth.helper import DkimHelper, HelperError, HelperNotReady, HelperTimedOut
 from postroom.auth.lookup import Answer, DnsCache
 from postroom.config import Config
 from postroom.wire.framing import to_crlf
@@ -216,20 +216,29 @@ class SenderAuth:
             len(whole),
             lambda helper: helper.sign(whole, signers, now),
             lambda: dkim_sign.sign(whole, signers, now),
+            lambda: b"",  # sent unsigned
         )
         message.prepend(header)
 
     async def _dkim_job(
-        self, size: int, remote: Callable[[DkimHelper], Awaitable[T]], local: Callable[[], T]
+        self,
+        size: int,
+        remote: Callable[[DkimHelper], Awaitable[T]],
+        local: Callable[[], T],
+        timed_out: Callable[[], T],
     ) -> T:
         """A DKIM job in the helper process; here if it cannot take it (in a thread for a large
         message, so that the event loop gets its turns; inline otherwise: the job holds the
-        GIL either way, and the hand-over costs more than a small job)."""
+        GIL either way, and the hand-over costs more than a small job). A job the helper did
+        not finish in time is not done again here: ``timed_out()`` stands for its result."""
         if self._helper is not None:
             try:
                 return await remote(self._helper)
             except HelperNotReady:
                 pass
+            except HelperTimedOut as exc:
+                log.warning("DKIM job given up: %s", exc)
+                return timed_out()
             except HelperError as exc:
                 log.info("DKIM job done in the server: %s", exc)
         if size > INLINE_JOB and self._run_blocking is not None:
@@ -266,6 +275,7 @@ class SenderAuth:
                 len(data),
                 lambda helper: helper.verify(data, keys, sigs),
                 lambda: dkim_verify.verify(data, keys, sigs),
+                lambda: dkim_verify.timed_out(sigs),
             )
         dmarc_result = dmarc.evaluate(from_domains, policy, spf_result, dkim_results, self.rng)
         return Verdict(spf_result, dkim_results, dmarc_result)
