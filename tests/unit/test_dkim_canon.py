@@ -3,10 +3,13 @@ dkimpy's code for speed only."""
 
 from __future__ import annotations
 
+import base64
 import time
 
 import dkim
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from dkim.canonicalization import Relaxed, Simple
 from dkim.util import InvalidTagValueList, parse_tag_value
 from hypothesis import given, settings
@@ -196,11 +199,7 @@ EDITS = [
 
 @pytest.fixture(scope="module")
 def rsa_signer() -> tuple[bytes, bytes]:
-    import base64
-
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
+    """An RSA-2048 key: its PEM for dkimpy's signer, and its DKIM key record."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(
         serialization.Encoding.PEM,
