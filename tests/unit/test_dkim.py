@@ -175,3 +175,14 @@ def test_a_job_the_helper_gave_up_on_is_not_done_again_in_the_server() -> None:
     )
     assert not done_here
     assert [(r.domain, r.result) for r in results] == [("a.test", "temperror")]
+
+
+def test_signing_a_line_of_spaces_takes_linear_time(
+    key_pair: tuple[keys.DkimKey, keys.DkimKey],
+) -> None:
+    """An authenticated user's hostile body: dkimpy's relaxed body step is quadratic here."""
+    message = MESSAGE + b" " * 2_000_000 + b"x\r\n"
+    started = time.monotonic()
+    signed = _signed(key_pair, message)
+    assert time.monotonic() - started < 5
+    assert {r for _, r in _results(signed, _records(key_pair))} == {"pass"}
