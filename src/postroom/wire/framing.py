@@ -213,9 +213,9 @@ def dot_stuff_parts(data: bytes) -> tuple[bytes, bytes]:
 
 def to_crlf(data: bytes) -> bytes:
     """Turn bare LF line ends (as Maildir files have them) into CRLF; CRLF stays CRLF. An LF
-        file is one ``replace`` of a one-octet needle (memchr speed); data that is CRLF already
-        (a relayed message meets this more than once) is recognised by counting, or in a large one
-    by ``bulk.has_bare``."""
+    file is one ``replace`` of a one-octet needle (memchr speed); data that is CRLF already (a
+    relayed message meets this more than once) is recognised by counting, or in a large one by
+    ``bulk.has_bare``."""
     if b"\r" not in data:
         return data.replace(b"\n", b"\r\n")
     if len(data) >= bulk.BULK:
