@@ -270,10 +270,7 @@ class Connection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._refusal is not None:
-            self._refusal.cancel()
-            self._refusal = None
-            Connection.refusing -= 1
+        self._refusal_ended("closed by the client")
         self._lost = True
         self._writable.set()
         self.services.connections.release(self.client_ip, self)
@@ -453,24 +450,37 @@ class Connection(asyncio.Protocol):
         self.tls = TlsLayer(context)
         loop = asyncio.get_running_loop()
         limit = min(REFUSAL_TLS_TIMEOUT, self.services.cfg.limits.tls_handshake_timeout)
-        self._refusal = loop.call_later(limit, self.transport.close)
+        self._refusal = loop.call_later(limit, self._refusal_timed_out)
         return True
+
+    def _refusal_timed_out(self) -> None:
+        self._refusal_ended("handshake timed out")
+        if self.transport is not None:
+            self.transport.close()
+
+    def _refusal_ended(self, error: str | None) -> None:
+        """The refusal's handshake is over (``error`` None: done): free its slot, count it."""
+        if self._refusal is not None:
+            self._refusal.cancel()
+            self._refusal = None
+            Connection.refusing -= 1
+            events.tls_handshake(self.service, self.client_ip, self.tls_version, error)
 
     def _refusal_handshake(self, data: bytes) -> None:
         """Handshake bytes of a refused client; once it is done, the refusal and close_notify.
         Nothing the client sends is read as a command."""
         tls, transport = self.tls, self.transport
         assert tls is not None and transport is not None
-        if tls.ready:
-            return  # answered already; closing
         try:
             tls.feed(data)
-        except ssl.SSLError:
+        except ssl.SSLError as exc:
+            self._refusal_ended(str(exc))
             transport.write(tls.outgoing())  # the alert
             transport.close()
             return
         out = tls.outgoing()
         if tls.ready:
+            self._refusal_ended(None)
             out += tls.encrypt(self.refusal()) + tls.close_notify()
         if out:
             transport.write(out)

@@ -12,10 +12,12 @@ import smtplib
 import socket
 import ssl
 import time
+import urllib.request
 
 import pytest
 
 from postroom.connection import REFUSAL_TLS_MAX, REFUSAL_TLS_TIMEOUT
+from postroom.metrics import parse
 from tests.conftest import Server, ServerFactory, insecure, wait_until
 
 
@@ -23,7 +25,7 @@ from tests.conftest import Server, ServerFactory, insecure, wait_until
 def srv(server_factory: ServerFactory) -> Server:
     return server_factory(
         domains=("a.test",),
-        services=("submissions", "pop3s"),
+        services=("submissions", "pop3s", "http"),
         extra_toml="[limits]\nmax_connections_per_ip = 1\nper_ip_exempt = []",
     )
 
@@ -41,14 +43,31 @@ def smtps_session(srv: Server) -> smtplib.SMTP_SSL:
     return wait_until(connect, 10, "a session below the limit")
 
 
+def handshakes(srv: Server, outcome: str) -> float:
+    """postroom_tls_handshakes_total of the submissions service with this outcome."""
+    url = f"http://{srv.host}:{srv.ports['http']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        samples = parse(reply.read().decode())
+    return sum(
+        count
+        for (name, labels), count in samples.items()
+        if name == "postroom_tls_handshakes_total"
+        and ("service", "submissions") in labels
+        and ("outcome", outcome) in labels
+    )
+
+
 def test_smtp_client_over_the_limit_reads_421_over_tls(srv: Server) -> None:
     port = srv.ports["submissions"]
     with smtps_session(srv) as first:
         assert first.noop()[0] == 250
+        ok = handshakes(srv, "ok")
         with pytest.raises(smtplib.SMTPConnectError) as refused:
             smtplib.SMTP_SSL(srv.host, port, context=insecure(), timeout=10)
         assert refused.value.smtp_code == 421
         assert refused.value.smtp_error.startswith(b"4.7.0 ")
+        # The refused client's handshake is a handshake like any other in the metrics.
+        assert handshakes(srv, "ok") == ok + 1
 
 
 class Pop3s(poplib.POP3_SSL):
