@@ -34,10 +34,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 
 
+_ports = iter(range(21000, 22000))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A port free on HOST now, never the same twice. Not one the kernel picks (port 0): that
+    comes from the ephemeral range, where a client socket opened meanwhile may take it first."""
+    for port in _ports:
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port on {HOST}")
 
 
 def rss_kib(pid: int) -> int:
