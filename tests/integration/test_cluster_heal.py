@@ -127,6 +127,45 @@ def test_a_delivery_whose_lease_was_taken_over_never_sends_its_final_dot(
         node.stop()
 
 
+def test_a_delivery_held_at_data_while_postgresql_is_away_is_abandoned_then_sent_once(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    # The fence with the database gone rather than taken over: the worker cannot renew its
+    # lease while the remote host holds DATA, so it must not send the final dot (another node
+    # may hold the message by now). Once PostgreSQL is back the message goes out, once.
+    held = Sink(["hold"])
+    try:
+        with running() as pg:
+            extra = (
+                storage_toml(pg.new_database()) + f'lease_time = "{LEASE}s"\n'
+                f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
+                f'[delivery]\nport = {held.port}\nretry_intervals = ["1h"]\n'
+            )
+            node = server_factory(host=A_IP, extra_toml=extra, services=("smtp",))
+            node.cli("alias", "add", "fwd@a.test", "r@remote.test")
+            assert _send(node.host, node.ports["smtp"], "fwd@a.test", "held while away")
+            assert held.at_data.wait(30)
+            pg.stop()
+            time.sleep(LEASE * 1.5)
+            held.release.set()
+            wait_until(lambda: held.abandoned == 1, 20, "the sink to see the transaction abandoned")
+            assert held.accepted == []
+            wait_until(lambda: "lease on the message is not confirmed" in node.log.read_text())
+            pg.start()
+            time.sleep(LEASE)  # the lease it held runs out
+            wait_until(
+                lambda: node.cli("queue", "flush", check=False).returncode == 0, 20, "a flush"
+            )
+            wait_until(lambda: len(held.accepted) == 1, 30, "the message at the sink")
+            wait_until(node.queue_empty, 20, "the message to leave the queue")
+            time.sleep(1)
+            assert len(held.accepted) == 1 and held.accepted[0].endswith(b"held while away\r\n")
+            with contextlib.suppress(OSError):
+                node.stop()
+    finally:
+        held.close()
+
+
 def test_a_metrics_scrape_never_waits_for_a_slow_database(
     server_factory: ServerFactory, pg_url: str, pg_server: PgServer
 ) -> None:

@@ -128,6 +128,23 @@ def test_a_delivery_may_finish_only_under_a_lease_confirmed_within_half_a_lease(
     run(main())
 
 
+def test_a_lease_the_fence_found_stale_is_no_longer_renewed(pg_url: str, tmp_path: Path) -> None:
+    # A worker that could not reach the database for half a lease drops its delivery before
+    # the final dot; it used to renew that row's lease for as long as it ran (its renewal
+    # took every row it owned), so no node ever tried the message again.
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path, lease=1.0) as (a, b):
+            a.queue.start()
+            held = await a.accept(remote=["r@remote.test"])
+            a.queue._confirmed[held.id] -= 1.0  # as if the database had been away a while
+            assert not a.queue.lease_fresh(held.id)
+            await asyncio.sleep(1.5)  # renewals go on meanwhile, for the rest of A's rows
+            (taken,) = await b.queue.claim(FAR, 10)
+            assert taken.id == held.id
+
+    run(main())
+
+
 def test_state_and_history_survive_in_the_shared_row(pg_url: str, tmp_path: Path) -> None:
     async def main() -> None:
         async with nodes(pg_url, tmp_path) as (a, b):

@@ -18,15 +18,17 @@ only its own message is refused.
 *Leases.* :meth:`claim` takes due rows with ``SELECT ... FOR UPDATE SKIP LOCKED`` (two nodes
 never wait for, nor take, the same row) and sets ``lease_owner``/``lease_until`` in the same
 statement, committed before it returns. The lease is renewed every third of ``lease_time``
-while this node holds it (one UPDATE for all its rows); :meth:`begin_attempt` writes the
-attempt and next retry before a host is dialled and checks that the lease is still ours
+while this worker holds it (one UPDATE for all the rows it works on); :meth:`begin_attempt`
+writes the attempt and next retry before a host is dialled and checks that the lease is ours
 (:class:`~postroom.errors.LeaseLost` otherwise: deleted, or taken over after this node stalled
 for a whole lease). :meth:`record` ends the lease; a node that dies leaves its leases to run
 out, after which any node claims the message. Lease times come from the database's clock
 (``postroom_clock()``), so nodes whose clocks differ agree on them. :meth:`lease_fresh` fences
 remote deliveries: it keeps, per message, when this worker last sent a statement that set its
 lease and got an answer, and lets a delivery send its final dot only within half a lease of
-that (a renewal that no longer returns a message's id means another node has it).
+that (a renewal that no longer returns a message's id means another node has it). A lease
+the fence found stale is no longer renewed: the dropped message is claimed again at its next
+attempt once the lease runs out, never held by a worker that gave it up.
 
 *Waking.* ``queue flush`` and ``queue delete`` from any node NOTIFY ``postroom_queue``; the
 worker's watcher wakes the runner (and tells it of a deletion, so that an attempt running
@@ -101,7 +103,8 @@ WHERE id = $1 AND lease_owner = $2
 """
 _RENEW = """
 WITH s AS (UPDATE delivery_slots SET until = postroom_clock() + $2 WHERE owner = $1)
-UPDATE queue SET lease_until = postroom_clock() + $2 WHERE lease_owner = $1 RETURNING id
+UPDATE queue SET lease_until = postroom_clock() + $2
+WHERE lease_owner = $1 AND id = ANY($3::text[]) RETURNING id
 """
 
 
@@ -306,7 +309,7 @@ class PgQueue:
             sent = time.monotonic()
             try:
                 async with self.database.connection() as conn:
-                    rows = await conn.fetch(_RENEW, self.node, self.lease)
+                    rows = await conn.fetch(_RENEW, self.node, self.lease, list(self._confirmed))
             except db.FAILED as exc:
                 if not failing:
                     log.warning("queue leases not renewed (retrying quietly): %s", exc)
@@ -327,9 +330,14 @@ class PgQueue:
         worker's lease on it was confirmed less than half a lease ago: then another node
         cannot have taken it over, and at least half a lease remains for the host's reply and
         the record. (Renewals come every third of a lease, so a node that reaches the
-        database is never refused.)"""
+        database is never refused.) A lease found stale is given up: it is no longer renewed
+        and runs out, so the message is claimed again at its next attempt (by this node or
+        another) rather than held by a worker that dropped it."""
         confirmed = self._confirmed.get(queue_id)
-        return confirmed is not None and time.monotonic() - confirmed < self.lease / 2
+        if confirmed is not None and time.monotonic() - confirmed < self.lease / 2:
+            return True
+        self._released(queue_id)
+        return False
 
     def _confirm(self, queue_id: str, sent: float) -> None:
         self._confirmed[queue_id] = sent
