@@ -37,6 +37,10 @@ from postroom.errors import TemporaryStorageError
 
 T = TypeVar("T")
 log = logging.getLogger("postroom")
+# asyncpg's pool logs a warning with a traceback at every try to reconnect its idle floor
+# (every few seconds while the database is away); the stores say when an outage starts and
+# when it ends, once each.
+logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
 
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
