@@ -47,6 +47,7 @@ from postroom.storage.local.maildir_writer import MaildirWriter
 from postroom.storage.local.maildrop import LocalMaildrops
 from postroom.storage.local.queue import LocalMailboxes, LocalQueue
 from postroom.throttle import LoginThrottle
+from postroom.wire import replies
 
 if TYPE_CHECKING:
     from postroom.storage.factory import NodeStores
@@ -249,6 +250,44 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
     return servers
 
 
+def _refuse_while_waiting(cfg: Config, listeners: list[Listener], index: int) -> Callable[[], None]:
+    """Answer every client of worker ``index`` at once with a temporary refusal, while it waits
+    for PostgreSQL, and return the function that stops it. Its sockets are its own (the kernel
+    spreads new connections over the workers' sockets): unanswered, one client in N would sit
+    in the backlog for as long as the database is away, where a ``421`` (RFC 5321 §3.8) or
+    ``-ERR [SYS/TEMP]`` (RFC 3206 §4) sends it to another MX or to a later try at once. The
+    implicit-TLS ports and http are closed without a word (nothing can be said before a
+    handshake)."""
+    loop = asyncio.get_running_loop()
+    smtp = replies.R(421, "4.3.2", f"{cfg.hostname} Service not available, try again later")
+    words = {
+        "smtp": smtp.render(),
+        "submission": smtp.render(),
+        "pop3": b"-ERR [SYS/TEMP] Service not available, try again later\r\n",
+    }
+    socks: list[socket.socket] = []
+
+    def refuse(sock: socket.socket, answer: bytes) -> None:
+        try:
+            conn, _ = sock.accept()
+        except OSError:  # taken meanwhile, or gone
+            return
+        with conn, contextlib.suppress(OSError):
+            conn.setblocking(False)
+            conn.send(answer)
+
+    for lst in listeners:
+        sock = lst.keep_only(index)
+        socks.append(sock)
+        loop.add_reader(sock.fileno(), refuse, sock, words.get(lst.kind, b""))
+
+    def stop() -> None:
+        for sock in socks:
+            loop.remove_reader(sock.fileno())
+
+    return stop
+
+
 def control_path(data_dir: Path, index: int) -> Path:
     """The control socket of worker ``index`` (the primary's is ``control.sock``)."""
     return data_dir / (CONTROL_SOCKET if index == 0 else f"control-{index}.sock")
@@ -373,7 +412,8 @@ async def serve(
 
         # Before privileges are dropped (a ~/.pgpass of the starting user is read now). A node
         # does not start without the database; a worker started again waits for it.
-        stores = await factory.open_node(cfg, io, worker.index, wait=worker.again)
+        waiting = functools.partial(_refuse_while_waiting, cfg, listeners, worker.index)
+        stores = await factory.open_node(cfg, io, worker.index, worker.again, waiting)
     services, runner = build_services(
         cfg, pair, worker.primary, cfg.workers, worker.index, shared, stores, io
     )

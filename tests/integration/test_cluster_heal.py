@@ -1,7 +1,9 @@
 """A node on PostgreSQL heals by itself, and fences what it may no longer finish.
 
-- a worker killed while PostgreSQL is away is started again and waits for the database, and the
-  node takes mail again once PostgreSQL is back, without a restart by hand (it used to exit);
+- a worker killed while PostgreSQL is away is started again and waits for the database,
+  answering clients with a temporary refusal meanwhile (it left them in the listen backlog),
+  and the node takes mail again once PostgreSQL is back, without a restart by hand (it used to
+  exit);
 - a remote delivery whose lease this worker could not confirm for half a lease (another
   "node" took the row over through SQL while the remote host stalled at DATA) is abandoned
   before its final dot: the remote host never commits it, and nothing is recorded;
@@ -15,6 +17,7 @@ import contextlib
 import os
 import signal
 import smtplib
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -59,6 +62,10 @@ def test_a_worker_killed_while_postgresql_is_away_comes_back_by_itself(
         wait_until(lambda: worker_pids(node) - {worker}, 15, "the worker to be started again")
         time.sleep(4)  # it finds PostgreSQL away, several times
         assert node.proc is not None and node.proc.poll() is None, node.log.read_text()
+        # Meanwhile clients are told to come back later, not left in the listen backlog.
+        for service, refusal in (("smtp", b"421 4.3.2 "), ("pop3", b"-ERR [SYS/TEMP] ")):
+            with socket.create_connection((node.host, node.ports[service]), timeout=5) as s:
+                assert s.recv(200).startswith(refusal)
         pg.start()
         back = time.monotonic()
         wait_until(lambda: _send(node.host, smtp, "ann@a.test", "after", 5), 40, "mail again")

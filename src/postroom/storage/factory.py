@@ -62,30 +62,41 @@ class NodeStores:
 
 
 async def open_node(
-    cfg: Config, io: BlockingPool, index: int = 0, wait: bool = False
+    cfg: Config,
+    io: BlockingPool,
+    index: int = 0,
+    wait: bool = False,
+    waiting: Callable[[], Callable[[], None]] | None = None,
 ) -> NodeStores:
     """The stores a PostgreSQL worker serves from (migrated and loaded; errors raise:
     TemporaryStorageError if PostgreSQL cannot be reached, SchemaError for a newer schema).
     With ``wait`` (a worker started again while its node runs) an unreachable PostgreSQL is
-    waited for instead: tried again with a back-off of 1 to 10 s, logged once per outage."""
+    waited for instead: tried again with a back-off of 1 to 10 s, logged once per outage;
+    ``waiting`` is called when the wait begins, and what it returns when it ends."""
     from postroom.storage.postgresql.db import TRANSIENT
 
     delay, waited = 1.0, False
-    while True:
-        try:
-            stores = await _open_node(cfg, io, index)
-        except TRANSIENT as exc:
-            if not wait:
-                raise
-            if not waited:
-                log.warning("worker %d: %s; waiting for it before serving", index, exc)
-                waited = True
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 10.0)
-            continue
-        if waited:
-            log.warning("worker %d: PostgreSQL answers again; serving", index)
-        return stores
+    done: Callable[[], None] | None = None
+    try:
+        while True:
+            try:
+                stores = await _open_node(cfg, io, index)
+            except TRANSIENT as exc:
+                if not wait:
+                    raise
+                if not waited:
+                    log.warning("worker %d: %s; waiting for it before serving", index, exc)
+                    waited = True
+                    done = waiting() if waiting is not None else None
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 10.0)
+                continue
+            if waited:
+                log.warning("worker %d: PostgreSQL answers again; serving", index)
+            return stores
+    finally:
+        if done is not None:
+            done()
 
 
 async def _open_node(cfg: Config, io: BlockingPool, index: int) -> NodeStores:
