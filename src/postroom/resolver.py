@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import random
 import socket
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -145,6 +146,10 @@ class DnsResolver:
         self._res = res
         self._rng = rng or random.Random()
         self._max_mx = max_mx
+        # Domain -> its route while every answer that made it lives: even from dnspython's
+        # cache, the three lookups of a route cost ~100 us of CPU, for every relayed message.
+        self._routes: dict[str, _Known] = {}
+        self._routes_max = cfg.cache_size
 
     async def route(self, domain: str) -> Route:
         literal = literal_route(domain)
@@ -154,14 +159,29 @@ class DnsResolver:
             domain = normalise_domain(domain)
         except ValueError as exc:
             return Route.fail("5.1.2", f"bad destination domain: {exc}")
+        known = self._routes.get(domain)
+        if known is not None:
+            if time.time() < known.until:
+                return known.route(self._rng)
+            del self._routes[domain]
+        route, until = await self._route(domain)
+        if route.ok and until > time.time():
+            if len(self._routes) >= self._routes_max:
+                del self._routes[next(iter(self._routes))]  # the oldest
+            self._routes[domain] = _Known(until, route.targets)
+        return route
+
+    async def _route(self, domain: str) -> tuple[Route, float]:
+        """The route of ``domain`` from DNS, and until when it may be kept (``time.time()``:
+        the first expiry of the answers that made it; 0 if it may not be kept)."""
         try:
             answer = await self._query(domain, "MX")
         except dns.resolver.NXDOMAIN:
-            return Route.fail("5.1.2", f"domain {domain} does not exist (NXDOMAIN)")
+            return Route.fail("5.1.2", f"domain {domain} does not exist (NXDOMAIN)"), 0
         except dns.exception.Timeout:
-            return Route.fail("4.4.3", f"DNS time-out looking up MX for {domain}")
+            return Route.fail("4.4.3", f"DNS time-out looking up MX for {domain}"), 0
         except dns.exception.DNSException as exc:  # SERVFAIL from every server, refused, ...
-            return Route.fail("4.4.3", f"DNS failure looking up MX for {domain}: {exc}")
+            return Route.fail("4.4.3", f"DNS failure looking up MX for {domain}: {exc}"), 0
 
         records = [
             (int(rr.preference), rr.exchange.to_text(omit_final_dot=True).lower())
@@ -169,44 +189,55 @@ class DnsResolver:
         ]
         if not records:
             # RFC 5321 §5.1: no MX -> the domain itself is the implicit MX (A/AAAA only).
-            addrs, trouble = await self._addresses(domain)
+            addrs, trouble, until = await self._addresses(domain)
             if addrs:
-                return Route((Target(domain, addrs, 0, implicit=True),))
+                implicit = Target(domain, addrs, 0, implicit=True)
+                return Route((implicit,)), min(until, answer.expiration)
             if trouble:
-                return Route.fail("4.4.3", f"DNS failure looking up addresses of {domain}")
+                return Route.fail("4.4.3", f"DNS failure looking up addresses of {domain}"), 0
             # RFC 3463 X.4.4: the domain exists but has no MX and no address: unable to route.
-            return Route.fail("5.4.4", f"domain {domain} has no MX and no A/AAAA records")
+            return Route.fail("5.4.4", f"domain {domain} has no MX and no A/AAAA records"), 0
 
         usable = [(pref, host) for pref, host in records if host not in ("", ".")]
         if not usable:
             # RFC 7505 §3: "MX 0 ." says the domain accepts no mail at all.
-            return Route.fail("5.1.10", f"domain {domain} accepts no mail (null MX, RFC 7505)")
-        ordered = order_mx(usable, self._rng)[: self._max_mx]
-        looked_up = await asyncio.gather(*(self._addresses(host) for _, host in ordered))
+            return Route.fail("5.1.10", f"domain {domain} accepts no mail (null MX, RFC 7505)"), 0
+        ordered = order_mx(usable, self._rng)
+        looked_up = await asyncio.gather(
+            *(self._addresses(host) for _, host in ordered[: self._max_mx])
+        )
         targets: list[Target] = []
         any_trouble = False
-        for (pref, host), (addrs, trouble) in zip(ordered, looked_up, strict=True):
+        until = answer.expiration
+        for (pref, host), (addrs, trouble, expires) in zip(ordered, looked_up, strict=False):
             any_trouble |= trouble
+            until = min(until, expires)
             if addrs:
                 targets.append(Target(host, addrs, pref))
         if targets:
-            return Route(tuple(targets))
+            # Kept only if every host was looked up, without trouble: the order among equal
+            # preferences is drawn again for each message, from the same hosts.
+            whole = not any_trouble and len(ordered) <= self._max_mx
+            return Route(tuple(targets)), (until if whole else 0)
         if any_trouble:
-            return Route.fail("4.4.3", f"DNS failure looking up the MX hosts of {domain}")
+            return Route.fail("4.4.3", f"DNS failure looking up the MX hosts of {domain}"), 0
         # RFC 5321 §5.1: MX records exist but none is usable -> report an error (no fallback to A).
-        return Route.fail("5.4.4", f"no MX host of {domain} has an address")
+        return Route.fail("5.4.4", f"no MX host of {domain} has an address"), 0
 
-    async def _addresses(self, host: str) -> tuple[tuple[str, ...], bool]:
-        """A then AAAA addresses of ``host``, and whether a lookup failed in a temporary way."""
+    async def _addresses(self, host: str) -> tuple[tuple[str, ...], bool, float]:
+        """A then AAAA addresses of ``host``, whether a lookup failed in a temporary way, and
+        when the first of the two answers expires."""
         results = await asyncio.gather(self._lookup(host, "A"), self._lookup(host, "AAAA"))
         out: list[str] = []
         trouble = False
-        for addrs, failed in results:
+        until = float("inf")
+        for addrs, failed, expires in results:
             trouble |= failed
+            until = min(until, expires)
             for a in addrs:
                 if a not in out:
                     out.append(a)
-        return tuple(out[:MAX_ADDRESSES_PER_HOST]), trouble
+        return tuple(out[:MAX_ADDRESSES_PER_HOST]), trouble, until
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
         """One query, counted by its result (``postroom_dns_lookups_total``)."""
@@ -224,14 +255,32 @@ class DnsResolver:
         events.dns_lookup("ok" if answer.rrset else "nodata")
         return answer
 
-    async def _lookup(self, host: str, rdtype: str) -> tuple[list[str], bool]:
+    async def _lookup(self, host: str, rdtype: str) -> tuple[list[str], bool, float]:
+        """The addresses, whether the lookup failed in a temporary way, and when the answer
+        expires (0 for a failure or NXDOMAIN: a route made of one is not kept)."""
         try:
             answer = await self._query(host, rdtype)
         except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN):
-            return [], False
+            return [], False, 0.0
         except dns.exception.DNSException:
-            return [], True
-        return [rr.address for rr in (answer.rrset or ())], False
+            return [], True, 0.0
+        return [rr.address for rr in (answer.rrset or ())], False, answer.expiration
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """A route as DNS gave it, kept by :class:`DnsResolver` until ``until`` (``time.time()``)."""
+
+    until: float
+    targets: tuple[Target, ...]
+
+    def route(self, rng: random.Random) -> Route:
+        """The route again, its MX hosts shuffled anew among equal preferences (RFC 5321 §5.1)."""
+        targets = self.targets
+        if len(targets) < 2:
+            return Route(targets)
+        order = order_mx([(t.preference, str(i)) for i, t in enumerate(targets)], rng)
+        return Route(tuple(targets[int(i)] for _p, i in order))
 
 
 class StaticResolver:

@@ -233,3 +233,30 @@ def test_answers_are_kept_for_their_ttl() -> None:
         assert asyncio.run(resolver.route("cached.test")).targets[0].addresses == ("192.0.2.8",)
     finally:
         dns_server.stop()
+
+
+def test_a_kept_route_shuffles_equal_preferences_anew(dns_port: int) -> None:
+    # Kept routes are not frozen in the order of the first message: equal-preference MX
+    # hosts share the load (RFC 5321 §5.1) whether the route came from DNS or was kept.
+    cfg = DNSConfig(nameservers=(("127.0.0.1", dns_port),), timeout=Duration(2))
+    resolver = DnsResolver(cfg, rng=random.Random(5))
+
+    async def firsts() -> set[str]:
+        return {(await resolver.route("equal.test")).targets[0].host for _ in range(40)}
+
+    assert asyncio.run(firsts()) == {"one.equal.test", "two.equal.test"}
+    assert list(resolver._routes) == ["equal.test"]
+
+
+def test_a_route_with_dns_trouble_is_not_kept(dns_port: int) -> None:
+    # An MX host whose lookup failed for now is left out of this route only: the next
+    # message asks DNS again rather than skip that host for the answers' whole TTL.
+    cfg = DNSConfig(nameservers=(("127.0.0.1", dns_port),), timeout=Duration(2))
+    resolver = DnsResolver(cfg)
+    ZONE["flaky.test"] = [("MX", MX("fail.test", 5)), ("MX", MX("mx.partial.test", 10))]
+    try:
+        got = asyncio.run(resolver.route("flaky.test"))
+    finally:
+        del ZONE["flaky.test"]
+    assert [t.host for t in got.targets] == ["mx.partial.test"]
+    assert resolver._routes == {}
