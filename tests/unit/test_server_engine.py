@@ -159,6 +159,23 @@ def test_bdat() -> None:
     assert h.messages == [b"hello world\r\n"]
 
 
+def test_bdat_message_without_final_crlf_gets_one() -> None:
+    # A message that came with DATA always ends with CRLF (RFC 5321 §4.1.1.4: the CRLF of
+    # the terminator ends its last line); one made of BDAT chunks need not. Stored without
+    # it, POP3 LIST counted 2 octets fewer than RETR sent (RFC 1939 §5), the CRLF the
+    # multi-line ending adds, and a relay with DATA sent another message than was stored.
+    h = Harness()
+    out = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
+        b"BDAT 5\r\nhelloBDAT 6 LAST\r\n world"
+        b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nBDAT 4 LAST\r\nab\r\n"
+        b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nBDAT 2\r\nabBDAT 0 LAST\r\n"
+        b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nBDAT 0 LAST\r\n"
+    )
+    assert codes(out) == ["250"] * 15
+    assert h.messages == [b"hello world\r\n", b"ab\r\n", b"ab\r\n", b""]
+
+
 def test_bdat_with_bare_cr_is_rejected_like_data() -> None:
     # Stored, it would be relayed with DATA: "\r.\r\n" could end it early at a next hop.
     body = b"Subject: s\r\n\r\nhello\r.\r\nMAIL FROM:<evil@x.test>\r\n"

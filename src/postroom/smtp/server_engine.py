@@ -244,6 +244,7 @@ class _Transaction:
     started: bool = False
     smtputf8: bool = False
     line_ends: LineEndCheck = field(default_factory=LineEndCheck)  # BDAT's bare CR/LF, NUL
+    tail: bytes = b""  # BDAT: the last two octets of the message so far
 
 
 @dataclass
@@ -675,6 +676,7 @@ class ServerEngine(Buffers):
         if data and self._bdat_discard is None:
             txn.size += len(data)
             txn.line_ends.feed(data)
+            txn.tail = (txn.tail + data[-2:])[-2:]
             if txn.size > self.features.size_limit:
                 txn.too_big = True
             elif not txn.too_big:
@@ -686,7 +688,7 @@ class ServerEngine(Buffers):
         if event is None:
             return end
         if end is not None:
-            self._pending.append(end)
+            self._pending.insert(0, end)  # before what _bdat_end queued after it
         return event
 
     def _bdat_end(self) -> Event | None:
@@ -706,6 +708,13 @@ class ServerEngine(Buffers):
             return self._abort(replies.BARE_LF_DATA)
         if txn.line_ends.nul:  # RFC 5322 §2.1
             return self._abort(replies.NUL_IN_DATA)
+        if txn.size and txn.tail != b"\r\n":
+            # RFC 5321 §4.1.1.4: message data is lines, the last one ended by a CRLF (DATA's
+            # terminator brings it); chunks need not end so (RFC 3030). The message gets it,
+            # as in Postfix: else POP3 LIST counts 2 octets fewer than RETR sends (RFC 1939
+            # §5), and a relay with DATA sends another message than the one stored.
+            self._pending.append(MessageEnd())
+            return DataChunk(b"\r\n")
         return MessageEnd()
 
     def _abort(self, reply: Reply) -> Event:
