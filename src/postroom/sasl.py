@@ -182,8 +182,12 @@ class ScramSha256:
             return Failure("unsupported SCRAM channel binding", malformed=True)
         self._gs2 = parts[0] + ",,"
         self._client_first_bare = parts[2]
-        attrs = dict(a.split("=", 1) for a in parts[2].split(",") if "=" in a)
-        user, cnonce = attrs.get("n"), attrs.get("r")
+        # RFC 5802 §7: client-first-message-bare = [reserved-mext ","] username "," nonce
+        # ["," extensions]. A mandatory extension ("m=") we cannot know fails (§5.1).
+        fields = parts[2].split(",")
+        if len(fields) < 2 or fields[0][:2] != "n=" or fields[1][:2] != "r=":
+            return Failure("malformed SCRAM client-first", malformed=True)
+        user, cnonce = fields[0][2:], fields[1][2:]
         if not user or not cnonce:
             return Failure("malformed SCRAM client-first", malformed=True)
         name = _saslname(user)

@@ -38,3 +38,14 @@ def test_scram_completes_on_an_empty_response_only() -> None:
     # RFC 4954 §4 / RFC 5034 §4: the answer to the server-final message is empty.
     step = scram_to_server_final().step(b"anything")
     assert isinstance(step, sasl.Failure) and step.malformed
+
+
+def test_scram_mandatory_extension_fails_authentication() -> None:
+    # RFC 5802 §5.1: "m" is reserved for mandatory extensions; its presence "MUST cause
+    # authentication failure when the attribute is parsed by the other end". It was skipped.
+    for first in (b"n,,m=ext,n=u@a.test,r=abc", b"y,,m=,n=u@a.test,r=abc"):
+        step = sasl.ScramSha256().start(first)
+        assert isinstance(step, sasl.Failure) and step.malformed, first
+    # Its attributes come in the grammar's order: the user name first, then the nonce.
+    step = sasl.ScramSha256().start(b"n,,r=abc,n=u@a.test")
+    assert isinstance(step, sasl.Failure) and step.malformed
