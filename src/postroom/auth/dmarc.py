@@ -5,7 +5,8 @@ policy at ``_dmarc.<From domain>`` or else at ``_dmarc.<organizational domain>``
 organizational domain coming from the public suffix list (``publicsuffixlist``, §3.2), and
 :func:`evaluate` decides: ``pass`` when an SPF or a DKIM pass is aligned with the From domain
 (relaxed: same organizational domain; strict: the same name, §3.1), ``fail`` otherwise,
-``none`` without a policy, ``temperror`` when DNS failed, ``permerror`` when the message has no
+``none`` without a policy, ``temperror`` when DNS failed (for the policy, or for an aligned
+SPF or DKIM result that might have passed), ``permerror`` when the message has no
 single From domain. The disposition follows ``p``/``sp`` and ``pct`` (§6.6.4: the mail left out
 by ``pct`` gets the next milder policy); the random draw is passed in.
 
@@ -230,6 +231,22 @@ def evaluate(
     }
     if spf_ok or dkim_ok:
         return DmarcResult("pass", **base)  # type: ignore[arg-type]
+    # An aligned SPF or DKIM result that DNS trouble left unknown might have passed: the
+    # verdict is not known either, and a passing DNS problem must not refuse mail for good
+    # (RFC 7489 §6.6.2 leaves such mail to local policy; RFC 8601 §2.7.1 temperror).
+    spf_unknown = bool(
+        spf and spf.result == "temperror" and _aligned(spf.domain, domain, record.aspf)
+    )
+    dkim_unknown = any(
+        r.result == "temperror" and _aligned(r.domain, domain, record.adkim) for r in dkim_results
+    )
+    if spf_unknown or dkim_unknown:
+        why = "SPF" if spf_unknown else "DKIM"
+        return DmarcResult(
+            "temperror",
+            reason=f"an aligned {why} result is unknown (DNS)",
+            **base,  # type: ignore[arg-type]
+        )
     disposition = requested
     sampled_out = False
     if record.pct < 100 and rng.randrange(100) >= record.pct:
