@@ -10,6 +10,9 @@ SPF or DKIM result that might have passed), ``permerror`` when the message has n
 single From domain. The disposition follows ``p``/``sp`` and ``pct`` (§6.6.4: the mail left out
 by ``pct`` gets the next milder policy); the random draw is passed in.
 
+From domains are taken as A-labels (§6.6.1: ``x@bänk.test`` is ``xn--bnk-qla.test``, as SPF,
+DKIM and the configuration write it).
+
 Security notes: only the first address of a single From field is used; a message with several
 From fields or several From domains gets ``permerror`` (§6.6.1 allows refusing it; it is not
 refused here, but it never passes).
@@ -26,6 +29,7 @@ from functools import lru_cache
 
 from publicsuffixlist import PublicSuffixList
 
+from postroom.address import normalise_domain
 from postroom.auth.dkim_verify import DkimResult
 from postroom.auth.lookup import Answer, DnsCache
 from postroom.auth.spf import SpfResult
@@ -97,7 +101,8 @@ def parse_record(text: str) -> DmarcRecord | None:
 
 
 def from_domains(head: bytes) -> list[str]:
-    """The domains of every address in every From field of the header section ``head``."""
+    """The domains (A-labels, lower case) of every address in every From field of the header
+    section ``head``, in order ("" for an address without one)."""
     domains: list[str] = []
     for m in _FROM.finditer(head):
         domains += _field_domains(m.group(1))
@@ -108,10 +113,19 @@ def from_domains(head: bytes) -> list[str]:
 def _field_domains(raw: bytes) -> tuple[str, ...]:
     """The domain of each address of one From field's value ("" for one without)."""
     value = raw.decode("utf-8", "replace").replace("\r\n", "").replace("\n", "")
-    return tuple(
-        addr.rpartition("@")[2].strip().lower().rstrip(".")
-        for _name, addr in email.utils.getaddresses([value])
-    )
+    return tuple(_author_domain(addr) for _name, addr in email.utils.getaddresses([value]))
+
+
+def _author_domain(addr: str) -> str:
+    """§6.6.1: the domain of ``addr`` as A-labels ("" if it has none)."""
+    local, at, domain = addr.rpartition("@")
+    domain = domain.strip().rstrip(".")
+    if not (at and local and domain):
+        return ""
+    try:
+        return normalise_domain(domain)
+    except ValueError:  # not a name DNS can hold: looked up as written, it has no policy
+        return domain.lower()
 
 
 @dataclass(frozen=True)
