@@ -61,14 +61,16 @@ def test_a_dns_time_out_is_never_a_dmarc_reject(
 def test_temporary_errors_of_aligned_results_only() -> None:
     rng = random.Random(1)
     spf_temp = SpfResult("temperror", "bank.test", "mailfrom")
-    assert dmarc.evaluate(["bank.test"], REJECT, spf_temp, [], rng).result == "temperror"
+    assert dmarc.evaluate_domain("bank.test", REJECT, spf_temp, [], rng).result == "temperror"
     dkim_temp = [DkimResult("temperror", "bank.test", "sel", "rsa-sha256", "x")]
     spf_fail = SpfResult("fail", "bank.test", "mailfrom")
-    assert dmarc.evaluate(["bank.test"], REJECT, spf_fail, dkim_temp, rng).result == "temperror"
+    assert (
+        dmarc.evaluate_domain("bank.test", REJECT, spf_fail, dkim_temp, rng).result == "temperror"
+    )
     # Not aligned: even a pass would not have helped, so the fail stands.
     other = [DkimResult("temperror", "evil.test", "sel", "rsa-sha256", "x")]
-    failed = dmarc.evaluate(["bank.test"], REJECT, spf_fail, other, rng)
+    failed = dmarc.evaluate_domain("bank.test", REJECT, spf_fail, other, rng)
     assert failed.result == "fail" and failed.disposition == "reject"
     # An aligned pass settles it whatever else is unknown.
     dkim_pass = [DkimResult("pass", "bank.test", "sel", "rsa-sha256", "x")]
-    assert dmarc.evaluate(["bank.test"], REJECT, spf_temp, dkim_pass, rng).result == "pass"
+    assert dmarc.evaluate_domain("bank.test", REJECT, spf_temp, dkim_pass, rng).result == "pass"

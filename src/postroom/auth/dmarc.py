@@ -6,16 +6,16 @@ organizational domain coming from the public suffix list (``publicsuffixlist``, 
 :func:`evaluate` decides: ``pass`` when an SPF or a DKIM pass is aligned with the From domain
 (relaxed: same organizational domain; strict: the same name, §3.1), ``fail`` otherwise,
 ``none`` without a policy, ``temperror`` when DNS failed (for the policy, or for an aligned
-SPF or DKIM result that might have passed), ``permerror`` when the message has no
-single From domain. The disposition follows ``p``/``sp`` and ``pct`` (§6.6.4: the mail left out
+SPF or DKIM result that might have passed), ``permerror`` when the message has no usable
+From domain. The disposition follows ``p``/``sp`` and ``pct`` (§6.6.4: the mail left out
 by ``pct`` gets the next milder policy); the random draw is passed in.
 
 From domains are taken as A-labels (§6.6.1: ``x@bänk.test`` is ``xn--bnk-qla.test``, as SPF,
-DKIM and the configuration write it).
-
-Security notes: only the first address of a single From field is used; a message with several
-From fields or several From domains gets ``permerror`` (§6.6.1 allows refusing it; it is not
-refused here, but it never passes).
+DKIM and the configuration write it). Security notes: a From field with several addresses,
+or several From fields, would otherwise let a forged domain ride along with one that passes:
+every From domain (up to ``MAX_FROM_DOMAINS``) is checked and the strictest verdict applies
+(§6.6.1: "the most strict policy selected among the checks that fail"); an address without a
+domain, or domains beyond the limit, keep the message from passing (``permerror``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import email.utils
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -36,6 +36,7 @@ from postroom.auth.spf import SpfResult
 
 _FROM = re.compile(rb"(?im)^from[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
 POLICIES = ("none", "quarantine", "reject")
+MAX_FROM_DOMAINS = 10  # distinct From domains checked (each costs up to two DNS lookups)
 
 
 @lru_cache(maxsize=1)
@@ -128,6 +129,11 @@ def _author_domain(addr: str) -> str:
         return domain.lower()
 
 
+def author_domains(from_domains_: Sequence[str]) -> list[str]:
+    """The distinct From domains that are checked, in order (at most ``MAX_FROM_DOMAINS``)."""
+    return list(dict.fromkeys(d for d in from_domains_ if d))[:MAX_FROM_DOMAINS]
+
+
 @dataclass(frozen=True)
 class Policy:
     """What DNS said: the record (or None), where it was found, or a temporary failure."""
@@ -211,18 +217,48 @@ def _aligned(a: str, b: str, mode: str) -> bool:
 
 def evaluate(
     from_domains_: Sequence[str],
+    policies: Mapping[str, Policy],
+    spf: SpfResult | None,
+    dkim_results: Sequence[DkimResult],
+    rng: random.Random,
+) -> DmarcResult:
+    """The DMARC verdict for one message (pure, given the lookups): that of each of its
+    :func:`author_domains` (``policies`` holds their policies), the strictest one."""
+    domains = author_domains(from_domains_)
+    if not domains:
+        return DmarcResult("permerror", "", reason="no From domain")
+    verdicts = [
+        evaluate_domain(
+            d, policies.get(d, Policy(None, temporary="not looked up")), spf, dkim_results, rng
+        )
+        for d in domains
+    ]
+    worst = min(verdicts, key=_strictness)
+    if _strictness(worst) >= _strictness(DmarcResult("none", "")):
+        if "" in from_domains_:
+            return DmarcResult(
+                "permerror", worst.from_domain, reason="a From address without a domain"
+            )
+        if len(set(from_domains_)) > len(domains):
+            return DmarcResult("permerror", worst.from_domain, reason="too many From domains")
+    return worst
+
+
+def _strictness(result: DmarcResult) -> tuple[int, int]:
+    """Lower is stricter: a fail (reject, quarantine, none), temperror, none, pass."""
+    if result.result == "fail":
+        return 0, POLICIES[::-1].index(result.disposition)
+    return {"temperror": 1, "permerror": 2, "none": 3}.get(result.result, 4), 0
+
+
+def evaluate_domain(
+    domain: str,
     policy: Policy,
     spf: SpfResult | None,
     dkim_results: Sequence[DkimResult],
     rng: random.Random,
 ) -> DmarcResult:
-    """The DMARC verdict for one message (pure, given the lookups)."""
-    unique = set(from_domains_)
-    if len(from_domains_) == 0 or "" in unique:
-        return DmarcResult("permerror", "", reason="no From domain")
-    if len(unique) > 1:
-        return DmarcResult("permerror", ",".join(sorted(unique)), reason="several From domains")
-    domain = from_domains_[0]
+    """The DMARC verdict for the From domain ``domain`` (A-labels) under ``policy``."""
     if policy.temporary:
         return DmarcResult("temperror", domain, reason=policy.temporary)
     record = policy.record

@@ -256,17 +256,24 @@ class SenderAuth:
         What the cache already holds is used at once; only what is missing is asked, all of
         it concurrently (the usual case, everything cached, makes no task and never waits)."""
         from_domains = dmarc.from_domains(head)
-        single = from_domains[0] if len(set(from_domains)) == 1 and from_domains[0] else ""
         sigs = dkim_verify.signatures(head)
         names = dkim_verify.key_names(sigs)
         hostname = self.cfg.hostname
         spf_result = spf.cached(self.cache, client_ip, sender, helo, hostname)
         key_answers = dkim_verify.cached_keys(self.cache, names)
-        policy = dmarc.cached_policy(self.cache, single) if single else dmarc.Policy(None)
-        if spf_result is None or key_answers is None or policy is None:
-            spf_result, key_answers, policy = await self._ask(
-                spf_result, key_answers, policy, names, single, client_ip, helo, sender
+        policies: dict[str, dmarc.Policy] = {}
+        unknown = []  # From domains whose policy is not cached
+        for domain in dmarc.author_domains(from_domains):
+            policy = dmarc.cached_policy(self.cache, domain)
+            if policy is None:
+                unknown.append(domain)
+            else:
+                policies[domain] = policy
+        if spf_result is None or key_answers is None or unknown:
+            spf_result, key_answers, found = await self._ask(
+                spf_result, key_answers, unknown, names, client_ip, helo, sender
             )
+            policies.update(found)
         keys = key_answers
         dkim_results: list[dkim_verify.DkimResult] = []  # no signature: dkim=none
         if sigs:
@@ -277,22 +284,22 @@ class SenderAuth:
                 lambda: dkim_verify.verify(data, keys, sigs),
                 lambda: dkim_verify.timed_out(sigs),
             )
-        dmarc_result = dmarc.evaluate(from_domains, policy, spf_result, dkim_results, self.rng)
+        dmarc_result = dmarc.evaluate(from_domains, policies, spf_result, dkim_results, self.rng)
         return Verdict(spf_result, dkim_results, dmarc_result)
 
     async def _ask(
         self,
         spf_result: spf.SpfResult | None,
         key_answers: dict[str, Answer] | None,
-        policy: dmarc.Policy | None,
+        unknown: list[str],
         names: list[str],
-        single: str,
         client_ip: str,
         helo: str,
         sender: str,
-    ) -> tuple[spf.SpfResult, dict[str, Answer], dmarc.Policy]:
-        """The missing parts of :meth:`verify`, concurrently, within ``check_timeout``; what
-        has no answer by then is a temporary error."""
+    ) -> tuple[spf.SpfResult, dict[str, Answer], dict[str, dmarc.Policy]]:
+        """The missing parts of :meth:`verify` (``unknown``: the From domains whose DMARC
+        policy is wanted), concurrently, within ``check_timeout``; what has no answer by then
+        is a temporary error."""
         jobs: dict[str, asyncio.Future[object]] = {}
         if spf_result is None:
             jobs["spf"] = asyncio.ensure_future(
@@ -300,8 +307,8 @@ class SenderAuth:
             )
         if key_answers is None:
             jobs["keys"] = asyncio.ensure_future(dkim_verify.prefetch(self.cache, names))
-        if policy is None:
-            jobs["policy"] = asyncio.ensure_future(dmarc.discover(self.cache, single))
+        for domain in unknown:
+            jobs[f"policy {domain}"] = asyncio.ensure_future(dmarc.discover(self.cache, domain))
         done, pending = await asyncio.wait(jobs.values(), timeout=self.cfg.auth.check_timeout)
         for job in pending:
             job.cancel()
@@ -325,14 +332,15 @@ class SenderAuth:
         if key_answers is None:
             got = outcome("keys")
             key_answers = got if isinstance(got, dict) else {}
-        if policy is None:
-            got = outcome("policy")
-            policy = (
+        policies = {}
+        for domain in unknown:
+            got = outcome(f"policy {domain}")
+            policies[domain] = (
                 got
                 if isinstance(got, dmarc.Policy)
                 else dmarc.Policy(None, temporary="DNS time-out")
             )
-        return spf_result, key_answers, policy
+        return spf_result, key_answers, policies
 
     async def _check(
         self, message: Message, client_ip: str, helo: str, sender: str
