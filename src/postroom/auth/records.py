@@ -12,6 +12,7 @@ class ``IN``, TXT values as quoted strings of at most 255 octets (RFC 1035 §3.3
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict, dataclass
 
 from postroom.auth.dkim_verify import tags
@@ -96,10 +97,13 @@ def _same(record: DnsRecord, text: str) -> bool:
 
 
 async def check(cache: DnsCache, records: list[DnsRecord]) -> list[Finding]:
-    """Each record against what DNS answers now (fresh, not from the cache)."""
+    """Each record against what DNS answers now (fresh, not from the cache). The questions
+    are asked together: with a dead server the whole check takes one ``[dns] timeout``."""
+    answers = await asyncio.gather(
+        *(cache.query(record.name, record.type, fresh=True) for record in records)
+    )
     out = []
-    for record in records:
-        answer = await cache.query(record.name, record.type, fresh=True)
+    for record, answer in zip(records, answers, strict=True):
         if answer.temporary:
             out.append(Finding(record, "unknown", answer.error))
             continue
