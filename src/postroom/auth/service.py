@@ -391,6 +391,8 @@ class SenderAuth:
         self.ring.ensure(domain, self.clock())
         listed = keys.listed_keys(self.store.load(domain), self.clock())
         rua = self.cfg.auth.dmarc_rua or f"postmaster@{domain}"
+        if rua[:7].lower() == "mailto:":  # given as the record writes it (RFC 7489 §6.4)
+            rua = rua[7:]
         return records.wanted(domain, self.cfg.hostname, listed, self.cfg.auth.dmarc_policy, rua)
 
     # -- periodic work -------------------------------------------------------------------------
