@@ -2,8 +2,9 @@
 
 :meth:`SenderAuth.end_of_data` is called once per message, before the hand-off to the queue:
 
-- from an authenticated user whose ``From:`` domain is local, the message is DKIM-signed
-  with every key of that domain that DNS already shows (``keys.py``);
+- from an authenticated user, Authentication-Results fields that name us are removed and,
+  when its ``From:`` domain is local, the message is DKIM-signed with every key of that
+  domain that DNS already shows (``keys.py``);
 - on the ``smtp`` service, from anyone else, SPF, every DKIM signature and DMARC are checked,
   our forged ``Authentication-Results`` are removed and ours is put on top (RFC 8601); a
   DMARC ``fail`` with ``p=reject`` gets ``550 5.7.1`` (unless ``[auth] dmarc_enforce`` is
@@ -174,6 +175,8 @@ class SenderAuth:
         auth = self.cfg.auth
         too_large = message.size > auth.check_max_size
         if auth_user is not None:
+            # RFC 8601 §5: no client writes results in our name, logged in or not.
+            self._remove_ours(message)
             if auth.dkim_sign and not too_large:
                 await self._sign(message)
             return None
@@ -199,6 +202,15 @@ class SenderAuth:
             message.replace(header + results.strip_ours(message.whole(), self.cfg.hostname))
         else:
             message.prepend(header)
+
+    def _remove_ours(self, message: Message) -> None:
+        """The message without the Authentication-Results fields that name us (a copy of the
+        message only when it has any such field)."""
+        if results.mentions_results(self._client_head(message)):
+            whole = message.whole()
+            stripped = results.strip_ours(whole, self.cfg.hostname)
+            if len(stripped) != len(whole):
+                message.replace(stripped)
 
     async def _sign(self, message: Message) -> None:
         whole = message.whole()
