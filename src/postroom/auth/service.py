@@ -183,8 +183,15 @@ class SenderAuth:
         if port != "smtp" or not auth.checks:
             return None
         if too_large:
-            # Forged results are removed all the same; only SPF is checked (no refusal).
-            result = await spf.check(self.cache, client_ip, sender, helo, self.cfg.hostname)
+            # Forged results are removed all the same; only SPF is checked (no refusal),
+            # within check_timeout as every other message's lookups.
+            try:
+                result = await asyncio.wait_for(
+                    spf.check(self.cache, client_ip, sender, helo, self.cfg.hostname),
+                    auth.check_timeout,
+                )
+            except TimeoutError:
+                result = _spf_timed_out(sender, helo)
             count_verdict("spf", result.result)
             self._add_results(message, results.render(self.cfg.hostname, result, [], None))
             return None
@@ -333,14 +340,7 @@ class SenderAuth:
 
         if spf_result is None:
             got = outcome("spf")
-            domain = sender.rpartition("@")[2] if sender else helo
-            spf_result = (
-                got
-                if isinstance(got, spf.SpfResult)
-                else spf.SpfResult(
-                    "temperror", domain, "mailfrom" if sender else "helo", problem="DNS time-out"
-                )
-            )
+            spf_result = got if isinstance(got, spf.SpfResult) else _spf_timed_out(sender, helo)
         if key_answers is None:
             got = outcome("keys")
             key_answers = got if isinstance(got, dict) else {}
@@ -460,6 +460,12 @@ class SenderAuth:
                 except Exception as exc:
                     log.warning("DMARC reports failed: %r", exc)
             await asyncio.sleep(self.cfg.auth.dkim_check_interval)
+
+
+def _spf_timed_out(sender: str, helo: str) -> spf.SpfResult:
+    """The SPF result of a check that ``check_timeout`` cut short."""
+    domain, identity = (sender.rpartition("@")[2], "mailfrom") if sender else (helo, "helo")
+    return spf.SpfResult("temperror", domain, identity, problem="DNS time-out")
 
 
 def _head(message: bytes) -> bytes:
