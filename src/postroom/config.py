@@ -208,7 +208,8 @@ class AuthConfig:
     # Daily DMARC aggregate reports (RFC 7489 §7.2) to the rua= of the domains we checked.
     dmarc_reports: bool = True
     dmarc_report_interval: Duration = Duration(86400)
-    # The DMARC record `postroom dns` prints: its p= and its rua= (empty: postmaster@DOMAIN).
+    # The DMARC record `postroom dns` prints: its p= and its rua= (an address, "mailto:" optional;
+    # empty: postmaster@DOMAIN).
     dmarc_policy: str = "none"
     dmarc_rua: str = ""
     # All DNS for the checks of one message takes at most this long (then: temperror).

@@ -69,28 +69,28 @@ def _policy(text: str, domain: str = "bank.test") -> dmarc.Policy:
 def test_evaluate_alignment_and_policy() -> None:
     rng = random.Random(1)
     sub_spf = SpfResult("pass", "mail.bank.test", "mailfrom")
-    ok = dmarc.evaluate(["bank.test"], _policy("v=DMARC1; p=reject"), sub_spf, [], rng)
+    ok = dmarc.evaluate_domain("bank.test", _policy("v=DMARC1; p=reject"), sub_spf, [], rng)
     assert ok.result == "pass" and ok.spf_aligned  # relaxed: same organizational domain
-    strict = dmarc.evaluate(["bank.test"], _policy("v=DMARC1; p=reject; aspf=s"), sub_spf, [], rng)
+    strict = dmarc.evaluate_domain(
+        "bank.test", _policy("v=DMARC1; p=reject; aspf=s"), sub_spf, [], rng
+    )
     assert strict.result == "fail" and strict.disposition == "reject"
     dk = [DkimResult("pass", "evil.test", "s", "rsa-sha256", "x")]
-    unaligned = dmarc.evaluate(["bank.test"], _policy("v=DMARC1; p=quarantine"), None, dk, rng)
+    unaligned = dmarc.evaluate_domain("bank.test", _policy("v=DMARC1; p=quarantine"), None, dk, rng)
     assert unaligned.result == "fail" and unaligned.disposition == "quarantine"
-    sub = dmarc.evaluate(["x.bank.test"], _policy("v=DMARC1; p=reject; sp=none"), None, [], rng)
-    assert sub.result == "fail" and sub.disposition == "none"  # sp for subdomains
-    assert (
-        dmarc.evaluate(["a.test", "b.test"], _policy("v=DMARC1; p=reject"), None, [], rng).result
-        == "permerror"
+    sub = dmarc.evaluate_domain(
+        "x.bank.test", _policy("v=DMARC1; p=reject; sp=none"), None, [], rng
     )
+    assert sub.result == "fail" and sub.disposition == "none"  # sp for subdomains
     temp = dmarc.Policy(None, temporary="time-out")
-    assert dmarc.evaluate(["bank.test"], temp, None, [], rng).result == "temperror"
+    assert dmarc.evaluate_domain("bank.test", temp, None, [], rng).result == "temperror"
 
 
 def test_pct_samples_with_the_next_milder_policy() -> None:
     rng = random.Random(7)
     outcomes = {
-        dmarc.evaluate(
-            ["bank.test"], _policy("v=DMARC1; p=reject; pct=50"), None, [], rng
+        dmarc.evaluate_domain(
+            "bank.test", _policy("v=DMARC1; p=reject; pct=50"), None, [], rng
         ).disposition
         for _ in range(50)
     }

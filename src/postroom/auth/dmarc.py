@@ -5,13 +5,17 @@ policy at ``_dmarc.<From domain>`` or else at ``_dmarc.<organizational domain>``
 organizational domain coming from the public suffix list (``publicsuffixlist``, §3.2), and
 :func:`evaluate` decides: ``pass`` when an SPF or a DKIM pass is aligned with the From domain
 (relaxed: same organizational domain; strict: the same name, §3.1), ``fail`` otherwise,
-``none`` without a policy, ``temperror`` when DNS failed, ``permerror`` when the message has no
-single From domain. The disposition follows ``p``/``sp`` and ``pct`` (§6.6.4: the mail left out
+``none`` without a policy, ``temperror`` when DNS failed (for the policy, or for an aligned
+SPF or DKIM result that might have passed), ``permerror`` when the message has no usable
+From domain. The disposition follows ``p``/``sp`` and ``pct`` (§6.6.4: the mail left out
 by ``pct`` gets the next milder policy); the random draw is passed in.
 
-Security notes: only the first address of a single From field is used; a message with several
-From fields or several From domains gets ``permerror`` (§6.6.1 allows refusing it; it is not
-refused here, but it never passes).
+From domains are taken as A-labels (§6.6.1: ``x@bänk.test`` is ``xn--bnk-qla.test``, as SPF,
+DKIM and the configuration write it). Security notes: a From field with several addresses,
+or several From fields, would otherwise let a forged domain ride along with one that passes:
+every From domain (up to ``MAX_FROM_DOMAINS``) is checked and the strictest verdict applies
+(§6.6.1: "the most strict policy selected among the checks that fail"); an address without a
+domain, or domains beyond the limit, keep the message from passing (``permerror``).
 """
 
 from __future__ import annotations
@@ -19,18 +23,20 @@ from __future__ import annotations
 import email.utils
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from publicsuffixlist import PublicSuffixList
 
+from postroom.address import normalise_domain
 from postroom.auth.dkim_verify import DkimResult
 from postroom.auth.lookup import Answer, DnsCache
 from postroom.auth.spf import SpfResult
 
 _FROM = re.compile(rb"(?im)^from[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
 POLICIES = ("none", "quarantine", "reject")
+MAX_FROM_DOMAINS = 10  # distinct From domains checked (each costs up to two DNS lookups)
 
 
 @lru_cache(maxsize=1)
@@ -96,7 +102,8 @@ def parse_record(text: str) -> DmarcRecord | None:
 
 
 def from_domains(head: bytes) -> list[str]:
-    """The domains of every address in every From field of the header section ``head``."""
+    """The domains (A-labels, lower case) of every address in every From field of the header
+    section ``head``, in order ("" for an address without one)."""
     domains: list[str] = []
     for m in _FROM.finditer(head):
         domains += _field_domains(m.group(1))
@@ -107,10 +114,24 @@ def from_domains(head: bytes) -> list[str]:
 def _field_domains(raw: bytes) -> tuple[str, ...]:
     """The domain of each address of one From field's value ("" for one without)."""
     value = raw.decode("utf-8", "replace").replace("\r\n", "").replace("\n", "")
-    return tuple(
-        addr.rpartition("@")[2].strip().lower().rstrip(".")
-        for _name, addr in email.utils.getaddresses([value])
-    )
+    return tuple(_author_domain(addr) for _name, addr in email.utils.getaddresses([value]))
+
+
+def _author_domain(addr: str) -> str:
+    """§6.6.1: the domain of ``addr`` as A-labels ("" if it has none)."""
+    local, at, domain = addr.rpartition("@")
+    domain = domain.strip().rstrip(".")
+    if not (at and local and domain):
+        return ""
+    try:
+        return normalise_domain(domain)
+    except ValueError:  # not a name DNS can hold: looked up as written, it has no policy
+        return domain.lower()
+
+
+def author_domains(from_domains_: Sequence[str]) -> list[str]:
+    """The distinct From domains that are checked, in order (at most ``MAX_FROM_DOMAINS``)."""
+    return list(dict.fromkeys(d for d in from_domains_ if d))[:MAX_FROM_DOMAINS]
 
 
 @dataclass(frozen=True)
@@ -196,18 +217,48 @@ def _aligned(a: str, b: str, mode: str) -> bool:
 
 def evaluate(
     from_domains_: Sequence[str],
+    policies: Mapping[str, Policy],
+    spf: SpfResult | None,
+    dkim_results: Sequence[DkimResult],
+    rng: random.Random,
+) -> DmarcResult:
+    """The DMARC verdict for one message (pure, given the lookups): that of each of its
+    :func:`author_domains` (``policies`` holds their policies), the strictest one."""
+    domains = author_domains(from_domains_)
+    if not domains:
+        return DmarcResult("permerror", "", reason="no From domain")
+    verdicts = [
+        evaluate_domain(
+            d, policies.get(d, Policy(None, temporary="not looked up")), spf, dkim_results, rng
+        )
+        for d in domains
+    ]
+    worst = min(verdicts, key=_strictness)
+    if _strictness(worst) >= _strictness(DmarcResult("none", "")):
+        if "" in from_domains_:
+            return DmarcResult(
+                "permerror", worst.from_domain, reason="a From address without a domain"
+            )
+        if len(set(from_domains_)) > len(domains):
+            return DmarcResult("permerror", worst.from_domain, reason="too many From domains")
+    return worst
+
+
+def _strictness(result: DmarcResult) -> tuple[int, int]:
+    """Lower is stricter: a fail (reject, quarantine, none), temperror, none, pass."""
+    if result.result == "fail":
+        return 0, POLICIES[::-1].index(result.disposition)
+    return {"temperror": 1, "permerror": 2, "none": 3}.get(result.result, 4), 0
+
+
+def evaluate_domain(
+    domain: str,
     policy: Policy,
     spf: SpfResult | None,
     dkim_results: Sequence[DkimResult],
     rng: random.Random,
 ) -> DmarcResult:
-    """The DMARC verdict for one message (pure, given the lookups)."""
-    unique = set(from_domains_)
-    if len(from_domains_) == 0 or "" in unique:
-        return DmarcResult("permerror", "", reason="no From domain")
-    if len(unique) > 1:
-        return DmarcResult("permerror", ",".join(sorted(unique)), reason="several From domains")
-    domain = from_domains_[0]
+    """The DMARC verdict for the From domain ``domain`` (A-labels) under ``policy``."""
     if policy.temporary:
         return DmarcResult("temperror", domain, reason=policy.temporary)
     record = policy.record
@@ -230,6 +281,22 @@ def evaluate(
     }
     if spf_ok or dkim_ok:
         return DmarcResult("pass", **base)  # type: ignore[arg-type]
+    # An aligned SPF or DKIM result that DNS trouble left unknown might have passed: the
+    # verdict is not known either, and a passing DNS problem must not refuse mail for good
+    # (RFC 7489 §6.6.2 leaves such mail to local policy; RFC 8601 §2.7.1 temperror).
+    spf_unknown = bool(
+        spf and spf.result == "temperror" and _aligned(spf.domain, domain, record.aspf)
+    )
+    dkim_unknown = any(
+        r.result == "temperror" and _aligned(r.domain, domain, record.adkim) for r in dkim_results
+    )
+    if spf_unknown or dkim_unknown:
+        why = "SPF" if spf_unknown else "DKIM"
+        return DmarcResult(
+            "temperror",
+            reason=f"an aligned {why} result is unknown (DNS)",
+            **base,  # type: ignore[arg-type]
+        )
     disposition = requested
     sampled_out = False
     if record.pct < 100 and rng.randrange(100) >= record.pct:

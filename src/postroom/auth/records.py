@@ -1,6 +1,6 @@
 """The DNS records a local domain publishes, as ``postroom dns`` prints them, and their check.
 
-For a local domain: the MX (pointing at ``hostname``, RFC 5321 §5.1), an SPF TXT
+For a local domain: the MX (pointing at ``hostname``, as A-labels, RFC 5321 §5.1), an SPF TXT
 (``v=spf1 mx -all``: the MX hosts send, nothing else does, RFC 7208), one DKIM TXT per listed
 selector at ``SELECTOR._domainkey.DOMAIN`` (RFC 6376 §3.6.2.1), and a DMARC TXT at
 ``_dmarc.DOMAIN`` with ``[auth] dmarc_policy`` and a ``rua=`` address at the domain (RFC 7489
@@ -12,8 +12,10 @@ class ``IN``, TXT values as quoted strings of at most 255 octets (RFC 1035 §3.3
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict, dataclass
 
+from postroom.address import normalise_domain
 from postroom.auth.dkim_verify import tags
 from postroom.auth.dmarc import parse_record
 from postroom.auth.keys import DkimKey
@@ -44,12 +46,20 @@ def wanted(
     """The records to publish for ``domain`` (``keys``: the listed ones)."""
     origin = f"{domain}."
     out = [
-        DnsRecord(origin, "MX", TTL, f"{MX_PREFERENCE} {hostname.rstrip('.')}."),
+        DnsRecord(origin, "MX", TTL, f"{MX_PREFERENCE} {_a_labels(hostname)}."),
         DnsRecord(origin, "TXT", TTL, "v=spf1 mx -all"),
     ]
     out += [DnsRecord(f"{k.selector}._domainkey.{origin}", "TXT", TTL, k.record()) for k in keys]
     out.append(DnsRecord(f"_dmarc.{origin}", "TXT", TTL, dmarc_value(policy, rua)))
     return out
+
+
+def _a_labels(host: str) -> str:
+    """``host`` as a zone file names it: A-labels, no final dot."""
+    try:
+        return normalise_domain(host)
+    except ValueError:  # not a domain name the config could hold: as written
+        return host.rstrip(".")
 
 
 def txt_strings(value: str) -> list[str]:
@@ -96,10 +106,13 @@ def _same(record: DnsRecord, text: str) -> bool:
 
 
 async def check(cache: DnsCache, records: list[DnsRecord]) -> list[Finding]:
-    """Each record against what DNS answers now (fresh, not from the cache)."""
+    """Each record against what DNS answers now (fresh, not from the cache). The questions
+    are asked together: with a dead server the whole check takes one ``[dns] timeout``."""
+    answers = await asyncio.gather(
+        *(cache.query(record.name, record.type, fresh=True) for record in records)
+    )
     out = []
-    for record in records:
-        answer = await cache.query(record.name, record.type, fresh=True)
+    for record, answer in zip(records, answers, strict=True):
         if answer.temporary:
             out.append(Finding(record, "unknown", answer.error))
             continue

@@ -4,7 +4,7 @@
 ``dkim`` (one result per signature, or ``none``) and ``dmarc`` results (RFC 8601 §2.2, §2.7;
 ``header.b`` from RFC 6008). :func:`strip_ours` removes every field already in the header
 section that names our authserv-id (§5: they cannot be ours, since ours is only added here),
-including folded ones and ones with comments before the id. Pure: bytes in, bytes out.
+including folded ones and ones with (nested) comments before the id. Pure: bytes in, bytes out.
 
 Security notes: values that come from the message or the client (domains, HELO) are reduced
 to RFC 8601 ``value`` characters (a token or a quoted string) so that nothing a sender writes
@@ -22,7 +22,6 @@ from postroom.auth.spf import SpfResult
 
 _FIELD = re.compile(rb"(?im)^authentication-results[ \t]*:")
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~@]+$")
-_COMMENT = re.compile(rb"^\s*\((?:[^()\\]|\\.)*\)")
 
 
 def _value(text: str) -> str:
@@ -78,14 +77,28 @@ def _comment(text: str) -> str:
 
 def authserv_id(value: bytes) -> str:
     """The authserv-id of a field value (after any leading comments)."""
-    rest = value.replace(b"\r\n", b" ").replace(b"\n", b" ")
-    while True:
-        m = _COMMENT.match(rest)
-        if not m:
-            break
-        rest = rest[m.end() :]
-    token = re.split(rb"[\s;()]", rest.strip(), maxsplit=1)[0]
+    rest = _skip_cfws(value.replace(b"\r\n", b" ").replace(b"\n", b" "))
+    token = re.split(rb"[\s;()]", rest, maxsplit=1)[0]
     return token.decode("utf-8", "replace").strip('"').lower().rstrip(".")
+
+
+def _skip_cfws(text: bytes) -> bytes:
+    """``text`` after its leading white space and comments; comments nest and may hold
+    quoted pairs (RFC 5322 §3.2.2). An unclosed comment leaves nothing."""
+    i, depth = 0, 0
+    while i < len(text):
+        c = text[i : i + 1]
+        if c == b"\\" and depth:
+            i += 2
+            continue
+        if c == b"(":
+            depth += 1
+        elif c == b")" and depth:
+            depth -= 1
+        elif not depth and not c.isspace():
+            break
+        i += 1
+    return text[i:] if not depth else b""
 
 
 def mentions_results(head: bytes) -> bool:

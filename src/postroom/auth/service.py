@@ -2,8 +2,9 @@
 
 :meth:`SenderAuth.end_of_data` is called once per message, before the hand-off to the queue:
 
-- from an authenticated user whose ``From:`` domain is local, the message is DKIM-signed
-  with every key of that domain that DNS already shows (``keys.py``);
+- from an authenticated user, Authentication-Results fields that name us are removed and,
+  when its ``From:`` domain is local, the message is DKIM-signed with every key of that
+  domain that DNS already shows (``keys.py``);
 - on the ``smtp`` service, from anyone else, SPF, every DKIM signature and DMARC are checked,
   our forged ``Authentication-Results`` are removed and ours is put on top (RFC 8601); a
   DMARC ``fail`` with ``p=reject`` gets ``550 5.7.1`` (unless ``[auth] dmarc_enforce`` is
@@ -174,14 +175,23 @@ class SenderAuth:
         auth = self.cfg.auth
         too_large = message.size > auth.check_max_size
         if auth_user is not None:
+            # RFC 8601 §5: no client writes results in our name, logged in or not.
+            self._remove_ours(message)
             if auth.dkim_sign and not too_large:
                 await self._sign(message)
             return None
         if port != "smtp" or not auth.checks:
             return None
         if too_large:
-            # Forged results are removed all the same; only SPF is checked (no refusal).
-            result = await spf.check(self.cache, client_ip, sender, helo, self.cfg.hostname)
+            # Forged results are removed all the same; only SPF is checked (no refusal),
+            # within check_timeout as every other message's lookups.
+            try:
+                result = await asyncio.wait_for(
+                    spf.check(self.cache, client_ip, sender, helo, self.cfg.hostname),
+                    auth.check_timeout,
+                )
+            except TimeoutError:
+                result = _spf_timed_out(sender, helo)
             count_verdict("spf", result.result)
             self._add_results(message, results.render(self.cfg.hostname, result, [], None))
             return None
@@ -199,6 +209,15 @@ class SenderAuth:
             message.replace(header + results.strip_ours(message.whole(), self.cfg.hostname))
         else:
             message.prepend(header)
+
+    def _remove_ours(self, message: Message) -> None:
+        """The message without the Authentication-Results fields that name us (a copy of the
+        message only when it has any such field)."""
+        if results.mentions_results(self._client_head(message)):
+            whole = message.whole()
+            stripped = results.strip_ours(whole, self.cfg.hostname)
+            if len(stripped) != len(whole):
+                message.replace(stripped)
 
     async def _sign(self, message: Message) -> None:
         whole = message.whole()
@@ -256,17 +275,24 @@ class SenderAuth:
         What the cache already holds is used at once; only what is missing is asked, all of
         it concurrently (the usual case, everything cached, makes no task and never waits)."""
         from_domains = dmarc.from_domains(head)
-        single = from_domains[0] if len(set(from_domains)) == 1 and from_domains[0] else ""
         sigs = dkim_verify.signatures(head)
         names = dkim_verify.key_names(sigs)
         hostname = self.cfg.hostname
         spf_result = spf.cached(self.cache, client_ip, sender, helo, hostname)
         key_answers = dkim_verify.cached_keys(self.cache, names)
-        policy = dmarc.cached_policy(self.cache, single) if single else dmarc.Policy(None)
-        if spf_result is None or key_answers is None or policy is None:
-            spf_result, key_answers, policy = await self._ask(
-                spf_result, key_answers, policy, names, single, client_ip, helo, sender
+        policies: dict[str, dmarc.Policy] = {}
+        unknown = []  # From domains whose policy is not cached
+        for domain in dmarc.author_domains(from_domains):
+            policy = dmarc.cached_policy(self.cache, domain)
+            if policy is None:
+                unknown.append(domain)
+            else:
+                policies[domain] = policy
+        if spf_result is None or key_answers is None or unknown:
+            spf_result, key_answers, found = await self._ask(
+                spf_result, key_answers, unknown, names, client_ip, helo, sender
             )
+            policies.update(found)
         keys = key_answers
         dkim_results: list[dkim_verify.DkimResult] = []  # no signature: dkim=none
         if sigs:
@@ -277,22 +303,22 @@ class SenderAuth:
                 lambda: dkim_verify.verify(data, keys, sigs),
                 lambda: dkim_verify.timed_out(sigs),
             )
-        dmarc_result = dmarc.evaluate(from_domains, policy, spf_result, dkim_results, self.rng)
+        dmarc_result = dmarc.evaluate(from_domains, policies, spf_result, dkim_results, self.rng)
         return Verdict(spf_result, dkim_results, dmarc_result)
 
     async def _ask(
         self,
         spf_result: spf.SpfResult | None,
         key_answers: dict[str, Answer] | None,
-        policy: dmarc.Policy | None,
+        unknown: list[str],
         names: list[str],
-        single: str,
         client_ip: str,
         helo: str,
         sender: str,
-    ) -> tuple[spf.SpfResult, dict[str, Answer], dmarc.Policy]:
-        """The missing parts of :meth:`verify`, concurrently, within ``check_timeout``; what
-        has no answer by then is a temporary error."""
+    ) -> tuple[spf.SpfResult, dict[str, Answer], dict[str, dmarc.Policy]]:
+        """The missing parts of :meth:`verify` (``unknown``: the From domains whose DMARC
+        policy is wanted), concurrently, within ``check_timeout``; what has no answer by then
+        is a temporary error."""
         jobs: dict[str, asyncio.Future[object]] = {}
         if spf_result is None:
             jobs["spf"] = asyncio.ensure_future(
@@ -300,8 +326,8 @@ class SenderAuth:
             )
         if key_answers is None:
             jobs["keys"] = asyncio.ensure_future(dkim_verify.prefetch(self.cache, names))
-        if policy is None:
-            jobs["policy"] = asyncio.ensure_future(dmarc.discover(self.cache, single))
+        for domain in unknown:
+            jobs[f"policy {domain}"] = asyncio.ensure_future(dmarc.discover(self.cache, domain))
         done, pending = await asyncio.wait(jobs.values(), timeout=self.cfg.auth.check_timeout)
         for job in pending:
             job.cancel()
@@ -314,25 +340,19 @@ class SenderAuth:
 
         if spf_result is None:
             got = outcome("spf")
-            domain = sender.rpartition("@")[2] if sender else helo
-            spf_result = (
-                got
-                if isinstance(got, spf.SpfResult)
-                else spf.SpfResult(
-                    "temperror", domain, "mailfrom" if sender else "helo", problem="DNS time-out"
-                )
-            )
+            spf_result = got if isinstance(got, spf.SpfResult) else _spf_timed_out(sender, helo)
         if key_answers is None:
             got = outcome("keys")
             key_answers = got if isinstance(got, dict) else {}
-        if policy is None:
-            got = outcome("policy")
-            policy = (
+        policies = {}
+        for domain in unknown:
+            got = outcome(f"policy {domain}")
+            policies[domain] = (
                 got
                 if isinstance(got, dmarc.Policy)
                 else dmarc.Policy(None, temporary="DNS time-out")
             )
-        return spf_result, key_answers, policy
+        return spf_result, key_answers, policies
 
     async def _check(
         self, message: Message, client_ip: str, helo: str, sender: str
@@ -383,6 +403,8 @@ class SenderAuth:
         self.ring.ensure(domain, self.clock())
         listed = keys.listed_keys(self.store.load(domain), self.clock())
         rua = self.cfg.auth.dmarc_rua or f"postmaster@{domain}"
+        if rua[:7].lower() == "mailto:":  # given as the record writes it (RFC 7489 §6.4)
+            rua = rua[7:]
         return records.wanted(domain, self.cfg.hostname, listed, self.cfg.auth.dmarc_policy, rua)
 
     # -- periodic work -------------------------------------------------------------------------
@@ -438,6 +460,12 @@ class SenderAuth:
                 except Exception as exc:
                     log.warning("DMARC reports failed: %r", exc)
             await asyncio.sleep(self.cfg.auth.dkim_check_interval)
+
+
+def _spf_timed_out(sender: str, helo: str) -> spf.SpfResult:
+    """The SPF result of a check that ``check_timeout`` cut short."""
+    domain, identity = (sender.rpartition("@")[2], "mailfrom") if sender else (helo, "helo")
+    return spf.SpfResult("temperror", domain, identity, problem="DNS time-out")
 
 
 def _head(message: bytes) -> bytes:
