@@ -366,14 +366,25 @@ def load(path: Path) -> Config:
     """Read and validate a config file."""
     source = str(path)
     try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{source}: file not found") from None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    try:
+        # TOML v1.0.0: "A TOML file must be a valid UTF-8 encoded Unicode document". Decoded
+        # here: tomllib.load raises UnicodeDecodeError for it, which no caller expected (a
+        # reload then killed the server).
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{source}: invalid TOML: not UTF-8 (line {line})") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"{source}: invalid TOML: arrays or tables nested too deep") from None
     return from_dict(raw, source=source, path=path)
 
 
