@@ -397,8 +397,11 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
         raise ConfigError(f"{source}: domains: {exc}") from None
     if not domains:
         raise ConfigError(f"{source}: domains: at least one local domain is needed")
-    if not cfg.hostname or any(c.isspace() for c in cfg.hostname):
-        raise ConfigError(f"{source}: hostname: expected a host name")
+    try:
+        # In the banner, EHLO and Received: an RFC 5321 §4.1.2 Domain, so ASCII (IDNA A-labels).
+        hostname = _normalise_domain(cfg.hostname)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: hostname: expected a host name: {exc}") from None
     if (cfg.tls.cert is None) != (cfg.tls.key is None):
         raise ConfigError(f"{source}: tls: cert and key go together")
     if not 1 <= cfg.workers <= 64:
@@ -433,7 +436,9 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
     # A relative data_dir is relative to the working directory, like every other tool; it is
     # made absolute once, here, so that no later chdir or dir_fd-relative call can misread it.
     data_dir = Path(os.path.abspath(cfg.data_dir))
-    return dataclasses.replace(cfg, domains=domains, data_dir=data_dir, path=path)
+    return dataclasses.replace(
+        cfg, hostname=hostname, domains=domains, data_dir=data_dir, path=path
+    )
 
 
 def _check_storage(storage: StorageConfig, source: str) -> None:
