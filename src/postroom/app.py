@@ -571,8 +571,15 @@ def run(cfg: Config) -> int:
             print(f"postroom: error: {exc}", file=sys.stderr)
             return 1
 
-    status = supervisor.Supervisor(cfg, worker_main).run()
-    for listener in listeners:
-        for sock in listener.socks:
-            sock.close()
+    def stop_listening() -> None:
+        # The workers close their listening sockets at SIGTERM; this process's copies would
+        # keep the ports open, and a new client would wait in the kernel's backlog for an
+        # accept that never comes. Without them it is refused, and an MTA tries the next MX.
+        # (A worker's own /healthz socket stays open until it exits.)
+        for listener in listeners:
+            for sock in listener.socks:
+                sock.close()
+
+    status = supervisor.Supervisor(cfg, worker_main, stop_listening).run()
+    stop_listening()
     return status
