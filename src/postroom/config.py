@@ -85,6 +85,9 @@ def parse_endpoint(value: str, default_port: int | None = None) -> Endpoint:
         close = value.index("]")
         host = value[1:close]
         rest = value[close + 1 :]
+        if ":" not in host:  # RFC 3986 §3.2.2: brackets hold an IPv6 address (IP-literal)
+            raise ValueError(f"bad endpoint {value!r}: brackets are for an IPv6 address")
+        _check_host(host, value)
         if rest.startswith(":"):
             port_text, sep = rest[1:], ":"
         elif rest == "" and default_port is not None:
@@ -96,7 +99,7 @@ def parse_endpoint(value: str, default_port: int | None = None) -> Endpoint:
         if default_port is None:
             raise ValueError(f"expected 'host:port', got {value!r}")
         return value, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ValueError(f"bad port in {value!r}")
     if not host:
         raise ValueError(f"missing host in {value!r}")
