@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -21,6 +22,7 @@ import signal
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -575,6 +577,11 @@ def run(cfg: Config) -> int:
     logs.setup(cfg)
     _raise_fd_limit()
     credentials.dummy_hash()
+    try:
+        data_lock = lock_data_dir(cfg.data_dir)
+    except OSError as exc:
+        print(f"postroom: error: {exc}", file=sys.stderr)
+        return 1
     if cfg.workers > 1 and cfg.listen.http:
         metrics.prepare_directory(cfg.data_dir)
     try:
@@ -611,8 +618,37 @@ def run(cfg: Config) -> int:
             print(f"postroom: error: {exc}", file=sys.stderr)
             return 1
 
-    status = supervisor.Supervisor(cfg, worker_main).run()
-    for listener in listeners:
-        for sock in listener.socks:
-            sock.close()
+    def stop_listening() -> None:
+        # The workers close their listening sockets at SIGTERM; this process's copies would
+        # keep the ports open, and a new client would wait in the kernel's backlog for an
+        # accept that never comes. Without them it is refused, and an MTA tries the next MX.
+        # (A worker's own /healthz socket stays open until it exits.)
+        for listener in listeners:
+            for sock in listener.socks:
+                sock.close()
+
+    status = supervisor.Supervisor(cfg, worker_main, stop_listening).run()
+    stop_listening()
+    os.close(data_lock)
     return status
+
+
+def lock_data_dir(data_dir: Path, wait: float = 5.0) -> int:
+    """An exclusive ``flock`` on ``data_dir`` for as long as this server runs (its workers
+    inherit it): a second ``serve`` on the same directory would run a second queue runner on
+    the same queue and, on stopping, remove the first one's control socket. Waits ``wait``
+    seconds for a server that is just going (its workers die with the supervisor, a moment
+    later); then OSError."""
+    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise OSError(
+                    f"{data_dir}: another `postroom serve` is running with this data_dir"
+                ) from None
+            time.sleep(0.1)

@@ -415,7 +415,8 @@ def _show_queue(cfg: Config, queue: MessageQueue, args: argparse.Namespace) -> i
         errors = "; ".join(r.last_error for r in e.recipients if r.last_error)
         print(
             "\t".join(
-                [
+                _cell(field)
+                for field in [
                     e.id,
                     _iso(e.created) or "-",
                     str(e.size),
@@ -427,6 +428,15 @@ def _show_queue(cfg: Config, queue: MessageQueue, args: argparse.Namespace) -> i
             )
         )
     return 0
+
+
+_CONTROLS = {c: " " for c in [*range(0x20), 0x7F]}
+
+
+def _cell(text: str) -> str:
+    """A field of a ``queue list`` line: a remote reply may hold a tab (RFC 5321 §4.2
+    textstring), which would add a column, or another control character; each is a space."""
+    return text.translate(_CONTROLS)
 
 
 def _sender_auth(stores: AdminStores) -> SenderAuth:

@@ -85,6 +85,9 @@ def parse_endpoint(value: str, default_port: int | None = None) -> Endpoint:
         close = value.index("]")
         host = value[1:close]
         rest = value[close + 1 :]
+        if ":" not in host:  # RFC 3986 §3.2.2: brackets hold an IPv6 address (IP-literal)
+            raise ValueError(f"bad endpoint {value!r}: brackets are for an IPv6 address")
+        _check_host(host, value)
         if rest.startswith(":"):
             port_text, sep = rest[1:], ":"
         elif rest == "" and default_port is not None:
@@ -96,7 +99,7 @@ def parse_endpoint(value: str, default_port: int | None = None) -> Endpoint:
         if default_port is None:
             raise ValueError(f"expected 'host:port', got {value!r}")
         return value, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ValueError(f"bad port in {value!r}")
     if not host:
         raise ValueError(f"missing host in {value!r}")
@@ -367,14 +370,25 @@ def load(path: Path) -> Config:
     """Read and validate a config file."""
     source = str(path)
     try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{source}: file not found") from None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    try:
+        # TOML v1.0.0: "A TOML file must be a valid UTF-8 encoded Unicode document". Decoded
+        # here: tomllib.load raises UnicodeDecodeError for it, which no caller expected (a
+        # reload then killed the server).
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{source}: invalid TOML: not UTF-8 (line {line})") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"{source}: invalid TOML: arrays or tables nested too deep") from None
     return from_dict(raw, source=source, path=path)
 
 
@@ -387,8 +401,11 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
         raise ConfigError(f"{source}: domains: {exc}") from None
     if not domains:
         raise ConfigError(f"{source}: domains: at least one local domain is needed")
-    if not cfg.hostname or any(c.isspace() for c in cfg.hostname):
-        raise ConfigError(f"{source}: hostname: expected a host name")
+    try:
+        # In the banner, EHLO and Received: an RFC 5321 §4.1.2 Domain, so ASCII (IDNA A-labels).
+        hostname = _normalise_domain(cfg.hostname)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: hostname: expected a host name: {exc}") from None
     if (cfg.tls.cert is None) != (cfg.tls.key is None):
         raise ConfigError(f"{source}: tls: cert and key go together")
     if not 1 <= cfg.workers <= 64:
@@ -423,7 +440,9 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
     # A relative data_dir is relative to the working directory, like every other tool; it is
     # made absolute once, here, so that no later chdir or dir_fd-relative call can misread it.
     data_dir = Path(os.path.abspath(cfg.data_dir))
-    return dataclasses.replace(cfg, domains=domains, data_dir=data_dir, path=path)
+    return dataclasses.replace(
+        cfg, hostname=hostname, domains=domains, data_dir=data_dir, path=path
+    )
 
 
 def _check_storage(storage: StorageConfig, source: str) -> None:

@@ -81,9 +81,12 @@ def backoff(restarts: int) -> float:
 class Supervisor:
     """Forks ``cfg.workers`` workers running ``main`` and looks after them."""
 
-    def __init__(self, cfg: Config, main: WorkerMain) -> None:
+    def __init__(
+        self, cfg: Config, main: WorkerMain, on_stop: Callable[[], None] | None = None
+    ) -> None:
         self.cfg = cfg
         self.main = main
+        self.on_stop = on_stop  # called once, when the server begins to stop
         self.slots = [_Slot(i) for i in range(cfg.workers)]
         self.stopping = False
         self.status = 0
@@ -190,6 +193,8 @@ class Supervisor:
                     os.kill(slot.pid, sig)
 
     def stop(self, status: int | None = None) -> None:
+        if not self.stopping and self.on_stop is not None:
+            self.on_stop()
         self.stopping = True
         for slot in self.slots:
             slot.due = None

@@ -1,0 +1,56 @@
+"""``queue list`` prints one tab-separated line per message, but the last error is a remote
+server's reply text, which RFC 5321 §4.2 lets hold tabs (textstring = 1*(HT / SP / VCHAR)):
+a greylisting reply with tabs gave that message more columns than every other, so
+``cut -f7`` or ``awk -F'\\t'`` read the wrong field. A field's control characters are shown as
+spaces now; ``--json`` keeps the reply as it came."""
+
+from __future__ import annotations
+
+import json
+import smtplib
+
+import pytest
+
+from tests import smtpsink
+from tests.conftest import ServerFactory, wait_until
+from tests.dnszone import LoopbackDNS
+
+REPLY = "451 4.7.1 greylisted\ttry again\tin 5 minutes"
+
+
+def test_a_tab_in_the_last_error_keeps_seven_columns(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(smtpsink.RULES, "tabs", REPLY)
+    dns = LoopbackDNS("127.0.0.176")
+    try:
+        with smtpsink.smtp_sink("127.0.0.176") as sink:
+            dns.mx("b.test", 10, "mx.b.test")
+            dns.a("mx.b.test", "127.0.0.176")
+            srv = server_factory(
+                host="127.0.0.176",
+                services=("smtp",),
+                extra_toml=(
+                    f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "3s"\n'
+                    f"[delivery]\nport = {sink.server_address[1]}\n"
+                    'retry_intervals = ["1h"]\n[auth]\nchecks = false\n'
+                ),
+            )
+            srv.cli("alias", "add", "away@a.test", "tabs@b.test")  # mail to b.test is relayed
+            with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as client:
+                client.sendmail("", ["away@a.test"], b"Subject: t\r\n\r\nx\r\n")
+
+            def deferred() -> bool:
+                shown = json.loads(srv.cli("queue", "list", "--json").stdout)
+                return bool(shown) and shown[0]["recipients"][-1]["status"] == "deferred"
+
+            wait_until(deferred, 20, "the remote recipient to be deferred")
+            rows = srv.cli("queue", "list").stdout.splitlines()
+            assert len(rows) == 1
+            columns = rows[0].split("\t")
+            assert len(columns) == 7, columns
+            assert columns[6] == REPLY.replace("\t", " ")
+            shown = json.loads(srv.cli("queue", "list", "--json").stdout)
+            assert shown[0]["recipients"][-1]["last_error"] == REPLY
+    finally:
+        dns.stop()
