@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from postroom import events
-from postroom.delivery.dsn import Action, DsnRecipient, build_dsn, format_date
+from postroom.delivery.dsn import Action, DsnRecipient, build_dsn, failure_status, format_date
 from postroom.delivery.remote import DeliveryResult, RemoteDelivery, needs_relayed_dsn
 from postroom.errors import LeaseLost, QueueError, TemporaryStorageError
 from postroom.queue import schedule
@@ -555,18 +554,9 @@ def _attempts(now: float, results: list[tuple[Recipient, DeliveryResult]]) -> li
     ]
 
 
-_STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
-
-
 def _dsn_recipient(rcpt: Recipient, action: Action, now: float) -> DsnRecipient:
     error = rcpt.last_error or ""
-    match = _STATUS.search(error)
-    if action == "failed":
-        status = match.group(1) if match else ("5.0.0" if error.startswith("5") else "4.4.7")
-        if status.startswith("2"):
-            status = "5.0.0"
-    else:
-        status = "2.0.0"
+    status = failure_status(error) if action == "failed" else "2.0.0"
     original = rcpt.orcpt or (f"rfc822;{rcpt.original}" if rcpt.original else None)
     return DsnRecipient(
         final_recipient=rcpt.address,
