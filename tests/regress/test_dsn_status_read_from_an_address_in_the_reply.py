@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from postroom.delivery.advice import advise
 from postroom.delivery.dsn import build_dsn
 from postroom.queue.envelope import Recipient
 from postroom.queue.runner import _dsn_recipient
@@ -61,3 +62,11 @@ def test_status_is_the_replys_own_code_or_its_class(reply: str, status: str) -> 
 )
 def test_codes_of_temporary_errors_that_gave_out_are_kept(reply: str, status: str) -> None:
     assert bounce_status(reply)[0] == status
+
+
+def test_advice_is_not_read_out_of_an_address_either() -> None:
+    # 4.2.2 read out of the address gave "the recipient's mailbox is full" in the bounce.
+    assert advise("550 Client host [10.4.2.2] blocked", "a.test") is None
+    hint = advise("552 4.2.2 mailbox full", "a.test")  # mismatched class: the words still count
+    assert hint is not None and hint.cause == "mailbox_full"
+    assert advise("452 4.2.2 over quota", "a.test") is not None

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from postroom.delivery.advice import advise, sender_domain
-from postroom.wire.replies import parse_status
+from postroom.wire.replies import status_of
 
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 
@@ -42,7 +42,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
 _REPLY_CODES = re.compile(r"^(?:[2-5]\d\d[ -])?(?:[245]\.\d{1,3}\.\d{1,3}(?:\s+|$))?")
-_REPLY_CODE = re.compile(r"^([2-5])\d\d(?:[ -]|$)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,22 +62,14 @@ class DsnRecipient:
 
 def failure_status(reply: str) -> str:
     """The Status (RFC 3463) of a recipient that failed with ``reply``, as the queue keeps it
-    (``550 5.1.1 text``, ``451 4.4.1 text``, or a bare ``4.4.7 text``).
-
-    Only the enhanced code right after the reply code counts, and only if its class is the
-    reply code's (RFC 3463 §2; RFC 2034 §4): a reply without one (``550 host [10.4.5.6]
-    blocked``) gets 5.0.0, never a status read out of an address in its text. A temporary
-    error that gave out at ``max_queue_time`` keeps its own code, or 4.4.7 (delivery time
-    expired)."""
-    text = reply.strip()
-    code = _REPLY_CODE.match(text)
-    klass = code.group(1) if code else ""
-    if code:
-        text = text[code.end() :]
-    status, _ = parse_status(text)
-    if status and status[0] in "45" and klass in ("", status[0]):
+    (``550 5.1.1 text``, ``451 4.4.1 text``, or a bare ``4.4.7 text``): its own enhanced code
+    (:func:`~postroom.wire.replies.status_of`: never one read out of an address in the
+    text), else 5.0.0 for a refusal; a temporary error that gave out at ``max_queue_time``
+    keeps its code, or gets 4.4.7 (delivery time expired)."""
+    status = status_of(reply)
+    if status[:1] in ("4", "5"):
         return status
-    return "5.0.0" if (klass or text[:1]) in ("2", "5") else "4.4.7"
+    return "5.0.0" if reply.strip()[:1] in ("2", "5") else "4.4.7"
 
 
 def xtext_decode(value: str) -> str:
