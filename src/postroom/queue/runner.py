@@ -471,11 +471,8 @@ class QueueRunner:
         if not envelope.sender:
             return
         now = self._clock()
-        failures = [
-            _dsn_recipient(r, "failed", now)
-            for r in failed
-            if r.notify is None or "FAILURE" in r.notify
-        ]
+        reported = [r for r in failed if r.notify is None or "FAILURE" in r.notify]
+        failures = [_dsn_recipient(r, "failed", now) for r in reported]
         successes = []
         for r in done:
             if r.notify and "SUCCESS" in r.notify:
@@ -513,7 +510,21 @@ class QueueRunner:
                 queue_id=envelope.id,
             )
             # A refusal raises: this attempt is recorded as failed and retried later.
-            await self.accept_made_here("", report_to, report, bounce_id)
+            try:
+                await self.accept_made_here("", report_to, report, bounce_id)
+            except Exception:  # a full disk (TemporaryStorageError), a database gone, ...
+                if group is failures:
+                    # Stored as bounced, they would never be reported: they stay deferred,
+                    # with their error, and the next attempt finds the failure again.
+                    for r in reported:
+                        r.status = "deferred"
+                    self.services.log.warning(
+                        "%s: the report of %d failed recipient(s) could not be queued;"
+                        " tried again at the next attempt",
+                        envelope.id,
+                        len(reported),
+                    )
+                raise
             events.bounce_queued(envelope.id, bounce_id, envelope.sender, group[0].action)
 
     def _report_to(self, sender: str) -> list[str]:
