@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from postroom.wire.replies import status_of
+
 
 @dataclass(frozen=True, slots=True)
 class Advice:
@@ -142,15 +144,12 @@ RULES: tuple[_Rule, ...] = (
     ),
 )
 
-_STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
-
 
 def advise(reply: str | None, domain: str) -> Advice | None:
     """The advice for a remote ``reply`` (e.g. ``550 5.7.26 ...``) about mail from ``domain``."""
     if not reply:
         return None
-    found = _STATUS.search(reply)
-    status = found.group(1) if found else ""
+    status = status_of(reply)
     for rule in RULES:
         if rule.status is not None and not rule.status.match(status):
             continue

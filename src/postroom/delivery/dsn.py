@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from postroom.delivery.advice import advise, sender_domain
+from postroom.wire.replies import status_of
 
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 
@@ -57,6 +58,18 @@ class DsnRecipient:
     diagnostic: str | None = None
     last_attempt: _dt.datetime | float | None = None
     will_retry_until: _dt.datetime | float | None = None  # for "delayed"
+
+
+def failure_status(reply: str) -> str:
+    """The Status (RFC 3463) of a recipient that failed with ``reply``, as the queue keeps it
+    (``550 5.1.1 text``, ``451 4.4.1 text``, or a bare ``4.4.7 text``): its own enhanced code
+    (:func:`~postroom.wire.replies.status_of`: never one read out of an address in the
+    text), else 5.0.0 for a refusal; a temporary error that gave out at ``max_queue_time``
+    keeps its code, or gets 4.4.7 (delivery time expired)."""
+    status = status_of(reply)
+    if status[:1] in ("4", "5"):
+        return status
+    return "5.0.0" if reply.strip()[:1] in ("2", "5") else "4.4.7"
 
 
 def xtext_decode(value: str) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from postroom import events
-from postroom.delivery.dsn import Action, DsnRecipient, build_dsn, format_date
+from postroom.delivery.dsn import Action, DsnRecipient, build_dsn, failure_status, format_date
 from postroom.delivery.remote import DeliveryResult, RemoteDelivery, needs_relayed_dsn
 from postroom.errors import LeaseLost, QueueError, TemporaryStorageError
 from postroom.queue import schedule
@@ -472,11 +471,8 @@ class QueueRunner:
         if not envelope.sender:
             return
         now = self._clock()
-        failures = [
-            _dsn_recipient(r, "failed", now)
-            for r in failed
-            if r.notify is None or "FAILURE" in r.notify
-        ]
+        reported = [r for r in failed if r.notify is None or "FAILURE" in r.notify]
+        failures = [_dsn_recipient(r, "failed", now) for r in reported]
         successes = []
         for r in done:
             if r.notify and "SUCCESS" in r.notify:
@@ -514,7 +510,21 @@ class QueueRunner:
                 queue_id=envelope.id,
             )
             # A refusal raises: this attempt is recorded as failed and retried later.
-            await self.accept_made_here("", report_to, report, bounce_id)
+            try:
+                await self.accept_made_here("", report_to, report, bounce_id)
+            except Exception:  # a full disk (TemporaryStorageError), a database gone, ...
+                if group is failures:
+                    # Stored as bounced, they would never be reported: they stay deferred,
+                    # with their error, and the next attempt finds the failure again.
+                    for r in reported:
+                        r.status = "deferred"
+                    self.services.log.warning(
+                        "%s: the report of %d failed recipient(s) could not be queued;"
+                        " tried again at the next attempt",
+                        envelope.id,
+                        len(reported),
+                    )
+                raise
             events.bounce_queued(envelope.id, bounce_id, envelope.sender, group[0].action)
 
     def _report_to(self, sender: str) -> list[str]:
@@ -555,18 +565,9 @@ def _attempts(now: float, results: list[tuple[Recipient, DeliveryResult]]) -> li
     ]
 
 
-_STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
-
-
 def _dsn_recipient(rcpt: Recipient, action: Action, now: float) -> DsnRecipient:
     error = rcpt.last_error or ""
-    match = _STATUS.search(error)
-    if action == "failed":
-        status = match.group(1) if match else ("5.0.0" if error.startswith("5") else "4.4.7")
-        if status.startswith("2"):
-            status = "5.0.0"
-    else:
-        status = "2.0.0"
+    status = failure_status(error) if action == "failed" else "2.0.0"
     original = rcpt.orcpt or (f"rfc822;{rcpt.original}" if rcpt.original else None)
     return DsnRecipient(
         final_recipient=rcpt.address,

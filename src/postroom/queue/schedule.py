@@ -18,11 +18,14 @@ def next_attempt(
     deadline: float = float("inf"),
 ) -> float:
     """The time of the next try after the ``failures``-th temporary failure (1-based), but
-    not after ``deadline`` (when ``max_queue_time`` is up: one last try, then the bounce)."""
+    not after ``deadline`` (when ``max_queue_time`` is up: one last try, then the bounce).
+    Once the deadline has passed (that last try could not finish: its report could not be
+    queued, or it failed) the waits apply again: never an immediate retry loop."""
     if failures < 1:
         return now
     wait = intervals[min(failures, len(intervals)) - 1]
-    return min(now + wait * (1.0 + jitter), deadline)
+    later = now + wait * (1.0 + jitter)
+    return later if deadline <= now else min(later, deadline)
 
 
 def expired(created: float, now: float, max_queue_time: float) -> bool:

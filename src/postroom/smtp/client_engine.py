@@ -650,6 +650,11 @@ class ClientEngine:
                 self._out += end
                 self._awaiting.append((self._on_data_end, TIMEOUT_DATA_END))
             return
+        if reply.is_positive:
+            # RFC 5321 §4.3.2: DATA gets 354 or a failure. Any other positive reply means
+            # nothing was sent, so it must never count as a delivery: a protocol error.
+            self._fail(_local(421, "4.5.0", f"protocol error: {reply} in reply to DATA"))
+            return
         for i in self._accepted(txn):
             txn.results[i] = RecipientResult(txn.message.recipients[i], _outcome(reply), reply)
         self._end_txn(txn)

@@ -8,6 +8,7 @@ turns anything else (a non-ASCII or control character in text made at run time) 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -85,6 +86,24 @@ def parse_status(text: str) -> tuple[str, str]:
     if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] in "245":
         return head, rest
     return "", text
+
+
+_REPLY_CODE = re.compile(r"^([2-5])\d\d(?:[ -]|$)")
+
+
+def status_of(reply: str) -> str:
+    """The enhanced status code of a reply kept as text (``550 5.1.1 no such user``, or
+    without its reply code: ``4.4.7 delivery time expired``), or "" if it has none: only the
+    code right after the reply code counts, and only if its class is the reply code's (RFC 3463
+    §2), never digits further on (``550 host [10.4.5.6] blocked`` has none)."""
+    text = reply.strip()
+    code = _REPLY_CODE.match(text)
+    if code:
+        text = text[code.end() :]
+    status, _ = parse_status(text)
+    if status and code and status[0] != code.group(1):
+        return ""
+    return status
 
 
 R = Reply.make

@@ -1,0 +1,88 @@
+"""A bounce that could not be queued (the disk full, the queue refusing it with a 452) was lost
+for good: the attempt that found the permanent failure had already marked the recipient
+"bounced", and the error path stored that state, so the retry the runner's comment promised
+found nothing left to report. Now the recipients whose report could not be queued stay
+deferred, with their error, and the next attempt reports them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+from postroom.errors import TemporaryStorageError
+from postroom.queue.envelope import Envelope
+from postroom.resolver import RouteFailure
+from postroom.storage.interfaces import LocalCopy, MessageDraft
+from tests.unit.test_runner import MemoryQueue, accept, envelope, make
+
+
+class FullForBounces(MemoryQueue):
+    """Refuses the reports (null sender) while ``full`` is set, as a full disk would."""
+
+    full = True
+
+    async def accept(
+        self,
+        envelope: Envelope,
+        draft: MessageDraft,
+        deliver_now: Sequence[LocalCopy],
+        hold: bool = False,
+    ) -> list[OSError | None]:
+        if self.full and not envelope.sender:
+            raise TemporaryStorageError("No space left on device")
+        return await super().accept(envelope, draft, deliver_now, hold)
+
+
+def test_a_bounce_refused_by_the_queue_is_made_at_the_next_attempt(tmp_path: Path) -> None:
+    runner, _queue, _boxes, clock = make(tmp_path, {})  # every domain: NXDOMAIN
+    queue = FullForBounces()
+    runner.queue = runner.services.queue = queue
+    runner.mailboxes.queue = queue
+    env = envelope("Q1", "bob@nowhere.test")
+    asyncio.run(accept(runner, env))
+    assert [e.sender for e, _b in queue.messages.values()] == ["alice@a.test"]  # no report yet
+    (rcpt,) = env.recipients
+    assert rcpt.status == "deferred" and "5.1.2" in (rcpt.last_error or "")
+    assert "Q1" in queue.messages and env.next_attempt > clock.now
+
+    queue.full = False
+    clock.now = env.next_attempt
+
+    async def retry() -> None:
+        runner._start(env)
+        await asyncio.gather(*runner._inflight.values())
+
+    asyncio.run(retry())
+    assert env.recipients[0].status == "bounced"
+    (report,) = [b for e, b in queue.messages.values() if not e.sender]
+    assert b"bob@nowhere.test" in report and b"Status: 5.1.2" in report
+    assert "Q1" not in queue.messages
+
+
+def test_an_expired_message_whose_bounce_is_refused_waits_for_the_next_interval(
+    tmp_path: Path,
+) -> None:
+    # Deferred until max_queue_time, then the report refused: kept deferred, and retried after
+    # the last retry interval, not at the deadline already past (an immediate retry loop).
+    runner, _queue, _boxes, clock = make(tmp_path, {"b.test": RouteFailure("4.4.3", "SERVFAIL")})
+    queue = FullForBounces()
+    runner.queue = runner.services.queue = queue
+    env = envelope("Q1", "bob@b.test")
+    asyncio.run(accept(runner, env))
+    clock.now = env.created + 86400 + 1  # max_queue_time ("1d") is up
+
+    async def attempt() -> None:
+        runner._start(env)
+        await asyncio.gather(*runner._inflight.values())
+
+    asyncio.run(attempt())
+    (rcpt,) = env.recipients
+    assert rcpt.status == "deferred" and "SERVFAIL" in (rcpt.last_error or "")
+    assert env.next_attempt >= clock.now + 3600  # retry_intervals = ["5m", "1h"]
+    queue.full = False
+    clock.now = env.next_attempt
+    asyncio.run(attempt())
+    assert env.recipients[0].status == "bounced"
+    (report,) = [b for e, b in queue.messages.values() if not e.sender]
+    assert b"Status: 4.4.3" in report and b"SERVFAIL" in report
