@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -511,5 +512,38 @@ def test_relayed_dsn_owed_when_next_hop_lacks_dsn() -> None:
         assert res.outcome is Outcome.DELIVERED
         assert needs_relayed_dsn(res)
         assert "NOTIFY" not in " ".join(sink.commands)
+
+    run(main)
+
+
+def test_a_server_that_stops_answering_times_out() -> None:
+    # Greets, then never answers: the wait for its reply ends at the reply time-out with a
+    # temporary failure (and the next host would be tried), never a hang.
+    port = free_port()
+
+    async def main() -> None:
+        done = asyncio.Event()
+
+        async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"220 mute.test ESMTP\r\n")
+            await reader.read(1000)  # the EHLO, left unanswered
+            await done.wait()
+            writer.close()
+            await writer.wait_closed()
+
+        server = await asyncio.start_server(mute, "127.0.0.8", port)
+        resolver = StaticResolver({"b.test": Route((mx("mx1.b.test", "127.0.0.8", 10),))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=1)
+        started = time.monotonic()
+        try:
+            (res,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+        finally:
+            await remote.aclose()
+            done.set()
+            server.close()
+            await server.wait_closed()
+        assert time.monotonic() - started < 5
+        assert res.outcome is Outcome.TEMPORARY
+        assert "time-out" in res.reply.text, res.reply
 
     run(main)

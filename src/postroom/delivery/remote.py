@@ -114,7 +114,7 @@ class _Session(asyncio.Protocol):
         self.cap = cap
         self.transport: asyncio.Transport | None = None
         self.last_used = time.monotonic()
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # next_event waiting for the server
         self._writable = asyncio.Event()
         self._writable.set()
 
@@ -125,18 +125,23 @@ class _Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.engine.receive_data(data)
-        self._wake.set()
+        self._wake()
 
     def eof_received(self) -> bool | None:
         self.engine.connection_lost("connection closed by the server")
-        self._wake.set()
+        self._wake()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f"connection lost: {exc}" if exc else "connection closed by the server"
         self.engine.connection_lost(reason)
-        self._wake.set()
+        self._wake()
         self._writable.set()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -164,12 +169,19 @@ class _Session(asyncio.Protocol):
             event = self.engine.next_event()
             if event is not None:
                 return event
-            wait = self.engine.timeout()
-            self._wake.clear()
+            # A future and a timer rather than asyncio.wait_for, which makes a task per wait:
+            # several waits per relayed message. Nothing runs between the engine's answer
+            # above and the waiter's start, so no input can slip by unseen.
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(self._limit(self.engine.timeout() or 300.0), _expire, waiter)
             try:
-                await asyncio.wait_for(self._wake.wait(), self._limit(wait or 300.0))
+                await waiter
             except TimeoutError:
                 self.engine.connection_lost("time-out waiting for the server's reply")
+            finally:
+                timer.cancel()
+                self._waiter = None
 
     def close(self) -> None:
         if self.transport is not None:
@@ -200,6 +212,11 @@ class _Session(asyncio.Protocol):
     async def _until_closed(self) -> None:
         while not isinstance(await self.next_event(), Closed):
             pass
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class RemoteDelivery:
