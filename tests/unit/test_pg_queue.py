@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from postroom.auth.keys import KeyRing
+from postroom.auth.keys import DkimKey, KeyRing
 from postroom.errors import LeaseLost, QueueError
 from postroom.queue.envelope import Attempt
 from postroom.storage.postgresql import db
@@ -287,3 +287,37 @@ def test_dkim_keys_are_shared_and_clashes_are_caught(pg_url: str) -> None:
             await watcher.close()
 
     run(main())
+
+
+def test_keys_made_meanwhile_by_another_node_are_taken_not_an_error(pg_url: str) -> None:
+    """Two nodes (or `postroom dns` on two nodes) finding no keys at once: the one whose save
+    loses takes the other's keys, as it would have had it come a moment later."""
+
+    class SeesNoneYet:
+        """A store whose first load returns before the other node saves its first pair."""
+
+        def __init__(self, inner: PgKeyStore, other: PgKeyStore) -> None:
+            self.inner, self.other, self.first = inner, other, True
+
+        def load(self, domain: str) -> list[DkimKey]:
+            keys = self.inner.load(domain)
+            if self.first:
+                self.first = False
+                KeyRing(self.other, 3600).ensure(domain, 1000.0)
+            return keys
+
+        def save(self, domain: str, keys: list[DkimKey]) -> None:
+            self.inner.save(domain, keys)
+
+        def version(self, domain: str) -> object:
+            return self.inner.version(domain)
+
+    run(migrate(pg_url))
+    mine, theirs = PgKeyStore(pg_url, live=False), PgKeyStore(pg_url, live=False)
+    try:
+        got = KeyRing(SeesNoneYet(mine, theirs), 3600).ensure("a.test", 1001.0)
+        assert {k.created for k in got} == {1000.0}  # the other's pair, and no second one
+        assert {k.created for k in theirs.load("a.test")} == {1000.0}
+    finally:
+        mine.close()
+        theirs.close()
