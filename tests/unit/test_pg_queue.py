@@ -8,6 +8,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from postroom.auth.keys import DkimKey, KeyRing
@@ -321,3 +322,46 @@ def test_keys_made_meanwhile_by_another_node_are_taken_not_an_error(pg_url: str)
     finally:
         mine.close()
         theirs.close()
+
+
+@pytest.mark.parametrize("confused", [False, True])
+def test_a_commit_stands_when_its_connection_breaks_on_the_way_back_to_the_pool(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, confused: bool
+) -> None:
+    """PostgreSQL going away just after an intake's commit (its reply read) broke the
+    connection as the pool reset it, and the message that was stored got a 452: its client
+    sent it again, and the mailbox had it twice. ``confused``: asyncpg, whose connection got
+    the server's farewell in the middle of the reset, reports its own protocol state (as it
+    did under a PostgreSQL fast shutdown) rather than a closed connection."""
+    armed: list[int] = []
+    reset = asyncpg.Connection.reset
+
+    async def breaking_reset(self: asyncpg.Connection, *, timeout: float | None = None) -> None:
+        if armed:
+            armed.clear()
+            killer = await asyncpg.connect(pg_url)
+            try:
+                await killer.execute("SELECT pg_terminate_backend($1)", self.get_server_pid())
+            finally:
+                await killer.close()
+            for _ in range(100):  # until the client has read the server's farewell
+                if self.is_closed():
+                    break
+                await asyncio.sleep(0.01)
+            if confused:
+                raise asyncpg.exceptions.InternalClientError(
+                    "cannot switch to state 15; another operation (2) is in progress"
+                )
+        await reset(self, timeout=timeout)
+
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path, count=1) as (a,):
+            monkeypatch.setattr(asyncpg.Connection, "reset", breaking_reset)
+            armed.append(1)
+            await a.accept(["ann@a.test"])  # no TemporaryStorageError: it is committed
+            assert not armed  # the connection did break on its way back
+            drop = a.maildrop("ann@a.test")
+            assert len(await drop.open()) == 1
+            await drop.close()
+
+    run(main())
