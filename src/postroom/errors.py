@@ -11,6 +11,7 @@
     │   └── LeaseLost             another node took a queued message over (or it was deleted)
     ├── TemporaryStorageError     the disk refused a write (full, read-only): answer 4xx, keep going
     ├── MailboxInUse              another POP3 session holds the maildrop: ``-ERR [IN-USE]``
+    ├── KeysChanged               another node changed a domain's DKIM keys since they were read
     └── ImportSourceError         import-maildir: the source is no Maildir, a setting is unreadable
 
     EngineMisuse (a RuntimeError)  our own code used a sans-I/O engine wrongly: a bug, never caught
@@ -53,6 +54,10 @@ class LeaseLost(QueueError):
 
 class TemporaryStorageError(PostroomError):
     """Storage failed in a way that may heal (disk full, read-only): the peer gets a 4xx."""
+
+
+class KeysChanged(PostroomError):
+    """Another node changed the domain's DKIM keys between this one's load and save."""
 
 
 class MailboxInUse(PostroomError):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Server, ServerFactory, insecure, run_cli
+from tests.pgserver import PgServer
 
 SERVICES = ("smtp", "submission", "pop3")
 
@@ -108,6 +109,7 @@ def test_aliases_and_user_del_from_any_node(nodes: tuple[Server, Server]) -> Non
 
 
 def _config(tmp_path: Path, url: str) -> Path:
+    tmp_path.mkdir(exist_ok=True)
     cfg = tmp_path / "node.toml"
     cfg.write_text(f'domains = ["a.test"]\ndata_dir = "{tmp_path / "data"}"\n' + storage_toml(url))
     return cfg
@@ -124,6 +126,33 @@ def test_db_check_and_migrate(tmp_path: Path, pg_url: str) -> None:
     ok = run_cli("db", "check", config=cfg)
     assert "pending: none" in ok.stdout
     assert "up to date" in run_cli("db", "migrate", config=cfg).stdout
+
+
+def test_queue_and_dns_commands_on_a_database_no_node_has_used_yet(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    # Each command is the first to touch a fresh database, as `user add` may be: it applies
+    # the schema rather than failing (with a traceback) on a table that is not there yet.
+    listed = run_cli("queue", "list", config=_config(tmp_path / "a", pg_server.new_database()))
+    assert listed.stdout == "" and "Traceback" not in listed.stderr
+    as_json = run_cli(
+        "queue", "list", "--json", config=_config(tmp_path / "b", pg_server.new_database())
+    )
+    assert as_json.stdout.strip() == "[]"
+    unknown = run_cli(
+        "queue",
+        "show",
+        "0661A7A739A332005A7371FCD13D0000",
+        config=_config(tmp_path / "c", pg_server.new_database()),
+        check=False,
+    )
+    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+    # The DKIM keys are made once, by the first command that needs them; every node then
+    # prints the same records.
+    url = pg_server.new_database()
+    first = run_cli("dns", "a.test", config=_config(tmp_path / "d", url))
+    assert "._domainkey.a.test." in first.stdout
+    assert run_cli("dns", "a.test", config=_config(tmp_path / "e", url)).stdout == first.stdout
 
 
 def test_db_check_unreachable_and_db_on_local_backend(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@
 - a remote delivery whose lease this worker could not confirm for half a lease (another
   "node" took the row over through SQL while the remote host stalled at DATA) is abandoned
   before its final dot: the remote host never commits it, and nothing is recorded;
+- the outcome of a delivery that PostgreSQL could not record (it went away just after the
+  remote host's 250) is recorded once it is back, so the message is not sent twice;
 - a metrics scrape never waits for a slow database (the queue table locked by another
   session), and ``postroom_storage_up`` says whether the database answers.
 """
@@ -167,6 +169,41 @@ def test_a_delivery_held_at_data_while_postgresql_is_away_is_abandoned_then_sent
             wait_until(node.queue_empty, 20, "the message to leave the queue")
             time.sleep(1)
             assert len(held.accepted) == 1 and held.accepted[0].endswith(b"held while away\r\n")
+            with contextlib.suppress(OSError):
+                node.stop()
+    finally:
+        held.close()
+
+
+def test_an_outcome_postgresql_could_not_take_is_recorded_once_it_is_back(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    # The remote host took the message (250) just after PostgreSQL went away, so the record
+    # of that failed. The node keeps the outcome and records it when the database answers
+    # again, within its lease: the message is not sent again once the lease has run out (it
+    # was, a lease and a retry later, as if the node had died).
+    lease = 6.0
+    held = Sink(["hold"])
+    try:
+        with running() as pg:
+            extra = (
+                storage_toml(pg.new_database()) + f'lease_time = "{lease}s"\n'
+                f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
+                f'[delivery]\nport = {held.port}\nretry_intervals = ["1s"]\n'
+            )
+            node = server_factory(host=A_IP, extra_toml=extra, services=("smtp",))
+            node.cli("alias", "add", "fwd@a.test", "r@remote.test")
+            assert _send(node.host, node.ports["smtp"], "fwd@a.test", "taken while away")
+            assert held.at_data.wait(30)
+            pg.stop()
+            held.release.set()  # within half a lease of the last renewal: the dot goes out
+            wait_until(lambda: len(held.accepted) == 1, 20, "the remote host to take it")
+            time.sleep(1)  # the record is refused meanwhile
+            pg.start()
+            wait_until(node.queue_empty, 20, "the outcome to be recorded")
+            time.sleep(lease + 2)  # past the lease and the retry: no second copy comes
+            assert len(held.accepted) == 1, held.sessions
+            assert node.queue_empty()
             with contextlib.suppress(OSError):
                 node.stop()
     finally:

@@ -8,9 +8,10 @@ import asyncio
 import time
 from pathlib import Path
 
+import asyncpg
 import pytest
 
-from postroom.auth.keys import KeyRing
+from postroom.auth.keys import DkimKey, KeyRing
 from postroom.errors import LeaseLost, QueueError
 from postroom.queue.envelope import Attempt
 from postroom.storage.postgresql import db
@@ -285,5 +286,82 @@ def test_dkim_keys_are_shared_and_clashes_are_caught(pg_url: str) -> None:
             cli.close()
             node.close()
             await watcher.close()
+
+    run(main())
+
+
+def test_keys_made_meanwhile_by_another_node_are_taken_not_an_error(pg_url: str) -> None:
+    """Two nodes (or `postroom dns` on two nodes) finding no keys at once: the one whose save
+    loses takes the other's keys, as it would have had it come a moment later."""
+
+    class SeesNoneYet:
+        """A store whose first load returns before the other node saves its first pair."""
+
+        def __init__(self, inner: PgKeyStore, other: PgKeyStore) -> None:
+            self.inner, self.other, self.first = inner, other, True
+
+        def load(self, domain: str) -> list[DkimKey]:
+            keys = self.inner.load(domain)
+            if self.first:
+                self.first = False
+                KeyRing(self.other, 3600).ensure(domain, 1000.0)
+            return keys
+
+        def save(self, domain: str, keys: list[DkimKey]) -> None:
+            self.inner.save(domain, keys)
+
+        def version(self, domain: str) -> object:
+            return self.inner.version(domain)
+
+    run(migrate(pg_url))
+    mine, theirs = PgKeyStore(pg_url, live=False), PgKeyStore(pg_url, live=False)
+    try:
+        got = KeyRing(SeesNoneYet(mine, theirs), 3600).ensure("a.test", 1001.0)
+        assert {k.created for k in got} == {1000.0}  # the other's pair, and no second one
+        assert {k.created for k in theirs.load("a.test")} == {1000.0}
+    finally:
+        mine.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize("confused", [False, True])
+def test_a_commit_stands_when_its_connection_breaks_on_the_way_back_to_the_pool(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, confused: bool
+) -> None:
+    """PostgreSQL going away just after an intake's commit (its reply read) broke the
+    connection as the pool reset it, and the message that was stored got a 452: its client
+    sent it again, and the mailbox had it twice. ``confused``: asyncpg, whose connection got
+    the server's farewell in the middle of the reset, reports its own protocol state (as it
+    did under a PostgreSQL fast shutdown) rather than a closed connection."""
+    armed: list[int] = []
+    reset = asyncpg.Connection.reset
+
+    async def breaking_reset(self: asyncpg.Connection, *, timeout: float | None = None) -> None:
+        if armed:
+            armed.clear()
+            killer = await asyncpg.connect(pg_url)
+            try:
+                await killer.execute("SELECT pg_terminate_backend($1)", self.get_server_pid())
+            finally:
+                await killer.close()
+            for _ in range(100):  # until the client has read the server's farewell
+                if self.is_closed():
+                    break
+                await asyncio.sleep(0.01)
+            if confused:
+                raise asyncpg.exceptions.InternalClientError(
+                    "cannot switch to state 15; another operation (2) is in progress"
+                )
+        await reset(self, timeout=timeout)
+
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path, count=1) as (a,):
+            monkeypatch.setattr(asyncpg.Connection, "reset", breaking_reset)
+            armed.append(1)
+            await a.accept(["ann@a.test"])  # no TemporaryStorageError: it is committed
+            assert not armed  # the connection did break on its way back
+            drop = a.maildrop("ann@a.test")
+            assert len(await drop.open()) == 1
+            await drop.close()
 
     run(main())

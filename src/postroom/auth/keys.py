@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from postroom.address import normalise_domain
+from postroom.errors import KeysChanged
 from postroom.storage.local.files import fsync_dir, write_all
 
 Algorithm = Literal["ed25519", "rsa"]
@@ -205,7 +206,14 @@ class KeyRing:
         """The domain's keys, making a first pair if it has none that signs or will."""
         keys = self.store.load(domain)
         if not any(k.state != "retiring" for k in keys):
-            keys = self._add_pair(domain, keys, now)
+            try:
+                keys = self._add_pair(domain, keys, now)
+            except KeysChanged:
+                # Another node made a pair meanwhile (nodes, or `postroom dns`, starting
+                # together): theirs serve as well, and a second pair would be one too many.
+                keys = self.store.load(domain)
+                if not any(k.state != "retiring" for k in keys):
+                    raise
         return keys
 
     def rotate(self, domain: str, now: float) -> list[DkimKey]:

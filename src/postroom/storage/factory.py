@@ -151,10 +151,23 @@ class AdminStores:
     _accounts: AccountStore | None = None
     _queue: MessageQueue | None = None
     _keys: KeyStore | None = None
+    _schema_current: bool = False
 
     @property
     def postgresql(self) -> bool:
         return self.cfg.storage.backend == "postgresql"
+
+    def _pg_url(self) -> str:
+        """The url, once the schema is current: any command may be the first to reach a fresh
+        database (a queue or dns command before any node started), as ``user add`` may."""
+        from postroom.storage.postgresql import maintenance
+
+        url = self.cfg.storage.url
+        assert url is not None
+        if not self._schema_current:
+            maintenance.migrate(url)
+            self._schema_current = True
+        return url
 
     @property
     def accounts(self) -> AccountStore:
@@ -177,8 +190,7 @@ class AdminStores:
             if self.postgresql:
                 from postroom.storage.postgresql.queue import PgQueue
 
-                assert self.cfg.storage.url is not None
-                self._queue = PgQueue(self.cfg.storage.url, None, self.cfg.data_dir / "tmp")
+                self._queue = PgQueue(self._pg_url(), None, self.cfg.data_dir / "tmp")
             else:
                 from postroom.storage.local import journal
                 from postroom.storage.local.queue import LocalQueue
@@ -195,8 +207,7 @@ class AdminStores:
             if self.postgresql:
                 from postroom.storage.postgresql.keys import PgKeyStore
 
-                assert self.cfg.storage.url is not None
-                self._keys = PgKeyStore(self.cfg.storage.url, live=False)
+                self._keys = PgKeyStore(self._pg_url(), live=False)
             else:
                 from postroom.auth.keys import LocalKeyStore
 

@@ -56,6 +56,9 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # 57P: shutting down, starting up
     asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
     asyncpg.exceptions.InterfaceError,  # "connection is closed"
+    # "cannot switch to state N; another operation is in progress": asyncpg's protocol got
+    # the server's farewell (a shutdown) in the middle of a round trip
+    asyncpg.exceptions.InternalClientError,
 )
 # Any failed call: the above, or an error PostgreSQL reported (a constraint, a bad schema).
 FAILED: tuple[type[BaseException], ...] = (*UNAVAILABLE, asyncpg.PostgresError)
@@ -128,15 +131,29 @@ class Database:
         an answer (an error PostgreSQL reported included) means up, a failure to reach it
         down; so every store's traffic says whether the database answers."""
         try:
-            async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-                yield conn
+            conn = await self.pool.acquire(timeout=ACQUIRE_TIMEOUT)
+        except UNAVAILABLE:
+            self.up = False
+            raise
+        try:
+            yield conn
         except UNAVAILABLE:
             self.up = False
             raise
         except asyncpg.PostgresError:
             self.up = True
             raise
-        self.up = True
+        else:
+            self.up = True
+        finally:
+            # The work is done once its reply is read (a statement's commit above all): a
+            # connection that breaks as the pool resets it (PostgreSQL shutting down just
+            # then) takes nothing back, and asyncpg has terminated it. Raised from here, it
+            # turned a committed message into a 452, which its client sent again.
+            try:
+                await self.pool.release(conn)
+            except Exception:  # whatever broke there, asyncpg has terminated the connection
+                self.up = False
 
     def _make_pool(self, name: str, min_size: int, max_size: int, **extra: Any) -> asyncpg.Pool:
         return asyncpg.create_pool(

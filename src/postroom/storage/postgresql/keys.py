@@ -12,7 +12,9 @@ waits for that round trip). The CLI has no copy: it reads the table each time.
 Two nodes could change a domain's keys at once (both start for the first time, both see a new
 key in DNS): a save compares the rows with those its caller loaded, under a per-domain advisory
 lock, and writes nothing if another node changed them meanwhile. A node then takes the other's
-keys (the same key ring rules ran there); the CLI reports the clash (exit 1).
+keys (the same key ring rules ran there); the CLI reports the clash (exit 1), unless all it
+wanted was a first pair (``postroom dns`` on a domain with no keys yet): then the other's pair
+is the one it takes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Iterable
 import asyncpg
 
 from postroom.auth.keys import DkimKey
-from postroom.errors import PostroomError
+from postroom.errors import KeysChanged
 from postroom.storage.postgresql import db
 
 log = logging.getLogger("postroom")
@@ -36,10 +38,6 @@ _SELECT = (
 )
 
 Fingerprint = tuple[tuple[str, float, str, float | None, float | None], ...]
-
-
-class KeysChanged(PostroomError):
-    """Another node changed the domain's keys between this one's load and save."""
 
 
 def _key(r: asyncpg.Record) -> DkimKey:

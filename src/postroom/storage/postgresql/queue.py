@@ -68,6 +68,7 @@ STATS_AGE = 1.0  # the metrics' count of the queue is made again when older than
 STATS_TIMEOUT = 5.0  # and may take this long (then postroom_storage_up says 0)
 MAX_BATCH = 200  # messages per shared commit
 PARALLEL_COMMITS = 2  # batches in flight at once per worker (each on its own connection)
+RECORD_RETRY = (0.05, 1.0)  # first and longest pause between tries of an outcome's record
 
 # The intake statement: queue rows and mailbox copies of a batch in one atomic statement.
 _INTAKE = """
@@ -506,11 +507,41 @@ class PgQueue:
             raise LeaseLost(f"{envelope.id} was deleted")
         return bytes(found)
 
+    async def _write_outcome(self, queue_id: str, query: str, *args: object) -> str:
+        """Write an attempt's outcome, again and again while PostgreSQL cannot be reached:
+        what the attempt did (a remote host's 250 above all) exists only in this worker's
+        memory until then, and given up it would be done again once the lease has run out.
+        The lease is renewed meanwhile, so a short outage costs nothing; an error that
+        PostgreSQL reports is not retried (TemporaryStorageError)."""
+        pause, warned = RECORD_RETRY[0], False
+        while True:
+            try:
+                async with self._db().connection() as conn:
+                    status: str = await conn.execute(query, *args)
+            except db.UNAVAILABLE as exc:
+                if not warned:
+                    log.warning("%s: outcome not recorded yet (retrying): %s", queue_id, exc)
+                    warned = True
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RECORD_RETRY[1])
+                continue
+            except asyncpg.PostgresError as exc:
+                self._released(queue_id)
+                raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+            if warned:
+                log.info("%s: outcome recorded", queue_id)
+            self._released(queue_id)
+            return status
+
     async def record(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
         envelope.history.extend(attempts)
-        self._released(envelope.id)
-        status = await self._execute(
-            _RECORD, envelope.id, self.node, envelope.to_json().decode(), envelope.next_attempt
+        status = await self._write_outcome(
+            envelope.id,
+            _RECORD,
+            envelope.id,
+            self.node,
+            envelope.to_json().decode(),
+            envelope.next_attempt,
         )
         if status == "UPDATE 0":
             log.warning("%s: attempt not recorded: deleted, or another node holds it", envelope.id)
@@ -521,8 +552,7 @@ class PgQueue:
 
     async def finish(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
         envelope.history.extend(attempts)
-        self._released(envelope.id)
-        await self._execute("DELETE FROM queue WHERE id=$1", envelope.id)
+        await self._write_outcome(envelope.id, "DELETE FROM queue WHERE id=$1", envelope.id)
 
     # -- the CLI --------------------------------------------------------------------------
 
