@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ServerFactory, wait_until
+from tests.conftest import Server, ServerFactory, wait_until
 from tests.dnszone import LoopbackDNS
 from tests.integration import test_cluster_crash
 from tests.integration.test_cluster import retrieve_all, storage_toml
@@ -136,43 +136,51 @@ def test_a_delivery_whose_lease_was_taken_over_never_sends_its_final_dot(
         node.stop()
 
 
+@contextlib.contextmanager
+def _relaying_node(
+    factory: ServerFactory, dns: LoopbackDNS, lease: float, retry: str
+) -> Iterator[tuple[PgServer, Server, Sink]]:
+    """A node on a PostgreSQL of its own that has just accepted a message for a remote MX
+    which holds its DATA (until ``held.release`` is set)."""
+    held = Sink(["hold"])
+    try:
+        with running() as pg:
+            extra = (
+                storage_toml(pg.new_database()) + f'lease_time = "{lease}s"\n'
+                f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
+                f'[delivery]\nport = {held.port}\nretry_intervals = ["{retry}"]\n'
+            )
+            node = factory(host=A_IP, extra_toml=extra, services=("smtp",))
+            node.cli("alias", "add", "fwd@a.test", "r@remote.test")
+            assert _send(node.host, node.ports["smtp"], "fwd@a.test", "held")
+            assert held.at_data.wait(30)
+            yield pg, node, held
+            with contextlib.suppress(OSError):
+                node.stop()
+    finally:
+        held.close()
+
+
 def test_a_delivery_held_at_data_while_postgresql_is_away_is_abandoned_then_sent_once(
     server_factory: ServerFactory, dns: LoopbackDNS
 ) -> None:
     # The fence with the database gone rather than taken over: the worker cannot renew its
     # lease while the remote host holds DATA, so it must not send the final dot (another node
     # may hold the message by now). Once PostgreSQL is back the message goes out, once.
-    held = Sink(["hold"])
-    try:
-        with running() as pg:
-            extra = (
-                storage_toml(pg.new_database()) + f'lease_time = "{LEASE}s"\n'
-                f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
-                f'[delivery]\nport = {held.port}\nretry_intervals = ["1h"]\n'
-            )
-            node = server_factory(host=A_IP, extra_toml=extra, services=("smtp",))
-            node.cli("alias", "add", "fwd@a.test", "r@remote.test")
-            assert _send(node.host, node.ports["smtp"], "fwd@a.test", "held while away")
-            assert held.at_data.wait(30)
-            pg.stop()
-            time.sleep(LEASE * 1.5)
-            held.release.set()
-            wait_until(lambda: held.abandoned == 1, 20, "the sink to see the transaction abandoned")
-            assert held.accepted == []
-            wait_until(lambda: "lease on the message is not confirmed" in node.log.read_text())
-            pg.start()
-            time.sleep(LEASE)  # the lease it held runs out
-            wait_until(
-                lambda: node.cli("queue", "flush", check=False).returncode == 0, 20, "a flush"
-            )
-            wait_until(lambda: len(held.accepted) == 1, 30, "the message at the sink")
-            wait_until(node.queue_empty, 20, "the message to leave the queue")
-            time.sleep(1)
-            assert len(held.accepted) == 1 and held.accepted[0].endswith(b"held while away\r\n")
-            with contextlib.suppress(OSError):
-                node.stop()
-    finally:
-        held.close()
+    with _relaying_node(server_factory, dns, LEASE, "1h") as (pg, node, held):
+        pg.stop()
+        time.sleep(LEASE * 1.5)
+        held.release.set()
+        wait_until(lambda: held.abandoned == 1, 20, "the sink to see the transaction abandoned")
+        assert held.accepted == []
+        wait_until(lambda: "lease on the message is not confirmed" in node.log.read_text())
+        pg.start()
+        time.sleep(LEASE)  # the lease it held runs out
+        wait_until(lambda: node.cli("queue", "flush", check=False).returncode == 0, 20, "a flush")
+        wait_until(lambda: len(held.accepted) == 1, 30, "the message at the sink")
+        wait_until(node.queue_empty, 20, "the message to leave the queue")
+        time.sleep(1)
+        assert len(held.accepted) == 1 and held.accepted[0].endswith(b"held\r\n")
 
 
 def test_an_outcome_postgresql_could_not_take_is_recorded_once_it_is_back(
@@ -183,31 +191,16 @@ def test_an_outcome_postgresql_could_not_take_is_recorded_once_it_is_back(
     # again, within its lease: the message is not sent again once the lease has run out (it
     # was, a lease and a retry later, as if the node had died).
     lease = 6.0
-    held = Sink(["hold"])
-    try:
-        with running() as pg:
-            extra = (
-                storage_toml(pg.new_database()) + f'lease_time = "{lease}s"\n'
-                f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
-                f'[delivery]\nport = {held.port}\nretry_intervals = ["1s"]\n'
-            )
-            node = server_factory(host=A_IP, extra_toml=extra, services=("smtp",))
-            node.cli("alias", "add", "fwd@a.test", "r@remote.test")
-            assert _send(node.host, node.ports["smtp"], "fwd@a.test", "taken while away")
-            assert held.at_data.wait(30)
-            pg.stop()
-            held.release.set()  # within half a lease of the last renewal: the dot goes out
-            wait_until(lambda: len(held.accepted) == 1, 20, "the remote host to take it")
-            time.sleep(1)  # the record is refused meanwhile
-            pg.start()
-            wait_until(node.queue_empty, 20, "the outcome to be recorded")
-            time.sleep(lease + 2)  # past the lease and the retry: no second copy comes
-            assert len(held.accepted) == 1, held.sessions
-            assert node.queue_empty()
-            with contextlib.suppress(OSError):
-                node.stop()
-    finally:
-        held.close()
+    with _relaying_node(server_factory, dns, lease, "1s") as (pg, node, held):
+        pg.stop()
+        held.release.set()  # within half a lease of the last renewal: the dot goes out
+        wait_until(lambda: len(held.accepted) == 1, 20, "the remote host to take it")
+        time.sleep(1)  # the record is refused meanwhile
+        pg.start()
+        wait_until(node.queue_empty, 20, "the outcome to be recorded")
+        time.sleep(lease + 2)  # past the lease and the retry: no second copy comes
+        assert len(held.accepted) == 1, held.sessions
+        assert node.queue_empty()
 
 
 def test_a_metrics_scrape_never_waits_for_a_slow_database(
