@@ -602,7 +602,13 @@ def run(cfg: Config) -> int:
     )  # before the fork: every worker, restarted ones too, sees the same
 
     def worker_main(
-        index: int, primary: bool, channel: socket.socket, go: int | None, again: bool
+        index: int,
+        primary: bool,
+        channel: socket.socket,
+        go: int | None,
+        again: bool,
+        cfg: Config,
+        pair: tuple[bytes, bytes],
     ) -> int:
         lifetime.die_with_parent(parent)
         if go is not None and not primary:
@@ -627,7 +633,7 @@ def run(cfg: Config) -> int:
             for sock in listener.socks:
                 sock.close()
 
-    status = supervisor.Supervisor(cfg, worker_main, stop_listening).run()
+    status = supervisor.Supervisor(cfg, pair, worker_main, stop_listening).run()
     stop_listening()
     os.close(data_lock)
     return status

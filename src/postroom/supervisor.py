@@ -6,7 +6,8 @@ as Postfix's master and Dovecot's master do. At SIGHUP it reads the config file 
 pair itself (a ``privkey.pem`` readable by root only, as certbot leaves it, keeps working
 after the drop), checks them, and sends both to every worker over the worker's socketpair;
 each worker loads the pair into its live TLS context (every listener, implicit TLS included,
-uses it for the next handshake) and applies the new settings to new sessions. What cannot
+uses it for the next handshake) and applies the new settings to new sessions; a worker started
+again later is given them too (not those of the start). What cannot
 change without new sockets or processes (``listen``, ``data_dir``, ``user``, ``workers``,
 ``pin_cpus``, ``storage``) is logged as needing a restart. A reload that fails keeps what runs:
 a bad config keeps the old one whole; a certificate or key that cannot be read or does not match
@@ -39,7 +40,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from postroom import config as config_mod
 from postroom import logs, metrics
@@ -56,9 +57,10 @@ STOP_GRACE = 11.0  # workers exit within 10 s of SIGTERM; then SIGKILL
 _LEN = struct.Struct(">I")
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
+Pair = tuple[bytes, bytes]  # the PEM certificate chain and key
 # (index, primary, channel to the supervisor, fd to wait on before serving or None, started
-# again after its slot served) -> status
-WorkerMain = Callable[[int, bool, socket.socket, int | None, bool], int]
+# again after its slot served, the config and TLS pair to serve with) -> status
+WorkerMain = Callable[[int, bool, socket.socket, int | None, bool, Config, Pair], int]
 
 
 @dataclass
@@ -79,12 +81,18 @@ def backoff(restarts: int) -> float:
 
 
 class Supervisor:
-    """Forks ``cfg.workers`` workers running ``main`` and looks after them."""
+    """Forks ``cfg.workers`` workers running ``main`` with ``pair`` and looks after them."""
 
     def __init__(
-        self, cfg: Config, main: WorkerMain, on_stop: Callable[[], None] | None = None
+        self,
+        cfg: Config,
+        pair: Pair,
+        main: WorkerMain,
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
-        self.cfg = cfg
+        self.started_cfg = cfg  # what the listeners, the data lock and the slots were made for
+        self.cfg = cfg  # the last config loaded (at start or SIGHUP)
+        self.pair = pair  # the last pair loaded and checked
         self.main = main
         self.on_stop = on_stop  # called once, when the server begins to stop
         self.slots = [_Slot(i) for i in range(cfg.workers)]
@@ -111,7 +119,9 @@ class Supervisor:
                 signal.set_wakeup_fd(-1)
                 for sig in _SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
-                code = self.main(slot.index, slot.index == 0, theirs, go_r, slot.served)
+                code = self.main(
+                    slot.index, slot.index == 0, theirs, go_r, slot.served, *self._settings()
+                )
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:  # a child must never return into the supervisor's code
@@ -122,6 +132,13 @@ class Supervisor:
         theirs.close()
         slot.pid, slot.channel, slot.ready = pid, mine, False
         log.info("worker %d started, pid %d", slot.index, pid)
+
+    def _settings(self) -> tuple[Config, Pair]:
+        """What a worker forked now serves with: what the running workers were last sent (a
+        worker started again after a SIGHUP gets the reloaded pair and settings, not those of
+        the start), but the settings that need a restart as the listeners were made."""
+        keep = {key: getattr(self.started_cfg, key) for key in RESTART_ONLY}
+        return replace(self.cfg, **keep), self.pair
 
     def start(self) -> None:
         for sig in _SIGNALS:
@@ -283,6 +300,8 @@ class Supervisor:
             pair = None
             log.error("reload: the TLS certificate and key stay as they were: %s", exc)
         self.cfg = new
+        if pair is not None:
+            self.pair = pair
         message = pickle.dumps((new, pair))
         for slot in self.slots:
             if slot.channel is None:
