@@ -371,6 +371,8 @@ def _apply(services: Services, new: Config, pair: tuple[bytes, bytes] | None) ->
             tls_mod.load_pair(services.tls, *pair)
         except (OSError, ssl.SSLError) as exc:  # checked by the supervisor: not expected
             log.error("reload: TLS pair not loaded, the old one stays: %s", exc)
+        else:
+            events.certificate(tls_mod.certificate_expiry(pair[0]))
     services.cfg = new
     services.accounts.local_domains = new.domains
     if services.sender_auth is not None:
@@ -381,7 +383,6 @@ def _apply(services: Services, new: Config, pair: tuple[bytes, bytes] | None) ->
     connections.set_exempt(new.per_ip_exempt_networks())
     services.throttle.cfg = new.auth
     logs.setup(new)
-    events.certificate(tls_mod.certificate_expiry(new))
     log.info("configuration reloaded%s", "" if pair is None else " with the TLS pair")
 
 
@@ -447,7 +448,8 @@ async def serve(
         privileges.secure_data_dir(cfg)
     privileges.drop(cfg)
     lifetime.die_with_parent(worker.parent)  # again: a change of uid forgets it
-    _setup_metrics(services, listeners, queue)  # after the drop: its files belong to the user
+    # After the drop: its files belong to the user.
+    _setup_metrics(services, listeners, queue, pair[0])
     worker.release_others()  # the queue is recovered: the other workers may serve now
     tasks = [loop.create_task(IdleSweeper(services).run())]
     if worker.primary:
@@ -506,8 +508,11 @@ async def serve(
     return 0
 
 
-def _setup_metrics(services: Services, listeners: list[Listener], queue: MessageQueue) -> None:
-    """This worker's metrics; with several workers, shared through ``data_dir/metrics``."""
+def _setup_metrics(
+    services: Services, listeners: list[Listener], queue: MessageQueue, cert_pem: bytes
+) -> None:
+    """This worker's metrics (``cert_pem``: the certificate chain served); with several
+    workers, shared through ``data_dir/metrics``."""
     cfg = services.cfg
     shared = cfg.workers > 1 and bool(cfg.listen.http)
 
@@ -539,7 +544,7 @@ def _setup_metrics(services: Services, listeners: list[Listener], queue: Message
         spool=spool,
         storage_up=storage_up,
     )
-    events.certificate(tls_mod.certificate_expiry(cfg))
+    events.certificate(tls_mod.certificate_expiry(cert_pem))
 
 
 @dataclass

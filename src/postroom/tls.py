@@ -144,14 +144,15 @@ def server_context(cfg: Config, pair: tuple[bytes, bytes] | None = None) -> ssl.
     return ctx
 
 
-def certificate_expiry(cfg: Config) -> float:
-    """When the server's certificate (the first of the chain) expires, as Unix time; 0 if it
-    cannot be read."""
+def certificate_expiry(cert_pem: bytes) -> float:
+    """When the first certificate of the chain ``cert_pem`` (the pair in force, not the file,
+    which a reload that kept the old pair did not take) expires, as Unix time; 0 if it cannot
+    be parsed."""
     from cryptography import x509
 
     try:
-        cert = x509.load_pem_x509_certificate(cert_paths(cfg)[0].read_bytes())
-    except (OSError, ValueError):
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
         return 0.0
     return cert.not_valid_after_utc.timestamp()
 
