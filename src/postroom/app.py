@@ -486,11 +486,13 @@ async def serve(
     for conn in list(services.connections.live):
         with contextlib.suppress(Exception):
             conn.shutdown()
-    # Let in-flight messages finish storing, then stop the queue runner.
+    # Let in-flight messages finish storing, then stop the queue runner. One deadline for
+    # both: deliveries run meanwhile, and a client dripping its DATA plus a peer that holds
+    # its reply must not add up past the supervisor's grace (exit within 10 s of SIGTERM).
     deadline = loop.time() + 8
     while services.connections.live and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    await runner.stop()
+    await runner.stop(timeout=min(5.0, deadline - loop.time()))
     if isinstance(queue, LocalQueue):
         assert queue.writer is not None
         await queue.writer.close()

@@ -219,11 +219,13 @@ class QueueRunner:
         if queue_id in self._inflight:
             self._deleted.add(queue_id)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Start nothing more; wait up to ``timeout`` for the attempts in flight, then cancel
+        them (a cancelled one stays queued and is tried again after the restart)."""
         self._stopping = True
         tasks = list(self._inflight.values())
         if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=5)
+            _done, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout))
             for task in pending:
                 task.cancel()
         if self._remote is not None:

@@ -238,10 +238,16 @@ class SmtpPolicy:
 
     def _check_headers(self, head: bytes) -> Reply | None:
         limit = self.cfg.limits.header_size
-        end = head.find(b"\n\n", 0, limit + 2)
-        if end < 0 and len(head) > limit:
+        # ``head`` has LF line ends; the limit is on the header section as the client sent it,
+        # each line with its CRLF (RFC 5322 §2.1), the empty line after it not counted.
+        if head.startswith(b"\n"):
+            section = b""
+        else:
+            end = head.find(b"\n\n")
+            section = head if end < 0 else head[: end + 1]
+        if len(section) + section.count(b"\n") > limit:
             return replies.HEADERS_TOO_BIG
-        headers = head if end < 0 else head[:end]
+        headers = section[:-1] if section.endswith(b"\n") else section
         if len(_RECEIVED.findall(headers)) >= MAX_RECEIVED:
             return replies.TOO_MANY_HOPS
         return None

@@ -1,0 +1,112 @@
+"""On SIGTERM a worker waited up to 8 s for sessions still receiving a message, and only then
+up to 5 s more for deliveries in flight: a client dripping its DATA plus a remote MX that
+holds its reply (a tarpit) took 13 s, past the supervisor's grace, so the workers were killed
+and ``postroom serve`` did not exit 0 within 10 s. Both waits now share one deadline; the
+delivery cut short stays queued."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import ServerFactory, free_port, wait_until
+from tests.dnszone import LoopbackDNS
+
+SERVER_IP, TARPIT_IP = "127.0.0.161", "127.0.0.162"
+
+
+class Tarpit:
+    """An MX that takes the whole message and then never answers the final dot."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.create_server((TARPIT_IP, port))
+        self.got_data = threading.Event()
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        self.conns.append(conn)
+        f = conn.makefile("rb")
+        conn.sendall(b"220 tarpit.test ESMTP\r\n")
+        while line := f.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                conn.sendall(b"250-tarpit.test\r\n250 PIPELINING\r\n")
+            elif verb == b"DATA":
+                conn.sendall(b"354 go on\r\n")
+                while (data := f.readline()) and data != b".\r\n":
+                    pass
+                self.got_data.set()  # and no reply, ever
+            elif verb == b"QUIT":
+                return
+            else:
+                conn.sendall(b"250 OK\r\n")
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def tarpit() -> Iterator[tuple[Tarpit, LoopbackDNS]]:
+    zone = LoopbackDNS()
+    zone.mx("tarpit.test", 10, "mx.tarpit.test")
+    zone.a("mx.tarpit.test", TARPIT_IP)
+    pit = Tarpit(free_port(TARPIT_IP))
+    yield pit, zone
+    pit.close()
+    zone.stop()
+
+
+def test_sigterm_with_a_dripping_client_and_a_tarpit_peer_exits_0_within_10_s(
+    server_factory: ServerFactory, tarpit: tuple[Tarpit, LoopbackDNS]
+) -> None:
+    pit, zone = tarpit
+    port = pit.listener.getsockname()[1]
+    srv = server_factory(
+        domains=("a.test",),
+        host=SERVER_IP,
+        services=("smtp",),
+        extra_toml=(
+            f'[dns]\nnameservers = ["{zone.nameserver}"]\ntimeout = "3s"\n'
+            f"[delivery]\nport = {port}\n"
+            "[auth]\nallow_plaintext = true\nchecks = false\ndkim_sign = false"
+        ),
+    )
+    srv.add_user("alice@a.test", "pw")
+    with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+        c.login("alice@a.test", "pw")
+        c.sendmail("alice@a.test", ["bob@tarpit.test"], b"Subject: to the pit\r\n\r\nx\r\n")
+    assert pit.got_data.wait(20), "the delivery did not reach the tarpit"
+    drip = socket.create_connection((srv.host, srv.ports["smtp"]), timeout=20)
+    drip.sendall(b"EHLO d\r\nMAIL FROM:<d@x.test>\r\nRCPT TO:<alice@a.test>\r\nDATA\r\n")
+    wait_until(lambda: b"354" in drip.recv(4096), what="354")
+    stop = threading.Event()
+
+    def dripping() -> None:
+        while not stop.is_set():
+            try:
+                drip.sendall(b"x")
+            except OSError:
+                return
+            stop.wait(0.5)
+
+    threading.Thread(target=dripping, daemon=True).start()
+    try:
+        time.sleep(1)
+        t0 = time.monotonic()
+        code = srv.stop(timeout=20)
+        elapsed = time.monotonic() - t0
+    finally:
+        stop.set()
+        drip.close()
+    assert code == 0 and elapsed < 10, (code, elapsed)
+    # The delivery cut short is still queued, for the next start.
+    assert "bob@tarpit.test" in srv.cli("queue", "list").stdout
