@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -38,6 +38,8 @@ from postroom.wire.replies import Reply
 # Bounds on what a (possibly hostile) zone can make us do for one domain.
 MAX_MX_HOSTS = 10
 MAX_ADDRESSES_PER_HOST = 8
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +105,8 @@ def literal_route(domain: str) -> Route | None:
     return Route((Target(domain, (str(ip),)),))
 
 
-def order_mx(records: Iterable[tuple[int, str]], rng: random.Random) -> list[tuple[int, str]]:
-    """Sort MX records by preference, random among equal ones (RFC 5321 §5.1)."""
+def order_mx(records: Iterable[tuple[int, T]], rng: random.Random) -> list[tuple[int, T]]:
+    """Sort (preference, host) pairs by preference, random among equal ones (RFC 5321 §5.1)."""
     shuffled = list(records)
     rng.shuffle(shuffled)
     return sorted(shuffled, key=lambda r: r[0])  # sort is stable: ties keep the shuffled order
@@ -276,11 +278,10 @@ class _Known:
 
     def route(self, rng: random.Random) -> Route:
         """The route again, its MX hosts shuffled anew among equal preferences (RFC 5321 §5.1)."""
-        targets = self.targets
-        if len(targets) < 2:
-            return Route(targets)
-        order = order_mx([(t.preference, str(i)) for i, t in enumerate(targets)], rng)
-        return Route(tuple(targets[int(i)] for _p, i in order))
+        if len(self.targets) < 2:
+            return Route(self.targets)
+        ordered = order_mx([(t.preference, t) for t in self.targets], rng)
+        return Route(tuple(t for _p, t in ordered))
 
 
 class StaticResolver:

@@ -234,7 +234,7 @@ def evaluate(
         for d in domains
     ]
     worst = min(verdicts, key=_strictness)
-    if _strictness(worst) >= _strictness(DmarcResult("none", "")):
+    if worst.result in ("none", "pass"):  # what would let the message through unchallenged
         if "" in from_domains_:
             return DmarcResult(
                 "permerror", worst.from_domain, reason="a From address without a domain"
