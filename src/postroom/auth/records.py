@@ -1,7 +1,8 @@
 """The DNS records a local domain publishes, as ``postroom dns`` prints them, and their check.
 
-For a local domain: the MX (pointing at ``hostname``, as A-labels, RFC 5321 §5.1), an SPF TXT
-(``v=spf1 mx -all``: the MX hosts send, nothing else does, RFC 7208), one DKIM TXT per listed
+For a local domain: the MX (pointing at ``hostname``, in A-labels as config.py keeps it, RFC
+5321 §5.1), an SPF TXT (``v=spf1 mx -all``: the MX hosts send, nothing else does, RFC 7208),
+one DKIM TXT per listed
 selector at ``SELECTOR._domainkey.DOMAIN`` (RFC 6376 §3.6.2.1), and a DMARC TXT at
 ``_dmarc.DOMAIN`` with ``[auth] dmarc_policy`` and a ``rua=`` address at the domain (RFC 7489
 §6.3). :func:`master_line` writes RFC 1035 §5.1 master-file lines with absolute names, TTL and
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict, dataclass
 
-from postroom.address import normalise_domain
 from postroom.auth.dkim_verify import tags
 from postroom.auth.dmarc import parse_record
 from postroom.auth.keys import DkimKey
@@ -46,20 +46,12 @@ def wanted(
     """The records to publish for ``domain`` (``keys``: the listed ones)."""
     origin = f"{domain}."
     out = [
-        DnsRecord(origin, "MX", TTL, f"{MX_PREFERENCE} {_a_labels(hostname)}."),
+        DnsRecord(origin, "MX", TTL, f"{MX_PREFERENCE} {hostname.rstrip('.')}."),
         DnsRecord(origin, "TXT", TTL, "v=spf1 mx -all"),
     ]
     out += [DnsRecord(f"{k.selector}._domainkey.{origin}", "TXT", TTL, k.record()) for k in keys]
     out.append(DnsRecord(f"_dmarc.{origin}", "TXT", TTL, dmarc_value(policy, rua)))
     return out
-
-
-def _a_labels(host: str) -> str:
-    """``host`` as a zone file names it: A-labels, no final dot."""
-    try:
-        return normalise_domain(host)
-    except ValueError:  # not a domain name the config could hold: as written
-        return host.rstrip(".")
 
 
 def txt_strings(value: str) -> list[str]:
