@@ -533,13 +533,14 @@ class Syncer:
     def add(self, batch: Batch) -> None:
         with self._cond:
             last = self._batches[-1] if self._batches else None
+            if last is None:  # the thread waits for a first batch; later ones wait their turn
+                self._cond.notify_all()
             if last is not None and last.segment is batch.segment:  # one batch per segment
                 last.seq = max(last.seq, batch.seq)
                 last.dirs |= batch.dirs
                 last.unlink += batch.unlink
             else:
                 self._batches.append(batch)
-            self._cond.notify_all()
 
     def stop(self) -> None:
         """Sync what was handed over, then end."""
