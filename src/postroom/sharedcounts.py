@@ -5,7 +5,7 @@ per-IP connection limit and N times the failed logins before a lockout. The coun
 in a small table in an anonymous shared mapping made before the workers are forked (so a
 restarted worker inherits it too), guarded by one process-shared lock: an open-addressed
 hash table (linear probing, backward-shift deletion, no tombstones) of fixed size, keyed by
-the 16-octet address (IPv4 as v4-mapped), hashed with Python's keyed SipHash (its key is
+the 16-octet client key (:func:`client_key`), hashed with Python's keyed SipHash (its key is
 inherited at the fork, so every worker hashes alike and a client cannot choose collisions).
 A row holds a count and the time of its last change; a count that has reached zero, or has
 aged past the caller's ``max_age``, frees its row. When the table is full the oldest rows are
@@ -24,19 +24,27 @@ from collections.abc import Callable
 _ROW = struct.Struct("<16sid")  # address, count, time of the last change
 _EMPTY = bytes(16)
 _V4_MAPPED = bytes(10) + b"\xff\xff"
+_HOST_ZEROS = bytes(8)  # the interface half of an IPv6 address, not counted
 DEFAULT_ROWS = 1 << 16  # 65,536 rows of 32 octets: 2 MiB per table
 
 
-def _key(ip: str) -> bytes:
-    """16 octets: IPv6 as it is, IPv4 as v4-mapped (``inet_pton``: 1 us, ``ipaddress``: 14)."""
+def client_key(ip: str) -> bytes:
+    """Who a client is, for counting, in 16 octets: an IPv4 address as v4-mapped, an IPv6
+    address as its /64 (``inet_pton``: 1 us, ``ipaddress``: 14). A /64 is the smallest
+    network a subscriber is given, and a host in it picks its own addresses (RFC 8981
+    temporary addresses, or any it likes): counted one address at a time, whoever holds a
+    /64 would have 2^64 fresh starts at every limit."""
     try:
         return _V4_MAPPED + socket.inet_pton(socket.AF_INET, ip)
     except OSError:
         pass
     try:
-        return socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])
+        packed = socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])
     except OSError:
         return b"\xff" * 16  # not an address (a Unix socket): one shared row
+    if packed.startswith(_V4_MAPPED):  # an IPv4 client on a dual-stack socket
+        return packed
+    return packed[:8] + _HOST_ZEROS
 
 
 class SharedCounts:
@@ -105,7 +113,7 @@ class SharedCounts:
     # -- the interface -------------------------------------------------------------------------
 
     def get(self, ip: str, max_age: float | None = None, now: float | None = None) -> int:
-        key = _key(ip)
+        key = client_key(ip)
         now = self._clock() if now is None else now
         with self._lock:
             i, found = self._find(key)
@@ -123,7 +131,7 @@ class SharedCounts:
         """Add ``delta`` (a count aged past ``max_age`` starts again from 0); the new count.
         A count that reaches 0 frees its row. ``now`` on the clock of the caller's choice
         (a system-wide one: every process must read the same)."""
-        key = _key(ip)
+        key = client_key(ip)
         now = self._clock() if now is None else now
         with self._lock:
             i, found = self._find(key)
@@ -152,29 +160,33 @@ class LocalCounts:
     def __init__(self, clock: Callable[[], float] = time.monotonic, limit: int = 100_000) -> None:
         self._clock = clock
         self._limit = limit
-        self._rows: dict[str, tuple[int, float]] = {}
+        self._rows: dict[bytes, tuple[int, float]] = {}
 
     def get(self, ip: str, max_age: float | None = None, now: float | None = None) -> int:
-        row = self._rows.get(ip)
+        return self._get(client_key(ip), max_age, now)
+
+    def _get(self, key: bytes, max_age: float | None, now: float | None) -> int:
+        row = self._rows.get(key)
         if row is None:
             return 0
         now = self._clock() if now is None else now
         if max_age is not None and now - row[1] > max_age:
-            del self._rows[ip]
+            del self._rows[key]
             return 0
         return row[0]
 
     def add(
         self, ip: str, delta: int, max_age: float | None = None, now: float | None = None
     ) -> int:
+        key = client_key(ip)
         now = self._clock() if now is None else now
-        count = max(0, self.get(ip, max_age, now) + delta)
+        count = max(0, self._get(key, max_age, now) + delta)
         if count:
-            if len(self._rows) >= self._limit and ip not in self._rows:
+            if len(self._rows) >= self._limit and key not in self._rows:
                 self._rows.clear()  # a flood of addresses: forget rather than grow
-            self._rows[ip] = (count, now)
+            self._rows[key] = (count, now)
         else:
-            self._rows.pop(ip, None)
+            self._rows.pop(key, None)
         return count
 
 

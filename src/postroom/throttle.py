@@ -1,7 +1,7 @@
 """Brute-force protection for logins, shared by SMTP AUTH and POP3.
 
-Failures are counted per client IP (in a table every worker process shares, see
-:mod:`postroom.sharedcounts`) and per account, and forgotten ``lockout_time`` after the
+Failures are counted per client IP (an IPv6 client per /64; in a table every worker process
+shares, see :mod:`postroom.sharedcounts`) and per account, and forgotten ``lockout_time`` after the
 last one. A failed login is answered after a delay that grows with the failures (so guessing is
 slow); an IP with ``lockout_failures`` recent failures is refused before its password is even
 checked (454 4.7.0 / -ERR [SYS/TEMP]). At most :data:`CHECKS_PER_IP` passwords of one IP are
@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from postroom.config import AuthConfig
-from postroom.sharedcounts import Counts, LocalCounts
+from postroom.sharedcounts import Counts, LocalCounts, client_key
 
 MAX_DELAY = 8.0
 CHECKS_PER_IP = 4  # as many as argon2 has threads: one IP may use them all, not more
@@ -46,7 +46,7 @@ class LoginThrottle:
     by_ip: Counts = field(default_factory=LocalCounts)
     _by_account: dict[str, _Count] = field(default_factory=dict)
     # IP -> its turn-taking for password checks, and how many use it (dropped at 0)
-    _slots: dict[str, tuple[asyncio.Semaphore, int]] = field(default_factory=dict)
+    _slots: dict[bytes, tuple[asyncio.Semaphore, int]] = field(default_factory=dict)
 
     def _get(self, table: dict[str, _Count], key: str) -> int:
         entry = table.get(key)
@@ -66,17 +66,18 @@ class LoginThrottle:
     async def turn(self, ip: str) -> AsyncIterator[None]:
         """Wait for one of ``ip``'s :data:`CHECKS_PER_IP` turns to check a password; test
         :meth:`refused` inside it, not before."""
-        slots, users = self._slots.get(ip) or (asyncio.Semaphore(CHECKS_PER_IP), 0)
-        self._slots[ip] = (slots, users + 1)
+        key = client_key(ip)  # an IPv6 client's whole /64, as the failures are counted
+        slots, users = self._slots.get(key) or (asyncio.Semaphore(CHECKS_PER_IP), 0)
+        self._slots[key] = (slots, users + 1)
         try:
             async with slots:
                 yield
         finally:
-            slots, users = self._slots[ip]
+            slots, users = self._slots[key]
             if users == 1:
-                del self._slots[ip]
+                del self._slots[key]
             else:
-                self._slots[ip] = (slots, users - 1)
+                self._slots[key] = (slots, users - 1)
 
     def failure(self, ip: str, account: str | None) -> float:
         """Record a failure; returns how long to wait before answering it."""

@@ -67,3 +67,16 @@ def test_a_flood_of_addresses_is_forgotten_not_grown() -> None:
     now[0] += 1
     table.add("192.0.2.9", 2)  # the newest rows stay
     assert table.get("192.0.2.9") == 2
+
+
+def test_ipv6_clients_are_counted_per_64_and_ipv4_per_address() -> None:
+    """A host picks its own addresses inside its /64 (RFC 8981): one address per connection
+    or per guessed password must not make a fresh client each time."""
+    for table in (SharedCounts(rows=64), LocalCounts()):
+        for n in range(1, 6):
+            table.add(f"2001:db8:1:2::{n:x}", 1)
+        assert table.get("2001:db8:1:2:ffff:ffff:ffff:ffff") == 5
+        assert table.get("2001:db8:1:3::1") == 0  # the next /64: another client
+        table.add("192.0.2.1", 1)
+        assert table.get("192.0.2.2") == 0  # IPv4: each address for itself
+        assert table.get("::ffff:192.0.2.1") == 1  # the same host, written as v4-mapped
