@@ -101,6 +101,18 @@ def test_scram_sha_256(srv: Server) -> None:
         assert c.docmd("")[0] == 235
 
 
+def test_bad_base64_and_malformed_sasl_are_told_apart(srv: Server) -> None:
+    """501 5.5.2 either way (RFC 4954 §4), but a response that decodes and is not a SASL
+    message is not called undecodable: a client's author reads the text to find the bug."""
+    with smtplib.SMTP(srv.host, srv.ports["submission"], timeout=20) as c:
+        c.starttls(context=insecure())
+        c.ehlo()
+        code, text = c.docmd("AUTH", "PLAIN !!!not-base64")
+        assert (code, text) == (501, b"5.5.2 Cannot decode base64 response")
+        code, text = c.docmd("AUTH", "PLAIN " + base64.b64encode(b"no nuls").decode())
+        assert (code, text) == (501, b"5.5.2 Malformed authentication response")
+
+
 def test_starttls_injection_is_not_executed(srv: Server) -> None:
     raw = socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10)
     f = raw.makefile("rb")

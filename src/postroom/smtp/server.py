@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 _SASL_REFUSED = {
     "throttled": replies.AUTH_THROTTLED,
     "mechanism": replies.AUTH_BAD_MECH,
-    "malformed": replies.AUTH_BAD_BASE64,
+    "malformed": replies.AUTH_MALFORMED,
     "credentials": replies.AUTH_FAILED,
 }
 
