@@ -2,7 +2,8 @@
 
 Policy: TLS 1.2 and 1.3 only, the system's modern cipher list (RFC 8996, RFC 9325). The server
 context is loaded from ``[tls] cert``/``key``; without them a self-signed certificate for
-``hostname`` is made on first start under ``{data_dir}/tls/`` (cryptography) and reused after.
+``hostname`` is made on first start under ``{data_dir}/tls/`` (cryptography) and reused after
+(made again when ``hostname`` changes).
 The pair is read as bytes (:func:`read_pair`: by root at start, by the privileged supervisor at
 a reload, so a root-only ``privkey.pem`` works after the drop), checked (:func:`check_pair`:
 errors name the file at fault) and loaded from memory (:func:`load_pair`), into the live
@@ -30,11 +31,12 @@ def cert_paths(cfg: Config) -> tuple[Path, Path]:
 
 
 def ensure_self_signed(cfg: Config) -> None:
-    """Make the embedded self-signed pair if no ``[tls]`` pair is configured and none exists."""
+    """Make the embedded self-signed pair if no ``[tls]`` pair is configured and none exists
+    for ``hostname`` (a changed hostname gets a new one)."""
     if cfg.tls.cert is not None:
         return
     cert, key = cert_paths(cfg)
-    if cert.exists() and key.exists():
+    if key.exists() and _names_host(cert, cfg.hostname):
         return
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -73,6 +75,19 @@ def ensure_self_signed(cfg: Config) -> None:
     tmp_cert = cert.with_suffix(".tmp")
     tmp_cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     os.replace(tmp_cert, cert)
+
+
+def _names_host(cert: Path, hostname: str) -> bool:
+    """True if the PEM certificate ``cert`` can be read and names ``hostname``."""
+    from cryptography import x509
+
+    try:
+        names = x509.load_pem_x509_certificate(
+            cert.read_bytes()
+        ).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return False
+    return hostname in names.value.get_values_for_type(x509.DNSName)
 
 
 def read_pair(cfg: Config) -> tuple[bytes, bytes]:
