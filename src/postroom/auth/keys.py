@@ -27,6 +27,7 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -60,21 +61,12 @@ class DkimKey:
         return f"DkimKey({self.selector!r}, {self.algorithm}, {self.state})"
 
     def private_key(self) -> ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey:
-        key = serialization.load_pem_private_key(self.private_pem, password=None)
-        assert isinstance(key, ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey)
-        return key
+        return _private_key(self.private_pem)
 
     def public_b64(self) -> str:
         """The ``p=`` value: the raw 32 octets for Ed25519 (RFC 8463 §4.2), the DER
         SubjectPublicKeyInfo for RSA (RFC 6376 §3.6.1)."""
-        pub = self.private_key().public_key()
-        if isinstance(pub, ed25519.Ed25519PublicKey):
-            raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        else:
-            raw = pub.public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        return base64.b64encode(raw).decode("ascii")
+        return _public_b64(self.private_pem)
 
     def record(self) -> str:
         """The TXT value at ``SELECTOR._domainkey.DOMAIN`` (RFC 6376 §3.6.1)."""
@@ -176,6 +168,28 @@ class LocalKeyStore:
         except FileNotFoundError:
             return None
         return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+
+# Parsed once per process and key: loading an RSA-2048 key checks it, which takes about 50 ms
+# of CPU (while a key waits for DNS, the server compares its public half every few seconds,
+# on the event loop). The key objects are immutable; a handful of keys per domain.
+@lru_cache(maxsize=256)
+def _private_key(pem: bytes) -> ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    assert isinstance(key, ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey)
+    return key
+
+
+@lru_cache(maxsize=256)
+def _public_b64(pem: bytes) -> str:
+    pub = _private_key(pem).public_key()
+    if isinstance(pub, ed25519.Ed25519PublicKey):
+        raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    else:
+        raw = pub.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    return base64.b64encode(raw).decode("ascii")
 
 
 def _check_selector(selector: str) -> None:
