@@ -13,7 +13,11 @@ accepting node makes the first attempt at once), its local recipients already ma
 delivered in the same commit. A batch refused by PostgreSQL (away, full) fails every message
 in it with :class:`~postroom.errors.TemporaryStorageError` (the clients get 452 and send again);
 a unique-key clash, which only a colliding queue id could cause, is retried one by one so that
-only its own message is refused.
+only its own message is refused. A batch whose connection broke while its statement was in
+flight (PostgreSQL crashed, the network or a pooler dropped it) may have been committed all
+the same: its sessions are kept waiting (a client waits 10 minutes for the reply to the final
+dot, RFC 5321 §4.5.3.2.6) while :meth:`Committer._settle` learns from PostgreSQL, on another
+connection, whether the batch's rows are there, and each gets the answer that is true.
 
 *Leases.* :meth:`claim` takes due rows with ``SELECT ... FOR UPDATE SKIP LOCKED`` (two nodes
 never wait for, nor take, the same row) and sets ``lease_owner``/``lease_until`` in the same
@@ -69,9 +73,23 @@ STATS_TIMEOUT = 5.0  # and may take this long (then postroom_storage_up says 0)
 MAX_BATCH = 200  # messages per shared commit
 PARALLEL_COMMITS = 2  # batches in flight at once per worker (each on its own connection)
 RECORD_RETRY = (0.05, 1.0)  # first and longest pause between tries of an outcome's record
+SETTLE_WAIT = 60.0  # how long a batch whose commit went unanswered waits to learn its outcome
+SETTLE_RETRY = 0.5  # ... asking this often while PostgreSQL is away
 
-# The intake statement: queue rows and mailbox copies of a batch in one atomic statement.
-_INTAKE = """
+# How a statement that was sent fails when its answer never comes (the connection broke): it
+# may have been committed. (An error that PostgreSQL reports says that it was not; asyncpg's
+# own "connection was closed in the middle of operation" is a PostgresConnectionError.)
+_UNANSWERED: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.PostgresConnectionError,
+)
+
+# The intake statement: queue rows and mailbox copies of a batch in one atomic statement. Its
+# first line names it in pg_stat_activity (see _LINGERING).
+_INTAKE = """/* postroom intake */
 WITH q AS (
     INSERT INTO queue (id, created, next_attempt, lease_owner, lease_until, envelope, body)
     SELECT i, c, n, NULLIF(o, ''), CASE WHEN o = '' THEN NULL ELSE postroom_clock() + $8 END, e, b
@@ -82,6 +100,22 @@ WITH q AS (
 INSERT INTO messages (mailbox, uidl, size, body)
 SELECT m, u, octet_length(x), x
 FROM unnest($7::text[], $9::text[], $10::bytea[]) AS s(m, u, x)
+"""
+# The backend that ran an unanswered intake, if it is still there: ended, so that its statement
+# cannot commit after the look below (a backend leaves pg_stat_activity only once its
+# transaction has ended: committed or rolled back). Its pid, reused since by another intake
+# connection, costs that one its connection: its batch is settled the same way.
+_LINGERING = """
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+WHERE pid = $1 AND query LIKE '/* postroom intake */%'
+"""
+# Whether a batch was committed: any of its rows says so (the statement was atomic).
+_STORED = """
+SELECT EXISTS (SELECT 1 FROM queue WHERE id = ANY($1::text[]))
+    OR EXISTS (
+        SELECT 1 FROM messages
+        WHERE (mailbox, uidl) IN (SELECT * FROM unnest($2::text[], $3::text[]))
+    )
 """
 _CLAIM = """
 UPDATE queue q SET lease_owner = $3, lease_until = postroom_clock() + $4
@@ -131,6 +165,16 @@ class _Intake:
     )
 
 
+class _Unanswered(Exception):
+    """The intake statement was sent on the connection to backend ``pid``, which broke before
+    the answer came: committed or not, PostgreSQL knows."""
+
+    def __init__(self, pid: int, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.pid = pid
+        self.error = error
+
+
 class Committer:
     """Writes accepted messages in shared commits (see the module docstring)."""
 
@@ -138,20 +182,35 @@ class Committer:
         self.database = database
         self.lease = lease
         self._pending: list[_Intake] = []
-        self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writing: set[asyncio.Task[None] | None] = set()  # the batches being written
+        self._closed = False
 
     async def commit(self, item: _Intake) -> None:
+        if self._closed:
+            raise TemporaryStorageError("stopping")
         self._pending.append(item)
         self._kick()
         await item.done
 
+    async def close(self) -> None:
+        """Stop (the server is stopping, its sessions' time is up): a write still waiting to
+        learn its outcome gives up, and its messages and those not yet written get a 452."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for item in self._pending:
+            if not item.done.done():
+                item.done.set_exception(TemporaryStorageError("stopping"))
+        self._pending = []
+
     def _kick(self) -> None:
-        while self._pending and self._running < PARALLEL_COMMITS:
+        while self._pending and len(self._writing) < PARALLEL_COMMITS and not self._closed:
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-            self._running += 1
             task = asyncio.get_running_loop().create_task(self._write(batch))
             self._tasks.add(task)
+            self._writing.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _write(self, batch: list[_Intake]) -> None:
@@ -161,7 +220,7 @@ class Committer:
         try:
             outcome = await self._outcome(batch)
         finally:
-            self._running -= 1
+            self._writing.discard(asyncio.current_task())
             for item, error in zip(batch, outcome, strict=True):
                 if item.done.done():
                     continue
@@ -174,39 +233,106 @@ class Committer:
     async def _outcome(self, batch: list[_Intake]) -> list[BaseException | None]:
         """None for each message committed, or why it was not."""
         try:
-            await self._insert(batch)
-            return [None] * len(batch)
+            error = await self._commit(batch)
         except asyncpg.UniqueViolationError as exc:
             if len(batch) == 1:
                 return [exc]
             out: list[BaseException | None] = []
             for item in batch:  # only a clashing queue id gets refused
                 try:
-                    await self._insert([item])
-                    out.append(None)
-                except db.FAILED as error:
-                    out.append(error)
+                    out.append(await self._commit([item]))
+                except asyncpg.UniqueViolationError as clash:
+                    out.append(clash)
             return out
+        return [error] * len(batch)
+
+    async def _commit(self, batch: list[_Intake]) -> BaseException | None:
+        """None once ``batch`` is committed, or why it is not (a unique-key clash is raised)."""
+        try:
+            await self._insert(batch)
+        except _Unanswered as exc:
+            return await self._settle(batch, exc)
+        except asyncpg.UniqueViolationError:
+            raise
         except db.FAILED as exc:
-            return [exc] * len(batch)
+            return exc
+        return None
 
     async def _insert(self, batch: list[_Intake]) -> None:
         rows = [i.queue_row for i in batch if i.queue_row is not None]
         copies = [c for i in batch for c in i.copies]
-        async with self.database.connection() as conn:
-            await conn.execute(
-                _INTAKE,
-                [r[0] for r in rows],
-                [r[1] for r in rows],
-                [r[2] for r in rows],
-                [r[3] for r in rows],
-                [r[4] for r in rows],
-                [r[5] for r in rows],
-                [c[0] for c in copies],
-                self.lease,
-                [c[1] for c in copies],
-                [c[2] for c in copies],
-            )
+        pid: int | None = None  # set once the statement may be on its way
+        try:
+            async with self.database.connection() as conn:
+                pid = conn.get_server_pid()
+                await conn.execute(
+                    _INTAKE,
+                    [r[0] for r in rows],
+                    [r[1] for r in rows],
+                    [r[2] for r in rows],
+                    [r[3] for r in rows],
+                    [r[4] for r in rows],
+                    [r[5] for r in rows],
+                    [c[0] for c in copies],
+                    self.lease,
+                    [c[1] for c in copies],
+                    [c[2] for c in copies],
+                )
+        except _UNANSWERED as exc:
+            if pid is None:  # no connection: nothing was sent
+                raise
+            raise _Unanswered(pid, exc) from exc
+
+    async def _settle(self, batch: list[_Intake], unanswered: _Unanswered) -> BaseException | None:
+        """Whether the batch whose statement went unanswered was committed: None if it was,
+        else why not. Asked of PostgreSQL on another connection, again every SETTLE_RETRY
+        while it is away, for up to SETTLE_WAIT: first the backend that ran the statement is
+        ended if it is still there (a broken network leaves it running, and it could commit
+        after the look), then the batch's rows are looked for, queue rows by id and copies by
+        mailbox and UIDL. The statement was atomic: any row means all of them.
+
+        Only past the deadline, or when the server stops meanwhile, is the batch refused
+        without knowing (452, as any failed commit): then, and only then, a message may be
+        stored though its client was told to send it again. (So may one whose rows were all
+        removed before the look: copies fetched and deleted over POP3, or a row another node
+        delivered after this worker's lease ran out; the look comes at the first moment
+        PostgreSQL answers again.)"""
+        # Its place goes to the next batch: while PostgreSQL is away, new messages get their
+        # 452 at once rather than wait behind this one.
+        self._writing.discard(asyncio.current_task())
+        self._kick()
+        log.warning(
+            "PostgreSQL: the commit of %d message(s) went unanswered (%s); asking whether it"
+            " was made before answering their clients",
+            len(batch),
+            unanswered.error,
+        )
+        ids = [i.queue_row[0] for i in batch if i.queue_row is not None]
+        boxes = [c[0] for i in batch for c in i.copies]
+        uidls = [c[1] for i in batch for c in i.copies]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETTLE_WAIT
+        while loop.time() < deadline:
+            try:
+                async with asyncio.timeout_at(deadline), self.database.connection() as conn:
+                    if not await conn.fetch(_LINGERING, unanswered.pid):
+                        stored = bool(await conn.fetchval(_STORED, ids, boxes, uidls))
+                        log.warning(
+                            "PostgreSQL: that commit of %d message(s) was %s",
+                            len(batch),
+                            "made" if stored else "not made",
+                        )
+                        return None if stored else unanswered.error
+            except db.FAILED:
+                pass
+            await asyncio.sleep(SETTLE_RETRY)
+        log.error(
+            "PostgreSQL: the outcome of a commit of %d message(s) is unknown after %.0f s;"
+            " they are refused (a client may send a stored one again)",
+            len(batch),
+            SETTLE_WAIT,
+        )
+        return TemporaryStorageError(f"outcome unknown: {unanswered.error}")
 
 
 def _envelope(raw: str, next_attempt: float) -> Envelope:
@@ -286,6 +412,8 @@ class PgQueue:
             self._renewer = None
         if self._stats_task is not None:
             self._stats_task.cancel()
+        if self.committer is not None:
+            await self.committer.close()
         if self.database is not None:
             with contextlib.suppress(*db.FAILED):
                 async with self.database.connection() as conn:
@@ -411,7 +539,9 @@ class PgQueue:
         await self.committer.commit(_Intake(row, copies))
         if keep:
             self._bodies[envelope.id] = body
-            self._confirm(envelope.id, sent)  # under this worker's lease from the commit
+            # Under this worker's lease from the commit, which came after ``sent`` (also when
+            # its outcome was learnt later: the lease may then be found stale, never longer).
+            self._confirm(envelope.id, sent)
         return [None] * len(deliver_now)
 
     def add_waiting(self, sender: str, recipients: list[str], message: bytes) -> str:
