@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from postroom import childproc, lifetime
 from postroom.auth import dkim_sign, dkim_verify
+from postroom.auth import keys as dkim_keys
 from postroom.auth.lookup import Answer
 
 log = logging.getLogger("postroom")
@@ -109,7 +110,10 @@ def encode_sign(message: bytes, keys: Sequence[dkim_sign.SigningKey], now: int) 
 
 def run_sign(payload: bytes) -> bytes:
     message, pems, now = _loads(payload)
-    keys = [dkim_sign.SigningKey(domain, selector, _key(pem)) for domain, selector, pem in pems]
+    keys = [
+        dkim_sign.SigningKey(domain, selector, dkim_keys.private_key_of(pem))
+        for domain, selector, pem in pems
+    ]
     return dkim_sign.sign(message, keys, now)
 
 
@@ -118,13 +122,6 @@ def _pem(key: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-
-
-@lru_cache(maxsize=64)
-def _key(pem: bytes) -> ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey:
-    key = serialization.load_pem_private_key(pem, password=None)
-    assert isinstance(key, ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey)
-    return key
 
 
 JOBS = {VERIFY: run_verify, SIGN: run_sign}

@@ -61,7 +61,7 @@ class DkimKey:
         return f"DkimKey({self.selector!r}, {self.algorithm}, {self.state})"
 
     def private_key(self) -> ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey:
-        return _private_key(self.private_pem)
+        return private_key_of(self.private_pem)
 
     def public_b64(self) -> str:
         """The ``p=`` value: the raw 32 octets for Ed25519 (RFC 8463 §4.2), the DER
@@ -170,11 +170,11 @@ class LocalKeyStore:
         return (st.st_mtime_ns, st.st_ino, st.st_size)
 
 
-# Parsed once per process and key: loading an RSA-2048 key checks it, which takes about 50 ms
-# of CPU (while a key waits for DNS, the server compares its public half every few seconds,
-# on the event loop). The key objects are immutable; a handful of keys per domain.
 @lru_cache(maxsize=256)
-def _private_key(pem: bytes) -> ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey:
+def private_key_of(pem: bytes) -> ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey:
+    """The key in ``pem``, parsed once per process (here and in the DKIM helper): loading an
+    RSA-2048 key checks it, about 50 ms of CPU, and a key waiting for DNS is looked at every
+    few seconds on the event loop. The key objects are immutable; a few keys per domain."""
     key = serialization.load_pem_private_key(pem, password=None)
     assert isinstance(key, ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey)
     return key
@@ -182,7 +182,7 @@ def _private_key(pem: bytes) -> ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey:
 
 @lru_cache(maxsize=256)
 def _public_b64(pem: bytes) -> str:
-    pub = _private_key(pem).public_key()
+    pub = private_key_of(pem).public_key()
     if isinstance(pub, ed25519.Ed25519PublicKey):
         raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     else:
