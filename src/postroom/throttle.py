@@ -1,17 +1,17 @@
 """Brute-force protection for logins, shared by SMTP AUTH and POP3.
 
 Failures are counted per client IP (an IPv6 client per /64; in a table every worker process
-shares, see :mod:`postroom.sharedcounts`) and per account, and forgotten ``lockout_time`` after the
-last one. A failed login is answered after a delay that grows with the failures (so guessing is
-slow); an IP with ``lockout_failures`` recent failures is refused before its password is even
+shares, see :mod:`postroom.sharedcounts`) and per account, and forgotten ``lockout_time`` after
+the last one. A failed login is answered after a delay that grows with the failures (so guessing
+is slow); an IP with ``lockout_failures`` recent failures is refused before its password is even
 checked (454 4.7.0 / -ERR [SYS/TEMP]). At most :data:`CHECKS_PER_IP` passwords of one IP are
-checked at a time, the others wait their turn and are tested against the lockout when it
-comes: many connections guessing at once cannot all pass the test before the first of them
-fails, while many correct logins at once (webmail, NAT) only queue for a moment. A success does
-not wipe the IP's count (an attacker with an account of their own could otherwise log in
-between guesses). Per-account counts only ever add delay to *failures*:
-a correct password is never delayed or refused because of an account's history, so an attacker
-cannot lock a real user out; and the answers are the same whether or not the account exists.
+checked at a time, the others wait their turn and are tested against the lockout when it comes:
+many connections guessing at once cannot all pass the test before the first of them fails, while
+many correct logins at once (webmail, NAT) only queue for a moment. A success does not wipe the
+IP's count (an attacker with an account of their own could otherwise log in between guesses).
+Per-account counts only ever add delay to *failures*: a correct password is never delayed or
+refused because of an account's history, so an attacker cannot lock a real user out; and the
+answers are the same whether or not the account exists.
 """
 
 from __future__ import annotations

@@ -145,7 +145,9 @@ ENCRYPTION_REQUIRED = R(538, "5.7.11", "Encryption required for requested authen
 AUTH_CANCELLED = R(501, "5.0.0", "Authentication cancelled")
 AUTH_BAD_MECH = R(504, "5.5.4", "Unrecognized authentication type")
 AUTH_BAD_BASE64 = R(501, "5.5.2", "Cannot decode base64 response")
-AUTH_MALFORMED = R(501, "5.5.2", "Malformed authentication response")  # decoded, not SASL
+# RFC 4954 §4: 501 for a response that cannot be decoded, and for one that is not a message
+# of the mechanism (decoded, but not SASL: the text tells the two apart).
+AUTH_MALFORMED = R(501, "5.5.2", "Malformed authentication response")
 MUST_STARTTLS = R(530, "5.7.0", "Must issue a STARTTLS command first")
 USER_UNKNOWN = R(550, "5.1.1", "Mailbox unavailable: no such user here")
 USER_UNKNOWN_NOW = R(550, "5.1.1", "Mailbox unavailable: the account was removed")

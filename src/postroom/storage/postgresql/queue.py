@@ -101,13 +101,14 @@ INSERT INTO messages (mailbox, uidl, size, body)
 SELECT m, u, octet_length(x), x
 FROM unnest($7::text[], $9::text[], $10::bytea[]) AS s(m, u, x)
 """
-# The backend that ran an unanswered intake, if it is still there: ended, so that its statement
-# cannot commit after the look below (a backend leaves pg_stat_activity only once its
-# transaction has ended: committed or rolled back). Its pid, reused since by another intake
-# connection, costs that one its connection: its batch is settled the same way.
+# The backend that ran an unanswered intake, if it still runs it: ended, so that its statement
+# cannot commit after the look below. An idle one has ended its statement (committed or
+# rolled back: the look sees which) and is left alone, as is one whose pid was reused since
+# by a connection that runs no intake; one reused by another intake in flight costs that one
+# its connection, and its batch is settled the same way.
 _LINGERING = """
 SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-WHERE pid = $1 AND query LIKE '/* postroom intake */%'
+WHERE pid = $1 AND state <> 'idle' AND query LIKE '/* postroom intake */%'
 """
 # Whether a batch was committed: any of its rows says so (the statement was atomic).
 _STORED = """
