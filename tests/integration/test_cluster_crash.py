@@ -61,10 +61,10 @@ def worker_pids(node: Server) -> set[int]:
 
 
 class Sink:
-    """A remote MX on loopback whose sessions follow a script: ``defer`` (451 at RCPT),
-    ``stall`` (takes the message, never answers the final dot), ``hold`` (answers DATA only
-    once :attr:`release` is set), then ``accept``. ``abandoned`` counts the messages whose
-    connection closed before their final dot."""
+    """A remote MX on loopback whose sessions follow a script: ``defer`` (451 at RCPT, then 421
+    and closed at the next command but QUIT), ``stall`` (takes the message, never answers the
+    final dot), ``hold`` (answers DATA only once :attr:`release` is set), then ``accept``.
+    ``abandoned`` counts the messages whose connection closed before their final dot."""
 
     def __init__(self, script: list[str]) -> None:
         self.script = list(script)
@@ -120,6 +120,12 @@ class Sink:
                     conn.sendall(b"250 sink.test\r\n")
                 elif verb == b"RCPT" and mode == "defer":
                     conn.sendall(b"451 4.3.0 try later\r\n")
+                    # Closed after it: a sender that keeps idle sessions for the next message
+                    # must come back on a new one, the next of the script.
+                    mode = "closing"
+                elif mode == "closing" and verb != b"QUIT":
+                    conn.sendall(b"421 4.3.0 sink.test closing\r\n")
+                    return
                 elif verb == b"DATA":
                     if mode == "hold":
                         self.at_data.set()
