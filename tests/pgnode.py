@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,16 @@ from postroom.storage.postgresql import migrations
 from postroom.storage.postgresql.db import Database
 from postroom.storage.postgresql.mailboxes import PgMailboxes, PgMaildrop, PgMaildrops
 from postroom.storage.postgresql.queue import PgQueue
+
+
+async def until(check: Callable[[], bool], timeout: float = 1.0) -> float:
+    """Seconds until ``check()`` holds, the event loop running meanwhile; fails after
+    ``timeout`` (by default a second: what a change takes to reach every node)."""
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < timeout, "not seen in time"
+        await asyncio.sleep(0.005)
+    return time.monotonic() - start
 
 
 @dataclass

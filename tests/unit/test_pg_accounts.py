@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import asyncpg
 import pytest
@@ -14,6 +13,7 @@ from postroom.errors import AccountError
 from postroom.sasl import derive_scram_keys
 from postroom.storage.postgresql import db
 from postroom.storage.postgresql.accounts import LiveAccounts, PgAccounts
+from tests.pgnode import until
 
 DOMAINS = ("a.test", "b.test")
 
@@ -36,15 +36,6 @@ async def watched(url: str) -> tuple[LiveAccounts, db.Watcher]:
     watcher = db.Watcher(url, [live])
     await watcher.start()
     return live, watcher
-
-
-async def until(check: Callable[[], bool], timeout: float = 1.0) -> float:
-    """Seconds until ``check()`` holds; fails after ``timeout`` (the promise is a second)."""
-    start = time.monotonic()
-    while not check():
-        assert time.monotonic() - start < timeout, "not seen in time"
-        await asyncio.sleep(0.005)
-    return time.monotonic() - start
 
 
 def test_admin_users_and_passwords(admin: PgAccounts) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from postroom.errors import MailboxInUse
 from postroom.storage.interfaces import LocalCopy
-from tests.pgnode import nodes, read, run
+from tests.pgnode import nodes, read, run, until
 
 MESSAGE = b"Subject: hi\r\n\r\nline one\r\n.dot line\r\n"
 
@@ -171,11 +171,12 @@ def test_postgresql_restart_fails_intake_then_heals(pg_durable: object, tmp_path
     async def main() -> None:
         async with nodes(url, tmp_path) as (a, b):
             await a.accept(["ann@a.test"])
+            assert a.database.pool.get_idle_size() > 0  # a connection for the crash to break
             server.stop("immediate")  # as a crash: recovery from the WAL at the next start
-            # The pool sees its connections close (a statement sent on one it had not seen
-            # close yet might have committed: that case waits for PostgreSQL to be back, and
-            # has its own tests in tests/regress/test_pg_commit_whose_reply_was_lost.py).
-            await asyncio.sleep(0.5)
+            # Until the pool has seen its connections close, as a running server's loop does
+            # at once: a statement sent on one not yet seen closed might have committed, and
+            # waits for PostgreSQL to be back (test_pg_commit_whose_reply_was_lost.py).
+            await until(lambda: a.database.pool.get_idle_size() == 0, timeout=5)
             with pytest.raises(TemporaryStorageError):  # the client gets 452, sends again
                 await a.accept(["ann@a.test"])
             server.start()
