@@ -120,8 +120,8 @@ class Sink:
                     conn.sendall(b"250 sink.test\r\n")
                 elif verb == b"RCPT" and mode == "defer":
                     conn.sendall(b"451 4.3.0 try later\r\n")
-                    # Closed after it: a sender that keeps idle sessions for the next message
-                    # must come back on a new one, the next of the script.
+                    # Closed after it (RFC 5321 §3.8: 421, then the server may close): a sender
+                    # that keeps idle sessions must come back on a new one, the next of the script.
                     mode = "closing"
                 elif mode == "closing" and verb != b"QUIT":
                     conn.sendall(b"421 4.3.0 sink.test closing\r\n")
