@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import os
 import random
@@ -32,6 +33,17 @@ def _below_ephemeral() -> range:
     except (OSError, ValueError, IndexError):
         low = 32768
     return range(max(1024, low - 12000), low)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Compile ``src/`` to bytecode once, before the first server or CLI process starts.
+
+    The suite starts some 1,500 Python processes (``serve``, its writer and helper, every CLI
+    command), each importing postroom afresh. Where ``PYTHONDONTWRITEBYTECODE`` is set, as in
+    CI, none of them writes ``__pycache__`` and each compiled every module from source again:
+    11% of the time of test_smtp.py and test_cli.py together (69 s against 62 s). Reading
+    bytecode needs no write access, so compiling once here serves them all."""
+    compileall.compile_dir(SRC, quiet=1)
 
 
 _PORT_POOL = _below_ephemeral()
