@@ -14,7 +14,7 @@ import pytest
 from postroom.auth.keys import DkimKey, KeyRing
 from postroom.errors import LeaseLost, QueueError
 from postroom.queue.envelope import Attempt
-from postroom.storage.postgresql import db, queue
+from postroom.storage.postgresql import db
 from postroom.storage.postgresql.keys import KeysChanged, PgKeyStore
 from postroom.storage.postgresql.slots import PgSlots
 from tests.pgnode import migrate, nodes, run
@@ -41,39 +41,6 @@ def test_concurrent_intake_shares_commits(pg_url: str, tmp_path: Path) -> None:
             drop = a.maildrop("ann@a.test")
             assert len(await drop.open()) == 60
             await drop.close()
-
-    run(main())
-
-
-def test_each_commit_leaves_a_mark_and_later_intakes_sweep_old_ones(
-    pg_url: str, tmp_path: Path
-) -> None:
-    """The mark tells a commit whose reply was lost from one never made; an hour on, no
-    settle can still look for it, and intakes take it away (a few per statement)."""
-
-    async def main() -> None:
-        async with nodes(pg_url, tmp_path, count=1) as (a,):
-            conn = await asyncpg.connect(pg_url)
-            try:
-                await conn.execute("DELETE FROM intake_marks")
-                await conn.execute(
-                    "INSERT INTO intake_marks (token, made) SELECT 'old' || g, 0"
-                    " FROM generate_series(1, 150) g"
-                )
-                await conn.execute(
-                    "INSERT INTO intake_marks (token, made) VALUES ('recent',"
-                    " postroom_clock() - $1 + 60)",
-                    queue.MARK_KEEP,
-                )
-                marks = "SELECT count(*) FROM intake_marks WHERE token LIKE $1"
-                await a.accept(["ann@a.test"])
-                assert await conn.fetchval(marks, "old%") == 50  # at most 100 at a time
-                await a.accept(["ann@a.test"])
-                assert await conn.fetchval(marks, "old%") == 0
-                assert await conn.fetchval(marks, "recent") == 1
-                assert await conn.fetchval(marks, "%") == 3  # and the two intakes' own
-            finally:
-                await conn.close()
 
     run(main())
 

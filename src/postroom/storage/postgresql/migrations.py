@@ -166,20 +166,6 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
-    Migration(
-        5,
-        "intake marks",
-        """
-        -- One row per intake commit, named by a token its committer drew: whether a commit
-        -- whose answer was lost was made is known from it, even once every message of the
-        -- batch has been fetched or delivered. Kept an hour, swept by later intakes.
-        CREATE TABLE intake_marks (
-            token text PRIMARY KEY,
-            made double precision NOT NULL DEFAULT postroom_clock()
-        );
-        CREATE INDEX intake_marks_made ON intake_marks (made);
-        """,
-    ),
 )
 
 LATEST = MIGRATIONS[-1].version

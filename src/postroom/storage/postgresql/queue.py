@@ -4,20 +4,20 @@ One row per queued message in ``queue`` (envelope as JSON, body with LF line end
 lease); see :class:`~postroom.storage.interfaces.MessageQueue` for what each call promises.
 
 *Intake.* :meth:`PgQueue.accept` hands the message to the worker's :class:`Committer`, which
-writes what has come in meanwhile as ONE statement (``unnest`` of arrays: the queue rows, the
-mailbox copies and the batch's mark together, so a single round trip and a single commit, atomic
-without a ``BEGIN``): concurrent sessions share the commit and its WAL flush, and the client's
-250 waits for that commit and nothing else. A message whose recipients are all local is stored
-only as its mailbox copies; one with recipients left gets a queue row, under this node's lease
-(the accepting node makes the first attempt at once), its local recipients already marked
-delivered in the same commit. A batch refused by PostgreSQL (away, full) fails every message in
-it with :class:`~postroom.errors.TemporaryStorageError` (the clients get 452 and send again); a
-unique-key clash, which only a colliding queue id could cause, is retried one by one so that
+writes what has come in meanwhile as ONE statement (``unnest`` of arrays: the queue rows and the
+mailbox copies together, so a single round trip and a single commit, atomic without a
+``BEGIN``): concurrent sessions share the commit and its WAL flush, and the client's 250 waits
+for that commit and nothing else. A message whose recipients are all local is stored only as
+its mailbox copies; one with recipients left gets a queue row, under this node's lease (the
+accepting node makes the first attempt at once), its local recipients already marked
+delivered in the same commit. A batch refused by PostgreSQL (away, full) fails every message
+in it with :class:`~postroom.errors.TemporaryStorageError` (the clients get 452 and send again);
+a unique-key clash, which only a colliding queue id could cause, is retried one by one so that
 only its own message is refused. A batch whose connection broke while its statement was in
-flight (PostgreSQL crashed, the network or a pooler dropped it) may have been committed all the
-same: its sessions are kept waiting (a client waits 10 minutes for the reply to the final dot,
-RFC 5321 §4.5.3.2.6) while :meth:`Committer._settle` learns from PostgreSQL, on another
-connection, whether the batch's mark is there, and each gets the answer that is true.
+flight (PostgreSQL crashed, the network or a pooler dropped it) may have been committed all
+the same: its sessions are kept waiting (a client waits 10 minutes for the reply to the final
+dot, RFC 5321 §4.5.3.2.6) while :meth:`Committer._settle` learns from PostgreSQL, on another
+connection, whether the batch's rows are there, and each gets the answer that is true.
 
 *Leases.* :meth:`claim` takes due rows with ``SELECT ... FOR UPDATE SKIP LOCKED`` (two nodes
 never wait for, nor take, the same row) and sets ``lease_owner``/``lease_until`` in the same
@@ -75,7 +75,6 @@ PARALLEL_COMMITS = 2  # batches in flight at once per worker (each on its own co
 RECORD_RETRY = (0.05, 1.0)  # first and longest pause between tries of an outcome's record
 SETTLE_WAIT = 60.0  # how long a batch whose commit went unanswered waits to learn its outcome
 SETTLE_RETRY = 0.5  # ... asking this often while PostgreSQL is away
-MARK_KEEP = 3600.0  # seconds an intake's mark is kept: far past any SETTLE_WAIT
 
 # How a statement that was sent fails when its answer never comes (the connection broke): it
 # may have been committed. (An error that PostgreSQL reports says that it was not; asyncpg's
@@ -88,9 +87,8 @@ _UNANSWERED: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.PostgresConnectionError,
 )
 
-# The intake statement: queue rows, mailbox copies and the batch's mark in one atomic statement,
-# which also sweeps a few marks older than MARK_KEEP (SKIP LOCKED: two workers' intakes never
-# wait for each other over a mark). Its first line names it in pg_stat_activity (_LINGERING).
+# The intake statement: queue rows and mailbox copies of a batch in one atomic statement. Its
+# first line names it in pg_stat_activity (see _LINGERING).
 _INTAKE = """/* postroom intake */
 WITH q AS (
     INSERT INTO queue (id, created, next_attempt, lease_owner, lease_until, envelope, body)
@@ -98,13 +96,6 @@ WITH q AS (
     FROM unnest($1::text[], $2::float8[], $3::float8[], $4::text[], $5::text[], $6::bytea[])
         AS t(i, c, n, o, e, b)
     RETURNING 1
-), mark AS (
-    INSERT INTO intake_marks (token) VALUES ($11) RETURNING 1
-), swept AS (
-    DELETE FROM intake_marks WHERE token IN (
-        SELECT token FROM intake_marks WHERE made < postroom_clock() - $12
-        ORDER BY made LIMIT 100 FOR UPDATE SKIP LOCKED
-    ) RETURNING 1
 )
 INSERT INTO messages (mailbox, uidl, size, body)
 SELECT m, u, octet_length(x), x
@@ -119,8 +110,14 @@ _LINGERING = """
 SELECT pg_terminate_backend(pid) FROM pg_stat_activity
 WHERE pid = $1 AND state <> 'idle' AND query LIKE '/* postroom intake */%'
 """
-# Whether a batch was committed: its mark says so (the statement was atomic).
-_STORED = "SELECT EXISTS (SELECT 1 FROM intake_marks WHERE token = $1)"
+# Whether a batch was committed: any of its rows says so (the statement was atomic).
+_STORED = """
+SELECT EXISTS (SELECT 1 FROM queue WHERE id = ANY($1::text[]))
+    OR EXISTS (
+        SELECT 1 FROM messages
+        WHERE (mailbox, uidl) IN (SELECT * FROM unnest($2::text[], $3::text[]))
+    )
+"""
 _CLAIM = """
 UPDATE queue q SET lease_owner = $3, lease_until = postroom_clock() + $4
 FROM (
@@ -173,10 +170,9 @@ class _Unanswered(Exception):
     """The intake statement was sent on the connection to backend ``pid``, which broke before
     the answer came: committed or not, PostgreSQL knows."""
 
-    def __init__(self, pid: int, token: str, error: BaseException) -> None:
+    def __init__(self, pid: int, error: BaseException) -> None:
         super().__init__(str(error))
         self.pid = pid
-        self.token = token  # the batch's mark
         self.error = error
 
 
@@ -267,7 +263,6 @@ class Committer:
         rows = [i.queue_row for i in batch if i.queue_row is not None]
         copies = [c for i in batch for c in i.copies]
         pid: int | None = None  # set once the statement may be on its way
-        token = secrets.token_hex(16)
         try:
             async with self.database.connection() as conn:
                 pid = conn.get_server_pid()
@@ -283,26 +278,26 @@ class Committer:
                     self.lease,
                     [c[1] for c in copies],
                     [c[2] for c in copies],
-                    token,
-                    MARK_KEEP,
                 )
         except _UNANSWERED as exc:
             if pid is None:  # no connection: nothing was sent
                 raise
-            raise _Unanswered(pid, token, exc) from exc
+            raise _Unanswered(pid, exc) from exc
 
     async def _settle(self, batch: list[_Intake], unanswered: _Unanswered) -> BaseException | None:
         """Whether the batch whose statement went unanswered was committed: None if it was,
         else why not. Asked of PostgreSQL on another connection, again every SETTLE_RETRY
         while it is away, for up to SETTLE_WAIT: first the backend that ran the statement is
         ended if it is still there (a broken network leaves it running, and it could commit
-        after the look), then the batch's mark is looked for. The statement was atomic: the
-        mark means that all of the batch was written, even if it has been fetched or
-        delivered since.
+        after the look), then the batch's rows are looked for, queue rows by id and copies by
+        mailbox and UIDL. The statement was atomic: any row means all of them.
 
         Only past the deadline, or when the server stops meanwhile, is the batch refused
         without knowing (452, as any failed commit): then, and only then, a message may be
-        stored though its client was told to send it again."""
+        stored though its client was told to send it again. (So may one whose rows were all
+        removed before the look: copies fetched and deleted over POP3, or a row another node
+        delivered after this worker's lease ran out; the look comes at the first moment
+        PostgreSQL answers again.)"""
         # Its place goes to the next batch: while PostgreSQL is away, new messages get their
         # 452 at once rather than wait behind this one.
         self._writing.discard(asyncio.current_task())
@@ -313,13 +308,16 @@ class Committer:
             len(batch),
             unanswered.error,
         )
+        ids = [i.queue_row[0] for i in batch if i.queue_row is not None]
+        boxes = [c[0] for i in batch for c in i.copies]
+        uidls = [c[1] for i in batch for c in i.copies]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SETTLE_WAIT
         while loop.time() < deadline:
             try:
                 async with asyncio.timeout_at(deadline), self.database.connection() as conn:
                     if not await conn.fetch(_LINGERING, unanswered.pid):
-                        stored = bool(await conn.fetchval(_STORED, unanswered.token))
+                        stored = bool(await conn.fetchval(_STORED, ids, boxes, uidls))
                         log.warning(
                             "PostgreSQL: that commit of %d message(s) was %s",
                             len(batch),
