@@ -66,9 +66,15 @@ def run(
 
 
 def start_daemon(
-    cmd: Sequence[str], log: Path, cleanup: Cleanup, label: str, env: dict[str, str] | None = None
+    cmd: Sequence[str],
+    log: Path,
+    cleanup: Cleanup,
+    label: str,
+    env: dict[str, str] | None = None,
+    grace: float = 10.0,
 ) -> subprocess.Popen[bytes]:
-    """Start a foreground server with output to ``log``; registered for termination."""
+    """Start a foreground server with output to ``log``; registered for termination (SIGKILL
+    ``grace`` seconds after SIGTERM)."""
     log_file = log.open("ab")
     proc = subprocess.Popen(
         list(cmd),
@@ -79,7 +85,7 @@ def start_daemon(
         start_new_session=True,
     )
     log_file.close()
-    cleanup.push(label, lambda: stop_process(proc))
+    cleanup.push(label, lambda: stop_process(proc, grace))
     return proc
 
 
