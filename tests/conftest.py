@@ -6,6 +6,7 @@ import compileall
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -249,6 +250,18 @@ class Server:
                 self.proc.wait()
             self.proc = None
         return code
+
+    def worker_pid(self, started: int = 1, timeout: float = 10) -> int:
+        """The pid of worker 0 once the supervisor has logged its start ``started`` times. The
+        supervisor writes that line itself, so it may come after the worker's "ready"."""
+        pids = wait_until(
+            lambda: [
+                int(p) for p in re.findall(r"worker 0 started, pid (\d+)", self.log.read_text())
+            ][started - 1 :],
+            timeout,
+            f"worker 0's start number {started} in the log",
+        )
+        return pids[0]
 
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)

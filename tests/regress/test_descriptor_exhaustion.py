@@ -5,7 +5,6 @@ gets ``421`` (SMTP) or ``-ERR [SYS/TEMP]`` (POP3) and is closed; the reserve sta
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 
@@ -16,7 +15,7 @@ from tests.conftest import ServerFactory, first_line, need_tool, wait_greeting
 def test_out_of_descriptors_gets_421_not_silence(server_factory: ServerFactory) -> None:
     prlimit = need_tool("prlimit")
     srv = server_factory(services=("smtp", "pop3"))
-    (pid,) = [int(p) for p in re.findall(r"worker 0 started, pid (\d+)", srv.log.read_text())]
+    pid = srv.worker_pid()
     in_use = len(os.listdir(f"/proc/{pid}/fd"))
     limit = in_use + FD_RESERVE + 10  # room for about ten connections
     subprocess.run([prlimit, "--pid", str(pid), f"--nofile={limit}:{limit}"], check=True)

@@ -10,7 +10,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.conftest import ServerFactory, wait_until
+from tests.conftest import ServerFactory
 from tests.regress.test_certificate_reload import (
     SERVICES,
     reload,
@@ -18,15 +18,6 @@ from tests.regress.test_certificate_reload import (
     tls_table,
     write_pair,
 )
-
-
-def worker_pid(log: str, started: int) -> int:
-    """The pid of worker 0 once it was ``started`` times."""
-    pids = [
-        int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if "worker 0 started, pid" in line
-    ]
-    assert len(pids) >= started, log
-    return pids[started - 1]
 
 
 def test_restarted_worker_serves_the_reloaded_certificate(
@@ -38,8 +29,8 @@ def test_restarted_worker_serves_the_reloaded_certificate(
     new = write_pair(certs, "renewed")
     reload(srv, 1)
     assert served(srv, "submissions") == new
-    os.kill(worker_pid(srv.log.read_text(), 1), signal.SIGKILL)
-    wait_until(lambda: srv.log.read_text().count("worker 0 started, pid") >= 2, 15)
+    os.kill(srv.worker_pid(), signal.SIGKILL)
+    srv.worker_pid(started=2, timeout=15)
     deadline = time.monotonic() + 15
     for service in SERVICES:
         while True:  # the new worker listens once it is ready
