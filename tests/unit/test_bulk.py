@@ -1,7 +1,8 @@
 """wire/bulk.py: the array path gives what the bytes path gives, for any data.
 
 The functions take the bytes path below ``BULK`` octets; these tests run every input through
-both (``BULK`` lowered to 0 for the array path) and compare, with inputs made of the octets
+both (``BULK`` lowered to 0 for the array path, once with the dotted lines cut out as slices
+and once as an array copy) and compare, with inputs made of the octets
 that matter (CR, LF, ".", NUL) among others, so that pairs, lone ends and dots at block edges
 all occur.
 """
@@ -25,19 +26,21 @@ MAIL_BYTES = st.binary(max_size=0) | st.lists(
 
 
 @contextmanager
-def array_path() -> Iterator[None]:
-    saved = bulk.BULK
-    bulk.BULK = 0
+def array_path(few: int) -> Iterator[None]:
+    saved = bulk.BULK, bulk._FEW
+    bulk.BULK, bulk._FEW = 0, few
     try:
         yield
     finally:
-        bulk.BULK = saved
+        bulk.BULK, bulk._FEW = saved
 
 
 def both(fn: Callable[..., Any], *args: Any) -> tuple[Any, Any]:
     small = fn(*args)
-    with array_path():
+    with array_path(bulk._FEW):
         large = fn(*args)
+    with array_path(0):
+        assert fn(*args) == large
     return small, large
 
 
