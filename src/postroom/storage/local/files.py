@@ -14,7 +14,7 @@ from pathlib import Path
 IOV_MAX = 1024  # Linux's limit on the pieces of one writev
 
 
-def write_all(fd: int, parts: Sequence[bytes]) -> None:
+def write_all(fd: int, parts: Sequence[bytes | bytearray]) -> None:
     """Write every part, in one ``writev`` unless the kernel takes less."""
     if len(parts) > IOV_MAX:
         parts = [b"".join(parts)]

@@ -60,7 +60,7 @@ from postroom.blocking import BlockingPool
 from postroom.errors import LeaseLost, QueueError, TemporaryStorageError
 from postroom.queue.envelope import Attempt, Envelope, Recipient, check_id, new_queue_id
 from postroom.storage.interfaces import LocalCopy, MessageDraft
-from postroom.storage.local.queue import Draft, SpareBodies
+from postroom.storage.local.queue import Draft, HoldBudget, SpareBodies
 from postroom.storage.postgresql import db
 from postroom.storage.postgresql.db import Database
 from postroom.wire.framing import to_crlf
@@ -380,6 +380,7 @@ class PgQueue:
                 leftover.unlink(missing_ok=True)
         # Drafts of large messages spill to files here (read back at accept): no journal.
         self.spares = SpareBodies(spill_dir, None)
+        self.budget = HoldBudget()
         self.committer = Committer(database, lease) if database is not None else None
         self.on_deleted: Callable[[str], None] | None = None  # the runner's deleted_elsewhere
         self._door: db.Door | None = None
@@ -505,7 +506,9 @@ class PgQueue:
     def draft(
         self, queue_id: str, sender: str, make_prefix: Callable[[bytes], bytes] | None = None
     ) -> Draft:
-        return Draft(self.spares, queue_id, sender, make_prefix, self.header_limit)
+        return Draft(
+            self.spares, queue_id, sender, make_prefix, self.header_limit, self.budget, False
+        )
 
     async def accept(
         self,

@@ -1,0 +1,121 @@
+"""storage/local/queue.py's Draft: a message larger than INLINE_LIMIT waits in memory for its
+end of DATA (within the worker's HoldBudget) and its body file is then written once, with the
+prepended fields on top; past the budget or HOLD_LIMIT it is streamed into the file."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import pytest
+
+from postroom.errors import TemporaryStorageError
+from postroom.storage.local import files
+from postroom.storage.local import queue as local_queue
+from postroom.storage.local.queue import HOLD_LIMIT, INLINE_LIMIT, Draft, HoldBudget, SpareBodies
+
+HEAD = b"Subject: big\r\n\r\n"
+LINE = b"y" * 98 + b"\r\n"
+RETURN_PATH = b"Return-Path: <s@r.test>\n"
+
+
+def big_draft(tmp_path: Path, budget: HoldBudget, size: int, write_held: bool = True) -> Draft:
+    draft = Draft(
+        SpareBodies(tmp_path, None),
+        "Q1",
+        "s@r.test",
+        lambda h: b"Received: r\n",
+        1000,
+        budget,
+        write_held,
+    )
+    draft.write(HEAD)
+    for _ in range(size // len(LINE)):
+        draft.write(LINE)
+    return draft
+
+
+def stored(draft: Draft) -> tuple[bytes, str]:
+    body, path, crc = draft.finish()
+    if path:
+        with open(path, "rb") as f:
+            body = f.read()
+        assert zlib.crc32(body) == crc  # what the journal records and recovery checks
+    return body, path
+
+
+def expected(size: int, fields: bytes = b"") -> bytes:
+    return (
+        RETURN_PATH
+        + fields
+        + b"Received: r\n"
+        + (HEAD + LINE * (size // len(LINE))).replace(b"\r\n", b"\n")
+    )
+
+
+def test_a_held_message_gets_its_body_file_at_the_end_with_the_fields_on_top(
+    tmp_path: Path,
+) -> None:
+    budget = HoldBudget()
+    draft = big_draft(tmp_path, budget, 100_000)
+    assert list(tmp_path.iterdir()) == []  # nothing written while it arrived
+    assert 0 < budget.used < 100_000 - INLINE_LIMIT + len(LINE)
+    draft.prepend(b"Authentication-Results: mx; spf=pass\r\n")
+    body, path = stored(draft)
+    assert path and Path(path).parent == tmp_path  # a body file: linked, never copied
+    assert body == expected(100_000, b"Authentication-Results: mx; spf=pass\n")
+    assert budget.used == 0
+
+
+def test_past_the_budget_a_message_is_streamed_as_it_arrives(tmp_path: Path) -> None:
+    budget = HoldBudget(limit=10_000)
+    draft = big_draft(tmp_path, budget, 100_000)
+    assert len(list(tmp_path.iterdir())) == 1 and budget.used == 0
+    draft.prepend(b"X-Late: 1\r\n")  # the body file moves up under it
+    body, path = stored(draft)
+    assert path and body == expected(100_000, b"X-Late: 1\n")
+
+
+def test_past_the_hold_limit_a_message_is_streamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_queue, "HOLD_LIMIT", INLINE_LIMIT + 20_000)
+    budget = HoldBudget()
+    draft = big_draft(tmp_path, budget, 100_000)
+    assert len(list(tmp_path.iterdir())) == 1 and budget.used == 0
+    body, _path = stored(draft)
+    assert body == expected(100_000)
+    assert HOLD_LIMIT > INLINE_LIMIT  # the module's own, unpatched
+
+
+def test_abort_and_a_dropped_draft_give_the_budget_back(tmp_path: Path) -> None:
+    budget = HoldBudget()
+    big_draft(tmp_path, budget, 100_000).abort()
+    assert budget.used == 0
+    big_draft(tmp_path, budget, 100_000)  # dropped: a session that went away mid-DATA
+    assert budget.used == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_held_for_postgresql_the_message_stays_in_memory(tmp_path: Path) -> None:
+    budget = HoldBudget()
+    draft = big_draft(tmp_path, budget, 100_000, write_held=False)
+    body, path = stored(draft)
+    assert path == "" and body == expected(100_000)
+    assert budget.used == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_a_held_message_that_cannot_be_written_is_a_temporary_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    budget = HoldBudget()
+    draft = big_draft(tmp_path, budget, 100_000)
+
+    def full(fd: int, parts: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "write_all", full)
+    with pytest.raises(TemporaryStorageError):
+        draft.finish()
+    draft.abort()
+    assert budget.used == 0 and list(tmp_path.iterdir()) == []  # no half-written body file
