@@ -581,6 +581,10 @@ def _loop_run(coro: Coroutine[Any, Any, int]) -> int:
 
 def run(cfg: Config) -> int:
     files.private_umask()
+    # numpy serves wire/bulk.py's scans and no BLAS routine, but OpenBLAS starts a thread per
+    # extra core when numpy loads, and that thread spun between the scans: 3% of both cores'
+    # time at 100 KiB from 20 sessions (perf). One thread, unless the admin set it.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     logs.setup(cfg)
     _raise_fd_limit()
     credentials.dummy_hash()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import os
 from typing import Any
 
 BULK = 16384  # octets: from here on the array path is the faster one (measured, 2 GHz Xeon)
@@ -40,10 +39,6 @@ def np() -> Any:
     second, which the admin commands and a server that sees only small mail never pay."""
     global _numpy
     if _numpy is None:
-        # No BLAS routine is called here, but OpenBLAS starts a thread per extra core when
-        # numpy loads, and that thread spun between our calls: 3% of both cores' time at
-        # 100 KiB from 20 sessions (perf). One thread, unless the admin says otherwise.
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         _numpy = importlib.import_module("numpy")
     return _numpy
 
