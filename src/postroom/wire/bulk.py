@@ -99,7 +99,7 @@ def _line_dots(a: Any, is_cr: Any, is_lf: Any) -> Positions:
     """Positions of the "." that starts a line: right after a CRLF. Compared as whole masks
     (a few microseconds per 100 KiB each): listing every line end first costs more."""
     if len(a) < 3:
-        return np().flatnonzero(np().zeros(0, bool))
+        return np().zeros(0, np().intp)
     return np().flatnonzero(is_cr[:-2] & is_lf[1:-1] & (a[2:] == DOT)) + 2
 
 
