@@ -32,8 +32,9 @@ _HASHER = PasswordHasher()
 @functools.cache
 def dummy_hash() -> str:
     """Verified against when the user does not exist, so both cases cost the same time.
-    Made on first use (an argon2 hash costs each admin command a fifth of a second); the
-    server makes it at start, so its first unknown login costs what the others do."""
+    Made on first use (an argon2 hash costs each admin command a fifth of a second); each
+    server worker makes it in a thread as it starts, so that its first unknown login costs
+    what the others do."""
     return _HASHER.hash("postroom-no-such-user")
 
 
