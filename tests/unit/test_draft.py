@@ -119,3 +119,33 @@ def test_a_held_message_that_cannot_be_written_is_a_temporary_failure(
         draft.finish()
     draft.abort()
     assert budget.used == 0 and list(tmp_path.iterdir()) == []  # no half-written body file
+
+
+def test_a_streamed_message_moves_up_under_its_fields_once_at_finish(tmp_path: Path) -> None:
+    """Prepending to a streamed draft costs no I/O: its body file is rewritten once, by
+    finish() (which the queues run in a thread), whatever was prepended or replaced."""
+    draft = big_draft(tmp_path, HoldBudget(limit=0), 100_000)
+    assert draft.streamed
+    (path,) = tmp_path.iterdir()
+    before = path.read_bytes()
+    draft.prepend(b"X-One: 1\r\n")
+    draft.prepend(b"X-Two: 2\r\n")
+    assert path.read_bytes() == before  # nothing moved yet
+    assert draft.head(1000) == HEAD.replace(b"\r\n", b"\n")  # the client's, not ours
+    assert draft.whole().startswith(b"X-Two: 2\r\nX-One: 1\r\nReceived: r\r\n" + HEAD)
+    body, _path = stored(draft)
+    assert body == expected(100_000, b"X-Two: 2\nX-One: 1\n")
+
+
+def test_a_streamed_message_replaced_after_a_prepend(tmp_path: Path) -> None:
+    draft = big_draft(tmp_path, HoldBudget(limit=0), 100_000)
+    draft.prepend(b"X-Forged: 1\r\n")
+    whole = draft.whole()
+    draft.replace(b"X-Ours: 1\r\n" + whole.split(b"\r\n", 1)[1])  # what _add_results does
+    body, _path = stored(draft)
+    assert (
+        body
+        == RETURN_PATH
+        + b"X-Ours: 1\nReceived: r\n"
+        + expected(100_000)[len(RETURN_PATH) + len(b"Received: r\n") :]
+    )

@@ -88,7 +88,8 @@ class MessageDraft(Protocol):
     def prepend(self, fields: bytes) -> None:
         """Put header fields (CRLF) above everything else, trace headers included: a DKIM
         signature, our authentication results. Costs a copy of the header lines, not of the
-        message (a large one already in its body file is moved up in place)."""
+        message (a large one already in its body file is moved up once, by the queue's
+        accept, off the event loop)."""
         ...
 
     def replace(self, data: bytes) -> None:

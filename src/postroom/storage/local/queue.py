@@ -174,6 +174,7 @@ class Draft:
         self._lines = 0  # LF line ends in the client's message
         self._head_end = -1  # where the client's header section ends (its blank line), if known
         self._fd: int | None = None
+        self._in_file = 0  # where the client's part starts in the body file
         self._path = ""
         self._crc = 0
         self._failed: OSError | None = None
@@ -244,7 +245,14 @@ class Draft:
         files.write_all(self._fd, parts)
         for part in parts:
             self._crc = zlib.crc32(part, self._crc)
+        self._in_file = len(self._return_path) + len(self._prefix or b"")
         self._client = bytearray()
+
+    @property
+    def streamed(self) -> bool:
+        """In a body file already: :meth:`finish` may have to move the client's part up
+        under fields prepended since (a large message's worth of I/O, for a thread)."""
+        return self._fd is not None
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -265,19 +273,17 @@ class Draft:
             limit = min(limit, self._head_end)
         if self._fd is None:
             return bytes(self._client[:limit])
-        start = len(self._return_path) + len(self._prefix or b"")
-        return os.pread(self._fd, limit, start)
+        return os.pread(self._fd, limit, self._in_file)
 
     def whole(self) -> bytes:
         if self._failed is not None:
             return b""
         if self._prefix is None:
             self._take_prefix()
-        start = len(self._return_path)
         if self._fd is None:
             data = b"".join((self._prefix or b"", self._client))
         else:
-            data = os.pread(self._fd, self.size - start, start)
+            data = (self._prefix or b"") + os.pread(self._fd, self._client_size, self._in_file)
         return to_crlf(data)
 
     def prepend(self, fields: bytes) -> None:
@@ -285,16 +291,8 @@ class Draft:
             return
         if self._prefix is None:
             self._take_prefix()
-        old_head = len(self._return_path) + len(self._prefix or b"")
+        # A body file is not moved up now, but once, by finish().
         self._prefix = fields.replace(b"\r\n", b"\n") + (self._prefix or b"")
-        if self._fd is None:
-            return
-        try:  # the body file: the client's part moves up by the new fields' length
-            client = os.pread(self._fd, self._client_size, old_head)
-        except OSError as exc:
-            self._failed = exc
-            return
-        self._refill(self._return_path, self._prefix, client)
 
     def replace(self, data: bytes) -> None:
         lf = bulk.crlf_to_lf(data)
@@ -303,16 +301,15 @@ class Draft:
         if self._fd is None:
             self._client = bytearray(lf)
             return
-        self._refill(self._return_path, lf)
+        self._write_file(lf)
 
     async def rewrite(self, convert: Callable[[bytes], bytes]) -> None:
         if self._failed is not None:
             return
-        head = self._return_path + (self._prefix or b"")
         if self._fd is None:
             old = bytes(self._client)
         else:
-            old = os.pread(self._fd, self._client_size, len(head))
+            old = os.pread(self._fd, self._client_size, self._in_file)
         new = bulk.crlf_to_lf(convert(to_crlf(old)))
         if new == old:
             return
@@ -321,17 +318,18 @@ class Draft:
         if self._fd is None:
             self._client = bytearray(new)
             return
-        self._refill(head, new)
+        self._write_file(new)
 
-    def _refill(self, kept: bytes, *parts: bytes) -> None:
-        """Write the body file anew after ``kept``, the octets it starts with already."""
+    def _write_file(self, client: bytes) -> None:
+        """Write the body file anew: the Return-Path line, our fields, ``client``."""
         assert self._fd is not None
         try:
-            os.ftruncate(self._fd, len(kept))
-            os.lseek(self._fd, len(kept), os.SEEK_SET)
-            self._crc = zlib.crc32(kept)
-            for part in parts:
-                self._put(part)
+            os.ftruncate(self._fd, 0)
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            self._crc = 0
+            self._put(self._return_path + (self._prefix or b""))
+            self._put(client)
+            self._in_file = self.size - self._client_size
         except OSError as exc:
             self._failed = exc
 
@@ -347,6 +345,15 @@ class Draft:
             except OSError as exc:
                 self._failed = exc
                 self._close(unlink=True)
+        if (
+            self._fd is not None
+            and self._failed is None
+            and self._in_file != self.size - self._client_size
+        ):
+            try:  # fields were prepended: the client's part moves up under them
+                self._write_file(os.pread(self._fd, self._client_size, self._in_file))
+            except OSError as exc:
+                self._failed = exc
         if self._failed is not None:
             raise TemporaryStorageError(str(self._failed))
         if self._fd is not None:
@@ -450,7 +457,11 @@ class LocalQueue:
     ) -> list[OSError | None]:
         assert self.writer is not None and isinstance(draft, Draft)
         try:
-            body, body_file, crc = draft.finish()
+            # A streamed draft may move its client's part up under prepended fields: a
+            # large message's worth of I/O, kept off the event loop.
+            body, body_file, crc = (
+                await self.io.run(draft.finish) if draft.streamed else draft.finish()
+            )
         except TemporaryStorageError:
             draft.abort()
             raise
