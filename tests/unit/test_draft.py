@@ -12,7 +12,7 @@ import pytest
 from postroom.errors import TemporaryStorageError
 from postroom.storage.local import files
 from postroom.storage.local import queue as local_queue
-from postroom.storage.local.queue import HOLD_LIMIT, INLINE_LIMIT, Draft, HoldBudget, SpareBodies
+from postroom.storage.local.queue import INLINE_LIMIT, Draft, HoldBudget, SpareBodies
 
 HEAD = b"Subject: big\r\n\r\n"
 LINE = b"y" * 98 + b"\r\n"
@@ -85,7 +85,6 @@ def test_past_the_hold_limit_a_message_is_streamed(
     assert len(list(tmp_path.iterdir())) == 1 and budget.used == 0
     body, _path = stored(draft)
     assert body == expected(100_000)
-    assert HOLD_LIMIT > INLINE_LIMIT  # the module's own, unpatched
 
 
 def test_abort_and_a_dropped_draft_give_the_budget_back(tmp_path: Path) -> None:
@@ -123,9 +122,9 @@ def test_a_held_message_that_cannot_be_written_is_a_temporary_failure(
 
 def test_a_streamed_message_moves_up_under_its_fields_once_at_finish(tmp_path: Path) -> None:
     """Prepending to a streamed draft costs no I/O: its body file is rewritten once, by
-    finish() (which the queues run in a thread), whatever was prepended or replaced."""
+    finish() (which finish_off_loop runs in a thread), whatever was prepended or replaced."""
     draft = big_draft(tmp_path, HoldBudget(limit=0), 100_000)
-    assert draft.streamed
+    assert len(list(tmp_path.iterdir())) == 1  # streamed: its body file exists
     (path,) = tmp_path.iterdir()
     before = path.read_bytes()
     draft.prepend(b"X-One: 1\r\n")

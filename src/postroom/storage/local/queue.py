@@ -248,11 +248,11 @@ class Draft:
         self._in_file = len(self._return_path) + len(self._prefix or b"")
         self._client = bytearray()
 
-    @property
-    def streamed(self) -> bool:
-        """In a body file already: :meth:`finish` may have to move the client's part up
-        under fields prepended since (a large message's worth of I/O, for a thread)."""
-        return self._fd is not None
+    async def finish_off_loop(self, io: BlockingPool) -> tuple[bytes, str, int]:
+        """:meth:`finish`, in ``io``'s thread when the message is in a body file already:
+        moving its client's part up under fields prepended since is a large message's worth
+        of I/O, kept off the event loop."""
+        return await io.run(self.finish) if self._fd is not None else self.finish()
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -457,11 +457,7 @@ class LocalQueue:
     ) -> list[OSError | None]:
         assert self.writer is not None and isinstance(draft, Draft)
         try:
-            # A streamed draft may move its client's part up under prepended fields: a
-            # large message's worth of I/O, kept off the event loop.
-            body, body_file, crc = (
-                await self.io.run(draft.finish) if draft.streamed else draft.finish()
-            )
+            body, body_file, crc = await draft.finish_off_loop(self.io)
         except TemporaryStorageError:
             draft.abort()
             raise

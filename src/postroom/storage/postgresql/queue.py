@@ -519,10 +519,7 @@ class PgQueue:
     ) -> list[OSError | None]:
         assert self.committer is not None and isinstance(draft, Draft)
         try:
-            # A streamed draft may move its client's part up under prepended fields: a
-            # large message's worth of I/O, kept off the event loop.
-            finished = await self.io.run(draft.finish) if draft.streamed else draft.finish()
-            body, body_file, _crc = finished
+            body, body_file, _crc = await draft.finish_off_loop(self.io)
             if body_file:
                 body = await self.io.run(_read_and_remove, body_file)
         except (TemporaryStorageError, OSError) as exc:
