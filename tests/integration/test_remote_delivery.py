@@ -42,6 +42,11 @@ class Sink:
     reject: set[str] = field(default_factory=set)
     tempfail: set[str] = field(default_factory=set)
     max_rcpts: int | None = None  # beyond it: 452 4.5.3 too many recipients
+    # After this many messages on a connection: the next MAIL gets ``goodbye`` (None: no
+    # reply at all) and the connection closes, as a server with an idle time-out or a limit
+    # on messages per session does.
+    per_session: int | None = None
+    goodbye: bytes | None = b"421 4.7.0 enough for this session, closing"
     tls: ssl.SSLContext | None = None
     messages: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
@@ -77,6 +82,7 @@ class Sink:
         secure = False
         sender: str | None = None
         rcpts: list[str] = []
+        taken = 0
         while line := await reader.readline():
             cmd = line.decode("utf-8", "replace").rstrip("\r\n")
             self.commands.append(cmd)
@@ -96,6 +102,11 @@ class Sink:
                 await writer.start_tls(self.tls)
                 secure = True
                 sender, rcpts = None, []
+            elif verb == "MAIL" and taken == self.per_session:
+                if self.goodbye is not None:
+                    say(self.goodbye)
+                    await writer.drain()
+                return
             elif verb == "MAIL":
                 sender = cmd[10:].split(">")[0].lstrip("<")
                 say("250 2.1.0 ok")
@@ -124,6 +135,7 @@ class Sink:
                         return
                     chunks.append(data_line[1:] if data_line.startswith(b".") else data_line)
                 self.messages.append(Received(sender, rcpts, b"".join(chunks), secure))
+                taken += 1
                 say("250 2.0.0 queued")
                 sender, rcpts = None, []
             elif verb == "RSET":
@@ -470,14 +482,14 @@ def test_connection_is_reused_for_the_next_message() -> None:
         assert first.outcome is Outcome.DELIVERED
         assert second.outcome is Outcome.DELIVERED
         assert sink.connections == 1
-        assert "RSET" in sink.commands
+        assert "RSET" not in sink.commands  # the reply to the dot ended the transaction
         assert sink.commands[-1] == "QUIT"
         assert [m.recipients for m in sink.messages] == [["bob@b.test"], ["carol@c.test"]]
 
     run(main)
 
 
-def test_dead_cached_connection_is_replaced() -> None:
+def test_stale_cached_connection_is_replaced() -> None:
     port = free_port()
 
     async def main() -> None:
@@ -492,6 +504,30 @@ def test_dead_cached_connection_is_replaced() -> None:
             await sink.stop()
         assert second.outcome is Outcome.DELIVERED
         assert sink.connections == 2
+
+    run(main)
+
+
+@pytest.mark.parametrize("goodbye", [b"421 4.7.0 enough for this session, closing", None])
+def test_a_cached_connection_the_server_dropped_costs_no_deferral(goodbye: bytes | None) -> None:
+    # The server ends the session when the reused connection's next MAIL comes (a 421, or
+    # just closing): the message goes to a new connection at once, delivered exactly once.
+    port = free_port()
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.2", port, per_session=1, goodbye=goodbye).start()
+        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        try:
+            results = [
+                await remote.deliver("b.test", message(f"u{i}@b.test"), BODY) for i in range(3)
+            ]
+        finally:
+            await remote.aclose()
+            await sink.stop()
+        assert [r.outcome for (r,) in results] == [Outcome.DELIVERED] * 3
+        assert [m.recipients for m in sink.messages] == [[f"u{i}@b.test"] for i in range(3)]
+        assert sink.connections == 3
 
     run(main)
 

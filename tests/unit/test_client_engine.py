@@ -383,12 +383,48 @@ def test_misuse_raises() -> None:
         engine.quit()
 
 
-def test_reset_probe() -> None:
-    engine = ready_engine()
-    engine.reset()
-    assert sent_lines(engine) == [b"RSET"]
+@pytest.mark.parametrize("ending", ["421", "closed"])
+def test_a_session_gone_before_mail_is_answered_says_unanswered(ending: str) -> None:
+    # A cached connection the server dropped while idle: nothing of the message reached it.
+    engine = ready_engine(EHLO_FULL)
+    engine.send_message(msg("bob@b.test"), DATA)
+    assert sent_lines(engine)[1:] == [b"RCPT TO:<bob@b.test>", b"DATA"]  # MAIL first
+    if ending == "421":
+        engine.receive_data(b"421 4.4.2 idle too long, closing\r\n")
+    else:
+        engine.connection_lost()
+    done, closed = events(engine)
+    assert isinstance(done, MessageDone) and done.unanswered
+    assert done.results[0].outcome is Outcome.TEMPORARY
+    assert isinstance(closed, Closed)
+
+
+def test_a_session_lost_after_mail_was_answered_is_not_unanswered() -> None:
+    engine = ready_engine(EHLO_FULL)
+    engine.send_message(msg("bob@b.test"), DATA)
+    engine.data_to_send()
     engine.receive_data(b"250 ok\r\n")
-    assert events(engine) == [Ready()]
+    engine.connection_lost()
+    done, _closed = events(engine)
+    assert isinstance(done, MessageDone) and not done.unanswered
+
+
+def test_a_refused_transaction_is_reset_but_a_finished_one_is_not() -> None:
+    engine = ready_engine(EHLO_FULL)
+    engine.send_message(msg("bob@b.test"), DATA)
+    engine.data_to_send()
+    engine.receive_data(b"250 ok\r\n550 no such user\r\n554 no valid recipients\r\n")
+    assert sent_lines(engine) == [b"RSET"]  # MAIL was accepted: the transaction is open
+    engine.receive_data(b"250 ok\r\n")
+    done, ready = events(engine)
+    assert isinstance(done, MessageDone) and not done.unanswered and ready == Ready()
+    engine.send_message(msg("bob@b.test"), DATA)
+    engine.data_to_send()
+    engine.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    engine.data_to_send()
+    engine.receive_data(b"250 queued\r\n")
+    assert engine.data_to_send() == b""  # the reply to the dot ended it: no RSET
+    assert [type(e) for e in events(engine)] == [MessageDone, Ready]
 
 
 def test_second_message_on_same_connection() -> None:

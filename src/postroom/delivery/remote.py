@@ -11,10 +11,12 @@ asyncio Protocol (which owns the read side, so "nothing buffered at the TLS swit
 the engine, RFC 3207 §4.2), does the STARTTLS handshake, applies time-outs, has
 ``mime_downgrade`` fit each message to the peer (short lines; 7-bit without 8BITMIME), and keeps
 idle sessions in a small cache keyed by (host, address, port, verify) so that the next message to
-the same MX reuses the connection after a successful RSET. TLS is opportunistic (RFC 7435) except
-for ``[delivery] tls_verify_domains``, where TLS is required and the certificate must verify for
-the MX host name; a failed opportunistic handshake is retried once in plaintext at the same
-address (like Postfix), so a broken TLS stack at the peer cannot block mail forever. A caller
+the same MX reuses the connection (no RSET first: a connection the host dropped meanwhile fails
+before MAIL is answered, and the message goes to a new connection at once). TLS is
+opportunistic (RFC 7435) except for ``[delivery] tls_verify_domains``, where TLS is required and
+the certificate must verify for the MX host name; a failed opportunistic handshake is retried
+once in plaintext at the same address (like Postfix), so a broken TLS stack at the peer cannot
+block mail forever. A caller
 may pass ``may_finish``, asked once the message is written and before its final dot (which
 commits it at the remote host): on False the connection is closed without the dot (the host
 cancels the transaction, RFC 5321 §3.8), no other host is tried and the attempt ends with
@@ -347,15 +349,34 @@ class RemoteDelivery:
         """The transaction's result, and whether it went over TLS; LeaseLost if ``may_finish``
         refused the final dot."""
         key = (target.host, ip, self.cfg.delivery.port, verify)
-        session = await self._take(key)
-        if session is None:
-            policy = TLSPolicy.REQUIRED if verify else TLSPolicy.OPPORTUNISTIC
-            try:
-                session = await self._open(target, ip, verify, policy)
-            except _SessionFailed as exc:
-                if not exc.tls or verify:
-                    raise
-                session = await self._open(target, ip, verify, TLSPolicy.NONE)
+        session = self._take(key)
+        if session is not None:
+            done = await self._transact(session, target, ip, message, data, may_finish)
+            if not done.unanswered:
+                return await self._keep(key, session, done)
+            # The server dropped the cached connection meanwhile (an idle time-out, a limit on
+            # messages per session: RFC 5321 §3.8) before this message reached it: a new one.
+            session.close()
+        policy = TLSPolicy.REQUIRED if verify else TLSPolicy.OPPORTUNISTIC
+        try:
+            session = await self._open(target, ip, verify, policy)
+        except _SessionFailed as exc:
+            if not exc.tls or verify:
+                raise
+            session = await self._open(target, ip, verify, TLSPolicy.NONE)
+        done = await self._transact(session, target, ip, message, data, may_finish)
+        return await self._keep(key, session, done)
+
+    async def _transact(
+        self,
+        session: _Session,
+        target: Target,
+        ip: str,
+        message: OutgoingMessage,
+        data: bytes,
+        may_finish: MayFinish | None,
+    ) -> MessageDone:
+        """One transaction on a ready session; LeaseLost if ``may_finish`` refused its dot."""
         # RFC 5321 §4.5.3.1.6 (lines) and RFC 6152 §3 (8-bit to a peer without 8BITMIME).
         eight_bit = "8BITMIME" in session.engine.extensions
         session.engine.send_message(
@@ -375,13 +396,19 @@ class RemoteDelivery:
         if not isinstance(event, MessageDone):  # pragma: no cover - the engine always reports
             session.close()
             raise _SessionFailed(_temp("4.4.2", f"{target.host}[{ip}]: no result"))
+        return event
+
+    async def _keep(
+        self, key: tuple[str, str, int, bool], session: _Session, done: MessageDone
+    ) -> tuple[MessageDone, bool]:
+        """Cache the session if it is ready for another message (after the RSET that closes a
+        failed transaction); the result, and whether it went over TLS."""
         secure = session.engine.secure
-        after = await session.next_event()
-        if isinstance(after, Ready):
+        if isinstance(await session.next_event(), Ready):
             self._put(key, session)
         else:
             session.close()
-        return event, secure
+        return done, secure
 
     async def _open(self, target: Target, ip: str, verify: bool, policy: TLSPolicy) -> _Session:
         loop = asyncio.get_running_loop()
@@ -452,18 +479,17 @@ class RemoteDelivery:
 
     # --- the connection cache ------------------------------------------------------------------
 
-    async def _take(self, key: tuple[str, str, int, bool]) -> _Session | None:
+    def _take(self, key: tuple[str, str, int, bool]) -> _Session | None:
+        """A cached session to ``key`` that is ready for a message. No RSET probe: the reply
+        to the last final dot left it clean (RFC 5321 §4.1.1.4), and a connection dropped
+        meanwhile is noticed at MAIL (``MessageDone.unanswered``), a round trip saved."""
         sessions = self._idle.get(key)
         while sessions:
             session = sessions.pop()
             fresh = time.monotonic() - session.last_used < self._cache_idle
             transport = session.transport
-            if not fresh or transport is None or transport.is_closing():
-                session.close()
-                continue
-            # RFC 5321 §4.1.1.5: RSET shows the session is alive and in a clean state.
-            session.engine.reset()
-            if isinstance(await session.next_event(), Ready):
+            ready = session.engine.state is ClientState.READY
+            if fresh and ready and transport is not None and not transport.is_closing():
                 return session
             session.close()
         return None

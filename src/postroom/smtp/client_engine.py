@@ -3,7 +3,7 @@
 Bytes from the server go in (:meth:`ClientEngine.receive_data`), bytes to write come out
 (:meth:`ClientEngine.data_to_send`) and typed events say what happened (:meth:`next_event`):
 :class:`StartTLS` (do the handshake, then call :meth:`tls_started`), :class:`Ready` (idle: hand over
-a message, probe with RSET, or quit), :class:`EndOfData` (asked for: the message is written but for
+a message or quit), :class:`EndOfData` (asked for: the message is written but for
 its final dot; :meth:`end_data` sends it, :meth:`abort` gives up), :class:`MessageDone` (one result
 per recipient) and :class:`Closed`. One session runs greeting -> EHLO (HELO if EHLO gets a 5xx) ->
 STARTTLS and EHLO again -> transactions (MAIL, RCPT..., DATA, pipelined when offered) -> QUIT; a 421
@@ -18,12 +18,15 @@ pipelined and lock-step sessions share the same code; every state change goes th
     TLS_HANDSHAKE --TLS_STARTED--> EHLO
     EHLO|HELO|STARTTLS|READY|TRANSACTION|RSET --IDLE--> READY
     READY --SEND--> TRANSACTION
-    READY|TRANSACTION --RSET--> RSET
+    TRANSACTION --RSET--> RSET
     READY --QUIT--> QUIT
     GREETING|EHLO|HELO|STARTTLS|TLS_HANDSHAKE|READY|TRANSACTION|RSET|QUIT --CLOSE--> CLOSED
 
 IDLE is "ready for a message" (after the greeting's EHLO, a refused opportunistic STARTTLS,
 RSET, or the end of a transaction); CLOSE ends the session, cleanly after QUIT or on a failure.
+RSET is sent only to close a transaction that did not end with the reply to the final dot
+(which ends it by itself, RFC 5321 §4.1.1.4), so a reused connection starts its next message at
+once; a connection the server dropped meanwhile shows in :attr:`MessageDone.unanswered`.
 
 The caller fits the data to the server first (``delivery/mime_downgrade.py``: short lines, 7-bit
 without 8BITMIME); a message that needs SMTPUTF8 never goes to a server without it (5.6.7 for
@@ -120,7 +123,6 @@ TRANSITIONS: Final[dict[ClientState, dict[ClientTrigger, ClientState]]] = {
     _S.READY: {
         _T.IDLE: _S.READY,
         _T.SEND: _S.TRANSACTION,
-        _T.RSET: _S.RSET,
         _T.QUIT: _S.QUIT,
         _T.CLOSE: _S.CLOSED,
     },
@@ -166,10 +168,13 @@ class Ready:
 @dataclass(frozen=True, slots=True)
 class MessageDone:
     """Every recipient of the message has a result. ``dsn`` is whether the server offered DSN
-    (without it, a NOTIFY=SUCCESS recipient is owed a "relayed" DSN, RFC 3461 §4.1)."""
+    (without it, a NOTIFY=SUCCESS recipient is owed a "relayed" DSN, RFC 3461 §4.1).
+    ``unanswered``: the session ended (closed, or 421) before the server answered MAIL, so no
+    part of the message reached it and another connection may take it at once."""
 
     results: tuple[RecipientResult, ...]
     dsn: bool
+    unanswered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,11 +422,6 @@ class ClientEngine:
         without the final dot, and the server cancels the transaction (RFC 5321 §3.8)."""
         if self.state is not ClientState.CLOSED:
             self._fail(reason)
-
-    def reset(self) -> None:
-        """Send RSET (for example to check that a cached connection is still alive)."""
-        self._go(ClientTrigger.RSET)
-        self._command(b"RSET", self._on_rset, TIMEOUT_OTHER)
 
     def quit(self) -> None:
         """Say QUIT; a Closed event follows (also if the server just closes)."""
@@ -701,7 +701,9 @@ class ClientEngine:
                 reply = _local(451, "4.5.0", f"unexpected reply {reply}")
             txn.results[i] = RecipientResult(rcpt, outcome or _outcome(reply), reply)
         ordered = tuple(txn.results[i] for i in range(len(txn.message.recipients)))
-        self._events.append(MessageDone(ordered, "DSN" in self.extensions))
+        # (A 421 to MAIL goes to _fail, never to _on_mail; nothing to send means nothing sent.)
+        unanswered = bool(txn.to_send) and txn.mail_reply is None
+        self._events.append(MessageDone(ordered, "DSN" in self.extensions, unanswered))
 
     def _require_txn(self) -> _Delivery:
         if self._txn is None:  # pragma: no cover - the awaited-reply queue prevents this
