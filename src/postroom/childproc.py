@@ -45,6 +45,17 @@ def interpreter_flags() -> list[str]:
     return args
 
 
+def run_behind_server() -> None:
+    """Called first by a child: schedule it ``SCHED_BATCH`` (Linux), so that a job the server
+    writes never preempts the server on its CPU. A batch task does not preempt at wake-up; it
+    runs at once on an idle CPU, else when the server waits (for it, or for the network).
+    Preempted at each job, the server paid a context switch per write; measured on 2 vCPUs
+    with 20 SMTP sessions, 1 KiB signed mail with every check on went from 793 to 891 msg/s
+    and 100 KiB mail from 1.03x to 1.22x Postfix. Threads the child starts later inherit it."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux: nothing to do
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
 def start(module: str, args: Sequence[str]) -> tuple[subprocess.Popen[bytes], socket.socket]:
     """Start ``python -m module FD PARENT_PID *args``: the child and the server's end of the
     socketpair (to be given to :func:`connect`)."""

@@ -317,6 +317,21 @@ def test_a_child_that_dies_fails_its_jobs_and_is_replaced(tmp_path: Path) -> Non
     assert sorted(os.listdir(tmp_path / "box" / "new")) in (["1.a", "2.b", "3.c"], ["1.a", "3.c"])
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_the_child_runs_behind_the_server(tmp_path: Path) -> None:
+    # A batch task: a job wakes it without preempting the server (childproc.run_behind_server).
+    writer = MaildirWriter(tmp_path / "journal")
+
+    async def main() -> None:
+        assert await write_one(writer, str(tmp_path / "box"), "1.a", b"one\n")
+        assert writer._proc is not None
+        assert os.sched_getscheduler(writer._proc.pid) == os.SCHED_BATCH
+        assert os.sched_getscheduler(0) != os.SCHED_BATCH  # the server itself is not
+        await writer.close()
+
+    asyncio.run(main())
+
+
 def test_close_lets_the_child_finish_what_it_was_sent(tmp_path: Path) -> None:
     writer = MaildirWriter(tmp_path / "journal")
     box = str(tmp_path / "box")

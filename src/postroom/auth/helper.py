@@ -154,6 +154,7 @@ def frames(buf: bytearray) -> list[tuple[int, int, bytes]]:
 
 def serve(fd: int, parent: int, cpus: set[int]) -> None:
     """The child's main loop: read what has come, do each job, answer; exit at end of input."""
+    childproc.run_behind_server()
     if cpus:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, cpus)

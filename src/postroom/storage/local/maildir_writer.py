@@ -377,6 +377,7 @@ def serve(
     run_as: tuple[int, int] | None = None,
 ) -> None:
     """The child's main loop: read what has come, write it, answer; exit at end of input."""
+    childproc.run_behind_server()
     if cpu >= 0:  # first, so that the threads made later keep to it too
         os.sched_setaffinity(0, {cpu})
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when this one stops
