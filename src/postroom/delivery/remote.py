@@ -1,27 +1,26 @@
 """Remote delivery: one message, one destination domain, over SMTP to its MX hosts (RFC 5321 §5.1).
 
 :class:`RemoteDelivery` asks the :class:`~postroom.resolver.Resolver` for the domain's targets
-(dropping this host and worse MX hosts, RFC 5321 §5.1, so a misrouted domain ends in 5.4.6 and
-not in a loop), then tries each MX host's addresses in order on ``[delivery] port``. A refused
+(dropping this host and worse MX hosts, RFC 5321 §5.1, so a misrouted domain ends in 5.4.6 and not
+in a loop), then tries each MX host's addresses in order on ``[delivery] port``. A refused
 connection, a time-out, a TLS failure or a greeting other than 220 moves on to the next address;
-recipients that get a temporary failure at one host are offered to the next one too (as Postfix
-does with backup MX hosts); a 2xx or 5xx is final. The SMTP conversation itself is
-:class:`~postroom.smtp.client_engine.ClientEngine`; this module only moves its bytes with an
-asyncio Protocol (which owns the read side, so "nothing buffered at the TLS switch" is checked by
-the engine, RFC 3207 §4.2), does the STARTTLS handshake, applies time-outs, has
-``mime_downgrade`` fit each message to the peer (short lines; 7-bit without 8BITMIME), and keeps
-idle sessions in a small cache keyed by (host, address, port, verify) so that the next message to
-the same MX reuses the connection (no RSET first: a connection the host dropped meanwhile fails
-before MAIL is answered, and the message goes to a new connection at once). TLS is
-opportunistic (RFC 7435) except for ``[delivery] tls_verify_domains``, where TLS is required and
-the certificate must verify for the MX host name; a failed opportunistic handshake is retried
-once in plaintext at the same address (like Postfix), so a broken TLS stack at the peer cannot
-block mail forever. A caller
-may pass ``may_finish``, asked once the message is written and before its final dot (which
-commits it at the remote host): on False the connection is closed without the dot (the host
-cancels the transaction, RFC 5321 §3.8), no other host is tried and the attempt ends with
-:class:`~postroom.errors.LeaseLost` (it records nothing: the node that holds the lease now
-does); the queue of a cluster uses it to fence deliveries whose lease another node may hold.
+recipients that get a temporary failure at one host are offered to the next one too (as Postfix does
+with backup MX hosts); a 2xx or 5xx is final. The SMTP conversation itself is
+:class:`~postroom.smtp.client_engine.ClientEngine`; this module only moves its bytes with an asyncio
+Protocol (which owns the read side, so "nothing buffered at the TLS switch" is checked by the
+engine, RFC 3207 §4.2), does the STARTTLS handshake, applies time-outs, has ``mime_downgrade`` fit
+each message to the peer (short lines; 7-bit without 8BITMIME), and keeps idle sessions in a small
+cache keyed by (host, address, port, verify) so that the next message to the same MX reuses the
+connection (no RSET first: a connection the host dropped meanwhile fails before MAIL is answered,
+and the message goes to a new connection at once). TLS is opportunistic (RFC 7435) except for
+``[delivery] tls_verify_domains``, where TLS is required and the certificate must verify for the MX
+host name; a failed opportunistic handshake is retried once in plaintext at the same address (like
+Postfix), so a broken TLS stack at the peer cannot block mail forever. A caller may pass
+``may_finish``, asked once the message is written and before its final dot (which commits it at the
+remote host): on False the connection is closed without the dot (the host cancels the transaction,
+RFC 5321 §3.8), no other host is tried and the attempt ends with :class:`~postroom.errors.LeaseLost`
+(it records nothing: the node that holds the lease now does); the queue of a cluster uses it to
+fence deliveries whose lease another node may hold.
 Security notes: all network input goes through the engine; this module never interprets it.
 """
 
