@@ -86,4 +86,4 @@ def test_a_move_the_table_lacks_is_a_misuse_error() -> None:
         pop3.bye()
     client = client_engine.ClientEngine("me.test")
     with pytest.raises(EngineMisuse):
-        client.reset()  # before the greeting
+        client.quit()  # before the greeting
