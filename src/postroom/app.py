@@ -497,7 +497,7 @@ async def serve(
     if isinstance(queue, LocalQueue):
         assert queue.writer is not None
         await queue.writer.close()
-        queue.spares.close()
+        await queue.spares.close()
     for task in tasks:
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

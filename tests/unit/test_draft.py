@@ -4,11 +4,13 @@ prepended fields on top; past the budget or HOLD_LIMIT it is streamed into the f
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from pathlib import Path
 
 import pytest
 
+from postroom.blocking import BlockingPool
 from postroom.errors import TemporaryStorageError
 from postroom.storage.local import files
 from postroom.storage.local import queue as local_queue
@@ -148,3 +150,15 @@ def test_a_streamed_message_replaced_after_a_prepend(tmp_path: Path) -> None:
         + b"X-Ours: 1\nReceived: r\n"
         + expected(100_000)[len(RETURN_PATH) + len(b"Received: r\n") :]
     )
+
+
+def test_spare_bodies_closed_while_a_batch_is_made_leave_no_file(tmp_path: Path) -> None:
+    # close() waits for the batch that take() started in the pool, then removes it too.
+    async def main() -> None:
+        spares = SpareBodies(tmp_path, BlockingPool(2))
+        _path, made = spares.take()
+        assert not made  # none ready yet: a batch is being made
+        await spares.close()
+
+    asyncio.run(main())
+    assert list(tmp_path.iterdir()) == []

@@ -234,7 +234,7 @@ def test_local_delivery_through_the_child_process(tmp_path: Path) -> None:
         await accept(queue, envelope(99, "u@x.test"), big * 3000)  # in a body file
         assert queue.writer is not None
         await queue.writer.close()
-        queue.spares.close()
+        await queue.spares.close()
 
     asyncio.run(main())
     new = tmp_path / "mail" / "x.test" / "u" / "new"

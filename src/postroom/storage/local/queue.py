@@ -70,7 +70,7 @@ class SpareBodies:
         self.directory = directory
         self.io = io
         self._ready: deque[str] = deque()
-        self._filling = False
+        self._filling: asyncio.Task[None] | None = None  # a batch being made
         self._made = 0
 
     def take(self) -> tuple[str, bool]:
@@ -86,15 +86,14 @@ class SpareBodies:
         return str(self.directory / f"{os.getpid()}-{self._made}")
 
     def _refill(self) -> None:
-        if self._filling or self.io is None:
+        if self._filling is not None or self.io is None:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._filling = True
         names = [self._name() for _ in range(self.BATCH)]
-        task = loop.create_task(self.io.run(self._make, names))
+        task = self._filling = loop.create_task(self.io.run(self._make, names))
         task.add_done_callback(lambda t: self._done(t, names))
 
     def _make(self, names: list[str]) -> None:
@@ -103,11 +102,14 @@ class SpareBodies:
         files.fsync_dir(self.directory)
 
     def _done(self, task: asyncio.Task[None], names: list[str]) -> None:
-        self._filling = False
+        self._filling = None
         if not task.cancelled() and task.exception() is None:
             self._ready.extend(names)  # else (disk full) the next start removes them
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Remove the unused files, those of a batch still being made included."""
+        if self._filling is not None:
+            await asyncio.wait([self._filling])
         while self._ready:
             with contextlib.suppress(OSError):
                 os.unlink(self._ready.pop())
