@@ -21,7 +21,7 @@ LINE = b"y" * 98 + b"\r\n"
 RETURN_PATH = b"Return-Path: <s@r.test>\n"
 
 
-def big_draft(tmp_path: Path, budget: HoldBudget, size: int, write_held: bool = True) -> Draft:
+def big_draft(tmp_path: Path, budget: HoldBudget, size: int, body_file: bool = True) -> Draft:
     draft = Draft(
         SpareBodies(tmp_path, None),
         "Q1",
@@ -29,7 +29,7 @@ def big_draft(tmp_path: Path, budget: HoldBudget, size: int, write_held: bool = 
         lambda h: b"Received: r\n",
         1000,
         budget,
-        write_held,
+        body_file,
     )
     draft.write(HEAD)
     for _ in range(size // len(LINE)):
@@ -100,10 +100,21 @@ def test_abort_and_a_dropped_draft_give_the_budget_back(tmp_path: Path) -> None:
 
 def test_held_for_postgresql_the_message_stays_in_memory(tmp_path: Path) -> None:
     budget = HoldBudget()
-    draft = big_draft(tmp_path, budget, 100_000, write_held=False)
+    draft = big_draft(tmp_path, budget, 100_000, body_file=False)
     body, path = stored(draft)
     assert path == "" and body == expected(100_000)
     assert budget.used == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_streamed_for_postgresql_the_spill_file_is_read_back_once_and_removed(
+    tmp_path: Path,
+) -> None:
+    draft = big_draft(tmp_path, HoldBudget(limit=0), 100_000, body_file=False)
+    assert len(list(tmp_path.iterdir())) == 1  # streamed into a spill file
+    draft.prepend(b"X-Late: 1\r\n")
+    body, path, _crc = draft.finish()
+    assert path == "" and body == expected(100_000, b"X-Late: 1\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_held_message_that_cannot_be_written_is_a_temporary_failure(

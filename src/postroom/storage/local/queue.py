@@ -155,16 +155,16 @@ class Draft:
         make_prefix: Callable[[bytes], bytes] | None,
         header_limit: int,
         budget: HoldBudget | None = None,
-        write_held: bool = True,
+        body_file: bool = True,
     ) -> None:
         self.queue_id = queue_id
         self._spares = spares
         self._budget = budget
         self._held = 0  # octets taken from the budget
-        # A held message is written to its body file at the end of DATA (the local queue
-        # links that file into the Maildirs), else returned in memory (PostgreSQL keeps it
-        # in a row).
-        self._write_held = write_held
+        # finish() gives a body file (the local queue links it into the Maildirs), a held
+        # message written to it at once; else the octets in memory (PostgreSQL keeps them in
+        # a row), a streamed message's spill file read back once and removed.
+        self._body_file = body_file
         self.fresh = False  # its body file's name is not durable yet
         self._return_path = f"Return-Path: <{sender}>\n".encode()
         self._make_prefix = make_prefix
@@ -336,17 +336,26 @@ class Draft:
             self._failed = exc
 
     def finish(self) -> tuple[bytes, str, int]:
-        """The stored octets, or a body file with its CRC. Raises the remembered failure."""
+        """The stored octets, or a body file with its CRC (never for a draft made with
+        ``body_file=False``). Raises the remembered failure."""
         if self._cr:
             self._cr = False
             self._client_size += 1
             (self._put(b"\r") if self._fd is not None else self._client.extend(b"\r"))
-        if self._fd is None and self._held and self._write_held:  # its body file, at once
+        if self._fd is None and self._held and self._body_file:  # its body file, at once
             try:
                 self._spill()
             except OSError as exc:
                 self._failed = exc
                 self._close(unlink=True)
+        if self._fd is not None and not self._body_file and self._failed is None:
+            try:  # a spill file: the client's part is read back once, under our fields
+                client = os.pread(self._fd, self._client_size, self._in_file)
+            except OSError as exc:
+                self._failed = exc
+            else:
+                self._close(unlink=True)
+                return b"".join((self._return_path, self._prefix or b"", client)), "", 0
         if (
             self._fd is not None
             and self._failed is None

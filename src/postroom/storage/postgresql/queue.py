@@ -342,15 +342,6 @@ def _envelope(raw: str, next_attempt: float) -> Envelope:
     return envelope
 
 
-def _read_and_remove(path: str) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
 class PgQueue:
     """The shared queue (:class:`~postroom.storage.interfaces.MessageQueue`). A node's workers
     pass ``database`` (their pools); the CLI passes None and uses a door instead."""
@@ -507,7 +498,13 @@ class PgQueue:
         self, queue_id: str, sender: str, make_prefix: Callable[[bytes], bytes] | None = None
     ) -> Draft:
         return Draft(
-            self.spares, queue_id, sender, make_prefix, self.header_limit, self.budget, False
+            self.spares,
+            queue_id,
+            sender,
+            make_prefix,
+            self.header_limit,
+            self.budget,
+            body_file=False,
         )
 
     async def accept(
@@ -519,9 +516,7 @@ class PgQueue:
     ) -> list[OSError | None]:
         assert self.committer is not None and isinstance(draft, Draft)
         try:
-            body, body_file, _crc = await draft.finish_off_loop(self.io)
-            if body_file:
-                body = await self.io.run(_read_and_remove, body_file)
+            body, _body_file, _crc = await draft.finish_off_loop(self.io)  # never a file
         except (TemporaryStorageError, OSError) as exc:
             draft.abort()
             raise TemporaryStorageError(str(exc)) from None
