@@ -422,6 +422,7 @@ async def serve(
         cfg, pair, worker.primary, cfg.workers, worker.index, shared, stores, io
     )
     loop = asyncio.get_running_loop()
+    logs.flush_from(loop)
     control = None
     if services.cpus is not None:
         pin_process(services.cpus[0])
@@ -507,6 +508,7 @@ async def serve(
     services.accounts.close()
     if stores is not None:
         await stores.close()
+    logs.flush_from(None)
     logs.flush()
     return 0
 

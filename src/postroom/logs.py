@@ -3,8 +3,9 @@
 Two kinds of entries share one buffer (so their order is kept): events from ``events.py``
 (structured: a name and fields, rendered only when the batch is written) and ordinary
 ``logging`` records from the rest of the code. :func:`flush` writes what is buffered in one
-``write`` (the idle sweeper calls it once a second, shutdown at the end; warnings and errors
-go at once).
+``write``: in a server, at most :data:`FLUSH_DELAY` after the first line of a batch (see
+:func:`flush_from`), so that a process killed at once (kill -9, the OOM killer) loses no more
+of its last moments than that; warnings and errors go at once, and shutdown writes the rest.
 
 ``log_format = "text"`` writes ``TIME HOSTNAME postroom/COMPONENT[PID]: [warning: ]MESSAGE``,
 the shape of Postfix's lines in a syslog file with RFC 3339 times (what pflogsumm reads), with
@@ -18,6 +19,7 @@ carry what the code hands them; events.py never passes passwords, SASL payloads 
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
@@ -33,6 +35,7 @@ from postroom.config import Config
 
 DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
 BATCH = 256
+FLUSH_DELAY = 0.1  # seconds a line may wait in a server's buffer (ten writes a second at most)
 _LEVEL_NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error", 50: "critical"}
 
 Fields = Mapping[str, object]
@@ -51,6 +54,9 @@ class _State:
     json = False
     host = "localhost"  # the config's hostname, as syslog puts it after the time
     stream: TextIO | None = None  # None: sys.stderr as it is when written
+    loop: asyncio.AbstractEventLoop | None = None  # the loop that writes the batches
+    loop_thread = 0
+    armed = False  # a flush is due within FLUSH_DELAY
 
 
 _state = _State()
@@ -88,6 +94,7 @@ def emit(
     below ``log_level`` (the few start-up lines scripts wait for)."""
     if level < _state.level and not always:
         return
+    _flush_later()
     _buffer.append((time.time(), level, event, component, fields, text))
     if level >= WARNING or len(_buffer) >= BATCH:
         flush()
@@ -97,9 +104,28 @@ class _Handler(logging.Handler):
     """Puts ordinary ``logging`` records in the same buffer as events."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        _flush_later()
         _buffer.append(record)
         if record.levelno >= WARNING or len(_buffer) >= BATCH:
             flush()
+
+
+def flush_from(loop: asyncio.AbstractEventLoop | None) -> None:
+    """Have ``loop`` (called from its thread; None: no more) write each batch at most
+    :data:`FLUSH_DELAY` after its first line. A line from another thread waits for the next
+    line from the loop's, or for the idle sweeper's flush once a second."""
+    _state.loop = loop
+    _state.loop_thread = threading.get_ident()
+    _state.armed = False
+
+
+def _flush_later() -> None:
+    loop = _state.loop
+    if _state.armed or loop is None or threading.get_ident() != _state.loop_thread:
+        return
+    if not loop.is_closed():
+        _state.armed = True
+        loop.call_later(FLUSH_DELAY, flush)
 
 
 def _format_entry(entry: Entry, pid: int) -> str:
@@ -169,6 +195,7 @@ def _format_record(record: logging.LogRecord) -> str:
 
 def flush() -> None:
     """Write what is buffered, in one ``write``."""
+    _state.armed = False
     with _lock:
         if not _buffer:
             return

@@ -190,6 +190,29 @@ def test_a_dead_workers_sessions_stop_counting(server_factory: ServerFactory) ->
     assert value(now, "postroom_smtp_connections_total", service="smtp") == total
 
 
+def test_a_line_reaches_the_log_within_a_fraction_of_a_second(
+    server_factory: ServerFactory,
+) -> None:
+    """What a worker logs is written within logs.FLUSH_DELAY (0.1 s), so that kill -9 or the
+    OOM killer takes no more of its last moments with it; it used to wait for the idle
+    sweeper's flush, up to a second. Eight messages: by chance, a once-a-second flush would
+    have been this quick for all of them less than twice in a hundred runs."""
+    srv = server_factory(services=("smtp",))
+    srv.add_user("bob@a.test")
+    delays = []
+    for n in range(8):
+        with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+            c.ehlo()
+            c.mail(f"n{n}@r.test")
+            c.rcpt("bob@a.test")
+            code, _text = c.data(b"Subject: x\r\n\r\nbody\r\n")
+            sent = time.monotonic()
+            assert code == 250
+        wait_log(srv, f"from=<n{n}@r.test>", timeout=5)
+        delays.append(time.monotonic() - sent)
+    assert max(delays) < 0.6, delays
+
+
 def test_healthz_200_then_503_while_stopping(server_factory: ServerFactory) -> None:
     srv = server_factory(services=("smtp", "http"))
     srv.add_user("bob@a.test")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -174,3 +175,28 @@ def test_start_up_lines_are_written_at_any_log_level(log: io.StringIO) -> None:
     logs.flush()
     text = log.getvalue()
     assert "postroom: ready" in text and "reloaded" not in text
+
+
+def test_a_servers_lines_are_written_within_the_flush_delay(
+    log: io.StringIO, tmp_path: Path
+) -> None:
+    # A process killed at once (kill -9) loses at most FLUSH_DELAY of its log, not a second.
+    _setup(log, "text", tmp_path)
+
+    async def main() -> tuple[str, str, str]:
+        logs.flush_from(asyncio.get_running_loop())
+        try:
+            events.accepted(_envelope("smtp", None, "a@r.test", "b@a.test", None))
+            before = log.getvalue()
+            await asyncio.sleep(logs.FLUSH_DELAY * 3)
+            first = log.getvalue()
+            events.accepted(_envelope("smtp", None, "c@r.test", "b@a.test", None))
+            await asyncio.sleep(logs.FLUSH_DELAY * 3)
+            return before, first, log.getvalue()
+        finally:
+            logs.flush_from(None)
+
+    before, first, second = asyncio.run(main())
+    assert before == ""  # written in batches, not line by line
+    assert "from=<a@r.test>" in first and "from=<c@r.test>" not in first
+    assert "from=<c@r.test>" in second  # the next batch is timed again
