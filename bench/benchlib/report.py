@@ -92,7 +92,23 @@ def render_markdown(rows: list[list[str]]) -> str:
 def _filesystem(path: Path) -> str:
     proc = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True, check=False)
     fields = proc.stdout.splitlines()[-1].split() if proc.returncode == 0 else []
-    return f"{fields[1]} ({fields[0]}, mounted on {fields[-1]})" if len(fields) >= 7 else "?"
+    if len(fields) < 7:
+        return "?"
+    return f"{fields[1]} ({fields[0]}, mounted on {fields[-1]}{_ext4_journal(fields)})"
+
+
+def _ext4_journal(fields: list[str]) -> str:
+    """Whether an ext4 file system has a journal. Without one, ext4 skips the inodes freed in
+    the last seconds when it makes a new one (``recently_deleted``): measured on such a file
+    system, that scan was a fifth of the Maildir writer's CPU at 1 KiB from 20 sessions,
+    and a file's creation took 14 to 60 µs depending on the directory."""
+    if fields[1] != "ext4":
+        return ""
+    task = Path("/sys/fs/ext4", Path(fields[0]).name, "journal_task")
+    try:
+        return ", no journal" if task.read_text().strip() == "<none>" else ", journaled"
+    except OSError:
+        return ""
 
 
 def machine(bench_dir: Path) -> dict[str, str]:
