@@ -337,7 +337,8 @@ class JournalWriter:
         self.syncer.add(journal.Batch(segment, segment.last_seq, set(), unlink))
 
     def refill(self) -> None:
-        """Make the unnamed files the next batch will need (while no job is waiting)."""
+        """Make the unnamed files the next batch will need: after a batch is answered, before
+        the next is read (its jobs wait no longer than they would for copies made inline)."""
         self._spares.refill(max(8, self._last_batch))
 
     def _rotate(self) -> None:
