@@ -144,10 +144,8 @@ class SenderAuth:
                 self.ring.confirm(domain, key.selector, self.clock())
         self.ring.expire(domain, self.clock())
 
-    async def _maybe_look(self, domain: str, all_keys: list[keys.DkimKey]) -> None:
+    async def _maybe_look(self, domain: str) -> None:
         """While a key waits for DNS, look again at most every RECHECK seconds, shared."""
-        if not any(k.state == "pending" for k in all_keys):
-            return
         if self.clock() - self._last_look.get(domain, 0.0) < RECHECK:
             return
         task = self._looking.get(domain)
@@ -225,9 +223,10 @@ class SenderAuth:
         if len(set(domains)) != 1 or not self.cfg.is_local_domain(domains[0]):
             return
         domain = domains[0]
-        all_keys, _ = self._domain_keys(domain)
-        await self._maybe_look(domain, all_keys)
-        _, signers = self._domain_keys(domain)
+        all_keys, signers = self._domain_keys(domain)
+        if any(k.state == "pending" for k in all_keys):  # DNS may confirm it now
+            await self._maybe_look(domain)
+            _, signers = self._domain_keys(domain)
         if not signers:
             return
         now = int(self.clock())
