@@ -50,6 +50,7 @@ class Pair:
     received: list[bytes] = field(default_factory=list)
     rcpts: list[str] = field(default_factory=list)
     client_events: list[object] = field(default_factory=list)
+    sent: bytearray = field(default_factory=bytearray)  # every octet the client sent
     _body: list[bytes] = field(default_factory=list)
     tls_switches: int = 0
 
@@ -59,6 +60,7 @@ class Pair:
             moved = False
             out = self.client.data_to_send()
             if out:
+                self.sent += out
                 self.server.receive_data(out)
                 moved = True
             self._serve()
@@ -156,6 +158,7 @@ def test_several_messages_on_one_session_without_rset() -> None:
         pair.pump()
     assert len(pair.received) == 3 and pair.client.state is ClientState.READY
     assert sum(isinstance(e, Ready) for e in pair.client_events) == 4  # EHLO, 3 messages
+    assert b"RSET" not in pair.sent and pair.sent.count(b"MAIL FROM:") == 3
 
 
 def test_a_message_over_the_servers_size_is_not_sent() -> None:
