@@ -139,6 +139,25 @@ def test_kept_messages_are_parked_once_with_their_copies_marked(tmp_path: Path) 
     assert os.listdir(journal_dir) == [journal.BODIES]
 
 
+def test_a_kept_message_is_parked_with_its_last_state(tmp_path: Path) -> None:
+    # The runner stored a newer state during the first attempt (the DSN it owes): the crash
+    # came before the message was parked or released, and recovery parks that state.
+    journal_dir = tmp_path / "journal"
+    (journal_dir / journal.BODIES).mkdir(parents=True)
+    kept = entry(1, keep=True)
+    newer = Envelope("Q1", "s@x.test", [Recipient("r@y.test", status="bounced")], 1.0)
+    path = segment(
+        journal_dir,
+        journal.encode_entry(kept),
+        journal.encode_state(1, b'{"an": "older state"}'),
+        journal.encode_state(1, newer.to_json()),
+    )
+    (live,) = journal.parse(path.read_bytes()).live()
+    assert live.envelope == newer.to_json()  # what `queue list` shows meanwhile
+    journal.recover(str(journal_dir), BOOT)
+    assert DeferredStore(tmp_path / "queue").load("Q1").recipients[0].status == "bounced"
+
+
 def test_a_body_file_never_flushed_before_a_power_loss_is_dropped(tmp_path: Path) -> None:
     journal_dir = tmp_path / "journal"
     (journal_dir / journal.BODIES).mkdir(parents=True)

@@ -25,6 +25,7 @@ from postroom.storage.local import maildir_writer as writer_mod
 from postroom.storage.local.journal import Entry, Target
 from postroom.storage.local.maildir_writer import (
     ACCEPT,
+    NOTE,
     PARK,
     RELEASE,
     Job,
@@ -32,6 +33,7 @@ from postroom.storage.local.maildir_writer import (
     JournalWriter,
     MaildirWriter,
     encode_accept,
+    encode_note,
     encode_park,
     encode_release,
 )
@@ -44,7 +46,7 @@ entries_st = st.lists(
         st.text(min_size=1, max_size=40).filter(lambda t: "\0" not in t),
         st.binary(max_size=300),
         st.booleans(),
-        st.sampled_from([ACCEPT, PARK, RELEASE]),
+        st.sampled_from([ACCEPT, PARK, NOTE, RELEASE]),
     ),
     max_size=5,
 )
@@ -63,6 +65,9 @@ def test_jobs_survive_any_split_of_the_stream(
         elif kind == PARK:
             wire += b"".join(encode_park(job_id, "Q2", body))
             expected.append(Job(job_id, PARK, queue_id="Q2", envelope=body))
+        elif kind == NOTE:
+            wire += b"".join(encode_note(job_id, "Q4", body))
+            expected.append(Job(job_id, NOTE, queue_id="Q4", envelope=body))
         else:
             wire += b"".join(encode_release(job_id, "Q3"))
             expected.append(Job(job_id, RELEASE, queue_id="Q3"))
@@ -124,6 +129,31 @@ def test_a_batch_shares_one_journal_flush(
     assert flushed == [0]  # one flush for the batch, and no copy visible before it
     names = os.listdir(box / "new")
     assert len(names) == 40 and os.listdir(box / "tmp") == []
+
+
+def test_notes_share_one_flush_and_are_what_recovery_parks(
+    tmp_path: Path, writer: JournalWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = tmp_path / "mail" / "x.test" / "u"
+    assert answers(writer.run([job(i, box, keep=True) for i in (1, 2)])) == [(1, 1, ""), (2, 1, "")]
+    flushes: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (flushes.append(fd), real(fd)))
+    notes = [Job(10 + i, NOTE, queue_id=f"Q{i}", envelope=_state(f"Q{i}")) for i in (1, 2)]
+    notes.append(Job(13, NOTE, queue_id="Q9", envelope=_state("Q9")))
+    out = answers(writer.run(notes))
+    assert out[:2] == [(11, 1, ""), (12, 1, "")] and out[2][:2] == (13, -errno.ENOENT)
+    assert len(flushes) == 1  # both notes in one segment: one flush
+    # What a recovery after kill -9 would park (test_journal.py replays a STATE record).
+    assert writer.segment is not None
+    with open(writer.segment.path, "rb") as f:
+        live = journal.parse(f.read()).live()
+    assert [e.envelope for e in live] == [_state("Q1"), _state("Q2")]
+
+
+def _state(queue_id: str) -> bytes:
+    rcpts = [Recipient("u@x.test", status="delivered"), Recipient("r@y.test", status="bounced")]
+    return Envelope(queue_id, "s@x.test", rcpts, 1.0).to_json()
 
 
 def test_a_failed_job_fails_alone(tmp_path: Path, writer: JournalWriter) -> None:

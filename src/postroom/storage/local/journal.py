@@ -26,7 +26,8 @@ orphaned segment, i.e. one no living writer holds the ``flock`` of:
   after the last synced mark is compared with its record, and written again if it differs or
   is missing (a copy fetched and deleted within that last second comes back: a duplicate is
   the safe side); a body file whose CRC differs was never flushed, so never acknowledged;
-* a kept entry not released is parked, unless it was parked already.
+* a kept entry not released is parked, unless it was parked already, with the envelope of
+  its last STATE record if it has one (a state the runner stored during the first attempt).
 
 Records: ``<BQI`` kind, payload length, CRC-32 of the payload, then the payload. A torn or
 corrupt record ends the segment: nothing after it was ever acknowledged (an append is
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import fcntl
 import json
 import os
@@ -61,7 +63,7 @@ _TARGET = struct.Struct("<IHH")  # recipient index, lengths of the Maildir path 
 _SEQ = struct.Struct("<Q")
 _MARK = struct.Struct("<QI")  # seq, target index
 
-START, ACCEPT, SETTLED, SYNCED, RELEASED, KEPT = 1, 2, 3, 4, 5, 6  # 0: the zeros ahead
+START, ACCEPT, SETTLED, SYNCED, RELEASED, KEPT, STATE = 1, 2, 3, 4, 5, 6, 7  # 0: zeros ahead
 KEEP, IN_FILE = 1, 2  # ACCEPT flags
 SUFFIX = ".journal"
 BODIES = "bodies"  # the journal's subdirectory for messages too large to go in a record
@@ -148,6 +150,11 @@ def encode_kept(seqs: Iterable[int]) -> list[bytes]:
     return _record(KEPT, [b"".join(_SEQ.pack(seq) for seq in seqs)])
 
 
+def encode_state(seq: int, envelope: bytes) -> list[bytes]:
+    """A kept entry's newer envelope (JSON), stored during an attempt: parked with it."""
+    return _record(STATE, [_SEQ.pack(seq), envelope])
+
+
 def encode_synced(seq: int) -> list[bytes]:
     return _record(SYNCED, [_SEQ.pack(seq)])
 
@@ -165,12 +172,19 @@ class Contents:
     settled: set[tuple[int, int]] = field(default_factory=set)
     released: set[int] = field(default_factory=set)
     kept: set[int] = field(default_factory=set)  # KEPT marks
+    states: dict[int, bytes] = field(default_factory=dict)  # the last STATE of each entry
     synced: int = 0
     end: int = 0  # where the valid records end
 
     def live(self) -> list[Entry]:
-        """The entries the queue still holds (kept and not released)."""
-        return [e for e in self.entries if self.held(e)]
+        """The entries the queue still holds (kept and not released), each with its last
+        envelope."""
+        states = self.states
+        return [
+            dataclasses.replace(e, envelope=states[e.seq]) if e.seq in states else e
+            for e in self.entries
+            if self.held(e)
+        ]
 
     def held(self, entry: Entry) -> bool:
         return (entry.keep or entry.seq in self.kept) and entry.seq not in self.released
@@ -234,6 +248,9 @@ def take(out: Contents, kind: int, payload: memoryview) -> None:
             raise ValueError("seqs")
         marks = out.released if kind == RELEASED else out.kept
         marks.update(seq for (seq,) in _SEQ.iter_unpack(payload))
+    elif kind == STATE:
+        (seq,) = _SEQ.unpack_from(payload)
+        out.states[seq] = bytes(payload[_SEQ.size :])
     elif kind == SYNCED:
         (out.synced,) = _SEQ.unpack(payload)
     else:
@@ -433,7 +450,7 @@ def _replay(contents: Contents, boot: str, store: DeferredStore) -> tuple[int, l
             written += 1
         if park:
             store.park(
-                _mark_delivered(entry.envelope, delivered),
+                _mark_delivered(contents.states.get(entry.seq, entry.envelope), delivered),
                 entry.queue_id,
                 None if entry.body_file else entry.body,
                 entry.body_file,

@@ -12,7 +12,8 @@ copies later (see :mod:`postroom.storage.local.journal`). That is Postfix's shap
 hands the message to another process), with one helper per worker process.
 
 Jobs: ACCEPT (a message: envelope, copies to make now, body inline or in a body file the
-server wrote), PARK (move a kept message to the deferred store, durably) and RELEASE (the
+server wrote), PARK (move a kept message to the deferred store, durably), NOTE (a kept
+message's newer envelope, durably, in a STATE record beside its entry) and RELEASE (the
 queue is done with a kept message). The child is ``python -m
 postroom.storage.local.maildir_writer FD PARENT_PID JOURNAL_DIR CPU CLEAN [UID GID]``: a fresh
 interpreter (no fork of a threaded server), started with the server's interpreter options.
@@ -56,7 +57,7 @@ from postroom.storage.local.journal import Entry
 _JOB = struct.Struct("<IBI")
 _ANSWER = struct.Struct("<IH")
 _STATUS = struct.Struct("<iH")
-ACCEPT, PARK, RELEASE = 1, 2, 3
+ACCEPT, PARK, RELEASE, NOTE = 1, 2, 3, 4
 READY = childproc.READY  # the id of the child's first answer: it has started and recovered
 _READ = 1 << 20
 _FLUSHERS = 8  # threads that flush body files beside the journal
@@ -64,8 +65,8 @@ _FLUSHERS = 8  # threads that flush body files beside the journal
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One job as the child reads it: an ACCEPT's entry, or a PARK's/RELEASE's queue id and
-    (PARK) envelope."""
+    """One job as the child reads it: an ACCEPT's entry, or a PARK's/NOTE's/RELEASE's queue
+    id and (PARK, NOTE) envelope."""
 
     id: int
     kind: int
@@ -85,6 +86,11 @@ def encode_accept(job_id: int, entry: Entry) -> list[bytes]:
 def encode_park(job_id: int, queue_id: str, envelope: bytes) -> list[bytes]:
     qid = queue_id.encode()
     return encode_job(job_id, PARK, [struct.pack("<H", len(qid)), qid, envelope])
+
+
+def encode_note(job_id: int, queue_id: str, envelope: bytes) -> list[bytes]:
+    qid = queue_id.encode()
+    return encode_job(job_id, NOTE, [struct.pack("<H", len(qid)), qid, envelope])
 
 
 def encode_release(job_id: int, queue_id: str) -> list[bytes]:
@@ -109,7 +115,7 @@ class JobReader:
                     contents = journal.Contents()
                     journal.take(contents, journal.ACCEPT, payload)
                     jobs.append(Job(job_id, kind, entry=contents.entries[0]))
-                elif kind == PARK:
+                elif kind in (PARK, NOTE):
                     (qid_len,) = struct.unpack_from("<H", payload)
                     qid = bytes(payload[2 : 2 + qid_len]).decode("ascii")
                     jobs.append(
@@ -167,6 +173,8 @@ class JournalWriter:
         answers = {j.id: [self._release(j.queue_id)] for j in jobs if j.kind == RELEASE}
         accepts = [j for j in jobs if j.kind == ACCEPT]
         answers.update(self._accept(accepts) if accepts else {})
+        notes = [j for j in jobs if j.kind == NOTE]
+        answers.update(self._note(notes) if notes else {})
         for job in jobs:
             if job.kind == PARK:
                 answers[job.id] = [self._park(job)]
@@ -317,6 +325,30 @@ class JournalWriter:
         self._forget(job.queue_id, [])
         return 1, ""
 
+    def _note(self, jobs: Sequence[Job]) -> dict[int, list[tuple[int, str]]]:
+        """STATE records for kept messages, made durable with one flush per segment."""
+        answers: dict[int, list[tuple[int, str]]] = {}
+        written: dict[int, list[Job]] = {}  # segment fd -> its notes
+        for job in jobs:
+            kept = self._kept.get(job.queue_id)
+            if kept is None:
+                answers[job.id] = [(-errno.ENOENT, f"{job.queue_id} is not in the journal")]
+                continue
+            try:
+                kept.segment.append(journal.encode_state(kept.entry.seq, job.envelope), False)
+            except OSError as exc:
+                answers[job.id] = [_failure(exc)]
+                continue
+            written.setdefault(kept.segment.fd, []).append(job)
+        for fd, noted in written.items():
+            try:
+                os.fdatasync(fd)
+                status = (1, "")
+            except OSError as exc:
+                status = _failure(exc)
+            answers.update((job.id, [status]) for job in noted)
+        return answers
+
     def _release(self, queue_id: str) -> tuple[int, str]:
         kept = self._kept.get(queue_id)
         if kept is None:
@@ -436,6 +468,13 @@ class MaildirWriter:
     async def park(self, queue_id: str, envelope: bytes) -> None:
         """Move a kept message to the deferred store, durably (OSError if not)."""
         (result,) = await self._run(encode_park, queue_id, envelope)
+        if isinstance(result, OSError):
+            raise result
+
+    async def note(self, queue_id: str, envelope: bytes) -> None:
+        """Store a kept message's newer envelope beside it in the journal, durably (OSError if
+        not: FileNotFoundError if the journal no longer holds it)."""
+        (result,) = await self._run(encode_note, queue_id, envelope)
         if isinstance(result, OSError):
             raise result
 
