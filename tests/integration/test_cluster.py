@@ -276,3 +276,30 @@ def test_two_workers_on_postgresql(server_factory: ServerFactory, pg_url: str) -
         for m in retrieve_all(node, "ann@a.test", "ann-pw")
     )
     assert subjects == sorted(str(i).encode() for i in range(12))
+
+
+def test_a_bounce_on_postgresql_reaches_the_sender_once(
+    server_factory: ServerFactory, pg_url: str
+) -> None:
+    """The DSN path on the shared queue: the outcome and the DSN it owes are stored, the DSN
+    is queued held, then started once the outcome is recorded (``QueueRunner._deliver``)."""
+    from tests.dnszone import LoopbackDNS
+
+    dns = LoopbackDNS()  # no zone for nowhere.test: NXDOMAIN, an immediate 5.1.2 bounce
+    extra = storage_toml(pg_url) + f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
+    try:
+        a = server_factory(host="127.0.0.2", extra_toml=extra, services=SERVICES)
+        b = server_factory(host="127.0.0.3", extra_toml=extra, services=SERVICES)
+        a.add_user("ann@a.test", "ann-pw")
+        with smtplib.SMTP(a.host, a.ports["submission"], timeout=10) as c:
+            c.starttls(context=insecure())
+            c.login("ann@a.test", "ann-pw")
+            c.sendmail("ann@a.test", ["x@nowhere.test"], b"Subject: doomed\r\n\r\nq\r\n")
+        # The DSN is queued before its message leaves the queue: empty, it was delivered.
+        assert within(10, lambda: a.cli("queue", "list").stdout == "")
+        (report,) = retrieve_all(b, "ann@a.test", "ann-pw")
+        assert report.startswith(b"Return-Path: <>\r\n") and b"multipart/report" in report
+        assert b"Final-Recipient: rfc822; x@nowhere.test" in report
+        assert b"Status: 5.1.2" in report
+    finally:
+        dns.stop()

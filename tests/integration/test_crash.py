@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import smtplib
 import socketserver
@@ -221,4 +222,97 @@ def test_kill9_of_server_and_writer_with_local_and_remote_recipients(
         # came just before a kill: the crash lost the record of it.
     finally:
         sink.close()
+        zone.stop()
+
+
+def test_kill9_while_bouncing_reports_each_failure_once(server_factory: ServerFactory) -> None:
+    """Mail to an alias of a local user and an address whose domain does not exist (an
+    immediate 5.1.2 bounce to the local sender), while the server or its writer is killed at
+    random moments: every message that got a 250 is in the Maildir once and bounced to its
+    sender once. (The DSN is decided and stored with the outcome before it is queued, and
+    started only after the outcome is recorded: no kill can make it twice.)"""
+    from tests.dnszone import LoopbackDNS
+
+    rounds = int(os.environ.get("POSTROOM_PROBE_ROUNDS", "4"))
+    zone = LoopbackDNS()  # no zone for nowhere.test: NXDOMAIN
+    srv = server_factory(
+        domains=("a.test",),
+        services=("smtp",),
+        extra_toml=f'[dns]\nnameservers = ["{zone.nameserver}"]\n',
+    )
+    try:
+        srv.add_user("alice@a.test")
+        srv.add_user("carol@a.test")
+        srv.cli("alias", "add", "fwd@a.test", "alice@a.test", "x@nowhere.test")
+        acked: set[str] = set()
+        lock = threading.Lock()
+        rng = random.Random(2468)
+        deadline = time.monotonic() + 30 + 15 * rounds
+        stop = threading.Event()
+
+        def sender(n: int) -> None:
+            i = 0
+            while not stop.is_set() and time.monotonic() < deadline:
+                tag = f"m{n:02d}-{i:04d}"
+                i += 1
+                msg = f"Subject: {tag}\r\n\r\n{tag}\r\n".encode()
+                try:
+                    with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=10) as c:
+                        c.sendmail("carol@a.test", ["fwd@a.test"], msg)
+                    with lock:
+                        acked.add(tag)
+                except (OSError, smtplib.SMTPException):
+                    time.sleep(0.05)
+
+        threads = [threading.Thread(target=sender, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        kills = {"server": 0, "writer": 0}
+        for _ in range(rounds):
+            time.sleep(rng.uniform(0.3, 1.5))
+            assert srv.proc is not None
+            writers = _children(srv.proc.pid)
+            if writers and rng.random() < 0.4:
+                os.kill(writers[0], signal.SIGKILL)
+                kills["writer"] += 1
+                continue
+            srv.kill9()
+            kills["server"] += 1
+            srv.start()
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert not any(t.is_alive() for t in threads)
+
+        def copies() -> Counter[str]:
+            return Counter(
+                m.split(b"Subject: ")[1].split(b"\r\n")[0].decode()
+                for m in srv.messages("alice@a.test")
+            )
+
+        def reports() -> Counter[str]:
+            # The DSN quotes the original's header section, its Subject with it.
+            found: Counter[str] = Counter()
+            for m in srv.messages("carol@a.test"):
+                found.update(t.decode() for t in set(re.findall(rb"Subject: (m\d\d-\d{4})", m)))
+            return found
+
+        end = time.monotonic() + 60  # a DSN cut short by a kill waits for no retry interval
+        while time.monotonic() < end and not (acked <= set(copies()) and acked <= set(reports())):
+            srv.cli("queue", "flush")
+            time.sleep(0.5)
+        time.sleep(0.5)
+        local, bounced = copies(), reports()
+        print(
+            f"probe: {len(acked)} acknowledged; kills {kills}; local copies"
+            f" {sum(local.values())} ({len(local)} distinct); DSNs {sum(bounced.values())}"
+            f" ({len(bounced)} distinct)"
+        )
+        assert len(acked) >= 50
+        assert not acked - set(local), f"lost locally: {sorted(acked - set(local))[:5]}"
+        assert all(c == 1 for c in local.values()), local.most_common(3)
+        assert not acked - set(bounced), f"never reported: {sorted(acked - set(bounced))[:5]}"
+        assert all(c == 1 for c in bounced.values()), bounced.most_common(3)
+    finally:
         zone.stop()

@@ -1,8 +1,9 @@
 """A bounce that could not be queued (the disk full, the queue refusing it with a 452) was lost
 for good: the attempt that found the permanent failure had already marked the recipient
 "bounced", and the error path stored that state, so the retry the runner's comment promised
-found nothing left to report. Now the recipients whose report could not be queued stay
-deferred, with their error, and the next attempt reports them."""
+found nothing left to report. Now the DSN is stored as owed with the outcome it reports
+(``Envelope.reports``), before it is queued: the message stays queued with it, and its next
+attempt (after a retry interval, never at once) queues it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from postroom.errors import TemporaryStorageError
 from postroom.queue.envelope import Envelope
 from postroom.resolver import RouteFailure
 from postroom.storage.interfaces import LocalCopy, MessageDraft
-from tests.unit.test_runner import MemoryQueue, accept, envelope, make
+from tests.unit.test_runner import MemoryQueue, accept, envelope, make, settle
 
 
 class FullForBounces(MemoryQueue):
@@ -43,7 +44,9 @@ def test_a_bounce_refused_by_the_queue_is_made_at_the_next_attempt(tmp_path: Pat
     asyncio.run(accept(runner, env))
     assert [e.sender for e, _b in queue.messages.values()] == ["alice@a.test"]  # no report yet
     (rcpt,) = env.recipients
-    assert rcpt.status == "deferred" and "5.1.2" in (rcpt.last_error or "")
+    assert rcpt.status == "bounced" and "5.1.2" in (rcpt.last_error or "")
+    assert [p.recipients for p in env.reports] == [[0]]  # owed, and stored so
+    assert queue.stored["Q1"][0] == env.to_json()
     assert "Q1" in queue.messages and env.next_attempt > clock.now
 
     queue.full = False
@@ -51,13 +54,12 @@ def test_a_bounce_refused_by_the_queue_is_made_at_the_next_attempt(tmp_path: Pat
 
     async def retry() -> None:
         runner._start(env)
-        await asyncio.gather(*runner._inflight.values())
+        await settle(runner)
 
     asyncio.run(retry())
-    assert env.recipients[0].status == "bounced"
-    (report,) = [b for e, b in queue.messages.values() if not e.sender]
+    (report,) = [b for e, b in queue.accepted.values() if not e.sender]
     assert b"bob@nowhere.test" in report and b"Status: 5.1.2" in report
-    assert "Q1" not in queue.messages
+    assert not queue.messages and not env.reports
 
 
 def test_an_expired_message_whose_bounce_is_refused_waits_for_the_next_interval(
@@ -74,15 +76,16 @@ def test_an_expired_message_whose_bounce_is_refused_waits_for_the_next_interval(
 
     async def attempt() -> None:
         runner._start(env)
-        await asyncio.gather(*runner._inflight.values())
+        await settle(runner)
 
     asyncio.run(attempt())
     (rcpt,) = env.recipients
-    assert rcpt.status == "deferred" and "SERVFAIL" in (rcpt.last_error or "")
+    assert rcpt.status == "bounced" and "SERVFAIL" in (rcpt.last_error or "")
+    assert env.reports and "Q1" in queue.messages
     assert env.next_attempt >= clock.now + 3600  # retry_intervals = ["5m", "1h"]
     queue.full = False
     clock.now = env.next_attempt
     asyncio.run(attempt())
-    assert env.recipients[0].status == "bounced"
-    (report,) = [b for e, b in queue.messages.values() if not e.sender]
+    (report,) = [b for e, b in queue.accepted.values() if not e.sender]
     assert b"Status: 4.4.3" in report and b"SERVFAIL" in report
+    assert not queue.messages

@@ -4,10 +4,14 @@ outcome (delivered, deferred, bounced, expired) without sockets, DNS or sleeping
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from postroom import config as config_mod
 from postroom.queue.envelope import Attempt, Envelope, Recipient
@@ -36,13 +40,55 @@ class MemoryDraft:
         self.data = b""
 
 
+class Crash(BaseException):
+    """kill -9: raised right after the call that stored something (nothing catches it)."""
+
+
 class MemoryQueue:
-    """What the runner asks of a queue, kept in dicts; every call is recorded."""
+    """What the runner asks of a queue, kept in dicts; every call is recorded. ``stored`` is
+    what a disk would hold (the JSON of each message as last stored, and its octets):
+    :meth:`restarted` is the queue a new process finds. ``crash_after`` calls, it crashes."""
 
     def __init__(self) -> None:
         self.messages: dict[str, tuple[Envelope, bytes]] = {}
+        self.stored: dict[str, tuple[bytes, bytes]] = {}
+        self.accepted: dict[str, tuple[Envelope, bytes]] = {}
         self.calls: list[tuple[str, str]] = []
         self.failing_copies: set[str] = set()
+        self.crash_after: int | None = None
+        self.twice: list[str] = []
+        # The Maildirs: every copy made, and what its file name depends on.
+        self.delivered: list[tuple[str, str]] = []
+        self.names: set[tuple[str, str, float]] = set()
+
+    def _call(self, kind: str, envelope: Envelope, raw: bytes | None = None) -> None:
+        self.calls.append((kind, envelope.id))
+        if envelope.id in self.messages:
+            body = self.messages[envelope.id][1]
+            self.stored[envelope.id] = (raw or envelope.to_json(), body)
+        else:
+            self.stored.pop(envelope.id, None)
+        if self.crash_after is not None and len(self.calls) >= self.crash_after:
+            raise Crash
+
+    def copy(self, envelope: Envelope, mailbox: str, error: OSError) -> OSError | None:
+        """Make one Maildir copy (``error`` for a failing mailbox)."""
+        if mailbox in self.failing_copies:
+            return error
+        if (envelope.id, mailbox, envelope.created) not in self.names:
+            # (A copy made again after a crash has the same name: there is one file.)
+            self.names.add((envelope.id, mailbox, envelope.created))
+            self.delivered.append((envelope.id, mailbox))
+        return None
+
+    def restarted(self) -> MemoryQueue:
+        queue = MemoryQueue()
+        queue.failing_copies = self.failing_copies
+        queue.delivered, queue.names = self.delivered, self.names
+        for qid, (raw, body) in self.stored.items():
+            queue.messages[qid] = (Envelope.from_json(raw), body)
+        queue.stored = dict(self.stored)
+        return queue
 
     def draft(
         self, queue_id: str, sender: str, make_prefix: Callable[[bytes], bytes] | None = None
@@ -57,33 +103,47 @@ class MemoryQueue:
         hold: bool = False,
     ) -> list[OSError | None]:
         assert isinstance(draft, MemoryDraft)
-        self.calls.append(("accept", envelope.id))
-        self.messages[envelope.id] = (envelope, draft.data)
-        return [
-            OSError(28, "No space left on device") if c.mailbox in self.failing_copies else None
-            for c in deliver_now
-        ]
+        if envelope.id in self.messages:
+            self.twice.append(envelope.id)  # a real queue would hold two entries
+        self.messages[envelope.id] = self.accepted[envelope.id] = (envelope, draft.data)
+        full = OSError(28, "No space left on device")
+        results = [self.copy(envelope, c.mailbox, full) for c in deliver_now]
+        stored = envelope.to_dict()  # stored with the copies made in the same commit
+        for c, error in zip(deliver_now, results, strict=True):
+            if error is None:
+                stored["recipients"][c.index]["status"] = "delivered"
+        self._call("accept", envelope, json.dumps(stored).encode())
+        return results
 
     async def claim(self, now: float, limit: int) -> list[Envelope]:
-        return [e for e, _b in self.messages.values() if e.next_attempt <= now][:limit]
+        due = [e for e, _b in self.messages.values() if e.next_attempt <= now]
+        return sorted(due, key=lambda e: e.next_attempt)[:limit]  # oldest due first
 
     async def begin_attempt(self, envelope: Envelope) -> None:
-        self.calls.append(("begin", envelope.id))
+        self._call("begin", envelope)
+
+    async def save(self, envelope: Envelope) -> None:
+        self._call("save", envelope)
+
+    async def peek(self, queue_id: str) -> Envelope | None:
+        found = self.messages.get(queue_id)
+        return None if found is None else found[0]
 
     async def body(self, envelope: Envelope) -> bytes:
         return self.messages[envelope.id][1]
 
     async def record(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
         envelope.history.extend(attempts)
-        self.calls.append(("record", envelope.id))
+        self._call("record", envelope)
 
     async def finish(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
         envelope.history.extend(attempts)
-        self.calls.append(("finish", envelope.id))
         del self.messages[envelope.id]
+        self._call("finish", envelope)
 
     async def delete(self, queue_id: str) -> None:
         del self.messages[queue_id]
+        self.stored.pop(queue_id, None)
 
     def entries(self) -> list[Envelope]:
         return [e for e, _b in self.messages.values()]
@@ -107,19 +167,16 @@ class MemoryQueue:
 class MemoryMailboxes:
     def __init__(self, queue: MemoryQueue) -> None:
         self.queue = queue
-        self.delivered: list[tuple[str, str]] = []
+
+    @property
+    def delivered(self) -> list[tuple[str, str]]:
+        return self.queue.delivered
 
     async def deliver(
         self, envelope: Envelope, copies: Sequence[LocalCopy]
     ) -> list[OSError | None]:
-        out: list[OSError | None] = []
-        for c in copies:
-            if c.mailbox in self.queue.failing_copies:
-                out.append(OSError(13, "Permission denied"))
-            else:
-                self.delivered.append((envelope.id, c.mailbox))
-                out.append(None)
-        return out
+        denied = OSError(13, "Permission denied")
+        return [self.queue.copy(envelope, c.mailbox, denied) for c in copies]
 
 
 class Accounts:
@@ -178,8 +235,16 @@ async def accept(runner: QueueRunner, env: Envelope) -> Accepted:
     draft.write(b"Subject: t\r\n\r\nbody\r\n")
     result = await runner.accept(env, draft)
     assert isinstance(result, Accepted)
-    await asyncio.gather(*runner._inflight.values())
+    await settle(runner)
     return result
+
+
+async def settle(runner: QueueRunner) -> None:
+    """Wait for every attempt, those the attempts start (a DSN) included."""
+    for _ in range(10):
+        if not runner._inflight:
+            return
+        await asyncio.gather(*runner._inflight.values())
 
 
 def test_a_temporary_failure_defers_with_the_first_attempt_recorded_at_acceptance(
@@ -212,17 +277,62 @@ def test_a_temporary_failure_defers_with_the_first_attempt_recorded_at_acceptanc
 def test_a_permanent_failure_bounces_to_the_sender_through_the_same_hand_off(
     tmp_path: Path,
 ) -> None:
-    runner, queue, _boxes, _clock = make(tmp_path, {})  # every domain: NXDOMAIN
+    runner, queue, boxes, _clock = make(tmp_path, {})  # every domain: NXDOMAIN
     env = envelope("Q1", "bob@nowhere.test")
     asyncio.run(accept(runner, env))
     assert env.recipients[0].status == "bounced"
     (dsn_id,) = [qid for kind, qid in queue.calls if kind == "accept" and qid != "Q1"]
-    assert ("finish", "Q1") in queue.calls and "Q1" not in queue.messages
-    dsn, report = queue.messages[dsn_id]
-    assert dsn.sender == "" and [(r.address, r.status) for r in dsn.recipients] == [
-        ("alice@a.test", "delivered")  # its copy made at acceptance, like any message's
+    # The outcome with the DSN it owes is stored first, the DSN queued, the outcome recorded,
+    # and only then is the DSN delivered.
+    assert queue.calls == [
+        ("accept", "Q1"),
+        ("save", "Q1"),
+        ("accept", dsn_id),
+        ("finish", "Q1"),
+        ("finish", dsn_id),
     ]
+    assert not queue.messages and boxes.delivered == [(dsn_id, "alice@a.test")]
+    dsn, report = queue.accepted[dsn_id]
+    assert dsn.sender == "" and dsn.parent == "Q1"
+    assert [(r.address, r.status) for r in dsn.recipients] == [("alice@a.test", "delivered")]
     assert b"multipart/report" in report and b"\r\n" not in report
+
+
+@pytest.mark.parametrize("crash_after", range(1, 6))
+def test_a_crash_at_any_step_of_a_bounce_sends_exactly_one_dsn(
+    tmp_path: Path, crash_after: int
+) -> None:
+    """kill -9 after each stored step of a bounce (the five calls of the test above); the
+    next start finishes the work: one DSN, whatever the step. (The DSN used to be queued
+    before the outcome was stored, and a crash between the two sent a second one.)"""
+    runner, queue, boxes, clock = make(tmp_path, {})
+    queue.crash_after = crash_after
+
+    async def first_run() -> None:
+        with contextlib.suppress(Crash):
+            await accept(runner, envelope("Q1", "bob@nowhere.test"))
+        for task in runner._inflight.values():
+            task.cancel()  # the process is gone
+
+    asyncio.run(first_run())
+    queue = boxes.queue = queue.restarted()
+    runner = QueueRunner(
+        runner.services, queue, boxes, runner._resolver, clock=clock, jitter=lambda: 0.0
+    )
+
+    async def later_runs() -> None:
+        for _ in range(20):  # the restart, then the runner's schedule
+            if not queue.messages:
+                return
+            clock.now += 60
+            for due in await queue.claim(clock.now, 100):
+                runner._start(due)
+            await settle(runner)
+
+    asyncio.run(later_runs())
+    assert not queue.messages and not queue.twice
+    reports = [qid for qid, _mailbox in boxes.delivered if qid != "Q1"]
+    assert len(reports) == 1, boxes.delivered
 
 
 def test_the_last_attempt_at_max_queue_time_bounces_with_the_last_error(tmp_path: Path) -> None:

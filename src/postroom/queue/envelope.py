@@ -88,6 +88,19 @@ class Attempt:
 
 
 @dataclass
+class PendingReport:
+    """A DSN (RFC 3464) decided by an attempt and stored with its outcome before it is queued
+    under ``id``: the recipients it reports (their indices), each with its action
+    (``failed``, ``delivered`` or ``relayed``), at ``time``. Made again after a crash unless
+    the queue holds ``id`` (see :mod:`postroom.queue.runner`)."""
+
+    id: str
+    recipients: list[int]
+    actions: list[str]
+    time: float
+
+
+@dataclass
 class Envelope:
     """A queued message: the SMTP envelope, per-recipient state and the attempt history."""
 
@@ -110,6 +123,8 @@ class Envelope:
     last_attempt: float | None = None
     is_bounce: bool = False
     history: list[Attempt] = field(default_factory=list)
+    reports: list[PendingReport] = field(default_factory=list)  # DSNs owed, not yet queued
+    parent: str = ""  # of a DSN: the message it reports on, which may still owe it
 
     @property
     def done(self) -> bool:
@@ -120,6 +135,7 @@ class Envelope:
         data = dict(vars(self))
         data["recipients"] = [dict(vars(r)) for r in self.recipients]
         data["history"] = [dict(vars(a)) for a in self.history]
+        data["reports"] = [dict(vars(r)) for r in self.reports]
         return data
 
     def to_json(self) -> bytes:
@@ -130,6 +146,7 @@ class Envelope:
         data = dict(data)
         data["recipients"] = [Recipient(**r) for r in data["recipients"]]
         data["history"] = [Attempt(**a) for a in data.get("history", ())]
+        data["reports"] = [PendingReport(**r) for r in data.get("reports", ())]
         return cls(**data)
 
     @classmethod

@@ -27,14 +27,21 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from postroom import events
 from postroom.delivery.dsn import Action, DsnRecipient, build_dsn, failure_status, format_date
 from postroom.delivery.remote import DeliveryResult, RemoteDelivery, needs_relayed_dsn
 from postroom.errors import LeaseLost, QueueError, TemporaryStorageError
 from postroom.queue import schedule
-from postroom.queue.envelope import Attempt, Envelope, Recipient, Status, new_queue_id
+from postroom.queue.envelope import (
+    Attempt,
+    Envelope,
+    PendingReport,
+    Recipient,
+    Status,
+    new_queue_id,
+)
 from postroom.resolver import DnsResolver, Resolver
 from postroom.smtp.client_engine import ForwardPath, Outcome, OutgoingMessage
 from postroom.storage.interfaces import (
@@ -67,6 +74,7 @@ class Accepted:
 LOCAL_HOST = "local"  # the ``host`` of a Maildir delivery in the attempt history
 LOCAL_DELIVERED = "250 2.0.0 delivered to its mailbox"
 BACKLOG = 4  # first attempts waiting for a slot beyond this many times max_concurrent are parked
+REPORT_WAIT = 30.0  # a DSN whose message has not recorded it (after a crash) is tried again after
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +144,19 @@ class QueueRunner:
     async def accept(self, envelope: Envelope, draft: MessageDraft) -> Accepted | Reply:
         """Make a finished message durable and start its delivery: ``Accepted`` once it is
         durable (then, and only then, the client gets its 250), or the reply to send."""
+        hold = any(r.notify and "SUCCESS" in r.notify for r in envelope.recipients)
+        try:
+            first = await self._store(envelope, draft, hold)
+        except TemporaryStorageError as exc:
+            self.services.log.error("queue write failed for %s: %s", envelope.id, exc)
+            return replies.STORAGE_FULL
+        if not envelope.done or hold:
+            self._start(envelope, first)
+        return Accepted(envelope.id)
+
+    async def _store(self, envelope: Envelope, draft: MessageDraft, hold: bool) -> _First:
+        """Make the message durable with its local copies (``hold``: keep it queued even if
+        they are all it has); their results. The first attempt of the others is counted."""
         now = self._clock()
         local = [
             LocalCopy(i, r.address)
@@ -144,19 +165,11 @@ class QueueRunner:
         ]
         if len(local) < len(envelope.recipients):  # the others' first attempt starts now
             self._count_attempt(envelope, now, self._jitter())
-        hold = any(r.notify and "SUCCESS" in r.notify for _i, r in _of(envelope, local))
         started = time.monotonic()
-        try:
-            errors = await self.queue.accept(envelope, draft, local, hold)
-        except TemporaryStorageError as exc:
-            self.services.log.error("queue write failed for %s: %s", envelope.id, exc)
-            return replies.STORAGE_FULL
+        errors = await self.queue.accept(envelope, draft, local, hold)
         self._accepted(envelope)
         attempts = self._local_results(envelope, local, errors, now, time.monotonic() - started)
-        done = [r for _i, r in _of(envelope, local) if r.status == "delivered"]
-        if not envelope.done or hold:
-            self._start(envelope, _First(attempts, done))
-        return Accepted(envelope.id)
+        return _First(attempts, [r for _i, r in _of(envelope, local) if r.status == "delivered"])
 
     async def accept_made_here(
         self, sender: str, recipients: list[str], message: bytes, queue_id: str = ""
@@ -164,20 +177,26 @@ class QueueRunner:
         """Queue a message made on this host (a DSN, a DMARC report: CRLF, our own Received
         line in it) through the same way in; its queue id. TemporaryStorageError if the
         queue refused it."""
-        envelope = Envelope(
-            id=queue_id or new_queue_id(),
-            sender=sender,
-            recipients=[Recipient(address) for address in recipients],
-            created=self._clock(),
-            is_bounce=not sender,
-            smtputf8=not all(r.isascii() for r in recipients),
-        )
-        draft = self.services.queue.draft(envelope.id, sender)
+        envelope = self._made_here(sender, recipients, queue_id or new_queue_id())
+        draft = self.queue.draft(envelope.id, sender)
         draft.write(message)
         result = await self.accept(envelope, draft)
         if not isinstance(result, Accepted):
             raise TemporaryStorageError(f"cannot queue a message for {', '.join(recipients)}")
         return envelope.id
+
+    def _made_here(
+        self, sender: str, recipients: list[str], queue_id: str, parent: str = ""
+    ) -> Envelope:
+        return Envelope(
+            id=queue_id,
+            sender=sender,
+            recipients=[Recipient(address) for address in recipients],
+            created=self._clock(),
+            is_bounce=not sender,
+            smtputf8=not all(r.isascii() for r in recipients),
+            parent=parent,
+        )
 
     def _count_attempt(self, envelope: Envelope, now: float, jitter: float = 0.0) -> None:
         envelope.attempts += 1
@@ -286,6 +305,13 @@ class QueueRunner:
         """One attempt. ``first``: the message was just accepted, its local copies made (these
         are their results) and the attempt of the others recorded with it."""
         now = self._clock()
+        if first is None and envelope.parent and await self._owed_by_parent(envelope):
+            # A crash came between queuing this DSN and storing that it was: the message it
+            # reports on has not settled it yet (it may still make it again). Wait for that.
+            self._count_attempt(envelope, now)
+            envelope.next_attempt = now + REPORT_WAIT
+            await self.queue.record(envelope, [])
+            return
         attempts = list(first.attempts) if first is not None else []
         newly_done = list(first.done) if first is not None else []
         newly_failed: list[Recipient] = []
@@ -349,21 +375,24 @@ class QueueRunner:
         if schedule.expired(envelope.created, self._clock(), self.cfg.delivery.max_queue_time):
             newly_failed += self._expired(envelope)
 
-        owed = any(r.notify is None or "FAILURE" in r.notify for r in newly_failed) or any(
-            r.notify and "SUCCESS" in r.notify for r in newly_done
-        )
-        if owed and envelope.sender:
-            wire = wire or _wire(await self.queue.body(envelope))
-            await self._notify(envelope, wire, newly_failed, newly_done)
-        for r in newly_done:
-            self._relayed.discard(id(r))
+        decided = self._decide_reports(envelope, newly_failed, newly_done)
+        if decided:
+            # Stored with the outcomes they report before any is queued: a crash from here on
+            # makes each at most once (see _make_reports). Due at once after such a crash.
+            envelope.reports += decided
+            due, envelope.next_attempt = envelope.next_attempt, min(envelope.next_attempt, now)
+            await self.queue.save(envelope)
+            envelope.next_attempt = due
+        made = await self._make_reports(envelope, wire) if envelope.reports else []
 
-        if envelope.done:
+        if envelope.done and not envelope.reports:
             await self.queue.finish(envelope, attempts)
-            return
-        if not counted:
-            self._count_attempt(envelope, now)  # only local failures: count the attempt here
-        await self.queue.record(envelope, attempts)
+        else:
+            if not counted:
+                self._count_attempt(envelope, now)  # only local failures: count it here
+            await self.queue.record(envelope, attempts)
+        for report, first_of_report in made:  # only now that the record says they were queued
+            self._start(report, first_of_report)
 
     def _local_results(
         self,
@@ -463,71 +492,107 @@ class QueueRunner:
 
     # -- DSNs ------------------------------------------------------------------------------
 
-    async def _notify(
-        self, envelope: Envelope, original: bytes, failed: list[Recipient], done: list[Recipient]
-    ) -> None:
-        """Queue DSNs (RFC 3464) for this attempt's failures, and successes where NOTIFY asked.
-
-        Never to the null sender (RFC 3461 §6.2, RFC 5321 §6.1); NOTIFY=NEVER suppresses.
-        """
-        if not envelope.sender:
-            return
-        now = self._clock()
-        reported = [r for r in failed if r.notify is None or "FAILURE" in r.notify]
-        failures = [_dsn_recipient(r, "failed", now) for r in reported]
-        successes = []
+    def _decide_reports(
+        self, envelope: Envelope, failed: list[Recipient], done: list[Recipient]
+    ) -> list[PendingReport]:
+        """The DSNs (RFC 3464) this attempt owes: one for its failures, one for successes
+        where NOTIFY asked (a remote success only if the host will not report it itself).
+        Never to the null sender (RFC 3461 §6.2, RFC 5321 §6.1); NOTIFY=NEVER suppresses."""
+        relayed = {id(r) for r in done if id(r) in self._relayed}
         for r in done:
-            if r.notify and "SUCCESS" in r.notify:
-                local = self.is_local(r.address)
-                if local or id(r) in self._relayed:
-                    successes.append(_dsn_recipient(r, "delivered" if local else "relayed", now))
             self._relayed.discard(id(r))
+        if not envelope.sender:
+            return []
+        now = self._clock()
+        index = {id(r): i for i, r in enumerate(envelope.recipients)}
+        failures = [index[id(r)] for r in failed if r.notify is None or "FAILURE" in r.notify]
+        successes: list[int] = []
+        actions: list[str] = []
+        for r in done:
+            local = self.is_local(r.address)
+            if r.notify and "SUCCESS" in r.notify and (local or id(r) in relayed):
+                successes.append(index[id(r)])
+                actions.append("delivered" if local else "relayed")
+        out = []
+        if failures:
+            out.append(PendingReport(new_queue_id(), failures, ["failed"] * len(failures), now))
+        if successes:
+            out.append(PendingReport(new_queue_id(), successes, actions, now))
+        return out
+
+    async def _make_reports(
+        self, envelope: Envelope, original: bytes
+    ) -> list[tuple[Envelope, _First]]:
+        """Queue the DSNs ``envelope`` owes (its ``reports``), each kept in the queue (its
+        local copies made) but not started: the caller records that they were queued, then
+        starts them. A report the queue holds already was queued before a crash (it waits
+        for that record, see :meth:`_deliver`). One that cannot be queued now (a full disk,
+        a database away) stays owed, for the next attempt."""
+        made: list[tuple[Envelope, _First]] = []
+        while envelope.reports:
+            pending = envelope.reports[0]
+            if await self.queue.peek(pending.id) is None:
+                original = original or _wire(await self.queue.body(envelope))
+                try:
+                    report = await self._queue_report(envelope, pending, original)
+                except Exception:  # a full disk (TemporaryStorageError), a database gone, ...
+                    self.services.log.warning(
+                        "%s: a delivery status notification could not be queued;"
+                        " tried again at the next attempt",
+                        envelope.id,
+                        exc_info=True,
+                    )
+                    break
+                if report is not None:
+                    made.append(report)
+            envelope.reports.pop(0)
+        return made
+
+    async def _queue_report(
+        self, envelope: Envelope, pending: PendingReport, original: bytes
+    ) -> tuple[Envelope, _First] | None:
+        """Queue the DSN ``pending`` (kept, not started); None if nobody can receive it."""
         report_to = self._report_to(envelope.sender)
-        if (failures or successes) and not report_to:
+        if not report_to:
             self.services.log.warning(
                 "%s: no DSN: the local sender <%s> is no user or alias here",
                 envelope.id,
                 envelope.sender,
             )
-            return
-        for group in (failures, successes):
-            if not group:
-                continue
-            bounce_id = new_queue_id()
-            # Delivered here, it gets the Received line every delivery adds; RFC 5321 §4.4's
-            # form for a message made on this host.
-            received = (
-                f"Received: by {self.cfg.hostname} (postroom) id {bounce_id};"
-                f"\r\n\t{format_date(now)}\r\n"
-            )
-            report = received.encode() + build_dsn(
-                hostname=self.cfg.hostname,
-                sender=envelope.sender,
-                recipients=group,
-                original=original,
-                arrival=envelope.created,
-                now=now,
-                envid=envelope.envid,
-                ret=envelope.ret,
-                queue_id=envelope.id,
-            )
-            # A refusal raises: this attempt is recorded as failed and retried later.
-            try:
-                await self.accept_made_here("", report_to, report, bounce_id)
-            except Exception:  # a full disk (TemporaryStorageError), a database gone, ...
-                if group is failures:
-                    # Stored as bounced, they would never be reported: they stay deferred,
-                    # with their error, and the next attempt finds the failure again.
-                    for r in reported:
-                        r.status = "deferred"
-                    self.services.log.warning(
-                        "%s: the report of %d failed recipient(s) could not be queued;"
-                        " tried again at the next attempt",
-                        envelope.id,
-                        len(reported),
-                    )
-                raise
-            events.bounce_queued(envelope.id, bounce_id, envelope.sender, group[0].action)
+            return None
+        group = [
+            _dsn_recipient(envelope.recipients[i], cast(Action, action), pending.time)
+            for i, action in zip(pending.recipients, pending.actions, strict=True)
+        ]
+        # Delivered here, it gets the Received line every delivery adds; RFC 5321 §4.4's
+        # form for a message made on this host.
+        received = (
+            f"Received: by {self.cfg.hostname} (postroom) id {pending.id};"
+            f"\r\n\t{format_date(pending.time)}\r\n"
+        )
+        message = received.encode() + build_dsn(
+            hostname=self.cfg.hostname,
+            sender=envelope.sender,
+            recipients=group,
+            original=original,
+            arrival=envelope.created,
+            now=pending.time,
+            envid=envelope.envid,
+            ret=envelope.ret,
+            queue_id=envelope.id,
+        )
+        report = self._made_here("", report_to, pending.id, parent=envelope.id)
+        draft = self.queue.draft(report.id, "")
+        draft.write(message)
+        first = await self._store(report, draft, hold=True)
+        events.bounce_queued(envelope.id, report.id, envelope.sender, group[0].action)
+        return report, first
+
+    async def _owed_by_parent(self, report: Envelope) -> bool:
+        """Whether the message a DSN reports on still lists it as owed (it was queued just
+        before a crash, and that message's record of it was not stored)."""
+        parent = await self.queue.peek(report.parent)
+        return parent is not None and any(p.id == report.id for p in parent.reports)
 
     def _report_to(self, sender: str) -> list[str]:
         """Where a DSN for ``sender`` goes. A remote sender gets it; a local one through its

@@ -160,6 +160,17 @@ class MessageQueue(Protocol):
         or taken over by another node after its lease ran out): the caller then drops it."""
         ...
 
+    async def save(self, envelope: Envelope) -> None:
+        """Store ``envelope``'s state as it is now, during an attempt: the DSNs it decided to
+        send (``reports``) with the outcomes they report, before any of them is queued. The
+        message stays this worker's (no lease ends, nothing is scheduled); raises
+        :class:`~postroom.errors.LeaseLost` as :meth:`begin_attempt` does."""
+        ...
+
+    async def peek(self, queue_id: str) -> Envelope | None:
+        """The stored state of a message, without claiming it; None if it is not queued."""
+        ...
+
     async def body(self, envelope: Envelope) -> bytes:
         """The stored message (LF, starting with the ``Return-Path`` line)."""
         ...
@@ -167,11 +178,12 @@ class MessageQueue(Protocol):
     async def record(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
         """Store the outcome of an attempt: per-recipient ``status``/``last_error``/
         ``remote_mta`` as ``envelope`` holds them now, and ``attempts`` appended to its
-        history. The message stays queued (some recipient is not done); the lease ends."""
+        history. The message stays queued (some recipient is not done, or a DSN in its
+        ``reports`` is not queued yet); the lease ends."""
         ...
 
     async def finish(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
-        """Every recipient is done (delivered or bounced, DSNs already accepted): forget the
+        """Every recipient is done (delivered or bounced, its DSNs queued): forget the
         message. A crash after the remote 250 and before this call may send a remote copy
         again (RFC 5321 §6.1 allows it); nothing else may repeat."""
         ...

@@ -567,6 +567,25 @@ class LocalQueue:
             return
         await self.io.run(self.deferred.save_state, envelope)
 
+    async def save(self, envelope: Envelope) -> None:
+        if envelope.id in self._deleted:
+            return
+        if envelope.id in self._live:
+            assert self.writer is not None
+            if await self._journal(self.writer.note, envelope.id, envelope.to_json()):
+                return  # a STATE record beside its entry: one flush, shared by the batch
+            self._live.pop(envelope.id, None)  # parked meanwhile by a new writer's recovery
+        await self.io.run(self.deferred.save_state, envelope)
+
+    async def peek(self, queue_id: str) -> Envelope | None:
+        live = self._live.get(queue_id)
+        if live is not None:
+            return live.envelope
+        try:
+            return await self.io.run(self.deferred.load, queue_id)
+        except QueueError:
+            return None
+
     async def body(self, envelope: Envelope) -> bytes:
         live = self._live.get(envelope.id)
         if live is not None and not live.body_file:

@@ -609,6 +609,9 @@ class PgQueue:
         return status
 
     async def begin_attempt(self, envelope: Envelope) -> None:
+        await self.save(envelope)
+
+    async def save(self, envelope: Envelope) -> None:
         sent = time.monotonic()
         status = await self._execute(
             _BEGIN,
@@ -622,6 +625,16 @@ class PgQueue:
             self._released(envelope.id)
             raise LeaseLost(f"{envelope.id} was deleted or another node holds it now")
         self._confirm(envelope.id, sent)
+
+    async def peek(self, queue_id: str) -> Envelope | None:
+        try:
+            async with self._db().connection() as conn:
+                row = await conn.fetchrow(
+                    "SELECT envelope, next_attempt FROM queue WHERE id=$1", queue_id
+                )
+        except db.FAILED as exc:
+            raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+        return None if row is None else _envelope(row["envelope"], row["next_attempt"])
 
     async def body(self, envelope: Envelope) -> bytes:
         body = self._bodies.get(envelope.id)
