@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 
-from tests.conftest import ServerFactory
+from tests.conftest import Server, ServerFactory
 
 SENDERS = 20
 PER_SENDER = 10
@@ -128,6 +128,62 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _send_under_kills(
+    srv: Server, sender_address: str, sizes: tuple[int, ...], senders: int, seed: int
+) -> tuple[set[str], dict[str, int]]:
+    """Tagged messages to fwd@a.test from ``senders`` threads while the server or its journal
+    writer is killed at random moments (``POSTROOM_PROBE_ROUNDS`` times, default 4): the tags
+    that got a 250, and the kills."""
+    rounds = int(os.environ.get("POSTROOM_PROBE_ROUNDS", "4"))
+    acked: set[str] = set()
+    lock = threading.Lock()
+    rng = random.Random(seed)
+    deadline = time.monotonic() + 30 + 15 * rounds
+    stop = threading.Event()
+
+    def sender(n: int) -> None:
+        i = 0
+        while not stop.is_set() and time.monotonic() < deadline:
+            tag = f"m{n:02d}-{i:04d}"
+            i += 1
+            size = rng.choice(sizes)
+            msg = f"Subject: {tag}\r\n\r\n{tag}\r\n".encode() + b"x" * size + b"\r\n"
+            try:
+                with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=10) as c:
+                    c.sendmail(sender_address, ["fwd@a.test"], msg)
+                with lock:
+                    acked.add(tag)
+            except (OSError, smtplib.SMTPException):
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(senders)]
+    for t in threads:
+        t.start()
+    kills = {"server": 0, "writer": 0}
+    for _ in range(rounds):
+        time.sleep(rng.uniform(0.3, 1.5))
+        assert srv.proc is not None
+        writers = _children(srv.proc.pid)
+        if writers and rng.random() < 0.4:
+            os.kill(writers[0], signal.SIGKILL)  # the writer alone; the server goes on
+            kills["writer"] += 1
+            continue
+        srv.kill9()
+        kills["server"] += 1
+        srv.start()
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    return acked, kills
+
+
+def _subjects(srv: Server, user: str) -> Counter[str]:
+    """The messages in ``user``'s Maildir, by Subject."""
+    return Counter(m.split(b"Subject: ")[1].split(b"\r\n")[0].decode() for m in srv.messages(user))
+
+
 def test_kill9_of_server_and_writer_with_local_and_remote_recipients(
     server_factory: ServerFactory,
 ) -> None:
@@ -137,7 +193,6 @@ def test_kill9_of_server_and_writer_with_local_and_remote_recipients(
     came between the sink's 250 and recording it)."""
     from tests.dnszone import LoopbackDNS
 
-    rounds = int(os.environ.get("POSTROOM_PROBE_ROUNDS", "4"))
     sink = SinkMX("127.0.0.3")
     zone = LoopbackDNS()
     zone.mx("b.test", 10, "mx.b.test")
@@ -153,60 +208,16 @@ def test_kill9_of_server_and_writer_with_local_and_remote_recipients(
     try:
         srv.add_user("alice@a.test")
         srv.cli("alias", "add", "fwd@a.test", "alice@a.test", "bob@b.test")
-        acked: set[str] = set()
-        lock = threading.Lock()
-        rng = random.Random(4321)
-        deadline = time.monotonic() + 30 + 15 * rounds
-        stop = threading.Event()
-
-        def sender(n: int) -> None:
-            i = 0
-            while not stop.is_set() and time.monotonic() < deadline:
-                tag = f"m{n:02d}-{i:04d}"
-                i += 1
-                size = rng.choice([10, 5000, 200_000])
-                msg = f"Subject: {tag}\r\n\r\n{tag}\r\n".encode() + b"x" * size + b"\r\n"
-                try:
-                    with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=10) as c:
-                        c.sendmail("s@remote.test", ["fwd@a.test"], msg)
-                    with lock:
-                        acked.add(tag)
-                except (OSError, smtplib.SMTPException):
-                    time.sleep(0.05)
-
-        threads = [threading.Thread(target=sender, args=(n,)) for n in range(8)]
-        for t in threads:
-            t.start()
-        kills = {"server": 0, "writer": 0}
-        for _ in range(rounds):
-            time.sleep(rng.uniform(0.3, 1.5))
-            assert srv.proc is not None
-            writers = _children(srv.proc.pid)
-            if writers and rng.random() < 0.4:
-                os.kill(writers[0], signal.SIGKILL)  # the writer alone; the server goes on
-                kills["writer"] += 1
-                continue
-            srv.kill9()
-            kills["server"] += 1
-            srv.start()
-        time.sleep(0.5)
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
-        assert not any(t.is_alive() for t in threads)
+        acked, kills = _send_under_kills(srv, "s@remote.test", (10, 5000, 200_000), 8, 4321)
         srv.cli("queue", "flush")  # what was cut short waits for no retry interval
 
-        def tags() -> Counter[str]:
-            return Counter(
-                m.split(b"Subject: ")[1].split(b"\r\n")[0].decode()
-                for m in srv.messages("alice@a.test")
-            )
-
         end = time.monotonic() + 60
-        while time.monotonic() < end and not (acked <= set(tags()) and acked <= set(sink.got)):
+        while time.monotonic() < end and not (
+            acked <= set(_subjects(srv, "alice@a.test")) and acked <= set(sink.got)
+        ):
             time.sleep(0.2)
         time.sleep(0.5)
-        local, remote = tags(), Counter(sink.got)
+        local, remote = _subjects(srv, "alice@a.test"), Counter(sink.got)
         print(
             f"probe: {len(acked)} acknowledged; kills {kills}; local copies {sum(local.values())}"
             f" ({len(local)} distinct); relayed {sum(remote.values())} ({len(remote)} distinct,"
@@ -233,7 +244,6 @@ def test_kill9_while_bouncing_reports_each_failure_once(server_factory: ServerFa
     started only after the outcome is recorded: no kill can make it twice.)"""
     from tests.dnszone import LoopbackDNS
 
-    rounds = int(os.environ.get("POSTROOM_PROBE_ROUNDS", "4"))
     zone = LoopbackDNS()  # no zone for nowhere.test: NXDOMAIN
     srv = server_factory(
         domains=("a.test",),
@@ -244,52 +254,7 @@ def test_kill9_while_bouncing_reports_each_failure_once(server_factory: ServerFa
         srv.add_user("alice@a.test")
         srv.add_user("carol@a.test")
         srv.cli("alias", "add", "fwd@a.test", "alice@a.test", "x@nowhere.test")
-        acked: set[str] = set()
-        lock = threading.Lock()
-        rng = random.Random(2468)
-        deadline = time.monotonic() + 30 + 15 * rounds
-        stop = threading.Event()
-
-        def sender(n: int) -> None:
-            i = 0
-            while not stop.is_set() and time.monotonic() < deadline:
-                tag = f"m{n:02d}-{i:04d}"
-                i += 1
-                msg = f"Subject: {tag}\r\n\r\n{tag}\r\n".encode()
-                try:
-                    with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=10) as c:
-                        c.sendmail("carol@a.test", ["fwd@a.test"], msg)
-                    with lock:
-                        acked.add(tag)
-                except (OSError, smtplib.SMTPException):
-                    time.sleep(0.05)
-
-        threads = [threading.Thread(target=sender, args=(n,)) for n in range(6)]
-        for t in threads:
-            t.start()
-        kills = {"server": 0, "writer": 0}
-        for _ in range(rounds):
-            time.sleep(rng.uniform(0.3, 1.5))
-            assert srv.proc is not None
-            writers = _children(srv.proc.pid)
-            if writers and rng.random() < 0.4:
-                os.kill(writers[0], signal.SIGKILL)
-                kills["writer"] += 1
-                continue
-            srv.kill9()
-            kills["server"] += 1
-            srv.start()
-        time.sleep(0.5)
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
-        assert not any(t.is_alive() for t in threads)
-
-        def copies() -> Counter[str]:
-            return Counter(
-                m.split(b"Subject: ")[1].split(b"\r\n")[0].decode()
-                for m in srv.messages("alice@a.test")
-            )
+        acked, kills = _send_under_kills(srv, "carol@a.test", (0,), 6, 2468)
 
         def reports() -> Counter[str]:
             # The DSN quotes the original's header section, its Subject with it.
@@ -299,11 +264,13 @@ def test_kill9_while_bouncing_reports_each_failure_once(server_factory: ServerFa
             return found
 
         end = time.monotonic() + 60  # a DSN cut short by a kill waits for no retry interval
-        while time.monotonic() < end and not (acked <= set(copies()) and acked <= set(reports())):
+        while time.monotonic() < end and not (
+            acked <= set(_subjects(srv, "alice@a.test")) and acked <= set(reports())
+        ):
             srv.cli("queue", "flush")
             time.sleep(0.5)
         time.sleep(0.5)
-        local, bounced = copies(), reports()
+        local, bounced = _subjects(srv, "alice@a.test"), reports()
         print(
             f"probe: {len(acked)} acknowledged; kills {kills}; local copies"
             f" {sum(local.values())} ({len(local)} distinct); DSNs {sum(bounced.values())}"
