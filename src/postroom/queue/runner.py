@@ -1,14 +1,17 @@
 """The queue runner: takes finished messages, delivers them, retries, bounces what never works.
 
-Every message comes in through :meth:`QueueRunner.accept` (the SMTP policy's one hand-off, and
-the DSNs this runner makes): the runner decides that local recipients get their copies at once,
-in the same commit that makes the message durable, and that the other recipients' first attempt
-starts now (recorded in that same commit, so a crash cannot turn it into a hot retry loop).
+Every message comes in through :meth:`QueueRunner.accept` (the SMTP policy's one hand-off; the
+DSNs this runner makes take its storing half, :meth:`_store`): the runner decides that local
+recipients get their copies at once, in the same commit that makes the message durable, and
+that the other recipients' first attempt starts now (recorded in that same commit, so a crash
+cannot turn it into a hot retry loop).
 Each attempt splits the recipients: local ones go to the mailboxes, remote ones to
 ``delivery/remote.py``, one transaction per destination domain. Before a remote host is dialled
 again the attempt count and next retry are stored (:meth:`MessageQueue.begin_attempt`). A
 recipient ends ``delivered`` or ``bounced`` (with a DSN to the sender, RFC 3464, never to
-``<>``), or stays ``deferred`` until its next attempt or ``max_queue_time``.
+``<>``), or stays ``deferred`` until its next attempt or ``max_queue_time``. A DSN is stored as
+owed with the outcome it reports before it is queued, and started only once that outcome is
+recorded, so that no crash sends it twice (:meth:`_make_reports`; docs/durability.md).
 
 Each outcome has one home, for its log line and metric (:mod:`postroom.events`):
 :meth:`_accepted`, :meth:`_outcome` (delivered, deferred, bounced), :meth:`_expired`.
