@@ -135,7 +135,13 @@ class Envelope:
         data = dict(vars(self))
         data["recipients"] = [dict(vars(r)) for r in self.recipients]
         data["history"] = [dict(vars(a)) for a in self.history]
-        data["reports"] = [dict(vars(r)) for r in self.reports]
+        # Left out when empty (nearly always): an older node reads the message as before.
+        if self.reports:
+            data["reports"] = [dict(vars(r)) for r in self.reports]
+        else:
+            del data["reports"]
+        if not self.parent:
+            del data["parent"]
         return data
 
     def to_json(self) -> bytes:
