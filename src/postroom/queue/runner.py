@@ -77,7 +77,7 @@ class Accepted:
 LOCAL_HOST = "local"  # the ``host`` of a Maildir delivery in the attempt history
 LOCAL_DELIVERED = "250 2.0.0 delivered to its mailbox"
 BACKLOG = 4  # first attempts waiting for a slot beyond this many times max_concurrent are parked
-REPORT_WAIT = 30.0  # a DSN whose message has not recorded it (after a crash) is tried again after
+REPORT_WAIT = 30.0  # seconds a DSN waits, after a crash, for its message to record it
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,26 +501,28 @@ class QueueRunner:
         """The DSNs (RFC 3464) this attempt owes: one for its failures, one for successes
         where NOTIFY asked (a remote success only if the host will not report it itself).
         Never to the null sender (RFC 3461 §6.2, RFC 5321 §6.1); NOTIFY=NEVER suppresses."""
-        relayed = {id(r) for r in done if id(r) in self._relayed}
+        relayed = self._relayed
+        succeeded: list[tuple[Recipient, str]] = []
         for r in done:
-            self._relayed.discard(id(r))
-        if not envelope.sender:
-            return []
+            if r.notify and "SUCCESS" in r.notify:
+                if self.is_local(r.address):
+                    succeeded.append((r, "delivered"))
+                elif id(r) in relayed:
+                    succeeded.append((r, "relayed"))
+            relayed.discard(id(r))
+        failures = [r for r in failed if r.notify is None or "FAILURE" in r.notify]
+        if not envelope.sender or not (failures or succeeded):
+            return []  # (the path of nearly every message)
         now = self._clock()
         index = {id(r): i for i, r in enumerate(envelope.recipients)}
-        failures = [index[id(r)] for r in failed if r.notify is None or "FAILURE" in r.notify]
-        successes: list[int] = []
-        actions: list[str] = []
-        for r in done:
-            local = self.is_local(r.address)
-            if r.notify and "SUCCESS" in r.notify and (local or id(r) in relayed):
-                successes.append(index[id(r)])
-                actions.append("delivered" if local else "relayed")
         out = []
         if failures:
-            out.append(PendingReport(new_queue_id(), failures, ["failed"] * len(failures), now))
-        if successes:
-            out.append(PendingReport(new_queue_id(), successes, actions, now))
+            rcpts = [index[id(r)] for r in failures]
+            out.append(PendingReport(new_queue_id(), rcpts, ["failed"] * len(rcpts), now))
+        if succeeded:
+            rcpts = [index[id(r)] for r, _action in succeeded]
+            actions = [action for _r, action in succeeded]
+            out.append(PendingReport(new_queue_id(), rcpts, actions, now))
         return out
 
     async def _make_reports(
