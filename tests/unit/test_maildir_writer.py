@@ -144,6 +144,9 @@ def test_notes_share_one_flush_and_are_what_recovery_parks(
     out = answers(writer.run(notes))
     assert out[:2] == [(11, 1, ""), (12, 1, "")] and out[2][:2] == (13, -errno.ENOENT)
     assert len(flushes) == 1  # both notes in one segment: one flush
+    flushes.clear()  # a note in a batch with messages shares the batch's flush
+    out = answers(writer.run([notes[0], job(3, box)]))
+    assert out == [(11, 1, ""), (3, 1, "")] and len(flushes) == 1
     # What a recovery after kill -9 would park (test_journal.py replays a STATE record).
     assert writer.segment is not None
     with open(writer.segment.path, "rb") as f:

@@ -171,10 +171,24 @@ class JournalWriter:
         # Releases first: each closes the window in which a crash would send a relayed
         # message again, and the batch's flush then covers them too.
         answers = {j.id: [self._release(j.queue_id)] for j in jobs if j.kind == RELEASE}
+        # Notes before the accepts: those in the current segment ride on the batch's flush.
+        noted = self._note([j for j in jobs if j.kind == NOTE], answers)
+        current = self.segment
         accepts = [j for j in jobs if j.kind == ACCEPT]
-        answers.update(self._accept(accepts) if accepts else {})
-        notes = [j for j in jobs if j.kind == NOTE]
-        answers.update(self._note(notes) if notes else {})
+        if accepts:
+            answers.update(self._accept(accepts))
+            # A failed flush answers every accept with its error; a first answer of 1 means
+            # the flush went through (a note then waits for no flush of its own).
+            if current is not None and answers[accepts[0].id][0][0] == 1:
+                for job in noted.pop(current.fd, []):
+                    answers[job.id] = [(1, "")]
+        for fd, waiting in noted.items():
+            try:
+                os.fdatasync(fd)
+                status = (1, "")
+            except OSError as exc:
+                status = _failure(exc)
+            answers.update((job.id, [status]) for job in waiting)
         for job in jobs:
             if job.kind == PARK:
                 answers[job.id] = [self._park(job)]
@@ -325,10 +339,13 @@ class JournalWriter:
         self._forget(job.queue_id, [])
         return 1, ""
 
-    def _note(self, jobs: Sequence[Job]) -> dict[int, list[tuple[int, str]]]:
-        """STATE records for kept messages, made durable with one flush per segment."""
-        answers: dict[int, list[tuple[int, str]]] = {}
-        written: dict[int, list[Job]] = {}  # segment fd -> its notes
+    def _note(
+        self, jobs: Sequence[Job], answers: dict[int, list[tuple[int, str]]]
+    ) -> dict[int, list[Job]]:
+        """Append STATE records for kept messages, unflushed: the notes written, by the fd of
+        their segment (``run`` flushes each segment once). A note that cannot be written is
+        answered in ``answers``."""
+        written: dict[int, list[Job]] = {}
         for job in jobs:
             kept = self._kept.get(job.queue_id)
             if kept is None:
@@ -340,14 +357,7 @@ class JournalWriter:
                 answers[job.id] = [_failure(exc)]
                 continue
             written.setdefault(kept.segment.fd, []).append(job)
-        for fd, noted in written.items():
-            try:
-                os.fdatasync(fd)
-                status = (1, "")
-            except OSError as exc:
-                status = _failure(exc)
-            answers.update((job.id, [status]) for job in noted)
-        return answers
+        return written
 
     def _release(self, queue_id: str) -> tuple[int, str]:
         kept = self._kept.get(queue_id)
