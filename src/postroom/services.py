@@ -7,18 +7,17 @@ and the import graph has no cycle.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import resource
 import ssl
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from postroom.auth.service import SenderAuth
 from postroom.blocking import BlockingPool
 from postroom.config import Config
+from postroom.password_checks import PasswordChecks
 from postroom.queue.envelope import Envelope
 from postroom.sasl import ScramKeys
 from postroom.sharedcounts import Counts, LocalCounts
@@ -146,9 +145,7 @@ class Services:
     tls: ssl.SSLContext | None
     maildrops: Maildrops  # opens a user's mailbox for POP3
     log: logging.Logger = log
-    cpu_executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="postroom-cpu")
-    )
+    password_checks: PasswordChecks = field(default_factory=PasswordChecks)  # argon2 threads
     io: BlockingPool = field(default_factory=BlockingPool)  # blocking file work
     intake: Intake | None = None  # the queue runner, set once it is made (app.build_services)
     sender_auth: SenderAuth | None = None  # DKIM signing and SPF/DKIM/DMARC checks
@@ -159,16 +156,15 @@ class Services:
     cpus: tuple[int, int] | None = None  # pin_cpus: the event loop's CPU, the writer's
 
     async def check_password(self, ip: str, login: str, password: str) -> str | None:
-        """The account key if the password is right (argon2, in a worker thread). None without
-        a check while ``ip`` is locked out (tested when its turn comes: see throttle.py)."""
+        """The account key if the password is right (argon2, in a thread; clients that logged
+        in before go first, see password_checks.py). None without a check while ``ip`` is
+        locked out (tested when its turn comes: see throttle.py)."""
         async with self.throttle.turn(ip):
             if self.throttle.refused(ip):
                 return None
-            loop = asyncio.get_running_loop()
-            key: str | None = await loop.run_in_executor(
-                self.cpu_executor, self.accounts.verify_password, login, password
+            return await self.password_checks.check(
+                ip, login, password, self.accounts.verify_password
             )
-        return key
 
     def scram_keys(self, ip: str, login: str) -> ScramKeys | None:
         """None (as for an unknown user) while ``ip`` is locked out."""

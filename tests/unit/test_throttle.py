@@ -53,7 +53,7 @@ def test_parallel_guesses_get_few_checks(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert 5 <= checks[0] <= 5 + CHECKS_PER_IP - 1
-    services.cpu_executor.shutdown()
+    services.password_checks.close()
 
 
 def test_many_correct_logins_at_once_all_succeed(tmp_path: Path) -> None:
@@ -72,4 +72,4 @@ def test_many_correct_logins_at_once_all_succeed(tmp_path: Path) -> None:
 
     assert asyncio.run(main()) == [f"u{i}@a.test" for i in range(30)]
     assert not services.throttle._slots  # nothing kept for an IP with no check running
-    services.cpu_executor.shutdown()
+    services.password_checks.close()
