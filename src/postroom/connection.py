@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
+import struct
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -47,6 +49,7 @@ LARGE_PART = 1 << 12  # parts at least this large are written without joining th
 # closed without a word (docs/operations.md).
 REFUSAL_TLS_TIMEOUT = 5.0
 REFUSAL_TLS_MAX = 8
+_RESET = struct.pack("ii", 1, 0)  # struct linger {on, 0 s}: close(2) sends RST
 
 
 class Engine(Protocol):
@@ -543,8 +546,15 @@ class Connection(asyncio.Protocol):
         idle = now - self.last_activity > self.idle_limit()
         if self._write_paused:
             # A client that stopped reading (in the middle of a long answer, say): nothing can
-            # be said to it any more; drop it once stuck for as long.
+            # be said to it any more; drop it once stuck for as long, with a reset (SO_LINGER
+            # 0): closed as usual, the socket would stay in the kernel with the unread answer
+            # (up to megabytes), an orphan in FIN-WAIT-1 probing a zero window for minutes
+            # (nginx's reset_timedout_connection does the same).
             if idle and self.transport is not None:
+                sock = self.transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
                 self.transport.abort()
             return
         if self._task is not None:

@@ -562,7 +562,20 @@ def test_client_stalled_in_retr_is_dropped_and_unlocks(server_factory: ServerFac
     pop = login_when_free(s, "gina@a.test", timeout=20)
     assert pop.stat()[0] == 1
     pop.quit()
+    # It reset the connection: no socket is left in the kernel with the unread answer.
+    assert fin_wait_1(s.ports["pop3s"]) == 0
     sock.close()
+
+
+def fin_wait_1(port: int) -> int:
+    """Sockets of local ``port`` closed with unsent data (FIN-WAIT-1, state 04 in /proc)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                count += int(fields[1].rpartition(":")[2], 16) == port and fields[3] == "04"
+    return count
 
 
 def test_auth_scram_sha_256(srv: Server) -> None:
