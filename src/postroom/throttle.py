@@ -23,10 +23,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from postroom.config import AuthConfig
+from postroom.password_checks import THREADS
 from postroom.sharedcounts import Counts, LocalCounts, client_key
 
 MAX_DELAY = 8.0
-CHECKS_PER_IP = 4  # as many as argon2 has threads: one IP may use them all, not more
+CHECKS_PER_IP = THREADS  # as many as argon2 has threads: one IP may use them all, not more
 MAX_TRACKED = 100_000
 
 
