@@ -118,8 +118,8 @@ def creation_cost(directory: Path, files: int = 300) -> float:
     (they go with the tree: unlinking them would slow the next creations down). On ext4
     without a journal this is what every file-per-message server pays on top of its own
     work, and it moves with what the machine deleted in the minutes before: measured on
-    the bench VM, 25 µs in a clean block group and 880 µs in one where a bench tree had just
-    been removed (``recently_deleted`` then took 65% of postroom's Maildir writer, perf)."""
+    the bench VM, 25 µs in a clean block group and 880 µs in /tmp's after a few bench runs;
+    in such a group ext4's ``recently_deleted`` took 65% of postroom's Maildir writer (perf)."""
     probe = Path(tempfile.mkdtemp(prefix="creation-probe-", dir=directory))
     started = time.perf_counter()
     for i in range(files):
