@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     cleanup = Cleanup()
     results = report.Results()
-    created_at_start = report.creation_cost(root)
     try:
+        created_at_start = report.creation_cost(root)
         wanted = set().union(*(NEEDS[g] for g in args.groups))
         # --servers names kinds: "postfix" also means the auth group's postfix-auth.
         kinds = {s.strip() for s in args.servers.split(",")}
