@@ -1,5 +1,6 @@
 """A threaded SMTP sink for integration tests: answers each RCPT by the local part's prefix,
-offers the EHLO keywords it is given, and keeps the MAIL commands and messages it got."""
+offers the EHLO keywords it is given (with CHUNKING it takes BDAT, RFC 3030), and keeps the MAIL
+commands, the messages and how each message came (DATA or BDAT)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class _Handler(socketserver.StreamRequestHandler):
         server: _Server = self.server  # type: ignore[assignment]
         say("220 sink.test ESMTP")
         rcpts = 0
+        chunks: list[bytes] = []  # BDAT chunks of the current transaction
         while line := self.rfile.readline(4096):
             verb = line[:4].decode("ascii", "replace").upper()
             if verb in ("EHLO", "HELO"):
@@ -37,6 +39,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 say(f"250-sink.test\r\n250-PIPELINING\r\n{extra}250 ENHANCEDSTATUSCODES")
             elif verb == "MAIL":
                 rcpts = 0
+                chunks = []
                 server.mails.append(line.decode("utf-8", "replace").rstrip("\r\n"))
                 say("250 2.1.0 ok")
             elif verb == "RCPT":
@@ -45,6 +48,18 @@ class _Handler(socketserver.StreamRequestHandler):
                 if reply is None:
                     rcpts += 1
                 say(reply or "250 2.1.5 ok")
+            elif verb == "BDAT" and "CHUNKING" in server.extensions:
+                # RFC 3030 §2: the octets are read even when the command is refused.
+                size, *last = line.decode("ascii", "replace").split()[1:]
+                chunks.append(self.rfile.read(int(size)))
+                if not rcpts:
+                    say("554 5.5.1 no valid recipients")
+                elif last:
+                    server.received.append(b"".join(chunks))
+                    server.ways.append("BDAT")
+                    say("250 2.0.0 queued as SINK1")
+                else:
+                    say(f"250 2.0.0 {size} octets received")
             elif verb == "DATA":
                 if not rcpts:
                     say("554 5.5.1 no valid recipients")
@@ -54,6 +69,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 while (chunk := self.rfile.readline(1 << 20)) not in (b".\r\n", b""):
                     lines.append(chunk)
                 server.received.append(b"".join(lines))
+                server.ways.append("DATA")
                 say("250 2.0.0 queued as SINK1")
             elif verb == "QUIT":
                 say("221 2.0.0 bye")
@@ -67,7 +83,8 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     extensions: tuple[str, ...] = ()
     mails: list[str]  # the MAIL commands, as sent
-    received: list[bytes]  # the messages, still dot-stuffed
+    received: list[bytes]  # the messages, still dot-stuffed (if they came with DATA)
+    ways: list[str]  # how each message came: "DATA" or "BDAT"
 
 
 @contextmanager
@@ -78,6 +95,7 @@ def smtp_sink(host: str = "127.0.0.1", extensions: tuple[str, ...] = ()) -> Iter
     server.extensions = extensions
     server.mails = []
     server.received = []
+    server.ways = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

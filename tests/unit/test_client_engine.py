@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from postroom.errors import EngineMisuse
 from postroom.smtp.client_engine import (
+    BDAT_MAX,
     ClientEngine,
     Closed,
     EndOfData,
@@ -114,6 +115,91 @@ def test_pipelining_sends_mail_rcpt_data_in_one_write() -> None:
     assert ready == Ready()
     assert [r.outcome for r in done.results] == [Outcome.DELIVERED, Outcome.TEMPORARY]
     assert done.dsn
+
+
+EHLO_CHUNKING = EHLO_FULL.replace(b"250-DSN", b"250-CHUNKING\r\n250-DSN")
+
+
+def test_chunking_sends_the_message_as_one_bdat_in_the_same_write() -> None:
+    engine = ready_engine(EHLO_CHUNKING)
+    engine.send_message(msg("bob@b.test", "carol@b.test"), DATA.replace(b"\r\n", b"\n"))
+    head = (
+        f"MAIL FROM:<alice@a.test> SIZE={len(DATA)}\r\n"
+        "RCPT TO:<bob@b.test>\r\nRCPT TO:<carol@b.test>\r\n"
+        f"BDAT {len(DATA)} LAST\r\n"
+    ).encode()
+    # CRLF line ends, counted and not dot-stuffed: ".dot line" goes as it is.
+    assert engine.data_to_send() == head + DATA
+    engine.receive_data(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n450 4.2.1 try later\r\n")
+    assert events(engine) == []  # the BDAT reply is still to come
+    engine.receive_data(b"250 2.0.0 queued\r\n")
+    done, ready = events(engine)
+    assert isinstance(done, MessageDone)
+    assert ready == Ready()
+    assert [r.outcome for r in done.results] == [Outcome.DELIVERED, Outcome.TEMPORARY]
+    assert done.results[0].reply.text == "queued"
+    assert engine.data_to_send() == b""  # the transaction is over: no RSET
+
+
+def test_chunking_refused_chunk_fails_the_accepted_and_resets() -> None:
+    engine = ready_engine(EHLO_CHUNKING)
+    engine.send_message(msg("bob@b.test", "carol@b.test"), DATA)
+    engine.data_to_send()
+    engine.receive_data(b"250 ok\r\n250 ok\r\n550 5.1.1 unknown\r\n554 5.7.1 spam\r\n")
+    assert sent_lines(engine) == [b"RSET"]
+    (done,) = events(engine)
+    assert isinstance(done, MessageDone)
+    assert [r.reply.status for r in done.results] == ["5.7.1", "5.1.1"]
+    assert all(r.outcome is Outcome.PERMANENT for r in done.results)
+    engine.receive_data(b"250 2.0.0 reset\r\n")
+    assert events(engine) == [Ready()]
+
+
+def test_chunking_with_every_recipient_refused_keeps_their_replies() -> None:
+    engine = ready_engine(EHLO_CHUNKING)
+    engine.send_message(msg("bob@b.test"), DATA)
+    engine.data_to_send()
+    engine.receive_data(b"250 ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n")
+    assert sent_lines(engine) == [b"RSET"]
+    (done,) = events(engine)
+    assert isinstance(done, MessageDone)
+    assert done.results[0].reply.status == "5.1.1"
+
+
+def test_chunking_354_to_bdat_is_a_protocol_error_not_a_delivery() -> None:
+    engine = ready_engine(EHLO_CHUNKING)
+    engine.send_message(msg("bob@b.test"), DATA)
+    engine.data_to_send()
+    engine.receive_data(b"250 ok\r\n250 ok\r\n354 go ahead\r\n")
+    evs = events(engine)
+    done = next(e for e in evs if isinstance(e, MessageDone))
+    assert done.results[0].outcome is Outcome.TEMPORARY
+    assert isinstance(evs[-1], Closed)
+
+
+def test_chunking_without_pipelining_sends_bdat_after_the_rcpt_reply() -> None:
+    engine = ready_engine(EHLO_CHUNKING.replace(b"250-PIPELINING\r\n", b""))
+    engine.send_message(msg("bob@b.test"), DATA)
+    engine.data_to_send()
+    engine.receive_data(b"250 ok\r\n")
+    assert sent_lines(engine) == [b"RCPT TO:<bob@b.test>"]
+    engine.receive_data(b"250 ok\r\n")
+    assert engine.data_to_send() == f"BDAT {len(DATA)} LAST\r\n".encode() + DATA
+    engine.receive_data(b"250 2.0.0 queued\r\n")
+    done, ready = events(engine)
+    assert isinstance(done, MessageDone) and ready == Ready()
+    assert done.results[0].outcome is Outcome.DELIVERED
+
+
+@pytest.mark.parametrize("case", ["large", "held"])
+def test_large_or_held_messages_go_with_data_though_chunking_is_offered(case: str) -> None:
+    ehlo, data = EHLO_CHUNKING, DATA
+    if case == "large":  # a refused recipient must not cost the whole body's transfer
+        ehlo = ehlo.replace(b"250-SIZE 1000", b"250-SIZE")
+        data = b"Subject: big\r\n\r\n" + (b"y" * 76 + b"\r\n") * (BDAT_MAX // 78 + 1)
+    engine = ready_engine(ehlo)
+    engine.send_message(msg("bob@b.test"), data, hold_end=case == "held")
+    assert sent_lines(engine)[-1] == b"DATA"
 
 
 def test_pipelining_all_recipients_refused_then_354_sends_empty_body_then_reset() -> None:

@@ -1,4 +1,5 @@
-"""Sans-I/O SMTP client engine for outbound delivery (RFC 5321; 1870, 2920, 3207, 3461, 6152, 6531).
+"""Sans-I/O SMTP client engine for outbound delivery (RFC 5321; 1870, 2920, 3030, 3207, 3461, 6152,
+6531).
 
 Bytes from the server go in (:meth:`ClientEngine.receive_data`), bytes to write come out
 (:meth:`ClientEngine.data_to_send`) and typed events say what happened (:meth:`next_event`):
@@ -22,11 +23,19 @@ pipelined and lock-step sessions share the same code; every state change goes th
     READY --QUIT--> QUIT
     GREETING|EHLO|HELO|STARTTLS|TLS_HANDSHAKE|READY|TRANSACTION|RSET|QUIT --CLOSE--> CLOSED
 
+To a server that offers CHUNKING, a message of up to :data:`BDAT_MAX` octets goes as one
+``BDAT n LAST`` chunk instead of DATA (RFC 3030 §2), which saves DATA's wait for its 354; with
+PIPELINING the chunk goes in the same write as MAIL and the RCPTs (§4.2), so a message costs one
+round trip. A larger message goes with DATA, which waits for the RCPT replies, so that a refused
+recipient does not cost the whole body's transfer; so does a message whose end is held
+(``hold_end`` of :meth:`ClientEngine.send_message`).
+
 IDLE is "ready for a message" (after the greeting's EHLO, a refused opportunistic STARTTLS,
 RSET, or the end of a transaction); CLOSE ends the session, cleanly after QUIT or on a failure.
 RSET is sent only to close a transaction that did not end with the reply to the final dot
-(which ends it by itself, RFC 5321 §4.1.1.4), so a reused connection starts its next message at
-once; a connection the server dropped meanwhile shows in :attr:`MessageDone.unanswered`.
+(which ends it by itself, RFC 5321 §4.1.1.4) or a 250 to BDAT LAST, so a reused connection
+starts its next message at once; a connection the server dropped meanwhile shows in
+:attr:`MessageDone.unanswered`.
 
 The caller fits the data to the server first (``delivery/mime_downgrade.py``: short lines, 7-bit
 without 8BITMIME); a message that needs SMTPUTF8 never goes to a server without it (5.6.7 for
@@ -35,8 +44,9 @@ without 8BITMIME (5.6.3). Security notes: replies are split by ``framing.LineRea
 bounded line length and line count; any byte that arrives between the 220 to STARTTLS and the
 handshake ends the session (plaintext injection, the client-side twin of CVE-2011-0411); data is
 normalised to CRLF and dot-stuffed by ``framing`` only, so a bare LF before a dot can never end
-the message early at a lenient server (SMTP smuggling, RFC 5321 §2.3.8). An exception
-escaping this module is a bug in the caller (``EngineMisuse``), never the peer's fault.
+the message early at a lenient server (SMTP smuggling, RFC 5321 §2.3.8); a BDAT chunk is
+counted, not stuffed, so it has no end marker to forge. An exception escaping this module is a
+bug in the caller (``EngineMisuse``), never the peer's fault.
 """
 
 from __future__ import annotations
@@ -68,6 +78,7 @@ TIMEOUT_RCPT = 300.0
 TIMEOUT_DATA_INIT = 120.0
 TIMEOUT_DATA_END = 600.0
 TIMEOUT_OTHER = 300.0
+BDAT_MAX = 1 << 16  # larger messages use DATA (see the module docstring)
 
 
 class Outcome(enum.Enum):
@@ -231,7 +242,7 @@ class _Delivery:
     mail_reply: Reply | None = None
     rcpt_replies: dict[int, Reply] = field(default_factory=dict)
     next_rcpt: int = 0  # lock-step mode: position in to_send of the next RCPT
-    open: bool = False  # MAIL accepted and the transaction not ended by a DATA reply
+    open: bool = False  # MAIL accepted and the transaction not ended by a DATA/BDAT reply
     hold_end: bool = False  # stop before the final dot (EndOfData) until end_data()
     end: bytes = b""  # the end-of-data line held back
 
@@ -403,7 +414,7 @@ class ClientEngine:
             for k in range(len(to_send)):
                 self._command(self._rcpt_command(txn, k), self._on_rcpt, TIMEOUT_RCPT)
             txn.next_rcpt = len(to_send)
-            self._command(b"DATA", self._on_data, TIMEOUT_DATA_INIT)
+            self._send_content(txn)
 
     def end_data(self) -> None:
         """After :class:`EndOfData`: send the final dot; the server's reply ends the message."""
@@ -607,7 +618,7 @@ class ClientEngine:
         if reply.code != 250:
             if not txn.next_rcpt:  # lock-step: nothing else was sent
                 self._end_txn(txn)
-            return  # pipelined: the RCPT and DATA replies still come, DATA ends it
+            return  # pipelined: the RCPT and DATA (or BDAT) replies still come and end it
         txn.open = True
         if not txn.next_rcpt:
             self._command(self._rcpt_command(txn, 0), self._on_rcpt, TIMEOUT_RCPT)
@@ -624,9 +635,19 @@ class ClientEngine:
             self._command(self._rcpt_command(txn, txn.next_rcpt), self._on_rcpt, TIMEOUT_RCPT)
             txn.next_rcpt += 1
         elif self._accepted(txn):
-            self._command(b"DATA", self._on_data, TIMEOUT_DATA_INIT)
+            self._send_content(txn)
         else:
             self._end_txn(txn)
+
+    def _send_content(self, txn: _Delivery) -> None:
+        """DATA, or the whole message as one BDAT LAST chunk (see the module docstring)."""
+        if "CHUNKING" in self.extensions and not txn.hold_end and len(txn.data) <= BDAT_MAX:
+            # RFC 3030 §4.2: BDAT may be pipelined; the server reads and discards the chunk
+            # even if it refuses the command (no valid recipient, say).
+            self._out += b"BDAT %d LAST\r\n" % len(txn.data) + txn.data
+            self._awaiting.append((self._on_bdat_last, TIMEOUT_DATA_END))
+        else:
+            self._command(b"DATA", self._on_data, TIMEOUT_DATA_INIT)
 
     def _accepted(self, txn: _Delivery) -> list[int]:
         if txn.mail_reply is None or txn.mail_reply.code != 250:
@@ -662,6 +683,18 @@ class ClientEngine:
     def _on_data_end(self, reply: Reply) -> None:
         txn = self._require_txn()
         txn.open = False  # RFC 5321 §4.1.1.4: the reply to end-of-data ends the transaction
+        for i in self._accepted(txn):
+            txn.results[i] = RecipientResult(txn.message.recipients[i], _outcome(reply), reply)
+        self._end_txn(txn)
+
+    def _on_bdat_last(self, reply: Reply) -> None:
+        txn = self._require_txn()
+        if 300 <= reply.code < 400:  # BDAT gets 250 or a failure (RFC 3030 §2), never a 3xx
+            self._fail(_local(421, "4.5.0", f"protocol error: {reply} in reply to BDAT"))
+            return
+        if reply.is_positive:
+            txn.open = False  # the message is taken: the transaction is over
+        # A refused chunk may leave the transaction open (RFC 3030 §2 does not say): RSET follows.
         for i in self._accepted(txn):
             txn.results[i] = RecipientResult(txn.message.recipients[i], _outcome(reply), reply)
         self._end_txn(txn)
