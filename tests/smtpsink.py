@@ -8,6 +8,12 @@ import socketserver
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from tests.dnszone import LoopbackDNS
+
+if TYPE_CHECKING:
+    from tests.conftest import Server, ServerFactory
 
 GMAIL_526 = (
     "550-5.7.26 This mail has been blocked because the sender is unauthenticated.\r\n"
@@ -103,3 +109,28 @@ def smtp_sink(host: str = "127.0.0.1", extensions: tuple[str, ...] = ()) -> Iter
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def relay_to_sink(
+    server_factory: ServerFactory, extensions: tuple[str, ...] = ()
+) -> Iterator[tuple[Server, _Server]]:
+    """A server (smtp only) whose ``fwd@a.test`` goes to ``bob@b.test``, which a loopback DNS
+    routes to a sink offering ``extensions``; ``alice@a.test`` is a user, to send as."""
+    dns = LoopbackDNS()
+    with smtp_sink(extensions=extensions) as sink:
+        dns.mx("b.test", 10, "mx.b.test")
+        dns.a("mx.b.test", "127.0.0.1")
+        srv = server_factory(
+            services=("smtp",),
+            extra_toml=(
+                f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "3s"\n'
+                f'[delivery]\nport = {sink.server_address[1]}\nconnect_timeout = "3s"\n'
+            ),
+        )
+        srv.add_user("alice@a.test", "alice-pw")
+        srv.cli("alias", "add", "fwd@a.test", "bob@b.test")
+        try:
+            yield srv, sink
+        finally:
+            dns.stop()

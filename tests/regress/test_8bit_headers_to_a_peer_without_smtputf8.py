@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Server, ServerFactory, wait_until
-from tests.dnszone import LoopbackDNS
-from tests.smtpsink import smtp_sink
+from tests.smtpsink import relay_to_sink
 
 MESSAGE = "From: alice@a.test\r\nTo: fwd@a.test\r\nSubject: Grüße aus München\r\n\r\nhi\r\n"
 
@@ -28,23 +27,9 @@ MESSAGE = "From: alice@a.test\r\nTo: fwd@a.test\r\nSubject: Grüße aus München
 def relay(
     request: pytest.FixtureRequest, server_factory: ServerFactory
 ) -> Iterator[tuple[Server, Any]]:
-    """A server whose fwd@a.test goes to bob@b.test, at a sink without SMTPUTF8 (with or
-    without 8BITMIME)."""
-    dns = LoopbackDNS()
-    with smtp_sink(extensions=request.param) as sink:
-        dns.mx("b.test", 10, "mx.b.test")
-        dns.a("mx.b.test", "127.0.0.1")
-        srv = server_factory(
-            services=("smtp",),
-            extra_toml=(
-                f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "3s"\n'
-                f'[delivery]\nport = {sink.server_address[1]}\nconnect_timeout = "3s"\n'
-            ),
-        )
-        srv.add_user("alice@a.test", "alice-pw")
-        srv.cli("alias", "add", "fwd@a.test", "bob@b.test")
-        yield srv, sink
-    dns.stop()
+    """A sink without SMTPUTF8 (with or without 8BITMIME) behind fwd@a.test."""
+    with relay_to_sink(server_factory, request.param) as pair:
+        yield pair
 
 
 def send(srv: Server, smtputf8: bool) -> None:
