@@ -676,16 +676,12 @@ class ClientEngine:
             # nothing was sent, so it must never count as a delivery: a protocol error.
             self._fail(_local(421, "4.5.0", f"protocol error: {reply} in reply to DATA"))
             return
-        for i in self._accepted(txn):
-            txn.results[i] = RecipientResult(txn.message.recipients[i], _outcome(reply), reply)
-        self._end_txn(txn)
+        self._end_with(txn, reply)
 
     def _on_data_end(self, reply: Reply) -> None:
         txn = self._require_txn()
         txn.open = False  # RFC 5321 §4.1.1.4: the reply to end-of-data ends the transaction
-        for i in self._accepted(txn):
-            txn.results[i] = RecipientResult(txn.message.recipients[i], _outcome(reply), reply)
-        self._end_txn(txn)
+        self._end_with(txn, reply)
 
     def _on_bdat_last(self, reply: Reply) -> None:
         txn = self._require_txn()
@@ -695,6 +691,10 @@ class ClientEngine:
         if reply.is_positive:
             txn.open = False  # the message is taken: the transaction is over
         # A refused chunk may leave the transaction open (RFC 3030 §2 does not say): RSET follows.
+        self._end_with(txn, reply)
+
+    def _end_with(self, txn: _Delivery, reply: Reply) -> None:
+        """The reply to DATA or to the message decides for every accepted recipient."""
         for i in self._accepted(txn):
             txn.results[i] = RecipientResult(txn.message.recipients[i], _outcome(reply), reply)
         self._end_txn(txn)
