@@ -4,11 +4,11 @@ argon2 is slow on purpose (about 0.1 s of CPU per check here: that is what makes
 expensive), so a worker checks only :data:`THREADS` passwords at a time and the rest wait. In
 one first-come queue, a guessing campaign spread over many IPs (each one below the per-IP
 lockout of :mod:`postroom.throttle`) holds every real user back: 300 IPs sending one wrong AUTH
-each made a correct login wait 21.6 s here. Here a check for a login that succeeded from the same
-client IP (an IPv6 client's /64) within :data:`KNOWN_TIME` goes ahead of every check that is
-not; the others keep their order of arrival. A mail client logs in from the same network for
-days, so its user does not notice the campaign. A failed check forgets its pair, so a guesser
-behind the same NAT as a user gets one check ahead of the others, not more.
+each made a correct login wait 21.6 s (2 vCPUs). Here a check for a login that succeeded from
+the same client IP (an IPv6 client's /64) within :data:`KNOWN_TIME` goes ahead of every check
+that is not; the others keep their order of arrival. A mail client logs in from the same
+network for days, so its user does not notice the campaign. A failed check forgets its pair,
+so a guesser behind the same NAT as a user gets one check ahead of the others, not more.
 
 The known pairs live in this worker's memory (at most :data:`MAX_KNOWN`, the oldest dropped
 first; one pair is ~200 bytes): after a restart, and in a worker a client has not logged in
