@@ -125,6 +125,7 @@ class LocalKeyStore:
 
     def __init__(self, data_dir: Path) -> None:
         self.root = data_dir / "dkim"
+        self._versions: dict[str, str] = {}  # domain -> its keys.json, for version() per message
 
     def _dir(self, domain: str) -> Path:
         return self.root / normalise_domain(domain)
@@ -163,8 +164,11 @@ class LocalKeyStore:
         fsync_dir(folder)
 
     def version(self, domain: str) -> object:
+        path = self._versions.get(domain)
+        if path is None:  # a str made once: building the Path cost more than the stat
+            path = self._versions[domain] = str(self._dir(domain) / "keys.json")
         try:
-            st = os.stat(self._dir(domain) / "keys.json")
+            st = os.stat(path)
         except FileNotFoundError:
             return None
         return (st.st_mtime_ns, st.st_ino, st.st_size)
