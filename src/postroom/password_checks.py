@@ -6,7 +6,10 @@ one first-come queue, a guessing campaign spread over many IPs (each one below t
 lockout of :mod:`postroom.throttle`) holds every real user back: 300 IPs sending one wrong AUTH
 each made a correct login wait 21.6 s (2 vCPUs). Here a check for a login that succeeded from
 the same client IP (an IPv6 client's /64) within :data:`KNOWN_TIME` goes ahead of every check
-that is not; the others keep their order of arrival. A mail client logs in from the same
+that is not. Behind them come, in order of arrival, the checks of clients without recent
+failures, and last those of clients whose IP failed within the lockout time (the caller says
+which, from :mod:`postroom.throttle`'s counts): a campaign's IPs that guess more than once
+fall behind a real user logging in from somewhere new. A mail client logs in from the same
 network for days, so its user does not notice the campaign. A failed check forgets its pair,
 so a guesser behind the same NAT as a user gets one check ahead of the others, not more.
 
@@ -36,21 +39,28 @@ Verify = Callable[[str, str], str | None]
 """An account store's ``verify_password(login, password)``: the account key or None."""
 
 
+KNOWN, FRESH, FAILED = 0, 1, 2  # the tiers of waiting checks, served in this order
+
+
 class PasswordChecks:
-    """Runs password checks on :data:`THREADS` threads, known clients first."""
+    """Runs password checks on :data:`THREADS` threads: known clients first, clients that
+    failed recently last."""
 
     def __init__(self, threads: int = THREADS, clock: Callable[[], float] = time.monotonic):
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="postroom-cpu")
         self._free = threads
-        # Waiting checks, each a future that is set when it gets a thread: known pairs first.
-        self._waiting: tuple[deque[asyncio.Future[None]], ...] = (deque(), deque())
+        # Waiting checks, each a future that is set when it gets a thread, by tier.
+        self._waiting: tuple[deque[asyncio.Future[None]], ...] = (deque(), deque(), deque())
         self._known: dict[tuple[bytes, str], float] = {}  # (client, login) -> until; oldest first
         self._clock = clock
 
-    async def check(self, ip: str, login: str, password: str, verify: Verify) -> str | None:
-        """``verify(login, password)`` in a thread, once one is free for this check."""
+    async def check(
+        self, ip: str, login: str, password: str, verify: Verify, failed_recently: bool = False
+    ) -> str | None:
+        """``verify(login, password)`` in a thread, once one is free for this check
+        (``failed_recently``: a login from this client IP failed within the lockout time)."""
         pair = _pair(ip, login)
-        await self._take(known=self._knows(pair))
+        await self._take(KNOWN if self._knows(pair) else FAILED if failed_recently else FRESH)
         loop = asyncio.get_running_loop()
         job = self._executor.submit(verify, login, password)
         # The thread is given back when the check ends, even if its caller was cancelled.
@@ -74,12 +84,12 @@ class PasswordChecks:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _take(self, known: bool) -> None:
+    async def _take(self, tier: int) -> None:
         if self._free:  # no one is waiting while a thread is free
             self._free -= 1
             return
         turn = asyncio.get_running_loop().create_future()
-        self._waiting[0 if known else 1].append(turn)
+        self._waiting[tier].append(turn)
         try:
             await turn
         except asyncio.CancelledError:

@@ -157,13 +157,14 @@ class Services:
 
     async def check_password(self, ip: str, login: str, password: str) -> str | None:
         """The account key if the password is right (argon2, in a thread; clients that logged
-        in before go first, see password_checks.py). None without a check while ``ip`` is
-        locked out (tested when its turn comes: see throttle.py)."""
+        in before go first, those that failed recently last, see password_checks.py). None
+        without a check while ``ip`` is locked out (tested when its turn comes: throttle.py)."""
         async with self.throttle.turn(ip):
             if self.throttle.refused(ip):
                 return None
+            failed = self.throttle.failures(ip) > 0
             return await self.password_checks.check(
-                ip, login, password, self.accounts.verify_password
+                ip, login, password, self.accounts.verify_password, failed
             )
 
     def scram_keys(self, ip: str, login: str) -> ScramKeys | None:

@@ -58,10 +58,13 @@ class LoginThrottle:
             return 0
         return entry.failures
 
+    def failures(self, ip: str) -> int:
+        """This IP's failed logins within ``lockout_time`` of the last one."""
+        return self.by_ip.get(ip, self.cfg.lockout_time, self.clock())
+
     def refused(self, ip: str) -> bool:
         """True if this IP must be turned away without checking its password."""
-        failures = self.by_ip.get(ip, self.cfg.lockout_time, self.clock())
-        return failures >= self.cfg.lockout_failures
+        return self.failures(ip) >= self.cfg.lockout_failures
 
     @contextlib.asynccontextmanager
     async def turn(self, ip: str) -> AsyncIterator[None]:

@@ -110,6 +110,38 @@ def test_a_new_client_or_a_failure_waits_its_turn() -> None:
     ]
 
 
+def test_a_client_that_failed_recently_waits_behind_a_new_one() -> None:
+    async def main(checks: PasswordChecks, gate: Gate) -> None:
+        gate.open.set()
+        assert await checks.check(HOME, USER, "right", gate) == USER
+        gate.open.clear()
+        busy = asyncio.ensure_future(checks.check("198.51.100.1", USER, "guess0", gate, True))
+        await until(lambda: checks._free == 0)
+        tasks = [
+            asyncio.ensure_future(checks.check(f"198.51.100.{i}", USER, f"guess{i}", gate, True))
+            for i in range(1, 4)
+        ]
+        await until(lambda: waiting(checks) == 3)
+        tasks.append(asyncio.ensure_future(checks.check("203.0.113.5", USER, "new", gate)))
+        await until(lambda: waiting(checks) == 4)
+        # Known goes first even if its IP failed (a typo at home): the pair says who it is.
+        tasks.append(asyncio.ensure_future(checks.check(HOME, USER, "right", gate, True)))
+        await until(lambda: waiting(checks) == 5)
+        gate.open.set()
+        await asyncio.gather(busy, *tasks)
+
+    gate = run(main, threads=1)
+    assert gate.started == [
+        f"{USER}/right",
+        f"{USER}/guess0",
+        f"{USER}/right",
+        f"{USER}/new",
+        f"{USER}/guess1",
+        f"{USER}/guess2",
+        f"{USER}/guess3",
+    ]
+
+
 def test_a_known_pair_expires_and_the_oldest_is_dropped_first(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

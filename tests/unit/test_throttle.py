@@ -73,3 +73,33 @@ def test_many_correct_logins_at_once_all_succeed(tmp_path: Path) -> None:
     assert asyncio.run(main()) == [f"u{i}@a.test" for i in range(30)]
     assert not services.throttle._slots  # nothing kept for an IP with no check running
     services.password_checks.close()
+
+
+def test_an_ip_that_failed_recently_is_checked_after_a_new_one(tmp_path: Path) -> None:
+    started: list[str] = []
+    gate = threading.Event()
+
+    def held(login: str, password: str) -> str | None:
+        started.append(password)
+        assert gate.wait(10)
+        return None
+
+    services = services_with(tmp_path, held, lockout=5)
+    services.throttle.failure("198.51.100.9", "u@a.test")
+
+    async def main() -> None:
+        busy = [services.check_password("192.0.2.1", "u@a.test", f"busy{i}") for i in range(4)]
+        tasks = [asyncio.ensure_future(c) for c in busy]
+        while len(started) < 4:  # every argon2 thread taken
+            await asyncio.sleep(0.005)
+        for ip, password in (("198.51.100.9", "x"), ("203.0.113.1", "new")):
+            tasks.append(asyncio.ensure_future(services.check_password(ip, "u", password)))
+            queued = len(tasks) - 4
+            while sum(map(len, services.password_checks._waiting)) < queued:
+                await asyncio.sleep(0.005)
+        gate.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    assert started[4:] == ["new", "x"]
+    services.password_checks.close()
