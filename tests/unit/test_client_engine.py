@@ -347,6 +347,18 @@ def test_smtputf8_headers_need_it_only_when_asked() -> None:
     assert engine.data_to_send().startswith(b"MAIL FROM:<alice@a.test>")
 
 
+def test_a_lone_utf8_recipient_named_in_our_received_field_fails_as_an_address() -> None:
+    # The message's only UTF-8 is our own Received field's "for <bøb@b.test>": the recipient
+    # cannot go (5.6.7), and that, not the header field (5.6.9), is what the bounce says.
+    data = "Received: from c by mx.a.test for <bøb@b.test>;\r\nSubject: x\r\n\r\nx\r\n".encode()
+    engine = ready_engine(EHLO_PLAIN.replace(b"250-SIZE", b"250-8BITMIME"))
+    engine.send_message(msg("bøb@b.test", smtputf8=True), data)
+    assert engine.data_to_send() == b""
+    done = events(engine)[0]
+    assert isinstance(done, MessageDone)
+    assert [r.reply.status for r in done.results] == ["5.6.7"]
+
+
 def test_size_limit_refuses_before_sending() -> None:
     engine = ready_engine(EHLO_FULL)
     engine.send_message(msg("bob@b.test"), b"x" * 2000)

@@ -366,29 +366,35 @@ class ClientEngine:
             "the server does not offer SMTPUTF8, which a non-ASCII address needs (RFC 6531)",
         )
         refused: Reply | None = None  # the whole message, for every recipient
-        # The caller converted the body for a server without 8BITMIME: 8-bit octets left are in
-        # header fields (of the message, or of one inside it).
         if not utf8_offered and not message.sender.isascii():
             refused = no_utf8
-        elif not utf8_offered and message.smtputf8 and needs_smtputf8_headers(data):
-            refused = _local(
-                554,
-                "5.6.9",  # RFC 6531 §3.5: UTF-8 header message cannot be transferred
-                "the message has UTF-8 header fields (RFC 6532) and the server does not"
-                " offer SMTPUTF8, which they need (RFC 6531)",
-            )
-        elif "8BITMIME" not in self.extensions and not data.isascii():
-            refused = _local(
-                554,
-                "5.6.3",  # RFC 3463: conversion required but not supported
-                "the message has 8-bit header fields, which cannot be converted to 7-bit,"
-                " and the server does not offer 8BITMIME (RFC 6152)",
-            )
         for i, rcpt in enumerate(message.recipients):
             if refused is not None:
                 results[i] = RecipientResult(rcpt, Outcome.PERMANENT, refused)
             elif not utf8_offered and not rcpt.address.isascii():
                 results[i] = RecipientResult(rcpt, Outcome.PERMANENT, no_utf8)
+        # Then what the message itself cannot pass, for the recipients left: the addresses
+        # first, as a lone non-ASCII recipient is also named in our Received field ("for").
+        # The caller converted the body for a server without 8BITMIME: 8-bit octets left are
+        # in header fields (of the message, or of one inside it).
+        if len(results) < len(message.recipients):
+            if not utf8_offered and message.smtputf8 and needs_smtputf8_headers(data):
+                refused = _local(
+                    554,
+                    "5.6.9",  # RFC 6531 §3.5: UTF-8 header message cannot be transferred
+                    "the message has UTF-8 header fields (RFC 6532) and the server does not"
+                    " offer SMTPUTF8, which they need (RFC 6531)",
+                )
+            elif "8BITMIME" not in self.extensions and not data.isascii():
+                refused = _local(
+                    554,
+                    "5.6.3",  # RFC 3463: conversion required but not supported
+                    "the message has 8-bit header fields, which cannot be converted to 7-bit,"
+                    " and the server does not offer 8BITMIME (RFC 6152)",
+                )
+            if refused is not None:
+                for i, rcpt in enumerate(message.recipients):
+                    results.setdefault(i, RecipientResult(rcpt, Outcome.PERMANENT, refused))
         limit = self._size_limit()
         if limit and len(data) > limit:
             # RFC 1870 §6: do not send what the server has announced it will refuse.
