@@ -139,6 +139,8 @@ def test_success_report_never_returns_the_body() -> None:
     assert msg["Subject"] == "Successful Mail Delivery Report"
     assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
     assert status_blocks(msg)[1]["Action"] == "relayed"
+    human = msg.get_payload()[0].get_payload()
+    assert "<bob@b.test>: relayed (2.0.0)\r\n    host mx.b.test took it\r\n" in human
 
 
 def test_hostile_diagnostic_cannot_inject_fields() -> None:

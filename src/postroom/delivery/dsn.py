@@ -191,7 +191,8 @@ def _human_part(hostname: str, recipients: Sequence[DsnRecipient], utf8: bool, d
         out.append(line)
         if r.remote_mta:
             said = _clean(r.diagnostic or "", utf8=utf8)
-            text = f"host {_clean(r.remote_mta, utf8=utf8)} said: {said}"
+            host = _clean(r.remote_mta, utf8=utf8)
+            text = f"host {host} said: {said}" if said else f"host {host} took it"
         else:
             text = _own_words(r.diagnostic or "", utf8=utf8)
         if text:
