@@ -444,10 +444,15 @@ def delivery(
     _observe(seconds, _metrics.attempt_seconds, transport, status)
     if not logs.enabled(INFO):
         return
-    code, _, rest = reply.partition(" ")
-    status_code = replies.parse_status(rest if code.isdigit() else reply)[0]
-    if not status_code:
-        status_code = {"delivered": "2.0.0", "deferred": "4.0.0"}.get(status, "5.0.0")
+    # The code of what was done, as the DSN says it: a 5xx we retry (552 at RCPT, RFC 5321
+    # §4.5.3.1.10) is logged 4.x.x; a refusal whose code disagrees with its class, 5.0.0.
+    status_code = replies.status_of(reply)
+    if status == "delivered" and status_code[:1] != "2":
+        status_code = "2.0.0"
+    elif status == "deferred" and status_code[:1] != "4":
+        status_code = "4" + status_code[1:] if status_code else "4.0.0"
+    elif status == "bounced" and status_code[:1] not in ("4", "5"):  # 4: it expired
+        status_code = "5.0.0"
     fields: dict[str, object] = {
         "queue_id": envelope.id,
         "recipient": rcpt.address,

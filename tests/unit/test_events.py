@@ -52,6 +52,28 @@ def _samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return parse(events.exposition().decode())
 
 
+@pytest.mark.parametrize(
+    ("status", "reply", "dsn"),
+    [
+        ("deferred", "552 5.2.2 mailbox full", "4.2.2"),  # a 552 at RCPT is retried
+        ("deferred", "451 too busy", "4.0.0"),
+        ("bounced", "550 4.2.2 class and code disagree", "5.0.0"),  # as the DSN says it
+        ("bounced", "451 4.4.1 gave out at max_queue_time", "4.4.1"),
+        ("bounced", "550 5.1.1 no such user", "5.1.1"),
+        ("delivered", "250 ok", "2.0.0"),
+    ],
+)
+def test_the_dsn_field_agrees_with_what_was_done(
+    log: io.StringIO, tmp_path: Path, status: str, reply: str, dsn: str
+) -> None:
+    _setup(log, "text", tmp_path)
+    env = _envelope("smtp", None, "a@a.test", "b@b.test", None)
+    env.recipients[0].status = status  # type: ignore[assignment]
+    events.delivery(env, env.recipients[0], "remote", reply, "mx.b.test[192.0.2.2]:25", 0.1)
+    logs.flush()
+    assert f", dsn={dsn}, status=" in log.getvalue().splitlines()[-1]
+
+
 def test_text_lines_postfix_style(log: io.StringIO, tmp_path: Path) -> None:
     _setup(log, "text", tmp_path)
     env = _envelope("submission", "a@a.test", "a@a.test", "b@b.test", None)
