@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import email
 import email.policy
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -141,6 +142,14 @@ def test_success_report_never_returns_the_body() -> None:
     assert status_blocks(msg)[1]["Action"] == "relayed"
     human = msg.get_payload()[0].get_payload()
     assert "<bob@b.test>: relayed (2.0.0)\r\n    host mx.b.test took it\r\n" in human
+
+
+def test_an_expired_recipient_is_told_that_the_server_gave_up() -> None:
+    expired = failed(diagnostic="451 4.4.1 connection timed out")
+    raw = report(recipients=[replace(expired, status="4.4.1")])
+    human = parse(raw).get_payload()[0].get_payload()
+    assert "I gave up" in human and "451 4.4.1 connection timed out" in human
+    assert "I gave up" not in parse(report(recipients=[failed()])).get_payload()[0].get_payload()
 
 
 def test_hostile_diagnostic_cannot_inject_fields() -> None:

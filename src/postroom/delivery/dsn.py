@@ -189,6 +189,11 @@ def _human_part(hostname: str, recipients: Sequence[DsnRecipient], utf8: bool, d
     for r in recipients:
         line = f"<{_clean(r.final_recipient, utf8=utf8)}>: {r.action} ({r.status})"
         out.append(line)
+        if r.action == "failed" and r.status.startswith("4"):  # temporary errors until the end
+            out += _wrap(
+                "I gave up: it could not be delivered within the time this server keeps mail"
+                " in its queue. The last attempt ended with this error:"
+            )
         if r.remote_mta:
             said = _clean(r.diagnostic or "", utf8=utf8)
             host = _clean(r.remote_mta, utf8=utf8)
