@@ -146,6 +146,16 @@ def test_success_dsn_to_a_local_sender_follows_its_aliases(srv: Server) -> None:
     assert srv.log.read_text().count("no DSN: the local sender") == 2
 
 
+def test_received_says_smtp_after_helo_and_esmtp_after_ehlo(srv: Server) -> None:
+    for hello in ("helo", "ehlo"):
+        with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=30) as c:
+            getattr(c, hello)("client.r.test")
+            c.sendmail("x@r.test", ["alice@a.test"], f"Subject: {hello}\r\n\r\nx\r\n")
+    by_subject = {m.split(b"Subject: ")[1][:4]: m for m in srv.wait_messages("alice@a.test", 2)}
+    assert b"(postroom) with SMTP id " in by_subject[b"helo"]  # RFC 3848
+    assert b"(postroom) with ESMTP id " in by_subject[b"ehlo"]
+
+
 def test_received_names_an_ipv6_client_as_an_ipv6_literal(server_factory: ServerFactory) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this machine")

@@ -119,6 +119,17 @@ def test_the_finished_message_is_handed_off_once_in_lf_with_our_trace(tmp_path: 
     assert body.endswith(b"\nSubject: hi\n\nline\n") and b"\r" not in body
 
 
+@pytest.mark.parametrize(("extended", "protocol"), [(True, b"ESMTP"), (False, b"SMTP")])
+def test_the_received_field_names_helo_as_smtp(
+    tmp_path: Path, extended: bool, protocol: bytes
+) -> None:
+    p, intake = policy(tmp_path)
+    p.extended = extended  # RFC 3848: "SMTP" after HELO, "ESMTP" after EHLO
+    transaction(p, "alice@a.test", data=b"Subject: hi\r\n\r\nline\r\n")
+    ((_envelope, body),) = intake.got
+    assert b"\tby mx.a.test (postroom) with " + protocol + b" id " in body
+
+
 def test_the_queues_refusal_is_the_reply(tmp_path: Path) -> None:
     p, intake = policy(tmp_path)
     intake.answer = replies.STORAGE_FULL

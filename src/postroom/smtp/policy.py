@@ -80,6 +80,7 @@ class SmtpPolicy:
         self.tls = tls
         self.auth_user: str | None = None
         self.helo = ""
+        self.extended = True  # EHLO, not HELO
         self.txn = _Txn()
         self.tls_version: str | None = None  # set by the glue before the end of a message
 
@@ -196,7 +197,9 @@ class SmtpPolicy:
         self.txn.draft.write(data)
 
     def _protocol_name(self, txn: _Txn) -> str:
-        # RFC 3848 (and RFC 6531 §3.7.3 for UTF8) "with" protocol types.
+        # RFC 3848 (and RFC 6531 §3.7.3 for UTF8) "with" protocol types; plain SMTP after HELO.
+        if not (self.extended or self.tls or self.auth_user is not None):
+            return "SMTP"
         name = "ESMTP"
         if txn.mail is not None and txn.mail.smtputf8:
             name = "UTF8SMTP"

@@ -89,7 +89,7 @@ class SmtpConnection(Connection):
             session.reset()
         elif isinstance(event, HelloReceived):
             session.reset()
-            session.helo = event.domain
+            session.helo, session.extended = event.domain, event.extended
         elif isinstance(event, MessageEnd):
             return self._message_end(engine, session)
         elif isinstance(event, AuthStart | AuthResponse):
