@@ -98,6 +98,19 @@ def test_bad_sequence_and_syntax() -> None:
     assert h.send(b"RCPT TO:<a@b.test>\r\n").startswith(b"503 5.5.1")
     assert h.send(b"DATA\r\n").startswith(b"503 5.5.1")
     assert h.send(b"MAIL FROM:a@b\r\n").startswith(b"501")
+    # A known command with a non-ASCII argument is a 501, an unknown one a 500 (§4.2.4).
+    assert h.send("EHLO bücher.test\r\n".encode()).startswith(b"501 5.5.4")
+    assert h.send("BÖGUS\r\n".encode()).startswith(b"500 5.5.2")
+
+
+def test_mail_auth_parameter_needs_a_value() -> None:
+    # RFC 4954 §5: AUTH=<> or AUTH=xtext; the value is then ignored.
+    h = Harness()
+    out = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.test> AUTH\r\nMAIL FROM:<a@b.test> AUTH=a\x7fb\r\n"
+        b"MAIL FROM:<a@b.test> AUTH=<>\r\nRSET\r\nMAIL FROM:<a@b.test> AUTH=u+40b.test\r\n"
+    )
+    assert codes(out) == ["250", "501", "501", "250", "250", "250"]
 
 
 def test_data_without_valid_recipient() -> None:
@@ -297,7 +310,7 @@ def test_non_ascii_keyword_values_are_syntax_errors() -> None:
         + "RCPT TO:<x@y.test> NOTIFY=\u017fuccess\r\n".encode()
         + "BDAT \u0661 LAST\r\n".encode()
     )
-    assert codes(out) == ["250", "250", "501", "500"]
+    assert codes(out) == ["250", "250", "501", "501"]
 
 
 def test_helo_name_cannot_forge_trace_fields() -> None:

@@ -82,6 +82,7 @@ Command = Hello | Mail | Rcpt | Bdat | Auth | Simple
 
 _SIMPLE_NO_ARG = {"DATA", "RSET", "QUIT", "STARTTLS"}
 _SIMPLE_ANY_ARG = {"NOOP", "HELP", "VRFY", "EXPN"}
+_KNOWN = {"EHLO", "HELO", "MAIL", "RCPT", "BDAT", "AUTH", *_SIMPLE_NO_ARG, *_SIMPLE_ANY_ARG}
 
 
 def _params(text: str) -> dict[str, str | None]:
@@ -149,7 +150,8 @@ def parse(line: bytes, *, smtputf8: bool = False) -> Command:
     if len(line) + 2 > limit:
         raise CommandError(replies.LINE_TOO_LONG)
     if verb != "MAIL" and verb != "RCPT" and not text.isascii():
-        raise CommandError(replies.SYNTAX_ERROR)
+        # RFC 5321 §4.2.4: 501 for a command we know with arguments we refuse, 500 otherwise.
+        raise CommandError(replies.PARAM_SYNTAX if verb in _KNOWN else replies.SYNTAX_ERROR)
     if verb in ("EHLO", "HELO"):
         domain = rest.strip(" ")
         # RFC 5321 §4.1.1.1: a Domain or an address literal. Checked loosely (underscores and

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 Port = Literal["smtp", "submission", "submissions"]
 
-MAX_RECEIVED = 50  # RFC 5321 §6.3: a loop is suspected beyond this many Received headers
+MAX_RECEIVED = 50  # RFC 5321 §6.3: a loop is suspected when ours would be one more than this
 _RECEIVED = re.compile(rb"(?im)^received:")
 _HEADER_FIELD = re.compile(rb"(?im)^(date|message-id):")
 

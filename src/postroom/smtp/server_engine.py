@@ -501,8 +501,10 @@ class ServerEngine(Buffers):
                 if value is None or len(value) > 100 or not commands.valid_xtext(value):
                     return self._error(replies.PARAM_SYNTAX)
             elif key == "AUTH":
-                # RFC 4954 §5: accepted and, as we do not trust other MTAs' claims, ignored.
-                continue
+                # RFC 4954 §5: "AUTH=<>" or AUTH=xtext; as we do not trust other MTAs' claims,
+                # it is checked for its syntax only, and ignored.
+                if value is None or not commands.valid_xtext(value):  # "<>" is xtext too
+                    return self._error(replies.PARAM_SYNTAX)
             else:
                 return self._error(replies.PARAM_NOT_IMPLEMENTED)
         self._txn = _Transaction(mail=cmd, smtputf8=cmd.smtputf8)
