@@ -11,6 +11,7 @@
     │   └── LeaseLost             another node took a queued message over (or it was deleted)
     ├── TemporaryStorageError     the disk refused a write (full, read-only): answer 4xx, keep going
     ├── MailboxInUse              another POP3 session holds the maildrop: ``-ERR [IN-USE]``
+    ├── LockedOut                 the client's IP was locked out while its login waited
     ├── KeysChanged               another node changed a domain's DKIM keys since they were read
     └── ImportSourceError         import-maildir: the source is no Maildir, a setting is unreadable
 
@@ -62,6 +63,11 @@ class KeysChanged(PostroomError):
 
 class MailboxInUse(PostroomError):
     """Another session holds the maildrop (RFC 2449 §8.1.1: answered with ``-ERR [IN-USE]``)."""
+
+
+class LockedOut(PostroomError):
+    """The client's IP reached the login lockout while its password check waited its turn:
+    the password was not checked (answered as throttled, ``454``/``[SYS/TEMP]``, not as wrong)."""
 
 
 class EngineMisuse(RuntimeError):

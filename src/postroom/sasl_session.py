@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from postroom import events, sasl
+from postroom.errors import LockedOut
 from postroom.wire.events import AuthResponse, AuthStart
 
 if TYPE_CHECKING:
@@ -69,12 +70,17 @@ class SaslSession:
             if self._mech is None:
                 return Refused("malformed")
             step = self._mech.step(event.data)
-        step = await sasl.settle(
-            self._mech,
-            step,
-            functools.partial(services.check_password, self.client_ip),
-            functools.partial(services.scram_keys, self.client_ip),
-        )
+        try:
+            step = await sasl.settle(
+                self._mech,
+                step,
+                functools.partial(services.check_password, self.client_ip),
+                functools.partial(services.scram_keys, self.client_ip),
+            )
+        except LockedOut:  # while its check waited: not the password's fault
+            self._mech = None
+            events.login_throttled(self.service, self.client_ip)
+            return Refused("throttled")
         if isinstance(step, sasl.Challenge):
             return step
         if isinstance(step, sasl.Success):

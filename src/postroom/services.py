@@ -17,6 +17,7 @@ from typing import Protocol
 from postroom.auth.service import SenderAuth
 from postroom.blocking import BlockingPool
 from postroom.config import Config
+from postroom.errors import LockedOut
 from postroom.password_checks import PasswordChecks
 from postroom.queue.envelope import Envelope
 from postroom.sasl import ScramKeys
@@ -157,11 +158,12 @@ class Services:
 
     async def check_password(self, ip: str, login: str, password: str) -> str | None:
         """The account key if the password is right (argon2, in a thread; clients that logged
-        in before go first, those that failed recently last, see password_checks.py). None
-        without a check while ``ip`` is locked out (tested when its turn comes: throttle.py)."""
+        in before go first, those that failed recently last, see password_checks.py), else
+        None. :class:`LockedOut`, without a check, if ``ip`` is locked out when its turn comes
+        (see throttle.py)."""
         async with self.throttle.turn(ip):
             if self.throttle.refused(ip):
-                return None
+                raise LockedOut(ip)
             failed = self.throttle.failures(ip) > 0
             return await self.password_checks.check(
                 ip, login, password, self.accounts.verify_password, failed

@@ -287,6 +287,21 @@ def test_brute_force_throttled_per_ip(srv: Server) -> None:
     assert ok and elapsed < 2
 
 
+def test_a_right_password_caught_by_the_lockout_in_the_queue_is_not_called_wrong(
+    srv: Server,
+) -> None:
+    # 24 wrong passwords at once from one IP, the right one just after: the IP reaches the
+    # lockout (10) while the right one waits for its check. It was answered [AUTH], as if
+    # the password were wrong; it is [SYS/TEMP] (or +OK, had its turn come first).
+    source = "127.0.5.9"
+    with ThreadPoolExecutor(25) as pool:
+        guesses = [pool.submit(_pop_login, srv, source, f"guess{i}") for i in range(24)]
+        time.sleep(0.3)
+        ok, _, answer = _pop_login(srv, source, "pw")
+        assert not any(f.result()[0] for f in guesses)
+    assert ok or answer.startswith(b"-ERR [SYS/TEMP]"), answer
+
+
 def test_a_known_client_logs_in_ahead_of_a_guessing_campaign(srv: Server) -> None:
     # 300 IPs sending one wrong password each held a correct login back 21.6 s: argon2 checks
     # queued first come, first served. A login that succeeded from an IP before goes first.

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from postroom import sasl
+from postroom.errors import LockedOut
 from postroom.sasl_session import Refused, SaslSession
 from postroom.wire.events import AuthResponse, AuthStart
 
@@ -76,3 +77,15 @@ def test_refusals_throttled_unknown_mechanism_malformed() -> None:
     assert malformed == Refused("malformed") and services.throttle.failures == []
     # A response with no exchange going on is malformed, not a crash.
     assert asyncio.run(session(services).step(AuthResponse(b"x"))) == Refused("malformed")
+
+
+def test_a_lockout_that_began_while_the_check_waited_is_a_throttle_not_a_failure() -> None:
+    # A right password queued behind guesses from the same IP was answered "wrong" (535 /
+    # [AUTH]) and counted as one more failure when the lockout came before its turn.
+    class LockedWhileWaiting(FakeServices):
+        async def check_password(self, ip: str, login: str, password: str) -> str | None:
+            raise LockedOut(ip)
+
+    services = LockedWhileWaiting()
+    refused = asyncio.run(session(services).step(AuthStart("PLAIN", b"\0Alice@A.test\0pw")))
+    assert refused == Refused("throttled") and services.throttle.failures == []

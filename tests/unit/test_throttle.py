@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from postroom.app import build_services
 from postroom.config import AuthConfig, from_dict
+from postroom.errors import LockedOut
 from postroom.services import Services
 from postroom.throttle import CHECKS_PER_IP, LoginThrottle
 
@@ -45,8 +49,9 @@ def test_parallel_guesses_get_few_checks(tmp_path: Path) -> None:
     services = services_with(tmp_path, wrong, lockout=5)
 
     async def guess(i: int) -> None:
-        if await services.check_password("192.0.2.9", "u@a.test", f"guess{i}") is None:
-            services.throttle.failure("192.0.2.9", "u@a.test")
+        with contextlib.suppress(LockedOut):  # locked out while waiting: no check, no failure
+            if await services.check_password("192.0.2.9", "u@a.test", f"guess{i}") is None:
+                services.throttle.failure("192.0.2.9", "u@a.test")
 
     async def main() -> None:
         await asyncio.gather(*(guess(i) for i in range(40)))
@@ -102,4 +107,36 @@ def test_an_ip_that_failed_recently_is_checked_after_a_new_one(tmp_path: Path) -
 
     asyncio.run(main())
     assert started[4:] == ["new", "x"]
+    services.password_checks.close()
+
+
+def test_a_check_whose_ip_is_locked_out_before_its_turn_is_not_made(tmp_path: Path) -> None:
+    gate, checked = threading.Event(), []
+
+    def held(login: str, password: str) -> str | None:
+        checked.append(password)
+        assert gate.wait(10)
+        return None
+
+    services = services_with(tmp_path, held, lockout=2)
+
+    async def main() -> None:
+        ip = "192.0.2.4"
+        busy = [
+            asyncio.ensure_future(services.check_password(ip, "u@a.test", f"g{i}"))
+            for i in range(CHECKS_PER_IP)
+        ]
+        while len(checked) < CHECKS_PER_IP:  # the IP's every turn taken
+            await asyncio.sleep(0.005)
+        mine = asyncio.ensure_future(services.check_password(ip, "u@a.test", "right"))
+        await asyncio.sleep(0.05)
+        for _ in range(2):
+            services.throttle.failure(ip, None)
+        gate.set()
+        await asyncio.gather(*busy)
+        with pytest.raises(LockedOut):
+            await mine
+
+    asyncio.run(main())
+    assert "right" not in checked
     services.password_checks.close()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from postroom import events, sasl
 from postroom.address import parse_user_address
 from postroom.connection import Connection
-from postroom.errors import AddressError, MailboxInUse
+from postroom.errors import AddressError, LockedOut, MailboxInUse
 from postroom.pop3.engine import Command, Pop3Engine, Pop3Features, Quit, UserPass
 from postroom.pop3.maildrop import Snapshot, TopFilter
 from postroom.sasl_session import SaslSession
@@ -238,7 +238,12 @@ class Pop3Connection(Connection):
         if self._sasl.locked_out():
             engine.login_failed("Too many failed logins, try again later", "SYS/TEMP")
             return
-        key = await services.check_password(self.client_ip, user, password)
+        try:
+            key = await services.check_password(self.client_ip, user, password)
+        except LockedOut:  # while it waited for its check: not the password's fault
+            events.login_throttled(self.service, self.client_ip)
+            engine.login_failed("Too many failed logins, try again later", "SYS/TEMP")
+            return
         if key is None:
             await self._sasl.failed(user)
             engine.login_failed("Invalid login or password", "AUTH")
