@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import time
 from typing import cast
 
@@ -124,6 +125,36 @@ def test_small_rsa_keys_and_rsa_sha1_never_pass() -> None:
     assert _results(sha256 + MESSAGE, _zone(("big", record(small)))) == [
         ("rsa-sha256", "permerror")
     ]
+
+
+def test_a_signature_without_from_or_with_a_subdomain_i_under_t_s_is_a_permerror() -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    p = base64.b64encode(der).decode()
+    # RFC 6376 §6.1.1: a signature that leaves From out vouches for no author (dkimpy will
+    # not make one: its h= is edited; refused before any key is used, whatever b= says).
+    signed = dkim.sign(MESSAGE, b"k", b"a.test", pem, include_headers=[b"from", b"to"])
+    no_from = re.sub(rb"h=[^;]*;", b"h=to;", signed, count=1)
+    assert no_from != signed
+    results = dkim_verify.verify(no_from + MESSAGE, _zone(("k", f"v=DKIM1; p={p}")))
+    assert [(r.result, r.reason) for r in results] == [("permerror", "From field not signed")]
+    # RFC 6376 §3.6.1 t=s: i= must be in d= itself, not in a subdomain of it.
+    sub = dkim.sign(MESSAGE, b"k", b"a.test", pem, identity=b"@sub.a.test")
+    same = dkim.sign(MESSAGE, b"k", b"a.test", pem, identity=b"alice@a.test")
+    for flags, signed, result in (
+        ("y:s", sub, "permerror"),
+        ("s", same, "pass"),
+        ("y", sub, "pass"),
+    ):
+        zone = _zone(("k", f"v=DKIM1; t={flags}; p={p}"))
+        assert _results(signed + MESSAGE, zone) == [("rsa-sha256", result)], flags
 
 
 def test_missing_or_failed_keys(key_pair: tuple[keys.DkimKey, keys.DkimKey]) -> None:

@@ -20,7 +20,9 @@ match), ``permerror`` (no key, a revoked or malformed key, a malformed signature
 Security notes: at most ``MAX_SIGNATURES`` signatures are looked at (each costs a DNS lookup
 and a public-key operation); RSA keys under 1024 bits are refused and ``rsa-sha1`` is never
 a pass (RFC 8301 §3.1, §3.2); a key record whose ``h=`` leaves out sha256 or whose ``s=`` is
-not for email does not verify anything (RFC 6376 §3.6.1).
+not for email does not verify anything, nor one with ``t=s`` a signature whose ``i=`` is in a
+subdomain (RFC 6376 §3.6.1); a signature that does not sign From is a permerror (§6.1.1:
+it could otherwise vouch for any From, and DMARC would pass on it).
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ class PublicKey:
 
     algorithm: bytes  # b"rsa-sha256" or b"ed25519-sha256"
     key: rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+    same_domain: bool = False  # t=s: the i= domain must be d= itself, no subdomain
 
     def verify(self, signature: bytes, data: bytes) -> bool:
         try:
@@ -156,16 +159,18 @@ def public_key(record: bytes) -> PublicKey:
     if not raw:
         raise dkim.KeyFormatError("key revoked (empty p=)")
     kind = tags_.get(b"k", b"rsa")
+    same_domain = b"s" in [flag.strip() for flag in tags_.get(b"t", b"").split(b":")]
     try:
         if kind == b"ed25519":
-            return PublicKey(b"ed25519-sha256", ed25519.Ed25519PublicKey.from_public_bytes(raw))
+            ed = ed25519.Ed25519PublicKey.from_public_bytes(raw)
+            return PublicKey(b"ed25519-sha256", ed, same_domain)
         if kind == b"rsa":
             key = serialization.load_der_public_key(raw)
             if not isinstance(key, rsa.RSAPublicKey):
                 raise dkim.KeyFormatError("k=rsa but p= is not an RSA key")
             if key.key_size < MIN_RSA_BITS:
                 raise dkim.KeyFormatError(f"public key too small: {key.key_size} bits")
-            return PublicKey(b"rsa-sha256", key)
+            return PublicKey(b"rsa-sha256", key, same_domain)
     except ValueError as exc:
         raise dkim.KeyFormatError(f"could not parse the public key: {exc}") from None
     raise dkim.KeyFormatError("unknown key type (k=)")
@@ -198,6 +203,8 @@ def _validate(sig: dict[bytes, bytes], now: int) -> None:
     for name in (b"v", b"a", b"b", b"bh", b"d", b"h", b"s"):
         if name not in sig:
             raise dkim.ValidationError(f"missing {name.decode()}=")
+    if b"from" not in [name.strip().lower() for name in sig[b"h"].split(b":")]:
+        raise dkim.ValidationError("From field not signed")  # RFC 6376 §6.1.1: PERMFAIL
     if sig[b"v"] != b"1":
         raise dkim.ValidationError("v= value is not 1")
     if sig[b"a"] not in _ALGORITHMS:
@@ -257,6 +264,10 @@ def _check(
     key = public_key(record)
     if key.algorithm != algorithm:
         raise dkim.KeyFormatError(f"a={algorithm.decode()} with a key for {key.algorithm!r}")
+    identity = sig.get(b"i")
+    # RFC 6376 §3.6.1 t=s: the i= domain must not be a subdomain of d=.
+    if key.same_domain and identity and identity.rpartition(b"@")[2].lower() != sig[b"d"].lower():
+        raise dkim.KeyFormatError("the key's t=s refuses an i= in a subdomain of d=")
     try:
         policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
     except InvalidCanonicalizationPolicyError as exc:
