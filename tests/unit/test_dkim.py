@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from postroom.auth import dkim_sign, dkim_verify, helper, keys
 from postroom.auth.lookup import Answer
-from postroom.auth.service import SenderAuth
+from postroom.auth.service import SenderAuth, publishes
 
 MESSAGE = (
     b"From: Alice <alice@a.test>\r\nTo: bob@b.test\r\nSubject: hello\r\n"
@@ -155,6 +155,24 @@ def test_a_signature_without_from_or_with_a_subdomain_i_under_t_s_is_a_permerror
     ):
         zone = _zone(("k", f"v=DKIM1; t={flags}; p={p}"))
         assert _results(signed + MESSAGE, zone) == [("rsa-sha256", result)], flags
+
+
+def test_a_pending_key_counts_as_published_only_by_a_record_that_verifies_it(
+    key_pair: tuple[keys.DkimKey, keys.DkimKey],
+) -> None:
+    # A record with the key's p= but the wrong k= made it sign (and retire the good key),
+    # although no verifier could check its signatures.
+    ed, rsa_key = key_pair
+    p_ed = ed.public_b64()
+    assert publishes(ed.record().encode(), ed) and publishes(rsa_key.record().encode(), rsa_key)
+    assert publishes(f"v=DKIM1; t=y; k=ed25519; p={p_ed[:10]} {p_ed[10:]}".encode(), ed)
+    for record in (
+        f"v=DKIM1; k=rsa; p={p_ed}",  # the wrong type
+        f"v=DKIM1; k=ed25519; s=tlsrpt; p={p_ed}",  # not for email
+        f"v=DKIM1; k=ed25519; p={rsa_key.public_b64()}",  # another key
+        rsa_key.record(),
+    ):
+        assert not publishes(record.encode(), ed), record
 
 
 def test_missing_or_failed_keys(key_pair: tuple[keys.DkimKey, keys.DkimKey]) -> None:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar, cast
 
+import dkim
+
 from postroom import events
 from postroom.auth import dkim_sign, dkim_verify, dmarc, keys, records, reports, results, spf
 from postroom.auth.helper import DkimHelper, HelperError, HelperNotReady, HelperTimedOut
@@ -53,6 +55,18 @@ def count_verdict(method: str, result: str) -> None:
     """Called once per verdict (``spf``/``dkim``/``dmarc``, an RFC 8601 result name):
     ``postroom_sender_auth_total{method,result}``."""
     events.sender_auth(method, result)
+
+
+def publishes(record: bytes, key: keys.DkimKey) -> bool:
+    """Does the TXT ``record`` let a verifier check ``key``'s signatures: its public key,
+    of its type (``k=``), in a record a verifier accepts (``v=``, ``s=``, ``h=``)?"""
+    try:
+        found = dkim_verify.public_key(record)
+    except dkim.KeyFormatError:
+        return False
+    algorithm = b"ed25519-sha256" if key.algorithm == "ed25519" else b"rsa-sha256"
+    want = key.public_b64().encode()
+    return found.algorithm == algorithm and dkim_verify.tags(record).get(b"p") == want
 
 
 class Message(Protocol):
@@ -136,8 +150,7 @@ class SenderAuth:
                 continue
             name = f"{key.selector}._domainkey.{domain}"
             answer = await self.cache.query(name, "TXT", fresh=True)
-            want = key.public_b64().encode()
-            if any(dkim_verify.tags(t).get(b"p") == want for t in answer.txt()):
+            if any(publishes(record, key) for record in answer.txt()):
                 log.info(
                     "DKIM key %s of %s seen in DNS: it signs from now on", key.selector, domain
                 )
