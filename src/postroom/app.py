@@ -364,13 +364,16 @@ async def _submit(services: Services, queue_id: str) -> None:
 
 
 def _apply(services: Services, new: Config, pair: tuple[bytes, bytes] | None) -> None:
-    """A reload from the supervisor: the new pair into the live TLS context (every listener
-    and STARTTLS use it for the next handshake; open sessions keep theirs), the new settings
-    for new sessions (domains, limits, auth, delivery, log level)."""
+    """A reload from the supervisor: a new TLS context with the new pair (every listener and
+    STARTTLS take it at their next handshake; open sessions keep theirs), the new settings
+    for new sessions (domains, limits, auth, delivery, log level). A new context, not the
+    pair loaded into the old one: OpenSSL keeps one pair per key type, so an RSA pair loaded
+    where an EC one was would be served beside it, the old one to every client that takes
+    EC."""
     if pair is not None and services.tls is not None:
         try:
-            tls_mod.load_pair(services.tls, *pair)
-        except (OSError, ssl.SSLError) as exc:  # checked by the supervisor: not expected
+            services.tls = tls_mod.server_context(new, pair)
+        except (OSError, ssl.SSLError, ConfigError) as exc:  # checked by the supervisor
             log.error("reload: TLS pair not loaded, the old one stays: %s", exc)
         else:
             events.certificate(tls_mod.certificate_expiry(pair[0]))

@@ -6,8 +6,9 @@ context is loaded from ``[tls] cert``/``key``; without them a self-signed certif
 (made again when ``hostname`` changes).
 The pair is read as bytes (:func:`read_pair`: by root at start, by the privileged supervisor at
 a reload, so a root-only ``privkey.pem`` works after the drop), checked (:func:`check_pair`:
-errors name the file at fault) and loaded from memory (:func:`load_pair`), into the live
-context at a reload so that every listener, implicit TLS included, serves the new pair.
+errors name the file at fault) and loaded from memory (:func:`load_pair`) into a new context,
+at a reload too: every listener, implicit TLS included, takes the new context at its next
+handshake.
 """
 
 from __future__ import annotations
@@ -130,9 +131,9 @@ def check_pair(cfg: Config, cert_pem: bytes, key_pem: bytes) -> None:
 
 
 def load_pair(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
-    """Load the pair into ``ctx`` from memory (memfd files: the key never touches the disk
-    again). Into a live context too: every handshake after this uses the new pair, also on
-    the implicit-TLS listeners that were given ``ctx`` at start; sessions open keep theirs."""
+    """Load the pair into a new ``ctx`` from memory (memfd files: the key never touches the
+    disk again). Not into a context in use: OpenSSL keeps one pair per key type, and a pair
+    of another type would be served beside the old one (a reload makes a new context)."""
     fds = []
     try:
         for data in (cert_pem, key_pem):

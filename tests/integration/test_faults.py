@@ -7,6 +7,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from tests.conftest import Server, ServerFactory, free_port, run_cli, wait_until
 
@@ -229,3 +232,37 @@ def test_drops_root_to_configured_user(tmp_path: Path) -> None:
     finally:
         srv.stop()
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def test_a_reload_serves_a_new_pair_of_another_key_type(server_factory: ServerFactory) -> None:
+    # Started on the self-signed EC pair, reloaded with an RSA one: the RSA pair went into the
+    # live context beside the EC one, and every client that takes EC still got the old one.
+    srv = server_factory(domains=("a.test",), services=("smtp", "submissions"))
+    pair = srv.config.parent / "rsa"
+    pair.mkdir()
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+         "/CN=renewed.a.test", "-keyout", str(pair / "key.pem"), "-out", str(pair / "cert.pem")],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    text = srv.config.read_text() + f'\n[tls]\ncert = "{pair}/cert.pem"\nkey = "{pair}/key.pem"\n'
+    srv.config.write_text(text)
+
+    def served_name() -> str:
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        with (
+            socket.create_connection((srv.host, srv.ports["submissions"]), timeout=10) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        cert = x509.load_der_x509_certificate(der)
+        return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+    assert served_name() == "mx.a.test"
+    assert srv.proc is not None
+    srv.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "configuration reloaded with the TLS pair" in srv.log.read_text())
+    assert served_name() == "renewed.a.test"
