@@ -613,6 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from postroom import datadir
 
         datadir.check(cfg)  # before anything is made: nothing is left behind
+        made = datadir.create(cfg)
     except ConfigError as exc:
         print(f"postroom: error: {exc}", file=sys.stderr)
         return 2
@@ -624,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _serving = True
     _warnings(cfg, args.command)
     try:
-        if datadir.create(cfg):
+        if made:
             _where_data_is(cfg)
         if args.command == "serve":
             from postroom import app

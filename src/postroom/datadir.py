@@ -149,7 +149,13 @@ def create(cfg: Config) -> bool:
     """Make ``data_dir`` (0700) if it does not exist yet; True if it was made now."""
     if os.path.lexists(cfg.data_dir):
         return False
-    os.makedirs(cfg.data_dir, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(cfg.data_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:  # what check() cannot foresee: /proc, /sys, a full disk
+        raise ConfigError(
+            f"{cfg.path or '<default>'}: data_dir: cannot create {cfg.data_dir}: "
+            f"{exc.strerror or exc}; choose a directory on a writable file system"
+        ) from None
     return True
 
 

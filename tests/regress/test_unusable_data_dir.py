@@ -76,6 +76,13 @@ def test_a_file_in_the_way(base: Path, command: list[str]) -> None:
     assert tree(base) == ["data", "p.toml"]
 
 
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_a_place_where_no_directory_can_be_made(base: Path, command: list[str]) -> None:
+    # /proc passes every test of access(2) as root, and mkdir there fails: that was an errno
+    # line with exit 1 (and, for serve, after the start-up warnings).
+    assert "/proc/postroom-test" in refused(config(base, Path("/proc/postroom-test")), command)
+
+
 @root_only
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 def test_inside_a_directory_closed_to_the_servers_user(base: Path, command: list[str]) -> None:
