@@ -3,9 +3,11 @@ evaluation, the DNS record lines, the DKIM key life cycle."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from pathlib import Path
+from typing import Any, cast
 
 import xmlschema
 from hypothesis import given
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 
 from postroom.auth import dmarc, keys, records, reports, results
 from postroom.auth.dkim_verify import DkimResult
+from postroom.auth.lookup import Answer
 from postroom.auth.spf import SpfResult
 
 
@@ -60,6 +63,37 @@ def test_parse_record() -> None:
     assert dmarc.parse_record("v=DMARC1; p=bogus") is None
     bad_p = dmarc.parse_record("v=DMARC1; p=bogus; rua=mailto:x@y.test")
     assert bad_p is not None and bad_p.p == "none"  # RFC 7489 §6.6.3
+
+
+class Zone:
+    """A DNS cache stand-in: TXT records by name (an absent name: NXDOMAIN)."""
+
+    def __init__(self, records: dict[str, list[str]]) -> None:
+        self.records = records
+
+    async def query(self, name: str, rtype: str, fresh: bool = False) -> Answer:
+        texts = self.records.get(name)
+        if texts is None:
+            return Answer("nxdomain")
+        return Answer("ok", tuple((t.encode(),) for t in texts))
+
+
+def _discover(zone: dict[str, list[str]]) -> dmarc.Policy:
+    return asyncio.run(dmarc.discover(cast(Any, Zone(zone)), "sub.two.test"))
+
+
+def test_discovery_falls_back_to_the_organizational_domain_only_when_nothing_claims_dmarc() -> None:
+    parent = {"_dmarc.two.test": ["v=DMARC1; p=reject"]}
+    found = _discover(parent)  # RFC 7489 §6.6.3 step 3: nothing at the From domain
+    assert found.record is not None and (found.record.p, found.domain) == ("reject", "two.test")
+    found = _discover({**parent, "_dmarc.sub.two.test": ["v=spf1 -all"]})  # step 2: discarded
+    assert found.record is not None and found.domain == "two.test"
+    for there in (
+        ["v=DMARC1; p=none", "v=DMARC1; p=quarantine"],  # step 5: several records
+        ["v=DMARC1; p=bogus"],  # step 6: a wrong p, no rua
+    ):
+        found = _discover({**parent, "_dmarc.sub.two.test": there})
+        assert (found.record, found.domain) == (None, "sub.two.test"), there
 
 
 def _policy(text: str, domain: str = "bank.test") -> dmarc.Policy:

@@ -63,11 +63,17 @@ class DmarcRecord:
     raw: str = field(default="", compare=False)  # the text as found
 
 
+def is_record(text: str) -> bool:
+    """Does ``text`` claim to be a DMARC record (§6.3: ``v=DMARC1`` first)?"""
+    return text.split(";", 1)[0].replace(" ", "").strip() == "v=DMARC1"
+
+
 def parse_record(text: str) -> DmarcRecord | None:
-    """A DMARC record, or None if ``text`` is not one (§6.3: ``v=DMARC1`` first)."""
-    items = [part.strip() for part in text.split(";")]
-    if not items or items[0].replace(" ", "") != "v=DMARC1":
+    """A DMARC record, or None if ``text`` is not one (§6.3: ``v=DMARC1`` first), or one that
+    asks for no DMARC processing (a missing or wrong ``p`` and no valid ``rua``, §6.6.3)."""
+    if not is_record(text):
         return None
+    items = [part.strip() for part in text.split(";")]
     tags: dict[str, str] = {}
     for item in items[1:]:
         name, sep, value = item.partition("=")
@@ -149,10 +155,15 @@ def _policy_from(answers: list[tuple[str, Answer]]) -> Policy | None:
     for domain, answer in answers:
         if answer.temporary:
             return Policy(None, domain, temporary=answer.error)
-        records = [r for t in answer.txt() if (r := parse_record(t.decode("utf-8", "replace")))]
-        if len(records) == 1:
-            return Policy(records[0], domain)
-        # None, or several: no policy here (§6.6.3 step 2 "more than one": none).
+        texts = [t.decode("utf-8", "replace") for t in answer.txt()]
+        claimed = [t for t in texts if is_record(t)]  # step 2: the others are discarded
+        if not claimed:
+            continue  # step 3: the organizational domain's, if any
+        if len(claimed) > 1:
+            return Policy(None, domain)  # step 5: several records, no DMARC processing
+        # Step 6: a wrong or missing p without a valid rua is no DMARC processing, too (no
+        # falling back to the organizational domain's record).
+        return Policy(parse_record(claimed[0]), domain)
     return None
 
 
