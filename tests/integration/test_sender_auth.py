@@ -308,7 +308,13 @@ def test_forged_results_removed_from_messages_too_large_to_check(
     _mx_send(srv, "service@bank.test", "bob@a.test", _forged("bank.test") + b"x" * 2000 + b"\r\n")
     msg = srv.wait_messages("bob@a.test", 1)[0].replace(b"\r\n", b"\n")
     assert msg.count(b"mx.a.test;") == 1 and b"dkim=pass" not in msg
-    assert b"spf=none" in msg and b"dmarc=" not in msg
+    assert b"spf=none" in msg and b"dmarc=" not in msg and b"dkim=none" in msg
+    # A signed one is not called unsigned (RFC 8601 §2.7.1 none): neutral, not checked.
+    signed = b"DKIM-Signature: v=1; a=rsa-sha256; d=bank.test; s=sel; h=from; bh=; b=\r\n"
+    _mx_send(srv, "service@bank.test", "bob@a.test", signed + _forged("bank.test") + b"y" * 2000)
+    msg = next(m for m in srv.wait_messages("bob@a.test", 2) if b"yyyy" in m)
+    unfolded = msg.replace(b"\r\n\t", b" ")
+    assert b"dkim=neutral (not checked: larger than check_max_size) header.d=bank.test" in unfolded
 
 
 def _helpers(root_pid: int) -> list[int]:

@@ -298,6 +298,12 @@ def timed_out(sigs: list[dict[bytes, bytes]]) -> list[DkimResult]:
     return [DkimResult("temperror", reason="verification took too long", **_names(s)) for s in sigs]
 
 
+def not_checked(sigs: list[dict[bytes, bytes]], why: str) -> list[DkimResult]:
+    """The results of signatures left unverified on purpose: ``neutral`` (RFC 8601 §2.7.1:
+    signed, but not processed), not ``none``, which would say the message is unsigned."""
+    return [DkimResult("neutral", reason=why, **_names(s)) for s in sigs]
+
+
 def _names(sig: dict[bytes, bytes]) -> dict[str, str]:
     """What a result says of its signature: d=, s=, a= and the start of b= (RFC 6008)."""
     return {

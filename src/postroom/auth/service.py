@@ -204,7 +204,12 @@ class SenderAuth:
             except TimeoutError:
                 result = _spf_timed_out(sender, helo)
             count_verdict("spf", result.result)
-            self._add_results(message, results.render(self.cfg.hostname, result, [], None))
+            head = self._client_head(message)
+            unchecked = dkim_verify.not_checked(
+                dkim_verify.signatures(head), "not checked: larger than check_max_size"
+            )
+            header = results.render(self.cfg.hostname, result, unchecked, None)
+            self._add_results(message, header, head)
             return None
         return await self._check(message, client_ip, helo, sender)
 
