@@ -74,6 +74,10 @@ def test_a_changed_body_or_signed_header_fails(
     # A second From field added on top breaks it (From is over-signed).
     added = b"From: mallory@evil.test\r\n" + message
     assert {r for _, r in _results(added, zone)} == {"fail"}
+    # An unsigned field in obsolete syntax (RFC 5322 §4.5.3) breaks nothing: it made every
+    # signature a permerror, and p=reject refused the message.
+    obsolete = message.replace(b"To: bob", b"X-Obs : 1\r\nTo: bob", 1)
+    assert {r for _, r in _results(obsolete, zone)} == {"pass"}
     # White space changes survive relaxed canonicalization.
     relaxed = message.replace(b"Subject: hello", b"Subject:   hello ")
     assert {r for _, r in _results(relaxed, zone)} == {"pass"}

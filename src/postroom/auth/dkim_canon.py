@@ -31,6 +31,7 @@ Field = tuple[bytes, bytes]  # name, value with its folds and its final CRLF
 
 _WSP_RUN = re.compile(rb"[\t ]+")
 _NAME = re.compile(rb"[\x21-\x7e]+")  # as dkimpy: printable, up to the first colon after it
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 §3.6.8 ftext: no colon
 # What ``split()`` would take for white space where relaxed canonicalization does not: VT, FF,
 # a lone CR or LF, and a CRLF that is not a fold (unfolding removes it without a space).
 _ODD_SPACE = re.compile(rb"[\x0b\x0c]|\r(?!\n)|(?<!\r)\n|\r\n(?=[^ \t])")
@@ -47,9 +48,9 @@ class MalformedHeader(ValueError):
 
 def split_message(message: bytes) -> tuple[list[Field], bytes]:
     """The header fields and the body (CRLF lines) of ``message``, as ``dkim.rfc822_parse``
-    gives them: a leading ``From `` line is skipped; any other line without a field name
-    raises :class:`MalformedHeader`. A message with a bare LF (never one the server took) is
-    left to dkimpy."""
+    gives them, and also a field with white space before its colon: a leading ``From `` line
+    is skipped; any other line without a field name raises :class:`MalformedHeader`. A
+    message with a bare LF (never one the server took) is left to dkimpy."""
     if message.count(b"\n") != message.count(b"\r\n"):
         try:
             parsed, rest = dkim.rfc822_parse(message)
@@ -74,7 +75,14 @@ def split_message(message: bytes) -> tuple[list[Field], bytes]:
         colon = line.find(b":", 1)  # the name is at least one character, even a ":"
         if colon > 0 and _NAME.fullmatch(line, 0, colon):
             fields.append((line[:colon], [line[colon + 1 :]]))
-        elif not line.startswith(b"From "):
+        elif line.startswith(b"From "):
+            continue  # an mbox separator
+        elif colon > 0 and _FIELD_NAME.fullmatch(line[:colon].rstrip(b" \t")):
+            # RFC 5322 §4.5.3 obs-optional: white space between the name and the colon
+            # (dkimpy refuses the whole message for one such field, signed or not). The name
+            # keeps it: simple canonicalization keeps it, relaxed strips it (RFC 6376 §3.4.2).
+            fields.append((line[:colon], [line[colon + 1 :]]))
+        else:
             raise MalformedHeader(f"not a header field: {line[:60]!r}")
     return [(name, b"\r\n".join(value) + b"\r\n") for name, value in fields], body
 

@@ -288,7 +288,8 @@ def _check(
     # Only the fields h= names take part: canonicalize those alone (in their order).
     named = set(include)
     header = dkim_canon.header_policy(policy)
-    canonical = dkim_canon.canonical_headers(header, [f for f in fields if f[0].lower() in named])
+    chosen = [f for f in fields if f[0].lower().rstrip() in named]
+    canonical = dkim_canon.canonical_headers(header, chosen)
     data = dkim_canon.signed_header_data(header, canonical, include, field)
     return key.verify(base64.b64decode(_WSP.sub(b"", sig[b"b"])), data)
 
@@ -323,7 +324,8 @@ def verify(
         fields, body = dkim_canon.split_message(message)
     except dkim_canon.MalformedHeader as exc:
         return [DkimResult("permerror", "", "", "", "", f"unparsable message: {exc}")]
-    sig_fields = [f for f in fields if f[0].lower() == b"dkim-signature"][:MAX_SIGNATURES]
+    sig_fields = [f for f in fields if f[0].lower().rstrip() == b"dkim-signature"]
+    sig_fields = sig_fields[:MAX_SIGNATURES]
     if sigs is None or len(sigs) != len(sig_fields):
         sigs = [tags(value) for _, value in sig_fields]
     bodies: dict[tuple[bytes, bytes | None], bytes] = {}
