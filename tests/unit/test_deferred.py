@@ -4,6 +4,7 @@ state files' mtimes alone."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from pathlib import Path
 
@@ -50,3 +51,33 @@ def test_an_unreadable_message_is_quarantined_when_it_is_due(tmp_path: Path) -> 
     with pytest.raises(QueueError):
         asyncio.run(queue.delete("A1"))
     assert not os.listdir(queue.deferred.state_dir)
+
+
+def test_a_record_the_disk_refused_keeps_the_message_due_with_what_it_learnt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk at the record after an attempt dropped the message from the schedule: it
+    # was not tried again (nor flushed, counted or expired) until a restart.
+    queue = LocalQueue(tmp_path, "mx.x.test")
+    queue.deferred.park(envelope("A1", 0, 0.0).to_json(), "A1", b"x", "")
+    queue.recover()
+    (claimed,) = asyncio.run(queue.claim(1e10, 10))
+    claimed.attempts, claimed.next_attempt = 1, 2_000_000_000.0
+    claimed.recipients[0].status = "deferred"
+    save_state = queue.deferred.save_state
+
+    def full(_envelope: Envelope) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(queue.deferred, "save_state", full)
+    with pytest.raises(OSError):
+        asyncio.run(queue.record(claimed, []))
+    assert asyncio.run(queue.claim(1_900_000_000.0, 10)) == []  # not due yet
+    assert queue.flush() == 1
+    (again,) = asyncio.run(queue.claim(1e10, 10))
+    assert again is claimed  # what the attempt learnt, not the disk's older state
+    monkeypatch.setattr(queue.deferred, "save_state", save_state)
+    asyncio.run(queue.record(again, []))
+    assert queue.deferred.load("A1").attempts == 1
+    (from_disk,) = asyncio.run(queue.claim(1e10, 10))
+    assert from_disk is not claimed and from_disk.attempts == 1

@@ -427,6 +427,9 @@ class LocalQueue:
         self.owner = False  # this process schedules the parked messages (the primary)
         self.on_parked: Callable[[str], None] | None = None  # a non-owner hands them over
         self._live: dict[str, _Live] = {}
+        # Messages whose last record the disk refused (full, read-only): due again with what
+        # their attempt learnt, kept here since the disk holds their state before it.
+        self._unrecorded: dict[str, Envelope] = {}
         self._deleted: set[str] = set()
         self._heap: list[tuple[float, str]] = []
         self._next: dict[str, float] = {}
@@ -547,6 +550,10 @@ class LocalQueue:
             if self._next.get(qid) != due:
                 continue
             del self._next[qid]
+            kept = self._unrecorded.get(qid)
+            if kept is not None:
+                out.append(kept)
+                continue
             try:
                 out.append(await self.io.run(self.deferred.load, qid))
             except QueueError as exc:
@@ -598,9 +605,20 @@ class LocalQueue:
         if envelope.id in self._deleted:
             self._deleted.discard(envelope.id)
             return
-        live = self._live.pop(envelope.id, None) is not None
-        if not (live and await self._park(envelope)):
-            await self.io.run(self.deferred.save_state, envelope)
+        try:
+            if not (envelope.id in self._live and await self._park(envelope)):
+                await self.io.run(self.deferred.save_state, envelope)
+        except OSError:
+            # The disk refused (full, read-only): the message stays where it was (the journal,
+            # or the deferred store with its state before this attempt). It keeps its place in
+            # the owner's schedule, with what this attempt learnt, so that it is tried again
+            # when due and not only after a restart (which would try it from the disk's state).
+            if self.owner:
+                self._unrecorded[envelope.id] = envelope
+                self.schedule(envelope)
+            raise
+        self._live.pop(envelope.id, None)
+        self._unrecorded.pop(envelope.id, None)
         if not self.owner and self.on_parked is not None:
             self.on_parked(envelope.id)  # the owner schedules its retries
             return
@@ -639,6 +657,7 @@ class LocalQueue:
     async def finish(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
         envelope.history.extend(attempts)
         self._deleted.discard(envelope.id)
+        self._unrecorded.pop(envelope.id, None)
         if self._live.pop(envelope.id, None) is not None:
             assert self.writer is not None
             if await self._journal(self.writer.release, envelope.id):
@@ -701,6 +720,7 @@ class LocalQueue:
     async def delete(self, queue_id: str) -> None:
         check_id(queue_id)
         self._next.pop(queue_id, None)
+        self._unrecorded.pop(queue_id, None)
         if queue_id in self._live:
             # Its attempt goes on with the octets it has read, and records nothing more.
             assert self.writer is not None
