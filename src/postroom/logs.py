@@ -37,6 +37,7 @@ DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logg
 BATCH = 256
 FLUSH_DELAY = 0.1  # seconds a line may wait in a server's buffer (ten writes a second at most)
 _LEVEL_NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error", 50: "critical"}
+FORMAT_VARIABLE = "POSTROOM_LOG_FORMAT"  # "FORMAT HOSTNAME", for helper processes
 
 Fields = Mapping[str, object]
 # A renderer gives the text of a line, or of several (a tuple; "@component text" lines are
@@ -229,6 +230,9 @@ def setup(cfg: Config, stream: TextIO | None = None) -> None:
     _state.level = getattr(logging, cfg.log_level.upper())
     _state.json = cfg.log_format == "json"
     _state.host = cfg.hostname
+    # For the helper processes started from now on (the Maildir writer logs without the
+    # config): the same shape of line (see journal.warn).
+    os.environ[FORMAT_VARIABLE] = f"{cfg.log_format} {cfg.hostname}"
     _state.stream = stream
     root = logging.getLogger()
     if not any(isinstance(h, _Handler) for h in root.handlers):

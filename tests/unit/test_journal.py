@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import re
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from postroom import logs
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.storage.local import journal, maildir
 from postroom.storage.local.deferred import DeferredStore
@@ -242,3 +246,23 @@ def test_a_message_whose_copy_failed_is_parked_after_a_crash(tmp_path: Path) -> 
     store = DeferredStore(tmp_path / "queue")
     assert store.ids() == ["Q1"]
     assert [r.status for r in store.load("Q1").recipients] == ["delivered", "queued", "queued"]
+
+
+@pytest.mark.parametrize("shape", ["json", "text"])
+def test_the_writers_warnings_take_the_servers_log_format(
+    shape: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # They were plain "postroom maildir writer: ..." lines in a JSON log, and without the
+    # text lines' prefix that pflogsumm reads.
+    monkeypatch.setenv(logs.FORMAT_VARIABLE, f"{shape} mx.a.test")
+    journal.warn("1 copy written again from the journal after a crash")
+    line = capsys.readouterr().err.strip()
+    if shape == "json":
+        data = json.loads(line)
+        assert (data["level"], data["event"]) == ("warning", "log")
+        assert data["message"] == "1 copy written again from the journal after a crash"
+    else:
+        assert re.fullmatch(
+            r"\S+Z mx\.a\.test postroom/maildir-writer\[\d+\]: warning: 1 copy written again .*",
+            line,
+        )

@@ -460,7 +460,8 @@ def _replay(contents: Contents, boot: str, store: DeferredStore) -> tuple[int, l
     for directory in dirs:
         files.fsync_dir(directory)
     if written:
-        warn(f"{written} copies written again from the journal after a crash")
+        noun = "copy" if written == 1 else "copies"
+        warn(f"{written} {noun} written again from the journal after a crash")
     return written, bodies
 
 
@@ -626,4 +627,16 @@ def syncfs(directory: str) -> None:
 
 
 def warn(text: str) -> None:
-    print(f"postroom maildir writer: {text}", file=sys.stderr, flush=True)
+    """A warning line of the writer process, in the server's ``log_format`` (which the
+    worker passes in the environment: the writer reads no config, see logs.setup)."""
+    shape, _, host = os.environ.get("POSTROOM_LOG_FORMAT", "text localhost").partition(" ")
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    if shape == "json":
+        line = json.dumps(
+            {"ts": stamp, "level": "warning", "event": "log", "logger": "postroom.maildir-writer",
+             "message": text}, ensure_ascii=False,
+        )  # fmt: skip
+    else:
+        line = f"{stamp} {host} postroom/maildir-writer[{os.getpid()}]: warning: {text}"
+    print(line, file=sys.stderr, flush=True)
