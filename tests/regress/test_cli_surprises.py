@@ -100,6 +100,14 @@ def test_serving_as_root_without_user_or_as_localhost_warns(server_factory: Serv
     assert f'postroom: warning: {srv.config}: hostname: "localhost": other mail servers' in log
 
 
+def test_a_pop3_idle_timeout_under_ten_minutes_warns(server_factory: ServerFactory) -> None:
+    # RFC 1939 §3: at least 10 minutes. Allowed (tests and odd setups want less), but said.
+    short = server_factory(services=("pop3",), extra_toml='[limits]\npop3_idle_timeout = "1m"')
+    assert "limits.pop3_idle_timeout: under 10 minutes" in short.log.read_text()
+    usual = server_factory(services=("pop3",), name="usual")
+    assert "limits.pop3_idle_timeout" not in usual.log.read_text()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 def test_a_root_command_on_another_users_data_warns(cfg: Path) -> None:
     data = cfg.parent / "data"
