@@ -249,7 +249,8 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
         # in force when the client connects.
         servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
         if services.primary:
-            events.startup(f"{lst.kind} listening on {lst.host}:{lst.port}")
+            host = f"[{lst.host}]" if ":" in lst.host else lst.host  # as [listen] writes IPv6
+            events.startup(f"{lst.kind} listening on {host}:{lst.port}")
     return servers
 
 

@@ -50,6 +50,15 @@ def test_render_quotes_what_is_not_a_token() -> None:
     assert text.startswith("Authentication-Results: mx.b.test;\r\n\t")
 
 
+def test_a_long_reason_is_cut_at_a_words_end() -> None:
+    why = "no answer for sel._domainkey.b.test IN TXT: Server failure, " * 3
+    result = DkimResult("temperror", "b.test", "sel", "rsa-sha256", "", why)
+    text = results.render("mx.b.test", None, [result], None)
+    comment = text.decode().split("dkim=temperror (")[1].split(")")[0]
+    assert len(comment) <= 120 and comment.endswith("...")
+    assert why.startswith(comment.removesuffix("...") + " ")  # not cut inside a word
+
+
 def test_parse_record() -> None:
     rec = dmarc.parse_record("v=DMARC1; p=reject; sp=none; pct=50; adkim=s; rua=mailto:a@b.test")
     assert rec is not None and (rec.p, rec.sp, rec.pct, rec.adkim, rec.aspf) == (

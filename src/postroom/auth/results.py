@@ -71,8 +71,13 @@ def render(
     return f"Authentication-Results: {authserv_id};\r\n\t{body}\r\n".encode("utf-8", "replace")
 
 
-def _comment(text: str) -> str:
-    return "".join(c for c in text if c.isprintable() and c not in "()\\")[:120]
+def _comment(text: str, limit: int = 120) -> str:
+    """``text`` as an RFC 8601 comment: printable, no parentheses or backslashes, at most
+    ``limit`` characters, cut at a word's end."""
+    clean = "".join(c for c in text if c.isprintable() and c not in "()\\")
+    if len(clean) <= limit:
+        return clean
+    return clean[: limit - 3].rsplit(" ", 1)[0] + "..."
 
 
 def authserv_id(value: bytes) -> str:
