@@ -296,20 +296,6 @@ def test_too_many_errors_closes() -> None:
     assert [type(e) for e in h.events][-2:] == [Refused, Closing]
 
 
-def test_auth_answered_454_again_and_again_closes() -> None:
-    # A client locked out of AUTH got 454 for ever: the refusals now count as errors.
-    h = Harness(max_errors=3, auth_mechanisms=("PLAIN",))
-    h.proto.receive_data(b"EHLO c\r\n" + b"AUTH PLAIN AGEAYg==\r\n" * 3)
-    while (ev := h.proto.next_event()) is not NEED_DATA:
-        if isinstance(ev, AuthStart):
-            h.proto.auth_finish(replies.AUTH_THROTTLED)
-        if h.proto.state is State.CLOSED:
-            break
-    out = h.proto.data_to_send()
-    assert codes(out) == ["250", "454", "454", "454", "421"]
-    assert h.proto.state is State.CLOSED
-
-
 def test_non_ascii_keyword_values_are_syntax_errors() -> None:
     # SIZE=\u00b2 crashed the session (int() refused what isdigit() had let through), and
     # Arabic-Indic digits were read as a size; NOTIFY with a long s passed as SUCCESS.

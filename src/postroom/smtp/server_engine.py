@@ -370,7 +370,7 @@ class ServerEngine(Buffers):
         self._go(ServerTrigger.AUTH_END)
         if reply.code == 235:
             self.authenticated = True
-        else:  # a failure, or a 454 while locked out: a client that loops on it is closed
+        elif reply.is_permanent:
             self._count_error(reply)
 
     def _auth_answered(self) -> None:
