@@ -259,8 +259,7 @@ def _cmd_user(stores: AdminStores, args: argparse.Namespace) -> int:
             raise AccountError(f"no such user {addr.key}")
         accounts.set_password(addr, _read_password(args))
     elif args.action == "del":
-        for alias in accounts.delete_user(addr):
-            print(f"removed {addr.key} from alias {alias}")
+        _print_removed(accounts.delete_user(addr))
     return 0
 
 
@@ -286,8 +285,13 @@ def _cmd_alias(stores: AdminStores, args: argparse.Namespace) -> int:
     if args.action == "add":
         accounts.add_alias(key, [_alias_target(t) for t in args.targets])
     else:
-        accounts.delete_alias(key)
+        _print_removed(accounts.delete_alias(key))
     return 0
+
+
+def _print_removed(removed: list[tuple[str, str]]) -> None:
+    for target, alias in removed:
+        print(f"removed {target} from alias {alias}")
 
 
 def _queue_json(e: Envelope) -> dict[str, object]:

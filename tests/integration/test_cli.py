@@ -105,8 +105,10 @@ def test_aliases(cfg: Path) -> None:
     run_cli("alias", "add", "team@a.test", "a@a.test", "b@remote.test", config=cfg)
     out = run_cli("alias", "list", config=cfg).stdout
     assert out.strip() == "team@a.test\ta@a.test b@remote.test"
-    run_cli("alias", "del", "team@a.test", config=cfg)
-    assert run_cli("alias", "list", config=cfg).stdout == ""
+    run_cli("alias", "add", "all@a.test", "team@a.test", config=cfg)
+    out = run_cli("alias", "del", "team@a.test", config=cfg).stdout
+    assert out.splitlines() == ["removed team@a.test from alias all@a.test"]
+    assert run_cli("alias", "list", config=cfg).stdout == ""  # all@ was left with no target
     assert run_cli("alias", "del", "team@a.test", config=cfg, check=False).returncode == 1
 
 

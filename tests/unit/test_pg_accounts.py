@@ -60,12 +60,21 @@ def test_alias_targets_must_exist_and_user_del_cleans_aliases(admin: PgAccounts)
     admin.add_alias("team@a.test", ["sales@a.test", "ann@a.test"])  # an alias is fine
     admin.add_alias("@b.test", ["ann@a.test"])  # catch-all
     assert admin.alias_targets("sales@a.test") == ["ann@a.test", "x@remote.test"]
-    assert admin.delete_user(addr("ann@a.test")) == ["@b.test", "sales@a.test", "team@a.test"]
+    assert admin.delete_user(addr("ann@a.test")) == [
+        ("ann@a.test", "@b.test"),
+        ("ann@a.test", "sales@a.test"),
+        ("ann@a.test", "team@a.test"),
+    ]
     assert admin.list_aliases() == {
         "sales@a.test": ["x@remote.test"],
         "team@a.test": ["sales@a.test"],
     }
-    admin.delete_alias("team@a.test")
+    admin.add_alias("all@a.test", ["team@a.test"])
+    assert admin.delete_alias("sales@a.test") == [
+        ("sales@a.test", "team@a.test"),
+        ("team@a.test", "all@a.test"),  # team is left with no target: gone too
+    ]
+    assert admin.list_aliases() == {}
     with pytest.raises(AccountError, match="no such alias"):
         admin.delete_alias("team@a.test")
 

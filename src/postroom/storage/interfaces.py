@@ -296,8 +296,9 @@ class AccountStore(AccountLookup, Protocol):
 
     def set_password(self, address: Address, password: str) -> None: ...
 
-    def delete_user(self, address: Address) -> list[str]:
-        """Remove the user, and it from every alias that names it; those aliases."""
+    def delete_user(self, address: Address) -> list[tuple[str, str]]:
+        """Remove the user, and it from every alias that names it (and in turn every alias
+        left with no target); the ``(target, alias)`` pairs taken out."""
         ...
 
     def list_users(self) -> list[str]: ...
@@ -306,7 +307,10 @@ class AccountStore(AccountLookup, Protocol):
         """``alias`` is an address key, or ``@domain`` for the domain's catch-all."""
         ...
 
-    def delete_alias(self, alias: str) -> None: ...
+    def delete_alias(self, alias: str) -> list[tuple[str, str]]:
+        """Remove the alias and, unless it is a user too, take it out of every alias as
+        :meth:`delete_user` does; the pairs taken out."""
+        ...
 
     def list_aliases(self) -> dict[str, list[str]]: ...
 

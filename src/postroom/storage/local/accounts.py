@@ -5,8 +5,8 @@ running server reads: every lookup is a fresh query, so ``user add`` and ``alias
 effect at once, without a restart. Addresses are stored in their :attr:`Address.key` form
 (lower-cased, IDNA domain), so logins and lookups are case-insensitive. An alias ``@domain`` is
 that domain's catch-all. Mail is only ever routed to a local address that has an account (or
-to ``postmaster@``): alias targets are checked when added, users deleted are taken out of
-every alias, and expansion skips a local target that has no account.
+to ``postmaster@``): alias targets are checked when added, users and aliases deleted are
+taken out of every alias, and expansion skips a local target that has no account.
 
 Passwords are kept as ``storage/credentials.py`` makes them: an argon2id hash, and for
 SCRAM-SHA-256 (RFC 7677, RFC 5802) salt, iteration count, StoredKey and ServerKey, derived at
@@ -128,22 +128,15 @@ class Accounts(alias_rules.AliasLookups):
         if cur.rowcount == 0:
             raise AccountError(f"no such user {address.key}")
 
-    def delete_user(self, address: Address) -> list[str]:
-        """Remove the user and take it out of every alias that names it (in one transaction:
-        no alias goes on delivering to a user that is gone); returns those aliases."""
+    def delete_user(self, address: Address) -> list[tuple[str, str]]:
+        """Remove the user and take it out of every alias (:func:`_take_out`), in one
+        transaction: no alias goes on delivering to a user that is gone."""
         key = address.key
         with self._db() as db:
             cur = db.execute("DELETE FROM users WHERE address=?", (key,))
             if cur.rowcount == 0:
                 raise AccountError(f"no such user {key}")
-            aliases = [
-                r[0]
-                for r in db.execute(
-                    "SELECT DISTINCT alias FROM aliases WHERE target=? ORDER BY alias", (key,)
-                )
-            ]
-            db.execute("DELETE FROM aliases WHERE target=?", (key,))
-        return aliases
+            return _take_out(db, key)
 
     def list_users(self) -> list[str]:
         return [r[0] for r in self._db().execute("SELECT address FROM users ORDER BY address")]
@@ -205,11 +198,15 @@ class Accounts(alias_rules.AliasLookups):
                 [(alias, t) for t in rows],
             )
 
-    def delete_alias(self, alias: str) -> None:
+    def delete_alias(self, alias: str) -> list[tuple[str, str]]:
+        """Remove the alias and, unless it is a user too, take it out of every alias."""
         with self._db() as db:
             cur = db.execute("DELETE FROM aliases WHERE alias=?", (alias,))
-        if cur.rowcount == 0:
-            raise AccountError(f"no such alias {alias}")
+            if cur.rowcount == 0:
+                raise AccountError(f"no such alias {alias}")
+            if db.execute("SELECT 1 FROM users WHERE address=?", (alias,)).fetchone():
+                return []
+            return _take_out(db, alias)
 
     def list_aliases(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -254,3 +251,27 @@ class Accounts(alias_rules.AliasLookups):
         if len(self._cache) < CACHE_SIZE:
             self._cache[key] = value
         return value
+
+
+def _take_out(db: sqlite3.Connection, key: str) -> list[tuple[str, str]]:
+    """Take ``key`` (gone) out of every alias that names it, and in turn every alias left with
+    no target and no user of its name; the ``(target, alias)`` pairs taken out, in order."""
+    removed: list[tuple[str, str]] = []
+    gone = [key]
+    while gone:
+        target = gone.pop(0)
+        names = [
+            r[0]
+            for r in db.execute(
+                "SELECT DISTINCT alias FROM aliases WHERE target=? ORDER BY alias", (target,)
+            )
+        ]
+        db.execute("DELETE FROM aliases WHERE target=?", (target,))
+        for name in names:
+            removed.append((target, name))
+            if not db.execute(
+                "SELECT 1 FROM aliases WHERE alias=? UNION ALL SELECT 1 FROM users WHERE address=?",
+                (name, name),
+            ).fetchone():
+                gone.append(name)
+    return removed

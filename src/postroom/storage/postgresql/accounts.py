@@ -108,18 +108,16 @@ class PgAccounts(alias_rules.AliasLookups):
         if status == "UPDATE 0":
             raise AccountError(f"no such user {address.key}")
 
-    def delete_user(self, address: Address) -> list[str]:
-        """Remove the user and take it out of every alias; the aliases it was taken out of."""
+    def delete_user(self, address: Address) -> list[tuple[str, str]]:
+        """Remove the user and take it out of every alias (:func:`_take_out`), in one
+        transaction; the ``(target, alias)`` pairs taken out."""
 
-        async def run(conn: asyncpg.Connection) -> list[str]:
+        async def run(conn: asyncpg.Connection) -> list[tuple[str, str]]:
             async with conn.transaction():
                 status = await conn.execute("DELETE FROM users WHERE address=$1", address.key)
                 if status == "DELETE 0":
                     raise AccountError(f"no such user {address.key}")
-                rows = await conn.fetch(
-                    "DELETE FROM aliases WHERE target=$1 RETURNING alias", address.key
-                )
-            return sorted({r["alias"] for r in rows})
+                return await _take_out(conn, address.key)
 
         return self._db.call(run)
 
@@ -162,10 +160,21 @@ class PgAccounts(alias_rules.AliasLookups):
 
         self._db.call(run)
 
-    def delete_alias(self, alias: str) -> None:
-        status = self._db.call(lambda c: c.execute("DELETE FROM aliases WHERE alias=$1", alias))
-        if status == "DELETE 0":
-            raise AccountError(f"no such alias {alias}")
+    def delete_alias(self, alias: str) -> list[tuple[str, str]]:
+        """Remove the alias and, unless it is a user too, take it out of every alias."""
+
+        async def run(conn: asyncpg.Connection) -> list[tuple[str, str]]:
+            async with conn.transaction():
+                # Serialise with alias add, which could name the alias before the commit.
+                await conn.execute("LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE")
+                status = await conn.execute("DELETE FROM aliases WHERE alias=$1", alias)
+                if status == "DELETE 0":
+                    raise AccountError(f"no such alias {alias}")
+                if await conn.fetchval("SELECT 1 FROM users WHERE address=$1", alias):
+                    return []
+                return await _take_out(conn, alias)
+
+        return self._db.call(run)
 
     def list_aliases(self) -> dict[str, list[str]]:
         rows = self._db.call(
@@ -296,3 +305,23 @@ class LiveAccounts(alias_rules.AliasLookups):
         key = login_key(login)
         row = None if key is None else self._users.get(key)
         return None if key is None or row is None else (key, row.scram)
+
+
+async def _take_out(conn: asyncpg.Connection, key: str) -> list[tuple[str, str]]:
+    """Take ``key`` (gone) out of every alias that names it, and in turn every alias left with
+    no target and no user of its name; the ``(target, alias)`` pairs taken out, in order."""
+    removed: list[tuple[str, str]] = []
+    gone = [key]
+    while gone:
+        target = gone.pop(0)
+        rows = await conn.fetch("DELETE FROM aliases WHERE target=$1 RETURNING alias", target)
+        for name in sorted({r["alias"] for r in rows}):
+            removed.append((target, name))
+            left = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM aliases WHERE alias=$1)"
+                " OR EXISTS (SELECT 1 FROM users WHERE address=$1)",
+                name,
+            )
+            if not left:
+                gone.append(name)
+    return removed

@@ -1,0 +1,55 @@
+"""The SQLite account store's alias clean-up: what ``user del`` and ``alias del`` take out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from postroom.address import Address
+from postroom.errors import AccountError
+from postroom.storage.local.accounts import Accounts
+
+
+@pytest.fixture
+def accounts(tmp_path: Path) -> Accounts:
+    store = Accounts(tmp_path, ["a.test", "b.test"])
+    store.add_user(Address("ann", "a.test"), "pw")
+    store.add_user(Address("bob", "a.test"), "pw")
+    return store
+
+
+def test_user_del_takes_the_user_out_and_in_turn_emptied_aliases(accounts: Accounts) -> None:
+    accounts.add_alias("sales@a.test", ["ann@a.test"])
+    accounts.add_alias("team@a.test", ["sales@a.test", "bob@a.test"])
+    accounts.add_alias("all@a.test", ["team@a.test", "x@remote.test"])
+    accounts.add_alias("@b.test", ["ann@a.test"])
+    assert accounts.delete_user(Address("ann", "a.test")) == [
+        ("ann@a.test", "@b.test"),
+        ("ann@a.test", "sales@a.test"),
+        ("sales@a.test", "team@a.test"),  # sales is left with no target: gone too
+    ]
+    assert accounts.list_aliases() == {
+        "all@a.test": ["team@a.test", "x@remote.test"],
+        "team@a.test": ["bob@a.test"],
+    }
+
+
+def test_alias_del_takes_the_alias_out_of_every_alias(accounts: Accounts) -> None:
+    accounts.add_alias("sales@a.test", ["ann@a.test"])
+    accounts.add_alias("team@a.test", ["sales@a.test"])
+    accounts.add_alias("all@a.test", ["team@a.test", "bob@a.test"])
+    assert accounts.delete_alias("sales@a.test") == [
+        ("sales@a.test", "team@a.test"),
+        ("team@a.test", "all@a.test"),
+    ]
+    assert accounts.list_aliases() == {"all@a.test": ["bob@a.test"]}
+    with pytest.raises(AccountError, match="no such alias"):
+        accounts.delete_alias("sales@a.test")
+
+
+def test_alias_del_of_a_user_keeps_it_as_a_target(accounts: Accounts) -> None:
+    accounts.add_alias("ann@a.test", ["ann@a.test", "x@remote.test"])  # keep a copy, forward
+    accounts.add_alias("team@a.test", ["ann@a.test"])
+    assert accounts.delete_alias("ann@a.test") == []
+    assert accounts.list_aliases() == {"team@a.test": ["ann@a.test"]}
