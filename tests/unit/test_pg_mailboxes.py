@@ -134,6 +134,33 @@ def test_lock_dies_with_the_connection_and_its_quit_applies_nothing(
     run(main())
 
 
+def test_a_read_after_the_connection_broke_is_a_connection_error(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """asyncpg refuses a call on a connection it has let go at the call itself: that too is
+    the storage being away (the POP3 server answers [SYS/TEMP] and keeps the session)."""
+
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, _):
+            for i in range(2):
+                await a.accept(["ann@a.test"], message=MESSAGE + b"x" * 300 * i)
+            drop = a.maildrop("ann@a.test")
+            await drop.open()
+            killer = await asyncpg.connect(pg_url)
+            await killer.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'postroom-pop3'"
+            )
+            await killer.close()
+            await asyncio.sleep(0.5)  # asyncpg sees the connection close and lets it go
+            for number, size in ((1, 65536), (2, 100)):  # read ahead; in slices
+                with pytest.raises(ConnectionError):
+                    await anext(drop.chunks(number, size))
+            await drop.close()
+
+    run(main())
+
+
 def test_messages_read_ahead_and_in_slices(pg_url: str, tmp_path: Path) -> None:
     big = b"".join(b"line %07d of a long message\r\n" % i for i in range(40_000))
 

@@ -28,7 +28,7 @@ round trip, since clients mostly RETR in order. PostgreSQL being away is an OSEr
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncGenerator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from asyncpg.pool import PoolConnectionProxy
@@ -189,15 +189,14 @@ class PgMaildrop:
                 body = await self._read_ahead(number, size)
             yield body
             return
-        conn = self._connection()
+        conn, row_id = self._connection(), self._rows[number - 1][0]
         for start in range(0, message.size, size):
             piece = await self._query(
-                conn.fetchval(
-                    "SELECT substring(body FROM $2 FOR $3) FROM messages WHERE id=$1",
-                    self._rows[number - 1][0],
-                    start + 1,  # SQL counts from 1
-                    size,
-                )
+                conn.fetchval,
+                "SELECT substring(body FROM $2 FOR $3) FROM messages WHERE id=$1",
+                row_id,
+                start + 1,  # SQL counts from 1
+                size,
             )
             if piece is None:
                 raise FileNotFoundError(message.uid)
@@ -213,9 +212,9 @@ class PgMaildrop:
             wanted[self._rows[n - 1][0]] = n
             total += m.size
         rows = await self._query(
-            self._connection().fetch(
-                "SELECT id, body FROM messages WHERE id = ANY($1::bigint[])", list(wanted)
-            )
+            self._connection().fetch,
+            "SELECT id, body FROM messages WHERE id = ANY($1::bigint[])",
+            list(wanted),
         )
         self._ahead.clear()
         for r in rows:
@@ -226,9 +225,11 @@ class PgMaildrop:
         return body
 
     @staticmethod
-    async def _query(call: Awaitable[T]) -> T:
+    async def _query(method: Callable[..., Awaitable[T]], *args: object) -> T:
+        """``method(*args)``'s answer; ConnectionError when the session's connection broke
+        (asyncpg may refuse at the call itself, before there is anything to await)."""
         try:
-            return await call
+            return await method(*args)
         except db.FAILED as exc:
             raise unavailable(exc) from None
 
