@@ -468,7 +468,10 @@ def _check_storage(storage: StorageConfig, source: str) -> None:
 def postgresql_url_problem(url: str) -> str | None:
     """What is wrong with ``postgresql://USER@HOST:PORT/DB``, or None. A password may be
     given (``USER:PASSWORD@``), though a ``~/.pgpass`` file keeps it out of the config."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL"
+        return str(exc)
     if parts.scheme not in ("postgresql", "postgres"):
         return "expected postgresql://USER@HOST:PORT/DB"
     try:

@@ -177,6 +177,22 @@ def test_serve_without_postgresql_exits_1_in_one_line(
     assert "Traceback" not in p.stderr and "PostgreSQL" in p.stderr
 
 
+def test_a_database_or_role_that_does_not_exist_is_one_line(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    """PostgreSQL's own refusals at connect time, like its absence: exit 1, one line."""
+    bad_role = pg_server.url("postgres").replace("postgres@", "nosuchrole@", 1)
+    for n, url in enumerate((pg_server.url("nosuchdb"), bad_role)):
+        cfg = _config(tmp_path / str(n), url)
+        for argv in (("user", "list"), ("serve",)):
+            p = run_cli(*argv, config=cfg, check=False)
+            assert p.returncode == 1, (argv, p.stderr)
+            assert "Traceback" not in p.stderr and "cannot connect to PostgreSQL" in p.stderr
+    broken = _config(tmp_path / "v6", "postgresql://u@[::1:5432/db")
+    p = run_cli("user", "list", config=broken, check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "storage.url" in p.stderr
+
+
 def test_import_a_local_node(server_factory: ServerFactory, tmp_path: Path, pg_url: str) -> None:
     single = server_factory(services=SERVICES)
     single.add_user("ann@a.test", "ann-pw")

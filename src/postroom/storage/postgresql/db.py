@@ -111,7 +111,7 @@ async def connect(url: str, name: str = "postroom") -> asyncpg.Connection:
             server_settings={"application_name": name},
             password=_PASSWORDS.get(url),
         )
-    except UNAVAILABLE as exc:
+    except FAILED as exc:  # away, or refused: no such database or role, a wrong password
         raise TemporaryStorageError(f"cannot connect to PostgreSQL: {exc}") from None
 
 
@@ -175,7 +175,7 @@ class Database:
             self._sessions = await self._make_pool(
                 "postroom-pop3", 0, sessions, max_inactive_connection_lifetime=60.0
             )
-        except UNAVAILABLE as exc:
+        except FAILED as exc:
             await self.close()
             raise TemporaryStorageError(f"cannot connect to PostgreSQL: {exc}") from None
 
