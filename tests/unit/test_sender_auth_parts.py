@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
 import xmlschema
 from hypothesis import given
 from hypothesis import strategies as st
@@ -176,6 +177,27 @@ def test_key_life_cycle(tmp_path: Path) -> None:
     assert old_ed.selector not in {k.selector for k in left}
     assert not (tmp_path / "dkim" / "a.test" / f"{old_ed.selector}.pem").exists()
     assert "PRIVATE" not in repr(left)
+
+
+def test_a_selector_never_names_a_second_key(tmp_path: Path) -> None:
+    """Rotating again drops the pending pair that DNS never showed, but not its names: they
+    may be published already, or cached by resolvers."""
+    ring = keys.KeyRing(keys.LocalKeyStore(tmp_path), retire_after=100)
+    names = {k.selector: k.private_pem for k in ring.ensure("a.test", 0)}
+    for _ in range(3):
+        pending = [k for k in ring.rotate("a.test", 60) if k.state == "pending"]
+        assert len(pending) == 2 and not {k.selector for k in pending} & set(names)
+        names |= {k.selector: k.private_pem for k in pending}
+    assert sorted(n for n in names if n.startswith("ed")) == [
+        "ed19700101",
+        "ed19700101b",
+        "ed19700101c",
+        "ed19700101d",
+    ]
+    assert len(set(names.values())) == len(names)  # every name its own key
+    assert keys.new_selector("rsa", 0, ["rsa19700101c", "rsa19691231z"]) == "rsa19700101d"
+    with pytest.raises(ValueError, match="too many"):
+        keys.new_selector("rsa", 0, ["rsa19700101z"])
 
 
 SCHEMA = Path(__file__).resolve().parents[1] / "data" / "rfc7489-rua.xsd"

@@ -94,14 +94,17 @@ def generate(algorithm: Algorithm, selector: str, now: float) -> DkimKey:
 
 
 def new_selector(algorithm: Algorithm, now: float, taken: Iterable[str]) -> str:
-    """``ed20261101``, then ``ed20261101b``, ``...c`` for more on the same day."""
+    """``ed20261101``, then ``ed20261101b``, ``...c`` for more on the same day: always past
+    the last one of the day in ``taken``, so a name never goes to a second key even when the
+    first was dropped (its record may be published, or cached by resolvers for its TTL)."""
     day = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y%m%d")
     base = f"{_PREFIX[algorithm]}{day}"
-    used = set(taken)
-    if base not in used:
+    suffixes = [t[len(base) :] for t in taken if t.startswith(base)]
+    if not suffixes:
         return base
+    last = max(suffixes)  # "" (the day's first) < "b" < "c" ...
     for letter in "bcdefghijklmnopqrstuvwxyz":
-        if base + letter not in used:
+        if letter > last:
             return base + letter
     raise ValueError("too many DKIM keys made today")
 
@@ -236,11 +239,16 @@ class KeyRing:
 
     def rotate(self, domain: str, now: float) -> list[DkimKey]:
         """A new pending pair; the current keys sign on until DNS shows the new ones."""
-        keys = [k for k in self.store.load(domain) if k.state != "pending"]
-        return self._add_pair(domain, keys, now)
+        loaded = self.store.load(domain)
+        keys = [k for k in loaded if k.state != "pending"]
+        return self._add_pair(domain, keys, now, [k.selector for k in loaded])
 
-    def _add_pair(self, domain: str, keys: list[DkimKey], now: float) -> list[DkimKey]:
-        taken = [k.selector for k in keys]
+    def _add_pair(
+        self, domain: str, keys: list[DkimKey], now: float, taken: list[str] | None = None
+    ) -> list[DkimKey]:
+        """``keys`` and a new pending pair, saved; selectors past those in ``taken`` (the
+        selectors of ``keys`` unless given: those of pending keys dropped count too)."""
+        taken = [k.selector for k in keys] if taken is None else list(taken)
         for algorithm in ALGORITHMS:
             selector = new_selector(algorithm, now, taken)
             taken.append(selector)
