@@ -23,12 +23,14 @@ from dataclasses import dataclass
 
 MECHANISMS = ("PLAIN", "LOGIN", "SCRAM-SHA-256")
 _FAKE_SECRET = secrets.token_bytes(32)
-# PBKDF2-HMAC-SHA256 rounds for new SCRAM keys. RFC 7677 §4 sets 4096 as a floor; what
-# protects a stolen account store is the cost per guess, and OWASP's 2023 figure for
-# PBKDF2-HMAC-SHA256 is 600,000. The server pays it once per ``user add``/``passwd`` (0.8 s on
-# a 2-vCPU VM); at a SCRAM login the *client* computes it, the server only two HMACs. Keys
-# made with another count keep theirs (it travels in the server-first message) until passwd.
-SCRAM_ITERATIONS = 600_000
+# PBKDF2-HMAC-SHA256 rounds for new SCRAM keys: what a stolen account store costs per guess.
+# RFC 7677 §4 sets 4096 as a floor. The ceiling is the clients': Cyrus SASL (Postfix's SMTP
+# client, sendmail, mutt) refuses a count over 65,536 (MAX_ITERATION_COUNTER) and, having
+# picked SCRAM as the strongest mechanism offered, does not fall back to PLAIN. The server pays
+# the rounds once per ``user add``/``passwd``; at a SCRAM login the *client* does, the server
+# only two HMACs. Keys made with another count keep theirs (it travels in the server-first
+# message) until passwd.
+SCRAM_ITERATIONS = 65_536
 
 
 @dataclass(frozen=True, slots=True)

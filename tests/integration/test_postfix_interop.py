@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import smtplib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -91,4 +92,62 @@ def test_postroom_to_postfix_and_back(server_factory: ServerFactory, tmp_path: P
     finally:
         cleanup.run_all()
         dns.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_postfix_logs_in_to_submission_as_its_smarthost(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """Postfix's SMTP client (Cyrus SASL) picks SCRAM-SHA-256, the strongest mechanism
+    offered, and refuses an iteration count over 65,536 without falling back to PLAIN."""
+    need_tool("postfix")
+    need_tool("openssl")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from benchlib import postfix as pf
+        from benchlib import tlscert
+        from benchlib.proc import Cleanup
+    finally:
+        sys.path.pop(0)
+    srv = server_factory(domains=("a.test",), host=POSTROOM_IP, services=("submission",))
+    srv.add_user("alice@a.test", "smarthost-pw")
+    root = Path("/tmp") / f"postroom-postfix-{tmp_path.name}"
+    shutil.rmtree(root, ignore_errors=True)
+    cleanup = Cleanup()
+    try:
+        cert, key = tlscert.make_cert(root / "tls", "mx.b.test")
+        pf.start_postfix(root, POSTFIX_IP, "mx.b.test", "b.test", [], cert, key, cleanup)
+        etc = root / "etc"
+        smarthost = f"[{POSTROOM_IP}]:{srv.ports['submission']}"
+        (etc / "sasl_passwd").write_text(f"{smarthost} alice@a.test:smarthost-pw\n")
+        subprocess.run(
+            [
+                "postconf",
+                "-c",
+                str(etc),
+                "-e",
+                f"relayhost = {smarthost}",
+                "smtp_sasl_auth_enable = yes",
+                f"smtp_sasl_password_maps = texthash:{etc / 'sasl_passwd'}",
+                "smtp_sasl_security_options = noanonymous",
+                "smtp_sasl_tls_security_options = noanonymous",
+                "smtp_tls_security_level = encrypt",
+            ],
+            check=True,
+            timeout=30,
+        )
+        subprocess.run(["postfix", "-c", str(etc), "reload"], check=True, timeout=30)
+        with smtplib.SMTP(POSTFIX_IP, pf.PORT_SMTP, timeout=30) as c:
+            c.sendmail(
+                "alice@a.test",
+                ["alice@a.test"],
+                b"From: alice@a.test\r\nSubject: through the smarthost\r\n\r\nhi\r\n",
+            )
+        msgs = srv.wait_messages("alice@a.test", 1, timeout=30)
+        log = (root / "maillog").read_text(errors="replace")
+        assert len(msgs) == 1, log[-3000:]
+        assert b"through the smarthost" in msgs[0]
+        assert "iteration-count is too big" not in log
+    finally:
+        cleanup.run_all()
         shutil.rmtree(root, ignore_errors=True)

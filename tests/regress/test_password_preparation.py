@@ -80,7 +80,7 @@ def test_scram_with_the_prepared_password_and_current_iterations(srv: Server) ->
         assert code == 334
         server_first = base64.b64decode(resp).decode()
         attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
-        assert int(attrs["i"]) == 600_000
+        assert int(attrs["i"]) == 65_536  # Cyrus SASL clients refuse more
         final, _expect = scram_client_final(
             passwords.prepare(TYPED).encode(), first_bare, server_first
         )
