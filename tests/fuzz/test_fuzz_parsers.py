@@ -49,7 +49,10 @@ def test_command_parser(verb: bytes, rest: bytes, utf8: bool) -> None:
     try:
         cmd = commands.parse(verb + rest, smtputf8=utf8)
     except commands.CommandError as exc:
-        assert isinstance(exc.reply, Reply) and exc.reply.code >= 500
+        # A refusal; one that ends the session (a BDAT without a size) with a 421.
+        assert isinstance(exc.reply, Reply)
+        assert exc.reply.code == 421 if exc.fatal else exc.reply.code >= 500
+        assert exc.fatal == commands.is_bdat(verb + rest)
         return
     assert cmd is not None
 

@@ -235,10 +235,10 @@ def test_top_leaves_the_read_ahead_to_the_retr_that_follows(
             reads = 0
             query = drop._query
 
-            async def counted(call):  # type: ignore[no-untyped-def]
+            async def counted(method, *args):  # type: ignore[no-untyped-def]
                 nonlocal reads
                 reads += 1
-                return await query(call)
+                return await query(method, *args)
 
             monkeypatch.setattr(drop, "_query", counted)
             for n in (1, 2, 3, 4):

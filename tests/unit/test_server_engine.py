@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -226,6 +227,40 @@ def test_bdat_refused_still_consumes_its_octets() -> None:
     assert h.proto.state is not State.CLOSED
 
 
+def test_bdat_size_is_any_run_of_digits() -> None:
+    h = Harness()
+    out = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
+        b"BDAT 00000000000000005 LAST\r\nhello"
+    )
+    assert codes(out) == ["250", "250", "250", "250"]
+    assert h.messages == [b"hello\r\n"]
+
+
+@pytest.mark.parametrize(
+    "bdat",
+    [
+        b"BDAT 5 NOTLAST",
+        b"BDAT 5 LAST x",
+        b"BDAT",
+        b"bdat -5 LAST",
+        b"BDAT 5\x00 LAST",
+        "BDAT \u0665 LAST".encode(),
+        b"BDAT 5" + b" " * 600 + b"LAST",
+    ],
+)
+def test_a_bdat_without_a_readable_size_ends_the_session(bdat: bytes) -> None:
+    """Its chunk cannot be read off: executed as commands, it would smuggle a message in."""
+    chunk = b"RSET\r\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<v@y.test>\r\nBDAT 2 LAST\r\nhi"
+    h = Harness()
+    out = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n" + bdat + b"\r\n" + chunk
+    )
+    assert codes(out) == ["250", "250", "250", "421"]
+    assert h.proto.state is State.CLOSED and h.messages == []
+    assert sum(isinstance(e, MailFrom) for e in h.events) == 1
+
+
 def test_starttls_discards_pipelined_plaintext() -> None:
     h = Harness()
     h.proto.receive_data(b"EHLO c\r\nSTARTTLS\r\nNOOP\r\n")
@@ -310,7 +345,7 @@ def test_non_ascii_keyword_values_are_syntax_errors() -> None:
         + "RCPT TO:<x@y.test> NOTIFY=\u017fuccess\r\n".encode()
         + "BDAT \u0661 LAST\r\n".encode()
     )
-    assert codes(out) == ["250", "250", "501", "501"]
+    assert codes(out) == ["250", "250", "501", "421"]  # a BDAT without a size ends the session
 
 
 def test_helo_name_cannot_forge_trace_fields() -> None:

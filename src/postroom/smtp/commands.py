@@ -29,11 +29,14 @@ _PARAM_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 
 
 class CommandError(Exception):
-    """The line is not a valid command; ``reply`` says why."""
+    """The line is not a valid command; ``reply`` says why. ``fatal``: what follows the line
+    cannot be told apart from commands (a BDAT without a readable size), so the session ends
+    with the reply."""
 
-    def __init__(self, reply: Reply) -> None:
+    def __init__(self, reply: Reply, fatal: bool = False) -> None:
         super().__init__(str(reply))
         self.reply = reply
+        self.fatal = fatal
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +137,23 @@ def _split_path(rest: str) -> tuple[str, str]:
     raise CommandError(replies.ADDRESS_SYNTAX)
 
 
+def is_bdat(line: bytes) -> bool:
+    """Does the line (or the start of one) hold a BDAT command?"""
+    return line[:4].upper() == b"BDAT" and line[4:5] in (b"", b" ")
+
+
 def parse(line: bytes, *, smtputf8: bool = False) -> Command:
-    """Parse one command line (without CRLF). ``smtputf8``: MAIL asked for SMTPUTF8 (for RCPT)."""
+    """Parse one command line (without CRLF). ``smtputf8``: MAIL asked for SMTPUTF8 (for RCPT).
+    Any BDAT refused here is fatal: its chunk has no size to be read off by."""
+    try:
+        return _parse(line, smtputf8)
+    except CommandError as exc:
+        if is_bdat(line) and not exc.fatal:
+            raise CommandError(replies.BDAT_UNREADABLE, fatal=True) from None
+        raise
+
+
+def _parse(line: bytes, smtputf8: bool) -> Command:
     if b"\r" in line or b"\n" in line:
         raise CommandError(replies.BARE_LF_COMMAND)
     if b"\0" in line:
@@ -191,13 +209,18 @@ def parse(line: bytes, *, smtputf8: bool = False) -> Command:
         assert rcpt is not None
         return Rcpt(rcpt, params)
     if verb == "BDAT":
+        # RFC 3030 §2: a chunk's octets follow at once, so a BDAT that is refused still has
+        # them read off (the engine does). Without a size to read by, the octets that follow
+        # would be taken as commands (a message smuggled in a chunk): end the session.
         parts = rest.split()
         size = parts[0] if parts else ""
-        if len(parts) > 2 or not (size.isascii() and size.isdigit()) or len(size) > 12:
-            raise CommandError(replies.PARAM_SYNTAX)
-        if len(parts) == 2 and parts[1].upper() != "LAST":
-            raise CommandError(replies.PARAM_SYNTAX)
-        return Bdat(int(parts[0]), len(parts) == 2)
+        if (
+            len(parts) > 2
+            or not (size.isascii() and size.isdigit())
+            or (len(parts) == 2 and parts[1].upper() != "LAST")
+        ):
+            raise CommandError(replies.BDAT_UNREADABLE, fatal=True)
+        return Bdat(int(size), len(parts) == 2)  # RFC 3030 §4: any run of digits
     if verb == "AUTH":
         parts = rest.split()
         if not parts or len(parts) > 2:

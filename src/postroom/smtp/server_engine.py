@@ -315,12 +315,7 @@ class ServerEngine(Buffers):
                 if line is None:
                     return NEED_DATA
                 if line is TOO_LONG:
-                    reply = replies.LINE_TOO_LONG
-                    if self.state is ServerState.AUTH:
-                        # RFC 4954 §4: the 5xx fails AUTH; the next line is a command again.
-                        self._go(ServerTrigger.AUTH_END)
-                        reply = replies.AUTH_LINE_TOO_LONG
-                    event = self._error(reply)
+                    event = self._too_long()
                 else:
                     assert isinstance(line, bytes)
                     event = self._line(line)
@@ -425,6 +420,16 @@ class ServerEngine(Buffers):
         self._bdat_discard = None
         self._go(ServerTrigger.MESSAGE_END)
 
+    def _too_long(self) -> Event | None:
+        if self.state is ServerState.AUTH:
+            # RFC 4954 §4: the 5xx fails AUTH; the next line is a command again.
+            self._go(ServerTrigger.AUTH_END)
+            return self._error(replies.AUTH_LINE_TOO_LONG)
+        if commands.is_bdat(self._reader.too_long_head):
+            self.close(replies.BDAT_UNREADABLE)  # a chunk without a size: see commands.parse
+            return Closing()
+        return self._error(replies.LINE_TOO_LONG)
+
     def _line(self, line: bytes) -> Event | None:
         if self.state is ServerState.AUTH:
             return self._auth_line(line)
@@ -435,6 +440,9 @@ class ServerEngine(Buffers):
         try:
             cmd = commands.parse(line, smtputf8=self._txn.smtputf8)
         except CommandError as exc:
+            if exc.fatal:
+                self.close(exc.reply)
+                return Closing()
             return self._error(exc.reply)
         if isinstance(cmd, Hello):
             return self._hello(cmd)

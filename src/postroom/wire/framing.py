@@ -48,6 +48,7 @@ class LineReader:
         self.max_line = max_line
         self.buf = bytearray()
         self._discarding = False
+        self.too_long_head = b""  # the first octets of the last line that was TOO_LONG
 
     def feed(self, data: bytes) -> None:
         self.buf += data
@@ -70,6 +71,8 @@ class LineReader:
             if len(buf) <= self.max_line + 1:
                 return None
             # Over the limit: drop it up to its LF (which may not have come yet).
+            if not self._discarding:
+                self.too_long_head = bytes(buf[:HEAD])
             i = buf.find(b"\n")
             if i < 0:
                 self._discarding = True
@@ -86,8 +89,12 @@ class LineReader:
         if line.endswith(b"\r"):
             line = line[:-1]
         if len(line) > self.max_line:
+            self.too_long_head = line[:HEAD]
             return TOO_LONG
         return line
+
+
+HEAD = 16  # octets of a too-long line kept: enough to tell its command
 
 
 @dataclass(frozen=True, slots=True)
