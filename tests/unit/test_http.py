@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postroom.http.server import MAX_HEAD, Endpoints, Request, parse_head
+from postroom.http.server import (
+    MAX_CONNECTIONS,
+    MAX_HEAD,
+    Endpoints,
+    HttpConnection,
+    Request,
+    parse_head,
+)
 
 
 def test_parse_head() -> None:
@@ -44,3 +53,33 @@ def test_endpoints() -> None:
     assert _status(ep.answer(400)) == 400
     stopping = True
     assert _status(ep.answer(Request("GET", "/healthz"))) == 503
+
+
+def test_idle_connections_beyond_the_cap_get_503_at_once() -> None:
+    """Idle scrapers cannot hold descriptors the mail sessions need."""
+
+    async def main() -> None:
+        ep = Endpoints(lambda: b"", lambda: False)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: HttpConnection(ep), "127.0.0.1", 0
+        )
+        port = server.sockets[0].getsockname()[1]
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_CONNECTIONS)]
+        await asyncio.sleep(0.1)
+        assert ep.open == MAX_CONNECTIONS
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        answer = await asyncio.wait_for(reader.read(), 5)  # without sending a thing
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        writer.close()
+        for _, w in idle:
+            w.close()
+        await asyncio.sleep(0.1)
+        assert ep.open == 0
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())

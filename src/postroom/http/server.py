@@ -7,7 +7,9 @@ own server runs in threads beside the event loop. :func:`parse_head` is pure (by
 :class:`Request` or an error status out); :class:`HttpConnection` is the asyncio glue.
 
 Security notes: the head is bounded (:data:`MAX_HEAD` octets, else 431) and must arrive within
-:data:`READ_TIMEOUT` seconds (else the connection is closed); a body is never read; every
+:data:`READ_TIMEOUT` seconds (else the connection is closed); at most :data:`MAX_CONNECTIONS`
+are open per worker, and none within the descriptor reserve that the mail sessions keep
+(beyond either: 503 at once, so idle scrapers cannot starve mail); a body is never read; every
 answer carries ``Connection: close``; only GET (and HEAD, RFC 9110 §9.3.2) on the two paths
 (else 404, or 405 with ``Allow``). The listener is meant for a loopback or management address:
 it has no authentication, and what it shows (counts, no addresses) is meant to be scraped.
@@ -20,8 +22,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from postroom.services import descriptors_short
+
 MAX_HEAD = 8192
 READ_TIMEOUT = 10.0
+MAX_CONNECTIONS = 32  # per worker: a scraper or two and health checks need a handful
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) (/[\x21-\x7e]{0,2048}) HTTP/1\.[01]")
@@ -78,6 +83,7 @@ class Endpoints:
     metrics: Callable[[], bytes]
     stopping: Callable[[], bool]
     delay: Callable[[], float] = lambda: 0.0  # wait before reading the metrics (workers' batches)
+    open: int = 0  # connections open now
 
     def answer(self, request: Request | int) -> bytes:
         if isinstance(request, int):
@@ -105,6 +111,13 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.endpoints.open += 1
+        sock = transport.get_extra_info("socket")
+        if self.endpoints.open > MAX_CONNECTIONS or (
+            sock is not None and descriptors_short(sock.fileno())
+        ):
+            self._answer(response(503, b"busy\n", "text/plain"))
+            return
         self._timer = asyncio.get_running_loop().call_later(READ_TIMEOUT, self._timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -149,3 +162,4 @@ class HttpConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.transport = None
+        self.endpoints.open -= 1
