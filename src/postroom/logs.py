@@ -162,13 +162,14 @@ def _printable(message: str | tuple[str, ...]) -> bool:
     return all(line.isprintable() for line in message)
 
 
-# Control characters (CR and LF above all) in values from the network would forge log lines.
-_CONTROLS = {c: "?" for c in [*range(32), 127]}
-
-
 def _clean(value: object) -> object:
+    """``?`` for every character of a value that is not printable: control characters (CR and
+    LF above all, but also C1 ones such as NEL and CSI), line and paragraph separators and
+    format characters (bidi overrides) from the network would forge or hide log lines."""
     if isinstance(value, str):
-        return value.translate(_CONTROLS)
+        if value.isprintable():
+            return value
+        return "".join(c if c.isprintable() else "?" for c in value)
     if isinstance(value, list):
         return [_clean(v) for v in value]
     return value

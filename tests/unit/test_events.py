@@ -130,10 +130,13 @@ def test_no_forged_lines(log: io.StringIO, tmp_path: Path) -> None:
     _setup(log, "text", tmp_path)
     events.auth_failed("smtp", "192.0.2.1", "x\r\n2030-01-01 postroom: fake", "PLAIN")
     events.refused("smtp", "192.0.2.1", "MAIL", replies.AUTH_REQUIRED, helo="h\nfake")
+    # C1 controls (NEL, CSI), a line separator and a bidi override: no line, no hidden text.
+    events.auth_failed("smtp", "192.0.2.1", "a\x85b\x9b31mc\u2028d\u202ee", "PLAIN")
     logs.flush()
     lines = log.getvalue().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert "warning: [192.0.2.1]: PLAIN authentication failed, sasl_username=x??2030" in lines[0]
+    assert "sasl_username=a?b?31mc?d?e," in lines[2] and lines[2].isprintable()
 
 
 def test_json_lines(log: io.StringIO, tmp_path: Path) -> None:
