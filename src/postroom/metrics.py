@@ -145,6 +145,7 @@ class Metrics:
                 self.smtp_connections.labels(service)
                 for result in ("accepted", "rejected"):
                     self.smtp_messages.labels(service, result)
+                self.disk_full.labels(service)  # increase() misses a series born at 1
             if service in POP3_SERVICES:
                 self.pop3_sessions.labels(service)
             if service != "http":

@@ -46,6 +46,20 @@ def exported(tmp_path: Path) -> set[str]:
     return names | BUILTIN
 
 
+def test_counters_alerts_watch_exist_at_zero_from_the_start() -> None:
+    """increase() over a series that first shows up at 1 is 0: the first refusal for a full
+    disk, or the first bounce, would not fire its alert."""
+    registry = CollectorRegistry()
+    Metrics(registry).prime(["smtp", "submission", "submissions", "pop3", "pop3s"])
+    samples = parse(generate_latest(registry).decode())
+    watched = re.findall(r"increase\((postroom_[a-z_]+)", ALERTS.read_text())
+    assert watched
+    for name in watched:
+        assert any(n == name for n, _ in samples), name
+    zero = [v for (n, _), v in samples.items() if n == "postroom_disk_full_refusals_total"]
+    assert len(zero) == 3 and set(zero) == {0.0}  # one per SMTP service
+
+
 def queries_name_known_metrics(exprs: list[str], known: set[str]) -> None:
     assert exprs
     for expr in exprs:
