@@ -300,6 +300,7 @@ class Supervisor:
             pair = None
             log.error("reload: the TLS certificate and key stay as they were: %s", exc)
         self.cfg = new
+        logs.setup(new)  # log_format, log_level: this process's lines too
         if pair is not None:
             self.pair = pair
         message = pickle.dumps((new, pair))

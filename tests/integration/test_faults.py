@@ -188,6 +188,17 @@ def test_sighup_applies_new_connection_limits(server_factory: ServerFactory) -> 
     wait_until(lambda: greetings(3) == [b"220", b"220", b"220"])
 
 
+def test_reload_changes_the_log_format_of_every_process(server_factory: ServerFactory) -> None:
+    srv = server_factory(extra_toml='log_format = "json"\n')
+    wait_until(lambda: '"event"' in srv.log.read_text())
+    srv.config.write_text(srv.config.read_text().replace('log_format = "json"', ""))
+    assert srv.proc is not None
+    srv.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "sent to the workers" in srv.log.read_text())
+    line = next(x for x in srv.log.read_text().splitlines() if "sent to the workers" in x)
+    assert not line.startswith("{") and "postroom[" in line  # the supervisor's, in text
+
+
 def test_drops_root_to_configured_user(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("dropping privileges needs root")
