@@ -112,7 +112,7 @@ class Plain:
             return Failure("malformed PLAIN response", malformed=True)
         # We do not allow acting as somebody else: authzid must be empty or the same user.
         if authzid and authzid.lower() != authcid.lower():
-            return Failure("authorization identity not allowed")
+            return Failure("authorization identity not allowed", username=authcid)
         return CheckPassword(authcid, passwd)
 
 

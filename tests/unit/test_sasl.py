@@ -49,3 +49,15 @@ def test_scram_mandatory_extension_fails_authentication() -> None:
     # Its attributes come in the grammar's order: the user name first, then the nonce.
     step = sasl.ScramSha256().start(b"n,,r=abc,n=u@a.test")
     assert isinstance(step, sasl.Failure) and step.malformed
+
+
+def test_plain_with_another_authzid_fails_naming_who_tried() -> None:
+    """The failure is logged and throttled under the authcid: the login can be traced."""
+    mech = sasl.new_mechanism("PLAIN")
+    assert mech is not None
+    step = mech.start(b"boss@a.test\0Ann@a.test\0pw")
+    assert isinstance(step, sasl.Failure) and not step.malformed
+    assert step.username == "Ann@a.test"
+    same = sasl.new_mechanism("PLAIN")
+    assert same is not None
+    assert isinstance(same.start(b"ann@a.test\0Ann@a.test\0pw"), sasl.CheckPassword)
