@@ -522,6 +522,27 @@ def test_idle_timeout_and_shutdown(server_factory: ServerFactory) -> None:
     sock.close()
 
 
+def test_a_session_that_never_logs_in_ends_however_busy(server_factory: ServerFactory) -> None:
+    """Each command restarts the idle clock; before a login the session has the time in all."""
+    s = server_factory(services=("pop3",), extra_toml='[limits]\npop3_idle_timeout = "2s"')
+    sock = socket.create_connection((s.host, s.ports["pop3"]), 20)
+    sock.settimeout(0.25)
+    start = time.monotonic()
+    closed_at = None
+    while closed_at is None and time.monotonic() - start < 10:
+        try:
+            sock.sendall(b"CAPA\r\n")
+            while sock.recv(65536):  # the greeting, CAPA's answers, then EOF once closed
+                pass
+            closed_at = time.monotonic()
+        except TimeoutError:
+            continue
+        except OSError:
+            closed_at = time.monotonic()
+    sock.close()
+    assert closed_at is not None and closed_at - start < 6
+
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -21,7 +21,7 @@ from postroom import events, sasl
 from postroom.address import parse_user_address
 from postroom.connection import Connection
 from postroom.errors import AddressError, LockedOut, MailboxInUse
-from postroom.pop3.engine import Command, Pop3Engine, Pop3Features, Quit, UserPass
+from postroom.pop3.engine import Command, Pop3Engine, Pop3Features, Pop3State, Quit, UserPass
 from postroom.pop3.maildrop import Snapshot, TopFilter
 from postroom.sasl_session import SaslSession
 from postroom.storage.interfaces import Maildrop
@@ -103,6 +103,15 @@ class Pop3Connection(Connection):
 
     def idle_limit(self) -> float:
         # RFC 1939 §3: at least 10 minutes of inactivity before an autologout.
+        return self.services.cfg.limits.pop3_idle_timeout
+
+    def session_limit(self) -> float | None:
+        """Until it logs in, a session has ``pop3_idle_timeout`` in all: every octet restarts
+        the idle clock, so a client trickling bytes (or repeating CAPA) would otherwise hold
+        its connection for ever without an account."""
+        engine = self.engine
+        if engine is None or engine.state in (Pop3State.TRANSACTION, Pop3State.UPDATE):
+            return None
         return self.services.cfg.limits.pop3_idle_timeout
 
     def released(self) -> None:
