@@ -586,6 +586,15 @@ def _loop_run(coro: Coroutine[Any, Any, int]) -> int:
     return int(uvloop.run(coro))
 
 
+def _start_failed(cfg: Config, reason: str) -> None:
+    """Why ``serve`` cannot start: ``postroom: error: REASON``, one line, as a JSON object
+    too (its ``message``) with ``log_format = "json"``, where every line is one."""
+    if cfg.log_format == "json":
+        events.startup(reason, logs.ERROR)
+    else:
+        print(f"postroom: error: {reason}", file=sys.stderr)
+
+
 def run(cfg: Config) -> int:
     files.private_umask()
     # numpy serves wire/bulk.py's scans and no BLAS routine, but OpenBLAS starts a thread per
@@ -597,7 +606,7 @@ def run(cfg: Config) -> int:
     try:
         data_lock = lock_data_dir(cfg.data_dir)
     except OSError as exc:
-        print(f"postroom: error: {exc}", file=sys.stderr)
+        _start_failed(cfg, str(exc))
         return 1
     if cfg.workers > 1 and cfg.listen.http:
         metrics.prepare_directory(cfg.data_dir)
@@ -605,13 +614,13 @@ def run(cfg: Config) -> int:
         listeners = bind_listeners(cfg)
     except OSError as exc:
         # Typically a port that cannot be bound: one line, no traceback.
-        print(f"postroom: error: {exc.strerror or exc}", file=sys.stderr)
+        _start_failed(cfg, str(exc.strerror or exc))
         return 1
     try:
         pair = tls_mod.read_pair(cfg)  # as root, if started so: the workers may not read it
         tls_mod.check_pair(cfg, *pair)
     except ConfigError as exc:
-        print(f"postroom: error: {exc}", file=sys.stderr)
+        _start_failed(cfg, str(exc))
         return 2
     parent = os.getpid()
     shared = Shared.for_workers(
@@ -642,7 +651,7 @@ def run(cfg: Config) -> int:
         try:
             return _loop_run(serve(cfg, listeners, worker, pair, shared))
         except (OSError, PostroomError) as exc:  # PostgreSQL away at start, a newer schema
-            print(f"postroom: error: {exc}", file=sys.stderr)
+            _start_failed(cfg, str(exc))
             return 1
 
     def stop_listening() -> None:

@@ -176,7 +176,9 @@ def _smtpd(service: str) -> str:
 def startup(message: str, level: int = INFO) -> None:
     """A start-up line (``postroom: ...``, in JSON too: scripts wait for ``postroom: ready``),
     written at once, whatever ``log_level`` says (there are a handful per start)."""
-    prefix = "postroom: warning: " if level >= WARNING else "postroom: "
+    prefix = "postroom: "
+    if level >= WARNING:
+        prefix += "error: " if level >= logs.ERROR else "warning: "
     logs.emit(level, "startup", None, {"message": prefix + message}, _text_message, always=True)
     logs.flush()
 

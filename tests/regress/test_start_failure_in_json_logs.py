@@ -1,0 +1,27 @@
+"""With ``log_format = "json"`` every stderr line is one JSON object: the line that says why
+``serve`` could not start was plain text, the one a JSON pipeline dropped."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from tests.conftest import ServerFactory, run_cli
+
+
+def test_a_port_in_use_is_a_json_line(server_factory: ServerFactory) -> None:
+    node = server_factory(services=("smtp",), extra_toml='log_format = "json"\n', start=False)
+    taken = socket.socket()
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    taken.bind((node.host, node.ports["smtp"]))
+    taken.listen()
+    try:
+        p = run_cli("serve", config=node.config, check=False)
+    finally:
+        taken.close()
+    assert p.returncode == 1
+    lines = [json.loads(line) for line in p.stderr.splitlines()]  # every one parses
+    errors = [x for x in lines if x["level"] == "error"]
+    assert len(errors) == 1 and errors[0]["event"] == "startup"
+    assert errors[0]["message"].startswith("postroom: error: ")
+    assert "in use" in errors[0]["message"]
