@@ -167,6 +167,8 @@ def _parse(line: bytes, smtputf8: bool) -> Command:
     limit = _LIMITS.get(verb, MAX_COMMAND)
     if len(line) + 2 > limit:
         raise CommandError(replies.LINE_TOO_LONG)
+    if verb == "NOOP":
+        return Simple(verb, "")  # RFC 5321 §4.1.1.9: a parameter SHOULD be ignored
     if verb != "MAIL" and verb != "RCPT" and not text.isascii():
         # RFC 5321 §4.2.4: 501 for a command we know with arguments we refuse, 500 otherwise.
         raise CommandError(replies.PARAM_SYNTAX if verb in _KNOWN else replies.SYNTAX_ERROR)
