@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import resource
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,6 +30,7 @@ from postroom.wire.replies import Reply
 log = logging.getLogger("postroom")
 
 FD_RESERVE = 32  # descriptors kept free for the sessions already open
+FD_WARNING_EVERY = 10.0  # seconds between two warnings that descriptors run out
 
 
 def descriptors_short(fileno: int) -> bool:
@@ -71,6 +73,7 @@ class ConnectionLimiter:
     # Each live connection, and whether it is counted in per_ip (exempt ones are not).
     live: dict[Closable, bool] = field(default_factory=dict)
     _exempt_ips: dict[str, bool] = field(default_factory=dict)  # per client address, answered
+    _fd_warned: float = -FD_WARNING_EVERY  # when descriptors running out was last logged
 
     @classmethod
     def for_config(
@@ -94,7 +97,10 @@ class ConnectionLimiter:
         means at most that many are left, kept for the spool, Maildirs and the next 421. Out
         of them, libuv would accept and close connections without a word."""
         if descriptors_short(fileno):
-            log.warning("descriptors running out (fd %d): connection refused with 421", fileno)
+            now = time.monotonic()
+            if now - self._fd_warned >= FD_WARNING_EVERY:  # a flood would flood the log too
+                self._fd_warned = now
+                log.warning("descriptors running out (fd %d): connections refused with 421", fileno)
             return False
         if len(self.live) >= self.max_total:
             return False

@@ -4,6 +4,10 @@ that changes those networks taking effect for addresses already seen."""
 from __future__ import annotations
 
 import ipaddress
+import logging
+import resource
+
+import pytest
 
 from postroom.services import ConnectionLimiter
 
@@ -24,3 +28,17 @@ def test_exempt_networks_follow_a_reload() -> None:
     assert limiter.acquire("127.0.0.5", first)
     assert not limiter.acquire("127.0.0.5", second)  # counted now: one per IP
     assert limiter.acquire("192.0.2.1", second)
+
+
+def test_running_out_of_descriptors_is_said_once_per_while(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A flood refused for descriptors must not flood the log as well."""
+    limiter = ConnectionLimiter(100, 100, ())
+    high = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1
+    with caplog.at_level(logging.WARNING, logger="postroom"):
+        assert not any(limiter.acquire("192.0.2.1", Conn(), high) for _ in range(50))
+    assert [r.getMessage() for r in caplog.records].count(
+        f"descriptors running out (fd {high}): connections refused with 421"
+    ) == 1
+    assert limiter.acquire("192.0.2.1", Conn(), 10)  # a descriptor low enough: let in
