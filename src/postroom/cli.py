@@ -378,8 +378,7 @@ def _show_queue(cfg: Config, queue: MessageQueue, args: argparse.Namespace) -> i
             attempts = [
                 {**_attempt_json(a), "advice": _advice_json(a.reply, domain)} for a in env.history
             ]
-            # The contract's "attempts" is the list here; the list's number keeps a name.
-            shown = {**_queue_json(env), "attempt_count": env.attempts, "attempts": attempts}
+            shown = {**_queue_json(env), "attempts": attempts}
             print(json.dumps(shown, indent=2))
             return 0
         print(
