@@ -178,6 +178,35 @@ def test_message_moved_by_another_tool_is_found(tmp_path: Path) -> None:
     assert os.listdir(md / "cur") == []
 
 
+def test_flags_another_tool_set_meanwhile_are_kept(tmp_path: Path) -> None:
+    """Marking seen at QUIT adds S to the flags the name has then: mutt's T (trashed) set
+    during the session must not be wiped, nor must a deleted message come back."""
+    md = make_maildir(tmp_path / "md", {"new/1.a,S=3": b"a\r\n", "cur/2.b,S=3:2,": b"b\r\n"})
+    drop = Maildrop(md)
+    drop.open_now()
+    os.rename(md / "new/1.a,S=3", md / "cur/1.a,S=3:2,FT")
+    os.rename(md / "cur/2.b,S=3:2,", md / "cur/2.b,S=3:2,R")
+    assert drop.update_now([], [1, 2]) == 0
+    drop.close_now()
+    assert sorted(os.listdir(md / "cur")) == ["1.a,S=3:2,FST", "2.b,S=3:2,RS"]
+
+
+def test_entries_that_are_no_message_are_left_out(tmp_path: Path) -> None:
+    """A directory, a FIFO or a device in new/ or cur/ neither locks the user out nor hangs
+    the login: the messages beside it are served."""
+    md = make_maildir(tmp_path / "md", {"new/1.a,S=3": b"a\r\n", "cur/2.b:2,S": b"b\n"})
+    (md / "new" / "3.subdir").mkdir()
+    (md / "new" / "4.dir,S=5,W=5").mkdir()
+    os.mkfifo(md / "cur" / "5.fifo:2,S")
+    (md / "cur" / "6.zero:2,S").symlink_to("/dev/zero")
+    (md / "cur" / "7.gone:2,S").symlink_to(md / "nowhere")
+    drop = Maildrop(md)
+    drop.open_now()  # returned at all: neither the FIFO nor /dev/zero was read
+    assert [f.name for f in drop.files] == ["1.a,S=3", "2.b:2,S"]
+    assert drop.read(drop.files[1]) == b"b\r\n"
+    drop.close_now()
+
+
 def test_one_session_per_mailbox_and_crash_releases(tmp_path: Path) -> None:
     md = make_maildir(tmp_path / "md", {})
     first = Maildrop(md)

@@ -8,13 +8,16 @@ Postfix), or with CRLF (older postroom files, some tools): ``S == W`` says a fil
 and goes out as it is; otherwise each bare LF goes out as CRLF (RFC 1939 §3), so LIST and STAT
 equal the octets RETR sends (RFC 1939 §5). Files from other tools without ``,W=`` are measured
 once and remembered in a small cache file, so that the next session does not read them again.
+An entry that is no regular file (a directory, a FIFO, a device, a dangling link) or cannot
+be read is left out with a warning: it must neither lock the user out nor hang the login.
 
 UIDLs are the Maildir unique names (the base name up to the first ``,`` or ``:``, as Dovecot
 keys them; hashed if unfit for RFC 1939 §7), so they survive flag changes, are stable across
 sessions and are never reused; messages moved over from Dovecot keep the UIDL Dovecot gave
 them (the mailbox's UIDL map, written by ``dovecot_import.py``). Deletions are applied only by
 :meth:`MaildirMaildrop.update` (RFC 1939 §6). Messages retrieved and kept move from ``new/`` to
-``cur/`` with the ``S`` (seen) flag, as Maildir readers expect.
+``cur/`` with the ``S`` (seen) flag added to the flags their names have at that moment
+(another tool may have set some during the session), as Maildir readers expect.
 
 One session per mailbox: an exclusive ``flock`` on a lock file, held for the session and
 released by the kernel when the descriptor is closed or the process dies, so a crashed session
@@ -28,8 +31,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import re
+import stat
 from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,6 +55,7 @@ UPDATE_THREADS = 4
 PARALLEL_UPDATE_MIN = 256  # below this, one thread: the hand-off would cost more than it saves
 _UID = re.compile(r"[\x21-\x7e]{1,70}")  # RFC 1939 §7
 _pool: ThreadPoolExecutor | None = None
+log = logging.getLogger("postroom")
 
 
 def _update_pool() -> ThreadPoolExecutor:
@@ -199,6 +205,11 @@ class MaildirMaildrop:
                     name = e.name
                     if name.startswith("."):
                         continue
+                    if not e.is_file():  # a directory, FIFO, device, dangling link
+                        log.warning(
+                            "maildir %s: %s/%s is no message: left out", self.path, subdir, name
+                        )
+                        continue
                     raw, wire = sizes_from_name(name)
                     if wire is None:
                         unknown.append((subdir, name))
@@ -230,17 +241,18 @@ class MaildirMaildrop:
             path = self.path / subdir / name
             uid = unique_id(name)
             try:
-                raw = path.stat().st_size
+                st = path.stat()
+                if not stat.S_ISREG(st.st_mode):  # replaced since the listing
+                    raise IsADirectoryError(str(path))
+                known = cache.get(uid)
+                if known is None or known[0] != st.st_size:
+                    known = (st.st_size, measure(path))
             except FileNotFoundError:
                 continue
-            known = cache.get(uid)
-            if known is not None and known[0] == raw:
-                size = known[1]
-            else:
-                try:
-                    size = measure(path)
-                except FileNotFoundError:
-                    continue
+            except OSError as exc:  # unreadable: one message left out, not the whole mailbox
+                log.warning("maildir %s: %s/%s left out: %s", self.path, subdir, name, exc)
+                continue
+            raw, size = known
             fresh[uid] = (raw, size)
             # Not marked CRLF (raw None): a measured file is always converted on the way out.
             files.append(MaildirFile(subdir, name, size, uid))
@@ -307,14 +319,8 @@ class MaildirMaildrop:
         Large batches are split over a few threads: an unlink holds the directory's lock only
         for the name, while freeing the inode's blocks (most of its cost) runs in parallel.
         """
-        work: list[tuple[MaildirFile, str | None]] = [(self.files[n - 1], None) for n in deleted]
-        for n in seen:
-            f = self.files[n - 1]
-            if f.subdir == "new":
-                work.append((f, f"{f.name}:2,S"))
-            elif ":2," in f.name and "S" not in f.name.split(":2,", 1)[1]:
-                head, flags = f.name.split(":2,", 1)
-                work.append((f, f"{head}:2,{''.join(sorted(flags + 'S'))}"))
+        work: list[tuple[MaildirFile, bool]] = [(self.files[n - 1], False) for n in deleted]
+        work += [(self.files[n - 1], True) for n in seen if seen_name(self.files[n - 1])]
         if len(work) < PARALLEL_UPDATE_MIN:
             results = [self._apply_all(work)]
         else:
@@ -328,38 +334,52 @@ class MaildirMaildrop:
                 os.fsync(self._dirs[subdir])
         return sum(r[0] for r in results)
 
-    def _apply_all(self, work: list[tuple[MaildirFile, str | None]]) -> tuple[int, set[str]]:
+    def _apply_all(self, work: list[tuple[MaildirFile, bool]]) -> tuple[int, set[str]]:
         """Apply a slice of the UPDATE; (deletions failed, subdirectories changed)."""
         failed = 0
         changed: set[str] = set()
-        for f, target in work:
+        for f, seen in work:
             try:
-                self._apply(f, target)
+                self._apply(f, seen)
             except FileNotFoundError:
                 continue  # removed by someone else meanwhile: the end result is the same
             except OSError:
-                failed += 1 if target is None else 0
+                failed += 0 if seen else 1
                 continue
             changed.add(f.subdir)
-            if target is not None:
+            if seen:
                 changed.add("cur")
         return failed, changed
 
-    def _apply(self, f: MaildirFile, target: str | None) -> None:
-        """Unlink the message (``target`` None) or rename it to ``cur/target``."""
+    def _apply(self, f: MaildirFile, seen: bool) -> None:
+        """Unlink the message, or (``seen``) move it to ``cur/`` with the S flag added to the
+        flags its name has now (another tool may have set some since the listing)."""
         for attempt in (1, 2):
             if attempt == 2:
                 self.locate(f)  # moved by another tool? FileNotFoundError if gone
             src_fd = self._dirs[f.subdir]
             try:
-                if target is None:
+                if not seen:
                     os.unlink(f.name, dir_fd=src_fd)
-                else:
+                elif target := seen_name(f):
                     os.rename(f.name, target, src_dir_fd=src_fd, dst_dir_fd=self._dirs["cur"])
                 return
             except FileNotFoundError:
                 if attempt == 2:
                     raise
+
+
+def seen_name(f: MaildirFile) -> str | None:
+    """The name in ``cur/`` that marks ``f`` seen (Maildir's ``:2,`` flags, S added, in
+    ASCII order), or None if it is marked already."""
+    if f.subdir == "new" and ":2," not in f.name:
+        return f"{f.name}:2,S"
+    head, sep, flags = f.name.partition(":2,")
+    if not sep:
+        return None  # a name in cur/ without flags of the form we know: left as it is
+    if "S" in flags and f.subdir == "cur":
+        return None
+    return f"{head}:2,{''.join(sorted(set(flags + 'S')))}"
 
 
 def measure(path: Path) -> int:
