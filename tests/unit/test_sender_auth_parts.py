@@ -200,6 +200,46 @@ def test_a_selector_never_names_a_second_key(tmp_path: Path) -> None:
         keys.new_selector("rsa", 0, ["rsa19700101z"])
 
 
+class _Zone:
+    """What records.check asks of a DnsCache, from a dict."""
+
+    def __init__(self, zone: dict[tuple[str, str], list[str]]) -> None:
+        self.zone = zone
+
+    async def query(self, name: str, rdtype: str, *, fresh: bool = False) -> Answer:
+        found = self.zone.get((name.rstrip("."), rdtype), [])
+        if rdtype == "MX":
+            return Answer("ok", tuple((10, v) for v in found)) if found else Answer("nodata")
+        return Answer("ok", tuple((v.encode(),) for v in found)) if found else Answer("nodata")
+
+
+def test_dns_check_judges_records_as_a_receiver_would(tmp_path: Path) -> None:
+    """A key record a verifier refuses (s=, h=, v=) is no published key, and two SPF or DMARC
+    records spoil each other (RFC 7208 §4.5, RFC 7489 §6.6.3)."""
+    key = keys.generate("ed25519", "ed1", 0)
+    wanted = records.wanted("a.test", "mx.a.test", [key], "reject", "dmarc@a.test")
+    good = {(r.name.rstrip("."), r.type): [r.value] for r in wanted}
+    good[("a.test", "MX")] = ["mx.a.test"]
+
+    def statuses(zone: dict[tuple[str, str], list[str]]) -> dict[str, str]:
+        found = asyncio.run(records.check(cast(Any, _Zone(zone)), wanted))
+        return {f"{f.record.type} {f.record.name}": f.status for f in found}
+
+    assert set(statuses(good).values()) == {"ok"}
+    dkim_name = "ed1._domainkey.a.test"
+    p = key.public_b64()
+    for bad in (
+        f"v=DKIM1; k=ed25519; s=tlsrpt; p={p}",
+        f"v=DKIM1; k=ed25519; h=sha1; p={p}",
+        f"v=DKIM2; k=ed25519; p={p}",
+    ):
+        assert statuses(good | {(dkim_name, "TXT"): [bad]})[f"TXT {dkim_name}."] == "different"
+    two_spf = good | {("a.test", "TXT"): [*good[("a.test", "TXT")], "v=spf1 -all"]}
+    assert statuses(two_spf)["TXT a.test."] == "different"
+    two_dmarc = good | {("_dmarc.a.test", "TXT"): [*good[("_dmarc.a.test", "TXT")]] * 2}
+    assert statuses(two_dmarc)["TXT _dmarc.a.test."] == "different"
+
+
 SCHEMA = Path(__file__).resolve().parents[1] / "data" / "rfc7489-rua.xsd"
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict, dataclass
 
-from postroom.auth.dkim_verify import tags
-from postroom.auth.dmarc import parse_record
+import dkim
+
+from postroom.auth.dkim_verify import public_key, tags
+from postroom.auth.dmarc import is_record, parse_record
 from postroom.auth.keys import DkimKey
 from postroom.auth.lookup import DnsCache
 
@@ -88,12 +90,22 @@ class Finding:
         return f"different\t{where}: DNS has {self.found!r}, expected {self.record.value!r}"
 
 
+def same_key(found: bytes, expected: bytes) -> bool:
+    """Does the DKIM key record ``found`` let a verifier check what ``expected`` (the record
+    postroom asks for) does: a record a verifier accepts (``v=``, ``s=``, ``h=``), of the same
+    key type (``k=``) and public key (``p=``)? A key signs only once DNS shows this."""
+    try:
+        have, want = public_key(found), public_key(expected)
+    except dkim.KeyFormatError:
+        return False
+    return have.algorithm == want.algorithm and tags(found).get(b"p") == tags(expected).get(b"p")
+
+
 def _same(record: DnsRecord, text: str) -> bool:
     if record.name.startswith("_dmarc."):
         return parse_record(text) == parse_record(record.value)
     if "._domainkey." in record.name:
-        have, want = tags(text.encode()), tags(record.value.encode())
-        return have.get(b"p") == want.get(b"p") and have.get(b"k", b"rsa") == want.get(b"k")
+        return same_key(text.encode(), record.value.encode())
     return " ".join(text.split()) == " ".join(record.value.split())
 
 
@@ -118,12 +130,16 @@ async def check(cache: DnsCache, records: list[DnsRecord]) -> list[Finding]:
             continue
         texts = [t.decode("utf-8", "replace") for t in answer.txt()]
         if record.name.startswith("_dmarc."):
-            kin = [t for t in texts if t.replace(" ", "").startswith("v=DMARC1")]
+            kin = [t for t in texts if is_record(t)]
         elif "._domainkey." in record.name:
             kin = texts
         else:
-            kin = [t for t in texts if t.lower().startswith("v=spf1")]
-        if any(_same(record, t) for t in kin):
+            kin = [t for t in texts if t.lower() == "v=spf1" or t.lower().startswith("v=spf1 ")]
+        if len(kin) > 1 and "._domainkey." not in record.name:
+            # RFC 7208 §4.5: several SPF records are a permerror; RFC 7489 §6.6.3: several
+            # DMARC records, no DMARC at all. Right or not, each one spoils the others.
+            out.append(Finding(record, "different", f"{len(kin)} records: " + " | ".join(kin)))
+        elif any(_same(record, t) for t in kin):
             out.append(Finding(record, "ok"))
         elif kin:
             out.append(Finding(record, "different", kin[0]))
