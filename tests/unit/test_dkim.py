@@ -74,6 +74,10 @@ def test_a_changed_body_or_signed_header_fails(
     # A second From field added on top breaks it (From is over-signed).
     added = b"From: mallory@evil.test\r\n" + message
     assert {r for _, r in _results(added, zone)} == {"fail"}
+    # So does one in the obsolete form (RFC 5322 §4.5.3): it was taken for an mbox "From "
+    # line, skipped, and the signature passed while DMARC read the added From.
+    added = b"From : mallory@evil.test\r\n" + message
+    assert {r for _, r in _results(added, zone)} == {"fail"}
     # An unsigned field in obsolete syntax (RFC 5322 §4.5.3) breaks nothing: it made every
     # signature a permerror, and p=reject refused the message.
     obsolete = message.replace(b"To: bob", b"X-Obs : 1\r\nTo: bob", 1)
@@ -81,6 +85,18 @@ def test_a_changed_body_or_signed_header_fails(
     # White space changes survive relaxed canonicalization.
     relaxed = message.replace(b"Subject: hello", b"Subject:   hello ")
     assert {r for _, r in _results(relaxed, zone)} == {"pass"}
+
+
+def test_a_from_in_the_obsolete_form_is_signed_and_over_signed(
+    key_pair: tuple[keys.DkimKey, keys.DkimKey],
+) -> None:
+    message = MESSAGE.replace(b"From: ", b"From : ", 1)
+    assert message != MESSAGE
+    signed = _signed(key_pair, message)
+    assert b"h=from:from:" in signed.replace(b"\r\n\t", b"")
+    zone = _records(key_pair)
+    assert {r for _, r in _results(signed, zone)} == {"pass"}
+    assert {r for _, r in _results(b"From: x@a.test\r\n" + signed, zone)} == {"fail"}
 
 
 def test_keys_that_cannot_vouch_for_mail_give_permerror(

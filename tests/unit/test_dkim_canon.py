@@ -59,13 +59,17 @@ def test_split_message_is_rfc822_parse(message: bytes) -> None:
     except dkim_canon.MalformedHeader:
         ours = None
     theirs = _dkimpy_parse(message)
+    head = message.split(b"\r\n\r\n")[0]
     if ours is not None and theirs is None:  # dkimpy refuses white space before a colon
-        assert _OBS_NAME.search(message.split(b"\r\n\r\n")[0]), message
+        assert _OBS_NAME.search(head), message
         return
+    if ours != theirs and _OBS_FROM.search(head):
+        return  # dkimpy skips "From :" as an mbox line; it is a From field (RFC 5322 §4.5.3)
     assert ours == theirs
 
 
 _OBS_NAME = re.compile(rb"(?m)^[\x21-\x39\x3b-\x7e]+[ \t]+:")
+_OBS_FROM = re.compile(rb"(?m)^From[ \t]+:")
 
 
 def test_a_field_with_white_space_before_its_colon_breaks_no_signature() -> None:

@@ -75,13 +75,15 @@ def split_message(message: bytes) -> tuple[list[Field], bytes]:
         colon = line.find(b":", 1)  # the name is at least one character, even a ":"
         if colon > 0 and _NAME.fullmatch(line, 0, colon):
             fields.append((line[:colon], [line[colon + 1 :]]))
-        elif line.startswith(b"From "):
-            continue  # an mbox separator
         elif colon > 0 and _FIELD_NAME.fullmatch(line[:colon].rstrip(b" \t")):
             # RFC 5322 §4.5.3 obs-optional: white space between the name and the colon
             # (dkimpy refuses the whole message for one such field, signed or not). The name
             # keeps it: simple canonicalization keeps it, relaxed strips it (RFC 6376 §3.4.2).
+            # "From : x" is such a field, a From, not an mbox separator: taken for one, a From
+            # added on top escaped the over-signing (and DMARC still read it).
             fields.append((line[:colon], [line[colon + 1 :]]))
+        elif line.startswith(b"From "):
+            continue  # an mbox separator ("From sender date": no colon after the name)
         else:
             raise MalformedHeader(f"not a header field: {line[:60]!r}")
     return [(name, b"\r\n".join(value) + b"\r\n") for name, value in fields], body

@@ -73,7 +73,7 @@ def header_list(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
     once more (over-signing)."""
     counts: dict[bytes, int] = {}
     for name, _value in headers:
-        lower = name.lower()
+        lower = name.lower().rstrip()  # "From :" is a From (RFC 5322 §4.5.3 obs-optional)
         if lower in SIGNED_HEADERS:
             counts[lower] = counts.get(lower, 0) + 1
     out: list[bytes] = []
