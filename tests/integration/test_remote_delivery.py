@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -576,6 +577,46 @@ def test_a_server_that_stops_answering_times_out() -> None:
         finally:
             await remote.aclose()
             done.set()
+            server.close()
+            await server.wait_closed()
+        assert time.monotonic() - started < 5
+        assert res.outcome is Outcome.TEMPORARY
+        assert "time-out" in res.reply.text, res.reply
+
+    run(main)
+
+
+def test_a_server_that_drips_its_reply_times_out_all_the_same() -> None:
+    # RFC 5321 §4.5.3.2 limits the wait for a reply, not the silence between two of its
+    # bytes: a greeting sent one byte at a time held the delivery for as long as it went on.
+    port = free_port()
+
+    async def main() -> None:
+        finished = asyncio.Event()
+
+        async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while not reader.at_eof():
+                    for octet in b"220-drip\r\n":
+                        writer.write(bytes([octet]))
+                        await asyncio.sleep(0.1)
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+                finished.set()
+
+        server = await asyncio.start_server(drip, "127.0.0.8", port)
+        resolver = StaticResolver({"b.test": Route((mx("mx1.b.test", "127.0.0.8", 10),))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=1)
+        started = time.monotonic()
+        try:
+            (res,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+        finally:
+            await remote.aclose()
+            await asyncio.wait_for(finished.wait(), 5)
             server.close()
             await server.wait_closed()
         assert time.monotonic() - started < 5

@@ -116,6 +116,8 @@ class _Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.last_used = time.monotonic()
         self._waiter: asyncio.Future[None] | None = None  # next_event waiting for the server
+        # When the reply being waited for is too late, and engine.replies when it was set.
+        self._deadline: tuple[float, int] | None = None
         self._writable = asyncio.Event()
         self._writable.set()
 
@@ -165,17 +167,24 @@ class _Session(asyncio.Protocol):
                     self.engine.connection_lost("time-out sending data")
 
     async def next_event(self) -> Event:
+        loop = asyncio.get_running_loop()
         while True:
             await self.flush()
             event = self.engine.next_event()
             if event is not None:
                 return event
+            # RFC 5321 §4.5.3.2: the limit is on the whole reply, from when it is awaited (the
+            # last reply, or the start): a server sending a byte now and then, or one line of
+            # a long reply at a time, must not hold the delivery for ever.
+            replies = self.engine.replies
+            if self._deadline is None or self._deadline[1] != replies:
+                limit = self._limit(self.engine.timeout() or 300.0)
+                self._deadline = (loop.time() + limit, replies)
             # A future and a timer rather than asyncio.wait_for, which makes a task per wait:
             # several waits per relayed message. Nothing runs between the engine's answer
             # above and the waiter's start, so no input can slip by unseen.
-            loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(self._limit(self.engine.timeout() or 300.0), _expire, waiter)
+            timer = loop.call_at(self._deadline[0], _expire, waiter)
             try:
                 await waiter
             except TimeoutError:

@@ -276,6 +276,7 @@ class ClientEngine:
         # Replies awaited, in order (RFC 2920 §3.2: replies come in command order).
         self._awaiting: deque[tuple[_Handler, float]] = deque()
         self._awaiting.append((self._on_greeting, TIMEOUT_GREETING))
+        self.replies = 0  # complete replies read: each starts the :meth:`timeout` of the next
         self._txn: _Delivery | None = None
 
     # --- the table -------------------------------------------------------------------------------
@@ -313,7 +314,8 @@ class ClientEngine:
         return self._events.popleft() if self._events else None
 
     def timeout(self) -> float | None:
-        """How long to wait for the next reply (RFC 5321 §4.5.3.2), None when none is awaited."""
+        """How long to wait for the next reply (RFC 5321 §4.5.3.2), None when none is awaited:
+        for the whole reply, counted from the last one (:attr:`replies`) or the command."""
         return (
             self._awaiting[0][1]
             if self._awaiting and self.state is not ClientState.CLOSED
@@ -499,6 +501,7 @@ class ClientEngine:
             self._fail(_local(421, "4.5.0", f"protocol error: unexpected reply {reply}"))
             return
         handler, _ = self._awaiting.popleft()
+        self.replies += 1
         if reply.code == 421 and handler not in (self._on_quit, self._on_greeting):
             # RFC 5321 §3.8: the server is closing; everything still open fails temporarily.
             self._fail(reply)
