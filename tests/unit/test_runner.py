@@ -415,3 +415,47 @@ def test_first_attempts_beyond_the_backlog_wait_in_the_queue(tmp_path: Path) -> 
     assert len(waiting) == 10 - 4  # beyond 4 x max_concurrent
     assert all(e.next_attempt == 0.0 and ("record", e.id) in queue.calls for e in waiting)
     assert all(e.recipients[0].status == "bounced" for e in envs if e.attempts)
+
+
+def test_a_domain_delivered_is_stored_before_a_slower_one_ends(tmp_path: Path) -> None:
+    """A stop or crash while another domain's MX is still being waited on must not send the
+    delivered copies again: they are stored as soon as their domain is done."""
+    from postroom.delivery.remote import DeliveryResult
+    from postroom.smtp.client_engine import Outcome, OutgoingMessage
+    from postroom.wire.replies import Reply
+
+    runner, queue, _boxes, _clock = make(tmp_path, {})
+    slow_release = asyncio.Event()
+
+    class Remote:
+        async def deliver(
+            self, domain: str, outgoing: OutgoingMessage, wire: bytes, may_finish: Any
+        ) -> list[DeliveryResult]:
+            if domain == "slow.test":
+                await slow_release.wait()
+            ok = Reply(250, "2.0.0", ("queued",))
+            return [
+                DeliveryResult(r, Outcome.DELIVERED, ok, f"mx.{domain}")
+                for r in outgoing.recipients
+            ]
+
+    runner._remote_delivery = lambda: Remote()  # type: ignore[method-assign]
+
+    async def main() -> None:
+        env = envelope("Q1", "bob@fast.test", "carol@slow.test")
+        draft = runner.queue.draft(env.id, env.sender)
+        draft.write(b"Subject: t\r\n\r\nbody\r\n")
+        await runner.accept(env, draft)
+        for _ in range(50):  # until the fast domain is done and stored
+            await asyncio.sleep(0)
+        stored = Envelope.from_json(queue.stored["Q1"][0])
+        assert [(r.address, r.status) for r in stored.recipients] == [
+            ("bob@fast.test", "delivered"),
+            ("carol@slow.test", "queued"),
+        ]
+        slow_release.set()
+        await settle(runner)
+        assert not queue.messages  # both delivered: finished
+        assert queue.calls[-1] == ("finish", "Q1")
+
+    asyncio.run(main())

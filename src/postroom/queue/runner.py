@@ -351,24 +351,38 @@ class QueueRunner:
                 # Stored before dialling: a crash now cannot cause an immediate retry loop.
                 await self.queue.begin_attempt(envelope)
             wire = _wire(await self.queue.body(envelope))
-            results = await asyncio.gather(
-                *(self._deliver_remote(envelope, d, rcpts, wire) for d, rcpts in remote.items())
-            )
+            tasks = [
+                asyncio.ensure_future(self._deliver_remote(envelope, d, rcpts, wire))
+                for d, rcpts in remote.items()
+            ]
             port = self.cfg.delivery.port
-            for took, domain_results in results:
-                attempts += _attempts(now, domain_results)
-                for rcpt, result in domain_results:
-                    reply = str(result.reply)
-                    host = result.host or result.remote_mta
-                    relay = f"{host}[{result.ip}]:{port}" if host and result.ip else "none"
-                    if result.outcome is Outcome.DELIVERED:
-                        self._outcome(envelope, rcpt, "delivered", reply, relay, took)
-                        newly_done.append(rcpt)
-                    elif result.outcome is Outcome.PERMANENT:
-                        self._outcome(envelope, rcpt, "bounced", reply, relay, took)
-                        newly_failed.append(rcpt)
-                    else:
-                        self._outcome(envelope, rcpt, "deferred", reply, relay, took)
+            try:
+                for next_done in asyncio.as_completed(tasks):
+                    took, domain_results = await next_done
+                    delivered = False
+                    for rcpt, result in domain_results:
+                        reply = str(result.reply)
+                        host = result.host or result.remote_mta
+                        relay = f"{host}[{result.ip}]:{port}" if host and result.ip else "none"
+                        if result.outcome is Outcome.DELIVERED:
+                            self._outcome(envelope, rcpt, "delivered", reply, relay, took)
+                            newly_done.append(rcpt)
+                            delivered = True
+                        elif result.outcome is Outcome.PERMANENT:
+                            self._outcome(envelope, rcpt, "bounced", reply, relay, took)
+                            newly_failed.append(rcpt)
+                        else:
+                            self._outcome(envelope, rcpt, "deferred", reply, relay, took)
+                    if delivered and not all(t.done() for t in tasks):
+                        # Stored now, not when the slowest other domain is done (a dead MX:
+                        # minutes): a stop or crash meanwhile must not send these again.
+                        # Only the instant between the 250 and this write remains (§6.1).
+                        await self._save_early(envelope)
+            finally:
+                for task in tasks:
+                    task.cancel()
+            for task in tasks:  # the attempts in the order of the domains
+                attempts += _attempts(now, task.result()[1])
 
         if envelope.id in self._deleted:
             await self.queue.finish(envelope, attempts)  # released; no bounce, no retry
@@ -396,6 +410,18 @@ class QueueRunner:
             await self.queue.record(envelope, attempts)
         for report, first_of_report in made:  # only now that the record says they were queued
             self._start(report, first_of_report)
+
+    async def _save_early(self, envelope: Envelope) -> None:
+        """Store the outcomes so far in the middle of an attempt. A write that fails (a full
+        disk) leaves them to the attempt's record, as before; a lost lease ends the attempt."""
+        try:
+            await self.queue.save(envelope)
+        except LeaseLost:
+            raise
+        except Exception:
+            self.services.log.warning(
+                "%s: outcomes not stored before the attempt ends", envelope.id, exc_info=True
+            )
 
     def _local_results(
         self,
