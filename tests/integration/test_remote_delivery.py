@@ -453,8 +453,10 @@ def test_verified_tls_domain(ca: trustme.CA) -> None:
         # The system trust store does not know our test CA: no plaintext fallback when verifying.
         assert bad.outcome is Outcome.TEMPORARY
         assert bad.reply.status == "4.7.5"
+        # Our finding, in our words: a DSN must not say the host "said" it (no Remote-MTA).
+        assert bad.reply.local and bad.remote_mta is None and "mx.b.test" in bad.reply.text
         assert no_tls.outcome is Outcome.TEMPORARY
-        assert no_tls.reply.status == "4.7.5"
+        assert no_tls.reply.status == "4.7.5" and no_tls.reply.local
         assert len(sink.messages) == 1
         assert not plain.messages
 

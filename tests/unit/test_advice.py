@@ -36,6 +36,13 @@ GMAIL_526 = (
         ),
         ("530 5.7.10 Must issue a STARTTLS command first", "tls_required", None),
         ("550 5.7.0 TLS required for this domain", "tls_required", None),
+        # Our own refusals under tls_verify_domains: not the receiving server's demand.
+        ("451 4.7.5 TLS required but not offered", "tls_verify", None),
+        (
+            "451 4.7.5 TLS with mx.b.test[192.0.2.1] failed: certificate verify failed",
+            "tls_verify",
+            None,
+        ),
         ("552 5.2.2 Mailbox full", "mailbox_full", None),
         ("452 4.2.2 The email account that you tried to reach is over quota", "mailbox_full", None),
         (

@@ -48,8 +48,7 @@ _AUTH_WORDS = (
 
 _TLS_REQUIRED = (
     "The receiving server accepts mail only over an encrypted connection (STARTTLS), and this "
-    "delivery was not encrypted. Look in the log for a failed TLS handshake with that host; the "
-    "message is retried."
+    "delivery was not encrypted. Look in the log for a failed TLS handshake with that host."
 )
 _MAILBOX_FULL = (
     "The recipient's mailbox is full. Nothing is wrong with this server: let the recipient know "
@@ -94,6 +93,16 @@ RULES: tuple[_Rule, ...] = (
         "The receiving server found this server's IP address on a blocklist. Look the address "
         "up at the list the reply names and follow its removal steps; check also that no "
         "account here sends spam (a stolen password).",
+        None,
+    ),
+    _Rule(
+        "tls_verify",
+        _re(r"^4\.7\.5$"),
+        _re(r"tls required but not offered|\btls with \S+ failed\b"),
+        "This server requires a verified TLS connection to the recipient domain's mail servers "
+        "([delivery] tls_verify_domains), and the one tried did not offer STARTTLS or its "
+        "certificate did not verify. Ask the domain's admin to fix TLS on the host named, or "
+        "take the domain out of tls_verify_domains.",
         None,
     ),
     _Rule(

@@ -477,7 +477,8 @@ class RemoteDelivery:
         except (OSError, ssl.SSLError, ssl.CertificateError, TimeoutError, ValueError) as exc:
             events.tls_handshake("delivery", ip, None, str(exc) or type(exc).__name__)
             transport.abort()
-            reply = Reply.make(451, "4.7.5", f"TLS with {target.host}[{ip}] failed: {exc}")
+            # Our finding, not the server's reply: the DSN must not say the host "said" it.
+            reply = _temp("4.7.5", f"TLS with {target.host}[{ip}] failed: {exc}")
             raise _SessionFailed(reply, tls=True) from None
         if new is None:  # pragma: no cover - only for server_side
             raise _SessionFailed(_temp("4.7.5", "TLS not established"), tls=True)
