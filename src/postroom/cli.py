@@ -504,6 +504,8 @@ def _cmd_dkim(stores: AdminStores, args: argparse.Namespace) -> int:
 
 
 def _cmd_dmarc(stores: AdminStores) -> int:
+    if not stores.cfg.auth.dmarc_reports:
+        raise PostroomError("DMARC aggregate reports are off ([auth] dmarc_reports = false)")
     auth = _sender_auth(stores)
     store = stores.queue(running=True)
 

@@ -298,6 +298,21 @@ def test_dmarc_report_reaches_rua_via_the_queue(
     schema = xmlschema.XMLSchema(str(SCHEMA))
     schema.validate(xml.decode())
     assert b"<count>2</count>" in xml
+    # One more message and another run at once: a report ID of its own (§7.2.1.1 dedup).
+    _mx_send(srv, "x@shop.test", "bob@a.test", _forged("shop.test"))
+    srv.wait_messages("bob@a.test", 3)
+    assert "1 DMARC" in srv.cli("dmarc", "report", "--now").stdout
+    both = [message_from_bytes(m) for m in srv.wait_messages("reports@a.test", 2, timeout=15)]
+    ids = {m["Subject"].rpartition("Report-ID: ")[2] for m in both}
+    assert len(ids) == 2, ids
+
+
+def test_dmarc_report_now_is_off_when_reports_are(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    srv = server_factory(extra_toml=_toml(dns, "[auth]\ndmarc_reports = false\n"), start=False)
+    p = srv.cli("dmarc", "report", "--now", check=False)
+    assert p.returncode == 1 and "dmarc_reports = false" in p.stderr
 
 
 def test_forged_results_removed_from_messages_too_large_to_check(

@@ -281,3 +281,50 @@ def test_report_rows_follow_the_file_when_it_is_taken_away(tmp_path: Path) -> No
     reports.done(tmp_path)
     _report_row(tmp_path, "192.0.2.2")  # the writer's file was renamed: it opens a new one
     assert [r["ip"] for r in reports.take(tmp_path, 2.0)] == ["192.0.2.2"]
+
+
+def test_rua_size_limits_parse_as_rfc7489_says() -> None:
+    assert reports.rua_limit("mailto:d@b.test!10m") == 10 << 20
+    assert reports.rua_limit("mailto:d@b.test!1k") == 1024
+    assert reports.rua_limit("mailto:d@b.test!500") == 500
+    for no_limit in ("mailto:d@b.test", "mailto:d@b.test!", "mailto:d@b.test!10x", "m!1kk"):
+        assert reports.rua_limit(no_limit) is None, no_limit
+
+
+def _report(rua: str, domain: str = "shop.test") -> reports.Report:
+    return reports.Report(domain, (rua,), 0, 1, "1.x.mx.a.test.0", b"<feedback/>")
+
+
+def test_report_destinations_size_authorization_and_a_lookup_to_repeat() -> None:
+    class Failing:
+        async def query(self, name: str, rtype: str, fresh: bool = False) -> Answer:
+            return Answer("error", error="SERVFAIL")
+
+    async def where(zone: dict[str, list[str]] | None, rua: str, size: int = 100) -> Any:
+        cache = Failing() if zone is None else Zone(zone)
+        return await reports.destinations(cast(Any, cache), _report(rua), size)
+
+    own = asyncio.run(where({}, "mailto:d@shop.test!1k"))  # same organization: no lookup
+    assert own.addresses == ["d@shop.test"] and not own.later
+    too_big = asyncio.run(where({}, "mailto:d@shop.test!1k", size=2000))
+    assert too_big.addresses == [] and not too_big.later and "1024" in too_big.refused[0]
+    ok = {"shop.test._report._dmarc.a.test": ["v=DMARC1"]}
+    assert asyncio.run(where(ok, "mailto:r@a.test")).addresses == ["r@a.test"]
+    unauthorized = asyncio.run(where({}, "mailto:r@a.test"))
+    assert unauthorized.addresses == [] and not unauthorized.later
+    dns_trouble = asyncio.run(where(None, "mailto:r@a.test"))  # §7.1: ask again later
+    assert dns_trouble.addresses == [] and dns_trouble.later
+
+
+def test_report_rows_kept_for_the_next_run_and_one_run_at_a_time(tmp_path: Path) -> None:
+    _report_row(tmp_path, "192.0.2.1")
+    rows = reports.take(tmp_path, 1.0)
+    reports.done(tmp_path, kept=rows)  # its report could not go out yet
+    _report_row(tmp_path, "192.0.2.2")
+    assert sorted(r["ip"] for r in reports.take(tmp_path, 2.0)) == ["192.0.2.1", "192.0.2.2"]
+    reports.done(tmp_path)
+    assert reports.take(tmp_path, 3.0) == []
+    with reports.exclusive(tmp_path) as first, reports.exclusive(tmp_path) as second:
+        assert first and not second
+    with reports.exclusive(tmp_path) as again:
+        assert again

@@ -10,17 +10,22 @@ addresses written out in full, as its ``IPAddress`` pattern wants); :func:`compo
 gzip'ed report in a MIME message (§7.2.1.1: the file name
 ``receiver!policy-domain!begin!end.xml.gz`` and the subject). The caller signs and queues it.
 :func:`destinations` applies §7.1: a ``rua`` outside the policy domain's organization must be
-authorized by a ``<domain>._report._dmarc.<rua domain>`` record.
+authorized by a ``<domain>._report._dmarc.<rua domain>`` record; one whose lookup failed for
+the moment keeps its rows for the next run (§7.1 allows the check to be repeated later), and
+one whose ``!size`` (§6.2) is below the report's gzip'ed size gets none. One run at a time per
+``data_dir`` (:func:`exclusive`: the server's daily run and ``dmarc report --now`` could
+otherwise both send the same rows), and every report ID is unique.
 
 Security notes: everything in a row came from the network; XML text is escaped by
 ElementTree, the report size is bounded by ``MAX_ROWS``, and rua URIs are parsed strictly
-(``mailto:`` with one address, RFC 7489 §6.2's ``!size`` suffix dropped).
+(``mailto:`` with one address and an optional ``!size``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import email.utils
+import fcntl
 import gzip
 import ipaddress
 import json
@@ -29,7 +34,7 @@ import time
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -136,10 +141,33 @@ def take(folder: Path, now: float) -> list[dict[str, Any]]:
     return rows
 
 
-def done(folder: Path) -> None:
-    """The rows taken are reported (queued): forget them."""
+def done(folder: Path, kept: list[dict[str, Any]] | None = None) -> None:
+    """The rows taken are reported (queued): forget them, but ``kept`` (rows whose report
+    could not be sent yet), which the next run takes again."""
+    if kept:
+        spare = folder / "sending-kept.jsonl.tmp"
+        spare.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in kept))
     for path in folder.glob("sending-*.jsonl"):
         path.unlink(missing_ok=True)
+    if kept:
+        os.rename(folder / "sending-kept.jsonl.tmp", folder / "sending-kept.jsonl")
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path) -> Iterator[bool]:
+    """Hold the reports of ``folder`` for one run: True, or False while another process (or
+    task) runs (then this one sends nothing: the other sends every row)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(folder / ".sending.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -260,20 +288,59 @@ def rua_address(uri: str) -> str | None:
     return addr
 
 
-async def destinations(cache: DnsCache, report: Report) -> list[str]:
-    """The rua addresses that may get this report (RFC 7489 §7.1 external destinations)."""
-    out = []
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def rua_limit(uri: str) -> int | None:
+    """The largest report ``uri`` takes, in octets (RFC 7489 §6.2: ``!`` digits and an
+    optional unit k, m, g or t, powers of two); None for no limit or one that does not parse."""
+    _, bang, size = uri.partition("!")
+    size = size.strip().lower()
+    digits = size.rstrip("kmgt")
+    if not bang or not digits.isdigit() or not digits.isascii() or len(size) - len(digits) > 1:
+        return None
+    return int(digits) * _UNITS[size[len(digits) :]]
+
+
+@dataclass(frozen=True)
+class Destinations:
+    addresses: list[str]  # may get the report now
+    later: bool  # a §7.1 lookup failed for the moment: keep the rows for the next run
+    refused: list[str]  # not authorized, or the report is over their size limit (for the log)
+
+
+async def destinations(cache: DnsCache, report: Report, size: int) -> Destinations:
+    """Where this report (``size`` octets gzip'ed) goes: RFC 7489 §7.1 external destinations
+    and §6.2 size limits."""
+    out: list[str] = []
+    refused: list[str] = []
+    waiting: list[str] = []  # the §7.1 lookup failed for the moment
     for uri in report.rua:
         addr = rua_address(uri)
         if addr is None:
             continue
+        limit = rua_limit(uri)
+        if limit is not None and size > limit:
+            refused.append(f"{addr} (takes {limit} octets, the report has {size})")
+            continue
         rua_domain = addr.rpartition("@")[2].lower()
         if organizational_domain(rua_domain) != organizational_domain(report.policy_domain):
             answer = await cache.query(f"{report.policy_domain}._report._dmarc.{rua_domain}", "TXT")
+            if answer.temporary:
+                waiting.append(f"{addr} (authorization lookup failed: {answer.error})")
+                continue
             if not any(t.replace(b" ", b"").startswith(b"v=DMARC1") for t in answer.txt()):
+                refused.append(f"{addr} (not authorized by {rua_domain}, RFC 7489 §7.1)")
                 continue
         out.append(addr)
-    return out
+    if out:  # sent now to those it can go to; kept, the rows would reach them twice
+        return Destinations(out, False, refused + waiting)
+    return Destinations(out, bool(waiting), refused + waiting)
+
+
+def payload(report: Report) -> bytes:
+    """The report as it is attached: gzip'ed XML (what a rua's ``!size`` limits)."""
+    return gzip.compress(report.xml, mtime=0)
 
 
 def compose(report: Report, receiver: str, sender: str, to: list[str], now: float) -> bytes:
@@ -294,7 +361,7 @@ def compose(report: Report, receiver: str, sender: str, to: list[str], now: floa
     )
     name = f"{receiver}!{report.policy_domain}!{report.begin}!{report.end}.xml.gz"
     msg.add_attachment(
-        gzip.compress(report.xml, mtime=0),
+        payload(report),
         maintype="application",
         subtype="gzip",
         filename=name,

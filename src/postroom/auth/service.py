@@ -23,6 +23,7 @@ import asyncio
 import logging
 import os
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -420,8 +421,13 @@ class SenderAuth:
 
     async def send_reports(self, queue: QueueMessage) -> int:
         """Take the recorded rows and queue one signed report per policy domain and rua;
-        ``queue(sender, recipients, message)`` queues a message. Returns the count."""
+        ``queue(sender, recipients, message)`` queues a message. Returns the count (0 while
+        another run, of the server or the CLI, is under way: it sends every row)."""
         folder = self.cfg.data_dir / "dmarc"
+        with reports.exclusive(folder) as mine:
+            return await self._send_reports(folder, queue) if mine else 0
+
+    async def _send_reports(self, folder: Path, queue: QueueMessage) -> int:
         now = self.clock()
         rows = reports.take(folder, now)
         if not rows:
@@ -429,14 +435,23 @@ class SenderAuth:
             return 0
         domain = self.cfg.domains[0]
         sender = f"postmaster@{domain}"
-        built = reports.build(
-            rows, self.cfg.hostname, sender, int(now), f"{int(now)}.{self.cfg.hostname}"
-        )
+        # Unique per run: §7.2.1.1's Report-ID lets a receiver drop duplicates, and two runs
+        # in one second made two different reports with one ID (and one Message-ID).
+        prefix = f"{int(now)}.{secrets.token_hex(4)}.{self.cfg.hostname}"
+        built = reports.build(rows, self.cfg.hostname, sender, int(now), prefix)
         sent = 0
+        kept: list[dict[str, object]] = []
         for report in built:
-            to = await reports.destinations(self.cache, report)
-            if not to:
+            size = len(reports.payload(report))
+            where = await reports.destinations(self.cache, report, size)
+            for why in where.refused:
+                log.warning("DMARC report %s: not sent to %s", report.report_id, why)
+            if where.later:
+                kept += [r for r in rows if r.get("pdomain") == report.policy_domain]
+                log.warning("DMARC report for %s: kept for the next run", report.policy_domain)
+            if not where.addresses:
                 continue
+            to = where.addresses
             message = reports.compose(report, self.cfg.hostname, f"dmarc-reports@{domain}", to, now)
             _, signers = self._domain_keys(domain)
             message = dkim_sign.sign(message, signers, int(now)) + message
@@ -448,7 +463,7 @@ class SenderAuth:
                 queue_id,
             )
             sent += 1
-        reports.done(folder)
+        reports.done(folder, kept)
         return sent
 
     async def run(self, queue: QueueMessage) -> None:
