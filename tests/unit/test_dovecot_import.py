@@ -1,15 +1,24 @@
-"""storage/local/dovecot_import.py: dovecot-uidlist and pop3_uidl_format (pure parts)."""
+"""storage/local/dovecot_import.py: dovecot-uidlist and pop3_uidl_format (pure parts), and
+imports run twice."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from postroom.errors import ImportSourceError
-from postroom.storage.local.dovecot_import import Uidlist, format_uidl, parse_uidlist
+from postroom.storage.local.dovecot_import import (
+    Uidlist,
+    format_uidl,
+    import_maildir,
+    load_uidl_map,
+    parse_uidlist,
+)
 
 
 def test_parse_v3() -> None:
@@ -62,3 +71,58 @@ def test_format_uidl() -> None:
         format_uidl("%m", 1, 1, "f", None)  # the header MD5: mbox only
     with pytest.raises(ImportSourceError):
         format_uidl("%q", 1, 1, "f", None)
+
+
+def _pop3_view(box: Path) -> dict[bytes, str]:
+    """Each message's body -> the UIDL postroom's POP3 gives it."""
+    from postroom.storage.local.maildrop import unique_id
+
+    kept = load_uidl_map(box)
+    out = {}
+    for sub in ("cur", "new"):
+        for name in os.listdir(box / sub):
+            body = (box / sub / name).read_bytes().split(b"\n\n", 1)[1]
+            assert body not in out, f"{body!r} imported twice"
+            out[body] = kept.get(unique_id(name), unique_id(name))
+    return out
+
+
+def test_a_second_run_after_dovecot_listed_more_copies_each_once_with_its_uidl(
+    tmp_path: Path,
+) -> None:
+    """The first run met two messages Dovecot had not listed; Dovecot then numbered them in
+    another order than their names. Copies are known by source name, never by a guessed UID:
+    each once, with the UIDL Dovecot gave it (a client may have fetched it from Dovecot)."""
+    src, box = tmp_path / "src", tmp_path / "box"
+    for sub in ("cur", "new", "tmp"):
+        (src / sub).mkdir(parents=True)
+    (src / "cur" / "1700000001.a.vm:2,S").write_bytes(b"Subject: a\n\nA\n")
+    (src / "new" / "1700000003.late.vm").write_bytes(b"Subject: late\n\nLATE\n")
+    (src / "dovecot-uidlist").write_text("3 V1700000000 N2\n1 :1700000001.a.vm\n")
+    first = import_maildir(src, box, "mx.a.test")
+    assert (first.imported, first.unlisted) == (2, 1)
+    (src / "new" / "1700000002.early.vm").write_bytes(b"Subject: early\n\nEARLY\n")
+    (src / "dovecot-uidlist").write_text(
+        "3 V1700000000 N4\n1 :1700000001.a.vm\n2 :1700000002.early.vm\n3 :1700000003.late.vm\n"
+    )
+    second = import_maildir(src, box, "mx.a.test")
+    assert (second.imported, second.skipped) == (1, 2)
+    assert _pop3_view(box) == {
+        b"A\n": format_uidl("%08Xu%08Xv", 1, 1700000000, "", None),
+        b"EARLY\n": format_uidl("%08Xu%08Xv", 2, 1700000000, "", None),
+        b"LATE\n": format_uidl("%08Xu%08Xv", 3, 1700000000, "", None),
+    }
+
+
+def test_a_second_run_without_a_uidlist_copies_nothing_twice(tmp_path: Path) -> None:
+    src, box = tmp_path / "src", tmp_path / "box"
+    for sub in ("cur", "new", "tmp"):
+        (src / sub).mkdir(parents=True)
+    for stamp, name in ((1700000001, "A"), (1700000002, "B"), (1700000003, "C")):
+        (src / "new" / f"{stamp}.{name}.vm").write_bytes(f"Subject: {name}\n\n{name}\n".encode())
+    assert import_maildir(src, box, "mx.a.test").imported == 3
+    (src / "new" / "1700000001.A.vm").unlink()  # the oldest gone: its time named the copies
+    (src / "new" / "1700000004.D.vm").write_bytes(b"Subject: D\n\nD\n")
+    again = import_maildir(src, box, "mx.a.test")
+    assert (again.imported, again.skipped) == (1, 2)
+    assert sorted(_pop3_view(box)) == [b"A\n", b"B\n", b"C\n", b"D\n"]

@@ -12,12 +12,17 @@ line per message), which the POP3 maildrop reads: so a client downloads nothing 
 message Dovecot never listed was never seen by a POP3 client and keeps postroom's own UIDL.
 
 Copies are named from UIDVALIDITY and UID, so that they sort (and POP3 numbers them) in
-Dovecot's order and a second run skips what the first copied. The source is only read.
-:func:`parse_uidlist` and :func:`format_uidl` are pure; the rest is file work.
+Dovecot's order; a message Dovecot has not listed yet, from a digest of its source name (never
+from a guessed UID, which Dovecot may later give another message). Every copy is remembered by
+its source name (:data:`IMPORTED_MAP`): a second run (at the switch) skips what the first
+copied, whatever Dovecot numbered meanwhile, and gives a copy that was unlisted then the UIDL
+Dovecot has given it since (a client may have fetched it from Dovecot in between). The source
+is only read. :func:`parse_uidlist` and :func:`format_uidl` are pure; the rest is file work.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -30,6 +35,7 @@ from postroom.storage.local import files, maildir
 from postroom.wire.framing import to_crlf
 
 UIDL_MAP = ".postroom-uidl"
+IMPORTED_MAP = ".postroom-imported"  # source base name TAB the copy's unique name
 DEFAULT_UIDL_FORMAT = "%08Xu%08Xv"  # Dovecot's pop3_uidl_format default
 
 
@@ -131,10 +137,11 @@ def format_uidl(fmt: str, uid: int, uidvalidity: int, filename: str, guid: str |
     return _VAR.sub(one, fmt)
 
 
-def load_uidl_map(box: Path) -> dict[str, str]:
-    """The UIDLs a mailbox keeps for imported messages: Maildir unique name -> UIDL."""
+def load_uidl_map(box: Path, name: str = UIDL_MAP) -> dict[str, str]:
+    """The UIDLs a mailbox keeps for imported messages: Maildir unique name -> UIDL (or, for
+    :data:`IMPORTED_MAP`, source name -> the copy's unique name)."""
     try:
-        text = (box / UIDL_MAP).read_text("utf-8", "surrogateescape")
+        text = (box / name).read_text("utf-8", "surrogateescape")
     except FileNotFoundError:
         return {}
     out = {}
@@ -145,8 +152,8 @@ def load_uidl_map(box: Path) -> dict[str, str]:
     return out
 
 
-def _save_uidl_map(box: Path, uidls: dict[str, str]) -> None:
-    tmp = box / (UIDL_MAP + ".tmp")
+def _save_uidl_map(box: Path, uidls: dict[str, str], name: str = UIDL_MAP) -> None:
+    tmp = box / (name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         body = "".join(f"{u}\t{p}\n" for u, p in sorted(uidls.items()))
@@ -154,7 +161,7 @@ def _save_uidl_map(box: Path, uidls: dict[str, str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, box / UIDL_MAP)
+    os.replace(tmp, box / name)
 
 
 @dataclass
@@ -200,6 +207,7 @@ def import_maildir(
     host = maildir._host_part(hostname)
     maildir.ensure(box)
     uidls = load_uidl_map(box)
+    imported = load_uidl_map(box, IMPORTED_MAP)
     existing = {_base(n).split(",", 1)[0] for _s, n in _messages(box)}
     report = Report()
     order = sorted(
@@ -210,22 +218,24 @@ def import_maildir(
             sn[1],
         ),
     )
-    next_unlisted = (uidlist.next_uid if uidlist is not None else 1) or 1
     plan: list[tuple[str, str, str]] = []
     for sub, name in order:
-        found_entry = listed.get(_base(name))
+        source = _base(name)
+        found_entry = listed.get(source)
         if found_entry is None:
             report.unlisted += 1
-            uid, next_unlisted = next_unlisted, next_unlisted + 1
+            digest = hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()
+            unique = f"{epoch}.I{tag}X{digest[:16]}.{host}"  # after the listed ones
         else:
-            uid = found_entry.uid
-        unique = f"{epoch}.I{tag}U{uid:010d}.{host}"
+            unique = f"{epoch}.I{tag}U{found_entry.uid:010d}.{host}"
+        unique = imported.get(source, unique)  # copied by an earlier run: under that name
         if found_entry is not None and uidlist is not None:
             uidls[unique] = found_entry.ext.get("P") or format_uidl(
-                uidl_format, uid, uidlist.uidvalidity, _base(name), found_entry.ext.get("G")
+                uidl_format, found_entry.uid, uidlist.uidvalidity, source, found_entry.ext.get("G")
             )
         if unique in existing:
             report.skipped += 1
+            imported[source] = unique
         else:
             plan.append((sub, name, unique))
     if uidlist is not None:
@@ -248,6 +258,9 @@ def import_maildir(
         os.rename(tmp, box / sub / target)
         changed.add(sub)
         report.imported += 1
+        imported[_base(name)] = unique
     for sub in changed:
         files.fsync_dir(box / sub)
+    # After the copies: one made before a crash here is found again by its name.
+    _save_uidl_map(box, imported, IMPORTED_MAP)
     return report
