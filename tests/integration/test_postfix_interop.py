@@ -10,6 +10,7 @@ import smtplib
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import ROOT, ServerFactory, insecure, need_tool, wait_until
 from tests.dnszone import LoopbackDNS
@@ -18,13 +19,8 @@ POSTFIX_IP = "127.0.0.5"
 POSTROOM_IP = "127.0.0.6"
 
 
-def wait_files(directory: Path, timeout: float = 30) -> list[bytes]:
-    with contextlib.suppress(AssertionError):
-        wait_until(lambda: list(directory.glob("*")), timeout, interval=0.2)
-    return [p.read_bytes() for p in directory.glob("*")]
-
-
-def test_postroom_to_postfix_and_back(server_factory: ServerFactory, tmp_path: Path) -> None:
+def bench_postfix() -> tuple[Any, Any, Any]:
+    """bench/'s private Postfix: its ``postfix`` and ``tlscert`` modules and ``Cleanup``."""
     need_tool("postfix")
     need_tool("openssl")
     sys.path.insert(0, str(ROOT / "bench"))
@@ -34,6 +30,17 @@ def test_postroom_to_postfix_and_back(server_factory: ServerFactory, tmp_path: P
         from benchlib.proc import Cleanup
     finally:
         sys.path.pop(0)
+    return pf, tlscert, Cleanup
+
+
+def wait_files(directory: Path, timeout: float = 30) -> list[bytes]:
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: list(directory.glob("*")), timeout, interval=0.2)
+    return [p.read_bytes() for p in directory.glob("*")]
+
+
+def test_postroom_to_postfix_and_back(server_factory: ServerFactory, tmp_path: Path) -> None:
+    pf, tlscert, Cleanup = bench_postfix()
     dns = LoopbackDNS()
     dns.mx("b.test", 10, "mx.b.test")
     dns.a("mx.b.test", POSTFIX_IP)
@@ -100,15 +107,7 @@ def test_postfix_logs_in_to_submission_as_its_smarthost(
 ) -> None:
     """Postfix's SMTP client (Cyrus SASL) picks SCRAM-SHA-256, the strongest mechanism
     offered, and refuses an iteration count over 65,536 without falling back to PLAIN."""
-    need_tool("postfix")
-    need_tool("openssl")
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        from benchlib import postfix as pf
-        from benchlib import tlscert
-        from benchlib.proc import Cleanup
-    finally:
-        sys.path.pop(0)
+    pf, tlscert, Cleanup = bench_postfix()
     srv = server_factory(domains=("a.test",), host=POSTROOM_IP, services=("submission",))
     srv.add_user("alice@a.test", "smarthost-pw")
     root = Path("/tmp") / f"postroom-postfix-{tmp_path.name}"
