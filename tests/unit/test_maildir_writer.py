@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import shutil
 import signal
@@ -320,7 +321,9 @@ def test_a_message_is_written_once_for_many_recipients(tmp_path: Path) -> None:
         assert len(inodes) == 1  # one file, linked into every Maildir
 
 
-def test_a_child_that_dies_fails_its_jobs_and_is_replaced(tmp_path: Path) -> None:
+def test_a_child_that_dies_fails_its_jobs_and_is_replaced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     writer = MaildirWriter(tmp_path / "journal")
     box = str(tmp_path / "box")
 
@@ -336,7 +339,10 @@ def test_a_child_that_dies_fails_its_jobs_and_is_replaced(tmp_path: Path) -> Non
         with pytest.raises(OSError, match="writer process exited"):
             await asyncio.wait_for(pending, 10)
         # The next job starts a new child, which writes it (and replays the dead one's).
-        assert await write_one(writer, box, "3.c", b"three\n")
+        with caplog.at_level(logging.WARNING, logger="postroom"):
+            assert await write_one(writer, box, "3.c", b"three\n")
+        assert f"Maildir writer (pid {first.pid})" in caplog.text  # said, not silent
+        assert "starting a new one" in caplog.text
         assert writer._proc is not None and writer._proc.pid != first.pid
         assert first.poll() is not None  # the dead one was reaped
         with pytest.raises(OSError) as err:  # errors come back as OSError with their errno

@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import logging
 import os
 import signal
 import socket
@@ -53,6 +54,8 @@ from postroom import childproc, lifetime, privileges
 from postroom.storage.local import files, journal, maildir
 from postroom.storage.local.deferred import DeferredStore
 from postroom.storage.local.journal import Entry
+
+log = logging.getLogger("postroom")
 
 _JOB = struct.Struct("<IBI")
 _ANSWER = struct.Struct("<IH")
@@ -516,6 +519,14 @@ class MaildirWriter:
                 self._starting = None
 
     async def _spawn(self) -> _Answers:
+        gone = self._proc
+        if gone is not None:  # it died (kill -9, the OOM killer): say so, as Postfix's master
+            status = gone.poll()
+            log.warning(
+                "Maildir writer (pid %d) %s; starting a new one",
+                gone.pid,
+                "stopped answering" if status is None else f"exited with status {status}",
+            )
         self._reap()
         files.make_dirs(self.journal_dir)
         args = [str(self.journal_dir), str(-1 if self.cpu is None else self.cpu)]
