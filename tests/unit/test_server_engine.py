@@ -102,6 +102,8 @@ def test_bad_sequence_and_syntax() -> None:
     # A known command with a non-ASCII argument is a 501, an unknown one a 500 (§4.2.4).
     assert h.send("EHLO bücher.test\r\n".encode()).startswith(b"501 5.5.4")
     assert h.send("BÖGUS\r\n".encode()).startswith(b"500 5.5.2")
+    assert h.send(b"MAIL FROM:<\xff@b.test>\r\n").startswith(b"501 5.5.4")  # not UTF-8
+    assert h.send(b"\xffMAIL FROM:<a@b.test>\r\n").startswith(b"500 5.5.2")
     # RFC 5321 §4.1.1.9: NOOP's parameter SHOULD be ignored, whatever it holds.
     assert h.send("NOOP ü\r\n".encode()).startswith(b"250")
 

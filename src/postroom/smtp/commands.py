@@ -161,7 +161,11 @@ def _parse(line: bytes, smtputf8: bool) -> Command:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
-        raise CommandError(replies.SYNTAX_ERROR) from None
+        # RFC 5321 §4.2.4: 501 for a command we know with arguments we refuse, 500 otherwise.
+        verb = line.split(b" ", 1)[0].upper().decode("ascii", "replace")
+        raise CommandError(
+            replies.PARAM_SYNTAX if verb in _KNOWN and b" " in line else replies.SYNTAX_ERROR
+        ) from None
     verb, _, rest = text.partition(" ")
     verb = verb.upper()
     limit = _LIMITS.get(verb, MAX_COMMAND)
