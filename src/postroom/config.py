@@ -186,6 +186,11 @@ class DeliveryConfig:
     tls_verify_domains: tuple[str, ...] = ()
     max_per_destination: int = 10
     max_concurrent: int = 100
+    # The local address outbound connections come from (IPv4, IPv6; "" = the system's
+    # choice), as Postfix's smtp_bind_address: on a host with several, the one that SPF
+    # and the reverse DNS name.
+    bind_address: str = ""
+    bind_address6: str = ""
 
 
 @dataclass(frozen=True)
@@ -424,6 +429,13 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
         raise ConfigError(f"{source}: delivery.retry_intervals: must not be empty")
     if not 0 < cfg.delivery.port < 65536:
         raise ConfigError(f"{source}: delivery.port: must be a TCP port")
+    for key, version in (("bind_address", 4), ("bind_address6", 6)):
+        value = getattr(cfg.delivery, key)
+        try:
+            if value and ipaddress.ip_address(value).version != version:
+                raise ValueError(f"not an IPv{version} address")
+        except ValueError as exc:
+            raise ConfigError(f"{source}: delivery.{key}: {value!r}: {exc}") from None
     if cfg.auth.dmarc_policy not in ("none", "quarantine", "reject"):
         raise ConfigError(f"{source}: auth.dmarc_policy: one of none, quarantine, reject")
     if cfg.auth.dmarc_rua and "@" not in cfg.auth.dmarc_rua:

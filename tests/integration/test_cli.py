@@ -162,6 +162,8 @@ def test_queue_commands_on_empty_queue(cfg: Path) -> None:
             "storage.url",
         ),
         ('domains = ["a.test"]\n[storage]\nurl = "postgresql://u@h/db"\n', "storage.url"),
+        ('domains = ["a.test"]\n[delivery]\nbind_address = "::1"\n', "delivery.bind_address"),
+        ('domains = ["a.test"]\n[delivery]\nbind_address6 = "mx"\n', "delivery.bind_address6"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path, text: str, key: str) -> None:

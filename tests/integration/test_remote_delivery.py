@@ -52,6 +52,7 @@ class Sink:
     messages: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     connections: int = 0
+    peers: list[str] = field(default_factory=list)  # the client address of each connection
     server: asyncio.Server | None = None
 
     async def start(self) -> Sink:
@@ -65,6 +66,7 @@ class Sink:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.peers.append(writer.get_extra_info("peername")[0])
         try:
             await self._session(reader, writer)
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
@@ -196,6 +198,27 @@ def deliver_once(
 
     run(main)
     return out[0]
+
+
+def test_outbound_connections_come_from_bind_address() -> None:
+    # On a host with several addresses, the one SPF and the reverse DNS name (Postfix's
+    # smtp_bind_address).
+    port = free_port()
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.2", port).start()
+        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
+        cfg = config(port, bind_address="127.0.0.9")
+        remote = RemoteDelivery(cfg, resolver, reply_timeout=5)
+        try:
+            (result,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+        finally:
+            await remote.aclose()
+            await sink.stop()
+        assert result.outcome is Outcome.DELIVERED
+        assert sink.peers == ["127.0.0.9"]
+
+    run(main)
 
 
 def test_delivers_with_per_recipient_results() -> None:

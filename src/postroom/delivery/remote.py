@@ -424,10 +424,14 @@ class RemoteDelivery:
         where = f"{target.host}[{ip}]:{port}"
         engine = ClientEngine(self.cfg.hostname, tls=policy)
         session = _Session(engine, target.host, ip, self._reply_timeout)
+        delivery = self.cfg.delivery
+        source = delivery.bind_address6 if ":" in ip else delivery.bind_address
         try:
             await asyncio.wait_for(
-                loop.create_connection(lambda: session, ip, port),
-                float(self.cfg.delivery.connect_timeout),
+                loop.create_connection(
+                    lambda: session, ip, port, local_addr=(source, 0) if source else None
+                ),
+                float(delivery.connect_timeout),
             )
         except TimeoutError:
             raise _SessionFailed(_temp("4.4.1", f"connect to {where}: timed out")) from None
