@@ -417,9 +417,20 @@ def test_first_attempts_beyond_the_backlog_wait_in_the_queue(tmp_path: Path) -> 
     assert all(e.recipients[0].status == "bounced" for e in envs if e.attempts)
 
 
-def test_a_domain_delivered_is_stored_before_a_slower_one_ends(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("fast", "notify", "stored_early"),
+    [
+        ("ok", None, "delivered"),
+        ("ok", ("SUCCESS",), "queued"),  # a success DSN is owed: stored with its report
+        ("bounce", None, "queued"),  # one delivered, one bounced: the bounce is owed
+    ],
+)
+def test_a_domain_delivered_is_stored_before_a_slower_one_ends(
+    tmp_path: Path, fast: str, notify: tuple[str, ...] | None, stored_early: str
+) -> None:
     """A stop or crash while another domain's MX is still being waited on must not send the
-    delivered copies again: they are stored as soon as their domain is done."""
+    delivered copies again: they are stored as soon as their domain is done, unless a DSN
+    is owed for them (stored alone, a crash would lose that DSN)."""
     from postroom.delivery.remote import DeliveryResult
     from postroom.smtp.client_engine import Outcome, OutgoingMessage
     from postroom.wire.replies import Reply
@@ -434,28 +445,34 @@ def test_a_domain_delivered_is_stored_before_a_slower_one_ends(tmp_path: Path) -
             if domain == "slow.test":
                 await slow_release.wait()
             ok = Reply(250, "2.0.0", ("queued",))
+            no = Reply(550, "5.1.1", ("no such user",))
             return [
-                DeliveryResult(r, Outcome.DELIVERED, ok, f"mx.{domain}")
+                DeliveryResult(r, Outcome.PERMANENT, no, f"mx.{domain}")
+                if r.address.startswith("nobody")
+                else DeliveryResult(r, Outcome.DELIVERED, ok, f"mx.{domain}")
                 for r in outgoing.recipients
             ]
 
     runner._remote_delivery = lambda: Remote()  # type: ignore[method-assign]
 
     async def main() -> None:
-        env = envelope("Q1", "bob@fast.test", "carol@slow.test")
+        rcpts = ["bob@fast.test"] + (["nobody@fast.test"] if fast == "bounce" else [])
+        env = envelope("Q1", *rcpts, "carol@slow.test")
+        env.recipients[0].notify = list(notify) if notify else None
         draft = runner.queue.draft(env.id, env.sender)
         draft.write(b"Subject: t\r\n\r\nbody\r\n")
         await runner.accept(env, draft)
-        for _ in range(50):  # until the fast domain is done and stored
+        for _ in range(50):  # until the fast domain is done (and stored, if it may be)
             await asyncio.sleep(0)
         stored = Envelope.from_json(queue.stored["Q1"][0])
         assert [(r.address, r.status) for r in stored.recipients] == [
-            ("bob@fast.test", "delivered"),
+            *((r, stored_early) for r in rcpts),
             ("carol@slow.test", "queued"),
         ]
         slow_release.set()
         await settle(runner)
-        assert not queue.messages  # both delivered: finished
-        assert queue.calls[-1] == ("finish", "Q1")
+        assert "Q1" not in queue.messages  # every recipient done: finished
+        dsns = [qid for kind, qid in queue.calls if kind == "accept" and qid != "Q1"]
+        assert len(dsns) == (0 if fast == "ok" and not notify else 1)
 
     asyncio.run(main())

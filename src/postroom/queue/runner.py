@@ -373,7 +373,11 @@ class QueueRunner:
                             newly_failed.append(rcpt)
                         else:
                             self._outcome(envelope, rcpt, "deferred", reply, relay, took)
-                    if delivered and not all(t.done() for t in tasks):
+                    if (
+                        delivered
+                        and not all(t.done() for t in tasks)
+                        and not _owes(newly_failed, newly_done)
+                    ):
                         # Stored now, not when the slowest other domain is done (a dead MX:
                         # minutes): a stop or crash meanwhile must not send these again.
                         # Only the instant between the 250 and this write remains (§6.1).
@@ -649,6 +653,13 @@ def _wire(message: bytes) -> bytes:
     if message.startswith(b"Return-Path:"):
         message = message[message.find(b"\n") + 1 :]
     return to_crlf(message)
+
+
+def _owes(failed: list[Recipient], done: list[Recipient]) -> bool:
+    """Might a DSN be owed for these outcomes (a bounce, or NOTIFY=SUCCESS)? Such outcomes are
+    stored only with the reports decided for them (``_decide_reports``): stored alone, a crash
+    would leave the recipient done and its DSN never sent."""
+    return bool(failed) or any(r.notify and "SUCCESS" in r.notify for r in done)
 
 
 def _attempts(now: float, results: list[tuple[Recipient, DeliveryResult]]) -> list[Attempt]:
