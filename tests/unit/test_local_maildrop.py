@@ -191,6 +191,18 @@ def test_flags_another_tool_set_meanwhile_are_kept(tmp_path: Path) -> None:
     assert sorted(os.listdir(md / "cur")) == ["1.a,S=3:2,FST", "2.b,S=3:2,RS"]
 
 
+def test_marking_seen_never_replaces_another_file(tmp_path: Path) -> None:
+    """Two files under one unique name (a tool's slip, a restored backup): moving the new one
+    to cur/ would have replaced the other message."""
+    md = make_maildir(tmp_path / "md", {"new/1.a": b"first\n", "cur/1.a:2,S": b"second\n"})
+    drop = Maildrop(md)
+    drop.open_now()
+    assert drop.update_now([], [1, 2]) == 0
+    drop.close_now()
+    contents = sorted(p.read_bytes() for p in md.glob("*/1.a*"))
+    assert contents == [b"first\n", b"second\n"]
+
+
 def test_entries_that_are_no_message_are_left_out(tmp_path: Path) -> None:
     """A directory, a FIFO or a device in new/ or cur/ neither locks the user out nor hangs
     the login: the messages beside it are served."""

@@ -361,12 +361,22 @@ class MaildirMaildrop:
             try:
                 if not seen:
                     os.unlink(f.name, dir_fd=src_fd)
-                elif target := seen_name(f):
+                elif (target := seen_name(f)) and not _exists(target, self._dirs["cur"]):
+                    # (Another message under that name, a tool's slip: rename would replace
+                    # it. This one stays unmarked instead.)
                     os.rename(f.name, target, src_dir_fd=src_fd, dst_dir_fd=self._dirs["cur"])
                 return
             except FileNotFoundError:
                 if attempt == 2:
                     raise
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def seen_name(f: MaildirFile) -> str | None:
