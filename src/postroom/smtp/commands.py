@@ -147,8 +147,8 @@ def parse(line: bytes, *, smtputf8: bool = False) -> Command:
     Any BDAT refused here is fatal: its chunk has no size to be read off by."""
     try:
         return _parse(line, smtputf8)
-    except CommandError as exc:
-        if is_bdat(line) and not exc.fatal:
+    except CommandError:
+        if is_bdat(line):
             raise CommandError(replies.BDAT_UNREADABLE, fatal=True) from None
         raise
 
@@ -217,7 +217,8 @@ def _parse(line: bytes, smtputf8: bool) -> Command:
     if verb == "BDAT":
         # RFC 3030 §2: a chunk's octets follow at once, so a BDAT that is refused still has
         # them read off (the engine does). Without a size to read by, the octets that follow
-        # would be taken as commands (a message smuggled in a chunk): end the session.
+        # would be taken as commands (a message smuggled in a chunk): parse() makes every
+        # refusal of a BDAT end the session.
         parts = rest.split()
         size = parts[0] if parts else ""
         if (
@@ -225,7 +226,7 @@ def _parse(line: bytes, smtputf8: bool) -> Command:
             or not (size.isascii() and size.isdigit())
             or (len(parts) == 2 and parts[1].upper() != "LAST")
         ):
-            raise CommandError(replies.BDAT_UNREADABLE, fatal=True)
+            raise CommandError(replies.PARAM_SYNTAX)
         return Bdat(int(size), len(parts) == 2)  # RFC 3030 §4: any run of digits
     if verb == "AUTH":
         parts = rest.split()

@@ -137,31 +137,36 @@ def format_uidl(fmt: str, uid: int, uidvalidity: int, filename: str, guid: str |
     return _VAR.sub(one, fmt)
 
 
-def load_uidl_map(box: Path, name: str = UIDL_MAP) -> dict[str, str]:
-    """The UIDLs a mailbox keeps for imported messages: Maildir unique name -> UIDL (or, for
-    :data:`IMPORTED_MAP`, source name -> the copy's unique name)."""
+def load_uidl_map(box: Path) -> dict[str, str]:
+    """The UIDLs a mailbox keeps for imported messages: Maildir unique name -> UIDL."""
+    return _load_map(box / UIDL_MAP)
+
+
+def _load_map(path: Path) -> dict[str, str]:
+    """A ``key TAB value`` file (:data:`UIDL_MAP`, :data:`IMPORTED_MAP`); empty if absent."""
     try:
-        text = (box / name).read_text("utf-8", "surrogateescape")
+        text = path.read_text("utf-8", "surrogateescape")
     except FileNotFoundError:
         return {}
     out = {}
     for line in text.splitlines():
-        unique, tab, uidl = line.partition("\t")
-        if tab and uidl:
-            out[unique] = uidl
+        key, tab, value = line.partition("\t")
+        if tab and value:
+            out[key] = value
     return out
 
 
-def _save_uidl_map(box: Path, uidls: dict[str, str], name: str = UIDL_MAP) -> None:
-    tmp = box / (name + ".tmp")
+def _save_map(path: Path, entries: dict[str, str]) -> None:
+    """Replace ``path`` with ``entries``, durably (written whole, synced, renamed over)."""
+    tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        body = "".join(f"{u}\t{p}\n" for u, p in sorted(uidls.items()))
+        body = "".join(f"{k}\t{v}\n" for k, v in sorted(entries.items()))
         files.write_all(fd, [body.encode("utf-8", "surrogateescape")])
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, box / name)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -207,7 +212,7 @@ def import_maildir(
     host = maildir._host_part(hostname)
     maildir.ensure(box)
     uidls = load_uidl_map(box)
-    imported = load_uidl_map(box, IMPORTED_MAP)
+    imported = _load_map(box / IMPORTED_MAP)
     existing = {_base(n).split(",", 1)[0] for _s, n in _messages(box)}
     report = Report()
     order = sorted(
@@ -240,7 +245,7 @@ def import_maildir(
             plan.append((sub, name, unique))
     if uidlist is not None:
         # Written before any copy is visible: a POP3 session never sees one without its UIDL.
-        _save_uidl_map(box, uidls)
+        _save_map(box / UIDL_MAP, uidls)
     changed: set[str] = set()
     for sub, name, unique in plan:
         data = (src / sub / name).read_bytes().replace(b"\r\n", b"\n")
@@ -262,5 +267,5 @@ def import_maildir(
     for sub in changed:
         files.fsync_dir(box / sub)
     # After the copies: one made before a crash here is found again by its name.
-    _save_uidl_map(box, imported, IMPORTED_MAP)
+    _save_map(box / IMPORTED_MAP, imported)
     return report

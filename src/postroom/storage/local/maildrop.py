@@ -243,7 +243,7 @@ class MaildirMaildrop:
             try:
                 st = path.stat()
                 if not stat.S_ISREG(st.st_mode):  # replaced since the listing
-                    raise IsADirectoryError(str(path))
+                    raise OSError("not a regular file")
                 known = cache.get(uid)
                 if known is None or known[0] != st.st_size:
                     known = (st.st_size, measure(path))
