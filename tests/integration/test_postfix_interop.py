@@ -9,6 +9,7 @@ import shutil
 import smtplib
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +20,45 @@ POSTFIX_IP = "127.0.0.5"
 POSTROOM_IP = "127.0.0.6"
 
 
-def bench_postfix() -> tuple[Any, Any, Any]:
-    """bench/'s private Postfix: its ``postfix`` and ``tlscert`` modules and ``Cleanup``."""
+def bench_postfix() -> Any:
+    """bench/'s ``benchlib.postfix`` module (the private Postfix and its ports)."""
     need_tool("postfix")
     need_tool("openssl")
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         from benchlib import postfix as pf
+    finally:
+        sys.path.pop(0)
+    return pf
+
+
+@contextlib.contextmanager
+def postfix_peer(
+    tmp_path: Path, mail_users: list[str], transports: dict[str, str] | None = None
+) -> Iterator[Path]:
+    """bench/'s private Postfix for ``b.test`` on POSTFIX_IP, running; its root (``maillog``,
+    ``etc/``, ``mail/``), stopped and removed afterwards."""
+    pf = bench_postfix()
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
         from benchlib import tlscert
         from benchlib.proc import Cleanup
     finally:
         sys.path.pop(0)
-    return pf, tlscert, Cleanup
+    # Postfix refuses a tree it cannot traverse as its own user: not under pytest's 0700 tmp.
+    root = Path("/tmp") / f"postroom-postfix-{tmp_path.name}"
+    shutil.rmtree(root, ignore_errors=True)
+    cleanup = Cleanup()
+    try:
+        cert, key = tlscert.make_cert(root / "tls", "mx.b.test")
+        pf.start_postfix(
+            root, POSTFIX_IP, "mx.b.test", "b.test", mail_users, cert, key, cleanup,
+            transports=transports,
+        )  # fmt: skip
+        yield root
+    finally:
+        cleanup.run_all()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def wait_files(directory: Path, timeout: float = 30) -> list[bytes]:
@@ -40,7 +68,7 @@ def wait_files(directory: Path, timeout: float = 30) -> list[bytes]:
 
 
 def test_postroom_to_postfix_and_back(server_factory: ServerFactory, tmp_path: Path) -> None:
-    pf, tlscert, Cleanup = bench_postfix()
+    pf = bench_postfix()
     dns = LoopbackDNS()
     dns.mx("b.test", 10, "mx.b.test")
     dns.a("mx.b.test", POSTFIX_IP)
@@ -52,23 +80,10 @@ def test_postroom_to_postfix_and_back(server_factory: ServerFactory, tmp_path: P
         f"[delivery]\nport = {pf.PORT_SMTP}\n",
     )
     srv.add_user("alice@a.test", "pw")
-    # Postfix refuses a tree it cannot traverse as its own user: not under pytest's 0700 tmp.
-    root = Path("/tmp") / f"postroom-postfix-{tmp_path.name}"
-    shutil.rmtree(root, ignore_errors=True)
-    cleanup = Cleanup()
-    try:
-        cert, key = tlscert.make_cert(root / "tls", "mx.b.test")
-        pf.start_postfix(
-            root,
-            POSTFIX_IP,
-            "mx.b.test",
-            "b.test",
-            ["bob@b.test"],
-            cert,
-            key,
-            cleanup,
-            transports={"a.test": f"smtp:[{POSTROOM_IP}]:{srv.ports['smtp']}"},
-        )
+    transports = {"a.test": f"smtp:[{POSTROOM_IP}]:{srv.ports['smtp']}"}
+    with contextlib.ExitStack() as stack:
+        stack.callback(dns.stop)
+        root = stack.enter_context(postfix_peer(tmp_path, ["bob@b.test"], transports))
         log = root / "maillog"
 
         with smtplib.SMTP(srv.host, srv.ports["submission"], timeout=30) as c:
@@ -96,10 +111,6 @@ def test_postroom_to_postfix_and_back(server_factory: ServerFactory, tmp_path: P
         assert len(msgs) == 1, log.read_text()[-3000:]
         assert b"Subject: from postfix" in msgs[0]
         assert b"(Postfix)" in msgs[0]
-    finally:
-        cleanup.run_all()
-        dns.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_postfix_logs_in_to_submission_as_its_smarthost(
@@ -107,15 +118,10 @@ def test_postfix_logs_in_to_submission_as_its_smarthost(
 ) -> None:
     """Postfix's SMTP client (Cyrus SASL) picks SCRAM-SHA-256, the strongest mechanism
     offered, and refuses an iteration count over 65,536 without falling back to PLAIN."""
-    pf, tlscert, Cleanup = bench_postfix()
+    pf = bench_postfix()
     srv = server_factory(domains=("a.test",), host=POSTROOM_IP, services=("submission",))
     srv.add_user("alice@a.test", "smarthost-pw")
-    root = Path("/tmp") / f"postroom-postfix-{tmp_path.name}"
-    shutil.rmtree(root, ignore_errors=True)
-    cleanup = Cleanup()
-    try:
-        cert, key = tlscert.make_cert(root / "tls", "mx.b.test")
-        pf.start_postfix(root, POSTFIX_IP, "mx.b.test", "b.test", [], cert, key, cleanup)
+    with postfix_peer(tmp_path, []) as root:
         etc = root / "etc"
         smarthost = f"[{POSTROOM_IP}]:{srv.ports['submission']}"
         (etc / "sasl_passwd").write_text(f"{smarthost} alice@a.test:smarthost-pw\n")
@@ -147,6 +153,3 @@ def test_postfix_logs_in_to_submission_as_its_smarthost(
         assert len(msgs) == 1, log[-3000:]
         assert b"through the smarthost" in msgs[0]
         assert "iteration-count is too big" not in log
-    finally:
-        cleanup.run_all()
-        shutil.rmtree(root, ignore_errors=True)

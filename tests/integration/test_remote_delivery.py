@@ -179,16 +179,20 @@ def mx(host: str, ip: str, pref: int) -> Target:
 
 
 def deliver_once(
-    data: bytes, msg: OutgoingMessage | None = None, **sink_args: Any
+    data: bytes,
+    msg: OutgoingMessage | None = None,
+    delivery: dict[str, Any] | None = None,
+    **sink_args: Any,
 ) -> tuple[DeliveryResult, Sink]:
-    """One message (to bob@b.test unless ``msg`` says) through a fresh Sink at mx.b.test."""
+    """One message (to bob@b.test unless ``msg`` says) through a fresh Sink at mx.b.test;
+    ``delivery``: ``[delivery]`` settings."""
     port = free_port()
     out: list[tuple[DeliveryResult, Sink]] = []
 
     async def main() -> None:
         sink = await Sink("127.0.0.2", port, **sink_args).start()
         resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
-        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        remote = RemoteDelivery(config(port, **(delivery or {})), resolver, reply_timeout=5)
         try:
             (result,) = await remote.deliver("b.test", msg or message("bob@b.test"), data)
         finally:
@@ -203,22 +207,9 @@ def deliver_once(
 def test_outbound_connections_come_from_bind_address() -> None:
     # On a host with several addresses, the one SPF and the reverse DNS name (Postfix's
     # smtp_bind_address).
-    port = free_port()
-
-    async def main() -> None:
-        sink = await Sink("127.0.0.2", port).start()
-        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
-        cfg = config(port, bind_address="127.0.0.9")
-        remote = RemoteDelivery(cfg, resolver, reply_timeout=5)
-        try:
-            (result,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
-        finally:
-            await remote.aclose()
-            await sink.stop()
-        assert result.outcome is Outcome.DELIVERED
-        assert sink.peers == ["127.0.0.9"]
-
-    run(main)
+    result, sink = deliver_once(BODY, delivery={"bind_address": "127.0.0.9"})
+    assert result.outcome is Outcome.DELIVERED
+    assert sink.peers == ["127.0.0.9"]
 
 
 def test_delivers_with_per_recipient_results() -> None:
