@@ -197,8 +197,9 @@ class Supervisor:
             data = slot.channel.recv(64)
         except OSError:
             data = b""
-        if b"R" in data:
+        if b"R" in data and not slot.ready:
             slot.ready = slot.served = True
+            log.info("worker %d ready", slot.index)
         if not data:  # the worker is gone (or going): reaped by _reap
             slot.channel.close()
             slot.channel = None

@@ -120,6 +120,9 @@ def test_a_killed_worker_is_started_again(server_factory: ServerFactory) -> None
                 c.sendmail("x@r.test", ["alice@a.test"], f"Subject: {i}\r\n\r\nx\r\n".encode())
 
     for index in (1, 0):  # a secondary, then the primary (it recovers the queue again)
+        # Killed before it was first ready, a worker stops the server (a start-up error), and
+        # "postroom: ready" is the primary's: the secondary may still be starting.
+        wait_until(lambda: f"worker {index} ready" in srv.log.read_text(), 15)  # noqa: B023
         (pid,) = worker_pids(srv.log.read_text(), index)[-1:]
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: len(worker_pids(srv.log.read_text(), index)) >= 2, 15)  # noqa: B023
