@@ -129,8 +129,11 @@ def parse_path(text: str, *, utf8: bool = False, allow_null: bool = False) -> Ad
     Returns None for the null path ``<>`` when ``allow_null``. A source route
     (``<@a,@b:user@c>``) is accepted and ignored, as RFC 5321 §4.1.2 and Appendix C require.
     """
-    if len(text) > MAX_PATH + 2 or not (text.startswith("<") and text.endswith(">")):
+    if not (text.startswith("<") and text.endswith(">")):
         raise AddressError("path must be enclosed in <>")
+    # RFC 5321 §4.5.3.1.3: 256 octets "including the punctuation", the brackets too.
+    if len(text.encode("utf-8", "surrogateescape")) > MAX_PATH:
+        raise AddressError(f"path longer than {MAX_PATH} octets")
     inner = text[1:-1]
     if inner == "":
         if allow_null:

@@ -391,6 +391,16 @@ def test_white_space_and_empty_labels_in_a_domain_are_syntax_errors() -> None:
     assert codes(out) == ["250", "250", "250"]  # the root's dot: tolerated
 
 
+def test_a_path_is_at_most_256_octets_with_its_brackets() -> None:
+    # RFC 5321 §4.5.3.1.3: "including the punctuation and element separators".
+    domain = "b" * 63 + "." + "c" * 63 + "." + "d" * 63 + ".test"  # a path: 199 + the local part
+    for local, code in (("a" * 57, "250"), ("a" * 58, "501"), ("ü" * 28 + "a", "250")):
+        out = Harness().send(f"EHLO c\r\nMAIL FROM:<{local}@{domain}> SMTPUTF8\r\n".encode())
+        assert codes(out) == ["250", code], local
+    out = Harness().send(f"EHLO c\r\nMAIL FROM:<{'ü' * 29}@{domain}> SMTPUTF8\r\n".encode())
+    assert codes(out) == ["250", "501"]  # 228 characters, 257 octets
+
+
 def test_orcpt_syntax() -> None:
     rcpt = b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@y.test> ORCPT="
     for bad in (b"rfc822;a+ZZb", b";a", b"rfc822;", b"bo gus;a", b"rfc822"):
