@@ -47,3 +47,23 @@ def test_catch_all_takes_the_rest_but_not_postmaster_nor_sending() -> None:
     assert resolve("whoever@b.test", ex) is None
     assert not owns("bob@a.test", "whoever@a.test", ex("whoever@a.test"))
     assert owns("bob@a.test", "bob@a.test", None)
+
+
+def test_aliases_nested_too_deep_are_refused_whole_not_a_branch_dropped() -> None:
+    chain = {f"d{i}@a.test": [f"d{i + 1}@a.test"] for i in range(12)}
+    chain["d12@a.test"] = ["ann@a.test"]
+    chain["fan@a.test"] = ["d0@a.test", "bob@a.test"]
+    ex = expander(chain)
+    assert ex("fan@a.test", max_depth=20) == ["ann@a.test", "bob@a.test"]
+    assert ex("d0@a.test", max_depth=12) == ["ann@a.test"]  # 13 aliases: d0 at depth 0
+    assert ex("d0@a.test", max_depth=11) == []  # refused (5.4.6), never half delivered
+    assert ex("fan@a.test", max_depth=11) == []
+
+
+def test_postmaster_is_accepted_even_when_its_alias_leads_nowhere() -> None:
+    loop = expander({"postmaster@a.test": ["pm2@a.test"], "pm2@a.test": ["postmaster@a.test"]})
+    assert resolve("postmaster@a.test", loop) == ["postmaster@a.test"]  # RFC 5321 §4.5.1
+    gone = expander({"postmaster@a.test": ["gone@a.test"]})
+    assert resolve("postmaster@a.test", gone) == ["postmaster@a.test"]
+    ok = expander({"postmaster@a.test": ["bob@a.test"]})
+    assert resolve("postmaster@a.test", ok) == ["bob@a.test"]

@@ -5,7 +5,9 @@ are local. Addresses typed by an admin become keys here (:func:`account_address`
 :func:`alias_key`): lower-cased local part, IDNA domain, a local domain, safe as a path.
 An alias may name itself among its targets (keep a copy and forward) only if it is a user too;
 an alias met again is a loop and is not walked twice, so an alias that only leads back to itself
-expands to an empty list (the caller refuses it). A local target must exist when it is added
+expands to an empty list (the caller refuses it), as does one whose aliases nest deeper than
+:data:`MAX_DEPTH` (refused whole rather than a branch dropped: Postfix's
+``virtual_alias_recursion_limit`` does the same). A local target must exist when it is added
 (:func:`check_targets`), and one without an account (a user deleted since) is skipped by
 expansion: mail is never stored for an address that has no account, except ``postmaster@``
 (RFC 5321 §4.5.1). ``@DOMAIN`` is the catch-all of a local domain: it takes an address there
@@ -19,7 +21,7 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from postroom.address import Address, normalise_domain, parse_user_address, safe_local_part
 from postroom.errors import AccountError, AddressError
 
-MAX_DEPTH = 10
+MAX_DEPTH = 100  # aliases within aliases; deeper is refused (5.4.6) as a loop is
 
 
 def account_address(text: str, domains: Iterable[str]) -> Address:
@@ -90,9 +92,11 @@ def expand(
     max_depth: int = MAX_DEPTH,
 ) -> list[str] | None:
     """The final addresses of ``key`` through aliases (itself for a user); None if it is
-    neither a user nor an alias; [] for an alias loop."""
+    neither a user nor an alias; [] for an alias loop or aliases nested deeper than
+    ``max_depth``."""
     expanded: set[str] = set()  # aliases already walked: met again, they are a loop
     result: dict[str, None] = {}  # final addresses, each once, in order
+    too_deep = False
 
     def final(t: str) -> None:
         if t.rpartition("@")[2] in local_domains and not has_mailbox(t, is_user):
@@ -100,32 +104,37 @@ def expand(
         result[t] = None
 
     def walk(k: str, depth: int) -> bool:
+        nonlocal too_deep
         targets = targets_of(k)
         if not targets:
             return False
+        if depth > max_depth:
+            too_deep = True
+            return True
         expanded.add(k)
         for t in targets:
             if t == k:
                 final(t)  # the alias keeps a copy under its own name
             elif t in expanded:
                 continue
-            elif depth >= max_depth or not walk(t, depth + 1):
+            elif not walk(t, depth + 1):
                 final(t)
         return True
 
     if walk(key, 0):
-        return list(result)
+        return [] if too_deep else list(result)
     return [key] if is_user(key) else None
 
 
 def resolve(key: str, expand_key: Callable[[str], list[str] | None]) -> list[str] | None:
-    """Where mail for local ``key`` goes: its expansion, else ``postmaster@`` itself, else
-    the domain's catch-all (alias ``@domain``). None: no such address."""
+    """Where mail for local ``key`` goes: its expansion, else ``postmaster@`` itself (also
+    when its alias leads to no mailbox), else the domain's catch-all (alias ``@domain``). None:
+    no such address."""
     found = expand_key(key)
+    local, _, domain = key.rpartition("@")
+    if not found and local == "postmaster":
+        return [key]  # also when its alias leads nowhere: always accepted (RFC 5321 §4.5.1)
     if found is None:
-        local, _, domain = key.rpartition("@")
-        if local == "postmaster":
-            return [key]
         found = expand_key(f"@{domain}")
     return found
 

@@ -262,9 +262,9 @@ class AccountLookup(Protocol):
 
     def alias_targets(self, key: str) -> Sequence[str]: ...
 
-    def expand(self, key: str, max_depth: int = 10) -> list[str] | None:
+    def expand(self, key: str, max_depth: int = ...) -> list[str] | None:
         """The final addresses of ``key`` through aliases (itself for a user); None if it is
-        neither a user nor an alias; [] for an alias loop."""
+        neither a user nor an alias; [] for an alias loop or aliases nested too deep."""
         ...
 
     def resolve(self, key: str) -> list[str] | None:

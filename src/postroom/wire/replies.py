@@ -152,8 +152,8 @@ AUTH_MALFORMED = R(501, "5.5.2", "Malformed authentication response")
 MUST_STARTTLS = R(530, "5.7.0", "Must issue a STARTTLS command first")
 USER_UNKNOWN = R(550, "5.1.1", "Mailbox unavailable: no such user here")
 USER_UNKNOWN_NOW = R(550, "5.1.1", "Mailbox unavailable: the account was removed")
-# RFC 3463 X.4.6: aliases that only lead back to themselves name no mailbox at all.
-ALIAS_LOOP = R(550, "5.4.6", "Alias loop: this address leads to no mailbox")
+# RFC 3463 X.4.6: aliases that only lead back to themselves (or nest too deep) name no mailbox.
+ALIAS_LOOP = R(550, "5.4.6", "Alias loop or aliases nested too deep: no mailbox at this address")
 RELAY_DENIED = R(554, "5.7.1", "Relay access denied")
 SENDER_NOT_OWNED = R(553, "5.7.1", "Sender address not owned by authenticated user")
 MESSAGE_TOO_BIG = R(552, "5.3.4", "Message size exceeds fixed maximum message size")

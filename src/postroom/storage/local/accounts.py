@@ -235,8 +235,9 @@ class Accounts(alias_rules.AliasLookups):
         """Resolve aliases recursively to final addresses (keys for local ones).
 
         None when ``key`` is neither a user nor an alias. An alias may also name itself as a
-        target (keep a copy and forward), which ends the recursion there. Loops stop quietly:
-        an alias that only leads back to itself expands to an empty list.
+        target (keep a copy and forward), which ends the recursion there. An alias that only
+        leads back to itself, or nests aliases deeper than ``max_depth``, expands to an empty
+        list.
         Answers are cached until the store changes on disk (checked with two stat calls), so
         the RCPT hot path costs no SQL, and a change by the CLI is seen at once.
         """
