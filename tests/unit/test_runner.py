@@ -373,6 +373,17 @@ def test_a_local_copy_that_fails_is_retried_alone(tmp_path: Path) -> None:
     assert queue.calls[-1] == ("finish", "Q1")
 
 
+def test_an_account_deleted_during_data_gets_no_copy_and_bounces(tmp_path: Path) -> None:
+    # RCPT found gone@a.test; ``user del`` ran before the end of DATA (has_mailbox says so).
+    runner, _queue, boxes, _clock = make(tmp_path, {})
+    env = envelope("Q1", "gone@a.test", "alice@a.test")
+    asyncio.run(accept(runner, env))
+    assert [r.status for r in env.recipients] == ["bounced", "delivered"]
+    assert "5.1.1" in (env.recipients[0].last_error or "")
+    assert ("Q1", "gone@a.test") not in boxes.delivered
+    assert ("Q1", "alice@a.test") in boxes.delivered
+
+
 def test_a_message_whose_copies_are_all_made_at_acceptance_is_not_held(tmp_path: Path) -> None:
     runner, queue, _boxes, _clock = make(tmp_path, {})
     env = envelope("Q1", "alice@a.test")

@@ -161,10 +161,14 @@ class QueueRunner:
         """Make the message durable with its local copies (``hold``: keep it queued even if
         they are all it has); their results. The first attempt of the others is counted."""
         now = self._clock()
+        # An account deleted since its RCPT (user del during DATA) gets no copy: its
+        # recipient stays queued, and the first attempt bounces it as it would a queued one.
         local = [
             LocalCopy(i, r.address)
             for i, r in enumerate(envelope.recipients)
-            if not r.done and self.is_local(r.address)
+            if not r.done
+            and self.is_local(r.address)
+            and self.services.accounts.has_mailbox(r.address)
         ]
         if len(local) < len(envelope.recipients):  # the others' first attempt starts now
             self._count_attempt(envelope, now, self._jitter())
