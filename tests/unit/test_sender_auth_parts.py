@@ -73,6 +73,17 @@ def test_parse_record() -> None:
     assert dmarc.parse_record("v=DMARC1; p=bogus") is None
     bad_p = dmarc.parse_record("v=DMARC1; p=bogus; rua=mailto:x@y.test")
     assert bad_p is not None and bad_p.p == "none"  # RFC 7489 §6.6.3
+    # §6.6.3 step 6: a wrong sp is as a wrong p (it used to take p's value: reject).
+    assert dmarc.parse_record("v=DMARC1; p=reject; sp=bogus") is None
+    bad_sp = dmarc.parse_record("v=DMARC1; p=reject; sp=bogus; rua=mailto:x@y.test")
+    assert bad_sp is not None and (bad_sp.p, bad_sp.sp) == ("none", "none")
+    no_sp = dmarc.parse_record("v=DMARC1; p=quarantine")
+    assert no_sp is not None and no_sp.sp == "quarantine"
+    # The tag name is case-insensitive (RFC 5234 §2.3), the version exact (§6.4).
+    upper = dmarc.parse_record("V = DMARC1; P=REJECT")
+    assert upper is not None and upper.p == "reject"
+    assert dmarc.parse_record("v=dmarc1; p=reject") is None
+    assert dmarc.parse_record("v=DMARC10; p=reject") is None
 
 
 class Zone:

@@ -64,13 +64,16 @@ class DmarcRecord:
 
 
 def is_record(text: str) -> bool:
-    """Does ``text`` claim to be a DMARC record (§6.3: ``v=DMARC1`` first)?"""
-    return text.split(";", 1)[0].replace(" ", "").strip() == "v=DMARC1"
+    """Does ``text`` claim to be a DMARC record (§6.3: ``v=DMARC1`` first)? The tag name is
+    an ABNF quoted string, case-insensitive (RFC 5234 §2.3); the value is exact (§6.4)."""
+    name, sep, value = text.split(";", 1)[0].partition("=")
+    return bool(sep) and name.strip(" \t").lower() == "v" and value.strip(" \t") == "DMARC1"
 
 
 def parse_record(text: str) -> DmarcRecord | None:
     """A DMARC record, or None if ``text`` is not one (§6.3: ``v=DMARC1`` first), or one that
-    asks for no DMARC processing (a missing or wrong ``p`` and no valid ``rua``, §6.6.3)."""
+    asks for no DMARC processing (a missing or wrong ``p``, or a wrong ``sp``, and no valid
+    ``rua``, §6.6.3 step 6)."""
     if not is_record(text):
         return None
     items = [part.strip() for part in text.split(";")]
@@ -85,19 +88,20 @@ def parse_record(text: str) -> DmarcRecord | None:
         if uri.strip().lower().startswith("mailto:")
     )
     p = tags.get("p", "").lower()
-    if p not in POLICIES:
-        # §6.6.3: a record whose p is missing or wrong counts as p=none if it has a valid rua.
+    sp = tags.get("sp", p).lower()
+    if p not in POLICIES or sp not in POLICIES:
+        # §6.6.3 step 6: a record whose p is missing or wrong, or whose sp is wrong, counts
+        # as p=none if it has a valid rua, else as no record.
         if not rua:
             return None
-        p = "none"
-    sp = tags.get("sp", "").lower()
+        p = sp = "none"
     try:
         pct = min(100, max(0, int(tags.get("pct", "100"))))
     except ValueError:
         pct = 100
     return DmarcRecord(
         p=p,
-        sp=sp if sp in POLICIES else p,
+        sp=sp,
         pct=pct,
         adkim="s" if tags.get("adkim", "r").lower() == "s" else "r",
         aspf="s" if tags.get("aspf", "r").lower() == "s" else "r",

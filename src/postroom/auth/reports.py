@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from postroom.auth.dkim_verify import DkimResult
-from postroom.auth.dmarc import DmarcResult, organizational_domain
+from postroom.auth.dmarc import DmarcResult, is_record, organizational_domain
 from postroom.auth.lookup import DnsCache
 from postroom.auth.spf import SpfResult
 
@@ -329,7 +329,7 @@ async def destinations(cache: DnsCache, report: Report, size: int) -> Destinatio
             if answer.temporary:
                 waiting.append(f"{addr} (authorization lookup failed: {answer.error})")
                 continue
-            if not any(t.replace(b" ", b"").startswith(b"v=DMARC1") for t in answer.txt()):
+            if not any(is_record(t.decode("ascii", "replace")) for t in answer.txt()):
                 refused.append(f"{addr} (not authorized by {rua_domain}, RFC 7489 §7.1)")
                 continue
         out.append(addr)
