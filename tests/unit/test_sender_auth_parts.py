@@ -27,6 +27,8 @@ def test_strip_ours_removes_folded_and_commented_fields_only() -> None:
         b"Subject: hi\r\n"
         b"Authentication-Results: (c) mx.a.test.;\r\n\tdkim=pass\r\n"
         b"Authentication-Results: other.test; spf=fail\r\n"
+        b'Authentication-Results: "mx.a.\\test"; dkim=pass\r\n'  # a quoted-pair: mx.a.test
+        b'Authentication-Results: "mx.a.test"; dkim=pass\r\n'
         b"\r\nAuthentication-Results: mx.a.test; in the body\r\n"
     )
     out = results.strip_ours(msg, "mx.a.test")

@@ -83,8 +83,12 @@ def _comment(text: str, limit: int = 120) -> str:
 def authserv_id(value: bytes) -> str:
     """The authserv-id of a field value (after any leading comments)."""
     rest = _skip_cfws(value.replace(b"\r\n", b" ").replace(b"\n", b" "))
-    token = re.split(rb"[\s;()]", rest, maxsplit=1)[0]
-    return token.decode("utf-8", "replace").strip('"').lower().rstrip(".")
+    quoted = re.match(rb'"((?:[^"\\]|\\.)*)"', rest)  # a quoted-string: undo its quoted-pairs
+    if quoted:
+        token = re.sub(rb"\\(.)", rb"\1", quoted.group(1)).strip()
+    else:
+        token = re.split(rb"[\s;()]", rest, maxsplit=1)[0].strip(b'"')
+    return token.decode("utf-8", "replace").lower().rstrip(".")
 
 
 def _skip_cfws(text: bytes) -> bytes:

@@ -184,7 +184,10 @@ class SenderAuth:
             if auth.dkim_sign and not too_large:
                 await self._sign(message)
             return None
-        if port != "smtp" or not auth.checks:
+        if port != "smtp":
+            return None
+        if not auth.checks:
+            self._remove_ours(message)  # RFC 8601 §5: the border's duty, checking or not
             return None
         if too_large:
             # Forged results are removed all the same; only SPF is checked (no refusal),
