@@ -452,6 +452,7 @@ async def serve(
 
     if worker.primary:
         privileges.secure_data_dir(cfg)
+    privileges.preload(cfg)
     privileges.drop(cfg)
     lifetime.die_with_parent(worker.parent)  # again: a change of uid forgets it
     # After the drop: its files belong to the user.

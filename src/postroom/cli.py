@@ -642,25 +642,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from postroom import app
 
             return app.run(cfg)
-        # Import what the commands use before dropping root: the new user may not be able to
-        # read the Python installation's files (a pyenv under /root, say).
-        import postroom.storage.factory
-        import postroom.storage.local.accounts
-        import postroom.storage.local.dovecot_import
-        import postroom.storage.local.maildir
-        import postroom.storage.local.queue
         from postroom import privileges
 
         if cfg.storage.backend == "postgresql":
-            import postroom.storage.postgresql.accounts
-            import postroom.storage.postgresql.keys
-            import postroom.storage.postgresql.maintenance
-            import postroom.storage.postgresql.queue  # noqa: F401
             from postroom.storage.postgresql import db
 
             assert cfg.storage.url is not None
             db.remember_password(cfg.storage.url)  # the starting user's ~/.pgpass
 
+        privileges.preload(cfg)
         privileges.drop_for_cli(cfg)
         if args.command == "db":
             return _cmd_db(cfg, args)

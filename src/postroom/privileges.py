@@ -31,6 +31,36 @@ def target_ids(cfg: Config) -> tuple[int, int] | None:
     return None if pw is None else (pw.pw_uid, pw.pw_gid)
 
 
+def preload(cfg: Config) -> None:
+    """Before a drop: load now what is otherwise loaded on demand, in the middle of mail (the
+    IDNA codecs, DNS record types, the public suffix list, postroom's own modules): the new
+    user may not be able to read the Python installation's files (a pyenv under /root, say).
+    Nothing when no drop follows."""
+    if target_ids(cfg) is None:
+        return
+    import encodings.idna
+    import encodings.punycode  # noqa: F401
+    import importlib
+    import pkgutil
+
+    import dns.rdata
+    import dns.rdataclass
+    import dns.rdatatype
+
+    import postroom
+    from postroom.auth import dmarc
+
+    for module in pkgutil.walk_packages(postroom.__path__, "postroom."):
+        if module.name == "postroom.__main__":
+            continue  # it runs the command line
+        if ".postgresql" not in module.name or cfg.storage.backend == "postgresql":
+            importlib.import_module(module.name)
+    for rdtype in ("A", "AAAA", "MX", "TXT", "PTR", "CNAME", "SOA", "NS"):
+        kind = dns.rdatatype.from_text(rdtype)
+        dns.rdata.get_rdata_class(dns.rdataclass.IN, kind)  # type: ignore[no-untyped-call]
+    dmarc.organizational_domain("example.com")  # reads the list
+
+
 def secure_data_dir(cfg: Config) -> None:
     """For ``serve`` (once, by the primary worker, before it serves): the whole data tree
     belongs to the server's user (``user``, else whoever runs it) with modes 0700/0600, also
