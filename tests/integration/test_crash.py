@@ -130,12 +130,14 @@ def _children(pid: int) -> list[int]:
 
 def _send_under_kills(
     srv: Server, sender_address: str, sizes: tuple[int, ...], senders: int, seed: int
-) -> tuple[set[str], dict[str, int]]:
+) -> tuple[set[str], set[str], dict[str, int]]:
     """Tagged messages to fwd@a.test from ``senders`` threads while the server or its journal
     writer is killed at random moments (``POSTROOM_PROBE_ROUNDS`` times, default 4): the tags
-    that got a 250, and the kills."""
+    that got a 250, those refused with a 4yz reply (to be sent again: never to be delivered),
+    and the kills."""
     rounds = int(os.environ.get("POSTROOM_PROBE_ROUNDS", "4"))
     acked: set[str] = set()
+    refused: set[str] = set()
     lock = threading.Lock()
     rng = random.Random(seed)
     deadline = time.monotonic() + 30 + 15 * rounds
@@ -153,6 +155,11 @@ def _send_under_kills(
                     c.sendmail(sender_address, ["fwd@a.test"], msg)
                 with lock:
                     acked.add(tag)
+            except smtplib.SMTPResponseException as exc:  # a writer killed: 452
+                if 400 <= exc.smtp_code < 500:
+                    with lock:
+                        refused.add(tag)
+                time.sleep(0.05)
             except (OSError, smtplib.SMTPException):
                 time.sleep(0.05)
 
@@ -176,7 +183,7 @@ def _send_under_kills(
     for t in threads:
         t.join(timeout=30)
     assert not any(t.is_alive() for t in threads)
-    return acked, kills
+    return acked, refused, kills
 
 
 def _subjects(srv: Server, user: str) -> Counter[str]:
@@ -208,7 +215,9 @@ def test_kill9_of_server_and_writer_with_local_and_remote_recipients(
     try:
         srv.add_user("alice@a.test")
         srv.cli("alias", "add", "fwd@a.test", "alice@a.test", "bob@b.test")
-        acked, kills = _send_under_kills(srv, "s@remote.test", (10, 5000, 200_000), 8, 4321)
+        acked, refused, kills = _send_under_kills(
+            srv, "s@remote.test", (10, 5000, 200_000), 8, 4321
+        )
         srv.cli("queue", "flush")  # what was cut short waits for no retry interval
 
         end = time.monotonic() + 60
@@ -221,13 +230,14 @@ def test_kill9_of_server_and_writer_with_local_and_remote_recipients(
         print(
             f"probe: {len(acked)} acknowledged; kills {kills}; local copies {sum(local.values())}"
             f" ({len(local)} distinct); relayed {sum(remote.values())} ({len(remote)} distinct,"
-            f" {sum(c - 1 for c in remote.values())} repeated)"
+            f" {sum(c - 1 for c in remote.values())} repeated); {len(refused)} refused"
         )
         if os.environ.get("POSTROOM_PROBE_DEBUG"):
             print("repeated:", [t for t, c in remote.items() if c > 1][:10], srv.log)
         assert len(acked) >= 50
         assert not acked - set(local), f"lost locally: {sorted(acked - set(local))[:5]}"
         assert all(c == 1 for c in local.values()), local.most_common(3)
+        assert not refused & set(local), f"refused, delivered: {sorted(refused & set(local))[:5]}"
         assert not acked - set(remote), f"never relayed: {sorted(acked - set(remote))[:5]}"
         # Repeats at the sink (printed above) are allowed only for messages whose sink 250
         # came just before a kill: the crash lost the record of it.
@@ -254,7 +264,7 @@ def test_kill9_while_bouncing_reports_each_failure_once(server_factory: ServerFa
         srv.add_user("alice@a.test")
         srv.add_user("carol@a.test")
         srv.cli("alias", "add", "fwd@a.test", "alice@a.test", "x@nowhere.test")
-        acked, kills = _send_under_kills(srv, "carol@a.test", (0,), 6, 2468)
+        acked, refused, kills = _send_under_kills(srv, "carol@a.test", (0,), 6, 2468)
 
         def reports() -> Counter[str]:
             # The DSN quotes the original's header section, its Subject with it.
@@ -279,6 +289,7 @@ def test_kill9_while_bouncing_reports_each_failure_once(server_factory: ServerFa
         assert len(acked) >= 50
         assert not acked - set(local), f"lost locally: {sorted(acked - set(local))[:5]}"
         assert all(c == 1 for c in local.values()), local.most_common(3)
+        assert not refused & set(local), f"refused, delivered: {sorted(refused & set(local))[:5]}"
         assert not acked - set(bounced), f"never reported: {sorted(acked - set(bounced))[:5]}"
         assert all(c == 1 for c in bounced.values()), bounced.most_common(3)
     finally:

@@ -239,13 +239,50 @@ def test_a_message_whose_copy_failed_is_parked_after_a_crash(tmp_path: Path) -> 
     segment(
         journal_dir,
         journal.encode_entry(one),
-        journal.encode_settled([(1, 0), (1, 1)]),  # b's copy failed (settled as done with)
+        journal.encode_settled([(1, 0)]),  # b's copy failed: no settled mark
         journal.encode_kept([1]),
     )
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "new").write_bytes(b"")  # it still cannot be made: the queue retries it
     journal.recover(str(journal_dir), BOOT)
     store = DeferredStore(tmp_path / "queue")
     assert store.ids() == ["Q1"]
     assert [r.status for r in store.load("Q1").recipients] == ["delivered", "queued", "queued"]
+
+
+def test_a_copy_made_then_deleted_by_its_user_is_not_made_again(tmp_path: Path) -> None:
+    # A message for a local and a remote recipient, in its first remote attempt: the user
+    # fetched and deleted the local copy over POP3 (RFC 1939 §6: final at QUIT), then the
+    # server was killed. Its settled mark says the copy was made: it is done, not owed.
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    kept = entry(1, tmp_path / "a", keep=True)
+    maildir.ensure(tmp_path / "a")
+    segment(journal_dir, journal.encode_entry(kept), journal.encode_settled([(1, 0)]))
+    assert journal.recover(str(journal_dir), BOOT) == 0
+    assert os.listdir(tmp_path / "a" / "new") == []
+    parked = DeferredStore(tmp_path / "queue").load("Q1")
+    assert [r.status for r in parked.recipients] == ["delivered", "queued", "queued"]
+
+
+def test_messages_refused_when_their_writer_died_are_dropped(tmp_path: Path) -> None:
+    # The writer appended and published them, then died before it answered: the server
+    # answered 452, and the client sends them again. Their replay must not deliver them.
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    a = tmp_path / "a"
+    refused, kept_refused, taken = entry(1, a), entry(2, a, keep=True), entry(3, a)
+    maildir.ensure(a)
+    (a / "new" / refused.targets[0].name).write_bytes(refused.body)  # published, unread
+    segment(
+        journal_dir,
+        *(journal.encode_entry(e) for e in (refused, kept_refused, taken)),
+        journal.encode_settled([(1, 0)]),
+    )
+    assert journal.recover(str(journal_dir), BOOT, refused={"Q1", "Q2"}) == 1
+    assert os.listdir(a / "new") == [taken.targets[0].name]
+    assert DeferredStore(tmp_path / "queue").ids() == []
+    assert os.listdir(journal_dir) == [journal.BODIES]
 
 
 @pytest.mark.parametrize("shape", ["json", "text"])

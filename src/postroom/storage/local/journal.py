@@ -51,7 +51,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from postroom.storage.local import files, maildir
@@ -362,12 +362,16 @@ def _is(path: str, fd: int) -> bool:
 # -- recovery -----------------------------------------------------------------------------------
 
 
-def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
+def recover(
+    directory: str, boot: str, clean_bodies: bool = False, refused: Container[str] = ()
+) -> int:
     """Replay every segment in ``directory`` that no living writer holds, then delete it;
     the number of copies written. Kept entries are parked in the deferred store (``queue/``
     beside ``directory``). A segment that cannot be replayed whole is kept. With
     ``clean_bodies`` (the server's start, before any worker writes), body files that no
-    segment names are removed: left by a message that was never acknowledged."""
+    segment names are removed: left by a message that was never acknowledged. ``refused``:
+    queue ids whose client was told to send again (their writer died before it answered):
+    dropped, and any copy of them still unread in ``new/`` taken back."""
     written = 0
     store = DeferredStore(os.path.join(os.path.dirname(directory) or ".", "queue"))
     named: set[str] = set()
@@ -388,7 +392,7 @@ def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
             if not _lock(fd) or not _is(path, fd):
                 named.update(e.body_file for e in contents.entries if e.body_file)
                 continue  # a living writer's
-            copies, bodies = _replay(contents, boot, store)
+            copies, bodies = _replay(contents, boot, store, refused)
             written += copies
             for body in bodies:
                 with contextlib.suppress(FileNotFoundError):
@@ -410,7 +414,9 @@ def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
     return written
 
 
-def _replay(contents: Contents, boot: str, store: DeferredStore) -> tuple[int, list[str]]:
+def _replay(
+    contents: Contents, boot: str, store: DeferredStore, refused: Container[str] = ()
+) -> tuple[int, list[str]]:
     """Publish what may be missing and park what the queue still held; the copies written
     and the body files no longer needed."""
     same_boot = bool(boot) and contents.boot == boot
@@ -422,6 +428,12 @@ def _replay(contents: Contents, boot: str, store: DeferredStore) -> tuple[int, l
             park = False  # parked before the crash (the RELEASED record was not written)
         if entry.body_file:
             bodies.append(entry.body_file)
+        if entry.queue_id in refused:  # answered 452: the client sends it again
+            for target in entry.targets:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(target.box, "new", target.name))
+                    dirs.add(os.path.join(target.box, "new"))
+            continue
         if not (copies or park):
             continue
         delivered: list[int] = []  # recipients whose copy is in place (kept entries)
@@ -431,9 +443,9 @@ def _replay(contents: Contents, boot: str, store: DeferredStore) -> tuple[int, l
             if not park and (not copies or settled):
                 continue
             found = maildir.find(target.box, target.name)
-            if found is not None and (same_boot or _same(found, entry)):
-                delivered.append(target.index)
-            elif not settled:  # (settled but gone: failed, or read and deleted since)
+            if (found is not None and (same_boot or _same(found, entry))) or settled:
+                delivered.append(target.index)  # (settled but gone: read and deleted since)
+            else:
                 owed.append((target, found))
         if (owed or park) and entry.body_file and not _intact(entry, same_boot):
             warn(f"{entry.queue_id}: body file incomplete: never acknowledged, dropped")
