@@ -290,8 +290,8 @@ class Supervisor:
         except ConfigError as exc:
             log.error("reload failed, the running configuration stays: %s", exc)
             return
-        for key in RESTART_ONLY:
-            if getattr(new, key) != getattr(cfg, key):
+        for key in RESTART_ONLY:  # against what runs, not the last reload
+            if getattr(new, key) != getattr(self.started_cfg, key):
                 log.warning("reload: %s changed; it takes effect only after a restart", key)
         pair: tuple[bytes, bytes] | None
         try:

@@ -147,10 +147,15 @@ def test_partial_failure_keeps_the_old_pair_and_says_which_file(
     (certs / "privkey.pem").unlink()
     log = reload(srv, 2)
     assert re.search(r"cannot read key .*privkey\.pem", log), log
-    # A listener change needs a restart, and says so.
-    srv.config.write_text(srv.config.read_text().replace(f"{srv.ports['smtp']}", f"{free_port()}"))
-    log = reload(srv, 3)
-    assert "listen changed; it takes effect only after a restart" in log
+    # A listener change needs a restart, and says so, at every reload until then; put back,
+    # it is what runs again: nothing to say (it was compared with the last reload).
+    started = srv.config.read_text()
+    srv.config.write_text(started.replace(f"{srv.ports['smtp']}", f"{free_port()}"))
+    needs = "listen changed; it takes effect only after a restart"
+    assert reload(srv, 3).count(needs) == 1
+    assert reload(srv, 4).count(needs) == 2
+    srv.config.write_text(started)
+    assert reload(srv, 5).count(needs) == 2
 
 
 def test_start_up_errors_name_the_file_at_fault(tmp_path: Path, certs: Path) -> None:
