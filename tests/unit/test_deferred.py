@@ -81,3 +81,18 @@ def test_a_record_the_disk_refused_keeps_the_message_due_with_what_it_learnt(
     assert queue.deferred.load("A1").attempts == 1
     (from_disk,) = asyncio.run(queue.claim(1e10, 10))
     assert from_disk is not claimed and from_disk.attempts == 1
+
+
+def test_a_message_finished_while_listed_is_no_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `queue list` beside a running server: a message listed, then delivered and removed
+    # before its state was read, printed "no such message" on stderr as a problem.
+    store = DeferredStore(tmp_path / "queue")
+    store.park(envelope("A1", 0, 0.0).to_json(), "A1", b"x", "")
+    (store.msg_dir / "BAD1").write_bytes(b"no state")
+    listed = [*store.ids(), "GONE1"]
+    monkeypatch.setattr(store, "ids", lambda: listed)
+    found = list(store.iter_envelopes())
+    assert [e.id for e in found if isinstance(e, Envelope)] == ["A1"]
+    assert [str(e) for e in found if isinstance(e, QueueError)] == ["BAD1: state file missing"]

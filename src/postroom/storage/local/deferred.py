@@ -151,11 +151,14 @@ class DeferredStore:
             raise QueueError(f"{queue_id}: {exc}") from None
 
     def iter_envelopes(self) -> Iterator[Envelope | QueueError]:
+        """Every message's envelope, or the QueueError of one that cannot be read; one that
+        a running server finished while this listed them is no error, and is left out."""
         for qid in self.ids():
             try:
                 yield self.load(qid)
             except QueueError as exc:
-                yield exc
+                if self.has(qid):
+                    yield exc
 
     def read(self, queue_id: str, limit: int = -1) -> bytes:
         with open(self.msg_path(queue_id), "rb") as fh:
