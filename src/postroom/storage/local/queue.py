@@ -598,7 +598,13 @@ class LocalQueue:
         if live is not None and not live.body_file:
             return live.body
         path = live.body_file if live is not None else self.deferred.msg_path(envelope.id)
-        return await self.io.run(_read, path)
+        try:
+            return await self.io.run(_read, path)
+        except FileNotFoundError:
+            if live is None:
+                raise
+            # Its writer died meanwhile: the next one's recovery parked it, body file and all.
+            return await self.io.run(_read, self.deferred.msg_path(envelope.id))
 
     async def record(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
         envelope.history.extend(attempts)
