@@ -96,3 +96,15 @@ def test_a_message_finished_while_listed_is_no_problem(
     found = list(store.iter_envelopes())
     assert [e.id for e in found if isinstance(e, Envelope)] == ["A1"]
     assert [str(e) for e in found if isinstance(e, QueueError)] == ["BAD1: state file missing"]
+
+
+def test_a_first_attempt_finds_its_body_parked_by_a_new_writer(tmp_path: Path) -> None:
+    # A large kept message in its first attempt; its writer died and the next one's recovery
+    # renamed the body file into the deferred store: the attempt reads it there.
+    from postroom.storage.local.queue import _Live
+
+    queue = LocalQueue(tmp_path, "mx.x.test")
+    env = envelope("A1", 0, 0.0)
+    queue._live["A1"] = _Live(env, b"", str(tmp_path / "journal" / "bodies" / "gone"))
+    queue.deferred.park(env.to_json(), "A1", b"the body\n", "")
+    assert asyncio.run(queue.body(env)) == b"the body\n"
