@@ -136,9 +136,8 @@ class Supervisor:
     def _settings(self) -> tuple[Config, Pair]:
         """What a worker forked now serves with: what the running workers were last sent (a
         worker started again after a SIGHUP gets the reloaded pair and settings, not those of
-        the start), but the settings that need a restart as the listeners were made."""
-        keep = {key: getattr(self.started_cfg, key) for key in RESTART_ONLY}
-        return replace(self.cfg, **keep), self.pair
+        the start; the settings that need a restart stay as the listeners were made)."""
+        return self.cfg, self.pair
 
     def start(self) -> None:
         for sig in _SIGNALS:
@@ -293,11 +292,14 @@ class Supervisor:
         for key in RESTART_ONLY:  # against what runs, not the last reload
             if getattr(new, key) != getattr(self.started_cfg, key):
                 log.warning("reload: %s changed; it takes effect only after a restart", key)
+        # ...and ignored until then: the TLS pair made under data_dir, the DMARC records, the
+        # metrics of a worker that dies all stay where the running server keeps them.
+        new = replace(new, **{key: getattr(self.started_cfg, key) for key in RESTART_ONLY})
         pair: tuple[bytes, bytes] | None
         try:
             pair = tls_mod.read_pair(new)
             tls_mod.check_pair(new, *pair)
-        except ConfigError as exc:
+        except (ConfigError, OSError) as exc:  # (a self-signed pair that cannot be made)
             pair = None
             log.error("reload: the TLS certificate and key stay as they were: %s", exc)
         self.cfg = new

@@ -111,21 +111,22 @@ def check_pair(cfg: Config, cert_pem: bytes, key_pem: bytes) -> None:
     ``key_pem`` the private key of its first certificate (cryptography parses both, so the
     error says which one is wrong, not OpenSSL's NO_CERTIFICATE_ASSIGNED)."""
     from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     cert_path, key_path = cert_paths(cfg)
     where = f"{cfg.path or '<default>'}: tls"
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
     try:
         chain = x509.load_pem_x509_certificates(cert_pem)
-    except ValueError as exc:
+        theirs = chain[0].public_key().public_bytes(serialization.Encoding.DER, public)
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"{where}: {cert_path} is no PEM certificate chain: {exc}") from None
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as exc:
+        mine = key.public_key().public_bytes(serialization.Encoding.DER, public)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # a curve it cannot load, say
         raise ConfigError(f"{where}: {key_path} is no unencrypted PEM private key: {exc}") from None
-    public = serialization.PublicFormat.SubjectPublicKeyInfo
-    mine = key.public_key().public_bytes(serialization.Encoding.DER, public)
-    theirs = chain[0].public_key().public_bytes(serialization.Encoding.DER, public)
     if mine != theirs:
         raise ConfigError(f"{where}: key {key_path} does not match certificate {cert_path}")
 
