@@ -39,6 +39,7 @@ from postroom.services import descriptors_short
 from postroom.wire.events import NEED_DATA, Closing, StartTLS
 
 if TYPE_CHECKING:
+    from postroom.config import LimitsConfig
     from postroom.services import Services
 
 TLS_READ = 1 << 16
@@ -139,6 +140,8 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, services: Services, implicit_tls: bool) -> None:
         self.services = services
+        # The time-outs of the session: those of its start (a reload applies to the next one).
+        self.limits: LimitsConfig = services.cfg.limits
         self.implicit_tls = implicit_tls
         self.transport: asyncio.Transport | None = None
         self.tls: TlsLayer | None = None
@@ -452,7 +455,7 @@ class Connection(asyncio.Protocol):
         Connection.refusing += 1
         self.tls = TlsLayer(context)
         loop = asyncio.get_running_loop()
-        limit = min(REFUSAL_TLS_TIMEOUT, self.services.cfg.limits.tls_handshake_timeout)
+        limit = min(REFUSAL_TLS_TIMEOUT, self.limits.tls_handshake_timeout)
         self._refusal = loop.call_later(limit, self._refusal_timed_out)
         return True
 
@@ -540,7 +543,7 @@ class Connection(asyncio.Protocol):
             return
         tls = self.tls
         if tls is not None and not tls.ready:
-            if now - self._tls_since > self.services.cfg.limits.tls_handshake_timeout:
+            if now - self._tls_since > self.limits.tls_handshake_timeout:
                 self._tls_failed("handshake timed out")
             return
         idle = now - self.last_activity > self.idle_limit()

@@ -58,7 +58,7 @@ class Pop3Connection(Connection):
 
     def features(self) -> Pop3Features:
         tls = self.implicit_tls or (self.engine is not None and self.engine.tls_active)
-        limits = self.services.cfg.limits
+        limits = self.limits
         return Pop3Features(
             starttls=self.services.tls is not None and not tls,
             login_allowed=tls or self.services.cfg.auth.allow_plaintext,
@@ -103,7 +103,7 @@ class Pop3Connection(Connection):
 
     def idle_limit(self) -> float:
         # RFC 1939 §3: at least 10 minutes of inactivity before an autologout.
-        return self.services.cfg.limits.pop3_idle_timeout
+        return self.limits.pop3_idle_timeout
 
     def session_limit(self) -> float | None:
         """Until it logs in, a session has ``pop3_idle_timeout`` in all: every octet restarts
@@ -112,7 +112,7 @@ class Pop3Connection(Connection):
         engine = self.engine
         if engine is None or engine.state in (Pop3State.TRANSACTION, Pop3State.UPDATE):
             return None
-        return self.services.cfg.limits.pop3_idle_timeout
+        return self.limits.pop3_idle_timeout
 
     def released(self) -> None:
         """A dropped connection deletes nothing (RFC 1939 §6): just unlock."""

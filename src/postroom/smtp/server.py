@@ -124,13 +124,13 @@ class SmtpConnection(Connection):
 
     def idle_limit(self) -> float:
         assert self.engine is not None
-        limits = self.services.cfg.limits
+        limits = self.limits
         if self.engine.state is ServerState.DATA or self.engine.state is ServerState.BDAT:
             return limits.data_timeout
         return limits.command_timeout
 
     def session_limit(self) -> float | None:
-        return self.services.cfg.limits.session_timeout
+        return self.limits.session_timeout
 
     def busy(self) -> bool:
         engine = self.engine
