@@ -62,9 +62,14 @@ def start(module: str, args: Sequence[str]) -> tuple[subprocess.Popen[bytes], so
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     argv = [sys.executable, *interpreter_flags(), "-m", module]
     argv += [str(theirs.fileno()), str(os.getpid()), *args]
+    # Not the workers' shared metrics: a child's own values (zeros) would be aggregated with
+    # theirs (postroom_start_time_seconds, a minimum, fell to 0).
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     with theirs:
         try:
-            proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env
+            )
         except BaseException:
             ours.close()
             raise

@@ -528,3 +528,21 @@ def test_a_failed_bulk_flush_keeps_the_journal_for_the_next_start(
     (kept,) = [n for n in os.listdir(tmp_path / "journal") if n.endswith(journal.SUFFIX)]
     contents = journal.parse((tmp_path / "journal" / kept).read_bytes())
     assert [e.seq for e in contents.entries] == [1] and contents.synced == 0
+
+
+def test_the_child_writes_no_shared_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With several workers the server's metrics are files in PROMETHEUS_MULTIPROC_DIR; a child
+    # that inherited it wrote its own zeros there (postroom_start_time_seconds fell to 0).
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    writer = MaildirWriter(tmp_path / "journal")
+
+    async def main() -> None:
+        assert await write_one(writer, str(tmp_path / "box"), "1.a", b"one\n")
+        assert writer._proc is not None
+        environ = Path(f"/proc/{writer._proc.pid}/environ").read_bytes().split(b"\0")
+        assert not any(v.startswith(b"PROMETHEUS_MULTIPROC_DIR=") for v in environ)
+        await writer.close()
+
+    asyncio.run(main())
