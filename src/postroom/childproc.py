@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +55,13 @@ def run_behind_server() -> None:
     and 100 KiB mail from 1.03x to 1.22x Postfix. Threads the child starts later inherit it."""
     with contextlib.suppress(AttributeError, OSError):  # not Linux: nothing to do
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
+def ignore_signals() -> None:
+    """Called first by a child too: the server decides when it stops (SIGINT, SIGTERM), and a
+    SIGHUP meant for the server (``pkill -HUP postroom``) must not kill it."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def start(module: str, args: Sequence[str]) -> tuple[subprocess.Popen[bytes], socket.socket]:

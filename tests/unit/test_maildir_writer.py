@@ -546,3 +546,19 @@ def test_the_child_writes_no_shared_metrics(
         await writer.close()
 
     asyncio.run(main())
+
+
+def test_a_sighup_meant_for_the_server_leaves_the_child_alone(tmp_path: Path) -> None:
+    writer = MaildirWriter(tmp_path / "journal")  # (`pkill -HUP postroom` killed it)
+
+    async def main() -> None:
+        assert await write_one(writer, str(tmp_path / "box"), "1.a", b"one\n")
+        child = writer._proc
+        assert child is not None
+        os.kill(child.pid, signal.SIGHUP)
+        await asyncio.sleep(0.2)
+        assert await write_one(writer, str(tmp_path / "box"), "2.b", b"two\n")
+        assert writer._proc is child and child.poll() is None
+        await writer.close()
+
+    asyncio.run(main())

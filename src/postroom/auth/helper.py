@@ -34,7 +34,6 @@ import contextlib
 import logging
 import marshal
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -158,8 +157,7 @@ def serve(fd: int, parent: int, cpus: set[int]) -> None:
     if cpus:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, cpus)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when this one stops
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    childproc.ignore_signals()
     lifetime.die_with_parent(parent)
     sock = socket.socket(fileno=fd)
     sock.sendall(_FRAME.pack(READY, DONE, 0))  # imported and listening: jobs may come

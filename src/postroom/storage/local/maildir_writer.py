@@ -11,22 +11,21 @@ commit), publishes each local copy into ``new/`` and answers; its syncer thread 
 copies later (see :mod:`postroom.storage.local.journal`). That is Postfix's shape too (smtpd
 hands the message to another process), with one helper per worker process.
 
-Jobs: ACCEPT (a message: envelope, copies to make now, body inline or in a body file the
-server wrote), PARK (move a kept message to the deferred store, durably), NOTE (a kept
-message's newer envelope, durably, in a STATE record beside its entry) and RELEASE (the
-queue is done with a kept message). The child is ``python -m
-postroom.storage.local.maildir_writer FD PARENT_PID JOURNAL_DIR CPU CLEAN REFUSED [UID GID]``
-(REFUSED: see below, comma-separated, or ``-``): a fresh
-interpreter (no fork of a threaded server), started with the server's interpreter options.
-The server starts it before it drops root (the interpreter may not be executable by the mail
-user), and the child then becomes that user itself. It first replays what a crashed writer
-left in the journal, then says it is ready (an answer with id 0). It ignores SIGINT/SIGTERM,
-finishes what it was sent and exits when the server's end of the socket closes (shutdown); if
-the server dies, the kernel kills it at once and the next start replays its journal. If the
-child dies, the jobs waiting on it fail with OSError: an ACCEPT is answered 452, and the next
-job starts a new child, given the queue ids of those ACCEPTs: its replay of the dead child's
-journal drops them (their clients send them again) and takes back any copy of them still
-unread in ``new/``.
+Jobs: ACCEPT (a message: envelope, copies to make now, body inline or in a body file the server
+wrote), PARK (move a kept message to the deferred store, durably), NOTE (a kept message's newer
+envelope, durably, in a STATE record beside its entry) and RELEASE (the queue is done with a
+kept message). The child is ``python -m postroom.storage.local.maildir_writer FD PARENT_PID
+JOURNAL_DIR CPU CLEAN REFUSED [UID GID]`` (REFUSED: see below, comma-separated, or ``-``): a
+fresh interpreter (no fork of a threaded server), started with the server's interpreter
+options. The server starts it before it drops root (the interpreter may not be executable by
+the mail user), and the child then becomes that user itself. It first replays what a crashed
+writer left in the journal, then says it is ready (an answer with id 0). It ignores SIGINT,
+SIGTERM and SIGHUP, finishes what it was sent and exits when the server's end of the socket
+closes (shutdown); if the server dies, the kernel kills it at once and the next start replays
+its journal. If the child dies, the jobs waiting on it fail with OSError: an ACCEPT is answered
+452, and the next job starts a new child, given the queue ids of those ACCEPTs: its replay of
+the dead child's journal drops them (their clients send them again) and takes back any copy of
+them still unread in ``new/``.
 
 Wire format, little-endian. Job: ``<IBI`` id, kind, payload length, then the payload (an
 ACCEPT's is the journal record's with seq 0). Answer: ``<IH`` id, count, then ``count`` times
@@ -42,7 +41,6 @@ import dataclasses
 import errno
 import logging
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -432,8 +430,7 @@ def serve(
     childproc.run_behind_server()
     if cpu >= 0:  # first, so that the threads made later keep to it too
         os.sched_setaffinity(0, {cpu})
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when this one stops
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    childproc.ignore_signals()
     if run_as is not None:  # started by root before the server dropped privileges: drop too
         privileges.become(*run_as)
     # A server killed mid-message sends no 250: finishing its writes would only deliver mail
