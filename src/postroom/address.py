@@ -81,6 +81,8 @@ def _address_literal(text: str) -> str:
     """RFC 5321 §4.1.3 address literals: ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``."""
     inner = text[1:-1]
     try:
+        if "%" in inner:  # a zone ID names an interface of the sender's host: not in §4.1.3
+            raise ValueError
         if inner[:5].lower() == "ipv6:":
             return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
         return f"[{ipaddress.IPv4Address(inner)}]"

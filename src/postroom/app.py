@@ -36,7 +36,7 @@ from postroom.auth.keys import KeyStore, LocalKeyStore
 from postroom.auth.lookup import DnsCache
 from postroom.auth.service import QueueMessage, SenderAuth
 from postroom.blocking import BlockingPool
-from postroom.config import Config
+from postroom.config import Config, format_endpoint
 from postroom.errors import ConfigError, PostroomError, QueueError
 from postroom.queue.runner import QueueRunner
 from postroom.services import ConnectionLimiter, Services
@@ -217,7 +217,8 @@ def bind_listeners(cfg: Config) -> list[Listener]:
                         sock.setblocking(False)
                 except OSError as exc:
                     raise OSError(
-                        exc.errno, f"cannot listen on {host}:{port} ({kind}): {exc.strerror}"
+                        exc.errno,
+                        f"cannot listen on {format_endpoint(host, port)} ({kind}): {exc.strerror}",
                     ) from None
     except OSError:
         for listener in listeners:
@@ -249,8 +250,7 @@ async def _start_listeners(services: Services, listeners: list[Listener]) -> lis
         # in force when the client connects.
         servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
         if services.primary:
-            host = f"[{lst.host}]" if ":" in lst.host else lst.host  # as [listen] writes IPv6
-            events.startup(f"{lst.kind} listening on {host}:{lst.port}")
+            events.startup(f"{lst.kind} listening on {format_endpoint(lst.host, lst.port)}")
     return servers
 
 

@@ -117,6 +117,11 @@ def _check_host(host: str, value: str) -> None:
             raise ValueError(f"bad address in {value!r}") from None
 
 
+def format_endpoint(host: str, port: int) -> str:
+    """An endpoint as ``[listen]`` writes it: ``host:port``, ``[ipv6]:port``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class ListenConfig:
     """Addresses each service listens on; an empty list means the service is not started."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 from tests.conftest import ServerFactory, run_cli
 
@@ -25,3 +26,22 @@ def test_a_port_in_use_is_a_json_line(server_factory: ServerFactory) -> None:
     assert len(errors) == 1 and errors[0]["event"] == "startup"
     assert errors[0]["message"].startswith("postroom: error: ")
     assert "in use" in errors[0]["message"]
+
+
+def test_an_ipv6_endpoint_in_use_is_named_as_listen_writes_it(tmp_path: Path) -> None:
+    taken = socket.socket(socket.AF_INET6)
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    taken.bind(("::1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(
+        f'hostname = "mx.a.test"\ndomains = ["a.test"]\ndata_dir = "{tmp_path}/data"\n'
+        f'[listen]\nsmtp = ["[::1]:{port}"]\n'
+    )
+    try:
+        p = run_cli("serve", config=cfg, check=False)
+    finally:
+        taken.close()
+    assert p.returncode == 1
+    assert f"cannot listen on [::1]:{port} (smtp)" in p.stderr  # not "::1:PORT"

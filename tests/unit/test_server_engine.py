@@ -401,6 +401,16 @@ def test_a_path_is_at_most_256_octets_with_its_brackets() -> None:
     assert codes(out) == ["250", "501"]  # 228 characters, 257 octets
 
 
+def test_an_ipv6_literal_with_a_zone_id_is_a_syntax_error() -> None:
+    # RFC 5321 §4.1.3 has no zone ID; relayed, "%lo" was dropped and the kernel dialled the
+    # address on another interface.
+    for path in (b"<a@[IPv6:fe80::1%lo]>", b"<a@[IPv6:fe80::1%25eth0]>", b"<a@[127.0.0.1%lo]>"):
+        out = Harness().send(b"EHLO c\r\nMAIL FROM:" + path + b"\r\n")
+        assert codes(out) == ["250", "501"], path
+        out = Harness().send(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:" + path + b"\r\n")
+        assert codes(out) == ["250", "250", "501"], path
+
+
 def test_orcpt_syntax() -> None:
     rcpt = b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@y.test> ORCPT="
     for bad in (b"rfc822;a+ZZb", b";a", b"rfc822;", b"bo gus;a", b"rfc822"):
