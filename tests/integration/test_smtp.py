@@ -170,6 +170,16 @@ def test_received_names_an_ipv6_client_as_an_ipv6_literal(server_factory: Server
         c.sendmail("x@r.test", ["alice@a.test"], b"Subject: v6\r\n\r\nx\r\n")
     (msg,) = srv.wait_messages("alice@a.test", 1)
     assert b"([IPv6:::1])" in msg  # RFC 5321 §4.1.3
+    swaks = need_tool("swaks")  # (its -6 needs IO::Socket::INET6: libio-socket-inet6-perl)
+    proc = subprocess.run(
+        [swaks, "-6", "--server", "::1", "--port", str(port), "--to", "alice@a.test"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(srv.wait_messages("alice@a.test", 2)) == 2
 
 
 def test_raw_pipelining_and_bdat(srv: Server) -> None:
