@@ -155,8 +155,8 @@ def _send_under_kills(
                     c.sendmail(sender_address, ["fwd@a.test"], msg)
                 with lock:
                     acked.add(tag)
-            except smtplib.SMTPResponseException as exc:  # a writer killed: 452
-                if 400 <= exc.smtp_code < 500:
+            except smtplib.SMTPDataError as exc:  # the message refused (a writer killed: 452)
+                if 400 <= exc.smtp_code < 500:  # (not a 421 to QUIT after its 250)
                     with lock:
                         refused.add(tag)
                 time.sleep(0.05)
@@ -170,7 +170,8 @@ def _send_under_kills(
     for _ in range(rounds):
         time.sleep(rng.uniform(0.3, 1.5))
         assert srv.proc is not None
-        writers = _children(srv.proc.pid)
+        # The supervisor's child is the worker; the worker's, its Maildir writer.
+        writers = [w for worker in _children(srv.proc.pid) for w in _children(worker)]
         if writers and rng.random() < 0.4:
             os.kill(writers[0], signal.SIGKILL)  # the writer alone; the server goes on
             kills["writer"] += 1

@@ -66,6 +66,7 @@ _MARK = struct.Struct("<QI")  # seq, target index
 START, ACCEPT, SETTLED, SYNCED, RELEASED, KEPT, STATE = 1, 2, 3, 4, 5, 6, 7  # 0: zeros ahead
 KEEP, IN_FILE = 1, 2  # ACCEPT flags
 SUFFIX = ".journal"
+REFUSED = ".refused"  # queue ids a writer died with, answered 452: never to be replayed
 BODIES = "bodies"  # the journal's subdirectory for messages too large to go in a record
 SEGMENT_SIZE = 16 << 20  # a segment past this size makes way for a new one
 RESERVE = 1 << 20  # zeros written ahead of the records
@@ -362,19 +363,46 @@ def _is(path: str, fd: int) -> bool:
 # -- recovery -----------------------------------------------------------------------------------
 
 
-def recover(
-    directory: str, boot: str, clean_bodies: bool = False, refused: Container[str] = ()
-) -> int:
+def write_refused(directory: str, queue_ids: Iterable[str]) -> None:
+    """For the server, when its writer died with accepts unanswered, before it answers them
+    452: their queue ids, durably, for whoever replays that writer's journal."""
+    name = f"{os.getpid()}.{time.time_ns()}{REFUSED}"
+    fd = os.open(os.path.join(directory, f".{name}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, "".join(f"{q}\n" for q in queue_ids).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(os.path.join(directory, f".{name}"), os.path.join(directory, name))
+    files.fsync_dir(directory)
+
+
+def _read_refused(directory: str) -> tuple[set[str], list[str]]:
+    """The queue ids of every refusal file in ``directory``, and the files."""
+    ids: set[str] = set()
+    paths = []
+    for name in os.listdir(directory):
+        if name.endswith(REFUSED) and not name.startswith("."):
+            path = os.path.join(directory, name)
+            with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:
+                ids.update(line.strip() for line in f if line.strip())
+                paths.append(path)
+    return ids, paths
+
+
+def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
     """Replay every segment in ``directory`` that no living writer holds, then delete it;
     the number of copies written. Kept entries are parked in the deferred store (``queue/``
     beside ``directory``). A segment that cannot be replayed whole is kept. With
     ``clean_bodies`` (the server's start, before any worker writes), body files that no
-    segment names are removed: left by a message that was never acknowledged. ``refused``:
-    queue ids whose client was told to send again (their writer died before it answered):
-    dropped, and any copy of them still unread in ``new/`` taken back."""
+    segment names are removed: left by a message that was never acknowledged. Messages
+    named by a refusal file (:func:`write_refused`) are dropped, and any copy of them still
+    unread in ``new/`` taken back; the files go once every segment was replayed."""
     written = 0
     store = DeferredStore(os.path.join(os.path.dirname(directory) or ".", "queue"))
     named: set[str] = set()
+    refused, refusals = _read_refused(directory)
+    kept = False
     for name in sorted(os.listdir(directory)):
         if not name.endswith(SUFFIX):
             continue
@@ -385,6 +413,7 @@ def recover(
             continue
         except OSError as exc:  # not ours to open (left by a run as another user)
             warn(f"{path}: kept for the next start: {exc}")
+            kept = True
             continue
         try:
             with os.fdopen(os.dup(fd), "rb") as f:
@@ -401,8 +430,13 @@ def recover(
         except OSError as exc:
             warn(f"{path}: kept for the next start: {exc}")
             named.update(e.body_file for e in contents.entries if e.body_file)
+            kept = True
         finally:
             os.close(fd)
+    if not kept:  # (a living writer's segment holds none of them: they were its dead one's)
+        for path in refusals:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     bodies_dir = os.path.join(directory, BODIES)
     files.make_dirs(bodies_dir)
     if clean_bodies:

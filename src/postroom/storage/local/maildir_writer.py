@@ -15,17 +15,17 @@ Jobs: ACCEPT (a message: envelope, copies to make now, body inline or in a body 
 wrote), PARK (move a kept message to the deferred store, durably), NOTE (a kept message's newer
 envelope, durably, in a STATE record beside its entry) and RELEASE (the queue is done with a
 kept message). The child is ``python -m postroom.storage.local.maildir_writer FD PARENT_PID
-JOURNAL_DIR CPU CLEAN REFUSED [UID GID]`` (REFUSED: see below, comma-separated, or ``-``): a
-fresh interpreter (no fork of a threaded server), started with the server's interpreter
-options. The server starts it before it drops root (the interpreter may not be executable by
-the mail user), and the child then becomes that user itself. It first replays what a crashed
-writer left in the journal, then says it is ready (an answer with id 0). It ignores SIGINT,
-SIGTERM and SIGHUP, finishes what it was sent and exits when the server's end of the socket
-closes (shutdown); if the server dies, the kernel kills it at once and the next start replays
-its journal. If the child dies, the jobs waiting on it fail with OSError: an ACCEPT is answered
-452, and the next job starts a new child, given the queue ids of those ACCEPTs: its replay of
-the dead child's journal drops them (their clients send them again) and takes back any copy of
-them still unread in ``new/``.
+JOURNAL_DIR CPU CLEAN [UID GID]``: a fresh interpreter (no fork of a threaded server), started
+with the server's interpreter options. The server starts it before it drops root (the
+interpreter may not be executable by the mail user), and the child then becomes that user
+itself. It first replays what a crashed writer left in the journal, then says it is ready (an
+answer with id 0). It ignores SIGINT, SIGTERM and SIGHUP, finishes what it was sent and exits
+when the server's end of the socket closes (shutdown); if the server dies, the kernel kills it
+at once and the next start replays its journal. If the child dies, the jobs waiting on it fail
+with OSError: an ACCEPT is answered 452, and the next job starts a new child. The queue ids of
+those ACCEPTs are written down first (:func:`journal.write_refused`): whoever replays the dead
+child's journal drops them (their clients send them again) and takes back any copy of them
+still unread in ``new/``.
 
 Wire format, little-endian. Job: ``<IBI`` id, kind, payload length, then the payload (an
 ACCEPT's is the journal record's with seq 0). Answer: ``<IH`` id, count, then ``count`` times
@@ -154,13 +154,10 @@ class JournalWriter:
     thread flushes the copies afterwards. Kept messages stay in their segment until the queue
     parks or releases them."""
 
-    def __init__(
-        self, directory: str, clean_bodies: bool = False, refused: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, directory: str, clean_bodies: bool = False) -> None:
         self.directory = directory
         self.boot = journal.boot_id()
-        # What a crashed writer left, but not what the server refused when it died.
-        journal.recover(directory, self.boot, clean_bodies, frozenset(refused))
+        journal.recover(directory, self.boot, clean_bodies)  # what a crashed writer left
         self.deferred = DeferredStore(Path(directory).parent / "queue")
         self.segment: journal.Segment | None = None  # made by the first batch
         with contextlib.suppress(OSError):  # a full disk: POP3 still starts (and frees room)
@@ -424,7 +421,6 @@ def serve(
     cpu: int,
     clean: bool = False,
     run_as: tuple[int, int] | None = None,
-    refused: Sequence[str] = (),
 ) -> None:
     """The child's main loop: read what has come, write it, answer; exit at end of input."""
     childproc.run_behind_server()
@@ -437,7 +433,7 @@ def serve(
     # that its client will send again.
     lifetime.die_with_parent(parent)
     sock = socket.socket(fileno=fd)
-    writer = JournalWriter(directory, clean, refused)
+    writer = JournalWriter(directory, clean)
     sock.sendall(encode_answer(READY, (1, "")))  # recovered: the server may go on
     writer.refill()
     reader = JobReader()
@@ -538,8 +534,6 @@ class MaildirWriter:
         args = [str(self.journal_dir), str(-1 if self.cpu is None else self.cpu)]
         args.append("1" if self.clean_bodies else "0")
         self.clean_bodies = False  # a child started later must not touch living files
-        refused = self._answers.lost if self._answers is not None else []
-        args.append(",".join(refused) or "-")
         if self.run_as is not None and os.getuid() == 0:
             args += [str(self.run_as[0]), str(self.run_as[1])]
             data_dir = self.journal_dir.parent
@@ -550,7 +544,8 @@ class MaildirWriter:
                 files.make_dirs(path)
                 os.chown(path, *self.run_as)
         self._proc, ours = childproc.start(__name__, args)
-        answers = await childproc.connect(ours, _Answers)  # recovered what a crashed one left
+        answers = await childproc.connect(ours, lambda: _Answers(self.journal_dir))
+        # (recovered what a crashed one left)
         self._answers = answers
         return answers
 
@@ -574,19 +569,24 @@ class _Answers(childproc.Answers[list[int | OSError]]):
 
     process = "journal writer"
 
-    def __init__(self) -> None:
+    def __init__(self, journal_dir: Path) -> None:
         super().__init__()
+        self.journal_dir = journal_dir
         self.accepting: dict[int, str] = {}  # ACCEPT jobs not answered yet: their queue ids
-        self.lost: list[str] = []  # those the child left unanswered when it went away
 
     def settle(self, job_id: int, result: list[int | OSError]) -> None:
         self.accepting.pop(job_id, None)
         super().settle(job_id, result)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # Their clients get a 452 and send them again: the next writer, which replays this
-        # one's journal, drops them (some may be in it, even published).
-        self.lost = list(self.accepting.values())
+        # Their clients get a 452 and send them again: whoever replays this child's journal
+        # (the next writer, or the next start if the server dies too) must drop them, though
+        # some may be in it, even published. Written down before any 452 goes out.
+        if self.accepting:
+            try:
+                journal.write_refused(str(self.journal_dir), self.accepting.values())
+            except OSError as failure:  # a replay may deliver them: a duplicate, not a loss
+                log.error("cannot record the messages refused with their writer: %s", failure)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -617,7 +617,7 @@ class _Answers(childproc.Answers[list[int | OSError]]):
 
 
 if __name__ == "__main__":
-    fd, parent, directory, cpu, clean, refused, *ids = sys.argv[1:]
+    fd, parent, directory, cpu, clean, *ids = sys.argv[1:]
     serve(
         int(fd),
         int(parent),
@@ -625,5 +625,4 @@ if __name__ == "__main__":
         int(cpu),
         clean == "1",
         (int(ids[0]), int(ids[1])) if ids else None,
-        [] if refused == "-" else refused.split(","),
     )
