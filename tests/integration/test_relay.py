@@ -120,6 +120,8 @@ def test_submit_to_remote_domain_and_fetch_with_pop3(
     (stored,) = pair.b.wait_messages("bob@b.test", 1)
     assert b"Subject: over the wire" in stored
     assert stored.count(b"Received: ") == 2  # a.test's and b.test's
+    # RFC 6409 §8.2-8.3: submitted mail that leaves gets the Date and Message-ID it lacked.
+    assert b"\r\nDate: " in stored and b"\r\nMessage-ID: <" in stored
     assert wait_for(lambda: queue(pair.a) == [])
     import poplib
 

@@ -209,10 +209,14 @@ class SmtpPolicy:
             name += "A"
         return name
 
+    def _leaves(self, txn: _Txn) -> bool:
+        """Whether a recipient of the transaction is in another domain (the message leaves)."""
+        return not all(self.cfg.is_local_domain(_domain(r.address)) for r in txn.recipients)
+
     def _prefix(self, txn: _Txn, head: bytes) -> bytes:
-        """Our Received header, plus Date/Message-ID for submissions that lack them, plus the
-        blank line that ends the header section when the message has none (its first line is
-        no header field: it would otherwise become one). LF line ends, as it is stored."""
+        """Our Received header, plus Date/Message-ID for submissions that leave and lack them,
+        plus the blank line that ends the header section when the message has none (its first
+        line is no header field: it would otherwise become one). LF line ends, as stored."""
         date = _rfc5322_date(txn.received_at)
         rcpt = ""
         if len(txn.recipients) == 1:
@@ -226,11 +230,13 @@ class SmtpPolicy:
             f" id {txn.queue_id}{rcpt};\n\t{date}\n"
         )
         extra = ""
-        if self.auth_user is not None:
+        if self.auth_user is not None and self._leaves(txn):
             header_end = head.find(b"\n\n")
             headers = head if header_end < 0 else head[: header_end + 1]
             present = {m.group(1).lower() for m in _HEADER_FIELD.finditer(headers)}
-            # RFC 6409 §8.2-8.3: a submission server may add a missing Date and Message-ID.
+            # RFC 6409 §8.2-8.3: a submission server may add a missing Date and Message-ID; done
+            # only for mail that leaves (receivers refuse mail without them), so mail that stays
+            # here is stored as it came.
             if b"date" not in present:
                 extra += f"Date: {date}\n"
             if b"message-id" not in present:
@@ -260,8 +266,7 @@ class SmtpPolicy:
         draft = txn.draft
         assert draft is not None
         problem = self._check_headers(draft.head(self.cfg.limits.header_size + 2))
-        leaves = not all(self.cfg.is_local_domain(_domain(r.address)) for r in txn.recipients)
-        if problem is None and self.auth_user is not None and leaves:
+        if problem is None and self.auth_user is not None and self._leaves(txn):
             # Submitted mail that leaves is made 7-bit with short lines here, before it is
             # signed (RFC 6376 §5.3), so that no relay hop has to convert it and break the
             # signature. Mail that stays here is stored as it came.
