@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -217,6 +218,12 @@ def _iso(ts: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _next_iso(ts: float) -> str:
+    """When the next attempt is due; a message due at once (``queue flush``, or waiting for a
+    server to run) is due now."""
+    return _iso(ts or time.time()) or ""
+
+
 def _control_sockets(cfg: Config) -> list[Path]:
     """The control sockets of the running server's workers, the primary's first."""
     others = sorted(cfg.data_dir.glob("control-*.sock"))
@@ -304,7 +311,7 @@ def _queue_json(e: Envelope) -> dict[str, object]:
         "sender": e.sender,
         "created": _iso(e.created),
         "attempts": e.attempts,
-        "next_attempt": _iso(e.next_attempt),
+        "next_attempt": _next_iso(e.next_attempt),
         "recipients": recipients,
     }
 
@@ -384,7 +391,7 @@ def _show_queue(cfg: Config, queue: MessageQueue, args: argparse.Namespace) -> i
         print(
             f"id: {env.id}\nsender: <{env.sender}>\ncreated: {_iso(env.created)}\n"
             f"size: {env.size}\nattempts: {env.attempts}\n"
-            f"next_attempt: {_iso(env.next_attempt) or '-'}"
+            f"next_attempt: {_next_iso(env.next_attempt)}"
         )
         for r in env.recipients:
             print(
@@ -426,7 +433,7 @@ def _show_queue(cfg: Config, queue: MessageQueue, args: argparse.Namespace) -> i
                     str(e.size),
                     f"<{e.sender}>",
                     ",".join(r.address for r in e.recipients),
-                    _iso(e.next_attempt) or "-",
+                    _next_iso(e.next_attempt),
                     errors or "-",
                 ]
             )

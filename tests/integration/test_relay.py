@@ -7,6 +7,7 @@ smtp port P, which is also ``[delivery] port``: "the other MX on port 25" in min
 from __future__ import annotations
 
 import contextlib
+import datetime
 import email
 import json
 import smtplib
@@ -207,8 +208,13 @@ def test_deferred_then_flush_delivers_once_even_across_kill9(
     assert [q["id"] for q in queue(pair.a)] == [entry["id"]]
     again = json.loads(pair.a.cli("queue", "show", str(entry["id"]), "--json").stdout)
     assert again["attempts"] == detail["attempts"]  # the history is durable
+    pair.a.stop()  # a flush without a running server: due at once, the next start tries it
+    assert pair.a.cli("queue", "flush").returncode == 0
+    (flushed,) = queue(pair.a)
+    due = datetime.datetime.fromisoformat(str(flushed["next_attempt"]))
+    assert abs(due.timestamp() - time.time()) < 60  # an ISO 8601 time, as always: now
     pair.b.start()
-    pair.a.cli("queue", "flush")
+    pair.a.start()
     assert len(pair.b.wait_messages("bob@b.test", 1)) == 1
     assert wait_for(lambda: queue(pair.a) == [])  # nothing left that could be sent again
     assert len(pair.b.messages("bob@b.test")) == 1
