@@ -403,6 +403,11 @@ def _on_supervisor(services: Services, worker: Worker, stop: asyncio.Event) -> N
         stop.set()
         return
     _apply(services, *message)
+    if worker.primary and services.sender_auth is not None:
+        try:  # a domain added by the reload gets its DKIM keys now, as on first start
+            services.sender_auth.ensure_keys()
+        except (OSError, PostroomError) as exc:
+            log.error("reload: DKIM keys not made: %s", exc)
 
 
 async def serve(

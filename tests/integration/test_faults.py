@@ -156,6 +156,8 @@ def test_sighup_adds_a_local_domain_to_the_queue_too(server_factory: ServerFacto
     with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
         c.sendmail("x@r.test", ["carol@b.test"], body * 1100)
     assert len(srv.wait_messages("carol@b.test", 1)) == 1
+    # Its DKIM keys are made by the reload, as a domain's are on first start.
+    assert (srv.data_dir / "dkim" / "b.test" / "keys.json").is_file()
 
 
 def test_sighup_applies_new_connection_limits(server_factory: ServerFactory) -> None:
