@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 import types
 import typing
@@ -420,11 +421,7 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
         raise ConfigError(f"{source}: tls: cert and key go together")
     if not 1 <= cfg.workers <= 64:
         raise ConfigError(f"{source}: workers: must be between 1 and 64")
-    for host, _port in cfg.dns.nameservers:
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:  # a resolver named by a name would need a resolver first
-            raise ConfigError(f"{source}: dns.nameservers: {host!r} is not an IP address") from None
+    nameservers = _nameserver_addresses(cfg.dns.nameservers, source)
     if cfg.limits.message_size < 1:
         # RFC 1870: "SIZE 0" means no limit at all, the opposite of what 0 would ask for.
         raise ConfigError(f"{source}: limits.message_size: must be at least 1 octet")
@@ -458,8 +455,37 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
     # made absolute once, here, so that no later chdir or dir_fd-relative call can misread it.
     data_dir = Path(os.path.abspath(cfg.data_dir))
     return dataclasses.replace(
-        cfg, hostname=hostname, domains=domains, data_dir=data_dir, path=path
+        cfg,
+        hostname=hostname,
+        domains=domains,
+        data_dir=data_dir,
+        path=path,
+        dns=dataclasses.replace(cfg.dns, nameservers=nameservers),
     )
+
+
+def _nameserver_addresses(nameservers: tuple[Endpoint, ...], source: str) -> tuple[Endpoint, ...]:
+    """``[dns] nameservers`` as addresses: a server named by a host name (``localhost:5353``)
+    is looked up once, here, with the system's resolver (``/etc/hosts`` first); its IPv4
+    addresses come before its IPv6 ones."""
+    out: list[Endpoint] = []
+    for host, port in nameservers:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            out.append((host, port))
+            continue
+        try:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as exc:
+            raise ConfigError(
+                f"{source}: dns.nameservers: {host!r}: cannot be resolved: {exc}"
+            ) from None
+        addresses = sorted(dict.fromkeys(str(info[4][0]) for info in found), key=lambda a: ":" in a)
+        out.extend((address, port) for address in addresses)
+    return tuple(out)
 
 
 def _check_storage(storage: StorageConfig, source: str) -> None:

@@ -139,7 +139,7 @@ def test_queue_commands_on_empty_queue(cfg: Path) -> None:
         ),
         ('domains = ["a.test"]\n[unknown]\nx = 1\n', "unknown"),
         ('domains = ["a.test"]\n[limits]\nmessage_size = "0MB"\n', "limits.message_size"),
-        ('domains = ["a.test"]\n[dns]\nnameservers = ["dns.example"]\n', "dns.nameservers"),
+        ('domains = ["a.test"]\n[dns]\nnameservers = ["dns..example"]\n', "dns.nameservers"),
         ('domains = ["a.test"]\n[dns]\nnameservers = ["999.1.1.1"]\n', "dns.nameservers"),
         (
             'domains = ["a.test"]\n[delivery]\nretry_intervals = ["99999999d"]\n',
