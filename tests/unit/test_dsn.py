@@ -215,3 +215,7 @@ def test_deterministic() -> None:
 
 def test_xtext_decode() -> None:
     assert xtext_decode("a+2Bb+3Dc") == "a+b=c"
+    # Each "+XX" is an octet: escaped UTF-8 is read back as UTF-8, not one character per octet.
+    assert xtext_decode("u+C3+BC") == "u\u00fc"
+    assert xtext_decode("bad+40orig+C3+BC@x.test") == "bad@orig\u00fc@x.test"
+    assert xtext_decode("+FF") == "\ufffd"

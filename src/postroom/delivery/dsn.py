@@ -40,7 +40,7 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
-_XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
+_XTEXT_HEX = re.compile(rb"\+([0-9A-Fa-f]{2})")
 _REPLY_CODES = re.compile(r"^(?:[2-5]\d\d[ -])?(?:[245]\.\d{1,3}\.\d{1,3}(?:\s+|$))?")
 
 
@@ -73,8 +73,11 @@ def failure_status(reply: str) -> str:
 
 
 def xtext_decode(value: str) -> str:
-    """Undo RFC 3461 §4 xtext ("+2B" -> "+")."""
-    return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
+    """Undo RFC 3461 §4 xtext ("+2B" -> "+"). Each "+XX" is an octet, so escaped UTF-8
+    ("+C3+BC") is read back as UTF-8; octets that are no UTF-8 become U+FFFD, which the
+    field writer then shows as it shows any other non-ASCII character."""
+    raw = _XTEXT_HEX.sub(lambda m: bytes.fromhex(m.group(1).decode()), value.encode())
+    return raw.decode("utf-8", "replace")
 
 
 def format_date(when: _dt.datetime | float) -> str:
