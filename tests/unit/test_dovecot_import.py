@@ -126,3 +126,44 @@ def test_a_second_run_without_a_uidlist_copies_nothing_twice(tmp_path: Path) -> 
     again = import_maildir(src, box, "mx.a.test")
     assert (again.imported, again.skipped) == (1, 2)
     assert sorted(_pop3_view(box)) == [b"A\n", b"B\n", b"C\n", b"D\n"]
+
+
+def test_a_copy_deleted_between_two_runs_stays_deleted(tmp_path: Path) -> None:
+    """deploy.md imports once early and once at the switch: a message a user fetched and
+    deleted from postroom in between must not come back with the second run."""
+    src, box = tmp_path / "src", tmp_path / "box"
+    for sub in ("cur", "new", "tmp"):
+        (src / sub).mkdir(parents=True)
+    (src / "cur" / "1700000001.a.vm:2,S").write_bytes(b"Subject: a\n\nA\n")
+    (src / "cur" / "1700000002.b.vm:2,S").write_bytes(b"Subject: b\n\nB\n")
+    uidlist = "3 V1700000000 N3\n1 :1700000001.a.vm\n2 :1700000002.b.vm\n"
+    (src / "dovecot-uidlist").write_text(uidlist)
+    assert import_maildir(src, box, "mx.a.test").imported == 2
+    (a_copy,) = [p for p in (box / "cur").iterdir() if p.read_bytes().endswith(b"\nA\n")]
+    a_copy.unlink()  # RETR, DELE, QUIT over POP3
+    again = import_maildir(src, box, "mx.a.test")
+    assert (again.imported, again.skipped) == (0, 2)
+    assert sorted(_pop3_view(box)) == [b"B\n"]
+
+
+def test_a_kept_uidl_that_rfc_1939_forbids_is_served_hashed(tmp_path: Path) -> None:
+    from postroom.blocking import BlockingPool
+    from postroom.storage.local.maildrop import MaildirMaildrop
+
+    src, box = tmp_path / "src", tmp_path / "box"
+    for sub in ("cur", "new", "tmp"):
+        (src / sub).mkdir(parents=True)
+    (src / "cur" / "1700000001.a.vm:2,S").write_bytes(b"Subject: a\n\nA\n")
+    (src / "cur" / "1700000002.b.vm:2,S").write_bytes(b"Subject: b\n\nB\n")
+    long_p, utf8_p = "x" * 80, "caf\u00e9"
+    (src / "dovecot-uidlist").write_text(
+        f"3 V1700000000 N3\n1 P{long_p} :1700000001.a.vm\n2 P{utf8_p} :1700000002.b.vm\n"
+    )
+    import_maildir(src, box, "mx.a.test")
+    drop = MaildirMaildrop(box, BlockingPool())
+    drop.open_now()
+    uidls = [f.uid for f in drop.files]
+    drop.close_now()
+    assert len(uidls) == 2 and len(set(uidls)) == 2
+    for uid in uidls:  # RFC 1939 §7: 1 to 70 characters in the range 0x21 to 0x7E
+        assert 1 <= len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid)

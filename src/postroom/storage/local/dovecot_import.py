@@ -238,7 +238,7 @@ def import_maildir(
             uidls[unique] = found_entry.ext.get("P") or format_uidl(
                 uidl_format, found_entry.uid, uidlist.uidvalidity, source, found_entry.ext.get("G")
             )
-        if unique in existing:
+        if unique in existing or source in imported:  # a copy a user deleted since stays gone
             report.skipped += 1
             imported[source] = unique
         else:

@@ -89,10 +89,15 @@ class MaildirFile:
 
 def unique_id(name: str) -> str:
     """The UIDL of a Maildir file name: its unique part, up to the first ``,`` or ``:``."""
-    base = name.split(":", 1)[0].split(",", 1)[0]
-    if _UID.fullmatch(base):
-        return base
-    return hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+    return as_uidl(name.split(":", 1)[0].split(",", 1)[0])
+
+
+def as_uidl(value: str) -> str:
+    """``value`` if it may be a UIDL (RFC 1939 §7: 1 to 70 characters 0x21-0x7E), else 40 hex
+    digits of its SHA-256: the same value always gives the same UIDL."""
+    if _UID.fullmatch(value):
+        return value
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
 def sizes_from_name(name: str) -> tuple[int | None, int | None]:
@@ -220,7 +225,7 @@ class MaildirMaildrop:
         kept = load_uidl_map(self.path)  # UIDLs of messages moved over from Dovecot
         if kept:
             for f in files:
-                f.uid = kept.get(f.uid, f.uid)
+                f.uid = as_uidl(kept[f.uid]) if f.uid in kept else f.uid
         # Oldest first: Maildir unique names start with the delivery time in seconds.
         files.sort(key=lambda f: f.base)
         return files
