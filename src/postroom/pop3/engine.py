@@ -312,7 +312,7 @@ class Pop3Engine(Buffers):
         return None
 
     def capabilities(self) -> list[str]:
-        """RFC 2449 §6: exactly what works now."""
+        """RFC 2449 §6: what works now, and after the login what worked before it."""
         f = self.features
         caps = [
             "TOP",
@@ -322,7 +322,10 @@ class Pop3Engine(Buffers):
             "PIPELINING",
             "IMPLEMENTATION postroom",
         ]
-        if f.login_allowed and self.state is Pop3State.AUTHORIZATION:
+        # RFC 2449 §5: what was announced before the login is announced after it too (a
+        # session is in TRANSACTION only by a login, so login was allowed); STLS aside, which
+        # works in AUTHORIZATION only (RFC 2595 §4).
+        if f.login_allowed or self.state is not Pop3State.AUTHORIZATION:
             # RFC 6856 §2: "UTF8 USER" = UTF-8 user names and passwords work with USER/PASS.
             caps += ["UTF8 USER", "USER"]
             if f.sasl:
