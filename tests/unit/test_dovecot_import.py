@@ -155,15 +155,17 @@ def test_a_kept_uidl_that_rfc_1939_forbids_is_served_hashed(tmp_path: Path) -> N
         (src / sub).mkdir(parents=True)
     (src / "cur" / "1700000001.a.vm:2,S").write_bytes(b"Subject: a\n\nA\n")
     (src / "cur" / "1700000002.b.vm:2,S").write_bytes(b"Subject: b\n\nB\n")
+    (src / "cur" / "1700000003.c.vm:2,S").write_bytes(b"Subject: c\n\nC\n")
     long_p, utf8_p = "x" * 80, "caf\u00e9"
     (src / "dovecot-uidlist").write_text(
-        f"3 V1700000000 N3\n1 P{long_p} :1700000001.a.vm\n2 P{utf8_p} :1700000002.b.vm\n"
+        f"3 V1700000000 N4\n1 P{long_p} :1700000001.a.vm\n2 P{utf8_p} :1700000002.b.vm\n"
+        f"3 P{long_p} :1700000003.c.vm\n"  # the same P twice
     )
     import_maildir(src, box, "mx.a.test")
     drop = MaildirMaildrop(box, BlockingPool())
     drop.open_now()
     uidls = [f.uid for f in drop.files]
     drop.close_now()
-    assert len(uidls) == 2 and len(set(uidls)) == 2
+    assert len(uidls) == 3 and len(set(uidls)) == 3
     for uid in uidls:  # RFC 1939 §7: 1 to 70 characters in the range 0x21 to 0x7E
         assert 1 <= len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid)

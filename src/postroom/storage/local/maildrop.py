@@ -222,12 +222,17 @@ class MaildirMaildrop:
                         files.append(MaildirFile(subdir, name, wire, unique_id(name), raw))
         if unknown:
             files += self._measure_all(unknown)
-        kept = load_uidl_map(self.path)  # UIDLs of messages moved over from Dovecot
-        if kept:
-            for f in files:
-                f.uid = as_uidl(kept[f.uid]) if f.uid in kept else f.uid
         # Oldest first: Maildir unique names start with the delivery time in seconds.
         files.sort(key=lambda f: f.base)
+        kept = load_uidl_map(self.path)  # UIDLs of messages moved over from Dovecot
+        if kept:
+            given: set[str] = set()
+            for f in files:
+                uid = as_uidl(kept[f.uid]) if f.uid in kept else f.uid
+                # RFC 1939 §7: unique in the maildrop. One the source gave two messages
+                # stays the older one's; the other keeps its own.
+                f.uid = f.uid if uid in given else uid
+                given.add(f.uid)
         return files
 
     def _measure_all(self, names: list[tuple[str, str]]) -> list[MaildirFile]:
