@@ -67,6 +67,7 @@ class _Txn:
     draft: MessageDraft | None = None
     queue_id: str = ""
     received_at: float = 0.0
+    leaves: bool = False  # a recipient is in another domain (set at DATA: they are final then)
 
 
 class SmtpPolicy:
@@ -186,6 +187,8 @@ class SmtpPolicy:
     def on_data_start(self) -> None:
         self.txn.queue_id = new_queue_id()
         self.txn.received_at = time.time()
+        local = self.cfg.is_local_domain
+        self.txn.leaves = not all(local(_domain(r.address)) for r in self.txn.recipients)
         sender = str(self.txn.sender) if self.txn.sender is not None else ""
         # Bound to this transaction: the prefix may be made at the end of DATA, when the
         # session has moved on to the next one.
@@ -209,10 +212,6 @@ class SmtpPolicy:
             name += "A"
         return name
 
-    def _leaves(self, txn: _Txn) -> bool:
-        """Whether a recipient of the transaction is in another domain (the message leaves)."""
-        return not all(self.cfg.is_local_domain(_domain(r.address)) for r in txn.recipients)
-
     def _prefix(self, txn: _Txn, head: bytes) -> bytes:
         """Our Received header, plus Date/Message-ID for submissions that leave and lack them,
         plus the blank line that ends the header section when the message has none (its first
@@ -230,7 +229,7 @@ class SmtpPolicy:
             f" id {txn.queue_id}{rcpt};\n\t{date}\n"
         )
         extra = ""
-        if self.auth_user is not None and self._leaves(txn):
+        if self.auth_user is not None and txn.leaves:
             header_end = head.find(b"\n\n")
             headers = head if header_end < 0 else head[: header_end + 1]
             present = {m.group(1).lower() for m in _HEADER_FIELD.finditer(headers)}
@@ -266,7 +265,7 @@ class SmtpPolicy:
         draft = txn.draft
         assert draft is not None
         problem = self._check_headers(draft.head(self.cfg.limits.header_size + 2))
-        if problem is None and self.auth_user is not None and self._leaves(txn):
+        if problem is None and self.auth_user is not None and txn.leaves:
             # Submitted mail that leaves is made 7-bit with short lines here, before it is
             # signed (RFC 6376 §5.3), so that no relay hop has to convert it and break the
             # signature. Mail that stays here is stored as it came.

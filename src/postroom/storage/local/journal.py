@@ -369,7 +369,7 @@ def write_refused(directory: str, queue_ids: Iterable[str]) -> None:
     name = f"{os.getpid()}.{time.time_ns()}{REFUSED}"
     fd = os.open(os.path.join(directory, f".{name}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, "".join(f"{q}\n" for q in queue_ids).encode())
+        files.write_all(fd, ["".join(f"{q}\n" for q in queue_ids).encode()])
         os.fsync(fd)
     finally:
         os.close(fd)
