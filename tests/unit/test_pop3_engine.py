@@ -86,6 +86,14 @@ def test_wrong_state_and_bad_arguments_keep_the_session() -> None:
     assert p.state is State.TRANSACTION
 
 
+def test_pass_only_immediately_after_user() -> None:
+    """RFC 1939 §7: a command between USER and PASS cancels the USER."""
+    p = Pop3Engine(Features())
+    out, events = run(p, b"USER u\r\nSTAT\r\nPASS p\r\nUSER u\r\nUSER v\r\nPASS p\r\n", login=False)
+    assert status(out) == [b"+OK", b"-ERR", b"-ERR", b"+OK", b"+OK", b"-ERR"]
+    assert [(e.user, e.password) for e in events if isinstance(e, Login)] == [("v", "p")]
+
+
 def test_plaintext_login_refused_without_tls() -> None:
     p = Pop3Engine(Features(starttls=True, login_allowed=False))
     out, events = run(p, b"CAPA\r\nUSER u\r\nAUTH PLAIN\r\n")

@@ -366,6 +366,8 @@ class Pop3Engine(Buffers):
         return self._transaction(verb, args)
 
     def _authorization(self, verb: str, rest: str, args: list[str]) -> Event | None:
+        # RFC 1939 §7: PASS "may only be given ... immediately after a successful USER command".
+        named_user, self._user = self._user, None
         if verb == "STLS":
             if not self.features.starttls or self.tls_active:
                 return self._error("STLS not available here")
@@ -390,10 +392,9 @@ class Pop3Engine(Buffers):
             self._out.append(b"+OK Send your password\r\n")
             return None
         if verb == "PASS":
-            if self._user is None:
+            if named_user is None:
                 return self._error("USER first")
-            user, self._user = self._user, None
-            return UserPass(user, rest)
+            return UserPass(named_user, rest)
         if verb == "AUTH":
             if not args or not args[0]:
                 # RFC 5034 §4 / RFC 1734: bare AUTH lists the mechanisms.
