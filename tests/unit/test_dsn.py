@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from postroom.delivery.dsn import DsnRecipient, build_dsn, format_date, xtext_decode
+from postroom.delivery.dsn import (
+    DsnRecipient,
+    build_dsn,
+    format_date,
+    xtext_decode,
+    xtext_encode,
+)
 
 ORIGINAL = (
     b"From: Alice <alice@a.test>\r\nTo: bob@b.test\r\nSubject: lunch?\r\n"
@@ -170,9 +176,21 @@ def test_long_diagnostic_is_folded() -> None:
     assert " ".join(got.split()) == f"smtp; {long}"
 
 
+def test_a_word_longer_than_a_line_is_cut() -> None:
+    """RFC 5322 §2.1.1: no line over 998 octets, even when a peer's reply holds a longer word."""
+    long = "550 5.1.1 " + "x" * 1500 + " end"
+    raw = report(recipients=[failed(diagnostic=long)])
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    got = status_blocks(parse(raw))[1]["Diagnostic-Code"]
+    got = " ".join(got.split())
+    assert got.startswith("smtp; 550 5.1.1 xxx") and got.endswith("x... end")
+
+
 def test_utf8_recipient_uses_global_types() -> None:
     raw = report(recipients=[failed("bøb@b.test")])
     msg = email.message_from_bytes(raw, policy=email.policy.SMTPUTF8)
+    # RFC 6522 §3: report-type is the subtype of the second part.
+    assert msg.get_param("report-type") == "global-delivery-status"
     parts = list(msg.iter_parts())
     assert parts[1].get_content_type() == "message/global-delivery-status"
     assert "utf-8; bøb@b.test" in raw.decode()
@@ -219,3 +237,9 @@ def test_xtext_decode() -> None:
     assert xtext_decode("u+C3+BC") == "u\u00fc"
     assert xtext_decode("bad+40orig+C3+BC@x.test") == "bad@orig\u00fc@x.test"
     assert xtext_decode("+FF") == "\ufffd"
+
+
+def test_xtext_round_trip() -> None:
+    for value in ("ab+c3@x.test", "a=b@x.test", "j\u00f6rg@x.test", "sp ace@x.test"):
+        assert xtext_decode(xtext_encode(value)) == value
+    assert xtext_encode("ab+c3=@x.test") == "ab+2Bc3+3D@x.test"

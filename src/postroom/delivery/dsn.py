@@ -36,6 +36,7 @@ Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 # RFC 3461 §4.3 leaves the size of a returned message to the MTA; Postfix returns 50 kB.
 DEFAULT_FULL_LIMIT = 256 * 1024
 MAX_HEADER_COPY = 64 * 1024
+MAX_WORD = 900  # octets of one unbreakable word in a report line
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
@@ -80,6 +81,15 @@ def xtext_decode(value: str) -> str:
     return raw.decode("utf-8", "replace")
 
 
+def xtext_encode(value: str) -> str:
+    """RFC 3461 §4 xtext of ``value`` (its UTF-8 octets): "+" and "=" and every octet outside
+    "!".."~" become "+XX". For an address we name ourselves, as the sender's ORCPT would."""
+    return "".join(
+        chr(b) if 33 <= b <= 126 and b not in (0x2B, 0x3D) else f"+{b:02X}"
+        for b in value.encode("utf-8")
+    )
+
+
 def format_date(when: _dt.datetime | float) -> str:
     """RFC 5322 §3.3 date-time, always in English (strftime's %a follows the locale)."""
     t = _as_datetime(when)
@@ -112,9 +122,18 @@ def _own_words(diagnostic: str, *, utf8: bool) -> str:
     return _REPLY_CODES.sub("", _clean(diagnostic, utf8=utf8), count=1)
 
 
+def _short_word(word: str) -> str:
+    """``word`` cut to :data:`MAX_WORD` octets: a word is never folded, and a line may not
+    pass 998 octets (RFC 5322 §2.1.1); a peer's reply may hold a longer one."""
+    raw = word.encode("utf-8")
+    if len(raw) <= MAX_WORD:
+        return word
+    return raw[:MAX_WORD].decode("utf-8", "ignore") + "..."
+
+
 def _field(name: str, value: str, *, utf8: bool) -> str:
     """``Name: value`` folded at spaces so that lines stay short (RFC 5322 §2.2.3)."""
-    words = _clean(value, utf8=utf8).split(" ")
+    words = [_short_word(w) for w in _clean(value, utf8=utf8).split(" ")]
     lines: list[str] = []
     current = f"{name}:"
     for word in words:
@@ -164,7 +183,7 @@ def _subject(actions: AbstractSet[str]) -> str:
 
 def _wrap(text: str) -> list[str]:
     return textwrap.wrap(
-        text,
+        " ".join(_short_word(w) for w in text.split(" ")),
         76,
         initial_indent="    ",
         subsequent_indent="    ",
@@ -328,6 +347,7 @@ def build_dsn(
         counter += 1
         boundary = f"=_postroom_{seed}_{counter}"
 
+    status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
     orig_id = _header_value(head, b"Message-ID")
     lines = [
         _field("From", f"MAILER-DAEMON@{hostname}", utf8=utf8),  # the documented bounce sender
@@ -342,14 +362,14 @@ def build_dsn(
     lines += [
         "Auto-Submitted: auto-replied\r\n",  # RFC 3834 §5.1
         "MIME-Version: 1.0\r\n",
-        "Content-Type: multipart/report; report-type=delivery-status;\r\n"
+        # RFC 6522 §3: report-type names the second part's subtype (RFC 6533 §6.3).
+        f"Content-Type: multipart/report; report-type={status_type.partition('/')[2]};\r\n"
         f'\tboundary="{boundary}"\r\n',
         "\r\n",
         "This is a MIME-encapsulated message.\r\n",
         "\r\n",
     ]
     charset = "utf-8" if utf8 else "us-ascii"
-    status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
     cte = "7bit" if returned.isascii() else "8bit"
     out = "".join(lines).encode("utf-8")
     out += (
