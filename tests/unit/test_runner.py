@@ -298,6 +298,17 @@ def test_a_permanent_failure_bounces_to_the_sender_through_the_same_hand_off(
     assert b"multipart/report" in report and b"\r\n" not in report
 
 
+def test_a_bounce_names_the_alias_as_original_recipient(tmp_path: Path) -> None:
+    """RFC 3464 §2.3.1: the address as the sender gave it; "+c3" in it is no xtext escape."""
+    runner, queue, _boxes, _clock = make(tmp_path, {})
+    env = Envelope(
+        "Q1", "alice@a.test", [Recipient("bob@nowhere.test", original="ab+c3@a.test")], NOW
+    )
+    asyncio.run(accept(runner, env))
+    (dsn_id,) = [qid for kind, qid in queue.calls if kind == "accept" and qid != "Q1"]
+    assert b"\nOriginal-Recipient: rfc822; ab+c3@a.test\n" in queue.accepted[dsn_id][1]
+
+
 @pytest.mark.parametrize("crash_after", range(1, 6))
 def test_a_crash_at_any_step_of_a_bounce_sends_exactly_one_dsn(
     tmp_path: Path, crash_after: int

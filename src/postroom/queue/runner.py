@@ -29,11 +29,19 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from postroom import events
-from postroom.delivery.dsn import Action, DsnRecipient, build_dsn, failure_status, format_date
+from postroom.delivery.dsn import (
+    Action,
+    DsnRecipient,
+    build_dsn,
+    failure_status,
+    format_date,
+    xtext_encode,
+)
 from postroom.delivery.remote import DeliveryResult, RemoteDelivery, needs_relayed_dsn
 from postroom.errors import LeaseLost, QueueError, TemporaryStorageError
 from postroom.queue import schedule
@@ -131,7 +139,6 @@ class QueueRunner:
         self._stopping = False
         self._remote: RemoteDelivery | None = None
         self._destinations = slots or ProcessSlots()
-        self._relayed: set[int] = set()
         self._lease_fresh = lease_fresh  # None: one node, nobody else can take a message
 
     @property
@@ -322,6 +329,7 @@ class QueueRunner:
         attempts = list(first.attempts) if first is not None else []
         newly_done = list(first.done) if first is not None else []
         newly_failed: list[Recipient] = []
+        relayed: set[int] = set()  # (ids of) those handed to a host that will not report success
         local: list[LocalCopy] = []
         remote: dict[str, list[tuple[int, Recipient]]] = defaultdict(list)
         for index, rcpt in enumerate(envelope.recipients):
@@ -371,6 +379,8 @@ class QueueRunner:
                         if result.outcome is Outcome.DELIVERED:
                             self._outcome(envelope, rcpt, "delivered", reply, relay, took)
                             newly_done.append(rcpt)
+                            if needs_relayed_dsn(result):
+                                relayed.add(id(rcpt))
                             delivered = True
                         elif result.outcome is Outcome.PERMANENT:
                             self._outcome(envelope, rcpt, "bounced", reply, relay, took)
@@ -400,7 +410,7 @@ class QueueRunner:
         if schedule.expired(envelope.created, self._clock(), self.cfg.delivery.max_queue_time):
             newly_failed += self._expired(envelope)
 
-        decided = self._decide_reports(envelope, newly_failed, newly_done)
+        decided = self._decide_reports(envelope, newly_failed, newly_done, relayed)
         if decided:
             # Stored with the outcomes they report before any is queued: a crash from here on
             # makes each at most once (see _make_reports). Due at once after such a crash.
@@ -522,20 +532,22 @@ class QueueRunner:
         out = []
         for (_index, rcpt), result in zip(rcpts, results, strict=True):
             rcpt.remote_mta = result.remote_mta
-            if result.outcome is Outcome.DELIVERED and needs_relayed_dsn(result):
-                self._relayed.add(id(rcpt))
             out.append((rcpt, result))
         return took, out
 
     # -- DSNs ------------------------------------------------------------------------------
 
     def _decide_reports(
-        self, envelope: Envelope, failed: list[Recipient], done: list[Recipient]
+        self,
+        envelope: Envelope,
+        failed: list[Recipient],
+        done: list[Recipient],
+        relayed: AbstractSet[int],
     ) -> list[PendingReport]:
         """The DSNs (RFC 3464) this attempt owes: one for its failures, one for successes
-        where NOTIFY asked (a remote success only if the host will not report it itself).
-        Never to the null sender (RFC 3461 §6.2, RFC 5321 §6.1); NOTIFY=NEVER suppresses."""
-        relayed = self._relayed
+        where NOTIFY asked (a remote success only if the host will not report it itself: the
+        ids in ``relayed``). Never to the null sender (RFC 3461 §6.2, RFC 5321 §6.1);
+        NOTIFY=NEVER suppresses."""
         succeeded: list[tuple[Recipient, str]] = []
         for r in done:
             if r.notify and "SUCCESS" in r.notify:
@@ -543,7 +555,6 @@ class QueueRunner:
                     succeeded.append((r, "delivered"))
                 elif id(r) in relayed:
                     succeeded.append((r, "relayed"))
-            relayed.discard(id(r))
         failures = [r for r in failed if r.notify is None or "FAILURE" in r.notify]
         if not envelope.sender or not (failures or succeeded):
             return []  # (the path of nearly every message)
@@ -681,7 +692,10 @@ def _attempts(now: float, results: list[tuple[Recipient, DeliveryResult]]) -> li
 def _dsn_recipient(rcpt: Recipient, action: Action, now: float) -> DsnRecipient:
     error = rcpt.last_error or ""
     status = failure_status(error) if action == "failed" else "2.0.0"
-    original = rcpt.orcpt or (f"rfc822;{rcpt.original}" if rcpt.original else None)
+    original = rcpt.orcpt
+    if original is None and rcpt.original:  # the alias it was sent to, as ORCPT would carry it
+        kind = "rfc822" if rcpt.original.isascii() else "utf-8"
+        original = f"{kind};{xtext_encode(rcpt.original)}"
     return DsnRecipient(
         final_recipient=rcpt.address,
         action=action,
