@@ -49,6 +49,7 @@ class Sink:
     per_session: int | None = None
     goodbye: bytes | None = b"421 4.7.0 enough for this session, closing"
     tls: ssl.SSLContext | None = None
+    inject_after_starttls: bool = False  # 220 to STARTTLS with plaintext behind it, no TLS
     messages: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     connections: int = 0
@@ -99,6 +100,11 @@ class Sink:
                     say(f"250{'-' if i < len(lines) - 1 else ' '}{text}")
             elif verb == "HELO":
                 say("250 sink.test")
+            elif verb == "STAR" and self.tls is not None and self.inject_after_starttls:
+                say("220 2.0.0 go ahead\r\n250 injected")
+                await writer.drain()
+                await reader.read()  # the client hangs up
+                return
             elif verb == "STAR" and self.tls is not None:
                 say("220 2.0.0 go ahead")
                 await writer.drain()
@@ -430,6 +436,30 @@ def test_opportunistic_starttls(ca: trustme.CA) -> None:
         assert res.outcome is Outcome.DELIVERED
         assert sink.messages[0].tls
         assert [c.split()[0] for c in sink.commands[:3]] == ["EHLO", "STARTTLS", "EHLO"]
+
+    run(main)
+
+
+def test_bytes_before_the_handshake_end_tls_and_the_retry_is_plaintext(ca: trustme.CA) -> None:
+    """Plaintext behind the 220 to STARTTLS is refused (the client-side twin of CVE-2011-0411),
+    as a failed handshake is: the next connection to that host goes without TLS, so such a
+    server does not hold mail until it expires."""
+    port = free_port()
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.2", port, tls=server_tls(ca), inject_after_starttls=True).start()
+        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        try:
+            (res,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+        finally:
+            await remote.aclose()
+            await sink.stop()
+        assert res.outcome is Outcome.DELIVERED
+        assert sink.connections == 2 and not sink.messages[0].tls
+        assert "250 injected" not in sink.commands
+        assert [c.split()[0] for c in sink.commands[:3]] == ["EHLO", "STARTTLS", "EHLO"]
+        assert sink.commands[3].startswith("MAIL")  # the second connection's EHLO came before
 
     run(main)
 

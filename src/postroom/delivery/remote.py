@@ -14,13 +14,13 @@ cache keyed by (host, address, port, verify) so that the next message to the sam
 connection (no RSET first: a connection the host dropped meanwhile fails before MAIL is answered,
 and the message goes to a new connection at once). TLS is opportunistic (RFC 7435) except for
 ``[delivery] tls_verify_domains``, where TLS is required and the certificate must verify for the MX
-host name; a failed opportunistic handshake is retried once in plaintext at the same address (like
-Postfix), so a broken TLS stack at the peer cannot block mail forever. A caller may pass
-``may_finish``, asked once the message is written and before its final dot (which commits it at the
-remote host): on False the connection is closed without the dot (the host cancels the transaction,
-RFC 5321 §3.8), no other host is tried and the attempt ends with :class:`~postroom.errors.LeaseLost`
-(it records nothing: the node that holds the lease now does); the queue of a cluster uses it to
-fence deliveries whose lease another node may hold.
+host name; a failed opportunistic handshake (or plaintext sent before it) is retried once in
+plaintext at the same address (like Postfix), so a broken TLS stack at the peer cannot block mail
+forever. A caller may pass ``may_finish``, asked once the message is written and before its final
+dot (which commits it at the remote host): on False the connection is closed without the dot (the
+host cancels the transaction, RFC 5321 §3.8), no other host is tried and the attempt ends with
+:class:`~postroom.errors.LeaseLost` (it records nothing: the node that holds the lease now does);
+the queue of a cluster uses it to fence deliveries whose lease another node may hold.
 Security notes: all network input goes through the engine; this module never interprets it.
 """
 
@@ -447,7 +447,10 @@ class RemoteDelivery:
                     await self._start_tls(session, target, ip, verify)
                     continue
                 if isinstance(event, Closed):
-                    raise _SessionFailed(self._session_reply(event.reply, where))
+                    # Ended between the 220 to STARTTLS and a working TLS session (bytes
+                    # injected before the handshake): a TLS failure, retried in plaintext.
+                    in_tls = policy is not TLSPolicy.NONE and engine.tls_begun and not engine.secure
+                    raise _SessionFailed(self._session_reply(event.reply, where), tls=in_tls)
         except BaseException:
             session.close()
             raise

@@ -267,6 +267,9 @@ class ClientEngine:
         self.extensions: dict[str, str] = {}
         self.esmtp = False
         self.secure = False
+        self.tls_begun = (
+            False  # the server said 220 to STARTTLS (secure once the handshake is done)
+        )
         self.greeting: Reply | None = None
         self._reader = LineReader(max_line)
         self._max_lines = max_lines
@@ -557,6 +560,7 @@ class ClientEngine:
 
     def _on_starttls(self, reply: Reply) -> None:
         if reply.code == 220:
+            self.tls_begun = True
             self._go(ClientTrigger.TLS_GO)
             if self._reader.pending():
                 self._fail(_local(421, "4.7.0", "server sent data before the TLS handshake"))
