@@ -417,6 +417,29 @@ def test_orcpt_syntax() -> None:
         assert codes(Harness().send(rcpt + bad + b"\r\n"))[-1] == "501", bad
     for good in (b"rfc822;bob@b.test", b"rfc822;a+2Bb@c.test", b"x-local;anything"):
         assert codes(Harness().send(rcpt + good + b"\r\n"))[-1] == "250", good
+    # RFC 6533 §3: with SMTPUTF8, UTF-8 in a "utf-8" ORCPT, still without controls, "=", or
+    # a "+" or "\\" that escapes nothing; an "rfc822" one stays xtext.
+    rcpt = b"EHLO c\r\nMAIL FROM:<> SMTPUTF8\r\nRCPT TO:<x@y.test> ORCPT="
+    for bad in (
+        "rfc822;\u00fc@b.test",
+        "utf-8;\u00fc\x01@b.test",
+        "utf-8;\u00fc\x7f@b.test",
+        "utf-8;\u00fc+zz@b.test",
+        "utf-8;\u00fc=@b.test",
+        "utf-8;\u00fc\\@b.test",
+    ):
+        assert codes(Harness().send(rcpt + bad.encode() + b"\r\n"))[-1] == "501", bad
+    for ok in ("utf-8;\u00fc@b.test", "UTF-8;j\u00f6rg\\x{E9}+2B@b.test", "utf-8;plain@b.test"):
+        assert codes(Harness().send(rcpt + ok.encode() + b"\r\n"))[-1] == "250", ok
+
+
+def test_a_bad_sender_address_is_5_1_7() -> None:
+    """RFC 3463: X.1.7 is a bad sender's address syntax (X.1.3 is a recipient's)."""
+    for mail in (b"MAIL FROM:bad@x.test", b"MAIL FROM:<bad@@x.test>", b"MAIL FROM:<a@b"):
+        out = Harness().send(b"EHLO c\r\n" + mail + b"\r\n")
+        assert out.splitlines()[-1].startswith(b"501 5.1.7 "), mail
+    out = Harness().send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<bad@@x.test>\r\n")
+    assert out.splitlines()[-1].startswith(b"501 5.1.3 ")
 
 
 def test_null_sender_and_postmaster() -> None:

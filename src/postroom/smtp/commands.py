@@ -25,6 +25,12 @@ MAX_AUTH = 12288
 MAX_LINE = MAX_AUTH
 
 _XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
+# RFC 6533 §3 utf-8-addr-unitext / -xtext: graphic ASCII but "+", "=" and "\\", UTF-8 past
+# U+009F (no C1 controls), "\\x{HEX}" escapes, and (xtext's) "+XX".
+_UNITEXT = re.compile(
+    r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e\u00a0-\U0010ffff]|\\x\{[0-9A-Fa-f]{1,6}\}"
+    r"|\+[0-9A-F]{2})+$"
+)
 _PARAM_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 
 
@@ -112,15 +118,16 @@ _LIMITS = {"MAIL": MAX_MAIL, "RCPT": MAX_RCPT, "AUTH": MAX_AUTH}
 _HELO_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}|\[[A-Za-z0-9.:-]{1,100}\]")
 
 
-def _split_path(rest: str) -> tuple[str, str]:
-    """Split ``<path> params`` (tolerating one space after the colon, as clients send)."""
+def _split_path(rest: str, bad: Reply = replies.ADDRESS_SYNTAX) -> tuple[str, str]:
+    """Split ``<path> params`` (tolerating one space after the colon, as clients send); ``bad``
+    is the reply for a path that does not parse."""
     rest = rest.lstrip(" ")
     if not rest.startswith("<"):
-        raise CommandError(replies.ADDRESS_SYNTAX)
+        raise CommandError(bad)
     if '"' not in rest and "\\" not in rest:  # the common case: the first ">" closes the path
         end = rest.find(">")
         if end < 0:
-            raise CommandError(replies.ADDRESS_SYNTAX)
+            raise CommandError(bad)
         return rest[: end + 1], rest[end + 1 :]
     # A quoted local part (RFC 5321 §4.1.2 Quoted-string, with quoted-pairs) may contain
     # ">": find the closing bracket outside quotes.
@@ -134,7 +141,7 @@ def _split_path(rest: str) -> tuple[str, str]:
             in_quote = not in_quote
         elif ch == ">" and not in_quote:
             return rest[: i + 1], rest[i + 1 :]
-    raise CommandError(replies.ADDRESS_SYNTAX)
+    raise CommandError(bad)
 
 
 def is_bdat(line: bytes) -> bool:
@@ -188,7 +195,8 @@ def _parse(line: bytes, smtputf8: bool) -> Command:
     if verb == "MAIL":
         if rest[:5].upper() != "FROM:":
             raise CommandError(replies.PARAM_SYNTAX)
-        path, tail = _split_path(rest[5:])
+        # RFC 3463: a sender's bad syntax is X.1.7 (X.1.3 names a recipient's).
+        path, tail = _split_path(rest[5:], replies.SENDER_SYNTAX)
         params = _params(tail)
         utf8 = "SMTPUTF8" in params
         if not utf8 and not text.isascii():
@@ -196,7 +204,7 @@ def _parse(line: bytes, smtputf8: bool) -> Command:
         try:
             sender = parse_path(path, utf8=utf8, allow_null=True)
         except AddressError:
-            raise CommandError(replies.ADDRESS_SYNTAX) from None
+            raise CommandError(replies.SENDER_SYNTAX) from None
         return Mail(sender, params)
     if verb == "RCPT":
         if rest[:3].upper() != "TO:":
@@ -245,3 +253,11 @@ def _parse(line: bytes, smtputf8: bool) -> Command:
 def valid_xtext(value: str) -> bool:
     """RFC 3461 §4: xtext for ENVID and ORCPT."""
     return bool(_XTEXT.match(value))
+
+
+def valid_orcpt_address(addr_type: str, value: str) -> bool:
+    """An ORCPT's address: xtext (RFC 3461 §4.2), or for the "utf-8" type also the UTF-8
+    forms of RFC 6533 §3 (which a server takes with SMTPUTF8 only)."""
+    if value.isascii() and valid_xtext(value):
+        return True
+    return addr_type.lower() == "utf-8" and bool(_UNITEXT.match(value))

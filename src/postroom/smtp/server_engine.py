@@ -538,7 +538,7 @@ class ServerEngine(Buffers):
                     or not _ATOM.fullmatch(atype)
                     or not addr
                     or len(value or "") > 500
-                    or (addr.isascii() and not commands.valid_xtext(addr))
+                    or not commands.valid_orcpt_address(atype, addr)
                 ):
                     return self._error(replies.PARAM_SYNTAX)
             else:

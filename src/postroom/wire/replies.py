@@ -137,6 +137,7 @@ AUTH_LINE_TOO_LONG = R(500, "5.5.6", "Authentication exchange line too long")  #
 BARE_LF_COMMAND = R(500, "5.5.2", "Bare CR or LF not allowed in commands")
 PARAM_SYNTAX = R(501, "5.5.4", "Syntax error in parameters or arguments")
 ADDRESS_SYNTAX = R(501, "5.1.3", "Bad address syntax")
+SENDER_SYNTAX = R(501, "5.1.7", "Bad sender address syntax")  # RFC 3463: X.1.3 is a recipient's
 NOT_IMPLEMENTED = R(502, "5.5.1", "Command not implemented")
 BAD_SEQUENCE = R(503, "5.5.1", "Bad sequence of commands")
 PARAM_NOT_IMPLEMENTED = R(555, "5.5.4", "Parameter not recognized or not implemented")
