@@ -162,6 +162,11 @@ class ScramSha256:
     def start(self, initial: bytes | None) -> Step:
         return Challenge(b"") if initial is None else self.step(initial)
 
+    @property
+    def awaiting_proof(self) -> bool:
+        """The next message is the client-final, whose proof is checked against the keys."""
+        return self._stage == 2
+
     def step(self, data: bytes) -> Step:
         text = _utf8(data)
         if text is None:

@@ -2,8 +2,9 @@
 against the account store, with the login throttle. Used by both servers, so that AUTH behaves
 the same in SMTP (RFC 4954) and POP3 (RFC 5034); each maps the outcome to its own replies.
 
-Security: while a client IP is locked out no credential is even checked; every failed login
-(an unknown user and a wrong password alike) waits out the throttle's delay before it is
+Security: while a client IP is locked out no credential is even checked (a SCRAM proof is
+tested against the lockout when it arrives, as a password is when its turn comes); every failed
+login (an unknown user and a wrong password alike) waits out the throttle's delay before it is
 answered, and is counted per IP and per account name (case-insensitive, so that spelling the
 name differently does not reset the count). An unknown SCRAM user gets made-up keys from
 ``sasl.py`` and fails only at the proof. Failed logins (with the name tried, never the
@@ -69,6 +70,13 @@ class SaslSession:
         else:
             if self._mech is None:
                 return Refused("malformed")
+            # A SCRAM proof is a password check (PLAIN's and LOGIN's go through
+            # check_password): tested against the lockout now, when it comes, not only at the
+            # start, or connections opened early would each get a guess past it.
+            scram_proof = isinstance(self._mech, sasl.ScramSha256) and self._mech.awaiting_proof
+            if scram_proof and self.locked_out():
+                self._mech = None
+                return Refused("throttled")
             step = self._mech.step(event.data)
         try:
             step = await sasl.settle(

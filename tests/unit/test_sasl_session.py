@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import logging
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -89,3 +91,44 @@ def test_a_lockout_that_began_while_the_check_waited_is_a_throttle_not_a_failure
     services = LockedWhileWaiting()
     refused = asyncio.run(session(services).step(AuthStart("PLAIN", b"\0Alice@A.test\0pw")))
     assert refused == Refused("throttled") and services.throttle.failures == []
+
+
+def scram_proof(server_first: bytes, first_bare: str, password: str) -> bytes:
+    """The client-final message of RFC 5802 §3 for ``password``."""
+    attrs = dict(kv.split("=", 1) for kv in server_first.decode().split(","))
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", password.encode(), base64.b64decode(attrs["s"]), int(attrs["i"])
+    )
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    final_wo = f"c=biws,r={attrs['r']}"
+    auth_msg = f"{first_bare},{server_first.decode()},{final_wo}".encode()
+    sig = hmac.new(hashlib.sha256(client_key).digest(), auth_msg, "sha256").digest()
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True)))
+    return f"{final_wo},p={proof.decode()}".encode()
+
+
+async def scram_login(locked_meanwhile: bool) -> tuple[object, FakeThrottle]:
+    """A SCRAM exchange with the right password; the IP is locked out (or not) by other
+    connections between the client-first and the proof."""
+
+    class Scram(FakeServices):
+        def scram_keys(self, ip: str, login: str) -> sasl.ScramKeys | None:
+            return sasl.derive_scram_keys("pw", b"salt" * 4, 4096)
+
+    services = Scram()
+    s = session(services)
+    first_bare = "n=alice@a.test,r=abc"
+    server_first = await s.step(AuthStart("SCRAM-SHA-256", b"n,," + first_bare.encode()))
+    assert isinstance(server_first, sasl.Challenge)
+    services.throttle.locked = locked_meanwhile
+    outcome = await s.step(AuthResponse(scram_proof(server_first.data, first_bare, "pw")))
+    return outcome, services.throttle
+
+
+def test_a_scram_proof_is_tested_against_the_lockout_when_it_comes() -> None:
+    """Connections that sent their client-first before the lockout get no guess past it: the
+    proof is a password check, refused unchecked once the IP is locked out."""
+    outcome, throttle = asyncio.run(scram_login(locked_meanwhile=True))
+    assert outcome == Refused("throttled") and throttle.failures == []
+    outcome, _ = asyncio.run(scram_login(locked_meanwhile=False))
+    assert isinstance(outcome, sasl.Challenge) and outcome.data.startswith(b"v=")
