@@ -89,9 +89,31 @@ def test_wrong_state_and_bad_arguments_keep_the_session() -> None:
 def test_pass_only_immediately_after_user() -> None:
     """RFC 1939 §7: a command between USER and PASS cancels the USER."""
     p = Pop3Engine(Features())
-    out, events = run(p, b"USER u\r\nSTAT\r\nPASS p\r\nUSER u\r\nUSER v\r\nPASS p\r\n", login=False)
-    assert status(out) == [b"+OK", b"-ERR", b"-ERR", b"+OK", b"+OK", b"-ERR"]
+    out, events = run(
+        p,
+        b"USER u\r\nSTAT\r\nPASS p\r\nUSER u\r\nCAPA\r\nPASS p\r\nUSER u\r\nUSER v\r\nPASS p\r\n",
+        login=False,
+    )
+    assert status(out) == [
+        b"+OK",
+        b"-ERR",
+        b"-ERR",
+        b"+OK",
+        b"+OK",
+        b"-ERR",
+        b"+OK",
+        b"+OK",
+        b"-ERR",
+    ]
     assert [(e.user, e.password) for e in events if isinstance(e, Login)] == [("v", "p")]
+
+
+def test_keywords_are_ascii() -> None:
+    """RFC 1939 §3: "u\\u017fer" (a long s) is no USER, though str.upper() makes it one."""
+    p = Pop3Engine(Features())
+    out, events = run(p, "u\u017fer u\r\nUSER u\r\npa\u017f\u017f p\r\nqu\u0131t\r\n".encode())
+    assert status(out) == [b"-ERR", b"+OK", b"-ERR", b"-ERR"] and not events
+    assert p.state is State.AUTHORIZATION
 
 
 def test_plaintext_login_refused_without_tls() -> None:

@@ -344,12 +344,15 @@ class Pop3Engine(Buffers):
         except UnicodeDecodeError:
             return self._error("Invalid UTF-8 in command")
         verb, _, rest = text.partition(" ")
-        verb = verb.upper()
+        # RFC 1939 §3: keywords are ASCII; str.upper() would make "u\\u017fer" USER.
+        verb = verb.upper() if verb.isascii() else "?"
         args = rest.split()
         self.commands += 1
         if self.commands > self.features.max_commands:
             self.close("Too many commands in one session", "SYS/TEMP")
             return Closing()
+        # RFC 1939 §7: PASS "may only be given ... immediately after a successful USER command".
+        named_user, self._user = self._user, None
         if verb == "CAPA":
             body = "".join(f"{c}\r\n" for c in self.capabilities())
             self._out.append(f"+OK Capability list follows\r\n{body}.\r\n".encode())
@@ -362,12 +365,13 @@ class Pop3Engine(Buffers):
             self._go(Pop3Trigger.QUIT)
             return Closing(clean=True)
         if self.state is Pop3State.AUTHORIZATION:
-            return self._authorization(verb, rest, args)
+            return self._authorization(verb, rest, args, named_user)
         return self._transaction(verb, args)
 
-    def _authorization(self, verb: str, rest: str, args: list[str]) -> Event | None:
-        # RFC 1939 §7: PASS "may only be given ... immediately after a successful USER command".
-        named_user, self._user = self._user, None
+    def _authorization(
+        self, verb: str, rest: str, args: list[str], named_user: str | None
+    ) -> Event | None:
+        """``named_user``: the name a USER just before this command gave (for PASS)."""
         if verb == "STLS":
             if not self.features.starttls or self.tls_active:
                 return self._error("STLS not available here")
