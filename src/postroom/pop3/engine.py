@@ -344,7 +344,7 @@ class Pop3Engine(Buffers):
         except UnicodeDecodeError:
             return self._error("Invalid UTF-8 in command")
         verb, _, rest = text.partition(" ")
-        # RFC 1939 §3: keywords are ASCII; str.upper() would make "u\\u017fer" USER.
+        # RFC 1939 §3: keywords are ASCII; str.upper() would make "u\u017fer" (long s) USER.
         verb = verb.upper() if verb.isascii() else "?"
         args = rest.split()
         self.commands += 1
