@@ -86,6 +86,31 @@ def test_maildrop_sizes_uids_and_order(tmp_path: Path) -> None:
     again.close_now()
 
 
+def test_files_with_one_unique_name_get_distinct_uidls(tmp_path: Path) -> None:
+    """RFC 1939 §7: unique in the maildrop, also when another tool copied instead of moving;
+    the first keeps the name, the others get their size added, and a reopen gives the same."""
+    md = make_maildir(
+        tmp_path / "md",
+        {
+            "new/1796470000.dup.host": b"one\n",
+            "new/1796470000.dup.host,S=5": b"two!\n",
+            "cur/1796470000.dup.host:2,S": b"three\n",
+            "cur/1796470000.dup.host,S=5:2,S": b"four\n",
+        },
+    )
+    uidls = []
+    for _ in range(2):
+        drop = Maildrop(md)
+        drop.open_now()
+        try:
+            uidls.append([e.uid for e in drop.files])
+        finally:
+            drop.close_now()
+    assert uidls[0] == uidls[1] and len(set(uidls[0])) == 4
+    assert uidls[0][0] == "1796470000.dup.host"
+    assert all(u.startswith("1796470000.dup.host.") for u in uidls[0][1:])
+
+
 def test_uid_is_the_unique_part_and_fits_rfc1939() -> None:
     assert unique_id("123.Q_0.h,S=5:2,RS") == unique_id("123.Q_0.h,S=5,W=7") == "123.Q_0.h"
     odd = unique_id("x" * 80 + ",S=1")

@@ -225,14 +225,23 @@ class MaildirMaildrop:
         # Oldest first: Maildir unique names start with the delivery time in seconds.
         files.sort(key=lambda f: f.base)
         kept = load_uidl_map(self.path)  # UIDLs of messages moved over from Dovecot
-        if kept:
-            given: set[str] = set()
-            for f in files:
-                uid = as_uidl(kept[f.uid]) if f.uid in kept else f.uid
-                # RFC 1939 §7: unique in the maildrop. One the source gave two messages
-                # stays the older one's; the other keeps its own.
-                f.uid = f.uid if uid in given else uid
-                given.add(f.uid)
+        if not kept and len({f.uid for f in files}) == len(files):
+            return files  # (nearly always)
+        given: set[str] = set()
+        for f in files:
+            uid = as_uidl(kept[f.uid]) if kept and f.uid in kept else f.uid
+            # RFC 1939 §7: unique in the maildrop. One the source gave two messages stays the
+            # older one's; the other keeps its own. Two files with one unique name (a copy
+            # that should have been a move, by some other tool): the later gets its size
+            # added, which a change of flags leaves alone.
+            if uid in given:
+                uid = f.uid
+            extra = 0
+            while uid in given:
+                extra += 1
+                uid = as_uidl(f"{f.uid}.{f.size}" + (f".{extra}" if extra > 1 else ""))
+            f.uid = uid
+            given.add(uid)
         return files
 
     def _measure_all(self, names: list[tuple[str, str]]) -> list[MaildirFile]:
