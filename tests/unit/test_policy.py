@@ -179,3 +179,14 @@ def test_prepended_fields_go_on_top_without_changing_the_rest(tmp_path: Path, li
             stored = f.read()
         assert zlib.crc32(stored) == crc
     assert stored == b"Return-Path: <s@r.test>\n" + expected.replace(b"\r\n", b"\n")
+
+
+def test_submission_without_login_says_what_is_missing(tmp_path: Path) -> None:
+    """RFC 3207 §4: where AUTH needs TLS first, MAIL is told to STARTTLS; under TLS (or with
+    no TLS configured at all) it is told to log in."""
+    p, _intake = policy(tmp_path, port="submission")
+    assert p.on_mail(Mail(Address("x", "a.test"))) == replies.AUTH_REQUIRED  # no TLS here
+    p.services.tls = object()  # a TLS context exists: STARTTLS would make AUTH available
+    assert p.on_mail(Mail(Address("x", "a.test"))) == replies.MUST_STARTTLS
+    p.tls = True
+    assert p.on_mail(Mail(Address("x", "a.test"))) == replies.AUTH_REQUIRED

@@ -287,6 +287,19 @@ def test_auth_needs_tls_when_not_offered() -> None:
     h = Harness()
     out = h.send(b"EHLO c\r\nAUTH PLAIN " + base64.b64encode(b"\0u\0p") + b"\r\n")
     assert b"538 5.7.11" in out
+    # RFC 4954 §6: 538 names a mechanism TLS would make available; one never offered is 504.
+    assert h.send(b"AUTH X-UNKNOWN\r\n").startswith(b"504 5.5.4 ")
+
+
+def test_a_too_long_initial_response_is_5_5_6() -> None:
+    """RFC 4954 §6: the initial response is an authentication exchange line."""
+    for size in (12_280, 30_000):  # just past the AUTH line limit; far past it
+        h = Harness(auth_mechanisms=("PLAIN",))
+        out = h.send(b"EHLO c\r\nAUTH PLAIN " + b"A" * size + b"\r\nNOOP\r\n")
+        assert out.splitlines()[-2:] == [
+            b"500 5.5.6 Authentication exchange line too long",
+            b"250 2.0.0 OK",
+        ], size
 
 
 def test_auth_exchange_and_cancel() -> None:
@@ -300,7 +313,7 @@ def test_auth_exchange_and_cancel() -> None:
     assert proto.data_to_send().endswith(b"334 VXNlcm5hbWU6\r\n")
     proto.receive_data(b"*\r\n")
     assert proto.next_event() is NEED_DATA
-    assert proto.data_to_send().startswith(b"501")
+    assert proto.data_to_send().startswith(b"501 5.7.0 ")  # RFC 4954 §4
     assert proto.state is State.READY
     # RFC 4954 §4: a line too long fails AUTH too; what follows is a command, not SASL data.
     proto.receive_data(b"AUTH LOGIN\r\n")

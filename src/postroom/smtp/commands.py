@@ -177,7 +177,8 @@ def _parse(line: bytes, smtputf8: bool) -> Command:
     verb = verb.upper()
     limit = _LIMITS.get(verb, MAX_COMMAND)
     if len(line) + 2 > limit:
-        raise CommandError(replies.LINE_TOO_LONG)
+        # RFC 4954 §6: 5.5.6 for an authentication exchange line (the initial response's).
+        raise CommandError(replies.AUTH_LINE_TOO_LONG if verb == "AUTH" else replies.LINE_TOO_LONG)
     if verb == "NOOP":
         return Simple(verb, "")  # RFC 5321 §4.1.1.9: a parameter SHOULD be ignored
     if verb != "MAIL" and verb != "RCPT" and not text.isascii():

@@ -140,6 +140,10 @@ class SmtpPolicy:
     def on_mail(self, cmd: Mail) -> Reply:
         self.reset()
         if self.port != "smtp" and self.auth_user is None:
+            # RFC 3207 §4: where AUTH needs TLS first, say so.
+            plaintext = not (self.tls or self.cfg.auth.allow_plaintext)
+            if plaintext and self.services.tls is not None:
+                return self.refused(replies.MUST_STARTTLS, cmd)
             return self.refused(replies.AUTH_REQUIRED, cmd)
         if (
             self.auth_user is not None

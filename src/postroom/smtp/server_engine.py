@@ -49,6 +49,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Final
 
+from postroom import sasl
 from postroom.errors import EngineMisuse
 from postroom.smtp import commands
 from postroom.smtp.commands import Auth, Bdat, CommandError, Hello, Mail, Rcpt, Simple
@@ -425,9 +426,12 @@ class ServerEngine(Buffers):
             # RFC 4954 §4: the 5xx fails AUTH; the next line is a command again.
             self._go(ServerTrigger.AUTH_END)
             return self._error(replies.AUTH_LINE_TOO_LONG)
-        if commands.is_bdat(self._reader.too_long_head):
+        head = self._reader.too_long_head
+        if commands.is_bdat(head):
             self.close(replies.BDAT_UNREADABLE)  # a chunk without a size: see commands.parse
             return Closing()
+        if head[:5].upper() == b"AUTH ":  # an initial response is part of the exchange
+            return self._error(replies.AUTH_LINE_TOO_LONG)
         return self._error(replies.LINE_TOO_LONG)
 
     def _line(self, line: bytes) -> Event | None:
@@ -572,7 +576,9 @@ class ServerEngine(Buffers):
         if self.authenticated or not self._allows(ServerTrigger.AUTH):
             return self._error(replies.BAD_SEQUENCE)
         if cmd.mechanism not in self.features.auth_mechanisms:
-            if not self.tls_active and not self.features.auth_mechanisms:
+            # RFC 4954 §6: 538 for a mechanism that TLS would make available; 504 for one
+            # that is never offered.
+            if not self.features.auth_mechanisms and cmd.mechanism in sasl.MECHANISMS:
                 return self._error(replies.ENCRYPTION_REQUIRED)
             return self._error(replies.AUTH_BAD_MECH)
         initial: bytes | None = None

@@ -144,7 +144,7 @@ PARAM_NOT_IMPLEMENTED = R(555, "5.5.4", "Parameter not recognized or not impleme
 AUTH_REQUIRED = R(530, "5.7.0", "Authentication required")
 AUTH_FAILED = R(535, "5.7.8", "Authentication credentials invalid")
 ENCRYPTION_REQUIRED = R(538, "5.7.11", "Encryption required for requested authentication mechanism")
-AUTH_CANCELLED = R(501, "5.0.0", "Authentication cancelled")
+AUTH_CANCELLED = R(501, "5.7.0", "Authentication cancelled")  # RFC 4954 §4; Postfix's code
 AUTH_BAD_MECH = R(504, "5.5.4", "Unrecognized authentication type")
 AUTH_BAD_BASE64 = R(501, "5.5.2", "Cannot decode base64 response")
 # RFC 4954 §4: 501 for a response that cannot be decoded, and for one that is not a message
