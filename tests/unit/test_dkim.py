@@ -249,3 +249,28 @@ def test_signing_a_line_of_spaces_takes_linear_time(
     signed = _signed(key_pair, message)
     assert time.monotonic() - started < 5
     assert {r for _, r in _results(signed, _records(key_pair))} == {"pass"}
+
+
+def test_a_long_domain_is_never_folded_inside_d(
+    key_pair: tuple[keys.DkimKey, keys.DkimKey],
+) -> None:
+    """RFC 6376 §3.5: d= is a domain-name, with no FWS in it. A d= longer than a line was
+    broken with CRLF TAB inside the name, and no verifier (ours neither) passed the mail."""
+    domain = "a" * 60 + "." + "b" * 34 + ".test"
+    assert len(domain) == 100
+    message = MESSAGE.replace(b"alice@a.test", f"alice@{domain}".encode())
+    signers = [dkim_sign.SigningKey(domain, k.selector, k.private_key()) for k in key_pair]
+    signed = dkim_sign.sign(message, signers, int(time.time())) + message
+    assert signed.count(f"d={domain};".encode()) == 2  # each d= whole on one line
+    assert max(len(line) for line in signed.split(b"\r\n")) <= 998
+    zone = {
+        f"{k.selector}._domainkey.{domain}": Answer("ok", ((k.record().encode(),),))
+        for k in key_pair
+    }
+    assert sorted(_results(signed, zone)) == [("ed25519-sha256", "pass"), ("rsa-sha256", "pass")]
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return zone[name.decode().rstrip(".")].txt()[0]
+
+    d = dkim.DKIM(signed)
+    assert d.verify(idx=0, dnsfunc=dnsfunc) and d.verify(idx=1, dnsfunc=dnsfunc)

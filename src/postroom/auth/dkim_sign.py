@@ -84,9 +84,11 @@ def header_list(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
 
 def _fold(fields: list[tuple[bytes, bytes]]) -> bytes:
     """``tag=value`` pairs joined by ``; ``, folded before 78 columns where a space allows
-    it; long values (b=, bh=, p=) are broken with FWS, which relaxed canonicalization and the
-    tag parser both ignore (RFC 6376 §3.2). h= is broken only after a colon: FWS may not
-    stand inside a header field name (RFC 6376 §3.5, sig-h-tag)."""
+    it. Only b= and bh= are broken inside their value: FWS in base64 is ignored (RFC 6376
+    §3.5), while in d=, s= and the rest white space is part of the value (§3.2) or not allowed
+    by the grammar, so such a tag moves whole to a line of its own, however long (at most
+    998 octets, RFC 5322 §2.1.1: a domain name is at most 253). h= is broken only after a
+    colon: FWS may not stand inside a header field name (RFC 6376 §3.5, sig-h-tag)."""
     lines: list[bytes] = []
     line = b"DKIM-Signature:"
     for i, (tag, value) in enumerate(fields):
@@ -95,11 +97,15 @@ def _fold(fields: list[tuple[bytes, bytes]]) -> bytes:
             line += b" " + text
             continue
         lines.append(line)
+        if tag not in (b"b", b"bh", b"h"):
+            line = b"\t" + text
+            continue
         line, rest = b"", text
         while rest:
             cut = 70
             if tag == b"h" and len(rest) > cut:
-                cut = rest.rfind(b":", 0, cut) + 1 or cut
+                # after the last colon that fits, else after the first one
+                cut = rest.rfind(b":", 0, cut) + 1 or rest.find(b":") + 1 or len(rest)
             if line:
                 lines.append(line)
             line, rest = b"\t" + rest[:cut], rest[cut:]
