@@ -189,6 +189,28 @@ def test_a_pending_key_counts_as_published_only_by_a_record_that_verifies_it(
         assert not publishes(record.encode(), ed), record
 
 
+def test_a_key_whose_s_lists_email_among_other_services_verifies_and_is_published(
+    key_pair: tuple[keys.DkimKey, keys.DkimKey],
+) -> None:
+    """RFC 6376 §3.6.1: s= is a colon-separated list (FWS around the colons), unknown types
+    ignored. "email:*" was compared as one value: a valid key was a permerror, and a new key
+    of ours published so stayed pending for ever."""
+    ed, rsa_key = key_pair
+    message = _signed(key_pair)
+    for services in ("email:*", "* : email", "tlsrpt:email", "x-new :*"):
+        ed_record = f"v=DKIM1; k=ed25519; s={services}; p={ed.public_b64()}"
+        rsa_record = f"v=DKIM1; k=rsa; s={services}; p={rsa_key.public_b64()}"
+        zone = _zone(("ed1", ed_record), ("rsa1", rsa_record))
+        assert {r for _, r in _results(message, zone)} == {"pass"}, services
+        assert publishes(ed_record.encode(), ed) and publishes(rsa_record.encode(), rsa_key)
+    for services in ("tlsrpt:x-new", "emails", "e:mail"):
+        ed_record = f"v=DKIM1; k=ed25519; s={services}; p={ed.public_b64()}"
+        rsa_record = f"v=DKIM1; k=rsa; s={services}; p={rsa_key.public_b64()}"
+        zone = _zone(("ed1", ed_record), ("rsa1", rsa_record))
+        assert {r for _, r in _results(message, zone)} == {"permerror"}, services
+        assert not publishes(ed_record.encode(), ed), services
+
+
 def test_missing_or_failed_keys(key_pair: tuple[keys.DkimKey, keys.DkimKey]) -> None:
     message = _signed(key_pair)
     assert {r for _, r in _results(message, {})} == {"temperror"}  # not fetched

@@ -241,6 +241,9 @@ def test_dns_check_judges_records_as_a_receiver_would(tmp_path: Path) -> None:
     assert set(statuses(good).values()) == {"ok"}
     dkim_name = "ed1._domainkey.a.test"
     p = key.public_b64()
+    # RFC 6376 §3.6.1: s= is a list; one naming email serves (it stayed "different").
+    listed = good | {(dkim_name, "TXT"): [f"v=DKIM1; k=ed25519; s=email:*; p={p}"]}
+    assert statuses(listed)[f"TXT {dkim_name}."] == "ok"
     for bad in (
         f"v=DKIM1; k=ed25519; s=tlsrpt; p={p}",
         f"v=DKIM1; k=ed25519; h=sha1; p={p}",

@@ -146,7 +146,9 @@ def public_key(record: bytes) -> PublicKey:
         raise dkim.KeyFormatError(f"malformed key record: {exc}") from None
     if tags_.get(b"v", b"DKIM1") != b"DKIM1":
         raise dkim.KeyFormatError("key record version is not DKIM1")
-    if tags_.get(b"s", b"*") not in (b"*", b"email"):
+    # RFC 6376 §3.6.1 s=: a colon-separated list of service types; unknown ones are ignored.
+    services = [service.strip() for service in tags_.get(b"s", b"*").split(b":")]
+    if b"*" not in services and b"email" not in services:
         raise dkim.KeyFormatError("key is not for email (s=)")
     if b"h" in tags_ and b"sha256" not in [h.strip() for h in tags_[b"h"].split(b":")]:
         raise dkim.KeyFormatError("key does not allow sha256 (h=)")
