@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import re
 import time
 from typing import cast
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from dkim.canonicalization import Relaxed
 
-from postroom.auth import dkim_sign, dkim_verify, helper, keys
+from postroom.auth import dkim_canon, dkim_sign, dkim_verify, helper, keys
 from postroom.auth.lookup import Answer
 from postroom.auth.service import SenderAuth, publishes
 
@@ -296,3 +298,38 @@ def test_a_long_domain_is_never_folded_inside_d(
 
     d = dkim.DKIM(signed)
     assert d.verify(idx=0, dnsfunc=dnsfunc) and d.verify(idx=1, dnsfunc=dnsfunc)
+
+
+def _signed_as_written(pem: bytes, value: bytes, message: bytes = MESSAGE) -> bytes:
+    """``message`` with a relaxed/relaxed RSA signature by ``pem`` whose DKIM-Signature
+    value is ``value`` as written (right after the colon), ``{bh}`` and ``{b}`` filled in:
+    for tag lists neither our signer nor dkimpy's writes. h= must be from:to:subject."""
+    key = serialization.load_pem_private_key(pem, None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    headers, body = dkim_canon.split_message(message)
+    body_hash = hashlib.sha256(dkim_canon.canonical_body(b"relaxed", body)).digest()
+    value = value.replace(b"{bh}", base64.b64encode(body_hash))
+    canonical = dkim_canon.canonical_headers(Relaxed, headers)
+    unsigned = (b"DKIM-Signature", value.replace(b"{b}", b"") + b"\r\n")
+    include = [b"from", b"to", b"subject"]
+    data = dkim_canon.signed_header_data(Relaxed, canonical, include, unsigned)
+    signature = base64.b64encode(key.sign(data, padding.PKCS1v15(), hashes.SHA256()))
+    return b"DKIM-Signature:" + value.replace(b"{b}", signature) + b"\r\n" + message
+
+
+TAGS = b"v=1; a=rsa-sha256; c=relaxed/relaxed; d=a.test; s=k; h=from:to:subject; bh={bh}"
+
+
+def test_q_may_list_other_query_methods_beside_dns_txt(rsa_signer: tuple[bytes, bytes]) -> None:
+    """RFC 6376 §3.5 q=: a colon-separated list, unrecognized methods ignored; a list was a
+    permerror (and mail under p=reject refused)."""
+    pem, record = rsa_signer
+    zone = _zone(("k", record.decode()))
+    plain = _signed_as_written(pem, b" " + TAGS + b"; b={b}")
+    assert dkim.DKIM(plain).verify(dnsfunc=lambda *_a, **_k: record)  # the helper signs right
+    for q in (b"dns/txt", b"dns/txt:other/x", b"other/x : dns/txt", b"DNS/TXT"):
+        signed = _signed_as_written(pem, b" " + TAGS + b"; q=" + q + b"; b={b}")
+        assert _results(signed, zone) == [("rsa-sha256", "pass")], q
+    for q in (b"other/x", b"dns", b"dns/txt/x:dns"):
+        signed = _signed_as_written(pem, b" " + TAGS + b"; q=" + q + b"; b={b}")
+        assert _results(signed, zone) == [("rsa-sha256", "permerror")], q

@@ -199,9 +199,10 @@ def parse_tags(value: bytes) -> dict[bytes, bytes]:
 
 def _validate(sig: dict[bytes, bytes], now: int) -> None:
     """The checks of dkimpy's ``validate_signature_fields`` (RFC 6376 §3.5, §6.1.1);
-    ``dkim.ValidationError`` for the first that fails. Two differ: bh= must be base64 too, and
+    ``dkim.ValidationError`` for the first that fails. Three differ: bh= must be base64 too,
     a ``cv=`` tag is ignored like any tag DKIM does not define (RFC 6376 §3.2; dkimpy refuses
-    one that is not an ARC value)."""
+    one that is not an ARC value), and q= may list other query methods beside dns/txt
+    (dkimpy wants dns/txt alone)."""
     for name in (b"v", b"a", b"b", b"bh", b"d", b"h", b"s"):
         if name not in sig:
             raise dkim.ValidationError(f"missing {name.decode()}=")
@@ -225,8 +226,9 @@ def _validate(sig: dict[bytes, bytes], now: int) -> None:
             raise dkim.ValidationError("i= domain is not a subdomain of d=")
     if b"l" in sig and not _LENGTH.fullmatch(sig[b"l"]):
         raise dkim.ValidationError("l= value is not a decimal integer")
-    if b"q" in sig and sig[b"q"] != b"dns/txt":
-        raise dkim.ValidationError("q= value is not dns/txt")
+    # RFC 6376 §3.5 q=: a colon-separated list; unrecognized methods are ignored.
+    if b"q" in sig and b"dns/txt" not in [q.strip().lower() for q in sig[b"q"].split(b":")]:
+        raise dkim.ValidationError("q= lists no dns/txt")
     signed = None
     if b"t" in sig:
         if not sig[b"t"].isdigit():
