@@ -333,3 +333,21 @@ def test_q_may_list_other_query_methods_beside_dns_txt(rsa_signer: tuple[bytes, 
     for q in (b"other/x", b"dns", b"dns/txt/x:dns"):
         signed = _signed_as_written(pem, b" " + TAGS + b"; q=" + q + b"; b={b}")
         assert _results(signed, zone) == [("rsa-sha256", "permerror")], q
+
+
+def test_a_b_tag_written_first_right_after_the_colon_is_not_signed(
+    rsa_signer: tuple[bytes, bytes],
+) -> None:
+    """RFC 6376 §3.7: b= is hashed empty wherever it stands. "DKIM-Signature:b=..." (no space
+    after the colon, b= first, RFC 6376 §3.2: tags in any order) kept its value in the hashed
+    data, and a valid signature failed."""
+    pem, record = rsa_signer
+    zone = _zone(("k", record.decode()))
+    spaced = _signed_as_written(pem, b" b={b}; " + TAGS)
+    assert dkim.DKIM(spaced).verify(dnsfunc=lambda *_a, **_k: record)
+    assert _results(spaced, zone) == [("rsa-sha256", "pass")]
+    tight = _signed_as_written(pem, b"b={b}; " + TAGS)
+    assert _results(tight, zone) == [("rsa-sha256", "pass")]
+    assert _results(tight.replace(b"Subject: hello", b"Subject: hullo"), zone) == [
+        ("rsa-sha256", "fail")
+    ]

@@ -35,11 +35,13 @@ _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 §3.6.8 ftext: n
 # What ``split()`` would take for white space where relaxed canonicalization does not: VT, FF,
 # a lone CR or LF, and a CRLF that is not a fold (unfolding removes it without a space).
 _ODD_SPACE = re.compile(rb"[\x0b\x0c]|\r(?!\n)|(?<!\r)\n|\r\n(?=[^ \t])")
-# The b= tag and its value, which the signature does not cover (RFC 6376 §3.5, §3.7): the same
-# matches as dkimpy's RE_BTAG (whose FWS is any white space), written so that it cannot
-# backtrack over the value: white space, then base64 characters and white space ending in a
-# base64 character. Every occurrence is emptied, as dkimpy does.
-_B_TAG = re.compile(rb"([;\s]b\s*=)(?:\s*[A-Za-z0-9+/=](?:[\sA-Za-z0-9+/=]*[A-Za-z0-9+/=])?)?")
+# The b= tag and its value, which the signature does not cover (RFC 6376 §3.5, §3.7): a tag
+# named b at the start of the field value or after a ";" (FWS before the name allowed, §3.2),
+# so also a b= written first right after the colon, and never a "b=" inside another tag's
+# value (dkimpy's RE_BTAG takes any "b=" after white space and misses the first); written so
+# that it cannot backtrack over the value: white space, then base64 characters and white
+# space ending in a base64 character. Every occurrence is emptied, as dkimpy does.
+_B_TAG = re.compile(rb"((?:^|;)\s*b\s*=)(?:\s*[A-Za-z0-9+/=](?:[\sA-Za-z0-9+/=]*[A-Za-z0-9+/=])?)?")
 
 
 class MalformedHeader(ValueError):
