@@ -88,6 +88,20 @@ def test_parse_record() -> None:
     assert dmarc.parse_record("v=DMARC10; p=reject") is None
 
 
+@pytest.mark.parametrize(
+    ("pct", "read"),
+    [
+        *[("0", 0), ("50", 50), ("100", 100), ("007", 7)],
+        *[(bad, 100) for bad in ("-1", "-0", "101", "1000", "abc", "+50", "5.5", "", "\u0665")],
+    ],
+)
+def test_a_pct_that_is_no_integer_0_to_100_is_the_default_100(pct: str, read: int) -> None:
+    """RFC 7489 §6.3: pct is an integer 0-100, and a syntax error gives way to the default;
+    -1 was clamped to 0, and p=reject applied to no failing mail."""
+    rec = dmarc.parse_record(f"v=DMARC1; p=reject; pct={pct}")
+    assert rec is not None and rec.pct == read
+
+
 class Zone:
     """A DNS cache stand-in: TXT records by name (an absent name: NXDOMAIN)."""
 

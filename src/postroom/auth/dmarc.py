@@ -36,6 +36,7 @@ from postroom.auth.spf import SpfResult
 
 _FROM = re.compile(rb"(?im)^from[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
 POLICIES = ("none", "quarantine", "reject")
+_PCT = re.compile(r"[0-9]{1,3}")
 MAX_FROM_DOMAINS = 10  # distinct From domains checked (each costs up to two DNS lookups)
 
 
@@ -95,10 +96,10 @@ def parse_record(text: str) -> DmarcRecord | None:
         if not rua:
             return None
         p = sp = "none"
-    try:
-        pct = min(100, max(0, int(tags.get("pct", "100"))))
-    except ValueError:
-        pct = 100
+    # §6.3 pct: an integer 0-100 (ABNF 1*3DIGIT); anything else is a syntax error, which
+    # §6.3 says to discard for the default, 100 (clamped, -1 was 0: p=reject for no mail).
+    raw_pct = tags.get("pct", "100")
+    pct = int(raw_pct) if _PCT.fullmatch(raw_pct) and int(raw_pct) <= 100 else 100
     return DmarcRecord(
         p=p,
         sp=sp,
