@@ -346,6 +346,38 @@ def test_report_destinations_size_authorization_and_a_lookup_to_repeat() -> None
     assert dns_trouble.addresses == [] and dns_trouble.later
 
 
+def test_an_authorization_record_with_its_own_rua_on_the_same_host_replaces_the_policys() -> None:
+    """RFC 7489 §7.1 step 8: a rua= in ``<domain>._report._dmarc.<host>`` replaces the
+    policy's URI for that host, and only with URIs on that host. It was never read: the
+    report went to the policy's address."""
+
+    def where(auth: str, *rua: str, size: int = 100) -> reports.Destinations:
+        zone = Zone({"shop.test._report._dmarc.e.test": [auth]})
+        report = reports.Report("shop.test", rua, 0, 1, "1.x.mx.a.test.0", b"<feedback/>")
+        return asyncio.run(reports.destinations(cast(Any, zone), report, size))
+
+    policy = ("mailto:d@shop.test!1k", "mailto:rep@e.test")
+    assert where("v=DMARC1; rua=mailto:other@e.test", *policy).addresses == [
+        "d@shop.test",
+        "other@e.test",
+    ]
+    assert where("v=DMARC1", *policy).addresses == ["d@shop.test", "rep@e.test"]
+    assert where("v=DMARC1; RUA = mailto:other@e.test", *policy).addresses[1] == "other@e.test"
+    # Another host may not be named: that override is not used (and logged).
+    elsewhere = where("v=DMARC1; rua=mailto:x@evil.test", "mailto:rep@e.test")
+    assert elsewhere.addresses == ["rep@e.test"] and "x@evil.test" in elsewhere.refused[0]
+    mixed = where(
+        "v=DMARC1; rua=mailto:x@evil.test, mailto:big@e.test!1k, mailto:b@E.test",
+        "mailto:rep@e.test",
+        size=2000,
+    )
+    assert mixed.addresses == ["b@E.test"] and len(mixed.refused) == 2
+    # The override's own size limit counts, not the policy's.
+    assert where("v=DMARC1; rua=mailto:o@e.test", "mailto:rep@e.test!1k", size=2000).addresses == [
+        "o@e.test"
+    ]
+
+
 def test_report_rows_kept_for_the_next_run_and_one_run_at_a_time(tmp_path: Path) -> None:
     _report_row(tmp_path, "192.0.2.1")
     rows = reports.take(tmp_path, 1.0)

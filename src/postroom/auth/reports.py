@@ -10,7 +10,8 @@ addresses written out in full, as its ``IPAddress`` pattern wants); :func:`compo
 gzip'ed report in a MIME message (§7.2.1.1: the file name
 ``receiver!policy-domain!begin!end.xml.gz`` and the subject). The caller signs and queues it.
 :func:`destinations` applies §7.1: a ``rua`` outside the policy domain's organization must be
-authorized by a ``<domain>._report._dmarc.<rua domain>`` record; one whose lookup failed for
+authorized by a ``<domain>._report._dmarc.<rua domain>`` record (whose own ``rua=`` on that
+host, if it has one, replaces the policy's URI, §7.1 step 8); one whose lookup failed for
 the moment keeps its rows for the next run (§7.1 allows the check to be repeated later), and
 one whose ``!size`` (§6.2) is below the report's gzip'ed size gets none. One run at a time per
 ``data_dir`` (:func:`exclusive`: the server's daily run and ``dmarc report --now`` could
@@ -309,9 +310,23 @@ class Destinations:
     refused: list[str]  # not authorized, or the report is over their size limit (for the log)
 
 
+def _override(texts: list[str]) -> list[str] | None:
+    """The ``rua=`` URIs of the first DMARC record among ``texts`` that has one (RFC 7489
+    §7.1 step 8; tag names case-insensitive, as in :func:`~postroom.auth.dmarc.parse_record`),
+    None when no record has a rua tag."""
+    for text in texts:
+        if not is_record(text):
+            continue
+        for item in text.split(";")[1:]:
+            name, sep, value = item.partition("=")
+            if sep and name.strip().lower() == "rua":
+                return [uri.strip() for uri in value.split(",") if uri.strip()]
+    return None
+
+
 async def destinations(cache: DnsCache, report: Report, size: int) -> Destinations:
     """Where this report (``size`` octets gzip'ed) goes: RFC 7489 §7.1 external destinations
-    and §6.2 size limits."""
+    (with the override a receiver's authorization record may carry) and §6.2 size limits."""
     out: list[str] = []
     refused: list[str] = []
     waiting: list[str] = []  # the §7.1 lookup failed for the moment
@@ -319,20 +334,34 @@ async def destinations(cache: DnsCache, report: Report, size: int) -> Destinatio
         addr = rua_address(uri)
         if addr is None:
             continue
-        limit = rua_limit(uri)
-        if limit is not None and size > limit:
-            refused.append(f"{addr} (takes {limit} octets, the report has {size})")
-            continue
+        targets = [(addr, uri)]
         rua_domain = addr.rpartition("@")[2].lower()
         if organizational_domain(rua_domain) != organizational_domain(report.policy_domain):
-            answer = await cache.query(f"{report.policy_domain}._report._dmarc.{rua_domain}", "TXT")
+            name = f"{report.policy_domain}._report._dmarc.{rua_domain}"
+            answer = await cache.query(name, "TXT")
             if answer.temporary:
                 waiting.append(f"{addr} (authorization lookup failed: {answer.error})")
                 continue
-            if not any(is_record(t.decode("ascii", "replace")) for t in answer.txt()):
+            texts = [t.decode("ascii", "replace") for t in answer.txt()]
+            if not any(is_record(t) for t in texts):
                 refused.append(f"{addr} (not authorized by {rua_domain}, RFC 7489 §7.1)")
                 continue
-        out.append(addr)
+            # §7.1 step 8: the authorization record's own rua replaces the policy's, but only
+            # with URIs on the same destination host (an override elsewhere is not used).
+            same_host = []
+            for other in _override(texts) or []:
+                other_addr = rua_address(other)
+                if other_addr is not None and other_addr.rpartition("@")[2].lower() == rua_domain:
+                    same_host.append((other_addr, other))
+                else:
+                    refused.append(f"{other} (override in {name} is not on {rua_domain})")
+            targets = same_host or targets
+        for target, target_uri in targets:
+            limit = rua_limit(target_uri)
+            if limit is not None and size > limit:
+                refused.append(f"{target} (takes {limit} octets, the report has {size})")
+            elif target not in out:
+                out.append(target)
     if out:  # sent now to those it can go to; kept, the rows would reach them twice
         return Destinations(out, False, refused + waiting)
     return Destinations(out, bool(waiting), refused + waiting)
