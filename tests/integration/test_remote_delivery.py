@@ -421,6 +421,39 @@ def server_tls(ca: trustme.CA) -> ssl.SSLContext:
     return ctx
 
 
+def test_a_refusal_by_the_last_host_tried_bounces() -> None:
+    """RFC 5321 §3.1: a 554 greeting says "no SMTP service here" for good. From the last host
+    tried it bounces the message (as Postfix does); after it, a host that is only busy (421)
+    leaves the message queued."""
+    port = free_port()
+
+    async def attempt(*greetings: bytes) -> DeliveryResult:
+        hosts = [f"127.0.0.{5 + i}" for i in range(len(greetings))]
+        pairs = zip(hosts, greetings, strict=True)
+        sinks = [await Sink(h, port, greeting=g).start() for h, g in pairs]
+        targets = tuple(mx(f"mx{i}.b.test", h, 10 * (i + 1)) for i, h in enumerate(hosts))
+        remote = RemoteDelivery(config(port), StaticResolver({"b.test": Route(targets)}))
+        try:
+            (res,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+        finally:
+            await remote.aclose()
+            for sink in sinks:
+                await sink.stop()
+        return res
+
+    async def main() -> None:
+        refused = b"554 5.7.1 no SMTP service for you"
+        alone = await attempt(refused)
+        assert alone.outcome is Outcome.PERMANENT and alone.reply.code == 554
+        assert alone.remote_mta == "mx0.b.test" and "refused to talk" in alone.reply.text
+        then_busy = await attempt(refused, b"421 4.3.2 busy")
+        assert then_busy.outcome is Outcome.TEMPORARY
+        busy_then = await attempt(b"421 4.3.2 busy", refused)
+        assert busy_then.outcome is Outcome.PERMANENT
+
+    run(main)
+
+
 def test_opportunistic_starttls(ca: trustme.CA) -> None:
     port = free_port()
 

@@ -89,10 +89,14 @@ FENCED = Reply(
 
 
 class _SessionFailed(Exception):
-    def __init__(self, reply: Reply, *, tls: bool = False) -> None:
+    """No session: ``tls`` if TLS failed (worth a plaintext retry), ``permanent`` if the host
+    refused us with a 5xx greeting or to EHLO and HELO."""
+
+    def __init__(self, reply: Reply, *, tls: bool = False, permanent: bool = False) -> None:
         super().__init__(str(reply))
         self.reply = reply
         self.tls = tls
+        self.permanent = permanent
 
 
 def _temp(status: str, text: str) -> Reply:
@@ -279,7 +283,7 @@ class RemoteDelivery:
         pending = list(range(len(message.recipients)))
         final: dict[int, DeliveryResult] = {}
         last_temp: dict[int, DeliveryResult] = {}
-        session_error: tuple[Reply, str, str] | None = None
+        session_error: tuple[_SessionFailed, str, str] | None = None
         data: bytes | None = None
         tried = 0
         for target in route.targets:
@@ -297,7 +301,7 @@ class RemoteDelivery:
                             target, ip, sub, data, verify, may_finish
                         )
                     except _SessionFailed as exc:
-                        session_error = (exc.reply, target.host, ip)
+                        session_error = (exc, target.host, ip)
                         break
                     too_many: list[int] = []
                     for i, res in zip(batch, done.results, strict=True):
@@ -331,10 +335,13 @@ class RemoteDelivery:
             if i in last_temp:
                 final[i] = last_temp[i]
             elif session_error is not None:
-                reply, host, ip = session_error
+                failed, host, ip = session_error
+                reply = failed.reply
+                # The last host tried refused us for good (RFC 5321 §3.1: a 554 greeting; a
+                # 5xx to EHLO and HELO): a bounce, as Postfix does, not retries until expiry.
                 final[i] = DeliveryResult(
                     message.recipients[i],
-                    Outcome.TEMPORARY,
+                    Outcome.PERMANENT if failed.permanent else Outcome.TEMPORARY,
                     reply,
                     None if reply.local else host,
                     ip=ip,
@@ -450,18 +457,24 @@ class RemoteDelivery:
                     # Ended between the 220 to STARTTLS and a working TLS session (bytes
                     # injected before the handshake): a TLS failure, retried in plaintext.
                     in_tls = policy is not TLSPolicy.NONE and engine.tls_begun and not engine.secure
-                    raise _SessionFailed(self._session_reply(event.reply, where), tls=in_tls)
+                    refusal = engine.refused_us and event.reply.is_permanent
+                    reply = self._session_reply(event.reply, where)
+                    raise _SessionFailed(reply, tls=in_tls, permanent=refusal)
         except BaseException:
             session.close()
             raise
 
     @staticmethod
     def _session_reply(reply: Reply, where: str) -> Reply:
-        """A greeting/EHLO failure, as a temporary failure that names the host."""
+        """A greeting/EHLO failure, naming the host: a 5xx keeps its code (final, when it is
+        the last host tried), anything else is temporary."""
         if reply.local:
             return _naming(reply, where)
         if reply.is_transient:
             return Reply(reply.code, reply.status or "4.4.2", (f"{where} said: {reply.text}",))
+        if reply.is_permanent:
+            text = f"host {where} refused to talk to me: {reply.text}"
+            return Reply(reply.code, reply.status or "5.0.0", (text,))
         return _temp("4.4.1", f"host {where} refused to talk to me: {reply}")
 
     async def _start_tls(self, session: _Session, target: Target, ip: str, verify: bool) -> None:

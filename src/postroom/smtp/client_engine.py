@@ -267,9 +267,10 @@ class ClientEngine:
         self.extensions: dict[str, str] = {}
         self.esmtp = False
         self.secure = False
-        self.tls_begun = (
-            False  # the server said 220 to STARTTLS (secure once the handshake is done)
-        )
+        # The server said 220 to STARTTLS (secure once the handshake is done).
+        self.tls_begun = False
+        # The greeting, or EHLO and HELO, answered with a refusal: no delivery here.
+        self.refused_us = False
         self.greeting: Reply | None = None
         self._reader = LineReader(max_line)
         self._max_lines = max_lines
@@ -517,6 +518,7 @@ class ClientEngine:
         self.greeting = reply
         if reply.code != 220:
             # RFC 5321 §3.1: a 554 (or 421) greeting: do not try to deliver here.
+            self.refused_us = True
             if reply.code != 421:
                 self._out += b"QUIT\r\n"
             self._close(reply, clean=False)
@@ -537,10 +539,12 @@ class ClientEngine:
             self._go(ClientTrigger.EHLO_REFUSED)
             self._command(b"HELO " + self.helo_name.encode("ascii"), self._on_helo, TIMEOUT_OTHER)
         else:
+            self.refused_us = True
             self._quit_and_close(reply)
 
     def _on_helo(self, reply: Reply) -> None:
         if reply.code != 250:
+            self.refused_us = True
             self._quit_and_close(reply)
             return
         self.esmtp = False
