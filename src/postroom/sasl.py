@@ -145,7 +145,8 @@ def _saslname(text: str) -> str | None:
 
 
 class ScramSha256:
-    """RFC 5802 / RFC 7677 server side, without channel binding (``n,,`` or ``y,,``)."""
+    """RFC 5802 / RFC 7677 server side, without channel binding (``n,`` or ``y,``, and an
+    authzid only when it names the user who logs in)."""
 
     name = "SCRAM-SHA-256"
 
@@ -185,9 +186,14 @@ class ScramSha256:
 
     def _client_first(self, text: str) -> Step:
         parts = text.split(",", 2)
-        if len(parts) != 3 or parts[0] not in ("n", "y") or parts[1] != "":
+        if len(parts) != 3 or parts[0] not in ("n", "y"):
             return Failure("unsupported SCRAM channel binding", malformed=True)
-        self._gs2 = parts[0] + ",,"
+        authzid = None
+        if parts[1]:  # RFC 5802 §7: gs2-header = gs2-cbind-flag "," [ authzid ] ","
+            authzid = _saslname(parts[1][2:]) if parts[1][:2] == "a=" else None
+            if not authzid:
+                return Failure("malformed SCRAM authzid", malformed=True)
+        self._gs2 = parts[0] + "," + parts[1] + ","
         self._client_first_bare = parts[2]
         # RFC 5802 §7: client-first-message-bare = [reserved-mext ","] username "," nonce
         # ["," extensions]. A mandatory extension ("m=") we cannot know fails (§5.1).
@@ -200,6 +206,9 @@ class ScramSha256:
         name = _saslname(user)
         if name is None:
             return Failure("malformed SCRAM username", malformed=True)
+        # As with PLAIN: nobody acts as somebody else; an authzid names the user or nothing.
+        if authzid is not None and authzid.lower() != name.lower():
+            return Failure("authorization identity not allowed", username=name)
         self._username = name
         self._nonce = cnonce + base64.b64encode(secrets.token_bytes(18)).decode()
         self._stage = 1

@@ -61,3 +61,34 @@ def test_plain_with_another_authzid_fails_naming_who_tried() -> None:
     same = sasl.new_mechanism("PLAIN")
     assert same is not None
     assert isinstance(same.start(b"ann@a.test\0Ann@a.test\0pw"), sasl.CheckPassword)
+
+
+def test_scram_authzid_only_for_oneself() -> None:
+    """As with PLAIN: an authzid naming the user logging in is taken (and is part of the
+    channel binding c=); another one fails, naming who tried; a malformed one is malformed."""
+    step = sasl.ScramSha256().start(b"n,a=U@A.test,n=u@a.test,r=abc")
+    assert isinstance(step, sasl.NeedScramKeys)
+    step = sasl.ScramSha256().start(b"n,a=boss@a.test,n=u@a.test,r=abc")
+    assert isinstance(step, sasl.Failure) and not step.malformed and step.username == "u@a.test"
+    for first in (b"n,x=u@a.test,n=u@a.test,r=abc", b"n,a=,n=u@a.test,r=abc", b"p=tls,,n=u,r=a"):
+        step = sasl.ScramSha256().start(first)
+        assert isinstance(step, sasl.Failure) and step.malformed, first
+
+
+def test_scram_with_an_authzid_logs_in() -> None:
+    """The channel binding c= carries the whole GS2 header, authzid included."""
+    mech = sasl.ScramSha256()
+    gs2, first_bare = "n,a=u@a.test,", "n=u@a.test,r=abc"
+    assert isinstance(mech.start((gs2 + first_bare).encode()), sasl.NeedScramKeys)
+    step = mech.provide_keys(derive_scram_keys("pw", b"s" * 16, 4096))
+    assert isinstance(step, sasl.Challenge)
+    server_first = step.data.decode()
+    attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
+    salted = hashlib.pbkdf2_hmac("sha256", b"pw", base64.b64decode(attrs["s"]), int(attrs["i"]))
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    final_wo = f"c={base64.b64encode(gs2.encode()).decode()},r={attrs['r']}"
+    auth_msg = f"{first_bare},{server_first},{final_wo}".encode()
+    sig = hmac.new(hashlib.sha256(client_key).digest(), auth_msg, "sha256").digest()
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True)))
+    step = mech.step(f"{final_wo},p={proof.decode()}".encode())
+    assert isinstance(step, sasl.Success) and step.username == "u@a.test"
