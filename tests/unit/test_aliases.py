@@ -6,7 +6,7 @@ import functools
 
 from postroom.storage.aliases import expand, owns, resolve
 
-USERS = {"ann@a.test", "bob@a.test"}
+USERS = {"ann@a.test", "bob@a.test", "carol@a.test"}
 
 
 def expander(table: dict[str, list[str]]):  # type: ignore[no-untyped-def]
@@ -47,6 +47,14 @@ def test_catch_all_takes_the_rest_but_not_postmaster_nor_sending() -> None:
     assert resolve("whoever@b.test", ex) is None
     assert not owns("bob@a.test", "whoever@a.test", ex("whoever@a.test"))
     assert owns("bob@a.test", "bob@a.test", None)
+
+
+def test_a_forward_of_a_user_does_not_give_away_their_address() -> None:
+    """ann keeps a copy and forwards to carol: carol gets ann's mail, not ann's address."""
+    ex = expander({"ann@a.test": ["ann@a.test", "carol@a.test"], "team@a.test": ["carol@a.test"]})
+    assert owns("carol@a.test", "team@a.test", ex("team@a.test"), sender_is_user=False)
+    assert not owns("carol@a.test", "ann@a.test", ex("ann@a.test"), sender_is_user=True)
+    assert owns("ann@a.test", "ann@a.test", ex("ann@a.test"), sender_is_user=True)
 
 
 def test_aliases_nested_too_deep_are_refused_whole_not_a_branch_dropped() -> None:

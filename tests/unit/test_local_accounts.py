@@ -53,3 +53,13 @@ def test_alias_del_of_a_user_keeps_it_as_a_target(accounts: Accounts) -> None:
     accounts.add_alias("team@a.test", ["ann@a.test"])
     assert accounts.delete_alias("ann@a.test") == []
     assert accounts.list_aliases() == {"team@a.test": ["ann@a.test"]}
+
+
+def test_a_forward_of_a_user_does_not_let_its_target_send_as_them(accounts: Accounts) -> None:
+    """ann keeps a copy and forwards to bob: bob gets ann's mail, not ann's address; a role
+    alias still lets its members send as it."""
+    accounts.add_alias("ann@a.test", ["ann@a.test", "bob@a.test"])
+    accounts.add_alias("team@a.test", ["bob@a.test"])
+    assert accounts.resolve("ann@a.test") == ["ann@a.test", "bob@a.test"]
+    assert not accounts.owns("bob@a.test", "ann@a.test")
+    assert accounts.owns("ann@a.test", "ann@a.test") and accounts.owns("bob@a.test", "team@a.test")

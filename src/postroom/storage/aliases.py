@@ -139,10 +139,16 @@ def resolve(key: str, expand_key: Callable[[str], list[str] | None]) -> list[str
     return found
 
 
-def owns(user_key: str, sender_key: str, expanded: list[str] | None) -> bool:
+def owns(
+    user_key: str, sender_key: str, expanded: list[str] | None, sender_is_user: bool = False
+) -> bool:
     """May ``user_key`` send as ``sender_key`` (whose expansion is ``expanded``, catch-all
-    aside): its own address, or an alias that reaches it."""
-    return user_key == sender_key or (expanded is not None and user_key in expanded)
+    aside): its own address, or an alias that reaches it. A user's own address is theirs
+    alone (``sender_is_user``): an alias of that name forwards their mail, it does not hand
+    the address to whoever receives it (RFC 6409 §6.1: the submitter must be authorized)."""
+    if user_key == sender_key:
+        return True
+    return not sender_is_user and expanded is not None and user_key in expanded
 
 
 class AliasLookups:
@@ -186,4 +192,6 @@ class AliasLookups:
 
     def owns(self, user_key: str, sender_key: str) -> bool:
         """May ``user_key`` send as ``sender_key``: its own address or an alias that reaches it."""
-        return owns(user_key, sender_key, self.expand(sender_key))
+        if user_key == sender_key:
+            return True
+        return owns(user_key, sender_key, self.expand(sender_key), self.user_exists(sender_key))
