@@ -22,18 +22,20 @@ MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
 MAX_PATH = 256
 
-# RFC 5321 §4.1.2 atext (RFC 5322 §3.2.3); with SMTPUTF8 any non-ASCII UTF-8 is allowed too.
+# RFC 5321 §4.1.2 atext (RFC 5322 §3.2.3); with SMTPUTF8 any non-ASCII UTF-8 is allowed too
+# (what UTF-8 can encode: no surrogates, which the CLI's surrogateescape argv may hold).
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
+_UTF8 = r"\u0080-\ud7ff\ue000-\U0010ffff"
 _DOT_STRING = re.compile(rf"^[{_ATEXT}]+(?:\.[{_ATEXT}]+)*$")
-_DOT_STRING_UTF8 = re.compile(rf"^[{_ATEXT}\u0080-\U0010ffff]+(?:\.[{_ATEXT}\u0080-\U0010ffff]+)*$")
+_DOT_STRING_UTF8 = re.compile(rf"^[{_ATEXT}{_UTF8}]+(?:\.[{_ATEXT}{_UTF8}]+)*$")
 # qtextSMTP is %d32-33 / %d35-91 / %d93-126; quoted-pairSMTP is "\" %d32-126.
 _QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
-_QUOTED_UTF8 = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"$')
+_QUOTED_UTF8 = re.compile(rf'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"$')
 _LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 # Local parts that may name a mailbox directory: a dot-atom without "/" and not starting with ".".
 _SAFE_LOCAL = re.compile(
-    r"^[a-z0-9!#$%&'*+\-=?^_`{|}~\u0080-\U0010ffff]"
-    r"[a-z0-9!#$%&'*+\-=?^_`{|}~.\u0080-\U0010ffff]*$"
+    rf"^[a-z0-9!#$%&'*+\-=?^_`{{|}}~{_UTF8}]"
+    rf"[a-z0-9!#$%&'*+\-=?^_`{{|}}~.{_UTF8}]*$"
 )
 
 

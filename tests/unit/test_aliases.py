@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import functools
 
-from postroom.storage.aliases import expand, owns, resolve
+import pytest
+
+from postroom.address import parse_user_address
+from postroom.errors import AccountError, AddressError
+from postroom.storage.aliases import account_address, expand, owns, resolve
 
 USERS = {"ann@a.test", "bob@a.test", "carol@a.test"}
 
@@ -75,3 +79,16 @@ def test_postmaster_is_accepted_even_when_its_alias_leads_nowhere() -> None:
     assert resolve("postmaster@a.test", gone) == ["postmaster@a.test"]
     ok = expander({"postmaster@a.test": ["bob@a.test"]})
     assert resolve("postmaster@a.test", ok) == ["bob@a.test"]
+
+
+def test_an_admin_cannot_make_an_account_no_mail_can_name() -> None:
+    """A name that is not UTF-8 (argv's surrogateescape) is malformed, not a traceback; an
+    address longer than a path (RFC 5321 §4.5.3.1.3) could never be used in RCPT or MAIL."""
+    long_domain = ".".join(["m" * 61] * 3) + ".test"  # 190 octets
+    with pytest.raises(AccountError, match="malformed"):
+        account_address("\udcff\udcfe@a.test", ["a.test"])
+    with pytest.raises(AddressError):  # an alias target
+        parse_user_address("x\udcff@remote.test")
+    with pytest.raises(AccountError, match="longer than a path"):
+        account_address("u" * 64 + "@" + long_domain, [long_domain])
+    assert account_address("u" * 63 + "@" + long_domain, [long_domain]).local == "u" * 63

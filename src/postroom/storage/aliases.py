@@ -18,7 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container, Iterable, Sequence
 
-from postroom.address import Address, normalise_domain, parse_user_address, safe_local_part
+from postroom.address import (
+    MAX_PATH,
+    Address,
+    normalise_domain,
+    parse_user_address,
+    safe_local_part,
+)
 from postroom.errors import AccountError, AddressError
 
 MAX_DEPTH = 100  # aliases within aliases; deeper is refused (5.4.6) as a loop is
@@ -33,6 +39,9 @@ def account_address(text: str, domains: Iterable[str]) -> Address:
         raise AccountError(f"malformed address {text!r}: {exc}") from None
     if addr.domain not in set(domains):
         raise AccountError(f"domain {addr.domain!r} is not one of the local domains")
+    if len(addr.key.encode()) + 2 > MAX_PATH:
+        # RFC 5321 §4.5.3.1.3: no RCPT or MAIL could name it.
+        raise AccountError(f"address {text!r} is longer than a path may be ({MAX_PATH - 2} octets)")
     return Address(addr.local.lower(), addr.domain)
 
 
