@@ -21,6 +21,9 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from postroom.address import parse_user_address
+from postroom.errors import AddressError
+
 MECHANISMS = ("PLAIN", "LOGIN", "SCRAM-SHA-256")
 _FAKE_SECRET = secrets.token_bytes(32)
 # PBKDF2-HMAC-SHA256 rounds for new SCRAM keys: what a stolen account store costs per guess.
@@ -111,7 +114,7 @@ class Plain:
         if authzid is None or authcid is None or passwd is None or not authcid:
             return Failure("malformed PLAIN response", malformed=True)
         # We do not allow acting as somebody else: authzid must be empty or the same user.
-        if authzid and authzid.lower() != authcid.lower():
+        if authzid and not same_account(authzid, authcid):
             return Failure("authorization identity not allowed", username=authcid)
         return CheckPassword(authcid, passwd)
 
@@ -135,6 +138,17 @@ class Login:
             self._user = text
             return Challenge(b"Password:")
         return CheckPassword(self._user, text)
+
+
+def same_account(name: str, other: str) -> bool:
+    """Do two login names name one account, as logins are matched (``Address.key``: any case,
+    an IDNA domain in either form, needless quotes or a trailing dot)?"""
+    if name.lower() == other.lower():
+        return True
+    try:
+        return parse_user_address(name).key == parse_user_address(other).key
+    except AddressError:
+        return False
 
 
 def _saslname(text: str) -> str | None:
@@ -207,7 +221,7 @@ class ScramSha256:
         if name is None:
             return Failure("malformed SCRAM username", malformed=True)
         # As with PLAIN: nobody acts as somebody else; an authzid names the user or nothing.
-        if authzid is not None and authzid.lower() != name.lower():
+        if authzid is not None and not same_account(authzid, name):
             return Failure("authorization identity not allowed", username=name)
         self._username = name
         self._nonce = cnonce + base64.b64encode(secrets.token_bytes(18)).decode()

@@ -92,3 +92,20 @@ def test_scram_with_an_authzid_logs_in() -> None:
     proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True)))
     step = mech.step(f"{final_wo},p={proof.decode()}".encode())
     assert isinstance(step, sasl.Success) and step.username == "u@a.test"
+
+
+def test_an_authzid_naming_the_same_account_in_another_spelling_is_taken() -> None:
+    """Logins are matched by account key (case, IDNA form, needless quotes, a trailing dot):
+    an authzid is compared the same way."""
+    for authzid, authcid in (
+        ("alice@a.test.", "alice@a.test"),
+        ('"alice"@a.test', "alice@a.test"),
+        ("carol@xn--bcher-kva.test", "carol@bücher.test"),
+        ("ALICE@A.TEST", "alice@a.test"),
+    ):
+        mech = sasl.new_mechanism("PLAIN")
+        assert mech is not None
+        step = mech.start(f"{authzid}\0{authcid}\0pw".encode())
+        assert isinstance(step, sasl.CheckPassword), authzid
+    assert not sasl.same_account("alice@a.test", "alice@b.test")
+    assert not sasl.same_account("alice@a.test", "not an address")
