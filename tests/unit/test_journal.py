@@ -304,3 +304,63 @@ def test_the_writers_warnings_take_the_servers_log_format(
             r"\S+Z mx\.a\.test postroom/maildir-writer\[\d+\]: warning: 1 copy written again .*",
             line,
         )
+
+
+def test_a_segment_that_cannot_start_leaves_no_file_and_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk: each refused message tried a new segment; each left a file and an open
+    descriptor, until the writer had none left and refused everything, room or not."""
+
+    def full(self: journal.Segment, parts: object, sync: bool) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal.Segment, "append", full)
+    open_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(OSError):
+            journal.Segment.create(str(tmp_path), BOOT)
+    assert os.listdir(tmp_path) == [] and len(os.listdir("/proc/self/fd")) == open_before
+
+
+def test_recovery_flushes_the_copies_it_vouches_for_before_dropping_the_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a crash the copies made since the last synced mark may be in the page cache
+    only: the segment, which could write them again, goes only after a flush of them."""
+    journal_dir, a = tmp_path / "journal", tmp_path / "a"
+    journal_dir.mkdir()
+    one = entry(1, a)
+    maildir.ensure(a)
+    (a / "new" / one.targets[0].name).write_bytes(one.body)
+    path = segment(journal_dir, journal.encode_entry(one), journal.encode_settled([(1, 0)]))
+    steps: list[str] = []
+    unlink = os.unlink
+    monkeypatch.setattr(journal, "syncfs", lambda directory: steps.append("syncfs"))
+    monkeypatch.setattr(
+        journal.os, "unlink", lambda p, *a, **k: (steps.append(str(p)), unlink(p, *a, **k))[1]
+    )
+    assert journal.recover(str(journal_dir), BOOT) == 0
+    assert not path.exists() and steps.index("syncfs") < steps.index(str(path))
+
+
+def test_damage_in_the_middle_of_a_segment_is_set_aside_and_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Valid records after a bad one: no torn append (nothing is written after one) but
+    damage. What comes before it is replayed; the segment is kept for the admin and the loss
+    is reported, not dropped in silence."""
+    journal_dir, a = tmp_path / "journal", tmp_path / "a"
+    journal_dir.mkdir()
+    one, two, three = entry(1, a), entry(2, a), entry(3, a)
+    path = segment(journal_dir, *(journal.encode_entry(e) for e in (one, two, three)))
+    data = bytearray(path.read_bytes())
+    data[data.index(b"2.Q2_0.h")] ^= 0x01  # a flipped bit inside the second record
+    path.write_bytes(bytes(data))
+    assert journal.parse(bytes(data)).damaged
+    torn = bytes(data[: data.index(b"3.Q3_0.h")])  # a last append cut short is no damage
+    assert not journal.parse(torn).damaged and not journal.parse(torn + bytes(4096)).damaged
+    assert journal.recover(str(journal_dir), BOOT) == 1
+    assert os.listdir(a / "new") == [one.targets[0].name]
+    assert not path.exists() and (tmp_path / "queue" / "corrupt" / path.name).exists()
+    assert "damaged" in capsys.readouterr().err

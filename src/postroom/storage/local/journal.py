@@ -46,6 +46,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import struct
 import sys
 import threading
@@ -176,6 +177,9 @@ class Contents:
     states: dict[int, bytes] = field(default_factory=dict)  # the last STATE of each entry
     synced: int = 0
     end: int = 0  # where the valid records end
+    # Valid records follow the first bad one: not a torn last append but damage (a bad
+    # block, a flipped bit); what follows it is not replayed, and the segment is kept aside.
+    damaged: bool = False
 
     def live(self) -> list[Entry]:
         """The entries the queue still holds (kept and not released), each with its last
@@ -192,7 +196,8 @@ class Contents:
 
 
 def parse(data: bytes) -> Contents:
-    """The records of a segment, up to the first torn or corrupt one."""
+    """The records of a segment, up to the first torn or corrupt one (``damaged`` if valid
+    records follow it)."""
     out = Contents()
     pos, view = 0, memoryview(data)
     while len(data) - pos >= _RECORD.size:
@@ -205,7 +210,29 @@ def parse(data: bytes) -> Contents:
         except (struct.error, ValueError):  # a record that lies about its own layout
             break
         pos = out.end = stop
+    else:
+        return out  # read to the end
+    out.damaged = _record_after(data, view, pos + 1)
     return out
+
+
+_KIND = re.compile(rb"[\x01-\x07]")
+
+
+def _record_after(data: bytes, view: memoryview, pos: int) -> bool:
+    """Whether a valid record (kind, length within the file, CRC) starts at or after ``pos``.
+    An append is cut off when it fails and nothing is written after a torn one, so one can
+    only come after a bad record by damage. (A random header almost never passes: its
+    eight-octet length must fit the file.)"""
+    for m in _KIND.finditer(data, pos):
+        at = m.start()
+        if len(data) - at < _RECORD.size:
+            return False
+        _kind, length, crc = _RECORD.unpack_from(data, at)
+        stop = at + _RECORD.size + length
+        if stop <= len(data) and zlib.crc32(view[at + _RECORD.size : stop]) == crc:
+            return True
+    return False
 
 
 def take(out: Contents, kind: int, payload: memoryview) -> None:
@@ -307,8 +334,14 @@ class Segment:
                 break
             os.close(fd)
         segment = cls(path, fd)
-        segment.append(encode_start(boot), sync=True)
-        files.fsync_dir(directory)
+        try:
+            segment.append(encode_start(boot), sync=True)
+            files.fsync_dir(directory)
+        except OSError:  # a full disk: no file and no descriptor left behind for each try
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(fd)
+            raise
         return segment
 
     def append(self, parts: Sequence[bytes], sync: bool) -> None:
@@ -423,10 +456,19 @@ def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
                 continue  # a living writer's
             copies, bodies = _replay(contents, boot, store, refused)
             written += copies
+            # The copies made since the last synced mark may be in the page cache alone (a
+            # crash, not a power loss): flushed before the record of them goes.
+            _flush(
+                {t.box for e in contents.entries if e.seq > contents.synced for t in e.targets}
+                | {directory}
+            )
             for body in bodies:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(body)
-            os.unlink(path)
+            if contents.damaged:
+                _set_aside(path, store, contents.end)
+            else:
+                os.unlink(path)
         except OSError as exc:
             warn(f"{path}: kept for the next start: {exc}")
             named.update(e.body_file for e in contents.entries if e.body_file)
@@ -446,6 +488,31 @@ def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
     return written
+
+
+def _flush(directories: set[str]) -> None:
+    """One ``syncfs`` for each file system among ``directories`` (those that exist)."""
+    devices: dict[int, str] = {}
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            devices.setdefault(os.stat(directory).st_dev, directory)
+    for directory in devices.values():
+        syncfs(directory)
+
+
+def _set_aside(path: str, store: DeferredStore, end: int) -> None:
+    """Keep a damaged segment for the admin (``queue/corrupt/``), replayed as far as it could
+    be: the messages whose records follow the damage are not delivered."""
+    dest = os.path.join(str(store.root), "corrupt", os.path.basename(path))
+    try:
+        os.replace(path, dest)
+    except OSError as exc:
+        warn(f"{path}: damaged at octet {end}, and could not be set aside: {exc}")
+        return
+    warn(
+        f"{path}: damaged at octet {end}; records follow it that were not replayed (their "
+        f"messages are not delivered): set aside as {dest}"
+    )
 
 
 def _replay(
