@@ -108,3 +108,20 @@ def test_a_first_attempt_finds_its_body_parked_by_a_new_writer(tmp_path: Path) -
     queue._live["A1"] = _Live(env, b"", str(tmp_path / "journal" / "bodies" / "gone"))
     queue.deferred.park(env.to_json(), "A1", b"the body\n", "")
     assert asyncio.run(queue.body(env)) == b"the body\n"
+
+
+def test_a_retry_of_a_message_still_in_the_journal_makes_its_local_copies(
+    tmp_path: Path,
+) -> None:
+    """A full disk refused a message's record (it stayed in the journal, not parked): its
+    retry read the deferred store's copy, which does not exist, and failed again with room."""
+    from postroom.storage.interfaces import LocalCopy
+    from postroom.storage.local.queue import LocalMailboxes, _Live
+
+    queue = LocalQueue(tmp_path, "mx.x.test")
+    env = Envelope("A1", "s@x.test", [Recipient("bob@x.test")], 1.0)
+    queue._live["A1"] = _Live(env, b"Subject: kept\n\nin the journal\n", "")
+    (error,) = asyncio.run(LocalMailboxes(queue).deliver(env, [LocalCopy(0, "bob@x.test")]))
+    assert error is None
+    (name,) = os.listdir(Path(queue.box("bob@x.test")) / "new")
+    assert (Path(queue.box("bob@x.test")) / "new" / name).read_bytes().endswith(b"journal\n")

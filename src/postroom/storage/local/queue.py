@@ -766,6 +766,15 @@ def _read(path: str, limit: int = -1) -> bytes:
         return fh.read(limit)
 
 
+def _write_copy(box: str, name: str, body: bytes) -> None:
+    """Publish ``body`` into ``box`` under ``name``, flushed (the caller flushes ``new/``)."""
+    fd = maildir.publish(box, name, (body,))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalMailboxes:
     """Local delivery of a queued message on a later attempt (see
     :class:`~postroom.storage.interfaces.MailboxDelivery`): the first attempt's copies are
@@ -785,22 +794,29 @@ class LocalMailboxes:
 
     def _deliver(self, envelope: Envelope, copies: Sequence[LocalCopy]) -> list[OSError | None]:
         queue = self.queue
+        # Parked, or still in the journal (its record refused by a full disk): its body file,
+        # or its octets from the record.
+        live = queue._live.get(envelope.id)
         source = queue.deferred.msg_path(envelope.id)
+        inline: bytes | None = None
+        if live is not None and live.body_file and os.path.exists(live.body_file):
+            source = live.body_file
+        elif live is not None and not live.body_file:
+            inline = live.body
         out: list[OSError | None] = []
         for copy in copies:
             box, name = queue.box(copy.mailbox), queue.copy_name(envelope, copy.index)
             try:
                 if maildir.find(box, name) is None:
-                    try:
-                        maildir.link_copy(source, box, name)
-                    except FileExistsError:
-                        pass
-                    except OSError:
-                        fd = maildir.publish(box, name, (_read(source),))
+                    if inline is not None:
+                        _write_copy(box, name, inline)
+                    else:
                         try:
-                            os.fsync(fd)
-                        finally:
-                            os.close(fd)
+                            maildir.link_copy(source, box, name)
+                        except FileExistsError:
+                            pass
+                        except OSError:  # links refused (another file system): written out
+                            _write_copy(box, name, _read(source))
                 files.fsync_dir(os.path.join(box, "new"))
                 out.append(None)
             except OSError as exc:
