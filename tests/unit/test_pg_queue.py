@@ -365,3 +365,40 @@ def test_a_commit_stands_when_its_connection_breaks_on_the_way_back_to_the_pool(
             await drop.close()
 
     run(main())
+
+
+def test_a_body_goes_once_however_many_copies_and_large_batches_are_split(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL takes no protocol message of 1 GiB: a 49 MB message to 22 mailboxes made
+    one (452 at every try), and so could a batch of large messages."""
+    from postroom.storage.postgresql import queue as pg_queue
+
+    async def main() -> None:
+        body = b"x" * 1000
+        one = pg_queue._Intake(None, [(f"u{i}@a.test", f"Q.{i}", body) for i in range(5)])
+        args = pg_queue.intake_arguments([one], 30.0)
+        assert args[9] == [body] and args[10] == [1] * 5  # the body once, five copies
+        monkeypatch.setattr(pg_queue, "MAX_BATCH_OCTETS", 3000)
+        async with nodes(pg_url, tmp_path, count=1) as (a,):
+            committer = a.queue.committer
+            assert committer is not None
+            batches: list[int] = []
+            insert = committer._insert
+
+            async def counting(batch: list) -> None:  # type: ignore[type-arg]
+                batches.append(len(batch))
+                await insert(batch)
+
+            committer._insert = counting  # type: ignore[method-assign]
+            big = b"Subject: big\r\n\r\n" + b"y" * 2000 + b"\r\n"
+            boxes = ["ann@a.test", "bob@a.test"]
+            await asyncio.gather(*(a.accept(boxes, message=big) for _ in range(4)))
+            assert sum(batches) == 4 and max(batches) == 1  # over the octets: one each
+            for box in boxes:
+                drop = a.maildrop(box)
+                sizes = [m.size for m in await drop.open()]
+                assert len(sizes) == 4 and len(set(sizes)) == 1 and sizes[0] >= len(big)
+                await drop.close()
+
+    run(main())

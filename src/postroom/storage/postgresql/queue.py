@@ -71,6 +71,9 @@ CHANNEL = "postroom_queue"
 STATS_AGE = 1.0  # the metrics' count of the queue is made again when older than this
 STATS_TIMEOUT = 5.0  # and may take this long (then postroom_storage_up says 0)
 MAX_BATCH = 200  # messages per shared commit
+# Octets per shared commit (unless one message alone is more): PostgreSQL takes no protocol
+# message of 1 GiB or more, and a batch of large messages is better written in several.
+MAX_BATCH_OCTETS = 128 << 20
 PARALLEL_COMMITS = 2  # batches in flight at once per worker (each on its own connection)
 RECORD_RETRY = (0.05, 1.0)  # first and longest pause between tries of an outcome's record
 SETTLE_WAIT = 60.0  # how long a batch whose commit went unanswered waits to learn its outcome
@@ -98,8 +101,8 @@ WITH q AS (
     RETURNING 1
 )
 INSERT INTO messages (mailbox, uidl, size, body)
-SELECT m, u, octet_length(x), x
-FROM unnest($7::text[], $9::text[], $10::bytea[]) AS s(m, u, x)
+SELECT m, u, octet_length(($10::bytea[])[k]), ($10::bytea[])[k]
+FROM unnest($7::text[], $9::text[], $11::int4[]) AS s(m, u, k)
 """
 # The backend that ran an unanswered intake, if it still runs it: ended, so that its statement
 # cannot commit after the look below. An idle one has ended its statement (committed or
@@ -160,10 +163,17 @@ class _Intake:
     """One accepted message as the committer writes it."""
 
     queue_row: tuple[str, float, float, str, str, bytes] | None
-    copies: list[tuple[str, str, bytes]]  # (mailbox, uidl, body CRLF)
+    copies: list[tuple[str, str, bytes]]  # (mailbox, uidl, body CRLF), one body object each
     done: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    # What the intake statement carries for it: its queue row's body and its copies' bodies,
+    # each body once.
+    octets: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        bodies = {id(c[2]): len(c[2]) for c in self.copies}
+        self.octets = sum(bodies.values()) + (len(self.queue_row[5]) if self.queue_row else 0)
 
 
 class _Unanswered(Exception):
@@ -174,6 +184,28 @@ class _Unanswered(Exception):
         super().__init__(str(error))
         self.pid = pid
         self.error = error
+
+
+def intake_arguments(batch: Sequence[_Intake], lease: float) -> list[object]:
+    """The arguments of :data:`_INTAKE` for ``batch``. Each body goes once, however many
+    copies it makes: PostgreSQL refuses a protocol message of 1 GiB, which 22 copies of a
+    49 MB message made."""
+    rows = [i.queue_row for i in batch if i.queue_row is not None]
+    copies = [c for i in batch for c in i.copies]
+    bodies: list[bytes] = []
+    where: dict[int, int] = {}  # id() of a body -> its place in ``bodies``, from 1
+    for c in copies:
+        if id(c[2]) not in where:
+            bodies.append(c[2])
+            where[id(c[2])] = len(bodies)
+    return [
+        *([r[k] for r in rows] for k in range(6)),
+        [c[0] for c in copies],
+        lease,
+        [c[1] for c in copies],
+        bodies,
+        [where[id(c[2])] for c in copies],
+    ]
 
 
 class Committer:
@@ -208,7 +240,12 @@ class Committer:
 
     def _kick(self) -> None:
         while self._pending and len(self._writing) < PARALLEL_COMMITS and not self._closed:
-            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            count, octets = 0, 0
+            for item in self._pending[:MAX_BATCH]:
+                if count and octets + item.octets > MAX_BATCH_OCTETS:
+                    break
+                count, octets = count + 1, octets + item.octets
+            batch, self._pending = self._pending[:count], self._pending[count:]
             task = asyncio.get_running_loop().create_task(self._write(batch))
             self._tasks.add(task)
             self._writing.add(task)
@@ -260,25 +297,11 @@ class Committer:
         return None
 
     async def _insert(self, batch: list[_Intake]) -> None:
-        rows = [i.queue_row for i in batch if i.queue_row is not None]
-        copies = [c for i in batch for c in i.copies]
         pid: int | None = None  # set once the statement may be on its way
         try:
             async with self.database.connection() as conn:
                 pid = conn.get_server_pid()
-                await conn.execute(
-                    _INTAKE,
-                    [r[0] for r in rows],
-                    [r[1] for r in rows],
-                    [r[2] for r in rows],
-                    [r[3] for r in rows],
-                    [r[4] for r in rows],
-                    [r[5] for r in rows],
-                    [c[0] for c in copies],
-                    self.lease,
-                    [c[1] for c in copies],
-                    [c[2] for c in copies],
-                )
+                await conn.execute(_INTAKE, *intake_arguments(batch, self.lease))
         except _UNANSWERED as exc:
             if pid is None:  # no connection: nothing was sent
                 raise
