@@ -31,7 +31,18 @@ def test_an_envelope_round_trips_through_json_with_its_history() -> None:
     )
 
 
-@pytest.mark.parametrize("raw", [b"", b"[]", b'{"id": "A"}', b'{"id": "A", "bogus": 1}'])
+WRONG_TYPES = [  # valid JSON, fields of the wrong type: set aside, not a traceback later
+    b'{"id": "A", "sender": "", "recipients": [{"address": 5}], "created": 0}',
+    b'{"id": "A", "sender": "", "recipients": [{"address": "a@b", "status": "x"}], "created": 0}',
+    b'{"id": 1, "sender": "", "recipients": [], "created": 0}',
+    b'{"id": "A", "sender": "", "recipients": [], "created": "0"}',
+    b'{"id": "A", "sender": "", "recipients": [], "created": 0, "attempts": "2"}',
+]
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"[]", b'{"id": "A"}', b'{"id": "A", "bogus": 1}', *WRONG_TYPES]
+)
 def test_an_unreadable_envelope_is_a_queue_error(raw: bytes) -> None:
     with pytest.raises(QueueError):
         Envelope.from_json(raw)

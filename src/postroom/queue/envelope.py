@@ -17,6 +17,7 @@ from typing import Any, Literal
 from postroom.errors import QueueError
 
 Status = Literal["queued", "deferred", "delivered", "bounced"]
+_STATUSES = frozenset(("queued", "deferred", "delivered", "bounced"))
 
 _ID_SEQUENCE = itertools.count()
 _ID_PROCESS: tuple[int, str] = (0, "")  # (pid, this process's random part), made after fork
@@ -153,7 +154,22 @@ class Envelope:
         data["recipients"] = [Recipient(**r) for r in data["recipients"]]
         data["history"] = [Attempt(**a) for a in data.get("history", ())]
         data["reports"] = [PendingReport(**r) for r in data.get("reports", ())]
-        return cls(**data)
+        envelope = cls(**data)
+        # What the queue acts on must have its type: a state file edited by hand (or damaged
+        # into other valid JSON) is set aside as unreadable, not a traceback at every retry.
+        number = (int, float)
+        if not (
+            isinstance(envelope.id, str)
+            and isinstance(envelope.sender, str)
+            and isinstance(envelope.created, number)
+            and isinstance(envelope.attempts, int)
+            and isinstance(envelope.next_attempt, number)
+            and all(
+                isinstance(r.address, str) and r.status in _STATUSES for r in envelope.recipients
+            )
+        ):
+            raise TypeError("a field of the wrong type")
+        return envelope
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Envelope:
