@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import time
 from email.message import Message
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from postroom.delivery.mime_downgrade import MAX_LINE, downgrade, fold_header
+from postroom.delivery.mime_downgrade import MAX_LINE, MAX_NESTING, downgrade, fold_header
 
 LONG = b"x" * 5000
 IMAGE = base64.encodebytes(bytes(range(256)) * 4).replace(b"\n", b"\r\n")
@@ -248,3 +249,52 @@ def test_message_without_header_section_is_all_body() -> None:
     head = out.split(b"\r\n\r\n", 1)[0]
     assert head == b"Content-Transfer-Encoding: quoted-printable\r\nMIME-Version: 1.0"
     assert leaves(out) == [("text/plain", raw)]
+
+
+def nested(depth: int, leaf: bytes) -> bytes:
+    """``depth`` multiparts one inside the other around one text/plain ``leaf``."""
+    inner = b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + leaf + b"\r\n"
+    for level in range(depth):
+        b = f"b{level}".encode()
+        inner = (
+            b'Content-Type: multipart/mixed; boundary="' + b + b'"\r\n\r\n'
+            b"--" + b + b"\r\n" + inner + b"\r\n--" + b + b"--\r\n"
+        )
+    return b"MIME-Version: 1.0\r\n" + inner
+
+
+def test_a_message_nested_past_the_limit_is_left_for_the_hop_to_refuse() -> None:
+    """A few KB nesting hundreds of multiparts crashed the conversion (RecursionError: the
+    relay retried it until it would never expire) and made it quadratic (seconds of event
+    loop per level over a large body). Past MAX_NESTING it is left as it is: its 8-bit
+    octets make the hop refuse it (5.6.3, RFC 6152 §3: convert or return it)."""
+    shallow = downgrade(nested(MAX_NESTING - 2, "h\u00e9llo".encode()), eight_bit=False)
+    assert shallow.isascii() and leaves(shallow)[-1][1] == "h\u00e9llo\r\n".encode()
+    deep = nested(400, "h\u00e9llo".encode())
+    started = time.monotonic()
+    out = downgrade(deep, eight_bit=False)
+    assert time.monotonic() - started < 5 and not out.isascii()
+    assert out.endswith(deep[-200:])
+
+
+def test_a_header_line_is_never_broken_inside_a_utf8_character() -> None:
+    """RFC 6532 §3.2: a header broken with CRLF SP for want of white space stays UTF-8."""
+    head = ("Subject: x" + "\u00e9" * 600 + "\r\n").encode()
+    folded = fold_header(head)
+    assert max(map(len, folded.split(b"\r\n"))) <= MAX_LINE
+    folded.decode("utf-8")  # no character cut in two
+    assert folded.replace(b"\r\n ", b"") == head
+
+
+def test_a_comment_in_the_encoding_label_is_no_encoding() -> None:
+    """RFC 2045 §6.1 with RFC 822 comments: "8bit (raw)" is 8bit; a message/rfc822 so
+    labelled is walked into, never base64-encoded (RFC 2046 §5.2.1 forbids it)."""
+    inner = "Subject: inner\r\n\r\nh\u00e9llo\r\n".encode()
+    outer = (
+        b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="B"\r\n\r\n--B\r\n'
+        b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit (raw)\r\n\r\n"
+        + inner
+        + b"\r\n--B--\r\n"
+    )
+    out = downgrade(outer, eight_bit=False)
+    assert out.isascii() and b"Subject: inner" in out and b"base64" not in out

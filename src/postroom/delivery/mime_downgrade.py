@@ -33,8 +33,13 @@ from email.policy import compat32
 from postroom.wire.framing import to_crlf
 
 MAX_LINE = 998  # RFC 5321 §4.5.3.1.6: octets per line, without the CRLF
+# Multiparts and messages nested deeper are left as they are (Postfix refuses past 100): each
+# level is one more pass over what it holds, and a hostile message of a few KB nests hundreds.
+# 8-bit octets left there make the hop refuse the message (5.6.3: convert or return it).
+MAX_NESTING = 30
 _HEADER_PARSER = BytesHeaderParser(policy=compat32)
 _CTE_FIELD = re.compile(rb"(?i)content-transfer-encoding[ \t]*:")
+_COMMENT = re.compile(r"\([^()]*\)")  # RFC 822 comments, allowed in structured fields
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 _FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 §2.2 field name, obs WSP (§4.5)
 
@@ -45,7 +50,7 @@ def downgrade(data: bytes, *, eight_bit: bool) -> bytes:
     data = to_crlf(data)
     if not needs_downgrade(data, eight_bit=eight_bit):
         return data
-    return _entity(data, seven_bit=not eight_bit, message=True, digest=False)
+    return _entity(data, seven_bit=not eight_bit, message=True, digest=False, depth=0)
 
 
 def needs_downgrade(data: bytes, *, eight_bit: bool) -> bool:
@@ -76,9 +81,9 @@ def _split_entity(raw: bytes, message: bool) -> tuple[bytes, bytes | None]:
     return raw[: end + 2], raw[end + 4 :]
 
 
-def _entity(raw: bytes, *, seven_bit: bool, message: bool, digest: bool) -> bytes:
+def _entity(raw: bytes, *, seven_bit: bool, message: bool, digest: bool, depth: int) -> bytes:
     """One entity converted; ``message`` for a message's own header (top level, or inside
-    message/rfc822), ``digest`` for a part of multipart/digest."""
+    message/rfc822), ``digest`` for a part of multipart/digest; ``depth`` levels down."""
     head, body = _split_entity(raw, message)
     if body is None:
         return fold_header(head)
@@ -86,14 +91,22 @@ def _entity(raw: bytes, *, seven_bit: bool, message: bool, digest: bool) -> byte
     if digest and "content-type" not in fields:
         fields.set_default_type("message/rfc822")  # RFC 2046 §5.1.5
     ctype = fields.get_content_type()
-    cte = str(fields.get("content-transfer-encoding", "")).strip().lower()
+    raw_cte = str(fields.get("content-transfer-encoding", ""))
+    cte = _COMMENT.sub("", raw_cte).strip().lower()
     boundary = fields.get_boundary()
+    composite = (ctype.startswith("multipart/") and boundary) or (
+        ctype == "message/rfc822" and cte in ("", "7bit", "8bit", "binary")
+    )
+    if composite and depth >= MAX_NESTING:
+        return raw  # (see MAX_NESTING)
     if ctype.startswith("multipart/") and boundary:
-        body = _multipart(body, boundary.encode("ascii", "surrogateescape"), seven_bit, ctype)
+        body = _multipart(
+            body, boundary.encode("ascii", "surrogateescape"), seven_bit, ctype, depth + 1
+        )
         return _relabel(head, cte, body, seven_bit) + b"\r\n" + body
-    if ctype == "message/rfc822" and cte in ("", "7bit", "8bit", "binary"):
+    if composite:
         # RFC 2046 §5.2.1: no other encoding is allowed here; convert the message inside.
-        body = _entity(body, seven_bit=seven_bit, message=True, digest=False)
+        body = _entity(body, seven_bit=seven_bit, message=True, digest=False, depth=depth + 1)
         return _relabel(head, cte, body, seven_bit) + b"\r\n" + body
     return _leaf(head, body, fields, cte, seven_bit=seven_bit, message=message)
 
@@ -172,7 +185,7 @@ def _set_cte(head: bytes, cte: str) -> bytes:
     return b"".join(out)
 
 
-def _multipart(body: bytes, boundary: bytes, seven_bit: bool, ctype: str) -> bytes:
+def _multipart(body: bytes, boundary: bytes, seven_bit: bool, ctype: str, depth: int) -> bytes:
     """Each part of a multipart body converted; delimiter lines kept as they were."""
     dash = b"--" + boundary
     lines = body.split(b"\r\n")
@@ -185,7 +198,7 @@ def _multipart(body: bytes, boundary: bytes, seven_bit: bool, ctype: str) -> byt
         if part is not None:
             raw = b"\r\n".join(part)
             digest = ctype == "multipart/digest"
-            out.append(_entity(raw, seven_bit=seven_bit, message=False, digest=digest))
+            out.append(_entity(raw, seven_bit=seven_bit, message=False, digest=digest, depth=depth))
 
     for line in lines:
         # RFC 2046 §5.1.1: a delimiter line may end in transport padding (white space).
@@ -235,8 +248,11 @@ def fold_header(head: bytes) -> bytes:
                 line.rfind(b"\t", colon + 1, MAX_LINE + 1),
             )
             if cut <= colon or not line[:cut].strip():
-                out.append(line[: MAX_LINE - 1])
-                line = b" " + line[MAX_LINE - 1 :]
+                cut = MAX_LINE - 1
+                while cut > 1 and 0x80 <= line[cut] < 0xC0:
+                    cut -= 1  # not inside a UTF-8 character (RFC 6532 §3.2)
+                out.append(line[:cut])
+                line = b" " + line[cut:]
             else:
                 out.append(line[:cut])
                 line = line[cut:]

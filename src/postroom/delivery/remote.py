@@ -80,6 +80,8 @@ class DeliveryResult:
     host: str | None = None  # the MX host dialled (also when the reply is our own words)
 
 
+OFF_LOOP = 256 * 1024  # octets from which a message is fitted to the next hop in a thread
+
 FENCED = Reply(
     451,
     "4.3.0",
@@ -394,11 +396,11 @@ class RemoteDelivery:
         """One transaction on a ready session; LeaseLost if ``may_finish`` refused its dot."""
         # RFC 5321 §4.5.3.1.6 (lines) and RFC 6152 §3 (8-bit to a peer without 8BITMIME).
         eight_bit = "8BITMIME" in session.engine.extensions
-        session.engine.send_message(
-            message,
-            mime_downgrade.downgrade(data, eight_bit=eight_bit),
-            hold_end=may_finish is not None,
-        )
+        if len(data) > OFF_LOOP:  # a pass (or more) over a large message: not on the loop
+            fitted = await asyncio.to_thread(mime_downgrade.downgrade, data, eight_bit=eight_bit)
+        else:
+            fitted = mime_downgrade.downgrade(data, eight_bit=eight_bit)
+        session.engine.send_message(message, fitted, hold_end=may_finish is not None)
         event = await session.next_event()
         if isinstance(event, EndOfData):  # the message is written, but for its final dot
             assert may_finish is not None

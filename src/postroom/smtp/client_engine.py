@@ -395,8 +395,9 @@ class ClientEngine:
                 refused = _local(
                     554,
                     "5.6.3",  # RFC 3463: conversion required but not supported
-                    "the message has 8-bit header fields, which cannot be converted to 7-bit,"
-                    " and the server does not offer 8BITMIME (RFC 6152)",
+                    "the message has 8-bit octets that cannot be converted to 7-bit (in header"
+                    " fields, or in MIME parts nested too deep), and the server does not offer"
+                    " 8BITMIME (RFC 6152)",
                 )
             if refused is not None:
                 for i, rcpt in enumerate(message.recipients):
