@@ -4,6 +4,7 @@ of a finished message to the queue."""
 from __future__ import annotations
 
 import asyncio
+import email
 import logging
 import zlib
 from pathlib import Path
@@ -190,3 +191,41 @@ def test_submission_without_login_says_what_is_missing(tmp_path: Path) -> None:
     assert p.on_mail(Mail(Address("x", "a.test"))) == replies.MUST_STARTTLS
     p.tls = True
     assert p.on_mail(Mail(Address("x", "a.test"))) == replies.AUTH_REQUIRED
+
+
+def submitted(tmp_path: Path, data: bytes) -> bytes:
+    """``data`` submitted by alice to a remote recipient, as handed to the queue (LF)."""
+    p, intake = policy(tmp_path, port="submission")
+    p.tls, p.auth_user = True, "alice@a.test"
+    assert p.on_mail(Mail(Address("alice", "a.test"))) == replies.SENDER_OK
+    assert p.on_rcpt(Rcpt(Address("bob", "r.test"))) == replies.RECIPIENT_OK
+    p.on_data_start()
+    p.on_data(data)
+    assert asyncio.run(p.on_message_end()).code == 250
+    ((_envelope, body),) = intake.got
+    return body
+
+
+def test_a_submission_without_a_header_section_gets_its_mime_fields_in_the_header(
+    tmp_path: Path,
+) -> None:
+    """Made 7-bit at intake, a message with no header section gains MIME fields: they are
+    its header then, not body lines after the blank line our fields once ended with."""
+    body = submitted(tmp_path, "h\u00e9llo, no header here\r\n\r\nsecond\r\n".encode())
+    msg = email.message_from_bytes(body)
+    assert msg["MIME-Version"] == "1.0" and msg["Date"] and msg["Message-ID"]
+    assert msg.get_payload(decode=True) == "h\u00e9llo, no header here\n\nsecond\n".encode()
+
+
+def test_date_and_message_id_are_added_once_and_only_when_missing(tmp_path: Path) -> None:
+    """RFC 5322 §4.5: "Date :" is a Date field (it went out twice); a body line of a message
+    without a header section is none (it kept ours from being added)."""
+    obsolete = submitted(
+        tmp_path, b"Date : Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID : <a@b>\r\n\r\nx\r\n"
+    )
+    assert obsolete.lower().count(b"\ndate") == 1 and obsolete.lower().count(b"message-id") == 1
+    headless = submitted(
+        tmp_path, b"hello there\r\nDate: in body\r\nMessage-ID: in body\r\n\r\nmore\r\n"
+    )
+    head = headless.split(b"\n\n", 1)[0]
+    assert b"\nDate: " in head and b"\nMessage-ID: <" in head

@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 Port = Literal["smtp", "submission", "submissions"]
 
 MAX_RECEIVED = 50  # RFC 5321 §6.3: a loop is suspected when ours would be one more than this
-_RECEIVED = re.compile(rb"(?im)^received:")
-_HEADER_FIELD = re.compile(rb"(?im)^(date|message-id):")
+# RFC 5322 §4.5: white space may stand before the colon (obsolete syntax a receiver accepts).
+_RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
+_HEADER_FIELD = re.compile(rb"(?im)^(date|message-id)[ \t]*:")
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -233,9 +234,11 @@ class SmtpPolicy:
             f" id {txn.queue_id}{rcpt};\n\t{date}\n"
         )
         extra = ""
+        has_header = bool(head) and not head.startswith(b"\n") and starts_with_header_field(head)
         if self.auth_user is not None and txn.leaves:
             header_end = head.find(b"\n\n")
-            headers = head if header_end < 0 else head[: header_end + 1]
+            # (A message without a header section has none of them, whatever its body says.)
+            headers = b"" if not has_header else head if header_end < 0 else head[: header_end + 1]
             present = {m.group(1).lower() for m in _HEADER_FIELD.finditer(headers)}
             # RFC 6409 §8.2-8.3: a submission server may add a missing Date and Message-ID; done
             # only for mail that leaves (receivers refuse mail without them), so mail that stays
@@ -244,7 +247,7 @@ class SmtpPolicy:
                 extra += f"Date: {date}\n"
             if b"message-id" not in present:
                 extra += f"Message-ID: <{txn.queue_id}@{self.cfg.hostname}>\n"
-        if head and not head.startswith(b"\n") and not starts_with_header_field(head):
+        if head and not head.startswith(b"\n") and not has_header:
             extra += "\n"  # RFC 5322 §2.1: the body follows an empty line (Postfix's cleanup)
         return (received + extra).encode("utf-8", "replace")
 

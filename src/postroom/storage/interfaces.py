@@ -76,7 +76,8 @@ class MessageDraft(Protocol):
 
     async def rewrite(self, convert: Callable[[bytes], bytes]) -> None:
         """Replace the client's message (CRLF, no trace headers) by ``convert(message)``:
-        submitted mail made 7-bit with short lines before it is signed."""
+        submitted mail made 7-bit with short lines before it is signed. Before any
+        :meth:`prepend`: our trace headers are made again from the new message."""
         ...
 
     def whole(self) -> bytes:

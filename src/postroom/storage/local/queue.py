@@ -312,11 +312,18 @@ class Draft:
             old = bytes(self._client)
         else:
             old = os.pread(self._fd, self._client_size, self._in_file)
-        new = bulk.crlf_to_lf(convert(to_crlf(old)))
+        if len(old) > INLINE_LIMIT:  # passes over a large message: not on the event loop
+            new = await asyncio.to_thread(lambda: bulk.crlf_to_lf(convert(to_crlf(old))))
+        else:
+            new = bulk.crlf_to_lf(convert(to_crlf(old)))
         if new == old:
             return
         self._client_size, self._lines = len(new), new.count(b"\n")
         self._head_end = -1
+        if self._make_prefix is not None:
+            # Made again from what the message now is (its fields, whether it has a header
+            # section at all): nothing was prepended yet (that comes after, see interfaces).
+            self._prefix = self._make_prefix(new[: self._header_limit + 2])
         if self._fd is None:
             self._client = bytearray(new)
             return
