@@ -243,3 +243,13 @@ def test_xtext_round_trip() -> None:
     for value in ("ab+c3@x.test", "a=b@x.test", "j\u00f6rg@x.test", "sp ace@x.test"):
         assert xtext_decode(xtext_encode(value)) == value
     assert xtext_encode("ab+c3=@x.test") == "ab+2Bc3+3D@x.test"
+
+
+def test_a_utf8_original_recipient_in_xtext_keeps_its_characters() -> None:
+    """RFC 6533 §3: an ORCPT (or an alias named by us) with UTF-8 in xtext is shown as it
+    reads, in a message/global-delivery-status part, never with "?" for its characters."""
+    rcpt = failed(original_recipient="utf-8;j" + xtext_encode("\u00f6") + "ran@a.test")
+    raw = report(recipients=[rcpt])
+    msg = email.message_from_bytes(raw, policy=email.policy.SMTPUTF8)
+    assert list(msg.iter_parts())[1].get_content_type() == "message/global-delivery-status"
+    assert "Original-Recipient: utf-8; j\u00f6ran@a.test" in raw.decode()

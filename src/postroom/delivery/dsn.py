@@ -301,8 +301,9 @@ def build_dsn(
         raise ValueError("never send a DSN to the null sender (RFC 3461 §6.2)")
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
+    # (An original recipient counts as it reads once its xtext is undone: "+C3+B6" is "ö".)
     utf8 = not sender.isascii() or any(
-        not r.final_recipient.isascii() or not (r.original_recipient or "").isascii()
+        not r.final_recipient.isascii() or not xtext_decode(r.original_recipient or "").isascii()
         for r in recipients
     )
     actions = {r.action for r in recipients}
