@@ -498,3 +498,27 @@ def test_a_domain_delivered_is_stored_before_a_slower_one_ends(
         assert len(dsns) == (0 if fast == "ok" and not notify else 1)
 
     asyncio.run(main())
+
+
+def test_an_attempt_that_fails_unexpectedly_is_counted_once(tmp_path: Path) -> None:
+    """An error the attempt did not expect (a bug, a message it cannot handle) is retried
+    later, counted once: it was counted before dialling and again by the error's handler."""
+    runner, _queue, _boxes, clock = make(
+        tmp_path, {"b.test": RouteFailure("4.4.3", "SERVFAIL for b.test")}
+    )
+    env = envelope("Q1", "bob@b.test")
+    asyncio.run(accept(runner, env))
+    assert env.attempts == 1
+
+    async def boom(*_args: object) -> Any:
+        raise RuntimeError("unexpected")
+
+    runner._deliver_remote = boom  # type: ignore[method-assign]
+
+    async def retry() -> None:
+        clock.now = env.next_attempt
+        runner._start(env)
+        await asyncio.gather(*runner._inflight.values())
+
+    asyncio.run(retry())
+    assert env.attempts == 2 and env.next_attempt > clock.now

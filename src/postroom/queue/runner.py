@@ -299,6 +299,8 @@ class QueueRunner:
             await self.queue.record(envelope, first.attempts)
             return
         async with self._slots:
+            # Counted already: at acceptance (a first attempt), or by _deliver before dialling.
+            counted = -1 if first is not None and envelope.attempts > 0 else envelope.attempts
             try:
                 await self._deliver(envelope, first)
             except LeaseLost as exc:
@@ -308,7 +310,8 @@ class QueueRunner:
                 self.services.log.exception("delivery of %s failed", envelope.id)
                 # Try again later rather than lose it or spin.
                 if envelope.id not in self._deleted:
-                    self._count_attempt(envelope, self._clock())
+                    if envelope.attempts == counted:  # once per attempt, not twice
+                        self._count_attempt(envelope, self._clock())
                     try:
                         await self.queue.record(envelope, [])
                     except Exception:
