@@ -229,3 +229,19 @@ def test_date_and_message_id_are_added_once_and_only_when_missing(tmp_path: Path
     )
     head = headless.split(b"\n\n", 1)[0]
     assert b"\nDate: " in head and b"\nMessage-ID: <" in head
+
+
+def test_a_step_that_fails_unexpectedly_refuses_the_message_for_now(tmp_path: Path) -> None:
+    """A bug or a message no step foresaw, at the end of DATA: 451 and the session goes on
+    (it was a crash of the session, which left the client with no answer at all)."""
+    p, intake = policy(tmp_path)
+
+    class Broken:
+        async def end_of_data(self, *_args: object, **_kw: object) -> Reply | None:
+            raise RecursionError("maximum recursion depth exceeded")
+
+    p.services.sender_auth = Broken()
+    assert transaction(p, "alice@a.test", data=b"Subject: hi\r\n\r\nx\r\n") == replies.LOCAL_ERROR
+    assert intake.got == [] and p.txn.draft is None
+    p.services.sender_auth = None
+    assert transaction(p, "alice@a.test", data=b"Subject: hi\r\n\r\nx\r\n").code == 250

@@ -271,6 +271,18 @@ class SmtpPolicy:
         txn, self.txn = self.txn, _Txn()
         draft = txn.draft
         assert draft is not None
+        try:
+            problem = await self._prepare(txn, draft)
+        except Exception:  # a bug, or a message no step foresaw: refused for now, not a crash
+            self.services.log.exception("%s: the message could not be prepared", txn.queue_id)
+            problem = replies.LOCAL_ERROR
+        if problem is not None:
+            draft.abort()
+            return self.refused(problem, txn=txn)
+        return await self._hand_off(txn, draft)
+
+    async def _prepare(self, txn: _Txn, draft: MessageDraft) -> Reply | None:
+        """The checks and changes before the hand-off; a refusal, or None."""
         problem = self._check_headers(draft.head(self.cfg.limits.header_size + 2))
         if problem is None and self.auth_user is not None and txn.leaves:
             # Submitted mail that leaves is made 7-bit with short lines here, before it is
@@ -288,9 +300,10 @@ class SmtpPolicy:
                 helo=self.helo,
                 sender=str(txn.sender) if txn.sender is not None else "",
             )
-        if problem is not None:
-            draft.abort()
-            return self.refused(problem, txn=txn)
+        return problem
+
+    async def _hand_off(self, txn: _Txn, draft: MessageDraft) -> Reply:
+        """The message to the queue, in one step: durable, or refused."""
         envelope = Envelope(
             id=txn.queue_id,
             sender=str(txn.sender) if txn.sender is not None else "",
