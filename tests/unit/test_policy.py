@@ -245,3 +245,20 @@ def test_a_step_that_fails_unexpectedly_refuses_the_message_for_now(tmp_path: Pa
     assert intake.got == [] and p.txn.draft is None
     p.services.sender_auth = None
     assert transaction(p, "alice@a.test", data=b"Subject: hi\r\n\r\nx\r\n").code == 250
+
+
+def test_received_names_a_lone_recipient_unless_its_address_is_utf8(tmp_path: Path) -> None:
+    """A UTF-8 address in our Received field alone made an ASCII message unfit for a hop
+    without SMTPUTF8 (5.6.9); "for" is optional (RFC 5321 §4.4)."""
+    p, intake = policy(tmp_path)
+    transaction(p, "alice@a.test", data=b"Subject: hi\r\n\r\nx\r\n")
+    assert b"\tfor <alice@a.test>;" in intake.got[0][1]
+    p.services.accounts.expand = lambda key, max_depth=10: (
+        ["alice@a.test"] if key.startswith("j") else None
+    )
+    assert p.on_mail(Mail(Address("x", "r.test"))) == replies.SENDER_OK
+    assert p.on_rcpt(Rcpt(Address("j\u00f6ran", "a.test"))) == replies.RECIPIENT_OK
+    p.on_data_start()
+    p.on_data(b"Subject: hi\r\n\r\nx\r\n")
+    assert asyncio.run(p.on_message_end()).code == 250
+    assert b" for <" not in intake.got[1][1] and intake.got[1][1].isascii()

@@ -224,7 +224,10 @@ class SmtpPolicy:
         date = _rfc5322_date(txn.received_at)
         rcpt = ""
         if len(txn.recipients) == 1:
-            rcpt = f"\n\tfor <{txn.recipients[0].original or txn.recipients[0].address}>"
+            named = txn.recipients[0].original or txn.recipients[0].address
+            # Not a UTF-8 address (RFC 6531 §3.7.3 allows it): that alone would make an ASCII
+            # message unfit for a hop without SMTPUTF8 (5.6.9), and "for" is optional.
+            rcpt = f"\n\tfor <{named}>" if named.isascii() else ""
         helo = self.helo.replace("\r", "").replace("\n", "")[:255] or "unknown"
         # RFC 5321 §4.1.3: an IPv6 address literal is tagged "IPv6:".
         literal = f"IPv6:{self.client_ip}" if ":" in self.client_ip else self.client_ip
