@@ -395,8 +395,8 @@ class ClientEngine:
                 refused = _local(
                     554,
                     "5.6.3",  # RFC 3463: conversion required but not supported
-                    "the message has 8-bit octets that cannot be converted to 7-bit (in header"
-                    " fields, or in MIME parts nested too deep), and the server does not offer"
+                    "the message has 8-bit header fields (or 8-bit parts nested too deep),"
+                    " which cannot be converted to 7-bit, and the server does not offer"
                     " 8BITMIME (RFC 6152)",
                 )
             if refused is not None:
