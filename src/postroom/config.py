@@ -425,10 +425,27 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
     if cfg.limits.message_size < 1:
         # RFC 1870: "SIZE 0" means no limit at all, the opposite of what 0 would ask for.
         raise ConfigError(f"{source}: limits.message_size: must be at least 1 octet")
+    if cfg.limits.message_size >= 10**20:
+        raise ConfigError(f"{source}: limits.message_size: at most 20 digits (RFC 1870)")
     if cfg.limits.max_recipients < 1:
         raise ConfigError(f"{source}: limits.max_recipients: must be at least 1")
+    if cfg.limits.header_size < 1000:
+        raise ConfigError(f"{source}: limits.header_size: must be at least 1000 octets")
     if not cfg.delivery.retry_intervals:
         raise ConfigError(f"{source}: delivery.retry_intervals: must not be empty")
+    # Values that would stop the server quietly: no delivery at all (a limit of 0), a time-out
+    # that ends every session at once, a periodic check or a retry that spins.
+    for section, key in _AT_LEAST_ONE:
+        if getattr(getattr(cfg, section), key) < 1:
+            raise ConfigError(f"{source}: {section}.{key}: must be at least 1")
+    for section, key in _MORE_THAN_NOTHING:
+        value = getattr(getattr(cfg, section), key)
+        if any(v <= 0 for v in (value if isinstance(value, tuple) else (value,))):
+            raise ConfigError(f"{source}: {section}.{key}: must be more than 0s")
+    try:
+        verified = tuple(_normalise_domain(d) for d in cfg.delivery.tls_verify_domains)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: delivery.tls_verify_domains: {exc}") from None
     if not 0 < cfg.delivery.port < 65536:
         raise ConfigError(f"{source}: delivery.port: must be a TCP port")
     for key, version in (("bind_address", 4), ("bind_address6", 6)):
@@ -461,7 +478,25 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
         data_dir=data_dir,
         path=path,
         dns=dataclasses.replace(cfg.dns, nameservers=nameservers),
+        # As the domains are: IDNA A-labels, lower case, no trailing dot, so that they match.
+        delivery=dataclasses.replace(cfg.delivery, tls_verify_domains=verified),
     )
+
+
+_AT_LEAST_ONE = (("delivery", "max_concurrent"), ("delivery", "max_per_destination"))
+_MORE_THAN_NOTHING = (
+    ("dns", "timeout"),
+    ("limits", "command_timeout"),
+    ("limits", "data_timeout"),
+    ("limits", "session_timeout"),
+    ("limits", "pop3_idle_timeout"),
+    ("limits", "tls_handshake_timeout"),
+    ("delivery", "retry_intervals"),
+    ("delivery", "connect_timeout"),
+    ("auth", "check_timeout"),
+    ("auth", "dkim_check_interval"),
+    ("auth", "dmarc_report_interval"),
+)
 
 
 def _nameserver_addresses(nameservers: tuple[Endpoint, ...], source: str) -> tuple[Endpoint, ...]:

@@ -22,3 +22,35 @@ def test_nameserver_addresses_are_kept_as_given() -> None:
 def test_a_nameserver_name_that_cannot_be_a_name_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"dns\.nameservers"):
         config.from_dict({"domains": ["a.test"], "dns": {"nameservers": ["dns..example"]}})
+
+
+def test_tls_verify_domains_are_spelled_as_the_domains_are() -> None:
+    """A trailing dot or a U-label matched no recipient domain: TLS was quietly not required."""
+    cfg = config.from_dict(
+        {"domains": ["a.test"], "delivery": {"tls_verify_domains": ["Remote.test.", "bücher.test"]}}
+    )
+    assert cfg.delivery.tls_verify_domains == ("remote.test", "xn--bcher-kva.test")
+    with pytest.raises(ConfigError, match=r"delivery\.tls_verify_domains"):
+        config.from_dict({"domains": ["a.test"], "delivery": {"tls_verify_domains": ["a b"]}})
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("delivery", "max_concurrent", 0),  # accepted mail, never delivered
+        ("delivery", "max_per_destination", 0),
+        ("auth", "dkim_check_interval", "0"),  # a loop asking DNS 740 times a second
+        ("auth", "dmarc_report_interval", "0"),
+        ("delivery", "retry_intervals", ["5m", "0"]),  # a hot retry loop
+        ("limits", "command_timeout", "0"),
+        ("limits", "tls_handshake_timeout", "0"),
+        ("dns", "timeout", "0"),
+        ("limits", "header_size", 0),  # every message refused
+        ("limits", "message_size", 10**20),  # RFC 1870: SIZE has at most 20 digits
+    ],
+)
+def test_values_that_would_stop_the_server_quietly_are_config_errors(
+    section: str, key: str, value: object
+) -> None:
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
+        config.from_dict({"domains": ["a.test"], section: {key: value}})
