@@ -169,3 +169,15 @@ def test_a_kept_uidl_that_rfc_1939_forbids_is_served_hashed(tmp_path: Path) -> N
     assert len(uidls) == 3 and len(set(uidls)) == 3
     for uid in uidls:  # RFC 1939 §7: 1 to 70 characters in the range 0x21 to 0x7E
         assert 1 <= len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid)
+
+
+def test_a_uidlist_naming_a_file_that_is_not_utf8_is_read(tmp_path: Path) -> None:
+    """File names are bytes: one that is no UTF-8 in dovecot-uidlist was a traceback."""
+    src, box = tmp_path / "src", tmp_path / "box"
+    for sub in ("cur", "new", "tmp"):
+        (src / sub).mkdir(parents=True)
+    name = os.fsdecode(b"1700000001.\xff.vm")
+    (src / "cur" / name).write_bytes(b"Subject: a\n\nA\n")
+    (src / "dovecot-uidlist").write_bytes(b"3 V1700000000 N2\n1 :1700000001.\xff.vm\n")
+    assert import_maildir(src, box, "mx.a.test").imported == 1
+    assert _pop3_view(box) == {b"A\n": format_uidl("%08Xu%08Xv", 1, 1700000000, "", None)}

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from postroom.address import normalise_domain
-from postroom.errors import KeysChanged
+from postroom.errors import KeysChanged, PostroomError
 from postroom.storage.local.files import fsync_dir, write_all
 
 Algorithm = Literal["ed25519", "rsa"]
@@ -93,6 +93,10 @@ def generate(algorithm: Algorithm, selector: str, now: float) -> DkimKey:
     return DkimKey(selector, algorithm, now, private_pem=pem)
 
 
+class TooManyKeys(PostroomError, ValueError):
+    """A 26th key of one algorithm in one day: its selector would not be unique."""
+
+
 def new_selector(algorithm: Algorithm, now: float, taken: Iterable[str]) -> str:
     """``ed20261101``, then ``ed20261101b``, ``...c`` for more on the same day: always past
     the last one of the day in ``taken``, so a name never goes to a second key even when the
@@ -106,7 +110,7 @@ def new_selector(algorithm: Algorithm, now: float, taken: Iterable[str]) -> str:
     for letter in "bcdefghijklmnopqrstuvwxyz":
         if letter > last:
             return base + letter
-    raise ValueError("too many DKIM keys made today")
+    raise TooManyKeys("too many DKIM keys made today (25 a day): rotate again tomorrow")
 
 
 class KeyStore(Protocol):

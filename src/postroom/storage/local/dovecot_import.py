@@ -195,7 +195,9 @@ def import_maildir(
         raise ImportSourceError(f"{src} is not a Maildir (no cur/ and new/)")
     format_uidl(uidl_format, 1, 1, "x", None)  # a bad format fails before anything is copied
     try:
-        uidlist: Uidlist | None = parse_uidlist((src / "dovecot-uidlist").read_text("utf-8"))
+        # File names that are not UTF-8 read as the Maildir's own names are (surrogateescape).
+        text = (src / "dovecot-uidlist").read_text("utf-8", "surrogateescape")
+        uidlist: Uidlist | None = parse_uidlist(text)
     except FileNotFoundError:
         uidlist = None
     listed: dict[str, UidlistEntry] = {}
