@@ -333,7 +333,15 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
 
     server = await asyncio.start_unix_server(handle, path=str(path))
     os.chmod(path, 0o600)
+    ids = privileges.target_ids(services.cfg)
+    if ids is not None:  # made before the drop (every worker): the CLI, run as user, uses it
+        os.chown(path, *ids)
     return server
+
+
+def _ask_parent(parent: int) -> None:
+    with contextlib.suppress(OSError):  # (a parent this process may not signal)
+        os.kill(parent, signal.SIGHUP)
 
 
 _handing_over: set[asyncio.Task[None]] = set()
@@ -472,7 +480,10 @@ async def serve(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     # SIGHUP to a worker asks the supervisor, which reads what the worker may no longer.
-    loop.add_signal_handler(signal.SIGHUP, os.kill, worker.parent, signal.SIGHUP)
+    if worker.channel is not None:
+        loop.add_signal_handler(signal.SIGHUP, supervisor.ask_reload, worker.channel)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, _ask_parent, worker.parent)
     if worker.channel is not None:
         loop.add_reader(worker.channel.fileno(), _on_supervisor, services, worker, stop)
     if worker.primary:

@@ -24,6 +24,7 @@ from pathlib import Path
 from postroom import privileges
 from postroom.config import Config
 from postroom.errors import ConfigError
+from postroom.storage.local import files
 
 
 def _name(uid: int) -> str:
@@ -150,7 +151,7 @@ def create(cfg: Config) -> bool:
     if os.path.lexists(cfg.data_dir):
         return False
     try:
-        os.makedirs(cfg.data_dir, mode=0o700, exist_ok=True)
+        files.make_data_dir(cfg.data_dir)
     except OSError as exc:  # what check() cannot foresee: /proc, /sys, a full disk
         raise ConfigError(
             f"{cfg.path or '<default>'}: data_dir: cannot create {cfg.data_dir}: "

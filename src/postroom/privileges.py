@@ -80,7 +80,7 @@ def drop_for_cli(cfg: Config) -> None:
     """For the admin commands: become ``user`` too, so that what they create (accounts,
     mailboxes) belongs to the server's user. Only the top of the data tree (the account store
     among it) is re-owned and tightened to 0700/0600: the rest is ``serve``'s job at start."""
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    files.make_data_dir(cfg.data_dir)
     pw = _lookup(cfg)
     files.tighten(cfg.data_dir, None if pw is None else (pw.pw_uid, pw.pw_gid), deep=False)
     if pw is not None:

@@ -43,10 +43,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from postroom import config as config_mod
-from postroom import logs, metrics
+from postroom import logs, metrics, privileges
 from postroom import tls as tls_mod
 from postroom.config import Config
 from postroom.errors import ConfigError
+from postroom.storage.local import files
 
 log = logging.getLogger("postroom")
 
@@ -199,6 +200,8 @@ class Supervisor:
         if b"R" in data and not slot.ready:
             slot.ready = slot.served = True
             log.info("worker %d ready", slot.index)
+        if b"H" in data:  # a SIGHUP sent to the worker (which may not signal us: see ask)
+            self._flags.add(signal.SIGHUP)
         if not data:  # the worker is gone (or going): reaped by _reap
             slot.channel.close()
             slot.channel = None
@@ -297,8 +300,10 @@ class Supervisor:
         new = replace(new, **{key: getattr(self.started_cfg, key) for key in RESTART_ONLY})
         pair: tuple[bytes, bytes] | None
         try:
-            pair = tls_mod.read_pair(new)
+            pair = tls_mod.read_pair(new)  # (a changed hostname: a new self-signed pair)
             tls_mod.check_pair(new, *pair)
+            if new.tls.cert is None:  # made by this process, maybe as root: the user's
+                files.tighten(tls_mod.cert_paths(new)[0].parent, privileges.target_ids(new))
         except (ConfigError, OSError) as exc:  # (a self-signed pair that cannot be made)
             pair = None
             log.error("reload: the TLS certificate and key stay as they were: %s", exc)
@@ -348,3 +353,10 @@ def ready(channel: socket.socket) -> None:
     """For a worker: tell the supervisor it serves."""
     with contextlib.suppress(OSError):
         channel.sendall(b"R")
+
+
+def ask_reload(channel: socket.socket) -> None:
+    """For a worker that got a SIGHUP: ask the supervisor to reload. Over the channel, not
+    by a signal: a worker that dropped root may not signal a supervisor that kept it."""
+    with contextlib.suppress(OSError):
+        channel.sendall(b"H")

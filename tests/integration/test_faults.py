@@ -206,7 +206,9 @@ def test_drops_root_to_configured_user(tmp_path: Path) -> None:
         pytest.skip("dropping privileges needs root")
     base = Path(tempfile.mkdtemp(prefix="postroom-priv-"))
     os.chmod(base, 0o755)
-    srv = start_on(base / "data", tmp_path, extra='user = "nobody"')
+    # Parents that do not exist yet (made by root, they must let the user through), and two
+    # workers (each makes its control socket as root, before the drop).
+    srv = start_on(base / "new" / "data", tmp_path, extra='user = "nobody"\nworkers = 2')
     try:
         with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
             c.sendmail("x@r.test", ["alice@a.test"], b"Subject: priv\r\n\r\nok\r\n")
@@ -242,6 +244,16 @@ def test_drops_root_to_configured_user(tmp_path: Path) -> None:
         with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
             c.sendmail("x@r.test", ["carol@a.test"], b"Subject: priv2\r\n\r\nok\r\n")
         assert len(srv.wait_messages("carol@a.test", 1)) == 1
+        # Everything under data_dir is the user's: the control sockets of both workers, and
+        # the self-signed pair the supervisor (root) makes again for a new hostname at a
+        # SIGHUP, which a worker passes on (it may not signal the supervisor: a message).
+        assert {p.stat().st_uid for p in srv.data_dir.glob("control*.sock")} == {65534}
+        assert len(list(srv.data_dir.glob("control*.sock"))) == 2
+        srv.config.write_text(srv.config.read_text().replace("mx.a.test", "mx2.a.test"))
+        os.kill(workers[-1], signal.SIGHUP)
+        wait_until(lambda: "sent to the workers" in srv.log.read_text())
+        assert {p.stat().st_uid for p in (srv.data_dir / "tls").iterdir()} == {65534}
+        assert "Traceback" not in srv.log.read_text()
     finally:
         srv.stop()
         subprocess.run(["rm", "-rf", str(base)], check=False)

@@ -63,3 +63,19 @@ def test_a_root_owned_entry_inside(base: Path) -> None:
     problem = as_nobody(data)
     assert problem is not None
     assert problem.startswith(f"{data / 'queue'} belongs to root and is not usable by nobody")
+
+
+def test_parents_made_on_the_way_let_the_servers_user_through(tmp_path: Path) -> None:
+    """Made by root under umask 077, missing parents were 0700 root's: the server's user
+    could not reach its own data_dir (a raw errno from the CLI, a traceback from serve)."""
+    from postroom.storage.local import files
+
+    data_dir = tmp_path / "a" / "b" / "data"
+    old = os.umask(0o077)
+    try:
+        files.make_data_dir(data_dir)
+    finally:
+        os.umask(old)
+    modes = [os.stat(p).st_mode & 0o777 for p in (tmp_path / "a", tmp_path / "a" / "b", data_dir)]
+    assert modes == [0o755, 0o755, 0o700]
+    files.make_data_dir(data_dir)  # there already: nothing changes

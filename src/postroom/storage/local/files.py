@@ -74,6 +74,24 @@ def _tighten_one(path: str, ids: tuple[int, int] | None) -> None:
         os.chmod(path, want)
 
 
+def make_data_dir(data_dir: str | Path) -> None:
+    """``data_dir`` (0700) and the parents it lacks: those 0755 whatever the umask, as
+    /var/lib is, so that the server's ``user`` can pass through parents that root made (its
+    own directory keeps everybody else out)."""
+    data_dir = Path(data_dir)
+    missing = []
+    parent = data_dir.parent
+    while not os.path.lexists(parent):
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory)
+            os.chmod(directory, 0o755)  # noqa: S103 - a way through, not a place to read
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(data_dir, 0o700)
+
+
 def tighten(path: str | Path, ids: tuple[int, int] | None = None, deep: bool = True) -> None:
     """Directories 0700 and files 0600 (and owner ``ids`` if given) for ``path`` and, with
     ``deep``, everything below it; without ``deep``, only its direct entries."""
