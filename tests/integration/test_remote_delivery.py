@@ -455,46 +455,22 @@ def test_a_refusal_by_the_last_host_tried_bounces() -> None:
 
 
 def test_opportunistic_starttls(ca: trustme.CA) -> None:
-    port = free_port()
-
-    async def main() -> None:
-        sink = await Sink("127.0.0.2", port, tls=server_tls(ca)).start()
-        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
-        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
-        try:
-            (res,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
-        finally:
-            await remote.aclose()
-            await sink.stop()
-        assert res.outcome is Outcome.DELIVERED
-        assert sink.messages[0].tls
-        assert [c.split()[0] for c in sink.commands[:3]] == ["EHLO", "STARTTLS", "EHLO"]
-
-    run(main)
+    res, sink = deliver_once(BODY, tls=server_tls(ca))
+    assert res.outcome is Outcome.DELIVERED
+    assert sink.messages[0].tls
+    assert [c.split()[0] for c in sink.commands[:3]] == ["EHLO", "STARTTLS", "EHLO"]
 
 
 def test_bytes_before_the_handshake_end_tls_and_the_retry_is_plaintext(ca: trustme.CA) -> None:
     """Plaintext behind the 220 to STARTTLS is refused (the client-side twin of CVE-2011-0411),
     as a failed handshake is: the next connection to that host goes without TLS, so such a
     server does not hold mail until it expires."""
-    port = free_port()
-
-    async def main() -> None:
-        sink = await Sink("127.0.0.2", port, tls=server_tls(ca), inject_after_starttls=True).start()
-        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
-        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
-        try:
-            (res,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
-        finally:
-            await remote.aclose()
-            await sink.stop()
-        assert res.outcome is Outcome.DELIVERED
-        assert sink.connections == 2 and not sink.messages[0].tls
-        assert "250 injected" not in sink.commands
-        assert [c.split()[0] for c in sink.commands[:3]] == ["EHLO", "STARTTLS", "EHLO"]
-        assert sink.commands[3].startswith("MAIL")  # the second connection's EHLO came before
-
-    run(main)
+    res, sink = deliver_once(BODY, tls=server_tls(ca), inject_after_starttls=True)
+    assert res.outcome is Outcome.DELIVERED
+    assert sink.connections == 2 and not sink.messages[0].tls
+    assert "250 injected" not in sink.commands
+    assert [c.split()[0] for c in sink.commands[:3]] == ["EHLO", "STARTTLS", "EHLO"]
+    assert sink.commands[3].startswith("MAIL")  # the second connection's EHLO came before
 
 
 def test_verified_tls_domain(ca: trustme.CA) -> None:

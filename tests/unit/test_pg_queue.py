@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -22,19 +23,25 @@ from tests.pgnode import migrate, nodes, run
 FAR = 1e12  # "now" far ahead: everything is due
 
 
+def count_batches(node: Any) -> list[int]:
+    """The size of each shared commit ``node`` writes from now on."""
+    committer = node.queue.committer
+    assert committer is not None
+    batches: list[int] = []
+    insert = committer._insert
+
+    async def counting(batch: list) -> None:  # type: ignore[type-arg]
+        batches.append(len(batch))
+        await insert(batch)
+
+    committer._insert = counting
+    return batches
+
+
 def test_concurrent_intake_shares_commits(pg_url: str, tmp_path: Path) -> None:
     async def main() -> None:
         async with nodes(pg_url, tmp_path, count=1) as (a,):
-            committer = a.queue.committer
-            assert committer is not None
-            batches: list[int] = []
-            insert = committer._insert
-
-            async def counting(batch: list) -> None:  # type: ignore[type-arg]
-                batches.append(len(batch))
-                await insert(batch)
-
-            committer._insert = counting  # type: ignore[method-assign]
+            batches = count_batches(a)
             await asyncio.gather(*(a.accept(["ann@a.test"]) for _ in range(60)))
             assert sum(batches) == 60
             assert len(batches) < 20, batches  # many messages per commit, not one each
@@ -381,16 +388,7 @@ def test_a_body_goes_once_however_many_copies_and_large_batches_are_split(
         assert args[9] == [body] and args[10] == [1] * 5  # the body once, five copies
         monkeypatch.setattr(pg_queue, "MAX_BATCH_OCTETS", 3000)
         async with nodes(pg_url, tmp_path, count=1) as (a,):
-            committer = a.queue.committer
-            assert committer is not None
-            batches: list[int] = []
-            insert = committer._insert
-
-            async def counting(batch: list) -> None:  # type: ignore[type-arg]
-                batches.append(len(batch))
-                await insert(batch)
-
-            committer._insert = counting  # type: ignore[method-assign]
+            batches = count_batches(a)
             big = b"Subject: big\r\n\r\n" + b"y" * 2000 + b"\r\n"
             boxes = ["ann@a.test", "bob@a.test"]
             await asyncio.gather(*(a.accept(boxes, message=big) for _ in range(4)))

@@ -10,6 +10,20 @@ from postroom import sasl
 from postroom.sasl import derive_scram_keys
 
 
+def client_final(first_bare: str, server_first: str, password: str, gs2: str = "n,,") -> bytes:
+    """The client-final message of RFC 5802 §3 (its proof) for ``password``."""
+    attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", password.encode(), base64.b64decode(attrs["s"]), int(attrs["i"])
+    )
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    final_wo = f"c={base64.b64encode(gs2.encode()).decode()},r={attrs['r']}"
+    auth_msg = f"{first_bare},{server_first},{final_wo}".encode()
+    sig = hmac.new(hashlib.sha256(client_key).digest(), auth_msg, "sha256").digest()
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True)))
+    return f"{final_wo},p={proof.decode()}".encode()
+
+
 def scram_to_server_final(password: str = "pw") -> sasl.ScramSha256:
     """A SCRAM exchange driven by hand up to the server-final message."""
     mech = sasl.ScramSha256()
@@ -18,17 +32,7 @@ def scram_to_server_final(password: str = "pw") -> sasl.ScramSha256:
     assert isinstance(step, sasl.NeedScramKeys)
     step = mech.provide_keys(derive_scram_keys("pw"))
     assert isinstance(step, sasl.Challenge)
-    server_first = step.data.decode()
-    attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
-    salted = hashlib.pbkdf2_hmac(
-        "sha256", password.encode(), base64.b64decode(attrs["s"]), int(attrs["i"])
-    )
-    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-    final_wo = f"c=biws,r={attrs['r']}"
-    auth_msg = f"{first_bare},{server_first},{final_wo}".encode()
-    sig = hmac.new(hashlib.sha256(client_key).digest(), auth_msg, "sha256").digest()
-    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True)))
-    step = mech.step(f"{final_wo},p={proof.decode()}".encode())
+    step = mech.step(client_final(first_bare, step.data.decode(), password))
     assert isinstance(step, sasl.Success) and step.final is not None
     return mech
 
@@ -82,15 +86,7 @@ def test_scram_with_an_authzid_logs_in() -> None:
     assert isinstance(mech.start((gs2 + first_bare).encode()), sasl.NeedScramKeys)
     step = mech.provide_keys(derive_scram_keys("pw", b"s" * 16, 4096))
     assert isinstance(step, sasl.Challenge)
-    server_first = step.data.decode()
-    attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
-    salted = hashlib.pbkdf2_hmac("sha256", b"pw", base64.b64decode(attrs["s"]), int(attrs["i"]))
-    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-    final_wo = f"c={base64.b64encode(gs2.encode()).decode()},r={attrs['r']}"
-    auth_msg = f"{first_bare},{server_first},{final_wo}".encode()
-    sig = hmac.new(hashlib.sha256(client_key).digest(), auth_msg, "sha256").digest()
-    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True)))
-    step = mech.step(f"{final_wo},p={proof.decode()}".encode())
+    step = mech.step(client_final(first_bare, step.data.decode(), "pw", gs2))
     assert isinstance(step, sasl.Success) and step.username == "u@a.test"
 
 

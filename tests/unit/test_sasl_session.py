@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import hmac
 import logging
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -14,6 +12,7 @@ from postroom import sasl
 from postroom.errors import LockedOut
 from postroom.sasl_session import Refused, SaslSession
 from postroom.wire.events import AuthResponse, AuthStart
+from tests.unit.test_sasl import client_final
 
 
 @dataclass
@@ -93,20 +92,6 @@ def test_a_lockout_that_began_while_the_check_waited_is_a_throttle_not_a_failure
     assert refused == Refused("throttled") and services.throttle.failures == []
 
 
-def scram_proof(server_first: bytes, first_bare: str, password: str) -> bytes:
-    """The client-final message of RFC 5802 §3 for ``password``."""
-    attrs = dict(kv.split("=", 1) for kv in server_first.decode().split(","))
-    salted = hashlib.pbkdf2_hmac(
-        "sha256", password.encode(), base64.b64decode(attrs["s"]), int(attrs["i"])
-    )
-    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-    final_wo = f"c=biws,r={attrs['r']}"
-    auth_msg = f"{first_bare},{server_first.decode()},{final_wo}".encode()
-    sig = hmac.new(hashlib.sha256(client_key).digest(), auth_msg, "sha256").digest()
-    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True)))
-    return f"{final_wo},p={proof.decode()}".encode()
-
-
 async def scram_login(locked_meanwhile: bool) -> tuple[object, FakeThrottle]:
     """A SCRAM exchange with the right password; the IP is locked out (or not) by other
     connections between the client-first and the proof."""
@@ -121,7 +106,7 @@ async def scram_login(locked_meanwhile: bool) -> tuple[object, FakeThrottle]:
     server_first = await s.step(AuthStart("SCRAM-SHA-256", b"n,," + first_bare.encode()))
     assert isinstance(server_first, sasl.Challenge)
     services.throttle.locked = locked_meanwhile
-    outcome = await s.step(AuthResponse(scram_proof(server_first.data, first_bare, "pw")))
+    outcome = await s.step(AuthResponse(client_final(first_bare, server_first.data.decode(), "pw")))
     return outcome, services.throttle
 
 
