@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from postroom import events, logs
 from postroom.services import descriptors_short
-from postroom.wire.events import NEED_DATA, Closing, StartTLS
+from postroom.wire.events import FLUSH, NEED_DATA, Closing, StartTLS
 
 if TYPE_CHECKING:
     from postroom.config import LimitsConfig
@@ -49,6 +49,7 @@ LARGE_PART = 1 << 12  # parts at least this large are written without joining th
 # REFUSAL_TLS_MAX such handshakes run at once in a worker, and beyond them a refused client is
 # closed without a word (docs/operations.md).
 REFUSAL_TLS_TIMEOUT = 5.0
+CLOSE_GRACE = 10.0  # seconds a closing connection has to read its last replies
 REFUSAL_TLS_MAX = 8
 _RESET = struct.pack("ii", 1, 0)  # struct linger {on, 0 s}: close(2) sends RST
 
@@ -149,6 +150,7 @@ class Connection(asyncio.Protocol):
         self.client_ip = ""
         self.started = self.last_activity = 0.0
         self._lost = False
+        self._gone = False  # connection_lost came
         self._eof = False
         self._read_paused = False
         self._write_paused = False
@@ -276,6 +278,7 @@ class Connection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._gone = True
         self._refusal_ended("closed by the client")
         self._lost = True
         self._writable.set()
@@ -316,6 +319,14 @@ class Connection(asyncio.Protocol):
                     elif engine.pending_input() < self.read_high_water:
                         self._resume_reading()
                     return
+                if event is FLUSH:
+                    # Many replies (or a long one) queued: sent now, and no more commands
+                    # read while the client does not read them (resume_writing goes on).
+                    self._flush()
+                    if self._write_paused:
+                        self._pause_reading()
+                        return
+                    continue
                 if isinstance(event, Closing):
                     self._flush()
                     self._close(linger=not event.clean)
@@ -331,7 +342,7 @@ class Connection(asyncio.Protocol):
                     return
                 if self._write_paused:
                     # A client that pipelines faster than it reads: go on when its buffer
-                    # drains (resume_writing), holding at most one answer here.
+                    # drains (resume_writing), holding at most an outbox here (see FLUSH).
                     self._flush()
                     self._pause_reading()
                     return
@@ -434,11 +445,25 @@ class Connection(asyncio.Protocol):
         if tls is not None and tls.ready:
             with contextlib.suppress(Exception):
                 transport.write(tls.close_notify())
+        loop = asyncio.get_running_loop()
+        if transport.get_write_buffer_size():
+            # A close waits for the client to read what is left to send; one that never reads
+            # would keep its place (and its slot under the limits) for good: reset it later.
+            loop.call_later(CLOSE_GRACE, self._reset_if_open, transport)
         if linger and transport.can_write_eof():
             transport.write_eof()
-            asyncio.get_running_loop().call_later(2.0, transport.close)
+            loop.call_later(2.0, transport.close)
             return
         transport.close()
+
+    def _reset_if_open(self, transport: asyncio.Transport) -> None:
+        if self._gone:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # a reset: no orphan probing a zero window
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        transport.abort()
 
     # -- TLS -----------------------------------------------------------------------------------
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
+from postroom import connection
 from postroom.app import build_services
 from postroom.config import from_dict
 from postroom.smtp.server import SmtpConnection
@@ -13,23 +16,33 @@ from postroom.smtp.server import SmtpConnection
 class FakeTransport:
     def __init__(self) -> None:
         self.written = b""
-        self.closed = False
+        self.closed = self.aborted = False
         self.paused = False
+        self.unsent = 0  # what a transport holds that the client has not read
+        self.high_water: int | None = None  # past it, the protocol's pause_writing
+        self.protocol: SmtpConnection | None = None
 
     def get_extra_info(self, key: str, default: object = None) -> object:
         return ("192.0.2.7", 25) if key == "peername" else default
 
     def write(self, data: bytes) -> None:
         self.written += data
+        if self.high_water is not None and len(self.written) > self.high_water:
+            assert self.protocol is not None
+            self.high_water = None
+            self.protocol.pause_writing()
 
     def writelines(self, parts: list[bytes]) -> None:
-        self.written += b"".join(parts)
+        self.write(b"".join(parts))
+
+    def get_write_buffer_size(self) -> int:
+        return self.unsent
 
     def close(self) -> None:
         self.closed = True
 
     def abort(self) -> None:
-        self.closed = True
+        self.closed = self.aborted = True
 
     def pause_reading(self) -> None:
         self.paused = True
@@ -51,6 +64,7 @@ def connect(tmp_path: Path) -> tuple[SmtpConnection, FakeTransport]:
     conn = SmtpConnection(services, "smtp", implicit_tls=False)
     transport = FakeTransport()
     conn.connection_made(transport)  # type: ignore[arg-type]
+    transport.protocol = conn
     assert transport.take().startswith(b"220 ")
     return conn, transport
 
@@ -90,5 +104,44 @@ def test_a_client_that_does_not_read_stops_being_served(tmp_path: Path) -> None:
         assert transport.take() == b""  # nothing executed while its buffer is full
         conn.resume_writing()
         assert transport.take().count(b"250 ") == 10
+
+    asyncio.run(main())
+
+
+def test_replies_to_a_long_pipeline_wait_for_the_client_to_read(tmp_path: Path) -> None:
+    """Thousands of pipelined commands were all answered into memory before the first write:
+    400 KB of EHLO made 4 MB. The replies go out in batches; once the client's buffer is full
+    no more commands are read until it reads."""
+
+    async def main() -> None:
+        conn, transport = connect(tmp_path)
+        transport.high_water = 8192
+        conn.data_received(b"NOOP\r\n" * 4000)
+        answered = transport.take().count(b"250 ")
+        assert 0 < answered < 1000 and transport.paused  # a batch, then reading stopped
+        conn.resume_writing()
+        assert transport.take().count(b"250 ") == 4000 - answered
+
+    asyncio.run(main())
+
+
+def test_a_closing_client_that_never_reads_is_reset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close waits for the client to read its last replies; one that never does held its
+    place, and its slots under max_connections and max_connections_per_ip, for good."""
+    monkeypatch.setattr(connection, "CLOSE_GRACE", 0.01)
+
+    async def main() -> None:
+        conn, transport = connect(tmp_path)
+        transport.unsent = 70_000
+        conn.data_received(b"QUIT\r\n")
+        assert transport.closed and not transport.aborted
+        await asyncio.sleep(0.05)
+        assert transport.aborted
+        quiet, quiet_transport = connect(tmp_path)  # all read: closed, never reset
+        quiet.data_received(b"QUIT\r\n")
+        await asyncio.sleep(0.05)
+        assert quiet_transport.closed and not quiet_transport.aborted
 
     asyncio.run(main())

@@ -14,7 +14,7 @@ from postroom.pop3.engine import Pop3Features as Features
 from postroom.pop3.engine import Pop3State as State
 from postroom.pop3.engine import UserPass as Login
 from postroom.pop3.maildrop import TopFilter
-from postroom.wire.events import NEED_DATA, AuthResponse, AuthStart, Closing, StartTLS
+from postroom.wire.events import FLUSH, NEED_DATA, AuthResponse, AuthStart, Closing, StartTLS
 from postroom.wire.framing import CrlfConverter, DotReader, Stuffer, dot_stuff, to_crlf
 
 
@@ -419,3 +419,14 @@ def test_streamed_retr_equals_whole_and_unstuffs(data: bytes, sizes: list[int]) 
     out = b"".join(stuffer.feed(conv.feed(p)) for p in cut(data, sizes))
     out += stuffer.feed(conv.finish()) + stuffer.finish()
     assert out == dot_stuff(to_crlf(data))
+
+
+def test_a_long_pipeline_asks_for_its_replies_to_be_sent() -> None:
+    """CAPA x 5000 before a login: the replies are handed out in batches (FLUSH), so that the
+    glue stops reading while the client does not read them (it held them all: 4 MB)."""
+    p = Pop3Engine(Features())
+    p.receive_data(b"CAPA\r\n" * 5000)
+    assert p.next_event() is FLUSH
+    first = p.data_to_send()
+    assert 0 < first.count(b"+OK Capability") < 5000
+    assert p.next_event() is FLUSH  # asked again for the next full outbox

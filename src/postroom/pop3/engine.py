@@ -43,7 +43,16 @@ from typing import Final
 
 from postroom.errors import EngineMisuse
 from postroom.wire.buffers import Buffers
-from postroom.wire.events import NEED_DATA, AuthResponse, AuthStart, Closing, NeedData, StartTLS
+from postroom.wire.events import (
+    FLUSH,
+    NEED_DATA,
+    AuthResponse,
+    AuthStart,
+    Closing,
+    Flush,
+    NeedData,
+    StartTLS,
+)
 from postroom.wire.framing import TOO_LONG, LineReader
 from postroom.wire.replies import printable
 
@@ -169,6 +178,7 @@ class Pop3Engine(Buffers):
     commands: int = 0
     _reader: LineReader = field(default_factory=lambda: LineReader(MAX_SASL_LINE))
     _out: list[bytes] = field(default_factory=list)
+    _flush_asked: bool = False
     _user: str | None = None
     _awaiting: type | None = None
 
@@ -272,7 +282,7 @@ class Pop3Engine(Buffers):
 
     # -- events --------------------------------------------------------------------------------
 
-    def next_event(self) -> Event | NeedData:
+    def next_event(self) -> Event | NeedData | Flush:
         if self._awaiting is not None:
             raise EngineMisuse(f"{self._awaiting.__name__} has not been answered")
         state = self.state
@@ -281,6 +291,8 @@ class Pop3Engine(Buffers):
             or state is Pop3State.TRANSACTION
             or (state is Pop3State.SASL)
         ):
+            if self.outbox_full():
+                return FLUSH
             line = self._reader.read_line()
             if line is None:
                 return NEED_DATA

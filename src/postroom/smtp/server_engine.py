@@ -55,7 +55,16 @@ from postroom.smtp import commands
 from postroom.smtp.commands import Auth, Bdat, CommandError, Hello, Mail, Rcpt, Simple
 from postroom.wire import replies
 from postroom.wire.buffers import Buffers
-from postroom.wire.events import NEED_DATA, AuthResponse, AuthStart, Closing, NeedData, StartTLS
+from postroom.wire.events import (
+    FLUSH,
+    NEED_DATA,
+    AuthResponse,
+    AuthStart,
+    Closing,
+    Flush,
+    NeedData,
+    StartTLS,
+)
 from postroom.wire.framing import TOO_LONG, CountedReader, DotReader, LineEndCheck, LineReader
 from postroom.wire.replies import Reply
 
@@ -261,6 +270,7 @@ class ServerEngine(Buffers):
     commands: int = 0
     _reader: LineReader = field(default_factory=lambda: LineReader(commands.MAX_LINE))
     _out: list[bytes] = field(default_factory=list)
+    _flush_asked: bool = False
     _txn: _Transaction = field(default_factory=_Transaction)
     _data: DotReader | CountedReader | None = None
     _bdat_last: bool = False
@@ -298,7 +308,7 @@ class ServerEngine(Buffers):
 
     # -- events --------------------------------------------------------------------------------
 
-    def next_event(self) -> Event | NeedData:
+    def next_event(self) -> Event | NeedData | Flush:
         if self._awaiting is not None:
             raise EngineMisuse(f"{self._awaiting.__name__} has not been answered")
         if self._pending:
@@ -312,6 +322,8 @@ class ServerEngine(Buffers):
                     return NEED_DATA
                 event = result
             else:
+                if self.outbox_full():
+                    return FLUSH
                 line = self._reader.read_line()
                 if line is None:
                     return NEED_DATA

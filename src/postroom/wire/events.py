@@ -22,6 +22,18 @@ class NeedData:
 NEED_DATA: Final = NeedData()
 
 
+class Flush:
+    """The engine's outbox is large (a client pipelining many commands, or a long listing):
+    send it, and take more input only while the client reads (a server engine's
+    ``next_event()`` asks once per outbox, then goes on if called again)."""
+
+    def __repr__(self) -> str:
+        return "FLUSH"
+
+
+FLUSH: Final = Flush()
+
+
 @dataclass(frozen=True, slots=True)
 class StartTLS:
     """The TLS switch was agreed (the server's ``220``/``+OK`` is queued): send what is queued,
