@@ -40,7 +40,7 @@ from postroom.config import Config, format_endpoint
 from postroom.errors import ConfigError, PostroomError, QueueError
 from postroom.queue.runner import QueueRunner
 from postroom.services import ConnectionLimiter, Services
-from postroom.sharedcounts import Counts, LocalCounts, SharedCounts
+from postroom.sharedcounts import Counts, LocalCounts, SharedCounts, WorkerCounts
 from postroom.smtp.policy import Port
 from postroom.storage import credentials
 from postroom.storage.interfaces import AccountLookup, MailboxDelivery, Maildrops, MessageQueue
@@ -100,7 +100,7 @@ def build_services(
         if shared
         else LoginThrottle(cfg.auth),
         connections=ConnectionLimiter.for_config(
-            cfg, workers, shared.connections if shared else None
+            cfg, workers, shared.connections(index) if shared else None
         ),
         tls=tls_mod.server_context(cfg, pair),
         maildrops=maildrops,
@@ -126,16 +126,27 @@ def build_services(
 @dataclass(frozen=True)
 class Shared:
     """The per-IP tables every worker shares, made before the fork (for one worker, plain
-    dicts: the shared table costs ~10 us per connection, a dict ~1)."""
+    dicts: the shared table costs ~10 us per connection, a dict ~1): login failures in one
+    table, open connections in one table per worker (see WorkerCounts)."""
 
-    connections: Counts
+    connection_tables: tuple[SharedCounts, ...] | LocalCounts
     logins: Counts
 
     @classmethod
     def for_workers(cls, workers: int) -> Shared:
         if workers == 1:
             return cls(LocalCounts(), LocalCounts())
-        return cls(SharedCounts(), SharedCounts())
+        return cls(tuple(SharedCounts() for _ in range(workers)), SharedCounts())
+
+    def connections(self, index: int) -> Counts:
+        """The open-connection counts worker ``index`` adds to."""
+        tables = self.connection_tables
+        return tables if isinstance(tables, LocalCounts) else WorkerCounts(tables, index)
+
+    def worker_gone(self, index: int) -> None:
+        """Worker ``index`` died: its connections are gone with it (for the supervisor)."""
+        if not isinstance(self.connection_tables, LocalCounts):
+            self.connection_tables[index].clear()
 
 
 def queue_made_here(runner: QueueRunner) -> QueueMessage:
@@ -680,7 +691,9 @@ def run(cfg: Config) -> int:
             for sock in listener.socks:
                 sock.close()
 
-    status = supervisor.Supervisor(cfg, pair, worker_main, stop_listening).run()
+    status = supervisor.Supervisor(
+        cfg, pair, worker_main, stop_listening, on_worker_gone=shared.worker_gone
+    ).run()
     stop_listening()
     os.close(data_lock)
     return status

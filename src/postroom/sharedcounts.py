@@ -19,7 +19,7 @@ import multiprocessing
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 _ROW = struct.Struct("<16sid")  # address, count, time of the last change
 _EMPTY = bytes(16)
@@ -153,6 +153,33 @@ class SharedCounts:
                 self.used.value += 1
             return count
 
+    def clear(self) -> None:
+        """Forget every count."""
+        with self._lock:
+            self._map[:] = bytes(len(self._map))
+            self.used.value = 0
+
+
+class WorkerCounts:
+    """Open connections per client over all workers, each worker counting in a table of its
+    own, which is cleared when that worker dies (its connections died with it): in one
+    shared table they stayed counted against their IP until the server restarted."""
+
+    def __init__(self, tables: Sequence[SharedCounts], mine: int) -> None:
+        self.tables = tables
+        self.mine = tables[mine]
+
+    def get(self, ip: str, max_age: float | None = None, now: float | None = None) -> int:
+        return sum(table.get(ip, max_age, now) for table in self.tables)
+
+    def add(
+        self, ip: str, delta: int, max_age: float | None = None, now: float | None = None
+    ) -> int:
+        """Add to this worker's count; the count over all workers (each read after the own
+        add: two workers cannot both take the last place)."""
+        self.mine.add(ip, delta, max_age, now)
+        return self.get(ip, max_age, now)
+
 
 class LocalCounts:
     """The same counts for one process (``workers = 1``): a dict, at a tenth of the cost."""
@@ -190,4 +217,4 @@ class LocalCounts:
         return count
 
 
-Counts = SharedCounts | LocalCounts
+Counts = SharedCounts | LocalCounts | WorkerCounts

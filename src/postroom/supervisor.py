@@ -90,12 +90,14 @@ class Supervisor:
         pair: Pair,
         main: WorkerMain,
         on_stop: Callable[[], None] | None = None,
+        on_worker_gone: Callable[[int], None] | None = None,
     ) -> None:
         self.started_cfg = cfg  # what the listeners, the data lock and the slots were made for
         self.cfg = cfg  # the last config loaded (at start or SIGHUP)
         self.pair = pair  # the last pair loaded and checked
         self.main = main
         self.on_stop = on_stop  # called once, when the server begins to stop
+        self.on_worker_gone = on_worker_gone  # called with the index of a worker that exited
         self.slots = [_Slot(i) for i in range(cfg.workers)]
         self.stopping = False
         self.status = 0
@@ -235,6 +237,8 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(wait_status)
             slot.pid = 0
             metrics.forget_worker(self.cfg.data_dir, pid)
+            if self.on_worker_gone is not None:
+                self.on_worker_gone(slot.index)
             if slot.channel is not None:
                 slot.channel.close()
                 slot.channel = None

@@ -80,3 +80,19 @@ def test_ipv6_clients_are_counted_per_64_and_ipv4_per_address() -> None:
         table.add("192.0.2.1", 1)
         assert table.get("192.0.2.2") == 0  # IPv4: each address for itself
         assert table.get("::ffff:192.0.2.1") == 1  # the same host, written as v4-mapped
+
+
+def test_the_connections_of_a_worker_that_died_stop_counting() -> None:
+    """Per worker tables, summed: a dead worker's table is cleared, where one shared table
+    kept its clients' connections counted against their IP until the server restarted."""
+    from postroom.app import Shared
+
+    shared = Shared.for_workers(2)
+    first, second = shared.connections(0), shared.connections(1)
+    assert first.add("192.0.2.1", 1) == 1 and second.add("192.0.2.1", 1) == 2
+    assert second.add("192.0.2.1", 1) == 3 and first.get("192.0.2.1") == 3
+    shared.worker_gone(1)  # killed: its two connections are gone with it
+    assert first.get("192.0.2.1") == 1 and shared.connections(1).add("192.0.2.1", 1) == 2
+    single = Shared.for_workers(1)
+    assert single.connections(0).add("192.0.2.1", 1) == 1
+    single.worker_gone(0)  # (one worker: its own dict, dropped with it)
