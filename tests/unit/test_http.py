@@ -83,3 +83,10 @@ def test_idle_connections_beyond_the_cap_get_503_at_once() -> None:
         await server.wait_closed()
 
     asyncio.run(main())
+
+
+def test_an_absolute_form_target_is_taken() -> None:
+    """RFC 9112 §3.2.2: a server MUST accept the absolute form (it was a 400)."""
+    head = b"GET http://mx.a.test:9100/metrics?x HTTP/1.1\r\nHost: mx.a.test\r\n\r\n"
+    assert parse_head(head) == Request("GET", "/metrics")
+    assert parse_head(b"GET ftp://x/metrics HTTP/1.1\r\nHost: x\r\n\r\n") == 400

@@ -29,7 +29,10 @@ READ_TIMEOUT = 10.0
 MAX_CONNECTIONS = 32  # per worker: a scraper or two and health checks need a handful
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-_REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) (/[\x21-\x7e]{0,2048}) HTTP/1\.[01]")
+# RFC 9112 §3.2: origin-form, or absolute-form (which a server MUST accept).
+_REQUEST_LINE = re.compile(
+    rb"([A-Z]{1,16}) (?:[Hh][Tt][Tt][Pp][Ss]?://[^/?#\s]*)?(/[\x21-\x7e]{0,2048}) HTTP/1\.[01]"
+)
 _REASONS = {
     200: "OK",
     400: "Bad Request",
