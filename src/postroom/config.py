@@ -429,8 +429,8 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
         raise ConfigError(f"{source}: limits.message_size: at most 20 digits (RFC 1870)")
     if cfg.limits.max_recipients < 1:
         raise ConfigError(f"{source}: limits.max_recipients: must be at least 1")
-    if cfg.limits.header_size < 1000:
-        raise ConfigError(f"{source}: limits.header_size: must be at least 1000 octets")
+    if cfg.limits.header_size < 1:
+        raise ConfigError(f"{source}: limits.header_size: must be at least 1 octet")
     if not cfg.delivery.retry_intervals:
         raise ConfigError(f"{source}: delivery.retry_intervals: must not be empty")
     # Values that would stop the server quietly: no delivery at all (a limit of 0), a time-out
