@@ -125,7 +125,9 @@ def async_resolver(cfg: DNSConfig) -> dns.asyncresolver.Resolver:
             res = dns.asyncresolver.Resolver()
         except dns.resolver.NoResolverConfiguration:
             raise ConfigError("dns: no system resolver configured; set [dns] nameservers") from None
-    res.timeout = float(cfg.timeout)
+    # Each server gets its share of the lookup's time: with the whole of it per attempt, a
+    # first server that does not answer used it all, and the next was never asked.
+    res.timeout = float(cfg.timeout) / max(1, len(res.nameservers))
     res.lifetime = float(cfg.timeout)
     return res
 

@@ -260,3 +260,18 @@ def test_a_route_with_dns_trouble_is_not_kept(dns_port: int) -> None:
         del ZONE["flaky.test"]
     assert [t.host for t in got.targets] == ["mx.partial.test"]
     assert resolver._routes == {}
+
+
+def test_a_dead_first_nameserver_leaves_time_for_the_next(dns_port: int) -> None:
+    """Each server gets its share of the time: the first one's single try used all of it,
+    and one dead resolver stopped all outbound mail and all sender checks."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dead:
+        dead.bind(("127.0.0.1", 0))  # takes the queries, answers none
+        cfg = DNSConfig(
+            nameservers=(("127.0.0.1", dead.getsockname()[1]), ("127.0.0.1", dns_port)),
+            timeout=Duration(2.0),
+        )
+        r = asyncio.run(DnsResolver(cfg, rng=random.Random(1)).route("ordered.test"))
+    assert r.failure is None and r.targets[0].host == "mx10.ordered.test"
