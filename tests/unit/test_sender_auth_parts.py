@@ -392,3 +392,41 @@ def test_report_rows_kept_for_the_next_run_and_one_run_at_a_time(tmp_path: Path)
         assert first and not second
     with reports.exclusive(tmp_path) as again:
         assert again
+
+
+def test_an_answer_through_a_cname_lasts_as_long_as_the_shortest_ttl() -> None:
+    """A CNAME of TTL 1 to a record of TTL 3600: the record was kept an hour (a day at most),
+    though the CNAME could point elsewhere a second later."""
+    from dnslib import CNAME, QTYPE, RR, TXT
+    from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+    from postroom.auth.lookup import DnsCache
+    from postroom.config import DNSConfig, Duration
+
+    class Chain(BaseResolver):  # type: ignore[misc]
+        def resolve(self, request: Any, handler: Any) -> Any:
+            reply = request.reply()
+            if str(request.q.qname).rstrip(".") == "d.test":
+                reply.add_answer(RR("d.test", QTYPE.CNAME, rdata=CNAME("t.test"), ttl=1))
+                reply.add_answer(RR("t.test", QTYPE.TXT, rdata=TXT("v=spf1 +all"), ttl=3600))
+            return reply
+
+    server = DNSServer(Chain(), port=0, address="127.0.0.1", logger=DNSLogger(logf=lambda _m: None))
+    server.start_thread()
+    try:
+        now = [0.0]
+        cfg = DNSConfig(
+            nameservers=(("127.0.0.1", server.server.server_address[1]),), timeout=Duration(2)
+        )
+        cache = DnsCache(cfg, clock=lambda: now[0])
+
+        async def twice() -> int:
+            await cache.query("d.test", "TXT")
+            now[0] = 2.0  # past the CNAME's TTL
+            await cache.query("d.test", "TXT")
+            return cache.queries
+
+        assert asyncio.run(twice()) == 2
+    finally:
+        server.stop()
+        server.server.server_close()

@@ -211,7 +211,10 @@ class DnsCache:
         except dns.exception.DNSException as exc:  # SERVFAIL or refused from every server
             return Answer("error", error=f"DNS failure for {name}/{rdtype}: {exc}"), 0.0
         rrset = result.rrset
+        # Through a CNAME, the answer lasts as long as the shortest TTL on the way to it
+        # (dnspython's minimum over the chain; for no data, the SOA's minimum with it).
+        chain = float(result.chaining_result.minimum_ttl)
         if rrset is None:
-            return Answer("nodata"), _negative_ttl(result.response)
+            return Answer("nodata"), min(_negative_ttl(result.response), chain)
         records = tuple(_convert(rdtype, rd) for rd in rrset)
-        return Answer("ok", records), float(rrset.ttl)
+        return Answer("ok", records), min(float(rrset.ttl), chain)
