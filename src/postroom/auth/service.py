@@ -248,7 +248,7 @@ class SenderAuth:
             len(whole),
             lambda helper: helper.sign(whole, signers, now),
             lambda: dkim_sign.sign(whole, signers, now),
-            lambda: b"",  # sent unsigned
+            None,  # a hung helper's signature is made here: unsigned, the mail fails DMARC
         )
         message.prepend(header)
 
@@ -257,20 +257,24 @@ class SenderAuth:
         size: int,
         remote: Callable[[DkimHelper], Awaitable[T]],
         local: Callable[[], T],
-        timed_out: Callable[[], T],
+        timed_out: Callable[[], T] | None,
     ) -> T:
         """A DKIM job in the helper process; here if it cannot take it (in a thread for a large
         message, so that the event loop gets its turns; inline otherwise: the job holds the
         GIL either way, and the hand-over costs more than a small job). A job the helper did
-        not finish in time is not done again here: ``timed_out()`` stands for its result."""
+        not finish in time (a verification of a message made to be slow, or a hung helper)
+        is not done again here when ``timed_out()`` stands for its result; without one (our
+        own signature, of bounded cost) it is."""
         if self._helper is not None:
             try:
                 return await remote(self._helper)
             except HelperNotReady:
                 pass
             except HelperTimedOut as exc:
-                log.warning("DKIM job given up: %s", exc)
-                return timed_out()
+                if timed_out is not None:
+                    log.warning("DKIM job given up: %s", exc)
+                    return timed_out()
+                log.warning("DKIM job done in the server: %s", exc)
             except HelperError as exc:
                 log.info("DKIM job done in the server: %s", exc)
         if size > INLINE_JOB and self._run_blocking is not None:
