@@ -17,6 +17,7 @@ import getpass
 import json
 import os
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -680,6 +681,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (PostroomError, OSError) as exc:
         print(f"postroom: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:  # the account store busy past its time-out, or damaged
+        print(f"postroom: the account store: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,20 @@ def test_a_forward_of_a_user_does_not_let_its_target_send_as_them(accounts: Acco
     assert accounts.resolve("ann@a.test") == ["ann@a.test", "bob@a.test"]
     assert not accounts.owns("bob@a.test", "ann@a.test")
     assert accounts.owns("ann@a.test", "ann@a.test") and accounts.owns("bob@a.test", "team@a.test")
+
+
+def test_user_del_is_one_transaction(accounts: Accounts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user went at once and the aliases after it, each committed alone: a lock held by
+    another connection (or a crash) in between left an alias naming a user that was gone."""
+    from postroom.storage.local import accounts as accounts_module
+
+    accounts.add_alias("sales@a.test", ["ann@a.test", "bob@a.test"])
+
+    def locked(*_args: object) -> list[tuple[str, str]]:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(accounts_module, "_take_out", locked)
+    with pytest.raises(sqlite3.OperationalError):
+        accounts.delete_user(Address("ann", "a.test"))
+    assert accounts.user_exists("ann@a.test")  # nothing of it was done
+    assert accounts.list_aliases() == {"sales@a.test": ["ann@a.test", "bob@a.test"]}

@@ -16,11 +16,12 @@ recovery of the password.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from postroom.address import Address
@@ -78,6 +79,19 @@ class Accounts(alias_rules.AliasLookups):
             self._local.db = db
         return db
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction (the connection is in autocommit mode, where ``with db`` makes
+        none): taken whole by every other connection, the server's included, or not at all."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
     def _forget(self) -> None:
         self._cache.clear()
 
@@ -132,7 +146,7 @@ class Accounts(alias_rules.AliasLookups):
         """Remove the user and take it out of every alias (:func:`_take_out`), in one
         transaction: no alias goes on delivering to a user that is gone."""
         key = address.key
-        with self._db() as db:
+        with self._transaction() as db:
             cur = db.execute("DELETE FROM users WHERE address=?", (key,))
             if cur.rowcount == 0:
                 raise AccountError(f"no such user {key}")
@@ -185,7 +199,7 @@ class Accounts(alias_rules.AliasLookups):
         """Add ``targets`` to ``alias`` (a key, or ``@domain`` for a domain's catch-all),
         checked by :func:`~postroom.storage.aliases.check_targets` (AccountError naming a
         local target that is no user or alias)."""
-        with self._db() as db:
+        with self._transaction() as db:
             rows = alias_rules.check_targets(
                 alias,
                 targets,
@@ -199,8 +213,9 @@ class Accounts(alias_rules.AliasLookups):
             )
 
     def delete_alias(self, alias: str) -> list[tuple[str, str]]:
-        """Remove the alias and, unless it is a user too, take it out of every alias."""
-        with self._db() as db:
+        """Remove the alias and, unless it is a user too, take it out of every alias (in one
+        transaction)."""
+        with self._transaction() as db:
             cur = db.execute("DELETE FROM aliases WHERE alias=?", (alias,))
             if cur.rowcount == 0:
                 raise AccountError(f"no such alias {alias}")
