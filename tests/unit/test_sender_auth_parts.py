@@ -430,3 +430,38 @@ def test_an_answer_through_a_cname_lasts_as_long_as_the_shortest_ttl() -> None:
     finally:
         server.stop()
         server.server.server_close()
+
+
+def test_a_huge_answer_is_used_but_not_kept() -> None:
+    """The cache is bounded in entries; a zone of huge TXT sets made each entry 92 KB."""
+    from dnslib import QTYPE, RR, TXT
+    from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+    from postroom.auth.lookup import DnsCache
+    from postroom.config import DNSConfig, Duration
+
+    class Big(BaseResolver):  # type: ignore[misc]
+        def resolve(self, request: Any, handler: Any) -> Any:
+            reply = request.reply()
+            name = str(request.q.qname).rstrip(".")
+            count = 40 if name == "big.test" else 1
+            for i in range(count):
+                reply.add_answer(RR(name, QTYPE.TXT, rdata=TXT(f"{i:03d}" + "x" * 250), ttl=3600))
+            return reply
+
+    server = DNSServer(Big(), port=0, address="127.0.0.1", logger=DNSLogger(logf=lambda _m: None))
+    server.start_thread()
+    try:
+        port = server.server.server_address[1]
+        cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", port),), timeout=Duration(2)))
+
+        async def ask() -> tuple[int, int]:
+            sizes = [len((await cache.query(name, "TXT")).txt()) for name in ("big.test",) * 2]
+            for _ in range(2):
+                await cache.query("small.test", "TXT")
+            return cache.queries, min(sizes)
+
+        assert asyncio.run(ask()) == (3, 40)  # big asked each time (and used), small once
+    finally:
+        server.stop()
+        server.server.server_close()

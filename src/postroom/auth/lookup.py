@@ -12,7 +12,8 @@ long as every answer they were computed from is still cached, no longer.
 
 Security notes: everything here comes from the network: names are checked for length and
 labels before they are asked, TXT answers are kept as bytes, and the cache is bounded in
-entries so that a flood of distinct names cannot grow memory without limit.
+entries, each of at most 64 records and 8 KiB (a larger answer is used, not kept), so that
+neither a flood of distinct names nor a zone of huge answers can grow memory without limit.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from postroom.resolver import async_resolver
 Status = Literal["ok", "nxdomain", "nodata", "error"]
 MAX_TTL = 86400
 MAX_NEGATIVE_TTL = 3600
+# An answer larger than this is used but not kept (no real SPF, DKIM or DMARC record comes near).
+MAX_CACHED_RECORDS = 64
+MAX_CACHED_OCTETS = 8 << 10
 RDTYPES = ("A", "AAAA", "MX", "PTR", "TXT", "SPF")
 
 
@@ -104,6 +108,21 @@ def _get(lru: OrderedDict[K, tuple[float, V]], key: K, now: float) -> V | None:
         return None
     lru.move_to_end(key)
     return entry[1]
+
+
+def _small(answer: Answer) -> bool:
+    """Whether ``answer`` may be kept: the cache is bounded in entries, so an entry must be
+    bounded too (a hostile zone's TXT sets made 92 KB entries: 0.9 GB for 10,000)."""
+    records = answer.records
+    if len(records) > MAX_CACHED_RECORDS:
+        return False
+    size = 0
+    for record in records:
+        if isinstance(record, tuple):  # TXT strings, or an MX (preference, host)
+            size += sum(len(part) for part in record if isinstance(part, bytes | str))
+        else:
+            size += len(record)
+    return size <= MAX_CACHED_OCTETS
 
 
 def _put(lru: OrderedDict[K, tuple[float, V]], key: K, until: float, value: V, size: int) -> None:
@@ -185,7 +204,7 @@ class DnsCache:
             raise
         finally:
             self._inflight.pop(key, None)
-        if ttl > 0:
+        if ttl > 0 and _small(answer):
             self._store(key, answer, ttl)
         if not future.done():
             future.set_result(answer)
