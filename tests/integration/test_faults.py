@@ -214,6 +214,8 @@ def test_drops_root_to_configured_user(tmp_path: Path) -> None:
             c.sendmail("x@r.test", ["alice@a.test"], b"Subject: priv\r\n\r\nok\r\n")
         assert len(srv.wait_messages("alice@a.test", 1)) == 1
         assert srv.proc is not None
+        # (The second worker starts once the first has recovered the queue: ready by now?)
+        wait_until(lambda: "worker 1 ready" in srv.log.read_text())
         # Every process that serves clients (the workers under the supervisor, and their
         # Maildir writers) runs as the user; only the supervisor keeps root, to re-read a
         # root-only TLS key at SIGHUP and to start a worker again.
