@@ -19,9 +19,15 @@ QTYPE.reverse["SPF"] = 99
 
 
 class _Resolver(BaseResolver):  # type: ignore[misc]
-    def __init__(self, zone: dict[str, list[tuple[str, Any]]], dead: set[tuple[str, str]]):
+    def __init__(
+        self,
+        zone: dict[str, list[tuple[str, Any]]],
+        dead: set[tuple[str, str]],
+        ttls: dict[tuple[str, str], int],
+    ):
         self.zone = zone
         self.dead = dead
+        self.ttls = ttls
 
     def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
         reply = request.reply()
@@ -43,9 +49,11 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
                 target = str(rdata.label).rstrip(".").lower()
                 for t2, r2 in self.zone.get(target, []):
                     if t2 == qtype:
-                        reply.add_answer(RR(target, QTYPE.reverse[t2], rdata=r2, ttl=TTL))
+                        ttl = self.ttls.get((target, t2), TTL)
+                        reply.add_answer(RR(target, QTYPE.reverse[t2], rdata=r2, ttl=ttl))
         for rtype, rdata in wanted:
-            reply.add_answer(RR(owner, QTYPE.reverse[rtype], rdata=rdata, ttl=TTL))
+            ttl = self.ttls.get((qname, rtype), TTL)
+            reply.add_answer(RR(owner, QTYPE.reverse[rtype], rdata=rdata, ttl=ttl))
         return reply
 
 
@@ -66,8 +74,9 @@ class LoopbackDNS:
     def __init__(self, address: str = "127.0.0.1", port: int = 0) -> None:
         self.zone: dict[str, list[tuple[str, Any]]] = {}
         self.dead: set[tuple[str, str]] = set()
+        self.ttls: dict[tuple[str, str], int] = {}  # (name, type) -> TTL, else TTL
         self._server = DNSServer(
-            _Resolver(self.zone, self.dead),
+            _Resolver(self.zone, self.dead, self.ttls),
             port=port,
             address=address,
             logger=DNSLogger(logf=lambda _msg: None),
@@ -105,6 +114,10 @@ class LoopbackDNS:
         """Drop the records of ``name`` (of one type only, if given); the name stays."""
         key = name.rstrip(".").lower()
         self.zone[key] = [(t, r) for t, r in self.zone.get(key, []) if rtype not in (None, t)]
+
+    def ttl(self, name: str, rtype: str, seconds: int) -> None:
+        """Serve the records of ``name`` and ``rtype`` with this TTL (else :data:`TTL`)."""
+        self.ttls[(name.rstrip(".").lower(), rtype)] = seconds
 
     def timeout(self, name: str, rtype: str = "*") -> None:
         self.dead.add((name.rstrip(".").lower(), rtype))

@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 
 from postroom.auth import dmarc, keys, records, reports, results
 from postroom.auth.dkim_verify import DkimResult
-from postroom.auth.lookup import Answer
+from postroom.auth.lookup import Answer, DnsCache
 from postroom.auth.spf import SpfResult
+from postroom.config import DNSConfig
 from postroom.errors import PostroomError
+from tests.dnszone import LoopbackDNS
 
 
 def test_strip_ours_removes_folded_and_commented_fields_only() -> None:
@@ -397,28 +399,13 @@ def test_report_rows_kept_for_the_next_run_and_one_run_at_a_time(tmp_path: Path)
 def test_an_answer_through_a_cname_lasts_as_long_as_the_shortest_ttl() -> None:
     """A CNAME of TTL 1 to a record of TTL 3600: the record was kept an hour (a day at most),
     though the CNAME could point elsewhere a second later."""
-    from dnslib import CNAME, QTYPE, RR, TXT
-    from dnslib.server import BaseResolver, DNSLogger, DNSServer
-
-    from postroom.auth.lookup import DnsCache
-    from postroom.config import DNSConfig, Duration
-
-    class Chain(BaseResolver):  # type: ignore[misc]
-        def resolve(self, request: Any, handler: Any) -> Any:
-            reply = request.reply()
-            if str(request.q.qname).rstrip(".") == "d.test":
-                reply.add_answer(RR("d.test", QTYPE.CNAME, rdata=CNAME("t.test"), ttl=1))
-                reply.add_answer(RR("t.test", QTYPE.TXT, rdata=TXT("v=spf1 +all"), ttl=3600))
-            return reply
-
-    server = DNSServer(Chain(), port=0, address="127.0.0.1", logger=DNSLogger(logf=lambda _m: None))
-    server.start_thread()
+    dns = LoopbackDNS()
     try:
+        dns.cname("d.test", "t.test")
+        dns.txt("t.test", "v=spf1 +all")
+        dns.ttl("t.test", "TXT", 3600)
         now = [0.0]
-        cfg = DNSConfig(
-            nameservers=(("127.0.0.1", server.server.server_address[1]),), timeout=Duration(2)
-        )
-        cache = DnsCache(cfg, clock=lambda: now[0])
+        cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", dns.port),)), clock=lambda: now[0])
 
         async def twice() -> int:
             await cache.query("d.test", "TXT")
@@ -428,32 +415,17 @@ def test_an_answer_through_a_cname_lasts_as_long_as_the_shortest_ttl() -> None:
 
         assert asyncio.run(twice()) == 2
     finally:
-        server.stop()
-        server.server.server_close()
+        dns.stop()
 
 
 def test_a_huge_answer_is_used_but_not_kept() -> None:
     """The cache is bounded in entries; a zone of huge TXT sets made each entry 92 KB."""
-    from dnslib import QTYPE, RR, TXT
-    from dnslib.server import BaseResolver, DNSLogger, DNSServer
-
-    from postroom.auth.lookup import DnsCache
-    from postroom.config import DNSConfig, Duration
-
-    class Big(BaseResolver):  # type: ignore[misc]
-        def resolve(self, request: Any, handler: Any) -> Any:
-            reply = request.reply()
-            name = str(request.q.qname).rstrip(".")
-            count = 40 if name == "big.test" else 1
-            for i in range(count):
-                reply.add_answer(RR(name, QTYPE.TXT, rdata=TXT(f"{i:03d}" + "x" * 250), ttl=3600))
-            return reply
-
-    server = DNSServer(Big(), port=0, address="127.0.0.1", logger=DNSLogger(logf=lambda _m: None))
-    server.start_thread()
+    dns = LoopbackDNS()
     try:
-        port = server.server.server_address[1]
-        cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", port),), timeout=Duration(2)))
+        for i in range(40):
+            dns.txt("big.test", f"{i:03d}" + "x" * 250)
+        dns.txt("small.test", "v=spf1 -all")
+        cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", dns.port),)))
 
         async def ask() -> tuple[int, int]:
             sizes = [len((await cache.query(name, "TXT")).txt()) for name in ("big.test",) * 2]
@@ -463,5 +435,4 @@ def test_a_huge_answer_is_used_but_not_kept() -> None:
 
         assert asyncio.run(ask()) == (3, 40)  # big asked each time (and used), small once
     finally:
-        server.stop()
-        server.server.server_close()
+        dns.stop()
