@@ -350,11 +350,6 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
     return server
 
 
-def _ask_parent(parent: int) -> None:
-    with contextlib.suppress(OSError):  # (a parent this process may not signal)
-        os.kill(parent, signal.SIGHUP)
-
-
 _handing_over: set[asyncio.Task[None]] = set()
 
 
@@ -490,12 +485,10 @@ async def serve(
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    # SIGHUP to a worker asks the supervisor, which reads what the worker may no longer.
     if worker.channel is not None:
+        # SIGHUP to a worker asks the supervisor, which reads what the worker may no longer
+        # (over the channel: a worker that dropped root may not signal it).
         loop.add_signal_handler(signal.SIGHUP, supervisor.ask_reload, worker.channel)
-    else:
-        loop.add_signal_handler(signal.SIGHUP, _ask_parent, worker.parent)
-    if worker.channel is not None:
         loop.add_reader(worker.channel.fileno(), _on_supervisor, services, worker, stop)
     if worker.primary:
         from postroom.datadir import add_user_command

@@ -29,9 +29,11 @@ orphaned segment, i.e. one no living writer holds the ``flock`` of:
 * a kept entry not released is parked, unless it was parked already, with the envelope of
   its last STATE record if it has one (a state the runner stored during the first attempt).
 
-Records: ``<BQI`` kind, payload length, CRC-32 of the payload, then the payload. A torn or
-corrupt record ends the segment: nothing after it was ever acknowledged (an append is
-acknowledged only after the ``fdatasync`` that also made every earlier byte durable).
+Records: ``<BQI`` kind, payload length, CRC-32 of the payload, then the payload. A torn
+record ends the segment: nothing after it was ever acknowledged (an append is acknowledged
+only after the ``fdatasync`` that also made every earlier byte durable). A bad record with
+valid ones after it is damage, not a crash: the segment is replayed up to it, then set aside
+in ``queue/corrupt/`` and reported (what follows is the admin's to look at).
 docs/durability.md tells the whole story.
 
 Why by hand: no library offers a write-ahead log with this shape (group commit, a publication
