@@ -148,7 +148,12 @@ class Connection(asyncio.Protocol):
         self.tls: TlsLayer | None = None
         self.engine = None
         self.client_ip = ""
-        self.started = self.last_activity = 0.0
+        # The idle clocks: ``last_activity`` restarts when the client makes progress (a whole
+        # command, a reply it drained, a task done); ``last_received`` at every octet, which
+        # counts only while a message streams in (busy()). A client trickling a command one
+        # octet at a time thus gets ``command_timeout`` for the whole line, as Postfix's
+        # smtpd_per_record_deadline does, not one per octet (RFC 5321 §4.5.3.2.7).
+        self.started = self.last_activity = self.last_received = 0.0
         self._lost = False
         self._gone = False  # connection_lost came
         self._eof = False
@@ -196,7 +201,8 @@ class Connection(asyncio.Protocol):
         return None
 
     def busy(self) -> bool:
-        """In the middle of something that a shutdown should let finish (a message)."""
+        """In the middle of something that a shutdown should let finish (a message); while
+        busy, every octet received restarts the idle clock."""
         return False
 
     def released(self) -> None:
@@ -221,7 +227,7 @@ class Connection(asyncio.Protocol):
                 return
             transport.close()
             return
-        self.started = self.last_activity = time.monotonic()
+        self.started = self.last_activity = self.last_received = time.monotonic()
         events.connected(self.service, self.client_ip)
         greeting = self.begin()
         if self.implicit_tls:
@@ -235,7 +241,7 @@ class Connection(asyncio.Protocol):
             if self._refusal is not None:
                 self._refusal_handshake(data)
             return  # closing: input is dropped
-        self.last_activity = time.monotonic()
+        self.last_received = time.monotonic()
         self.received += len(data)
         tls = self.tls
         if tls is not None:
@@ -335,6 +341,8 @@ class Connection(asyncio.Protocol):
                     self._flush()  # the 220/+OK, in plaintext
                     self._start_tls()
                     continue
+                if self.last_received > self.last_activity:
+                    self.last_activity = self.last_received  # a command (or a chunk) is whole
                 work = self.handle(event)
                 if work is not None:
                     self._flush()
@@ -535,6 +543,7 @@ class Connection(asyncio.Protocol):
         self._tls_since = time.monotonic()
 
     def _handshake_done(self) -> None:
+        self.last_activity = time.monotonic()  # the next command's clock starts now
         events.tls_handshake(self.service, self.client_ip, self.tls_version, None)
         greeting, self._greeting = self._greeting, None
         if greeting is not None:
@@ -571,7 +580,8 @@ class Connection(asyncio.Protocol):
             if now - self._tls_since > self.limits.tls_handshake_timeout:
                 self._tls_failed("handshake timed out")
             return
-        idle = now - self.last_activity > self.idle_limit()
+        since = max(self.last_activity, self.last_received) if self.busy() else self.last_activity
+        idle = now - since > self.idle_limit()
         if self._write_paused:
             # A client that stopped reading (in the middle of a long answer, say): nothing can
             # be said to it any more; drop it once stuck for as long, with a reset (SO_LINGER

@@ -4,6 +4,7 @@ normal client is still served afterwards, and that nothing accepted is lost."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import random
 import smtplib
 import socket
@@ -186,6 +187,60 @@ def test_half_open_and_idle_connections(srv: Server) -> None:
     for s in idle:
         s.close()
     half.close()
+
+
+def _drip(sock: socket.socket, data: bytes, every: float, until: float) -> bytes:
+    """Send ``data`` one octet at a time; returns what the server said once it closed."""
+    sock.settimeout(every)
+    heard = b""
+    for octet in data:
+        try:
+            sock.sendall(bytes([octet]))
+        except OSError:
+            break
+        try:
+            chunk = sock.recv(4096)
+            heard += chunk
+            if not chunk:
+                return heard
+        except TimeoutError:
+            pass
+        if time.monotonic() > until:
+            break
+    sock.settimeout(10)
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(4096):
+            heard += chunk
+    return heard
+
+
+def test_a_command_trickled_an_octet_at_a_time_times_out(srv: Server) -> None:
+    """Slowloris: every octet used to restart the idle clock, so a command sent an octet every
+    second held its connection until ``session_timeout`` (1 h). The command time-out (3 s
+    here) is now for the whole line (RFC 5321 §4.5.3.2.7)."""
+    start = time.monotonic()
+    with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) as s:
+        assert s.recv(4096).startswith(b"220")
+        heard = _drip(s, b"EHLO " + b"x" * 60 + b"\r\n", every=0.5, until=start + 20)
+    assert b"421 4.4.2" in heard, heard
+    assert time.monotonic() - start < 8
+
+
+def test_a_message_trickled_in_is_not_cut_by_the_command_time_out(srv: Server) -> None:
+    """While a message streams in, every octet counts as progress (``data_timeout``)."""
+    before = len(srv.messages("alice@a.test"))
+    with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) as s:
+        s.recv(4096)
+        s.sendall(b"EHLO slow\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@a.test>\r\nDATA\r\n")
+        body = b"Subject: slow\r\n\r\n" + b"y" * 8 + b"\r\n"
+        heard = _drip(s, body, every=0.25, until=time.monotonic() + 30)  # ~7 s, over 3 s
+        assert b"421" not in heard, heard
+        s.sendall(b".\r\nQUIT\r\n")
+        s.settimeout(10)
+        while chunk := s.recv(4096):
+            heard += chunk
+    assert b"250 2.0.0" in heard and b"221" in heard, heard
+    assert len(srv.wait_messages("alice@a.test", before + 1)) == before + 1
 
 
 def test_slow_drip_data_does_not_block_others(srv: Server) -> None:

@@ -543,6 +543,34 @@ def test_a_session_that_never_logs_in_ends_however_busy(server_factory: ServerFa
     assert closed_at is not None and closed_at - start < 6
 
 
+def test_a_logged_in_session_trickling_a_command_times_out(server_factory: ServerFactory) -> None:
+    """After the login there is no limit in all, so a command sent an octet at a time must not
+    restart the idle clock with each octet (it held the session for ever)."""
+    s = server_factory(services=("pop3s",), extra_toml='[limits]\npop3_idle_timeout = "2s"')
+    s.add_user("tom@a.test", "pw")
+    sock, f = raw_pop(s)
+    sock.sendall(b"USER tom@a.test\r\n")
+    assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    sock.sendall(b"PASS pw\r\n")
+    assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    start = time.monotonic()
+    sock.settimeout(0.5)
+    heard = b""
+    for octet in b"NOOP" + b" " * 40 + b"\r\n":  # 0.5 s apart: 22 s in all
+        try:
+            sock.sendall(bytes([octet]))
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        heard += chunk
+        if not chunk:
+            break
+    assert time.monotonic() - start < 8 and heard.startswith(b"-ERR"), heard
+    sock.close()
+
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
