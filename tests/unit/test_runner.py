@@ -522,3 +522,29 @@ def test_an_attempt_that_fails_unexpectedly_is_counted_once(tmp_path: Path) -> N
 
     asyncio.run(retry())
     assert env.attempts == 2 and env.next_attempt > clock.now
+
+
+def test_an_attempt_that_fails_unexpectedly_at_every_try_still_expires(tmp_path: Path) -> None:
+    """The expiry check came after the remote deliveries, so an error there at every try kept
+    the message for ever: past max_queue_time it now bounces like any other."""
+    runner, queue, boxes, clock = make(
+        tmp_path, {"b.test": RouteFailure("4.4.3", "SERVFAIL for b.test")}
+    )
+    env = envelope("Q1", "bob@b.test")
+    asyncio.run(accept(runner, env))
+
+    async def boom(*_args: object) -> Any:
+        raise RuntimeError("unexpected")
+
+    runner._deliver_remote = boom  # type: ignore[method-assign]
+
+    async def retry_at(when: float) -> None:
+        clock.now = when
+        runner._start(env)
+        await settle(runner)
+
+    asyncio.run(retry_at(env.next_attempt))
+    assert "Q1" in queue.messages  # not yet expired: waits for the next try
+    asyncio.run(retry_at(NOW + 86400 + 1))
+    assert env.recipients[0].status == "bounced" and "Q1" not in queue.messages
+    assert [mailbox for qid, mailbox in boxes.delivered if qid != "Q1"] == ["alice@a.test"]

@@ -308,12 +308,14 @@ class QueueRunner:
                 self.services.log.info("%s: attempt dropped: %s", envelope.id, exc)
             except Exception:
                 self.services.log.exception("delivery of %s failed", envelope.id)
-                # Try again later rather than lose it or spin.
+                # Try again later rather than lose it or spin; past max_queue_time, give up
+                # as after any other attempt (else an error at every try kept it for ever).
                 if envelope.id not in self._deleted:
+                    now = self._clock()
                     if envelope.attempts == counted:  # once per attempt, not twice
-                        self._count_attempt(envelope, self._clock())
+                        self._count_attempt(envelope, now)
                     try:
-                        await self.queue.record(envelope, [])
+                        await self._settle(envelope, now, [], [], [], set(), b"", counted=True)
                     except Exception:
                         self.services.log.exception("cannot record %s", envelope.id)
             self._deleted.discard(envelope.id)
@@ -408,7 +410,23 @@ class QueueRunner:
         if envelope.id in self._deleted:
             await self.queue.finish(envelope, attempts)  # released; no bounce, no retry
             return
+        await self._settle(
+            envelope, now, attempts, newly_failed, newly_done, relayed, wire, counted
+        )
 
+    async def _settle(
+        self,
+        envelope: Envelope,
+        now: float,
+        attempts: list[Attempt],
+        newly_failed: list[Recipient],
+        newly_done: list[Recipient],
+        relayed: AbstractSet[int],
+        wire: bytes,
+        counted: bool,
+    ) -> None:
+        """End an attempt: expire what is past ``max_queue_time``, owe and queue the DSNs,
+        and store the outcome (or release the message once every recipient is settled)."""
         # Deferred recipients past max_queue_time bounce with their last error.
         if schedule.expired(envelope.created, self._clock(), self.cfg.delivery.max_queue_time):
             newly_failed += self._expired(envelope)
