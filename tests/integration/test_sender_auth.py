@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import smtplib
 import time
@@ -303,8 +304,10 @@ def test_dmarc_report_reaches_rua_via_the_queue(
     srv.wait_messages("bob@a.test", 3)
     assert "1 DMARC" in srv.cli("dmarc", "report", "--now").stdout
     both = [message_from_bytes(m) for m in srv.wait_messages("reports@a.test", 2, timeout=15)]
-    ids = {m["Subject"].rpartition("Report-ID: ")[2] for m in both}
+    ids = {" ".join(m["Subject"].split()).rpartition("Report-ID: ")[2] for m in both}
     assert len(ids) == 2, ids
+    # RFC 7489 §7.2.1.1: the Subject's Report-ID is a msg-id (RFC 5322 §3.6.4), with its "@".
+    assert all(re.fullmatch(r"<[^<>@\s]+@[^<>@\s]+>", i) for i in ids), ids
 
 
 def test_dmarc_report_now_is_off_when_reports_are(

@@ -379,7 +379,7 @@ def compose(report: Report, receiver: str, sender: str, to: list[str], now: floa
     msg["To"] = ", ".join(to)
     msg["Subject"] = (
         f"Report Domain: {report.policy_domain} Submitter: {receiver} "
-        f"Report-ID: <{report.report_id}>"
+        f"Report-ID: <{report.report_id}@{receiver}>"  # a msg-id (RFC 7489 §7.2.1.1)
     )
     msg["Date"] = email.utils.formatdate(now)
     msg["Message-ID"] = f"<{report.report_id}@{receiver}>"
