@@ -215,7 +215,8 @@ class ScramSha256:
         if len(fields) < 2 or fields[0][:2] != "n=" or fields[1][:2] != "r=":
             return Failure("malformed SCRAM client-first", malformed=True)
         user, cnonce = fields[0][2:], fields[1][2:]
-        if not user or not cnonce:
+        # RFC 5802 §7: c-nonce = printable (%x21-2B / %x2D-7E); it is echoed to the client.
+        if not user or not cnonce or not all("!" <= c <= "~" for c in cnonce):
             return Failure("malformed SCRAM client-first", malformed=True)
         name = _saslname(user)
         if name is None:

@@ -55,6 +55,14 @@ def test_scram_mandatory_extension_fails_authentication() -> None:
     assert isinstance(step, sasl.Failure) and step.malformed
 
 
+def test_scram_nonce_of_other_than_printable_ascii_is_malformed() -> None:
+    """RFC 5802 §7: c-nonce = printable (%x21-2B / %x2D-7E); it was echoed back whatever it held."""
+    for nonce in (b"a b", b"a\tb", b"a\x7fb", "n\u00e9".encode()):
+        step = sasl.ScramSha256().start(b"n,,n=u@a.test,r=" + nonce)
+        assert isinstance(step, sasl.Failure) and step.malformed, nonce
+    assert isinstance(sasl.ScramSha256().start(b"n,,n=u@a.test,r=!~+/="), sasl.NeedScramKeys)
+
+
 def test_plain_with_another_authzid_fails_naming_who_tried() -> None:
     """The failure is logged and throttled under the authcid: the login can be traced."""
     mech = sasl.new_mechanism("PLAIN")
