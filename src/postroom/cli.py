@@ -262,6 +262,14 @@ def _cmd_user(stores: AdminStores, args: argparse.Namespace) -> int:
             raise AccountError(f"user {addr.key} already exists")
         accounts.add_user(addr, _read_password(args))
         stores.create_mailbox(addr.key)
+        targets = accounts.alias_targets(addr.key)
+        if targets and addr.key not in targets:  # the alias wins: this mailbox gets nothing
+            print(
+                f"postroom: warning: {addr.key} is also an alias (to {', '.join(targets)}): its"
+                f" mail goes there, not to this mailbox, until `alias add {addr.key} {addr.key}`"
+                f" or `alias del {addr.key}`",
+                file=sys.stderr,
+            )
     elif args.action == "passwd":
         if not accounts.user_exists(addr.key):
             raise AccountError(f"no such user {addr.key}")

@@ -237,3 +237,15 @@ def test_config_from_environment(
     monkeypatch.chdir(tmp_path)
     os.rename(cfg, tmp_path / "postroom.toml")
     assert "e@a.test" in run_cli("user", "list").stdout
+
+
+def test_user_add_over_an_alias_warns_that_the_alias_gets_its_mail(cfg: Path) -> None:
+    """The alias wins (mail for the name goes to its targets): the mailbox ``user add`` makes
+    would get nothing, silently, so it says so."""
+    add = ("--password-stdin", "--allow-short")
+    run_cli("user", "add", "bob@a.test", *add, config=cfg, stdin="pw\n")
+    run_cli("alias", "add", "team@a.test", "bob@a.test", config=cfg)
+    p = run_cli("user", "add", "team@a.test", *add, config=cfg, stdin="pw\n")
+    assert "warning: team@a.test is also an alias (to bob@a.test)" in p.stderr
+    p = run_cli("user", "add", "dave@a.test", *add, config=cfg, stdin="pw\n")
+    assert "warning" not in p.stderr
