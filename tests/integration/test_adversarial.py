@@ -200,11 +200,14 @@ def _drip(sock: socket.socket, data: bytes, every: float, until: float) -> bytes
             break
         try:
             chunk = sock.recv(4096)
+        except TimeoutError:
+            chunk = None
+        except OSError:  # reset: an octet sent after the server closed
+            return heard
+        if chunk is not None:
             heard += chunk
             if not chunk:
                 return heard
-        except TimeoutError:
-            pass
         if time.monotonic() > until:
             break
     sock.settimeout(10)
