@@ -548,3 +548,43 @@ def test_an_attempt_that_fails_unexpectedly_at_every_try_still_expires(tmp_path:
     asyncio.run(retry_at(NOW + 86400 + 1))
     assert env.recipients[0].status == "bounced" and "Q1" not in queue.messages
     assert [mailbox for qid, mailbox in boxes.delivered if qid != "Q1"] == ["alice@a.test"]
+
+
+def test_a_full_disk_in_an_attempt_logs_one_line_not_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A disk that refuses an attempt's outcome is an expected, handled case (tried again
+    later): one line per message, as the logs promise, not a traceback for each; a bug still
+    gets its traceback."""
+    runner, queue, _boxes, clock = make(
+        tmp_path, {"b.test": RouteFailure("4.4.3", "SERVFAIL for b.test")}
+    )
+    env = envelope("Q1", "bob@b.test")
+    asyncio.run(accept(runner, env))
+    record = queue.record
+
+    async def full(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    async def retry(runner: QueueRunner, env: Envelope) -> None:
+        runner._start(env)
+        await settle(runner)
+
+    for error in (OSError(28, "No space left on device"), KeyError("a bug")):
+
+        async def boom(*_args: object, error: BaseException = error) -> Any:
+            raise error
+
+        runner._deliver_remote = boom  # type: ignore[method-assign]
+        queue.record = full  # type: ignore[method-assign]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="test-runner"):
+            clock.now = env.next_attempt
+            asyncio.run(retry(runner, env))
+        if isinstance(error, OSError):
+            assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+            assert all(r.exc_info is None for r in caplog.records)
+            assert "No space left on device" in caplog.records[0].getMessage()
+        else:
+            assert caplog.records[0].exc_info is not None
+        queue.record = record  # type: ignore[method-assign]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import random
 import time
 from collections import defaultdict
@@ -306,8 +307,8 @@ class QueueRunner:
             except LeaseLost as exc:
                 # Deleted, or another node holds it now: that node records what happens.
                 self.services.log.info("%s: attempt dropped: %s", envelope.id, exc)
-            except Exception:
-                self.services.log.exception("delivery of %s failed", envelope.id)
+            except Exception as exc:
+                self._failed(f"delivery of {envelope.id} failed", exc)
                 # Try again later rather than lose it or spin; past max_queue_time, give up
                 # as after any other attempt (else an error at every try kept it for ever).
                 if envelope.id not in self._deleted:
@@ -316,9 +317,19 @@ class QueueRunner:
                         self._count_attempt(envelope, now)
                     try:
                         await self._settle(envelope, now, [], [], [], set(), b"", counted=True)
-                    except Exception:
-                        self.services.log.exception("cannot record %s", envelope.id)
+                    except Exception as again:
+                        self._failed(f"cannot record {envelope.id}", again)
             self._deleted.discard(envelope.id)
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        """Log an attempt's error: one line for storage that refused a write (a full disk: an
+        expected, handled case, and the log must stay readable then), a traceback for a bug."""
+        if isinstance(exc, TemporaryStorageError) or (
+            isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+        ):
+            self.services.log.warning("%s: %s; tried again later", what, exc)
+        else:
+            self.services.log.exception(what)
 
     async def _deliver(self, envelope: Envelope, first: _First | None) -> None:
         """One attempt. ``first``: the message was just accepted, its local copies made (these
