@@ -51,3 +51,19 @@ def test_header_section_at_the_limit_is_accepted_one_over_refused(srv: Server, b
     # A message of one header section and no empty line or body: the same limit.
     assert send(srv, header_section(LIMIT), bdat).startswith(b"250 ")
     assert send(srv, header_section(LIMIT + 1), bdat).startswith(b"552 5.3.4")
+
+
+@pytest.mark.parametrize("bdat", [False, True], ids=["data", "bdat"])
+def test_a_message_without_a_header_section_is_not_too_large(srv: Server, bdat: bool) -> None:
+    """A first line that is no header field makes the message all body (mail-handling.md),
+    but every octet up to the first empty line was counted as its header section: a
+    headerless message over ``header_size`` without an empty line got 552 5.3.4. The
+    section ends at the first line that is neither a field nor a continuation."""
+    body = b"body line of text\r\n" * 60  # 1,140 octets, no empty line
+    assert send(srv, b"hello world\r\n" + body, bdat).startswith(b"250 ")
+    assert send(srv, b"no header " + b"h" * 2 * LIMIT + b"\r\n", bdat).startswith(b"250 ")
+    # Fields, then a line that is none: the fields are the section, the rest is body.
+    assert send(srv, b"Subject: s\r\n\tcontinued\r\n" + body, bdat).startswith(b"250 ")
+    # A section of fields over the limit is still refused, continuations counted.
+    big = b"Subject: s\r\n" + b"\tcontinued line\r\n" * 40
+    assert send(srv, big + body, bdat).startswith(b"552 5.3.4")

@@ -264,7 +264,12 @@ class SmtpPolicy:
             end = head.find(b"\n\n")
             section = head if end < 0 else head[: end + 1]
         if len(section) + section.count(b"\n") > limit:
-            return replies.HEADERS_TOO_BIG
+            # Only when it looks too large: where the fields really end. A line that is no
+            # field and no continuation ends the header section (RFC 5322 §2.1-2.2, as
+            # Postfix's cleanup decides): a message without one is all body, not too large.
+            section = section[: _fields_end(section)]
+            if len(section) + section.count(b"\n") > limit:
+                return replies.HEADERS_TOO_BIG
         headers = section[:-1] if section.endswith(b"\n") else section
         if len(_RECEIVED.findall(headers)) >= MAX_RECEIVED:
             return replies.TOO_MANY_HOPS
@@ -334,3 +339,17 @@ class SmtpPolicy:
         """A SASL exchange succeeded (``sasl_session.py`` drove it)."""
         self.auth_user = parse_user_address(username).key
         events.auth_ok(self.port, self.client_ip, self.auth_user, mechanism)
+
+
+def _fields_end(head: bytes) -> int:
+    """The length of the header fields at the start of ``head`` (LF line ends): up to the
+    first line that is neither a field (RFC 5322 §2.2) nor a continuation of one."""
+    pos = 0
+    while pos < len(head):
+        line_start = head[pos : pos + 1000]
+        continuation = pos > 0 and line_start[:1] in (b" ", b"\t")
+        if not continuation and not starts_with_header_field(line_start):
+            return pos
+        nl = head.find(b"\n", pos)
+        pos = len(head) if nl < 0 else nl + 1
+    return pos
