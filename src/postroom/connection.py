@@ -148,11 +148,11 @@ class Connection(asyncio.Protocol):
         self.tls: TlsLayer | None = None
         self.engine = None
         self.client_ip = ""
-        # The idle clocks: ``last_activity`` restarts when the client makes progress (a whole
-        # command, a reply it drained, a task done); ``last_received`` at every octet, which
-        # counts only while a message streams in (busy()). A client trickling a command one
-        # octet at a time thus gets ``command_timeout`` for the whole line, as Postfix's
-        # smtpd_per_record_deadline does, not one per octet (RFC 5321 §4.5.3.2.7).
+        # The idle clocks: ``last_activity`` restarts when the client makes progress (a reply
+        # to a whole command, a reply it drained, a task done); ``last_received`` at every
+        # octet, which counts only while a message streams in (busy()). A client trickling a
+        # command one octet at a time thus gets ``command_timeout`` for the whole line, as
+        # Postfix's smtpd_per_record_deadline does, not one per octet (RFC 5321 §4.5.3.2.7).
         self.started = self.last_activity = self.last_received = 0.0
         self._lost = False
         self._gone = False  # connection_lost came
@@ -341,8 +341,6 @@ class Connection(asyncio.Protocol):
                     self._flush()  # the 220/+OK, in plaintext
                     self._start_tls()
                     continue
-                if self.last_received > self.last_activity:
-                    self.last_activity = self.last_received  # a command (or a chunk) is whole
                 work = self.handle(event)
                 if work is not None:
                     self._flush()
@@ -414,6 +412,10 @@ class Connection(asyncio.Protocol):
         if self.engine is None:
             return
         parts = self.engine.parts_to_send()
+        if not parts:
+            return
+        if self.last_received > self.last_activity:
+            self.last_activity = self.last_received  # a reply: the client's command was whole
         if len(parts) == 1:
             self._write(parts[0])
         elif parts:

@@ -229,6 +229,21 @@ def test_a_command_trickled_an_octet_at_a_time_times_out(srv: Server) -> None:
     assert time.monotonic() - start < 8
 
 
+def test_each_whole_command_restarts_the_command_time_out(srv: Server) -> None:
+    """NOOP (answered inside the engine) restarted nothing once the clock stopped counting
+    octets: a session kept alive with NOOP every 2 s was cut at the 3 s time-out."""
+    with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) as s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220")
+        for command in (b"NOOP", b"HELP", b"NOOP", b"VRFY x", b"NOOP"):  # 10 s, 2 s apart
+            time.sleep(2)
+            s.sendall(command + b"\r\n")
+            reply = f.readline()
+            assert not reply.startswith(b"421"), (command, reply)
+        s.sendall(b"QUIT\r\n")
+        assert f.readline().startswith(b"221")
+
+
 def test_a_message_trickled_in_is_not_cut_by_the_command_time_out(srv: Server) -> None:
     """While a message streams in, every octet counts as progress (``data_timeout``)."""
     before = len(srv.messages("alice@a.test"))
