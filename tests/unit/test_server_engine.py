@@ -336,6 +336,18 @@ def test_too_many_recipients() -> None:
     assert refused.reply is replies.TOO_MANY_RECIPIENTS
 
 
+def test_recipients_far_past_the_limit_count_as_errors() -> None:
+    """RECIPIENT_OVERSHOOT refusals are free (the client sends the rest later); each one
+    after them is an error, so max_errors of them end the session."""
+    from postroom.smtp.server_engine import RECIPIENT_OVERSHOOT
+
+    h = Harness(max_recipients=2, max_errors=3)
+    rcpts = b"RCPT TO:<x@y.test>\r\n" * (2 + RECIPIENT_OVERSHOOT + 3 + 5)
+    out = h.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n" + rcpts)
+    assert codes(out).count("452") == RECIPIENT_OVERSHOOT + 3
+    assert codes(out)[-1] == "421" and h.proto.state is State.CLOSED
+
+
 def test_too_many_errors_closes() -> None:
     h = Harness(max_errors=3)
     out = h.send(b"X\r\nY\r\nZ\r\nNOOP\r\n")

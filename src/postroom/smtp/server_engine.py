@@ -101,6 +101,7 @@ class ServerTrigger(enum.StrEnum):
 
 
 _S, _T = ServerState, ServerTrigger
+RECIPIENT_OVERSHOOT = 1000  # recipients past the limit before each counts as an error
 _COMMANDS = (_S.CONNECTED, _S.READY, _S.MAIL, _S.RCPT, _S.BDAT)  # where lines are commands
 
 TRANSITIONS: Final[dict[ServerState, dict[ServerTrigger, ServerState]]] = {
@@ -268,6 +269,7 @@ class ServerEngine(Buffers):
     helo: str | None = None
     errors: int = 0
     commands: int = 0
+    overshoot: int = 0  # recipients refused as over max_recipients
     _reader: LineReader = field(default_factory=lambda: LineReader(commands.MAX_LINE))
     _out: list[bytes] = field(default_factory=list)
     _flush_asked: bool = False
@@ -560,7 +562,12 @@ class ServerEngine(Buffers):
             else:
                 return self._error(replies.PARAM_NOT_IMPLEMENTED)
         # RFC 5321 §4.5.3.1.8: 452 for recipients beyond our limit; the client sends them later.
+        # One that goes on sending them, past RECIPIENT_OVERSHOOT in the session, makes each an
+        # error (Postfix's smtpd_recipient_overshoot_limit): a reply and a log line apiece.
         if self._txn.rcpt_count >= self.features.max_recipients:
+            self.overshoot += 1
+            if self.overshoot > RECIPIENT_OVERSHOOT:
+                return self._refuse(cmd, replies.TOO_MANY_RECIPIENTS)
             self._send(replies.TOO_MANY_RECIPIENTS)
             return Refused(cmd, replies.TOO_MANY_RECIPIENTS)
         return RcptTo(cmd)
