@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import socket
 import ssl
 import struct
+import termios
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -165,6 +167,7 @@ class Connection(asyncio.Protocol):
         self._stopping = False
         self._released = False
         self._tls_since = 0.0
+        self._unsent_seen = 0  # what the kernel held for the client at the last idle check
         self._greeting: bytes | None = None  # held back until the implicit TLS handshake
         self.received = self.sent = 0  # octets on the wire, for the metrics
         self._handshake_failed = False
@@ -599,11 +602,30 @@ class Connection(asyncio.Protocol):
             return
         if self._task is not None:
             return  # a login being checked, a message being stored: it ends by itself
+        if idle and self._still_reading():
+            self.last_activity = now
+            idle = False
         limit = self.session_limit()
         if idle or (limit is not None and now - self.started > limit):
             self.final_words("timeout")
             self._flush()
             self._close()
+
+    def _still_reading(self) -> bool:
+        """Whether the client is still taking in our last answer (a large RETR on a slow link):
+        the kernel holds less of it for the client than at the last look. Not idle then
+        (RFC 1939 §3: an inactivity timer), though every octet left our buffers long ago."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:  # SIOCOUTQ: octets sent but not yet acknowledged, or not yet sent
+            unsent: int = struct.unpack(
+                "i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+            )[0]
+        except OSError:
+            return False
+        seen, self._unsent_seen = self._unsent_seen, unsent
+        return 0 < unsent != seen
 
     def shutdown(self) -> None:
         """Server stopping: an idle session gets its last reply now; a busy one (a task, or a

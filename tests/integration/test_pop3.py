@@ -571,6 +571,43 @@ def test_a_logged_in_session_trickling_a_command_times_out(server_factory: Serve
     sock.close()
 
 
+def test_a_client_still_reading_a_long_answer_is_not_idle(server_factory: ServerFactory) -> None:
+    """Once the last of a RETR was in the kernel's buffers, the idle clock ran while the client
+    was still reading it over a slow link: its DELE got the autologout and nothing was
+    deleted. The server now sees the kernel's queue for the client shrink: not idle."""
+    s = server_factory(services=("pop3s",), extra_toml='[limits]\npop3_idle_timeout = "2s"')
+    s.add_user("tom@a.test", "pw")
+    line = b"z" * 98 + b"\n"
+    msg = b"Subject: big\n\n" + line * (3 * 1024 * 1024 // len(line))
+    put(s.maildir("tom@a.test"), f"1700000000.Q1_0.host,S={len(msg)}", msg)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # the data waits on our side
+    raw.settimeout(20)
+    raw.connect((s.host, s.ports["pop3s"]))
+    sock = insecure().wrap_socket(raw)
+    f = sock.makefile("rb")
+    assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    for command in (b"USER tom@a.test", b"PASS pw"):
+        sock.sendall(command + b"\r\n")
+        assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    sock.sendall(b"RETR 1\r\n")
+    start, got = time.monotonic(), 0
+    assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    while (chunk := f.readline(65536)) != b".\r\n":  # type: ignore[attr-defined]
+        assert chunk, "closed in the middle of the answer"
+        got += len(chunk)
+        if got % (256 * 1024) < len(chunk):
+            time.sleep(0.25)  # about 1 MB/s: 3 s in all, over the 2 s time-out
+    assert time.monotonic() - start > 2.5
+    sock.sendall(b"DELE 1\r\n")
+    assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    sock.sendall(b"QUIT\r\n")
+    assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    sock.close()
+    md = s.maildir("tom@a.test")
+    assert not [*(md / "new").iterdir(), *(md / "cur").iterdir()]
+
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
