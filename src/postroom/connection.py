@@ -52,6 +52,8 @@ LARGE_PART = 1 << 12  # parts at least this large are written without joining th
 # closed without a word (docs/operations.md).
 REFUSAL_TLS_TIMEOUT = 5.0
 CLOSE_GRACE = 10.0  # seconds a closing connection has to read its last replies
+CLOSE_QUEUE = 1 << 16  # octets left to send at a close beyond which it waits for them (above)
+READ_PROGRESS = 1 << 14  # octets a client takes in between two looks to count as reading
 REFUSAL_TLS_MAX = 8
 _RESET = struct.pack("ii", 1, 0)  # struct linger {on, 0 s}: close(2) sends RST
 
@@ -459,24 +461,52 @@ class Connection(asyncio.Protocol):
             with contextlib.suppress(Exception):
                 transport.write(tls.close_notify())
         loop = asyncio.get_running_loop()
-        if transport.get_write_buffer_size():
-            # A close waits for the client to read what is left to send; one that never reads
-            # would keep its place (and its slot under the limits) for good: reset it later.
-            loop.call_later(CLOSE_GRACE, self._reset_if_open, transport)
+        buffered = transport.get_write_buffer_size()
+        if buffered or self._unsent() > CLOSE_QUEUE:
+            # Much of our answer is still to be read, maybe by a client that never reads.
+            # Closed now, the socket would be left to asyncio (for good) or to the kernel (an
+            # orphan holding it for minutes), outside every limit: half-close, keep it counted,
+            # and close once it is read; reset it if the client stops reading.
+            if transport.can_write_eof():
+                transport.write_eof()
+            self._unsent_seen = buffered + self._unsent()
+            loop.call_later(CLOSE_GRACE, self._close_when_read, transport)
+            return
         if linger and transport.can_write_eof():
             transport.write_eof()
             loop.call_later(2.0, transport.close)
             return
         transport.close()
 
-    def _reset_if_open(self, transport: asyncio.Transport) -> None:
+    def _close_when_read(self, transport: asyncio.Transport) -> None:
+        """Every CLOSE_GRACE after a close with much left to read: close once it is read, wait
+        while the client reads on, reset a client that stopped (no orphan probing a zero
+        window, nginx's reset_timedout_connection)."""
         if self._gone:
             return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):  # a reset: no orphan probing a zero window
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-        transport.abort()
+        left = transport.get_write_buffer_size() + self._unsent()
+        if self._reading_on(left):
+            asyncio.get_running_loop().call_later(CLOSE_GRACE, self._close_when_read, transport)
+            return
+        if left:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            transport.abort()
+            return
+        transport.close()
+
+    def _unsent(self) -> int:
+        """Octets the kernel still holds for the client: not yet sent, or not acknowledged."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return 0
+        try:  # SIOCOUTQ
+            buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+        except OSError:
+            return 0
+        return int(struct.unpack("i", buf)[0])
 
     # -- TLS -----------------------------------------------------------------------------------
 
@@ -615,17 +645,14 @@ class Connection(asyncio.Protocol):
         """Whether the client is still taking in our last answer (a large RETR on a slow link):
         the kernel holds less of it for the client than at the last look. Not idle then
         (RFC 1939 §3: an inactivity timer), though every octet left our buffers long ago."""
-        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
-        if sock is None:
-            return False
-        try:  # SIOCOUTQ: octets sent but not yet acknowledged, or not yet sent
-            unsent: int = struct.unpack(
-                "i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
-            )[0]
-        except OSError:
-            return False
-        seen, self._unsent_seen = self._unsent_seen, unsent
-        return 0 < unsent != seen
+        return self._reading_on(self._unsent())
+
+    def _reading_on(self, left: int) -> bool:
+        """Whether the client took in READ_PROGRESS of what we hold for it since the last look
+        (or this is the first), ``left`` octets now. (A client that reads nothing still
+        takes a little now and then as its kernel's buffer grows.)"""
+        seen, self._unsent_seen = self._unsent_seen, left
+        return left > 0 and (seen == 0 or seen - left >= READ_PROGRESS)
 
     def shutdown(self) -> None:
         """Server stopping: an idle session gets its last reply now; a busy one (a task, or a

@@ -199,6 +199,30 @@ def test_half_open_and_idle_connections(srv: Server) -> None:
     half.close()
 
 
+def test_a_client_that_never_reads_its_last_replies_is_reset_after_the_close(
+    srv: Server,
+) -> None:
+    """Replies that had all gone into the kernel's buffers were left to a plain close: an
+    orphan in FIN-WAIT-1 holding ~400 KB for minutes, its slot under the limits already
+    given back. The close now waits, counted, while the client reads, and resets it after
+    CLOSE_GRACE (10 s) without progress."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(20)
+    s.connect((srv.host, srv.ports["smtp"]))
+    s.sendall(b"HELP\r\n" * 5000 + b"QUIT\r\n")
+    time.sleep(13)
+    heard, reset = b"", False
+    try:
+        while chunk := s.recv(65536):
+            heard += chunk
+    except ConnectionResetError:
+        reset = True
+    finally:
+        s.close()
+    assert reset and b"221" not in heard
+
+
 def _drip(sock: socket.socket, data: bytes, every: float, until: float) -> bytes:
     """Send ``data`` one octet at a time; returns what the server said once it closed."""
     sock.settimeout(every)

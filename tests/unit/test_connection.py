@@ -129,19 +129,29 @@ def test_a_closing_client_that_never_reads_is_reset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A close waits for the client to read its last replies; one that never does held its
-    place, and its slots under max_connections and max_connections_per_ip, for good."""
-    monkeypatch.setattr(connection, "CLOSE_GRACE", 0.01)
+    place, and its slots under max_connections and max_connections_per_ip, for good. It is
+    kept (and counted) while it reads on, closed once all is read, reset once it stops."""
+    monkeypatch.setattr(connection, "CLOSE_GRACE", 1000.0)  # its ticks are called here
 
     async def main() -> None:
         conn, transport = connect(tmp_path)
         transport.unsent = 70_000
         conn.data_received(b"QUIT\r\n")
-        assert transport.closed and not transport.aborted
-        await asyncio.sleep(0.05)
+        assert not transport.closed  # waits for the client to read
+        conn._close_when_read(transport)  # type: ignore[arg-type]
         assert transport.aborted
-        quiet, quiet_transport = connect(tmp_path)  # all read: closed, never reset
+        reader, reader_transport = connect(tmp_path)
+        reader_transport.unsent = 70_000
+        reader.data_received(b"QUIT\r\n")
+        for left in (40_000, 10_000):  # reading on: kept
+            reader_transport.unsent = left
+            reader._close_when_read(reader_transport)  # type: ignore[arg-type]
+            assert not reader_transport.closed
+        reader_transport.unsent = 0
+        reader._close_when_read(reader_transport)  # type: ignore[arg-type]
+        assert reader_transport.closed and not reader_transport.aborted
+        quiet, quiet_transport = connect(tmp_path)  # all read: closed at once, never reset
         quiet.data_received(b"QUIT\r\n")
-        await asyncio.sleep(0.05)
         assert quiet_transport.closed and not quiet_transport.aborted
 
     asyncio.run(main())
