@@ -294,6 +294,7 @@ def test_dmarc_report_reaches_rua_via_the_queue(
     assert got
     msg = message_from_bytes(got[0])
     assert "Report Domain: shop.test" in msg["Subject"]
+    assert msg["Date"].endswith("+0000")  # made in UTC, not "-0000" (zone unknown)
     parts = [p for p in msg.walk() if p.get_content_type() == "application/gzip"]
     xml = gzip.decompress(parts[0].get_payload(decode=True))
     schema = xmlschema.XMLSchema(str(SCHEMA))

@@ -25,6 +25,7 @@ ElementTree, the report size is bounded by ``MAX_ROWS``, and rua URIs are parsed
 from __future__ import annotations
 
 import contextlib
+import datetime
 import email.utils
 import fcntl
 import gzip
@@ -381,7 +382,8 @@ def compose(report: Report, receiver: str, sender: str, to: list[str], now: floa
         f"Report Domain: {report.policy_domain} Submitter: {receiver} "
         f"Report-ID: <{report.report_id}@{receiver}>"  # a msg-id (RFC 7489 §7.2.1.1)
     )
-    msg["Date"] = email.utils.formatdate(now)
+    # "+0000": made in UTC; formatdate's "-0000" says the zone is unknown (RFC 5322 §3.3).
+    msg["Date"] = email.utils.format_datetime(datetime.datetime.fromtimestamp(now, datetime.UTC))
     msg["Message-ID"] = f"<{report.report_id}@{receiver}>"
     msg.set_content(
         f"DMARC aggregate report for {report.policy_domain} from {receiver}, "
