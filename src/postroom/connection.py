@@ -169,7 +169,8 @@ class Connection(asyncio.Protocol):
         self._stopping = False
         self._released = False
         self._tls_since = 0.0
-        self._unsent_seen = 0  # what the kernel held for the client at the last idle check
+        # (octets left for the client, when): the last look at whether it reads on
+        self._look: tuple[int, float] | None = None
         self._greeting: bytes | None = None  # held back until the implicit TLS handshake
         self.received = self.sent = 0  # octets on the wire, for the metrics
         self._handshake_failed = False
@@ -461,15 +462,15 @@ class Connection(asyncio.Protocol):
             with contextlib.suppress(Exception):
                 transport.write(tls.close_notify())
         loop = asyncio.get_running_loop()
-        buffered = transport.get_write_buffer_size()
-        if buffered or self._unsent() > CLOSE_QUEUE:
+        left = self._left_for_client()
+        if transport.get_write_buffer_size() or left > CLOSE_QUEUE:
             # Much of our answer is still to be read, maybe by a client that never reads.
             # Closed now, the socket would be left to asyncio (for good) or to the kernel (an
             # orphan holding it for minutes), outside every limit: half-close, keep it counted,
             # and close once it is read; reset it if the client stops reading.
             if transport.can_write_eof():
                 transport.write_eof()
-            self._unsent_seen = buffered + self._unsent()
+            self._look = (left, time.monotonic())
             loop.call_later(CLOSE_GRACE, self._close_when_read, transport)
             return
         if linger and transport.can_write_eof():
@@ -479,34 +480,18 @@ class Connection(asyncio.Protocol):
         transport.close()
 
     def _close_when_read(self, transport: asyncio.Transport) -> None:
-        """Every CLOSE_GRACE after a close with much left to read: close once it is read, wait
-        while the client reads on, reset a client that stopped (no orphan probing a zero
-        window, nginx's reset_timedout_connection)."""
+        """CLOSE_GRACE after a close with much left to read, and again while the client takes
+        in READ_PROGRESS each time: close once all is read, reset a client that stopped."""
         if self._gone:
             return
-        left = transport.get_write_buffer_size() + self._unsent()
-        if self._reading_on(left):
+        left = self._left_for_client()
+        if not left:
+            transport.close()
+        elif self._look is not None and self._look[0] - left >= READ_PROGRESS:
+            self._look = (left, time.monotonic())
             asyncio.get_running_loop().call_later(CLOSE_GRACE, self._close_when_read, transport)
-            return
-        if left:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-            transport.abort()
-            return
-        transport.close()
-
-    def _unsent(self) -> int:
-        """Octets the kernel still holds for the client: not yet sent, or not acknowledged."""
-        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
-        if sock is None:
-            return 0
-        try:  # SIOCOUTQ
-            buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
-        except OSError:
-            return 0
-        return int(struct.unpack("i", buf)[0])
+        else:
+            self._reset("not reading its last replies")
 
     # -- TLS -----------------------------------------------------------------------------------
 
@@ -617,42 +602,69 @@ class Connection(asyncio.Protocol):
             return
         since = max(self.last_activity, self.last_received) if self.busy() else self.last_activity
         idle = now - since > self.idle_limit()
-        if self._write_paused:
-            # A client that stopped reading (in the middle of a long answer, say): nothing can
-            # be said to it any more; drop it once stuck for as long, with a reset (SO_LINGER
-            # 0): closed as usual, the socket would stay in the kernel with the unread answer
-            # (up to megabytes), an orphan in FIN-WAIT-1 probing a zero window for minutes
-            # (nginx's reset_timedout_connection does the same).
-            if idle and self.transport is not None:
-                sock = self.transport.get_extra_info("socket")
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-                self.transport.abort()
+        if not idle:
+            self._look = None
+        elif self._reading_on(now):
+            # Still taking in our last answer (a large RETR on a slow link), though it left
+            # our buffers long ago: not idle (RFC 1939 §3: an inactivity timer).
+            idle = False
+        if idle and self._look is not None:
+            # Our answer sat unread for a whole look after the time-out: nothing can be said
+            # to this client any more (a reply would wait behind the rest), so drop it.
+            self._reset("not reading its replies")
             return
+        if self._write_paused:
+            return  # it reads on: resume_writing goes on
         if self._task is not None:
             return  # a login being checked, a message being stored: it ends by itself
-        if idle and self._still_reading():
-            self.last_activity = now
-            idle = False
         limit = self.session_limit()
         if idle or (limit is not None and now - self.started > limit):
             self.final_words("timeout")
             self._flush()
             self._close()
 
-    def _still_reading(self) -> bool:
-        """Whether the client is still taking in our last answer (a large RETR on a slow link):
-        the kernel holds less of it for the client than at the last look. Not idle then
-        (RFC 1939 §3: an inactivity timer), though every octet left our buffers long ago."""
-        return self._reading_on(self._unsent())
+    def _left_for_client(self) -> int:
+        """Octets of ours the client has not taken in: in our buffers, and in the kernel's
+        (SIOCOUTQ: not yet sent, or not acknowledged)."""
+        transport = self.transport
+        if transport is None:
+            return 0
+        left = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+                left += int(struct.unpack("i", buf)[0])
+        return left
 
-    def _reading_on(self, left: int) -> bool:
-        """Whether the client took in READ_PROGRESS of what we hold for it since the last look
-        (or this is the first), ``left`` octets now. (A client that reads nothing still
-        takes a little now and then as its kernel's buffer grows.)"""
-        seen, self._unsent_seen = self._unsent_seen, left
-        return left > 0 and (seen == 0 or seen - left >= READ_PROGRESS)
+    def _reading_on(self, now: float) -> bool:
+        """Whether a client that seems idle is still taking in what we sent: at least
+        READ_PROGRESS of it within CLOSE_GRACE of the last look (the first look opens that
+        window). A client that reads nothing still takes a little now and then, as its
+        kernel's buffer grows, hence a minimum."""
+        left = self._left_for_client()
+        look = self._look
+        if not left:
+            self._look = None
+            return False
+        if look is None or look[0] - left >= READ_PROGRESS:
+            self._look = (left, now)
+            return True
+        return now - look[1] < CLOSE_GRACE
+
+    def _reset(self, why: str) -> None:
+        """Drop the connection with a TCP reset (SO_LINGER 0): closed as usual, the socket
+        would stay in the kernel with what the client did not read (up to megabytes), an
+        orphan in FIN-WAIT-1 probing a zero window for minutes, outside every limit (nginx's
+        reset_timedout_connection does the same)."""
+        transport = self.transport
+        assert transport is not None
+        self.services.log.info("%s with %s: reset, %s", self.kind, self.client_ip, why)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        transport.abort()
 
     def shutdown(self) -> None:
         """Server stopping: an idle session gets its last reply now; a busy one (a task, or a

@@ -155,3 +155,26 @@ def test_a_closing_client_that_never_reads_is_reset(
         assert quiet_transport.closed and not quiet_transport.aborted
 
     asyncio.run(main())
+
+
+def test_after_the_time_out_a_client_reading_on_is_kept_one_that_stopped_is_reset(
+    tmp_path: Path,
+) -> None:
+    """Past the idle limit, a client still taking in our answer (16 KiB within 10 s of the
+    last look) is not idle: a slow reader of a large RETR was reset in the middle of it
+    while the server's buffer was full. One that takes in nothing for 10 s more is reset
+    (it had been given the whole idle limit again)."""
+
+    async def main() -> None:
+        conn, transport = connect(tmp_path)
+        transport.unsent = 200_000
+        conn.pause_writing()
+        t = conn.last_activity + conn.idle_limit() + 1
+        for now, left in ((t, 200_000), (t + 5, 195_000), (t + 9, 150_000), (t + 18, 140_000)):
+            transport.unsent = left
+            conn.check_timeout(now)
+            assert not transport.closed, now - t  # reading on: kept
+        conn.check_timeout(t + 19.5)  # 10 s since it last took in 16 KiB
+        assert transport.aborted
+
+    asyncio.run(main())
