@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from postroom import __version__
+from postroom import __version__, logs
 from postroom import config as config_mod
 from postroom.config import Config
 from postroom.errors import AccountError, ConfigError, PostroomError, QueueError
@@ -397,33 +397,38 @@ def _show_queue(cfg: Config, queue: MessageQueue, args: argparse.Namespace) -> i
             shown = {**_queue_json(env), "attempts": attempts}
             print(json.dumps(shown, indent=2))
             return 0
-        print(
-            f"id: {env.id}\nsender: <{env.sender}>\ncreated: {_iso(env.created)}\n"
-            f"size: {env.size}\nattempts: {env.attempts}\n"
-            f"next_attempt: {_next_iso(env.next_attempt)}"
-        )
+        # Each line cleaned (logs.printable): replies, addresses and headers come from the
+        # network, and the admin's terminal must not act on what they hold.
+        lines = [
+            f"id: {env.id}",
+            f"sender: <{env.sender}>",
+            f"created: {_iso(env.created)}",
+            f"size: {env.size}",
+            f"attempts: {env.attempts}",
+            f"next_attempt: {_next_iso(env.next_attempt)}",
+        ]
         for r in env.recipients:
-            print(
-                f"recipient: <{r.address}> {r.status}"
-                + (f" ({r.last_error})" if r.last_error else "")
-            )
+            error = f" ({r.last_error})" if r.last_error else ""
+            lines.append(f"recipient: <{r.address}> {r.status}{error}")
             hint = advise(r.last_error, domain)
             if hint is not None:
-                print(f"  advice: {hint.text}")
+                lines.append(f"  advice: {hint.text}")
                 if hint.command:
-                    print(f"  run: {hint.command}")
+                    lines.append(f"  run: {hint.command}")
         for a in env.history:
             where = a.host or "-"
             if a.ip:
                 where += f"[{a.ip}]"
             tls = " TLS" if a.tls else ""
-            print(f"attempt: {_iso(a.time)} {where}{tls} to {', '.join(a.recipients)}: {a.reply}")
-        print()
+            to = ", ".join(a.recipients)
+            lines.append(f"attempt: {_iso(a.time)} {where}{tls} to {to}: {a.reply}")
+        lines.append("")
         head = queue.head(env)
         if head.startswith(b"Return-Path:"):
             head = head[head.find(b"\n") + 1 :]
         end = head.find(b"\n\n")
-        sys.stdout.write(head[: end + 1 if end >= 0 else len(head)].decode("utf-8", "replace"))
+        lines += head[: end if end >= 0 else len(head)].decode("utf-8", "replace").split("\n")
+        print("\n".join(logs.printable(line, keep="\t") for line in lines))
         return 0
     envelopes = queue.entries()
     for problem in queue.problems():
@@ -450,13 +455,13 @@ def _show_queue(cfg: Config, queue: MessageQueue, args: argparse.Namespace) -> i
     return 0
 
 
-_CONTROLS = {c: " " for c in [*range(0x20), 0x7F]}
-
-
 def _cell(text: str) -> str:
     """A field of a ``queue list`` line: a remote reply may hold a tab (RFC 5321 §4.2
-    textstring), which would add a column, or another control character; each is a space."""
-    return text.translate(_CONTROLS)
+    textstring), which would add a column, or another character that is not printable (a
+    terminal escape, a line separator, a bidi override); each is a space."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else " " for c in text)
 
 
 def _sender_auth(stores: AdminStores) -> SenderAuth:
@@ -541,7 +546,7 @@ _serving = False  # ``serve``: these lines go through the server's logs (JSON li
 
 def _say(text: str, warning: bool = False) -> None:
     if _serving:
-        from postroom import events, logs
+        from postroom import events
 
         events.startup(text, logs.WARNING if warning else logs.INFO)
     else:

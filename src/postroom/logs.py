@@ -138,7 +138,7 @@ def _format_entry(entry: Entry, pid: int) -> str:
             "event": event,
         }
         data.update(fields)
-        return _json(data)
+        return _json_line(data)
     message = text(fields)
     if not _printable(message):  # a value held a control character
         message = text({k: _clean(v) for k, v in fields.items()})
@@ -162,14 +162,33 @@ def _printable(message: str | tuple[str, ...]) -> bool:
     return all(line.isprintable() for line in message)
 
 
+def printable(text: str, keep: str = "") -> str:
+    """``text`` with ``?`` for every character that is not printable, but those in ``keep``:
+    control characters (CR and LF above all, but also C1 ones such as NEL and CSI, and the
+    terminal's escapes), line and paragraph separators and format characters (bidi overrides)
+    from the network would forge or hide log lines, or act on an admin's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else "?" for c in text)
+
+
+def _json_line(data: dict[str, object]) -> str:
+    """One JSON line; the characters that are not printable inside its strings escaped, so
+    that a reader splitting on U+2028 or NEL (JavaScript, ``str.splitlines``) or showing bidi
+    overrides sees the line as it is (JSON escapes only the C0 controls)."""
+    line = _json(data)
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else _ascii_json(c)[1:-1] for c in line)
+
+
+_ascii_json = json.JSONEncoder().encode  # ensure_ascii: "\u2028", surrogate pairs above U+FFFF
+
+
 def _clean(value: object) -> object:
-    """``?`` for every character of a value that is not printable: control characters (CR and
-    LF above all, but also C1 ones such as NEL and CSI), line and paragraph separators and
-    format characters (bidi overrides) from the network would forge or hide log lines."""
+    """:func:`printable` for each string of a log field's value."""
     if isinstance(value, str):
-        if value.isprintable():
-            return value
-        return "".join(c if c.isprintable() else "?" for c in value)
+        return printable(value)
     if isinstance(value, list):
         return [_clean(v) for v in value]
     return value
@@ -188,7 +207,7 @@ def _format_record(record: logging.LogRecord) -> str:
         }
         if exc:
             data["exc"] = exc
-        return _json(data)
+        return _json_line(data)
     prefix = "" if record.levelno == INFO else f"{_LEVEL_NAMES.get(record.levelno, 'info')}: "
     name = record.name.replace(".", "/")
     line = f"{_iso(record.created)} {_state.host} {name}[{record.process}]: {prefix}{message}"

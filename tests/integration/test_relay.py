@@ -185,7 +185,7 @@ def test_deferred_then_flush_delivers_once_even_across_kill9(
 ) -> None:
     pair = Pair(server_factory, dns)
     pair.b.stop()
-    pair.submit(["bob@b.test"], "later")
+    pair.submit(["bob@b.test"], "later\x1b[2J")  # a terminal escape: "clear the screen"
     assert wait_for(
         lambda: [r["status"] for q in queue(pair.a) for r in q["recipients"]] == ["deferred"]
     )  # type: ignore[index,union-attr]
@@ -194,6 +194,7 @@ def test_deferred_then_flush_delivers_once_even_across_kill9(
     assert pair.a.cli("queue", "list").stdout.startswith(str(entry["id"]))
     shown = pair.a.cli("queue", "show", str(entry["id"])).stdout
     assert "later" in shown and "attempt: " in shown and f"mx.b.test[{B_IP}]" in shown
+    assert "\x1b" not in shown and "later?[2J" in shown  # nothing acts on the terminal
     detail = json.loads(pair.a.cli("queue", "show", str(entry["id"]), "--json").stdout)
     # The list's object, its "attempts" (a count there) now the attempts themselves.
     assert {k: v for k, v in detail.items() if k != "attempts"} == {

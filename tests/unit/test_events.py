@@ -139,6 +139,20 @@ def test_no_forged_lines(log: io.StringIO, tmp_path: Path) -> None:
     assert "sasl_username=a?b?31mc?d?e," in lines[2] and lines[2].isprintable()
 
 
+def test_no_forged_json_lines(log: io.StringIO, tmp_path: Path) -> None:
+    """JSON escapes only the C0 controls: a line separator, NEL, a bidi override or DEL from
+    the network went into the line as it was, and a reader that splits on U+2028 or NEL
+    (JavaScript, ``str.splitlines``) saw a line that does not parse. Now each is a \\u
+    escape: the line is printable, and the value comes back as it was."""
+    _setup(log, "json", tmp_path)
+    name = "a\u2028b\x85c\u202ed\x7fe\U000e0001f"
+    events.auth_failed("smtp", "192.0.2.1", name, "PLAIN")
+    logs.flush()
+    (line,) = log.getvalue().splitlines()
+    assert line.isprintable() and "\\u2028" in line
+    assert json.loads(line)["user"] == name
+
+
 def test_json_lines(log: io.StringIO, tmp_path: Path) -> None:
     _setup(log, "json", tmp_path)
     env = _envelope("smtp", None, "", "b@a.test", "TLSv1.3")
