@@ -483,7 +483,13 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
     )
 
 
-_AT_LEAST_ONE = (("delivery", "max_concurrent"), ("delivery", "max_per_destination"))
+_AT_LEAST_ONE = (
+    ("delivery", "max_concurrent"),
+    ("delivery", "max_per_destination"),
+    ("limits", "max_connections"),
+    ("limits", "max_errors"),
+    ("limits", "max_commands"),
+)
 _MORE_THAN_NOTHING = (
     ("dns", "timeout"),
     ("limits", "command_timeout"),

@@ -104,7 +104,7 @@ class ConnectionLimiter:
             return False
         if len(self.live) >= self.max_total:
             return False
-        counted = not self._exempt(ip)
+        counted = self.max_per_ip > 0 and not self._exempt(ip)  # 0: no limit per IP
         # Counted first, then compared: two workers cannot both take the last place.
         if counted and self.per_ip.add(ip, 1) > self.max_per_ip:
             self.per_ip.add(ip, -1)

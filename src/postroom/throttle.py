@@ -64,7 +64,8 @@ class LoginThrottle:
 
     def refused(self, ip: str) -> bool:
         """True if this IP must be turned away without checking its password."""
-        return self.failures(ip) >= self.cfg.lockout_failures
+        limit = self.cfg.lockout_failures
+        return limit > 0 and self.failures(ip) >= limit  # 0: no lockout
 
     @contextlib.asynccontextmanager
     async def turn(self, ip: str) -> AsyncIterator[None]:

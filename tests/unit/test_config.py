@@ -46,6 +46,9 @@ def test_tls_verify_domains_are_spelled_as_the_domains_are() -> None:
         ("limits", "tls_handshake_timeout", "0"),
         ("dns", "timeout", "0"),
         ("limits", "header_size", 0),  # every message refused
+        ("limits", "max_connections", 0),  # every connection refused
+        ("limits", "max_errors", 0),  # the first refused RCPT ends the session
+        ("limits", "max_commands", 0),  # 421 at the first command
         ("limits", "message_size", 10**20),  # RFC 1870: SIZE has at most 20 digits
     ],
 )

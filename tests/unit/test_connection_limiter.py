@@ -30,6 +30,17 @@ def test_exempt_networks_follow_a_reload() -> None:
     assert limiter.acquire("192.0.2.1", second)
 
 
+def test_max_connections_per_ip_0_is_no_limit_per_ip() -> None:
+    """0 refused every connection: it means no limit per IP (Postfix's
+    smtpd_client_connection_count_limit = 0); the total still holds."""
+    limiter = ConnectionLimiter(3, 0, ())
+    held = [Conn() for _ in range(3)]
+    assert all(limiter.acquire("192.0.2.1", c) for c in held)
+    assert not limiter.acquire("192.0.2.1", Conn())  # max_connections
+    limiter.release("192.0.2.1", held[0])
+    assert limiter.acquire("192.0.2.2", held[0])
+
+
 def test_running_out_of_descriptors_is_said_once_per_while(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -26,6 +26,16 @@ def test_lockout_after_failures_and_not_reset_by_a_success() -> None:
     assert t.refused("192.0.2.1")
 
 
+def test_lockout_failures_0_is_no_lockout() -> None:
+    """0 refused every login, a right password too (454): it now means no lockout, as a
+    limit of 0 does in Postfix's anvil."""
+    t = LoginThrottle(AuthConfig(lockout_failures=0), clock=lambda: 0.0)
+    assert not t.refused("192.0.2.1")
+    for _ in range(50):
+        t.failure("192.0.2.1", None)
+    assert not t.refused("192.0.2.1")
+
+
 def services_with(tmp_path: Path, verify: object, lockout: int) -> Services:
     cfg = from_dict(
         {"domains": ["a.test"], "data_dir": str(tmp_path), "auth": {"lockout_failures": lockout}}
