@@ -422,6 +422,7 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
     if not 1 <= cfg.workers <= 64:
         raise ConfigError(f"{source}: workers: must be between 1 and 64")
     nameservers = _nameserver_addresses(cfg.dns.nameservers, source)
+    _check_listeners_differ(cfg.listen, source)
     if cfg.limits.message_size < 1:
         # RFC 1870: "SIZE 0" means no limit at all, the opposite of what 0 would ask for.
         raise ConfigError(f"{source}: limits.message_size: must be at least 1 octet")
@@ -481,6 +482,24 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
         # As the domains are: IDNA A-labels, lower case, no trailing dot, so that they match.
         delivery=dataclasses.replace(cfg.delivery, tls_verify_domains=verified),
     )
+
+
+def _check_listeners_differ(listen: ListenConfig, source: str) -> None:
+    """ConfigError for an address listed twice (in one service or two): ``serve`` would
+    fail to bind the second, at run time, without naming the key."""
+    seen: dict[Endpoint, str] = {}
+    for f in dataclasses.fields(listen):
+        for host, port in getattr(listen, f.name):
+            try:
+                key = (str(ipaddress.ip_address(host)), port)
+            except ValueError:
+                key = (host.lower().rstrip("."), port)
+            if key in seen:
+                where = "twice" if seen[key] == f.name else f"in listen.{seen[key]} as well"
+                raise ConfigError(
+                    f"{source}: listen.{f.name}: {format_endpoint(host, port)} is listed {where}"
+                )
+            seen[key] = f.name
 
 
 _AT_LEAST_ONE = (

@@ -57,3 +57,18 @@ def test_values_that_would_stop_the_server_quietly_are_config_errors(
 ) -> None:
     with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
         config.from_dict({"domains": ["a.test"], section: {key: value}})
+
+
+@pytest.mark.parametrize(
+    "listen",
+    [
+        {"smtp": ["127.0.0.1:25", "127.0.0.1:25"]},
+        {"smtp": ["127.0.0.1:25"], "pop3": ["127.0.0.1:25"]},
+        {"smtp": ["[::1]:2525"], "http": ["[0:0::1]:2525"]},
+    ],
+)
+def test_an_address_listed_twice_is_a_config_error(listen: dict[str, list[str]]) -> None:
+    """It passed the check, and serve failed at run time (exit 1, "Address already in use")
+    without naming the key."""
+    with pytest.raises(ConfigError, match=r"listen\.\w+: .* is listed"):
+        config.from_dict({"domains": ["a.test"], "listen": listen})
