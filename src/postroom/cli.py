@@ -480,6 +480,8 @@ def _local_domain(cfg: Config, text: str) -> str:
         raise AccountError(f"bad domain {text!r}: {exc}") from None
     if not cfg.is_local_domain(domain):
         raise AccountError(f"{domain} is not a local domain")
+    if domain.startswith("["):
+        raise AccountError(f"{domain} is an address literal: it has no DNS records or DKIM keys")
     return domain
 
 

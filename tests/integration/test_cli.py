@@ -249,3 +249,18 @@ def test_user_add_over_an_alias_warns_that_the_alias_gets_its_mail(cfg: Path) ->
     assert "warning: team@a.test is also an alias (to bob@a.test)" in p.stderr
     p = run_cli("user", "add", "dave@a.test", *add, config=cfg, stdin="pw\n")
     assert "warning" not in p.stderr
+
+
+def test_an_address_literal_domain_gets_no_dns_records_or_dkim_keys(tmp_path: Path) -> None:
+    """A local ``[192.0.2.1]`` (mail to user@[192.0.2.1]) has no zone to publish in: ``dns``
+    printed records for ``[192.0.2.1].`` and DKIM keys were made for it."""
+    path = tmp_path / "p.toml"
+    path.write_text(
+        f'hostname = "mx.a.test"\ndomains = ["a.test", "[192.0.2.1]"]\n'
+        f'data_dir = "{tmp_path / "data"}"\n'
+    )
+    for command in (("dns", "[192.0.2.1]"), ("dkim", "rotate", "[192.0.2.1]")):
+        p = run_cli(*command, config=path, check=False)
+        assert p.returncode == 1 and "address literal" in p.stderr, p.stderr
+    assert run_cli("dns", "a.test", config=path).returncode == 0
+    assert not [k for k in (tmp_path / "data").rglob("*") if "192.0.2.1" in k.name]

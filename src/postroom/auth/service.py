@@ -115,10 +115,15 @@ class SenderAuth:
 
     # -- keys ----------------------------------------------------------------------------------
 
+    def _named_domains(self) -> list[str]:
+        """The local domains that DNS can hold records for: not an address literal
+        (``[192.0.2.1]``), which may be local but has no DKIM keys."""
+        return [d for d in self.cfg.domains if not d.startswith("[")]
+
     def ensure_keys(self) -> None:
         """Every local domain has keys (made on first start)."""
         now = self.clock()
-        for domain in self.cfg.domains:
+        for domain in self._named_domains():
             self.ring.ensure(domain, now)
 
     def _domain_keys(self, domain: str) -> tuple[list[keys.DkimKey], list[dkim_sign.SigningKey]]:
@@ -440,7 +445,7 @@ class SenderAuth:
         if not rows:
             reports.done(folder)
             return 0
-        domain = self.cfg.domains[0]
+        domain = next(iter(self._named_domains()), self.cfg.hostname)
         sender = f"postmaster@{domain}"
         # Unique per run: §7.2.1.1's Report-ID lets a receiver drop duplicates, and two runs
         # in one second made two different reports with one ID (and one Message-ID).
@@ -477,7 +482,7 @@ class SenderAuth:
         """The primary worker's upkeep: pending keys, retired keys, daily reports."""
         stamp = self.cfg.data_dir / "dmarc" / "last-report"
         while True:
-            for domain in self.cfg.domains:
+            for domain in self._named_domains():
                 try:
                     await self.look_for_pending(domain)
                 except Exception as exc:  # keep looking next time
