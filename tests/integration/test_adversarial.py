@@ -278,6 +278,20 @@ def test_each_whole_command_restarts_the_command_time_out(srv: Server) -> None:
         assert f.readline().startswith(b"221")
 
 
+def test_between_bdat_chunks_the_command_time_out_holds(srv: Server) -> None:
+    """After a chunk the next BDAT is a command: silence there got data_timeout (10 min),
+    not command_timeout (3 s here)."""
+    with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) as s:
+        s.recv(4096)
+        s.sendall(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@a.test>\r\nBDAT 3\r\nabc")
+        heard, start = b"", time.monotonic()
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(4096):
+                heard += chunk
+    assert heard.count(b"250 ") >= 3 and b"421 4.4.2" in heard, heard
+    assert time.monotonic() - start < 8
+
+
 def test_a_message_trickled_in_is_not_cut_by_the_command_time_out(srv: Server) -> None:
     """While a message streams in, every octet counts as progress (``data_timeout``)."""
     before = len(srv.messages("alice@a.test"))

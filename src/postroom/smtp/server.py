@@ -29,7 +29,6 @@ from postroom.smtp.server_engine import (
     RcptTo,
     Refused,
     ServerEngine,
-    ServerState,
     TransactionReset,
 )
 from postroom.wire import replies
@@ -124,17 +123,14 @@ class SmtpConnection(Connection):
 
     def idle_limit(self) -> float:
         assert self.engine is not None
-        limits = self.limits
-        if self.engine.state is ServerState.DATA or self.engine.state is ServerState.BDAT:
-            return limits.data_timeout
-        return limits.command_timeout
+        return self.limits.data_timeout if self.engine.receiving else self.limits.command_timeout
 
     def session_limit(self) -> float | None:
         return self.limits.session_timeout
 
     def busy(self) -> bool:
         engine = self.engine
-        return engine is not None and engine.state in (ServerState.DATA, ServerState.BDAT)
+        return engine is not None and engine.receiving
 
     def released(self) -> None:
         if self.session is not None:

@@ -296,6 +296,12 @@ class ServerEngine(Buffers):
     def closed(self) -> bool:
         return self.state is ServerState.CLOSED
 
+    @property
+    def receiving(self) -> bool:
+        """A message's octets are being read: after DATA's 354, or a BDAT chunk's (not
+        between two chunks, where the next command is awaited)."""
+        return self._data is not None
+
     # -- bytes in and out ----------------------------------------------------------------------
 
     # pending_input, data_to_send, parts_to_send: Buffers (wire/buffers.py).
