@@ -459,9 +459,7 @@ def _cell(text: str) -> str:
     """A field of a ``queue list`` line: a remote reply may hold a tab (RFC 5321 §4.2
     textstring), which would add a column, or another character that is not printable (a
     terminal escape, a line separator, a bidi override); each is a space."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else " " for c in text)
+    return logs.printable(text, mark=" ")
 
 
 def _sender_auth(stores: AdminStores) -> SenderAuth:

@@ -67,6 +67,7 @@ _stamp: tuple[int, str] = (-1, "")
 # One encoder for every JSON line: json.dumps with options builds a new JSONEncoder per call, a
 # quarter of what a line's JSON costs.
 _json = json.JSONEncoder(ensure_ascii=False, default=str).encode
+_ascii_json = json.JSONEncoder().encode  # ensure_ascii: "\u2028", surrogate pairs above U+FFFF
 
 
 def _iso(ts: float) -> str:
@@ -162,14 +163,14 @@ def _printable(message: str | tuple[str, ...]) -> bool:
     return all(line.isprintable() for line in message)
 
 
-def printable(text: str, keep: str = "") -> str:
-    """``text`` with ``?`` for every character that is not printable, but those in ``keep``:
-    control characters (CR and LF above all, but also C1 ones such as NEL and CSI, and the
-    terminal's escapes), line and paragraph separators and format characters (bidi overrides)
-    from the network would forge or hide log lines, or act on an admin's terminal."""
+def printable(text: str, keep: str = "", mark: str = "?") -> str:
+    """``text`` with ``mark`` for every character that is not printable, but those in
+    ``keep``: control characters (CR and LF above all, but also C1 ones such as NEL and CSI,
+    and the terminal's escapes), line and paragraph separators and format characters (bidi
+    overrides) from the network would forge or hide log lines, or act on an admin's terminal."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() or c in keep else "?" for c in text)
+    return "".join(c if c.isprintable() or c in keep else mark for c in text)
 
 
 def _json_line(data: dict[str, object]) -> str:
@@ -180,9 +181,6 @@ def _json_line(data: dict[str, object]) -> str:
     if line.isprintable():
         return line
     return "".join(c if c.isprintable() else _ascii_json(c)[1:-1] for c in line)
-
-
-_ascii_json = json.JSONEncoder().encode  # ensure_ascii: "\u2028", surrogate pairs above U+FFFF
 
 
 def _clean(value: object) -> object:
