@@ -111,6 +111,30 @@ def test_files_with_one_unique_name_get_distinct_uidls(tmp_path: Path) -> None:
     assert all(u.startswith("1796470000.dup.host.") for u in uidls[0][1:])
 
 
+def test_uidls_of_files_with_one_name_stay_with_their_files(tmp_path: Path) -> None:
+    """RFC 1939 §7: a UIDL is persistent. When two files share a unique name, which one keeps
+    the bare name must not follow the directories they happen to be in, which change when a
+    message is marked seen (new/ to cur/) or another tool moves it back."""
+    md = make_maildir(
+        tmp_path / "md",
+        {"cur/1796470000.dup.host:2,": b"copy A\n", "new/1796470000.dup.host": b"copy B!\n"},
+    )
+
+    def uidls() -> dict[str, bytes]:
+        drop = Maildrop(md)
+        drop.open_now()
+        try:
+            return {f.uid: (md / f.subdir / f.name).read_bytes() for f in drop.files}
+        finally:
+            drop.close_now()
+
+    before = uidls()
+    os.rename(md / "cur/1796470000.dup.host:2,", md / "new/1796470000.dup.host,tmp")
+    os.rename(md / "new/1796470000.dup.host", md / "cur/1796470000.dup.host:2,S")
+    os.rename(md / "new/1796470000.dup.host,tmp", md / "new/1796470000.dup.host")
+    assert uidls() == before and len(before) == 2
+
+
 def test_uid_is_the_unique_part_and_fits_rfc1939() -> None:
     assert unique_id("123.Q_0.h,S=5:2,RS") == unique_id("123.Q_0.h,S=5,W=7") == "123.Q_0.h"
     odd = unique_id("x" * 80 + ",S=1")

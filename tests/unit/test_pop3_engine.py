@@ -297,6 +297,10 @@ def test_apop_is_not_offered() -> None:
     p = Pop3Engine(Features())
     out, events = run(p, b"APOP u 0123456789abcdef0123456789abcdef\r\n")
     assert out.startswith(b"-ERR") and not events
+    # Before STLS the answer must not suggest that STLS would make APOP work.
+    plain = Pop3Engine(Features(starttls=True, login_allowed=False))
+    out, events = run(plain, b"APOP u 0123456789abcdef0123456789abcdef\r\n", login=False)
+    assert out.endswith(b"-ERR APOP is not supported\r\n") and not events
 
 
 def test_failed_logins_count_as_errors() -> None:

@@ -398,7 +398,9 @@ class Pop3Engine(Buffers):
             self.utf8 = True
             self._out.append(b"+OK UTF8 enabled\r\n")
             return None
-        if verb in ("USER", "PASS", "AUTH", "APOP") and not self.features.login_allowed:
+        if verb == "APOP":  # not offered (no greeting timestamp): no STLS makes it work
+            return self._error("APOP is not supported")
+        if verb in ("USER", "PASS", "AUTH") and not self.features.login_allowed:
             # RFC 2595 §2.1 / RFC 8314: no credentials in the clear.
             return self._error("Plaintext login disallowed, use STLS first", "AUTH")
         if verb == "USER":
@@ -431,8 +433,6 @@ class Pop3Engine(Buffers):
                         return self._error("Invalid base64")
             self._go(Pop3Trigger.AUTH)
             return AuthStart(mech, initial)
-        if verb == "APOP":
-            return self._error("APOP is not supported")
         if verb in _TRANSACTION_VERBS:
             return self._error("Not logged in")
         return self._error("Unknown command")

@@ -227,6 +227,10 @@ class MaildirMaildrop:
         kept = load_uidl_map(self.path)  # UIDLs of messages moved over from Dovecot
         if not kept and len({f.uid for f in files}) == len(files):
             return files  # (nearly always)
+        # Files that tie on their names are ordered by inode, which a rename (new/ to cur/, a
+        # change of flags) keeps: which of them keeps the bare name does not swap between
+        # sessions (RFC 1939 §7, "persistent"), as the order of a directory listing would.
+        files.sort(key=lambda f: (f.base, self._inode(f)))
         given: set[str] = set()
         for f in files:
             uid = as_uidl(kept[f.uid]) if kept and f.uid in kept else f.uid
@@ -243,6 +247,12 @@ class MaildirMaildrop:
             f.uid = uid
             given.add(uid)
         return files
+
+    def _inode(self, f: MaildirFile) -> int:
+        try:
+            return os.stat(self.path / f.subdir / f.name, follow_symlinks=False).st_ino
+        except OSError:  # gone meanwhile: it is left out when read
+            return 0
 
     def _measure_all(self, names: list[tuple[str, str]]) -> list[MaildirFile]:
         """Sizes of files without ``,W=``, through the cache (keyed by name and raw size)."""
