@@ -437,7 +437,9 @@ def _show_queue(cfg: Config, queue: MessageQueue, args: argparse.Namespace) -> i
         print(json.dumps([_queue_json(e) for e in envelopes], indent=2))
         return 0
     for e in envelopes:
-        errors = "; ".join(r.last_error for r in e.recipients if r.last_error)
+        # As mailq does: the recipients still waiting (all, once none is), each error once.
+        waiting = [r for r in e.recipients if not r.done] or e.recipients
+        errors = "; ".join(dict.fromkeys(r.last_error for r in waiting if r.last_error))
         print(
             "\t".join(
                 _cell(field)
@@ -446,7 +448,7 @@ def _show_queue(cfg: Config, queue: MessageQueue, args: argparse.Namespace) -> i
                     _iso(e.created) or "-",
                     str(e.size),
                     f"<{e.sender}>",
-                    ",".join(r.address for r in e.recipients),
+                    ",".join(r.address for r in waiting),
                     _next_iso(e.next_attempt),
                     errors or "-",
                 ]

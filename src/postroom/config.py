@@ -551,6 +551,13 @@ def _nameserver_addresses(nameservers: tuple[Endpoint, ...], source: str) -> tup
 def _check_storage(storage: StorageConfig, source: str) -> None:
     if storage.backend not in BACKENDS:
         raise ConfigError(f"{source}: storage.backend: one of {', '.join(BACKENDS)}")
+    # Checked on every backend, so a typo does not wait for the day the backend changes.
+    if storage.pool_size < 1:
+        raise ConfigError(f"{source}: storage.pool_size: must be at least 1")
+    if storage.max_pop3_sessions < 1:
+        raise ConfigError(f"{source}: storage.max_pop3_sessions: must be at least 1")
+    if storage.lease_time < 1:
+        raise ConfigError(f"{source}: storage.lease_time: must be at least 1s")
     if storage.backend == "local":
         if storage.url is not None:
             raise ConfigError(f'{source}: storage.url: only with backend = "postgresql"')
@@ -560,12 +567,6 @@ def _check_storage(storage: StorageConfig, source: str) -> None:
     problem = postgresql_url_problem(storage.url)
     if problem:
         raise ConfigError(f"{source}: storage.url: {problem}")
-    if storage.pool_size < 1:
-        raise ConfigError(f"{source}: storage.pool_size: must be at least 1")
-    if storage.max_pop3_sessions < 1:
-        raise ConfigError(f"{source}: storage.max_pop3_sessions: must be at least 1")
-    if storage.lease_time < 1:
-        raise ConfigError(f"{source}: storage.lease_time: must be at least 1s")
 
 
 def postgresql_url_problem(url: str) -> str | None:

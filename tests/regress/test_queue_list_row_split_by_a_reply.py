@@ -54,3 +54,39 @@ def test_a_tab_in_the_last_error_keeps_seven_columns(
             assert shown[0]["recipients"][-1]["last_error"] == REPLY
     finally:
         dns.stop()
+
+
+def test_a_row_names_the_recipients_still_waiting_and_each_error_once(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like mailq: a recipient delivered already is no longer in the row, and two recipients
+    deferred with one reply show it once (the row had every recipient, and the reply twice)."""
+    monkeypatch.setitem(smtpsink.RULES, "grey", "451 4.7.1 greylisted")
+    dns = LoopbackDNS("127.0.0.176")
+    try:
+        with smtpsink.smtp_sink("127.0.0.176") as sink:
+            dns.mx("b.test", 10, "mx.b.test")
+            dns.a("mx.b.test", "127.0.0.176")
+            srv = server_factory(
+                host="127.0.0.176",
+                services=("smtp",),
+                extra_toml=(
+                    f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "3s"\n'
+                    f"[delivery]\nport = {sink.server_address[1]}\n"
+                    'retry_intervals = ["1h"]\n[auth]\nchecks = false\n'
+                ),
+            )
+            srv.cli("alias", "add", "away@a.test", "ok@b.test", "grey1@b.test", "grey2@b.test")
+            with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as client:
+                client.sendmail("", ["away@a.test"], b"Subject: t\r\n\r\nx\r\n")
+
+            def settled() -> bool:
+                shown = json.loads(srv.cli("queue", "list", "--json").stdout)
+                return bool(shown) and all(r["status"] != "queued" for r in shown[0]["recipients"])
+
+            wait_until(settled, 20, "the attempt to be recorded")
+            columns = srv.cli("queue", "list").stdout.splitlines()[0].split("\t")
+            assert columns[4] == "grey1@b.test,grey2@b.test"
+            assert columns[6] == "451 4.7.1 greylisted"
+    finally:
+        dns.stop()

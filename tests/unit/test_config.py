@@ -50,6 +50,10 @@ def test_tls_verify_domains_are_spelled_as_the_domains_are() -> None:
         ("limits", "max_errors", 0),  # the first refused RCPT ends the session
         ("limits", "max_commands", 0),  # 421 at the first command
         ("limits", "message_size", 10**20),  # RFC 1870: SIZE has at most 20 digits
+        # The PostgreSQL keys are checked on the local backend too (a typo would wait there).
+        ("storage", "pool_size", 0),
+        ("storage", "max_pop3_sessions", 0),
+        ("storage", "lease_time", "0.5s"),
     ],
 )
 def test_values_that_would_stop_the_server_quietly_are_config_errors(
