@@ -92,8 +92,9 @@ def _address_literal(text: str) -> str:
         raise ValueError(f"bad address literal {text!r}") from None
 
 
-def parse_mailbox(text: str, *, utf8: bool = False) -> Address:
-    """Parse ``local@domain`` (no angle brackets)."""
+def parse_mailbox(text: str, *, utf8: bool = False, local_limit: bool = True) -> Address:
+    """Parse ``local@domain`` (no angle brackets). ``local_limit``: refuse a local part over
+    64 octets (RFC 5321 §4.5.3.1.1), as an account name must not be."""
     at = text.rfind("@")
     if at <= 0 or at == len(text) - 1:
         raise AddressError(f"not an address: {text!r}")
@@ -103,7 +104,7 @@ def parse_mailbox(text: str, *, utf8: bool = False) -> Address:
     dot, quoted = (_DOT_STRING_UTF8, _QUOTED_UTF8) if utf8 else (_DOT_STRING, _QUOTED)
     if not (dot.match(local) or quoted.match(local)):
         raise AddressError(f"bad local part {local!r}")
-    if len(local.encode()) > MAX_LOCAL_PART:
+    if local_limit and len(local.encode()) > MAX_LOCAL_PART:
         raise AddressError("local part too long")
     # RFC 5321 §4.1.2: a Domain has no white space or control characters, and no empty label
     # (one trailing dot, the root, is tolerated as most MTAs do); normalise_domain, made for
@@ -148,7 +149,10 @@ def parse_path(text: str, *, utf8: bool = False, allow_null: bool = False) -> Ad
         if colon < 0:
             raise AddressError("bad source route")
         inner = inner[colon + 1 :]
-    return parse_mailbox(inner, utf8=utf8)
+    # RFC 5321 §4.5.3.1: limits on these lengths "should" be avoided; VERP, SRS and BATV
+    # senders run past 64 octets, and Postfix and Exim take them. The path's 256 octets hold
+    # (and no account, so no mailbox, has such a name: safe_local_part keeps its limit).
+    return parse_mailbox(inner, utf8=utf8, local_limit=False)
 
 
 def safe_local_part(local: str) -> str:

@@ -231,6 +231,27 @@ def test_bdat_refused_still_consumes_its_octets() -> None:
     assert h.proto.state is not State.CLOSED
 
 
+def test_a_refused_bdat_fails_the_transaction() -> None:
+    """RFC 3030 §2: after a refused BDAT the transaction is failed; a RCPT pipelined after
+    it must not revive it so that a later BDAT LAST delivers under the old MAIL FROM."""
+    proto = ServerEngine(features())
+    proto.receive_data(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<bad@y.test>\r\nBDAT 3\r\nabc"
+        b"BDAT 3 LAST\r\nxyz"
+        b"RCPT TO:<good@y.test>\r\nBDAT 3 LAST\r\nxyz"
+        b"MAIL FROM:<c@b.test>\r\n"
+    )
+    events = []
+    while (ev := proto.next_event()) is not NEED_DATA:
+        events.append(ev)
+        if isinstance(ev, MailFrom):
+            proto.reply(replies.OK)
+        elif isinstance(ev, RcptTo):
+            proto.reply(replies.OK if "good" in str(ev.command) else replies.USER_UNKNOWN)
+    assert codes(proto.data_to_send()) == ["250", "250", "550", "554", "503", "503", "503", "250"]
+    assert not any(isinstance(ev, MessageEnd | DataChunk) for ev in events)
+
+
 def test_bdat_size_is_any_run_of_digits() -> None:
     h = Harness()
     out = h.send(
@@ -465,6 +486,24 @@ def test_a_bad_sender_address_is_5_1_7() -> None:
         assert out.splitlines()[-1].startswith(b"501 5.1.7 "), mail
     out = Harness().send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<bad@@x.test>\r\n")
     assert out.splitlines()[-1].startswith(b"501 5.1.3 ")
+
+
+def test_a_long_local_part_is_taken_within_the_path_limit() -> None:
+    """RFC 5321 §4.5.3.1: VERP and SRS senders run past the 64 octets of §4.5.3.1.1, and a
+    refused sender loses the whole message; only the 256-octet path bounds them."""
+    srs = b"SRS0=HHH=TT=lists.example.org=" + b"v" * 60
+    out = Harness().send(
+        b"EHLO c\r\nMAIL FROM:<" + srs + b"@fwd.test>\r\nRCPT TO:<" + srs + b"@y.test>\r\n"
+    )
+    assert codes(out) == ["250", "250", "250"]
+    out = Harness().send(b"EHLO c\r\nMAIL FROM:<" + b"v" * 250 + b"@fwd.test>\r\n")
+    assert out.splitlines()[-1].startswith(b"501 5.1.7 ")
+
+
+def test_vrfy_reveals_nothing_not_even_in_its_enhanced_code() -> None:
+    """RFC 3463: X.1.5 says "destination address valid", which a 252 for any name must not."""
+    out = Harness().send(b"EHLO c\r\nVRFY nobody\r\n")
+    assert out.splitlines()[-1].startswith(b"252 2.0.0 ")
 
 
 def test_null_sender_and_postmaster() -> None:

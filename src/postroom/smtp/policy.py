@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 Port = Literal["smtp", "submission", "submissions"]
 
-MAX_RECEIVED = 50  # RFC 5321 §6.3: a loop is suspected when ours would be one more than this
+MAX_RECEIVED = 100  # RFC 5321 §6.3: "normally at least 100" (ours counted); Postfix says 50
 # RFC 5322 §4.5: white space may stand before the colon (obsolete syntax a receiver accepts).
 _RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
 _HEADER_FIELD = re.compile(rb"(?im)^(date|message-id)[ \t]*:")

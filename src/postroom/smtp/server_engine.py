@@ -736,7 +736,17 @@ class ServerEngine(Buffers):
         if self._bdat_discard is not None:
             reply = self._bdat_discard
             self._bdat_discard = None
-            return self._error(reply)
+            closing = self._error(reply)
+            if self.state is ServerState.MAIL:
+                # RFC 3030 §2: after a refused BDAT "the transaction should be considered
+                # failed": the chunks still in the pipeline get 503 (no RCPT may join it and
+                # have them delivered), and the next MAIL starts afresh.
+                self._go(ServerTrigger.RSET)
+                self._txn = _Transaction()
+                if closing is not None:
+                    self._pending.append(closing)
+                return TransactionReset()
+            return closing
         txn = self._txn
         if not self._bdat_last:
             if txn.too_big:
