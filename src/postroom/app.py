@@ -519,7 +519,8 @@ async def serve(
     deadline = loop.time() + 8
     while services.connections.live and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    await runner.stop(timeout=min(5.0, deadline - loop.time()))
+    left = deadline - loop.time()
+    await runner.stop(timeout=min(5.0, left), commit_timeout=left)
     if isinstance(queue, LocalQueue):
         assert queue.writer is not None
         await queue.writer.close()

@@ -588,3 +588,42 @@ def test_a_full_disk_in_an_attempt_logs_one_line_not_a_traceback(
         else:
             assert caplog.records[0].exc_info is not None
         queue.record = record  # type: ignore[method-assign]
+
+
+def test_a_stopping_node_sends_no_final_dot(tmp_path: Path) -> None:
+    """On a shared queue a node that is stopping must not commit a message at a remote host
+    (send the final dot) whose reply it may not wait for: its lease passes to another node,
+    which would send the message a second time."""
+    from postroom.delivery.remote import DeliveryResult
+    from postroom.errors import LeaseLost
+    from postroom.smtp.client_engine import OutgoingMessage
+
+    runner, _queue, _boxes, _clock = make(tmp_path, {})
+    runner._lease_fresh = lambda qid: True
+    at_dot = asyncio.Event()
+    asked: list[bool] = []
+
+    class Remote:
+        async def deliver(
+            self, domain: str, outgoing: OutgoingMessage, wire: bytes, may_finish: Any
+        ) -> list[DeliveryResult]:
+            await at_dot.wait()  # the message written, up to its final dot
+            asked.append(may_finish())
+            raise LeaseLost("no final dot")  # as RemoteDelivery does when refused
+
+    runner._remote_delivery = lambda: Remote()  # type: ignore[method-assign]
+
+    async def main() -> None:
+        env = envelope("Q1", "carol@far.test")
+        draft = runner.queue.draft(env.id, env.sender)
+        draft.write(b"Subject: t\r\n\r\nbody\r\n")
+        await runner.accept(env, draft)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        stopping = asyncio.ensure_future(runner.stop(timeout=1.0))
+        await asyncio.sleep(0)
+        at_dot.set()
+        await stopping
+
+    asyncio.run(main())
+    assert asked == [False]

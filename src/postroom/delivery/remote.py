@@ -258,6 +258,9 @@ class RemoteDelivery:
         self._max_cached = max_cached
         self._max_addresses = max_addresses
         self._idle: dict[tuple[str, str, int, bool], list[_Session]] = {}
+        # Transactions whose final dot is out, waiting for the reply that commits them: a stop
+        # waits for these longer, since leaving now sends the message again (RFC 5321 §6.1).
+        self.committing = 0
 
     async def deliver(
         self,
@@ -401,15 +404,22 @@ class RemoteDelivery:
         else:
             fitted = mime_downgrade.downgrade(data, eight_bit=eight_bit)
         session.engine.send_message(message, fitted, hold_end=may_finish is not None)
-        event = await session.next_event()
-        if isinstance(event, EndOfData):  # the message is written, but for its final dot
-            assert may_finish is not None
-            if not may_finish():
-                session.engine.abort(FENCED)
-                session.close()  # the dot never goes out: the host cancels the transaction
-                raise LeaseLost(f"{target.host}[{ip}]: {FENCED.text}")
-            session.engine.end_data()
+        committing = may_finish is None  # the final dot went with the message
+        self.committing += int(committing)
+        try:
             event = await session.next_event()
+            if isinstance(event, EndOfData):  # the message is written, but for its final dot
+                assert may_finish is not None
+                if not may_finish():
+                    session.engine.abort(FENCED)
+                    session.close()  # the dot never goes out: the host cancels the transaction
+                    raise LeaseLost(f"{target.host}[{ip}]: {FENCED.text}")
+                session.engine.end_data()
+                committing = True
+                self.committing += 1
+                event = await session.next_event()
+        finally:
+            self.committing -= int(committing)
         if not isinstance(event, MessageDone):  # pragma: no cover - the engine always reports
             session.close()
             raise _SessionFailed(_temp("4.4.2", f"{target.host}[{ip}]: no result"))

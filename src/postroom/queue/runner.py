@@ -253,13 +253,19 @@ class QueueRunner:
         if queue_id in self._inflight:
             self._deleted.add(queue_id)
 
-    async def stop(self, timeout: float = 5.0) -> None:
+    async def stop(self, timeout: float = 5.0, commit_timeout: float = 0.0) -> None:
         """Start nothing more; wait up to ``timeout`` for the attempts in flight, then cancel
-        them (a cancelled one stays queued and is tried again after the restart)."""
+        them (a cancelled one stays queued and is tried again after the restart). While a
+        remote host holds the reply to a final dot already sent, wait up to ``commit_timeout``
+        in all: leaving sooner makes it receive the message twice."""
         self._stopping = True
         tasks = list(self._inflight.values())
         if tasks:
+            started = time.monotonic()
             _done, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout))
+            left = commit_timeout - (time.monotonic() - started)
+            if pending and left > 0 and self._remote is not None and self._remote.committing:
+                _done, pending = await asyncio.wait(pending, timeout=left)
             for task in pending:
                 task.cancel()
         if self._remote is not None:
@@ -558,7 +564,11 @@ class QueueRunner:
         async with self._destinations.slot(domain, self.cfg.delivery.max_per_destination):
             started = time.monotonic()
             fence = self._lease_fresh
-            may_finish = None if fence is None else (lambda: fence(envelope.id))
+            # A node that is stopping sends no final dot it might not wait for the reply to
+            # (its lease would pass to another node, which would send the message again).
+            may_finish = (
+                None if fence is None else (lambda: not self._stopping and fence(envelope.id))
+            )
             results = await self._remote_delivery().deliver(domain, outgoing, wire, may_finish)
             took = time.monotonic() - started
         out = []
