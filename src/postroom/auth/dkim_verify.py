@@ -1,18 +1,18 @@
 """DKIM verification (RFC 6376 §6, RFC 8463) of every signature of a message.
 
-The key records of every signature are fetched first, all at once, through the shared
-:class:`~postroom.auth.lookup.DnsCache` (:func:`prefetch`), and then verified without I/O
-(:func:`verify`): dkimpy's verifier asks DNS through a synchronous callback, and its async path
-makes a resolver per lookup. The checks are dkimpy's, made here in fewer steps: the message is
-parsed and canonicalized by ``dkim_canon`` (dkimpy's results, faster; a body once per
-canonicalization for all signatures), the tags read and validated as dkimpy's
+The key records of every signature are fetched first, concurrently, through the shared
+:class:`~postroom.auth.lookup.DnsCache` (by the caller, each on its own), and then verified
+without I/O (:func:`verify`): dkimpy's verifier asks DNS through a synchronous callback, and
+its async path makes a resolver per lookup. The checks are dkimpy's, made here in fewer steps:
+the message is parsed and canonicalized by ``dkim_canon`` (dkimpy's results, faster; a body
+once per canonicalization for all signatures), the tags read and validated as dkimpy's
 ``parse_tag_value`` and ``validate_signature_fields`` do (bh= is checked as base64 too:
 dkimpy's check looks at b= twice), the key record parsed once per distinct record
-(:func:`public_key`, cached) and the signature checked by
-OpenSSL through ``cryptography`` (dkimpy's RSA is pure Python: its verification and its ASN.1
-key parsing took about 1 ms of each message's 1.5 ms here). With ``dkim_canon`` and the tag
-reading here, one RSA-2048 signature on a 1 KiB message takes about 125 µs, against 215 µs with
-dkimpy's parsing (OpenSSL's part is about 35 µs of either).
+(:func:`public_key`, cached) and the signature checked by OpenSSL through ``cryptography``
+(dkimpy's RSA is pure Python: its verification and its ASN.1 key parsing took about 1 ms of
+each message's 1.5 ms here). With ``dkim_canon`` and the tag reading here, one RSA-2048
+signature on a 1 KiB message takes about 125 µs, against 215 µs with dkimpy's parsing
+(OpenSSL's part is about 35 µs of either).
 Results follow RFC 8601 §2.7.1: ``pass``, ``fail`` (the signature or body hash does not
 match), ``permerror`` (no key, a revoked or malformed key, a malformed signature),
 ``temperror`` (the key lookup failed for now).
@@ -27,7 +27,6 @@ it could otherwise vouch for any From, and DMARC would pass on it).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import re
@@ -108,12 +107,6 @@ def cached_keys(cache: DnsCache, names: list[str]) -> dict[str, Answer] | None:
             return None
         out[name] = answer
     return out
-
-
-async def prefetch(cache: DnsCache, names: list[str]) -> dict[str, Answer]:
-    """The key records ``names`` (see :func:`key_names`), fetched concurrently."""
-    answers = await asyncio.gather(*(cache.query(n, "TXT") for n in names))
-    return dict(zip(names, answers, strict=True))
 
 
 @dataclass(frozen=True)

@@ -347,7 +347,10 @@ class SenderAuth:
                 spf.check(self.cache, client_ip, sender, helo, self.cfg.hostname)
             )
         if key_answers is None:
-            jobs["keys"] = asyncio.ensure_future(dkim_verify.prefetch(self.cache, names))
+            # One job per key: a key whose DNS is dead is a temperror for its own signatures
+            # only, not for one whose key came back at once (and may pass DMARC).
+            for name in names:
+                jobs[f"key {name}"] = asyncio.ensure_future(self.cache.query(name, "TXT"))
         for domain in unknown:
             jobs[f"policy {domain}"] = asyncio.ensure_future(dmarc.discover(self.cache, domain))
         done, pending = await asyncio.wait(jobs.values(), timeout=self.cfg.auth.check_timeout)
@@ -364,8 +367,11 @@ class SenderAuth:
             got = outcome("spf")
             spf_result = got if isinstance(got, spf.SpfResult) else _spf_timed_out(sender, helo)
         if key_answers is None:
-            got = outcome("keys")
-            key_answers = got if isinstance(got, dict) else {}
+            key_answers = {}
+            for name in names:
+                got = outcome(f"key {name}")
+                if isinstance(got, Answer):
+                    key_answers[name] = got
         policies = {}
         for domain in unknown:
             got = outcome(f"policy {domain}")
