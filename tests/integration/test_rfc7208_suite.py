@@ -166,3 +166,21 @@ def test_rfc7208(
     assert got.result in expected, f"{test.get('description')}: {got}"
     if "explanation" in test:
         assert got.explanation == test["explanation"], got
+
+
+@pytest.mark.parametrize(
+    ("record", "result"),
+    [
+        ("v=spf1 exists:%{ir2}.x.mac.test -all", "permerror"),  # a digit after "r"
+        ("v=spf1 exists:%{l-2}.x.mac.test -all", "permerror"),  # a digit after a delimiter
+        ("v=spf1 exists:%{i2r}.x.mac.test -all", "fail"),  # well formed (no such name)
+        ("v=spf1 exists:%{l1r-}.x.mac.test -all", "fail"),
+    ],
+)
+def test_malformed_macros_are_a_permerror(dns: LoopbackDNS, record: str, result: str) -> None:
+    """RFC 7208 §7.1: transformers = *DIGIT ["r"], then delimiters; anything else in the
+    braces is a syntax error, so check_host() is a permerror (§4.6). pyspf read past it."""
+    _serve(dns, {"mac.test": [{"TXT": record}]})
+    cache = DnsCache(DNSConfig(nameservers=(parse_endpoint(dns.nameserver),), timeout=0.3))
+    got = asyncio.run(spf.check(cache, "192.0.2.1", "a-b@mac.test", "h.mac.test"))
+    assert got.result == result, got

@@ -21,6 +21,7 @@ bounded in time by the caller); DNS data reaches pyspf only through :class:`Answ
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -52,8 +53,20 @@ class _Miss(Exception):
     """An answer not yet fetched (raised from pyspf's ``dns``)."""
 
 
+# RFC 7208 §7.1: macro-expand = "%{" macro-letter transformers *delimiter "}", transformers =
+# *DIGIT ["r"]. pyspf reads "%{ir2}" as "%{ir}" and "%{l-2}" as "%{l-}"; they are errors.
+_MACRO = re.compile(r"%\{([^}]*)\}")
+_MACRO_BODY = re.compile(r"[a-zA-Z][0-9]*[rR]?[.\-+,/_=]*")
+
+
 class _Query(pyspf.query):  # type: ignore[misc]
     """pyspf's query with its DNS answered from what is already known."""
+
+    def expand(self, s: str, stripdot: bool = True) -> Any:
+        for body in _MACRO.findall(s):
+            if not _MACRO_BODY.fullmatch(body):
+                raise pyspf.PermError("invalid-macro-char", "%{" + body + "}")  # §4.6
+        return super().expand(s, stripdot)
 
     def __init__(self, known: dict[tuple[str, str], Answer], cache: DnsCache, **kw: Any) -> None:
         super().__init__(**kw)
