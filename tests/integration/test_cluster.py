@@ -204,8 +204,10 @@ def test_import_a_local_node(server_factory: ServerFactory, tmp_path: Path, pg_u
     cfg = _config(tmp_path, pg_url)
     out = run_cli("db", "import", str(single.data_dir), config=cfg).stdout
     assert "users: 1 added" in out and "messages: 1 added" in out
+    assert "alias targets: 1 added (0 there already)" in out
     again = run_cli("db", "import", str(single.data_dir), config=cfg).stdout
     assert "users: 0 added" in again and "messages: 0 added (1 there already)" in again
+    assert "alias targets: 0 added (1 there already)" in again
     node = server_factory(extra_toml=storage_toml(pg_url), services=SERVICES, host="127.0.0.4")
     assert login_ok(node, "ann@a.test", "ann-pw")  # the same hash, the same password
     assert rcpt_code(node, "sales@a.test") == 250

@@ -143,13 +143,15 @@ def import_local(url: str, data_dir: Path, domains: Iterable[str]) -> list[str]:
                     [(u[0], u[1], bytes(u[2]), int(u[3]), bytes(u[4]), bytes(u[5])) for u in users],  # type: ignore[call-overload]
                 )
                 after = await c.fetchval("SELECT count(*) FROM users")
+                aliases_before = await c.fetchval("SELECT count(*) FROM aliases")
                 await c.executemany(
                     "INSERT INTO aliases (alias, target) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                     alias_rows,
                 )
-            return int(after - before), len(alias_rows)
+                aliases_after = await c.fetchval("SELECT count(*) FROM aliases")
+            return int(after - before), int(aliases_after - aliases_before)
 
-        added_users, alias_count = conn.call(put_accounts)
+        added_users, added_aliases = conn.call(put_accounts)
         stored = skipped = 0
         for batch in _batches(_mail_files(data_dir)):
             rows = [_message_row(*item) for item in batch]
@@ -175,7 +177,7 @@ def import_local(url: str, data_dir: Path, domains: Iterable[str]) -> list[str]:
     outside = [u for u in outside if u.rpartition("@")[2] not in local_domains]
     lines = [
         f"users: {added_users} added ({len(users) - added_users} there already)",
-        f"aliases: {alias_count} rows",
+        f"alias targets: {added_aliases} added ({len(alias_rows) - added_aliases} there already)",
         f"messages: {stored} added ({skipped} there already)",
     ]
     if outside:
