@@ -397,7 +397,7 @@ def _apply(services: Services, new: Config, pair: tuple[bytes, bytes] | None) ->
     if services.sender_auth is not None:
         services.sender_auth.cfg = new
     connections = services.connections
-    connections.max_total = -(-new.limits.max_connections // services.workers)
+    connections.max_total = new.limits.max_connections
     connections.max_per_ip = new.limits.max_connections_per_ip
     connections.set_exempt(new.per_ip_exempt_networks())
     services.throttle.cfg = new.auth

@@ -61,15 +61,24 @@ class Closable(Protocol):
     def check_timeout(self, now: float) -> None: ...
 
 
+# The row of the count over every client in the shared tables: no client connects from the
+# unspecified address.
+TOTAL = "0.0.0.0"
+
+
 @dataclass
 class ConnectionLimiter:
-    """Counts open connections in total (each worker its share) and per client IP (in a table
-    every worker shares: one client gets ``max_connections_per_ip`` over all workers)."""
+    """Counts open connections in total and per client IP. With several workers both counts
+    live in the tables every worker shares (``shared_total``): ``max_connections`` and
+    ``max_connections_per_ip`` hold over all workers, whichever takes the connection (a
+    share per worker let in one more per worker when rounded up, and refused clients
+    while another worker had room, since the kernel spreads them unevenly)."""
 
     max_total: int
     max_per_ip: int
     exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     per_ip: Counts = field(default_factory=LocalCounts)
+    shared_total: bool = False
     # Each live connection, and whether it is counted in per_ip (exempt ones are not).
     live: dict[Closable, bool] = field(default_factory=dict)
     _exempt_ips: dict[str, bool] = field(default_factory=dict)  # per client address, answered
@@ -79,15 +88,12 @@ class ConnectionLimiter:
     def for_config(
         cls, cfg: Config, workers: int, per_ip: Counts | None = None
     ) -> ConnectionLimiter:
-        """The limits of ``[limits]``; each of ``workers`` holds its share of the total."""
+        """The limits of ``[limits]``, over all ``workers`` (which share ``per_ip``)."""
         lim = cfg.limits
-        limiter = cls(
-            -(-lim.max_connections // workers),
-            lim.max_connections_per_ip,
-            cfg.per_ip_exempt_networks(),
-        )
+        limiter = cls(lim.max_connections, lim.max_connections_per_ip, cfg.per_ip_exempt_networks())
         if per_ip is not None:
             limiter.per_ip = per_ip
+            limiter.shared_total = workers > 1
         return limiter
 
     def acquire(self, ip: str, conn: Closable, fileno: int = -1) -> bool:
@@ -102,20 +108,30 @@ class ConnectionLimiter:
                 self._fd_warned = now
                 log.warning("descriptors running out (fd %d): connections refused with 421", fileno)
             return False
-        if len(self.live) >= self.max_total:
+        # Counted first, then compared: two workers cannot both take the last place.
+        if self.shared_total:
+            if self.per_ip.add(TOTAL, 1) > self.max_total:
+                self.per_ip.add(TOTAL, -1)
+                return False
+        elif len(self.live) >= self.max_total:
             return False
         counted = self.max_per_ip > 0 and not self._exempt(ip)  # 0: no limit per IP
-        # Counted first, then compared: two workers cannot both take the last place.
         if counted and self.per_ip.add(ip, 1) > self.max_per_ip:
             self.per_ip.add(ip, -1)
+            if self.shared_total:
+                self.per_ip.add(TOTAL, -1)
             return False
         self.live[conn] = counted
         return True
 
     def release(self, ip: str, conn: Closable) -> None:
         counted = self.live.pop(conn, None)
+        if counted is None:
+            return
         if counted:
             self.per_ip.add(ip, -1)
+        if self.shared_total:
+            self.per_ip.add(TOTAL, -1)
 
     def set_exempt(
         self, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]

@@ -133,6 +133,22 @@ def test_a_killed_worker_is_started_again(server_factory: ServerFactory) -> None
     assert srv.stop() == 0
 
 
+def test_max_connections_holds_across_workers(server_factory: ServerFactory) -> None:
+    # Each worker had max_connections / workers, rounded up: 1 let in two.
+    srv = server_factory(
+        domains=("a.test",),
+        services=("smtp",),
+        extra_toml="workers = 2\n[limits]\nmax_connections = 1\n",
+    )
+    held = [socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10) for _ in range(6)]
+    try:
+        answers = [first_line(s) for s in held]
+        assert sum(a.startswith(b"220 ") for a in answers) == 1, answers
+    finally:
+        for s in held:
+            s.close()
+
+
 def test_per_ip_limits_hold_across_workers(server_factory: ServerFactory) -> None:
     # They were counted by each worker: a client got `workers` x the limit.
     srv = server_factory(

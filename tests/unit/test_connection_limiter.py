@@ -53,3 +53,27 @@ def test_running_out_of_descriptors_is_said_once_per_while(
         f"descriptors running out (fd {high}): connections refused with 421"
     ) == 1
     assert limiter.acquire("192.0.2.1", Conn(), 10)  # a descriptor low enough: let in
+
+
+def test_max_connections_holds_over_all_workers() -> None:
+    """Each of N workers had max_connections / N, rounded up: max_connections = 1 let in two
+    with two workers, and a worker refused while the other had room. The total is counted
+    in the tables the workers share now, as the per-IP counts are."""
+    from postroom import config
+    from postroom.sharedcounts import SharedCounts, WorkerCounts
+
+    cfg = config.from_dict(
+        {"domains": ["a.test"], "limits": {"max_connections": 3, "max_connections_per_ip": 2}}
+    )
+    tables = (SharedCounts(rows=64), SharedCounts(rows=64))
+    w0, w1 = (ConnectionLimiter.for_config(cfg, 2, WorkerCounts(tables, i)) for i in (0, 1))
+    a, b, c, d = Conn(), Conn(), Conn(), Conn()
+    assert w0.acquire("192.0.2.1", a) and w0.acquire("192.0.2.2", b)
+    assert w1.acquire("192.0.2.1", c)
+    assert not w1.acquire("192.0.2.3", d)  # three open over both workers
+    assert not w0.acquire("192.0.2.3", d)
+    w0.release("192.0.2.1", a)
+    assert w1.acquire("192.0.2.3", d)  # the place w0 gave back
+    w1.release("192.0.2.3", d)
+    assert w0.acquire("192.0.2.1", a) and not w1.acquire("192.0.2.1", d)  # two per IP
+    assert tables[1].get("192.0.2.1") == 1 and not w1.acquire("192.0.2.4", d)  # and three
