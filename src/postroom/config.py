@@ -491,9 +491,17 @@ def _check_listeners_differ(listen: ListenConfig, source: str) -> None:
     for f in dataclasses.fields(listen):
         for host, port in getattr(listen, f.name):
             try:
-                key = (str(ipaddress.ip_address(host)), port)
+                addr = ipaddress.ip_address(host)
             except ValueError:
                 key = (host.lower().rstrip("."), port)
+            else:
+                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                    # An IPv6 socket cannot bind it (IPV6_V6ONLY): it failed at bind time.
+                    raise ConfigError(
+                        f"{source}: listen.{f.name}: {format_endpoint(host, port)}: write "
+                        f"the IPv4 address ({addr.ipv4_mapped}:{port})"
+                    )
+                key = (str(addr), port)
             if key in seen:
                 where = "twice" if seen[key] == f.name else f"in listen.{seen[key]} as well"
                 raise ConfigError(

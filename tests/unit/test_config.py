@@ -76,3 +76,9 @@ def test_an_address_listed_twice_is_a_config_error(listen: dict[str, list[str]])
     without naming the key."""
     with pytest.raises(ConfigError, match=r"listen\.\w+: .* is listed"):
         config.from_dict({"domains": ["a.test"], "listen": listen})
+
+
+def test_a_v4_mapped_listen_address_is_a_config_error() -> None:
+    """``[::ffff:127.0.0.1]:25`` passed the check and failed at bind time (exit 1)."""
+    with pytest.raises(ConfigError, match=r"listen\.smtp: .*127\.0\.0\.1:25"):
+        config.from_dict({"domains": ["a.test"], "listen": {"smtp": ["[::ffff:127.0.0.1]:25"]}})
