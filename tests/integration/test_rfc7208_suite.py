@@ -175,6 +175,7 @@ def test_rfc7208(
         ("v=spf1 exists:%{l-2}.x.mac.test -all", "permerror"),  # a digit after a delimiter
         ("v=spf1 exists:%{i2r}.x.mac.test -all", "fail"),  # well formed (no such name)
         ("v=spf1 exists:%{l1r-}.x.mac.test -all", "fail"),
+        ("v=spf1 exists:%%{ir2}.x.mac.test -all", "fail"),  # "%%" then text, no macro
     ],
 )
 def test_malformed_macros_are_a_permerror(dns: LoopbackDNS, record: str, result: str) -> None:

@@ -55,18 +55,12 @@ class _Miss(Exception):
 
 # RFC 7208 §7.1: macro-expand = "%{" macro-letter transformers *delimiter "}", transformers =
 # *DIGIT ["r"]. pyspf reads "%{ir2}" as "%{ir}" and "%{l-2}" as "%{l-}"; they are errors.
-_MACRO = re.compile(r"%\{([^}]*)\}")
+_MACRO = re.compile(r"%(?:%|\{([^}]*)\})")  # "%%" is a literal "%", not a macro's start
 _MACRO_BODY = re.compile(r"[a-zA-Z][0-9]*[rR]?[.\-+,/_=]*")
 
 
 class _Query(pyspf.query):  # type: ignore[misc]
     """pyspf's query with its DNS answered from what is already known."""
-
-    def expand(self, s: str, stripdot: bool = True) -> Any:
-        for body in _MACRO.findall(s):
-            if not _MACRO_BODY.fullmatch(body):
-                raise pyspf.PermError("invalid-macro-char", "%{" + body + "}")  # §4.6
-        return super().expand(s, stripdot)
 
     def __init__(self, known: dict[tuple[str, str], Answer], cache: DnsCache, **kw: Any) -> None:
         super().__init__(**kw)
@@ -74,6 +68,13 @@ class _Query(pyspf.query):  # type: ignore[misc]
         self._cache = cache
         self.missing: list[tuple[str, str]] = []
         self.used: list[tuple[tuple[str, str], Answer]] = []
+
+    def expand(self, s: str, stripdot: bool = True) -> Any:
+        for m in _MACRO.finditer(s):
+            body = m.group(1)
+            if body is not None and not _MACRO_BODY.fullmatch(body):
+                raise pyspf.PermError("invalid-macro-char", m.group(0))  # §4.6
+        return super().expand(s, stripdot)
 
     def dns(
         self, name: Any, qtype: str, cnames: Any = None, ignore_void: bool = False
