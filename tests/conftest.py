@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import compileall
 import contextlib
 import os
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -392,3 +395,18 @@ def pg_durable() -> Iterator[object]:
 
     with running(fsync=True) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def rsa_signer() -> tuple[bytes, bytes]:
+    """An RSA-2048 key: its PEM for dkimpy's signer, and its DKIM key record."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem, b"v=DKIM1; p=" + base64.b64encode(der)

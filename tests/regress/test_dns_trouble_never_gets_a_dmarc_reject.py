@@ -77,32 +77,20 @@ def test_temporary_errors_of_aligned_results_only() -> None:
 
 
 def test_a_dead_key_is_a_temperror_for_its_own_signature_only(
-    server_factory: ServerFactory, dns: LoopbackDNS
+    server_factory: ServerFactory, dns: LoopbackDNS, rsa_signer: tuple[bytes, bytes]
 ) -> None:
     """The keys of all signatures were fetched as one job, cancelled whole at check_timeout:
     a key whose DNS never answered made every signature a temperror, also the aligned one
     whose key came back at once, so DMARC passed no more."""
-    import base64
-
     import dkim
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
 
     srv = server_factory(
         extra_toml=f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "3s"\n'
         '[auth]\ncheck_timeout = "1s"\n'
     )
     srv.add_user("bob@a.test", "pw")
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    dns.txt("good._domainkey.bank.test", "v=DKIM1; p=" + base64.b64encode(der).decode())
+    pem, record = rsa_signer
+    dns.txt("good._domainkey.bank.test", record.decode())
     dns.timeout("dead._domainkey.other.test")
     dns.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
     dns.txt("bank.test", "v=spf1 -all")
