@@ -2,7 +2,12 @@
 up to 5 s more for deliveries in flight: a client dripping its DATA plus a remote MX that
 holds its reply (a tarpit) took 13 s, past the supervisor's grace, so the workers were killed
 and ``postroom serve`` did not exit 0 within 10 s. Both waits now share one deadline; the
-delivery cut short stays queued."""
+delivery cut short stays queued.
+
+And the deliveries were cut off after 5 s, also one whose final dot was already out and
+whose host was about to answer: the host had the message, postroom did not record it, and
+sent it again after the restart (RFC 5321 §6.1 allows that only for a reply that never
+comes). A delivery waiting for the reply to its dot is now waited for until the deadline."""
 
 from __future__ import annotations
 
@@ -14,18 +19,21 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ServerFactory, free_port, wait_until
+from tests.conftest import Server, ServerFactory, free_port, wait_until
 from tests.dnszone import LoopbackDNS
 
 SERVER_IP, TARPIT_IP = "127.0.0.161", "127.0.0.162"
 
 
 class Tarpit:
-    """An MX that takes the whole message and then never answers the final dot."""
+    """An MX that takes the whole message and then answers the final dot after
+    ``reply_after`` seconds, or never."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, reply_after: float | None = None) -> None:
         self.listener = socket.create_server((TARPIT_IP, port))
+        self.reply_after = reply_after
         self.got_data = threading.Event()
+        self.messages = 0
         self.conns: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -42,7 +50,12 @@ class Tarpit:
                 conn.sendall(b"354 go on\r\n")
                 while (data := f.readline()) and data != b".\r\n":
                     pass
-                self.got_data.set()  # and no reply, ever
+                self.got_data.set()
+                if self.reply_after is None:
+                    continue  # no reply, ever
+                time.sleep(self.reply_after)
+                self.messages += 1
+                conn.sendall(b"250 2.0.0 queued\r\n")
             elif verb == b"QUIT":
                 return
             else:
@@ -65,18 +78,15 @@ def tarpit() -> Iterator[tuple[Tarpit, LoopbackDNS]]:
     zone.stop()
 
 
-def test_sigterm_with_a_dripping_client_and_a_tarpit_peer_exits_0_within_10_s(
-    server_factory: ServerFactory, tarpit: tuple[Tarpit, LoopbackDNS]
-) -> None:
-    pit, zone = tarpit
-    port = pit.listener.getsockname()[1]
+def _relay_to(server_factory: ServerFactory, pit: Tarpit, zone: LoopbackDNS) -> Server:
+    """A server that has relayed one message to ``pit``, which holds its final dot now."""
     srv = server_factory(
         domains=("a.test",),
         host=SERVER_IP,
         services=("smtp",),
         extra_toml=(
             f'[dns]\nnameservers = ["{zone.nameserver}"]\ntimeout = "3s"\n'
-            f"[delivery]\nport = {port}\n"
+            f"[delivery]\nport = {pit.listener.getsockname()[1]}\n"
             "[auth]\nallow_plaintext = true\nchecks = false\ndkim_sign = false"
         ),
     )
@@ -85,6 +95,14 @@ def test_sigterm_with_a_dripping_client_and_a_tarpit_peer_exits_0_within_10_s(
         c.login("alice@a.test", "pw")
         c.sendmail("alice@a.test", ["bob@tarpit.test"], b"Subject: to the pit\r\n\r\nx\r\n")
     assert pit.got_data.wait(20), "the delivery did not reach the tarpit"
+    return srv
+
+
+def test_sigterm_with_a_dripping_client_and_a_tarpit_peer_exits_0_within_10_s(
+    server_factory: ServerFactory, tarpit: tuple[Tarpit, LoopbackDNS]
+) -> None:
+    pit, zone = tarpit
+    srv = _relay_to(server_factory, pit, zone)
     drip = socket.create_connection((srv.host, srv.ports["smtp"]), timeout=20)
     drip.sendall(b"EHLO d\r\nMAIL FROM:<d@x.test>\r\nRCPT TO:<alice@a.test>\r\nDATA\r\n")
     wait_until(lambda: b"354" in drip.recv(4096), what="354")
@@ -110,3 +128,18 @@ def test_sigterm_with_a_dripping_client_and_a_tarpit_peer_exits_0_within_10_s(
     assert code == 0 and elapsed < 10, (code, elapsed)
     # The delivery cut short is still queued, for the next start.
     assert "bob@tarpit.test" in srv.cli("queue", "list").stdout
+
+
+def test_sigterm_waits_for_the_reply_to_a_final_dot_already_sent(
+    server_factory: ServerFactory, tarpit: tuple[Tarpit, LoopbackDNS]
+) -> None:
+    pit, zone = tarpit
+    pit.reply_after = 6.5  # past the 5 s deliveries get, within the 8 s deadline
+    srv = _relay_to(server_factory, pit, zone)
+    t0 = time.monotonic()
+    code = srv.stop(timeout=20)
+    elapsed = time.monotonic() - t0
+    assert code == 0 and elapsed < 10, (code, elapsed)
+    assert pit.messages == 1
+    # The reply was waited for and recorded: nothing is left to send again.
+    assert srv.cli("queue", "list").stdout == ""

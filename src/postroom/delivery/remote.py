@@ -27,6 +27,7 @@ Security notes: all network input goes through the engine; this module never int
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -60,6 +61,7 @@ MessageSource = bytes | Callable[[], Awaitable[bytes]]
 MayFinish = Callable[[], bool]
 """Asked before the final dot of a message: may this transaction be committed?"""
 
+SHUTDOWN_QUIT_WAIT = 1.0  # seconds the cached sessions' 221s are waited for at shutdown
 MAX_ADDRESSES = 10  # sessions tried per delivery attempt (Postfix: smtp_mx_address_limit = 5)
 DATA_BLOCK_TIMEOUT = 180.0  # RFC 5321 §4.5.3.2.5: each write of message data
 
@@ -562,8 +564,10 @@ class RemoteDelivery:
             await asyncio.gather(*(s.quit() for s in closing), return_exceptions=True)
 
     async def aclose(self) -> None:
-        """QUIT every cached session (at shutdown)."""
-        await self.close_idle(all_sessions=True)
+        """QUIT every cached session (at shutdown), waiting at most a second for the 221s: a
+        host slow to answer QUIT held the exit up to 5 s more, past the 10 s a stop may take."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.close_idle(all_sessions=True), SHUTDOWN_QUIT_WAIT)
 
     @property
     def cached(self) -> int:
