@@ -378,3 +378,19 @@ def test_signing_goes_on_when_the_dkim_helper_dies(
         signed = srv.wait_messages("bob@a.test", before + n)[-1]
         assert sorted(dkim_results(signed, dns)) == [("ed25519", True), ("rsa", True)]
     assert _helpers(srv.proc.pid), "no new helper was started"
+
+
+def test_a_bounce_is_signed_by_the_domain_that_holds_hostname(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    """A bounce (``From: MAILER-DAEMON@mx.a.test``, null sender) went out unsigned; with no
+    SPF for the HELO name it failed DMARC wherever a.test publishes p=reject, and a refused
+    bounce goes nowhere. It is signed by a.test now, as the users' mail is."""
+    srv = _server(server_factory, dns, "alice@a.test", "bob@a.test")
+    publish(srv, dns, "a.test")
+    wait_signed(srv, "alice@a.test", "bob@a.test", dns)  # the keys are seen in DNS
+    submit(srv, "alice@a.test", "nobody@nowhere.test", MESSAGE)  # NXDOMAIN: bounced at once
+    bounce = srv.wait_messages("alice@a.test", 1)[0]
+    assert b"MAILER-DAEMON@mx.a.test" in bounce
+    assert re.search(rb"DKIM-Signature:[^\n]*\bd=a\.test", bounce.replace(b"\n\t", b" "))
+    assert sorted(dkim_results(bounce, dns)) == [("ed25519", True), ("rsa", True)]

@@ -215,6 +215,7 @@ def make(tmp_path: Path, routes: dict[str, Route | RouteFailure]) -> tuple[Any, 
     services.cfg = cfg
     services.log = logging.getLogger("test-runner")
     services.accounts = Accounts()
+    services.sender_auth = None
     queue = MemoryQueue()
     services.queue = queue
     mailboxes = MemoryMailboxes(queue)

@@ -257,6 +257,19 @@ class SenderAuth:
         )
         message.prepend(header)
 
+    def sign_own(self, message: bytes) -> bytes:
+        """The DKIM-Signature fields for a report made on this host (a DSN, ``From:
+        MAILER-DAEMON@hostname``), or b"": signed by the local domain that is ``hostname`` or
+        holds it (aligned for DMARC, RFC 7489 §3.1.1). A bounce has the null sender, so SPF
+        checks only the HELO name: unsigned, it failed DMARC wherever our own domain asks
+        for p=reject, and a bounce refused goes nowhere (none is sent for it)."""
+        host = self.cfg.hostname.lower()
+        holders = [d for d in self._named_domains() if host == d or host.endswith("." + d)]
+        if not holders or not self.cfg.auth.dkim_sign:
+            return b""
+        _, signers = self._domain_keys(max(holders, key=len))
+        return dkim_sign.sign(message, signers, int(self.clock())) if signers else b""
+
     async def _dkim_job(
         self,
         size: int,

@@ -673,6 +673,8 @@ class QueueRunner:
             ret=envelope.ret,
             queue_id=envelope.id,
         )
+        if self.services.sender_auth is not None:  # DKIM, so that it passes DMARC
+            message = self.services.sender_auth.sign_own(message) + message
         report = self._made_here("", report_to, pending.id, parent=envelope.id)
         draft = self.queue.draft(report.id, "")
         draft.write(message)
