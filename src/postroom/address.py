@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import idna
@@ -51,12 +52,21 @@ class Address:
 
     @property
     def key(self) -> str:
-        """Lower-cased ``local@domain``: the name accounts and Maildirs are stored under."""
-        return f"{self.local.lower()}@{self.domain}"
+        """``local@domain`` as accounts and Maildirs are stored under it (see local_key)."""
+        return f"{local_key(self.local)}@{self.domain}"
 
     @property
     def needs_smtputf8(self) -> bool:
         return not (self.local.isascii() and self.domain.isascii())
+
+
+def local_key(local: str) -> str:
+    """A local part as accounts are keyed: lower-cased, and a UTF-8 one in Unicode NFC (RFC
+    6532 §3.1, RFC 6530 §10.1), so that ``jürgen`` typed precomposed or decomposed is one
+    mailbox, not two that look alike."""
+    if local.isascii():
+        return local.lower()
+    return unicodedata.normalize("NFC", local).lower()
 
 
 def normalise_domain(name: str) -> str:
@@ -157,7 +167,7 @@ def parse_path(text: str, *, utf8: bool = False, allow_null: bool = False) -> Ad
 
 def safe_local_part(local: str) -> str:
     """The lower-cased local part if it may name a directory; AddressError otherwise."""
-    lowered = local.lower()
+    lowered = local_key(local)
     if not _SAFE_LOCAL.match(lowered) or ".." in lowered or len(lowered.encode()) > MAX_LOCAL_PART:
         raise AddressError(f"local part {local!r} cannot name a mailbox")
     return lowered

@@ -92,3 +92,18 @@ def test_an_admin_cannot_make_an_account_no_mail_can_name() -> None:
     with pytest.raises(AccountError, match="longer than a path"):
         account_address("u" * 64 + "@" + long_domain, [long_domain])
     assert account_address("u" * 63 + "@" + long_domain, [long_domain]).local == "u" * 63
+
+
+def test_a_utf8_local_part_is_one_account_however_it_is_composed() -> None:
+    """RFC 6532 §3.1: UTF-8 in NFC. ``jürgen`` precomposed and decomposed were two accounts
+    that look alike, each with its own Maildir, mail and logins split between them."""
+    from postroom.address import parse_path, safe_local_part
+    from postroom.storage.credentials import login_key
+
+    nfc, nfd = "j\u00fcrgen", "ju\u0308rgen"
+    key = account_address(f"{nfc}@a.test", ["a.test"]).key
+    assert account_address(f"{nfd.upper()}@a.test", ["a.test"]).key == key
+    assert login_key(f"{nfd}@a.test") == key
+    path = parse_path(f"<{nfd}@a.test>", utf8=True)
+    assert path is not None and path.key == key
+    assert safe_local_part(nfd) == safe_local_part(nfc)

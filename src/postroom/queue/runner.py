@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from postroom import events
+from postroom.address import local_key
 from postroom.delivery.dsn import (
     Action,
     DsnRecipient,
@@ -695,7 +696,7 @@ class QueueRunner:
         if not self.is_local(sender):
             return [sender]
         local, _, domain = sender.rpartition("@")
-        return self.services.accounts.resolve(f"{local.lower()}@{domain}") or []
+        return self.services.accounts.resolve(f"{local_key(local)}@{domain}") or []
 
 
 def _transport(relay: str) -> str:

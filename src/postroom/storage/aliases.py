@@ -21,6 +21,7 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from postroom.address import (
     MAX_PATH,
     Address,
+    local_key,
     normalise_domain,
     parse_user_address,
     safe_local_part,
@@ -42,7 +43,7 @@ def account_address(text: str, domains: Iterable[str]) -> Address:
     if len(addr.key.encode()) + 2 > MAX_PATH:
         # RFC 5321 §4.5.3.1.3: no RCPT or MAIL could name it.
         raise AccountError(f"address {text!r} is longer than a path may be ({MAX_PATH - 2} octets)")
-    return Address(addr.local.lower(), addr.domain)
+    return Address(local_key(addr.local), addr.domain)
 
 
 def alias_key(text: str, domains: Iterable[str]) -> str:
@@ -64,7 +65,7 @@ def target_key(target: str, local_domains: Container[str]) -> str:
     """How a target is stored: a local one in key form (lower-case local part), a remote one
     as typed."""
     local, _, domain = target.rpartition("@")
-    return f"{local.lower()}@{domain}" if domain in local_domains else target
+    return f"{local_key(local)}@{domain}" if domain in local_domains else target
 
 
 def check_targets(
