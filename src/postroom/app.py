@@ -69,6 +69,7 @@ def build_services(
     shared: Shared | None = None,
     stores: NodeStores | None = None,
     io: BlockingPool | None = None,
+    again: bool = False,
 ) -> tuple[Services, QueueRunner]:
     """The shared bundle and the queue runner that takes its finished messages: with the
     local storage backend, or with ``stores`` (PostgreSQL, from ``storage/factory.py``)."""
@@ -82,7 +83,9 @@ def build_services(
             cfg.data_dir / "journal",
             privileges.target_ids(cfg),
             cpus[1] if cpus else None,
-            clean_bodies=primary,
+            # Body files no journal names are removed at the server's start only: a primary
+            # started again beside a living worker would take that worker's spare files.
+            clean_bodies=primary and not (again and workers > 1),
         )
         local = LocalQueue(cfg.data_dir, cfg.hostname, writer, io, cfg.limits.header_size)
         queue, mailboxes, slots = local, LocalMailboxes(local), None
@@ -442,7 +445,7 @@ async def serve(
         waiting = functools.partial(_refuse_while_waiting, cfg, listeners, worker.index)
         stores = await factory.open_node(cfg, io, worker.index, worker.again, waiting)
     services, runner = build_services(
-        cfg, pair, worker.primary, cfg.workers, worker.index, shared, stores, io
+        cfg, pair, worker.primary, cfg.workers, worker.index, shared, stores, io, worker.again
     )
     loop = asyncio.get_running_loop()
     logs.flush_from(loop)

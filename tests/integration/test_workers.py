@@ -133,6 +133,32 @@ def test_a_killed_worker_is_started_again(server_factory: ServerFactory) -> None
     assert srv.stop() == 0
 
 
+def test_a_restarted_primary_leaves_the_other_workers_body_files(
+    server_factory: ServerFactory,
+) -> None:
+    """The primary started again ran the start's clean-up of body files no journal names,
+    and took the living secondary's spare files with them: its next large messages (a body
+    file each) got 452 4.3.1, logged as a full disk."""
+    srv = server_factory(domains=("a.test",), services=("smtp",), extra_toml="workers = 2\n")
+    srv.add_user("alice@a.test", "pw")
+    wait_until(lambda: "worker 1 ready" in srv.log.read_text(), 15)
+    big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 200  # 200 KB: a body file
+
+    def send_all(count: int) -> None:
+        for _ in range(count):  # new connections: the kernel spreads them over both workers
+            with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=30) as c:
+                c.sendmail("x@r.test", ["alice@a.test"], big)  # raises on a 452
+
+    send_all(12)  # each worker has spare body files made now
+    (pid,) = worker_pids(srv.log.read_text(), 0)[-1:]
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: len(worker_pids(srv.log.read_text(), 0)) >= 2, 15)
+    wait_until(lambda: srv.log.read_text().count("worker 0 ready") >= 2, 15)
+    send_all(12)
+    assert len(srv.wait_messages("alice@a.test", 24)) == 24
+    assert srv.stop() == 0
+
+
 def test_max_connections_holds_across_workers(server_factory: ServerFactory) -> None:
     # Each worker had max_connections / workers, rounded up: 1 let in two.
     srv = server_factory(

@@ -87,6 +87,9 @@ def test_failure_report_parses() -> None:
     assert per_msg["Reporting-MTA"] == "dns; mx.a.test"
     assert per_msg["Original-Envelope-Id"] == "ID+1"
     assert per_msg["Arrival-Date"] == "Fri, 01 Mar 2024 12:00:00 +0000"
+    # RFC 3464 §2.2's order: Original-Envelope-Id first, extension fields last.
+    assert list(per_msg)[:3] == ["Original-Envelope-Id", "Reporting-MTA", "Arrival-Date"]
+    assert list(per_msg)[-1].startswith("X-")
     assert per_rcpt["Final-Recipient"] == "rfc822; bob@b.test"
     assert per_rcpt["Action"] == "failed"
     assert per_rcpt["Status"] == "5.1.1"

@@ -242,14 +242,16 @@ def _status_part(
     queue_id: str | None,
     utf8: bool,
 ) -> str:
-    # RFC 3464 §2.2: per-message fields, then a blank line before each per-recipient block.
-    out = _field("Reporting-MTA", f"dns; {hostname}", utf8=utf8)
-    if queue_id:
-        out += _field("X-Postroom-Queue-ID", queue_id, utf8=utf8)
+    # RFC 3464 §2.2: per-message fields in its order (Original-Envelope-Id, Reporting-MTA,
+    # Arrival-Date, then extension fields), a blank line before each per-recipient block.
+    out = ""
     if envid:
         # RFC 3464 §2.2.1: the ENVID, decoded from xtext.
         out += _field("Original-Envelope-Id", xtext_decode(envid), utf8=utf8)
+    out += _field("Reporting-MTA", f"dns; {hostname}", utf8=utf8)
     out += _field("Arrival-Date", format_date(arrival), utf8=utf8)
+    if queue_id:
+        out += _field("X-Postroom-Queue-ID", queue_id, utf8=utf8)
     for r in recipients:
         if not _STATUS.match(r.status):
             raise ValueError(f"bad status code {r.status!r}")  # our own bug, not the peer's
