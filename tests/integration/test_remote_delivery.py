@@ -674,3 +674,59 @@ def test_a_server_that_drips_its_reply_times_out_all_the_same() -> None:
                 await asyncio.sleep(0.1)
 
     times_out(drip)
+
+
+class _SlowLink:
+    """A transport whose buffer a slow peer drains ``step`` octets per ``every`` seconds,
+    and the engine side of a session: what flush() uses of each."""
+
+    def __init__(self, session: Any, size: int, step: int, every: float) -> None:
+        self.session, self.buffered, self.step, self.every = session, 0, step, every
+        self.size = size
+        self.lost: list[str] = []
+
+    # the engine
+    def data_to_send(self) -> bytes:
+        out, self.size = b"x" * self.size, 0
+        return out
+
+    def connection_lost(self, reason: str) -> None:
+        self.lost.append(reason)
+
+    # the transport
+    def write(self, data: bytes) -> None:
+        self.buffered += len(data)
+        self.session.pause_writing()
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    async def drain(self) -> None:
+        while not self.buffered:  # until the message is written
+            await asyncio.sleep(0.001)
+        while self.buffered:
+            await asyncio.sleep(self.every)
+            self.buffered = max(0, self.buffered - self.step)
+        self.session.resume_writing()
+
+
+@pytest.mark.parametrize(("step", "lost"), [(4096, False), (0, True)])
+def test_the_data_block_time_out_is_per_block_not_per_message(step: int, lost: bool) -> None:
+    """RFC 5321 §4.5.3.2.5: 3 minutes for each block the peer takes. The whole message had
+    them: a large one over a slow link timed out at every attempt and never went out. A
+    peer that takes nothing for that long is still given up on."""
+    from postroom.delivery.remote import _Session
+
+    async def main() -> list[str]:
+        session = _Session(None, "mx.b.test", "127.0.0.2", cap=0.1)  # type: ignore[arg-type]
+        link = _SlowLink(session, 64 * 1024, step, every=0.02)  # 16 steps: 0.3 s in all
+        session.engine, session.transport = link, link  # type: ignore[assignment]
+        draining = asyncio.ensure_future(link.drain())
+        await asyncio.wait_for(session.flush(), 5)
+        draining.cancel()
+        return link.lost
+
+    assert bool(asyncio.run(main())) is lost

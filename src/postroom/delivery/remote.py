@@ -64,6 +64,7 @@ MayFinish = Callable[[], bool]
 SHUTDOWN_QUIT_WAIT = 1.0  # seconds the cached sessions' 221s are waited for at shutdown
 MAX_ADDRESSES = 10  # sessions tried per delivery attempt (Postfix: smtp_mx_address_limit = 5)
 DATA_BLOCK_TIMEOUT = 180.0  # RFC 5321 §4.5.3.2.5: each write of message data
+DATA_BLOCK = 1024  # octets that must go within DATA_BLOCK_TIMEOUT (else a trickle holds it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,13 +167,21 @@ class _Session(asyncio.Protocol):
 
     async def flush(self) -> None:
         out = self.engine.data_to_send()
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
-            if not self._writable.is_set():
-                try:
-                    await asyncio.wait_for(self._writable.wait(), self._limit(DATA_BLOCK_TIMEOUT))
-                except TimeoutError:
+        transport = self.transport
+        if not out or transport is None or transport.is_closing():
+            return
+        transport.write(out)
+        # RFC 5321 §4.5.3.2.5: the 3 minutes are for each block of data the peer takes, not
+        # for the whole message (a large one over a slow link took longer at every attempt
+        # and never went out): the clock restarts whenever a block has gone.
+        while not self._writable.is_set():
+            left = transport.get_write_buffer_size()
+            try:
+                await asyncio.wait_for(self._writable.wait(), self._limit(DATA_BLOCK_TIMEOUT))
+            except TimeoutError:
+                if transport.is_closing() or left - transport.get_write_buffer_size() < DATA_BLOCK:
                     self.engine.connection_lost("time-out sending data")
+                    return
 
     async def next_event(self) -> Event:
         loop = asyncio.get_running_loop()
