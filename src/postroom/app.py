@@ -324,8 +324,16 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
         try:
             line = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
             verb, _, arg = line.partition(" ")
+            if verb in ("flush", "adopt") and isinstance(queue, LocalQueue):
+                # A dead worker's messages, parked by the replay of its journal: scheduled
+                # here (a flush as well: "every deferred message", whoever parked it).
+                adopted = queue.adopt(runner.busy)
+                if adopted:
+                    log.info("queue: %d messages parked by another worker scheduled", adopted)
             if verb == "flush":
                 events.queue_action("flush", count=queue.flush())
+                answer = "ok"
+            elif verb == "adopt":
                 answer = "ok"
             elif verb == "submit" and isinstance(queue, LocalQueue):
                 # Another worker parked a message: the primary schedules its retries.
@@ -364,12 +372,14 @@ def _hand_over(services: Services, queue_id: str) -> None:
     task.add_done_callback(_handing_over.discard)
 
 
-async def _submit(services: Services, queue_id: str) -> None:
+async def _submit(services: Services, queue_id: str, command: str = "submit") -> None:
+    """Tell the primary of ``queue_id`` (``command`` "adopt": of what the replay of a dead
+    worker's journal parked, no id needed)."""
     path = str(control_path(services.cfg.data_dir, 0))
     for attempt in range(50):
         try:
             reader, writer = await asyncio.open_unix_connection(path)
-            writer.write(f"submit {queue_id}\n".encode())
+            writer.write(f"{command} {queue_id}\n".encode())
             await writer.drain()
             await asyncio.wait_for(reader.readline(), 10)
             writer.close()
@@ -462,6 +472,10 @@ async def serve(
             queue.recover()
         else:
             queue.on_parked = functools.partial(_hand_over, services)
+            if worker.again:  # its writer replayed the dead one's journal: the primary looks
+                task = loop.create_task(_submit(services, "", "adopt"))
+                _handing_over.add(task)
+                task.add_done_callback(_handing_over.discard)
     else:
         # Shared: a message deleted from any node stops its attempt here.
         queue.on_deleted = runner.deleted_elsewhere  # type: ignore[attr-defined]

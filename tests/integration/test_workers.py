@@ -210,3 +210,92 @@ def test_per_ip_limits_hold_across_workers(server_factory: ServerFactory) -> Non
         assert login(f"guess{i}").startswith(b"-ERR [AUTH]")
     for _ in range(6):  # locked out on every worker, even with the right password
         assert login("right-password").startswith(b"-ERR [SYS/TEMP]")
+
+
+class _HoldingMX:
+    """An MX that reads each message to its final dot and answers 250 only once ``release``
+    is set; a session whose client died meanwhile delivers nothing."""
+
+    def __init__(self, host: str) -> None:
+        self.listener = socket.create_server((host, 0))
+        self.release = threading.Event()
+        self.dots = 0
+        self.delivered: set[str] = set()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as f:
+            try:
+                conn.sendall(b"220 mx.far.test ESMTP\r\n")
+                while line := f.readline():
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        conn.sendall(b"250-mx.far.test\r\n250 PIPELINING\r\n")
+                    elif verb == b"DATA":
+                        conn.sendall(b"354 go on\r\n")
+                        subject = ""
+                        while (data := f.readline()) and data != b".\r\n":
+                            if data.startswith(b"Subject: "):
+                                subject = data[9:].strip().decode()
+                        self.dots += 1
+                        self.release.wait(30)
+                        try:  # a client that died meanwhile has closed its end: no delivery
+                            if conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                                return
+                        except BlockingIOError:
+                            pass
+                        conn.sendall(b"250 2.0.0 queued\r\n")
+                        self.delivered.add(subject)
+                    elif verb == b"QUIT":
+                        conn.sendall(b"221 bye\r\n")
+                        return
+                    else:
+                        conn.sendall(b"250 OK\r\n")
+            except OSError:
+                return
+
+
+def test_a_dead_secondarys_messages_are_retried_without_a_restart(
+    server_factory: ServerFactory,
+) -> None:
+    """A secondary worker killed in the middle of its first attempts: the replay of its
+    journal by its successor parked them where the primary, which owns the retries, never
+    looked until the next start of the server (and queue flush did not reach them)."""
+    mx = _HoldingMX("127.0.0.177")
+    dns = LoopbackDNS()
+    try:
+        dns.mx("far.test", 10, "mx.far.test")
+        dns.a("mx.far.test", "127.0.0.177")
+        srv = server_factory(
+            domains=("a.test",),
+            services=("smtp",),
+            extra_toml=(
+                f'workers = 2\n[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "3s"\n'
+                f"[delivery]\nport = {mx.listener.getsockname()[1]}\n"
+                'retry_intervals = ["1s"]\n[auth]\nchecks = false\n'
+            ),
+        )
+        srv.cli("alias", "add", "fwd@a.test", "bob@far.test")
+        wait_until(lambda: "worker 1 ready" in srv.log.read_text(), 15)
+        subjects = [f"m{i}" for i in range(12)]
+        for s in subjects:  # new connections: the kernel spreads them over both workers
+            with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=30) as c:
+                c.sendmail("x@r.test", ["fwd@a.test"], f"Subject: {s}\r\n\r\nx\r\n".encode())
+        wait_until(lambda: mx.dots >= len(subjects), 20, "every message at the MX")
+        (pid,) = worker_pids(srv.log.read_text(), 1)[-1:]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: len(worker_pids(srv.log.read_text(), 1)) >= 2, 15)
+        mx.release.set()
+        wait_until(lambda: mx.delivered >= set(subjects), 30, "every message delivered")
+        assert srv.stop() == 0
+    finally:
+        mx.listener.close()
+        dns.stop()

@@ -248,6 +248,11 @@ class QueueRunner:
         self.deleted_elsewhere(queue_id)
         return True
 
+    @property
+    def busy(self) -> AbstractSet[str]:
+        """The messages whose attempts run now."""
+        return self._inflight.keys()
+
     def deleted_elsewhere(self, queue_id: str) -> None:
         """The message was deleted (here, or from another node): an attempt of it running
         here goes on with the copy it holds, but records, retries and reports nothing."""

@@ -35,6 +35,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -540,6 +541,19 @@ class LocalQueue:
         self._next[queue_id] = when
         heapq.heappush(self._heap, (when, queue_id))
         self._wake.set()
+
+    def adopt(self, busy: AbstractSet[str]) -> int:
+        """Schedule the parked messages the owner does not know of (how many): those a
+        worker's new writer parked when it replayed the journal of a worker that died, which
+        no one hands over. ``busy``: the messages whose attempts run now (not scheduled
+        again). The state files' mtimes alone, as at the start."""
+        n = 0
+        for qid, when in self.deferred.schedule():
+            if qid in self._next or qid in busy or qid in self._live or qid in self._unrecorded:
+                continue
+            self._schedule(qid, when)
+            n += 1
+        return n
 
     def take(self, queue_id: str) -> Envelope | None:
         """A parked message handed over by another worker (the control socket)."""
