@@ -8,8 +8,11 @@ attempt (after a retry interval, never at once) queues it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from pathlib import Path
+
+import pytest
 
 from postroom.errors import TemporaryStorageError
 from postroom.queue.envelope import Envelope
@@ -35,13 +38,19 @@ class FullForBounces(MemoryQueue):
         return await super().accept(envelope, draft, deliver_now, hold)
 
 
-def test_a_bounce_refused_by_the_queue_is_made_at_the_next_attempt(tmp_path: Path) -> None:
+def test_a_bounce_refused_by_the_queue_is_made_at_the_next_attempt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     runner, _queue, _boxes, clock = make(tmp_path, {})  # every domain: NXDOMAIN
     queue = FullForBounces()
     runner.queue = runner.services.queue = queue
     runner.mailboxes.queue = queue
     env = envelope("Q1", "bob@nowhere.test")
-    asyncio.run(accept(runner, env))
+    with caplog.at_level(logging.WARNING, logger="test-runner"):
+        asyncio.run(accept(runner, env))
+    # A full disk is a handled case: one warning line, not a traceback (the log promises it).
+    (line,) = [r for r in caplog.records if "notification" in r.getMessage()]
+    assert line.levelname == "WARNING" and line.exc_info is None
     assert [e.sender for e, _b in queue.messages.values()] == ["alice@a.test"]  # no report yet
     (rcpt,) = env.recipients
     assert rcpt.status == "bounced" and "5.1.2" in (rcpt.last_error or "")

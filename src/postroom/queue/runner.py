@@ -633,13 +633,8 @@ class QueueRunner:
                 original = original or _wire(await self.queue.body(envelope))
                 try:
                     report = await self._queue_report(envelope, pending, original)
-                except Exception:  # a full disk (TemporaryStorageError), a database gone, ...
-                    self.services.log.warning(
-                        "%s: a delivery status notification could not be queued;"
-                        " tried again at the next attempt",
-                        envelope.id,
-                        exc_info=True,
-                    )
+                except Exception as exc:  # a full disk, a database gone, ... or a bug
+                    self._failed(f"{envelope.id}: a delivery status notification not queued", exc)
                     break
                 if report is not None:
                     made.append(report)
