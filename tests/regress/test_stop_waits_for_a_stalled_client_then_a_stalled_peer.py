@@ -32,6 +32,8 @@ class Tarpit:
     def __init__(self, port: int, reply_after: float | None = None) -> None:
         self.listener = socket.create_server((TARPIT_IP, port))
         self.reply_after = reply_after
+        self.go_on_after = 0.0  # seconds before the 354
+        self.at_data = threading.Event()
         self.got_data = threading.Event()
         self.messages = 0
         self.conns: list[socket.socket] = []
@@ -47,9 +49,13 @@ class Tarpit:
             if verb == b"EHLO":
                 conn.sendall(b"250-tarpit.test\r\n250 PIPELINING\r\n")
             elif verb == b"DATA":
+                self.at_data.set()
+                time.sleep(self.go_on_after)
                 conn.sendall(b"354 go on\r\n")
                 while (data := f.readline()) and data != b".\r\n":
                     pass
+                if not data:
+                    return  # closed without the final dot: no message
                 self.got_data.set()
                 if self.reply_after is None:
                     continue  # no reply, ever
@@ -78,8 +84,11 @@ def tarpit() -> Iterator[tuple[Tarpit, LoopbackDNS]]:
     zone.stop()
 
 
-def _relay_to(server_factory: ServerFactory, pit: Tarpit, zone: LoopbackDNS) -> Server:
-    """A server that has relayed one message to ``pit``, which holds its final dot now."""
+def _relay_to(
+    server_factory: ServerFactory, pit: Tarpit, zone: LoopbackDNS, wait: bool = True
+) -> Server:
+    """A server that has relayed one message to ``pit``, which holds its final dot now
+    (``wait``: the caller waits for what it wants instead)."""
     srv = server_factory(
         domains=("a.test",),
         host=SERVER_IP,
@@ -94,7 +103,7 @@ def _relay_to(server_factory: ServerFactory, pit: Tarpit, zone: LoopbackDNS) -> 
     with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
         c.login("alice@a.test", "pw")
         c.sendmail("alice@a.test", ["bob@tarpit.test"], b"Subject: to the pit\r\n\r\nx\r\n")
-    assert pit.got_data.wait(20), "the delivery did not reach the tarpit"
+    assert not wait or pit.got_data.wait(20), "the delivery did not reach the tarpit"
     return srv
 
 
@@ -143,3 +152,19 @@ def test_sigterm_waits_for_the_reply_to_a_final_dot_already_sent(
     assert pit.messages == 1
     # The reply was waited for and recorded: nothing is left to send again.
     assert srv.cli("queue", "list").stdout == ""
+
+
+def test_sigterm_before_the_354_sends_no_final_dot(
+    server_factory: ServerFactory, tarpit: tuple[Tarpit, LoopbackDNS]
+) -> None:
+    """A stop that came while a delivery waited for its 354 let it send the message and its
+    dot seconds later, then left before the reply: the host had it, and got it again after
+    the restart. A delivery that has not sent its dot when the stop begins sends none."""
+    pit, zone = tarpit
+    pit.go_on_after, pit.reply_after = 3.0, 6.0
+    srv = _relay_to(server_factory, pit, zone, wait=False)
+    assert pit.at_data.wait(20), "the delivery did not reach DATA"
+    code = srv.stop(timeout=20)
+    assert code == 0
+    assert not pit.got_data.wait(2) and pit.messages == 0
+    assert "bob@tarpit.test" in srv.cli("queue", "list").stdout  # for the next start

@@ -39,6 +39,7 @@ from postroom.delivery import mime_downgrade
 from postroom.errors import LeaseLost
 from postroom.resolver import Resolver, Target, drop_self
 from postroom.smtp.client_engine import (
+    BDAT_MAX,
     ClientEngine,
     ClientState,
     Closed,
@@ -90,6 +91,9 @@ FENCED = Reply(
     "4.3.0",
     ("not finished before the final dot: the lease on the message is not confirmed",),
     local=True,
+)
+STOPPED = Reply(
+    451, "4.3.2", ("not finished before the final dot: the server is stopping",), local=True
 )
 
 
@@ -272,6 +276,8 @@ class RemoteDelivery:
         # Transactions whose final dot is out, waiting for the reply that commits them: a stop
         # waits for these longer, since leaving now sends the message again (RFC 5321 §6.1).
         self.committing = 0
+        # Set by a stop: no final dot goes out that the reply to might not be waited for.
+        self.stopping = False
 
     async def deliver(
         self,
@@ -414,17 +420,29 @@ class RemoteDelivery:
             fitted = await asyncio.to_thread(mime_downgrade.downgrade, data, eight_bit=eight_bit)
         else:
             fitted = mime_downgrade.downgrade(data, eight_bit=eight_bit)
-        session.engine.send_message(message, fitted, hold_end=may_finish is not None)
-        committing = may_finish is None  # the final dot went with the message
+        # The final dot is held back, to be sent only if the transaction may still commit
+        # (the lease is ours, the server is not stopping), where it costs no round trip: with
+        # DATA, which waits for its 354 anyway (a stop may come meanwhile), and on a shared
+        # queue (fenced). A small message to a CHUNKING host goes whole in the first write.
+        one_write = "CHUNKING" in session.engine.extensions and len(fitted) <= BDAT_MAX
+        hold = may_finish is not None or not one_write
+        session.engine.send_message(message, fitted, hold_end=hold)
+        committing = not hold  # the final dot went with the message
         self.committing += int(committing)
         try:
             event = await session.next_event()
             if isinstance(event, EndOfData):  # the message is written, but for its final dot
-                assert may_finish is not None
-                if not may_finish():
-                    session.engine.abort(FENCED)
+                refusal = (
+                    STOPPED
+                    if self.stopping
+                    else FENCED
+                    if may_finish is not None and not may_finish()
+                    else None
+                )
+                if refusal is not None:
+                    session.engine.abort(refusal)
                     session.close()  # the dot never goes out: the host cancels the transaction
-                    raise LeaseLost(f"{target.host}[{ip}]: {FENCED.text}")
+                    raise LeaseLost(f"{target.host}[{ip}]: {refusal.text}")
                 session.engine.end_data()
                 committing = True
                 self.committing += 1

@@ -265,6 +265,8 @@ class QueueRunner:
         remote host holds the reply to a final dot already sent, wait up to ``commit_timeout``
         in all: leaving sooner makes it receive the message twice."""
         self._stopping = True
+        if self._remote is not None:
+            self._remote.stopping = True
         tasks = list(self._inflight.values())
         if tasks:
             started = time.monotonic()
@@ -317,7 +319,8 @@ class QueueRunner:
             try:
                 await self._deliver(envelope, first)
             except LeaseLost as exc:
-                # Deleted, or another node holds it now: that node records what happens.
+                # Deleted, or another node holds it now: that node records what happens; or
+                # cut short by a stop before its final dot: tried again after the restart.
                 self.services.log.info("%s: attempt dropped: %s", envelope.id, exc)
             except Exception as exc:
                 self._failed(f"delivery of {envelope.id} failed", exc)
@@ -570,11 +573,7 @@ class QueueRunner:
         async with self._destinations.slot(domain, self.cfg.delivery.max_per_destination):
             started = time.monotonic()
             fence = self._lease_fresh
-            # A node that is stopping sends no final dot it might not wait for the reply to
-            # (its lease would pass to another node, which would send the message again).
-            may_finish = (
-                None if fence is None else (lambda: not self._stopping and fence(envelope.id))
-            )
+            may_finish = None if fence is None else (lambda: fence(envelope.id))
             results = await self._remote_delivery().deliver(domain, outgoing, wire, may_finish)
             took = time.monotonic() - started
         out = []
