@@ -336,8 +336,9 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
             elif verb == "adopt":
                 answer = "ok"
             elif verb == "submit" and isinstance(queue, LocalQueue):
-                # Another worker parked a message: the primary schedules its retries.
-                answer = "ok" if queue.take(arg) is not None else "unknown"
+                # Another worker parked a message: the primary schedules its retries (unless
+                # a flush adopted it first and its attempt runs: not a second one beside it).
+                answer = "ok" if arg in runner.busy or queue.take(arg) is not None else "unknown"
             elif verb == "delete":
                 answer = "ok" if await runner.delete(arg) else "unknown"
                 if answer == "ok":

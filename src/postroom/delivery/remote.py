@@ -432,13 +432,11 @@ class RemoteDelivery:
         try:
             event = await session.next_event()
             if isinstance(event, EndOfData):  # the message is written, but for its final dot
-                refusal = (
-                    STOPPED
-                    if self.stopping
-                    else FENCED
-                    if may_finish is not None and not may_finish()
-                    else None
-                )
+                refusal = None
+                if self.stopping:
+                    refusal = STOPPED
+                elif may_finish is not None and not may_finish():
+                    refusal = FENCED
                 if refusal is not None:
                     session.engine.abort(refusal)
                     session.close()  # the dot never goes out: the host cancels the transaction
