@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from postroom.errors import TemporaryStorageError
-from postroom.queue.envelope import Envelope
+from postroom.queue.envelope import Attempt, Envelope
 from postroom.resolver import RouteFailure
 from postroom.storage.interfaces import LocalCopy, MessageDraft
 from tests.unit.test_runner import MemoryQueue, accept, envelope, make, settle
@@ -98,3 +98,37 @@ def test_an_expired_message_whose_bounce_is_refused_waits_for_the_next_interval(
     (report,) = [b for e, b in queue.accepted.values() if not e.sender]
     assert b"Status: 4.4.3" in report and b"SERVFAIL" in report
     assert not queue.messages
+
+
+class RecordFailsOnce(MemoryQueue):
+    """Refuses the first record of ``Q1``, or its release (the disk full for that write)."""
+
+    failed = False
+
+    def _refuse(self, envelope: Envelope) -> None:
+        if envelope.id == "Q1" and not self.failed:
+            self.failed = True
+            raise OSError(28, "No space left on device")
+
+    async def record(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
+        self._refuse(envelope)
+        await super().record(envelope, attempts)
+
+    async def finish(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
+        self._refuse(envelope)
+        await super().finish(envelope, attempts)
+
+
+def test_a_bounce_queued_when_its_messages_record_fails_is_not_left_behind(
+    tmp_path: Path,
+) -> None:
+    """The bounce was queued, then the record saying so failed: the bounce was neither started
+    nor scheduled, so the running server never tried it (it went out after a restart). It is
+    recorded, due, for the queue to try (asking first whether the message still owes it)."""
+    runner, _queue, _boxes, _clock = make(tmp_path, {})  # every domain: NXDOMAIN
+    queue = RecordFailsOnce()
+    runner.queue = runner.services.queue = queue
+    runner.mailboxes.queue = queue
+    asyncio.run(accept(runner, envelope("Q1", "bob@nowhere.test")))
+    (report,) = [e.id for e, _b in queue.accepted.values() if not e.sender]
+    assert ("record", report) in queue.calls or ("finish", report) in queue.calls

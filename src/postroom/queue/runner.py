@@ -467,12 +467,21 @@ class QueueRunner:
             envelope.next_attempt = due
         made = await self._make_reports(envelope, wire) if envelope.reports else []
 
-        if envelope.done and not envelope.reports:
-            await self.queue.finish(envelope, attempts)
-        else:
-            if not counted:
-                self._count_attempt(envelope, now)  # only local failures: count it here
-            await self.queue.record(envelope, attempts)
+        try:
+            if envelope.done and not envelope.reports:
+                await self.queue.finish(envelope, attempts)
+            else:
+                if not counted:
+                    self._count_attempt(envelope, now)  # only local failures: count it here
+                await self.queue.record(envelope, attempts)
+        except Exception:
+            # The record that says the reports were queued failed (a full disk): they are not
+            # started, but recorded as they are, due, so that the queue tries them (each first
+            # asking whether this message still owes it) rather than only after a restart.
+            for report, first_of_report in made:
+                with contextlib.suppress(Exception):
+                    await self.queue.record(report, first_of_report.attempts)
+            raise
         for report, first_of_report in made:  # only now that the record says they were queued
             self._start(report, first_of_report)
 
