@@ -327,7 +327,7 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
             if verb in ("flush", "adopt") and isinstance(queue, LocalQueue):
                 # A dead worker's messages, parked by the replay of its journal: scheduled
                 # here (a flush as well: "every deferred message", whoever parked it).
-                adopted = queue.adopt(runner.busy)
+                adopted = await queue.adopt(runner.busy)
                 if adopted:
                     log.info("queue: %d messages parked by another worker scheduled", adopted)
             if verb == "flush":
