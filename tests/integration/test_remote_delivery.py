@@ -445,7 +445,7 @@ def test_a_refusal_by_the_last_host_tried_bounces() -> None:
         refused = b"554 5.7.1 no SMTP service for you"
         alone = await attempt(refused)
         assert alone.outcome is Outcome.PERMANENT and alone.reply.code == 554
-        assert alone.remote_mta == "mx0.b.test" and "refused to talk" in alone.reply.text
+        assert alone.remote_mta == "mx0.b.test" and str(alone.reply) == refused.decode()
         then_busy = await attempt(refused, b"421 4.3.2 busy")
         assert then_busy.outcome is Outcome.TEMPORARY
         busy_then = await attempt(b"421 4.3.2 busy", refused)

@@ -92,6 +92,24 @@ def test_a_servers_refusal_still_names_the_server() -> None:
     assert all_failures(email.message_from_bytes(raw)) == (frozenset(), {b"nobody@b.test"})
 
 
+def test_a_refusing_greeting_is_quoted_word_for_word() -> None:
+    """RFC 3464 §2.3.6: ``Diagnostic-Code: smtp;`` is what the server said. A greeting's 554
+    (and a 421 until the message expired) was quoted in postroom's rewording ("host ...
+    refused to talk to me: go away"; "host X said: ... X said: busy")."""
+    message = Message("alice@a.test", (Recipient("bob@b.test"),))
+    for greeting, outcome in (
+        (b"554 5.7.1 go away", Outcome.PERMANENT),
+        (b"421 4.3.2 busy, go away", Outcome.TEMPORARY),
+    ):
+        result = deliver(message, b"Subject: hi\r\n\r\nhi\r\n", greeting=greeting)
+        assert result.outcome is outcome
+        assert result.remote_mta == "mx.b.test"
+        raw = bounce_for(result)
+        block = status_block(raw)
+        assert block["Diagnostic-Code"] == f"smtp; {greeting.decode()}"
+        assert raw.count(b" said:") == 1
+
+
 def test_no_connection_names_no_remote_mta() -> None:
     port = free_port()  # nothing listens there
     out: list[DeliveryResult] = []

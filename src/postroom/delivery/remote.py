@@ -505,15 +505,13 @@ class RemoteDelivery:
 
     @staticmethod
     def _session_reply(reply: Reply, where: str) -> Reply:
-        """A greeting/EHLO failure, naming the host: a 5xx keeps its code (final, when it is
-        the last host tried), anything else is temporary."""
+        """A greeting/EHLO failure: the server's own 4xx/5xx word for word (a DSN quotes it as
+        the host's Diagnostic-Code, RFC 3464 §2.3.6; a 5xx is final when it is the last host
+        tried); one of ours, or a reply that is no refusal, names the host and is temporary."""
         if reply.local:
             return _naming(reply, where)
-        if reply.is_transient:
-            return Reply(reply.code, reply.status or "4.4.2", (f"{where} said: {reply.text}",))
-        if reply.is_permanent:
-            text = f"host {where} refused to talk to me: {reply.text}"
-            return Reply(reply.code, reply.status or "5.0.0", (text,))
+        if reply.is_transient or reply.is_permanent:
+            return reply
         return _temp("4.4.1", f"host {where} refused to talk to me: {reply}")
 
     async def _start_tls(self, session: _Session, target: Target, ip: str, verify: bool) -> None:
