@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from postroom.delivery.advice import advise, sender_domain
-from postroom.delivery.dsn import DsnRecipient, build_dsn
+from postroom.delivery.dsn import Action, DsnRecipient, build_dsn
 
 GMAIL_526 = (
     "550 5.7.26 This mail has been blocked because the sender is unauthenticated. Gmail "
@@ -113,3 +113,30 @@ def test_bounce_without_a_known_cause_has_no_advice() -> None:
         now=1.0,
     ).decode()
     assert "What this means" not in report
+
+
+def test_a_final_bounce_does_not_say_the_queue_retries() -> None:
+    """Greylisting's advice ("the queue retries by itself", ``queue flush``) fits a delay
+    report; in the bounce sent when the message gave out at max_queue_time it was wrong."""
+
+    def report(action: Action) -> str:
+        return build_dsn(
+            hostname="mx.a.test",
+            sender="alice@a.test",
+            recipients=[
+                DsnRecipient(
+                    "bob@b.test",
+                    action,
+                    "4.7.1",
+                    remote_mta="mx.b.test",
+                    diagnostic="451 4.7.1 greylisted, try later",
+                )
+            ],
+            original=b"Subject: hi\r\n\r\nbody\r\n",
+            arrival=0.0,
+            now=1.0,
+        ).decode()
+
+    assert "retries by itself" in report("delayed")
+    assert "retries by itself" not in report("failed")
+    assert "queue flush" not in report("failed")

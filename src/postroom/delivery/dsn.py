@@ -225,6 +225,8 @@ def _human_part(hostname: str, recipients: Sequence[DsnRecipient], utf8: bool, d
         if text:
             out += _wrap(text)
         hint = advise(r.diagnostic, domain) if r.action in ("failed", "delayed") else None
+        if hint is not None and hint.cause == "greylisting" and r.action == "failed":
+            hint = None  # "the queue retries by itself": not once it has given up
         if hint is not None:  # a cause this server's admin can fix, in plain words
             out += ["", *_wrap("What this means: " + hint.text)]
             if hint.command:
