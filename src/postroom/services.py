@@ -115,21 +115,21 @@ class ConnectionLimiter:
                 return False
         elif len(self.live) >= self.max_total:
             return False
-        counted = self.max_per_ip > 0 and not self._exempt(ip)  # 0: no limit per IP
-        if counted and self.per_ip.add(ip, 1) > self.max_per_ip:
+        # Every connection is counted, also where no limit applies now (0: no limit per IP;
+        # an exempt address): a reload that sets one then finds the ones already open.
+        limited = self.max_per_ip > 0 and not self._exempt(ip)
+        if self.per_ip.add(ip, 1) > self.max_per_ip and limited:
             self.per_ip.add(ip, -1)
             if self.shared_total:
                 self.per_ip.add(TOTAL, -1)
             return False
-        self.live[conn] = counted
+        self.live[conn] = True
         return True
 
     def release(self, ip: str, conn: Closable) -> None:
-        counted = self.live.pop(conn, None)
-        if counted is None:
+        if self.live.pop(conn, None) is None:
             return
-        if counted:
-            self.per_ip.add(ip, -1)
+        self.per_ip.add(ip, -1)
         if self.shared_total:
             self.per_ip.add(TOTAL, -1)
 

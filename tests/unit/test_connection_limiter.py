@@ -30,6 +30,24 @@ def test_exempt_networks_follow_a_reload() -> None:
     assert limiter.acquire("192.0.2.1", second)
 
 
+def test_a_limit_set_by_a_reload_counts_the_connections_already_open() -> None:
+    """Connections let in while no per-IP limit applied (0, or an exempt address) were never
+    counted: after a reload that set a limit of 2, a client holding 5 could open 2 more."""
+    for limit, exempt in ((0, (ipaddress.ip_network("192.0.2.0/24"),)), (0, ()), (2, ())):
+        limiter = ConnectionLimiter(100, limit, exempt)
+        held = [Conn() for _ in range(5)]
+        if limit:  # the exempt network is what a reload takes away
+            limiter.set_exempt((ipaddress.ip_network("192.0.2.0/24"),))
+        assert all(limiter.acquire("192.0.2.1", c) for c in held)
+        limiter.max_per_ip = 2  # what a reload does
+        limiter.set_exempt(())
+        assert not limiter.acquire("192.0.2.1", Conn())
+        for c in held[:4]:
+            limiter.release("192.0.2.1", c)
+        assert limiter.acquire("192.0.2.1", Conn())  # one held, one more
+        assert not limiter.acquire("192.0.2.1", Conn())
+
+
 def test_max_connections_per_ip_0_is_no_limit_per_ip() -> None:
     """0 refused every connection: it means no limit per IP (Postfix's
     smtpd_client_connection_count_limit = 0); the total still holds."""
