@@ -506,6 +506,8 @@ def test_storage_error_is_sys_temp(server_factory: ServerFactory) -> None:
     assert exc.value.args[0].startswith(b"-ERR [SYS/TEMP]")
     assert "USER" in pop.capa()  # the session goes on
     pop.quit()
+    # The user is told only "try again": the log says why (it said nothing).
+    wait_until(lambda: "POP3 mailbox of erin@a.test cannot be opened" in s.log.read_text(), 5)
 
 
 def test_idle_timeout_and_shutdown(server_factory: ServerFactory) -> None:

@@ -282,7 +282,9 @@ class Pop3Connection(Connection):
         except MailboxInUse:
             engine.login_failed("Mailbox is locked by another session", "IN-USE")
             return
-        except OSError:
+        except OSError as exc:
+            # The user is told only "try again": the admin must read why here.
+            self.services.log.error("POP3 mailbox of %s cannot be opened: %s", key, exc)
             engine.login_failed("Cannot open mailbox, try again later", "SYS/TEMP")
             return
         if self._lost:
