@@ -208,8 +208,11 @@ def _format_record(record: logging.LogRecord) -> str:
         return _json_line(data)
     prefix = "" if record.levelno == INFO else f"{_LEVEL_NAMES.get(record.levelno, 'info')}: "
     name = record.name.replace(".", "/")
-    line = f"{_iso(record.created)} {_state.host} {name}[{record.process}]: {prefix}{message}"
-    return line + ("\n" + exc.rstrip("\n") if exc else "")
+    head = f"{_iso(record.created)} {_state.host} {name}[{record.process}]: {prefix}"
+    # A traceback's lines each carry the head too (marked "| "), as syslog would have them:
+    # a reader by line, or a grep for the pid, never meets a line without its origin.
+    tail = "".join(f"\n{head}| {text}" for text in exc.rstrip("\n").split("\n")) if exc else ""
+    return head + message + tail
 
 
 def flush() -> None:

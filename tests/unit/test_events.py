@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -137,6 +138,23 @@ def test_no_forged_lines(log: io.StringIO, tmp_path: Path) -> None:
     assert len(lines) == 3
     assert "warning: [192.0.2.1]: PLAIN authentication failed, sasl_username=x??2030" in lines[0]
     assert "sasl_username=a?b?31mc?d?e," in lines[2] and lines[2].isprintable()
+
+
+def test_a_traceback_line_names_where_it_comes_from(log: io.StringIO, tmp_path: Path) -> None:
+    """In text, a traceback's lines came bare after the first: a reader by line (or a grep
+    for the process) met lines without their origin, nor a level."""
+    _setup(log, "text", tmp_path)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("postroom").exception("the thing failed")
+    logs.flush()
+    lines = log.getvalue().splitlines()
+    assert len(lines) > 3 and lines[0].endswith("error: the thing failed")
+    head = lines[0].removesuffix("the thing failed")
+    assert all(line.startswith(head + "| ") for line in lines[1:])
+    assert lines[1].endswith("| Traceback (most recent call last):")
+    assert lines[-1].endswith("| ValueError: boom")
 
 
 def test_no_forged_json_lines(log: io.StringIO, tmp_path: Path) -> None:
