@@ -118,6 +118,36 @@ def test_signing_verified_by_dkimpy_both_algorithms(
     assert "PRIVATE KEY" not in log
 
 
+def test_a_from_with_two_local_domains_is_signed_by_both(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    """Two addresses (or two From fields) in two local domains went out unsigned: a receiver
+    that checks each domain's DMARC (RFC 7489 §6.6.1) refused it where either asks p=reject.
+    Each local domain signs now; a domain that is not local is not claimed."""
+    srv = server_factory(domains=("a.test", "a2.test"), extra_toml=_toml(dns))
+    for user in ("alice@a.test", "bob@a.test"):
+        srv.add_user(user, "pw")
+    publish(srv, dns, "a.test")
+    publish(srv, dns, "a2.test")
+    heads = (
+        b"From: alice@a.test, carol@a2.test, x@elsewhere.test\r\n",
+        b"From: alice@a.test\r\nFrom: carol@A2.test\r\n",
+    )
+    deadline, seen = time.monotonic() + 20, 0
+    for head in heads:
+        while True:  # the first until both domains' keys are seen in DNS
+            submit(srv, "alice@a.test", "bob@a.test", head + b"Subject: two\r\n\r\nhi\r\n")
+            seen += 1
+            got = srv.wait_messages("bob@a.test", seen)[-1]
+            if got.count(b"DKIM-Signature:") == 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert got.count(b"DKIM-Signature:") == 4
+        flat = got.replace(b"\r\n\t", b"").replace(b"\r\n ", b"")
+        assert flat.count(b"d=a.test;") == 2 and flat.count(b"d=a2.test;") == 2
+        assert all(ok for _algo, ok in dkim_results(got, dns))
+
+
 def test_relayed_message_passes_at_a_second_postroom(
     server_factory: ServerFactory, dns: LoopbackDNS
 ) -> None:

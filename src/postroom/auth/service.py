@@ -238,14 +238,16 @@ class SenderAuth:
 
     async def _sign(self, message: Message) -> None:
         whole = message.whole()
-        domains = dmarc.from_domains(_head(whole))
-        if len(set(domains)) != 1 or not self.cfg.is_local_domain(domains[0]):
-            return
-        domain = domains[0]
-        all_keys, signers = self._domain_keys(domain)
-        if any(k.state == "pending" for k in all_keys):  # DNS may confirm it now
-            await self._maybe_look(domain)
-            _, signers = self._domain_keys(domain)
+        # Each local domain of From signs (several addresses or From fields: a receiver
+        # checks each domain's DMARC, RFC 7489 §6.6.1, as ours does); others cannot be.
+        local = [d for d in dict.fromkeys(dmarc.from_domains(_head(whole))) if d]
+        signers: list[dkim_sign.SigningKey] = []
+        for domain in filter(self.cfg.is_local_domain, local):
+            all_keys, ready = self._domain_keys(domain)
+            if any(k.state == "pending" for k in all_keys):  # DNS may confirm it now
+                await self._maybe_look(domain)
+                _, ready = self._domain_keys(domain)
+            signers.extend(ready)
         if not signers:
             return
         now = int(self.clock())
