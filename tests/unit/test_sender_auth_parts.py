@@ -156,6 +156,11 @@ def test_evaluate_alignment_and_policy() -> None:
         "x.bank.test", _policy("v=DMARC1; p=reject; sp=none"), None, [], rng
     )
     assert sub.result == "fail" and sub.disposition == "none"  # sp for subdomains
+    # The comment said "p=none", which read as what bank.test publishes.
+    header = results.render("mx.b.test", None, [], sub).decode()
+    assert "dmarc=fail (p=reject sp=none dis=none) header.from=x.bank.test" in header
+    own = results.render("mx.b.test", None, [], strict).decode()
+    assert "dmarc=fail (p=reject dis=reject) header.from=bank.test" in own
     temp = dmarc.Policy(None, temporary="time-out")
     assert dmarc.evaluate_domain("bank.test", temp, None, [], rng).result == "temperror"
 

@@ -63,12 +63,21 @@ def render(
     if dmarc is not None:
         text = f"dmarc={dmarc.result}"
         if dmarc.record is not None:
-            text += f" (p={dmarc.policy} dis={dmarc.disposition})"
+            text += f" ({policy_words(dmarc)} dis={dmarc.disposition})"
         if dmarc.from_domain:
             text += f" header.from={_value(dmarc.from_domain)}"
         parts.append(text)
     body = ";\r\n\t".join(parts)
     return f"Authentication-Results: {authserv_id};\r\n\t{body}\r\n".encode("utf-8", "replace")
+
+
+def policy_words(dmarc: DmarcResult) -> str:
+    """``p=reject``, or ``p=reject sp=none`` for a subdomain under its organizational
+    domain's record: sp= applied there, and p= alone would read as what that record
+    publishes (both are shown, as large receivers do)."""
+    if dmarc.record is not None and dmarc.policy_domain not in ("", dmarc.from_domain):
+        return f"p={dmarc.record.p} sp={dmarc.policy}"
+    return f"p={dmarc.policy}"
 
 
 def _comment(text: str, limit: int = 120) -> str:

@@ -425,10 +425,10 @@ class SenderAuth:
                 log.warning("could not record a DMARC result: %s", exc)
         if result.result == "fail":
             log.info(
-                "DMARC fail for %s from %s (p=%s, disposition %s)",
+                "DMARC fail for %s from %s (%s, disposition %s)",
                 result.from_domain,
                 client_ip,
-                result.policy,
+                results.policy_words(result),
                 result.disposition,
             )
             if result.disposition == "reject" and self.cfg.auth.dmarc_enforce:
