@@ -18,7 +18,7 @@ import dkim
 import pytest
 import xmlschema
 
-from tests.conftest import Server, ServerFactory, insecure
+from tests.conftest import Server, ServerFactory, insecure, wait_until
 from tests.dnszone import LoopbackDNS
 
 SCHEMA = Path(__file__).resolve().parents[1] / "data" / "rfc7489-rua.xsd"
@@ -225,7 +225,9 @@ def test_dmarc_enforce_false_only_records(server_factory: ServerFactory, dns: Lo
     dns.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
     _mx_send(srv, "service@bank.test", "bob@a.test", _forged("bank.test"))
     msg = srv.wait_messages("bob@a.test", 1)[0]
-    assert b"dmarc=fail (p=reject dis=reject)" in msg
+    # Delivered: the disposition applied is none (it read "dis=reject").
+    assert b"dmarc=fail (p=reject dis=none) header.from=bank.test" in msg
+    wait_until(lambda: "reject not enforced" in srv.log.read_text(), 5)
 
 
 def test_quarantine_flags_the_message(server_factory: ServerFactory, dns: LoopbackDNS) -> None:

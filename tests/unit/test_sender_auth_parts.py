@@ -302,7 +302,9 @@ def test_aggregate_report_is_valid_under_the_rfc7489_schema(tmp_path: Path) -> N
         _report_row(tmp_path, "2001:db8::1"),
         _report_row(tmp_path, "::ffff:192.0.2.7"),
         _report_row(tmp_path, "192.0.2.1", spf=None, dkim=[]),
+        _report_row(tmp_path, "192.0.2.9", disp="none", sampled=False, local=True),
     ]
+    del rows[0]["local"]  # a row written before the field was
     built = reports.build(rows, "mx.a.test", "postmaster@a.test", 2000, "r1")
     assert len(built) == 1
     xml = built[0].xml.decode()
@@ -310,6 +312,8 @@ def test_aggregate_report_is_valid_under_the_rfc7489_schema(tmp_path: Path) -> N
     assert "<source_ip>2001:0db8:0000:0000:0000:0000:0000:0001</source_ip>" in xml
     assert "<source_ip>192.0.2.7</source_ip>" in xml
     assert "<fo>1</fo>" in xml and "<type>sampled_out</type>" in xml
+    # dmarc_enforce = false: delivered, and the report says why (RFC 7489 appendix C).
+    assert xml.count("<type>local_policy</type>") == 1
     assert "<feedback>" in xml  # no namespace, as in the receivers' reports
 
 

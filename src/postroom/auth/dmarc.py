@@ -222,6 +222,7 @@ class DmarcResult:
     dkim_aligned: bool = False
     reason: str = ""
     sampled_out: bool = field(default=False)
+    local_override: bool = False  # p=reject not applied: [auth] dmarc_enforce = false
 
 
 def _aligned(a: str, b: str, mode: str) -> bool:

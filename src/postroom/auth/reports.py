@@ -81,6 +81,7 @@ def record(
         "dkim_ok": dmarc.dkim_aligned,
         "spf_ok": dmarc.spf_aligned,
         "sampled": dmarc.sampled_out,
+        "local": dmarc.local_override,
         "dkim": [[r.domain, r.selector, r.result] for r in dkim_results if r.domain],
         "spf": [spf.domain, spf.identity, spf.result] if spf else None,
     }
@@ -214,7 +215,7 @@ def build(
         counts: Counter[str] = Counter()
         for r in group:
             key = {
-                k: r[k]
+                k: r.get(k, False)  # "local": not in rows written before it was
                 for k in (
                     "ip",
                     "from",
@@ -223,6 +224,7 @@ def build(
                     "dkim_ok",
                     "spf_ok",
                     "sampled",
+                    "local",
                     "dkim",
                     "spf",
                 )
@@ -256,9 +258,10 @@ def build(
             _text(ev, "disposition", k["disp"])
             _text(ev, "dkim", "pass" if k["dkim_ok"] else "fail")
             _text(ev, "spf", "pass" if k["spf_ok"] else "fail")
-            if k["sampled"]:
-                reason = ET.SubElement(ev, "reason")
-                _text(reason, "type", "sampled_out")
+            for flag, reason_type in (("sampled", "sampled_out"), ("local", "local_policy")):
+                if k[flag]:
+                    reason = ET.SubElement(ev, "reason")
+                    _text(reason, "type", reason_type)
             ids = ET.SubElement(rec, "identifiers")
             _text(ids, "envelope_from", k["mfrom"])
             _text(ids, "header_from", k["from"])

@@ -20,6 +20,7 @@ work: looking for pending DKIM keys in DNS, retiring old ones, and the daily DMA
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -410,6 +411,12 @@ class SenderAuth:
         result = verdict.dmarc
         assert result is not None
         count_verdict("dmarc", result.result)
+        refuse = result.disposition == "reject" and result.result == "fail"
+        if refuse and not self.cfg.auth.dmarc_enforce:
+            # Delivered: what was applied is none, by local policy (RFC 7489 §7.2's report
+            # and the header say so; "reject" read as if it had been).
+            result = dataclasses.replace(result, disposition="none", local_override=True)
+            refuse = False
         if self.cfg.auth.dmarc_reports and result.record is not None:
             try:
                 reports.record(
@@ -425,13 +432,14 @@ class SenderAuth:
                 log.warning("could not record a DMARC result: %s", exc)
         if result.result == "fail":
             log.info(
-                "DMARC fail for %s from %s (%s, disposition %s)",
+                "DMARC fail for %s from %s (%s, disposition %s%s)",
                 result.from_domain,
                 client_ip,
                 results.policy_words(result),
                 result.disposition,
+                ", reject not enforced" if result.local_override else "",
             )
-            if result.disposition == "reject" and self.cfg.auth.dmarc_enforce:
+            if refuse:
                 return DMARC_REJECT
         header = results.render(self.cfg.hostname, verdict.spf, verdict.dkim, result)
         if result.result == "fail" and result.disposition == "quarantine":
