@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from postroom import events, logs
 from postroom.services import descriptors_short
+from postroom.wire.buffers import OUTBOX_PARTS
 from postroom.wire.events import FLUSH, NEED_DATA, Closing, StartTLS
 
 if TYPE_CHECKING:
@@ -55,6 +56,14 @@ CLOSE_GRACE = 10.0  # seconds a closing connection has to read its last replies
 CLOSE_QUEUE = 1 << 16  # octets left to send at a close beyond which it waits for them (above)
 READ_PROGRESS = 1 << 14  # octets a client takes in between two looks to count as reading
 REFUSAL_TLS_MAX = 8
+# Replies one session makes in a turn of the event loop before it lets the others run: a
+# client that pipelines without reading its replies (its buffers hold megabytes of them) had
+# its whole megabyte of commands run at once, and a hundred such clients held every other
+# session, and new connections, for 20 s. RFC 2920 §3 lets a server pace pipelined input.
+# A turn holds a whole real pipeline (a transaction with max_recipients, a few hundred DELEs
+# and QUIT), so what such clients see is unchanged. An event counts one; FLUSH, the batch
+# of OUTBOX_PARTS replies the engine made without an event, counts as many.
+REPLIES_PER_TURN = 1024
 _RESET = struct.pack("ii", 1, 0)  # struct linger {on, 0 s}: close(2) sends RST
 
 
@@ -175,6 +184,7 @@ class Connection(asyncio.Protocol):
         self.received = self.sent = 0  # octets on the wire, for the metrics
         self._handshake_failed = False
         self._refusal: asyncio.TimerHandle | None = None  # a refusal waiting for its handshake
+        self._next_turn: asyncio.Handle | None = None  # more events, after the other sessions
 
     # -- what a protocol provides --------------------------------------------------------------
 
@@ -318,11 +328,20 @@ class Connection(asyncio.Protocol):
     # -- processing ----------------------------------------------------------------------------
 
     def _process(self) -> None:
-        """Run engine events until it needs input, or an event needs a task."""
+        """Run engine events until it needs input, an event needs a task, or the turn is over
+        (:data:`REPLIES_PER_TURN`: the rest follows once the other sessions had theirs)."""
         engine = self.engine
         assert engine is not None
+        if self._next_turn is not None:
+            self._next_turn.cancel()
+            self._next_turn = None
+        turn = REPLIES_PER_TURN
         try:
             while not self._lost:
+                if turn <= 0:
+                    self._yield_turn()
+                    return
+                turn -= 1
                 event = engine.next_event()
                 if event is NEED_DATA:
                     self._flush()
@@ -338,6 +357,7 @@ class Connection(asyncio.Protocol):
                     if self._write_paused:
                         self._pause_reading()
                         return
+                    turn -= OUTBOX_PARTS
                     continue
                 if isinstance(event, Closing):
                     self._flush()
@@ -360,6 +380,17 @@ class Connection(asyncio.Protocol):
                     return
         except Exception:
             self._crashed()
+
+    def _yield_turn(self) -> None:
+        """Let the other sessions run; this one goes on in the loop's next round."""
+        self._flush()
+        self._pause_reading()  # resumed when its input runs low (NEED_DATA)
+        self._next_turn = asyncio.get_running_loop().call_soon(self._another_turn)
+
+    def _another_turn(self) -> None:
+        self._next_turn = None
+        if self._task is None and not self._lost and not self._write_paused:
+            self._process()
 
     async def _wait(self, work: Coroutine[Any, Any, None]) -> None:
         try:

@@ -1,0 +1,60 @@
+"""Clients that pipeline commands and never read the replies (their socket buffers hold
+megabytes of them) had each read's whole megabyte of commands run at once: twenty of them held
+every other session, and new connections, for 3-6 s here (a hundred: 20 s in a probe). A
+session now runs one batch of replies per turn of the event loop, then lets the others run
+(RFC 2920 §3 lets a server pace pipelined input). POP3 shares the code: its case (a smaller
+read buffer made it stall less here) shows its flood is still answered as before."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+
+import pytest
+
+from tests.conftest import ServerFactory
+
+FLOODERS = 20
+FLOOD = 512 * 1024  # octets of pipelined commands each
+
+
+@pytest.mark.parametrize(("service", "command"), [("smtp", b"NOOP\r\n"), ("pop3", b"CAPA\r\n")])
+def test_a_pipelining_flood_does_not_hold_other_sessions(
+    server_factory: ServerFactory, service: str, command: bytes
+) -> None:
+    srv = server_factory(services=("smtp", "pop3"))
+    flood = []
+    blob = command * (FLOOD // len(command))
+    for _ in range(FLOODERS):
+        s = socket.create_connection((srv.host, srv.ports[service]), timeout=10)
+        s.setblocking(False)
+        flood.append(s)
+    try:
+        for s in flood:
+            with contextlib.suppress(BlockingIOError):
+                s.send(blob)  # as much as the buffers take; never a reply read
+        time.sleep(0.2)
+        started = time.monotonic()
+        with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=60) as legit:
+            replies = legit.makefile("rb")
+            assert replies.readline().startswith(b"220 ")
+            legit.sendall(b"EHLO legit.test\r\n")
+            while not replies.readline().startswith(b"250 "):
+                pass
+            took = time.monotonic() - started
+            legit.sendall(b"QUIT\r\n")
+        assert took < 1.5, f"a greeting and an EHLO took {took:.1f} s behind the flood"
+        # The flood itself is still answered, in order, as its client reads.
+        first = flood[0]
+        first.setblocking(True)
+        first.settimeout(10)
+        answered = first.makefile("rb")
+        for _ in range(200):
+            line = answered.readline()
+            assert line.startswith((b"220 ", b"250 ", b"+OK", b"USER", b"STLS", b"SASL")) or (
+                line[:1].isalpha() or line == b".\r\n"
+            ), line
+    finally:
+        for s in flood:
+            s.close()
