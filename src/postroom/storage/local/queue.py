@@ -172,6 +172,7 @@ class Draft:
         self._header_limit = header_limit
         self._prefix = b"" if make_prefix is None else None
         self._client = bytearray()  # in memory, until spilled
+        self._tail = b""  # the last octet received while the header section is not whole
         self._cr = False  # a chunk ended in CR: its LF may start the next
         self._client_size = 0
         self._lines = 0  # LF line ends in the client's message
@@ -198,16 +199,13 @@ class Draft:
         try:
             if self._fd is not None:
                 self._put(lf)
-                return
-            seen = len(self._client)
-            self._client += lf
+            else:
+                self._client += lf
             if self._prefix is None:
-                end = self._client.find(b"\n\n", max(0, seen - 1), self._header_limit + 2)
-                if end >= 0:
-                    self._head_end = end + 2
-                if end >= 0 or len(self._client) > self._header_limit:
-                    self._take_prefix()
-            if self._prefix is not None and len(self._client) > INLINE_LIMIT and not self._hold():
+                self._seek_head_end(self._client_size - len(lf), lf)
+            # A header section still coming is held under the same budget as a body: past
+            # it, it is spilled too (each connection could hold a header_size in memory).
+            if self._fd is None and len(self._client) > INLINE_LIMIT and not self._hold():
                 self._spill()
         except OSError as exc:
             self._failed = exc
@@ -229,9 +227,28 @@ class Draft:
     def __del__(self) -> None:  # a draft dropped without finish() or abort()
         self._give_back()
 
+    def _seek_head_end(self, seen: int, data: bytes) -> None:
+        """The header section's end (its blank line), looked for in ``data``, which follows
+        ``seen`` octets of the client's part; once found (or past ``header_limit``) our
+        fields are made from it."""
+        window = self._tail + data  # a blank line may straddle two chunks
+        start = seen - len(self._tail)
+        end = window.find(b"\n\n", 0, max(0, self._header_limit + 2 - start))
+        if end >= 0:
+            self._head_end = start + end + 2
+        if end >= 0 or self._client_size > self._header_limit:
+            self._take_prefix()
+        elif data:
+            self._tail = data[-1:]
+
     def _take_prefix(self) -> None:
         assert self._make_prefix is not None
-        self._prefix = self._make_prefix(bytes(self._client[: self._header_limit + 2]))
+        limit = self._header_limit + 2
+        if self._fd is None:
+            head = bytes(self._client[:limit])
+        else:  # spilled before its header section was whole
+            head = os.pread(self._fd, min(limit, self._client_size), self._in_file)
+        self._prefix = self._make_prefix(head)
 
     def _put(self, data: bytes) -> None:
         assert self._fd is not None
@@ -350,6 +367,11 @@ class Draft:
             self._cr = False
             self._client_size += 1
             (self._put(b"\r") if self._fd is not None else self._client.extend(b"\r"))
+        if self._prefix is None and self._fd is not None and self._failed is None:
+            try:  # spilled with its header section unfinished: our fields are made now
+                self._take_prefix()
+            except OSError as exc:
+                self._failed = exc
         if self._fd is None and self._held and self._body_file:  # its body file, at once
             try:
                 self._spill()
