@@ -19,7 +19,7 @@ from postroom.auth.dkim_verify import DkimResult
 from postroom.auth.lookup import Answer, DnsCache
 from postroom.auth.spf import SpfResult
 from postroom.config import DNSConfig
-from postroom.errors import PostroomError
+from postroom.errors import KeysChanged, PostroomError
 from tests.dnszone import LoopbackDNS
 
 
@@ -212,6 +212,30 @@ def test_key_life_cycle(tmp_path: Path) -> None:
     assert old_ed.selector not in {k.selector for k in left}
     assert not (tmp_path / "dkim" / "a.test" / f"{old_ed.selector}.pem").exists()
     assert "PRIVATE" not in repr(left)
+
+
+def test_two_processes_making_keys_at_once_end_with_one_pair(tmp_path: Path) -> None:
+    """``postroom dns`` and a starting server (or two CLIs) each made a first pair: the second
+    save replaced the first, whose records one of them had printed, and their temporary files
+    had one name (the loser exited with a raw ENOENT). A save now takes a lock and is refused
+    when keys.json changed since it was read; ensure() then takes the pair already made."""
+    server, cli = keys.LocalKeyStore(tmp_path), keys.LocalKeyStore(tmp_path)
+    assert server.load("a.test") == cli.load("a.test") == []  # both look: none yet
+    made = keys.KeyRing(server, 100).ensure("a.test", 0)
+    taken = keys.KeyRing(cli, 100).ensure("a.test", 1)  # its own pair is refused
+    assert {k.selector for k in taken} == {k.selector for k in made}
+    folder = tmp_path / "dkim" / "a.test"
+    assert sorted(p.name for p in folder.glob("*.pem")) == sorted(
+        f"{k.selector}.pem" for k in made
+    )
+    stale = keys.LocalKeyStore(tmp_path)
+    read = stale.load("a.test")  # and between its read and its save, another process rotates
+    keys.KeyRing(cli, 100).rotate("a.test", 86400)
+    (folder / ".ed20261201.pem.tmp").write_bytes(b"a save killed half way")
+    with pytest.raises(KeysChanged):
+        stale.save("a.test", read)
+    assert len(keys.KeyRing(stale, 100).rotate("a.test", 86400 * 2)) == 2  # read again: done
+    assert not list(folder.glob("*.tmp"))
 
 
 def test_a_selector_never_names_a_second_key(tmp_path: Path) -> None:

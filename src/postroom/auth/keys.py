@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import fcntl
 import json
 import os
 from collections.abc import Iterable
@@ -128,11 +129,18 @@ class KeyStore(Protocol):
 
 
 class LocalKeyStore:
-    """``{data_dir}/dkim/{domain}/``: ``keys.json`` (states) and ``{selector}.pem`` (0600)."""
+    """``{data_dir}/dkim/{domain}/``: ``keys.json`` (states) and ``{selector}.pem`` (0600).
+
+    Several processes may change a domain's keys at once (the server confirming a key,
+    ``postroom dns`` making the first pair, ``dkim rotate``): a save takes ``.lock`` and is
+    refused (:class:`KeysChanged`) when ``keys.json`` is no longer what this store last
+    loaded, as the PostgreSQL store refuses; without it, the second of two first pairs
+    replaced the first, whose records ``postroom dns`` had printed."""
 
     def __init__(self, data_dir: Path) -> None:
         self.root = data_dir / "dkim"
         self._versions: dict[str, str] = {}  # domain -> its keys.json, for version() per message
+        self._seen: dict[str, bytes] = {}  # domain -> keys.json as last loaded (b"": none)
 
     def _dir(self, domain: str) -> Path:
         return self.root / normalise_domain(domain)
@@ -140,9 +148,12 @@ class LocalKeyStore:
     def load(self, domain: str) -> list[DkimKey]:
         folder = self._dir(domain)
         try:
-            entries = json.loads((folder / "keys.json").read_bytes())
+            raw = (folder / "keys.json").read_bytes()
         except FileNotFoundError:
+            self._seen[domain] = b""
             return []
+        self._seen[domain] = raw
+        entries = json.loads(raw)
         keys = []
         for entry in entries:
             selector = str(entry["selector"])
@@ -155,20 +166,36 @@ class LocalKeyStore:
         folder = self._dir(domain)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         folder.mkdir(exist_ok=True, mode=0o700)
-        wanted = set()
-        for key in keys:
-            _check_selector(key.selector)
-            wanted.add(f"{key.selector}.pem")
-            path = folder / f"{key.selector}.pem"
-            if not path.exists():
-                _write_private(path, key.private_pem)
-        _write_private(
-            folder / "keys.json", json.dumps([k.metadata() for k in keys], indent=1).encode()
-        )
-        for name in os.listdir(folder):
-            if name.endswith(".pem") and name not in wanted:
-                os.unlink(folder / name)  # a retired key: gone for good
-        fsync_dir(folder)
+        lock = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process's save finishes first
+            try:
+                current = (folder / "keys.json").read_bytes()
+            except FileNotFoundError:
+                current = b""
+            seen = self._seen.get(domain)
+            if seen is not None and current != seen:
+                raise KeysChanged(
+                    f"the DKIM keys of {domain} changed meanwhile; run the command again"
+                )
+            wanted = set()
+            for key in keys:
+                _check_selector(key.selector)
+                wanted.add(f"{key.selector}.pem")
+                path = folder / f"{key.selector}.pem"
+                if not path.exists():
+                    _write_private(path, key.private_pem)
+            data = json.dumps([k.metadata() for k in keys], indent=1).encode()
+            _write_private(folder / "keys.json", data)
+            self._seen[domain] = data
+            for name in os.listdir(folder):
+                # A retired key is gone for good; a temporary file is one a killed save left
+                # (under the lock no other save is writing one).
+                if (name.endswith(".pem") and name not in wanted) or name.endswith(".tmp"):
+                    os.unlink(folder / name)
+            fsync_dir(folder)
+        finally:
+            os.close(lock)  # and the lock with it
 
     def version(self, domain: str) -> object:
         path = self._versions.get(domain)
