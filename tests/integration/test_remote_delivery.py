@@ -545,6 +545,30 @@ def test_connection_is_reused_for_the_next_message() -> None:
     run(main)
 
 
+def test_a_reload_ends_the_cached_sessions_with_quit() -> None:
+    port = free_port()
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.2", port).start()
+        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        try:
+            (first,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+            assert first.outcome is Outcome.DELIVERED and remote.cached == 1
+            remote.reconfigure(config(port), resolver)
+            assert remote.cached == 0
+            for _ in range(200):  # the QUIT is written at once; the sink reads it
+                if sink.commands[-1:] == ["QUIT"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert sink.commands[-1] == "QUIT"
+        finally:
+            await remote.aclose()
+            await sink.stop()
+
+    run(main)
+
+
 def test_stale_cached_connection_is_replaced() -> None:
     port = free_port()
 

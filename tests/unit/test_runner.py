@@ -589,3 +589,16 @@ def test_a_full_disk_in_an_attempt_logs_one_line_not_a_traceback(
         else:
             assert caplog.records[0].exc_info is not None
         queue.record = record  # type: ignore[method-assign]
+
+
+def test_a_reload_keeps_the_remote_delivery_that_runs_the_attempts(tmp_path: Path) -> None:
+    """A reload made a new RemoteDelivery and dropped the old one: its cached sessions were
+    never given QUIT (held open until the peer timed them out, RFC 5321 §4.1.1.10), and a
+    stop set ``stopping`` on the new one only, not on the deliveries the old one ran."""
+    runner, _queue, _boxes, _clock = make(tmp_path, {})
+    first = runner._remote_delivery()
+    new = config_mod.from_dict(
+        {"hostname": "mx.a.test", "domains": ["a.test"], "data_dir": str(tmp_path)}
+    )
+    runner.services.cfg = new
+    assert runner._remote_delivery() is first and first.cfg is new

@@ -568,6 +568,15 @@ class RemoteDelivery:
         session.last_used = time.monotonic()
         self._idle.setdefault(key, []).append(session)
 
+    def reconfigure(self, cfg: Config, resolver: Resolver) -> None:
+        """A reload: the next steps read ``cfg``; cached sessions (opened under the old one:
+        another port, bind address, TLS policy) are ended with QUIT (RFC 5321 §4.1.1.10)."""
+        self.cfg, self.resolver = cfg, resolver
+        idle, self._idle = self._idle, {}
+        for sessions in idle.values():
+            for session in sessions:
+                session.quit_nowait()
+
     async def close_idle(self, *, all_sessions: bool = False) -> None:
         """QUIT cached sessions idle longer than ``cache_idle`` (or all of them)."""
         now = time.monotonic()

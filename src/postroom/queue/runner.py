@@ -560,8 +560,11 @@ class QueueRunner:
 
     def _remote_delivery(self) -> RemoteDelivery:
         cfg = self.cfg
-        if self._remote is None or self._remote.cfg is not cfg:  # new after a reload
+        if self._remote is None:
             self._remote = RemoteDelivery(cfg, self._resolver(cfg))
+        elif self._remote.cfg is not cfg:  # a reload: the same one, so that its cached
+            # sessions get their QUIT and a stop reaches the deliveries it runs
+            self._remote.reconfigure(cfg, self._resolver(cfg))
         return self._remote
 
     async def _deliver_remote(
