@@ -225,9 +225,7 @@ def test_two_processes_making_keys_at_once_end_with_one_pair(tmp_path: Path) -> 
     taken = keys.KeyRing(cli, 100).ensure("a.test", 1)  # its own pair is refused
     assert {k.selector for k in taken} == {k.selector for k in made}
     folder = tmp_path / "dkim" / "a.test"
-    assert sorted(p.name for p in folder.glob("*.pem")) == sorted(
-        f"{k.selector}.pem" for k in made
-    )
+    assert sorted(p.name for p in folder.glob("*.pem")) == sorted(f"{k.selector}.pem" for k in made)
     stale = keys.LocalKeyStore(tmp_path)
     read = stale.load("a.test")  # and between its read and its save, another process rotates
     keys.KeyRing(cli, 100).rotate("a.test", 86400)
