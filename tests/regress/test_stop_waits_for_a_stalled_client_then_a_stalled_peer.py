@@ -135,8 +135,9 @@ def test_sigterm_with_a_dripping_client_and_a_tarpit_peer_exits_0_within_10_s(
         stop.set()
         drip.close()
     assert code == 0 and elapsed < 10, (code, elapsed)
-    # The delivery cut short is still queued, for the next start.
+    # The delivery cut short is still queued, for the next start, and the log says so.
     assert "bob@tarpit.test" in srv.cli("queue", "list").stdout
+    assert "stopping: 1 delivery attempt(s) cut short" in srv.log.read_text()
 
 
 def test_sigterm_waits_for_the_reply_to_a_final_dot_already_sent(

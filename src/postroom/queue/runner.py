@@ -274,6 +274,14 @@ class QueueRunner:
             left = commit_timeout - (time.monotonic() - started)
             if pending and left > 0 and self._remote is not None and self._remote.committing:
                 _done, pending = await asyncio.wait(pending, timeout=left)
+            if pending:  # the operator reads why these messages are still queued
+                ids = sorted(q for q, task in self._inflight.items() if task in pending)
+                self.services.log.info(
+                    "stopping: %d delivery attempt(s) cut short, tried again at the next"
+                    " start: %s",
+                    len(ids),
+                    " ".join(ids[:20]) + (" ..." if len(ids) > 20 else ""),
+                )
             for task in pending:
                 task.cancel()
         if self._remote is not None:
