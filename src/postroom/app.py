@@ -408,6 +408,8 @@ def _apply(services: Services, new: Config, pair: tuple[bytes, bytes] | None) ->
             events.certificate(tls_mod.certificate_expiry(pair[0]))
     services.cfg = new
     services.accounts.local_domains = new.domains
+    if isinstance(services.intake, QueueRunner):
+        services.intake.reconfigured()
     if services.sender_auth is not None:
         services.sender_auth.cfg = new
     connections = services.connections

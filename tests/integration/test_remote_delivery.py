@@ -562,6 +562,14 @@ def test_a_reload_ends_the_cached_sessions_with_quit() -> None:
                     break
                 await asyncio.sleep(0.01)
             assert sink.commands[-1] == "QUIT"
+            # A session busy at the reload (opened under the old bind address, EHLO name)
+            # is not kept for the next message either: it was, and reused for good.
+            busy = asyncio.ensure_future(remote.deliver("b.test", message("bob@b.test"), BODY))
+            while sink.connections < 2:
+                await asyncio.sleep(0)
+            remote.reconfigure(config(port), resolver)
+            ((second,),) = await asyncio.gather(busy)
+            assert second.outcome is Outcome.DELIVERED and remote.cached == 0
         finally:
             await remote.aclose()
             await sink.stop()

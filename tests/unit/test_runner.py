@@ -601,4 +601,5 @@ def test_a_reload_keeps_the_remote_delivery_that_runs_the_attempts(tmp_path: Pat
         {"hostname": "mx.a.test", "domains": ["a.test"], "data_dir": str(tmp_path)}
     )
     runner.services.cfg = new
-    assert runner._remote_delivery() is first and first.cfg is new
+    runner.reconfigured()  # what a reload calls: at once, not at the next delivery
+    assert runner._remote is first and first.cfg is new

@@ -128,6 +128,7 @@ class _Session(asyncio.Protocol):
         self.cap = cap
         self.transport: asyncio.Transport | None = None
         self.last_used = time.monotonic()
+        self.generation = 0  # of the configuration it was opened under (see reconfigure)
         self._waiter: asyncio.Future[None] | None = None  # next_event waiting for the server
         # When the reply being waited for is too late, and engine.replies when it was set.
         self._deadline: tuple[float, int] | None = None
@@ -273,6 +274,7 @@ class RemoteDelivery:
         self._max_cached = max_cached
         self._max_addresses = max_addresses
         self._idle: dict[tuple[str, str, int, bool], list[_Session]] = {}
+        self._generation = 0  # reconfigure() counts; a session of an older one is not kept
         # Transactions whose final dot is out, waiting for the reply that commits them: a stop
         # waits for these longer, since leaving now sends the message again (RFC 5321 §6.1).
         self.committing = 0
@@ -470,6 +472,7 @@ class RemoteDelivery:
         where = f"{target.host}[{ip}]:{port}"
         engine = ClientEngine(self.cfg.hostname, tls=policy)
         session = _Session(engine, target.host, ip, self._reply_timeout)
+        session.generation = self._generation
         delivery = self.cfg.delivery
         source = delivery.bind_address6 if ":" in ip else delivery.bind_address
         try:
@@ -562,16 +565,18 @@ class RemoteDelivery:
 
     def _put(self, key: tuple[str, str, int, bool], session: _Session) -> None:
         total = sum(len(v) for v in self._idle.values())
-        if total >= self._max_cached:
+        if total >= self._max_cached or session.generation != self._generation:
             session.quit_nowait()
             return
         session.last_used = time.monotonic()
         self._idle.setdefault(key, []).append(session)
 
     def reconfigure(self, cfg: Config, resolver: Resolver) -> None:
-        """A reload: the next steps read ``cfg``; cached sessions (opened under the old one:
-        another port, bind address, TLS policy) are ended with QUIT (RFC 5321 §4.1.1.10)."""
+        """A reload: the next steps read ``cfg``; sessions opened under the old one (another
+        bind address, EHLO name, TLS policy) are ended with QUIT (RFC 5321 §4.1.1.10): those
+        cached now at once, those busy now when their message is done."""
         self.cfg, self.resolver = cfg, resolver
+        self._generation += 1
         idle, self._idle = self._idle, {}
         for sessions in idle.values():
             for session in sessions:

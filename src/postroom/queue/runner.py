@@ -277,8 +277,7 @@ class QueueRunner:
             if pending:  # the operator reads why these messages are still queued
                 ids = sorted(q for q, task in self._inflight.items() if task in pending)
                 self.services.log.info(
-                    "stopping: %d delivery attempt(s) cut short, tried again at the next"
-                    " start: %s",
+                    "stopping: %d delivery attempt(s) cut short, tried again at the next start: %s",
                     len(ids),
                     " ".join(ids[:20]) + (" ..." if len(ids) > 20 else ""),
                 )
@@ -574,6 +573,12 @@ class QueueRunner:
             # sessions get their QUIT and a stop reaches the deliveries it runs
             self._remote.reconfigure(cfg, self._resolver(cfg))
         return self._remote
+
+    def reconfigured(self) -> None:
+        """A reload came: remote delivery takes the new configuration now (its cached
+        sessions, opened under the old one, get their QUIT at once)."""
+        if self._remote is not None:
+            self._remote_delivery()
 
     async def _deliver_remote(
         self, envelope: Envelope, domain: str, rcpts: list[tuple[int, Recipient]], wire: bytes
