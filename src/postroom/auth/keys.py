@@ -146,6 +146,14 @@ class LocalKeyStore:
         return self.root / normalise_domain(domain)
 
     def load(self, domain: str) -> list[DkimKey]:
+        for _ in range(4):
+            try:
+                return self._load(domain)
+            except FileNotFoundError:  # a key file a save removed after we read keys.json
+                continue
+        return self._load(domain)
+
+    def _load(self, domain: str) -> list[DkimKey]:
         folder = self._dir(domain)
         try:
             raw = (folder / "keys.json").read_bytes()
