@@ -367,8 +367,8 @@ class Draft:
             self._cr = False
             self._client_size += 1
             (self._put(b"\r") if self._fd is not None else self._client.extend(b"\r"))
-        if self._prefix is None and self._fd is not None and self._failed is None:
-            try:  # spilled with its header section unfinished: our fields are made now
+        if self._prefix is None and self._failed is None:
+            try:  # its header section never ended (no blank line): our fields are made now
                 self._take_prefix()
             except OSError as exc:
                 self._failed = exc
