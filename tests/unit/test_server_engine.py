@@ -591,3 +591,18 @@ def test_nul_in_bdat_is_rejected_in_any_chunk() -> None:
     )
     assert codes(out) == ["250", "250", "250", "250", "554", "250"]
     assert h.messages == []
+
+
+def test_failed_logins_count_as_errors_also_when_locked_out() -> None:
+    """A 454 (the lockout's "too many failed logins") was not counted: a client pipelining
+    AUTH got one answer (and one log line) after another without end."""
+    h = Harness(max_errors=3, auth_mechanisms=("PLAIN",))
+    h.proto.receive_data(b"EHLO c\r\n" + b"AUTH PLAIN AGEAYg==\r\n" * 10)
+    while (ev := h.proto.next_event()) is not NEED_DATA:
+        if isinstance(ev, AuthStart):
+            h.proto.auth_finish(replies.AUTH_THROTTLED)
+        if isinstance(ev, Closing):
+            break
+    out = h.proto.data_to_send()
+    assert codes(out) == ["250", "454", "454", "454", "421"]
+    assert h.proto.state is State.CLOSED

@@ -386,7 +386,7 @@ class ServerEngine(Buffers):
         self._go(ServerTrigger.AUTH_END)
         if reply.code == 235:
             self.authenticated = True
-        elif reply.is_permanent:
+        else:  # a 454 too (a lockout): pipelined, they were answered without end
             self._count_error(reply)
 
     def _auth_answered(self) -> None:
