@@ -60,9 +60,11 @@ REFUSAL_TLS_MAX = 8
 # client that pipelines without reading its replies (its buffers hold megabytes of them) had
 # its whole megabyte of commands run at once, and a hundred such clients held every other
 # session, and new connections, for 20 s. RFC 2920 §3 lets a server pace pipelined input.
-# A turn holds a whole real pipeline (a transaction with max_recipients, a few hundred DELEs
-# and QUIT), so what such clients see is unchanged. An event counts one; FLUSH, the batch
-# of OUTBOX_PARTS replies the engine made without an event, counts as many.
+# A client that reads sees no change (a longer pipeline takes a few turns, each a loop
+# round); one that sends over a turn's worth ending in QUIT and closes without reading may
+# have it cut at a turn's end, before the QUIT (a POP3 session then deletes nothing, RFC
+# 1939 §6). An event counts one; FLUSH, the batch of OUTBOX_PARTS replies the engine made
+# without an event, counts as many.
 REPLIES_PER_TURN = 1024
 _RESET = struct.pack("ii", 1, 0)  # struct linger {on, 0 s}: close(2) sends RST
 
@@ -357,7 +359,7 @@ class Connection(asyncio.Protocol):
                     if self._write_paused:
                         self._pause_reading()
                         return
-                    turn -= OUTBOX_PARTS
+                    turn -= OUTBOX_PARTS - 1
                     continue
                 if isinstance(event, Closing):
                     self._flush()
