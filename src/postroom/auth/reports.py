@@ -215,7 +215,7 @@ def build(
         counts: Counter[str] = Counter()
         for r in group:
             key = {
-                k: r.get(k, False)  # "local": not in rows written before it was
+                k: r[k]
                 for k in (
                     "ip",
                     "from",
@@ -224,11 +224,11 @@ def build(
                     "dkim_ok",
                     "spf_ok",
                     "sampled",
-                    "local",
                     "dkim",
                     "spf",
                 )
             }
+            key["local"] = r.get("local", False)  # not in rows written before it was
             counts[json.dumps(key, sort_keys=True)] += 1
         report_id = f"{prefix}.{n}"
         root = ET.Element("feedback")

@@ -401,8 +401,6 @@ class Draft:
             os.close(self._fd)
             self._fd = None
             return b"", self._path, self._crc
-        if self._prefix is None:
-            self._take_prefix()
         body = b"".join((self._return_path, self._prefix or b"", self._client))
         self._give_back()
         self._client = bytearray()
