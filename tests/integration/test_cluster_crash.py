@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from postroom.storage.postgresql import queue as pg_queue
 from tests.conftest import Server, ServerFactory, free_port, wait_until
 from tests.dnszone import LoopbackDNS
 from tests.integration.test_cluster import retrieve_all, storage_toml
@@ -272,7 +273,11 @@ def test_postgresql_restarted_under_load(
     url = pg_durable.new_database()
     a, b = start_nodes(server_factory, url)
     a.add_user("ann@a.test", "ann-pw")
-    with Submitters({"a": a, "b": b}, per_node=2, count=1000, timeout=20) as load:
+    # A client whose commit was cut off waits for its outcome, which the server learns
+    # within SETTLE_WAIT (RFC 5321 §4.5.3.2.6 gives a client 10 minutes): after a crash under
+    # CI load that took 23 s once, past the 20 s this client waited, and read as a hang-up.
+    wait = pg_queue.SETTLE_WAIT + 10
+    with Submitters({"a": a, "b": b}, per_node=2, count=1000, timeout=wait) as load:
         acked, refused = load.acked, load.refused
         wait_until(lambda: len(acked) >= 20, 60, "load before the restart")
         for _ in range(CRASHES):  # each may cut off commits in flight, made or not
