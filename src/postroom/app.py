@@ -472,7 +472,7 @@ async def serve(
         assert queue.writer is not None
         await queue.writer.start()  # before privileges are dropped: see there
         if worker.primary:
-            queue.recover()
+            queue.recover(clean=not (worker.again and cfg.workers > 1))
         else:
             queue.on_parked = functools.partial(_hand_over, services)
             if worker.again:  # its writer replayed the dead one's journal: the primary looks

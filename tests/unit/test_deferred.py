@@ -53,6 +53,33 @@ def test_an_unreadable_message_is_quarantined_when_it_is_due(tmp_path: Path) -> 
     assert not os.listdir(queue.deferred.state_dir)
 
 
+def test_a_primary_started_again_leaves_a_living_writers_park_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Worker 0 restarts while worker 1's writer parks a message: its state is durable, its
+    # message not yet renamed into place. The start-up cleaning took that state for one a
+    # crash cut in two, and the message then went to corrupt/ as unreadable.
+    from postroom.storage.local import files
+
+    secondary = DeferredStore(tmp_path / "queue")
+    fsync_dir = files.fsync_dir
+    restarted: list[LocalQueue] = []
+
+    def restart_between(path: str | os.PathLike[str]) -> None:
+        fsync_dir(path)
+        if str(path).endswith("state") and not restarted:
+            restarted.append(LocalQueue(tmp_path, "mx.x.test"))
+            restarted[0].recover(clean=False)
+
+    monkeypatch.setattr(files, "fsync_dir", restart_between)
+    secondary.park(envelope("A1", 0, 0.0).to_json(), "A1", b"x", "")
+    monkeypatch.setattr(files, "fsync_dir", fsync_dir)
+    (primary,) = restarted
+    primary.schedule(secondary.load("A1"))  # handed over once parked
+    (claimed,) = asyncio.run(primary.claim(1e10, 10))
+    assert claimed.id == "A1" and primary.problems() == []
+
+
 def test_a_record_the_disk_refused_keeps_the_message_due_with_what_it_learnt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

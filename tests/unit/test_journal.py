@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -248,6 +249,65 @@ def test_a_message_whose_copy_failed_is_parked_after_a_crash(tmp_path: Path) -> 
     store = DeferredStore(tmp_path / "queue")
     assert store.ids() == ["Q1"]
     assert [r.status for r in store.load("Q1").recipients] == ["delivered", "queued", "queued"]
+
+
+def test_a_copy_that_cannot_be_made_again_after_a_power_loss_is_parked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every recipient local (not kept), the power went before the synced mark: one copy is
+    # gone and cannot be written again now (a full disk). It was logged as left to the
+    # runner, but nothing held it: the segment and its body file went, and the message too.
+    journal_dir = tmp_path / "journal"
+    (journal_dir / journal.BODIES).mkdir(parents=True)
+    a, b = tmp_path / "a", tmp_path / "b"
+    big = journal_dir / journal.BODIES / "Q1"
+    big.write_bytes(b"H: 1\n" + b"x" * 100_000)
+    size, crc = journal.file_crc(str(big))
+    targets = (Target(0, str(a), "1.Q1_0.h"), Target(1, str(b), "1.Q1_1.h"))
+    one = Entry(1, "Q1", entry(1).envelope, targets, b"", str(big), size, crc)
+    maildir.ensure(a)
+    os.link(big, a / "new" / targets[0].name)  # on disk; b's copy is not
+    segment(
+        journal_dir,
+        journal.encode_entry(one),
+        journal.encode_settled([(1, 0), (1, 1)]),
+        boot="another-boot",
+    )
+
+    def full(source: str, box: str, name: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(maildir, "link_copy", full)
+    assert journal.recover(str(journal_dir), BOOT) == 0
+    store = DeferredStore(tmp_path / "queue")
+    assert store.ids() == ["Q1"] and store.read("Q1") == b"H: 1\n" + b"x" * 100_000
+    assert [r.status for r in store.load("Q1").recipients] == ["delivered", "queued", "queued"]
+
+
+def test_a_settled_copy_before_a_synced_mark_is_trusted_after_a_power_loss(
+    tmp_path: Path,
+) -> None:
+    # A kept message (a remote recipient in its first attempt): its local copy was flushed
+    # and marked synced, then fetched and deleted by its user; then the power went. The
+    # copy came back on the next boot (for a whole first attempt, not the last second).
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    kept, later = entry(1, tmp_path / "a", keep=True), entry(2, tmp_path / "a", keep=True)
+    maildir.ensure(tmp_path / "a")
+    segment(
+        journal_dir,
+        journal.encode_entry(kept),
+        journal.encode_settled([(1, 0)]),
+        journal.encode_synced(1),
+        journal.encode_entry(later),
+        journal.encode_settled([(2, 0)]),  # not synced: its absence may be the power's doing
+        boot="another-boot",
+    )
+    assert journal.recover(str(journal_dir), BOOT) == 1
+    assert os.listdir(tmp_path / "a" / "new") == [later.targets[0].name]
+    store = DeferredStore(tmp_path / "queue")
+    for qid in ("Q1", "Q2"):
+        assert store.load(qid).recipients[0].status == "delivered"
 
 
 def test_a_copy_made_then_deleted_by_its_user_is_not_made_again(tmp_path: Path) -> None:

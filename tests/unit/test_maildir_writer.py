@@ -180,6 +180,40 @@ def test_a_failed_journal_flush_fails_the_batch_and_publishes_nothing(
     out = answers(writer.run([job(1, box), job(2, box)]))
     assert out == [(1, -errno.EIO, "Input/output error"), (2, -errno.EIO, "Input/output error")]
     assert not box.exists()  # nothing written at all
+    # The kernel may have dropped what it could not write: a record appended past that hole
+    # would read as damage after a power loss. The segment is kept; the next batch starts another.
+    assert writer.segment is None
+    assert answers(writer.run([job(3, box)])) == [(3, -errno.EIO, "Input/output error")]
+    monkeypatch.undo()
+    assert answers(writer.run([job(4, box)])) == [(4, 1, "")]
+    segments = [n for n in os.listdir(tmp_path / "journal") if n.endswith(journal.SUFFIX)]
+    assert len(segments) == 2  # the failed one kept for recovery (never marked synced)
+
+
+def test_a_message_refused_for_its_kept_mark_is_not_made_again_after_a_crash(
+    tmp_path: Path, writer: JournalWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every recipient local, one copy failed, and the KEPT mark that would make the queue
+    # hold it could not be written: the client gets 452 and sends it again. Its failed copy
+    # had no settled mark, so a crash then made it from the journal as well: twice.
+    (tmp_path / "file").write_bytes(b"")
+    good, bad = tmp_path / "good", tmp_path / "file" / "box"
+    targets = (Target(0, str(good), "1.Q1_0.h"), Target(1, str(bad), "1.Q1_1.h"))
+    entry = Entry(0, "Q1", b'{"id": "Q1"}', targets, b"m\n")
+    append = journal.Segment.append
+
+    def no_flushed_append(self: journal.Segment, records: list[bytes], sync: bool) -> None:
+        if sync:
+            raise OSError(errno.EIO, "Input/output error")
+        append(self, records, sync)
+
+    monkeypatch.setattr(journal.Segment, "append", no_flushed_append)
+    assert answers(writer.run([Job(1, ACCEPT, entry=entry)])) == [
+        (1, -errno.EIO, "Input/output error")
+    ]
+    assert writer.segment is not None
+    contents = journal.parse(Path(writer.segment.path).read_bytes())
+    assert {(1, 0), (1, 1)} <= contents.settled
 
 
 def test_an_earlier_copy_is_found_in_new_or_cur(tmp_path: Path, writer: JournalWriter) -> None:

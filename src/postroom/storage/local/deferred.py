@@ -90,6 +90,8 @@ class DeferredStore:
             os.unlink(self.msg_path(queue_id))
         except FileNotFoundError:
             raise QueueError(f"no such message {queue_id}") from None
+        # Durable: after a power loss a finished message must not come back and go again.
+        files.fsync_dir(self.msg_dir)
         (self.state_dir / f"{queue_id}.json").unlink(missing_ok=True)
 
     def quarantine(self, queue_id: str) -> Path:

@@ -542,8 +542,12 @@ def _replay(
         delivered: list[int] = []  # recipients whose copy is in place (kept entries)
         owed: list[tuple[Target, str | None]] = []  # copies to publish, and a stale file
         for index, target in enumerate(entry.targets):
-            settled = same_boot and (entry.seq, index) in contents.settled
+            # A settled mark is trusted across a power loss once a synced mark follows it:
+            # the syncer flushed the copy before it wrote that mark (see Syncer).
+            trusted = same_boot or entry.seq <= contents.synced
+            settled = trusted and (entry.seq, index) in contents.settled
             if not park and (not copies or settled):
+                delivered.append(target.index)  # (read if a failed copy parks it below)
                 continue
             found = maildir.find(target.box, target.name)
             if (found is not None and (same_boot or _same(found, entry))) or settled:
@@ -558,12 +562,14 @@ def _replay(
                 os.unlink(found)
             try:
                 dirs.add(publish_copy(entry, target))
-            except OSError as exc:  # the runner retries it from the deferred store
+            except OSError as exc:  # parked below: the runner retries it from there
                 warn(f"{entry.queue_id}: copy for {target.box}: {exc}")
+                if not park and not store.has(entry.queue_id):
+                    park = True  # else nothing would be left of it once the segment goes
                 continue
             delivered.append(target.index)
             written += 1
-        if park:
+        if park:  # (an OSError here keeps the segment for the next start)
             store.park(
                 _mark_delivered(contents.states.get(entry.seq, entry.envelope), delivered),
                 entry.queue_id,

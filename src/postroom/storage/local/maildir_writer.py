@@ -204,16 +204,18 @@ class JournalWriter:
             self._seq += 1
             entries.append(dataclasses.replace(job.entry, seq=self._seq))
         self._last_batch = sum(len(e.targets) for e in entries)
+        appended = False
         try:
             if self.segment is None:
                 self.segment = journal.Segment.create(self.directory, self.boot)
             segment = self.segment
             segment.append([p for e in entries for p in journal.encode_entry(e)], sync=False)
+            appended = True
             flushes = [segment.fd]
-            for e in entries:
-                if e.body_file:
-                    flushes.append(os.open(e.body_file, os.O_RDONLY | os.O_CLOEXEC))
             try:
+                for e in entries:
+                    if e.body_file:
+                        flushes.append(os.open(e.body_file, os.O_RDONLY | os.O_CLOEXEC))
                 if len(flushes) == 1:
                     os.fdatasync(segment.fd)
                 else:  # side by side: the device merges the flushes
@@ -227,6 +229,12 @@ class JournalWriter:
                     marks = [(e.seq, i) for e in entries for i in range(len(e.targets))]
                     self.segment.append(journal.encode_settled(marks), sync=False)
                     self.segment.append(journal.encode_released(e.seq for e in entries), False)
+            if appended:  # the flush failed: the kernel may have dropped what it could not
+                # write, and a later record past that hole would read as damage. So no more
+                # batches here: kept for recovery (never marked synced); the next batch starts
+                # a new segment, or gets this answer too if none can be made.
+                segment.broken = segment.retired = True
+                self.segment = None
             return {job.id: [_failure(exc)] for job in jobs}
         answers: dict[int, list[tuple[int, str]]] = {}
         settled: list[tuple[int, int]] = []
@@ -261,13 +269,19 @@ class JournalWriter:
             try:
                 segment.append(journal.encode_kept(late), sync=True)
             except OSError as exc:  # then the message is not acknowledged either
+                marks = []
                 for job, entry in zip(jobs, entries, strict=True):
                     if entry.seq in late:
                         answers[job.id] = [_failure(exc)]
                         segment.kept.discard(entry.seq)
                         self._kept.pop(entry.queue_id, None)
+                        marks += [(entry.seq, i) for i in range(len(entry.targets))]
+                        if entry.body_file:
+                            unlink.append(entry.body_file)
                         # (its made copies stay: the client's retry makes them again under
                         # another queue id; a rare double on a failing disk, never a loss)
+                with contextlib.suppress(OSError):  # a crash must not make its other copies
+                    segment.append(journal.encode_settled(marks), sync=False)
         segment.last_seq = self._seq
         self.syncer.add(journal.Batch(segment, self._seq, dirs, unlink))
         if segment.size >= journal.SEGMENT_SIZE:

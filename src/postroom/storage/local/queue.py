@@ -505,7 +505,11 @@ class LocalQueue:
             raise
         envelope.size, envelope.wire_size = draft.size, draft.wire_size
         if draft.fresh:  # no spare was ready: its name must be durable before the 250
-            await self.io.run(files.fsync_dir, self.bodies)
+            try:
+                await self.io.run(files.fsync_dir, self.bodies)
+            except OSError as exc:
+                draft.abort()
+                raise TemporaryStorageError(exc.strerror or str(exc)) from exc
         targets = tuple(
             journal.Target(c.index, self.box(c.mailbox), self.copy_name(envelope, c.index))
             for c in deliver_now
@@ -537,11 +541,14 @@ class LocalQueue:
 
     # -- the runner -------------------------------------------------------------------------
 
-    def recover(self) -> int:
+    def recover(self, clean: bool = True) -> int:
         """Start-up of the owner (after the writer replayed the journal): the parked messages
-        scheduled (how many); unreadable ones quarantined and reported."""
+        scheduled (how many); unreadable ones quarantined and reported. With ``clean`` (no
+        other worker's writer runs yet), what a crash cut in two is removed first; never
+        beside a living writer, whose park in progress looks just like that."""
         self.owner = True
-        self.deferred.clean()
+        if clean:
+            self.deferred.clean()
         for qid, when in self.deferred.schedule():
             self._schedule(qid, when)
         return len(self._next)
