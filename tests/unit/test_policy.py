@@ -108,6 +108,31 @@ def test_mx_port_takes_local_users_aliases_postmaster_and_refuses_relay(tmp_path
     ]
 
 
+def test_a_recipient_named_twice_gets_every_notice_either_rcpt_asked_for(
+    tmp_path: Path,
+) -> None:
+    # RFC 3461 §4.1: NOTIFY is per RCPT. The second naming of a final address was dropped
+    # whole: NEVER then FAILURE sent no bounce, and the order of the RCPTs decided.
+    p, _intake = policy(tmp_path)
+    assert p.on_mail(Mail(Address("x", "r.test"))) == replies.SENDER_OK
+
+    def rcpt(local: str, notify: str | None) -> None:
+        params = {"NOTIFY": notify} if notify else {}
+        assert p.on_rcpt(Rcpt(Address(local, "a.test"), params)) == replies.RECIPIENT_OK
+
+    rcpt("alice", "NEVER")
+    rcpt("team", "FAILURE")  # alice again, and x@r.test
+    rcpt("team", "SUCCESS")
+    rcpt("postmaster", None)
+    rcpt("postmaster", "NEVER")  # adds nothing: the first stays as it was
+    notify = {r.address: r.notify for r in p.txn.recipients}
+    assert notify == {
+        "alice@a.test": ["SUCCESS", "FAILURE"],
+        "x@r.test": ["SUCCESS", "FAILURE"],
+        "postmaster@a.test": None,
+    }
+
+
 def test_the_finished_message_is_handed_off_once_in_lf_with_our_trace(tmp_path: Path) -> None:
     p, intake = policy(tmp_path)
     reply = transaction(p, "alice@a.test", data=b"Subject: hi\r\n\r\nline\r\n")

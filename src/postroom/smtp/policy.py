@@ -59,12 +59,28 @@ def _rfc5322_date(when: float) -> str:
     return _date_cache[1]
 
 
+_NOTIFY_DEFAULT = frozenset({"FAILURE", "DELAY"})  # no NOTIFY (RFC 3461 §4.1 allows either)
+
+
+def merged_notify(first: list[str] | None, other: list[str] | None) -> list[str] | None:
+    """The NOTIFY of one recipient named by two RCPTs: what either asked for (NEVER only if
+    both did); ``first`` itself when ``other`` adds nothing."""
+
+    def asked(notify: list[str] | None) -> frozenset[str]:
+        return _NOTIFY_DEFAULT if notify is None else frozenset(notify) - {"NEVER"}
+
+    union = asked(first) | asked(other)
+    if union == asked(first):
+        return first
+    return [n for n in ("SUCCESS", "FAILURE", "DELAY") if n in union]
+
+
 @dataclass
 class _Txn:
     sender: Address | None = None
     mail: Mail | None = None
     recipients: list[Recipient] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)
+    seen: dict[str, Recipient] = field(default_factory=dict)  # by final address
     draft: MessageDraft | None = None
     queue_id: str = ""
     received_at: float = 0.0
@@ -182,10 +198,14 @@ class SmtpPolicy:
         return replies.RECIPIENT_OK
 
     def _add_recipient(self, rcpt: Recipient) -> None:
-        """Each final address once per message, however often it was named or reached."""
-        if rcpt.address not in self.txn.seen:
-            self.txn.seen.add(rcpt.address)
+        """Each final address once per message, however often it was named or reached; it
+        gets every notice any of those RCPTs asked for (RFC 3461 §4.1: NOTIFY is per RCPT)."""
+        kept = self.txn.seen.get(rcpt.address)
+        if kept is None:
+            self.txn.seen[rcpt.address] = rcpt
             self.txn.recipients.append(rcpt)
+        else:
+            kept.notify = merged_notify(kept.notify, rcpt.notify)
 
     # -- DATA ----------------------------------------------------------------------------------
 
