@@ -398,6 +398,19 @@ def test_non_ascii_keyword_values_are_syntax_errors() -> None:
     assert codes(out) == ["250", "250", "501", "421"]  # a BDAT without a size ends the session
 
 
+def test_verbs_are_ascii_and_parameters_follow_a_space() -> None:
+    # "MA\u0131L" (a dotless i) upper-cased to MAIL and ran as one; a parameter glued to the
+    # path was taken (RFC 5321 §4.1.1, §4.1.2): both read otherwise by anything in between.
+    out = Harness().send("EHLO c\r\nMA\u0131L FROM:<a@b.test> SMTPUTF8\r\nQU\u0131T\r\n".encode())
+    assert codes(out) == ["250", "500", "500"]
+    h = Harness()
+    out = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>SIZE=5\r\nMAIL FROM:<a@b.test> SIZE=5\r\n"
+        b'RCPT TO:<"x y"@y.test>NOTIFY=NEVER\r\nRCPT TO:<x@y.test> \r\n'
+    )
+    assert codes(out) == ["250", "501", "250", "501", "250"]
+
+
 def test_helo_name_cannot_forge_trace_fields() -> None:
     # It is copied into the Received header: tabs, control characters, comments and ";" let
     # a client write its own trace information there.

@@ -128,7 +128,7 @@ def _split_path(rest: str, bad: Reply = replies.ADDRESS_SYNTAX) -> tuple[str, st
         end = rest.find(">")
         if end < 0:
             raise CommandError(bad)
-        return rest[: end + 1], rest[end + 1 :]
+        return rest[: end + 1], _after_path(rest[end + 1 :])
     # A quoted local part (RFC 5321 §4.1.2 Quoted-string, with quoted-pairs) may contain
     # ">": find the closing bracket outside quotes.
     in_quote = escaped = False
@@ -140,8 +140,15 @@ def _split_path(rest: str, bad: Reply = replies.ADDRESS_SYNTAX) -> tuple[str, st
         elif ch == '"':
             in_quote = not in_quote
         elif ch == ">" and not in_quote:
-            return rest[: i + 1], rest[i + 1 :]
+            return rest[: i + 1], _after_path(rest[i + 1 :])
     raise CommandError(bad)
+
+
+def _after_path(tail: str) -> str:
+    """The parameters after a path, which a SP must open (RFC 5321 §4.1.2)."""
+    if tail and tail[0] != " ":
+        raise CommandError(replies.PARAM_SYNTAX)
+    return tail
 
 
 def is_bdat(line: bytes) -> bool:
@@ -174,7 +181,9 @@ def _parse(line: bytes, smtputf8: bool) -> Command:
             replies.PARAM_SYNTAX if verb in _KNOWN and b" " in line else replies.SYNTAX_ERROR
         ) from None
     verb, _, rest = text.partition(" ")
-    verb = verb.upper()
+    # Verbs are ASCII keywords (RFC 5321 §4.1.1; RFC 6531 widens only addresses and
+    # headers): "MA\u0131L" upper-cases to "MAIL", and must not run as one.
+    verb = verb.upper() if verb.isascii() else "?"
     limit = _LIMITS.get(verb, MAX_COMMAND)
     if len(line) + 2 > limit:
         # RFC 4954 §6: 5.5.6 for an authentication exchange line (the initial response's).
