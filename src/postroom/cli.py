@@ -380,7 +380,10 @@ def _cmd_queue(stores: AdminStores, args: argparse.Namespace) -> int:
 def _show_queue(cfg: Config, queue: MessageQueue, args: argparse.Namespace) -> int:
     """``queue flush``/``delete`` on a shared queue, and ``list``/``show`` on any."""
     if args.action == "flush":
-        queue.flush()
+        due = queue.flush()
+        print(
+            f"postroom: {due} deferred message(s) due now, on every running node", file=sys.stderr
+        )
         return 0
     if args.action == "delete":
         asyncio.run(queue.delete(args.id))

@@ -200,17 +200,26 @@ def test_import_a_local_node(server_factory: ServerFactory, tmp_path: Path, pg_u
     with smtplib.SMTP(single.host, single.ports["smtp"], timeout=10) as c:
         c.sendmail("s@remote.test", ["sales@a.test"], b"Subject: one\r\n\r\nbody\r\n")
     assert len(single.wait_messages("ann@a.test", 1)) == 1
+    published = [
+        line for line in single.cli("dns", "a.test").stdout.splitlines() if "DKIM1" in line
+    ]
     single.stop()
     cfg = _config(tmp_path, pg_url)
     out = run_cli("db", "import", str(single.data_dir), config=cfg).stdout
     assert "users: 1 added" in out and "messages: 1 added" in out
     assert "alias targets: 1 added (0 there already)" in out
+    assert "dkim keys of a.test: 2 added" in out
     again = run_cli("db", "import", str(single.data_dir), config=cfg).stdout
     assert "users: 0 added" in again and "messages: 0 added (1 there already)" in again
     assert "alias targets: 0 added (1 there already)" in again
+    assert "dkim keys of a.test: the database has its own, kept" in again
     node = server_factory(extra_toml=storage_toml(pg_url), services=SERVICES, host="127.0.0.4")
     assert login_ok(node, "ann@a.test", "ann-pw")  # the same hash, the same password
     assert rcpt_code(node, "sales@a.test") == 250
+    # The records published for the single node still name the keys that sign.
+    assert [
+        line for line in node.cli("dns", "a.test").stdout.splitlines() if "DKIM1" in line
+    ] == published
 
 
 MESSAGE = (
@@ -275,10 +284,16 @@ def test_queue_and_dkim_keys_are_shared(server_factory: ServerFactory, pg_url: s
         assert within(10, lambda: "deferred" in b.cli("queue", "list", "--json").stdout)
         queue_id = b.cli("queue", "list").stdout.split("\t")[0]
         assert f"id: {queue_id}" in a.cli("queue", "show", queue_id).stdout
-        b.cli("queue", "flush")
+        assert "1 deferred message(s) due now" in b.cli("queue", "flush").stderr
         a.cli("queue", "delete", queue_id)
         assert b.cli("queue", "list").stdout == ""
         assert a.cli("queue", "delete", queue_id, check=False).returncode == 1
+        # Each node logs what the admin did, as a single node does (via NOTIFY here).
+        for node in (a, b):
+            assert within(
+                10, lambda n=node: f"{queue_id}: removed (queue delete)" in n.log.read_text()
+            )
+            assert "queue flush: 1 deferred messages due now" in node.log.read_text()
     finally:
         dns.stop()
 

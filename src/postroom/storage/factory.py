@@ -121,6 +121,7 @@ async def _open_node(cfg: Config, io: BlockingPool, index: int) -> NodeStores:
     # Worker ``index``'s drafts of large messages spill here; what a dead one left is removed.
     spill = cfg.data_dir / "tmp" / f"worker{index}"
     queue = PgQueue(url, database, spill, lease, io, cfg.limits.header_size, clean=True)
+    queue.log_actions = index == 0
     accounts = LiveAccounts(cfg.domains)
     keys = PgKeyStore(url, live=True)
     watcher = db.Watcher(url, [accounts, keys, queue])

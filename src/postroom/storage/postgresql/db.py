@@ -100,6 +100,13 @@ def remember_password(url: str) -> None:
         _PASSWORDS[url] = found
 
 
+def _why(exc: BaseException) -> str:
+    """What went wrong, in words (a time-out's own text is empty)."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT:g} s"
+    return str(exc) or type(exc).__name__
+
+
 async def connect(url: str, name: str = "postroom") -> asyncpg.Connection:
     """One connection of its own (the CLI, the LISTEN connection, migrations); ``name`` is
     its ``application_name`` (what ``pg_stat_activity`` shows)."""
@@ -112,7 +119,7 @@ async def connect(url: str, name: str = "postroom") -> asyncpg.Connection:
             password=_PASSWORDS.get(url),
         )
     except FAILED as exc:  # away, or refused: no such database or role, a wrong password
-        raise TemporaryStorageError(f"cannot connect to PostgreSQL: {exc}") from None
+        raise TemporaryStorageError(f"cannot connect to PostgreSQL: {_why(exc)}") from None
 
 
 class Database:
@@ -177,7 +184,7 @@ class Database:
             )
         except FAILED as exc:
             await self.close()
-            raise TemporaryStorageError(f"cannot connect to PostgreSQL: {exc}") from None
+            raise TemporaryStorageError(f"cannot connect to PostgreSQL: {_why(exc)}") from None
 
     @property
     def pool(self) -> asyncpg.Pool:

@@ -173,6 +173,7 @@ def import_local(url: str, data_dir: Path, domains: Iterable[str]) -> list[str]:
             skipped += len(rows) - n
     finally:
         conn.close()
+    lines_keys = _import_keys(url, data_dir, sorted(local_domains))
     outside = sorted({str(u[0]) for u in users} - {""})
     outside = [u for u in outside if u.rpartition("@")[2] not in local_domains]
     lines = [
@@ -180,6 +181,30 @@ def import_local(url: str, data_dir: Path, domains: Iterable[str]) -> list[str]:
         f"alias targets: {added_aliases} added ({len(alias_rows) - added_aliases} there already)",
         f"messages: {stored} added ({skipped} there already)",
     ]
+    lines += lines_keys
     if outside:
         lines.append(f"note: users of domains not in this config: {', '.join(map(str, outside))}")
+    return lines
+
+
+def _import_keys(url: str, data_dir: Path, domains: list[str]) -> list[str]:
+    """The DKIM keys of ``data_dir``, for each domain the database has none of yet: the
+    records published for the single node go on matching."""
+    from postroom.auth.keys import LocalKeyStore
+    from postroom.storage.postgresql.keys import PgKeyStore
+
+    local, shared = LocalKeyStore(data_dir), PgKeyStore(url, live=False)
+    lines = []
+    try:
+        for domain in domains:
+            keys = local.load(domain)
+            if not keys:
+                continue
+            if shared.load(domain):
+                lines.append(f"dkim keys of {domain}: the database has its own, kept")
+                continue
+            shared.save(domain, keys)
+            lines.append(f"dkim keys of {domain}: {len(keys)} added")
+    finally:
+        shared.close()
     return lines

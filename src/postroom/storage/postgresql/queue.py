@@ -56,6 +56,7 @@ from pathlib import Path
 
 import asyncpg
 
+from postroom import events
 from postroom.blocking import BlockingPool
 from postroom.errors import LeaseLost, QueueError, TemporaryStorageError
 from postroom.queue.envelope import Attempt, Envelope, Recipient, check_id, new_queue_id
@@ -397,6 +398,8 @@ class PgQueue:
         self.budget = HoldBudget()
         self.committer = Committer(database, lease) if database is not None else None
         self.on_deleted: Callable[[str], None] | None = None  # the runner's deleted_elsewhere
+        # `queue delete`/`flush` from any node, logged once per node (by its first worker).
+        self.log_actions = False
         self._door: db.Door | None = None
         self._bodies: dict[str, bytes] = {}  # of messages in their first attempt here
         self._wake = asyncio.Event()
@@ -504,7 +507,12 @@ class PgQueue:
         if payload.startswith("d"):
             if self.on_deleted is not None:
                 self.on_deleted(payload[1:])
+            if self.log_actions:
+                events.queue_action("delete", queue_id=payload[1:])
         else:
+            if self.log_actions and payload.startswith("flush"):
+                count = payload.removeprefix("flush").strip()
+                events.queue_action("flush", count=int(count) if count.isdigit() else None)
             self._next_due = 0.0
             self._wake.set()
         return False
@@ -805,7 +813,7 @@ class PgQueue:
                     "WITH f AS (UPDATE queue SET next_attempt = 0 WHERE next_attempt > 0"
                     " RETURNING 1) SELECT count(*) FROM f"
                 )
-                await conn.execute("SELECT pg_notify($1, 'flush')", CHANNEL)
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"flush {n}")
             return int(n)
 
         return self.door().call(run)
