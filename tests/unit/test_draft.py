@@ -5,6 +5,7 @@ prepended fields on top; past the budget or HOLD_LIMIT it is streamed into the f
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
 from pathlib import Path
 
@@ -226,3 +227,39 @@ def test_a_message_that_never_ends_its_header_section(tmp_path: Path, budget_lim
     body, path = stored(draft)  # our fields made at the end, from what came
     client = (field * 1_000).replace(b"\r\n", b"\n")
     assert path and heads == [client] and body == RETURN_PATH + b"Received: r\n" + client
+
+
+def test_large_rewrites_run_one_at_a_time_and_skip_what_needs_nothing(tmp_path: Path) -> None:
+    # Each conversion holds several copies of its message: ten 40 MB submissions that
+    # leave took 1.8 GB in one worker at once. And one that needs nothing made those copies
+    # too before it found out.
+    budget = HoldBudget(limit=0)
+    folders = [tmp_path / str(i) for i in range(4)]
+    for folder in folders:
+        folder.mkdir()
+    drafts = [big_draft(folder, budget, 2 * INLINE_LIMIT) for folder in folders[:3]]
+    running: list[int] = []
+    peak = 0
+
+    def convert(data: bytes) -> bytes:
+        nonlocal peak
+        running.append(1)
+        peak = max(peak, len(running))
+        time.sleep(0.05)  # (in a thread: the others would start meanwhile)
+        running.pop()
+        return data.replace(b"y", b"z")
+
+    async def rewrite_all() -> None:
+        await asyncio.gather(*(d.rewrite(convert) for d in drafts))
+
+    asyncio.run(rewrite_all())
+    assert peak == 1
+    assert b"zzz" in stored(drafts[0])[0]
+
+    untouched = big_draft(folders[3], budget, 2 * INLINE_LIMIT)
+
+    def never(data: bytes) -> bytes:
+        raise AssertionError("converted although nothing needed it")
+
+    asyncio.run(untouched.rewrite(never, lambda lf: b"\r" in lf))
+    assert stored(untouched)[0] == expected(2 * INLINE_LIMIT)

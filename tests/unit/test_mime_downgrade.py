@@ -11,7 +11,14 @@ from email.message import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from postroom.delivery.mime_downgrade import MAX_LINE, MAX_NESTING, downgrade, fold_header
+from postroom.delivery import mime_downgrade
+from postroom.delivery.mime_downgrade import (
+    MAX_LINE,
+    MAX_NESTING,
+    downgrade,
+    fold_header,
+    has_long_line,
+)
 
 LONG = b"x" * 5000
 IMAGE = base64.encodebytes(bytes(range(256)) * 4).replace(b"\n", b"\r\n")
@@ -298,3 +305,23 @@ def test_a_comment_in_the_encoding_label_is_no_encoding() -> None:
     )
     out = downgrade(outer, eight_bit=False)
     assert out.isascii() and b"Subject: inner" in out and b"base64" not in out
+
+
+@given(
+    st.lists(st.sampled_from([0, 1, 997, 998, 999, 5000]), max_size=40),
+    st.sampled_from([b"\r\n", b"\n"]),
+    st.integers(1, 3000),
+)
+def test_a_long_line_is_found_in_pieces_as_in_the_whole(
+    lengths: list[int], line_end: bytes, scan: int
+) -> None:
+    # Read a piece at a time (a whole split of 20 million empty lines took 160 MB), with
+    # the pieces' size varied so that lines straddle every kind of cut.
+    data = line_end.join(b"x" * n for n in lengths)
+    whole = max(map(len, data.split(line_end))) > MAX_LINE
+    saved = mime_downgrade._SCAN
+    mime_downgrade._SCAN = scan
+    try:
+        assert has_long_line(data, line_end) is whole
+    finally:
+        mime_downgrade._SCAN = saved

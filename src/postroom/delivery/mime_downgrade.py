@@ -33,6 +33,7 @@ from email.policy import compat32
 from postroom.wire.framing import to_crlf
 
 MAX_LINE = 998  # RFC 5321 §4.5.3.1.6: octets per line, without the CRLF
+_SCAN = 1 << 20  # octets looked at in one piece for a long line
 # Multiparts and messages nested deeper are left as they are (Postfix refuses past 100): each
 # level is one more pass over what it holds, and a hostile message of a few KB nests hundreds.
 # 8-bit octets left there make the hop refuse the message (5.6.3: convert or return it).
@@ -53,13 +54,31 @@ def downgrade(data: bytes, *, eight_bit: bool) -> bytes:
     return _entity(data, seven_bit=not eight_bit, message=True, digest=False, depth=0)
 
 
-def needs_downgrade(data: bytes, *, eight_bit: bool) -> bool:
-    """Whether :func:`downgrade` has anything to do (``data`` in CRLF form)."""
-    return (not eight_bit and not data.isascii()) or _has_long_line(data)
+def needs_downgrade(data: bytes, *, eight_bit: bool, line_end: bytes = b"\r\n") -> bool:
+    """Whether :func:`downgrade` has anything to do (``data`` with ``line_end``: CRLF on the
+    wire, LF as a draft stores it)."""
+    return (not eight_bit and not data.isascii()) or has_long_line(data, line_end)
 
 
-def _has_long_line(data: bytes) -> bool:
-    return len(data) > MAX_LINE and max(map(len, data.split(b"\r\n"))) > MAX_LINE
+def has_long_line(data: bytes, line_end: bytes = b"\r\n") -> bool:
+    """Whether a line of ``data`` is longer than :data:`MAX_LINE` (without its end). Read a
+    MiB at a time: split whole, 20 million empty lines made a list of 160 MB."""
+    start, size = 0, len(data)
+    while start < size:
+        cut = min(start + _SCAN, size)
+        end = data.find(b"\n", cut)
+        if end < 0:
+            if size - cut > MAX_LINE:  # the line at the cut runs to the end
+                return True
+            end = size
+        elif end - cut > MAX_LINE + 1:  # so does it, to a line end that far on
+            return True
+        else:
+            end += 1
+        if max(map(len, data[start:end].split(line_end))) > MAX_LINE:
+            return True
+        start = end
+    return False
 
 
 def starts_with_header_field(data: bytes) -> bool:
@@ -121,7 +140,7 @@ def _relabel(head: bytes, cte: str, body: bytes, seven_bit: bool) -> bytes:
 def _leaf(
     head: bytes, body: bytes, fields: Message, cte: str, *, seven_bit: bool, message: bool
 ) -> bytes:
-    if not (_has_long_line(body) or (seven_bit and not body.isascii())):
+    if not (has_long_line(body) or (seven_bit and not body.isascii())):
         return fold_header(head) + b"\r\n" + body
     if cte == "base64":
         decoded = _unbase64(body)
@@ -237,7 +256,7 @@ def _filler(lines: list[bytes], seven_bit: bool) -> list[bytes]:
 def fold_header(head: bytes) -> bytes:
     """Header lines over 998 octets folded before white space (RFC 5322 §2.2.3), else broken
     with CRLF SP; shorter lines unchanged."""
-    if not _has_long_line(head):
+    if not has_long_line(head):
         return head
     out: list[bytes] = []
     for line in head.split(b"\r\n"):

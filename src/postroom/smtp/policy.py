@@ -43,6 +43,9 @@ _HEADER_FIELD = re.compile(rb"(?im)^(date|message-id)[ \t]*:")
 
 _date_cache: tuple[int, str] = (0, "")
 _submission_form = functools.partial(mime_downgrade.downgrade, eight_bit=False)
+_needs_submission_form = functools.partial(
+    mime_downgrade.needs_downgrade, eight_bit=False, line_end=b"\n"
+)
 
 
 def _domain(address: str) -> str:
@@ -316,7 +319,7 @@ class SmtpPolicy:
             # Submitted mail that leaves is made 7-bit with short lines here, before it is
             # signed (RFC 6376 §5.3), so that no relay hop has to convert it and break the
             # signature. Mail that stays here is stored as it came.
-            await draft.rewrite(_submission_form)
+            await draft.rewrite(_submission_form, _needs_submission_form)
         if problem is None and self.services.sender_auth is not None:
             # DKIM signing (submissions) or SPF/DKIM/DMARC and Authentication-Results (MX):
             # the finished message's transform or verdict, before the one hand-off below.

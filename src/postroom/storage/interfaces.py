@@ -74,10 +74,14 @@ class MessageDraft(Protocol):
         header checks need, without reading a large message's body."""
         ...
 
-    async def rewrite(self, convert: Callable[[bytes], bytes]) -> None:
+    async def rewrite(
+        self, convert: Callable[[bytes], bytes], needed: Callable[[bytes], bool] | None = None
+    ) -> None:
         """Replace the client's message (CRLF, no trace headers) by ``convert(message)``:
-        submitted mail made 7-bit with short lines before it is signed. Before any
-        :meth:`prepend`: our trace headers are made again from the new message."""
+        submitted mail made 7-bit with short lines before it is signed. ``needed``, a cheap
+        test of the message in its stored form (LF), says False when ``convert`` would change
+        nothing. Before any :meth:`prepend`: our trace headers are made again from the new
+        message."""
         ...
 
     def whole(self) -> bytes:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import heapq
 import os
 import time
@@ -51,6 +52,7 @@ from postroom.wire.framing import to_crlf
 
 INLINE_LIMIT = 64 << 10  # larger messages go to a body file (written once, linked)
 HOLD_LIMIT = 1 << 20  # a message up to this size may wait in memory for its end of DATA
+TRIM_ABOVE = 8 << 20  # after a rewrite of a message larger than this, freed memory goes back
 HOLD_BUDGET = 32 << 20  # what one worker holds so beyond INLINE_LIMIT, all drafts together
 BOX_CACHE = 10_000
 JOURNAL_TRIES = 5  # a PARK or RELEASE is tried again with a new writer if the last one died
@@ -116,6 +118,17 @@ class SpareBodies:
                 os.unlink(self._ready.pop())
 
 
+_libc = ctypes.CDLL(None)
+
+
+def give_back_memory() -> None:
+    """Return the heap freed by a large message to the system: glibc keeps it otherwise
+    (its mmap threshold rises after the first large free), and a worker stayed at 500 MB."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 class HoldBudget:
     """The octets that a worker's drafts hold in memory beyond :data:`INLINE_LIMIT`.
 
@@ -130,6 +143,9 @@ class HoldBudget:
     def __init__(self, limit: int = HOLD_BUDGET) -> None:
         self.limit = limit
         self.used = 0
+        # A conversion holds several copies of its message at once (a 40 MB submission
+        # that leaves took 500 MB): one large one at a time per worker, the others wait.
+        self.rewrites = asyncio.Semaphore(1)
 
     def take(self, octets: int) -> bool:
         if self.used + octets > self.limit:
@@ -323,13 +339,30 @@ class Draft:
             return
         self._write_file(lf)
 
-    async def rewrite(self, convert: Callable[[bytes], bytes]) -> None:
+    async def rewrite(
+        self, convert: Callable[[bytes], bytes], needed: Callable[[bytes], bool] | None = None
+    ) -> None:
         if self._failed is not None:
             return
+        if self._client_size <= INLINE_LIMIT or self._budget is None:
+            await self._rewrite(convert, needed)
+            return
+        async with self._budget.rewrites:
+            try:
+                await self._rewrite(convert, needed)
+            finally:
+                if self._client_size > TRIM_ABOVE:
+                    give_back_memory()
+
+    async def _rewrite(
+        self, convert: Callable[[bytes], bytes], needed: Callable[[bytes], bool] | None
+    ) -> None:
         if self._fd is None:
             old = bytes(self._client)
         else:
             old = os.pread(self._fd, self._client_size, self._in_file)
+        if needed is not None and not needed(old):
+            return  # (most mail: no copy of it made at all)
         if len(old) > INLINE_LIMIT:  # passes over a large message: not on the event loop
             new = await asyncio.to_thread(lambda: bulk.crlf_to_lf(convert(to_crlf(old))))
         else:
