@@ -57,6 +57,11 @@ class TemporaryStorageError(PostroomError):
     """Storage failed in a way that may heal (disk full, read-only): the peer gets a 4xx."""
 
 
+class StorageUnavailable(TemporaryStorageError):
+    """The shared store (PostgreSQL) did not answer, or not in time: not a full disk, which
+    the logs and metrics must not say."""
+
+
 class KeysChanged(PostroomError):
     """Another node changed the domain's DKIM keys between this one's load and save."""
 

@@ -308,6 +308,7 @@ _REASONS: dict[Reply, str] = {
     replies.TOO_MANY_HOPS: "mail_loop",
     replies.BARE_LF_DATA: "bare_lf",
     replies.STORAGE_FULL: "disk_full",
+    replies.STORAGE_AWAY: "storage_unavailable",
     replies.TOO_MANY_RECIPIENTS: "too_many_recipients",
 }
 

@@ -188,7 +188,7 @@ def test_messages_read_ahead_and_in_slices(pg_url: str, tmp_path: Path) -> None:
 
 
 def test_postgresql_restart_fails_intake_then_heals(pg_durable: object, tmp_path: Path) -> None:
-    from postroom.errors import TemporaryStorageError
+    from postroom.errors import StorageUnavailable, TemporaryStorageError
     from tests.pgserver import PgServer
 
     assert isinstance(pg_durable, PgServer)
@@ -204,7 +204,7 @@ def test_postgresql_restart_fails_intake_then_heals(pg_durable: object, tmp_path
             # at once: a statement sent on one not yet seen closed might have committed, and
             # waits for PostgreSQL to be back (test_pg_commit_whose_reply_was_lost.py).
             await until(lambda: a.database.pool.get_idle_size() == 0, timeout=5)
-            with pytest.raises(TemporaryStorageError):  # the client gets 452, sends again
+            with pytest.raises(StorageUnavailable):  # the client gets 452, sends again
                 await a.accept(["ann@a.test"])
             server.start()
             for _ in range(200):  # the pool drops dead connections and makes new ones

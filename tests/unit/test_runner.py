@@ -603,3 +603,26 @@ def test_a_reload_keeps_the_remote_delivery_that_runs_the_attempts(tmp_path: Pat
     runner.services.cfg = new
     runner.reconfigured()  # what a reload calls: at once, not at the next delivery
     assert runner._remote is first and first.cfg is new
+
+
+def test_a_store_that_is_away_is_told_apart_from_a_full_disk(tmp_path: Path) -> None:
+    # A PostgreSQL outage was refused, logged and counted as a full disk: an alert on
+    # postroom_disk_full_refusals_total fired, and pointed at the disk, at every outage.
+    from postroom.errors import StorageUnavailable, TemporaryStorageError
+    from postroom.events import refusal_reason
+    from postroom.wire import replies
+
+    runner, queue, _boxes, _clock = make(tmp_path, {})
+    got = []
+    for error in (StorageUnavailable("PostgreSQL: gone"), TemporaryStorageError("disk full")):
+
+        async def refuse(*_args: object, error: Exception = error) -> list[OSError | None]:
+            raise error
+
+        queue.accept = refuse  # type: ignore[method-assign]
+        env = envelope("Q1", "ann@a.test")
+        draft = queue.draft(env.id, env.sender)
+        got.append(asyncio.run(runner.accept(env, draft)))
+    assert got == [replies.STORAGE_AWAY, replies.STORAGE_FULL]
+    assert [refusal_reason(r) for r in got] == ["storage_unavailable", "disk_full"]  # type: ignore[arg-type]
+    assert all(r.code == 452 for r in got)  # type: ignore[union-attr]

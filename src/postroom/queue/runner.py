@@ -45,7 +45,7 @@ from postroom.delivery.dsn import (
     xtext_encode,
 )
 from postroom.delivery.remote import DeliveryResult, RemoteDelivery, needs_relayed_dsn
-from postroom.errors import LeaseLost, QueueError, TemporaryStorageError
+from postroom.errors import LeaseLost, QueueError, StorageUnavailable, TemporaryStorageError
 from postroom.queue import schedule
 from postroom.queue.envelope import (
     Attempt,
@@ -161,7 +161,11 @@ class QueueRunner:
             first = await self._store(envelope, draft, hold)
         except TemporaryStorageError as exc:
             self.services.log.error("queue write failed for %s: %s", envelope.id, exc)
-            return replies.STORAGE_FULL
+            return (
+                replies.STORAGE_AWAY
+                if isinstance(exc, StorageUnavailable)
+                else replies.STORAGE_FULL
+            )
         if not envelope.done or hold:
             self._start(envelope, first)
         return Accepted(envelope.id)

@@ -126,6 +126,7 @@ TOO_MANY_CONNECTIONS = R(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_COMMANDS = R(421, "4.7.0", "Too many commands, closing connection")
 BDAT_UNREADABLE = R(421, "4.5.4", "Syntax: BDAT size [LAST]; the chunk cannot be skipped, closing")
 STORAGE_FULL = R(452, "4.3.1", "Insufficient system storage, try again later")
+STORAGE_AWAY = R(452, "4.3.1", "Mail storage unavailable, try again later")  # PostgreSQL away
 TOO_MANY_RECIPIENTS = R(452, "4.5.3", "Too many recipients")
 LOCAL_ERROR = R(451, "4.3.0", "Local error in processing, try again later")
 AUTH_THROTTLED = R(454, "4.7.0", "Too many failed logins, try again later")

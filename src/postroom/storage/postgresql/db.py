@@ -33,7 +33,7 @@ import asyncpg.connect_utils
 from asyncpg import Record
 from asyncpg.pool import PoolConnectionProxy
 
-from postroom.errors import TemporaryStorageError
+from postroom.errors import StorageUnavailable, TemporaryStorageError
 
 T = TypeVar("T")
 log = logging.getLogger("postroom")
@@ -119,7 +119,7 @@ async def connect(url: str, name: str = "postroom") -> asyncpg.Connection:
             password=_PASSWORDS.get(url),
         )
     except FAILED as exc:  # away, or refused: no such database or role, a wrong password
-        raise TemporaryStorageError(f"cannot connect to PostgreSQL: {_why(exc)}") from None
+        raise StorageUnavailable(f"cannot connect to PostgreSQL: {_why(exc)}") from None
 
 
 class Database:
@@ -184,7 +184,7 @@ class Database:
             )
         except FAILED as exc:
             await self.close()
-            raise TemporaryStorageError(f"cannot connect to PostgreSQL: {_why(exc)}") from None
+            raise StorageUnavailable(f"cannot connect to PostgreSQL: {_why(exc)}") from None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -243,7 +243,7 @@ class Door:
             try:
                 return self.run(fn(self._connection(), *args))
             except UNAVAILABLE as exc:
-                raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+                raise StorageUnavailable(f"PostgreSQL: {exc}") from None
 
     def close(self) -> None:
         if self._loop.is_closed():

@@ -58,7 +58,7 @@ import asyncpg
 
 from postroom import events
 from postroom.blocking import BlockingPool
-from postroom.errors import LeaseLost, QueueError, TemporaryStorageError
+from postroom.errors import LeaseLost, QueueError, StorageUnavailable, TemporaryStorageError
 from postroom.queue.envelope import Attempt, Envelope, Recipient, check_id, new_queue_id
 from postroom.storage.interfaces import LocalCopy, MessageDraft
 from postroom.storage.local.queue import Draft, HoldBudget, SpareBodies
@@ -266,7 +266,7 @@ class Committer:
                 if error is None:
                     item.done.set_result(None)
                 else:
-                    item.done.set_exception(TemporaryStorageError(f"PostgreSQL: {error}"))
+                    item.done.set_exception(StorageUnavailable(f"PostgreSQL: {error}"))
             self._kick()
 
     async def _outcome(self, batch: list[_Intake]) -> list[BaseException | None]:
@@ -357,7 +357,7 @@ class Committer:
             len(batch),
             SETTLE_WAIT,
         )
-        return TemporaryStorageError(f"outcome unknown: {unanswered.error}")
+        return StorageUnavailable(f"outcome unknown: {unanswered.error}")
 
 
 def _envelope(raw: str, next_attempt: float) -> Envelope:
@@ -636,7 +636,7 @@ class PgQueue:
             async with self._db().connection() as conn:
                 status: str = await conn.execute(query, *args)
         except db.FAILED as exc:
-            raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+            raise StorageUnavailable(f"PostgreSQL: {exc}") from None
         return status
 
     async def begin_attempt(self, envelope: Envelope) -> None:
@@ -664,7 +664,7 @@ class PgQueue:
                     "SELECT envelope, next_attempt FROM queue WHERE id=$1", queue_id
                 )
         except db.FAILED as exc:
-            raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+            raise StorageUnavailable(f"PostgreSQL: {exc}") from None
         return None if row is None else _envelope(row["envelope"], row["next_attempt"])
 
     async def body(self, envelope: Envelope) -> bytes:
@@ -675,7 +675,7 @@ class PgQueue:
             async with self._db().connection() as conn:
                 found = await conn.fetchval("SELECT body FROM queue WHERE id=$1", envelope.id)
         except db.FAILED as exc:
-            raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+            raise StorageUnavailable(f"PostgreSQL: {exc}") from None
         if found is None:
             raise LeaseLost(f"{envelope.id} was deleted")
         return bytes(found)
@@ -700,7 +700,7 @@ class PgQueue:
                 continue
             except asyncpg.PostgresError as exc:
                 self._released(queue_id)
-                raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+                raise StorageUnavailable(f"PostgreSQL: {exc}") from None
             if warned:
                 log.info("%s: outcome recorded", queue_id)
             self._released(queue_id)
@@ -799,7 +799,7 @@ class PgQueue:
                 async with self._db().connection() as conn:
                     rows = await conn.fetch(query, queue_id, CHANNEL)
             except db.FAILED as exc:
-                raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+                raise StorageUnavailable(f"PostgreSQL: {exc}") from None
         else:
             rows = self.door().call(lambda c: c.fetch(query, queue_id, CHANNEL))
         if not rows:

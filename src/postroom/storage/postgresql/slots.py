@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from postroom.errors import TemporaryStorageError
+from postroom.errors import StorageUnavailable
 from postroom.storage.postgresql import db
 from postroom.storage.postgresql.db import Database
 
@@ -69,7 +69,7 @@ class PgSlots:
                 async with self.database.connection() as conn:
                     number = await conn.fetchval(_TAKE, destination, self.node, limit, self.lease)
             except db.FAILED as exc:
-                raise TemporaryStorageError(f"PostgreSQL: {exc}") from None
+                raise StorageUnavailable(f"PostgreSQL: {exc}") from None
             if number is not None:
                 return int(number)
             await asyncio.sleep(pause)
