@@ -341,6 +341,46 @@ def test_421_greeting_and_temp_rcpt_move_on_to_the_next_host() -> None:
     run(main)
 
 
+def test_a_stop_keeps_what_an_earlier_host_took_in_the_same_attempt() -> None:
+    # mx1 took ann (its 250 to the dot commits her, RFC 5321 §6.1) and deferred ben; a stop
+    # came while ben went to mx2. The stop's LeaseLost dropped ann's result with ben's: she
+    # stayed queued, and got the message again after the restart.
+    from postroom.delivery.remote import STOPPED
+
+    port = free_port()
+
+    async def main() -> None:
+        first = await Sink("127.0.0.5", port, tempfail={"ben@b.test"}).start()
+        second = await Sink("127.0.0.6", port).start()
+        resolver = StaticResolver(
+            {
+                "b.test": Route(
+                    (mx("mx1.b.test", "127.0.0.5", 10), mx("mx2.b.test", "127.0.0.6", 20))
+                )
+            }
+        )
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+
+        def stop_after_this_one() -> bool:  # asked at each final dot, after the stop's check
+            remote.stopping = True
+            return True
+
+        try:
+            ann, ben = await remote.deliver(
+                "b.test", message("ann@b.test", "ben@b.test"), BODY, stop_after_this_one
+            )
+        finally:
+            await remote.aclose()
+            for s in (first, second):
+                await s.stop()
+        assert ann.outcome is Outcome.DELIVERED and ann.remote_mta == "mx1.b.test"
+        assert ben.outcome is Outcome.TEMPORARY and ben.reply == STOPPED
+        assert [m.recipients for m in first.messages] == [["ann@b.test"]]
+        assert second.messages == []  # its final dot never went out
+
+    run(main)
+
+
 def test_everything_down_is_temporary() -> None:
     port = free_port()
 

@@ -13,6 +13,7 @@ import pytest
 from postroom.delivery.dsn import (
     DsnRecipient,
     build_dsn,
+    failure_status,
     format_date,
     xtext_decode,
     xtext_encode,
@@ -228,6 +229,24 @@ def test_refuses_null_sender() -> None:
 def test_bad_status_is_our_bug() -> None:
     with pytest.raises(ValueError, match="status"):
         report(recipients=[DsnRecipient("b@b.test", "failed", "550")])
+
+
+def test_a_peers_malformed_status_code_is_none_and_the_bounce_goes_out() -> None:
+    # "450 45.1.1" passed as a code ("45" in "245"), "550 5.1.1000" too (any digits): the
+    # DSN builder refused it as our own bug, and the bounce was never sent (RFC 3463 §2).
+    from postroom.wire.replies import parse_status, status_of
+
+    for reply, status in (
+        ("450 45.1.1 mailbox busy", "4.4.7"),
+        ("550 5.1.1000 no such user", "5.0.0"),
+        ("550 24.0.0 odd", "5.0.0"),
+        ("550 5.1.1 no such user", "5.1.1"),
+        ("452 4.2.22 full", "4.2.22"),
+    ):
+        assert failure_status(reply) == status, reply
+        rcpt = DsnRecipient("b@b.test", "failed", failure_status(reply), diagnostic=reply)
+        report(recipients=[rcpt])
+    assert parse_status("45.1.1 x") == ("", "45.1.1 x") and status_of("550 5.1.1000 x") == ""
 
 
 def test_deterministic() -> None:

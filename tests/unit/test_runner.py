@@ -582,8 +582,8 @@ def test_a_full_disk_in_an_attempt_logs_one_line_not_a_traceback(
         with caplog.at_level(logging.WARNING, logger="test-runner"):
             clock.now = env.next_attempt
             asyncio.run(retry(runner, env))
-        if isinstance(error, OSError):
-            assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+        if isinstance(error, OSError):  # the domain's error, then the record's (twice)
+            assert [r.levelname for r in caplog.records] == ["WARNING"] * 3
             assert all(r.exc_info is None for r in caplog.records)
             assert "No space left on device" in caplog.records[0].getMessage()
         else:
@@ -626,3 +626,47 @@ def test_a_store_that_is_away_is_told_apart_from_a_full_disk(tmp_path: Path) -> 
     assert got == [replies.STORAGE_AWAY, replies.STORAGE_FULL]
     assert [refusal_reason(r) for r in got] == ["storage_unavailable", "disk_full"]  # type: ignore[arg-type]
     assert all(r.code == 452 for r in got)  # type: ignore[union-attr]
+
+
+def test_an_error_in_one_domain_keeps_the_bounce_another_domain_owes(tmp_path: Path) -> None:
+    # b.test refused bob for good; the c.test delivery then failed with an error of ours. The
+    # attempt was settled as if nothing had happened: bob stored bounced, and no DSN ever.
+    runner, _queue, boxes, _clock = make(tmp_path, {})
+    deliver_remote = runner._deliver_remote
+
+    async def c_fails(envelope: Envelope, domain: str, rcpts: Any, wire: bytes) -> Any:
+        if domain == "c.test":
+            await asyncio.sleep(0.05)
+            raise RuntimeError("a bug in the c.test delivery")
+        return await deliver_remote(envelope, domain, rcpts, wire)
+
+    runner._deliver_remote = c_fails  # type: ignore[method-assign]
+    env = envelope("Q1", "bob@b.test", "carol@c.test")
+    asyncio.run(accept(runner, env))
+    assert [r.status for r in env.recipients] == ["bounced", "deferred"]
+    assert [mailbox for qid, mailbox in boxes.delivered if qid != "Q1"] == ["alice@a.test"]
+
+
+def test_a_message_whose_every_attempt_fails_still_expires(tmp_path: Path) -> None:
+    # From its first attempt on: its recipient never got an outcome, stayed "queued", and
+    # the expiry, which took only "deferred" ones, never came (still queued on day 100).
+    runner, queue, _boxes, clock = make(tmp_path, {})
+
+    async def boom(*_args: object) -> Any:
+        raise RuntimeError("unexpected")
+
+    async def unexpected_everywhere(runner: QueueRunner, env: Envelope) -> None:
+        runner._deliver = boom  # type: ignore[method-assign]
+        await accept(runner, env)
+
+    env = envelope("Q1", "bob@b.test")
+    asyncio.run(unexpected_everywhere(runner, env))
+    assert env.recipients[0].status == "queued"
+
+    async def retry_at(when: float) -> None:
+        clock.now = when
+        runner._start(env)
+        await settle(runner)
+
+    asyncio.run(retry_at(NOW + 86400 + 1))
+    assert env.recipients[0].status == "bounced" and "Q1" not in queue.messages

@@ -68,7 +68,7 @@ def failure_status(reply: str) -> str:
     text), else 5.0.0 for a refusal; a temporary error that gave out at ``max_queue_time``
     keeps its code, or gets 4.4.7 (delivery time expired)."""
     status = status_of(reply)
-    if status[:1] in ("4", "5"):
+    if status[:1] in ("4", "5") and _STATUS.match(status):
         return status
     return "5.0.0" if reply.strip()[:1] in ("2", "5") else "4.4.7"
 

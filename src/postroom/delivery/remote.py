@@ -97,6 +97,10 @@ STOPPED = Reply(
 )
 
 
+class _Stopped(LeaseLost):
+    """A transaction cut before its final dot because the server stops."""
+
+
 class _SessionFailed(Exception):
     """No session: ``tls`` if TLS failed (worth a plaintext retry), ``permanent`` if the host
     refused us with a 5xx greeting or to EHLO and HELO."""
@@ -327,6 +331,22 @@ class RemoteDelivery:
                     except _SessionFailed as exc:
                         session_error = (exc, target.host, ip)
                         break
+                    except _Stopped:
+                        if not final:
+                            raise  # nothing to keep: the attempt is dropped, and made again
+                        # A host before this one took some (RFC 5321 §6.1: their 250 commits
+                        # them): kept, or the restart would send them those again.
+                        for i in pending:  # (those this host took in an earlier round stay)
+                            final.setdefault(
+                                i,
+                                DeliveryResult(
+                                    message.recipients[i],
+                                    Outcome.TEMPORARY,
+                                    STOPPED,
+                                    host=target.host,
+                                ),
+                            )
+                        return [final[i] for i in range(len(message.recipients))]
                     too_many: list[int] = []
                     for i, res in zip(batch, done.results, strict=True):
                         reply = res.reply
@@ -442,7 +462,8 @@ class RemoteDelivery:
                 if refusal is not None:
                     session.engine.abort(refusal)
                     session.close()  # the dot never goes out: the host cancels the transaction
-                    raise LeaseLost(f"{target.host}[{ip}]: {refusal.text}")
+                    lost = _Stopped if refusal is STOPPED else LeaseLost
+                    raise lost(f"{target.host}[{ip}]: {refusal.text}")
                 session.engine.end_data()
                 committing = True
                 self.committing += 1

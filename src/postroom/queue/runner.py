@@ -406,7 +406,7 @@ class QueueRunner:
                 await self.queue.begin_attempt(envelope)
             wire = _wire(await self.queue.body(envelope))
             tasks = [
-                asyncio.ensure_future(self._deliver_remote(envelope, d, rcpts, wire))
+                asyncio.ensure_future(self._deliver_domain(envelope, d, rcpts, wire))
                 for d, rcpts in remote.items()
             ]
             port = self.cfg.delivery.port
@@ -555,8 +555,9 @@ class QueueRunner:
         events.delivery(envelope, rcpt, _transport(relay), reply, relay, took, mailbox)
 
     def _expired(self, envelope: Envelope) -> list[Recipient]:
-        """``max_queue_time`` is over: the deferred recipients bounce with their last error."""
-        expired = [r for r in envelope.recipients if r.status == "deferred"]
+        """``max_queue_time`` is over: the recipients not done bounce with their last error
+        (also one never tried: every attempt of it ended in an error of ours)."""
+        expired = [r for r in envelope.recipients if not r.done]
         if expired:
             events.expired(envelope.id, self._clock() - envelope.created)
         for rcpt in expired:
@@ -583,6 +584,24 @@ class QueueRunner:
         sessions, opened under the old one, get their QUIT at once)."""
         if self._remote is not None:
             self._remote_delivery()
+
+    async def _deliver_domain(
+        self, envelope: Envelope, domain: str, rcpts: list[tuple[int, Recipient]], wire: bytes
+    ) -> tuple[float, list[tuple[Recipient, DeliveryResult]]]:
+        """:meth:`_deliver_remote`, where an error of ours (a bug, a message it cannot handle)
+        defers this domain's recipients with it, and only them: what the other domains of the
+        attempt decided (a bounce owed, a success to report) is stored as it would be."""
+        try:
+            return await self._deliver_remote(envelope, domain, rcpts, wire)
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            self._failed(f"delivery of {envelope.id} to {domain} failed", exc)
+            reply = Reply(451, "4.3.0", (f"local error in delivery: {type(exc).__name__}",))
+            return 0.0, [
+                (rcpt, DeliveryResult(ForwardPath(rcpt.address), Outcome.TEMPORARY, reply))
+                for _i, rcpt in rcpts
+            ]
 
     async def _deliver_remote(
         self, envelope: Envelope, domain: str, rcpts: list[tuple[int, Recipient]], wire: bytes

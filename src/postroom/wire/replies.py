@@ -79,11 +79,15 @@ def printable(text: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
+_STATUS_CODE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")  # RFC 3463 §2
+
+
 def parse_status(text: str) -> tuple[str, str]:
-    """Split ``"5.1.1 user unknown"`` into (``"5.1.1"``, ``"user unknown"``)."""
+    """Split ``"5.1.1 user unknown"`` into (``"5.1.1"``, ``"user unknown"``); ("", text)
+    unless it starts with a code as RFC 3463 §2 writes one (``45.1.1`` and ``5.1.1000``, sent
+    by a peer, are none: a DSN could not carry them)."""
     head, _, rest = text.partition(" ")
-    parts = head.split(".")
-    if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] in "245":
+    if _STATUS_CODE.fullmatch(head):
         return head, rest
     return "", text
 
