@@ -181,3 +181,25 @@ def test_a_uidlist_naming_a_file_that_is_not_utf8_is_read(tmp_path: Path) -> Non
     (src / "dovecot-uidlist").write_bytes(b"3 V1700000000 N2\n1 :1700000001.\xff.vm\n")
     assert import_maildir(src, box, "mx.a.test").imported == 1
     assert _pop3_view(box) == {b"A\n": format_uidl("%08Xu%08Xv", 1, 1700000000, "", None)}
+
+
+@pytest.mark.parametrize("host", ["mx.a.test", "mx1.mail-gateway.long-company-name.example.com"])
+def test_a_long_hostname_keeps_the_uidls_dovecot_gave(tmp_path: Path, host: str) -> None:
+    # The copies' names pass 70 characters with a hostname of 36 or more (an EC2 host's):
+    # their own UIDLs are hashed, and the map, keyed by name, was looked up by that hash.
+    # Every POP3 client fetched the whole mailbox again.
+    from postroom.blocking import BlockingPool
+    from postroom.storage.local.maildrop import MaildirMaildrop
+
+    src, box = tmp_path / "src", tmp_path / "box"
+    for sub in ("cur", "new", "tmp"):
+        (src / sub).mkdir(parents=True)
+    (src / "cur" / "1700000001.a.vm:2,S").write_bytes(b"Subject: a\n\nA\n")
+    (src / "dovecot-uidlist").write_text("3 V1700000000 N2\n1 :1700000001.a.vm\n")
+    assert import_maildir(src, box, host).imported == 1
+    drop = MaildirMaildrop(box, BlockingPool(1))
+    drop.open_now()
+    try:
+        assert [f.uid for f in drop.files] == [format_uidl("%08Xu%08Xv", 1, 1700000000, "", None)]
+    finally:
+        drop.close_now()

@@ -268,6 +268,65 @@ def test_entries_that_are_no_message_are_left_out(tmp_path: Path) -> None:
     drop.close_now()
 
 
+def test_a_link_is_no_message_and_a_file_put_over_one_is_not_read(tmp_path: Path) -> None:
+    # A link in new/ was listed and RETR sent its target (/etc/passwd, the TLS key); a FIFO
+    # renamed over a message hung the whole worker in open(); a file larger than its name
+    # said was read whole on the event loop, more octets than LIST had announced.
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"the server's private key\n")
+    md = make_maildir(
+        tmp_path / "md",
+        {"new/1.a,S=2,W=3": b"a\n", "new/2.b,S=2,W=3": b"b\n", "new/3.c,S=2,W=3": b"c\n"},
+    )
+    (md / "new" / "4.link,S=25,W=26").symlink_to(secret)
+    drop = Maildrop(md)
+    drop.open_now()
+    try:
+        assert [f.name.split(",")[0] for f in drop.files] == ["1.a", "2.b", "3.c"]
+        os.unlink(md / "new" / "1.a,S=2,W=3")
+        os.mkfifo(md / "new" / "1.a,S=2,W=3")
+        (md / "new" / "2.b,S=2,W=3").write_bytes(b"b" * 100_000)
+        os.unlink(md / "new" / "3.c,S=2,W=3")
+        (md / "new" / "3.c,S=2,W=3").symlink_to(secret)
+        for f in drop.files:
+            started = time.monotonic()
+            with pytest.raises(OSError):
+                drop.read(f)
+            assert time.monotonic() - started < 1
+    finally:
+        drop.close_now()
+
+
+def test_an_update_after_another_tool_moved_thousands_is_linear(tmp_path: Path) -> None:
+    # Each message not where the listing saw it listed both folders again: 8,000 moved by
+    # mutt during a session made QUIT take 10 s (and 20,000 about a minute).
+    count = 5000
+    md = make_maildir(tmp_path / "md", {f"new/{i}.m,S=2,W=3": b"m\n" for i in range(count)})
+    drop = Maildrop(md)
+    drop.open_now()
+    for i in range(count):
+        os.rename(md / "new" / f"{i}.m,S=2,W=3", md / "cur" / f"{i}.m,S=2,W=3:2,S")
+    started = time.monotonic()
+    assert drop.update_now(list(range(1, count + 1)), []) == 0
+    assert time.monotonic() - started < 2, time.monotonic() - started  # 4.0 s before, 0.05 now
+    drop.close_now()
+    assert os.listdir(md / "cur") == [] and os.listdir(md / "new") == []
+
+
+def test_of_two_files_with_one_name_the_deleted_one_goes(tmp_path: Path) -> None:
+    # A tool's copy shares the unique name; the client deleted "aa", and another tool then
+    # changed its flags: the first file with that name found was removed, now and then "bb".
+    for flags in ("T", "DT", "P", "RT"):
+        md = make_maildir(tmp_path / flags, {"cur/1.x:2,": b"aa\n", "cur/1.x:2,FS": b"bb\n"})
+        drop = Maildrop(md)
+        drop.open_now()
+        (aa,) = [i for i, f in enumerate(drop.files, 1) if drop.read(f) == b"aa\r\n"]
+        os.rename(md / "cur" / "1.x:2,", md / "cur" / f"1.x:2,{flags}")
+        assert drop.update_now([aa], []) == 0
+        drop.close_now()
+        assert [p.read_bytes() for p in (md / "cur").iterdir()] == [b"bb\n"], flags
+
+
 def test_one_session_per_mailbox_and_crash_releases(tmp_path: Path) -> None:
     md = make_maildir(tmp_path / "md", {})
     first = Maildrop(md)
