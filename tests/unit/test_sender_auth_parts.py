@@ -484,3 +484,15 @@ def test_a_huge_answer_is_used_but_not_kept() -> None:
         assert asyncio.run(ask()) == (3, 40)  # big asked each time (and used), small once
     finally:
         dns.stop()
+
+
+def test_a_from_domain_that_is_no_domain_cannot_pass() -> None:
+    # 'Bank <"victim@bank.example">' gave the domain 'bank.example"', looked up as written:
+    # no policy, dmarc=none, and the bank's p=reject never applied (RFC 7489 §6.6.1).
+    for field in (
+        b'From: Bank <"victim@bank.example">\r\n',
+        b'From: "Bank <victim@bank.example>\r\n',
+        b"From: Bank <victim@bank.example\\>\r\n",
+    ):
+        assert dmarc.from_domains(field) == [""], field
+    assert dmarc.from_domains(b"From: Bank <victim@Bank.Example.>\r\n") == ["bank.example"]

@@ -134,5 +134,20 @@ def signed_header_data(
     with b= empty and without its final line end, canonicalized by ``policy``."""
     name, value = signature_field
     ((cname, cvalue),) = canonical_headers(policy, [(name, _B_TAG.sub(rb"\1", value))])
-    selected: list[Field] = dkim.select_headers(fields, include)
+    selected = select_headers(fields, include)
     return b"".join(n + b":" + v for n, v in selected) + cname + b":" + cvalue.rstrip()
+
+
+def select_headers(fields: Sequence[Field], include: Sequence[bytes]) -> list[Field]:
+    """The fields each name of ``include`` takes, from the bottom up (RFC 6376 §5.4.2):
+    dkimpy's ``select_headers``, in one pass. Its scan per name cost h= names x fields: a
+    sender's 250 KiB message with 20,000 of each took 23 s of CPU to check."""
+    where: dict[bytes, list[int]] = {}
+    for i, (name, _value) in enumerate(fields):
+        where.setdefault(name.lower(), []).append(i)
+    selected = []
+    for name in include:
+        left = where.get(name.lower())
+        if left:
+            selected.append(fields[left.pop()])
+    return selected

@@ -18,11 +18,13 @@ match), ``permerror`` (no key, a revoked or malformed key, a malformed signature
 ``temperror`` (the key lookup failed for now).
 
 Security notes: at most ``MAX_SIGNATURES`` signatures are looked at (each costs a DNS lookup
-and a public-key operation); RSA keys under 1024 bits are refused and ``rsa-sha1`` is never
-a pass (RFC 8301 §3.1, §3.2); a key record whose ``h=`` leaves out sha256 or whose ``s=`` is
-not for email does not verify anything, nor one with ``t=s`` a signature whose ``i=`` is in a
-subdomain (RFC 6376 §3.6.1); a signature that does not sign From is a permerror (§6.1.1:
-it could otherwise vouch for any From, and DMARC would pass on it).
+and a public-key operation), and each costs time linear in the message (h= against the
+header fields: ``dkim_canon.select_headers``); RSA keys under 1024 bits are refused and
+``rsa-sha1`` is never a pass (RFC 8301 §3.1, §3.2); a key record whose ``h=`` leaves out
+sha256 or whose ``s=`` is not for email does not verify anything, nor one with ``t=s`` a
+signature whose ``i=`` is in a subdomain (RFC 6376 §3.6.1); a signature that does not sign
+From is a permerror (§6.1.1: it could otherwise vouch for any From, and DMARC would pass on
+it).
 """
 
 from __future__ import annotations

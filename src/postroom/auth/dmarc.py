@@ -136,8 +136,11 @@ def _author_domain(addr: str) -> str:
         return ""
     try:
         return normalise_domain(domain)
-    except ValueError:  # not a name DNS can hold: looked up as written, it has no policy
-        return domain.lower()
+    except ValueError:
+        # Not a domain ('Bank <"victim@bank.example">' gives 'bank.example"'): none, so the
+        # message cannot pass (permerror), as a From without one; looked up as written, it
+        # had no policy and read as dmarc=none, its p=reject never applied.
+        return ""
 
 
 def author_domains(from_domains_: Sequence[str]) -> list[str]:
