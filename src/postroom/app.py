@@ -218,6 +218,8 @@ def bind_listeners(cfg: Config) -> list[Listener]:
                     family, _t, _p, _c, addr = socket.getaddrinfo(
                         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
                     )[0]
+                    if cfg.workers > 1:
+                        _claim(family, addr)
                     for _ in range(cfg.workers):
                         sock = socket.socket(family, socket.SOCK_STREAM)
                         listener.socks.append(sock)
@@ -240,6 +242,21 @@ def bind_listeners(cfg: Config) -> list[Listener]:
                 sock.close()
         raise
     return listeners
+
+
+def _claim(family: socket.AddressFamily, addr: tuple[Any, ...]) -> None:
+    """OSError if anyone listens on ``addr`` already. An SO_REUSEPORT group joins any other
+    group on its port: a second server (or a second service of this one, its address spelled
+    another way) would share its connections, each getting some at random. A socket bound
+    without SO_REUSEPORT may join none, so it fails where the group would have joined."""
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(addr)
+    finally:
+        probe.close()
 
 
 async def _start_listeners(services: Services, listeners: list[Listener]) -> list[asyncio.Server]:
@@ -539,6 +556,10 @@ async def serve(
     deadline = loop.time() + 8
     while services.connections.live and loop.time() < deadline:
         await asyncio.sleep(0.05)
+    for conn in list(services.connections.live):
+        with contextlib.suppress(Exception):
+            conn.cut_off()
+    await asyncio.sleep(0)  # (their disconnects are logged)
     left = deadline - loop.time()
     await runner.stop(timeout=min(5.0, left), commit_timeout=left)
     if isinstance(queue, LocalQueue):

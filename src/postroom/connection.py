@@ -699,6 +699,21 @@ class Connection(asyncio.Protocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
         transport.abort()
 
+    def cut_off(self) -> None:
+        """The stop's grace ran out and this session is still receiving a message (a task,
+        storing one, is waited for): its 421 (RFC 5321 §3.8), and the disconnect is logged,
+        rather than a bare close at the exit."""
+        if self.engine is None or self._lost or self._task is not None:
+            return
+        self.services.log.info(
+            "%s with %s: cut off by the stop before its message was whole",
+            self.kind,
+            self.client_ip,
+        )
+        self.final_words("shutdown")
+        self._flush()
+        self._close()
+
     def shutdown(self) -> None:
         """Server stopping: an idle session gets its last reply now; a busy one (a task, or a
         message being received) finishes that first."""

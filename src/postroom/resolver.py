@@ -169,7 +169,7 @@ class DnsResolver:
                 return known.route(self._rng)
             del self._routes[domain]
         route, until = await self._route(domain)
-        if route.ok and until > time.time():
+        if route.ok and until > time.time() and self._routes_max > 0:  # (0: keep none)
             if len(self._routes) >= self._routes_max:
                 del self._routes[next(iter(self._routes))]  # the oldest
             self._routes[domain] = _Known(until, route.targets)

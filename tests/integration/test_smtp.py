@@ -267,3 +267,21 @@ def test_sigterm_exits_zero_quickly(srv: Server) -> None:
     assert time.monotonic() - t0 < 10
     assert f.readline().startswith(b"421")
     c.close()
+
+
+def test_a_message_still_coming_at_the_stop_deadline_gets_421(srv: Server) -> None:
+    # A client dripping its DATA past the stop's 8 s grace saw the connection close with no
+    # reply (RFC 5321 §3.8 wants the 421 first), and no line said which client lost its mail.
+    c = socket.create_connection((srv.host, srv.ports["smtp"]), timeout=15)
+    f = c.makefile("rb")
+    f.readline()
+    c.sendall(b"EHLO c.test\r\nMAIL FROM:<x@r.test>\r\nRCPT TO:<alice@a.test>\r\nDATA\r\n")
+    while not f.readline().startswith(b"354"):
+        pass
+    c.sendall(b"Subject: slow\r\n\r\npart of it\r\n")
+    log = srv.log
+    assert srv.stop() == 0
+    assert f.readline().startswith(b"421 4.3.2")
+    c.close()
+    assert "cut off by the stop" in log.read_text()
+    assert srv.messages("alice@a.test") == []

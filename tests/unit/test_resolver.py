@@ -275,3 +275,12 @@ def test_a_dead_first_nameserver_leaves_time_for_the_next(dns_port: int) -> None
         )
         r = asyncio.run(DnsResolver(cfg, rng=random.Random(1)).route("ordered.test"))
     assert r.failure is None and r.targets[0].host == "mx10.ordered.test"
+
+
+def test_a_cache_of_size_0_keeps_no_route_and_still_routes(dns_port: int) -> None:
+    # The config takes cache_size = 0: every route then evicted "the oldest" of an empty
+    # dict, and each remote delivery died of StopIteration until its message expired.
+    cfg = DNSConfig(nameservers=(("127.0.0.1", dns_port),), timeout=Duration(2), cache_size=0)
+    resolver = DnsResolver(cfg, rng=random.Random(1))
+    got = asyncio.run(resolver.route("ordered.test"))
+    assert got.ok and resolver._routes == {}
