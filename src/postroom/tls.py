@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import ssl
 from pathlib import Path
@@ -99,10 +100,17 @@ def read_pair(cfg: Config) -> tuple[bytes, bytes]:
     for what, path in zip(("certificate", "key"), cert_paths(cfg), strict=True):
         try:
             out.append(path.read_bytes())
+            mode = path.stat().st_mode & 0o777
         except OSError as exc:
             raise ConfigError(
                 f"{cfg.path or '<default>'}: tls: cannot read {what} {path}: {exc.strerror}"
             ) from None
+        if what == "key" and mode & 0o077:  # (as OpenSSH refuses, and Postfix warns)
+            logging.getLogger("postroom").warning(
+                "tls: key %s may be read by others than its owner (mode %03o): chmod 600 it",
+                path,
+                mode,
+            )
     return out[0], out[1]
 
 

@@ -71,3 +71,27 @@ def test_open_sessions_keep_the_time_outs_they_started_with(
         with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=20) as new:
             assert first_line(new).startswith(b"220 ")
             assert first_line(new).startswith(b"421 ")  # the next session has the new one
+
+
+def test_a_key_others_may_read_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A [tls] key of mode 0644 was loaded without a word (OpenSSH refuses such keys).
+    data = tmp_path / "d"
+    made = config_mod.from_dict(
+        {"hostname": "mx.a.test", "domains": ["a.test"], "data_dir": str(data)}
+    )
+    tls.read_pair(made)  # the embedded pair, 0600: nothing said
+    assert "chmod 600" not in caplog.text
+    cert, key = tls.cert_paths(made)
+    key.chmod(0o644)
+    cfg = config_mod.from_dict(
+        {
+            "hostname": "mx.a.test",
+            "domains": ["a.test"],
+            "data_dir": str(data),
+            "tls": {"cert": str(cert), "key": str(key)},
+        }
+    )
+    tls.read_pair(cfg)
+    assert f"tls: key {key} may be read by others than its owner (mode 644)" in caplog.text
