@@ -345,11 +345,11 @@ def test_a_stop_keeps_what_an_earlier_host_took_in_the_same_attempt() -> None:
     # mx1 took ann (its 250 to the dot commits her, RFC 5321 §6.1) and deferred ben; a stop
     # came while ben went to mx2. The stop's LeaseLost dropped ann's result with ben's: she
     # stayed queued, and got the message again after the restart.
-    from postroom.delivery.remote import STOPPED
+    from postroom.delivery.remote import FENCED, STOPPED
 
     port = free_port()
 
-    async def main() -> None:
+    async def main(fence: bool) -> None:
         first = await Sink("127.0.0.5", port, tempfail={"ben@b.test"}).start()
         second = await Sink("127.0.0.6", port).start()
         resolver = StaticResolver(
@@ -361,7 +361,12 @@ def test_a_stop_keeps_what_an_earlier_host_took_in_the_same_attempt() -> None:
         )
         remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
 
+        asked: list[str] = []
+
         def stop_after_this_one() -> bool:  # asked at each final dot, after the stop's check
+            asked.append("dot")
+            if fence:
+                return len(asked) == 1  # the lease is not confirmed for the second one
             remote.stopping = True
             return True
 
@@ -374,11 +379,12 @@ def test_a_stop_keeps_what_an_earlier_host_took_in_the_same_attempt() -> None:
             for s in (first, second):
                 await s.stop()
         assert ann.outcome is Outcome.DELIVERED and ann.remote_mta == "mx1.b.test"
-        assert ben.outcome is Outcome.TEMPORARY and ben.reply == STOPPED
+        assert ben.outcome is Outcome.TEMPORARY and ben.reply == (FENCED if fence else STOPPED)
         assert [m.recipients for m in first.messages] == [["ann@b.test"]]
         assert second.messages == []  # its final dot never went out
 
-    run(main)
+    for fence in (False, True):
+        run(lambda fence=fence: main(fence))
 
 
 def test_everything_down_is_temporary() -> None:

@@ -86,6 +86,9 @@ def test_a_lease_keeps_others_off_until_it_runs_out(pg_url: str, tmp_path: Path)
             with pytest.raises(LeaseLost):  # A may not dial any more
                 await a.queue.begin_attempt(env)
             await a.queue.record(env, [Attempt(2.0, ["r@remote.test"], None, None, "x")])
+            # Nor end it: its stale attempt's "all done" removed the message B now held.
+            await a.queue.finish(env, [])
+            assert [e.id for e in a.queue.entries()] == [env.id]
             taken.recipients[0].status = "delivered"
             await b.queue.finish(taken, [])
             assert a.queue.entries() == []

@@ -670,3 +670,36 @@ def test_a_message_whose_every_attempt_fails_still_expires(tmp_path: Path) -> No
 
     asyncio.run(retry_at(NOW + 86400 + 1))
     assert env.recipients[0].status == "bounced" and "Q1" not in queue.messages
+
+
+def test_a_domain_cut_short_keeps_what_the_others_did(tmp_path: Path) -> None:
+    # b.test took bob (250) and refused nobody (550); c.test's dot was withheld by a stop.
+    # The stop's LeaseLost dropped the whole attempt: bob stayed queued and got the message
+    # again after the restart, and nobody's bounce was never sent.
+    from postroom.delivery.remote import STOPPED, DeliveryResult, DotWithheld
+    from postroom.smtp.client_engine import Outcome, OutgoingMessage
+    from postroom.wire.replies import Reply
+
+    runner, _queue, boxes, _clock = make(tmp_path, {})
+
+    class Remote:
+        async def deliver(
+            self, domain: str, outgoing: OutgoingMessage, wire: bytes, may_finish: Any
+        ) -> list[DeliveryResult]:
+            if domain == "c.test":
+                await asyncio.sleep(0.05)
+                raise DotWithheld("mx.c.test[192.0.2.3]", STOPPED)
+            ok = Reply(250, "2.0.0", ("queued",))
+            no = Reply(550, "5.1.1", ("no such user",))
+            return [
+                DeliveryResult(r, Outcome.PERMANENT, no, "mx.b.test")
+                if r.address.startswith("nobody")
+                else DeliveryResult(r, Outcome.DELIVERED, ok, "mx.b.test")
+                for r in outgoing.recipients
+            ]
+
+    runner._remote_delivery = lambda: Remote()  # type: ignore[method-assign]
+    env = envelope("Q1", "bob@b.test", "nobody@b.test", "carol@c.test")
+    asyncio.run(accept(runner, env))
+    assert [r.status for r in env.recipients] == ["delivered", "bounced", "deferred"]
+    assert [mailbox for qid, mailbox in boxes.delivered if qid != "Q1"] == ["alice@a.test"]

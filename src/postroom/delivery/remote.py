@@ -97,8 +97,13 @@ STOPPED = Reply(
 )
 
 
-class _Stopped(LeaseLost):
-    """A transaction cut before its final dot because the server stops."""
+class DotWithheld(LeaseLost):
+    """A transaction cut before its final dot: the server stops (:data:`STOPPED`), or the
+    lease on the message is not confirmed (:data:`FENCED`). ``reply`` says which."""
+
+    def __init__(self, where: str, reply: Reply) -> None:
+        super().__init__(f"{where}: {reply.text}")
+        self.reply = reply
 
 
 class _SessionFailed(Exception):
@@ -331,18 +336,18 @@ class RemoteDelivery:
                     except _SessionFailed as exc:
                         session_error = (exc, target.host, ip)
                         break
-                    except _Stopped:
+                    except DotWithheld as withheld:
                         if not final:
-                            raise  # nothing to keep: the attempt is dropped, and made again
+                            raise  # nothing to keep: its caller defers them all
                         # A host before this one took some (RFC 5321 §6.1: their 250 commits
-                        # them): kept, or the restart would send them those again.
+                        # them): kept, or the next attempt would send them those again.
                         for i in pending:  # (those this host took in an earlier round stay)
                             final.setdefault(
                                 i,
                                 DeliveryResult(
                                     message.recipients[i],
                                     Outcome.TEMPORARY,
-                                    STOPPED,
+                                    withheld.reply,
                                     host=target.host,
                                 ),
                             )
@@ -462,8 +467,7 @@ class RemoteDelivery:
                 if refusal is not None:
                     session.engine.abort(refusal)
                     session.close()  # the dot never goes out: the host cancels the transaction
-                    lost = _Stopped if refusal is STOPPED else LeaseLost
-                    raise lost(f"{target.host}[{ip}]: {refusal.text}")
+                    raise DotWithheld(f"{target.host}[{ip}]", refusal)
                 session.engine.end_data()
                 committing = True
                 self.committing += 1

@@ -44,7 +44,12 @@ from postroom.delivery.dsn import (
     format_date,
     xtext_encode,
 )
-from postroom.delivery.remote import DeliveryResult, RemoteDelivery, needs_relayed_dsn
+from postroom.delivery.remote import (
+    DeliveryResult,
+    DotWithheld,
+    RemoteDelivery,
+    needs_relayed_dsn,
+)
 from postroom.errors import LeaseLost, QueueError, StorageUnavailable, TemporaryStorageError
 from postroom.queue import schedule
 from postroom.queue.envelope import (
@@ -593,6 +598,15 @@ class QueueRunner:
         attempt decided (a bounce owed, a success to report) is stored as it would be."""
         try:
             return await self._deliver_remote(envelope, domain, rcpts, wire)
+        except DotWithheld as exc:
+            # A stop, or a lease not confirmed, before this domain's final dot: deferred, and
+            # what the other domains did is recorded still (a 250 among it is sent no more;
+            # a queue that no longer holds the message refuses the record, as it should).
+            self.services.log.info("%s: %s cut short: %s", envelope.id, domain, exc)
+            return 0.0, [
+                (rcpt, DeliveryResult(ForwardPath(rcpt.address), Outcome.TEMPORARY, exc.reply))
+                for _i, rcpt in rcpts
+            ]
         except LeaseLost:
             raise
         except Exception as exc:

@@ -725,7 +725,13 @@ class PgQueue:
 
     async def finish(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
         envelope.history.extend(attempts)
-        await self._write_outcome(envelope.id, "DELETE FROM queue WHERE id=$1", envelope.id)
+        # Only under this node's lease, as record: a node whose lease ran out while its attempt
+        # stalled took the message from the node that holds it now, with what that one owes.
+        status = await self._write_outcome(
+            envelope.id, "DELETE FROM queue WHERE id=$1 AND lease_owner=$2", envelope.id, self.node
+        )
+        if status == "DELETE 0":
+            log.info("%s: not removed here: deleted, or another node holds it", envelope.id)
 
     # -- the CLI --------------------------------------------------------------------------
 
