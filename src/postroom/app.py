@@ -146,10 +146,18 @@ class Shared:
         tables = self.connection_tables
         return tables if isinstance(tables, LocalCounts) else WorkerCounts(tables, index)
 
-    def worker_gone(self, index: int) -> None:
-        """Worker ``index`` died: its connections are gone with it (for the supervisor)."""
-        if not isinstance(self.connection_tables, LocalCounts):
-            self.connection_tables[index].clear()
+    def worker_gone(self, index: int, pid: int = 0) -> None:
+        """Worker ``index`` (process ``pid``) died: its connections are gone with it, and a
+        lock it held is given back (for the supervisor, which must never wait for one)."""
+        if isinstance(self.connection_tables, LocalCounts):
+            return
+        for table in (*self.connection_tables, self.logins):
+            if isinstance(table, SharedCounts) and table.repair(pid):
+                log.warning("worker %d (pid %d) died holding a shared lock: given back", index, pid)
+        try:
+            self.connection_tables[index].clear(wait=2.0)
+        except TimeoutError:  # (the one table's only writer is dead: nobody to disturb)
+            log.error("worker %d's connection counts not cleared: their lock is held", index)
 
 
 def queue_made_here(runner: QueueRunner) -> QueueMessage:

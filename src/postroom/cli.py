@@ -645,6 +645,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     files.private_umask()  # whatever the admin's umask: data_dir is the server user's only
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        from postroom.supervisor import hold_reloads
+
+        hold_reloads()
     try:
         cfg = config_mod.load_effective(getattr(args, "config_sub", None) or args.config)
         from postroom import datadir

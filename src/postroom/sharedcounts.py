@@ -14,12 +14,14 @@ forgotten (a flood of addresses makes the server forget, never grow).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import multiprocessing
+import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 _ROW = struct.Struct("<16sid")  # address, count, time of the last change
 _EMPTY = bytes(16)
@@ -57,8 +59,33 @@ class SharedCounts:
         self.size = _ROW.size + 4  # padded to 32 octets
         self._map = mmap.mmap(-1, rows * self.size)  # MAP_SHARED | MAP_ANONYMOUS
         self._lock = multiprocessing.Lock()
+        # Who holds _lock (0: nobody): a POSIX semaphore stays taken when its holder dies,
+        # so a worker killed inside (SIGKILL, the OOM killer) froze every other worker and
+        # the supervisor for good. The supervisor, which reaps the dead, gives it back.
+        self._holder = multiprocessing.Value("i", 0, lock=False)
         self._clock = clock
         self.used = multiprocessing.Value("i", 0, lock=False)  # rows in use (under _lock)
+
+    @contextlib.contextmanager
+    def _locked(self, wait: float | None = None) -> Iterator[None]:
+        """Hold the lock (TimeoutError past ``wait`` seconds)."""
+        if not self._lock.acquire(timeout=wait):
+            raise TimeoutError("the shared counts' lock is held")
+        self._holder.value = os.getpid()
+        try:
+            yield
+        finally:
+            self._holder.value = 0
+            self._lock.release()
+
+    def repair(self, dead: int) -> bool:
+        """Give back the lock a process that died (pid ``dead``) held; whether it did."""
+        if self._holder.value != dead:
+            return False
+        self._holder.value = 0
+        with contextlib.suppress(ValueError):  # (released meanwhile after all)
+            self._lock.release()
+        return True
 
     # -- rows ----------------------------------------------------------------------------------
 
@@ -115,7 +142,7 @@ class SharedCounts:
     def get(self, ip: str, max_age: float | None = None, now: float | None = None) -> int:
         key = client_key(ip)
         now = self._clock() if now is None else now
-        with self._lock:
+        with self._locked():
             i, found = self._find(key)
             if not found:
                 return 0
@@ -133,7 +160,7 @@ class SharedCounts:
         (a system-wide one: every process must read the same)."""
         key = client_key(ip)
         now = self._clock() if now is None else now
-        with self._lock:
+        with self._locked():
             i, found = self._find(key)
             count = 0
             if found:
@@ -153,9 +180,9 @@ class SharedCounts:
                 self.used.value += 1
             return count
 
-    def clear(self) -> None:
-        """Forget every count."""
-        with self._lock:
+    def clear(self, wait: float | None = None) -> None:
+        """Forget every count (TimeoutError if the lock is not had within ``wait``)."""
+        with self._locked(wait):
             self._map[:] = bytes(len(self._map))
             self.used.value = 0
 

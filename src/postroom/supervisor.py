@@ -38,6 +38,7 @@ import select
 import signal
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -57,6 +58,15 @@ RESTART_WINDOW = 60.0  # restarts of a slot within this long make the back-off g
 STOP_GRACE = 11.0  # workers exit within 10 s of SIGTERM; then SIGKILL
 _LEN = struct.Struct(">I")
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+# Set by a SIGHUP before the supervisor runs (see hold_reloads): by default it ended the
+# server, with no word, when `systemctl reload` came in its first second.
+EARLY_RELOAD = threading.Event()
+
+
+def hold_reloads() -> None:
+    """From the very start of ``serve``: a SIGHUP is kept for the supervisor to act on."""
+    signal.signal(signal.SIGHUP, lambda _sig, _frame: EARLY_RELOAD.set())
+
 
 Pair = tuple[bytes, bytes]  # the PEM certificate chain and key
 # (index, primary, channel to the supervisor, fd to wait on before serving or None, started
@@ -90,14 +100,14 @@ class Supervisor:
         pair: Pair,
         main: WorkerMain,
         on_stop: Callable[[], None] | None = None,
-        on_worker_gone: Callable[[int], None] | None = None,
+        on_worker_gone: Callable[[int, int], None] | None = None,
     ) -> None:
         self.started_cfg = cfg  # what the listeners, the data lock and the slots were made for
         self.cfg = cfg  # the last config loaded (at start or SIGHUP)
         self.pair = pair  # the last pair loaded and checked
         self.main = main
         self.on_stop = on_stop  # called once, when the server begins to stop
-        self.on_worker_gone = on_worker_gone  # called with the index of a worker that exited
+        self.on_worker_gone = on_worker_gone  # called with the index and pid of a worker gone
         self.slots = [_Slot(i) for i in range(cfg.workers)]
         self.stopping = False
         self.status = 0
@@ -121,7 +131,9 @@ class Supervisor:
                         other.channel.close()
                 signal.set_wakeup_fd(-1)
                 for sig in _SIGNALS:
-                    signal.signal(sig, signal.SIG_DFL)
+                    # SIGHUP ignored until the worker's loop takes it (a reload reaches it over
+                    # its channel anyway): by default it would end the worker while it starts.
+                    signal.signal(sig, signal.SIG_IGN if sig == signal.SIGHUP else signal.SIG_DFL)
                 code = self.main(
                     slot.index, slot.index == 0, theirs, go_r, slot.served, *self._settings()
                 )
@@ -145,6 +157,8 @@ class Supervisor:
     def start(self) -> None:
         for sig in _SIGNALS:
             signal.signal(sig, self._on_signal)
+        if EARLY_RELOAD.is_set():  # a SIGHUP came while the server was starting
+            self._flags.add(signal.SIGHUP)
         os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w)
         go_r, go_w = os.pipe()  # the primary releases the others once the queue is recovered
@@ -238,7 +252,7 @@ class Supervisor:
             slot.pid = 0
             metrics.forget_worker(self.cfg.data_dir, pid)
             if self.on_worker_gone is not None:
-                self.on_worker_gone(slot.index)
+                self.on_worker_gone(slot.index, pid)
             if slot.channel is not None:
                 slot.channel.close()
                 slot.channel = None

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -390,6 +391,39 @@ def test_a_child_that_dies_fails_its_jobs_and_is_replaced(
 
     asyncio.run(main())
     assert sorted(os.listdir(tmp_path / "box" / "new")) == ["1.a", "3.c"]
+
+
+def test_a_writer_that_cannot_be_started_again_stops_its_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Started as root before the drop, a dead writer could not be started again as the mail
+    # user (the interpreter under /root): every message got 452, counted as a full disk, for
+    # good. The worker stops now, and the supervisor starts it again, as root.
+    from postroom import childproc
+    from postroom.errors import StorageUnavailable
+
+    writer = MaildirWriter(tmp_path / "journal")
+    box = str(tmp_path / "box")
+    signals: list[int] = []
+
+    def refused(*_args: object) -> Any:
+        raise PermissionError(13, "Permission denied")
+
+    async def main() -> None:
+        assert await write_one(writer, box, "1.a", b"one\n")
+        assert writer._proc is not None
+        writer._proc.kill()
+        writer._proc.wait()
+        monkeypatch.setattr(childproc, "start", refused)
+        monkeypatch.setattr(os, "kill", lambda pid, sig: signals.append(sig))
+        for name in ("2.b", "3.c"):
+            with pytest.raises((StorageUnavailable, OSError)):
+                await write_one(writer, box, name, b"x\n")
+        monkeypatch.undo()
+        await writer.close()
+
+    asyncio.run(main())
+    assert signals == [signal.SIGTERM]  # once
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")

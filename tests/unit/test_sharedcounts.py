@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -96,3 +98,20 @@ def test_the_connections_of_a_worker_that_died_stop_counting() -> None:
     single = Shared.for_workers(1)
     assert single.connections(0).add("192.0.2.1", 1) == 1
     single.worker_gone(0)  # (one worker: its own dict, dropped with it)
+
+
+def test_a_lock_whose_holder_was_killed_is_given_back() -> None:
+    # A POSIX semaphore stays taken when its holder dies: a worker killed with SIGKILL while
+    # counting froze the supervisor (in clear(), deaf to SIGTERM) and every other worker.
+    counts = SharedCounts(rows=64)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        with counts._locked():
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    with pytest.raises(TimeoutError):
+        counts.clear(wait=0.2)
+    assert not counts.repair(pid + 1)  # only the dead holder's
+    assert counts.repair(pid)
+    counts.clear(wait=1.0)
+    assert counts.add("192.0.2.1", 1) == 1

@@ -41,6 +41,7 @@ import dataclasses
 import errno
 import logging
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -51,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postroom import childproc, lifetime, privileges
+from postroom.errors import StorageUnavailable
 from postroom.storage.local import files, journal, maildir
 from postroom.storage.local.deferred import DeferredStore
 from postroom.storage.local.journal import Entry
@@ -481,6 +483,8 @@ class MaildirWriter:
         self._proc: subprocess.Popen[bytes] | None = None
         self._answers: _Answers | None = None
         self._starting: asyncio.Future[_Answers] | None = None
+        self._started = False  # a child ran once (then, maybe, as root)
+        self._leaving = False  # this worker asked itself to stop: see _spawn
 
     async def accept(self, entry: Entry) -> list[bool | OSError]:
         """Make ``entry`` durable in the journal and publish its copies. For each target in
@@ -557,7 +561,24 @@ class MaildirWriter:
             for path in mine:  # the child's from now on (it recovers, then writes here)
                 files.make_dirs(path)
                 os.chown(path, *self.run_as)
-        self._proc, ours = childproc.start(__name__, args)
+        try:
+            self._proc, ours = childproc.start(__name__, args)
+        except OSError as exc:
+            if not self._started:
+                raise  # the server's start: it fails, and says why
+            # Started as root before the drop, it cannot be started again as the mail user
+            # (an interpreter under /root, say): rather than refuse every message for good,
+            # this worker stops, and the supervisor starts it again, as root.
+            if not self._leaving:
+                self._leaving = True
+                log.error(
+                    "cannot start a new Maildir writer (%s): this worker stops, to be started"
+                    " again",
+                    exc,
+                )
+                os.kill(os.getpid(), signal.SIGTERM)
+            raise StorageUnavailable(f"Maildir writer: {exc}") from None
+        self._started = True
         answers = await childproc.connect(ours, lambda: _Answers(self.journal_dir))
         # (recovered what a crashed one left)
         self._answers = answers

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postroom.blocking import BlockingPool
-from postroom.errors import QueueError, TemporaryStorageError
+from postroom.errors import QueueError, StorageUnavailable, TemporaryStorageError
 from postroom.queue.envelope import Attempt, Envelope, Recipient, check_id, new_queue_id
 from postroom.storage.interfaces import LocalCopy, MessageDraft
 from postroom.storage.local import files, journal, maildir
@@ -554,6 +554,9 @@ class LocalQueue:
         )
         try:
             results = await self.writer.accept(entry)
+        except StorageUnavailable:  # no writer: not a full disk
+            draft.abort()
+            raise
         except OSError as exc:
             draft.abort()
             raise TemporaryStorageError(exc.strerror or str(exc)) from exc
