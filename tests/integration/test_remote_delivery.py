@@ -50,6 +50,7 @@ class Sink:
     goodbye: bytes | None = b"421 4.7.0 enough for this session, closing"
     tls: ssl.SSLContext | None = None
     inject_after_starttls: bool = False  # 220 to STARTTLS with plaintext behind it, no TLS
+    after_ehlo: bytes = b""  # sent in the same write as the EHLO reply (a stray reply line)
     messages: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     connections: int = 0
@@ -98,6 +99,8 @@ class Sink:
                 lines = ["sink.test hello", *ext]
                 for i, text in enumerate(lines):
                     say(f"250{'-' if i < len(lines) - 1 else ' '}{text}")
+                if self.after_ehlo:
+                    say(self.after_ehlo)
             elif verb == "HELO":
                 say("250 sink.test")
             elif verb == "STAR" and self.tls is not None and self.inject_after_starttls:
@@ -385,6 +388,42 @@ def test_a_stop_keeps_what_an_earlier_host_took_in_the_same_attempt() -> None:
 
     for fence in (False, True):
         run(lambda fence=fence: main(fence))
+
+
+def test_a_stray_reply_line_fails_that_host_and_the_next_one_is_tried() -> None:
+    # One reply line too many with the EHLO reply closed the engine after its Ready: the
+    # session was handed out closed, send_message raised EngineMisuse, the backup MX was never
+    # tried, and 250s earlier hosts gave in that attempt were lost (sent again).
+    port = free_port()
+
+    async def main() -> None:
+        first = await Sink("127.0.0.5", port, tempfail={"ben@b.test"}).start()
+        stray = await Sink("127.0.0.6", port, after_ehlo=b"250 2.0.0 stray line").start()
+        good = await Sink("127.0.0.7", port).start()
+        resolver = StaticResolver(
+            {
+                "b.test": Route(
+                    (
+                        mx("mx1.b.test", "127.0.0.5", 10),
+                        mx("mx2.b.test", "127.0.0.6", 20),
+                        mx("mx3.b.test", "127.0.0.7", 30),
+                    )
+                )
+            }
+        )
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        try:
+            ann, ben = await remote.deliver("b.test", message("ann@b.test", "ben@b.test"), BODY)
+        finally:
+            await remote.aclose()
+            for sink in (first, stray, good):
+                await sink.stop()
+        assert ann.outcome is Outcome.DELIVERED and ann.remote_mta == "mx1.b.test"
+        assert ben.outcome is Outcome.DELIVERED and ben.remote_mta == "mx3.b.test"
+        assert stray.messages == [] and stray.connections == 1
+        assert [m.recipients for m in good.messages] == [["ben@b.test"]]
+
+    run(main)
 
 
 def test_everything_down_is_temporary() -> None:

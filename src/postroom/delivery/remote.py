@@ -451,6 +451,10 @@ class RemoteDelivery:
         # (the lease is ours, the server is not stopping), where it costs no round trip: with
         # DATA, which waits for its 354 anyway (a stop may come meanwhile), and on a shared
         # queue (fenced). A small message to a CHUNKING host goes whole in the first write.
+        if session.engine.state is not ClientState.READY:  # ended meanwhile (a stray reply)
+            event = await session.next_event()
+            reply = event.reply if isinstance(event, Closed) else _temp("4.4.2", "session ended")
+            raise _SessionFailed(self._session_reply(reply, f"{target.host}[{ip}]"))
         one_write = "CHUNKING" in session.engine.extensions and len(fitted) <= BDAT_MAX
         hold = may_finish is not None or not one_write
         session.engine.send_message(message, fitted, hold_end=hold)
@@ -516,6 +520,8 @@ class RemoteDelivery:
             while True:
                 event = await session.next_event()
                 if isinstance(event, Ready):
+                    if engine.state is not ClientState.READY:
+                        continue  # ended in the same read (a reply out of turn): Closed follows
                     return session
                 if isinstance(event, StartTLS):
                     await self._start_tls(session, target, ip, verify)
