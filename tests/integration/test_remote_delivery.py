@@ -426,6 +426,50 @@ def test_a_stray_reply_line_fails_that_host_and_the_next_one_is_tried() -> None:
     run(main)
 
 
+def test_a_bug_with_one_host_keeps_what_earlier_hosts_took(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An error of ours in mx2's transaction escaped deliver(): the whole domain was deferred,
+    # mx3 never tried, and mx1's 250 for ann dropped (she got the message again).
+    port = free_port()
+
+    async def main() -> None:
+        first = await Sink("127.0.0.5", port, tempfail={"ben@b.test"}).start()
+        second = await Sink("127.0.0.6", port).start()
+        good = await Sink("127.0.0.7", port).start()
+        resolver = StaticResolver(
+            {
+                "b.test": Route(
+                    (
+                        mx("mx1.b.test", "127.0.0.5", 10),
+                        mx("mx2.b.test", "127.0.0.6", 20),
+                        mx("mx3.b.test", "127.0.0.7", 30),
+                    )
+                )
+            }
+        )
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        transact = remote._transact
+
+        async def bug_at_mx2(session: Any, target: Any, ip: str, *args: Any) -> Any:
+            if ip == "127.0.0.6":
+                raise RuntimeError("a bug")
+            return await transact(session, target, ip, *args)
+
+        remote._transact = bug_at_mx2  # type: ignore[method-assign]
+        try:
+            ann, ben = await remote.deliver("b.test", message("ann@b.test", "ben@b.test"), BODY)
+        finally:
+            await remote.aclose()
+            for sink in (first, second, good):
+                await sink.stop()
+        assert ann.outcome is Outcome.DELIVERED and ann.remote_mta == "mx1.b.test"
+        assert ben.outcome is Outcome.DELIVERED and ben.remote_mta == "mx3.b.test"
+        assert "delivery to mx2.b.test[127.0.0.6] failed" in caplog.text  # with its traceback
+
+    run(main)
+
+
 def test_everything_down_is_temporary() -> None:
     port = free_port()
 

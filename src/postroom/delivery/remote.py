@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -95,6 +96,9 @@ FENCED = Reply(
 STOPPED = Reply(
     451, "4.3.2", ("not finished before the final dot: the server is stopping",), local=True
 )
+
+
+log = logging.getLogger("postroom")
 
 
 class DotWithheld(LeaseLost):
@@ -352,6 +356,14 @@ class RemoteDelivery:
                                 ),
                             )
                         return [final[i] for i in range(len(message.recipients))]
+                    except LeaseLost:
+                        raise
+                    except Exception:  # a bug of ours with this host: the next one is tried,
+                        # and what earlier hosts took is kept (else it would go again)
+                        log.exception("delivery to %s[%s] failed", target.host, ip)
+                        failed = _SessionFailed(_temp("4.3.0", f"{target.host}[{ip}]: local error"))
+                        session_error = (failed, target.host, ip)
+                        break
                     too_many: list[int] = []
                     for i, res in zip(batch, done.results, strict=True):
                         reply = res.reply
