@@ -297,6 +297,31 @@ def test_a_link_is_no_message_and_a_file_put_over_one_is_not_read(tmp_path: Path
         drop.close_now()
 
 
+def test_a_name_whose_size_is_wrong_is_measured_from_the_next_session(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A file named S=5 by a sloppy tool (or edited since) was refused at every RETR, and
+    # nothing said why: the client skipped it for good. Its name loses the sizes (its UIDL,
+    # the part before them, stays), and the next session measures it; the refusal is logged.
+    body = b"Subject: edited\n\nedited by hand, longer now\n"
+    md = make_maildir(tmp_path / "md", {"new/1.a,S=5,W=6:2,": body})
+    drop = Maildrop(md)
+    drop.open_now()
+    uid = drop.files[0].uid
+    with pytest.raises(OSError):
+        drop.read(drop.files[0])
+    drop.close_now()
+    assert "not sent: " in caplog.text and os.listdir(md / "new") == ["1.a:2,"]
+    again = Maildrop(md)
+    again.open_now()
+    try:
+        (f,) = again.files
+        assert f.uid == uid and f.size == len(to_crlf(body))
+        assert again.read(f) == to_crlf(body)
+    finally:
+        again.close_now()
+
+
 def test_an_update_after_another_tool_moved_thousands_is_linear(tmp_path: Path) -> None:
     # Each message not where the listing saw it listed both folders again: 8,000 moved by
     # mutt during a session made QUIT take 10 s (and 20,000 about a minute).

@@ -213,6 +213,11 @@ class MaildirMaildrop:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def listing(self) -> list[MaildirFile]:
+        """The messages as a POP3 session lists them (their UIDLs, sizes, only regular files),
+        without taking the mailbox's lock: for ``db import``."""
+        return self._snapshot()
+
     def _snapshot(self) -> list[MaildirFile]:
         files: list[MaildirFile] = []
         unknown: list[tuple[str, str]] = []
@@ -371,14 +376,31 @@ class MaildirMaildrop:
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "no longer a regular file")
             if st.st_size != (f.raw if f.raw is not None else st.st_size):
-                raise OSError(errno.EINVAL, "changed since the listing")
+                self._unsized(f)
+                raise OSError(errno.EINVAL, "its size is not the one its name says")
             if f.raw is None and st.st_size > f.size:  # (its CRLF form is never smaller)
                 raise OSError(errno.EINVAL, "changed since the listing")
             os.set_blocking(fd, True)
-        except BaseException:
+        except BaseException as exc:
             os.close(fd)
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("maildir %s: %s/%s not sent: %s", self.path, f.subdir, f.name, exc)
             raise
         return fd
+
+    def _unsized(self, f: MaildirFile) -> None:
+        """Take the sizes out of the name of a file whose ``,S=`` is wrong (changed since, or
+        named so by some tool): the next session measures it (as Dovecot renames it). Its
+        UIDL, the part before the sizes, stays."""
+        head, sep, info = f.name.partition(":")
+        unique, *fields = head.split(",")
+        kept = [x for x in fields if x.partition("=")[0] not in ("S", "W")]
+        fixed = ",".join([unique, *kept]) + sep + info
+        dir_fd = self._dirs[f.subdir]
+        if fixed != f.name and not _exists(fixed, dir_fd):
+            with contextlib.suppress(OSError):
+                os.rename(f.name, fixed, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                f.name = fixed
 
     def read(self, f: MaildirFile) -> bytes:
         """The whole message with CRLF line ends.

@@ -11,8 +11,10 @@ The local queue is not imported: let the single node empty it first (``postroom 
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from postroom.errors import PostroomError, TemporaryStorageError
 from postroom.storage.postgresql import db, migrations
 from postroom.storage.postgresql.accounts import INSERT_USER
 from postroom.wire.framing import to_crlf
+
+log = logging.getLogger("postroom")
 
 IMPORT_BATCH = 200
 
@@ -68,42 +72,61 @@ def check(url: str) -> tuple[bool, list[str]]:
 # -- import ---------------------------------------------------------------------------------
 
 
-def _mail_files(data_dir: Path) -> Iterator[tuple[str, str, str]]:
-    """(mailbox key, subdir, path) of every message in ``data_dir/mail/DOMAIN/LOCAL``."""
+def _mail_files(data_dir: Path) -> Iterator[_Source]:
+    """Every message in ``data_dir/mail/DOMAIN/LOCAL`` as the node's POP3 listed it: the same
+    UIDLs (those kept from Dovecot, two files of one name told apart) and only regular files
+    (a link there may point at the server's TLS key; a FIFO would hang the import)."""
+    from postroom.blocking import BlockingPool
+    from postroom.storage.local.maildrop import MaildirMaildrop
+
     mail = data_dir / "mail"
     if not mail.is_dir():
         return
+    io = BlockingPool(1)
     for domain in sorted(os.listdir(mail)):
         if not (mail / domain).is_dir():
             continue
         for local in sorted(os.listdir(mail / domain)):
             box = mail / domain / local
-            for subdir in ("cur", "new"):
-                if not (box / subdir).is_dir():
-                    continue
-                for name in sorted(os.listdir(box / subdir)):
-                    if not name.startswith("."):
-                        yield f"{local}@{domain}", subdir, str(box / subdir / name)
+            if not all((box / subdir).is_dir() for subdir in ("cur", "new")):
+                continue
+            for f in MaildirMaildrop(box, io).listing():
+                yield f"{local}@{domain}", f.subdir, str(box / f.subdir / f.name), f.uid
 
 
+_Source = tuple[str, str, str, str]  # mailbox key, subdir, path, UIDL
 MessageRow = tuple[str, str, int, str, bytes]
 
 
-def _message_row(key: str, subdir: str, path: str) -> MessageRow:
-    from postroom.storage.local.maildrop import unique_id  # the UIDL the node's POP3 gave it
-
-    with open(path, "rb") as fh:
-        data = fh.read()
+def _message_row(key: str, subdir: str, path: str, uidl: str) -> MessageRow | None:
+    """The row of one message, None if it is no longer a regular file."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # a link put there since the listing (ELOOP), say
+        log.warning("%s left out: %s", path, exc)
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            log.warning("%s left out: no regular file", path)
+            return None
+        os.set_blocking(fd, True)
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read()
+    finally:
+        os.close(fd)
     body = to_crlf(data)
     if body and not body.endswith(b"\n"):
         body += b"\r\n"  # RFC 1939 §3: as the node's RETR sent it
     name = os.path.basename(path)
-    flags = name.split(":2,", 1)[1] if subdir == "cur" and ":2," in name else ""
-    return key, unique_id(name), len(body), "".join(sorted(set(flags))), body
+    flags_text = name.split(":2,", 1)[1] if subdir == "cur" and ":2," in name else ""
+    return key, uidl, len(body), "".join(sorted(set(flags_text))), body
 
 
-def _batches(items: Iterable[tuple[str, str, str]]) -> Iterator[list[tuple[str, str, str]]]:
-    batch: list[tuple[str, str, str]] = []
+def _batches(items: Iterable[_Source]) -> Iterator[list[_Source]]:
+    batch: list[_Source] = []
     for item in items:
         batch.append(item)
         if len(batch) >= IMPORT_BATCH:
@@ -154,7 +177,7 @@ def import_local(url: str, data_dir: Path, domains: Iterable[str]) -> list[str]:
         added_users, added_aliases = conn.call(put_accounts)
         stored = skipped = 0
         for batch in _batches(_mail_files(data_dir)):
-            rows = [_message_row(*item) for item in batch]
+            rows = [row for item in batch if (row := _message_row(*item)) is not None]
 
             async def put(c: asyncpg.Connection, rows: list[MessageRow] = rows) -> int:
                 n = 0
