@@ -336,6 +336,29 @@ async def accept_watched(
         await queue.writer.close()
 
 
+def test_a_writer_that_died_is_storage_unavailable_and_a_full_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A writer killed in the middle of a job answered its clients "Insufficient system
+    # storage", counted as a full disk: an admin went looking at the disk.
+    from postroom.errors import StorageUnavailable, TemporaryStorageError
+
+    queue = LocalQueue(tmp_path, "mx.x.test", MaildirWriter(tmp_path / "journal"))
+    assert queue.writer is not None
+    for error, unavailable in (
+        (OSError(errno.EIO, "the journal writer process exited"), True),
+        (OSError(errno.ENOSPC, "No space left on device"), False),
+    ):
+
+        async def refuse(_entry: Entry, error: OSError = error) -> Any:
+            raise error
+
+        monkeypatch.setattr(queue.writer, "accept", refuse)
+        with pytest.raises(TemporaryStorageError) as raised:
+            asyncio.run(accept(queue, envelope(1, "u@x.test"), b"Subject: x\r\n\r\nx\r\n"))
+        assert isinstance(raised.value, StorageUnavailable) is unavailable
+
+
 def test_a_message_is_written_once_for_many_recipients(tmp_path: Path) -> None:
     queue = LocalQueue(tmp_path, "mx.x.test", MaildirWriter(tmp_path / "journal"))
     keys = [f"u{i}@x.test" for i in range(30)]

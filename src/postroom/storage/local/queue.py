@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import heapq
 import os
 import time
@@ -559,7 +560,11 @@ class LocalQueue:
             raise
         except OSError as exc:
             draft.abort()
-            raise TemporaryStorageError(exc.strerror or str(exc)) from exc
+            # A full disk says so (452 "Insufficient system storage", counted as disk_full);
+            # a writer that died meanwhile (EIO) or a failing disk is storage unavailable.
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            unusable = TemporaryStorageError if full else StorageUnavailable
+            raise unusable(exc.strerror or str(exc)) from exc
         errors = [r if isinstance(r, OSError) else None for r in results]
         if keep or any(errors):
             self._live[envelope.id] = _Live(envelope, body, body_file)
