@@ -390,40 +390,44 @@ def test_a_stop_keeps_what_an_earlier_host_took_in_the_same_attempt() -> None:
         run(lambda fence=fence: main(fence))
 
 
-def test_a_stray_reply_line_fails_that_host_and_the_next_one_is_tried() -> None:
-    # One reply line too many with the EHLO reply closed the engine after its Ready: the
-    # session was handed out closed, send_message raised EngineMisuse, the backup MX was never
-    # tried, and 250s earlier hosts gave in that attempt were lost (sent again).
+def past_a_failing_second_host(
+    second: dict[str, Any], patch: Callable[[RemoteDelivery], None] | None = None
+) -> list[Sink]:
+    """ann and ben to b.test: mx1 takes ann and defers ben, mx2 (a Sink with ``second``, or
+    whatever ``patch`` makes of the delivery) fails, and mx3 must get ben: ann's 250 is
+    kept. The three sinks, stopped."""
     port = free_port()
+    sinks: list[Sink] = []
 
     async def main() -> None:
-        first = await Sink("127.0.0.5", port, tempfail={"ben@b.test"}).start()
-        stray = await Sink("127.0.0.6", port, after_ehlo=b"250 2.0.0 stray line").start()
-        good = await Sink("127.0.0.7", port).start()
-        resolver = StaticResolver(
-            {
-                "b.test": Route(
-                    (
-                        mx("mx1.b.test", "127.0.0.5", 10),
-                        mx("mx2.b.test", "127.0.0.6", 20),
-                        mx("mx3.b.test", "127.0.0.7", 30),
-                    )
-                )
-            }
-        )
+        sinks.append(await Sink("127.0.0.5", port, tempfail={"ben@b.test"}).start())
+        sinks.append(await Sink("127.0.0.6", port, **second).start())
+        sinks.append(await Sink("127.0.0.7", port).start())
+        hosts = [mx(f"mx{n}.b.test", f"127.0.0.{n + 4}", n * 10) for n in (1, 2, 3)]
+        resolver = StaticResolver({"b.test": Route(tuple(hosts))})
         remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        if patch is not None:
+            patch(remote)
         try:
             ann, ben = await remote.deliver("b.test", message("ann@b.test", "ben@b.test"), BODY)
         finally:
             await remote.aclose()
-            for sink in (first, stray, good):
+            for sink in sinks:
                 await sink.stop()
         assert ann.outcome is Outcome.DELIVERED and ann.remote_mta == "mx1.b.test"
         assert ben.outcome is Outcome.DELIVERED and ben.remote_mta == "mx3.b.test"
-        assert stray.messages == [] and stray.connections == 1
-        assert [m.recipients for m in good.messages] == [["ben@b.test"]]
+        assert [m.recipients for m in sinks[2].messages] == [["ben@b.test"]]
 
     run(main)
+    return sinks
+
+
+def test_a_stray_reply_line_fails_that_host_and_the_next_one_is_tried() -> None:
+    # One reply line too many with the EHLO reply closed the engine after its Ready: the
+    # session was handed out closed, send_message raised EngineMisuse, the backup MX was never
+    # tried, and 250s earlier hosts gave in that attempt were lost (sent again).
+    _first, stray, _good = past_a_failing_second_host({"after_ehlo": b"250 2.0.0 stray line"})
+    assert stray.messages == [] and stray.connections == 1
 
 
 def test_a_bug_with_one_host_keeps_what_earlier_hosts_took(
@@ -431,43 +435,18 @@ def test_a_bug_with_one_host_keeps_what_earlier_hosts_took(
 ) -> None:
     # An error of ours in mx2's transaction escaped deliver(): the whole domain was deferred,
     # mx3 never tried, and mx1's 250 for ann dropped (she got the message again).
-    port = free_port()
-
-    async def main() -> None:
-        first = await Sink("127.0.0.5", port, tempfail={"ben@b.test"}).start()
-        second = await Sink("127.0.0.6", port).start()
-        good = await Sink("127.0.0.7", port).start()
-        resolver = StaticResolver(
-            {
-                "b.test": Route(
-                    (
-                        mx("mx1.b.test", "127.0.0.5", 10),
-                        mx("mx2.b.test", "127.0.0.6", 20),
-                        mx("mx3.b.test", "127.0.0.7", 30),
-                    )
-                )
-            }
-        )
-        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+    def bug_at_mx2(remote: RemoteDelivery) -> None:
         transact = remote._transact
 
-        async def bug_at_mx2(session: Any, target: Any, ip: str, *args: Any) -> Any:
+        async def failing(session: Any, target: Any, ip: str, *args: Any) -> Any:
             if ip == "127.0.0.6":
                 raise RuntimeError("a bug")
             return await transact(session, target, ip, *args)
 
-        remote._transact = bug_at_mx2  # type: ignore[method-assign]
-        try:
-            ann, ben = await remote.deliver("b.test", message("ann@b.test", "ben@b.test"), BODY)
-        finally:
-            await remote.aclose()
-            for sink in (first, second, good):
-                await sink.stop()
-        assert ann.outcome is Outcome.DELIVERED and ann.remote_mta == "mx1.b.test"
-        assert ben.outcome is Outcome.DELIVERED and ben.remote_mta == "mx3.b.test"
-        assert "delivery to mx2.b.test[127.0.0.6] failed" in caplog.text  # with its traceback
+        remote._transact = failing  # type: ignore[method-assign]
 
-    run(main)
+    past_a_failing_second_host({}, bug_at_mx2)
+    assert "delivery to mx2.b.test[127.0.0.6] failed" in caplog.text  # with its traceback
 
 
 def test_everything_down_is_temporary() -> None:
