@@ -611,7 +611,9 @@ class QueueRunner:
             raise
         except Exception as exc:
             self._failed(f"delivery of {envelope.id} to {domain} failed", exc)
-            reply = Reply(451, "4.3.0", (f"local error in delivery: {type(exc).__name__}",))
+            reply = Reply(
+                451, "4.3.0", (f"local error in delivery: {type(exc).__name__}",), local=True
+            )
             return 0.0, [
                 (rcpt, DeliveryResult(ForwardPath(rcpt.address), Outcome.TEMPORARY, reply))
                 for _i, rcpt in rcpts
