@@ -368,9 +368,14 @@ class MaildirMaildrop:
         # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of blocking.
         flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            fd = os.open(f.name, flags, dir_fd=self._dirs[f.subdir])
-        except FileNotFoundError:
-            fd = os.open(self.locate(f), flags)
+            try:
+                fd = os.open(f.name, flags, dir_fd=self._dirs[f.subdir])
+            except FileNotFoundError:
+                fd = os.open(self.locate(f), flags)
+        except OSError as exc:  # a link put in its place (ELOOP), say
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("maildir %s: %s/%s not sent: %s", self.path, f.subdir, f.name, exc)
+            raise
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
