@@ -726,7 +726,8 @@ class PgQueue:
     async def finish(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
         envelope.history.extend(attempts)
         # Only under this node's lease, as record: a node whose lease ran out while its attempt
-        # stalled took the message from the node that holds it now, with what that one owes.
+        # stalled must not remove the message from the node that holds it now (with the DSN
+        # that one may owe).
         status = await self._write_outcome(
             envelope.id, "DELETE FROM queue WHERE id=$1 AND lease_owner=$2", envelope.id, self.node
         )
