@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from postroom.errors import EngineMisuse
 from postroom.smtp.client_engine import (
     BDAT_MAX,
+    MAX_REPLY_LINE,
     ClientEngine,
     Closed,
     EndOfData,
@@ -465,12 +466,32 @@ def test_garbage_reply_is_a_protocol_error() -> None:
     assert closed.reply.status == "4.5.0"
 
 
-def test_too_long_reply_line() -> None:
+def test_a_reply_over_the_limits_is_cut_not_taken_for_an_error() -> None:
+    # A 250 to the final dot of 5,000 octets (or of 250 lines) was a protocol error: the
+    # message was deferred, sent again, and bounced as failed though taken both times. RFC
+    # 5321 §4.5.3.1.5 allows 512 octets a line; a longer one is cut, and its code counts.
+    for reply in (
+        b"250 2.0.0 " + b"x" * 5000 + b"\r\n",
+        b"250-2.0.0 ok\r\n" * 250 + b"250 2.0.0 queued\r\n",
+    ):
+        engine = ready_engine()
+        engine.send_message(msg("bob@b.test"), DATA)
+        for answer in (b"250 2.1.0 ok\r\n", b"250 2.1.5 ok\r\n", b"354 go ahead\r\n"):
+            engine.receive_data(answer)
+        engine.data_to_send()
+        engine.receive_data(reply)
+        done, ready = events(engine)
+        assert isinstance(done, MessageDone) and ready == Ready()
+        assert done.results[0].outcome is Outcome.DELIVERED
+    # A line that never ends is dropped as it comes (the reply's time-out ends the wait).
     engine = ClientEngine("mx.a.test")
-    engine.receive_data(b"220 " + b"x" * 10000 + b"\r\n")
+    for _ in range(100):
+        engine.receive_data(b"x" * 100_000)
+        assert engine._reader.pending() <= MAX_REPLY_LINE + 2
+    assert events(engine) == []
+    engine.receive_data(b"\r\n220 mx.b.test ESMTP\r\n")  # (the cut line is no reply)
     (closed,) = events(engine)
-    assert isinstance(closed, Closed)
-    assert closed.reply.status == "4.5.0"
+    assert isinstance(closed, Closed) and closed.reply.status == "4.5.0"
 
 
 def test_misuse_raises() -> None:

@@ -63,7 +63,7 @@ from postroom.wire.events import StartTLS
 from postroom.wire.framing import TOO_LONG, LineReader, dot_stuff_parts, to_crlf
 from postroom.wire.replies import Reply, parse_status
 
-MAX_REPLY_LINE = 4096  # RFC 5321 §4.5.3.1.5 says 512; be lenient but bounded.
+MAX_REPLY_LINE = 4096  # RFC 5321 §4.5.3.1.5 says 512; a longer line is cut here, not refused
 MAX_REPLY_LINES = 200
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$", re.DOTALL)
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
@@ -457,18 +457,15 @@ class ClientEngine:
     # --- replies ---------------------------------------------------------------------------------
 
     def _parse(self) -> None:
-        limit = self._reader.max_line
         while self.state not in (ClientState.CLOSED, ClientState.TLS_HANDSHAKE):
-            buf = self._reader.buf
-            if len(buf) > limit + 1 and buf.find(b"\n", 0, limit + 2) < 0:
-                self._fail(_local(421, "4.5.0", "protocol error: reply line too long"))
-                return
             line = self._reader.read_line()
             if line is None:
-                return
+                return  # (a line over the limit is dropped as it comes: memory stays bounded)
             if line is TOO_LONG:
-                self._fail(_local(421, "4.5.0", "protocol error: reply line too long"))
-                return
+                # RFC 5321 §4.5.3.1.5 allows 512 octets; a longer line is cut, not a failure:
+                # its code is what counts, and a 250 to the final dot taken for an error sent
+                # the message again. What never ends runs into the reply's time-out.
+                line = self._reader.too_long_head
             assert isinstance(line, bytes)
             m = _REPLY_LINE.match(line) or (
                 _REPLY_LINE.match(line + b" ") if len(line) == 3 else None
@@ -477,10 +474,10 @@ class ClientEngine:
                 shown = line[:60].decode("ascii", "replace")
                 self._fail(_local(421, "4.5.0", f"protocol error: bad reply line {shown!r}"))
                 return
-            self._lines.append(line)
-            if len(self._lines) > self._max_lines:
-                self._fail(_local(421, "4.5.0", "protocol error: reply too long"))
-                return
+            if len(self._lines) < self._max_lines:
+                self._lines.append(line)
+            else:  # (lines past the limit are dropped; the last one, which ends it, is kept)
+                self._lines[-1] = line
             if m.group(2) == b" ":
                 reply = self._make_reply(self._lines)
                 self._lines = []
