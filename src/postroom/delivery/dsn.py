@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from postroom.delivery.advice import advise, sender_domain
-from postroom.wire.replies import status_of
+from postroom.wire.replies import STATUS_CODE, status_of
 
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 
@@ -40,7 +40,6 @@ MAX_WORD = 900  # octets of one unbreakable word in a report line
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
-_STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _XTEXT_HEX = re.compile(rb"\+([0-9A-Fa-f]{2})")
 _REPLY_CODES = re.compile(r"^(?:[2-5]\d\d[ -])?(?:[245]\.\d{1,3}\.\d{1,3}(?:\s+|$))?")
 
@@ -68,7 +67,7 @@ def failure_status(reply: str) -> str:
     text), else 5.0.0 for a refusal; a temporary error that gave out at ``max_queue_time``
     keeps its code, or gets 4.4.7 (delivery time expired)."""
     status = status_of(reply)
-    if status[:1] in ("4", "5") and _STATUS.match(status):
+    if status[:1] in ("4", "5"):  # (status_of reads only codes RFC 3463 §2 allows)
         return status
     return "5.0.0" if reply.strip()[:1] in ("2", "5") else "4.4.7"
 
@@ -255,7 +254,7 @@ def _status_part(
     if queue_id:
         out += _field("X-Postroom-Queue-ID", queue_id, utf8=utf8)
     for r in recipients:
-        if not _STATUS.match(r.status):
+        if not STATUS_CODE.fullmatch(r.status):
             raise ValueError(f"bad status code {r.status!r}")  # our own bug, not the peer's
         out += "\r\n"
         if r.original_recipient and ";" in r.original_recipient:

@@ -79,7 +79,7 @@ def printable(text: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
-_STATUS_CODE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")  # RFC 3463 §2
+STATUS_CODE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")  # RFC 3463 §2: class.subject.detail
 
 
 def parse_status(text: str) -> tuple[str, str]:
@@ -87,7 +87,7 @@ def parse_status(text: str) -> tuple[str, str]:
     unless it starts with a code as RFC 3463 §2 writes one (``45.1.1`` and ``5.1.1000``, sent
     by a peer, are none: a DSN could not carry them)."""
     head, _, rest = text.partition(" ")
-    if _STATUS_CODE.fullmatch(head):
+    if STATUS_CODE.fullmatch(head):
         return head, rest
     return "", text
 

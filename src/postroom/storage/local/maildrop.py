@@ -93,13 +93,18 @@ class MaildirFile:
 
     @property
     def unique(self) -> str:
-        """The unique part of the name (up to the first ``,`` or ``:``), before any hash."""
-        return self.base.split(",", 1)[0]
+        """The unique part of the name, before any hash (see :func:`unique_part`)."""
+        return unique_part(self.name)
+
+
+def unique_part(name: str) -> str:
+    """The unique part of a Maildir file name: up to the first ``,`` or ``:``."""
+    return name.split(":", 1)[0].split(",", 1)[0]
 
 
 def unique_id(name: str) -> str:
-    """The UIDL of a Maildir file name: its unique part, up to the first ``,`` or ``:``."""
-    return as_uidl(name.split(":", 1)[0].split(",", 1)[0])
+    """The UIDL of a Maildir file name: its unique part (hashed if unfit for RFC 1939)."""
+    return as_uidl(unique_part(name))
 
 
 def as_uidl(value: str) -> str:
