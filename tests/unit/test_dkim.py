@@ -233,7 +233,8 @@ def test_helper_jobs_round_trip_and_refuse_garbage(
     message = header + MESSAGE
     zone = _records(key_pair)
     sigs = dkim_verify.signatures(message[: message.find(b"\r\n\r\n") + 2])
-    done = helper.decode_verify(helper.run_verify(helper.encode_verify(message, zone, sigs)))
+    chosen = dkim_verify.choose(sigs, lambda _domain: False)
+    done = helper.decode_verify(helper.run_verify(helper.encode_verify(message, zone, chosen)))
     assert done == dkim_verify.verify(message, zone)
     assert {r.result for r in done} == {"pass"}
     frame = helper.answer(7, helper.VERIFY, b"not marshal")

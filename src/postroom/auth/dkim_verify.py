@@ -1,4 +1,4 @@
-"""DKIM verification (RFC 6376 §6, RFC 8463) of every signature of a message.
+"""DKIM verification (RFC 6376 §6, RFC 8463) of the signatures of a message.
 
 The key records of every signature are fetched first, concurrently, through the shared
 :class:`~postroom.auth.lookup.DnsCache` (by the caller, each on its own), and then verified
@@ -17,14 +17,24 @@ Results follow RFC 8601 §2.7.1: ``pass``, ``fail`` (the signature or body hash 
 match), ``permerror`` (no key, a revoked or malformed key, a malformed signature),
 ``temperror`` (the key lookup failed for now).
 
-Security notes: at most ``MAX_SIGNATURES`` signatures are looked at (each costs a DNS lookup
-and a public-key operation), and each costs time linear in the message (h= against the
-header fields: ``dkim_canon.select_headers``); RSA keys under 1024 bits are refused and
-``rsa-sha1`` is never a pass (RFC 8301 §3.1, §3.2); a key record whose ``h=`` leaves out
-sha256 or whose ``s=`` is not for email does not verify anything, nor one with ``t=s`` a
-signature whose ``i=`` is in a subdomain (RFC 6376 §3.6.1); a signature that does not sign
-From is a permerror (§6.1.1: it could otherwise vouch for any From, and DMARC would pass on
-it).
+Which signatures are checked (RFC 6376 §6.1 lets a verifier limit their number): of the first
+``MAX_SIGNATURE_FIELDS`` DKIM-Signature fields (the tags of those below are never read), at
+most ``MAX_SIGNATURES`` (:func:`choose`): first those whose d= is aligned with a From domain
+(relaxed, RFC 7489 §3.1.1: the same organizational domain), which DMARC needs, then the others,
+each group in header order; their results come in header order (that of the fields, as a reader
+finds them). Taken in header order alone, ten signatures of other domains (forwarders', or junk
+added on the way) kept the author's signature from being checked, and its mail failed DMARC.
+Signatures that claim an aligned d= still compete among themselves: more than ten of them leave
+the lower ones unchecked.
+
+Security notes: at most ``MAX_SIGNATURES`` signatures are checked (each costs a DNS lookup and
+a public-key operation), and each costs time linear in the message (h= against the header
+fields: ``dkim_canon.select_headers``), and choosing them time linear in the header section;
+RSA keys under 1024 bits are refused and ``rsa-sha1`` is never a pass (RFC 8301 §3.1, §3.2); a
+key record whose ``h=`` leaves out sha256 or whose ``s=`` is not for email does not verify
+anything, nor one with ``t=s`` a signature whose ``i=`` is in a subdomain (RFC 6376 §3.6.1); a
+signature that does not sign From is a permerror (§6.1.1: it could otherwise vouch for any
+From, and DMARC would pass on it).
 """
 
 from __future__ import annotations
@@ -33,8 +43,10 @@ import base64
 import hashlib
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import islice
 
 import dkim
 from cryptography.exceptions import InvalidSignature
@@ -46,7 +58,8 @@ from postroom.auth import dkim_canon
 from postroom.auth.dkim_canon import Field
 from postroom.auth.lookup import Answer, DnsCache
 
-MAX_SIGNATURES = 10
+MAX_SIGNATURES = 10  # signatures checked (each costs a DNS lookup and a public-key operation)
+MAX_SIGNATURE_FIELDS = 50  # DKIM-Signature fields read to choose them from (top down)
 MIN_RSA_BITS = 1024  # RFC 8301 §3.2
 CLOCK_SLOP = 36000  # seconds a signer's clock may be off (t= ahead, x= behind), as dkimpy
 _ALGORITHMS = (b"rsa-sha256", b"ed25519-sha256", b"rsa-sha1")  # rsa-sha1: known, never a pass
@@ -80,8 +93,20 @@ def tags(value: bytes) -> dict[bytes, bytes]:
 
 
 def signatures(head: bytes) -> list[dict[bytes, bytes]]:
-    """The tags of each DKIM-Signature in the header section ``head``, in order."""
-    return [tags(m.group(1)) for m in _SIG_FIELD.finditer(head)][:MAX_SIGNATURES]
+    """The tags of each DKIM-Signature in the header section ``head``, in order: of the first
+    ``MAX_SIGNATURE_FIELDS`` (the positions :func:`choose` and :func:`verify` count in)."""
+    found = islice(_SIG_FIELD.finditer(head), MAX_SIGNATURE_FIELDS)
+    return [tags(m.group(1)) for m in found]
+
+
+def choose(sigs: Sequence[dict[bytes, bytes]], aligned: Callable[[str], bool]) -> list[int]:
+    """The positions in ``sigs`` (:func:`signatures`) of those to check, in header order: at
+    most ``MAX_SIGNATURES``, those whose d= is ``aligned`` (with a From domain) first, then
+    the others (see the module's docstring)."""
+    first = [i for i, sig in enumerate(sigs) if (d := _names(sig)["domain"]) and aligned(d)]
+    taken = set(first)
+    rest = [i for i in range(len(sigs)) if i not in taken]
+    return sorted((first + rest)[:MAX_SIGNATURES])
 
 
 def _key_name(sig: dict[bytes, bytes]) -> str | None:
@@ -315,22 +340,22 @@ def _names(sig: dict[bytes, bytes]) -> dict[str, str]:
 
 
 def verify(
-    message: bytes, keys: dict[str, Answer], sigs: list[dict[bytes, bytes]] | None = None
+    message: bytes, keys: dict[str, Answer], chosen: Sequence[int] | None = None
 ) -> list[DkimResult]:
-    """Verify each signature of ``message`` against the prefetched ``keys`` (CPU only);
-    ``sigs``: :func:`signatures` of its header section, if the caller has them already."""
+    """Verify the signatures of ``message`` at the positions ``chosen`` (:func:`choose`;
+    None: the first ``MAX_SIGNATURES``) against the prefetched ``keys`` (CPU only)."""
     try:
         fields, body = dkim_canon.split_message(message)
     except dkim_canon.MalformedHeader as exc:
         return [DkimResult("permerror", "", "", "", "", f"unparsable message: {exc}")]
     sig_fields = [f for f in fields if f[0].lower().rstrip() == b"dkim-signature"]
-    sig_fields = sig_fields[:MAX_SIGNATURES]
-    if sigs is None or len(sigs) != len(sig_fields):
-        sigs = [tags(value) for _, value in sig_fields]
+    positions = range(MAX_SIGNATURES) if chosen is None else sorted(set(chosen))
+    picked = [sig_fields[i] for i in positions[:MAX_SIGNATURES] if 0 <= i < len(sig_fields)]
     bodies: dict[tuple[bytes, bytes | None], bytes] = {}
     now = int(time.time())
     results = []
-    for idx, sig in enumerate(sigs):
+    for field in picked:
+        sig = tags(field[1])
         name = _key_name(sig)
         base = _names(sig)
         answer = keys.get(name or "")
@@ -346,7 +371,7 @@ def verify(
             results.append(DkimResult("permerror", reason="no key record", **base))
             continue
         try:
-            ok = _check(fields, body, sig_fields[idx], name, records[0], bodies, now)
+            ok = _check(fields, body, field, name, records[0], bodies, now)
         except dkim.DKIMException as exc:
             results.append(DkimResult("permerror", reason=str(exc)[:200], **base))
             continue

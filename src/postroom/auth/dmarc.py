@@ -235,6 +235,12 @@ def _aligned(a: str, b: str, mode: str) -> bool:
     return organizational_domain(a) == organizational_domain(b)
 
 
+def aligned_with(domain: str, from_domains_: Sequence[str]) -> bool:
+    """Is ``domain`` (a DKIM d=) aligned with one of the From domains ``from_domains_``, in
+    relaxed mode (§3.1.1: the same organizational domain; strict alignment implies it)?"""
+    return any(_aligned(domain, d, "r") for d in from_domains_)
+
+
 def evaluate(
     from_domains_: Sequence[str],
     policies: Mapping[str, Policy],

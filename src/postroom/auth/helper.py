@@ -84,15 +84,15 @@ def _loads(payload: bytes) -> Any:
     return marshal.loads(payload)  # noqa: S302 - see above
 
 
-def encode_verify(message: bytes, keys: dict[str, Answer], sigs: list[dict[bytes, bytes]]) -> bytes:
+def encode_verify(message: bytes, keys: dict[str, Answer], chosen: Sequence[int]) -> bytes:
     answers = [(name, a.status, a.records, a.error) for name, a in keys.items()]
-    return marshal.dumps((message, answers, sigs))
+    return marshal.dumps((message, answers, list(chosen)))
 
 
 def run_verify(payload: bytes) -> bytes:
-    message, answers, sigs = _loads(payload)
+    message, answers, chosen = _loads(payload)
     keys = {name: Answer(status, tuple(records), error) for name, status, records, error in answers}
-    results = dkim_verify.verify(message, keys, sigs)
+    results = dkim_verify.verify(message, keys, chosen)
     return marshal.dumps(
         [(r.result, r.domain, r.selector, r.algorithm, r.b, r.reason) for r in results]
     )
@@ -189,9 +189,9 @@ class DkimHelper:
         self._failed_starts = 0
 
     async def verify(
-        self, message: bytes, keys: dict[str, Answer], sigs: list[dict[bytes, bytes]]
+        self, message: bytes, keys: dict[str, Answer], chosen: Sequence[int]
     ) -> list[dkim_verify.DkimResult]:
-        return decode_verify(await self._call(VERIFY, encode_verify(message, keys, sigs)))
+        return decode_verify(await self._call(VERIFY, encode_verify(message, keys, chosen)))
 
     async def sign(self, message: bytes, keys: Sequence[dkim_sign.SigningKey], now: int) -> bytes:
         return await self._call(SIGN, encode_sign(message, keys, now))

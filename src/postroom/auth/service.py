@@ -207,9 +207,8 @@ class SenderAuth:
                 result = _spf_timed_out(sender, helo)
             count_verdict("spf", result.result)
             head = self._client_head(message)
-            unchecked = dkim_verify.not_checked(
-                dkim_verify.signatures(head), "not checked: larger than check_max_size"
-            )
+            _, sigs = _chosen_signatures(head, dmarc.from_domains(head))
+            unchecked = dkim_verify.not_checked(sigs, "not checked: larger than check_max_size")
             header = results.render(self.cfg.hostname, result, unchecked, None)
             self._add_results(message, header, head)
             return None
@@ -313,7 +312,7 @@ class SenderAuth:
         What the cache already holds is used at once; only what is missing is asked, all of
         it concurrently (the usual case, everything cached, makes no task and never waits)."""
         from_domains = dmarc.from_domains(head)
-        sigs = dkim_verify.signatures(head)
+        chosen, sigs = _chosen_signatures(head, from_domains)
         names = dkim_verify.key_names(sigs)
         hostname = self.cfg.hostname
         spf_result = spf.cached(self.cache, client_ip, sender, helo, hostname)
@@ -337,8 +336,8 @@ class SenderAuth:
             data = whole()
             dkim_results = await self._dkim_job(
                 len(data),
-                lambda helper: helper.verify(data, keys, sigs),
-                lambda: dkim_verify.verify(data, keys, sigs),
+                lambda helper: helper.verify(data, keys, chosen),
+                lambda: dkim_verify.verify(data, keys, chosen),
                 lambda: dkim_verify.timed_out(sigs),
             )
         dmarc_result = dmarc.evaluate(from_domains, policies, spf_result, dkim_results, self.rng)
@@ -525,6 +524,18 @@ class SenderAuth:
                 except Exception as exc:
                     log.warning("DMARC reports failed: %r", exc)
             await asyncio.sleep(self.cfg.auth.dkim_check_interval)
+
+
+def _chosen_signatures(
+    head: bytes, from_domains: list[str]
+) -> tuple[list[int], list[dict[bytes, bytes]]]:
+    """The signatures of the header section ``head`` that are checked: their positions (for
+    :func:`dkim_verify.verify`) and their tags; those aligned with a From domain first
+    (:func:`dkim_verify.choose`), since DMARC needs them."""
+    found = dkim_verify.signatures(head)
+    authors = dmarc.author_domains(from_domains)
+    chosen = dkim_verify.choose(found, lambda domain: dmarc.aligned_with(domain, authors))
+    return chosen, [found[i] for i in chosen]
 
 
 def _spf_timed_out(sender: str, helo: str) -> spf.SpfResult:
