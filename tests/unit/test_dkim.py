@@ -8,6 +8,7 @@ import base64
 import hashlib
 import re
 import time
+from pathlib import Path
 from typing import cast
 
 import dkim
@@ -16,9 +17,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from dkim.canonicalization import Relaxed
 
-from postroom.auth import dkim_canon, dkim_sign, dkim_verify, helper, keys
-from postroom.auth.lookup import Answer
-from postroom.auth.service import SenderAuth, publishes
+from postroom.auth import dkim_canon, dkim_sign, dkim_verify, helper, keys, results
+from postroom.auth.lookup import Answer, DnsCache
+from postroom.auth.service import SenderAuth, Verdict, publishes
+from postroom.config import Config, DNSConfig
+from tests.dnszone import LoopbackDNS
 
 MESSAGE = (
     b"From: Alice <alice@a.test>\r\nTo: bob@b.test\r\nSubject: hello\r\n"
@@ -371,3 +374,93 @@ def test_a_b_tag_written_first_right_after_the_colon_is_not_signed(
     assert _results(tight.replace(b"Subject: hello", b"Subject: hullo"), zone) == [
         ("rsa-sha256", "fail")
     ]
+
+
+def _check_inbound(dns: LoopbackDNS, tmp_path: Path, message: bytes) -> tuple[Verdict, int]:
+    """The server's checks of ``message`` with DNS from ``dns``: the verdict and the number
+    of lookups they made."""
+    cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", dns.port),)))
+    auth = SenderAuth(Config(hostname="mx.b.test"), cache, keys.LocalKeyStore(tmp_path))
+    head = message[: message.find(b"\r\n\r\n") + 2]
+    verdict = asyncio.run(auth.verify(head, lambda: message, "192.0.2.1", "c.test", ""))
+    return verdict, cache.queries
+
+
+@pytest.mark.parametrize("signer", ["a.test", "news.a.test"])
+@pytest.mark.parametrize("others", [10, 12])
+def test_the_signature_aligned_with_from_is_checked_below_ten_others(
+    tmp_path: Path, signer: str, others: int
+) -> None:
+    """RFC 6376 §6.1 lets a verifier check only some signatures, but not by header order
+    alone: the author's signature (d= aligned with From, RFC 7489 §3.1.1) under ten others
+    (forwarders', or any added on the way) was never checked, and DMARC failed (p=reject:
+    the mail was refused)."""
+    now = time.time()
+    author, forwarder = keys.generate("ed25519", "ed1", now), keys.generate("ed25519", "s", now)
+    message = dkim_sign.sign(
+        MESSAGE, [dkim_sign.SigningKey(signer, "ed1", author.private_key())], int(now)
+    )
+    message += MESSAGE
+    dns = LoopbackDNS()
+    try:
+        dns.txt(f"ed1._domainkey.{signer}", author.record())
+        dns.txt("_dmarc.a.test", "v=DMARC1; p=reject")
+        for i in range(others):
+            domain = f"fwd{i}.test"
+            dns.txt(f"s._domainkey.{domain}", forwarder.record())
+            fwd = dkim_sign.SigningKey(domain, "s", forwarder.private_key())
+            message = dkim_sign.sign(message, [fwd], int(now)) + message
+        verdict, _ = _check_inbound(dns, tmp_path, message)
+    finally:
+        dns.stop()
+    assert verdict.dmarc is not None
+    assert (verdict.dmarc.result, verdict.dmarc.dkim_aligned) == ("pass", True)
+    checked = [(r.domain, r.result) for r in verdict.dkim]
+    assert len(checked) == dkim_verify.MAX_SIGNATURES
+    # In header order (RFC 8601 results in the order the signatures stand): the author's last.
+    forwarders = [(f"fwd{i}.test", "pass") for i in reversed(range(others))]
+    assert checked == [*forwarders[:9], (signer, "pass")]
+    header = results.render("mx.b.test", verdict.spf, verdict.dkim, verdict.dmarc).decode()
+    assert f"dkim=pass header.d={signer} header.s=ed1" in header
+    assert header.index("header.d=fwd") < header.index(f"header.d={signer}")
+
+
+def test_choose_takes_the_aligned_signatures_first_then_the_others_in_order() -> None:
+    sigs = [{b"d": f"x{i}.test".encode()} for i in range(30)] + [{b"s": b"no-d"}]
+    sigs[3][b"d"] = sigs[20][b"d"] = sigs[25][b"d"] = b"A.test"
+    chosen = dkim_verify.choose(sigs, lambda domain: domain == "a.test")
+    assert chosen == [0, 1, 2, 3, 4, 5, 6, 7, 20, 25]
+    assert dkim_verify.choose(sigs, lambda _domain: False) == list(range(10))
+    assert dkim_verify.choose(sigs[:3], lambda _domain: True) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("junk_domain", ["junk{i}.test", "a.test"])
+def test_a_flood_of_signature_fields_is_read_and_checked_only_up_to_the_limits(
+    key_pair: tuple[keys.DkimKey, keys.DkimKey], tmp_path: Path, junk_domain: str
+) -> None:
+    """10,000 DKIM-Signature fields (of other domains, or claiming the From domain's, each
+    with its own selector): at most MAX_SIGNATURE_FIELDS are read and MAX_SIGNATURES keys
+    looked up, whatever their domains."""
+    junk = b"".join(
+        b"DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/relaxed; d=%s; s=s%d;\r\n"
+        b"\th=from:to; bh=AAAA; b=AAAA\r\n" % (junk_domain.format(i=i).encode(), i)
+        for i in range(10_000)
+    )
+    message = junk + _signed(key_pair)  # the author's two signatures: 10,001st and 10,002nd
+    head = message[: message.find(b"\r\n\r\n") + 2]
+    assert len(dkim_verify.signatures(head)) == dkim_verify.MAX_SIGNATURE_FIELDS
+    dns = LoopbackDNS()
+    try:
+        dns.txt("_dmarc.a.test", "v=DMARC1; p=reject")
+        started = time.monotonic()
+        verdict, lookups = _check_inbound(dns, tmp_path, message)
+        took = time.monotonic() - started
+    finally:
+        dns.stop()
+    assert len(verdict.dkim) == dkim_verify.MAX_SIGNATURES
+    assert {r.result for r in verdict.dkim} == {"permerror"}  # no key: none fetched for 11th+
+    # The keys, the DMARC policy (the From domain is its organizational domain: one name) and
+    # SPF of the HELO name (no sender): nothing more.
+    assert lookups <= dkim_verify.MAX_SIGNATURES + 2
+    assert took < 10
+    assert verdict.dmarc is not None and verdict.dmarc.result == "fail"  # beyond what is read
