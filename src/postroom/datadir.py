@@ -161,8 +161,11 @@ def create(cfg: Config) -> bool:
 
 
 def add_user_command(cfg: Config) -> str:
-    """A ``user add`` command line that finds this ``data_dir`` from any directory."""
+    """A ``user add`` command line that finds this ``data_dir`` from any directory. With a
+    config file it runs in this directory too: a relative ``data_dir`` in the file is relative
+    to the directory a command runs in."""
     address = f"you@{cfg.domains[0]}"
     if cfg.path is not None:
-        return f"postroom -c {shlex.quote(os.path.abspath(cfg.path))} user add {address}"
+        config = shlex.quote(os.path.abspath(cfg.path))
+        return f"cd {shlex.quote(os.getcwd())} && postroom -c {config} user add {address}"
     return f"cd {shlex.quote(str(cfg.data_dir.parent))} && postroom user add {address}"

@@ -29,6 +29,45 @@ def postroom(*args: str, cwd: Path, stdin: str = "") -> subprocess.CompletedProc
     )
 
 
+def run_hint(hint: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run the ``user add`` that ``serve`` printed, as a user pastes it into a shell."""
+    words = shlex.split(hint)
+    assert words[:2] == ["cd", words[1]] and words[2:6] == ["&&", "postroom", "-c", words[5]]
+    assert Path(words[1]).is_absolute() and Path(words[5]).is_absolute()
+    return postroom(*words[4:], "--password-stdin", cwd=Path(words[1]), stdin="pass-word\n")
+
+
+def test_the_hint_reaches_a_relative_data_dir_of_the_config_file(tmp_path: Path) -> None:
+    """A config file may name its data_dir relative to where commands run: the hint printed
+    with ``-c FILE`` alone made a second store when run from elsewhere."""
+    here = tmp_path / "here"
+    here.mkdir()
+    config = here / "postroom.toml"
+    config.write_text('hostname = "mx.a.test"\ndomains = ["a.test"]\ndata_dir = "rel-data"\n')
+    env = env_with_src()
+    hint = subprocess.run(
+        [sys.executable, "-c", HINT, str(config)],
+        cwd=here,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = run_hint(hint, elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert (here / "rel-data").is_dir()
+    assert not (elsewhere / "rel-data").exists()
+
+
+HINT = (
+    "import sys; from pathlib import Path; from postroom import config, datadir; "
+    "print(datadir.add_user_command(config.load(Path(sys.argv[1]))))"
+)
+
+
 def test_a_new_data_directory_is_announced_with_its_path(tmp_path: Path) -> None:
     first = postroom(
         "user", "add", "you@localhost", "--password-stdin", cwd=tmp_path, stdin="pass-word\n"
@@ -52,12 +91,9 @@ def test_serve_prints_a_user_add_that_works_from_anywhere(
     srv = server_factory(domains=("a.test",), services=("smtp",))
     log = srv.log.read_text()
     line = next(ln for ln in log.splitlines() if "add a user with:" in ln)
-    command = shlex.split(line.split("add a user with:", 1)[1])
-    assert command[:2] == ["postroom", "-c"]
-    assert Path(command[2]).is_absolute()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    done = postroom(*command[1:], "--password-stdin", cwd=elsewhere, stdin="pass-word\n")
+    done = run_hint(line.split("add a user with:", 1)[1], elsewhere)
     assert done.returncode == 0, done.stderr
     assert not (elsewhere / "postroom-data").exists()
     deadline = time.monotonic() + 5  # the running server sees new users within a second
