@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from postroom.http.server import (
     MAX_CONNECTIONS,
     MAX_HEAD,
+    MAX_TARGET,
     Endpoints,
     HttpConnection,
     Request,
@@ -21,17 +22,98 @@ def test_parse_head() -> None:
     assert parse_head(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n") == Request("GET", "/metrics")
     assert parse_head(b"GET /healthz?x=1 HTTP/1.0\n\n") == Request("GET", "/healthz")
     assert parse_head(b"GET /metrics HTTP/1.1\r\nHost: x\r\n") is None  # not complete yet
-    assert parse_head(b"GET metrics HTTP/1.1\r\n\r\n") == 400
-    assert parse_head(b"GET /a b HTTP/1.1\r\n\r\n") == 400
+    assert parse_head(b"GET metrics HTTP/1.1\r\nHost: x\r\n\r\n") == 400
+    assert parse_head(b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n") == 400
     assert parse_head(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\r\n\r\n") == 400  # TLS hello
     assert parse_head(b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_HEAD) == 431
     assert parse_head(b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_HEAD + b"\r\n\r\n") == 431
 
 
+def test_host_rules() -> None:
+    """RFC 9112 §3.2: 400 for an HTTP/1.1 request without Host, for more than one Host field
+    line in any request, and for a Host that is not a host (all were taken)."""
+    ok = Request("GET", "/healthz")
+    for host in (b"mx.a.test", b"127.0.0.1:2080", b"[::1]:2080", b"localhost:", b""):
+        assert parse_head(b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\n\r\n") == ok, host
+    assert parse_head(b"GET /healthz HTTP/1.1\r\nhOST:x \r\n\r\n") == ok
+    assert parse_head(b"GET /healthz HTTP/1.0\r\n\r\n") == ok  # 1.0 needs no Host
+    assert parse_head(b"GET /healthz HTTP/1.1\r\n\r\n") == 400
+    assert parse_head(b"GET /healthz HTTP/1.1\r\nAccept: */*\r\n\r\n") == 400
+    assert parse_head(b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n") == 400
+    assert parse_head(b"GET /healthz HTTP/1.0\r\nHost: a\r\nhost: b\r\n\r\n") == 400
+    for host in (b"a b", b"a/b", b"u@a", b"a:80:80", b"a:x", b"[::1", b"a\x80"):
+        assert parse_head(b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\n\r\n") == 400, host
+    absolute = b"GET http://a/healthz HTTP/1.1\r\n\r\n"  # a client MUST send Host here too
+    assert parse_head(absolute) == 400
+
+
+def test_what_real_clients_send_is_taken() -> None:
+    """The heads of curl, Python's urllib, Prometheus and a Kubernetes probe (as captured)."""
+    for head in (
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:2080\r\nUser-Agent: curl/7.88.1\r\n"
+        b"Accept: */*\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nAccept-Encoding: identity\r\nHost: 127.0.0.1:2080\r\n"
+        b"User-Agent: Python-urllib/3.11\r\nConnection: close\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: mx.a.test:2080\r\nUser-Agent: Prometheus/2.45.0\r\n"
+        b"Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,"
+        b"*/*;q=0.1\r\nAccept-Encoding: gzip\r\nX-Prometheus-Scrape-Timeout-Seconds: 10\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: 10.1.2.3:2080\r\nUser-Agent: kube-probe/1.29\r\n"
+        b"Accept: */*\r\nConnection: close\r\nAccept-Encoding: gzip\r\n\r\n",
+    ):
+        assert parse_head(head) == Request("GET", "/metrics"), head
+
+
+def test_field_lines_a_server_must_refuse() -> None:
+    """RFC 9112 §5.1 (whitespace before the colon), §5.2 (obs-fold), RFC 9110 §5.5 (CR, LF,
+    NUL in a value), §2.2 (bare CR) and RFC 9112 §6.3 (an invalid Content-Length) are 400s;
+    they were taken, since no field line was looked at."""
+    head = b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+    ok = Request("GET", "/metrics")
+    assert parse_head(head + b"Content-Length: 0\r\n\r\n") == ok
+    assert parse_head(head + b"X-Y: a\tb \xff\r\n\r\n") == ok  # obs-text is allowed
+    assert parse_head(b"GET /metrics HTTP/1.1\nHost: x\r\n\n") == ok  # bare LFs end lines
+    # no body is read and the connection closes after the answer: nothing to desync
+    assert parse_head(head + b"Transfer-Encoding: chunked\r\n\r\n") == ok
+    for bad in (
+        b"Accept : */*",  # whitespace before the colon
+        b"Accept\t: */*",
+        b"Accept: text/plain,\r\n text/html",  # obs-fold
+        b"Accept: text/plain,\r\n\ttext/html",
+        b" Host: y",  # a second Host hidden by a fold
+        b"Accept */*",  # no colon
+        b": x",  # no name
+        b"X(1): y",  # not a token
+        b"X: a\rb",  # bare CR
+        b"X: a\r",
+        b"X: a\x00b",  # NUL
+        b"X: a\x7fb",
+        b"Content-Length: x",
+        b"Content-Length: -1",
+        b"Content-Length: 1, 1",
+        b"Content-Length: 0\r\nContent-Length: 0",
+    ):
+        assert parse_head(head + bad + b"\r\n\r\n") == 400, bad
+
+
+def test_a_long_target_is_414_and_long_fields_are_431() -> None:
+    """RFC 9110 §15.5.15, RFC 9112 §3: a request target too long to parse is a 414 (it was
+    a 400, or a 431 once the line passed 8 KiB); 431 stays for header fields."""
+    target = b"/metrics?" + b"a" * (MAX_TARGET - 9)
+    head = b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert parse_head(head) == Request("GET", "/metrics")
+    assert parse_head(head.replace(b"?", b"?a")) == 414
+    assert parse_head(b"GET /" + b"a" * MAX_TARGET) == 414  # at once, before the line ends
+    assert parse_head(b"GET /" + b"a" * MAX_HEAD) == 414
+    assert parse_head(b"GET http://a/" + b"a" * MAX_TARGET + b" HTTP/1.1\r\n") == 414
+    fields = b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * MAX_HEAD
+    assert parse_head(fields) == 431
+    assert parse_head(fields + b"\r\n\r\n") == 431
+
+
 @given(st.binary(max_size=300))
 def test_garbage_gives_a_request_an_error_or_nothing(data: bytes) -> None:
     result = parse_head(data)
-    assert result is None or result in (400, 431) or isinstance(result, Request)
+    assert result is None or result in (400, 414, 431) or isinstance(result, Request)
 
 
 def _status(answer: bytes) -> int:
@@ -76,7 +158,7 @@ def test_idle_connections_beyond_the_cap_get_503_at_once() -> None:
         await asyncio.sleep(0.1)
         assert ep.open == 0
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 ")
         writer.close()
         server.close()

@@ -6,13 +6,16 @@ and writing one response is less code than driving a general HTTP library, and p
 own server runs in threads beside the event loop. :func:`parse_head` is pure (bytes in, a
 :class:`Request` or an error status out); :class:`HttpConnection` is the asyncio glue.
 
-Security notes: the head is bounded (:data:`MAX_HEAD` octets, else 431) and must arrive within
-:data:`READ_TIMEOUT` seconds (else the connection is closed); at most :data:`MAX_CONNECTIONS`
-are open per worker, and none within the descriptor reserve that the mail sessions keep
-(beyond either: 503 at once, so idle scrapers cannot starve mail); a body is never read; every
-answer carries ``Connection: close``; only GET (and HEAD, RFC 9110 §9.3.2) on the two paths
-(else 404, or 405 with ``Allow``). The listener is meant for a loopback or management address:
-it has no authentication, and what it shows (counts, no addresses) is meant to be scraped.
+Security notes: the head is bounded (:data:`MAX_HEAD` octets, else 431; a request target of
+:data:`MAX_TARGET`, else 414), must arrive within :data:`READ_TIMEOUT` seconds (else the
+connection is closed) and must be well formed (RFC 9112: one Host, required in HTTP/1.1; no
+obs-fold, no whitespace before a colon, no bare CR; a valid Content-Length; else 400); at most
+:data:`MAX_CONNECTIONS` are open per worker, and none within the descriptor reserve that the
+mail sessions keep (beyond either: 503 at once, so idle scrapers cannot starve mail); a body
+is never read; every answer carries ``Connection: close``; only GET (and HEAD, RFC 9110
+§9.3.2) on the two paths (else 404, or 405 with ``Allow``). The listener is meant for a
+loopback or management address: it has no authentication, and what it shows (counts, no
+addresses) is meant to be scraped.
 """
 
 from __future__ import annotations
@@ -29,16 +32,28 @@ READ_TIMEOUT = 10.0
 MAX_CONNECTIONS = 32  # per worker: a scraper or two and health checks need a handful
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+MAX_TARGET = 2048  # a request target beyond this gets 414 (RFC 9112 §3: MUST)
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")  # RFC 9112 §2.2: a bare LF may end a line
+_LINE_END = re.compile(rb"\r?\n")
+_METHOD = re.compile(rb"[A-Z]{1,16} ")
 # RFC 9112 §3.2: origin-form, or absolute-form (which a server MUST accept).
 _REQUEST_LINE = re.compile(
-    rb"([A-Z]{1,16}) (?:[Hh][Tt][Tt][Pp][Ss]?://[^/?#\s]*)?(/[\x21-\x7e]{0,2048}) HTTP/1\.[01]"
+    rb"([A-Z]{1,16}) (?:[Hh][Tt][Tt][Pp][Ss]?://[^/?#\s]*)?(/[\x21-\x7e]*) HTTP/1\.([01])"
 )
+# RFC 9112 §5.1, §5.2: a token, then the colon at once (no whitespace before it), then a value
+# of visible octets, spaces and tabs (RFC 9110 §5.5: no CR, LF, NUL); a line that starts with
+# whitespace (obs-fold) matches no token. Anything else is a 400.
+_FIELD_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e\x80-\xff]*)")
+# RFC 9110 §7.2: uri-host [ ":" port ], possibly empty (RFC 3986 §3.2.2: IP-literal or reg-name).
+_HOST = re.compile(rb"(?:\[[0-9A-Za-z.:]+\]|[0-9A-Za-z._~%!$&'()*+,;=-]*)(?::[0-9]*)?")
 _REASONS = {
     200: "OK",
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    414: "URI Too Long",
     431: "Request Header Fields Too Large",
     503: "Service Unavailable",
 }
@@ -51,18 +66,38 @@ class Request:
 
 
 def parse_head(data: bytes) -> Request | int | None:
-    """The request in ``data`` once its head is complete; an error status (400, 431) if it is
-    malformed or too long; None while more is needed."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        end = data.find(b"\n\n")  # RFC 9112 §2.2: a bare LF may end a line
-    if end < 0:
+    """The request in ``data`` once its head is complete; an error status (400, 414, 431) if
+    it is malformed or too long; None while more is needed."""
+    first = data.split(b"\n", 1)[0]
+    method = _METHOD.match(first)
+    if method is not None and len(first[method.end() :].split(b" ", 1)[0]) > MAX_TARGET:
+        return 414
+    end = _HEAD_END.search(data)
+    if end is None:
         return 431 if len(data) > MAX_HEAD else None
-    if end > MAX_HEAD:
+    if end.start() > MAX_HEAD:
         return 431
-    line = data.split(b"\n", 1)[0].rstrip(b"\r")
+    line, *field_lines = _LINE_END.split(data[: end.start()])
     match = _REQUEST_LINE.fullmatch(line)
     if match is None:
+        return 400
+    fields: dict[bytes, list[bytes]] = {}
+    for field_line in field_lines:
+        parsed = _FIELD_LINE.fullmatch(field_line)
+        if parsed is None:
+            return 400
+        fields.setdefault(parsed.group(1).lower(), []).append(parsed.group(2).rstrip(b" \t"))
+    hosts = fields.get(b"host", [])
+    lengths = fields.get(b"content-length", [])
+    # RFC 9112 §3.2: an HTTP/1.1 request without Host, more than one Host field line in any
+    # request, or a Host that is not a host get 400.
+    if len(hosts) > 1 or (not hosts and match.group(3) == b"1"):
+        return 400
+    if hosts and _HOST.fullmatch(hosts[0]) is None:
+        return 400
+    # RFC 9112 §6.3: an invalid Content-Length is a 400 (no body is ever read: every answer
+    # closes the connection, so whatever follows the head cannot be taken for a request).
+    if len(lengths) > 1 or (lengths and not lengths[0].isdigit()):
         return 400
     target = match.group(2).decode("ascii")
     return Request(match.group(1).decode("ascii"), target.split("?", 1)[0])
