@@ -13,6 +13,7 @@ import poplib
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import threading
 import time
@@ -241,6 +242,44 @@ def test_healthz_200_then_503_while_stopping(server_factory: ServerFactory) -> N
     assert srv.proc.wait(15) == 0
     srv.proc = None
     assert len(srv.messages("bob@a.test")) == 1
+
+
+def raw(srv: Server, head: bytes) -> bytes:
+    with socket.create_connection((srv.host, srv.ports["http"]), timeout=10) as s:
+        s.sendall(head)
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+        return answer
+
+
+def test_idle_http_connections_do_not_fail_health_checks(server_factory: ServerFactory) -> None:
+    """A client holding 32 idle connections made /healthz answer 503 "busy" to everyone, as
+    if the server were stopping. Now the idle connection that waited longest gives way (408),
+    and probes from curl, urllib and a bare HTTP/1.0 client are answered; a head that RFC 9112
+    says to refuse is refused."""
+    curl = need_tool("curl")
+    srv = server_factory(services=("smtp", "http"))
+    idle = [socket.create_connection((srv.host, srv.ports["http"]), timeout=10) for _ in range(40)]
+    try:
+        time.sleep(0.3)
+        assert get(srv, "/healthz") == (200, b"ok\n")
+        assert get(srv, "/metrics")[0] == 200
+        url = f"http://{srv.host}:{srv.ports['http']}/healthz"
+        out = subprocess.run(
+            [curl, "-sS", "-w", " %{http_code}", url], capture_output=True, timeout=30
+        )
+        assert out.stdout == b"ok\n 200", out
+        assert raw(srv, b"GET /healthz HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+        assert idle[0].recv(100).startswith(b"HTTP/1.1 408 ")  # the oldest gave way
+    finally:
+        for s in idle:
+            s.close()
+    assert raw(srv, b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    two = b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
+    assert raw(srv, two).startswith(b"HTTP/1.1 400 ")
+    long = b"GET /healthz?" + b"a" * 4000 + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert raw(srv, long).startswith(b"HTTP/1.1 414 ")
 
 
 @pytest.fixture

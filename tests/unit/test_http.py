@@ -137,30 +137,62 @@ def test_endpoints() -> None:
     assert _status(ep.answer(Request("GET", "/healthz"))) == 503
 
 
-def test_idle_connections_beyond_the_cap_get_503_at_once() -> None:
-    """Idle scrapers cannot hold descriptors the mail sessions need."""
+async def _serve(ep: Endpoints) -> tuple[asyncio.Server, int]:
+    server = await asyncio.get_running_loop().create_server(
+        lambda: HttpConnection(ep), "127.0.0.1", 0
+    )
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _ask(port: int, head: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+def test_at_the_cap_the_oldest_idle_connection_makes_room() -> None:
+    """Idle connections cannot hold descriptors the mail sessions need, nor lock out a probe
+    (at the cap, every new connection got 503 "busy", a health check too)."""
 
     async def main() -> None:
         ep = Endpoints(lambda: b"", lambda: False)
-        server = await asyncio.get_running_loop().create_server(
-            lambda: HttpConnection(ep), "127.0.0.1", 0
-        )
-        port = server.sockets[0].getsockname()[1]
+        server, port = await _serve(ep)
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_CONNECTIONS)]
         await asyncio.sleep(0.1)
         assert ep.open == MAX_CONNECTIONS
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        answer = await asyncio.wait_for(reader.read(), 5)  # without sending a thing
-        assert answer.startswith(b"HTTP/1.1 503 ")
-        writer.close()
+        answer = await _ask(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok\n")
+        oldest = idle[0][0]
+        assert (await asyncio.wait_for(oldest.read(), 5)).startswith(b"HTTP/1.1 408 ")
         for _, w in idle:
             w.close()
         await asyncio.sleep(0.1)
-        assert ep.open == 0
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 ")
-        writer.close()
+        assert ep.open == 0 and not ep.waiting
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+
+
+def test_at_the_cap_with_every_connection_being_answered_503_busy() -> None:
+    """Nothing to make room: the server is busy (not stopping), and says so."""
+
+    async def main() -> None:
+        ep = Endpoints(lambda: b"", lambda: False, delay=lambda: 1.0)
+        server, port = await _serve(ep)
+        scrapes = [
+            asyncio.create_task(_ask(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"))
+            for _ in range(MAX_CONNECTIONS)
+        ]
+        await asyncio.sleep(0.3)
+        assert ep.open == MAX_CONNECTIONS and not ep.waiting
+        answer = await _ask(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b"busy\n")
+        for scrape in scrapes:
+            assert (await scrape).startswith(b"HTTP/1.1 200 ")
         server.close()
         await server.wait_closed()
 

@@ -7,15 +7,17 @@ own server runs in threads beside the event loop. :func:`parse_head` is pure (by
 :class:`Request` or an error status out); :class:`HttpConnection` is the asyncio glue.
 
 Security notes: the head is bounded (:data:`MAX_HEAD` octets, else 431; a request target of
-:data:`MAX_TARGET`, else 414), must arrive within :data:`READ_TIMEOUT` seconds (else the
-connection is closed) and must be well formed (RFC 9112: one Host, required in HTTP/1.1; no
-obs-fold, no whitespace before a colon, no bare CR; a valid Content-Length; else 400); at most
-:data:`MAX_CONNECTIONS` are open per worker, and none within the descriptor reserve that the
-mail sessions keep (beyond either: 503 at once, so idle scrapers cannot starve mail); a body
-is never read; every answer carries ``Connection: close``; only GET (and HEAD, RFC 9110
-§9.3.2) on the two paths (else 404, or 405 with ``Allow``). The listener is meant for a
-loopback or management address: it has no authentication, and what it shows (counts, no
-addresses) is meant to be scraped.
+:data:`MAX_TARGET`, else 414), must arrive within :data:`READ_TIMEOUT` seconds (else 408 and
+close) and must be well formed (RFC 9112: one Host, required in HTTP/1.1; no obs-fold, no
+whitespace before a colon, no bare CR; a valid Content-Length; else 400); at most
+:data:`MAX_CONNECTIONS` are open per worker (beyond: the connection that has waited longest
+for its head is answered 408 and closed, so idle connections can neither starve mail nor lock
+out a health check; 503 "busy" only when every one is being answered), and none within the
+descriptor reserve that the mail sessions keep (503 "busy" at once); a body is never read;
+every answer carries ``Connection: close``; only GET (and HEAD, RFC 9110 §9.3.2) on the two
+paths (else 404, or 405 with ``Allow``). The listener is meant for a loopback or management
+address: it has no authentication, and what it shows (counts, no addresses) is meant to be
+scraped.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from postroom.services import descriptors_short
 
@@ -122,6 +124,8 @@ class Endpoints:
     stopping: Callable[[], bool]
     delay: Callable[[], float] = lambda: 0.0  # wait before reading the metrics (workers' batches)
     open: int = 0  # connections open now
+    # those still waiting for their request head, oldest first: the first to go at the cap
+    waiting: dict[HttpConnection, None] = field(default_factory=dict)
 
     def answer(self, request: Request | int) -> bytes:
         if isinstance(request, int):
@@ -150,12 +154,18 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self.endpoints.open += 1
+        waiting = self.endpoints.waiting
         sock = transport.get_extra_info("socket")
-        if self.endpoints.open > MAX_CONNECTIONS or (
-            sock is not None and descriptors_short(sock.fileno())
+        if (sock is not None and descriptors_short(sock.fileno())) or (
+            self.endpoints.open > MAX_CONNECTIONS and not waiting
         ):
             self._answer(response(503, b"busy\n", "text/plain"))
             return
+        if self.endpoints.open > MAX_CONNECTIONS:
+            # The connection that has waited longest without a request makes room (its 408
+            # comes early): idle connections cannot lock out a probe that asks at once.
+            next(iter(waiting))._timeout()
+        waiting[self] = None
         self._timer = asyncio.get_running_loop().call_later(READ_TIMEOUT, self._timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -165,6 +175,7 @@ class HttpConnection(asyncio.Protocol):
         request = parse_head(self._data)
         if request is None:
             return
+        self.endpoints.waiting.pop(self, None)
         delay = self.endpoints.delay()
         if isinstance(request, Request) and request.path == "/metrics" and delay > 0:
             self.transport.pause_reading()
@@ -186,6 +197,7 @@ class HttpConnection(asyncio.Protocol):
         self._answer(response(408, b"", "text/plain"))
 
     def _answer(self, out: bytes) -> None:
+        self.endpoints.waiting.pop(self, None)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -201,3 +213,4 @@ class HttpConnection(asyncio.Protocol):
             self._timer = None
         self.transport = None
         self.endpoints.open -= 1
+        self.endpoints.waiting.pop(self, None)
