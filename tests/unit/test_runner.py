@@ -463,7 +463,7 @@ def test_a_domain_delivered_is_stored_before_a_slower_one_ends(
 
     class Remote:
         async def deliver(
-            self, domain: str, outgoing: OutgoingMessage, wire: bytes, may_finish: Any
+            self, domain: str, outgoing: OutgoingMessage, wire: bytes, may_finish: Any, final: Any
         ) -> list[DeliveryResult]:
             if domain == "slow.test":
                 await slow_release.wait()
@@ -634,11 +634,11 @@ def test_an_error_in_one_domain_keeps_the_bounce_another_domain_owes(tmp_path: P
     runner, _queue, boxes, _clock = make(tmp_path, {})
     deliver_remote = runner._deliver_remote
 
-    async def c_fails(envelope: Envelope, domain: str, rcpts: Any, wire: bytes) -> Any:
+    async def c_fails(envelope: Envelope, domain: str, rcpts: Any, wire: bytes, kept: Any) -> Any:
         if domain == "c.test":
             await asyncio.sleep(0.05)
             raise RuntimeError("a bug in the c.test delivery")
-        return await deliver_remote(envelope, domain, rcpts, wire)
+        return await deliver_remote(envelope, domain, rcpts, wire, kept)
 
     runner._deliver_remote = c_fails  # type: ignore[method-assign]
     env = envelope("Q1", "bob@b.test", "carol@c.test")
@@ -684,7 +684,7 @@ def test_a_domain_cut_short_keeps_what_the_others_did(tmp_path: Path) -> None:
 
     class Remote:
         async def deliver(
-            self, domain: str, outgoing: OutgoingMessage, wire: bytes, may_finish: Any
+            self, domain: str, outgoing: OutgoingMessage, wire: bytes, may_finish: Any, final: Any
         ) -> list[DeliveryResult]:
             if domain == "c.test":
                 await asyncio.sleep(0.05)
@@ -703,3 +703,81 @@ def test_a_domain_cut_short_keeps_what_the_others_did(tmp_path: Path) -> None:
     asyncio.run(accept(runner, env))
     assert [r.status for r in env.recipients] == ["delivered", "bounced", "deferred"]
     assert [mailbox for qid, mailbox in boxes.delivered if qid != "Q1"] == ["alice@a.test"]
+
+
+@pytest.mark.parametrize("held", ["carol@slow.test", "carol@fast.test"])
+def test_a_stop_that_cancels_an_attempt_keeps_the_250s_it_holds(tmp_path: Path, held: str) -> None:
+    """A stop cancelled the attempt while a host held it (another domain's MX, or the backup
+    MX of bob's domain for carol) and dropped bob's 250, held in memory since a DSN is owed
+    for it (NOTIFY=SUCCESS): the restart sent bob the message again. Now it is stored with
+    that DSN, owed, due at once: one copy to bob, one DSN."""
+    from postroom.delivery.remote import DeliveryResult
+    from postroom.smtp.client_engine import Outcome, OutgoingMessage
+    from postroom.wire.replies import Reply
+
+    runner, queue, boxes, clock = make(tmp_path, {})
+    hold = asyncio.Event()
+    sent: list[str] = []
+
+    class Remote:
+        stopping = False
+        committing = 0
+
+        async def deliver(
+            self,
+            domain: str,
+            outgoing: OutgoingMessage,
+            wire: bytes,
+            may_finish: Any,
+            final: dict[int, DeliveryResult] | None = None,
+        ) -> list[DeliveryResult]:
+            ok = Reply(250, "2.0.0", ("queued",))
+            final = {} if final is None else final  # (a host's 250 goes in as it comes)
+            out = []
+            for i, r in enumerate(outgoing.recipients):
+                if r.address == held:
+                    await hold.wait()  # the tarpit (until the restart)
+                sent.append(r.address)
+                out.append(final.setdefault(i, DeliveryResult(r, Outcome.DELIVERED, ok, "mx")))
+            return out
+
+        async def aclose(self) -> None:
+            pass
+
+    async def first_run() -> None:
+        runner._remote = Remote()
+        runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+        env = envelope("Q1", "bob@fast.test", held)
+        env.recipients[0].notify = ["SUCCESS"]
+        draft = runner.queue.draft(env.id, env.sender)
+        draft.write(b"Subject: t\r\n\r\nbody\r\n")
+        await runner.accept(env, draft)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert sent == ["bob@fast.test"]
+        await runner.stop(timeout=0.01)
+        left.extend(runner._inflight)
+
+    left: list[str] = []
+    asyncio.run(first_run())
+    stored = Envelope.from_json(queue.stored["Q1"][0])
+    assert [r.status for r in stored.recipients] == ["delivered", "queued"]
+    assert len(stored.reports) == 1 and stored.next_attempt <= clock.now
+    assert not left  # the stop waited for it to store that
+
+    queue = boxes.queue = queue.restarted()
+    runner = QueueRunner(
+        runner.services, queue, boxes, runner._resolver, clock=clock, jitter=lambda: 0.0
+    )
+    runner._remote_delivery = lambda: Remote()  # type: ignore[method-assign]
+    hold.set()
+
+    async def restart() -> None:
+        for due in await queue.claim(clock.now, 100):
+            runner._start(due)
+        await settle(runner)
+
+    asyncio.run(restart())
+    assert sent == ["bob@fast.test", held], "bob got the message again"
+    assert not queue.messages and not queue.twice
+    assert len([qid for qid, _mailbox in boxes.delivered if qid != "Q1"]) == 1  # the DSN

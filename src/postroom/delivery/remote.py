@@ -300,10 +300,14 @@ class RemoteDelivery:
         message: OutgoingMessage,
         source: MessageSource,
         may_finish: MayFinish | None = None,
+        final: dict[int, DeliveryResult] | None = None,
     ) -> list[DeliveryResult]:
         """Try to deliver ``message`` (all recipients in ``domain``); one result per recipient,
         in the order of ``message.recipients``. Never raises for network or DNS trouble.
-        ``may_finish``: see the module docstring (without it, every message is finished)."""
+        ``may_finish``: see the module docstring (without it, every message is finished).
+        ``final`` gets each recipient's result (by its index) as soon as a host gave one that
+        is not temporary: a caller cancelled while a later host is tried reads there what
+        earlier hosts took (RFC 5321 §6.1: their 250 commits them)."""
         route = await self.resolver.route(domain)
         route = drop_self(
             route,
@@ -318,7 +322,7 @@ class RemoteDelivery:
 
         verify = domain.lower() in {d.lower() for d in self.cfg.delivery.tls_verify_domains}
         pending = list(range(len(message.recipients)))
-        final: dict[int, DeliveryResult] = {}
+        final = {} if final is None else final
         last_temp: dict[int, DeliveryResult] = {}
         session_error: tuple[_SessionFailed, str, str] | None = None
         data: bytes | None = None

@@ -93,6 +93,7 @@ LOCAL_HOST = "local"  # the ``host`` of a Maildir delivery in the attempt histor
 LOCAL_DELIVERED = "250 2.0.0 delivered to its mailbox"
 BACKLOG = 4  # first attempts waiting for a slot beyond this many times max_concurrent are parked
 REPORT_WAIT = 30.0  # seconds a DSN waits, after a crash, for its message to record it
+CUT_SAVE_WAIT = 0.5  # seconds a stop waits for the attempts it cancelled to store their outcomes
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +271,8 @@ class QueueRunner:
 
     async def stop(self, timeout: float = 5.0, commit_timeout: float = 0.0) -> None:
         """Start nothing more; wait up to ``timeout`` for the attempts in flight, then cancel
-        them (a cancelled one stays queued and is tried again after the restart). While a
+        them (a cancelled one stays queued and is tried again after the restart; what it
+        learnt, a 250 already received, a DSN owed, is stored first). While a
         remote host holds the reply to a final dot already sent, wait up to ``commit_timeout``
         in all: leaving sooner makes it receive the message twice."""
         self._stopping = True
@@ -292,6 +294,8 @@ class QueueRunner:
                 )
             for task in pending:
                 task.cancel()
+            if pending:  # each stores what it learnt as it ends (_keep_cut): a moment
+                await asyncio.wait(pending, timeout=CUT_SAVE_WAIT)
         if self._remote is not None:
             await self._remote.aclose()
 
@@ -410,30 +414,23 @@ class QueueRunner:
                 # Stored before dialling: a crash now cannot cause an immediate retry loop.
                 await self.queue.begin_attempt(envelope)
             wire = _wire(await self.queue.body(envelope))
+            # What each domain's hosts decided so far, read if a stop cancels this attempt.
+            kept: dict[str, dict[int, DeliveryResult]] = {d: {} for d in remote}
             tasks = [
-                asyncio.ensure_future(self._deliver_domain(envelope, d, rcpts, wire))
+                asyncio.ensure_future(self._deliver_domain(envelope, d, rcpts, wire, kept[d]))
                 for d, rcpts in remote.items()
             ]
-            port = self.cfg.delivery.port
+            results = (newly_done, newly_failed, relayed)
             try:
                 for next_done in asyncio.as_completed(tasks):
-                    took, domain_results = await next_done
-                    delivered = False
-                    for rcpt, result in domain_results:
-                        reply = str(result.reply)
-                        host = result.host or result.remote_mta
-                        relay = f"{host}[{result.ip}]:{port}" if host and result.ip else "none"
-                        if result.outcome is Outcome.DELIVERED:
-                            self._outcome(envelope, rcpt, "delivered", reply, relay, took)
-                            newly_done.append(rcpt)
-                            if needs_relayed_dsn(result):
-                                relayed.add(id(rcpt))
-                            delivered = True
-                        elif result.outcome is Outcome.PERMANENT:
-                            self._outcome(envelope, rcpt, "bounced", reply, relay, took)
-                            newly_failed.append(rcpt)
-                        else:
-                            self._outcome(envelope, rcpt, "deferred", reply, relay, took)
+                    try:
+                        took, domain_results = await next_done
+                    except asyncio.CancelledError:
+                        for task in tasks:  # nothing more is learnt than what is kept now
+                            task.cancel()
+                        await self._keep_cut(envelope, now, remote, kept, *results)
+                        raise
+                    delivered = self._apply_remote(envelope, domain_results, took, *results)
                     if (
                         delivered
                         and not all(t.done() for t in tasks)
@@ -455,6 +452,70 @@ class QueueRunner:
         await self._settle(
             envelope, now, attempts, newly_failed, newly_done, relayed, wire, counted
         )
+
+    def _apply_remote(
+        self,
+        envelope: Envelope,
+        domain_results: list[tuple[Recipient, DeliveryResult]],
+        took: float,
+        newly_done: list[Recipient],
+        newly_failed: list[Recipient],
+        relayed: set[int],
+    ) -> bool:
+        """Apply a domain's results to its recipients; whether any was delivered."""
+        port = self.cfg.delivery.port
+        delivered = False
+        for rcpt, result in domain_results:
+            reply = str(result.reply)
+            host = result.host or result.remote_mta
+            relay = f"{host}[{result.ip}]:{port}" if host and result.ip else "none"
+            if result.outcome is Outcome.DELIVERED:
+                self._outcome(envelope, rcpt, "delivered", reply, relay, took)
+                newly_done.append(rcpt)
+                if needs_relayed_dsn(result):
+                    relayed.add(id(rcpt))
+                delivered = True
+            elif result.outcome is Outcome.PERMANENT:
+                self._outcome(envelope, rcpt, "bounced", reply, relay, took)
+                newly_failed.append(rcpt)
+            else:
+                self._outcome(envelope, rcpt, "deferred", reply, relay, took)
+        return delivered
+
+    async def _keep_cut(
+        self,
+        envelope: Envelope,
+        now: float,
+        remote: dict[str, list[tuple[int, Recipient]]],
+        kept: dict[str, dict[int, DeliveryResult]],
+        newly_done: list[Recipient],
+        newly_failed: list[Recipient],
+        relayed: set[int],
+    ) -> None:
+        """A stop cancelled the attempt: store what it learnt with the DSNs that owes, due at
+        once (the restart queues them, as after a crash in :meth:`_settle`). Also the results
+        of domains not done: an earlier MX host's 250 while a later host is tried. Else the
+        restart sends those recipients the message again (RFC 5321 §6.1)."""
+        for domain, rcpts in remote.items():
+            for i, result in kept[domain].items():
+                rcpt = rcpts[i][1]
+                if result.outcome is not Outcome.TEMPORARY and not rcpt.done:
+                    rcpt.remote_mta = result.remote_mta
+                    self._apply_remote(
+                        envelope, [(rcpt, result)], 0.0, newly_done, newly_failed, relayed
+                    )
+        if envelope.id in self._deleted or not (newly_done or newly_failed):
+            return
+        decided = self._decide_reports(envelope, newly_failed, newly_done, relayed)
+        if decided:
+            envelope.reports += decided
+            envelope.next_attempt = min(envelope.next_attempt, now)
+        try:
+            await self.queue.save(envelope)
+        except Exception:  # a full disk, a lease lost: left as before the attempt
+            self.services.log.warning(
+                "%s: outcomes not stored before the stop", envelope.id, exc_info=True
+            )
 
     async def _settle(
         self,
@@ -591,13 +652,18 @@ class QueueRunner:
             self._remote_delivery()
 
     async def _deliver_domain(
-        self, envelope: Envelope, domain: str, rcpts: list[tuple[int, Recipient]], wire: bytes
+        self,
+        envelope: Envelope,
+        domain: str,
+        rcpts: list[tuple[int, Recipient]],
+        wire: bytes,
+        kept: dict[int, DeliveryResult],
     ) -> tuple[float, list[tuple[Recipient, DeliveryResult]]]:
         """:meth:`_deliver_remote`, where an error of ours (a bug, a message it cannot handle)
         defers this domain's recipients with it, and only them: what the other domains of the
         attempt decided (a bounce owed, a success to report) is stored as it would be."""
         try:
-            return await self._deliver_remote(envelope, domain, rcpts, wire)
+            return await self._deliver_remote(envelope, domain, rcpts, wire, kept)
         except DotWithheld as exc:
             # A stop, or a lease not confirmed, before this domain's final dot: deferred, and
             # what the other domains did is recorded still (a 250 among it is sent no more;
@@ -620,10 +686,15 @@ class QueueRunner:
             ]
 
     async def _deliver_remote(
-        self, envelope: Envelope, domain: str, rcpts: list[tuple[int, Recipient]], wire: bytes
+        self,
+        envelope: Envelope,
+        domain: str,
+        rcpts: list[tuple[int, Recipient]],
+        wire: bytes,
+        kept: dict[int, DeliveryResult],
     ) -> tuple[float, list[tuple[Recipient, DeliveryResult]]]:
         """Hand ``rcpts`` (all in ``domain``) to remote delivery: the seconds it took, and
-        each recipient with its result."""
+        each recipient with its result (a final one also in ``kept`` as it comes, by index)."""
         outgoing = OutgoingMessage(
             sender=envelope.sender,
             recipients=tuple(
@@ -638,7 +709,9 @@ class QueueRunner:
             started = time.monotonic()
             fence = self._lease_fresh
             may_finish = None if fence is None else (lambda: fence(envelope.id))
-            results = await self._remote_delivery().deliver(domain, outgoing, wire, may_finish)
+            results = await self._remote_delivery().deliver(
+                domain, outgoing, wire, may_finish, final=kept
+            )
             took = time.monotonic() - started
         out = []
         for (_index, rcpt), result in zip(rcpts, results, strict=True):
