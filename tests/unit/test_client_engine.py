@@ -283,6 +283,7 @@ def test_8bit_left_after_conversion_is_refused_without_8bitmime() -> None:
     assert isinstance(done, MessageDone)
     assert done.results[0].outcome is Outcome.PERMANENT
     assert done.results[0].reply.status == "5.6.3"
+    assert done.results[0].missing == "8BITMIME"  # another MX host may offer it
     engine = ready_engine(EHLO_PLAIN.replace(b"250-SIZE", b"250-8BITMIME"))
     engine.send_message(msg("bob@b.test"), "Subject: é\r\n\r\nbody\r\n".encode())
     assert engine.data_to_send() == b"MAIL FROM:<alice@a.test> BODY=8BITMIME\r\n"
@@ -319,6 +320,7 @@ def test_smtputf8_refused_without_sending() -> None:
     (res,) = done.results
     assert res.outcome is Outcome.PERMANENT
     assert res.reply.status == "5.6.7"
+    assert res.missing == "SMTPUTF8"  # this server's shortcoming: another MX host may offer it
 
 
 def test_smtputf8_only_the_utf8_recipient_fails() -> None:
@@ -333,6 +335,7 @@ def test_smtputf8_only_the_utf8_recipient_fails() -> None:
     done = events(engine)[0]
     assert isinstance(done, MessageDone)
     assert [r.reply.status for r in done.results] == ["5.6.7", ""]
+    assert [r.missing for r in done.results] == ["SMTPUTF8", None]
     assert done.results[1].outcome is Outcome.DELIVERED
 
 
@@ -343,6 +346,7 @@ def test_smtputf8_headers_need_it_only_when_asked() -> None:
     done = events(engine)[0]
     assert isinstance(done, MessageDone)
     assert done.results[0].reply.status == "5.6.9"  # RFC 6531 §3.5: a UTF-8 header message
+    assert done.results[0].missing == "SMTPUTF8"
     engine = ready_engine(EHLO_PLAIN.replace(b"250-SIZE", b"250-8BITMIME"))
     engine.send_message(msg("bob@b.test", smtputf8=False), data)
     assert engine.data_to_send().startswith(b"MAIL FROM:<alice@a.test>")
@@ -367,6 +371,7 @@ def test_size_limit_refuses_before_sending() -> None:
     done = events(engine)[0]
     assert isinstance(done, MessageDone)
     assert done.results[0].reply.status == "5.3.4"
+    assert done.results[0].missing is None  # a limit, not an extension the server lacks
 
 
 def test_starttls_flow_and_ehlo_again() -> None:

@@ -5,7 +5,9 @@
 in a loop), then tries each MX host's addresses in order on ``[delivery] port``. A refused
 connection, a time-out, a TLS failure or a greeting other than 220 moves on to the next address;
 recipients that get a temporary failure at one host are offered to the next one too (as Postfix does
-with backup MX hosts); a 2xx or 5xx is final. The SMTP conversation itself is
+with backup MX hosts), and so are those a host cannot take for an extension it lacks (SMTPUTF8;
+8BITMIME for 8-bit header fields): they bounce only when every host tried lacks it (one that could
+not be reached leaves them deferred); a 2xx or 5xx is final. The SMTP conversation itself is
 :class:`~postroom.smtp.client_engine.ClientEngine`; this module only moves its bytes with an asyncio
 Protocol (which owns the read side, so "nothing buffered at the TLS switch" is checked by the
 engine, RFC 3207 §4.2), does the STARTTLS handshake, applies time-outs, has ``mime_downgrade`` fit
@@ -129,6 +131,17 @@ def _temp(status: str, text: str) -> Reply:
 def _naming(reply: Reply, where: str) -> Reply:
     """A reply of our own, with the host it concerns at the front of its text."""
     return Reply(reply.code, reply.status, (f"{where}: {reply.text}",), local=True)
+
+
+def _session_result(
+    recipient: ForwardPath, error: tuple[_SessionFailed, str, str]
+) -> DeliveryResult:
+    """The result of a host that gave no session (``error``: the failure, host, address)."""
+    failed, host, ip = error
+    reply = failed.reply
+    outcome = Outcome.PERMANENT if failed.permanent else Outcome.TEMPORARY
+    mta = None if reply.local else host
+    return DeliveryResult(recipient, outcome, reply, mta, ip=ip, host=host)
 
 
 class _Session(asyncio.Protocol):
@@ -324,7 +337,9 @@ class RemoteDelivery:
         pending = list(range(len(message.recipients)))
         final = {} if final is None else final
         last_temp: dict[int, DeliveryResult] = {}
+        lacking: dict[int, DeliveryResult] = {}  # refused for an extension a host lacks
         session_error: tuple[_SessionFailed, str, str] | None = None
+        unreached: tuple[_SessionFailed, str, str] | None = None  # the last temporary one
         data: bytes | None = None
         tried = 0
         for target in route.targets:
@@ -343,6 +358,8 @@ class RemoteDelivery:
                         )
                     except _SessionFailed as exc:
                         session_error = (exc, target.host, ip)
+                        if not exc.permanent:
+                            unreached = session_error
                         break
                     except DotWithheld as withheld:
                         if not final:
@@ -366,7 +383,7 @@ class RemoteDelivery:
                         # and what earlier hosts took is kept (else it would go again)
                         log.exception("delivery to %s[%s] failed", target.host, ip)
                         failed = _SessionFailed(_temp("4.3.0", f"{target.host}[{ip}]: local error"))
-                        session_error = (failed, target.host, ip)
+                        session_error = unreached = (failed, target.host, ip)
                         break
                     too_many: list[int] = []
                     for i, res in zip(batch, done.results, strict=True):
@@ -384,6 +401,12 @@ class RemoteDelivery:
                             secure,
                             target.host,
                         )
+                        if res.missing is not None:
+                            # RFC 6531 §3.2, RFC 6152 §3: this host lacks an extension the
+                            # message needs. Its shortcoming, not the domain's: the next host
+                            # is tried (RFC 5321 §5.1), and may offer it.
+                            lacking[i] = result
+                            continue
                         if res.outcome is not Outcome.TEMPORARY:
                             final[i] = result
                             continue
@@ -397,24 +420,21 @@ class RemoteDelivery:
                     batch = too_many if delivered else []
                 pending = [i for i in pending if i not in final]
         for i in pending:
+            rcpt = message.recipients[i]
             if i in last_temp:
                 final[i] = last_temp[i]
+            elif i in lacking:
+                # No host that answered offers what the message needs: a bounce (the last
+                # one's refusal). A host not reached (no connection, TLS, a 4xx greeting)
+                # might: deferred, with its failure, until it answers.
+                final[i] = lacking[i] if unreached is None else _session_result(rcpt, unreached)
             elif session_error is not None:
-                failed, host, ip = session_error
-                reply = failed.reply
                 # The last host tried refused us for good (RFC 5321 §3.1: a 554 greeting; a
                 # 5xx to EHLO and HELO): a bounce, as Postfix does, not retries until expiry.
-                final[i] = DeliveryResult(
-                    message.recipients[i],
-                    Outcome.PERMANENT if failed.permanent else Outcome.TEMPORARY,
-                    reply,
-                    None if reply.local else host,
-                    ip=ip,
-                    host=host,
-                )
+                final[i] = _session_result(rcpt, session_error)
             else:  # pragma: no cover - a Route always has at least one address
                 reply = _temp("4.4.4", f"no address to try for {domain}")
-                final[i] = DeliveryResult(message.recipients[i], Outcome.TEMPORARY, reply)
+                final[i] = DeliveryResult(rcpt, Outcome.TEMPORARY, reply)
         return [final[i] for i in range(len(message.recipients))]
 
     async def _deliver_at(

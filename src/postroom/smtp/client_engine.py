@@ -166,9 +166,14 @@ class OutgoingMessage:
 
 @dataclass(frozen=True, slots=True)
 class RecipientResult:
+    """One recipient's result. ``missing`` names the extension this server lacks that the
+    message needs ("SMTPUTF8", "8BITMIME"): refused by us before any command, it is this
+    server's shortcoming, and another MX host of the domain may take the message."""
+
     recipient: ForwardPath
     outcome: Outcome
     reply: Reply
+    missing: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,7 +363,9 @@ class ClientEngine:
         RFC 6531 §3.4, §3.5), and 8-bit octets left in header fields for a server without
         8BITMIME (5.6.3, RFC 6152 §3: convert or return it). 8-bit header fields of a message
         given to us *without* SMTPUTF8 go unchanged to a server with 8BITMIME: the sender did
-        not ask for SMTPUTF8, and that is what other MTAs do with such legacy mail.
+        not ask for SMTPUTF8, and that is what other MTAs do with such legacy mail. These
+        refusals name the extension (``RecipientResult.missing``): the caller may try another
+        server. A message over the server's SIZE (5.3.4) names none.
         """
         self._require(ClientTrigger.SEND, "send_message")
         if not message.recipients:
@@ -372,13 +379,14 @@ class ClientEngine:
             "the server does not offer SMTPUTF8, which a non-ASCII address needs (RFC 6531)",
         )
         refused: Reply | None = None  # the whole message, for every recipient
+        missing = "SMTPUTF8"  # the extension ``refused`` is for
         if not utf8_offered and not message.sender.isascii():
             refused = no_utf8
         for i, rcpt in enumerate(message.recipients):
             if refused is not None:
-                results[i] = RecipientResult(rcpt, Outcome.PERMANENT, refused)
+                results[i] = RecipientResult(rcpt, Outcome.PERMANENT, refused, missing)
             elif not utf8_offered and not rcpt.address.isascii():
-                results[i] = RecipientResult(rcpt, Outcome.PERMANENT, no_utf8)
+                results[i] = RecipientResult(rcpt, Outcome.PERMANENT, no_utf8, missing)
         # Then what the message itself cannot pass, for the recipients left: the addresses
         # first, as a lone non-ASCII recipient is also named in our Received field ("for").
         # The caller converted the body for a server without 8BITMIME: 8-bit octets left are
@@ -392,6 +400,7 @@ class ClientEngine:
                     " offer SMTPUTF8, which they need (RFC 6531)",
                 )
             elif "8BITMIME" not in self.extensions and not data.isascii():
+                missing = "8BITMIME"
                 refused = _local(
                     554,
                     "5.6.3",  # RFC 3463: conversion required but not supported
@@ -401,7 +410,8 @@ class ClientEngine:
                 )
             if refused is not None:
                 for i, rcpt in enumerate(message.recipients):
-                    results.setdefault(i, RecipientResult(rcpt, Outcome.PERMANENT, refused))
+                    refusal = RecipientResult(rcpt, Outcome.PERMANENT, refused, missing)
+                    results.setdefault(i, refusal)
         limit = self._size_limit()
         if limit and len(data) > limit:
             # RFC 1870 §6: do not send what the server has announced it will refuse.
