@@ -7,9 +7,10 @@ from __future__ import annotations
 import socketserver
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
+from tests.conftest import free_port
 from tests.dnszone import LoopbackDNS
 
 if TYPE_CHECKING:
@@ -94,10 +95,12 @@ class _Server(socketserver.ThreadingTCPServer):
 
 
 @contextmanager
-def smtp_sink(host: str = "127.0.0.1", extensions: tuple[str, ...] = ()) -> Iterator[_Server]:
-    """A sink on ``host`` (any free port) whose EHLO offers ``extensions`` besides PIPELINING
-    and ENHANCEDSTATUSCODES."""
-    server = _Server((host, 0), _Handler)
+def smtp_sink(
+    host: str = "127.0.0.1", extensions: tuple[str, ...] = (), port: int = 0
+) -> Iterator[_Server]:
+    """A sink on ``host`` (on ``port``, or any free port) whose EHLO offers ``extensions``
+    besides PIPELINING and ENHANCEDSTATUSCODES."""
+    server = _Server((host, port), _Handler)
     server.extensions = extensions
     server.mails = []
     server.received = []
@@ -117,20 +120,52 @@ def relay_to_sink(
 ) -> Iterator[tuple[Server, _Server]]:
     """A server (smtp only) whose ``fwd@a.test`` goes to ``bob@b.test``, which a loopback DNS
     routes to a sink offering ``extensions``; ``alice@a.test`` is a user, to send as."""
+    with relay_to_sinks(server_factory, extensions) as (srv, (sink,)):
+        yield srv, sink
+
+
+def _sinks_on_one_port(stack: ExitStack, extensions: tuple[tuple[str, ...], ...]) -> list[_Server]:
+    """One sink per entry of ``extensions``, on 127.0.0.1, 127.0.0.2, ..., all on one port
+    (remote delivery dials every MX host on ``[delivery] port``)."""
+    for _ in range(20):
+        port = free_port()
+        attempt = ExitStack()
+        try:
+            sinks = [
+                attempt.enter_context(smtp_sink(f"127.0.0.{n + 1}", ext, port))
+                for n, ext in enumerate(extensions)
+            ]
+        except OSError:  # the port is taken on another of the addresses: another port
+            attempt.close()
+            continue
+        stack.enter_context(attempt)
+        return sinks
+    raise RuntimeError("no port free on every sink address")
+
+
+@contextmanager
+def relay_to_sinks(
+    server_factory: ServerFactory, *extensions: tuple[str, ...], target: str = "bob@b.test"
+) -> Iterator[tuple[Server, list[_Server]]]:
+    """A server (smtp only) whose ``fwd@a.test`` goes to ``target`` at b.test, which a
+    loopback DNS routes to one sink per entry of ``extensions`` (the EHLO keywords it offers):
+    mx1.b.test at preference 10 on 127.0.0.1, mx2.b.test at 20 on 127.0.0.2, ...; ``alice@a.test``
+    is a user, to send as."""
     dns = LoopbackDNS()
-    with smtp_sink(extensions=extensions) as sink:
-        dns.mx("b.test", 10, "mx.b.test")
-        dns.a("mx.b.test", "127.0.0.1")
+    with ExitStack() as stack:
+        stack.callback(dns.stop)
+        sinks = _sinks_on_one_port(stack, extensions)
+        for n in range(len(sinks)):
+            name = f"mx{n + 1}.b.test" if len(sinks) > 1 else "mx.b.test"
+            dns.mx("b.test", 10 * (n + 1), name)
+            dns.a(name, f"127.0.0.{n + 1}")
         srv = server_factory(
             services=("smtp",),
             extra_toml=(
                 f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "3s"\n'
-                f'[delivery]\nport = {sink.server_address[1]}\nconnect_timeout = "3s"\n'
+                f'[delivery]\nport = {sinks[0].server_address[1]}\nconnect_timeout = "3s"\n'
             ),
         )
         srv.add_user("alice@a.test", "alice-pw")
-        srv.cli("alias", "add", "fwd@a.test", "bob@b.test")
-        try:
-            yield srv, sink
-        finally:
-            dns.stop()
+        srv.cli("alias", "add", "fwd@a.test", target)
+        yield srv, sinks

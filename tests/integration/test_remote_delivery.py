@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -516,6 +516,85 @@ def test_route_failures_and_loops_do_not_connect() -> None:
         assert all(r.remote_mta is None for r in outcomes.values())
 
     run(main)
+
+
+WITH_UTF8 = {"extensions": ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES")}
+NO_UTF8: dict[str, Any] = {}  # the Sink's default EHLO has no SMTPUTF8
+
+
+def through_mx_hosts(
+    hosts: Sequence[dict[str, Any] | None], msg: OutgoingMessage, data: bytes = BODY
+) -> tuple[list[DeliveryResult], list[Sink]]:
+    """``msg`` to b.test, whose MX hosts mx1, mx2, ... (preference 10, 20, ...) are Sinks made
+    with the given arguments on 127.0.0.5, .6, ... (None: nothing listens there). The
+    results, and the sinks (stopped)."""
+    port = free_port()
+    out: list[DeliveryResult] = []
+    sinks: list[Sink] = []
+
+    async def main() -> None:
+        ips = [f"127.0.0.{5 + n}" for n in range(len(hosts))]
+        for ip, args in zip(ips, hosts, strict=True):
+            if args is not None:
+                sinks.append(await Sink(ip, port, **args).start())
+        targets = tuple(mx(f"mx{n + 1}.b.test", ip, 10 * (n + 1)) for n, ip in enumerate(ips))
+        remote = RemoteDelivery(config(port), StaticResolver({"b.test": Route(targets)}))
+        try:
+            out.extend(await remote.deliver("b.test", msg, data))
+        finally:
+            await remote.aclose()
+            for sink in sinks:
+                await sink.stop()
+
+    run(main)
+    return out, sinks
+
+
+def test_a_host_without_smtputf8_leaves_the_message_to_the_next_one() -> None:
+    """RFC 6531 §3.2: a message that needs SMTPUTF8 does not go to a server that lacks it;
+    that is this server's shortcoming, not the domain's (RFC 5321 §5.1: the hosts are tried
+    in order). The first MX host's missing SMTPUTF8 bounced the recipient at once (5.6.7)."""
+    (bob, bob_utf8), (first, second) = through_mx_hosts(
+        [NO_UTF8, WITH_UTF8], message("bob@b.test", "bøb@b.test")
+    )
+    assert bob.outcome is Outcome.DELIVERED and bob.remote_mta == "mx1.b.test"
+    assert bob_utf8.outcome is Outcome.DELIVERED and bob_utf8.remote_mta == "mx2.b.test"
+    assert [m.recipients for m in first.messages] == [["bob@b.test"]]
+    assert [m.recipients for m in second.messages] == [["bøb@b.test"]]
+    assert any(
+        c.startswith("MAIL FROM:<alice@a.test>") and "SMTPUTF8" in c for c in second.commands
+    )
+    # UTF-8 header fields of a message given with SMTPUTF8 (5.6.9 at a host without it) too.
+    utf8_head = "Subject: Grüße\r\n\r\nhi\r\n".encode()
+    msg = OutgoingMessage("alice@a.test", (Recipient("bob@b.test"),), smtputf8=True)
+    (res,), (first, second) = through_mx_hosts([NO_UTF8, WITH_UTF8], msg, utf8_head)
+    assert res.outcome is Outcome.DELIVERED and res.remote_mta == "mx2.b.test"
+    assert first.messages == [] and len(second.messages) == 1
+
+
+def test_without_smtputf8_at_every_host_the_recipient_bounces() -> None:
+    (res,), sinks = through_mx_hosts([NO_UTF8, NO_UTF8], message("bøb@b.test"))
+    assert res.outcome is Outcome.PERMANENT and res.reply.status == "5.6.7"
+    # Our own words, naming the last host tried (the DSN: "Diagnostic-Code: X-Postroom; ...").
+    assert res.reply.local and res.remote_mta is None and res.host == "mx2.b.test"
+    assert res.reply.text.startswith("mx2.b.test[127.0.0.6]: the server does not offer SMTPUTF8")
+    for sink in sinks:
+        assert sink.connections == 1 and not any(c.startswith("MAIL") for c in sink.commands)
+    # A host that refuses us for good (a 554 greeting) will never take it either.
+    refused = {"greeting": b"554 5.7.1 no SMTP service for you"}
+    (res,), _sinks = through_mx_hosts([NO_UTF8, refused], message("bøb@b.test"))
+    assert res.outcome is Outcome.PERMANENT and res.reply.status == "5.6.7"
+
+
+def test_a_host_not_reached_may_offer_smtputf8_so_the_message_waits() -> None:
+    """One MX host lacks SMTPUTF8 and another cannot be asked now (connection refused, a 421
+    greeting): that one may offer it once it answers, so the recipient is deferred, whatever
+    the order of the two."""
+    busy = {"greeting": b"421 4.3.2 busy"}
+    for hosts in ([NO_UTF8, None], [None, NO_UTF8], [busy, NO_UTF8]):
+        (res,), _sinks = through_mx_hosts(hosts, message("bøb@b.test"))
+        assert res.outcome is Outcome.TEMPORARY, hosts
+        assert res.reply.status in ("4.4.1", "4.3.2"), res.reply
 
 
 @pytest.fixture(scope="module")
