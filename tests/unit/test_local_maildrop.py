@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from postroom.storage.local.maildrop import (
     PARALLEL_UPDATE_MIN,
     SIZE_CACHE,
     MaildirMaildrop,
+    measure,
     unique_id,
 )
 from postroom.wire.framing import to_crlf
@@ -295,6 +297,31 @@ def test_a_link_is_no_message_and_a_file_put_over_one_is_not_read(tmp_path: Path
             assert time.monotonic() - started < 1
     finally:
         drop.close_now()
+
+
+def test_a_fifo_renamed_in_between_the_listing_and_the_measuring_is_left_out(
+    tmp_path: Path,
+) -> None:
+    """The login's size step for a file without ,W= checked the name, then opened it: a
+    FIFO renamed in between hung the login for good, holding the mailbox's lock."""
+    fifo = tmp_path / "1.a:2,S"
+    os.mkfifo(fifo)
+    outcome: list[object] = []
+    worker = threading.Thread(target=lambda: outcome.append(_measured(fifo)), daemon=True)
+    worker.start()
+    worker.join(5)
+    if worker.is_alive():  # the old open(): a writer end lets it go on
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(5)
+    assert outcome and isinstance(outcome[0], OSError), outcome
+
+
+def _measured(path: Path) -> object:
+    started = time.monotonic()
+    try:
+        return measure(path)
+    except OSError as exc:
+        return exc if time.monotonic() - started < 4 else "hung"
 
 
 def test_a_name_whose_size_is_wrong_is_measured_from_the_next_session(

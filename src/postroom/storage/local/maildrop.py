@@ -513,11 +513,21 @@ def seen_name(f: MaildirFile) -> str | None:
 
 def measure(path: Path) -> int:
     """The octets RETR sends for a file (before stuffing), read in pieces: each bare LF
-    becomes CRLF, and a last line without a line end gets one (RFC 1939 §3)."""
+    becomes CRLF, and a last line without a line end gets one (RFC 1939 §3). OSError unless
+    it is a regular file: opened without following a link or blocking, as RETR opens it (a
+    FIFO renamed in since the listing would hang the login, holding the mailbox's lock)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
     size = 0
     last = b"\n"
     conv = CrlfConverter()
-    with open(path, "rb") as fh:
+    with open(fd, "rb") as fh:
         while piece := fh.read(READ_CHUNK):
             size += len(conv.feed(piece))
             last = piece[-1:]
