@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -347,8 +348,9 @@ def test_421_greeting_and_temp_rcpt_move_on_to_the_next_host() -> None:
 def test_a_stop_keeps_what_an_earlier_host_took_in_the_same_attempt() -> None:
     # mx1 took ann (its 250 to the dot commits her, RFC 5321 §6.1) and deferred ben; a stop
     # came while ben went to mx2. The stop's LeaseLost dropped ann's result with ben's: she
-    # stayed queued, and got the message again after the restart.
-    from postroom.delivery.remote import FENCED, STOPPED
+    # stayed queued, and got the message again after the restart. The caller reads hers in
+    # ``final`` now, given DotWithheld for ben.
+    from postroom.delivery.remote import FENCED, STOPPED, DotWithheld
 
     port = free_port()
 
@@ -373,16 +375,24 @@ def test_a_stop_keeps_what_an_earlier_host_took_in_the_same_attempt() -> None:
             remote.stopping = True
             return True
 
+        final: dict[int, DeliveryResult] = {}
         try:
-            ann, ben = await remote.deliver(
-                "b.test", message("ann@b.test", "ben@b.test"), BODY, stop_after_this_one
-            )
+            with pytest.raises(DotWithheld) as withheld:
+                await remote.deliver(
+                    "b.test",
+                    message("ann@b.test", "ben@b.test"),
+                    BODY,
+                    stop_after_this_one,
+                    final=final,
+                )
         finally:
             await remote.aclose()
             for s in (first, second):
                 await s.stop()
+        assert list(final) == [0]  # ann's; ben's is no outcome
+        ann = final[0]
         assert ann.outcome is Outcome.DELIVERED and ann.remote_mta == "mx1.b.test"
-        assert ben.outcome is Outcome.TEMPORARY and ben.reply == (FENCED if fence else STOPPED)
+        assert withheld.value.reply == (FENCED if fence else STOPPED)
         assert [m.recipients for m in first.messages] == [["ann@b.test"]]
         assert second.messages == []  # its final dot never went out
 
@@ -949,3 +959,116 @@ def test_the_data_block_time_out_is_per_block_not_per_message(step: int, lost: b
         return link.lost
 
     assert bool(asyncio.run(main())) is lost
+
+
+def test_an_error_of_ours_with_one_host_closes_its_session(monkeypatch: Any) -> None:
+    # An error of ours after the session was open (a message it cannot convert) moved on to
+    # the next host and left the session open: no QUIT, never closed, even by aclose().
+    from postroom.delivery import remote as remote_module
+
+    def broken(data: bytes, *, eight_bit: bool) -> bytes:
+        raise RuntimeError("a bug of ours with this message")
+
+    monkeypatch.setattr(remote_module.mime_downgrade, "downgrade", broken)
+    port = free_port()
+    hosts = ("127.0.0.5", "127.0.0.6")
+
+    async def main() -> None:
+        open_now = dict.fromkeys(hosts, 0)
+        sinks = []
+        for ip in hosts:
+            sink = Sink(ip, port)
+            handle = sink._handle
+
+            async def counted(reader: Any, writer: Any, handle: Any = handle, ip: str = ip) -> None:
+                open_now[ip] += 1
+                try:
+                    await handle(reader, writer)
+                finally:
+                    open_now[ip] -= 1
+
+            sink._handle = counted  # type: ignore[method-assign]
+            sinks.append(await sink.start())
+        route = Route(tuple(mx(f"mx{i}.b.test", ip, 10 * i) for i, ip in enumerate(hosts)))
+        remote = RemoteDelivery(config(port), StaticResolver({"b.test": route}), reply_timeout=5)
+        try:
+            (res,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+            assert res.outcome is Outcome.TEMPORARY and "local error" in str(res.reply)
+            deadline = time.monotonic() + 5
+            while any(open_now.values()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert open_now == dict.fromkeys(hosts, 0)
+            assert all(s.commands[-1] == "QUIT" for s in sinks)
+        finally:
+            await remote.aclose()
+            for s in sinks:
+                await s.stop()
+
+    run(main)
+
+
+def test_a_cached_session_dropped_while_a_large_message_is_converted_gets_a_new_one(
+    monkeypatch: Any,
+) -> None:
+    # The host closed the cached connection (its idle time-out, a 421) while a large message
+    # was being converted in a thread: the host was failed, the message deferred, instead of
+    # going to a new connection at once as for any connection dropped while cached.
+    from postroom.delivery import remote as remote_module
+
+    real = remote_module.mime_downgrade.downgrade
+    dropped = threading.Event()
+
+    def slow(data: bytes, *, eight_bit: bool) -> bytes:
+        if len(data) > remote_module.OFF_LOOP:
+            dropped.wait(10)  # (in its thread) until the host has closed the cached one
+        return real(data, eight_bit=eight_bit)
+
+    monkeypatch.setattr(remote_module.mime_downgrade, "downgrade", slow)
+    port = free_port()
+    connections: list[asyncio.StreamWriter] = []
+    received: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        writer.write(b"220 sink ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-sink\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                body = b""
+                while (chunk := await reader.readline()) not in (b".\r\n", b""):
+                    body += chunk
+                received.append(body)
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.5", port)
+        route = Route((mx("mx.b.test", "127.0.0.5", 10),))
+        remote = RemoteDelivery(config(port), StaticResolver({"b.test": route}), reply_timeout=5)
+        try:
+            (first,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+            assert first.outcome is Outcome.DELIVERED
+            big = b"Subject: 2\r\n\r\n" + (b"x" * 70 + b"\r\n") * 5000
+            second = asyncio.ensure_future(remote.deliver("b.test", message("bob@b.test"), big))
+            await asyncio.sleep(0.2)  # converting now: the host's idle time-out comes
+            connections[0].write(b"421 4.4.2 sink Error: timeout exceeded\r\n")
+            connections[0].close()
+            await asyncio.sleep(0.2)
+            dropped.set()
+            (res,) = await second
+            assert res.outcome is Outcome.DELIVERED, res.reply
+            assert len(connections) == 2 and len(received) == 2
+        finally:
+            await remote.aclose()
+            server.close()
+
+    run(main)

@@ -701,7 +701,9 @@ def test_a_domain_cut_short_keeps_what_the_others_did(tmp_path: Path) -> None:
     runner._remote_delivery = lambda: Remote()  # type: ignore[method-assign]
     env = envelope("Q1", "bob@b.test", "nobody@b.test", "carol@c.test")
     asyncio.run(accept(runner, env))
-    assert [r.status for r in env.recipients] == ["delivered", "bounced", "deferred"]
+    # carol's dot was held back: no outcome, no last error of the stop's words
+    assert [r.status for r in env.recipients] == ["delivered", "bounced", "queued"]
+    assert env.recipients[2].last_error is None
     assert [mailbox for qid, mailbox in boxes.delivered if qid != "Q1"] == ["alice@a.test"]
 
 
@@ -781,3 +783,80 @@ def test_a_stop_that_cancels_an_attempt_keeps_the_250s_it_holds(tmp_path: Path, 
     assert sent == ["bob@fast.test", held], "bob got the message again"
     assert not queue.messages and not queue.twice
     assert len([qid for qid, _mailbox in boxes.delivered if qid != "Q1"]) == 1  # the DSN
+
+
+class _SecondAttempt:
+    """A remote side whose first attempt is greylisted by mx.b.test and whose second one
+    ends as ``second`` says: a dot the stop withholds, or an error of ours."""
+
+    stopping = False
+    committing = 0
+
+    def __init__(self, second: BaseException) -> None:
+        self.second = second
+        self.calls = 0
+
+    async def deliver(
+        self, domain: str, outgoing: Any, wire: bytes, may_finish: Any, final: Any = None
+    ) -> list[Any]:
+        from postroom.delivery.remote import DeliveryResult
+        from postroom.smtp.client_engine import Outcome
+        from postroom.wire.replies import Reply
+
+        self.calls += 1
+        if self.calls > 1:
+            raise self.second
+        grey = Reply(451, "4.7.1", ("greylisted",))
+        return [
+            DeliveryResult(
+                r, Outcome.TEMPORARY, grey, "mx.b.test", ip="192.0.2.2", host="mx.b.test"
+            )
+            for r in outgoing.recipients
+        ]
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _last_attempt(tmp_path: Path, second: BaseException) -> tuple[Envelope, Any, Any]:
+    """Q1 to bob@b.test greylisted once, then its last attempt past max_queue_time."""
+    runner, queue, boxes, clock = make(tmp_path, {})
+    runner._remote = _SecondAttempt(second)
+    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+    env = envelope("Q1", "bob@b.test")
+    asyncio.run(accept(runner, env))
+    clock.now = NOW + 86400 + 10
+
+    async def last() -> None:
+        runner._start(env)
+        await settle(runner)
+
+    asyncio.run(last())
+    return env, queue, boxes
+
+
+def test_a_dot_the_stop_withholds_is_no_outcome_and_does_not_expire_the_message(
+    tmp_path: Path,
+) -> None:
+    # Past max_queue_time, the stop withheld the final dot of a host about to take the
+    # message: the stop itself bounced it, "the server is stopping" as the host's words.
+    from postroom.delivery.remote import STOPPED, DotWithheld
+
+    env, queue, boxes = _last_attempt(tmp_path, DotWithheld("mx.b.test[192.0.2.2]", STOPPED))
+    bob = env.recipients[0]
+    assert bob.status == "deferred" and bob.last_error is not None
+    assert "greylisted" in bob.last_error
+    assert "Q1" in queue.messages
+    assert [qid for qid, _mailbox in boxes.delivered if qid != "Q1"] == []
+
+
+def test_an_error_of_ours_is_not_put_in_an_earlier_host_s_mouth(tmp_path: Path) -> None:
+    # The bounce said "host mx.b.test said: 451 4.3.0 local error in delivery", with a
+    # Remote-MTA: the host of the earlier attempt stayed on the recipient.
+    env, queue, boxes = _last_attempt(tmp_path, KeyError("a bug of ours"))
+    bob = env.recipients[0]
+    assert bob.status == "bounced" and bob.remote_mta is None
+    (dsn,) = [qid for qid, _mailbox in boxes.delivered if qid != "Q1"]
+    text = queue.accepted[dsn][1].decode()
+    assert "Remote-MTA" not in text and "mx.b.test said" not in text
+    assert "Diagnostic-Code: X-Postroom; local error in delivery: KeyError" in text

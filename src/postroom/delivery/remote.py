@@ -123,6 +123,11 @@ class _SessionFailed(Exception):
         self.permanent = permanent
 
 
+class _Dropped(_SessionFailed):
+    """The session ended before the message went out (a host that closed a cached connection
+    while the message was being converted): a new connection is tried at once."""
+
+
 def _temp(status: str, text: str) -> Reply:
     """A temporary failure of our own making (no server said it)."""
     return Reply(451, status, (text,), local=True)
@@ -319,8 +324,9 @@ class RemoteDelivery:
         in the order of ``message.recipients``. Never raises for network or DNS trouble.
         ``may_finish``: see the module docstring (without it, every message is finished).
         ``final`` gets each recipient's result (by its index) as soon as a host gave one that
-        is not temporary: a caller cancelled while a later host is tried reads there what
-        earlier hosts took (RFC 5321 §6.1: their 250 commits them)."""
+        is not temporary: a caller cancelled while a later host is tried, or given
+        :class:`DotWithheld`, reads there what earlier hosts took (RFC 5321 §6.1: their 250
+        commits them)."""
         route = await self.resolver.route(domain)
         route = drop_self(
             route,
@@ -361,24 +367,8 @@ class RemoteDelivery:
                         if not exc.permanent:
                             unreached = session_error
                         break
-                    except DotWithheld as withheld:
-                        if not final:
-                            raise  # nothing to keep: its caller defers them all
-                        # A host before this one took some (RFC 5321 §6.1: their 250 commits
-                        # them): kept, or the next attempt would send them those again.
-                        for i in pending:  # (those this host took in an earlier round stay)
-                            final.setdefault(
-                                i,
-                                DeliveryResult(
-                                    message.recipients[i],
-                                    Outcome.TEMPORARY,
-                                    withheld.reply,
-                                    host=target.host,
-                                ),
-                            )
-                        return [final[i] for i in range(len(message.recipients))]
-                    except LeaseLost:
-                        raise
+                    except LeaseLost:  # DotWithheld too: what hosts before this one took
+                        raise  # (RFC 5321 §6.1: their 250 commits them) is in ``final``
                     except Exception:  # a bug of ours with this host: the next one is tried,
                         # and what earlier hosts took is kept (else it would go again)
                         log.exception("delivery to %s[%s] failed", target.host, ip)
@@ -451,8 +441,13 @@ class RemoteDelivery:
         key = (target.host, ip, self.cfg.delivery.port, verify)
         session = self._take(key)
         if session is not None:
-            done = await self._transact(session, target, ip, message, data, may_finish)
-            if not done.unanswered:
+            try:
+                done: MessageDone | None = await self._transact_or_close(
+                    session, target, ip, message, data, may_finish
+                )
+            except _Dropped:
+                done = None
+            if done is not None and not done.unanswered:
                 return await self._keep(key, session, done)
             # The server dropped the cached connection meanwhile (an idle time-out, a limit on
             # messages per session: RFC 5321 §3.8) before this message reached it: a new one.
@@ -464,8 +459,28 @@ class RemoteDelivery:
             if not exc.tls or verify:
                 raise
             session = await self._open(target, ip, verify, TLSPolicy.NONE)
-        done = await self._transact(session, target, ip, message, data, may_finish)
+        done = await self._transact_or_close(session, target, ip, message, data, may_finish)
         return await self._keep(key, session, done)
+
+    async def _transact_or_close(
+        self,
+        session: _Session,
+        target: Target,
+        ip: str,
+        message: OutgoingMessage,
+        data: bytes,
+        may_finish: MayFinish | None,
+    ) -> MessageDone:
+        """:meth:`_transact`; a session it leaves by an exception is closed (QUIT if nothing
+        is under way, RFC 5321 §4.1.1.10), not left open to the host's time-out."""
+        try:
+            return await self._transact(session, target, ip, message, data, may_finish)
+        except BaseException:
+            if session.engine.state is ClientState.READY:
+                session.quit_nowait()
+            else:
+                session.close()
+            raise
 
     async def _transact(
         self,
@@ -490,7 +505,7 @@ class RemoteDelivery:
         if session.engine.state is not ClientState.READY:  # ended meanwhile (a stray reply)
             event = await session.next_event()
             reply = event.reply if isinstance(event, Closed) else _temp("4.4.2", "session ended")
-            raise _SessionFailed(self._session_reply(reply, f"{target.host}[{ip}]"))
+            raise _Dropped(self._session_reply(reply, f"{target.host}[{ip}]"))
         one_write = "CHUNKING" in session.engine.extensions and len(fitted) <= BDAT_MAX
         hold = may_finish is not None or not one_write
         session.engine.send_message(message, fitted, hold_end=hold)

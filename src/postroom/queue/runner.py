@@ -407,6 +407,7 @@ class QueueRunner:
 
         wire = b""  # the message as SMTP sends it: read once, for the remote hosts and the DSNs
         counted = first is not None and envelope.attempts > 0  # at acceptance
+        withheld: set[str] = set()  # domains whose final dot a stop or the fence held back
         if remote:
             if not counted:
                 counted = True
@@ -417,7 +418,9 @@ class QueueRunner:
             # What each domain's hosts decided so far, read if a stop cancels this attempt.
             kept: dict[str, dict[int, DeliveryResult]] = {d: {} for d in remote}
             tasks = [
-                asyncio.ensure_future(self._deliver_domain(envelope, d, rcpts, wire, kept[d]))
+                asyncio.ensure_future(
+                    self._deliver_domain(envelope, d, rcpts, wire, kept[d], withheld)
+                )
                 for d, rcpts in remote.items()
             ]
             results = (newly_done, newly_failed, relayed)
@@ -449,8 +452,10 @@ class QueueRunner:
         if envelope.id in self._deleted:
             await self.queue.finish(envelope, attempts)  # released; no bounce, no retry
             return
+        # A dot held back is no outcome of this attempt: its recipients neither expire by it
+        # (the host was about to take the message) nor get its words as their last error.
         await self._settle(
-            envelope, now, attempts, newly_failed, newly_done, relayed, wire, counted
+            envelope, now, attempts, newly_failed, newly_done, relayed, wire, counted, not withheld
         )
 
     def _apply_remote(
@@ -527,11 +532,15 @@ class QueueRunner:
         relayed: AbstractSet[int],
         wire: bytes,
         counted: bool,
+        expire: bool = True,
     ) -> None:
-        """End an attempt: expire what is past ``max_queue_time``, owe and queue the DSNs,
-        and store the outcome (or release the message once every recipient is settled)."""
+        """End an attempt: expire what is past ``max_queue_time`` (if ``expire``), owe and
+        queue the DSNs, and store the outcome (or release the message once every recipient
+        is settled)."""
         # Deferred recipients past max_queue_time bounce with their last error.
-        if schedule.expired(envelope.created, self._clock(), self.cfg.delivery.max_queue_time):
+        if expire and schedule.expired(
+            envelope.created, self._clock(), self.cfg.delivery.max_queue_time
+        ):
             newly_failed += self._expired(envelope)
 
         decided = self._decide_reports(envelope, newly_failed, newly_done, relayed)
@@ -658,6 +667,7 @@ class QueueRunner:
         rcpts: list[tuple[int, Recipient]],
         wire: bytes,
         kept: dict[int, DeliveryResult],
+        withheld: set[str],
     ) -> tuple[float, list[tuple[Recipient, DeliveryResult]]]:
         """:meth:`_deliver_remote`, where an error of ours (a bug, a message it cannot handle)
         defers this domain's recipients with it, and only them: what the other domains of the
@@ -665,14 +675,18 @@ class QueueRunner:
         try:
             return await self._deliver_remote(envelope, domain, rcpts, wire, kept)
         except DotWithheld as exc:
-            # A stop, or a lease not confirmed, before this domain's final dot: deferred, and
-            # what the other domains did is recorded still (a 250 among it is sent no more;
-            # a queue that no longer holds the message refuses the record, as it should).
+            # A stop, or a lease not confirmed, before this domain's final dot: what its hosts
+            # decided before (a 250: sent no more) and what the other domains did is recorded
+            # (a queue that no longer holds the message refuses the record, as it should);
+            # the rest is left as it was, no outcome (``withheld``).
             self.services.log.info("%s: %s cut short: %s", envelope.id, domain, exc)
-            return 0.0, [
-                (rcpt, DeliveryResult(ForwardPath(rcpt.address), Outcome.TEMPORARY, exc.reply))
-                for _i, rcpt in rcpts
-            ]
+            withheld.add(domain)
+            decided = []
+            for i, result in sorted(kept.items()):
+                if result.outcome is not Outcome.TEMPORARY:
+                    rcpts[i][1].remote_mta = result.remote_mta
+                    decided.append((rcpts[i][1], result))
+            return 0.0, decided
         except LeaseLost:
             raise
         except Exception as exc:
@@ -680,6 +694,8 @@ class QueueRunner:
             reply = Reply(
                 451, "4.3.0", (f"local error in delivery: {type(exc).__name__}",), local=True
             )
+            for _i, rcpt in rcpts:  # our words: no host of an earlier attempt said them
+                rcpt.remote_mta = None
             return 0.0, [
                 (rcpt, DeliveryResult(ForwardPath(rcpt.address), Outcome.TEMPORARY, reply))
                 for _i, rcpt in rcpts
