@@ -547,6 +547,7 @@ async def serve(
     await stop.wait()
     events.note("master", "shutting down")
     services.stopping = True  # /healthz answers 503 from now on
+    runner.begin_stop()  # no final dot goes out while the sessions below finish
     http_servers = [s for s, lst in zip(servers, listeners, strict=True) if lst.kind == "http"]
     for server in servers:
         if server not in http_servers:

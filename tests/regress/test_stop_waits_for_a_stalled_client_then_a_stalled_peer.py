@@ -169,3 +169,38 @@ def test_sigterm_before_the_354_sends_no_final_dot(
     assert code == 0
     assert not pit.got_data.wait(2) and pit.messages == 0
     assert "bob@tarpit.test" in srv.cli("queue", "list").stdout  # for the next start
+
+
+def test_a_client_the_stop_waits_for_lets_no_final_dot_out(
+    server_factory: ServerFactory, tarpit: tuple[Tarpit, LoopbackDNS]
+) -> None:
+    """While the stop waited (up to 8 s) for a client still sending its message, the queue
+    went on as if no stop had begun: a delivery waiting for its 354 sent the message and its
+    dot, the server left before the host's reply, and the restart sent it again. The stop
+    holds every final dot back from its first moment."""
+    pit, zone = tarpit
+    pit.go_on_after, pit.reply_after = 2.0, 6.0
+    srv = _relay_to(server_factory, pit, zone, wait=False)
+    assert pit.at_data.wait(20), "the delivery did not reach DATA"
+    drip = socket.create_connection((srv.host, srv.ports["smtp"]), timeout=20)
+    drip.sendall(b"EHLO d\r\nMAIL FROM:<d@x.test>\r\nRCPT TO:<alice@a.test>\r\nDATA\r\n")
+    wait_until(lambda: b"354" in drip.recv(4096), what="354")
+    stop = threading.Event()
+
+    def dripping() -> None:
+        while not stop.is_set():
+            try:
+                drip.sendall(b"x")
+            except OSError:
+                return
+            stop.wait(0.5)
+
+    threading.Thread(target=dripping, daemon=True).start()
+    try:
+        code = srv.stop(timeout=20)
+    finally:
+        stop.set()
+        drip.close()
+    assert code == 0
+    assert not pit.got_data.is_set() and pit.messages == 0
+    assert "bob@tarpit.test" in srv.cli("queue", "list").stdout  # for the next start

@@ -269,15 +269,22 @@ class QueueRunner:
         if queue_id in self._inflight:
             self._deleted.add(queue_id)
 
+    def begin_stop(self) -> None:
+        """The server's stop has begun: start no attempt, and send no final dot, from now on
+        (RFC 5321 §6.1: a dot sent now may get its 250 after the exit, and the restart sends
+        the message again). Attempts in flight go on until :meth:`stop` waits for them; one
+        that reaches its final dot ends there (DotWithheld)."""
+        self._stopping = True
+        if self._remote is not None:
+            self._remote.stopping = True
+
     async def stop(self, timeout: float = 5.0, commit_timeout: float = 0.0) -> None:
         """Start nothing more; wait up to ``timeout`` for the attempts in flight, then cancel
         them (a cancelled one stays queued and is tried again after the restart; what it
         learnt, a 250 already received, a DSN owed, is stored first). While a
         remote host holds the reply to a final dot already sent, wait up to ``commit_timeout``
         in all: leaving sooner makes it receive the message twice."""
-        self._stopping = True
-        if self._remote is not None:
-            self._remote.stopping = True
+        self.begin_stop()
         tasks = list(self._inflight.values())
         if tasks:
             started = time.monotonic()
@@ -649,6 +656,7 @@ class QueueRunner:
         cfg = self.cfg
         if self._remote is None:
             self._remote = RemoteDelivery(cfg, self._resolver(cfg))
+            self._remote.stopping = self._stopping  # (made by an attempt the stop let run)
         elif self._remote.cfg is not cfg:  # a reload: the same one, so that its cached
             # sessions get their QUIT and a stop reaches the deliveries it runs
             self._remote.reconfigure(cfg, self._resolver(cfg))
