@@ -109,6 +109,7 @@ class DotWithheld(LeaseLost):
 
     def __init__(self, where: str, reply: Reply) -> None:
         super().__init__(f"{where}: {reply.text}")
+        self.where = where  # host[ip]
         self.reply = reply
 
 

@@ -45,6 +45,7 @@ from postroom.delivery.dsn import (
     xtext_encode,
 )
 from postroom.delivery.remote import (
+    STOPPED,
     DeliveryResult,
     DotWithheld,
     RemoteDelivery,
@@ -384,6 +385,10 @@ class QueueRunner:
             envelope.next_attempt = now + REPORT_WAIT
             await self.queue.record(envelope, [])
             return
+        if first is None and envelope.reports:
+            # Notices an attempt a stop cut short stored as owed: sent now, not when this
+            # attempt ends (a host that holds every attempt until the next stop kept them).
+            await self._send_owed(envelope)
         attempts = list(first.attempts) if first is not None else []
         newly_done = list(first.done) if first is not None else []
         newly_failed: list[Recipient] = []
@@ -431,6 +436,7 @@ class QueueRunner:
                 for d, rcpts in remote.items()
             ]
             results = (newly_done, newly_failed, relayed)
+            applied: set[str] = set()  # domains whose results are applied
             try:
                 for next_done in asyncio.as_completed(tasks):
                     try:
@@ -438,9 +444,13 @@ class QueueRunner:
                     except asyncio.CancelledError:
                         for task in tasks:  # nothing more is learnt than what is kept now
                             task.cancel()
-                        await self._keep_cut(envelope, now, remote, kept, *results)
+                        ended = applied | withheld
+                        cut = {d: rcpts for d, rcpts in remote.items() if d not in ended}
+                        await self._keep_cut(envelope, now, cut, kept, *results)
                         raise
                     delivered = self._apply_remote(envelope, domain_results, took, *results)
+                    if domain_results:
+                        applied.add(domain_of(domain_results[0][0].address))
                     if (
                         delivered
                         and not all(t.done() for t in tasks)
@@ -494,11 +504,18 @@ class QueueRunner:
                 self._outcome(envelope, rcpt, "deferred", reply, relay, took)
         return delivered
 
+    def _cut_short(self, envelope: Envelope, rcpt: Recipient, reply: str, relay: str) -> None:
+        """``rcpt``'s attempt ended with no outcome (a stop, the fence): deferred, logged, its
+        last error the one it had (these are our words, not a host's)."""
+        if not rcpt.done:
+            rcpt.status = "deferred"
+            events.delivery(envelope, rcpt, "remote", reply, relay, 0.0)
+
     async def _keep_cut(
         self,
         envelope: Envelope,
         now: float,
-        remote: dict[str, list[tuple[int, Recipient]]],
+        cut: dict[str, list[tuple[int, Recipient]]],
         kept: dict[str, dict[int, DeliveryResult]],
         newly_done: list[Recipient],
         newly_failed: list[Recipient],
@@ -506,16 +523,19 @@ class QueueRunner:
     ) -> None:
         """A stop cancelled the attempt: store what it learnt with the DSNs that owes, due at
         once (the restart queues them, as after a crash in :meth:`_settle`). Also the results
-        of domains not done: an earlier MX host's 250 while a later host is tried. Else the
+        of the domains ``cut``, not done: an earlier MX host's 250 while a later host is
+        tried (the others of those are logged as cut short). Else the
         restart sends those recipients the message again (RFC 5321 §6.1)."""
-        for domain, rcpts in remote.items():
-            for i, result in kept[domain].items():
-                rcpt = rcpts[i][1]
-                if result.outcome is not Outcome.TEMPORARY and not rcpt.done:
+        for domain, rcpts in cut.items():
+            for i, (_index, rcpt) in enumerate(rcpts):
+                result = kept[domain].get(i)
+                if result is not None and result.outcome is not Outcome.TEMPORARY:
                     rcpt.remote_mta = result.remote_mta
                     self._apply_remote(
                         envelope, [(rcpt, result)], 0.0, newly_done, newly_failed, relayed
                     )
+                else:
+                    self._cut_short(envelope, rcpt, str(STOPPED), "none")
         if envelope.id in self._deleted or not (newly_done or newly_failed):
             return
         decided = self._decide_reports(envelope, newly_failed, newly_done, relayed)
@@ -576,6 +596,23 @@ class QueueRunner:
                     await self.queue.record(report, first_of_report.attempts)
             raise
         for report, first_of_report in made:  # only now that the record says they were queued
+            self._start(report, first_of_report)
+
+    async def _send_owed(self, envelope: Envelope) -> None:
+        """Queue and start the DSNs ``envelope`` owes, recording first that they were queued
+        (as :meth:`_settle` does; one that cannot be queued now stays owed)."""
+        owed = len(envelope.reports)
+        made = await self._make_reports(envelope, b"")
+        if len(envelope.reports) == owed:
+            return
+        try:
+            await self.queue.save(envelope)
+        except Exception:
+            for report, first_of_report in made:  # due, each asking if it is still owed
+                with contextlib.suppress(Exception):
+                    await self.queue.record(report, first_of_report.attempts)
+            raise
+        for report, first_of_report in made:
             self._start(report, first_of_report)
 
     async def _save_early(self, envelope: Envelope) -> None:
@@ -690,10 +727,14 @@ class QueueRunner:
             self.services.log.info("%s: %s cut short: %s", envelope.id, domain, exc)
             withheld.add(domain)
             decided = []
-            for i, result in sorted(kept.items()):
-                if result.outcome is not Outcome.TEMPORARY:
-                    rcpts[i][1].remote_mta = result.remote_mta
-                    decided.append((rcpts[i][1], result))
+            for i, (_index, rcpt) in enumerate(rcpts):
+                result = kept.get(i)
+                if result is not None and result.outcome is not Outcome.TEMPORARY:
+                    rcpt.remote_mta = result.remote_mta
+                    decided.append((rcpt, result))
+                else:
+                    relay = f"{exc.where}:{self.cfg.delivery.port}"
+                    self._cut_short(envelope, rcpt, str(exc.reply), relay)
             return 0.0, decided
         except LeaseLost:
             raise
