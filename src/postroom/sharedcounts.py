@@ -28,6 +28,7 @@ _EMPTY = bytes(16)
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 _HOST_ZEROS = bytes(8)  # the interface half of an IPv6 address, not counted
 DEFAULT_ROWS = 1 << 16  # 65,536 rows of 32 octets: 2 MiB per table
+GAP_WAIT = 1.0  # seconds a lock stays taken with no holder named before it counts as lost
 
 
 def client_key(ip: str) -> bytes:
@@ -79,9 +80,19 @@ class SharedCounts:
             self._lock.release()
 
     def repair(self, dead: int) -> bool:
-        """Give back the lock a process that died (pid ``dead``) held; whether it did."""
-        if self._holder.value != dead:
+        """Give back the lock a process that died (pid ``dead``) held; whether it did. Killed
+        between taking it and naming itself (or between unnaming itself and giving it back),
+        it left the lock taken with no holder named: a living process names itself at once,
+        so a lock that stays taken, unnamed, for ``GAP_WAIT`` seconds was the dead one's."""
+        holder = self._holder.value
+        if holder not in (dead, 0):
             return False
+        if holder == 0:
+            if self._lock.acquire(timeout=GAP_WAIT):  # free, or held by the living: well
+                self._lock.release()
+                return False
+            if self._holder.value != 0:
+                return False
         self._holder.value = 0
         with contextlib.suppress(ValueError):  # (released meanwhile after all)
             self._lock.release()

@@ -115,3 +115,23 @@ def test_a_lock_whose_holder_was_killed_is_given_back() -> None:
     assert counts.repair(pid)
     counts.clear(wait=1.0)
     assert counts.add("192.0.2.1", 1) == 1
+
+
+@pytest.mark.parametrize("gap", ["after taking it", "before giving it back"])
+def test_a_lock_whose_holder_was_killed_before_naming_itself_is_given_back(gap: str) -> None:
+    # Killed between taking the lock and naming itself (or between unnaming itself and
+    # giving it back), a worker left it taken with no holder: repair() freed nothing and
+    # the other workers waited on it for good.
+    counts = SharedCounts(rows=64)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        counts._lock.acquire()
+        if gap == "before giving it back":
+            counts._holder.value = os.getpid()
+            counts._holder.value = 0
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert counts.repair(pid)
+    counts.clear(wait=1.0)
+    assert counts.add("192.0.2.1", 1) == 1
+    assert not counts.repair(pid)  # free now: nothing to give back
