@@ -212,8 +212,9 @@ def test_a_message_refused_for_its_kept_mark_is_not_made_again_after_a_crash(
     assert answers(writer.run([Job(1, ACCEPT, entry=entry)])) == [
         (1, -errno.EIO, "Input/output error")
     ]
-    assert writer.segment is not None
-    contents = journal.parse(Path(writer.segment.path).read_bytes())
+    assert writer.segment is None  # retired: a failed flush may have left a hole
+    (segment,) = [n for n in os.listdir(tmp_path / "journal") if n.endswith(journal.SUFFIX)]
+    contents = journal.parse((tmp_path / "journal" / segment).read_bytes())
     assert {(1, 0), (1, 1)} <= contents.settled
 
 
@@ -654,3 +655,33 @@ def test_a_sighup_meant_for_the_server_leaves_the_child_alone(tmp_path: Path) ->
         await writer.close()
 
     asyncio.run(main())
+
+
+def test_a_failed_flush_of_a_kept_record_retires_the_segment(
+    tmp_path: Path, writer: JournalWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ACCEPT flush's failure retired its segment (the kernel may drop what it could not
+    # write: a later record past that hole reads as damage and hides what follows), but the
+    # same failure of the flush of a KEPT record (a copy failed) let batches go on into it.
+    good = tmp_path / "mail" / "x.test" / "u"
+    (tmp_path / "afile").write_text("x")
+    bad = tmp_path / "afile" / "u"  # its copy fails (ENOTDIR): the entry is kept late
+    writer.run([job(1, good)])
+    first = writer.segment
+    assert first is not None
+    real = os.fdatasync
+    calls: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:  # 1: the ACCEPT flush, 2: the KEPT record's
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    out = answers(writer.run([job(2, bad)]))
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert out[0][1] < 0  # not acknowledged
+    assert first.broken and first.retired and writer.segment is not first
+    writer.run([job(3, good)])
+    assert writer.segment is not first

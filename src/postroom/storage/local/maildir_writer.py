@@ -284,9 +284,14 @@ class JournalWriter:
                         # another queue id; a rare double on a failing disk, never a loss)
                 with contextlib.suppress(OSError):  # a crash must not make its other copies
                     segment.append(journal.encode_settled(marks), sync=False)
+                # A failed flush, as above: no more batches in this segment (a hole the
+                # kernel left would hide the records after it), kept for recovery.
+                segment.broken = segment.retired = True
+                if self.segment is segment:
+                    self.segment = None
         segment.last_seq = self._seq
         self.syncer.add(journal.Batch(segment, self._seq, dirs, unlink))
-        if segment.size >= journal.SEGMENT_SIZE:
+        if self.segment is segment and segment.size >= journal.SEGMENT_SIZE:
             self._rotate()
         return answers
 
