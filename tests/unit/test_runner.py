@@ -866,3 +866,144 @@ def test_an_error_of_ours_is_not_put_in_an_earlier_host_s_mouth(tmp_path: Path) 
     text = queue.accepted[dsn][1].decode()
     assert "Remote-MTA" not in text and "mx.b.test said" not in text
     assert "Diagnostic-Code: X-Postroom; local error in delivery: KeyError" in text
+
+
+def test_mail_accepted_while_the_stop_waits_gets_its_first_attempt_but_dials_no_host(
+    tmp_path: Path,
+) -> None:
+    # The stop holds final dots back from its first moment, and first refused to start any
+    # attempt: a message whose DATA ended then was stored, but its local copy's success
+    # notice (NOTIFY=SUCCESS) was never owed, and its remote recipients waited a retry
+    # interval after the restart instead of going at once.
+    runner, queue, boxes, clock = make(tmp_path, {})
+    dialled: list[str] = []
+
+    class Remote:
+        stopping = False
+        committing = 0
+
+        async def deliver(self, domain: str, *args: Any, **kwargs: Any) -> list[Any]:
+            dialled.append(domain)
+            raise AssertionError("no host is dialled once the stop has begun")
+
+        async def aclose(self) -> None:
+            pass
+
+    runner._remote_delivery = lambda: Remote()  # type: ignore[method-assign]
+    env = envelope("Q1", "alice@a.test", "bob@b.test")
+    env.recipients[0].notify = ["SUCCESS"]
+
+    async def first_run() -> None:
+        runner.begin_stop()  # SIGTERM: the session in DATA finishes its message
+        draft = runner.queue.draft(env.id, env.sender)
+        draft.write(b"Subject: t\r\n\r\nbody\r\n")
+        await runner.accept(env, draft)
+        await settle(runner)
+        await runner.stop(timeout=1)
+
+    asyncio.run(first_run())
+    assert dialled == []
+    stored = Envelope.from_json(queue.stored["Q1"][0])
+    assert [r.status for r in stored.recipients] == ["delivered", "queued"]
+    assert stored.next_attempt <= clock.now  # due at once at the next start
+    owed = [qid for qid in queue.stored if qid != "Q1"] + [
+        qid for qid, _mailbox in boxes.delivered if qid != "Q1"
+    ]
+    assert owed, "the success notice was never owed"
+
+
+def test_a_cancel_after_a_withheld_dot_keeps_the_250_an_earlier_host_gave(
+    tmp_path: Path,
+) -> None:
+    # The stop's cancel reached the attempt after a domain's dot was withheld (its first MX
+    # took d1) but before the attempt read that domain's result: the domain counted as
+    # ended, so its 250 was never stored, and the restart sent d1 the message again.
+    from postroom.delivery.remote import STOPPED, DeliveryResult, DotWithheld
+    from postroom.smtp.client_engine import Outcome
+    from postroom.wire.replies import Reply
+
+    runner, queue, _boxes, _clock = make(tmp_path, {})
+
+    class Remote:
+        stopping = False
+        committing = 0
+
+        async def deliver(
+            self, domain: str, outgoing: Any, wire: bytes, may_finish: Any, final: Any
+        ) -> list[DeliveryResult]:
+            await asyncio.sleep(0.01)
+            ok = Reply(250, "2.0.0", ("queued",))
+            final[0] = DeliveryResult(outgoing.recipients[0], Outcome.DELIVERED, ok, "mx1.d.test")
+            runner._inflight["Q1"].cancel()  # the stop's time-out, at this very moment
+            raise DotWithheld("mx2.d.test[192.0.2.9]", STOPPED)
+
+        async def aclose(self) -> None:
+            pass
+
+    runner._remote_delivery = lambda: Remote()  # type: ignore[method-assign]
+    env = envelope("Q1", "d1@d.test", "d2@d.test")
+
+    async def main() -> None:
+        draft = runner.queue.draft(env.id, env.sender)
+        draft.write(b"Subject: t\r\n\r\nbody\r\n")
+        await runner.accept(env, draft)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*runner._inflight.values())
+
+    asyncio.run(main())
+    stored = Envelope.from_json(queue.stored["Q1"][0])
+    assert [r.status for r in stored.recipients] == ["delivered", "deferred"]
+
+
+def test_a_cancel_during_an_early_save_still_keeps_what_the_attempt_holds(
+    tmp_path: Path,
+) -> None:
+    # The stop's cancel landed while the attempt stored fast.test's 250 early (a slow disk,
+    # a database round trip): it was not caught there, and slow.test's 250 from its first
+    # MX host (s1), held while its backup host was tried, was never stored.
+    from postroom.delivery.remote import DeliveryResult
+    from postroom.smtp.client_engine import Outcome
+    from postroom.wire.replies import Reply
+
+    runner, queue, _boxes, _clock = make(tmp_path, {})
+    save = queue.save
+
+    async def slow_save(env: Envelope) -> None:
+        await asyncio.sleep(0.1)
+        await save(env)
+
+    queue.save = slow_save  # type: ignore[method-assign]
+    tarpit = asyncio.Event()
+
+    class Remote:
+        stopping = False
+        committing = 0
+
+        async def deliver(
+            self, domain: str, outgoing: Any, wire: bytes, may_finish: Any, final: Any
+        ) -> list[DeliveryResult]:
+            ok = Reply(250, "2.0.0", ("queued",))
+            if domain == "fast.test":
+                return [DeliveryResult(outgoing.recipients[0], Outcome.DELIVERED, ok, "mx")]
+            await asyncio.sleep(0.02)
+            final[0] = DeliveryResult(outgoing.recipients[0], Outcome.DELIVERED, ok, "mx1")
+            await tarpit.wait()
+            raise AssertionError("never")
+
+        async def aclose(self) -> None:
+            pass
+
+    runner._remote = Remote()
+    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+    env = envelope("Q1", "f@fast.test", "s1@slow.test", "s2@slow.test")
+
+    async def main() -> None:
+        draft = runner.queue.draft(env.id, env.sender)
+        draft.write(b"Subject: t\r\n\r\nbody\r\n")
+        await runner.accept(env, draft)
+        await asyncio.sleep(0.05)  # fast.test's early save under way; s1 has its 250
+        await runner.stop(timeout=0.0)
+
+    asyncio.run(main())
+    stored = Envelope.from_json(queue.stored["Q1"][0])
+    assert [r.status for r in stored.recipients] == ["delivered", "delivered", "deferred"]

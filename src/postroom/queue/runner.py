@@ -94,6 +94,8 @@ LOCAL_HOST = "local"  # the ``host`` of a Maildir delivery in the attempt histor
 LOCAL_DELIVERED = "250 2.0.0 delivered to its mailbox"
 BACKLOG = 4  # first attempts waiting for a slot beyond this many times max_concurrent are parked
 REPORT_WAIT = 30.0  # seconds a DSN waits, after a crash, for its message to record it
+# Logged for a recipient whose attempt the stop cut off (its final dot may have been out):
+CUT_SHORT = "451 4.3.2 attempt cut short by the stop: tried again at the next start"
 CUT_SAVE_WAIT = 0.5  # seconds a stop waits for the attempts it cancelled to store their outcomes
 
 
@@ -145,7 +147,8 @@ class QueueRunner:
         self._again: dict[str, Envelope] = {}  # claimed while still in flight: started after
         self._deleted: set[str] = set()  # deleted by the admin during their attempt
         self._slots = asyncio.Semaphore(services.cfg.delivery.max_concurrent)
-        self._stopping = False
+        self._stopping = False  # start nothing
+        self._draining = False  # the stop has begun: claim nothing, dial nothing
         self._remote: RemoteDelivery | None = None
         self._destinations = slots or ProcessSlots()
         self._lease_fresh = lease_fresh  # None: one node, nobody else can take a message
@@ -240,7 +243,7 @@ class QueueRunner:
 
     async def run(self) -> None:
         """Start due attempts until stopped."""
-        while not self._stopping:
+        while not self._draining:
             for envelope in await self.queue.claim(self._clock(), 100):
                 self._start(envelope)
             for problem in self.queue.problems():
@@ -271,11 +274,13 @@ class QueueRunner:
             self._deleted.add(queue_id)
 
     def begin_stop(self) -> None:
-        """The server's stop has begun: start no attempt, and send no final dot, from now on
-        (RFC 5321 §6.1: a dot sent now may get its 250 after the exit, and the restart sends
-        the message again). Attempts in flight go on until :meth:`stop` waits for them; one
-        that reaches its final dot ends there (DotWithheld)."""
-        self._stopping = True
+        """The server's stop has begun: claim nothing more from the queue, dial no host, and
+        send no final dot, from now on (RFC 5321 §6.1: a dot sent now may get its 250 after
+        the exit, and the restart sends the message again). Attempts in flight go on until
+        :meth:`stop` waits for them; one that reaches its final dot ends there (DotWithheld).
+        The first attempt of mail accepted meanwhile still runs: its local copies and its
+        notices are made, its remote recipients wait for the next start, due at once."""
+        self._draining = True
         if self._remote is not None:
             self._remote.stopping = True
 
@@ -285,6 +290,7 @@ class QueueRunner:
         learnt, a 250 already received, a DSN owed, is stored first). While a
         remote host holds the reply to a final dot already sent, wait up to ``commit_timeout``
         in all: leaving sooner makes it receive the message twice."""
+        self._stopping = True
         self.begin_stop()
         tasks = list(self._inflight.values())
         if tasks:
@@ -419,7 +425,13 @@ class QueueRunner:
 
         wire = b""  # the message as SMTP sends it: read once, for the remote hosts and the DSNs
         counted = first is not None and envelope.attempts > 0  # at acceptance
-        withheld: set[str] = set()  # domains whose final dot a stop or the fence held back
+        # Domains whose final dot a stop or the fence held back: the reply and relay to log.
+        withheld: dict[str, tuple[str, str]] = {}
+        if remote and self._draining:
+            # The stop has begun: no host is dialled (its final dot would be held back). They
+            # wait for the next start, due at once (see _settle).
+            withheld.update(dict.fromkeys(remote, (str(STOPPED), "none")))
+            remote = {}
         if remote:
             if not counted:
                 counted = True
@@ -429,37 +441,45 @@ class QueueRunner:
             wire = _wire(await self.queue.body(envelope))
             # What each domain's hosts decided so far, read if a stop cancels this attempt.
             kept: dict[str, dict[int, DeliveryResult]] = {d: {} for d in remote}
-            tasks = [
+            tasks = {
                 asyncio.ensure_future(
                     self._deliver_domain(envelope, d, rcpts, wire, kept[d], withheld)
-                )
+                ): d
                 for d, rcpts in remote.items()
-            ]
+            }
             results = (newly_done, newly_failed, relayed)
             applied: set[str] = set()  # domains whose results are applied
+            saving: asyncio.Future[None] | None = None
             try:
-                for next_done in asyncio.as_completed(tasks):
-                    try:
-                        took, domain_results = await next_done
-                    except asyncio.CancelledError:
-                        for task in tasks:  # nothing more is learnt than what is kept now
-                            task.cancel()
-                        ended = applied | withheld
-                        cut = {d: rcpts for d, rcpts in remote.items() if d not in ended}
-                        await self._keep_cut(envelope, now, cut, kept, *results)
-                        raise
-                    delivered = self._apply_remote(envelope, domain_results, took, *results)
-                    if domain_results:
-                        applied.add(domain_of(domain_results[0][0].address))
-                    if (
-                        delivered
-                        and not all(t.done() for t in tasks)
-                        and not _owes(newly_failed, newly_done)
-                    ):
+                pending = set(tasks)
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    delivered = False
+                    for task in done:
+                        domain = tasks[task]
+                        took, domain_results = task.result()
+                        delivered |= self._apply_remote(envelope, domain_results, took, *results)
+                        applied.add(domain)
+                        if domain in withheld:
+                            reply, relay = withheld[domain]
+                            decided = {id(rcpt) for rcpt, _result in domain_results}
+                            for _i, rcpt in remote[domain]:
+                                if id(rcpt) not in decided:
+                                    self._cut_short(envelope, rcpt, reply, relay)
+                    if delivered and pending and not _owes(newly_failed, newly_done):
                         # Stored now, not when the slowest other domain is done (a dead MX:
                         # minutes): a stop or crash meanwhile must not send these again.
                         # Only the instant between the 250 and this write remains (§6.1).
-                        await self._save_early(envelope)
+                        saving = asyncio.ensure_future(self._save_early(envelope))
+                        await asyncio.shield(saving)
+            except asyncio.CancelledError:
+                for task in tasks:  # nothing more is learnt than what is kept now
+                    task.cancel()
+                if saving is not None and not saving.done():
+                    await asyncio.wait([saving])  # (two saves at once would collide)
+                cut = {d: rcpts for d, rcpts in remote.items() if d not in applied}
+                await self._keep_cut(envelope, now, cut, kept, *results)
+                raise
             finally:
                 for task in tasks:
                     task.cancel()
@@ -469,11 +489,10 @@ class QueueRunner:
         if envelope.id in self._deleted:
             await self.queue.finish(envelope, attempts)  # released; no bounce, no retry
             return
-        # A dot held back is no outcome of this attempt: its recipients neither expire by it
-        # (the host was about to take the message) nor get its words as their last error.
         await self._settle(
-            envelope, now, attempts, newly_failed, newly_done, relayed, wire, counted, not withheld
-        )
+            envelope, now, attempts, newly_failed, newly_done, relayed, wire, counted,
+            cut=bool(withheld),
+        )  # fmt: skip
 
     def _apply_remote(
         self,
@@ -535,13 +554,11 @@ class QueueRunner:
                         envelope, [(rcpt, result)], 0.0, newly_done, newly_failed, relayed
                     )
                 else:
-                    self._cut_short(envelope, rcpt, str(STOPPED), "none")
-        if envelope.id in self._deleted or not (newly_done or newly_failed):
+                    self._cut_short(envelope, rcpt, CUT_SHORT, "none")
+        if envelope.id in self._deleted:
             return
-        decided = self._decide_reports(envelope, newly_failed, newly_done, relayed)
-        if decided:
-            envelope.reports += decided
-            envelope.next_attempt = min(envelope.next_attempt, now)
+        envelope.reports += self._decide_reports(envelope, newly_failed, newly_done, relayed)
+        envelope.next_attempt = min(envelope.next_attempt, now)
         try:
             await self.queue.save(envelope)
         except Exception:  # a full disk, a lease lost: left as before the attempt
@@ -559,13 +576,15 @@ class QueueRunner:
         relayed: AbstractSet[int],
         wire: bytes,
         counted: bool,
-        expire: bool = True,
+        cut: bool = False,
     ) -> None:
-        """End an attempt: expire what is past ``max_queue_time`` (if ``expire``), owe and
-        queue the DSNs, and store the outcome (or release the message once every recipient
-        is settled)."""
+        """End an attempt: expire what is past ``max_queue_time``, owe and queue the DSNs,
+        and store the outcome (or release the message once every recipient is settled).
+        ``cut``: a stop or the fence held a final dot back (or kept the hosts from being
+        dialled): that is no outcome, so nothing expires by it, and the message is due at
+        once (the host was about to take it; the next start, or node, tries it)."""
         # Deferred recipients past max_queue_time bounce with their last error.
-        if expire and schedule.expired(
+        if not cut and schedule.expired(
             envelope.created, self._clock(), self.cfg.delivery.max_queue_time
         ):
             newly_failed += self._expired(envelope)
@@ -586,6 +605,8 @@ class QueueRunner:
             else:
                 if not counted:
                     self._count_attempt(envelope, now)  # only local failures: count it here
+                if cut:
+                    envelope.next_attempt = min(envelope.next_attempt, now)
                 await self.queue.record(envelope, attempts)
         except Exception:
             # The record that says the reports were queued failed (a full disk): they are not
@@ -693,7 +714,7 @@ class QueueRunner:
         cfg = self.cfg
         if self._remote is None:
             self._remote = RemoteDelivery(cfg, self._resolver(cfg))
-            self._remote.stopping = self._stopping  # (made by an attempt the stop let run)
+            self._remote.stopping = self._draining  # (made by an attempt the stop let run)
         elif self._remote.cfg is not cfg:  # a reload: the same one, so that its cached
             # sessions get their QUIT and a stop reaches the deliveries it runs
             self._remote.reconfigure(cfg, self._resolver(cfg))
@@ -712,7 +733,7 @@ class QueueRunner:
         rcpts: list[tuple[int, Recipient]],
         wire: bytes,
         kept: dict[int, DeliveryResult],
-        withheld: set[str],
+        withheld: dict[str, tuple[str, str]],
     ) -> tuple[float, list[tuple[Recipient, DeliveryResult]]]:
         """:meth:`_deliver_remote`, where an error of ours (a bug, a message it cannot handle)
         defers this domain's recipients with it, and only them: what the other domains of the
@@ -725,16 +746,13 @@ class QueueRunner:
             # (a queue that no longer holds the message refuses the record, as it should);
             # the rest is left as it was, no outcome (``withheld``).
             self.services.log.info("%s: %s cut short: %s", envelope.id, domain, exc)
-            withheld.add(domain)
+            withheld[domain] = (str(exc.reply), f"{exc.where}:{self.cfg.delivery.port}")
             decided = []
             for i, (_index, rcpt) in enumerate(rcpts):
                 result = kept.get(i)
                 if result is not None and result.outcome is not Outcome.TEMPORARY:
                     rcpt.remote_mta = result.remote_mta
                     decided.append((rcpt, result))
-                else:
-                    relay = f"{exc.where}:{self.cfg.delivery.port}"
-                    self._cut_short(envelope, rcpt, str(exc.reply), relay)
             return 0.0, decided
         except LeaseLost:
             raise
