@@ -74,6 +74,7 @@ def test_field_lines_a_server_must_refuse() -> None:
     assert parse_head(b"GET /metrics HTTP/1.1\nHost: x\r\n\n") == ok  # bare LFs end lines
     # no body is read and the connection closes after the answer: nothing to desync
     assert parse_head(head + b"Transfer-Encoding: chunked\r\n\r\n") == ok
+    assert parse_head(head + b"Transfer-Encoding: gzip, Chunked\r\n\r\n") == ok
     for bad in (
         b"Accept : */*",  # whitespace before the colon
         b"Accept\t: */*",
@@ -91,6 +92,9 @@ def test_field_lines_a_server_must_refuse() -> None:
         b"Content-Length: -1",
         b"Content-Length: 1, 1",
         b"Content-Length: 0\r\nContent-Length: 0",
+        b"Transfer-Encoding: gzip",  # §6.3: chunked not the final coding
+        b"Transfer-Encoding: chunked, gzip",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip",
     ):
         assert parse_head(head + bad + b"\r\n\r\n") == 400, bad
 

@@ -101,6 +101,10 @@ def parse_head(data: bytes) -> Request | int | None:
     # closes the connection, so whatever follows the head cannot be taken for a request).
     if len(lengths) > 1 or (lengths and not lengths[0].isdigit()):
         return 400
+    # RFC 9112 §6.3: a Transfer-Encoding whose final coding is not chunked is a 400.
+    codings = b",".join(fields.get(b"transfer-encoding", [])).split(b",")
+    if b"transfer-encoding" in fields and codings[-1].strip().lower() != b"chunked":
+        return 400
     target = match.group(2).decode("ascii")
     return Request(match.group(1).decode("ascii"), target.split("?", 1)[0])
 
