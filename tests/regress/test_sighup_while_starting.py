@@ -4,22 +4,33 @@ worker hit by one while it started died too, and at the first start that stopped
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
 import sys
 import time
+import tomllib
+from pathlib import Path
 
 from tests.conftest import ServerFactory, env_with_src, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_sighup_while_the_server_starts_is_a_reload_not_its_end(
     server_factory: ServerFactory,
 ) -> None:
     srv = server_factory(services=("smtp",), start=False)
-    for delay in (0.1, 0.3, 0.6):  # (earlier, the interpreter itself is not yet up)
+    # ``python -m postroom``, and the console script pip makes from pyproject's entry point
+    # (systemd runs that one: it imported the whole server before SIGHUP was taken).
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, func = entry["postroom"].split(":")
+    script = f"import sys; from {module} import {func}; sys.exit({func}())"
+    starts = [[sys.executable, "-m", "postroom"], [sys.executable, "-c", script]]
+    for start, delay in itertools.product(starts, (0.05, 0.1, 0.3, 0.6)):
         with open(srv.log, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "postroom", "serve", "-c", str(srv.config)],
+                [*start, "serve", "-c", str(srv.config)],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 env=env_with_src(),
