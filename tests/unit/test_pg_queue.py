@@ -403,3 +403,18 @@ def test_a_body_goes_once_however_many_copies_and_large_batches_are_split(
                 await drop.close()
 
     run(main())
+
+
+def test_a_due_notice_wakes_the_runner_and_deletes_nothing(tmp_path: Path) -> None:
+    # "due" (``dmarc report --now``) began with "d", a delete's mark: every node logged
+    # "ue: removed (queue delete)" and no runner woke, so the report waited for the poll.
+    from postroom.storage.postgresql.queue import PgQueue
+
+    queue = PgQueue("postgresql://nobody@127.0.0.1:1/none", None, tmp_path)
+    deleted: list[str] = []
+    queue.on_deleted = deleted.append
+    queue._wake.clear()
+    queue.notified("due")
+    assert deleted == [] and queue._wake.is_set()
+    queue.notified("d0661F0EA2F409F00")
+    assert deleted == ["0661F0EA2F409F00"]

@@ -504,7 +504,8 @@ class PgQueue:
     # -- the watcher's subscriber ---------------------------------------------------------
 
     def notified(self, payload: str) -> bool:
-        if payload.startswith("d"):
+        # Payloads: "due" (a report made due), "flush N", "d" + a queue ID (a delete).
+        if payload.startswith("d") and payload != "due":
             if self.on_deleted is not None:
                 self.on_deleted(payload[1:])
             if self.log_actions:
