@@ -1072,3 +1072,48 @@ def test_a_cached_session_dropped_while_a_large_message_is_converted_gets_a_new_
             server.close()
 
     run(main)
+
+
+def test_a_cancel_while_waiting_for_the_rset_reply_closes_the_session() -> None:
+    # After a failed transaction the session waits for its RSET's reply before it is
+    # cached; a cancel there (a lease lost by another domain of the attempt, a stop) left
+    # the connection open until the host timed out.
+    port = free_port()
+    seen: dict[str, int] = {"rset": 0, "eof": 0}
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 stall\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"RSET":
+                seen["rset"] += 1  # never answered
+            elif verb == b"RCPT":
+                writer.write(b"451 4.7.1 later\r\n")
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        seen["eof"] += 1
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(stall, "127.0.0.5", port)
+        route = Route((mx("mx.b.test", "127.0.0.5", 10),))
+        remote = RemoteDelivery(config(port), StaticResolver({"b.test": route}), reply_timeout=5)
+        try:
+            task = asyncio.ensure_future(remote.deliver("b.test", message("bob@b.test"), BODY))
+            deadline = time.monotonic() + 5
+            while not seen["rset"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert seen["rset"] == 1
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            deadline = time.monotonic() + 5
+            while not seen["eof"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert seen["eof"] == 1
+        finally:
+            await remote.aclose()
+            server.close()
+
+    run(main)

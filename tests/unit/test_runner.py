@@ -1007,3 +1007,75 @@ def test_a_cancel_during_an_early_save_still_keeps_what_the_attempt_holds(
     asyncio.run(main())
     stored = Envelope.from_json(queue.stored["Q1"][0])
     assert [r.status for r in stored.recipients] == ["delivered", "delivered", "deferred"]
+
+
+def test_a_dot_the_fence_withholds_keeps_the_retry_schedule(tmp_path: Path) -> None:
+    # A held-back dot made the message due at once, the fence's refusal (the lease not
+    # confirmed) too: on a shared queue the node claimed it again at once, a hot loop
+    # sending the whole message without its dot hundreds of times a second.
+    from postroom.delivery.remote import FENCED, DotWithheld
+
+    env, queue, _boxes = _last_attempt(tmp_path, DotWithheld("mx.b.test[192.0.2.2]", FENCED))
+    stored = Envelope.from_json(queue.stored["Q1"][0])
+    assert stored.next_attempt > NOW + 86400 + 10  # a retry interval away, not at once
+    assert env.recipients[0].status == "deferred"  # and no bounce by it
+
+
+@pytest.mark.parametrize("why", ["the stop", "an overload"])
+def test_a_first_attempt_that_never_runs_still_owes_its_success_notice(
+    tmp_path: Path, why: str
+) -> None:
+    # A local copy's NOTIFY=SUCCESS notice was decided in the first attempt only: a first
+    # attempt cancelled by the stop while it waited for a slot, or parked by an overload,
+    # never owed it, and the sender never heard (the message then finished, silent).
+    from postroom.delivery.remote import DeliveryResult
+    from postroom.smtp.client_engine import Outcome
+    from postroom.wire.replies import Reply
+
+    runner, queue, _boxes, clock = make(tmp_path, {})
+    runner._slots = asyncio.Semaphore(1)
+    tarpit = asyncio.Event()
+
+    class Remote:
+        stopping = False
+        committing = 0
+
+        async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
+            if domain == "slow.test":
+                await tarpit.wait()
+            ok = Reply(250, "2.0.0", ("queued",))
+            return [
+                DeliveryResult(r, Outcome.DELIVERED, ok, "mx", dsn_offered=True)
+                for r in outgoing.recipients
+            ]
+
+        async def aclose(self) -> None:
+            pass
+
+    runner._remote = Remote()
+    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+
+    async def put(qid: str, *rcpts: str, notify: bool = False) -> None:
+        env = envelope(qid, *rcpts)
+        if notify:
+            env.recipients[0].notify = ["SUCCESS"]
+        draft = runner.queue.draft(env.id, env.sender)
+        draft.write(b"Subject: t\r\n\r\nbody\r\n")
+        await runner.accept(env, draft)
+
+    async def first_run() -> None:
+        await put("Q0", "x@slow.test")  # holds the only slot
+        if why == "an overload":
+            for i in range(1, 4):  # BACKLOG first attempts: the next is parked
+                await put(f"Q0{i}", f"x{i}@slow.test")
+        await asyncio.sleep(0.01)
+        if why == "the stop":
+            runner.begin_stop()
+        await put("Q1", "alice@a.test", "bob@b.test", notify=True)
+        await asyncio.sleep(0.01)
+        await runner.stop(timeout=0.05)
+
+    asyncio.run(first_run())
+    stored = Envelope.from_json(queue.stored["Q1"][0])
+    assert len(stored.reports) == 1, "the success notice is not owed"
+    assert stored.next_attempt <= clock.now

@@ -541,7 +541,12 @@ class RemoteDelivery:
         """Cache the session if it is ready for another message (after the RSET that closes a
         failed transaction); the result, and whether it went over TLS."""
         secure = session.engine.secure
-        if isinstance(await session.next_event(), Ready):
+        try:
+            ready = isinstance(await session.next_event(), Ready)
+        except BaseException:  # (cancelled waiting for the RSET's reply: not left open)
+            session.close()
+            raise
+        if ready:
             self._put(key, session)
         else:
             session.close()

@@ -314,8 +314,8 @@ class QueueRunner:
             await self._remote.aclose()
 
     def _start(self, envelope: Envelope, first: _First | None = None) -> None:
-        if self._stopping:
-            return
+        if self._stopping or (self._draining and first is None):
+            return  # (a first attempt still runs while the stop drains: see begin_stop)
         if envelope.id in self._inflight:  # claimed again before its last attempt ended
             self._again[envelope.id] = envelope
             return
@@ -344,31 +344,52 @@ class QueueRunner:
         if first is not None and overload:
             # More first attempts waiting than are worth holding in memory and in the journal:
             # this one waits in the queue instead, due at once (nothing was dialled for it).
-            envelope.attempts, envelope.next_attempt = 0, 0.0
-            await self.queue.record(envelope, first.attempts)
+            envelope.attempts = 0
+            await self._park_first(envelope, first, 0.0)
             return
-        async with self._slots:
-            # Counted already: at acceptance (a first attempt), or by _deliver before dialling.
-            counted = -1 if first is not None and envelope.attempts > 0 else envelope.attempts
-            try:
-                await self._deliver(envelope, first)
-            except LeaseLost as exc:
-                # Deleted, or another node holds it now: that node records what happens; or
-                # cut short by a stop before its final dot: tried again after the restart.
-                self.services.log.info("%s: attempt dropped: %s", envelope.id, exc)
-            except Exception as exc:
-                self._failed(f"delivery of {envelope.id} failed", exc)
-                # Try again later rather than lose it or spin; past max_queue_time, give up
-                # as after any other attempt (else an error at every try kept it for ever).
-                if envelope.id not in self._deleted:
-                    now = self._clock()
-                    if envelope.attempts == counted:  # once per attempt, not twice
-                        self._count_attempt(envelope, now)
-                    try:
-                        await self._settle(envelope, now, [], [], [], set(), b"", counted=True)
-                    except Exception as again:
-                        self._failed(f"cannot record {envelope.id}", again)
-            self._deleted.discard(envelope.id)
+        try:
+            await self._slots.acquire()
+        except asyncio.CancelledError:
+            if first is not None:  # the stop came while it waited for a slot
+                await self._park_first(envelope, first, self._clock())
+            raise
+        try:
+            await self._in_slot(envelope, first)
+        finally:
+            self._slots.release()
+
+    async def _in_slot(self, envelope: Envelope, first: _First | None) -> None:
+        """One attempt, holding its slot: whatever happens, it ends recorded (or dropped)."""
+        # Counted already: at acceptance (a first attempt), or by _deliver before dialling.
+        counted = -1 if first is not None and envelope.attempts > 0 else envelope.attempts
+        try:
+            await self._deliver(envelope, first)
+        except LeaseLost as exc:
+            # Deleted, or another node holds it now: that node records what happens; or
+            # cut short by a stop before its final dot: tried again after the restart.
+            self.services.log.info("%s: attempt dropped: %s", envelope.id, exc)
+        except Exception as exc:
+            self._failed(f"delivery of {envelope.id} failed", exc)
+            # Try again later rather than lose it or spin; past max_queue_time, give up
+            # as after any other attempt (else an error at every try kept it for ever).
+            if envelope.id not in self._deleted:
+                now = self._clock()
+                if envelope.attempts == counted:  # once per attempt, not twice
+                    self._count_attempt(envelope, now)
+                try:
+                    await self._settle(envelope, now, [], [], [], set(), b"", counted=True)
+                except Exception as again:
+                    self._failed(f"cannot record {envelope.id}", again)
+        self._deleted.discard(envelope.id)
+
+    async def _park_first(self, envelope: Envelope, first: _First, due: float) -> None:
+        """A first attempt that does not run (an overload, or a stop while it waited): the
+        notices its local copies owe are decided now, as only a first attempt knows them
+        (sent at the next attempt's start), and the message waits in the queue, due at
+        ``due`` at the latest."""
+        envelope.reports += self._decide_reports(envelope, [], list(first.done), set())
+        envelope.next_attempt = min(envelope.next_attempt, due)
+        await self.queue.record(envelope, first.attempts)
 
     def _failed(self, what: str, exc: Exception) -> None:
         """Log an attempt's error: one line for storage that refused a write (a full disk: an
@@ -581,8 +602,8 @@ class QueueRunner:
         """End an attempt: expire what is past ``max_queue_time``, owe and queue the DSNs,
         and store the outcome (or release the message once every recipient is settled).
         ``cut``: a stop or the fence held a final dot back (or kept the hosts from being
-        dialled): that is no outcome, so nothing expires by it, and the message is due at
-        once (the host was about to take it; the next start, or node, tries it)."""
+        dialled): that is no outcome, so nothing expires by it; after a stop the message is
+        due at once (the host was about to take it; the next start, or node, tries it)."""
         # Deferred recipients past max_queue_time bounce with their last error.
         if not cut and schedule.expired(
             envelope.created, self._clock(), self.cfg.delivery.max_queue_time
@@ -605,7 +626,7 @@ class QueueRunner:
             else:
                 if not counted:
                     self._count_attempt(envelope, now)  # only local failures: count it here
-                if cut:
+                if cut and self._draining:  # (the fence's refusal keeps the schedule)
                     envelope.next_attempt = min(envelope.next_attempt, now)
                 await self.queue.record(envelope, attempts)
         except Exception:
