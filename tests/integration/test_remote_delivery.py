@@ -1117,3 +1117,27 @@ def test_a_cancel_while_waiting_for_the_rset_reply_closes_the_session() -> None:
             server.close()
 
     run(main)
+
+
+def test_a_delivery_that_finds_the_stop_begun_dials_no_host() -> None:
+    # A delivery that waited for its destination slot, or went on to a backup host, after
+    # the stop had begun still connected and sent the whole message (only its dot held back).
+    from postroom.delivery.remote import STOPPED, DotWithheld
+
+    port = free_port()
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.5", port).start()
+        route = Route((mx("mx.b.test", "127.0.0.5", 10),))
+        remote = RemoteDelivery(config(port), StaticResolver({"b.test": route}), reply_timeout=5)
+        remote.stopping = True
+        try:
+            with pytest.raises(DotWithheld) as withheld:
+                await remote.deliver("b.test", message("bob@b.test"), BODY)
+        finally:
+            await remote.aclose()
+            await sink.stop()
+        assert withheld.value.reply == STOPPED
+        assert sink.connections == 0
+
+    run(main)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -1079,3 +1080,51 @@ def test_a_first_attempt_that_never_runs_still_owes_its_success_notice(
     stored = Envelope.from_json(queue.stored["Q1"][0])
     assert len(stored.reports) == 1, "the success notice is not owed"
     assert stored.next_attempt <= clock.now
+
+
+def test_the_stop_waits_for_a_reply_to_a_final_dot_only_while_one_is_out(
+    tmp_path: Path,
+) -> None:
+    # With one dot out and another delivery held by a tarpit, the stop waited the whole
+    # commit time-out (until the tarpit's, which never ends), long after the reply came.
+    runner, _queue, _boxes, _clock = make(tmp_path, {})
+    tarpit = asyncio.Event()
+
+    class Remote:
+        stopping = False
+        committing = 0
+
+        async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
+            from postroom.delivery.remote import DeliveryResult
+            from postroom.smtp.client_engine import Outcome
+            from postroom.wire.replies import Reply
+
+            if domain == "slow.test":
+                await tarpit.wait()
+            self.committing += 1  # the dot is out: its reply comes in 0.3 s
+            try:
+                await asyncio.sleep(0.3)
+            finally:
+                self.committing -= 1
+            ok = Reply(250, "2.0.0", ("queued",))
+            return [DeliveryResult(r, Outcome.DELIVERED, ok, "mx") for r in outgoing.recipients]
+
+        async def aclose(self) -> None:
+            pass
+
+    runner._remote = Remote()
+    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+
+    async def main() -> float:
+        for qid, rcpt in (("Q1", "x@slow.test"), ("Q2", "y@fast.test")):
+            env = envelope(qid, rcpt)
+            draft = runner.queue.draft(env.id, env.sender)
+            draft.write(b"Subject: t\r\n\r\nbody\r\n")
+            await runner.accept(env, draft)
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await runner.stop(timeout=0.0, commit_timeout=5.0)
+        return time.monotonic() - started
+
+    took = asyncio.run(main())
+    assert took < 2.0, took

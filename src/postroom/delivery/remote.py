@@ -353,6 +353,8 @@ class RemoteDelivery:
             for ip in target.addresses:
                 if not pending or tried >= self._max_addresses:
                     break
+                if self.stopping:  # (waited for its slot, or a backup host: none is dialled)
+                    raise DotWithheld(f"{target.host}[{ip}]", STOPPED)
                 tried += 1
                 if data is None:
                     data = source if isinstance(source, bytes) else await source()

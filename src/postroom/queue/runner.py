@@ -296,9 +296,12 @@ class QueueRunner:
         if tasks:
             started = time.monotonic()
             _done, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout))
-            left = commit_timeout - (time.monotonic() - started)
-            if pending and left > 0 and self._remote is not None and self._remote.committing:
-                _done, pending = await asyncio.wait(pending, timeout=left)
+            # Then only while a final dot is out (not for the others: they are cut anyway).
+            while pending and self._remote is not None and self._remote.committing:
+                left = commit_timeout - (time.monotonic() - started)
+                if left <= 0:
+                    break
+                _done, pending = await asyncio.wait(pending, timeout=min(left, 0.05))
             if pending:  # the operator reads why these messages are still queued
                 ids = sorted(q for q, task in self._inflight.items() if task in pending)
                 self.services.log.info(
