@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import time
@@ -1128,3 +1129,197 @@ def test_the_stop_waits_for_a_reply_to_a_final_dot_only_while_one_is_out(
 
     took = asyncio.run(main())
     assert took < 2.0, took
+
+
+def _put(
+    runner: QueueRunner, qid: str, *rcpts: str, notify: bool = False, sender: str = "alice@a.test"
+) -> Any:
+    async def put() -> Envelope:
+        env = envelope(qid, *rcpts, sender=sender)
+        if notify:
+            env.recipients[0].notify = ["SUCCESS"]
+        draft = runner.queue.draft(env.id, env.sender)
+        draft.write(b"Subject: t\r\n\r\nbody\r\n")
+        await runner.accept(env, draft)
+        return env
+
+    return put()
+
+
+def test_a_first_attempt_that_fails_still_owes_its_success_notice(tmp_path: Path) -> None:
+    # A first attempt that raised (its body unreadable for a moment) ended without deciding
+    # the notice its local copy owed (NOTIFY=SUCCESS), and no later attempt decides it.
+    from postroom.delivery.remote import DeliveryResult
+    from postroom.smtp.client_engine import Outcome
+    from postroom.wire.replies import Reply
+
+    runner, queue, boxes, clock = make(tmp_path, {})
+
+    class Remote:
+        stopping = False
+        committing = 0
+
+        async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
+            ok = Reply(250, "2.0.0", ("queued",))
+            return [
+                DeliveryResult(r, Outcome.DELIVERED, ok, "mx", dsn_offered=True)
+                for r in outgoing.recipients
+            ]
+
+        async def aclose(self) -> None:
+            pass
+
+    runner._remote = Remote()
+    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+    body = queue.body
+    failed: list[int] = []
+
+    async def flaky(env: Envelope) -> bytes:
+        if not failed:
+            failed.append(1)
+            raise OSError(errno.EIO, "Input/output error")
+        return await body(env)
+
+    queue.body = flaky  # type: ignore[method-assign]
+
+    async def main() -> None:
+        await _put(runner, "Q1", "alice@a.test", "bob@b.test", notify=True)
+        await settle(runner)
+        clock.now += 400
+        for env in await queue.claim(clock.now, 100):
+            runner._start(env)
+        await settle(runner)
+
+    asyncio.run(main())
+    assert [qid for qid, _mailbox in boxes.delivered if qid != "Q1"], "no success notice"
+
+
+def test_a_notice_made_while_the_stop_waits_is_due_at_once(tmp_path: Path) -> None:
+    # A bounce decided while stop() waited for the attempts in flight was queued, its first
+    # attempt refused, and stored due a retry interval (5 minutes) after the restart.
+    from postroom.delivery.remote import DeliveryResult
+    from postroom.smtp.client_engine import Outcome
+    from postroom.wire.replies import Reply
+
+    runner, queue, _boxes, clock = make(tmp_path, {})
+    gate = asyncio.Event()
+
+    class Remote:
+        stopping = False
+        committing = 0
+
+        async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
+            await gate.wait()
+            no = Reply(550, "5.1.1", ("no such user",))
+            return [
+                DeliveryResult(r, Outcome.PERMANENT, no, "mx.b.test") for r in outgoing.recipients
+            ]
+
+        async def aclose(self) -> None:
+            pass
+
+    runner._remote = Remote()
+    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+
+    async def main() -> None:
+        await _put(runner, "Q1", "bob@b.test", sender="carol@remote.test")
+        await asyncio.sleep(0.01)
+        asyncio.get_running_loop().call_later(0.05, gate.set)
+        await runner.stop(timeout=1.0)
+
+    asyncio.run(main())
+    (dsn,) = [qid for qid in queue.stored if qid != "Q1"]
+    assert Envelope.from_json(queue.stored[dsn][0]).next_attempt <= clock.now
+
+
+def test_a_stop_before_a_backup_host_keeps_what_the_first_host_said(tmp_path: Path) -> None:
+    # The stop came while mx1 answered (r1 250, r2 451): r2 was logged deferred with our
+    # "not finished before the final dot" at the never dialled mx2, mx1's real 451 dropped
+    # (not logged, not in the history) and an older error left as r2's last error.
+    from postroom.resolver import Target
+    from postroom.smtp.client_engine import MessageDone, Outcome, RecipientResult
+    from postroom.wire.replies import Reply
+
+    routes = {
+        "d.test": Route(
+            (Target("mx1.d.test", ("192.0.2.1",), 10), Target("mx2.d.test", ("192.0.2.2",), 20))
+        )
+    }
+    runner, queue, _boxes, _clock = make(tmp_path, routes)
+    dialled: list[str] = []
+    remote = runner._remote_delivery()
+
+    async def at(target: Any, ip: str, message: Any, *args: Any, **kw: Any) -> Any:
+        dialled.append(target.host)
+        ok, grey = Reply(250, "2.0.0", ("queued",)), Reply(451, "4.7.1", ("greylisted",))
+        results = tuple(
+            RecipientResult(r, Outcome.DELIVERED, ok)
+            if r.address.startswith("r1")
+            else RecipientResult(r, Outcome.TEMPORARY, grey)
+            for r in message.recipients
+        )
+        runner.begin_stop()  # SIGTERM, while mx1's transaction ends
+        return MessageDone(results, True), False
+
+    remote._deliver_at = at  # type: ignore[method-assign]
+    env = envelope("Q1", "r1@d.test", "r2@d.test")
+    env.attempts, env.next_attempt = 1, NOW
+    env.recipients[1].last_error = "421 4.4.2 an older error"
+    queue.messages["Q1"] = (env, b"Return-Path: <alice@a.test>\nSubject: t\n\nbody\n")
+
+    async def main() -> None:
+        runner._start(env)
+        await settle(runner)
+
+    asyncio.run(main())
+    stored = Envelope.from_json(queue.stored["Q1"][0])
+    assert dialled == ["mx1.d.test"]
+    assert [(r.status, r.last_error) for r in stored.recipients] == [
+        ("delivered", None),
+        ("deferred", "451 4.7.1 greylisted"),
+    ]
+    assert [a.host for a in stored.history] == ["mx1.d.test", "mx1.d.test"]
+
+
+def test_a_retry_that_gets_its_slot_while_the_stop_drains_counts_no_attempt(
+    tmp_path: Path,
+) -> None:
+    # Waiting for a slot when the stop began, it got one, dialled nothing, and still counted
+    # an attempt (its next real failure then waited a longer interval).
+    from postroom.delivery.remote import DeliveryResult
+    from postroom.smtp.client_engine import Outcome
+    from postroom.wire.replies import Reply
+
+    runner, queue, _boxes, _clock = make(tmp_path, {})
+    runner._slots = asyncio.Semaphore(1)
+    gate = asyncio.Event()
+
+    class Remote:
+        stopping = False
+        committing = 0
+
+        async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
+            await gate.wait()
+            ok = Reply(250, "2.0.0", ("queued",))
+            return [DeliveryResult(r, Outcome.DELIVERED, ok, "mx") for r in outgoing.recipients]
+
+        async def aclose(self) -> None:
+            pass
+
+    runner._remote = Remote()
+    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+    env = envelope("R", "bob@b.test")
+    env.attempts, env.next_attempt = 1, NOW
+    queue.messages["R"] = (env, b"Return-Path: <alice@a.test>\nSubject: t\n\nbody\n")
+
+    async def main() -> None:
+        await _put(runner, "H", "x@hold.test")  # holds the only slot
+        await asyncio.sleep(0.01)
+        runner._start(env)  # claimed: waits for the slot
+        await asyncio.sleep(0.01)
+        runner.begin_stop()
+        gate.set()
+        await runner.stop(timeout=1.0)
+
+    asyncio.run(main())
+    assert Envelope.from_json(queue.stored["R"][0]).attempts == 1

@@ -98,6 +98,7 @@ FENCED = Reply(
 STOPPED = Reply(
     451, "4.3.2", ("not finished before the final dot: the server is stopping",), local=True
 )
+NOT_TRIED = Reply(451, "4.3.2", ("not tried: the server is stopping",), local=True)
 
 
 log = logging.getLogger("postroom")
@@ -327,7 +328,7 @@ class RemoteDelivery:
         ``final`` gets each recipient's result (by its index) as soon as a host gave one that
         is not temporary: a caller cancelled while a later host is tried, or given
         :class:`DotWithheld`, reads there what earlier hosts took (RFC 5321 §6.1: their 250
-        commits them)."""
+        commits them); given DotWithheld, also what they deferred (their own 4xx)."""
         route = await self.resolver.route(domain)
         route = drop_self(
             route,
@@ -354,7 +355,8 @@ class RemoteDelivery:
                 if not pending or tried >= self._max_addresses:
                     break
                 if self.stopping:  # (waited for its slot, or a backup host: none is dialled)
-                    raise DotWithheld(f"{target.host}[{ip}]", STOPPED)
+                    final.update((i, r) for i, r in last_temp.items() if i not in final)
+                    raise DotWithheld("", NOT_TRIED)
                 tried += 1
                 if data is None:
                     data = source if isinstance(source, bytes) else await source()
@@ -370,8 +372,12 @@ class RemoteDelivery:
                         if not exc.permanent:
                             unreached = session_error
                         break
-                    except LeaseLost:  # DotWithheld too: what hosts before this one took
-                        raise  # (RFC 5321 §6.1: their 250 commits them) is in ``final``
+                    except LeaseLost as lost:  # DotWithheld too: what hosts before this one
+                        # took (RFC 5321 §6.1: their 250 commits them) is in ``final``, and
+                        # what they deferred (their real reply, not our stop's)
+                        if isinstance(lost, DotWithheld):
+                            final.update((i, r) for i, r in last_temp.items() if i not in final)
+                        raise
                     except Exception:  # a bug of ours with this host: the next one is tried,
                         # and what earlier hosts took is kept (else it would go again)
                         log.exception("delivery to %s[%s] failed", target.host, ip)
@@ -495,6 +501,8 @@ class RemoteDelivery:
         may_finish: MayFinish | None,
     ) -> MessageDone:
         """One transaction on a ready session; LeaseLost if ``may_finish`` refused its dot."""
+        if self.stopping:  # (a session opened before the stop: a small BDAT would commit)
+            raise DotWithheld(f"{target.host}[{ip}]", STOPPED)
         # RFC 5321 §4.5.3.1.6 (lines) and RFC 6152 §3 (8-bit to a peer without 8BITMIME).
         eight_bit = "8BITMIME" in session.engine.extensions
         if len(data) > OFF_LOOP:  # a pass (or more) over a large message: not on the loop

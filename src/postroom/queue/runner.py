@@ -99,12 +99,14 @@ CUT_SHORT = "451 4.3.2 attempt cut short by the stop: tried again at the next st
 CUT_SAVE_WAIT = 0.5  # seconds a stop waits for the attempts it cancelled to store their outcomes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _First:
-    """A message just accepted: its local copies' attempts, and the recipients they reached."""
+    """A message just accepted: its local copies' attempts, and the recipients they reached
+    (``decided``: the notices these owe are decided, by the attempt's end)."""
 
     attempts: list[Attempt]
     done: list[Recipient]
+    decided: bool = False
 
 
 class ProcessSlots:
@@ -195,6 +197,8 @@ class QueueRunner:
         ]
         if len(local) < len(envelope.recipients):  # the others' first attempt starts now
             self._count_attempt(envelope, now, self._jitter())
+            if self._draining:  # no first attempt dials now: due at once at the next start
+                envelope.next_attempt = now
         started = time.monotonic()
         errors = await self.queue.accept(envelope, draft, local, hold)
         self._accepted(envelope)
@@ -379,8 +383,10 @@ class QueueRunner:
                 now = self._clock()
                 if envelope.attempts == counted:  # once per attempt, not twice
                     self._count_attempt(envelope, now)
+                # (a first attempt's local copies owe their notices still, unless decided)
+                done = list(first.done) if first is not None and not first.decided else []
                 try:
-                    await self._settle(envelope, now, [], [], [], set(), b"", counted=True)
+                    await self._settle(envelope, now, [], [], done, set(), b"", counted=True)
                 except Exception as again:
                     self._failed(f"cannot record {envelope.id}", again)
         self._deleted.discard(envelope.id)
@@ -502,6 +508,8 @@ class QueueRunner:
                 if saving is not None and not saving.done():
                     await asyncio.wait([saving])  # (two saves at once would collide)
                 cut = {d: rcpts for d, rcpts in remote.items() if d not in applied}
+                if first is not None:
+                    first.decided = True  # (by _keep_cut)
                 await self._keep_cut(envelope, now, cut, kept, *results)
                 raise
             finally:
@@ -513,6 +521,8 @@ class QueueRunner:
         if envelope.id in self._deleted:
             await self.queue.finish(envelope, attempts)  # released; no bounce, no retry
             return
+        if first is not None:
+            first.decided = True  # (by _settle, first of all)
         await self._settle(
             envelope, now, attempts, newly_failed, newly_done, relayed, wire, counted,
             cut=bool(withheld),
@@ -572,7 +582,7 @@ class QueueRunner:
         for domain, rcpts in cut.items():
             for i, (_index, rcpt) in enumerate(rcpts):
                 result = kept[domain].get(i)
-                if result is not None and result.outcome is not Outcome.TEMPORARY:
+                if result is not None:
                     rcpt.remote_mta = result.remote_mta
                     self._apply_remote(
                         envelope, [(rcpt, result)], 0.0, newly_done, newly_failed, relayed
@@ -627,7 +637,7 @@ class QueueRunner:
             if envelope.done and not envelope.reports:
                 await self.queue.finish(envelope, attempts)
             else:
-                if not counted:
+                if not counted and not (cut and self._draining):  # (nothing was dialled)
                     self._count_attempt(envelope, now)  # only local failures: count it here
                 if cut and self._draining:  # (the fence's refusal keeps the schedule)
                     envelope.next_attempt = min(envelope.next_attempt, now)
@@ -770,11 +780,12 @@ class QueueRunner:
             # (a queue that no longer holds the message refuses the record, as it should);
             # the rest is left as it was, no outcome (``withheld``).
             self.services.log.info("%s: %s cut short: %s", envelope.id, domain, exc)
-            withheld[domain] = (str(exc.reply), f"{exc.where}:{self.cfg.delivery.port}")
-            decided = []
+            relay = f"{exc.where}:{self.cfg.delivery.port}" if exc.where else "none"
+            withheld[domain] = (str(exc.reply), relay)
+            decided = []  # (temporary ones too: an earlier host's 451 is this attempt's)
             for i, (_index, rcpt) in enumerate(rcpts):
                 result = kept.get(i)
-                if result is not None and result.outcome is not Outcome.TEMPORARY:
+                if result is not None:
                     rcpt.remote_mta = result.remote_mta
                     decided.append((rcpt, result))
             return 0.0, decided
