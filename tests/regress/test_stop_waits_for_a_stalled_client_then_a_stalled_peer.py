@@ -11,6 +11,7 @@ comes). A delivery waiting for the reply to its dot is now waited for until the 
 
 from __future__ import annotations
 
+import contextlib
 import smtplib
 import socket
 import threading
@@ -107,11 +108,9 @@ def _relay_to(
     return srv
 
 
-def test_sigterm_with_a_dripping_client_and_a_tarpit_peer_exits_0_within_10_s(
-    server_factory: ServerFactory, tarpit: tuple[Tarpit, LoopbackDNS]
-) -> None:
-    pit, zone = tarpit
-    srv = _relay_to(server_factory, pit, zone)
+@contextlib.contextmanager
+def dripping_client(srv: Server) -> Iterator[None]:
+    """A client in DATA that sends one octet every half second while the block runs."""
     drip = socket.create_connection((srv.host, srv.ports["smtp"]), timeout=20)
     drip.sendall(b"EHLO d\r\nMAIL FROM:<d@x.test>\r\nRCPT TO:<alice@a.test>\r\nDATA\r\n")
     wait_until(lambda: b"354" in drip.recv(4096), what="354")
@@ -127,13 +126,22 @@ def test_sigterm_with_a_dripping_client_and_a_tarpit_peer_exits_0_within_10_s(
 
     threading.Thread(target=dripping, daemon=True).start()
     try:
+        yield
+    finally:
+        stop.set()
+        drip.close()
+
+
+def test_sigterm_with_a_dripping_client_and_a_tarpit_peer_exits_0_within_10_s(
+    server_factory: ServerFactory, tarpit: tuple[Tarpit, LoopbackDNS]
+) -> None:
+    pit, zone = tarpit
+    srv = _relay_to(server_factory, pit, zone)
+    with dripping_client(srv):
         time.sleep(1)
         t0 = time.monotonic()
         code = srv.stop(timeout=20)
         elapsed = time.monotonic() - t0
-    finally:
-        stop.set()
-        drip.close()
     assert code == 0 and elapsed < 10, (code, elapsed)
     # The delivery cut short is still queued, for the next start, and the log says so.
     assert "bob@tarpit.test" in srv.cli("queue", "list").stdout
@@ -182,25 +190,8 @@ def test_a_client_the_stop_waits_for_lets_no_final_dot_out(
     pit.go_on_after, pit.reply_after = 2.0, 6.0
     srv = _relay_to(server_factory, pit, zone, wait=False)
     assert pit.at_data.wait(20), "the delivery did not reach DATA"
-    drip = socket.create_connection((srv.host, srv.ports["smtp"]), timeout=20)
-    drip.sendall(b"EHLO d\r\nMAIL FROM:<d@x.test>\r\nRCPT TO:<alice@a.test>\r\nDATA\r\n")
-    wait_until(lambda: b"354" in drip.recv(4096), what="354")
-    stop = threading.Event()
-
-    def dripping() -> None:
-        while not stop.is_set():
-            try:
-                drip.sendall(b"x")
-            except OSError:
-                return
-            stop.wait(0.5)
-
-    threading.Thread(target=dripping, daemon=True).start()
-    try:
+    with dripping_client(srv):
         code = srv.stop(timeout=20)
-    finally:
-        stop.set()
-        drip.close()
     assert code == 0
     assert not pit.got_data.is_set() and pit.messages == 0
     assert "bob@tarpit.test" in srv.cli("queue", "list").stdout  # for the next start

@@ -24,6 +24,16 @@ from postroom.storage.interfaces import LocalCopy, MessageDraft
 NOW = 1_800_000_000.0
 
 
+class FakeRemote:
+    """What the runner asks of remote delivery besides ``deliver`` (a test's subclass)."""
+
+    stopping = False
+    committing = 0
+
+    async def aclose(self) -> None:
+        pass
+
+
 class MemoryDraft:
     def __init__(self, sender: str) -> None:
         self.data = f"Return-Path: <{sender}>\n".encode()
@@ -723,10 +733,7 @@ def test_a_stop_that_cancels_an_attempt_keeps_the_250s_it_holds(tmp_path: Path, 
     hold = asyncio.Event()
     sent: list[str] = []
 
-    class Remote:
-        stopping = False
-        committing = 0
-
+    class Remote(FakeRemote):
         async def deliver(
             self,
             domain: str,
@@ -744,9 +751,6 @@ def test_a_stop_that_cancels_an_attempt_keeps_the_250s_it_holds(tmp_path: Path, 
                 sent.append(r.address)
                 out.append(final.setdefault(i, DeliveryResult(r, Outcome.DELIVERED, ok, "mx")))
             return out
-
-        async def aclose(self) -> None:
-            pass
 
     async def first_run() -> None:
         runner._remote = Remote()
@@ -793,12 +797,9 @@ def test_a_stop_that_cancels_an_attempt_keeps_the_250s_it_holds(tmp_path: Path, 
     assert len([qid for qid, _mailbox in boxes.delivered if qid != "Q1"]) == 1  # the DSN
 
 
-class _SecondAttempt:
+class _SecondAttempt(FakeRemote):
     """A remote side whose first attempt is greylisted by mx.b.test and whose second one
     ends as ``second`` says: a dot the stop withholds, or an error of ours."""
-
-    stopping = False
-    committing = 0
 
     def __init__(self, second: BaseException) -> None:
         self.second = second
@@ -821,9 +822,6 @@ class _SecondAttempt:
             )
             for r in outgoing.recipients
         ]
-
-    async def aclose(self) -> None:
-        pass
 
 
 def _last_attempt(tmp_path: Path, second: BaseException) -> tuple[Envelope, Any, Any]:
@@ -880,16 +878,10 @@ def test_mail_accepted_while_the_stop_waits_gets_its_first_attempt_but_dials_no_
     runner, queue, boxes, clock = make(tmp_path, {})
     dialled: list[str] = []
 
-    class Remote:
-        stopping = False
-        committing = 0
-
+    class Remote(FakeRemote):
         async def deliver(self, domain: str, *args: Any, **kwargs: Any) -> list[Any]:
             dialled.append(domain)
             raise AssertionError("no host is dialled once the stop has begun")
-
-        async def aclose(self) -> None:
-            pass
 
     runner._remote_delivery = lambda: Remote()  # type: ignore[method-assign]
     env = envelope("Q1", "alice@a.test", "bob@b.test")
@@ -926,10 +918,7 @@ def test_a_cancel_after_a_withheld_dot_keeps_the_250_an_earlier_host_gave(
 
     runner, queue, _boxes, _clock = make(tmp_path, {})
 
-    class Remote:
-        stopping = False
-        committing = 0
-
+    class Remote(FakeRemote):
         async def deliver(
             self, domain: str, outgoing: Any, wire: bytes, may_finish: Any, final: Any
         ) -> list[DeliveryResult]:
@@ -938,9 +927,6 @@ def test_a_cancel_after_a_withheld_dot_keeps_the_250_an_earlier_host_gave(
             final[0] = DeliveryResult(outgoing.recipients[0], Outcome.DELIVERED, ok, "mx1.d.test")
             runner._inflight["Q1"].cancel()  # the stop's time-out, at this very moment
             raise DotWithheld("mx2.d.test[192.0.2.9]", STOPPED)
-
-        async def aclose(self) -> None:
-            pass
 
     runner._remote_delivery = lambda: Remote()  # type: ignore[method-assign]
     env = envelope("Q1", "d1@d.test", "d2@d.test")
@@ -977,10 +963,7 @@ def test_a_cancel_during_an_early_save_still_keeps_what_the_attempt_holds(
     queue.save = slow_save  # type: ignore[method-assign]
     tarpit = asyncio.Event()
 
-    class Remote:
-        stopping = False
-        committing = 0
-
+    class Remote(FakeRemote):
         async def deliver(
             self, domain: str, outgoing: Any, wire: bytes, may_finish: Any, final: Any
         ) -> list[DeliveryResult]:
@@ -991,9 +974,6 @@ def test_a_cancel_during_an_early_save_still_keeps_what_the_attempt_holds(
             final[0] = DeliveryResult(outgoing.recipients[0], Outcome.DELIVERED, ok, "mx1")
             await tarpit.wait()
             raise AssertionError("never")
-
-        async def aclose(self) -> None:
-            pass
 
     runner._remote = Remote()
     runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
@@ -1038,10 +1018,7 @@ def test_a_first_attempt_that_never_runs_still_owes_its_success_notice(
     runner._slots = asyncio.Semaphore(1)
     tarpit = asyncio.Event()
 
-    class Remote:
-        stopping = False
-        committing = 0
-
+    class Remote(FakeRemote):
         async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
             if domain == "slow.test":
                 await tarpit.wait()
@@ -1050,9 +1027,6 @@ def test_a_first_attempt_that_never_runs_still_owes_its_success_notice(
                 DeliveryResult(r, Outcome.DELIVERED, ok, "mx", dsn_offered=True)
                 for r in outgoing.recipients
             ]
-
-        async def aclose(self) -> None:
-            pass
 
     runner._remote = Remote()
     runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
@@ -1091,10 +1065,7 @@ def test_the_stop_waits_for_a_reply_to_a_final_dot_only_while_one_is_out(
     runner, _queue, _boxes, _clock = make(tmp_path, {})
     tarpit = asyncio.Event()
 
-    class Remote:
-        stopping = False
-        committing = 0
-
+    class Remote(FakeRemote):
         async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
             from postroom.delivery.remote import DeliveryResult
             from postroom.smtp.client_engine import Outcome
@@ -1109,9 +1080,6 @@ def test_the_stop_waits_for_a_reply_to_a_final_dot_only_while_one_is_out(
                 self.committing -= 1
             ok = Reply(250, "2.0.0", ("queued",))
             return [DeliveryResult(r, Outcome.DELIVERED, ok, "mx") for r in outgoing.recipients]
-
-        async def aclose(self) -> None:
-            pass
 
     runner._remote = Remote()
     runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
@@ -1155,19 +1123,13 @@ def test_a_first_attempt_that_fails_still_owes_its_success_notice(tmp_path: Path
 
     runner, queue, boxes, clock = make(tmp_path, {})
 
-    class Remote:
-        stopping = False
-        committing = 0
-
+    class Remote(FakeRemote):
         async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
             ok = Reply(250, "2.0.0", ("queued",))
             return [
                 DeliveryResult(r, Outcome.DELIVERED, ok, "mx", dsn_offered=True)
                 for r in outgoing.recipients
             ]
-
-        async def aclose(self) -> None:
-            pass
 
     runner._remote = Remote()
     runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
@@ -1204,19 +1166,13 @@ def test_a_notice_made_while_the_stop_waits_is_due_at_once(tmp_path: Path) -> No
     runner, queue, _boxes, clock = make(tmp_path, {})
     gate = asyncio.Event()
 
-    class Remote:
-        stopping = False
-        committing = 0
-
+    class Remote(FakeRemote):
         async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
             await gate.wait()
             no = Reply(550, "5.1.1", ("no such user",))
             return [
                 DeliveryResult(r, Outcome.PERMANENT, no, "mx.b.test") for r in outgoing.recipients
             ]
-
-        async def aclose(self) -> None:
-            pass
 
     runner._remote = Remote()
     runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
@@ -1294,17 +1250,11 @@ def test_a_retry_that_gets_its_slot_while_the_stop_drains_counts_no_attempt(
     runner._slots = asyncio.Semaphore(1)
     gate = asyncio.Event()
 
-    class Remote:
-        stopping = False
-        committing = 0
-
+    class Remote(FakeRemote):
         async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
             await gate.wait()
             ok = Reply(250, "2.0.0", ("queued",))
             return [DeliveryResult(r, Outcome.DELIVERED, ok, "mx") for r in outgoing.recipients]
-
-        async def aclose(self) -> None:
-            pass
 
     runner._remote = Remote()
     runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
