@@ -900,6 +900,7 @@ def test_mail_accepted_while_the_stop_waits_gets_its_first_attempt_but_dials_no_
     stored = Envelope.from_json(queue.stored["Q1"][0])
     assert [r.status for r in stored.recipients] == ["delivered", "queued"]
     assert stored.next_attempt <= clock.now  # due at once at the next start
+    assert stored.attempts == 0  # no host saw one
     owed = [qid for qid in queue.stored if qid != "Q1"] + [
         qid for qid, _mailbox in boxes.delivered if qid != "Q1"
     ]
@@ -1054,7 +1055,7 @@ def test_a_first_attempt_that_never_runs_still_owes_its_success_notice(
     asyncio.run(first_run())
     stored = Envelope.from_json(queue.stored["Q1"][0])
     assert len(stored.reports) == 1, "the success notice is not owed"
-    assert stored.next_attempt <= clock.now
+    assert stored.next_attempt <= clock.now and stored.attempts == 0
 
 
 def test_the_stop_waits_for_a_reply_to_a_final_dot_only_while_one_is_out(

@@ -196,9 +196,10 @@ class QueueRunner:
             and self.services.accounts.has_mailbox(r.address)
         ]
         if len(local) < len(envelope.recipients):  # the others' first attempt starts now
-            self._count_attempt(envelope, now, self._jitter())
-            if self._draining:  # no first attempt dials now: due at once at the next start
+            if self._draining:  # none dials now: nothing counted, due at once at the next start
                 envelope.next_attempt = now
+            else:
+                self._count_attempt(envelope, now, self._jitter())
         started = time.monotonic()
         errors = await self.queue.accept(envelope, draft, local, hold)
         self._accepted(envelope)
@@ -351,7 +352,6 @@ class QueueRunner:
         if first is not None and overload:
             # More first attempts waiting than are worth holding in memory and in the journal:
             # this one waits in the queue instead, due at once (nothing was dialled for it).
-            envelope.attempts = 0
             await self._park_first(envelope, first, 0.0)
             return
         try:
@@ -397,6 +397,7 @@ class QueueRunner:
         (sent at the next attempt's start), and the message waits in the queue, due at
         ``due`` at the latest."""
         envelope.reports += self._decide_reports(envelope, [], list(first.done), set())
+        envelope.attempts = 0  # (counted at acceptance, but no host was dialled)
         envelope.next_attempt = min(envelope.next_attempt, due)
         await self.queue.record(envelope, first.attempts)
 
