@@ -771,6 +771,8 @@ def test_a_stop_that_cancels_an_attempt_keeps_the_250s_it_holds(tmp_path: Path, 
     stored = Envelope.from_json(queue.stored["Q1"][0])
     assert [r.status for r in stored.recipients] == ["delivered", "deferred"]
     assert len(stored.reports) == 1 and stored.next_attempt <= clock.now
+    # (and in the history queue show lists: the cut attempt was missing from it)
+    assert [a.recipients for a in stored.history] == [["bob@fast.test"]]
     assert not left  # the stop waited for it to store that
 
     queue = boxes.queue = queue.restarted()

@@ -511,7 +511,10 @@ class QueueRunner:
                 cut = {d: rcpts for d, rcpts in remote.items() if d not in applied}
                 if first is not None:
                     first.decided = True  # (by _keep_cut)
-                await self._keep_cut(envelope, now, cut, kept, *results)
+                for task, domain in tasks.items():  # (the history of the domains done)
+                    if domain in applied:
+                        attempts += _attempts(now, task.result()[1])
+                await self._keep_cut(envelope, now, cut, kept, *results, attempts)
                 raise
             finally:
                 for task in tasks:
@@ -574,12 +577,15 @@ class QueueRunner:
         newly_done: list[Recipient],
         newly_failed: list[Recipient],
         relayed: set[int],
+        attempts: list[Attempt],
     ) -> None:
-        """A stop cancelled the attempt: store what it learnt with the DSNs that owes, due at
+        """A stop cancelled the attempt: store what it learnt (in its history too: the
+        ``attempts`` so far, and those of the domains ``cut``) with the DSNs that owes, due at
         once (the restart queues them, as after a crash in :meth:`_settle`). Also the results
         of the domains ``cut``, not done: an earlier MX host's 250 while a later host is
         tried (the others of those are logged as cut short). Else the
         restart sends those recipients the message again (RFC 5321 §6.1)."""
+        learnt: list[tuple[Recipient, DeliveryResult]] = []
         for domain, rcpts in cut.items():
             for i, (_index, rcpt) in enumerate(rcpts):
                 result = kept[domain].get(i)
@@ -588,12 +594,14 @@ class QueueRunner:
                     self._apply_remote(
                         envelope, [(rcpt, result)], 0.0, newly_done, newly_failed, relayed
                     )
+                    learnt.append((rcpt, result))
                 else:
                     self._cut_short(envelope, rcpt, CUT_SHORT, "none")
         if envelope.id in self._deleted:
             return
         envelope.reports += self._decide_reports(envelope, newly_failed, newly_done, relayed)
         envelope.next_attempt = min(envelope.next_attempt, now)
+        envelope.history.extend(attempts + _attempts(now, learnt))
         try:
             await self.queue.save(envelope)
         except Exception:  # a full disk, a lease lost: left as before the attempt
