@@ -1276,3 +1276,38 @@ def test_a_retry_that_gets_its_slot_while_the_stop_drains_counts_no_attempt(
 
     asyncio.run(main())
     assert Envelope.from_json(queue.stored["R"][0]).attempts == 1
+
+
+def test_a_stop_before_a_backup_host_keeps_the_first_host_s_refusal(tmp_path: Path) -> None:
+    # mx1 refused the session (a 421 greeting), then the stop came before mx2: the recipient
+    # was logged "not tried" and kept an older error as its last.
+    from postroom.delivery.remote import _SessionFailed
+    from postroom.resolver import Target
+    from postroom.wire.replies import Reply
+
+    routes = {
+        "d.test": Route(
+            (Target("mx1.d.test", ("192.0.2.1",), 10), Target("mx2.d.test", ("192.0.2.2",), 20))
+        )
+    }
+    runner, queue, _boxes, _clock = make(tmp_path, routes)
+    remote = runner._remote_delivery()
+
+    async def at(*args: Any, **kw: Any) -> Any:
+        runner.begin_stop()
+        raise _SessionFailed(Reply(421, "4.3.2", ("mx1.d.test[192.0.2.1]: 421 too busy",)))
+
+    remote._deliver_at = at  # type: ignore[method-assign]
+    env = envelope("Q1", "r2@d.test")
+    env.attempts, env.next_attempt = 1, NOW
+    env.recipients[0].status, env.recipients[0].last_error = "deferred", "451 4.7.1 older"
+    queue.messages["Q1"] = (env, b"Return-Path: <alice@a.test>\nSubject: t\n\nbody\n")
+
+    async def main() -> None:
+        runner._start(env)
+        await settle(runner)
+
+    asyncio.run(main())
+    (r2,) = Envelope.from_json(queue.stored["Q1"][0]).recipients
+    assert r2.status == "deferred" and r2.last_error is not None
+    assert "421 too busy" in r2.last_error

@@ -355,7 +355,11 @@ class RemoteDelivery:
                 if not pending or tried >= self._max_addresses:
                     break
                 if self.stopping:  # (waited for its slot, or a backup host: none is dialled)
-                    final.update((i, r) for i, r in last_temp.items() if i not in final)
+                    for i in pending:  # what the hosts tried said: a 4xx, a refused session
+                        if i in last_temp:
+                            final[i] = last_temp[i]
+                        elif session_error is not None:
+                            final[i] = _session_result(message.recipients[i], session_error)
                     raise DotWithheld("", NOT_TRIED)
                 tried += 1
                 if data is None:
