@@ -98,7 +98,9 @@ FENCED = Reply(
 STOPPED = Reply(
     451, "4.3.2", ("not finished before the final dot: the server is stopping",), local=True
 )
-NOT_TRIED = Reply(451, "4.3.2", ("not tried: the server is stopping",), local=True)
+NOT_TRIED = Reply(  # (no transaction was begun)
+    451, "4.3.2", ("not tried: the server is stopping",), local=True
+)
 
 
 log = logging.getLogger("postroom")
@@ -506,7 +508,7 @@ class RemoteDelivery:
     ) -> MessageDone:
         """One transaction on a ready session; LeaseLost if ``may_finish`` refused its dot."""
         if self.stopping:  # (a session opened before the stop: a small BDAT would commit)
-            raise DotWithheld(f"{target.host}[{ip}]", STOPPED)
+            raise DotWithheld(f"{target.host}[{ip}]", NOT_TRIED)
         # RFC 5321 §4.5.3.1.6 (lines) and RFC 6152 §3 (8-bit to a peer without 8BITMIME).
         eight_bit = "8BITMIME" in session.engine.extensions
         if len(data) > OFF_LOOP:  # a pass (or more) over a large message: not on the loop
