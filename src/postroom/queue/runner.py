@@ -45,7 +45,6 @@ from postroom.delivery.dsn import (
     xtext_encode,
 )
 from postroom.delivery.remote import (
-    STOPPED,
     DeliveryResult,
     DotWithheld,
     RemoteDelivery,
@@ -458,10 +457,10 @@ class QueueRunner:
         counted = first is not None and envelope.attempts > 0  # at acceptance
         # Domains whose final dot a stop or the fence held back: the reply and relay to log.
         withheld: dict[str, tuple[str, str]] = {}
-        if remote and self._draining:
-            # The stop has begun: no host is dialled (its final dot would be held back). They
-            # wait for the next start, due at once (see _settle).
-            withheld.update(dict.fromkeys(remote, (str(STOPPED), "none")))
+        # The stop has begun: no host is dialled (its final dot would be held back). They wait
+        # for the next start, due at once (see _settle).
+        drained = bool(remote) and self._draining
+        if drained:
             remote = {}
         if remote:
             if not counted:
@@ -470,57 +469,10 @@ class QueueRunner:
                 # Stored before dialling: a crash now cannot cause an immediate retry loop.
                 await self.queue.begin_attempt(envelope)
             wire = _wire(await self.queue.body(envelope))
-            # What each domain's hosts decided so far, read if a stop cancels this attempt.
-            kept: dict[str, dict[int, DeliveryResult]] = {d: {} for d in remote}
-            tasks = {
-                asyncio.ensure_future(
-                    self._deliver_domain(envelope, d, rcpts, wire, kept[d], withheld)
-                ): d
-                for d, rcpts in remote.items()
-            }
             results = (newly_done, newly_failed, relayed)
-            applied: set[str] = set()  # domains whose results are applied
-            saving: asyncio.Future[None] | None = None
-            try:
-                pending = set(tasks)
-                while pending:
-                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                    delivered = False
-                    for task in done:
-                        domain = tasks[task]
-                        took, domain_results = task.result()
-                        delivered |= self._apply_remote(envelope, domain_results, took, *results)
-                        applied.add(domain)
-                        if domain in withheld:
-                            reply, relay = withheld[domain]
-                            decided = {id(rcpt) for rcpt, _result in domain_results}
-                            for _i, rcpt in remote[domain]:
-                                if id(rcpt) not in decided:
-                                    self._cut_short(envelope, rcpt, reply, relay)
-                    if delivered and pending and not _owes(newly_failed, newly_done):
-                        # Stored now, not when the slowest other domain is done (a dead MX:
-                        # minutes): a stop or crash meanwhile must not send these again.
-                        # Only the instant between the 250 and this write remains (§6.1).
-                        saving = asyncio.ensure_future(self._save_early(envelope))
-                        await asyncio.shield(saving)
-            except asyncio.CancelledError:
-                for task in tasks:  # nothing more is learnt than what is kept now
-                    task.cancel()
-                if saving is not None and not saving.done():
-                    await asyncio.wait([saving])  # (two saves at once would collide)
-                cut = {d: rcpts for d, rcpts in remote.items() if d not in applied}
-                if first is not None:
-                    first.decided = True  # (by _keep_cut)
-                for task, domain in tasks.items():  # (the history of the domains done)
-                    if domain in applied:
-                        attempts += _attempts(now, task.result()[1])
-                await self._keep_cut(envelope, now, cut, kept, *results, attempts)
-                raise
-            finally:
-                for task in tasks:
-                    task.cancel()
-            for task in tasks:  # the attempts in the order of the domains
-                attempts += _attempts(now, task.result()[1])
+            await self._deliver_domains(
+                envelope, first, now, remote, wire, results, attempts, withheld
+            )
 
         if envelope.id in self._deleted:
             await self.queue.finish(envelope, attempts)  # released; no bounce, no retry
@@ -529,8 +481,75 @@ class QueueRunner:
             first.decided = True  # (by _settle, first of all)
         await self._settle(
             envelope, now, attempts, newly_failed, newly_done, relayed, wire, counted,
-            cut=bool(withheld),
+            cut=drained or bool(withheld),
         )  # fmt: skip
+
+    async def _deliver_domains(
+        self,
+        envelope: Envelope,
+        first: _First | None,
+        now: float,
+        remote: dict[str, list[tuple[int, Recipient]]],
+        wire: bytes,
+        results: tuple[list[Recipient], list[Recipient], set[int]],
+        attempts: list[Attempt],
+        withheld: dict[str, tuple[str, str]],
+    ) -> None:
+        """The remote part of an attempt: each domain at once, its results applied as they
+        come (``results``: the recipients newly done, newly failed, relayed), its attempts
+        added to ``attempts``, the domains whose dot was held back to ``withheld``. A stop
+        that cancels it stores what it holds first (:meth:`_keep_cut`)."""
+        newly_done, newly_failed, _relayed = results
+        # What each domain's hosts decided so far, read if a stop cancels this attempt.
+        kept: dict[str, dict[int, DeliveryResult]] = {d: {} for d in remote}
+        tasks = {
+            asyncio.ensure_future(
+                self._deliver_domain(envelope, d, rcpts, wire, kept[d], withheld)
+            ): d
+            for d, rcpts in remote.items()
+        }
+        applied: set[str] = set()  # domains whose results are applied
+        saving: asyncio.Future[None] | None = None
+        try:
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                delivered = False
+                for task in done:
+                    domain = tasks[task]
+                    took, domain_results = task.result()
+                    delivered |= self._apply_remote(envelope, domain_results, took, *results)
+                    applied.add(domain)
+                    if domain in withheld:
+                        reply, relay = withheld[domain]
+                        decided = {id(rcpt) for rcpt, _result in domain_results}
+                        for _i, rcpt in remote[domain]:
+                            if id(rcpt) not in decided:
+                                self._cut_short(envelope, rcpt, reply, relay)
+                if delivered and pending and not _owes(newly_failed, newly_done):
+                    # Stored now, not when the slowest other domain is done (a dead MX:
+                    # minutes): a stop or crash meanwhile must not send these again.
+                    # Only the instant between the 250 and this write remains (§6.1).
+                    saving = asyncio.ensure_future(self._save_early(envelope))
+                    await asyncio.shield(saving)
+        except asyncio.CancelledError:
+            for task in tasks:  # nothing more is learnt than what is kept now
+                task.cancel()
+            if saving is not None and not saving.done():
+                await asyncio.wait([saving])  # (two saves at once would collide)
+            cut = {d: rcpts for d, rcpts in remote.items() if d not in applied}
+            if first is not None:
+                first.decided = True  # (by _keep_cut)
+            for task, domain in tasks.items():  # (the history of the domains done)
+                if domain in applied:
+                    attempts += _attempts(now, task.result()[1])
+            await self._keep_cut(envelope, now, cut, kept, *results, attempts)
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+        for task in tasks:  # the attempts in the order of the domains
+            attempts += _attempts(now, task.result()[1])
 
     def _apply_remote(
         self,
