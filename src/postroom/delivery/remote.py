@@ -351,18 +351,24 @@ class RemoteDelivery:
         session_error: tuple[_SessionFailed, str, str] | None = None
         unreached: tuple[_SessionFailed, str, str] | None = None  # the last temporary one
         data: bytes | None = None
+
+        def withheld(exc: DotWithheld) -> DotWithheld:
+            """``exc``, with what the hosts tried said of the recipients left (a 4xx, a refused
+            session: their own words, not our stop's) put in ``final``."""
+            for i in pending:
+                if i in last_temp:
+                    final.setdefault(i, last_temp[i])
+                elif session_error is not None:
+                    final.setdefault(i, _session_result(message.recipients[i], session_error))
+            return exc
+
         tried = 0
         for target in route.targets:
             for ip in target.addresses:
                 if not pending or tried >= self._max_addresses:
                     break
                 if self.stopping:  # (waited for its slot, or a backup host: none is dialled)
-                    for i in pending:  # what the hosts tried said: a 4xx, a refused session
-                        if i in last_temp:
-                            final[i] = last_temp[i]
-                        elif session_error is not None:
-                            final[i] = _session_result(message.recipients[i], session_error)
-                    raise DotWithheld("", NOT_TRIED)
+                    raise withheld(DotWithheld("", NOT_TRIED))
                 tried += 1
                 if data is None:
                     data = source if isinstance(source, bytes) else await source()
@@ -378,11 +384,10 @@ class RemoteDelivery:
                         if not exc.permanent:
                             unreached = session_error
                         break
-                    except LeaseLost as lost:  # DotWithheld too: what hosts before this one
-                        # took (RFC 5321 §6.1: their 250 commits them) is in ``final``, and
-                        # what they deferred (their real reply, not our stop's)
-                        if isinstance(lost, DotWithheld):
-                            final.update((i, r) for i, r in last_temp.items() if i not in final)
+                    except DotWithheld as exc:  # what hosts before this one took (RFC 5321
+                        withheld(exc)  # §6.1: their 250 commits them) is kept, and the rest
+                        raise
+                    except LeaseLost:
                         raise
                     except Exception:  # a bug of ours with this host: the next one is tried,
                         # and what earlier hosts took is kept (else it would go again)
