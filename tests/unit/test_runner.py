@@ -1034,23 +1034,15 @@ def test_a_first_attempt_that_never_runs_still_owes_its_success_notice(
     runner._remote = Remote()
     runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
 
-    async def put(qid: str, *rcpts: str, notify: bool = False) -> None:
-        env = envelope(qid, *rcpts)
-        if notify:
-            env.recipients[0].notify = ["SUCCESS"]
-        draft = runner.queue.draft(env.id, env.sender)
-        draft.write(b"Subject: t\r\n\r\nbody\r\n")
-        await runner.accept(env, draft)
-
     async def first_run() -> None:
-        await put("Q0", "x@slow.test")  # holds the only slot
+        await _put(runner, "Q0", "x@slow.test")  # holds the only slot
         if why == "an overload":
             for i in range(1, 4):  # BACKLOG first attempts: the next is parked
-                await put(f"Q0{i}", f"x{i}@slow.test")
+                await _put(runner, f"Q0{i}", f"x{i}@slow.test")
         await asyncio.sleep(0.01)
         if why == "the stop":
             runner.begin_stop()
-        await put("Q1", "alice@a.test", "bob@b.test", notify=True)
+        await _put(runner, "Q1", "alice@a.test", "bob@b.test", notify=True)
         await asyncio.sleep(0.01)
         await runner.stop(timeout=0.05)
 
