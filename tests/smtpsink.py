@@ -1,10 +1,12 @@
 """A threaded SMTP sink for integration tests: answers each RCPT by the local part's prefix,
-offers the EHLO keywords it is given (with CHUNKING it takes BDAT, RFC 3030), and keeps the MAIL
-commands, the messages and how each message came (DATA or BDAT)."""
+offers the EHLO keywords it is given (with CHUNKING it takes BDAT, RFC 3030; given a ``tls``
+context, STARTTLS, RFC 3207), and keeps the MAIL commands, the messages and how each message
+came (DATA or BDAT; and the TLS version and cipher of each STARTTLS session)."""
 
 from __future__ import annotations
 
 import socketserver
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -34,15 +36,18 @@ class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         def say(text: str) -> None:
             self.wfile.write(text.encode() + b"\r\n")
+            self.wfile.flush()
 
         server: _Server = self.server  # type: ignore[assignment]
         say("220 sink.test ESMTP")
         rcpts = 0
         chunks: list[bytes] = []  # BDAT chunks of the current transaction
+        secure = False
         while line := self.rfile.readline(4096):
             verb = line[:4].decode("ascii", "replace").upper()
             if verb in ("EHLO", "HELO"):
-                extra = "".join(f"250-{keyword}\r\n" for keyword in server.extensions)
+                offered = server.extensions + (("STARTTLS",) if server.tls and not secure else ())
+                extra = "".join(f"250-{keyword}\r\n" for keyword in offered)
                 say(f"250-sink.test\r\n250-PIPELINING\r\n{extra}250 ENHANCEDSTATUSCODES")
             elif verb == "MAIL":
                 rcpts = 0
@@ -78,17 +83,30 @@ class _Handler(socketserver.StreamRequestHandler):
                 server.received.append(b"".join(lines))
                 server.ways.append("DATA")
                 say("250 2.0.0 queued as SINK1")
+            elif verb == "STAR" and server.tls is not None and not secure:
+                say("220 2.0.0 go ahead")
+                conn = server.tls.wrap_socket(self.request, server_side=True)
+                self.request, secure = conn, True
+                self.rfile, self.wfile = conn.makefile("rb"), conn.makefile("wb")
+                server.sessions.append(f"{conn.version()} {(conn.cipher() or ('',))[0]}")
             elif verb == "QUIT":
                 say("221 2.0.0 bye")
                 return
             else:
                 say("250 2.0.0 ok")
 
+    def finish(self) -> None:
+        super().finish()
+        if isinstance(self.request, ssl.SSLSocket):  # (the server closes the plain one)
+            self.request.close()
+
 
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     extensions: tuple[str, ...] = ()
+    tls: ssl.SSLContext | None = None  # set: STARTTLS is offered
+    sessions: list[str]  # "TLSv1.3 TLS_AES_256_GCM_SHA384" of each STARTTLS session
     mails: list[str]  # the MAIL commands, as sent
     received: list[bytes]  # the messages, still dot-stuffed (if they came with DATA)
     ways: list[str]  # how each message came: "DATA" or "BDAT"
@@ -105,6 +123,7 @@ def smtp_sink(
     server.mails = []
     server.received = []
     server.ways = []
+    server.sessions = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -116,11 +135,12 @@ def smtp_sink(
 
 @contextmanager
 def relay_to_sink(
-    server_factory: ServerFactory, extensions: tuple[str, ...] = ()
+    server_factory: ServerFactory, extensions: tuple[str, ...] = (), extra_toml: str = ""
 ) -> Iterator[tuple[Server, _Server]]:
     """A server (smtp only) whose ``fwd@a.test`` goes to ``bob@b.test``, which a loopback DNS
-    routes to a sink offering ``extensions``; ``alice@a.test`` is a user, to send as."""
-    with relay_to_sinks(server_factory, extensions) as (srv, (sink,)):
+    routes to a sink offering ``extensions``; ``alice@a.test`` is a user, to send as;
+    ``extra_toml``: more of its configuration (top-level keys)."""
+    with relay_to_sinks(server_factory, extensions, extra_toml=extra_toml) as (srv, (sink,)):
         yield srv, sink
 
 
@@ -145,7 +165,10 @@ def _sinks_on_one_port(stack: ExitStack, extensions: tuple[tuple[str, ...], ...]
 
 @contextmanager
 def relay_to_sinks(
-    server_factory: ServerFactory, *extensions: tuple[str, ...], target: str = "bob@b.test"
+    server_factory: ServerFactory,
+    *extensions: tuple[str, ...],
+    target: str = "bob@b.test",
+    extra_toml: str = "",
 ) -> Iterator[tuple[Server, list[_Server]]]:
     """A server (smtp only) whose ``fwd@a.test`` goes to ``target`` at b.test, which a
     loopback DNS routes to one sink per entry of ``extensions`` (the EHLO keywords it offers):
@@ -162,6 +185,7 @@ def relay_to_sinks(
         srv = server_factory(
             services=("smtp",),
             extra_toml=(
+                f"{extra_toml}"
                 f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "3s"\n'
                 f'[delivery]\nport = {sinks[0].server_address[1]}\nconnect_timeout = "3s"\n'
             ),

@@ -437,10 +437,13 @@ def delivery(
     relay: str,
     seconds: float,
     mailbox: str | None = None,
+    tls: str | None = None,
 ) -> None:
     """One attempt for one recipient ended, ``rcpt.status`` says how: delivered, deferred or
     bounced. ``relay`` is ``host[ip]:port``, ``local`` or ``none`` (no host was reached),
     ``seconds`` how long the attempt took; the line's ``delay`` counts from the arrival.
+    ``tls``: the version and cipher of the remote session that gave ``reply`` (None:
+    plaintext, or no session); a remote line says ``none`` then, a local one nothing.
     """
     status = rcpt.status
     _count(1, _metrics.deliveries, transport, status)
@@ -470,6 +473,8 @@ def delivery(
         fields["orig_to"] = rcpt.original
     if mailbox is not None:
         fields["mailbox"] = mailbox
+    if transport == "remote":
+        fields["tls"] = tls or "none"
     logs.emit(INFO, "delivery", "local" if transport == "local" else "smtp", fields, _text_delivery)
 
 
@@ -486,9 +491,12 @@ def _text_delivery(f: Fields) -> str:
             if f["status"] == "delivered"
             else f"{said}; mailbox {f['mailbox']}"
         )
+    # Last, after the status: pflogsumm reads no other field between to= and status=.
+    tls = f", tls={f['tls']}" if "tls" in f else ""
     return (
         f"{f['queue_id']}: to=<{f['recipient']}>{orig}, relay={f['relay']}, delay={delay},"
         f" dsn={f['dsn']}, status={_POSTFIX_STATUS.get(str(f['status']), f['status'])} ({said})"
+        f"{tls}"
     )
 
 

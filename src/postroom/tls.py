@@ -190,6 +190,17 @@ def tls_version(transport: object) -> str | None:
     return ssl_object.version() if ssl_object is not None else None
 
 
+def tls_session(transport: object) -> str | None:
+    """``TLSv1.3 TLS_AES_256_GCM_SHA384``: the version and cipher of an asyncio transport
+    over TLS, as a delivery's log line gives them (None otherwise)."""
+    get = getattr(transport, "get_extra_info", None)
+    ssl_object = get("ssl_object") if get is not None else None
+    if ssl_object is None:
+        return None
+    cipher = ssl_object.cipher()
+    return f"{ssl_object.version()} {cipher[0]}" if cipher else ssl_object.version()
+
+
 def client_context(verify: bool) -> ssl.SSLContext:
     """The delivery client's context: opportunistic (no checks) unless ``verify``."""
     ctx = ssl.create_default_context()

@@ -103,7 +103,8 @@ def test_text_lines_postfix_style(log: io.StringIO, tmp_path: Path) -> None:
     )
     assert "postroom/smtp[" in lines[2]
     assert "Q1: to=<b@b.test>, relay=mx.b.test[192.0.2.2]:25, delay=" in lines[2]
-    assert lines[2].endswith(", dsn=2.0.0, status=sent (250 2.0.0 OK)")
+    # A remote line ends with the session's TLS (after the status: pflogsumm reads the rest).
+    assert lines[2].endswith(", dsn=2.0.0, status=sent (250 2.0.0 OK), tls=none")
     assert "NOQUEUE: reject: RCPT from [192.0.2.9]: 550 5.1.1 <nobody@a.test>: Mailbox" in lines[3]
     assert "from=<x@c.test> to=<nobody@a.test>" in lines[3]
     samples = _samples()
@@ -208,6 +209,30 @@ def test_json_lines(log: io.StringIO, tmp_path: Path) -> None:
         "message": "postroom: ready",
     }
     assert ready["ts"].endswith("Z") and "T" in ready["ts"]
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_remote_delivery_line_names_its_tls(log: io.StringIO, tmp_path: Path, fmt: str) -> None:
+    """The version and cipher of the session that gave the reply, or "none"; a local line has
+    no tls (its Maildir was reached by no session)."""
+    _setup(log, fmt, tmp_path)
+    env = _envelope("smtp", None, "a@a.test", "b@b.test", None)
+    env.recipients[0].status = "delivered"
+    relay = "mx.b.test[192.0.2.2]:25"
+    cipher = "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    events.delivery(env, env.recipients[0], "remote", "250 ok", relay, 0.1, tls=cipher)
+    events.delivery(env, env.recipients[0], "remote", "250 ok", relay, 0.1)
+    events.delivery(env, env.recipients[0], "local", "250 ok", "local", 0.1, "b@a.test")
+    logs.flush()
+    encrypted, plain, local = log.getvalue().splitlines()
+    if fmt == "json":
+        assert json.loads(encrypted)["tls"] == cipher
+        assert json.loads(plain)["tls"] == "none"
+        assert "tls" not in json.loads(local)
+    else:
+        assert encrypted.endswith(f"status=sent (250 ok), tls={cipher}")
+        assert plain.endswith("status=sent (250 ok), tls=none")
+        assert local.endswith("status=sent (delivered to maildir b@a.test)")
 
 
 def test_batched_observations_equal_observe() -> None:

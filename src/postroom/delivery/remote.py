@@ -55,7 +55,7 @@ from postroom.smtp.client_engine import (
     Ready,
     TLSPolicy,
 )
-from postroom.tls import client_context, tls_version
+from postroom.tls import client_context, tls_session, tls_version
 from postroom.wire.events import StartTLS
 from postroom.wire.replies import Reply
 
@@ -83,7 +83,7 @@ class DeliveryResult:
     remote_mta: str | None = None
     dsn_offered: bool = False  # the remote host accepted NOTIFY (RFC 3461 §4.1 "relayed" if not)
     ip: str | None = None  # the address that was dialled
-    tls: bool = False  # whether the session was encrypted
+    tls: str | None = None  # the session's TLS version and cipher; None: plaintext
     host: str | None = None  # the MX host dialled (also when the reply is our own words)
 
 
@@ -164,6 +164,7 @@ class _Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.last_used = time.monotonic()
         self.generation = 0  # of the configuration it was opened under (see reconfigure)
+        self.tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once STARTTLS is done
         self._waiter: asyncio.Future[None] | None = None  # next_event waiting for the server
         # When the reply being waited for is too late, and engine.replies when it was set.
         self._deadline: tuple[float, int] | None = None
@@ -376,7 +377,7 @@ class RemoteDelivery:
                 while batch:
                     sub = replace(message, recipients=tuple(message.recipients[i] for i in batch))
                     try:
-                        done, secure = await self._deliver_at(
+                        done, tls = await self._deliver_at(
                             target, ip, sub, data, verify, may_finish
                         )
                     except _SessionFailed as exc:
@@ -408,7 +409,7 @@ class RemoteDelivery:
                             mta,
                             done.dsn,
                             ip,
-                            secure,
+                            tls,
                             target.host,
                         )
                         if res.missing is not None:
@@ -455,9 +456,9 @@ class RemoteDelivery:
         data: bytes,
         verify: bool,
         may_finish: MayFinish | None = None,
-    ) -> tuple[MessageDone, bool]:
-        """The transaction's result, and whether it went over TLS; LeaseLost if ``may_finish``
-        refused the final dot."""
+    ) -> tuple[MessageDone, str | None]:
+        """The transaction's result, and the TLS it went over (None: plaintext); LeaseLost if
+        ``may_finish`` refused the final dot."""
         key = (target.host, ip, self.cfg.delivery.port, verify)
         session = self._take(key)
         if session is not None:
@@ -558,10 +559,10 @@ class RemoteDelivery:
 
     async def _keep(
         self, key: tuple[str, str, int, bool], session: _Session, done: MessageDone
-    ) -> tuple[MessageDone, bool]:
+    ) -> tuple[MessageDone, str | None]:
         """Cache the session if it is ready for another message (after the RSET that closes a
-        failed transaction); the result, and whether it went over TLS."""
-        secure = session.engine.secure
+        failed transaction); the result, and the TLS it went over (None: plaintext)."""
+        tls = session.tls
         try:
             ready = isinstance(await session.next_event(), Ready)
         except BaseException:  # (cancelled waiting for the RSET's reply: not left open)
@@ -571,7 +572,7 @@ class RemoteDelivery:
             self._put(key, session)
         else:
             session.close()
-        return done, secure
+        return done, tls
 
     async def _open(self, target: Target, ip: str, verify: bool, policy: TLSPolicy) -> _Session:
         loop = asyncio.get_running_loop()
@@ -652,6 +653,7 @@ class RemoteDelivery:
         if new is None:  # pragma: no cover - only for server_side
             raise _SessionFailed(_temp("4.7.5", "TLS not established"), tls=True)
         session.transport = new
+        session.tls = tls_session(new)
         events.tls_handshake("delivery", ip, tls_version(new), None)
         session.engine.tls_started()
 

@@ -568,16 +568,16 @@ class QueueRunner:
             host = result.host or result.remote_mta
             relay = f"{host}[{result.ip}]:{port}" if host and result.ip else "none"
             if result.outcome is Outcome.DELIVERED:
-                self._outcome(envelope, rcpt, "delivered", reply, relay, took)
+                self._outcome(envelope, rcpt, "delivered", reply, relay, took, tls=result.tls)
                 newly_done.append(rcpt)
                 if needs_relayed_dsn(result):
                     relayed.add(id(rcpt))
                 delivered = True
             elif result.outcome is Outcome.PERMANENT:
-                self._outcome(envelope, rcpt, "bounced", reply, relay, took)
+                self._outcome(envelope, rcpt, "bounced", reply, relay, took, tls=result.tls)
                 newly_failed.append(rcpt)
             else:
-                self._outcome(envelope, rcpt, "deferred", reply, relay, took)
+                self._outcome(envelope, rcpt, "deferred", reply, relay, took, tls=result.tls)
         return delivered
 
     def _cut_short(self, envelope: Envelope, rcpt: Recipient, reply: str, relay: str) -> None:
@@ -749,12 +749,13 @@ class QueueRunner:
         relay: str,
         took: float = 0.0,
         mailbox: str | None = None,
+        tls: str | None = None,
     ) -> None:
         """An attempt's result for ``rcpt``: ``delivered``, ``deferred`` or ``bounced`` with
         ``reply`` (kept as its last error unless delivered). ``relay``: ``host[ip]:port``, or
-        ``local`` (a Maildir, of ``mailbox``)."""
+        ``local`` (a Maildir, of ``mailbox``); ``tls``: the remote session's TLS, if any."""
         rcpt.status, rcpt.last_error = status, None if status == "delivered" else reply
-        events.delivery(envelope, rcpt, _transport(relay), reply, relay, took, mailbox)
+        events.delivery(envelope, rcpt, _transport(relay), reply, relay, took, mailbox, tls)
 
     def _expired(self, envelope: Envelope) -> list[Recipient]:
         """``max_queue_time`` is over: the recipients not done bounce with their last error
@@ -1008,7 +1009,7 @@ def _attempts(now: float, results: list[tuple[Recipient, DeliveryResult]]) -> li
     """One attempt per host and reply: the recipients that got it."""
     grouped: dict[tuple[str | None, str | None, bool, str], list[str]] = defaultdict(list)
     for rcpt, result in results:
-        key = (result.host or result.remote_mta, result.ip, result.tls, str(result.reply))
+        key = (result.host or result.remote_mta, result.ip, bool(result.tls), str(result.reply))
         grouped[key].append(rcpt.address)
     return [
         Attempt(now, addrs, host, ip, reply, tls)
