@@ -425,6 +425,32 @@ def test_the_signature_aligned_with_from_is_checked_below_ten_others(
     assert header.index("header.d=fwd") < header.index(f"header.d={signer}")
 
 
+def test_a_signatures_i_is_its_results_header_i(rsa_signer: tuple[bytes, bytes]) -> None:
+    """The i= tag (the AUID, RFC 6376 §3.5) goes into the result, also through the helper
+    process, and into Authentication-Results as header.i (RFC 8601 §2.7.1), decoded from
+    dkim-quoted-printable; a signature without i= has none."""
+    pem, record = rsa_signer
+    zone = _zone(("k", record.decode()))
+    with_i = dkim.sign(MESSAGE, b"k", b"a.test", pem, identity=b"alice@a.test") + MESSAGE
+    domain_only = dkim.sign(MESSAGE, b"k", b"a.test", pem) + MESSAGE  # dkimpy adds i=@a.test
+    (result,) = dkim_verify.verify(with_i, zone)
+    assert (result.result, result.identity) == ("pass", "alice@a.test")
+    done = helper.decode_verify(helper.run_verify(helper.encode_verify(with_i, zone, [0])))
+    assert done == [result]
+    header = results.render("mx.b.test", None, done, None).decode()
+    assert "dkim=pass header.d=a.test header.s=k header.a=rsa-sha256 header.b=" in header
+    assert " header.i=alice@a.test\r\n" in header
+    (domain,) = dkim_verify.verify(domain_only, zone)
+    assert (domain.result, domain.identity) == ("pass", "@a.test")
+    assert " header.i=@a.test\r\n" in results.render("mx.b.test", None, [domain], None).decode()
+    head = b"DKIM-Signature: v=1; d=a.test; s=k; i=jo=3Dn=20x@a.test\r\n"
+    head += b"DKIM-Signature: v=1; d=a.test; s=k\r\n"
+    encoded, plain = dkim_verify.not_checked(dkim_verify.signatures(head), "too many")
+    assert (encoded.identity, plain.identity) == ("jo=n x@a.test", "")
+    rendered = results.render("mx.b.test", None, [encoded, plain], None).decode()
+    assert ' header.i="jo=n x@a.test";\r\n' in rendered and rendered.count("header.i") == 1
+
+
 def test_choose_takes_the_aligned_signatures_first_then_the_others_in_order() -> None:
     sigs = [{b"d": f"x{i}.test".encode()} for i in range(30)] + [{b"s": b"no-d"}]
     sigs[3][b"d"] = sigs[20][b"d"] = sigs[25][b"d"] = b"A.test"

@@ -56,6 +56,30 @@ def test_render_quotes_what_is_not_a_token() -> None:
     assert text.startswith("Authentication-Results: mx.b.test;\r\n\t")
 
 
+@pytest.mark.parametrize(
+    ("identity", "shown"),
+    [
+        ("@b.test", "@b.test"),  # RFC 8601 §2.2 pvalue: [ [ local-part ] "@" ] domain-name
+        ("alice@mail.b.test", "alice@mail.b.test"),
+        ("a.b+c@b.test", "a.b+c@b.test"),
+        ("a b@b.test", '"a b@b.test"'),  # no dot-atom local-part: a quoted-string
+        ('x"; dkim=pass@b.test', '"x\\"; dkim=pass@b.test"'),  # nothing of its own added
+        ("a@b@b.test", '"a@b@b.test"'),
+        ("", None),  # no i=: no header.i
+    ],
+)
+def test_header_i_is_the_auid_as_a_pvalue(identity: str, shown: str | None) -> None:
+    """RFC 8601 §2.7.1: a DKIM result names the signature's i= (RFC 6376 §3.5) as header.i,
+    after the other properties, which keep their order."""
+    result = DkimResult("pass", "b.test", "sel", "rsa-sha256", "abcd", identity=identity)
+    text = results.render("mx.a.test", None, [result], None).decode()
+    head = "dkim=pass header.d=b.test header.s=sel header.a=rsa-sha256 header.b=abcd"
+    if shown is None:
+        assert f"{head}\r\n" in text and "header.i" not in text
+    else:
+        assert f"{head} header.i={shown}\r\n" in text
+
+
 def test_a_long_reason_is_cut_at_a_words_end() -> None:
     why = "no answer for sel._domainkey.b.test IN TXT: Server failure, " * 3
     result = DkimResult("temperror", "b.test", "sel", "rsa-sha256", "", why)

@@ -67,6 +67,7 @@ _WSP = re.compile(rb"\s+")
 _BASE64 = re.compile(rb"[0-9A-Za-z+/]+=*")  # after white space is removed
 _NOT_IN_DOMAIN = re.compile(rb"[()<>\[\]:;@\\,]")
 _LENGTH = re.compile(rb"\d{0,76}")
+_QP = re.compile(rb"=([0-9A-Fa-f]{2})")
 _SIG_FIELD = re.compile(rb"(?im)^dkim-signature[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
 
 
@@ -78,6 +79,7 @@ class DkimResult:
     algorithm: str
     b: str  # the first characters of b= (RFC 6008 header.b), to tell signatures apart
     reason: str = ""
+    identity: str = ""  # i=, the AUID (RFC 6376 §3.5), decoded; "" when the signature has none
 
 
 def tags(value: bytes) -> dict[bytes, bytes]:
@@ -330,12 +332,15 @@ def not_checked(sigs: list[dict[bytes, bytes]], why: str) -> list[DkimResult]:
 
 
 def _names(sig: dict[bytes, bytes]) -> dict[str, str]:
-    """What a result says of its signature: d=, s=, a= and the start of b= (RFC 6008)."""
+    """What a result says of its signature: d=, s=, a=, the start of b= (RFC 6008) and i=."""
+    # i= is dkim-quoted-printable (RFC 6376 §2.11, §3.5): "=XX" is an octet.
+    identity = _QP.sub(lambda m: bytes([int(m.group(1), 16)]), sig.get(b"i", b""))
     return {
         "domain": sig.get(b"d", b"").decode("ascii", "replace").lower(),
         "selector": sig.get(b"s", b"").decode("ascii", "replace"),
         "algorithm": sig.get(b"a", b"").decode("ascii", "replace").lower(),
         "b": sig.get(b"b", b"")[:8].decode("ascii", "replace"),
+        "identity": identity.decode("utf-8", "replace"),
     }
 
 

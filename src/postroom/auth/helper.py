@@ -94,7 +94,7 @@ def run_verify(payload: bytes) -> bytes:
     keys = {name: Answer(status, tuple(records), error) for name, status, records, error in answers}
     results = dkim_verify.verify(message, keys, chosen)
     return marshal.dumps(
-        [(r.result, r.domain, r.selector, r.algorithm, r.b, r.reason) for r in results]
+        [(r.result, r.domain, r.selector, r.algorithm, r.b, r.reason, r.identity) for r in results]
     )
 
 

@@ -2,9 +2,10 @@
 
 :func:`render` writes one field whose authserv-id is our ``hostname`` with the ``spf``,
 ``dkim`` (one result per signature, or ``none``) and ``dmarc`` results (RFC 8601 §2.2, §2.7;
-``header.b`` from RFC 6008). :func:`strip_ours` removes every field already in the header
-section that names our authserv-id (§5: they cannot be ours, since ours is only added here),
-including folded ones and ones with (nested) comments before the id. Pure: bytes in, bytes out.
+``header.b`` from RFC 6008; ``header.i`` when the signature has an i=, §2.7.1).
+:func:`strip_ours` removes every field already in the header section that names our
+authserv-id (§5: they cannot be ours, since ours is only added here), including folded ones
+and ones with (nested) comments before the id. Pure: bytes in, bytes out.
 
 Security notes: values that come from the message or the client (domains, HELO) are reduced
 to RFC 8601 ``value`` characters (a token or a quoted string) so that nothing a sender writes
@@ -22,14 +23,20 @@ from postroom.auth.spf import SpfResult
 
 _FIELD = re.compile(rb"(?im)^authentication-results[ \t]*:")
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~@]+$")
+# RFC 8601 §2.2 pvalue's [ [ local-part ] "@" ] domain-name (a dot-atom local-part, RFC 5322
+# §3.4.1; a domain-name as RFC 6376 §3.5 has it: two labels or more).
+_ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_ADDRESS = re.compile(rf"^(?:{_ATOM}(?:\.{_ATOM})*)?@{_LABEL}(?:\.{_LABEL})+$")
 
 
-def _value(text: str) -> str:
-    """A token if it is one, else a quoted string (RFC 2045 §5.1 value)."""
+def _value(text: str, plain: re.Pattern[str] = _TOKEN) -> str:
+    """A token (what ``plain`` matches) if it is one, else a quoted string (RFC 2045 §5.1
+    value)."""
     if not text.isprintable():  # CR, LF and other controls are not printable
         text = "".join(c for c in text if c.isprintable())
     text = text[:255]
-    if text and _TOKEN.match(text):
+    if text and plain.match(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -59,6 +66,8 @@ def render(
             text += f" header.a={_value(r.algorithm)}"
         if r.b:
             text += f" header.b={_value(r.b)}"
+        if r.identity:  # an AUID such as @a.test or alice@a.test goes as it is, else quoted
+            text += f" header.i={_value(r.identity, _ADDRESS)}"
         parts.append(text)
     if dmarc is not None:
         text = f"dmarc={dmarc.result}"
