@@ -596,6 +596,19 @@ def test_without_smtputf8_at_every_host_the_recipient_bounces() -> None:
     assert res.outcome is Outcome.PERMANENT and res.reply.status == "5.6.7"
 
 
+def test_the_bounce_for_smtputf8_lacking_everywhere_names_every_host_tried() -> None:
+    """Its Diagnostic-Code (our words: no Remote-MTA, RFC 3464 §2.3.5) named only the last
+    host tried, as if the others had never been asked."""
+    (res,), _sinks = through_mx_hosts([NO_UTF8, NO_UTF8, NO_UTF8], message("bøb@b.test"))
+    assert res.outcome is Outcome.PERMANENT and res.reply.status == "5.6.7"
+    assert res.reply.local and res.remote_mta is None and res.host == "mx3.b.test"
+    assert res.reply.text.startswith("mx3.b.test[127.0.0.7]: the server does not offer SMTPUTF8")
+    assert res.reply.text.endswith(
+        "; the other MX hosts tried lack what it needs too: "
+        "mx1.b.test[127.0.0.5], mx2.b.test[127.0.0.6]"
+    )
+
+
 def test_a_host_not_reached_may_offer_smtputf8_so_the_message_waits() -> None:
     """One MX host lacks SMTPUTF8 and another cannot be asked now (connection refused, a 421
     greeting): that one may offer it once it answers, so the recipient is deferred, whatever

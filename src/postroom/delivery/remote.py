@@ -142,6 +142,20 @@ def _naming(reply: Reply, where: str) -> Reply:
     return Reply(reply.code, reply.status, (f"{where}: {reply.text}",), local=True)
 
 
+def _lacking_everywhere(results: list[DeliveryResult]) -> DeliveryResult:
+    """The bounce of a recipient no host tried could take for an extension it lacks: the last
+    host's refusal (as for other errors), naming the hosts tried before it too. The report
+    blames no server for this decision of ours (no Remote-MTA, RFC 3464 §2.3.5): its
+    Diagnostic-Code, in our words, is the one place that says where the message was tried."""
+    last = results[-1]
+    others = list(dict.fromkeys(f"{r.host}[{r.ip}]" for r in results[:-1]))
+    if not others:
+        return last
+    hosts = ", ".join(others)
+    text = f"{last.reply.text}; the other MX hosts tried lack what it needs too: {hosts}"
+    return replace(last, reply=Reply(last.reply.code, last.reply.status, (text,), local=True))
+
+
 def _session_result(
     recipient: ForwardPath, error: tuple[_SessionFailed, str, str]
 ) -> DeliveryResult:
@@ -348,7 +362,7 @@ class RemoteDelivery:
         pending = list(range(len(message.recipients)))
         final = {} if final is None else final
         last_temp: dict[int, DeliveryResult] = {}
-        lacking: dict[int, DeliveryResult] = {}  # refused for an extension a host lacks
+        lacking: dict[int, list[DeliveryResult]] = {}  # refused for extensions hosts lack
         session_error: tuple[_SessionFailed, str, str] | None = None
         unreached: tuple[_SessionFailed, str, str] | None = None  # the last temporary one
         data: bytes | None = None
@@ -416,7 +430,7 @@ class RemoteDelivery:
                             # RFC 6531 §3.2, RFC 6152 §3: this host lacks an extension the
                             # message needs. Its shortcoming, not the domain's: the next host
                             # is tried (RFC 5321 §5.1), and may offer it.
-                            lacking[i] = result
+                            lacking.setdefault(i, []).append(result)
                             continue
                         if res.outcome is not Outcome.TEMPORARY:
                             final[i] = result
@@ -436,9 +450,12 @@ class RemoteDelivery:
                 final[i] = last_temp[i]
             elif i in lacking:
                 # No host that answered offers what the message needs: a bounce (the last
-                # one's refusal). A host not reached (no connection, TLS, a 4xx greeting)
-                # might: deferred, with its failure, until it answers.
-                final[i] = lacking[i] if unreached is None else _session_result(rcpt, unreached)
+                # one's refusal, naming the others). A host not reached (no connection, TLS,
+                # a 4xx greeting) might: deferred, with its failure, until it answers.
+                if unreached is None:
+                    final[i] = _lacking_everywhere(lacking[i])
+                else:
+                    final[i] = _session_result(rcpt, unreached)
             elif session_error is not None:
                 # The last host tried refused us for good (RFC 5321 §3.1: a 554 greeting; a
                 # 5xx to EHLO and HELO): a bounce, as Postfix does, not retries until expiry.
