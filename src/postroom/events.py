@@ -508,7 +508,12 @@ def bounce_queued(queue_id: str, bounce_id: str, sender: str, action: str) -> No
         logs.emit(INFO, "bounce", "bounce", fields, _text_bounce)
 
 
-_BOUNCE_WORDS = {"failed": "non-delivery", "delivered": "delivery", "relayed": "delivery"}
+_BOUNCE_WORDS = {
+    "failed": "non-delivery",
+    "delivered": "delivery",
+    "relayed": "delivery",
+    "expanded": "delivery",
+}
 
 
 def _text_bounce(f: Fields) -> str:

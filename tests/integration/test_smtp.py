@@ -146,6 +146,34 @@ def test_success_dsn_to_a_local_sender_follows_its_aliases(srv: Server) -> None:
     assert srv.log.read_text().count("no DSN: the local sender") == 2
 
 
+def test_an_alias_of_several_mailboxes_is_reported_expanded_once(srv: Server) -> None:
+    # RFC 3461 §6.2.7.3, RFC 3464 §2.3.3: NOTIFY=SUCCESS for an alias of several mailboxes
+    # got "Action: delivered" once per mailbox; the expansion is the alias's own last step,
+    # reported once as "expanded" for the alias, with its ORCPT. An alias of one mailbox is
+    # a forward (§6.2.7.2): its mailbox's "delivered", naming the alias as original recipient.
+    srv.add_user("carol@b.test")
+    srv.cli("alias", "add", "team@b.test", "bob@b.test", "carol@b.test")
+    srv.cli("alias", "add", "one@b.test", "carol@b.test")
+    for alias in ("team@b.test", "one@b.test"):
+        with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+            c.ehlo()
+            c.mail("alice@a.test")
+            assert c.rcpt(alias, ["NOTIFY=SUCCESS", f"ORCPT=rfc822;{alias}"])[0] == 250
+            assert c.data(f"Subject: to {alias}\r\n\r\nx\r\n".encode())[0] == 250
+    reports = srv.wait_messages("alice@a.test", 2)
+    assert len(srv.wait_messages("bob@b.test", 1)) == 1
+    assert len(srv.wait_messages("carol@b.test", 2)) == 2
+    (team,) = [r for r in reports if b"Subject: to team@b.test" in r]
+    (one,) = [r for r in reports if b"Subject: to one@b.test" in r]
+    assert team.count(b"\r\nAction: ") == 1 and b"\r\nAction: expanded\r\n" in team
+    assert b"\r\nFinal-Recipient: rfc822; team@b.test\r\n" in team
+    assert b"\r\nOriginal-Recipient: rfc822; team@b.test\r\n" in team
+    assert one.count(b"\r\nAction: ") == 1 and b"\r\nAction: delivered\r\n" in one
+    assert b"\r\nFinal-Recipient: rfc822; carol@b.test\r\n" in one
+    assert b"\r\nOriginal-Recipient: rfc822; one@b.test\r\n" in one
+    wait_until(srv.queue_empty)
+
+
 def test_received_says_smtp_after_helo_and_esmtp_after_ehlo(srv: Server) -> None:
     for hello in ("helo", "ehlo"):
         with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=30) as c:

@@ -29,9 +29,11 @@ class Accounts:
         return [key] if found is None and key.startswith("postmaster@") else found
 
     def expand(self, key: str, max_depth: int = 10) -> list[str] | None:
-        return {"alice@a.test": ["alice@a.test"], "team@a.test": ["alice@a.test", "x@r.test"]}.get(
-            key
-        )
+        return {
+            "alice@a.test": ["alice@a.test"],
+            "team@a.test": ["alice@a.test", "x@r.test"],
+            "one@a.test": ["alice@a.test"],
+        }.get(key)
 
     def owns(self, user_key: str, sender_key: str) -> bool:
         return user_key == sender_key
@@ -122,15 +124,53 @@ def test_a_recipient_named_twice_gets_every_notice_either_rcpt_asked_for(
 
     rcpt("alice", "NEVER")
     rcpt("team", "FAILURE")  # alice again, and x@r.test
+    rcpt("alice", "SUCCESS")
+    # The alias's own SUCCESS is answered by its "expanded" notice (RFC 3461 §6.2.7.3),
+    # not passed on to its members: they get NEVER from it, which adds nothing.
     rcpt("team", "SUCCESS")
     rcpt("postmaster", None)
     rcpt("postmaster", "NEVER")  # adds nothing: the first stays as it was
     notify = {r.address: r.notify for r in p.txn.recipients}
     assert notify == {
         "alice@a.test": ["SUCCESS", "FAILURE"],
-        "x@r.test": ["SUCCESS", "FAILURE"],
+        "x@r.test": ["FAILURE"],
         "postmaster@a.test": None,
     }
+
+
+def test_an_alias_of_several_addresses_owes_one_expanded_notice(tmp_path: Path) -> None:
+    # RFC 3461 §6.2.7.3: NOTIFY=SUCCESS for an alias of several addresses is answered by one
+    # "expanded" notice for the alias, and its members do not get SUCCESS. It was passed on
+    # to each: one "delivered" per mailbox, and a "relayed" or a remote DSN per remote one.
+    p, intake = policy(tmp_path)
+    assert p.on_mail(Mail(Address("x", "r.test"))) == replies.SENDER_OK
+    params = {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;team@a.test"}
+    assert p.on_rcpt(Rcpt(Address("team", "a.test"), params)) == replies.RECIPIENT_OK
+    p.on_data_start()
+    p.on_data(b"Subject: x\r\n\r\ny\r\n")
+    asyncio.run(p.on_message_end())
+    ((envelope, _body),) = intake.got
+    assert [(r.address, r.notify) for r in envelope.recipients] == [
+        ("alice@a.test", ["FAILURE"]),
+        ("x@r.test", ["FAILURE"]),
+    ]
+    (report,) = envelope.reports
+    assert report.recipients == [0] and report.actions == ["expanded"]
+    rcpt = envelope.recipients[0]
+    assert (rcpt.original, rcpt.orcpt) == ("team@a.test", "rfc822;team@a.test")
+    # An alias of one address forwards (§6.2.7.2 of the same RFC): NOTIFY goes on whole.
+    # And no notice is ever owed to the null sender (RFC 3461 §6.2).
+    for sender, rcpt_to in ((Address("x", "r.test"), "one"), (None, "team")):
+        assert p.on_mail(Mail(sender)) == replies.SENDER_OK
+        params = {"NOTIFY": "SUCCESS"}
+        assert p.on_rcpt(Rcpt(Address(rcpt_to, "a.test"), params)) == replies.RECIPIENT_OK
+        p.on_data_start()
+        p.on_data(b"Subject: x\r\n\r\ny\r\n")
+        asyncio.run(p.on_message_end())
+        envelope, _body = intake.got[-1]
+        assert envelope.reports == []
+        if sender is not None:
+            assert [r.notify for r in envelope.recipients] == [["SUCCESS"]]
 
 
 def test_the_finished_message_is_handed_off_once_in_lf_with_our_trace(tmp_path: Path) -> None:

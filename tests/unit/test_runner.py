@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from postroom import config as config_mod
-from postroom.queue.envelope import Attempt, Envelope, Recipient
+from postroom.queue.envelope import Attempt, Envelope, PendingReport, Recipient
 from postroom.queue.runner import Accepted, QueueRunner
 from postroom.resolver import Route, RouteFailure, StaticResolver
 from postroom.storage.interfaces import LocalCopy, MessageDraft
@@ -320,6 +320,26 @@ def test_a_bounce_names_the_alias_as_original_recipient(tmp_path: Path) -> None:
     asyncio.run(accept(runner, env))
     (dsn_id,) = [qid for kind, qid in queue.calls if kind == "accept" and qid != "Q1"]
     assert b"\nOriginal-Recipient: rfc822; ab+c3@a.test\n" in queue.accepted[dsn_id][1]
+
+
+def test_an_expanded_alias_is_reported_once_by_the_first_attempt(tmp_path: Path) -> None:
+    """RFC 3461 §6.2.7.3, RFC 3464 §2.3.3: the "expanded" notice the policy owed at RCPT
+    (NOTIFY=SUCCESS for an alias of several addresses) names the alias with its ORCPT, once.
+    A message whose copies were all made at acceptance was not started, and it was lost."""
+    runner, queue, boxes, _clock = make(tmp_path, {})
+    member = Recipient(
+        "alice@a.test", original="team@a.test", orcpt="rfc822;team@a.test", notify=["FAILURE"]
+    )
+    env = Envelope("Q1", "alice@a.test", [member], NOW)
+    env.reports.append(PendingReport("R1", [0], ["expanded"], NOW))
+    asyncio.run(accept(runner, env))
+    assert not queue.messages
+    assert boxes.delivered == [("Q1", "alice@a.test"), ("R1", "alice@a.test")]
+    report = queue.accepted["R1"][1]
+    assert report.count(b"\nAction: ") == 1 and b"\nAction: expanded\n" in report
+    assert b"\nFinal-Recipient: rfc822; team@a.test\n" in report
+    assert b"\nOriginal-Recipient: rfc822; team@a.test\n" in report
+    assert b"<team@a.test>: expanded (2.0.0)\n" in report
 
 
 @pytest.mark.parametrize("crash_after", range(1, 6))

@@ -92,7 +92,8 @@ class Attempt:
 class PendingReport:
     """A DSN (RFC 3464) decided by an attempt and stored with its outcome before it is queued
     under ``id``: the recipients it reports (their indices), each with its action
-    (``failed``, ``delivered`` or ``relayed``), at ``time``. Made again after a crash unless
+    (``failed``, ``delivered`` or ``relayed``; or ``expanded``, owed from acceptance, for the
+    alias that recipient was reached through), at ``time``. Made again after a crash unless
     the queue holds ``id`` (see :mod:`postroom.queue.runner`)."""
 
     id: str

@@ -167,7 +167,10 @@ class QueueRunner:
     async def accept(self, envelope: Envelope, draft: MessageDraft) -> Accepted | Reply:
         """Make a finished message durable and start its delivery: ``Accepted`` once it is
         durable (then, and only then, the client gets its 250), or the reply to send."""
-        hold = any(r.notify and "SUCCESS" in r.notify for r in envelope.recipients)
+        # (A notice owed from the start, an alias's "expanded", is sent by the first attempt.)
+        hold = bool(envelope.reports) or any(
+            r.notify and "SUCCESS" in r.notify for r in envelope.recipients
+        )
         try:
             first = await self._store(envelope, draft, hold)
         except TemporaryStorageError as exc:
@@ -1018,6 +1021,15 @@ def _attempts(now: float, results: list[tuple[Recipient, DeliveryResult]]) -> li
 
 
 def _dsn_recipient(rcpt: Recipient, action: Action, now: float) -> DsnRecipient:
+    if action == "expanded":  # RFC 3461 §6.2.7.3: the alias itself, as RCPT named it
+        return DsnRecipient(
+            final_recipient=rcpt.original or rcpt.address,
+            action=action,
+            status="2.0.0",
+            original_recipient=rcpt.orcpt,
+            diagnostic="alias expanded",
+            last_attempt=now,
+        )
     error = rcpt.last_error or ""
     status = failure_status(error) if action == "failed" else "2.0.0"
     original = rcpt.orcpt
