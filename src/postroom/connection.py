@@ -33,6 +33,8 @@ import ssl
 import struct
 import termios
 import time
+import weakref
+from collections import deque
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -60,12 +62,19 @@ REFUSAL_TLS_MAX = 8
 # client that pipelines without reading its replies (its buffers hold megabytes of them) had
 # its whole megabyte of commands run at once, and a hundred such clients held every other
 # session, and new connections, for 20 s. RFC 2920 §3 lets a server pace pipelined input.
-# A client that reads sees no change (a longer pipeline takes a few turns, each a loop
-# round); one that sends over a turn's worth ending in QUIT and closes without reading may
-# have it cut at a turn's end, before the QUIT (a POP3 session then deletes nothing, RFC
-# 1939 §6). An event counts one; FLUSH, the batch of OUTBOX_PARTS replies the engine made
-# without an event, counts as many.
-REPLIES_PER_TURN = 1024
+# A session with more than a turn's worth waits for its next turn in a queue, and the loop
+# gives one turn per iteration (:class:`Turns`): an iteration is where the loop reads what
+# the other sessions sent and accepts a connection (libuv, under uvloop, accepts one per
+# iteration), so it never waits for more than a turn, however many sessions flood. A turn
+# for each of them per iteration had made an iteration last as long as all their turns, and
+# a client that connected behind a hundred of them waited 15 s for its 220.
+# A client that reads sees no change (a longer pipeline takes a few iterations, alone in
+# the queue); nor does one that ends its pipeline with a FIN (eof_received: all is answered).
+# One that closes without reading resets the connection (RFC 1122 §4.2.2.13: data was lost),
+# and what was not run by then never is, a QUIT too: a POP3 session then deletes nothing
+# (RFC 1939 §6), as when the reset comes during a password check. An event counts one;
+# FLUSH, the batch of OUTBOX_PARTS replies the engine made without an event, counts as many.
+REPLIES_PER_TURN = 256
 _RESET = struct.pack("ii", 1, 0)  # struct linger {on, 0 s}: close(2) sends RST
 
 
@@ -186,7 +195,7 @@ class Connection(asyncio.Protocol):
         self.received = self.sent = 0  # octets on the wire, for the metrics
         self._handshake_failed = False
         self._refusal: asyncio.TimerHandle | None = None  # a refusal waiting for its handshake
-        self._next_turn: asyncio.Handle | None = None  # more events, after the other sessions
+        self._waiting = False  # in the queue of turns (Turns): more events to run
 
     # -- what a protocol provides --------------------------------------------------------------
 
@@ -334,9 +343,6 @@ class Connection(asyncio.Protocol):
         (:data:`REPLIES_PER_TURN`: the rest follows once the other sessions had theirs)."""
         engine = self.engine
         assert engine is not None
-        if self._next_turn is not None:
-            self._next_turn.cancel()
-            self._next_turn = None
         turn = REPLIES_PER_TURN
         try:
             while not self._lost:
@@ -384,13 +390,16 @@ class Connection(asyncio.Protocol):
             self._crashed()
 
     def _yield_turn(self) -> None:
-        """Let the other sessions run; this one goes on in the loop's next round."""
+        """Let the other sessions run; this one goes on when its turn comes (:class:`Turns`)."""
         self._flush()
         self._pause_reading()  # resumed when its input runs low (NEED_DATA)
-        self._next_turn = asyncio.get_running_loop().call_soon(self._another_turn)
+        if not self._waiting:
+            self._waiting = True
+            Turns.of(asyncio.get_running_loop()).add(self)
 
-    def _another_turn(self) -> None:
-        self._next_turn = None
+    def another_turn(self) -> None:
+        """Its turn has come (from :class:`Turns`)."""
+        self._waiting = False
         if self._task is None and not self._lost and not self._write_paused:
             self._process()
 
@@ -725,6 +734,39 @@ class Connection(asyncio.Protocol):
         self.final_words("shutdown")
         self._flush()
         self._close()
+
+
+class Turns:
+    """The sessions of one event loop that wait for their next turn (:data:`REPLIES_PER_TURN`),
+    in order: one of them runs per iteration of the loop, so that an iteration, where every
+    other session's input is read and a connection accepted, waits for one turn at most."""
+
+    _of: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Turns]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self) -> None:
+        self.waiting: deque[Connection] = deque()
+        self.handle: asyncio.Handle | None = None  # the next turn, in the next iteration
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Turns:
+        """The queue of ``loop`` (one in a worker; the tests run many loops, one at a time)."""
+        turns = cls._of.get(loop)
+        if turns is None:
+            turns = cls._of[loop] = cls()
+        return turns
+
+    def add(self, conn: Connection) -> None:
+        self.waiting.append(conn)
+        if self.handle is None:
+            self.handle = asyncio.get_running_loop().call_soon(self._next)
+
+    def _next(self) -> None:
+        self.handle = None
+        self.waiting.popleft().another_turn()  # which may queue it again, at the end
+        if self.waiting and self.handle is None:
+            self.handle = asyncio.get_running_loop().call_soon(self._next)
 
 
 class IdleSweeper:

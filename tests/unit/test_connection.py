@@ -131,6 +131,30 @@ def test_replies_to_a_long_pipeline_wait_for_the_client_to_read(tmp_path: Path) 
     asyncio.run(main())
 
 
+def test_sessions_with_long_pipelines_take_one_turn_per_loop_iteration(tmp_path: Path) -> None:
+    """A turn for each such session in every iteration made an iteration, where the loop reads
+    the other sessions' input and accepts a connection, last as long as all their turns."""
+
+    async def main() -> None:
+        turn = connection.REPLIES_PER_TURN
+        sessions = [connect(tmp_path / str(i)) for i in range(3)]
+        for conn, transport in sessions:
+            conn.data_received(b"NOOP\r\n" * (turn * 4))
+            assert transport.take().count(b"250 ") == turn and transport.paused
+        order = []
+        for _ in range(9):
+            await asyncio.sleep(0)  # one iteration of the loop
+            made = [transport.take().count(b"250 ") for _, transport in sessions]
+            assert sorted(made) == [0, 0, turn]  # one turn in all, not one each
+            order.append(made.index(turn))
+        assert order == [0, 1, 2] * 3  # in turn
+        for _ in range(3):
+            await asyncio.sleep(0)  # each finds its input all read: reading goes on
+        assert not any(transport.paused or transport.take() for _, transport in sessions)
+
+    asyncio.run(main())
+
+
 def test_a_closing_client_that_never_reads_is_reset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
