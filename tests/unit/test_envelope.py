@@ -60,6 +60,11 @@ def test_the_dsn_fields_are_left_out_when_empty_and_read_back_when_set() -> None
     assert b'"reports"' not in plain.to_json() and b'"parent"' not in plain.to_json()
     owing = Envelope("Q2", "s@x.test", [Recipient("r@y.test", status="bounced")], 1.0)
     owing.reports = [PendingReport("Q3", [0], ["failed"], 2.0)]
+    assert b'"expanded"' not in owing.to_json()
     dsn = Envelope("Q3", "", [Recipient("s@x.test")], 2.0, parent="Q2")
-    for envelope in (plain, owing, dsn):
+    # An alias's "expanded" notice, owed from acceptance: the alias, with and without ORCPT.
+    aliases: list[tuple[str, str | None]] = [("a@x.test", "rfc822;a@x.test"), ("b@x.test", None)]
+    expanded = Envelope("Q4", "s@x.test", [Recipient("r@y.test")], 1.0)
+    expanded.reports = [PendingReport("Q5", [], [], 1.0, aliases)]
+    for envelope in (plain, owing, dsn, expanded):
         assert Envelope.from_json(envelope.to_json()) == envelope

@@ -33,6 +33,7 @@ class Accounts:
             "alice@a.test": ["alice@a.test"],
             "team@a.test": ["alice@a.test", "x@r.test"],
             "one@a.test": ["alice@a.test"],
+            "info@a.test": ["alice@a.test", "x@r.test"],
         }.get(key)
 
     def owns(self, user_key: str, sender_key: str) -> bool:
@@ -155,11 +156,10 @@ def test_an_alias_of_several_addresses_owes_one_expanded_notice(tmp_path: Path) 
         ("x@r.test", ["FAILURE"]),
     ]
     (report,) = envelope.reports
-    assert report.recipients == [0] and report.actions == ["expanded"]
-    rcpt = envelope.recipients[0]
-    assert (rcpt.original, rcpt.orcpt) == ("team@a.test", "rfc822;team@a.test")
+    assert (report.recipients, report.actions) == ([], [])
+    assert report.expanded == [("team@a.test", "rfc822;team@a.test")]
     # An alias of one address forwards (§6.2.7.2 of the same RFC): NOTIFY goes on whole.
-    # And no notice is ever owed to the null sender (RFC 3461 §6.2).
+    # And no notice is ever owed to the null sender (RFC 3461 §6.2), nor SUCCESS passed on.
     for sender, rcpt_to in ((Address("x", "r.test"), "one"), (None, "team")):
         assert p.on_mail(Mail(sender)) == replies.SENDER_OK
         params = {"NOTIFY": "SUCCESS"}
@@ -171,6 +171,41 @@ def test_an_alias_of_several_addresses_owes_one_expanded_notice(tmp_path: Path) 
         assert envelope.reports == []
         if sender is not None:
             assert [r.notify for r in envelope.recipients] == [["SUCCESS"]]
+        else:
+            assert [r.notify for r in envelope.recipients] == [["NEVER"], ["NEVER"]]
+
+
+def test_every_alias_of_several_addresses_gets_its_notice_whoever_else_names_its_members(
+    tmp_path: Path,
+) -> None:
+    # RFC 3461 §6.2.7.3: the "expanded" notice borrowed a member to carry the alias's name.
+    # With none free (each named before: by its own RCPT, by another alias of the same
+    # members) no notice was owed and SUCCESS went to the members whole, one "delivered"
+    # under another alias's name; and one alias spelled two ways was two aliases.
+    p, intake = policy(tmp_path, port="submission")
+    p.auth_user = "x@r.test"
+    assert p.on_mail(Mail(Address("x", "r.test"))) == replies.SENDER_OK
+    for local, domain, params in (
+        ("alice", "a.test", {"NOTIFY": "NEVER"}),
+        ("x", "r.test", {"NOTIFY": "NEVER"}),
+        ("Team", "a.test", {"NOTIFY": "SUCCESS", "ORCPT": "rfc822;Team@a.test"}),
+        ("team", "a.test", {"NOTIFY": "SUCCESS"}),  # the same alias: no second notice
+        ("info", "a.test", {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;info@a.test"}),
+    ):
+        assert p.on_rcpt(Rcpt(Address(local, domain), params)) == replies.RECIPIENT_OK
+    p.on_data_start()
+    p.on_data(b"Subject: x\r\n\r\ny\r\n")
+    asyncio.run(p.on_message_end())
+    ((envelope, _body),) = intake.got
+    assert [(r.address, r.notify) for r in envelope.recipients] == [
+        ("alice@a.test", ["FAILURE"]),
+        ("x@r.test", ["FAILURE"]),
+    ]
+    (report,) = envelope.reports
+    assert report.expanded == [
+        ("Team@a.test", "rfc822;Team@a.test"),
+        ("info@a.test", "rfc822;info@a.test"),
+    ]
 
 
 def test_the_finished_message_is_handed_off_once_in_lf_with_our_trace(tmp_path: Path) -> None:

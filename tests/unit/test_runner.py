@@ -323,9 +323,32 @@ def test_a_bounce_names_the_alias_as_original_recipient(tmp_path: Path) -> None:
 
 
 def test_an_expanded_alias_is_reported_once_by_the_first_attempt(tmp_path: Path) -> None:
-    """RFC 3461 §6.2.7.3, RFC 3464 §2.3.3: the "expanded" notice the policy owed at RCPT
-    (NOTIFY=SUCCESS for an alias of several addresses) names the alias with its ORCPT, once.
-    A message whose copies were all made at acceptance was not started, and it was lost."""
+    """RFC 3461 §6.2.7.3, RFC 3464 §2.3.3: the "expanded" notices the policy owed at RCPT
+    (NOTIFY=SUCCESS for an alias of several addresses) name each alias as RCPT named it, with
+    its ORCPT (and none without), once. A member carried the alias's name: only one alias
+    could stand on it, and another alias of the same members got no notice."""
+    runner, queue, boxes, _clock = make(tmp_path, {})
+    member = Recipient("alice@a.test", original="team@a.test", notify=["FAILURE"])
+    env = Envelope("Q1", "alice@a.test", [member], NOW)
+    aliases: list[tuple[str, str | None]] = [
+        ("Team@a.test", "rfc822;Team@a.test"),
+        ("info@a.test", None),
+    ]
+    env.reports.append(PendingReport("R1", [], [], NOW, aliases))
+    asyncio.run(accept(runner, env))
+    assert not queue.messages
+    assert boxes.delivered == [("Q1", "alice@a.test"), ("R1", "alice@a.test")]
+    report = queue.accepted["R1"][1]
+    assert report.count(b"\nAction: expanded\n") == 2 and report.count(b"\nAction: ") == 2
+    assert b"\nFinal-Recipient: rfc822; Team@a.test\n" in report
+    assert b"\nFinal-Recipient: rfc822; info@a.test\n" in report
+    assert report.count(b"\nOriginal-Recipient: ") == 1
+    assert b"\nOriginal-Recipient: rfc822; Team@a.test\n" in report
+    assert b"<info@a.test>: expanded (2.0.0)\n" in report
+
+
+def test_an_expanded_notice_stored_on_a_member_still_names_the_alias(tmp_path: Path) -> None:
+    """The form stored before the alias had a field of its own: a member that carries it."""
     runner, queue, boxes, _clock = make(tmp_path, {})
     member = Recipient(
         "alice@a.test", original="team@a.test", orcpt="rfc822;team@a.test", notify=["FAILURE"]
@@ -340,6 +363,45 @@ def test_an_expanded_alias_is_reported_once_by_the_first_attempt(tmp_path: Path)
     assert b"\nFinal-Recipient: rfc822; team@a.test\n" in report
     assert b"\nOriginal-Recipient: rfc822; team@a.test\n" in report
     assert b"<team@a.test>: expanded (2.0.0)\n" in report
+
+
+@pytest.mark.parametrize("remote", [False, True])
+@pytest.mark.parametrize("crash_after", range(1, 14))
+def test_a_crash_at_any_step_sends_the_expanded_notice_once(
+    tmp_path: Path, crash_after: int, remote: bool
+) -> None:
+    """kill -9 after each stored step of a message that owes an "expanded" notice from its
+    acceptance (all its members here; or one here, one that bounces): one notice."""
+    routes: dict[str, Route | RouteFailure] = {"b.test": RouteFailure("5.1.2", "NXDOMAIN")}
+    runner, queue, boxes, clock = make(tmp_path, routes if remote else {})
+    queue.crash_after = crash_after
+    env = envelope("Q1", "alice@a.test", *(["x@b.test"] if remote else []))
+    env.reports.append(PendingReport("R1", [], [], NOW, [("team@a.test", None)]))
+
+    async def first_run() -> None:
+        with contextlib.suppress(Crash):
+            await accept(runner, env)
+        for task in runner._inflight.values():
+            task.cancel()  # the process is gone
+
+    asyncio.run(first_run())
+    queue = boxes.queue = queue.restarted()
+    runner = QueueRunner(
+        runner.services, queue, boxes, runner._resolver, clock=clock, jitter=lambda: 0.0
+    )
+
+    async def later_runs() -> None:
+        for _ in range(40):  # the restart, then the runner's schedule
+            if not queue.messages:
+                return
+            clock.now += 600
+            for due in await queue.claim(clock.now, 100):
+                runner._start(due)
+            await settle(runner)
+
+    asyncio.run(later_runs())
+    assert not queue.messages and not queue.twice
+    assert [qid for qid, _mailbox in boxes.delivered].count("R1") == 1, boxes.delivered
 
 
 @pytest.mark.parametrize("crash_after", range(1, 6))

@@ -92,14 +92,16 @@ class Attempt:
 class PendingReport:
     """A DSN (RFC 3464) decided by an attempt and stored with its outcome before it is queued
     under ``id``: the recipients it reports (their indices), each with its action
-    (``failed``, ``delivered`` or ``relayed``; or ``expanded``, owed from acceptance, for the
-    alias that recipient was reached through), at ``time``. Made again after a crash unless
-    the queue holds ``id`` (see :mod:`postroom.queue.runner`)."""
+    (``failed``, ``delivered`` or ``relayed``), at ``time``; or, owed from acceptance, the
+    aliases of several addresses it reports ``expanded`` (``expanded``: each as RCPT named it,
+    with its ORCPT). Made again after a crash unless the queue holds ``id`` (see
+    :mod:`postroom.queue.runner`)."""
 
     id: str
     recipients: list[int]
     actions: list[str]
     time: float
+    expanded: list[tuple[str, str | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -139,7 +141,7 @@ class Envelope:
         data["history"] = [dict(vars(a)) for a in self.history]
         # Left out when empty (nearly always): an older node reads the message as before.
         if self.reports:
-            data["reports"] = [dict(vars(r)) for r in self.reports]
+            data["reports"] = [_report_dict(r) for r in self.reports]
         else:
             del data["reports"]
         if not self.parent:
@@ -154,7 +156,7 @@ class Envelope:
         data = dict(data)
         data["recipients"] = [Recipient(**r) for r in data["recipients"]]
         data["history"] = [Attempt(**a) for a in data.get("history", ())]
-        data["reports"] = [PendingReport(**r) for r in data.get("reports", ())]
+        data["reports"] = [_report(r) for r in data.get("reports", ())]
         envelope = cls(**data)
         # What the queue acts on must have its type: a state file edited by hand (or damaged
         # into other valid JSON) is set aside as unreadable, not a traceback at every retry.
@@ -179,3 +181,18 @@ class Envelope:
             return cls.from_dict(json.loads(raw))
         except (ValueError, KeyError, TypeError) as exc:
             raise QueueError(f"unreadable envelope: {exc}") from None
+
+
+def _report_dict(report: PendingReport) -> dict[str, Any]:
+    data = dict(vars(report))
+    # Left out when empty: an older node reads the other reports as before. One that does
+    # not know the field refuses the message as unreadable rather than misreport the alias.
+    if not report.expanded:
+        del data["expanded"]
+    return data
+
+
+def _report(data: dict[str, Any]) -> PendingReport:
+    report = PendingReport(**data)
+    report.expanded = [(alias, orcpt) for alias, orcpt in report.expanded]  # (JSON: lists)
+    return report

@@ -942,7 +942,7 @@ class QueueRunner:
         group = [
             _dsn_recipient(envelope.recipients[i], cast(Action, action), pending.time)
             for i, action in zip(pending.recipients, pending.actions, strict=True)
-        ]
+        ] + [_expanded(alias, orcpt, pending.time) for alias, orcpt in pending.expanded]
         # Delivered here, it gets the Received line every delivery adds; RFC 5321 §4.4's
         # form for a message made on this host.
         received = (
@@ -1020,16 +1020,22 @@ def _attempts(now: float, results: list[tuple[Recipient, DeliveryResult]]) -> li
     ]
 
 
+def _expanded(alias: str, orcpt: str | None, now: float) -> DsnRecipient:
+    """The block for an alias of several addresses: RFC 3461 §6.2.7.3, the alias itself, as
+    RCPT named it (Original-Recipient only from its ORCPT, RFC 3464 §2.3.1)."""
+    return DsnRecipient(
+        final_recipient=alias,
+        action="expanded",
+        status="2.0.0",
+        original_recipient=orcpt,
+        diagnostic="alias expanded",
+        last_attempt=now,
+    )
+
+
 def _dsn_recipient(rcpt: Recipient, action: Action, now: float) -> DsnRecipient:
-    if action == "expanded":  # RFC 3461 §6.2.7.3: the alias itself, as RCPT named it
-        return DsnRecipient(
-            final_recipient=rcpt.original or rcpt.address,
-            action=action,
-            status="2.0.0",
-            original_recipient=rcpt.orcpt,
-            diagnostic="alias expanded",
-            last_attempt=now,
-        )
+    if action == "expanded":  # (stored before the alias had a field of its own: its member)
+        return _expanded(rcpt.original or rcpt.address, rcpt.orcpt, now)
     error = rcpt.last_error or ""
     status = failure_status(error) if action == "failed" else "2.0.0"
     original = rcpt.orcpt

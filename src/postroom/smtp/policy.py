@@ -84,9 +84,9 @@ class _Txn:
     mail: Mail | None = None
     recipients: list[Recipient] = field(default_factory=list)
     seen: dict[str, Recipient] = field(default_factory=dict)  # by final address
-    # Aliases expanded to several addresses with NOTIFY=SUCCESS: each by the first of its
-    # members (which carries the alias as ``original``, and its ORCPT), owed an "expanded" DSN.
-    expanded: list[Recipient] = field(default_factory=list)
+    # Aliases of several addresses named with NOTIFY=SUCCESS, owed an "expanded" DSN: by key
+    # (one notice for ``Team@`` and ``team@``), each as RCPT first named it, with its ORCPT.
+    expanded: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     draft: MessageDraft | None = None
     queue_id: str = ""
     received_at: float = 0.0
@@ -194,46 +194,33 @@ class SmtpPolicy:
                 return self.refused(replies.ALIAS_LOOP, cmd)
             original = str(addr) if targets != [key] else None
             notify_members = notify_list
-            carrier = self._expansion_carrier(targets, original, notify_list)
-            if carrier is not None:
+            if len(targets) > 1 and notify_list and "SUCCESS" in notify_list:
                 # RFC 3461 §6.2.7.3: an alias of several addresses is this recipient's last
-                # step: one "expanded" notice for it, and its members get its NOTIFY without
-                # SUCCESS. (An alias of one address is a forward: its NOTIFY goes on whole.)
-                notify_members = [n for n in notify_list or () if n != "SUCCESS"] or ["NEVER"]
+                # step: one "expanded" notice for it (none to the null sender, §6.2), and its
+                # members get its NOTIFY without SUCCESS, whoever else named them. (An alias
+                # of one address is a forward: its NOTIFY goes on whole.)
+                notify_members = [n for n in notify_list if n != "SUCCESS"] or ["NEVER"]
+                if self.txn.sender is not None:
+                    self.txn.expanded.setdefault(key, (str(addr), orcpt))
             for target in targets:
-                kept = self._add_recipient(
+                self._add_recipient(
                     Recipient(target, original=original, orcpt=orcpt, notify=notify_members)
                 )
-                if target == carrier and not any(kept is r for r in self.txn.expanded):
-                    self.txn.expanded.append(kept)
             return replies.RECIPIENT_OK
         if self.auth_user is None:
             return self.refused(replies.RELAY_DENIED, cmd)
         self._add_recipient(Recipient(str(addr), orcpt=orcpt, notify=notify_list))
         return replies.RECIPIENT_OK
 
-    def _expansion_carrier(
-        self, targets: list[str], original: str | None, notify: list[str] | None
-    ) -> str | None:
-        """The member that will stand for an alias owed an "expanded" DSN (several
-        ``targets``, NOTIFY=SUCCESS, a sender to tell): the first one not named before by
-        another RCPT, whose ``original`` and ORCPT are then the alias's. None if none is."""
-        if len(targets) < 2 or not notify or "SUCCESS" not in notify or not self.txn.sender:
-            return None
-        seen = self.txn.seen
-        return next((t for t in targets if t not in seen or seen[t].original == original), None)
-
-    def _add_recipient(self, rcpt: Recipient) -> Recipient:
+    def _add_recipient(self, rcpt: Recipient) -> None:
         """Each final address once per message, however often it was named or reached; it
-        gets every notice any of those RCPTs asked for (RFC 3461 §4.1: NOTIFY is per RCPT).
-        The recipient kept for that address."""
+        gets every notice any of those RCPTs asked for (RFC 3461 §4.1: NOTIFY is per RCPT)."""
         kept = self.txn.seen.get(rcpt.address)
         if kept is None:
             self.txn.seen[rcpt.address] = rcpt
             self.txn.recipients.append(rcpt)
-            return rcpt
-        kept.notify = merged_notify(kept.notify, rcpt.notify)
-        return kept
+        else:
+            kept.notify = merged_notify(kept.notify, rcpt.notify)
 
     # -- DATA ----------------------------------------------------------------------------------
 
@@ -375,10 +362,9 @@ class SmtpPolicy:
             tls_version=self.tls_version,
         )
         if txn.expanded:  # owed from the start, queued by the first attempt (RFC 3461 §6.2.7.3)
-            index = {id(r): i for i, r in enumerate(txn.recipients)}
-            rcpts = [index[id(r)] for r in txn.expanded]
-            actions = ["expanded"] * len(rcpts)
-            envelope.reports.append(PendingReport(new_queue_id(), rcpts, actions, txn.received_at))
+            aliases = list(txn.expanded.values())
+            report = PendingReport(new_queue_id(), [], [], txn.received_at, aliases)
+            envelope.reports.append(report)
         intake = self.services.intake
         assert intake is not None
         result = await intake.accept(envelope, draft)
