@@ -497,6 +497,21 @@ def test_a_message_whose_copies_are_all_made_at_acceptance_is_not_held(tmp_path:
     assert queue.calls == [("accept", "Q1")] and env.attempts == 0
 
 
+def test_a_success_notice_for_the_null_sender_holds_nothing(tmp_path: Path) -> None:
+    # None is ever sent to <> (RFC 3461 §6.2): NOTIFY=SUCCESS kept all-local mail from it
+    # queued for a first attempt that could only find nothing to do.
+    runner, queue, _boxes, _clock = make(tmp_path, {})
+
+    async def main() -> bool:
+        await _put(runner, "Q1", "alice@a.test", notify=True, sender="")
+        started = bool(runner._inflight)
+        await settle(runner)
+        return started
+
+    assert not asyncio.run(main())
+    assert queue.calls == [("accept", "Q1")]
+
+
 def test_first_attempts_beyond_the_backlog_wait_in_the_queue(tmp_path: Path) -> None:
     runner, queue, _boxes, _clock = make(tmp_path, {})
     runner.services.cfg = config_mod.from_dict(

@@ -167,9 +167,11 @@ class QueueRunner:
     async def accept(self, envelope: Envelope, draft: MessageDraft) -> Accepted | Reply:
         """Make a finished message durable and start its delivery: ``Accepted`` once it is
         durable (then, and only then, the client gets its 250), or the reply to send."""
-        # (A notice owed from the start, an alias's "expanded", is sent by the first attempt.)
-        hold = bool(envelope.reports) or any(
-            r.notify and "SUCCESS" in r.notify for r in envelope.recipients
+        # (A notice owed from the start, an alias's "expanded", is sent by the first attempt.
+        # None is ever sent to the null sender: its SUCCESS holds nothing.)
+        hold = bool(envelope.reports) or (
+            bool(envelope.sender)
+            and any(r.notify and "SUCCESS" in r.notify for r in envelope.recipients)
         )
         try:
             first = await self._store(envelope, draft, hold)
