@@ -365,6 +365,39 @@ def test_an_expanded_notice_stored_on_a_member_still_names_the_alias(tmp_path: P
     assert b"<team@a.test>: expanded (2.0.0)\n" in report
 
 
+def test_an_expanded_notice_is_sent_when_the_first_attempt_starts(tmp_path: Path) -> None:
+    # It depends on no delivery, but waited for the end of the first attempt: minutes when
+    # a remote member's hosts are dead (and after a crash, for the first retry).
+    runner, queue, boxes, _clock = make(tmp_path, {})
+    tarpit = asyncio.Event()
+
+    class Remote(FakeRemote):
+        async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
+            await tarpit.wait()
+            raise AssertionError("not reached")
+
+    runner._remote = Remote()
+    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+    env = envelope("Q1", "alice@a.test", "x@slow.test")
+    env.reports.append(PendingReport("R1", [], [], NOW, [("team@a.test", None)]))
+
+    async def main() -> None:
+        draft = runner.queue.draft(env.id, env.sender)
+        draft.write(b"Subject: t\r\n\r\nbody\r\n")
+        assert isinstance(await runner.accept(env, draft), Accepted)
+        for _ in range(50):
+            if ("R1", "alice@a.test") in boxes.delivered:
+                break
+            await asyncio.sleep(0.001)
+        assert ("R1", "alice@a.test") in boxes.delivered, "not sent while the hosts are tried"
+        assert Envelope.from_json(queue.stored["Q1"][0]).reports == []
+        for task in runner._inflight.values():
+            task.cancel()
+        await asyncio.gather(*runner._inflight.values(), return_exceptions=True)
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("remote", [False, True])
 @pytest.mark.parametrize("crash_after", range(1, 14))
 def test_a_crash_at_any_step_sends_the_expanded_notice_once(

@@ -426,9 +426,10 @@ class QueueRunner:
             envelope.next_attempt = now + REPORT_WAIT
             await self.queue.record(envelope, [])
             return
-        if first is None and envelope.reports:
-            # Notices an attempt a stop cut short stored as owed: sent now, not when this
-            # attempt ends (a host that holds every attempt until the next stop kept them).
+        if envelope.reports:
+            # Notices owed from acceptance (an alias's "expanded") or stored as owed by an
+            # attempt a stop cut short: sent now, not when this attempt ends (dead MX hosts
+            # take minutes; a host that holds every attempt until the next stop kept them).
             await self._send_owed(envelope)
         attempts = list(first.attempts) if first is not None else []
         newly_done = list(first.done) if first is not None else []
