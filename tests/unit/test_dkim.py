@@ -443,12 +443,39 @@ def test_a_signatures_i_is_its_results_header_i(rsa_signer: tuple[bytes, bytes])
     (domain,) = dkim_verify.verify(domain_only, zone)
     assert (domain.result, domain.identity) == ("pass", "@a.test")
     assert " header.i=@a.test\r\n" in results.render("mx.b.test", None, [domain], None).decode()
-    head = b"DKIM-Signature: v=1; d=a.test; s=k; i=jo=3Dn=20x@a.test\r\n"
+    head = b"DKIM-Signature: v=1; d=a.test; s=k; i=jo=3Dn.x@a.test\r\n"
     head += b"DKIM-Signature: v=1; d=a.test; s=k\r\n"
     encoded, plain = dkim_verify.not_checked(dkim_verify.signatures(head), "too many")
-    assert (encoded.identity, plain.identity) == ("jo=n x@a.test", "")
+    assert (encoded.identity, plain.identity) == ("jo=n.x@a.test", "")
     rendered = results.render("mx.b.test", None, [encoded, plain], None).decode()
-    assert ' header.i="jo=n x@a.test";\r\n' in rendered and rendered.count("header.i") == 1
+    assert " header.i=jo=n.x@a.test;\r\n" in rendered and rendered.count("header.i") == 1
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        b"x=3B=20dkim=3Dpass=20header.d=3Dpaypal.com@a.test",  # a result of its own
+        b"x=3Bdkim=3Dpass@a.test",
+        b"a=20b@a.test",
+        b"x=0D=0AX-Evil:=201@a.test",
+        b"=C3=A9@a.test",  # 8-bit, into a header section that may be 7-bit
+        b"=FF=FE@a.test",
+        b"=22x=22@a.test",
+        b"=00=01=0D=0A=7F",  # only controls
+    ],
+)
+def test_an_i_that_decodes_to_no_address_gives_no_header_i(encoded: bytes) -> None:
+    """i= is dkim-quoted-printable (RFC 6376 §2.11): decoded, it may hold ";", spaces, "=",
+    line ends and 8-bit octets. A signer of its own domain must not put ``x; dkim=pass
+    header.d=paypal.com`` into our field (as a quoted string, naive readers take it for a
+    result of ours) nor 8-bit into it: only an address (RFC 8601 §2.2 pvalue) is header.i."""
+    head = b"DKIM-Signature: v=1; a=rsa-sha256; d=a.test; s=k; b=abcd; i=" + encoded + b"\r\n"
+    (result,) = dkim_verify.not_checked(dkim_verify.signatures(head), "too many")
+    assert result.identity  # decoded, kept in the result
+    rendered = results.render("mx.b.test", None, [result], None)
+    assert b"header.i" not in rendered
+    assert rendered.endswith(b"header.s=k header.a=rsa-sha256 header.b=abcd\r\n")
+    assert rendered.isascii() and rendered.count(b";") == 1 and rendered.count(b"\n") == 2
 
 
 def test_choose_takes_the_aligned_signatures_first_then_the_others_in_order() -> None:

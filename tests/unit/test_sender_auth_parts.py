@@ -62,15 +62,27 @@ def test_render_quotes_what_is_not_a_token() -> None:
         ("@b.test", "@b.test"),  # RFC 8601 §2.2 pvalue: [ [ local-part ] "@" ] domain-name
         ("alice@mail.b.test", "alice@mail.b.test"),
         ("a.b+c@b.test", "a.b+c@b.test"),
-        ("a b@b.test", '"a b@b.test"'),  # no dot-atom local-part: a quoted-string
-        ('x"; dkim=pass@b.test', '"x\\"; dkim=pass@b.test"'),  # nothing of its own added
-        ("a@b@b.test", '"a@b@b.test"'),
+        ("a=b@b.test", "a=b@b.test"),  # ("=" is atext)
         ("", None),  # no i=: no header.i
+        # Not of that form: left out, not quoted (no ";" or spaces of a sender's in our field).
+        ("x; dkim=pass header.d=paypal.com@b.test", None),
+        ('x"; dkim=pass@b.test', None),
+        ("a b@b.test", None),
+        ("a@b@b.test", None),
+        ("a..b@b.test", None),
+        ("alice@b.test\n", None),
+        ("x\r\nX-Evil: 1@b.test", None),
+        ("\xe9@b.test", None),  # 8-bit: not into a header section that may be 7-bit
+        ("\ufffd@b.test", None),
+        ("\x00\x01\x7f", None),
+        ("alice@b", None),  # (one label)
+        ("a" * 250 + "@b.test", None),  # longer than any address
     ],
 )
 def test_header_i_is_the_auid_as_a_pvalue(identity: str, shown: str | None) -> None:
     """RFC 8601 §2.7.1: a DKIM result names the signature's i= (RFC 6376 §3.5) as header.i,
-    after the other properties, which keep their order."""
+    after the other properties, which keep their order; only when it is an ASCII address of
+    the pvalue form (§2.2)."""
     result = DkimResult("pass", "b.test", "sel", "rsa-sha256", "abcd", identity=identity)
     text = results.render("mx.a.test", None, [result], None).decode()
     head = "dkim=pass header.d=b.test header.s=sel header.a=rsa-sha256 header.b=abcd"

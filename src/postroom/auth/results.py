@@ -2,7 +2,7 @@
 
 :func:`render` writes one field whose authserv-id is our ``hostname`` with the ``spf``,
 ``dkim`` (one result per signature, or ``none``) and ``dmarc`` results (RFC 8601 §2.2, §2.7;
-``header.b`` from RFC 6008; ``header.i`` when the signature has an i=, §2.7.1).
+``header.b`` from RFC 6008; ``header.i`` when the signature's i= is an address, §2.7.1).
 :func:`strip_ours` removes every field already in the header section that names our
 authserv-id (§5: they cannot be ours, since ours is only added here), including folded ones
 and ones with (nested) comments before the id. Pure: bytes in, bytes out.
@@ -27,16 +27,15 @@ _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~@]+$")
 # §3.4.1; a domain-name as RFC 6376 §3.5 has it: two labels or more).
 _ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_ADDRESS = re.compile(rf"^(?:{_ATOM}(?:\.{_ATOM})*)?@{_LABEL}(?:\.{_LABEL})+$")
+_ADDRESS = re.compile(rf"(?:{_ATOM}(?:\.{_ATOM})*)?@{_LABEL}(?:\.{_LABEL})+")
 
 
-def _value(text: str, plain: re.Pattern[str] = _TOKEN) -> str:
-    """A token (what ``plain`` matches) if it is one, else a quoted string (RFC 2045 §5.1
-    value)."""
+def _value(text: str) -> str:
+    """A token if it is one, else a quoted string (RFC 2045 §5.1 value)."""
     if not text.isprintable():  # CR, LF and other controls are not printable
         text = "".join(c for c in text if c.isprintable())
     text = text[:255]
-    if text and plain.match(text):
+    if text and _TOKEN.match(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -66,8 +65,8 @@ def render(
             text += f" header.a={_value(r.algorithm)}"
         if r.b:
             text += f" header.b={_value(r.b)}"
-        if r.identity:  # an AUID such as @a.test or alice@a.test goes as it is, else quoted
-            text += f" header.i={_value(r.identity, _ADDRESS)}"
+        if _is_auid(r.identity):
+            text += f" header.i={r.identity}"
         parts.append(text)
     if dmarc is not None:
         text = f"dmarc={dmarc.result}"
@@ -78,6 +77,16 @@ def render(
         parts.append(text)
     body = ";\r\n\t".join(parts)
     return f"Authentication-Results: {authserv_id};\r\n\t{body}\r\n".encode("utf-8", "replace")
+
+
+def _is_auid(identity: str) -> bool:
+    """Whether a signature's decoded i= may go in as header.i: an ASCII address of the RFC
+    8601 §2.2 pvalue form ``[ [ local-part ] "@" ] domain-name`` (a dot-atom local-part), at
+    most 254 octets (RFC 5321 §4.5.3.1.3). Anything else is left out, not quoted: decoded from
+    dkim-quoted-printable (RFC 6376 §2.11), i= may hold ";", spaces, "=" and 8-bit octets, which
+    naive readers take for results of ours (``header.i="x; dkim=pass header.d=..."`` inside a
+    pass) and which would put 8-bit into a 7-bit header section. AUIDs in use are addresses."""
+    return len(identity) <= 254 and _ADDRESS.fullmatch(identity) is not None
 
 
 def policy_words(dmarc: DmarcResult) -> str:
