@@ -45,6 +45,9 @@ class _Handler(socketserver.StreamRequestHandler):
         secure = False
         while line := self.rfile.readline(4096):
             verb = line[:4].decode("ascii", "replace").upper()
+            if verb in ("EHLO", "HELO") and secure and server.ehlo_in_tls is not None:
+                say(server.ehlo_in_tls)  # (and hangs up)
+                return
             if verb in ("EHLO", "HELO"):
                 offered = server.extensions + (("STARTTLS",) if server.tls and not secure else ())
                 extra = "".join(f"250-{keyword}\r\n" for keyword in offered)
@@ -106,6 +109,7 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     extensions: tuple[str, ...] = ()
     tls: ssl.SSLContext | None = None  # set: STARTTLS is offered
+    ehlo_in_tls: str | None = None  # set: the reply to EHLO after STARTTLS, then it hangs up
     sessions: list[str]  # "TLSv1.3 TLS_AES_256_GCM_SHA384" of each STARTTLS session
     mails: list[str]  # the MAIL commands, as sent
     received: list[bytes]  # the messages, still dot-stuffed (if they came with DATA)

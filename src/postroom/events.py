@@ -442,8 +442,9 @@ def delivery(
     """One attempt for one recipient ended, ``rcpt.status`` says how: delivered, deferred or
     bounced. ``relay`` is ``host[ip]:port``, ``local`` or ``none`` (no host was reached),
     ``seconds`` how long the attempt took; the line's ``delay`` counts from the arrival.
-    ``tls``: the version and cipher of the remote session that gave ``reply`` (None:
-    plaintext, or no session); a remote line says ``none`` then, a local one nothing.
+    ``tls``: the version and cipher of the remote session that gave ``reply``, ``none`` for
+    a plaintext one; None when no session was made (no host reached, no connection, a line
+    of the queue's own such as an expiry, a local delivery): the line has no ``tls`` then.
     """
     status = rcpt.status
     _count(1, _metrics.deliveries, transport, status)
@@ -473,8 +474,8 @@ def delivery(
         fields["orig_to"] = rcpt.original
     if mailbox is not None:
         fields["mailbox"] = mailbox
-    if transport == "remote":
-        fields["tls"] = tls or "none"
+    if tls is not None:
+        fields["tls"] = tls
     logs.emit(INFO, "delivery", "local" if transport == "local" else "smtp", fields, _text_delivery)
 
 

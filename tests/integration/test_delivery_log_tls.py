@@ -55,3 +55,21 @@ def test_the_delivery_line_names_the_tls_of_the_remote_session(
     # Every other field is there as before.
     keys = {"queue_id", "recipient", "transport", "status", "dsn", "relay", "delay_s", "reply"}
     assert keys <= set(remote) and keys <= set(local)
+
+
+def test_a_refusal_of_ehlo_after_starttls_is_logged_with_the_tls_it_came_over(
+    server_factory: ServerFactory,
+) -> None:
+    """The host completes STARTTLS, then answers EHLO with a 421: the deferred line's tls is
+    that session's (it said "none", as if the reply had come in plaintext)."""
+    with relay_to_sink(server_factory, extra_toml='log_format = "json"\n') as (srv, sink):
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        trustme.CA().issue_cert("mx.b.test").configure_cert(ctx)
+        sink.tls, sink.ehlo_in_tls = ctx, "421 4.3.2 too busy after all"
+        with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+            c.sendmail("alice@a.test", ["fwd@a.test"], MESSAGE)
+        remote = deliveries(srv, 1)["bob@b.test"]
+    assert (remote["status"], remote["dsn"]) == ("deferred", "4.3.2")
+    assert "too busy after all" in str(remote["reply"]) and not sink.received
+    (session,) = sink.sessions
+    assert session.startswith("TLSv1.") and remote["tls"] == session

@@ -52,6 +52,7 @@ class Sink:
     tls: ssl.SSLContext | None = None
     inject_after_starttls: bool = False  # 220 to STARTTLS with plaintext behind it, no TLS
     after_ehlo: bytes = b""  # sent in the same write as the EHLO reply (a stray reply line)
+    ehlo_in_tls: bytes | None = None  # the reply to EHLO after STARTTLS (then it hangs up)
     messages: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     connections: int = 0
@@ -93,6 +94,10 @@ class Sink:
             cmd = line.decode("utf-8", "replace").rstrip("\r\n")
             self.commands.append(cmd)
             verb = cmd[:4].upper()
+            if verb == "EHLO" and secure and self.ehlo_in_tls is not None:
+                say(self.ehlo_in_tls)
+                await writer.drain()
+                return
             if verb == "EHLO":
                 ext = list(self.extensions)
                 if self.tls is not None and not secure:
@@ -678,10 +683,72 @@ def test_bytes_before_the_handshake_end_tls_and_the_retry_is_plaintext(ca: trust
     server does not hold mail until it expires."""
     res, sink = deliver_once(BODY, tls=server_tls(ca), inject_after_starttls=True)
     assert res.outcome is Outcome.DELIVERED
-    assert sink.connections == 2 and not sink.messages[0].tls and res.tls is None
+    assert sink.connections == 2 and not sink.messages[0].tls and res.tls == "none"
     assert "250 injected" not in sink.commands
     assert [c.split()[0] for c in sink.commands[:3]] == ["EHLO", "STARTTLS", "EHLO"]
     assert sink.commands[3].startswith("MAIL")  # the second connection's EHLO came before
+
+
+@pytest.mark.parametrize(
+    ("refusal", "outcome"),
+    [(b"421 4.3.2 busy", Outcome.TEMPORARY), (b"554 5.7.1 go away", Outcome.PERMANENT)],
+)
+def test_a_refusal_to_ehlo_after_starttls_names_the_tls_it_came_over(
+    ca: trustme.CA, refusal: bytes, outcome: Outcome
+) -> None:
+    """The host completes STARTTLS, then refuses EHLO: its reply came over TLS, and the
+    result (the log line's tls) says with what, not "none" (plaintext)."""
+    res, sink = deliver_once(BODY, tls=server_tls(ca), ehlo_in_tls=refusal)
+    assert res.outcome is outcome and str(res.reply) == refusal.decode()
+    assert res.tls is not None and res.tls.startswith("TLSv1.") and len(res.tls.split()) == 2
+    assert [c.split()[0] for c in sink.commands] == ["EHLO", "STARTTLS", "EHLO"]
+
+
+def test_the_tls_of_a_result_with_no_session_is_none_and_of_a_plaintext_one_plaintext() -> None:
+    """None (no tls in the log line) when no connection was made; PLAINTEXT ("none") for a
+    plaintext session, here one whose greeting was a 421."""
+    port = free_port()
+
+    async def main() -> None:
+        busy = await Sink("127.0.0.2", port, greeting=b"421 4.3.2 busy").start()
+        targets = (mx("mx.b.test", "127.0.0.2", 10), mx("mx.c.test", "127.0.0.3", 10))
+        resolver = StaticResolver({"b.test": Route(targets[:1]), "c.test": Route(targets[1:])})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        try:
+            (greeted,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+            (refused,) = await remote.deliver("c.test", message("carol@c.test"), BODY)
+        finally:
+            await remote.aclose()
+            await busy.stop()
+        assert greeted.outcome is Outcome.TEMPORARY and greeted.reply.code == 421
+        assert greeted.tls == "none"  # (PLAINTEXT)
+        assert refused.outcome is Outcome.TEMPORARY and refused.reply.status == "4.4.1"
+        assert refused.ip == "127.0.0.3" and refused.tls is None
+
+    run(main)
+
+
+def test_a_dot_withheld_names_the_tls_of_its_session(ca: trustme.CA) -> None:
+    """The log lines of recipients cut short at a host name the TLS of the session."""
+    from postroom.delivery.remote import FENCED, DotWithheld
+
+    port = free_port()
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.2", port, tls=server_tls(ca)).start()
+        resolver = StaticResolver({"b.test": Route((mx("mx.b.test", "127.0.0.2", 10),))})
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=5)
+        try:
+            with pytest.raises(DotWithheld) as withheld:
+                await remote.deliver("b.test", message("bob@b.test"), BODY, lambda: False)
+        finally:
+            await remote.aclose()
+            await sink.stop()
+        assert withheld.value.reply == FENCED and withheld.value.where == "mx.b.test[127.0.0.2]"
+        tls = withheld.value.tls
+        assert tls is not None and tls.startswith("TLSv1.") and not sink.messages
+
+    run(main)
 
 
 def test_verified_tls_domain(ca: trustme.CA) -> None:

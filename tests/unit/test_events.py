@@ -81,7 +81,13 @@ def test_text_lines_postfix_style(log: io.StringIO, tmp_path: Path) -> None:
     events.accepted(env)
     env.recipients[0].status = "delivered"
     events.delivery(
-        env, env.recipients[0], "remote", str(replies.OK), "mx.b.test[192.0.2.2]:25", 0.5
+        env,
+        env.recipients[0],
+        "remote",
+        str(replies.OK),
+        "mx.b.test[192.0.2.2]:25",
+        0.5,
+        tls="none",
     )
     events.refused(
         "smtp",
@@ -213,26 +219,35 @@ def test_json_lines(log: io.StringIO, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["json", "text"])
 def test_a_remote_delivery_line_names_its_tls(log: io.StringIO, tmp_path: Path, fmt: str) -> None:
-    """The version and cipher of the session that gave the reply, or "none"; a local line has
-    no tls (its Maildir was reached by no session)."""
+    """The version and cipher of the session that gave the reply, or "none" for a plaintext
+    one; a line with no session behind it (no host reached, an expiry) and a local line (its
+    Maildir was reached by no session) have no tls, so that "none" means plaintext only."""
     _setup(log, fmt, tmp_path)
     env = _envelope("smtp", None, "a@a.test", "b@b.test", None)
     env.recipients[0].status = "delivered"
     relay = "mx.b.test[192.0.2.2]:25"
     cipher = "TLSv1.3 TLS_AES_256_GCM_SHA384"
     events.delivery(env, env.recipients[0], "remote", "250 ok", relay, 0.1, tls=cipher)
-    events.delivery(env, env.recipients[0], "remote", "250 ok", relay, 0.1)
+    events.delivery(env, env.recipients[0], "remote", "250 ok", relay, 0.1, tls="none")
     events.delivery(env, env.recipients[0], "local", "250 ok", "local", 0.1, "b@a.test")
+    env.recipients[0].status = "deferred"
+    events.delivery(env, env.recipients[0], "remote", "451 4.4.3 no DNS", "none", 0.1)
+    # The reply is the peer's words, before ours: the last ", tls=" is the line's.
+    said = "250 ok), tls=TLSv1.3 FORGED"
+    events.delivery(env, env.recipients[0], "remote", said, relay, 0.1, tls="none")
     logs.flush()
-    encrypted, plain, local = log.getvalue().splitlines()
+    encrypted, plain, local, unreached, forged = log.getvalue().splitlines()
     if fmt == "json":
         assert json.loads(encrypted)["tls"] == cipher
         assert json.loads(plain)["tls"] == "none"
-        assert "tls" not in json.loads(local)
+        assert "tls" not in json.loads(local) and "tls" not in json.loads(unreached)
+        assert json.loads(forged)["tls"] == "none"
     else:
         assert encrypted.endswith(f"status=sent (250 ok), tls={cipher}")
         assert plain.endswith("status=sent (250 ok), tls=none")
         assert local.endswith("status=sent (delivered to maildir b@a.test)")
+        assert unreached.endswith("status=deferred (451 4.4.3 no DNS)")
+        assert forged.rsplit(", tls=", 1)[1] == "none"
 
 
 def test_batched_observations_equal_observe() -> None:

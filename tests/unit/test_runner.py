@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import json
 import logging
 import time
@@ -847,6 +848,51 @@ def test_a_domain_cut_short_keeps_what_the_others_did(tmp_path: Path) -> None:
     assert [r.status for r in env.recipients] == ["delivered", "bounced", "deferred"]
     assert env.recipients[2].last_error is None
     assert [mailbox for qid, mailbox in boxes.delivered if qid != "Q1"] == ["alice@a.test"]
+
+
+def test_the_delivery_lines_name_the_tls_of_their_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line's tls is that of the session behind it: a result's, and for recipients cut
+    short at a host (their dot withheld), that host's session; none at all (not "none", which
+    says plaintext) where no host was reached. The cut-short lines said "none" before."""
+    from postroom import events
+    from postroom.delivery.remote import NOT_TRIED, STOPPED, DeliveryResult, DotWithheld
+    from postroom.smtp.client_engine import Outcome, OutgoingMessage
+    from postroom.wire.replies import Reply
+
+    runner, _queue, _boxes, _clock = make(tmp_path, {})
+    lines: dict[str, tuple[str, str | None]] = {}
+    real = events.delivery
+
+    def delivery(*args: Any, **kwargs: Any) -> None:
+        line = inspect.signature(real).bind(*args, **kwargs).arguments
+        lines[line["rcpt"].address] = (line["relay"], line.get("tls"))
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(events, "delivery", delivery)
+
+    class Remote(FakeRemote):
+        async def deliver(
+            self, domain: str, outgoing: OutgoingMessage, wire: bytes, may_finish: Any, final: Any
+        ) -> list[DeliveryResult]:
+            if domain == "c.test":
+                raise DotWithheld("mx.c.test[192.0.2.3]", STOPPED, "TLSv1.2 ECDHE-RSA-AES128")
+            if domain == "d.test":
+                raise DotWithheld("", NOT_TRIED)
+            ok = Reply(250, "2.0.0", ("queued",))
+            (rcpt,) = outgoing.recipients
+            tls = "TLSv1.3 TLS_AES_256_GCM_SHA384"
+            return [
+                DeliveryResult(rcpt, Outcome.DELIVERED, ok, "mx.b.test", False, "192.0.2.2", tls)
+            ]
+
+    runner._remote_delivery = lambda: Remote()  # type: ignore[method-assign]
+    env = envelope("Q1", "bob@b.test", "carol@c.test", "dave@d.test")
+    asyncio.run(accept(runner, env))
+    assert lines["bob@b.test"] == ("mx.b.test[192.0.2.2]:25", "TLSv1.3 TLS_AES_256_GCM_SHA384")
+    assert lines["carol@c.test"] == ("mx.c.test[192.0.2.3]:25", "TLSv1.2 ECDHE-RSA-AES128")
+    assert lines["dave@d.test"] == ("none", None)
 
 
 @pytest.mark.parametrize("held", ["carol@slow.test", "carol@fast.test"])

@@ -83,9 +83,13 @@ class DeliveryResult:
     remote_mta: str | None = None
     dsn_offered: bool = False  # the remote host accepted NOTIFY (RFC 3461 §4.1 "relayed" if not)
     ip: str | None = None  # the address that was dialled
-    tls: str | None = None  # the session's TLS version and cipher; None: plaintext
+    # The TLS version and cipher of the session that gave ``reply``, PLAINTEXT without TLS;
+    # None when no session was made (DNS failed, no connection): the log line says nothing.
+    tls: str | None = None
     host: str | None = None  # the MX host dialled (also when the reply is our own words)
 
+
+PLAINTEXT = "none"  # DeliveryResult.tls of a session without TLS (as its log line says)
 
 OFF_LOOP = 256 * 1024  # octets from which a message is fitted to the next hop in a thread
 
@@ -108,23 +112,34 @@ log = logging.getLogger("postroom")
 
 class DotWithheld(LeaseLost):
     """A transaction cut before its final dot: the server stops (:data:`STOPPED`), or the
-    lease on the message is not confirmed (:data:`FENCED`). ``reply`` says which."""
+    lease on the message is not confirmed (:data:`FENCED`). ``reply`` says which; ``tls``
+    is the session's (as in DeliveryResult; None: no host was dialled)."""
 
-    def __init__(self, where: str, reply: Reply) -> None:
+    def __init__(self, where: str, reply: Reply, tls: str | None = None) -> None:
         super().__init__(f"{where}: {reply.text}")
         self.where = where  # host[ip]
         self.reply = reply
+        self.tls = tls
 
 
 class _SessionFailed(Exception):
-    """No session: ``tls`` if TLS failed (worth a plaintext retry), ``permanent`` if the host
-    refused us with a 5xx greeting or to EHLO and HELO."""
+    """No session: ``tls_failed`` if TLS failed (worth a plaintext retry), ``permanent`` if the
+    host refused us with a 5xx greeting or to EHLO and HELO; ``tls``: that of the connection
+    that gave ``reply`` (as in DeliveryResult: None if none was made)."""
 
-    def __init__(self, reply: Reply, *, tls: bool = False, permanent: bool = False) -> None:
+    def __init__(
+        self,
+        reply: Reply,
+        *,
+        tls_failed: bool = False,
+        permanent: bool = False,
+        tls: str | None = None,
+    ) -> None:
         super().__init__(str(reply))
         self.reply = reply
-        self.tls = tls
+        self.tls_failed = tls_failed
         self.permanent = permanent
+        self.tls = tls
 
 
 class _Dropped(_SessionFailed):
@@ -164,7 +179,7 @@ def _session_result(
     reply = failed.reply
     outcome = Outcome.PERMANENT if failed.permanent else Outcome.TEMPORARY
     mta = None if reply.local else host
-    return DeliveryResult(recipient, outcome, reply, mta, ip=ip, host=host)
+    return DeliveryResult(recipient, outcome, reply, mta, ip=ip, tls=failed.tls, host=host)
 
 
 class _Session(asyncio.Protocol):
@@ -178,7 +193,7 @@ class _Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.last_used = time.monotonic()
         self.generation = 0  # of the configuration it was opened under (see reconfigure)
-        self.tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once STARTTLS is done
+        self.tls = PLAINTEXT  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once STARTTLS is done
         self._waiter: asyncio.Future[None] | None = None  # next_event waiting for the server
         # When the reply being waited for is too late, and engine.replies when it was set.
         self._deadline: tuple[float, int] | None = None
@@ -473,8 +488,8 @@ class RemoteDelivery:
         data: bytes,
         verify: bool,
         may_finish: MayFinish | None = None,
-    ) -> tuple[MessageDone, str | None]:
-        """The transaction's result, and the TLS it went over (None: plaintext); LeaseLost if
+    ) -> tuple[MessageDone, str]:
+        """The transaction's result, and the TLS it went over (or PLAINTEXT); LeaseLost if
         ``may_finish`` refused the final dot."""
         key = (target.host, ip, self.cfg.delivery.port, verify)
         session = self._take(key)
@@ -494,7 +509,7 @@ class RemoteDelivery:
         try:
             session = await self._open(target, ip, verify, policy)
         except _SessionFailed as exc:
-            if not exc.tls or verify:
+            if not exc.tls_failed or verify:
                 raise
             session = await self._open(target, ip, verify, TLSPolicy.NONE)
         done = await self._transact_or_close(session, target, ip, message, data, may_finish)
@@ -531,7 +546,7 @@ class RemoteDelivery:
     ) -> MessageDone:
         """One transaction on a ready session; LeaseLost if ``may_finish`` refused its dot."""
         if self.stopping:  # (a session opened before the stop: a small BDAT would commit)
-            raise DotWithheld(f"{target.host}[{ip}]", NOT_TRIED)
+            raise DotWithheld(f"{target.host}[{ip}]", NOT_TRIED, session.tls)
         # RFC 5321 §4.5.3.1.6 (lines) and RFC 6152 §3 (8-bit to a peer without 8BITMIME).
         eight_bit = "8BITMIME" in session.engine.extensions
         if len(data) > OFF_LOOP:  # a pass (or more) over a large message: not on the loop
@@ -562,7 +577,7 @@ class RemoteDelivery:
                 if refusal is not None:
                     session.engine.abort(refusal)
                     session.close()  # the dot never goes out: the host cancels the transaction
-                    raise DotWithheld(f"{target.host}[{ip}]", refusal)
+                    raise DotWithheld(f"{target.host}[{ip}]", refusal, session.tls)
                 session.engine.end_data()
                 committing = True
                 self.committing += 1
@@ -571,14 +586,14 @@ class RemoteDelivery:
             self.committing -= int(committing)
         if not isinstance(event, MessageDone):  # pragma: no cover - the engine always reports
             session.close()
-            raise _SessionFailed(_temp("4.4.2", f"{target.host}[{ip}]: no result"))
+            raise _SessionFailed(_temp("4.4.2", f"{target.host}[{ip}]: no result"), tls=session.tls)
         return event
 
     async def _keep(
         self, key: tuple[str, str, int, bool], session: _Session, done: MessageDone
-    ) -> tuple[MessageDone, str | None]:
+    ) -> tuple[MessageDone, str]:
         """Cache the session if it is ready for another message (after the RSET that closes a
-        failed transaction); the result, and the TLS it went over (None: plaintext)."""
+        failed transaction); the result, and the TLS it went over (or PLAINTEXT)."""
         tls = session.tls
         try:
             ready = isinstance(await session.next_event(), Ready)
@@ -628,7 +643,10 @@ class RemoteDelivery:
                     in_tls = policy is not TLSPolicy.NONE and engine.tls_begun and not engine.secure
                     refusal = engine.refused_us and event.reply.is_permanent
                     reply = self._session_reply(event.reply, where)
-                    raise _SessionFailed(reply, tls=in_tls, permanent=refusal)
+                    # (tls: after STARTTLS, a 421 or 5xx to EHLO, or a close, came over TLS)
+                    raise _SessionFailed(
+                        reply, tls_failed=in_tls, permanent=refusal, tls=session.tls
+                    )
         except BaseException:
             session.close()
             raise
@@ -666,11 +684,11 @@ class RemoteDelivery:
             transport.abort()
             # Our finding, not the server's reply: the DSN must not say the host "said" it.
             reply = _temp("4.7.5", f"TLS with {target.host}[{ip}] failed: {exc}")
-            raise _SessionFailed(reply, tls=True) from None
+            raise _SessionFailed(reply, tls_failed=True, tls=session.tls) from None
         if new is None:  # pragma: no cover - only for server_side
-            raise _SessionFailed(_temp("4.7.5", "TLS not established"), tls=True)
+            raise _SessionFailed(_temp("4.7.5", "TLS not established"), tls_failed=True)
         session.transport = new
-        session.tls = tls_session(new)
+        session.tls = tls_session(new) or "TLS"  # ("TLS": a transport that does not say)
         events.tls_handshake("delivery", ip, tls_version(new), None)
         session.engine.tls_started()
 

@@ -45,6 +45,7 @@ from postroom.delivery.dsn import (
     xtext_encode,
 )
 from postroom.delivery.remote import (
+    PLAINTEXT,
     DeliveryResult,
     DotWithheld,
     RemoteDelivery,
@@ -461,8 +462,8 @@ class QueueRunner:
 
         wire = b""  # the message as SMTP sends it: read once, for the remote hosts and the DSNs
         counted = first is not None and envelope.attempts > 0  # at acceptance
-        # Domains whose final dot a stop or the fence held back: the reply and relay to log.
-        withheld: dict[str, tuple[str, str]] = {}
+        # Domains whose final dot a stop or the fence held back: the reply, relay, tls to log.
+        withheld: dict[str, tuple[str, str, str | None]] = {}
         # The stop has begun: no host is dialled (its final dot would be held back). They wait
         # for the next start, due at once (see _settle).
         drained = bool(remote) and self._draining
@@ -499,7 +500,7 @@ class QueueRunner:
         wire: bytes,
         results: tuple[list[Recipient], list[Recipient], set[int]],
         attempts: list[Attempt],
-        withheld: dict[str, tuple[str, str]],
+        withheld: dict[str, tuple[str, str, str | None]],
     ) -> None:
         """The remote part of an attempt: each domain at once, its results applied as they
         come (``results``: the recipients newly done, newly failed, relayed), its attempts
@@ -527,11 +528,11 @@ class QueueRunner:
                     delivered |= self._apply_remote(envelope, domain_results, took, *results)
                     applied.add(domain)
                     if domain in withheld:
-                        reply, relay = withheld[domain]
+                        reply, relay, tls = withheld[domain]
                         decided = {id(rcpt) for rcpt, _result in domain_results}
                         for _i, rcpt in remote[domain]:
                             if id(rcpt) not in decided:
-                                self._cut_short(envelope, rcpt, reply, relay)
+                                self._cut_short(envelope, rcpt, reply, relay, tls)
                 if delivered and pending and not _owes(newly_failed, newly_done):
                     # Stored now, not when the slowest other domain is done (a dead MX:
                     # minutes): a stop or crash meanwhile must not send these again.
@@ -586,12 +587,15 @@ class QueueRunner:
                 self._outcome(envelope, rcpt, "deferred", reply, relay, took, tls=result.tls)
         return delivered
 
-    def _cut_short(self, envelope: Envelope, rcpt: Recipient, reply: str, relay: str) -> None:
+    def _cut_short(
+        self, envelope: Envelope, rcpt: Recipient, reply: str, relay: str, tls: str | None = None
+    ) -> None:
         """``rcpt``'s attempt ended with no outcome (a stop, the fence): deferred, logged, its
-        last error the one it had (these are our words, not a host's)."""
+        last error the one it had (these are our words, not a host's); ``tls``: the session's
+        at ``relay``, if one was made."""
         if not rcpt.done:
             rcpt.status = "deferred"
-            events.delivery(envelope, rcpt, "remote", reply, relay, 0.0)
+            events.delivery(envelope, rcpt, "remote", reply, relay, 0.0, tls=tls)
 
     async def _keep_cut(
         self,
@@ -759,7 +763,8 @@ class QueueRunner:
     ) -> None:
         """An attempt's result for ``rcpt``: ``delivered``, ``deferred`` or ``bounced`` with
         ``reply`` (kept as its last error unless delivered). ``relay``: ``host[ip]:port``, or
-        ``local`` (a Maildir, of ``mailbox``); ``tls``: the remote session's TLS, if any."""
+        ``local`` (a Maildir, of ``mailbox``); ``tls``: the remote session's TLS (PLAINTEXT
+        without; None: no session was made)."""
         rcpt.status, rcpt.last_error = status, None if status == "delivered" else reply
         events.delivery(envelope, rcpt, _transport(relay), reply, relay, took, mailbox, tls)
 
@@ -802,7 +807,7 @@ class QueueRunner:
         rcpts: list[tuple[int, Recipient]],
         wire: bytes,
         kept: dict[int, DeliveryResult],
-        withheld: dict[str, tuple[str, str]],
+        withheld: dict[str, tuple[str, str, str | None]],
     ) -> tuple[float, list[tuple[Recipient, DeliveryResult]]]:
         """:meth:`_deliver_remote`, where an error of ours (a bug, a message it cannot handle)
         defers this domain's recipients with it, and only them: what the other domains of the
@@ -816,7 +821,7 @@ class QueueRunner:
             # the rest is left as it was, no outcome (``withheld``).
             self.services.log.info("%s: %s cut short: %s", envelope.id, domain, exc)
             relay = f"{exc.where}:{self.cfg.delivery.port}" if exc.where else "none"
-            withheld[domain] = (str(exc.reply), relay)
+            withheld[domain] = (str(exc.reply), relay, exc.tls)
             decided = []  # (temporary ones too: an earlier host's 451 is this attempt's)
             for i, (_index, rcpt) in enumerate(rcpts):
                 result = kept.get(i)
@@ -1015,7 +1020,8 @@ def _attempts(now: float, results: list[tuple[Recipient, DeliveryResult]]) -> li
     """One attempt per host and reply: the recipients that got it."""
     grouped: dict[tuple[str | None, str | None, bool, str], list[str]] = defaultdict(list)
     for rcpt, result in results:
-        key = (result.host or result.remote_mta, result.ip, bool(result.tls), str(result.reply))
+        secure = result.tls not in (None, PLAINTEXT)
+        key = (result.host or result.remote_mta, result.ip, secure, str(result.reply))
         grouped[key].append(rcpt.address)
     return [
         Attempt(now, addrs, host, ip, reply, tls)
