@@ -72,9 +72,12 @@ REFUSAL_TLS_MAX = 8
 # the queue); nor does one that ends its pipeline with a FIN (eof_received: all is answered).
 # One that closes without reading resets the connection (RFC 1122 §4.2.2.13: data was lost),
 # and what was not run by then never is, a QUIT too: a POP3 session then deletes nothing
-# (RFC 1939 §6), as when the reset comes during a password check. An event counts one;
-# FLUSH, the batch of OUTBOX_PARTS replies the engine made without an event, counts as many.
-REPLIES_PER_TURN = 256
+# (RFC 1939 §6), as when the reset comes during a password check. A turn is large enough
+# that this takes a pipeline of over a thousand commands: a client that sends a few hundred
+# DELEs and QUIT and closes at once still has them all done (with 256, it had none).
+# An event counts one; FLUSH, the batch of OUTBOX_PARTS replies the engine made without an
+# event, counts as many.
+REPLIES_PER_TURN = 1024
 _RESET = struct.pack("ii", 1, 0)  # struct linger {on, 0 s}: close(2) sends RST
 
 
