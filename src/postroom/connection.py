@@ -358,7 +358,7 @@ class Connection(asyncio.Protocol):
                     self._flush()
                     if engine.closed or self._eof:
                         self._close()
-                    elif engine.pending_input() < self.read_high_water:
+                    elif engine.pending_input() <= self.read_high_water:  # (as data_received)
                         self._resume_reading()
                     return
                 if event is FLUSH:
@@ -749,8 +749,11 @@ class Turns:
     )
 
     def __init__(self) -> None:
-        self.waiting: deque[Connection] = deque()
-        self.handle: asyncio.Handle | None = None  # the next turn, in the next iteration
+        # Weak references, and no handle kept: nothing here may lead back to the loop (a
+        # connection does, by its transport), or the loop, this dict's key, would live on
+        # with its sessions after it ends. A live session is held by the connection table.
+        self.waiting: deque[weakref.ref[Connection]] = deque()
+        self.scheduled = False  # a turn is due in the loop's next iteration
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> Turns:
@@ -761,15 +764,22 @@ class Turns:
         return turns
 
     def add(self, conn: Connection) -> None:
-        self.waiting.append(conn)
-        if self.handle is None:
-            self.handle = asyncio.get_running_loop().call_soon(self._next)
+        self.waiting.append(weakref.ref(conn))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self.waiting and not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._next)
 
     def _next(self) -> None:
-        self.handle = None
-        self.waiting.popleft().another_turn()  # which may queue it again, at the end
-        if self.waiting and self.handle is None:
-            self.handle = asyncio.get_running_loop().call_soon(self._next)
+        self.scheduled = False
+        try:
+            conn = self.waiting.popleft()()
+            if conn is not None:
+                conn.another_turn()  # which may queue it again, at the end
+        finally:  # (whatever a session's turn raised, the others' turns still come)
+            self._schedule()
 
 
 class IdleSweeper:

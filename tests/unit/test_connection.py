@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -151,6 +153,44 @@ def test_sessions_with_long_pipelines_take_one_turn_per_loop_iteration(tmp_path:
         for _ in range(3):
             await asyncio.sleep(0)  # each finds its input all read: reading goes on
         assert not any(transport.paused or transport.take() for _, transport in sessions)
+
+    asyncio.run(main())
+
+
+def test_a_loop_that_ends_with_sessions_waiting_for_their_turn_is_let_go(tmp_path: Path) -> None:
+    """The queue of turns is kept per loop: holding its sessions (and by them the loop, its
+    key) kept every loop that ended with one waiting alive, with its sessions' services."""
+    loops = []
+
+    async def main() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        conn, _transport = connect(tmp_path / str(len(loops)))
+        conn.data_received(b"NOOP\r\n" * (connection.REPLIES_PER_TURN * 50))
+        assert conn._waiting  # the loop ends before its next turn
+
+    for _ in range(3):
+        asyncio.run(main())
+    gc.collect()
+    assert [ref() for ref in loops] == [None, None, None]
+
+
+def test_a_turn_that_raises_does_not_stop_the_others(tmp_path: Path) -> None:
+    async def main() -> None:
+        turn = connection.REPLIES_PER_TURN
+        raised: list[object] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: raised.append(ctx))
+        (bad, _), (good, transport) = connect(tmp_path / "a"), connect(tmp_path / "b")
+        for conn in (bad, good):
+            conn.data_received(b"NOOP\r\n" * (turn * 2))
+        transport.take()
+
+        def boom() -> None:
+            raise RuntimeError("a bug")
+
+        bad.another_turn = boom  # type: ignore[method-assign]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert raised and transport.take().count(b"250 ") == turn
 
     asyncio.run(main())
 
