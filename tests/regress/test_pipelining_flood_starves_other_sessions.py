@@ -27,6 +27,17 @@ FLOOD = 512 * 1024  # octets of pipelined commands each
 CROWD = 50  # flooders a new client connects behind
 
 
+def greet_and_ehlo(address: tuple[str, int]) -> None:
+    """A client's 220 and the reply to its EHLO, then QUIT (its reply not waited for)."""
+    with socket.create_connection(address, timeout=60) as legit:
+        replies = legit.makefile("rb")
+        assert replies.readline().startswith(b"220 ")
+        legit.sendall(b"EHLO legit.test\r\n")
+        while not replies.readline().startswith(b"250 "):
+            pass
+        legit.sendall(b"QUIT\r\n")
+
+
 @pytest.mark.parametrize(("service", "command"), [("smtp", b"NOOP\r\n"), ("pop3", b"CAPA\r\n")])
 def test_a_pipelining_flood_does_not_hold_other_sessions(
     server_factory: ServerFactory, service: str, command: bytes
@@ -44,14 +55,8 @@ def test_a_pipelining_flood_does_not_hold_other_sessions(
                 s.send(blob)  # as much as the buffers take; never a reply read
         time.sleep(0.2)
         started = time.monotonic()
-        with socket.create_connection((srv.host, srv.ports["smtp"]), timeout=60) as legit:
-            replies = legit.makefile("rb")
-            assert replies.readline().startswith(b"220 ")
-            legit.sendall(b"EHLO legit.test\r\n")
-            while not replies.readline().startswith(b"250 "):
-                pass
-            took = time.monotonic() - started
-            legit.sendall(b"QUIT\r\n")
+        greet_and_ehlo((srv.host, srv.ports["smtp"]))
+        took = time.monotonic() - started
         assert took < 1.5, f"a greeting and an EHLO took {took:.1f} s behind the flood"
         # The flood itself is still answered, in order, as its client reads.
         first = flood[0]
@@ -84,14 +89,8 @@ def test_a_client_behind_a_crowd_of_flooders_is_served_at_once(
                 s.send(blob)  # as much as the buffers take; never a reply read
         # Connected right behind them: it waits in the backlog until they are accepted.
         started = time.monotonic()
-        with socket.create_connection(address, timeout=60) as legit:
-            replies = legit.makefile("rb")
-            assert replies.readline().startswith(b"220 ")
-            legit.sendall(b"EHLO legit.test\r\n")
-            while not replies.readline().startswith(b"250 "):
-                pass
-            greeted = time.monotonic() - started
-            legit.sendall(b"QUIT\r\n")
+        greet_and_ehlo(address)
+        greeted = time.monotonic() - started
         with smtplib.SMTP(*address, timeout=60) as client:
             client.ehlo("legit.test")
             client.sendmail("a@b.test", ["postmaster@a.test"], b"Subject: hi\r\n\r\nhi\r\n")

@@ -95,6 +95,13 @@ def transaction(p: SmtpPolicy, *rcpts: str, data: bytes) -> Reply:
     return asyncio.run(p.on_message_end())
 
 
+def finish(p: SmtpPolicy) -> None:
+    """A small message for the transaction begun: DATA, its lines, the end of data."""
+    p.on_data_start()
+    p.on_data(b"Subject: x\r\n\r\ny\r\n")
+    asyncio.run(p.on_message_end())
+
+
 def test_mx_port_takes_local_users_aliases_postmaster_and_refuses_relay(tmp_path: Path) -> None:
     p, _intake = policy(tmp_path)
     assert p.on_mail(Mail(Address("x", "r.test"))) == replies.SENDER_OK
@@ -147,9 +154,7 @@ def test_an_alias_of_several_addresses_owes_one_expanded_notice(tmp_path: Path) 
     assert p.on_mail(Mail(Address("x", "r.test"))) == replies.SENDER_OK
     params = {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;team@a.test"}
     assert p.on_rcpt(Rcpt(Address("team", "a.test"), params)) == replies.RECIPIENT_OK
-    p.on_data_start()
-    p.on_data(b"Subject: x\r\n\r\ny\r\n")
-    asyncio.run(p.on_message_end())
+    finish(p)
     ((envelope, _body),) = intake.got
     assert [(r.address, r.notify) for r in envelope.recipients] == [
         ("alice@a.test", ["FAILURE"]),
@@ -164,9 +169,7 @@ def test_an_alias_of_several_addresses_owes_one_expanded_notice(tmp_path: Path) 
         assert p.on_mail(Mail(sender)) == replies.SENDER_OK
         params = {"NOTIFY": "SUCCESS"}
         assert p.on_rcpt(Rcpt(Address(rcpt_to, "a.test"), params)) == replies.RECIPIENT_OK
-        p.on_data_start()
-        p.on_data(b"Subject: x\r\n\r\ny\r\n")
-        asyncio.run(p.on_message_end())
+        finish(p)
         envelope, _body = intake.got[-1]
         assert envelope.reports == []
         if sender is not None:
@@ -193,9 +196,7 @@ def test_every_alias_of_several_addresses_gets_its_notice_whoever_else_names_its
         ("info", "a.test", {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;info@a.test"}),
     ):
         assert p.on_rcpt(Rcpt(Address(local, domain), params)) == replies.RECIPIENT_OK
-    p.on_data_start()
-    p.on_data(b"Subject: x\r\n\r\ny\r\n")
-    asyncio.run(p.on_message_end())
+    finish(p)
     ((envelope, _body),) = intake.got
     assert [(r.address, r.notify) for r in envelope.recipients] == [
         ("alice@a.test", ["FAILURE"]),

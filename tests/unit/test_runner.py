@@ -253,6 +253,38 @@ async def accept(runner: QueueRunner, env: Envelope) -> Accepted:
     return result
 
 
+def crash_then_run_on(
+    runner: QueueRunner, boxes: Any, clock: Any, env: Envelope, *, step: float, rounds: int
+) -> MemoryQueue:
+    """Accept ``env`` until the queue's simulated kill -9 (``crash_after``), then start again
+    and run the schedule, ``step`` seconds at a time, at most ``rounds`` times, until the
+    queue is empty; the restarted queue."""
+
+    async def first_run() -> None:
+        with contextlib.suppress(Crash):
+            await accept(runner, env)
+        for task in runner._inflight.values():
+            task.cancel()  # the process is gone
+
+    asyncio.run(first_run())
+    queue = boxes.queue = boxes.queue.restarted()
+    again = QueueRunner(
+        runner.services, queue, boxes, runner._resolver, clock=clock, jitter=lambda: 0.0
+    )
+
+    async def later_runs() -> None:
+        for _ in range(rounds):  # the restart, then the runner's schedule
+            if not queue.messages:
+                return
+            clock.now += step
+            for due in await queue.claim(clock.now, 100):
+                again._start(due)
+            await settle(again)
+
+    asyncio.run(later_runs())
+    return queue
+
+
 async def settle(runner: QueueRunner) -> None:
     """Wait for every attempt, those the attempts start (a DSN) included."""
     for _ in range(10):
@@ -411,29 +443,7 @@ def test_a_crash_at_any_step_sends_the_expanded_notice_once(
     queue.crash_after = crash_after
     env = envelope("Q1", "alice@a.test", *(["x@b.test"] if remote else []))
     env.reports.append(PendingReport("R1", [], [], NOW, [("team@a.test", None)]))
-
-    async def first_run() -> None:
-        with contextlib.suppress(Crash):
-            await accept(runner, env)
-        for task in runner._inflight.values():
-            task.cancel()  # the process is gone
-
-    asyncio.run(first_run())
-    queue = boxes.queue = queue.restarted()
-    runner = QueueRunner(
-        runner.services, queue, boxes, runner._resolver, clock=clock, jitter=lambda: 0.0
-    )
-
-    async def later_runs() -> None:
-        for _ in range(40):  # the restart, then the runner's schedule
-            if not queue.messages:
-                return
-            clock.now += 600
-            for due in await queue.claim(clock.now, 100):
-                runner._start(due)
-            await settle(runner)
-
-    asyncio.run(later_runs())
+    queue = crash_then_run_on(runner, boxes, clock, env, step=600, rounds=40)
     assert not queue.messages and not queue.twice
     assert [qid for qid, _mailbox in boxes.delivered].count("R1") == 1, boxes.delivered
 
@@ -447,29 +457,8 @@ def test_a_crash_at_any_step_of_a_bounce_sends_exactly_one_dsn(
     before the outcome was stored, and a crash between the two sent a second one.)"""
     runner, queue, boxes, clock = make(tmp_path, {})
     queue.crash_after = crash_after
-
-    async def first_run() -> None:
-        with contextlib.suppress(Crash):
-            await accept(runner, envelope("Q1", "bob@nowhere.test"))
-        for task in runner._inflight.values():
-            task.cancel()  # the process is gone
-
-    asyncio.run(first_run())
-    queue = boxes.queue = queue.restarted()
-    runner = QueueRunner(
-        runner.services, queue, boxes, runner._resolver, clock=clock, jitter=lambda: 0.0
-    )
-
-    async def later_runs() -> None:
-        for _ in range(20):  # the restart, then the runner's schedule
-            if not queue.messages:
-                return
-            clock.now += 60
-            for due in await queue.claim(clock.now, 100):
-                runner._start(due)
-            await settle(runner)
-
-    asyncio.run(later_runs())
+    env = envelope("Q1", "bob@nowhere.test")
+    queue = crash_then_run_on(runner, boxes, clock, env, step=60, rounds=20)
     assert not queue.messages and not queue.twice
     reports = [qid for qid, _mailbox in boxes.delivered if qid != "Q1"]
     assert len(reports) == 1, boxes.delivered
