@@ -165,6 +165,19 @@ def parse_path(text: str, *, utf8: bool = False, allow_null: bool = False) -> Ad
     return parse_mailbox(inner, utf8=utf8, local_limit=False)
 
 
+def is_plain_address(text: str, *, local_optional: bool = False) -> bool:
+    """Whether ``text`` is an ASCII ``local@domain`` with a dot-atom local part (RFC 5322
+    §3.4.1) and a domain of two labels or more (also ``@domain`` if ``local_optional``): the
+    DKIM AUID as RFC 6376 §3.5 and the RFC 8601 §2.2 pvalue take it."""
+    local, at, domain = text.rpartition("@")
+    if not at or not text.isascii() or len(text) > 254:  # RFC 5321 §4.5.3.1.3
+        return False
+    if (local or not local_optional) and not _DOT_STRING.fullmatch(local):
+        return False
+    labels = domain.split(".")
+    return len(labels) > 1 and all(_LABEL.fullmatch(label) for label in labels)
+
+
 def safe_local_part(local: str) -> str:
     """The lower-cased local part if it may name a directory; AddressError otherwise."""
     lowered = local_key(local)

@@ -183,18 +183,21 @@ def certificate_expiry(cert_pem: bytes) -> float:
     return cert.not_valid_after_utc.timestamp()
 
 
+def _ssl_object(transport: object) -> ssl.SSLObject | None:
+    get = getattr(transport, "get_extra_info", None)
+    return get("ssl_object") if get is not None else None
+
+
 def tls_version(transport: object) -> str | None:
     """``TLSv1.3`` and the like, for an asyncio transport over TLS (None otherwise)."""
-    get = getattr(transport, "get_extra_info", None)
-    ssl_object = get("ssl_object") if get is not None else None
+    ssl_object = _ssl_object(transport)
     return ssl_object.version() if ssl_object is not None else None
 
 
 def tls_session(transport: object) -> str | None:
     """``TLSv1.3 TLS_AES_256_GCM_SHA384``: the version and cipher of an asyncio transport
     over TLS, as a delivery's log line gives them (None otherwise)."""
-    get = getattr(transport, "get_extra_info", None)
-    ssl_object = get("ssl_object") if get is not None else None
+    ssl_object = _ssl_object(transport)
     if ssl_object is None:
         return None
     cipher = ssl_object.cipher()

@@ -17,17 +17,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from postroom.address import is_plain_address
 from postroom.auth.dkim_verify import DkimResult
 from postroom.auth.dmarc import DmarcResult
 from postroom.auth.spf import SpfResult
 
 _FIELD = re.compile(rb"(?im)^authentication-results[ \t]*:")
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~@]+$")
-# RFC 8601 §2.2 pvalue's [ [ local-part ] "@" ] domain-name (a dot-atom local-part, RFC 5322
-# §3.4.1; a domain-name as RFC 6376 §3.5 has it: two labels or more).
-_ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_ADDRESS = re.compile(rf"(?:{_ATOM}(?:\.{_ATOM})*)?@{_LABEL}(?:\.{_LABEL})+")
 
 
 def _value(text: str) -> str:
@@ -86,7 +82,7 @@ def _is_auid(identity: str) -> bool:
     dkim-quoted-printable (RFC 6376 §2.11), i= may hold ";", spaces, "=" and 8-bit octets, which
     naive readers take for results of ours (``header.i="x; dkim=pass header.d=..."`` inside a
     pass) and which would put 8-bit into a 7-bit header section. AUIDs in use are addresses."""
-    return len(identity) <= 254 and _ADDRESS.fullmatch(identity) is not None
+    return is_plain_address(identity, local_optional=True)
 
 
 def policy_words(dmarc: DmarcResult) -> str:
