@@ -17,10 +17,13 @@ from typing import Any
 import pytest
 
 from postroom import config as config_mod
+from postroom.delivery.remote import DeliveryResult
 from postroom.queue.envelope import Attempt, Envelope, PendingReport, Recipient
 from postroom.queue.runner import Accepted, QueueRunner
 from postroom.resolver import Route, RouteFailure, StaticResolver
+from postroom.smtp.client_engine import Outcome
 from postroom.storage.interfaces import LocalCopy, MessageDraft
+from postroom.wire.replies import Reply
 
 NOW = 1_800_000_000.0
 
@@ -33,6 +36,23 @@ class FakeRemote:
 
     async def aclose(self) -> None:
         pass
+
+
+QUEUED = Reply(250, "2.0.0", ("queued",))
+
+
+def delivered(outgoing: Any, *, dsn_offered: bool = False) -> list[DeliveryResult]:
+    """A host's 250 to every recipient of ``outgoing``."""
+    return [
+        DeliveryResult(r, Outcome.DELIVERED, QUEUED, "mx", dsn_offered=dsn_offered)
+        for r in outgoing.recipients
+    ]
+
+
+def use_remote(runner: QueueRunner, remote: Any) -> None:
+    """Remote delivery for ``runner``'s attempts: ``remote`` (a FakeRemote)."""
+    runner._remote = remote
+    runner._remote_delivery = lambda: remote  # type: ignore[method-assign]
 
 
 class MemoryDraft:
@@ -409,8 +429,7 @@ def test_an_expanded_notice_is_sent_when_the_first_attempt_starts(tmp_path: Path
             await tarpit.wait()
             raise AssertionError("not reached")
 
-    runner._remote = Remote()
-    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+    use_remote(runner, Remote())
     env = envelope("Q1", "alice@a.test", "x@slow.test")
     env.reports.append(PendingReport("R1", [], [], NOW, [("team@a.test", None)]))
 
@@ -918,8 +937,7 @@ def test_a_stop_that_cancels_an_attempt_keeps_the_250s_it_holds(tmp_path: Path, 
             return out
 
     async def first_run() -> None:
-        runner._remote = Remote()
-        runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+        use_remote(runner, Remote())
         env = envelope("Q1", "bob@fast.test", held)
         env.recipients[0].notify = ["SUCCESS"]
         draft = runner.queue.draft(env.id, env.sender)
@@ -994,8 +1012,7 @@ class _SecondAttempt(FakeRemote):
 def _last_attempt(tmp_path: Path, second: BaseException) -> tuple[Envelope, Any, Any]:
     """Q1 to bob@b.test greylisted once, then its last attempt past max_queue_time."""
     runner, queue, boxes, clock = make(tmp_path, {})
-    runner._remote = _SecondAttempt(second)
-    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+    use_remote(runner, _SecondAttempt(second))
     env = envelope("Q1", "bob@b.test")
     asyncio.run(accept(runner, env))
     clock.now = NOW + 86400 + 10
@@ -1143,8 +1160,7 @@ def test_a_cancel_during_an_early_save_still_keeps_what_the_attempt_holds(
             await tarpit.wait()
             raise AssertionError("never")
 
-    runner._remote = Remote()
-    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+    use_remote(runner, Remote())
     env = envelope("Q1", "f@fast.test", "s1@slow.test", "s2@slow.test")
 
     async def main() -> None:
@@ -1178,9 +1194,6 @@ def test_a_first_attempt_that_never_runs_still_owes_its_success_notice(
     # A local copy's NOTIFY=SUCCESS notice was decided in the first attempt only: a first
     # attempt cancelled by the stop while it waited for a slot, or parked by an overload,
     # never owed it, and the sender never heard (the message then finished, silent).
-    from postroom.delivery.remote import DeliveryResult
-    from postroom.smtp.client_engine import Outcome
-    from postroom.wire.replies import Reply
 
     runner, queue, _boxes, clock = make(tmp_path, {})
     runner._slots = asyncio.Semaphore(1)
@@ -1190,14 +1203,9 @@ def test_a_first_attempt_that_never_runs_still_owes_its_success_notice(
         async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
             if domain == "slow.test":
                 await tarpit.wait()
-            ok = Reply(250, "2.0.0", ("queued",))
-            return [
-                DeliveryResult(r, Outcome.DELIVERED, ok, "mx", dsn_offered=True)
-                for r in outgoing.recipients
-            ]
+            return delivered(outgoing, dsn_offered=True)
 
-    runner._remote = Remote()
-    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+    use_remote(runner, Remote())
 
     async def first_run() -> None:
         await _put(runner, "Q0", "x@slow.test")  # holds the only slot
@@ -1227,9 +1235,6 @@ def test_the_stop_waits_for_a_reply_to_a_final_dot_only_while_one_is_out(
 
     class Remote(FakeRemote):
         async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
-            from postroom.delivery.remote import DeliveryResult
-            from postroom.smtp.client_engine import Outcome
-            from postroom.wire.replies import Reply
 
             if domain == "slow.test":
                 await tarpit.wait()
@@ -1238,11 +1243,9 @@ def test_the_stop_waits_for_a_reply_to_a_final_dot_only_while_one_is_out(
                 await asyncio.sleep(0.3)
             finally:
                 self.committing -= 1
-            ok = Reply(250, "2.0.0", ("queued",))
-            return [DeliveryResult(r, Outcome.DELIVERED, ok, "mx") for r in outgoing.recipients]
+            return delivered(outgoing)
 
-    runner._remote = Remote()
-    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+    use_remote(runner, Remote())
 
     async def main() -> float:
         for qid, rcpt in (("Q1", "x@slow.test"), ("Q2", "y@fast.test")):
@@ -1277,22 +1280,14 @@ def _put(
 def test_a_first_attempt_that_fails_still_owes_its_success_notice(tmp_path: Path) -> None:
     # A first attempt that raised (its body unreadable for a moment) ended without deciding
     # the notice its local copy owed (NOTIFY=SUCCESS), and no later attempt decides it.
-    from postroom.delivery.remote import DeliveryResult
-    from postroom.smtp.client_engine import Outcome
-    from postroom.wire.replies import Reply
 
     runner, queue, boxes, clock = make(tmp_path, {})
 
     class Remote(FakeRemote):
         async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
-            ok = Reply(250, "2.0.0", ("queued",))
-            return [
-                DeliveryResult(r, Outcome.DELIVERED, ok, "mx", dsn_offered=True)
-                for r in outgoing.recipients
-            ]
+            return delivered(outgoing, dsn_offered=True)
 
-    runner._remote = Remote()
-    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+    use_remote(runner, Remote())
     body = queue.body
     failed: list[int] = []
 
@@ -1334,8 +1329,7 @@ def test_a_notice_made_while_the_stop_waits_is_due_at_once(tmp_path: Path) -> No
                 DeliveryResult(r, Outcome.PERMANENT, no, "mx.b.test") for r in outgoing.recipients
             ]
 
-    runner._remote = Remote()
-    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+    use_remote(runner, Remote())
 
     async def main() -> None:
         await _put(runner, "Q1", "bob@b.test", sender="carol@remote.test")
@@ -1402,9 +1396,6 @@ def test_a_retry_that_gets_its_slot_while_the_stop_drains_counts_no_attempt(
 ) -> None:
     # Waiting for a slot when the stop began, it got one, dialled nothing, and still counted
     # an attempt (its next real failure then waited a longer interval).
-    from postroom.delivery.remote import DeliveryResult
-    from postroom.smtp.client_engine import Outcome
-    from postroom.wire.replies import Reply
 
     runner, queue, _boxes, _clock = make(tmp_path, {})
     runner._slots = asyncio.Semaphore(1)
@@ -1413,11 +1404,9 @@ def test_a_retry_that_gets_its_slot_while_the_stop_drains_counts_no_attempt(
     class Remote(FakeRemote):
         async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
             await gate.wait()
-            ok = Reply(250, "2.0.0", ("queued",))
-            return [DeliveryResult(r, Outcome.DELIVERED, ok, "mx") for r in outgoing.recipients]
+            return delivered(outgoing)
 
-    runner._remote = Remote()
-    runner._remote_delivery = lambda: runner._remote  # type: ignore[method-assign]
+    use_remote(runner, Remote())
     env = envelope("R", "bob@b.test")
     env.attempts, env.next_attempt = 1, NOW
     queue.messages["R"] = (env, b"Return-Path: <alice@a.test>\nSubject: t\n\nbody\n")
