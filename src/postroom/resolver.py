@@ -71,10 +71,13 @@ class RouteFailure:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """The answer for one domain: ``targets`` in order, or a ``failure`` (never both)."""
+    """The answer for one domain: ``targets`` in order, or a ``failure`` (never both).
+    ``unreached``: the best preference among MX hosts left out because their addresses could
+    not be looked up for now (DNS trouble), or None."""
 
     targets: tuple[Target, ...] = ()
     failure: RouteFailure | None = None
+    unreached: int | None = None
 
     @classmethod
     def fail(cls, status: str, text: str) -> Route:
@@ -212,17 +215,20 @@ class DnsResolver:
         )
         targets: list[Target] = []
         any_trouble = False
+        unreached: int | None = None
         until = answer.expiration
         for (pref, host), (addrs, trouble, expires) in zip(ordered, looked_up, strict=False):
             any_trouble |= trouble
             until = min(until, expires)
             if addrs:
                 targets.append(Target(host, addrs, pref))
+            elif trouble and unreached is None:
+                unreached = pref  # (ordered: the first is the best)
         if targets:
             # Kept only if every host was looked up, without trouble: the order among equal
             # preferences is drawn again for each message, from the same hosts.
             whole = not any_trouble and len(ordered) <= self._max_mx
-            return Route(tuple(targets)), (until if whole else 0)
+            return Route(tuple(targets), unreached=unreached), (until if whole else 0)
         if any_trouble:
             return Route.fail("4.4.3", f"DNS failure looking up the MX hosts of {domain}"), 0
         # RFC 5321 §5.1: MX records exist but none is usable -> report an error (no fallback to A).
@@ -368,6 +374,7 @@ def is_self(
 
 def drop_self(
     route: Route,
+    domain: str,
     *,
     hostnames: Iterable[str],
     listeners: Sequence[Endpoint],
@@ -376,7 +383,9 @@ def drop_self(
     """RFC 5321 §5.1: if we are one of the MX hosts, keep only those strictly better than us.
 
     If that leaves nothing (we are the best MX, or the domain's only host), the answer is a
-    permanent failure 5.4.6 (routing loop).
+    permanent failure 5.4.6 (routing loop); but a temporary one (4.4.3) while a better host's
+    addresses could not be looked up: DNS trouble of the moment must not bounce the mail
+    (as Postfix defers it: "Host not found, try again").
     """
     if not route.ok:
         return route
@@ -388,4 +397,6 @@ def drop_self(
     kept = tuple(t for t in route.targets if t.preference < best_self and t not in ours)
     if kept:
         return Route(kept)
-    return Route.fail("5.4.6", f"mail for this domain loops back to myself ({ours[0].host})")
+    if route.unreached is not None and route.unreached < best_self:
+        return Route.fail("4.4.3", f"DNS failure looking up a better MX host than {ours[0].host}")
+    return Route.fail("5.4.6", f"mail for {domain} loops back to myself ({ours[0].host})")

@@ -193,18 +193,45 @@ def test_is_self_by_name_and_by_listener() -> None:
     )
 
 
+def seen_from_a_test(route: Route, domain: str) -> Route:
+    """``route`` as seen from the host named mx.a.test (drop_self)."""
+    return drop_self(route, domain, hostnames=["mx.a.test"], listeners=[], port=25)
+
+
 def test_drop_self_keeps_better_mx_only() -> None:
     better = Target("mx1.b.test", ("127.0.0.2",), 10)
     us = Target("mx.a.test", ("127.0.0.1",), 20)
     worse = Target("mx3.b.test", ("127.0.0.3",), 30)
-    r = drop_self(Route((better, us, worse)), hostnames=["mx.a.test"], listeners=[], port=25)
+    r = seen_from_a_test(Route((better, us, worse)), "b.test")
     assert r.targets == (better,)
-    loop = drop_self(Route((us, worse)), hostnames=["mx.a.test"], listeners=[], port=25)
+    loop = seen_from_a_test(Route((us, worse)), "b.test")
     assert loop.failure is not None
     assert loop.failure.status == "5.4.6"
     assert loop.failure.permanent
+    assert "mail for b.test loops back to myself" in loop.failure.text
     untouched = Route((better,))
-    assert drop_self(untouched, hostnames=["mx.a.test"], listeners=[], port=25) is untouched
+    assert seen_from_a_test(untouched, "b.test") is untouched
+
+
+def test_a_better_mx_host_not_looked_up_for_now_defers_instead_of_a_loop(dns_port: int) -> None:
+    # We are the backup MX and the primary's address lookup failed for now: try again later,
+    # never bounce as a routing loop (5.4.6).
+    ZONE["backup.test"] = [("MX", MX("fail.test", 10)), ("MX", MX("mx.partial.test", 20))]
+    try:
+        got = route(dns_port, "backup.test")
+    finally:
+        del ZONE["backup.test"]
+    assert [t.host for t in got.targets] == ["mx.partial.test"]
+    assert got.unreached == 10
+    deferred = drop_self(got, "backup.test", hostnames=["mx.partial.test"], listeners=[], port=25)
+    assert deferred.failure is not None
+    assert deferred.failure.status == "4.4.3"
+    assert not deferred.failure.permanent
+    # A host no better than us that could not be looked up changes nothing: still a loop.
+    worse = Route(got.targets, unreached=30)
+    loop = drop_self(worse, "backup.test", hostnames=["mx.partial.test"], listeners=[], port=25)
+    assert loop.failure is not None
+    assert loop.failure.status == "5.4.6"
 
 
 def test_answers_are_kept_for_their_ttl() -> None:

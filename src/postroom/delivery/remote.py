@@ -364,6 +364,7 @@ class RemoteDelivery:
         route = await self.resolver.route(domain)
         route = drop_self(
             route,
+            domain,
             hostnames=[self.cfg.hostname],
             listeners=self.cfg.listen.smtp,
             port=self.cfg.delivery.port,
