@@ -65,8 +65,10 @@ class RouteFailure:
 
     @property
     def reply(self) -> Reply:
-        """The failure as an SMTP-style reply, for queue records and bounces."""
-        return Reply.make(550 if self.permanent else 451, self.status, self.text)
+        """The failure as an SMTP-style reply, for queue records and bounces (556 for a null
+        MX: RFC 7504 §3, the code of a domain that accepts no mail)."""
+        code = 556 if self.status == "5.1.10" else 550 if self.permanent else 451
+        return Reply.make(code, self.status, self.text)
 
 
 @dataclass(frozen=True, slots=True)

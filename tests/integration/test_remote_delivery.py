@@ -525,6 +525,7 @@ def test_route_failures_and_loops_do_not_connect() -> None:
             (outcomes[domain],) = await remote.deliver(domain, message(f"x@{domain}"), BODY)
         assert outcomes["null.test"].outcome is Outcome.PERMANENT
         assert outcomes["null.test"].reply.status == "5.1.10"
+        assert outcomes["null.test"].reply.code == 556  # RFC 7504 §3
         assert outcomes["dns.test"].outcome is Outcome.TEMPORARY
         assert outcomes["self.test"].reply.status == "5.4.6"
         assert outcomes["nx.test"].reply.status == "5.1.2"
