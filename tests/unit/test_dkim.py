@@ -20,7 +20,7 @@ from dkim.canonicalization import Relaxed
 from postroom.auth import dkim_canon, dkim_sign, dkim_verify, helper, keys, results
 from postroom.auth.lookup import Answer, DnsCache
 from postroom.auth.service import SenderAuth, Verdict, publishes
-from postroom.config import Config, DNSConfig
+from postroom.config import Config, DNSConfig, Duration
 from tests.dnszone import LoopbackDNS
 
 MESSAGE = (
@@ -517,3 +517,41 @@ def test_a_flood_of_signature_fields_is_read_and_checked_only_up_to_the_limits(
     assert lookups <= dkim_verify.MAX_SIGNATURES + 2
     assert took < 10
     assert verdict.dmarc is not None and verdict.dmarc.result == "fail"  # beyond what is read
+
+
+def test_a_signing_key_whose_record_left_dns_stops_signing_until_it_is_back(
+    tmp_path: Path,
+) -> None:
+    # Once seen, a key went on signing after its record was removed (or replaced): every
+    # receiver then failed its signatures. A failed lookup withdraws nothing.
+    store = keys.LocalKeyStore(tmp_path)
+    ring = keys.KeyRing(store, retire_after=100)
+    ed, rsa_key = ring.ensure("a.test", 0)
+    dns = LoopbackDNS()
+    try:
+        for key in (ed, rsa_key):
+            dns.txt(f"{key.selector}._domainkey.a.test", key.record())
+        cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", dns.port),), timeout=Duration(1)))
+        auth = SenderAuth(Config(hostname="mx.a.test", domains=("a.test",)), cache, store)
+
+        def signing() -> set[str]:
+            return {k.selector for k in keys.signing_keys(store.load("a.test"))}
+
+        asyncio.run(auth.look_for_pending("a.test"))
+        assert signing() == {ed.selector, rsa_key.selector}
+        dns.timeout(f"{ed.selector}._domainkey.a.test")  # no answer: nothing is known
+        asyncio.run(auth.recheck_active("a.test"))
+        assert signing() == {ed.selector, rsa_key.selector}
+        dns.dead.clear()
+        dns.remove(f"{ed.selector}._domainkey.a.test")
+        dns.remove(f"{rsa_key.selector}._domainkey.a.test")
+        dns.txt(f"{rsa_key.selector}._domainkey.a.test", "v=DKIM1; k=rsa; p=")  # revoked
+        asyncio.run(auth.recheck_active("a.test"))
+        assert signing() == set()
+        assert [k.state for k in store.load("a.test")] == ["pending", "pending"]
+        dns.remove(f"{rsa_key.selector}._domainkey.a.test")
+        dns.txt(f"{ed.selector}._domainkey.a.test", ed.record())
+        asyncio.run(auth.look_for_pending("a.test"))
+        assert signing() == {ed.selector}
+    finally:
+        dns.stop()

@@ -318,6 +318,20 @@ class KeyRing:
         self.store.save(domain, out)
         return out
 
+    def withdraw(self, domain: str, selector: str) -> list[DkimKey]:
+        """DNS no longer shows ``selector``, a signing key: it waits as a pending key does
+        (and signs again when :meth:`confirm` sees it)."""
+        keys = self.store.load(domain)
+        out = [
+            replace(k, state="pending", published=None)
+            if k.selector == selector and k.state == "active"
+            else k
+            for k in keys
+        ]
+        if out != keys:
+            self.store.save(domain, out)
+        return out
+
     def expire(self, domain: str, now: float) -> list[DkimKey]:
         """Forget retiring keys whose time is up."""
         keys = self.store.load(domain)

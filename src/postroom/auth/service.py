@@ -156,6 +156,26 @@ class SenderAuth:
                 self.ring.confirm(domain, key.selector, self.clock())
         self.ring.expire(domain, self.clock())
 
+    async def recheck_active(self, domain: str) -> None:
+        """Withdraw each signing key whose record DNS no longer shows (an answer that lacks
+        it, not a failed lookup): it signs again once DNS shows it, as a new key would. The
+        records a receiver verifies with are those of now, not those seen once."""
+        for key in self.store.load(domain):
+            if key.state != "active":
+                continue
+            name = f"{key.selector}._domainkey.{domain}"
+            answer = await self.cache.query(name, "TXT", fresh=True)
+            if answer.temporary or any(publishes(record, key) for record in answer.txt()):
+                continue
+            log.warning(
+                "DKIM key %s of %s is no longer in DNS (%s): it signs no more until DNS shows"
+                " it again",
+                key.selector,
+                domain,
+                answer.status if answer.void else "another record",
+            )
+            self.ring.withdraw(domain, key.selector)
+
     async def _maybe_look(self, domain: str) -> None:
         """While a key waits for DNS, look again at most every RECHECK seconds, shared."""
         if self.clock() - self._last_look.get(domain, 0.0) < RECHECK:
@@ -507,11 +527,12 @@ class SenderAuth:
         return sent
 
     async def run(self, queue: QueueMessage) -> None:
-        """The primary worker's upkeep: pending keys, retired keys, daily reports."""
+        """The primary worker's upkeep: pending, signing and retired keys, daily reports."""
         stamp = self.cfg.data_dir / "dmarc" / "last-report"
         while True:
             for domain in self._named_domains():
                 try:
+                    await self.recheck_active(domain)
                     await self.look_for_pending(domain)
                 except Exception as exc:  # keep looking next time
                     log.warning("DKIM key upkeep for %s failed: %r", domain, exc)
