@@ -82,3 +82,17 @@ def test_a_v4_mapped_listen_address_is_a_config_error() -> None:
     """``[::ffff:127.0.0.1]:25`` passed the check and failed at bind time (exit 1)."""
     with pytest.raises(ConfigError, match=r"listen\.smtp: .*127\.0\.0\.1:25"):
         config.from_dict({"domains": ["a.test"], "listen": {"smtp": ["[::ffff:127.0.0.1]:25"]}})
+
+
+@pytest.mark.parametrize(
+    "rua",
+    ["r@x.test, s@y.test", 'a"b@x.test', "x" + "é" * 130 + "@x.test", "nobody"],
+    ids=["two addresses", "a quote", "non-ASCII", "no at sign"],
+)
+def test_a_dmarc_rua_that_is_not_one_ascii_address_is_a_config_error(rua: str) -> None:
+    """Each went into the printed DMARC record as it was: a second address without mailto:,
+    an unencoded quote, a TXT string cut inside a UTF-8 character."""
+    with pytest.raises(ConfigError, match=r"auth\.dmarc_rua"):
+        config.from_dict({"domains": ["a.test"], "auth": {"dmarc_rua": rua}})
+    for good in ("dmarc@x.test", "mailto:Reports.DMARC@x.test"):
+        assert config.from_dict({"domains": ["a.test"], "auth": {"dmarc_rua": good}})

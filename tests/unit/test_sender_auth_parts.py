@@ -222,6 +222,9 @@ def test_txt_strings_split_at_255_octets() -> None:
     assert [len(p) - 2 for p in parts] == [255, 255, 90]
     line = records.master_line(records.DnsRecord("x.test.", "TXT", 60, 'say "hi"'))
     assert line == 'x.test.\t60\tIN\tTXT\t"say \\"hi\\""'
+    # A cut inside a UTF-8 character keeps both halves, octet for octet (RFC 1035 §5.1 \DDD).
+    cut = records.txt_strings("x" * 254 + "é")
+    assert cut == ['"' + "x" * 254 + '\\195"', '"\\169"']
 
 
 def test_key_life_cycle(tmp_path: Path) -> None:
@@ -348,6 +351,18 @@ def test_dns_check_judges_records_as_a_receiver_would(tmp_path: Path) -> None:
         f"v=DKIM2; k=ed25519; p={p}",
     ):
         assert statuses(good | {(dkim_name, "TXT"): [bad]})[f"TXT {dkim_name}."] == "different"
+    # Equal for every evaluator: names in any case, "+" the default qualifier (RFC 7208
+    # §4.6.1-4.6.2), and the rua= address's case; these were "different".
+    (spf,) = good[("a.test", "TXT")]
+    assert spf == "v=spf1 mx -all"
+    (dmarc_value,) = good[("_dmarc.a.test", "TXT")]
+    shouted = dmarc_value.replace("dmarc@a.test", "DMARC@A.Test")
+    same = {("a.test", "TXT"): ["V=SPF1 +MX  -all"], ("_dmarc.a.test", "TXT"): [shouted]}
+    assert set(statuses(good | same).values()) == {"ok"}
+    softer = good | {("a.test", "TXT"): ["v=spf1 mx ~all"]}
+    assert statuses(softer)["TXT a.test."] == "different"
+    for broken in ("v=dmarc1; p=reject", "v=DMARC1; p=none; rua=mailto:dmarc@a.test"):
+        assert statuses(good | {("_dmarc.a.test", "TXT"): [broken]})["TXT _dmarc.a.test."] != "ok"
     two_spf = good | {("a.test", "TXT"): [*good[("a.test", "TXT")], "v=spf1 -all"]}
     assert statuses(two_spf)["TXT a.test."] == "different"
     two_dmarc = good | {("_dmarc.a.test", "TXT"): [*good[("_dmarc.a.test", "TXT")]] * 2}

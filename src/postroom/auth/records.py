@@ -14,12 +14,12 @@ class ``IN``, TXT values as quoted strings of at most 255 octets (RFC 1035 §3.3
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import dkim
 
 from postroom.auth.dkim_verify import public_key, tags
-from postroom.auth.dmarc import is_record, parse_record
+from postroom.auth.dmarc import DmarcRecord, is_record, parse_record
 from postroom.auth.keys import DkimKey
 from postroom.auth.lookup import DnsCache
 
@@ -57,14 +57,18 @@ def wanted(
 
 
 def txt_strings(value: str) -> list[str]:
-    """``value`` cut into strings of at most 255 octets (RFC 1035 §3.3.14), quoted."""
+    """``value`` cut into strings of at most 255 octets (RFC 1035 §3.3.14), quoted; an octet
+    that is not printable ASCII written as ``\\DDD`` (RFC 1035 §5.1), so that a cut inside a
+    UTF-8 character keeps every octet."""
     raw = value.encode("utf-8")
     chunks = [raw[i : i + 255] for i in range(0, len(raw), 255)] or [b""]
-    out = []
-    for chunk in chunks:
-        text = chunk.decode("utf-8", "replace").replace("\\", "\\\\").replace('"', '\\"')
-        out.append(f'"{text}"')
-    return out
+    return ['"' + "".join(map(_master_char, chunk)) + '"' for chunk in chunks]
+
+
+def _master_char(octet: int) -> str:
+    if octet in (0x22, 0x5C):  # " and \
+        return "\\" + chr(octet)
+    return chr(octet) if 0x20 <= octet < 0x7F else f"\\{octet:03d}"
 
 
 def master_line(record: DnsRecord) -> str:
@@ -103,10 +107,26 @@ def same_key(found: bytes, expected: bytes) -> bool:
 
 def _same(record: DnsRecord, text: str) -> bool:
     if record.name.startswith("_dmarc."):
-        return parse_record(text) == parse_record(record.value)
+        found = _dmarc_meaning(text)
+        return found is not None and found == _dmarc_meaning(record.value)
     if "._domainkey." in record.name:
         return same_key(text.encode(), record.value.encode())
-    return " ".join(text.split()) == " ".join(record.value.split())
+    return _spf_terms(text) == _spf_terms(record.value)
+
+
+def _dmarc_meaning(text: str) -> DmarcRecord | None:
+    """A DMARC record as a receiver reads it, the rua= addresses in any case (their domain
+    is, and no receiver tells the case of their local part)."""
+    record = parse_record(text)
+    if record is None:
+        return None
+    return replace(record, rua=tuple(uri.lower() for uri in record.rua))
+
+
+def _spf_terms(text: str) -> list[str]:
+    """An SPF record's terms as evaluation reads them: names in any case, ``+`` the default
+    qualifier (RFC 7208 §4.6.1-4.6.2)."""
+    return [t[1:] if t.startswith("+") else t for t in text.lower().split()]
 
 
 async def check(cache: DnsCache, records: list[DnsRecord]) -> list[Finding]:
