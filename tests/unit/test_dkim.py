@@ -555,3 +555,57 @@ def test_a_signing_key_whose_record_left_dns_stops_signing_until_it_is_back(
         assert signing() == {ed.selector}
     finally:
         dns.stop()
+
+
+class _Submitted:
+    """A submitted message as the SMTP policy hands it to SenderAuth (CRLF)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def head(self, limit: int) -> bytes:
+        return self.data[:limit]
+
+    def whole(self) -> bytes:
+        return self.data
+
+    def prepend(self, fields: bytes) -> None:
+        self.data = fields + self.data
+
+    def replace(self, data: bytes) -> None:
+        self.data = data
+
+
+def test_a_submitted_from_in_the_obsolete_form_is_mended_before_it_is_signed(
+    tmp_path: Path,
+) -> None:
+    # "From :" was signed as it came: our verifier passed it, while dkimpy and OpenDKIM see
+    # no From field there and failed both signatures (and DMARC with them).
+    store = keys.LocalKeyStore(tmp_path)
+    ring = keys.KeyRing(store, retire_after=100)
+    pair = ring.ensure("a.test", 0)
+    for key in pair:
+        ring.confirm("a.test", key.selector, 1)
+    zone = {f"{k.selector}._domainkey.a.test": k.record().encode() for k in pair}
+    cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", 9),)))
+    auth = SenderAuth(Config(hostname="mx.a.test", domains=("a.test",)), cache, store)
+    body = b"\r\nHello : the body keeps its own spacing.\r\n"
+    message = _Submitted(b"From : Alice <alice@a.test>\r\nSubject\t: hi\r\nTo: b@b.test\r\n" + body)
+    asyncio.run(
+        auth.end_of_data(
+            message, port="submission", auth_user="alice@a.test", client_ip="", helo="", sender=""
+        )
+    )
+    assert message.data.endswith(
+        b"From: Alice <alice@a.test>\r\nSubject: hi\r\nTo: b@b.test\r\n" + body
+    )
+    d = dkim.DKIM(message.data)
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return zone[name.decode().rstrip(".")]
+
+    assert d.verify(idx=0, dnsfunc=dnsfunc) and d.verify(idx=1, dnsfunc=dnsfunc)
