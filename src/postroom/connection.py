@@ -622,7 +622,7 @@ class Connection(asyncio.Protocol):
             self._handshake_failed = True
             events.tls_handshake(self.service, self.client_ip, None, reason)
         else:  # a broken record after the handshake
-            self.services.log.info("%s TLS with %s failed: %s", self.kind, self.client_ip, reason)
+            events.tls_broken(self.service, self.client_ip, reason)
         if tls is not None and transport is not None and not self._lost:
             with contextlib.suppress(Exception):
                 transport.write(tls.outgoing())  # the alert, so the client knows why

@@ -262,6 +262,17 @@ def _text_tls_failed(f: Fields) -> str:
     return f"TLS handshake with [{f['client']}] failed: {f['error']}"
 
 
+def tls_broken(service: str, client: str, error: str) -> None:
+    """A TLS session broke after its handshake (a bad record, a renegotiation refused): the
+    same ``tls_failed`` event, with ``after_handshake``; not a failed handshake to count."""
+    fields = {"service": service, "client": client, "error": error, "after_handshake": True}
+    logs.emit(INFO, "tls_failed", _smtpd(service), fields, _text_tls_broken)
+
+
+def _text_tls_broken(f: Fields) -> str:
+    return f"TLS with [{f['client']}] failed after the handshake: {f['error']}"
+
+
 # -- SMTP --------------------------------------------------------------------------------------
 
 
@@ -416,7 +427,20 @@ def _text_throttled(f: Fields) -> str:
 def pop3_login(service: str, client: str, user: str, messages: int) -> None:
     if logs.enabled(INFO):
         fields = {"service": service, "client": client, "user": user, "messages": messages}
-        logs.emit(INFO, "pop3_login", "pop3", fields, _text_pop3_login)
+        logs.emit(INFO, "pop3_login", _smtpd(service), fields, _text_pop3_login)
+
+
+def pop3_in_use(service: str, client: str, user: str) -> None:
+    """A right login refused because another session holds the maildrop (``[IN-USE]``)."""
+    fields = {"service": service, "client": client, "user": user}
+    logs.emit(INFO, "pop3_in_use", _smtpd(service), fields, _text_pop3_in_use)
+
+
+def _text_pop3_in_use(f: Fields) -> str:
+    return (
+        f"login refused: user={f['user']}, client=[{f['client']}], service={f['service']}:"
+        " mailbox in use by another session"
+    )
 
 
 def _text_pop3_login(f: Fields) -> str:

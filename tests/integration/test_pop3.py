@@ -147,6 +147,13 @@ def test_second_login_is_in_use(srv: Server) -> None:
     second.user("alice@a.test")
     assert second.pass_("pw").startswith(b"+OK")
     second.quit()
+    # The admin learns why a right password got no session, and on which port.
+    refused = "login refused: user=alice@a.test, client=[127.0.0.1], service=pop3s: mailbox in use"
+    wait_until(lambda: refused in srv.log.read_text(), 5)
+    (line,) = [ln for ln in srv.log.read_text().splitlines() if refused in ln]
+    assert "postroom/pop3s[" in line
+    logins = [ln for ln in srv.log.read_text().splitlines() if "login: user=alice" in ln]
+    assert any("postroom/pop3s[" in ln and "service=pop3s" in ln for ln in logins)
 
 
 def test_plaintext_refused_and_stls_injection(srv: Server) -> None:

@@ -280,6 +280,7 @@ class Pop3Connection(Connection):
         try:
             messages = await drop.open()
         except MailboxInUse:
+            events.pop3_in_use(self.service, self.client_ip, key)
             engine.login_failed("Mailbox is locked by another session", "IN-USE")
             return
         except OSError as exc:

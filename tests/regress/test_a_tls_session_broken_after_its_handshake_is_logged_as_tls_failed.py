@@ -1,0 +1,49 @@
+"""A TLS session that broke after its handshake (a forged record, a renegotiation refused)
+was logged as ``postroom[PID]: POP3 TLS with 127.0.0.1 failed: ...``: without the service's
+name, the address in brackets or the ``tls_failed`` event that operations.md lists. It is now
+that event, with ``after_handshake``, under the port's own name."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+
+from tests.conftest import ServerFactory, insecure, wait_until
+
+
+def test_a_forged_record_after_the_handshake_is_a_tls_failed_event(
+    server_factory: ServerFactory,
+) -> None:
+    srv = server_factory(extra_toml='log_format = "json"\n')
+    sock = socket.create_connection((srv.host, srv.ports["pop3s"]), timeout=20)
+    try:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = insecure().wrap_bio(incoming, outgoing, server_side=False)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                data = sock.recv(65536)
+                assert data, "closed during the handshake"
+                incoming.write(data)
+        sock.sendall(outgoing.read())
+        sock.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data, bad MAC
+        while sock.recv(65536):  # the server sends its alert and closes
+            pass
+    finally:
+        sock.close()
+
+    def events() -> list[dict[str, object]]:
+        lines = srv.log.read_text().splitlines()
+        return [json.loads(ln) for ln in lines if ln.startswith("{")]
+
+    def broken() -> list[dict[str, object]]:  # (not the readiness probes' closed handshakes)
+        return [e for e in events() if e.get("event") == "tls_failed" and e.get("after_handshake")]
+
+    wait_until(lambda: bool(broken()), 5)
+    (event,) = broken()
+    assert event["service"] == "pop3s" and event["client"] == "127.0.0.1"
+    assert "bad record mac" in str(event["error"]).lower()
