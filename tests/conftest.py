@@ -133,6 +133,22 @@ def insecure() -> ssl.SSLContext:
     return ctx
 
 
+def tls_by_hand(sock: socket.socket) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A client TLS handshake over ``sock`` through memory BIOs (the TLS object, what comes
+    in, what goes out), for tests that must put their own octets on the wire around it."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = insecure().wrap_bio(incoming, outgoing, server_side=False)
+    while True:
+        try:
+            tls.do_handshake()
+            return tls, incoming, outgoing
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            data = sock.recv(65536)
+            assert data, "closed during the handshake"
+            incoming.write(data)
+
+
 def converse(srv: Server, payload: bytes, timeout: float = 20) -> bytes:
     """One raw session with the smtp port: the greeting read, ``payload`` sent as it is, the
     write side shut; all the server answered until it closed."""

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import json
 import socket
-import ssl
 
-from tests.conftest import ServerFactory, insecure, wait_until
+from tests.conftest import ServerFactory, tls_by_hand, wait_until
 
 
 def test_a_forged_record_after_the_handshake_is_a_tls_failed_event(
@@ -18,17 +17,7 @@ def test_a_forged_record_after_the_handshake_is_a_tls_failed_event(
     srv = server_factory(extra_toml='log_format = "json"\n')
     sock = socket.create_connection((srv.host, srv.ports["pop3s"]), timeout=20)
     try:
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = insecure().wrap_bio(incoming, outgoing, server_side=False)
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                sock.sendall(outgoing.read())
-                data = sock.recv(65536)
-                assert data, "closed during the handshake"
-                incoming.write(data)
+        _tls, _incoming, outgoing = tls_by_hand(sock)
         sock.sendall(outgoing.read())
         sock.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data, bad MAC
         while sock.recv(65536):  # the server sends its alert and closes

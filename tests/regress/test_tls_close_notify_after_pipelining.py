@@ -16,7 +16,7 @@ import ssl
 
 import pytest
 
-from tests.conftest import Server, ServerFactory, insecure
+from tests.conftest import Server, ServerFactory, insecure, tls_by_hand
 
 
 @pytest.fixture
@@ -37,17 +37,7 @@ def pipelined_then_close_notify(
             sock.recv(4096)  # greeting
             sock.sendall(starttls)
             assert sock.recv(4096)[:1] in (b"2", b"+")
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = insecure().wrap_bio(incoming, outgoing, server_side=False)
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                sock.sendall(outgoing.read())
-                data = sock.recv(65536)
-                assert data, "closed during the handshake"
-                incoming.write(data)
+        tls, incoming, outgoing = tls_by_hand(sock)
         tls.write(payload)
         with contextlib.suppress(ssl.SSLWantReadError):
             tls.unwrap()  # our close_notify; the server's comes later
