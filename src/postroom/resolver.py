@@ -74,12 +74,12 @@ class RouteFailure:
 @dataclass(frozen=True, slots=True)
 class Route:
     """The answer for one domain: ``targets`` in order, or a ``failure`` (never both).
-    ``unreached``: the best preference among MX hosts left out because their addresses could
-    not be looked up for now (DNS trouble), or None."""
+    ``unreached``: the MX hosts left out because their addresses could not be looked up for now
+    (DNS trouble), as ``(preference, host)``. (A route with any is never kept in the cache.)"""
 
     targets: tuple[Target, ...] = ()
     failure: RouteFailure | None = None
-    unreached: int | None = None
+    unreached: tuple[tuple[int, str], ...] = ()
 
     @classmethod
     def fail(cls, status: str, text: str) -> Route:
@@ -217,20 +217,20 @@ class DnsResolver:
         )
         targets: list[Target] = []
         any_trouble = False
-        unreached: int | None = None
+        unreached: list[tuple[int, str]] = []
         until = answer.expiration
         for (pref, host), (addrs, trouble, expires) in zip(ordered, looked_up, strict=False):
             any_trouble |= trouble
             until = min(until, expires)
             if addrs:
                 targets.append(Target(host, addrs, pref))
-            elif trouble and unreached is None:
-                unreached = pref  # (ordered: the first is the best)
+            elif trouble:
+                unreached.append((pref, host))
         if targets:
             # Kept only if every host was looked up, without trouble: the order among equal
             # preferences is drawn again for each message, from the same hosts.
             whole = not any_trouble and len(ordered) <= self._max_mx
-            return Route(tuple(targets), unreached=unreached), (until if whole else 0)
+            return Route(tuple(targets), unreached=tuple(unreached)), (until if whole else 0)
         if any_trouble:
             return Route.fail("4.4.3", f"DNS failure looking up the MX hosts of {domain}"), 0
         # RFC 5321 §5.1: MX records exist but none is usable -> report an error (no fallback to A).
@@ -387,18 +387,21 @@ def drop_self(
     If that leaves nothing (we are the best MX, or the domain's only host), the answer is a
     permanent failure 5.4.6 (routing loop); but a temporary one (4.4.3) while a better host's
     addresses could not be looked up: DNS trouble of the moment must not bounce the mail
-    (as Postfix defers it: "Host not found, try again").
+    (as Postfix defers it: "Host not found, try again"). A host named as we are counts as us
+    even when its addresses could not be looked up.
     """
     if not route.ok:
         return route
-    names = list(hostnames)
+    names = {h.lower().rstrip(".") for h in hostnames}
     ours = [t for t in route.targets if is_self(t, hostnames=names, listeners=listeners, port=port)]
-    if not ours:
+    unreached = [(p, h.lower().rstrip(".") in names) for p, h in route.unreached]
+    prefs = [t.preference for t in ours] + [p for p, is_us in unreached if is_us]
+    if not prefs:
         return route
-    best_self = min(t.preference for t in ours)
+    best_self = min(prefs)
     kept = tuple(t for t in route.targets if t.preference < best_self and t not in ours)
     if kept:
         return Route(kept)
-    if route.unreached is not None and route.unreached < best_self:
-        return Route.fail("4.4.3", f"DNS failure looking up a better MX host than {ours[0].host}")
-    return Route.fail("5.4.6", f"mail for {domain} loops back to myself ({ours[0].host})")
+    if any(p < best_self and not is_us for p, is_us in unreached):
+        return Route.fail("4.4.3", f"DNS failure looking up an MX host of {domain} better than us")
+    return Route.fail("5.4.6", f"mail for {domain} loops back to myself")

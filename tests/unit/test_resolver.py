@@ -222,16 +222,30 @@ def test_a_better_mx_host_not_looked_up_for_now_defers_instead_of_a_loop(dns_por
     finally:
         del ZONE["backup.test"]
     assert [t.host for t in got.targets] == ["mx.partial.test"]
-    assert got.unreached == 10
+    assert got.unreached == ((10, "fail.test"),)
     deferred = drop_self(got, "backup.test", hostnames=["mx.partial.test"], listeners=[], port=25)
     assert deferred.failure is not None
     assert deferred.failure.status == "4.4.3"
     assert not deferred.failure.permanent
     # A host no better than us that could not be looked up changes nothing: still a loop.
-    worse = Route(got.targets, unreached=30)
+    worse = Route(got.targets, unreached=((30, "mx.other.test"),))
     loop = drop_self(worse, "backup.test", hostnames=["mx.partial.test"], listeners=[], port=25)
     assert loop.failure is not None
     assert loop.failure.status == "5.4.6"
+    assert loop.failure.text == "mail for backup.test loops back to myself"
+
+
+def test_our_own_mx_host_not_looked_up_still_counts_as_us() -> None:
+    # MX 20 is us by name but its addresses could not be looked up: the worse MX 30 must not
+    # get the mail (it would send it back to us, RFC 5321 §5.1).
+    worse = Target("mx30.b.test", ("127.0.0.3",), 30)
+    alone = Route((worse,), unreached=((20, "mx.a.test"),))
+    loop = seen_from_a_test(alone, "b.test")
+    assert loop.failure is not None and loop.failure.status == "5.4.6"
+    primary_too = Route((worse,), unreached=((10, "mx10.b.test"), (20, "MX.A.test")))
+    deferred = seen_from_a_test(primary_too, "b.test")
+    assert deferred.failure is not None and deferred.failure.status == "4.4.3"
+    assert "b.test" in deferred.failure.text
 
 
 def test_answers_are_kept_for_their_ttl() -> None:
