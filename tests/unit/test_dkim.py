@@ -546,13 +546,20 @@ def test_a_signing_key_whose_record_left_dns_stops_signing_until_it_is_back(
         dns.remove(f"{ed.selector}._domainkey.a.test")
         dns.remove(f"{rsa_key.selector}._domainkey.a.test")
         dns.txt(f"{rsa_key.selector}._domainkey.a.test", "v=DKIM1; k=rsa; p=")  # revoked
+        asyncio.run(auth.recheck_active("a.test"))  # once may be a server not yet up to date
+        assert signing() == {ed.selector, rsa_key.selector}
         asyncio.run(auth.recheck_active("a.test"))
         assert signing() == set()
-        assert [k.state for k in store.load("a.test")] == ["pending", "pending"]
+        assert [k.withdrawn for k in store.load("a.test")] == [True, True]
         dns.remove(f"{rsa_key.selector}._domainkey.a.test")
         dns.txt(f"{ed.selector}._domainkey.a.test", ed.record())
         asyncio.run(auth.look_for_pending("a.test"))
         assert signing() == {ed.selector}
+        # A withdrawn key signed lately: a rotation retires it (listed a while), not drops it.
+        rotated = ring.rotate("a.test", 50)
+        old_rsa = next(k for k in rotated if k.selector == rsa_key.selector)
+        assert old_rsa.state == "retiring" and old_rsa.retire_at == 150
+        assert old_rsa in keys.listed_keys(rotated, 149)
     finally:
         dns.stop()
 

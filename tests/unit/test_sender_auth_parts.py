@@ -253,6 +253,18 @@ def test_key_life_cycle(tmp_path: Path) -> None:
     assert "PRIVATE" not in repr(left)
 
 
+def test_a_withdrawn_key_retires_when_a_newer_one_of_its_algorithm_is_seen(tmp_path: Path) -> None:
+    ring = keys.KeyRing(keys.LocalKeyStore(tmp_path), retire_after=100)
+    old_ed, _old_rsa = ring.ensure("a.test", 0)
+    for k in ring.store.load("a.test"):
+        ring.confirm("a.test", k.selector, 1)
+    new_ed = next(k for k in ring.rotate("a.test", 86400) if k.state == "pending")
+    ring.withdraw("a.test", old_ed.selector)  # the admin swapped the records before we saw
+    after = ring.confirm("a.test", new_ed.selector, 86401)
+    old = next(k for k in after if k.selector == old_ed.selector)
+    assert old.state == "retiring" and old.retire_at == 86501
+
+
 def test_two_processes_making_keys_at_once_end_with_one_pair(tmp_path: Path) -> None:
     """``postroom dns`` and a starting server (or two CLIs) each made a first pair: the second
     save replaced the first, whose records one of them had printed, and their temporary files

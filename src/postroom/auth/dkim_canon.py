@@ -32,6 +32,7 @@ Field = tuple[bytes, bytes]  # name, value with its folds and its final CRLF
 _WSP_RUN = re.compile(rb"[\t ]+")
 _NAME = re.compile(rb"[\x21-\x7e]+")  # as dkimpy: printable, up to the first colon after it
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 §3.6.8 ftext: no colon
+_SPACE_BEFORE_COLON = re.compile(rb"^(" + _FIELD_NAME.pattern + rb")[ \t]+:", re.MULTILINE)
 # What ``split()`` would take for white space where relaxed canonicalization does not: VT, FF,
 # a lone CR or LF, and a CRLF that is not a fold (unfolding removes it without a space).
 _ODD_SPACE = re.compile(rb"[\x0b\x0c]|\r(?!\n)|(?<!\r)\n|\r\n(?=[^ \t])")
@@ -46,6 +47,13 @@ _B_TAG = re.compile(rb"((?:^|;)\s*b\s*=)(?:\s*[A-Za-z0-9+/=](?:[\sA-Za-z0-9+/=]*
 
 class MalformedHeader(ValueError):
     """A header line that is neither a field nor a continuation (no signature can verify)."""
+
+
+def without_space_before_colons(head: bytes) -> bytes:
+    """``head`` (a header section) with no white space between a field name and its colon:
+    that form (RFC 5322 §4.5.3 obs-optional) "MUST NOT be generated", and dkimpy and
+    OpenDKIM see no From field in ``From :``, so they fail every signature of it."""
+    return _SPACE_BEFORE_COLON.sub(rb"\1:", head)
 
 
 def split_message(message: bytes) -> tuple[list[Field], bytes]:

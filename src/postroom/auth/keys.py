@@ -5,18 +5,20 @@ under a selector postroom chooses (``ed20261101``, ``rsa20261101``; a letter is 
 second pair is made on the same day). A key goes through three states:
 
 - ``pending``: made, listed by ``postroom dns``, but it signs nothing until the server has
-  seen its exact public key in DNS (:meth:`KeyRing.confirm`, from ``service.py``);
-- ``active``: seen in DNS; the newest active key of each algorithm signs;
-- ``retiring``: replaced by a newer active key of its algorithm; it no longer signs and stays
+  seen its exact public key in DNS (:meth:`KeyRing.confirm`, from ``service.py``); a key
+  *withdrawn* (:meth:`KeyRing.withdraw`: it signed, then DNS stopped showing it) is pending
+  again, with its ``published`` time kept;
+- ``active``: DNS shows it; the newest active key of each algorithm signs;
+- ``retiring``: replaced by a newer key of its algorithm; it no longer signs and stays
   listed until ``retire_at`` (``[auth] dkim_retire_after`` after it stopped signing), then it
   is deleted.
 
-``postroom dkim rotate DOMAIN`` adds a new pending pair; nothing else changes until DNS shows
-it. Storage is behind :class:`KeyStore` so that nodes sharing a database share their keys;
-:class:`LocalKeyStore` keeps ``{data_dir}/dkim/{domain}/keys.json`` and one
-``{selector}.pem`` per key. Security notes: private key files are made 0600 in 0700
-directories and their contents never reach a log or an error message; domain names are
-vetted (``address.normalise_domain``) before they become paths.
+``postroom dkim rotate DOMAIN`` adds a new pending pair (a withdrawn key retires then, a
+never-published one is dropped); nothing else changes until DNS shows it. Storage is behind
+:class:`KeyStore` so that nodes sharing a database share their keys; :class:`LocalKeyStore`
+keeps ``{data_dir}/dkim/{domain}/keys.json`` and one ``{selector}.pem`` per key. Security notes:
+private key files are made 0600 in 0700 directories and their contents never reach a log or an
+error message; domain names are vetted (``address.normalise_domain``) before they become paths.
 """
 
 from __future__ import annotations
@@ -54,12 +56,17 @@ class DkimKey:
     algorithm: Algorithm
     created: float
     state: State = "pending"
-    published: float | None = None  # when the server first saw it in DNS
+    published: float | None = None  # when the server saw it appear in DNS (kept if withdrawn)
     retire_at: float | None = None  # retiring keys: listed until then
     private_pem: bytes = b""
 
     def __repr__(self) -> str:  # never show the private key
         return f"DkimKey({self.selector!r}, {self.algorithm}, {self.state})"
+
+    @property
+    def withdrawn(self) -> bool:
+        """It signed, then DNS stopped showing it: it waits to be seen again."""
+        return self.state == "pending" and self.published is not None
 
     def private_key(self) -> ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey:
         return private_key_of(self.private_pem)
@@ -277,10 +284,15 @@ class KeyRing:
         return keys
 
     def rotate(self, domain: str, now: float) -> list[DkimKey]:
-        """A new pending pair; the current keys sign on until DNS shows the new ones."""
+        """A new pending pair; the current keys sign on until DNS shows the new ones. A pair
+        DNS never showed is dropped; a withdrawn key retires (mail it signed may be under way)."""
         loaded = self.store.load(domain)
-        keys = [k for k in loaded if k.state != "pending"]
+        keys = [self._retired(k, now) if k.withdrawn else k for k in loaded]
+        keys = [k for k in keys if k.state != "pending"]
         return self._add_pair(domain, keys, now, [k.selector for k in loaded])
+
+    def _retired(self, key: DkimKey, now: float) -> DkimKey:
+        return replace(key, state="retiring", retire_at=now + self.retire_after)
 
     def _add_pair(
         self, domain: str, keys: list[DkimKey], now: float, taken: list[str] | None = None
@@ -306,8 +318,8 @@ class KeyRing:
         for key in keys:
             if key.selector == selector:
                 key = replace(key, state="active", published=now)
-            elif key.algorithm == new.algorithm and key.state == "active":
-                key = replace(key, state="retiring", retire_at=now + self.retire_after)
+            elif key.algorithm == new.algorithm and (key.state == "active" or key.withdrawn):
+                key = self._retired(key, now)
             elif (
                 key.algorithm == new.algorithm
                 and key.state == "pending"
@@ -323,9 +335,7 @@ class KeyRing:
         (and signs again when :meth:`confirm` sees it)."""
         keys = self.store.load(domain)
         out = [
-            replace(k, state="pending", published=None)
-            if k.selector == selector and k.state == "active"
-            else k
+            replace(k, state="pending") if k.selector == selector and k.state == "active" else k
             for k in keys
         ]
         if out != keys:

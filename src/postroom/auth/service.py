@@ -14,7 +14,8 @@ All DNS goes through one :class:`~postroom.auth.lookup.DnsCache`, and all of a m
 lookups together take at most ``[auth] check_timeout``: what is not answered by then counts
 as ``temperror``, which never refuses mail. :func:`count_verdict` is the one place each
 result passes (for the metrics). :meth:`SenderAuth.run` is the primary worker's periodic
-work: looking for pending DKIM keys in DNS, retiring old ones, and the daily DMARC reports.
+work: looking for pending DKIM keys in DNS and again at the signing ones (withdrawn when DNS
+no longer shows them), retiring old ones, and the daily DMARC reports.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import dataclasses
 import logging
 import os
 import random
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -33,7 +33,17 @@ from pathlib import Path
 from typing import Protocol, TypeVar, cast
 
 from postroom import events
-from postroom.auth import dkim_sign, dkim_verify, dmarc, keys, records, reports, results, spf
+from postroom.auth import (
+    dkim_canon,
+    dkim_sign,
+    dkim_verify,
+    dmarc,
+    keys,
+    records,
+    reports,
+    results,
+    spf,
+)
 from postroom.auth.helper import DkimHelper, HelperError, HelperNotReady, HelperTimedOut
 from postroom.auth.lookup import Answer, DnsCache
 from postroom.config import Config
@@ -110,6 +120,7 @@ class SenderAuth:
         self._keys: dict[str, tuple[object, list[keys.DkimKey], list[dkim_sign.SigningKey]]] = {}
         self._last_look: dict[str, float] = {}
         self._looking: dict[str, asyncio.Task[None]] = {}
+        self._missed: set[tuple[str, str]] = set()  # signing keys DNS lacked at the last look
 
     @property
     def ring(self) -> keys.KeyRing:
@@ -158,22 +169,32 @@ class SenderAuth:
         self.ring.expire(domain, self.clock())
 
     async def recheck_active(self, domain: str) -> None:
-        """Withdraw each signing key whose record DNS no longer shows (an answer that lacks
-        it, not a failed lookup): it signs again once DNS shows it, as a new key would. The
-        records a receiver verifies with are those of now, not those seen once."""
+        """Withdraw each signing key whose record DNS no longer shows, at two looks in a row
+        (an answer that lacks it, not a failed lookup; one such answer may come from a server
+        that has not loaded the zone's last version yet). It signs again once DNS shows it.
+        The records a receiver verifies with are those of now, not those seen once."""
         for key in self.store.load(domain):
             if key.state != "active":
                 continue
             name = f"{key.selector}._domainkey.{domain}"
             answer = await self.cache.query(name, "TXT", fresh=True)
-            if answer.temporary or any(publishes(record, key) for record in answer.txt()):
+            if answer.temporary:
                 continue
+            if any(publishes(record, key) for record in answer.txt()):
+                self._missed.discard((domain, key.selector))
+                continue
+            why = answer.status if answer.void else "another record"
+            if (domain, key.selector) not in self._missed:
+                self._missed.add((domain, key.selector))
+                log.info("DKIM key %s of %s not found in DNS (%s)", key.selector, domain, why)
+                continue
+            self._missed.discard((domain, key.selector))
             log.warning(
                 "DKIM key %s of %s is no longer in DNS (%s): it signs no more until DNS shows"
                 " it again",
                 key.selector,
                 domain,
-                answer.status if answer.void else "another record",
+                why,
             )
             self.ring.withdraw(domain, key.selector)
 
@@ -259,22 +280,22 @@ class SenderAuth:
 
     async def _sign(self, message: Message) -> None:
         whole = message.whole()
+        head = _head(whole)
         # Each local domain of From signs (several addresses or From fields: a receiver
         # checks each domain's DMARC, RFC 7489 §6.6.1, as ours does); others cannot be.
-        local = [d for d in dict.fromkeys(dmarc.from_domains(_head(whole))) if d]
+        local = [d for d in dict.fromkeys(dmarc.from_domains(head)) if d]
         signers: list[dkim_sign.SigningKey] = []
         for domain in filter(self.cfg.is_local_domain, local):
             all_keys, ready = self._domain_keys(domain)
-            if any(k.state == "pending" for k in all_keys):  # DNS may confirm it now
+            # A new key's record may be in DNS now (a withdrawn one waits for run()'s look).
+            if any(k.state == "pending" and not k.withdrawn for k in all_keys):
                 await self._maybe_look(domain)
                 _, ready = self._domain_keys(domain)
             signers.extend(ready)
         if not signers:
             return
-        head = _head(whole)
-        mended = _OBSOLETE_NAME_END.sub(rb"\1:", head)
-        if mended != head:  # RFC 6409 §8: a submission server may mend what it passes on
-            whole = mended + whole[len(head) :]
+        if b" :" in head or b"\t:" in head:  # RFC 6409 §8: we may mend what we pass on
+            whole = dkim_canon.without_space_before_colons(head) + whole[len(head) :]
             message.replace(whole)
         now = int(self.clock())
         header = await self._dkim_job(
@@ -571,12 +592,10 @@ def _spf_timed_out(sender: str, helo: str) -> spf.SpfResult:
     return spf.SpfResult("temperror", domain, identity, problem="DNS time-out")
 
 
-# White space between a field name and its colon (RFC 5322 §4.5.3 obs-optional, which "MUST
-# NOT be generated"): dkimpy and OpenDKIM then see no From field, and fail every signature.
-_OBSOLETE_NAME_END = re.compile(rb"^([!-9;-~]+)[ \t]+:", re.MULTILINE)
-
-
 def _head(message: bytes) -> bytes:
+    """The header section (CRLF), without the empty line that ends it."""
+    if message.startswith(b"\r\n"):
+        return b""
     end = message.find(b"\r\n\r\n")
     return message if end < 0 else message[: end + 2]
 
