@@ -178,6 +178,35 @@ def is_plain_address(text: str, *, local_optional: bool = False) -> bool:
     return len(labels) > 1 and all(_LABEL.fullmatch(label) for label in labels)
 
 
+# A local part a mailto: URI holds as it is (RFC 6068 §2 unreserved, and "+"), without the
+# "!" and "," that DMARC gives a meaning in its URIs (RFC 7489 §6.2).
+_URI_LOCAL = re.compile(r"[A-Za-z0-9._~+-]+")
+_RUA_SIZE = re.compile(r"[0-9]+[kmgt]?")  # RFC 7489 §6.4 dmarc-uri size
+
+
+def dmarc_rua_uris(value: str) -> tuple[str, ...] | None:
+    """The ``rua=`` URIs of a DMARC record for ``value`` (``[auth] dmarc_rua``): addresses
+    separated by commas, each with or without ``mailto:`` and with an optional size limit
+    (``!10m``, RFC 7489 §6.4), the domain in A-labels. None if one is not such an address."""
+    uris = []
+    for part in value.split(","):
+        part = part.strip()
+        if part[:7].lower() == "mailto:":
+            part = part[7:]
+        address, bang, size = part.partition("!")
+        local, at, domain = address.rpartition("@")
+        if not at or not _URI_LOCAL.fullmatch(local) or (bang and not _RUA_SIZE.fullmatch(size)):
+            return None
+        try:
+            domain = normalise_domain(domain)
+        except ValueError:
+            return None
+        if not is_plain_address(f"{local}@{domain}"):
+            return None
+        uris.append(f"mailto:{local}@{domain}{bang}{size}")
+    return tuple(uris)
+
+
 def safe_local_part(local: str) -> str:
     """The lower-cased local part if it may name a directory; AddressError otherwise."""
     lowered = local_key(local)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from postroom.address import is_plain_address
+from postroom.address import dmarc_rua_uris
 from postroom.errors import ConfigError
 
 Endpoint = tuple[str, int]
@@ -459,11 +459,11 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
             raise ConfigError(f"{source}: delivery.{key}: {value!r}: {exc}") from None
     if cfg.auth.dmarc_policy not in ("none", "quarantine", "reject"):
         raise ConfigError(f"{source}: auth.dmarc_policy: one of none, quarantine, reject")
-    rua = cfg.auth.dmarc_rua
-    if rua and not is_plain_address(rua[7:] if rua[:7].lower() == "mailto:" else rua):
-        # One ASCII address: it goes into a DMARC record as a mailto: URI (RFC 7489 §6.4),
-        # where a comma would start another URI and a quote or space must be %-encoded.
-        raise ConfigError(f"{source}: auth.dmarc_rua: expected one address (local@domain)")
+    if cfg.auth.dmarc_rua and dmarc_rua_uris(cfg.auth.dmarc_rua) is None:
+        raise ConfigError(
+            f"{source}: auth.dmarc_rua: expected addresses (local@domain, comma-separated,"
+            " each with an optional !size such as !10m)"
+        )
     if cfg.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"{source}: log_level: one of debug, info, warning, error")
     if cfg.log_format not in ("text", "json"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from postroom import config
+from postroom import address, config
 from postroom.errors import ConfigError
 
 
@@ -86,13 +86,22 @@ def test_a_v4_mapped_listen_address_is_a_config_error() -> None:
 
 @pytest.mark.parametrize(
     "rua",
-    ["r@x.test, s@y.test", 'a"b@x.test', "x" + "é" * 130 + "@x.test", "nobody"],
-    ids=["two addresses", "a quote", "non-ASCII", "no at sign"],
+    ['a"b@x.test', "x" + "é" * 130 + "@x.test", "nobody", "a!b@x.test", "a?b@x.test", "a@x!9q"],
+    ids=["a quote", "non-ASCII", "no at sign", "a bang", "a question mark", "a bad size"],
 )
-def test_a_dmarc_rua_that_is_not_one_ascii_address_is_a_config_error(rua: str) -> None:
-    """Each went into the printed DMARC record as it was: a second address without mailto:,
-    an unencoded quote, a TXT string cut inside a UTF-8 character."""
+def test_a_dmarc_rua_a_mailto_uri_cannot_hold_is_a_config_error(rua: str) -> None:
+    """Each went into the printed DMARC record as it was: an unencoded quote, a TXT string
+    cut inside a UTF-8 character, a "!" or "?" that receivers read as a size or a query."""
     with pytest.raises(ConfigError, match=r"auth\.dmarc_rua"):
         config.from_dict({"domains": ["a.test"], "auth": {"dmarc_rua": rua}})
-    for good in ("dmarc@x.test", "mailto:Reports.DMARC@x.test"):
-        assert config.from_dict({"domains": ["a.test"], "auth": {"dmarc_rua": good}})
+
+
+def test_dmarc_rua_takes_several_addresses_sizes_and_idn_domains() -> None:
+    # RFC 7489 §6.4: a comma-separated list of URIs, each with an optional size limit.
+    given = "dmarc@a.test, mailto:Agg+x@Vendor.test!10m,r@bücher.test"
+    assert config.from_dict({"domains": ["a.test"], "auth": {"dmarc_rua": given}})
+    assert address.dmarc_rua_uris(given) == (
+        "mailto:dmarc@a.test",
+        "mailto:Agg+x@vendor.test!10m",
+        "mailto:r@xn--bcher-kva.test",
+    )

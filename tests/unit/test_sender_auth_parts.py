@@ -343,7 +343,7 @@ def test_dns_check_judges_records_as_a_receiver_would(tmp_path: Path) -> None:
     """A key record a verifier refuses (s=, h=, v=) is no published key, and two SPF or DMARC
     records spoil each other (RFC 7208 §4.5, RFC 7489 §6.6.3)."""
     key = keys.generate("ed25519", "ed1", 0)
-    wanted = records.wanted("a.test", "mx.a.test", [key], "reject", "dmarc@a.test")
+    wanted = records.wanted("a.test", "mx.a.test", [key], "reject", ["mailto:dmarc@a.test"])
     good = {(r.name.rstrip("."), r.type): [r.value] for r in wanted}
     good[("a.test", "MX")] = ["mx.a.test"]
 

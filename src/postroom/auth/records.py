@@ -14,6 +14,7 @@ class ``IN``, TXT values as quoted strings of at most 255 octets (RFC 1035 §3.3
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import dkim
@@ -38,14 +39,15 @@ class DnsRecord:
         return asdict(self)
 
 
-def dmarc_value(policy: str, rua: str) -> str:
-    return f"v=DMARC1; p={policy}; rua=mailto:{rua}"
+def dmarc_value(policy: str, rua: Sequence[str]) -> str:
+    return f"v=DMARC1; p={policy}; rua={','.join(rua)}"
 
 
 def wanted(
-    domain: str, hostname: str, keys: list[DkimKey], policy: str, rua: str
+    domain: str, hostname: str, keys: list[DkimKey], policy: str, rua: Sequence[str]
 ) -> list[DnsRecord]:
-    """The records to publish for ``domain`` (``keys``: the listed ones)."""
+    """The records to publish for ``domain`` (``keys``: the listed ones; ``rua``: the
+    report URIs, ``mailto:...``)."""
     origin = f"{domain}."
     out = [
         DnsRecord(origin, "MX", TTL, f"{MX_PREFERENCE} {hostname.rstrip('.')}."),

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar, cast
 
 from postroom import events
+from postroom.address import dmarc_rua_uris
 from postroom.auth import (
     dkim_canon,
     dkim_sign,
@@ -499,10 +500,9 @@ class SenderAuth:
         """What ``postroom dns DOMAIN`` prints (keys made first if need be)."""
         self.ring.ensure(domain, self.clock())
         listed = keys.listed_keys(self.store.load(domain), self.clock())
-        rua = self.cfg.auth.dmarc_rua or f"postmaster@{domain}"
-        if rua[:7].lower() == "mailto:":  # given as the record writes it (RFC 7489 §6.4)
-            rua = rua[7:]
-        return records.wanted(domain, self.cfg.hostname, listed, self.cfg.auth.dmarc_policy, rua)
+        rua = dmarc_rua_uris(self.cfg.auth.dmarc_rua or f"postmaster@{domain}")
+        uris = rua or (f"mailto:postmaster@{domain}",)  # (the config check refused others)
+        return records.wanted(domain, self.cfg.hostname, listed, self.cfg.auth.dmarc_policy, uris)
 
     # -- periodic work -------------------------------------------------------------------------
 
