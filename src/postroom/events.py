@@ -263,10 +263,11 @@ def _text_tls_failed(f: Fields) -> str:
 
 
 def tls_broken(service: str, client: str, error: str) -> None:
-    """A TLS session broke after its handshake (a bad record, a renegotiation refused): the
-    same ``tls_failed`` event, with ``after_handshake``; not a failed handshake to count."""
-    fields = {"service": service, "client": client, "error": error, "after_handshake": True}
-    logs.emit(INFO, "tls_failed", _smtpd(service), fields, _text_tls_broken)
+    """A TLS session broke after its handshake (a bad record, a renegotiation refused): not
+    a failed handshake (``tls_failed``), which scripts may count or act upon."""
+    if logs.enabled(INFO):
+        fields = {"service": service, "client": client, "error": error}
+        logs.emit(INFO, "tls_broken", _smtpd(service), fields, _text_tls_broken)
 
 
 def _text_tls_broken(f: Fields) -> str:
@@ -432,8 +433,9 @@ def pop3_login(service: str, client: str, user: str, messages: int) -> None:
 
 def pop3_in_use(service: str, client: str, user: str) -> None:
     """A right login refused because another session holds the maildrop (``[IN-USE]``)."""
-    fields = {"service": service, "client": client, "user": user}
-    logs.emit(INFO, "pop3_in_use", _smtpd(service), fields, _text_pop3_in_use)
+    if logs.enabled(INFO):
+        fields = {"service": service, "client": client, "user": user}
+        logs.emit(INFO, "pop3_in_use", _smtpd(service), fields, _text_pop3_in_use)
 
 
 def _text_pop3_in_use(f: Fields) -> str:

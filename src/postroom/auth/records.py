@@ -127,8 +127,16 @@ def _dmarc_meaning(text: str) -> DmarcRecord | None:
 
 def _spf_terms(text: str) -> list[str]:
     """An SPF record's terms as evaluation reads them: names in any case, ``+`` the default
-    qualifier (RFC 7208 §4.6.1-4.6.2)."""
-    return [t[1:] if t.startswith("+") else t for t in text.lower().split()]
+    qualifier of a mechanism (RFC 7208 §4.6.1-4.6.2). A term with a macro is taken as it is
+    (``%{L}`` is not ``%{l}``, §7.3), and so is a modifier (``+redirect=`` is no modifier)."""
+    terms = []
+    for term in text.split():
+        if "%" not in term:
+            term = term.lower()
+        if term.startswith("+") and "=" not in term:
+            term = term[1:]
+        terms.append(term)
+    return terms
 
 
 async def check(cache: DnsCache, records: list[DnsRecord]) -> list[Finding]:
