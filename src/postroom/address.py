@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
+import urllib.parse
 from dataclasses import dataclass
 
 import idna
@@ -178,32 +179,30 @@ def is_plain_address(text: str, *, local_optional: bool = False) -> bool:
     return len(labels) > 1 and all(_LABEL.fullmatch(label) for label in labels)
 
 
-# A local part a mailto: URI holds as it is (RFC 6068 §2 unreserved, and "+"), without the
-# "!" and "," that DMARC gives a meaning in its URIs (RFC 7489 §6.2).
-_URI_LOCAL = re.compile(r"[A-Za-z0-9._~+-]+")
-_RUA_SIZE = re.compile(r"[0-9]+[kmgt]?")  # RFC 7489 §6.4 dmarc-uri size
+_RUA_SIZE = re.compile(r"[0-9]+[kmgtKMGT]?")  # RFC 7489 §6.4 dmarc-uri size (ABNF: any case)
 
 
-def dmarc_rua_uris(value: str) -> tuple[str, ...] | None:
+def dmarc_rua_uris(value: str) -> tuple[str, ...]:
     """The ``rua=`` URIs of a DMARC record for ``value`` (``[auth] dmarc_rua``): addresses
     separated by commas, each with or without ``mailto:`` and with an optional size limit
-    (``!10m``, RFC 7489 §6.4), the domain in A-labels. None if one is not such an address."""
+    (``!10m``, RFC 7489 §6.4), the domain in A-labels, in the local part %-encoded what a
+    mailto: URI may not hold as it is (RFC 6068 §2) and DMARC's "!" and "," (RFC 7489 §6.2).
+    ValueError naming the part that is no such address."""
     uris = []
     for part in value.split(","):
         part = part.strip()
         if part[:7].lower() == "mailto:":
             part = part[7:]
-        address, bang, size = part.partition("!")
-        local, at, domain = address.rpartition("@")
-        if not at or not _URI_LOCAL.fullmatch(local) or (bang and not _RUA_SIZE.fullmatch(size)):
-            return None
+        local, _at, rest = part.rpartition("@")
+        domain, bang, size = rest.partition("!")
         try:
             domain = normalise_domain(domain)
         except ValueError:
-            return None
-        if not is_plain_address(f"{local}@{domain}"):
-            return None
-        uris.append(f"mailto:{local}@{domain}{bang}{size}")
+            domain = ""
+        if not is_plain_address(f"{local}@{domain}") or (bang and not _RUA_SIZE.fullmatch(size)):
+            raise ValueError(f"{part!r} is no address (local@domain, an optional !size)")
+        quoted = urllib.parse.quote(local, safe="$'()*+;:-._~")
+        uris.append(f"mailto:{quoted}@{domain}{bang}{size.lower()}")
     return tuple(uris)
 
 

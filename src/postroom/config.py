@@ -459,11 +459,11 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
             raise ConfigError(f"{source}: delivery.{key}: {value!r}: {exc}") from None
     if cfg.auth.dmarc_policy not in ("none", "quarantine", "reject"):
         raise ConfigError(f"{source}: auth.dmarc_policy: one of none, quarantine, reject")
-    if cfg.auth.dmarc_rua and dmarc_rua_uris(cfg.auth.dmarc_rua) is None:
-        raise ConfigError(
-            f"{source}: auth.dmarc_rua: expected addresses (local@domain, comma-separated,"
-            " each with an optional !size such as !10m)"
-        )
+    if cfg.auth.dmarc_rua:
+        try:
+            dmarc_rua_uris(cfg.auth.dmarc_rua)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: auth.dmarc_rua: {exc}") from None
     if cfg.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"{source}: log_level: one of debug, info, warning, error")
     if cfg.log_format not in ("text", "json"):

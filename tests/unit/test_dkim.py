@@ -522,44 +522,77 @@ def test_a_flood_of_signature_fields_is_read_and_checked_only_up_to_the_limits(
 def test_a_signing_key_whose_record_left_dns_stops_signing_until_it_is_back(
     tmp_path: Path,
 ) -> None:
-    # Once seen, a key went on signing after its record was removed (or replaced): every
-    # receiver then failed its signatures. A failed lookup withdraws nothing.
+    # Once seen, a key went on signing after its record was removed (or revoked): every
+    # receiver then failed its signatures. Only DNS lacking it at every look for MISSING_FOR
+    # withdraws it (a zone change reaches each server of the zone in its time); a failed
+    # lookup changes nothing; a revoked key retires at once.
     store = keys.LocalKeyStore(tmp_path)
     ring = keys.KeyRing(store, retire_after=100)
     ed, rsa_key = ring.ensure("a.test", 0)
+    ed_name, rsa_name = (f"{k.selector}._domainkey.a.test" for k in (ed, rsa_key))
     dns = LoopbackDNS()
     try:
-        for key in (ed, rsa_key):
-            dns.txt(f"{key.selector}._domainkey.a.test", key.record())
+        dns.txt(ed_name, ed.record())
+        dns.txt(rsa_name, rsa_key.record())
         cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", dns.port),), timeout=Duration(1)))
-        auth = SenderAuth(Config(hostname="mx.a.test", domains=("a.test",)), cache, store)
+        now = [1000.0]
+        cfg = Config(hostname="mx.a.test", domains=("a.test",))
+        auth = SenderAuth(cfg, cache, store, clock=lambda: now[0])
 
         def signing() -> set[str]:
             return {k.selector for k in keys.signing_keys(store.load("a.test"))}
 
+        def recheck_at(when: float) -> set[str]:
+            now[0] = when
+            asyncio.run(auth.recheck_active("a.test"))
+            return signing()
+
         asyncio.run(auth.look_for_pending("a.test"))
-        assert signing() == {ed.selector, rsa_key.selector}
-        dns.timeout(f"{ed.selector}._domainkey.a.test")  # no answer: nothing is known
-        asyncio.run(auth.recheck_active("a.test"))
-        assert signing() == {ed.selector, rsa_key.selector}
+        both = {ed.selector, rsa_key.selector}
+        assert signing() == both
+        dns.timeout(ed_name)  # no answer: nothing is known
+        assert recheck_at(1000) == both
         dns.dead.clear()
-        dns.remove(f"{ed.selector}._domainkey.a.test")
-        dns.remove(f"{rsa_key.selector}._domainkey.a.test")
-        dns.txt(f"{rsa_key.selector}._domainkey.a.test", "v=DKIM1; k=rsa; p=")  # revoked
-        asyncio.run(auth.recheck_active("a.test"))  # once may be a server not yet up to date
-        assert signing() == {ed.selector, rsa_key.selector}
-        asyncio.run(auth.recheck_active("a.test"))
-        assert signing() == set()
-        assert [k.withdrawn for k in store.load("a.test")] == [True, True]
-        dns.remove(f"{rsa_key.selector}._domainkey.a.test")
-        dns.txt(f"{ed.selector}._domainkey.a.test", ed.record())
+        dns.remove(ed_name)
+        assert recheck_at(1100) == both  # the first look without it
+        dns.txt(ed_name, ed.record())
+        assert recheck_at(1200) == both  # back: the count starts again
+        dns.remove(ed_name)
+        assert recheck_at(1300) == both
+        assert recheck_at(1500) == both
+        assert recheck_at(1600) == {rsa_key.selector}  # lacking since 1300: withdrawn
+        assert [k.withdrawn for k in store.load("a.test")] == [True, False]
+        dns.remove(rsa_name)
+        dns.txt(rsa_name, "v=DKIM1; k=rsa; p=")  # revoked: retired at once, listed no more
+        assert recheck_at(1700) == set()
+        old_rsa = next(k for k in store.load("a.test") if k.selector == rsa_key.selector)
+        assert old_rsa.state == "retiring" and old_rsa not in keys.listed_keys([old_rsa], 1700)
+
+        # A withdrawn key is looked for by the periodic look only, not by each message.
+        queries = cache.queries
+        message = _Submitted(b"From: alice@a.test\r\nSubject: x\r\n\r\nhi\r\n")
+        for _ in range(3):
+            now[0] += 10  # more than RECHECK apart
+            asyncio.run(
+                auth.end_of_data(
+                    message,
+                    port="submission",
+                    auth_user="alice@a.test",
+                    client_ip="",
+                    helo="",
+                    sender="",
+                )
+            )
+        assert cache.queries == queries and b"DKIM-Signature" not in message.data
+        dns.txt(ed_name, ed.record())
         asyncio.run(auth.look_for_pending("a.test"))
         assert signing() == {ed.selector}
         # A withdrawn key signed lately: a rotation retires it (listed a while), not drops it.
+        ring.withdraw("a.test", ed.selector)
         rotated = ring.rotate("a.test", 50)
-        old_rsa = next(k for k in rotated if k.selector == rsa_key.selector)
-        assert old_rsa.state == "retiring" and old_rsa.retire_at == 150
-        assert old_rsa in keys.listed_keys(rotated, 149)
+        old_ed = next(k for k in rotated if k.selector == ed.selector)
+        assert old_ed.state == "retiring" and old_ed.retire_at == 150
+        assert old_ed in keys.listed_keys(rotated, 149)
     finally:
         dns.stop()
 

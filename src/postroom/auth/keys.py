@@ -309,7 +309,8 @@ class KeyRing:
 
     def confirm(self, domain: str, selector: str, now: float) -> list[DkimKey]:
         """DNS shows ``selector``: it signs from now on, and older keys of its algorithm retire
-        (listed until ``retire_after`` from now, when they signed for the last time)."""
+        (listed until ``retire_after`` from now: the active one signed for the last time now, a
+        withdrawn one earlier)."""
         keys = self.store.load(domain)
         new = next((k for k in keys if k.selector == selector), None)
         if new is None or new.state != "pending":
@@ -336,6 +337,18 @@ class KeyRing:
         keys = self.store.load(domain)
         out = [
             replace(k, state="pending") if k.selector == selector and k.state == "active" else k
+            for k in keys
+        ]
+        if out != keys:
+            self.store.save(domain, out)
+        return out
+
+    def revoke(self, domain: str, selector: str, now: float) -> list[DkimKey]:
+        """DNS shows ``selector`` revoked: it never signs again and is no longer listed (its
+        files go at the next :meth:`expire`)."""
+        keys = self.store.load(domain)
+        out = [
+            replace(k, state="retiring", retire_at=now) if k.selector == selector else k
             for k in keys
         ]
         if out != keys:

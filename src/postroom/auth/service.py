@@ -56,6 +56,9 @@ log = logging.getLogger("postroom")
 DMARC_REJECT = Reply(550, "5.7.1", ("Rejected by the DMARC policy of the From domain",))
 QUARANTINE_HEADER = b"X-Spam-Flag: YES\r\n"
 RECHECK = 2.0  # seconds between on-demand looks for a pending key in DNS
+# Seconds DNS must lack a signing key's record, at every look, before it stops signing: a
+# zone change takes minutes to reach every server of the zone.
+MISSING_FOR = 300.0
 INLINE_JOB = 256 << 10  # without the helper, larger messages are signed/verified in a thread
 T = TypeVar("T")
 
@@ -73,6 +76,11 @@ def publishes(record: bytes, key: keys.DkimKey) -> bool:
     """Does the TXT ``record`` let a verifier check ``key``'s signatures (see
     :func:`records.same_key`)?"""
     return records.same_key(record, key.record().encode())
+
+
+def revokes(record: bytes) -> bool:
+    """Is the TXT ``record`` a revoked key: an empty ``p=`` (RFC 6376 §3.6.1)?"""
+    return dkim_verify.tags(record).get(b"p") == b""
 
 
 class Message(Protocol):
@@ -121,7 +129,8 @@ class SenderAuth:
         self._keys: dict[str, tuple[object, list[keys.DkimKey], list[dkim_sign.SigningKey]]] = {}
         self._last_look: dict[str, float] = {}
         self._looking: dict[str, asyncio.Task[None]] = {}
-        self._missed: set[tuple[str, str]] = set()  # signing keys DNS lacked at the last look
+        # (domain, selector) of signing keys -> the first look that found no record of theirs
+        self._missing: dict[tuple[str, str], float] = {}
 
     @property
     def ring(self) -> keys.KeyRing:
@@ -170,26 +179,48 @@ class SenderAuth:
         self.ring.expire(domain, self.clock())
 
     async def recheck_active(self, domain: str) -> None:
-        """Withdraw each signing key whose record DNS no longer shows, at two looks in a row
-        (an answer that lacks it, not a failed lookup; one such answer may come from a server
-        that has not loaded the zone's last version yet). It signs again once DNS shows it.
-        The records a receiver verifies with are those of now, not those seen once."""
-        for key in self.store.load(domain):
-            if key.state != "active":
-                continue
+        """Withdraw each signing key whose record DNS has lacked at every look for
+        ``MISSING_FOR`` (an answer without it, not a failed lookup: a server that has not
+        loaded the zone's last version yet lacks it too, for a while). It signs again once
+        DNS shows it. A key DNS shows revoked (an empty ``p=``, RFC 6376 §3.6.1) retires at
+        once. The records a receiver verifies with are those of now, not those seen once."""
+        now = self.clock()
+        active = [k for k in self.store.load(domain) if k.state == "active"]
+        selectors = {k.selector for k in active}
+        self._missing = {
+            (d, sel): t for (d, sel), t in self._missing.items() if d != domain or sel in selectors
+        }
+        for key in active:
             name = f"{key.selector}._domainkey.{domain}"
             answer = await self.cache.query(name, "TXT", fresh=True)
             if answer.temporary:
                 continue
-            if any(publishes(record, key) for record in answer.txt()):
-                self._missed.discard((domain, key.selector))
+            found = answer.txt()
+            if any(publishes(record, key) for record in found):
+                self._missing.pop((domain, key.selector), None)
+                continue
+            if any(revokes(record) for record in found):
+                log.warning(
+                    "DKIM key %s of %s is revoked in DNS: it signs no more;"
+                    " run `postroom dkim rotate %s` for new keys",
+                    key.selector,
+                    domain,
+                    domain,
+                )
+                self.ring.revoke(domain, key.selector, self.clock())
                 continue
             why = answer.status if answer.void else "another record"
-            if (domain, key.selector) not in self._missed:
-                self._missed.add((domain, key.selector))
-                log.info("DKIM key %s of %s not found in DNS (%s)", key.selector, domain, why)
+            first = self._missing.setdefault((domain, key.selector), now)
+            if now - first < max(MISSING_FOR, self.cfg.auth.dkim_check_interval):
+                log.info(
+                    "DKIM key %s of %s not found in DNS (%s): it stops signing if DNS still"
+                    " lacks it %.0f s after the first look that did",
+                    key.selector,
+                    domain,
+                    why,
+                    max(MISSING_FOR, self.cfg.auth.dkim_check_interval),
+                )
                 continue
-            self._missed.discard((domain, key.selector))
             log.warning(
                 "DKIM key %s of %s is no longer in DNS (%s): it signs no more until DNS shows"
                 " it again",
@@ -198,6 +229,7 @@ class SenderAuth:
                 why,
             )
             self.ring.withdraw(domain, key.selector)
+            del self._missing[(domain, key.selector)]
 
     async def _maybe_look(self, domain: str) -> None:
         """While a key waits for DNS, look again at most every RECHECK seconds, shared."""
@@ -500,8 +532,7 @@ class SenderAuth:
         """What ``postroom dns DOMAIN`` prints (keys made first if need be)."""
         self.ring.ensure(domain, self.clock())
         listed = keys.listed_keys(self.store.load(domain), self.clock())
-        rua = dmarc_rua_uris(self.cfg.auth.dmarc_rua or f"postmaster@{domain}")
-        uris = rua or (f"mailto:postmaster@{domain}",)  # (the config check refused others)
+        uris = dmarc_rua_uris(self.cfg.auth.dmarc_rua or f"postmaster@{domain}")
         return records.wanted(domain, self.cfg.hostname, listed, self.cfg.auth.dmarc_policy, uris)
 
     # -- periodic work -------------------------------------------------------------------------

@@ -6,8 +6,9 @@ a log). The key ring calls :meth:`PgKeyStore.load`, :meth:`~PgKeyStore.version` 
 :meth:`~PgKeyStore.save` synchronously, at every signature for the first two: on a node they
 are answered from an in-memory copy that the worker's watcher keeps fresh (a trigger NOTIFYs
 ``postroom_dkim`` with the domain), and a save, which is rare (first start, a key seen in DNS,
-a key retired, ``dkim rotate``), is one transaction through a :class:`~db.Door` (the event loop
-waits for that round trip). The CLI has no copy: it reads the table each time.
+a key withdrawn or retired, ``dkim rotate``), is one transaction through a
+:class:`~db.Door` (the event loop waits for that round trip). The CLI has no copy: it reads
+the table each time.
 
 Two nodes could change a domain's keys at once (both start for the first time, both see a new
 key in DNS): a save compares the rows with those its caller loaded, under a per-domain advisory
