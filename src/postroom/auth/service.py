@@ -163,19 +163,21 @@ class SenderAuth:
         return cached[1], cached[2]
 
     async def look_for_pending(self, domain: str) -> None:
-        """Confirm each pending key whose exact record DNS now shows; expire retired ones."""
+        """Confirm each pending key whose exact record DNS now shows, the newest first (an
+        older one it retires is not confirmed after it); expire retired ones."""
         now = self.clock()
         self._last_look[domain] = now
-        for key in self.store.load(domain):
-            if key.state != "pending":
-                continue
+        pending = [k for k in self.store.load(domain) if k.state == "pending"]
+        for key in sorted(pending, key=lambda k: k.created, reverse=True):
             name = f"{key.selector}._domainkey.{domain}"
             answer = await self.cache.query(name, "TXT", fresh=True)
-            if any(publishes(record, key) for record in answer.txt()):
+            if not any(publishes(record, key) for record in answer.txt()):
+                continue
+            after = self.ring.confirm(domain, key.selector, self.clock())
+            if any(k.selector == key.selector and k.state == "active" for k in after):
                 log.info(
                     "DKIM key %s of %s seen in DNS: it signs from now on", key.selector, domain
                 )
-                self.ring.confirm(domain, key.selector, self.clock())
         self.ring.expire(domain, self.clock())
 
     async def recheck_active(self, domain: str) -> None:
