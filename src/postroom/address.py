@@ -199,9 +199,10 @@ def dmarc_rua_uris(value: str) -> tuple[str, ...]:
             domain = normalise_domain(domain)
         except ValueError:
             domain = ""
-        if not is_plain_address(f"{local}@{domain}") or (bang and not _RUA_SIZE.fullmatch(size)):
+        printable = local.isprintable() and not any(c in local for c in ' "\\')
+        if not (local and printable and domain) or (bang and not _RUA_SIZE.fullmatch(size)):
             raise ValueError(f"{part!r} is no address (local@domain, an optional !size)")
-        quoted = urllib.parse.quote(local, safe="$'()*+;:-._~")
+        quoted = urllib.parse.quote(local, safe="$'()*+;:-._~")  # (UTF-8 too: RFC 6068 §2)
         uris.append(f"mailto:{quoted}@{domain}{bang}{size.lower()}")
     return tuple(uris)
 
