@@ -340,6 +340,35 @@ def test_a_temporary_failure_defers_with_the_first_attempt_recorded_at_acceptanc
     assert env.attempts == 2 and env.next_attempt == clock.now + 3600
 
 
+def test_the_wait_before_a_retry_runs_from_the_end_of_the_attempt(tmp_path: Path) -> None:
+    # RFC 5321 §4.5.4.1: the retry waits "after one attempt has failed". The wait was counted
+    # from the attempt's start: a host that held each attempt longer than the wait (a tarpit
+    # answering 421 after 6 s, against a 4 s wait; the 5-minute greeting time-out against the
+    # first 5-minute wait) was dialled again the moment it failed.
+    runner, _queue, _boxes, clock = make(tmp_path, {})
+    dials: list[float] = []
+    busy = Reply(421, "4.3.2", ("busy",))
+
+    class Tarpit(FakeRemote):
+        async def deliver(self, domain: str, outgoing: Any, *args: Any, **kw: Any) -> list[Any]:
+            dials.append(clock.now)
+            clock.now += 400  # longer than the first wait (5m)
+            return [DeliveryResult(r, Outcome.TEMPORARY, busy, "mx") for r in outgoing.recipients]
+
+    use_remote(runner, Tarpit())
+    env = envelope("Q1", "bob@slow.test")
+    asyncio.run(accept(runner, env))
+    assert dials == [NOW] and env.next_attempt == NOW + 400 + 300
+
+    async def retry() -> None:
+        clock.now = env.next_attempt
+        runner._start(env)
+        await settle(runner)
+
+    asyncio.run(retry())
+    assert dials == [NOW, NOW + 700] and env.next_attempt == NOW + 1100 + 3600
+
+
 def test_a_permanent_failure_bounces_to_the_sender_through_the_same_hand_off(
     tmp_path: Path,
 ) -> None:

@@ -249,6 +249,20 @@ class QueueRunner:
             deadline=envelope.created + self.cfg.delivery.max_queue_time,
         )
 
+    def _wait_from_the_end(self, envelope: Envelope) -> None:
+        """RFC 5321 §4.5.4.1: the retry waits "after one attempt has failed". The count and
+        the next time are stored before dialling (a crash then retries no sooner), from the
+        attempt's start; an attempt longer than the wait (a tarpit's 5 minutes) was due again
+        the moment it failed. The wait now runs from its end."""
+        later = schedule.next_attempt(
+            self._clock(),
+            envelope.attempts,
+            self.cfg.delivery.retry_intervals,
+            jitter=self._jitter(),
+            deadline=envelope.created + self.cfg.delivery.max_queue_time,
+        )
+        envelope.next_attempt = max(envelope.next_attempt, later)
+
     # -- the schedule (the owner) ----------------------------------------------------------
 
     async def run(self) -> None:
@@ -480,6 +494,7 @@ class QueueRunner:
             await self._deliver_domains(
                 envelope, first, now, remote, wire, results, attempts, withheld
             )
+            self._wait_from_the_end(envelope)
 
         if envelope.id in self._deleted:
             await self.queue.finish(envelope, attempts)  # released; no bounce, no retry
