@@ -241,8 +241,12 @@ class QueueRunner:
     def _count_attempt(self, envelope: Envelope, now: float, jitter: float = 0.0) -> None:
         envelope.attempts += 1
         envelope.last_attempt = now
-        envelope.next_attempt = schedule.next_attempt(
-            now,
+        envelope.next_attempt = self._retry_time(envelope, now, jitter)
+
+    def _retry_time(self, envelope: Envelope, after: float, jitter: float) -> float:
+        """When the next attempt is due, its attempts so far ending at ``after``."""
+        return schedule.next_attempt(
+            after,
             envelope.attempts,
             self.cfg.delivery.retry_intervals,
             jitter=jitter,
@@ -254,13 +258,7 @@ class QueueRunner:
         the next time are stored before dialling (a crash then retries no sooner), from the
         attempt's start; an attempt longer than the wait (a tarpit's 5 minutes) was due again
         the moment it failed. The wait now runs from its end."""
-        later = schedule.next_attempt(
-            self._clock(),
-            envelope.attempts,
-            self.cfg.delivery.retry_intervals,
-            jitter=self._jitter(),
-            deadline=envelope.created + self.cfg.delivery.max_queue_time,
-        )
+        later = self._retry_time(envelope, self._clock(), self._jitter())
         envelope.next_attempt = max(envelope.next_attempt, later)
 
     # -- the schedule (the owner) ----------------------------------------------------------
@@ -494,7 +492,8 @@ class QueueRunner:
             await self._deliver_domains(
                 envelope, first, now, remote, wire, results, attempts, withheld
             )
-            self._wait_from_the_end(envelope)
+            if not envelope.done:  # (a delivered message has no next attempt to move)
+                self._wait_from_the_end(envelope)
 
         if envelope.id in self._deleted:
             await self.queue.finish(envelope, attempts)  # released; no bounce, no retry
