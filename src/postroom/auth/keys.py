@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -334,21 +334,19 @@ class KeyRing:
     def withdraw(self, domain: str, selector: str) -> list[DkimKey]:
         """DNS no longer shows ``selector``, a signing key: it waits as a pending key does
         (and signs again when :meth:`confirm` sees it)."""
-        keys = self.store.load(domain)
-        out = [
-            replace(k, state="pending") if k.selector == selector and k.state == "active" else k
-            for k in keys
-        ]
-        if out != keys:
-            self.store.save(domain, out)
-        return out
+        return self._change(domain, selector, state="pending")
 
     def revoke(self, domain: str, selector: str, now: float) -> list[DkimKey]:
         """DNS shows ``selector`` revoked: it never signs again and is no longer listed (its
         files go at the next :meth:`expire`)."""
+        return self._change(domain, selector, state="retiring", retire_at=now)
+
+    def _change(self, domain: str, selector: str, **fields: Any) -> list[DkimKey]:
+        """The signing key ``selector`` with ``fields`` changed, saved (nothing if it is not
+        signing: another process moved it meanwhile)."""
         keys = self.store.load(domain)
         out = [
-            replace(k, state="retiring", retire_at=now) if k.selector == selector else k
+            replace(k, **fields) if k.selector == selector and k.state == "active" else k
             for k in keys
         ]
         if out != keys:

@@ -169,8 +169,7 @@ class SenderAuth:
         self._last_look[domain] = now
         pending = [k for k in self.store.load(domain) if k.state == "pending"]
         for key in sorted(pending, key=lambda k: k.created, reverse=True):
-            name = f"{key.selector}._domainkey.{domain}"
-            answer = await self.cache.query(name, "TXT", fresh=True)
+            answer = await self._record_of(domain, key)
             if not any(publishes(record, key) for record in answer.txt()):
                 continue
             after = self.ring.confirm(domain, key.selector, self.clock())
@@ -192,9 +191,9 @@ class SenderAuth:
         self._missing = {
             (d, sel): t for (d, sel), t in self._missing.items() if d != domain or sel in selectors
         }
+        window = max(MISSING_FOR, self.cfg.auth.dkim_check_interval)
         for key in active:
-            name = f"{key.selector}._domainkey.{domain}"
-            answer = await self.cache.query(name, "TXT", fresh=True)
+            answer = await self._record_of(domain, key)
             if answer.temporary:
                 continue
             found = answer.txt()
@@ -213,14 +212,14 @@ class SenderAuth:
                 continue
             why = answer.status if answer.void else "another record"
             first = self._missing.setdefault((domain, key.selector), now)
-            if now - first < max(MISSING_FOR, self.cfg.auth.dkim_check_interval):
+            if now - first < window:
                 log.info(
                     "DKIM key %s of %s not found in DNS (%s): it stops signing if DNS still"
                     " lacks it %.0f s after the first look that did",
                     key.selector,
                     domain,
                     why,
-                    max(MISSING_FOR, self.cfg.auth.dkim_check_interval),
+                    window,
                 )
                 continue
             log.warning(
@@ -232,6 +231,10 @@ class SenderAuth:
             )
             self.ring.withdraw(domain, key.selector)
             del self._missing[(domain, key.selector)]
+
+    async def _record_of(self, domain: str, key: keys.DkimKey) -> Answer:
+        """What DNS answers now (not from the cache) at ``key``'s selector."""
+        return await self.cache.query(f"{key.selector}._domainkey.{domain}", "TXT", fresh=True)
 
     async def _maybe_look(self, domain: str) -> None:
         """While a key waits for DNS, look again at most every RECHECK seconds, shared."""
