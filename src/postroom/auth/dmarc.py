@@ -71,18 +71,26 @@ def is_record(text: str) -> bool:
     return bool(sep) and name.strip(" \t").lower() == "v" and value.strip(" \t") == "DMARC1"
 
 
+def record_tags(text: str) -> dict[str, str] | None:
+    """The tags of a DMARC record (names lower-cased, the first of a name kept), or None if
+    ``text`` is not one (§6.3: ``v=DMARC1`` first)."""
+    if not is_record(text):
+        return None
+    tags: dict[str, str] = {}
+    for item in text.split(";")[1:]:
+        name, sep, value = item.partition("=")
+        if sep:
+            tags.setdefault(name.strip().lower(), value.strip())
+    return tags
+
+
 def parse_record(text: str) -> DmarcRecord | None:
     """A DMARC record, or None if ``text`` is not one (§6.3: ``v=DMARC1`` first), or one that
     asks for no DMARC processing (a missing or wrong ``p``, or a wrong ``sp``, and no valid
     ``rua``, §6.6.3 step 6)."""
-    if not is_record(text):
+    tags = record_tags(text)
+    if tags is None:
         return None
-    items = [part.strip() for part in text.split(";")]
-    tags: dict[str, str] = {}
-    for item in items[1:]:
-        name, sep, value = item.partition("=")
-        if sep:
-            tags.setdefault(name.strip().lower(), value.strip())
     rua = tuple(
         uri.strip()
         for uri in tags.get("rua", "").split(",")

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from postroom.auth.dkim_verify import DkimResult
-from postroom.auth.dmarc import DmarcResult, is_record, organizational_domain
+from postroom.auth.dmarc import DmarcResult, is_record, organizational_domain, record_tags
 from postroom.auth.lookup import DnsCache
 from postroom.auth.spf import SpfResult
 
@@ -316,15 +316,11 @@ class Destinations:
 
 def _override(texts: list[str]) -> list[str] | None:
     """The ``rua=`` URIs of the first DMARC record among ``texts`` that has one (RFC 7489
-    §7.1 step 8; tag names case-insensitive, as in :func:`~postroom.auth.dmarc.parse_record`),
-    None when no record has a rua tag."""
+    §7.1 step 8), None when no record has a rua tag."""
     for text in texts:
-        if not is_record(text):
-            continue
-        for item in text.split(";")[1:]:
-            name, sep, value = item.partition("=")
-            if sep and name.strip().lower() == "rua":
-                return [uri.strip() for uri in value.split(",") if uri.strip()]
+        tags = record_tags(text)
+        if tags is not None and "rua" in tags:
+            return [uri.strip() for uri in tags["rua"].split(",") if uri.strip()]
     return None
 
 
