@@ -649,3 +649,39 @@ def test_a_submitted_from_in_the_obsolete_form_is_mended_before_it_is_signed(
         return zone[name.decode().rstrip(".")]
 
     assert d.verify(idx=0, dnsfunc=dnsfunc) and d.verify(idx=1, dnsfunc=dnsfunc)
+
+
+def test_a_key_is_found_among_other_txt_records_at_its_name(
+    key_pair: tuple[keys.DkimKey, keys.DkimKey],
+) -> None:
+    """RFC 6376 §3.6.1 v=: a record that starts with another version is discarded, and of
+    several key records (§6.1.2) the one that verifies counts. Only the first was read: an SPF
+    record served before the key made a good signature a permerror."""
+    message = _signed(key_pair)
+    ed = key_pair[0]
+    other = keys.generate("ed25519", "ed1", time.time()).record().encode()
+    for extra in (b"v=spf1 -all", b" v = DKIM2; p=AAAA", other):
+        for order in ((extra, ed.record().encode()), (ed.record().encode(), extra)):
+            zone = _records(key_pair)
+            zone["ed1._domainkey.a.test"] = Answer("ok", tuple((r,) for r in order))
+            got = dict(_results(message, zone))
+            assert got == {"ed25519-sha256": "pass", "rsa-sha256": "pass"}, order
+    zone = _records(key_pair)
+    zone["ed1._domainkey.a.test"] = Answer("ok", ((b"v=spf1 -all",),))
+    zone["rsa1._domainkey.a.test"] = Answer("ok", ((other,),))
+    assert sorted(_results(message, zone)) == [
+        ("ed25519-sha256", "permerror"),  # no key record left
+        ("rsa-sha256", "permerror"),  # the only record is a key of another kind
+    ]
+    zone["ed1._domainkey.a.test"] = Answer("ok", ((other,),))
+    assert dict(_results(message, zone))["ed25519-sha256"] == "fail"  # another key
+
+
+def test_an_x_not_after_t_is_a_permerror(rsa_signer: tuple[bytes, bytes]) -> None:
+    """RFC 6376 §3.5 x=: the value MUST be greater than t=; equal to it was taken."""
+    pem, record = rsa_signer
+    zone = _zone(("k", record.decode()))
+    now = int(time.time())
+    for t, x, want in ((now, now + 1, "pass"), (now, now, "permerror")):
+        signed = _signed_as_written(pem, b" " + TAGS + b"; t=%d; x=%d; b={b}" % (t, x))
+        assert _results(signed, zone) == [("rsa-sha256", want)], (t, x)

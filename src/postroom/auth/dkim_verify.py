@@ -59,6 +59,7 @@ from postroom.auth.dkim_canon import Field
 from postroom.auth.lookup import Answer, DnsCache
 
 MAX_SIGNATURES = 10  # signatures checked (each costs a DNS lookup and a public-key operation)
+MAX_KEY_RECORDS = 3  # key records tried for one signature (each a public-key operation)
 MAX_SIGNATURE_FIELDS = 50  # DKIM-Signature fields read to choose them from (top down)
 MIN_RSA_BITS = 1024  # RFC 8301 §3.2
 CLOCK_SLOP = 36000  # seconds a signer's clock may be off (t= ahead, x= behind), as dkimpy
@@ -264,8 +265,8 @@ def _validate(sig: dict[bytes, bytes], now: int) -> None:
         expires = int(sig[b"x"])
         if expires < now - CLOCK_SLOP:
             raise dkim.ValidationError("x= value is past")  # RFC 6376 §3.5 x=
-        if signed and expires < signed:
-            raise dkim.ValidationError("x= value is less than t= value")
+        if signed is not None and expires <= signed:  # §3.5 x=: MUST be greater than t=
+            raise dkim.ValidationError("x= value is not greater than t= value")
 
 
 def _check(
@@ -371,20 +372,38 @@ def verify(
             why = answer.error if answer else "key not fetched"
             results.append(DkimResult("temperror", reason=why, **base))
             continue
-        records = answer.txt()
+        # RFC 6376 §3.6.1 v=: a record that starts with another version is discarded (an SPF
+        # record beside the key, say); of several keys, §6.1.2 lets us try each.
+        records = [r for r in answer.txt() if not _other_version(r)][:MAX_KEY_RECORDS]
         if not records:
             results.append(DkimResult("permerror", reason="no key record", **base))
             continue
-        try:
-            ok = _check(fields, body, field, name, records[0], bodies, now)
-        except dkim.DKIMException as exc:
-            results.append(DkimResult("permerror", reason=str(exc)[:200], **base))
-            continue
-        except Exception as exc:  # dkimpy on hostile input: never let it end the session
-            results.append(DkimResult("permerror", reason=f"unverifiable: {exc!r}"[:200], **base))
-            continue
-        if ok:
-            results.append(DkimResult("pass", **base))
-        else:
-            results.append(DkimResult("fail", reason="signature did not verify", **base))
+        verdicts = [_verdict(fields, body, field, name, r, bodies, now) for r in records]
+        result, reason = next((v for v in verdicts if v[0] == "pass"), verdicts[0])
+        results.append(DkimResult(result, reason=reason, **base))
     return results
+
+
+def _other_version(record: bytes) -> bool:
+    """Does a TXT record at a key's name start with a ``v=`` other than ``DKIM1``?"""
+    name, sep, value = record.split(b";", 1)[0].partition(b"=")
+    return bool(sep) and name.strip() == b"v" and value.strip() != b"DKIM1"
+
+
+def _verdict(
+    fields: list[Field],
+    body: bytes,
+    field: Field,
+    key_name: str,
+    record: bytes,
+    bodies: dict[tuple[bytes, bytes | None], bytes],
+    now: int,
+) -> tuple[str, str]:
+    """One signature against one key record: its result (pass, fail, permerror) and why."""
+    try:
+        ok = _check(fields, body, field, key_name, record, bodies, now)
+    except dkim.DKIMException as exc:
+        return "permerror", str(exc)[:200]
+    except Exception as exc:  # dkimpy on hostile input: never let it end the session
+        return "permerror", f"unverifiable: {exc!r}"[:200]
+    return ("pass", "") if ok else ("fail", "signature did not verify")
