@@ -685,3 +685,17 @@ def test_an_x_not_after_t_is_a_permerror(rsa_signer: tuple[bytes, bytes]) -> Non
     for t, x, want in ((now, now + 1, "pass"), (now, now, "permerror")):
         signed = _signed_as_written(pem, b" " + TAGS + b"; t=%d; x=%d; b={b}" % (t, x))
         assert _results(signed, zone) == [("rsa-sha256", want)], (t, x)
+
+
+def test_an_l_larger_than_the_body_is_a_permerror(rsa_signer: tuple[bytes, bytes]) -> None:
+    """RFC 6376 §3.5 l=: it MUST NOT be larger than the canonical body (OpenDKIM refuses it
+    too); one that covers the body exactly passes, and so does text added below it."""
+    pem, record = rsa_signer
+    zone = _zone(("k", record.decode()))
+    _headers, body = dkim_canon.split_message(MESSAGE)
+    length = len(dkim_canon.canonical_body(b"relaxed", body))
+    exact = _signed_as_written(pem, b" " + TAGS + b"; l=%d; b={b}" % length)
+    assert _results(exact, zone) == [("rsa-sha256", "pass")]
+    assert _results(exact + b"added below\r\n", zone) == [("rsa-sha256", "pass")]
+    over = _signed_as_written(pem, b" " + TAGS + b"; l=%d; b={b}" % (length + 1))
+    assert _results(over, zone) == [("rsa-sha256", "permerror")]

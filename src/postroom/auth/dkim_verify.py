@@ -305,6 +305,8 @@ def _check(
     if body_hash is None:
         canonical_body = dkim_canon.canonical_body(algorithm_name, body)
         if b"l" in sig:
+            if int(sig[b"l"]) > len(canonical_body):  # §3.5 l=: MUST NOT be larger (OpenDKIM)
+                raise dkim.ValidationError("l= value is larger than the body")
             canonical_body = canonical_body[: int(sig[b"l"])]
         body_hash = bodies[which] = hashlib.sha256(canonical_body).digest()
     if body_hash != base64.b64decode(_WSP.sub(b"", sig[b"bh"])):
