@@ -227,7 +227,15 @@ def test_dmarc_enforce_false_only_records(server_factory: ServerFactory, dns: Lo
     msg = srv.wait_messages("bob@a.test", 1)[0]
     # Delivered: the disposition applied is none (it read "dis=reject").
     assert b"dmarc=fail (p=reject dis=none) header.from=bank.test" in msg
+    assert b"X-Spam-Flag" not in msg
     wait_until(lambda: "reject not enforced" in srv.log.read_text(), 5)
+    # pct=0 leaves the mail out of the sample: the quarantine it would get instead derives
+    # from the reject, and is no more applied (it was, so a milder policy flagged more).
+    dns.txt("_dmarc.bank2.test", "v=DMARC1; p=reject; pct=0")
+    _mx_send(srv, "service@bank2.test", "bob@a.test", _forged("bank2.test"))
+    msgs = srv.wait_messages("bob@a.test", 2)
+    assert len(msgs) == 2 and not any(b"X-Spam-Flag" in m for m in msgs)
+    assert any(b"dmarc=fail (p=reject dis=none) header.from=bank2.test" in m for m in msgs)
 
 
 def test_quarantine_flags_the_message(server_factory: ServerFactory, dns: LoopbackDNS) -> None:

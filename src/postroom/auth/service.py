@@ -496,9 +496,11 @@ class SenderAuth:
         assert result is not None
         count_verdict("dmarc", result.result)
         refuse = result.disposition == "reject" and result.result == "fail"
-        if refuse and not self.cfg.auth.dmarc_enforce:
+        unenforced = result.result == "fail" and result.policy == "reject"
+        if unenforced and result.disposition != "none" and not self.cfg.auth.dmarc_enforce:
             # Delivered: what was applied is none, by local policy (RFC 7489 §7.2's report
-            # and the header say so; "reject" read as if it had been).
+            # and the header say so; "reject" read as if it had been). Also for mail that
+            # pct left out of the sample: its milder quarantine derives from the reject.
             result = dataclasses.replace(result, disposition="none", local_override=True)
             refuse = False
         if self.cfg.auth.dmarc_reports and result.record is not None:
