@@ -556,6 +556,8 @@ def test_a_from_domain_that_is_no_domain_cannot_pass() -> None:
         b'From: Bank <"victim@bank.example">\r\n',
         b'From: "Bank <victim@bank.example>\r\n',
         b"From: Bank <victim@bank.example\\>\r\n",
+        b"From: x@[127.0.0.1]\r\n",  # an address literal: looked up as _dmarc.[127.0.0.1]
+        b"From: x@[IPv6:2001:db8::1]\r\n",
     ):
         assert dmarc.from_domains(field) == [""], field
     assert dmarc.from_domains(b"From: Bank <victim@Bank.Example.>\r\n") == ["bank.example"]

@@ -140,8 +140,8 @@ def _author_domain(addr: str) -> str:
     """§6.6.1: the domain of ``addr`` as A-labels ("" if it has none)."""
     local, at, domain = addr.rpartition("@")
     domain = domain.strip().rstrip(".")
-    if not (at and local and domain):
-        return ""
+    if not (at and local and domain) or domain.startswith("["):
+        return ""  # (an address literal is no domain: no policy can be looked up for it)
     try:
         return normalise_domain(domain)
     except ValueError:
