@@ -325,3 +325,46 @@ def test_a_long_line_is_found_in_pieces_as_in_the_whole(
         assert has_long_line(data, line_end) is whole
     finally:
         mime_downgrade._SCAN = saved
+
+
+def _mixed(*parts: bytes, preamble: bytes = b"") -> bytes:
+    head = b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="bnd"\r\n\r\n'
+    return head + preamble + b"".join(b"--bnd\r\n" + p for p in parts) + b"--bnd--\r\n"
+
+
+def test_encoding_never_makes_a_delimiter_line() -> None:
+    """RFC 2046 §5.1.1: a soft line break put "--bnd", held mid-line by the text, first on a
+    line: a delimiter, which cut the part in two (or ended the multipart there)."""
+    text = b"x" * 28 + "é".encode() * 20
+    part = b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+    for tail in (b"--bnd", b"--bnd--", b"-- signed"):
+        raw = _mixed(part + text + tail + b"\r\nsecond line\r\n", part + b"two\r\n")
+        out = downgrade(raw, eight_bit=False)
+        assert out.isascii() and leaves(out) == leaves(raw), tail
+        assert len(leaves(out)) == 2
+    preamble = b"p" * MAX_LINE + b"--bnd\r\n"  # wrapped at 998, the rest began a line
+    raw = _mixed(part + b"one " + LONG + b"\r\n", preamble=preamble)
+    assert b"\r\n--bnd\r\n--bnd\r\n" not in downgrade(raw, eight_bit=False)
+
+
+def test_quoted_printable_lines_are_at_most_76_characters() -> None:
+    """RFC 2045 §6.7 rule 5. binascii wrote 77 for a line ending in white space near the end."""
+    for text in (b"a" * 74 + b" ", b"a" * 74 + b"\t", b"a" * 75 + b" ", "é".encode() * 60):
+        raw = b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text + b"\r\n\xc3\xa9nd\r\n"
+        out = downgrade(raw, eight_bit=False)
+        assert b"quoted-printable" in out and leaves(out) == leaves(raw)
+        assert max(map(len, lines(body_of(out)))) <= 76, out
+
+
+def test_a_message_type_other_than_rfc822_is_never_encoded() -> None:
+    """RFC 2045 §6.4, RFC 6532 §3.5: a delivery-status part took base64, which hid its fields
+    from readers. It stays as it was (8-bit there is for the hop to refuse: 5.6.3)."""
+    status = b"Reporting-MTA: dns; a.test\r\n\r\nFinal-Recipient: rfc822; j\xc3\xb6@b.test\r\n"
+    raw = _mixed(
+        b"Content-Type: text/plain; charset=utf-8\r\n\r\nt\xc3\xa9xt\r\n",
+        b"Content-Type: message/delivery-status\r\n\r\n" + status,
+    )
+    out = downgrade(raw, eight_bit=False)
+    assert status in out and out.count(b"Content-Transfer-Encoding") == 1  # the text part's
+    global_status = raw.replace(b"message/delivery-status", b"message/global-delivery-status")
+    assert downgrade(global_status, eight_bit=False).isascii()  # RFC 6533: may be encoded

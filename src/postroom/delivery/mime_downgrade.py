@@ -5,7 +5,8 @@ peer without 8BITMIME) 8-bit octets in a body. Then only the MIME leaf parts tha
 re-encoded, as Postfix does: text parts as quoted-printable (base64 when the decoded text has
 bare CR or LF, which quoted-printable cannot carry), everything else as base64, each with its
 ``Content-Transfer-Encoding`` replaced; multipart and message/rfc822 parts are walked into (RFC
-2046 §5) and their own ``8bit``/``binary`` label becomes ``7bit`` once what they hold is 7-bit.
+2046 §5) and their own ``8bit``/``binary`` label becomes ``7bit`` once what they hold is 7-bit;
+other message types (delivery-status, ...) take no encoding (RFC 2045 §6.4) and stay as they are.
 Mail without MIME is one text/plain leaf: it gains ``MIME-Version`` (and a charset, ``utf-8`` when
 the octets are UTF-8, else RFC 1428's ``unknown-8bit``), so a reader decodes it back to the very
 lines that were sent. Header lines over the limit are folded at white space (RFC 5322 §2.2.3),
@@ -33,6 +34,8 @@ from email.policy import compat32
 from postroom.wire.framing import to_crlf
 
 MAX_LINE = 998  # RFC 5321 §4.5.3.1.6: octets per line, without the CRLF
+QP_LINE = 76  # RFC 2045 §6.7 rule 5: characters per encoded line, a soft break's "=" included
+_QP_TOKEN = re.compile(rb"=[0-9A-F]{2}|[^=]")  # one encoded character of binascii's output
 _SCAN = 1 << 20  # octets looked at in one piece for a long line
 # Multiparts and messages nested deeper are left as they are (Postfix refuses past 100): each
 # level is one more pass over what it holds, and a hostile message of a few KB nests hundreds.
@@ -42,6 +45,7 @@ _HEADER_PARSER = BytesHeaderParser(policy=compat32)
 _CTE_FIELD = re.compile(rb"(?i)content-transfer-encoding[ \t]*:")
 _COMMENT = re.compile(r"\([^()]*\)")  # RFC 822 comments, allowed in structured fields
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
+_AS_IS = ("", "7bit", "8bit", "binary")  # the encodings that are no encoding (RFC 2045 §6.2)
 _FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 §2.2 field name, obs WSP (§4.5)
 
 
@@ -114,7 +118,7 @@ def _entity(raw: bytes, *, seven_bit: bool, message: bool, digest: bool, depth: 
     cte = _COMMENT.sub("", raw_cte).strip().lower()
     boundary = fields.get_boundary()
     composite = (ctype.startswith("multipart/") and boundary) or (
-        ctype == "message/rfc822" and cte in ("", "7bit", "8bit", "binary")
+        ctype == "message/rfc822" and cte in _AS_IS
     )
     if composite and depth >= MAX_NESTING:
         return raw  # (see MAX_NESTING)
@@ -127,6 +131,12 @@ def _entity(raw: bytes, *, seven_bit: bool, message: bool, digest: bool, depth: 
         # RFC 2046 §5.2.1: no other encoding is allowed here; convert the message inside.
         body = _entity(body, seven_bit=seven_bit, message=True, digest=False, depth=depth + 1)
         return _relabel(head, cte, body, seven_bit) + b"\r\n" + body
+    if ctype.startswith("message/") and not ctype.startswith("message/global") and cte in _AS_IS:
+        # RFC 2045 §6.4, RFC 6532 §3.5: a message type (delivery-status, partial, ...) takes
+        # no encoding but 7bit/8bit/binary; base64 would hide its fields from every reader.
+        # Its header-like lines are folded if long; 8-bit octets stay, and are returned to
+        # the sender by a hop without 8BITMIME (5.6.3), not encoded.
+        return fold_header(head) + b"\r\n" + fold_header(body)
     return _leaf(head, body, fields, cte, seven_bit=seven_bit, message=message)
 
 
@@ -150,9 +160,7 @@ def _leaf(
         decoded = body
     bare = decoded.replace(b"\r\n", b"")
     if fields.get_content_maintype() == "text" and b"\r" not in bare and b"\n" not in bare:
-        # RFC 2045 §6.7; quotetabs off: only trailing white space is encoded (rule 3).
-        # (b2a_qp breaks soft lines with a bare LF when the text has no CRLF of its own.)
-        encoded, new_cte = to_crlf(binascii.b2a_qp(decoded, istext=True)), "quoted-printable"
+        encoded, new_cte = _quoted_printable(decoded), "quoted-printable"
     else:
         encoded, new_cte = _base64(decoded), "base64"
     head = _set_cte(head, new_cte)
@@ -163,6 +171,51 @@ def _leaf(
     if message and "mime-version" not in fields:
         head += b"MIME-Version: 1.0\r\n"  # RFC 2045 §4: what makes the encoding count
     return fold_header(head) + b"\r\n" + encoded
+
+
+def _quoted_printable(text: bytes) -> bytes:
+    """RFC 2045 §6.7 for ``text`` (CRLF lines): ``binascii``'s encoder (quotetabs off: only
+    trailing white space is encoded, rule 3), its output mended where a line breaks the rules.
+    It writes 77 characters for a line that ends in white space near column 76 (rule 5 says
+    76), and a soft line break may put a ``-`` first on a line: ``--boundary`` there would be
+    a delimiter of the multipart around it (RFC 2046 §5.1.1), a part made of text that only
+    held it in mid-line. Such lines are wrapped again, a leading ``-`` written ``=2D``."""
+    # (b2a_qp breaks soft lines with a bare LF when the text has no CRLF of its own.)
+    encoded = to_crlf(binascii.b2a_qp(text, istext=True))
+    lines = encoded.split(b"\r\n")
+    if not any(
+        len(line) > QP_LINE or (line[:1] == b"-" and lines[i - 1][-1:] == b"=")
+        for i, line in enumerate(lines)
+    ):
+        return encoded
+    out: list[bytes] = []
+    logical: list[bytes] = []  # the physical lines of one text line, soft breaks removed
+    for line in lines:
+        soft = line[-1:] == b"="
+        logical.append(line[:-1] if soft else line)
+        if not soft:
+            out.extend(_qp_wrap(b"".join(logical)))
+            logical = []
+    return b"\r\n".join(out)
+
+
+def _qp_wrap(encoded: bytes) -> list[bytes]:
+    """One encoded text line in lines of at most 76 characters, soft breaks included, never
+    inside an ``=XX`` and with no ``-`` first on a line after a soft break."""
+    tokens = _QP_TOKEN.findall(encoded)
+    out: list[bytes] = []
+    line: list[bytes] = []
+    size = 0
+    for k, token in enumerate(tokens):
+        if size + len(token) > (QP_LINE if k == len(tokens) - 1 else QP_LINE - 1):
+            out.append(b"".join(line) + b"=")
+            line, size = [], 0
+        if not line and out and token == b"-":
+            token = b"=2D"
+        line.append(token)
+        size += len(token)
+    out.append(b"".join(line))
+    return out
 
 
 def _unbase64(data: bytes) -> bytes:
@@ -249,7 +302,10 @@ def _filler(lines: list[bytes], seven_bit: bool) -> list[bytes]:
     for line in lines:
         if seven_bit and not line.isascii():
             line = bytes(b if b < 0x80 else 0x3F for b in line)  # "?"
-        out.extend(line[i : i + MAX_LINE] for i in range(0, max(len(line), 1), MAX_LINE))
+        # Wrapped lines go on after a space: one starting "--boundary" would be a delimiter.
+        out.append(line[:MAX_LINE])
+        step = MAX_LINE - 1
+        out.extend(b" " + line[i : i + step] for i in range(MAX_LINE, len(line), step))
     return out
 
 
