@@ -404,9 +404,9 @@ class ClientEngine:
                 refused = _local(
                     554,
                     "5.6.3",  # RFC 3463: conversion required but not supported
-                    "the message has 8-bit header fields (or 8-bit parts nested too deep),"
-                    " which cannot be converted to 7-bit, and the server does not offer"
-                    " 8BITMIME (RFC 6152)",
+                    "the message has 8-bit header fields (or 8-bit parts nested too deep or of a"
+                    " message type, which takes no encoding), which cannot be converted to"
+                    " 7-bit, and the server does not offer 8BITMIME (RFC 6152)",
                 )
             if refused is not None:
                 for i, rcpt in enumerate(message.recipients):
