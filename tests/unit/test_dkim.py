@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import re
 import time
@@ -20,7 +21,7 @@ from dkim.canonicalization import Relaxed
 from postroom.auth import dkim_canon, dkim_sign, dkim_verify, helper, keys, results
 from postroom.auth.lookup import Answer, DnsCache
 from postroom.auth.service import SenderAuth, Verdict, publishes
-from postroom.config import Config, DNSConfig, Duration
+from postroom.config import Config, DNSConfig, Duration, Size
 from tests.dnszone import LoopbackDNS
 
 MESSAGE = (
@@ -699,3 +700,30 @@ def test_an_l_larger_than_the_body_is_a_permerror(rsa_signer: tuple[bytes, bytes
     assert _results(exact + b"added below\r\n", zone) == [("rsa-sha256", "pass")]
     over = _signed_as_written(pem, b" " + TAGS + b"; l=%d; b={b}" % (length + 1))
     assert _results(over, zone) == [("rsa-sha256", "permerror")]
+
+
+def test_check_max_size_is_read_against_the_size_the_client_sent(tmp_path: Path) -> None:
+    """A submission the 7-bit conversion made larger than check_max_size is signed all the
+    same (it left unsigned, and failed DMARC, without a word); one sent larger is not."""
+    store = keys.LocalKeyStore(tmp_path)
+    ring = keys.KeyRing(store, retire_after=100)
+    for key in ring.ensure("a.test", 0):
+        ring.confirm("a.test", key.selector, 1)
+    cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", 9),)))
+    cfg = Config(hostname="mx.a.test", domains=("a.test",))
+    cfg = dataclasses.replace(cfg, auth=dataclasses.replace(cfg.auth, check_max_size=Size(1000)))
+    auth = SenderAuth(cfg, cache, store)
+    for received, signed in ((900, True), (1001, False)):
+        message = _Submitted(b"From: alice@a.test\r\nSubject: hi\r\n\r\n" + b"=C3=A9" * 300)
+        asyncio.run(
+            auth.end_of_data(
+                message,
+                port="submission",
+                auth_user="alice@a.test",
+                client_ip="",
+                helo="",
+                sender="",
+                received_size=received,
+            )
+        )
+        assert message.data.count(b"DKIM-Signature:") == (2 if signed else 0), received

@@ -366,3 +366,29 @@ def test_received_names_a_lone_recipient_unless_its_address_is_utf8(tmp_path: Pa
     p.on_data(b"Subject: hi\r\n\r\nx\r\n")
     assert asyncio.run(p.on_message_end()).code == 250
     assert b" for <" not in intake.got[1][1] and intake.got[1][1].isascii()
+
+
+def test_sender_auth_learns_the_size_the_client_sent_before_the_conversion(
+    tmp_path: Path,
+) -> None:
+    """[auth] check_max_size is about the message as sent: the 7-bit conversion of submitted
+    mail that leaves makes UTF-8 text threefold, and a third of the limit went out unsigned."""
+    p, _intake = policy(tmp_path, port="submission")
+    seen: list[tuple[int, object]] = []
+
+    class Recording:
+        async def end_of_data(self, message: Any, **kw: object) -> Reply | None:
+            seen.append((message.size, kw["received_size"]))
+            return None
+
+    p.services.sender_auth = Recording()
+    p.tls, p.auth_user = True, "alice@a.test"
+    assert p.on_mail(Mail(Address("alice", "a.test"))) == replies.SENDER_OK
+    assert p.on_rcpt(Rcpt(Address("bob", "r.test"))) == replies.RECIPIENT_OK
+    p.on_data_start()
+    p.on_data(
+        b"Subject: hi\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + b"\xc3\xa9" * 3000
+    )
+    assert asyncio.run(p.on_message_end()).code == 250
+    ((converted, received),) = seen
+    assert isinstance(received, int) and converted > 2 * received > 12000

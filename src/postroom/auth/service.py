@@ -260,14 +260,20 @@ class SenderAuth:
         client_ip: str,
         helo: str,
         sender: str,
+        received_size: int | None = None,
     ) -> Reply | None:
-        """Sign or check ``message`` (changing it in place); a Reply refuses it."""
+        """Sign or check ``message`` (changing it in place); a Reply refuses it.
+        ``received_size``: its size as the client sent it, before a conversion."""
         auth = self.cfg.auth
-        too_large = message.size > auth.check_max_size
+        too_large = (message.size if received_size is None else received_size) > auth.check_max_size
         if auth_user is not None:
             # RFC 8601 §5: no client writes results in our name, logged in or not.
             self._remove_ours(message)
-            if auth.dkim_sign and not too_large:
+            if auth.dkim_sign and too_large:
+                log.warning(
+                    "a message of %s is not DKIM-signed: larger than check_max_size", auth_user
+                )
+            elif auth.dkim_sign:
                 await self._sign(message)
             return None
         if port != "smtp":
