@@ -368,3 +368,32 @@ def test_a_message_type_other_than_rfc822_is_never_encoded() -> None:
     assert status in out and out.count(b"Content-Transfer-Encoding") == 1  # the text part's
     global_status = raw.replace(b"message/delivery-status", b"message/global-delivery-status")
     assert downgrade(global_status, eight_bit=False).isascii()  # RFC 6533: may be encoded
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(
+        st.sampled_from(
+            [b"-", b"--bnd", b"--bnd--", b"a", b" ", b"\t", b"=", b"\xc3\xa9", b"\r\n"]
+        ),
+        max_size=400,
+    ),
+    cte=st.sampled_from([b"base64", b"quoted-printable", b"8bit"]),
+)
+def test_no_text_makes_a_delimiter_once_encoded_again(pieces: list[bytes], cte: bytes) -> None:
+    """RFC 2046 §5.1.1 again: a part that came base64 or quoted-printable may hold, decoded, a
+    line "--bnd"; written as quoted-printable text it was a delimiter (and hid a part, or
+    showed one the sender had hidden). A line over 998 octets makes it re-encoded."""
+    text = b"".join(pieces) + b"\r\n" + b"x" * 1200 + b"\r\n"
+    if cte == b"base64":
+        encoded = base64.b64encode(text)  # one long line
+    elif cte == b"quoted-printable":
+        encoded = text.replace(b"=", b"=3D").replace(b"-", b"=2D")
+    else:
+        encoded = text.replace(b"--bnd", b"- -bnd")  # as sent, no line can be a delimiter
+        text = encoded
+    part = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: " + cte
+    raw = _mixed(part + b"\r\n\r\n" + encoded + b"\r\n", b"Content-Type: text/plain\r\n\r\ntwo\r\n")
+    out = downgrade(raw, eight_bit=False)
+    assert out.isascii() and longest(out) <= 76  # (RFC 2045 §6.7; no other line is longer)
+    assert leaves(out) == leaves(raw) and len(leaves(out)) == 2

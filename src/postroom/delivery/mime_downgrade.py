@@ -35,7 +35,6 @@ from postroom.wire.framing import to_crlf
 
 MAX_LINE = 998  # RFC 5321 §4.5.3.1.6: octets per line, without the CRLF
 QP_LINE = 76  # RFC 2045 §6.7 rule 5: characters per encoded line, a soft break's "=" included
-_QP_TOKEN = re.compile(rb"=[0-9A-F]{2}|[^=]")  # one encoded character of binascii's output
 _SCAN = 1 << 20  # octets looked at in one piece for a long line
 # Multiparts and messages nested deeper are left as they are (Postfix refuses past 100): each
 # level is one more pass over what it holds, and a hostile message of a few KB nests hundreds.
@@ -134,9 +133,10 @@ def _entity(raw: bytes, *, seven_bit: bool, message: bool, digest: bool, depth: 
     if ctype.startswith("message/") and not ctype.startswith("message/global") and cte in _AS_IS:
         # RFC 2045 §6.4, RFC 6532 §3.5: a message type (delivery-status, partial, ...) takes
         # no encoding but 7bit/8bit/binary; base64 would hide its fields from every reader.
-        # Its header-like lines are folded if long; 8-bit octets stay, and are returned to
-        # the sender by a hop without 8BITMIME (5.6.3), not encoded.
-        return fold_header(head) + b"\r\n" + fold_header(body)
+        # Its header-like lines are folded if long (a fragment's, content, stay as they are);
+        # 8-bit octets stay, returned to the sender by a hop without 8BITMIME (5.6.3).
+        fitted = body if ctype == "message/partial" else fold_header(body)
+        return fold_header(head) + b"\r\n" + fitted
     return _leaf(head, body, fields, cte, seven_bit=seven_bit, message=message)
 
 
@@ -177,45 +177,48 @@ def _quoted_printable(text: bytes) -> bytes:
     """RFC 2045 §6.7 for ``text`` (CRLF lines): ``binascii``'s encoder (quotetabs off: only
     trailing white space is encoded, rule 3), its output mended where a line breaks the rules.
     It writes 77 characters for a line that ends in white space near column 76 (rule 5 says
-    76), and a soft line break may put a ``-`` first on a line: ``--boundary`` there would be
-    a delimiter of the multipart around it (RFC 2046 §5.1.1), a part made of text that only
-    held it in mid-line. Such lines are wrapped again, a leading ``-`` written ``=2D``."""
+    76), and it writes ``--`` first on a line: after a soft line break, or where the text
+    (decoded from base64 or quoted-printable) had it. ``--boundary`` there would be a
+    delimiter of the multipart around (RFC 2046 §5.1.1) and cut the part in two. Such text
+    lines are wrapped again, a ``-`` that would start a line with ``--`` written ``=2D``."""
     # (b2a_qp breaks soft lines with a bare LF when the text has no CRLF of its own.)
     encoded = to_crlf(binascii.b2a_qp(text, istext=True))
     lines = encoded.split(b"\r\n")
-    if not any(
-        len(line) > QP_LINE or (line[:1] == b"-" and lines[i - 1][-1:] == b"=")
-        for i, line in enumerate(lines)
-    ):
+    if not any(len(line) > QP_LINE or line[:2] == b"--" for line in lines):
         return encoded
     out: list[bytes] = []
-    logical: list[bytes] = []  # the physical lines of one text line, soft breaks removed
+    logical: list[bytes] = []  # the physical lines of one text line
     for line in lines:
-        soft = line[-1:] == b"="
-        logical.append(line[:-1] if soft else line)
-        if not soft:
-            out.extend(_qp_wrap(b"".join(logical)))
+        logical.append(line)
+        if line[-1:] != b"=":  # (binascii writes "=" as "=3D": a last "=" is a soft break)
+            if any(len(part) > QP_LINE or part[:2] == b"--" for part in logical):
+                out.extend(_qp_wrap(b"".join(part[:-1] for part in logical[:-1]) + line))
+            else:
+                out.extend(logical)
             logical = []
     return b"\r\n".join(out)
 
 
 def _qp_wrap(encoded: bytes) -> list[bytes]:
     """One encoded text line in lines of at most 76 characters, soft breaks included, never
-    inside an ``=XX`` and with no ``-`` first on a line after a soft break."""
-    tokens = _QP_TOKEN.findall(encoded)
+    cut inside an ``=XX``, and none starting with ``--``."""
     out: list[bytes] = []
-    line: list[bytes] = []
-    size = 0
-    for k, token in enumerate(tokens):
-        if size + len(token) > (QP_LINE if k == len(tokens) - 1 else QP_LINE - 1):
-            out.append(b"".join(line) + b"=")
-            line, size = [], 0
-        if not line and out and token == b"-":
-            token = b"=2D"
-        line.append(token)
-        size += len(token)
-    out.append(b"".join(line))
-    return out
+    start, size = 0, len(encoded)
+    while True:
+        first = b""
+        if encoded[start : start + 2] == b"--":
+            first, start = b"=2D", start + 1
+        room = QP_LINE - len(first)
+        if size - start <= room:
+            out.append(first + encoded[start:])
+            return out
+        cut = start + room - 1  # and the soft break's "="
+        if encoded[cut - 1 : cut] == b"=":  # not inside an "=XX"
+            cut -= 1
+        elif encoded[cut - 2 : cut - 1] == b"=":
+            cut -= 2
+        out.append(first + encoded[start:cut] + b"=")
+        start = cut
 
 
 def _unbase64(data: bytes) -> bytes:
