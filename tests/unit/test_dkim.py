@@ -676,6 +676,9 @@ def test_a_key_is_found_among_other_txt_records_at_its_name(
     ]
     zone["ed1._domainkey.a.test"] = Answer("ok", ((other,),))
     assert dict(_results(message, zone))["ed25519-sha256"] == "fail"  # another key
+    for order in ((other, b"v=DKIM1; p="), (b"v=DKIM1; p=", other)):  # and a revoked one
+        zone["ed1._domainkey.a.test"] = Answer("ok", tuple((r,) for r in order))
+        assert dict(_results(message, zone))["ed25519-sha256"] == "fail", order
 
 
 def test_an_x_not_after_t_is_a_permerror(rsa_signer: tuple[bytes, bytes]) -> None:

@@ -60,6 +60,7 @@ from postroom.auth.lookup import Answer, DnsCache
 
 MAX_SIGNATURES = 10  # signatures checked (each costs a DNS lookup and a public-key operation)
 MAX_KEY_RECORDS = 3  # key records tried for one signature (each a public-key operation)
+_RANK = {"pass": 0, "fail": 1}  # of one signature's verdicts by several key records, the first
 MAX_SIGNATURE_FIELDS = 50  # DKIM-Signature fields read to choose them from (top down)
 MIN_RSA_BITS = 1024  # RFC 8301 §3.2
 CLOCK_SLOP = 36000  # seconds a signer's clock may be off (t= ahead, x= behind), as dkimpy
@@ -380,8 +381,14 @@ def verify(
         if not records:
             results.append(DkimResult("permerror", reason="no key record", **base))
             continue
-        verdicts = [_verdict(fields, body, field, name, r, bodies, now) for r in records]
-        result, reason = next((v for v in verdicts if v[0] == "pass"), verdicts[0])
+        verdicts = []
+        for record in records:
+            verdicts.append(_verdict(fields, body, field, name, record, bodies, now))
+            if verdicts[-1][0] == "pass":
+                break
+        # None passed: a key that read but did not verify (fail) says more than an unusable
+        # one (permerror), whatever the order DNS gave them in.
+        result, reason = min(verdicts, key=lambda verdict: _RANK.get(verdict[0], 2))
         results.append(DkimResult(result, reason=reason, **base))
     return results
 

@@ -263,7 +263,7 @@ class SenderAuth:
         received_size: int | None = None,
     ) -> Reply | None:
         """Sign or check ``message`` (changing it in place); a Reply refuses it.
-        ``received_size``: its size as the client sent it, before a conversion."""
+        ``received_size``: its size as the client sent it (CRLF), before a conversion."""
         auth = self.cfg.auth
         too_large = (message.size if received_size is None else received_size) > auth.check_max_size
         if auth_user is not None:
@@ -502,11 +502,11 @@ class SenderAuth:
         assert result is not None
         count_verdict("dmarc", result.result)
         refuse = result.disposition == "reject" and result.result == "fail"
-        unenforced = result.result == "fail" and result.policy == "reject"
-        if unenforced and result.disposition != "none" and not self.cfg.auth.dmarc_enforce:
-            # Delivered: what was applied is none, by local policy (RFC 7489 §7.2's report
-            # and the header say so; "reject" read as if it had been). Also for mail that
-            # pct left out of the sample: its milder quarantine derives from the reject.
+        reject_fail = result.result == "fail" and result.policy == "reject"
+        if reject_fail and not self.cfg.auth.dmarc_enforce:
+            # Delivered: the disposition applied is none, by local policy (RFC 7489 §7.2's
+            # report and the header say so). Also for mail that pct left out of the sample:
+            # the quarantine it would get instead derives from the reject.
             result = dataclasses.replace(result, disposition="none", local_override=True)
             refuse = False
         if self.cfg.auth.dmarc_reports and result.record is not None:

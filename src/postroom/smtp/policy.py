@@ -327,7 +327,7 @@ class SmtpPolicy:
     async def _prepare(self, txn: _Txn, draft: MessageDraft) -> Reply | None:
         """The checks and changes before the hand-off; a refusal, or None."""
         problem = self._check_headers(draft.head(self.cfg.limits.header_size + 2))
-        received_size = draft.size  # (the conversion below may make it grow threefold)
+        received_size = draft.wire_size  # (the conversion below may make it grow threefold)
         if problem is None and self.auth_user is not None and txn.leaves:
             # Submitted mail that leaves is made 7-bit with short lines here, before it is
             # signed (RFC 6376 §5.3), so that no relay hop has to convert it and break the

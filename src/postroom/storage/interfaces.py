@@ -63,6 +63,11 @@ class MessageDraft(Protocol):
         """Octets of the message as stored (LF line ends, our trace headers included)."""
         ...
 
+    @property
+    def wire_size(self) -> int:
+        """Octets of the message with CRLF line ends, as SMTP carries it (trace headers too)."""
+        ...
+
     def write(self, data: bytes) -> None:
         """Append a piece of the client's message (CRLF). A storage failure is remembered and
         raised by :meth:`MessageQueue.accept` (the client gets its 452 after the data)."""
