@@ -265,13 +265,16 @@ class SenderAuth:
         """Sign or check ``message`` (changing it in place); a Reply refuses it.
         ``received_size``: its size as the client sent it (CRLF), before a conversion."""
         auth = self.cfg.auth
-        too_large = (message.size if received_size is None else received_size) > auth.check_max_size
+        size = message.size if received_size is None else received_size
+        too_large = size > auth.check_max_size
         if auth_user is not None:
             # RFC 8601 §5: no client writes results in our name, logged in or not.
             self._remove_ours(message)
             if auth.dkim_sign and too_large:
                 log.warning(
-                    "a message of %s is not DKIM-signed: larger than check_max_size", auth_user
+                    "a message of %s (%d octets) is not DKIM-signed: larger than check_max_size",
+                    auth_user,
+                    size,
                 )
             elif auth.dkim_sign:
                 await self._sign(message)
