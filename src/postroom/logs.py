@@ -2,10 +2,11 @@
 
 Two kinds of entries share one buffer (so their order is kept): events from ``events.py``
 (structured: a name and fields, rendered only when the batch is written) and ordinary
-``logging`` records from the rest of the code. :func:`flush` writes what is buffered in one
-``write``: in a server, at most :data:`FLUSH_DELAY` after the first line of a batch (see
-:func:`flush_from`), so that a process killed at once (kill -9, the OOM killer) loses no more
-of its last moments than that; warnings and errors go at once, and shutdown writes the rest.
+``logging`` records from the rest of the code. :func:`flush` writes what is buffered in few
+writes (whole lines, up to ``PIPE_BUF`` each: see :func:`_chunks`): in a server, at most
+:data:`FLUSH_DELAY` after the first line of a batch (see :func:`flush_from`), so that a
+process killed at once (kill -9, the OOM killer) loses no more of its last moments than that;
+warnings and errors go at once, and shutdown writes the rest.
 
 ``log_format = "text"`` writes ``TIME HOSTNAME postroom/COMPONENT[PID]: [warning: ]MESSAGE``,
 the shape of Postfix's lines in a syslog file with RFC 3339 times (what pflogsumm reads), with
@@ -24,6 +25,7 @@ import datetime
 import json
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -35,6 +37,7 @@ from postroom.config import Config
 
 DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
 BATCH = 256
+PIPE_BUF = select.PIPE_BUF  # octets a write to a pipe keeps whole (POSIX: at least 512)
 FLUSH_DELAY = 0.1  # seconds a line may wait in a server's buffer (ten writes a second at most)
 _LEVEL_NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error", 50: "critical"}
 FORMAT_VARIABLE = "POSTROOM_LOG_FORMAT"  # "FORMAT HOSTNAME", for helper processes
@@ -216,7 +219,7 @@ def _format_record(record: logging.LogRecord) -> str:
 
 
 def flush() -> None:
-    """Write what is buffered, in one ``write``."""
+    """Write what is buffered."""
     _state.armed = False
     with _lock:
         if not _buffer:
@@ -235,10 +238,30 @@ def flush() -> None:
                 lines.append(f"{_iso(time.time())} postroom: error: cannot log an entry: {exc}")
         stream = _state.stream or sys.stderr
         try:
-            stream.write("\n".join(lines) + "\n")
-            stream.flush()
+            for chunk in _chunks(lines):
+                stream.write(chunk)
+                stream.flush()
         except (OSError, ValueError):
             pass  # stderr is gone (closed terminal): nowhere to log to
+
+
+def _chunks(lines: list[str]) -> list[str]:
+    """``lines`` joined into writes of whole lines, each at most ``PIPE_BUF`` octets (a line
+    longer goes alone): POSIX keeps a write that size whole on a pipe, so that the lines of
+    several workers sharing stderr (a pipe under systemd or Docker) never tear each other."""
+    chunks: list[str] = []
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        octets = len(line) + 1 if line.isascii() else len(line.encode("utf-8", "replace")) + 1
+        if chunk and size + octets > PIPE_BUF:
+            chunks.append("".join(chunk))
+            chunk, size = [], 0
+        chunk.append(line + "\n")
+        size += octets
+    if chunk:
+        chunks.append("".join(chunk))
+    return chunks
 
 
 def setup(cfg: Config, stream: TextIO | None = None) -> None:

@@ -297,3 +297,42 @@ def test_a_servers_lines_are_written_within_the_flush_delay(
     assert before == ""  # written in batches, not line by line
     assert "from=<a@r.test>" in first and "from=<c@r.test>" not in first
     assert "from=<c@r.test>" in second  # the next batch is timed again
+
+
+def test_workers_sharing_a_pipe_never_tear_each_others_lines() -> None:
+    """Each worker wrote its batch in one write, often over PIPE_BUF: on a pipe (stderr under
+    systemd or Docker) two workers' batches mixed mid-line. Writes of whole lines up to
+    PIPE_BUF are kept whole (POSIX), whatever the reader's pace."""
+    read_end, write_end = os.pipe()
+    children = []
+    for worker in range(2):
+        pid = os.fork()
+        if pid == 0:  # a worker: its stderr is the pipe
+            try:
+                os.close(read_end)
+                stream = os.fdopen(write_end, "w", buffering=1)
+                logs.setup(Config(hostname="mx.a.test", log_format="json"), stream=stream)
+                for batch in range(20):
+                    for i in range(200):
+                        logs.emit(
+                            logs.INFO,
+                            "probe",
+                            None,
+                            {"w": worker, "i": i, "pad": "x" * 90},
+                            lambda _f: "",
+                        )
+                    logs.flush()
+            finally:
+                os._exit(0)
+        children.append(pid)
+    os.close(write_end)
+    data = b""
+    with os.fdopen(read_end, "rb") as pipe:
+        while chunk := pipe.read(1000):  # a slow reader: the pipe fills, writers block
+            data += chunk
+    for pid in children:
+        os.waitpid(pid, 0)
+    lines = data.decode().splitlines()
+    assert len(lines) == 2 * 20 * 200
+    for line in lines:
+        assert json.loads(line)["event"] == "probe", line
