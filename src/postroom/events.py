@@ -508,6 +508,26 @@ def delivery(
 _POSTFIX_STATUS = {"delivered": "sent", "deferred": "deferred", "bounced": "bounced"}
 
 
+def host_failed(queue_id: str, host: str, ip: str, reply: str, recipients: int) -> None:
+    """One MX host of an attempt did not take the message for ``recipients`` of its
+    recipients (no session, or a 4xx), and the attempt went on to the next host if any. The
+    attempt's ``delivery`` lines name only the host that gave the last word; as Postfix does
+    ("connect to ...: Connection refused"), each host that failed has its own line."""
+    if logs.enabled(INFO):
+        fields = {
+            "queue_id": queue_id,
+            "host": host,
+            "ip": ip,
+            "reply": reply,
+            "recipients": recipients,
+        }
+        logs.emit(INFO, "host_failed", "smtp", fields, _text_host_failed)
+
+
+def _text_host_failed(f: Fields) -> str:
+    return f"{f['queue_id']}: {f['host']}[{f['ip']}] did not take it: {f['reply']}"
+
+
 def _text_delivery(f: Fields) -> str:
     orig = f", orig_to=<{f['orig_to']}>" if "orig_to" in f else ""
     delay = f"{f['delay_s']:.2f}".rstrip("0").rstrip(".")

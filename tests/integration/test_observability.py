@@ -292,6 +292,8 @@ def sink_setup(
         port = sink.server_address[1]
         dns.mx("b.test", 10, "mx.b.test")
         dns.a("mx.b.test", "127.0.0.1")
+        dns.mx("b.test", 5, "dead.b.test")  # tried first: nothing listens there
+        dns.a("dead.b.test", "127.0.0.2")
         srv = server_factory(
             services=("smtp", "submission", "http"),
             extra_toml=(
@@ -367,6 +369,13 @@ def test_json_logs_and_deliverability_advice(sink_setup: tuple[Server, object]) 
     assert (bounced["status"], bounced["dsn"]) == ("bounced", "5.7.26")
     assert "5.7.26" in bounced["reply"]
     assert any(e["event"] == "reject" and e["reason"] == "user_unknown" for e in events)
+    # Each host that did not take the message has its line: the first MX refused the
+    # connection (its delivery lines name only the host that had the last word).
+    failed = {(e["host"], e["ip"]): e for e in events if e["event"] == "host_failed"}
+    dead, grey = failed["dead.b.test", "127.0.0.2"], failed["mx.b.test", "127.0.0.1"]
+    assert (dead["queue_id"], dead["recipients"]) == (qid, 3)
+    assert "dead.b.test[127.0.0.2]" in dead["reply"] and dead["reply"].startswith("4")
+    assert (grey["queue_id"], grey["recipients"], grey["reply"][:9]) == (qid, 1, "451 4.7.1")
 
     # The bounce's human-readable part says what to do, naming the command.
     (raw,) = srv.messages("alice@a.test")

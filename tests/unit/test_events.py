@@ -312,7 +312,7 @@ def test_workers_sharing_a_pipe_never_tear_each_others_lines() -> None:
                 os.close(read_end)
                 stream = os.fdopen(write_end, "w", buffering=1)
                 logs.setup(Config(hostname="mx.a.test", log_format="json"), stream=stream)
-                for batch in range(20):
+                for _batch in range(20):
                     for i in range(200):
                         logs.emit(
                             logs.INFO,

@@ -643,7 +643,13 @@ def test_a_domain_delivered_is_stored_before_a_slower_one_ends(
 
     class Remote:
         async def deliver(
-            self, domain: str, outgoing: OutgoingMessage, wire: bytes, may_finish: Any, final: Any
+            self,
+            domain: str,
+            outgoing: OutgoingMessage,
+            wire: bytes,
+            may_finish: Any,
+            final: Any,
+            queue_id: str = "",
         ) -> list[DeliveryResult]:
             if domain == "slow.test":
                 await slow_release.wait()
@@ -864,7 +870,13 @@ def test_a_domain_cut_short_keeps_what_the_others_did(tmp_path: Path) -> None:
 
     class Remote:
         async def deliver(
-            self, domain: str, outgoing: OutgoingMessage, wire: bytes, may_finish: Any, final: Any
+            self,
+            domain: str,
+            outgoing: OutgoingMessage,
+            wire: bytes,
+            may_finish: Any,
+            final: Any,
+            queue_id: str = "",
         ) -> list[DeliveryResult]:
             if domain == "c.test":
                 await asyncio.sleep(0.05)
@@ -911,7 +923,13 @@ def test_the_delivery_lines_name_the_tls_of_their_session(
 
     class Remote(FakeRemote):
         async def deliver(
-            self, domain: str, outgoing: OutgoingMessage, wire: bytes, may_finish: Any, final: Any
+            self,
+            domain: str,
+            outgoing: OutgoingMessage,
+            wire: bytes,
+            may_finish: Any,
+            final: Any,
+            queue_id: str = "",
         ) -> list[DeliveryResult]:
             if domain == "c.test":
                 raise DotWithheld("mx.c.test[192.0.2.3]", STOPPED, "TLSv1.2 ECDHE-RSA-AES128")
@@ -954,6 +972,7 @@ def test_a_stop_that_cancels_an_attempt_keeps_the_250s_it_holds(tmp_path: Path, 
             wire: bytes,
             may_finish: Any,
             final: dict[int, DeliveryResult] | None = None,
+            queue_id: str = "",
         ) -> list[DeliveryResult]:
             ok = Reply(250, "2.0.0", ("queued",))
             final = {} if final is None else final  # (a host's 250 goes in as it comes)
@@ -1020,7 +1039,13 @@ class _SecondAttempt(FakeRemote):
         self.calls = 0
 
     async def deliver(
-        self, domain: str, outgoing: Any, wire: bytes, may_finish: Any, final: Any = None
+        self,
+        domain: str,
+        outgoing: Any,
+        wire: bytes,
+        may_finish: Any,
+        final: Any = None,
+        queue_id: str = "",
     ) -> list[Any]:
         from postroom.delivery.remote import DeliveryResult
         from postroom.smtp.client_engine import Outcome
@@ -1134,7 +1159,13 @@ def test_a_cancel_after_a_withheld_dot_keeps_the_250_an_earlier_host_gave(
 
     class Remote(FakeRemote):
         async def deliver(
-            self, domain: str, outgoing: Any, wire: bytes, may_finish: Any, final: Any
+            self,
+            domain: str,
+            outgoing: Any,
+            wire: bytes,
+            may_finish: Any,
+            final: Any,
+            queue_id: str = "",
         ) -> list[DeliveryResult]:
             await asyncio.sleep(0.01)
             ok = Reply(250, "2.0.0", ("queued",))
@@ -1179,7 +1210,13 @@ def test_a_cancel_during_an_early_save_still_keeps_what_the_attempt_holds(
 
     class Remote(FakeRemote):
         async def deliver(
-            self, domain: str, outgoing: Any, wire: bytes, may_finish: Any, final: Any
+            self,
+            domain: str,
+            outgoing: Any,
+            wire: bytes,
+            may_finish: Any,
+            final: Any,
+            queue_id: str = "",
         ) -> list[DeliveryResult]:
             ok = Reply(250, "2.0.0", ("queued",))
             if domain == "fast.test":

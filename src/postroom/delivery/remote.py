@@ -353,6 +353,7 @@ class RemoteDelivery:
         source: MessageSource,
         may_finish: MayFinish | None = None,
         final: dict[int, DeliveryResult] | None = None,
+        queue_id: str = "",
     ) -> list[DeliveryResult]:
         """Try to deliver ``message`` (all recipients in ``domain``); one result per recipient,
         in the order of ``message.recipients``. Never raises for network or DNS trouble.
@@ -360,7 +361,8 @@ class RemoteDelivery:
         ``final`` gets each recipient's result (by its index) as soon as a host gave one that
         is not temporary: a caller cancelled while a later host is tried, or given
         :class:`DotWithheld`, reads there what earlier hosts took (RFC 5321 §6.1: their 250
-        commits them); given DotWithheld, also what they deferred (their own 4xx)."""
+        commits them); given DotWithheld, also what they deferred (their own 4xx).
+        ``queue_id`` names the message in the lines logged for each host that failed."""
         route = await self.resolver.route(domain)
         route = drop_self(
             route,
@@ -414,6 +416,7 @@ class RemoteDelivery:
                         session_error = (exc, target.host, ip)
                         if not exc.permanent:
                             unreached = session_error
+                        events.host_failed(queue_id, target.host, ip, str(exc.reply), len(batch))
                         break
                     except DotWithheld as exc:  # what hosts before this one took (RFC 5321
                         withheld(exc)  # §6.1: their 250 commits them) is kept, and the rest
@@ -427,6 +430,7 @@ class RemoteDelivery:
                         session_error = unreached = (failed, target.host, ip)
                         break
                     too_many: list[int] = []
+                    deferred: list[DeliveryResult] = []  # by this host, for now
                     for i, res in zip(batch, done.results, strict=True):
                         reply = res.reply
                         mta: str | None = target.host
@@ -452,6 +456,7 @@ class RemoteDelivery:
                             final[i] = result
                             continue
                         last_temp[i] = result  # try the next host for this one too
+                        deferred.append(result)
                         if res.reply.code in (452, 552):
                             too_many.append(i)
                     # RFC 5321 §4.5.3.1.10: recipients refused as too many in a transaction
@@ -459,6 +464,9 @@ class RemoteDelivery:
                     # round delivers at least one: the loop ends.)
                     delivered = any(r.outcome is Outcome.DELIVERED for r in done.results)
                     batch = too_many if delivered else []
+                    if len(deferred) > len(batch):  # some wait for the next host or attempt
+                        said = str(deferred[-1].reply)
+                        events.host_failed(queue_id, target.host, ip, said, len(deferred))
                 pending = [i for i in pending if i not in final]
         for i in pending:
             rcpt = message.recipients[i]

@@ -882,7 +882,7 @@ class QueueRunner:
             fence = self._lease_fresh
             may_finish = None if fence is None else (lambda: fence(envelope.id))
             results = await self._remote_delivery().deliver(
-                domain, outgoing, wire, may_finish, final=kept
+                domain, outgoing, wire, may_finish, final=kept, queue_id=envelope.id
             )
             took = time.monotonic() - started
         out = []
