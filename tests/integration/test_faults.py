@@ -99,6 +99,52 @@ def test_disk_full_gives_452_and_recovers(small_disk: Path, tmp_path: Path) -> N
         srv.stop()
 
 
+def fill(path: Path) -> None:
+    with open(path, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+
+
+def test_mail_a_restart_on_a_full_disk_kept_is_delivered_once_there_is_room(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    """Mail that got its 250 on a full disk (in the journal's reserved room) and a restart
+    while the disk was still full: the start's replay could not park it and kept its
+    segment, which only the next start replayed; freeing space and `queue flush` did not
+    deliver it. Now the running server replays it again (a flush, or within a minute)."""
+    srv = start_on(small_disk / "data", tmp_path)
+    try:
+        filler = small_disk / "filler"
+        fill(filler)
+        accepted = []
+        with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
+            c.ehlo()
+            for i in range(5):
+                c.mail("x@r.test")
+                c.rcpt("bob@a.test")
+                if c.data(f"Subject: kept {i}\r\n\r\nbody\r\n".encode())[0] == 250:
+                    accepted.append(f"Subject: kept {i}".encode())
+        assert accepted  # (they fit in the room the journal reserves)
+        srv.stop()
+        srv.start()  # still full: the replay keeps the segment
+        assert ".journal: kept" in srv.log.read_text()
+        filler.unlink()
+        old = time.time() - 120  # (a segment written to in the last minute is left alone)
+        for segment in (srv.data_dir / "journal").glob("*.journal"):
+            os.utime(segment, (old, old))
+        srv.cli("queue", "flush")
+        msgs = srv.wait_messages("bob@a.test", len(accepted), timeout=15)
+        for subject in accepted:
+            assert sum(subject in m for m in msgs) == 1, subject
+        assert len(msgs) == len(accepted)
+    finally:
+        srv.stop()
+
+
 def test_unwritable_mailbox_defers_logs_and_delivers_once_mended(
     server_factory: ServerFactory,
 ) -> None:

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -424,3 +425,48 @@ def test_damage_in_the_middle_of_a_segment_is_set_aside_and_reported(
     assert os.listdir(a / "new") == [one.targets[0].name]
     assert not path.exists() and (tmp_path / "queue" / "corrupt" / path.name).exists()
     assert "damaged" in capsys.readouterr().err
+
+
+def test_a_replay_cut_short_by_a_full_disk_makes_no_copy_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay that made a copy and then could not park (the disk full) kept its segment;
+    the next replay made the copy again, though its reader had fetched and deleted it by
+    then. The replay marks each copy it makes in the zeros after the records."""
+    journal_dir, a, b = tmp_path / "journal", tmp_path / "a", tmp_path / "b"
+    (journal_dir / journal.BODIES).mkdir(parents=True)
+    one, two = entry(1, a, keep=True), entry(2, b, keep=True)
+    path = segment(journal_dir, journal.encode_entry(one), journal.encode_entry(two))
+    with path.open("ab") as f:
+        f.write(bytes(4096))  # as a writer leaves it: zeros ahead of the records
+    real_park = DeferredStore.park
+
+    def full(*_args: object, **_kw: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(DeferredStore, "park", full)
+    journal.recover(str(journal_dir), BOOT)  # Q1's copy made, its park failed: kept
+    assert path.exists() and os.listdir(a / "new") == [one.targets[0].name]
+    assert journal.orphaned(str(journal_dir), 0)  # for the next replay
+    (a / "new" / one.targets[0].name).unlink()  # fetched and deleted over POP3
+    monkeypatch.setattr(DeferredStore, "park", real_park)
+    assert journal.recover(str(journal_dir), BOOT) == 1  # Q2's copy alone
+    assert os.listdir(a / "new") == [] and os.listdir(b / "new") == [two.targets[0].name]
+    store = DeferredStore(tmp_path / "queue")
+    assert store.ids() == ["Q1", "Q2"] and not path.exists()
+    assert [r.status for r in store.load("Q1").recipients] == ["delivered", "queued", "queued"]
+    assert not journal.orphaned(str(journal_dir), 0)
+
+
+def test_a_segment_orphaned_just_now_is_left_to_its_worker(tmp_path: Path) -> None:
+    """The periodic replay leaves a writer that died a moment ago to its own worker, which
+    writes the refusal file of what it answers 452 first (see write_refused)."""
+    journal_dir, a = tmp_path / "journal", tmp_path / "a"
+    (journal_dir / journal.BODIES).mkdir(parents=True)
+    path = segment(journal_dir, journal.encode_entry(entry(1, a)))
+    assert not journal.orphaned(str(journal_dir), 60)
+    assert journal.recover(str(journal_dir), BOOT, min_age=60) == 0 and path.exists()
+    old = time.time() - 120
+    os.utime(path, (old, old))
+    assert journal.orphaned(str(journal_dir), 60)
+    assert journal.recover(str(journal_dir), BOOT, min_age=60) == 1 and not path.exists()

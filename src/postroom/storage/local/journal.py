@@ -425,14 +425,17 @@ def _read_refused(directory: str) -> tuple[set[str], list[str]]:
     return ids, paths
 
 
-def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
+def recover(directory: str, boot: str, clean_bodies: bool = False, min_age: float = 0.0) -> int:
     """Replay every segment in ``directory`` that no living writer holds, then delete it;
     the number of copies written. Kept entries are parked in the deferred store (``queue/``
-    beside ``directory``). A segment that cannot be replayed whole is kept. With
-    ``clean_bodies`` (the server's start, before any worker writes), body files that no
-    segment names are removed: left by a message that was never acknowledged. Messages
-    named by a refusal file (:func:`write_refused`) are dropped, and any copy of them still
-    unread in ``new/`` taken back; the files go once every segment was replayed."""
+    beside ``directory``). A segment that cannot be replayed whole (a full disk) is kept,
+    for the next start or the next call (see :func:`orphaned`). With ``clean_bodies`` (the
+    server's start, before any worker writes), body files that no segment names are removed:
+    left by a message that was never acknowledged. Messages named by a refusal file
+    (:func:`write_refused`) are dropped, and any copy of them still unread in ``new/`` taken
+    back; the files go once every segment was replayed. ``min_age``: segments written to
+    more recently than that many seconds ago are left (a writer that died just now: its
+    worker has yet to write the refusal file of what it answers 452)."""
     written = 0
     store = DeferredStore(os.path.join(os.path.dirname(directory) or ".", "queue"))
     named: set[str] = set()
@@ -451,12 +454,20 @@ def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
             kept = True
             continue
         try:
+            if min_age and time.time() - os.fstat(fd).st_mtime < min_age:
+                kept = True
+                continue
             with os.fdopen(os.dup(fd), "rb") as f:
-                contents = parse(f.read())
+                data = f.read()
+            contents = parse(data)
             if not _lock(fd) or not _is(path, fd):
                 named.update(e.body_file for e in contents.entries if e.body_file)
                 continue  # a living writer's
-            copies, bodies = _replay(contents, boot, store, refused)
+            # Zeros after the records (a writer writes them ahead): the replay marks there
+            # each copy it makes, so that a replay cut short by a full disk does not make it
+            # again at the next one, after its reader may have fetched and deleted it.
+            marks = _Marks(fd, contents.end) if not data[contents.end :].strip(b"\0") else None
+            copies, bodies = _replay(contents, boot, store, refused, marks)
             written += copies
             # The copies made since the last synced mark may be in the page cache alone (a
             # crash, not a power loss): flushed before the record of them goes.
@@ -472,7 +483,7 @@ def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
             else:
                 os.unlink(path)
         except OSError as exc:
-            warn(f"{path}: kept for the next start: {exc}")
+            warn(f"{path}: kept, to be replayed again within a minute or at the next start: {exc}")
             named.update(e.body_file for e in contents.entries if e.body_file)
             kept = True
         finally:
@@ -490,6 +501,45 @@ def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
     return written
+
+
+def orphaned(directory: str, min_age: float) -> bool:
+    """Whether ``directory`` holds a segment no living writer holds, not written to for
+    ``min_age`` seconds: one a replay kept (the disk was full), for :func:`recover` again."""
+    now = time.time()
+    for name in os.listdir(directory):
+        if not name.endswith(SUFFIX):
+            continue
+        try:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if now - os.fstat(fd).st_mtime >= min_age and _lock(fd):
+                return True
+        finally:
+            os.close(fd)  # (the lock goes with it)
+    return False
+
+
+class _Marks:
+    """SETTLED records a replay appends to the segment it replays, over the zeros after its
+    records. Not flushed: like the writer's own, they are trusted only within this boot (a
+    crash keeps the page cache; after a power loss each copy is compared again)."""
+
+    def __init__(self, fd: int, end: int) -> None:
+        self.fd, self.end = fd, end
+
+    def settle(self, seq: int, index: int) -> bool:
+        """Record a copy made; False if the segment takes no record (a short write leaves a
+        torn one: the end of the segment, where the next mark would not be read)."""
+        record = b"".join(encode_settled([(seq, index)]))
+        try:
+            written = os.pwrite(self.fd, record, self.end)
+        except OSError:
+            return False
+        self.end += written
+        return written == len(record)
 
 
 def _flush(directories: set[str]) -> None:
@@ -518,10 +568,14 @@ def _set_aside(path: str, store: DeferredStore, end: int) -> None:
 
 
 def _replay(
-    contents: Contents, boot: str, store: DeferredStore, refused: Container[str] = ()
+    contents: Contents,
+    boot: str,
+    store: DeferredStore,
+    refused: Container[str] = (),
+    marks: _Marks | None = None,
 ) -> tuple[int, list[str]]:
     """Publish what may be missing and park what the queue still held; the copies written
-    and the body files no longer needed."""
+    and the body files no longer needed. ``marks`` records each copy made in the segment."""
     same_boot = bool(boot) and contents.boot == boot
     written, dirs, bodies = 0, set(), []
     for entry in contents.entries:
@@ -567,6 +621,9 @@ def _replay(
                 if not park and not store.has(entry.queue_id):
                     park = True  # else nothing would be left of it once the segment goes
                 continue
+            if marks is not None and not marks.settle(entry.seq, target.index):
+                warn(f"{entry.queue_id}: the journal takes no mark of the copies replayed")
+                marks = None
             delivered.append(target.index)
             written += 1
         if park:  # (an OSError here keeps the segment for the next start)

@@ -56,6 +56,7 @@ HOLD_LIMIT = 1 << 20  # a message up to this size may wait in memory for its end
 TRIM_ABOVE = 8 << 20  # after a rewrite of a message larger than this, freed memory goes back
 HOLD_BUDGET = 32 << 20  # what one worker holds so beyond INLINE_LIMIT, all drafts together
 BOX_CACHE = 10_000
+ORPHAN_AGE = 60.0  # seconds a writer's segment lies unwritten before the periodic replay takes it
 JOURNAL_TRIES = 5  # a PARK or RELEASE is tried again with a new writer if the last one died
 
 
@@ -624,6 +625,16 @@ class LocalQueue:
             self._schedule(qid, when)
             n += 1
         return n
+
+    async def replay_orphans(self, busy: AbstractSet[str]) -> int:
+        """Replay the journal segments a replay kept (the disk was full at the start) once it
+        has room, and schedule the messages parked (how many; see :meth:`adopt`): they
+        waited for the next start, though ``queue flush`` or free space should do."""
+        directory = str(self.journal_dir)
+        if not await self.io.run(journal.orphaned, directory, ORPHAN_AGE):
+            return 0
+        await self.io.run(journal.recover, directory, journal.boot_id(), False, ORPHAN_AGE)
+        return await self.adopt(busy)
 
     def take(self, queue_id: str) -> Envelope | None:
         """A parked message handed over by another worker (the control socket)."""
