@@ -152,3 +152,21 @@ def test_a_retry_of_a_message_still_in_the_journal_makes_its_local_copies(
     assert error is None
     (name,) = os.listdir(Path(queue.box("bob@x.test")) / "new")
     assert (Path(queue.box("bob@x.test")) / "new" / name).read_bytes().endswith(b"journal\n")
+
+
+def test_a_park_the_disk_refuses_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each failed write left its .ID.tmp until the next start: an inode apiece, on a disk
+    that was full already (135 of them in one run)."""
+    store = DeferredStore(tmp_path)
+    env = Envelope("Q1", "s@x.test", [Recipient("r@y.test")], 1.0)
+
+    def full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        store.park(env.to_json(), "Q1", b"body", "")
+    left = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert not [name for name in left if name.endswith(".tmp")], left
