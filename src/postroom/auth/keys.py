@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from postroom.address import normalise_domain
 from postroom.errors import KeysChanged, PostroomError
-from postroom.storage.local.files import fsync_dir, write_all
+from postroom.storage.local.files import fsync_dir, replace_durably
 
 Algorithm = Literal["ed25519", "rsa"]
 State = Literal["pending", "active", "retiring"]
@@ -252,14 +252,7 @@ def _check_selector(selector: str) -> None:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically, 0600 from the first octet, fsync'ed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        write_all(fd, (data,))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    replace_durably(path, data, path.with_name(f".{path.name}.tmp"))
 
 
 class KeyRing:

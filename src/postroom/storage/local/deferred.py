@@ -168,19 +168,6 @@ class DeferredStore:
 
 
 def _replace(tmp: Path, dest: str | Path, data: bytes, due: float | None = None) -> None:
-    """Write ``data`` to ``tmp``, fsync it, and rename it over ``dest`` (the caller fsyncs
-    the directory); a state file's mtime is set to when its message is due. A write that
-    fails (a full disk) takes its ``tmp`` away: each would hold an inode until the start."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        files.write_all(fd, (data,))
-        if due is not None:
-            os.utime(fd, (due, due))
-        os.fsync(fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    finally:
-        os.close(fd)
-    os.replace(tmp, dest)
+    """Write ``data`` over ``dest`` durably (the caller fsyncs the directory); a state file's
+    mtime is set to when its message is due."""
+    files.replace_durably(dest, data, tmp, due)

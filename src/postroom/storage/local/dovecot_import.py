@@ -158,15 +158,9 @@ def _load_map(path: Path) -> dict[str, str]:
 
 def _save_map(path: Path, entries: dict[str, str]) -> None:
     """Replace ``path`` with ``entries``, durably (written whole, synced, renamed over)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        body = "".join(f"{k}\t{v}\n" for k, v in sorted(entries.items()))
-        files.write_all(fd, [body.encode("utf-8", "surrogateescape")])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    body = "".join(f"{k}\t{v}\n" for k, v in sorted(entries.items()))
+    data = body.encode("utf-8", "surrogateescape")
+    files.replace_durably(path, data, path.with_name(path.name + ".tmp"))
 
 
 @dataclass

@@ -25,6 +25,27 @@ def write_all(fd: int, parts: Sequence[bytes | bytearray]) -> None:
             rest = rest[os.write(fd, rest) :]
 
 
+def replace_durably(
+    path: str | Path, data: bytes, tmp: str | Path, mtime: float | None = None
+) -> None:
+    """Write ``data`` to ``tmp`` (0600 from the first octet), fsync it and rename it over
+    ``path``; the caller fsyncs the directory. ``mtime``: the file's, set before the rename.
+    A write that fails (a full disk) takes its ``tmp`` away: each would hold an inode."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        write_all(fd, (data,))
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
+        os.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make the directory's entries (a create, rename, link or unlink) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
