@@ -7,7 +7,6 @@ import fcntl
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -447,7 +446,7 @@ def test_a_replay_cut_short_by_a_full_disk_makes_no_copy_twice(
     monkeypatch.setattr(DeferredStore, "park", full)
     journal.recover(str(journal_dir), BOOT)  # Q1's copy made, its park failed: kept
     assert path.exists() and os.listdir(a / "new") == [one.targets[0].name]
-    assert journal.orphaned(str(journal_dir), 0)  # for the next replay
+    assert journal.orphans(str(journal_dir)) == {path.name}  # for the next replay
     (a / "new" / one.targets[0].name).unlink()  # fetched and deleted over POP3
     monkeypatch.setattr(DeferredStore, "park", real_park)
     assert journal.recover(str(journal_dir), BOOT) == 1  # Q2's copy alone
@@ -455,18 +454,23 @@ def test_a_replay_cut_short_by_a_full_disk_makes_no_copy_twice(
     store = DeferredStore(tmp_path / "queue")
     assert store.ids() == ["Q1", "Q2"] and not path.exists()
     assert [r.status for r in store.load("Q1").recipients] == ["delivered", "queued", "queued"]
-    assert not journal.orphaned(str(journal_dir), 0)
+    assert journal.orphans(str(journal_dir)) == set()
 
 
-def test_a_segment_orphaned_just_now_is_left_to_its_worker(tmp_path: Path) -> None:
-    """The periodic replay leaves a writer that died a moment ago to its own worker, which
-    writes the refusal file of what it answers 452 first (see write_refused)."""
+def test_a_later_replay_takes_only_the_segments_it_names(tmp_path: Path) -> None:
+    """The running server replays again only what the start's replay kept: a segment a
+    writer left in this run holds its worker's messages (their first attempts may run), and
+    the refusal files of what that worker answered 452 stay for its next writer."""
     journal_dir, a = tmp_path / "journal", tmp_path / "a"
     (journal_dir / journal.BODIES).mkdir(parents=True)
     path = segment(journal_dir, journal.encode_entry(entry(1, a)))
-    assert not journal.orphaned(str(journal_dir), 60)
-    assert journal.recover(str(journal_dir), BOOT, min_age=60) == 0 and path.exists()
-    old = time.time() - 120
-    os.utime(path, (old, old))
-    assert journal.orphaned(str(journal_dir), 60)
-    assert journal.recover(str(journal_dir), BOOT, min_age=60) == 1 and not path.exists()
+    journal.write_refused(str(journal_dir), ["Q9"])
+    assert journal.orphans(str(journal_dir)) == {path.name}
+    assert journal.recover(str(journal_dir), BOOT, only={"other.journal"}) == 0
+    assert path.exists()
+    assert journal.recover(str(journal_dir), BOOT, only={path.name}) == 1
+    assert not path.exists() and journal.orphans(str(journal_dir)) == set()
+    assert [n for n in os.listdir(journal_dir) if n.endswith(journal.REFUSED)]
+    with open(journal_dir / "held.journal", "wb") as f:  # a living writer's
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        assert journal.orphans(str(journal_dir)) == set()

@@ -425,24 +425,25 @@ def _read_refused(directory: str) -> tuple[set[str], list[str]]:
     return ids, paths
 
 
-def recover(directory: str, boot: str, clean_bodies: bool = False, min_age: float = 0.0) -> int:
+def recover(
+    directory: str, boot: str, clean_bodies: bool = False, only: Container[str] | None = None
+) -> int:
     """Replay every segment in ``directory`` that no living writer holds, then delete it;
     the number of copies written. Kept entries are parked in the deferred store (``queue/``
     beside ``directory``). A segment that cannot be replayed whole (a full disk) is kept,
-    for the next start or the next call (see :func:`orphaned`). With ``clean_bodies`` (the
+    for the next start or a later call (see :func:`orphans`). With ``clean_bodies`` (the
     server's start, before any worker writes), body files that no segment names are removed:
     left by a message that was never acknowledged. Messages named by a refusal file
     (:func:`write_refused`) are dropped, and any copy of them still unread in ``new/`` taken
-    back; the files go once every segment was replayed. ``min_age``: segments written to
-    more recently than that many seconds ago are left (a writer that died just now: its
-    worker has yet to write the refusal file of what it answers 452)."""
+    back; the files go once every segment was replayed. ``only``: the names of the segments
+    to replay (those the start kept), the others and the refusal files left as they are."""
     written = 0
     store = DeferredStore(os.path.join(os.path.dirname(directory) or ".", "queue"))
     named: set[str] = set()
     refused, refusals = _read_refused(directory)
     kept = False
     for name in sorted(os.listdir(directory)):
-        if not name.endswith(SUFFIX):
+        if not name.endswith(SUFFIX) or (only is not None and name not in only):
             continue
         path = os.path.join(directory, name)
         try:
@@ -453,16 +454,19 @@ def recover(directory: str, boot: str, clean_bodies: bool = False, min_age: floa
             warn(f"{path}: kept for the next start: {exc}")
             kept = True
             continue
+        contents: Contents | None = None
         try:
-            if min_age and time.time() - os.fstat(fd).st_mtime < min_age:
-                kept = True
-                continue
+            # Locked before it is read: another replay that held it meanwhile (and was cut
+            # short) may have added marks, which a read made before would not see.
+            mine = _lock(fd) and _is(path, fd)
+            if not mine and not clean_bodies:
+                continue  # a living writer's
             with os.fdopen(os.dup(fd), "rb") as f:
                 data = f.read()
             contents = parse(data)
-            if not _lock(fd) or not _is(path, fd):
+            if not mine:  # a living writer's: read for the body files it names
                 named.update(e.body_file for e in contents.entries if e.body_file)
-                continue  # a living writer's
+                continue
             # Zeros after the records (a writer writes them ahead): the replay marks there
             # each copy it makes, so that a replay cut short by a full disk does not make it
             # again at the next one, after its reader may have fetched and deleted it.
@@ -483,12 +487,13 @@ def recover(directory: str, boot: str, clean_bodies: bool = False, min_age: floa
             else:
                 os.unlink(path)
         except OSError as exc:
-            warn(f"{path}: kept, to be replayed again within a minute or at the next start: {exc}")
-            named.update(e.body_file for e in contents.entries if e.body_file)
+            warn(f"{path}: kept, to be replayed again once the disk has room: {exc}")
+            if contents is not None:
+                named.update(e.body_file for e in contents.entries if e.body_file)
             kept = True
         finally:
             os.close(fd)
-    if not kept:  # (a living writer's segment holds none of them: they were its dead one's)
+    if not kept and only is None:  # (a living writer's segment holds none of them)
         for path in refusals:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -503,10 +508,10 @@ def recover(directory: str, boot: str, clean_bodies: bool = False, min_age: floa
     return written
 
 
-def orphaned(directory: str, min_age: float) -> bool:
-    """Whether ``directory`` holds a segment no living writer holds, not written to for
-    ``min_age`` seconds: one a replay kept (the disk was full), for :func:`recover` again."""
-    now = time.time()
+def orphans(directory: str) -> set[str]:
+    """The names of the segments in ``directory`` that no living writer holds: those a
+    replay kept (the disk was full), taken again by :func:`recover` with ``only``."""
+    out = set()
     for name in os.listdir(directory):
         if not name.endswith(SUFFIX):
             continue
@@ -515,17 +520,19 @@ def orphaned(directory: str, min_age: float) -> bool:
         except OSError:
             continue
         try:
-            if now - os.fstat(fd).st_mtime >= min_age and _lock(fd):
-                return True
+            if _lock(fd):
+                out.add(name)
         finally:
             os.close(fd)  # (the lock goes with it)
-    return False
+    return out
 
 
 class _Marks:
     """SETTLED records a replay appends to the segment it replays, over the zeros after its
-    records. Not flushed: like the writer's own, they are trusted only within this boot (a
-    crash keeps the page cache; after a power loss each copy is compared again)."""
+    records, each once its copy and the copy's directory are flushed: whether or not a mark
+    outlives a power loss, the copy it names does. (Not flushed themselves: within this boot
+    the page cache holds them; after a power loss a mark is trusted only for an entry a
+    synced mark covers, whose copy is compared otherwise.)"""
 
     def __init__(self, fd: int, end: int) -> None:
         self.fd, self.end = fd, end
@@ -615,12 +622,15 @@ def _replay(
             if found is not None:
                 os.unlink(found)
             try:
-                dirs.add(publish_copy(entry, target))
+                new = publish_copy(entry, target)
+                if marks is not None:  # (the mark holds across a power loss: see _Marks)
+                    files.fsync_dir(new)
             except OSError as exc:  # parked below: the runner retries it from there
                 warn(f"{entry.queue_id}: copy for {target.box}: {exc}")
                 if not park and not store.has(entry.queue_id):
                     park = True  # else nothing would be left of it once the segment goes
                 continue
+            dirs.add(new)
             if marks is not None and not marks.settle(entry.seq, target.index):
                 warn(f"{entry.queue_id}: the journal takes no mark of the copies replayed")
                 marks = None

@@ -56,7 +56,6 @@ HOLD_LIMIT = 1 << 20  # a message up to this size may wait in memory for its end
 TRIM_ABOVE = 8 << 20  # after a rewrite of a message larger than this, freed memory goes back
 HOLD_BUDGET = 32 << 20  # what one worker holds so beyond INLINE_LIMIT, all drafts together
 BOX_CACHE = 10_000
-ORPHAN_AGE = 60.0  # seconds a writer's segment lies unwritten before the periodic replay takes it
 JOURNAL_TRIES = 5  # a PARK or RELEASE is tried again with a new writer if the last one died
 
 
@@ -498,6 +497,7 @@ class LocalQueue:
         self._next: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._problems: list[str] = []
+        self._kept_segments: set[str] = set()  # what the start's replay kept (a full disk)
         self._boxes: dict[str, str] = {}
 
     # -- intake -----------------------------------------------------------------------------
@@ -591,6 +591,9 @@ class LocalQueue:
         self.owner = True
         if clean:
             self.deferred.clean()
+            # No worker has written yet: a segment no writer holds now is one the replay
+            # kept, never a living worker's (whose messages may be in their first attempt).
+            self._kept_segments = journal.orphans(str(self.journal_dir))
         for qid, when in self.deferred.schedule():
             self._schedule(qid, when)
         return len(self._next)
@@ -627,13 +630,16 @@ class LocalQueue:
         return n
 
     async def replay_orphans(self, busy: AbstractSet[str]) -> int:
-        """Replay the journal segments a replay kept (the disk was full at the start) once it
+        """Replay the journal segments the start's replay kept (the disk was full) once it
         has room, and schedule the messages parked (how many; see :meth:`adopt`): they
-        waited for the next start, though ``queue flush`` or free space should do."""
-        directory = str(self.journal_dir)
-        if not await self.io.run(journal.orphaned, directory, ORPHAN_AGE):
+        waited for the next start, though ``queue flush`` or free space should do. Only
+        those: a segment a writer left in this run holds its worker's messages, and is its
+        worker's next writer's to replay."""
+        if not self._kept_segments:
             return 0
-        await self.io.run(journal.recover, directory, journal.boot_id(), False, ORPHAN_AGE)
+        directory, kept = str(self.journal_dir), self._kept_segments
+        await self.io.run(journal.recover, directory, journal.boot_id(), False, kept)
+        self._kept_segments = kept & await self.io.run(journal.orphans, directory)
         return await self.adopt(busy)
 
     def take(self, queue_id: str) -> Envelope | None:
