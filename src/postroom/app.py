@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("postroom")
 
 CONTROL_SOCKET = "control.sock"
-ORPHAN_CHECK = 30.0  # seconds between looks for journal segments a full disk kept from replay
 
 
 def build_services(
@@ -352,10 +351,7 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
             verb, _, arg = line.partition(" ")
             if verb in ("flush", "adopt") and isinstance(queue, LocalQueue):
                 # A dead worker's messages, parked by the replay of its journal: scheduled
-                # here (a flush as well: "every deferred message", whoever parked it, and
-                # those of a journal a full disk kept from its replay).
-                if verb == "flush":
-                    await queue.replay_orphans(runner.busy)
+                # here (a flush as well: "every deferred message", whoever parked it).
                 adopted = await queue.adopt(runner.busy)
                 if adopted:
                     log.info("queue: %d messages parked by another worker scheduled", adopted)
@@ -400,22 +396,6 @@ def _hand_over(services: Services, queue_id: str) -> None:
     task = asyncio.get_running_loop().create_task(_submit(services, queue_id))
     _handing_over.add(task)
     task.add_done_callback(_handing_over.discard)
-
-
-async def _replay_orphans(services: Services, queue: LocalQueue, runner: QueueRunner) -> None:
-    """Now and then, the journal segments a replay kept (the disk was full when it ran) are
-    replayed again, once the disk has room: their mail waited for the next start."""
-    while True:
-        await asyncio.sleep(ORPHAN_CHECK)
-        if services.stopping:
-            return
-        try:
-            scheduled = await queue.replay_orphans(runner.busy)
-        except OSError as exc:  # still full: the next round tries again
-            log.warning("journal segments kept at the start are not replayed yet: %s", exc)
-            continue
-        if scheduled:
-            log.info("queue: %d messages of a journal replayed late scheduled", scheduled)
 
 
 async def _submit(services: Services, queue_id: str, command: str = "submit") -> None:
@@ -545,8 +525,6 @@ async def serve(
     tasks = [loop.create_task(IdleSweeper(services).run())]
     if worker.primary:
         tasks.append(loop.create_task(runner.run()))
-        if isinstance(queue, LocalQueue):
-            tasks.append(loop.create_task(_replay_orphans(services, queue, runner)))
         assert services.sender_auth is not None
         tasks.append(loop.create_task(services.sender_auth.run(queue_made_here(runner))))
     stop = asyncio.Event()

@@ -426,51 +426,51 @@ def test_damage_in_the_middle_of_a_segment_is_set_aside_and_reported(
     assert "damaged" in capsys.readouterr().err
 
 
-def test_a_replay_cut_short_by_a_full_disk_makes_no_copy_twice(
+def test_a_replay_cut_short_by_a_full_disk_does_nothing_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A replay that made a copy and then could not park (the disk full) kept its segment;
-    the next replay made the copy again, though its reader had fetched and deleted it by
-    then. The replay marks each copy it makes in the zeros after the records."""
+    """A replay that made copies and parked messages, then could not park the next one (the
+    disk full), kept its segment with no record of that: the next start made the copies
+    again (their reader had fetched and deleted them) and parked again a message the runner
+    had delivered and removed meanwhile (it went out twice). The replay marks what it did in
+    the zeros after the records."""
     journal_dir, a, b = tmp_path / "journal", tmp_path / "a", tmp_path / "b"
     (journal_dir / journal.BODIES).mkdir(parents=True)
-    one, two = entry(1, a, keep=True), entry(2, b, keep=True)
+    env = Envelope("Q1", "s@x.test", [Recipient(f"u{i}@x.test") for i in range(3)], 1.0)
+    # Its one copy is for recipient 2: a mark names the place in the entry (0), not 2.
+    one = Entry(1, "Q1", env.to_json(), (Target(2, str(a), "1.Q1_2.h"),), b"H: 1\n", keep=True)
+    two = entry(2, b, keep=True)
     path = segment(journal_dir, journal.encode_entry(one), journal.encode_entry(two))
     with path.open("ab") as f:
         f.write(bytes(4096))  # as a writer leaves it: zeros ahead of the records
     real_park = DeferredStore.park
 
-    def full(*_args: object, **_kw: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(store: DeferredStore, envelope: bytes, queue_id: str, *args: object) -> None:
+        if queue_id == "Q2":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_park(store, envelope, queue_id, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(DeferredStore, "park", full)
-    journal.recover(str(journal_dir), BOOT)  # Q1's copy made, its park failed: kept
-    assert path.exists() and os.listdir(a / "new") == [one.targets[0].name]
-    assert journal.orphans(str(journal_dir)) == {path.name}  # for the next replay
-    (a / "new" / one.targets[0].name).unlink()  # fetched and deleted over POP3
-    monkeypatch.setattr(DeferredStore, "park", real_park)
-    assert journal.recover(str(journal_dir), BOOT) == 1  # Q2's copy alone
-    assert os.listdir(a / "new") == [] and os.listdir(b / "new") == [two.targets[0].name]
+    journal.recover(str(journal_dir), BOOT)  # both copies made, Q1 parked, Q2 not: kept
     store = DeferredStore(tmp_path / "queue")
-    assert store.ids() == ["Q1", "Q2"] and not path.exists()
-    assert [r.status for r in store.load("Q1").recipients] == ["delivered", "queued", "queued"]
-    assert journal.orphans(str(journal_dir)) == set()
+    assert path.exists() and store.ids() == ["Q1"]
+    assert [r.status for r in store.load("Q1").recipients] == ["queued", "queued", "delivered"]
+    store.remove("Q1")  # its runner delivered it meanwhile
+    for box in (a, b):  # and the copies were fetched and deleted over POP3
+        for copy in (box / "new").iterdir():
+            copy.unlink()
+    monkeypatch.setattr(DeferredStore, "park", real_park)
+    assert journal.recover(str(journal_dir), BOOT) == 0  # no copy made again
+    assert os.listdir(a / "new") == [] and os.listdir(b / "new") == []
+    assert store.ids() == ["Q2"] and not path.exists()  # Q1 not parked again
+    assert [r.status for r in store.load("Q2").recipients] == ["delivered", "queued", "queued"]
 
 
-def test_a_later_replay_takes_only_the_segments_it_names(tmp_path: Path) -> None:
-    """The running server replays again only what the start's replay kept: a segment a
-    writer left in this run holds its worker's messages (their first attempts may run), and
-    the refusal files of what that worker answered 452 stay for its next writer."""
+def test_a_replay_after_a_power_loss_trusts_none_of_its_own_marks(tmp_path: Path) -> None:
+    """The marks of a replay are not flushed: after a power loss the copies they name are
+    compared again (written again if missing: a duplicate is the safe side)."""
     journal_dir, a = tmp_path / "journal", tmp_path / "a"
     (journal_dir / journal.BODIES).mkdir(parents=True)
-    path = segment(journal_dir, journal.encode_entry(entry(1, a)))
-    journal.write_refused(str(journal_dir), ["Q9"])
-    assert journal.orphans(str(journal_dir)) == {path.name}
-    assert journal.recover(str(journal_dir), BOOT, only={"other.journal"}) == 0
-    assert path.exists()
-    assert journal.recover(str(journal_dir), BOOT, only={path.name}) == 1
-    assert not path.exists() and journal.orphans(str(journal_dir)) == set()
-    assert [n for n in os.listdir(journal_dir) if n.endswith(journal.REFUSED)]
-    with open(journal_dir / "held.journal", "wb") as f:  # a living writer's
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        assert journal.orphans(str(journal_dir)) == set()
+    one = entry(1, a)
+    segment(journal_dir, journal.encode_entry(one), journal.encode_settled([(1, 0)]))
+    assert journal.recover(str(journal_dir), "another-boot") == 1

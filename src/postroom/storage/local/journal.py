@@ -425,25 +425,22 @@ def _read_refused(directory: str) -> tuple[set[str], list[str]]:
     return ids, paths
 
 
-def recover(
-    directory: str, boot: str, clean_bodies: bool = False, only: Container[str] | None = None
-) -> int:
+def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
     """Replay every segment in ``directory`` that no living writer holds, then delete it;
     the number of copies written. Kept entries are parked in the deferred store (``queue/``
-    beside ``directory``). A segment that cannot be replayed whole (a full disk) is kept,
-    for the next start or a later call (see :func:`orphans`). With ``clean_bodies`` (the
-    server's start, before any worker writes), body files that no segment names are removed:
-    left by a message that was never acknowledged. Messages named by a refusal file
-    (:func:`write_refused`) are dropped, and any copy of them still unread in ``new/`` taken
-    back; the files go once every segment was replayed. ``only``: the names of the segments
-    to replay (those the start kept), the others and the refusal files left as they are."""
+    beside ``directory``). A segment that cannot be replayed whole (a full disk) is kept for
+    the next start, with marks of what this replay did (see :class:`_Marks`). With
+    ``clean_bodies`` (the server's start, before any worker writes), body files that no
+    segment names are removed: left by a message that was never acknowledged. Messages
+    named by a refusal file (:func:`write_refused`) are dropped, and any copy of them still
+    unread in ``new/`` taken back; the files go once every segment was replayed."""
     written = 0
     store = DeferredStore(os.path.join(os.path.dirname(directory) or ".", "queue"))
     named: set[str] = set()
     refused, refusals = _read_refused(directory)
     kept = False
     for name in sorted(os.listdir(directory)):
-        if not name.endswith(SUFFIX) or (only is not None and name not in only):
+        if not name.endswith(SUFFIX):
             continue
         path = os.path.join(directory, name)
         try:
@@ -468,8 +465,7 @@ def recover(
                 named.update(e.body_file for e in contents.entries if e.body_file)
                 continue
             # Zeros after the records (a writer writes them ahead): the replay marks there
-            # each copy it makes, so that a replay cut short by a full disk does not make it
-            # again at the next one, after its reader may have fetched and deleted it.
+            # what it did, for the next one should this one be cut short (a full disk).
             marks = _Marks(fd, contents.end) if not data[contents.end :].strip(b"\0") else None
             copies, bodies = _replay(contents, boot, store, refused, marks)
             written += copies
@@ -487,13 +483,13 @@ def recover(
             else:
                 os.unlink(path)
         except OSError as exc:
-            warn(f"{path}: kept, to be replayed again once the disk has room: {exc}")
+            warn(f"{path}: kept for the next start: {exc}")
             if contents is not None:
                 named.update(e.body_file for e in contents.entries if e.body_file)
             kept = True
         finally:
             os.close(fd)
-    if not kept and only is None:  # (a living writer's segment holds none of them)
+    if not kept:  # (a living writer's segment holds none of them: they were its dead one's)
         for path in refusals:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -508,45 +504,34 @@ def recover(
     return written
 
 
-def orphans(directory: str) -> set[str]:
-    """The names of the segments in ``directory`` that no living writer holds: those a
-    replay kept (the disk was full), taken again by :func:`recover` with ``only``."""
-    out = set()
-    for name in os.listdir(directory):
-        if not name.endswith(SUFFIX):
-            continue
-        try:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            if _lock(fd):
-                out.add(name)
-        finally:
-            os.close(fd)  # (the lock goes with it)
-    return out
-
-
 class _Marks:
-    """SETTLED records a replay appends to the segment it replays, over the zeros after its
-    records, each once its copy and the copy's directory are flushed: whether or not a mark
-    outlives a power loss, the copy it names does. (Not flushed themselves: within this boot
-    the page cache holds them; after a power loss a mark is trusted only for an entry a
-    synced mark covers, whose copy is compared otherwise.)"""
+    """Records a replay appends to the segment it replays, over the zeros after its records,
+    so that the next replay, should this one be cut short (a full disk), does not do again
+    what it did: a copy made (SETTLED), which its reader may have fetched and deleted since,
+    and a message parked (RELEASED, written once the park is durable), which the runner may
+    have delivered and removed since. Not flushed: a SETTLED mark is written only for an
+    entry no synced mark covers, so it is trusted within this boot alone (the page cache
+    that holds it holds the copy too); after a power loss each copy is compared again."""
 
     def __init__(self, fd: int, end: int) -> None:
         self.fd, self.end = fd, end
 
-    def settle(self, seq: int, index: int) -> bool:
-        """Record a copy made; False if the segment takes no record (a short write leaves a
-        torn one: the end of the segment, where the next mark would not be read)."""
-        record = b"".join(encode_settled([(seq, index)]))
+    def settle(self, seq: int, indexes: Iterable[int]) -> bool:
+        return self._add(encode_settled([(seq, index) for index in indexes]))
+
+    def release(self, seq: int) -> bool:
+        return self._add(encode_released([seq]))
+
+    def _add(self, record: list[bytes]) -> bool:
+        """False if the segment takes no record (a short write leaves a torn one: the end of
+        the segment, where a next mark would not be read)."""
+        data = b"".join(record)
         try:
-            written = os.pwrite(self.fd, record, self.end)
+            written = os.pwrite(self.fd, data, self.end)
         except OSError:
             return False
         self.end += written
-        return written == len(record)
+        return written == len(data)
 
 
 def _flush(directories: set[str]) -> None:
@@ -582,7 +567,7 @@ def _replay(
     marks: _Marks | None = None,
 ) -> tuple[int, list[str]]:
     """Publish what may be missing and park what the queue still held; the copies written
-    and the body files no longer needed. ``marks`` records each copy made in the segment."""
+    and the body files no longer needed. ``marks`` records what was done in the segment."""
     same_boot = bool(boot) and contents.boot == boot
     written, dirs, bodies = 0, set(), []
     for entry in contents.entries:
@@ -601,7 +586,9 @@ def _replay(
         if not (copies or park):
             continue
         delivered: list[int] = []  # recipients whose copy is in place (kept entries)
-        owed: list[tuple[Target, str | None]] = []  # copies to publish, and a stale file
+        # Copies to publish: the target's place in the entry (what a SETTLED mark names), the
+        # target, and a stale file.
+        owed: list[tuple[int, Target, str | None]] = []
         for index, target in enumerate(entry.targets):
             # A settled mark is trusted across a power loss once a synced mark follows it:
             # the syncer flushed the copy before it wrote that mark (see Syncer).
@@ -614,25 +601,22 @@ def _replay(
             if (found is not None and (same_boot or _same(found, entry))) or settled:
                 delivered.append(target.index)  # (settled but gone: read and deleted since)
             else:
-                owed.append((target, found))
+                owed.append((index, target, found))
         if (owed or park) and entry.body_file and not _intact(entry, same_boot):
             warn(f"{entry.queue_id}: body file incomplete: never acknowledged, dropped")
             continue
-        for target, found in owed:
+        for index, target, found in owed:
             if found is not None:
                 os.unlink(found)
             try:
-                new = publish_copy(entry, target)
-                if marks is not None:  # (the mark holds across a power loss: see _Marks)
-                    files.fsync_dir(new)
+                dirs.add(publish_copy(entry, target))
             except OSError as exc:  # parked below: the runner retries it from there
                 warn(f"{entry.queue_id}: copy for {target.box}: {exc}")
                 if not park and not store.has(entry.queue_id):
                     park = True  # else nothing would be left of it once the segment goes
                 continue
-            dirs.add(new)
-            if marks is not None and not marks.settle(entry.seq, target.index):
-                warn(f"{entry.queue_id}: the journal takes no mark of the copies replayed")
+            if marks is not None and copies and not marks.settle(entry.seq, [index]):
+                warn(f"{entry.queue_id}: the journal takes no mark of what its replay did")
                 marks = None
             delivered.append(target.index)
             written += 1
@@ -645,6 +629,15 @@ def _replay(
             )
             if entry.body_file:
                 bodies.remove(entry.body_file)
+            # Parked: the queue owns it, its copies not made included (the runner makes
+            # them); a later replay of this segment leaves it alone.
+            owed_now = [i for i, t in enumerate(entry.targets) if t.index not in delivered]
+            if marks is not None and not (
+                (not copies or not owed_now or marks.settle(entry.seq, owed_now))
+                and marks.release(entry.seq)
+            ):
+                warn(f"{entry.queue_id}: the journal takes no mark of what its replay did")
+                marks = None
     for directory in dirs:
         files.fsync_dir(directory)
     if written:

@@ -497,7 +497,6 @@ class LocalQueue:
         self._next: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._problems: list[str] = []
-        self._kept_segments: set[str] = set()  # what the start's replay kept (a full disk)
         self._boxes: dict[str, str] = {}
 
     # -- intake -----------------------------------------------------------------------------
@@ -591,9 +590,6 @@ class LocalQueue:
         self.owner = True
         if clean:
             self.deferred.clean()
-            # No worker has written yet: a segment no writer holds now is one the replay
-            # kept, never a living worker's (whose messages may be in their first attempt).
-            self._kept_segments = journal.orphans(str(self.journal_dir))
         for qid, when in self.deferred.schedule():
             self._schedule(qid, when)
         return len(self._next)
@@ -628,19 +624,6 @@ class LocalQueue:
             self._schedule(qid, when)
             n += 1
         return n
-
-    async def replay_orphans(self, busy: AbstractSet[str]) -> int:
-        """Replay the journal segments the start's replay kept (the disk was full) once it
-        has room, and schedule the messages parked (how many; see :meth:`adopt`): they
-        waited for the next start, though ``queue flush`` or free space should do. Only
-        those: a segment a writer left in this run holds its worker's messages, and is its
-        worker's next writer's to replay."""
-        if not self._kept_segments:
-            return 0
-        directory, kept = str(self.journal_dir), self._kept_segments
-        await self.io.run(journal.recover, directory, journal.boot_id(), False, kept)
-        self._kept_segments = kept & await self.io.run(journal.orphans, directory)
-        return await self.adopt(busy)
 
     def take(self, queue_id: str) -> Envelope | None:
         """A parked message handed over by another worker (the control socket)."""
