@@ -510,7 +510,8 @@ _POSTFIX_STATUS = {"delivered": "sent", "deferred": "deferred", "bounced": "boun
 
 def host_failed(queue_id: str, host: str, ip: str, reply: str, recipients: int) -> None:
     """One MX host of an attempt did not take the message for ``recipients`` of its
-    recipients (no session, or a 4xx), and the attempt went on to the next host if any. The
+    recipients (no session: refused, a 4xx or 5xx greeting, TLS; or a 4xx to them, the
+    first of which ``reply`` gives), and the attempt went on to the next host if any. The
     attempt's ``delivery`` lines name only the host that gave the last word; as Postfix does
     ("connect to ...: Connection refused"), each host that failed has its own line."""
     if logs.enabled(INFO):
@@ -525,7 +526,9 @@ def host_failed(queue_id: str, host: str, ip: str, reply: str, recipients: int) 
 
 
 def _text_host_failed(f: Fields) -> str:
-    return f"{f['queue_id']}: {f['host']}[{f['ip']}] did not take it: {f['reply']}"
+    n = f["recipients"]
+    whom = f"{n} recipient" + ("s" if n != 1 else "")
+    return f"{f['queue_id']}: {f['host']}[{f['ip']}] did not take it for {whom}: {f['reply']}"
 
 
 def _text_delivery(f: Fields) -> str:

@@ -133,10 +133,9 @@ def _entity(raw: bytes, *, seven_bit: bool, message: bool, digest: bool, depth: 
     if ctype.startswith("message/") and not ctype.startswith("message/global") and cte in _AS_IS:
         # RFC 2045 §6.4, RFC 6532 §3.5: a message type (delivery-status, partial, ...) takes
         # no encoding but 7bit/8bit/binary; base64 would hide its fields from every reader.
-        # Its header-like lines are folded if long (a fragment's, content, stay as they are);
+        # Its lines are folded if long (no line over 998 goes out, RFC 5321 §4.5.3.1.6);
         # 8-bit octets stay, returned to the sender by a hop without 8BITMIME (5.6.3).
-        fitted = body if ctype == "message/partial" else fold_header(body)
-        return fold_header(head) + b"\r\n" + fitted
+        return fold_header(head) + b"\r\n" + fold_header(body)
     return _leaf(head, body, fields, cte, seven_bit=seven_bit, message=message)
 
 

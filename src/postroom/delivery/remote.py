@@ -430,7 +430,7 @@ class RemoteDelivery:
                         session_error = unreached = (failed, target.host, ip)
                         break
                     too_many: list[int] = []
-                    deferred: list[DeliveryResult] = []  # by this host, for now
+                    deferred: list[tuple[int, DeliveryResult]] = []  # by this host, for now
                     for i, res in zip(batch, done.results, strict=True):
                         reply = res.reply
                         mta: str | None = target.host
@@ -456,7 +456,7 @@ class RemoteDelivery:
                             final[i] = result
                             continue
                         last_temp[i] = result  # try the next host for this one too
-                        deferred.append(result)
+                        deferred.append((i, result))
                         if res.reply.code in (452, 552):
                             too_many.append(i)
                     # RFC 5321 §4.5.3.1.10: recipients refused as too many in a transaction
@@ -464,9 +464,10 @@ class RemoteDelivery:
                     # round delivers at least one: the loop ends.)
                     delivered = any(r.outcome is Outcome.DELIVERED for r in done.results)
                     batch = too_many if delivered else []
-                    if len(deferred) > len(batch):  # some wait for the next host or attempt
-                        said = str(deferred[-1].reply)
-                        events.host_failed(queue_id, target.host, ip, said, len(deferred))
+                    left = [r for i, r in deferred if i not in batch]  # (not sent again here)
+                    if left:  # they wait for the next host or attempt
+                        said = str(left[0].reply)
+                        events.host_failed(queue_id, target.host, ip, said, len(left))
                 pending = [i for i in pending if i not in final]
         for i in pending:
             rcpt = message.recipients[i]
