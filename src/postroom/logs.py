@@ -252,7 +252,7 @@ def _chunks(lines: list[str]) -> list[str]:
     chunks: list[str] = []
     chunk: list[str] = []
     size = 0
-    for line in lines:
+    for line in "\n".join(lines).split("\n"):  # (a traceback's entry holds several lines)
         octets = len(line) + 1 if line.isascii() else len(line.encode("utf-8", "replace")) + 1
         if chunk and size + octets > PIPE_BUF:
             chunks.append("".join(chunk))
