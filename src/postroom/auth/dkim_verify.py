@@ -305,11 +305,13 @@ def _check(
     body_hash = bodies.get(which)
     if body_hash is None:
         canonical_body = dkim_canon.canonical_body(algorithm_name, body)
-        if b"l" in sig:
-            if int(sig[b"l"]) > len(canonical_body):  # §3.5 l=: MUST NOT be larger (OpenDKIM)
-                raise dkim.ValidationError("l= value is larger than the body")
-            canonical_body = canonical_body[: int(sig[b"l"])]
-        body_hash = bodies[which] = hashlib.sha256(canonical_body).digest()
+        if b"l" in sig and int(sig[b"l"]) > len(canonical_body):
+            body_hash = bodies[which] = b""  # (known for the next signature or key record)
+        else:
+            canonical_body = canonical_body[: int(sig[b"l"])] if b"l" in sig else canonical_body
+            body_hash = bodies[which] = hashlib.sha256(canonical_body).digest()
+    if not body_hash:  # §3.5 l=: MUST NOT be larger than the body (OpenDKIM refuses it too)
+        raise dkim.ValidationError("l= value is larger than the body")
     if body_hash != base64.b64decode(_WSP.sub(b"", sig[b"bh"])):
         return False  # body hash mismatch
     include = [name.strip().lower() for name in sig[b"h"].split(b":")]

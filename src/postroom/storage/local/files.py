@@ -33,17 +33,18 @@ def replace_durably(
     A write that fails (a full disk) takes its ``tmp`` away: each would hold an inode."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        write_all(fd, (data,))
-        if mtime is not None:
-            os.utime(fd, (mtime, mtime))
-        os.fsync(fd)
+        try:
+            write_all(fd, (data,))
+            if mtime is not None:
+                os.utime(fd, (mtime, mtime))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def fsync_dir(path: str | Path) -> None:
