@@ -48,17 +48,22 @@ def start_on(data_dir: Path, tmp_path: Path, extra: str = "") -> Server:
     return srv
 
 
+def fill(path: Path) -> None:
+    """Write to ``path`` until the file system is full."""
+    with open(path, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+
+
 def test_disk_full_gives_452_and_recovers(small_disk: Path, tmp_path: Path) -> None:
     srv = start_on(small_disk / "data", tmp_path)
     try:
         filler = small_disk / "filler"
-        with open(filler, "wb") as fh:
-            try:
-                while True:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
-            except OSError:
-                pass
+        fill(filler)
         with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=20) as c:
             c.ehlo()
             c.mail("x@r.test")
@@ -97,16 +102,6 @@ def test_disk_full_gives_452_and_recovers(small_disk: Path, tmp_path: Path) -> N
         assert not list((srv.data_dir / "mail/a.test/alice/tmp").iterdir())
     finally:
         srv.stop()
-
-
-def fill(path: Path) -> None:
-    with open(path, "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
 
 
 def test_mail_a_restart_on_a_full_disk_kept_is_delivered_once_at_the_next(

@@ -574,16 +574,7 @@ def test_a_signing_key_whose_record_left_dns_stops_signing_until_it_is_back(
         message = _Submitted(b"From: alice@a.test\r\nSubject: x\r\n\r\nhi\r\n")
         for _ in range(3):
             now[0] += 10  # more than RECHECK apart
-            asyncio.run(
-                auth.end_of_data(
-                    message,
-                    port="submission",
-                    auth_user="alice@a.test",
-                    client_ip="",
-                    helo="",
-                    sender="",
-                )
-            )
+            _submit(auth, message)
         assert cache.queries == queries and b"DKIM-Signature" not in message.data
         dns.txt(ed_name, ed.record())
         asyncio.run(auth.look_for_pending("a.test"))
@@ -596,6 +587,21 @@ def test_a_signing_key_whose_record_left_dns_stops_signing_until_it_is_back(
         assert old_ed in keys.listed_keys(rotated, 149)
     finally:
         dns.stop()
+
+
+def _submit(auth: SenderAuth, message: _Submitted, received_size: int | None = None) -> None:
+    """``message`` submitted by alice: what the end of DATA on port 587 does to it."""
+    asyncio.run(
+        auth.end_of_data(
+            message,
+            port="submission",
+            auth_user="alice@a.test",
+            client_ip="",
+            helo="",
+            sender="",
+            received_size=received_size,
+        )
+    )
 
 
 class _Submitted:
@@ -636,11 +642,7 @@ def test_a_submitted_from_in_the_obsolete_form_is_mended_before_it_is_signed(
     auth = SenderAuth(Config(hostname="mx.a.test", domains=("a.test",)), cache, store)
     body = b"\r\nHello : the body keeps its own spacing.\r\n"
     message = _Submitted(b"From : Alice <alice@a.test>\r\nSubject\t: hi\r\nTo: b@b.test\r\n" + body)
-    asyncio.run(
-        auth.end_of_data(
-            message, port="submission", auth_user="alice@a.test", client_ip="", helo="", sender=""
-        )
-    )
+    _submit(auth, message)
     assert message.data.endswith(
         b"From: Alice <alice@a.test>\r\nSubject: hi\r\nTo: b@b.test\r\n" + body
     )
@@ -718,15 +720,5 @@ def test_check_max_size_is_read_against_the_size_the_client_sent(tmp_path: Path)
     auth = SenderAuth(cfg, cache, store)
     for received, signed in ((900, True), (1001, False)):
         message = _Submitted(b"From: alice@a.test\r\nSubject: hi\r\n\r\n" + b"=C3=A9" * 300)
-        asyncio.run(
-            auth.end_of_data(
-                message,
-                port="submission",
-                auth_user="alice@a.test",
-                client_ip="",
-                helo="",
-                sender="",
-                received_size=received,
-            )
-        )
+        _submit(auth, message, received)
         assert message.data.count(b"DKIM-Signature:") == (2 if signed else 0), received

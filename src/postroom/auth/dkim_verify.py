@@ -40,6 +40,7 @@ From, and DMARC would pass on it).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 import time
@@ -385,7 +386,8 @@ def verify(
             continue
         verdicts = []
         for record in records:
-            verdicts.append(_verdict(fields, body, field, name, record, bodies, now))
+            check = functools.partial(_check, fields, body, field, name, record, bodies, now)
+            verdicts.append(_verdict(check))
             if verdicts[-1][0] == "pass":
                 break
         # None passed: a key that read but did not verify (fail) says more than an unusable
@@ -401,18 +403,11 @@ def _other_version(record: bytes) -> bool:
     return bool(sep) and name.strip() == b"v" and value.strip() != b"DKIM1"
 
 
-def _verdict(
-    fields: list[Field],
-    body: bytes,
-    field: Field,
-    key_name: str,
-    record: bytes,
-    bodies: dict[tuple[bytes, bytes | None], bytes],
-    now: int,
-) -> tuple[str, str]:
-    """One signature against one key record: its result (pass, fail, permerror) and why."""
+def _verdict(check: Callable[[], bool]) -> tuple[str, str]:
+    """One signature against one key record (``check``, a bound :func:`_check`): its result
+    (pass, fail, permerror) and why."""
     try:
-        ok = _check(fields, body, field, key_name, record, bodies, now)
+        ok = check()
     except dkim.DKIMException as exc:
         return "permerror", str(exc)[:200]
     except Exception as exc:  # dkimpy on hostile input: never let it end the session
