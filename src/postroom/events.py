@@ -508,6 +508,25 @@ def delivery(
 _POSTFIX_STATUS = {"delivered": "sent", "deferred": "deferred", "bounced": "bounced"}
 
 
+def _text_delivery(f: Fields) -> str:
+    orig = f", orig_to=<{f['orig_to']}>" if "orig_to" in f else ""
+    delay = f"{f['delay_s']:.2f}".rstrip("0").rstrip(".")
+    said = f"{f['reply']}"
+    if "mailbox" in f:  # as Postfix's local delivery says it
+        said = (
+            f"delivered to maildir {f['mailbox']}"
+            if f["status"] == "delivered"
+            else f"{said}; mailbox {f['mailbox']}"
+        )
+    # Last, after the status: pflogsumm reads no other field between to= and status=.
+    tls = f", tls={f['tls']}" if "tls" in f else ""
+    return (
+        f"{f['queue_id']}: to=<{f['recipient']}>{orig}, relay={f['relay']}, delay={delay},"
+        f" dsn={f['dsn']}, status={_POSTFIX_STATUS.get(str(f['status']), f['status'])} ({said})"
+        f"{tls}"
+    )
+
+
 def host_failed(queue_id: str, host: str, ip: str, reply: str, recipients: int) -> None:
     """One MX host of an attempt did not take the message for ``recipients`` of its
     recipients (no session: refused, a 4xx or 5xx greeting, TLS; or a 4xx to them, the
@@ -529,25 +548,6 @@ def _text_host_failed(f: Fields) -> str:
     n = f["recipients"]
     whom = f"{n} recipient" + ("s" if n != 1 else "")
     return f"{f['queue_id']}: {f['host']}[{f['ip']}] did not take it for {whom}: {f['reply']}"
-
-
-def _text_delivery(f: Fields) -> str:
-    orig = f", orig_to=<{f['orig_to']}>" if "orig_to" in f else ""
-    delay = f"{f['delay_s']:.2f}".rstrip("0").rstrip(".")
-    said = f"{f['reply']}"
-    if "mailbox" in f:  # as Postfix's local delivery says it
-        said = (
-            f"delivered to maildir {f['mailbox']}"
-            if f["status"] == "delivered"
-            else f"{said}; mailbox {f['mailbox']}"
-        )
-    # Last, after the status: pflogsumm reads no other field between to= and status=.
-    tls = f", tls={f['tls']}" if "tls" in f else ""
-    return (
-        f"{f['queue_id']}: to=<{f['recipient']}>{orig}, relay={f['relay']}, delay={delay},"
-        f" dsn={f['dsn']}, status={_POSTFIX_STATUS.get(str(f['status']), f['status'])} ({said})"
-        f"{tls}"
-    )
 
 
 def bounce_queued(queue_id: str, bounce_id: str, sender: str, action: str) -> None:

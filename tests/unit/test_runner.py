@@ -643,13 +643,7 @@ def test_a_domain_delivered_is_stored_before_a_slower_one_ends(
 
     class Remote:
         async def deliver(
-            self,
-            domain: str,
-            outgoing: OutgoingMessage,
-            wire: bytes,
-            may_finish: Any,
-            final: Any,
-            queue_id: str = "",
+            self, domain: str, outgoing: OutgoingMessage, *_args: Any, **_kw: Any
         ) -> list[DeliveryResult]:
             if domain == "slow.test":
                 await slow_release.wait()
@@ -870,13 +864,7 @@ def test_a_domain_cut_short_keeps_what_the_others_did(tmp_path: Path) -> None:
 
     class Remote:
         async def deliver(
-            self,
-            domain: str,
-            outgoing: OutgoingMessage,
-            wire: bytes,
-            may_finish: Any,
-            final: Any,
-            queue_id: str = "",
+            self, domain: str, outgoing: OutgoingMessage, *_args: Any, **_kw: Any
         ) -> list[DeliveryResult]:
             if domain == "c.test":
                 await asyncio.sleep(0.05)
@@ -923,13 +911,7 @@ def test_the_delivery_lines_name_the_tls_of_their_session(
 
     class Remote(FakeRemote):
         async def deliver(
-            self,
-            domain: str,
-            outgoing: OutgoingMessage,
-            wire: bytes,
-            may_finish: Any,
-            final: Any,
-            queue_id: str = "",
+            self, domain: str, outgoing: OutgoingMessage, *_args: Any, **_kw: Any
         ) -> list[DeliveryResult]:
             if domain == "c.test":
                 raise DotWithheld("mx.c.test[192.0.2.3]", STOPPED, "TLSv1.2 ECDHE-RSA-AES128")
