@@ -56,10 +56,6 @@ class Address:
         """``local@domain`` as accounts and Maildirs are stored under it (see local_key)."""
         return f"{local_key(self.local)}@{self.domain}"
 
-    @property
-    def needs_smtputf8(self) -> bool:
-        return not (self.local.isascii() and self.domain.isascii())
-
 
 def local_key(local: str) -> str:
     """A local part as accounts are keyed: lower-cased, and a UTF-8 one in Unicode NFC (RFC

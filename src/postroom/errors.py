@@ -4,7 +4,6 @@
 
     PostroomError                 base of everything postroom raises on purpose
     ├── ConfigError               a bad or unknown config key (exit 2); names file and key
-    ├── UsageError                bad command-line use (exit 2)
     ├── AccountError              user/alias management refused (exists, unknown, bad domain)
     ├── AddressError              a mailbox or path that is not valid RFC 5321 syntax
     ├── QueueError                a queue id that does not exist, a corrupt queue file
@@ -30,10 +29,6 @@ class PostroomError(Exception):
 
 class ConfigError(PostroomError):
     """A config file that cannot be used; the message names the file and the key at fault."""
-
-
-class UsageError(PostroomError):
-    """The command line was used wrongly."""
 
 
 class AccountError(PostroomError):
