@@ -654,6 +654,57 @@ def test_a_submitted_from_in_the_obsolete_form_is_mended_before_it_is_signed(
     assert d.verify(idx=0, dnsfunc=dnsfunc) and d.verify(idx=1, dnsfunc=dnsfunc)
 
 
+def test_a_submitted_header_line_that_is_no_field_ends_the_header_and_it_is_signed(
+    tmp_path: Path,
+) -> None:
+    """RFC 6409 §8: a script's message with no empty line before its text (or ``X Space: 1``)
+    got 451 4.3.0 for ever on port 587: the signer refused the header. The header section now
+    ends at that line, as Postfix's cleanup has it, and both signatures verify with dkimpy."""
+    store = keys.LocalKeyStore(tmp_path)
+    ring = keys.KeyRing(store, retire_after=100)
+    pair = ring.ensure("a.test", 0)
+    for key in pair:
+        ring.confirm("a.test", key.selector, 1)
+    zone = {f"{k.selector}._domainkey.a.test": k.record().encode() for k in pair}
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return zone[name.decode().rstrip(".")]
+
+    cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", 9),)))
+    auth = SenderAuth(Config(hostname="mx.a.test", domains=("a.test",)), cache, store)
+    head = b"From: alice@a.test\r\nTo: b@b.test\r\nSubject: disk\r\n"
+    for stray in (b"Disk usage is 93%", b"X Space: 1", b": empty name", b"X-W\xc3\xa9ird: 1"):
+        rest = stray + b"\r\nFrom: mallory@a.test\r\n\r\ntext\r\n"
+        message = _Submitted(head + rest)
+        _submit(auth, message)
+        assert message.data.endswith(head + b"\r\n" + rest), stray
+        d = dkim.DKIM(message.data)
+        assert d.verify(idx=0, dnsfunc=dnsfunc) and d.verify(idx=1, dnsfunc=dnsfunc), stray
+    for unsigned in (b" a continuation first\r\n" + head, b"text\r\n" + head):
+        message = _Submitted(unsigned + b"\r\nbody\r\n")
+        _submit(auth, message)  # no From field left: not signed, and not changed
+        assert message.data == unsigned + b"\r\nbody\r\n"
+
+
+def test_stray_line_agrees_with_split_message() -> None:
+    for head in (
+        b"A: 1\r\n",
+        b"From x y\r\nA: 1\r\n b\r\nC : 2\r\n",
+        b"",
+        b"A: 1\r\nbad\r\n",
+        b" a\r\n",
+        b"From x\r\n b\r\n",
+        b"A: 1\r\nX Y: 2\r\n",
+    ):
+        stray = dkim_canon.stray_line(head)
+        if stray < 0:
+            dkim_canon.split_message(head + b"\r\nbody")
+        else:
+            with pytest.raises(dkim_canon.MalformedHeader):
+                dkim_canon.split_message(head + b"\r\nbody")
+            dkim_canon.split_message(head[:stray] + b"\r\n" + head[stray:] + b"\r\nbody")
+
+
 def test_a_key_is_found_among_other_txt_records_at_its_name(
     key_pair: tuple[keys.DkimKey, keys.DkimKey],
 ) -> None:

@@ -82,21 +82,46 @@ def split_message(message: bytes) -> tuple[list[Field], bytes]:
                 raise MalformedHeader("the header section starts with a continuation line")
             fields[-1][1].append(line)
             continue
-        colon = line.find(b":", 1)  # the name is at least one character, even a ":"
-        if colon > 0 and _NAME.fullmatch(line, 0, colon):
+        colon = _colon(line)
+        if colon > 0:
             fields.append((line[:colon], [line[colon + 1 :]]))
-        elif colon > 0 and _FIELD_NAME.fullmatch(line[:colon].rstrip(b" \t")):
-            # RFC 5322 §4.5.3 obs-optional: white space between the name and the colon
-            # (dkimpy refuses the whole message for one such field, signed or not). The name
-            # keeps it: simple canonicalization keeps it, relaxed strips it (RFC 6376 §3.4.2).
-            # "From : x" is such a field, a From, not an mbox separator: taken for one, a From
-            # added on top escaped the over-signing (and DMARC still read it).
-            fields.append((line[:colon], [line[colon + 1 :]]))
-        elif line.startswith(b"From "):
-            continue  # an mbox separator ("From sender date": no colon after the name)
-        else:
+        elif not line.startswith(b"From "):  # an mbox separator ("From sender date") is skipped
             raise MalformedHeader(f"not a header field: {line[:60]!r}")
     return [(name, b"\r\n".join(value) + b"\r\n") for name, value in fields], body
+
+
+def _colon(line: bytes) -> int:
+    """The offset of the colon that ends the field name of ``line``, or -1 when ``line`` is no
+    header field."""
+    colon = line.find(b":", 1)  # the name is at least one character, even a ":"
+    if colon > 0 and _NAME.fullmatch(line, 0, colon):
+        return colon
+    if colon > 0 and _FIELD_NAME.fullmatch(line[:colon].rstrip(b" \t")):
+        # RFC 5322 §4.5.3 obs-optional: white space between the name and the colon (dkimpy
+        # refuses the whole message for one such field, signed or not). The name keeps it:
+        # simple canonicalization keeps it, relaxed strips it (RFC 6376 §3.4.2). "From : x"
+        # is such a field, a From, not an mbox separator: taken for one, a From added on top
+        # escaped the over-signing (and DMARC still read it).
+        return colon
+    return -1
+
+
+def stray_line(head: bytes) -> int:
+    """The offset in ``head`` (a header section of CRLF lines) of its first line that is
+    neither a field, a continuation of one, nor an mbox ``From`` line, or -1. Such a line
+    (a script that wrote no empty line before its text, ``X Space: 1``) ends the header
+    section for a signer: :func:`split_message` refuses it, no verifier would agree on it."""
+    offset, fields = 0, False
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not fields:
+                return offset
+        elif line and _colon(line) > 0:
+            fields = True
+        elif line and not line.startswith(b"From "):
+            return offset
+        offset += len(line) + 2
+    return -1
 
 
 def _relaxed_value(value: bytes) -> bytes:
