@@ -280,6 +280,8 @@ def test_sasl_cancel_bad_base64_and_unknown_mechanism() -> None:
     assert b"-ERR Line too long" in out
     out, events = run(p, b"AUTH CRAM-MD5\r\nAUTH PLAIN a b\r\nAUTH PLAIN @@\r\nAUTH\r\n")
     assert not events and out.count(b"-ERR") == 3
+    # A supported mechanism with one argument too many is a syntax error, not an unknown one.
+    assert b"-ERR Unsupported authentication mechanism\r\n-ERR Syntax: AUTH mechanism" in out
     assert out.endswith(b"+OK\r\nPLAIN\r\nLOGIN\r\nSCRAM-SHA-256\r\n.\r\n")
     assert p.state is State.AUTHORIZATION
 

@@ -420,8 +420,10 @@ class Pop3Engine(Buffers):
                 self._out.append(f"+OK\r\n{body}.\r\n".encode())
                 return None
             mech = args[0].upper()
-            if mech not in self.features.sasl or len(args) > 2:
+            if mech not in self.features.sasl:
                 return self._error("Unsupported authentication mechanism")
+            if len(args) > 2:  # RFC 5034 §4: AUTH mechanism [initial-response]
+                return self._error("Syntax: AUTH mechanism [initial-response]")
             initial: bytes | None = None
             if len(args) == 2:
                 if args[1] == "=":
