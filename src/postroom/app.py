@@ -181,12 +181,24 @@ def pin_process(cpu: int) -> None:
             os.sched_setaffinity(int(tid), {cpu})
 
 
+LOW_FD_LIMIT = 1024  # under this, warn at start: a worker holds about 35 with no client
+
+
 def _raise_fd_limit() -> None:
-    """Many idle connections need many descriptors: raise the soft limit to the hard one."""
+    """Many idle connections need many descriptors: raise the soft limit to the hard one, and
+    say so at start when even that leaves little room (sessions get 421 near the limit)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft < LOW_FD_LIMIT:
+        log.warning(
+            "the descriptor limit is %d (ulimit -n): a worker refuses connections (421) once"
+            " it nears it; give it %d or more (LimitNOFILE=)",
+            soft,
+            LOW_FD_LIMIT,
+        )
 
 
 @dataclass

@@ -11,6 +11,7 @@
     ├── TemporaryStorageError     the disk refused a write (full, read-only): answer 4xx, keep going
     ├── MailboxInUse              another POP3 session holds the maildrop: ``-ERR [IN-USE]``
     ├── LockedOut                 the client's IP was locked out while its login waited
+    ├── PasswordUncheckable       argon2 could not run (memory): try again, no wrong password
     ├── KeysChanged               another node changed a domain's DKIM keys since they were read
     └── ImportSourceError         import-maildir: the source is no Maildir, a setting is unreadable
 
@@ -55,6 +56,12 @@ class TemporaryStorageError(PostroomError):
 class StorageUnavailable(TemporaryStorageError):
     """The shared store (PostgreSQL) did not answer, or not in time: not a full disk, which
     the logs and metrics must not say."""
+
+
+class PasswordUncheckable(PostroomError):
+    """A password could not be checked: argon2 itself failed (it could not allocate its
+    memory or start its threads). The client is told to try again (SMTP 454 4.7.0, POP3
+    ``[SYS/TEMP]``); it is no failed login."""
 
 
 class KeysChanged(PostroomError):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from postroom import events, sasl
-from postroom.errors import LockedOut
+from postroom.errors import LockedOut, PasswordUncheckable
 from postroom.wire.events import AuthResponse, AuthStart
 
 if TYPE_CHECKING:
@@ -30,9 +30,10 @@ if TYPE_CHECKING:
 class Refused:
     """The exchange ended without a login. ``throttled``: the IP is locked out; ``mechanism``:
     unknown; ``malformed``: the client broke the mechanism's syntax; ``credentials``: wrong
-    (the throttle's delay has been waited out already)."""
+    (the throttle's delay has been waited out already); ``unavailable``: the password could
+    not be checked (ours, not the client's: no failure counted)."""
 
-    reason: Literal["throttled", "mechanism", "malformed", "credentials"]
+    reason: Literal["throttled", "mechanism", "malformed", "credentials", "unavailable"]
 
 
 Outcome = sasl.Challenge | sasl.Success | Refused
@@ -89,6 +90,9 @@ class SaslSession:
             self._mech = None
             events.login_throttled(self.service, self.client_ip)
             return Refused("throttled")
+        except PasswordUncheckable:
+            self._mech = None
+            return Refused("unavailable")
         if isinstance(step, sasl.Challenge):
             return step
         if isinstance(step, sasl.Success):

@@ -18,7 +18,7 @@ from typing import Protocol
 from postroom.auth.service import SenderAuth
 from postroom.blocking import BlockingPool
 from postroom.config import Config
-from postroom.errors import LockedOut
+from postroom.errors import LockedOut, PasswordUncheckable
 from postroom.password_checks import PasswordChecks
 from postroom.queue.envelope import Envelope
 from postroom.sasl import ScramKeys
@@ -184,14 +184,18 @@ class Services:
         """The account key if the password is right (argon2, in a thread; clients that logged
         in before go first, those that failed recently last, see password_checks.py), else
         None. :class:`LockedOut`, without a check, if ``ip`` is locked out when its turn comes
-        (see throttle.py)."""
+        (see throttle.py); :class:`PasswordUncheckable` (logged here) if argon2 failed."""
         async with self.throttle.turn(ip):
             if self.throttle.refused(ip):
                 raise LockedOut(ip)
             failed = self.throttle.failures(ip) > 0
-            return await self.password_checks.check(
-                ip, login, password, self.accounts.verify_password, failed
-            )
+            try:
+                return await self.password_checks.check(
+                    ip, login, password, self.accounts.verify_password, failed
+                )
+            except PasswordUncheckable as exc:
+                self.log.error("the password of %r could not be checked: %s", login[:320], exc)
+                raise
 
     def scram_keys(self, ip: str, login: str) -> ScramKeys | None:
         """None (as for an unknown user) while ``ip`` is locked out."""

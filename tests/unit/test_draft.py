@@ -16,6 +16,7 @@ from postroom.errors import TemporaryStorageError
 from postroom.storage.local import files
 from postroom.storage.local import queue as local_queue
 from postroom.storage.local.queue import INLINE_LIMIT, Draft, HoldBudget, SpareBodies
+from postroom.wire import bulk
 
 HEAD = b"Subject: big\r\n\r\n"
 LINE = b"y" * 98 + b"\r\n"
@@ -132,6 +133,27 @@ def test_a_held_message_that_cannot_be_written_is_a_temporary_failure(
         draft.finish()
     draft.abort()
     assert budget.used == 0 and list(tmp_path.iterdir()) == []  # no half-written body file
+
+
+def test_memory_running_out_mid_data_is_a_temporary_failure_at_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a memory limit the MemoryError escaped the session, which was dropped mid-DATA
+    with a traceback: the client was never told (exhaust probe). Now the rest is read and
+    dropped, and the end of DATA gets the storage failure (452), like a full disk."""
+    budget = HoldBudget()
+    draft = big_draft(tmp_path, budget, 50_000)
+
+    def no_memory(data: bytes) -> bytes:
+        raise MemoryError
+
+    monkeypatch.setattr(bulk, "crlf_to_lf", no_memory)
+    draft.write(LINE)
+    monkeypatch.undo()
+    draft.write(LINE)  # read and dropped
+    with pytest.raises(TemporaryStorageError, match="MemoryError"):
+        draft.finish()
+    assert budget.used == 0 and list(tmp_path.iterdir()) == []
 
 
 def test_a_streamed_message_moves_up_under_its_fields_once_at_finish(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from postroom import sasl
-from postroom.errors import LockedOut
+from postroom.errors import LockedOut, PasswordUncheckable
 from postroom.sasl_session import Refused, SaslSession
 from postroom.wire.events import AuthResponse, AuthStart
 from tests.unit.test_sasl import client_final
@@ -117,3 +117,25 @@ def test_a_scram_proof_is_tested_against_the_lockout_when_it_comes() -> None:
     assert outcome == Refused("throttled") and throttle.failures == []
     outcome, _ = asyncio.run(scram_login(locked_meanwhile=False))
     assert isinstance(outcome, sasl.Challenge) and outcome.data.startswith(b"v=")
+
+
+def test_a_password_that_could_not_be_checked_is_no_failed_login() -> None:
+    """argon2 out of memory: a temporary refusal (454 4.7.0, POP3 [SYS/TEMP]), not 535, and
+    no failure counted towards the lockout."""
+
+    class Failing(FakeServices):
+        async def check_password(self, ip: str, login: str, password: str) -> str | None:
+            raise PasswordUncheckable("Memory allocation error")
+
+    services = Failing()
+    for start in (AuthStart("PLAIN", b"\0Alice@A.test\0pw"), AuthStart("LOGIN", b"Alice@A.test")):
+        s = session(services)
+
+        async def run(first: AuthStart, s: SaslSession = s) -> object:
+            step = await s.step(first)
+            return (
+                step if not isinstance(step, sasl.Challenge) else await s.step(AuthResponse(b"pw"))
+            )
+
+        assert asyncio.run(run(start)) == Refused("unavailable")
+    assert services.throttle.failures == []

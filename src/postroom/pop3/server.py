@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from postroom import events, sasl
 from postroom.address import parse_user_address
 from postroom.connection import Connection
-from postroom.errors import AddressError, LockedOut, MailboxInUse
+from postroom.errors import AddressError, LockedOut, MailboxInUse, PasswordUncheckable
 from postroom.pop3.engine import Command, Pop3Engine, Pop3Features, Pop3State, Quit, UserPass
 from postroom.pop3.maildrop import Snapshot, TopFilter
 from postroom.sasl_session import SaslSession
@@ -36,6 +36,7 @@ _SASL_REFUSED = {
     "mechanism": ("Unsupported authentication mechanism", None),
     "malformed": ("Malformed authentication exchange", None),
     "credentials": ("Invalid login or password", "AUTH"),
+    "unavailable": ("Temporary authentication failure, try again later", "SYS/TEMP"),
 }
 
 
@@ -251,7 +252,10 @@ class Pop3Connection(Connection):
             key = await services.check_password(self.client_ip, user, password)
         except LockedOut:  # while it waited for its check: not the password's fault
             events.login_throttled(self.service, self.client_ip)
-            engine.login_failed("Too many failed logins, try again later", "SYS/TEMP")
+            engine.login_failed(*_SASL_REFUSED["throttled"])
+            return
+        except PasswordUncheckable:  # argon2 failed (memory): not the password's fault either
+            engine.login_failed(*_SASL_REFUSED["unavailable"])
             return
         if key is None:
             await self._sasl.failed(user)

@@ -42,6 +42,7 @@ _SASL_REFUSED = {
     "mechanism": replies.AUTH_BAD_MECH,
     "malformed": replies.AUTH_MALFORMED,
     "credentials": replies.AUTH_FAILED,
+    "unavailable": replies.AUTH_UNAVAILABLE,
 }
 
 

@@ -20,13 +20,17 @@ from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from argon2.low_level import error_to_str
 
 from postroom import passwords
 from postroom.address import parse_user_address
-from postroom.errors import AccountError, AddressError
+from postroom.errors import AccountError, AddressError, PasswordUncheckable
 from postroom.sasl import ScramKeys, derive_scram_keys
 
 _HASHER = PasswordHasher()
+# libargon2 could not run (argon2.h: ARGON2_MEMORY_ALLOCATION_ERROR, ARGON2_THREAD_FAIL), as
+# argon2-cffi words it in a VerificationError
+_CANNOT_RUN = frozenset(map(error_to_str, (-22, -33)))
 
 
 @functools.cache
@@ -74,7 +78,14 @@ def password_matches(stored: str | None, password: str) -> bool:
         stored = None
     try:
         ok: bool = _HASHER.verify(stored or dummy_hash(), password)
-    except (VerifyMismatchError, VerificationError, InvalidHashError):
+    except (VerifyMismatchError, InvalidHashError):
+        ok = False
+    except VerificationError as exc:
+        # argon2-cffi raises this base class for every other libargon2 error: a hash it
+        # cannot decode (nobody's password matches it), or its own failure to run, which is
+        # the server's and no wrong password.
+        if str(exc) in _CANNOT_RUN:
+            raise PasswordUncheckable(str(exc)) from exc
         ok = False
     return ok and stored is not None
 

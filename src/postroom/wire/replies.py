@@ -134,6 +134,7 @@ STORAGE_AWAY = R(452, "4.3.1", "Mail storage unavailable, try again later")  # P
 TOO_MANY_RECIPIENTS = R(452, "4.5.3", "Too many recipients")
 LOCAL_ERROR = R(451, "4.3.0", "Local error in processing, try again later")
 AUTH_THROTTLED = R(454, "4.7.0", "Too many failed logins, try again later")
+AUTH_UNAVAILABLE = R(454, "4.7.0", "Temporary authentication failure")  # RFC 4954 §6
 
 SYNTAX_ERROR = R(500, "5.5.2", "Syntax error, command unrecognized")
 LINE_TOO_LONG = R(500, "5.5.2", "Line too long")  # RFC 5321 §4.5.3.1.4

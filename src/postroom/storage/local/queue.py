@@ -198,7 +198,7 @@ class Draft:
         self._in_file = 0  # where the client's part starts in the body file
         self._path = ""
         self._crc = 0
-        self._failed: OSError | None = None
+        self._failed: OSError | MemoryError | None = None
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -208,12 +208,12 @@ class Draft:
         self._cr = data.endswith(b"\r")
         if self._cr:
             data = data[:-1]
-        lf = bulk.crlf_to_lf(data)
-        self._lines += len(data) - len(lf)
-        self._client_size += len(lf)
         if self._failed is not None:
             return
         try:
+            lf = bulk.crlf_to_lf(data)
+            self._lines += len(data) - len(lf)
+            self._client_size += len(lf)
             if self._fd is not None:
                 self._put(lf)
             else:
@@ -224,8 +224,12 @@ class Draft:
             # it, it is spilled too (each connection could hold a header_size in memory).
             if self._fd is None and len(self._client) > INLINE_LIMIT and not self._hold():
                 self._spill()
-        except OSError as exc:
+        except (OSError, MemoryError) as exc:
+            # The rest of DATA is read and dropped; its end gets 452 (a MemoryError under a
+            # memory limit too: the session goes on, the client is told why).
             self._failed = exc
+            self._give_back()
+            self._client = bytearray()
             self._close(unlink=True)
 
     def _hold(self) -> bool:
@@ -430,7 +434,7 @@ class Draft:
             except OSError as exc:
                 self._failed = exc
         if self._failed is not None:
-            raise TemporaryStorageError(str(self._failed))
+            raise TemporaryStorageError(str(self._failed) or type(self._failed).__name__)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -1,0 +1,63 @@
+"""Password checks against the stored argon2 hash: what counts as a wrong password."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from argon2.exceptions import VerificationError
+
+from postroom.errors import PasswordUncheckable
+from postroom.storage import credentials
+
+
+def test_a_right_and_a_wrong_password_and_a_hash_nobody_matches() -> None:
+    stored = credentials.make_credentials("s3cret").password_hash
+    assert credentials.password_matches(stored, "s3cret")
+    assert not credentials.password_matches(stored, "wrong")
+    assert not credentials.password_matches(None, "s3cret")  # no such user
+    for broken in (stored[:-5], stored[:30], "$argon2id$v=19$m=65536,t=3,p=4$AAAA$BBBB", "x"):
+        assert not credentials.password_matches(broken, "s3cret"), broken
+
+
+@pytest.mark.parametrize("failure", ["Memory allocation error", "Threading failure"])
+def test_argon2_that_cannot_run_is_no_wrong_password(
+    failure: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """argon2-cffi raises VerificationError, the base of VerifyMismatchError, for every
+    libargon2 error: out of memory, a right password was taken as a wrong one (535 and a
+    failed login counted towards the lockout; exhaust probe)."""
+
+    class Failing:
+        def verify(self, stored: str, password: str) -> bool:
+            raise VerificationError(failure)
+
+    monkeypatch.setattr(credentials, "_HASHER", Failing())
+    with pytest.raises(PasswordUncheckable, match=failure):
+        credentials.password_matches("$argon2id$...", "s3cret")
+
+
+def test_real_argon2_out_of_address_space_is_uncheckable() -> None:
+    """The same with libargon2 itself, in a process whose address space is too small for the
+    64 MiB an argon2id check of the default parameters takes."""
+    script = textwrap.dedent(
+        """
+        import resource
+        from postroom.errors import PasswordUncheckable
+        from postroom.storage import credentials
+        stored = credentials.make_credentials("s3cret").password_hash
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (size + (16 << 20),) * 2)
+        try:
+            credentials.password_matches(stored, "s3cret")
+        except PasswordUncheckable as exc:
+            print("uncheckable:", exc)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.startswith("uncheckable: "), out
