@@ -381,6 +381,17 @@ def test_too_many_errors_closes() -> None:
     assert [type(e) for e in h.events][-2:] == [Refused, Closing]
 
 
+def test_a_message_accepted_starts_the_error_count_again() -> None:
+    """Postfix's smtpd_hard_error_limit counts errors "without delivering mail": a sender of
+    many messages on one connection, each with a stale address, got 421 in its 20th."""
+    h = Harness(max_errors=3)
+    message = b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nBOGUS\r\nBOGUS\r\nDATA\r\nx\r\n.\r\n"
+    out = h.send(b"EHLO c\r\n" + message * 5)
+    assert "421" not in codes(out) and len(h.messages) == 5
+    out = h.send(b"BOGUS\r\n" * 3)
+    assert codes(out) == ["500", "500", "500", "421"]  # the third closes
+
+
 def test_non_ascii_keyword_values_are_syntax_errors() -> None:
     # SIZE=\u00b2 crashed the session (int() refused what isdigit() had let through), and
     # Arabic-Indic digits were read as a size; NOTIFY with a long s passed as SUCCESS.

@@ -371,6 +371,8 @@ class ServerEngine(Buffers):
             else:
                 self._count_error(reply)
         else:
+            if reply.is_positive:  # errors are counted "without delivering mail", as Postfix's
+                self.errors = 0  # smtpd_hard_error_limit: a sender of many messages keeps on
             self._end_transaction()
 
     def auth_challenge(self, challenge: bytes) -> None:
