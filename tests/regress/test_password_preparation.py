@@ -57,23 +57,42 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-def auth(srv: Server, mechanism: str, password: str) -> int:
+def auth(srv: Server, mechanism: str, password: str, address: str = "alice@a.test") -> int:
     """AUTH PLAIN or LOGIN with a UTF-8 password (smtplib sends ASCII only)."""
     with smtplib.SMTP(srv.host, srv.ports["submission"], timeout=20) as c:
         c.starttls(context=insecure())
         c.ehlo()
         if mechanism == "PLAIN":
-            return c.docmd("AUTH", "PLAIN " + b64(f"\0alice@a.test\0{password}"))[0]
+            return c.docmd("AUTH", "PLAIN " + b64(f"\0{address}\0{password}"))[0]
         assert c.docmd("AUTH", "LOGIN")[0] == 334
-        assert c.docmd(b64("alice@a.test"))[0] == 334
+        assert c.docmd(b64(address))[0] == 334
         return c.docmd(b64(password))[0]
 
 
 def test_scram_with_the_prepared_password_and_current_iterations(srv: Server) -> None:
+    assert scram(srv, "alice@a.test", passwords.prepare(TYPED)) == 235
+
+
+def test_scram_keys_are_made_from_the_saslprep_form_clients_hash(srv: Server) -> None:
+    """RFC 5802 §2.2: SCRAM clients (GNU SASL in msmtp and neomutt, Cyrus SASL) hash the
+    SASLprep form, NFKC: a password with "²" or "ﬁ" logged in with PLAIN, not with SCRAM,
+    whose keys were made from the NFC form (clients3 probe)."""
+    for address, typed, hashed in (
+        ("dave@a.test", "Pass\u00b2word \ufb011", "Pass2word fi1"),
+        ("erin@a.test", "\uff37\uff49\uff44\uff45pass1", "Widepass1"),
+    ):
+        srv.cli("user", "add", address, "--password-stdin", stdin=typed + "\n")
+        assert scram(srv, address, hashed) == 235, typed
+        assert auth(srv, "PLAIN", typed, address) == 235, typed
+
+
+def scram(srv: Server, address: str, prepared: str) -> int:
+    """A SCRAM-SHA-256 login on the submission port with the client's prepared password:
+    the final reply's code."""
     with smtplib.SMTP(srv.host, srv.ports["submission"], timeout=20) as c:
         c.starttls(context=insecure())
         c.ehlo()
-        first_bare = f"n=alice@a.test,r={secrets.token_hex(8)}"
+        first_bare = f"n={address},r={secrets.token_hex(8)}"
         code, resp = c.docmd(
             "AUTH", "SCRAM-SHA-256 " + base64.b64encode(b"n,," + first_bare.encode()).decode()
         )
@@ -81,11 +100,26 @@ def test_scram_with_the_prepared_password_and_current_iterations(srv: Server) ->
         server_first = base64.b64decode(resp).decode()
         attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
         assert int(attrs["i"]) == 65_536  # Cyrus SASL clients refuse more
-        final, _expect = scram_client_final(
-            passwords.prepare(TYPED).encode(), first_bare, server_first
-        )
-        assert c.docmd(base64.b64encode(final.encode()).decode())[0] == 334
-        assert c.docmd("")[0] == 235
+        final, _expect = scram_client_final(prepared.encode(), first_bare, server_first)
+        code = c.docmd(base64.b64encode(final.encode()).decode())[0]
+        return c.docmd("")[0] if code == 334 else code
+
+
+def test_saslprep_unit() -> None:
+    # RFC 4013 §3's examples, then what the clients3 probe typed
+    for typed, prepared in (
+        ("I\u00adX", "IX"),
+        ("user", "user"),
+        ("USER", "USER"),
+        ("\u00aa", "a"),
+        ("\u2168", "IX"),
+        ("a\u00a0b\u200bc", "a b c"),
+        ("Pass\u00b2word \ufb011", "Pass2word fi1"),
+    ):
+        assert passwords.saslprep(typed) == prepared, typed
+    for refused in ("\u0007", "\u0627\u0031", "\U0001f600"):  # prohibited, bidi, unassigned
+        with pytest.raises(passwords.PasswordError):
+            passwords.saslprep(refused)
 
 
 def test_prepare_unit() -> None:
