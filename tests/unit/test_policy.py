@@ -335,6 +335,15 @@ def test_date_and_message_id_are_added_once_and_only_when_missing(tmp_path: Path
     assert b"\nDate: " in head and b"\nMessage-ID: <" in head
 
 
+def test_a_submission_without_from_gets_the_sender_as_from(tmp_path: Path) -> None:
+    """RFC 5322 §3.6: From is required; mailutils' mail sends none, and such mail went out
+    without one (and unsigned: nothing to sign). One present is left alone."""
+    msg = email.message_from_bytes(submitted(tmp_path, b"Subject: x\r\n\r\nbody\r\n"))
+    assert msg.get_all("From") == ["<alice@a.test>"]
+    msg = email.message_from_bytes(submitted(tmp_path, b"FROM: A <alice@a.test>\r\n\r\nbody\r\n"))
+    assert msg.get_all("From") == ["A <alice@a.test>"]
+
+
 def test_a_step_that_fails_unexpectedly_refuses_the_message_for_now(tmp_path: Path) -> None:
     """A bug or a message no step foresaw, at the end of DATA: 451 and the session goes on
     (it was a crash of the session, which left the client with no answer at all)."""

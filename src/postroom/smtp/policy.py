@@ -38,7 +38,7 @@ Port = Literal["smtp", "submission", "submissions"]
 MAX_RECEIVED = 100  # RFC 5321 §6.3: "normally at least 100" (ours counted); Postfix says 50
 # RFC 5322 §4.5: white space may stand before the colon (obsolete syntax a receiver accepts).
 _RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
-_HEADER_FIELD = re.compile(rb"(?im)^(date|message-id)[ \t]*:")
+_HEADER_FIELD = re.compile(rb"(?im)^(date|message-id|from)[ \t]*:")  # the fields we may add
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -253,8 +253,8 @@ class SmtpPolicy:
         return name
 
     def _prefix(self, txn: _Txn, head: bytes) -> bytes:
-        """Our Received header, plus Date/Message-ID for submissions that leave and lack them,
-        plus the blank line that ends the header section when the message has none (its first
+        """Our Received header, plus From/Date/Message-ID for submissions that leave and lack
+        them, plus the blank line that ends the header section when the message has none (its first
         line is no header field: it would otherwise become one). LF line ends, as stored."""
         date = _rfc5322_date(txn.received_at)
         rcpt = ""
@@ -285,6 +285,10 @@ class SmtpPolicy:
                 extra += f"Date: {date}\n"
             if b"message-id" not in present:
                 extra += f"Message-ID: <{txn.queue_id}@{self.cfg.hostname}>\n"
+            # RFC 5322 §3.6: From is required (mailutils' mail sends none; receivers refuse
+            # such mail, and unsigned it fails DMARC): the sender, whom AUTH vouched for.
+            if b"from" not in present and txn.sender is not None and str(txn.sender):
+                extra += f"From: <{txn.sender}>\n"
         if head and not head.startswith(b"\n") and not has_header:
             extra += "\n"  # RFC 5322 §2.1: the body follows an empty line (Postfix's cleanup)
         return (received + extra).encode("utf-8", "replace")
