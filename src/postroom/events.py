@@ -425,9 +425,19 @@ def _text_throttled(f: Fields) -> str:
     return f"[{f['client']}]: login refused: too many failed logins, service={f['service']}"
 
 
-def pop3_login(service: str, client: str, user: str, messages: int) -> None:
+def pop3_login(
+    service: str, client: str, user: str, messages: int, mechanism: str, tls: str | None
+) -> None:
+    """A POP3 login: ``mechanism`` is ``USER`` for USER/PASS, ``tls`` the TLS version or None."""
     if logs.enabled(INFO):
-        fields = {"service": service, "client": client, "user": user, "messages": messages}
+        fields = {
+            "service": service,
+            "client": client,
+            "user": user,
+            "messages": messages,
+            "mechanism": mechanism,
+            "tls": tls,
+        }
         logs.emit(INFO, "pop3_login", _smtpd(service), fields, _text_pop3_login)
 
 
@@ -448,7 +458,7 @@ def _text_pop3_in_use(f: Fields) -> str:
 def _text_pop3_login(f: Fields) -> str:
     return (
         f"login: user={f['user']}, client=[{f['client']}], service={f['service']},"
-        f" messages={f['messages']}"
+        f" messages={f['messages']}, method={f['mechanism']}, tls={f['tls'] or 'no'}"
     )
 
 

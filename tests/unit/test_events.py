@@ -217,6 +217,28 @@ def test_json_lines(log: io.StringIO, tmp_path: Path) -> None:
     assert ready["ts"].endswith("Z") and "T" in ready["ts"]
 
 
+def test_a_pop3_login_names_its_method_and_tls(log: io.StringIO, tmp_path: Path) -> None:
+    """As the SMTP auth and connection lines do (and Dovecot's "method=PLAIN, TLS"): whether a
+    login on port 110 came after STLS was not to be read from the logs (clients3 probe)."""
+    _setup(log, "text", tmp_path)
+    events.pop3_login("pop3", "192.0.2.1", "a@a.test", 3, "USER", "TLSv1.3")
+    events.pop3_login("pop3s", "192.0.2.1", "a@a.test", 0, "SCRAM-SHA-256", None)
+    logs.flush()
+    first, second = log.getvalue().splitlines()
+    assert first.endswith(
+        "login: user=a@a.test, client=[192.0.2.1], service=pop3, messages=3, method=USER,"
+        " tls=TLSv1.3"
+    )
+    assert second.endswith("messages=0, method=SCRAM-SHA-256, tls=no")
+    log.truncate(0)
+    log.seek(0)
+    _setup(log, "json", tmp_path)
+    events.pop3_login("pop3", "192.0.2.1", "a@a.test", 3, "PLAIN", "TLSv1.3")
+    logs.flush()
+    line = json.loads(log.getvalue())
+    assert (line["event"], line["mechanism"], line["tls"]) == ("pop3_login", "PLAIN", "TLSv1.3")
+
+
 @pytest.mark.parametrize("fmt", ["json", "text"])
 def test_a_remote_delivery_line_names_its_tls(log: io.StringIO, tmp_path: Path, fmt: str) -> None:
     """The version and cipher of the session that gave the reply, or "none" for a plaintext

@@ -297,7 +297,9 @@ class Pop3Connection(Connection):
             return
         self.drop, self.snapshot, self.user = drop, Snapshot(messages), key
         count, size = self.snapshot.stat()
-        events.pop3_login(self.service, self.client_ip, key, count)
+        events.pop3_login(
+            self.service, self.client_ip, key, count, self._sasl.mechanism, self.tls_version
+        )
         engine.login_ok(f"{count} messages ({size} octets)")
 
 
