@@ -391,7 +391,8 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
         finally:
             writer.close()
 
-    server = await asyncio.start_unix_server(handle, path=str(path))
+    with files.unix_address(path) as address:
+        server = await asyncio.start_unix_server(handle, path=address)
     os.chmod(path, 0o600)
     ids = privileges.target_ids(services.cfg)
     if ids is not None:  # made before the drop (every worker): the CLI, run as user, uses it
@@ -413,10 +414,11 @@ def _hand_over(services: Services, queue_id: str) -> None:
 async def _submit(services: Services, queue_id: str, command: str = "submit") -> None:
     """Tell the primary of ``queue_id`` (``command`` "adopt": of what the replay of a dead
     worker's journal parked, no id needed)."""
-    path = str(control_path(services.cfg.data_dir, 0))
+    path = control_path(services.cfg.data_dir, 0)
     for attempt in range(50):
         try:
-            reader, writer = await asyncio.open_unix_connection(path)
+            with files.unix_address(path) as address:
+                reader, writer = await asyncio.open_unix_connection(address)
             writer.write(f"{command} {queue_id}\n".encode())
             await writer.drain()
             await asyncio.wait_for(reader.readline(), 10)

@@ -29,6 +29,7 @@ from postroom import config as config_mod
 from postroom.config import Config
 from postroom.errors import AccountError, ConfigError, PostroomError, QueueError
 from postroom.queue.envelope import Attempt, Envelope, check_id
+from postroom.storage.local import files
 
 if TYPE_CHECKING:
     from postroom.auth.service import SenderAuth
@@ -238,7 +239,8 @@ def _control(cfg: Config, command: str, path: Path | None = None) -> str | None:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(30)
-            s.connect(str(path))
+            with files.unix_address(path) as address:
+                s.connect(address)
             s.sendall(command.encode() + b"\n")
             return s.makefile().readline().strip()
     except (FileNotFoundError, ConnectionRefusedError):

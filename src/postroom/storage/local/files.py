@@ -8,10 +8,11 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 IOV_MAX = 1024  # Linux's limit on the pieces of one writev
+SUN_PATH = 108  # the octets of an AF_UNIX address (sockaddr_un.sun_path), its NUL included
 
 
 def write_all(fd: int, parts: Sequence[bytes | bytearray]) -> None:
@@ -45,6 +46,21 @@ def replace_durably(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def unix_address(path: Path) -> Iterator[str]:
+    """``path`` as an AF_UNIX address to bind or connect to while the block runs: itself, or
+    when it is too long for one (a ``data_dir`` of some 95 characters) the same file reached
+    through a descriptor of its directory, ``/proc/self/fd/N/NAME`` (Linux)."""
+    if len(os.fsencode(path)) < SUN_PATH:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: str | Path) -> None:
