@@ -643,8 +643,6 @@ def _run(stores: AdminStores, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from postroom.storage.local import files
-
     files.private_umask()  # whatever the admin's umask: data_dir is the server user's only
     args = _parser().parse_args(argv)
     if args.command == "serve":
@@ -652,7 +650,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hold_reloads()
     try:
-        cfg = config_mod.load_effective(getattr(args, "config_sub", None) or args.config)
+        after = getattr(args, "config_sub", None)  # -c after the subcommand wins
+        cfg = config_mod.load_effective(after if after is not None else args.config)
         from postroom import datadir
 
         datadir.check(cfg)  # before anything is made: nothing is left behind

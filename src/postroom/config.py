@@ -609,8 +609,11 @@ def postgresql_url_problem(url: str) -> str | None:
 
 
 def find_config_path(explicit: str | None) -> Path | None:
-    """The file named by ``-c``, else ``$POSTROOM_CONFIG``, else ``./postroom.toml`` if present."""
-    if explicit:
+    """The file named by ``-c``, else ``$POSTROOM_CONFIG``, else ``./postroom.toml`` if present.
+    ``-c ""`` names no file (a script's empty variable): an error, not the embedded default."""
+    if explicit is not None:
+        if not explicit:
+            raise ConfigError("-c/--config: an empty file name")
         return Path(explicit)
     env = os.environ.get("POSTROOM_CONFIG")
     if env:

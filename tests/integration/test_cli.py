@@ -239,6 +239,25 @@ def test_config_from_environment(
     assert "e@a.test" in run_cli("user", "list").stdout
 
 
+def test_an_empty_config_name_is_an_error_not_the_embedded_default(
+    cfg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-c "$CONF"`` with an empty variable ran on the embedded default, making
+    ./postroom-data silently (cfgedge probe): exit 2, nothing made."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("POSTROOM_CONFIG", str(cfg))
+    for args in (
+        ("-c", "", "user", "list"),
+        ("user", "list", "--config="),
+        ("user", "-c", "", "list"),
+    ):
+        p = run_cli(*args, check=False)
+        assert (
+            p.returncode == 2 and p.stderr == "postroom: error: -c/--config: an empty file name\n"
+        )
+    assert not (tmp_path / "postroom-data").exists()
+
+
 def test_user_add_over_an_alias_warns_that_the_alias_gets_its_mail(cfg: Path) -> None:
     """The alias wins (mail for the name goes to its targets): the mailbox ``user add`` makes
     would get nothing, silently, so it says so."""
