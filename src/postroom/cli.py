@@ -180,12 +180,14 @@ def _cmd_import(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _read_password(args: argparse.Namespace) -> str:
+    from postroom import passwords
+
     if sys.stdin is None:
         raise AccountError("no password: stdin is closed")
     if args.password_stdin or not sys.stdin.isatty():
         # Without a terminal there is nothing to prompt on (getpass would warn and read stdin
         # anyway): the first line is the password; a second one, answering "Again", must match.
-        line = sys.stdin.readline()
+        line = sys.stdin.readline(passwords.MAX_LENGTH + 3)  # (+ CR LF, + one too many)
         if not line:
             raise AccountError("no password typed: stdin is empty")
         password = line.rstrip("\r\n")
@@ -206,8 +208,6 @@ def _read_password(args: argparse.Namespace) -> str:
         password.encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 came in as surrogates
         raise AccountError("the password is not valid UTF-8") from None
-    from postroom import passwords
-
     try:
         return passwords.check_new(password, args.allow_short)
     except passwords.PasswordError as exc:

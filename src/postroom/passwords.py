@@ -31,6 +31,9 @@ from precis_i18n import get_profile
 # stolen hashes are argon2id: 6 refuses the trivial passwords without breaking the scripts and
 # clients of installs whose users chose 6 or 7. `--allow-short` accepts shorter ones.
 MIN_LENGTH = 6
+# SMTP AUTH takes a response line of 12,288 octets (RFC 4954 §4 asks for that much), base64
+# of about 9,000: a longer password could never log in, and is the wrong file piped in.
+MAX_LENGTH = 4096
 
 _OPAQUE = get_profile("OpaqueString")
 
@@ -90,8 +93,10 @@ def _prohibited(c: str) -> bool:
 
 
 def check_new(password: str, allow_short: bool = False) -> str:
-    """A password being set: prepared, and at least :data:`MIN_LENGTH` characters unless
-    ``allow_short``."""
+    """A password being set: prepared, at least :data:`MIN_LENGTH` characters unless
+    ``allow_short``, and at most :data:`MAX_LENGTH`."""
+    if len(password) > MAX_LENGTH:
+        raise PasswordError(f"the password is longer than {MAX_LENGTH} characters")
     prepared = prepare(password)
     if len(prepared) < MIN_LENGTH and not allow_short:
         raise PasswordError(

@@ -131,3 +131,7 @@ def test_prepare_unit() -> None:
         passwords.check_new("12345")
     assert passwords.check_new("12345", allow_short=True) == "12345"
     assert passwords.check_new("123456") == "123456"
+    # No login could send a longer one (the wrong file piped in took 145 s and 1 GB).
+    assert passwords.check_new("x" * passwords.MAX_LENGTH) == "x" * passwords.MAX_LENGTH
+    with pytest.raises(passwords.PasswordError, match="longer than 4096"):
+        passwords.check_new("x" * (passwords.MAX_LENGTH + 1))

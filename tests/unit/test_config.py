@@ -111,3 +111,15 @@ def test_dmarc_rua_takes_several_addresses_sizes_and_idn_domains() -> None:
         "mailto:o'brien%21%3F@x.test",
         "mailto:%C3%A9@x",  # a UTF-8 local part, cut nowhere in a TXT string
     )
+
+
+def test_durations_and_sizes_take_ascii_digits_only() -> None:
+    """``\\d`` took any Unicode digit: "١MB" was one megabyte (cfgedge probe)."""
+    from postroom.config import parse_duration, parse_size
+
+    assert parse_duration("1.5m") == 90 and parse_size("10MB") == 10 << 20
+    for value in ("\u0661MB", "1\u0660KB"):
+        with pytest.raises(ValueError, match="expected a size"):
+            parse_size(value)
+    with pytest.raises(ValueError, match="expected a duration"):
+        parse_duration("\u0661s")
