@@ -606,16 +606,9 @@ def _warnings(cfg: Config, command: str) -> None:
                     "root without `user`: what it makes will belong to root; run it as the "
                     "server's user or set `user`"
                 )
-    if command == "serve" and cfg.limits.pop3_idle_timeout < 600:
-        _warn(
-            f"{source}: limits.pop3_idle_timeout: under 10 minutes, which RFC 1939 section 3 "
-            "asks of a POP3 server: a client that reads slowly may be cut off"
-        )
-    if command == "serve" and cfg.path is not None and cfg.hostname == "localhost":
-        _warn(
-            f'{source}: hostname: "localhost": other mail servers refuse mail from a host that '
-            "calls itself that; set this host's public name"
-        )
+    if command == "serve":
+        for doubt in config_mod.doubts(cfg):
+            _warn(doubt)
 
 
 def _where_data_is(cfg: Config) -> None:

@@ -608,6 +608,24 @@ def postgresql_url_problem(url: str) -> str | None:
     return None
 
 
+def doubts(cfg: Config) -> list[str]:
+    """What a server would run with that is allowed but probably not what the admin meant:
+    said by ``serve`` at start and at every reload."""
+    source = cfg.path or "<default>"
+    said = []
+    if cfg.limits.pop3_idle_timeout < 600:
+        said.append(
+            f"{source}: limits.pop3_idle_timeout: under 10 minutes, which RFC 1939 section 3 "
+            "asks of a POP3 server: a client that reads slowly may be cut off"
+        )
+    if cfg.path is not None and cfg.hostname == "localhost":
+        said.append(
+            f'{source}: hostname: "localhost": other mail servers refuse mail from a host that '
+            "calls itself that; set this host's public name"
+        )
+    return said
+
+
 def find_config_path(explicit: str | None) -> Path | None:
     """The file named by ``-c``, else ``$POSTROOM_CONFIG``, else ``./postroom.toml`` if present.
     ``-c ""`` names no file (a script's empty variable): an error, not the embedded default."""

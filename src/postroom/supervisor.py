@@ -310,6 +310,8 @@ class Supervisor:
         except ConfigError as exc:
             log.error("reload failed, the running configuration stays: %s", exc)
             return
+        for doubt in config_mod.doubts(new):
+            log.warning("reload: %s", doubt)
         for key in RESTART_ONLY:  # against what runs, not the last reload
             if getattr(new, key) != getattr(self.started_cfg, key):
                 log.warning("reload: %s changed; it takes effect only after a restart", key)

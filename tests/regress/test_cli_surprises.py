@@ -7,6 +7,7 @@ from stdin: one line, and a second one, if any, must repeat it)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from postroom import __version__
-from tests.conftest import ServerFactory, env_with_src
+from tests.conftest import ServerFactory, env_with_src, wait_until
 
 SECOND_LEVEL = {
     "user": ["add", "passwd", "del", "list"],
@@ -106,6 +107,17 @@ def test_a_pop3_idle_timeout_under_ten_minutes_warns(server_factory: ServerFacto
     assert "limits.pop3_idle_timeout: under 10 minutes" in short.log.read_text()
     usual = server_factory(services=("pop3",), name="usual")
     assert "limits.pop3_idle_timeout" not in usual.log.read_text()
+    # A reload says the same (it said nothing: an emptied config file reloaded quietly as
+    # hostname "localhost", refusing mail for the real domains; cfgedge probe).
+    text = usual.config.read_text()
+    usual.config.write_text(
+        text.replace("[listen]", '[limits]\npop3_idle_timeout = "1m"\n[listen]')
+    )
+    assert usual.proc is not None
+    usual.proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: "reload: " in usual.log.read_text() and "under 10 minutes" in usual.log.read_text()
+    )
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")

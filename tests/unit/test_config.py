@@ -114,7 +114,7 @@ def test_dmarc_rua_takes_several_addresses_sizes_and_idn_domains() -> None:
 
 
 def test_durations_and_sizes_take_ascii_digits_only() -> None:
-    """``\\d`` took any Unicode digit: "١MB" was one megabyte (cfgedge probe)."""
+    """``\\d`` took any Unicode digit: an Arabic-Indic one and "MB" were a megabyte (cfgedge)."""
     from postroom.config import parse_duration, parse_size
 
     assert parse_duration("1.5m") == 90 and parse_size("10MB") == 10 << 20
