@@ -86,6 +86,14 @@ def normalise_domain(name: str) -> str:
     return ascii_name
 
 
+def domain_of(address: str) -> str:
+    """The domain of ``address`` (one the parser took) as local domains are compared:
+    lower-cased, but an address literal as :func:`normalise_domain` writes it (its tag
+    ``IPv6:``; lower-cased, an IPv6 literal in ``domains`` was sent out, never stored)."""
+    domain = address.rpartition("@")[2]
+    return domain if domain.startswith("[") else domain.lower()
+
+
 def _address_literal(text: str) -> str:
     """RFC 5321 §4.1.3 address literals: ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``."""
     inner = text[1:-1]
@@ -93,7 +101,9 @@ def _address_literal(text: str) -> str:
         if "%" in inner:  # a zone ID names an interface of the sender's host: not in §4.1.3
             raise ValueError
         if inner[:5].lower() == "ipv6:":
-            return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
+            ip = ipaddress.IPv6Address(inner[5:])
+            # RFC 5952 §5: an IPv4-mapped address keeps its dotted quad (::ffff:192.0.2.1)
+            return f"[IPv6:{f'::ffff:{ip.ipv4_mapped}' if ip.ipv4_mapped else ip.compressed}]"
         return f"[{ipaddress.IPv4Address(inner)}]"
     except ValueError:
         raise ValueError(f"bad address literal {text!r}") from None

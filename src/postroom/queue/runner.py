@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from postroom import events
-from postroom.address import local_key
+from postroom.address import domain_of, local_key
 from postroom.delivery.dsn import (
     Action,
     DsnRecipient,
@@ -77,10 +77,6 @@ from postroom.wire.replies import Reply
 if TYPE_CHECKING:
     from postroom.config import Config
     from postroom.services import Services
-
-
-def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from postroom import events, sasl
-from postroom.address import Address, parse_user_address
+from postroom.address import Address, domain_of, parse_user_address
 from postroom.delivery import mime_downgrade
 from postroom.delivery.mime_downgrade import starts_with_header_field
 from postroom.queue.envelope import Envelope, PendingReport, Recipient, new_queue_id
@@ -46,10 +46,6 @@ _submission_form = functools.partial(mime_downgrade.downgrade, eight_bit=False)
 _needs_submission_form = functools.partial(
     mime_downgrade.needs_downgrade, eight_bit=False, line_end=b"\n"
 )
-
-
-def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower()
 
 
 def _rfc5322_date(when: float) -> str:
@@ -228,7 +224,7 @@ class SmtpPolicy:
         self.txn.queue_id = new_queue_id()
         self.txn.received_at = time.time()
         local = self.cfg.is_local_domain
-        self.txn.leaves = not all(local(_domain(r.address)) for r in self.txn.recipients)
+        self.txn.leaves = not all(local(domain_of(r.address)) for r in self.txn.recipients)
         sender = str(self.txn.sender) if self.txn.sender is not None else ""
         # Bound to this transaction: the prefix may be made at the end of DATA, when the
         # session has moved on to the next one.
