@@ -26,7 +26,9 @@ from collections.abc import Callable, Iterator, Sequence
 _ROW = struct.Struct("<16sid")  # address, count, time of the last change
 _EMPTY = bytes(16)
 _V4_MAPPED = bytes(10) + b"\xff\xff"
-_HOST_ZEROS = bytes(8)  # the interface half of an IPv6 address, not counted
+# The interface half of an IPv6 address, not counted: a mark in its place, so that no key is
+# all zeros, the empty row's (::1 was, and its rows went wrong: wiped, counted below zero).
+_SLASH_64 = bytes(7) + b"\x01"
 DEFAULT_ROWS = 1 << 16  # 65,536 rows of 32 octets: 2 MiB per table
 GAP_WAIT = 1.0  # seconds a lock stays taken with no holder named before it counts as lost
 
@@ -47,7 +49,7 @@ def client_key(ip: str) -> bytes:
         return b"\xff" * 16  # not an address (a Unix socket): one shared row
     if packed.startswith(_V4_MAPPED):  # an IPv4 client on a dual-stack socket
         return packed
-    return packed[:8] + _HOST_ZEROS
+    return packed[:8] + _SLASH_64
 
 
 class SharedCounts:

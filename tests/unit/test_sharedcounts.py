@@ -28,6 +28,21 @@ def test_a_count_made_in_one_process_is_seen_in_another() -> None:
     assert table.get("::ffff:192.0.2.1") == 5  # the same host, written as v4-mapped
 
 
+def test_the_loopback_v6_client_is_counted_like_any_other() -> None:
+    """Its key (the /64 ::/64, the rest zeros) was the empty row's: every ::1 connection took
+    one off the table's use count, and a client hashed to its row wiped its count (v6e2e)."""
+    table = SharedCounts(rows=8)
+    for _ in range(10):
+        assert table.add("::1", 1) == 1
+        assert table.add("::1", -1) == 0
+    assert table.used.value == 0
+    table.add("::1", 3)
+    for n in range(5):
+        table.add(f"192.0.2.{n}", 1)
+    assert table.get("::1") == 3 and table.get("::2") == 3  # one /64
+    assert table.used.value == 6
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 11), st.integers(-2, 2)), max_size=80))
 def test_matches_a_dict_through_collisions_and_deletions(ops: list[tuple[int, int]]) -> None:
