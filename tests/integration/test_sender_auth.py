@@ -118,6 +118,22 @@ def test_signing_verified_by_dkimpy_both_algorithms(
     assert "PRIVATE KEY" not in log
 
 
+def test_a_script_message_with_no_empty_line_after_its_fields_is_signed(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    """Its first line of text ended the header for the signer, which refused it: 451 4.3.0
+    for ever (bytesdiff probe). It is mended at intake now, and both signatures verify, to a
+    local and to a remote recipient (made 7-bit too: the MIME fields stay in the header)."""
+    srv = _server(server_factory, dns, "alice@a.test", "bob@a.test")
+    publish(srv, dns, "a.test")
+    wait_signed(srv, "alice@a.test", "bob@a.test", dns)
+    script = "From: alice@a.test\r\nSubject: disk\r\nDisk usage is 93% \u00e9\r\n".encode()
+    submit(srv, "alice@a.test", "bob@a.test", script)
+    got = wait_until(lambda: [m for m in srv.messages("bob@a.test") if b"Disk usage" in m])[0]
+    assert sorted(dkim_results(got, dns)) == [("ed25519", True), ("rsa", True)]
+    assert got.endswith(b"Subject: disk\r\n\r\nDisk usage is 93% \xc3\xa9\r\n")
+
+
 def test_a_from_with_two_local_domains_is_signed_by_both(
     server_factory: ServerFactory, dns: LoopbackDNS
 ) -> None:

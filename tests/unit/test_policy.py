@@ -344,6 +344,31 @@ def test_a_submission_without_from_gets_the_sender_as_from(tmp_path: Path) -> No
     assert msg.get_all("From") == ["A <alice@a.test>"]
 
 
+def test_a_header_line_that_is_no_field_ends_the_header_of_a_submission(tmp_path: Path) -> None:
+    """RFC 6409 §8, as Postfix's cleanup: the empty line goes before it. Done before the 7-bit
+    conversion and before our fields are made, so that the conversion, our fields, the signer
+    and every verifier see one header: the signer once ended it there alone, and the MIME
+    fields the conversion had put above became body text (review)."""
+    data = "Subject: disk\r\nDisk report\r\nDate: in body\r\nFrom: x@y.test\r\n\r\nusage \u00e9\r\n"
+    msg = email.message_from_bytes(submitted(tmp_path, data.encode()))
+    assert msg["Subject"] == "disk" and msg["MIME-Version"] == "1.0"
+    assert msg["From"] == "<alice@a.test>" and msg["Date"] != "in body"
+    text = msg.get_payload(decode=True)
+    assert text == "Disk report\nDate: in body\nFrom: x@y.test\n\nusage \u00e9\n".encode()
+    # Mail that stays here is mended too, and nothing else is done to it.
+    p, intake = policy(tmp_path / "local", port="submission")
+    p.tls, p.auth_user = True, "alice@a.test"
+    assert p.on_mail(Mail(Address("alice", "a.test"))) == replies.SENDER_OK
+    assert p.on_rcpt(Rcpt(Address("alice", "a.test"))) == replies.RECIPIENT_OK
+    p.on_data_start()
+    p.on_data(data.encode())
+    assert asyncio.run(p.on_message_end()).code == 250
+    ((_envelope, body),) = intake.got
+    assert body.endswith(
+        b"Subject: disk\n\nDisk report\nDate: in body\nFrom: x@y.test\n\nusage \xc3\xa9\n"
+    )
+
+
 def test_a_step_that_fails_unexpectedly_refuses_the_message_for_now(tmp_path: Path) -> None:
     """A bug or a message no step foresaw, at the end of DATA: 451 and the session goes on
     (it was a crash of the session, which left the client with no answer at all)."""

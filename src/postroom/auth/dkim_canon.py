@@ -106,24 +106,6 @@ def _colon(line: bytes) -> int:
     return -1
 
 
-def stray_line(head: bytes) -> int:
-    """The offset in ``head`` (a header section of CRLF lines) of its first line that is
-    neither a field, a continuation of one, nor an mbox ``From`` line, or -1. Such a line
-    (a script that wrote no empty line before its text, ``X Space: 1``) ends the header
-    section for a signer: :func:`split_message` refuses it, no verifier would agree on it."""
-    offset, fields = 0, False
-    for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            if not fields:
-                return offset
-        elif line and _colon(line) > 0:
-            fields = True
-        elif line and not line.startswith(b"From "):
-            return offset
-        offset += len(line) + 2
-    return -1
-
-
 def _relaxed_value(value: bytes) -> bytes:
     """RFC 6376 §3.4.2: unfolded, runs of WSP made one SP, none at either end."""
     if _ODD_SPACE.search(value):

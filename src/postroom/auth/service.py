@@ -326,15 +326,8 @@ class SenderAuth:
                 message.replace(stripped)
 
     async def _sign(self, message: Message) -> None:
-        whole = received = message.whole()
+        whole = message.whole()
         head = _head(whole)
-        stray = dkim_canon.stray_line(head)
-        if stray >= 0:
-            # RFC 6409 §8: a line that is no field ends the header section, as Postfix's
-            # cleanup has it (a script that wrote no empty line before its text); signed
-            # as it was, no verifier would agree on the fields, and refused, it never goes.
-            whole = whole[:stray] + b"\r\n" + whole[stray:]
-            head = whole[:stray]
         # Each local domain of From signs (several addresses or From fields: a receiver
         # checks each domain's DMARC, RFC 7489 §6.6.1, as ours does); others cannot be.
         local = [d for d in dict.fromkeys(dmarc.from_domains(head)) if d]
@@ -350,15 +343,20 @@ class SenderAuth:
             return
         if b" :" in head or b"\t:" in head:  # RFC 6409 §8: we may mend what we pass on
             whole = dkim_canon.without_space_before_colons(head) + whole[len(head) :]
-        if whole is not received:
             message.replace(whole)
         now = int(self.clock())
-        header = await self._dkim_job(
-            len(whole),
-            lambda helper: helper.sign(whole, signers, now),
-            lambda: dkim_sign.sign(whole, signers, now),
-            None,  # a hung helper's signature is made here: unsigned, the mail fails DMARC
-        )
+        try:
+            header = await self._dkim_job(
+                len(whole),
+                lambda helper: helper.sign(whole, signers, now),
+                lambda: dkim_sign.sign(whole, signers, now),
+                None,  # a hung helper's signature is made here: unsigned, the mail fails DMARC
+            )
+        except dkim_canon.MalformedHeader as exc:
+            # (The policy ends a header at a line that is no field before this: a header the
+            # signer still cannot read goes unsigned, not refused for ever with a 451.)
+            log.warning("a message is not DKIM-signed: %s", exc)
+            return
         message.prepend(header)
 
     def sign_own(self, message: bytes) -> bytes:

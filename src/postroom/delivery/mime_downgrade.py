@@ -90,6 +90,32 @@ def starts_with_header_field(data: bytes) -> bool:
     return _FIELD_START.match(data) is not None
 
 
+def fields_end(data: bytes, line_end: bytes = b"\r\n") -> int:
+    """The length of the header fields at the start of ``data`` (lines ending in
+    ``line_end``): up to its first empty line, or to an earlier line that is neither a field
+    (RFC 5322 §2.2) nor a continuation of one, where Postfix's cleanup ends the header section
+    too (a script's text that follows its fields with no empty line)."""
+    pos, size = 0, len(data)
+    while pos < size:
+        line = data[pos : pos + 1000]
+        if line.startswith(line_end):
+            return pos
+        continuation = pos > 0 and line[:1] in (b" ", b"\t")
+        if not continuation and not starts_with_header_field(line):
+            return pos
+        nl = data.find(line_end, pos)
+        pos = size if nl < 0 else nl + len(line_end)
+    return pos
+
+
+def stray_line(data: bytes, line_end: bytes = b"\r\n") -> int:
+    """The offset of a line that ends the header section of ``data`` without the empty line
+    (see :func:`fields_end`), or -1: none, or the first line (a message without a header
+    section, which the fields we add on top end with the empty line)."""
+    end = fields_end(data, line_end)
+    return end if 0 < end < len(data) and not data.startswith(line_end, end) else -1
+
+
 def _split_entity(raw: bytes, message: bool) -> tuple[bytes, bytes | None]:
     """(header section with its last CRLF, body) of one entity; no body without a blank line.
     A message whose first line is no header field is all body (a part is read leniently)."""

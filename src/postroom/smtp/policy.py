@@ -42,10 +42,24 @@ _HEADER_FIELD = re.compile(rb"(?im)^(date|message-id|from)[ \t]*:")  # the field
 
 
 _date_cache: tuple[int, str] = (0, "")
-_submission_form = functools.partial(mime_downgrade.downgrade, eight_bit=False)
-_needs_submission_form = functools.partial(
-    mime_downgrade.needs_downgrade, eight_bit=False, line_end=b"\n"
-)
+
+
+def _submission_form(data: bytes, leaves: bool) -> bytes:
+    """A submission (CRLF) as it is queued: a line in its header section that is no field
+    gets the empty line before it (RFC 6409 §8: a submission server may mend what it passes
+    on; as Postfix's cleanup does), so that its header is the same to the conversion, the
+    signer and every verifier; and mail that leaves is made 7-bit with short lines."""
+    stray = mime_downgrade.stray_line(data)
+    if stray >= 0:
+        data = data[:stray] + b"\r\n" + data[stray:]
+    return mime_downgrade.downgrade(data, eight_bit=False) if leaves else data
+
+
+def _needs_submission_form(data: bytes, leaves: bool) -> bool:
+    """Whether :func:`_submission_form` changes ``data`` (LF, as a draft holds it)."""
+    return mime_downgrade.stray_line(data, b"\n") >= 0 or (
+        leaves and mime_downgrade.needs_downgrade(data, eight_bit=False, line_end=b"\n")
+    )
 
 
 def _rfc5322_date(when: float) -> str:
@@ -302,7 +316,7 @@ class SmtpPolicy:
             # Only when it looks too large: where the fields really end. A line that is no
             # field and no continuation ends the header section (RFC 5322 §2.1-2.2, as
             # Postfix's cleanup decides): a message without one is all body, not too large.
-            section = section[: _fields_end(section)]
+            section = section[: mime_downgrade.fields_end(section, b"\n")]
             if len(section) + section.count(b"\n") > limit:
                 return replies.HEADERS_TOO_BIG
         headers = section[:-1] if section.endswith(b"\n") else section
@@ -328,11 +342,15 @@ class SmtpPolicy:
         """The checks and changes before the hand-off; a refusal, or None."""
         problem = self._check_headers(draft.head(self.cfg.limits.header_size + 2))
         received_size = draft.wire_size  # (the conversion below may make it grow threefold)
-        if problem is None and self.auth_user is not None and txn.leaves:
+        if problem is None and self.auth_user is not None:
             # Submitted mail that leaves is made 7-bit with short lines here, before it is
             # signed (RFC 6376 §5.3), so that no relay hop has to convert it and break the
-            # signature. Mail that stays here is stored as it came.
-            await draft.rewrite(_submission_form, _needs_submission_form)
+            # signature; mail that stays here is not. A header line that is no field is mended
+            # in both (see _submission_form). Our fields are made again from the result.
+            await draft.rewrite(
+                functools.partial(_submission_form, leaves=txn.leaves),
+                functools.partial(_needs_submission_form, leaves=txn.leaves),
+            )
         if problem is None and self.services.sender_auth is not None:
             # DKIM signing (submissions) or SPF/DKIM/DMARC and Authentication-Results (MX):
             # the finished message's transform or verdict, before the one hand-off below.
@@ -380,17 +398,3 @@ class SmtpPolicy:
         """A SASL exchange succeeded (``sasl_session.py`` drove it)."""
         self.auth_user = parse_user_address(username).key
         events.auth_ok(self.port, self.client_ip, self.auth_user, mechanism)
-
-
-def _fields_end(head: bytes) -> int:
-    """The length of the header fields at the start of ``head`` (LF line ends): up to the
-    first line that is neither a field (RFC 5322 §2.2) nor a continuation of one."""
-    pos = 0
-    while pos < len(head):
-        line_start = head[pos : pos + 1000]
-        continuation = pos > 0 and line_start[:1] in (b" ", b"\t")
-        if not continuation and not starts_with_header_field(line_start):
-            return pos
-        nl = head.find(b"\n", pos)
-        pos = len(head) if nl < 0 else nl + 1
-    return pos
