@@ -10,11 +10,12 @@ USER/PASS login, so both spellings log in. The profile comes from ``precis-i18n`
 implements the PRECIS framework (RFC 8264) and its Unicode tables for the running Python;
 writing that by hand would mean keeping those tables.
 
-SCRAM clients prepare the password themselves, with what RFC 5802 §2.2 names: SASLprep (RFC
-4013), NFKC rather than NFC (GNU SASL, so msmtp and neomutt, and Cyrus SASL do). The SCRAM
-keys are made from that form (:func:`saslprep`), or a password with "²" or "ﬁ" logs in with
-PLAIN and not with SCRAM. No maintained library offers SASLprep; it is a few lines over the
-standard library's ``stringprep`` tables (RFC 3454) and its Unicode 3.2 NFKC.
+SCRAM clients prepare the password themselves: GNU SASL (msmtp, neomutt) with what RFC 5802
+§2.2 names, SASLprep (RFC 4013), NFKC rather than NFC; Cyrus SASL not at all. SCRAM keys are
+made from each form (:func:`saslprep`; see ``credentials.make_credentials``), or a password
+with "²" or "ﬁ" logs in with PLAIN and not with SCRAM. No maintained library offers SASLprep;
+it is a few lines over the standard library's ``stringprep`` tables (RFC 3454) and its
+Unicode 3.2 NFKC.
 
 Pure: no I/O.
 """

@@ -34,11 +34,14 @@ _FAKE_SECRET = secrets.token_bytes(32)
 # only two HMACs. Keys made with another count keep theirs (it travels in the server-first
 # message) until passwd.
 SCRAM_ITERATIONS = 65_536
+_KEY = 32  # octets of a StoredKey, a ServerKey, a proof (SHA-256)
 
 
 @dataclass(frozen=True, slots=True)
 class ScramKeys:
-    """What the server stores for SCRAM-SHA-256 (RFC 5802 §3)."""
+    """What the server stores for SCRAM-SHA-256 (RFC 5802 §3). ``stored_key`` and
+    ``server_key`` hold 32 octets per form of the password a client may hash (see
+    ``credentials.make_credentials``): one pair, or two of the same salt side by side."""
 
     salt: bytes
     iterations: int
@@ -262,14 +265,19 @@ class ScramSha256:
         except ValueError:
             return Failure("malformed SCRAM proof", malformed=True)
         auth_message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode()
-        signature = hmac.new(self._keys.stored_key, auth_message, "sha256").digest()
-        if len(proof) != len(signature):
+        if len(proof) != _KEY:
             return Failure("bad SCRAM proof", username=self._username)
-        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
-        ok = hmac.compare_digest(hashlib.sha256(client_key).digest(), self._keys.stored_key)
-        if not (ok and self._known):
+        matched = -1
+        for at in range(0, len(self._keys.stored_key), _KEY):  # each pair, whichever matches
+            stored_key = self._keys.stored_key[at : at + _KEY]
+            signature = hmac.new(stored_key, auth_message, "sha256").digest()
+            client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
+            if hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key):
+                matched = at
+        if matched < 0 or not self._known:
             return Failure("bad credentials", username=self._username)
-        server_sig = hmac.new(self._keys.server_key, auth_message, "sha256").digest()
+        server_key = self._keys.server_key[matched : matched + _KEY]
+        server_sig = hmac.new(server_key, auth_message, "sha256").digest()
         self._stage = 3
         return Success(self._username, f"v={base64.b64encode(server_sig).decode()}".encode())
 

@@ -74,15 +74,19 @@ def test_scram_with_the_prepared_password_and_current_iterations(srv: Server) ->
 
 
 def test_scram_keys_are_made_from_the_saslprep_form_clients_hash(srv: Server) -> None:
-    """RFC 5802 §2.2: SCRAM clients (GNU SASL in msmtp and neomutt, Cyrus SASL) hash the
-    SASLprep form, NFKC: a password with "²" or "ﬁ" logged in with PLAIN, not with SCRAM,
-    whose keys were made from the NFC form (clients3 probe)."""
+    """RFC 5802 §2.2: SCRAM clients of GNU SASL (msmtp, neomutt) hash the SASLprep form, NFKC:
+    a password with "²" or "ﬁ" logged in with PLAIN, not with SCRAM, whose keys were made from
+    the NFC form (clients3 probe). Cyrus SASL's hash the password as typed (review): keys for
+    both forms, and either logs in."""
     for address, typed, hashed in (
         ("dave@a.test", "Pass\u00b2word \ufb011", "Pass2word fi1"),
         ("erin@a.test", "\uff37\uff49\uff44\uff45pass1", "Widepass1"),
     ):
         srv.cli("user", "add", address, "--password-stdin", stdin=typed + "\n")
         assert scram(srv, address, hashed) == 235, typed
+        # Cyrus SASL (Postfix, sendmail) hashes the password as typed: that logs in too.
+        assert scram(srv, address, typed) == 235, typed
+        assert scram(srv, address, hashed + "x") == 535, typed
         assert auth(srv, "PLAIN", typed, address) == 235, typed
 
 

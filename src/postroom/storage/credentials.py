@@ -10,9 +10,12 @@ checked against a dummy hash, so both cost the same time (no user enumeration by
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hmac
 import os
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -62,14 +65,26 @@ def make_credentials(password: str) -> Credentials:
         prepared = passwords.prepare(password)
     except passwords.PasswordError as exc:
         raise AccountError(str(exc)) from None
-    try:
-        for_scram = passwords.saslprep(password)  # what SCRAM clients hash (RFC 5802 §2.2)
-    except passwords.PasswordError:
-        for_scram = prepared  # (as PostgreSQL's clients do: the password as it is)
-    # Side by side: both release the GIL, so the two costs overlap (0.39 s to 0.29 s here).
-    with ThreadPoolExecutor(1) as pool:
-        scram = pool.submit(derive_scram_keys, for_scram)
-        return Credentials(_HASHER.hash(prepared), scram.result())
+    # SCRAM clients hash the password themselves: GNU SASL (msmtp, neomutt) its SASLprep
+    # form, as RFC 5802 §2.2 says, NFKC ("²" is "2"); Cyrus SASL (Postfix, sendmail, mutt)
+    # as it is typed. Where the forms differ (ours, RFC 8265's, too), keys for each, of one
+    # salt: whichever a client hashes logs in.
+    forms = [prepared, password]
+    with contextlib.suppress(passwords.PasswordError):  # (an emoji: SASLprep refuses it)
+        forms.insert(0, passwords.saslprep(password))
+    forms = list(dict.fromkeys(forms))
+    salt = secrets.token_bytes(16)
+    # Side by side: both release the GIL, so the costs overlap (0.39 s to 0.29 s here).
+    with ThreadPoolExecutor(len(forms)) as pool:
+        made = [pool.submit(derive_scram_keys, form, salt) for form in forms]
+        password_hash = _HASHER.hash(prepared)
+        keys = [job.result() for job in made]
+    scram = dataclasses.replace(
+        keys[0],
+        stored_key=b"".join(k.stored_key for k in keys),
+        server_key=b"".join(k.server_key for k in keys),
+    )
+    return Credentials(password_hash, scram)
 
 
 def password_matches(stored: str | None, password: str) -> bool:
