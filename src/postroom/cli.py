@@ -192,7 +192,7 @@ def _read_password(args: argparse.Namespace) -> str:
             raise AccountError("no password typed: stdin is empty")
         password = line.rstrip("\r\n")
         if not args.password_stdin:
-            again = sys.stdin.readline()
+            again = sys.stdin.readline(passwords.MAX_LENGTH + 3)
             if again and again.rstrip("\r\n") != password:
                 raise AccountError("passwords do not match")
     else:

@@ -26,8 +26,8 @@ from postroom.errors import ConfigError
 
 Endpoint = tuple[str, int]
 
-_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*$")  # ASCII digits only
-_SIZE = re.compile(r"^\s*([0-9]+)\s*([KMG]?B?)\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*$", re.ASCII)
+_SIZE = re.compile(r"^\s*([0-9]+)\s*([KMG]?B?)\s*$", re.IGNORECASE | re.ASCII)  # not "\u212a"
 _UNITS_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _UNITS_B = {
     "": 1,

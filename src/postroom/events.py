@@ -458,7 +458,7 @@ def _text_pop3_in_use(f: Fields) -> str:
 def _text_pop3_login(f: Fields) -> str:
     return (
         f"login: user={f['user']}, client=[{f['client']}], service={f['service']},"
-        f" messages={f['messages']}, method={f['mechanism']}, tls={f['tls'] or 'no'}"
+        f" messages={f['messages']}, method={f['mechanism']}, tls={f['tls'] or 'none'}"
     )
 
 

@@ -32,8 +32,9 @@ from precis_i18n import get_profile
 # stolen hashes are argon2id: 6 refuses the trivial passwords without breaking the scripts and
 # clients of installs whose users chose 6 or 7. `--allow-short` accepts shorter ones.
 MIN_LENGTH = 6
-# SMTP AUTH takes a response line of 12,288 octets (RFC 4954 §4 asks for that much), base64
-# of about 9,000: a longer password could never log in, and is the wrong file piped in.
+# SMTP AUTH PLAIN takes a response line of 12,288 octets (RFC 4954 §4 asks for that much),
+# base64 of about 9,000, and POP3 PASS far less: a longer password could never log in with
+# them, and is the wrong file piped in.
 MAX_LENGTH = 4096
 
 _OPAQUE = get_profile("OpaqueString")

@@ -118,7 +118,7 @@ def test_durations_and_sizes_take_ascii_digits_only() -> None:
     from postroom.config import parse_duration, parse_size
 
     assert parse_duration("1.5m") == 90 and parse_size("10MB") == 10 << 20
-    for value in ("\u0661MB", "1\u0660KB"):
+    for value in ("\u0661MB", "1\u0660KB", "10\u212aB"):  # the Kelvin sign is no K
         with pytest.raises(ValueError, match="expected a size"):
             parse_size(value)
     with pytest.raises(ValueError, match="expected a duration"):

@@ -39,6 +39,16 @@ def test_argon2_that_cannot_run_is_no_wrong_password(
         credentials.password_matches("$argon2id$...", "s3cret")
 
 
+def test_python_out_of_memory_is_no_wrong_password_either(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Failing:
+        def verify(self, stored: str, password: str) -> bool:
+            raise MemoryError
+
+    monkeypatch.setattr(credentials, "_HASHER", Failing())
+    with pytest.raises(PasswordUncheckable, match="out of memory"):
+        credentials.password_matches("$argon2id$...", "s3cret")
+
+
 def test_real_argon2_out_of_address_space_is_uncheckable() -> None:
     """The same with libargon2 itself, in a process whose address space is too small for the
     64 MiB an argon2id check of the default parameters takes."""

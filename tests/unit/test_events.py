@@ -229,7 +229,7 @@ def test_a_pop3_login_names_its_method_and_tls(log: io.StringIO, tmp_path: Path)
         "login: user=a@a.test, client=[192.0.2.1], service=pop3, messages=3, method=USER,"
         " tls=TLSv1.3"
     )
-    assert second.endswith("messages=0, method=SCRAM-SHA-256, tls=no")
+    assert second.endswith("messages=0, method=SCRAM-SHA-256, tls=none")  # as SMTP's lines
     log.truncate(0)
     log.seek(0)
     _setup(log, "json", tmp_path)

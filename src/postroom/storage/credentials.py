@@ -99,6 +99,8 @@ def password_matches(stored: str | None, password: str) -> bool:
         ok: bool = _HASHER.verify(stored or dummy_hash(), password)
     except (VerifyMismatchError, InvalidHashError):
         ok = False
+    except MemoryError:  # ours, before or after libargon2's own allocation
+        raise PasswordUncheckable("out of memory") from None
     except VerificationError as exc:
         # argon2-cffi raises this base class for every other libargon2 error: a hash it
         # cannot decode (nobody's password matches it), or its own failure to run, which is
