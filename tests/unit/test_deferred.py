@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from postroom.errors import QueueError
+from postroom.errors import LeaseLost, QueueError
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.storage.local.deferred import DeferredStore
 from postroom.storage.local.queue import LocalQueue
@@ -51,6 +51,20 @@ def test_an_unreadable_message_is_quarantined_when_it_is_due(tmp_path: Path) -> 
     with pytest.raises(QueueError):
         asyncio.run(queue.delete("A1"))
     assert not os.listdir(queue.deferred.state_dir)
+
+
+def test_a_message_deleted_as_its_attempt_begins_is_dropped_not_failed(tmp_path: Path) -> None:
+    """`queue delete` between the claim and the read of the body: the attempt failed with a
+    traceback and its failure wrote the state file back, left until the next start
+    (queuescale probe). The queue says the lease is lost, as PostgreSQL's does."""
+    queue = LocalQueue(tmp_path, "mx.x.test")
+    queue.deferred.park(envelope("A1", 0, 0.0).to_json(), "A1", b"x", "")
+    queue.recover()
+    (claimed,) = asyncio.run(queue.claim(1e10, 10))
+    asyncio.run(queue.delete("A1"))
+    with pytest.raises(LeaseLost):
+        asyncio.run(queue.body(claimed))
+    assert queue.deferred.ids() == [] and not os.listdir(queue.deferred.state_dir)
 
 
 def test_a_primary_started_again_leaves_a_living_writers_park_alone(

@@ -182,7 +182,8 @@ class MessageQueue(Protocol):
         ...
 
     async def body(self, envelope: Envelope) -> bytes:
-        """The stored message (LF, starting with the ``Return-Path`` line)."""
+        """The stored message (LF, starting with the ``Return-Path`` line).
+        :class:`~postroom.errors.LeaseLost` if it was deleted meanwhile."""
         ...
 
     async def record(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:

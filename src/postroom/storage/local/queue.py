@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postroom.blocking import BlockingPool
-from postroom.errors import QueueError, StorageUnavailable, TemporaryStorageError
+from postroom.errors import LeaseLost, QueueError, StorageUnavailable, TemporaryStorageError
 from postroom.queue.envelope import Attempt, Envelope, Recipient, check_id, new_queue_id
 from postroom.storage.interfaces import LocalCopy, MessageDraft
 from postroom.storage.local import files, journal, maildir
@@ -696,8 +696,8 @@ class LocalQueue:
         try:
             return await self.io.run(_read, path)
         except FileNotFoundError:
-            if live is None:
-                raise
+            if live is None:  # `queue delete` came as its attempt began (as PostgreSQL's)
+                raise LeaseLost(f"{envelope.id} was deleted") from None
             # Its writer died meanwhile: the next one's recovery parked it, body file and all.
             return await self.io.run(_read, self.deferred.msg_path(envelope.id))
 
