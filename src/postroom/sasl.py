@@ -41,7 +41,7 @@ _KEY = 32  # octets of a StoredKey, a ServerKey, a proof (SHA-256)
 class ScramKeys:
     """What the server stores for SCRAM-SHA-256 (RFC 5802 §3). ``stored_key`` and
     ``server_key`` hold 32 octets per form of the password a client may hash (see
-    ``credentials.make_credentials``): one pair, or two of the same salt side by side."""
+    ``credentials.make_credentials``): one pair, or up to three of one salt side by side."""
 
     salt: bytes
     iterations: int
