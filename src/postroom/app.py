@@ -733,7 +733,7 @@ def run(cfg: Config) -> int:
         # The hash an unknown user's login is checked against, made beside the start (argon2
         # lets go of the GIL) and not before it: 0.13-0.19 s of each start. A login that
         # comes first makes its own.
-        threading.Thread(target=credentials.dummy_hash, daemon=True).start()
+        threading.Thread(target=credentials.warm_up, daemon=True).start()
         try:
             return _loop_run(serve(cfg, listeners, worker, pair, shared))
         except (OSError, PostroomError) as exc:  # PostgreSQL away at start, a newer schema

@@ -209,9 +209,10 @@ def _read_password(args: argparse.Namespace) -> str:
     except UnicodeEncodeError:  # bytes that are not UTF-8 came in as surrogates
         raise AccountError("the password is not valid UTF-8") from None
     try:
-        return passwords.check_new(password, args.allow_short)
+        passwords.check_new(password, args.allow_short)
     except passwords.PasswordError as exc:
         raise AccountError(str(exc)) from None
+    return password  # as typed: the store prepares it, and keeps SCRAM keys of that form too
 
 
 def _iso(ts: float | None) -> str | None:

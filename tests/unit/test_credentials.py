@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 import pytest
-from argon2.exceptions import VerificationError
+from argon2.exceptions import HashingError, VerificationError
 
 from postroom.errors import PasswordUncheckable
 from postroom.storage import credentials
@@ -47,6 +47,30 @@ def test_python_out_of_memory_is_no_wrong_password_either(monkeypatch: pytest.Mo
     monkeypatch.setattr(credentials, "_HASHER", Failing())
     with pytest.raises(PasswordUncheckable, match="out of memory"):
         credentials.password_matches("$argon2id$...", "s3cret")
+
+
+def test_an_unknown_user_when_the_dummy_hash_cannot_be_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hash an unknown user is checked against could not be made (argon2 short of memory):
+    HashingError escaped, the session was dropped with a traceback, and the answer told an
+    unknown user from a known one (recheck probe)."""
+
+    class Failing:
+        def hash(self, password: str) -> str:
+            raise HashingError("Memory allocation error")
+
+        def verify(self, stored: str, password: str) -> bool:
+            raise AssertionError("never reached: no hash to verify against")
+
+    monkeypatch.setattr(credentials, "_HASHER", Failing())
+    credentials.dummy_hash.cache_clear()
+    try:
+        credentials.warm_up()  # the start's: quiet
+        with pytest.raises(PasswordUncheckable):
+            credentials.password_matches(None, "s3cret")
+    finally:
+        credentials.dummy_hash.cache_clear()
 
 
 def test_real_argon2_out_of_address_space_is_uncheckable() -> None:

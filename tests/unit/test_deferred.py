@@ -67,6 +67,17 @@ def test_a_message_deleted_as_its_attempt_begins_is_dropped_not_failed(tmp_path:
     assert queue.deferred.ids() == [] and not os.listdir(queue.deferred.state_dir)
 
 
+def test_a_state_saved_as_its_message_is_deleted_is_not_left_behind(tmp_path: Path) -> None:
+    """An attempt's state written just after `queue delete` took the message: the state file
+    stayed, without its message, until the next start (recheck probe, 12 in 150 deletes)."""
+    store = DeferredStore(tmp_path)
+    env = envelope("A1", 1, 0.0)
+    store.park(env.to_json(), "A1", b"x", "")
+    store.remove("A1")
+    store.save_state(env)
+    assert not list(store.state_dir.iterdir()) and store.ids() == []
+
+
 def test_a_primary_started_again_leaves_a_living_writers_park_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

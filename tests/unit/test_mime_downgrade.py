@@ -397,3 +397,22 @@ def test_no_text_makes_a_delimiter_once_encoded_again(pieces: list[bytes], cte: 
     out = downgrade(raw, eight_bit=False)
     assert out.isascii() and longest(out) <= 76  # (RFC 2045 §6.7; no other line is longer)
     assert leaves(out) == leaves(raw) and len(leaves(out)) == 2
+
+
+def test_a_line_that_is_no_field_ends_a_parts_header_before_and_after() -> None:
+    """The conversion took a part's header up to its empty line and wrote the new encoding
+    field below a line that is no field, where readers had ended the header: they saw the
+    quoted-printable as text (recheck probe). The line now ends the header for the conversion
+    too, and what a reader decodes is the same; so for a message's own header, and a field
+    name longer than a line slice (1,000) is still a field."""
+    text = (
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+        b"stray in part\r\n\r\nGr\xc3\xbc\xc3\x9fe \xe2\x82\xac\r\n"
+    )
+    raw = multipart(text, b"Content-Transfer-Encoding: 8bit\r\n")
+    out = downgrade(raw, eight_bit=False)
+    assert out.isascii() and leaves(out) == leaves(raw)
+    top = b"Subject: x\r\nno field here\r\nX-A: 1\r\n\r\n\xc3\xa9t\xc3\xa9\r\n"
+    assert leaves(downgrade(top, eight_bit=False)) == leaves(top)
+    long_name = b"X-" + b"n" * 1200 + b": v\r\nSubject: x\r\n\r\nbody\r\n"
+    assert mime_downgrade.fields_end(long_name) == long_name.index(b"\r\n\r\n") + 2

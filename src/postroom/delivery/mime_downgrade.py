@@ -97,11 +97,10 @@ def fields_end(data: bytes, line_end: bytes = b"\r\n") -> int:
     too (a script's text that follows its fields with no empty line)."""
     pos, size = 0, len(data)
     while pos < size:
-        line = data[pos : pos + 1000]
-        if line.startswith(line_end):
+        if data.startswith(line_end, pos):
             return pos
-        continuation = pos > 0 and line[:1] in (b" ", b"\t")
-        if not continuation and not starts_with_header_field(line):
+        continuation = pos > 0 and data[pos : pos + 1] in (b" ", b"\t")
+        if not continuation and not _FIELD_START.match(data, pos):
             return pos
         nl = data.find(line_end, pos)
         pos = size if nl < 0 else nl + len(line_end)
@@ -118,15 +117,22 @@ def stray_line(data: bytes, line_end: bytes = b"\r\n") -> int:
 
 def _split_entity(raw: bytes, message: bool) -> tuple[bytes, bytes | None]:
     """(header section with its last CRLF, body) of one entity; no body without a blank line.
-    A message whose first line is no header field is all body (a part is read leniently)."""
+    A message whose first line is no header field is all body (a part is read leniently). A
+    later line that is no field ends the header (:func:`fields_end`), as readers take it: the
+    body starts there, and the fields we change stay above it (the empty line comes back with
+    the entity put together again)."""
     if raw.startswith(b"\r\n"):
         return b"", raw[2:]
     if message and not starts_with_header_field(raw):
         return b"", raw
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
+    end = fields_end(raw)
+    if end == 0:  # a part whose first line is no field: up to its empty line
+        end = raw.find(b"\r\n\r\n") + 2 if b"\r\n\r\n" in raw else len(raw)
+    if end >= len(raw):
         return raw, None
-    return raw[: end + 2], raw[end + 4 :]
+    if raw.startswith(b"\r\n", end):
+        return raw[:end], raw[end + 2 :]
+    return raw[:end], raw[end:]
 
 
 def _entity(raw: bytes, *, seven_bit: bool, message: bool, digest: bool, depth: int) -> bytes:

@@ -22,7 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from argon2.exceptions import (
+    HashingError,
+    InvalidHashError,
+    VerificationError,
+    VerifyMismatchError,
+)
 from argon2.low_level import error_to_str
 
 from postroom import passwords
@@ -43,6 +48,13 @@ def dummy_hash() -> str:
     server worker makes it in a thread as it starts, so that its first unknown login costs
     what the others do."""
     return _HASHER.hash("postroom-no-such-user")
+
+
+def warm_up() -> None:
+    """Make :func:`dummy_hash` ahead of the first login; one that cannot be made now (argon2
+    short of memory) is left to the first login, which answers "try again" if it fails too."""
+    with contextlib.suppress(HashingError, MemoryError):
+        dummy_hash()
 
 
 LOGIN_CACHE_SIZE = 50_000
@@ -97,6 +109,8 @@ def password_matches(stored: str | None, password: str) -> bool:
         stored = None
     try:
         ok: bool = _HASHER.verify(stored or dummy_hash(), password)
+    except HashingError as exc:  # the dummy hash could not be made: the same shortage
+        raise PasswordUncheckable(str(exc)) from exc
     except (VerifyMismatchError, InvalidHashError):
         ok = False
     except MemoryError:  # ours, before or after libargon2's own allocation

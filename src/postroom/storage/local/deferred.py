@@ -68,8 +68,12 @@ class DeferredStore:
         files.fsync_dir(self.msg_dir)
 
     def save_state(self, envelope: Envelope) -> None:
-        """Durably replace the state of a parked message (blocking)."""
+        """Durably replace the state of a parked message (blocking). A message removed
+        meanwhile (`queue delete` during its attempt) keeps no state: :meth:`remove` takes the
+        message before the state, so one of the two unlinks always sees the new file."""
         self._write_state(envelope.id, envelope.to_json())
+        if not self.has(envelope.id):
+            (self.state_dir / f"{envelope.id}.json").unlink(missing_ok=True)
 
     def _write_state(self, queue_id: str, raw: bytes) -> None:
         check_id(queue_id)
