@@ -841,7 +841,13 @@ def test_a_message_whose_every_attempt_fails_still_expires(tmp_path: Path) -> No
 
     env = envelope("Q1", "bob@b.test")
     asyncio.run(unexpected_everywhere(runner, env))
-    assert env.recipients[0].status == "queued"
+    # Deferred with the error as its last one: it stayed "queued" with none, so `queue list`
+    # could not say why the mail waited, and no delivery line was logged (exhaust probe).
+    (bob,) = env.recipients
+    assert (bob.status, bob.last_error) == (
+        "deferred",
+        "451 4.3.0 local error in delivery: RuntimeError",
+    )
 
     async def retry_at(when: float) -> None:
         clock.now = when

@@ -396,6 +396,7 @@ class QueueRunner:
                 now = self._clock()
                 if envelope.attempts == counted:  # once per attempt, not twice
                     self._count_attempt(envelope, now)
+                self._ours_failed(envelope, exc)
                 # (a first attempt's local copies owe their notices still, unless decided)
                 done = list(first.done) if first is not None and not first.decided else []
                 try:
@@ -403,6 +404,18 @@ class QueueRunner:
                 except Exception as again:
                     self._failed(f"cannot record {envelope.id}", again)
         self._deleted.discard(envelope.id)
+
+    def _ours_failed(self, envelope: Envelope, exc: Exception) -> None:
+        """An attempt ended by an error of ours before its hosts had their say: each recipient
+        left (a first attempt's local copies are delivered already) is deferred with it,
+        logged and kept as its last error (queue list/show say why the mail waits), as an
+        error within one domain's delivery is (_deliver_safely)."""
+        reply = f"451 4.3.0 local error in delivery: {type(exc).__name__}"
+        for rcpt in envelope.recipients:
+            if not rcpt.done:
+                rcpt.status, rcpt.last_error = "deferred", reply
+                transport = "local" if self.is_local(rcpt.address) else "remote"
+                events.delivery(envelope, rcpt, transport, reply, "none", 0.0)
 
     async def _park_first(self, envelope: Envelope, first: _First, due: float) -> None:
         """A first attempt that does not run (an overload, or a stop while it waited): the
