@@ -1511,3 +1511,38 @@ def test_a_stop_before_a_backup_host_keeps_the_first_host_s_refusal(tmp_path: Pa
     (r2,) = Envelope.from_json(queue.stored["Q1"][0]).recipients
     assert r2.status == "deferred" and r2.last_error is not None
     assert "421 too busy" in r2.last_error
+
+
+def test_a_literal_domain_is_named_by_its_address_in_the_delivery_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mail to user@[IPv6:2001:db8::2] names the host as Postfix does, by its address
+    ("2001:db8::2[2001:db8::2]:25"); the line said "[IPv6:2001:db8::2][2001:db8::2]:25"."""
+    from postroom import events
+    from postroom.delivery.remote import DeliveryResult
+    from postroom.smtp.client_engine import Outcome, OutgoingMessage
+    from postroom.wire.replies import Reply
+
+    runner, _queue, _boxes, _clock = make(tmp_path, {})
+    relays: list[str] = []
+    real = events.delivery
+
+    def delivery(*args: Any, **kwargs: Any) -> None:
+        relays.append(inspect.signature(real).bind(*args, **kwargs).arguments["relay"])
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(events, "delivery", delivery)
+
+    class Remote(FakeRemote):
+        async def deliver(
+            self, domain: str, outgoing: OutgoingMessage, *_args: Any, **_kw: Any
+        ) -> list[DeliveryResult]:
+            ok = Reply(250, "2.0.0", ("queued",))
+            return [
+                DeliveryResult(r, Outcome.DELIVERED, ok, domain, False, "2001:db8::2", host=domain)
+                for r in outgoing.recipients
+            ]
+
+    runner._remote_delivery = lambda: Remote()  # type: ignore[method-assign]
+    asyncio.run(accept(runner, envelope("Q1", "bob@[IPv6:2001:db8::2]")))
+    assert relays == ["2001:db8::2[2001:db8::2]:25"]

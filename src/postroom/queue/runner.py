@@ -596,6 +596,8 @@ class QueueRunner:
         for rcpt, result in domain_results:
             reply = str(result.reply)
             host = result.host or result.remote_mta
+            if host and host.startswith("["):  # a literal: "127.0.0.1[127.0.0.1]", as Postfix
+                host = result.ip
             relay = f"{host}[{result.ip}]:{port}" if host and result.ip else "none"
             if result.outcome is Outcome.DELIVERED:
                 self._outcome(envelope, rcpt, "delivered", reply, relay, took, tls=result.tls)
