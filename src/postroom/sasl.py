@@ -7,8 +7,10 @@ the caller verifies the argon2 hash), :class:`NeedScramKeys` (the caller looks t
 :class:`Success` or :class:`Failure`. No I/O: written by hand because the Python SASL libraries
 are client-side or bound to Cyrus, and the steps are short.
 
-Security: for an unknown user SCRAM continues with made-up keys derived from a per-process
-secret, so the exchange looks the same and fails only at the proof (no user enumeration).
+Security: for an unknown user SCRAM continues with made-up keys, so the exchange looks the same
+and fails only at the proof (no user enumeration). The made-up salt is as stable as a real one:
+derived from the account store's own secret (the same on every node and after every restart;
+one made per process told anyone who compared two answers which accounts exist).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from postroom.address import parse_user_address
 from postroom.errors import AddressError
 
 MECHANISMS = ("PLAIN", "LOGIN", "SCRAM-SHA-256")
-_FAKE_SECRET = secrets.token_bytes(32)
 # PBKDF2-HMAC-SHA256 rounds for new SCRAM keys: what a stolen account store costs per guess.
 # RFC 7677 §4 sets 4096 as a floor. The ceiling is the clients': Cyrus SASL (Postfix's SMTP
 # client, sendmail, mutt) refuses a count over 65,536 (MAX_ITERATION_COUNTER) and, having
@@ -167,7 +168,9 @@ class ScramSha256:
 
     name = "SCRAM-SHA-256"
 
-    def __init__(self) -> None:
+    def __init__(self, decoy_secret: bytes) -> None:
+        """``decoy_secret``: the account store's, for an unknown user's salt."""
+        self._decoy_secret = decoy_secret
         self._stage = 0
         self._username = ""
         self._client_first_bare = ""
@@ -238,7 +241,7 @@ class ScramSha256:
             raise RuntimeError("provide_keys() out of order")
         self._known = keys is not None
         if keys is None:
-            salt = hmac.new(_FAKE_SECRET, self._username.lower().encode(), "sha256").digest()[:16]
+            salt = decoy_salt(self._decoy_secret, self._username)
             keys = ScramKeys(
                 salt, SCRAM_ITERATIONS, secrets.token_bytes(32), secrets.token_bytes(32)
             )
@@ -285,15 +288,26 @@ class ScramSha256:
 Mechanism = Plain | Login | ScramSha256
 
 
-def new_mechanism(name: str) -> Mechanism | None:
-    """A fresh server-side mechanism object, or None for a name we do not offer."""
+def decoy_salt(secret: bytes, username: str) -> bytes:
+    """The salt SCRAM shows for a login without an account: one per account (names that
+    log in to one account get one salt, as they would for a real one), from ``secret``."""
+    try:
+        name = parse_user_address(username).key
+    except AddressError:
+        name = username.lower()
+    return hmac.new(secret, name.encode(), "sha256").digest()[:16]
+
+
+def new_mechanism(name: str, decoy_secret: bytes) -> Mechanism | None:
+    """A fresh server-side mechanism object, or None for a name we do not offer
+    (``decoy_secret``: see :class:`ScramSha256`)."""
     name = name.upper()
     if name == "PLAIN":
         return Plain()
     if name == "LOGIN":
         return Login()
     if name == "SCRAM-SHA-256":
-        return ScramSha256()
+        return ScramSha256(decoy_secret)
     return None
 
 

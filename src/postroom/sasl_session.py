@@ -64,7 +64,7 @@ class SaslSession:
             if self.locked_out():
                 return Refused("throttled")
             self.mechanism = event.mechanism.upper()[:32]
-            self._mech = sasl.new_mechanism(event.mechanism)
+            self._mech = sasl.new_mechanism(event.mechanism, services.accounts.decoy_secret)
             if self._mech is None:
                 return Refused("mechanism")
             step = self._mech.start(event.initial)

@@ -81,3 +81,14 @@ def test_user_del_is_one_transaction(accounts: Accounts, monkeypatch: pytest.Mon
         accounts.delete_user(Address("ann", "a.test"))
     assert accounts.user_exists("ann@a.test")  # nothing of it was done
     assert accounts.list_aliases() == {"sales@a.test": ["ann@a.test", "bob@a.test"]}
+
+
+def test_the_decoy_secret_is_kept_with_the_store(tmp_path: Path) -> None:
+    """SCRAM's made-up salt for a login without an account comes from it: made once and the
+    same after a restart (it was made anew by every process)."""
+    first = Accounts(tmp_path)
+    secret = first.decoy_secret
+    first.close()
+    again = Accounts(tmp_path)
+    assert len(secret) == 32 and again.decoy_secret == secret
+    assert Accounts(tmp_path / "other").decoy_secret != secret

@@ -157,3 +157,19 @@ def test_start_fails_when_postgresql_is_away() -> None:
 
     with pytest.raises(Exception, match="PostgreSQL"):
         asyncio.run(main())
+
+
+def test_every_node_has_the_stores_decoy_secret(admin: PgAccounts, pg_url: str) -> None:
+    """SCRAM's made-up salt for a login without an account comes from a secret of the store:
+    two nodes (and a node after a restart) must hold the same one, or comparing their
+    answers tells who has an account."""
+
+    async def two_nodes() -> tuple[bytes, bytes]:
+        first, w1 = await watched(pg_url)
+        second, w2 = await watched(pg_url)
+        await w1.close()
+        await w2.close()
+        return first.decoy_secret, second.decoy_secret
+
+    one, two = asyncio.run(two_nodes())
+    assert len(one) == 32 and one == two == admin.decoy_secret

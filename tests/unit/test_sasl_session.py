@@ -6,6 +6,7 @@ import asyncio
 import base64
 import logging
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, cast
 
 from postroom import sasl
@@ -32,6 +33,7 @@ class FakeThrottle:
 class FakeServices:
     throttle: FakeThrottle = field(default_factory=FakeThrottle)
     log: logging.Logger = logging.getLogger("test")
+    accounts: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(decoy_secret=b"s"))
 
     async def check_password(self, ip: str, login: str, password: str) -> str | None:
         return "alice@a.test" if (login, password) == ("Alice@A.test", "pw") else None

@@ -271,6 +271,13 @@ class AccountLookup(Protocol):
         """The account key and its SCRAM-SHA-256 keys (RFC 5802), or None."""
         ...
 
+    @property
+    def decoy_secret(self) -> bytes:
+        """A random secret made once with the store and kept in it: SCRAM's made-up salt
+        for a login without an account comes from it, so that the salt stays the same on
+        every node and after a restart, as a real one does (see ``sasl.py``)."""
+        ...
+
     def alias_targets(self, key: str) -> Sequence[str]: ...
 
     def expand(self, key: str, max_depth: int = ...) -> list[str] | None:

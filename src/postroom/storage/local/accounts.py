@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -51,6 +52,10 @@ CREATE TABLE IF NOT EXISTS aliases (
     target TEXT NOT NULL,
     PRIMARY KEY (alias, target)
 );
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
 """
 
 
@@ -69,6 +74,18 @@ class Accounts(alias_rules.AliasLookups):
         self._local = threading.local()
         with self._db() as db:
             db.executescript(_SCHEMA)
+        self.decoy_secret = self._secret("scram-decoy")
+
+    def _secret(self, name: str) -> bytes:
+        """The store's random secret ``name``, made the first time it is asked for."""
+        query = "SELECT value FROM secrets WHERE name=?"
+        row = self._db().execute(query, (name,)).fetchone()
+        if row is None:
+            with self._transaction() as db:
+                made = (name, secrets.token_bytes(32))
+                db.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)", made)
+                row = db.execute(query, (name,)).fetchone()
+        return bytes(row[0])
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)

@@ -38,6 +38,7 @@ INSERT_USER = (
     "INSERT INTO users (address, password_hash, scram_salt, scram_iterations,"
     " scram_stored_key, scram_server_key) VALUES ($1, $2, $3, $4, $5, $6)"
 )
+_SELECT_DECOY = "SELECT value FROM secrets WHERE name = 'scram-decoy'"
 _SELECT_USERS = (
     "SELECT address, password_hash, scram_salt, scram_iterations, scram_stored_key,"
     " scram_server_key FROM users"
@@ -210,6 +211,10 @@ class PgAccounts(alias_rules.AliasLookups):
         key, row = self._user(login)
         return None if key is None or row is None else (key, row.scram)
 
+    @property
+    def decoy_secret(self) -> bytes:
+        return bytes(self._db.call(lambda c: c.fetchval(_SELECT_DECOY)))
+
 
 # -- the node side: an in-memory copy kept fresh -----------------------------------------------
 
@@ -228,6 +233,7 @@ class LiveAccounts(alias_rules.AliasLookups):
         self.version = 0  # changes with every change applied (the login cache's key)
         self._logins = LoginCache()
         self._pending: set[str] = set()
+        self.decoy_secret = b""  # the store's, from load_all (before the node serves)
 
     def close(self) -> None:
         """Nothing to release (the watcher owns the connection)."""
@@ -243,6 +249,7 @@ class LiveAccounts(alias_rules.AliasLookups):
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             users = await conn.fetch(_SELECT_USERS)
             rows = await conn.fetch("SELECT alias, target FROM aliases ORDER BY alias, target")
+            self.decoy_secret = bytes(await conn.fetchval(_SELECT_DECOY))
         aliases: dict[str, list[str]] = {}
         for r in rows:
             aliases.setdefault(r["alias"], []).append(r["target"])

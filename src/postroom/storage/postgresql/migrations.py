@@ -166,6 +166,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        5,
+        "secrets",
+        """
+        -- Random secrets of the store, made once. "scram-decoy": what SCRAM's made-up salt for
+        -- a login without an account is derived from, the same on every node (sasl.py).
+        -- Two version-4 UUIDs hold 244 random bits (gen_random_uuid: pg_strong_random).
+        CREATE TABLE secrets (
+            name text PRIMARY KEY,
+            value bytea NOT NULL
+        );
+        INSERT INTO secrets (name, value) VALUES ('scram-decoy', decode(
+            replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'));
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version
