@@ -422,10 +422,10 @@ def test_aggregate_report_is_valid_under_the_rfc7489_schema(tmp_path: Path) -> N
 def test_report_rows_follow_the_file_when_it_is_taken_away(tmp_path: Path) -> None:
     _report_row(tmp_path, "192.0.2.1")
     first = reports.take(tmp_path, 1.0)
-    assert [r["ip"] for r in first] == ["192.0.2.1"]
-    reports.done(tmp_path)
+    assert [r["ip"] for r in first.rows] == ["192.0.2.1"]
+    first.finish(keep=False)
     _report_row(tmp_path, "192.0.2.2")  # the writer's file was renamed: it opens a new one
-    assert [r["ip"] for r in reports.take(tmp_path, 2.0)] == ["192.0.2.2"]
+    assert [r["ip"] for r in reports.take(tmp_path, 2.0).rows] == ["192.0.2.2"]
 
 
 def test_rua_size_limits_parse_as_rfc7489_says() -> None:
@@ -495,12 +495,12 @@ def test_an_authorization_record_with_its_own_rua_on_the_same_host_replaces_the_
 
 def test_report_rows_kept_for_the_next_run_and_one_run_at_a_time(tmp_path: Path) -> None:
     _report_row(tmp_path, "192.0.2.1")
-    rows = reports.take(tmp_path, 1.0)
-    reports.done(tmp_path, kept=rows)  # its report could not go out yet
+    reports.take(tmp_path, 1.0).finish(keep=True)  # its report could not go out yet
     _report_row(tmp_path, "192.0.2.2")
-    assert sorted(r["ip"] for r in reports.take(tmp_path, 2.0)) == ["192.0.2.1", "192.0.2.2"]
-    reports.done(tmp_path)
-    assert reports.take(tmp_path, 3.0) == []
+    again = reports.take(tmp_path, 2.0)
+    assert sorted(r["ip"] for r in again.rows) == ["192.0.2.1", "192.0.2.2"]
+    again.finish(keep=False)
+    assert reports.take(tmp_path, 3.0).rows == []
     with reports.exclusive(tmp_path) as first, reports.exclusive(tmp_path) as second:
         assert first and not second
     with reports.exclusive(tmp_path) as again:
@@ -561,3 +561,57 @@ def test_a_from_domain_that_is_no_domain_cannot_pass() -> None:
     ):
         assert dmarc.from_domains(field) == [""], field
     assert dmarc.from_domains(b"From: Bank <victim@Bank.Example.>\r\n") == ["bank.example"]
+
+
+def test_a_report_run_killed_part_way_does_not_report_the_same_rows_again(tmp_path: Path) -> None:
+    """A run queues one report per policy domain; killed after the first (kill -9 of the
+    server or of ``dmarc report --now``), the next run sent that domain's rows again, under
+    another Report-ID that no receiver can tell from a new report (kill9new probe: 160 rows
+    reported 222 times). Now each domain is marked on disk once its report is queued."""
+    import email
+    import gzip
+    import re
+
+    from postroom.auth.service import SenderAuth
+    from postroom.config import Config
+
+    class Killed(BaseException):
+        pass
+
+    folder = tmp_path / "dmarc"
+    folder.mkdir()
+    template = _report_row(tmp_path / "elsewhere", "192.0.2.1")
+
+    def add_rows(*domains: str) -> None:
+        for domain in domains:  # with a rua in its own organization (no §7.1 lookup)
+            row = template | {"pdomain": domain, "rua": [f"mailto:r@{domain}"]}
+            with (folder / reports.RECORDS).open("ab") as out:
+                out.write(json.dumps(row).encode() + b"\n")
+
+    add_rows("b.test", "c.test", "d.test")
+    cfg = Config(hostname="mx.a.test", domains=("a.test",), data_dir=tmp_path)
+    auth = SenderAuth(cfg, cast(Any, Zone({})), keys.LocalKeyStore(tmp_path / "keys"))
+    counted: list[tuple[str, int]] = []  # (policy domain, rows) of each report queued
+
+    def queue_until(limit: int) -> Any:
+        async def queue(sender: str, to: list[str], message: bytes) -> str:
+            if len(counted) == limit:
+                raise Killed
+            parts = email.message_from_bytes(message).walk()
+            gz = next(p.get_payload(decode=True) for p in parts if p.get_filename())
+            xml = gzip.decompress(gz)
+            domain = re.search(rb"<domain>(.*?)</domain>", xml)
+            assert domain is not None
+            rows = sum(int(n) for n in re.findall(rb"<count>(\d+)</count>", xml))
+            counted.append((domain.group(1).decode(), rows))
+            return f"Q{len(counted)}"
+
+        return queue
+
+    with pytest.raises(Killed):
+        asyncio.run(auth.send_reports(queue_until(1)))
+    add_rows("b.test")  # after the kill: the next report's
+    assert asyncio.run(auth.send_reports(queue_until(99))) == 3
+    assert counted == [("b.test", 1), ("b.test", 1), ("c.test", 1), ("d.test", 1)]
+    assert asyncio.run(auth.send_reports(queue_until(99))) == 0
+    assert not [p.name for p in folder.iterdir() if p.name.startswith("sending")]

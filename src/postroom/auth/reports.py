@@ -46,9 +46,11 @@ from postroom.auth.dkim_verify import DkimResult
 from postroom.auth.dmarc import DmarcResult, is_record, organizational_domain, record_tags
 from postroom.auth.lookup import DnsCache
 from postroom.auth.spf import SpfResult
+from postroom.storage.local.files import fsync_dir, replace_durably
 
 MAX_ROWS = 100_000
 RECORDS = "records.jsonl"
+PROGRESS = "sending.progress"  # the policy domains reported, per file taken (Taken.mark)
 
 
 def record(
@@ -129,31 +131,59 @@ def _appender(folder: Path) -> _Appender:
     return appender
 
 
-def take(folder: Path, now: float) -> list[dict[str, Any]]:
-    """Move the recorded rows aside and return them (also those of an interrupted run)."""
+@dataclass
+class Taken:
+    """The rows of one run, from the files ``files``. ``reported``: per file, the policy
+    domains whose rows are reported already (by a run cut short, or by this one so far):
+    those rows are not taken again, while the same domain's rows in a later file are."""
+
+    folder: Path
+    rows: list[dict[str, Any]]
+    files: tuple[str, ...]
+    reported: dict[str, list[str]]
+
+    def mark(self, domain: str) -> None:
+        """``domain``'s report is queued (or can go nowhere): said on disk before the next
+        report is made, so that a run killed from here on does not report its rows again
+        (a second report of the same rows under another Report-ID, RFC 7489 §7.2.1.1, which
+        no receiver can tell from a new one). What is left is a kill between the queueing
+        and this mark: one report."""
+        for name in self.files:
+            self.reported[name].append(domain)
+        path = self.folder / PROGRESS
+        replace_durably(path, json.dumps(self.reported).encode(), path.with_suffix(".tmp"))
+        fsync_dir(self.folder)
+
+    def finish(self, keep: bool) -> None:
+        """Forget the files and their marks once every row is reported; ``keep`` (rows whose
+        report must wait: a lookup to repeat) leaves both for the next run, which takes only
+        the rows not marked."""
+        if keep:
+            return
+        for name in self.files:
+            (self.folder / name).unlink(missing_ok=True)
+        (self.folder / PROGRESS).unlink(missing_ok=True)
+
+
+def take(folder: Path, now: float) -> Taken:
+    """Move the recorded rows aside and return them (also those of an interrupted run, but
+    the rows it reported)."""
     with contextlib.suppress(FileNotFoundError):
         os.rename(folder / RECORDS, folder / f"sending-{int(now * 1000)}.jsonl")
+    reported: dict[str, list[str]] = {}
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        saved = json.loads((folder / PROGRESS).read_bytes())
+        reported = {str(name): [str(d) for d in domains] for name, domains in saved.items()}
+    names = tuple(sorted(p.name for p in folder.glob("sending-*.jsonl")))
     rows: list[dict[str, Any]] = []
-    if not folder.exists():
-        return rows
-    for path in sorted(folder.glob("sending-*.jsonl")):
-        for line in path.read_bytes().splitlines():
+    for name in names:
+        done = set(reported.get(name, ()))
+        for line in (folder / name).read_bytes().splitlines():
             with contextlib.suppress(ValueError):
-                if len(rows) < MAX_ROWS:
-                    rows.append(json.loads(line))
-    return rows
-
-
-def done(folder: Path, kept: list[dict[str, Any]] | None = None) -> None:
-    """The rows taken are reported (queued): forget them, but ``kept`` (rows whose report
-    could not be sent yet), which the next run takes again."""
-    if kept:
-        spare = folder / "sending-kept.jsonl.tmp"
-        spare.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in kept))
-    for path in folder.glob("sending-*.jsonl"):
-        path.unlink(missing_ok=True)
-    if kept:
-        os.rename(folder / "sending-kept.jsonl.tmp", folder / "sending-kept.jsonl")
+                row = json.loads(line)
+                if len(rows) < MAX_ROWS and str(row["pdomain"]) not in done:
+                    rows.append(row)
+    return Taken(folder, rows, names, {name: reported.get(name, []) for name in names})
 
 
 @contextlib.contextmanager

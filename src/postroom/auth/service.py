@@ -569,9 +569,10 @@ class SenderAuth:
 
     async def _send_reports(self, folder: Path, queue: QueueMessage) -> int:
         now = self.clock()
-        rows = reports.take(folder, now)
+        taken = reports.take(folder, now)
+        rows = taken.rows
         if not rows:
-            reports.done(folder)
+            taken.finish(keep=False)
             return 0
         domain = next(iter(self._named_domains()), self.cfg.hostname)
         sender = f"postmaster@{domain}"
@@ -580,16 +581,18 @@ class SenderAuth:
         prefix = f"{int(now)}.{secrets.token_hex(4)}.{self.cfg.hostname}"
         built = reports.build(rows, self.cfg.hostname, sender, int(now), prefix)
         sent = 0
-        kept: list[dict[str, object]] = []
+        keep = False
         for report in built:
             size = len(reports.payload(report))
             where = await reports.destinations(self.cache, report, size)
             for why in where.refused:
                 log.warning("DMARC report %s: not sent to %s", report.report_id, why)
-            if where.later:
-                kept += [r for r in rows if r.get("pdomain") == report.policy_domain]
+            if where.later:  # (then it has no address now)
+                keep = True
                 log.warning("DMARC report for %s: kept for the next run", report.policy_domain)
+                continue
             if not where.addresses:
+                taken.mark(report.policy_domain)
                 continue
             to = where.addresses
             message = reports.compose(report, self.cfg.hostname, f"dmarc-reports@{domain}", to, now)
@@ -602,8 +605,9 @@ class SenderAuth:
                 report.policy_domain,
                 queue_id,
             )
+            taken.mark(report.policy_domain)
             sent += 1
-        reports.done(folder, kept)
+        taken.finish(keep)
         return sent
 
     async def run(self, queue: QueueMessage) -> None:
