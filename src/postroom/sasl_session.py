@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from postroom import events, sasl
-from postroom.errors import LockedOut, PasswordUncheckable
+from postroom.address import parse_user_address
+from postroom.errors import AddressError, LockedOut, PasswordUncheckable
 from postroom.wire.events import AuthResponse, AuthStart
 
 if TYPE_CHECKING:
@@ -37,6 +38,17 @@ class Refused:
 
 
 Outcome = sasl.Challenge | sasl.Success | Refused
+
+
+def _account(username: str | None) -> str | None:
+    """The account whose failures a login counts: its key, however the name is spelled
+    ("Alice@A.test.", a quoted local part), or else the name as tried."""
+    if not username:
+        return None
+    try:
+        return parse_user_address(username).key
+    except AddressError:
+        return username.strip().lower()[:320]
 
 
 class SaslSession:
@@ -73,9 +85,10 @@ class SaslSession:
                 return Refused("malformed")
             # A SCRAM proof is a password check (PLAIN's and LOGIN's go through
             # check_password): tested against the lockout now, when it comes, not only at the
-            # start, or connections opened early would each get a guess past it.
-            scram_proof = isinstance(self._mech, sasl.ScramSha256) and self._mech.awaiting_proof
-            if scram_proof and self.locked_out():
+            # start, or connections opened early would each get a guess past it. So is the
+            # client-first: the keys it gets are the account's, whatever the lockout (made-up
+            # ones for a real account told who exists).
+            if isinstance(self._mech, sasl.ScramSha256) and self.locked_out():
                 self._mech = None
                 return Refused("throttled")
             step = self._mech.step(event.data)
@@ -84,7 +97,7 @@ class SaslSession:
                 self._mech,
                 step,
                 functools.partial(services.check_password, self.client_ip),
-                functools.partial(services.scram_keys, self.client_ip),
+                services.scram_keys,
             )
         except LockedOut:  # while its check waited: not the password's fault
             self._mech = None
@@ -110,7 +123,7 @@ class SaslSession:
 
     async def failed(self, username: str | None) -> None:
         """Count a failed login (SASL or POP3 USER/PASS) and wait out the throttle's delay."""
-        account = username.strip().lower()[:320] if username else None
-        delay = self.services.throttle.failure(self.client_ip, account)
-        events.auth_failed(self.service, self.client_ip, account, self.mechanism)
+        tried = username.strip().lower()[:320] if username else None
+        delay = self.services.throttle.failure(self.client_ip, _account(username))
+        events.auth_failed(self.service, self.client_ip, tried, self.mechanism)
         await asyncio.sleep(delay)

@@ -197,10 +197,9 @@ class Services:
                 self.log.error("the password of %r could not be checked: %s", login[:320], exc)
                 raise
 
-    def scram_keys(self, ip: str, login: str) -> ScramKeys | None:
-        """None (as for an unknown user) while ``ip`` is locked out."""
-        if self.throttle.refused(ip):
-            return None
+    def scram_keys(self, login: str) -> ScramKeys | None:
+        """The account's keys, None for an unknown user (the lockout is checked before:
+        made-up keys for a real account while the client was locked out told who exists)."""
         found = self.accounts.scram_keys(login)
         return found[1] if found else None
 

@@ -38,7 +38,7 @@ class FakeServices:
     async def check_password(self, ip: str, login: str, password: str) -> str | None:
         return "alice@a.test" if (login, password) == ("Alice@A.test", "pw") else None
 
-    def scram_keys(self, ip: str, login: str) -> sasl.ScramKeys | None:
+    def scram_keys(self, login: str) -> sasl.ScramKeys | None:
         return None
 
 
@@ -99,7 +99,7 @@ async def scram_login(locked_meanwhile: bool) -> tuple[object, FakeThrottle]:
     connections between the client-first and the proof."""
 
     class Scram(FakeServices):
-        def scram_keys(self, ip: str, login: str) -> sasl.ScramKeys | None:
+        def scram_keys(self, login: str) -> sasl.ScramKeys | None:
             return sasl.derive_scram_keys("pw", b"salt" * 4, 4096)
 
     services = Scram()
@@ -141,3 +141,34 @@ def test_a_password_that_could_not_be_checked_is_no_failed_login() -> None:
 
         assert asyncio.run(run(start)) == Refused("unavailable")
     assert services.throttle.failures == []
+
+
+def test_a_scram_client_first_is_refused_during_a_lockout_not_answered_with_made_up_keys() -> None:
+    """AUTH SCRAM-SHA-256 without an initial response, then the IP locked out by other
+    connections, then the client-first: it got made-up keys even for a real account, whose
+    salt then changed, so each waiting connection told whether a name has an account (enum
+    probe). Now it is refused as the AUTH command would be, before any key is looked up."""
+
+    class Scram(FakeServices):
+        looked_up: list[str] = []
+
+        def scram_keys(self, login: str) -> sasl.ScramKeys | None:
+            self.looked_up.append(login)
+            return sasl.derive_scram_keys("pw", b"salt" * 4, 4096)
+
+    services = Scram()
+    s = session(services)
+    assert asyncio.run(s.step(AuthStart("SCRAM-SHA-256", None))) == sasl.Challenge(b"")
+    services.throttle.locked = True
+    outcome = asyncio.run(s.step(AuthResponse(b"n,,n=alice@a.test,r=abc")))
+    assert outcome == Refused("throttled") and services.looked_up == []
+
+
+def test_failures_count_for_the_account_however_its_name_is_spelled() -> None:
+    """The per-account delay was keyed on the name as typed: "Alice@A.test." or a quoted
+    local part started a fresh count for the same account (enum probe)."""
+    services = FakeServices()
+    for name in ("alice@a.test", "Alice@A.test.", '"alice"@a.test', "no address"):
+        asyncio.run(session(services).step(AuthStart("PLAIN", b"\0" + name.encode() + b"\0x")))
+    accounts = [account for _ip, account in services.throttle.failures]
+    assert accounts == ["alice@a.test"] * 3 + ["no address"]
