@@ -179,7 +179,7 @@ def take(folder: Path, now: float) -> Taken:
     for name in names:
         done = set(reported.get(name, ()))
         for line in (folder / name).read_bytes().splitlines():
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, KeyError, TypeError):  # a torn last line
                 row = json.loads(line)
                 if len(rows) < MAX_ROWS and str(row["pdomain"]) not in done:
                     rows.append(row)
