@@ -87,6 +87,9 @@ def test_the_decoy_secret_is_kept_with_the_store(tmp_path: Path) -> None:
     """SCRAM's made-up salt for a login without an account comes from it: made once and the
     same after a restart (it was made anew by every process)."""
     first = Accounts(tmp_path)
+    tables = "SELECT name FROM sqlite_master WHERE type='table'"
+    with sqlite3.connect(first.path) as db:  # made when needed: a CLI command writes nothing
+        assert "secrets" not in {row[0] for row in db.execute(tables)}
     secret = first.decoy_secret
     first.close()
     again = Accounts(tmp_path)

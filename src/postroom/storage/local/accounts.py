@@ -17,6 +17,7 @@ recovery of the password.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import sqlite3
@@ -52,10 +53,6 @@ CREATE TABLE IF NOT EXISTS aliases (
     target TEXT NOT NULL,
     PRIMARY KEY (alias, target)
 );
-CREATE TABLE IF NOT EXISTS secrets (
-    name TEXT PRIMARY KEY,
-    value BLOB NOT NULL
-);
 """
 
 
@@ -74,18 +71,21 @@ class Accounts(alias_rules.AliasLookups):
         self._local = threading.local()
         with self._db() as db:
             db.executescript(_SCHEMA)
-        self.decoy_secret = self._secret("scram-decoy")
 
-    def _secret(self, name: str) -> bytes:
-        """The store's random secret ``name``, made the first time it is asked for."""
-        query = "SELECT value FROM secrets WHERE name=?"
-        row = self._db().execute(query, (name,)).fetchone()
-        if row is None:
-            with self._transaction() as db:
-                made = (name, secrets.token_bytes(32))
-                db.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)", made)
-                row = db.execute(query, (name,)).fetchone()
-        return bytes(row[0])
+    @functools.cached_property
+    def decoy_secret(self) -> bytes:
+        """See :class:`~postroom.storage.interfaces.AccountLookup`: made the first time the
+        server needs it (a CLI command never writes it: the store may be read-only to it)."""
+        query = "SELECT value FROM secrets WHERE name='scram-decoy'"
+        with contextlib.suppress(sqlite3.OperationalError):  # no such table (yet)
+            row = self._db().execute(query).fetchone()
+            if row is not None:
+                return bytes(row[0])
+        with self._transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB)")
+            made = secrets.token_bytes(32)
+            db.execute("INSERT OR IGNORE INTO secrets VALUES ('scram-decoy', ?)", (made,))
+            return bytes(db.execute(query).fetchone()[0])
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
