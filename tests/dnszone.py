@@ -1,7 +1,9 @@
 """A small authoritative DNS server on loopback (dnslib) whose zone the tests can change.
 
 Records are kept as ``(type name, rdata)`` per owner name; a name without records answers
-NODATA, an unknown name NXDOMAIN. ``timeout(name)`` (or ``timeout(name, "TXT")``) makes the
+NODATA, an unknown name NXDOMAIN; a CNAME comes with its target's records (one step), or
+alone (``chase_cnames = False``: as dnslib's own zone server and authoritative-only servers
+answer). ``timeout(name)`` (or ``timeout(name, "TXT")``) makes the
 server drop those questions unanswered, as a dead server would. TXT strings longer than 255
 octets are split into several strings, as a zone file would have them.
 """
@@ -28,6 +30,7 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
         self.zone = zone
         self.dead = dead
         self.ttls = ttls
+        self.chase = True  # False: a CNAME comes without its target's records
 
     def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
         reply = request.reply()
@@ -45,7 +48,7 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
         if not wanted and qtype != "CNAME":
             # RFC 1034 §4.3.2: a CNAME answers every type; follow it one step at a time.
             wanted = [(t, r) for t, r in records if t == "CNAME"]
-            for _t, rdata in wanted:
+            for _t, rdata in wanted if self.chase else ():
                 target = str(rdata.label).rstrip(".").lower()
                 for t2, r2 in self.zone.get(target, []):
                     if t2 == qtype:
@@ -75,8 +78,9 @@ class LoopbackDNS:
         self.zone: dict[str, list[tuple[str, Any]]] = {}
         self.dead: set[tuple[str, str]] = set()
         self.ttls: dict[tuple[str, str], int] = {}  # (name, type) -> TTL, else TTL
+        self._resolver = _Resolver(self.zone, self.dead, self.ttls)
         self._server = DNSServer(
-            _Resolver(self.zone, self.dead, self.ttls),
+            self._resolver,
             port=port,
             address=address,
             logger=DNSLogger(logf=lambda _msg: None),
@@ -84,6 +88,14 @@ class LoopbackDNS:
         self._server.start_thread()
         self.address = address
         self.port = int(self._server.server.server_address[1])
+
+    @property
+    def chase_cnames(self) -> bool:
+        return self._resolver.chase
+
+    @chase_cnames.setter
+    def chase_cnames(self, value: bool) -> None:
+        self._resolver.chase = value
 
     @property
     def nameserver(self) -> str:

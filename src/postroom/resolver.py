@@ -25,6 +25,7 @@ from typing import Protocol, TypeVar
 
 import dns.asyncresolver
 import dns.exception
+import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
@@ -135,6 +136,33 @@ def async_resolver(cfg: DNSConfig) -> dns.asyncresolver.Resolver:
     res.timeout = float(cfg.timeout) / max(1, len(res.nameservers))
     res.lifetime = float(cfg.timeout)
     return res
+
+
+MAX_CNAME_HOPS = 8  # queries for one name through CNAMEs (Postfix: 10, then "name server loop")
+
+
+async def resolve(
+    res: dns.asyncresolver.Resolver, name: str, rdtype: str
+) -> tuple[dns.resolver.Answer, float]:
+    """``res.resolve(name, rdtype)``, asked again for the name a CNAME points to when the
+    server gave the CNAME without its target's records (RFC 1034 §5.3.3 step 4c: an
+    authoritative-only server, a forwarder, dnslib's zone server; a recursive resolver follows
+    the chain itself). Also the shortest TTL on the whole chain, which the answer's
+    ``expiration`` then keeps too. A longer chain is a temporary error, as Postfix takes it.
+    Raises what ``resolve`` raises (NXDOMAIN of the name the chain ends at included)."""
+    chain = float("inf")
+    expires = float("inf")
+    qname: str | dns.name.Name = name
+    for _ in range(MAX_CNAME_HOPS):
+        answer = await res.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
+        chain = min(chain, float(answer.chaining_result.minimum_ttl))
+        expires = min(expires, answer.expiration)
+        if answer.rrset is not None or answer.canonical_name == answer.qname:
+            answer.expiration = expires
+            return answer, chain
+        qname = answer.canonical_name
+    too_long = f"the CNAME chain of {name} is longer than {MAX_CNAME_HOPS}"
+    raise dns.exception.DNSException(too_long)  # type: ignore[no-untyped-call]
 
 
 class DnsResolver:
@@ -254,7 +282,7 @@ class DnsResolver:
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
         """One query, counted by its result (``postroom_dns_lookups_total``)."""
         try:
-            answer = await self._res.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+            answer, _ttl = await resolve(self._res, name, rdtype)
         except dns.resolver.NXDOMAIN:
             events.dns_lookup("nxdomain")
             raise

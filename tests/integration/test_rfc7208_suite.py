@@ -185,3 +185,30 @@ def test_malformed_macros_are_a_permerror(dns: LoopbackDNS, record: str, result:
     cache = DnsCache(DNSConfig(nameservers=(parse_endpoint(dns.nameserver),), timeout=0.3))
     got = asyncio.run(spf.check(cache, "192.0.2.1", "a-b@mac.test", "h.mac.test"))
     assert got.result == result, got
+
+
+@pytest.mark.parametrize(
+    ("dead", "result"),
+    [
+        (("1.2.0.192.in-addr.arpa", "PTR"), "fail"),  # no names: ptr does not match
+        (("bad.ptr.test", "A"), "pass"),  # that name skipped, the next one validated
+        (None, "pass"),
+    ],
+)
+def test_dns_errors_in_ptr_are_no_match_or_a_skipped_name(
+    dns: LoopbackDNS, dead: tuple[str, str] | None, result: str
+) -> None:
+    """RFC 7208 §5.5: "If a DNS error occurs while doing the PTR RR lookup, then this
+    mechanism fails to match"; one during a name's A lookup skips that name. Both were a
+    temperror (dnswire probe), and a CNAME loop behind a PTR name became one once CNAMEs
+    given without their targets were followed (the suite's ptr-cname-loop)."""
+    _serve(dns, {"ptr.test": [{"TXT": "v=spf1 ptr -all"}]})
+    dns.ptr("1.2.0.192.in-addr.arpa", "bad.ptr.test")
+    dns.ptr("1.2.0.192.in-addr.arpa", "good.ptr.test")
+    dns.a("bad.ptr.test", "192.0.2.1")
+    dns.a("good.ptr.test", "192.0.2.1")
+    if dead is not None:
+        dns.timeout(*dead)
+    cache = DnsCache(DNSConfig(nameservers=(parse_endpoint(dns.nameserver),), timeout=0.3))
+    got = asyncio.run(spf.check(cache, "192.0.2.1", "a@ptr.test", "h.ptr.test"))
+    assert got.result == result, got

@@ -325,3 +325,40 @@ def test_a_cache_of_size_0_keeps_no_route_and_still_routes(dns_port: int) -> Non
     resolver = DnsResolver(cfg, rng=random.Random(1))
     got = asyncio.run(resolver.route("ordered.test"))
     assert got.ok and resolver._routes == {}
+
+
+def test_a_cname_given_without_its_target_is_followed() -> None:
+    """A server that answers with the CNAME alone (authoritative-only, a forwarder, dnslib's
+    zone server) is asked again for its target (RFC 1034 §5.3.3), for the route and for the
+    checks' lookups alike: the domain bounced "has no MX and no A/AAAA records" (5.4.4), a
+    DKIM key behind a CNAME was a permerror (dnswire probe). A chain that does not end is a
+    temporary failure."""
+    from postroom.auth.lookup import DnsCache
+    from tests.dnszone import LoopbackDNS
+
+    dns_server = LoopbackDNS()
+    try:
+        dns_server.chase_cnames = False
+        dns_server.cname("alias.test", "real.test")
+        dns_server.mx("real.test", 10, "mx.alias.test")
+        dns_server.cname("mx.alias.test", "host.real.test")
+        dns_server.a("host.real.test", "192.0.2.9")
+        dns_server.cname("k._domainkey.alias.test", "k.keys.test")
+        dns_server.cname("k.keys.test", "k2.keys.test")
+        dns_server.txt("k2.keys.test", "v=DKIM1; p=")
+        dns_server.cname("loop1.test", "loop2.test")
+        dns_server.cname("loop2.test", "loop1.test")
+        cfg = DNSConfig(nameservers=((dns_server.address, dns_server.port),), timeout=Duration(2))
+        found = asyncio.run(DnsResolver(cfg, rng=random.Random(1)).route("alias.test"))
+        assert [(t.host, t.addresses) for t in found.targets] == [("mx.alias.test", ("192.0.2.9",))]
+        loop = asyncio.run(DnsResolver(cfg).route("loop1.test"))
+        assert loop.failure is not None and not loop.failure.permanent
+
+        async def ask(name: str, rdtype: str) -> Any:
+            return await DnsCache(cfg).query(name, rdtype)
+
+        key = asyncio.run(ask("k._domainkey.alias.test", "TXT"))
+        assert key.status == "ok" and key.txt() == [b"v=DKIM1; p="]
+        assert asyncio.run(ask("loop1.test", "TXT")).status == "error"
+    finally:
+        dns_server.stop()

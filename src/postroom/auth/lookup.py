@@ -32,7 +32,7 @@ import dns.rdatatype
 import dns.resolver
 
 from postroom.config import DNSConfig
-from postroom.resolver import async_resolver
+from postroom.resolver import async_resolver, resolve
 
 Status = Literal["ok", "nxdomain", "nodata", "error"]
 MAX_TTL = 86400
@@ -216,7 +216,7 @@ class DnsCache:
     async def _ask(self, name: str, rdtype: str) -> tuple[Answer, float]:
         self.queries += 1
         try:
-            result = await self._res.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+            result, chain = await resolve(self._res, name, rdtype)
         except dns.resolver.NXDOMAIN as exc:
             responses = list(exc.kwargs.get("responses", {}).values())
             ttl = _negative_ttl(responses[0]) if responses else 0.0
@@ -230,9 +230,8 @@ class DnsCache:
         except dns.exception.DNSException as exc:  # SERVFAIL or refused from every server
             return Answer("error", error=f"DNS failure for {name}/{rdtype}: {exc}"), 0.0
         rrset = result.rrset
-        # Through a CNAME, the answer lasts as long as the shortest TTL on the way to it
-        # (dnspython's minimum over the chain; for no data, the SOA's minimum with it).
-        chain = float(result.chaining_result.minimum_ttl)
+        # Through a CNAME, the answer lasts as long as the shortest TTL on the way to it (for
+        # no data, the SOA's minimum with it).
         if rrset is None:
             return Answer("nodata"), min(_negative_ttl(result.response), chain)
         records = tuple(_convert(rdtype, rd) for rd in rrset)

@@ -76,6 +76,24 @@ class _Query(pyspf.query):  # type: ignore[misc]
                 raise pyspf.PermError("invalid-macro-char", m.group(0))  # §4.6
         return super().expand(s, stripdot)
 
+    def validated_ptrs(self) -> list[Any]:
+        """The client's validated names (``ptr``, ``%{p}``) as RFC 7208 §5.5 says: a DNS
+        error looking up its PTR records leaves none (the mechanism fails to match, the macro
+        says "unknown", §7.3), one looking up a name's addresses skips that name. pyspf made
+        either a temperror. At most 10 names are looked up (§4.6.4)."""
+        try:
+            names = self.dns_ptr(self.i)
+        except pyspf.TempError:
+            return []
+        out = []
+        for name in names[: pyspf.MAX_PTR]:
+            try:
+                if self.cidrmatch(self.dns_a(name, self.A), self.cidrmax):
+                    out.append(name)
+            except pyspf.TempError:
+                continue
+        return out
+
     def dns(
         self, name: Any, qtype: str, cnames: Any = None, ignore_void: bool = False
     ) -> list[Any]:
