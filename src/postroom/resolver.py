@@ -157,12 +157,29 @@ async def resolve(
         answer = await res.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
         chain = min(chain, float(answer.chaining_result.minimum_ttl))
         expires = min(expires, answer.expiration)
+        _answered_first(res, answer)
         if answer.rrset is not None or answer.canonical_name == answer.qname:
             answer.expiration = expires
             return answer, chain
         qname = answer.canonical_name
     too_long = f"the CNAME chain of {name} is longer than {MAX_CNAME_HOPS}"
     raise dns.exception.DNSException(too_long)  # type: ignore[no-untyped-call]
+
+
+def _answered_first(res: dns.asyncresolver.Resolver, answer: dns.resolver.Answer) -> None:
+    """The server that answered is asked first from now on: dnspython asks them in the listed
+    order every time, so a first one that is down cost its share of ``[dns] timeout`` on
+    every lookup (an SPF policy of six lookups in a row then ran out of ``check_timeout``)."""
+    servers = res.nameservers
+    if len(servers) < 2 or answer.nameserver is None:
+        return
+    for i, server in enumerate(servers):
+        if isinstance(server, str):  # (a plain address: port 53)
+            server = dns.nameserver.Do53Nameserver(server)
+        if (server.answer_nameserver(), server.answer_port()) == (answer.nameserver, answer.port):
+            if i:
+                res.nameservers = [server, *servers[:i], *servers[i + 1 :]]
+            return
 
 
 class DnsResolver:

@@ -362,3 +362,46 @@ def test_a_cname_given_without_its_target_is_followed() -> None:
         assert asyncio.run(ask("loop1.test", "TXT")).status == "error"
     finally:
         dns_server.stop()
+
+
+def test_a_dead_first_nameserver_is_asked_last_once_another_answered() -> None:
+    """dnspython asks the servers in the listed order every time: a first one that is down
+    cost its share of the time-out on every lookup (dnswire probe: an SPF policy of six
+    lookups in a row ran out of check_timeout). The one that answered now goes first."""
+    import socket
+    import time
+
+    from postroom.auth.lookup import DnsCache
+    from tests.dnszone import LoopbackDNS
+
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers
+    dead.bind(("127.0.0.1", 0))
+    dns_server = LoopbackDNS()
+    try:
+        dns_server.mx("first.test", 10, "mx.first.test")
+        dns_server.a("mx.first.test", "192.0.2.1")
+        dns_server.txt("first.test", "v=spf1 -all")
+        dns_server.txt("second.test", "v=spf1 -all")
+        servers = (("127.0.0.1", dead.getsockname()[1]), (dns_server.address, dns_server.port))
+        cfg = DNSConfig(nameservers=servers, timeout=Duration(1))
+
+        async def timed(lookup: Any) -> float:
+            start = time.monotonic()
+            await lookup
+            return time.monotonic() - start
+
+        async def lookups() -> list[float]:
+            cache = DnsCache(cfg)
+            router = DnsResolver(cfg)
+            return [
+                await timed(cache.query("first.test", "TXT")),
+                await timed(cache.query("second.test", "TXT")),
+                await timed(router.route("first.test")),
+            ]
+
+        first, second, route = asyncio.run(lookups())
+        assert first >= 0.4 and second < 0.3, (first, second)
+        assert route < 0.8  # its MX lookup waited once; its address lookups did not
+    finally:
+        dns_server.stop()
+        dead.close()
