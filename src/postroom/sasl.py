@@ -188,6 +188,13 @@ class ScramSha256:
         """The next message is the client-final, whose proof is checked against the keys."""
         return self._stage == 2
 
+    @property
+    def deciding(self) -> bool:
+        """The next message is one the outcome depends on: the client-first (the keys it
+        gets) or the proof; not the empty answer to the server-final (the login succeeded).
+        """
+        return self._stage in (0, 2)
+
     def step(self, data: bytes) -> Step:
         text = _utf8(data)
         if text is None:

@@ -87,8 +87,13 @@ class SaslSession:
             # check_password): tested against the lockout now, when it comes, not only at the
             # start, or connections opened early would each get a guess past it. So is the
             # client-first: the keys it gets are the account's, whatever the lockout (made-up
-            # ones for a real account told who exists).
-            if isinstance(self._mech, sasl.ScramSha256) and self.locked_out():
+            # ones for a real account told who exists). Not the last, empty answer: the
+            # proof was right, and the server-final has said so.
+            if (
+                isinstance(self._mech, sasl.ScramSha256)
+                and self._mech.deciding
+                and self.locked_out()
+            ):
                 self._mech = None
                 return Refused("throttled")
             step = self._mech.step(event.data)

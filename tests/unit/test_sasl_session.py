@@ -172,3 +172,23 @@ def test_failures_count_for_the_account_however_its_name_is_spelled() -> None:
         asyncio.run(session(services).step(AuthStart("PLAIN", b"\0" + name.encode() + b"\0x")))
     accounts = [account for _ip, account in services.throttle.failures]
     assert accounts == ["alice@a.test"] * 3 + ["no address"]
+
+
+def test_a_lockout_after_a_right_scram_proof_does_not_refuse_the_last_empty_answer() -> None:
+    """The server-final (v=) told the client its login succeeded; a lockout reached by other
+    connections just then made the client's empty answer a 454 (recheck probe)."""
+
+    class Scram(FakeServices):
+        def scram_keys(self, login: str) -> sasl.ScramKeys | None:
+            return sasl.derive_scram_keys("pw", b"salt" * 4, 4096)
+
+    services = Scram()
+    s = session(services)
+    first_bare = "n=alice@a.test,r=abc"
+    server_first = asyncio.run(s.step(AuthStart("SCRAM-SHA-256", b"n,," + first_bare.encode())))
+    assert isinstance(server_first, sasl.Challenge)
+    final = client_final(first_bare, server_first.data.decode(), "pw")
+    server_final = asyncio.run(s.step(AuthResponse(final)))
+    assert isinstance(server_final, sasl.Challenge) and server_final.data.startswith(b"v=")
+    services.throttle.locked = True
+    assert asyncio.run(s.step(AuthResponse(b""))) == sasl.Success("alice@a.test")
