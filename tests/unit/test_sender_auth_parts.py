@@ -615,3 +615,36 @@ def test_a_report_run_killed_part_way_does_not_report_the_same_rows_again(tmp_pa
     assert counted == [("b.test", 1), ("b.test", 1), ("c.test", 1), ("d.test", 1)]
     assert asyncio.run(auth.send_reports(queue_until(99))) == 0
     assert not [p.name for p in folder.iterdir() if p.name.startswith("sending")]
+
+
+def test_rows_kept_run_after_run_stay_in_one_file(tmp_path: Path) -> None:
+    """A report that must wait (its authorization lookup keeps failing) kept every file taken
+    and its marks, run after run: files and marks grew without end (recheck probe: 300 files,
+    an 11 MB progress file). Now the rows left go to one file that replaces those taken, and
+    a crash between writing it and removing them reports nothing twice."""
+    template = _report_row(tmp_path / "elsewhere", "192.0.2.1")
+
+    def add(domain: str) -> None:
+        with (tmp_path / reports.RECORDS).open("ab") as out:
+            out.write(json.dumps(template | {"pdomain": domain}).encode() + b"\n")
+
+    for run in range(1, 6):
+        add("waits.test")
+        add("goes.test")
+        taken = reports.take(tmp_path, float(run))
+        assert sorted(r["pdomain"] for r in taken.rows) == ["goes.test"] + ["waits.test"] * run
+        taken.mark("goes.test")
+        taken.finish(keep=True)
+        assert [p.name for p in tmp_path.glob("sending*")] == [f"sending-{run * 1000}-left.jsonl"]
+    # A crash after the file of rows left was written, before the files it replaces went:
+    add("goes.test")
+    taken = reports.take(tmp_path, 6.0)
+    taken.mark("goes.test")
+    replaced = {name: (tmp_path / name).read_bytes() for name in taken.files}
+    taken.finish(keep=True)
+    for name, data in replaced.items():
+        (tmp_path / name).write_bytes(data)
+    again = reports.take(tmp_path, 7.0)
+    assert sorted(r["pdomain"] for r in again.rows) == ["waits.test"] * 5
+    again.finish(keep=False)
+    assert not list(tmp_path.glob("sending*"))

@@ -37,7 +37,7 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from postroom.storage.local.files import fsync_dir, replace_durably
 MAX_ROWS = 100_000
 RECORDS = "records.jsonl"
 PROGRESS = "sending.progress"  # the policy domains reported, per file taken (Taken.mark)
+SUPERSEDES = "supersedes"  # first line of a file of rows left: the files it takes the place of
 
 
 def record(
@@ -133,14 +134,17 @@ def _appender(folder: Path) -> _Appender:
 
 @dataclass
 class Taken:
-    """The rows of one run, from the files ``files``. ``reported``: per file, the policy
-    domains whose rows are reported already (by a run cut short, or by this one so far):
-    those rows are not taken again, while the same domain's rows in a later file are."""
+    """The rows of one run (taken at ``now``), from the files ``files``. ``reported``: per
+    file, the policy domains whose rows are reported already (by a run cut short, or by this
+    one so far): those rows are not taken again, while the same domain's rows in a later file
+    are."""
 
     folder: Path
+    now: float
     rows: list[dict[str, Any]]
     files: tuple[str, ...]
     reported: dict[str, list[str]]
+    marked: set[str] = field(default_factory=set)  # by this run
 
     def mark(self, domain: str) -> None:
         """``domain``'s report is queued (or can go nowhere): said on disk before the next
@@ -148,18 +152,29 @@ class Taken:
         (a second report of the same rows under another Report-ID, RFC 7489 §7.2.1.1, which
         no receiver can tell from a new one). What is left is a kill between the queueing
         and this mark: one report."""
+        self.marked.add(domain)
         for name in self.files:
-            self.reported[name].append(domain)
+            if domain not in self.reported[name]:
+                self.reported[name].append(domain)
         path = self.folder / PROGRESS
         replace_durably(path, json.dumps(self.reported).encode(), path.with_suffix(".tmp"))
         fsync_dir(self.folder)
 
     def finish(self, keep: bool) -> None:
-        """Forget the files and their marks once every row is reported; ``keep`` (rows whose
-        report must wait: a lookup to repeat) leaves both for the next run, which takes only
-        the rows not marked."""
+        """Forget the files and their marks: every row is reported, or (``keep``: some
+        report must wait for a lookup to be repeated) the rows not marked are copied first to
+        one file for the next run. That file names the files it takes the place of in its
+        first line and is flushed whole before its name appears: a crash leaves either the
+        files and their marks, or it (and :func:`take` then removes what it replaced). Left
+        in place, the files and their marks grew with every run while a lookup kept failing.
+        """
         if keep:
-            return
+            left = [r for r in self.rows if str(r["pdomain"]) not in self.marked]
+            lines = [{SUPERSEDES: list(self.files)}, *left]
+            name = f"sending-{int(self.now * 1000)}-left.jsonl"
+            data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+            replace_durably(self.folder / name, data, self.folder / f"{name}.tmp")
+            fsync_dir(self.folder)
         for name in self.files:
             (self.folder / name).unlink(missing_ok=True)
         (self.folder / PROGRESS).unlink(missing_ok=True)
@@ -174,16 +189,33 @@ def take(folder: Path, now: float) -> Taken:
     with contextlib.suppress(FileNotFoundError, ValueError):
         saved = json.loads((folder / PROGRESS).read_bytes())
         reported = {str(name): [str(d) for d in domains] for name, domains in saved.items()}
-    names = tuple(sorted(p.name for p in folder.glob("sending-*.jsonl")))
+    names = sorted(p.name for p in folder.glob("sending-*.jsonl"))
+    for name in _replaced(folder, names):  # (a crash came before their removal)
+        (folder / name).unlink(missing_ok=True)
+        names.remove(name)
     rows: list[dict[str, Any]] = []
     for name in names:
         done = set(reported.get(name, ()))
         for line in (folder / name).read_bytes().splitlines():
-            with contextlib.suppress(ValueError, KeyError, TypeError):  # a torn last line
+            # (a torn last line, or the first line of a file of rows left: no row)
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 row = json.loads(line)
                 if len(rows) < MAX_ROWS and str(row["pdomain"]) not in done:
                     rows.append(row)
-    return Taken(folder, rows, names, {name: reported.get(name, []) for name in names})
+    files = tuple(names)
+    return Taken(folder, now, rows, files, {name: reported.get(name, []) for name in files})
+
+
+def _replaced(folder: Path, names: list[str]) -> set[str]:
+    """The files among ``names`` whose rows a file of rows left (Taken.finish) holds."""
+    out: set[str] = set()
+    for name in names:
+        if name.endswith("-left.jsonl"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+                with (folder / name).open("rb") as f:
+                    head = json.loads(f.readline())
+                out.update(str(n) for n in head[SUPERSEDES] if n != name)
+    return out & set(names)
 
 
 @contextlib.contextmanager
