@@ -6,13 +6,16 @@ Each node is its own ``postroom serve`` on its own loopback address with its own
 
 from __future__ import annotations
 
+import asyncio
 import poplib
 import smtplib
 import time
 from pathlib import Path
 
+import asyncpg
 import pytest
 
+from postroom.storage.local.accounts import Accounts
 from tests.conftest import Server, ServerFactory, insecure, run_cli
 from tests.pgserver import PgServer
 
@@ -204,6 +207,9 @@ def test_import_a_local_node(server_factory: ServerFactory, tmp_path: Path, pg_u
         line for line in single.cli("dns", "a.test").stdout.splitlines() if "DKIM1" in line
     ]
     single.stop()
+    # Made by the node at its first SCRAM login; the cluster must go on with it (recheck
+    # probe: unknown users got new made-up salts, real ones kept theirs).
+    decoy = Accounts(single.data_dir).decoy_secret
     cfg = _config(tmp_path, pg_url)
     out = run_cli("db", "import", str(single.data_dir), config=cfg).stdout
     assert "users: 1 added" in out and "messages: 1 added" in out
@@ -213,6 +219,15 @@ def test_import_a_local_node(server_factory: ServerFactory, tmp_path: Path, pg_u
     assert "users: 0 added" in again and "messages: 0 added (1 there already)" in again
     assert "alias targets: 0 added (1 there already)" in again
     assert "dkim keys of a.test: the database has its own, kept" in again
+
+    async def cluster_decoy() -> bytes:
+        conn = await asyncpg.connect(pg_url)
+        try:
+            return bytes(await conn.fetchval("SELECT value FROM secrets WHERE name='scram-decoy'"))
+        finally:
+            await conn.close()
+
+    assert asyncio.run(cluster_decoy()) == decoy
     node = server_factory(extra_toml=storage_toml(pg_url), services=SERVICES, host="127.0.0.4")
     assert login_ok(node, "ann@a.test", "ann-pw")  # the same hash, the same password
     assert rcpt_code(node, "sales@a.test") == 250

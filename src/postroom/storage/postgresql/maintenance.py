@@ -11,6 +11,7 @@ The local queue is not imported: let the single node empty it first (``postroom 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -142,6 +143,7 @@ def import_local(url: str, data_dir: Path, domains: Iterable[str]) -> list[str]:
     store = data_dir / "accounts.sqlite"
     users: list[tuple[object, ...]] = []
     alias_rows: list[tuple[str, str]] = []
+    decoy: bytes | None = None
     if store.exists():
         src = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
         try:
@@ -150,6 +152,9 @@ def import_local(url: str, data_dir: Path, domains: Iterable[str]) -> list[str]:
                 " scram_stored_key, scram_server_key FROM users"
             ).fetchall()
             alias_rows = src.execute("SELECT alias, target FROM aliases").fetchall()
+            with contextlib.suppress(sqlite3.OperationalError):  # (none made yet)
+                found = src.execute("SELECT value FROM secrets WHERE name='scram-decoy'")
+                decoy = next((bytes(row[0]) for row in found), None)
         finally:
             src.close()
     elif not (data_dir / "mail").is_dir():
@@ -161,6 +166,10 @@ def import_local(url: str, data_dir: Path, domains: Iterable[str]) -> list[str]:
         async def put_accounts(c: asyncpg.Connection) -> tuple[int, int]:
             async with c.transaction():
                 before = await c.fetchval("SELECT count(*) FROM users")
+                if decoy is not None and before == 0:
+                    # The users' made-up SCRAM salts go on as they were: new ones, beside
+                    # the real ones kept, told anyone who had asked before who exists.
+                    await c.execute("UPDATE secrets SET value=$1 WHERE name='scram-decoy'", decoy)
                 await c.executemany(
                     INSERT_USER + " ON CONFLICT DO NOTHING",
                     [(u[0], u[1], bytes(u[2]), int(u[3]), bytes(u[4]), bytes(u[5])) for u in users],  # type: ignore[call-overload]
