@@ -52,6 +52,14 @@ class Target:
     preference: int = 0
     implicit: bool = False  # True for the domain's own A/AAAA (RFC 5321 §5.1 implicit MX)
 
+    @property
+    def label(self) -> str:
+        """The host as replies and logs name it, ``label[ip]``: an address literal by its
+        address, as Postfix does ("127.0.0.1[127.0.0.1]", not "[127.0.0.1][127.0.0.1]")."""
+        if self.host.startswith("[") and self.addresses:
+            return self.addresses[0]
+        return self.host
+
 
 @dataclass(frozen=True, slots=True)
 class RouteFailure:

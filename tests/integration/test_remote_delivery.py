@@ -503,6 +503,12 @@ def test_connection_refused_everywhere() -> None:
         assert res.outcome is Outcome.TEMPORARY
         assert res.reply.status == "4.4.1"
         assert "127.0.0.9" in res.reply.text
+        # An address literal is named by its address, as Postfix does (recheck probe:
+        # "connect to [127.0.0.9][127.0.0.9]:port").
+        literal = StaticResolver({"[127.0.0.9]": Route((Target("[127.0.0.9]", ("127.0.0.9",)),))})
+        remote = RemoteDelivery(config(port), literal, reply_timeout=5)
+        (res,) = await remote.deliver("[127.0.0.9]", message("bob@[127.0.0.9]"), BODY)
+        assert f"connect to 127.0.0.9[127.0.0.9]:{port}:" in res.reply.text, res.reply.text
 
     run(main)
 

@@ -416,7 +416,7 @@ class RemoteDelivery:
                         session_error = (exc, target.host, ip)
                         if not exc.permanent:
                             unreached = session_error
-                        events.host_failed(queue_id, target.host, ip, str(exc.reply), len(batch))
+                        events.host_failed(queue_id, target.label, ip, str(exc.reply), len(batch))
                         break
                     except DotWithheld as exc:  # what hosts before this one took (RFC 5321
                         withheld(exc)  # §6.1: their 250 commits them) is kept, and the rest
@@ -425,8 +425,10 @@ class RemoteDelivery:
                         raise
                     except Exception:  # a bug of ours with this host: the next one is tried,
                         # and what earlier hosts took is kept (else it would go again)
-                        log.exception("delivery to %s[%s] failed", target.host, ip)
-                        failed = _SessionFailed(_temp("4.3.0", f"{target.host}[{ip}]: local error"))
+                        log.exception("delivery to %s[%s] failed", target.label, ip)
+                        failed = _SessionFailed(
+                            _temp("4.3.0", f"{target.label}[{ip}]: local error")
+                        )
                         session_error = unreached = (failed, target.host, ip)
                         break
                     too_many: list[int] = []
@@ -435,7 +437,7 @@ class RemoteDelivery:
                         reply = res.reply
                         mta: str | None = target.host
                         if reply.local:
-                            reply, mta = _naming(reply, f"{target.host}[{ip}]"), None
+                            reply, mta = _naming(reply, f"{target.label}[{ip}]"), None
                         result = DeliveryResult(
                             message.recipients[i],
                             res.outcome,
@@ -467,7 +469,7 @@ class RemoteDelivery:
                     left = [r for i, r in deferred if i not in batch]  # (not sent again here)
                     if left:  # they wait for the next host or attempt
                         said = str(left[0].reply)
-                        events.host_failed(queue_id, target.host, ip, said, len(left))
+                        events.host_failed(queue_id, target.label, ip, said, len(left))
                 pending = [i for i in pending if i not in final]
         for i in pending:
             rcpt = message.recipients[i]
@@ -556,7 +558,7 @@ class RemoteDelivery:
     ) -> MessageDone:
         """One transaction on a ready session; LeaseLost if ``may_finish`` refused its dot."""
         if self.stopping:  # (a session opened before the stop: a small BDAT would commit)
-            raise DotWithheld(f"{target.host}[{ip}]", NOT_TRIED, session.tls)
+            raise DotWithheld(f"{target.label}[{ip}]", NOT_TRIED, session.tls)
         # RFC 5321 §4.5.3.1.6 (lines) and RFC 6152 §3 (8-bit to a peer without 8BITMIME).
         eight_bit = "8BITMIME" in session.engine.extensions
         if len(data) > OFF_LOOP:  # a pass (or more) over a large message: not on the loop
@@ -570,7 +572,7 @@ class RemoteDelivery:
         if session.engine.state is not ClientState.READY:  # ended meanwhile (a stray reply)
             event = await session.next_event()
             reply = event.reply if isinstance(event, Closed) else _temp("4.4.2", "session ended")
-            raise _Dropped(self._session_reply(reply, f"{target.host}[{ip}]"))
+            raise _Dropped(self._session_reply(reply, f"{target.label}[{ip}]"))
         one_write = "CHUNKING" in session.engine.extensions and len(fitted) <= BDAT_MAX
         hold = may_finish is not None or not one_write
         session.engine.send_message(message, fitted, hold_end=hold)
@@ -587,7 +589,7 @@ class RemoteDelivery:
                 if refusal is not None:
                     session.engine.abort(refusal)
                     session.close()  # the dot never goes out: the host cancels the transaction
-                    raise DotWithheld(f"{target.host}[{ip}]", refusal, session.tls)
+                    raise DotWithheld(f"{target.label}[{ip}]", refusal, session.tls)
                 session.engine.end_data()
                 committing = True
                 self.committing += 1
@@ -596,7 +598,9 @@ class RemoteDelivery:
             self.committing -= int(committing)
         if not isinstance(event, MessageDone):  # pragma: no cover - the engine always reports
             session.close()
-            raise _SessionFailed(_temp("4.4.2", f"{target.host}[{ip}]: no result"), tls=session.tls)
+            raise _SessionFailed(
+                _temp("4.4.2", f"{target.label}[{ip}]: no result"), tls=session.tls
+            )
         return event
 
     async def _keep(
@@ -619,7 +623,7 @@ class RemoteDelivery:
     async def _open(self, target: Target, ip: str, verify: bool, policy: TLSPolicy) -> _Session:
         loop = asyncio.get_running_loop()
         port = self.cfg.delivery.port
-        where = f"{target.host}[{ip}]:{port}"
+        where = f"{target.label}[{ip}]:{port}"
         engine = ClientEngine(self.cfg.hostname, tls=policy)
         session = _Session(engine, target.host, ip, self._reply_timeout)
         session.generation = self._generation
@@ -693,7 +697,7 @@ class RemoteDelivery:
             events.tls_handshake("delivery", ip, None, str(exc) or type(exc).__name__)
             transport.abort()
             # Our finding, not the server's reply: the DSN must not say the host "said" it.
-            reply = _temp("4.7.5", f"TLS with {target.host}[{ip}] failed: {exc}")
+            reply = _temp("4.7.5", f"TLS with {target.label}[{ip}] failed: {exc}")
             raise _SessionFailed(reply, tls_failed=True, tls=session.tls) from None
         if new is None:  # pragma: no cover - only for server_side
             raise _SessionFailed(_temp("4.7.5", "TLS not established"), tls_failed=True)
