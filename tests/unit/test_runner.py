@@ -893,27 +893,33 @@ def test_a_domain_cut_short_keeps_what_the_others_did(tmp_path: Path) -> None:
     assert [mailbox for qid, mailbox in boxes.delivered if qid != "Q1"] == ["alice@a.test"]
 
 
+def delivery_lines(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The arguments of every ``events.delivery`` call from now on (each still logged)."""
+    from postroom import events
+
+    lines: list[dict[str, Any]] = []
+    real = events.delivery
+
+    def delivery(*args: Any, **kwargs: Any) -> None:
+        lines.append(dict(inspect.signature(real).bind(*args, **kwargs).arguments))
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(events, "delivery", delivery)
+    return lines
+
+
 def test_the_delivery_lines_name_the_tls_of_their_session(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A line's tls is that of the session behind it: a result's, and for recipients cut
     short at a host (their dot withheld), that host's session; none at all (not "none", which
     says plaintext) where no host was reached. The cut-short lines said "none" before."""
-    from postroom import events
     from postroom.delivery.remote import NOT_TRIED, STOPPED, DeliveryResult, DotWithheld
     from postroom.smtp.client_engine import Outcome, OutgoingMessage
     from postroom.wire.replies import Reply
 
     runner, _queue, _boxes, _clock = make(tmp_path, {})
-    lines: dict[str, tuple[str, str | None]] = {}
-    real = events.delivery
-
-    def delivery(*args: Any, **kwargs: Any) -> None:
-        line = inspect.signature(real).bind(*args, **kwargs).arguments
-        lines[line["rcpt"].address] = (line["relay"], line.get("tls"))
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(events, "delivery", delivery)
+    logged = delivery_lines(monkeypatch)
 
     class Remote(FakeRemote):
         async def deliver(
@@ -933,6 +939,7 @@ def test_the_delivery_lines_name_the_tls_of_their_session(
     runner._remote_delivery = lambda: Remote()  # type: ignore[method-assign]
     env = envelope("Q1", "bob@b.test", "carol@c.test", "dave@d.test")
     asyncio.run(accept(runner, env))
+    lines = {line["rcpt"].address: (line["relay"], line.get("tls")) for line in logged}
     assert lines["bob@b.test"] == ("mx.b.test[192.0.2.2]:25", "TLSv1.3 TLS_AES_256_GCM_SHA384")
     assert lines["carol@c.test"] == ("mx.c.test[192.0.2.3]:25", "TLSv1.2 ECDHE-RSA-AES128")
     assert lines["dave@d.test"] == ("none", None)
@@ -1518,20 +1525,12 @@ def test_a_literal_domain_is_named_by_its_address_in_the_delivery_line(
 ) -> None:
     """Mail to user@[IPv6:2001:db8::2] names the host as Postfix does, by its address
     ("2001:db8::2[2001:db8::2]:25"); the line said "[IPv6:2001:db8::2][2001:db8::2]:25"."""
-    from postroom import events
     from postroom.delivery.remote import DeliveryResult
     from postroom.smtp.client_engine import Outcome, OutgoingMessage
     from postroom.wire.replies import Reply
 
     runner, _queue, _boxes, _clock = make(tmp_path, {})
-    relays: list[str] = []
-    real = events.delivery
-
-    def delivery(*args: Any, **kwargs: Any) -> None:
-        relays.append(inspect.signature(real).bind(*args, **kwargs).arguments["relay"])
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(events, "delivery", delivery)
+    logged = delivery_lines(monkeypatch)
 
     class Remote(FakeRemote):
         async def deliver(
@@ -1545,4 +1544,4 @@ def test_a_literal_domain_is_named_by_its_address_in_the_delivery_line(
 
     runner._remote_delivery = lambda: Remote()  # type: ignore[method-assign]
     asyncio.run(accept(runner, envelope("Q1", "bob@[IPv6:2001:db8::2]")))
-    assert relays == ["2001:db8::2[2001:db8::2]:25"]
+    assert [line["relay"] for line in logged] == ["2001:db8::2[2001:db8::2]:25"]

@@ -94,30 +94,34 @@ def test_a_lockout_that_began_while_the_check_waited_is_a_throttle_not_a_failure
     assert refused == Refused("throttled") and services.throttle.failures == []
 
 
-async def scram_login(locked_meanwhile: bool) -> tuple[object, FakeThrottle]:
-    """A SCRAM exchange with the right password; the IP is locked out (or not) by other
-    connections between the client-first and the proof."""
+class ScramServices(FakeServices):
+    """alice's password is "pw"."""
 
-    class Scram(FakeServices):
-        def scram_keys(self, login: str) -> sasl.ScramKeys | None:
-            return sasl.derive_scram_keys("pw", b"salt" * 4, 4096)
+    def scram_keys(self, login: str) -> sasl.ScramKeys | None:
+        return sasl.derive_scram_keys("pw", b"salt" * 4, 4096)
 
-    services = Scram()
+
+async def scram_login(
+    locked_meanwhile: bool, services: ScramServices | None = None
+) -> tuple[object, SaslSession, FakeThrottle]:
+    """A SCRAM exchange with the right password up to the server-final; the IP is locked out
+    (or not) by other connections between the client-first and the proof."""
+    services = services or ScramServices()
     s = session(services)
     first_bare = "n=alice@a.test,r=abc"
     server_first = await s.step(AuthStart("SCRAM-SHA-256", b"n,," + first_bare.encode()))
     assert isinstance(server_first, sasl.Challenge)
     services.throttle.locked = locked_meanwhile
     outcome = await s.step(AuthResponse(client_final(first_bare, server_first.data.decode(), "pw")))
-    return outcome, services.throttle
+    return outcome, s, services.throttle
 
 
 def test_a_scram_proof_is_tested_against_the_lockout_when_it_comes() -> None:
     """Connections that sent their client-first before the lockout get no guess past it: the
     proof is a password check, refused unchecked once the IP is locked out."""
-    outcome, throttle = asyncio.run(scram_login(locked_meanwhile=True))
+    outcome, _s, throttle = asyncio.run(scram_login(locked_meanwhile=True))
     assert outcome == Refused("throttled") and throttle.failures == []
-    outcome, _ = asyncio.run(scram_login(locked_meanwhile=False))
+    outcome, _s, _t = asyncio.run(scram_login(locked_meanwhile=False))
     assert isinstance(outcome, sasl.Challenge) and outcome.data.startswith(b"v=")
 
 
@@ -178,17 +182,10 @@ def test_a_lockout_after_a_right_scram_proof_does_not_refuse_the_last_empty_answ
     """The server-final (v=) told the client its login succeeded; a lockout reached by other
     connections just then made the client's empty answer a 454 (recheck probe)."""
 
-    class Scram(FakeServices):
-        def scram_keys(self, login: str) -> sasl.ScramKeys | None:
-            return sasl.derive_scram_keys("pw", b"salt" * 4, 4096)
+    async def login() -> object:
+        server_final, s, throttle = await scram_login(locked_meanwhile=False)
+        assert isinstance(server_final, sasl.Challenge) and server_final.data.startswith(b"v=")
+        throttle.locked = True
+        return await s.step(AuthResponse(b""))
 
-    services = Scram()
-    s = session(services)
-    first_bare = "n=alice@a.test,r=abc"
-    server_first = asyncio.run(s.step(AuthStart("SCRAM-SHA-256", b"n,," + first_bare.encode())))
-    assert isinstance(server_first, sasl.Challenge)
-    final = client_final(first_bare, server_first.data.decode(), "pw")
-    server_final = asyncio.run(s.step(AuthResponse(final)))
-    assert isinstance(server_final, sasl.Challenge) and server_final.data.startswith(b"v=")
-    services.throttle.locked = True
-    assert asyncio.run(s.step(AuthResponse(b""))) == sasl.Success("alice@a.test")
+    assert asyncio.run(login()) == sasl.Success("alice@a.test")
