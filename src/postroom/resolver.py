@@ -15,6 +15,7 @@ MX hosts and addresses looked at is bounded, and names are never used as file na
 from __future__ import annotations
 
 import asyncio
+import copy
 import ipaddress
 import random
 import socket
@@ -156,22 +157,40 @@ async def resolve(
     server gave the CNAME without its target's records (RFC 1034 §5.3.3 step 4c: an
     authoritative-only server, a forwarder, dnslib's zone server; a recursive resolver follows
     the chain itself). Also the shortest TTL on the whole chain, which the answer's
-    ``expiration`` then keeps too. A longer chain is a temporary error, as Postfix takes it.
-    Raises what ``resolve`` raises (NXDOMAIN of the name the chain ends at included)."""
+    ``expiration`` then keeps too. The whole chain has ``res.lifetime`` (``[dns] timeout``),
+    not each step. A longer chain is a temporary error, as Postfix takes it. Raises what
+    ``resolve`` raises (NXDOMAIN of the name the chain ends at included: its
+    ``CHAIN_TTL`` attribute is the shortest TTL of the CNAMEs before it)."""
     chain = float("inf")
     expires = float("inf")
     qname: str | dns.name.Name = name
+    deadline = time.monotonic() + float(res.lifetime)
     for _ in range(MAX_CNAME_HOPS):
-        answer = await res.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise dns.exception.Timeout(timeout=float(res.lifetime))  # type: ignore[no-untyped-call]
+        try:
+            answer = await res.resolve(
+                qname, rdtype, search=False, raise_on_no_answer=False, lifetime=left
+            )
+        except dns.resolver.NXDOMAIN as exc:
+            setattr(exc, CHAIN_TTL, chain)
+            raise
         chain = min(chain, float(answer.chaining_result.minimum_ttl))
         expires = min(expires, answer.expiration)
         _answered_first(res, answer)
         if answer.rrset is not None or answer.canonical_name == answer.qname:
-            answer.expiration = expires
+            if expires < answer.expiration:  # (a copy: dnspython may keep this one cached)
+                answer = copy.copy(answer)
+                answer.expiration = expires
             return answer, chain
         qname = answer.canonical_name
     too_long = f"the CNAME chain of {name} is longer than {MAX_CNAME_HOPS}"
     raise dns.exception.DNSException(too_long)  # type: ignore[no-untyped-call]
+
+
+CHAIN_TTL = "postroom_chain_ttl"
+_SEEN = "postroom_seen"  # on an answer: _answered_first has looked at it
 
 
 def _answered_first(res: dns.asyncresolver.Resolver, answer: dns.resolver.Answer) -> None:
@@ -179,8 +198,11 @@ def _answered_first(res: dns.asyncresolver.Resolver, answer: dns.resolver.Answer
     order every time, so a first one that is down cost its share of ``[dns] timeout`` on
     every lookup (an SPF policy of six lookups in a row then ran out of ``check_timeout``)."""
     servers = res.nameservers
-    if len(servers) < 2 or answer.nameserver is None:
+    # Only a fresh answer says who answers now: dnspython's cache hands the same object again,
+    # and one kept from a server that has died since put it first again (recheck2 probe).
+    if len(servers) < 2 or answer.nameserver is None or getattr(answer, _SEEN, False):
         return
+    setattr(answer, _SEEN, True)
     for i, server in enumerate(servers):
         if isinstance(server, str):  # (a plain address: port 53)
             server = dns.nameserver.Do53Nameserver(server)

@@ -7,6 +7,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+import dns.resolver
 import pytest
 from dnslib import AAAA, MX, QTYPE, RCODE, RR, A, DNSError, DNSRecord
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
@@ -405,3 +406,36 @@ def test_a_dead_first_nameserver_is_asked_last_once_another_answered() -> None:
     finally:
         dns_server.stop()
         dead.close()
+
+
+def test_an_answer_from_the_cache_does_not_put_its_server_first_again() -> None:
+    """dnspython's cache hands the same answer again: one kept from a server that has died
+    since put that server back in front, and each lookup waited for it again (recheck2
+    probe: 10 re-routes took 20 s)."""
+    from postroom.resolver import async_resolver, resolve
+    from tests.dnszone import LoopbackDNS
+
+    first, second = LoopbackDNS(), LoopbackDNS()
+    try:
+        for server in (first, second):
+            server.txt("kept.test", "v=spf1 -all")
+            server.ttl("kept.test", "TXT", 60)
+            server.txt("other.test", "v=spf1 -all")
+        cfg = DNSConfig(
+            nameservers=((first.address, first.port), (second.address, second.port)),
+            timeout=Duration(1),
+        )
+        res = async_resolver(cfg)
+        res.cache = dns.resolver.LRUCache(100)
+
+        async def lookups() -> None:
+            await resolve(res, "kept.test", "TXT")  # from the first, kept
+            first.timeout("other.test", "TXT")  # (the first stops answering)
+            await resolve(res, "other.test", "TXT")  # from the second: it goes first
+            await resolve(res, "kept.test", "TXT")  # from the cache
+
+        asyncio.run(lookups())
+        assert res.nameservers[0].answer_port() == second.port  # type: ignore[union-attr]
+    finally:
+        first.stop()
+        second.stop()

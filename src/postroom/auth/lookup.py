@@ -32,7 +32,7 @@ import dns.rdatatype
 import dns.resolver
 
 from postroom.config import DNSConfig
-from postroom.resolver import async_resolver, resolve
+from postroom.resolver import CHAIN_TTL, async_resolver, resolve
 
 Status = Literal["ok", "nxdomain", "nodata", "error"]
 MAX_TTL = 86400
@@ -220,7 +220,8 @@ class DnsCache:
         except dns.resolver.NXDOMAIN as exc:
             responses = list(exc.kwargs.get("responses", {}).values())
             ttl = _negative_ttl(responses[0]) if responses else 0.0
-            return Answer("nxdomain"), ttl
+            # (through CNAMEs: no longer than the shortest of them)
+            return Answer("nxdomain"), min(ttl, getattr(exc, CHAIN_TTL, ttl))
         except dns.resolver.YXDOMAIN:
             return Answer("nxdomain"), 0.0
         except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel):
