@@ -648,3 +648,32 @@ def test_rows_kept_run_after_run_stay_in_one_file(tmp_path: Path) -> None:
     assert sorted(r["pdomain"] for r in again.rows) == ["waits.test"] * 5
     again.finish(keep=False)
     assert not list(tmp_path.glob("sending*"))
+
+
+def test_past_the_cap_the_oldest_rows_go_and_spare_files_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows past MAX_ROWS were the newest, silently: a domain whose report kept waiting
+    filled the cap, and every other domain's new rows were lost (recheck2 probe). Now the
+    oldest go, counted. The spare file of a write a crash cut short is removed."""
+    monkeypatch.setattr(reports, "MAX_ROWS", 3)
+    template = _report_row(tmp_path / "elsewhere", "192.0.2.1")
+
+    def add(domain: str, count: int) -> None:
+        with (tmp_path / reports.RECORDS).open("ab") as out:
+            for n in range(count):
+                row = template | {"pdomain": domain, "t": n}
+                out.write(json.dumps(row).encode() + b"\n")
+
+    add("waits.test", 3)
+    reports.take(tmp_path, 1.0).finish(keep=True)
+    add("ok.test", 2)
+    (tmp_path / "sending-9-left.jsonl.tmp").write_bytes(b"{}")
+    taken = reports.take(tmp_path, 2.0)
+    assert [(r["pdomain"], r["t"]) for r in taken.rows] == [
+        ("waits.test", 2),
+        ("ok.test", 0),
+        ("ok.test", 1),
+    ]
+    assert taken.dropped == 2
+    assert not list(tmp_path.glob("*.tmp"))

@@ -144,6 +144,7 @@ class Taken:
     rows: list[dict[str, Any]]
     files: tuple[str, ...]
     reported: dict[str, list[str]]
+    dropped: int = 0  # rows past MAX_ROWS, the oldest: not reported
     marked: set[str] = field(default_factory=set)  # by this run
 
     def mark(self, domain: str) -> None:
@@ -189,21 +190,30 @@ def take(folder: Path, now: float) -> Taken:
     with contextlib.suppress(FileNotFoundError, ValueError):
         saved = json.loads((folder / PROGRESS).read_bytes())
         reported = {str(name): [str(d) for d in domains] for name, domains in saved.items()}
+    for spare in folder.glob("sending*.tmp"):  # of a write a crash cut short
+        spare.unlink(missing_ok=True)
     names = sorted(p.name for p in folder.glob("sending-*.jsonl"))
     for name in _replaced(folder, names):  # (a crash came before their removal)
         (folder / name).unlink(missing_ok=True)
         names.remove(name)
     rows: list[dict[str, Any]] = []
-    for name in names:
+    dropped = 0
+    for name in reversed(names):  # the newest first: past MAX_ROWS, the oldest rows go
         done = set(reported.get(name, ()))
-        for line in (folder / name).read_bytes().splitlines():
+        for line in reversed((folder / name).read_bytes().splitlines()):
             # (a torn last line, or the first line of a file of rows left: no row)
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 row = json.loads(line)
-                if len(rows) < MAX_ROWS and str(row["pdomain"]) not in done:
+                if str(row["pdomain"]) in done:
+                    continue
+                if len(rows) < MAX_ROWS:
                     rows.append(row)
+                else:
+                    dropped += 1
+    rows.reverse()
     files = tuple(names)
-    return Taken(folder, now, rows, files, {name: reported.get(name, []) for name in files})
+    reported = {name: reported.get(name, []) for name in files}
+    return Taken(folder, now, rows, files, reported, dropped)
 
 
 def _replaced(folder: Path, names: list[str]) -> set[str]:

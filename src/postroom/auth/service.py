@@ -571,6 +571,12 @@ class SenderAuth:
         now = self.clock()
         taken = reports.take(folder, now)
         rows = taken.rows
+        if taken.dropped:
+            log.warning(
+                "DMARC reports: %d rows past the %d a run takes, the oldest, are not reported",
+                taken.dropped,
+                reports.MAX_ROWS,
+            )
         if not rows:
             taken.finish(keep=False)
             return 0
