@@ -259,7 +259,10 @@ def _cmd_user(stores: AdminStores, args: argparse.Namespace) -> int:
         for name in accounts.list_users():
             print(name)
         return 0
-    addr = account_address(args.address, cfg.domains)
+    if args.action == "add":
+        addr = account_address(args.address, cfg.domains)
+    else:
+        addr = account_address(args.address, _with_its_domain(args.address, cfg.domains))
     if args.action == "add":
         if accounts.user_exists(addr.key):
             raise AccountError(f"user {addr.key} already exists")
@@ -300,12 +303,26 @@ def _cmd_alias(stores: AdminStores, args: argparse.Namespace) -> int:
         for alias, targets in accounts.list_aliases().items():
             print(f"{alias}\t{' '.join(targets)}")
         return 0
-    key = alias_key(args.alias, stores.cfg.domains)  # "@domain": the domain's catch-all
     if args.action == "add":
+        key = alias_key(args.alias, stores.cfg.domains)  # "@domain": the domain's catch-all
         accounts.add_alias(key, [_alias_target(t) for t in args.targets])
     else:
+        key = alias_key(args.alias, _with_its_domain(args.alias, stores.cfg.domains))
         _print_removed(accounts.delete_alias(key))
     return 0
+
+
+def _with_its_domain(text: str, domains: Sequence[str]) -> list[str]:
+    """``domains`` and the one ``text`` names: an account or alias of a domain taken out of
+    `domains` stays in the store until deleted, and `user del`, `user passwd`, `alias del`
+    must reach it (they said "not one of the local domains" for ever). One that does not
+    exist is "no such user" / "no such alias" then, exit 1 as before."""
+    from postroom.address import normalise_domain
+
+    try:
+        return [*domains, normalise_domain(text.rpartition("@")[2])]
+    except ValueError:  # (malformed: the parse says so)
+        return list(domains)
 
 
 def _print_removed(removed: list[tuple[str, str]]) -> None:

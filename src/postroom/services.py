@@ -190,18 +190,25 @@ class Services:
                 raise LockedOut(ip)
             failed = self.throttle.failures(ip) > 0
             try:
-                return await self.password_checks.check(
+                key = await self.password_checks.check(
                     ip, login, password, self.accounts.verify_password, failed
                 )
             except PasswordUncheckable as exc:
                 self.log.error("the password of %r could not be checked: %s", login[:320], exc)
                 raise
+            return key if key is not None and self._in_service(key) else None
 
     def scram_keys(self, login: str) -> ScramKeys | None:
         """The account's keys, None for an unknown user (the lockout is checked before:
         made-up keys for a real account while the client was locked out told who exists)."""
         found = self.accounts.scram_keys(login)
-        return found[1] if found else None
+        return found[1] if found and self._in_service(found[0]) else None
+
+    def _in_service(self, key: str) -> bool:
+        """Is the account's domain still local? One taken out of ``domains`` (a SIGHUP) is
+        retired: its users log in no more (they could still relay mail), as if unknown;
+        their accounts and mailboxes stay until ``user del``."""
+        return key.rpartition("@")[2] in self.accounts.local_domains
 
     @property
     def banner(self) -> bytes:
