@@ -250,3 +250,25 @@ def test_top_leaves_the_read_ahead_to_the_retr_that_follows(
             await drop.close()
 
     run(main())
+
+
+def test_no_free_session_connection_says_why(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past max_pop3_sessions a login waits, then gets "try again"; the admin's log line
+    said "PostgreSQL: " and nothing more (the time-out's text is empty, scaleacct probe)."""
+    from postroom.storage.postgresql import db
+
+    monkeypatch.setattr(db, "ACQUIRE_TIMEOUT", 0.3)
+
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path, count=1) as (a,):
+            drops = [a.maildrop(f"u{n}@a.test") for n in range(4)]  # the node's 4 sessions
+            for drop in drops:
+                await drop.open()
+            with pytest.raises(ConnectionError, match=r"all 4 POP3 connections .* in use"):
+                await a.maildrop("u5@a.test").open()
+            for drop in drops:
+                await drop.close()
+
+    run(main())

@@ -68,7 +68,7 @@ ON CONFLICT (mailbox, uidl) DO NOTHING
 
 def unavailable(exc: BaseException) -> ConnectionError:
     """PostgreSQL away or failing, as the OSError the servers expect of a store."""
-    return ConnectionError(f"PostgreSQL: {exc}")
+    return ConnectionError(f"PostgreSQL: {str(exc) or type(exc).__name__}")
 
 
 def lock_key(mailbox: str) -> int:
@@ -132,6 +132,15 @@ class PgMaildrop:
         ConnectionError if PostgreSQL cannot be reached (or no connection is free)."""
         try:
             conn = await self.database.sessions.acquire(timeout=db.ACQUIRE_TIMEOUT)
+        except TimeoutError:  # (the admin reads why in the log; the user, "try again")
+            pool = self.database.sessions
+            most = pool.get_max_size()
+            if pool.get_size() >= most and not pool.get_idle_size():
+                why = f"all {most} POP3 connections of this worker are in use"
+                why += " ([storage] max_pop3_sessions)"
+            else:
+                why = f"no connection within {db.ACQUIRE_TIMEOUT:.0f} s"
+            raise ConnectionError(f"PostgreSQL: {why}") from None
         except db.FAILED as exc:
             raise unavailable(exc) from None
         try:
