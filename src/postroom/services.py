@@ -23,6 +23,7 @@ from postroom.password_checks import PasswordChecks
 from postroom.queue.envelope import Envelope
 from postroom.sasl import ScramKeys
 from postroom.sharedcounts import Counts, LocalCounts
+from postroom.storage.credentials import login_key, password_matches
 from postroom.storage.interfaces import AccountLookup, Maildrops, MessageDraft, MessageQueue
 from postroom.throttle import LoginThrottle
 from postroom.wire.replies import Reply
@@ -158,6 +159,12 @@ class ConnectionLimiter:
         return answer
 
 
+def _as_unknown(_login: str, password: str) -> str | None:
+    """The work and the answer of a login without an account: one argon2 verification."""
+    password_matches(None, password)
+    return None
+
+
 @dataclass
 class Services:
     """Everything a session needs, created once per server."""
@@ -189,14 +196,16 @@ class Services:
             if self.throttle.refused(ip):
                 raise LockedOut(ip)
             failed = self.throttle.failures(ip) > 0
+            named = login_key(login)
+            # A retired domain's login costs what an unknown user's does, and fails as one:
+            # checked after the password, a right one came back sooner (its check is kept).
+            retired = named is not None and not self._in_service(named)
+            verify = _as_unknown if retired else self.accounts.verify_password
             try:
-                key = await self.password_checks.check(
-                    ip, login, password, self.accounts.verify_password, failed
-                )
+                return await self.password_checks.check(ip, login, password, verify, failed)
             except PasswordUncheckable as exc:
                 self.log.error("the password of %r could not be checked: %s", login[:320], exc)
                 raise
-            return key if key is not None and self._in_service(key) else None
 
     def scram_keys(self, login: str) -> ScramKeys | None:
         """The account's keys, None for an unknown user (the lockout is checked before:

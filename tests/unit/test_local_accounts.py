@@ -95,3 +95,52 @@ def test_the_decoy_secret_is_kept_with_the_store(tmp_path: Path) -> None:
     again = Accounts(tmp_path)
     assert len(secret) == 32 and again.decoy_secret == secret
     assert Accounts(tmp_path / "other").decoy_secret != secret
+
+
+def test_an_alias_of_a_retired_domain_hands_out_no_sender(tmp_path: Path) -> None:
+    """After its domain left ``domains``, an alias still let its target send as it (MAIL
+    FROM:<team@b.test> by ann@a.test, recheck3 probe)."""
+    store = Accounts(tmp_path, ["a.test", "b.test"])
+    store.add_user(Address("ann", "a.test"), "pw-long-enough")
+    store.add_alias("team@b.test", ["ann@a.test"])
+    assert store.owns("ann@a.test", "team@b.test")
+    store.local_domains = ["a.test"]
+    assert not store.owns("ann@a.test", "team@b.test")
+    assert store.owns("ann@a.test", "ann@a.test")
+
+
+def test_a_login_of_a_retired_domain_is_checked_as_an_unknown_users() -> None:
+    """Its password was verified first and refused after: a right one, verified once and
+    kept, came back sooner than any wrong one (recheck3 probe). Now the store is not asked."""
+    import asyncio
+    import contextlib
+    import logging
+    from types import SimpleNamespace
+    from typing import Any
+
+    from postroom.services import Services
+
+    asked: list[str] = []
+
+    def verify(login: str, password: str) -> str | None:
+        asked.append(login)
+        return login
+
+    async def check(ip: str, login: str, password: str, verify: Any, failed: bool) -> Any:
+        return verify(login, password)
+
+    @contextlib.asynccontextmanager
+    async def turn(ip: str) -> Any:
+        yield
+
+    throttle = SimpleNamespace(turn=turn, refused=lambda ip: False, failures=lambda ip: 0)
+    services: Any = SimpleNamespace(
+        throttle=throttle,
+        password_checks=SimpleNamespace(check=check),
+        accounts=SimpleNamespace(local_domains=frozenset({"a.test"}), verify_password=verify),
+        log=logging.getLogger("test"),
+    )
+    services._in_service = lambda key: Services._in_service(services, key)
+    for login, found in (("bob@b.test", None), ("ann@a.test", "ann@a.test")):
+        assert asyncio.run(Services.check_password(services, "192.0.2.1", login, "pw")) == found
+    assert asked == ["ann@a.test"]

@@ -201,7 +201,10 @@ class AliasLookups:
         return resolve(key, self.expand)
 
     def owns(self, user_key: str, sender_key: str) -> bool:
-        """May ``user_key`` send as ``sender_key``: its own address or an alias that reaches it."""
+        """May ``user_key`` send as ``sender_key``: its own address or an alias that reaches it
+        (of a local domain: one taken out of them hands out nothing)."""
         if user_key == sender_key:
             return True
+        if sender_key.rpartition("@")[2] not in self._domains:
+            return False
         return owns(user_key, sender_key, self.expand(sender_key), self.user_exists(sender_key))
