@@ -55,11 +55,14 @@ class Target:
 
     @property
     def label(self) -> str:
-        """The host as replies and logs name it, ``label[ip]``: an address literal by its
-        address, as Postfix does ("127.0.0.1[127.0.0.1]", not "[127.0.0.1][127.0.0.1]")."""
-        if self.host.startswith("[") and self.addresses:
-            return self.addresses[0]
-        return self.host
+        """The host as replies and logs name it (:func:`host_label`)."""
+        return host_label(self.host, self.addresses[0] if self.addresses else "")
+
+
+def host_label(host: str, ip: str) -> str:
+    """``host`` as replies and logs name it, before ``[ip]``: an address literal by its
+    address, as Postfix does ("127.0.0.1[127.0.0.1]", not "[127.0.0.1][127.0.0.1]")."""
+    return ip if host.startswith("[") and ip else host
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,7 +61,7 @@ from postroom.queue.envelope import (
     Status,
     new_queue_id,
 )
-from postroom.resolver import DnsResolver, Resolver
+from postroom.resolver import DnsResolver, Resolver, host_label
 from postroom.smtp.client_engine import ForwardPath, Outcome, OutgoingMessage
 from postroom.storage.interfaces import (
     DestinationSlots,
@@ -596,9 +596,8 @@ class QueueRunner:
         for rcpt, result in domain_results:
             reply = str(result.reply)
             host = result.host or result.remote_mta
-            if host and host.startswith("["):  # a literal: "127.0.0.1[127.0.0.1]", as Postfix
-                host = result.ip
-            relay = f"{host}[{result.ip}]:{port}" if host and result.ip else "none"
+            label = host_label(host, result.ip or "") if host else ""
+            relay = f"{label}[{result.ip}]:{port}" if host and result.ip else "none"
             if result.outcome is Outcome.DELIVERED:
                 self._outcome(envelope, rcpt, "delivered", reply, relay, took, tls=result.tls)
                 newly_done.append(rcpt)
