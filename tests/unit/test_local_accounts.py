@@ -9,6 +9,7 @@ import pytest
 
 from postroom.address import Address
 from postroom.errors import AccountError
+from postroom.sasl import SCRAM_ITERATIONS, derive_scram_keys
 from postroom.storage.local.accounts import Accounts
 
 
@@ -144,3 +145,43 @@ def test_a_login_of_a_retired_domain_is_checked_as_an_unknown_users() -> None:
     for login, found in (("bob@b.test", None), ("ann@a.test", "ann@a.test")):
         assert asyncio.run(Services.check_password(services, "192.0.2.1", login, "pw")) == found
     assert asked == ["ann@a.test"]
+
+
+def _age_scram_keys(db_path: Path, key: str, password: str, iterations: int) -> None:
+    """Give ``key`` SCRAM keys of another iteration count, as an older version made them."""
+    old = derive_scram_keys(password, b"old-salt-16bytes", iterations)
+    with sqlite3.connect(db_path) as db:
+        db.execute(
+            "UPDATE users SET scram_salt=?, scram_iterations=?, scram_stored_key=?,"
+            " scram_server_key=? WHERE address=?",
+            (old.salt, old.iterations, old.stored_key, old.server_key, key),
+        )
+
+
+def test_a_plain_login_renews_scram_keys_of_another_iteration_count(
+    accounts: Accounts,
+) -> None:
+    """Accounts made when SCRAM used 600,000 rounds: Cyrus SASL clients refuse them, and
+    unknown users' made-up keys have today's count, which told the two apart. The password
+    of a plain login makes today's keys (only once); a wrong password changes nothing."""
+    _age_scram_keys(accounts.path, "ann@a.test", "pw", 4096)
+    assert accounts.verify_password("ann@a.test", "wrong") is None
+    assert accounts.scram_keys("ann@a.test")[1].iterations == 4096  # type: ignore[index]
+    assert accounts.verify_password("Ann@A.test", "pw") == "ann@a.test"
+    found = accounts.scram_keys("ann@a.test")
+    assert found is not None
+    keys = found[1]
+    assert keys.iterations == SCRAM_ITERATIONS and keys.salt != b"old-salt-16bytes"
+    assert derive_scram_keys("pw", keys.salt).stored_key == keys.stored_key[:32]
+    assert accounts.verify_password("ann@a.test", "pw") == "ann@a.test"
+    assert accounts.scram_keys("ann@a.test") == found  # today's: left alone
+
+
+def test_scram_keys_are_not_renewed_from_a_password_changed_since(accounts: Accounts) -> None:
+    _age_scram_keys(accounts.path, "ann@a.test", "pw", 4096)
+    found = accounts.scram_keys("ann@a.test")
+    assert found is not None
+    accounts.set_password(Address("ann", "a.test"), "new")
+    now = accounts.scram_keys("ann@a.test")
+    accounts._renew_scram("ann@a.test", found[1], "pw")  # verified before the change
+    assert accounts.scram_keys("ann@a.test") == now

@@ -10,7 +10,7 @@ import pytest
 
 from postroom.address import Address
 from postroom.errors import AccountError
-from postroom.sasl import derive_scram_keys
+from postroom.sasl import SCRAM_ITERATIONS, derive_scram_keys
 from postroom.storage.postgresql import db
 from postroom.storage.postgresql.accounts import LiveAccounts, PgAccounts
 from tests.pgnode import until
@@ -32,7 +32,7 @@ def admin(pg_url: str) -> Iterator[PgAccounts]:
 
 async def watched(url: str) -> tuple[LiveAccounts, db.Watcher]:
     """A node's live copy, loaded by a watcher of its own."""
-    live = LiveAccounts(DOMAINS)
+    live = LiveAccounts(DOMAINS, url)
     watcher = db.Watcher(url, [live])
     await watcher.start()
     return live, watcher
@@ -173,3 +173,34 @@ def test_every_node_has_the_stores_decoy_secret(admin: PgAccounts, pg_url: str) 
 
     one, two = asyncio.run(two_nodes())
     assert len(one) == 32 and one == two == admin.decoy_secret
+
+
+def test_a_plain_login_renews_old_scram_keys_for_every_node(admin: PgAccounts, pg_url: str) -> None:
+    """As the local store's: SCRAM keys of another iteration count are made again from the
+    password of a plain login on one node, and every node has the new ones."""
+    admin.add_user(addr("ann@a.test"), "pw")
+    old = derive_scram_keys("pw", b"old-salt-16bytes", 4096)
+    admin._db.call(
+        lambda c: c.execute(
+            "UPDATE users SET scram_salt=$1, scram_iterations=$2, scram_stored_key=$3,"
+            " scram_server_key=$4",
+            *(old.salt, old.iterations, old.stored_key, old.server_key),
+        )
+    )
+
+    async def main() -> None:
+        one, w1 = await watched(pg_url)
+        two, w2 = await watched(pg_url)
+        try:
+            assert two.scram_keys("ann@a.test") == ("ann@a.test", old)
+            assert await asyncio.to_thread(one.verify_password, "ann@a.test", "pw")
+            await until(lambda: two.scram_keys("ann@a.test") != ("ann@a.test", old))
+            found = two.scram_keys("ann@a.test")
+            assert found is not None and found[1].iterations == SCRAM_ITERATIONS
+            assert derive_scram_keys("pw", found[1].salt).server_key == found[1].server_key[:32]
+        finally:
+            one.close()
+            await w1.close()
+            await w2.close()
+
+    asyncio.run(main())

@@ -122,7 +122,7 @@ async def _open_node(cfg: Config, io: BlockingPool, index: int) -> NodeStores:
     spill = cfg.data_dir / "tmp" / f"worker{index}"
     queue = PgQueue(url, database, spill, lease, io, cfg.limits.header_size, clean=True)
     queue.log_actions = index == 0
-    accounts = LiveAccounts(cfg.domains)
+    accounts = LiveAccounts(cfg.domains, url)
     keys = PgKeyStore(url, live=True)
     watcher = db.Watcher(url, [accounts, keys, queue])
     try:

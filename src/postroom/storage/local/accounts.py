@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import secrets
 import sqlite3
@@ -31,9 +32,16 @@ from postroom.errors import AccountError
 from postroom.sasl import ScramKeys
 from postroom.storage import aliases as alias_rules
 from postroom.storage.aliases import account_address, alias_key
-from postroom.storage.credentials import LoginCache, login_key, make_credentials
+from postroom.storage.credentials import (
+    LoginCache,
+    login_key,
+    make_credentials,
+    renewed_scram_keys,
+)
 
 __all__ = ["Accounts", "account_address", "alias_key"]
+
+log = logging.getLogger("postroom")
 
 CACHE_SIZE = 50_000
 CACHE_MAX_AGE = 5.0  # seconds; a belt to the stat-signature braces
@@ -185,7 +193,29 @@ class Accounts(alias_rules.AliasLookups):
         changes or ``LOGIN_CACHE_TIME`` passes, as Dovecot's auth cache does: a mail client that
         logs in for every message then costs one argon2 run, not one per message.
         """
-        return self._logins.verify(login, password, self._signature(), self._password_hash)
+        before = self.scram_keys(login)  # read first: a password changed after, not renewed
+        key = self._logins.verify(login, password, self._signature(), self._password_hash)
+        if key is not None and before is not None and before[0] == key:
+            self._renew_scram(key, before[1], password)
+        return key
+
+    def _renew_scram(self, key: str, old: ScramKeys, password: str) -> None:
+        """Give ``key`` SCRAM keys of today's iteration count if its, ``old``, are of another
+        (see :func:`~postroom.storage.credentials.renewed_scram_keys`), unless its password
+        changed since they were read (a new one has a new salt). The login goes on whatever
+        happens here."""
+        keys = renewed_scram_keys(old, password)
+        if keys is None:
+            return
+        try:
+            with self._db() as db:
+                db.execute(
+                    "UPDATE users SET scram_salt=?, scram_iterations=?, scram_stored_key=?,"
+                    " scram_server_key=? WHERE address=? AND scram_salt=?",
+                    (*_scram_row(keys), key, old.salt),
+                )
+        except sqlite3.Error as exc:
+            log.warning("the SCRAM keys of %s could not be renewed: %s", key, exc)
 
     def _password_hash(self, key: str) -> str | None:
         row = (
@@ -284,6 +314,10 @@ class Accounts(alias_rules.AliasLookups):
         if len(self._cache) < CACHE_SIZE:
             self._cache[key] = value
         return value
+
+
+def _scram_row(keys: ScramKeys) -> tuple[bytes, int, bytes, bytes]:
+    return keys.salt, keys.iterations, keys.stored_key, keys.server_key
 
 
 def _take_out(db: sqlite3.Connection, key: str) -> list[tuple[str, str]]:

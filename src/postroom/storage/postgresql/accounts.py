@@ -18,16 +18,23 @@ milliseconds; while PostgreSQL is away a node keeps answering from its last copy
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import asyncpg
 
 from postroom.address import Address
-from postroom.errors import AccountError
+from postroom.errors import AccountError, StorageUnavailable
 from postroom.sasl import ScramKeys
 from postroom.storage import aliases as alias_rules
-from postroom.storage.credentials import LoginCache, login_key, make_credentials, password_matches
+from postroom.storage.credentials import (
+    LoginCache,
+    login_key,
+    make_credentials,
+    password_matches,
+    renewed_scram_keys,
+)
 from postroom.storage.postgresql import db, migrations
 
 log = logging.getLogger("postroom")
@@ -226,8 +233,11 @@ class LiveAccounts(alias_rules.AliasLookups):
 
     channel = CHANNEL
 
-    def __init__(self, domains: Iterable[str]) -> None:
+    def __init__(self, domains: Iterable[str], url: str) -> None:
         self._domains = frozenset(domains)
+        self._url = url
+        self._door: db.Door | None = None  # made for the rare write: SCRAM keys renewed
+        self._door_made = threading.Lock()  # (by one of the password threads)
         self._users: dict[str, UserRow] = {}
         self._aliases: dict[str, tuple[str, ...]] = {}
         self.version = 0  # changes with every change applied (the login cache's key)
@@ -236,7 +246,10 @@ class LiveAccounts(alias_rules.AliasLookups):
         self.decoy_secret = b""  # the store's, from load_all (before the node serves)
 
     def close(self) -> None:
-        """Nothing to release (the watcher owns the connection)."""
+        """The watcher owns the connection that reads; the one that wrote goes."""
+        if self._door is not None:
+            self._door.close()
+            self._door = None
 
     # -- keeping it fresh (called by the watcher) ------------------------------------------
 
@@ -302,7 +315,35 @@ class LiveAccounts(alias_rules.AliasLookups):
     def verify_password(self, login: str, password: str) -> str | None:
         """The account key when ``password`` is right for ``login``; None otherwise. One
         argon2 verification whether or not the user exists; CPU-heavy: call it from a thread."""
-        return self._logins.verify(login, password, self.version, self._password_hash)
+        name = login_key(login)
+        before = None if name is None else self._users.get(name)  # as the local store's
+        key = self._logins.verify(login, password, self.version, self._password_hash)
+        if key is not None and before is not None:
+            self._renew_scram(key, before.scram, password)
+        return key
+
+    def _renew_scram(self, key: str, old: ScramKeys, password: str) -> None:
+        """As the local store's: new SCRAM keys for ``key`` if its, ``old``, are of another
+        iteration count than today's and its password did not change since; every node
+        hears of it."""
+        keys = renewed_scram_keys(old, password)
+        if keys is None:
+            return
+        try:
+            with self._door_made:
+                if self._door is None:
+                    self._door = db.Door(self._url, "postroom-accounts")
+            self._door.call(
+                lambda c: c.execute(
+                    "UPDATE users SET scram_salt=$2, scram_iterations=$3, scram_stored_key=$4,"
+                    " scram_server_key=$5 WHERE address=$1 AND scram_salt=$6",
+                    key,
+                    *(keys.salt, keys.iterations, keys.stored_key, keys.server_key),
+                    old.salt,
+                )
+            )
+        except (StorageUnavailable, asyncpg.PostgresError) as exc:
+            log.warning("the SCRAM keys of %s could not be renewed: %s", key, exc)
 
     def _password_hash(self, key: str) -> str | None:
         row = self._users.get(key)
