@@ -147,6 +147,10 @@ def async_resolver(cfg: DNSConfig) -> dns.asyncresolver.Resolver:
     # first server that does not answer used it all, and the next was never asked.
     res.timeout = float(cfg.timeout) / max(1, len(res.nameservers))
     res.lifetime = float(cfg.timeout)
+    # EDNS0 (RFC 6891) with 1,232 octets, the size that needs no IP fragmentation (DNS flag
+    # day 2020): TXT answers over 512 octets (DKIM keys, SPF) come at once over UDP, not
+    # truncated and asked again over TCP.
+    res.use_edns(0, 0, 1232)
     return res
 
 

@@ -439,3 +439,62 @@ def test_an_answer_from_the_cache_does_not_put_its_server_first_again() -> None:
     finally:
         first.stop()
         second.stop()
+
+
+def test_queries_offer_edns0_so_a_long_txt_comes_over_udp() -> None:
+    """A 2,048-bit DKIM key or a long SPF record is more than 512 octets: a client without
+    EDNS0 (RFC 6891) gets it truncated and must ask again over TCP, which some servers and
+    firewalls do not take. The server here answers only over UDP, and only a query that
+    offers a payload size of at least the answer's."""
+    import socket
+    import threading
+
+    from dnslib import EDNS0, TXT
+
+    from postroom.auth.lookup import DnsCache
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    value = b"v=DKIM1; k=rsa; p=" + b"A" * 900
+    sizes: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            request = DNSRecord.parse(data)
+            offered = [rr.rclass for rr in request.ar if rr.rtype == QTYPE.OPT]
+            sizes.append(offered[0] if offered else 512)
+            reply = request.reply()
+            reply.add_answer(
+                RR(
+                    request.q.qname,
+                    QTYPE.TXT,
+                    rdata=TXT([value[:255], value[255:510], value[510:765], value[765:]]),
+                    ttl=60,
+                )
+            )
+            if offered:
+                reply.add_ar(EDNS0(udp_len=offered[0]))
+            packed = reply.pack()
+            if len(packed) > sizes[-1]:
+                reply = request.reply()
+                reply.header.tc = 1
+                packed = reply.pack()
+            sock.sendto(packed, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        cfg = DNSConfig(nameservers=(("127.0.0.1", sock.getsockname()[1]),), timeout=Duration(2))
+        found = asyncio.run(DnsCache(cfg).query("k._domainkey.long.test", "TXT"))
+        assert found.status == "ok" and found.txt() == [value]
+        assert sizes[0] == 1232
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
