@@ -40,7 +40,7 @@ from postroom.config import Config, format_endpoint
 from postroom.errors import ConfigError, PostroomError, QueueError
 from postroom.queue.runner import QueueRunner
 from postroom.services import ConnectionLimiter, Services
-from postroom.sharedcounts import Counts, LocalCounts, SharedCounts, WorkerCounts
+from postroom.sharedcounts import Counts, LocalCounts, SharedCounts, WorkerCounts, account_key
 from postroom.smtp.policy import Port
 from postroom.storage import credentials
 from postroom.storage.interfaces import AccountLookup, MailboxDelivery, Maildrops, MessageQueue
@@ -99,7 +99,7 @@ def build_services(
         cfg=cfg,
         accounts=accounts,
         queue=queue,
-        throttle=LoginThrottle(cfg.auth, by_ip=shared.logins)
+        throttle=LoginThrottle(cfg.auth, by_ip=shared.logins, by_account=shared.accounts)
         if shared
         else LoginThrottle(cfg.auth),
         connections=ConnectionLimiter.for_config(
@@ -128,18 +128,20 @@ def build_services(
 
 @dataclass(frozen=True)
 class Shared:
-    """The per-IP tables every worker shares, made before the fork (for one worker, plain
-    dicts: the shared table costs ~10 us per connection, a dict ~1): login failures in one
-    table, open connections in one table per worker (see WorkerCounts)."""
+    """The tables every worker shares, made before the fork (for one worker, plain dicts: the
+    shared table costs ~10 us per connection, a dict ~1): login failures per IP in one table
+    and per account in another, open connections in one table per worker (see WorkerCounts)."""
 
     connection_tables: tuple[SharedCounts, ...] | LocalCounts
     logins: Counts
+    accounts: Counts  # login failures per account name
 
     @classmethod
     def for_workers(cls, workers: int) -> Shared:
         if workers == 1:
-            return cls(LocalCounts(), LocalCounts())
-        return cls(tuple(SharedCounts() for _ in range(workers)), SharedCounts())
+            return cls(LocalCounts(), LocalCounts(), LocalCounts(key=account_key))
+        tables = tuple(SharedCounts() for _ in range(workers))
+        return cls(tables, SharedCounts(), SharedCounts(key=account_key))
 
     def connections(self, index: int) -> Counts:
         """The open-connection counts worker ``index`` adds to."""
@@ -151,7 +153,7 @@ class Shared:
         lock it held is given back (for the supervisor, which must never wait for one)."""
         if isinstance(self.connection_tables, LocalCounts):
             return
-        for table in (*self.connection_tables, self.logins):
+        for table in (*self.connection_tables, self.logins, self.accounts):
             if isinstance(table, SharedCounts) and table.repair(pid):
                 log.warning("worker %d (pid %d) died holding a shared lock: given back", index, pid)
         try:

@@ -1,4 +1,5 @@
-"""Per-IP counts that every worker process sees: open connections and recent login failures.
+"""Counts that every worker process sees: open connections and recent login failures per IP,
+failed logins per account.
 
 With ``workers = N`` each process used to count for itself, so one client got N times the
 per-IP connection limit and N times the failed logins before a lockout. The counts now live
@@ -15,6 +16,7 @@ forgotten (a flood of addresses makes the server forget, never grow).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import mmap
 import multiprocessing
 import os
@@ -52,13 +54,25 @@ def client_key(ip: str) -> bytes:
     return packed[:8] + _SLASH_64
 
 
+def account_key(name: str) -> bytes:
+    """An account name (as the throttle counts it: lower-cased) in 16 octets, never the empty
+    row's: failed logins per account are counted over all workers in a table of these."""
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+    return digest if digest != _EMPTY else _SLASH_64 * 2
+
+
 class SharedCounts:
-    """A count per client IP, shared by every process forked after it was made."""
+    """A count per client IP (or per whatever ``key`` names in 16 octets: see
+    :func:`account_key`), shared by every process forked after it was made."""
 
     def __init__(
-        self, rows: int = DEFAULT_ROWS, clock: Callable[[], float] = time.monotonic
+        self,
+        rows: int = DEFAULT_ROWS,
+        clock: Callable[[], float] = time.monotonic,
+        key: Callable[[str], bytes] = client_key,
     ) -> None:
         self.rows = rows
+        self._key = key
         self.size = _ROW.size + 4  # padded to 32 octets
         self._map = mmap.mmap(-1, rows * self.size)  # MAP_SHARED | MAP_ANONYMOUS
         self._lock = multiprocessing.Lock()
@@ -153,7 +167,7 @@ class SharedCounts:
     # -- the interface -------------------------------------------------------------------------
 
     def get(self, ip: str, max_age: float | None = None, now: float | None = None) -> int:
-        key = client_key(ip)
+        key = self._key(ip)
         now = self._clock() if now is None else now
         with self._locked():
             i, found = self._find(key)
@@ -171,7 +185,7 @@ class SharedCounts:
         """Add ``delta`` (a count aged past ``max_age`` starts again from 0); the new count.
         A count that reaches 0 frees its row. ``now`` on the clock of the caller's choice
         (a system-wide one: every process must read the same)."""
-        key = client_key(ip)
+        key = self._key(ip)
         now = self._clock() if now is None else now
         with self._locked():
             i, found = self._find(key)
@@ -224,13 +238,19 @@ class WorkerCounts:
 class LocalCounts:
     """The same counts for one process (``workers = 1``): a dict, at a tenth of the cost."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, limit: int = 100_000) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        limit: int = 100_000,
+        key: Callable[[str], bytes] = client_key,
+    ) -> None:
+        self._key = key
         self._clock = clock
         self._limit = limit
         self._rows: dict[bytes, tuple[int, float]] = {}
 
     def get(self, ip: str, max_age: float | None = None, now: float | None = None) -> int:
-        return self._get(client_key(ip), max_age, now)
+        return self._get(self._key(ip), max_age, now)
 
     def _get(self, key: bytes, max_age: float | None, now: float | None) -> int:
         row = self._rows.get(key)
@@ -245,7 +265,7 @@ class LocalCounts:
     def add(
         self, ip: str, delta: int, max_age: float | None = None, now: float | None = None
     ) -> int:
-        key = client_key(ip)
+        key = self._key(ip)
         now = self._clock() if now is None else now
         count = max(0, self._get(key, max_age, now) + delta)
         if count:

@@ -1,7 +1,7 @@
 """Brute-force protection for logins, shared by SMTP AUTH and POP3.
 
-Failures are counted per client IP (an IPv6 client per /64; in a table every worker process
-shares, see :mod:`postroom.sharedcounts`) and per account, and forgotten ``lockout_time`` after
+Failures are counted per client IP (an IPv6 client per /64) and per account, each in a table
+every worker process shares (see :mod:`postroom.sharedcounts`), and forgotten ``lockout_time`` after
 the last one. A failed login is answered after a delay that grows with the failures (so guessing
 is slow); an IP with ``lockout_failures`` recent failures is refused before its password is even
 checked (454 4.7.0 / -ERR [SYS/TEMP]). At most :data:`CHECKS_PER_IP` passwords of one IP are
@@ -24,17 +24,10 @@ from dataclasses import dataclass, field
 
 from postroom.config import AuthConfig
 from postroom.password_checks import THREADS
-from postroom.sharedcounts import Counts, LocalCounts, client_key
+from postroom.sharedcounts import Counts, LocalCounts, account_key, client_key
 
 MAX_DELAY = 8.0
 CHECKS_PER_IP = THREADS  # as many as argon2 has threads: one IP may use them all, not more
-MAX_TRACKED = 100_000
-
-
-@dataclass
-class _Count:
-    failures: int = 0
-    last: float = 0.0
 
 
 @dataclass
@@ -45,18 +38,11 @@ class LoginThrottle:
     clock: Callable[[], float] = time.monotonic
     # Failures per IP, shared by every worker (a client gets lockout_failures in all).
     by_ip: Counts = field(default_factory=LocalCounts)
-    _by_account: dict[str, _Count] = field(default_factory=dict)
+    # Failures per account name, shared alike (one guessed at from many IPs, whichever
+    # worker each connection reaches, is slowed down as much as from one).
+    by_account: Counts = field(default_factory=lambda: LocalCounts(key=account_key))
     # IP -> its turn-taking for password checks, and how many use it (dropped at 0)
     _slots: dict[bytes, tuple[asyncio.Semaphore, int]] = field(default_factory=dict)
-
-    def _get(self, table: dict[str, _Count], key: str) -> int:
-        entry = table.get(key)
-        if entry is None:
-            return 0
-        if self.clock() - entry.last > self.cfg.lockout_time:
-            del table[key]
-            return 0
-        return entry.failures
 
     def failures(self, ip: str) -> int:
         """This IP's failed logins within ``lockout_time`` of the last one."""
@@ -89,10 +75,6 @@ class LoginThrottle:
         now = self.clock()
         worst = self.by_ip.add(ip, 1, self.cfg.lockout_time, now)
         if account is not None:
-            if len(self._by_account) > MAX_TRACKED:
-                self._by_account.clear()  # under a flood, forget rather than grow without bound
-            count = self._get(self._by_account, account) + 1
-            self._by_account[account] = _Count(count, now)
-            worst = max(worst, count)
+            worst = max(worst, self.by_account.add(account, 1, self.cfg.lockout_time, now))
         extra = max(0, worst - self.cfg.free_failures)
         return float(min(MAX_DELAY, self.cfg.failure_delay * 2.0 ** min(extra, 8)))

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from postroom.app import build_services
-from postroom.config import AuthConfig, from_dict
+from postroom.app import Shared, build_services
+from postroom.config import AuthConfig, Duration, from_dict
 from postroom.errors import LockedOut
 from postroom.services import Services
 from postroom.throttle import CHECKS_PER_IP, LoginThrottle
@@ -34,6 +35,26 @@ def test_lockout_failures_0_is_no_lockout() -> None:
     for _ in range(50):
         t.failure("192.0.2.1", None)
     assert not t.refused("192.0.2.1")
+
+
+def test_failures_of_one_account_add_up_over_every_worker() -> None:
+    """An account guessed at from many IPs is slowed down by its own count, which every
+    worker process shares (each worker counted for itself: N workers, N times the guesses
+    before the delay grew)."""
+    cfg = AuthConfig(lockout_failures=100, free_failures=3, failure_delay=Duration(1))
+    shared = Shared.for_workers(2)
+
+    def worker() -> LoginThrottle:
+        return LoginThrottle(cfg, lambda: 0.0, shared.logins, shared.accounts)
+
+    pid = os.fork()
+    if pid == 0:  # the other worker
+        for i in range(4):
+            worker().failure(f"192.0.2.{i}", "ann@a.test")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert worker().failure("198.51.100.1", "ann@a.test") == 4.0  # its 5th: 2 ** (5 - 3)
+    assert worker().failure("198.51.100.1", "bob@a.test") == 1.0  # another's: the IP's 2nd
 
 
 def services_with(tmp_path: Path, verify: object, lockout: int) -> Services:
