@@ -644,9 +644,10 @@ def server_tls(ca: trustme.CA) -> ssl.SSLContext:
 
 
 def test_a_refusal_by_the_last_host_tried_bounces() -> None:
-    """RFC 5321 §3.1: a 554 greeting says "no SMTP service here" for good. From the last host
-    tried it bounces the message (as Postfix does); after it, a host that is only busy (421)
-    leaves the message queued."""
+    """RFC 5321 §3.1: a 554 greeting says "no SMTP service here" for good. From every host
+    tried it bounces the message; a host that is only busy (421), before or after it, leaves
+    the message queued (RFC 5321 §5.1: it MUST be retried; it bounced, though the preferred
+    MX had only said "later", relay probe)."""
     port = free_port()
 
     async def attempt(*greetings: bytes) -> DeliveryResult:
@@ -671,7 +672,9 @@ def test_a_refusal_by_the_last_host_tried_bounces() -> None:
         then_busy = await attempt(refused, b"421 4.3.2 busy")
         assert then_busy.outcome is Outcome.TEMPORARY
         busy_then = await attempt(b"421 4.3.2 busy", refused)
-        assert busy_then.outcome is Outcome.PERMANENT
+        assert busy_then.outcome is Outcome.TEMPORARY and busy_then.reply.code == 421
+        both = await attempt(refused, refused)
+        assert both.outcome is Outcome.PERMANENT and both.remote_mta == "mx1.b.test"
 
     run(main)
 

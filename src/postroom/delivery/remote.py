@@ -483,9 +483,14 @@ class RemoteDelivery:
                     final[i] = _lacking_everywhere(lacking[i])
                 else:
                     final[i] = _session_result(rcpt, unreached)
+            elif unreached is not None:
+                # A host could not be reached for now (no connection, a 4xx greeting): it may
+                # take the message later (RFC 5321 §5.1: each address MUST be tried and
+                # retried), even when a later one refused us for good.
+                final[i] = _session_result(rcpt, unreached)
             elif session_error is not None:
-                # The last host tried refused us for good (RFC 5321 §3.1: a 554 greeting; a
-                # 5xx to EHLO and HELO): a bounce, as Postfix does, not retries until expiry.
+                # Every host tried refused us for good (RFC 5321 §3.1: a 554 greeting; a 5xx
+                # to EHLO and HELO): a bounce, not retries until expiry.
                 final[i] = _session_result(rcpt, session_error)
             else:  # pragma: no cover - a Route always has at least one address
                 reply = _temp("4.4.4", f"no address to try for {domain}")
