@@ -97,13 +97,14 @@ def read_pair(cfg: Config) -> tuple[bytes, bytes]:
     privileged supervisor at a reload); ConfigError names the file that could not be read."""
     ensure_self_signed(cfg)
     out = []
-    for what, path in zip(("certificate", "key"), cert_paths(cfg), strict=True):
+    keys = ("cert", "key")  # the key at fault, named as the config file has it
+    for key, what, path in zip(keys, ("certificate", "key"), cert_paths(cfg), strict=True):
         try:
             out.append(path.read_bytes())
             mode = path.stat().st_mode & 0o777
         except OSError as exc:
             raise ConfigError(
-                f"{cfg.path or '<default>'}: tls: cannot read {what} {path}: {exc.strerror}"
+                f"{cfg.path or '<default>'}: tls.{key}: cannot read {what} {path}: {exc.strerror}"
             ) from None
         if what == "key" and mode & 0o077:  # (as OpenSSH refuses, and Postfix warns)
             logging.getLogger("postroom").warning(
@@ -124,20 +125,22 @@ def check_pair(cfg: Config, cert_pem: bytes, key_pem: bytes) -> None:
     from cryptography.hazmat.primitives import serialization
 
     cert_path, key_path = cert_paths(cfg)
-    where = f"{cfg.path or '<default>'}: tls"
+    where = f"{cfg.path or '<default>'}: tls."
     public = serialization.PublicFormat.SubjectPublicKeyInfo
     try:
         chain = x509.load_pem_x509_certificates(cert_pem)
         theirs = chain[0].public_key().public_bytes(serialization.Encoding.DER, public)
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(f"{where}: {cert_path} is no PEM certificate chain: {exc}") from None
+        raise ConfigError(f"{where}cert: {cert_path} is no PEM certificate chain: {exc}") from None
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
         mine = key.public_key().public_bytes(serialization.Encoding.DER, public)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # a curve it cannot load, say
-        raise ConfigError(f"{where}: {key_path} is no unencrypted PEM private key: {exc}") from None
+        raise ConfigError(
+            f"{where}key: {key_path} is no unencrypted PEM private key: {exc}"
+        ) from None
     if mine != theirs:
-        raise ConfigError(f"{where}: key {key_path} does not match certificate {cert_path}")
+        raise ConfigError(f"{where}key: key {key_path} does not match certificate {cert_path}")
 
 
 def load_pair(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:

@@ -168,14 +168,16 @@ def test_start_up_errors_name_the_file_at_fault(tmp_path: Path, certs: Path) -> 
     )
     p = run_cli("serve", config=cfg, check=False)
     assert p.returncode == 2
-    assert re.search(r"cannot read key .*missing\.pem", p.stderr), p.stderr
+    # The contract's one line, naming the key at fault: "FILE: KEY: reason" (it named "tls").
+    assert re.search(r"p\.toml: tls\.key: cannot read key .*missing\.pem", p.stderr), p.stderr
     assert "fullchain" not in p.stderr
     other = tmp_path / "other"
     write_pair(other, "other")
     cfg.write_text(cfg.read_text().replace(f"{certs}/missing.pem", f"{other}/privkey.pem"))
     p = run_cli("serve", config=cfg, check=False)
     assert p.returncode == 2
-    assert "does not match certificate" in p.stderr and "NO_CERTIFICATE" not in p.stderr
+    assert "tls.key: key " in p.stderr and "does not match certificate" in p.stderr
+    assert "NO_CERTIFICATE" not in p.stderr
 
 
 @pytest.fixture
