@@ -306,6 +306,14 @@ def _cmd_alias(stores: AdminStores, args: argparse.Namespace) -> int:
     if args.action == "add":
         key = alias_key(args.alias, stores.cfg.domains)  # "@domain": the domain's catch-all
         accounts.add_alias(key, [_alias_target(t) for t in args.targets])
+        targets = accounts.alias_targets(key)
+        if accounts.user_exists(key) and key not in targets:  # as `user add` says of it
+            print(
+                f"postroom: warning: {key} is also a user: its mail now goes to"
+                f" {', '.join(targets)}, not to its mailbox, until `alias add {key} {key}`"
+                f" or `alias del {key}`",
+                file=sys.stderr,
+            )
     else:
         key = alias_key(args.alias, _with_its_domain(args.alias, stores.cfg.domains))
         _print_removed(accounts.delete_alias(key))

@@ -258,7 +258,7 @@ def test_an_empty_config_name_is_an_error_not_the_embedded_default(
     assert not (tmp_path / "postroom-data").exists()
 
 
-def test_user_add_over_an_alias_warns_that_the_alias_gets_its_mail(cfg: Path) -> None:
+def test_a_user_and_an_alias_of_one_name_warn_that_the_alias_gets_its_mail(cfg: Path) -> None:
     """The alias wins (mail for the name goes to its targets): the mailbox ``user add`` makes
     would get nothing, silently, so it says so."""
     add = ("--password-stdin", "--allow-short")
@@ -267,6 +267,13 @@ def test_user_add_over_an_alias_warns_that_the_alias_gets_its_mail(cfg: Path) ->
     p = run_cli("user", "add", "team@a.test", *add, config=cfg, stdin="pw\n")
     assert "warning: team@a.test is also an alias (to bob@a.test)" in p.stderr
     p = run_cli("user", "add", "dave@a.test", *add, config=cfg, stdin="pw\n")
+    assert "warning" not in p.stderr
+    # And the other way round: an alias over a user takes its mail (a typo diverted it,
+    # silently; contract probe). An alias that keeps a copy for the user says nothing.
+    p = run_cli("alias", "add", "Dave@a.test", "bob@a.test", config=cfg)
+    assert p.returncode == 0 and p.stdout == ""
+    assert "warning: dave@a.test is also a user: its mail now goes to bob@a.test" in p.stderr
+    p = run_cli("alias", "add", "dave@a.test", "dave@a.test", config=cfg)
     assert "warning" not in p.stderr
 
 
