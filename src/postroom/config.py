@@ -26,7 +26,7 @@ from postroom.errors import ConfigError
 
 Endpoint = tuple[str, int]
 
-_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*$", re.ASCII)
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*$", re.IGNORECASE | re.ASCII)
 _SIZE = re.compile(r"^\s*([0-9]+)\s*([KMG]?B?)\s*$", re.IGNORECASE | re.ASCII)  # not "\u212a"
 _UNITS_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _UNITS_B = {
@@ -59,7 +59,7 @@ def parse_duration(value: object) -> Duration:
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str) and (m := _DURATION.match(value)):
-        seconds = float(m.group(1)) * _UNITS_S[m.group(2)]
+        seconds = float(m.group(1)) * _UNITS_S[m.group(2).lower()]
     else:
         raise ValueError(f"expected a duration like '5m', got {value!r}")
     if not 0 <= seconds <= MAX_DURATION:  # also nan and inf, which TOML has

@@ -123,3 +123,18 @@ def test_durations_and_sizes_take_ascii_digits_only() -> None:
             parse_size(value)
     with pytest.raises(ValueError, match="expected a duration"):
         parse_duration("\u0661s")
+
+
+def test_duration_units_take_either_case_as_size_units_do() -> None:
+    """ "10mb" was a size and "5D" no duration (exit 2; contract probe)."""
+    from postroom.config import parse_duration
+
+    assert [parse_duration(v) for v in ("5D", "2H", "3M", "4S", "1.5h")] == [
+        432000,
+        7200,
+        180,
+        4,
+        5400,
+    ]
+    with pytest.raises(ValueError, match="expected a duration"):
+        parse_duration("5\u212a")  # no Kelvin sign turned into a unit by IGNORECASE
