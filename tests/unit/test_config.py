@@ -137,4 +137,4 @@ def test_duration_units_take_either_case_as_size_units_do() -> None:
         5400,
     ]
     with pytest.raises(ValueError, match="expected a duration"):
-        parse_duration("5\u212a")  # no Kelvin sign turned into a unit by IGNORECASE
+        parse_duration("5\u017f")  # the long s is no "s" (IGNORECASE without ASCII: it was)
