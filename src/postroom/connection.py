@@ -373,6 +373,10 @@ class Connection(asyncio.Protocol):
                 if isinstance(event, Closing):
                     self._flush()
                     self._close(linger=not event.clean)
+                    # The session is over now, not when the socket closes (up to 2 s later
+                    # when it lingers): a POP3 mailbox is free for the next login at once.
+                    if self._task is None:
+                        self._release()
                     return
                 if isinstance(event, StartTLS):
                     self._flush()  # the 220/+OK, in plaintext

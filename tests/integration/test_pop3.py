@@ -136,6 +136,27 @@ def test_quit_then_close_still_deletes_everything(srv: Server) -> None:
     assert "Traceback" not in srv.log.read_text()
 
 
+def test_a_session_the_server_ended_frees_the_mailbox_at_once(srv: Server) -> None:
+    """ "Too many errors" ends the session, and its socket lingers for 2 s (half-closed, so a
+    client still sending reads the last reply): the mailbox stayed locked until the socket
+    closed, and the next login in those 2 s got [IN-USE] (RFC 1939 §8: the lock is the
+    session's; hostile probe)."""
+    first = login(srv, "implicit")
+    sock = first.sock
+    sock.sendall(b"RETR 0\r\n" * 25)  # no DELE: nothing is to be applied
+    end = time.monotonic() + 10
+    said = b""
+    while b"Too many errors" not in said and time.monotonic() < end:
+        said += sock.recv(65536)
+    assert b"Too many errors" in said
+    second = poplib.POP3_SSL(srv.host, srv.ports["pop3s"], context=insecure(), timeout=20)
+    second.user("alice@a.test")
+    assert second.pass_("pw").startswith(b"+OK")  # the first's socket is still open
+    assert second.stat()[0] == 3
+    second.quit()
+    sock.close()
+
+
 def test_second_login_is_in_use(srv: Server) -> None:
     first = login(srv)
     second = poplib.POP3_SSL(srv.host, srv.ports["pop3s"], context=insecure(), timeout=20)
