@@ -591,6 +591,44 @@ def test_a_signing_key_whose_record_left_dns_stops_signing_until_it_is_back(
         dns.stop()
 
 
+def test_the_pending_keys_are_looked_for_side_by_side(tmp_path: Path) -> None:
+    """One lookup after the other: a slow answer for the first key left the second
+    unconfirmed when the signing's wait for DNS ran out, and the first message after the
+    records were published was signed with one key (contract probe)."""
+    store = keys.LocalKeyStore(tmp_path)
+    ring = keys.KeyRing(store, retire_after=100)
+    made = ring.ensure("a.test", 0)
+    dns = LoopbackDNS()
+    try:
+        for key in made:
+            dns.txt(f"{key.selector}._domainkey.a.test", key.record())
+        cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", dns.port),), timeout=Duration(1)))
+        cfg = Config(hostname="mx.a.test", domains=("a.test",))
+        auth = SenderAuth(cfg, cache, store, clock=lambda: 1000.0)
+        asking = 0
+        most = 0
+        real = auth._record_of
+
+        async def slow(domain: str, key: keys.DkimKey) -> Answer:
+            nonlocal asking, most
+            asking += 1
+            most = max(most, asking)
+            await asyncio.sleep(0.2)
+            try:
+                return await real(domain, key)
+            finally:
+                asking -= 1
+
+        auth._record_of = slow  # type: ignore[method-assign]
+        asyncio.run(auth.look_for_pending("a.test"))
+        assert most == 2
+        assert {k.selector for k in keys.signing_keys(store.load("a.test"))} == {
+            k.selector for k in made
+        }
+    finally:
+        dns.stop()
+
+
 def _submit(auth: SenderAuth, message: _Submitted, received_size: int | None = None) -> None:
     """``message`` submitted by alice: what the end of DATA on port 587 does to it."""
     asyncio.run(

@@ -168,8 +168,11 @@ class SenderAuth:
         now = self.clock()
         self._last_look[domain] = now
         pending = [k for k in self.store.load(domain) if k.state == "pending"]
-        for key in sorted(pending, key=lambda k: k.created, reverse=True):
-            answer = await self._record_of(domain, key)
+        newest_first = sorted(pending, key=lambda k: k.created, reverse=True)
+        # Asked side by side (one after the other, a slow answer for the first left the
+        # second unconfirmed when the signing's wait ran out: a message signed with one key).
+        answers = await asyncio.gather(*(self._record_of(domain, k) for k in newest_first))
+        for key, answer in zip(newest_first, answers, strict=True):
             if not any(publishes(record, key) for record in answer.txt()):
                 continue
             after = self.ring.confirm(domain, key.selector, self.clock())
