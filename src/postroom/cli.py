@@ -306,11 +306,11 @@ def _cmd_alias(stores: AdminStores, args: argparse.Namespace) -> int:
     if args.action == "add":
         key = alias_key(args.alias, stores.cfg.domains)  # "@domain": the domain's catch-all
         accounts.add_alias(key, [_alias_target(t) for t in args.targets])
-        targets = accounts.alias_targets(key)
-        if accounts.user_exists(key) and key not in targets:  # as `user add` says of it
+        goes_to = accounts.alias_targets(key)
+        if accounts.user_exists(key) and key not in goes_to:  # as `user add` says of it
             print(
                 f"postroom: warning: {key} is also a user: its mail now goes to"
-                f" {', '.join(targets)}, not to its mailbox, until `alias add {key} {key}`"
+                f" {', '.join(goes_to)}, not to its mailbox, until `alias add {key} {key}`"
                 f" or `alias del {key}`",
                 file=sys.stderr,
             )
