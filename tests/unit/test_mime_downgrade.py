@@ -119,6 +119,18 @@ def test_8bit_part_to_a_7bit_peer() -> None:
     assert leaves(out) == leaves(raw)
 
 
+def test_8bit_text_labelled_base64_is_kept_as_the_text_it_is() -> None:
+    """8-bit octets are no base64: such a label is wrong (a client that sent its text as it
+    is). Decoded as base64 the text became noise, in the relayed copy and in the local copies
+    of a submission that also leaves (content probe); the octets are the content."""
+    text = "Grüße aus Köln, das ist wichtig\r\n".encode()
+    part = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    out = downgrade(multipart(part + text, b""), eight_bit=False)
+    assert out.isascii()
+    assert b"Content-Transfer-Encoding: quoted-printable" in out
+    assert ("text/plain", text) in leaves(out)
+
+
 def test_binary_leaf_is_base64() -> None:
     raw = (
         b"MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"

@@ -183,9 +183,13 @@ def _leaf(
 ) -> bytes:
     if not (has_long_line(body) or (seven_bit and not body.isascii())):
         return fold_header(head) + b"\r\n" + body
-    if cte == "base64":
+    if cte == "base64" and body.isascii():
         decoded = _unbase64(body)
-    elif cte == "quoted-printable":
+    elif cte == "base64":
+        # 8-bit octets are no base64 (RFC 2045 §6.8): the label is wrong, and they are the
+        # content (text a client sent unencoded); decoded, the text was lost for good.
+        decoded = body
+    elif cte == "quoted-printable":  # (8-bit octets in it are kept, as readers keep them)
         decoded = binascii.a2b_qp(body)
     else:
         decoded = body
