@@ -82,8 +82,9 @@ class ConnectionLimiter:
     exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     per_ip: Counts = field(default_factory=LocalCounts)
     shared_total: bool = False
-    # Each live connection, and whether it is counted in per_ip (exempt ones are not).
-    live: dict[Closable, bool] = field(default_factory=dict)
+    # Each live connection: its client, and whether it is counted in per_ip (exempt ones are
+    # not, until a reload takes their exemption away).
+    live: dict[Closable, tuple[str, bool]] = field(default_factory=dict)
     _exempt_ips: dict[str, bool] = field(default_factory=dict)  # per client address, answered
     _fd_warned: float = -FD_WARNING_EVERY  # when descriptors running out was last logged
 
@@ -118,30 +119,39 @@ class ConnectionLimiter:
                 return False
         elif len(self.live) >= self.max_total:
             return False
-        # Every connection is counted, also where no limit applies now (0: no limit per IP;
-        # an exempt address): a reload that sets one then finds the ones already open.
-        limited = self.max_per_ip > 0 and not self._exempt(ip)
-        if self.per_ip.add(ip, 1) > self.max_per_ip and limited:
+        # Counted also where no limit applies now (0: no limit per IP): a reload that sets
+        # one then finds the ones already open. An exempt address's only once a reload takes
+        # its exemption away (set_exempt): an IPv6 client is counted by its /64, and an exempt
+        # relay's connections took the places of every other host in it.
+        counted = not self._exempt(ip)
+        if counted and self.per_ip.add(ip, 1) > self.max_per_ip and self.max_per_ip > 0:
             self.per_ip.add(ip, -1)
             if self.shared_total:
                 self.per_ip.add(TOTAL, -1)
             return False
-        self.live[conn] = True
+        self.live[conn] = (ip, counted)
         return True
 
     def release(self, ip: str, conn: Closable) -> None:
-        if self.live.pop(conn, None) is None:
+        held = self.live.pop(conn, None)
+        if held is None:
             return
-        self.per_ip.add(ip, -1)
+        if held[1]:
+            self.per_ip.add(ip, -1)
         if self.shared_total:
             self.per_ip.add(TOTAL, -1)
 
     def set_exempt(
         self, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     ) -> None:
-        """New networks (a reload): the answers given per address start over."""
+        """New networks (a reload): the answers given per address start over, and the open
+        connections of an address no longer exempt count from now on."""
         self.exempt = networks
         self._exempt_ips.clear()
+        for conn, (ip, counted) in list(self.live.items()):
+            if not counted and not self._exempt(ip):
+                self.per_ip.add(ip, 1)
+                self.live[conn] = (ip, True)
 
     def _exempt(self, ip: str) -> bool:
         if not self.exempt:

@@ -95,3 +95,23 @@ def test_max_connections_holds_over_all_workers() -> None:
     w1.release("192.0.2.3", d)
     assert w0.acquire("192.0.2.1", a) and not w1.acquire("192.0.2.1", d)  # two per IP
     assert tables[1].get("192.0.2.1") == 1 and not w1.acquire("192.0.2.4", d)  # and three
+
+
+def test_an_exempt_host_takes_no_place_of_its_ipv6_neighbours() -> None:
+    """An IPv6 client is counted by its /64: an exempt relay's connections were counted too,
+    and filled the limit of every other host of its /64 (ipv6 probe). They count once a
+    reload takes the exemption away."""
+    relay = "2001:db8::25"
+    limiter = ConnectionLimiter(100, 2, (ipaddress.ip_network(f"{relay}/128"),))
+    held = [Conn() for _ in range(5)]
+    assert all(limiter.acquire(relay, c) for c in held)
+    neighbour = [Conn(), Conn()]
+    assert all(limiter.acquire("2001:db8::99", c) for c in neighbour)
+    assert not limiter.acquire("2001:db8::98", Conn())  # the /64's limit, the neighbour's
+    limiter.set_exempt(())  # what a reload does
+    for c in neighbour:
+        limiter.release("2001:db8::99", c)
+    assert not limiter.acquire("2001:db8::99", Conn())  # the relay's 5 count now
+    for c in held[:4]:
+        limiter.release(relay, c)
+    assert limiter.acquire("2001:db8::99", Conn())
