@@ -453,8 +453,11 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
     for key, version in (("bind_address", 4), ("bind_address6", 6)):
         value = getattr(cfg.delivery, key)
         try:
-            if value and ipaddress.ip_address(value).version != version:
+            parsed = ipaddress.ip_address(value) if value else None
+            if parsed is not None and parsed.version != version:
                 raise ValueError(f"not an IPv{version} address")
+            if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped:
+                raise ValueError("an IPv4-mapped address: no IPv6 connection leaves from it")
         except ValueError as exc:
             raise ConfigError(f"{source}: delivery.{key}: {value!r}: {exc}") from None
     if cfg.auth.dmarc_policy not in ("none", "quarantine", "reject"):

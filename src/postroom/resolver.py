@@ -416,16 +416,27 @@ def _is_local_ip(ip: str) -> bool:
     return True
 
 
+def unmapped(ip: str) -> str:
+    """The address a connection to ``ip`` reaches: an IPv4-mapped IPv6 address
+    (``::ffff:192.0.2.1``) is its IPv4 host (dialled over IPv6 it needs a dual-stack socket,
+    and a ``bind_address6`` makes it unreachable); an unspecified one (``0.0.0.0``, ``::``)
+    is this host's loopback, where Linux connects it."""
+    try:
+        parsed = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped
+    if parsed.is_unspecified:
+        return "::1" if parsed.version == 6 else "127.0.0.1"
+    return str(parsed)
+
+
 def _same_ip(a: str, b: str) -> bool:
     try:
-        ia, ib = ipaddress.ip_address(a), ipaddress.ip_address(b)
+        return ipaddress.ip_address(unmapped(a)) == ipaddress.ip_address(unmapped(b))
     except ValueError:
         return False
-    if isinstance(ia, ipaddress.IPv6Address) and ia.ipv4_mapped is not None:
-        ia = ia.ipv4_mapped
-    if isinstance(ib, ipaddress.IPv6Address) and ib.ipv4_mapped is not None:
-        ib = ib.ipv4_mapped
-    return ia == ib
 
 
 def is_self(
@@ -444,7 +455,7 @@ def is_self(
     name = target.host.lower().rstrip(".")
     if any(name == h.lower().rstrip(".") for h in hostnames):
         return True
-    for ip in target.addresses:
+    for ip in map(unmapped, target.addresses):  # (a target "::" is our own ::1)
         for host, lport in listeners:
             if lport != port:
                 continue

@@ -164,6 +164,10 @@ def test_queue_commands_on_empty_queue(cfg: Path) -> None:
         ('domains = ["a.test"]\n[storage]\nurl = "postgresql://u@h/db"\n', "storage.url"),
         ('domains = ["a.test"]\n[delivery]\nbind_address = "::1"\n', "delivery.bind_address"),
         ('domains = ["a.test"]\n[delivery]\nbind_address6 = "mx"\n', "delivery.bind_address6"),
+        (  # no IPv6 connection leaves from it: every one failed (ipv6 probe)
+            'domains = ["a.test"]\n[delivery]\nbind_address6 = "::ffff:127.0.0.1"\n',
+            "delivery.bind_address6",
+        ),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path, text: str, key: str) -> None:

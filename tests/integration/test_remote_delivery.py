@@ -227,6 +227,31 @@ def test_outbound_connections_come_from_bind_address() -> None:
     assert sink.peers == ["127.0.0.9"]
 
 
+def test_an_ipv4_mapped_address_is_dialled_as_ipv4() -> None:
+    """An MX whose AAAA record is ::ffff:192.0.2.1 (or mail to user@[IPv6:::ffff:...]) is an
+    IPv4 host: dialled as IPv6 from bind_address6 it was "Network is unreachable" for good
+    (ipv6 probe); it goes from bind_address, as any IPv4 host."""
+    port = free_port()
+    out: list[tuple[DeliveryResult, Sink]] = []
+
+    async def main() -> None:
+        sink = await Sink("127.0.0.2", port).start()
+        route = Route((mx("mx.b.test", "::ffff:127.0.0.2", 10),))
+        cfg = config(port, bind_address="127.0.0.9", bind_address6="::1")
+        remote = RemoteDelivery(cfg, StaticResolver({"b.test": route}), reply_timeout=5)
+        try:
+            (result,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+        finally:
+            await remote.aclose()
+            await sink.stop()
+        out.append((result, sink))
+
+    run(main)
+    result, sink = out[0]
+    assert result.outcome is Outcome.DELIVERED, result.reply
+    assert sink.peers == ["127.0.0.9"]
+
+
 def test_delivers_with_per_recipient_results() -> None:
     port = free_port()
 

@@ -192,6 +192,13 @@ def test_is_self_by_name_and_by_listener() -> None:
     assert not is_self(
         Target("x", ("192.0.2.77",)), hostnames=[], listeners=[("0.0.0.0", 25)], port=25
     )
+    # An MX at "::" or "0.0.0.0" is this host's loopback, where a connection to it goes: it
+    # was dialled, and our own listener's "Relay access denied" bounced the mail (ipv6 probe).
+    for ip, listener in (("::", "::1"), ("0.0.0.0", "127.0.0.1"), ("::ffff:0.0.0.0", "127.0.0.1")):
+        assert is_self(Target("x", (ip,)), hostnames=[], listeners=[(listener, 25)], port=25)
+    assert is_self(
+        Target("x", ("::ffff:127.0.0.2",)), hostnames=[], listeners=[("127.0.0.2", 25)], port=25
+    )
 
 
 def seen_from_a_test(route: Route, domain: str) -> Route:

@@ -40,7 +40,7 @@ from postroom import events
 from postroom.config import Config
 from postroom.delivery import mime_downgrade
 from postroom.errors import LeaseLost
-from postroom.resolver import Resolver, Target, drop_self
+from postroom.resolver import Resolver, Target, drop_self, unmapped
 from postroom.smtp.client_engine import (
     BDAT_MAX,
     ClientEngine,
@@ -633,11 +633,12 @@ class RemoteDelivery:
         session = _Session(engine, target.host, ip, self._reply_timeout)
         session.generation = self._generation
         delivery = self.cfg.delivery
-        source = delivery.bind_address6 if ":" in ip else delivery.bind_address
+        dialled = unmapped(ip)  # an IPv4-mapped IPv6 address is an IPv4 host
+        source = delivery.bind_address6 if ":" in dialled else delivery.bind_address
         try:
             await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: session, ip, port, local_addr=(source, 0) if source else None
+                    lambda: session, dialled, port, local_addr=(source, 0) if source else None
                 ),
                 float(delivery.connect_timeout),
             )
