@@ -50,8 +50,8 @@ def ensure_self_signed(cfg: Config) -> None:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cfg.hostname)])
     now = datetime.datetime.now(datetime.UTC)
     alt: list[x509.GeneralName] = [x509.DNSName(cfg.hostname)]
-    if cfg.hostname == "localhost":
-        alt.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    if cfg.hostname == "localhost":  # (clients that connect by address check it too)
+        alt += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "::1")]
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
