@@ -1257,3 +1257,38 @@ def test_a_delivery_that_finds_the_stop_begun_dials_no_host() -> None:
         assert sink.connections == 0
 
     run(main)
+
+
+def test_a_stop_after_a_refusing_host_leaves_the_message_for_the_next_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MX 10 greets 554, and the server stops before it dials MX 20: the 554 was put in
+    ``final`` as it stood, and the message bounced, though MX 20 was never asked (recheck
+    probe). What the refusing host said is kept, for now only."""
+    from postroom.delivery import remote as remote_module
+    from postroom.delivery.remote import DotWithheld
+
+    port = free_port()
+    final: dict[int, DeliveryResult] = {}
+
+    async def main() -> None:
+        refusing = await Sink("127.0.0.5", port, greeting=b"554 5.7.1 go away").start()
+        backup = await Sink("127.0.0.6", port).start()
+        route = Route((mx("mx1.b.test", "127.0.0.5", 10), mx("mx2.b.test", "127.0.0.6", 20)))
+        remote = RemoteDelivery(config(port), StaticResolver({"b.test": route}), reply_timeout=5)
+
+        def stop_now(*_args: object) -> None:
+            remote.stopping = True  # SIGTERM, between the two hosts
+
+        monkeypatch.setattr(remote_module.events, "host_failed", stop_now)
+        try:
+            with pytest.raises(DotWithheld):
+                await remote.deliver("b.test", message("bob@b.test"), BODY, final=final)
+        finally:
+            await remote.aclose()
+            await refusing.stop()
+            await backup.stop()
+        assert backup.connections == 0
+
+    run(main)
+    assert final[0].outcome is Outcome.TEMPORARY and final[0].reply.code == 554

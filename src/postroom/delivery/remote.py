@@ -387,12 +387,15 @@ class RemoteDelivery:
 
         def withheld(exc: DotWithheld) -> DotWithheld:
             """``exc``, with what the hosts tried said of the recipients left (a 4xx, a refused
-            session: their own words, not our stop's) put in ``final``."""
+            session: their own words, not our stop's) put in ``final``; for now only, since
+            the hosts not tried yet may take them (a 554 greeting bounced the message when
+            the server stopped before the next MX host)."""
             for i in pending:
                 if i in last_temp:
                     final.setdefault(i, last_temp[i])
                 elif session_error is not None:
-                    final.setdefault(i, _session_result(message.recipients[i], session_error))
+                    said = _session_result(message.recipients[i], unreached or session_error)
+                    final.setdefault(i, replace(said, outcome=Outcome.TEMPORARY))
             return exc
 
         tried = 0
