@@ -185,3 +185,23 @@ def test_scram_keys_are_not_renewed_from_a_password_changed_since(accounts: Acco
     now = accounts.scram_keys("ann@a.test")
     accounts._renew_scram("ann@a.test", found[1], "pw")  # verified before the change
     assert accounts.scram_keys("ann@a.test") == now
+
+
+def test_scram_keys_of_a_password_with_several_forms_are_not_renewed(tmp_path: Path) -> None:
+    """Made with "café" decomposed, logged in with it composed: the argon2 check takes both
+    (RFC 8265 prepares to NFC), but keys made from the composed form locked out a client that
+    hashes the decomposed one as typed (Cyrus SASL; recheck probe). Such keys are left."""
+    store = Accounts(tmp_path, ["a.test"])
+    typed = "cafe\u0301-secret"
+    store.add_user(Address("ann", "a.test"), typed)
+    _age_scram_keys(store.path, "ann@a.test", typed, 4096)
+    before = store.scram_keys("ann@a.test")
+    assert store.verify_password("ann@a.test", "caf\u00e9-secret") == "ann@a.test"
+    assert store.verify_password("ann@a.test", typed) == "ann@a.test"
+    assert store.scram_keys("ann@a.test") == before
+    spaced = "two\u00a0words"  # a no-break space, prepared as a space (RFC 8265 §4.2.1)
+    store.add_user(Address("bob", "a.test"), spaced)
+    _age_scram_keys(store.path, "bob@a.test", spaced, 4096)
+    before = store.scram_keys("bob@a.test")
+    assert store.verify_password("bob@a.test", "two words") == "bob@a.test"
+    assert store.scram_keys("bob@a.test") == before

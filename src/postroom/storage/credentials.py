@@ -87,14 +87,7 @@ def make_credentials(password: str) -> Credentials:
 def make_scram_keys(password: str, prepared: str) -> ScramKeys:
     """The SCRAM-SHA-256 keys of a password (``prepared``: its RFC 8265 form), of a new salt
     and today's iteration count."""
-    # SCRAM clients hash the password themselves: GNU SASL (msmtp, neomutt) its SASLprep
-    # form, as RFC 5802 §2.2 says, NFKC ("²" is "2"); Cyrus SASL (Postfix, sendmail, mutt)
-    # as it is typed. Where the forms differ (ours, RFC 8265's, too), keys for each, of one
-    # salt: whichever a client hashes logs in.
-    forms = [prepared, password]
-    with contextlib.suppress(passwords.PasswordError):  # (an emoji: SASLprep refuses it)
-        forms.insert(0, passwords.saslprep(password))
-    forms = list(dict.fromkeys(forms))
+    forms = _scram_forms(password, prepared)
     salt = secrets.token_bytes(16)
     with ThreadPoolExecutor(len(forms)) as pool:
         keys = list(pool.map(lambda form: derive_scram_keys(form, salt), forms))
@@ -105,14 +98,29 @@ def make_scram_keys(password: str, prepared: str) -> ScramKeys:
     )
 
 
+def _scram_forms(password: str, prepared: str) -> list[str]:
+    """The forms of a password that SCRAM keys are kept for, each once."""
+    # SCRAM clients hash the password themselves: GNU SASL (msmtp, neomutt) its SASLprep
+    # form, as RFC 5802 §2.2 says, NFKC ("²" is "2"); Cyrus SASL (Postfix, sendmail, mutt)
+    # as it is typed. Where the forms differ (ours, RFC 8265's, too), keys for each, of one
+    # salt: whichever a client hashes logs in.
+    forms = [prepared, password]
+    with contextlib.suppress(passwords.PasswordError):  # (an emoji: SASLprep refuses it)
+        forms.insert(0, passwords.saslprep(password))
+    return list(dict.fromkeys(forms))
+
+
 def renewed_scram_keys(keys: ScramKeys, password: str) -> ScramKeys | None:
     """New SCRAM keys for an account whose ``keys`` were made with another iteration count
     than today's (before 65,536, 600,000, which Cyrus SASL clients refuse, and which told a
     real account from an unknown one, whose made-up keys have today's); None when they are
-    today's. ``password`` is the one just verified: only a plain login can renew them."""
-    if keys.iterations == SCRAM_ITERATIONS:
+    today's. ``password`` is the one just verified: only a plain login can renew them, and
+    only for a password of ASCII without spaces (most), which no other typing of it matches:
+    another may have been typed at ``user add`` ("é" composed or not, a no-break space for a
+    space), and keys of this one's forms only would lock out a client that hashes that."""
+    if keys.iterations == SCRAM_ITERATIONS or not password.isascii() or " " in password:
         return None
-    return make_scram_keys(password, passwords.prepare(password))
+    return make_scram_keys(password, password)
 
 
 def password_matches(stored: str | None, password: str) -> bool:
