@@ -204,3 +204,44 @@ def test_a_plain_login_renews_old_scram_keys_for_every_node(admin: PgAccounts, p
             await w2.close()
 
     asyncio.run(main())
+
+
+def test_a_renewal_never_holds_a_login_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The renewal wrote in the login's own thread: with PostgreSQL frozen every login of the
+    node waited for the write's time-out (60 s), one after another (recheck probe). It runs
+    in a thread of its own now, one at a time."""
+    import threading
+    import time
+
+    from postroom.storage.credentials import make_credentials
+    from postroom.storage.postgresql import accounts as accounts_module
+    from postroom.storage.postgresql.accounts import UserRow
+
+    calls: list[str] = []
+    release = threading.Event()
+
+    class FrozenDoor:
+        def __init__(self, url: str, name: str) -> None:
+            pass
+
+        def call(self, fn: object, *args: object) -> None:
+            calls.append("call")
+            release.wait(10)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(accounts_module.db, "Door", FrozenDoor)
+    live = LiveAccounts(DOMAINS, "postgresql://x@127.0.0.1:1/db")
+    made = make_credentials("pw")
+    old = derive_scram_keys("pw", b"old-salt-16bytes", 4096)
+    live._users = {"ann@a.test": UserRow(made.password_hash, old)}
+    started = time.monotonic()
+    assert live.verify_password("ann@a.test", "pw") == "ann@a.test"
+    assert live.verify_password("ann@a.test", "pw") == "ann@a.test"  # (one renewal at a time)
+    assert time.monotonic() - started < 5
+    release.set()
+    deadline = time.monotonic() + 10
+    while live._renewing.locked() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls == ["call"]

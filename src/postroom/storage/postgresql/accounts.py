@@ -26,7 +26,7 @@ import asyncpg
 
 from postroom.address import Address
 from postroom.errors import AccountError, StorageUnavailable
-from postroom.sasl import ScramKeys
+from postroom.sasl import SCRAM_ITERATIONS, ScramKeys
 from postroom.storage import aliases as alias_rules
 from postroom.storage.credentials import (
     LoginCache,
@@ -237,7 +237,7 @@ class LiveAccounts(alias_rules.AliasLookups):
         self._domains = frozenset(domains)
         self._url = url
         self._door: db.Door | None = None  # made for the rare write: SCRAM keys renewed
-        self._door_made = threading.Lock()  # (by one of the password threads)
+        self._renewing = threading.Lock()  # held while one renewal runs (in a thread)
         self._users: dict[str, UserRow] = {}
         self._aliases: dict[str, tuple[str, ...]] = {}
         self.version = 0  # changes with every change applied (the login cache's key)
@@ -325,14 +325,21 @@ class LiveAccounts(alias_rules.AliasLookups):
     def _renew_scram(self, key: str, old: ScramKeys, password: str) -> None:
         """As the local store's: new SCRAM keys for ``key`` if its, ``old``, are of another
         iteration count than today's and its password did not change since; every node
-        hears of it."""
-        keys = renewed_scram_keys(old, password)
-        if keys is None:
+        hears of it. In a thread of its own, one at a time (a later login renews the next):
+        in the login's, a PostgreSQL that did not answer held every login of the node for
+        the write's time-out, one after another."""
+        if old.iterations == SCRAM_ITERATIONS or not self._renewing.acquire(blocking=False):
             return
+        args = (key, old, password)
+        threading.Thread(target=self._renew, args=args, name="postroom-scram", daemon=True).start()
+
+    def _renew(self, key: str, old: ScramKeys, password: str) -> None:
         try:
-            with self._door_made:
-                if self._door is None:
-                    self._door = db.Door(self._url, "postroom-accounts")
+            keys = renewed_scram_keys(old, password)
+            if keys is None:
+                return
+            if self._door is None:
+                self._door = db.Door(self._url, "postroom-accounts")
             self._door.call(
                 lambda c: c.execute(
                     "UPDATE users SET scram_salt=$2, scram_iterations=$3, scram_stored_key=$4,"
@@ -344,6 +351,8 @@ class LiveAccounts(alias_rules.AliasLookups):
             )
         except (StorageUnavailable, asyncpg.PostgresError) as exc:
             log.warning("the SCRAM keys of %s could not be renewed: %s", key, exc)
+        finally:
+            self._renewing.release()
 
     def _password_hash(self, key: str) -> str | None:
         row = self._users.get(key)

@@ -100,10 +100,10 @@ def remember_password(url: str) -> None:
         _PASSWORDS[url] = found
 
 
-def _why(exc: BaseException) -> str:
+def _why(exc: BaseException, waited: float = CONNECT_TIMEOUT) -> str:
     """What went wrong, in words (a time-out's own text is empty)."""
     if isinstance(exc, TimeoutError):
-        return f"no answer within {CONNECT_TIMEOUT:g} s"
+        return f"no answer within {waited:g} s"
     return str(exc) or type(exc).__name__
 
 
@@ -243,7 +243,7 @@ class Door:
             try:
                 return self.run(fn(self._connection(), *args))
             except UNAVAILABLE as exc:
-                raise StorageUnavailable(f"PostgreSQL: {exc}") from None
+                raise StorageUnavailable(f"PostgreSQL: {_why(exc, COMMAND_TIMEOUT)}") from None
 
     def close(self) -> None:
         if self._loop.is_closed():
