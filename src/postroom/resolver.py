@@ -177,9 +177,20 @@ async def resolve(
         if left <= 0:
             raise dns.exception.Timeout(timeout=float(res.lifetime))  # type: ignore[no-untyped-call]
         try:
-            answer = await res.resolve(
-                qname, rdtype, search=False, raise_on_no_answer=False, lifetime=left
-            )
+            try:
+                answer = await res.resolve(
+                    qname, rdtype, search=False, raise_on_no_answer=False, lifetime=left
+                )
+            except dns.resolver.NoNameservers as exc:
+                if res.edns < 0 or not _refused_edns(exc):
+                    raise
+                # RFC 6891 §7: a server without EDNS answers FORMERR (or NOTIMP) to it; asked
+                # again without, from now on (every server of the resolver: a rare old one).
+                res.use_edns(-1)
+                left = deadline - time.monotonic()
+                answer = await res.resolve(
+                    qname, rdtype, search=False, raise_on_no_answer=False, lifetime=max(left, 0.1)
+                )
         except dns.resolver.NXDOMAIN as exc:
             setattr(exc, CHAIN_TTL, chain)
             raise
@@ -194,6 +205,12 @@ async def resolve(
         qname = answer.canonical_name
     too_long = f"the CNAME chain of {name} is longer than {MAX_CNAME_HOPS}"
     raise dns.exception.DNSException(too_long)  # type: ignore[no-untyped-call]
+
+
+def _refused_edns(exc: dns.resolver.NoNameservers) -> bool:
+    """Did a server answer FORMERR or NOTIMP (what one without EDNS says to an OPT record)?"""
+    errors = exc.kwargs.get("errors") or ()
+    return any(len(e) > 3 and e[3] in ("FORMERR", "NOTIMP") for e in errors)
 
 
 CHAIN_TTL = "postroom_chain_ttl"

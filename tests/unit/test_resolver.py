@@ -505,3 +505,55 @@ def test_queries_offer_edns0_so_a_long_txt_comes_over_udp() -> None:
         stop.set()
         thread.join()
         sock.close()
+
+
+def test_a_server_without_edns_is_asked_again_without_it() -> None:
+    """An old server answers FORMERR to a query with an OPT record (RFC 6891 §7): every
+    lookup through it failed (spf, dkim, dmarc temperror; recheck probe). The query goes
+    again without EDNS, and the resolver asks without it from then on."""
+    import socket
+    import threading
+
+    from dnslib import TXT
+
+    from postroom.auth.lookup import DnsCache
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    seen: list[bool] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            request = DNSRecord.parse(data)
+            with_edns = any(rr.rtype == QTYPE.OPT for rr in request.ar)
+            seen.append(with_edns)
+            reply = request.reply()
+            if with_edns:
+                reply.header.rcode = RCODE.FORMERR
+            else:
+                reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT("v=spf1 -all"), ttl=60))
+            sock.sendto(reply.pack(), peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        cfg = DNSConfig(nameservers=(("127.0.0.1", sock.getsockname()[1]),), timeout=Duration(2))
+        cache = DnsCache(cfg)
+
+        async def two() -> list[Any]:
+            return [await cache.query(name, "TXT") for name in ("one.test", "two.test")]
+
+        first, second = asyncio.run(two())
+        assert first.status == second.status == "ok"
+        assert first.txt() == second.txt() == [b"v=spf1 -all"]
+        assert seen == [True, False, False]
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
