@@ -418,8 +418,9 @@ def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | Non
         hostname = _normalise_domain(cfg.hostname)
     except ValueError as exc:
         raise ConfigError(f"{source}: hostname: expected a host name: {exc}") from None
-    if (cfg.tls.cert is None) != (cfg.tls.key is None):
-        raise ConfigError(f"{source}: tls: cert and key go together")
+    if (cfg.tls.cert is None) != (cfg.tls.key is None):  # (named: the one missing)
+        missing = "tls.key" if cfg.tls.key is None else "tls.cert"
+        raise ConfigError(f"{source}: {missing}: missing: cert and key go together")
     if not 1 <= cfg.workers <= 64:
         raise ConfigError(f"{source}: workers: must be between 1 and 64")
     nameservers = _nameserver_addresses(cfg.dns.nameservers, source)

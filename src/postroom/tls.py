@@ -108,7 +108,7 @@ def read_pair(cfg: Config) -> tuple[bytes, bytes]:
             ) from None
         if what == "key" and mode & 0o077:  # (as OpenSSH refuses, and Postfix warns)
             logging.getLogger("postroom").warning(
-                "%s: tls: key %s may be read by others than its owner (mode %03o): chmod 600 it",
+                "%s: tls.key: %s may be read by others than its owner (mode %03o): chmod 600 it",
                 cfg.path or "<default>",
                 path,
                 mode,

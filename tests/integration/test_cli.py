@@ -164,6 +164,7 @@ def test_queue_commands_on_empty_queue(cfg: Path) -> None:
         ('domains = ["a.test"]\n[storage]\nurl = "postgresql://u@h/db"\n', "storage.url"),
         ('domains = ["a.test"]\n[delivery]\nbind_address = "::1"\n', "delivery.bind_address"),
         ('domains = ["a.test"]\n[delivery]\nbind_address6 = "mx"\n', "delivery.bind_address6"),
+        ('domains = ["a.test"]\n[tls]\ncert = "/etc/c.pem"\n', "tls.key: missing"),
         (  # no IPv6 connection leaves from it: every one failed (ipv6 probe)
             'domains = ["a.test"]\n[delivery]\nbind_address6 = "::ffff:127.0.0.1"\n',
             "delivery.bind_address6",

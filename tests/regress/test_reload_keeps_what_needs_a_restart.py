@@ -94,4 +94,4 @@ def test_a_key_others_may_read_is_warned_about(
         }
     )
     tls.read_pair(cfg)
-    assert f"tls: key {key} may be read by others than its owner (mode 644)" in caplog.text
+    assert f"tls.key: {key} may be read by others than its owner (mode 644)" in caplog.text
