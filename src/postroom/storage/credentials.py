@@ -110,17 +110,20 @@ def _scram_forms(password: str, prepared: str) -> list[str]:
     return list(dict.fromkeys(forms))
 
 
+def scram_renewable(keys: ScramKeys, password: str) -> bool:
+    """Should ``keys`` be made again from ``password``, just verified by a plain login (the
+    only moment it is known)? When they have another iteration count than today's (before
+    65,536, 600,000, which Cyrus SASL clients refuse, and which told a real account from an
+    unknown one, whose made-up keys have today's), and the password is ASCII without spaces
+    (most), which no other typing of it matches: another may have been typed at ``user add``
+    ("é" composed or not, a no-break space for a space), and keys of this one's forms only
+    would lock out a client that hashes that."""
+    return keys.iterations != SCRAM_ITERATIONS and password.isascii() and " " not in password
+
+
 def renewed_scram_keys(keys: ScramKeys, password: str) -> ScramKeys | None:
-    """New SCRAM keys for an account whose ``keys`` were made with another iteration count
-    than today's (before 65,536, 600,000, which Cyrus SASL clients refuse, and which told a
-    real account from an unknown one, whose made-up keys have today's); None when they are
-    today's. ``password`` is the one just verified: only a plain login can renew them, and
-    only for a password of ASCII without spaces (most), which no other typing of it matches:
-    another may have been typed at ``user add`` ("é" composed or not, a no-break space for a
-    space), and keys of this one's forms only would lock out a client that hashes that."""
-    if keys.iterations == SCRAM_ITERATIONS or not password.isascii() or " " in password:
-        return None
-    return make_scram_keys(password, password)
+    """New keys for :func:`scram_renewable` ones, else None."""
+    return make_scram_keys(password, password) if scram_renewable(keys, password) else None
 
 
 def password_matches(stored: str | None, password: str) -> bool:

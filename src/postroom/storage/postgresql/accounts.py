@@ -26,14 +26,15 @@ import asyncpg
 
 from postroom.address import Address
 from postroom.errors import AccountError, StorageUnavailable
-from postroom.sasl import SCRAM_ITERATIONS, ScramKeys
+from postroom.sasl import ScramKeys
 from postroom.storage import aliases as alias_rules
 from postroom.storage.credentials import (
     LoginCache,
     login_key,
     make_credentials,
+    make_scram_keys,
     password_matches,
-    renewed_scram_keys,
+    scram_renewable,
 )
 from postroom.storage.postgresql import db, migrations
 
@@ -328,16 +329,14 @@ class LiveAccounts(alias_rules.AliasLookups):
         hears of it. In a thread of its own, one at a time (a later login renews the next):
         in the login's, a PostgreSQL that did not answer held every login of the node for
         the write's time-out, one after another."""
-        if old.iterations == SCRAM_ITERATIONS or not self._renewing.acquire(blocking=False):
+        if not scram_renewable(old, password) or not self._renewing.acquire(blocking=False):
             return
         args = (key, old, password)
         threading.Thread(target=self._renew, args=args, name="postroom-scram", daemon=True).start()
 
     def _renew(self, key: str, old: ScramKeys, password: str) -> None:
         try:
-            keys = renewed_scram_keys(old, password)
-            if keys is None:
-                return
+            keys = make_scram_keys(password, password)
             if self._door is None:
                 self._door = db.Door(self._url, "postroom-accounts")
             self._door.call(
