@@ -225,8 +225,18 @@ class Supervisor:
     def _signal_all(self, sig: int) -> None:
         for slot in self.slots:
             if slot.pid:
-                with contextlib.suppress(ProcessLookupError):
+                try:
                     os.kill(slot.pid, sig)
+                except ProcessLookupError:
+                    pass
+                except PermissionError:  # (a sandbox without CAP_KILL: the workers are `user`)
+                    log.error(
+                        "cannot signal worker %d (pid %d, %s): this process lacks CAP_KILL",
+                        slot.index,
+                        slot.pid,
+                        signal.Signals(sig).name,
+                    )
+                    raise
 
     def stop(self, status: int | None = None) -> None:
         if not self.stopping and self.on_stop is not None:
