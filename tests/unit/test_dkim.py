@@ -817,3 +817,29 @@ def test_check_max_size_is_read_against_the_size_the_client_sent(tmp_path: Path)
         message = _Submitted(b"From: alice@a.test\r\nSubject: hi\r\n\r\n" + b"=C3=A9" * 300)
         _submit(auth, message, received)
         assert message.data.count(b"DKIM-Signature:") == (2 if signed else 0), received
+
+
+def test_header_b_tells_every_signature_apart() -> None:
+    """RFC 6008: header.b is the start of b=, long enough to tell the signatures apart; two
+    whose b= began alike were both "header.b=kBeFtP1Q", one pass and one fail (dkimsig
+    probe)."""
+    alike = [
+        dkim_verify.DkimResult("fail", "b.test", "k", "rsa-sha256", "kBeFtP1QxyzA" + "A" * 40),
+        dkim_verify.DkimResult("pass", "b.test", "k", "rsa-sha256", "kBeFtP1QxyzB" + "A" * 40),
+        dkim_verify.DkimResult("pass", "c.test", "k", "rsa-sha256", "zzzzzzzzzz"),
+    ]
+    rendered = results.render("mx.a.test", None, alike, None).decode()
+    assert "header.b=kBeFtP1QxyzA;" in rendered and "header.b=kBeFtP1QxyzB;" in rendered
+    assert "header.b=zzzzzzzzzz" in rendered  # (as long as the others: at most its own)
+    single = results.render("mx.a.test", None, alike[:1], None).decode()
+    assert "header.b=kBeFtP1Q\r\n" in single
+
+
+def test_a_non_ascii_selector_is_left_out_and_named_as_the_fault() -> None:
+    """s=sél: its octets, decoded one by one, put U+FFFD (8-bit) into our own header, and
+    the reason said "no d= or s=" (dkimsig probe)."""
+    head = "DKIM-Signature: v=1; a=rsa-sha256; d=a.test; s=sél; b=abcd\r\n".encode()
+    (result,) = dkim_verify.verify(head + b"\r\nhi\r\n", {})
+    rendered = results.render("mx.b.test", None, [result], None)
+    assert rendered.isascii() and b"header.s" not in rendered
+    assert b"dkim=permerror (d= or s= is not an ASCII name) header.d=a.test" in rendered

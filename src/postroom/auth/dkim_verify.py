@@ -73,6 +73,8 @@ _LENGTH = re.compile(rb"\d{0,76}")
 _QP = re.compile(rb"=([0-9A-Fa-f]{2})")
 _SIG_FIELD = re.compile(rb"(?im)^dkim-signature[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
 
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/=]")
+
 
 @dataclass(frozen=True, slots=True)
 class DkimResult:
@@ -80,7 +82,7 @@ class DkimResult:
     domain: str
     selector: str
     algorithm: str
-    b: str  # the first characters of b= (RFC 6008 header.b), to tell signatures apart
+    b: str  # b= (its start is RFC 6008's header.b, to tell signatures apart)
     reason: str = ""
     identity: str = ""  # i=, the AUID (RFC 6376 §3.5), decoded; "" when the signature has none
 
@@ -236,7 +238,9 @@ def _validate(sig: dict[bytes, bytes], now: int) -> None:
     if sig[b"v"] != b"1":
         raise dkim.ValidationError("v= value is not 1")
     if sig[b"a"] not in _ALGORITHMS:
-        raise dkim.ValidationError(f"unknown signature algorithm: {sig[b'a'][:40]!r}")
+        raise dkim.ValidationError(
+            f"unknown signature algorithm: {sig[b'a'][:40].decode('ascii', 'backslashreplace')}"
+        )
     for name in (b"b", b"bh"):
         value = _WSP.sub(b"", sig[name])  # a pattern with white space in it backtracks
         if not _BASE64.fullmatch(value) or len(value) % 4:
@@ -292,7 +296,9 @@ def _check(
         raise dkim.ValidationError("rsa-sha1 is not accepted (RFC 8301 section 3.1)")
     key = public_key(record)
     if key.algorithm != algorithm:
-        raise dkim.KeyFormatError(f"a={algorithm.decode()} with a key for {key.algorithm!r}")
+        raise dkim.KeyFormatError(
+            f"a={algorithm.decode()} with a key for {key.algorithm.decode('ascii', 'replace')}"
+        )
     identity = sig.get(b"i")
     # RFC 6376 §3.6.1 t=s: the i= domain must not be a subdomain of d=.
     if key.same_domain and identity and identity.rpartition(b"@")[2].lower() != sig[b"d"].lower():
@@ -343,12 +349,18 @@ def _names(sig: dict[bytes, bytes]) -> dict[str, str]:
     # i= is dkim-quoted-printable (RFC 6376 §2.11, §3.5): "=XX" is an octet.
     identity = _QP.sub(lambda m: bytes([int(m.group(1), 16)]), sig.get(b"i", b""))
     return {
-        "domain": sig.get(b"d", b"").decode("ascii", "replace").lower(),
-        "selector": sig.get(b"s", b"").decode("ascii", "replace"),
-        "algorithm": sig.get(b"a", b"").decode("ascii", "replace").lower(),
-        "b": sig.get(b"b", b"")[:8].decode("ascii", "replace"),
+        "domain": _ascii(sig.get(b"d", b"")).lower(),
+        "selector": _ascii(sig.get(b"s", b"")),
+        "algorithm": _ascii(sig.get(b"a", b"")).lower(),
+        "b": _NOT_BASE64.sub(b"", sig.get(b"b", b"")).decode("ascii"),  # (cut when written)
         "identity": identity.decode("utf-8", "replace"),
     }
+
+
+def _ascii(value: bytes) -> str:
+    """A tag's value for the results header, "" (left out) when it is not ASCII: such a d= or
+    s= names no key, and its octets, decoded one by one, put U+FFFD into our own header."""
+    return value.decode("ascii") if value.isascii() else ""
 
 
 def verify(
@@ -372,7 +384,9 @@ def verify(
         base = _names(sig)
         answer = keys.get(name or "")
         if name is None:
-            results.append(DkimResult("permerror", reason="no d= or s=", **base))
+            given = b"d" in sig and b"s" in sig
+            why = "d= or s= is not an ASCII name" if given else "no d= or s="
+            results.append(DkimResult("permerror", reason=why, **base))
             continue
         if answer is None or answer.temporary:
             why = answer.error if answer else "key not fetched"

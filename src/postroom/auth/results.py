@@ -36,6 +36,19 @@ def _value(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _header_b(values: Sequence[str]) -> list[str]:
+    """RFC 6008 §4: the start of each b=, at least 8 characters, and as many more as it takes
+    for no two signatures to look alike (two with one start, one passing and one failing,
+    could not be told apart)."""
+    size = 8
+    longest = max(map(len, values), default=0)
+    while size < longest and any(
+        a[:size] == b[:size] and a != b for i, a in enumerate(values) for b in values[i + 1 :]
+    ):
+        size += 1
+    return [v[:size] for v in values]
+
+
 def render(
     authserv_id: str,
     spf: SpfResult | None,
@@ -49,7 +62,8 @@ def render(
         parts.append(f"spf={spf.result} {prop}={_value(spf.domain)}")
     if not dkim_results:
         parts.append("dkim=none")
-    for r in dkim_results:
+    header_b = _header_b([r.b for r in dkim_results])
+    for r, b in zip(dkim_results, header_b, strict=True):
         text = f"dkim={r.result}"
         if r.reason and r.result != "pass":
             text += f" ({_comment(r.reason)})"
@@ -59,8 +73,8 @@ def render(
             text += f" header.s={_value(r.selector)}"
         if r.algorithm:
             text += f" header.a={_value(r.algorithm)}"
-        if r.b:
-            text += f" header.b={_value(r.b)}"
+        if b:
+            text += f" header.b={_value(b)}"
         if _is_auid(r.identity):
             text += f" header.i={r.identity}"
         parts.append(text)
