@@ -177,15 +177,18 @@ async def resolve(
         if left <= 0:
             raise dns.exception.Timeout(timeout=float(res.lifetime))  # type: ignore[no-untyped-call]
         try:
+            with_edns = res.edns >= 0
             try:
                 answer = await res.resolve(
                     qname, rdtype, search=False, raise_on_no_answer=False, lifetime=left
                 )
             except dns.resolver.NoNameservers as exc:
-                if res.edns < 0 or not _refused_edns(exc):
+                if not with_edns or not _refused_edns(exc):
                     raise
                 # RFC 6891 §7: a server without EDNS answers FORMERR (or NOTIMP) to it; asked
                 # again without, from now on (every server of the resolver: a rare old one).
+                # Each query that went with it is asked again, also one a query beside it
+                # already turned EDNS off for.
                 res.use_edns(-1)
                 left = deadline - time.monotonic()
                 answer = await res.resolve(

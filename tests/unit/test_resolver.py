@@ -553,6 +553,17 @@ def test_a_server_without_edns_is_asked_again_without_it() -> None:
         assert first.status == second.status == "ok"
         assert first.txt() == second.txt() == [b"v=spf1 -all"]
         assert seen == [True, False, False]
+        # Side by side: the second query's FORMERR came after the first had turned EDNS off;
+        # it was not asked again, and failed (recheck2 probe).
+        seen.clear()
+        fresh = DnsCache(cfg)
+
+        async def together() -> list[Any]:
+            names = ("three.test", "four.test", "five.test")
+            return list(await asyncio.gather(*(fresh.query(n, "TXT") for n in names)))
+
+        assert [a.status for a in asyncio.run(together())] == ["ok"] * 3
+        assert seen.count(True) == 3 and seen.count(False) == 3
     finally:
         stop.set()
         thread.join()
