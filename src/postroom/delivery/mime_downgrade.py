@@ -44,6 +44,7 @@ _HEADER_PARSER = BytesHeaderParser(policy=compat32)
 _CTE_FIELD = re.compile(rb"(?i)content-transfer-encoding[ \t]*:")
 _COMMENT = re.compile(r"\([^()]*\)")  # RFC 822 comments, allowed in structured fields
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
+_BASE64_OR_EOL = re.compile(rb"[A-Za-z0-9+/=\r\n]+")
 _AS_IS = ("", "7bit", "8bit", "binary")  # the encodings that are no encoding (RFC 2045 §6.2)
 _FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 §2.2 field name, obs WSP (§4.5)
 
@@ -183,11 +184,10 @@ def _leaf(
 ) -> bytes:
     if not (has_long_line(body) or (seven_bit and not body.isascii())):
         return fold_header(head) + b"\r\n" + body
-    if cte == "base64" and body.isascii():
+    if cte == "base64" and not _mislabelled(body):
         decoded = _unbase64(body)
     elif cte == "base64":
-        # 8-bit octets are no base64 (RFC 2045 §6.8): the label is wrong, and they are the
-        # content (text a client sent unencoded); decoded, the text was lost for good.
+        # Text a client sent unencoded under a base64 label: decoded, it was lost for good.
         decoded = body
     elif cte == "quoted-printable":  # (8-bit octets in it are kept, as readers keep them)
         decoded = binascii.a2b_qp(body)
@@ -265,6 +265,17 @@ def _unbase64(data: bytes) -> bytes:
         clean = _NOT_BASE64.sub(b"", data)
         clean = clean[: len(clean) - len(clean) % 4 if len(clean) % 4 == 1 else len(clean)]
         return binascii.a2b_base64(clean + b"=" * (-len(clean) % 4))
+
+
+def _mislabelled(body: bytes) -> bool:
+    """Is a body labelled base64 no base64 at all? When it holds 8-bit octets and what is
+    not base64 (line ends aside) is more than a twentieth of it: text, with its spaces and
+    punctuation. A few stray octets in real base64 are skipped, as readers do (RFC 2045 §6.8:
+    an attachment with one was re-encoded as its own text)."""
+    if body.isascii():
+        return False
+    junk = len(_BASE64_OR_EOL.sub(b"", body))
+    return junk * 20 > len(body)
 
 
 def _is_utf8(data: bytes) -> bool:
