@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from postroom import passwords
 from postroom.address import Address
 from postroom.errors import AccountError
 from postroom.sasl import SCRAM_ITERATIONS, derive_scram_keys
+from postroom.storage import credentials
 from postroom.storage.local.accounts import Accounts
 
 
@@ -148,8 +151,15 @@ def test_a_login_of_a_retired_domain_is_checked_as_an_unknown_users() -> None:
 
 
 def _age_scram_keys(db_path: Path, key: str, password: str, iterations: int) -> None:
-    """Give ``key`` SCRAM keys of another iteration count, as an older version made them."""
-    old = derive_scram_keys(password, b"old-salt-16bytes", iterations)
+    """Give ``key`` SCRAM keys of another iteration count, as an older version made them (one
+    pair per form of the password, as today)."""
+    forms = credentials._scram_forms(password, passwords.prepare(password))
+    made = [derive_scram_keys(f, b"old-salt-16bytes", iterations) for f in forms]
+    old = dataclasses.replace(
+        made[0],
+        stored_key=b"".join(k.stored_key for k in made),
+        server_key=b"".join(k.server_key for k in made),
+    )
     with sqlite3.connect(db_path) as db:
         db.execute(
             "UPDATE users SET scram_salt=?, scram_iterations=?, scram_stored_key=?,"
@@ -199,9 +209,18 @@ def test_scram_keys_of_a_password_with_several_forms_are_not_renewed(tmp_path: P
     assert store.verify_password("ann@a.test", "caf\u00e9-secret") == "ann@a.test"
     assert store.verify_password("ann@a.test", typed) == "ann@a.test"
     assert store.scram_keys("ann@a.test") == before
-    spaced = "two\u00a0words"  # a no-break space, prepared as a space (RFC 8265 §4.2.1)
-    store.add_user(Address("bob", "a.test"), spaced)
-    _age_scram_keys(store.path, "bob@a.test", spaced, 4096)
-    before = store.scram_keys("bob@a.test")
-    assert store.verify_password("bob@a.test", "two words") == "bob@a.test"
-    assert store.scram_keys("bob@a.test") == before
+    for name, given, typed in (
+        ("bob", "two\u00a0words", "two words"),  # a no-break space: a space (RFC 8265 §4.2.1)
+        ("cy", "ab\u212acd-1", "abKcd-1"),  # a Kelvin sign: NFC makes it a K (recheck2 probe)
+    ):
+        store.add_user(Address(name, "a.test"), given)
+        _age_scram_keys(store.path, f"{name}@a.test", given, 4096)
+        before = store.scram_keys(f"{name}@a.test")
+        assert store.verify_password(f"{name}@a.test", typed) == f"{name}@a.test"
+        assert store.scram_keys(f"{name}@a.test") == before
+    # One with a single form, spaces and all, is the same string however it is typed.
+    store.add_user(Address("dee", "a.test"), "two words")
+    _age_scram_keys(store.path, "dee@a.test", "two words", 4096)
+    assert store.verify_password("dee@a.test", "two words") == "dee@a.test"
+    renewed = store.scram_keys("dee@a.test")
+    assert renewed is not None and renewed[1].iterations == SCRAM_ITERATIONS

@@ -114,16 +114,26 @@ def scram_renewable(keys: ScramKeys, password: str) -> bool:
     """Should ``keys`` be made again from ``password``, just verified by a plain login (the
     only moment it is known)? When they have another iteration count than today's (before
     65,536, 600,000, which Cyrus SASL clients refuse, and which told a real account from an
-    unknown one, whose made-up keys have today's), and the password is ASCII without spaces
-    (most), which no other typing of it matches: another may have been typed at ``user add``
-    ("é" composed or not, a no-break space for a space), and keys of this one's forms only
-    would lock out a client that hashes that."""
-    return keys.iterations != SCRAM_ITERATIONS and password.isascii() and " " not in password
+    unknown one, whose made-up keys have today's), and both the password given at ``user
+    add`` (one pair of keys: one form) and this one have a single form: then they are the
+    same string. Of a password with several forms ("é" composed or not, a no-break space, a
+    Kelvin sign for a K), another typing may have been the one given then, and keys of this
+    one's forms only would lock out a client that hashes that one."""
+    if keys.iterations == SCRAM_ITERATIONS or len(keys.stored_key) != _KEY_SIZE:
+        return False
+    try:
+        prepared = passwords.prepare(password)
+    except passwords.PasswordError:
+        return False
+    return len(_scram_forms(password, prepared)) == 1
 
 
 def renewed_scram_keys(keys: ScramKeys, password: str) -> ScramKeys | None:
     """New keys for :func:`scram_renewable` ones, else None."""
     return make_scram_keys(password, password) if scram_renewable(keys, password) else None
+
+
+_KEY_SIZE = 32  # octets of one StoredKey (SHA-256); a store keeps one per form
 
 
 def password_matches(stored: str | None, password: str) -> bool:
