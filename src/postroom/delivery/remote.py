@@ -116,8 +116,8 @@ class DotWithheld(LeaseLost):
     is the session's (as in DeliveryResult; None: no host was dialled)."""
 
     def __init__(self, where: str, reply: Reply, tls: str | None = None) -> None:
-        super().__init__(f"{where}: {reply.text}")
-        self.where = where  # host[ip]
+        super().__init__(f"{where}: {reply.text}" if where else reply.text)
+        self.where = where  # host[ip]; "" when none was dialled
         self.reply = reply
         self.tls = tls
 
