@@ -14,6 +14,7 @@ can add results or fields of its own.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 
@@ -38,15 +39,18 @@ def _value(text: str) -> str:
 
 def _header_b(values: Sequence[str]) -> list[str]:
     """RFC 6008 §4: the start of each b=, at least 8 characters, and as many more as it takes
-    for no two signatures to look alike (two with one start, one passing and one failing,
-    could not be told apart)."""
-    size = 8
-    longest = max(map(len, values), default=0)
-    while size < longest and any(
-        a[:size] == b[:size] and a != b for i, a in enumerate(values) for b in values[i + 1 :]
-    ):
-        size += 1
-    return [v[:size] for v in values]
+    to tell it from every other (a passing and a failing signature with one start could not
+    be told apart). The longest start it shares with another is shared with a neighbour in
+    sorted order: one sort and one comparison per neighbour, whatever the values hold."""
+    need = [8] * len(values)
+    order = sorted(range(len(values)), key=values.__getitem__)
+    for i, j in itertools.pairwise(order):
+        a, b = values[i], values[j]
+        if a != b:
+            size = min(len(a), len(b))
+            shared = next((k for k in range(size) if a[k] != b[k]), size)
+            need[i], need[j] = max(need[i], shared + 1), max(need[j], shared + 1)
+    return [v[:n] for v, n in zip(values, need, strict=True)]
 
 
 def render(
@@ -73,8 +77,10 @@ def render(
             text += f" header.s={_value(r.selector)}"
         if r.algorithm:
             text += f" header.a={_value(r.algorithm)}"
-        if b:
-            text += f" header.b={_value(b)}"
+        if b:  # (base64 characters only: quoted, never cut; on a line of its own if long)
+            fold = "\r\n\t" if len(text) + len(b) > 900 else " "
+            quoted = b if _TOKEN.match(b) else '"' + b + '"'
+            text += f"{fold}header.b={quoted}"
         if _is_auid(r.identity):
             text += f" header.i={r.identity}"
         parts.append(text)
