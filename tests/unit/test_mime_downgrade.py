@@ -138,13 +138,13 @@ def test_8bit_text_labelled_base64_is_kept_as_the_text_it_is() -> None:
     out = downgrade(multipart(part + stray, b""), eight_bit=False)
     assert out.isascii() and ("application/octet-stream", attachment) in leaves(out)
     # Short ones too (a share of stray octets was taken for text: recheck3 probe).
-    for raw in (b"Hallo Welt", b"0123456789"):
-        for junk in (b"\xa0", b"\xe9", "\u00a0".encode()):
+    for raw in (b"Hallo Welt", b"0123456789", bytes(range(6))):
+        for junk in (b"\xa0", b"\xe9", "\u00a0".encode(), b" \xe9", b"\xe9 \t"):
             short = base64.b64encode(raw) + junk + b"\r\n"
             out = downgrade(multipart(part + short, b""), eight_bit=False)
             assert ("application/octet-stream", raw) in leaves(out), (raw, junk)
     # And text, short or without spaces: "Grüße" alone is no base64.
-    for text in ("Grüße\r\n", "Grüße aus Köln\r\n"):
+    for text in ("Grüße\r\n", "Grüße aus Köln\r\n", "é\r\n", "Привет\r\n", "日本語\r\n"):
         plain = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n"
         out = downgrade(multipart(plain + b"\r\n" + text.encode(), b""), eight_bit=False)
         assert ("text/plain", text.encode()) in leaves(out)

@@ -44,7 +44,7 @@ _HEADER_PARSER = BytesHeaderParser(policy=compat32)
 _CTE_FIELD = re.compile(rb"(?i)content-transfer-encoding[ \t]*:")
 _COMMENT = re.compile(r"\([^()]*\)")  # RFC 822 comments, allowed in structured fields
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
-_EIGHT_BIT_OR_EOL = re.compile(rb"[\x80-\xff]+|[ \t]*\r\n")
+_EIGHT_BIT = re.compile(rb"[\x80-\xff]+")
 _AS_IS = ("", "7bit", "8bit", "binary")  # the encodings that are no encoding (RFC 2045 §6.2)
 _FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 §2.2 field name, obs WSP (§4.5)
 
@@ -269,13 +269,18 @@ def _unbase64(data: bytes) -> bytes:
 
 def _mislabelled(body: bytes) -> bool:
     """Is a body labelled base64 that holds 8-bit octets no base64 at all, but text sent as it
-    is? When, with those octets and the line ends taken out, the rest is no valid base64
-    (text has spaces, punctuation, lengths that are no multiple of 4). Real base64 with a few
-    stray octets is base64 still: they are skipped, as readers skip them (RFC 2045 §6.8)."""
+    is? When, with those octets out and each line trimmed, nothing is left or the rest is no
+    valid base64 (text has spaces between words, punctuation, lengths that are no multiple of
+    4). Real base64 with a few stray octets is base64 still: they are skipped, as readers
+    skip them (RFC 2045 §6.8). Text that is valid base64 once its 8-bit octets are out (one
+    word like "schön") is decoded as a reader decodes it: nothing tells the two apart."""
     if body.isascii():
         return False
+    rest = b"".join(line.strip(b" \t") for line in _EIGHT_BIT.sub(b"", body).split(b"\r\n"))
+    if not rest:
+        return True
     try:
-        binascii.a2b_base64(_EIGHT_BIT_OR_EOL.sub(b"", body), strict_mode=True)
+        binascii.a2b_base64(rest, strict_mode=True)
     except binascii.Error:
         return True
     return False
