@@ -844,6 +844,20 @@ def test_header_b_tells_every_signature_apart() -> None:
     text = results.render("mx.a.test", None, pair, None).decode()
     assert f"header.b={'A' * 600}xyQ;" in text and f"header.b={'A' * 600}xyz\r\n" in text
     assert max(map(len, text.split("\r\n"))) <= 998
+    # Identical copies are each told from the real one (the neighbour pass lengthened only
+    # the copy next to it: the other showed 8 characters, the real one's start too), and no
+    # line is over 998 whatever the starts and an i= after them (recheck4 probe).
+    copies = [pair[0], pair[0], pair[1], pair[0]]
+    text = results.render("mx.a.test", None, copies, None).decode()
+    assert text.count(f"header.b={'A' * 600}xyQ") == 3
+    far = "A" * 1300
+    long_i = "x" * 60 + "@" + "d" * 60 + "." + "e" * 60 + ".test"
+    lookalike = [
+        dkim_verify.DkimResult("fail", "b.test", "k", "rsa-sha256", far + "1", identity=long_i),
+        dkim_verify.DkimResult("fail", "b.test", "k", "rsa-sha256", far + "2", identity=long_i),
+    ]
+    text = results.render("mx.a.test", None, lookalike, None).decode()
+    assert max(map(len, text.split("\r\n"))) <= 998 and f"header.i={long_i}" in text
 
 
 def test_header_b_costs_the_same_whatever_the_values() -> None:

@@ -40,17 +40,31 @@ def _value(text: str) -> str:
 def _header_b(values: Sequence[str]) -> list[str]:
     """RFC 6008 §4: the start of each b=, at least 8 characters, and as many more as it takes
     to tell it from every other (a passing and a failing signature with one start could not
-    be told apart). The longest start it shares with another is shared with a neighbour in
-    sorted order: one sort and one comparison per neighbour, whatever the values hold."""
-    need = [8] * len(values)
-    order = sorted(range(len(values)), key=values.__getitem__)
-    for i, j in itertools.pairwise(order):
-        a, b = values[i], values[j]
-        if a != b:
-            size = min(len(a), len(b))
-            shared = next((k for k in range(size) if a[k] != b[k]), size)
-            need[i], need[j] = max(need[i], shared + 1), max(need[j], shared + 1)
-    return [v[:n] for v, n in zip(values, need, strict=True)]
+    be told apart; identical ones cannot be, but each is told from the rest). The longest
+    start a value shares with another is shared with a neighbour among the distinct values in
+    sorted order: one sort, whatever the values hold. At most :data:`MAX_HEADER_B` (a line's
+    room; a real b= is at most 684 characters up to RSA-4096)."""
+    need = dict.fromkeys(values, 8)
+    for a, b in itertools.pairwise(sorted(need)):
+        size = min(len(a), len(b))
+        shared = next((k for k in range(size) if a[k] != b[k]), size)
+        need[a], need[b] = max(need[a], shared + 1), max(need[b], shared + 1)
+    return [v[: min(need[v], MAX_HEADER_B)] for v in values]
+
+
+MAX_HEADER_B = 960
+
+
+def _folded(props: Sequence[str]) -> str:
+    """One result's properties, separated by a space, or by a fold where a line would grow
+    past RFC 5322 §2.1.1's 998 octets (a long header.b, a long header.i after it)."""
+    text, line = props[0], 1 + len(props[0])  # (the tab that starts its line)
+    for prop in props[1:]:
+        if line + 1 + len(prop) > 990:  # (and the ";" after it)
+            text, line = f"{text}\r\n\t{prop}", 1 + len(prop)
+        else:
+            text, line = f"{text} {prop}", line + 1 + len(prop)
+    return text
 
 
 def render(
@@ -68,22 +82,21 @@ def render(
         parts.append("dkim=none")
     header_b = _header_b([r.b for r in dkim_results])
     for r, b in zip(dkim_results, header_b, strict=True):
-        text = f"dkim={r.result}"
+        props = [f"dkim={r.result}"]
         if r.reason and r.result != "pass":
-            text += f" ({_comment(r.reason)})"
+            props.append(f"({_comment(r.reason)})")
         if r.domain:
-            text += f" header.d={_value(r.domain)}"
+            props.append(f"header.d={_value(r.domain)}")
         if r.selector:
-            text += f" header.s={_value(r.selector)}"
+            props.append(f"header.s={_value(r.selector)}")
         if r.algorithm:
-            text += f" header.a={_value(r.algorithm)}"
-        if b:  # (base64 characters only: quoted, never cut; on a line of its own if long)
-            fold = "\r\n\t" if len(text) + len(b) > 900 else " "
-            quoted = b if _TOKEN.match(b) else '"' + b + '"'
-            text += f"{fold}header.b={quoted}"
+            props.append(f"header.a={_value(r.algorithm)}")
+        if b:  # (base64 characters only: quoted as they are, not cut at 255 as _value cuts)
+            quoted = b if _TOKEN.match(b) else f'"{b}"'
+            props.append(f"header.b={quoted}")
         if _is_auid(r.identity):
-            text += f" header.i={r.identity}"
-        parts.append(text)
+            props.append(f"header.i={r.identity}")
+        parts.append(_folded(props))
     if dmarc is not None:
         text = f"dmarc={dmarc.result}"
         if dmarc.record is not None:
