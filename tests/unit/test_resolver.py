@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import Iterator
+import socket
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dns.resolver
@@ -448,23 +451,13 @@ def test_an_answer_from_the_cache_does_not_put_its_server_first_again() -> None:
         second.stop()
 
 
-def test_queries_offer_edns0_so_a_long_txt_comes_over_udp() -> None:
-    """A 2,048-bit DKIM key or a long SPF record is more than 512 octets: a client without
-    EDNS0 (RFC 6891) gets it truncated and must ask again over TCP, which some servers and
-    firewalls do not take. The server here answers only over UDP, and only a query that
-    offers a payload size of at least the answer's."""
-    import socket
-    import threading
-
-    from dnslib import EDNS0, TXT
-
-    from postroom.auth.lookup import DnsCache
-
+@contextlib.contextmanager
+def udp_dns(answer: Callable[[DNSRecord], bytes]) -> Iterator[DNSConfig]:
+    """A UDP-only DNS server on 127.0.0.1 (no TCP beside it) whose replies ``answer`` makes
+    from each query; the config that points at it."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     sock.settimeout(0.2)
-    value = b"v=DKIM1; k=rsa; p=" + b"A" * 900
-    sizes: list[int] = []
     stop = threading.Event()
 
     def serve() -> None:
@@ -473,77 +466,79 @@ def test_queries_offer_edns0_so_a_long_txt_comes_over_udp() -> None:
                 data, peer = sock.recvfrom(4096)
             except TimeoutError:
                 continue
-            request = DNSRecord.parse(data)
-            offered = [rr.rclass for rr in request.ar if rr.rtype == QTYPE.OPT]
-            sizes.append(offered[0] if offered else 512)
-            reply = request.reply()
-            reply.add_answer(
-                RR(
-                    request.q.qname,
-                    QTYPE.TXT,
-                    rdata=TXT([value[:255], value[255:510], value[510:765], value[765:]]),
-                    ttl=60,
-                )
-            )
-            if offered:
-                reply.add_ar(EDNS0(udp_len=offered[0]))
-            packed = reply.pack()
-            if len(packed) > sizes[-1]:
-                reply = request.reply()
-                reply.header.tc = 1
-                packed = reply.pack()
-            sock.sendto(packed, peer)
+            sock.sendto(answer(DNSRecord.parse(data)), peer)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        cfg = DNSConfig(nameservers=(("127.0.0.1", sock.getsockname()[1]),), timeout=Duration(2))
-        found = asyncio.run(DnsCache(cfg).query("k._domainkey.long.test", "TXT"))
-        assert found.status == "ok" and found.txt() == [value]
-        assert sizes[0] == 1232
+        yield DNSConfig(nameservers=(("127.0.0.1", sock.getsockname()[1]),), timeout=Duration(2))
     finally:
         stop.set()
         thread.join()
         sock.close()
 
 
+def _offered(request: DNSRecord) -> int | None:
+    """The UDP payload size a query offers with EDNS0, None without."""
+    sizes = [rr.rclass for rr in request.ar if rr.rtype == QTYPE.OPT]
+    return sizes[0] if sizes else None
+
+
+def test_queries_offer_edns0_so_a_long_txt_comes_over_udp() -> None:
+    """A 2,048-bit DKIM key or a long SPF record is more than 512 octets: a client without
+    EDNS0 (RFC 6891) gets it truncated and must ask again over TCP, which some servers and
+    firewalls do not take. The server here answers only over UDP, and only a query that
+    offers a payload size of at least the answer's."""
+    from dnslib import EDNS0, TXT
+
+    from postroom.auth.lookup import DnsCache
+
+    value = b"v=DKIM1; k=rsa; p=" + b"A" * 900
+    sizes: list[int] = []
+
+    def answer(request: DNSRecord) -> bytes:
+        offered = _offered(request)
+        sizes.append(offered or 512)
+        reply = request.reply()
+        strings = [value[i : i + 255] for i in range(0, len(value), 255)]
+        reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT(strings), ttl=60))
+        if offered:
+            reply.add_ar(EDNS0(udp_len=offered))
+        packed: bytes = reply.pack()
+        if len(packed) > sizes[-1]:
+            reply = request.reply()
+            reply.header.tc = 1
+            packed = reply.pack()
+        return packed
+
+    with udp_dns(answer) as cfg:
+        found = asyncio.run(DnsCache(cfg).query("k._domainkey.long.test", "TXT"))
+    assert found.status == "ok" and found.txt() == [value]
+    assert sizes[0] == 1232
+
+
 def test_a_server_without_edns_is_asked_again_without_it() -> None:
     """An old server answers FORMERR to a query with an OPT record (RFC 6891 §7): every
     lookup through it failed (spf, dkim, dmarc temperror; recheck probe). The query goes
     again without EDNS, and the resolver asks without it from then on."""
-    import socket
-    import threading
-
     from dnslib import TXT
 
     from postroom.auth.lookup import DnsCache
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(0.2)
     seen: list[bool] = []
-    stop = threading.Event()
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                data, peer = sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            request = DNSRecord.parse(data)
-            with_edns = any(rr.rtype == QTYPE.OPT for rr in request.ar)
-            seen.append(with_edns)
-            reply = request.reply()
-            if with_edns:
-                reply.header.rcode = RCODE.FORMERR
-            else:
-                reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT("v=spf1 -all"), ttl=60))
-            sock.sendto(reply.pack(), peer)
+    def answer(request: DNSRecord) -> bytes:
+        with_edns = _offered(request) is not None
+        seen.append(with_edns)
+        reply = request.reply()
+        if with_edns:
+            reply.header.rcode = RCODE.FORMERR
+        else:
+            reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT("v=spf1 -all"), ttl=60))
+        packed: bytes = reply.pack()
+        return packed
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        cfg = DNSConfig(nameservers=(("127.0.0.1", sock.getsockname()[1]),), timeout=Duration(2))
+    with udp_dns(answer) as cfg:
         cache = DnsCache(cfg)
 
         async def two() -> list[Any]:
@@ -564,7 +559,3 @@ def test_a_server_without_edns_is_asked_again_without_it() -> None:
 
         assert [a.status for a in asyncio.run(together())] == ["ok"] * 3
         assert seen.count(True) == 3 and seen.count(False) == 3
-    finally:
-        stop.set()
-        thread.join()
-        sock.close()
