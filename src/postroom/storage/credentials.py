@@ -128,11 +128,6 @@ def scram_renewable(keys: ScramKeys, password: str) -> bool:
     return len(_scram_forms(password, prepared)) == 1
 
 
-def renewed_scram_keys(keys: ScramKeys, password: str) -> ScramKeys | None:
-    """New keys for :func:`scram_renewable` ones, else None."""
-    return make_scram_keys(password, password) if scram_renewable(keys, password) else None
-
-
 _KEY_SIZE = 32  # octets of one StoredKey (SHA-256); a store keeps one per form
 
 

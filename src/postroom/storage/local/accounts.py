@@ -36,7 +36,8 @@ from postroom.storage.credentials import (
     LoginCache,
     login_key,
     make_credentials,
-    renewed_scram_keys,
+    make_scram_keys,
+    scram_renewable,
 )
 
 __all__ = ["Accounts", "account_address", "alias_key"]
@@ -200,13 +201,13 @@ class Accounts(alias_rules.AliasLookups):
         return key
 
     def _renew_scram(self, key: str, old: ScramKeys, password: str) -> None:
-        """Give ``key`` SCRAM keys of today's iteration count if its, ``old``, are of another
-        (see :func:`~postroom.storage.credentials.renewed_scram_keys`), unless its password
-        changed since they were read (a new one has a new salt). The login goes on whatever
-        happens here."""
-        keys = renewed_scram_keys(old, password)
-        if keys is None:
+        """Give ``key`` SCRAM keys of today's iteration count when its, ``old``, are
+        :func:`~postroom.storage.credentials.scram_renewable`, unless its password changed
+        since they were read (a new one has a new salt). The login goes on whatever happens
+        here."""
+        if not scram_renewable(old, password):
             return
+        keys = make_scram_keys(password, password)
         try:
             with self._db() as db:
                 db.execute(
