@@ -231,9 +231,13 @@ class Connection(asyncio.Protocol):
         return None
 
     def busy(self) -> bool:
-        """In the middle of something that a shutdown should let finish (a message); while
-        busy, every octet received restarts the idle clock."""
+        """A message's octets are coming in: every octet received restarts the idle clock."""
         return False
+
+    def holds_message(self) -> bool:
+        """In the middle of a message that a stop should let finish (its octets coming in,
+        or between two of its chunks)."""
+        return self.busy()
 
     def released(self) -> None:
         """The connection is gone: drop the protocol's session state (nothing is applied)."""
@@ -358,6 +362,8 @@ class Connection(asyncio.Protocol):
                     self._flush()
                     if engine.closed or self._eof:
                         self._close()
+                    elif self._stopping and not self.holds_message():
+                        self.shutdown()  # the message it was let finish was given up
                     elif engine.pending_input() <= self.read_high_water:  # (as data_received)
                         self._resume_reading()
                     return
@@ -735,7 +741,7 @@ class Connection(asyncio.Protocol):
         message being received) finishes that first."""
         if self.engine is None or self._lost:
             return
-        if self._task is not None or self.busy():
+        if self._task is not None or self.holds_message():
             self._stopping = True
             return
         self.final_words("shutdown")

@@ -133,6 +133,10 @@ class SmtpConnection(Connection):
         engine = self.engine
         return engine is not None and engine.receiving
 
+    def holds_message(self) -> bool:
+        engine = self.engine
+        return engine is not None and engine.in_message
+
     def released(self) -> None:
         if self.session is not None:
             self.session.reset()

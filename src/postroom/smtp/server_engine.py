@@ -302,6 +302,11 @@ class ServerEngine(Buffers):
         between two chunks, where the next command is awaited)."""
         return self._data is not None
 
+    @property
+    def in_message(self) -> bool:
+        """A message is under way: its octets being read, or between two BDAT chunks."""
+        return self._data is not None or self.state is ServerState.BDAT
+
     # -- bytes in and out ----------------------------------------------------------------------
 
     # pending_input, data_to_send, parts_to_send: Buffers (wire/buffers.py).
