@@ -446,6 +446,13 @@ def test_smtputf8_address() -> None:
     h2 = Harness()
     out = h2.send("EHLO c\r\nMAIL FROM:<jöran@b.test>\r\n".encode())
     assert codes(out)[-1] == "553"
+    out = Harness().send("EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<δ@y.test>\r\n".encode())
+    assert codes(out) == ["250", "250", "553"]
+
+
+def test_a_utf8_rcpt_out_of_turn_is_a_bad_sequence() -> None:
+    out = Harness().send("EHLO c\r\nRCPT TO:<δοκιμή@y.test>\r\n".encode())
+    assert codes(out) == ["250", "503"]
 
 
 def test_white_space_and_empty_labels_in_a_domain_are_syntax_errors() -> None:

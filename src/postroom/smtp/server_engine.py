@@ -469,7 +469,9 @@ class ServerEngine(Buffers):
             self.close(replies.TOO_MANY_COMMANDS)
             return Closing()
         try:
-            cmd = commands.parse(line, smtputf8=self._txn.smtputf8)
+            # (A UTF-8 RCPT out of turn gets 503 from _rcpt, not "needs SMTPUTF8".)
+            utf8 = self._txn.smtputf8 or not self._allows(ServerTrigger.RCPT_OK)
+            cmd = commands.parse(line, smtputf8=utf8)
         except CommandError as exc:
             if exc.fatal:
                 self.close(exc.reply)
