@@ -449,8 +449,6 @@ def _apply(services: Services, new: Config, pair: tuple[bytes, bytes] | None) ->
             events.certificate(tls_mod.certificate_expiry(pair[0]))
     services.cfg = new
     services.accounts.local_domains = new.domains
-    if isinstance(services.intake, QueueRunner):
-        services.intake.reconfigured()
     if services.sender_auth is not None:
         services.sender_auth.cfg = new
     connections = services.connections
@@ -459,6 +457,8 @@ def _apply(services: Services, new: Config, pair: tuple[bytes, bytes] | None) ->
     connections.set_exempt(new.per_ip_exempt_networks())
     services.throttle.cfg = new.auth
     logs.setup(new)
+    if isinstance(services.intake, QueueRunner):
+        services.intake.reconfigured()
     log.info("configuration reloaded%s", "" if pair is None else " with the TLS pair")
 
 
@@ -538,7 +538,10 @@ async def serve(
     # After the drop: its files belong to the user.
     _setup_metrics(services, listeners, queue, pair[0])
     worker.release_others()  # the queue is recovered: the other workers may serve now
-    tasks = [loop.create_task(IdleSweeper(services).run())]
+    tasks = [
+        loop.create_task(IdleSweeper(services).run()),
+        loop.create_task(runner.close_idle_sessions()),
+    ]
     if worker.primary:
         tasks.append(loop.create_task(runner.run()))
         assert services.sender_auth is not None

@@ -286,11 +286,13 @@ class _Session(asyncio.Protocol):
 
     def quit_nowait(self) -> None:
         """Write QUIT and close once it is sent, without waiting for the 221."""
+        transport = self.transport
+        if transport is None or transport.is_closing():  # the host hung up meanwhile
+            return
         if self.engine.state is ClientState.READY:
             self.engine.quit()
-        if self.transport is not None:
-            self.transport.write(self.engine.data_to_send())
-            self.transport.close()
+        transport.write(self.engine.data_to_send())
+        transport.close()
 
     async def quit(self) -> None:
         """Polite QUIT with a short wait, then close."""

@@ -266,9 +266,16 @@ class QueueRunner:
                 self._start(envelope)
             for problem in self.queue.problems():
                 self.services.log.error("%s", problem)
+            await self.queue.wait(5.0)
+
+    async def close_idle_sessions(self, interval: float = 2.0) -> None:
+        """QUIT the cached SMTP sessions left idle too long, until stopped: in every worker,
+        since each delivers the first attempt of what it accepts (only the owner did it, and
+        the others' sessions stayed open until the remote host hung up)."""
+        while not self._draining:
+            await asyncio.sleep(interval)
             if self._remote is not None:
                 await self._remote.close_idle()
-            await self.queue.wait(5.0)
 
     async def delete(self, queue_id: str) -> bool:
         """``queue delete``: remove the message now. An attempt in progress goes on with the
