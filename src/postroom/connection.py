@@ -87,6 +87,9 @@ class Engine(Protocol):
     @property
     def closed(self) -> bool: ...
 
+    @property
+    def state(self) -> str: ...
+
     def receive_data(self, data: bytes) -> None: ...
 
     def pending_input(self) -> int: ...
@@ -327,7 +330,10 @@ class Connection(asyncio.Protocol):
             if self.tls is not None and not self.tls.ready and not self._handshake_failed:
                 events.tls_handshake(self.service, self.client_ip, None, "closed by the client")
             seconds = time.monotonic() - self.started
-            events.disconnected(self.service, self.client_ip, self.received, self.sent, seconds)
+            after = "" if self.engine.closed else str(self.engine.state)
+            events.disconnected(
+                self.service, self.client_ip, self.received, self.sent, seconds, after
+            )
         if self._task is None:
             self._release()
 

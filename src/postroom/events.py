@@ -215,7 +215,11 @@ def _text_connect(f: Fields) -> str:
     return f"connect from [{f['client']}] service={f['service']}"
 
 
-def disconnected(service: str, client: str, received: int, sent: int, seconds: float) -> None:
+def disconnected(
+    service: str, client: str, received: int, sent: int, seconds: float, lost_after: str = ""
+) -> None:
+    """The end of a session; ``lost_after``: the state the client left it in without ending
+    it (QUIT, or the server's last reply), as Postfix's "lost connection after DATA"."""
     _count(-1, _metrics.sessions_open, service)
     _count(received, _metrics.bytes_received, service)
     _count(sent, _metrics.bytes_sent, service)
@@ -227,6 +231,8 @@ def disconnected(service: str, client: str, received: int, sent: int, seconds: f
             "bytes_out": sent,
             "duration_s": round(seconds, 3),
         }
+        if lost_after:
+            fields["lost_after"] = lost_after
         logs.emit(INFO, "disconnect", _smtpd(service), fields, _text_disconnect)
 
 
@@ -234,6 +240,7 @@ def _text_disconnect(f: Fields) -> str:
     return (
         f"disconnect from [{f['client']}] service={f['service']} in={f['bytes_in']}"
         f" out={f['bytes_out']} time={f['duration_s']}"
+        + (f" lost_after={f['lost_after']}" if "lost_after" in f else "")
     )
 
 
