@@ -310,8 +310,9 @@ def test_failed_logins_count_as_errors() -> None:
     out, _ = run(
         p, b"USER u\r\nPASS a\r\nUSER u\r\nPASS b\r\nUSER u\r\nPASS c\r\nUSER u\r\n", login=False
     )
-    assert p.state is State.CLOSED and out.endswith(b"-ERR Too many errors, closing\r\n")
+    assert p.state is State.CLOSED and out.endswith(b"; too many errors, closing\r\n")
     assert out.count(b"+OK") == 3  # the fourth USER is never read
+    assert out.count(b"-ERR") == 3  # one response per command (RFC 1939 §3)
 
 
 def test_command_limit() -> None:

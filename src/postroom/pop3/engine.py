@@ -316,11 +316,12 @@ class Pop3Engine(Buffers):
         self._out.append(_reply("-ERR ", prefix + text))
 
     def _error(self, text: str, code: str | None = None) -> Event | None:
-        self._err(text, code)
         self.errors += 1
         if self.errors >= self.features.max_errors:
-            self.close("Too many errors, closing")
+            # One response per command (RFC 1939 §3): the last one also says goodbye.
+            self.close(f"{text}; too many errors, closing", code)
             return Closing()
+        self._err(text, code)
         return None
 
     def capabilities(self) -> list[str]:
