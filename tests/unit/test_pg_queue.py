@@ -97,6 +97,10 @@ def test_a_lease_keeps_others_off_until_it_runs_out(pg_url: str, tmp_path: Path)
 
 
 def test_a_running_node_renews_its_leases(pg_url: str, tmp_path: Path) -> None:
+    async def taken(slots: PgSlots) -> None:
+        async with slots.slot("remote.test", 1):
+            pass
+
     async def main() -> None:
         async with nodes(pg_url, tmp_path, lease=1.0) as (a, b):
             a.queue.start()
@@ -115,6 +119,10 @@ def test_a_running_node_renews_its_leases(pg_url: str, tmp_path: Path) -> None:
 def test_a_delivery_may_finish_only_under_a_lease_confirmed_within_half_a_lease(
     pg_url: str, tmp_path: Path
 ) -> None:
+    async def taken(slots: PgSlots) -> None:
+        async with slots.slot("remote.test", 1):
+            pass
+
     async def main() -> None:
         async with nodes(pg_url, tmp_path, lease=1.0) as (a, b):
             a.queue.start()
@@ -143,6 +151,10 @@ def test_a_lease_the_fence_found_stale_is_no_longer_renewed(pg_url: str, tmp_pat
     # A worker that could not reach the database for half a lease drops its delivery before
     # the final dot; it used to renew that row's lease for as long as it ran (its renewal
     # took every row it owned), so no node ever tried the message again.
+    async def taken(slots: PgSlots) -> None:
+        async with slots.slot("remote.test", 1):
+            pass
+
     async def main() -> None:
         async with nodes(pg_url, tmp_path, lease=1.0) as (a, b):
             a.queue.start()
@@ -244,8 +256,8 @@ def test_destination_slots_hold_across_nodes(pg_url: str, tmp_path: Path) -> Non
     async def main() -> None:
         async with nodes(pg_url, tmp_path) as (a, b):
             slots = [
-                PgSlots(a.database, a.queue.node, 60.0),
-                PgSlots(b.database, b.queue.node, 60.0),
+                PgSlots(a.database, a.queue.node, 60.0, a.queue.held_slots),
+                PgSlots(b.database, b.queue.node, 60.0, b.queue.held_slots),
             ]
             running = 0
             most = 0
@@ -260,6 +272,38 @@ def test_destination_slots_hold_across_nodes(pg_url: str, tmp_path: Path) -> Non
 
             await asyncio.gather(*(deliver(i) for i in range(8)))
             assert most == 2
+
+    run(main())
+
+
+def test_a_slot_whose_release_failed_runs_out(pg_url: str, tmp_path: Path) -> None:
+    """A delivery slot whose DELETE failed (the database away as the delivery ended) was
+    renewed with the leases for as long as its worker ran: an outage during deliveries left
+    every slot of a destination held, and no node delivered there again until a restart."""
+
+    async def taken(slots: PgSlots) -> None:
+        async with slots.slot("remote.test", 1):
+            pass
+
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path, lease=1.0) as (a, b):
+            a.queue.start()
+            mine = PgSlots(a.database, a.queue.node, 1.0, a.queue.held_slots)
+            theirs = PgSlots(b.database, b.queue.node, 1.0, b.queue.held_slots)
+            real = a.database.connection
+            async with mine.slot("remote.test", 1):
+                assert a.queue.held_slots == {("remote.test", 0)}
+                await asyncio.sleep(1.5)  # renewed: still held past its first lease
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(taken(theirs), 0.5)
+
+                def away() -> Any:
+                    raise asyncpg.exceptions.CannotConnectNowError("the database is starting")
+
+                a.database.connection = away  # type: ignore[method-assign]
+            a.database.connection = real  # type: ignore[method-assign]
+            assert a.queue.held_slots == set()
+            await asyncio.wait_for(taken(theirs), 5)  # it runs out within a lease or so
 
     run(main())
 

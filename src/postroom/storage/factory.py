@@ -137,7 +137,7 @@ async def _open_node(cfg: Config, io: BlockingPool, index: int) -> NodeStores:
         mailboxes=PgMailboxes(database, queue),
         maildrops=PgMaildrops(database),
         keys=keys,
-        slots=PgSlots(database, queue.node, lease),
+        slots=PgSlots(database, queue.node, lease, queue.held_slots),
         database=database,
         watcher=watcher,
         lease_fresh=queue.lease_fresh,

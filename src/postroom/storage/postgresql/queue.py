@@ -142,7 +142,10 @@ UPDATE queue SET envelope = $3, next_attempt = $4, lease_owner = NULL, lease_unt
 WHERE id = $1 AND lease_owner = $2
 """
 _RENEW = """
-WITH s AS (UPDATE delivery_slots SET until = postroom_clock() + $2 WHERE owner = $1)
+WITH s AS (
+    UPDATE delivery_slots SET until = postroom_clock() + $2
+    WHERE owner = $1 AND (destination, slot) IN (SELECT * FROM unnest($4::text[], $5::int[]))
+)
 UPDATE queue SET lease_until = postroom_clock() + $2
 WHERE lease_owner = $1 AND id = ANY($3::text[]) RETURNING id
 """
@@ -413,6 +416,11 @@ class PgQueue:
         # from then (the database sets it later, and its clock runs at the same rate).
         self._confirmed: dict[str, float] = {}
         self._written: dict[str, float] = {}  # when each of those entries was made
+        # The delivery slots (destination, number) this worker holds now (PgSlots keeps it):
+        # renewed with the leases. Only these: a row whose DELETE failed (an outage as the
+        # delivery ended) or whose INSERT's answer was lost must run out, not live on for
+        # as long as the worker does, holding the destination's slots from every node.
+        self.held_slots: set[tuple[str, int]] = set()
 
     # -- life -----------------------------------------------------------------------------
 
@@ -457,7 +465,15 @@ class PgQueue:
             sent = time.monotonic()
             try:
                 async with self.database.connection() as conn:
-                    rows = await conn.fetch(_RENEW, self.node, self.lease, list(self._confirmed))
+                    held = list(self.held_slots)
+                    rows = await conn.fetch(
+                        _RENEW,
+                        self.node,
+                        self.lease,
+                        list(self._confirmed),
+                        [d for d, _ in held],
+                        [n for _, n in held],
+                    )
             except db.FAILED as exc:
                 if not failing:
                     log.warning("queue leases not renewed (retrying quietly): %s", exc)

@@ -3,8 +3,10 @@
 A delivery to a domain first takes a slot of this process (a semaphore, so a node never asks
 for more than it may hold), then a row of ``delivery_slots`` (destination, slot number 0 to
 limit-1): an INSERT that takes a free number, or one whose holder's time ran out (a node that
-died). The row is renewed with the queue's leases (``queue.py``) and deleted when the delivery
-ends. A node that finds every slot taken tries again after a short, growing pause; the wait is
+died). The row is renewed with the queue's leases (``queue.py``: the rows in ``held``, the
+queue's ``held_slots``) while the delivery runs, and deleted when it ends; a row whose DELETE
+fails (the database away at that moment) is renewed no more and runs out with its lease.
+A node that finds every slot taken tries again after a short, growing pause; the wait is
 short next to an SMTP transaction. This is the :class:`~postroom.storage.interfaces.
 DestinationSlots` of the PostgreSQL backend; the local one is a semaphore per process.
 """
@@ -39,19 +41,24 @@ RETURNING slot
 class PgSlots:
     """Slots per destination shared by every node."""
 
-    def __init__(self, database: Database, node: str, lease: float) -> None:
+    def __init__(
+        self, database: Database, node: str, lease: float, held: set[tuple[str, int]]
+    ) -> None:
         self.database = database
         self.node = node
         self.lease = lease
+        self.held = held
         self._local: dict[str, asyncio.Semaphore] = {}
 
     @contextlib.asynccontextmanager
     async def slot(self, destination: str, limit: int) -> AsyncIterator[None]:
         async with self._local.setdefault(destination, asyncio.Semaphore(limit)):
             number = await self._take(destination, limit)
+            self.held.add((destination, number))
             try:
                 yield
             finally:
+                self.held.discard((destination, number))
                 with contextlib.suppress(*db.FAILED):  # else it runs out with the lease
                     async with self.database.connection() as conn:
                         await conn.execute(
