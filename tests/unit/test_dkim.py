@@ -880,11 +880,30 @@ def test_header_b_costs_the_same_whatever_the_values() -> None:
     assert all(len(r.b) <= dkim_verify.MAX_B for r in found) and rendered.isascii()
 
 
-def test_a_non_ascii_selector_is_left_out_and_named_as_the_fault() -> None:
-    """s=sél: its octets, decoded one by one, put U+FFFD (8-bit) into our own header, and
-    the reason said "no d= or s=" (dkimsig probe)."""
-    head = "DKIM-Signature: v=1; a=rsa-sha256; d=a.test; s=sél; b=abcd\r\n".encode()
+def test_a_selector_that_is_no_name_is_left_out_and_named_as_the_fault() -> None:
+    """s= in Latin-1: its octets, decoded one by one, put U+FFFD (8-bit) into our own header,
+    and the reason said "no d= or s=" (dkimsig probe)."""
+    head = b"DKIM-Signature: v=1; a=rsa-sha256; d=a.test; s=s\xe9l; b=abcd\r\n"
     (result,) = dkim_verify.verify(head + b"\r\nhi\r\n", {})
     rendered = results.render("mx.b.test", None, [result], None)
     assert rendered.isascii() and b"header.s" not in rendered
-    assert b"dkim=permerror (d= or s= is not an ASCII name) header.d=a.test" in rendered
+    assert b"dkim=permerror (d= or s= is not a domain name) header.d=a.test" in rendered
+
+
+def test_a_d_in_u_labels_is_looked_up_at_its_a_labels(rsa_signer: tuple[bytes, bytes]) -> None:
+    """RFC 8616 §4: in an internationalized message d= (and s=) SHOULD be U-labels; the key
+    is published at the A-label name. Such a signature was a permerror ("not an ASCII
+    name"), and mail signed so was refused under p=reject (inbound probe)."""
+    pem, record = rsa_signer
+    tags = TAGS.replace(b"d=a.test; s=k", "d=bücher.test; s=sél".encode())
+    message = "From: jö@bücher.test\r\nTo: b@b.test\r\nSubject: ü\r\n\r\nhi\r\n".encode()
+    signed = _signed_as_written(pem, b" " + tags + b"; b={b}", message)
+    zone = {"xn--sl-bja._domainkey.xn--bcher-kva.test": Answer("ok", ((record,),))}
+    (result,) = dkim_verify.verify(signed, zone)
+    assert (result.result, result.domain, result.selector) == (
+        "pass",
+        "xn--bcher-kva.test",
+        "xn--sl-bja",
+    )
+    rendered = results.render("mx.b.test", None, [result], None)
+    assert b"dkim=pass header.d=xn--bcher-kva.test header.s=xn--sl-bja" in rendered

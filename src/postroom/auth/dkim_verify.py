@@ -50,6 +50,7 @@ from functools import lru_cache
 from itertools import islice
 
 import dkim
+import idna
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
@@ -120,14 +121,23 @@ def choose(sigs: Sequence[dict[bytes, bytes]], aligned: Callable[[str], bool]) -
 
 
 def _key_name(sig: dict[bytes, bytes]) -> str | None:
-    try:
-        selector = sig[b"s"].decode("ascii")
-        domain = sig[b"d"].decode("ascii")
-    except (KeyError, UnicodeDecodeError):
-        return None
+    """Where the key of ``sig`` is published; None without a usable d= and s=."""
+    selector, domain = _a_label(sig.get(b"s", b"")), _a_label(sig.get(b"d", b""))
     if not selector or not domain:
         return None
     return f"{selector}._domainkey.{domain}".lower()
+
+
+def _a_label(value: bytes) -> str:
+    """A d= or s= value as the DNS has it: in an internationalized message it may be written
+    in U-labels (RFC 8616 §4), and the key is published at the A-label name. "" when it is
+    no name (not UTF-8, not IDNA)."""
+    if value.isascii():
+        return value.decode("ascii")
+    try:
+        return idna.encode(value.decode("utf-8"), uts46=True).decode("ascii")
+    except (UnicodeError, idna.IDNAError):
+        return ""
 
 
 def key_names(sigs: list[dict[bytes, bytes]]) -> list[str]:
@@ -352,8 +362,8 @@ def _names(sig: dict[bytes, bytes]) -> dict[str, str]:
     # i= is dkim-quoted-printable (RFC 6376 §2.11, §3.5): "=XX" is an octet.
     identity = _QP.sub(lambda m: bytes([int(m.group(1), 16)]), sig.get(b"i", b""))
     return {
-        "domain": _ascii(sig.get(b"d", b"")).lower(),
-        "selector": _ascii(sig.get(b"s", b"")),
+        "domain": _a_label(sig.get(b"d", b"")).lower(),
+        "selector": _a_label(sig.get(b"s", b"")),
         "algorithm": _ascii(sig.get(b"a", b"")).lower(),
         "b": _NOT_BASE64.sub(b"", sig.get(b"b", b"")[: MAX_B * 2])[:MAX_B].decode("ascii"),
         "identity": identity.decode("utf-8", "replace"),
@@ -388,7 +398,7 @@ def verify(
         answer = keys.get(name or "")
         if name is None:
             given = b"d" in sig and b"s" in sig
-            why = "d= or s= is not an ASCII name" if given else "no d= or s="
+            why = "d= or s= is not a domain name" if given else "no d= or s="
             results.append(DkimResult("permerror", reason=why, **base))
             continue
         if answer is None or answer.temporary:
