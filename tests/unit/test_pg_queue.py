@@ -97,10 +97,6 @@ def test_a_lease_keeps_others_off_until_it_runs_out(pg_url: str, tmp_path: Path)
 
 
 def test_a_running_node_renews_its_leases(pg_url: str, tmp_path: Path) -> None:
-    async def taken(slots: PgSlots) -> None:
-        async with slots.slot("remote.test", 1):
-            pass
-
     async def main() -> None:
         async with nodes(pg_url, tmp_path, lease=1.0) as (a, b):
             a.queue.start()
