@@ -33,9 +33,9 @@ def target_ids(cfg: Config) -> tuple[int, int] | None:
 
 def preload(cfg: Config) -> None:
     """Before a drop: load now what is otherwise loaded on demand, in the middle of mail (the
-    IDNA codecs, DNS record types, the public suffix list, postroom's own modules): the new
-    user may not be able to read the Python installation's files (a pyenv under /root, say).
-    Nothing when no drop follows."""
+    IDNA codecs and idna's tables, DNS record types, the public suffix list, postroom's own
+    modules): the new user may not be able to read the Python installation's files (a pyenv
+    under /root, say). Nothing when no drop follows."""
     if target_ids(cfg) is None:
         return
     import encodings.idna
@@ -48,6 +48,7 @@ def preload(cfg: Config) -> None:
     import dns.rdatatype
 
     import postroom
+    from postroom import address
     from postroom.auth import dmarc
 
     for module in pkgutil.walk_packages(postroom.__path__, "postroom."):
@@ -59,6 +60,7 @@ def preload(cfg: Config) -> None:
         kind = dns.rdatatype.from_text(rdtype)
         dns.rdata.get_rdata_class(dns.rdataclass.IN, kind)  # type: ignore[no-untyped-call]
     dmarc.organizational_domain("example.com")  # reads the list
+    address.normalise_domain("bücher.example")  # idna's UTS #46 tables, read at first use
 
 
 def secure_data_dir(cfg: Config) -> None:

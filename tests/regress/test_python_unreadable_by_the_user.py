@@ -1,7 +1,10 @@
 """Started as root with ``user`` set, from a Python the user cannot read (a pyenv under /root),
 every message on the MX port got 451 and ``postroom dns`` a traceback: the IDNA codecs, the
 public suffix list and DNS record types were loaded on demand, after the drop. What is loaded
-on demand is now loaded before it (only when a drop follows)."""
+on demand is now loaded before it (only when a drop follows).
+
+And idna's UTS #46 tables, read at the first Unicode domain (``user add x@bücher.example``, an
+RCPT to one) were not: a traceback and 451 (cliadv probe)."""
 
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ cfg = config.from_dict({"hostname": "mx.a.test", "domains": ["a.test"], "data_di
                         "user": "nobody"})
 privileges.preload(cfg)
 wanted = ["encodings.punycode", "encodings.idna", "dns.rdtypes.ANY.MX", "dns.rdtypes.ANY.TXT",
-          "dns.rdtypes.IN.AAAA", "postroom.auth.reports", "postroom.storage.local.queue"]
+          "dns.rdtypes.IN.AAAA", "postroom.auth.reports", "postroom.storage.local.queue",
+          "idna.uts46data"]
 print(" ".join(m for m in wanted if m not in sys.modules) or "-", dmarc._psl.cache_info().currsize)
 """
 
