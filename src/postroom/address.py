@@ -28,16 +28,16 @@ MAX_PATH = 256
 # (what UTF-8 can encode: no surrogates, which the CLI's surrogateescape argv may hold).
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 _UTF8 = r"\u0080-\ud7ff\ue000-\U0010ffff"
-_DOT_STRING = re.compile(rf"^[{_ATEXT}]+(?:\.[{_ATEXT}]+)*$")
-_DOT_STRING_UTF8 = re.compile(rf"^[{_ATEXT}{_UTF8}]+(?:\.[{_ATEXT}{_UTF8}]+)*$")
+_DOT_STRING = re.compile(rf"^[{_ATEXT}]+(?:\.[{_ATEXT}]+)*\Z")
+_DOT_STRING_UTF8 = re.compile(rf"^[{_ATEXT}{_UTF8}]+(?:\.[{_ATEXT}{_UTF8}]+)*\Z")
 # qtextSMTP is %d32-33 / %d35-91 / %d93-126; quoted-pairSMTP is "\" %d32-126.
-_QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
-_QUOTED_UTF8 = re.compile(rf'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"$')
-_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
+_QUOTED_UTF8 = re.compile(rf'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"\Z')
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 # Local parts that may name a mailbox directory: a dot-atom without "/" and not starting with ".".
 _SAFE_LOCAL = re.compile(
     rf"^[a-z0-9!#$%&'*+\-=?^_`{{|}}~{_UTF8}]"
-    rf"[a-z0-9!#$%&'*+\-=?^_`{{|}}~.{_UTF8}]*$"
+    rf"[a-z0-9!#$%&'*+\-=?^_`{{|}}~.{_UTF8}]*\Z"
 )
 
 
@@ -214,11 +214,24 @@ def dmarc_rua_uris(value: str) -> tuple[str, ...]:
 
 
 def safe_local_part(local: str) -> str:
-    """The lower-cased local part if it may name a directory; AddressError otherwise."""
+    """The lower-cased local part if it may name a directory; AddressError otherwise. Beside
+    what a path cannot hold, no invisible or layout character (a zero-width space, a
+    right-to-left override, a line or no-break space: RFC 6531 allows them, but an account
+    named with one looks like another, or rewrites the terminal line that lists it)."""
     lowered = local_key(local)
-    if not _SAFE_LOCAL.match(lowered) or ".." in lowered or len(lowered.encode()) > MAX_LOCAL_PART:
+    if (
+        not _SAFE_LOCAL.match(lowered)
+        or ".." in lowered
+        or len(lowered.encode()) > MAX_LOCAL_PART
+        or not (lowered.isascii() or all(_visible(c) for c in lowered))
+    ):
         raise AddressError(f"local part {local!r} cannot name a mailbox")
     return lowered
+
+
+def _visible(char: str) -> bool:
+    """Not a control, format, surrogate, private-use, unassigned or separator character."""
+    return unicodedata.category(char)[0] not in "CZ"
 
 
 def parse_user_address(text: str) -> Address:

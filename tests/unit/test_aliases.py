@@ -94,6 +94,19 @@ def test_an_admin_cannot_make_an_account_no_mail_can_name() -> None:
     assert account_address("u" * 63 + "@" + long_domain, [long_domain]).local == "u" * 63
 
 
+def test_no_line_end_or_invisible_character_gets_into_an_address() -> None:
+    """A local part ending in LF passed (``$`` matches before a final newline): the account
+    got a Maildir, ``user list`` a line of its own, and a remote alias target went out as
+    ``RCPT TO:<x`` LF ``@remote.test>``. Zero-width, right-to-left, line and no-break spaces
+    made accounts that look like others (cliadv probe)."""
+    for local in ("nl\n", "nl\r\n", "a\u200bb", "a\u202eb", "a\u2028b", "a\u00a0b"):
+        with pytest.raises(AccountError, match="malformed"):
+            account_address(f"{local}@a.test", ["a.test"])
+    with pytest.raises(AddressError):  # an alias target
+        parse_user_address("x\n@remote.test")
+    assert account_address("δοκιμή@a.test", ["a.test"]).local == "δοκιμή"
+
+
 def test_a_utf8_local_part_is_one_account_however_it_is_composed() -> None:
     """RFC 6532 §3.1: UTF-8 in NFC. ``jürgen`` precomposed and decomposed were two accounts
     that look alike, each with its own Maildir, mail and logins split between them."""

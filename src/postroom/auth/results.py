@@ -24,7 +24,7 @@ from postroom.auth.dmarc import DmarcResult
 from postroom.auth.spf import SpfResult
 
 _FIELD = re.compile(rb"(?im)^authentication-results[ \t]*:")
-_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~@]+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~@]+\Z")
 
 
 def _value(text: str) -> str:

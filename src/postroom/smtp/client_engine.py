@@ -66,9 +66,9 @@ from postroom.wire.replies import Reply, parse_status
 MAX_REPLY_LINE = 4096  # RFC 5321 §4.5.3.1.5 says 512; a longer line is cut here, not refused
 MAX_REPLY_LINES = 200
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$", re.DOTALL)
-_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*\Z")
 # RFC 3461 §4: xtext (ENVID, ORCPT) is printable ASCII without "+" and "=" unless hex-escaped.
-_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
+_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
 _NOTIFY = ("NEVER", "SUCCESS", "FAILURE", "DELAY")
 
 # RFC 5321 §4.5.3.2: minimum time-outs for each reply the client waits for (seconds).

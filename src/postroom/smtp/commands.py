@@ -24,14 +24,14 @@ MAX_RCPT = MAX_COMMAND + 600
 MAX_AUTH = 12288
 MAX_LINE = MAX_AUTH
 
-_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
+_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
 # RFC 6533 §3 utf-8-addr-unitext / -xtext: graphic ASCII but "+", "=" and "\\", UTF-8 past
 # U+009F (no C1 controls), "\\x{HEX}" escapes, and (xtext's) "+XX".
 _UNITEXT = re.compile(
     r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e\u00a0-\U0010ffff]|\\x\{[0-9A-Fa-f]{1,6}\}"
-    r"|\+[0-9A-F]{2})+$"
+    r"|\+[0-9A-F]{2})+\Z"
 )
-_PARAM_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+_PARAM_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*\Z")
 
 
 class CommandError(Exception):
