@@ -8,7 +8,7 @@ import pytest
 
 from postroom.address import parse_user_address
 from postroom.errors import AccountError, AddressError
-from postroom.storage.aliases import account_address, expand, owns, resolve
+from postroom.storage.aliases import account_address, check_targets, expand, owns, resolve
 
 USERS = {"ann@a.test", "bob@a.test", "carol@a.test"}
 
@@ -120,3 +120,17 @@ def test_a_utf8_local_part_is_one_account_however_it_is_composed() -> None:
     path = parse_path(f"<{nfd}@a.test>", utf8=True)
     assert path is not None and path.key == key
     assert safe_local_part(nfd) == safe_local_part(nfc)
+
+
+def test_an_alias_that_lists_itself_without_a_mailbox_is_told_why() -> None:
+    """``alias add team@ team@`` of an alias that is no user said "is no user or alias here"
+    of an alias that exists (cliadv probe)."""
+    users = {"bob@a.test"}
+    aliases = {"team@a.test"}
+    with pytest.raises(AccountError, match="may list itself only if it is a user too"):
+        check_targets(
+            "team@a.test", ["team@a.test"], {"a.test"}, users.__contains__, aliases.__contains__
+        )
+    assert check_targets(
+        "bob@a.test", ["bob@a.test"], {"a.test"}, users.__contains__, aliases.__contains__
+    ) == ["bob@a.test"]

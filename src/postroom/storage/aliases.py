@@ -84,6 +84,8 @@ def check_targets(
         if key.rpartition("@")[2] in local_domains and not (
             has_mailbox(key, is_user) or (key != alias and is_alias(key))
         ):
+            if key == alias:  # (a copy kept needs a mailbox to keep it in)
+                raise AccountError(f"alias {key} may list itself only if it is a user too")
             raise AccountError(f"target {key} is no user or alias here")
         out.append(key)
     return out
