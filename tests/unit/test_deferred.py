@@ -195,3 +195,15 @@ def test_a_park_the_disk_refuses_leaves_no_temporary_file(
         store.park(env.to_json(), "Q1", b"body", "")
     left = [p.name for p in tmp_path.rglob("*") if p.is_file()]
     assert not [name for name in left if name.endswith(".tmp")], left
+
+
+def test_show_of_a_message_whose_state_is_damaged_says_so(tmp_path: Path) -> None:
+    """`queue list` reported an unreadable state, then `queue show` of that id said "no such
+    message" while `queue delete` removed it (cliadv probe)."""
+    queue = LocalQueue(tmp_path, "mx.x.test")
+    queue.deferred.park(envelope("A1", 0, 0.0).to_json(), "A1", b"x", "")
+    (queue.deferred.state_dir / "A1.json").write_bytes(b'{"id": "A1", "sen')
+    with pytest.raises(QueueError, match="A1: unreadable envelope"):
+        queue.load("A1")
+    with pytest.raises(QueueError, match="no such message B1"):
+        queue.load("B1")

@@ -798,12 +798,16 @@ class LocalQueue:
         live = self._live.get(queue_id)
         if live is not None:
             return live.envelope
-        with contextlib.suppress(QueueError):
+        damaged: QueueError | None = None  # a deferred message whose state cannot be read
+        try:
             return self.deferred.load(queue_id)
+        except QueueError as exc:
+            if self.deferred.has(queue_id):
+                damaged = exc
         for entry in self._journal_entries():
             if entry.queue_id == queue_id:
                 return Envelope.from_json(entry.envelope)
-        raise QueueError(f"no such message {queue_id}")
+        raise damaged or QueueError(f"no such message {queue_id}")
 
     def head(self, envelope: Envelope, limit: int = 65536) -> bytes:
         live = self._live.get(envelope.id)
