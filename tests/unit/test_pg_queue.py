@@ -304,6 +304,53 @@ def test_a_slot_whose_release_failed_runs_out(pg_url: str, tmp_path: Path) -> No
     run(main())
 
 
+def test_a_lease_that_ran_out_while_postgresql_was_down_stays_its_holders(
+    tmp_path: Path,
+) -> None:
+    """A node waiting for a host's reply to its final dot could not renew its lease while
+    PostgreSQL was down; once it was back, another node took the message at once and sent it
+    again, and the first recorded its 250 too: two deliveries, no node dead (recheck probe).
+    Its delivery slot went the same way (one delivery over max_per_destination). What ran
+    out while the database was down is taken over only once it has been up for a lease."""
+    from tests.pgserver import running
+
+    lease = 1.5
+
+    async def main(pg: Any, url: str) -> None:
+        async with nodes(url, tmp_path, lease=lease) as (a, b):
+            env = await a.accept(remote=["r@remote.test"])
+            await a.queue.record(env, [])  # deferred, due at once, no lease
+            (claimed,) = await a.queue.claim(FAR, 10)
+            mine = PgSlots(a.database, a.queue.node, lease, a.queue.held_slots)
+            theirs = PgSlots(b.database, b.queue.node, lease, b.queue.held_slots)
+            async with mine.slot("remote.test", 1):
+                a.queue.start()  # renews (and cannot, while the database is down)
+                await asyncio.to_thread(pg.stop, "immediate")
+                await asyncio.sleep(lease + 0.5)  # both ran out meanwhile
+                await asyncio.to_thread(pg.start)
+                for _ in range(50):  # (b's pool comes back)
+                    try:
+                        assert await b.queue.claim(FAR, 10) == []
+                        break
+                    except QueueError:
+                        await asyncio.sleep(0.1)
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(taken(theirs), 0.5)
+                await asyncio.sleep(lease * 1.5)  # a lease of uptime: a has renewed both
+                assert await b.queue.claim(FAR, 10) == []
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(taken(theirs), 0.5)
+            assert claimed.id == env.id
+
+    async def taken(slots: PgSlots) -> None:
+        async with slots.slot("remote.test", 1):
+            pass
+
+    with running(fsync=True) as pg:  # (without, an immediate stop loses the last commits)
+        url = pg.new_database()
+        run(main(pg, url))
+
+
 def test_dkim_keys_are_shared_and_clashes_are_caught(pg_url: str) -> None:
     async def main() -> None:
         await migrate(pg_url)

@@ -122,11 +122,18 @@ SELECT EXISTS (SELECT 1 FROM queue WHERE id = ANY($1::text[]))
         WHERE (mailbox, uidl) IN (SELECT * FROM unnest($2::text[], $3::text[]))
     )
 """
+# A lease that ran out is taken over only once the database has been up for a lease: one
+# that ran out while it was down (restarted) is its holder's to renew when it comes back,
+# not another node's to take (its holder, waiting for a host's reply to a final dot, would
+# record a delivery that the other node is making again). The database's start within a
+# lease ($4) is "up for less than a lease": the same test in slots.py.
 _CLAIM = """
 UPDATE queue q SET lease_owner = $3, lease_until = postroom_clock() + $4
 FROM (
     SELECT id FROM queue
-    WHERE next_attempt <= $1 AND (lease_until IS NULL OR lease_until < postroom_clock())
+    WHERE next_attempt <= $1
+        AND (lease_until IS NULL OR (lease_until < postroom_clock()
+            AND extract(epoch FROM pg_postmaster_start_time()) < postroom_clock() - $4))
     ORDER BY next_attempt LIMIT $2
     FOR UPDATE SKIP LOCKED
 ) due

@@ -23,17 +23,21 @@ from postroom.storage.postgresql.db import Database
 
 FIRST_PAUSE, MAX_PAUSE = 0.05, 1.0
 
+# A slot that ran out while the database was down is its holder's until the database has
+# been up for a lease ($4), as a lease is (see queue.py's _CLAIM).
 _TAKE = """
 INSERT INTO delivery_slots (destination, slot, owner, until)
 SELECT $1, s, $2, postroom_clock() + $4
 FROM generate_series(0, $3 - 1) AS s
 WHERE NOT EXISTS (
     SELECT 1 FROM delivery_slots d
-    WHERE d.destination = $1 AND d.slot = s AND d.until >= postroom_clock()
+    WHERE d.destination = $1 AND d.slot = s AND (d.until >= postroom_clock()
+        OR extract(epoch FROM pg_postmaster_start_time()) >= postroom_clock() - $4)
 )
 ORDER BY s LIMIT 1
 ON CONFLICT (destination, slot) DO UPDATE SET owner = EXCLUDED.owner, until = EXCLUDED.until
     WHERE delivery_slots.until < postroom_clock()
+        AND extract(epoch FROM pg_postmaster_start_time()) < postroom_clock() - $4
 RETURNING slot
 """
 
