@@ -187,6 +187,7 @@ class Connection(asyncio.Protocol):
         self._lost = False
         self._gone = False  # connection_lost came
         self._eof = False
+        self._ended_here = False  # we closed it, the client had not (for lost_after)
         self._read_paused = False
         self._write_paused = False
         self._writable = asyncio.Event()
@@ -330,7 +331,10 @@ class Connection(asyncio.Protocol):
             if self.tls is not None and not self.tls.ready and not self._handshake_failed:
                 events.tls_handshake(self.service, self.client_ip, None, "closed by the client")
             seconds = time.monotonic() - self.started
-            after = "" if self.engine.closed else str(self.engine.state)
+            after = ""  # where the client left a session it did not end
+            if not (self.engine.closed or self._ended_here):
+                handshaking = self.tls is not None and not self.tls.ready
+                after = "TLS" if handshaking else str(self.engine.state)
             events.disconnected(
                 self.service, self.client_ip, self.received, self.sent, seconds, after
             )
@@ -514,6 +518,7 @@ class Connection(asyncio.Protocol):
         """Close; with ``linger``, half-close first and drop input for a moment, so that a client
         still sending (pipelined garbage) reads our last reply instead of a TCP reset."""
         transport = self.transport
+        self._ended_here = self._ended_here or not (self._lost or self._eof)
         if transport is None or self._lost:
             self._lost = True
             return
@@ -720,6 +725,7 @@ class Connection(asyncio.Protocol):
         reset_timedout_connection does the same)."""
         transport = self.transport
         assert transport is not None
+        self._ended_here = True
         self.services.log.info("%s with %s: reset, %s", self.kind, self.client_ip, why)
         sock = transport.get_extra_info("socket")
         if sock is not None:

@@ -18,8 +18,11 @@ def test_the_disconnect_line_says_where_a_dropped_session_was(
 ) -> None:
     srv = server_factory(
         domains=("a.test",),
-        services=("smtp", "pop3"),
-        extra_toml='log_format = "json"\n[auth]\nallow_plaintext = true\nchecks = false',
+        services=("smtp", "pop3", "submissions"),
+        extra_toml=(
+            'log_format = "json"\n[auth]\nallow_plaintext = true\nchecks = false\n'
+            '[limits]\ntls_handshake_timeout = "1s"'
+        ),
     )
     srv.add_user("alice@a.test", "pw")
     with socket.create_connection((srv.host, srv.ports["smtp"]), 10) as s:
@@ -33,12 +36,19 @@ def test_the_disconnect_line_says_where_a_dropped_session_was(
     pop.pass_("pw")
     pop.file.close()
     pop.sock.close()
+    # A handshake the client gave up, and one the server gave up on (recheck probe: it read
+    # lost_after=CONNECTED, as if the client had left).
+    with socket.create_connection((srv.host, srv.ports["submissions"]), 10) as s:
+        s.sendall(b"\x16\x03\x01")
+    with socket.create_connection((srv.host, srv.ports["submissions"]), 10) as s:
+        s.sendall(b"\x16\x03\x01")
+        wait_until(lambda: s.recv(100) == b"", 10, "the server to give up the handshake")
 
     def ends() -> list[dict[str, object]]:
         lines = [json.loads(x) for x in srv.log.read_text().splitlines() if x.startswith("{")]
         # (those of the start's port probes, which said nothing, are left out)
         return [x for x in lines if x.get("event") == "disconnect" and x["bytes_in"]]
 
-    wait_until(lambda: len(ends()) == 3, 10, "three disconnect lines")
+    wait_until(lambda: len(ends()) == 5, 10, "five disconnect lines")
     time.sleep(0.1)
-    assert [e.get("lost_after") for e in ends()] == ["DATA", None, "TRANSACTION"]
+    assert [e.get("lost_after") for e in ends()] == ["DATA", None, "TRANSACTION", "TLS", None]
