@@ -166,6 +166,9 @@ def _printable(message: str | tuple[str, ...]) -> bool:
     return all(line.isprintable() for line in message)
 
 
+_TAB = "\t"
+
+
 def printable(text: str, keep: str = "", mark: str = "?") -> str:
     """``text`` with ``mark`` for every character that is not printable, but those in
     ``keep``: control characters (CR and LF above all, but also C1 ones such as NEL and CSI,
@@ -214,8 +217,11 @@ def _format_record(record: logging.LogRecord) -> str:
     head = f"{_iso(record.created)} {_state.host} {name}[{record.process}]: {prefix}"
     # A traceback's lines each carry the head too (marked "| "), as syslog would have them:
     # a reader by line, or a grep for the pid, never meets a line without its origin.
-    tail = "".join(f"\n{head}| {text}" for text in exc.rstrip("\n").split("\n")) if exc else ""
-    return head + message + tail
+    # The message and the traceback cleaned as events are (printable): one may quote what a
+    # client, a remote host or DNS sent (an address, a reply, a record).
+    lines = exc.rstrip("\n").split("\n") if exc else []
+    tail = "".join(f"\n{head}| {printable(text, keep=_TAB)}" for text in lines)
+    return head + printable(message, keep=_TAB) + tail
 
 
 def flush() -> None:

@@ -147,6 +147,27 @@ def test_no_forged_lines(log: io.StringIO, tmp_path: Path) -> None:
     assert "sasl_username=a?b?31mc?d?e," in lines[2] and lines[2].isprintable()
 
 
+def test_no_forged_lines_from_a_plain_log_call(log: io.StringIO, tmp_path: Path) -> None:
+    """Only events were cleaned: a plain log call quoting a network value (a sender's quoted
+    local part, a DMARC record's rua) wrote its line ends, C1 controls, separators and a
+    terminal's escapes into the text log: whole forged lines (obs probe)."""
+    _setup(log, "text", tmp_path)
+    hostile = (
+        "nob\u2028FORGED\x85NEL\u202eRTL\x9b2J\r\n2026-12-07T00:00:00.000Z mx postroom: x\x1b[2J"
+    )
+    logging.getLogger("postroom.queue").warning("no DSN: the sender %s\tis none", hostile)
+    try:
+        raise ValueError(f"bad {hostile}")
+    except ValueError:
+        logging.getLogger("postroom").exception("failed")
+    logs.flush()
+    lines = log.getvalue().splitlines()
+    assert all(line.isprintable() or line.replace("\t", "").isprintable() for line in lines)
+    assert "no DSN: the sender nob?FORGED?NEL?RTL?2J??2026-12-07" in lines[0]
+    assert "\tis none" in lines[0]
+    assert not any(line.startswith("2026-12-07T00:00:00.000Z") for line in lines)
+
+
 def test_a_traceback_line_names_where_it_comes_from(log: io.StringIO, tmp_path: Path) -> None:
     """In text, a traceback's lines came bare after the first: a reader by line (or a grep
     for the process) met lines without their origin, nor a level."""
