@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -181,8 +182,11 @@ def test_at_the_cap_the_oldest_idle_connection_makes_room() -> None:
     asyncio.run(main())
 
 
-def test_at_the_cap_with_every_connection_being_answered_503_busy() -> None:
-    """Nothing to make room: the server is busy (not stopping), and says so."""
+def test_at_the_cap_a_held_scrape_makes_room_for_a_health_check() -> None:
+    """With several workers each /metrics answer waits for their counts (``delay``): clients
+    scraping without pause held every place, and a health check got 503 "busy" (a load
+    balancer or liveness probe took the node out; obs probe). The oldest held scrape is
+    answered at once instead."""
 
     async def main() -> None:
         ep = Endpoints(lambda: b"", lambda: False, delay=lambda: 1.0)
@@ -192,11 +196,17 @@ def test_at_the_cap_with_every_connection_being_answered_503_busy() -> None:
             for _ in range(MAX_CONNECTIONS)
         ]
         await asyncio.sleep(0.3)
-        assert ep.open == MAX_CONNECTIONS and not ep.waiting
+        assert ep.open == MAX_CONNECTIONS and not ep.waiting and len(ep.held) == MAX_CONNECTIONS
+        started = time.monotonic()
         answer = await _ask(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b"busy\n")
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok\n")
+        assert time.monotonic() - started < 0.5
+        first = await asyncio.wait_for(scrapes[0], 0.2)  # answered without its wait
+        assert first.startswith(b"HTTP/1.1 200 ")
         for scrape in scrapes:
             assert (await scrape).startswith(b"HTTP/1.1 200 ")
+        await asyncio.sleep(0.1)
+        assert ep.open == 0 and not ep.held
         server.close()
         await server.wait_closed()
 

@@ -11,8 +11,10 @@ Security notes: the head is bounded (:data:`MAX_HEAD` octets, else 431; a reques
 close) and must be well formed (RFC 9112: one Host, required in HTTP/1.1; no obs-fold, no
 whitespace before a colon, no bare CR; a valid Content-Length; else 400); at most
 :data:`MAX_CONNECTIONS` are open per worker (beyond: the connection that has waited longest
-for its head is answered 408 and closed, so idle connections can neither starve mail nor lock
-out a health check; 503 "busy" only when every one is being answered), and none within the
+for its head is answered 408 and closed, or the oldest ``/metrics`` request held for the
+workers' counts is answered at once, so that neither idle connections nor a flood of scrapes
+can starve mail or lock out a health check; 503 "busy" only when every one is being
+answered), and none within the
 descriptor reserve that the mail sessions keep (503 "busy" at once); a body is never read;
 every answer carries ``Connection: close``; only GET (and HEAD, RFC 9110 §9.3.2) on the two
 paths (else 404, or 405 with ``Allow``). The listener is meant for a loopback or management
@@ -130,6 +132,9 @@ class Endpoints:
     open: int = 0  # connections open now
     # those still waiting for their request head, oldest first: the first to go at the cap
     waiting: dict[HttpConnection, None] = field(default_factory=dict)
+    # /metrics requests held for ``delay``, oldest first: answered at once at the cap (else a
+    # few clients asking for the metrics without pause fill every place for a health check)
+    held: dict[HttpConnection, Request] = field(default_factory=dict)
 
     def answer(self, request: Request | int) -> bytes:
         if isinstance(request, int):
@@ -160,15 +165,21 @@ class HttpConnection(asyncio.Protocol):
         self.endpoints.open += 1
         waiting = self.endpoints.waiting
         sock = transport.get_extra_info("socket")
+        held = self.endpoints.held
         if (sock is not None and descriptors_short(sock.fileno())) or (
-            self.endpoints.open > MAX_CONNECTIONS and not waiting
+            self.endpoints.open > MAX_CONNECTIONS and not waiting and not held
         ):
             self._answer(response(503, b"busy\n", "text/plain"))
             return
         if self.endpoints.open > MAX_CONNECTIONS:
             # The connection that has waited longest without a request makes room (its 408
-            # comes early): idle connections cannot lock out a probe that asks at once.
-            next(iter(waiting))._timeout()
+            # comes early): idle connections cannot lock out a probe that asks at once. Else
+            # the oldest held /metrics request is answered now, without its wait.
+            if waiting:
+                next(iter(waiting))._timeout()
+            else:
+                oldest, request = next(iter(held.items()))
+                oldest._answer_later(request)
         waiting[self] = None
         self._timer = asyncio.get_running_loop().call_later(READ_TIMEOUT, self._timeout)
 
@@ -187,11 +198,14 @@ class HttpConnection(asyncio.Protocol):
                 self._timer.cancel()
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(delay, self._answer_later, request)
+            self.endpoints.held[self] = request
             return
         self._answer(self.endpoints.answer(request))
 
     def _answer_later(self, request: Request) -> None:
-        self._timer = None
+        if self._timer is not None:  # (answered before its wait ran out: at the cap)
+            self._timer.cancel()
+            self._timer = None
         self._answer(self.endpoints.answer(request))
 
     def eof_received(self) -> bool | None:
@@ -202,6 +216,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _answer(self, out: bytes) -> None:
         self.endpoints.waiting.pop(self, None)
+        self.endpoints.held.pop(self, None)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -218,3 +233,4 @@ class HttpConnection(asyncio.Protocol):
         self.transport = None
         self.endpoints.open -= 1
         self.endpoints.waiting.pop(self, None)
+        self.endpoints.held.pop(self, None)
