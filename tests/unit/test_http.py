@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 from hypothesis import given
@@ -132,6 +133,7 @@ def test_endpoints() -> None:
     metrics = ep.answer(Request("GET", "/metrics"))
     assert _status(metrics) == 200 and metrics.endswith(b"postroom_x 1\n")
     assert b"text/plain; version=0.0.4" in metrics
+    assert re.search(rb"\r\nDate: \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT\r\n", metrics)
     head = ep.answer(Request("HEAD", "/metrics"))
     assert b"Content-Length: 13\r\n" in head and head.endswith(b"\r\n\r\n")
     assert _status(ep.answer(Request("POST", "/metrics"))) == 405

@@ -28,6 +28,7 @@ import asyncio
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.utils import formatdate
 
 from postroom.services import descriptors_short
 
@@ -114,6 +115,7 @@ def parse_head(data: bytes) -> Request | int | None:
 def response(status: int, body: bytes, content_type: str, head_only: bool = False) -> bytes:
     head = (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+        f"Date: {formatdate(usegmt=True)}\r\n"  # RFC 9110 §6.6.1: an origin server MUST
         f"Content-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n"
         + ("Allow: GET, HEAD\r\n" if status == 405 else "")
