@@ -907,3 +907,17 @@ def test_a_d_in_u_labels_is_looked_up_at_its_a_labels(rsa_signer: tuple[bytes, b
     )
     rendered = results.render("mx.b.test", None, [result], None)
     assert b"dkim=pass header.d=xn--bcher-kva.test header.s=xn--sl-bja" in rendered
+    # i= and d= compared as A-labels, whichever form each is in (recheck2 probe: raw bytes).
+    for d, i in (
+        ("bücher.test", "u@xn--bcher-kva.test"),
+        ("xn--bcher-kva.test", "u@bücher.test"),
+        ("BÜCHER.test", "u@sub.bücher.test"),
+        ("bücher.test", "u@bu\u0308cher.test"),  # NFD
+    ):
+        tags = TAGS.replace(b"d=a.test; s=k", f"d={d}; s=sél; i={i}".encode())
+        signed = _signed_as_written(pem, b" " + tags + b"; b={b}", message)
+        (result,) = dkim_verify.verify(signed, zone)
+        assert result.result == "pass", (d, i, result.reason)
+    tags = TAGS.replace(b"d=a.test; s=k", "d=bücher.test; s=sél; i=u@xbücher.test".encode())
+    signed = _signed_as_written(pem, b" " + tags + b"; b={b}", message)
+    assert dkim_verify.verify(signed, zone)[0].result == "permerror"

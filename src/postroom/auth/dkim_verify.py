@@ -128,6 +128,13 @@ def _key_name(sig: dict[bytes, bytes]) -> str | None:
     return f"{selector}._domainkey.{domain}".lower()
 
 
+def _identity_domain(sig: dict[bytes, bytes]) -> str:
+    """The domain of i= (dkim-quoted-printable, RFC 6376 §2.11) as A-labels, lower-cased, to
+    compare with d=: either may be written in U-labels (RFC 8616 §4); "" if it is none."""
+    identity = _QP.sub(lambda m: bytes([int(m.group(1), 16)]), sig.get(b"i", b""))
+    return _a_label(identity.rpartition(b"@")[2]).lower()
+
+
 def _a_label(value: bytes) -> str:
     """A d= or s= value as the DNS has it: in an internationalized message it may be written
     in U-labels (RFC 8616 §4), and the key is published at the A-label name. "" when it is
@@ -261,10 +268,11 @@ def _validate(sig: dict[bytes, bytes], now: int) -> None:
     domain = sig[b"d"]
     if domain.isascii() and _NOT_IN_DOMAIN.search(domain):
         raise dkim.ValidationError("d= value is not valid")
-    identity = sig.get(b"i")
-    if identity is not None:
-        before = identity[-len(domain) - 1 : -len(domain)]  # "@" or "." before the domain
-        if not identity.lower().endswith(domain.lower()) or before not in (b"@", b"."):
+    if b"i" in sig:
+        home, of_identity = _a_label(domain).lower(), _identity_domain(sig)
+        if not (home and of_identity) or not (
+            of_identity == home or of_identity.endswith("." + home)
+        ):
             raise dkim.ValidationError("i= domain is not a subdomain of d=")
     if b"l" in sig and not _LENGTH.fullmatch(sig[b"l"]):
         raise dkim.ValidationError("l= value is not a decimal integer")
@@ -312,9 +320,8 @@ def _check(
         raise dkim.KeyFormatError(
             f"a={algorithm.decode()} with a key for {key.algorithm.decode('ascii', 'replace')}"
         )
-    identity = sig.get(b"i")
     # RFC 6376 §3.6.1 t=s: the i= domain must not be a subdomain of d=.
-    if key.same_domain and identity and identity.rpartition(b"@")[2].lower() != sig[b"d"].lower():
+    if key.same_domain and b"i" in sig and _identity_domain(sig) != _a_label(sig[b"d"]).lower():
         raise dkim.KeyFormatError("the key's t=s refuses an i= in a subdomain of d=")
     try:
         policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
