@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -207,3 +208,12 @@ def test_show_of_a_message_whose_state_is_damaged_says_so(tmp_path: Path) -> Non
         queue.load("A1")
     with pytest.raises(QueueError, match="no such message B1"):
         queue.load("B1")
+    # Valid JSON, damaged: a time no date can show (queue list and show ended in an
+    # OverflowError traceback), another message's id (shown, then "no such message").
+    for damage in ({"next_attempt": 1e20}, {"created": float("nan")}, {"id": "C1"}):
+        raw = json.loads(envelope("A1", 0, 0.0).to_json()) | damage
+        (queue.deferred.state_dir / "A1.json").write_text(json.dumps(raw))
+        with pytest.raises(QueueError, match="A1: unreadable envelope"):
+            queue.load("A1")
+        (problem,) = queue.deferred.iter_envelopes()
+        assert isinstance(problem, QueueError), damage

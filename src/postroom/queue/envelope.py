@@ -18,6 +18,7 @@ from postroom.errors import QueueError
 
 Status = Literal["queued", "deferred", "delivered", "bounced"]
 _STATUSES = frozenset(("queued", "deferred", "delivered", "bounced"))
+MAX_TIME = 253402300800.0  # 10000-01-01 UTC: a time past it is damage (no date can show it)
 
 _ID_SEQUENCE = itertools.count()
 _ID_PROCESS: tuple[int, str] = (0, "")  # (pid, this process's random part), made after fork
@@ -172,6 +173,9 @@ class Envelope:
             )
         ):
             raise TypeError("a field of the wrong type")
+        times = (envelope.created, envelope.next_attempt, envelope.last_attempt or 0.0)
+        if not all(0 <= t < MAX_TIME for t in times):  # (NaN too: no comparison holds)
+            raise ValueError("a time out of range")
         return envelope
 
     @classmethod

@@ -152,9 +152,12 @@ class DeferredStore:
         except FileNotFoundError:
             raise QueueError(f"{queue_id}: state file missing") from None
         try:
-            return Envelope.from_json(raw)
+            envelope = Envelope.from_json(raw)
         except QueueError as exc:
             raise QueueError(f"{queue_id}: {exc}") from None
+        if envelope.id != queue_id:  # (edited or damaged: it would be shown, not found)
+            raise QueueError(f"{queue_id}: unreadable envelope: it names another id")
+        return envelope
 
     def iter_envelopes(self) -> Iterator[Envelope | QueueError]:
         """Every message's envelope, or the QueueError of one that cannot be read; one that
