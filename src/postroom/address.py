@@ -16,6 +16,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 import idna
+from precis_i18n import get_profile
 
 from postroom.errors import AddressError
 
@@ -23,6 +24,7 @@ from postroom.errors import AddressError
 MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
 MAX_PATH = 256
+_USERNAME = get_profile("UsernameCasePreserved")  # RFC 8265 §3.3: see _identifier
 
 # RFC 5321 §4.1.2 atext (RFC 5322 §3.2.3); with SMTPUTF8 any non-ASCII UTF-8 is allowed too
 # (what UTF-8 can encode: no surrogates, which the CLI's surrogateescape argv may hold).
@@ -215,23 +217,30 @@ def dmarc_rua_uris(value: str) -> tuple[str, ...]:
 
 def safe_local_part(local: str) -> str:
     """The lower-cased local part if it may name a directory; AddressError otherwise. Beside
-    what a path cannot hold, no invisible or layout character (a zero-width space, a
-    right-to-left override, a line or no-break space: RFC 6531 allows them, but an account
-    named with one looks like another, or rewrites the terminal line that lists it)."""
+    what a path cannot hold, a UTF-8 one must be an identifier (:func:`_identifier`): RFC 6531
+    allows any character, but an account named with an invisible one, a symbol or a
+    fullwidth letter looks like another, or rewrites the terminal line that lists it."""
     lowered = local_key(local)
     if (
         not _SAFE_LOCAL.match(lowered)
         or ".." in lowered
         or len(lowered.encode()) > MAX_LOCAL_PART
-        or not (lowered.isascii() or all(_visible(c) for c in lowered))
+        or not (lowered.isascii() or _identifier(lowered))
     ):
         raise AddressError(f"local part {local!r} cannot name a mailbox")
     return lowered
 
 
-def _visible(char: str) -> bool:
-    """Not a control, format, surrogate, private-use, unassigned or separator character."""
-    return unicodedata.category(char)[0] not in "CZ"
+def _identifier(local: str) -> bool:
+    """RFC 8265 §3.3 (UsernameCasePreserved, precis-i18n): letters, marks and digits of any
+    script and printable ASCII, in their own form (no fullwidth or other compatibility
+    form, no symbol, no space, control, or default-ignorable character such as a zero-width
+    joiner, a variation selector or a Hangul filler); and no combining mark first."""
+    try:
+        same = _USERNAME.enforce(local) == local
+    except UnicodeError:
+        return False
+    return same and not unicodedata.category(local[0]).startswith("M")
 
 
 def parse_user_address(text: str) -> Address:

@@ -257,7 +257,7 @@ def _cmd_user(stores: AdminStores, args: argparse.Namespace) -> int:
     accounts = stores.accounts
     if args.action == "list":
         for name in accounts.list_users():
-            print(name)
+            print(logs.printable(name))  # (one made before a name was checked, or by hand)
         return 0
     if args.action == "add":
         addr = account_address(args.address, cfg.domains)
@@ -301,7 +301,8 @@ def _cmd_alias(stores: AdminStores, args: argparse.Namespace) -> int:
     accounts = stores.accounts
     if args.action == "list":
         for alias, targets in accounts.list_aliases().items():
-            print(f"{alias}\t{' '.join(targets)}")
+            # A remote target may hold what a terminal acts on (a right-to-left override).
+            print(logs.printable(f"{alias}\t{' '.join(targets)}", keep="\t"))
         return 0
     if args.action == "add":
         key = alias_key(args.alias, stores.cfg.domains)  # "@domain": the domain's catch-all

@@ -110,6 +110,11 @@ def test_aliases(cfg: Path) -> None:
     assert out.splitlines() == ["removed team@a.test from alias all@a.test"]
     assert run_cli("alias", "list", config=cfg).stdout == ""  # all@ was left with no target
     assert run_cli("alias", "del", "team@a.test", config=cfg, check=False).returncode == 1
+    # A remote target may be any UTF-8 address: alias list printed a right-to-left override
+    # or a line separator as it was, for the terminal to act on (recheck2 probe).
+    run_cli("alias", "add", "far@a.test", "x\u202eab\u2028c@remote.test", config=cfg)
+    out = run_cli("alias", "list", config=cfg).stdout
+    assert out == "far@a.test\tx?ab?c@remote.test\n"
 
 
 def test_queue_commands_on_empty_queue(cfg: Path) -> None:
