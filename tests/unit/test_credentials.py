@@ -95,3 +95,22 @@ def test_real_argon2_out_of_address_space_is_uncheckable() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.startswith("uncheckable: "), out
+
+
+def test_a_login_with_anything_around_it_names_no_account() -> None:
+    """AUTH PLAIN and POP3 logged in with a name that had a line end, a tab, spaces, a line
+    separator or NEL around it: the network's login went through the admin's forgiving parser
+    (recheck2 probe; RFC 8265 §3.3)."""
+    from postroom.storage.credentials import login_key
+
+    assert login_key("Alice@A.test") == login_key("alice@a.test") == "alice@a.test"
+    for bad in (
+        " alice@a.test",
+        "alice@a.test ",
+        "alice@a.test\n",
+        "\talice@a.test",
+        "alice@a.test\u2028",
+        "alice@a.test\x85",
+        "alice@a.test\r\n",
+    ):
+        assert login_key(bad) is None, repr(bad)

@@ -158,7 +158,12 @@ def password_matches(stored: str | None, password: str) -> bool:
 
 
 def login_key(login: str) -> str | None:
-    """The account key a login names (:attr:`Address.key`), or None if it is no address."""
+    """The account key a login names (:attr:`Address.key`), or None if it is no address. A
+    login comes from the network as it was typed: one with white space around it, or a
+    control or line separator in it, names no account (RFC 8265 §3.3: a user name has no
+    space nor control), where an admin's typing is forgiven its stray spaces."""
+    if login != login.strip() or not login.isprintable():
+        return None
     try:
         return parse_user_address(login).key
     except AddressError:
