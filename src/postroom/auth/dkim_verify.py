@@ -132,7 +132,8 @@ def _identity_domain(sig: dict[bytes, bytes]) -> str:
     """The domain of i= (dkim-quoted-printable, RFC 6376 §2.11) as A-labels, lower-cased, to
     compare with d=: either may be written in U-labels (RFC 8616 §4); "" if it is none."""
     identity = _QP.sub(lambda m: bytes([int(m.group(1), 16)]), sig.get(b"i", b""))
-    return _a_label(identity.rpartition(b"@")[2]).lower()
+    _local, at, domain = identity.rpartition(b"@")  # sig-i-tag: [ Local-part ] "@" domain-name
+    return _a_label(domain).lower() if at else ""
 
 
 def _a_label(value: bytes) -> str:
