@@ -115,10 +115,6 @@ def test_a_running_node_renews_its_leases(pg_url: str, tmp_path: Path) -> None:
 def test_a_delivery_may_finish_only_under_a_lease_confirmed_within_half_a_lease(
     pg_url: str, tmp_path: Path
 ) -> None:
-    async def taken(slots: PgSlots) -> None:
-        async with slots.slot("remote.test", 1):
-            pass
-
     async def main() -> None:
         async with nodes(pg_url, tmp_path, lease=1.0) as (a, b):
             a.queue.start()
@@ -147,10 +143,6 @@ def test_a_lease_the_fence_found_stale_is_no_longer_renewed(pg_url: str, tmp_pat
     # A worker that could not reach the database for half a lease drops its delivery before
     # the final dot; it used to renew that row's lease for as long as it ran (its renewal
     # took every row it owned), so no node ever tried the message again.
-    async def taken(slots: PgSlots) -> None:
-        async with slots.slot("remote.test", 1):
-            pass
-
     async def main() -> None:
         async with nodes(pg_url, tmp_path, lease=1.0) as (a, b):
             a.queue.start()
@@ -248,6 +240,12 @@ def test_add_waiting_queues_a_message_due_now(pg_url: str, tmp_path: Path) -> No
     run(main())
 
 
+async def _through(slots: PgSlots) -> None:
+    """Take a slot of remote.test and give it back."""
+    async with slots.slot("remote.test", 1):
+        pass
+
+
 def test_destination_slots_hold_across_nodes(pg_url: str, tmp_path: Path) -> None:
     async def main() -> None:
         async with nodes(pg_url, tmp_path) as (a, b):
@@ -277,10 +275,6 @@ def test_a_slot_whose_release_failed_runs_out(pg_url: str, tmp_path: Path) -> No
     renewed with the leases for as long as its worker ran: an outage during deliveries left
     every slot of a destination held, and no node delivered there again until a restart."""
 
-    async def taken(slots: PgSlots) -> None:
-        async with slots.slot("remote.test", 1):
-            pass
-
     async def main() -> None:
         async with nodes(pg_url, tmp_path, lease=1.0) as (a, b):
             a.queue.start()
@@ -291,7 +285,7 @@ def test_a_slot_whose_release_failed_runs_out(pg_url: str, tmp_path: Path) -> No
                 assert a.queue.held_slots == {("remote.test", 0)}
                 await asyncio.sleep(1.5)  # renewed: still held past its first lease
                 with pytest.raises(TimeoutError):
-                    await asyncio.wait_for(taken(theirs), 0.5)
+                    await asyncio.wait_for(_through(theirs), 0.5)
 
                 def away() -> Any:
                     raise asyncpg.exceptions.CannotConnectNowError("the database is starting")
@@ -299,7 +293,7 @@ def test_a_slot_whose_release_failed_runs_out(pg_url: str, tmp_path: Path) -> No
                 a.database.connection = away  # type: ignore[method-assign]
             a.database.connection = real  # type: ignore[method-assign]
             assert a.queue.held_slots == set()
-            await asyncio.wait_for(taken(theirs), 5)  # it runs out within a lease or so
+            await asyncio.wait_for(_through(theirs), 5)  # it runs out within a lease or so
 
     run(main())
 
@@ -335,16 +329,12 @@ def test_a_lease_that_ran_out_while_postgresql_was_down_stays_its_holders(
                     except QueueError:
                         await asyncio.sleep(0.1)
                 with pytest.raises(TimeoutError):
-                    await asyncio.wait_for(taken(theirs), 0.5)
+                    await asyncio.wait_for(_through(theirs), 0.5)
                 await asyncio.sleep(lease * 1.5)  # a lease of uptime: a has renewed both
                 assert await b.queue.claim(FAR, 10) == []
                 with pytest.raises(TimeoutError):
-                    await asyncio.wait_for(taken(theirs), 0.5)
+                    await asyncio.wait_for(_through(theirs), 0.5)
             assert claimed.id == env.id
-
-    async def taken(slots: PgSlots) -> None:
-        async with slots.slot("remote.test", 1):
-            pass
 
     with running(fsync=True) as pg:  # (without, an immediate stop loses the last commits)
         url = pg.new_database()
