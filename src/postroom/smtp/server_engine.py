@@ -469,13 +469,17 @@ class ServerEngine(Buffers):
             self.close(replies.TOO_MANY_COMMANDS)
             return Closing()
         try:
-            # (A UTF-8 RCPT out of turn gets 503 from _rcpt, not "needs SMTPUTF8".)
-            utf8 = self._txn.smtputf8 or not self._allows(ServerTrigger.RCPT_OK)
-            cmd = commands.parse(line, smtputf8=utf8)
+            cmd = commands.parse(line, smtputf8=self._txn.smtputf8)
         except CommandError as exc:
             if exc.fatal:
                 self.close(exc.reply)
                 return Closing()
+            if (
+                exc.reply is replies.NEED_SMTPUTF8
+                and line[:4].upper() == b"RCPT"
+                and not self._allows(ServerTrigger.RCPT_OK)
+            ):
+                return self._error(replies.BAD_SEQUENCE)  # a UTF-8 RCPT out of turn: 503
             return self._error(exc.reply)
         if isinstance(cmd, Hello):
             return self._hello(cmd)
