@@ -166,7 +166,7 @@ def _printable(message: str | tuple[str, ...]) -> bool:
     return all(line.isprintable() for line in message)
 
 
-_TAB = "\t"
+_TAB = "\t"  # (an f-string of Python 3.11 may hold no backslash)
 
 
 def printable(text: str, keep: str = "", mark: str = "?") -> str:
