@@ -101,15 +101,37 @@ def private_umask() -> None:
     os.umask(PRIVATE_UMASK)
 
 
-def _tighten_one(path: str, ids: tuple[int, int] | None) -> None:
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        return  # never follow (or chmod through) a link someone placed in the tree
-    if ids is not None and (st.st_uid, st.st_gid) != ids:
-        os.chown(path, *ids, follow_symlinks=False)
-    want = DIR_MODE if stat.S_ISDIR(st.st_mode) else FILE_MODE
-    if stat.S_IMODE(st.st_mode) != want:
-        os.chmod(path, want)
+# What the walk re-owns and tightens; a FIFO or device node someone placed is left alone.
+_TIGHTENED = (stat.S_ISDIR, stat.S_ISREG, stat.S_ISSOCK)
+
+
+def _tighten_at(name: str, dir_fd: int, ids: tuple[int, int] | None) -> None:
+    """Tighten one entry of the directory ``dir_fd``, through a descriptor of the entry itself
+    (``O_PATH``: opening it reads nothing and starts no device), never through a link:
+    ``serve`` runs this as root over a tree the server's user can write, and a path checked
+    and then changed could be swapped for a symlink in between. A regular file with a second
+    name that the user does not own yet is left alone: a hard link to another's file (where
+    ``fs.protected_hardlinks`` is off) must not make root give it away."""
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:  # a file that went meanwhile
+        return
+    try:
+        st = os.fstat(fd)
+        if not any(is_kind(st.st_mode) for is_kind in _TIGHTENED):
+            return  # (a symlink is opened as itself: never followed)
+        owner = ids[0] if ids is not None else os.geteuid()
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and st.st_uid != owner:
+            return
+        # An O_PATH descriptor allows no fchmod/fchown; its /proc name reaches the same inode.
+        inode = f"/proc/self/fd/{fd}"
+        if ids is not None and (st.st_uid, st.st_gid) != ids:
+            os.chown(inode, *ids)
+        want = DIR_MODE if stat.S_ISDIR(st.st_mode) else FILE_MODE
+        if stat.S_IMODE(st.st_mode) != want:
+            os.chmod(inode, want)
+    finally:
+        os.close(fd)
 
 
 def make_data_dir(data_dir: str | Path) -> None:
@@ -132,15 +154,17 @@ def make_data_dir(data_dir: str | Path) -> None:
 
 def tighten(path: str | Path, ids: tuple[int, int] | None = None, deep: bool = True) -> None:
     """Directories 0700 and files 0600 (and owner ``ids`` if given) for ``path`` and, with
-    ``deep``, everything below it; without ``deep``, only its direct entries."""
-    top = str(path)
-    _tighten_one(top, ids)
-    if not deep:
-        with os.scandir(top) as it:
-            for entry in it:
-                _tighten_one(entry.path, ids)
-        return
-    for root, dirs, names in os.walk(top):
+    ``deep``, everything below it; without ``deep``, only its direct entries. Links are never
+    followed (:func:`_tighten_at`); the walk holds each directory open (``os.fwalk``), so a
+    directory swapped for a link while it runs takes the walk nowhere else."""
+    top = os.path.abspath(path)
+    parent_fd = os.open(os.path.dirname(top), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _tighten_at(os.path.basename(top), parent_fd, ids)
+    finally:
+        os.close(parent_fd)
+    for _root, dirs, names, dir_fd in os.fwalk(top):
         for name in dirs + names:
-            with contextlib.suppress(FileNotFoundError):  # a file that went meanwhile
-                _tighten_one(os.path.join(root, name), ids)
+            _tighten_at(name, dir_fd, ids)
+        if not deep:
+            dirs.clear()
