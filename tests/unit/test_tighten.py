@@ -52,7 +52,7 @@ def test_an_entry_swapped_for_a_link_midway_is_not_followed(
     victim.write_bytes(b"secret")
     victim.chmod(0o644)
 
-    swapped = []
+    swapped: list[bool] = []
 
     def swap_after(real: Callable[..., os.stat_result]) -> Callable[..., os.stat_result]:
         def looked_at(*args: object, **kwargs: object) -> os.stat_result:
