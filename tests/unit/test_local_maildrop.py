@@ -18,6 +18,7 @@ from postroom.blocking import BlockingPool
 from postroom.errors import MailboxInUse
 from postroom.pop3.maildrop import Snapshot
 from postroom.storage.interfaces import MessageInfo
+from postroom.storage.local import maildrop as maildrop_module
 from postroom.storage.local.maildrop import (
     LOCK_NAME,
     PARALLEL_UPDATE_MIN,
@@ -80,12 +81,45 @@ def test_maildrop_sizes_uids_and_order(tmp_path: Path) -> None:
         assert (md / SIZE_CACHE).read_text().split("\t")[0] == "1700000001.M1P2.other"
     finally:
         drop.close_now()
-    # The second session uses the cache: a file of the same raw size is not read again.
-    (md / "cur/1700000001.M1P2.other:2,S").write_bytes(lf.replace(b"\n", b"x"))
+    # The second session uses the cache: a file not changed since is not read again.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(maildrop_module, "measure", lambda path: pytest.fail(f"read {path}"))
+        again = Maildrop(md)
+        again.open_now()
+        assert again.files[0].size == len(to_crlf(lf)) + 2
+        again.close_now()
+    # Rewritten by another tool with as many octets (other line ends): measured again.
+    other = md / "cur/1700000001.M1P2.other:2,S"
+    other.write_bytes(lf.replace(b"\n", b"x"))
+    os.utime(other, ns=(other.stat().st_atime_ns, other.stat().st_mtime_ns + 10**9))
     again = Maildrop(md)
     again.open_now()
-    assert again.files[0].size == len(to_crlf(lf)) + 2
+    assert again.files[0].size == len(lf) + 2
     again.close_now()
+
+
+def test_files_with_one_unique_name_and_one_raw_size_keep_their_own_sizes(tmp_path: Path) -> None:
+    """RFC 1939 §5 and §7 (a probe): two copies another tool made of one name, with as many
+    octets but other line ends, are measured each (the size cache held one of them for both:
+    the second session listed the first one's size and changed the other's UIDL)."""
+    md = make_maildir(
+        tmp_path / "md",
+        {
+            "new/1600000000.dup.host": b"Subject: a\n\nx\n\n\n\n\n\n",
+            "cur/1600000000.dup.host:2,S": b"Subject: b\n\nxxxxxx\n",
+        },
+    )
+    sessions = []
+    for _ in range(3):
+        drop = Maildrop(md)
+        drop.open_now()
+        try:
+            sessions.append([(f.uid, f.size, len(drop.read(f))) for f in drop.files])
+        finally:
+            drop.close_now()
+    assert sessions[0] == sessions[1] == sessions[2]
+    assert all(size == sent for _, size, sent in sessions[0])
+    assert sorted(size for _, size, _ in sessions[0]) == [22, 27]
 
 
 def test_files_with_one_unique_name_get_distinct_uidls(tmp_path: Path) -> None:

@@ -284,7 +284,9 @@ class MaildirMaildrop:
             return 0
 
     def _measure_all(self, names: list[tuple[str, str]]) -> list[MaildirFile]:
-        """Sizes of files without ``,W=``, through the cache (keyed by name and raw size)."""
+        """Sizes of files without ``,W=``, through the cache: keyed by unique name, inode and
+        time of change (two files with one unique name, a copy another tool made, are two
+        entries; a rename keeps all three), checked against the raw size."""
         cache_path = self.path / SIZE_CACHE
         cache: dict[str, tuple[int, int]] = {}
         try:
@@ -302,7 +304,8 @@ class MaildirMaildrop:
                 st = path.stat(follow_symlinks=False)
                 if not stat.S_ISREG(st.st_mode):  # replaced since the listing
                     raise OSError("not a regular file")
-                known = cache.get(uid)
+                key = f"{uid}\t{st.st_ino}\t{st.st_mtime_ns}"
+                known = cache.get(key)
                 if known is None or known[0] != st.st_size:
                     known = (st.st_size, measure(path))
             except FileNotFoundError:
@@ -311,7 +314,7 @@ class MaildirMaildrop:
                 log.warning("maildir %s: %s/%s left out: %s", self.path, subdir, name, exc)
                 continue
             raw, size = known
-            fresh[uid] = (raw, size)
+            fresh[key] = (raw, size)
             # Not marked CRLF (raw None): a measured file is always converted on the way out.
             files.append(MaildirFile(subdir, name, size, uid))
         if fresh != cache:
