@@ -466,6 +466,44 @@ def test_large_file_chunks_are_crlf_and_bounded(tmp_path: Path) -> None:
     assert entry.size == len(to_crlf(body)) + 2  # "\r" at the end: RETR completes the line
 
 
+@pytest.mark.parametrize("change", ["truncate", "append"])
+def test_a_file_changed_while_it_is_sent_fails_the_stream(tmp_path: Path, change: str) -> None:
+    """A probe: another program truncated a 30 MB file during RETR, and the rest went out
+    with the final dot, a short message the client took as whole. The +OK announced the
+    size: pieces that will not come to it end in OSError (the session drops the line)."""
+    body = b"line\n" * 400_000  # 2 MB: several pieces
+    md = make_maildir(tmp_path / "md", {"new/6.f": body, "new/7.g": b"no line end"})
+    drop = Maildrop(md)
+    drop.open_now()
+    path = md / "new" / "6.f"
+
+    async def read_changed() -> int:
+        got = 0
+        async for piece in drop.chunks(1):
+            if not got:
+                if change == "truncate":
+                    os.truncate(path, 1_000_000)
+                else:
+                    with path.open("ab") as fh:
+                        fh.write(b"more\n" * 400_000)
+            got += len(piece)
+        return got
+
+    async def read_whole(number: int) -> bytes:
+        return b"".join([piece async for piece in drop.chunks(number)])
+
+    try:
+        assert len(asyncio.run(read_whole(1))) == drop.files[0].size
+        assert asyncio.run(read_whole(2)) == b"no line end"  # the listed size counts a CRLF
+        with pytest.raises(OSError, match="while it was sent"):
+            asyncio.run(read_changed())
+        os.truncate(md / "new" / "7.g", 5)  # a small one, read whole: cut since the listing
+        with pytest.raises(OSError, match="changed since the listing"):
+            drop.read_now(2)
+    finally:
+        drop.close_now()
+
+
 def test_open_is_fast_for_10000_messages(tmp_path: Path) -> None:
     """Sizes come from the names: no body is read (the files here are empty)."""
     md = make_maildir(tmp_path / "md", {})

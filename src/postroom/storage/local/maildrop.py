@@ -168,15 +168,29 @@ class MaildirMaildrop:
         return self.read(f)
 
     async def chunks(self, number: int) -> AsyncGenerator[bytes, None]:
+        """The message in pieces as RETR sends them; OSError, also midway, when they would not
+        come to the size the listing announced (another program truncated or appended to the
+        file meanwhile): the +OK said that many octets, so the session drops the connection
+        rather than end a short or longer message with its dot as if it were whole."""
         f = self.files[number - 1]
         fd = await self.io.run(self._open_fd, f)
         try:
             conv = None if f.crlf else CrlfConverter()
+            sent, last = 0, b"\n"
             while piece := await self.io.run(os.read, fd, READ_CHUNK):
                 out = piece if conv is None else conv.feed(piece)
+                sent, last = sent + len(out), piece[-1:]
+                if sent > f.size:
+                    raise OSError(errno.EIO, f"{f.name} grew while it was sent")
                 if out:
                     yield out
-            if conv is not None and (tail := conv.finish()):
+            tail = b"" if conv is None else conv.finish()
+            sent += len(tail)
+            # (RETR ends an unterminated last line with a CRLF the size counts, as measure()
+            # does; a ``,W=`` another tool wrote may leave those 2 out.)
+            if f.size not in (sent, sent + (0 if last == b"\n" else 2)):
+                raise OSError(errno.EIO, f"{f.name} shrank while it was sent")
+            if tail:
                 yield tail
         finally:
             os.close(fd)
@@ -433,7 +447,14 @@ class MaildirMaildrop:
                 data = b"".join(parts)
         finally:
             os.close(fd)
-        return data if f.crlf else to_crlf(data)
+        out = data if f.crlf else to_crlf(data)
+        # Shorter than listed: cut since the listing (chunks() says why this is an error).
+        if f.size not in (len(out), len(out) + (0 if data.endswith(b"\n") or not data else 2)):
+            log.warning(
+                "maildir %s: %s/%s not sent: changed since the listing", self.path, f.subdir, f.name
+            )
+            raise OSError(errno.EIO, f"{f.name} changed since the listing")
+        return out
 
     def update_now(self, deleted: Sequence[int], seen: Sequence[int]) -> int:
         """The UPDATE state (RFC 1939 §6): delete what was marked; mark what was read as seen.
