@@ -100,6 +100,7 @@ def parse_endpoint(value: str, default_port: int | None = None) -> Endpoint:
         # No colon, or a bare IPv6 address: there is no port part.
         if default_port is None:
             raise ValueError(f"expected 'host:port', got {value!r}")
+        _check_host(value, value)
         return value, default_port
     if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ValueError(f"bad port in {value!r}")
@@ -111,7 +112,10 @@ def parse_endpoint(value: str, default_port: int | None = None) -> Endpoint:
 
 def _check_host(host: str, value: str) -> None:
     """An IP address must be a valid one (``300.1.1.1`` failed only at bind time); a name is
-    taken as it is (resolved when the socket is made)."""
+    taken as it is (resolved when the socket is made), unless it holds what no name can (a
+    stray space failed only at bind time)."""
+    if not host.isprintable() or any(c.isspace() for c in host):
+        raise ValueError(f"bad host in {value!r}: a space or control character")
     if ":" in host or all(c.isdigit() or c == "." for c in host):
         try:
             ipaddress.ip_address(host)
@@ -622,12 +626,27 @@ def doubts(cfg: Config) -> list[str]:
             f"{source}: limits.pop3_idle_timeout: under 10 minutes, which RFC 1939 section 3 "
             "asks of a POP3 server: a client that reads slowly may be cut off"
         )
+    if not any(getattr(cfg.listen, f.name) for f in dataclasses.fields(cfg.listen)):
+        said.append(f"{source}: listen: no listeners: the server will serve nothing")
+    if _is_address(cfg.hostname):
+        said.append(
+            f"{source}: hostname: an address ({cfg.hostname}): RFC 5321 section 4.1.1.1 asks "
+            "a server to greet with its domain name, and bounces come from MAILER-DAEMON@ it"
+        )
     if cfg.path is not None and cfg.hostname == "localhost":
         said.append(
             f'{source}: hostname: "localhost": other mail servers refuse mail from a host that '
             "calls itself that; set this host's public name"
         )
     return said
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.removeprefix("[").removesuffix("]").removeprefix("IPv6:"))
+    except ValueError:
+        return False
+    return True
 
 
 def find_config_path(explicit: str | None) -> Path | None:

@@ -86,6 +86,30 @@ def test_a_v4_mapped_listen_address_is_a_config_error() -> None:
         config.from_dict({"domains": ["a.test"], "listen": {"smtp": ["[::ffff:127.0.0.1]:25"]}})
 
 
+@pytest.mark.parametrize("endpoint", [" 127.0.0.1:2525", "mx .a.test:25", "a\tb:25", "a\x00:25"])
+def test_a_listen_host_no_name_can_be_is_a_config_error(endpoint: str) -> None:
+    """A probe: a stray space passed the check (``user list`` said nothing), and ``serve``
+    failed at bind time (exit 1, "Name or service not known") without naming the key."""
+    with pytest.raises(ConfigError, match=r"listen\.smtp: bad host"):
+        config.from_dict({"domains": ["a.test"], "listen": {"smtp": [endpoint]}})
+
+
+def test_doubts_about_what_would_run() -> None:
+    """A probe: a server with no listeners started and logged ready, binding nothing; an
+    address as ``hostname`` went into the greeting and the bounces' From."""
+    quiet = config.from_dict(
+        {"hostname": "mx.a.test", "domains": ["a.test"], "listen": {"smtp": ["127.0.0.1:25"]}}
+    )
+    assert config.doubts(quiet) == []
+    nothing = config.from_dict({"hostname": "mx.a.test", "domains": ["a.test"], "listen": {}})
+    assert any("listen: no listeners" in d for d in config.doubts(nothing))
+    for literal in ("[127.0.0.1]", "192.0.2.1"):
+        cfg = config.from_dict(
+            {"hostname": literal, "domains": ["a.test"], "listen": {"smtp": ["127.0.0.1:25"]}}
+        )
+        assert any("hostname: an address" in d for d in config.doubts(cfg)), literal
+
+
 @pytest.mark.parametrize(
     "rua",
     ['a"b@x.test', "a b@x.test", "nobody", "@x.test", "a@x.test!9q", "ok@x.test, a@"],
