@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from postroom import events, lifetime, logs, metrics, privileges, supervisor
+from postroom import __version__, events, lifetime, logs, metrics, privileges, supervisor
 from postroom import tls as tls_mod
 from postroom.auth.helper import DkimHelper
 from postroom.auth.keys import KeyStore, LocalKeyStore
@@ -693,6 +693,13 @@ def run(cfg: Config) -> int:
     # time at 100 KiB from 20 sessions (perf). One thread, unless the admin set it.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     logs.setup(cfg)
+    log.info(
+        "postroom %s starting: config %s, data_dir %s, %d worker(s)",
+        __version__,
+        cfg.path or "<default>",
+        cfg.data_dir,
+        cfg.workers,
+    )
     _raise_fd_limit()
     try:
         data_lock = lock_data_dir(cfg.data_dir)
@@ -759,6 +766,8 @@ def run(cfg: Config) -> int:
     ).run()
     stop_listening()
     os.close(data_lock)
+    log.info("stopped (exit status %d)", status)
+    logs.flush()
     return status
 
 

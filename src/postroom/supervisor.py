@@ -53,6 +53,13 @@ from postroom.storage.local import files
 log = logging.getLogger("postroom")
 
 RESTART_ONLY = ("listen", "data_dir", "user", "workers", "pin_cpus", "storage")
+# Kept by each worker from its own start (configuration.md): the sender checks' DNS, the slots.
+KEPT_BY_WORKERS = (
+    ("dns", "nameservers"),
+    ("dns", "timeout"),
+    ("dns", "cache_size"),
+    ("delivery", "max_concurrent"),
+)
 MAX_RESTARTS = 5  # per worker slot within RESTART_WINDOW; beyond, the server stops
 RESTART_WINDOW = 60.0  # restarts of a slot within this long make the back-off grow
 STOP_GRACE = 11.0  # workers exit within 10 s of SIGTERM; then SIGKILL
@@ -325,6 +332,15 @@ class Supervisor:
         for key in RESTART_ONLY:  # against what runs, not the last reload
             if getattr(new, key) != getattr(self.started_cfg, key):
                 log.warning("reload: %s changed; it takes effect only after a restart", key)
+        for table, key in KEPT_BY_WORKERS:
+            if getattr(getattr(new, table), key) != getattr(getattr(self.started_cfg, table), key):
+                where = "the sender checks" if table == "dns" else "the delivery slots"
+                log.warning(
+                    "reload: %s.%s changed; for %s it takes effect only after a restart",
+                    table,
+                    key,
+                    where,
+                )
         # ...and ignored until then: the TLS pair made under data_dir, the DMARC records, the
         # metrics of a worker that dies all stay where the running server keeps them.
         new = replace(new, **{key: getattr(self.started_cfg, key) for key in RESTART_ONLY})

@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import os
 import ssl
+import time
 from pathlib import Path
 
 from postroom.config import Config
@@ -113,6 +114,14 @@ def read_pair(cfg: Config) -> tuple[bytes, bytes]:
                 path,
                 mode,
             )
+    expiry = certificate_expiry(out[0])
+    if 0 < expiry < time.time():  # served all the same: clients that check refuse it
+        logging.getLogger("postroom").warning(
+            "%s: tls.cert: %s expired on %s: renew it (clients that check it refuse TLS)",
+            cfg.path or "<default>",
+            cert_paths(cfg)[0],
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expiry)),
+        )
     return out[0], out[1]
 
 

@@ -556,3 +556,15 @@ def test_expiry_logs_bounced(server_factory: ServerFactory) -> None:
     assert {e["status"] for e in deliveries} == {"deferred", "bounced"}
     (bounced,) = [e for e in deliveries if e["status"] == "bounced"]
     assert "expired" in bounced["reply"] and "4.7.1" in bounced["reply"]
+
+
+def test_the_log_says_what_started_and_that_it_stopped(server_factory: ServerFactory) -> None:
+    """A probe: the start named no version and no config file (but in a hint), and a stop
+    ended with the workers' "shutting down", nothing from the server itself."""
+    from postroom import __version__
+
+    srv = server_factory(services=("smtp",))
+    assert srv.stop() == 0
+    text = srv.log.read_text()
+    assert f"postroom {__version__} starting: config {srv.config}, data_dir {srv.data_dir}" in text
+    assert text.rstrip().endswith("stopped (exit status 0)")

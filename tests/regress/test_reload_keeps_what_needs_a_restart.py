@@ -73,6 +73,18 @@ def test_open_sessions_keep_the_time_outs_they_started_with(
             assert first_line(new).startswith(b"421 ")  # the next session has the new one
 
 
+def test_a_reload_says_which_values_the_workers_keep(server_factory: ServerFactory) -> None:
+    """A probe: changing ``[dns] cache_size`` or ``[delivery] max_concurrent`` logged
+    nothing, though running workers keep them (configuration.md)."""
+    srv = server_factory(services=("smtp",))
+    text = srv.config.read_text()
+    srv.config.write_text(text + "\n[dns]\ncache_size = 5\n\n[delivery]\nmax_concurrent = 3\n")
+    log = reload(srv, 1)
+    assert "dns.cache_size changed; for the sender checks it takes effect only after" in log
+    assert "delivery.max_concurrent changed; for the delivery slots it takes effect" in log
+    assert "dns.timeout changed" not in log
+
+
 def test_a_key_others_may_read_is_warned_about(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -95,3 +107,50 @@ def test_a_key_others_may_read_is_warned_about(
     )
     tls.read_pair(cfg)
     assert f"tls.key: {key} may be read by others than its owner (mode 644)" in caplog.text
+
+
+def test_an_expired_certificate_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A probe: an expired [tls] pair was served at start and at a reload without a word
+    (only the expiry metric showed it)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.a.test")])
+    ended = datetime.datetime(2020, 2, 1, tzinfo=datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(ended - datetime.timedelta(days=90))
+        .not_valid_after(ended)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    cfg = config_mod.from_dict(
+        {
+            "hostname": "mx.a.test",
+            "domains": ["a.test"],
+            "data_dir": str(tmp_path / "d"),
+            "tls": {"cert": str(cert_path), "key": str(key_path)},
+        }
+    )
+    tls.check_pair(cfg, *tls.read_pair(cfg))  # still served: a warning, not an error
+    assert f"tls.cert: {cert_path} expired on 2020-02-01 00:00:00 UTC" in caplog.text
