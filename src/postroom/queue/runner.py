@@ -536,7 +536,7 @@ class QueueRunner:
         come (``results``: the recipients newly done, newly failed, relayed), its attempts
         added to ``attempts``, the domains whose dot was held back to ``withheld``. A stop
         that cancels it stores what it holds first (:meth:`_keep_cut`)."""
-        newly_done, newly_failed, _relayed = results
+        newly_failed = results[1]
         # What each domain's hosts decided so far, read if a stop cancels this attempt.
         kept: dict[str, dict[int, DeliveryResult]] = {d: {} for d in remote}
         tasks = {
@@ -563,11 +563,12 @@ class QueueRunner:
                         for _i, rcpt in remote[domain]:
                             if id(rcpt) not in decided:
                                 self._cut_short(envelope, rcpt, reply, relay, tls)
-                if delivered and pending and not _owes(newly_failed, newly_done):
+                if pending and (delivered or newly_failed):
                     # Stored now, not when the slowest other domain is done (a dead MX:
-                    # minutes): a stop or crash meanwhile must not send these again.
-                    # Only the instant between the 250 and this write remains (§6.1).
-                    saving = asyncio.ensure_future(self._save_early(envelope))
+                    # minutes): a stop or crash meanwhile must not send these again (only
+                    # the instant between the 250 and this write remains, §6.1), and the
+                    # DSNs they owe go out now (a bounce is immediate for a remote 5xx).
+                    saving = asyncio.ensure_future(self._save_early(envelope, first, results, wire))
                     await asyncio.shield(saving)
         except asyncio.CancelledError:
             for task in tasks:  # nothing more is learnt than what is kept now
@@ -722,11 +723,12 @@ class QueueRunner:
         for report, first_of_report in made:  # only now that the record says they were queued
             self._start(report, first_of_report)
 
-    async def _send_owed(self, envelope: Envelope) -> None:
+    async def _send_owed(self, envelope: Envelope, wire: bytes = b"") -> None:
         """Queue and start the DSNs ``envelope`` owes, recording first that they were queued
-        (as :meth:`_settle` does; one that cannot be queued now stays owed)."""
+        (as :meth:`_settle` does; one that cannot be queued now stays owed). ``wire``: the
+        message, if read already."""
         owed = len(envelope.reports)
-        made = await self._make_reports(envelope, b"")
+        made = await self._make_reports(envelope, wire)
         if len(envelope.reports) == owed:
             return
         try:
@@ -739,17 +741,42 @@ class QueueRunner:
         for report, first_of_report in made:
             self._start(report, first_of_report)
 
-    async def _save_early(self, envelope: Envelope) -> None:
-        """Store the outcomes so far in the middle of an attempt. A write that fails (a full
-        disk) leaves them to the attempt's record, as before; a lost lease ends the attempt."""
+    async def _save_early(
+        self,
+        envelope: Envelope,
+        first: _First | None,
+        results: tuple[list[Recipient], list[Recipient], set[int]],
+        wire: bytes,
+    ) -> None:
+        """Store the outcomes so far in the middle of an attempt, with the DSNs they owe (step
+        1 of :meth:`_settle`'s three), then queue and start those (:meth:`_send_owed`); the
+        outcomes so reported leave ``results`` (newly done, newly failed), so the attempt's
+        end does not report them again. A write that fails (a full disk) leaves them to the
+        attempt's end, as before; a lost lease ends the attempt."""
+        newly_done, newly_failed, relayed = results
+        decided = self._decide_reports(envelope, newly_failed, newly_done, relayed)
+        envelope.reports += decided
         try:
             await self.queue.save(envelope)
         except LeaseLost:
             raise
         except Exception:
+            del envelope.reports[len(envelope.reports) - len(decided) :]
             self.services.log.warning(
                 "%s: outcomes not stored before the attempt ends", envelope.id, exc_info=True
             )
+            return
+        newly_done.clear()
+        newly_failed.clear()
+        if first is not None:
+            first.decided = True  # (its local copies' notices too: they were in newly_done)
+        if envelope.reports:
+            try:
+                await self._send_owed(envelope, wire)
+            except LeaseLost:
+                raise
+            except Exception as exc:  # stored as owed: the attempt's end or the next sends them
+                self._failed(f"{envelope.id}: a delivery status notification not queued", exc)
 
     def _local_results(
         self,
@@ -1038,13 +1065,6 @@ def _wire(message: bytes) -> bytes:
     if message.startswith(b"Return-Path:"):
         message = message[message.find(b"\n") + 1 :]
     return to_crlf(message)
-
-
-def _owes(failed: list[Recipient], done: list[Recipient]) -> bool:
-    """Might a DSN be owed for these outcomes (a bounce, or NOTIFY=SUCCESS)? Such outcomes are
-    stored only with the reports decided for them (``_decide_reports``): stored alone, a crash
-    would leave the recipient done and its DSN never sent."""
-    return bool(failed) or any(r.notify and "SUCCESS" in r.notify for r in done)
 
 
 def _attempts(now: float, results: list[tuple[Recipient, DeliveryResult]]) -> list[Attempt]:
