@@ -370,7 +370,7 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
                 if adopted:
                     log.info("queue: %d messages parked by another worker scheduled", adopted)
             if verb == "flush":
-                events.queue_action("flush", count=queue.flush())
+                events.queue_action("flush", count=queue.flush(runner.busy))
                 answer = "ok"
             elif verb == "adopt":
                 answer = "ok"

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,28 @@ def test_a_record_the_disk_refused_keeps_the_message_due_with_what_it_learnt(
     assert queue.deferred.load("A1").attempts == 1
     (from_disk,) = asyncio.run(queue.claim(1e10, 10))
     assert from_disk is not claimed and from_disk.attempts == 1
+
+
+def test_a_flush_during_an_attempt_makes_the_message_due_when_it_ends(tmp_path: Path) -> None:
+    """A probe: ``queue flush`` right after the disk had room again left the messages whose
+    attempts were being recorded at that moment to the retry interval (5 minutes)."""
+    queue = LocalQueue(tmp_path, "mx.x.test")
+    for qid in ("A1", "B1"):
+        queue.deferred.park(envelope(qid, 0, 0.0).to_json(), qid, b"x", "")
+    queue.recover()
+    claimed = asyncio.run(queue.claim(1e10, 10))
+    assert sorted(e.id for e in claimed) == ["A1", "B1"]
+    assert queue.flush(busy={"A1", "B1"}) == 0  # nothing waits: both are in their attempts
+    for env in claimed:
+        env.attempts, env.next_attempt = 1, 2_000_000_000.0
+        env.recipients[0].status = "deferred"
+        asyncio.run(queue.record(env, []))
+    due = asyncio.run(queue.claim(time.time() + 1, 10))  # not at the retry interval
+    assert sorted(e.id for e in due) == ["A1", "B1"]
+    for env in due:
+        env.attempts, env.next_attempt = 2, 2_000_000_000.0
+        asyncio.run(queue.record(env, []))  # once: the next record keeps its schedule
+    assert asyncio.run(queue.claim(time.time() + 1, 10)) == []
 
 
 def test_a_message_finished_while_listed_is_no_problem(

@@ -32,6 +32,7 @@ nothing. Today's backend is the Maildir one in ``storage/local/maildrop.py``.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -219,8 +220,9 @@ class MessageQueue(Protocol):
         elsewhere finishes, but records nothing for it afterwards."""
         ...
 
-    def flush(self) -> int:
-        """Make every deferred message due now; how many."""
+    def flush(self, busy: AbstractSet[str] = frozenset()) -> int:
+        """Make every deferred message due now; how many. ``busy``: the messages whose
+        attempts run now, due again as soon as those end (if a recipient is left)."""
         ...
 
     def add_waiting(self, sender: str, recipients: list[str], message: bytes) -> str:

@@ -499,6 +499,7 @@ class LocalQueue:
         self._deleted: set[str] = set()
         self._heap: list[tuple[float, str]] = []
         self._next: dict[str, float] = {}
+        self._flush_next: set[str] = set()  # in an attempt when a flush came (see flush)
         self._wake = asyncio.Event()
         self._problems: list[str] = []
         self._boxes: dict[str, str] = {}
@@ -606,8 +607,12 @@ class LocalQueue:
         self._problems.append(text)
 
     def schedule(self, envelope: Envelope) -> None:
-        """Put a parked message in the schedule (the owner's)."""
-        self._schedule(envelope.id, envelope.next_attempt if envelope.attempts else 0.0)
+        """Put a parked message in the schedule (the owner's); one whose attempt a flush
+        found running is due at once."""
+        flushed = envelope.id in self._flush_next
+        self._flush_next.discard(envelope.id)
+        due = envelope.next_attempt if envelope.attempts and not flushed else 0.0
+        self._schedule(envelope.id, due)
 
     def _schedule(self, queue_id: str, when: float) -> None:
         self._next[queue_id] = when
@@ -764,6 +769,7 @@ class LocalQueue:
             if await self._journal(self.writer.release, envelope.id):
                 return  # else parked by a new writer's recovery: removed below
         self._next.pop(envelope.id, None)
+        self._flush_next.discard(envelope.id)
         with contextlib.suppress(QueueError):
             await self.io.run(self.deferred.remove, envelope.id)
 
@@ -838,10 +844,13 @@ class LocalQueue:
             return
         self.deferred.remove(queue_id)
 
-    def flush(self) -> int:
+    def flush(self, busy: AbstractSet[str] = frozenset()) -> int:
         now = time.time()
         n = 0
         if self.owner:
+            # A message in its attempt now is scheduled when the attempt ends, at the retry
+            # interval: a flush just after the disk had room again left those behind.
+            self._flush_next = set(busy)
             for qid in list(self._next):
                 self._next[qid] = now
                 heapq.heappush(self._heap, (now, qid))

@@ -51,6 +51,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -837,7 +838,7 @@ class PgQueue:
             raise QueueError(f"no such message {queue_id}")
         self._released(queue_id)
 
-    def flush(self) -> int:
+    def flush(self, busy: AbstractSet[str] = frozenset()) -> int:
         async def run(conn: asyncpg.Connection) -> int:
             async with conn.transaction():
                 n = await conn.fetchval(
