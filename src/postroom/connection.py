@@ -55,6 +55,7 @@ LARGE_PART = 1 << 12  # parts at least this large are written without joining th
 # closed without a word (docs/operations.md).
 REFUSAL_TLS_TIMEOUT = 5.0
 CLOSE_GRACE = 10.0  # seconds a closing connection has to read its last replies
+CLOSE_POLL = 0.25  # how often a closing connection's reading is looked at (see _close)
 CLOSE_QUEUE = 1 << 16  # octets left to send at a close beyond which it waits for them (above)
 READ_PROGRESS = 1 << 14  # octets a client takes in between two looks to count as reading
 REFUSAL_TLS_MAX = 8
@@ -537,7 +538,7 @@ class Connection(asyncio.Protocol):
             if transport.can_write_eof():
                 transport.write_eof()
             self._look = (left, time.monotonic())
-            loop.call_later(CLOSE_GRACE, self._close_when_read, transport)
+            loop.call_later(CLOSE_POLL, self._close_when_read, transport)
             return
         if linger and transport.can_write_eof():
             transport.write_eof()
@@ -546,18 +547,23 @@ class Connection(asyncio.Protocol):
         transport.close()
 
     def _close_when_read(self, transport: asyncio.Transport) -> None:
-        """CLOSE_GRACE after a close with much left to read, and again while the client takes
-        in READ_PROGRESS each time: close once all is read, reset a client that stopped."""
+        """Every CLOSE_POLL after a close with much left to read: close once all is read (a
+        stop waits for that: a client that read a large RETR in a moment was closed only
+        CLOSE_GRACE later), reset a client that took in less than READ_PROGRESS within
+        CLOSE_GRACE of the last look."""
         if self._gone:
             return
         left = self._left_for_client()
+        look, now = self._look, time.monotonic()
         if not left:
             transport.close()
-        elif self._look is not None and self._look[0] - left >= READ_PROGRESS:
-            self._look = (left, time.monotonic())
-            asyncio.get_running_loop().call_later(CLOSE_GRACE, self._close_when_read, transport)
-        else:
+            return
+        if look is not None and look[0] - left >= READ_PROGRESS:
+            self._look = (left, now)
+        elif look is None or now - look[1] >= CLOSE_GRACE:
             self._reset("not reading its last replies")
+            return
+        asyncio.get_running_loop().call_later(CLOSE_POLL, self._close_when_read, transport)
 
     # -- TLS -----------------------------------------------------------------------------------
 

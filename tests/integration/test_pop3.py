@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import poplib
 import secrets
+import signal
 import smtplib
 import socket
 import ssl
@@ -762,3 +763,33 @@ def test_pipelined_retrs_are_answered_as_the_client_reads(server_factory: Server
     sock.close()
     print(f"\n300 pipelined RETRs unread: server RSS grew by {grown / 1024:.1f} MiB")
     assert grown < 25 * 1024
+
+
+def test_a_stop_during_a_large_retr_exits_once_the_client_has_read_it(
+    server_factory: ServerFactory,
+) -> None:
+    """A probe: SIGTERM while a 16 MB RETR waited on the client; the client then read it all
+    and the -ERR in a moment, yet the server exited only at its 8 s deadline (the closing
+    connection looked at what was left to read once every 10 s)."""
+    s = server_factory(services=("pop3s",))
+    s.add_user("hana@a.test", "pw")
+    msg = b"Subject: big\r\n\r\n" + (b"z" * 78 + b"\r\n") * 200_000  # 16 MB
+    put(s.maildir("hana@a.test"), f"1700000000.Q1_0.h,S={len(msg)}", msg)
+    sock, f = raw_pop(s)
+    sock.sendall(b"USER hana@a.test\r\nPASS pw\r\nRETR 1\r\n")
+    f.readline()  # type: ignore[attr-defined]
+    assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    assert f.readline() == f"+OK {len(msg)} octets\r\n".encode()  # type: ignore[attr-defined]
+    time.sleep(0.3)  # the server's writes stall on the client
+    assert s.proc is not None
+    s.proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    got = 0
+    while (line := f.readline()) not in (b".\r\n", b""):  # type: ignore[attr-defined]
+        got += len(line)
+    assert got == len(msg)
+    assert f.readline().startswith(b"-ERR [SYS/TEMP]")  # type: ignore[attr-defined]
+    assert s.proc.wait(10) == 0
+    assert time.monotonic() - started < 3.0
+    s.proc = None
+    sock.close()
