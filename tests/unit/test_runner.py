@@ -1592,3 +1592,36 @@ def test_a_literal_domain_is_named_by_its_address_in_the_delivery_line(
     runner._remote_delivery = lambda: Remote()  # type: ignore[method-assign]
     asyncio.run(accept(runner, envelope("Q1", "bob@[IPv6:2001:db8::2]")))
     assert [line["relay"] for line in logged] == ["2001:db8::2[2001:db8::2]:25"]
+
+
+def test_a_message_deleted_during_an_attempt_the_stop_cuts_is_not_said_to_be_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A probe: ``queue delete`` while a host held the attempt, then a stop: the log said the
+    message was "cut short, tried again at the next start" and logged it deferred; it was
+    (rightly) never tried again."""
+    runner, queue, _boxes, _clock = make(tmp_path, {})
+    lines = delivery_lines(monkeypatch)
+    tarpit = asyncio.Event()
+
+    class Remote(FakeRemote):
+        async def deliver(self, *_a: Any, **_k: Any) -> list[Any]:
+            await tarpit.wait()
+            raise AssertionError("never")
+
+    use_remote(runner, Remote())
+
+    async def main() -> None:
+        env = envelope("Q1", "bob@slow.test")
+        draft = runner.queue.draft(env.id, env.sender)
+        draft.write(b"Subject: t\r\n\r\nbody\r\n")
+        await runner.accept(env, draft)
+        await asyncio.sleep(0.01)
+        assert await runner.delete("Q1")
+        await runner.stop(timeout=0.01)
+
+    with caplog.at_level(logging.INFO, logger="test-runner"):
+        asyncio.run(main())
+    assert "cut short" not in caplog.text
+    assert lines == []  # no "deferred" line for it either
+    assert "Q1" not in queue.messages

@@ -327,8 +327,14 @@ class QueueRunner:
                 if left <= 0:
                     break
                 _done, pending = await asyncio.wait(pending, timeout=min(left, 0.05))
-            if pending:  # the operator reads why these messages are still queued
-                ids = sorted(q for q, task in self._inflight.items() if task in pending)
+            # The operator reads why these messages are still queued (one deleted meanwhile
+            # is not: it goes as its attempt ends).
+            ids = sorted(
+                q
+                for q, task in self._inflight.items()
+                if task in pending and q not in self._deleted
+            )
+            if ids:
                 self.services.log.info(
                     "stopping: %d delivery attempt(s) cut short, tried again at the next start: %s",
                     len(ids),
@@ -656,7 +662,7 @@ class QueueRunner:
                         envelope, [(rcpt, result)], 0.0, newly_done, newly_failed, relayed
                     )
                     learnt.append((rcpt, result))
-                else:
+                elif envelope.id not in self._deleted:  # (deleted: not tried again, not said)
                     self._cut_short(envelope, rcpt, CUT_SHORT, "none")
         if envelope.id in self._deleted:
             return
