@@ -146,6 +146,24 @@ def test_a_recipient_named_twice_gets_every_notice_either_rcpt_asked_for(
     }
 
 
+def test_a_recipient_named_directly_after_an_alias_is_reported_as_named(tmp_path: Path) -> None:
+    """A probe: RCPT team@ (reaching alice) then RCPT alice@ NOTIFY=SUCCESS: the success
+    notice said ``Original-Recipient: rfc822; team@a.test``, though the RCPT that asked for
+    it named alice (RFC 3464 §2.3.1). Named directly once, it is reported as so named."""
+    p, _intake = policy(tmp_path)
+    assert p.on_mail(Mail(Address("x", "r.test"))) == replies.SENDER_OK
+    assert p.on_rcpt(Rcpt(Address("team", "a.test"))) == replies.RECIPIENT_OK
+    assert p.on_rcpt(Rcpt(Address("alice", "a.test"), {"NOTIFY": "SUCCESS"})) == (
+        replies.RECIPIENT_OK
+    )
+    assert p.on_rcpt(Rcpt(Address("team", "a.test"))) == replies.RECIPIENT_OK  # changes nothing
+    alice = next(r for r in p.txn.recipients if r.address == "alice@a.test")
+    assert (alice.original, alice.orcpt) == (None, None)
+    assert alice.notify == ["SUCCESS", "FAILURE", "DELAY"]
+    x = next(r for r in p.txn.recipients if r.address == "x@r.test")
+    assert x.original == "team@a.test"
+
+
 def test_an_alias_of_several_addresses_owes_one_expanded_notice(tmp_path: Path) -> None:
     # RFC 3461 §6.2.7.3: NOTIFY=SUCCESS for an alias of several addresses is answered by one
     # "expanded" notice for the alias, and its members do not get SUCCESS. It was passed on

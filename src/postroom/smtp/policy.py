@@ -224,13 +224,17 @@ class SmtpPolicy:
 
     def _add_recipient(self, rcpt: Recipient) -> None:
         """Each final address once per message, however often it was named or reached; it
-        gets every notice any of those RCPTs asked for (RFC 3461 §4.1: NOTIFY is per RCPT)."""
+        gets every notice any of those RCPTs asked for (RFC 3461 §4.1: NOTIFY is per RCPT).
+        Named directly once, it is reported as so named (RFC 3464 §2.3.1: Original-Recipient
+        is its own RCPT's), not as an alias named before reached it."""
         kept = self.txn.seen.get(rcpt.address)
         if kept is None:
             self.txn.seen[rcpt.address] = rcpt
             self.txn.recipients.append(rcpt)
-        else:
-            kept.notify = merged_notify(kept.notify, rcpt.notify)
+            return
+        kept.notify = merged_notify(kept.notify, rcpt.notify)
+        if kept.original is not None and rcpt.original is None:
+            kept.original, kept.orcpt = None, rcpt.orcpt
 
     # -- DATA ----------------------------------------------------------------------------------
 
