@@ -364,6 +364,8 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
             line = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
             verb, _, arg = line.partition(" ")
             if verb in ("flush", "adopt") and isinstance(queue, LocalQueue):
+                if verb == "flush":  # what the start could not replay (a full disk) first
+                    await queue.replay_left()
                 # A dead worker's messages, parked by the replay of its journal: scheduled
                 # here (a flush as well: "every deferred message", whoever parked it).
                 adopted = await queue.adopt(runner.busy)

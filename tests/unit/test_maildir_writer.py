@@ -30,6 +30,7 @@ from postroom.storage.local.maildir_writer import (
     NOTE,
     PARK,
     RELEASE,
+    REPLAY,
     Job,
     JobReader,
     JournalWriter,
@@ -159,6 +160,29 @@ def test_notes_share_one_flush_and_are_what_recovery_parks(
 def _state(queue_id: str) -> bytes:
     rcpts = [Recipient("u@x.test", status="delivered"), Recipient("r@y.test", status="bounced")]
     return Envelope(queue_id, "s@x.test", rcpts, 1.0).to_json()
+
+
+def test_a_replay_job_makes_what_the_start_left(tmp_path: Path, writer: JournalWriter) -> None:
+    """A probe: mail acknowledged on a full disk, then kill -9 and a start on a disk still
+    full: the start's replay was cut short, and once the disk had room ``queue flush`` did
+    nothing; a second restart was needed. A REPLAY job (the flush) replays what is left,
+    and leaves the running writer's own segment alone."""
+    box = tmp_path / "mail" / "x.test" / "u"
+    assert answers(writer.run([job(1, box)])) == [(1, 1, "")]  # its own segment, in use
+    data = b"H: 1\nleft\n"
+    left = Entry(1, "L1", b'{"id": "L1"}', (Target(0, str(box), "9.L1_0.h"),), data)
+    dead = tmp_path / "journal" / f"0.99999{journal.SUFFIX}"  # (not the writer's name)
+    dead.write_bytes(
+        b"".join(journal.encode_start(writer.boot)) + b"".join(journal.encode_entry(left))
+    )
+    refusal = tmp_path / "journal" / f"dead{journal.REFUSED}"
+    refusal.write_text("")  # another writer's, read at its start: not the flush's to remove
+    assert answers(writer.run([Job(7, REPLAY)])) == [(7, 1, "")]
+    assert (box / "new" / "9.L1_0.h").read_bytes() == data
+    assert not dead.exists()
+    assert writer.segment is not None and os.path.exists(writer.segment.path)
+    assert refusal.exists()
+    assert answers(writer.run([job(2, box)])) == [(2, 1, "")]  # and goes on writing
 
 
 def test_a_failed_job_fails_alone(tmp_path: Path, writer: JournalWriter) -> None:

@@ -425,7 +425,9 @@ def _read_refused(directory: str) -> tuple[set[str], list[str]]:
     return ids, paths
 
 
-def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
+def recover(
+    directory: str, boot: str, clean_bodies: bool = False, drop_refusals: bool = True
+) -> int:
     """Replay every segment in ``directory`` that no living writer holds, then delete it;
     the number of copies written. Kept entries are parked in the deferred store (``queue/``
     beside ``directory``). A segment that cannot be replayed whole (a full disk) is kept for
@@ -433,7 +435,9 @@ def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
     ``clean_bodies`` (the server's start, before any worker writes), body files that no
     segment names are removed: left by a message that was never acknowledged. Messages
     named by a refusal file (:func:`write_refused`) are dropped, and any copy of them still
-    unread in ``new/`` taken back; the files go once every segment was replayed."""
+    unread in ``new/`` taken back; the files go once every segment was replayed (unless not
+    ``drop_refusals``: a replay in a running server, beside which a new writer may be about
+    to read them for the segment of one that died)."""
     written = 0
     store = DeferredStore(os.path.join(os.path.dirname(directory) or ".", "queue"))
     named: set[str] = set()
@@ -489,7 +493,7 @@ def recover(directory: str, boot: str, clean_bodies: bool = False) -> int:
             kept = True
         finally:
             os.close(fd)
-    if not kept:  # (a living writer's segment holds none of them: they were its dead one's)
+    if not kept and drop_refusals:  # (a living writer's segment holds none: its dead one's)
         for path in refusals:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

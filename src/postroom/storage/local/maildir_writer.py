@@ -62,7 +62,7 @@ log = logging.getLogger("postroom")
 _JOB = struct.Struct("<IBI")
 _ANSWER = struct.Struct("<IH")
 _STATUS = struct.Struct("<iH")
-ACCEPT, PARK, RELEASE, NOTE = 1, 2, 3, 4
+ACCEPT, PARK, RELEASE, NOTE, REPLAY = 1, 2, 3, 4, 5
 READY = childproc.READY  # the id of the child's first answer: it has started and recovered
 _READ = 1 << 20
 _FLUSHERS = 8  # threads that flush body files beside the journal
@@ -100,6 +100,10 @@ def encode_note(job_id: int, queue_id: str, envelope: bytes) -> list[bytes]:
 
 def encode_release(job_id: int, queue_id: str) -> list[bytes]:
     return encode_job(job_id, RELEASE, [queue_id.encode()])
+
+
+def encode_replay(job_id: int) -> list[bytes]:
+    return encode_job(job_id, REPLAY, [])
 
 
 class JobReader:
@@ -197,7 +201,20 @@ class JournalWriter:
         for job in jobs:
             if job.kind == PARK:
                 answers[job.id] = [self._park(job)]
+            elif job.kind == REPLAY:
+                answers[job.id] = [self._replay_left()]
         return b"".join(encode_answer(job.id, *answers[job.id]) for job in jobs)
+
+    def _replay_left(self) -> tuple[int, str]:
+        """Replay the segments a replay left (one at the start that a full disk cut short;
+        no writer holds them): for ``queue flush``, so that their mail does not wait for
+        the next start once the disk has room. Kept messages are parked, for the owner to
+        adopt."""
+        try:
+            journal.recover(self.directory, self.boot, drop_refusals=False)
+        except OSError as exc:
+            return _failure(exc)
+        return 1, ""
 
     def _accept(self, jobs: Sequence[Job]) -> dict[int, list[tuple[int, str]]]:
         entries = []
@@ -519,6 +536,12 @@ class MaildirWriter:
     async def release(self, queue_id: str) -> None:
         """The queue is done with a kept message (OSError if the child could not record it)."""
         (result,) = await self._run(encode_release, queue_id)
+        if isinstance(result, OSError):
+            raise result
+
+    async def replay_left(self) -> None:
+        """Replay what a replay left in the journal (see ``JournalWriter._replay_left``)."""
+        (result,) = await self._run(encode_replay)
         if isinstance(result, OSError):
             raise result
 

@@ -32,6 +32,7 @@ import contextlib
 import ctypes
 import errno
 import heapq
+import logging
 import os
 import time
 import zlib
@@ -50,6 +51,8 @@ from postroom.storage.local.deferred import DeferredStore
 from postroom.storage.local.maildir_writer import MaildirWriter
 from postroom.wire import bulk
 from postroom.wire.framing import to_crlf
+
+log = logging.getLogger("postroom")
 
 INLINE_LIMIT = 64 << 10  # larger messages go to a body file (written once, linked)
 HOLD_LIMIT = 1 << 20  # a message up to this size may wait in memory for its end of DATA
@@ -843,6 +846,15 @@ class LocalQueue:
                 self.deferred.remove(queue_id)
             return
         self.deferred.remove(queue_id)
+
+    async def replay_left(self) -> None:
+        """For ``queue flush`` in the owner: replay the journal segments the start's replay
+        left (a full disk), so that their messages are made and parked now (then adopted)."""
+        if self.owner and self.writer is not None:
+            try:
+                await self.writer.replay_left()
+            except OSError as exc:
+                log.warning("queue flush: the journal left by the start not replayed: %s", exc)
 
     def flush(self, busy: AbstractSet[str] = frozenset()) -> int:
         now = time.time()
