@@ -74,7 +74,11 @@ def test_an_entry_swapped_for_a_link_midway_is_not_followed(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files away")
-def test_anothers_file_hard_linked_in_is_not_given_away(tmp_path: Path) -> None:
+def test_anothers_file_hard_linked_in_is_not_given_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ``fs.protected_hardlinks`` is off, the user may link any file it can see."""
+    monkeypatch.setattr(files, "_hard_links_protected", lambda: False)
     data, victim = tmp_path / "data", tmp_path / "victim"
     data.mkdir(mode=0o700)
     victim.write_bytes(b"secret")
@@ -97,3 +101,19 @@ def test_only_the_top_entries_without_deep(tmp_path: Path) -> None:
     files.tighten(data, deep=False)
     assert [mode(data), mode(data / "mail"), mode(data / "accounts")] == [0o700, 0o700, 0o600]
     assert mode(data / "mail" / "m1") == 0o644
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files away")
+def test_linked_copies_of_an_earlier_run_as_root_are_re_owned_where_links_are_protected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that ran as root linked one file into the Maildirs of several recipients;
+    with ``user`` set now, those copies must become the user's (or it could not read them),
+    which is safe where the kernel lets a user link only its own files."""
+    monkeypatch.setattr(files, "_hard_links_protected", lambda: True)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "a").write_bytes(b"mail")
+    os.link(data / "a", data / "b")
+    files.tighten(data, NOBODY)
+    assert (data / "a").stat().st_uid == NOBODY[0] == (data / "b").stat().st_uid

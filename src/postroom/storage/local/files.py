@@ -105,13 +105,26 @@ def private_umask() -> None:
 _TIGHTENED = (stat.S_ISDIR, stat.S_ISREG, stat.S_ISSOCK)
 
 
-def _tighten_at(name: str, dir_fd: int, ids: tuple[int, int] | None) -> None:
+def _hard_links_protected() -> bool:
+    """Whether the kernel lets a user link only files it owns (``fs.protected_hardlinks``)."""
+    try:
+        with open("/proc/sys/fs/protected_hardlinks", "rb") as f:
+            return f.read().strip() == b"1"
+    except OSError:
+        return False
+
+
+def _tighten_at(
+    name: str, dir_fd: int, ids: tuple[int, int] | None, links_safe: bool = True
+) -> None:
     """Tighten one entry of the directory ``dir_fd``, through a descriptor of the entry itself
     (``O_PATH``: opening it reads nothing and starts no device), never through a link:
     ``serve`` runs this as root over a tree the server's user can write, and a path checked
-    and then changed could be swapped for a symlink in between. A regular file with a second
-    name that the user does not own yet is left alone: a hard link to another's file (where
-    ``fs.protected_hardlinks`` is off) must not make root give it away."""
+    and then changed could be swapped for a symlink in between. Unless ``links_safe`` (the
+    kernel's ``fs.protected_hardlinks``), a regular file with a second name that the user
+    does not own yet is left alone: it may be a hard link the user made to another's file,
+    which root must not give away. (With the protection on, the Maildir copies an earlier
+    run as root linked for several recipients are re-owned like any file.)"""
     try:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:  # a file that went meanwhile
@@ -121,7 +134,7 @@ def _tighten_at(name: str, dir_fd: int, ids: tuple[int, int] | None) -> None:
         if not any(is_kind(st.st_mode) for is_kind in _TIGHTENED):
             return  # (a symlink is opened as itself: never followed)
         owner = ids[0] if ids is not None else os.geteuid()
-        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and st.st_uid != owner:
+        if not links_safe and stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and st.st_uid != owner:
             return
         # An O_PATH descriptor allows no fchmod/fchown; its /proc name reaches the same inode.
         inode = f"/proc/self/fd/{fd}"
@@ -158,13 +171,14 @@ def tighten(path: str | Path, ids: tuple[int, int] | None = None, deep: bool = T
     followed (:func:`_tighten_at`); the walk holds each directory open (``os.fwalk``), so a
     directory swapped for a link while it runs takes the walk nowhere else."""
     top = os.path.abspath(path)
+    links_safe = _hard_links_protected()
     parent_fd = os.open(os.path.dirname(top), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _tighten_at(os.path.basename(top), parent_fd, ids)
+        _tighten_at(os.path.basename(top), parent_fd, ids, links_safe)
     finally:
         os.close(parent_fd)
     for _root, dirs, names, dir_fd in os.fwalk(top):
         for name in dirs + names:
-            _tighten_at(name, dir_fd, ids)
+            _tighten_at(name, dir_fd, ids, links_safe)
         if not deep:
             dirs.clear()
