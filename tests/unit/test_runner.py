@@ -1625,3 +1625,58 @@ def test_a_message_deleted_during_an_attempt_the_stop_cuts_is_not_said_to_be_ret
     assert "cut short" not in caplog.text
     assert lines == []  # no "deferred" line for it either
     assert "Q1" not in queue.messages
+
+
+def test_a_stalled_destination_holds_no_delivery_slot_from_the_others(tmp_path: Path) -> None:
+    """A probe: four messages to a host that stalls (max_per_destination 2) held all four
+    delivery slots (max_concurrent 4), two of them only waiting for that destination, and
+    mail for any other domain waited behind them (at the defaults, for half an hour). An
+    attempt now takes its destinations' slots before a delivery slot."""
+    runner, queue, boxes, clock = make(tmp_path, {})
+    runner.services.cfg = config_mod.from_dict(
+        {
+            "hostname": "mx.a.test",
+            "domains": ["a.test"],
+            "data_dir": str(tmp_path),
+            "delivery": {"max_concurrent": 4, "max_per_destination": 2},
+        }
+    )
+    runner = QueueRunner(
+        runner.services, queue, boxes, runner._resolver, clock=clock, jitter=lambda: 0.0
+    )
+    stall = asyncio.Event()
+    dialled: list[str] = []
+
+    class Remote(FakeRemote):
+        async def deliver(self, domain: str, outgoing: Any, *_a: Any, **_k: Any) -> list[Any]:
+            dialled.append(domain)
+            if domain == "stalled.test":
+                await stall.wait()
+            return delivered(outgoing)
+
+    use_remote(runner, Remote())
+
+    async def main() -> None:
+        for i in range(6):
+            env = envelope(f"S{i}", f"u{i}@stalled.test")
+            draft = runner.queue.draft(env.id, env.sender)
+            draft.write(b"Subject: t\r\n\r\nbody\r\n")
+            await runner.accept(env, draft)
+        both = envelope("M1", "m@stalled.test", "m@other.test")  # waits too, holding nothing
+        draft = runner.queue.draft(both.id, both.sender)
+        draft.write(b"Subject: t\r\n\r\nbody\r\n")
+        await runner.accept(both, draft)
+        healthy = envelope("H1", "h@healthy.test")
+        draft = runner.queue.draft(healthy.id, healthy.sender)
+        draft.write(b"Subject: t\r\n\r\nbody\r\n")
+        await runner.accept(healthy, draft)
+        for _ in range(100):
+            await asyncio.sleep(0)
+        assert dialled.count("stalled.test") == 2 and "healthy.test" in dialled
+        assert "H1" not in queue.messages  # delivered and finished
+        stall.set()
+        await settle(runner)
+        assert sorted(dialled) == ["healthy.test", "other.test", *["stalled.test"] * 7]
+        assert not queue.messages
+
+    asyncio.run(main())

@@ -145,6 +145,7 @@ class QueueRunner:
         self._again: dict[str, Envelope] = {}  # claimed while still in flight: started after
         self._deleted: set[str] = set()  # deleted by the admin during their attempt
         self._slots = asyncio.Semaphore(services.cfg.delivery.max_concurrent)
+        self._holding: dict[str, list[str]] = {}  # queue id -> destinations whose slots it holds
         self._stopping = False  # start nothing
         self._draining = False  # the stop has begun: claim nothing, dial nothing
         self._remote: RemoteDelivery | None = None
@@ -380,16 +381,41 @@ class QueueRunner:
             # this one waits in the queue instead, due at once (nothing was dialled for it).
             await self._park_first(envelope, first, 0.0)
             return
-        try:
-            await self._slots.acquire()
-        except asyncio.CancelledError:
-            if first is not None:  # the stop came while it waited for a slot
-                await self._park_first(envelope, first, self._clock())
-            raise
-        try:
-            await self._in_slot(envelope, first)
-        finally:
-            self._slots.release()
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                # The slots of its destinations first (max_per_destination), then a delivery
+                # slot (max_concurrent): an attempt that waits for a destination (a host that
+                # stalls, one at its limit) holds no delivery slot meanwhile, so mail for the
+                # other destinations goes on (a probe: a stalled domain's backlog held every
+                # delivery slot, waiting for its own). Always in this order, destinations
+                # sorted, so that no two attempts wait for each other.
+                domains = self._destinations_of(envelope, first)
+                limit = self.cfg.delivery.max_per_destination
+                for domain in domains:
+                    await held.enter_async_context(self._destinations.slot(domain, limit))
+                self._holding[envelope.id] = domains
+                await self._slots.acquire()
+            except asyncio.CancelledError:
+                self._holding.pop(envelope.id, None)
+                if first is not None:  # the stop came while it waited for a slot
+                    await self._park_first(envelope, first, self._clock())
+                raise
+            try:
+                await self._in_slot(envelope, first)
+            finally:
+                self._slots.release()
+                self._holding.pop(envelope.id, None)
+
+    def _destinations_of(self, envelope: Envelope, first: _First | None) -> list[str]:
+        """The remote domains an attempt will try (as :meth:`_deliver` groups them), sorted."""
+        return sorted(
+            {
+                domain_of(r.address)
+                for r in envelope.recipients
+                if not (r.done or (first is not None and r.status == "deferred"))
+                and not self.is_local(r.address)
+            }
+        )
 
     async def _in_slot(self, envelope: Envelope, first: _First | None) -> None:
         """One attempt, holding its slot: whatever happens, it ends recorded (or dropped)."""
@@ -927,7 +953,9 @@ class QueueRunner:
             ret=envelope.ret,
             envid=envelope.envid,
         )
-        async with self._destinations.slot(domain, self.cfg.delivery.max_per_destination):
+        holding = domain in self._holding.get(envelope.id, ())  # (taken by _attempt)
+        limit = self.cfg.delivery.max_per_destination
+        async with contextlib.nullcontext() if holding else self._destinations.slot(domain, limit):
             started = time.monotonic()
             fence = self._lease_fresh
             may_finish = None if fence is None else (lambda: fence(envelope.id))
