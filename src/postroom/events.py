@@ -244,16 +244,51 @@ def _text_disconnect(f: Fields) -> str:
     )
 
 
+# A client refused unchecked (locked out, over its connection limit) may come back at once,
+# thousands of times a second: its refusals are all counted, but logged once per
+# REPEAT_INTERVAL (per client and kind), the line saying how many it stands for.
+REPEAT_INTERVAL = 10.0
+_REPEATS_KEPT = 4096
+_repeats: dict[tuple[str, str], tuple[float, int]] = {}
+
+
+def _unrepeated(kind: str, client: str) -> int | None:
+    """None to leave this refusal out of the log; else how many were left out before it."""
+    now = time.monotonic()
+    key = (kind, client)
+    last = _repeats.get(key)
+    if last is not None and now - last[0] < REPEAT_INTERVAL:
+        _repeats[key] = (last[0], last[1] + 1)
+        return None
+    if len(_repeats) >= _REPEATS_KEPT:
+        _repeats.clear()
+    _repeats[key] = (now, 0)
+    return 0 if last is None else last[1]
+
+
 def connection_refused(service: str, client: str, reason: str) -> None:
     """Turned away at connect: ``connection_limit`` or ``stopping``."""
+    fields: dict[str, object] = {"service": service, "client": client, "reason": reason}
     if reason == "connection_limit":
         _count(1, _metrics.throttled, service, reason)
-    fields = {"service": service, "client": client, "reason": reason}
+        repeated = _unrepeated("connection_limit", client)
+        if repeated is None:
+            return
+        if repeated:
+            fields["repeated"] = repeated
     logs.emit(WARNING, "connection_refused", _smtpd(service), fields, _text_conn_refused)
 
 
 def _text_conn_refused(f: Fields) -> str:
-    return f"refused connection from [{f['client']}] service={f['service']}: {f['reason']}"
+    return (
+        f"refused connection from [{f['client']}] service={f['service']}: {f['reason']}"
+        + _text_repeated(f)
+    )
+
+
+def _text_repeated(f: Fields) -> str:
+    n = f.get("repeated")
+    return f" (and {n} more like it in the last {REPEAT_INTERVAL:g}s)" if n else ""
 
 
 def tls_handshake(service: str, client: str, version: str | None, error: str | None) -> None:
@@ -424,12 +459,20 @@ def _text_auth_failed(f: Fields) -> str:
 def login_throttled(service: str, client: str) -> None:
     """A login refused unchecked: the client failed too often (the throttle's lockout)."""
     _count(1, _metrics.throttled, service, "login_lockout")
-    fields = {"service": service, "client": client}
+    repeated = _unrepeated("login_lockout", client)
+    if repeated is None:
+        return
+    fields: dict[str, object] = {"service": service, "client": client}
+    if repeated:
+        fields["repeated"] = repeated
     logs.emit(WARNING, "login_throttled", _smtpd(service), fields, _text_throttled)
 
 
 def _text_throttled(f: Fields) -> str:
-    return f"[{f['client']}]: login refused: too many failed logins, service={f['service']}"
+    return (
+        f"[{f['client']}]: login refused: too many failed logins, service={f['service']}"
+        + _text_repeated(f)
+    )
 
 
 def pop3_login(

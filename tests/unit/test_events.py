@@ -379,3 +379,55 @@ def test_workers_sharing_a_pipe_never_tear_each_others_lines() -> None:
     assert len(lines) == 2 * 20 * 200
     for line in lines:
         assert json.loads(line)["event"] == "probe", line
+
+
+def test_a_refused_client_coming_back_at_once_is_logged_once_per_interval(
+    log: io.StringIO, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A probe: a locked-out client's instant refusals, 111,599 in 25 s from one IP, each
+    wrote a line (40 MB of log in 70 s). Every one is counted; one line per client and kind
+    per interval says how many it stands for."""
+    _setup(log, "json", tmp_path)
+    events._repeats.clear()
+    clock = [1000.0]
+    monkeypatch.setattr(events.time, "monotonic", lambda: clock[0])
+    for _ in range(500):
+        events.login_throttled("smtp", "192.0.2.7")
+        events.connection_refused("smtp", "192.0.2.7", "connection_limit")
+    events.login_throttled("smtp", "192.0.2.8")  # another client: its own line
+    clock[0] += events.REPEAT_INTERVAL
+    events.login_throttled("smtp", "192.0.2.7")
+    events.connection_refused("smtp", "192.0.2.7", "stopping")  # never left out
+    logs.flush()
+    lines = [json.loads(line) for line in log.getvalue().splitlines()]
+    got = [(x["event"], x["client"], x.get("repeated")) for x in lines]
+    assert got == [
+        ("login_throttled", "192.0.2.7", None),
+        ("connection_refused", "192.0.2.7", None),
+        ("login_throttled", "192.0.2.8", None),
+        ("login_throttled", "192.0.2.7", 499),
+        ("connection_refused", "192.0.2.7", None),
+    ]
+    events.flush_metrics()
+    samples = _samples()
+    assert (
+        samples[("postroom_throttled_total", (("reason", "login_lockout"), ("service", "smtp")))]
+        == 502
+    )
+    log.truncate(0)
+    log.seek(0)
+    _setup(log, "text", tmp_path)
+    clock[0] += events.REPEAT_INTERVAL
+    for _ in range(2):
+        events.connection_refused("smtp", "192.0.2.7", "connection_limit")
+    clock[0] += events.REPEAT_INTERVAL
+    events.connection_refused("smtp", "192.0.2.7", "connection_limit")
+    logs.flush()
+    assert (
+        log.getvalue()
+        .splitlines()[-1]
+        .endswith(
+            "refused connection from [192.0.2.7] service=smtp: connection_limit"
+            " (and 1 more like it in the last 10s)"
+        )
+    )
