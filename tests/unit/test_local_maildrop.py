@@ -504,6 +504,60 @@ def test_a_file_changed_while_it_is_sent_fails_the_stream(tmp_path: Path, change
         drop.close_now()
 
 
+def test_a_measured_file_grown_by_two_octets_is_not_sent_as_listed(tmp_path: Path) -> None:
+    """A re-probe: a file without a final line end was listed with the CRLF RETR adds; grown
+    by two octets (still unterminated) it passed the check that allowed for that CRLF, and
+    went out two octets long with its dot. A measured size is now matched exactly."""
+    md = make_maildir(
+        tmp_path / "md", {"new/7.g": b"Subject: x\n\nno end", "new/8.h": b"a\n" * 300_000}
+    )
+    drop = Maildrop(md)
+    drop.open_now()
+
+    async def whole(number: int) -> bytes:
+        return b"".join([piece async for piece in drop.chunks(number)])
+
+    try:
+        with open(md / "new" / "7.g", "ab") as fh:
+            fh.write(b"de")
+        with pytest.raises(OSError, match="changed since the listing"):
+            drop.read_now(1)
+        (md / SIZE_CACHE).write_text("")  # (dropped: measured again by the next session)
+        with open(md / "new" / "8.h", "ab") as fh:
+            fh.write(b"zz")  # a large one, grown by as much: no line end now
+        with pytest.raises(OSError, match="while it was sent"):
+            asyncio.run(whole(2))
+        assert not (md / SIZE_CACHE).exists()
+    finally:
+        drop.close_now()
+
+
+def test_the_size_cache_is_keyed_by_ctime_and_checked(tmp_path: Path) -> None:
+    """A re-probe: a file rewritten in place with as many octets and its mtime set back (as
+    ``cp -p`` does) kept its stale size, and RETR refused it in every session; sizes such as
+    ``-5`` or ``1_000`` in the cache file were taken."""
+    md = make_maildir(tmp_path / "md", {"new/9.i": b"Subject: x\n\n1\n2\n3\n"})
+    drop = Maildrop(md)
+    drop.open_now()
+    first = drop.files[0].size
+    drop.close_now()
+    path = md / "new" / "9.i"
+    st = path.stat()
+    path.write_bytes(b"Subject: x\n\n1 2 3\n")  # as many octets, fewer line ends
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = Maildrop(md)
+    again.open_now()
+    assert again.files[0].size == first - 2 and len(again.read(again.files[0])) == first - 2
+    again.close_now()
+    key = (md / SIZE_CACHE).read_text().rsplit("\t", 2)[0]
+    for bad in ("-5", "1_000", "\u0663", "+7"):
+        (md / SIZE_CACHE).write_text(f"{key}\t{bad}\t{bad}\n")
+        hostile = Maildrop(md)
+        hostile.open_now()
+        assert hostile.files[0].size == first - 2, bad
+        hostile.close_now()
+
+
 def test_open_is_fast_for_10000_messages(tmp_path: Path) -> None:
     """Sizes come from the names: no body is read (the files here are empty)."""
     md = make_maildir(tmp_path / "md", {})

@@ -58,6 +58,7 @@ SMALL_MESSAGE = 1 << 18  # read on the event loop in one go; larger ones stream 
 UPDATE_THREADS = 4
 PARALLEL_UPDATE_MIN = 256  # below this, one thread: the hand-off would cost more than it saves
 _UID = re.compile(r"[\x21-\x7e]{1,70}")  # RFC 1939 §7
+_DIGITS = re.compile(r"[0-9]+")  # a size in the cache file
 _pool: ThreadPoolExecutor | None = None
 log = logging.getLogger("postroom")
 
@@ -80,6 +81,8 @@ class MaildirFile:
     uid: str
     raw: int | None = None  # the file's size, when the name says it (``,S=``)
     ino: int = 0  # its inode, when another file has the same unique name (0: not looked at)
+    measured: bool = False  # ``size`` was measured (it counts the CRLF RETR adds to an
+    # unterminated last line), not read from the name
 
     @property
     def crlf(self) -> bool:
@@ -181,15 +184,14 @@ class MaildirMaildrop:
                 out = piece if conv is None else conv.feed(piece)
                 sent, last = sent + len(out), piece[-1:]
                 if sent > f.size:
+                    self._changed(f)
                     raise OSError(errno.EIO, f"{f.name} grew while it was sent")
                 if out:
                     yield out
             tail = b"" if conv is None else conv.finish()
-            sent += len(tail)
-            # (RETR ends an unterminated last line with a CRLF the size counts, as measure()
-            # does; a ``,W=`` another tool wrote may leave those 2 out.)
-            if f.size not in (sent, sent + (0 if last == b"\n" else 2)):
-                raise OSError(errno.EIO, f"{f.name} shrank while it was sent")
+            if sent + len(tail) != _expected(f, last):
+                self._changed(f)
+                raise OSError(errno.EIO, f"{f.name} changed while it was sent")
             if tail:
                 yield tail
         finally:
@@ -299,13 +301,17 @@ class MaildirMaildrop:
 
     def _measure_all(self, names: list[tuple[str, str]]) -> list[MaildirFile]:
         """Sizes of files without ``,W=``, through the cache: keyed by unique name, inode and
-        time of change (two files with one unique name, a copy another tool made, are two
-        entries; a rename keeps all three), checked against the raw size."""
+        ctime (two files with one unique name, a copy another tool made, are two entries; a
+        file rewritten in place is measured again, also when the tool set its mtime back, as
+        ``cp -p`` does: no tool sets a ctime; a rename changes it too, one more measure),
+        checked against the raw size. An entry RETR finds wrong is dropped (:meth:`_changed`)."""
         cache_path = self.path / SIZE_CACHE
         cache: dict[str, tuple[int, int]] = {}
         try:
             for line in cache_path.read_text("utf-8", "surrogateescape").splitlines():
                 key, raw_text, crlf_text = line.rsplit("\t", 2)
+                if not (_DIGITS.fullmatch(raw_text) and _DIGITS.fullmatch(crlf_text)):
+                    raise ValueError("not a size")  # ("-5", "1_000", "٣": int() takes them)
                 cache[key] = (int(raw_text), int(crlf_text))
         except (OSError, ValueError):
             cache = {}
@@ -318,7 +324,7 @@ class MaildirMaildrop:
                 st = path.stat(follow_symlinks=False)
                 if not stat.S_ISREG(st.st_mode):  # replaced since the listing
                     raise OSError("not a regular file")
-                key = f"{uid}\t{st.st_ino}\t{st.st_mtime_ns}"
+                key = f"{uid}\t{st.st_ino}\t{st.st_ctime_ns}"
                 known = cache.get(key)
                 if known is None or known[0] != st.st_size:
                     known = (st.st_size, measure(path))
@@ -330,7 +336,7 @@ class MaildirMaildrop:
             raw, size = known
             fresh[key] = (raw, size)
             # Not marked CRLF (raw None): a measured file is always converted on the way out.
-            files.append(MaildirFile(subdir, name, size, uid))
+            files.append(MaildirFile(subdir, name, size, uid, measured=True))
         if fresh != cache:
             tmp = cache_path.with_name(SIZE_CACHE + ".tmp")
             try:
@@ -448,13 +454,20 @@ class MaildirMaildrop:
         finally:
             os.close(fd)
         out = data if f.crlf else to_crlf(data)
-        # Shorter than listed: cut since the listing (chunks() says why this is an error).
-        if f.size not in (len(out), len(out) + (0 if data.endswith(b"\n") or not data else 2)):
+        if len(out) != _expected(f, data[-1:] or b"\n"):  # (chunks() says why this is an error)
+            self._changed(f)
             log.warning(
                 "maildir %s: %s/%s not sent: changed since the listing", self.path, f.subdir, f.name
             )
             raise OSError(errno.EIO, f"{f.name} changed since the listing")
         return out
+
+    def _changed(self, f: MaildirFile) -> None:
+        """A file not of its listed size: a measured one's cache entry is dropped (the whole
+        cache: it is only that), so the next session measures it again."""
+        if f.measured:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path / SIZE_CACHE)
 
     def update_now(self, deleted: Sequence[int], seen: Sequence[int]) -> int:
         """The UPDATE state (RFC 1939 §6): delete what was marked; mark what was read as seen.
@@ -533,6 +546,14 @@ def seen_name(f: MaildirFile) -> str | None:
     if "S" in flags and f.subdir == "cur":
         return None
     return f"{head}:2,{''.join(sorted(set(flags + 'S')))}"
+
+
+def _expected(f: MaildirFile, last: bytes) -> int:
+    """The octets a file of ``f``'s listed size gives RETR before the CRLF it adds after an
+    unterminated last line (``last``: the file's last octet): a measured size counts that
+    CRLF, a ``,W=`` does not (postroom's own files end their lines; another tool's ``,W=``
+    of such a file leaves it out, and LIST is 2 octets short)."""
+    return f.size - (2 if f.measured and last != b"\n" else 0)
 
 
 def measure(path: Path) -> int:
