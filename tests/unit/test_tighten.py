@@ -117,3 +117,67 @@ def test_linked_copies_of_an_earlier_run_as_root_are_re_owned_where_links_are_pr
     os.link(data / "a", data / "b")
     files.tighten(data, NOBODY)
     assert (data / "a").stat().st_uid == NOBODY[0] == (data / "b").stat().st_uid
+
+
+def test_a_directory_swapped_for_a_link_to_a_fifo_never_blocks_the_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-probe: ``os.fwalk`` opened each directory with a plain O_RDONLY, following a link
+    swapped in after the listing, and the start blocked on a FIFO outside for as long as
+    nobody wrote to it."""
+    import threading
+
+    data, fifo = tmp_path / "data", tmp_path / "fifo"
+    (data / "box" / "sub").mkdir(parents=True)
+    (data / "box" / "plain").mkdir()
+    os.mkfifo(fifo)
+    real = files._tighten_at
+
+    def then_swap(name: str, dir_fd: int, *args: object) -> None:
+        real(name, dir_fd, *args)  # type: ignore[arg-type]
+        if name == "sub":  # listed as a directory, tightened; now a link to the FIFO
+            (data / "box" / "sub").rmdir()
+            (data / "box" / "sub").symlink_to(fifo)
+        elif name == "plain":  # and this one the FIFO itself
+            (data / "box" / "plain").rmdir()
+            os.mkfifo(data / "box" / "plain")
+
+    monkeypatch.setattr(files, "_tighten_at", then_swap)
+    walk = threading.Thread(target=files.tighten, args=(data,), daemon=True)
+    walk.start()
+    walk.join(10)
+    assert not walk.is_alive(), "the walk blocked opening a FIFO"
+
+
+def test_a_tree_nested_too_deep_is_walked_to_a_depth_and_the_start_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A re-probe: 1,000 levels made the walk's recursion fail, and the server never
+    started again."""
+    data = tmp_path / "data"
+    deep = data
+    for _ in range(files.TIGHTEN_DEPTH + 20):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    (data / "d").chmod(0o755)
+    files.tighten(data)
+    assert mode(data / "d") == 0o700
+    assert "nested too deep" in caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files away")
+def test_a_socket_of_anothers_linked_in_is_not_given_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    monkeypatch.setattr(files, "_hard_links_protected", lambda: False)
+    data, victim = tmp_path / "data", tmp_path / "victim.sock"
+    data.mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(victim))
+        victim.chmod(0o660)
+        os.link(victim, data / "s")
+        files.tighten(data, NOBODY)
+    st = victim.lstat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o660)

@@ -6,6 +6,8 @@ file modes of everything under ``data_dir`` (0700 directories, 0600 files, whate
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import stat
 from collections.abc import Iterator, Sequence
@@ -124,7 +126,7 @@ def _tighten_at(
     kernel's ``fs.protected_hardlinks``), a regular file with a second name that the user
     does not own yet is left alone: it may be a hard link the user made to another's file,
     which root must not give away. (With the protection on, the Maildir copies an earlier
-    run as root linked for several recipients are re-owned like any file.)"""
+    run as root linked for several recipients are re-owned like any file.) So is a socket."""
     try:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:  # a file that went meanwhile
@@ -134,7 +136,15 @@ def _tighten_at(
         if not any(is_kind(st.st_mode) for is_kind in _TIGHTENED):
             return  # (a symlink is opened as itself: never followed)
         owner = ids[0] if ids is not None else os.geteuid()
-        if not links_safe and stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and st.st_uid != owner:
+        linked = not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1
+        if linked and not links_safe and st.st_uid != owner:
+            logging.getLogger("postroom").warning(
+                "%s: left as it is (uid %d, mode %o): it has another name, maybe outside the"
+                " data directory, and fs.protected_hardlinks is off",
+                name,
+                st.st_uid,
+                stat.S_IMODE(st.st_mode),
+            )
             return
         # An O_PATH descriptor allows no fchmod/fchown; its /proc name reaches the same inode.
         inode = f"/proc/self/fd/{fd}"
@@ -165,20 +175,74 @@ def make_data_dir(data_dir: str | Path) -> None:
         os.mkdir(data_dir, 0o700)
 
 
+# How deep the walk goes (it holds a descriptor per level): a Maildir tree is a few levels;
+# one its user nested thousands deep must not stop the server from starting.
+TIGHTEN_DEPTH = 64
+# A directory opened by the walk: never through a link (ELOOP), never anything else, such as
+# a FIFO that would block the start (ENOTDIR).
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
 def tighten(path: str | Path, ids: tuple[int, int] | None = None, deep: bool = True) -> None:
     """Directories 0700 and files 0600 (and owner ``ids`` if given) for ``path`` and, with
-    ``deep``, everything below it; without ``deep``, only its direct entries. Links are never
-    followed (:func:`_tighten_at`); the walk holds each directory open (``os.fwalk``), so a
-    directory swapped for a link while it runs takes the walk nowhere else."""
+    ``deep``, everything below it (to :data:`TIGHTEN_DEPTH` levels); without ``deep``, only
+    its direct entries. Links are never followed (:func:`_tighten_at`); each directory is
+    opened by name in the one above it (``O_NOFOLLOW``, ``O_DIRECTORY``), so one swapped for
+    a link or a FIFO while the walk runs takes it nowhere else and never blocks it.
+    (``os.fwalk`` opens them with a plain ``O_RDONLY``, and recurses.)"""
     top = os.path.abspath(path)
     links_safe = _hard_links_protected()
     parent_fd = os.open(os.path.dirname(top), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         _tighten_at(os.path.basename(top), parent_fd, ids, links_safe)
+        top_fd = _open_dir(os.path.basename(top), parent_fd)
     finally:
         os.close(parent_fd)
-    for _root, dirs, names, dir_fd in os.fwalk(top):
-        for name in dirs + names:
-            _tighten_at(name, dir_fd, ids, links_safe)
-        if not deep:
-            dirs.clear()
+    if top_fd is None:
+        return
+    # Depth first; the descriptors open are those of the directories on the way down.
+    stack = [(top_fd, _tighten_entries(top_fd, ids, links_safe))]
+    try:
+        while stack:
+            dir_fd, subdirs = stack[-1]
+            if not deep or not subdirs:
+                os.close(stack.pop()[0])
+                continue
+            sub = _open_dir(subdirs.pop(), dir_fd)
+            if sub is None:
+                continue
+            if len(stack) >= TIGHTEN_DEPTH:
+                os.close(sub)
+                logging.getLogger("postroom").warning(
+                    "%s: not tightened below %d levels: nested too deep", top, TIGHTEN_DEPTH
+                )
+                continue
+            stack.append((sub, _tighten_entries(sub, ids, links_safe)))
+    finally:
+        for dir_fd, _subdirs in stack:
+            os.close(dir_fd)
+
+
+def _open_dir(name: str, dir_fd: int) -> int | None:
+    """The directory ``name`` of ``dir_fd``, open; None if it is none (any more)."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a link
+            return None
+        raise
+
+
+def _tighten_entries(dir_fd: int, ids: tuple[int, int] | None, links_safe: bool) -> list[str]:
+    """Tighten every entry of the directory ``dir_fd``; the names of those that looked like
+    directories (each is opened as one, or not at all, by :func:`_open_dir`)."""
+    subdirs = []
+    with os.scandir(dir_fd) as entries:
+        listed = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+    for name, is_dir in listed:
+        _tighten_at(name, dir_fd, ids, links_safe)
+        if is_dir:
+            subdirs.append(name)
+    return subdirs
