@@ -210,16 +210,6 @@ def test_utf8_header_section_goes_back_as_global_headers() -> None:
     assert parse(report()).get_payload()[2].get_content_type() == "text/rfc822-headers"
 
 
-def test_a_header_section_of_other_8_bit_octets_goes_back_as_rfc822() -> None:
-    """A probe: a raw Latin-1 Subject (no SMTPUTF8) went back as message/global, which holds
-    UTF-8 only (RFC 6532 §3.7): readers decoded it to U+FFFD."""
-    original = ORIGINAL.replace(b"lunch?", "café ?".encode("latin-1"))
-    whole = parse(report(original=original, ret="FULL")).get_payload()[2]
-    assert whole.get_content_type() == "message/rfc822"
-    headers_only = parse(report(original=original)).get_payload()[2]
-    assert headers_only.get_content_type() == "text/rfc822-headers"
-
-
 def test_boundary_not_in_content() -> None:
     first = report(message_id="fixed@x")
     boundary = parse(first).get_boundary()

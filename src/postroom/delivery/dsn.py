@@ -333,9 +333,7 @@ def build_dsn(
     ).encode("utf-8")
     # RFC 6533 §3, RFC 6532 §3.7: a header section in UTF-8 goes back as message/global(-headers),
     # never as the 7-bit text/rfc822-headers or message/rfc822, whatever the addresses are.
-    # Octets that are no UTF-8 (Latin-1 sent raw) fit neither: message/global holds UTF-8
-    # only, so those go back as message/rfc822 (8bit), as Postfix returns them.
-    global_types = utf8 or (not head.isascii() and _is_utf8(head))
+    global_types = utf8 or not head.isascii()
     if full:
         returned = original.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         returned_type = "message/global" if global_types else "message/rfc822"
@@ -406,11 +404,3 @@ def build_dsn(
         out += b"\r\n"
     out += f"\r\n--{boundary}--\r\n".encode()
     return out
-
-
-def _is_utf8(octets: bytes) -> bool:
-    try:
-        octets.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
