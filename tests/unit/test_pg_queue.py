@@ -227,6 +227,29 @@ def test_flush_and_delete_reach_every_node(pg_url: str, tmp_path: Path) -> None:
     run(main())
 
 
+def test_a_flush_during_an_attempt_makes_the_message_due_when_it_ends(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A re-probe: on PostgreSQL a ``queue flush`` during an attempt was lost, the attempt's
+    record setting next_attempt to the retry interval's over the flush's."""
+
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, _b):
+            env = await a.accept(remote=["r@remote.test"], next_attempt=time.time() + 3600)
+            await a.queue.record(env, [])
+            (taken,) = await a.queue.claim(FAR, 10)  # its attempt runs
+            a.queue.notified("flush 1")  # what the flush's NOTIFY tells each node
+            taken.next_attempt = time.time() + 3600
+            await a.queue.record(taken, [])
+            (again,) = await a.queue.claim(time.time() + 1, 10)
+            assert again.id == env.id
+            again.next_attempt = time.time() + 3600
+            await a.queue.record(again, [])  # once: the next record keeps its schedule
+            assert await a.queue.claim(time.time() + 1, 10) == []
+
+    run(main())
+
+
 def test_add_waiting_queues_a_message_due_now(pg_url: str, tmp_path: Path) -> None:
     async def main() -> None:
         async with nodes(pg_url, tmp_path) as (a, b):

@@ -424,6 +424,9 @@ class PgQueue:
         # from then (the database sets it later, and its clock runs at the same rate).
         self._confirmed: dict[str, float] = {}
         self._written: dict[str, float] = {}  # when each of those entries was made
+        # Held here when a `queue flush` came: due at once as their attempts end (the record
+        # would otherwise overwrite the flush's next_attempt with the retry interval's).
+        self._flush_next: set[str] = set()
         # The delivery slots (destination, number) this worker holds now (PgSlots keeps it):
         # renewed with the leases. Only these: a row whose DELETE failed (an outage as the
         # delivery ended) or whose INSERT's answer was lost must run out, not live on for
@@ -519,6 +522,7 @@ class PgQueue:
         self._bodies.pop(queue_id, None)
         self._confirmed.pop(queue_id, None)
         self._written.pop(queue_id, None)
+        self._flush_next.discard(queue_id)
 
     def door(self) -> db.Door:
         if self._door is None:
@@ -535,9 +539,11 @@ class PgQueue:
             if self.log_actions:
                 events.queue_action("delete", queue_id=payload[1:])
         else:
-            if self.log_actions and payload.startswith("flush"):
+            if payload.startswith("flush"):
+                self._flush_next = set(self._confirmed)
                 count = payload.removeprefix("flush").strip()
-                events.queue_action("flush", count=int(count) if count.isdigit() else None)
+                if self.log_actions:
+                    events.queue_action("flush", count=int(count) if count.isdigit() else None)
             self._next_due = 0.0
             self._wake.set()
         return False
@@ -733,19 +739,16 @@ class PgQueue:
 
     async def record(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
         envelope.history.extend(attempts)
+        due = 0.0 if envelope.id in self._flush_next else envelope.next_attempt
+        self._flush_next.discard(envelope.id)
         status = await self._write_outcome(
-            envelope.id,
-            _RECORD,
-            envelope.id,
-            self.node,
-            envelope.to_json().decode(),
-            envelope.next_attempt,
+            envelope.id, _RECORD, envelope.id, self.node, envelope.to_json().decode(), due
         )
         if status == "UPDATE 0":
             log.warning("%s: attempt not recorded: deleted, or another node holds it", envelope.id)
             return
-        if self._next_due is None or envelope.next_attempt < self._next_due:
-            self._next_due = envelope.next_attempt
+        if self._next_due is None or due < self._next_due:
+            self._next_due = due
             self._wake.set()
 
     async def finish(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
