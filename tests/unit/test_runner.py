@@ -1680,3 +1680,77 @@ def test_a_stalled_destination_holds_no_delivery_slot_from_the_others(tmp_path: 
         assert not queue.messages
 
     asyncio.run(main())
+
+
+def test_what_the_local_copies_owe_goes_before_a_slow_domain_and_is_due_if_cut(
+    tmp_path: Path,
+) -> None:
+    """A re-probe: a local recipient's success notice (and a bounce for an account deleted
+    since RCPT) waited for the slowest remote domain, and a kill -9 meanwhile lost it; and
+    an early save that owed notices was stored due at the next retry only."""
+    runner, queue, _boxes, clock = make(tmp_path, {})
+    hang = asyncio.Event()
+    stored: list[Envelope] = []
+    save = queue.save
+
+    async def saving(env: Envelope) -> None:
+        await save(env)
+        stored.append(Envelope.from_json(queue.stored[env.id][0]))
+
+    queue.save = saving  # type: ignore[method-assign]
+
+    class Remote(FakeRemote):
+        async def deliver(self, domain: str, outgoing: Any, *_a: Any, **_k: Any) -> list[Any]:
+            await hang.wait()
+            return delivered(outgoing)
+
+    use_remote(runner, Remote())
+
+    async def main() -> None:
+        env = envelope("Q1", "alice@a.test", "carol@slow.test")
+        env.recipients[0].notify = ["SUCCESS"]
+        draft = runner.queue.draft(env.id, env.sender)
+        draft.write(b"Subject: t\r\n\r\nbody\r\n")
+        await runner.accept(env, draft)
+        for _ in range(100):
+            await asyncio.sleep(0)
+        notices = [qid for kind, qid in queue.calls if kind == "accept" and qid != "Q1"]
+        assert len(notices) == 1  # while carol's host still holds the attempt
+        first_save = stored[0]
+        assert first_save.reports and first_save.next_attempt <= clock.now  # due if cut here
+        hang.set()
+        await settle(runner)
+        assert [qid for kind, qid in queue.calls if kind == "accept" and qid != "Q1"] == notices
+
+    asyncio.run(main())
+
+
+def test_a_message_deleted_during_an_attempt_logs_no_deferral(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-probe: ``queue delete`` while a host held the attempt, which then ended with a
+    451: a "deferred" line (and count) for a message that is not tried again."""
+    runner, _queue, _boxes, _clock = make(tmp_path, {})
+    lines = delivery_lines(monkeypatch)
+    hang = asyncio.Event()
+
+    class Remote(FakeRemote):
+        async def deliver(self, domain: str, outgoing: Any, *_a: Any, **_k: Any) -> list[Any]:
+            await hang.wait()
+            busy = Reply(451, "4.3.2", ("busy",))
+            return [DeliveryResult(r, Outcome.TEMPORARY, busy, "mx") for r in outgoing.recipients]
+
+    use_remote(runner, Remote())
+
+    async def main() -> None:
+        env = envelope("Q1", "bob@slow.test")
+        draft = runner.queue.draft(env.id, env.sender)
+        draft.write(b"Subject: t\r\n\r\nbody\r\n")
+        await runner.accept(env, draft)
+        await asyncio.sleep(0.01)
+        assert await runner.delete("Q1")
+        hang.set()
+        await settle(runner)
+
+    asyncio.run(main())
+    assert lines == []

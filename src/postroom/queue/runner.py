@@ -580,6 +580,11 @@ class QueueRunner:
         applied: set[str] = set()  # domains whose results are applied
         saving: asyncio.Future[None] | None = None
         try:
+            if _owes(results[1], results[0]):
+                # What the local copies owe (a success notice, a bounce for an account gone)
+                # goes before any host is waited for, as a domain's does when it is done.
+                saving = asyncio.ensure_future(self._save_early(envelope, first, results, wire))
+                await asyncio.shield(saving)
             pending = set(tasks)
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -788,16 +793,23 @@ class QueueRunner:
         newly_done, newly_failed, relayed = results
         decided = self._decide_reports(envelope, newly_failed, newly_done, relayed)
         envelope.reports += decided
+        # Stored due at once while it owes them (as _settle does): a crash before they are
+        # queued has the restart send them now, not at the next retry, hours on.
+        due = envelope.next_attempt
+        if decided:
+            envelope.next_attempt = min(due, self._clock())
         try:
             await self.queue.save(envelope)
         except LeaseLost:
             raise
         except Exception:
+            envelope.next_attempt = due
             del envelope.reports[len(envelope.reports) - len(decided) :]
             self.services.log.warning(
                 "%s: outcomes not stored before the attempt ends", envelope.id, exc_info=True
             )
             return
+        envelope.next_attempt = due
         newly_done.clear()
         newly_failed.clear()
         if first is not None:
@@ -856,6 +868,8 @@ class QueueRunner:
         ``local`` (a Maildir, of ``mailbox``); ``tls``: the remote session's TLS (PLAINTEXT
         without; None: no session was made)."""
         rcpt.status, rcpt.last_error = status, None if status == "delivered" else reply
+        if status == "deferred" and envelope.id in self._deleted:
+            return  # (deleted during the attempt: it is not tried again, so not "deferred")
         events.delivery(envelope, rcpt, _transport(relay), reply, relay, took, mailbox, tls)
 
     def _expired(self, envelope: Envelope) -> list[Recipient]:
@@ -1099,6 +1113,11 @@ def _wire(message: bytes) -> bytes:
     if message.startswith(b"Return-Path:"):
         message = message[message.find(b"\n") + 1 :]
     return to_crlf(message)
+
+
+def _owes(failed: list[Recipient], done: list[Recipient]) -> bool:
+    """Might a DSN be owed for these outcomes (a bounce, or NOTIFY=SUCCESS)?"""
+    return bool(failed) or any(r.notify and "SUCCESS" in r.notify for r in done)
 
 
 def _attempts(now: float, results: list[tuple[Recipient, DeliveryResult]]) -> list[Attempt]:
