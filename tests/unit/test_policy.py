@@ -164,6 +164,37 @@ def test_a_recipient_named_directly_after_an_alias_is_reported_as_named(tmp_path
     assert x.original == "team@a.test"
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "reported"),
+    [
+        # (local part, NOTIFY, ORCPT) of each RCPT; (original, ORCPT) the reports name
+        (
+            ("one", "SUCCESS", "rfc822;F7"),
+            ("alice", None, "rfc822;B7"),
+            ("one@a.test", "rfc822;F7"),
+        ),
+        (("alice", "NEVER", None), ("alice", "SUCCESS", "rfc822;B3"), (None, "rfc822;B3")),
+        (("alice", None, "rfc822;A1"), ("team", None, "rfc822;T1"), (None, "rfc822;A1")),
+        (("team", None, "rfc822;T2"), ("alice", None, None), (None, None)),
+    ],
+)
+def test_the_rcpt_a_report_answers_names_the_recipient(
+    tmp_path: Path,
+    first: tuple[str, str | None, str | None],
+    second: tuple[str, str | None, str | None],
+    reported: tuple[str | None, str | None],
+) -> None:
+    """A re-probe: after the rule above, alice named directly took the report's name from an
+    alias RCPT that alone asked for success (the success notice named the wrong ORCPT)."""
+    p, _intake = policy(tmp_path)
+    assert p.on_mail(Mail(Address("x", "r.test"))) == replies.SENDER_OK
+    for local, notify, orcpt in (first, second):
+        params = {k: v for k, v in (("NOTIFY", notify), ("ORCPT", orcpt)) if v}
+        assert p.on_rcpt(Rcpt(Address(local, "a.test"), params)) == replies.RECIPIENT_OK
+    alice = next(r for r in p.txn.recipients if r.address == "alice@a.test")
+    assert (alice.original, alice.orcpt) == reported
+
+
 def test_an_alias_of_several_addresses_owes_one_expanded_notice(tmp_path: Path) -> None:
     # RFC 3461 §6.2.7.3: NOTIFY=SUCCESS for an alias of several addresses is answered by one
     # "expanded" notice for the alias, and its members do not get SUCCESS. It was passed on

@@ -88,6 +88,10 @@ def merged_notify(first: list[str] | None, other: list[str] | None) -> list[str]
     return [n for n in ("SUCCESS", "FAILURE", "DELAY") if n in union]
 
 
+def _asks_success(notify: list[str] | None) -> bool:
+    return notify is not None and "SUCCESS" in notify
+
+
 @dataclass
 class _Txn:
     sender: Address | None = None
@@ -225,16 +229,23 @@ class SmtpPolicy:
     def _add_recipient(self, rcpt: Recipient) -> None:
         """Each final address once per message, however often it was named or reached; it
         gets every notice any of those RCPTs asked for (RFC 3461 §4.1: NOTIFY is per RCPT).
-        Named directly once, it is reported as so named (RFC 3464 §2.3.1: Original-Recipient
-        is its own RCPT's), not as an alias named before reached it."""
+        Its reports name it as the RCPT they answer named it (RFC 3464 §2.3.1: the
+        Original-Recipient is that RCPT's): the one that asked for success notices if one
+        alone did (failures are asked for by both, unless NEVER), else the one that named
+        it directly rather than through an alias."""
         kept = self.txn.seen.get(rcpt.address)
         if kept is None:
             self.txn.seen[rcpt.address] = rcpt
             self.txn.recipients.append(rcpt)
             return
+        success = _asks_success(rcpt.notify)
+        if success != _asks_success(kept.notify):
+            named_by_new = success
+        else:
+            named_by_new = kept.original is not None and rcpt.original is None
         kept.notify = merged_notify(kept.notify, rcpt.notify)
-        if kept.original is not None and rcpt.original is None:
-            kept.original, kept.orcpt = None, rcpt.orcpt
+        if named_by_new:
+            kept.original, kept.orcpt = rcpt.original, rcpt.orcpt
 
     # -- DATA ----------------------------------------------------------------------------------
 
