@@ -110,6 +110,9 @@ def parse_endpoint(value: str, default_port: int | None = None) -> Endpoint:
     return host, int(port_text)
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+
+
 def _check_host(host: str, value: str) -> None:
     """An IP address must be a valid one (``300.1.1.1`` failed only at bind time); a name is
     taken as it is (resolved when the socket is made), unless it holds what no name can (a
@@ -121,6 +124,13 @@ def _check_host(host: str, value: str) -> None:
             ipaddress.ip_address(host)
         except ValueError:
             raise ValueError(f"bad address in {value!r}") from None
+        return
+    try:  # (an empty or 64-octet label: the resolver's UnicodeError, a traceback at bind)
+        name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"bad host name in {value!r}") from None
+    if not _HOST_NAME.fullmatch(name):  # ("*", "[", "@", "/": no name a resolver takes)
+        raise ValueError(f"bad host name in {value!r}")
 
 
 def format_endpoint(host: str, port: int) -> str:

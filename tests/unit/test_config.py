@@ -86,12 +86,29 @@ def test_a_v4_mapped_listen_address_is_a_config_error() -> None:
         config.from_dict({"domains": ["a.test"], "listen": {"smtp": ["[::ffff:127.0.0.1]:25"]}})
 
 
-@pytest.mark.parametrize("endpoint", [" 127.0.0.1:2525", "mx .a.test:25", "a\tb:25", "a\x00:25"])
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        " 127.0.0.1:2525",
+        "mx .a.test:25",
+        "a\tb:25",
+        "a\x00:25",
+        "a..test:25",  # (a re-probe: a traceback at bind, exit 1)
+        "x" * 64 + ".test:25",
+        "*:25",
+        "[127.0.0.1:25",
+        "a]:25",
+        "a/8:25",
+        "a@b:25",
+    ],
+)
 def test_a_listen_host_no_name_can_be_is_a_config_error(endpoint: str) -> None:
     """A probe: a stray space passed the check (``user list`` said nothing), and ``serve``
     failed at bind time (exit 1, "Name or service not known") without naming the key."""
-    with pytest.raises(ConfigError, match=r"listen\.smtp: bad host"):
+    with pytest.raises(ConfigError, match=r"listen\.smtp: (bad host|bad endpoint|bad address)"):
         config.from_dict({"domains": ["a.test"], "listen": {"smtp": [endpoint]}})
+    for fine in ("localhost:25", "mx.a.test.:25", "bücher.test:25", "my_host:25"):
+        config.from_dict({"domains": ["a.test"], "listen": {"smtp": [fine]}})
 
 
 def test_doubts_about_what_would_run() -> None:
