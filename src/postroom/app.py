@@ -689,8 +689,6 @@ def _start_failed(cfg: Config, reason: str) -> None:
 
 
 def run(cfg: Config) -> int:
-    """``serve``: the exit status. The log's first line says what starts, its last that it
-    stopped (also when it could not start)."""
     files.private_umask()
     # numpy serves wire/bulk.py's scans and no BLAS routine, but OpenBLAS starts a thread per
     # extra core when numpy loads, and that thread spun between the scans: 3% of both cores'
@@ -704,13 +702,6 @@ def run(cfg: Config) -> int:
         cfg.data_dir,
         cfg.workers,
     )
-    status = _serve(cfg)
-    log.info("stopped (exit status %d)", status)
-    logs.flush()
-    return status
-
-
-def _serve(cfg: Config) -> int:
     _raise_fd_limit()
     try:
         data_lock = lock_data_dir(cfg.data_dir)
@@ -777,6 +768,8 @@ def _serve(cfg: Config) -> int:
     ).run()
     stop_listening()
     os.close(data_lock)
+    log.info("stopped (exit status %d)", status)
+    logs.flush()
     return status
 
 
