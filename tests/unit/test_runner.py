@@ -264,6 +264,13 @@ def envelope(qid: str, *rcpts: str, sender: str = "alice@a.test") -> Envelope:
     return Envelope(qid, sender, [Recipient(r) for r in rcpts], NOW)
 
 
+async def hand_over(runner: QueueRunner, env: Envelope) -> None:
+    """Accept ``env`` (a small message) and go on while its first attempt runs."""
+    draft = runner.queue.draft(env.id, env.sender)
+    draft.write(b"Subject: t\r\n\r\nbody\r\n")
+    await runner.accept(env, draft)
+
+
 async def accept(runner: QueueRunner, env: Envelope) -> Accepted:
     draft = runner.queue.draft(env.id, env.sender)
     draft.write(b"Subject: t\r\n\r\nbody\r\n")
@@ -702,9 +709,7 @@ def test_a_domain_delivered_is_stored_before_a_slower_one_ends(
         rcpts = ["bob@fast.test"] + (["nobody@fast.test"] if fast == "bounce" else [])
         env = envelope("Q1", *rcpts, "carol@slow.test")
         env.recipients[0].notify = list(notify) if notify else None
-        draft = runner.queue.draft(env.id, env.sender)
-        draft.write(b"Subject: t\r\n\r\nbody\r\n")
-        await runner.accept(env, draft)
+        await hand_over(runner, env)
         for _ in range(50):  # until the fast domain is done (and stored, if it may be)
             await asyncio.sleep(0)
         stored = Envelope.from_json(queue.stored["Q1"][0])
@@ -1028,9 +1033,7 @@ def test_a_stop_that_cancels_an_attempt_keeps_the_250s_it_holds(tmp_path: Path, 
         use_remote(runner, Remote())
         env = envelope("Q1", "bob@fast.test", held)
         env.recipients[0].notify = ["SUCCESS"]
-        draft = runner.queue.draft(env.id, env.sender)
-        draft.write(b"Subject: t\r\n\r\nbody\r\n")
-        await runner.accept(env, draft)
+        await hand_over(runner, env)
         for _ in range(50):
             await asyncio.sleep(0)
         assert sent == ["bob@fast.test"]
@@ -1169,9 +1172,7 @@ def test_mail_accepted_while_the_stop_waits_gets_its_first_attempt_but_dials_no_
 
     async def first_run() -> None:
         runner.begin_stop()  # SIGTERM: the session in DATA finishes its message
-        draft = runner.queue.draft(env.id, env.sender)
-        draft.write(b"Subject: t\r\n\r\nbody\r\n")
-        await runner.accept(env, draft)
+        await hand_over(runner, env)
         await settle(runner)
         await runner.stop(timeout=1)
 
@@ -1219,9 +1220,7 @@ def test_a_cancel_after_a_withheld_dot_keeps_the_250_an_earlier_host_gave(
     env = envelope("Q1", "d1@d.test", "d2@d.test")
 
     async def main() -> None:
-        draft = runner.queue.draft(env.id, env.sender)
-        draft.write(b"Subject: t\r\n\r\nbody\r\n")
-        await runner.accept(env, draft)
+        await hand_over(runner, env)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*runner._inflight.values())
 
@@ -1272,9 +1271,7 @@ def test_a_cancel_during_an_early_save_still_keeps_what_the_attempt_holds(
     env = envelope("Q1", "f@fast.test", "s1@slow.test", "s2@slow.test")
 
     async def main() -> None:
-        draft = runner.queue.draft(env.id, env.sender)
-        draft.write(b"Subject: t\r\n\r\nbody\r\n")
-        await runner.accept(env, draft)
+        await hand_over(runner, env)
         await asyncio.sleep(0.05)  # fast.test's early save under way; s1 has its 250
         await runner.stop(timeout=0.0)
 
@@ -1358,9 +1355,7 @@ def test_the_stop_waits_for_a_reply_to_a_final_dot_only_while_one_is_out(
     async def main() -> float:
         for qid, rcpt in (("Q1", "x@slow.test"), ("Q2", "y@fast.test")):
             env = envelope(qid, rcpt)
-            draft = runner.queue.draft(env.id, env.sender)
-            draft.write(b"Subject: t\r\n\r\nbody\r\n")
-            await runner.accept(env, draft)
+            await hand_over(runner, env)
         await asyncio.sleep(0.05)
         started = time.monotonic()
         await runner.stop(timeout=0.0, commit_timeout=5.0)
@@ -1377,9 +1372,7 @@ def _put(
         env = envelope(qid, *rcpts, sender=sender)
         if notify:
             env.recipients[0].notify = ["SUCCESS"]
-        draft = runner.queue.draft(env.id, env.sender)
-        draft.write(b"Subject: t\r\n\r\nbody\r\n")
-        await runner.accept(env, draft)
+        await hand_over(runner, env)
         return env
 
     return put()
@@ -1613,9 +1606,7 @@ def test_a_message_deleted_during_an_attempt_the_stop_cuts_is_not_said_to_be_ret
 
     async def main() -> None:
         env = envelope("Q1", "bob@slow.test")
-        draft = runner.queue.draft(env.id, env.sender)
-        draft.write(b"Subject: t\r\n\r\nbody\r\n")
-        await runner.accept(env, draft)
+        await hand_over(runner, env)
         await asyncio.sleep(0.01)
         assert await runner.delete("Q1")
         await runner.stop(timeout=0.01)
@@ -1659,9 +1650,7 @@ def test_a_stalled_destination_holds_no_delivery_slot_from_the_others(tmp_path: 
     async def main() -> None:
         for i in range(6):
             env = envelope(f"S{i}", f"u{i}@stalled.test")
-            draft = runner.queue.draft(env.id, env.sender)
-            draft.write(b"Subject: t\r\n\r\nbody\r\n")
-            await runner.accept(env, draft)
+            await hand_over(runner, env)
         both = envelope("M1", "m@stalled.test", "m@other.test")  # waits too, holding nothing
         draft = runner.queue.draft(both.id, both.sender)
         draft.write(b"Subject: t\r\n\r\nbody\r\n")
@@ -1709,9 +1698,7 @@ def test_what_the_local_copies_owe_goes_before_a_slow_domain_and_is_due_if_cut(
     async def main() -> None:
         env = envelope("Q1", "alice@a.test", "carol@slow.test")
         env.recipients[0].notify = ["SUCCESS"]
-        draft = runner.queue.draft(env.id, env.sender)
-        draft.write(b"Subject: t\r\n\r\nbody\r\n")
-        await runner.accept(env, draft)
+        await hand_over(runner, env)
         for _ in range(100):
             await asyncio.sleep(0)
         notices = [qid for kind, qid in queue.calls if kind == "accept" and qid != "Q1"]
@@ -1744,9 +1731,7 @@ def test_a_message_deleted_during_an_attempt_logs_no_deferral(
 
     async def main() -> None:
         env = envelope("Q1", "bob@slow.test")
-        draft = runner.queue.draft(env.id, env.sender)
-        draft.write(b"Subject: t\r\n\r\nbody\r\n")
-        await runner.accept(env, draft)
+        await hand_over(runner, env)
         await asyncio.sleep(0.01)
         assert await runner.delete("Q1")
         hang.set()
