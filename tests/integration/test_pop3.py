@@ -15,6 +15,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -683,15 +684,22 @@ def test_50mb_retr_streams(server_factory: ServerFactory) -> None:
     assert grown < 25 * 1024
 
 
-def test_client_stalled_in_retr_is_dropped_and_unlocks(server_factory: ServerFactory) -> None:
-    s = server_factory(services=("pop3s",), extra_toml='[limits]\npop3_idle_timeout = "1s"')
-    s.add_user("gina@a.test", "pw")
-    msg = b"Subject: stalled\r\n\r\n" + (b"z" * 78 + b"\r\n") * 200_000  # 16 MB
-    put(s.maildir("gina@a.test"), f"1700000000.Q1_0.h,S={len(msg)}", msg)
+def retr_of_16_mb(s: Server, user: str) -> tuple[ssl.SSLSocket, Any, bytes]:
+    """A 16 MB message in ``user``'s new mailbox, its login and RETR sent over POP3S, the
+    login's answers read: the socket, its reader (at the RETR's +OK) and the message."""
+    s.add_user(user, "pw")
+    msg = b"Subject: big\r\n\r\n" + (b"z" * 78 + b"\r\n") * 200_000
+    put(s.maildir(user), f"1700000000.Q1_0.h,S={len(msg)}", msg)
     sock, f = raw_pop(s)
-    sock.sendall(b"USER gina@a.test\r\nPASS pw\r\nRETR 1\r\n")
+    sock.sendall(f"USER {user}\r\nPASS pw\r\nRETR 1\r\n".encode())
     f.readline()  # type: ignore[attr-defined]
     assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    return sock, f, msg
+
+
+def test_client_stalled_in_retr_is_dropped_and_unlocks(server_factory: ServerFactory) -> None:
+    s = server_factory(services=("pop3s",), extra_toml='[limits]\npop3_idle_timeout = "1s"')
+    sock, _f, _msg = retr_of_16_mb(s, "gina@a.test")
     # Not reading: the server's writes stall, then it gives up and releases the mailbox.
     pop = login_when_free(s, "gina@a.test", timeout=20)
     assert pop.stat()[0] == 1
@@ -772,13 +780,7 @@ def test_a_stop_during_a_large_retr_exits_once_the_client_has_read_it(
     and the -ERR in a moment, yet the server exited only at its 8 s deadline (the closing
     connection looked at what was left to read once every 10 s)."""
     s = server_factory(services=("pop3s",))
-    s.add_user("hana@a.test", "pw")
-    msg = b"Subject: big\r\n\r\n" + (b"z" * 78 + b"\r\n") * 200_000  # 16 MB
-    put(s.maildir("hana@a.test"), f"1700000000.Q1_0.h,S={len(msg)}", msg)
-    sock, f = raw_pop(s)
-    sock.sendall(b"USER hana@a.test\r\nPASS pw\r\nRETR 1\r\n")
-    f.readline()  # type: ignore[attr-defined]
-    assert f.readline().startswith(b"+OK")  # type: ignore[attr-defined]
+    sock, f, msg = retr_of_16_mb(s, "hana@a.test")
     assert f.readline() == f"+OK {len(msg)} octets\r\n".encode()  # type: ignore[attr-defined]
     time.sleep(0.3)  # the server's writes stall on the client
     assert s.proc is not None
