@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -28,6 +30,8 @@ from postroom.storage.local.maildrop import (
     unique_id,
 )
 from postroom.wire.framing import to_crlf
+
+T = TypeVar("T")
 
 
 def Maildrop(path: Path) -> MaildirMaildrop:
@@ -47,6 +51,19 @@ def make_maildir(root: Path, files: dict[str, bytes]) -> Path:
     for rel, data in files.items():
         (root / rel).write_bytes(data)
     return root
+
+
+def each_session(md: Path, count: int, look: Callable[[Maildrop], T]) -> list[T]:
+    """What ``look`` sees in each of ``count`` sessions of the maildrop ``md``, in turn."""
+    seen = []
+    for _ in range(count):
+        drop = Maildrop(md)
+        drop.open_now()
+        try:
+            seen.append(look(drop))
+        finally:
+            drop.close_now()
+    return seen
 
 
 def test_maildrop_sizes_uids_and_order(tmp_path: Path) -> None:
@@ -109,14 +126,7 @@ def test_files_with_one_unique_name_and_one_raw_size_keep_their_own_sizes(tmp_pa
             "cur/1600000000.dup.host:2,S": b"Subject: b\n\nxxxxxx\n",
         },
     )
-    sessions = []
-    for _ in range(3):
-        drop = Maildrop(md)
-        drop.open_now()
-        try:
-            sessions.append([(f.uid, f.size, len(drop.read(f))) for f in drop.files])
-        finally:
-            drop.close_now()
+    sessions = each_session(md, 3, lambda d: [(f.uid, f.size, len(d.read(f))) for f in d.files])
     assert sessions[0] == sessions[1] == sessions[2]
     assert all(size == sent for _, size, sent in sessions[0])
     assert sorted(size for _, size, _ in sessions[0]) == [22, 27]
@@ -134,14 +144,7 @@ def test_files_with_one_unique_name_get_distinct_uidls(tmp_path: Path) -> None:
             "cur/1796470000.dup.host,S=5:2,S": b"four\n",
         },
     )
-    uidls = []
-    for _ in range(2):
-        drop = Maildrop(md)
-        drop.open_now()
-        try:
-            uidls.append([e.uid for e in drop.files])
-        finally:
-            drop.close_now()
+    uidls = each_session(md, 2, lambda d: [e.uid for e in d.files])
     assert uidls[0] == uidls[1] and len(set(uidls[0])) == 4
     assert uidls[0][0] == "1796470000.dup.host"
     assert all(u.startswith("1796470000.dup.host.") for u in uidls[0][1:])
