@@ -53,7 +53,7 @@ def make_maildir(root: Path, files: dict[str, bytes]) -> Path:
     return root
 
 
-def each_session(md: Path, count: int, look: Callable[[Maildrop], T]) -> list[T]:
+def each_session(md: Path, count: int, look: Callable[[MaildirMaildrop], T]) -> list[T]:
     """What ``look`` sees in each of ``count`` sessions of the maildrop ``md``, in turn."""
     seen = []
     for _ in range(count):
