@@ -310,6 +310,24 @@ def test_esmtp_parameters() -> None:
     assert lines[1] == b"RCPT TO:<bob@b.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob+2B1@b.test"
 
 
+@pytest.mark.parametrize(
+    ("smtputf8", "rcpt", "orcpt", "sent"),
+    [
+        (True, "ü4@xn--mller-kva.test", "ü4@müller.test", "ü4@müller.test"),  # as it is
+        (True, "u4@b.test", "ü4@m+x.test", "\\x{FC}4@m\\x{2B}x.test"),  # no SMTPUTF8 needed
+        (False, "u4@b.test", "ü4", "\\x{FC}4"),  # the server has no SMTPUTF8
+    ],
+)
+def test_a_utf8_orcpt_is_passed_on(smtputf8: bool, rcpt: str, orcpt: str, sent: str) -> None:
+    """An i18n probe: ``ORCPT=utf-8;ü4@müller.test`` was taken and then dropped at relay
+    time. RFC 6533 §3: as it is in an SMTPUTF8 transaction, else as utf-8-addr-xtext."""
+    engine = ready_engine(EHLO_FULL if smtputf8 else EHLO_FULL.replace(b"250-SMTPUTF8\r\n", b""))
+    engine.send_message(
+        OutgoingMessage("alice@a.test", (Recipient(rcpt, orcpt=f"utf-8;{orcpt}"),)), DATA
+    )
+    assert sent_lines(engine)[1].decode() == f"RCPT TO:<{rcpt}> ORCPT=utf-8;{sent}"
+
+
 def test_smtputf8_refused_without_sending() -> None:
     engine = ready_engine()  # no SMTPUTF8
     engine.send_message(msg("bøb@b.test"), DATA)

@@ -70,6 +70,12 @@ _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*\Z")
 # RFC 3461 §4: xtext (ENVID, ORCPT) is printable ASCII without "+" and "=" unless hex-escaped.
 _XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
 _NOTIFY = ("NEVER", "SUCCESS", "FAILURE", "DELAY")
+# RFC 6533 §3: QCHAR, what a utf-8-addr-xtext holds as it is; anything else is \x{HEX}.
+_QCHAR = re.compile(r"[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]")
+
+
+def _utf8_addr_xtext(value: str) -> str:
+    return "".join(c if _QCHAR.fullmatch(c) else f"\\x{{{ord(c):X}}}" for c in value)
 
 # RFC 5321 §4.5.3.2: minimum time-outs for each reply the client waits for (seconds).
 TIMEOUT_GREETING = 300.0
@@ -635,6 +641,11 @@ class ClientEngine:
                 kind, _, value = rcpt.orcpt.partition(";")
                 if _KEYWORD.match(kind) and _XTEXT.match(value):
                     parts.append(f"ORCPT={rcpt.orcpt}")  # RFC 3461 §4.2, unchanged
+                elif kind.lower() == "utf-8" and value.isprintable() and " " not in value:
+                    # RFC 6533 §3: a utf-8-addr-unitext goes as it is in an SMTPUTF8
+                    # transaction, else as utf-8-addr-xtext (it was dropped).
+                    utf8 = "SMTPUTF8" in self.extensions and self._needs_utf8(txn)
+                    parts.append(f"ORCPT={kind};{value if utf8 else _utf8_addr_xtext(value)}")
         return " ".join(parts).encode("utf-8")
 
     def _on_mail(self, reply: Reply) -> None:
