@@ -123,7 +123,9 @@ def parse_mailbox(text: str, *, utf8: bool = False, local_limit: bool = True) ->
     dot, quoted = (_DOT_STRING_UTF8, _QUOTED_UTF8) if utf8 else (_DOT_STRING, _QUOTED)
     if not (dot.match(local) or quoted.match(local)):
         raise AddressError(f"bad local part {local!r}")
-    if local_limit and len(local.encode()) > MAX_LOCAL_PART:
+    # Measured in NFC, the form accounts are keyed by (local_key): a decomposed spelling of
+    # a name that fits is the same account, and logs in (an i18n probe: refused over 64).
+    if local_limit and len(unicodedata.normalize("NFC", local).encode()) > MAX_LOCAL_PART:
         raise AddressError("local part too long")
     # RFC 5321 §4.1.2: a Domain has no white space or control characters, and no empty label
     # (one trailing dot, the root, is tolerated as most MTAs do); normalise_domain, made for

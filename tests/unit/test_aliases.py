@@ -125,6 +125,12 @@ def test_a_utf8_local_part_is_one_account_however_it_is_composed() -> None:
     path = parse_path(f"<{nfd}@a.test>", utf8=True)
     assert path is not None and path.key == key
     assert safe_local_part(nfd) == safe_local_part(nfc)
+    # (an i18n probe: 64 octets were counted in the spelling given, so a decomposed name of
+    # 50 octets precomposed, 75 decomposed, could neither log in nor be added)
+    long_nfc, long_nfd = "\u00fc" * 25, "u\u0308" * 25
+    long_key = account_address(f"{long_nfc}@a.test", ["a.test"]).key
+    assert account_address(f"{long_nfd}@a.test", ["a.test"]).key == long_key
+    assert login_key(f"{long_nfd}@a.test") == long_key
 
 
 def test_an_alias_that_lists_itself_without_a_mailbox_is_told_why() -> None:
