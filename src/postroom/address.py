@@ -26,10 +26,11 @@ MAX_DOMAIN = 255
 MAX_PATH = 256
 _USERNAME = get_profile("UsernameCasePreserved")  # RFC 8265 §3.3: see _identifier
 
-# RFC 5321 §4.1.2 atext (RFC 5322 §3.2.3); with SMTPUTF8 any non-ASCII UTF-8 is allowed too
-# (what UTF-8 can encode: no surrogates, which the CLI's surrogateescape argv may hold).
+# RFC 5321 §4.1.2 atext (RFC 5322 §3.2.3); with SMTPUTF8 non-ASCII UTF-8 too (what UTF-8 can
+# encode: no surrogates, which the CLI's surrogateescape argv may hold), but no C1 control
+# and no line or paragraph separator (RFC 5198 §2; an i18n probe saw NEL reach Return-Path).
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
-_UTF8 = r"\u0080-\ud7ff\ue000-\U0010ffff"
+_UTF8 = r"\u00a0-\u2027\u202a-\ud7ff\ue000-\U0010ffff"
 _DOT_STRING = re.compile(rf"^[{_ATEXT}]+(?:\.[{_ATEXT}]+)*\Z")
 _DOT_STRING_UTF8 = re.compile(rf"^[{_ATEXT}{_UTF8}]+(?:\.[{_ATEXT}{_UTF8}]+)*\Z")
 # qtextSMTP is %d32-33 / %d35-91 / %d93-126; quoted-pairSMTP is "\" %d32-126.

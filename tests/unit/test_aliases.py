@@ -115,7 +115,7 @@ def test_no_line_end_or_invisible_character_gets_into_an_address() -> None:
 def test_a_utf8_local_part_is_one_account_however_it_is_composed() -> None:
     """RFC 6532 §3.1: UTF-8 in NFC. ``jürgen`` precomposed and decomposed were two accounts
     that look alike, each with its own Maildir, mail and logins split between them."""
-    from postroom.address import parse_path, safe_local_part
+    from postroom.address import AddressError, parse_path, safe_local_part
     from postroom.storage.credentials import login_key
 
     nfc, nfd = "j\u00fcrgen", "ju\u0308rgen"
@@ -127,6 +127,9 @@ def test_a_utf8_local_part_is_one_account_however_it_is_composed() -> None:
     assert safe_local_part(nfd) == safe_local_part(nfc)
     # (an i18n probe: 64 octets were counted in the spelling given, so a decomposed name of
     # 50 octets precomposed, 75 decomposed, could neither log in nor be added)
+    for control in ("\u0085", "\u009b", "\u2028", "\u2029"):  # (NEL reached Return-Path)
+        with pytest.raises(AddressError):
+            parse_path(f"<a{control}b@a.test>", utf8=True)
     long_nfc, long_nfd = "\u00fc" * 25, "u\u0308" * 25
     long_key = account_address(f"{long_nfc}@a.test", ["a.test"]).key
     assert account_address(f"{long_nfd}@a.test", ["a.test"]).key == long_key
