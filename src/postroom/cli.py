@@ -521,7 +521,7 @@ def _local_domain(cfg: Config, text: str) -> str:
     try:
         domain = normalise_domain(text)
     except ValueError as exc:
-        raise AccountError(f"bad domain {text!r}: {exc}") from None
+        raise AccountError(str(exc)) from None  # (it names the domain and why)
     if not cfg.is_local_domain(domain):
         raise AccountError(f"{domain} is not a local domain")
     if domain.startswith("["):

@@ -111,8 +111,8 @@ def test_aliases(cfg: Path) -> None:
     assert run_cli("alias", "list", config=cfg).stdout == ""  # all@ was left with no target
     assert run_cli("alias", "del", "team@a.test", config=cfg, check=False).returncode == 1
     # A remote target may be any UTF-8 address: alias list printed a right-to-left override
-    # or a line separator as it was, for the terminal to act on (recheck2 probe).
-    run_cli("alias", "add", "far@a.test", "x\u202eab\u2028c@remote.test", config=cfg)
+    # or a zero-width space as it was, for the terminal to act on (recheck2 probe).
+    run_cli("alias", "add", "far@a.test", "x\u202eab\u200bc@remote.test", config=cfg)
     out = run_cli("alias", "list", config=cfg).stdout
     assert out == "far@a.test\tx?ab?c@remote.test\n"
 
