@@ -29,7 +29,7 @@ import errno
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -45,6 +45,7 @@ from postroom.delivery.dsn import (
     xtext_encode,
 )
 from postroom.delivery.remote import (
+    NOT_TRIED,
     PLAINTEXT,
     DeliveryResult,
     DotWithheld,
@@ -118,6 +119,51 @@ class ProcessSlots:
             yield
 
 
+class _Dialling:
+    """What the domains of one attempt share as each takes its slots: the attempt's count,
+    stored once before its first host is dialled (not while it waits for a slot: one the stop
+    then cuts dialled nothing), and the message as SMTP sends it, read when a host is about
+    to take it and let go when none is at it, so that attempts waiting for a slot hold no
+    message in memory."""
+
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[bytes]],
+        begin: Callable[[], Awaitable[None]],
+        counted: bool,
+    ) -> None:
+        self.counted = counted
+        self._read, self._begin = read, begin
+        self._data: bytes | None = None
+        self._users = 0
+        self._lock = asyncio.Lock()  # (two domains at once: counted once, read once)
+
+    async def take(self) -> bytes:
+        """Count the attempt if it is not yet, and the message; :meth:`give_back` after."""
+        self._users += 1
+        try:
+            async with self._lock:
+                if not self.counted:
+                    self.counted = True  # (counted in memory before the store: see _settle)
+                    await self._begin()
+                if self._data is None:
+                    self._data = _wire(await self._read())
+        except BaseException:
+            self.give_back()
+            raise
+        return self._data
+
+    def give_back(self) -> None:
+        self._users -= 1
+        if not self._users:
+            self._data = None
+
+    @property
+    def held(self) -> bytes:
+        """The message if it is in memory now, else empty (a DSN reads it again)."""
+        return self._data or b""
+
+
 class QueueRunner:
     """Takes messages and runs their attempts; one per worker. Only the queue's owner (the
     primary worker) runs the schedule of retries; every worker makes the first attempt of
@@ -145,7 +191,6 @@ class QueueRunner:
         self._again: dict[str, Envelope] = {}  # claimed while still in flight: started after
         self._deleted: set[str] = set()  # deleted by the admin during their attempt
         self._slots = asyncio.Semaphore(services.cfg.delivery.max_concurrent)
-        self._holding: dict[str, list[str]] = {}  # queue id -> destinations whose slots it holds
         self._stopping = False  # start nothing
         self._draining = False  # the stop has begun: claim nothing, dial nothing
         self._remote: RemoteDelivery | None = None
@@ -376,49 +421,14 @@ class QueueRunner:
     async def _attempt(
         self, envelope: Envelope, first: _First | None, overload: bool = False
     ) -> None:
+        """One attempt: whatever happens, it ends recorded (or dropped). It holds no slot:
+        each of its domains takes one (:meth:`_deliver_remote`), so an attempt that waits for
+        a destination holds up nothing else."""
         if first is not None and overload:
             # More first attempts waiting than are worth holding in memory and in the journal:
             # this one waits in the queue instead, due at once (nothing was dialled for it).
             await self._park_first(envelope, first, 0.0)
             return
-        async with contextlib.AsyncExitStack() as held:
-            try:
-                # The slots of its destinations first (max_per_destination), then a delivery
-                # slot (max_concurrent): an attempt that waits for a destination (a host that
-                # stalls, one at its limit) holds no delivery slot meanwhile, so mail for the
-                # other destinations goes on (a probe: a stalled domain's backlog held every
-                # delivery slot, waiting for its own). Always in this order, destinations
-                # sorted, so that no two attempts wait for each other.
-                domains = self._destinations_of(envelope, first)
-                limit = self.cfg.delivery.max_per_destination
-                for domain in domains:
-                    await held.enter_async_context(self._destinations.slot(domain, limit))
-                self._holding[envelope.id] = domains
-                await self._slots.acquire()
-            except asyncio.CancelledError:
-                self._holding.pop(envelope.id, None)
-                if first is not None:  # the stop came while it waited for a slot
-                    await self._park_first(envelope, first, self._clock())
-                raise
-            try:
-                await self._in_slot(envelope, first)
-            finally:
-                self._slots.release()
-                self._holding.pop(envelope.id, None)
-
-    def _destinations_of(self, envelope: Envelope, first: _First | None) -> list[str]:
-        """The remote domains an attempt will try (as :meth:`_deliver` groups them), sorted."""
-        return sorted(
-            {
-                domain_of(r.address)
-                for r in envelope.recipients
-                if not (r.done or (first is not None and r.status == "deferred"))
-                and not self.is_local(r.address)
-            }
-        )
-
-    async def _in_slot(self, envelope: Envelope, first: _First | None) -> None:
-        """One attempt, holding its slot: whatever happens, it ends recorded (or dropped)."""
         # Counted already: at acceptance (a first attempt), or by _deliver before dialling.
         counted = -1 if first is not None and envelope.attempts > 0 else envelope.attempts
         try:
@@ -443,6 +453,12 @@ class QueueRunner:
                 except Exception as again:
                     self._failed(f"cannot record {envelope.id}", again)
         self._deleted.discard(envelope.id)
+
+    async def _begin_attempt(self, envelope: Envelope, now: float) -> None:
+        """Count the attempt; stored before dialling, so that a crash now cannot cause an
+        immediate retry loop."""
+        self._count_attempt(envelope, now, self._jitter())
+        await self.queue.begin_attempt(envelope)
 
     def _ours_failed(self, envelope: Envelope, exc: Exception) -> None:
         """An attempt ended by an error of ours before its hosts had their say: each recipient
@@ -520,8 +536,10 @@ class QueueRunner:
             attempts += self._local_results(envelope, local, errors, now, took)
             newly_done += [r for _i, r in _of(envelope, local) if r.status == "delivered"]
 
-        wire = b""  # the message as SMTP sends it: read once, for the remote hosts and the DSNs
         counted = first is not None and envelope.attempts > 0  # at acceptance
+        dialling = _Dialling(
+            lambda: self.queue.body(envelope), lambda: self._begin_attempt(envelope, now), counted
+        )
         # Domains whose final dot a stop or the fence held back: the reply, relay, tls to log.
         withheld: dict[str, tuple[str, str, str | None]] = {}
         # The stop has begun: no host is dialled (its final dot would be held back). They wait
@@ -530,15 +548,9 @@ class QueueRunner:
         if drained:
             remote = {}
         if remote:
-            if not counted:
-                counted = True
-                self._count_attempt(envelope, now, self._jitter())
-                # Stored before dialling: a crash now cannot cause an immediate retry loop.
-                await self.queue.begin_attempt(envelope)
-            wire = _wire(await self.queue.body(envelope))
             results = (newly_done, newly_failed, relayed)
             await self._deliver_domains(
-                envelope, first, now, remote, wire, results, attempts, withheld
+                envelope, first, now, remote, dialling, results, attempts, withheld
             )
             if not envelope.done:  # (a delivered message has no next attempt to move)
                 self._wait_from_the_end(envelope)
@@ -549,8 +561,8 @@ class QueueRunner:
         if first is not None:
             first.decided = True  # (by _settle, first of all)
         await self._settle(
-            envelope, now, attempts, newly_failed, newly_done, relayed, wire, counted,
-            cut=drained or bool(withheld),
+            envelope, now, attempts, newly_failed, newly_done, relayed, dialling.held,
+            dialling.counted, cut=drained or bool(withheld),
         )  # fmt: skip
 
     async def _deliver_domains(
@@ -559,7 +571,7 @@ class QueueRunner:
         first: _First | None,
         now: float,
         remote: dict[str, list[tuple[int, Recipient]]],
-        wire: bytes,
+        dialling: _Dialling,
         results: tuple[list[Recipient], list[Recipient], set[int]],
         attempts: list[Attempt],
         withheld: dict[str, tuple[str, str, str | None]],
@@ -573,7 +585,7 @@ class QueueRunner:
         kept: dict[str, dict[int, DeliveryResult]] = {d: {} for d in remote}
         tasks = {
             asyncio.ensure_future(
-                self._deliver_domain(envelope, d, rcpts, wire, kept[d], withheld)
+                self._deliver_domain(envelope, d, rcpts, dialling, kept[d], withheld)
             ): d
             for d, rcpts in remote.items()
         }
@@ -583,7 +595,9 @@ class QueueRunner:
             if _owes(results[1], results[0]):
                 # What the local copies owe (a success notice, a bounce for an account gone)
                 # goes before any host is waited for, as a domain's does when it is done.
-                saving = asyncio.ensure_future(self._save_early(envelope, first, results, wire))
+                saving = asyncio.ensure_future(
+                    self._save_early(envelope, first, results, dialling.held)
+                )
                 await asyncio.shield(saving)
             pending = set(tasks)
             while pending:
@@ -605,7 +619,9 @@ class QueueRunner:
                     # minutes): a stop or crash meanwhile must not send these again (only
                     # the instant between the 250 and this write remains, §6.1), and the
                     # DSNs they owe go out now (a bounce is immediate for a remote 5xx).
-                    saving = asyncio.ensure_future(self._save_early(envelope, first, results, wire))
+                    saving = asyncio.ensure_future(
+                        self._save_early(envelope, first, results, dialling.held)
+                    )
                     await asyncio.shield(saving)
         except asyncio.CancelledError:
             for task in tasks:  # nothing more is learnt than what is kept now
@@ -909,7 +925,7 @@ class QueueRunner:
         envelope: Envelope,
         domain: str,
         rcpts: list[tuple[int, Recipient]],
-        wire: bytes,
+        dialling: _Dialling,
         kept: dict[int, DeliveryResult],
         withheld: dict[str, tuple[str, str, str | None]],
     ) -> tuple[float, list[tuple[Recipient, DeliveryResult]]]:
@@ -917,7 +933,7 @@ class QueueRunner:
         defers this domain's recipients with it, and only them: what the other domains of the
         attempt decided (a bounce owed, a success to report) is stored as it would be."""
         try:
-            return await self._deliver_remote(envelope, domain, rcpts, wire, kept)
+            return await self._deliver_remote(envelope, domain, rcpts, dialling, kept)
         except DotWithheld as exc:
             # A stop, or a lease not confirmed, before this domain's final dot: what its hosts
             # decided before (a 250: sent no more) and what the other domains did is recorded
@@ -952,11 +968,17 @@ class QueueRunner:
         envelope: Envelope,
         domain: str,
         rcpts: list[tuple[int, Recipient]],
-        wire: bytes,
+        dialling: _Dialling,
         kept: dict[int, DeliveryResult],
     ) -> tuple[float, list[tuple[Recipient, DeliveryResult]]]:
         """Hand ``rcpts`` (all in ``domain``) to remote delivery: the seconds it took, and
-        each recipient with its result (a final one also in ``kept`` as it comes, by index)."""
+        each recipient with its result (a final one also in ``kept`` as it comes, by index).
+
+        It takes a slot of the destination (``max_per_destination``), then a delivery slot
+        (``max_concurrent``), and only then reads the message: waiting for a destination that
+        stalls, it holds no delivery slot and no message in memory (a probe: a stalled
+        domain's backlog held every delivery slot, and mail for every other domain waited).
+        Always in that order, one destination at a time, so no two wait for each other."""
         outgoing = OutgoingMessage(
             sender=envelope.sender,
             recipients=tuple(
@@ -967,16 +989,21 @@ class QueueRunner:
             ret=envelope.ret,
             envid=envelope.envid,
         )
-        holding = domain in self._holding.get(envelope.id, ())  # (taken by _attempt)
         limit = self.cfg.delivery.max_per_destination
-        async with contextlib.nullcontext() if holding else self._destinations.slot(domain, limit):
-            started = time.monotonic()
-            fence = self._lease_fresh
-            may_finish = None if fence is None else (lambda: fence(envelope.id))
-            results = await self._remote_delivery().deliver(
-                domain, outgoing, wire, may_finish, final=kept, queue_id=envelope.id
-            )
-            took = time.monotonic() - started
+        async with self._destinations.slot(domain, limit), self._slots:
+            if self._draining:  # (it waited for its slots: the stop came meanwhile)
+                raise DotWithheld("", NOT_TRIED)
+            wire = await dialling.take()
+            try:
+                started = time.monotonic()
+                fence = self._lease_fresh
+                may_finish = None if fence is None else (lambda: fence(envelope.id))
+                results = await self._remote_delivery().deliver(
+                    domain, outgoing, wire, may_finish, final=kept, queue_id=envelope.id
+                )
+                took = time.monotonic() - started
+            finally:
+                dialling.give_back()
         out = []
         for (_index, rcpt), result in zip(rcpts, results, strict=True):
             rcpt.remote_mta = result.remote_mta

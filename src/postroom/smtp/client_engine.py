@@ -77,6 +77,7 @@ _QCHAR = re.compile(r"[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]")
 def _utf8_addr_xtext(value: str) -> str:
     return "".join(c if _QCHAR.fullmatch(c) else f"\\x{{{ord(c):X}}}" for c in value)
 
+
 # RFC 5321 §4.5.3.2: minimum time-outs for each reply the client waits for (seconds).
 TIMEOUT_GREETING = 300.0
 TIMEOUT_MAIL = 300.0
