@@ -535,6 +535,25 @@ def test_a_measured_file_grown_by_two_octets_is_not_sent_as_listed(tmp_path: Pat
         drop.close_now()
 
 
+def test_a_named_size_with_or_without_the_crlf_retr_adds_is_sent(tmp_path: Path) -> None:
+    """A re-probe: a ``,W=`` that counts the CRLF RETR adds after an unterminated last line
+    (as ``measure`` does) was refused in every session after the exact check."""
+    data = b"Subject: x\n\nno end"  # 18 octets, 2 line ends: 20, and 22 with RETR's CRLF
+    md = make_maildir(tmp_path / "md", {"new/5.a,S=18,W=22": data, "new/6.b,S=18,W=20": data})
+    drop = Maildrop(md)
+    drop.open_now()
+
+    async def whole(number: int) -> bytes:
+        return b"".join([piece async for piece in drop.chunks(number)])
+
+    try:
+        for number in (1, 2):
+            assert drop.read_now(number) == b"Subject: x\r\n\r\nno end"
+            assert asyncio.run(whole(number)) == b"Subject: x\r\n\r\nno end"
+    finally:
+        drop.close_now()
+
+
 def test_the_size_cache_is_keyed_by_ctime_and_checked(tmp_path: Path) -> None:
     """A re-probe: a file rewritten in place with as many octets and its mtime set back (as
     ``cp -p`` does) kept its stale size, and RETR refused it in every session; sizes such as

@@ -189,7 +189,7 @@ class MaildirMaildrop:
                 if out:
                     yield out
             tail = b"" if conv is None else conv.finish()
-            if sent + len(tail) != _expected(f, last):
+            if sent + len(tail) not in _expected(f, last):
                 self._changed(f)
                 raise OSError(errno.EIO, f"{f.name} changed while it was sent")
             if tail:
@@ -454,7 +454,7 @@ class MaildirMaildrop:
         finally:
             os.close(fd)
         out = data if f.crlf else to_crlf(data)
-        if len(out) != _expected(f, data[-1:] or b"\n"):  # (chunks() says why this is an error)
+        if len(out) not in _expected(f, data[-1:] or b"\n"):  # (chunks() says why: an error)
             self._changed(f)
             log.warning(
                 "maildir %s: %s/%s not sent: changed since the listing", self.path, f.subdir, f.name
@@ -548,12 +548,14 @@ def seen_name(f: MaildirFile) -> str | None:
     return f"{head}:2,{''.join(sorted(set(flags + 'S')))}"
 
 
-def _expected(f: MaildirFile, last: bytes) -> int:
-    """The octets a file of ``f``'s listed size gives RETR before the CRLF it adds after an
-    unterminated last line (``last``: the file's last octet): a measured size counts that
-    CRLF, a ``,W=`` does not (postroom's own files end their lines; another tool's ``,W=``
-    of such a file leaves it out, and LIST is 2 octets short)."""
-    return f.size - (2 if f.measured and last != b"\n" else 0)
+def _expected(f: MaildirFile, last: bytes) -> tuple[int, ...]:
+    """The octets a file of ``f``'s listed size may give RETR before the CRLF it adds after
+    an unterminated last line (``last``: the file's last octet): a measured size counts that
+    CRLF; a ``,W=`` another tool wrote may or may not (postroom's own files end their lines;
+    one without it lists 2 octets short, and a re-probe found one with it refused)."""
+    if last == b"\n":
+        return (f.size,)
+    return (f.size - 2,) if f.measured else (f.size, f.size - 2)
 
 
 def measure(path: Path) -> int:
