@@ -74,11 +74,9 @@ def test_an_entry_swapped_for_a_link_midway_is_not_followed(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files away")
-def test_anothers_file_hard_linked_in_is_not_given_away(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Where ``fs.protected_hardlinks`` is off, the user may link any file it can see."""
-    monkeypatch.setattr(files, "_hard_links_protected", lambda: False)
+def test_anothers_file_hard_linked_in_is_not_given_away(tmp_path: Path) -> None:
+    """The user may link a file of root's it can read and write (``fs.protected_hardlinks``
+    allows that: a re-probe gave away a root 0666 file so), or any where the setting is off."""
     data, victim = tmp_path / "data", tmp_path / "victim"
     data.mkdir(mode=0o700)
     victim.write_bytes(b"secret")
@@ -104,13 +102,10 @@ def test_only_the_top_entries_without_deep(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files away")
-def test_linked_copies_of_an_earlier_run_as_root_are_re_owned_where_links_are_protected(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_linked_copies_of_an_earlier_run_as_root_are_re_owned(tmp_path: Path) -> None:
     """A server that ran as root linked one file into the Maildirs of several recipients;
-    with ``user`` set now, those copies must become the user's (or it could not read them),
-    which is safe where the kernel lets a user link only its own files."""
-    monkeypatch.setattr(files, "_hard_links_protected", lambda: True)
+    with ``user`` set now, those copies must become the user's (or it could not read them):
+    all their names are in the tree."""
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
     (data / "a").write_bytes(b"mail")
@@ -166,12 +161,9 @@ def test_a_tree_nested_too_deep_is_walked_to_a_depth_and_the_start_goes_on(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files away")
-def test_a_socket_of_anothers_linked_in_is_not_given_away(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_socket_of_anothers_linked_in_is_not_given_away(tmp_path: Path) -> None:
     import socket
 
-    monkeypatch.setattr(files, "_hard_links_protected", lambda: False)
     data, victim = tmp_path / "data", tmp_path / "victim.sock"
     data.mkdir(mode=0o700)
     with socket.socket(socket.AF_UNIX) as sock:

@@ -11,6 +11,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 IOV_MAX = 1024  # Linux's limit on the pieces of one writev
@@ -107,26 +108,23 @@ def private_umask() -> None:
 _TIGHTENED = (stat.S_ISDIR, stat.S_ISREG, stat.S_ISSOCK)
 
 
-def _hard_links_protected() -> bool:
-    """Whether the kernel lets a user link only files it owns (``fs.protected_hardlinks``)."""
-    try:
-        with open("/proc/sys/fs/protected_hardlinks", "rb") as f:
-            return f.read().strip() == b"1"
-    except OSError:
-        return False
+@dataclass
+class _Links:
+    """Files with several names that are not the user's yet, by (device, inode): each is
+    given away only if all its names are in the tree (counted by a first walk); otherwise it
+    may be another's file that the user hard-linked in (``fs.protected_hardlinks`` allows a
+    file the user may read and write), and root must not make it the user's, nor chmod it."""
+
+    names: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # nlink, seen
+    inside: set[tuple[int, int]] | None = None  # after the first walk: all names in the tree
 
 
-def _tighten_at(
-    name: str, dir_fd: int, ids: tuple[int, int] | None, links_safe: bool = True
-) -> None:
+def _tighten_at(name: str, dir_fd: int, ids: tuple[int, int] | None, links: _Links) -> None:
     """Tighten one entry of the directory ``dir_fd``, through a descriptor of the entry itself
     (``O_PATH``: opening it reads nothing and starts no device), never through a link:
     ``serve`` runs this as root over a tree the server's user can write, and a path checked
-    and then changed could be swapped for a symlink in between. Unless ``links_safe`` (the
-    kernel's ``fs.protected_hardlinks``), a regular file with a second name that the user
-    does not own yet is left alone: it may be a hard link the user made to another's file,
-    which root must not give away. (With the protection on, the Maildir copies an earlier
-    run as root linked for several recipients are re-owned like any file.) So is a socket."""
+    and then changed could be swapped for a symlink in between. A file with another name that
+    the user does not own yet waits for :class:`_Links` to say all its names are here."""
     try:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:  # a file that went meanwhile
@@ -136,16 +134,20 @@ def _tighten_at(
         if not any(is_kind(st.st_mode) for is_kind in _TIGHTENED):
             return  # (a symlink is opened as itself: never followed)
         owner = ids[0] if ids is not None else os.geteuid()
-        linked = not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1
-        if linked and not links_safe and st.st_uid != owner:
-            logging.getLogger("postroom").warning(
-                "%s: left as it is (uid %d, mode %o): it has another name, maybe outside the"
-                " data directory, and fs.protected_hardlinks is off",
-                name,
-                st.st_uid,
-                stat.S_IMODE(st.st_mode),
-            )
-            return
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and st.st_uid != owner:
+            key = (st.st_dev, st.st_ino)
+            if links.inside is None:  # the first walk counts its names
+                nlink, seen = links.names.get(key, (st.st_nlink, 0))
+                links.names[key] = (nlink, seen + 1)
+                return
+            if key not in links.inside or links.names[key][0] != st.st_nlink:
+                logging.getLogger("postroom").warning(
+                    "%s: left as it is (uid %d, mode %o): it has a name outside the data directory",
+                    name,
+                    st.st_uid,
+                    stat.S_IMODE(st.st_mode),
+                )
+                return
         # An O_PATH descriptor allows no fchmod/fchown; its /proc name reaches the same inode.
         inode = f"/proc/self/fd/{fd}"
         if ids is not None and (st.st_uid, st.st_gid) != ids:
@@ -190,18 +192,24 @@ def tighten(path: str | Path, ids: tuple[int, int] | None = None, deep: bool = T
     opened by name in the one above it (``O_NOFOLLOW``, ``O_DIRECTORY``), so one swapped for
     a link or a FIFO while the walk runs takes it nowhere else and never blocks it.
     (``os.fwalk`` opens them with a plain ``O_RDONLY``, and recurses.)"""
-    top = os.path.abspath(path)
-    links_safe = _hard_links_protected()
+    links = _Links()
+    _walk(os.path.abspath(path), ids, deep, links)
+    links.inside = {key for key, (nlink, seen) in links.names.items() if seen >= nlink}
+    if links.inside:  # (rare: the copies a run as root linked for several recipients)
+        _walk(os.path.abspath(path), ids, deep, links)
+
+
+def _walk(top: str, ids: tuple[int, int] | None, deep: bool, links: _Links) -> None:
     parent_fd = os.open(os.path.dirname(top), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _tighten_at(os.path.basename(top), parent_fd, ids, links_safe)
+        _tighten_at(os.path.basename(top), parent_fd, ids, links)
         top_fd = _open_dir(os.path.basename(top), parent_fd)
     finally:
         os.close(parent_fd)
     if top_fd is None:
         return
     # Depth first; the descriptors open are those of the directories on the way down.
-    stack = [(top_fd, _tighten_entries(top_fd, ids, links_safe))]
+    stack = [(top_fd, _tighten_entries(top_fd, ids, links))]
     try:
         while stack:
             dir_fd, subdirs = stack[-1]
@@ -217,7 +225,7 @@ def tighten(path: str | Path, ids: tuple[int, int] | None = None, deep: bool = T
                     "%s: not tightened below %d levels: nested too deep", top, TIGHTEN_DEPTH
                 )
                 continue
-            stack.append((sub, _tighten_entries(sub, ids, links_safe)))
+            stack.append((sub, _tighten_entries(sub, ids, links)))
     finally:
         for dir_fd, _subdirs in stack:
             os.close(dir_fd)
@@ -235,14 +243,14 @@ def _open_dir(name: str, dir_fd: int) -> int | None:
         raise
 
 
-def _tighten_entries(dir_fd: int, ids: tuple[int, int] | None, links_safe: bool) -> list[str]:
+def _tighten_entries(dir_fd: int, ids: tuple[int, int] | None, links: _Links) -> list[str]:
     """Tighten every entry of the directory ``dir_fd``; the names of those that looked like
     directories (each is opened as one, or not at all, by :func:`_open_dir`)."""
     subdirs = []
     with os.scandir(dir_fd) as entries:
         listed = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
     for name, is_dir in listed:
-        _tighten_at(name, dir_fd, ids, links_safe)
+        _tighten_at(name, dir_fd, ids, links)
         if is_dir:
             subdirs.append(name)
     return subdirs
