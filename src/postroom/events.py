@@ -260,8 +260,9 @@ def _unrepeated(kind: str, client: str) -> int | None:
     if last is not None and now - last[0] < REPEAT_INTERVAL:
         _repeats[key] = (last[0], last[1] + 1)
         return None
-    if len(_repeats) >= _REPEATS_KEPT:
-        _repeats.clear()
+    _repeats.pop(key, None)  # (re-inserted last: the table is oldest first)
+    while len(_repeats) >= _REPEATS_KEPT:  # the oldest go, not all (a re-probe: a flood from
+        del _repeats[next(iter(_repeats))]  # more clients than this was logged line by line)
     _repeats[key] = (now, 0)
     return 0 if last is None else last[1]
 

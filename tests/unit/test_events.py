@@ -431,3 +431,17 @@ def test_a_refused_client_coming_back_at_once_is_logged_once_per_interval(
             " (and 1 more like it in the last 10s)"
         )
     )
+
+
+def test_the_repeat_table_forgets_the_oldest_clients_not_all(
+    log: io.StringIO, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _setup(log, "json", tmp_path)
+    events._repeats.clear()
+    monkeypatch.setattr(events, "_REPEATS_KEPT", 3)
+    monkeypatch.setattr(events.time, "monotonic", lambda: 5000.0)
+    for client in ("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4", "192.0.2.4", "192.0.2.3"):
+        events.login_throttled("smtp", client)
+    logs.flush()
+    clients = [json.loads(line)["client"] for line in log.getvalue().splitlines()]
+    assert clients == ["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"]
