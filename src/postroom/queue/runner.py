@@ -429,7 +429,8 @@ class QueueRunner:
             # this one waits in the queue instead, due at once (nothing was dialled for it).
             await self._park_first(envelope, first, 0.0)
             return
-        # Counted already: at acceptance (a first attempt), or by _deliver before dialling.
+        # Counted already: at acceptance (a first attempt), or as its first host is about to be
+        # dialled (_Dialling).
         counted = -1 if first is not None and envelope.attempts > 0 else envelope.attempts
         try:
             await self._deliver(envelope, first)
