@@ -133,6 +133,7 @@ class _Dialling:
         counted: bool,
     ) -> None:
         self.counted = counted
+        self.dialled = False  # a host of the attempt was about to be dialled
         self._read, self._begin = read, begin
         self._data: bytes | None = None
         self._users = 0
@@ -141,6 +142,7 @@ class _Dialling:
     async def take(self) -> bytes:
         """Count the attempt if it is not yet, and the message; :meth:`give_back` after."""
         self._users += 1
+        self.dialled = True
         try:
             async with self._lock:
                 if not self.counted:
@@ -632,6 +634,8 @@ class QueueRunner:
             cut = {d: rcpts for d, rcpts in remote.items() if d not in applied}
             if first is not None:
                 first.decided = True  # (by _keep_cut)
+                if not dialling.dialled:  # counted at acceptance, but it waited for slots
+                    envelope.attempts = 0
             for task, domain in tasks.items():  # (the history of the domains done)
                 if domain in applied:
                     attempts += _attempts(now, task.result()[1])
