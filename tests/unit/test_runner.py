@@ -1591,29 +1591,37 @@ def test_a_literal_domain_is_named_by_its_address_in_the_delivery_line(
     assert [line["relay"] for line in logged] == ["2001:db8::2[2001:db8::2]:25"]
 
 
-def test_a_message_deleted_during_an_attempt_the_stop_cuts_is_not_said_to_be_retried(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("ending", ["a stop", "a 451"])
+def test_a_message_deleted_during_an_attempt_is_not_said_to_be_retried(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    ending: str,
 ) -> None:
-    """A probe: ``queue delete`` while a host held the attempt, then a stop: the log said the
-    message was "cut short, tried again at the next start" and logged it deferred; it was
-    (rightly) never tried again."""
+    """A probe and a re-probe: ``queue delete`` while a host held the attempt, which then
+    ended by a stop (logged "cut short, tried again at the next start", and deferred) or by
+    the host's 451 (a "deferred" line and count): it is (rightly) never tried again."""
     runner, queue, _boxes, _clock = make(tmp_path, {})
     lines = delivery_lines(monkeypatch)
-    tarpit = asyncio.Event()
+    hang = asyncio.Event()
 
     class Remote(FakeRemote):
-        async def deliver(self, *_a: Any, **_k: Any) -> list[Any]:
-            await tarpit.wait()
-            raise AssertionError("never")
+        async def deliver(self, domain: str, outgoing: Any, *_a: Any, **_k: Any) -> list[Any]:
+            await hang.wait()
+            busy = Reply(451, "4.3.2", ("busy",))
+            return [DeliveryResult(r, Outcome.TEMPORARY, busy, "mx") for r in outgoing.recipients]
 
     use_remote(runner, Remote())
 
     async def main() -> None:
-        env = envelope("Q1", "bob@slow.test")
-        await hand_over(runner, env)
+        await hand_over(runner, envelope("Q1", "bob@slow.test"))
         await asyncio.sleep(0.01)
         assert await runner.delete("Q1")
-        await runner.stop(timeout=0.01)
+        if ending == "a stop":
+            await runner.stop(timeout=0.01)
+        else:
+            hang.set()
+            await settle(runner)
 
     with caplog.at_level(logging.INFO, logger="test-runner"):
         asyncio.run(main())
@@ -1717,35 +1725,6 @@ def test_what_the_local_copies_owe_goes_before_a_slow_domain_and_is_due_if_cut(
         assert [qid for kind, qid in queue.calls if kind == "accept" and qid != "Q1"] == notices
 
     asyncio.run(main())
-
-
-def test_a_message_deleted_during_an_attempt_logs_no_deferral(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A re-probe: ``queue delete`` while a host held the attempt, which then ended with a
-    451: a "deferred" line (and count) for a message that is not tried again."""
-    runner, _queue, _boxes, _clock = make(tmp_path, {})
-    lines = delivery_lines(monkeypatch)
-    hang = asyncio.Event()
-
-    class Remote(FakeRemote):
-        async def deliver(self, domain: str, outgoing: Any, *_a: Any, **_k: Any) -> list[Any]:
-            await hang.wait()
-            busy = Reply(451, "4.3.2", ("busy",))
-            return [DeliveryResult(r, Outcome.TEMPORARY, busy, "mx") for r in outgoing.recipients]
-
-    use_remote(runner, Remote())
-
-    async def main() -> None:
-        env = envelope("Q1", "bob@slow.test")
-        await hand_over(runner, env)
-        await asyncio.sleep(0.01)
-        assert await runner.delete("Q1")
-        hang.set()
-        await settle(runner)
-
-    asyncio.run(main())
-    assert lines == []
 
 
 def test_a_destination_slot_the_database_cannot_give_defers_the_domain(tmp_path: Path) -> None:
