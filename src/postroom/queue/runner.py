@@ -583,7 +583,7 @@ class QueueRunner:
         come (``results``: the recipients newly done, newly failed, relayed), its attempts
         added to ``attempts``, the domains whose dot was held back to ``withheld``. A stop
         that cancels it stores what it holds first (:meth:`_keep_cut`)."""
-        newly_failed = results[1]
+        newly_done, newly_failed, _relayed = results
         # What each domain's hosts decided so far, read if a stop cancels this attempt.
         kept: dict[str, dict[int, DeliveryResult]] = {d: {} for d in remote}
         tasks = {
@@ -595,7 +595,7 @@ class QueueRunner:
         applied: set[str] = set()  # domains whose results are applied
         saving: asyncio.Future[None] | None = None
         try:
-            if _owes(results[1], results[0]):
+            if _owes(newly_failed, newly_done):
                 # What the local copies owe (a success notice, a bounce for an account gone)
                 # goes before any host is waited for, as a domain's does when it is done.
                 saving = asyncio.ensure_future(

@@ -75,21 +75,18 @@ def _rfc5322_date(when: float) -> str:
 _NOTIFY_DEFAULT = frozenset({"FAILURE", "DELAY"})  # no NOTIFY (RFC 3461 §4.1 allows either)
 
 
+def _asked(notify: list[str] | None) -> frozenset[str]:
+    """The notices a RCPT's NOTIFY asks for."""
+    return _NOTIFY_DEFAULT if notify is None else frozenset(notify) - {"NEVER"}
+
+
 def merged_notify(first: list[str] | None, other: list[str] | None) -> list[str] | None:
     """The NOTIFY of one recipient named by two RCPTs: what either asked for (NEVER only if
     both did); ``first`` itself when ``other`` adds nothing."""
-
-    def asked(notify: list[str] | None) -> frozenset[str]:
-        return _NOTIFY_DEFAULT if notify is None else frozenset(notify) - {"NEVER"}
-
-    union = asked(first) | asked(other)
-    if union == asked(first):
+    union = _asked(first) | _asked(other)
+    if union == _asked(first):
         return first
     return [n for n in ("SUCCESS", "FAILURE", "DELAY") if n in union]
-
-
-def _asks_success(notify: list[str] | None) -> bool:
-    return notify is not None and "SUCCESS" in notify
 
 
 @dataclass
@@ -238,8 +235,8 @@ class SmtpPolicy:
             self.txn.seen[rcpt.address] = rcpt
             self.txn.recipients.append(rcpt)
             return
-        success = _asks_success(rcpt.notify)
-        if success != _asks_success(kept.notify):
+        success = "SUCCESS" in _asked(rcpt.notify)
+        if success != ("SUCCESS" in _asked(kept.notify)):
             named_by_new = success
         else:
             named_by_new = kept.original is not None and rcpt.original is None
