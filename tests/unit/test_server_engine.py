@@ -537,6 +537,15 @@ def test_vrfy_reveals_nothing_not_even_in_its_enhanced_code() -> None:
     assert out.splitlines()[-1].startswith(b"252 2.0.0 ")
 
 
+def test_vrfy_and_expn_take_a_utf8_string() -> None:
+    """RFC 6531 §3.7.4.2: VRFY and EXPN may name a UTF-8 address (with SMTPUTF8 or without)."""
+    name = "jürgen@bücher.test".encode()
+    out = Harness().send(b"EHLO c\r\nVRFY " + name + b" SMTPUTF8\r\nVRFY " + name + b"\r\n")
+    assert codes(out)[1:] == ["252", "252"]
+    out = Harness().send(b"EHLO c\r\nEXPN " + name + b" SMTPUTF8\r\nNOOP \xc3\xa4\r\n")
+    assert codes(out)[1:] == ["502", "250"]
+
+
 def test_null_sender_and_postmaster() -> None:
     h = Harness()
     out = h.send(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\n")

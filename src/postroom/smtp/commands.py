@@ -91,6 +91,7 @@ Command = Hello | Mail | Rcpt | Bdat | Auth | Simple
 
 _SIMPLE_NO_ARG = {"DATA", "RSET", "QUIT", "STARTTLS"}
 _SIMPLE_ANY_ARG = {"NOOP", "HELP", "VRFY", "EXPN"}
+_UTF8_ARG = {"MAIL", "RCPT", "VRFY", "EXPN"}
 _KNOWN = {"EHLO", "HELO", "MAIL", "RCPT", "BDAT", "AUTH", *_SIMPLE_NO_ARG, *_SIMPLE_ANY_ARG}
 
 
@@ -190,7 +191,8 @@ def _parse(line: bytes, smtputf8: bool) -> Command:
         raise CommandError(replies.AUTH_LINE_TOO_LONG if verb == "AUTH" else replies.LINE_TOO_LONG)
     if verb == "NOOP":
         return Simple(verb, "")  # RFC 5321 §4.1.1.9: a parameter SHOULD be ignored
-    if verb != "MAIL" and verb != "RCPT" and not text.isascii():
+    # UTF-8 is allowed in addresses (RFC 6531 §3.3) and in VRFY/EXPN strings (§3.7.4.2).
+    if verb not in _UTF8_ARG and not text.isascii():
         # RFC 5321 §4.2.4: 501 for a command we know with arguments we refuse, 500 otherwise.
         raise CommandError(replies.PARAM_SYNTAX if verb in _KNOWN else replies.SYNTAX_ERROR)
     if verb in ("EHLO", "HELO"):
