@@ -76,6 +76,11 @@ def normalise_domain(name: str) -> str:
         raise ValueError("empty domain")
     if name.startswith("[") and name.endswith("]"):
         return _address_literal(name)
+    if not name.isascii() and any(map(_mapped_only, name.lower())):
+        # RFC 5890 §2.3.2.1, RFC 6531 §3.3: a U-label, whose dots are ASCII full stops. The
+        # UTS 46 mapping below is for case and NFC only: fullwidth letters, ideographic full
+        # stops and other compatibility forms are spellings a display may take, not names.
+        raise ValueError(f"bad domain {name!r}: not a U-label")
     try:
         ascii_name = name.lower() if name.isascii() else idna.encode(name, uts46=True).decode()
     except idna.IDNAError as exc:
@@ -87,6 +92,13 @@ def normalise_domain(name: str) -> str:
     if not all(_LABEL.match(label) for label in labels):
         raise ValueError(f"bad domain {name!r}")
     return ascii_name
+
+
+def _mapped_only(ch: str) -> bool:
+    """Whether ``ch`` (lower-cased) reaches a domain only through a compatibility mapping."""
+    return ch in "\u3002\uff0e\uff61" or (
+        not ch.isascii() and unicodedata.normalize("NFKC", ch) != ch
+    )
 
 
 def domain_of(address: str) -> str:
