@@ -359,36 +359,40 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
 
+    async def answer(verb: str, arg: str) -> str:
+        if verb in ("flush", "adopt") and isinstance(queue, LocalQueue):
+            if verb == "flush":  # what the start could not replay (a full disk) first
+                await queue.replay_left()
+            # A dead worker's messages, parked by the replay of its journal: scheduled
+            # here (a flush as well: "every deferred message", whoever parked it).
+            adopted = await queue.adopt(runner.busy)
+            if adopted:
+                log.info("queue: %d messages parked by another worker scheduled", adopted)
+        if verb == "flush":
+            events.queue_action("flush", count=queue.flush(runner.busy))
+            return "ok"
+        if verb in ("adopt", "ping"):
+            return "ok"
+        if verb == "submit" and isinstance(queue, LocalQueue):
+            # Another worker parked a message: the primary schedules its retries (unless
+            # a flush adopted it first and its attempt runs: not a second one beside it).
+            return "ok" if arg in runner.busy or queue.take(arg) is not None else "unknown"
+        if verb == "delete":
+            if not await runner.delete(arg):
+                return "unknown"
+            events.queue_action("delete", queue_id=arg)
+            return "ok"
+        return "unknown command"
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
             verb, _, arg = line.partition(" ")
-            if verb in ("flush", "adopt") and isinstance(queue, LocalQueue):
-                if verb == "flush":  # what the start could not replay (a full disk) first
-                    await queue.replay_left()
-                # A dead worker's messages, parked by the replay of its journal: scheduled
-                # here (a flush as well: "every deferred message", whoever parked it).
-                adopted = await queue.adopt(runner.busy)
-                if adopted:
-                    log.info("queue: %d messages parked by another worker scheduled", adopted)
-            if verb == "flush":
-                events.queue_action("flush", count=queue.flush(runner.busy))
-                answer = "ok"
-            elif verb == "adopt":
-                answer = "ok"
-            elif verb == "submit" and isinstance(queue, LocalQueue):
-                # Another worker parked a message: the primary schedules its retries (unless
-                # a flush adopted it first and its attempt runs: not a second one beside it).
-                answer = "ok" if arg in runner.busy or queue.take(arg) is not None else "unknown"
-            elif verb == "delete":
-                answer = "ok" if await runner.delete(arg) else "unknown"
-                if answer == "ok":
-                    events.queue_action("delete", queue_id=arg)
-            elif verb == "ping":
-                answer = "ok"
-            else:
-                answer = "unknown command"
-            writer.write(answer.encode() + b"\n")
+            try:
+                reply = await answer(verb, arg)
+            except OSError as exc:  # (a full disk, say: the CLI says so, not "done")
+                reply = f"error: {exc}"
+            writer.write(reply.encode() + b"\n")
             await writer.drain()
         except (TimeoutError, OSError, UnicodeDecodeError):
             pass

@@ -396,7 +396,10 @@ def _cmd_queue(stores: AdminStores, args: argparse.Namespace) -> int:
         # Shared: the database is the truth, and NOTIFY tells every running node.
         return _show_queue(cfg, stores.queue(running=True), args)
     if args.action == "flush":
-        if _control(cfg, "flush") is None:
+        answer = _control(cfg, "flush")
+        if answer is not None and answer != "ok":  # (a server killed as it read the command)
+            raise QueueError(f"the running server did not flush the queue: {answer or 'no answer'}")
+        if answer is None:
             # No server running: make every message due; the next serve tries at once.
             due = stores.queue(running=False).flush()
             print(

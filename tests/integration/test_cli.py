@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,28 @@ def test_queue_commands_on_empty_queue(cfg: Path) -> None:
     for bad in ("../../victim.txt", "../../../data/victim.txt", "..", ""):
         assert run_cli("queue", "delete", bad, config=cfg, check=False).returncode == 1
     assert victim.read_text() == "keep me"
+
+
+def test_queue_flush_fails_when_the_server_reads_it_and_says_nothing(cfg: Path) -> None:
+    """A server killed as it read ``flush`` left the CLI at exit 0, as if it had flushed (a
+    kill -9 probe): a control socket that closes without an answer is an error."""
+    run_cli("queue", "list", config=cfg)  # (makes the data dir)
+    path = cfg.parent / "data" / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def read_and_close() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(100)
+
+        reader = threading.Thread(target=read_and_close)
+        reader.start()
+        result = run_cli("queue", "flush", config=cfg, check=False)
+        reader.join(10)
+    assert result.returncode == 1
+    assert "did not flush the queue" in result.stderr
 
 
 @pytest.mark.parametrize(
