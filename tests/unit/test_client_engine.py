@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from postroom.errors import EngineMisuse
 from postroom.smtp.client_engine import (
     BDAT_MAX,
+    MAX_REPLY_LENGTH,
     MAX_REPLY_LINE,
     ClientEngine,
     Closed,
@@ -515,6 +516,22 @@ def test_a_reply_over_the_limits_is_cut_not_taken_for_an_error() -> None:
     engine.receive_data(b"\r\n220 mx.b.test ESMTP\r\n")  # (the cut line is no reply)
     (closed,) = events(engine)
     assert isinstance(closed, Closed) and closed.reply.status == "4.5.0"
+
+
+def test_a_reply_that_does_not_end_fails_the_session() -> None:
+    """A peer streaming ``220-`` lines held the delivery for the reply's 5-minute time-out (a
+    hostile-MX probe: 1.1 million lines in 120 s); past MAX_REPLY_LENGTH lines it is a
+    protocol error. Memory stays bounded either way."""
+    engine = ClientEngine("mx.a.test")
+    engine.receive_data(b"220-mx.b.test\r\n" * (MAX_REPLY_LENGTH - 1) + b"220 mx.b.test\r\n")
+    assert sent_lines(engine) == [b"EHLO mx.a.test"]  # (as long as it may be, it is taken)
+    engine = ClientEngine("mx.a.test")
+    for _ in range(20):
+        engine.receive_data(b"220-mx.b.test\r\n" * 100)
+    (closed,) = events(engine)
+    assert isinstance(closed, Closed) and closed.reply.status == "4.5.0"
+    assert "over 1000 lines" in closed.reply.text
+    assert engine.state is State.CLOSED
 
 
 def test_misuse_raises() -> None:

@@ -64,7 +64,10 @@ from postroom.wire.framing import TOO_LONG, LineReader, dot_stuff_parts, to_crlf
 from postroom.wire.replies import Reply, parse_status
 
 MAX_REPLY_LINE = 4096  # RFC 5321 §4.5.3.1.5 says 512; a longer line is cut here, not refused
-MAX_REPLY_LINES = 200
+MAX_REPLY_LINES = 200  # kept of one reply (the last line, which ends it, always)
+# A reply that goes on longer is a peer that would hold a delivery slot and stream at us until
+# the reply's time-out (a hostile-MX probe: 1.1 million lines in 120 s): the session fails.
+MAX_REPLY_LENGTH = 1000
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$", re.DOTALL)
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*\Z")
 # RFC 3461 §4: xtext (ENVID, ORCPT) is printable ASCII without "+" and "=" unless hex-escaped.
@@ -287,6 +290,7 @@ class ClientEngine:
         self._reader = LineReader(max_line)
         self._max_lines = max_lines
         self._lines: list[bytes] = []
+        self._reply_length = 0  # lines of the reply being read
         self._out = bytearray()
         self._events: deque[Event] = deque()
         # Replies awaited, in order (RFC 2920 §3.2: replies come in command order).
@@ -491,13 +495,20 @@ class ClientEngine:
                 shown = line[:60].decode("ascii", "replace")
                 self._fail(_local(421, "4.5.0", f"protocol error: bad reply line {shown!r}"))
                 return
+            self._reply_length += 1
             if len(self._lines) < self._max_lines:
                 self._lines.append(line)
+            elif self._reply_length > MAX_REPLY_LENGTH:
+                self._fail(
+                    _local(421, "4.5.0", f"protocol error: reply over {MAX_REPLY_LENGTH} lines")
+                )
+                return
             else:  # (lines past the limit are dropped; the last one, which ends it, is kept)
                 self._lines[-1] = line
             if m.group(2) == b" ":
                 reply = self._make_reply(self._lines)
                 self._lines = []
+                self._reply_length = 0
                 self._dispatch(reply)
 
     @staticmethod
