@@ -76,10 +76,7 @@ def normalise_domain(name: str) -> str:
         raise ValueError("empty domain")
     if name.startswith("[") and name.endswith("]"):
         return _address_literal(name)
-    if not name.isascii() and any(map(_mapped_only, name.lower())):
-        # RFC 5890 §2.3.2.1, RFC 6531 §3.3: a U-label, whose dots are ASCII full stops. The
-        # UTS 46 mapping below is for case and NFC only: fullwidth letters, ideographic full
-        # stops and other compatibility forms are spellings a display may take, not names.
+    if display_form(name):
         raise ValueError(f"bad domain {name!r}: not a U-label")
     try:
         ascii_name = name.lower() if name.isascii() else idna.encode(name, uts46=True).decode()
@@ -94,10 +91,19 @@ def normalise_domain(name: str) -> str:
     return ascii_name
 
 
-def _mapped_only(ch: str) -> bool:
-    """Whether ``ch`` (lower-cased) reaches a domain only through a compatibility mapping."""
-    return ch in "\u3002\uff0e\uff61" or (
-        not ch.isascii() and unicodedata.normalize("NFKC", ch) != ch
+def display_form(name: str) -> bool:
+    """Whether the domain ``name`` is a spelling a display may take rather than U-labels (RFC
+    5890 §2.3.2.1, RFC 6531 §3.3): fullwidth letters, ideographic full stops, ligatures and
+    other compatibility forms, which UTS 46 maps to a name. Case and canonical equivalence
+    (NFC, NFD) are the same name, and so is the Thai and Lao AM, which keyboards type."""
+    if name.isascii():
+        return False
+    text = unicodedata.normalize("NFC", name.lower())
+    return any(
+        ch in "\u3002\uff0e\uff61"
+        or (ch not in "\u0e33\u0eb3" and unicodedata.normalize("NFKC", ch) != ch)
+        for ch in text
+        if not ch.isascii()
     )
 
 

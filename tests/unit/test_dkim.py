@@ -921,3 +921,9 @@ def test_a_d_in_u_labels_is_looked_up_at_its_a_labels(rsa_signer: tuple[bytes, b
     tags = TAGS.replace(b"d=a.test; s=k", "d=bücher.test; s=sél; i=u@xbücher.test".encode())
     signed = _signed_as_written(pem, b" " + tags + b"; b={b}", message)
     assert dkim_verify.verify(signed, zone)[0].result == "permerror"
+    # A fullwidth or ideographic-stop spelling is no U-label: not mapped onto the domain
+    # (a recheck probe: d=\uff42\u00fc\uff43\uff48\uff45\uff52.test passed as bücher.test).
+    for d in ("\uff42\u00fc\uff43\uff48\uff45\uff52.test", "b\u00fccher\u3002test"):
+        tags = TAGS.replace(b"d=a.test; s=k", f"d={d}; s=sél".encode())
+        signed = _signed_as_written(pem, b" " + tags + b"; b={b}", message)
+        assert dkim_verify.verify(signed, zone)[0].result == "permerror", d

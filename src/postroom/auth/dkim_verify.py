@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 
+from postroom.address import display_form
 from postroom.auth import dkim_canon
 from postroom.auth.dkim_canon import Field
 from postroom.auth.lookup import Answer, DnsCache
@@ -143,7 +144,8 @@ def _a_label(value: bytes) -> str:
     if value.isascii():
         return value.decode("ascii")
     try:
-        return idna.encode(value.decode("utf-8"), uts46=True).decode("ascii")
+        text = value.decode("utf-8")
+        return "" if display_form(text) else idna.encode(text, uts46=True).decode("ascii")
     except (UnicodeError, idna.IDNAError):
         return ""
 
