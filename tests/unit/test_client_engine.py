@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 from postroom.errors import EngineMisuse
 from postroom.smtp.client_engine import (
     BDAT_MAX,
-    MAX_REPLY_LENGTH,
+    MAX_REPLY_KEPT,
     MAX_REPLY_LINE,
+    MAX_REPLY_LINES,
     ClientEngine,
     Closed,
     EndOfData,
@@ -520,10 +521,10 @@ def test_a_reply_over_the_limits_is_cut_not_taken_for_an_error() -> None:
 
 def test_a_reply_that_does_not_end_fails_the_session() -> None:
     """A peer streaming ``220-`` lines held the delivery for the reply's 5-minute time-out (a
-    hostile-MX probe: 1.1 million lines in 120 s); past MAX_REPLY_LENGTH lines it is a
+    hostile-MX probe: 1.1 million lines in 120 s); past MAX_REPLY_LINES lines it is a
     protocol error. Memory stays bounded either way."""
     engine = ClientEngine("mx.a.test")
-    engine.receive_data(b"220-mx.b.test\r\n" * (MAX_REPLY_LENGTH - 1) + b"220 mx.b.test\r\n")
+    engine.receive_data(b"220-mx.b.test\r\n" * (MAX_REPLY_LINES - 1) + b"220 mx.b.test\r\n")
     assert sent_lines(engine) == [b"EHLO mx.a.test"]  # (as long as it may be, it is taken)
     engine = ClientEngine("mx.a.test")
     for _ in range(20):
@@ -532,6 +533,21 @@ def test_a_reply_that_does_not_end_fails_the_session() -> None:
     assert isinstance(closed, Closed) and closed.reply.status == "4.5.0"
     assert "over 1000 lines" in closed.reply.text
     assert engine.state is State.CLOSED
+
+
+def test_a_long_ehlo_reply_keeps_the_extensions_at_its_end() -> None:
+    """An EHLO of 300 lines was cut at 200, and the SMTPUTF8 at its end lost: mail that needs
+    it bounced (a recheck probe). Replies are kept up to MAX_REPLY_KEPT octets."""
+    padding = b"".join(b"250-X-FILLER-%d\r\n" % i for i in range(300))
+    engine = ready_engine(b"250-mx.b.test Hello\r\n" + padding + b"250 SMTPUTF8\r\n")
+    assert "SMTPUTF8" in engine.extensions and "X-FILLER-299" in engine.extensions
+    # Past the octets kept, lines are dropped but the last one, which ends the reply.
+    engine = ClientEngine("mx.a.test")
+    engine.receive_data(b"220-" + b"x" * 4000 + b"\r\n")
+    engine.receive_data((b"220-" + b"y" * 4000 + b"\r\n") * 30 + b"220 last\r\n")
+    assert engine.greeting is not None
+    assert engine.greeting.lines[-1] == "last"
+    assert sum(map(len, engine.greeting.lines)) <= MAX_REPLY_KEPT + 4096
 
 
 def test_misuse_raises() -> None:

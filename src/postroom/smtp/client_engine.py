@@ -64,10 +64,12 @@ from postroom.wire.framing import TOO_LONG, LineReader, dot_stuff_parts, to_crlf
 from postroom.wire.replies import Reply, parse_status
 
 MAX_REPLY_LINE = 4096  # RFC 5321 §4.5.3.1.5 says 512; a longer line is cut here, not refused
-MAX_REPLY_LINES = 200  # kept of one reply (the last line, which ends it, always)
-# A reply that goes on longer is a peer that would hold a delivery slot and stream at us until
-# the reply's time-out (a hostile-MX probe: 1.1 million lines in 120 s): the session fails.
-MAX_REPLY_LENGTH = 1000
+# A reply of more lines is a peer that would hold a delivery slot and stream at us until the
+# reply's time-out (a hostile-MX probe: 1.1 million lines in 120 s): the session fails.
+MAX_REPLY_LINES = 1000
+# Octets of one reply kept (the last line, which ends it, always): an EHLO of 300 short lines
+# is kept whole (a recheck probe: cut at 200 lines, it lost the SMTPUTF8 at its end).
+MAX_REPLY_KEPT = 1 << 16
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$", re.DOTALL)
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*\Z")
 # RFC 3461 §4: xtext (ENVID, ORCPT) is printable ASCII without "+" and "=" unless hex-escaped.
@@ -274,7 +276,6 @@ class ClientEngine:
         *,
         tls: TLSPolicy = TLSPolicy.OPPORTUNISTIC,
         max_line: int = MAX_REPLY_LINE,
-        max_lines: int = MAX_REPLY_LINES,
     ) -> None:
         self.helo_name = helo_name
         self.tls_policy = tls
@@ -288,9 +289,9 @@ class ClientEngine:
         self.refused_us = False
         self.greeting: Reply | None = None
         self._reader = LineReader(max_line)
-        self._max_lines = max_lines
         self._lines: list[bytes] = []
-        self._reply_length = 0  # lines of the reply being read
+        self._kept = 0  # octets of the reply being read in _lines (past MAX_REPLY_KEPT: cut)
+        self._count = 0  # lines of the reply being read
         self._out = bytearray()
         self._events: deque[Event] = deque()
         # Replies awaited, in order (RFC 2920 §3.2: replies come in command order).
@@ -495,20 +496,24 @@ class ClientEngine:
                 shown = line[:60].decode("ascii", "replace")
                 self._fail(_local(421, "4.5.0", f"protocol error: bad reply line {shown!r}"))
                 return
-            self._reply_length += 1
-            if len(self._lines) < self._max_lines:
-                self._lines.append(line)
-            elif self._reply_length > MAX_REPLY_LENGTH:
+            self._count += 1
+            if self._count > MAX_REPLY_LINES:
                 self._fail(
-                    _local(421, "4.5.0", f"protocol error: reply over {MAX_REPLY_LENGTH} lines")
+                    _local(421, "4.5.0", f"protocol error: reply over {MAX_REPLY_LINES} lines")
                 )
                 return
+            if self._kept + len(line) <= MAX_REPLY_KEPT:
+                self._lines.append(line)
+                self._kept += len(line)
+            elif self._kept <= MAX_REPLY_KEPT:  # the first line past the limit
+                self._lines.append(line)
+                self._kept = MAX_REPLY_KEPT + 1
             else:  # (lines past the limit are dropped; the last one, which ends it, is kept)
                 self._lines[-1] = line
             if m.group(2) == b" ":
                 reply = self._make_reply(self._lines)
                 self._lines = []
-                self._reply_length = 0
+                self._kept = self._count = 0
                 self._dispatch(reply)
 
     @staticmethod
