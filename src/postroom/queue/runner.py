@@ -29,7 +29,7 @@ import errno
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -62,6 +62,7 @@ from postroom.queue.envelope import (
     Status,
     new_queue_id,
 )
+from postroom.queue.slots import ProcessSlots
 from postroom.resolver import DnsResolver, Resolver, host_label
 from postroom.smtp.client_engine import ForwardPath, Outcome, OutgoingMessage
 from postroom.storage.interfaces import (
@@ -104,19 +105,6 @@ class _First:
     attempts: list[Attempt]
     done: list[Recipient]
     decided: bool = False
-
-
-class ProcessSlots:
-    """Per-destination limits within this process (:class:`DestinationSlots` of the local
-    backend: one process runs the retries)."""
-
-    def __init__(self) -> None:
-        self._semaphores: dict[str, asyncio.Semaphore] = {}
-
-    @contextlib.asynccontextmanager
-    async def slot(self, destination: str, limit: int) -> AsyncIterator[None]:
-        async with self._semaphores.setdefault(destination, asyncio.Semaphore(limit)):
-            yield
 
 
 class _Dialling:

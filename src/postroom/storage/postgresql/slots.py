@@ -1,14 +1,14 @@
 """Deliveries per destination domain across nodes: ``max_per_destination`` slots in a table.
 
-A delivery to a domain first takes a slot of this process (a semaphore, so a node never asks
-for more than it may hold), then a row of ``delivery_slots`` (destination, slot number 0 to
+A delivery to a domain first takes a slot of this process (``queue/slots.py``, so a node never
+asks for more than it may hold), then a row of ``delivery_slots`` (destination, slot number 0 to
 limit-1): an INSERT that takes a free number, or one whose holder's time ran out (a node that
 died). The row is renewed with the queue's leases (``queue.py``: the rows in ``held``, the
 queue's ``held_slots``) while the delivery runs, and deleted when it ends; a row whose DELETE
 fails (the database away at that moment) is renewed no more and runs out with its lease.
 A node that finds every slot taken tries again after a short, growing pause; the wait is
 short next to an SMTP transaction. This is the :class:`~postroom.storage.interfaces.
-DestinationSlots` of the PostgreSQL backend; the local one is a semaphore per process.
+DestinationSlots` of the PostgreSQL backend; the local one is that of this process alone.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from postroom.errors import StorageUnavailable
+from postroom.queue.slots import ProcessSlots
 from postroom.storage.postgresql import db
 from postroom.storage.postgresql.db import Database
 
@@ -52,11 +53,11 @@ class PgSlots:
         self.node = node
         self.lease = lease
         self.held = held
-        self._local: dict[str, asyncio.Semaphore] = {}
+        self._local = ProcessSlots()
 
     @contextlib.asynccontextmanager
     async def slot(self, destination: str, limit: int) -> AsyncIterator[None]:
-        async with self._local.setdefault(destination, asyncio.Semaphore(limit)):
+        async with self._local.slot(destination, limit):
             number = await self._take(destination, limit)
             self.held.add((destination, number))
             try:
