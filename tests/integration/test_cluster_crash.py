@@ -64,7 +64,9 @@ def worker_pids(node: Server) -> set[int]:
 class Sink:
     """A remote MX on loopback whose sessions follow a script: ``defer`` (451 at RCPT, then 421
     and closed at the next command but QUIT), ``stall`` (takes the message, never answers the
-    final dot), ``hold`` (answers DATA only once :attr:`release` is set), then ``accept``.
+    final dot), ``hold`` (answers DATA only once :attr:`release` is set), ``late`` (answers
+    the final dot only once :attr:`release` is set, :attr:`at_dot` set meanwhile), then
+    ``accept``.
     ``abandoned`` counts the messages whose connection closed before their final dot."""
 
     def __init__(self, script: list[str]) -> None:
@@ -74,6 +76,7 @@ class Sink:
         self.abandoned = 0
         self.stalled = threading.Event()
         self.at_data = threading.Event()
+        self.at_dot = threading.Event()
         self.release = threading.Event()
         self.port = free_port(SINK_IP)
         self._sock = socket.create_server((SINK_IP, self.port))
@@ -112,6 +115,9 @@ class Sink:
                         while rfile.readline():  # until the sending node dies
                             pass
                         return
+                    if mode == "late":
+                        self.at_dot.set()
+                        self.release.wait(60)
                     self.accepted.append(data)
                     data = None
                     conn.sendall(b"250 2.0.0 queued\r\n")
@@ -185,6 +191,47 @@ def test_message_of_a_killed_node_is_delivered_once_by_the_other_after_the_lease
         assert len(sink.accepted) == 1 and sink.accepted[0].endswith(b"only once\r\n")
         assert sink.sessions == ["defer", "stall", "accept"]
         wait_until(lambda: other.queue_empty(), 10, "the queue to be empty")
+    finally:
+        sink.close()
+
+
+def test_a_250_while_postgresql_is_away_is_recorded_with_the_notice_it_owes(
+    server_factory: ServerFactory, pg_durable: PgServer, dns: LoopbackDNS
+) -> None:
+    """A pgcrash probe: a remote 250 to a recipient that asked for a success notice, while
+    PostgreSQL was away, failed the write that stores the outcome with its notice (it was not
+    retried, as an outcome alone is): the message stayed leased by the live node, unrecorded,
+    and a restart sent it again. Now the write waits for PostgreSQL, as record's does."""
+    sink = Sink(["late"])
+    extra = (
+        f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
+        f'[delivery]\nport = {sink.port}\nretry_intervals = ["1s"]\n'
+    )
+    try:
+        url = pg_durable.new_database()
+        toml = storage_toml(url) + f'lease_time = "{LEASE}s"\n' + extra
+        a = server_factory(host=A_IP, extra_toml=toml, services=(*SERVICES, "submission"))
+        a.add_user("ann@a.test", "ann-pw")
+        with smtplib.SMTP(a.host, a.ports["submission"], timeout=10) as c:
+            c.starttls()
+            c.login("ann@a.test", "ann-pw")
+            c.sendmail(
+                "ann@a.test",
+                ["r@remote.test"],
+                b"From: ann@a.test\r\nSubject: once\r\n\r\nonly once\r\n",
+                rcpt_options=["NOTIFY=SUCCESS"],
+            )
+        assert sink.at_dot.wait(30), sink.sessions
+        pg_durable.stop("immediate")
+        sink.release.set()  # the 250 comes while PostgreSQL is away
+        wait_until(lambda: sink.accepted, 10, "the sink's 250")
+        time.sleep(1.5)
+        pg_durable.start()
+        wait_until(lambda: a.queue_empty(), 60, "the queue to be empty")
+        notices = retrieve_all(a, "ann@a.test", "ann-pw")
+        assert len(notices) == 1 and b"Action: relayed" in notices[0]
+        time.sleep(LEASE * 1.5)  # no second copy comes later
+        assert len(sink.accepted) == 1 and sink.sessions == ["late"]
     finally:
         sink.close()
 

@@ -411,6 +411,34 @@ def test_a_permanent_failure_bounces_to_the_sender_through_the_same_hand_off(
     assert b"multipart/report" in report and b"\r\n" not in report
 
 
+def test_a_bounce_the_database_cannot_look_up_stays_owed_and_the_outcome_recorded(
+    tmp_path: Path,
+) -> None:
+    """A pgcrash probe: the look whether a DSN was queued already (and the read of the
+    message) ran outside the DSN's error handling; a database away there left the message
+    unrecorded, leased for as long as its node ran."""
+    from postroom.errors import StorageUnavailable
+
+    runner, queue, _boxes, _clock = make(tmp_path, {})  # every domain: NXDOMAIN
+    away = True
+
+    async def peek(queue_id: str) -> Envelope | None:
+        if away:
+            raise StorageUnavailable("PostgreSQL: connection refused")
+        found = queue.messages.get(queue_id)
+        return None if found is None else found[0]
+
+    queue.peek = peek
+    env = envelope("Q1", "bob@nowhere.test")
+    asyncio.run(accept(runner, env))
+    assert [kind for kind, qid in queue.calls] == ["accept", "save", "record"]
+    stored = Envelope.from_json(queue.stored["Q1"][0])
+    assert stored.recipients[0].status == "bounced" and len(stored.reports) == 1
+    away = False  # back: the next attempt sends the bounce it owes, once
+    asyncio.run(runner._deliver(stored, None))
+    assert len([1 for kind, qid in queue.calls if kind == "accept" and qid != "Q1"]) == 1
+
+
 def test_a_bounce_names_the_alias_as_original_recipient(tmp_path: Path) -> None:
     """RFC 3464 §2.3.1: the address as the sender gave it; "+c3" in it is no xtext escape."""
     runner, queue, _boxes, _clock = make(tmp_path, {})

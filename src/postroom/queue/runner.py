@@ -1049,15 +1049,17 @@ class QueueRunner:
         made: list[tuple[Envelope, _First]] = []
         while envelope.reports:
             pending = envelope.reports[0]
-            if await self.queue.peek(pending.id) is None:
-                original = original or _wire(await self.queue.body(envelope))
-                try:
+            try:  # (the look and the read too: a database away left the message unrecorded)
+                if await self.queue.peek(pending.id) is None:
+                    original = original or _wire(await self.queue.body(envelope))
                     report = await self._queue_report(envelope, pending, original)
-                except Exception as exc:  # a full disk, a database gone, ... or a bug
-                    self._failed(f"{envelope.id}: a delivery status notification not queued", exc)
-                    break
-                if report is not None:
-                    made.append(report)
+                    if report is not None:
+                        made.append(report)
+            except LeaseLost:
+                raise
+            except Exception as exc:  # a full disk, a database gone, ... or a bug
+                self._failed(f"{envelope.id}: a delivery status notification not queued", exc)
+                break
             envelope.reports.pop(0)
         return made
 

@@ -50,7 +50,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -671,11 +671,21 @@ class PgQueue:
         return status
 
     async def begin_attempt(self, envelope: Envelope) -> None:
-        await self.save(envelope)
+        # Nothing was done yet that only this worker knows: a database away fails it now.
+        await self._store(envelope, self._execute)
 
     async def save(self, envelope: Envelope) -> None:
+        # Outcomes with the DSNs they owe (a remote host's 250 among them) live only in this
+        # worker's memory until written: retried while PostgreSQL is away, as record's are (a
+        # pgcrash probe: given up, the message stayed leased here, unrecorded, until a
+        # restart sent it again).
+        await self._store(
+            envelope, lambda query, *args: self._write_outcome(envelope.id, query, *args, end=False)
+        )
+
+    async def _store(self, envelope: Envelope, execute: Callable[..., Awaitable[str]]) -> None:
         sent = time.monotonic()
-        status = await self._execute(
+        status = await execute(
             _BEGIN,
             envelope.id,
             self.node,
@@ -711,12 +721,15 @@ class PgQueue:
             raise LeaseLost(f"{envelope.id} was deleted")
         return bytes(found)
 
-    async def _write_outcome(self, queue_id: str, query: str, *args: object) -> str:
+    async def _write_outcome(
+        self, queue_id: str, query: str, *args: object, end: bool = True
+    ) -> str:
         """Write an attempt's outcome, again and again while PostgreSQL cannot be reached:
         what the attempt did (a remote host's 250 above all) exists only in this worker's
         memory until then, and given up it would be done again once the lease has run out.
         The lease is renewed meanwhile, so a short outage costs nothing; an error that
-        PostgreSQL reports is not retried (TemporaryStorageError)."""
+        PostgreSQL reports is not retried (TemporaryStorageError). ``end``: the write ends
+        the attempt, and the lease with it."""
         pause, warned = RECORD_RETRY[0], False
         while True:
             try:
@@ -730,11 +743,13 @@ class PgQueue:
                 pause = min(pause * 2, RECORD_RETRY[1])
                 continue
             except asyncpg.PostgresError as exc:
-                self._released(queue_id)
+                if end:
+                    self._released(queue_id)
                 raise StorageUnavailable(f"PostgreSQL: {exc}") from None
             if warned:
                 log.info("%s: outcome recorded", queue_id)
-            self._released(queue_id)
+            if end:
+                self._released(queue_id)
             return status
 
     async def record(self, envelope: Envelope, attempts: Sequence[Attempt]) -> None:
