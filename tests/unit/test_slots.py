@@ -33,29 +33,55 @@ def test_at_most_limit_at_once_and_forgotten_when_idle() -> None:
     asyncio.run(main())
 
 
-def test_a_reload_applies_to_a_domain_that_has_had_mail() -> None:
-    """An obs probe: the limit of a domain's first delivery was kept until a restart."""
+def test_a_reload_applies_to_the_deliveries_waiting_already() -> None:
+    """Two probes: the limit of a domain's first delivery was kept until a restart, and then
+    a delivery waiting already kept the limit it came with."""
 
     async def main() -> None:
         slots, running, go = ProcessSlots(), [], asyncio.Event()
         first = [asyncio.create_task(_hold(slots, 2, running, go)) for _ in range(6)]
         await _settle()
         assert len(running) == 2
-        # Raised: one more delivery with the new limit lets those waiting on at once.
-        more = asyncio.create_task(_hold(slots, 10, running, go))
+        slots.relimit(5)  # raised: those waiting go on at once
         await _settle()
-        assert len(running) == 7
+        assert len(running) == 5
+        slots.relimit(1)  # lowered: none more until the running ones are down to 0
         go.set()
-        await asyncio.gather(*first, more)
-        # Lowered: at most the new limit, though the domain is still known.
+        await asyncio.gather(*first)
+        # A new limit on a delivery's own call holds for the domain as well.
         go = asyncio.Event()
-        held = asyncio.create_task(_hold(slots, 10, running, go))
+        held = [asyncio.create_task(_hold(slots, 3, running, go)) for _ in range(3)]
         await _settle()
         lower = [asyncio.create_task(_hold(slots, 2, running, go)) for _ in range(4)]
         await _settle()
-        assert len(running) == 2
+        assert len(running) == 3
         go.set()
-        await asyncio.gather(held, *lower)
+        await asyncio.gather(*held, *lower)
+
+    asyncio.run(main())
+
+
+def test_a_freed_slot_goes_to_the_one_that_waited_longest() -> None:
+    """A probe: a delivery arriving as a slot was freed took it before those woken for it."""
+
+    async def main() -> None:
+        slots, order = ProcessSlots(), []
+        gates = [asyncio.Event() for _ in range(4)]
+
+        async def deliver(i: int) -> None:
+            async with slots.slot("d.test", 1):
+                order.append(i)
+                await gates[i].wait()
+
+        tasks = [asyncio.create_task(deliver(i)) for i in range(3)]
+        await _settle()
+        gates[0].set()
+        await asyncio.sleep(0)  # 0 leaves and hands its slot to 1...
+        tasks.append(asyncio.create_task(deliver(3)))  # ...before 3 arrives
+        for gate in gates:
+            gate.set()
+        await asyncio.gather(*tasks)
+        assert order == [0, 1, 2, 3]
 
     asyncio.run(main())
 

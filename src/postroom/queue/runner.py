@@ -909,7 +909,9 @@ class QueueRunner:
 
     def reconfigured(self) -> None:
         """A reload came: remote delivery takes the new configuration now (its cached
-        sessions, opened under the old one, get their QUIT at once)."""
+        sessions, opened under the old one, get their QUIT at once), and the deliveries
+        waiting for a destination's slot its new ``max_per_destination``."""
+        self._destinations.relimit(self.cfg.delivery.max_per_destination)
         if self._remote is not None:
             self._remote_delivery()
 

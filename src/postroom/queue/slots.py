@@ -2,10 +2,12 @@
 
 The :class:`~postroom.storage.interfaces.DestinationSlots` of the local backend, where one
 process runs the retries; the PostgreSQL backend's takes one of these before its row in the
-shared table. Written by hand rather than as a semaphore per domain: the limit is the one
-configured when a delivery asks (a reload applies at once, also to a domain that has had
-mail: a semaphore kept its first limit until a restart), and a domain with nothing under way
-or waiting is forgotten (one semaphore per domain ever delivered to was kept for good).
+shared table. Written by hand rather than as a semaphore per domain: a reload's limit applies
+at once (:meth:`ProcessSlots.relimit`), to the deliveries already waiting too (a semaphore
+kept a domain's first limit until a restart); a freed slot goes to the delivery that has
+waited longest, never to one that arrives just then (first come, first served); and a domain
+with nothing under way or waiting is forgotten (a semaphore was kept for every domain ever
+delivered to).
 """
 
 from __future__ import annotations
@@ -20,19 +22,18 @@ class _Destination:
     __slots__ = ("limit", "used", "users", "waiting")
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit  # as the last delivery that asked was configured
-        self.used = 0  # slots taken
+        self.limit = limit
+        self.used = 0  # slots taken (a woken delivery's included: handed over as it is woken)
         self.users = 0  # deliveries holding or waiting for a slot
         self.waiting: deque[asyncio.Future[None]] = deque()
 
     def wake(self) -> None:
-        """Let as many waiting deliveries on as there are free slots."""
-        free = self.limit - self.used
-        while free > 0 and self.waiting:
+        """Hand the free slots to the deliveries that have waited longest."""
+        while self.used < self.limit and self.waiting:
             waiter = self.waiting.popleft()
             if not waiter.done():
+                self.used += 1
                 waiter.set_result(None)
-                free -= 1
 
 
 class ProcessSlots:
@@ -40,6 +41,12 @@ class ProcessSlots:
 
     def __init__(self) -> None:
         self._destinations: dict[str, _Destination] = {}
+
+    def relimit(self, limit: int) -> None:
+        """A reload: every destination's limit is ``limit`` now, for those waiting too."""
+        for dest in self._destinations.values():
+            dest.limit = limit
+            dest.wake()
 
     @contextlib.asynccontextmanager
     async def slot(self, destination: str, limit: int) -> AsyncIterator[None]:
@@ -49,19 +56,20 @@ class ProcessSlots:
         dest.limit = limit
         dest.users += 1
         try:
-            dest.wake()  # (a limit raised by a reload lets those waiting on at once)
-            while dest.used >= dest.limit:
+            if dest.used < dest.limit and not dest.waiting:
+                dest.used += 1
+            else:
                 waiter = asyncio.get_running_loop().create_future()
                 dest.waiting.append(waiter)
                 try:
                     await waiter
                 except BaseException:
                     if waiter.done() and not waiter.cancelled():
-                        dest.wake()  # woken, then cancelled before it ran: the next one goes
+                        dest.used -= 1  # handed a slot, then cancelled: the next one's
+                        dest.wake()
                     else:
                         dest.waiting.remove(waiter)
                     raise
-            dest.used += 1
             try:
                 yield
             finally:

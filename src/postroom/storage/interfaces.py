@@ -343,6 +343,11 @@ class DestinationSlots(Protocol):
         """Wait for one of ``limit`` slots of ``destination``; held for the ``async with``."""
         ...
 
+    def relimit(self, limit: int) -> None:
+        """A reload changed ``max_per_destination``: ``limit`` holds now, for the deliveries
+        already waiting too."""
+        ...
+
 
 # -- POP3: the reading side of the mailboxes -----------------------------------------------------
 

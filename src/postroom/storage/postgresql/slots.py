@@ -55,6 +55,9 @@ class PgSlots:
         self.held = held
         self._local = ProcessSlots()
 
+    def relimit(self, limit: int) -> None:
+        self._local.relimit(limit)  # (the shared table's: as each delivery asks for its row)
+
     @contextlib.asynccontextmanager
     async def slot(self, destination: str, limit: int) -> AsyncIterator[None]:
         async with self._local.slot(destination, limit):
