@@ -5,6 +5,7 @@ DKIM keys every node shares."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -518,3 +519,35 @@ def test_a_due_notice_wakes_the_runner_and_deletes_nothing(tmp_path: Path) -> No
     assert deleted == [] and queue._wake.is_set()
     queue.notified("d0661F0EA2F409F00")
     assert deleted == ["0661F0EA2F409F00"]
+
+
+def test_a_stop_while_postgresql_is_away_says_which_outcomes_it_could_not_keep(
+    pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A re-probe: a stop during an outage forgot the 250s its attempts held, in silence."""
+
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path, count=1) as (a,):
+            env = await a.accept(remote=["r@remote.test"])
+            await a.queue.record(env, [])  # deferred, due at once, no lease
+            (claimed,) = await a.queue.claim(FAR, 10)
+
+            def away() -> Any:
+                raise asyncpg.exceptions.CannotConnectNowError("the database is starting")
+
+            real = a.database.connection
+            a.database.connection = away  # type: ignore[method-assign]
+            try:
+                claimed.recipients[0].status = "delivered"
+                writing = asyncio.ensure_future(a.queue.save(claimed))
+                await asyncio.sleep(0.3)
+                writing.cancel()  # the stop
+                with pytest.raises(asyncio.CancelledError):
+                    await writing
+            finally:
+                a.database.connection = real  # type: ignore[method-assign]
+            assert env.id == claimed.id
+
+    with caplog.at_level(logging.WARNING, logger="postroom"):
+        run(main())
+    assert "outcome not recorded before the stop" in caplog.text

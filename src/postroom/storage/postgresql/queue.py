@@ -739,7 +739,15 @@ class PgQueue:
                 if not warned:
                     log.warning("%s: outcome not recorded yet (retrying): %s", queue_id, exc)
                     warned = True
-                await asyncio.sleep(pause)
+                try:
+                    await asyncio.sleep(pause)
+                except asyncio.CancelledError:  # the stop: what is only in memory is lost
+                    log.warning(
+                        "%s: outcome not recorded before the stop (PostgreSQL away): tried "
+                        "again, and a host that took the message may get it twice",
+                        queue_id,
+                    )
+                    raise
                 pause = min(pause * 2, RECORD_RETRY[1])
                 continue
             except asyncpg.PostgresError as exc:
