@@ -61,6 +61,21 @@ def test_a_reload_applies_to_the_deliveries_waiting_already() -> None:
     asyncio.run(main())
 
 
+def test_a_limit_raised_by_a_new_delivery_lets_those_waiting_go_first() -> None:
+    async def main() -> None:
+        slots, running, go = ProcessSlots(), [], asyncio.Event()
+        first = [asyncio.create_task(_hold(slots, 1, running, go)) for _ in range(3)]
+        await _settle()
+        assert len(running) == 1
+        later = asyncio.create_task(_hold(slots, 4, running, go))  # (a reload before it)
+        await _settle()
+        assert len(running) == 4
+        go.set()
+        await asyncio.gather(*first, later)
+
+    asyncio.run(main())
+
+
 def test_a_freed_slot_goes_to_the_one_that_waited_longest() -> None:
     """A probe: a delivery arriving as a slot was freed took it before those woken for it."""
 

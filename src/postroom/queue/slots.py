@@ -54,6 +54,7 @@ class ProcessSlots:
         if dest is None:
             dest = self._destinations[destination] = _Destination(limit)
         dest.limit = limit
+        dest.wake()  # (a limit raised by this delivery's own call: those waiting go first)
         dest.users += 1
         try:
             if dest.used < dest.limit and not dest.waiting:
