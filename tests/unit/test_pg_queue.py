@@ -294,6 +294,23 @@ def test_destination_slots_hold_across_nodes(pg_url: str, tmp_path: Path) -> Non
     run(main())
 
 
+def test_a_reload_reaches_a_delivery_waiting_for_a_row(pg_url: str, tmp_path: Path) -> None:
+    """A re-probe: a delivery waiting for a destination's row kept the limit it came with."""
+
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, b):
+            mine = PgSlots(a.database, a.queue.node, 60.0, a.queue.held_slots)
+            theirs = PgSlots(b.database, b.queue.node, 60.0, b.queue.held_slots)
+            async with mine.slot("remote.test", 1):
+                waiting = asyncio.ensure_future(_through(theirs))
+                await asyncio.sleep(0.3)
+                assert not waiting.done()
+                theirs.relimit(2)
+                await asyncio.wait_for(waiting, 3)  # row 1, while row 0 is still held
+
+    run(main())
+
+
 def test_a_slot_whose_release_failed_runs_out(pg_url: str, tmp_path: Path) -> None:
     """A delivery slot whose DELETE failed (the database away as the delivery ended) was
     renewed with the leases for as long as its worker ran: an outage during deliveries left

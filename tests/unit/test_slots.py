@@ -119,3 +119,24 @@ def test_a_waiter_cancelled_after_its_wake_passes_the_slot_on() -> None:
         assert not slots._destinations
 
     asyncio.run(main())
+
+
+def test_a_cancelled_waiter_a_release_dropped_already_ends_quietly() -> None:
+    """A re-probe: a stop cancelled the deliveries waiting; a release dropped their futures
+    from the line before they ran, and each then failed to remove itself (a ValueError in
+    place of the cancellation, logged as a delivery error)."""
+
+    async def main() -> None:
+        slots, running, go = ProcessSlots(), [], asyncio.Event()
+        held = slots.slot("d.test", 1)
+        await held.__aenter__()
+        waiters = [asyncio.create_task(_hold(slots, 1, running, go)) for _ in range(3)]
+        await _settle()
+        for task in waiters:
+            task.cancel()  # their futures are cancelled now; the tasks have not run yet
+        await held.__aexit__(None, None, None)  # the release drops the cancelled futures
+        results = await asyncio.gather(*waiters, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+        assert not slots._destinations
+
+    asyncio.run(main())

@@ -68,8 +68,9 @@ class ProcessSlots:
                     if waiter.done() and not waiter.cancelled():
                         dest.used -= 1  # handed a slot, then cancelled: the next one's
                         dest.wake()
-                    else:
-                        dest.waiting.remove(waiter)
+                    else:  # (unless a wake dropped it already, as it drops any done)
+                        with contextlib.suppress(ValueError):
+                            dest.waiting.remove(waiter)
                     raise
             try:
                 yield

@@ -54,14 +54,17 @@ class PgSlots:
         self.lease = lease
         self.held = held
         self._local = ProcessSlots()
+        self._limit: int | None = None  # a reload's, for the deliveries asking for a row
 
     def relimit(self, limit: int) -> None:
-        self._local.relimit(limit)  # (the shared table's: as each delivery asks for its row)
+        self._limit = limit
+        self._local.relimit(limit)
 
     @contextlib.asynccontextmanager
     async def slot(self, destination: str, limit: int) -> AsyncIterator[None]:
+        self._limit = limit
         async with self._local.slot(destination, limit):
-            number = await self._take(destination, limit)
+            number = await self._take(destination)
             self.held.add((destination, number))
             try:
                 yield
@@ -77,9 +80,13 @@ class PgSlots:
                             self.node,
                         )
 
-    async def _take(self, destination: str, limit: int) -> int:
+    async def _take(self, destination: str) -> int:
+        """A row of ``destination`` under the limit as it is at each try: a reload reaches
+        a delivery waiting for one (a re-probe: one raised waited on at the old limit, one
+        lowered let more through across the nodes than it allows)."""
         pause = FIRST_PAUSE
         while True:
+            limit = self._limit or 1
             try:
                 async with self.database.connection() as conn:
                     number = await conn.fetchval(_TAKE, destination, self.node, limit, self.lease)
