@@ -20,11 +20,19 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
+async def _backlog(
+    slots: ProcessSlots, limit: int, count: int, running: list[int], go: asyncio.Event
+) -> list[asyncio.Task[None]]:
+    """``count`` deliveries asking for a slot under ``limit``, as far as they get."""
+    tasks = [asyncio.create_task(_hold(slots, limit, running, go)) for _ in range(count)]
+    await _settle()
+    return tasks
+
+
 def test_at_most_limit_at_once_and_forgotten_when_idle() -> None:
     async def main() -> None:
         slots, running, go = ProcessSlots(), [], asyncio.Event()
-        tasks = [asyncio.create_task(_hold(slots, 2, running, go)) for _ in range(5)]
-        await _settle()
+        tasks = await _backlog(slots, 2, 5, running, go)
         assert len(running) == 2
         go.set()
         await asyncio.gather(*tasks)
@@ -39,21 +47,18 @@ def test_a_reload_applies_to_the_deliveries_waiting_already() -> None:
 
     async def main() -> None:
         slots, running, go = ProcessSlots(), [], asyncio.Event()
-        first = [asyncio.create_task(_hold(slots, 2, running, go)) for _ in range(6)]
-        await _settle()
+        first = await _backlog(slots, 2, 6, running, go)
         assert len(running) == 2
         slots.relimit(5)  # raised: those waiting go on at once
         await _settle()
         assert len(running) == 5
-        slots.relimit(1)  # lowered: none more until the running ones are down to 0
+        slots.relimit(1)  # lowered with one still waiting: it goes once the rest are done
         go.set()
         await asyncio.gather(*first)
         # A new limit on a delivery's own call holds for the domain as well.
         go = asyncio.Event()
-        held = [asyncio.create_task(_hold(slots, 3, running, go)) for _ in range(3)]
-        await _settle()
-        lower = [asyncio.create_task(_hold(slots, 2, running, go)) for _ in range(4)]
-        await _settle()
+        held = await _backlog(slots, 3, 3, running, go)
+        lower = await _backlog(slots, 2, 4, running, go)
         assert len(running) == 3
         go.set()
         await asyncio.gather(*held, *lower)
@@ -64,8 +69,7 @@ def test_a_reload_applies_to_the_deliveries_waiting_already() -> None:
 def test_a_limit_raised_by_a_new_delivery_lets_those_waiting_go_first() -> None:
     async def main() -> None:
         slots, running, go = ProcessSlots(), [], asyncio.Event()
-        first = [asyncio.create_task(_hold(slots, 1, running, go)) for _ in range(3)]
-        await _settle()
+        first = await _backlog(slots, 1, 3, running, go)
         assert len(running) == 1
         later = asyncio.create_task(_hold(slots, 4, running, go))  # (a reload before it)
         await _settle()
@@ -130,8 +134,7 @@ def test_a_cancelled_waiter_a_release_dropped_already_ends_quietly() -> None:
         slots, running, go = ProcessSlots(), [], asyncio.Event()
         held = slots.slot("d.test", 1)
         await held.__aenter__()
-        waiters = [asyncio.create_task(_hold(slots, 1, running, go)) for _ in range(3)]
-        await _settle()
+        waiters = await _backlog(slots, 1, 3, running, go)
         for task in waiters:
             task.cancel()  # their futures are cancelled now; the tasks have not run yet
         await held.__aexit__(None, None, None)  # the release drops the cancelled futures
