@@ -311,6 +311,32 @@ def test_a_reload_reaches_a_delivery_waiting_for_a_row(pg_url: str, tmp_path: Pa
     run(main())
 
 
+def test_a_lowered_limit_counts_the_slots_taken_under_the_old_one(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A re-probe: after a reload lowered the limit, a node took a free low-numbered slot
+    while another node's delivery still held a slot numbered past the new limit."""
+
+    async def main() -> None:
+        async with nodes(pg_url, tmp_path) as (a, b):
+            mine = PgSlots(a.database, a.queue.node, 60.0, a.queue.held_slots)
+            theirs = PgSlots(b.database, b.queue.node, 60.0, b.queue.held_slots)
+            first = mine.slot("remote.test", 3)
+            await first.__aenter__()
+            second = mine.slot("remote.test", 3)
+            await second.__aenter__()
+            assert a.queue.held_slots == {("remote.test", 0), ("remote.test", 1)}
+            await first.__aexit__(None, None, None)  # row 0 free, row 1 held
+            theirs.relimit(1)  # (a reload on the other node)
+            waiting = asyncio.ensure_future(_through(theirs))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()  # row 1 counts against a limit of 1
+            await second.__aexit__(None, None, None)
+            await asyncio.wait_for(waiting, 5)
+
+    run(main())
+
+
 def test_a_slot_whose_release_failed_runs_out(pg_url: str, tmp_path: Path) -> None:
     """A delivery slot whose DELETE failed (the database away as the delivery ended) was
     renewed with the leases for as long as its worker ran: an outage during deliveries left

@@ -25,7 +25,9 @@ from postroom.storage.postgresql.db import Database
 FIRST_PAUSE, MAX_PAUSE = 0.05, 1.0
 
 # A slot that ran out while the database was down is its holder's until the database has
-# been up for a lease ($4), as a lease is (see queue.py's _CLAIM).
+# been up for a lease ($4), as a lease is (see queue.py's _CLAIM). Slots numbered past a
+# limit a reload lowered, still held by deliveries begun before it, count against it too
+# (a re-probe: another node began new ones beside them).
 _TAKE = """
 INSERT INTO delivery_slots (destination, slot, owner, until)
 SELECT $1, s, $2, postroom_clock() + $4
@@ -34,7 +36,11 @@ WHERE NOT EXISTS (
     SELECT 1 FROM delivery_slots d
     WHERE d.destination = $1 AND d.slot = s AND (d.until >= postroom_clock()
         OR extract(epoch FROM pg_postmaster_start_time()) >= postroom_clock() - $4)
-)
+) AND (
+    SELECT count(*) FROM delivery_slots d
+    WHERE d.destination = $1 AND (d.until >= postroom_clock()
+        OR extract(epoch FROM pg_postmaster_start_time()) >= postroom_clock() - $4)
+) < $3
 ORDER BY s LIMIT 1
 ON CONFLICT (destination, slot) DO UPDATE SET owner = EXCLUDED.owner, until = EXCLUDED.until
     WHERE delivery_slots.until < postroom_clock()
