@@ -60,7 +60,7 @@ class PgSlots:
         self.lease = lease
         self.held = held
         self._local = ProcessSlots()
-        self._limit: int | None = None  # a reload's, for the deliveries asking for a row
+        self._limit = 1  # the latest asked for or reloaded: a row is taken under it
 
     def relimit(self, limit: int) -> None:
         self._limit = limit
@@ -92,10 +92,11 @@ class PgSlots:
         lowered let more through across the nodes than it allows)."""
         pause = FIRST_PAUSE
         while True:
-            limit = self._limit or 1
             try:
                 async with self.database.connection() as conn:
-                    number = await conn.fetchval(_TAKE, destination, self.node, limit, self.lease)
+                    number = await conn.fetchval(
+                        _TAKE, destination, self.node, self._limit, self.lease
+                    )
             except db.FAILED as exc:
                 raise StorageUnavailable(f"PostgreSQL: {exc}") from None
             if number is not None:
