@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar, cast
 
@@ -123,6 +124,7 @@ class Answers(asyncio.Protocol, Generic[R]):
         self.ready: asyncio.Future[None] = loop.create_future()  # the child's first answer
         # Done once the connection is lost: the child is gone, a new one must be started.
         self.closed: asyncio.Future[None] = loop.create_future()
+        self.answered_at = time.monotonic()  # of the last answer: the child is still working
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
@@ -138,6 +140,7 @@ class Answers(asyncio.Protocol, Generic[R]):
 
     def settle(self, job_id: int, result: R) -> None:
         """An answer has come: the child is ready (``READY``), or a job is done."""
+        self.answered_at = time.monotonic()
         if job_id == READY and not self.ready.done():
             self.ready.set_result(None)
         waiter = self.waiters.pop(job_id, None)

@@ -8,6 +8,7 @@ import base64
 import dataclasses
 import hashlib
 import re
+import socket
 import time
 from pathlib import Path
 from typing import cast
@@ -269,6 +270,61 @@ def test_a_job_the_helper_gave_up_on_is_not_done_again_in_the_server() -> None:
     )
     assert not done_here
     assert [(r.domain, r.result) for r in results] == [("a.test", "temperror")]
+
+
+async def _helper_on(child: socket.socket) -> helper.DkimHelper:
+    """A DkimHelper whose child is the test, at the other end of ``child``'s socketpair."""
+    _transport, answers = await asyncio.get_running_loop().create_connection(
+        helper._Answers, sock=child
+    )
+    dkim_helper = helper.DkimHelper()
+    dkim_helper._answers = answers
+    return dkim_helper
+
+
+def test_a_job_waiting_behind_slow_ones_is_not_timed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper does its jobs in turn: a job is late when the helper answers nothing for
+    TIMEOUT, not when the jobs before it took that long (a queue of costly messages timed out
+    the one behind them, and a forged From under p=reject came through as dkim=temperror)."""
+    monkeypatch.setattr(helper, "TIMEOUT", 0.5)
+
+    async def run() -> list[bytes]:
+        ours, theirs = socket.socketpair()
+        dkim_helper = await _helper_on(ours)
+
+        async def child() -> None:  # each job 0.3 s after the last: the fourth waits 1.2 s
+            reader, writer = await asyncio.open_connection(sock=theirs)
+            buf, answered = bytearray(), 0
+            while answered < 4:
+                buf += await reader.read(1 << 16)
+                for job_id, _kind, _payload in helper.frames(buf):
+                    await asyncio.sleep(0.3)
+                    writer.write(helper._FRAME.pack(job_id, helper.DONE, 2) + b"ok")
+                    answered += 1
+            writer.close()
+
+        answering = asyncio.ensure_future(child())
+        jobs = [dkim_helper._call(helper.SIGN, b"job") for _ in range(4)]
+        done = await asyncio.gather(*jobs)
+        await answering
+        return done
+
+    assert asyncio.run(run()) == [b"ok"] * 4
+
+
+def test_a_helper_that_answers_nothing_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(helper, "TIMEOUT", 0.3)
+
+    async def run() -> float:
+        ours, theirs = socket.socketpair()
+        dkim_helper = await _helper_on(ours)
+        started = time.monotonic()
+        with pytest.raises(helper.HelperTimedOut):
+            await dkim_helper._call(helper.SIGN, b"job")
+        theirs.close()
+        return time.monotonic() - started
+
+    assert 0.3 <= asyncio.run(run()) < 2
 
 
 def test_a_signature_the_helper_did_not_make_in_time_is_made_here() -> None:

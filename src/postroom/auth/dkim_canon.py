@@ -147,10 +147,58 @@ def signed_header_data(
     """The octets a signature covers (RFC 6376 §3.7): the fields ``include`` names, taken
     from the bottom of the canonicalized ``fields``, then the DKIM-Signature field itself
     with b= empty and without its final line end, canonicalized by ``policy``."""
+    return signature_data(policy, select_headers(fields, include), signature_field)
+
+
+def signature_data(
+    policy: type[Relaxed] | type[Simple], selected: Sequence[Field], signature_field: Field
+) -> bytes:
+    """The octets a signature covers, given the canonicalized fields its h= ``selected``
+    (:func:`select_headers`, :meth:`HeaderIndex.select`): see :func:`signed_header_data`."""
     name, value = signature_field
     ((cname, cvalue),) = canonical_headers(policy, [(name, _B_TAG.sub(rb"\1", value))])
-    selected = select_headers(fields, include)
     return b"".join(n + b":" + v for n, v in selected) + cname + b":" + cvalue.rstrip()
+
+
+class HeaderIndex:
+    """A message's header fields, indexed once by name for every signature checked against
+    them: each signature then costs its h= list, not the header section. Checking each
+    signature against each key record by canonicalizing every field its h= names (before
+    selecting) made a 0.9 MB header of 180,000 ``X:`` fields under ten signatures that named
+    ``x`` cost 3-4 s of CPU, a queue of them a minute."""
+
+    def __init__(self, fields: Sequence[Field]) -> None:
+        self.fields = fields
+        self._where: dict[type[Relaxed] | type[Simple], dict[bytes, list[int]]] = {}
+        self._canonical: dict[tuple[type[Relaxed] | type[Simple], int], Field] = {}
+
+    def select(self, policy: type[Relaxed] | type[Simple], include: Sequence[bytes]) -> list[Field]:
+        """The fields each name of ``include`` takes from the bottom up (RFC 6376 §5.4.2),
+        canonicalized by ``policy``: :func:`select_headers` of :func:`canonical_headers`."""
+        where = self._where.get(policy)
+        if where is None:
+            where = self._where[policy] = {}
+            for i, (name, _value) in enumerate(self.fields):
+                # The name select_headers compares: the canonical one, lower-cased.
+                key = name.lower().rstrip() if policy is Relaxed else name.lower()
+                where.setdefault(key, []).append(i)
+        taken: dict[bytes, int] = {}
+        selected = []
+        for name in include:
+            name = name.lower()
+            positions = where.get(name, ())
+            count = taken.get(name, 0)
+            if count < len(positions):
+                taken[name] = count + 1
+                selected.append(self._canonical_field(policy, positions[-1 - count]))
+        return selected
+
+    def _canonical_field(self, policy: type[Relaxed] | type[Simple], position: int) -> Field:
+        field = self._canonical.get((policy, position))
+        if field is None:
+            (field,) = canonical_headers(policy, [self.fields[position]])
+            self._canonical[(policy, position)] = field
+        return field
 
 
 def select_headers(fields: Sequence[Field], include: Sequence[bytes]) -> list[Field]:

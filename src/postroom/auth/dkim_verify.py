@@ -28,8 +28,9 @@ Signatures that claim an aligned d= still compete among themselves: more than te
 the lower ones unchecked.
 
 Security notes: at most ``MAX_SIGNATURES`` signatures are checked (each costs a DNS lookup and
-a public-key operation), and each costs time linear in the message (h= against the header
-fields: ``dkim_canon.select_headers``), and choosing them time linear in the header section;
+a public-key operation); the message's header fields are indexed and its body canonicalized
+once for all of them (``dkim_canon.HeaderIndex``, ``_Bodies``), after which each costs its h=
+list and a hash per l=, and choosing them costs time linear in the header section;
 RSA keys under 1024 bits are refused and ``rsa-sha1`` is never a pass (RFC 8301 §3.1, §3.2); a
 key record whose ``h=`` leaves out sha256 or whose ``s=`` is not for email does not verify
 anything, nor one with ``t=s`` a signature whose ``i=`` is in a subdomain (RFC 6376 §3.6.1); a
@@ -299,18 +300,34 @@ def _validate(sig: dict[bytes, bytes], now: int) -> None:
             raise dkim.ValidationError("x= value is not greater than t= value")
 
 
+class _Bodies:
+    """A message's body, canonicalized once per algorithm and hashed once per algorithm and
+    l= for all its signatures: ten signatures with ten l= values canonicalized a 20 MB body
+    ten times (2.75 s, against 0.59 s for one)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self._canonical: dict[bytes, bytes] = {}
+        self.hashes: dict[tuple[bytes, bytes | None], bytes] = {}  # b"": l= beyond the body
+
+    def canonical(self, algorithm: bytes) -> bytes:
+        canonical = self._canonical.get(algorithm)
+        if canonical is None:
+            canonical = self._canonical[algorithm] = dkim_canon.canonical_body(algorithm, self.body)
+        return canonical
+
+
 def _check(
-    fields: list[Field],
-    body: bytes,
+    index: dkim_canon.HeaderIndex,
+    bodies: _Bodies,
     field: Field,
     key_name: str,
     record: bytes,
-    bodies: dict[tuple[bytes, bytes | None], bytes],
     now: int,
 ) -> bool:
-    """One signature (the DKIM-Signature ``field`` of a message parsed into ``fields`` and
-    ``body``) against its key ``record``; dkimpy's exceptions for what is malformed.
-    ``bodies`` keeps each canonical body hash, for the next signature of the message."""
+    """One signature (the DKIM-Signature ``field`` of a message whose header fields are in
+    ``index`` and body in ``bodies``) against its key ``record``; dkimpy's exceptions for
+    what is malformed. ``index`` and ``bodies`` keep what the next signature can reuse."""
     sig = parse_tags(field[1])
     _validate(sig, now)
     if _key_name(sig) != key_name:  # read otherwise by tags(), which found the key
@@ -332,14 +349,15 @@ def _check(
         raise dkim.MessageFormatError(f"invalid c= value: {exc}") from None
     algorithm_name: bytes = policy.body_algorithm.name
     which = (algorithm_name, sig.get(b"l"))
-    body_hash = bodies.get(which)
+    body_hash = bodies.hashes.get(which)
     if body_hash is None:
-        canonical_body = dkim_canon.canonical_body(algorithm_name, body)
+        canonical_body = bodies.canonical(algorithm_name)
         if b"l" in sig and int(sig[b"l"]) > len(canonical_body):
-            body_hash = bodies[which] = b""  # (known for the next signature or key record)
+            body_hash = bodies.hashes[which] = b""  # (known for the next signature or key)
         else:
-            canonical_body = canonical_body[: int(sig[b"l"])] if b"l" in sig else canonical_body
-            body_hash = bodies[which] = hashlib.sha256(canonical_body).digest()
+            length = int(sig[b"l"]) if b"l" in sig else len(canonical_body)
+            with memoryview(canonical_body) as view:
+                body_hash = bodies.hashes[which] = hashlib.sha256(view[:length]).digest()
     if not body_hash:  # §3.5 l=: MUST NOT be larger than the body (OpenDKIM refuses it too)
         raise dkim.ValidationError("l= value is larger than the body")
     if body_hash != base64.b64decode(_WSP.sub(b"", sig[b"bh"])):
@@ -347,12 +365,8 @@ def _check(
     include = [name.strip().lower() for name in sig[b"h"].split(b":")]
     if b"from" in include:
         include.append(b"from")  # as dkimpy: a From field added on top breaks it
-    # Only the fields h= names take part: canonicalize those alone (in their order).
-    named = set(include)
     header = dkim_canon.header_policy(policy)
-    chosen = [f for f in fields if f[0].lower().rstrip() in named]
-    canonical = dkim_canon.canonical_headers(header, chosen)
-    data = dkim_canon.signed_header_data(header, canonical, include, field)
+    data = dkim_canon.signature_data(header, index.select(header, include), field)
     return key.verify(base64.b64decode(_WSP.sub(b"", sig[b"b"])), data)
 
 
@@ -398,7 +412,7 @@ def verify(
     sig_fields = [f for f in fields if f[0].lower().rstrip() == b"dkim-signature"]
     positions = range(MAX_SIGNATURES) if chosen is None else sorted(set(chosen))
     picked = [sig_fields[i] for i in positions[:MAX_SIGNATURES] if 0 <= i < len(sig_fields)]
-    bodies: dict[tuple[bytes, bytes | None], bytes] = {}
+    index, bodies = dkim_canon.HeaderIndex(fields), _Bodies(body)
     now = int(time.time())
     results = []
     for field in picked:
@@ -423,7 +437,7 @@ def verify(
             continue
         verdicts = []
         for record in records:
-            check = functools.partial(_check, fields, body, field, name, record, bodies, now)
+            check = functools.partial(_check, index, bodies, field, name, record, now)
             verdicts.append(_verdict(check))
             if verdicts[-1][0] == "pass":
                 break

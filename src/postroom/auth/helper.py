@@ -17,9 +17,10 @@ server's interpreter options, started in the background at the first job; it say
 ready (an answer with id 0). It ignores SIGINT/SIGTERM, exits when the server's end of the
 socket closes, and is killed by the kernel if the server dies. The server never waits for it
 and never depends on it: until it is ready, and if it cannot be started or dies, jobs are done
-in the server process (and the next job starts a new child). A job it does not answer within
-``TIMEOUT`` is not done again in the server, whose event loop it would hold as long: the
-message goes on unsigned, or with ``dkim=temperror``.
+in the server process (and the next job starts a new child). A child that answers nothing for
+``TIMEOUT`` while a job waits is taken for hung (its jobs are done in order: one that waits
+behind others waits as long as they take); the job is not done again in the server, whose
+event loop it would hold as long: the message goes on unsigned, or with ``dkim=temperror``.
 
 Wire format, little-endian: job ``<IBI`` id, kind (1 verify, 2 sign), length, then the
 arguments; answer ``<IBI`` id, status (0 done, 1 failed: the payload is the error text),
@@ -74,7 +75,8 @@ class HelperNotReady(HelperError):
 
 
 class HelperTimedOut(HelperError):
-    """The job took longer than ``TIMEOUT``: done here, it would stop the server as long."""
+    """The child answered nothing for ``TIMEOUT`` while the job waited: done here, the job
+    would stop the server as long."""
 
 
 # -- the jobs (run in the child; pure) -------------------------------------------------------
@@ -203,14 +205,26 @@ class DkimHelper:
         if answers is None:
             raise HelperNotReady("the DKIM helper is not running yet")
         job_id, waiter = answers.submit(lambda i: [_FRAME.pack(i, kind, len(payload)), payload])
+        sent = time.monotonic()
         try:
-            status, result = await asyncio.wait_for(waiter, TIMEOUT)
+            while True:
+                # The child does its jobs one after another: it is hung when it has answered
+                # nothing for TIMEOUT since this job was sent, not when this job waited that
+                # long behind others (a queue of costly messages timed out the cheap one
+                # behind them: a forged From under p=reject came through as dkim=temperror).
+                left = max(sent, answers.answered_at) + TIMEOUT - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                with contextlib.suppress(TimeoutError):
+                    status, result = await asyncio.wait_for(asyncio.shield(waiter), left)
+                    break
         except TimeoutError:
-            answers.waiters.pop(job_id, None)
             self._reap()  # hung: the next job starts a new child
-            raise HelperTimedOut(f"the DKIM helper did not answer within {TIMEOUT:.0f} s") from None
+            raise HelperTimedOut(f"the DKIM helper answered nothing for {TIMEOUT:.0f} s") from None
         except OSError as exc:
             raise HelperError(str(exc)) from exc
+        finally:
+            answers.waiters.pop(job_id, None)
         if status != DONE:
             raise HelperError(result.decode("utf-8", "replace"))
         return result

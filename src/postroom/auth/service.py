@@ -409,8 +409,9 @@ class SenderAuth:
         self, head: bytes, whole: Callable[[], bytes], client_ip: str, helo: str, sender: str
     ) -> Verdict:
         """SPF, DKIM and DMARC of one message (its header section ``head``, CRLF; ``whole``
-        reads all of it, which only DKIM needs, and only for a signed message), all within
-        ``[auth] check_timeout``.
+        reads all of it, which only DKIM needs, and only for a signed message): its DNS
+        lookups within ``[auth] check_timeout``, then its signatures in the DKIM helper, in
+        their turn behind the jobs before them (see ``helper``).
 
         What the cache already holds is used at once; only what is missing is asked, all of
         it concurrently (the usual case, everything cached, makes no task and never waits)."""
