@@ -552,6 +552,8 @@ async def serve(
         tasks.append(loop.create_task(runner.run()))
         assert services.sender_auth is not None
         tasks.append(loop.create_task(services.sender_auth.run(queue_made_here(runner))))
+    for task in tasks:
+        task.add_done_callback(_log_if_failed)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -602,8 +604,8 @@ async def serve(
         await queue.spares.close()
     for task in tasks:
         task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.gather(*tasks)
+    # (A task that ended by an error was logged then; the stop is still a clean one.)
+    await asyncio.gather(*tasks, return_exceptions=True)
     for server in http_servers:
         server.close()
     services.accounts.close()
@@ -612,6 +614,14 @@ async def serve(
     logs.flush_from(None)
     logs.flush()
     return 0
+
+
+def _log_if_failed(task: asyncio.Task[None]) -> None:
+    """A background task of the server ended by an error: said when it happens, not at the
+    stop (where it made the exit status 1) or never."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        name = getattr(task.get_coro(), "__qualname__", task.get_name())
+        log.error("background task %s stopped: %r", name, exc, exc_info=exc)
 
 
 def _setup_metrics(

@@ -240,3 +240,28 @@ def test_show_of_a_message_whose_state_is_damaged_says_so(tmp_path: Path) -> Non
             queue.load("A1")
         (problem,) = queue.deferred.iter_envelopes()
         assert isinstance(problem, QueueError), damage
+
+
+def test_a_state_that_cannot_be_read_or_a_truncated_message_is_set_aside(tmp_path: Path) -> None:
+    """A directory where a state file should be ended the runner's task (an OSError, not a
+    QueueError); a truncated or emptied message file was sent as it was."""
+    queue = LocalQueue(tmp_path, "mx.x.test")
+    for qid in ("A1", "B2", "C3", "D4"):
+        env = envelope(qid, 1, 1.0)
+        env.size = 5
+        queue.deferred.park(env.to_json(), qid, b"hello", "")
+    (queue.deferred.state_dir / "B2.json").unlink()
+    (queue.deferred.state_dir / "B2.json").mkdir()
+    (queue.deferred.msg_dir / "C3").write_bytes(b"hel")
+    (queue.deferred.msg_dir / "D4").write_bytes(b"")
+    assert [e.id for e in queue.entries()] == ["A1"]  # `queue list` lists the others
+    assert len(queue.problems()) == 3
+    assert queue.recover() == 4
+    (good,) = asyncio.run(queue.claim(1e10, 10))
+    assert good.id == "A1"
+    problems = " ".join(queue.problems())
+    assert "B2: state file unreadable" in problems
+    assert "C3: the message file holds 3 octets, its state 5" in problems
+    assert "D4: the message file holds 0 octets" in problems
+    corrupt = sorted(os.listdir(tmp_path / "queue" / "corrupt"))
+    assert corrupt == ["B2", "B2.json", "C3", "C3.json", "D4", "D4.json"]

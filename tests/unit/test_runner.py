@@ -1776,3 +1776,27 @@ def test_a_destination_slot_the_database_cannot_give_defers_the_domain(tmp_path:
     assert [r.status for r in env.recipients] == ["deferred", "delivered"]
     stored = Envelope.from_json(queue.stored["Q1"][0])
     assert stored.recipients[0].status == "deferred" and stored.next_attempt > NOW
+
+
+def test_an_error_in_claiming_due_messages_is_logged_and_the_schedule_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A state file the queue could not read ended the runner's task in silence: nothing was
+    tried again, expired or bounced until the next restart."""
+    runner, queue, _boxes, _clock = make(tmp_path, {})
+    claims: list[float] = []
+    real_claim = queue.claim
+
+    async def claim(now: float, limit: int) -> list[Envelope]:
+        claims.append(now)
+        if len(claims) == 1:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        if len(claims) == 3:
+            runner._draining = True
+        return await real_claim(now, limit)
+
+    queue.claim = claim  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="test-runner"):
+        asyncio.run(asyncio.wait_for(runner.run(), 10))
+    assert len(claims) == 3
+    assert "cannot take the due messages" in caplog.text and "Permission denied" in caplog.text

@@ -296,10 +296,15 @@ class QueueRunner:
     # -- the schedule (the owner) ----------------------------------------------------------
 
     async def run(self) -> None:
-        """Start due attempts until stopped."""
+        """Start due attempts until stopped. An error in claiming them (one the queue did not
+        expect: its disk failing, say) is logged and the schedule goes on: it ended the
+        task, and no message was tried again, in silence, until the next restart."""
         while not self._draining:
-            for envelope in await self.queue.claim(self._clock(), 100):
-                self._start(envelope)
+            try:
+                for envelope in await self.queue.claim(self._clock(), 100):
+                    self._start(envelope)
+            except Exception:
+                self.services.log.exception("queue runner: cannot take the due messages")
             for problem in self.queue.problems():
                 self.services.log.error("%s", problem)
             await self.queue.wait(5.0)

@@ -144,19 +144,32 @@ class DeferredStore:
         return sorted(n for n in os.listdir(self.msg_dir) if not n.startswith("."))
 
     def load(self, queue_id: str) -> Envelope:
-        """QueueError if missing or unreadable."""
+        """QueueError if missing or unreadable, or if the message file is not the size its
+        state records (truncated or emptied: it would be sent as it is)."""
         if not self.has(queue_id):
             raise QueueError(f"no such message {queue_id}")
         try:
             raw = (self.state_dir / f"{queue_id}.json").read_bytes()
         except FileNotFoundError:
             raise QueueError(f"{queue_id}: state file missing") from None
+        except OSError as exc:  # a directory in its place, no permission, a bad block
+            raise QueueError(f"{queue_id}: state file unreadable: {exc.strerror}") from None
         try:
             envelope = Envelope.from_json(raw)
         except QueueError as exc:
             raise QueueError(f"{queue_id}: {exc}") from None
         if envelope.id != queue_id:  # (edited or damaged: it would be shown, not found)
             raise QueueError(f"{queue_id}: unreadable envelope: it names another id")
+        try:
+            stored = os.stat(self.msg_path(queue_id)).st_size
+        except FileNotFoundError:
+            raise QueueError(f"no such message {queue_id}") from None
+        except OSError as exc:
+            raise QueueError(f"{queue_id}: message file unreadable: {exc.strerror}") from None
+        if envelope.size and stored != envelope.size:  # (0: no size recorded)
+            raise QueueError(
+                f"{queue_id}: the message file holds {stored} octets, its state {envelope.size}"
+            )
         return envelope
 
     def iter_envelopes(self) -> Iterator[Envelope | QueueError]:

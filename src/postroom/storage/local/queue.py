@@ -662,6 +662,9 @@ class LocalQueue:
             except QueueError as exc:
                 if self.deferred.has(qid):
                     self._quarantine(exc)
+            except Exception as exc:  # not the entry's own fault (memory, say): tried later
+                self._problems.append(f"{qid}: not read now ({exc!r}); tried again in a minute")
+                self._schedule(qid, now + 60)
         return out
 
     async def wait(self, timeout: float) -> None:
