@@ -28,6 +28,12 @@ def test_parse_head() -> None:
     assert parse_head(b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n") == 400
     assert parse_head(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\r\n\r\n") == 400  # TLS hello
     assert parse_head(b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_HEAD) == 431
+    # What cannot become a request line is answered at once, not when the head's time is up.
+    assert parse_head(b"GET /metrics\r\n") == 400  # no version (HTTP/0.9)
+    assert parse_head(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc") == 400  # a TLS hello
+    assert parse_head(b"GARBAGE-WITHOUT-A-SPACE-AND-MORE") == 400
+    for partial in (b"GE", b"GET", b"GET /metr", b"GET /metrics HTTP/1.1\r", b"POSTXXXXXXXXXXXX"):
+        assert parse_head(partial) is None
     assert parse_head(b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_HEAD + b"\r\n\r\n") == 431
 
 

@@ -42,6 +42,7 @@ MAX_TARGET = 2048  # a request target beyond this gets 414 (RFC 9112 §3: MUST)
 _HEAD_END = re.compile(rb"\r?\n\r?\n")  # RFC 9112 §2.2: a bare LF may end a line
 _LINE_END = re.compile(rb"\r?\n")
 _METHOD = re.compile(rb"[A-Z]{1,16} ")
+_METHOD_START = re.compile(rb"[A-Z]{0,16}")  # what a line may start with before its method ends
 # RFC 9112 §3.2: origin-form, or absolute-form (which a server MUST accept).
 _REQUEST_LINE = re.compile(
     rb"([A-Z]{1,16}) (?:[Hh][Tt][Tt][Pp][Ss]?://[^/?#\s]*)?(/[\x21-\x7e]*) HTTP/1\.([01])"
@@ -79,6 +80,12 @@ def parse_head(data: bytes) -> Request | int | None:
         return 414
     end = _HEAD_END.search(data)
     if end is None:
+        # RFC 9112 §3: what cannot become a request line is a 400 now, not a 408 when the
+        # head's time is up (a line without a version, binary junk, a TLS hello).
+        if b"\n" in data and _REQUEST_LINE.fullmatch(first.removesuffix(b"\r")) is None:
+            return 400
+        if method is None and not _METHOD_START.fullmatch(first[:17]):
+            return 400
         return 431 if len(data) > MAX_HEAD else None
     if end.start() > MAX_HEAD:
         return 431
