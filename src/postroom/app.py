@@ -394,7 +394,7 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
                 reply = f"error: {exc}"
             writer.write(reply.encode() + b"\n")
             await writer.drain()
-        except (TimeoutError, OSError, UnicodeDecodeError):
+        except (TimeoutError, OSError, ValueError):  # ValueError: not UTF-8, or too long
             pass
         finally:
             writer.close()

@@ -266,8 +266,11 @@ def _cmd_user(stores: AdminStores, args: argparse.Namespace) -> int:
     if args.action == "add":
         if accounts.user_exists(addr.key):
             raise AccountError(f"user {addr.key} already exists")
-        accounts.add_user(addr, _read_password(args))
+        password = _read_password(args)
+        # The Maildir first: made after the account, a failure (a full disk, `mail` not a
+        # directory) said "error" and exit 1 for a user that then existed.
         stores.create_mailbox(addr.key)
+        accounts.add_user(addr, password)
         targets = accounts.alias_targets(addr.key)
         if targets and addr.key not in targets:  # the alias wins: this mailbox gets nothing
             print(

@@ -37,6 +37,7 @@ import pickle
 import select
 import signal
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -47,7 +48,7 @@ from postroom import config as config_mod
 from postroom import logs, metrics, privileges
 from postroom import tls as tls_mod
 from postroom.config import Config
-from postroom.errors import ConfigError
+from postroom.errors import ConfigError, PostroomError
 from postroom.storage.local import files
 
 log = logging.getLogger("postroom")
@@ -146,6 +147,10 @@ class Supervisor:
                 )
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
+            except (PostroomError, sqlite3.DatabaseError) as exc:
+                # Data it cannot use (the account store damaged, say): one line, no traceback.
+                what = "the account store: " if isinstance(exc, sqlite3.DatabaseError) else ""
+                log.error("worker %d cannot start: %s%s", slot.index, what, exc)
             except BaseException:  # a child must never return into the supervisor's code
                 log.exception("worker %d failed", slot.index)
             finally:

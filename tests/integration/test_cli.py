@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import env_with_src, run_cli
+from tests.conftest import env_with_src, free_port, run_cli
 
 
 @pytest.fixture
@@ -259,6 +260,34 @@ def test_unreadable_passwords_fail_in_one_line(cfg: Path) -> None:
         )
         assert proc.returncode == 1
         assert message in proc.stderr and b"Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_user_whose_maildir_cannot_be_made_is_not_added(cfg: Path, tmp_path: Path) -> None:
+    # "postroom: [Errno 20] Not a directory" and exit 1, yet the account was there.
+    run_cli("user", "list", config=cfg)  # makes data_dir
+    shutil.rmtree(tmp_path / "data" / "mail", ignore_errors=True)
+    (tmp_path / "data" / "mail").write_text("not a directory")
+    add = ["user", "add", "u@a.test", "--password-stdin", "--allow-short"]
+    proc = run_cli(*add, config=cfg, stdin="secret\n", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "u@a.test" not in run_cli("user", "list", config=cfg).stdout
+    (tmp_path / "data" / "mail").unlink()
+    run_cli(*add, config=cfg, stdin="secret\n")  # not "already exists"
+    assert run_cli("user", "list", config=cfg).stdout.split() == ["u@a.test"]
+
+
+def test_serve_with_a_damaged_account_store_says_so_in_one_line(cfg: Path, tmp_path: Path) -> None:
+    # A 32-line traceback, where every CLI command said it in one line.
+    run_cli("user", "list", config=cfg)
+    (tmp_path / "data" / "accounts.sqlite").write_bytes(b"garbage")
+    cfg.write_text(cfg.read_text() + f'[listen]\nsmtp = ["127.0.0.1:{free_port()}"]\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "postroom", "serve", "-c", str(cfg)],
+        capture_output=True, text=True, env=env_with_src(), timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "cannot start: the account store: file is not a database" in proc.stderr
+    assert "Traceback" not in proc.stderr and "error: |" not in proc.stderr, proc.stderr
 
 
 def test_config_from_environment(

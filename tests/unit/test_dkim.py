@@ -7,7 +7,9 @@ import asyncio
 import base64
 import dataclasses
 import hashlib
+import logging
 import re
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -764,6 +766,57 @@ def test_a_header_the_signer_cannot_read_goes_unsigned_not_refused(tmp_path: Pat
     message = _Submitted(data)
     _submit(auth, message)
     assert message.data == data
+
+
+@pytest.mark.parametrize("damage", [b"[1]", b"{garbage", b"", b'[{"selector": "x"}]', b"pem"])
+def test_keys_that_cannot_be_read_refuse_submission_for_now_and_leave_reports_unsigned(
+    tmp_path: Path, damage: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A damaged keys.json (or key file) raised a TypeError or KeyError on every message
+    (451 with a traceback that named no file), failed every DSN, and stopped the start."""
+    store = keys.LocalKeyStore(tmp_path)
+    ring = keys.KeyRing(store, retire_after=100)
+    for key in ring.ensure("a.test", 0):
+        ring.confirm("a.test", key.selector, 1)
+    folder = tmp_path / "dkim" / "a.test"
+    if damage == b"pem":
+        next(folder.glob("*.pem")).write_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n")
+    else:
+        (folder / "keys.json").write_bytes(damage)
+    cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", 9),)))
+    cfg = Config(hostname="mx.a.test", domains=("a.test",))
+    auth = SenderAuth(cfg, cache, keys.LocalKeyStore(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="postroom"):
+        auth.ensure_keys()  # logged, not raised: the server starts
+        message = _Submitted(b"From: alice@a.test\r\nSubject: hi\r\n\r\ntext\r\n")
+        reply = asyncio.run(
+            auth.end_of_data(
+                message, port="submission", auth_user="alice@a.test", client_ip="", helo="",
+                sender="",
+            )
+        )  # fmt: skip
+        assert reply is not None and reply.code == 451
+        assert auth.sign_own(b"From: MAILER-DAEMON@mx.a.test\r\n\r\nx\r\n") == b""
+    assert str(folder) in caplog.text and "Traceback" not in caplog.text
+    with pytest.raises(keys.KeysUnreadable):
+        auth.records("a.test")  # `postroom dns`: one line, no traceback
+
+
+def test_keys_gone_from_under_the_server_are_not_made_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Made again by a reload, they took the selectors' names DNS still published for the
+    old keys, and mail went out unsigned, with nothing in the log."""
+    store = keys.LocalKeyStore(tmp_path)
+    cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", 9),)))
+    auth = SenderAuth(Config(hostname="mx.a.test", domains=("a.test",)), cache, store)
+    auth.ensure_keys()
+    made = sorted(p.name for p in (tmp_path / "dkim" / "a.test").iterdir())
+    shutil.rmtree(tmp_path / "dkim")
+    with caplog.at_level(logging.ERROR, logger="postroom"):
+        auth.ensure_keys()  # the reload
+    assert not (tmp_path / "dkim" / "a.test").exists() and made
+    assert "gone from the key store" in caplog.text
 
 
 @settings(max_examples=300, deadline=None)

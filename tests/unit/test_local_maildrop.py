@@ -596,3 +596,23 @@ def test_open_is_fast_for_10000_messages(tmp_path: Path) -> None:
     assert snap.stat() == (10_000, sum(1000 + i for i in range(10_000)))
     assert listing.count(b"\r\n") == 10_001 and uids.count(b"\r\n") == 10_001
     print(f"open + LIST + UIDL of 10,000 messages: {elapsed * 1000:.0f} ms")
+
+
+def test_removals_that_fail_at_quit_are_logged_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The client got "-ERR [SYS/TEMP] 2 messages were not removed"; the log said nothing.
+    md = make_maildir(tmp_path / "md", {"new/1.a,S=3": b"a\r\n", "new/2.b,S=3": b"b\r\n"})
+    drop = Maildrop(md)
+    drop.open_now()
+
+    def refused(*_args: object, **_kw: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(maildrop_module.os, "unlink", refused)
+    with caplog.at_level("WARNING", logger="postroom"):
+        assert drop.update_now([1, 2], []) == 2
+    monkeypatch.undo()
+    drop.close_now()
+    (line,) = [r.getMessage() for r in caplog.records if "not removed" in r.getMessage()]
+    assert "Permission denied" in line

@@ -428,6 +428,19 @@ def test_report_rows_follow_the_file_when_it_is_taken_away(tmp_path: Path) -> No
     assert [r["ip"] for r in reports.take(tmp_path, 2.0).rows] == ["192.0.2.2"]
 
 
+def test_a_row_that_is_not_well_formed_is_left_out_not_fatal(tmp_path: Path) -> None:
+    """A row without its fields (damaged, an older format) made every run fail with a
+    KeyError, for every domain, run after run (the rows were moved aside already)."""
+    _report_row(tmp_path, "192.0.2.1")
+    with (tmp_path / reports.RECORDS).open("ab") as f:
+        f.write(b'{"pdomain":"x.test","t":1}\n[1]\n{"pdomain":"x.test","dkim":[[1]]}\n')
+    _report_row(tmp_path, "192.0.2.2")
+    taken = reports.take(tmp_path, 1.0)
+    assert [r["ip"] for r in taken.rows] == ["192.0.2.1", "192.0.2.2"]
+    assert taken.malformed == 3
+    assert len(reports.build(taken.rows, "mx.a.test", "postmaster@a.test", 2, "r1")) == 1
+
+
 def test_rua_size_limits_parse_as_rfc7489_says() -> None:
     assert reports.rua_limit("mailto:d@b.test!10m") == 10 << 20
     assert reports.rua_limit("mailto:d@b.test!1k") == 1024

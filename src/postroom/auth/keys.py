@@ -101,6 +101,11 @@ def generate(algorithm: Algorithm, selector: str, now: float) -> DkimKey:
     return DkimKey(selector, algorithm, now, private_pem=pem)
 
 
+class KeysUnreadable(PostroomError):
+    """A domain's ``keys.json`` or a key file that is there but cannot be read as keys
+    (damaged, edited by hand, no permission): named in the message, never replaced."""
+
+
 class TooManyKeys(PostroomError, ValueError):
     """A 26th key of one algorithm in one day: its selector would not be unique."""
 
@@ -158,23 +163,38 @@ class LocalKeyStore:
                 return self._load(domain)
             except FileNotFoundError:  # a key file a save removed after we read keys.json
                 continue
-        return self._load(domain)
+        try:
+            return self._load(domain)
+        except FileNotFoundError as exc:  # not a save's doing: a key file is missing
+            raise KeysUnreadable(f"{exc.filename}: missing") from None
 
     def _load(self, domain: str) -> list[DkimKey]:
         folder = self._dir(domain)
+        path = folder / "keys.json"
         try:
-            raw = (folder / "keys.json").read_bytes()
+            raw = path.read_bytes()
         except FileNotFoundError:
             self._seen[domain] = b""
             return []
+        except OSError as exc:
+            raise KeysUnreadable(f"{path}: {exc.strerror}") from None
         self._seen[domain] = raw
-        entries = json.loads(raw)
         keys = []
-        for entry in entries:
-            selector = str(entry["selector"])
-            _check_selector(selector)
-            pem = (folder / f"{selector}.pem").read_bytes()
-            keys.append(DkimKey(**entry, private_pem=pem))
+        try:
+            for entry in json.loads(raw):
+                selector = str(entry["selector"])
+                _check_selector(selector)
+                pem_path = folder / f"{selector}.pem"
+                pem = pem_path.read_bytes()
+                key = DkimKey(**entry, private_pem=pem)
+                private_key_of(pem)  # (parsed once per process: a damaged file said here)
+                keys.append(key)
+        except FileNotFoundError:
+            raise  # a key file a save removed after keys.json was read: load() reads again
+        except OSError as exc:
+            raise KeysUnreadable(f"{pem_path}: {exc.strerror}") from None
+        except (ValueError, KeyError, TypeError) as exc:  # json's errors are ValueErrors
+            raise KeysUnreadable(f"{path}: damaged: {exc!r}"[:300]) from None
         return keys
 
     def save(self, domain: str, keys: list[DkimKey]) -> None:
@@ -229,7 +249,8 @@ def private_key_of(pem: bytes) -> ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey:
     RSA-2048 key checks it, about 50 ms of CPU, and a key waiting for DNS is looked at every
     few seconds on the event loop. The key objects are immutable; a few keys per domain."""
     key = serialization.load_pem_private_key(pem, password=None)
-    assert isinstance(key, ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey)
+    if not isinstance(key, ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
+        raise ValueError("not an Ed25519 or RSA private key")
     return key
 
 

@@ -145,6 +145,9 @@ class Taken:
     files: tuple[str, ...]
     reported: dict[str, list[str]]
     dropped: int = 0  # rows past MAX_ROWS, the oldest: not reported
+    # Rows that are not well formed (damaged, or edited by hand), left out: one such row made
+    # every run fail, for every domain.
+    malformed: int = 0
     marked: set[str] = field(default_factory=set)  # by this run
 
     def mark(self, domain: str) -> None:
@@ -197,13 +200,16 @@ def take(folder: Path, now: float) -> Taken:
         (folder / name).unlink(missing_ok=True)
         names.remove(name)
     rows: list[dict[str, Any]] = []
-    dropped = 0
+    dropped = bad = 0
     for name in reversed(names):  # the newest first: past MAX_ROWS, the oldest rows go
         done = set(reported.get(name, ()))
         for line in reversed((folder / name).read_bytes().splitlines()):
             # (a torn last line, or the first line of a file of rows left: no row)
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 row = json.loads(line)
+                if not _well_formed(row):
+                    bad += 1
+                    continue
                 if str(row["pdomain"]) in done:
                     continue
                 if len(rows) < MAX_ROWS:
@@ -213,7 +219,39 @@ def take(folder: Path, now: float) -> Taken:
     rows.reverse()
     files = tuple(names)
     reported = {name: reported.get(name, []) for name in files}
-    return Taken(folder, now, rows, files, reported, dropped)
+    return Taken(folder, now, rows, files, reported, dropped, malformed=bad)
+
+
+# The fields :func:`build` reads from a row (as :func:`record` writes them), and their types.
+_ROW_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "t": int,
+    "ip": str,
+    "from": str,
+    "mfrom": str,
+    "pdomain": str,
+    "p": str,
+    "sp": str,
+    "pct": int,
+    "adkim": str,
+    "aspf": str,
+    "rua": list,
+    "disp": str,
+    "dkim_ok": bool,
+    "spf_ok": bool,
+    "sampled": bool,
+    "dkim": list,
+    "spf": (list, type(None)),
+}
+
+
+def _well_formed(row: object) -> bool:
+    """Can :func:`build` report ``row``?"""
+    if not isinstance(row, dict):
+        return False
+    if not all(isinstance(row.get(name), kind) for name, kind in _ROW_FIELDS.items()):
+        return False
+    triples = [*row["dkim"], *([row["spf"]] if row["spf"] is not None else [])]
+    return all(isinstance(t, list) and len(t) == 3 for t in triples)
 
 
 def _replaced(folder: Path, names: list[str]) -> set[str]:

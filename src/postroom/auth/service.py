@@ -48,6 +48,8 @@ from postroom.auth import (
 from postroom.auth.helper import DkimHelper, HelperError, HelperNotReady, HelperTimedOut
 from postroom.auth.lookup import Answer, DnsCache
 from postroom.config import Config
+from postroom.errors import PostroomError
+from postroom.wire import replies
 from postroom.wire.framing import to_crlf
 from postroom.wire.replies import Reply
 
@@ -127,6 +129,7 @@ class SenderAuth:
         self._run_blocking = run_blocking
         self._helper = helper
         self._keys: dict[str, tuple[object, list[keys.DkimKey], list[dkim_sign.SigningKey]]] = {}
+        self._had_keys: set[str] = set()  # domains whose keys this process has seen
         self._last_look: dict[str, float] = {}
         self._looking: dict[str, asyncio.Task[None]] = {}
         # (domain, selector) of signing keys -> the first look that found no record of theirs
@@ -144,16 +147,45 @@ class SenderAuth:
         return [d for d in self.cfg.domains if not d.startswith("[")]
 
     def ensure_keys(self) -> None:
-        """Every local domain has keys (made on first start)."""
+        """Every local domain has keys (made on first start). A domain whose keys cannot be
+        read is logged and left as it is (its submitted mail waits, 451, until they can be):
+        the other domains, the MX and POP3 serve on."""
         now = self.clock()
         for domain in self._named_domains():
-            self.ring.ensure(domain, now)
+            try:
+                self._gone(domain)
+                if self.ring.ensure(domain, now):
+                    self._had_keys.add(domain)
+            except (OSError, PostroomError) as exc:
+                log.error("the DKIM keys of %s cannot be used: %s", domain, exc)
+
+    def _gone(self, domain: str) -> None:
+        """KeysUnreadable if the keys this server had for ``domain`` are gone from the store:
+        made again, they would take the names of published selectors, in silence."""
+        if domain in self._had_keys and not self.store.load(domain):
+            raise keys.KeysUnreadable(
+                "they are gone from the key store; not made again: restore them, or run"
+                f" `postroom dkim rotate {domain}` and publish what `postroom dns` prints"
+            )
+
+    def _signers(self, domain: str) -> list[dkim_sign.SigningKey]:
+        """The keys that sign for ``domain`` now; none when they cannot be read (logged): for
+        our own reports (DSNs, DMARC reports), which are better sent unsigned than not."""
+        try:
+            return self._domain_keys(domain)[1]
+        except (OSError, PostroomError) as exc:
+            log.error("the DKIM keys of %s cannot be used (sent unsigned): %s", domain, exc)
+            return []
 
     def _domain_keys(self, domain: str) -> tuple[list[keys.DkimKey], list[dkim_sign.SigningKey]]:
         version = self.store.version(domain)
         cached = self._keys.get(domain)
         if cached is None or cached[0] != version:
             all_keys = self.store.load(domain)
+            if all_keys:
+                self._had_keys.add(domain)
+            else:
+                self._gone(domain)
             signers = [
                 dkim_sign.SigningKey(domain, k.selector, k.private_key())
                 for k in keys.signing_keys(all_keys)
@@ -280,7 +312,7 @@ class SenderAuth:
                     size,
                 )
             elif auth.dkim_sign:
-                await self._sign(message)
+                return await self._sign(message)
             return None
         if port != "smtp":
             return None
@@ -328,7 +360,7 @@ class SenderAuth:
             if len(stripped) != len(whole):
                 message.replace(stripped)
 
-    async def _sign(self, message: Message) -> None:
+    async def _sign(self, message: Message) -> Reply | None:
         whole = message.whole()
         head = _head(whole)
         # Each local domain of From signs (several addresses or From fields: a receiver
@@ -336,14 +368,20 @@ class SenderAuth:
         local = [d for d in dict.fromkeys(dmarc.from_domains(head)) if d]
         signers: list[dkim_sign.SigningKey] = []
         for domain in filter(self.cfg.is_local_domain, local):
-            all_keys, ready = self._domain_keys(domain)
-            # A new key's record may be in DNS now (a withdrawn one waits for run()'s look).
-            if any(k.state == "pending" and not k.withdrawn for k in all_keys):
-                await self._maybe_look(domain)
-                _, ready = self._domain_keys(domain)
+            try:
+                all_keys, ready = self._domain_keys(domain)
+                # A new key's record may be in DNS now (a withdrawn one waits for run()'s look).
+                if any(k.state == "pending" and not k.withdrawn for k in all_keys):
+                    await self._maybe_look(domain)
+                    _, ready = self._domain_keys(domain)
+            except (OSError, PostroomError) as exc:
+                # Sent unsigned, it would fail DMARC where the domain asks for p=reject: it
+                # waits with its sender (451) until the admin mends the keys.
+                log.error("a message is not accepted: the DKIM keys of %s: %s", domain, exc)
+                return replies.LOCAL_ERROR
             signers.extend(ready)
         if not signers:
-            return
+            return None
         if b" :" in head or b"\t:" in head:  # RFC 6409 §8: we may mend what we pass on
             whole = dkim_canon.without_space_before_colons(head) + whole[len(head) :]
             message.replace(whole)
@@ -359,8 +397,9 @@ class SenderAuth:
             # (The policy ends a header at a line that is no field before this: a header the
             # signer still cannot read goes unsigned, not refused for ever with a 451.)
             log.warning("a message is not DKIM-signed: %s", exc)
-            return
+            return None
         message.prepend(header)
+        return None
 
     def sign_own(self, message: bytes) -> bytes:
         """The DKIM-Signature fields for a report made on this host (a DSN, ``From:
@@ -372,7 +411,7 @@ class SenderAuth:
         holders = [d for d in self._named_domains() if host == d or host.endswith("." + d)]
         if not holders or not self.cfg.auth.dkim_sign:
             return b""
-        _, signers = self._domain_keys(max(holders, key=len))
+        signers = self._signers(max(holders, key=len))
         return dkim_sign.sign(message, signers, int(self.clock())) if signers else b""
 
     async def _dkim_job(
@@ -581,6 +620,10 @@ class SenderAuth:
                 taken.dropped,
                 reports.MAX_ROWS,
             )
+        if taken.malformed:
+            log.warning(
+                "DMARC reports: %d recorded rows not well formed, left out", taken.malformed
+            )
         if not rows:
             taken.finish(keep=False)
             return 0
@@ -606,8 +649,7 @@ class SenderAuth:
                 continue
             to = where.addresses
             message = reports.compose(report, self.cfg.hostname, f"dmarc-reports@{domain}", to, now)
-            _, signers = self._domain_keys(domain)
-            message = dkim_sign.sign(message, signers, int(now)) + message
+            message = dkim_sign.sign(message, self._signers(domain), int(now)) + message
             queue_id = await queue(sender, to, message)
             log.info(
                 "DMARC report %s for %s queued as %s",

@@ -49,10 +49,15 @@ def new_queue_id(now: float | None = None) -> str:
     return f"{micros:014X}{_process_part()}{next(_ID_SEQUENCE) & 0xFFFF:04X}"
 
 
+def is_queue_id(name: str) -> bool:
+    """Could ``name`` be one of :func:`new_queue_id`'s (letters and digits only, so never a
+    path such as ``../accounts.sqlite``)?"""
+    return name.isascii() and name.isalnum() and 0 < len(name) <= 64
+
+
 def check_id(queue_id: str) -> None:
-    """QueueError unless ``queue_id`` could be one of :func:`new_queue_id`'s (letters and
-    digits only, so never a path such as ``../accounts.sqlite``)."""
-    if not (queue_id.isascii() and queue_id.isalnum() and 0 < len(queue_id) <= 64):
+    """QueueError unless ``queue_id`` could be one of :func:`new_queue_id`'s."""
+    if not is_queue_id(queue_id):
         raise QueueError(f"no such message {queue_id}")
 
 

@@ -480,11 +480,14 @@ class QueueRunner:
 
     def _failed(self, what: str, exc: Exception) -> None:
         """Log an attempt's error: one line for storage that refused a write (a full disk: an
-        expected, handled case, and the log must stay readable then), a traceback for a bug."""
+        expected, handled case, and the log must stay readable then) or a file it could not
+        use (a message file without permission, at every retry), a traceback for a bug."""
         if isinstance(exc, TemporaryStorageError) or (
             isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
         ):
             self.services.log.warning("%s: %s; tried again later", what, exc)
+        elif isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EIO):
+            self.services.log.error("%s: %s; tried again later", what, exc)
         else:
             self.services.log.exception(what)
 

@@ -21,13 +21,15 @@ entry only if ``msg/ID`` is not there yet: a message is never parked twice nor l
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from postroom.errors import QueueError
-from postroom.queue.envelope import Envelope, check_id
+from postroom.queue.envelope import Envelope, check_id, is_queue_id
 from postroom.storage.local import files
 
 
@@ -47,7 +49,13 @@ class DeferredStore:
         return str(self.msg_dir / queue_id)
 
     def has(self, queue_id: str) -> bool:
-        return os.path.exists(self.msg_path(queue_id))
+        """Is the message here? OSError when that cannot be told (``msg/`` unreadable for a
+        while): taken for "no", a due message was dropped from the schedule in silence."""
+        try:
+            os.stat(self.msg_path(queue_id))
+        except FileNotFoundError:
+            return False
+        return True
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -99,13 +107,27 @@ class DeferredStore:
         (self.state_dir / f"{queue_id}.json").unlink(missing_ok=True)
 
     def quarantine(self, queue_id: str) -> Path:
-        """Move an unreadable message aside so it cannot crash-loop the runner."""
-        dest = self.root / "corrupt" / queue_id
-        os.replace(self.msg_path(queue_id), dest)
-        state = self.state_dir / f"{queue_id}.json"
+        """Move an unreadable message aside so it cannot crash-loop the runner: its state
+        first (a message moved without it left a state that the next start removed as a
+        crash's leftover), then the message. OSError if either cannot be moved."""
+        corrupt = self.root / "corrupt"
         with contextlib.suppress(FileNotFoundError):
-            os.replace(state, self.root / "corrupt" / f"{queue_id}.json")
+            os.replace(self.state_dir / f"{queue_id}.json", corrupt / f"{queue_id}.json")
+        dest = corrupt / queue_id
+        os.replace(self.msg_path(queue_id), dest)
         return dest
+
+    def set_aside_strays(self) -> list[str]:
+        """Start-up: move what ``msg/`` holds that is no queue id (a file put there by hand, a
+        tool's) to ``corrupt/``; their names. Left there, every listing and every flush met
+        one and failed."""
+        moved = []
+        for name in os.listdir(self.msg_dir):
+            if not name.startswith(".") and not is_queue_id(name):
+                with contextlib.suppress(OSError):
+                    os.replace(self.msg_dir / name, self.root / "corrupt" / name)
+                    moved.append(name)
+        return moved
 
     def clean(self) -> int:
         """Start-up: remove what a crash cut in two (temporary files, states without their
@@ -128,7 +150,7 @@ class DeferredStore:
         message whose mtime is wrong, after a restore say, is merely tried at another time;
         one whose state cannot be read is quarantined when it is due.)"""
         with os.scandir(self.msg_dir) as messages:
-            ids = {e.name for e in messages if not e.name.startswith(".")}
+            ids = {e.name for e in messages if is_queue_id(e.name)}
         with os.scandir(self.state_dir) as states:
             for entry in states:
                 qid = entry.name.removesuffix(".json")
@@ -141,7 +163,9 @@ class DeferredStore:
     # -- reading ---------------------------------------------------------------------------------
 
     def ids(self) -> list[str]:
-        return sorted(n for n in os.listdir(self.msg_dir) if not n.startswith("."))
+        """The queue ids of the messages here (a name that is none is no message: see
+        :meth:`set_aside_strays`)."""
+        return sorted(n for n in os.listdir(self.msg_dir) if is_queue_id(n))
 
     def load(self, queue_id: str) -> Envelope:
         """QueueError if missing or unreadable, or if the message file is not the size its
@@ -149,11 +173,13 @@ class DeferredStore:
         if not self.has(queue_id):
             raise QueueError(f"no such message {queue_id}")
         try:
-            raw = (self.state_dir / f"{queue_id}.json").read_bytes()
+            raw = _read_regular(self.state_dir / f"{queue_id}.json")
         except FileNotFoundError:
             raise QueueError(f"{queue_id}: state file missing") from None
-        except OSError as exc:  # a directory in its place, no permission, a bad block
-            raise QueueError(f"{queue_id}: state file unreadable: {exc.strerror}") from None
+        except NotRegular as exc:  # the entry's own fault: a directory in its place, say
+            raise QueueError(f"{queue_id}: state file unreadable: {exc}") from None
+        # Any other OSError (no permission, for now perhaps; a bad block) is raised as it is:
+        # not a reason to set the message aside (the runner tries it again later).
         try:
             envelope = Envelope.from_json(raw)
         except QueueError as exc:
@@ -161,11 +187,12 @@ class DeferredStore:
         if envelope.id != queue_id:  # (edited or damaged: it would be shown, not found)
             raise QueueError(f"{queue_id}: unreadable envelope: it names another id")
         try:
-            stored = os.stat(self.msg_path(queue_id)).st_size
+            st = os.stat(self.msg_path(queue_id))
         except FileNotFoundError:
             raise QueueError(f"no such message {queue_id}") from None
-        except OSError as exc:
-            raise QueueError(f"{queue_id}: message file unreadable: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise QueueError(f"{queue_id}: the message is not a regular file")
+        stored = st.st_size
         if envelope.size and stored != envelope.size:  # (0: no size recorded)
             raise QueueError(
                 f"{queue_id}: the message file holds {stored} octets, its state {envelope.size}"
@@ -181,10 +208,35 @@ class DeferredStore:
             except QueueError as exc:
                 if self.has(qid):
                     yield exc
+            except OSError as exc:  # (no permission, say: the others are listed all the same)
+                yield QueueError(f"{qid}: cannot be read: {exc.strerror or exc}")
 
     def read(self, queue_id: str, limit: int = -1) -> bytes:
         with open(self.msg_path(queue_id), "rb") as fh:
             return fh.read(limit)
+
+
+class NotRegular(OSError):
+    """A queue file that is no regular file (a directory, a FIFO, a device in its place)."""
+
+
+def _read_regular(path: Path) -> bytes:
+    """The octets of the regular file ``path``, opened without following a link or blocking
+    (a FIFO in a state file's place would hang the runner); NotRegular for anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR):  # a link, a directory
+            raise NotRegular(exc.errno, exc.strerror) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegular(errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb") as f:
+        return f.read()
 
 
 def _replace(tmp: Path, dest: str | Path, data: bytes, due: float | None = None) -> None:

@@ -493,14 +493,21 @@ class MaildirMaildrop:
     def _apply_all(self, work: list[tuple[MaildirFile, bool]]) -> tuple[int, set[str]]:
         """Apply a slice of the UPDATE; (deletions failed, subdirectories changed)."""
         failed = 0
+        told = False
         changed: set[str] = set()
         for f, seen in work:
             try:
                 self._apply(f, seen)
             except FileNotFoundError:
                 continue  # removed by someone else meanwhile: the end result is the same
-            except OSError:
+            except OSError as exc:
                 failed += 0 if seen else 1
+                if not told:  # the first of a slice: a whole mailbox may fail alike
+                    told = True
+                    what = "marked seen" if seen else "removed"
+                    log.warning(
+                        "maildir %s: %s/%s not %s: %s", self.path, f.subdir, f.name, what, exc
+                    )
                 continue
             changed.add(f.subdir)
             if seen:

@@ -598,15 +598,18 @@ class LocalQueue:
         self.owner = True
         if clean:
             self.deferred.clean()
+        for name in self.deferred.set_aside_strays():
+            self._problems.append(f"queue/msg/{name}: no queue id; moved aside to queue/corrupt/")
         for qid, when in self.deferred.schedule():
             self._schedule(qid, when)
         return len(self._next)
 
-    def _quarantine(self, error: QueueError) -> None:
-        qid = str(error).split(":")[0]
+    def _quarantine(self, queue_id: str, error: QueueError) -> None:
         text = f"corrupt queue file: {error}"
-        with contextlib.suppress(OSError, QueueError):
-            text += f"; moved aside to {self.deferred.quarantine(qid)}"
+        try:
+            text += f"; moved aside to {self.deferred.quarantine(queue_id)}"
+        except OSError as exc:
+            text += f"; not moved aside ({exc.strerror or exc}): set aside at the next start"
         self._problems.append(text)
 
     def schedule(self, envelope: Envelope) -> None:
@@ -658,14 +661,28 @@ class LocalQueue:
                 out.append(kept)
                 continue
             try:
-                out.append(await self.io.run(self.deferred.load, qid))
-            except QueueError as exc:
-                if self.deferred.has(qid):
-                    self._quarantine(exc)
-            except Exception as exc:  # not the entry's own fault (memory, say): tried later
-                self._problems.append(f"{qid}: not read now ({exc!r}); tried again in a minute")
+                envelope = await self.io.run(self._load_due, qid)
+            except Exception as exc:
+                # Not the entry's own fault (no permission on the queue's directories for a
+                # while, say, is no reason to set every message aside): tried again later.
+                # (An error here lost the others of the batch from the schedule.)
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
+                self._problems.append(f"{qid}: cannot be read now ({why}); tried again in a minute")
                 self._schedule(qid, now + 60)
+                continue
+            if envelope is not None:
+                out.append(envelope)
         return out
+
+    def _load_due(self, queue_id: str) -> Envelope | None:
+        """A due message's envelope; None if it is gone, or corrupt (then set aside). Other
+        errors are raised. Blocking."""
+        try:
+            return self.deferred.load(queue_id)
+        except QueueError as exc:
+            if self.deferred.has(queue_id):
+                self._quarantine(queue_id, exc)
+            return None
 
     async def wait(self, timeout: float) -> None:
         if self._heap:
