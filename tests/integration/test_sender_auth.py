@@ -379,12 +379,19 @@ def test_forged_results_removed_from_messages_too_large_to_check(
     server_factory: ServerFactory, dns: LoopbackDNS
 ) -> None:
     srv = _server(server_factory, dns, "bob@a.test", extra='[auth]\ncheck_max_size = "1KB"\n')
-    dns.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
+    dns.txt("_dmarc.bank.test", "v=DMARC1; p=none")
+    dns.txt("_dmarc.shop.test", "v=DMARC1; p=reject")
     _mx_send(srv, "service@bank.test", "bob@a.test", _forged("bank.test") + b"x" * 2000 + b"\r\n")
     msg = srv.wait_messages("bob@a.test", 1)[0].replace(b"\r\n", b"\n")
     assert msg.count(b"mx.a.test;") == 1 and b"dkim=pass" not in msg
-    assert b"spf=none" in msg and b"dmarc=" not in msg and b"dkim=none" in msg
-    # A signed one is not called unsigned (RFC 8601 §2.7.1 none): neutral, not checked.
+    # No signature of its author's: DMARC goes by SPF alone, no signature to verify.
+    assert b"spf=none" in msg and b"dmarc=fail" in msg and b"dkim=none" in msg
+    # So a forgery padded past check_max_size is refused as a small one is (it was delivered).
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        _mx_send(srv, "x@shop.test", "bob@a.test", _forged("shop.test") + b"z" * 2000 + b"\r\n")
+    assert refused.value.smtp_code == 550
+    # A signature of its author's is not called unsigned (RFC 8601 §2.7.1 none): neutral, not
+    # checked, and no DMARC verdict (it might pass).
     signed = b"DKIM-Signature: v=1; a=rsa-sha256; d=bank.test; s=sel; h=from; bh=; b=\r\n"
     _mx_send(srv, "service@bank.test", "bob@a.test", signed + _forged("bank.test") + b"y" * 2000)
     msg = next(m for m in srv.wait_messages("bob@a.test", 2) if b"yyyy" in m)

@@ -13,7 +13,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import dkim
 import pytest
@@ -250,28 +250,29 @@ def test_helper_jobs_round_trip_and_refuse_garbage(
     assert frame[:9] == helper._FRAME.pack(7, helper.FAILED, len(frame) - 9)
 
 
-def test_a_job_the_helper_gave_up_on_is_not_done_again_in_the_server() -> None:
-    """Done here, a job that took the helper TIMEOUT would hold the event loop as long."""
+def test_a_verification_the_helper_gave_up_on_is_not_done_here_and_refused_for_now(
+    key_pair: tuple[keys.DkimKey, keys.DkimKey],
+) -> None:
+    """Done here, a job that took the helper TIMEOUT would hold the event loop as long; taken
+    for dkim=temperror, it let a forged From under p=reject through (a queue of costly
+    messages held the helper): the message gets 451, and its sender tries again."""
 
     class LateHelper:
-        async def verify(self) -> list[dkim_verify.DkimResult]:
+        async def verify(self, *_args: object) -> list[dkim_verify.DkimResult]:
             raise helper.HelperTimedOut("late")
 
-    auth = SenderAuth.__new__(SenderAuth)  # only _dkim_job's two collaborators are needed
-    auth._helper = cast(helper.DkimHelper, LateHelper())
-    auth._run_blocking = None
-    done_here: list[bool] = []
-    sigs = [{b"d": b"a.test", b"s": b"k", b"a": b"rsa-sha256", b"b": b"abc"}]
-    results = asyncio.run(
-        auth._dkim_job(
-            100,
-            lambda h: cast(LateHelper, h).verify(),
-            lambda: done_here.append(True) or [],
-            lambda: dkim_verify.timed_out(sigs),
+    cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", 9),)))
+    cfg = Config(hostname="mx.b.test", domains=("b.test",))
+    cfg = dataclasses.replace(cfg, auth=dataclasses.replace(cfg.auth, check_timeout=Duration(1)))
+    auth = SenderAuth(cfg, cache, cast(keys.KeyStore, None), helper=cast(Any, LateHelper()))
+    signed = _signed(key_pair, MESSAGE)
+    reply = asyncio.run(
+        auth.end_of_data(
+            _Submitted(signed), port="smtp", auth_user=None, client_ip="192.0.2.1",
+            helo="c.test", sender="alice@a.test",
         )
-    )
-    assert not done_here
-    assert [(r.domain, r.result) for r in results] == [("a.test", "temperror")]
+    )  # fmt: skip
+    assert reply is not None and reply.code == 451
 
 
 async def _helper_on(child: socket.socket) -> helper.DkimHelper:
@@ -1036,3 +1037,36 @@ def test_a_d_in_u_labels_is_looked_up_at_its_a_labels(rsa_signer: tuple[bytes, b
         tags = TAGS.replace(b"d=a.test; s=k", f"d={d}; s=sél".encode())
         signed = _signed_as_written(pem, b" " + tags + b"; b={b}", message)
         assert dkim_verify.verify(signed, zone)[0].result == "permerror", d
+
+
+def test_a_job_that_waits_past_max_wait_is_given_up_without_killing_the_helper(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A burst of costly messages must not hold a reply past the client's own time-out
+    (RFC 5321 §4.5.3.2.6), which would have it send the message again."""
+    monkeypatch.setattr(helper, "MAX_WAIT", 0.5)
+
+    async def run() -> list[object]:
+        ours, theirs = socket.socketpair()
+        dkim_helper = await _helper_on(ours)
+        answers = dkim_helper._answers
+
+        async def child() -> None:  # each job 0.3 s after the last: the third waits 0.9 s
+            reader, writer = await asyncio.open_connection(sock=theirs)
+            buf, answered = bytearray(), 0
+            while answered < 3:
+                buf += await reader.read(1 << 16)
+                for job_id, _kind, _payload in helper.frames(buf):
+                    await asyncio.sleep(0.3)
+                    writer.write(helper._FRAME.pack(job_id, helper.DONE, 2) + b"ok")
+                    answered += 1
+            writer.close()
+
+        answering = asyncio.ensure_future(child())
+        jobs = [dkim_helper._call(helper.SIGN, b"job") for _ in range(3)]
+        done = await asyncio.gather(*jobs, return_exceptions=True)
+        await answering
+        assert dkim_helper._answers is answers  # not taken for hung
+        return [d if isinstance(d, bytes) else type(d) for d in done]
+
+    assert asyncio.run(run()) == [b"ok", helper.HelperTimedOut, helper.HelperTimedOut]

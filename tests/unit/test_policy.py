@@ -475,3 +475,21 @@ def test_sender_auth_learns_the_size_the_client_sent_before_the_conversion(
     assert asyncio.run(p.on_message_end()).code == 250
     ((converted, received),) = seen
     assert isinstance(received, int) and converted > 2 * received > 12000
+
+
+def test_a_message_whose_client_left_during_its_checks_is_not_queued(tmp_path: Path) -> None:
+    """A client that left while the checks waited (a queue of costly messages before it) got
+    its message delivered: it never saw the 250, sends it again, and it arrives twice."""
+    p, intake = policy(tmp_path)
+    assert p.on_mail(Mail(Address("x", "r.test"))) == replies.SENDER_OK
+    assert p.on_rcpt(Rcpt(Address("alice", "a.test"))) == replies.RECIPIENT_OK
+    p.on_data_start()
+    p.on_data(b"Subject: x\r\n\r\ny\r\n")
+    assert asyncio.run(p.on_message_end(lambda: True)).code == 451
+    assert intake.got == []
+    finish_ok = p.on_mail(Mail(Address("x", "r.test"))) == replies.SENDER_OK
+    assert finish_ok and p.on_rcpt(Rcpt(Address("alice", "a.test"))) == replies.RECIPIENT_OK
+    p.on_data_start()
+    p.on_data(b"Subject: x\r\n\r\ny\r\n")
+    assert asyncio.run(p.on_message_end(lambda: False)).code == 250
+    assert len(intake.got) == 1

@@ -116,7 +116,7 @@ def choose(sigs: Sequence[dict[bytes, bytes]], aligned: Callable[[str], bool]) -
     """The positions in ``sigs`` (:func:`signatures`) of those to check, in header order: at
     most ``MAX_SIGNATURES``, those whose d= is ``aligned`` (with a From domain) first, then
     the others (see the module's docstring)."""
-    first = [i for i, sig in enumerate(sigs) if (d := _names(sig)["domain"]) and aligned(d)]
+    first = [i for i, sig in enumerate(sigs) if (d := names_of(sig)["domain"]) and aligned(d)]
     taken = set(first)
     rest = [i for i in range(len(sigs)) if i not in taken]
     return sorted((first + rest)[:MAX_SIGNATURES])
@@ -370,18 +370,13 @@ def _check(
     return key.verify(base64.b64decode(_WSP.sub(b"", sig[b"b"])), data)
 
 
-def timed_out(sigs: list[dict[bytes, bytes]]) -> list[DkimResult]:
-    """The results of a verification that took too long: ``temperror`` for each signature."""
-    return [DkimResult("temperror", reason="verification took too long", **_names(s)) for s in sigs]
-
-
 def not_checked(sigs: list[dict[bytes, bytes]], why: str) -> list[DkimResult]:
     """The results of signatures left unverified on purpose: ``neutral`` (RFC 8601 §2.7.1:
     signed, but not processed), not ``none``, which would say the message is unsigned."""
-    return [DkimResult("neutral", reason=why, **_names(s)) for s in sigs]
+    return [DkimResult("neutral", reason=why, **names_of(s)) for s in sigs]
 
 
-def _names(sig: dict[bytes, bytes]) -> dict[str, str]:
+def names_of(sig: dict[bytes, bytes]) -> dict[str, str]:
     """What a result says of its signature: d=, s=, a=, the start of b= (RFC 6008) and i=."""
     # i= is dkim-quoted-printable (RFC 6376 §2.11, §3.5): "=XX" is an octet.
     identity = _QP.sub(lambda m: bytes([int(m.group(1), 16)]), sig.get(b"i", b""))
@@ -418,7 +413,7 @@ def verify(
     for field in picked:
         sig = tags(field[1])
         name = _key_name(sig)
-        base = _names(sig)
+        base = names_of(sig)
         answer = keys.get(name or "")
         if name is None:
             given = b"d" in sig and b"s" in sig

@@ -19,8 +19,9 @@ socket closes, and is killed by the kernel if the server dies. The server never 
 and never depends on it: until it is ready, and if it cannot be started or dies, jobs are done
 in the server process (and the next job starts a new child). A child that answers nothing for
 ``TIMEOUT`` while a job waits is taken for hung (its jobs are done in order: one that waits
-behind others waits as long as they take); the job is not done again in the server, whose
-event loop it would hold as long: the message goes on unsigned, or with ``dkim=temperror``.
+behind others waits as long as they take, up to ``MAX_WAIT``); the job is not done again in
+the server, whose event loop it would hold as long: a signature is made there instead (its
+cost is bounded), and a verification is given up (the message gets 451, see ``service``).
 
 Wire format, little-endian: job ``<IBI`` id, kind (1 verify, 2 sign), length, then the
 arguments; answer ``<IBI`` id, status (0 done, 1 failed: the payload is the error text),
@@ -61,6 +62,10 @@ VERIFY, SIGN = 1, 2
 DONE, FAILED = 0, 1
 READY = childproc.READY  # the id of the child's first answer: it has started
 TIMEOUT = 60.0  # seconds: far more than any message takes; a hung child is replaced
+# Seconds a job may wait for its answer, the jobs before it included: a burst of costly
+# messages must not hold a reply past a client's own time-out (RFC 5321 §4.5.3.2.6: 10
+# minutes after the dot), which would have it send the message again.
+MAX_WAIT = 300.0
 START_TIMEOUT = 30.0  # seconds for a new child to say it is ready
 RETRY = 30.0  # seconds before a child that could not be started twice in a row is tried again
 _READ = 1 << 20
@@ -75,8 +80,8 @@ class HelperNotReady(HelperError):
 
 
 class HelperTimedOut(HelperError):
-    """The child answered nothing for ``TIMEOUT`` while the job waited: done here, the job
-    would stop the server as long."""
+    """The child answered nothing for ``TIMEOUT`` while the job waited, or the job waited
+    ``MAX_WAIT`` in all: done here, the job would stop the server as long."""
 
 
 # -- the jobs (run in the child; pure) -------------------------------------------------------
@@ -212,7 +217,10 @@ class DkimHelper:
                 # nothing for TIMEOUT since this job was sent, not when this job waited that
                 # long behind others (a queue of costly messages timed out the cheap one
                 # behind them: a forged From under p=reject came through as dkim=temperror).
-                left = max(sent, answers.answered_at) + TIMEOUT - time.monotonic()
+                now = time.monotonic()
+                if now - sent >= MAX_WAIT:
+                    raise HelperTimedOut(f"the DKIM helper's jobs took {MAX_WAIT:.0f} s")
+                left = min(max(sent, answers.answered_at) + TIMEOUT, sent + MAX_WAIT) - now
                 if left <= 0:
                     raise TimeoutError
                 with contextlib.suppress(TimeoutError):

@@ -57,6 +57,8 @@ log = logging.getLogger("postroom")
 
 DMARC_REJECT = Reply(550, "5.7.1", ("Rejected by the DMARC policy of the From domain",))
 QUARANTINE_HEADER = b"X-Spam-Flag: YES\r\n"
+# What a server says when a check it must make cannot be made now (RFC 3463 X.3.0).
+CHECKS_UNAVAILABLE = Reply(451, "4.3.0", ("Sender checks not done in time, try again later",))
 RECHECK = 2.0  # seconds between on-demand looks for a pending key in DNS
 # Seconds DNS must lack a signing key's record, at every look, before it stops signing: a
 # zone change takes minutes to reach every server of the zone.
@@ -319,6 +321,11 @@ class SenderAuth:
         if not auth.checks:
             self._remove_ours(message)  # RFC 8601 §5: the border's duty, checking or not
             return None
+        if too_large and not self._signed_by_author(message):
+            # Its signatures (none of its From domain's) cannot make DMARC pass: DMARC goes
+            # by SPF alone, and a p=reject fail is refused (a forgery padded past
+            # check_max_size was delivered unchecked). No signature is verified.
+            return await self._check(message, client_ip, helo, sender, check_dkim=False)
         if too_large:
             # Forged results are removed all the same; only SPF is checked (no refusal),
             # within check_timeout as every other message's lookups.
@@ -337,6 +344,14 @@ class SenderAuth:
             self._add_results(message, header, head)
             return None
         return await self._check(message, client_ip, helo, sender)
+
+    def _signed_by_author(self, message: Message) -> bool:
+        """Does ``message`` have a signature (checked or not) whose d= is aligned with a
+        domain of its From (one that could make DMARC pass)?"""
+        head = self._client_head(message)
+        authors = dmarc.author_domains(dmarc.from_domains(head))
+        signatures = dkim_verify.signatures(head)
+        return any(dmarc.aligned_with(str(d), authors) for d in _signers_of(signatures))
 
     def _client_head(self, message: Message) -> bytes:
         """The client's header section (CRLF): all that SPF, DMARC and finding signatures read."""
@@ -445,18 +460,26 @@ class SenderAuth:
         return local()
 
     async def verify(
-        self, head: bytes, whole: Callable[[], bytes], client_ip: str, helo: str, sender: str
+        self,
+        head: bytes,
+        whole: Callable[[], bytes],
+        client_ip: str,
+        helo: str,
+        sender: str,
+        check_dkim: bool = True,
     ) -> Verdict:
         """SPF, DKIM and DMARC of one message (its header section ``head``, CRLF; ``whole``
         reads all of it, which only DKIM needs, and only for a signed message): its DNS
         lookups within ``[auth] check_timeout``, then its signatures in the DKIM helper, in
-        their turn behind the jobs before them (see ``helper``).
+        their turn behind the jobs before them (see ``helper``); ChecksUnavailable if they
+        were not checked in time. Without ``check_dkim`` the signatures are reported
+        unchecked (``neutral``), and DMARC goes by SPF alone.
 
         What the cache already holds is used at once; only what is missing is asked, all of
         it concurrently (the usual case, everything cached, makes no task and never waits)."""
         from_domains = dmarc.from_domains(head)
         chosen, sigs = _chosen_signatures(head, from_domains)
-        names = dkim_verify.key_names(sigs)
+        names = dkim_verify.key_names(sigs) if check_dkim else []
         hostname = self.cfg.hostname
         spf_result = spf.cached(self.cache, client_ip, sender, helo, hostname)
         key_answers = dkim_verify.cached_keys(self.cache, names)
@@ -475,13 +498,15 @@ class SenderAuth:
             policies.update(found)
         keys = key_answers
         dkim_results: list[dkim_verify.DkimResult] = []  # no signature: dkim=none
-        if sigs:
+        if sigs and not check_dkim:
+            dkim_results = dkim_verify.not_checked(sigs, "not checked: larger than check_max_size")
+        elif sigs:
             data = whole()
             dkim_results = await self._dkim_job(
                 len(data),
                 lambda helper: helper.verify(data, keys, chosen),
                 lambda: dkim_verify.verify(data, keys, chosen),
-                lambda: dkim_verify.timed_out(sigs),
+                _checks_unavailable,
             )
         dmarc_result = dmarc.evaluate(from_domains, policies, spf_result, dkim_results, self.rng)
         return Verdict(spf_result, dkim_results, dmarc_result)
@@ -541,10 +566,16 @@ class SenderAuth:
         return spf_result, key_answers, policies
 
     async def _check(
-        self, message: Message, client_ip: str, helo: str, sender: str
+        self, message: Message, client_ip: str, helo: str, sender: str, check_dkim: bool = True
     ) -> Reply | None:
         head = self._client_head(message)
-        verdict = await self.verify(head, message.whole, client_ip, helo, sender)
+        try:
+            verdict = await self.verify(head, message.whole, client_ip, helo, sender, check_dkim)
+        except ChecksUnavailable as exc:
+            # Not "temperror" (delivered): a forged From under p=reject came through on it
+            # when a queue of costly messages held the helper. The sender tries again later.
+            log.warning("a message is not accepted now: %s", exc)
+            return CHECKS_UNAVAILABLE
         count_verdict("spf", verdict.spf.result if verdict.spf else "none")
         for r in verdict.dkim or ():
             count_verdict("dkim", r.result)
@@ -681,6 +712,20 @@ class SenderAuth:
                 except Exception as exc:
                     log.warning("DMARC reports failed: %r", exc)
             await asyncio.sleep(self.cfg.auth.dkim_check_interval)
+
+
+class ChecksUnavailable(Exception):
+    """A message's signatures were not verified in time (the helper held by a queue of costly
+    messages, or hung): the message is refused for now, not accepted unchecked."""
+
+
+def _checks_unavailable() -> list[dkim_verify.DkimResult]:
+    raise ChecksUnavailable("its DKIM signatures were not verified in time")
+
+
+def _signers_of(signatures: list[dict[bytes, bytes]]) -> list[str]:
+    """The d= domains of ``signatures`` (:func:`dkim_verify.signatures`), those that read."""
+    return [n["domain"] for n in map(dkim_verify.names_of, signatures) if n["domain"]]
 
 
 def _chosen_signatures(

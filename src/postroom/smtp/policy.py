@@ -16,6 +16,7 @@ import email.utils
 import functools
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -39,6 +40,8 @@ MAX_RECEIVED = 100  # RFC 5321 §6.3: "normally at least 100" (ours counted); Po
 # RFC 5322 §4.5: white space may stand before the colon (obsolete syntax a receiver accepts).
 _RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
 _HEADER_FIELD = re.compile(rb"(?im)^(date|message-id|from)[ \t]*:")  # the fields we may add
+# A message whose client left before its reply (never sent; the refusal is logged with it).
+CLIENT_LEFT = Reply(451, "4.4.2", ("Connection lost before the message was accepted",))
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -336,7 +339,9 @@ class SmtpPolicy:
             return replies.TOO_MANY_HOPS
         return None
 
-    async def on_message_end(self) -> Reply:
+    async def on_message_end(self, client_gone: Callable[[], bool] = lambda: False) -> Reply:
+        """The message is complete: checked, changed, handed to the queue; the reply to the
+        final dot. ``client_gone``: has the client left meanwhile (the checks may wait)?"""
         txn, self.txn = self.txn, _Txn()
         draft = txn.draft
         assert draft is not None
@@ -345,6 +350,10 @@ class SmtpPolicy:
         except Exception:  # a bug, or a message no step foresaw: refused for now, not a crash
             self.services.log.exception("%s: the message could not be prepared", txn.queue_id)
             problem = replies.LOCAL_ERROR
+        if problem is None and client_gone():
+            # It never sees a 250, so it sends the message again (RFC 5321 §6.1): queued
+            # now, it would be delivered twice. (A client that leaves later is too late.)
+            problem = CLIENT_LEFT
         if problem is not None:
             draft.abort()
             return self.refused(problem, txn=txn)

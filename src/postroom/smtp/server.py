@@ -98,7 +98,7 @@ class SmtpConnection(Connection):
 
     async def _message_end(self, engine: ServerEngine, session: SmtpPolicy) -> None:
         session.tls_version = self.tls_version
-        engine.reply(await session.on_message_end())
+        engine.reply(await session.on_message_end(lambda: self._lost))
 
     async def _auth(
         self, engine: ServerEngine, session: SmtpPolicy, event: AuthStart | AuthResponse
