@@ -370,12 +370,6 @@ def _check(
     return key.verify(base64.b64decode(_WSP.sub(b"", sig[b"b"])), data)
 
 
-def not_checked(sigs: list[dict[bytes, bytes]], why: str) -> list[DkimResult]:
-    """The results of signatures left unverified on purpose: ``neutral`` (RFC 8601 §2.7.1:
-    signed, but not processed), not ``none``, which would say the message is unsigned."""
-    return [DkimResult("neutral", reason=why, **names_of(s)) for s in sigs]
-
-
 def names_of(sig: dict[bytes, bytes]) -> dict[str, str]:
     """What a result says of its signature: d=, s=, a=, the start of b= (RFC 6008) and i=."""
     # i= is dkim-quoted-printable (RFC 6376 §2.11, §3.5): "=XX" is an octet.

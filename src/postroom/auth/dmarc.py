@@ -38,6 +38,7 @@ _FROM = re.compile(rb"(?im)^from[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
 POLICIES = ("none", "quarantine", "reject")
 _PCT = re.compile(r"[0-9]{1,3}")
 MAX_FROM_DOMAINS = 10  # distinct From domains checked (each costs up to two DNS lookups)
+TOO_MANY_FROM = "too many From domains"  # the permerror of a message with more
 
 
 @lru_cache(maxsize=1)
@@ -274,7 +275,7 @@ def evaluate(
                 "permerror", worst.from_domain, reason="a From address without a domain"
             )
         if len(set(from_domains_)) > len(domains):
-            return DmarcResult("permerror", worst.from_domain, reason="too many From domains")
+            return DmarcResult("permerror", worst.from_domain, reason=TOO_MANY_FROM)
     return worst
 
 

@@ -45,7 +45,13 @@ from postroom.auth import (
     results,
     spf,
 )
-from postroom.auth.helper import DkimHelper, HelperError, HelperNotReady, HelperTimedOut
+from postroom.auth.helper import (
+    MAX_WAIT,
+    DkimHelper,
+    HelperError,
+    HelperNotReady,
+    HelperTimedOut,
+)
 from postroom.auth.lookup import Answer, DnsCache
 from postroom.config import Config
 from postroom.errors import PostroomError
@@ -57,6 +63,9 @@ log = logging.getLogger("postroom")
 
 DMARC_REJECT = Reply(550, "5.7.1", ("Rejected by the DMARC policy of the From domain",))
 QUARANTINE_HEADER = b"X-Spam-Flag: YES\r\n"
+TOO_MANY_AUTHORS = Reply(
+    550, "5.7.1", (f"More than {dmarc.MAX_FROM_DOMAINS} From domains: not checked, refused",)
+)
 # What a server says when a check it must make cannot be made now (RFC 3463 X.3.0).
 CHECKS_UNAVAILABLE = Reply(451, "4.3.0", ("Sender checks not done in time, try again later",))
 RECHECK = 2.0  # seconds between on-demand looks for a pending key in DNS
@@ -132,6 +141,7 @@ class SenderAuth:
         self._helper = helper
         self._keys: dict[str, tuple[object, list[keys.DkimKey], list[dkim_sign.SigningKey]]] = {}
         self._had_keys: set[str] = set()  # domains whose keys this process has seen
+        self._large_checks = asyncio.Semaphore(1)  # messages past check_max_size, checked
         self._last_look: dict[str, float] = {}
         self._looking: dict[str, asyncio.Task[None]] = {}
         # (domain, selector) of signing keys -> the first look that found no record of theirs
@@ -321,37 +331,20 @@ class SenderAuth:
         if not auth.checks:
             self._remove_ours(message)  # RFC 8601 §5: the border's duty, checking or not
             return None
-        if too_large and not self._signed_by_author(message):
-            # Its signatures (none of its From domain's) cannot make DMARC pass: DMARC goes
-            # by SPF alone, and a p=reject fail is refused (a forgery padded past
-            # check_max_size was delivered unchecked). No signature is verified.
-            return await self._check(message, client_ip, helo, sender, check_dkim=False)
-        if too_large:
-            # Forged results are removed all the same; only SPF is checked (no refusal),
-            # within check_timeout as every other message's lookups.
+        if too_large and dkim_verify.signatures(self._client_head(message)):
+            # Verified all the same (left unchecked, any signature claiming the From domain
+            # kept DMARC from refusing a forgery), but one such message at a time in this
+            # worker: each holds its size in memory several times over while it is checked.
             try:
-                result = await asyncio.wait_for(
-                    spf.check(self.cache, client_ip, sender, helo, self.cfg.hostname),
-                    auth.check_timeout,
-                )
+                await asyncio.wait_for(self._large_checks.acquire(), MAX_WAIT)
             except TimeoutError:
-                result = _spf_timed_out(sender, helo)
-            count_verdict("spf", result.result)
-            head = self._client_head(message)
-            _, sigs = _chosen_signatures(head, dmarc.from_domains(head))
-            unchecked = dkim_verify.not_checked(sigs, "not checked: larger than check_max_size")
-            header = results.render(self.cfg.hostname, result, unchecked, None)
-            self._add_results(message, header, head)
-            return None
+                log.warning("a message is not accepted now: large messages wait to be checked")
+                return CHECKS_UNAVAILABLE
+            try:
+                return await self._check(message, client_ip, helo, sender)
+            finally:
+                self._large_checks.release()
         return await self._check(message, client_ip, helo, sender)
-
-    def _signed_by_author(self, message: Message) -> bool:
-        """Does ``message`` have a signature (checked or not) whose d= is aligned with a
-        domain of its From (one that could make DMARC pass)?"""
-        head = self._client_head(message)
-        authors = dmarc.author_domains(dmarc.from_domains(head))
-        signatures = dkim_verify.signatures(head)
-        return any(dmarc.aligned_with(str(d), authors) for d in _signers_of(signatures))
 
     def _client_head(self, message: Message) -> bytes:
         """The client's header section (CRLF): all that SPF, DMARC and finding signatures read."""
@@ -460,26 +453,19 @@ class SenderAuth:
         return local()
 
     async def verify(
-        self,
-        head: bytes,
-        whole: Callable[[], bytes],
-        client_ip: str,
-        helo: str,
-        sender: str,
-        check_dkim: bool = True,
+        self, head: bytes, whole: Callable[[], bytes], client_ip: str, helo: str, sender: str
     ) -> Verdict:
         """SPF, DKIM and DMARC of one message (its header section ``head``, CRLF; ``whole``
         reads all of it, which only DKIM needs, and only for a signed message): its DNS
         lookups within ``[auth] check_timeout``, then its signatures in the DKIM helper, in
         their turn behind the jobs before them (see ``helper``); ChecksUnavailable if they
-        were not checked in time. Without ``check_dkim`` the signatures are reported
-        unchecked (``neutral``), and DMARC goes by SPF alone.
+        were not checked in time.
 
         What the cache already holds is used at once; only what is missing is asked, all of
         it concurrently (the usual case, everything cached, makes no task and never waits)."""
         from_domains = dmarc.from_domains(head)
         chosen, sigs = _chosen_signatures(head, from_domains)
-        names = dkim_verify.key_names(sigs) if check_dkim else []
+        names = dkim_verify.key_names(sigs)
         hostname = self.cfg.hostname
         spf_result = spf.cached(self.cache, client_ip, sender, helo, hostname)
         key_answers = dkim_verify.cached_keys(self.cache, names)
@@ -498,9 +484,7 @@ class SenderAuth:
             policies.update(found)
         keys = key_answers
         dkim_results: list[dkim_verify.DkimResult] = []  # no signature: dkim=none
-        if sigs and not check_dkim:
-            dkim_results = dkim_verify.not_checked(sigs, "not checked: larger than check_max_size")
-        elif sigs:
+        if sigs:
             data = whole()
             dkim_results = await self._dkim_job(
                 len(data),
@@ -566,11 +550,11 @@ class SenderAuth:
         return spf_result, key_answers, policies
 
     async def _check(
-        self, message: Message, client_ip: str, helo: str, sender: str, check_dkim: bool = True
+        self, message: Message, client_ip: str, helo: str, sender: str
     ) -> Reply | None:
         head = self._client_head(message)
         try:
-            verdict = await self.verify(head, message.whole, client_ip, helo, sender, check_dkim)
+            verdict = await self.verify(head, message.whole, client_ip, helo, sender)
         except ChecksUnavailable as exc:
             # Not "temperror" (delivered): a forged From under p=reject came through on it
             # when a queue of costly messages held the helper. The sender tries again later.
@@ -585,6 +569,11 @@ class SenderAuth:
         assert result is not None
         count_verdict("dmarc", result.result)
         refuse = result.disposition == "reject" and result.result == "fail"
+        if result.reason == dmarc.TOO_MANY_FROM and self.cfg.auth.dmarc_enforce:
+            # Past the domains it checks, a forged one rode along unchecked (the 11th): such
+            # a message may be refused (RFC 7489 §6.6.1), and no real sender writes one.
+            log.info("DMARC: a message with too many From domains from %s: refused", client_ip)
+            return TOO_MANY_AUTHORS
         reject_fail = result.result == "fail" and result.policy == "reject"
         if reject_fail and not self.cfg.auth.dmarc_enforce:
             # Delivered: the disposition applied is none, by local policy (RFC 7489 §7.2's
@@ -721,11 +710,6 @@ class ChecksUnavailable(Exception):
 
 def _checks_unavailable() -> list[dkim_verify.DkimResult]:
     raise ChecksUnavailable("its DKIM signatures were not verified in time")
-
-
-def _signers_of(signatures: list[dict[bytes, bytes]]) -> list[str]:
-    """The d= domains of ``signatures`` (:func:`dkim_verify.signatures`), those that read."""
-    return [n["domain"] for n in map(dkim_verify.names_of, signatures) if n["domain"]]
 
 
 def _chosen_signatures(
