@@ -23,6 +23,7 @@ from typing import Any
 
 from postroom.address import dmarc_rua_uris
 from postroom.errors import ConfigError
+from postroom.storage.local import files
 
 Endpoint = tuple[str, int]
 
@@ -50,6 +51,7 @@ class Size(int):
 
 
 MAX_DURATION = 3650 * 86400.0  # ten years: longer waits only overflow date arithmetic
+MAX_FILE = 16 << 20  # octets read of a config file, a certificate chain or a key, at most
 
 
 def parse_duration(value: object) -> Duration:
@@ -396,7 +398,7 @@ def load(path: Path) -> Config:
     """Read and validate a config file."""
     source = str(path)
     try:
-        data = path.read_bytes()
+        data = files.read_regular(path, limit=MAX_FILE)
     except FileNotFoundError:
         raise ConfigError(f"{source}: file not found") from None
     except OSError as exc:

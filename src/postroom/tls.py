@@ -21,8 +21,9 @@ import ssl
 import time
 from pathlib import Path
 
-from postroom.config import Config
+from postroom.config import MAX_FILE, Config
 from postroom.errors import ConfigError
+from postroom.storage.local import files
 
 
 def cert_paths(cfg: Config) -> tuple[Path, Path]:
@@ -86,7 +87,7 @@ def _names_host(cert: Path, hostname: str) -> bool:
 
     try:
         names = x509.load_pem_x509_certificate(
-            cert.read_bytes()
+            files.read_regular(cert, limit=MAX_FILE)
         ).extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except (OSError, ValueError, x509.ExtensionNotFound):
         return False
@@ -101,7 +102,7 @@ def read_pair(cfg: Config) -> tuple[bytes, bytes]:
     keys = ("cert", "key")  # the key at fault, named as the config file has it
     for key, what, path in zip(keys, ("certificate", "key"), cert_paths(cfg), strict=True):
         try:
-            out.append(path.read_bytes())
+            out.append(files.read_regular(path, limit=MAX_FILE))
             mode = path.stat().st_mode & 0o777
         except OSError as exc:
             raise ConfigError(

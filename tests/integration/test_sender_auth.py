@@ -390,8 +390,8 @@ def test_messages_past_check_max_size_are_checked_all_the_same(
     assert b"spf=none" in msg and b"dmarc=fail" in msg and b"dkim=none" in msg
     fake = b"DKIM-Signature: v=1; a=rsa-sha256; d=shop.test; s=sel; h=from; bh=; b=\r\n"
     for extra in (b"", fake):
+        data = extra + _forged("shop.test") + b"z" * 2000 + b"\r\n"
         with pytest.raises(smtplib.SMTPDataError) as refused:
-            data = extra + _forged("shop.test") + b"z" * 2000 + b"\r\n"
             _mx_send(srv, "x@shop.test", "bob@a.test", data)
         assert refused.value.smtp_code == 550
     # The 11th From domain was never checked: such a message is refused.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +181,30 @@ def test_duration_units_take_either_case_as_size_units_do() -> None:
     ]
     with pytest.raises(ValueError, match="expected a duration"):
         parse_duration("5\u017f")  # the long s is no "s" (IGNORECASE without ASCII: it was)
+
+
+def test_a_config_cert_or_key_that_is_no_regular_file_is_an_error_not_a_hang(
+    tmp_path: Path,
+) -> None:
+    """A FIFO as tls.cert hung a reload (deaf to SIGTERM until written to), /dev/zero ran it
+    out of memory: each is refused with one line, as a missing file is."""
+    from postroom import tls
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for bad in (fifo, Path("/dev/zero"), tmp_path):
+        with pytest.raises(ConfigError, match=r"not a regular file|Is a directory"):
+            config.load(bad)
+    good = tmp_path / "p.toml"
+    good.write_text(
+        f'hostname = "mx.a.test"\ndomains = ["a.test"]\ndata_dir = "{tmp_path / "d"}"\n'
+        f'[tls]\ncert = "{fifo}"\nkey = "/dev/zero"\n'
+    )
+    cfg = config.load(good)
+    with pytest.raises(ConfigError, match=r"tls\.cert: .*not a regular file"):
+        tls.read_pair(cfg)
+    big = tmp_path / "big.toml"
+    with big.open("wb") as f:
+        f.truncate(config.MAX_FILE + 1)
+    with pytest.raises(ConfigError, match="larger than"):
+        config.load(big)

@@ -284,19 +284,19 @@ def test_a_queue_file_that_cannot_be_read_now_is_tried_again_not_set_aside(
     queue = LocalQueue(tmp_path, "mx.x.test")
     _parked(queue, "A1", "B2", "C3")
     assert queue.recover() == 3
-    real_read, real_stat = deferred_module._read_regular, deferred_module.os.stat
+    real_read, real_stat = deferred_module.files.read_regular, deferred_module.os.stat
 
-    def read(path: Path) -> bytes:
+    def read(path: Path, **kw: bool) -> bytes:
         if path.name == "B2.json":
             raise PermissionError(errno.EACCES, "Permission denied")
-        return real_read(path)
+        return real_read(path, **kw)
 
     def stat(path: object, *args: object, **kw: object) -> os.stat_result:
         if str(path).endswith("/C3"):
             raise PermissionError(errno.EACCES, "Permission denied")
         return real_stat(path, *args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(deferred_module, "_read_regular", read)
+    monkeypatch.setattr(deferred_module.files, "read_regular", read)
     monkeypatch.setattr(deferred_module.os, "stat", stat)
     (good,) = asyncio.run(queue.claim(1e10, 10))
     monkeypatch.undo()
@@ -345,3 +345,32 @@ def test_a_corrupt_message_whose_state_cannot_be_moved_stays_whole(
     (problem,) = queue.problems()
     assert "not moved aside (Permission denied)" in problem
     assert queue.deferred.has("A1") and (queue.deferred.state_dir / "A1.json").exists()
+
+
+def test_a_message_done_whose_files_cannot_be_removed_keeps_what_was_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """queue/msg read-only for a while as a message was delivered: its removal failed, the
+    outcome was not stored, and the restart sent it again."""
+    from postroom.storage.local import deferred as deferred_module
+
+    queue = LocalQueue(tmp_path, "mx.x.test")
+    _parked(queue, "A1")
+    queue.recover()
+    (env,) = asyncio.run(queue.claim(1e10, 10))
+    env.recipients[0].status = "delivered"
+    real_unlink = deferred_module.os.unlink
+
+    def unlink(path: object, *args: object, **kw: object) -> None:
+        if str(path).endswith("/msg/A1"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real_unlink(path, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(deferred_module.os, "unlink", unlink)
+    asyncio.run(queue.finish(env, []))
+    monkeypatch.undo()
+    assert queue.deferred.load("A1").recipients[0].status == "delivered"
+    (again,) = asyncio.run(queue.claim(time.time() + 61, 10))
+    assert again.done
+    asyncio.run(queue.finish(again, []))
+    assert queue.deferred.ids() == []

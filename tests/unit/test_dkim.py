@@ -7,6 +7,7 @@ import asyncio
 import base64
 import dataclasses
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -775,7 +776,10 @@ def test_a_header_the_signer_cannot_read_goes_unsigned_not_refused(tmp_path: Pat
     assert message.data == data
 
 
-@pytest.mark.parametrize("damage", [b"[1]", b"{garbage", b"", b'[{"selector": "x"}]', b"pem"])
+@pytest.mark.parametrize(
+    "damage",
+    [b"[1]", b"{garbage", b"", b'[{"selector": "x"}]', b"pem", b"retire_at", b"state", b"created"],
+)
 def test_keys_that_cannot_be_read_refuse_submission_for_now_and_leave_reports_unsigned(
     tmp_path: Path, damage: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -788,6 +792,10 @@ def test_keys_that_cannot_be_read_refuse_submission_for_now_and_leave_reports_un
     folder = tmp_path / "dkim" / "a.test"
     if damage == b"pem":
         next(folder.glob("*.pem")).write_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n")
+    elif damage in (b"retire_at", b"state", b"created"):  # edited by hand
+        entries = json.loads((folder / "keys.json").read_bytes())
+        entries[0][damage.decode()] = "soon"
+        (folder / "keys.json").write_text(json.dumps(entries))
     else:
         (folder / "keys.json").write_bytes(damage)
     cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", 9),)))
@@ -1076,3 +1084,28 @@ def test_a_job_that_waits_past_max_wait_is_given_up_without_killing_the_helper(
         return [d if isinstance(d, bytes) else type(d) for d in done]
 
     assert asyncio.run(run()) == [b"ok", helper.HelperTimedOut, helper.HelperTimedOut]
+
+
+def test_a_pending_key_whose_name_dns_gives_another_key_is_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Keys made again after theirs were lost, on the day they were first made, take the
+    published selectors' names: they waited for their records for ever, in silence."""
+    old_store, store = keys.LocalKeyStore(tmp_path / "old"), keys.LocalKeyStore(tmp_path)
+    old = keys.KeyRing(old_store, retire_after=100).ensure("a.test", 0)
+    new = keys.KeyRing(store, retire_after=100).ensure("a.test", 0)
+    assert [k.selector for k in old] == [k.selector for k in new]
+    dns = LoopbackDNS()
+    try:
+        for key in old:
+            dns.txt(f"{key.selector}._domainkey.a.test", key.record())
+        cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", dns.port),), timeout=Duration(1)))
+        auth = SenderAuth(Config(hostname="mx.a.test", domains=("a.test",)), cache, store)
+        with caplog.at_level(logging.WARNING, logger="postroom"):
+            asyncio.run(auth.look_for_pending("a.test"))
+            asyncio.run(auth.look_for_pending("a.test"))
+    finally:
+        dns.stop()
+    said = [r for r in caplog.records if "DNS shows another key" in r.getMessage()]
+    assert len(said) == 2  # once for each of the pair, not at every look
+    assert not keys.signing_keys(store.load("a.test"))

@@ -1800,3 +1800,22 @@ def test_an_error_in_claiming_due_messages_is_logged_and_the_schedule_goes_on(
         asyncio.run(asyncio.wait_for(runner.run(), 10))
     assert len(claims) == 3
     assert "cannot take the due messages" in caplog.text and "Permission denied" in caplog.text
+
+
+def test_a_message_claimed_with_every_recipient_done_is_only_removed(tmp_path: Path) -> None:
+    """Its removal failed after the delivery (no permission on the queue for a while), so its
+    state says done and it is due again: nothing is sent nor reported again."""
+    runner, queue, boxes, _clock = make(tmp_path, {})
+    env = envelope("D1", "bob@b.test", "carol@a.test")
+    for rcpt in env.recipients:
+        rcpt.status = "delivered"
+    env.attempts = 1
+    queue.messages["D1"] = (env, b"Subject: t\n\nbody\n")
+
+    async def run() -> None:
+        runner._start(env)
+        await asyncio.gather(*runner._inflight.values())
+
+    asyncio.run(run())
+    assert "D1" not in queue.messages and boxes.delivered == []
+    assert [c for c in queue.calls if c[1] != "D1"] == []  # no DSN queued

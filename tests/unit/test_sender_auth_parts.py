@@ -434,10 +434,14 @@ def test_a_row_that_is_not_well_formed_is_left_out_not_fatal(tmp_path: Path) -> 
     _report_row(tmp_path, "192.0.2.1")
     with (tmp_path / reports.RECORDS).open("ab") as f:
         f.write(b'{"pdomain":"x.test","t":1}\n[1]\n{"pdomain":"x.test","dkim":[[1]]}\n')
+    good = json.loads((tmp_path / reports.RECORDS).read_bytes().splitlines()[0])
+    for field, value in (("rua", [1]), ("t", 10**20), ("dkim", [[1, 2, 3]]), ("pct", -1)):
+        with (tmp_path / reports.RECORDS).open("ab") as f:
+            f.write(json.dumps(good | {field: value}).encode() + b"\n")
     _report_row(tmp_path, "192.0.2.2")
     taken = reports.take(tmp_path, 1.0)
     assert [r["ip"] for r in taken.rows] == ["192.0.2.1", "192.0.2.2"]
-    assert taken.malformed == 3
+    assert taken.malformed == 7
     assert len(reports.build(taken.rows, "mx.a.test", "postmaster@a.test", 2, "r1")) == 1
 
 

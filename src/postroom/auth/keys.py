@@ -187,6 +187,7 @@ class LocalKeyStore:
                 pem_path = folder / f"{selector}.pem"
                 pem = pem_path.read_bytes()
                 key = DkimKey(**entry, private_pem=pem)
+                _check_fields(key)
                 private_key_of(pem)  # (parsed once per process: a damaged file said here)
                 keys.append(key)
         except FileNotFoundError:
@@ -264,6 +265,20 @@ def _public_b64(pem: bytes) -> str:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     return base64.b64encode(raw).decode("ascii")
+
+
+def _check_fields(key: DkimKey) -> None:
+    """ValueError unless ``key``'s fields (from keys.json) are of their types: one edited by
+    hand ("retire_at": "soon") failed every upkeep round and every `postroom dns`, and a
+    key of an unknown state or algorithm stopped signing in silence."""
+    if key.algorithm not in ALGORITHMS or key.state not in ("pending", "active", "retiring"):
+        raise ValueError(f"{key.selector}: unknown algorithm or state")
+    for name in ("created", "published", "retire_at"):
+        value = getattr(key, name)
+        if not (value is None and name != "created") and (
+            isinstance(value, bool) or not isinstance(value, int | float)
+        ):
+            raise ValueError(f"{key.selector}: {name} is not a time")
 
 
 def _check_selector(selector: str) -> None:

@@ -250,8 +250,13 @@ def _well_formed(row: object) -> bool:
         return False
     if not all(isinstance(row.get(name), kind) for name, kind in _ROW_FIELDS.items()):
         return False
+    if not (0 <= row["t"] < 1 << 40 and 0 <= row["pct"] <= 100):  # (a time, a percentage)
+        return False
     triples = [*row["dkim"], *([row["spf"]] if row["spf"] is not None else [])]
-    return all(isinstance(t, list) and len(t) == 3 for t in triples)
+    strings = [*row["rua"], *(v for t in triples if isinstance(t, list) for v in t)]
+    return all(isinstance(t, list) and len(t) == 3 for t in triples) and all(
+        isinstance(v, str) for v in strings
+    )
 
 
 def _replaced(folder: Path, names: list[str]) -> set[str]:

@@ -142,6 +142,7 @@ class SenderAuth:
         self._keys: dict[str, tuple[object, list[keys.DkimKey], list[dkim_sign.SigningKey]]] = {}
         self._had_keys: set[str] = set()  # domains whose keys this process has seen
         self._large_checks = asyncio.Semaphore(1)  # messages past check_max_size, checked
+        self._told: set[str] = set()  # selectors whose name DNS gives another key (logged)
         self._last_look: dict[str, float] = {}
         self._looking: dict[str, asyncio.Task[None]] = {}
         # (domain, selector) of signing keys -> the first look that found no record of theirs
@@ -218,6 +219,19 @@ class SenderAuth:
         answers = await asyncio.gather(*(self._record_of(domain, k) for k in newest_first))
         for key, answer in zip(newest_first, answers, strict=True):
             if not any(publishes(record, key) for record in answer.txt()):
+                if any(_is_key_record(r) for r in answer.txt()) and key.selector not in self._told:
+                    # Another key's record under its name (keys made again after theirs were
+                    # lost, on the day they were first made): it would wait in silence.
+                    self._told.add(key.selector)
+                    log.warning(
+                        "DKIM key %s of %s waits for its record, but DNS shows another key"
+                        " under that name: publish what `postroom dns %s` prints, or run"
+                        " `postroom dkim rotate %s`",
+                        key.selector,
+                        domain,
+                        domain,
+                        domain,
+                    )
                 continue
             after = self.ring.confirm(domain, key.selector, self.clock())
             if any(k.selector == key.selector and k.state == "active" for k in after):
@@ -710,6 +724,12 @@ class ChecksUnavailable(Exception):
 
 def _checks_unavailable() -> list[dkim_verify.DkimResult]:
     raise ChecksUnavailable("its DKIM signatures were not verified in time")
+
+
+def _is_key_record(record: bytes) -> bool:
+    """Is ``record`` (a TXT string at a selector's name) a DKIM key record with a key?"""
+    fields = dkim_verify.tags(record)
+    return fields.get(b"v", b"DKIM1") == b"DKIM1" and bool(fields.get(b"p"))
 
 
 def _chosen_signatures(

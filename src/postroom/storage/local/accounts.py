@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from postroom.address import Address
-from postroom.errors import AccountError
+from postroom.errors import AccountError, PasswordUncheckable
 from postroom.sasl import ScramKeys
 from postroom.storage import aliases as alias_rules
 from postroom.storage.aliases import account_address, alias_key
@@ -194,11 +194,24 @@ class Accounts(alias_rules.AliasLookups):
         changes or ``LOGIN_CACHE_TIME`` passes, as Dovecot's auth cache does: a mail client that
         logs in for every message then costs one argon2 run, not one per message.
         """
-        before = self.scram_keys(login)  # read first: a password changed after, not renewed
-        key = self._logins.verify(login, password, self._signature(), self._password_hash)
+        with self._readable():
+            before = self.scram_keys(login)  # read first: a password changed after, not renewed
+            key = self._logins.verify(login, password, self._signature(), self._password_hash)
         if key is not None and before is not None and before[0] == key:
             self._renew_scram(key, before[1], password)
         return key
+
+    @contextlib.contextmanager
+    def _readable(self) -> Iterator[None]:
+        """A login's look into the store: one that cannot be read now (damaged, replaced in
+        place) refuses the login for now (PasswordUncheckable: 454, ``[SYS/TEMP]``), where
+        the session ended without a reply; and this thread's connection is closed, so that
+        the next look opens the file again (mended, say: the old connection failed on)."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise PasswordUncheckable(f"the account store: {exc}") from None
 
     def _renew_scram(self, key: str, old: ScramKeys, password: str) -> None:
         """Give ``key`` SCRAM keys of today's iteration count when its, ``old``, are
@@ -228,15 +241,16 @@ class Accounts(alias_rules.AliasLookups):
         key = login_key(login)
         if key is None:
             return None
-        row = (
-            self._db()
-            .execute(
-                "SELECT scram_salt, scram_iterations, scram_stored_key, scram_server_key"
-                " FROM users WHERE address=?",
-                (key,),
+        with self._readable():
+            row = (
+                self._db()
+                .execute(
+                    "SELECT scram_salt, scram_iterations, scram_stored_key, scram_server_key"
+                    " FROM users WHERE address=?",
+                    (key,),
+                )
+                .fetchone()
             )
-            .fetchone()
-        )
         if row is None:
             return None
         return key, ScramKeys(bytes(row[0]), int(row[1]), bytes(row[2]), bytes(row[3]))

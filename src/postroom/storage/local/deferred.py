@@ -21,7 +21,6 @@ entry only if ``msg/ID`` is not there yet: a message is never parked twice nor l
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import stat
@@ -173,10 +172,10 @@ class DeferredStore:
         if not self.has(queue_id):
             raise QueueError(f"no such message {queue_id}")
         try:
-            raw = _read_regular(self.state_dir / f"{queue_id}.json")
+            raw = files.read_regular(self.state_dir / f"{queue_id}.json", follow_links=False)
         except FileNotFoundError:
             raise QueueError(f"{queue_id}: state file missing") from None
-        except NotRegular as exc:  # the entry's own fault: a directory in its place, say
+        except files.NotRegular as exc:  # the entry's own fault: a directory in its place, say
             raise QueueError(f"{queue_id}: state file unreadable: {exc}") from None
         # Any other OSError (no permission, for now perhaps; a bad block) is raised as it is:
         # not a reason to set the message aside (the runner tries it again later).
@@ -214,29 +213,6 @@ class DeferredStore:
     def read(self, queue_id: str, limit: int = -1) -> bytes:
         with open(self.msg_path(queue_id), "rb") as fh:
             return fh.read(limit)
-
-
-class NotRegular(OSError):
-    """A queue file that is no regular file (a directory, a FIFO, a device in its place)."""
-
-
-def _read_regular(path: Path) -> bytes:
-    """The octets of the regular file ``path``, opened without following a link or blocking
-    (a FIFO in a state file's place would hang the runner); NotRegular for anything else."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.EISDIR):  # a link, a directory
-            raise NotRegular(exc.errno, exc.strerror) from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegular(errno.EINVAL, "not a regular file")
-    except BaseException:
-        os.close(fd)
-        raise
-    with open(fd, "rb") as f:
-        return f.read()
 
 
 def _replace(tmp: Path, dest: str | Path, data: bytes, due: float | None = None) -> None:

@@ -793,8 +793,17 @@ class LocalQueue:
                 return  # else parked by a new writer's recovery: removed below
         self._next.pop(envelope.id, None)
         self._flush_next.discard(envelope.id)
-        with contextlib.suppress(QueueError):
+        try:
             await self.io.run(self.deferred.remove, envelope.id)
+        except QueueError:
+            pass
+        except OSError as exc:
+            # Done, but its files cannot be removed now (no permission on queue/msg for a
+            # while): what was done is stored (a restart sent it again), and the removal is
+            # tried again later. (OSError from this save: the runner says so.)
+            await self.io.run(self.deferred.save_state, envelope)
+            log.warning("%s: done, but not removed from the queue yet: %s", envelope.id, exc)
+            self._schedule(envelope.id, time.time() + 60)
 
     # -- the CLI and the control socket -----------------------------------------------------
 
