@@ -374,3 +374,30 @@ def test_a_message_done_whose_files_cannot_be_removed_keeps_what_was_done(
     assert again.done
     asyncio.run(queue.finish(again, []))
     assert queue.deferred.ids() == []
+
+
+def test_a_message_done_whose_outcome_cannot_be_stored_either_is_kept_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """queue/msg and queue/state read-only as it was delivered: nothing put it back in the
+    schedule, and the restart a minute after the disk was writable again sent it again."""
+    from postroom.storage.local import deferred as deferred_module
+
+    queue = LocalQueue(tmp_path, "mx.x.test")
+    _parked(queue, "A1")
+    queue.recover()
+    (env,) = asyncio.run(queue.claim(1e10, 10))
+    env.recipients[0].status = "delivered"
+
+    def refused(*_args: object, **_kw: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(deferred_module.os, "unlink", refused)
+    monkeypatch.setattr(deferred_module, "_replace", refused)
+    with pytest.raises(PermissionError):
+        asyncio.run(queue.finish(env, []))
+    monkeypatch.undo()
+    (again,) = asyncio.run(queue.claim(time.time() + 61, 10))
+    assert again is env and again.done  # from memory, not the disk's deferred state
+    asyncio.run(queue.finish(again, []))
+    assert queue.deferred.ids() == []

@@ -10,7 +10,7 @@ import pytest
 
 from postroom import passwords
 from postroom.address import Address
-from postroom.errors import AccountError, PasswordUncheckable
+from postroom.errors import AccountError, PasswordUncheckable, TemporaryStorageError
 from postroom.sasl import SCRAM_ITERATIONS, derive_scram_keys
 from postroom.storage import credentials
 from postroom.storage.local.accounts import Accounts
@@ -247,5 +247,9 @@ def test_a_store_damaged_under_a_running_server_refuses_logins_for_now_and_heals
     ):
         with pytest.raises(PasswordUncheckable):
             look()
+    store.close()
+    with pytest.raises(TemporaryStorageError):
+        store.resolve("u@a.test")  # RCPT: refused for now, not the session ended
     path.write_bytes(original)
     assert store.verify_password("u@a.test", "secret pw") == "u@a.test"
+    assert store.resolve("u@a.test") == ["u@a.test"]  # the mended file, opened again

@@ -14,6 +14,7 @@ import pytest
 
 from postroom import config as config_mod
 from postroom.address import Address
+from postroom.errors import TemporaryStorageError
 from postroom.queue.envelope import Envelope
 from postroom.smtp.commands import Mail, Rcpt
 from postroom.smtp.policy import SmtpPolicy
@@ -493,3 +494,16 @@ def test_a_message_whose_client_left_during_its_checks_is_not_queued(tmp_path: P
     p.on_data(b"Subject: x\r\n\r\ny\r\n")
     assert asyncio.run(p.on_message_end(lambda: False)).code == 250
     assert len(intake.got) == 1
+
+
+def test_an_account_store_that_cannot_be_read_now_refuses_for_now(tmp_path: Path) -> None:
+    """RCPT on a damaged account store ended the session with a traceback."""
+    p, _intake = policy(tmp_path)
+
+    def damaged(_key: str) -> list[str] | None:
+        raise TemporaryStorageError("the account store: file is not a database")
+
+    p.services.accounts.resolve = damaged
+    assert p.on_mail(Mail(Address("x", "r.test"))) == replies.SENDER_OK
+    assert p.on_rcpt(Rcpt(Address("alice", "a.test"))).code == 451
+    assert p.on_rcpt(Rcpt(Address("bob", "r.test"))) == replies.RELAY_DENIED  # goes on

@@ -24,6 +24,7 @@ from postroom import events, sasl
 from postroom.address import Address, domain_of, parse_user_address
 from postroom.delivery import mime_downgrade
 from postroom.delivery.mime_downgrade import starts_with_header_field
+from postroom.errors import TemporaryStorageError
 from postroom.queue.envelope import Envelope, PendingReport, Recipient, new_queue_id
 from postroom.smtp.commands import Mail, Rcpt
 from postroom.smtp.server_engine import ServerEngine, ServerFeatures
@@ -174,6 +175,12 @@ class SmtpPolicy:
         )
         return reply
 
+    def _store_failed(self, exc: Exception, command: Mail | Rcpt) -> Reply:
+        """The account store could not be read now (damaged, say): refused for now, the
+        session goes on (it ended, with a traceback, without a reply to QUIT)."""
+        self.services.log.error("%s: %s", command.__class__.__name__.upper(), exc)
+        return self.refused(replies.LOCAL_ERROR, command)
+
     def on_mail(self, cmd: Mail) -> Reply:
         self.reset()
         if self.port != "smtp" and self.auth_user is None:
@@ -182,11 +189,15 @@ class SmtpPolicy:
             if plaintext and self.services.tls is not None:
                 return self.refused(replies.MUST_STARTTLS, cmd)
             return self.refused(replies.AUTH_REQUIRED, cmd)
-        if (
-            self.auth_user is not None
-            and cmd.sender is not None
-            and not self.services.accounts.owns(self.auth_user, cmd.sender.key)
-        ):
+        try:
+            owned = (
+                self.auth_user is None
+                or cmd.sender is None
+                or self.services.accounts.owns(self.auth_user, cmd.sender.key)
+            )
+        except TemporaryStorageError as exc:
+            return self._store_failed(exc, cmd)
+        if not owned:
             return self.refused(replies.SENDER_NOT_OWNED, cmd)
         self.txn = _Txn(sender=cmd.sender, mail=cmd)
         return replies.SENDER_OK
@@ -201,7 +212,10 @@ class SmtpPolicy:
         orcpt = cmd.params.get("ORCPT")
         if self.cfg.is_local_domain(addr.domain):
             key = addr.key
-            targets = self.services.accounts.resolve(key)
+            try:
+                targets = self.services.accounts.resolve(key)
+            except TemporaryStorageError as exc:
+                return self._store_failed(exc, cmd)
             if targets is None:
                 return self.refused(replies.USER_UNKNOWN, cmd)
             if not targets:

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from postroom.address import Address
-from postroom.errors import AccountError, PasswordUncheckable
+from postroom.errors import AccountError, PasswordUncheckable, TemporaryStorageError
 from postroom.sasl import ScramKeys
 from postroom.storage import aliases as alias_rules
 from postroom.storage.aliases import account_address, alias_key
@@ -325,7 +325,13 @@ class Accounts(alias_rules.AliasLookups):
             self._cache_sig, self._cache_time = sig, now
         if key in self._cache:
             return self._cache[key]
-        value = super().expand(key, max_depth)
+        try:
+            value = super().expand(key, max_depth)
+        except sqlite3.DatabaseError as exc:
+            # Damaged, replaced in place: this thread's connection is closed (it failed on
+            # after the file was mended), and the recipient is refused for now (451).
+            self.close()
+            raise TemporaryStorageError(f"the account store: {exc}") from None
         if len(self._cache) < CACHE_SIZE:
             self._cache[key] = value
         return value

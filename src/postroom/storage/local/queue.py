@@ -800,10 +800,18 @@ class LocalQueue:
         except OSError as exc:
             # Done, but its files cannot be removed now (no permission on queue/msg for a
             # while): what was done is stored (a restart sent it again), and the removal is
-            # tried again later. (OSError from this save: the runner says so.)
-            await self.io.run(self.deferred.save_state, envelope)
+            # tried again later; if even that cannot be stored, the running server keeps it
+            # (as record() does), and tries again from memory.
+            again = time.time() + 60
+            try:
+                await self.io.run(self.deferred.save_state, envelope)
+            except OSError:
+                if self.owner:
+                    self._unrecorded[envelope.id] = envelope
+                    self._schedule(envelope.id, again)
+                raise
             log.warning("%s: done, but not removed from the queue yet: %s", envelope.id, exc)
-            self._schedule(envelope.id, time.time() + 60)
+            self._schedule(envelope.id, again)
 
     # -- the CLI and the control socket -----------------------------------------------------
 
