@@ -1109,3 +1109,34 @@ def test_a_pending_key_whose_name_dns_gives_another_key_is_said(
     said = [r for r in caplog.records if "DNS shows another key" in r.getMessage()]
     assert len(said) == 2  # once for each of the pair, not at every look
     assert not keys.signing_keys(store.load("a.test"))
+
+
+def test_large_messages_take_turns_and_give_up_after_half_the_helper_s_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past check_max_size a message is verified all the same, one at a time in a worker
+    (each holds its size in memory several times over); its turn is bounded, so that it and
+    the helper's wait end within a client's 10 minutes."""
+    from postroom.auth import service
+
+    monkeypatch.setattr(service, "MAX_WAIT", 0.4)
+    cache = DnsCache(DNSConfig(nameservers=(("127.0.0.1", 9),)))
+    auth = SenderAuth(Config(hostname="mx.a.test", domains=("a.test",)), cache, None)  # type: ignore[arg-type]
+
+    async def run() -> list[str]:
+        said: list[str] = []
+
+        async def take(name: str, large: bool, hold: float) -> None:
+            try:
+                async with auth._turn(large):
+                    said.append(name)
+                    await asyncio.sleep(hold)
+            except service.ChecksUnavailable:
+                said.append(f"{name}: given up")
+
+        await asyncio.gather(
+            take("first", True, 0.5), take("second", True, 0), take("small", False, 0)
+        )
+        return said
+
+    assert sorted(asyncio.run(run())) == ["first", "second: given up", "small"]

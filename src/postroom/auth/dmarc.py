@@ -38,7 +38,6 @@ _FROM = re.compile(rb"(?im)^from[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
 POLICIES = ("none", "quarantine", "reject")
 _PCT = re.compile(r"[0-9]{1,3}")
 MAX_FROM_DOMAINS = 10  # distinct From domains checked (each costs up to two DNS lookups)
-TOO_MANY_FROM = "too many From domains"  # the permerror of a message with more
 
 
 @lru_cache(maxsize=1)
@@ -150,6 +149,11 @@ def _author_domain(addr: str) -> str:
         # message cannot pass (permerror), as a From without one; looked up as written, it
         # had no policy and read as dmarc=none, its p=reject never applied.
         return ""
+
+
+def too_many_authors(from_domains_: Sequence[str]) -> bool:
+    """Are there more distinct From domains than are checked (the rest would ride along)?"""
+    return len(set(filter(None, from_domains_))) > MAX_FROM_DOMAINS
 
 
 def author_domains(from_domains_: Sequence[str]) -> list[str]:
@@ -275,7 +279,7 @@ def evaluate(
                 "permerror", worst.from_domain, reason="a From address without a domain"
             )
         if len(set(from_domains_)) > len(domains):
-            return DmarcResult("permerror", worst.from_domain, reason=TOO_MANY_FROM)
+            return DmarcResult("permerror", worst.from_domain, reason="too many From domains")
     return worst
 
 

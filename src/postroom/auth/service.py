@@ -21,13 +21,14 @@ no longer shows them), retiring old ones, and the daily DMARC reports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar, cast
@@ -345,20 +346,10 @@ class SenderAuth:
         if not auth.checks:
             self._remove_ours(message)  # RFC 8601 §5: the border's duty, checking or not
             return None
-        if too_large and dkim_verify.signatures(self._client_head(message)):
-            # Verified all the same (left unchecked, any signature claiming the From domain
-            # kept DMARC from refusing a forgery), but one such message at a time in this
-            # worker: each holds its size in memory several times over while it is checked.
-            try:
-                await asyncio.wait_for(self._large_checks.acquire(), MAX_WAIT)
-            except TimeoutError:
-                log.warning("a message is not accepted now: large messages wait to be checked")
-                return CHECKS_UNAVAILABLE
-            try:
-                return await self._check(message, client_ip, helo, sender)
-            finally:
-                self._large_checks.release()
-        return await self._check(message, client_ip, helo, sender)
+        # A message past check_max_size is verified all the same (left unchecked, any
+        # signature claiming the From domain kept DMARC from refusing a forgery), but one
+        # such message at a time in this worker (see verify).
+        return await self._check(message, client_ip, helo, sender, large=too_large)
 
     def _client_head(self, message: Message) -> bytes:
         """The client's header section (CRLF): all that SPF, DMARC and finding signatures read."""
@@ -467,13 +458,22 @@ class SenderAuth:
         return local()
 
     async def verify(
-        self, head: bytes, whole: Callable[[], bytes], client_ip: str, helo: str, sender: str
+        self,
+        head: bytes,
+        whole: Callable[[], bytes],
+        client_ip: str,
+        helo: str,
+        sender: str,
+        large: bool = False,
     ) -> Verdict:
         """SPF, DKIM and DMARC of one message (its header section ``head``, CRLF; ``whole``
         reads all of it, which only DKIM needs, and only for a signed message): its DNS
         lookups within ``[auth] check_timeout``, then its signatures in the DKIM helper, in
         their turn behind the jobs before them (see ``helper``); ChecksUnavailable if they
-        were not checked in time.
+        were not checked in time. A ``large`` message (past ``check_max_size``) is read and
+        verified when no other such message is, in this worker (each holds its size in
+        memory several times over meanwhile), after its DNS lookups (a lookup that times out
+        must not hold the others).
 
         What the cache already holds is used at once; only what is missing is asked, all of
         it concurrently (the usual case, everything cached, makes no task and never waits)."""
@@ -499,15 +499,33 @@ class SenderAuth:
         keys = key_answers
         dkim_results: list[dkim_verify.DkimResult] = []  # no signature: dkim=none
         if sigs:
-            data = whole()
-            dkim_results = await self._dkim_job(
-                len(data),
-                lambda helper: helper.verify(data, keys, chosen),
-                lambda: dkim_verify.verify(data, keys, chosen),
-                _checks_unavailable,
-            )
+            async with self._turn(large):
+                data = whole()
+                dkim_results = await self._dkim_job(
+                    len(data),
+                    lambda helper: helper.verify(data, keys, chosen),
+                    lambda: dkim_verify.verify(data, keys, chosen),
+                    _checks_unavailable,
+                )
         dmarc_result = dmarc.evaluate(from_domains, policies, spf_result, dkim_results, self.rng)
         return Verdict(spf_result, dkim_results, dmarc_result)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, large: bool) -> AsyncIterator[None]:
+        """For a ``large`` message, its turn among those of this worker (at most half of the
+        helper's MAX_WAIT, so that both waits end within a client's 10 minutes); at once
+        for any other. ChecksUnavailable when it does not come."""
+        if not large:
+            yield
+            return
+        try:
+            await asyncio.wait_for(self._large_checks.acquire(), MAX_WAIT / 2)
+        except TimeoutError:
+            raise ChecksUnavailable("large messages wait to be checked") from None
+        try:
+            yield
+        finally:
+            self._large_checks.release()
 
     async def _ask(
         self,
@@ -564,11 +582,16 @@ class SenderAuth:
         return spf_result, key_answers, policies
 
     async def _check(
-        self, message: Message, client_ip: str, helo: str, sender: str
+        self, message: Message, client_ip: str, helo: str, sender: str, large: bool = False
     ) -> Reply | None:
         head = self._client_head(message)
+        if dmarc.too_many_authors(dmarc.from_domains(head)) and self.cfg.auth.dmarc_enforce:
+            # Past the domains it checks, a forged one rode along unchecked (the 11th): such
+            # a message may be refused (RFC 7489 §6.6.1), and no real sender writes one.
+            log.info("DMARC: a message with too many From domains from %s: refused", client_ip)
+            return TOO_MANY_AUTHORS
         try:
-            verdict = await self.verify(head, message.whole, client_ip, helo, sender)
+            verdict = await self.verify(head, message.whole, client_ip, helo, sender, large)
         except ChecksUnavailable as exc:
             # Not "temperror" (delivered): a forged From under p=reject came through on it
             # when a queue of costly messages held the helper. The sender tries again later.
@@ -583,11 +606,6 @@ class SenderAuth:
         assert result is not None
         count_verdict("dmarc", result.result)
         refuse = result.disposition == "reject" and result.result == "fail"
-        if result.reason == dmarc.TOO_MANY_FROM and self.cfg.auth.dmarc_enforce:
-            # Past the domains it checks, a forged one rode along unchecked (the 11th): such
-            # a message may be refused (RFC 7489 §6.6.1), and no real sender writes one.
-            log.info("DMARC: a message with too many From domains from %s: refused", client_ip)
-            return TOO_MANY_AUTHORS
         reject_fail = result.result == "fail" and result.policy == "reject"
         if reject_fail and not self.cfg.auth.dmarc_enforce:
             # Delivered: the disposition applied is none, by local policy (RFC 7489 §7.2's
