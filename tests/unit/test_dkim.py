@@ -292,6 +292,19 @@ async def _helper_on(child: socket.socket) -> helper.DkimHelper:
     return dkim_helper
 
 
+async def _slow_child(sock: socket.socket, jobs: int, pause: float) -> None:
+    """A DKIM helper child that answers each of ``jobs`` jobs ``pause`` seconds after the last."""
+    reader, writer = await asyncio.open_connection(sock=sock)
+    buf, answered = bytearray(), 0
+    while answered < jobs:
+        buf += await reader.read(1 << 16)
+        for job_id, _kind, _payload in helper.frames(buf):
+            await asyncio.sleep(pause)
+            writer.write(helper._FRAME.pack(job_id, helper.DONE, 2) + b"ok")
+            answered += 1
+    writer.close()
+
+
 def test_a_job_waiting_behind_slow_ones_is_not_timed_out(monkeypatch: pytest.MonkeyPatch) -> None:
     """The helper does its jobs in turn: a job is late when the helper answers nothing for
     TIMEOUT, not when the jobs before it took that long (a queue of costly messages timed out
@@ -302,18 +315,8 @@ def test_a_job_waiting_behind_slow_ones_is_not_timed_out(monkeypatch: pytest.Mon
         ours, theirs = socket.socketpair()
         dkim_helper = await _helper_on(ours)
 
-        async def child() -> None:  # each job 0.3 s after the last: the fourth waits 1.2 s
-            reader, writer = await asyncio.open_connection(sock=theirs)
-            buf, answered = bytearray(), 0
-            while answered < 4:
-                buf += await reader.read(1 << 16)
-                for job_id, _kind, _payload in helper.frames(buf):
-                    await asyncio.sleep(0.3)
-                    writer.write(helper._FRAME.pack(job_id, helper.DONE, 2) + b"ok")
-                    answered += 1
-            writer.close()
-
-        answering = asyncio.ensure_future(child())
+        # Each job 0.3 s after the last: the fourth waits 1.2 s.
+        answering = asyncio.ensure_future(_slow_child(theirs, 4, 0.3))
         jobs = [dkim_helper._call(helper.SIGN, b"job") for _ in range(4)]
         done = await asyncio.gather(*jobs)
         await answering
@@ -1065,18 +1068,8 @@ def test_a_job_that_waits_past_max_wait_is_given_up_without_killing_the_helper(
         dkim_helper = await _helper_on(ours)
         answers = dkim_helper._answers
 
-        async def child() -> None:  # each job 0.3 s after the last: the third waits 0.9 s
-            reader, writer = await asyncio.open_connection(sock=theirs)
-            buf, answered = bytearray(), 0
-            while answered < 3:
-                buf += await reader.read(1 << 16)
-                for job_id, _kind, _payload in helper.frames(buf):
-                    await asyncio.sleep(0.3)
-                    writer.write(helper._FRAME.pack(job_id, helper.DONE, 2) + b"ok")
-                    answered += 1
-            writer.close()
-
-        answering = asyncio.ensure_future(child())
+        # Each job 0.3 s after the last: the third waits 0.9 s.
+        answering = asyncio.ensure_future(_slow_child(theirs, 3, 0.3))
         jobs = [dkim_helper._call(helper.SIGN, b"job") for _ in range(3)]
         done = await asyncio.gather(*jobs, return_exceptions=True)
         await answering
