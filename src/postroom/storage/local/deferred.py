@@ -169,8 +169,10 @@ class DeferredStore:
     def load(self, queue_id: str) -> Envelope:
         """QueueError if missing or unreadable, or if the message file is not the size its
         state records (truncated or emptied: it would be sent as it is)."""
-        if not self.has(queue_id):
-            raise QueueError(f"no such message {queue_id}")
+        try:
+            st = os.stat(self.msg_path(queue_id))
+        except FileNotFoundError:
+            raise QueueError(f"no such message {queue_id}") from None
         try:
             raw = files.read_regular(self.state_dir / f"{queue_id}.json", follow_links=False)
         except FileNotFoundError:
@@ -185,10 +187,6 @@ class DeferredStore:
             raise QueueError(f"{queue_id}: {exc}") from None
         if envelope.id != queue_id:  # (edited or damaged: it would be shown, not found)
             raise QueueError(f"{queue_id}: unreadable envelope: it names another id")
-        try:
-            st = os.stat(self.msg_path(queue_id))
-        except FileNotFoundError:
-            raise QueueError(f"no such message {queue_id}") from None
         if not stat.S_ISREG(st.st_mode):
             raise QueueError(f"{queue_id}: the message is not a regular file")
         stored = st.st_size

@@ -260,11 +260,10 @@ class NotRegular(OSError):
     """A file that is no regular file (a directory, a FIFO, a device in its place)."""
 
 
-def read_regular(path: Path | str, *, follow_links: bool = True, limit: int | None = None) -> bytes:
-    """The octets of the regular file ``path``, opened without blocking (a FIFO in its place
-    would hang the reader: a reload waited for one, deaf to SIGTERM) and, unless
-    ``follow_links``, without following a link; NotRegular for anything else, and for one
-    larger than ``limit`` octets (``/dev/zero`` ran a reload out of memory)."""
+def open_regular(path: Path | str, *, follow_links: bool = True) -> int:
+    """A blocking descriptor of the regular file ``path``, opened without blocking (a FIFO
+    in its place would hang the opener: a reload waited for one, deaf to SIGTERM) and,
+    unless ``follow_links``, without following a link; NotRegular for anything else."""
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)
@@ -273,13 +272,19 @@ def read_regular(path: Path | str, *, follow_links: bool = True, limit: int | No
             raise NotRegular(exc.errno, exc.strerror) from None
         raise
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotRegular(errno.EINVAL, "not a regular file")
-        if limit is not None and st.st_size > limit:
-            raise NotRegular(errno.EFBIG, f"larger than {limit} octets")
+        os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
-    with open(fd, "rb") as f:
+    return fd
+
+
+def read_regular(path: Path | str, *, follow_links: bool = True, limit: int | None = None) -> bytes:
+    """The octets of the regular file ``path`` (:func:`open_regular`); NotRegular also for one
+    larger than ``limit`` octets (``/dev/zero`` ran a reload out of memory)."""
+    with open(open_regular(path, follow_links=follow_links), "rb") as f:
+        if limit is not None and os.fstat(f.fileno()).st_size > limit:
+            raise NotRegular(errno.EFBIG, f"larger than {limit} octets")
         return f.read()

@@ -47,7 +47,7 @@ from pathlib import Path
 from postroom.blocking import BlockingPool
 from postroom.errors import MailboxInUse
 from postroom.storage.interfaces import MessageInfo
-from postroom.storage.local import maildir
+from postroom.storage.local import files, maildir
 from postroom.storage.local.dovecot_import import load_uidl_map
 from postroom.wire.framing import CrlfConverter, to_crlf
 
@@ -570,14 +570,7 @@ def measure(path: Path) -> int:
     becomes CRLF, and a last line without a line end gets one (RFC 1939 §3). OSError unless
     it is a regular file: opened without following a link or blocking, as RETR opens it (a
     FIFO renamed in since the listing would hang the login, holding the mailbox's lock)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
+    fd = files.open_regular(path, follow_links=False)
     size = 0
     last = b"\n"
     conv = CrlfConverter()

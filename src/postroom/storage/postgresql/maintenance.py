@@ -15,13 +15,13 @@ import contextlib
 import logging
 import os
 import sqlite3
-import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import asyncpg
 
 from postroom.errors import PostroomError, TemporaryStorageError
+from postroom.storage.local import files
 from postroom.storage.postgresql import db, migrations
 from postroom.storage.postgresql.accounts import INSERT_USER
 from postroom.wire.framing import to_crlf
@@ -101,23 +101,13 @@ MessageRow = tuple[str, str, int, str, bytes]
 
 def _message_row(key: str, subdir: str, path: str, uidl: str) -> MessageRow | None:
     """The row of one message, None if it is no longer a regular file."""
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        fd = os.open(path, flags)
+        data = files.read_regular(path, follow_links=False)
     except FileNotFoundError:
         return None
-    except OSError as exc:  # a link put there since the listing (ELOOP), say
+    except OSError as exc:  # no regular file, or a link put there since the listing, say
         log.warning("%s left out: %s", path, exc)
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            log.warning("%s left out: no regular file", path)
-            return None
-        os.set_blocking(fd, True)
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            data = fh.read()
-    finally:
-        os.close(fd)
     body = to_crlf(data)
     if body and not body.endswith(b"\n"):
         body += b"\r\n"  # RFC 1939 §3: as the node's RETR sent it
