@@ -25,6 +25,12 @@ from postroom.wire.replies import Reply
 
 
 class Accounts:
+    def __init__(self) -> None:
+        self.users = {"alice@a.test", "x@r.test"}
+
+    def user_exists(self, key: str) -> bool:
+        return key in self.users
+
     def resolve(self, key: str) -> list[str] | None:
         found = self.expand(key)
         return [key] if found is None and key.startswith("postmaster@") else found
@@ -345,6 +351,18 @@ def test_submission_without_login_says_what_is_missing(tmp_path: Path) -> None:
     assert p.on_mail(Mail(Address("x", "a.test"))) == replies.MUST_STARTTLS
     p.tls = True
     assert p.on_mail(Mail(Address("x", "a.test"))) == replies.AUTH_REQUIRED
+
+
+def test_a_session_whose_account_was_deleted_sends_no_more(tmp_path: Path) -> None:
+    # A session logged in before `user del` went on relaying (as itself, or as <>) until it
+    # ended: deleting a stolen account did not stop it.
+    p, intake = policy(tmp_path, port="submission")
+    p.tls, p.auth_user = True, "alice@a.test"
+    assert p.on_mail(Mail(Address("alice", "a.test"))) == replies.SENDER_OK
+    p.services.accounts.users.discard("alice@a.test")
+    assert p.on_mail(Mail(Address("alice", "a.test"))) == replies.ACCOUNT_GONE
+    assert p.on_mail(Mail(None)) == replies.ACCOUNT_GONE
+    assert not intake.got
 
 
 def submitted(tmp_path: Path, data: bytes) -> bytes:

@@ -190,6 +190,11 @@ class SmtpPolicy:
                 return self.refused(replies.MUST_STARTTLS, cmd)
             return self.refused(replies.AUTH_REQUIRED, cmd)
         try:
+            # A login whose account was deleted since (user del) sends no more, <> included:
+            # deleting a stolen account must stop its open sessions too.
+            gone = self.auth_user is not None and not self.services.accounts.user_exists(
+                self.auth_user
+            )
             owned = (
                 self.auth_user is None
                 or cmd.sender is None
@@ -197,6 +202,8 @@ class SmtpPolicy:
             )
         except TemporaryStorageError as exc:
             return self._store_failed(exc, cmd)
+        if gone:
+            return self.refused(replies.ACCOUNT_GONE, cmd)
         if not owned:
             return self.refused(replies.SENDER_NOT_OWNED, cmd)
         self.txn = _Txn(sender=cmd.sender, mail=cmd)

@@ -147,6 +147,7 @@ NOT_IMPLEMENTED = R(502, "5.5.1", "Command not implemented")
 BAD_SEQUENCE = R(503, "5.5.1", "Bad sequence of commands")
 PARAM_NOT_IMPLEMENTED = R(555, "5.5.4", "Parameter not recognized or not implemented")
 AUTH_REQUIRED = R(530, "5.7.0", "Authentication required")
+ACCOUNT_GONE = R(530, "5.7.0", "Authentication required: the account logged in is gone")
 AUTH_FAILED = R(535, "5.7.8", "Authentication credentials invalid")
 ENCRYPTION_REQUIRED = R(538, "5.7.11", "Encryption required for requested authentication mechanism")
 AUTH_CANCELLED = R(501, "5.7.0", "Authentication cancelled")  # RFC 4954 §4; Postfix's code

@@ -182,7 +182,11 @@ class Accounts(alias_rules.AliasLookups):
         return [r[0] for r in self._db().execute("SELECT address FROM users ORDER BY address")]
 
     def user_exists(self, key: str) -> bool:
-        row = self._db().execute("SELECT 1 FROM users WHERE address=?", (key,)).fetchone()
+        try:
+            row = self._db().execute("SELECT 1 FROM users WHERE address=?", (key,)).fetchone()
+        except sqlite3.DatabaseError as exc:  # as in expand()
+            self.close()
+            raise TemporaryStorageError(f"the account store: {exc}") from None
         return row is not None
 
     def verify_password(self, login: str, password: str) -> str | None:
