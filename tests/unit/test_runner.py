@@ -18,6 +18,7 @@ import pytest
 
 from postroom import config as config_mod
 from postroom.delivery.remote import DeliveryResult
+from postroom.queue import runner as runner_mod
 from postroom.queue.envelope import Attempt, Envelope, PendingReport, Recipient
 from postroom.queue.runner import Accepted, QueueRunner
 from postroom.resolver import Route, RouteFailure, StaticResolver
@@ -560,11 +561,12 @@ def test_a_crash_at_any_step_of_a_bounce_sends_exactly_one_dsn(
 
 @pytest.mark.parametrize("crash_after", range(1, 10))
 def test_a_crash_at_any_step_of_a_bounce_sent_before_the_slower_domain_ends(
-    tmp_path: Path, crash_after: int
+    tmp_path: Path, crash_after: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The bounce one domain owes goes out while another domain's host is still at work
     (stored, queued and started in the middle of the attempt); kill -9 after each stored
     step: one DSN, and the refused recipient is not tried again."""
+    monkeypatch.setattr(runner_mod, "BOUNCE_TOGETHER", 0.0)  # slow.test is slower than it
     runner, queue, boxes, clock = make(tmp_path, {})
     queue.crash_after = crash_after
     tried: list[str] = []
@@ -583,6 +585,56 @@ def test_a_crash_at_any_step_of_a_bounce_sent_before_the_slower_domain_ends(
     assert not queue.messages and not queue.twice
     assert len([qid for qid, _mailbox in boxes.delivered if qid != "Q1"]) == 1, boxes.delivered
     assert tried.count("nobody@fast.test") <= (1 if crash_after > 2 else 2), tried
+
+
+def test_domains_that_fail_together_share_one_bounce_which_a_slow_domain_does_not_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A null MX and a domain that does not exist, both decided by DNS at once: one bounce
+    # each, as the first domain done sent its own while the other was pending.
+    monkeypatch.setattr(runner_mod, "BOUNCE_TOGETHER", 0.5)
+    runner, queue, boxes, _clock = make(tmp_path, {})
+    tarpit = asyncio.Event()
+    failures = {
+        "null.test": Reply(556, "5.1.10", ("null MX",)),
+        "none.test": Reply(550, "5.1.2", ("NXDOMAIN",)),
+        "later.test": Reply(550, "5.1.1", ("no such user",)),
+    }
+
+    class Remote(FakeRemote):
+        async def deliver(self, domain: str, outgoing: Any, *_a: Any, **_k: Any) -> list[Any]:
+            if domain == "later.test":  # refused a moment after the DNS failures
+                await asyncio.sleep(0.01)
+            if domain in failures:
+                no = failures[domain]
+                return [DeliveryResult(r, Outcome.PERMANENT, no, None) for r in outgoing.recipients]
+            await tarpit.wait()  # slow.test: a host that takes minutes
+            return delivered(outgoing)
+
+    use_remote(runner, Remote())
+    env = envelope("Q1", "u@null.test", "u@none.test", "u@later.test", "u@slow.test")
+
+    def reports() -> list[str]:
+        return [qid for qid, _mailbox in boxes.delivered if qid != "Q1"]
+
+    async def main() -> None:
+        draft = runner.queue.draft(env.id, env.sender)
+        draft.write(b"Subject: t\r\n\r\nbody\r\n")
+        started = time.monotonic()
+        assert isinstance(await runner.accept(env, draft), Accepted)
+        while not reports() and time.monotonic() - started < 5:
+            await asyncio.sleep(0.01)
+        assert time.monotonic() - started < 2, "the bounce waited for the slow domain"
+        tarpit.set()
+        await settle(runner)
+
+    asyncio.run(main())
+    (dsn_id,) = reports()
+    report = queue.accepted[dsn_id][1]
+    for domain in ("null.test", "none.test", "later.test"):
+        assert f"Final-Recipient: rfc822; u@{domain}".encode() in report
+    assert b"u@slow.test" not in report
+    assert [r.status for r in env.recipients] == ["bounced"] * 3 + ["delivered"]
 
 
 def test_the_last_attempt_at_max_queue_time_bounces_with_the_last_error(tmp_path: Path) -> None:

@@ -94,6 +94,9 @@ BACKLOG = 4  # first attempts waiting for a slot beyond this many times max_conc
 REPORT_WAIT = 30.0  # seconds a DSN waits, after a crash, for its message to record it
 # Logged for a recipient whose attempt the stop cut off (its final dot may have been out):
 CUT_SHORT = "451 4.3.2 attempt cut short by the stop: tried again at the next start"
+# Seconds an attempt waits, after a domain's recipients failed and before their bounce, for
+# the other domains of the message to be decided too (one bounce for those that fail at once).
+BOUNCE_TOGETHER = 2.0
 CUT_SAVE_WAIT = 0.5  # seconds a stop waits for the attempts it cancelled to store their outcomes
 
 
@@ -601,6 +604,9 @@ class QueueRunner:
             pending = set(tasks)
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if pending and _outcomes(done) == {Outcome.PERMANENT}:
+                    more, pending = await _failing_with(pending)
+                    done |= more
                 delivered = False
                 for task in done:
                     domain = tasks[task]
@@ -1145,6 +1151,29 @@ def _wire(message: bytes) -> bytes:
     if message.startswith(b"Return-Path:"):
         message = message[message.find(b"\n") + 1 :]
     return to_crlf(message)
+
+
+_DomainTask = asyncio.Task[tuple[float, list[tuple[Recipient, DeliveryResult]]]]
+
+
+def _outcomes(done: set[_DomainTask]) -> set[Outcome]:
+    return {result.outcome for task in done for _rcpt, result in task.result()[1]}
+
+
+async def _failing_with(pending: set[_DomainTask]) -> tuple[set[_DomainTask], set[_DomainTask]]:
+    """The domains decided within BOUNCE_TOGETHER after some failed (done, still pending):
+    those that fail at once (a null MX and a name that does not exist, both decided by DNS)
+    share one bounce. One that delivers ends the wait: its outcome is stored at once."""
+    done: set[_DomainTask] = set()
+    deadline = time.monotonic() + BOUNCE_TOGETHER
+    while pending and (left := deadline - time.monotonic()) > 0:
+        more, pending = await asyncio.wait(
+            pending, timeout=left, return_when=asyncio.FIRST_COMPLETED
+        )
+        done |= more
+        if not more or Outcome.DELIVERED in _outcomes(more):
+            break
+    return done, pending
 
 
 def _owes(failed: list[Recipient], done: list[Recipient]) -> bool:
