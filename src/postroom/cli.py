@@ -419,6 +419,13 @@ def _cmd_queue(stores: AdminStores, args: argparse.Namespace) -> int:
         if not any(a is not None for a in answers):
             asyncio.run(stores.queue(running=False).delete(args.id))
         elif "ok" not in answers:
+            # "unknown" from each worker that answered; anything else (no answer: a server
+            # killed as it read the command; an error) says nothing of the message.
+            other = [a for a in answers if a is not None and a != "unknown"]
+            if other:
+                raise QueueError(
+                    f"the running server did not delete {args.id}: {other[0] or 'no answer'}"
+                )
             raise QueueError(f"no such message {args.id}")
         return 0
     return _show_queue(cfg, stores.queue(_running(cfg)), args)

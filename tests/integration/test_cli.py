@@ -134,7 +134,17 @@ def test_queue_commands_on_empty_queue(cfg: Path) -> None:
     assert victim.read_text() == "keep me"
 
 
-def test_queue_flush_fails_when_the_server_reads_it_and_says_nothing(cfg: Path) -> None:
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (("flush",), "did not flush the queue"),
+        # (It said "no such message" of a message the server may have deleted as it died.)
+        (("delete", "06620A6940763C003B7DFB21F4AF0000"), "did not delete"),
+    ],
+)
+def test_a_queue_command_fails_when_the_server_reads_it_and_says_nothing(
+    cfg: Path, command: tuple[str, ...], said: str
+) -> None:
     """A server killed as it read ``flush`` left the CLI at exit 0, as if it had flushed (a
     kill -9 probe): a control socket that closes without an answer is an error."""
     run_cli("queue", "list", config=cfg)  # (makes the data dir)
@@ -150,10 +160,10 @@ def test_queue_flush_fails_when_the_server_reads_it_and_says_nothing(cfg: Path) 
 
         reader = threading.Thread(target=read_and_close)
         reader.start()
-        result = run_cli("queue", "flush", config=cfg, check=False)
+        result = run_cli("queue", *command, config=cfg, check=False)
         reader.join(10)
     assert result.returncode == 1
-    assert "did not flush the queue" in result.stderr
+    assert said in result.stderr and "no such message" not in result.stderr
 
 
 @pytest.mark.parametrize(
