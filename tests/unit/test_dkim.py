@@ -117,6 +117,37 @@ def test_a_from_in_the_obsolete_form_is_signed_and_over_signed(
     assert {r for _, r in _results(b"From: x@a.test\r\n" + signed, zone)} == {"fail"}
 
 
+def _simple_signed(key: keys.DkimKey, head: bytes, body: bytes) -> bytes:
+    """``head`` + ``body`` under a c=simple/simple RSA signature of h=from:from:to:subject,
+    made by hand from RFC 6376 §3.7 (our signer makes relaxed ones only)."""
+    body_hash = base64.b64encode(hashlib.sha256(body).digest())
+    tags = (
+        b" v=1; a=rsa-sha256; c=simple/simple; d=a.test; s=" + key.selector.encode()
+        + b"; h=from:from:to:subject; bh=" + body_hash + b"; b="
+    )  # fmt: skip
+    data = head + b"DKIM-Signature:" + tags  # the fields in h= order, bottom up: here as they are
+    private = cast(rsa.RSAPrivateKey, key.private_key())
+    b = base64.b64encode(private.sign(data, padding.PKCS1v15(), hashes.SHA256()))
+    return b"DKIM-Signature:" + tags + b + b"\r\n" + head + b"\r\n" + body
+
+
+@pytest.mark.parametrize("subject", [b"Subject: hello\r\n", b"Subject : hello\r\n"])
+def test_under_simple_a_field_is_selected_by_its_name_whatever_space_before_its_colon(
+    key_pair: tuple[keys.DkimKey, keys.DkimKey], subject: bytes
+) -> None:
+    # RFC 5322 §4.5.3, RFC 6376 §5.4.2: "From :" is a From under c=simple too. It was selected
+    # by no h= entry: one added on top of a message whose signature over-signs From passed
+    # (and DMARC read it), and a signed "Subject :" failed.
+    _ed, rsa_key = key_pair
+    head = b"From: Alice <alice@a.test>\r\nTo: bob@b.test\r\n" + subject
+    signed = _simple_signed(rsa_key, head, b"Hello Bob,\r\n")
+    zone = _records(key_pair)
+    assert _results(signed, zone) == [("rsa-sha256", "pass")]
+    for added in (b"From: ", b"From : ", b"From\t: "):
+        forged = added + b"Mallory <ceo@a.test>\r\n" + signed
+        assert _results(forged, zone) == [("rsa-sha256", "fail")], added
+
+
 def test_keys_that_cannot_vouch_for_mail_give_permerror(
     key_pair: tuple[keys.DkimKey, keys.DkimKey],
 ) -> None:
