@@ -400,6 +400,14 @@ def test_messages_past_check_max_size_are_checked_all_the_same(
     with pytest.raises(smtplib.SMTPDataError) as refused:
         _mx_send(srv, "x@x0.test", "bob@a.test", f"From: {authors}\r\n\r\nhi\r\n".encode())
     assert refused.value.smtp_code == 550
+    # A From field too long to read in bounded time (folded spaces: a minute of the event
+    # loop), whatever domain it names, and an address a mail reader shows as ceo@shop.test
+    # that the legacy parser read as ceo@shop.testx.x0.test (x0.test's own, no policy).
+    for value in ("ceo@x0.test" + "\r\n " * 2500 + "x", "ceo@shop.test x.x0.test"):
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            _mx_send(srv, "x@x0.test", "bob@a.test", f"From: {value}\r\n\r\nhi\r\n".encode())
+        assert refused.value.smtp_code == 550
+        assert b"5.7.1" in refused.value.smtp_error
 
 
 def _helpers(root_pid: int) -> list[int]:

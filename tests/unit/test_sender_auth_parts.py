@@ -7,6 +7,9 @@ import asyncio
 import email.policy
 import json
 import random
+import re
+import time
+import unicodedata
 from pathlib import Path
 from typing import Any, cast
 
@@ -197,7 +200,16 @@ def _policy(text: str, domain: str = "bank.test") -> dmarc.Policy:
         "ceo@bank\u3002test",  # an ideographic full stop, which UTS 46 maps to "."
         "ceo@\uff42ank.test",  # a fullwidth b
         # Nested comments: both parsers give up (RecursionError, which reached the session).
-        "(" * 3000 + ")" * 3000 + " ceo@bank.test",
+        "(" * 1000 + ")" * 1000 + " ceo@bank.test",
+        "ceo@" + "(" * 1000 + ")" * 1000 + "bank.test",
+        # Characters no display draws, which UTS 46 does not map (permerror, delivered).
+        "CEO <ceo@bank.test\u200e>",
+        "ceo@bank.test\u202e",
+        "ceo@bank\u2066.test",
+        "ceo@ba\u200dnk.test",
+        "ceo@bank.test\U000e0020",
+        "ceo@bank.=?utf-8?q?test?=",
+        "ceo@bank\\.test",
     ],
     ids=lambda value: value[:30],
 )
@@ -211,6 +223,26 @@ def test_every_from_domain_a_reader_may_be_shown_is_judged(value: str) -> None:
         policies.setdefault(domain, _policy("v=DMARC1; p=none"))
     verdict = dmarc.evaluate(dmarc.from_domains(field), policies, spf, [], rng)
     assert (verdict.result, verdict.disposition) == ("fail", "reject")
+
+
+def test_format_characters_are_unicodes_cf() -> None:
+    listed = re.compile("[" + dmarc.FORMAT_CHARACTERS + "]")
+    assert {c for c in range(0x110000) if listed.match(chr(c))} == {
+        c for c in range(0x80, 0x110000) if unicodedata.category(chr(c)) == "Cf"
+    }
+
+
+@pytest.mark.parametrize("unit", [" ", "\\", ",", '"', "(a)", "a@", "@a", "<a@b.test> "])
+@pytest.mark.parametrize("size", [1000, 4000, 200_000])
+def test_reading_a_from_field_takes_bounded_time_whatever_it_holds(unit: str, size: int) -> None:
+    # A regular expression that backtracked took a minute of the event loop for 6 KB of
+    # spaces, and the email package's parser seconds for 32 KB of backslashes or commas.
+    value = (unit * (size // len(unit)) + "x").encode()
+    dmarc._field_domains.cache_clear()
+    started = time.process_time()
+    dmarc.from_domains(b"From: " + value + b"\r\n")
+    assert time.process_time() - started < 0.5
+    assert dmarc.from_too_long(b"From: " + value + b"\r\n") == (size > dmarc.MAX_FROM_LENGTH)
 
 
 _ATOM = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_+", min_size=1, max_size=12)

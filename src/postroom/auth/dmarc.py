@@ -20,6 +20,8 @@ domain, or domains beyond the limit, keep the message from passing (``permerror`
 
 from __future__ import annotations
 
+import email.errors
+import email.header
 import email.policy
 import email.utils
 import random
@@ -39,12 +41,28 @@ from postroom.auth.spf import SpfResult
 _FROM = re.compile(rb"(?im)^from[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
 # A From value that is one plain address, alone or after a plain display name: both of
 # _field_domains's parsers read its domain alike.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
+# Possessive throughout: it must not backtrack (6 KB of spaces took a minute of the event loop).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]++"
 _PLAIN_FROM = re.compile(
-    rf'\s*(?:(?:"[^"\\\r\n@]*"|[A-Za-z0-9 !#$%&\'*+/=?^_`{{|}}~.-]*)\s*<{_ATEXT}@[A-Za-z0-9.-]+>'
-    rf"|{_ATEXT}@[A-Za-z0-9.-]+)\s*"
+    rf'\s*+(?:(?:"[^"\\\r\n@]*+"|{_ATEXT}(?:[ \t]++{_ATEXT})*+)?+\s*+<{_ATEXT}@[A-Za-z0-9.-]++>'
+    rf"|{_ATEXT}@[A-Za-z0-9.-]++)\s*+"
 )
-_AT_DOMAIN = re.compile(r"@[ \t]*([^\s<>()\[\]\",;:@\\]+)")  # what follows any "@"
+# Octets of one From field's value that are parsed (both parsers take quadratic time on some
+# input: seconds for 64 KB, on the event loop); a longer one is refused (from_too_long). The
+# reader's parser only gets values of up to _READ_AT_MOST characters (15 ms at worst).
+MAX_FROM_LENGTH = 4096
+_READ_AT_MOST = 1024
+_SCANNED_AT_MOST = 64  # distinct "@domain"s read from a From value too long to parse
+_AT_DOMAIN = re.compile(r"@[ \t]*+([^\s<>\[\]\",;:@]++)")  # what follows any "@"
+# Comment parentheses, quoted-pair backslashes, and format characters (Unicode Cf: marks of
+# direction, zero-width joiners, tags), which no display draws.
+# (FORMAT_CHARACTERS: those of the Unicode version of Python 3.11; a test compares them.)
+FORMAT_CHARACTERS = (
+    "\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
+)
+_UNSEEN = re.compile(r"[()\\" + FORMAT_CHARACTERS + "]")
 POLICIES = ("none", "quarantine", "reject")
 _PCT = re.compile(r"[0-9]{1,3}")
 MAX_FROM_DOMAINS = 10  # distinct From domains checked (each costs up to two DNS lookups)
@@ -148,19 +166,28 @@ def _field_domains(raw: bytes) -> tuple[str, ...]:
     may be shown. ``From: ceo@bank.test x.evil.test`` was read as ``bank.testx.evil.test``,
     whose organizational domain is the sender's own (dmarc=pass), and is shown as
     ``ceo@bank.test``; ``ceo@bank.test[`` had no domain (permerror, delivered) and is shown
-    the same. Where a parser gives up (nested comments: RecursionError), every ``@domain`` in
-    the field counts."""
+    the same. Where a parser gives up (nested comments: RecursionError) or finds an address
+    without a domain, and for a value too long to parse on the event loop (both parsers take
+    quadratic time on some input: seconds for 64 KB), every ``@domain`` in the field counts,
+    read as leniently as a reader might (:func:`_scanned`)."""
     value = raw.decode("utf-8", "replace").replace("\r\n", "").replace("\n", "")
+    if len(raw) > MAX_FROM_LENGTH:  # (refused when DMARC is enforced: only bounded here)
+        scanned = _scanned(value)[:_SCANNED_AT_MOST]
+        return tuple(dict.fromkeys(filter(None, map(_shown_domain, scanned)))) or ("",)
     try:
         domains = [_author_domain(addr) for _name, addr in email.utils.getaddresses([value])]
     except RecursionError:
         domains = [""]
     if _PLAIN_FROM.fullmatch(value):
         return tuple(domains)  # (both parsers read these alike; the reader's costs 0.1 ms)
-    try:
-        shown = [a.domain for a in email.policy.default.header_factory("From", value).addresses]
-    except Exception:  # (RecursionError, or a parser's bug: not a way through)
-        shown = _AT_DOMAIN.findall(value)
+    shown = [""]
+    if len(value) <= _READ_AT_MOST:
+        try:
+            shown = [a.domain for a in email.policy.default.header_factory("From", value).addresses]
+        except Exception:  # (RecursionError, or a parser's bug: not a way through)
+            shown = [""]
+    if "" in domains or "" in shown:
+        shown += _scanned(value)
     for name in shown:
         domain = _shown_domain(name)
         if domain and domain not in domains:
@@ -168,14 +195,34 @@ def _field_domains(raw: bytes) -> tuple[str, ...]:
     return tuple(domains)
 
 
+def _scanned(value: str) -> list[str]:
+    """What follows each ``@`` of a From value (each once), once the parentheses of comments,
+    the backslashes of quoted pairs and the characters no display draws (format characters:
+    ``ceo@bank.test<LRM>``) are taken out: what a reader may show as the domain."""
+    return list(dict.fromkeys(_AT_DOMAIN.findall(_UNSEEN.sub("", value))))
+
+
+def from_too_long(head: bytes) -> bool:
+    """Has the header section ``head`` a From field too long to be read in bounded time (no
+    real sender writes one: its message may be refused, as one with too many authors)?"""
+    return any(len(m.group(1)) > MAX_FROM_LENGTH for m in _FROM.finditer(head))
+
+
 def _shown_domain(name: str) -> str:
-    """The domain a reader may take ``name`` for (A-labels), or "": also a display form
-    (``bank。test``, fullwidth letters) that an address may not use but UTS 46 maps to one."""
+    """The domain a reader may take ``name`` for (A-labels), or "": also one spelt with
+    encoded-words, characters no display draws, or display forms (``bank。test``, fullwidth
+    letters) that an address may not use but UTS 46 maps to one."""
     try:
+        if "=?" in name:
+            name = "".join(
+                part.decode(charset or "ascii", "replace") if isinstance(part, bytes) else part
+                for part, charset in email.header.decode_header(name)
+            )
+        name = _UNSEEN.sub("", name)
         if display_form(name):
             name = idna.encode(name, uts46=True).decode()
         domain = normalise_domain(name)
-    except (ValueError, idna.IDNAError):
+    except (ValueError, LookupError, email.errors.HeaderParseError):
         return ""
     return "" if domain.startswith("[") else domain
 

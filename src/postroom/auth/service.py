@@ -67,6 +67,11 @@ QUARANTINE_HEADER = b"X-Spam-Flag: YES\r\n"
 TOO_MANY_AUTHORS = Reply(
     550, "5.7.1", (f"More than {dmarc.MAX_FROM_DOMAINS} From domains: not checked, refused",)
 )
+FROM_TOO_LONG = Reply(
+    550,
+    "5.7.1",
+    (f"A From field longer than {dmarc.MAX_FROM_LENGTH} octets: not checked, refused",),
+)
 # What a server says when a check it must make cannot be made now (RFC 3463 X.3.0).
 CHECKS_UNAVAILABLE = Reply(451, "4.3.0", ("Sender checks not done in time, try again later",))
 RECHECK = 2.0  # seconds between on-demand looks for a pending key in DNS
@@ -585,11 +590,16 @@ class SenderAuth:
         self, message: Message, client_ip: str, helo: str, sender: str, large: bool = False
     ) -> Reply | None:
         head = self._client_head(message)
-        if dmarc.too_many_authors(dmarc.from_domains(head)) and self.cfg.auth.dmarc_enforce:
-            # Past the domains it checks, a forged one rode along unchecked (the 11th): such
-            # a message may be refused (RFC 7489 §6.6.1), and no real sender writes one.
-            log.info("DMARC: a message with too many From domains from %s: refused", client_ip)
-            return TOO_MANY_AUTHORS
+        if self.cfg.auth.dmarc_enforce:
+            # Past the domains it checks, a forged one rode along unchecked (the 11th), or
+            # in a field too long to parse: such a message may be refused (RFC 7489 §6.6.1),
+            # and no real sender writes one.
+            if dmarc.too_many_authors(dmarc.from_domains(head)):
+                log.info("DMARC: a message with too many From domains from %s: refused", client_ip)
+                return TOO_MANY_AUTHORS
+            if dmarc.from_too_long(head):
+                log.info("DMARC: a message with a From field too long from %s: refused", client_ip)
+                return FROM_TOO_LONG
         try:
             verdict = await self.verify(head, message.whole, client_ip, helo, sender, large)
         except ChecksUnavailable as exc:
