@@ -212,3 +212,47 @@ def test_dns_errors_in_ptr_are_no_match_or_a_skipped_name(
     cache = DnsCache(DNSConfig(nameservers=(parse_endpoint(dns.nameserver),), timeout=0.3))
     got = asyncio.run(spf.check(cache, "192.0.2.1", "a@ptr.test", "h.ptr.test"))
     assert got.result == result, got
+
+
+def test_a_quoted_local_part_with_an_at_is_checked_for_the_domain_after_the_last(
+    dns: LoopbackDNS,
+) -> None:
+    """RFC 5321 §4.1.2: '"x@y"@fail.test' is of fail.test. pyspf split at the first "@" and
+    checked 'y"@fail.test' (none), and that verdict was kept for fail.test: every later
+    message from the client got spf=none, whatever fail.test says."""
+    _serve(dns, {"fail.test": [{"TXT": "v=spf1 -all"}], "ok.test": [{"TXT": "v=spf1 +all"}]})
+    cache = DnsCache(DNSConfig(nameservers=(parse_endpoint(dns.nameserver),), timeout=0.3))
+
+    async def main() -> list[str]:
+        senders = ['"x@y"@fail.test', "u@fail.test", '"a@b"@ok.test', "u@ok.test"]
+        return [(await spf.check(cache, "192.0.2.1", s, "h.test")).result for s in senders]
+
+    assert asyncio.run(main()) == ["fail", "fail", "pass", "pass"]
+
+
+def test_the_hosts_of_mx_terms_cost_no_evaluation_each(
+    dns: LoopbackDNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each missing answer made one more evaluation of the whole policy: ten mx terms of ten
+    hosts took 111, seconds of CPU with a long record. An MX answer's hosts are asked for
+    together."""
+    terms = " ".join(f"mx:m{i}.mx.test" for i in range(10))
+    zone: dict[str, list[Any]] = {"mx.test": [{"TXT": f"v=spf1 {terms} -all"}]}
+    for i in range(10):
+        zone[f"m{i}.mx.test"] = [{"MX": [10, f"h{j}.m{i}.mx.test"]} for j in range(10)]
+        for j in range(10):
+            zone[f"h{j}.m{i}.mx.test"] = [{"A": f"192.0.2.{i * 10 + j + 1}"}]
+    _serve(dns, zone)
+    evaluations = 0
+    evaluate = spf._evaluate
+
+    def counted(*args: Any) -> Any:
+        nonlocal evaluations
+        evaluations += 1
+        return evaluate(*args)
+
+    monkeypatch.setattr(spf, "_evaluate", counted)
+    cache = DnsCache(DNSConfig(nameservers=(parse_endpoint(dns.nameserver),), timeout=1.0))
+    got = asyncio.run(spf.check(cache, "192.0.2.100", "u@mx.test", "h.test"))
+    assert got.result == "pass", got  # the last host of the last term
+    assert evaluations <= 12, evaluations
