@@ -6,8 +6,10 @@ DNS synchronously; here it never waits: its ``dns()`` answers from the shared
 :class:`~postroom.auth.lookup.DnsCache` (plus what this check fetched) and, on a miss, notes
 the question and gives up. The missing answers are then fetched asynchronously and the
 evaluation starts again from the top, until it needs nothing more. An SPF policy costs a few
-DNS round trips (bounded by the limits above), each re-run a few hundred microseconds of CPU,
-and the common case, a cached policy, exactly one evaluation with no wait and no thread.
+DNS round trips (bounded by the limits above), each re-run a few hundred microseconds of CPU
+for a policy of usual size (the addresses of an ``mx`` term's hosts are asked for with its MX
+answer, not one a re-run), and the common case, a cached policy, exactly one evaluation with
+no wait and no thread.
 
 A verdict is a function of the client IP, the identity and the DNS answers it used, so it is
 kept in the cache for as long as all of those answers are (:meth:`DnsCache.keep`): per IP and
