@@ -7,9 +7,7 @@ import asyncio
 import email.policy
 import json
 import random
-import re
 import time
-import unicodedata
 from pathlib import Path
 from typing import Any, cast
 
@@ -180,6 +178,9 @@ def _policy(text: str, domain: str = "bank.test") -> dmarc.Policy:
     return dmarc.Policy(dmarc.parse_record(text), domain)
 
 
+PAD = " (" + "x" * 1100 + ")"
+
+
 @pytest.mark.parametrize(
     "value",
     [
@@ -210,6 +211,24 @@ def _policy(text: str, domain: str = "bank.test") -> dmarc.Policy:
         "ceo@bank.test\U000e0020",
         "ceo@bank.=?utf-8?q?test?=",
         "ceo@bank\\.test",
+        # Past the reader's parser's reach (a long comment), comments read both ways, and
+        # encoded-words anywhere: the legacy parser glued or lost these.
+        "ceo@bank.test(a)x.evil.test" + PAD,
+        "ceo@bank.test(x) x.evil.test" + PAD,
+        "ceo@(x)bank.test x.evil.test" + PAD,
+        "ceo@bank.(x)test x.evil.test" + PAD,
+        "ceo@(evil.test)bank.test x" + PAD,
+        "ceo@(x)bank.test[" + PAD,
+        "=?utf-8?q?ceo=40bank.test?= x.evil.test" + PAD,
+        "ceo@=?utf-8*en?q?bank.test?=" + PAD,
+        "ceo@=?utf-8?q?bank.test?=x" + PAD,
+        # Characters that draw nothing and are no format character (nor mapped by UTS 46).
+        "ceo@bank.test\u2800",
+        "CEO <ceo@bank.test\u2800>",
+        "ceo@bank.test\u2065",
+        "ceo@bank.test\ufff0",
+        "ceo@bank.test\U000e0002",
+        "ceo@bank.test\U00016fe4",
     ],
     ids=lambda value: value[:30],
 )
@@ -225,11 +244,27 @@ def test_every_from_domain_a_reader_may_be_shown_is_judged(value: str) -> None:
     assert (verdict.result, verdict.disposition) == ("fail", "reject")
 
 
-def test_format_characters_are_unicodes_cf() -> None:
-    listed = re.compile("[" + dmarc.FORMAT_CHARACTERS + "]")
-    assert {c for c in range(0x110000) if listed.match(chr(c))} == {
-        c for c in range(0x80, 0x110000) if unicodedata.category(chr(c)) == "Cf"
-    }
+@pytest.mark.parametrize(
+    "value",
+    [
+        '"jane@bank.test via list" <list@evil.test>',
+        '"\'jane@bank.test\' via Group" <group@evil.test>, u1@evil.test, "x (y)" <u2@evil.test>',
+        '"jane@bank.test via list" <list@evil.test>, '
+        + ", ".join(f"u{i}@evil.test" for i in range(80)),
+        "=?UTF-8?Q?J=C3=B6rg_Bank?= <jorg@evil.test>",
+        "Dr. O'Doe <o@evil.test>",
+    ],
+    ids=lambda value: value[:30],
+)
+def test_a_plain_list_of_mailboxes_is_judged_by_its_addresses_alone(value: str) -> None:
+    # RFC 7489 §3.1: the author is the address, not a display name that names another.
+    assert set(dmarc.from_domains(b"From: " + value.encode() + b"\r\n")) == {"evil.test"}
+
+
+def test_more_from_fields_than_are_read_make_the_message_unreadable() -> None:
+    fields = b"".join(b"From: u%d@evil.test\r\n" % i for i in range(dmarc.MAX_FROM_FIELDS))
+    assert not dmarc.from_unreadable(fields)
+    assert dmarc.from_unreadable(fields + b"From: ceo@bank.test\r\n")
 
 
 @pytest.mark.parametrize("unit", [" ", "\\", ",", '"', "(a)", "a@", "@a", "<a@b.test> "])
@@ -238,37 +273,45 @@ def test_reading_a_from_field_takes_bounded_time_whatever_it_holds(unit: str, si
     # A regular expression that backtracked took a minute of the event loop for 6 KB of
     # spaces, and the email package's parser seconds for 32 KB of backslashes or commas.
     value = (unit * (size // len(unit)) + "x").encode()
-    dmarc._field_domains.cache_clear()
+    dmarc._kept_field_domains.cache_clear()
+    head = b"".join(b"From: %d%s\r\n" % (i, value) for i in range(dmarc.MAX_FROM_FIELDS))
     started = time.process_time()
-    dmarc.from_domains(b"From: " + value + b"\r\n")
-    assert time.process_time() - started < 0.5
-    assert dmarc.from_too_long(b"From: " + value + b"\r\n") == (size > dmarc.MAX_FROM_LENGTH)
+    dmarc.from_domains(head)
+    assert time.process_time() - started < 0.15
+    assert dmarc.from_unreadable(head) == (size > dmarc.MAX_FROM_LENGTH)
 
 
 _ATOM = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_+", min_size=1, max_size=12)
-_DOMAIN = st.lists(_ATOM.map(lambda a: a.strip("-_+") or "x"), min_size=2, max_size=4).map(".".join)
+_LABEL = _ATOM.map(lambda a: "d" + a.strip("-_+"))  # (no address literal: not all digits)
+_DOMAIN = st.lists(_LABEL, min_size=2, max_size=4).map(".".join)
 
 
-@given(
-    local=_ATOM,
-    domain=_DOMAIN,
-    name=st.one_of(
-        st.just(""),
-        st.text("abcdefghijklmnopqrstuvwxyz ABC.'-", max_size=20),
-        st.text("abcdefghijklmnopqrstuvwxyz ,;:()<>.-", max_size=20).map(lambda t: f'"{t}"'),
-    ),
-    angle=st.booleans(),
+_NAME = st.one_of(
+    st.just(""),
+    st.text("abcdefghijklmnopqrstuvwxyz ABC.'-=?_", max_size=20),
+    st.text("abcdefghijklmnopqrstuvwxyz @,;:()<>.-", max_size=20).map(lambda t: f'"{t}"'),
 )
-def test_a_plain_from_is_read_alike_by_both_parsers(
-    local: str, domain: str, name: str, angle: bool
+
+
+@given(st.lists(st.tuples(_ATOM, _DOMAIN, _NAME, st.booleans()), min_size=1, max_size=4))
+def test_a_plain_list_is_read_alike_by_both_parsers(
+    mailboxes: list[tuple[str, str, str, bool]],
 ) -> None:
-    # The reader's parser is skipped for what _PLAIN_FROM matches: it must find the same.
-    value = f"{name} <{local}@{domain}>" if angle or name else f"{local}@{domain}"
-    if not dmarc._PLAIN_FROM.fullmatch(value):
+    # The reader's parser is skipped for what _PLAIN_LIST matches: it must find the same.
+    value = ", ".join(
+        f"{name} <{local}@{domain}>" if angle or name else f"{local}@{domain}"
+        for local, domain, name, angle in mailboxes
+    )
+    if not dmarc._PLAIN_LIST.fullmatch(value):
         return
-    shown = email.policy.default.header_factory("From", value).addresses
     read = dmarc.from_domains(b"From: " + value.encode() + b"\r\n")
-    assert read == [dmarc._shown_domain(a.domain) for a in shown] == [domain], value
+    domains = [domain for _local, domain, _name, _angle in mailboxes]
+    assert read == domains, value
+    try:  # (the email package fails on some: a display name that is only ".")
+        shown = email.policy.default.header_factory("From", value).addresses
+    except AttributeError:
+        return
+    assert [dmarc._shown_domains(a.domain)[0] for a in shown] == domains, value
 
 
 def test_evaluate_alignment_and_policy() -> None:
@@ -673,7 +716,7 @@ def test_a_from_domain_that_is_no_domain_cannot_pass() -> None:
     ):
         # (and the bank's own policy is judged too where a reader shows its domain)
         domains = dmarc.from_domains(field)
-        assert domains[0] == "" and set(domains[1:]) <= {"bank.example"}, field
+        assert "" in domains and set(domains) <= {"", "bank.example"}, field
     assert dmarc.from_domains(b"From: Bank <victim@Bank.Example.>\r\n") == ["bank.example"]
 
 

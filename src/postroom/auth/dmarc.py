@@ -20,12 +20,16 @@ domain, or domains beyond the limit, keep the message from passing (``permerror`
 
 from __future__ import annotations
 
-import email.errors
-import email.header
+import base64
+import contextlib
 import email.policy
+import email.quoprimime
 import email.utils
+import functools
+import itertools
 import random
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -39,30 +43,25 @@ from postroom.auth.lookup import Answer, DnsCache
 from postroom.auth.spf import SpfResult
 
 _FROM = re.compile(rb"(?im)^from[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
-# A From value that is one plain address, alone or after a plain display name: both of
-# _field_domains's parsers read its domain alike.
-# Possessive throughout: it must not backtrack (6 KB of spaces took a minute of the event loop).
+# A From value that is a list of plain mailboxes (an address, alone or after a display name
+# of words or a quoted string without quotes or backslashes inside): both email parsers read
+# their domains alike, and what a reader shows is those domains. Possessive throughout: a
+# pattern that backtracked held the event loop a minute for 6 KB of spaces.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]++"
-_PLAIN_FROM = re.compile(
-    rf'\s*+(?:(?:"[^"\\\r\n@]*+"|{_ATEXT}(?:[ \t]++{_ATEXT})*+)?+\s*+<{_ATEXT}@[A-Za-z0-9.-]++>'
-    rf"|{_ATEXT}@[A-Za-z0-9.-]++)\s*+"
-)
-# Octets of one From field's value that are parsed (both parsers take quadratic time on some
-# input: seconds for 64 KB, on the event loop); a longer one is refused (from_too_long). The
-# reader's parser only gets values of up to _READ_AT_MOST characters (15 ms at worst).
+_ADDR = rf"{_ATEXT}@[A-Za-z0-9-]++(?:\.[A-Za-z0-9-]++)*+"
+_MAILBOX = rf'(?:(?:"[^"\\\r\n]*+"|{_ATEXT}(?:[ \t]++{_ATEXT})*+)?+[ \t]*+<{_ADDR}>|{_ADDR})'
+_PLAIN_LIST = re.compile(rf"[ \t]*+{_MAILBOX}(?:[ \t]*+,[ \t]*+{_MAILBOX})*+[ \t]*+")
+# Bounds of reading From fields, on the event loop (both email parsers take quadratic time on
+# some input: seconds for 64 KB): octets of one field's value, and From fields, read (a message
+# with more is refused: from_unreadable); characters the reader's parser gets (8 ms at worst);
+# octets of a value whose reading is kept.
 MAX_FROM_LENGTH = 4096
-_READ_AT_MOST = 1024
-_SCANNED_AT_MOST = 64  # distinct "@domain"s read from a From value too long to parse
-_AT_DOMAIN = re.compile(r"@[ \t]*+([^\s<>\[\]\",;:@]++)")  # what follows any "@"
-# Comment parentheses, quoted-pair backslashes, and format characters (Unicode Cf: marks of
-# direction, zero-width joiners, tags), which no display draws.
-# (FORMAT_CHARACTERS: those of the Unicode version of Python 3.11; a test compares them.)
-FORMAT_CHARACTERS = (
-    "\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e"
-    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438"
-    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
-)
-_UNSEEN = re.compile(r"[()\\" + FORMAT_CHARACTERS + "]")
+MAX_FROM_FIELDS = 3
+_READ_AT_MOST = 512
+_KEPT_AT_MOST = 1024
+_AT_NAME = re.compile(r"@\s*+([^\s<>\[\]\",;:@]{1,300}+)")  # what follows an "@"
+_FULL_STOPS = re.compile("[\u3002\uff0e\uff61]")  # what UTS 46 maps to "."
+_ENCODED_WORD = re.compile(r"=\?([^?\s]*+)\?([bBqQ])\?([^?\s]*+)\?=")
 POLICIES = ("none", "quarantine", "reject")
 _PCT = re.compile(r"[0-9]{1,3}")
 MAX_FROM_DOMAINS = 10  # distinct From domains checked (each costs up to two DNS lookups)
@@ -150,81 +149,135 @@ def parse_record(text: str) -> DmarcRecord | None:
 
 def from_domains(head: bytes) -> list[str]:
     """The domains (A-labels, lower case) of every address in every From field of the header
-    section ``head``, in order ("" for an address without one)."""
+    section ``head`` (the first MAX_FROM_FIELDS), in order ("" for an address without one)."""
     domains: list[str] = []
-    for m in _FROM.finditer(head):
-        domains += _field_domains(m.group(1))
+    for m in itertools.islice(_FROM.finditer(head), MAX_FROM_FIELDS):
+        raw = m.group(1)
+        domains += _kept_field_domains(raw) if len(raw) <= _KEPT_AT_MOST else _field_domains(raw)
     return domains
 
 
-@lru_cache(maxsize=4096)
+def from_unreadable(head: bytes) -> bool:
+    """Has the header section ``head`` more From fields than are read, or one too long to be
+    read in bounded time (no real sender writes either: its message may be refused, as one
+    with too many authors, RFC 7489 §6.6.1)?"""
+    fields = [len(m.group(1)) for m in _FROM.finditer(head)]
+    return len(fields) > MAX_FROM_FIELDS or any(n > MAX_FROM_LENGTH for n in fields)
+
+
 def _field_domains(raw: bytes) -> tuple[str, ...]:
-    """The domain of each address of one From field's value ("" for one without), as
-    ``email.utils.getaddresses`` reads them, then every other domain that a mail client's
-    parser finds there (the email package's own, which readers of the delivered message use):
-    the two disagree on what is no plain address, and DMARC must judge every author a reader
-    may be shown. ``From: ceo@bank.test x.evil.test`` was read as ``bank.testx.evil.test``,
-    whose organizational domain is the sender's own (dmarc=pass), and is shown as
-    ``ceo@bank.test``; ``ceo@bank.test[`` had no domain (permerror, delivered) and is shown
-    the same. Where a parser gives up (nested comments: RecursionError) or finds an address
-    without a domain, and for a value too long to parse on the event loop (both parsers take
-    quadratic time on some input: seconds for 64 KB), every ``@domain`` in the field counts,
-    read as leniently as a reader might (:func:`_scanned`)."""
+    """The domains of one From field's value ("" for an address without one). A plain list
+    of mailboxes gives the domains of its addresses. Any other value is read as every reader
+    might read it, and each domain any of them may show counts: that of Python's legacy
+    address parser, that of the email package's own (which readers of the delivered message
+    use), and every name after an "@" once encoded-words are decoded and comments taken
+    out (:func:`_mentioned`). The legacy parser alone read ``ceo@bank.test x.evil.test`` as
+    ``bank.testx.evil.test`` (the sender's own organizational domain: dmarc=pass) and found
+    no domain in ``ceo@bank.test[`` (permerror, delivered); readers show ``ceo@bank.test``.
+    (So a display name or comment naming an address counts in a value that is no plain list.)
+    A value too long to read counts as no domain (and its message is refused when DMARC is
+    enforced)."""
+    if len(raw) > MAX_FROM_LENGTH:
+        return ("",)
     value = raw.decode("utf-8", "replace").replace("\r\n", "").replace("\n", "")
-    if len(raw) > MAX_FROM_LENGTH:  # (refused when DMARC is enforced: only bounded here)
-        scanned = _scanned(value)[:_SCANNED_AT_MOST]
-        return tuple(dict.fromkeys(filter(None, map(_shown_domain, scanned)))) or ("",)
     try:
         domains = [_author_domain(addr) for _name, addr in email.utils.getaddresses([value])]
-    except RecursionError:
+    except RecursionError:  # (nested comments)
         domains = [""]
-    if _PLAIN_FROM.fullmatch(value):
-        return tuple(domains)  # (both parsers read these alike; the reader's costs 0.1 ms)
-    shown = [""]
+    if _PLAIN_LIST.fullmatch(value):
+        return tuple(domains)
+    read = list(domains)
+    names = []
     if len(value) <= _READ_AT_MOST:
-        try:
-            shown = [a.domain for a in email.policy.default.header_factory("From", value).addresses]
-        except Exception:  # (RecursionError, or a parser's bug: not a way through)
-            shown = [""]
-    if "" in domains or "" in shown:
-        shown += _scanned(value)
-    for name in shown:
-        domain = _shown_domain(name)
-        if domain and domain not in domains:
-            domains.append(domain)
-    return tuple(domains)
+        # (RecursionError, or a parser's bug: the names below count all the same)
+        with contextlib.suppress(Exception):
+            shown = email.policy.default.header_factory("From", value).addresses
+            names += [address.domain for address in shown]
+    for name in names + _mentioned(value):
+        read += _shown_domains(name)
+    found = [d for d in dict.fromkeys(read) if d]
+    # (An address without a domain, as the legacy parser read it, is kept: no pass then.)
+    return (*found, "") if "" in domains or not found else tuple(found)
 
 
-def _scanned(value: str) -> list[str]:
-    """What follows each ``@`` of a From value (each once), once the parentheses of comments,
-    the backslashes of quoted pairs and the characters no display draws (format characters:
-    ``ceo@bank.test<LRM>``) are taken out: what a reader may show as the domain."""
-    return list(dict.fromkeys(_AT_DOMAIN.findall(_UNSEEN.sub("", value))))
+_kept_field_domains = lru_cache(maxsize=4096)(_field_domains)
 
 
-def from_too_long(head: bytes) -> bool:
-    """Has the header section ``head`` a From field too long to be read in bounded time (no
-    real sender writes one: its message may be refused, as one with too many authors)?"""
-    return any(len(m.group(1)) > MAX_FROM_LENGTH for m in _FROM.finditer(head))
+def _mentioned(value: str) -> list[str]:
+    """Every name after an "@" in a From value, read as loosely as any reader might: with
+    its encoded-words decoded (also where RFC 2047 allows none), and its comments taken out
+    both as a space and as nothing (``ceo@bank.test(x)evil.test``, ``ceo@(x)bank.test``)."""
+    names: dict[str, None] = {}
+    for space in ("", " "):  # (an encoded-word glued to what follows, or apart)
+        text = _ENCODED_WORD.sub(functools.partial(_decoded_word, space=space), value)
+        for read in (_without_comments(text, " "), _without_comments(text, "")):
+            names.update(dict.fromkeys(_AT_NAME.findall(read)))
+    return list(names)
 
 
-def _shown_domain(name: str) -> str:
-    """The domain a reader may take ``name`` for (A-labels), or "": also one spelt with
-    encoded-words, characters no display draws, or display forms (``bank。test``, fullwidth
-    letters) that an address may not use but UTS 46 maps to one."""
+def _decoded_word(m: re.Match[str], space: str = "") -> str:
+    """An RFC 2047 encoded-word's text (its charset without an RFC 2231 language) between two
+    ``space``, or the word itself when it cannot be decoded."""
+    charset, encoding, text = m.group(1).partition("*")[0], m.group(2), m.group(3)
     try:
-        if "=?" in name:
-            name = "".join(
-                part.decode(charset or "ascii", "replace") if isinstance(part, bytes) else part
-                for part, charset in email.header.decode_header(name)
-            )
-        name = _UNSEEN.sub("", name)
-        if display_form(name):
-            name = idna.encode(name, uts46=True).decode()
-        domain = normalise_domain(name)
-    except (ValueError, LookupError, email.errors.HeaderParseError):
-        return ""
-    return "" if domain.startswith("[") else domain
+        if encoding in "bB":
+            data = base64.b64decode(text + "=" * (-len(text) % 4))
+        else:
+            data = email.quoprimime.header_decode(text).encode("latin-1")
+        return space + data.decode(charset or "ascii", "replace") + space
+    except (ValueError, LookupError):
+        return m.group(0)
+
+
+def _without_comments(text: str, instead: str) -> str:
+    """``text`` with each (nested) comment replaced by ``instead`` and each quoted-pair's
+    backslash dropped (RFC 5322 §3.2.1, §3.2.2), in one pass."""
+    out: list[str] = []
+    depth = 0
+    escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+            if depth == 0:
+                out.append(ch)
+        elif ch == "\\":
+            escaped = True
+        elif ch == "(":
+            depth += 1
+        elif ch == ")" and depth:
+            depth -= 1
+            if depth == 0:
+                out.append(instead)
+        elif depth == 0:
+            out.append(ch)
+    return "".join(out)
+
+
+def _shown_domains(name: str) -> list[str]:
+    """The domains a reader may take ``name`` for (A-labels): as written (display forms
+    mapped as UTS 46 maps them: ``bank。test``, fullwidth letters, which an address may not
+    use but a display shows), and without the characters that are no letter, digit, dot or
+    hyphen (``bank.test<LRM>``, a Braille blank, unassigned code points, combining marks),
+    which may draw nothing."""
+    if name.lstrip().startswith("["):
+        return []  # an address literal is no domain (no policy can be looked up for it)
+    bare = "".join(
+        ch
+        for ch in _FULL_STOPS.sub(".", name)
+        if (ch.isascii() and (ch.isalnum() or ch in ".-"))
+        or (not ch.isascii() and unicodedata.category(ch)[0] in "LN")
+    )
+    found = []
+    for spelt in dict.fromkeys((name, bare)):
+        try:
+            if display_form(spelt):
+                spelt = idna.encode(spelt, uts46=True).decode()
+            domain = normalise_domain(spelt)
+        except ValueError:  # (idna.IDNAError is one)
+            continue
+        if not domain.startswith("[") and not domain.replace(".", "").isdigit():
+            found.append(domain)  # (no address literal, bracketed or not)
+    return found
 
 
 def _author_domain(addr: str) -> str:

@@ -67,10 +67,13 @@ QUARANTINE_HEADER = b"X-Spam-Flag: YES\r\n"
 TOO_MANY_AUTHORS = Reply(
     550, "5.7.1", (f"More than {dmarc.MAX_FROM_DOMAINS} From domains: not checked, refused",)
 )
-FROM_TOO_LONG = Reply(
+FROM_UNREADABLE = Reply(
     550,
     "5.7.1",
-    (f"A From field longer than {dmarc.MAX_FROM_LENGTH} octets: not checked, refused",),
+    (
+        f"More than {dmarc.MAX_FROM_FIELDS} From fields, or one over {dmarc.MAX_FROM_LENGTH}"
+        " octets: not checked, refused",
+    ),
 )
 # What a server says when a check it must make cannot be made now (RFC 3463 X.3.0).
 CHECKS_UNAVAILABLE = Reply(451, "4.3.0", ("Sender checks not done in time, try again later",))
@@ -597,9 +600,9 @@ class SenderAuth:
             if dmarc.too_many_authors(dmarc.from_domains(head)):
                 log.info("DMARC: a message with too many From domains from %s: refused", client_ip)
                 return TOO_MANY_AUTHORS
-            if dmarc.from_too_long(head):
-                log.info("DMARC: a message with a From field too long from %s: refused", client_ip)
-                return FROM_TOO_LONG
+            if dmarc.from_unreadable(head):
+                log.info("DMARC: a message whose From cannot be read from %s: refused", client_ip)
+                return FROM_UNREADABLE
         try:
             verdict = await self.verify(head, message.whole, client_ip, helo, sender, large)
         except ChecksUnavailable as exc:
