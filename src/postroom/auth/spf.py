@@ -7,9 +7,9 @@ DNS synchronously; here it never waits: its ``dns()`` answers from the shared
 the question and gives up. The missing answers are then fetched asynchronously and the
 evaluation starts again from the top, until it needs nothing more. An SPF policy costs a few
 DNS round trips (bounded by the limits above), each re-run a few hundred microseconds of CPU
-for a policy of usual size (the addresses of an ``mx`` term's hosts are asked for with its MX
-answer, not one a re-run), and the common case, a cached policy, exactly one evaluation with
-no wait and no thread.
+for a policy of usual size (a missing MX or address answer is taken for empty until it comes,
+so that one evaluation finds all of those it needs, not one a re-run), and the common case, a
+cached policy, exactly one evaluation with no wait and no thread.
 
 A verdict is a function of the client IP, the identity and the DNS answers it used, so it is
 kept in the cache for as long as all of those answers are (:meth:`DnsCache.keep`): per IP and
@@ -24,7 +24,6 @@ bounded in time by the caller); DNS data reaches pyspf only through :class:`Answ
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import re
 import warnings
 from collections.abc import Iterable
@@ -54,6 +53,9 @@ class SpfResult:
     problem: str = ""
 
 
+_GUESSED = ("A", "AAAA", "MX")  # answers that only decide whether a term matches
+
+
 class _Miss(Exception):
     """An answer not yet fetched (raised from pyspf's ``dns``)."""
 
@@ -69,7 +71,7 @@ class _Query(pyspf.query):  # type: ignore[misc]
 
     def __init__(self, known: dict[tuple[str, str], Answer], cache: DnsCache, **kw: Any) -> None:
         super().__init__(**kw)
-        if "@" in self.s:
+        if self.ident == "mailfrom" and "@" in self.s:
             # The domain follows the last "@" (RFC 5321 §4.1.2: one in the local part is
             # quoted); pyspf took the first: '"x@y"@bank.test' was checked as 'y"@bank.test'
             # (none), and that verdict was kept for bank.test itself.
@@ -116,8 +118,14 @@ class _Query(pyspf.query):  # type: ignore[misc]
         key = (norm, qtype)
         answer = self._known.get(key) or self._cache.peek(norm, qtype)
         if answer is None:
-            # Noted as well as raised: pyspf swallows every exception around exp= lookups.
             self.missing.append(key)
+            if qtype in _GUESSED:
+                # Taken for empty for now: the evaluation goes on and finds what else it
+                # needs (its verdict is not used). Raised at once, each missing MX and host
+                # address made one more evaluation of the whole policy: ten mx terms of ten
+                # hosts 111 (seconds of CPU with a long record), now three.
+                return []
+            # Noted as well as raised: pyspf swallows every exception around exp= lookups.
             raise _Miss(f"{norm}/{qtype}")
         self.used.append((key, answer))
         if answer.temporary:
@@ -189,17 +197,17 @@ def _evaluate(
 
 def _start(
     cache: DnsCache, ip: str, sender: str, helo: str, receiver: str, exp: str | None
-) -> tuple[SpfResult | None, list[tuple[str, str]]]:
-    """The kept verdict, or one evaluation from the cache: (verdict, []) or (None, missing)."""
+) -> tuple[SpfResult | None, _Query | None]:
+    """The kept verdict, or one evaluation from the cache: (verdict, its query or None), or
+    (None, the query whose ``missing`` answers are wanted)."""
     identity = "mailfrom" if sender else "helo"
     if not (sender.rpartition("@")[2] if sender else helo):
-        return SpfResult("none", "", identity, problem="no domain to check"), []
+        return SpfResult("none", "", identity, problem="no domain to check"), None
     for key in _keys(ip, sender, helo, receiver, exp):
         kept = cache.recall(key)
         if isinstance(kept, SpfResult):
-            return kept, []
-    verdict, query = _evaluate({}, cache, ip, sender, helo, receiver, exp)
-    return verdict, query.missing
+            return kept, None
+    return _evaluate({}, cache, ip, sender, helo, receiver, exp)
 
 
 def cached(
@@ -225,27 +233,15 @@ async def check(
     """SPF for ``sender`` (``""`` for ``<>``: the HELO name is checked, RFC 7208 §2.4)."""
     identity = "mailfrom" if sender else "helo"
     domain = sender.rpartition("@")[2] if sender else helo
-    verdict, missing = _start(cache, ip, sender, helo, receiver, default_explanation)
+    verdict, query = _start(cache, ip, sender, helo, receiver, default_explanation)
     known: dict[tuple[str, str], Answer] = {}
-    address = "AAAA" if _is_ipv6(ip) else "A"
     for _ in range(MAX_ROUNDS):
-        if verdict is not None:
-            return verdict
-        if any(key in known for key in missing):  # pragma: no cover - pyspf asked twice
+        if verdict is not None or query is None:
+            return verdict or SpfResult("temperror", domain, identity, problem="no evaluation")
+        if any(key in known for key in query.missing):  # pragma: no cover - asked twice
             return SpfResult("temperror", domain, identity, problem="lookup loop")
-        await _fetch(cache, known, dict.fromkeys(missing))
-        # An mx term's hosts are asked for next, one an evaluation from the top: all at once
-        # instead (10 at most, §4.6.4). Each evaluation costs the whole policy again, and ten
-        # mx terms of ten hosts made 111 of them (seconds of CPU for a long record).
-        hosts = [
-            normalise(str(host))
-            for key in missing
-            if key[1] == "MX" and known[key].status == "ok"
-            for _preference, host in sorted(known[key].records)[: pyspf.MAX_MX]
-        ]
-        await _fetch(cache, known, [(host, address) for host in hosts if host is not None])
+        await _fetch(cache, known, query.missing)
         verdict, query = _evaluate(known, cache, ip, sender, helo, receiver, default_explanation)
-        missing = query.missing
     return SpfResult("permerror", domain, identity, problem="too many lookups")
 
 
@@ -256,12 +252,3 @@ async def _fetch(
     wanted = [key for key in dict.fromkeys(keys) if key not in known and cache.peek(*key) is None]
     answers = await asyncio.gather(*(cache.query(name, qtype) for name, qtype in wanted))
     known.update(zip(wanted, answers, strict=True))
-
-
-def _is_ipv6(ip: str) -> bool:
-    """Does pyspf check ``ip`` as IPv6 (not an IPv4-mapped one, which it takes as IPv4)?"""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return address.version == 6 and address.ipv4_mapped is None
