@@ -31,6 +31,9 @@ class Accounts:
     def user_exists(self, key: str) -> bool:
         return key in self.users
 
+    def credential(self, key: str) -> str | None:
+        return f"hash of {key}" if key in self.users else None
+
     def resolve(self, key: str) -> list[str] | None:
         found = self.expand(key)
         return [key] if found is None and key.startswith("postmaster@") else found
@@ -362,6 +365,20 @@ def test_a_session_whose_account_was_deleted_sends_no_more(tmp_path: Path) -> No
     p.services.accounts.users.discard("alice@a.test")
     assert p.on_mail(Mail(Address("alice", "a.test"))) == replies.ACCOUNT_GONE
     assert p.on_mail(Mail(None)) == replies.ACCOUNT_GONE
+    assert not intake.got
+
+
+def test_a_session_whose_account_was_made_again_or_given_a_new_password_sends_no_more(
+    tmp_path: Path,
+) -> None:
+    # user del then user add (a new password): the thief's open session sent again.
+    p, intake = policy(tmp_path, port="submission")
+    p.tls = True
+    accounts = p.services.accounts
+    p.authenticated("Alice@A.test", "PLAIN")
+    assert p.on_mail(Mail(Address("alice", "a.test"))) == replies.SENDER_OK
+    accounts.credential = lambda key: "the hash of a new password"
+    assert p.on_mail(Mail(Address("alice", "a.test"))) == replies.ACCOUNT_GONE
     assert not intake.got
 
 

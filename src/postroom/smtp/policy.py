@@ -118,6 +118,7 @@ class SmtpPolicy:
         self.client_ip = client_ip
         self.tls = tls
         self.auth_user: str | None = None
+        self.auth_credential: str | None = None  # what the login proved, as stored then
         self.helo = ""
         self.extended = True  # EHLO, not HELO
         self.txn = _Txn()
@@ -190,11 +191,14 @@ class SmtpPolicy:
                 return self.refused(replies.MUST_STARTTLS, cmd)
             return self.refused(replies.AUTH_REQUIRED, cmd)
         try:
-            # A login whose account was deleted since (user del) sends no more, <> included:
-            # deleting a stolen account must stop its open sessions too.
-            gone = self.auth_user is not None and not self.services.accounts.user_exists(
-                self.auth_user
-            )
+            # A login whose account was deleted since (user del), or whose password changed
+            # (user passwd; user del and add), sends no more, <> included: taking a stolen
+            # account back must stop the thief's open sessions too.
+            if self.auth_user is None:
+                gone = False
+            else:
+                now = self.services.accounts.credential(self.auth_user)
+                gone = now is None or now != (self.auth_credential or now)
             owned = (
                 self.auth_user is None
                 or cmd.sender is None
@@ -439,4 +443,8 @@ class SmtpPolicy:
     def authenticated(self, username: str, mechanism: str) -> None:
         """A SASL exchange succeeded (``sasl_session.py`` drove it)."""
         self.auth_user = parse_user_address(username).key
+        try:
+            self.auth_credential = self.services.accounts.credential(self.auth_user)
+        except TemporaryStorageError:
+            self.auth_credential = None  # (its next MAIL is refused: logging in again helps)
         events.auth_ok(self.port, self.client_ip, self.auth_user, mechanism)

@@ -261,6 +261,11 @@ class AccountLookup(Protocol):
 
     def user_exists(self, key: str) -> bool: ...
 
+    def credential(self, key: str) -> str | None:
+        """What a login as ``key`` proved, as stored now (its password's hash), or None
+        without the account: a session whose login no longer matches it sends no more."""
+        ...
+
     def has_mailbox(self, key: str) -> bool:
         """May mail be stored for local ``key``: a user, or ``postmaster@``."""
         ...

@@ -182,12 +182,20 @@ class Accounts(alias_rules.AliasLookups):
         return [r[0] for r in self._db().execute("SELECT address FROM users ORDER BY address")]
 
     def user_exists(self, key: str) -> bool:
+        return self._row(key, "1") is not None
+
+    def credential(self, key: str) -> str | None:
+        row = self._row(key, "password_hash")
+        return None if row is None else str(row[0])
+
+    def _row(self, key: str, column: str) -> tuple[object, ...] | None:
         try:
-            row = self._db().execute("SELECT 1 FROM users WHERE address=?", (key,)).fetchone()
+            query = f"SELECT {column} FROM users WHERE address=?"  # noqa: S608 - ours
+            row: tuple[object, ...] | None = self._db().execute(query, (key,)).fetchone()
         except sqlite3.DatabaseError as exc:  # as in expand()
             self.close()
             raise TemporaryStorageError(f"the account store: {exc}") from None
-        return row is not None
+        return row
 
     def verify_password(self, login: str, password: str) -> str | None:
         """The account key when ``password`` is right for ``login``; None otherwise.

@@ -135,8 +135,13 @@ class PgAccounts(alias_rules.AliasLookups):
         return [r["address"] for r in rows]
 
     def user_exists(self, key: str) -> bool:
-        found = self._db.call(lambda c: c.fetchval("SELECT 1 FROM users WHERE address=$1", key))
-        return found is not None
+        return self.credential(key) is not None
+
+    def credential(self, key: str) -> str | None:
+        found = self._db.call(
+            lambda c: c.fetchval("SELECT password_hash FROM users WHERE address=$1", key)
+        )
+        return None if found is None else str(found)
 
     def add_alias(self, alias: str, targets: Iterable[str]) -> None:
         """Add ``targets`` to ``alias`` (a key, or ``@domain`` for a domain's catch-all), in
@@ -303,6 +308,10 @@ class LiveAccounts(alias_rules.AliasLookups):
 
     def user_exists(self, key: str) -> bool:
         return key in self._users
+
+    def credential(self, key: str) -> str | None:
+        row = self._users.get(key)
+        return None if row is None else row.password_hash
 
     def alias_targets(self, key: str) -> Sequence[str]:
         return self._aliases.get(key, ())
