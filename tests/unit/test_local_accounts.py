@@ -87,6 +87,21 @@ def test_user_del_is_one_transaction(accounts: Accounts, monkeypatch: pytest.Mon
     assert accounts.list_aliases() == {"sales@a.test": ["ann@a.test", "bob@a.test"]}
 
 
+def test_a_credential_changes_with_the_password_and_with_the_account(tmp_path: Path) -> None:
+    # What an open SMTP session's login is checked against at each MAIL (policy.py).
+    accounts = Accounts(tmp_path, ["a.test"])
+    accounts.add_user(Address("ann", "a.test"), "first password")
+    first = accounts.credential("ann@a.test")
+    assert first is not None and first == accounts.credential("ann@a.test")
+    accounts.set_password(Address("ann", "a.test"), "second password")
+    second = accounts.credential("ann@a.test")
+    assert second not in (None, first)
+    accounts.delete_user(Address("ann", "a.test"))
+    assert accounts.credential("ann@a.test") is None
+    accounts.add_user(Address("ann", "a.test"), "first password")  # the same password again
+    assert accounts.credential("ann@a.test") not in (None, first, second)
+
+
 def test_the_decoy_secret_is_kept_with_the_store(tmp_path: Path) -> None:
     """SCRAM's made-up salt for a login without an account comes from it: made once and the
     same after a restart (it was made anew by every process)."""

@@ -87,10 +87,13 @@ def test_live_copy_sees_every_change_within_a_second(pg_url: str, admin: PgAccou
         try:
             assert live.user_exists("ann@a.test")
             assert live.verify_password("ANN@a.test", "old") == "ann@a.test"
+            old = live.credential("ann@a.test")
+            assert old is not None and old == admin.credential("ann@a.test")
             await asyncio.to_thread(admin.add_user, addr("bob@a.test"), "pw")
             await until(lambda: live.user_exists("bob@a.test"))
             await asyncio.to_thread(admin.set_password, addr("ann@a.test"), "new")
             await until(lambda: live.verify_password("ann@a.test", "new") == "ann@a.test")
+            assert live.credential("ann@a.test") not in (None, old)  # (open sessions: 530)
             assert live.verify_password("ann@a.test", "old") is None  # the cache forgot it
             await asyncio.to_thread(admin.add_alias, "sales@a.test", ["bob@a.test"])
             await until(lambda: live.expand("sales@a.test") == ["bob@a.test"])
