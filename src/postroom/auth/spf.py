@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,7 @@ class SpfResult:
 
 
 _GUESSED = ("A", "AAAA", "MX")  # answers that only decide whether a term matches
+GUESS_WAIT = 0.2  # seconds at most a round waits, after the answer it needs, for guessed ones
 
 
 class _Miss(Exception):
@@ -121,9 +122,9 @@ class _Query(pyspf.query):  # type: ignore[misc]
             self.missing.append(key)
             if qtype in _GUESSED:
                 # Taken for empty for now: the evaluation goes on and finds what else it
-                # needs (its verdict is not used). Raised at once, each missing MX and host
-                # address made one more evaluation of the whole policy: ten mx terms of ten
-                # hosts 111 (seconds of CPU with a long record), now three.
+                # may need, asked for meanwhile (its verdict is not used). Raised at once,
+                # each missing MX and host address made one more evaluation of the whole
+                # policy: ten mx terms of ten hosts 111 (seconds of CPU with a long record).
                 return []
             # Noted as well as raised: pyspf swallows every exception around exp= lookups.
             raise _Miss(f"{norm}/{qtype}")
@@ -235,20 +236,34 @@ async def check(
     domain = sender.rpartition("@")[2] if sender else helo
     verdict, query = _start(cache, ip, sender, helo, receiver, default_explanation)
     known: dict[tuple[str, str], Answer] = {}
-    for _ in range(MAX_ROUNDS):
-        if verdict is not None or query is None:
-            return verdict or SpfResult("temperror", domain, identity, problem="no evaluation")
-        if any(key in known for key in query.missing):  # pragma: no cover - asked twice
-            return SpfResult("temperror", domain, identity, problem="lookup loop")
-        await _fetch(cache, known, query.missing)
-        verdict, query = _evaluate(known, cache, ip, sender, helo, receiver, default_explanation)
-    return SpfResult("permerror", domain, identity, problem="too many lookups")
-
-
-async def _fetch(
-    cache: DnsCache, known: dict[tuple[str, str], Answer], keys: Iterable[tuple[str, str]]
-) -> None:
-    """Ask for ``keys`` (name, type) not yet ``known``, concurrently, into ``known``."""
-    wanted = [key for key in dict.fromkeys(keys) if key not in known and cache.peek(*key) is None]
-    answers = await asyncio.gather(*(cache.query(name, qtype) for name, qtype in wanted))
-    known.update(zip(wanted, answers, strict=True))
+    # Lookups under way: the first a round misses is needed (every answer before it was
+    # real); those after it came of guesses (see _GUESSED), and are asked for meanwhile but
+    # never waited for: a name the policy lists after the term that matches, under a dead
+    # server, must not delay the verdict (or make it a temperror at check_timeout).
+    asked: dict[tuple[str, str], asyncio.Task[Answer]] = {}
+    try:
+        for _ in range(MAX_ROUNDS):
+            if verdict is not None or query is None:
+                return verdict or SpfResult("temperror", domain, identity, problem="no evaluation")
+            needed = query.missing[0]
+            if needed in known:  # pragma: no cover - pyspf asked twice
+                return SpfResult("temperror", domain, identity, problem="lookup loop")
+            for key in query.missing:
+                if key not in known and key not in asked:
+                    asked[key] = asyncio.ensure_future(cache.query(*key))
+            started = time.monotonic()
+            known[needed] = await asked.pop(needed)
+            if asked:  # those asked with it come about as soon: a moment for them, no more
+                took = time.monotonic() - started
+                await asyncio.wait(asked.values(), timeout=min(GUESS_WAIT, took + 0.002))
+            for key, task in list(asked.items()):
+                if task.done():
+                    known[key] = task.result()
+                    del asked[key]
+            verdict, query = _evaluate(
+                known, cache, ip, sender, helo, receiver, default_explanation
+            )
+        return SpfResult("permerror", domain, identity, problem="too many lookups")
+    finally:
+        for task in asked.values():
+            task.cancel()
