@@ -114,3 +114,21 @@ def test_a_login_with_anything_around_it_names_no_account() -> None:
         "alice@a.test\r\n",
     ):
         assert login_key(bad) is None, repr(bad)
+
+
+def test_a_remembered_login_holds_only_while_the_stored_hash_is_the_one_it_proved() -> None:
+    # The cache was valid while the store's files looked unchanged: a login checked in the
+    # instant between a password change's write and its commit was remembered under the new
+    # state, and the old password went on working for five minutes.
+    old = credentials.make_credentials("old password").password_hash
+    new = credentials.make_credentials("new password").password_hash
+    stored = {"ann@a.test": old}
+    cache = credentials.LoginCache()
+    verify = cache.verify
+    assert verify("ann@a.test", "old password", stored.get) == "ann@a.test"
+    assert verify("ANN@a.test", "old password", stored.get) == "ann@a.test"
+    stored["ann@a.test"] = new
+    assert verify("ann@a.test", "old password", stored.get) is None
+    assert verify("ann@a.test", "new password", stored.get) == "ann@a.test"
+    del stored["ann@a.test"]
+    assert verify("ann@a.test", "new password", stored.get) is None

@@ -171,46 +171,36 @@ def login_key(login: str) -> str | None:
 
 
 class LoginCache:
-    """Successful logins, valid while the store's ``version`` is the one they were made at
-    and for at most ``LOGIN_CACHE_TIME``: a client that logs in for every message costs one
-    argon2 run, not one per message."""
+    """Successful logins, valid while the account's stored hash is the one they were checked
+    against, and for at most ``LOGIN_CACHE_TIME``: a client that logs in for every message
+    costs one argon2 run, not one per message. The hash is read at every login (one indexed
+    look): a cache valid while the store's files looked unchanged took a login checked in
+    the instant between a password change's write and its commit for the new state, and the
+    old password went on working for five minutes."""
 
     def __init__(self) -> None:
-        self._hits: dict[bytes, tuple[str, object, float]] = {}
+        self._hits: dict[bytes, tuple[str, str, float]] = {}
 
     @staticmethod
     def token(login: str, password: str) -> bytes:
         return hmac.new(_CACHE_SECRET, f"{login}\0{password}".encode(), "sha256").digest()
 
-    def get(self, token: bytes, version: object) -> str | None:
-        hit = self._hits.get(token)
-        if hit is not None and hit[1] == version and time.monotonic() < hit[2]:
-            return hit[0]
-        return None
-
-    def put(self, token: bytes, version: object, key: str) -> None:
-        if len(self._hits) > LOGIN_CACHE_SIZE:
-            self._hits.clear()
-        self._hits[token] = (key, version, time.monotonic() + LOGIN_CACHE_TIME)
-
     def verify(
-        self,
-        login: str,
-        password: str,
-        version: object,
-        stored_hash: Callable[[str], str | None],
+        self, login: str, password: str, stored_hash: Callable[[str], str | None]
     ) -> str | None:
         """The account key when ``password`` is right for ``login``, else None; a hit costs
         no argon2 run, a miss one verification whether or not the user exists
         (:func:`password_matches`). ``stored_hash`` reads an account's argon2 hash (None: no
-        such user); ``version`` is the store's, as in :meth:`get`."""
-        token = self.token(login, password)
-        hit = self.get(token, version)
-        if hit is not None:
-            return hit
+        such user)."""
         key = login_key(login)
         stored = stored_hash(key) if key is not None else None
-        if key is None or not password_matches(stored, password):
+        token = self.token(login, password)
+        hit = self._hits.get(token)
+        if hit is not None and hit[:2] == (key, stored) and time.monotonic() < hit[2]:
+            return key
+        if key is None or not password_matches(stored, password) or stored is None:
             return None
-        self.put(token, version, key)
+        if len(self._hits) > LOGIN_CACHE_SIZE:
+            self._hits.clear()
+        self._hits[token] = (key, stored, time.monotonic() + LOGIN_CACHE_TIME)
         return key

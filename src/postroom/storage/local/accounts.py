@@ -202,13 +202,14 @@ class Accounts(alias_rules.AliasLookups):
 
         Costs one argon2 verification whether or not the user exists (no user enumeration by
         timing). Blocking and CPU-heavy: call it from a worker thread. A successful login is
-        remembered (as an HMAC with a per-process secret, never the password) until the store
-        changes or ``LOGIN_CACHE_TIME`` passes, as Dovecot's auth cache does: a mail client that
-        logs in for every message then costs one argon2 run, not one per message.
+        remembered (as an HMAC with a per-process secret, never the password) while the
+        account's stored hash is unchanged, for at most ``LOGIN_CACHE_TIME``, as Dovecot's auth
+        cache does: a mail client that logs in for every message costs one argon2 run, not one
+        per message.
         """
         with self._readable():
             before = self.scram_keys(login)  # read first: a password changed after, not renewed
-            key = self._logins.verify(login, password, self._signature(), self._password_hash)
+            key = self._logins.verify(login, password, self._password_hash)
         if key is not None and before is not None and before[0] == key:
             self._renew_scram(key, before[1], password)
         return key

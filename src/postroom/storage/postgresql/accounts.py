@@ -327,7 +327,7 @@ class LiveAccounts(alias_rules.AliasLookups):
         argon2 verification whether or not the user exists; CPU-heavy: call it from a thread."""
         name = login_key(login)
         before = None if name is None else self._users.get(name)  # as the local store's
-        key = self._logins.verify(login, password, self.version, self._password_hash)
+        key = self._logins.verify(login, password, self._password_hash)
         if key is not None and before is not None:
             self._renew_scram(key, before.scram, password)
         return key
