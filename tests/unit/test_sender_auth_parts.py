@@ -237,6 +237,12 @@ PAD = " (" + "x" * 1100 + ")"
         "=?x-unknown?q?ceo=40bank.test?= x.evil.test" + PAD,
         "ceo@=?x-unknown?q?bank.test?=" + PAD,
         "=?utf-8?b?Y2VvQGJh bmsudGVzdA==?= x.evil.test" + PAD,
+        # Decoding where no reader decodes hid the address: base64 that swallows it, and
+        # parentheses that decode into a comment around it.
+        "x=?x?b?ceo@bank.test a@evil.test?=",
+        "x=?x?b?ceo@bank.test\\<a@evil.test>?=",
+        "=?x?q?=28?=ceo@bank.test =?x?q?=29?=, a@evil.test",
+        "=?x?q?=28?=ceo@bank.test =?x?b?KQ?= <a@evil.test>",
     ],
     ids=lambda value: value[:30],
 )
@@ -261,7 +267,6 @@ def test_every_from_domain_a_reader_may_be_shown_is_judged(value: str) -> None:
         + ", ".join(f"u{i}@evil.test" for i in range(80)),
         "=?UTF-8?Q?J=C3=B6rg_Bank?= <jorg@evil.test>",
         "Dr. O'Doe <o@evil.test>",
-        '"\\"jane@bank.test\\" via List" <list@evil.test>',
         '"jane@bank.test" <jane@evil.test> (via web)',
     ],
     ids=lambda value: value[:30],
@@ -301,9 +306,6 @@ _NAME = st.one_of(
     st.just(""),
     st.text("abcdefghijklmnopqrstuvwxyz ABC.'-=?_", max_size=20),
     st.text("abcdefghijklmnopqrstuvwxyz @,;:()<>.-", max_size=20).map(lambda t: f'"{t}"'),
-    st.text('ab @.\\"', max_size=12).map(
-        lambda t: '"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    ),
 )
 
 

@@ -51,7 +51,7 @@ _FROM = re.compile(rb"(?im)^from[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
 # spaces.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]++"
 _ADDR = r"[A-Za-z0-9!#$%&'*+/^_`{|}~.-]++@[A-Za-z0-9-]++(?:\.[A-Za-z0-9-]++)*+"
-_NAME = rf'(?:"(?:[^"\\\r\n]|\\[^\r\n])*+"|{_ATEXT}(?:[ \t]++{_ATEXT})*+)'
+_NAME = rf'(?:"[^"\\\r\n]*+"|{_ATEXT}(?:[ \t]++{_ATEXT})*+)'
 _COMMENT = r"(?:[ \t]*+\([^()\\\r\n@]*+\))?+"
 _MAILBOX = rf"(?:{_NAME}?+[ \t]*+<{_ADDR}>|{_ADDR}){_COMMENT}"
 _PLAIN_LIST = re.compile(rf"[ \t]*+{_MAILBOX}(?:[ \t]*+,[ \t]*+{_MAILBOX})*+[ \t]*+")
@@ -218,8 +218,10 @@ def _mentioned(value: str) -> list[str]:
     its encoded-words decoded (also where RFC 2047 allows none), and its comments taken out
     both as a space and as nothing (``ceo@bank.test(x)evil.test``, ``ceo@(x)bank.test``)."""
     names: dict[str, None] = {}
+    texts = [value]  # (as written too: decoding where no reader does may hide an address)
     for space in ("", " "):  # (an encoded-word glued to what follows, or apart)
-        text = _ENCODED_WORD.sub(functools.partial(_decoded_word, space=space), value)
+        texts.append(_ENCODED_WORD.sub(functools.partial(_decoded_word, space=space), value))
+    for text in texts:
         for read in (_without_comments(text, " "), _without_comments(text, "")):
             names.update(dict.fromkeys(_AT_NAME.findall(read)))
     return list(names)
@@ -235,12 +237,13 @@ def _decoded_word(m: re.Match[str], space: str = "") -> str:
     try:
         if encoding in "bB":
             text = "".join(text.split())
-            data = base64.b64decode(text + "=" * (-len(text) % 4))
+            data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
         else:
             data = email.quoprimime.header_decode(text).encode("latin-1", "replace")
     except ValueError:
         return m.group(0)
-    return space + data.decode("utf-8", "replace") + space
+    decoded = data.decode("utf-8", "replace").replace("(", " ").replace(")", " ")
+    return space + decoded + space  # (no comment made of decoded text: it would hide text)
 
 
 def _without_comments(text: str, instead: str) -> str:
