@@ -10,6 +10,7 @@ octets are split into several strings, as a zone file would have them.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, TXT, A, DNSError, DNSRecord
@@ -31,6 +32,7 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
         self.dead = dead
         self.ttls = ttls
         self.chase = True  # False: a CNAME comes without its target's records
+        self.slow: dict[str, float] = {}  # name -> seconds its answers wait (in their thread)
 
     def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
         reply = request.reply()
@@ -38,6 +40,8 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
         # The raw labels: str() of a name escapes octets such as spaces.
         qname = ".".join(label.decode("latin-1") for label in owner.label).lower()
         qtype = QTYPE.get(request.q.qtype, str(request.q.qtype))
+        if qname in self.slow:
+            time.sleep(self.slow[qname])
         records = self.zone.get(qname)
         wanted = [(t, r) for t, r in records or () if t == qtype]
         if (qname, qtype) in self.dead or ((qname, "*") in self.dead and not wanted):
@@ -88,6 +92,11 @@ class LoopbackDNS:
         self._server.start_thread()
         self.address = address
         self.port = int(self._server.server.server_address[1])
+
+    @property
+    def slow(self) -> dict[str, float]:
+        """Names whose answers come after so many seconds."""
+        return self._resolver.slow
 
     @property
     def chase_cnames(self) -> bool:

@@ -98,6 +98,7 @@ def _serve(dns: LoopbackDNS, zonedata: dict[str, list[Any]]) -> None:
     dns.zone.clear()
     dns.dead.clear()
     dns.ttls.clear()
+    dns.slow.clear()
     for name, records in zonedata.items():
         dns.exists(name)
         # The suite's convention (as its pyspf runner has it): a name whose records list no
@@ -286,3 +287,32 @@ def test_a_name_after_the_term_that_matches_does_not_delay_the_verdict(dns: Loop
     got = asyncio.run(spf.check(cache, "192.0.2.1", "u@ok.test", "h.test"))
     assert got.result == "pass", got
     assert time.monotonic() - started < 1.0
+
+
+def test_a_check_that_ends_leaves_the_lookups_it_guessed_to_those_that_share_them(
+    dns: LoopbackDNS,
+) -> None:
+    """A check that matched cancelled the lookups it had guessed; the cache shares a query
+    among every check that asks for the same name, and the other check got temperror."""
+    _serve(
+        dns,
+        {
+            "one.test": [{"TXT": "v=spf1 a:m.one.test a:h.slow.test -all"}],
+            "m.one.test": [{"A": "192.0.2.1"}],
+            "two.test": [{"TXT": "v=spf1 a:h.slow.test -all"}],
+            "h.slow.test": [{"A": "192.0.2.2"}],
+        },
+    )
+    # one.test's check asks for h.slow.test first (a guess) and ends while it is asked for;
+    # two.test's needs it meanwhile.
+    dns.slow.update({"h.slow.test": 0.5, "m.one.test": 0.1, "two.test": 0.05})
+    cache = DnsCache(DNSConfig(nameservers=(parse_endpoint(dns.nameserver),), timeout=2.0))
+
+    async def main() -> list[str]:
+        checks = (
+            spf.check(cache, "192.0.2.1", "u@one.test", "h.test"),
+            spf.check(cache, "192.0.2.2", "u@two.test", "h.test"),
+        )
+        return [verdict.result for verdict in await asyncio.gather(*checks)]
+
+    assert asyncio.run(main()) == ["pass", "pass"]

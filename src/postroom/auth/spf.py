@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +53,7 @@ class SpfResult:
 
 
 _GUESSED = ("A", "AAAA", "MX")  # answers that only decide whether a term matches
-GUESS_WAIT = 0.2  # seconds at most a round waits, after the answer it needs, for guessed ones
+GUESS_WAIT = 0.2  # seconds at most a round waits, after the answer it needs, for new guesses
 
 
 class _Miss(Exception):
@@ -237,33 +236,33 @@ async def check(
     verdict, query = _start(cache, ip, sender, helo, receiver, default_explanation)
     known: dict[tuple[str, str], Answer] = {}
     # Lookups under way: the first a round misses is needed (every answer before it was
-    # real); those after it came of guesses (see _GUESSED), and are asked for meanwhile but
-    # never waited for: a name the policy lists after the term that matches, under a dead
-    # server, must not delay the verdict (or make it a temperror at check_timeout).
+    # real); those after it came of guesses (see _GUESSED), and are asked for meanwhile,
+    # waited for at most GUESS_WAIT in the round that found them, and used if they came: a
+    # name the policy lists after the term that matches, under a dead server, must not
+    # delay the verdict (or make it a temperror at check_timeout). Never cancelled: the
+    # cache shares a query with every check that asks for the same name.
     asked: dict[tuple[str, str], asyncio.Task[Answer]] = {}
-    try:
-        for _ in range(MAX_ROUNDS):
-            if verdict is not None or query is None:
-                return verdict or SpfResult("temperror", domain, identity, problem="no evaluation")
-            needed = query.missing[0]
-            if needed in known:  # pragma: no cover - pyspf asked twice
-                return SpfResult("temperror", domain, identity, problem="lookup loop")
-            for key in query.missing:
-                if key not in known and key not in asked:
-                    asked[key] = asyncio.ensure_future(cache.query(*key))
-            started = time.monotonic()
-            known[needed] = await asked.pop(needed)
-            if asked:  # those asked with it come about as soon: a moment for them, no more
-                took = time.monotonic() - started
-                await asyncio.wait(asked.values(), timeout=min(GUESS_WAIT, took + 0.002))
-            for key, task in list(asked.items()):
-                if task.done():
-                    known[key] = task.result()
-                    del asked[key]
-            verdict, query = _evaluate(
-                known, cache, ip, sender, helo, receiver, default_explanation
-            )
-        return SpfResult("permerror", domain, identity, problem="too many lookups")
-    finally:
-        for task in asked.values():
-            task.cancel()
+    for _ in range(MAX_ROUNDS):
+        if verdict is not None or query is None:
+            return verdict or SpfResult("temperror", domain, identity, problem="no evaluation")
+        needed = query.missing[0]
+        if needed in known:  # pragma: no cover - pyspf asked twice
+            return SpfResult("temperror", domain, identity, problem="lookup loop")
+        new = [key for key in query.missing if key not in known and key not in asked]
+        for key in new:
+            asked[key] = task = asyncio.ensure_future(cache.query(*key))
+            _UNDER_WAY.add(task)
+            task.add_done_callback(_UNDER_WAY.discard)
+        known[needed] = await asked.pop(needed)
+        guessed = [asked[key] for key in new if key in asked]
+        if guessed:
+            await asyncio.wait(guessed, timeout=GUESS_WAIT)
+        for key, task in list(asked.items()):
+            if task.done():
+                known[key] = task.result()
+                del asked[key]
+        verdict, query = _evaluate(known, cache, ip, sender, helo, receiver, default_explanation)
+    return SpfResult("permerror", domain, identity, problem="too many lookups")
+
+
+_UNDER_WAY: set[asyncio.Task[Answer]] = set()  # (asyncio keeps only weak references to tasks)
