@@ -15,7 +15,10 @@ DKIM and the configuration write it). Security notes: a From field with several 
 or several From fields, would otherwise let a forged domain ride along with one that passes:
 every From domain (up to ``MAX_FROM_DOMAINS``) is checked and the strictest verdict applies
 (§6.6.1: "the most strict policy selected among the checks that fail"); an address without a
-domain, or domains beyond the limit, keep the message from passing (``permerror``).
+domain, or domains beyond the limit, keep the message from passing (``permerror``). Which
+domains a From field names is read as every mail reader might read it where it is no plain
+list of mailboxes (:func:`_field_domains`): a forged author hides in what one parser reads
+otherwise than the reader's own.
 """
 
 from __future__ import annotations
@@ -179,8 +182,8 @@ def _field_domains(raw: bytes) -> tuple[str, ...]:
     of mailboxes gives the domains of its addresses. Any other value is read as every reader
     might read it, and each domain any of them may show counts: that of Python's legacy
     address parser, that of the email package's own (which readers of the delivered message
-    use), and every name after an "@" once encoded-words are decoded and comments taken
-    out (:func:`_mentioned`). The legacy parser alone read ``ceo@bank.test x.evil.test`` as
+    use), and every name after an "@", as written and with encoded-words decoded, comments
+    taken out (:func:`_mentioned`). The legacy parser alone read ``ceo@bank.test x.evil.test`` as
     ``bank.testx.evil.test`` (the sender's own organizational domain: dmarc=pass) and found
     no domain in ``ceo@bank.test[`` (permerror, delivered); readers show ``ceo@bank.test``.
     (So a display name or comment naming an address counts in a value that is no plain list.)
