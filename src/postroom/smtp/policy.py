@@ -198,7 +198,8 @@ class SmtpPolicy:
                 gone = False
             else:
                 now = self.services.accounts.credential(self.auth_user)
-                gone = now is None or now != (self.auth_credential or now)
+                proved = self.auth_credential  # (None: not read at login; then only deletion)
+                gone = now is None or (proved is not None and now != proved)
             owned = (
                 self.auth_user is None
                 or cmd.sender is None
