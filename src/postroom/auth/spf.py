@@ -243,8 +243,9 @@ async def check(
     # cache shares a query with every check that asks for the same name.
     asked: dict[tuple[str, str], asyncio.Task[Answer]] = {}
     for _ in range(MAX_ROUNDS):
-        if verdict is not None or query is None:
-            return verdict or SpfResult("temperror", domain, identity, problem="no evaluation")
+        if verdict is not None:
+            return verdict
+        assert query is not None  # (_start gives one whenever it gives no verdict)
         needed = query.missing[0]
         if needed in known:  # pragma: no cover - pyspf asked twice
             return SpfResult("temperror", domain, identity, problem="lookup loop")

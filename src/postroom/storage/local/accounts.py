@@ -182,20 +182,22 @@ class Accounts(alias_rules.AliasLookups):
         return [r[0] for r in self._db().execute("SELECT address FROM users ORDER BY address")]
 
     def user_exists(self, key: str) -> bool:
-        return self._row(key, "1") is not None
+        return self.credential(key) is not None
 
     def credential(self, key: str) -> str | None:
-        row = self._row(key, "password_hash")
-        return None if row is None else str(row[0])
+        with self._looked_up():
+            return self._password_hash(key)
 
-    def _row(self, key: str, column: str) -> tuple[object, ...] | None:
+    @contextlib.contextmanager
+    def _looked_up(self) -> Iterator[None]:
+        """A server's look into the store (RCPT, MAIL): one that cannot be read now (damaged,
+        replaced in place) is refused for now (TemporaryStorageError: 451), and this thread's
+        connection is closed (it failed on after the file was mended)."""
         try:
-            query = f"SELECT {column} FROM users WHERE address=?"  # noqa: S608 - ours
-            row: tuple[object, ...] | None = self._db().execute(query, (key,)).fetchone()
-        except sqlite3.DatabaseError as exc:  # as in expand()
+            yield
+        except sqlite3.DatabaseError as exc:
             self.close()
             raise TemporaryStorageError(f"the account store: {exc}") from None
-        return row
 
     def verify_password(self, login: str, password: str) -> str | None:
         """The account key when ``password`` is right for ``login``; None otherwise.
@@ -338,13 +340,8 @@ class Accounts(alias_rules.AliasLookups):
             self._cache_sig, self._cache_time = sig, now
         if key in self._cache:
             return self._cache[key]
-        try:
+        with self._looked_up():
             value = super().expand(key, max_depth)
-        except sqlite3.DatabaseError as exc:
-            # Damaged, replaced in place: this thread's connection is closed (it failed on
-            # after the file was mended), and the recipient is refused for now (451).
-            self.close()
-            raise TemporaryStorageError(f"the account store: {exc}") from None
         if len(self._cache) < CACHE_SIZE:
             self._cache[key] = value
         return value

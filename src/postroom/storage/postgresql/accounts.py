@@ -327,7 +327,7 @@ class LiveAccounts(alias_rules.AliasLookups):
         argon2 verification whether or not the user exists; CPU-heavy: call it from a thread."""
         name = login_key(login)
         before = None if name is None else self._users.get(name)  # as the local store's
-        key = self._logins.verify(login, password, self._password_hash)
+        key = self._logins.verify(login, password, self.credential)
         if key is not None and before is not None:
             self._renew_scram(key, before.scram, password)
         return key
@@ -361,10 +361,6 @@ class LiveAccounts(alias_rules.AliasLookups):
             log.warning("the SCRAM keys of %s could not be renewed: %s", key, exc)
         finally:
             self._renewing.release()
-
-    def _password_hash(self, key: str) -> str | None:
-        row = self._users.get(key)
-        return None if row is None else row.password_hash
 
     def scram_keys(self, login: str) -> tuple[str, ScramKeys] | None:
         key = login_key(login)
