@@ -675,12 +675,15 @@ def test_a_refusal_by_the_last_host_tried_bounces() -> None:
     MX had only said "later", relay probe)."""
     port = free_port()
 
-    async def attempt(*greetings: bytes) -> DeliveryResult:
+    async def attempt(
+        *greetings: bytes, unreached: tuple[tuple[int, str], ...] = ()
+    ) -> DeliveryResult:
         hosts = [f"127.0.0.{5 + i}" for i in range(len(greetings))]
         pairs = zip(hosts, greetings, strict=True)
         sinks = [await Sink(h, port, greeting=g).start() for h, g in pairs]
         targets = tuple(mx(f"mx{i}.b.test", h, 10 * (i + 1)) for i, h in enumerate(hosts))
-        remote = RemoteDelivery(config(port), StaticResolver({"b.test": Route(targets)}))
+        route = Route(targets, unreached=unreached)
+        remote = RemoteDelivery(config(port), StaticResolver({"b.test": route}))
         try:
             (res,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
         finally:
@@ -700,6 +703,12 @@ def test_a_refusal_by_the_last_host_tried_bounces() -> None:
         assert busy_then.outcome is Outcome.TEMPORARY and busy_then.reply.code == 421
         both = await attempt(refused, refused)
         assert both.outcome is Outcome.PERMANENT and both.remote_mta == "mx1.b.test"
+        # An MX host whose address could not be looked up for now was not tried: it may
+        # take the message later, before or after the refusing one (it bounced: relay probe).
+        for pref in (5, 20):
+            unresolved = await attempt(refused, unreached=((pref, "mx9.b.test"),))
+            assert unresolved.outcome is Outcome.TEMPORARY, pref
+            assert unresolved.reply.status == "4.4.3" and "mx9.b.test" in unresolved.reply.text
 
     run(main)
 

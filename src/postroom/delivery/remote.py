@@ -171,10 +171,12 @@ def _lacking_everywhere(results: list[DeliveryResult]) -> DeliveryResult:
     return replace(last, reply=Reply(last.reply.code, last.reply.status, (text,), local=True))
 
 
-def _session_result(
-    recipient: ForwardPath, error: tuple[_SessionFailed, str, str]
-) -> DeliveryResult:
-    """The result of a host that gave no session (``error``: the failure, host, address)."""
+# A host that gave no session: the failure, the host, the address dialled (None: not one).
+_NoSession = tuple[_SessionFailed, str, str | None]
+
+
+def _session_result(recipient: ForwardPath, error: _NoSession) -> DeliveryResult:
+    """The result of a host that gave no session."""
     failed, host, ip = error
     reply = failed.reply
     outcome = Outcome.PERMANENT if failed.permanent else Outcome.TEMPORARY
@@ -383,8 +385,8 @@ class RemoteDelivery:
         final = {} if final is None else final
         last_temp: dict[int, DeliveryResult] = {}
         lacking: dict[int, list[DeliveryResult]] = {}  # refused for extensions hosts lack
-        session_error: tuple[_SessionFailed, str, str] | None = None
-        unreached: tuple[_SessionFailed, str, str] | None = None  # the last temporary one
+        session_error: _NoSession | None = None
+        unreached: _NoSession | None = None  # the last temporary one
         data: bytes | None = None
 
         def withheld(exc: DotWithheld) -> DotWithheld:
@@ -476,6 +478,12 @@ class RemoteDelivery:
                         said = str(left[0].reply)
                         events.host_failed(queue_id, target.label, ip, said, len(left))
                 pending = [i for i in pending if i not in final]
+        if unreached is None and route.unreached:
+            # An MX host whose addresses could not be looked up for now was never tried: it
+            # may take the message later (RFC 5321 §5.1), as a host not reached would.
+            host = route.unreached[0][1]
+            reply = _temp("4.4.3", f"DNS failure looking up the addresses of MX host {host}")
+            unreached = (_SessionFailed(reply), host, None)
         for i in pending:
             rcpt = message.recipients[i]
             if i in last_temp:
