@@ -576,6 +576,29 @@ def test_aggregate_report_is_valid_under_the_rfc7489_schema(tmp_path: Path) -> N
     assert "<feedback>" in xml  # no namespace, as in the receivers' reports
 
 
+def test_a_control_character_from_the_network_leaves_the_report_well_formed_xml(
+    tmp_path: Path,
+) -> None:
+    """A DKIM selector with a control character (any sender may put one in a signature) was
+    written into the XML as it came: not well-formed, so the domain owner's parser threw the
+    whole report away, every other row with it."""
+    dkim = [["b.test\x1b", "se\x01l", "fail"], ["b.test", "s\x00\ufffe", "fail"]]
+    rows = [_report_row(tmp_path, "192.0.2.1", dkim=dkim, mfrom="b.test\x0b")]
+    xml = reports.build(rows, "mx.a.test", "postmaster@a.test", 2000, "r1")[0].xml.decode()
+    xmlschema.XMLSchema(str(SCHEMA)).validate(xml)
+    assert "<selector>se?l</selector>" in xml and "<domain>b.test?</domain>" in xml
+    assert "<selector>s??</selector>" in xml
+
+
+def test_a_rua_address_whose_escapes_make_no_address_is_not_used() -> None:
+    """%-escapes in a mailto: URI turned into a NUL, a TAB or a lone quote in the RCPT TO
+    and the To: field of the report."""
+    for bad in ("mailto:a%00b@s.test", "mailto:t%09x@s.test", 'mailto:q%22@s.test', "mailto:@s"):
+        assert reports.rua_address(bad) is None, bad
+    assert reports.rua_address("mailto:D%2Bx@S.test!10m") == "D+x@s.test"
+    assert reports.rua_address("mailto:r@b\u00fccher.test") == "r@xn--bcher-kva.test"
+
+
 def test_report_rows_follow_the_file_when_it_is_taken_away(tmp_path: Path) -> None:
     _report_row(tmp_path, "192.0.2.1")
     first = reports.take(tmp_path, 1.0)
@@ -660,7 +683,7 @@ def test_an_authorization_record_with_its_own_rua_on_the_same_host_replaces_the_
         "mailto:rep@e.test",
         size=2000,
     )
-    assert mixed.addresses == ["b@E.test"] and len(mixed.refused) == 2
+    assert mixed.addresses == ["b@e.test"] and len(mixed.refused) == 2
     # The override's own size limit counts, not the policy's.
     assert where("v=DMARC1; rua=mailto:o@e.test", "mailto:rep@e.test!1k", size=2000).addresses == [
         "o@e.test"
@@ -673,6 +696,7 @@ def test_report_rows_kept_for_the_next_run_and_one_run_at_a_time(tmp_path: Path)
     _report_row(tmp_path, "192.0.2.2")
     again = reports.take(tmp_path, 2.0)
     assert sorted(r["ip"] for r in again.rows) == ["192.0.2.1", "192.0.2.2"]
+    assert again.malformed == 0  # (the kept file's first line names what it replaces)
     again.finish(keep=False)
     assert reports.take(tmp_path, 3.0).rows == []
     with reports.exclusive(tmp_path) as first, reports.exclusive(tmp_path) as second:

@@ -18,8 +18,10 @@ one whose ``!size`` (§6.2) is below the report's gzip'ed size gets none. One ru
 otherwise both send the same rows), and every report ID is unique.
 
 Security notes: everything in a row came from the network; XML text is escaped by
-ElementTree, the report size is bounded by ``MAX_ROWS``, and rua URIs are parsed strictly
-(``mailto:`` with one address and an optional ``!size``).
+ElementTree, and the characters XML 1.0 does not allow at all (which ElementTree writes as they
+are, making the whole report unreadable) are replaced by "?"; the report size is bounded by
+``MAX_ROWS``; rua URIs are parsed strictly (``mailto:`` with one address and an optional
+``!size``), and what their %-escapes make must be an address an RCPT TO can carry.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import gzip
 import ipaddress
 import json
 import os
+import re
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
@@ -42,10 +45,12 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+from postroom.address import parse_mailbox
 from postroom.auth.dkim_verify import DkimResult
 from postroom.auth.dmarc import DmarcResult, is_record, organizational_domain, record_tags
 from postroom.auth.lookup import DnsCache
 from postroom.auth.spf import SpfResult
+from postroom.errors import AddressError
 from postroom.storage.local.files import fsync_dir, replace_durably
 
 MAX_ROWS = 100_000
@@ -204,9 +209,11 @@ def take(folder: Path, now: float) -> Taken:
     for name in reversed(names):  # the newest first: past MAX_ROWS, the oldest rows go
         done = set(reported.get(name, ()))
         for line in reversed((folder / name).read_bytes().splitlines()):
-            # (a torn last line, or the first line of a file of rows left: no row)
+            # (a torn last line: no row)
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 row = json.loads(line)
+                if isinstance(row, dict) and SUPERSEDES in row:
+                    continue
                 if not _well_formed(row):
                     bad += 1
                     continue
@@ -298,9 +305,13 @@ class Report:
     xml: bytes
 
 
+# Not an XML 1.0 Char (§2.2): the C0 controls but TAB, LF and CR, surrogates, U+FFFE/U+FFFF.
+_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
 def _text(parent: ET.Element, tag: str, value: object) -> ET.Element:
     el = ET.SubElement(parent, tag)
-    el.text = str(value)
+    el.text = _NOT_XML_CHAR.sub("?", str(value))
     return el
 
 
@@ -402,10 +413,12 @@ def rua_address(uri: str) -> str | None:
     if not uri.lower().startswith("mailto:"):
         return None
     addr = urllib.parse.unquote(uri[7:].split("!", 1)[0].split("?", 1)[0]).strip()
-    local, at, domain = addr.rpartition("@")
-    if not at or not local or not domain or any(c in addr for c in " ,<>\r\n"):
+    # What %-escapes make of it must still be an address an RCPT TO and a To: field can
+    # carry (RFC 5321 §4.1.2): no NUL, TAB, lone quote or the like.
+    try:
+        return str(parse_mailbox(addr, utf8=True, local_limit=False))
+    except AddressError:
         return None
-    return addr
 
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
