@@ -706,10 +706,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         global _serving
-        from postroom import logs
-
         logs.setup(cfg)
         _serving = True
+    else:
+        logs.setup_command()
     _warnings(cfg, args.command)
     try:
         if made:

@@ -270,6 +270,37 @@ def _chunks(lines: list[str]) -> list[str]:
     return chunks
 
 
+class _CommandFormatter(logging.Formatter):
+    """``postroom: warning: MESSAGE``, cleaned as server lines are (the message may quote DNS
+    answers or replies from the network), a traceback's lines one by one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = _LEVEL_NAMES.get(record.levelno, "warning")
+        text = f"postroom: {level}: {printable(record.getMessage(), keep=_TAB)}"
+        if record.exc_info:
+            trace = self.formatException(record.exc_info).splitlines()
+            text += "".join("\n" + printable(line, keep=_TAB) for line in trace)
+        return text
+
+
+class _CommandHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr of a command other than ``serve``."""
+
+
+def setup_command() -> None:
+    """Logging for the commands other than ``serve``: warnings and errors on stderr (the
+    stderr of now: a caller may have replaced it), in place of logging's bare last resort."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, _CommandHandler):
+            handler.setStream(sys.stderr)
+            return
+    handler = _CommandHandler(sys.stderr)
+    handler.setLevel(WARNING)
+    handler.setFormatter(_CommandFormatter())
+    root.addHandler(handler)
+
+
 def setup(cfg: Config, stream: TextIO | None = None) -> None:
     """Configure from ``log_level`` and ``log_format`` (also called again by a reload)."""
     # What a record costs (the logging HOWTO's "Optimization"): no caller frame lookup and no

@@ -168,6 +168,27 @@ def test_no_forged_lines_from_a_plain_log_call(log: io.StringIO, tmp_path: Path)
     assert not any(line.startswith("2026-12-07T00:00:00.000Z") for line in lines)
 
 
+def test_a_command_writes_no_forged_lines_either(capsys: pytest.CaptureFixture[str]) -> None:
+    """Commands other than ``serve`` had no handler: logging's last resort printed a warning
+    as it came, and ``dmarc report --now`` wrote a DNS record's CR, LF and a terminal's
+    clear-screen escape to the admin's terminal (reports probe)."""
+    hostile = "a@else.test\r\n2026-12-07T00:00:00.000Z mx postroom: FORGED\x1b[2J\x1b]0;pwned\x07"
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        logs.setup_command()
+        logs.setup_command()  # (once is enough: no second handler)
+        logging.getLogger("postroom").warning("override %s\tis refused", hostile)
+        logging.getLogger("postroom").info("not shown")
+    finally:
+        root.handlers[:] = before
+    err = capsys.readouterr().err
+    assert err == (
+        "postroom: warning: override a@else.test??2026-12-07T00:00:00.000Z mx postroom: "
+        "FORGED?[2J?]0;pwned?\tis refused\n"
+    )
+
+
 def test_a_traceback_line_names_where_it_comes_from(log: io.StringIO, tmp_path: Path) -> None:
     """In text, a traceback's lines came bare after the first: a reader by line (or a grep
     for the process) met lines without their origin, nor a level."""
