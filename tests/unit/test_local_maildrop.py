@@ -199,7 +199,7 @@ def test_update_deletes_and_marks_seen(tmp_path: Path) -> None:
     assert sorted(os.listdir(md / "cur")) == ["2.b,S=3:2,S", "3.c,S=3:2,FS"]
 
 
-def test_crlf_only_names_skip_conversion_and_others_are_converted(tmp_path: Path) -> None:
+def test_crlf_and_lf_files_go_out_in_crlf(tmp_path: Path) -> None:
     lf = b"a\nb\n"
     md = make_maildir(
         tmp_path / "md",
@@ -208,11 +208,46 @@ def test_crlf_only_names_skip_conversion_and_others_are_converted(tmp_path: Path
     drop = Maildrop(md)
     drop.open_now()
     try:
-        assert [e.crlf for e in drop.files] == [True, False]
         assert drop.read(drop.files[0]) == b"a\r\nb\r\n"
         assert drop.read(drop.files[1]) == b"a\r\nb\r\n"
     finally:
         drop.close_now()
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_a_file_named_crlf_with_bare_lfs_is_not_sent_raw(tmp_path: Path, large: bool) -> None:
+    """``S == W`` was taken to mean CRLF already, and the file went out as it was: a file a
+    tool named so with bare LF line ends ended the message early at its "\\n.\\n", and the
+    rest reached the client as replies (``DELE 1``); one with a ``,W=`` too small was
+    refused in every session ([SYS/TEMP]), and the mailbox's later mail with it (pop3 probe).
+    Neither is sent as listed; its name loses the sizes, and the next session measures it."""
+    body = b"Subject: inj\n\nline\n.\nDELE 1\n" + (b"x" * 300_000 + b"\n" if large else b"")
+    wrong = b"a\nb\nc\nd\n"
+    md = make_maildir(
+        tmp_path / "md",
+        {f"new/1.inj,S={len(body)},W={len(body)}": body, "new/2.wm,S=8,W=9": wrong},
+    )
+
+    async def retr(drop: MaildirMaildrop, number: int) -> bytes:
+        return b"".join([piece async for piece in drop.chunks(number)])
+
+    drop = Maildrop(md)
+    drop.open_now()
+    try:
+        for number in (1, 2):
+            with pytest.raises(OSError):
+                drop.read(drop.files[number - 1]) if not large else asyncio.run(retr(drop, number))
+    finally:
+        drop.close_now()
+    assert sorted(os.listdir(md / "new")) == ["1.inj", "2.wm"]
+    again = Maildrop(md)
+    again.open_now()
+    try:
+        assert [f.size for f in again.files] == [len(to_crlf(body)), len(to_crlf(wrong))]
+        assert asyncio.run(retr(again, 1)) == to_crlf(body)
+        assert again.read(again.files[1]) == to_crlf(wrong)
+    finally:
+        again.close_now()
 
 
 def test_file_longer_than_its_name_says_is_read_whole(tmp_path: Path) -> None:

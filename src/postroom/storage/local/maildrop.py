@@ -4,10 +4,12 @@ At login ``new/`` and ``cur/`` are listed once (the snapshot): message numbers r
 mail arriving meanwhile appears in the next session. Sizes come from the file names, never from
 reading bodies: ``,W=`` is the size with CRLF line ends (Dovecot's field, and what RETR sends),
 ``,S=`` the file's own size. Files are stored with LF line ends (postroom's writer, Dovecot,
-Postfix), or with CRLF (older postroom files, some tools): ``S == W`` says a file is CRLF already
-and goes out as it is; otherwise each bare LF goes out as CRLF (RFC 1939 §3), so LIST and STAT
-equal the octets RETR sends (RFC 1939 §5). Files from other tools without ``,W=`` are measured
-once and remembered in a small cache file, so that the next session does not read them again.
+Postfix), or with CRLF (older postroom files, some tools): each bare LF goes out as CRLF (RFC
+1939 §3; a CRLF file is recognised by counting), so LIST and STAT equal the octets RETR sends
+(RFC 1939 §5). A file whose octets do not come to its ``,W=`` (a tool named it wrongly) is not
+sent, and its size fields are taken out of its name, so the next session measures it. Files
+from other tools without ``,W=`` are measured once and remembered in a small cache file, so
+that the next session does not read them again.
 An entry that is no regular file (a directory, a FIFO, a device, a symbolic link, which may
 point anywhere) or cannot be read is left out with a warning: it must neither lock the user
 out, nor hang the login, nor serve a file from elsewhere. A file is opened without following
@@ -83,11 +85,6 @@ class MaildirFile:
     ino: int = 0  # its inode, when another file has the same unique name (0: not looked at)
     measured: bool = False  # ``size`` was measured (it counts the CRLF RETR adds to an
     # unterminated last line), not read from the name
-
-    @property
-    def crlf(self) -> bool:
-        """The file is CRLF already (``S == W``): sent as it is, without a scan."""
-        return self.raw == self.size
 
     @property
     def base(self) -> str:
@@ -178,17 +175,17 @@ class MaildirMaildrop:
         f = self.files[number - 1]
         fd = await self.io.run(self._open_fd, f)
         try:
-            conv = None if f.crlf else CrlfConverter()
+            conv = CrlfConverter()
             sent, last = 0, b"\n"
             while piece := await self.io.run(os.read, fd, READ_CHUNK):
-                out = piece if conv is None else conv.feed(piece)
+                out = conv.feed(piece)
                 sent, last = sent + len(out), piece[-1:]
                 if sent > f.size:
                     self._changed(f)
                     raise OSError(errno.EIO, f"{f.name} grew while it was sent")
                 if out:
                     yield out
-            tail = b"" if conv is None else conv.finish()
+            tail = conv.finish()
             if sent + len(tail) not in _expected(f, last):
                 self._changed(f)
                 raise OSError(errno.EIO, f"{f.name} changed while it was sent")
@@ -453,7 +450,9 @@ class MaildirMaildrop:
                 data = b"".join(parts)
         finally:
             os.close(fd)
-        out = data if f.crlf else to_crlf(data)
+        # (Also when ``,S=`` equals ``,W=``: a tool may have named a file with bare LFs so,
+        # which sent as it is would end the message early at a "\n.\n" and inject the rest.)
+        out = to_crlf(data)
         if len(out) not in _expected(f, data[-1:] or b"\n"):  # (chunks() says why: an error)
             self._changed(f)
             log.warning(
@@ -464,10 +463,13 @@ class MaildirMaildrop:
 
     def _changed(self, f: MaildirFile) -> None:
         """A file not of its listed size: a measured one's cache entry is dropped (the whole
-        cache: it is only that), so the next session measures it again."""
+        cache: it is only that), a named one's sizes taken out of its name (a wrong ``,W=``
+        would refuse it in every session), so the next session measures it again."""
         if f.measured:
             with contextlib.suppress(OSError):
                 os.unlink(self.path / SIZE_CACHE)
+        else:
+            self._unsized(f)
 
     def update_now(self, deleted: Sequence[int], seen: Sequence[int]) -> int:
         """The UPDATE state (RFC 1939 §6): delete what was marked; mark what was read as seen.
