@@ -338,6 +338,16 @@ def test_password_with_spaces_and_utf8() -> None:
     assert p.utf8
 
 
+def test_white_space_around_a_user_name_is_no_part_of_it() -> None:
+    """``USER name `` (a trailing space) got +OK, then the login failed, counting towards
+    the failed logins (pop3 probe); the password keeps its spaces."""
+    p = Pop3Engine(Features())
+    _, events = run(p, b"USER  u@a.test \r\nPASS  p \r\n")
+    assert events == [Login("u@a.test", " p ")]
+    out, _ = run(Pop3Engine(Features()), b"USER  \r\n", login=False)
+    assert status(out) == [b"-ERR"]
+
+
 def test_quit_before_login_and_misuse() -> None:
     p = Pop3Engine(Features())
     out, events = run(p, b"QUIT\r\nNOOP\r\n")

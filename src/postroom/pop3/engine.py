@@ -405,9 +405,12 @@ class Pop3Engine(Buffers):
             # RFC 2595 §2.1 / RFC 8314: no credentials in the clear.
             return self._error("Plaintext login disallowed, use STLS first", "AUTH")
         if verb == "USER":
-            if not rest:
+            # (White space around the name is no part of it: no login name has any, and
+            # PASS would fail, counting towards the failed logins.)
+            name = rest.strip()
+            if not name:
                 return self._error("USER needs a name")
-            self._user = rest
+            self._user = name
             self._out.append(b"+OK Send your password\r\n")
             return None
         if verb == "PASS":
