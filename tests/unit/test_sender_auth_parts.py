@@ -593,7 +593,7 @@ def test_a_control_character_from_the_network_leaves_the_report_well_formed_xml(
 def test_a_rua_address_whose_escapes_make_no_address_is_not_used() -> None:
     """%-escapes in a mailto: URI turned into a NUL, a TAB or a lone quote in the RCPT TO
     and the To: field of the report."""
-    for bad in ("mailto:a%00b@s.test", "mailto:t%09x@s.test", 'mailto:q%22@s.test', "mailto:@s"):
+    for bad in ("mailto:a%00b@s.test", "mailto:t%09x@s.test", "mailto:q%22@s.test", "mailto:@s"):
         assert reports.rua_address(bad) is None, bad
     assert reports.rua_address("mailto:D%2Bx@S.test!10m") == "D+x@s.test"
     assert reports.rua_address("mailto:r@b\u00fccher.test") == "r@xn--bcher-kva.test"
