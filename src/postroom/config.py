@@ -303,7 +303,16 @@ class Config:
         return domain in self.domains
 
     def per_ip_exempt_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-        return tuple(ipaddress.ip_network(n, strict=False) for n in self.limits.per_ip_exempt)
+        """The exempt networks; one written IPv4-mapped (``::ffff:127.0.0.0/104``) as the IPv4
+        network it names: a mapped client is counted, and matched, by its IPv4 address."""
+        out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for text in self.limits.per_ip_exempt:
+            net = ipaddress.ip_network(text, strict=False)
+            mapped = net.network_address.ipv4_mapped if net.version == 6 else None
+            if mapped is not None and net.prefixlen >= 96:
+                net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+            out.append(net)
+        return tuple(out)
 
 
 EMBEDDED_DEFAULT_LISTEN = ListenConfig(

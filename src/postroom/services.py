@@ -163,6 +163,8 @@ class ConnectionLimiter:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped  # (an IPv4 client on a dual-stack socket: counted so too)
         if len(self._exempt_ips) >= 4096:  # bounded: a wide botnet only makes it start over
             self._exempt_ips.clear()
         answer = self._exempt_ips[ip] = any(addr in net for net in self.exempt)

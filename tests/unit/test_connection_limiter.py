@@ -9,6 +9,7 @@ import resource
 
 import pytest
 
+from postroom.config import Config, LimitsConfig
 from postroom.services import ConnectionLimiter
 
 
@@ -115,3 +116,16 @@ def test_an_exempt_host_takes_no_place_of_its_ipv6_neighbours() -> None:
     for c in held[:4]:
         limiter.release(relay, c)
     assert limiter.acquire("2001:db8::99", Conn())
+
+
+def test_an_ipv4_client_on_a_dual_stack_socket_is_exempt_as_its_ipv4_address() -> None:
+    """A mapped client (``::ffff:127.0.0.5``) is counted as its IPv4 address, but was never
+    matched against the IPv4 networks; an exemption written mapped exempted no one (v6intl
+    probe): both name the IPv4 network now."""
+    written = ("::ffff:127.0.0.0/104", "::1/128", "192.0.2.0/24")
+    nets = Config(limits=LimitsConfig(per_ip_exempt=written)).per_ip_exempt_networks()
+    assert nets[0] == ipaddress.ip_network("127.0.0.0/8") and nets[2].version == 4
+    for exempt in (nets[:1], nets[2:]):
+        limiter = ConnectionLimiter(100, 1, exempt)
+        client = "::ffff:127.0.0.5" if exempt == nets[:1] else "::ffff:192.0.2.7"
+        assert all(limiter.acquire(client, Conn()) for _ in range(3))
