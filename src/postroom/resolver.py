@@ -513,8 +513,13 @@ def drop_self(
         return route
     best_self = min(prefs)
     kept = tuple(t for t in route.targets if t.preference < best_self and t not in ours)
-    if kept:
-        return Route(kept)
+    if kept:  # (with the better hosts not looked up yet: they may take the message later)
+        better = tuple(
+            (p, h)
+            for (p, h), (_, is_us) in zip(route.unreached, unreached, strict=True)
+            if p < best_self and not is_us
+        )
+        return Route(kept, unreached=better)
     if any(p < best_self and not is_us for p, is_us in unreached):
         return Route.fail("4.4.3", f"DNS failure looking up an MX host of {domain} better than us")
     return Route.fail("5.4.6", f"mail for {domain} loops back to myself")

@@ -222,6 +222,12 @@ def test_drop_self_keeps_better_mx_only() -> None:
     assert "mail for b.test loops back to myself" in loop.failure.text
     untouched = Route((better,))
     assert seen_from_a_test(untouched, "b.test") is untouched
+    # The better hosts not looked up for now stay known (the worse ones and we do not): a
+    # 5xx greeting from the better host that answered bounced while they might take it
+    # (recheck probe).
+    dead = ((5, "dead1.b.test"), (15, "dead2.b.test"), (25, "dead3.b.test"), (20, "mx.a.test"))
+    r = seen_from_a_test(Route((better, us, worse), unreached=dead), "b.test")
+    assert r.targets == (better,) and r.unreached == ((5, "dead1.b.test"), (15, "dead2.b.test"))
 
 
 def test_a_better_mx_host_not_looked_up_for_now_defers_instead_of_a_loop(dns_port: int) -> None:
