@@ -595,8 +595,19 @@ def test_a_rua_address_whose_escapes_make_no_address_is_not_used() -> None:
     and the To: field of the report."""
     for bad in ("mailto:a%00b@s.test", "mailto:t%09x@s.test", "mailto:q%22@s.test", "mailto:@s"):
         assert reports.rua_address(bad) is None, bad
+    assert reports.rua_address("mailto:%FF@s.test") is None  # (no UTF-8: was U+FFFD)
     assert reports.rua_address("mailto:D%2Bx@S.test!10m") == "D+x@s.test"
     assert reports.rua_address("mailto:r@b\u00fccher.test") == "r@xn--bcher-kva.test"
+
+
+def test_a_report_to_a_utf8_address_names_it_as_it_is() -> None:
+    """RFC 6532 §3.2: the To: of a report to ``ü@s.test`` was an encoded-word, which no
+    addr-spec may hold (RFC 2047 §5); an ASCII one stays ASCII."""
+    report = reports.Report("s.test", ("mailto:%C3%BC@s.test",), 0, 1, "1.x", b"<feedback/>")
+    raw = reports.compose(report, "mx.a.test", "postmaster@a.test", ["\u00fc@s.test"], 2.0)
+    assert "To: \u00fc@s.test\r\n".encode() in raw and b"=?utf-8?" not in raw
+    plain = reports.compose(report, "mx.a.test", "postmaster@a.test", ["r@s.test"], 2.0)
+    assert b"To: r@s.test\r\n" in plain and plain.isascii()
 
 
 def test_report_rows_follow_the_file_when_it_is_taken_away(tmp_path: Path) -> None:

@@ -412,7 +412,11 @@ def rua_address(uri: str) -> str | None:
     """``mailto:dmarc@example.com!10m`` -> ``dmarc@example.com`` (RFC 7489 §6.2, §6.4)."""
     if not uri.lower().startswith("mailto:"):
         return None
-    addr = urllib.parse.unquote(uri[7:].split("!", 1)[0].split("?", 1)[0]).strip()
+    try:  # (%-escapes of octets that are no UTF-8: no address)
+        addr = urllib.parse.unquote(uri[7:].split("!", 1)[0].split("?", 1)[0], errors="strict")
+    except UnicodeDecodeError:
+        return None
+    addr = addr.strip()
     # What %-escapes make of it must still be an address an RCPT TO and a To: field can
     # carry (RFC 5321 §4.1.2): no NUL, TAB, lone quote or the like.
     try:
@@ -524,4 +528,7 @@ def compose(report: Report, receiver: str, sender: str, to: list[str], now: floa
         subtype="gzip",
         filename=name,
     )
-    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    # A UTF-8 address goes as it is (RFC 6532 §3.2: the report travels with SMTPUTF8); an
+    # encoded-word in an addr-spec is no address (RFC 2047 §5).
+    utf8 = not all(addr.isascii() for addr in to)
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n", utf8=utf8))
