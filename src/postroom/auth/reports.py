@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import email.policy
 import email.utils
 import fcntl
 import gzip
@@ -531,4 +532,4 @@ def compose(report: Report, receiver: str, sender: str, to: list[str], now: floa
     # A UTF-8 address goes as it is (RFC 6532 §3.2: the report travels with SMTPUTF8); an
     # encoded-word in an addr-spec is no address (RFC 2047 §5).
     utf8 = not all(addr.isascii() for addr in to)
-    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n", utf8=utf8))
+    return msg.as_bytes(policy=email.policy.SMTPUTF8 if utf8 else email.policy.SMTP)
