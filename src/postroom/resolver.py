@@ -239,6 +239,19 @@ def _answered_first(res: dns.asyncresolver.Resolver, answer: dns.resolver.Answer
             return
 
 
+class _Cache(dns.resolver.LRUCache):
+    """dnspython's cache, without the negative answers (NXDOMAIN, no records) that come
+    without an SOA: RFC 2308 §5 says they SHOULD NOT be cached, and dnspython keeps them 300 s
+    (a domain that did not exist yet went on bouncing for minutes once it did)."""
+
+    def put(self, key: dns.resolver.CacheKey, value: dns.resolver.Answer) -> None:
+        if value.rrset is None and not any(
+            rrset.rdtype == dns.rdatatype.SOA for rrset in value.response.authority
+        ):
+            return
+        super().put(key, value)
+
+
 class DnsResolver:
     """MX routing with dnspython's async resolver and ``[dns] nameservers``/``timeout``."""
 
@@ -253,7 +266,7 @@ class DnsResolver:
         # Answers (negative ones too, for the SOA minimum: RFC 2308 §5) are kept for their TTL,
         # up to ``[dns] cache_size`` of them; failures are not kept, so a retry asks again.
         # Without it every relayed message cost three round trips (MX, A, AAAA).
-        res.cache = dns.resolver.LRUCache(cfg.cache_size)
+        res.cache = _Cache(cfg.cache_size)
         self._res = res
         self._rng = rng or random.Random()
         self._max_mx = max_mx

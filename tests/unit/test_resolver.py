@@ -12,7 +12,7 @@ from typing import Any
 
 import dns.resolver
 import pytest
-from dnslib import AAAA, MX, QTYPE, RCODE, RR, A, DNSError, DNSRecord
+from dnslib import AAAA, MX, QTYPE, RCODE, RR, SOA, A, DNSError, DNSRecord
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 from postroom.config import DNSConfig, Duration
@@ -44,6 +44,7 @@ ZONE: dict[str, list[tuple[str, Any]]] = {
 }
 SERVFAIL = {"fail.test"}
 SILENT = {"slow.test"}
+WITH_SOA = {"later-soa.test"}  # negative answers for these come with an SOA (RFC 2308 §3)
 
 
 class ZoneResolver(BaseResolver):  # type: ignore[misc]
@@ -58,6 +59,9 @@ class ZoneResolver(BaseResolver):  # type: ignore[misc]
             return reply
         if qname not in ZONE:
             reply.header.rcode = RCODE.NXDOMAIN
+            if qname in WITH_SOA:
+                soa = SOA("ns.test", "admin.test", (1, 60, 60, 60, 60))
+                reply.add_auth(RR("test", QTYPE.SOA, rdata=soa, ttl=60))
             return reply
         for rtype, rdata in ZONE[qname]:
             if rtype == qtype and rdata is not None:
@@ -102,6 +106,28 @@ def test_equal_preference_is_random_but_seeded(dns_port: int) -> None:
 def test_no_mx_uses_the_domain_itself(dns_port: int) -> None:
     r = route(dns_port, "PLAIN.test.")
     assert r.targets == (Target("plain.test", ("127.0.2.1", "::1"), 0, implicit=True),)
+
+
+def test_a_domain_missing_without_an_soa_is_asked_for_again(dns_port: int) -> None:
+    """RFC 2308 §5: a negative answer without an SOA SHOULD NOT be cached; dnspython kept it
+    300 s, and a domain added to DNS after a bounce went on bouncing (accounts probe). One
+    with an SOA is kept for its minimum."""
+
+    async def twice(domain: str) -> tuple[Route, Route]:
+        cfg = DNSConfig(nameservers=(("127.0.0.1", dns_port),), timeout=Duration(2))
+        resolver = DnsResolver(cfg, rng=random.Random(1))
+        first = await resolver.route(domain)
+        ZONE[domain] = [("A", A("127.0.9.9"))]
+        try:
+            return first, await resolver.route(domain)
+        finally:
+            del ZONE[domain]
+
+    first, then = asyncio.run(twice("later.test"))
+    assert first.failure is not None and first.failure.status == "5.1.2"
+    assert then.ok and then.targets[0].addresses == ("127.0.9.9",)
+    first, then = asyncio.run(twice("later-soa.test"))
+    assert first.failure is not None and then.failure is not None  # (kept: 60 s)
 
 
 def test_null_mx(dns_port: int) -> None:
