@@ -244,6 +244,11 @@ class Connection(asyncio.Protocol):
         or between two of its chunks)."""
         return self.busy()
 
+    def answering_at_length(self) -> bool:
+        """The running task only sends a long answer (it stores and applies nothing): a stop
+        whose grace ran out may cut it short, as a dropped connection would."""
+        return False
+
     def released(self) -> None:
         """The connection is gone: drop the protocol's session state (nothing is applied)."""
 
@@ -330,7 +335,9 @@ class Connection(asyncio.Protocol):
         self.services.connections.release(self.client_ip, self)
         if self.engine is not None:
             if self.tls is not None and not self.tls.ready and not self._handshake_failed:
-                events.tls_handshake(self.service, self.client_ip, None, "closed by the client")
+                # (We close one at a stop: a session not yet talking gets no reply.)
+                why = "closed by the server's stop" if self._ended_here else "closed by the client"
+                events.tls_handshake(self.service, self.client_ip, None, why)
             seconds = time.monotonic() - self.started
             after = ""  # where the client left a session it did not end
             if not (self.engine.closed or self._ended_here):
@@ -742,8 +749,18 @@ class Connection(asyncio.Protocol):
     def cut_off(self) -> None:
         """The stop's grace ran out and this session is still receiving a message (a task,
         storing one, is waited for): its 421 (RFC 5321 §3.8), and the disconnect is logged,
-        rather than a bare close at the exit."""
-        if self.engine is None or self._lost or self._task is not None:
+        rather than a bare close at the exit; so is a long answer cut short."""
+        if self.engine is None or self._lost:
+            return
+        if self._task is not None:
+            if self.answering_at_length() and self.transport is not None:
+                self._ended_here = True
+                self.services.log.info(
+                    "%s with %s: cut off by the stop before its answer was whole",
+                    self.kind,
+                    self.client_ip,
+                )
+                self.transport.abort()  # (its disconnect is logged: connection_lost)
             return
         self.services.log.info(
             "%s with %s: cut off by the stop before its message was whole",

@@ -697,6 +697,24 @@ def retr_of_16_mb(s: Server, user: str) -> tuple[ssl.SSLSocket, Any, bytes]:
     return sock, f, msg
 
 
+def test_a_stop_cuts_a_retr_the_client_does_not_read_and_says_so(
+    server_factory: ServerFactory,
+) -> None:
+    """An ops probe: a session whose large RETR the client did not read when the stop's
+    grace ran out ended with the process, and its log had no line of its end (an SMTP
+    session cut so has one). Nothing is deleted, as after any dropped connection."""
+    s = server_factory(services=("pop3s",))
+    sock, _f, _msg = retr_of_16_mb(s, "ida@a.test")
+    time.sleep(0.3)  # the server's writes stall on the client
+    assert s.stop() == 0
+    text = s.log.read_text()
+    assert "POP3 with 127.0.0.1: cut off by the stop before its answer was whole" in text
+    ended = text.count(": disconnect from ")
+    assert ended == text.count(": connect from ") and ended > 0
+    assert len(list((s.maildir("ida@a.test") / "new").iterdir())) == 1
+    sock.close()
+
+
 def test_client_stalled_in_retr_is_dropped_and_unlocks(server_factory: ServerFactory) -> None:
     s = server_factory(services=("pop3s",), extra_toml='[limits]\npop3_idle_timeout = "1s"')
     sock, _f, _msg = retr_of_16_mb(s, "gina@a.test")

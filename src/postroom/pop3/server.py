@@ -56,6 +56,7 @@ class Pop3Connection(Connection):
         self.service = "pop3s" if implicit_tls else "pop3"
         self._sasl = SaslSession(services, "", self.service)
         self._closing: set[asyncio.Task[None]] = set()
+        self._streaming = False  # a large RETR or TOP is being sent (_stream)
 
     def features(self) -> Pop3Features:
         tls = self.implicit_tls or (self.engine is not None and self.engine.tls_active)
@@ -190,6 +191,7 @@ class Pop3Connection(Connection):
         info = snap.get(cmd.msg)
         assert info is not None
         pieces = drop.chunks(cmd.msg)
+        self._streaming = True
         try:
             try:
                 first = await anext(pieces, b"")
@@ -222,7 +224,11 @@ class Pop3Connection(Connection):
             if top is None:
                 snap.retrieved(cmd.msg)
         finally:
+            self._streaming = False
             await pieces.aclose()
+
+    def answering_at_length(self) -> bool:
+        return self._streaming
 
     async def _quit(self, engine: Pop3Engine) -> None:
         # RFC 1939 §6: once QUIT has come the UPDATE state runs to its end, also when the
