@@ -19,9 +19,11 @@ UIDLs are the Maildir unique names (the base name up to the first ``,`` or ``:``
 keys them; hashed if unfit for RFC 1939 §7), so they survive flag changes, are stable across
 sessions and are never reused; messages moved over from Dovecot keep the UIDL Dovecot gave
 them (the mailbox's UIDL map, written by ``dovecot_import.py``). Deletions are applied only by
-:meth:`MaildirMaildrop.update` (RFC 1939 §6). Messages retrieved and kept move from ``new/`` to
-``cur/`` with the ``S`` (seen) flag added to the flags their names have at that moment
-(another tool may have set some during the session), as Maildir readers expect.
+:meth:`MaildirMaildrop.update` (RFC 1939 §6), written down before the first is made, so that
+the next session finishes those a crash cut short: a QUIT deletes all or none. Messages
+retrieved and kept move from ``new/`` to ``cur/`` with the ``S`` (seen) flag added to the
+flags their names have at that moment (another tool may have set some during the session), as
+Maildir readers expect.
 
 One session per mailbox: an exclusive ``flock`` on a lock file, held for the session and
 released by the kernel when the descriptor is closed or the process dies, so a crashed session
@@ -55,6 +57,8 @@ from postroom.wire.framing import CrlfConverter, to_crlf
 
 LOCK_NAME = ".postroom-pop3.lock"
 SIZE_CACHE = ".postroom-pop3-sizes"
+# The deletions of a QUIT under way: made whole by the next session if a crash cut them short.
+EXPUNGING = ".postroom-pop3-expunge"
 READ_CHUNK = 1 << 18
 SMALL_MESSAGE = 1 << 18  # read on the event loop in one go; larger ones stream from a thread
 UPDATE_THREADS = 4
@@ -217,6 +221,7 @@ class MaildirMaildrop:
                 self._dirs[subdir] = os.open(
                     self.path / subdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
                 )
+            self._finish_expunge()
             self.files = self._snapshot()
         except BaseException:
             self.close_now()
@@ -478,6 +483,8 @@ class MaildirMaildrop:
         for the name, while freeing the inode's blocks (most of its cost) runs in parallel.
         """
         work: list[tuple[MaildirFile, bool]] = [(self.files[n - 1], False) for n in deleted]
+        if deleted:
+            self._intend([f for f, _seen in work])
         work += [(self.files[n - 1], True) for n in seen if seen_name(self.files[n - 1])]
         if len(work) < PARALLEL_UPDATE_MIN:
             results = [self._apply_all(work)]
@@ -490,7 +497,47 @@ class MaildirMaildrop:
             # The changes are made; only their durability across a power cut is at stake.
             with contextlib.suppress(OSError):
                 os.fsync(self._dirs[subdir])
+        if deleted:  # (also when some failed: QUIT says so, and they stay)
+            with contextlib.suppress(OSError):
+                (self.path / EXPUNGING).unlink(missing_ok=True)
         return sum(r[0] for r in results)
+
+    def _intend(self, doomed: list[MaildirFile]) -> None:
+        """Write down the deletions before the first is made: a session killed among them
+        (kill -9, a crash) leaves the rest to the next session (:meth:`_finish_expunge`), so a
+        QUIT deletes all it was given or none, never some (a client that retrieved them all
+        would otherwise fetch those left a second time)."""
+        names = "".join(f"{f.subdir}/{f.name}\n" for f in doomed).encode()
+        try:
+            files.replace_durably(self.path / EXPUNGING, names, self.path / f"{EXPUNGING}.tmp")
+            files.fsync_dir(self.path)
+        except OSError as exc:  # (a full disk: the deletions are made all the same)
+            log.warning("maildir %s: deletions not written down first: %s", self.path, exc)
+
+    def _finish_expunge(self) -> None:
+        """The deletions of a QUIT a crash cut short (see :meth:`_intend`), made now: names
+        gone already (deleted, or moved by another tool since) are passed over."""
+        try:
+            listed = (self.path / EXPUNGING).read_bytes().decode("utf-8", "surrogateescape")
+        except FileNotFoundError:
+            return
+        changed: set[str] = set()
+        for line in listed.splitlines():
+            subdir, _, name = line.partition("/")
+            if subdir in self._dirs and name and "/" not in name:
+                with contextlib.suppress(OSError):  # (gone already; or it stays, as at QUIT)
+                    os.unlink(name, dir_fd=self._dirs[subdir])
+                    changed.add(subdir)
+        for subdir in changed:
+            with contextlib.suppress(OSError):
+                os.fsync(self._dirs[subdir])
+        log.warning(
+            "maildir %s: the deletions of a session cut short (%d) made now",
+            self.path,
+            len(listed.splitlines()),
+        )
+        with contextlib.suppress(OSError):
+            (self.path / EXPUNGING).unlink(missing_ok=True)
 
     def _apply_all(self, work: list[tuple[MaildirFile, bool]]) -> tuple[int, set[str]]:
         """Apply a slice of the UPDATE; (deletions failed, subdirectories changed)."""
