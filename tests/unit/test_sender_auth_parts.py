@@ -888,3 +888,33 @@ def test_past_the_cap_the_oldest_rows_go_and_spare_files_too(
     ]
     assert taken.dropped == 2
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_utf8_report_address_gets_its_own_copy(tmp_path: Path) -> None:
+    """A report to ``ü@b.test`` and ``r@b.test`` went in one message whose To: was UTF-8:
+    the ASCII address's host, without SMTPUTF8, refused it (5.6.9; recheck probe)."""
+    from postroom.auth.service import SenderAuth
+    from postroom.config import Config
+    from postroom.storage.local.queue import LocalQueue
+
+    folder = tmp_path / "dmarc"
+    folder.mkdir()
+    row = _report_row(tmp_path / "elsewhere", "192.0.2.1") | {
+        "rua": ["mailto:%C3%BC@b.test", "mailto:r@b.test", "mailto:s@b.test"]
+    }
+    (folder / reports.RECORDS).write_bytes(json.dumps(row).encode() + b"\n")
+    cfg = Config(hostname="mx.a.test", domains=("a.test",), data_dir=tmp_path)
+    auth = SenderAuth(cfg, cast(Any, Zone({})), keys.LocalKeyStore(tmp_path / "keys"))
+    queued: list[tuple[list[str], bytes]] = []
+
+    async def queue(sender: str, to: list[str], message: bytes) -> str:
+        queued.append((to, message))
+        return f"Q{len(queued)}"
+
+    assert asyncio.run(auth.send_reports(queue)) == 1
+    assert [to for to, _ in queued] == [["r@b.test", "s@b.test"], ["\u00fc@b.test"]]
+    assert queued[0][1].isascii() and not queued[1][1].isascii()
+    # The CLI's way into the queue carries it with SMTPUTF8 (RFC 6531 §3.4), as the server's.
+    store = LocalQueue(tmp_path / "spool", "mx.a.test")
+    queue_id = store.add_waiting("postmaster@a.test", ["\u00fc@b.test"], queued[1][1])
+    assert store.deferred.load(queue_id).smtputf8

@@ -712,16 +712,24 @@ class SenderAuth:
             if not where.addresses:
                 taken.mark(report.policy_domain)
                 continue
-            to = where.addresses
-            message = reports.compose(report, self.cfg.hostname, f"dmarc-reports@{domain}", to, now)
-            message = dkim_sign.sign(message, self._signers(domain), int(now)) + message
-            queue_id = await queue(sender, to, message)
-            log.info(
-                "DMARC report %s for %s queued as %s",
-                report.report_id,
-                report.policy_domain,
-                queue_id,
-            )
+            # A UTF-8 address gets its own copy (its To: in UTF-8, RFC 6532 §3.2, carried with
+            # SMTPUTF8): in one message with them, the ASCII ones' hosts without SMTPUTF8
+            # refused theirs.
+            ascii_to = [a for a in where.addresses if a.isascii()]
+            utf8_to = [a for a in where.addresses if not a.isascii()]
+            for to in (ascii_to, utf8_to):
+                if not to:
+                    continue
+                from_ = f"dmarc-reports@{domain}"
+                message = reports.compose(report, self.cfg.hostname, from_, to, now)
+                message = dkim_sign.sign(message, self._signers(domain), int(now)) + message
+                queue_id = await queue(sender, to, message)
+                log.info(
+                    "DMARC report %s for %s queued as %s",
+                    report.report_id,
+                    report.policy_domain,
+                    queue_id,
+                )
             taken.mark(report.policy_domain)
             sent += 1
         taken.finish(keep)
