@@ -750,7 +750,13 @@ class Connection(asyncio.Protocol):
         """The stop's grace ran out and this session is still receiving a message (a task,
         storing one, is waited for): its 421 (RFC 5321 §3.8), and the disconnect is logged,
         rather than a bare close at the exit; so is a long answer cut short."""
-        if self.engine is None or self._lost:
+        if self.engine is None:
+            return
+        if self._lost:
+            # Closed by us, its last replies still unread (the client pipelined and does not
+            # read): dropped now, its disconnect logged, rather than ended by the exit.
+            if not self._gone and self.transport is not None:
+                self.transport.abort()
             return
         if self._task is not None:
             if self.answering_at_length() and self.transport is not None:
