@@ -239,16 +239,21 @@ def _answered_first(res: dns.asyncresolver.Resolver, answer: dns.resolver.Answer
             return
 
 
+# RFC 2308 §5: the longest a negative answer is kept (1-3 hours are "reasonable"), whatever
+# the SOA says: a domain that did not exist yet, bounced, goes on bouncing that long.
+MAX_NEGATIVE_TTL = 3600
+
+
 class _Cache(dns.resolver.LRUCache):
     """dnspython's cache, without the negative answers (NXDOMAIN, no records) that come
-    without an SOA: RFC 2308 §5 says they SHOULD NOT be cached, and dnspython keeps them 300 s
-    (a domain that did not exist yet went on bouncing for minutes once it did)."""
+    without an SOA (RFC 2308 §5: they SHOULD NOT be cached; dnspython keeps them 300 s), and
+    the others for :data:`MAX_NEGATIVE_TTL` at most (dnspython: the SOA's minimum, a week)."""
 
     def put(self, key: dns.resolver.CacheKey, value: dns.resolver.Answer) -> None:
-        if value.rrset is None and not any(
-            rrset.rdtype == dns.rdatatype.SOA for rrset in value.response.authority
-        ):
-            return
+        if value.rrset is None:
+            if not any(rrset.rdtype == dns.rdatatype.SOA for rrset in value.response.authority):
+                return
+            value.expiration = min(value.expiration, time.time() + MAX_NEGATIVE_TTL)
         super().put(key, value)
 
 

@@ -32,11 +32,10 @@ import dns.rdatatype
 import dns.resolver
 
 from postroom.config import DNSConfig
-from postroom.resolver import CHAIN_TTL, async_resolver, resolve
+from postroom.resolver import CHAIN_TTL, MAX_NEGATIVE_TTL, async_resolver, resolve
 
 Status = Literal["ok", "nxdomain", "nodata", "error"]
 MAX_TTL = 86400
-MAX_NEGATIVE_TTL = 3600
 # An answer larger than this is used but not kept (no real SPF, DKIM or DMARC record comes near).
 MAX_CACHED_RECORDS = 64
 MAX_CACHED_OCTETS = 8 << 10
