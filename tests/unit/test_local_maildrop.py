@@ -481,6 +481,37 @@ def test_a_quit_killed_among_its_deletions_deletes_all_of_them_at_the_next_login
     assert os.listdir(md / "new") == [] and not (md / maildrop_module.EXPUNGING).exists()
 
 
+def test_the_deletions_written_down_name_every_file_exactly(tmp_path: Path) -> None:
+    """A name that is no UTF-8 made every QUIT that deleted it fail (Internal error); one
+    with a line end in it named another message, which the next session deleted though the
+    client never did (crash probe). Names end with a NUL now, and go as their own octets."""
+    md = make_maildir(tmp_path / "md", {})
+    for name in (b"1.bad\xff,S=2,W=3", b"2.victim", b"2.victim\nzz,S=2,W=3", b"3.ok,S=2,W=3"):
+        (md / "new").joinpath(os.fsdecode(name)).write_bytes(b"m\n")
+    drop = Maildrop(md)
+    drop.open_now()
+    doomed = [f for f in drop.files if f.name != "2.victim"]
+    drop._intend(doomed)  # then a kill -9, before the first deletion
+    drop.close_now()
+    again = Maildrop(md)
+    again.open_now()
+    try:
+        assert [f.name for f in again.files] == ["2.victim"]
+    finally:
+        again.close_now()
+    bad = Maildrop(make_maildir(tmp_path / "md2", {}))
+    (bad.path / "new" / os.fsdecode(b"1.bad\xff,S=2,W=3")).write_bytes(b"m\n")
+    bad.open_now()
+    try:
+        assert bad.update_now([1], []) == 0
+    finally:
+        bad.close_now()
+    assert (
+        os.listdir(bad.path / "new") == []
+        and not (md / f"{maildrop_module.EXPUNGING}.tmp").exists()
+    )
+
+
 def test_a_whole_quit_leaves_nothing_to_finish(tmp_path: Path) -> None:
     md = make_maildir(tmp_path / "md", {f"new/{i}.m,S=2,W=3": b"m\n" for i in range(3)})
     drop = Maildrop(md)

@@ -507,7 +507,9 @@ class MaildirMaildrop:
         (kill -9, a crash) leaves the rest to the next session (:meth:`_finish_expunge`), so a
         QUIT deletes all it was given or none, never some (a client that retrieved them all
         would otherwise fetch those left a second time)."""
-        names = "".join(f"{f.subdir}/{f.name}\n" for f in doomed).encode()
+        # NUL after each: the one octet no file name holds (a line end may, and split there it
+        # named another message); a name that is no UTF-8 goes as its own octets.
+        names = "".join(f"{f.subdir}/{f.name}\0" for f in doomed).encode("utf-8", "surrogateescape")
         try:
             files.replace_durably(self.path / EXPUNGING, names, self.path / f"{EXPUNGING}.tmp")
             files.fsync_dir(self.path)
@@ -517,13 +519,16 @@ class MaildirMaildrop:
     def _finish_expunge(self) -> None:
         """The deletions of a QUIT a crash cut short (see :meth:`_intend`), made now: names
         gone already (deleted, or moved by another tool since) are passed over."""
+        with contextlib.suppress(OSError):  # (of a write a crash cut short)
+            (self.path / f"{EXPUNGING}.tmp").unlink(missing_ok=True)
         try:
             listed = (self.path / EXPUNGING).read_bytes().decode("utf-8", "surrogateescape")
         except FileNotFoundError:
             return
+        entries = listed.split("\0")[:-1]  # (written whole: by a rename, see _intend)
         changed: set[str] = set()
-        for line in listed.splitlines():
-            subdir, _, name = line.partition("/")
+        for entry in entries:
+            subdir, _, name = entry.partition("/")
             if subdir in self._dirs and name and "/" not in name:
                 with contextlib.suppress(OSError):  # (gone already; or it stays, as at QUIT)
                     os.unlink(name, dir_fd=self._dirs[subdir])
@@ -534,7 +539,7 @@ class MaildirMaildrop:
         log.warning(
             "maildir %s: the deletions of a session cut short (%d) made now",
             self.path,
-            len(listed.splitlines()),
+            len(entries),
         )
         with contextlib.suppress(OSError):
             (self.path / EXPUNGING).unlink(missing_ok=True)
