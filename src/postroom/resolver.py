@@ -242,18 +242,22 @@ def _answered_first(res: dns.asyncresolver.Resolver, answer: dns.resolver.Answer
 # RFC 2308 §5: the longest a negative answer is kept (1-3 hours are "reasonable"), whatever
 # the SOA says: a domain that did not exist yet, bounced, goes on bouncing that long.
 MAX_NEGATIVE_TTL = 3600
+MAX_TTL = 86400  # and any answer (a zone's TTL of 68 years kept its old MX host that long)
 
 
 class _Cache(dns.resolver.LRUCache):
     """dnspython's cache, without the negative answers (NXDOMAIN, no records) that come
-    without an SOA (RFC 2308 §5: they SHOULD NOT be cached; dnspython keeps them 300 s), and
-    the others for :data:`MAX_NEGATIVE_TTL` at most (dnspython: the SOA's minimum, a week)."""
+    without an SOA (RFC 2308 §5: they SHOULD NOT be cached; dnspython keeps them 300 s), the
+    others for :data:`MAX_NEGATIVE_TTL` at most (dnspython: the SOA's minimum, a week), and
+    every answer for :data:`MAX_TTL` at most (as resolvers cap them: Unbound at a day)."""
 
     def put(self, key: dns.resolver.CacheKey, value: dns.resolver.Answer) -> None:
+        longest = MAX_TTL
         if value.rrset is None:
             if not any(rrset.rdtype == dns.rdatatype.SOA for rrset in value.response.authority):
                 return
-            value.expiration = min(value.expiration, time.time() + MAX_NEGATIVE_TTL)
+            longest = MAX_NEGATIVE_TTL
+        value.expiration = min(value.expiration, time.time() + longest)
         super().put(key, value)
 
 
@@ -396,7 +400,16 @@ class DnsResolver:
             return [], False, 0.0
         except dns.exception.DNSException:
             return [], True, 0.0
-        return [rr.address for rr in (answer.rrset or ())], False, answer.expiration
+        addresses = [rr.address for rr in (answer.rrset or ()) if _dialable(rr.address)]
+        return addresses, False, answer.expiration
+
+
+def _dialable(address: str) -> bool:
+    """Whether an address from DNS names one host to dial: not "any" (0.0.0.0 and :: reach
+    this host's own services), a multicast group or the broadcast address, which a hostile
+    zone may give as its MX."""
+    ip = ipaddress.ip_address(address)
+    return not (ip.is_unspecified or ip.is_multicast or address == "255.255.255.255")
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,13 @@ ZONE: dict[str, list[tuple[str, Any]]] = {
 SERVFAIL = {"fail.test"}
 SILENT = {"slow.test"}
 WITH_SOA = {"later-soa.test"}  # negative answers for these come with an SOA (RFC 2308 §3)
+FOR_EVER = {"forever.test", "mx.forever.test"}  # answered with the largest TTL there is
+ZONE["forever.test"] = [("MX", MX("mx.forever.test", 10))]
+ZONE["mx.forever.test"] = [("A", A("127.0.6.1"))]
+# MX hosts a hostile zone names: "any" (this host's own services), multicast, broadcast.
+ZONE["nowhere.test"] = [("MX", MX("any.nowhere.test", 10)), ("MX", MX("some.nowhere.test", 20))]
+ZONE["any.nowhere.test"] = [("A", A("0.0.0.0")), ("A", A("224.0.0.1")), ("AAAA", AAAA("::"))]
+ZONE["some.nowhere.test"] = [("A", A("255.255.255.255")), ("A", A("127.0.6.2"))]
 
 
 class ZoneResolver(BaseResolver):  # type: ignore[misc]
@@ -66,7 +73,8 @@ class ZoneResolver(BaseResolver):  # type: ignore[misc]
             return reply
         for rtype, rdata in ZONE[qname]:
             if rtype == qtype and rdata is not None:
-                reply.add_answer(RR(qname, getattr(QTYPE, rtype), rdata=rdata, ttl=60))
+                ttl = 2**31 - 1 if qname in FOR_EVER else 60
+                reply.add_answer(RR(qname, getattr(QTYPE, rtype), rdata=rdata, ttl=ttl))
         return reply
 
 
@@ -136,6 +144,29 @@ def test_a_domain_missing_without_an_soa_is_asked_for_again(dns_port: int) -> No
     first, then = asyncio.run(twice("later-soa.test"))
     assert first.failure is not None and then.failure is not None  # kept, for an hour at most
     assert kept and all(3500 < seconds <= 3600 for seconds in kept), kept
+
+
+def test_no_answer_is_kept_longer_than_a_day(dns_port: int) -> None:
+    """A zone's TTL of 68 years kept its MX host's old address that long (dnshostile probe)."""
+
+    async def kept() -> list[float]:
+        cfg = DNSConfig(nameservers=(("127.0.0.1", dns_port),), timeout=Duration(2))
+        resolver = DnsResolver(cfg, rng=random.Random(1))
+        assert (await resolver.route("forever.test")).ok
+        cache = resolver._res.cache
+        assert isinstance(cache, dns.resolver.LRUCache)
+        answers = [node.value.expiration for node in cache.data.values()]
+        return [t - time.time() for t in (*answers, resolver._routes["forever.test"].until)]
+
+    *answers, route_kept = asyncio.run(kept())
+    assert len(answers) == 2 and all(86000 < s <= 86400 for s in answers), answers  # MX, A
+    assert route_kept <= 86400  # (300 s here: the AAAA's "none", which has no SOA)
+
+
+def test_an_address_that_is_no_host_to_dial_is_left_out(dns_port: int) -> None:
+    """0.0.0.0 and :: reach this host's own services; multicast and broadcast no MX host."""
+    r = route(dns_port, "nowhere.test")
+    assert [(t.host, t.addresses) for t in r.targets] == [("some.nowhere.test", ("127.0.6.2",))]
 
 
 def test_null_mx(dns_port: int) -> None:

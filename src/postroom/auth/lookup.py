@@ -32,10 +32,9 @@ import dns.rdatatype
 import dns.resolver
 
 from postroom.config import DNSConfig
-from postroom.resolver import CHAIN_TTL, MAX_NEGATIVE_TTL, async_resolver, resolve
+from postroom.resolver import CHAIN_TTL, MAX_NEGATIVE_TTL, MAX_TTL, async_resolver, resolve
 
 Status = Literal["ok", "nxdomain", "nodata", "error"]
-MAX_TTL = 86400
 # An answer larger than this is used but not kept (no real SPF, DKIM or DMARC record comes near).
 MAX_CACHED_RECORDS = 64
 MAX_CACHED_OCTETS = 8 << 10
