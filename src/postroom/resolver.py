@@ -409,7 +409,9 @@ def _dialable(address: str) -> bool:
     this host's own services), a multicast group or the broadcast address, which a hostile
     zone may give as its MX."""
     ip = ipaddress.ip_address(address)
-    return not (ip.is_unspecified or ip.is_multicast or address == "255.255.255.255")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # (::ffff:0.0.0.0 is 0.0.0.0)
+    return not (ip.is_unspecified or ip.is_multicast or str(ip) == "255.255.255.255")
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,7 +52,12 @@ ZONE["mx.forever.test"] = [("A", A("127.0.6.1"))]
 # MX hosts a hostile zone names: "any" (this host's own services), multicast, broadcast.
 ZONE["nowhere.test"] = [("MX", MX("any.nowhere.test", 10)), ("MX", MX("some.nowhere.test", 20))]
 ZONE["any.nowhere.test"] = [("A", A("0.0.0.0")), ("A", A("224.0.0.1")), ("AAAA", AAAA("::"))]
-ZONE["some.nowhere.test"] = [("A", A("255.255.255.255")), ("A", A("127.0.6.2"))]
+ZONE["some.nowhere.test"] = [
+    ("A", A("255.255.255.255")),
+    ("A", A("127.0.6.2")),
+    ("AAAA", AAAA("::ffff:0:0")),  # (::ffff:0.0.0.0)
+    ("AAAA", AAAA("ff02::1")),
+]
 
 
 class ZoneResolver(BaseResolver):  # type: ignore[misc]
