@@ -244,9 +244,10 @@ class Connection(asyncio.Protocol):
         or between two of its chunks)."""
         return self.busy()
 
-    def answering_at_length(self) -> bool:
-        """The running task only sends a long answer (it stores and applies nothing): a stop
-        whose grace ran out may cut it short, as a dropped connection would."""
+    def cut_task_short(self) -> bool:
+        """The stop's grace ran out with a task running: end it now if it may be ended (it
+        stores and applies nothing yet: a long answer, checks), saying so; True if it was.
+        The session's disconnect is logged when it ends."""
         return False
 
     def released(self) -> None:
@@ -749,7 +750,7 @@ class Connection(asyncio.Protocol):
     def cut_off(self) -> None:
         """The stop's grace ran out and this session is still receiving a message (a task,
         storing one, is waited for): its 421 (RFC 5321 §3.8), and the disconnect is logged,
-        rather than a bare close at the exit; so is a long answer cut short."""
+        rather than a bare close at the exit; so is a task that may be cut short."""
         if self.engine is None:
             return
         if self._lost:
@@ -759,14 +760,8 @@ class Connection(asyncio.Protocol):
                 self.transport.abort()
             return
         if self._task is not None:
-            if self.answering_at_length() and self.transport is not None:
+            if self.cut_task_short():
                 self._ended_here = True
-                self.services.log.info(
-                    "%s with %s: cut off by the stop before its answer was whole",
-                    self.kind,
-                    self.client_ip,
-                )
-                self.transport.abort()  # (its disconnect is logged: connection_lost)
             return
         self.services.log.info(
             "%s with %s: cut off by the stop before its message was whole",

@@ -227,8 +227,16 @@ class Pop3Connection(Connection):
             self._streaming = False
             await pieces.aclose()
 
-    def answering_at_length(self) -> bool:
-        return self._streaming
+    def cut_task_short(self) -> bool:
+        if not self._streaming or self.transport is None:
+            return False
+        self.services.log.info(
+            "%s with %s: cut off by the stop before its answer was whole",
+            self.kind,
+            self.client_ip,
+        )
+        self.transport.abort()  # (as after any drop, nothing is deleted: RFC 1939 §6)
+        return True
 
     async def _quit(self, engine: Pop3Engine) -> None:
         # RFC 1939 §6: once QUIT has come the UPDATE state runs to its end, also when the

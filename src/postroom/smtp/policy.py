@@ -11,6 +11,7 @@ Every refusal, its own and the engine's (limits), is reported with client and re
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import email.utils
 import functools
@@ -43,6 +44,9 @@ _RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
 _HEADER_FIELD = re.compile(rb"(?im)^(date|message-id|from)[ \t]*:")  # the fields we may add
 # A message whose client left before its reply (never sent; the refusal is logged with it).
 CLIENT_LEFT = Reply(451, "4.4.2", ("Connection lost before the message was accepted",))
+# The stop's deadline came while the message was checked (a slow DNS): not accepted, sent
+# again later (RFC 5321 §4.2.1: 451 local error; the session's 421 follows).
+CUT_BY_THE_STOP = Reply(451, "4.3.2", ("Server shutting down before the message was checked",))
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -123,6 +127,10 @@ class SmtpPolicy:
         self.extended = True  # EHLO, not HELO
         self.txn = _Txn()
         self.tls_version: str | None = None  # set by the glue before the end of a message
+        # A finished message is being checked (nothing of it is queued yet: a stop may cut
+        # that short, see on_message_end), and whether the stop did.
+        self.checking = False
+        self.cut_by_the_stop = False
 
     # -- features ------------------------------------------------------------------------------
 
@@ -371,11 +379,21 @@ class SmtpPolicy:
         txn, self.txn = self.txn, _Txn()
         draft = txn.draft
         assert draft is not None
+        self.checking = True
         try:
             problem = await self._prepare(txn, draft)
         except Exception:  # a bug, or a message no step foresaw: refused for now, not a crash
             self.services.log.exception("%s: the message could not be prepared", txn.queue_id)
             problem = replies.LOCAL_ERROR
+        except asyncio.CancelledError:
+            if not self.cut_by_the_stop:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()  # (the cancel was ours, and is done with)
+            problem = CUT_BY_THE_STOP
+        finally:
+            self.checking = False
         if problem is None and client_gone():
             # It never sees a 250, so it sends the message again (RFC 5321 §6.1): queued
             # now, it would be delivered twice. (A client that leaves later is too late.)

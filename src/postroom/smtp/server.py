@@ -137,6 +137,19 @@ class SmtpConnection(Connection):
         engine = self.engine
         return engine is not None and engine.in_message
 
+    def cut_task_short(self) -> bool:
+        session, task = self.session, self._task
+        if session is None or task is None or not session.checking:
+            return False  # (storing a message is waited for: its 250 must follow)
+        self.services.log.info(
+            "%s with %s: cut off by the stop while its message was checked",
+            self.kind,
+            self.client_ip,
+        )
+        session.cut_by_the_stop = True
+        task.cancel()  # (on_message_end answers 451, then the stop's 421 closes the session)
+        return True
+
     def released(self) -> None:
         if self.session is not None:
             self.session.reset()
