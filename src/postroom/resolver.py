@@ -120,6 +120,8 @@ def literal_route(domain: str) -> Route | None:
         ip = ipaddress.ip_address(inner)
     except ValueError:
         return Route.fail("5.1.2", f"bad address literal {domain}")
+    if not _dialable(str(ip)):  # (as an MX host's address: see _dialable)
+        return Route.fail("5.1.2", f"address literal {domain} names no host to dial")
     return Route((Target(domain, (str(ip),)),))
 
 

@@ -235,6 +235,17 @@ def test_address_literals() -> None:
     bad = asyncio.run(res.route("[999.1.1.1]"))
     assert bad.failure is not None
     assert bad.failure.permanent
+    # No host to dial, as an MX host's address would not be (recheck3 probe: dialled).
+    for literal in (
+        "[0.0.0.0]",
+        "[IPv6:::]",
+        "[IPv6:::ffff:0.0.0.0]",
+        "[224.0.0.1]",
+        "[IPv6:ff02::1]",
+        "[255.255.255.255]",
+    ):
+        nowhere = asyncio.run(res.route(literal))
+        assert nowhere.failure is not None and nowhere.failure.status == "5.1.2", literal
 
 
 def test_order_mx_is_stable_by_preference() -> None:
