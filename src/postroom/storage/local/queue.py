@@ -581,8 +581,13 @@ class LocalQueue:
     def add_waiting(self, sender: str, recipients: list[str], message: bytes) -> str:
         """Queue a message made by the CLI (CRLF) straight into the deferred store, due at
         once (the CLI has no journal writer); its queue id. Blocking and durable."""
-        envelope = Envelope(new_queue_id(), sender, [Recipient(r) for r in recipients], time.time())
-        envelope.smtputf8 = not all(a.isascii() for a in (sender, *recipients))  # RFC 6531 §3.4
+        envelope = Envelope(
+            new_queue_id(),
+            sender,
+            [Recipient(r) for r in recipients],
+            time.time(),
+            smtputf8=not all(a.isascii() for a in (sender, *recipients)),  # RFC 6531 §3.4
+        )
         body = f"Return-Path: <{sender}>\n".encode() + message.replace(b"\r\n", b"\n")
         envelope.size = len(body)
         envelope.wire_size = len(body) + body.count(b"\n")
