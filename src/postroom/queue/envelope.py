@@ -192,6 +192,22 @@ class Envelope:
             raise QueueError(f"unreadable envelope: {exc}") from None
 
 
+def waiting(sender: str, recipients: list[str], message: bytes) -> tuple[Envelope, bytes]:
+    """A message the CLI queues (``message`` with CRLF line ends: a DMARC report): its
+    envelope, due at once, and its body as a queue stores it (Return-Path first, LF ends)."""
+    envelope = Envelope(
+        new_queue_id(),
+        sender,
+        [Recipient(r) for r in recipients],
+        time.time(),
+        smtputf8=not all(a.isascii() for a in (sender, *recipients)),  # RFC 6531 §3.4
+    )
+    body = f"Return-Path: <{sender}>\n".encode() + message.replace(b"\r\n", b"\n")
+    envelope.size = len(body)
+    envelope.wire_size = len(body) + body.count(b"\n")
+    return envelope, body
+
+
 def _report_dict(report: PendingReport) -> dict[str, Any]:
     data = dict(vars(report))
     # Left out when empty: an older node reads the other reports as before. One that does

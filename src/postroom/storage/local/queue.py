@@ -44,7 +44,7 @@ from pathlib import Path
 
 from postroom.blocking import BlockingPool
 from postroom.errors import LeaseLost, QueueError, StorageUnavailable, TemporaryStorageError
-from postroom.queue.envelope import Attempt, Envelope, Recipient, check_id, new_queue_id
+from postroom.queue.envelope import Attempt, Envelope, check_id, waiting
 from postroom.storage.interfaces import LocalCopy, MessageDraft
 from postroom.storage.local import files, journal, maildir
 from postroom.storage.local.deferred import DeferredStore
@@ -581,16 +581,7 @@ class LocalQueue:
     def add_waiting(self, sender: str, recipients: list[str], message: bytes) -> str:
         """Queue a message made by the CLI (CRLF) straight into the deferred store, due at
         once (the CLI has no journal writer); its queue id. Blocking and durable."""
-        envelope = Envelope(
-            new_queue_id(),
-            sender,
-            [Recipient(r) for r in recipients],
-            time.time(),
-            smtputf8=not all(a.isascii() for a in (sender, *recipients)),  # RFC 6531 §3.4
-        )
-        body = f"Return-Path: <{sender}>\n".encode() + message.replace(b"\r\n", b"\n")
-        envelope.size = len(body)
-        envelope.wire_size = len(body) + body.count(b"\n")
+        envelope, body = waiting(sender, recipients, message)
         self.deferred.park(envelope.to_json(), envelope.id, body, "")
         return envelope.id
 

@@ -60,7 +60,7 @@ import asyncpg
 from postroom import events
 from postroom.blocking import BlockingPool
 from postroom.errors import LeaseLost, QueueError, StorageUnavailable, TemporaryStorageError
-from postroom.queue.envelope import Attempt, Envelope, Recipient, check_id, new_queue_id
+from postroom.queue.envelope import Attempt, Envelope, check_id, waiting
 from postroom.storage.interfaces import LocalCopy, MessageDraft
 from postroom.storage.local.queue import Draft, HoldBudget, SpareBodies
 from postroom.storage.postgresql import db
@@ -606,16 +606,7 @@ class PgQueue:
         return [None] * len(deliver_now)
 
     def add_waiting(self, sender: str, recipients: list[str], message: bytes) -> str:
-        envelope = Envelope(
-            new_queue_id(),
-            sender,
-            [Recipient(r) for r in recipients],
-            time.time(),
-            smtputf8=not all(a.isascii() for a in (sender, *recipients)),  # RFC 6531 §3.4
-        )
-        body = f"Return-Path: <{sender}>\n".encode() + message.replace(b"\r\n", b"\n")
-        envelope.size = len(body)
-        envelope.wire_size = len(body) + body.count(b"\n")
+        envelope, body = waiting(sender, recipients, message)
 
         async def run(conn: asyncpg.Connection) -> None:
             async with conn.transaction():
