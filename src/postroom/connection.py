@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import socket
 import ssl
 import struct
@@ -169,6 +170,11 @@ class Connection(asyncio.Protocol):
     refusing: ClassVar[int] = 0  # refusal handshakes under way in this process
 
     engine: Engine | None
+
+    @property
+    def log(self) -> logging.Logger:
+        """The logger of this service's lines (``postroom/smtpd[PID]``, as its events)."""
+        return logging.getLogger("postroom." + events.component(self.service).replace("/", "."))
 
     def __init__(self, services: Services, implicit_tls: bool) -> None:
         self.services = services
@@ -457,7 +463,7 @@ class Connection(asyncio.Protocol):
             await self._writable.wait()
 
     def _crashed(self) -> None:
-        self.services.log.exception("%s session with %s failed", self.kind, self.client_ip)
+        self.log.exception("%s session with %s failed", self.kind, self.client_ip)
         engine = self.engine
         if engine is not None and not self._lost:
             with contextlib.suppress(Exception):
@@ -634,7 +640,7 @@ class Connection(asyncio.Protocol):
         # The checked invariant of the switch: no plaintext read before it is left to be read
         # after it (the engine discarded what was pipelined after the command).
         if engine.pending_input() or context is None:
-            self.services.log.error(
+            self.log.error(
                 "%s STARTTLS with %s: input left at the switch", self.kind, self.client_ip
             )
             self._close()
@@ -740,7 +746,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         self._ended_here = True
-        self.services.log.info("%s with %s: reset, %s", self.kind, self.client_ip, why)
+        self.log.info("%s with %s: reset, %s", self.kind, self.client_ip, why)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -763,7 +769,7 @@ class Connection(asyncio.Protocol):
             if self.cut_task_short():
                 self._ended_here = True
             return
-        self.services.log.info(
+        self.log.info(
             "%s with %s: cut off by the stop before its message was whole",
             self.kind,
             self.client_ip,

@@ -166,7 +166,8 @@ def _child(metric: Any, *labels: str) -> Any:
     return child
 
 
-def _smtpd(service: str) -> str:
+def component(service: str) -> str:
+    """The component that names ``service``'s lines (Postfix's names for the SMTP ones)."""
     return _SMTPD.get(service, service)
 
 
@@ -208,7 +209,7 @@ def connected(service: str, client: str) -> None:
     _count(1, _metrics.sessions_open, service)
     if logs.enabled(INFO):
         fields = {"service": service, "client": client}
-        logs.emit(INFO, "connect", _smtpd(service), fields, _text_connect)
+        logs.emit(INFO, "connect", component(service), fields, _text_connect)
 
 
 def _text_connect(f: Fields) -> str:
@@ -233,7 +234,7 @@ def disconnected(
         }
         if lost_after:
             fields["lost_after"] = lost_after
-        logs.emit(INFO, "disconnect", _smtpd(service), fields, _text_disconnect)
+        logs.emit(INFO, "disconnect", component(service), fields, _text_disconnect)
 
 
 def _text_disconnect(f: Fields) -> str:
@@ -277,7 +278,7 @@ def connection_refused(service: str, client: str, reason: str) -> None:
             return
         if repeated:
             fields["repeated"] = repeated
-    logs.emit(WARNING, "connection_refused", _smtpd(service), fields, _text_conn_refused)
+    logs.emit(WARNING, "connection_refused", component(service), fields, _text_conn_refused)
 
 
 def _text_conn_refused(f: Fields) -> str:
@@ -298,7 +299,7 @@ def tls_handshake(service: str, client: str, version: str | None, error: str | N
     _count(1, _metrics.tls_handshakes, service, version or "", outcome)
     if error is not None:
         fields = {"service": service, "client": client, "error": error}
-        logs.emit(INFO, "tls_failed", _smtpd(service), fields, _text_tls_failed)
+        logs.emit(INFO, "tls_failed", component(service), fields, _text_tls_failed)
 
 
 def _text_tls_failed(f: Fields) -> str:
@@ -310,7 +311,7 @@ def tls_broken(service: str, client: str, error: str) -> None:
     a failed handshake (``tls_failed``), which scripts may count or act upon."""
     if logs.enabled(INFO):
         fields = {"service": service, "client": client, "error": error}
-        logs.emit(INFO, "tls_broken", _smtpd(service), fields, _text_tls_broken)
+        logs.emit(INFO, "tls_broken", component(service), fields, _text_tls_broken)
 
 
 def _text_tls_broken(f: Fields) -> str:
@@ -337,7 +338,7 @@ def accepted(envelope: Envelope) -> None:
     if envelope.auth_user is not None:
         fields["user"] = envelope.auth_user
     fields["tls"] = envelope.tls_version
-    logs.emit(INFO, "accepted", _smtpd(service), fields, _text_accepted)
+    logs.emit(INFO, "accepted", component(service), fields, _text_accepted)
 
 
 def _text_accepted(f: Fields) -> tuple[str, str]:
@@ -408,7 +409,7 @@ def refused(
         "recipient": recipient,
         "helo": helo[:255],
     }
-    logs.emit(INFO, "reject", _smtpd(service), fields, _text_refused)
+    logs.emit(INFO, "reject", component(service), fields, _text_refused)
 
 
 def _text_refused(f: Fields) -> str:
@@ -428,7 +429,7 @@ def _text_refused(f: Fields) -> str:
 def auth_ok(service: str, client: str, user: str, mechanism: str) -> None:
     if logs.enabled(INFO):
         fields = {"service": service, "client": client, "user": user, "mechanism": mechanism}
-        logs.emit(INFO, "auth", _smtpd(service), fields, _text_auth_ok)
+        logs.emit(INFO, "auth", component(service), fields, _text_auth_ok)
 
 
 def _text_auth_ok(f: Fields) -> str:
@@ -447,7 +448,7 @@ def auth_failed(service: str, client: str, user: str | None, mechanism: str) -> 
         "user": (user or "")[:256],
         "mechanism": mechanism,
     }
-    logs.emit(WARNING, "auth_failed", _smtpd(service), fields, _text_auth_failed)
+    logs.emit(WARNING, "auth_failed", component(service), fields, _text_auth_failed)
 
 
 def _text_auth_failed(f: Fields) -> str:
@@ -466,7 +467,7 @@ def login_throttled(service: str, client: str) -> None:
     fields: dict[str, object] = {"service": service, "client": client}
     if repeated:
         fields["repeated"] = repeated
-    logs.emit(WARNING, "login_throttled", _smtpd(service), fields, _text_throttled)
+    logs.emit(WARNING, "login_throttled", component(service), fields, _text_throttled)
 
 
 def _text_throttled(f: Fields) -> str:
@@ -489,14 +490,14 @@ def pop3_login(
             "mechanism": mechanism,
             "tls": tls,
         }
-        logs.emit(INFO, "pop3_login", _smtpd(service), fields, _text_pop3_login)
+        logs.emit(INFO, "pop3_login", component(service), fields, _text_pop3_login)
 
 
 def pop3_in_use(service: str, client: str, user: str) -> None:
     """A right login refused because another session holds the maildrop (``[IN-USE]``)."""
     if logs.enabled(INFO):
         fields = {"service": service, "client": client, "user": user}
-        logs.emit(INFO, "pop3_in_use", _smtpd(service), fields, _text_pop3_in_use)
+        logs.emit(INFO, "pop3_in_use", component(service), fields, _text_pop3_in_use)
 
 
 def _text_pop3_in_use(f: Fields) -> str:

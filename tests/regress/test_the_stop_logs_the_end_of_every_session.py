@@ -4,7 +4,8 @@ of the replies, and a message whose checks still waited on DNS (the default `[dn
 10 s, outlasts the stop's 8 s). Each is ended at the deadline now, saying so, and its
 `disconnect` is logged; the message being checked gets a 451 (it is not queued: the client
 sends it again), then the stop's 421. A TLS handshake the stop closes is not put on the
-client. (ops, recheck2 and recheck3 probes)"""
+client. (ops, recheck2 and recheck3 probes) Those lines named no service (``postroom[PID]``).
+"""
 
 from __future__ import annotations
 
@@ -49,11 +50,16 @@ def test_the_stop_ends_each_busy_session_with_its_line(server_factory: ServerFac
     for sock in (retr, pipelined, checked, handshaking):
         sock.close()
     text = s.log.read_text()
-    assert "POP3 with 127.0.0.1: cut off by the stop before its answer was whole" in text
-    assert "SMTP with 127.0.0.1: cut off by the stop while its message was checked" in text
+    # Each tagged with its service, as the session's other lines are.
+    assert "/pop3s[" in _line(text, "POP3 with 127.0.0.1: cut off by the stop before its answer")
+    assert " postroom/smtpd[" in _line(text, "SMTP with 127.0.0.1: cut off by the stop while its")
     ended = text.count(": disconnect from ")
     assert ended == text.count(": connect from ") and ended > 3, text
     stopping = text[text.index("shutting down") :]  # (before it: the start's own probes)
     assert "TLS handshake with [127.0.0.1] failed: closed by the server's stop" in stopping
     assert "closed by the client" not in stopping
     assert len(list((s.maildir("ida@a.test") / "new").iterdir())) == 1  # nothing deleted
+
+
+def _line(text: str, part: str) -> str:
+    return next(line for line in text.splitlines() if part in line)

@@ -215,7 +215,7 @@ class Pop3Connection(Connection):
                 except OSError:
                     # The +OK is out: a -ERR cannot follow. Drop the connection; as after any
                     # drop, nothing is deleted (RFC 1939 §6).
-                    self.services.log.exception("POP3 read of message %d failed", cmd.msg)
+                    self.log.exception("POP3 read of message %d failed", cmd.msg)
                     self._close()
                     return
             if self._lost:
@@ -230,7 +230,7 @@ class Pop3Connection(Connection):
     def cut_task_short(self) -> bool:
         if not self._streaming or self.transport is None:
             return False
-        self.services.log.info(
+        self.log.info(
             "%s with %s: cut off by the stop before its answer was whole",
             self.kind,
             self.client_ip,
@@ -303,7 +303,7 @@ class Pop3Connection(Connection):
             return
         except OSError as exc:
             # The user is told only "try again": the admin must read why here.
-            self.services.log.error("POP3 mailbox of %s cannot be opened: %s", key, exc)
+            self.log.error("POP3 mailbox of %s cannot be opened: %s", key, exc)
             engine.login_failed("Cannot open mailbox, try again later", "SYS/TEMP")
             return
         if self._lost:

@@ -141,7 +141,7 @@ class SmtpConnection(Connection):
         session, task = self.session, self._task
         if session is None or task is None or not session.checking:
             return False  # (storing a message is waited for: its 250 must follow)
-        self.services.log.info(
+        self.log.info(
             "%s with %s: cut off by the stop while its message was checked",
             self.kind,
             self.client_ip,
