@@ -1,16 +1,16 @@
 """``python -m postroom`` and the ``postroom`` console script: one entry point, light enough
-to take SIGHUP before the server's modules are imported."""
+to take the signals of a stop or a reload before the server's modules are imported."""
 
-import signal
 import sys
+
+from postroom import early_signals
 
 
 def run() -> int:
-    """Run the command line. For ``serve``, SIGHUP is ignored until cli.main holds it for the
-    supervisor (a reload): by default a SIGHUP while the imports run (``systemctl reload``
-    right after the start) would end the server."""
+    """Run the command line. For ``serve``, a SIGTERM, SIGINT or SIGHUP while the imports run
+    is kept for the supervisor (see early_signals)."""
     if "serve" in sys.argv[1:]:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        early_signals.hold()
     from postroom.cli import main
 
     return main()

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from postroom import __version__, logs
+from postroom import __version__, early_signals, logs
 from postroom import config as config_mod
 from postroom.config import Config
 from postroom.errors import AccountError, ConfigError, PostroomError, QueueError
@@ -691,9 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     files.private_umask()  # whatever the admin's umask: data_dir is the server user's only
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        from postroom.supervisor import hold_reloads
-
-        hold_reloads()
+        early_signals.hold()
     try:
         after = getattr(args, "config_sub", None)  # -c after the subcommand wins
         cfg = config_mod.load_effective(after if after is not None else args.config)

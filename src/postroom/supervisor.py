@@ -39,13 +39,12 @@ import signal
 import socket
 import sqlite3
 import struct
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from postroom import config as config_mod
-from postroom import logs, metrics, privileges
+from postroom import early_signals, logs, metrics, privileges
 from postroom import tls as tls_mod
 from postroom.config import Config
 from postroom.errors import ConfigError, PostroomError
@@ -66,16 +65,6 @@ RESTART_WINDOW = 60.0  # restarts of a slot within this long make the back-off g
 STOP_GRACE = 11.0  # workers exit within 10 s of SIGTERM; then SIGKILL
 _LEN = struct.Struct(">I")
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
-# Set by a SIGHUP before the supervisor runs (see hold_reloads): by default it ended the
-# server, with no word, when `systemctl reload` came in its first second.
-EARLY_RELOAD = threading.Event()
-
-
-def hold_reloads() -> None:
-    """From the very start of ``serve``: a SIGHUP is kept for the supervisor to act on."""
-    signal.signal(signal.SIGHUP, lambda _sig, _frame: EARLY_RELOAD.set())
-
-
 Pair = tuple[bytes, bytes]  # the PEM certificate chain and key
 # (index, primary, channel to the supervisor, fd to wait on before serving or None, started
 # again after its slot served, the config and TLS pair to serve with) -> status
@@ -169,8 +158,7 @@ class Supervisor:
     def start(self) -> None:
         for sig in _SIGNALS:
             signal.signal(sig, self._on_signal)
-        if EARLY_RELOAD.is_set():  # a SIGHUP came while the server was starting
-            self._flags.add(signal.SIGHUP)
+        self._flags |= early_signals.pending()  # what came while the server was starting
         os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w)
         go_r, go_w = os.pipe()  # the primary releases the others once the queue is recovered

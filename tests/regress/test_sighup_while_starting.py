@@ -1,6 +1,8 @@
 """A SIGHUP in the first second of `serve` (`systemctl reload` right after start) killed the
 server with no word (exit 129): SIGHUP's default action until the supervisor took it. A
-worker hit by one while it started died too, and at the first start that stopped the server."""
+worker hit by one while it started died too, and at the first start that stopped the server.
+A SIGTERM or SIGINT in the first half second likewise ended it by the signal (exit 143 and a
+KeyboardInterrupt's traceback), not as a stop (exit 0). (ops probe)"""
 
 from __future__ import annotations
 
@@ -21,15 +23,7 @@ def test_a_sighup_while_the_server_starts_is_a_reload_not_its_end(
     server_factory: ServerFactory,
 ) -> None:
     srv = server_factory(services=("smtp",), start=False)
-    # ``python -m postroom``, and the console script pip makes from pyproject's entry point
-    # (systemd runs that one: it imported the whole server before SIGHUP was taken).
-    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    module, func = entry["postroom"].split(":")
-    script = f"import sys; from {module} import {func}; sys.exit({func}())"
-    starts = [[sys.executable, "-m", "postroom"], [sys.executable, "-c", script]]
-    # (Not sooner than 0.1 s: before about 40 ms, more on a busy machine, the interpreter is
-    # still starting and no program can hold SIGHUP yet.)
-    for start, delay in itertools.product(starts, (0.1, 0.2, 0.3, 0.6)):
+    for start, delay in itertools.product(_starts(), (0.1, 0.2, 0.3, 0.6)):
         with open(srv.log, "ab") as log:
             proc = subprocess.Popen(
                 [*start, "serve", "-c", str(srv.config)],
@@ -47,3 +41,34 @@ def test_a_sighup_while_the_server_starts_is_a_reload_not_its_end(
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
         srv.log.write_text("")
+
+
+def test_a_stop_while_the_server_starts_is_a_stop(server_factory: ServerFactory) -> None:
+    srv = server_factory(services=("smtp",), start=False)
+    for start, delay, sig in itertools.product(
+        _starts(), (0.1, 0.25), (signal.SIGTERM, signal.SIGINT)
+    ):
+        with open(srv.log, "ab") as log:
+            proc = subprocess.Popen(
+                [*start, "serve", "-c", str(srv.config)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=env_with_src(),
+                start_new_session=True,
+            )
+        time.sleep(delay)
+        proc.send_signal(sig)
+        assert proc.wait(15) == 0, (start, delay, sig, srv.log.read_text())
+        assert "Traceback" not in srv.log.read_text()
+        srv.log.write_text("")
+
+
+def _starts() -> list[list[str]]:
+    # ``python -m postroom``, and the console script pip makes from pyproject's entry point
+    # (systemd runs that one: it imported the whole server before SIGHUP was taken).
+    # (Not sooner than 0.1 s: before about 40 ms, more on a busy machine, the interpreter is
+    # still starting and no program can hold a signal yet.)
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, func = entry["postroom"].split(":")
+    script = f"import sys; from {module} import {func}; sys.exit({func}())"
+    return [[sys.executable, "-m", "postroom"], [sys.executable, "-c", script]]
