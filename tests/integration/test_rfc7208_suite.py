@@ -179,6 +179,9 @@ def test_rfc7208(
         ("v=spf1 exists:%{i2r}.x.mac.test -all", "fail"),  # well formed (no such name)
         ("v=spf1 exists:%{l1r-}.x.mac.test -all", "fail"),
         ("v=spf1 exists:%%{ir2}.x.mac.test -all", "fail"),  # "%%" then text, no macro
+        ("v=spf1 exists:%{d0}.x.mac.test -all", "permerror"),  # §7.3: digits nonzero
+        ("v=spf1 exists:%{d00r}.x.mac.test -all", "permerror"),
+        ("v=spf1 exists:%{d01}.x.mac.test -all", "fail"),  # well formed: "test.x.mac.test"
     ],
 )
 def test_malformed_macros_are_a_permerror(dns: LoopbackDNS, record: str, result: str) -> None:
@@ -187,6 +190,30 @@ def test_malformed_macros_are_a_permerror(dns: LoopbackDNS, record: str, result:
     _serve(dns, {"mac.test": [{"TXT": record}]})
     cache = DnsCache(DNSConfig(nameservers=(parse_endpoint(dns.nameserver),), timeout=0.3))
     got = asyncio.run(spf.check(cache, "192.0.2.1", "a-b@mac.test", "h.mac.test"))
+    assert got.result == result, got
+
+
+@pytest.mark.parametrize(
+    ("record", "result"),
+    [
+        ("v=spf1 exists:%{l}.u.test -all", "fail"),
+        ("v=spf1 a:%{l1r}.u.test -all", "fail"),
+        ("v=spf1 exists:%{d}.u.test -all", "pass"),  # no local part: looked up
+        ("v=spf1 exists:%{L}.u.test -all", "fail"),
+    ],
+)
+def test_a_local_part_that_is_no_ascii_matches_nothing(
+    dns: LoopbackDNS, record: str, result: str
+) -> None:
+    """RFC 8616 §4: a term that expands a local part holding UTF-8 matches nothing. pyspf
+    looked up its IDNA form ("jösé" as "xn--js-cja4c"): a record of that name passed the
+    sender (sauth probe)."""
+    zone = {"u.test": [{"TXT": record}]}
+    for name in ("xn--js-cja4c.u.test", "u.test.u.test"):
+        zone[name] = [{"A": "192.0.2.1"}]
+    _serve(dns, zone)
+    cache = DnsCache(DNSConfig(nameservers=(parse_endpoint(dns.nameserver),), timeout=0.3))
+    got = asyncio.run(spf.check(cache, "192.0.2.1", "jösé@u.test", "h.u.test"))
     assert got.result == result, got
 
 

@@ -61,9 +61,13 @@ class _Miss(Exception):
 
 
 # RFC 7208 §7.1: macro-expand = "%{" macro-letter transformers *delimiter "}", transformers =
-# *DIGIT ["r"]. pyspf reads "%{ir2}" as "%{ir}" and "%{l-2}" as "%{l-}"; they are errors.
+# *DIGIT ["r"], the digits nonzero (§7.3). pyspf reads "%{ir2}" as "%{ir}", "%{l-2}" as
+# "%{l-}" and skips the term of a "%{d0}"; they are errors.
 _MACRO = re.compile(r"%(?:%|\{([^}]*)\})")  # "%%" is a literal "%", not a macro's start
-_MACRO_BODY = re.compile(r"[a-zA-Z][0-9]*[rR]?[.\-+,/_=]*")
+_MACRO_BODY = re.compile(r"[a-zA-Z](?:0*[1-9][0-9]*)?[rR]?[.\-+,/_=]*")
+# What a domain-spec that takes a local part which is no ASCII expands to: a name DNS cannot
+# carry (an empty label), so that its term matches nothing (RFC 8616 §4).
+_NO_NAME = "no..name"
 
 
 class _Query(pyspf.query):  # type: ignore[misc]
@@ -83,10 +87,18 @@ class _Query(pyspf.query):  # type: ignore[misc]
         self.used: list[tuple[tuple[str, str], Answer]] = []
 
     def expand(self, s: str, stripdot: bool = True) -> Any:
+        local_part = False
         for m in _MACRO.finditer(s):
             body = m.group(1)
-            if body is not None and not _MACRO_BODY.fullmatch(body):
+            if body is None:
+                continue
+            if not _MACRO_BODY.fullmatch(body):
                 raise pyspf.PermError("invalid-macro-char", m.group(0))  # §4.6
+            local_part = local_part or body[0] in "lLsS"
+        if local_part and stripdot and not str(self.l).isascii():
+            # A domain-spec (an explanation is expanded with stripdot=False): pyspf looked
+            # up the local part's IDNA form, which a record may well name.
+            return _NO_NAME
         return super().expand(s, stripdot)
 
     def validated_ptrs(self) -> list[Any]:
