@@ -20,6 +20,7 @@ import xmlschema
 
 from tests.conftest import Server, ServerFactory, insecure, wait_until
 from tests.dnszone import LoopbackDNS
+from tests.smtpsink import smtp_sink
 
 SCHEMA = Path(__file__).resolve().parents[1] / "data" / "rfc7489-rua.xsd"
 
@@ -468,3 +469,30 @@ def test_a_bounce_is_signed_by_the_domain_that_holds_hostname(
     assert b"MAILER-DAEMON@mx.a.test" in bounce
     assert re.search(rb"DKIM-Signature:[^\n]*\bd=a\.test", bounce.replace(b"\n\t", b" "))
     assert sorted(dkim_results(bounce, dns)) == [("ed25519", True), ("rsa", True)]
+
+
+def test_a_bounce_with_8bit_parts_keeps_its_signatures_through_a_7bit_hop(
+    server_factory: ServerFactory, dns: LoopbackDNS
+) -> None:
+    """A bounce returning a header in UTF-8 (message/global-headers, 8bit) was signed, then
+    base64-encoded for a host without 8BITMIME: both signatures failed there (body hash
+    mismatch). One that leaves is made 7-bit before it is signed, as submitted mail is
+    (interop probe, with a Postfix peer)."""
+    with smtp_sink("127.0.0.1", ("PIPELINING",)) as sink:
+        port = sink.server_address[1]
+        srv = _server(
+            server_factory, dns, "alice@a.test", "bob@a.test", extra=f"[delivery]\nport = {port}\n"
+        )
+        publish(srv, dns, "a.test")
+        wait_signed(srv, "alice@a.test", "bob@a.test", dns)  # the keys are seen in DNS
+        dns.mx("r.test", 10, "mx.r.test")
+        dns.a("mx.r.test", "127.0.0.1")
+        srv.cli("alias", "add", "fwd@a.test", "someone@nowhere.test")  # NXDOMAIN: 5.1.2
+        message = "From: x@r.test\r\nSubject: café\r\n\r\nbody\r\n".encode()
+        with smtplib.SMTP(srv.host, srv.ports["smtp"], timeout=30) as c:
+            c.sendmail("x@r.test", ["fwd@a.test"], message, mail_options=["BODY=8BITMIME"])
+        wait_until(lambda: sink.received, 20)
+    bounce = sink.received[0]
+    assert b"message/global-headers" in bounce and bounce.isascii()
+    assert sorted(dkim_results(bounce, dns)) == [("ed25519", True), ("rsa", True)]
+    assert b"\nSubject: caf=C3=A9\r\n" in bounce  # quoted-printable: the fields stay readable

@@ -3,7 +3,8 @@
 :func:`downgrade` returns the message unchanged unless it has a line over 998 octets or (for a
 peer without 8BITMIME) 8-bit octets in a body. Then only the MIME leaf parts that need it are
 re-encoded, as Postfix does: text parts as quoted-printable (base64 when the decoded text has
-bare CR or LF, which quoted-printable cannot carry), everything else as base64, each with its
+bare CR or LF, which quoted-printable cannot carry), and so the message/global types of RFC 6532
+and RFC 6533 (header lines, which stay readable so), everything else as base64, each with its
 ``Content-Transfer-Encoding`` replaced; multipart and message/rfc822 parts are walked into (RFC
 2046 §5) and their own ``8bit``/``binary`` label becomes ``7bit`` once what they hold is 7-bit;
 other message types (delivery-status, ...) take no encoding (RFC 2045 §6.4) and stay as they are.
@@ -194,7 +195,10 @@ def _leaf(
     else:
         decoded = body
     bare = decoded.replace(b"\r\n", b"")
-    if fields.get_content_maintype() == "text" and b"\r" not in bare and b"\n" not in bare:
+    textual = fields.get_content_maintype() == "text" or fields.get_content_type().startswith(
+        "message/global"
+    )
+    if textual and b"\r" not in bare and b"\n" not in bare:
         encoded, new_cte = _quoted_printable(decoded), "quoted-printable"
     else:
         encoded, new_cte = _base64(decoded), "base64"

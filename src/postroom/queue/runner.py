@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, cast
 
 from postroom import events
 from postroom.address import domain_of, local_key
+from postroom.delivery import mime_downgrade
 from postroom.delivery.dsn import (
     Action,
     DsnRecipient,
@@ -1113,6 +1114,10 @@ class QueueRunner:
             queue_id=envelope.id,
         )
         if self.services.sender_auth is not None:  # DKIM, so that it passes DMARC
+            if not all(self.is_local(address) for address in report_to):
+                # Made 7-bit before it is signed, as submitted mail that leaves: a hop without
+                # 8BITMIME would convert its message/global parts and break the signatures.
+                message = mime_downgrade.downgrade(message, eight_bit=False)
             message = self.services.sender_auth.sign_own(message) + message
         report = self._made_here("", report_to, pending.id, parent=envelope.id)
         draft = self.queue.draft(report.id, "")
