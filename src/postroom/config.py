@@ -634,7 +634,36 @@ def postgresql_url_problem(url: str) -> str | None:
         return "bad port"
     if parts.fragment:
         return "unexpected '#' part"
+    for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if name == "sslmode" and value not in _SSLMODES:
+            return f"sslmode: expected one of {', '.join(_SSLMODES)}"
+        if name in _LIBPQ_ONLY:
+            # asyncpg sends a name it does not know as a server setting: refused at connect.
+            return f"{name}: a libpq parameter that postroom's driver (asyncpg) does not take"
     return None
+
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_LIBPQ_ONLY = frozenset(
+    [
+        "connect_timeout",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+        "hostaddr",
+        "fallback_application_name",
+        "gssencmode",
+        "channel_binding",
+        "requirepeer",
+        "require_auth",
+        "sslcompression",
+        "sslsni",
+        "load_balance_hosts",
+        "replication",
+    ]
+)
 
 
 def doubts(cfg: Config) -> list[str]:

@@ -202,6 +202,16 @@ def test_a_queue_command_fails_when_the_server_reads_it_and_says_nothing(
             "storage.url",
         ),
         ('domains = ["a.test"]\n[storage]\nurl = "postgresql://u@h/db"\n', "storage.url"),
+        (  # exit 1 at connect before (pg probe): asyncpg sent it on as a server setting
+            'domains = ["a.test"]\n[storage]\nbackend = "postgresql"\n'
+            'url = "postgresql://u@h/db?connect_timeout=5"\n',
+            "storage.url: connect_timeout",
+        ),
+        (
+            'domains = ["a.test"]\n[storage]\nbackend = "postgresql"\n'
+            'url = "postgresql://u@h/db?sslmode=bogus"\n',
+            "storage.url: sslmode",
+        ),
         ('domains = ["a.test"]\n[delivery]\nbind_address = "::1"\n', "delivery.bind_address"),
         ('domains = ["a.test"]\n[delivery]\nbind_address6 = "mx"\n', "delivery.bind_address6"),
         ('domains = ["a.test"]\n[tls]\ncert = "/etc/c.pem"\n', "tls.key: missing"),

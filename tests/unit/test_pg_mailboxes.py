@@ -11,6 +11,7 @@ import pytest
 
 from postroom.errors import MailboxInUse
 from postroom.storage.interfaces import LocalCopy
+from postroom.storage.postgresql import db
 from tests.pgnode import nodes, read, run, until
 
 MESSAGE = b"Subject: hi\r\n\r\nline one\r\n.dot line\r\n"
@@ -270,5 +271,25 @@ def test_no_free_session_connection_says_why(
                 await a.maildrop("u5@a.test").open()
             for drop in drops:
                 await drop.close()
+
+    run(main())
+
+
+def test_the_lock_of_a_node_that_vanished_goes_in_minutes(pg_url: str) -> None:
+    """A POP3 session's [IN-USE] lock is held by its connection: PostgreSQL dropped it when a
+    node that vanished (power lost, cut off: no FIN ever comes) was found dead by the
+    kernel's keepalive, after two hours. Every connection asks for probes after a minute
+    idle, so a dead node's locks go within two (pg probe)."""
+    show = "SELECT current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_count')"
+
+    async def main() -> None:
+        own = await db.connect(pg_url)
+        assert tuple(await own.fetchrow(show)) == ("60", "6")
+        await own.close()
+        pooled = db.Database(pg_url, 2, 2)
+        await pooled.open()
+        async with pooled.connection() as conn:
+            assert tuple(await conn.fetchrow(show)) == ("60", "6")
+        await pooled.close()
 
     run(main())

@@ -44,6 +44,14 @@ logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
 
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
+# PostgreSQL's probes of a connection idle this long, then every interval, ended after this
+# many unanswered: a node that vanished (power lost, cut off) gives up its sessions' locks
+# (a POP3 mailbox's [IN-USE]) within two minutes, not the two hours of the kernel's default.
+KEEPALIVES = {
+    "tcp_keepalives_idle": "60",
+    "tcp_keepalives_interval": "10",
+    "tcp_keepalives_count": "6",
+}
 FULL_REFRESH = 300.0  # the watcher's subscribers load everything again this often
 RECONNECT_DELAY = 1.0
 
@@ -115,7 +123,7 @@ async def connect(url: str, name: str = "postroom") -> asyncpg.Connection:
             url,
             timeout=CONNECT_TIMEOUT,
             command_timeout=COMMAND_TIMEOUT,
-            server_settings={"application_name": name},
+            server_settings={"application_name": name, **KEEPALIVES},
             password=_PASSWORDS.get(url),
         )
     except FAILED as exc:  # away, or refused: no such database or role, a wrong password
@@ -169,7 +177,7 @@ class Database:
             max_size=max_size,
             timeout=CONNECT_TIMEOUT,
             command_timeout=COMMAND_TIMEOUT,
-            server_settings={"application_name": name},
+            server_settings={"application_name": name, **KEEPALIVES},
             password=_PASSWORDS.get(self.url),
             **extra,
         )
