@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 
 from hypothesis import given
@@ -215,6 +216,37 @@ def test_at_the_cap_a_held_scrape_makes_room_for_a_health_check() -> None:
             assert (await scrape).startswith(b"HTTP/1.1 200 ")
         await asyncio.sleep(0.1)
         assert ep.open == 0 and not ep.held
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+
+
+def test_a_burst_of_scrapes_each_with_its_request_is_answered() -> None:
+    """Scrapes that came together (all accepted before any was read, each with its whole
+    request sent) got 408 or a reset beyond the cap, as if they had sent nothing, with
+    several workers (``delay``: the scrapes are held). Each gets its counts now (obs probe)."""
+
+    async def main() -> None:
+        ep = Endpoints(lambda: b"counts\n", lambda: False, delay=lambda: 0.2)
+        server, port = await _serve(ep)
+        clients = []
+        for _ in range(3 * MAX_CONNECTIONS):  # (no turn of the loop: the server reads none)
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.setblocking(False)
+            clients.append(sock)
+        loop = asyncio.get_running_loop()
+
+        async def answer(sock: socket.socket) -> bytes:
+            out = b""
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 4096), 5):
+                out += chunk
+            sock.close()
+            return out
+
+        answers = await asyncio.gather(*(answer(sock) for sock in clients))
+        assert all(a.startswith(b"HTTP/1.1 200 ") and a.endswith(b"counts\n") for a in answers)
         server.close()
         await server.wait_closed()
 

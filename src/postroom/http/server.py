@@ -11,10 +11,10 @@ Security notes: the head is bounded (:data:`MAX_HEAD` octets, else 431; a reques
 close) and must be well formed (RFC 9112: one Host, required in HTTP/1.1; no obs-fold, no
 whitespace before a colon, no bare CR; a valid Content-Length; else 400); at most
 :data:`MAX_CONNECTIONS` are open per worker (beyond: the connection that has waited longest
-for its head is answered 408 and closed, or the oldest ``/metrics`` request held for the
+without sending a byte is answered 408 and closed, or the oldest ``/metrics`` request held for the
 workers' counts is answered at once, so that neither idle connections nor a flood of scrapes
 can starve mail or lock out a health check; 503 "busy" only when every one is being
-answered), and none within the
+answered, or beyond :data:`BURST_CONNECTIONS` of requests not read yet), and none within the
 descriptor reserve that the mail sessions keep (503 "busy" at once); a body is never read;
 every answer carries ``Connection: close``; only GET (and HEAD, RFC 9110 §9.3.2) on the two
 paths (else 404, or 405 with ``Allow``). The listener is meant for a loopback or management
@@ -25,7 +25,10 @@ scraped.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import re
+import sys
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -35,6 +38,7 @@ from postroom.services import descriptors_short
 MAX_HEAD = 8192
 READ_TIMEOUT = 10.0
 MAX_CONNECTIONS = 32  # per worker: a scraper or two and health checks need a handful
+BURST_CONNECTIONS = 256  # beyond the above only while each has its request in hand
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 MAX_TARGET = 2048  # a request target beyond this gets 414 (RFC 9112 §3: MUST)
@@ -175,20 +179,24 @@ class HttpConnection(asyncio.Protocol):
         waiting = self.endpoints.waiting
         sock = transport.get_extra_info("socket")
         held = self.endpoints.held
-        if (sock is not None and descriptors_short(sock.fileno())) or (
-            self.endpoints.open > MAX_CONNECTIONS and not waiting and not held
-        ):
+        if sock is not None and descriptors_short(sock.fileno()):
             self._answer(response(503, b"busy\n", "text/plain"))
             return
         if self.endpoints.open > MAX_CONNECTIONS:
-            # The connection that has waited longest without a request makes room (its 408
-            # comes early): idle connections cannot lock out a probe that asks at once. Else
-            # the oldest held /metrics request is answered now, without its wait.
-            if waiting:
-                next(iter(waiting))._timeout()
-            else:
+            # The connection that has waited longest without sending a byte makes room (its
+            # 408 comes early): idle connections cannot lock out a probe that asks at once.
+            # Else the oldest held /metrics request is answered now, without its wait. Else
+            # every one has its request in hand, unread yet (a burst, all accepted before
+            # any was read): this one comes in too, up to BURST_CONNECTIONS.
+            idle = next((c for c in waiting if not c._unread()), None)
+            if idle is not None:
+                idle._timeout()
+            elif held:
                 oldest, request = next(iter(held.items()))
                 oldest._answer_later(request)
+            elif self.endpoints.open > BURST_CONNECTIONS or not waiting:
+                self._answer(response(503, b"busy\n", "text/plain"))
+                return
         waiting[self] = None
         self._timer = asyncio.get_running_loop().call_later(READ_TIMEOUT, self._timeout)
 
@@ -219,6 +227,17 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return None  # closes
+
+    def _unread(self) -> bool:
+        """Whether the client has sent something this process has not read yet."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:
+            pending = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return False
+        return int.from_bytes(pending, sys.byteorder) > 0
 
     def _timeout(self) -> None:
         self._answer(response(408, b"", "text/plain"))
