@@ -699,7 +699,7 @@ def _start_failed(cfg: Config, reason: str) -> None:
     if cfg.log_format == "json":
         events.startup(reason, logs.ERROR)
     else:
-        print(f"postroom: error: {reason}", file=sys.stderr)
+        print(f"postroom: error: {logs.printable(reason)}", file=sys.stderr)
 
 
 def run(cfg: Config) -> int:

@@ -39,8 +39,14 @@ if TYPE_CHECKING:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"postroom: error: {message}", file=sys.stderr)
+        _stderr(f"postroom: error: {message}")
         sys.exit(2)
+
+
+def _stderr(line: str) -> None:
+    """One line to the admin's terminal: what it quotes (a key, a file name, an ID, from a
+    file or an argument) may hold a line end or a terminal's escape, shown as "?"."""
+    print(logs.printable(line), file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -489,7 +495,7 @@ def _show_queue(cfg: Config, queue: MessageQueue, args: argparse.Namespace) -> i
         return 0
     envelopes = queue.entries()
     for problem in queue.problems():
-        print(f"postroom: {problem}", file=sys.stderr)
+        _stderr(f"postroom: {problem}")
     if args.json:
         print_json_list(_queue_json(e) for e in envelopes)
         return 0
@@ -609,7 +615,7 @@ def _say(text: str, warning: bool = False) -> None:
 
         events.startup(text, logs.WARNING if warning else logs.INFO)
     else:
-        print(f"postroom: {'warning: ' if warning else ''}{text}", file=sys.stderr)
+        _stderr(f"postroom: {'warning: ' if warning else ''}{text}")
 
 
 def _cmd_db(cfg: Config, args: argparse.Namespace) -> int:
@@ -700,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datadir.check(cfg)  # before anything is made: nothing is left behind
         made = datadir.create(cfg)
     except ConfigError as exc:
-        print(f"postroom: error: {exc}", file=sys.stderr)
+        _stderr(f"postroom: error: {exc}")
         return 2
     if args.command == "serve":
         global _serving
@@ -738,7 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             stores.close()
     except ConfigError as exc:
-        print(f"postroom: error: {exc}", file=sys.stderr)
+        _stderr(f"postroom: error: {exc}")
         return 2
     except BrokenPipeError:
         # "postroom queue list | head": the reader is gone; say nothing more (as cat does),
@@ -746,10 +752,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (PostroomError, OSError) as exc:
-        print(f"postroom: {exc}", file=sys.stderr)
+        _stderr(f"postroom: {exc}")
         return 1
     except sqlite3.Error as exc:  # the account store busy past its time-out, or damaged
-        print(f"postroom: the account store: {exc}", file=sys.stderr)
+        _stderr(f"postroom: the account store: {exc}")
         return 1
     except KeyboardInterrupt:
         return 1

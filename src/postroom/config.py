@@ -17,6 +17,7 @@ import tomllib
 import types
 import typing
 import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -426,7 +427,27 @@ def load(path: Path) -> Config:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     except RecursionError:  # tomllib parses nested arrays and inline tables recursively
         raise ConfigError(f"{source}: invalid TOML: arrays or tables nested too deep") from None
+    key = _beyond_64_bits(raw)
+    if key is not None:  # TOML 1.0 §Integer: one not kept losslessly in 64 bits is an error
+        raise ConfigError(f"{source}: {key}: invalid TOML: an integer beyond 64 bits")
     return from_dict(raw, source=source, path=path)
+
+
+def _beyond_64_bits(value: object, key: str = "") -> str | None:
+    """The key of the first integer in ``value`` that 64 bits cannot hold (tomllib takes any)."""
+    if isinstance(value, dict):
+        items: Iterable[tuple[str, object]] = value.items()
+    elif isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        big = isinstance(value, int) and not -(2**63) <= value < 2**63
+        return key if big else None
+    for name, inner in items:
+        path = f"{key}{name}" if name.startswith("[") else f"{key}.{name}" if key else name
+        found = _beyond_64_bits(inner, path)
+        if found is not None:
+            return found
+    return None
 
 
 def from_dict(raw: dict[str, Any], *, source: str = "<config>", path: Path | None = None) -> Config:

@@ -125,6 +125,9 @@ def test_queue_commands_on_empty_queue(cfg: Path) -> None:
     assert json.loads(run_cli("queue", "list", "--json", config=cfg).stdout) == []
     assert run_cli("queue", "show", "NOPE", config=cfg, check=False).returncode == 1
     assert run_cli("queue", "delete", "NOPE", config=cfg, check=False).returncode == 1
+    for action in ("show", "delete"):  # the terminal's escapes in an id are "?" (cli probe)
+        said = run_cli("queue", action, "\x1b]0;x\a\x1b[31mID", config=cfg, check=False)
+        assert said.returncode == 1 and "?]0;x??[31mID" in said.stderr
     assert run_cli("queue", "flush", config=cfg).returncode == 0
     # An id is never a path: these named the account store and a file outside the data dir.
     victim = cfg.parent / "data" / "victim.txt"  # data_dir/queue/msg/../../victim.txt
@@ -188,6 +191,10 @@ def test_a_queue_command_fails_when_the_server_reads_it_and_says_nothing(
         ('domains = ["a.test"]\n[delivery]\nmax_queue_time = inf\n', "delivery.max_queue_time"),
         ("domains = [\n", "invalid TOML"),
         ('domains = ["a.test"]\n[storage]\nbackend = "mysql"\n', "storage.backend"),
+        # TOML 1.0: an integer 64 bits cannot hold is an error (tomllib takes it; cli probe)
+        ('domains = ["a.test"]\n[limits]\nmax_recipients = 99999999999999999999\n', "limits.max_"),
+        # A key's line end or escape was written as it is: two lines, and the terminal's
+        ('domains = ["a.test"]\n[limits]\n"a\\nb\\u001b[31m" = 5\n', "limits.a?b?[31m: unknown"),
         ('domains = ["a.test"]\n[storage]\nbackend = "postgresql"\n', "storage.url"),
         (
             'domains = ["a.test"]\n[storage]\nbackend = "postgresql"\nurl = "http://x/db"\n',
