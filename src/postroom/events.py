@@ -337,7 +337,7 @@ def accepted(envelope: Envelope) -> None:
     }
     if envelope.auth_user is not None:
         fields["user"] = envelope.auth_user
-    fields["tls"] = envelope.tls_version
+    fields["tls"] = envelope.tls_version or "none"  # (as delivery and pop3_login have it)
     logs.emit(INFO, "accepted", component(service), fields, _text_accepted)
 
 
@@ -346,7 +346,7 @@ def _text_accepted(f: Fields) -> tuple[str, str]:
     recipients: list[str] = f["recipients"]  # type: ignore[assignment]
     rcpts = ",".join(f"<{r}>" for r in recipients)
     return (
-        f"{f['queue_id']}: client=[{f['client']}]{user}, tls={f['tls'] or 'none'}"
+        f"{f['queue_id']}: client=[{f['client']}]{user}, tls={f['tls']}"
         f", service={f['service']}, from=<{f['sender']}>, to={rcpts}, size={f['size']}",
         f"@qmgr {f['queue_id']}: from=<{f['sender']}>, size={f['size']}"
         f", nrcpt={len(recipients)} (queue active)",

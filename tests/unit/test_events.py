@@ -233,6 +233,10 @@ def test_json_lines(log: io.StringIO, tmp_path: Path) -> None:
     assert list(accepted)[:3] == ["ts", "level", "event"]
     assert accepted["event"] == "accepted" and "user" not in accepted
     assert (accepted["tls"], accepted["size"]) == ("TLSv1.3", 9)
+    events.accepted(_envelope("smtp", None, "", "b@a.test", None))
+    logs.flush()
+    plain = json.loads(log.getvalue().splitlines()[-1])  # (it was null, "none" elsewhere)
+    assert (plain["event"], plain["tls"]) == ("accepted", "none")
     assert {"queue_id", "sender", "recipients", "size", "client", "service"} <= set(accepted)
     assert delivery["event"] == "delivery"
     assert {
