@@ -369,6 +369,7 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
             if adopted:
                 log.info("queue: %d messages parked by another worker scheduled", adopted)
         if verb == "flush":
+            runner.forget_unreachable()
             events.queue_action("flush", count=queue.flush(runner.busy))
             return "ok"
         if verb in ("adopt", "ping"):

@@ -341,6 +341,59 @@ def test_falls_back_to_the_second_mx_when_the_first_is_down() -> None:
     run(main)
 
 
+def test_a_host_that_timed_out_is_not_dialled_again_for_a_while() -> None:
+    """RFC 5321 §4.5.4.1: a client SHOULD keep a list of hosts it cannot reach. A tarpit (it
+    accepts the connection, never greets) was dialled for every message, each waiting the
+    whole time-out: 200 messages held the destination's slots for 100 minutes (sched
+    probe). Until the first retry interval ends it is passed over: the next MX at once, or
+    deferred with no connection; ``queue flush`` (forget_unreachable) dials it again."""
+    port = free_port()
+
+    async def main() -> None:
+        accepted = 0
+        held: list[asyncio.StreamWriter] = []
+
+        async def tarpit(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            nonlocal accepted
+            accepted += 1
+            held.append(w)  # (never a greeting; closed at the end)
+
+        pit = await asyncio.start_server(tarpit, "127.0.0.3", port)
+        sink = await Sink("127.0.0.4", port).start()
+        resolver = StaticResolver(
+            {
+                "b.test": Route(
+                    (mx("pit.b.test", "127.0.0.3", 10), mx("mx.b.test", "127.0.0.4", 20))
+                ),
+                "c.test": Route((mx("pit.c.test", "127.0.0.3", 10),)),
+            }
+        )
+        remote = RemoteDelivery(config(port), resolver, reply_timeout=0.3)
+        try:
+            (first,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+            assert first.outcome is Outcome.DELIVERED and accepted == 1
+            started = time.monotonic()
+            (second,) = await remote.deliver("b.test", message("bob@b.test"), BODY)
+            (other,) = await remote.deliver("c.test", message("carol@c.test"), BODY)
+            assert time.monotonic() - started < 0.25 and accepted == 1  # not dialled
+            assert second.outcome is Outcome.DELIVERED and len(sink.messages) == 2
+            assert other.outcome is Outcome.TEMPORARY and other.reply.status == "4.4.1"
+            assert "pit.c.test[127.0.0.3]: delivery temporarily suspended: " in str(other.reply)
+            assert "time-out" in str(other.reply)
+            remote.forget_unreachable()
+            (again,) = await remote.deliver("c.test", message("carol@c.test"), BODY)
+            assert again.outcome is Outcome.TEMPORARY and accepted == 2
+        finally:
+            await remote.aclose()
+            await sink.stop()
+            for w in held:
+                w.close()
+            pit.close()
+            await pit.wait_closed()
+
+    run(main)
+
+
 def test_421_greeting_and_temp_rcpt_move_on_to_the_next_host() -> None:
     port = free_port()
 

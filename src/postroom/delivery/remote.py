@@ -67,6 +67,7 @@ MayFinish = Callable[[], bool]
 
 SHUTDOWN_QUIT_WAIT = 1.0  # seconds the cached sessions' 221s are waited for at shutdown
 MAX_ADDRESSES = 10  # sessions tried per delivery attempt (Postfix: smtp_mx_address_limit = 5)
+UNREACHABLE_MAX = 300.0  # seconds at most an address that timed out is not dialled
 DATA_BLOCK_TIMEOUT = 180.0  # RFC 5321 §4.5.3.2.5: each write of message data
 DATA_BLOCK = 1024  # octets that must go within DATA_BLOCK_TIMEOUT (else a trickle holds it)
 
@@ -134,9 +135,11 @@ class _SessionFailed(Exception):
         tls_failed: bool = False,
         permanent: bool = False,
         tls: str | None = None,
+        timed_out: bool = False,
     ) -> None:
         super().__init__(str(reply))
         self.reply = reply
+        self.timed_out = timed_out  # no connection, or no reply, in time: see _unreachable
         self.tls_failed = tls_failed
         self.permanent = permanent
         self.tls = tls
@@ -196,6 +199,7 @@ class _Session(asyncio.Protocol):
         self.last_used = time.monotonic()
         self.generation = 0  # of the configuration it was opened under (see reconfigure)
         self.tls = PLAINTEXT  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once STARTTLS is done
+        self.timed_out = False  # a reply did not come in time
         self._waiter: asyncio.Future[None] | None = None  # next_event waiting for the server
         # When the reply being waited for is too late, and engine.replies when it was set.
         self._deadline: tuple[float, int] | None = None
@@ -277,6 +281,7 @@ class _Session(asyncio.Protocol):
             try:
                 await waiter
             except TimeoutError:
+                self.timed_out = True
                 self.engine.connection_lost("time-out waiting for the server's reply")
             finally:
                 timer.cancel()
@@ -349,6 +354,11 @@ class RemoteDelivery:
         self.committing = 0
         # Set by a stop: no final dot goes out that the reply to might not be waited for.
         self.stopping = False
+        # Addresses that timed out before a session was made (a tarpit, a host gone): until
+        # when they are not dialled, and why (RFC 5321 §4.5.4.1: a client SHOULD keep a list
+        # of hosts it cannot reach). Each message to them waited the whole time-out again, a
+        # few at a time: 200 for a tarpit held slots for 100 minutes.
+        self._unreachable: dict[str, tuple[float, Reply]] = {}
 
     async def deliver(
         self,
@@ -409,6 +419,10 @@ class RemoteDelivery:
                     break
                 if self.stopping:  # (waited for its slot, or a backup host: none is dialled)
                     raise withheld(DotWithheld("", NOT_TRIED))
+                suspended = self._suspended(target, ip)
+                if suspended is not None:  # (not counted: the next address is dialled)
+                    session_error = unreached = (_SessionFailed(suspended), target.host, ip)
+                    continue
                 tried += 1
                 if data is None:
                     data = source if isinstance(source, bytes) else await source()
@@ -423,6 +437,8 @@ class RemoteDelivery:
                         session_error = (exc, target.host, ip)
                         if not exc.permanent:
                             unreached = session_error
+                        if exc.timed_out:
+                            self._mark_unreachable(ip, exc.reply)
                         events.host_failed(queue_id, target.label, ip, str(exc.reply), len(batch))
                         break
                     except DotWithheld as exc:  # what hosts before this one took (RFC 5321
@@ -509,6 +525,27 @@ class RemoteDelivery:
                 reply = _temp("4.4.4", f"no address to try for {domain}")
                 final[i] = DeliveryResult(rcpt, Outcome.TEMPORARY, reply)
         return [final[i] for i in range(len(message.recipients))]
+
+    def _mark_unreachable(self, ip: str, reply: Reply) -> None:
+        """``ip`` timed out: not dialled again for the first retry interval (at most 5 min,
+        Postfix's minimal_backoff_time), the time the messages it failed wait anyway."""
+        wait = min(float(self.cfg.delivery.retry_intervals[0]), UNREACHABLE_MAX)
+        self._unreachable[ip] = (time.monotonic() + wait, reply)
+
+    def _suspended(self, target: Target, ip: str) -> Reply | None:
+        """Why ``ip`` is not dialled now, or None (it may be)."""
+        mark = self._unreachable.get(ip)
+        if mark is None:
+            return None
+        if mark[0] <= time.monotonic():
+            del self._unreachable[ip]
+            return None
+        why = mark[1].text
+        return _temp("4.4.1", f"{target.label}[{ip}]: delivery temporarily suspended: {why}")
+
+    def forget_unreachable(self) -> None:
+        """Dial every address again (``queue flush``: the admin says the hosts are back)."""
+        self._unreachable.clear()
 
     async def _deliver_at(
         self,
@@ -656,7 +693,8 @@ class RemoteDelivery:
                 float(delivery.connect_timeout),
             )
         except TimeoutError:
-            raise _SessionFailed(_temp("4.4.1", f"connect to {where}: timed out")) from None
+            reply = _temp("4.4.1", f"connect to {where}: timed out")
+            raise _SessionFailed(reply, timed_out=True) from None
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise _SessionFailed(_temp("4.4.1", f"connect to {where}: {reason}")) from None
@@ -678,7 +716,11 @@ class RemoteDelivery:
                     reply = self._session_reply(event.reply, where)
                     # (tls: after STARTTLS, a 421 or 5xx to EHLO, or a close, came over TLS)
                     raise _SessionFailed(
-                        reply, tls_failed=in_tls, permanent=refusal, tls=session.tls
+                        reply,
+                        tls_failed=in_tls,
+                        permanent=refusal,
+                        tls=session.tls,
+                        timed_out=session.timed_out,
                     )
         except BaseException:
             session.close()

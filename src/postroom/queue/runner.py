@@ -322,6 +322,11 @@ class QueueRunner:
             if self._remote is not None:
                 await self._remote.close_idle()
 
+    def forget_unreachable(self) -> None:
+        """``queue flush``: remote hosts that timed out are dialled again at once."""
+        if self._remote is not None:
+            self._remote.forget_unreachable()
+
     async def delete(self, queue_id: str) -> bool:
         """``queue delete``: remove the message now. An attempt in progress goes on with the
         copy it holds, but nothing is retried, reported or saved for it afterwards."""
