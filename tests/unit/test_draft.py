@@ -80,6 +80,30 @@ def test_past_the_budget_a_message_is_streamed_as_it_arrives(tmp_path: Path) -> 
     assert path and body == expected(100_000, b"X-Late: 1\n")
 
 
+def test_a_streamed_body_moves_up_a_chunk_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its client's part was read back whole at the end of DATA to move it up under the
+    fields prepended since: every large message held its size in memory (resources probe:
+    a burst of 40 MB messages took a worker to 1.4 GB). Now no read is larger than a chunk."""
+    monkeypatch.setattr(local_queue, "MOVE_CHUNK", 4096, raising=False)
+    reads: list[int] = []
+    pread = local_queue.os.pread
+
+    def counted(fd: int, n: int, offset: int) -> bytes:
+        reads.append(n)
+        return pread(fd, n, offset)
+
+    monkeypatch.setattr(local_queue.os, "pread", counted)
+    draft = big_draft(tmp_path, HoldBudget(limit=0), 100_000)
+    draft.prepend(b"X-Late: 1\r\n")
+    draft.prepend(b"Authentication-Results: mx; spf=pass\r\n")
+    body, path = stored(draft)
+    fields = b"Authentication-Results: mx; spf=pass\nX-Late: 1\n"
+    assert path and body == expected(100_000, fields)
+    assert reads and max(reads) <= 4096
+
+
 def test_past_the_hold_limit_a_message_is_streamed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
