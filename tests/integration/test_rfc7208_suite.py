@@ -200,6 +200,8 @@ def test_malformed_macros_are_a_permerror(dns: LoopbackDNS, record: str, result:
         ("v=spf1 a:%{l1r}.u.test -all", "fail"),
         ("v=spf1 exists:%{d}.u.test -all", "pass"),  # no local part: looked up
         ("v=spf1 exists:%{L}.u.test -all", "fail"),
+        ("v=spf1 include:%{l}.u.test -all", "fail"),  # no match: on to -all
+        ("v=spf1 redirect=%{l}.u.test", "neutral"),
     ],
 )
 def test_a_local_part_that_is_no_ascii_matches_nothing(
@@ -210,7 +212,7 @@ def test_a_local_part_that_is_no_ascii_matches_nothing(
     sender (sauth probe)."""
     zone = {"u.test": [{"TXT": record}]}
     for name in ("xn--js-cja4c.u.test", "u.test.u.test"):
-        zone[name] = [{"A": "192.0.2.1"}]
+        zone[name] = [{"A": "192.0.2.1"}, {"TXT": "v=spf1 +all"}]
     _serve(dns, zone)
     cache = DnsCache(DNSConfig(nameservers=(parse_endpoint(dns.nameserver),), timeout=0.3))
     got = asyncio.run(spf.check(cache, "192.0.2.1", "jösé@u.test", "h.u.test"))

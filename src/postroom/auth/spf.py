@@ -101,6 +101,11 @@ class _Query(pyspf.query):  # type: ignore[misc]
             return _NO_NAME
         return super().expand(s, stripdot)
 
+    def dns_spf(self, domain: Any) -> Any:
+        if domain == _NO_NAME:  # an include: of it matches nothing; a redirect= is neutral
+            return "v=spf1"
+        return super().dns_spf(domain)
+
     def validated_ptrs(self) -> list[Any]:
         """The client's validated names (``ptr``, ``%{p}``) as RFC 7208 §5.5 says: a DNS
         error looking up its PTR records leaves none (the mechanism fails to match, the macro
