@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from postroom.http.server import (
+    IDLE_GRACE,
     MAX_CONNECTIONS,
     MAX_HEAD,
     MAX_TARGET,
@@ -175,7 +176,7 @@ def test_at_the_cap_the_oldest_idle_connection_makes_room() -> None:
         ep = Endpoints(lambda: b"", lambda: False)
         server, port = await _serve(ep)
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_CONNECTIONS)]
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(IDLE_GRACE + 0.1)  # (one younger may yet be a scrape about to ask)
         assert ep.open == MAX_CONNECTIONS
         answer = await _ask(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok\n")
@@ -247,6 +248,29 @@ def test_a_burst_of_scrapes_each_with_its_request_is_answered() -> None:
 
         answers = await asyncio.gather(*(answer(sock) for sock in clients))
         assert all(a.startswith(b"HTTP/1.1 200 ") and a.endswith(b"counts\n") for a in answers)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+
+
+def test_a_burst_of_scrapes_that_connect_first_then_ask_is_answered() -> None:
+    """Clients that all connect, then each send its request a moment later, were taken for
+    idle at the cap (nothing unread yet) and answered 408 (recheck probe: 140 of 300). A
+    connection younger than IDLE_GRACE is never the one that makes room."""
+
+    async def main() -> None:
+        ep = Endpoints(lambda: b"counts\n", lambda: False, delay=lambda: 0.2)
+        server, port = await _serve(ep)
+        conns = [
+            await asyncio.open_connection("127.0.0.1", port) for _ in range(3 * MAX_CONNECTIONS)
+        ]
+        for _, w in conns:
+            w.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = await asyncio.gather(*(asyncio.wait_for(r.read(), 5) for r, _ in conns))
+        for _, w in conns:
+            w.close()
+        assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
         server.close()
         await server.wait_closed()
 

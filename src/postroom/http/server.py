@@ -11,15 +11,15 @@ Security notes: the head is bounded (:data:`MAX_HEAD` octets, else 431; a reques
 close) and must be well formed (RFC 9112: one Host, required in HTTP/1.1; no obs-fold, no
 whitespace before a colon, no bare CR; a valid Content-Length; else 400); at most
 :data:`MAX_CONNECTIONS` are open per worker (beyond: the connection that has waited longest
-without sending a byte is answered 408 and closed, or the oldest ``/metrics`` request held for the
-workers' counts is answered at once, so that neither idle connections nor a flood of scrapes
-can starve mail or lock out a health check; 503 "busy" only when every one is being
-answered, or beyond :data:`BURST_CONNECTIONS` of requests not read yet), and none within the
-descriptor reserve that the mail sessions keep (503 "busy" at once); a body is never read;
-every answer carries ``Connection: close``; only GET (and HEAD, RFC 9110 §9.3.2) on the two
-paths (else 404, or 405 with ``Allow``). The listener is meant for a loopback or management
-address: it has no authentication, and what it shows (counts, no addresses) is meant to be
-scraped.
+without sending a byte, a second at least, is answered 408 and closed, or the oldest
+``/metrics`` request held for the workers' counts is answered at once, so that neither idle
+connections nor a flood of scrapes can starve mail or lock out a health check; 503 "busy"
+only when every one is being answered, or beyond :data:`BURST_CONNECTIONS` none of which has
+been idle a second), and none within the descriptor reserve that the mail sessions keep
+(503 "busy" at once); a body is never read; every answer carries ``Connection: close``;
+only GET (and HEAD, RFC 9110 §9.3.2) on the two paths (else 404, or 405 with ``Allow``).
+The listener is meant for a loopback or management address: it has no authentication, and
+what it shows (counts, no addresses) is meant to be scraped.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from postroom.services import descriptors_short
 MAX_HEAD = 8192
 READ_TIMEOUT = 10.0
 MAX_CONNECTIONS = 32  # per worker: a scraper or two and health checks need a handful
-BURST_CONNECTIONS = 256  # beyond the above only while each has its request in hand
+BURST_CONNECTIONS = 256  # beyond the above only while none has been idle for IDLE_GRACE
+IDLE_GRACE = 1.0  # seconds a connection may send nothing before it counts as idle
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 MAX_TARGET = 2048  # a request target beyond this gets 414 (RFC 9112 §3: MUST)
@@ -172,6 +173,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._data = b""
         self._timer: asyncio.TimerHandle | None = None
+        self._since = 0.0  # when it connected (the loop's clock)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
@@ -183,12 +185,14 @@ class HttpConnection(asyncio.Protocol):
             self._answer(response(503, b"busy\n", "text/plain"))
             return
         if self.endpoints.open > MAX_CONNECTIONS:
-            # The connection that has waited longest without sending a byte makes room (its
-            # 408 comes early): idle connections cannot lock out a probe that asks at once.
-            # Else the oldest held /metrics request is answered now, without its wait. Else
-            # every one has its request in hand, unread yet (a burst, all accepted before
-            # any was read): this one comes in too, up to BURST_CONNECTIONS.
-            idle = next((c for c in waiting if not c._unread()), None)
+            # The connection that has waited longest without sending a byte, for a second at
+            # least, makes room (its 408 comes early): idle connections cannot lock out a
+            # probe that asks at once. Else the oldest held /metrics request is answered now,
+            # without its wait. Else each is new or has its request in hand, unread yet (a
+            # burst of scrapes, each connected a moment before it asks): this one comes in
+            # too, up to BURST_CONNECTIONS.
+            now = asyncio.get_running_loop().time()
+            idle = next((c for c in waiting if c._idle_since(now)), None)
             if idle is not None:
                 idle._timeout()
             elif held:
@@ -198,7 +202,9 @@ class HttpConnection(asyncio.Protocol):
                 self._answer(response(503, b"busy\n", "text/plain"))
                 return
         waiting[self] = None
-        self._timer = asyncio.get_running_loop().call_later(READ_TIMEOUT, self._timeout)
+        loop = asyncio.get_running_loop()
+        self._since = loop.time()
+        self._timer = loop.call_later(READ_TIMEOUT, self._timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -227,6 +233,10 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return None  # closes
+
+    def _idle_since(self, now: float) -> bool:
+        """Whether the client has sent nothing for :data:`IDLE_GRACE` since it connected."""
+        return now - self._since >= IDLE_GRACE and not self._unread()
 
     def _unread(self) -> bool:
         """Whether the client has sent something this process has not read yet."""
