@@ -658,13 +658,43 @@ def postgresql_url_problem(url: str) -> str | None:
     for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
         if name == "sslmode" and value not in _SSLMODES:
             return f"sslmode: expected one of {', '.join(_SSLMODES)}"
-        if name in _LIBPQ_ONLY:
+        if name == "target_session_attrs" and value not in _SESSION_ATTRS:
+            return f"target_session_attrs: expected one of {', '.join(_SESSION_ATTRS)}"
+        lower = name.lower()
+        if lower in _LIBPQ_ONLY or (lower in _ASYNCPG and name != lower):
             # asyncpg sends a name it does not know as a server setting: refused at connect.
             return f"{name}: a libpq parameter that postroom's driver (asyncpg) does not take"
     return None
 
 
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+# The parameters asyncpg takes (in lower case only), and libpq's that it would send on as
+# server settings.
+_ASYNCPG = frozenset(
+    [
+        "host",
+        "port",
+        "user",
+        "password",
+        "passfile",
+        "database",
+        "dbname",
+        "service",
+        "sslmode",
+        "sslcert",
+        "sslkey",
+        "sslrootcert",
+        "sslcrl",
+        "sslpassword",
+        "sslnegotiation",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "target_session_attrs",
+        "krbsrvname",
+        "gsslib",
+    ]
+)
 _LIBPQ_ONLY = frozenset(
     [
         "connect_timeout",
@@ -683,6 +713,8 @@ _LIBPQ_ONLY = frozenset(
         "sslsni",
         "load_balance_hosts",
         "replication",
+        "sslcertmode",
+        "sslcrldir",
     ]
 )
 

@@ -219,6 +219,16 @@ def test_a_queue_command_fails_when_the_server_reads_it_and_says_nothing(
             'url = "postgresql://u@h/db?sslmode=bogus"\n',
             "storage.url: sslmode",
         ),
+        (  # (asyncpg's names are lower case only: this one went on as a setting, refused)
+            'domains = ["a.test"]\n[storage]\nbackend = "postgresql"\n'
+            'url = "postgresql://u@h/db?CONNECT_TIMEOUT=5"\n',
+            "storage.url: CONNECT_TIMEOUT",
+        ),
+        (
+            'domains = ["a.test"]\n[storage]\nbackend = "postgresql"\n'
+            'url = "postgresql://u@h/db?target_session_attrs=bogus"\n',
+            "storage.url: target_session_attrs",
+        ),
         ('domains = ["a.test"]\n[delivery]\nbind_address = "::1"\n', "delivery.bind_address"),
         ('domains = ["a.test"]\n[delivery]\nbind_address6 = "mx"\n', "delivery.bind_address6"),
         ('domains = ["a.test"]\n[tls]\ncert = "/etc/c.pem"\n', "tls.key: missing"),

@@ -291,5 +291,11 @@ def test_the_lock_of_a_node_that_vanished_goes_in_minutes(pg_url: str) -> None:
         async with pooled.connection() as conn:
             assert tuple(await conn.fetchrow(show)) == ("60", "6")
         await pooled.close()
+        # What the url sets is its own (recheck probe: ours replaced it).
+        joined = "&" if "?" in pg_url else "?"
+        mine = await db.connect(f"{pg_url}{joined}tcp_keepalives_idle=30&application_name=x")
+        assert tuple(await mine.fetchrow(show)) == ("30", "6")
+        assert await mine.fetchval("SELECT current_setting('application_name')") == "x"
+        await mine.close()
 
     run(main())

@@ -115,6 +115,14 @@ def _why(exc: BaseException, waited: float = CONNECT_TIMEOUT) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _settings(url: str, name: str) -> dict[str, str]:
+    """Our server settings for a connection: ``name`` as its application_name and
+    :data:`KEEPALIVES`, but for those the url sets itself (asyncpg lets ours win)."""
+    own = {key.lower() for key, _ in urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)}
+    ours = {"application_name": name, **KEEPALIVES}
+    return {key: value for key, value in ours.items() if key not in own}
+
+
 async def connect(url: str, name: str = "postroom") -> asyncpg.Connection:
     """One connection of its own (the CLI, the LISTEN connection, migrations); ``name`` is
     its ``application_name`` (what ``pg_stat_activity`` shows)."""
@@ -123,7 +131,7 @@ async def connect(url: str, name: str = "postroom") -> asyncpg.Connection:
             url,
             timeout=CONNECT_TIMEOUT,
             command_timeout=COMMAND_TIMEOUT,
-            server_settings={"application_name": name, **KEEPALIVES},
+            server_settings=_settings(url, name),
             password=_PASSWORDS.get(url),
         )
     except FAILED as exc:  # away, or refused: no such database or role, a wrong password
@@ -177,7 +185,7 @@ class Database:
             max_size=max_size,
             timeout=CONNECT_TIMEOUT,
             command_timeout=COMMAND_TIMEOUT,
-            server_settings={"application_name": name, **KEEPALIVES},
+            server_settings=_settings(self.url, name),
             password=_PASSWORDS.get(self.url),
             **extra,
         )
