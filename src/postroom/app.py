@@ -781,6 +781,10 @@ def run(cfg: Config) -> int:
     status = supervisor.Supervisor(
         cfg, pair, worker_main, stop_listening, on_worker_gone=shared.worker_gone
     ).run()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        # Stopped: another signal changes nothing. (Python's exit puts the default actions
+        # back, and a second SIGTERM then ended the process by the signal, not with 0.)
+        signal.signal(sig, signal.SIG_IGN)
     stop_listening()
     os.close(data_lock)
     log.info("stopped (exit status %d)", status)
