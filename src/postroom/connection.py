@@ -173,8 +173,7 @@ class Connection(asyncio.Protocol):
 
     @property
     def log(self) -> logging.Logger:
-        """The logger of this service's lines (``postroom/smtpd[PID]``, as its events)."""
-        return logging.getLogger("postroom." + events.component(self.service).replace("/", "."))
+        return events.logger(self.service)
 
     def __init__(self, services: Services, implicit_tls: bool) -> None:
         self.services = services

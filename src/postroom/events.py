@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -169,6 +170,11 @@ def _child(metric: Any, *labels: str) -> Any:
 def component(service: str) -> str:
     """The component that names ``service``'s lines (Postfix's names for the SMTP ones)."""
     return _SMTPD.get(service, service)
+
+
+def logger(service: str) -> logging.Logger:
+    """The logger of a session's own lines (``postroom/smtpd[PID]``, as its events)."""
+    return logging.getLogger("postroom." + component(service).replace("/", "."))
 
 
 # -- start-up ------------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ class SmtpPolicy:
     def _store_failed(self, exc: Exception, command: Mail | Rcpt) -> Reply:
         """The account store could not be read now (damaged, say): refused for now, the
         session goes on (it ended, with a traceback, without a reply to QUIT)."""
-        self.services.log.error("%s: %s", command.__class__.__name__.upper(), exc)
+        events.logger(self.port).error("%s: %s", command.__class__.__name__.upper(), exc)
         return self.refused(replies.LOCAL_ERROR, command)
 
     def on_mail(self, cmd: Mail) -> Reply:
@@ -383,7 +383,9 @@ class SmtpPolicy:
         try:
             problem = await self._prepare(txn, draft)
         except Exception:  # a bug, or a message no step foresaw: refused for now, not a crash
-            self.services.log.exception("%s: the message could not be prepared", txn.queue_id)
+            events.logger(self.port).exception(
+                "%s: the message could not be prepared", txn.queue_id
+            )
             problem = replies.LOCAL_ERROR
         except asyncio.CancelledError:
             if not self.cut_by_the_stop:
