@@ -346,7 +346,8 @@ def test_a_host_that_timed_out_is_not_dialled_again_for_a_while() -> None:
     accepts the connection, never greets) was dialled for every message, each waiting the
     whole time-out: 200 messages held the destination's slots for 100 minutes (sched
     probe). Until the first retry interval ends it is passed over: the next MX at once, or
-    deferred with no connection; ``queue flush`` (forget_unreachable) dials it again."""
+    deferred with no connection; but not for a retry due after it timed out (the retry is
+    what that message waited for); ``queue flush`` (forget_unreachable) dials it again."""
     port = free_port()
 
     async def main() -> None:
@@ -380,9 +381,14 @@ def test_a_host_that_timed_out_is_not_dialled_again_for_a_while() -> None:
             assert other.outcome is Outcome.TEMPORARY and other.reply.status == "4.4.1"
             assert "pit.c.test[127.0.0.3]: delivery temporarily suspended: " in str(other.reply)
             assert "time-out" in str(other.reply)
+            # A retry due after the time-out is what its wait was for: dialled.
+            (retry,) = await remote.deliver(
+                "c.test", message("carol@c.test"), BODY, marked_since=time.time()
+            )
+            assert retry.outcome is Outcome.TEMPORARY and accepted == 2
             remote.forget_unreachable()
             (again,) = await remote.deliver("c.test", message("carol@c.test"), BODY)
-            assert again.outcome is Outcome.TEMPORARY and accepted == 2
+            assert again.outcome is Outcome.TEMPORARY and accepted == 3
         finally:
             await remote.aclose()
             await sink.stop()

@@ -1098,6 +1098,7 @@ def test_a_stop_that_cancels_an_attempt_keeps_the_250s_it_holds(tmp_path: Path, 
             may_finish: Any,
             final: dict[int, DeliveryResult] | None = None,
             queue_id: str = "",
+            marked_since: float | None = None,
         ) -> list[DeliveryResult]:
             ok = Reply(250, "2.0.0", ("queued",))
             final = {} if final is None else final  # (a host's 250 goes in as it comes)
@@ -1171,6 +1172,7 @@ class _SecondAttempt(FakeRemote):
         may_finish: Any,
         final: Any = None,
         queue_id: str = "",
+        marked_since: float | None = None,
     ) -> list[Any]:
         from postroom.delivery.remote import DeliveryResult
         from postroom.smtp.client_engine import Outcome
@@ -1289,6 +1291,7 @@ def test_a_cancel_after_a_withheld_dot_keeps_the_250_an_earlier_host_gave(
             may_finish: Any,
             final: Any,
             queue_id: str = "",
+            marked_since: float | None = None,
         ) -> list[DeliveryResult]:
             await asyncio.sleep(0.01)
             ok = Reply(250, "2.0.0", ("queued",))
@@ -1338,6 +1341,7 @@ def test_a_cancel_during_an_early_save_still_keeps_what_the_attempt_holds(
             may_finish: Any,
             final: Any,
             queue_id: str = "",
+            marked_since: float | None = None,
         ) -> list[DeliveryResult]:
             ok = Reply(250, "2.0.0", ("queued",))
             if domain == "fast.test":

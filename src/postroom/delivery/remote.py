@@ -338,8 +338,10 @@ class RemoteDelivery:
         cache_idle: float = 10.0,
         max_cached: int = 50,
         max_addresses: int = MAX_ADDRESSES,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
+        self._clock = clock
         self.resolver = resolver
         self._tls_context = tls_context
         self._contexts: dict[bool, ssl.SSLContext] = {}
@@ -354,11 +356,11 @@ class RemoteDelivery:
         self.committing = 0
         # Set by a stop: no final dot goes out that the reply to might not be waited for.
         self.stopping = False
-        # Addresses that timed out before a session was made (a tarpit, a host gone): until
-        # when they are not dialled, and why (RFC 5321 §4.5.4.1: a client SHOULD keep a list
-        # of hosts it cannot reach). Each message to them waited the whole time-out again, a
-        # few at a time: 200 for a tarpit held slots for 100 minutes.
-        self._unreachable: dict[str, tuple[float, Reply]] = {}
+        # Addresses that timed out before a session was made (a tarpit, a host gone): when,
+        # until when they are not dialled, and why (RFC 5321 §4.5.4.1: a client SHOULD keep
+        # a list of hosts it cannot reach). Each message to them waited the whole time-out
+        # again, a few at a time: 200 for a tarpit held slots for 100 minutes.
+        self._unreachable: dict[str, tuple[float, float, Reply]] = {}
 
     async def deliver(
         self,
@@ -368,6 +370,7 @@ class RemoteDelivery:
         may_finish: MayFinish | None = None,
         final: dict[int, DeliveryResult] | None = None,
         queue_id: str = "",
+        marked_since: float | None = None,
     ) -> list[DeliveryResult]:
         """Try to deliver ``message`` (all recipients in ``domain``); one result per recipient,
         in the order of ``message.recipients``. Never raises for network or DNS trouble.
@@ -376,7 +379,10 @@ class RemoteDelivery:
         is not temporary: a caller cancelled while a later host is tried, or given
         :class:`DotWithheld`, reads there what earlier hosts took (RFC 5321 §6.1: their 250
         commits them); given DotWithheld, also what they deferred (their own 4xx).
-        ``queue_id`` names the message in the lines logged for each host that failed."""
+        ``queue_id`` names the message in the lines logged for each host that failed;
+        ``marked_since``: a host that timed out after this time is passed over (a retry gives
+        when it was due: what timed out before, in its own last attempt above all, is what
+        its wait was for), None: any that timed out lately (a first attempt)."""
         route = await self.resolver.route(domain)
         route = drop_self(
             route,
@@ -419,7 +425,7 @@ class RemoteDelivery:
                     break
                 if self.stopping:  # (waited for its slot, or a backup host: none is dialled)
                     raise withheld(DotWithheld("", NOT_TRIED))
-                suspended = self._suspended(target, ip)
+                suspended = self._suspended(target, ip, marked_since)
                 if suspended is not None:  # (not counted: the next address is dialled)
                     session_error = unreached = (_SessionFailed(suspended), target.host, ip)
                     continue
@@ -529,18 +535,22 @@ class RemoteDelivery:
     def _mark_unreachable(self, ip: str, reply: Reply) -> None:
         """``ip`` timed out: not dialled again for the first retry interval (at most 5 min,
         Postfix's minimal_backoff_time), the time the messages it failed wait anyway."""
+        now = self._clock()
         wait = min(float(self.cfg.delivery.retry_intervals[0]), UNREACHABLE_MAX)
-        self._unreachable[ip] = (time.monotonic() + wait, reply)
+        self._unreachable[ip] = (now, now + wait, reply)
 
-    def _suspended(self, target: Target, ip: str) -> Reply | None:
-        """Why ``ip`` is not dialled now, or None (it may be)."""
+    def _suspended(self, target: Target, ip: str, since: float | None) -> Reply | None:
+        """Why ``ip`` is not dialled now (it timed out lately, after ``since``), or None."""
         mark = self._unreachable.get(ip)
         if mark is None:
             return None
-        if mark[0] <= time.monotonic():
+        marked, until, reply = mark
+        if until <= self._clock():
             del self._unreachable[ip]
             return None
-        why = mark[1].text
+        if since is not None and marked <= since:
+            return None
+        why = reply.text
         return _temp("4.4.1", f"{target.label}[{ip}]: delivery temporarily suspended: {why}")
 
     def forget_unreachable(self) -> None:

@@ -123,8 +123,10 @@ class _Dialling:
         read: Callable[[], Awaitable[bytes]],
         begin: Callable[[], Awaitable[None]],
         counted: bool,
+        due: float | None = None,
     ) -> None:
         self.counted = counted
+        self.due = due  # when a retry became due (None: a first attempt); see deliver()
         self.dialled = False  # a host of the attempt was about to be dialled
         self._read, self._begin = read, begin
         self._data: bytes | None = None
@@ -546,7 +548,10 @@ class QueueRunner:
 
         counted = first is not None and envelope.attempts > 0  # at acceptance
         dialling = _Dialling(
-            lambda: self.queue.body(envelope), lambda: self._begin_attempt(envelope, now), counted
+            lambda: self.queue.body(envelope),
+            lambda: self._begin_attempt(envelope, now),
+            counted,
+            envelope.next_attempt if envelope.history else None,
         )
         # Domains whose final dot a stop or the fence held back: the reply, relay, tls to log.
         withheld: dict[str, tuple[str, str, str | None]] = {}
@@ -920,7 +925,7 @@ class QueueRunner:
     def _remote_delivery(self) -> RemoteDelivery:
         cfg = self.cfg
         if self._remote is None:
-            self._remote = RemoteDelivery(cfg, self._resolver(cfg))
+            self._remote = RemoteDelivery(cfg, self._resolver(cfg), clock=self._clock)
             self._remote.stopping = self._draining  # (made by an attempt the stop let run)
         elif self._remote.cfg is not cfg:  # a reload: the same one, so that its cached
             # sessions get their QUIT and a stop reaches the deliveries it runs
@@ -1014,7 +1019,13 @@ class QueueRunner:
                 fence = self._lease_fresh
                 may_finish = None if fence is None else (lambda: fence(envelope.id))
                 results = await self._remote_delivery().deliver(
-                    domain, outgoing, wire, may_finish, final=kept, queue_id=envelope.id
+                    domain,
+                    outgoing,
+                    wire,
+                    may_finish,
+                    final=kept,
+                    queue_id=envelope.id,
+                    marked_since=dialling.due,
                 )
                 took = time.monotonic() - started
             finally:
