@@ -374,6 +374,9 @@ async def _control_server(services: Services, runner: QueueRunner) -> asyncio.Ab
             return "ok"
         if verb in ("adopt", "ping"):
             return "ok"
+        if verb == "unsuspend":  # a flush at another worker: its hosts are dialled again
+            runner.forget_unreachable()
+            return "ok"
         if verb == "submit" and isinstance(queue, LocalQueue):
             # Another worker parked a message: the primary schedules its retries (unless
             # a flush adopted it first and its attempt runs: not a second one beside it).
@@ -530,6 +533,7 @@ async def serve(
     else:
         # Shared: a message deleted from any node stops its attempt here.
         queue.on_deleted = runner.deleted_elsewhere  # type: ignore[attr-defined]
+        queue.on_flushed = runner.forget_unreachable  # type: ignore[attr-defined]
     if worker.primary:
         assert services.sender_auth is not None
         services.sender_auth.ensure_keys()  # DKIM keys made on first start

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import getpass
 import json
@@ -408,6 +409,9 @@ def _cmd_queue(stores: AdminStores, args: argparse.Namespace) -> int:
         answer = _control(cfg, "flush")
         if answer is not None and answer != "ok":  # (a server killed as it read the command)
             raise QueueError(f"the running server did not flush the queue: {answer or 'no answer'}")
+        for sock in _control_sockets(cfg)[1:]:  # each worker dials its timed-out hosts again
+            with contextlib.suppress(QueueError):
+                _control(cfg, "unsuspend", sock)
         if answer is None:
             # No server running: make every message due; the next serve tries at once.
             due = stores.queue(running=False).flush()

@@ -655,11 +655,14 @@ def postgresql_url_problem(url: str) -> str | None:
         return "bad port"
     if parts.fragment:
         return "unexpected '#' part"
-    for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
-        if name == "sslmode" and value not in _SSLMODES:
-            return f"sslmode: expected one of {', '.join(_SSLMODES)}"
-        if name == "target_session_attrs" and value not in _SESSION_ATTRS:
-            return f"target_session_attrs: expected one of {', '.join(_SESSION_ATTRS)}"
+    try:  # (asyncpg parses it strictly: "?x" with no "=" failed at connect)
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
+    except ValueError as exc:
+        return f"bad query string: {exc}"
+    for name, value in query:
+        allowed = _VALUES.get(name)
+        if allowed is not None and value not in allowed:
+            return f"{name}: expected one of {', '.join(allowed)}"
         lower = name.lower()
         if lower in _LIBPQ_ONLY or (lower in _ASYNCPG and name != lower):
             # asyncpg sends a name it does not know as a server setting: refused at connect.
@@ -667,8 +670,16 @@ def postgresql_url_problem(url: str) -> str | None:
     return None
 
 
-_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 _SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+_VALUES = {  # the url parameters asyncpg checks only when it connects
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "target_session_attrs": _SESSION_ATTRS,
+    "ssl_min_protocol_version": _TLS_VERSIONS,
+    "ssl_max_protocol_version": _TLS_VERSIONS,
+    "sslnegotiation": ("postgres", "direct"),
+    "gsslib": ("gssapi", "sspi"),
+}
 # The parameters asyncpg takes (in lower case only), and libpq's that it would send on as
 # server settings.
 _ASYNCPG = frozenset(
@@ -715,6 +726,9 @@ _LIBPQ_ONLY = frozenset(
         "replication",
         "sslcertmode",
         "sslcrldir",
+        "sslkeylogfile",
+        "gssdelegation",
+        "requiressl",
     ]
 )
 

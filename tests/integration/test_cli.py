@@ -229,6 +229,15 @@ def test_a_queue_command_fails_when_the_server_reads_it_and_says_nothing(
             'url = "postgresql://u@h/db?target_session_attrs=bogus"\n',
             "storage.url: target_session_attrs",
         ),
+        (
+            'domains = ["a.test"]\n[storage]\nbackend = "postgresql"\n'
+            'url = "postgresql://u@h/db?ssl_min_protocol_version=TLSv9&sslkeylogfile=k"\n',
+            "storage.url: ssl_min_protocol_version",
+        ),
+        (
+            'domains = ["a.test"]\n[storage]\nbackend = "postgresql"\nurl = "postgresql://u@h/db?x"\n',
+            "storage.url: bad query",
+        ),
         ('domains = ["a.test"]\n[delivery]\nbind_address = "::1"\n', "delivery.bind_address"),
         ('domains = ["a.test"]\n[delivery]\nbind_address6 = "mx"\n', "delivery.bind_address6"),
         ('domains = ["a.test"]\n[tls]\ncert = "/etc/c.pem"\n', "tls.key: missing"),

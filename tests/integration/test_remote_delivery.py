@@ -367,6 +367,7 @@ def test_a_host_that_timed_out_is_not_dialled_again_for_a_while() -> None:
                     (mx("pit.b.test", "127.0.0.3", 10), mx("mx.b.test", "127.0.0.4", 20))
                 ),
                 "c.test": Route((mx("pit.c.test", "127.0.0.3", 10),)),
+                "d.test": Route((mx("pit.d.test", "::ffff:127.0.0.3", 10),)),  # that host
             }
         )
         remote = RemoteDelivery(config(port), resolver, reply_timeout=0.3)
@@ -381,6 +382,8 @@ def test_a_host_that_timed_out_is_not_dialled_again_for_a_while() -> None:
             assert other.outcome is Outcome.TEMPORARY and other.reply.status == "4.4.1"
             assert "pit.c.test[127.0.0.3]: delivery temporarily suspended: " in str(other.reply)
             assert "time-out" in str(other.reply)
+            (mapped,) = await remote.deliver("d.test", message("dan@d.test"), BODY)
+            assert mapped.outcome is Outcome.TEMPORARY and accepted == 1
             # A retry due after the time-out is what its wait was for: dialled.
             (retry,) = await remote.deliver(
                 "c.test", message("carol@c.test"), BODY, marked_since=time.time()

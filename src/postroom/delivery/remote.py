@@ -426,7 +426,8 @@ class RemoteDelivery:
                 if self.stopping:  # (waited for its slot, or a backup host: none is dialled)
                     raise withheld(DotWithheld("", NOT_TRIED))
                 suspended = self._suspended(target, ip, marked_since)
-                if suspended is not None:  # (not counted: the next address is dialled)
+                cached = self._idle.get((target.host, ip, self.cfg.delivery.port, verify))
+                if suspended is not None and not cached:  # (not counted: the next is dialled)
                     session_error = unreached = (_SessionFailed(suspended), target.host, ip)
                     continue
                 tried += 1
@@ -537,16 +538,16 @@ class RemoteDelivery:
         Postfix's minimal_backoff_time), the time the messages it failed wait anyway."""
         now = self._clock()
         wait = min(float(self.cfg.delivery.retry_intervals[0]), UNREACHABLE_MAX)
-        self._unreachable[ip] = (now, now + wait, reply)
+        self._unreachable[unmapped(ip)] = (now, now + wait, reply)
 
     def _suspended(self, target: Target, ip: str, since: float | None) -> Reply | None:
         """Why ``ip`` is not dialled now (it timed out lately, after ``since``), or None."""
-        mark = self._unreachable.get(ip)
+        mark = self._unreachable.get(unmapped(ip))
         if mark is None:
             return None
         marked, until, reply = mark
         if until <= self._clock():
-            del self._unreachable[ip]
+            del self._unreachable[unmapped(ip)]
             return None
         if since is not None and marked <= since:
             return None

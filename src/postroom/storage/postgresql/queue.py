@@ -409,6 +409,7 @@ class PgQueue:
         self.budget = HoldBudget()
         self.committer = Committer(database, lease) if database is not None else None
         self.on_deleted: Callable[[str], None] | None = None  # the runner's deleted_elsewhere
+        self.on_flushed: Callable[[], None] | None = None  # the runner's forget_unreachable
         # `queue delete`/`flush` from any node, logged once per node (by its first worker).
         self.log_actions = False
         self._door: db.Door | None = None
@@ -541,6 +542,8 @@ class PgQueue:
         else:
             if payload.startswith("flush"):
                 self._flush_next = set(self._confirmed)
+                if self.on_flushed is not None:
+                    self.on_flushed()
                 count = payload.removeprefix("flush").strip()
                 if self.log_actions:
                     events.queue_action("flush", count=int(count) if count.isdigit() else None)
