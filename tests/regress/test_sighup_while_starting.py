@@ -14,7 +14,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from tests.conftest import ServerFactory, env_with_src, wait_until
+from tests.conftest import Server, ServerFactory, env_with_src, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,14 +24,7 @@ def test_a_sighup_while_the_server_starts_is_a_reload_not_its_end(
 ) -> None:
     srv = server_factory(services=("smtp",), start=False)
     for start, delay in itertools.product(_starts(), (0.1, 0.2, 0.3, 0.6)):
-        with open(srv.log, "ab") as log:
-            proc = subprocess.Popen(
-                [*start, "serve", "-c", str(srv.config)],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                env=env_with_src(),
-                start_new_session=True,
-            )
+        proc = _serve(srv, start)
         try:
             time.sleep(delay)
             proc.send_signal(signal.SIGHUP)
@@ -48,19 +41,24 @@ def test_a_stop_while_the_server_starts_is_a_stop(server_factory: ServerFactory)
     for start, delay, sig in itertools.product(
         _starts(), (0.1, 0.25), (signal.SIGTERM, signal.SIGINT)
     ):
-        with open(srv.log, "ab") as log:
-            proc = subprocess.Popen(
-                [*start, "serve", "-c", str(srv.config)],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                env=env_with_src(),
-                start_new_session=True,
-            )
+        proc = _serve(srv, start)
         time.sleep(delay)
         proc.send_signal(sig)
         assert proc.wait(15) == 0, (start, delay, sig, srv.log.read_text())
         assert "Traceback" not in srv.log.read_text()
         srv.log.write_text("")
+
+
+def _serve(srv: Server, start: list[str]) -> subprocess.Popen[bytes]:
+    """``serve`` with ``srv``'s config, its stderr added to ``srv.log``."""
+    with open(srv.log, "ab") as log:
+        return subprocess.Popen(
+            [*start, "serve", "-c", str(srv.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env=env_with_src(),
+            start_new_session=True,
+        )
 
 
 def _starts() -> list[list[str]]:
