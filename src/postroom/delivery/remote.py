@@ -426,7 +426,7 @@ class RemoteDelivery:
                 if self.stopping:  # (waited for its slot, or a backup host: none is dialled)
                     raise withheld(DotWithheld("", NOT_TRIED))
                 suspended = self._suspended(target, ip, marked_since)
-                cached = self._idle.get((target.host, ip, self.cfg.delivery.port, verify))
+                cached = self._idle.get(self._session_key(target, ip, verify))
                 if suspended is not None and not cached:  # (not counted: the next is dialled)
                     session_error = unreached = (_SessionFailed(suspended), target.host, ip)
                     continue
@@ -533,11 +533,17 @@ class RemoteDelivery:
                 final[i] = DeliveryResult(rcpt, Outcome.TEMPORARY, reply)
         return [final[i] for i in range(len(message.recipients))]
 
+    def _session_key(self, target: Target, ip: str, verify: bool) -> tuple[str, str, int, bool]:
+        """What a cached session is kept under (see :meth:`_take`)."""
+        return (target.host, ip, self.cfg.delivery.port, verify)
+
     def _mark_unreachable(self, ip: str, reply: Reply) -> None:
         """``ip`` timed out: not dialled again for the first retry interval (at most 5 min,
-        Postfix's minimal_backoff_time), the time the messages it failed wait anyway."""
+        Postfix's minimal_backoff_time), the time the messages it failed wait anyway. Marks
+        run out are dropped here too (one only looked up again would stay for good)."""
         now = self._clock()
         wait = min(float(self.cfg.delivery.retry_intervals[0]), UNREACHABLE_MAX)
+        self._unreachable = {a: m for a, m in self._unreachable.items() if m[1] > now}
         self._unreachable[unmapped(ip)] = (now, now + wait, reply)
 
     def _suspended(self, target: Target, ip: str, since: float | None) -> Reply | None:
@@ -547,8 +553,7 @@ class RemoteDelivery:
             return None
         marked, until, reply = mark
         if until <= self._clock():
-            del self._unreachable[unmapped(ip)]
-            return None
+            return None  # (dropped at the next mark)
         if since is not None and marked <= since:
             return None
         why = reply.text
@@ -569,7 +574,7 @@ class RemoteDelivery:
     ) -> tuple[MessageDone, str]:
         """The transaction's result, and the TLS it went over (or PLAINTEXT); LeaseLost if
         ``may_finish`` refused the final dot."""
-        key = (target.host, ip, self.cfg.delivery.port, verify)
+        key = self._session_key(target, ip, verify)
         session = self._take(key)
         if session is not None:
             try:
