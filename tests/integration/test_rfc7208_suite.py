@@ -211,7 +211,7 @@ def test_a_local_part_that_is_no_ascii_matches_nothing(
     looked up its IDNA form ("jösé" as "xn--js-cja4c"): a record of that name passed the
     sender (sauth probe)."""
     zone = {"u.test": [{"TXT": record}]}
-    for name in ("xn--js-cja4c.u.test", "u.test.u.test"):
+    for name in ("xn--js-cja4c.u.test", "u.test.u.test", "j%c3%b6s%c3%a9.u.test"):
         zone[name] = [{"A": "192.0.2.1"}, {"TXT": "v=spf1 +all"}]
     _serve(dns, zone)
     cache = DnsCache(DNSConfig(nameservers=(parse_endpoint(dns.nameserver),), timeout=0.3))
